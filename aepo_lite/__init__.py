@@ -1,0 +1,8 @@
+"""aepo_lite: energy-guided diffusion policies (AEPO, QGPO/CEP) for offline RL, small and tested."""
+from .device import resolve_device, seed_everything
+from .schedule import VPSchedule
+from .diffusion import DiffusionModel, sample, energy_guidance
+
+__version__ = "0.1.0"
+__all__ = ["resolve_device", "seed_everything", "VPSchedule", "DiffusionModel", "sample", "energy_guidance",
+           "__version__"]

@@ -1,0 +1,213 @@
+"""The whole AEPO energy update in one file (method.md section 4), with its two baselines
+(CEP and MSE, section 5) behind the same ``update(batch) -> dict`` interface.
+
+Read top to bottom:
+  1. ``posterior_estimate``: the Gaussian approximation N(a0_hat, S_hat) of mu_{0t}(.|a_t, s);
+  2. ``critic_expansion``: Q, grad_a Q and -hess_a Q at a0_hat;
+  3. ``aepo_target``: the analytic target y_t (first / second order or sampled);
+  4. ``EnergyLearner``: f_phi regressed on stopgrad(y_t) (AEPO), on beta Q(s, a_0) (MSE), or
+     trained contrastively on K support actions (CEP / QGPO).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from . import guidance as G
+from ._checks import check_scalar
+from .diffusion import EpsFn
+from .schedule import VPSchedule
+
+__all__ = ["posterior_estimate", "critic_expansion", "aepo_target", "EpsNormTable", "EnergyConfig", "EnergyLearner",
+           "ENERGY_METHODS"]
+
+QFn = Callable[[Optional[torch.Tensor], torch.Tensor], torch.Tensor]  # (s (B, k) | None, a (B, d)) -> (B,)
+ENERGY_METHODS = ("aepo", "mse", "cep")
+
+
+class EpsNormTable(nn.Module):
+    """E||eps_theta(a_t, t, s)||^2 on a grid of t, for the ``isotropic`` (Analytic-DPM) covariance.
+
+    Built once from data with :meth:`estimate`; ``forward(t (B,)) -> (B,)`` interpolates linearly.
+    """
+
+    def __init__(self, t_grid: torch.Tensor, values: torch.Tensor):
+        super().__init__()
+        self.register_buffer("t_grid", t_grid)
+        self.register_buffer("values", values)
+
+    @classmethod
+    @torch.no_grad()
+    def estimate(cls, eps_fn: EpsFn, a0: torch.Tensor, s: torch.Tensor | None, schedule: VPSchedule,
+                 n_grid: int = 64, generator: torch.Generator | None = None) -> "EpsNormTable":
+        """a0 (N, d) behaviour actions (and their states s (N, k) or None) -> the table."""
+        t_grid = torch.linspace(schedule.t_min, schedule.t_max, n_grid, dtype=a0.dtype, device=a0.device)
+        vals = []
+        for t in t_grid:
+            tt = t.expand(a0.shape[0])
+            a_t, _ = schedule.diffuse(a0, tt, generator=generator)
+            vals.append((eps_fn(a_t, tt, s) ** 2).sum(-1).mean())
+        return cls(t_grid, torch.stack(vals))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        idx = torch.searchsorted(self.t_grid, t.contiguous()).clamp(1, len(self.t_grid) - 1)
+        t0, t1 = self.t_grid[idx - 1], self.t_grid[idx]
+        w = ((t - t0) / (t1 - t0)).clamp(0, 1)
+        return (1 - w) * self.values[idx - 1] + w * self.values[idx]
+
+
+def posterior_estimate(a_t: torch.Tensor, t: torch.Tensor, s: torch.Tensor | None, eps_fn: EpsFn,
+                       schedule: VPSchedule, covariance: str = "tweedie", clip: float | None = 1.0,
+                       eps_table: EpsNormTable | None = None, fit_cov: torch.Tensor | None = None):
+    """Gaussian approximation of mu_{0t}(a_0 | a_t, s): returns (a0_hat (B, d), S_hat (B, d, d)).
+
+    covariance: ``tweedie`` (Jacobian of eps_theta), ``isotropic`` (needs ``eps_table``),
+    ``gaussian-fit`` (needs ``fit_cov``: the behaviour covariance at s, (B, d, d) or (d, d)),
+    ``none`` (S_hat = 0).
+    """
+    if covariance not in G.COVARIANCES:
+        raise ValueError(f"covariance: expected one of {G.COVARIANCES}, got {covariance!r}")
+    B, d = a_t.shape
+    alpha, sigma = schedule.alpha_sigma(t)
+    need_jac = covariance == "tweedie"
+    with torch.enable_grad():
+        x = a_t.detach().requires_grad_(need_jac)
+        eps = eps_fn(x, t, s)
+        if need_jac:
+            rows = [torch.autograd.grad(eps[:, i].sum(), x, retain_graph=i < d - 1)[0] for i in range(d)]
+            jac = torch.stack(rows, dim=1)  # (B, d, d): jac[b, i, j] = d eps_i / d a_t_j
+    a0_hat = G.tweedie_mean(a_t, eps.detach(), alpha, sigma, clip=clip)
+    if covariance == "tweedie":
+        S_hat = G.tweedie_covariance(jac.detach(), alpha, sigma)
+    elif covariance == "isotropic":
+        if eps_table is None:
+            raise ValueError("eps_table: the isotropic covariance needs an EpsNormTable (EpsNormTable.estimate)")
+        S_hat = G.isotropic_covariance(eps_table(t), alpha, sigma, d, batch=B, like=a_t)
+    elif covariance == "gaussian-fit":
+        if fit_cov is None:
+            raise ValueError("fit_cov: the gaussian-fit covariance needs the behaviour covariance at s")
+        S_hat = G.gaussian_fit_covariance(fit_cov, alpha, sigma)
+    else:
+        S_hat = torch.zeros(B, d, d, dtype=a_t.dtype, device=a_t.device)
+    return a0_hat, S_hat
+
+
+def critic_expansion(q_fn: QFn, s: torch.Tensor | None, a: torch.Tensor, order: int = 1):
+    """Q(s, a) (B,), g = grad_a Q (B, d) and, for order 2, H = -hess_a Q (B, d, d) (else None)."""
+    with torch.enable_grad():
+        x = a.detach().requires_grad_(True)
+        q = q_fn(s, x)
+        (g,) = torch.autograd.grad(q.sum(), x, create_graph=order >= 2)
+        H = None
+        if order >= 2:
+            d = a.shape[1]
+            rows = [torch.autograd.grad(g[:, i].sum(), x, retain_graph=i < d - 1)[0] for i in range(d)]
+            H = -torch.stack(rows, dim=1).detach()
+    return q.detach(), g.detach(), H
+
+
+def aepo_target(a_t: torch.Tensor, t: torch.Tensor, s: torch.Tensor | None, *, eps_fn: EpsFn, q_fn: QFn,
+                schedule: VPSchedule, beta: float, covariance: str = "tweedie", expansion: str = "first",
+                clip: float | None = 1.0, n_samples: int = 16, eps_table: EpsNormTable | None = None,
+                fit_cov: torch.Tensor | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """AEPO's estimate y_t(s, a_t) of E_t = log E_{mu_0t}[exp(beta Q)]: (B, d), (B,) -> (B,), no grad."""
+    if expansion not in G.EXPANSIONS:
+        raise ValueError(f"expansion: expected one of {G.EXPANSIONS}, got {expansion!r}")
+    a0_hat, S_hat = posterior_estimate(a_t, t, s, eps_fn, schedule, covariance, clip, eps_table, fit_cov)
+    if expansion == "sampled":
+        K = n_samples
+        s_rep = None if s is None else s.repeat_interleave(K, dim=0)
+        with torch.no_grad():
+            return G.aepo_target_sampled(lambda a: q_fn(s_rep, a), a0_hat, S_hat, beta, K, generator, clip=clip)
+    q, g, H = critic_expansion(q_fn, s, a0_hat, order=2 if expansion == "second" else 1)
+    if expansion == "first":
+        return G.aepo_target_first(q, g, S_hat, beta)
+    return G.aepo_target_second(q, g, H, S_hat, beta)
+
+
+@dataclass
+class EnergyConfig:
+    """How the intermediate energy f_phi is trained."""
+
+    method: str = "aepo"  # aepo | mse | cep
+    beta: float = 3.0  # inverse temperature of pi ∝ mu exp(beta Q)
+    covariance: str = "tweedie"  # AEPO posterior covariance: tweedie | isotropic | gaussian-fit | none
+    expansion: str = "first"  # AEPO expansion of Q: first | second | sampled
+    n_samples: int = 16  # AEPO `sampled` expansion: Monte Carlo samples per a_t
+    clip: Optional[float] = 1.0  # clip a0_hat (and sampled actions) to [-clip, clip]; None = no box
+    lr: float = 3e-4  # Adam learning rate
+    grad_clip: Optional[float] = None  # gradient-norm clipping; None = off
+
+
+class EnergyLearner:
+    """Trains f_phi(s, a_t, t). ``update(batch) -> dict[str, float]``.
+
+    batch keys: ``a`` (B, d) behaviour actions and ``s`` (B, k) or None, for aepo and mse;
+    for cep: ``s`` (B, k) or None, ``support`` (B, K, d) actions from mu(.|s) and ``support_q`` (B, K).
+    Optional ``fit_cov`` (B, d, d) for AEPO's ``gaussian-fit``.
+    """
+
+    def __init__(self, energy: nn.Module, cfg: EnergyConfig, *, schedule: VPSchedule,
+                 eps_fn: EpsFn | None = None, q_fn: QFn | None = None, eps_table: EpsNormTable | None = None,
+                 fit_cov: torch.Tensor | None = None, generator: torch.Generator | None = None):
+        if cfg.method not in ENERGY_METHODS:
+            raise ValueError(f"method: expected one of {ENERGY_METHODS}, got {cfg.method!r}")
+        check_scalar("beta", cfg.beta, low=0.0)
+        if cfg.method in ("aepo", "mse") and q_fn is None:
+            raise ValueError(f"q_fn: the {cfg.method} energy needs a critic")
+        if cfg.method == "aepo" and eps_fn is None:
+            raise ValueError("eps_fn: the aepo energy needs the behaviour model's noise prediction")
+        if cfg.method == "aepo":
+            if cfg.covariance not in G.COVARIANCES:
+                raise ValueError(f"covariance: expected one of {G.COVARIANCES}, got {cfg.covariance!r}")
+            if cfg.expansion not in G.EXPANSIONS:
+                raise ValueError(f"expansion: expected one of {G.EXPANSIONS}, got {cfg.expansion!r}")
+            if cfg.covariance == "isotropic" and eps_table is None:
+                raise ValueError("eps_table: covariance='isotropic' needs an EpsNormTable")
+        self.energy, self.cfg, self.schedule = energy, cfg, schedule
+        self.eps_fn, self.q_fn, self.eps_table, self.fit_cov = eps_fn, q_fn, eps_table, fit_cov
+        self.generator = generator
+        self.opt = torch.optim.Adam(energy.parameters(), lr=cfg.lr)
+
+    def _noise(self, a0: torch.Tensor):
+        t = self.schedule.sample_t(a0.shape[0], device=a0.device, dtype=a0.dtype, generator=self.generator)
+        a_t, _ = self.schedule.diffuse(a0, t, generator=self.generator)
+        return a_t, t
+
+    def loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        cfg, s = self.cfg, batch.get("s")
+        if cfg.method == "cep":
+            sup, q = batch["support"], batch["support_q"]
+            B, K, d = sup.shape
+            t = self.schedule.sample_t(B, device=sup.device, dtype=sup.dtype, generator=self.generator)
+            t_rep = t.repeat_interleave(K)  # one t per state, shared by its K support actions
+            a_t, _ = self.schedule.diffuse(sup.reshape(B * K, d), t_rep, generator=self.generator)
+            s_rep = None if s is None else s.repeat_interleave(K, dim=0)
+            f = self.energy(s_rep, a_t, t_rep).reshape(B, K)
+            return G.cep_loss(f, q, cfg.beta), {}
+        a0 = batch["a"]
+        a_t, t = self._noise(a0)
+        if cfg.method == "mse":
+            with torch.no_grad():
+                q = self.q_fn(s, a0)
+            return G.mse_energy_loss(self.energy(s, a_t, t), q, cfg.beta), {}
+        fit_cov = batch.get("fit_cov", self.fit_cov)
+        y = aepo_target(a_t, t, s, eps_fn=self.eps_fn, q_fn=self.q_fn, schedule=self.schedule, beta=cfg.beta,
+                        covariance=cfg.covariance, expansion=cfg.expansion, clip=cfg.clip,
+                        n_samples=cfg.n_samples, eps_table=self.eps_table, fit_cov=fit_cov,
+                        generator=self.generator)
+        return G.energy_regression_loss(self.energy(s, a_t, t), y), {"target_mean": y.mean()}
+
+    def update(self, batch: dict) -> dict[str, float]:
+        loss, extra = self.loss(batch)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.cfg.grad_clip:
+            nn.utils.clip_grad_norm_(self.energy.parameters(), self.cfg.grad_clip)
+        self.opt.step()
+        out = {"energy_loss": loss.detach()}
+        out.update(extra)
+        return {k: float(v) for k, v in out.items()}

@@ -1,0 +1,223 @@
+"""The behaviour model: a state-conditional diffusion model on actions, trained by denoising
+score matching, and its samplers.
+
+Every sampler takes the condition, the number of steps, an optional guidance function and the
+guidance scale as arguments; nothing about guidance is stored on the model. The guided noise
+prediction is (method.md section 2)
+
+    eps_guided(a_t, t, s) = eps_theta(a_t, t, s) - w * sigma_t * grad_{a_t} f(s, a_t, t).
+
+Solvers (``n_steps`` is always the number of network evaluations):
+  - ``dpmpp2m``: DPM-Solver++ 2M (multistep, second order, data prediction) -- the default;
+  - ``dpmpp3m``: DPM-Solver++ 3M (multistep, third order);
+  - ``dpm2``:    DPM-Solver-2 (singlestep, second order, noise prediction; QGPO's choice);
+  - ``ddim``:    DPM-Solver-1 / DDIM (deterministic, first order);
+  - ``ddpm``:    ancestral sampling (DDIM with eta = 1), stochastic;
+  - ``euler``:   Euler on the probability-flow ODE in t (the plain textbook baseline).
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from ._checks import check_finite, check_scalar, check_tensor
+from .schedule import VPSchedule
+
+__all__ = ["DiffusionModel", "sample", "energy_guidance", "SOLVERS", "EpsFn", "GuidanceFn"]
+
+EpsFn = Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
+GuidanceFn = Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
+SOLVERS = ("dpmpp2m", "dpmpp3m", "dpm2", "ddim", "ddpm", "euler")
+
+
+def energy_guidance(energy: Callable[[Optional[torch.Tensor], torch.Tensor, torch.Tensor], torch.Tensor]) -> GuidanceFn:
+    """Turn an energy f(s, a_t, t) -> (B,) into a guidance function (a_t, t, s) -> grad_{a_t} f (B, d)."""
+
+    def guidance(a_t: torch.Tensor, t: torch.Tensor, s: Optional[torch.Tensor]) -> torch.Tensor:
+        with torch.enable_grad():
+            x = a_t.detach().requires_grad_(True)
+            f = energy(s, x, t)
+            (grad,) = torch.autograd.grad(f.sum(), x)
+        return grad.detach()
+
+    return guidance
+
+
+def _guided_eps(eps_fn: EpsFn, guidance: GuidanceFn | None, w: float, x, t_scalar, sigma, cond):
+    t = torch.full((x.shape[0],), float(t_scalar), dtype=x.dtype, device=x.device)
+    with torch.no_grad():
+        eps = eps_fn(x, t, cond)
+    if guidance is not None and w != 0.0:
+        eps = eps - w * sigma * guidance(x, t, cond)
+    return eps
+
+
+def sample(eps_fn: EpsFn, x_T: torch.Tensor, *, schedule: VPSchedule, cond: torch.Tensor | None = None,
+           n_steps: int = 15, solver: str = "dpmpp2m", guidance: GuidanceFn | None = None,
+           guidance_scale: float = 0.0, t_end: float | None = None,
+           generator: torch.Generator | None = None, check_nan: bool = True) -> torch.Tensor:
+    """Integrate from noise x_T (B, d) at t = t_max down to t_end (default t_min).
+
+    Args:
+        eps_fn: noise prediction (a_t (B, d), t (B,), cond) -> (B, d).
+        x_T: starting noise (B, d), usually standard normal.
+        cond: the condition (B, state_dim) or None.
+        n_steps: number of network evaluations.
+        solver: one of :data:`SOLVERS`.
+        guidance: (a_t, t, cond) -> grad_{a_t} f (B, d), or None for the behaviour policy.
+        guidance_scale: w >= 0; w = 0 (or no guidance) is behaviour cloning.
+        t_end: final time, in [t_min, t_max).
+        generator: randomness for ``ddpm``.
+    Returns:
+        samples at t_end, (B, d).
+    """
+    if solver not in SOLVERS:
+        raise ValueError(f"solver: expected one of {SOLVERS}, got {solver!r}")
+    if not isinstance(n_steps, int) or isinstance(n_steps, bool) or n_steps < 1:
+        raise ValueError(f"n_steps: expected a positive integer, got {n_steps!r}")
+    if solver == "dpm2" and n_steps < 2:
+        raise ValueError("n_steps: dpm2 needs at least 2 network evaluations")
+    w = check_scalar("guidance_scale", guidance_scale, low=0.0)
+    check_tensor("x_T", x_T, ndim=2)
+    check_finite("x_T", x_T)
+    if cond is not None:
+        check_tensor("cond", cond, ndim=2)
+        if cond.shape[0] != x_T.shape[0]:
+            raise ValueError(f"cond: expected {x_T.shape[0]} rows to match x_T, got {cond.shape[0]}")
+        check_finite("cond", cond)
+    t_end = schedule.t_min if t_end is None else check_scalar("t_end", t_end, schedule.t_min, schedule.t_max)
+
+    dev, dt = x_T.device, x_T.dtype
+    if solver in ("euler", "ddpm"):
+        ts = torch.linspace(schedule.t_max, t_end, n_steps + 1, dtype=torch.float64)
+    elif solver == "dpm2":
+        n_second, n_first = divmod(n_steps, 2)
+        ts = schedule.lambda_grid(n_second + n_first, t_end=t_end)
+    else:
+        ts = schedule.lambda_grid(n_steps, t_end=t_end)
+    la64 = schedule.log_alpha(ts)
+    alphas, sigmas = torch.exp(la64), torch.sqrt(-torch.expm1(2 * la64))
+    lams = la64 - torch.log(sigmas)
+    # python floats: the step coefficients never touch the device or force a sync
+    ts_, al_, si_, la_ = ts.tolist(), alphas.tolist(), sigmas.tolist(), lams.tolist()
+
+    def eps_at(x, i, t_val=None, sigma=None):
+        return _guided_eps(eps_fn, guidance, w, x, ts_[i] if t_val is None else t_val,
+                           si_[i] if sigma is None else sigma, cond)
+
+    x = x_T
+    if solver == "dpmpp2m":
+        x0_prev, h_prev = None, None
+        for i in range(n_steps):
+            eps = eps_at(x, i)
+            x0 = (x - si_[i] * eps) / al_[i]
+            h = la_[i + 1] - la_[i]
+            if x0_prev is None:
+                d = x0
+            else:
+                r = h_prev / h
+                d = (1 + 0.5 / r) * x0 - (0.5 / r) * x0_prev
+            x = (si_[i + 1] / si_[i]) * x - al_[i + 1] * math.expm1(-h) * d
+            x0_prev, h_prev = x0, h
+    elif solver == "dpmpp3m":
+        hist: list[tuple[torch.Tensor, float]] = []  # (x0 prediction, lambda) of earlier steps
+        for i in range(n_steps):
+            eps = eps_at(x, i)
+            x0 = (x - si_[i] * eps) / al_[i]
+            h = la_[i + 1] - la_[i]
+            phi1 = math.expm1(-h)
+            phi2 = phi1 / h + 1.0
+            x_new = (si_[i + 1] / si_[i]) * x - al_[i + 1] * phi1 * x0
+            if len(hist) == 1:
+                r0 = (la_[i] - hist[-1][1]) / h
+                x_new = x_new + al_[i + 1] * phi2 * (x0 - hist[-1][0]) / r0
+            elif len(hist) >= 2:
+                (x1, l1), (x2, l2) = hist[-1], hist[-2]
+                r0, r1 = (la_[i] - l1) / h, (l1 - l2) / h
+                d10, d11 = (x0 - x1) / r0, (x1 - x2) / r1
+                d1 = d10 + (r0 / (r0 + r1)) * (d10 - d11)
+                d2 = (d10 - d11) / (r0 + r1)
+                phi3 = phi2 / h - 0.5
+                x_new = x_new + al_[i + 1] * phi2 * d1 - al_[i + 1] * phi3 * d2
+            hist = (hist + [(x0, la_[i])])[-2:]
+            x = x_new
+    elif solver == "dpm2":
+        n_second, n_first = divmod(n_steps, 2)
+        for i in range(n_second + n_first):
+            h = la_[i + 1] - la_[i]
+            eps = eps_at(x, i)
+            if i < n_second:
+                lam_s = la_[i] + 0.5 * h
+                t_s = float(schedule.t_of_lambda(torch.tensor(lam_s, dtype=torch.float64)))
+                a_s, s_s = (float(v) for v in schedule.alpha_sigma(torch.tensor(t_s, dtype=torch.float64)))
+                u = (a_s / al_[i]) * x - s_s * math.expm1(0.5 * h) * eps
+                eps = eps_at(u, i, t_val=t_s, sigma=s_s)
+            x = (al_[i + 1] / al_[i]) * x - si_[i + 1] * math.expm1(h) * eps
+    elif solver in ("ddim", "ddpm"):
+        eta = 1.0 if solver == "ddpm" else 0.0
+        for i in range(n_steps):
+            eps = eps_at(x, i)
+            x0 = (x - si_[i] * eps) / al_[i]
+            a1, s1, s0, a0 = al_[i + 1], si_[i + 1], si_[i], al_[i]
+            # DDIM(eta): c is the std of the fresh noise; eta = 1 is the DDPM posterior.
+            c2 = eta**2 * (s1**2 / s0**2) * (1.0 - (a0 / a1) ** 2)
+            c = max(c2, 0.0) ** 0.5
+            x = a1 * x0 + max(s1**2 - c**2, 0.0) ** 0.5 * eps
+            if c > 0:
+                z = torch.randn(x.shape, generator=generator, dtype=dt, device="cpu" if generator is not None else dev).to(dev)
+                x = x + c * z
+    else:  # euler on the probability-flow ODE: dx/dt = -b(t)/2 x + b(t)/(2 sigma) eps
+        for i in range(n_steps):
+            eps = eps_at(x, i)
+            b = schedule.b0 + ts_[i] * (schedule.b1 - schedule.b0)
+            dxdt = -0.5 * b * x + 0.5 * b * eps / si_[i]
+            x = x + (ts_[i + 1] - ts_[i]) * dxdt
+    if check_nan and not bool(torch.isfinite(x).all()):
+        raise FloatingPointError(f"sample: the {solver} sampler produced NaN/inf (guidance_scale={w}); "
+                                 "lower the guidance scale or check the guidance network")
+    return x
+
+
+class DiffusionModel(nn.Module):
+    """eps_theta on a VP-SDE. ``loss(a0, s)`` is denoising score matching; ``sample`` draws actions.
+
+    The score of mu_t is -eps_theta / sigma_t.
+    """
+
+    def __init__(self, net: nn.Module, schedule: VPSchedule | None = None):
+        super().__init__()
+        self.net = net
+        self.schedule = schedule or VPSchedule()
+
+    def eps(self, a_t: torch.Tensor, t: torch.Tensor, s: torch.Tensor | None = None) -> torch.Tensor:
+        """eps_theta(a_t, t, s): (B, d), (B,), (B, state_dim)|None -> (B, d)."""
+        return self.net(a_t, t, s)
+
+    def loss(self, a0: torch.Tensor, s: torch.Tensor | None = None,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+        """E || eps_theta(alpha_t a0 + sigma_t eps, t, s) - eps ||^2 with t ~ U[t_min, t_max]."""
+        t = self.schedule.sample_t(a0.shape[0], device=a0.device, dtype=a0.dtype, generator=generator)
+        a_t, eps = self.schedule.diffuse(a0, t, generator=generator)
+        return ((self.eps(a_t, t, s) - eps) ** 2).sum(-1).mean()
+
+    def sample(self, n: int | None = None, cond: torch.Tensor | None = None, *, n_steps: int = 15,
+               solver: str = "dpmpp2m", guidance: GuidanceFn | None = None, guidance_scale: float = 0.0,
+               generator: torch.Generator | None = None, clip: float | None = None,
+               action_dim: int | None = None) -> torch.Tensor:
+        """Draw one action per condition row (or ``n`` unconditional samples). Returns (B, d)."""
+        d = action_dim or getattr(self.net, "action_dim", None)
+        if d is None:
+            raise ValueError("action_dim: the network does not say its action size; pass action_dim")
+        if cond is not None:
+            n = cond.shape[0]
+        if n is None or n < 1:
+            raise ValueError(f"n: expected a positive sample count or a condition, got {n!r}")
+        p = next(self.parameters())
+        x_T = torch.randn((n, d), generator=generator, dtype=p.dtype,
+                          device="cpu" if generator is not None else p.device).to(p.device)
+        x = sample(self.eps, x_T, schedule=self.schedule, cond=cond, n_steps=n_steps, solver=solver,
+                   guidance=guidance, guidance_scale=guidance_scale, generator=generator)
+        return x.clamp(-clip, clip) if clip is not None else x

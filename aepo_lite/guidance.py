@@ -1,0 +1,369 @@
+"""The guidance maths of method.md sections 2-5, as pure functions of tensors.
+
+Notation follows method.md: behaviour mu(a|s) = N(m, S) in the Gaussian sections, critic
+Q(a) = c + g^T a - a^T H a / 2, target pi ∝ mu exp(beta Q), VP marginal a_t = alpha a_0 + sigma eps,
+posterior mu_{0t}(a_0|a_t) = N(m~, S~), intermediate energy
+E_t(a_t) = log E_{a_0 ~ mu_{0t}(.|a_t)} exp(beta Q(a_0)).
+
+Shapes: a_t (B, d), m (d,), S (d, d), g (d,), H (d, d); alpha, sigma, beta, c are floats.
+Every function works in the dtype of its inputs (float64 for the exactness checks) and on any
+device. Batched AEPO estimators take per-sample g (B, d), H (B, d, d) and S_hat (B, d, d).
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+
+from ._checks import check_finite, check_positive_definite, check_scalar, check_tensor
+
+__all__ = [
+    # Gaussian closed forms (method.md section 3)
+    "mvn_log_prob", "gaussian_marginal", "gaussian_posterior", "gaussian_target_policy",
+    "gaussian_log_expectation", "linear_intermediate_energy", "linear_intermediate_energy_grad",
+    "gaussian_intermediate_energy", "gaussian_intermediate_energy_marginal",
+    "gaussian_intermediate_energy_grad", "gaussian_eps",
+    # AEPO's target (method.md section 4)
+    "tweedie_mean", "tweedie_covariance", "isotropic_covariance", "gaussian_fit_covariance",
+    "psd_project", "aepo_target_first", "aepo_target_second", "aepo_target_sampled",
+    "COVARIANCES", "EXPANSIONS",
+    # losses (method.md sections 4-5)
+    "energy_regression_loss", "mse_energy_loss", "cep_loss",
+]
+
+COVARIANCES = ("tweedie", "isotropic", "gaussian-fit", "none")
+EXPANSIONS = ("first", "second", "sampled")
+
+
+# ----------------------------------------------------------------------------- validation
+def _gaussian_args(a_t, m, S, alpha, sigma):
+    check_tensor("a_t", a_t, ndim=2)
+    check_finite("a_t", a_t)
+    d = a_t.shape[1]
+    check_tensor("m", m, shape=(d,))
+    check_finite("m", m)
+    check_tensor("S", S, shape=(d, d))
+    check_positive_definite("S", S)
+    alpha = check_scalar("alpha", alpha, low=0.0, high=1.0, low_open=True)
+    sigma = check_scalar("sigma", sigma, low=0.0, high=1.0)
+    return d, alpha, sigma
+
+
+def _critic_args(d, c, g, H, beta, H_required=True):
+    c = check_scalar("c", c)
+    check_tensor("g", g, shape=(d,))
+    check_finite("g", g)
+    if H is not None or H_required:
+        check_tensor("H", H, shape=(d, d))
+        check_positive_definite("H", H, semi=True)
+    beta = check_scalar("beta", beta, low=0.0)
+    return c, beta
+
+
+def _eye(d, like):
+    return torch.eye(d, dtype=like.dtype, device=like.device)
+
+
+# ----------------------------------------------------------------------------- Gaussian closed forms
+def mvn_log_prob(x: torch.Tensor, mean: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
+    """log N(x; mean, cov): x (B, d), mean (d,), cov (d, d) -> (B,)."""
+    L = torch.linalg.cholesky(cov)
+    z = torch.linalg.solve_triangular(L, (x - mean).T, upper=False)  # (d, B)
+    maha = (z**2).sum(0)
+    logdet = 2 * torch.log(torch.diagonal(L)).sum()
+    return -0.5 * (maha + logdet + x.shape[-1] * math.log(2 * math.pi))
+
+
+def gaussian_marginal(m: torch.Tensor, S: torch.Tensor, alpha: float, sigma: float):
+    """mu_t for mu = N(m, S): returns (alpha m (d,), alpha^2 S + sigma^2 I (d, d))."""
+    return alpha * m, alpha**2 * S + sigma**2 * _eye(S.shape[0], S)
+
+
+def gaussian_posterior(a_t: torch.Tensor, m: torch.Tensor, S: torch.Tensor, alpha: float, sigma: float):
+    """Posterior mu_{0t}(a_0 | a_t) = N(m~, S~) for mu = N(m, S) (method.md section 3).
+
+        S~ = S - alpha^2 S (alpha^2 S + sigma^2 I)^-1 S
+        m~ = m + alpha S (alpha^2 S + sigma^2 I)^-1 (a_t - alpha m)
+
+    Returns (m~ (B, d), S~ (d, d)).
+    """
+    d, alpha, sigma = _gaussian_args(a_t, m, S, alpha, sigma)
+    M = alpha**2 * S + sigma**2 * _eye(d, S)
+    K = alpha * torch.linalg.solve(M, S).T  # alpha S M^-1  (S, M symmetric)
+    S_t = S - alpha * K @ S
+    S_t = 0.5 * (S_t + S_t.T)
+    m_t = m + (a_t - alpha * m) @ K.T
+    return m_t, S_t
+
+
+def gaussian_eps(a_t: torch.Tensor, t: torch.Tensor, m: torch.Tensor, S: torch.Tensor, schedule) -> torch.Tensor:
+    """The exact noise prediction of a Gaussian behaviour N(m, S): a_t (B, d), t (B,) -> (B, d).
+
+        eps*(a_t) = sigma_t (alpha_t^2 S + sigma_t^2 I)^-1 (a_t - alpha_t m)
+
+    Use it as ``eps_fn`` to test samplers and estimators with no learning error.
+    """
+    alpha, sigma = schedule.alpha_sigma(t)
+    d = a_t.shape[1]
+    M = alpha[:, None, None] ** 2 * S + sigma[:, None, None] ** 2 * _eye(d, S)
+    r = a_t - alpha[:, None] * m
+    return sigma[:, None] * torch.linalg.solve(M, r.unsqueeze(-1)).squeeze(-1)
+
+
+def gaussian_target_policy(m: torch.Tensor, S: torch.Tensor, g: torch.Tensor, H: torch.Tensor | None, beta: float):
+    """pi ∝ N(m, S) exp(beta Q) for Q = c + g^T a - a^T H a / 2 (method.md 3a/3b).
+
+        S_pi = (S^-1 + beta H)^-1,   m_pi = S_pi (S^-1 m + beta g)
+
+    Returns (m_pi (d,), S_pi (d, d)). ``H=None`` is the linear critic: pi = N(m + beta S g, S).
+    """
+    d = m.shape[0]
+    check_tensor("S", S, shape=(d, d))
+    check_positive_definite("S", S)
+    check_tensor("g", g, shape=(d,))
+    beta = check_scalar("beta", beta, low=0.0)
+    if H is None:
+        return m + beta * S @ g, S.clone()
+    check_positive_definite("H", H, semi=True)
+    # S_pi = (I + beta S H)^-1 S, computed without inverting S
+    A = _eye(d, S) + beta * S @ H
+    S_pi = torch.linalg.solve(A, S)
+    S_pi = 0.5 * (S_pi + S_pi.T)
+    m_pi = torch.linalg.solve(A, m + beta * S @ g)
+    return m_pi, S_pi
+
+
+def gaussian_log_expectation(mean: torch.Tensor, cov: torch.Tensor, b: torch.Tensor,
+                             A: torch.Tensor | None = None) -> torch.Tensor:
+    """log E[exp(b^T x - x^T A x / 2)] for x ~ N(mean, cov), A PSD.
+
+    mean (B, d); cov (d, d) or (B, d, d), PSD (singular allowed, e.g. 0); b (d,) or (B, d);
+    A (d, d) or (B, d, d) or None (= 0). Returns (B,). With x = mean + u and b' = b - A mean:
+
+        = b^T mean - mean^T A mean / 2 + b'^T (I + cov A)^-1 cov b' / 2 - logdet(I + cov A) / 2,
+
+    which equals method.md's det(I + S~A)^(-1/2) exp(...) form but never inverts ``cov``.
+    """
+    B, d = mean.shape
+    b = b.expand(B, d)
+    cov = cov.expand(B, d, d)
+    lin = (b * mean).sum(-1)
+    if A is None:
+        return lin + 0.5 * (b.unsqueeze(-2) @ cov @ b.unsqueeze(-1)).squeeze(-1).squeeze(-1)
+    A = A.expand(B, d, d)
+    Am = (A @ mean.unsqueeze(-1)).squeeze(-1)
+    bp = b - Am
+    I = _eye(d, mean).expand(B, d, d)
+    M = I + cov @ A
+    sol = torch.linalg.solve(M, (cov @ bp.unsqueeze(-1))).squeeze(-1)
+    logdet = torch.linalg.slogdet(M)[1]
+    return lin - 0.5 * (mean * Am).sum(-1) + 0.5 * (bp * sol).sum(-1) - 0.5 * logdet
+
+
+def linear_intermediate_energy(a_t, m, S, c, g, beta, alpha, sigma) -> torch.Tensor:
+    """E_t for a linear critic Q = c + g^T a (method.md 3a): (B, d) -> (B,).
+
+        E_t = beta c + beta g^T m~ + (beta^2 / 2) g^T S~ g
+    """
+    d, alpha, sigma = _gaussian_args(a_t, m, S, alpha, sigma)
+    c, beta = _critic_args(d, c, g, None, beta, H_required=False)
+    m_t, S_t = gaussian_posterior(a_t, m, S, alpha, sigma)
+    return beta * c + beta * m_t @ g + 0.5 * beta**2 * (g @ S_t @ g)
+
+
+def linear_intermediate_energy_grad(a_t, m, S, c, g, beta, alpha, sigma) -> torch.Tensor:
+    """grad_{a_t} E_t for a linear critic (method.md 3a): beta alpha S (alpha^2 S + sigma^2 I)^-1 g, (B, d).
+
+    It does not depend on a_t: the guidance of a linear critic is a constant field per t.
+    """
+    d, alpha, sigma = _gaussian_args(a_t, m, S, alpha, sigma)
+    c, beta = _critic_args(d, c, g, None, beta, H_required=False)
+    M = alpha**2 * S + sigma**2 * _eye(d, S)
+    grad = beta * alpha * S @ torch.linalg.solve(M, g)
+    return grad.expand(a_t.shape[0], d).clone()
+
+
+def gaussian_intermediate_energy(a_t, m, S, c, g, H, beta, alpha, sigma) -> torch.Tensor:
+    """Exact E_t(a_t) for behaviour N(m, S) and critic Q(a) = c + g^T a - a^T H a / 2. (B, d) -> (B,).
+
+    Route of method.md 3b: the Gaussian integral of exp(beta Q) over the posterior N(m~, S~).
+    """
+    d, alpha, sigma = _gaussian_args(a_t, m, S, alpha, sigma)
+    c, beta = _critic_args(d, c, g, H, beta)
+    m_t, S_t = gaussian_posterior(a_t, m, S, alpha, sigma)
+    return beta * c + gaussian_log_expectation(m_t, S_t, beta * g, beta * H)
+
+
+def gaussian_intermediate_energy_marginal(a_t, m, S, c, g, H, beta, alpha, sigma) -> torch.Tensor:
+    """The same E_t computed the other way: log pi_t(a_t) - log mu_t(a_t) + log Z. (B, d) -> (B,)."""
+    d, alpha, sigma = _gaussian_args(a_t, m, S, alpha, sigma)
+    c, beta = _critic_args(d, c, g, H, beta)
+    m_pi, S_pi = gaussian_target_policy(m, S, g, H, beta)
+    mean_pi, cov_pi = gaussian_marginal(m_pi, S_pi, alpha, sigma)
+    mean_mu, cov_mu = gaussian_marginal(m, S, alpha, sigma)
+    log_Z = beta * c + gaussian_log_expectation(m[None], S, beta * g, beta * H)
+    return mvn_log_prob(a_t, mean_pi, cov_pi) - mvn_log_prob(a_t, mean_mu, cov_mu) + log_Z
+
+
+def gaussian_intermediate_energy_grad(a_t, m, S, c, g, H, beta, alpha, sigma) -> torch.Tensor:
+    """grad_{a_t} E_t = grad log pi_t - grad log mu_t, (B, d):
+
+        -(alpha^2 S_pi + sigma^2 I)^-1 (a_t - alpha m_pi) + (alpha^2 S + sigma^2 I)^-1 (a_t - alpha m)
+    """
+    d, alpha, sigma = _gaussian_args(a_t, m, S, alpha, sigma)
+    c, beta = _critic_args(d, c, g, H, beta)
+    m_pi, S_pi = gaussian_target_policy(m, S, g, H, beta)
+    mean_pi, cov_pi = gaussian_marginal(m_pi, S_pi, alpha, sigma)
+    mean_mu, cov_mu = gaussian_marginal(m, S, alpha, sigma)
+    return (-torch.linalg.solve(cov_pi, (a_t - mean_pi).T).T
+            + torch.linalg.solve(cov_mu, (a_t - mean_mu).T).T)
+
+
+# ----------------------------------------------------------------------------- AEPO's target (section 4)
+def _alpha_sigma_b(alpha, sigma, like):
+    """alpha, sigma as floats or (B,) tensors -> (B, 1) tensors."""
+    a = torch.as_tensor(alpha, dtype=like.dtype, device=like.device)
+    s = torch.as_tensor(sigma, dtype=like.dtype, device=like.device)
+    return a.reshape(-1, 1).expand(like.shape[0], 1), s.reshape(-1, 1).expand(like.shape[0], 1)
+
+
+def tweedie_mean(a_t: torch.Tensor, eps: torch.Tensor, alpha, sigma, clip: float | None = 1.0) -> torch.Tensor:
+    """Posterior mean a0_hat = (a_t - sigma eps) / alpha, clipped to [-clip, clip]. (B, d) -> (B, d).
+
+    ``alpha``, ``sigma``: floats or (B,) tensors. ``clip=None`` keeps it unclipped (exact for the
+    Gaussian checks).
+    """
+    a, s = _alpha_sigma_b(alpha, sigma, a_t)
+    x0 = (a_t - s * eps) / a
+    return x0.clamp(-clip, clip) if clip is not None else x0
+
+
+def tweedie_covariance(jac: torch.Tensor, alpha, sigma) -> torch.Tensor:
+    """Second-order Tweedie: S_hat = (sigma^2 / alpha^2)(I - sigma J), J = d eps / d a_t. (B, d, d) -> (B, d, d).
+
+    J is symmetrised and the eigenvalues of (I - sigma J) are clipped to [0, 1], so S_hat is PSD
+    and never larger than the prior-free bound (sigma^2 / alpha^2) I.
+    """
+    check_tensor("jac", jac, ndim=3)
+    B, d, _ = jac.shape
+    a, s = _alpha_sigma_b(alpha, sigma, jac[:, :, 0])
+    Js = 0.5 * (jac + jac.transpose(-1, -2))
+    M = _eye(d, jac) - s[:, :, None] * Js
+    evals, evecs = torch.linalg.eigh(M)
+    evals = evals.clamp(0.0, 1.0)
+    M = evecs @ torch.diag_embed(evals) @ evecs.transpose(-1, -2)
+    return (s**2 / a**2)[:, :, None] * M
+
+
+def isotropic_covariance(eps_sq_mean, alpha, sigma, d: int, batch: int | None = None, like=None) -> torch.Tensor:
+    """Analytic-DPM posterior covariance r_t^2 I, r_t^2 = (sigma^2/alpha^2)(1 - E||eps_theta||^2 / d).
+
+    ``eps_sq_mean``: E||eps_theta(a_t, t)||^2 at each sample's t, float or (B,). Returns (B, d, d).
+    """
+    like = like if like is not None else torch.as_tensor(eps_sq_mean, dtype=torch.get_default_dtype())
+    e = torch.as_tensor(eps_sq_mean, dtype=like.dtype, device=like.device).reshape(-1)
+    B = batch or e.shape[0]
+    a, s = _alpha_sigma_b(alpha, sigma, torch.empty(B, 1, dtype=like.dtype, device=like.device))
+    r2 = (s**2 / a**2).squeeze(-1) * (1.0 - e.expand(B) / d).clamp(0.0, 1.0)
+    return r2[:, None, None] * _eye(d, like)
+
+
+def gaussian_fit_covariance(S_s: torch.Tensor, alpha, sigma) -> torch.Tensor:
+    """Section 3's exact S~ for a behaviour fitted as N(m_s, S_s): (B, d, d) or (d, d) -> (B, d, d).
+
+    ``alpha``, ``sigma``: (B,) tensors (or floats, with S_s batched).
+    """
+    S_s = S_s if S_s.ndim == 3 else S_s[None]
+    d = S_s.shape[-1]
+    a, s = _alpha_sigma_b(alpha, sigma, torch.empty(max(S_s.shape[0], torch.as_tensor(alpha).numel()), 1,
+                                                     dtype=S_s.dtype, device=S_s.device))
+    S_s = S_s.expand(a.shape[0], d, d)
+    M = a[:, :, None] ** 2 * S_s + s[:, :, None] ** 2 * _eye(d, S_s)
+    S_t = S_s - a[:, :, None] ** 2 * S_s @ torch.linalg.solve(M, S_s)
+    return 0.5 * (S_t + S_t.transpose(-1, -2))
+
+
+def psd_project(M: torch.Tensor) -> torch.Tensor:
+    """Symmetrise and clip negative eigenvalues to 0: (..., d, d) -> (..., d, d)."""
+    Ms = 0.5 * (M + M.transpose(-1, -2))
+    evals, evecs = torch.linalg.eigh(Ms)
+    return evecs @ torch.diag_embed(evals.clamp_min(0.0)) @ evecs.transpose(-1, -2)
+
+
+def aepo_target_first(q: torch.Tensor, g: torch.Tensor, S_hat: torch.Tensor, beta: float) -> torch.Tensor:
+    """First-order AEPO target y_t = beta Q(a0_hat) + (beta^2 / 2) g^T S_hat g.
+
+    q (B,), g (B, d) = grad_a Q at a0_hat, S_hat (B, d, d) -> (B,). The variance term lifts the
+    estimate above Jensen's E[beta Q].
+    """
+    beta = check_scalar("beta", beta, low=0.0)
+    quad = (g.unsqueeze(-2) @ S_hat @ g.unsqueeze(-1)).squeeze(-1).squeeze(-1)
+    return _finite("aepo_target_first", beta * q + 0.5 * beta**2 * quad)
+
+
+def aepo_target_second(q: torch.Tensor, g: torch.Tensor, H: torch.Tensor, S_hat: torch.Tensor, beta: float) -> torch.Tensor:
+    """Second-order AEPO target: the Gaussian integral of method.md 3b around a0_hat.
+
+    With u ~ N(0, S_hat), Q(a0_hat + u) ≈ q + g^T u - u^T H u / 2 and H = -hess Q (PSD-projected
+    here): y_t = beta q + log E exp(beta g^T u - beta u^T H u / 2). (B,), (B, d), (B, d, d), (B, d, d) -> (B,).
+    """
+    beta = check_scalar("beta", beta, low=0.0)
+    zero = torch.zeros_like(g)
+    y = beta * q + gaussian_log_expectation(zero, S_hat, beta * g, beta * psd_project(H))
+    return _finite("aepo_target_second", y)
+
+
+def aepo_target_sampled(q_fn: Callable[[torch.Tensor], torch.Tensor], a0_hat: torch.Tensor, S_hat: torch.Tensor,
+                        beta: float, n_samples: int = 16, generator: torch.Generator | None = None,
+                        clip: float | None = None) -> torch.Tensor:
+    """Sampled AEPO target y_t = logmeanexp_k beta Q(a0_hat + S_hat^(1/2) z_k), z_k ~ N(0, I).
+
+    q_fn maps actions (B * K, d) -> (B * K,) (the state is the caller's to repeat); a0_hat (B, d),
+    S_hat (B, d, d) -> (B,).
+    """
+    beta = check_scalar("beta", beta, low=0.0)
+    if not isinstance(n_samples, int) or n_samples < 1:
+        raise ValueError(f"n_samples: expected a positive integer, got {n_samples!r}")
+    B, d = a0_hat.shape
+    evals, evecs = torch.linalg.eigh(0.5 * (S_hat + S_hat.transpose(-1, -2)))
+    root = evecs @ torch.diag_embed(evals.clamp_min(0).sqrt())
+    z = torch.randn((B, n_samples, d), generator=generator, dtype=a0_hat.dtype,
+                    device="cpu" if generator is not None else a0_hat.device).to(a0_hat.device)
+    a = a0_hat[:, None, :] + z @ root.transpose(-1, -2)
+    if clip is not None:
+        a = a.clamp(-clip, clip)
+    qv = q_fn(a.reshape(B * n_samples, d)).reshape(B, n_samples)
+    y = torch.logsumexp(beta * qv, dim=1) - math.log(n_samples)
+    return _finite("aepo_target_sampled", y)
+
+
+def _finite(where: str, y: torch.Tensor) -> torch.Tensor:
+    if not bool(torch.isfinite(y).all()):
+        raise FloatingPointError(f"{where}: the target has NaN/inf entries (check beta, the critic and S_hat)")
+    return y
+
+
+# ----------------------------------------------------------------------------- losses
+def energy_regression_loss(f: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """AEPO's loss: mean (f_phi(s, a_t, t) - stopgrad(y_t))^2. f, y (B,) -> scalar."""
+    return _finite("energy_regression_loss", ((f - y.detach()) ** 2).mean())
+
+
+def mse_energy_loss(f: torch.Tensor, q: torch.Tensor, beta: float) -> torch.Tensor:
+    """The MSE baseline: mean (f_phi(s, a_t, t) - beta Q(s, a_0))^2. Learns E[beta Q | a_t] <= E_t (Jensen)."""
+    beta = check_scalar("beta", beta, low=0.0)
+    return _finite("mse_energy_loss", ((f - beta * q.detach()) ** 2).mean())
+
+
+def cep_loss(f: torch.Tensor, q: torch.Tensor, beta: float) -> torch.Tensor:
+    """QGPO's contrastive energy prediction over K support actions per state.
+
+    f (B, K) = f_phi(s, a_t^(i), t), q (B, K) = Q(s, a^(i)) -> scalar
+        L = - mean_B sum_i softmax_i(beta q) log softmax_i(f)
+    """
+    beta = check_scalar("beta", beta, low=0.0)
+    if f.shape != q.shape or f.ndim != 2:
+        raise ValueError(f"cep_loss: expected f and q of the same shape (B, K), got {tuple(f.shape)} and {tuple(q.shape)}")
+    w = torch.softmax(beta * q.detach(), dim=1)
+    return _finite("cep_loss", -(w * torch.log_softmax(f, dim=1)).sum(1).mean())

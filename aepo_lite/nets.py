@@ -1,0 +1,156 @@
+"""Networks: time embedding, MLP blocks, the state-conditional noise network, critics, the
+value network and the intermediate-energy network. Smooth activations (SiLU/Mish) throughout:
+AEPO differentiates the critic in the action, so a ReLU critic would carry no curvature."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+__all__ = [
+    "GaussianFourierEmbedding", "MLP", "ResidualMLP", "NoiseNet", "TwinQ", "ValueNet", "EnergyNet",
+    "make_activation",
+]
+
+_ACTIVATIONS = {"silu": nn.SiLU, "mish": nn.Mish, "gelu": nn.GELU, "tanh": nn.Tanh}
+
+
+def make_activation(name: str) -> nn.Module:
+    """``silu|mish|gelu|tanh``. ReLU is left out on purpose (see the module docstring)."""
+    try:
+        return _ACTIVATIONS[name]()
+    except KeyError:
+        raise ValueError(f"activation: expected one of {sorted(_ACTIVATIONS)}, got {name!r}") from None
+
+
+class GaussianFourierEmbedding(nn.Module):
+    """Random Fourier features of the diffusion time: t (B,) -> (B, dim).
+
+    The frequencies are a fixed buffer drawn from a seeded generator, so two models built
+    with the same arguments are identical.
+    """
+
+    def __init__(self, dim: int = 32, scale: float = 16.0, seed: int = 0):
+        super().__init__()
+        if dim % 2:
+            raise ValueError(f"dim: expected an even embedding size, got {dim}")
+        g = torch.Generator().manual_seed(seed)
+        self.register_buffer("freqs", torch.randn(dim // 2, generator=g) * scale)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        x = 2 * math.pi * t[:, None] * self.freqs[None, :].to(t.dtype)
+        return torch.cat([torch.sin(x), torch.cos(x)], dim=-1)
+
+
+class MLP(nn.Sequential):
+    """Plain MLP: in_dim -> [hidden] * depth -> out_dim, smooth activation, optional LayerNorm."""
+
+    def __init__(self, in_dim: int, out_dim: int, hidden: int = 256, depth: int = 2,
+                 activation: str = "mish", layer_norm: bool = False):
+        layers: list[nn.Module] = []
+        d = in_dim
+        for _ in range(depth):
+            layers.append(nn.Linear(d, hidden))
+            if layer_norm:
+                layers.append(nn.LayerNorm(hidden))
+            layers.append(make_activation(activation))
+            d = hidden
+        layers.append(nn.Linear(d, out_dim))
+        super().__init__(*layers)
+
+
+class _ResBlock(nn.Module):
+    def __init__(self, hidden: int, activation: str):
+        super().__init__()
+        self.norm = nn.LayerNorm(hidden)
+        self.fc1 = nn.Linear(hidden, hidden * 2)
+        self.fc2 = nn.Linear(hidden * 2, hidden)
+        self.act = make_activation(activation)
+
+    def forward(self, x):
+        return x + self.fc2(self.act(self.fc1(self.norm(x))))
+
+
+class ResidualMLP(nn.Module):
+    """in_dim -> hidden -> n_blocks pre-norm residual blocks -> out_dim (IDQL-style)."""
+
+    def __init__(self, in_dim: int, out_dim: int, hidden: int = 256, n_blocks: int = 2,
+                 activation: str = "mish"):
+        super().__init__()
+        self.inp = nn.Linear(in_dim, hidden)
+        self.blocks = nn.Sequential(*[_ResBlock(hidden, activation) for _ in range(n_blocks)])
+        self.out = nn.Sequential(make_activation(activation), nn.Linear(hidden, out_dim))
+
+    def forward(self, x):
+        return self.out(self.blocks(self.inp(x)))
+
+
+class NoiseNet(nn.Module):
+    """State-conditional noise prediction eps_theta(a_t, t, s).
+
+    a_t (B, d), t (B,), s (B, state_dim) or None when ``state_dim == 0`` -> (B, d).
+    """
+
+    def __init__(self, action_dim: int, state_dim: int = 0, hidden: int = 256, n_blocks: int = 3,
+                 time_dim: int = 32, activation: str = "mish"):
+        super().__init__()
+        self.action_dim, self.state_dim = action_dim, state_dim
+        self.time_embed = nn.Sequential(GaussianFourierEmbedding(time_dim), nn.Linear(time_dim, time_dim),
+                                        make_activation(activation))
+        self.body = ResidualMLP(action_dim + state_dim + time_dim, action_dim, hidden, n_blocks, activation)
+
+    def forward(self, a_t: torch.Tensor, t: torch.Tensor, s: torch.Tensor | None = None) -> torch.Tensor:
+        parts = [a_t, self.time_embed(t)]
+        if self.state_dim:
+            parts.append(s)
+        return self.body(torch.cat(parts, dim=-1))
+
+
+class TwinQ(nn.Module):
+    """Two Q heads. ``forward(s, a) -> (q1 (B,), q2 (B,))``; :meth:`q_min` is their minimum."""
+
+    def __init__(self, state_dim: int, action_dim: int, hidden: int = 256, depth: int = 2,
+                 activation: str = "mish", layer_norm: bool = False):
+        super().__init__()
+        self.q1 = MLP(state_dim + action_dim, 1, hidden, depth, activation, layer_norm)
+        self.q2 = MLP(state_dim + action_dim, 1, hidden, depth, activation, layer_norm)
+
+    def forward(self, s: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.cat([s, a], dim=-1)
+        return self.q1(x).squeeze(-1), self.q2(x).squeeze(-1)
+
+    def q_min(self, s: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        return torch.minimum(*self(s, a))
+
+
+class ValueNet(nn.Module):
+    """V(s): (B, state_dim) -> (B,)."""
+
+    def __init__(self, state_dim: int, hidden: int = 256, depth: int = 2, activation: str = "mish",
+                 layer_norm: bool = False):
+        super().__init__()
+        self.net = MLP(state_dim, 1, hidden, depth, activation, layer_norm)
+
+    def forward(self, s: torch.Tensor) -> torch.Tensor:
+        return self.net(s).squeeze(-1)
+
+
+class EnergyNet(nn.Module):
+    """Intermediate energy f_phi(s, a_t, t): s (B, state_dim) or None, a_t (B, d), t (B,) -> (B,).
+
+    At t = t_min it should match beta Q(s, a); its gradient in a_t is the guidance.
+    """
+
+    def __init__(self, action_dim: int, state_dim: int = 0, hidden: int = 256, depth: int = 3,
+                 time_dim: int = 32, activation: str = "silu"):
+        super().__init__()
+        self.action_dim, self.state_dim = action_dim, state_dim
+        self.time_embed = GaussianFourierEmbedding(time_dim)
+        self.net = MLP(action_dim + state_dim + time_dim, 1, hidden, depth, activation)
+
+    def forward(self, s: torch.Tensor | None, a_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        parts = [a_t, self.time_embed(t)]
+        if self.state_dim:
+            parts.append(s)
+        return self.net(torch.cat(parts, dim=-1)).squeeze(-1)
