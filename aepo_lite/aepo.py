@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from . import guidance as G
-from ._checks import check_scalar
+from ._checks import check_finite, check_scalar, check_tensor
 from .diffusion import EpsFn
 from .schedule import VPSchedule
 
@@ -116,6 +116,16 @@ def aepo_target(a_t: torch.Tensor, t: torch.Tensor, s: torch.Tensor | None, *, e
     """AEPO's estimate y_t(s, a_t) of E_t = log E_{mu_0t}[exp(beta Q)]: (B, d), (B,) -> (B,), no grad."""
     if expansion not in G.EXPANSIONS:
         raise ValueError(f"expansion: expected one of {G.EXPANSIONS}, got {expansion!r}")
+    check_scalar("beta", beta, low=0.0)
+    check_tensor("a_t", a_t, ndim=2)
+    check_finite("a_t", a_t)
+    check_tensor("t", t, shape=(a_t.shape[0],))
+    schedule.check_t(t)
+    if s is not None:
+        check_tensor("s", s, ndim=2)
+        if s.shape[0] != a_t.shape[0]:
+            raise ValueError(f"s: expected {a_t.shape[0]} rows to match a_t, got {s.shape[0]}")
+        check_finite("s", s)
     a0_hat, S_hat = posterior_estimate(a_t, t, s, eps_fn, schedule, covariance, clip, eps_table, fit_cov)
     if expansion == "sampled":
         K = n_samples
