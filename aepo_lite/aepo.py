@@ -31,12 +31,15 @@ ENERGY_METHODS = ("aepo", "mse", "cep")
 class EpsNormTable(nn.Module):
     """E||eps_theta(a_t, t, s)||^2 on a grid of t, for the ``isotropic`` (Analytic-DPM) covariance.
 
-    Built once from data with :meth:`estimate`; ``forward(t (B,)) -> (B,)`` interpolates linearly.
+    Built once from data with :meth:`estimate` on a grid uniform in log-SNR (where the curve is
+    smooth); ``forward(t (B,)) -> (B,)`` interpolates its log linearly in log-SNR.
     """
 
-    def __init__(self, t_grid: torch.Tensor, values: torch.Tensor):
+    def __init__(self, t_grid: torch.Tensor, values: torch.Tensor, schedule: VPSchedule):
         super().__init__()
+        self.schedule = schedule
         self.register_buffer("t_grid", t_grid)
+        self.register_buffer("lam_grid", schedule.lambda_(t_grid))  # decreasing
         self.register_buffer("values", values)
 
     @classmethod
@@ -44,19 +47,23 @@ class EpsNormTable(nn.Module):
     def estimate(cls, eps_fn: EpsFn, a0: torch.Tensor, s: torch.Tensor | None, schedule: VPSchedule,
                  n_grid: int = 64, generator: torch.Generator | None = None) -> "EpsNormTable":
         """a0 (N, d) behaviour actions (and their states s (N, k) or None) -> the table."""
-        t_grid = torch.linspace(schedule.t_min, schedule.t_max, n_grid, dtype=a0.dtype, device=a0.device)
+        t_grid = schedule.lambda_grid(n_grid - 1, dtype=a0.dtype, device=a0.device).flip(0)  # increasing t
         vals = []
         for t in t_grid:
             tt = t.expand(a0.shape[0])
             a_t, _ = schedule.diffuse(a0, tt, generator=generator)
             vals.append((eps_fn(a_t, tt, s) ** 2).sum(-1).mean())
-        return cls(t_grid, torch.stack(vals))
+        return cls(t_grid, torch.stack(vals), schedule)
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        idx = torch.searchsorted(self.t_grid, t.contiguous()).clamp(1, len(self.t_grid) - 1)
-        t0, t1 = self.t_grid[idx - 1], self.t_grid[idx]
-        w = ((t - t0) / (t1 - t0)).clamp(0, 1)
-        return (1 - w) * self.values[idx - 1] + w * self.values[idx]
+        neg_lam = -self.lam_grid  # increasing
+        x = -self.schedule.lambda_(t)
+        idx = torch.searchsorted(neg_lam, x.contiguous()).clamp(1, len(neg_lam) - 1)
+        x0, x1 = neg_lam[idx - 1], neg_lam[idx]
+        w = ((x - x0) / (x1 - x0)).clamp(0, 1)
+        # log-linear: E||eps||^2 ~ exp(-2 lambda) at low noise, so interpolate its log
+        lv = torch.log(self.values.clamp_min(1e-30))
+        return torch.exp((1 - w) * lv[idx - 1] + w * lv[idx])
 
 
 def posterior_estimate(a_t: torch.Tensor, t: torch.Tensor, s: torch.Tensor | None, eps_fn: EpsFn,

@@ -1,0 +1,32 @@
+"""Shared fixtures: random Gaussian behaviours and concave quadratic critics in float64."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("AEPO_SCALE", "smoke")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+DT = torch.float64
+DIMS = (1, 2, 6)
+TIMES = (1e-3, 0.5, 1.0)  # t near 0, in the middle, at 1
+
+
+def make_problem(d: int, seed: int = 0, scale: float = 0.1):
+    """A Gaussian behaviour N(m, S) and a concave quadratic critic Q = c + g^T a - a^T H a / 2."""
+    g_ = torch.Generator().manual_seed(seed)
+    A = torch.randn(d, d, generator=g_, dtype=DT)
+    S = scale * (A @ A.T / d + 0.5 * torch.eye(d, dtype=DT))
+    m = 0.3 * torch.randn(d, generator=g_, dtype=DT)
+    g = torch.randn(d, generator=g_, dtype=DT)
+    B = torch.randn(d, d, generator=g_, dtype=DT)
+    H = B @ B.T / d
+    return dict(m=m, S=S, c=0.25, g=g, H=H)
+
+
+@pytest.fixture
+def schedule():
+    from aepo_lite.schedule import VPSchedule
+    return VPSchedule()
