@@ -1,0 +1,142 @@
+"""Critics (method.md section 5), each a learner with ``update(batch) -> dict[str, float]``.
+
+IQL (Kostrikov et al.): an expectile value V and twin Q,
+
+    L_V = E |tau - 1(u < 0)| u^2,          u = min_i Q'_i(s, a) - V(s)
+    L_Q = E sum_i (Q_i(s, a) - r - gamma (1 - done) V(s'))^2
+
+QGPO's in-support softmax Q (Lu et al.), with K actions a'_j ~ mu(.|s') from the behaviour model:
+
+    y = r + gamma (1 - done) sum_j softmax_j(beta_Q Q'(s', a'_j)) Q'(s', a'_j)
+
+Q' is the Polyak-averaged target network (rate ``tau_target``). Networks use smooth
+activations: AEPO differentiates Q in the action. ``q_fn(s, a) -> (B,)`` is what guidance uses.
+
+batch keys: ``s`` (B, k), ``a`` (B, d), ``r`` (B,), ``s2`` (B, k), ``done`` (B,);
+the in-support critic also needs ``support2`` (B, K, d), actions from mu(.|s').
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ._checks import check_scalar
+from .nets import TwinQ, ValueNet
+
+__all__ = ["CriticConfig", "expectile_loss", "insupport_target", "IQLCritic", "InSupportCritic", "make_critic",
+           "CRITICS"]
+
+CRITICS = ("iql", "insupport")
+
+
+@dataclass
+class CriticConfig:
+    """Critic hyper-parameters (QGPO's settings by default, method.md section 7)."""
+
+    kind: str = "iql"  # iql | insupport
+    gamma: float = 0.99  # discount
+    tau_target: float = 0.005  # Polyak rate of the target Q network
+    expectile: float = 0.7  # IQL expectile tau (0.7 locomotion, 0.9 AntMaze in IQL's paper)
+    beta_q: float = 1.0  # in-support softmax inverse temperature beta_Q
+    lr: float = 3e-4  # Adam learning rate
+    hidden: int = 256  # hidden width of Q and V
+    depth: int = 2  # hidden layers of Q and V
+    activation: str = "mish"  # smooth activation (AEPO needs grad_a Q)
+    layer_norm: bool = False  # LayerNorm in the Q/V MLPs
+
+
+def expectile_loss(u: torch.Tensor, tau: float) -> torch.Tensor:
+    """E |tau - 1(u < 0)| u^2 for residuals u (B,) -> scalar."""
+    w = torch.where(u < 0, 1.0 - tau, tau)
+    return (w * u**2).mean()
+
+
+def insupport_target(r: torch.Tensor, done: torch.Tensor, q_next: torch.Tensor, gamma: float,
+                     beta_q: float) -> torch.Tensor:
+    """r (B,), done (B,), q_next (B, K) = Q'(s', a'_j) -> r + gamma (1 - done) sum_j softmax_j(beta_Q q) q."""
+    w = torch.softmax(beta_q * q_next, dim=-1)
+    return r + gamma * (1.0 - done) * (w * q_next).sum(-1)
+
+
+def _soft_update(target: nn.Module, online: nn.Module, tau: float) -> None:
+    with torch.no_grad():
+        for pt, p in zip(target.parameters(), online.parameters()):
+            pt.mul_(1.0 - tau).add_(p, alpha=tau)
+
+
+class _TwinQLearner(nn.Module):
+    def __init__(self, state_dim: int, action_dim: int, cfg: CriticConfig):
+        super().__init__()
+        check_scalar("gamma", cfg.gamma, 0.0, 1.0)
+        check_scalar("tau_target", cfg.tau_target, 0.0, 1.0, low_open=True)
+        self.cfg = cfg
+        self.q = TwinQ(state_dim, action_dim, cfg.hidden, cfg.depth, cfg.activation, cfg.layer_norm)
+        self.q_target = copy.deepcopy(self.q).requires_grad_(False)
+
+    def q_fn(self, s: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """Q(s, a) (B,): the minimum of the two target heads (what guidance and ranking use)."""
+        return self.q_target.q_min(s, a)
+
+    def _q_step(self, s, a, y) -> torch.Tensor:
+        q1, q2 = self.q(s, a)
+        loss = ((q1 - y) ** 2).mean() + ((q2 - y) ** 2).mean()
+        self.q_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.q_opt.step()
+        _soft_update(self.q_target, self.q, self.cfg.tau_target)
+        return loss.detach(), q1.detach()
+
+
+class IQLCritic(_TwinQLearner):
+    """IQL's expectile V and twin Q. ``update(batch) -> {"v_loss", "q_loss", "q_mean", "v_mean"}``."""
+
+    def __init__(self, state_dim: int, action_dim: int, cfg: CriticConfig):
+        super().__init__(state_dim, action_dim, cfg)
+        check_scalar("expectile", cfg.expectile, 0.0, 1.0, low_open=True)
+        self.v = ValueNet(state_dim, cfg.hidden, cfg.depth, cfg.activation, cfg.layer_norm)
+        self.q_opt = torch.optim.Adam(self.q.parameters(), lr=cfg.lr)
+        self.v_opt = torch.optim.Adam(self.v.parameters(), lr=cfg.lr)
+
+    def update(self, batch: dict) -> dict[str, float]:
+        s, a, r, s2, done = batch["s"], batch["a"], batch["r"], batch["s2"], batch["done"]
+        with torch.no_grad():
+            q_t = self.q_target.q_min(s, a)
+        v = self.v(s)
+        v_loss = expectile_loss(q_t - v, self.cfg.expectile)
+        self.v_opt.zero_grad(set_to_none=True)
+        v_loss.backward()
+        self.v_opt.step()
+        with torch.no_grad():
+            y = r + self.cfg.gamma * (1.0 - done) * self.v(s2)
+        q_loss, q1 = self._q_step(s, a, y)
+        return {"v_loss": float(v_loss.detach()), "q_loss": float(q_loss), "q_mean": float(q1.mean()), "v_mean": float(v.detach().mean())}
+
+
+class InSupportCritic(_TwinQLearner):
+    """QGPO's in-support softmax Q. ``update(batch) -> {"q_loss", "q_mean", "target_mean"}``."""
+
+    def __init__(self, state_dim: int, action_dim: int, cfg: CriticConfig):
+        super().__init__(state_dim, action_dim, cfg)
+        check_scalar("beta_q", cfg.beta_q, low=0.0)
+        self.q_opt = torch.optim.Adam(self.q.parameters(), lr=cfg.lr)
+
+    def update(self, batch: dict) -> dict[str, float]:
+        s, a, r, s2, done, sup = batch["s"], batch["a"], batch["r"], batch["s2"], batch["done"], batch["support2"]
+        B, K, d = sup.shape
+        with torch.no_grad():
+            q_next = self.q_target.q_min(s2.repeat_interleave(K, 0), sup.reshape(B * K, d)).reshape(B, K)
+            y = insupport_target(r, done, q_next, self.cfg.gamma, self.cfg.beta_q)
+        q_loss, q1 = self._q_step(s, a, y)
+        return {"q_loss": float(q_loss), "q_mean": float(q1.mean()), "target_mean": float(y.mean())}
+
+
+def make_critic(state_dim: int, action_dim: int, cfg: CriticConfig) -> _TwinQLearner:
+    """The critic named by ``cfg.kind``."""
+    if cfg.kind == "iql":
+        return IQLCritic(state_dim, action_dim, cfg)
+    if cfg.kind == "insupport":
+        return InSupportCritic(state_dim, action_dim, cfg)
+    raise ValueError(f"critic: expected one of {CRITICS}, got {cfg.kind!r}")

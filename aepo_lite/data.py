@@ -1,0 +1,263 @@
+"""Minari datasets as offline-RL transitions.
+
+A Minari episode stores T actions/rewards/flags and T+1 observations (the last row is the final
+observation). Transition i of an episode is (o_i, a_i, r_i, o_{i+1}, done_i) with
+
+    done_i = terminations_i        (bootstrap through truncations: a timeout is not an end state)
+
+so the critic target r + gamma (1 - done) V(s') cuts the bootstrap only at true terminations.
+
+Observations are kept once (every row, T+1 per episode) and transitions index into them, so the
+behaviour model's support actions (QGPO) are computed once per observation row.
+
+Conventions the critic needs (IQL's):
+  - ``locomotion``: r <- r * 1000 / (max episode return - min episode return);
+  - ``antmaze``:    r <- r - 1;
+  - ``none``:       raw rewards (Adroit, Kitchen, anything else);
+  - ``auto``:       antmaze for ids containing "antmaze", locomotion for MuJoCo locomotion
+                    tasks (hopper, walker2d, halfcheetah, ant, humanoid, swimmer), else none.
+States are normalised with the dataset's mean and std (std + 1e-3); actions are mapped from the
+action box to [-1, 1]^d (method.md section 1).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+import torch
+
+__all__ = ["OfflineData", "load_minari", "from_episodes", "dataset_mean_return", "REWARD_SCALINGS",
+           "LOCOMOTION_TASKS"]
+
+REWARD_SCALINGS = ("auto", "locomotion", "antmaze", "none")
+LOCOMOTION_TASKS = ("hopper", "walker2d", "halfcheetah", "ant", "humanoid", "swimmer", "reacher", "pusher",
+                    "invertedpendulum", "inverteddoublependulum")
+
+
+@dataclass
+class OfflineData:
+    """A dataset of transitions, as numpy arrays (float32 unless said otherwise).
+
+    Shapes: N transitions, M = N + (number of episodes) observation rows, k state dim, d action dim.
+    """
+
+    dataset_id: str
+    obs_rows: np.ndarray  # (M, k) every observation row, raw (flattened if the space is a Dict)
+    idx: np.ndarray  # (N,) int64: row of s for each transition
+    next_idx: np.ndarray  # (N,) int64: row of s' for each transition
+    actions: np.ndarray  # (N, d) actions mapped to [-1, 1]^d
+    rewards: np.ndarray  # (N,) raw rewards
+    terminals: np.ndarray  # (N,) 1.0 where the episode terminated (no bootstrap), else 0.0
+    timeouts: np.ndarray  # (N,) 1.0 where the episode was truncated (bootstrap kept)
+    episode_returns: np.ndarray  # (E,) undiscounted returns of the dataset's episodes
+    action_low: np.ndarray  # (d,) the environment's action box
+    action_high: np.ndarray  # (d,)
+    reward_scaling: str = "none"  # the convention applied by :meth:`scaled_rewards`
+    metadata: dict = field(default_factory=dict)  # Minari metadata (ref scores, env specs, ...)
+
+    @property
+    def n(self) -> int:
+        return int(self.idx.shape[0])
+
+    @property
+    def state_dim(self) -> int:
+        return int(self.obs_rows.shape[1])
+
+    @property
+    def action_dim(self) -> int:
+        return int(self.actions.shape[1])
+
+    def obs_stats(self) -> tuple[np.ndarray, np.ndarray]:
+        """(mean (k,), std (k,)) of the states s over transitions, std + 1e-3 (IQL)."""
+        s = self.obs_rows[self.idx]
+        return s.mean(0).astype(np.float32), (s.std(0) + 1e-3).astype(np.float32)
+
+    def scaled_rewards(self) -> np.ndarray:
+        """Rewards under :attr:`reward_scaling` (see the module docstring), (N,)."""
+        if self.reward_scaling == "locomotion":
+            span = float(self.episode_returns.max() - self.episode_returns.min())
+            return (self.rewards * (1000.0 / max(span, 1e-6))).astype(np.float32)
+        if self.reward_scaling == "antmaze":
+            return (self.rewards - 1.0).astype(np.float32)
+        return self.rewards.astype(np.float32)
+
+    def to_action_box(self, a: np.ndarray) -> np.ndarray:
+        """Map actions from [-1, 1]^d back to the environment's box."""
+        return self.action_low + (np.clip(a, -1.0, 1.0) + 1.0) * 0.5 * (self.action_high - self.action_low)
+
+    def tensors(self, device: torch.device) -> dict[str, torch.Tensor]:
+        """Normalised states and scaled rewards on ``device``: ``obs`` (M, k), ``idx``, ``next_idx`` (N,),
+        ``a`` (N, d), ``r`` (N,), ``done`` (N,)."""
+        mean, std = self.obs_stats()
+        return {"obs": torch.as_tensor((self.obs_rows - mean) / std, dtype=torch.float32, device=device),
+                "idx": torch.as_tensor(self.idx, device=device),
+                "next_idx": torch.as_tensor(self.next_idx, device=device),
+                "a": torch.as_tensor(self.actions, dtype=torch.float32, device=device),
+                "r": torch.as_tensor(self.scaled_rewards(), dtype=torch.float32, device=device),
+                "done": torch.as_tensor(self.terminals, dtype=torch.float32, device=device)}
+
+
+def _resolve_scaling(dataset_id: str, scaling: str) -> str:
+    if scaling not in REWARD_SCALINGS:
+        raise ValueError(f"reward_scaling: expected one of {REWARD_SCALINGS}, got {scaling!r}")
+    if scaling != "auto":
+        return scaling
+    low = dataset_id.lower()
+    if "antmaze" in low:
+        return "antmaze"
+    if any(task in low.replace("-", "").replace("_", "") for task in LOCOMOTION_TASKS):
+        return "locomotion"
+    return "none"
+
+
+def _flatten(space, x: np.ndarray) -> np.ndarray:
+    """Observations of one episode (T+1 rows, or a dict of them) -> (T+1, k) float."""
+    import gymnasium as gym
+    if isinstance(space, gym.spaces.Dict):
+        return np.concatenate([np.asarray(x[k], dtype=np.float64).reshape(len(x[k]), -1) for k in sorted(space.spaces)], 1)
+    x = np.asarray(x, dtype=np.float64)
+    return x.reshape(x.shape[0], -1)
+
+
+def flatten_observation(space, obs) -> np.ndarray:
+    """One environment observation -> (k,) in the dataset's flattening (Dict keys in sorted order)."""
+    import gymnasium as gym
+    if isinstance(space, gym.spaces.Dict):
+        return np.concatenate([np.asarray(obs[k], dtype=np.float64).ravel() for k in sorted(space.spaces)])
+    return np.asarray(obs, dtype=np.float64).ravel()
+
+
+def from_episodes(dataset_id: str, episodes: list[dict], action_low: np.ndarray, action_high: np.ndarray, *,
+                  reward_scaling: str = "auto", metadata: Optional[dict] = None, obs_space=None) -> OfflineData:
+    """Build :class:`OfflineData` from episodes given as dicts with ``observations`` (T+1, ...),
+    ``actions`` (T, d), ``rewards``, ``terminations``, ``truncations`` (T,). Checks shapes and finiteness."""
+    if not episodes:
+        raise ValueError(f"dataset: {dataset_id!r} has no episodes (an empty dataset)")
+    low, high = np.asarray(action_low, np.float64), np.asarray(action_high, np.float64)
+    if not (np.all(np.isfinite(low)) and np.all(np.isfinite(high)) and np.all(high > low)):
+        raise ValueError(f"action space: expected a bounded box with high > low, got low={low}, high={high}")
+    rows, idx, nxt, acts, rews, terms, touts, rets = [], [], [], [], [], [], [], []
+    offset = 0
+    for e, ep in enumerate(episodes):
+        obs = _flatten(obs_space, ep["observations"]) if obs_space is not None else np.asarray(ep["observations"], np.float64)
+        a = np.asarray(ep["actions"], np.float64).reshape(len(ep["actions"]), -1)
+        r = np.asarray(ep["rewards"], np.float64).reshape(-1)
+        term = np.asarray(ep["terminations"], bool).reshape(-1)
+        trunc = np.asarray(ep["truncations"], bool).reshape(-1)
+        T = len(r)
+        if T == 0:
+            continue
+        if obs.shape[0] != T + 1 or a.shape[0] != T or term.shape[0] != T or trunc.shape[0] != T:
+            raise ValueError(f"dataset: episode {e} of {dataset_id!r} has inconsistent lengths: "
+                             f"{obs.shape[0]} observations, {a.shape[0]} actions, {T} rewards (expected T+1, T, T)")
+        if a.shape[1] != low.shape[0]:
+            raise ValueError(f"action space: episode {e} of {dataset_id!r} has {a.shape[1]}-dim actions, "
+                             f"the environment has {low.shape[0]}")
+        for name, arr in (("observations", obs), ("actions", a), ("rewards", r)):
+            if not np.all(np.isfinite(arr)):
+                raise ValueError(f"dataset: {dataset_id!r} episode {e} has {int((~np.isfinite(arr)).sum())} "
+                                 f"NaN/inf values in its {name}")
+        rows.append(obs)
+        idx.append(offset + np.arange(T))
+        nxt.append(offset + np.arange(1, T + 1))
+        offset += T + 1
+        acts.append(a), rews.append(r), terms.append(term), touts.append(trunc), rets.append(r.sum())
+    if not rows:
+        raise ValueError(f"dataset: {dataset_id!r} has no transitions (an empty dataset)")
+    obs_rows = np.concatenate(rows)
+    if len({o.shape[1] for o in rows}) != 1:
+        raise ValueError(f"observation space: episodes of {dataset_id!r} have different observation sizes")
+    actions = np.concatenate(acts)
+    a_unit = np.clip(2.0 * (actions - low) / (high - low) - 1.0, -1.0, 1.0)
+    return OfflineData(dataset_id=dataset_id, obs_rows=obs_rows.astype(np.float32), idx=np.concatenate(idx),
+                       next_idx=np.concatenate(nxt), actions=a_unit.astype(np.float32),
+                       rewards=np.concatenate(rews).astype(np.float32),
+                       terminals=np.concatenate(terms).astype(np.float32),
+                       timeouts=np.concatenate(touts).astype(np.float32), episode_returns=np.asarray(rets),
+                       action_low=low.astype(np.float32), action_high=high.astype(np.float32),
+                       reward_scaling=_resolve_scaling(dataset_id, reward_scaling), metadata=dict(metadata or {}))
+
+
+def open_minari(dataset_id: str, download: bool = True):
+    """``minari.load_dataset`` with a clear error: the local copy, else a download (online users)."""
+    import minari
+    from minari.storage.datasets_root_dir import get_dataset_path
+    if not isinstance(dataset_id, str) or not dataset_id.strip():
+        raise ValueError(f"dataset: expected a Minari dataset id, got {dataset_id!r}")
+    if dataset_id in minari.list_local_datasets():
+        return minari.load_dataset(dataset_id)
+    root = get_dataset_path()
+    how = ("Make a local dataset instead, e.g.\n  aepo-lite make-dataset --env Hopper-v5 --quality medium "
+           "--steps 200000 --name local/hopper/medium-v0\n(datasets live under MINARI_DATASETS_PATH, now "
+           f"{root}).")
+    if not download:
+        raise ValueError(f"dataset: {dataset_id!r} is not in the local Minari root {root}. {how}")
+    try:
+        return minari.load_dataset(dataset_id, download=True)
+    except Exception as e:  # offline, unknown id, missing huggingface_hub, incompatible version ...
+        raise ValueError(f"dataset: {dataset_id!r} is not in the local Minari root {root} and downloading it "
+                         f"failed ({type(e).__name__}: {str(e)[:300]}). If you are offline or the id is "
+                         f"unknown (see `minari list remote`): {how}") from None
+
+
+def recover_eval_env_fn(ds):
+    """A zero-argument factory for the dataset's evaluation environment (Minari's ``eval_env``
+    when the dataset names one, else the data-collection environment)."""
+    def make(**kw):
+        return ds.recover_environment(eval_env=True, **kw)
+    return make
+
+
+def load_minari(dataset_id: str, *, reward_scaling: str = "auto", download: bool = True,
+                check_env: bool = True) -> tuple[OfflineData, object]:
+    """Load a Minari dataset as transitions. Returns (data, minari_dataset).
+
+    Raises ``ValueError`` for an unknown/unreachable id, an empty dataset, NaN/inf values, or
+    observation/action spaces that differ from the dataset's evaluation environment.
+    """
+    import gymnasium as gym
+    ds = open_minari(dataset_id, download=download)
+    if ds.total_steps == 0 or ds.total_episodes == 0:
+        raise ValueError(f"dataset: {dataset_id!r} has no transitions (an empty dataset)")
+    obs_space, act_space = ds.observation_space, ds.action_space
+    if not isinstance(act_space, gym.spaces.Box):
+        raise ValueError(f"action space: {dataset_id!r} has a {type(act_space).__name__} action space; "
+                         "only continuous (Box) actions are supported")
+    if check_env:
+        try:
+            env = ds.recover_environment(eval_env=True)
+        except Exception as e:
+            raise ValueError(f"dataset: cannot make the evaluation environment of {dataset_id!r} "
+                             f"({type(e).__name__}: {e})") from None
+        try:
+            e_obs, e_act = env.observation_space, env.action_space
+            if gym.spaces.flatdim(e_obs) != gym.spaces.flatdim(obs_space) or type(e_obs) is not type(obs_space):
+                raise ValueError(f"observation space: the dataset {dataset_id!r} has {obs_space}, its environment "
+                                 f"{env.spec.id if env.spec else env} has {e_obs}")
+            if (not isinstance(e_act, gym.spaces.Box) or e_act.shape != act_space.shape
+                    or not np.allclose(e_act.low, act_space.low) or not np.allclose(e_act.high, act_space.high)):
+                raise ValueError(f"action space: the dataset {dataset_id!r} has {act_space}, its environment "
+                                 f"{env.spec.id if env.spec else env} has {e_act}")
+        finally:
+            env.close()
+    episodes = [{"observations": ep.observations, "actions": ep.actions, "rewards": ep.rewards,
+                 "terminations": ep.terminations, "truncations": ep.truncations} for ep in ds.iterate_episodes()]
+    meta = dict(ds.storage.metadata)
+    data = from_episodes(dataset_id, episodes, act_space.low, act_space.high, reward_scaling=reward_scaling,
+                         metadata=meta, obs_space=obs_space)
+    return data, ds
+
+
+def dataset_mean_return(data: OfflineData) -> float:
+    """Mean undiscounted return of the dataset's episodes."""
+    return float(np.mean(data.episode_returns))
+
+
+def description_info(metadata: dict) -> dict:
+    """The JSON that ``make-dataset`` writes into the description (empty for other datasets)."""
+    try:
+        return json.loads(metadata.get("description") or "{}")
+    except (TypeError, ValueError):
+        return {}

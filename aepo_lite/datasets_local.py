@@ -1,0 +1,315 @@
+"""Make D4RL-style Minari datasets locally (``aepo-lite make-dataset``), without jax.
+
+D4RL's recipe, at a budget a CPU can afford:
+
+  - ``random``: uniform random actions;
+  - a *policy ladder*: one TD3 agent (stable-baselines3, the ``datasets`` extra) trained for a
+    fixed budget of environment steps, with a snapshot and a short deterministic evaluation every
+    ``eval_every`` steps. Every episode seen during training is kept (for ``medium-replay``);
+  - ``expert``: the best snapshot of the ladder. With a small budget it is *not* an expert in
+    D4RL's sense: it is the best policy this budget buys, and the metadata says so;
+  - ``medium``: the first snapshot whose evaluation return reaches ``medium_fraction`` (1/3) of
+    the expert's (D4RL's "policy trained to about a third of expert performance");
+  - ``medium-replay``: the training episodes up to the medium snapshot;
+  - ``medium-expert``: half medium, half expert transitions.
+
+Behaviour data is collected with Gaussian action noise (``collect_noise``) on top of the
+deterministic TD3 actor. ``ref_min_score`` / ``ref_max_score`` are the mean returns of the random
+policy and of the expert snapshot over ``ref_episodes`` (>= 100 by default) episodes. Everything
+is seeded: the same arguments give the same dataset.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+
+from ._io import atomic_write_json, read_json
+from .evaluation import Episode, run_episodes
+
+__all__ = ["QUALITIES", "DatasetRecipe", "make_dataset", "train_policy_ladder", "policy_cache_dir"]
+
+QUALITIES = ("random", "medium", "medium-replay", "medium-expert", "expert")
+
+
+@dataclass
+class DatasetRecipe:
+    """How ``make-dataset`` builds a dataset (saved in the dataset's description)."""
+
+    env_id: str  # Gymnasium environment id, e.g. Hopper-v5
+    quality: str  # random | medium | medium-replay | medium-expert | expert
+    steps: int  # transitions in the dataset
+    name: str  # Minari dataset id NAMESPACE/ENV/QUALITY-v0
+    seed: int = 0  # seeds the policy training, data collection and reference episodes
+    train_steps: int = 60_000  # TD3 environment steps for the policy ladder (the whole budget)
+    eval_every: int = 5_000  # snapshot + evaluation period of the ladder (env steps)
+    eval_episodes: int = 5  # deterministic episodes per ladder evaluation
+    learning_starts: int = 5_000  # uniform-random steps before TD3 starts learning
+    medium_fraction: float = 1.0 / 3.0  # medium = first snapshot with return >= fraction * expert return
+    collect_noise: float = 0.1  # std of Gaussian action noise while collecting behaviour data
+    ref_episodes: int = 100  # episodes for ref_min_score (random) and ref_max_score (expert)
+    net_arch: tuple = (128, 128)  # TD3 actor/critic hidden sizes
+    train_freq: int = 64  # TD3: collect this many steps, then ...
+    gradient_steps: int = 32  # ... take this many gradient steps (update-to-data ratio 1/2, for CPU)
+    n_envs: int = 8  # parallel environments when collecting
+
+
+def policy_cache_dir() -> Path:
+    """Where policy ladders are cached: ``$AEPO_POLICY_CACHE`` or ``<MINARI_DATASETS_PATH>/../aepo_lite_policies``."""
+    if os.environ.get("AEPO_POLICY_CACHE"):
+        return Path(os.environ["AEPO_POLICY_CACHE"])
+    from minari.storage.datasets_root_dir import get_dataset_path
+    return Path(get_dataset_path()).parent / "aepo_lite_policies"
+
+
+def _check_recipe(r: DatasetRecipe) -> None:
+    import gymnasium as gym
+    if r.quality not in QUALITIES:
+        raise ValueError(f"quality: expected one of {QUALITIES}, got {r.quality!r}")
+    if not isinstance(r.steps, int) or r.steps < 1:
+        raise ValueError(f"steps: expected a positive number of transitions, got {r.steps!r}")
+    parts = r.name.split("/")
+    if len(parts) != 3 or not parts[2].rsplit("-v", 1)[-1].isdigit() or "-v" not in parts[2]:
+        raise ValueError(f"name: expected NAMESPACE/ENV/QUALITY-vN, got {r.name!r}")
+    try:
+        gym.spec(r.env_id)
+    except Exception as e:  # gymnasium raises its own NameNotFound/VersionNotFound
+        raise ValueError(f"env: unknown Gymnasium environment {r.env_id!r} ({e})") from None
+    env = gym.make(r.env_id)
+    try:
+        if not isinstance(env.action_space, gym.spaces.Box):
+            raise ValueError(f"env: {r.env_id} has a {type(env.action_space).__name__} action space; "
+                             "only continuous (Box) actions are supported")
+    finally:
+        env.close()
+    for k in ("train_steps", "eval_every", "eval_episodes", "ref_episodes", "n_envs"):
+        v = getattr(r, k)
+        if not isinstance(v, int) or v < 1:
+            raise ValueError(f"{k}: expected a positive integer, got {v!r}")
+    if not 0 < r.medium_fraction < 1:
+        raise ValueError(f"medium_fraction: expected a value in (0, 1), got {r.medium_fraction}")
+
+
+class _EpisodeRecorder:
+    """Gymnasium wrapper keeping every finished training episode (for ``medium-replay``)."""
+
+    def __new__(cls, env):
+        import gymnasium as gym
+
+        class Rec(gym.Wrapper):
+            def __init__(self, env):
+                super().__init__(env)
+                self.episodes: list[dict] = []
+                self.total_steps = 0
+                self._cur = None
+
+            def reset(self, **kw):
+                obs, info = self.env.reset(**kw)
+                self._cur = {"obs": [obs], "act": [], "rew": [], "term": [], "trunc": []}
+                return obs, info
+
+            def step(self, action):
+                obs, r, term, trunc, info = self.env.step(action)
+                c = self._cur
+                c["obs"].append(obs), c["act"].append(np.asarray(action)), c["rew"].append(float(r))
+                c["term"].append(bool(term)), c["trunc"].append(bool(trunc))
+                self.total_steps += 1
+                if term or trunc:
+                    self.episodes.append({"end_step": self.total_steps, **{k: np.asarray(v) for k, v in c.items()}})
+                return obs, r, term, trunc, info
+
+        return Rec(env)
+
+
+def _ladder_key(r: DatasetRecipe) -> str:
+    arch = "x".join(str(h) for h in r.net_arch)
+    return (f"{r.env_id}_seed{r.seed}_td3_{r.train_steps}steps_ls{r.learning_starts}_ev{r.eval_every}"
+            f"_{arch}_tf{r.train_freq}g{r.gradient_steps}")
+
+
+def train_policy_ladder(r: DatasetRecipe, cache: Optional[Path] = None, progress: bool = True) -> Path:
+    """Train (or reuse) the TD3 policy ladder of ``r``; returns its directory holding
+    ``ladder.json`` (step, eval return, snapshot path) and ``replay_episodes.npz``."""
+    try:
+        import stable_baselines3 as sb3
+        from stable_baselines3.common.callbacks import BaseCallback
+        from stable_baselines3.common.noise import NormalActionNoise
+    except ImportError:
+        raise ValueError("quality: behaviour policies are trained with stable-baselines3; install the extra: "
+                         "pip install 'aepo-lite[datasets]'  (or make a 'random' dataset)") from None
+    import gymnasium as gym
+    import torch
+    from tqdm.auto import tqdm
+
+    out = Path(cache or policy_cache_dir()) / _ladder_key(r)
+    if (out / "ladder.json").exists():
+        return out
+    tmp = out.with_name(out.name + ".partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    torch.manual_seed(r.seed)
+    env = _EpisodeRecorder(gym.make(r.env_id))
+    d = env.action_space.shape[0]
+    model = sb3.TD3("MlpPolicy", env, seed=r.seed, verbose=0, device="cpu", learning_starts=r.learning_starts,
+                    train_freq=(r.train_freq, "step"), gradient_steps=r.gradient_steps, batch_size=256,
+                    action_noise=NormalActionNoise(np.zeros(d), 0.1 * np.ones(d)),
+                    policy_kwargs=dict(net_arch=list(r.net_arch)))
+    ladder: list[dict] = []
+    bar = tqdm(total=r.train_steps, desc=f"TD3 ladder {r.env_id}", disable=not progress)
+
+    class Snap(BaseCallback):
+        def _on_step(self) -> bool:
+            bar.update(1)
+            if self.num_timesteps % r.eval_every == 0:
+                path = tmp / f"td3_{self.num_timesteps}.zip"
+                self.model.save(path)
+                eps, _ = run_episodes(lambda: gym.make(r.env_id), _sb3_policy(self.model, 0.0, None),
+                                      r.eval_episodes, seed=10_000 + r.seed * 1000, n_envs=r.eval_episodes)
+                ret = float(np.mean([e.ret for e in eps]))
+                ladder.append({"step": self.num_timesteps, "eval_return": ret, "path": path.name})
+                bar.set_postfix(ret=f"{ret:.0f}")
+            return True
+
+    t0 = time.perf_counter()
+    model.learn(total_timesteps=r.train_steps, callback=Snap())
+    bar.close()
+    eps = env.episodes
+    np.savez_compressed(tmp / "replay_episodes.npz",
+                        **{f"{k}_{i}": e[k] for i, e in enumerate(eps) for k in ("obs", "act", "rew", "term", "trunc")},
+                        end_step=np.array([e["end_step"] for e in eps]))
+    atomic_write_json(tmp / "ladder.json", {"recipe": asdict(r), "snapshots": ladder, "n_replay_episodes": len(eps),
+                                            "train_seconds": time.perf_counter() - t0,
+                                            "stable_baselines3": sb3.__version__})
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out
+
+
+def _sb3_policy(model, noise: float, rng: Optional[np.random.Generator]) -> Callable[[np.ndarray], np.ndarray]:
+    low, high = model.action_space.low, model.action_space.high
+
+    def act(obs: np.ndarray) -> np.ndarray:
+        a, _ = model.predict(obs.astype(np.float32), deterministic=True)
+        a = np.asarray(a, dtype=np.float64).reshape(obs.shape[0], -1)
+        if noise > 0:
+            a = a + noise * rng.standard_normal(a.shape)
+        return np.clip(a, low, high)
+
+    return act
+
+
+def _random_policy(action_space, rng: np.random.Generator) -> Callable[[np.ndarray], np.ndarray]:
+    low, high = action_space.low.astype(np.float64), action_space.high.astype(np.float64)
+    return lambda obs: rng.uniform(low, high, size=(obs.shape[0], low.shape[0]))
+
+
+def _load_snapshot(ladder_dir: Path, snap: dict):
+    from stable_baselines3 import TD3
+    return TD3.load(ladder_dir / snap["path"], device="cpu")
+
+
+def _replay_episodes(ladder_dir: Path, until_step: int, steps: int) -> list[Episode]:
+    z = np.load(ladder_dir / "replay_episodes.npz")
+    out, total = [], 0
+    for i, end in enumerate(z["end_step"]):
+        if end > until_step or total >= steps:
+            break
+        ep = Episode(seed=-1, ret=float(z[f"rew_{i}"].sum()), length=len(z[f"rew_{i}"]), terminated=bool(z[f"term_{i}"][-1]),
+                     observations=z[f"obs_{i}"].astype(np.float64), actions=z[f"act_{i}"].astype(np.float64),
+                     rewards=z[f"rew_{i}"].astype(np.float64), terminations=z[f"term_{i}"].astype(bool),
+                     truncations=z[f"trunc_{i}"].astype(bool))
+        keep = min(ep.length, steps - total)
+        if keep < ep.length:  # cut at the budget: a timeout, not a termination
+            ep = Episode(-1, float(ep.rewards[:keep].sum()), keep, False, ep.observations[:keep + 1], ep.actions[:keep],
+                         ep.rewards[:keep], np.zeros(keep, bool), np.r_[np.zeros(keep - 1, bool), True])
+        out.append(ep)
+        total += keep
+    return out
+
+
+def make_dataset(recipe: DatasetRecipe, *, overwrite: bool = False, progress: bool = True,
+                 policy_cache: Optional[Path] = None):
+    """Build the dataset ``recipe.name`` in the local Minari root and return the ``MinariDataset``.
+
+    Refuses to overwrite an existing dataset unless ``overwrite``.
+    """
+    import gymnasium as gym
+    import minari
+    from minari.data_collector import EpisodeBuffer
+
+    _check_recipe(recipe)
+    r = recipe
+    if r.name in minari.list_local_datasets():
+        if not overwrite:
+            raise FileExistsError(f"name: the dataset {r.name!r} already exists locally; pass --overwrite to rebuild it")
+        minari.delete_dataset(r.name)
+    make_env = lambda: gym.make(r.env_id)  # noqa: E731
+    probe = make_env()
+    space = probe.action_space
+    probe.close()
+    t0 = time.perf_counter()
+    rng = np.random.default_rng(r.seed)
+    # reference returns first: random and (when a ladder is needed) expert, >= ref_episodes each
+    rand_eps, _ = run_episodes(make_env, _random_policy(space, np.random.default_rng(r.seed + 1)), r.ref_episodes,
+                               seed=1_000_000 + r.seed, n_envs=r.n_envs, progress=progress, desc="ref: random")
+    ref_min = float(np.mean([e.ret for e in rand_eps]))
+    info = {"recipe": asdict(r), "ref_min_policy": "uniform random actions",
+            "ref_episodes": r.ref_episodes}
+    ladder_dir, expert, medium = None, None, None
+    ladder_dir = train_policy_ladder(r, policy_cache, progress)
+    lad = read_json(ladder_dir / "ladder.json")
+    snaps = lad["snapshots"]
+    if not snaps:
+        raise ValueError(f"train_steps: {r.train_steps} steps gave no snapshot (eval_every={r.eval_every})")
+    expert = max(snaps, key=lambda s: s["eval_return"])
+    target = ref_min + r.medium_fraction * (expert["eval_return"] - ref_min)
+    medium = next(s for s in snaps if s["eval_return"] >= target)
+    expert_model = _load_snapshot(ladder_dir, expert)
+    exp_eps, _ = run_episodes(make_env, _sb3_policy(expert_model, 0.0, None), r.ref_episodes,
+                              seed=2_000_000 + r.seed, n_envs=r.n_envs, progress=progress, desc="ref: expert")
+    ref_max = float(np.mean([e.ret for e in exp_eps]))
+    info.update({"ref_max_policy": f"best TD3 snapshot of a {r.train_steps}-step budget (step {expert['step']}), "
+                                   "deterministic; not an expert in D4RL's sense",
+                 "ladder": snaps, "expert_snapshot_step": expert["step"], "medium_snapshot_step": medium["step"],
+                 "medium_target_return": target})
+
+    def collect(policy, n_steps, seed0, desc):
+        eps, _ = run_episodes(make_env, policy, 10**9, seed=seed0, n_envs=r.n_envs, record=True,
+                              max_transitions=n_steps, progress=False, desc=desc)
+        return eps
+
+    if r.quality == "random":
+        episodes = collect(_random_policy(space, rng), r.steps, 3_000_000 + r.seed, "random")
+    elif r.quality == "medium":
+        episodes = collect(_sb3_policy(_load_snapshot(ladder_dir, medium), r.collect_noise, rng), r.steps,
+                           3_000_000 + r.seed, "medium")
+    elif r.quality == "expert":
+        episodes = collect(_sb3_policy(expert_model, r.collect_noise, rng), r.steps, 3_000_000 + r.seed, "expert")
+    elif r.quality == "medium-replay":
+        episodes = _replay_episodes(ladder_dir, medium["step"], r.steps)
+    else:  # medium-expert
+        half = r.steps // 2
+        episodes = (collect(_sb3_policy(_load_snapshot(ladder_dir, medium), r.collect_noise, rng), half,
+                            3_000_000 + r.seed, "medium")
+                    + collect(_sb3_policy(expert_model, r.collect_noise, rng), r.steps - half, 4_000_000 + r.seed,
+                              "expert"))
+    obs_space = gym.make(r.env_id).observation_space
+    buffers = [EpisodeBuffer(id=i, observations=e.observations.astype(obs_space.dtype),
+                             actions=e.actions.astype(space.dtype), rewards=e.rewards,
+                             terminations=e.terminations, truncations=e.truncations, infos={})
+               for i, e in enumerate(episodes)]
+    info["dataset_mean_episode_return"] = float(np.mean([e.ret for e in episodes]))
+    info["make_seconds"] = time.perf_counter() - t0
+    ds = minari.create_dataset_from_buffers(
+        r.name, buffers, env=r.env_id, eval_env=r.env_id, algorithm_name=f"aepo-lite make-dataset ({r.quality})",
+        author="aepo-lite", code_permalink="aepo_lite/datasets_local.py", ref_min_score=ref_min, ref_max_score=ref_max,
+        num_episodes_average_score=r.ref_episodes, description=json.dumps(info, default=str))
+    return ds

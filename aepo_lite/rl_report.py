@@ -1,0 +1,239 @@
+"""The offline-RL results: saved runs -> ``figures/rl_results.csv`` -> table, figure, README.
+
+``collect`` reads every ``results.json`` under the given run folders; ``render(csv_path,
+figures_dir)`` rebuilds the table (``rl_results.md``) and the figure (``rl_results.png``) from the
+CSV alone; ``update_readme`` rewrites the README between ``<!-- rl:start -->`` and ``<!-- rl:end -->``.
+
+CSV columns: dataset, method, seed, guidance_scale, return_mean, normalized_score, transitions,
+preset. One row per (run, guidance scale); a ``method=dataset`` row per dataset holds the mean
+episode return of the data itself (seed and guidance scale empty).
+"""
+from __future__ import annotations
+
+import csv
+import math
+from collections import defaultdict
+from pathlib import Path
+
+from ._io import atomic_write_text, read_json
+
+__all__ = ["COLUMNS", "collect", "render", "summary_rows", "markdown_table", "update_readme"]
+
+COLUMNS = ["dataset", "method", "seed", "guidance_scale", "return_mean", "normalized_score", "transitions", "preset"]
+SPEED_COLUMNS = ["dataset", "method", "seed", "preset", "stage", "steps", "seconds", "rate", "unit"]
+START, END = "<!-- rl:start -->", "<!-- rl:end -->"
+
+
+def _result_files(paths) -> list[Path]:
+    out = []
+    for p in paths:
+        p = Path(p)
+        if p.is_file() and p.name == "results.json":
+            out.append(p)
+        elif p.is_dir():
+            out += sorted(p.rglob("results.json"))
+    return out
+
+
+def collect(run_paths, csv_path, speed_csv: str | Path | None = None) -> list[dict]:
+    """Write the results CSV (and ``rl_speed.csv`` beside it) from saved runs; returns the rows."""
+    rows, speed, datasets = [], [], {}
+    for f in _result_files(run_paths):
+        res = read_json(f)
+        for w, r in sorted(res.get("results", {}).items(), key=lambda kv: float(kv[0])):
+            rows.append({"dataset": res["dataset"], "method": res["method"], "seed": res["seed"],
+                         "guidance_scale": float(w), "return_mean": r["return_mean"],
+                         "normalized_score": r["normalized_score_mean"], "transitions": res["transitions"],
+                         "preset": res["preset"]})
+            speed.append({"dataset": res["dataset"], "method": res["method"], "seed": res["seed"],
+                          "preset": res["preset"], "stage": f"eval w={float(w):g}", "steps": r["episodes"],
+                          "seconds": "", "rate": r.get("actions_per_s"), "unit": "actions/s"})
+        lo, hi = res.get("ref_min_score"), res.get("ref_max_score")
+        ret = res.get("dataset_mean_return")
+        ns = None if (lo is None or hi is None or ret is None) else 100.0 * (ret - lo) / (hi - lo)
+        datasets[(res["dataset"], res["preset"])] = {
+            "dataset": res["dataset"], "method": "dataset", "seed": "", "guidance_scale": "", "return_mean": ret,
+            "normalized_score": ns, "transitions": res["transitions"], "preset": res["preset"]}
+        stats_p = f.parent / "train_stats.json"
+        if stats_p.exists():
+            for stage, st in read_json(stats_p).items():
+                rate, unit = (st.get("steps_per_s"), "steps/s") if "steps_per_s" in st else (st.get("actions_per_s"), "actions/s")
+                speed.append({"dataset": res["dataset"], "method": res["method"], "seed": res["seed"],
+                              "preset": res["preset"], "stage": stage + (" (copied)" if "copied_from" in st else ""),
+                              "steps": st.get("steps", st.get("rows")), "seconds": st.get("seconds"), "rate": rate,
+                              "unit": unit})
+    rows += list(datasets.values())
+    rows.sort(key=lambda r: (r["dataset"], r["preset"], r["method"], str(r["seed"]), str(r["guidance_scale"])))
+    _write_csv(csv_path, COLUMNS, rows)
+    speed_csv = Path(speed_csv) if speed_csv else Path(csv_path).with_name("rl_speed.csv")
+    _write_csv(speed_csv, SPEED_COLUMNS, speed)
+    return rows
+
+
+def _write_csv(path, cols, rows) -> None:
+    import io
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in cols})
+    atomic_write_text(path, buf.getvalue())
+
+
+def _read(csv_path) -> list[dict]:
+    with open(csv_path) as f:
+        return list(csv.DictReader(f))
+
+
+def _num(x):
+    return None if x in ("", None) else float(x)
+
+
+def _mean_std(xs):
+    n = len(xs)
+    m = sum(xs) / n
+    return m, (math.sqrt(sum((x - m) ** 2 for x in xs) / (n - 1)) if n > 1 else 0.0)
+
+
+def summary_rows(csv_path) -> list[dict]:
+    """Per (dataset, preset, method, guidance scale): mean and std over seeds (sample std)."""
+    groups = defaultdict(list)
+    for r in _read(csv_path):
+        key = (r["dataset"], r["preset"], r["method"], r["guidance_scale"])
+        groups[key].append(r)
+    out = []
+    for (ds, preset, m, w), rs in sorted(groups.items()):
+        rets = [float(r["return_mean"]) for r in rs if r["return_mean"] != ""]
+        ns = [float(r["normalized_score"]) for r in rs if r["normalized_score"] != ""]
+        rm, rsd = _mean_std(rets)
+        out.append({"dataset": ds, "preset": preset, "method": m, "guidance_scale": _num(w), "seeds": len(rs),
+                    "return_mean": rm, "return_std": rsd,
+                    "score_mean": _mean_std(ns)[0] if len(ns) == len(rs) else None,
+                    "score_std": _mean_std(ns)[1] if len(ns) == len(rs) else None,
+                    "transitions": int(float(rs[0]["transitions"]))})
+    return out
+
+
+def _fmt(m, s):
+    return "n/a" if m is None else f"{m:.1f} ± {s:.1f}"
+
+
+def markdown_table(csv_path) -> str:
+    """Headline table (dataset, BC, best guidance scale per guided method) and the full sweep."""
+    rows = summary_rows(csv_path)
+    by_ds = defaultdict(list)
+    for r in rows:
+        by_ds[(r["dataset"], r["preset"])].append(r)
+    lines = ["| dataset | preset | transitions | method | guidance scale | seeds | normalised score | return |",
+             "|---|---|---|---|---|---|---|---|"]
+    for (ds, preset), rs in sorted(by_ds.items()):
+        order = {"dataset": 0, "bc": 1}
+        best = {}
+        for r in rs:
+            if r["method"] in ("dataset", "bc"):
+                best[r["method"]] = r
+                continue
+            key = r["score_mean"] if r["score_mean"] is not None else r["return_mean"]
+            cur = best.get(r["method"])
+            ck = None if cur is None else (cur["score_mean"] if cur["score_mean"] is not None else cur["return_mean"])
+            if cur is None or key > ck:
+                best[r["method"]] = r
+        for m, r in sorted(best.items(), key=lambda kv: (order.get(kv[0], 2), kv[0])):
+            w = "—" if r["guidance_scale"] is None else f"{r['guidance_scale']:g}" + (" (best)" if m not in order else "")
+            seeds = "—" if m == "dataset" else str(r["seeds"])
+            lines.append(f"| {ds} | {preset} | {r['transitions']} | {m} | {w} | {seeds} | "
+                         f"{_fmt(r['score_mean'], r['score_std'])} | {_fmt(r['return_mean'], r['return_std'])} |")
+    lines += ["", "Full guidance-scale sweep (mean ± std over seeds):", "",
+              "| dataset | preset | method | guidance scale | seeds | normalised score | return |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["method"] == "dataset":
+            continue
+        lines.append(f"| {r['dataset']} | {r['preset']} | {r['method']} | {r['guidance_scale']:g} | {r['seeds']} | "
+                     f"{_fmt(r['score_mean'], r['score_std'])} | {_fmt(r['return_mean'], r['return_std'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def render(csv_path, figures_dir) -> list[Path]:
+    """Rebuild ``rl_results.md`` and ``rl_results.png`` in ``figures_dir`` from the CSV alone."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figures_dir = Path(figures_dir)
+    md = atomic_write_text(figures_dir / "rl_results.md", markdown_table(csv_path))
+    rows = summary_rows(csv_path)
+    keys = sorted({(r["dataset"], r["preset"]) for r in rows})
+    fig, axes = plt.subplots(1, max(1, len(keys)), figsize=(5.5 * max(1, len(keys)), 4), squeeze=False)
+    for ax, (ds, preset) in zip(axes[0], keys):
+        rs = [r for r in rows if r["dataset"] == ds and r["preset"] == preset]
+        use_score = all(r["score_mean"] is not None for r in rs)
+        val = (lambda r: (r["score_mean"], r["score_std"])) if use_score else (lambda r: (r["return_mean"], r["return_std"]))
+        for r in rs:
+            if r["method"] in ("dataset", "bc"):
+                m, s = val(r)
+                ax.axhline(m, ls="--" if r["method"] == "dataset" else ":", color="k" if r["method"] == "dataset" else "C7",
+                           label=f"{r['method']} ({m:.1f})")
+        for i, meth in enumerate(sorted({r["method"] for r in rs} - {"dataset", "bc"})):
+            pts = sorted((r for r in rs if r["method"] == meth), key=lambda r: r["guidance_scale"])
+            x = [r["guidance_scale"] for r in pts]
+            y, e = zip(*[val(r) for r in pts])
+            ax.errorbar(x, y, yerr=e, marker="o", capsize=3, color=f"C{i}", label=f"{meth} (n={pts[0]['seeds']})")
+        ax.set_xscale("symlog", linthresh=0.1)
+        ax.set_xlabel("guidance scale w")
+        ax.set_ylabel("normalised score (x100)" if use_score else "return")
+        ax.set_title(f"{ds} [{preset}]", fontsize=9)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    png = figures_dir / "rl_results.png"
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return [md, png]
+
+
+def update_readme(readme_path, csv_path, note: str = "") -> Path:
+    """Rewrite the README between the rl markers with the table made from ``csv_path``."""
+    p = Path(readme_path)
+    text = p.read_text() if p.exists() else f"{START}\n{END}\n"
+    if START not in text or END not in text:
+        raise ValueError(f"readme: {p} has no {START} ... {END} block")
+    body = _README_HEAD + markdown_table(csv_path) + "\n" + (note + "\n" if note else "") + _README_TAIL
+    head, rest = text.split(START, 1)
+    _, tail = rest.split(END, 1)
+    return atomic_write_text(p, head + START + "\n" + body + END + tail)
+
+
+_README_HEAD = """## Offline RL (Minari)
+
+Generated by `aepo-lite rl-results --runs runs/bench --readme README.md` from `figures/rl_results.csv`;
+do not edit by hand. Figure: `figures/rl_results.png`; stage speeds: `figures/rl_speed.csv`.
+
+"""
+
+_README_TAIL = """
+What these numbers are, and are not:
+
+- The dataset `local/hopper/medium-v0` is made here (`aepo-lite make-dataset`, see below), not D4RL's
+  `hopper-medium-v2`: Hopper-v5, a TD3 policy trained for a small CPU budget and stopped at a third of
+  the best return that budget reached. Its `ref_max_score` is that best TD3 snapshot (100 episodes),
+  not an expert in D4RL's sense, so these normalised scores are not comparable to D4RL tables.
+- The `bench` preset is what a shared 2-core CPU affords (thousands of steps, small networks), not
+  QGPO's settings (`full`, method.md section 7). Scores are the last checkpoint, not the best.
+- "best" guidance scale = the scale with the highest mean over seeds, chosen on the same evaluation
+  episodes (as QGPO's sweep does): an optimistic choice, shown beside the whole sweep.
+- Normalised score = 100 (return - ref_min) / (ref_max - ref_min); mean ± sample std over seeds
+  of each seed's mean over episodes.
+
+Rebuild the dataset and the table (CPU, about an hour on two cores):
+
+```bash
+export MINARI_DATASETS_PATH=/path/to/minari        # datasets and the cached TD3 policies live here
+pip install -e '.[rl,datasets]'
+aepo-lite make-dataset --env Hopper-v5 --quality medium --steps 200000 --name local/hopper/medium-v0
+aepo-lite rl-bench --dataset local/hopper/medium-v0 --methods bc aepo qgpo --seeds 0 1 2 --preset bench
+aepo-lite rl-results --runs runs/bench --readme README.md
+```
+
+With a GPU and internet, the D4RL-port reproduction at QGPO's settings (method.md sections 7-8) is
+`aepo-lite train --dataset D4RL/door/human-v2 --method aepo --preset full --device cuda --seed 0`
+for each dataset, method and seed; see `notebooks/03_d4rl_reproduction.py` for the full list.
+"""
