@@ -1,0 +1,269 @@
+"""The closed-form guidance demo (method.md sections 3-4): checks that print PASS/FAIL and one figure.
+
+``run_demo`` needs no data and no training. On a 2D Gaussian behaviour mu = N(m, S) with a concave
+quadratic critic Q(a) = c + g^T a - a^T H a / 2 it checks, in float64:
+
+  1. ``routes``: the two closed forms of E_t (posterior integral, and log pi_t - log mu_t + log Z) agree;
+  2. ``mc``: Monte Carlo of log E_{N(m~, S~)} exp(beta Q) agrees with the closed form (in standard errors);
+  3. ``aepo_linear``: AEPO's first-order target with the exact Gaussian eps and the Tweedie covariance
+     equals E_t when Q is linear;
+  4. ``sampler``: DPM-Solver++ 2M with the exact grad E_t (guidance scale 1) returns samples whose
+     mean and covariance match pi_{t_min} (in standard errors);
+
+then draws guided samples for a few guidance scales against the exact pi contours and writes
+``closed_form_guidance.png`` and ``closed_form_checks.json`` (atomically). A failed check raises.
+"""
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from . import guidance as G
+from ._io import atomic_write_json
+from .aepo import aepo_target
+from .diffusion import sample
+from .schedule import VPSchedule
+
+__all__ = ["gaussian_problem", "run_demo", "SCALES"]
+
+SCALES = {
+    # n_mc: posterior Monte Carlo samples per point; n_sampler: guided samples for the moment check;
+    # n_plot: guided samples drawn per panel; sampler_steps: DPM-Solver++ 2M network evaluations.
+    "smoke": dict(n_mc=1_000_000, n_sampler=20_000, n_plot=2_000, sampler_steps=50),
+    "full": dict(n_mc=1_000_000, n_sampler=200_000, n_plot=4_000, sampler_steps=50),
+}
+
+# Tolerances: float64 identities, and Monte Carlo agreement in standard errors.
+TOL_ROUTES = 1e-9
+TOL_AEPO_LINEAR = 1e-10
+TOL_MC_SE = 4.5
+TOL_MEAN_SE = 4.0
+TOL_COV_SE = 5.0
+
+
+def gaussian_problem(dtype=torch.float64) -> dict:
+    """The course's running example: behaviour N(m, S) in 2D and a concave quadratic critic.
+
+    Returns a dict with m (2,), S (2, 2), c, g (2,), H (2, 2), beta.
+    """
+    t = lambda v: torch.tensor(v, dtype=dtype)  # noqa: E731
+    return dict(m=t([-0.2, 0.1]), S=t([[0.10, 0.04], [0.04, 0.06]]), c=0.0,
+                g=t([1.0, 0.6]), H=t([[1.5, 0.4], [0.4, 1.0]]), beta=3.0)
+
+
+def _quadratic(a, c, g, H):
+    """Q(a) = c + g^T a - a^T H a / 2 for a (B, d) -> (B,); H = None is the linear critic."""
+    q = c + a @ g
+    return q if H is None else q - 0.5 * ((a @ H) * a).sum(-1)
+
+
+def _mc_log_expectation(mean, cov, c, g, H, beta, n, gen):
+    """Monte Carlo log E exp(beta Q(x)), x ~ N(mean (d,), cov): returns (estimate, standard error)."""
+    L = torch.linalg.cholesky(cov)
+    z = torch.randn((n, mean.shape[0]), generator=gen, dtype=mean.dtype)
+    x = mean + z @ L.T
+    lw = beta * _quadratic(x, c, g, H)
+    mx = lw.max()
+    w = torch.exp(lw - mx)
+    est = float(torch.log(w.mean()) + mx)
+    se = float(w.std() / (w.mean() * math.sqrt(n)))  # delta method: sd(log mean w) = sd(w) / (mean w sqrt n)
+    return est, se
+
+
+def _moment_errors(x, mean, cov):
+    """Largest |sample mean - mean| and |sample cov - cov| entries, in standard errors."""
+    n = x.shape[0]
+    se_m = (torch.diag(cov) / n).sqrt()
+    z_mean = float(((x.mean(0) - mean) / se_m).abs().max())
+    dg = torch.diag(cov)
+    se_c = ((dg[:, None] * dg[None, :] + cov**2) / n).sqrt()  # sd of a Gaussian sample covariance entry
+    C = torch.cov(x.T)
+    z_cov = float(((C - cov) / se_c).abs().max())
+    rel_cov = float(torch.linalg.norm(C - cov) / torch.linalg.norm(cov))
+    return z_mean, z_cov, rel_cov
+
+
+def _guidance_fn(P, schedule):
+    """grad_{a_t} E_t of the Gaussian problem, in the sampler's (a_t, t, cond) -> (B, d) interface."""
+    def guidance(x, t, cond):
+        alpha, sigma = schedule.alpha_sigma(t[0])
+        return G.gaussian_intermediate_energy_grad(x, P["m"], P["S"], P["c"], P["g"], P["H"], P["beta"],
+                                                   float(alpha), float(sigma))
+    return guidance
+
+
+def _save_figure_atomic(fig, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=120, format="png")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a figure should be readable like any file
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _figure(P, schedule, samples: dict, m_pi, S_pi):
+    """Behaviour samples, exact pi contours and guided samples, one panel per guidance scale."""
+    from matplotlib.figure import Figure  # object API: no pyplot state, no backend switch
+
+    ws = list(samples)
+    fig = Figure(figsize=(3.2 * len(ws), 3.6))
+    axes = fig.subplots(1, len(ws), sharex=True, sharey=True)
+    lo, hi = -1.2, 1.0
+    grid = torch.linspace(lo, hi, 161, dtype=torch.float64)
+    X, Y = torch.meshgrid(grid, grid, indexing="xy")
+    pts = torch.stack([X.reshape(-1), Y.reshape(-1)], 1)
+    dens_mu = G.mvn_log_prob(pts, P["m"], P["S"]).exp().reshape(X.shape).numpy()
+    dens_pi = G.mvn_log_prob(pts, m_pi, S_pi).exp().reshape(X.shape).numpy()
+    X, Y = X.numpy(), Y.numpy()
+    behaviour = samples[0.0].numpy() if 0.0 in samples else None
+    for ax, w in zip(axes, ws):
+        if behaviour is not None and w != 0.0:
+            ax.scatter(behaviour[:, 0], behaviour[:, 1], s=1, c="0.75", alpha=0.5, rasterized=True)
+        x = samples[w].numpy()
+        ax.scatter(x[:, 0], x[:, 1], s=1, c="C0" if w == 0 else "C1", alpha=0.4, rasterized=True)
+        ax.contour(X, Y, dens_pi, levels=4, colors="k", linewidths=0.9)
+        ax.contour(X, Y, dens_mu, levels=4, colors="C0", linewidths=1.0, linestyles="dashed")
+        q_mean = float(_quadratic(samples[w], P["c"], P["g"], P["H"]).mean())
+        ax.set_title(f"w = {w:g}   mean Q = {q_mean:.3f}", fontsize=9)
+        ax.set_xlim(lo, hi)
+        ax.set_ylim(lo, hi)
+        ax.set_aspect("equal")
+        ax.set_xlabel("$a_1$")
+    axes[0].set_ylabel("$a_2$")
+    fig.suptitle(f"Exact guidance $\\nabla E_t$ on a Gaussian behaviour (beta = {P['beta']:g}): "
+                 "dashed mu, solid pi; grey: behaviour samples; w = 1 is exact", fontsize=10)
+    fig.subplots_adjust(left=0.05, right=0.99, bottom=0.14, top=0.84, wspace=0.08)
+    return fig
+
+
+def run_demo(out_dir: str | os.PathLike = "figures", scale: str = "full", seed: int = 0,
+             verbose: bool = True) -> dict:
+    """Run the closed-form checks and the guided-sampling demo; write the figure and the JSON.
+
+    Args:
+        out_dir: folder for ``closed_form_guidance.png`` and ``closed_form_checks.json``.
+        scale: ``smoke`` (fewer sampler draws) or ``full``; the same code path.
+        seed: seed of every random draw here.
+        verbose: print the PASS/FAIL table.
+    Returns:
+        dict with one entry per check (``value``, ``tol``, ``passed``) and the run's settings.
+    Raises:
+        RuntimeError if a check fails (after writing the JSON, which records the failure).
+    """
+    if scale not in SCALES:
+        raise ValueError(f"scale: expected one of {tuple(SCALES)}, got {scale!r}")
+    if not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed: expected a non-negative integer, got {seed!r}")
+    # Every tensor here is small (2D): intra-op threads only add overhead, badly so on a busy CPU.
+    n_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _run_demo(Path(out_dir), scale, seed, verbose)
+    finally:
+        torch.set_num_threads(n_threads)
+
+
+def _run_demo(out: Path, scale: str, seed: int, verbose: bool) -> dict:
+    cfg = SCALES[scale]
+    t_start = time.time()
+    dt = torch.float64
+    gen = torch.Generator().manual_seed(seed)
+    sch = VPSchedule()
+    P = gaussian_problem(dt)
+    m, S, c, g, H, beta = P["m"], P["S"], P["c"], P["g"], P["H"], P["beta"]
+    checks: dict[str, dict] = {}
+
+    # 1. the two routes of method.md 3b, on a grid of a_t and several times
+    a_t = 1.5 * torch.randn((2000, 2), generator=gen, dtype=dt)
+    times = [sch.t_min, 0.02, 0.1, 0.3, 0.6, 1.0]
+    worst = 0.0
+    for t in times:
+        al, si = (float(v) for v in sch.alpha_sigma(torch.tensor(t, dtype=dt)))
+        e1 = G.gaussian_intermediate_energy(a_t, m, S, c, g, H, beta, al, si)
+        e2 = G.gaussian_intermediate_energy_marginal(a_t, m, S, c, g, H, beta, al, si)
+        worst = max(worst, float((e1 - e2).abs().max()))
+    checks["routes"] = dict(what="max |E_t posterior-integral - E_t marginal| (float64, 12000 points)",
+                            value=worst, tol=TOL_ROUTES, passed=worst < TOL_ROUTES)
+
+    # 2. Monte Carlo over the posterior N(m~, S~) against the closed form
+    z_worst, rows = 0.0, []
+    for t, point in [(0.05, [0.1, -0.3]), (0.3, [0.5, 0.4]), (0.7, [-0.8, 0.2])]:
+        al, si = (float(v) for v in sch.alpha_sigma(torch.tensor(t, dtype=dt)))
+        x = torch.tensor([point], dtype=dt)
+        exact = float(G.gaussian_intermediate_energy(x, m, S, c, g, H, beta, al, si)[0])
+        m_t, S_t = G.gaussian_posterior(x, m, S, al, si)
+        est, se = _mc_log_expectation(m_t[0], S_t, c, g, H, beta, cfg["n_mc"], gen)
+        z = abs(est - exact) / se
+        z_worst = max(z_worst, z)
+        rows.append(dict(t=t, a_t=point, exact=exact, mc=est, se=se, z=z))
+    checks["mc"] = dict(what=f"max |MC - closed form| / SE over 3 points, {cfg['n_mc']} posterior samples each",
+                        value=z_worst, tol=TOL_MC_SE, passed=z_worst < TOL_MC_SE, points=rows)
+
+    # 3. AEPO's first-order target == E_t for a linear critic and the exact Gaussian eps
+    eps_fn = lambda x, t, s: G.gaussian_eps(x, t, m, S, sch)  # noqa: E731
+    q_lin = lambda s, a: _quadratic(a, c, g, None)  # noqa: E731
+    x = 1.5 * torch.randn((200, 2), generator=gen, dtype=dt)
+    t = sch.t_min + (1.0 - sch.t_min) * torch.rand(200, generator=gen, dtype=dt)
+    y = aepo_target(x, t, None, eps_fn=eps_fn, q_fn=q_lin, schedule=sch, beta=beta,
+                    covariance="tweedie", expansion="first", clip=None)
+    al, si = sch.alpha_sigma(t)
+    e_lin = torch.stack([G.linear_intermediate_energy(x[i:i + 1], m, S, c, g, beta, float(al[i]), float(si[i]))[0]
+                         for i in range(x.shape[0])])
+    err = float((y - e_lin).abs().max())
+    checks["aepo_linear"] = dict(what="max |AEPO first-order (tweedie, exact eps) - E_t|, linear Q, 200 (a_t, t)",
+                                 value=err, tol=TOL_AEPO_LINEAR, passed=err < TOL_AEPO_LINEAR)
+
+    # 4. the guided sampler with exact grad E_t returns pi (compared at t_min, where it stops)
+    m_pi, S_pi = G.gaussian_target_policy(m, S, g, H, beta)
+    a_end, s_end = (float(v) for v in sch.alpha_sigma(torch.tensor(sch.t_min, dtype=dt)))
+    mean_end, cov_end = G.gaussian_marginal(m_pi, S_pi, a_end, s_end)
+    guidance = _guidance_fn(P, sch)
+    x_T = torch.randn((cfg["n_sampler"], 2), generator=gen, dtype=dt)
+    xs = sample(eps_fn, x_T, schedule=sch, n_steps=cfg["sampler_steps"], solver="dpmpp2m",
+                guidance=guidance, guidance_scale=1.0)
+    z_mean, z_cov, rel_cov = _moment_errors(xs, mean_end, cov_end)
+    checks["sampler_mean"] = dict(what=f"max |mean - m_pi| / SE, dpmpp2m {cfg['sampler_steps']} steps, "
+                                  f"{cfg['n_sampler']} samples", value=z_mean, tol=TOL_MEAN_SE,
+                                  passed=z_mean < TOL_MEAN_SE)
+    checks["sampler_cov"] = dict(what="max |cov - S_pi| / SE (same samples)", value=z_cov, tol=TOL_COV_SE,
+                                 passed=z_cov < TOL_COV_SE, rel_frobenius=rel_cov)
+
+    # the figure: guided samples for a few guidance scales (w = 1 is the exact pi)
+    samples = {}
+    x_T = torch.randn((cfg["n_plot"], 2), generator=gen, dtype=dt)
+    for w in (0.0, 0.5, 1.0, 2.0):
+        samples[w] = sample(eps_fn, x_T, schedule=sch, n_steps=cfg["sampler_steps"], solver="dpmpp2m",
+                            guidance=guidance, guidance_scale=w)
+    mean_q = {str(w): float(_quadratic(x, c, g, H).mean()) for w, x in samples.items()}
+    fig = _figure(P, sch, samples, m_pi, S_pi)
+    _save_figure_atomic(fig, out / "closed_form_guidance.png")
+
+    result = dict(checks=checks, scale=scale, seed=seed, settings=cfg,
+                  problem={k: (v.tolist() if isinstance(v, torch.Tensor) else v) for k, v in P.items()},
+                  target_policy=dict(m_pi=m_pi.tolist(), S_pi=S_pi.tolist()),
+                  guided_mean_q=mean_q, seconds=round(time.time() - t_start, 2))
+    atomic_write_json(out / "closed_form_checks.json", result)
+    if verbose:
+        print(f"{'check':<14}{'value':>12}{'tol':>10}  result")
+        for name, ch in checks.items():
+            print(f"{name:<14}{ch['value']:>12.3g}{ch['tol']:>10.3g}  {'PASS' if ch['passed'] else 'FAIL'}")
+        print(f"mean Q of guided samples by guidance scale: "
+              + ", ".join(f"w={w}: {v:.3f}" for w, v in mean_q.items()))
+        print(f"wrote {out / 'closed_form_guidance.png'} and {out / 'closed_form_checks.json'} "
+              f"({result['seconds']} s)")
+    failed = [k for k, ch in checks.items() if not ch["passed"]]
+    if failed:
+        raise RuntimeError(f"closed-form checks failed: {failed} (see {out / 'closed_form_checks.json'})")
+    return result
