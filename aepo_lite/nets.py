@@ -13,7 +13,20 @@ __all__ = [
     "make_activation",
 ]
 
-_ACTIVATIONS = {"silu": nn.SiLU, "mish": nn.Mish, "gelu": nn.GELU, "tanh": nn.Tanh}
+
+
+class Mish(nn.Mish):
+    """``nn.Mish``; on the CPU computed as x tanh(softplus(x)), the same formula, because torch's fused
+    CPU kernel is slower (forward + backward about 2.4x, measured on (4096, 896)). CUDA keeps the
+    fused kernel."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu":
+            return x * torch.tanh(nn.functional.softplus(x))
+        return nn.functional.mish(x)
+
+
+_ACTIVATIONS = {"silu": nn.SiLU, "mish": Mish, "gelu": nn.GELU, "tanh": nn.Tanh}
 
 
 def make_activation(name: str) -> nn.Module:
