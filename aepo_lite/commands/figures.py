@@ -1,0 +1,175 @@
+"""``aepo-lite figures``: regenerate every figure and table in ``figures/`` from the saved results
+there, without training anything.
+
+Each part of the course has one renderer, reading one results file:
+
+==================  ===========================  ==========================================
+part                results file (in figures/)   renderer
+==================  ===========================  ==========================================
+closed-form demo    closed_form_checks.json      ``aepo_lite.demo.render`` if present, else
+                                                 the demo's figure redrawn here (exact Gaussian
+                                                 guidance: sampling, no training, seconds)
+toy 2D tasks        toy2d_results.csv            ``aepo_lite.toy_report.render``
+offline RL          rl_results.csv               ``aepo_lite.rl_report.render``
+==================  ===========================  ==========================================
+
+A missing results file is reported (with the command that makes it) and the other parts still
+render; so is a renderer that fails, by name. The exit status is 0 only when every part rendered.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+# What counts as "a figure or table" in figures/ (the rest, .csv and .json, are results).
+OUTPUT_SUFFIXES = (".png", ".svg", ".pdf", ".md")
+
+
+@dataclass(frozen=True)
+class Part:
+    name: str        # what the reader calls this part of the course
+    module: str      # the library module holding its renderer
+    results: str     # the results file it reads, relative to the figures folder
+    made_by: str     # the command that (re)makes the results file (which trains)
+    render: Callable  # (module, results_path, figures_dir) -> list of paths written
+
+
+def _render_demo(mod, results: Path, figures_dir: Path) -> list[Path]:
+    if hasattr(mod, "render"):
+        return list(mod.render(results, figures_dir))
+    return [_redraw_demo_figure(mod, results, figures_dir)]
+
+
+def _redraw_demo_figure(mod, results: Path, figures_dir: Path) -> Path:
+    """``closed_form_guidance.png`` from the settings saved in ``closed_form_checks.json``: guided
+    samples of the exact Gaussian guidance at the saved guidance scales, seed and sample count.
+    The checks themselves (Monte Carlo, moments) are the results file and are not re-run."""
+    import torch
+
+    from .._io import read_json
+
+    rec = read_json(results)
+    try:
+        seed, cfg, scales = int(rec["seed"]), rec["settings"], sorted(float(w) for w in rec["guided_mean_q"])
+        n_plot, steps = int(cfg["n_plot"]), int(cfg["sampler_steps"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{results} lacks the demo settings (seed, settings.n_plot, settings.sampler_steps, "
+                         f"guided_mean_q): {e!r}") from None
+    P = mod.gaussian_problem(torch.float64)
+    saved = rec.get("problem", {})
+    for k, v in P.items():
+        if k in saved and not torch.allclose(torch.as_tensor(saved[k], dtype=torch.float64),
+                                             torch.as_tensor(v, dtype=torch.float64)):
+            raise ValueError(f"{results} was made for a different problem ({k} differs from "
+                             "aepo_lite.demo.gaussian_problem()); re-run `aepo-lite demo`")
+    # Thousands of 2x2 solves per step: one thread is several times faster than a contended pool.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _draw(mod, P, seed, n_plot, steps, scales, figures_dir)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _draw(mod, P, seed, n_plot, steps, scales, figures_dir) -> Path:
+    import torch
+
+    from .. import guidance as G
+    from ..diffusion import sample
+    from ..schedule import VPSchedule
+
+    sch = VPSchedule()
+    m_pi, S_pi = G.gaussian_target_policy(P["m"], P["S"], P["g"], P["H"], P["beta"])
+    eps_fn = lambda x, t, s: G.gaussian_eps(x, t, P["m"], P["S"], sch)  # noqa: E731
+    gen = torch.Generator().manual_seed(seed)
+    x_T = torch.randn((n_plot, 2), generator=gen, dtype=torch.float64)
+    samples = {w: sample(eps_fn, x_T, schedule=sch, n_steps=steps, solver="dpmpp2m",
+                         guidance=mod._guidance_fn(P, sch), guidance_scale=w) for w in scales}
+    path = Path(figures_dir) / "closed_form_guidance.png"
+    mod._save_figure_atomic(mod._figure(P, sch, samples, m_pi, S_pi), path)
+    return path
+
+
+def _render_report(mod, results: Path, figures_dir: Path) -> list[Path]:
+    return list(mod.render(results, figures_dir))
+
+
+PARTS = (
+    Part("closed-form demo", "aepo_lite.demo", "closed_form_checks.json", "aepo-lite demo --out figures", _render_demo),
+    Part("toy 2D tasks", "aepo_lite.toy_report", "toy2d_results.csv", "aepo-lite toy-grid", _render_report),
+    Part("offline RL", "aepo_lite.rl_report", "rl_results.csv", "aepo-lite rl-results", _render_report),
+)
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "figures", help="regenerate every figure and table in figures/ from the saved results (no training)",
+        description="Rebuild the course's figures and tables from the results files committed in the figures "
+                    "folder (closed_form_checks.json, toy2d_results.csv, rl_results.csv). Nothing is trained.")
+    p.add_argument("--figures-dir", type=Path, default=Path("figures"),
+                   help="folder holding the results files; the figures and tables are written there (default: figures)")
+    p.set_defaults(func=run)
+
+
+def render_all(figures_dir: Path, parts=PARTS, out=None, err=None) -> tuple[list[Path], list[str]]:
+    """Render every part; returns (paths written, problems). Problems are also printed to ``err``."""
+    out, err = out or sys.stdout, err or sys.stderr
+    figures_dir = Path(figures_dir)
+    written: list[Path] = []
+    problems: list[str] = []
+    for part in parts:
+        results = figures_dir / part.results
+        if not results.is_file():
+            problems.append(f"{part.name}: no results file {results} (it is made by `{part.made_by}`, which "
+                            "trains; commit its output, then run `aepo-lite figures` again)")
+            print(f"aepo-lite figures: {problems[-1]}", file=err)
+            continue
+        try:
+            mod = importlib.import_module(part.module)
+        except ModuleNotFoundError as e:
+            if e.name != part.module:
+                raise
+            problems.append(f"{part.name}: the renderer module {part.module} is not in this version of aepo_lite")
+            print(f"aepo-lite figures: {problems[-1]}", file=err)
+            continue
+        t0 = time.perf_counter()
+        try:
+            paths = [Path(p) for p in part.render(mod, results, figures_dir)]
+        except Exception as e:  # a renderer's bug must name the renderer, and not stop the others
+            where = traceback.extract_tb(e.__traceback__)[-1]
+            problems.append(f"{part.name}: the renderer in {part.module} failed on {results}: "
+                            f"{type(e).__name__}: {e} (at {Path(where.filename).name}:{where.lineno})")
+            print(f"aepo-lite figures: {problems[-1]}", file=err)
+            continue
+        written += paths
+        print(f"{part.name}: {results} -> " + ", ".join(p.name for p in paths)
+              + f" ({time.perf_counter() - t0:.1f} s)", file=out, flush=True)
+    return written, problems
+
+
+def unmade_outputs(figures_dir: Path, written: list[Path]) -> list[Path]:
+    """Figures and tables in ``figures_dir`` that no renderer wrote (nothing regenerates them)."""
+    done = {Path(p).resolve() for p in written}
+    return sorted(p for p in Path(figures_dir).iterdir()
+                  if p.suffix in OUTPUT_SUFFIXES and p.is_file() and p.resolve() not in done)
+
+
+def run(args) -> int:
+    figures_dir = Path(args.figures_dir)
+    if not figures_dir.is_dir():
+        print(f"aepo-lite figures: error: {figures_dir} is not a folder (pass --figures-dir, the folder "
+              "holding the results files)", file=sys.stderr)
+        return 2
+    t0 = time.perf_counter()
+    written, problems = render_all(figures_dir)
+    for p in unmade_outputs(figures_dir, written):
+        print(f"aepo-lite figures: warning: {p} is not made by any renderer, so this command does not "
+              "regenerate it", file=sys.stderr)
+    print(f"aepo-lite figures: wrote {len(written)} files in {figures_dir} in {time.perf_counter() - t0:.1f} s"
+          + (f"; {len(problems)} part(s) not rendered" if problems else ""))
+    return 1 if problems else 0

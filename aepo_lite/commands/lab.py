@@ -1,0 +1,279 @@
+"""``aepo-lite lab``: open the course in JupyterLab, on loopback, with the ``.py`` notebooks
+opening as notebooks and the widgets extension active.
+
+What makes the ``.py`` files open as notebooks is configured in the repository:
+
+- ``jupytext.toml`` pairs every ``notebooks/*.py`` (percent format, the source) with its ``.ipynb``;
+- JupyterLab runs with jupytext's contents manager, so the server hands a ``.py`` to the browser
+  as a notebook;
+- ``.jupyter/labconfig/default_setting_overrides.json`` makes "Jupytext Notebook" the default
+  viewer for Python files; the command puts ``.jupyter`` on ``JUPYTER_CONFIG_PATH`` so JupyterLab
+  reads it as a default (your own JupyterLab settings still win).
+
+The server listens on 127.0.0.1 only, with a fresh random token. Ctrl-C (or SIGTERM) stops it
+and its kernels; a server that failed to start is never left behind.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+HOST = "127.0.0.1"
+# Importable module -> the package that provides it (what the error message tells you to install).
+REQUIRED = {
+    "jupyterlab": "jupyterlab",
+    "jupytext": "jupytext",
+    "ipywidgets": "ipywidgets",
+    "jupyterlab_widgets": "jupyterlab_widgets (comes with ipywidgets)",
+    "ipykernel": "ipykernel",
+}
+START_TIMEOUT_S = 90.0
+
+
+class LabError(RuntimeError):
+    """A reason the course could not be opened; the message says which and why."""
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "lab", help="open the course in JupyterLab (loopback only; prints the URL)",
+        description="Start JupyterLab on 127.0.0.1 in the repository, with the .py notebooks opening "
+                    "as notebooks (jupytext) and the widgets extension active. Prints the URL with "
+                    "its token; Ctrl-C stops the server and its kernels.")
+    p.add_argument("--port", type=int, default=None,
+                   help="port on 127.0.0.1 (default: a free one); an error if it is taken")
+    p.add_argument("--no-browser", action="store_true", help="do not open a web browser, only print the URL")
+    p.add_argument("--root", type=Path, default=None,
+                   help="directory JupyterLab serves (default: the repository, the folder holding notebooks/)")
+    p.set_defaults(func=run)
+
+
+# ---------------------------------------------------------------- checks
+
+def missing_packages() -> list[str]:
+    """Packages the course needs that are not importable, as install names."""
+    return [pkg for mod, pkg in REQUIRED.items() if importlib.util.find_spec(mod) is None]
+
+
+def port_is_free(port: int, host: str = HOST) -> bool:
+    """True when ``host:port`` can be bound now (same SO_REUSEADDR as Jupyter's server)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port(host: str = HOST) -> int:
+    """A port on ``host`` that the kernel reports free right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def find_root(start: Path | None = None) -> Path:
+    """The repository: the first of (the package's parent, cwd and its parents) that has notebooks/."""
+    candidates = [Path(__file__).resolve().parents[2]]
+    cwd = (start or Path.cwd()).resolve()
+    candidates += [cwd, *cwd.parents]
+    for c in candidates:
+        if (c / "notebooks").is_dir() and (c / "jupytext.toml").is_file():
+            return c
+    raise LabError("cannot find the course: no folder with notebooks/ and jupytext.toml above "
+                   f"{cwd}; run from the repository or pass --root")
+
+
+# ---------------------------------------------------------------- the server
+
+def lab_argv(root: Path, port: int, open_browser: bool) -> list[str]:
+    """The JupyterLab command line (the token is passed through the environment, not argv)."""
+    argv = [
+        sys.executable, "-m", "jupyterlab",
+        f"--ServerApp.ip={HOST}",
+        f"--ServerApp.port={port}",
+        "--ServerApp.port_retries=0",  # a taken port is an error, never a silent other port
+        f"--ServerApp.root_dir={root}",
+        "--ServerApp.contents_manager_class=jupytext.AsyncTextFileContentsManager",
+        "--LabApp.default_url=/lab/tree/notebooks",
+        f"--ServerApp.open_browser={open_browser}",
+    ]
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        argv.append("--allow-root")
+    return argv
+
+
+def lab_env(root: Path, token: str, extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ)
+    config_path = [str(root / ".jupyter")]
+    if env.get("JUPYTER_CONFIG_PATH"):
+        config_path.append(env["JUPYTER_CONFIG_PATH"])
+    env["JUPYTER_CONFIG_PATH"] = os.pathsep.join(config_path)
+    env["JUPYTER_TOKEN"] = token
+    # A non-interactive MPLBACKEND (Agg, from a script or a test run) would hide every plot: let
+    # the kernel pick its inline backend.
+    env.pop("MPLBACKEND", None)
+    env.update(extra or {})
+    return env
+
+
+class LabServer:
+    """A JupyterLab process in its own session (so a terminal Ctrl-C reaches only us, and we
+    stop it in order). Use as a context manager: the server is stopped on the way out, always."""
+
+    def __init__(self, root: Path, port: int, *, open_browser: bool = False,
+                 env: dict[str, str] | None = None, log_path: Path | None = None):
+        self.root, self.port, self.open_browser = Path(root), port, open_browser
+        self.token = secrets.token_hex(24)
+        self.extra_env = env or {}
+        self.log_path = Path(log_path) if log_path else Path(tempfile.mkdtemp(prefix="aepo-lab-")) / "jupyterlab.log"
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{HOST}:{self.port}"
+
+    def url(self, path: str = "lab/tree/notebooks") -> str:
+        return f"{self.base_url}/{path.lstrip('/')}?token={self.token}"
+
+    def start(self, timeout: float = START_TIMEOUT_S) -> "LabServer":
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "wb")
+        try:
+            self.proc = subprocess.Popen(
+                lab_argv(self.root, self.port, self.open_browser), cwd=self.root,
+                env=lab_env(self.root, self.token, self.extra_env),
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        finally:
+            log.close()
+        try:
+            self._wait_ready(timeout)
+            self._check_jupytext()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _api(self, path: str, timeout: float = 5.0) -> dict:
+        req = urllib.request.Request(f"{self.base_url}/{path}",
+                                     headers={"Authorization": f"token {self.token}"})
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return json.loads(r.read())
+
+    def _wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise LabError(f"JupyterLab exited with status {self.proc.returncode} before it was ready:\n"
+                               f"{self.log_tail()}")
+            try:
+                self._api("api/status", timeout=2.0)
+                return
+            except (urllib.error.URLError, ConnectionError, OSError, ValueError):
+                pass
+            if time.monotonic() > deadline:
+                raise LabError(f"JupyterLab did not answer on {self.base_url} within {timeout:.0f} s:\n"
+                               f"{self.log_tail()}")
+            time.sleep(0.25)
+
+    def _check_jupytext(self) -> None:
+        """The server must hand a paired ``.py`` to the browser as a notebook."""
+        nb = sorted((self.root / "notebooks").glob("[0-9]*.py"))
+        if not nb:
+            return
+        rel = nb[0].relative_to(self.root).as_posix()
+        model = self._api(f"api/contents/{rel}?content=0")
+        if model.get("type") != "notebook":
+            raise LabError(f"{rel} is served as a {model.get('type')!r}, not a notebook: jupytext's "
+                           f"contents manager is not active (is jupytext installed in {sys.prefix}?)")
+
+    def log_tail(self, n: int = 25) -> str:
+        try:
+            lines = self.log_path.read_text(errors="replace").splitlines()
+        except OSError:
+            return "(no log)"
+        return "\n".join("    " + line for line in lines[-n:]) + f"\n(full log: {self.log_path})"
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """SIGTERM lets Jupyter shut its kernels down; SIGKILL the group if it does not in time."""
+        p = self.proc
+        if p is None or p.poll() is not None:
+            return
+        try:
+            os.killpg(p.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        try:
+            p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            p.wait(5)
+
+    def __enter__(self) -> "LabServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+# ---------------------------------------------------------------- the command
+
+def _raise_keyboard_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def run(args) -> int:
+    missing = missing_packages()
+    if missing:
+        print("aepo-lite lab: error: the course needs packages that are not installed: "
+              f"{', '.join(missing)}.\n  install them with: pip install -e '.[course]'  "
+              "(or run `make lab`, which sets everything up)", file=sys.stderr)
+        return 2
+    try:
+        root = Path(args.root).resolve() if args.root else find_root()
+        if args.port is not None:
+            if not 0 < args.port < 65536:
+                raise LabError(f"--port {args.port} is not a port number (1-65535)")
+            if not port_is_free(args.port):
+                raise LabError(f"port {args.port} on {HOST} is already in use; pick another with "
+                               "--port N, or leave --port out to use a free one")
+            port = args.port
+        else:
+            port = free_port()
+        server = LabServer(root, port, open_browser=not args.no_browser,
+                           log_path=root / "runs" / "lab" / f"jupyterlab-{port}.log")
+        previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+        try:
+            print(f"aepo-lite lab: starting JupyterLab in {root} on {HOST}:{port} ...", flush=True)
+            server.start()
+            print(f"aepo-lite lab: JupyterLab is running (pid {server.proc.pid}, log {server.log_path})\n"
+                  f"  open the course: {server.url()}\n"
+                  f"  notebook 1:      {server.url('lab/tree/notebooks/01_closed_form_guidance.py')}\n"
+                  "  stop it with Ctrl-C", flush=True)
+            status = server.proc.wait()
+            print(f"aepo-lite lab: JupyterLab exited with status {status}:\n{server.log_tail()}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            print("\naepo-lite lab: stopping JupyterLab ...", flush=True)
+            return 0
+        finally:
+            server.stop()
+            signal.signal(signal.SIGTERM, previous)
+    except LabError as e:
+        print(f"aepo-lite lab: error: {e}", file=sys.stderr)
+        return 2

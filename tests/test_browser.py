@@ -1,0 +1,172 @@
+"""End to end, in a real browser: ``aepo-lite lab`` on a free loopback port, headless Chromium
+driven by Playwright (tests/browser/drive_lab.js) opens notebook 2 (the ``.py``, as a notebook),
+runs it at smoke scale, moves the guidance-scale slider and checks that the plot changed.
+
+Set-up: ``scripts/install_browser.sh`` installs Chromium (Debian) and playwright-core (npm) when
+they are missing; the tests skip, saying why, only when those registries cannot be reached.
+The server runs on a copy of the working tree (so nothing the notebook or JupyterLab writes lands
+in the repository) and is always stopped, process group included.
+Screenshots: ``$AEPO_ARTIFACTS/browser`` (default ``test-artifacts/browser``).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from aepo_lite.commands import lab
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOK = "notebooks/02_toy_2d_energy.py"
+SLIDER = "guidance|scale w"    # regex (case-insensitive) matching the guidance-scale slider's label
+BUDGET_S = 120.0              # server start + open + run notebook 2 + slider, on a 2-core machine
+DRIVER = ROOT / "tests" / "browser" / "drive_lab.js"
+
+pytestmark = pytest.mark.notebook
+
+
+def _artifacts() -> Path:
+    base = Path(os.environ.get("AEPO_ARTIFACTS", ROOT / "test-artifacts"))
+    base.mkdir(parents=True, exist_ok=True)
+    if base == ROOT / "test-artifacts" and not (base / ".gitignore").exists():
+        (base / ".gitignore").write_text("*\n")
+    out = base / "browser"
+    out.mkdir(exist_ok=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def browser_tools():
+    if shutil.which("node") is None:
+        pytest.skip("node is not installed: the browser test drives Chromium with Playwright from Node")
+    r = subprocess.run(["bash", str(ROOT / "scripts" / "install_browser.sh")], capture_output=True, text=True,
+                       timeout=900)
+    if r.returncode == 3:
+        pytest.skip("browser test set-up could not install Chromium/playwright-core: " + r.stderr.strip())
+    assert r.returncode == 0, f"scripts/install_browser.sh failed ({r.returncode}):\n{r.stderr}"
+
+
+def _copy_tree(dst: Path) -> Path:
+    """The working tree as git sees it (tracked, and untracked but not ignored), without .venv etc."""
+    try:
+        files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, check=True,
+                               capture_output=True, text=True).stdout.split("\0")
+    except (OSError, subprocess.CalledProcessError):
+        shutil.copytree(ROOT, dst, ignore=shutil.ignore_patterns(".git", ".venv", "runs", "node_modules",
+                                                                   "test-artifacts", "__pycache__"))
+        return dst
+    for f in filter(None, files):
+        src = ROOT / f
+        if src.is_file():
+            (dst / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst / f)
+    return dst
+
+
+class Lab:
+    """``aepo-lite lab --no-browser`` as a subprocess, read until it prints its URL."""
+
+    def __init__(self, root: Path, env: dict):
+        self.port = lab.free_port()
+        self.lines: list[str] = []
+        self.jupyter_pid: int | None = None
+        self.proc = subprocess.Popen([sys.executable, "-m", "aepo_lite.cli", "lab", "--no-browser", "--port",
+                                      str(self.port), "--root", str(root)], env=env, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        self.ready = threading.Event()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        for line in self.proc.stdout:
+            self.lines.append(line)
+            if "JupyterLab is running (pid" in line:
+                self.jupyter_pid = int(line.split("(pid ")[1].split(",")[0])
+            if "open the course:" in line:
+                url = line.split("open the course:")[1].strip()
+                self.token = url.split("token=")[1]
+                self.ready.set()
+
+    def wait(self, timeout: float) -> None:
+        if not self.ready.wait(timeout):
+            self.stop()
+            pytest.fail(f"aepo-lite lab printed no URL within {timeout:.0f} s:\n" + "".join(self.lines))
+
+    def stop(self) -> None:
+        """SIGTERM to aepo-lite lab (it stops JupyterLab and its kernels); SIGKILL both groups if stuck."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+        if self.jupyter_pid:
+            try:
+                os.killpg(self.jupyter_pid, signal.SIGKILL)  # already gone unless something went wrong
+            except (ProcessLookupError, PermissionError):
+                pass
+
+
+@pytest.fixture(scope="module")
+def server(browser_tools, tmp_path_factory):
+    root = _copy_tree(tmp_path_factory.mktemp("course"))
+    # A notebook that fails on purpose, to check the driver says which cell and why.
+    (root / "notebooks" / "99_fails_on_purpose.py").write_text(
+        "# %% [markdown]\n# # Fails\n\n# %%\nx = 1\n\n# %%\n1 / 0\n\n# %%\nprint('never')\n")
+    env = {**os.environ, "AEPO_SCALE": "smoke"}
+    env.pop("MPLBACKEND", None)
+    t0 = time.perf_counter()
+    s = Lab(root, env)
+    try:
+        s.wait(120)
+        s.start_s = time.perf_counter() - t0
+        yield s
+    finally:
+        s.stop()
+        time.sleep(0.5)
+        with socket.socket() as sock:
+            sock.settimeout(1)
+            assert sock.connect_ex(("127.0.0.1", s.port)) != 0, "JupyterLab still listens after the test"
+
+
+def _drive(server, notebook: str, out: Path, timeout: float = 150) -> subprocess.CompletedProcess:
+    return subprocess.run(["node", str(DRIVER), "--url", f"http://127.0.0.1:{server.port}", "--token", server.token,
+                           "--notebook", notebook, "--out", str(out), "--slider", SLIDER, "--timeout", "100"],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_guidance_slider_changes_the_plot_in_a_real_browser(server):
+    if not (ROOT / NOTEBOOK).is_file():
+        pytest.fail(f"{NOTEBOOK} is missing")
+    out = _artifacts()
+    t0 = time.perf_counter()
+    r = _drive(server, NOTEBOOK, out)
+    drive_s = time.perf_counter() - t0
+    assert r.returncode == 0, f"browser driver failed:\n{r.stderr}\n(screenshots in {out})"
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert res["opened_as_notebook"]
+    assert res["before"]["images"], "no plot image next to the slider"
+    assert res["after"]["images"] != res["before"]["images"], f"the plot did not change: {res}"
+    if res["before"]["readout"] is not None:
+        assert res["after"]["readout"] != res["before"]["readout"], res
+    for shot in res["screenshots"]:
+        assert Path(shot).stat().st_size > 10_000, shot
+    total = server.start_s + drive_s
+    print(f"browser test: server {server.start_s:.1f} s + browser {drive_s:.1f} s "
+          f"(notebook run {res['run_s']:.1f} s) = {total:.1f} s; screenshots {res['screenshots']}")
+    assert total < BUDGET_S, f"the browser test took {total:.0f} s (budget {BUDGET_S:.0f} s): {res}"
+
+
+def test_a_notebook_that_fails_is_reported_with_its_cell_and_error(server, tmp_path):
+    r = _drive(server, "notebooks/99_fails_on_purpose.py", tmp_path)
+    assert r.returncode == 1, r
+    assert "failed to execute" in r.stderr and "code cell 2" in r.stderr, r.stderr
+    assert "ZeroDivisionError" in r.stderr, r.stderr

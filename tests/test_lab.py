@@ -1,0 +1,141 @@
+"""``aepo-lite lab``: bad input says which and why and leaves no server; a real start serves the
+``.py`` notebooks as notebooks and Ctrl-C/SIGTERM stops the server. (The browser test drives it.)"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from aepo_lite import cli
+from aepo_lite.commands import lab
+
+ROOT = Path(__file__).resolve().parents[1]
+HAVE_LAB = not lab.missing_packages()
+
+
+def _no_popen(*a, **k):
+    raise AssertionError("a server was started")
+
+
+def test_port_in_use_is_an_error_and_starts_nothing(monkeypatch, capsys):
+    monkeypatch.setattr(lab.subprocess, "Popen", _no_popen)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        rc = cli.main(["lab", "--no-browser", "--port", str(port), "--root", str(ROOT)])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert f"port {port}" in err and "in use" in err
+
+
+def test_bad_port_number_is_an_error(monkeypatch, capsys):
+    monkeypatch.setattr(lab.subprocess, "Popen", _no_popen)
+    assert cli.main(["lab", "--no-browser", "--port", "70000", "--root", str(ROOT)]) == 2
+    assert "not a port number" in capsys.readouterr().err
+
+
+def test_missing_jupyterlab_names_the_package_and_how_to_install(monkeypatch, capsys):
+    real = lab.importlib.util.find_spec
+    monkeypatch.setattr(lab.importlib.util, "find_spec", lambda name, *a: None if name == "jupyterlab" else real(name, *a))
+    monkeypatch.setattr(lab.subprocess, "Popen", _no_popen)
+    assert lab.missing_packages() == ["jupyterlab"]
+    assert cli.main(["lab", "--no-browser"]) == 2
+    err = capsys.readouterr().err
+    assert "jupyterlab" in err and "pip install" in err and "[course]" in err
+
+
+def test_no_course_folder_is_an_error(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(lab.subprocess, "Popen", _no_popen)
+    monkeypatch.setattr(lab, "find_root", lambda start=None: (_ for _ in ()).throw(lab.LabError("cannot find the course")))
+    assert cli.main(["lab", "--no-browser"]) == 2
+    assert "cannot find the course" in capsys.readouterr().err
+
+
+def test_a_server_that_dies_at_start_is_reported_with_its_log(monkeypatch, tmp_path, capsys):
+    fake = [sys.executable, "-c", "import sys; print('jupyter: cannot start, something is wrong'); sys.exit(3)"]
+    monkeypatch.setattr(lab, "lab_argv", lambda *a, **k: fake)
+    (tmp_path / "notebooks").mkdir()
+    (tmp_path / "jupytext.toml").write_text("")
+    assert cli.main(["lab", "--no-browser", "--root", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "exited with status 3" in err and "something is wrong" in err
+
+
+def test_argv_is_loopback_only_and_root_only_when_root():
+    argv = lab.lab_argv(ROOT, 8888, open_browser=False)
+    assert "--ServerApp.ip=127.0.0.1" in argv and "--ServerApp.port_retries=0" in argv
+    assert any("jupytext" in a for a in argv if "contents_manager_class" in a)
+    assert ("--allow-root" in argv) == (os.geteuid() == 0)
+    assert not any("token" in a.lower() for a in argv)  # the token travels in the environment
+
+
+def _port_closed(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(1)
+        return s.connect_ex(("127.0.0.1", port)) != 0
+
+
+@pytest.mark.skipif(not HAVE_LAB, reason=f"course packages missing: {lab.missing_packages()}")
+def test_lab_serves_py_notebooks_as_notebooks_and_stops_on_sigterm(tmp_path):
+    (tmp_path / "notebooks").mkdir()
+    (tmp_path / "jupytext.toml").write_text((ROOT / "jupytext.toml").read_text())
+    (tmp_path / ".jupyter").symlink_to(ROOT / ".jupyter")
+    (tmp_path / "notebooks" / "01_tiny.py").write_text("# %% [markdown]\n# # Tiny\n\n# %%\nprint(1)\n")
+    port = lab.free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "aepo_lite.cli", "lab", "--no-browser", "--port", str(port),
+                             "--root", str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    jupyter_pid = None
+    try:
+        lines = []
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if "JupyterLab is running (pid" in line:
+                jupyter_pid = int(line.split("(pid ")[1].split(",")[0])
+            if "open the course:" in line:
+                url = line.split("open the course:")[1].strip()
+                break
+        else:
+            pytest.fail("no URL printed:\n" + "".join(lines))
+        assert jupyter_pid, "".join(lines)
+        assert url.startswith(f"http://127.0.0.1:{port}/lab") and "token=" in url
+        token = url.split("token=")[1]
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/api/contents/notebooks/01_tiny.py",
+                                     headers={"Authorization": f"token {token}"})
+        import json
+        with urllib.request.urlopen(req, timeout=10) as r:
+            model = json.loads(r.read())
+        assert model["type"] == "notebook"  # jupytext's contents manager
+        assert model["content"]["cells"][0]["cell_type"] == "markdown"
+        # the repository's default viewer for .py: Jupytext Notebook
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/lab/api/settings/@jupyterlab/docmanager-extension:plugin",
+                                     headers={"Authorization": f"token {token}"})
+        with urllib.request.urlopen(req, timeout=10) as r:
+            schema = json.loads(r.read())["schema"]
+        assert schema["properties"]["defaultViewers"]["default"].get("python") == "Jupytext Notebook"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            if jupyter_pid:
+                os.killpg(jupyter_pid, signal.SIGKILL)
+            pytest.fail("aepo-lite lab did not stop on SIGTERM")
+    assert proc.returncode == 0
+    time.sleep(0.5)
+    assert _port_closed(port), "the server still listens after aepo-lite lab stopped"
+    with pytest.raises(ProcessLookupError):
+        os.kill(jupyter_pid, 0)
