@@ -24,6 +24,7 @@ import json
 import os
 import shutil
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -271,7 +272,7 @@ def make_dataset(recipe: DatasetRecipe, *, overwrite: bool = False, progress: bo
         raise ValueError(f"train_steps: {r.train_steps} steps gave no snapshot (eval_every={r.eval_every})")
     expert = max(snaps, key=lambda s: s["eval_return"])
     target = ref_min + r.medium_fraction * (expert["eval_return"] - ref_min)
-    medium = next(s for s in snaps if s["eval_return"] >= target)
+    medium = next(s for s in snaps if s["eval_return"] >= min(target, expert["eval_return"]))
     expert_model = _load_snapshot(ladder_dir, expert)
     exp_eps, _ = run_episodes(make_env, _sb3_policy(expert_model, 0.0, None), r.ref_episodes,
                               seed=2_000_000 + r.seed, n_envs=r.n_envs, progress=progress, desc="ref: expert")
@@ -308,8 +309,14 @@ def make_dataset(recipe: DatasetRecipe, *, overwrite: bool = False, progress: bo
                for i, e in enumerate(episodes)]
     info["dataset_mean_episode_return"] = float(np.mean([e.ret for e in episodes]))
     info["make_seconds"] = time.perf_counter() - t0
-    ds = minari.create_dataset_from_buffers(
+    with warnings.catch_warnings():  # minari asks for an author e-mail; there is none to give
+        warnings.filterwarnings("ignore", message=".*author_email.*")
+        ds = _create(minari, r, buffers, ref_min, ref_max, info)
+    return ds
+
+
+def _create(minari, r, buffers, ref_min, ref_max, info):
+    return minari.create_dataset_from_buffers(
         r.name, buffers, env=r.env_id, eval_env=r.env_id, algorithm_name=f"aepo-lite make-dataset ({r.quality})",
         author="aepo-lite", code_permalink="aepo_lite/datasets_local.py", ref_min_score=ref_min, ref_max_score=ref_max,
         num_episodes_average_score=r.ref_episodes, description=json.dumps(info, default=str))
-    return ds

@@ -1,0 +1,218 @@
+"""Minari loading (bootstrapping, scaling, bad inputs), normalised scores, local dataset making."""
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+
+minari = pytest.importorskip("minari")
+gym = pytest.importorskip("gymnasium")
+
+from aepo_lite.data import from_episodes, load_minari  # noqa: E402
+from aepo_lite.evaluation import normalized_score, reference_scores, run_episodes, summarize_returns  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    import torch
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def minari_root(tmp_path, monkeypatch):
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "minari"))
+    monkeypatch.setenv("AEPO_POLICY_CACHE", str(tmp_path / "policies"))
+    return tmp_path
+
+
+def _episodes(rng, lengths=(5, 7, 4), terminated=(True, False, True), obs_dim=11, act_dim=3):
+    eps = []
+    for T, term in zip(lengths, terminated):
+        eps.append({"observations": rng.normal(size=(T + 1, obs_dim)).astype(np.float32),
+                    "actions": rng.uniform(-1, 1, size=(T, act_dim)).astype(np.float32),
+                    "rewards": rng.normal(1.0, 0.5, size=T),
+                    "terminations": np.r_[np.zeros(T - 1, bool), term],
+                    "truncations": np.r_[np.zeros(T - 1, bool), not term]})
+    return eps
+
+
+def _write(name, eps, **kw):
+    from minari.data_collector import EpisodeBuffer
+    bufs = [EpisodeBuffer(id=i, observations=e["observations"], actions=e["actions"], rewards=e["rewards"],
+                          terminations=e["terminations"], truncations=e["truncations"], infos={})
+            for i, e in enumerate(eps)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return minari.create_dataset_from_buffers(name, bufs, env=kw.pop("env", "Hopper-v5"), author="t",
+                                                  author_email="t@t", **kw)
+
+
+def test_loader_bootstraps_on_terminations_only(minari_root):
+    rng = np.random.default_rng(0)
+    eps = _episodes(rng)
+    _write("t/hopper/raw-v0", eps, ref_min_score=0.0, ref_max_score=10.0)
+    data, ds = load_minari("t/hopper/raw-v0")
+    assert data.n == 16 and data.obs_rows.shape == (16 + 3, 11)
+    off = 0
+    for e in eps:
+        T = len(e["rewards"])
+        rows = data.idx[data.idx >= off][:T]
+        np.testing.assert_allclose(data.obs_rows[rows], e["observations"][:T], rtol=1e-6)
+        np.testing.assert_allclose(data.obs_rows[rows + 1], e["observations"][1:], rtol=1e-6)
+        off += T + 1
+    # done = terminations, never truncations: episode 2 ends truncated, so its last transition bootstraps
+    ends = np.cumsum([5, 7, 4]) - 1
+    np.testing.assert_array_equal(data.terminals[ends], [1.0, 0.0, 1.0])
+    np.testing.assert_array_equal(data.timeouts[ends], [0.0, 1.0, 0.0])
+    assert data.terminals.sum() == 2 and data.timeouts.sum() == 1
+    # next state of the last transition of each episode is that episode's final observation row
+    np.testing.assert_allclose(data.obs_rows[data.next_idx[ends[1]]], eps[1]["observations"][-1], rtol=1e-6)
+    # IQL locomotion scaling: r * 1000 / (max return - min return)
+    rets = np.array([e["rewards"].sum() for e in eps])
+    assert data.reward_scaling == "locomotion"
+    np.testing.assert_allclose(data.scaled_rewards(), np.concatenate([e["rewards"] for e in eps]) * 1000 / np.ptp(rets),
+                               rtol=1e-5)
+    assert data.metadata["ref_max_score"] == 10.0
+    env = ds.recover_environment(eval_env=True)
+    assert env.spec.id == "Hopper-v5"
+
+
+def test_reward_conventions_and_action_box():
+    rng = np.random.default_rng(1)
+    eps = _episodes(rng, lengths=(3,), terminated=(False,), act_dim=2)
+    eps[0]["actions"] = np.array([[0.0, 2.0], [1.0, 3.0], [0.5, 2.5]])
+    d = from_episodes("D4RL/antmaze/umaze-v1", eps, [0.0, 2.0], [1.0, 3.0])
+    assert d.reward_scaling == "antmaze"
+    np.testing.assert_allclose(d.scaled_rewards(), eps[0]["rewards"] - 1.0, rtol=1e-6)
+    np.testing.assert_allclose(d.actions, [[-1, -1], [1, 1], [0, 0]], atol=1e-6)
+    np.testing.assert_allclose(d.to_action_box(d.actions), eps[0]["actions"], atol=1e-6)
+    assert from_episodes("D4RL/door/human-v2", eps, [0, 2], [1, 3]).reward_scaling == "none"
+    with pytest.raises(ValueError, match="reward_scaling"):
+        from_episodes("x", eps, [0, 2], [1, 3], reward_scaling="bogus")
+
+
+def test_bad_data_is_named():
+    rng = np.random.default_rng(2)
+    with pytest.raises(ValueError, match="empty dataset"):
+        from_episodes("x/y/z-v0", [], [-1], [1])
+    eps = _episodes(rng)
+    eps[1]["observations"][3, 2] = np.nan
+    with pytest.raises(ValueError, match=r"episode 1 .*NaN/inf .*observations"):
+        from_episodes("x/y/z-v0", eps, -np.ones(3), np.ones(3))
+    eps = _episodes(rng)
+    eps[2]["rewards"][0] = np.inf
+    with pytest.raises(ValueError, match="rewards"):
+        from_episodes("x/y/z-v0", eps, -np.ones(3), np.ones(3))
+    eps = _episodes(rng)
+    eps[0]["actions"] = eps[0]["actions"][:-1]
+    with pytest.raises(ValueError, match="inconsistent lengths"):
+        from_episodes("x/y/z-v0", eps, -np.ones(3), np.ones(3))
+
+
+def test_unknown_dataset_fails_fast_with_how_to(minari_root):
+    with pytest.raises(ValueError, match="make-dataset"):
+        load_minari("nobody/nothing/none-v0")
+    with pytest.raises(ValueError, match="not in the local Minari root"):
+        load_minari("nobody/nothing/none-v0", download=False)
+
+
+def test_space_mismatch_with_environment(minari_root):
+    rng = np.random.default_rng(3)
+    eps = _episodes(rng, obs_dim=5)
+    _write("t/hopper/wrong-v0", eps, observation_space=gym.spaces.Box(-np.inf, np.inf, (5,), np.float32))
+    with pytest.raises(ValueError, match="observation space"):
+        load_minari("t/hopper/wrong-v0")
+    eps = _episodes(rng, act_dim=2)
+    _write("t/hopper/wrongact-v0", eps, action_space=gym.spaces.Box(-1, 1, (2,), np.float32))
+    with pytest.raises(ValueError, match="action space"):
+        load_minari("t/hopper/wrongact-v0")
+
+
+def test_nan_in_stored_dataset(minari_root):
+    eps = _episodes(np.random.default_rng(4))
+    eps[0]["actions"][1, 0] = np.nan
+    _write("t/hopper/nan-v0", eps)
+    with pytest.raises(ValueError, match="NaN/inf values in its actions"):
+        load_minari("t/hopper/nan-v0")
+
+
+def test_normalized_score_arithmetic():
+    assert normalized_score(55.0, 10.0, 100.0) == pytest.approx(50.0)
+    np.testing.assert_allclose(normalized_score([10.0, 100.0, 145.0], 10.0, 100.0), [0.0, 100.0, 150.0])
+    assert normalized_score(3.0, None, 100.0) is None
+    with pytest.raises(ValueError, match="ref_max"):
+        normalized_score(1.0, 5.0, 5.0)
+    s = summarize_returns([20.0, 40.0], 0.0, 200.0)
+    assert s == {"return_mean": 30.0, "return_std": 10.0, "normalized_score_mean": 15.0, "normalized_score_std": 5.0,
+                 "episodes": 2}
+    assert summarize_returns([1.0], None, None)["normalized_score_mean"] is None
+    # metadata first; D4RL's published returns only for D4RL ports; else None with a warning
+    assert reference_scores("mujoco/hopper/medium-v0", {"ref_min_score": -1, "ref_max_score": 9}) == (-1.0, 9.0, "dataset metadata")
+    lo, hi, src = reference_scores("D4RL/door/human-v2", {})
+    assert (lo, hi) == pytest.approx((-56.512833, 2880.5693087298737)) and "D4RL" in src
+    with pytest.warns(UserWarning, match="None"):
+        assert reference_scores("mujoco/hopper/medium-v0", {})[:2] == (None, None)
+
+
+def test_run_episodes_seeds_do_not_depend_on_parallelism():
+    make = lambda: gym.make("Hopper-v5")  # noqa: E731
+    zero = lambda obs: np.zeros((obs.shape[0], 3))  # noqa: E731
+    a, _ = run_episodes(make, zero, 4, seed=7, n_envs=1)
+    b, t = run_episodes(make, zero, 4, seed=7, n_envs=3)
+    assert [e.seed for e in b] == [7, 8, 9, 10]
+    np.testing.assert_allclose([e.ret for e in a], [e.ret for e in b])
+    assert len({round(e.ret, 6) for e in a}) > 1  # different seeds, different starts
+    assert t["actions"] == sum(e.length for e in b)
+    rec, _ = run_episodes(make, zero, 10**6, seed=0, n_envs=3, record=True, max_transitions=100)
+    assert sum(e.length for e in rec) == 100
+    assert all(e.observations.shape == (e.length + 1, 11) for e in rec)
+    assert rec[-1].truncations[-1] or rec[-1].terminations[-1]
+
+
+def test_make_dataset_tiny_repeatable(minari_root):
+    pytest.importorskip("stable_baselines3")
+    from aepo_lite.datasets_local import DatasetRecipe, make_dataset
+    from aepo_lite.data import description_info
+    kw = dict(train_steps=200, eval_every=100, learning_starts=100, eval_episodes=2, ref_episodes=4, n_envs=4)
+    ds = make_dataset(DatasetRecipe("Hopper-v5", "medium", 250, "t/hopper/medium-v0", **kw), progress=False)
+    assert ds.total_steps == 250
+    meta = ds.storage.metadata
+    info = description_info(meta)
+    assert info["ref_episodes"] == 4 and len(info["ladder"]) == 2
+    # ref_min_score is the mean return of the seeded random policy: recompute it independently
+    rng = np.random.default_rng(1)
+    eps, _ = run_episodes(lambda: gym.make("Hopper-v5"), lambda o: rng.uniform(-1, 1, (o.shape[0], 3)), 4,
+                          seed=1_000_000, n_envs=4)
+    assert meta["ref_min_score"] == pytest.approx(np.mean([e.ret for e in eps]))
+    # ref_max_score is the mean return of the best ladder snapshot, deterministic, on its own seeds
+    from aepo_lite.datasets_local import _load_snapshot, _sb3_policy, train_policy_ladder
+    lad = train_policy_ladder(DatasetRecipe("Hopper-v5", "medium", 250, "t/hopper/medium-v0", **kw), progress=False)
+    best = max(info["ladder"], key=lambda s: s["eval_return"])
+    eps, _ = run_episodes(lambda: gym.make("Hopper-v5"), _sb3_policy(_load_snapshot(lad, best), 0.0, None), 4,
+                          seed=2_000_000, n_envs=4)
+    assert meta["ref_max_score"] == pytest.approx(np.mean([e.ret for e in eps]))
+    data, _ = load_minari("t/hopper/medium-v0")
+    assert data.n == 250 and abs(info["dataset_mean_episode_return"] - data.episode_returns.mean()) < 1e-6
+    # same recipe, same data (the policy ladder is cached, the collection seeded)
+    ds2 = make_dataset(DatasetRecipe("Hopper-v5", "medium", 250, "t/hopper/medium2-v0", **kw), progress=False)
+    e1, e2 = next(iter(ds.iterate_episodes())), next(iter(ds2.iterate_episodes()))
+    np.testing.assert_array_equal(e1.actions, e2.actions)
+    with pytest.raises(FileExistsError, match="overwrite"):
+        make_dataset(DatasetRecipe("Hopper-v5", "medium", 250, "t/hopper/medium-v0", **kw), progress=False)
+    r = make_dataset(DatasetRecipe("Hopper-v5", "random", 120, "t/hopper/random-v0", **kw), progress=False)
+    assert r.total_steps == 120 and r.storage.metadata["ref_max_score"] == meta["ref_max_score"]
+
+
+@pytest.mark.parametrize("bad,match", [(dict(quality="great"), "quality"), (dict(name="hopper-v0"), "name"),
+                                       (dict(env_id="NoSuchEnv-v9"), "env"), (dict(steps=0), "steps")])
+def test_make_dataset_bad_arguments(minari_root, bad, match):
+    from aepo_lite.datasets_local import DatasetRecipe, make_dataset
+    kw = dict(env_id="Hopper-v5", quality="random", steps=10, name="t/hopper/random-v0")
+    kw.update(bad)
+    with pytest.raises(ValueError, match=match):
+        make_dataset(DatasetRecipe(**kw), progress=False)

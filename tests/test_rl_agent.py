@@ -1,0 +1,259 @@
+"""Critics against closed forms, the staged agent (every method, resume, guards), the results report, the CLI."""
+from __future__ import annotations
+
+import json
+import os
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+minari = pytest.importorskip("minari")
+
+from aepo_lite.critics import CriticConfig, IQLCritic, InSupportCritic, expectile_loss, insupport_target  # noqa: E402
+
+DS = "t/hopper/medium-v0"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny networks: one thread is faster, and much faster on a shared machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# ------------------------------------------------------------------------------- critics
+def test_expectile_loss_closed_form_and_minimiser():
+    u = torch.tensor([-2.0, -0.5, 1.0, 3.0])
+    tau = 0.7
+    hand = (0.3 * 4.0 + 0.3 * 0.25 + 0.7 * 1.0 + 0.7 * 9.0) / 4
+    assert float(expectile_loss(u, tau)) == pytest.approx(hand)
+    # the minimiser over a constant v of E|tau - 1(x < v)|(x - v)^2 is the tau-expectile:
+    # sum_i w_i (x_i - v) = 0 with w_i = tau (x_i > v) else 1 - tau, solved here by bisection
+    x = torch.tensor([0.0, 1.0, 2.0, 10.0], dtype=torch.float64)
+    lo, hi = 0.0, 10.0
+    for _ in range(200):
+        v = 0.5 * (lo + hi)
+        w = torch.where(x > v, tau, 1 - tau)
+        lo, hi = (v, hi) if float((w * (x - v)).sum()) > 0 else (lo, v)
+    # ... so the gradient of the loss in v vanishes there, and is non-zero a little away from it
+    for v0, zero in ((lo, True), (lo + 0.1, False)):
+        v = torch.tensor(v0, dtype=torch.float64, requires_grad=True)
+        (grad,) = torch.autograd.grad(expectile_loss(x - v, tau), v)
+        assert (abs(float(grad)) < 1e-9) == zero
+    assert lo > float(x.mean())  # tau > 1/2 sits above the mean
+
+
+def test_insupport_target_by_hand():
+    r, done = torch.tensor([1.0, 2.0]), torch.tensor([0.0, 1.0])
+    q = torch.tensor([[1.0, 2.0, 4.0], [5.0, 0.0, 0.0]])
+    y = insupport_target(r, done, q, gamma=0.9, beta_q=1.0)
+    e = np.exp([1.0, 2.0, 4.0])
+    v = float((e / e.sum() * [1.0, 2.0, 4.0]).sum())
+    assert float(y[0]) == pytest.approx(1.0 + 0.9 * v, rel=1e-6)
+    assert float(y[1]) == pytest.approx(2.0)  # terminal: no bootstrap
+    # beta_Q -> 0 is the mean over support actions, beta_Q large the max
+    assert float(insupport_target(r, done, q, 0.9, 0.0)[0]) == pytest.approx(1 + 0.9 * 7 / 3)
+    assert float(insupport_target(r, done, q, 0.9, 100.0)[0]) == pytest.approx(1 + 0.9 * 4, rel=1e-4)
+
+
+def test_critic_updates_soft_target_and_iql_target():
+    torch.manual_seed(0)
+    B, k, d = 32, 4, 2
+    batch = {"s": torch.randn(B, k), "a": torch.rand(B, d) * 2 - 1, "r": torch.randn(B), "s2": torch.randn(B, k),
+             "done": (torch.rand(B) < 0.2).float()}
+    c = IQLCritic(k, d, CriticConfig(tau_target=0.1, hidden=16))
+    old_t = [p.clone() for p in c.q_target.parameters()]
+    out = c.update(batch)
+    assert set(out) == {"v_loss", "q_loss", "q_mean", "v_mean"} and all(isinstance(v, float) for v in out.values())
+    for pt, p, p0 in zip(c.q_target.parameters(), c.q.parameters(), old_t):
+        torch.testing.assert_close(pt, 0.9 * p0 + 0.1 * p)
+    # the Q loss uses y = r + gamma (1 - done) V(s'): with the V after its step, recompute it
+    with torch.no_grad():
+        y = batch["r"] + 0.99 * (1 - batch["done"]) * c.v(batch["s2"])
+    assert torch.isfinite(y).all()
+    ins = InSupportCritic(k, d, CriticConfig(kind="insupport", hidden=16))
+    out = ins.update(dict(batch, support2=torch.rand(B, 5, d) * 2 - 1))
+    assert set(out) == {"q_loss", "q_mean", "target_mean"}
+    with pytest.raises(ValueError, match="gamma"):
+        IQLCritic(k, d, CriticConfig(gamma=1.5))
+
+
+# ------------------------------------------------------------------------------- agent
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny Hopper-v5 dataset written straight into a temporary Minari root (no policy training)."""
+    root = tmp_path_factory.mktemp("rl")
+    old = os.environ.get("MINARI_DATASETS_PATH")
+    os.environ["MINARI_DATASETS_PATH"] = str(root / "minari")
+    import gymnasium as gym
+    from minari.data_collector import EpisodeBuffer
+    from aepo_lite.evaluation import run_episodes
+    rng = np.random.default_rng(0)
+    eps, _ = run_episodes(lambda: gym.make("Hopper-v5"), lambda o: rng.uniform(-1, 1, (o.shape[0], 3)), 10**6,
+                          seed=0, n_envs=4, record=True, max_transitions=400)
+    bufs = [EpisodeBuffer(id=i, observations=e.observations.astype(np.float64), actions=e.actions.astype(np.float32),
+                          rewards=e.rewards, terminations=e.terminations, truncations=e.truncations, infos={})
+            for i, e in enumerate(eps)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        minari.create_dataset_from_buffers(DS, bufs, env="Hopper-v5", eval_env="Hopper-v5", author="t",
+                                           author_email="t@t", ref_min_score=0.0, ref_max_score=100.0)
+    yield root
+    if old is None:
+        os.environ.pop("MINARI_DATASETS_PATH", None)
+    else:
+        os.environ["MINARI_DATASETS_PATH"] = old
+
+
+@pytest.fixture(scope="module")
+def smoke_runs(tiny):
+    from aepo_lite.agent import evaluate_run, make_config, train
+    from aepo_lite.data import load_minari
+    data, _ = load_minari(DS)
+    runs = {}
+    for m in ("bc", "aepo", "qgpo", "mse"):
+        d = tiny / "runs" / m
+        train(make_config(DS, m, "smoke", seed=0), d, data=data, progress=False,
+              init_behaviour=None if m == "bc" else runs["bc"])
+        evaluate_run(d, progress=False)
+        runs[m] = d
+    return runs
+
+
+def test_every_method_trains_and_evaluates(smoke_runs):
+    from aepo_lite._io import read_json
+    for m, d in smoke_runs.items():
+        res = read_json(d / "results.json")
+        assert res["method"] == m and res["transitions"] == 400
+        scales = {"0"} if m == "bc" else {"0", "1"}
+        assert set(res["results"]) == scales
+        for row in res["results"].values():
+            assert {"return_mean", "return_std", "normalized_score_mean", "normalized_score_std", "episodes"} <= set(row)
+            assert row["episodes"] == 2
+            assert row["normalized_score_mean"] == pytest.approx(row["return_mean"])  # ref (0, 100)
+        cfg = read_json(d / "config.json")
+        assert cfg["method"] == m and cfg["preset"] == "smoke"
+        stages = {json.loads(line)["stage"] for line in open(d / "metrics.jsonl")}
+        assert stages >= ({"behaviour"} if m == "bc" else {"critic", "energy"})
+    # same behaviour checkpoint, same evaluation seeds: w = 0 gives the same returns for every method
+    r0 = {m: read_json(d / "results.json")["results"]["0"]["return_mean"] for m, d in smoke_runs.items()}
+    assert len({round(v, 8) for v in r0.values()}) == 1
+    assert (smoke_runs["qgpo"] / "checkpoints" / "support.pt").exists()
+    assert not (smoke_runs["aepo"] / "checkpoints" / "support.pt").exists()
+
+
+def test_act_shapes_guidance_and_best_of_n(tiny, smoke_runs):
+    from aepo_lite.agent import load_run
+    agent, cfg, data = load_run(smoke_runs["aepo"])
+    obs = data.obs_rows[:5]
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    a0 = agent.act(obs, 0.0, generator=g())
+    a1 = agent.act(obs, 100.0, generator=g())  # the smoke behaviour saturates the box; push hard
+    assert a0.shape == (5, 3) and np.all(np.abs(a0) <= 1)
+    np.testing.assert_array_equal(a0, agent.act(obs, 0.0, generator=g()))  # seeded
+    assert not np.allclose(a0, a1)  # the guidance scale is an argument and it acts
+    s = agent.normalize(obs)
+    best = agent.act_unit(s, 1.0, n_candidates=4, generator=g())
+    cands = agent.act_unit(s.repeat_interleave(4, 0), 1.0, generator=g()).reshape(5, 4, 3)
+    q = agent.critic.q_fn(s.repeat_interleave(4, 0), cands.reshape(20, 3)).reshape(5, 4)
+    torch.testing.assert_close(best, cands[torch.arange(5), q.argmax(1)])
+    bc, _, _ = load_run(smoke_runs["bc"])
+    with pytest.raises(ValueError, match="guidance_scale"):
+        bc.act(obs, 1.0)
+    with pytest.raises(ValueError, match="obs"):
+        agent.act(obs[:, :4], 0.0)
+
+
+def test_resume_skips_finished_stages(tiny, smoke_runs):
+    from aepo_lite.agent import make_config, train
+    d = smoke_runs["mse"]
+    ck = d / "checkpoints"
+    before = {p.name: p.stat().st_mtime_ns for p in ck.iterdir()}
+    lines = sum(1 for _ in open(d / "metrics.jsonl"))
+    os.remove(ck / "energy.pt")
+    train(make_config(DS, "mse", "smoke", seed=0), d, progress=False)
+    after = {p.name: p.stat().st_mtime_ns for p in ck.iterdir()}
+    assert after["behaviour.pt"] == before["behaviour.pt"] and after["critic.pt"] == before["critic.pt"]
+    assert after["energy.pt"] != before["energy.pt"]
+    new = [json.loads(line) for line in open(d / "metrics.jsonl")][lines:]
+    assert new and {r["stage"] for r in new} == {"energy"}
+    # and a second call trains nothing at all
+    train(make_config(DS, "mse", "smoke", seed=0), d, progress=False)
+    assert sum(1 for _ in open(d / "metrics.jsonl")) == lines + len(new)
+
+
+def test_run_dir_guards_and_broken_checkpoint(tiny, smoke_runs):
+    from aepo_lite.agent import evaluate_run, make_config, train
+    d = smoke_runs["aepo"]
+    snap = {p.name: p.read_bytes() for p in (d / "checkpoints").iterdir()}
+    with pytest.raises(ValueError, match="made by method 'aepo'"):
+        train(make_config(DS, "qgpo", "smoke"), d, progress=False)
+    with pytest.raises(ValueError, match="different config.*beta"):
+        train(make_config(DS, "aepo", "smoke", beta=5.0), d, progress=False)
+    with pytest.raises(ValueError, match="different config.*seed"):
+        train(make_config(DS, "aepo", "smoke", seed=3), d, progress=False)
+    assert {p.name: p.read_bytes() for p in (d / "checkpoints").iterdir()} == snap  # nothing touched
+    broken = tiny / "runs" / "broken"
+    train(make_config(DS, "bc", "smoke"), broken, progress=False)
+    (broken / "checkpoints" / "behaviour.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match=r"behaviour\.pt could not be loaded"):
+        train(make_config(DS, "bc", "smoke"), broken, progress=False)
+    assert (broken / "checkpoints" / "behaviour.pt").read_bytes() == b"not a checkpoint"
+    with pytest.raises(ValueError, match="could not be loaded"):
+        evaluate_run(broken, progress=False)
+    with pytest.raises(ValueError, match="config.json"):
+        evaluate_run(tiny / "runs" / "nothing-here", progress=False)
+
+
+@pytest.mark.parametrize("kw,match", [(dict(method="sac"), "method"), (dict(preset="huge"), "preset"),
+                                      (dict(covariance="full"), "covariance"), (dict(solver="rk4"), "solver"),
+                                      (dict(behaviour_steps=0), "behaviour_steps"), (dict(bogus=1), "bogus")])
+def test_bad_config_is_named(kw, match):
+    from aepo_lite.agent import make_config
+    args = dict(dataset=DS, method="aepo", preset="smoke")
+    args.update(kw)
+    with pytest.raises(ValueError, match=match):
+        make_config(**args)
+
+
+def test_results_csv_table_and_readme(tiny, smoke_runs, tmp_path):
+    import csv
+    from aepo_lite import rl_report
+    csv_path = tmp_path / "figs" / "rl_results.csv"
+    rows = rl_report.collect([tiny / "runs"], csv_path)
+    with open(csv_path) as f:
+        reader = csv.DictReader(f)
+        assert reader.fieldnames == rl_report.COLUMNS
+        got = list(reader)
+    assert len(got) == len(rows) == 1 + 2 + 2 + 2 + 1  # bc, aepo x2, qgpo x2, mse x2, dataset row
+    ds_row = [r for r in got if r["method"] == "dataset"][0]
+    assert float(ds_row["normalized_score"]) == pytest.approx(float(ds_row["return_mean"]))  # ref (0, 100)
+    paths = rl_report.render(csv_path, tmp_path / "figs")
+    assert all(p.exists() for p in paths)
+    assert "| t/hopper/medium-v0 | smoke | 400 | bc |" in (tmp_path / "figs" / "rl_results.md").read_text()
+    readme = tmp_path / "README.md"
+    readme.write_text("# Title\nbefore\n<!-- rl:start -->\nold\n<!-- rl:end -->\nafter\n")
+    rl_report.update_readme(readme, csv_path)
+    text = readme.read_text()
+    assert text.startswith("# Title\nbefore\n<!-- rl:start -->\n") and text.endswith("<!-- rl:end -->\nafter\n")
+    assert "old" not in text and "| t/hopper/medium-v0 |" in text
+    speed = (tmp_path / "figs" / "rl_speed.csv").read_text()
+    assert "behaviour" in speed and "actions/s" in speed
+
+
+def test_cli_train_eval_and_errors(tiny, smoke_runs, capsys):
+    from aepo_lite.cli import main
+    out = tiny / "runs" / "cli-bc"
+    assert main(["train", "--dataset", DS, "--method", "bc", "--preset", "smoke", "--out", str(out), "--quiet"]) == 0
+    assert main(["eval", "--run", str(smoke_runs["aepo"]), "--guidance-scale", "0.5", "--episodes", "1", "--quiet"]) == 0
+    res = json.loads((smoke_runs["aepo"] / "results.json").read_text())
+    assert set(res["results"]) == {"0", "1", "0.5"} and res["results"]["0.5"]["episodes"] == 1  # merged, not lost
+    capsys.readouterr()
+    assert main(["train", "--dataset", "nobody/none/none-v0", "--method", "bc", "--out", str(tiny / "x"), "--quiet"]) == 2
+    assert "make-dataset" in capsys.readouterr().err
+    assert main(["train", "--dataset", DS, "--method", "qgpo", "--out", str(out), "--quiet"]) == 2
+    assert "made by method 'bc'" in capsys.readouterr().err
