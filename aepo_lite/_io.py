@@ -13,6 +13,10 @@ import torch
 __all__ = ["atomic_write_text", "atomic_write_json", "atomic_torch_save", "read_json", "append_jsonl"]
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 def _atomic(path: Path, write) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -22,6 +26,7 @@ def _atomic(path: Path, write) -> Path:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give results the usual mode
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -106,8 +106,11 @@ def gaussian_eps(a_t: torch.Tensor, t: torch.Tensor, m: torch.Tensor, S: torch.T
     """
     alpha, sigma = schedule.alpha_sigma(t)
     d = a_t.shape[1]
-    M = alpha[:, None, None] ** 2 * S + sigma[:, None, None] ** 2 * _eye(d, S)
     r = a_t - alpha[:, None] * m
+    if bool((t == t[0]).all()):  # one time for the whole batch (a sampler step): one solve
+        M = alpha[0] ** 2 * S + sigma[0] ** 2 * _eye(d, S)
+        return sigma[0] * torch.linalg.solve(M, r.T).T
+    M = alpha[:, None, None] ** 2 * S + sigma[:, None, None] ** 2 * _eye(d, S)
     return sigma[:, None] * torch.linalg.solve(M, r.unsqueeze(-1)).squeeze(-1)
 
 
