@@ -139,3 +139,23 @@ def test_lab_serves_py_notebooks_as_notebooks_and_stops_on_sigterm(tmp_path):
     assert _port_closed(port), "the server still listens after aepo-lite lab stopped"
     with pytest.raises(ProcessLookupError):
         os.kill(jupyter_pid, 0)
+
+
+@pytest.mark.skipif(not HAVE_LAB, reason=f"course packages missing: {lab.missing_packages()}")
+def test_check_names_the_notebook_and_cell_that_fail_and_starts_no_server(monkeypatch, tmp_path, capsys):
+    (tmp_path / "notebooks").mkdir()
+    (tmp_path / "jupytext.toml").write_text((ROOT / "jupytext.toml").read_text())
+    (tmp_path / "notebooks" / "01_fine.py").write_text("# %%\nimport os\nprint(os.environ['AEPO_SCALE'])\n")
+    (tmp_path / "notebooks" / "02_broken.py").write_text("# %%\nx = 1\n\n# %%\nraise KeyError('no results file')\n")
+
+    def no_start(self, *a, **k):
+        raise AssertionError("JupyterLab was started although a notebook failed")
+
+    monkeypatch.setattr(lab.LabServer, "start", no_start)
+    monkeypatch.delenv("AEPO_SCALE", raising=False)
+    assert cli.main(["lab", "--no-browser", "--check", "--root", str(tmp_path)]) == 1
+    cap = capsys.readouterr()
+    assert "notebooks/01_fine.py: ran" in cap.out
+    assert "notebooks/02_broken.py failed to execute: code cell 2" in cap.err
+    assert "KeyError" in cap.err and "no results file" in cap.err
+    assert "AEPO_SCALE" not in os.environ  # restored

@@ -54,6 +54,9 @@ def register(subparsers) -> None:
     p.add_argument("--port", type=int, default=None,
                    help="port on 127.0.0.1 (default: a free one); an error if it is taken")
     p.add_argument("--no-browser", action="store_true", help="do not open a web browser, only print the URL")
+    p.add_argument("--check", action="store_true",
+                   help="first run every notebook headless at AEPO_SCALE=smoke (minutes); start JupyterLab "
+                        "only if all of them run, else say which failed and why")
     p.add_argument("--root", type=Path, default=None,
                    help="directory JupyterLab serves (default: the repository, the folder holding notebooks/)")
     p.set_defaults(func=run)
@@ -231,6 +234,51 @@ class LabServer:
         self.stop()
 
 
+# ---------------------------------------------------------------- checking the notebooks
+
+def check_notebooks(root: Path, scale: str = "smoke", timeout: int = 1200, out=None) -> list[str]:
+    """Run every ``notebooks/[0-9]*.py`` in a fresh kernel at ``AEPO_SCALE=scale``, in order.
+    Returns one message per notebook that failed: which notebook, which cell, and the error."""
+    import jupytext
+    from nbclient import NotebookClient
+    from nbclient.exceptions import CellExecutionError, CellTimeoutError, DeadKernelError
+
+    out = out or sys.stdout
+    failures = []
+    previous = os.environ.get("AEPO_SCALE")
+    os.environ["AEPO_SCALE"] = scale
+    try:
+        for path in sorted((Path(root) / "notebooks").glob("[0-9]*.py")):
+            rel = path.relative_to(root)
+            t0 = time.monotonic()
+            nb = jupytext.read(path)
+            client = NotebookClient(nb, timeout=timeout, kernel_name="python3",
+                                    resources={"metadata": {"path": str(path.parent)}})
+            try:
+                client.execute()
+            except (CellExecutionError, CellTimeoutError, DeadKernelError) as e:
+                failures.append(f"{rel} failed to execute: {_failed_cell(nb, e)}")
+                print(f"  {rel}: FAILED after {time.monotonic() - t0:.0f} s", file=out, flush=True)
+                continue
+            print(f"  {rel}: ran in {time.monotonic() - t0:.0f} s at AEPO_SCALE={scale}", file=out, flush=True)
+    finally:
+        if previous is None:
+            os.environ.pop("AEPO_SCALE", None)
+        else:
+            os.environ["AEPO_SCALE"] = previous
+    return failures
+
+
+def _failed_cell(nb, err) -> str:
+    code_cells = [c for c in nb.cells if c.cell_type == "code"]
+    for i, cell in enumerate(code_cells, 1):
+        for o in cell.get("outputs", []):
+            if o.get("output_type") == "error":
+                first = next((line for line in cell.source.splitlines() if line.strip()), "")
+                return f"code cell {i} ({first.strip()[:60]!r}) raised {o['ename']}: {o['evalue']}"
+    return f"{type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}"
+
+
 # ---------------------------------------------------------------- the command
 
 def _raise_keyboard_interrupt(signum, frame):
@@ -255,6 +303,13 @@ def run(args) -> int:
             port = args.port
         else:
             port = free_port()
+        if args.check:
+            print("aepo-lite lab: running every notebook at AEPO_SCALE=smoke first (--check) ...", flush=True)
+            failures = check_notebooks(root)
+            if failures:
+                print("aepo-lite lab: error: not starting JupyterLab, a notebook does not run:\n  "
+                      + "\n  ".join(failures), file=sys.stderr)
+                return 1
         server = LabServer(root, port, open_browser=not args.no_browser,
                            log_path=root / "runs" / "lab" / f"jupyterlab-{port}.log")
         previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
