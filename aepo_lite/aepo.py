@@ -187,7 +187,8 @@ class EnergyLearner:
         self.energy, self.cfg, self.schedule = energy, cfg, schedule
         self.eps_fn, self.q_fn, self.eps_table, self.fit_cov = eps_fn, q_fn, eps_table, fit_cov
         self.generator = generator
-        self.opt = torch.optim.Adam(energy.parameters(), lr=cfg.lr)
+        on_cuda = any(p.is_cuda for p in energy.parameters())
+        self.opt = torch.optim.Adam(energy.parameters(), lr=cfg.lr, fused=True if on_cuda else None)  # fused: one kernel
 
     def _noise(self, a0: torch.Tensor):
         t = self.schedule.sample_t(a0.shape[0], device=a0.device, dtype=a0.dtype, generator=self.generator)
@@ -219,6 +220,10 @@ class EnergyLearner:
         return G.energy_regression_loss(self.energy(s, a_t, t), y), {"target_mean": y.mean()}
 
     def update(self, batch: dict) -> dict[str, float]:
+        return {k: float(v) for k, v in self.step(batch).items()}
+
+    def step(self, batch: dict) -> dict[str, torch.Tensor]:
+        """``update`` without reading the numbers back: 0-d tensors, no host synchronisation (GPU loops)."""
         loss, extra = self.loss(batch)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -226,5 +231,5 @@ class EnergyLearner:
             nn.utils.clip_grad_norm_(self.energy.parameters(), self.cfg.grad_clip)
         self.opt.step()
         out = {"energy_loss": loss.detach()}
-        out.update(extra)
-        return {k: float(v) for k, v in out.items()}
+        out.update({k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in extra.items()})
+        return out
