@@ -86,6 +86,8 @@ class AgentConfig:
     covariance: str = "tweedie"  # AEPO posterior covariance: tweedie | isotropic | gaussian-fit | none
     expansion: str = "first"  # AEPO expansion of Q: first | second | sampled
     n_samples: int = 16  # AEPO sampled expansion: Monte Carlo samples
+    energy_baseline: str = "value"  # aepo/mse with IQL: regress on beta (Q - V(s)) ("value") or beta Q ("none");
+    #   a per-state shift leaves grad_{a_t} E_t, the guidance, unchanged and spares the net a large offset
     # --- acting and evaluation (may change between evaluations of one run) --------------------
     solver: str = "dpm2"  # action sampler (QGPO: DPM-Solver order 2)
     sample_steps: int = 15  # its network evaluations (QGPO: 15)
@@ -122,7 +124,7 @@ _STAGE_FIELDS = {
     "critic": ("reward_scaling", "critic_steps", "critic_batch", "critic_lr", "critic_hidden", "critic_depth", "gamma",
                "tau_target", "expectile", "beta_q"),
     "energy": ("method", "energy_steps", "energy_batch", "energy_lr", "energy_hidden", "energy_depth", "beta",
-               "covariance", "expansion", "n_samples"),
+               "covariance", "expansion", "n_samples", "energy_baseline"),
 }
 
 PRESETS: dict[str, dict] = {
@@ -191,6 +193,8 @@ def check_config(cfg: AgentConfig) -> AgentConfig:
         raise ValueError(f"covariance: expected one of {G.COVARIANCES}, got {cfg.covariance!r}")
     if cfg.expansion not in G.EXPANSIONS:
         raise ValueError(f"expansion: expected one of {G.EXPANSIONS}, got {cfg.expansion!r}")
+    if cfg.energy_baseline not in ("value", "none"):
+        raise ValueError(f"energy_baseline: expected 'value' or 'none', got {cfg.energy_baseline!r}")
     if cfg.covariance == "gaussian-fit":
         raise ValueError("covariance: 'gaussian-fit' needs a Gaussian behaviour per state; the RL agent supports "
                          "tweedie | isotropic | none")
@@ -486,8 +490,11 @@ def train(cfg: AgentConfig, run_dir, *, data: OfflineData | None = None, progres
         if method == "aepo" and cfg.covariance == "isotropic":
             i = idx(min(N, 8192))
             eps_table = EpsNormTable.estimate(agent.behaviour.eps, T["a"][i], T["obs"][T["idx"][i]], agent.behaviour.schedule)
+        q_fn = critic.q_fn
+        if cfg.energy_baseline == "value" and hasattr(critic, "v"):
+            q_fn = lambda s, a: critic.q_fn(s, a) - critic.v(s)  # noqa: E731  (a per-state shift)
         learner = EnergyLearner(agent.energy, ecfg, schedule=agent.behaviour.schedule, eps_fn=agent.behaviour.eps,
-                                q_fn=critic.q_fn, eps_table=eps_table)
+                                q_fn=q_fn, eps_table=eps_table)
 
         def step():
             i = idx(cfg.energy_batch)
