@@ -20,7 +20,8 @@ def check_tensor(name: str, x, ndim: int | None = None, shape: Sequence[int | No
         raise ValueError(f"{name}: expected {ndim} dimension(s), got shape {tuple(x.shape)}")
     if shape is not None:
         if x.ndim != len(shape) or any(s is not None and s != xs for s, xs in zip(shape, x.shape)):
-            want = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
+            parts = ["*" if s is None else str(s) for s in shape]
+            want = "(" + ", ".join(parts) + ("," if len(parts) == 1 else "") + ")"
             raise ValueError(f"{name}: expected shape {want}, got {tuple(x.shape)}")
     return x
 

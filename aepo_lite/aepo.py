@@ -71,6 +71,7 @@ def posterior_estimate(a_t: torch.Tensor, t: torch.Tensor, s: torch.Tensor | Non
                        eps_table: EpsNormTable | None = None, fit_cov: torch.Tensor | None = None):
     """Gaussian approximation of mu_{0t}(a_0 | a_t, s): returns (a0_hat (B, d), S_hat (B, d, d)).
 
+    With ``clip`` set, a0_hat is clipped to the box and S_hat's eigenvalues to at most clip^2.
     covariance: ``tweedie`` (Jacobian of eps_theta), ``isotropic`` (needs ``eps_table``),
     ``gaussian-fit`` (needs ``fit_cov``: the behaviour covariance at s, (B, d, d) or (d, d)),
     ``none`` (S_hat = 0).
@@ -87,12 +88,15 @@ def posterior_estimate(a_t: torch.Tensor, t: torch.Tensor, s: torch.Tensor | Non
             rows = [torch.autograd.grad(eps[:, i].sum(), x, retain_graph=i < d - 1)[0] for i in range(d)]
             jac = torch.stack(rows, dim=1)  # (B, d, d): jac[b, i, j] = d eps_i / d a_t_j
     a0_hat = G.tweedie_mean(a_t, eps.detach(), alpha, sigma, clip=clip)
+    max_var = None if clip is None else clip**2  # no distribution on [-clip, clip] has a larger variance
     if covariance == "tweedie":
-        S_hat = G.tweedie_covariance(jac.detach(), alpha, sigma)
+        S_hat = G.tweedie_covariance(jac.detach(), alpha, sigma, max_var=max_var)
     elif covariance == "isotropic":
         if eps_table is None:
             raise ValueError("eps_table: the isotropic covariance needs an EpsNormTable (EpsNormTable.estimate)")
         S_hat = G.isotropic_covariance(eps_table(t), alpha, sigma, d, batch=B, like=a_t)
+        if max_var is not None:
+            S_hat = S_hat.clamp(max=max_var)
     elif covariance == "gaussian-fit":
         if fit_cov is None:
             raise ValueError("fit_cov: the gaussian-fit covariance needs the behaviour covariance at s")

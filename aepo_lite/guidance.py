@@ -242,11 +242,13 @@ def tweedie_mean(a_t: torch.Tensor, eps: torch.Tensor, alpha, sigma, clip: float
     return x0.clamp(-clip, clip) if clip is not None else x0
 
 
-def tweedie_covariance(jac: torch.Tensor, alpha, sigma) -> torch.Tensor:
+def tweedie_covariance(jac: torch.Tensor, alpha, sigma, max_var: float | None = None) -> torch.Tensor:
     """Second-order Tweedie: S_hat = (sigma^2 / alpha^2)(I - sigma J), J = d eps / d a_t. (B, d, d) -> (B, d, d).
 
     J is symmetrised and the eigenvalues of (I - sigma J) are clipped to [0, 1], so S_hat is PSD
-    and never larger than the prior-free bound (sigma^2 / alpha^2) I.
+    and never larger than the prior-free bound (sigma^2 / alpha^2) I. ``max_var`` further caps the
+    eigenvalues of S_hat (e.g. clip^2 for actions in [-clip, clip]: no distribution on that box
+    has a larger variance), which matters at large t where sigma^2 / alpha^2 reaches ~2e4.
     """
     check_tensor("jac", jac, ndim=3)
     B, d, _ = jac.shape
@@ -254,9 +256,11 @@ def tweedie_covariance(jac: torch.Tensor, alpha, sigma) -> torch.Tensor:
     Js = 0.5 * (jac + jac.transpose(-1, -2))
     M = _eye(d, jac) - s[:, :, None] * Js
     evals, evecs = torch.linalg.eigh(M)
-    evals = evals.clamp(0.0, 1.0)
-    M = evecs @ torch.diag_embed(evals) @ evecs.transpose(-1, -2)
-    return (s**2 / a**2)[:, :, None] * M
+    scale = (s**2 / a**2)  # (B, 1)
+    evals = evals.clamp(0.0, 1.0) * scale
+    if max_var is not None:
+        evals = evals.clamp(max=max_var)
+    return evecs @ torch.diag_embed(evals) @ evecs.transpose(-1, -2)
 
 
 def isotropic_covariance(eps_sq_mean, alpha, sigma, d: int, batch: int | None = None, like=None) -> torch.Tensor:

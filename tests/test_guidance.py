@@ -207,7 +207,10 @@ def test_tweedie_covariance_is_clipped_psd():
     J = torch.tensor([[[5.0, 0.0], [0.0, -5.0]]], dtype=DT)  # would give a negative and a too-large variance
     S_hat = G.tweedie_covariance(J, 0.8, 0.6)
     ev = torch.linalg.eigvalsh(S_hat[0])
-    assert float(ev.min()) >= 0.0 and float(ev.max()) <= 0.6**2 / 0.8**2 + 1e-12
+    assert float(ev.min()) >= 0.0 and float(ev.max()) == pytest.approx(0.6**2 / 0.8**2)
+    # the box bound: no distribution on [-c, c] has variance above c^2
+    J0 = torch.zeros(1, 2, 2, dtype=DT)
+    assert float(torch.linalg.eigvalsh(G.tweedie_covariance(J0, 0.1, 0.995, max_var=0.25)[0]).max()) == pytest.approx(0.25)
 
 
 def test_eps_norm_table_matches_closed_form(schedule):
