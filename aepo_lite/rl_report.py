@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ._io import atomic_write_text, read_json
 
-__all__ = ["COLUMNS", "collect", "render", "summary_rows", "markdown_table", "update_readme"]
+__all__ = ["COLUMNS", "collect", "render", "summary_rows", "markdown_table", "speed_table", "update_readme"]
 
 COLUMNS = ["dataset", "method", "seed", "guidance_scale", "return_mean", "normalized_score", "transitions", "preset"]
 SPEED_COLUMNS = ["dataset", "method", "seed", "preset", "stage", "steps", "seconds", "rate", "unit"]
@@ -153,6 +153,18 @@ def markdown_table(csv_path) -> str:
     return "\n".join(lines) + "\n"
 
 
+def speed_table(speed_csv) -> str:
+    """Mean rate over seeds per (dataset, preset, method, stage) from ``rl_speed.csv``."""
+    groups = defaultdict(list)
+    for r in _read(speed_csv):
+        if r["rate"] not in ("", None) and "(copied)" not in r["stage"]:
+            groups[(r["dataset"], r["preset"], r["method"], r["stage"], r["unit"])].append(float(r["rate"]))
+    lines = ["| dataset | preset | method | stage | rate (mean over seeds) | seeds |", "|---|---|---|---|---|---|"]
+    for (ds, preset, m, stage, unit), v in sorted(groups.items()):
+        lines.append(f"| {ds} | {preset} | {m} | {stage} | {sum(v) / len(v):.1f} {unit} | {len(v)} |")
+    return "\n".join(lines) + "\n"
+
+
 def render(csv_path, figures_dir) -> list[Path]:
     """Rebuild ``rl_results.md`` and ``rl_results.png`` in ``figures_dir`` from the CSV alone."""
     import matplotlib
@@ -196,7 +208,12 @@ def update_readme(readme_path, csv_path, note: str = "") -> Path:
     text = p.read_text() if p.exists() else f"{START}\n{END}\n"
     if START not in text or END not in text:
         raise ValueError(f"readme: {p} has no {START} ... {END} block")
-    body = _README_HEAD + markdown_table(csv_path) + "\n" + (note + "\n" if note else "") + _README_TAIL
+    speed = Path(csv_path).with_name("rl_speed.csv")
+    body = _README_HEAD + markdown_table(csv_path) + "\n" + (note + "\n" if note else "")
+    if speed.exists():
+        body += ("\nSpeed on this CPU (1 thread per run, 3 runs and other jobs sharing 2 cores; "
+                 "eval = environment actions per second of sampler time):\n\n" + speed_table(speed))
+    body += _README_TAIL
     head, rest = text.split(START, 1)
     _, tail = rest.split(END, 1)
     return atomic_write_text(p, head + START + "\n" + body + END + tail)
