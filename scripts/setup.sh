@@ -30,8 +30,9 @@ py="$VENV/bin/python"
 pip=("$py" -m pip install --disable-pip-version-check -q)
 
 if ! "$py" -c 'import torch' 2>/dev/null; then
-  echo "setup: installing ${AEPO_TORCH:-torch>=2.4}"
-  "${pip[@]}" "${AEPO_TORCH:-torch>=2.4}"
+  read -ra torch_spec <<< "${AEPO_TORCH:-torch>=2.4}"  # may carry pip options, e.g. --index-url URL
+  echo "setup: installing ${torch_spec[*]}"
+  "${pip[@]}" "${torch_spec[@]}"
 fi
 
 # Reinstall the package only when pyproject.toml changed since the last install.
