@@ -136,8 +136,8 @@ PRESETS: dict[str, dict] = {
                   eval_max_episode_steps=50, log_every=20),
     # what a 2-core CPU session affords on a 200k-transition dataset (README: a CPU benchmark,
     # not QGPO's settings)
-    "bench": dict(behaviour_steps=8_000, behaviour_batch=128, behaviour_lr=1e-3, behaviour_hidden=64,
-                  behaviour_blocks=2, critic_steps=6_000, critic_batch=128, critic_hidden=64, energy_steps=3_000,
+    "bench": dict(behaviour_steps=6_000, behaviour_batch=128, behaviour_lr=1e-3, behaviour_hidden=64,
+                  behaviour_blocks=2, critic_steps=4_000, critic_batch=128, critic_hidden=64, energy_steps=2_000,
                   energy_batch=128, energy_lr=1e-3, energy_hidden=64, energy_depth=2, support_k=8,
                   support_solver="dpmpp2m", support_steps=4, solver="dpmpp2m", sample_steps=5,
                   guidance_scales=(0.3, 1.0, 3.0), eval_episodes=5, eval_envs=5, log_every=500),
