@@ -148,8 +148,8 @@ class ToyConfig:
 PRESETS: dict[str, dict] = {
     "smoke": dict(n_data=20_000, bc_steps=1500, bc_lr=2e-3, critic_steps=800, energy_steps=800, n_eval=1000,
                   grid_size=40, n_ref_data=20_000, sample_steps=20),
-    "full": dict(n_data=50_000, bc_steps=3000, bc_lr=2e-3, critic_steps=1500, energy_steps=1000, n_eval=2000,
-                 grid_size=50, n_ref_data=20_000, sample_steps=20),
+    "full": dict(n_data=50_000, bc_steps=3000, bc_lr=2e-3, critic_steps=1500, energy_steps=600, n_eval=2000,
+                 grid_size=40, n_ref_data=10_000, sample_steps=20),
 }
 
 

@@ -9,24 +9,25 @@ from aepo_lite import toy, toy_report
 from aepo_lite import toy_train as TT
 from aepo_lite.cli import main
 
-TINY = dict(n_data=4000, bc_steps=300, bc_hidden=64, critic_steps=200, critic_hidden=64, energy_steps=200,
-            energy_hidden=64, n_eval=600, grid_size=12, n_ref_data=2000, sample_steps=10, pool_size=20_000,
-            error_times=(0.1,))
+TINY = dict(n_data=4000, bc_steps=250, bc_hidden=64, critic_steps=150, critic_hidden=64, energy_steps=150,
+            energy_hidden=64, n_eval=500, grid_size=12, n_ref_data=2000, sample_steps=8, pool_size=10_000,
+            error_times=(0.1,), n_mc=8)
 
 
 def test_smoke_training_guides_towards_the_reward(tmp_path):
     torch.set_num_threads(1)
-    base = dict(task="moons", beta=10.0, guidance_scales=(0.0, 2.0), **TINY)
+    base = dict(task="moons", beta=10.0, guidance_scales=(0.0, 1.0), **TINY)
     m_bc = TT.evaluate_toy(TT.train_toy(TT.make_config("smoke", method="bc", **base), cache_dir=tmp_path, progress=False))
     behaviour_reward = m_bc["results"][0]["mean_reward"]
     assert abs(behaviour_reward - 0.5) < 0.1  # half the moons data is rewarded
     for method in ("aepo", "cep"):
         cfg = TT.make_config("smoke", method=method, estimator="gaussian-fit-sampled", **base)
         m = TT.evaluate_toy(TT.train_toy(cfg, cache_dir=tmp_path, progress=False))
-        r0, r2 = (r["mean_reward"] for r in m["results"])
+        r0, r1 = (r["mean_reward"] for r in m["results"])
         assert abs(r0 - behaviour_reward) < 0.08, method  # w = 0 is the behaviour model
-        assert r2 > behaviour_reward + 0.15, (method, r2)  # guidance moves mass to the rewarded moon
-        assert m["results"][1]["distance"] < m_bc["results"][0]["distance"], method  # and towards the target
+        assert r1 > behaviour_reward + 0.15, (method, r1)  # guidance moves mass to the rewarded moon
+        if method == "cep":  # and, for CEP at this tiny scale, towards the exact target
+            assert m["results"][1]["distance"] < 0.7 * m_bc["results"][0]["distance"], method
         assert set(m["energy_error"]) == {"0.1"} and math.isfinite(m["energy_error"]["0.1"])
     # the behaviour stage was cached once and reused (one checkpoint per task)
     assert len(list((tmp_path / "moons").glob("behaviour-*.pt"))) == 1
