@@ -5,7 +5,8 @@ runs it at smoke scale, moves the guidance-scale slider and checks that the plot
 Set-up: ``scripts/install_browser.sh`` installs Chromium (Debian) and playwright-core (npm) when
 they are missing; the tests skip, saying why, only when those registries cannot be reached.
 The server runs on a copy of the working tree (so nothing the notebook or JupyterLab writes lands
-in the repository) and is always stopped, process group included.
+in the repository; only notebook 2's stage cache is shared, in the ignored notebooks/runs/) and is
+always stopped, process group included.
 Screenshots: ``$AEPO_ARTIFACTS/browser`` (default ``test-artifacts/browser``).
 """
 from __future__ import annotations
@@ -121,7 +122,10 @@ def server(browser_tools, tmp_path_factory):
     # A notebook that fails on purpose, to check the driver says which cell and why.
     (root / "notebooks" / "99_fails_on_purpose.py").write_text(
         "# %% [markdown]\n# # Fails\n\n# %%\nx = 1\n\n# %%\n1 / 0\n\n# %%\nprint('never')\n")
-    env = {**os.environ, "AEPO_SCALE": "smoke"}
+    env = {**os.environ, "AEPO_SCALE": "smoke", "OMP_NUM_THREADS": "1"}  # small tensors: one thread is fastest
+    # Notebook 2 caches its training stages; share the cache a reader's (or the notebook test's)
+    # run of notebooks/ uses, so a warm run only evaluates. A cold cache trains at smoke scale.
+    env.setdefault("AEPO_TOY_CACHE", str(ROOT / "notebooks" / "runs" / "toy_cache"))
     env.pop("MPLBACKEND", None)
     t0 = time.perf_counter()
     s = Lab(root, env)

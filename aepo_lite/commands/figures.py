@@ -11,6 +11,8 @@ closed-form demo    closed_form_checks.json      ``aepo_lite.demo.render`` if pr
                                                  guidance: sampling, no training, seconds)
 toy 2D tasks        toy2d_results.csv            ``aepo_lite.toy_report.render``
 offline RL          rl_results.csv               ``aepo_lite.rl_report.render``
+QGPO comparison     compare_qgpo_*.json          ``scripts/compare_qgpo.py``'s ``to_markdown``
+                    (optional)                   (timings measured there, tabulated here)
 ==================  ===========================  ==========================================
 
 A missing results file is reported (with the command that makes it) and the other parts still
@@ -33,10 +35,11 @@ OUTPUT_SUFFIXES = (".png", ".svg", ".pdf", ".md")
 @dataclass(frozen=True)
 class Part:
     name: str        # what the reader calls this part of the course
-    module: str      # the library module holding its renderer
-    results: str     # the results file it reads, relative to the figures folder
-    made_by: str     # the command that (re)makes the results file (which trains)
+    module: str      # the library module holding its renderer, or a repository script ("scripts/x.py")
+    results: str     # the results file it reads, relative to the figures folder (a glob when optional)
+    made_by: str     # the command that (re)makes the results file (which trains or measures)
     render: Callable  # (module, results_path, figures_dir) -> list of paths written
+    optional: bool = False  # True: results may be absent (then there is nothing to render)
 
 
 def _render_demo(mod, results: Path, figures_dir: Path) -> list[Path]:
@@ -99,10 +102,34 @@ def _render_report(mod, results: Path, figures_dir: Path) -> list[Path]:
     return list(mod.render(results, figures_dir))
 
 
+def _render_compare_qgpo(mod, results: Path, figures_dir: Path) -> list[Path]:
+    """The timing table of ``scripts/compare_qgpo.py`` (``X.json`` -> ``X.md``), by its own ``to_markdown``."""
+    from .._io import atomic_write_text, read_json
+
+    return [atomic_write_text(Path(figures_dir) / (results.stem + ".md"), mod.to_markdown(read_json(results)))]
+
+
+def _load_script(rel: str, figures_dir: Path):
+    """A repository script as a module (it lives beside figures/, or beside the package)."""
+    import importlib.util
+
+    for base in (Path(figures_dir).resolve().parent, Path(__file__).resolve().parents[2]):
+        path = base / rel
+        if path.is_file():
+            spec = importlib.util.spec_from_file_location(Path(rel).stem, path)
+            mod = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(mod)
+            return mod
+    raise ModuleNotFoundError(f"no {rel} beside {figures_dir} or the package", name=rel)
+
+
 PARTS = (
     Part("closed-form demo", "aepo_lite.demo", "closed_form_checks.json", "aepo-lite demo --out figures", _render_demo),
     Part("toy 2D tasks", "aepo_lite.toy_report", "toy2d_results.csv", "aepo-lite toy-grid", _render_report),
     Part("offline RL", "aepo_lite.rl_report", "rl_results.csv", "aepo-lite rl-results", _render_report),
+    Part("QGPO code comparison", "scripts/compare_qgpo.py", "compare_qgpo_*.json",
+         "python scripts/compare_qgpo.py --qgpo CHECKOUT --out figures/compare_qgpo_<device>", _render_compare_qgpo,
+         optional=True),
 )
 
 
@@ -123,32 +150,38 @@ def render_all(figures_dir: Path, parts=PARTS, out=None, err=None) -> tuple[list
     written: list[Path] = []
     problems: list[str] = []
     for part in parts:
-        results = figures_dir / part.results
-        if not results.is_file():
-            problems.append(f"{part.name}: no results file {results} (it is made by `{part.made_by}`, which "
-                            "trains; commit its output, then run `aepo-lite figures` again)")
-            print(f"aepo-lite figures: {problems[-1]}", file=err)
+        found = sorted(figures_dir.glob(part.results)) if part.optional else [figures_dir / part.results]
+        found = [p for p in found if p.is_file()]
+        if not found:
+            if not part.optional:
+                problems.append(f"{part.name}: no results file {figures_dir / part.results} (it is made by "
+                                f"`{part.made_by}`, which trains; commit its output, then run `aepo-lite figures` again)")
+                print(f"aepo-lite figures: {problems[-1]}", file=err)
             continue
         try:
-            mod = importlib.import_module(part.module)
+            if part.module.endswith(".py"):
+                mod = _load_script(part.module, figures_dir)
+            else:
+                mod = importlib.import_module(part.module)
         except ModuleNotFoundError as e:
             if e.name != part.module:
                 raise
             problems.append(f"{part.name}: the renderer module {part.module} is not in this version of aepo_lite")
             print(f"aepo-lite figures: {problems[-1]}", file=err)
             continue
-        t0 = time.perf_counter()
-        try:
-            paths = [Path(p) for p in part.render(mod, results, figures_dir)]
-        except Exception as e:  # a renderer's bug must name the renderer, and not stop the others
-            where = traceback.extract_tb(e.__traceback__)[-1]
-            problems.append(f"{part.name}: the renderer in {part.module} failed on {results}: "
-                            f"{type(e).__name__}: {e} (at {Path(where.filename).name}:{where.lineno})")
-            print(f"aepo-lite figures: {problems[-1]}", file=err)
-            continue
-        written += paths
-        print(f"{part.name}: {results} -> " + ", ".join(p.name for p in paths)
-              + f" ({time.perf_counter() - t0:.1f} s)", file=out, flush=True)
+        for results in found:
+            t0 = time.perf_counter()
+            try:
+                paths = [Path(p) for p in part.render(mod, results, figures_dir)]
+            except Exception as e:  # a renderer's bug must name the renderer, and not stop the others
+                where = traceback.extract_tb(e.__traceback__)[-1]
+                problems.append(f"{part.name}: the renderer in {part.module} failed on {results}: "
+                                f"{type(e).__name__}: {e} (at {Path(where.filename).name}:{where.lineno})")
+                print(f"aepo-lite figures: {problems[-1]}", file=err)
+                continue
+            written += paths
+            print(f"{part.name}: {results} -> " + ", ".join(p.name for p in paths)
+                  + f" ({time.perf_counter() - t0:.1f} s)", file=out, flush=True)
     return written, problems
 
 
