@@ -395,17 +395,27 @@ def _hms(sec: float) -> str:
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
+def _stage_key(name: str):
+    """The order stages run in (a JSON file written with sorted keys renders the same table)."""
+    order = ["behaviour", "critic_iql", "critic_softmax", "energy_aepo", "energy_mse", "energy_cep", "support_sampling"]
+    if name in order:
+        return (order.index(name), 0, name)
+    if name.startswith("guided_b") and name[8:].isdigit():
+        return (len(order) + 1, int(name[8:]), name)
+    return (len(order), 0, name)
+
+
 def to_markdown(result: dict) -> str:
     """The bench result as a markdown table (stage rates, full-preset times, environment)."""
     env, stages, full = result["environment"], result["stages"], result["full_preset"]
     lines = ["| stage | batch | rate | full preset: work | time |", "|---|---:|---:|---:|---:|"]
-    for name, s in stages.items():
+    for name, s in sorted(stages.items(), key=lambda kv: _stage_key(kv[0])):
         work = full["work"].get(name)
         t = full["seconds"].get(name)
         lines.append(f"| {name} | {s['batch']} | {s['rate']:.1f} {s['unit']} | "
                      f"{'' if work is None else f'{work:,}'} | {'' if t is None else _hms(t)} |")
     lines += ["", "| pipeline (full preset) | stages | time |", "|---|---|---:|"]
-    for m, p in full["pipelines"].items():
+    for m, p in sorted(full["pipelines"].items(), key=lambda kv: _stage_key("energy_" + kv[0])):
         lines.append(f"| {m} | {' + '.join(p['stages'])} | {_hms(p['seconds'])} |")
     if full.get("evaluation"):
         e = full["evaluation"]

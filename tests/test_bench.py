@@ -62,6 +62,7 @@ def test_extrapolate_by_hand():
 def test_markdown(result):
     md = bench.to_markdown(result)
     assert "| behaviour |" in md and "| aepo |" in md and "torch" in md
+    assert bench.to_markdown(json.loads(json.dumps(result, sort_keys=True))) == md  # saved JSON renders the same
 
 
 def test_cli_help():
