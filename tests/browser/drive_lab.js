@@ -34,12 +34,15 @@ async function step(name, fn) {
   }
 }
 
-// Text of every error output in the notebook (with the cell's position), or [].
+// Text of every error output in the notebook (with the code cell's position), or []. JupyterLab
+// renders an error as stderr text holding the traceback; a warning has no traceback.
 async function cellErrors(page) {
   return page.$$eval('.jp-Notebook .jp-Cell.jp-CodeCell', (cells) => cells.flatMap((cell, i) => {
-    const errs = [...cell.querySelectorAll('.jp-OutputArea-output[data-mime-type="application/vnd.jupyter.error"],'
-                                        + ' .jp-RenderedText[data-mime-type="application/vnd.jupyter.error"]')];
-    return errs.map((e) => ({ cell: i, text: e.innerText.slice(-1500) }));
+    const outs = [...cell.querySelectorAll('.jp-OutputArea-output[data-mime-type="application/vnd.jupyter.stderr"]')];
+    const isError = (t) => /Traceback \(most recent call last\)/.test(t)
+      || /^[A-Za-z_][\w.]*(Error|Exception|Exit)\b.*$/.test(t.trim().split('\n').pop());
+    return outs.filter((e) => isError(e.innerText))
+      .map((e) => ({ cell: i, text: e.innerText.trim().split('\n').slice(-12).join('\n') }));
   }));
 }
 
@@ -105,7 +108,15 @@ async function main() {
           await shot('error.png');
           throw new StepError(`notebook ${args.notebook} failed to execute: code cell ${errors[0].cell + 1} raised:\n${errors[0].text}`);
         }
-        if (state.running === 0 && state.done > 0 && Date.now() - tRun > 1500) { result.cells_executed = state.done; break; }
+        if (state.running === 0 && state.done > 0 && Date.now() - tRun > 1500) {
+          result.cells_executed = state.done;
+          const late = await cellErrors(page);
+          if (late.length) {
+            await shot('error.png');
+            throw new StepError(`notebook ${args.notebook} failed to execute: code cell ${late[0].cell + 1} raised:\n${late[0].text}`);
+          }
+          break;
+        }
         if (Date.now() > deadline) throw new Error(`cells still running after ${args.timeout / 1000} s (${state.done}/${state.n} done)`);
         await page.waitForTimeout(500);
       }
