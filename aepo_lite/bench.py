@@ -4,8 +4,8 @@ preset (QGPO's published settings, method.md section 7) would take at that rate.
 Stages (random data of D4RL-locomotion shape, resident on the device; nothing is read from disk):
 
   behaviour          denoising score matching + Adam, batch 4096                 steps/s
-  critic_iql         IQL: expectile V + twin Q from r + gamma V(s'), batch 256  steps/s
-  critic_softmax     QGPO's in-support softmax Q over K next support actions     steps/s
+  critic_iql         ``critics.IQLCritic`` update (expectile V + twin Q), batch 256  steps/s
+  critic_softmax     ``critics.InSupportCritic`` update (K next support actions)   steps/s
   energy_<method>    ``EnergyLearner`` update (aepo | mse | cep), batch 256      steps/s
   support_sampling   unguided behaviour samples, 256 states x K actions          samples/s
   guided_b<B>        energy-guided sampling, batch B (1, 256, 4096), 15 steps    samples/s
@@ -27,12 +27,12 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .aepo import EnergyConfig, EnergyLearner
+from .critics import CriticConfig, make_critic
 from .device import resolve_device
 from .diffusion import DiffusionModel, energy_guidance
-from .nets import EnergyNet, NoiseNet, TwinQ, ValueNet
+from .nets import EnergyNet, NoiseNet, TwinQ
 from .schedule import VPSchedule
 
 __all__ = ["BenchConfig", "FullPreset", "FULL_PRESET", "PIPELINES", "run_bench", "extrapolate", "environment",
@@ -173,11 +173,6 @@ def _adam(params, lr, device):
     return torch.optim.Adam(params, lr=lr, fused=True if device.type == "cuda" else None)
 
 
-def _soft_update(net, target, tau):
-    with torch.no_grad():
-        torch._foreach_lerp_(list(target.parameters()), list(net.parameters()), tau)
-
-
 class Stages:
     """Builds the networks and closures that one call of each stage runs."""
 
@@ -191,7 +186,6 @@ class Stages:
         self.critic = TwinQ(k, d, cfg.critic_hidden, cfg.critic_depth, **act).to(dev)
         self.critic_target = TwinQ(k, d, cfg.critic_hidden, cfg.critic_depth, **act).to(dev).requires_grad_(False)
         self.critic_target.load_state_dict(self.critic.state_dict())
-        self.value = ValueNet(k, cfg.critic_hidden, cfg.critic_depth, **act).to(dev)
         self.energy = {m: EnergyNet(d, k, cfg.energy_hidden, cfg.energy_depth, **act).to(dev) for m in cfg.methods}
         self.eps = self.behaviour.eps
         self.q = self.critic.q_min
@@ -231,47 +225,29 @@ class Stages:
             opt.step()
         return step
 
-    def critic_iql_step(self, expectile=0.7, gamma=0.99, tau=0.005):
-        q_opt = _adam(self.critic.parameters(), 3e-4, self.device)
-        v_opt = _adam(self.value.parameters(), 3e-4, self.device)
-        B = self.cfg.batch
+    def _critic(self, kind: str):
+        cfg = self.cfg
+        ccfg = CriticConfig(kind=kind, hidden=cfg.critic_hidden, depth=cfg.critic_depth,
+                            **({} if cfg.activation is None else {"activation": cfg.activation}))
+        return make_critic(cfg.state_dim, cfg.action_dim, ccfg).to(self.device)
+
+    def critic_iql_step(self):
+        """The library's IQLCritic.update (expectile V, twin Q, Polyak target)."""
+        learner, B = self._critic("iql"), self.cfg.batch
 
         def step():
             b = self.batch(B)
-            with torch.no_grad():
-                q_t = self.critic_target.q_min(b["s"], b["a"])
-            diff = q_t - self.value(b["s"])
-            v_loss = (torch.abs(expectile - (diff < 0).float()) * diff**2).mean()
-            v_opt.zero_grad(set_to_none=True)
-            v_loss.backward()
-            v_opt.step()
-            with torch.no_grad():
-                y = b["r"] + gamma * (1 - b["done"]) * self.value(b["s_"])
-            q1, q2 = self.critic(b["s"], b["a"])
-            q_loss = 0.5 * (F.mse_loss(q1, y) + F.mse_loss(q2, y))
-            q_opt.zero_grad(set_to_none=True)
-            q_loss.backward()
-            q_opt.step()
-            _soft_update(self.critic, self.critic_target, tau)
+            learner.update({"s": b["s"], "a": b["a"], "r": b["r"], "s2": b["s_"], "done": b["done"]})
         return step
 
-    def critic_softmax_step(self, beta_q=1.0, gamma=0.99, tau=0.005):
-        q_opt = _adam(self.critic.parameters(), 3e-4, self.device)
-        B, K, d = self.cfg.batch, self.cfg.support_k, self.cfg.action_dim
+    def critic_softmax_step(self):
+        """The library's InSupportCritic.update (QGPO's softmax target over K next support actions)."""
+        learner, B = self._critic("insupport"), self.cfg.batch
 
         def step():
             b = self.batch(B)
-            with torch.no_grad():
-                s_rep = b["s_"].repeat_interleave(K, dim=0)
-                qn = self.critic_target.q_min(s_rep, b["fake_a_"].reshape(B * K, d)).reshape(B, K)
-                v = (torch.softmax(beta_q * qn, dim=-1) * qn).sum(-1)
-                y = b["r"] + gamma * (1 - b["done"]) * v
-            q1, q2 = self.critic(b["s"], b["a"])
-            q_loss = 0.5 * (F.mse_loss(q1, y) + F.mse_loss(q2, y))
-            q_opt.zero_grad(set_to_none=True)
-            q_loss.backward()
-            q_opt.step()
-            _soft_update(self.critic, self.critic_target, tau)
+            learner.update({"s": b["s"], "a": b["a"], "r": b["r"], "s2": b["s_"], "done": b["done"],
+                            "support2": b["fake_a_"]})
         return step
 
     def energy_step(self, method: str):

@@ -18,7 +18,7 @@ What is timed (Hopper shapes: state 11, action 3; K = 16 support actions):
               aepo_lite: ``DiffusionModel.loss`` on a NoiseNet with QGPO's parameter count (and the
               library default, smaller), Adam lr 1e-4.
   critic      QGPO: ``QGPO_Critic.update_q0`` (in-support softmax target over K next actions), batch 256;
-              aepo_lite: the same update (``aepo_lite.bench``'s critic_softmax), TwinQ 3 x 256.
+              aepo_lite: ``critics.InSupportCritic.update`` (the same target), TwinQ 3 x 256.
   energy      QGPO: ``QGPO_Critic.update_qt`` with method CEP, batch 256 x K;
               aepo_lite: ``EnergyLearner`` (cep) with support Q from the target critic, EnergyNet 4 x 256.
               Also aepo_lite's AEPO update (a different algorithm: no support actions) for context.
