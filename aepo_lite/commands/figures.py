@@ -11,6 +11,7 @@ closed-form demo    closed_form_checks.json      ``aepo_lite.demo.render`` if pr
                                                  guidance: sampling, no training, seconds)
 toy 2D tasks        toy2d_results.csv            ``aepo_lite.toy_report.render``
 offline RL          rl_results.csv               ``aepo_lite.rl_report.render``
+speed benchmark     bench_*.json (optional)      ``aepo_lite.bench.to_markdown``
 QGPO comparison     compare_qgpo_*.json          ``scripts/compare_qgpo.py``'s ``to_markdown``
                     (optional)                   (timings measured there, tabulated here)
 ==================  ===========================  ==========================================
@@ -37,7 +38,7 @@ class Part:
     name: str        # what the reader calls this part of the course
     module: str      # the library module holding its renderer, or a repository script ("scripts/x.py")
     results: str     # the results file it reads, relative to the figures folder (a glob when optional)
-    made_by: str     # the command that (re)makes the results file (which trains or measures)
+    made_by: str     # the command that (re)makes the results file (it trains, measures or collects runs)
     render: Callable  # (module, results_path, figures_dir) -> list of paths written
     optional: bool = False  # True: results may be absent (then there is nothing to render)
 
@@ -102,8 +103,8 @@ def _render_report(mod, results: Path, figures_dir: Path) -> list[Path]:
     return list(mod.render(results, figures_dir))
 
 
-def _render_compare_qgpo(mod, results: Path, figures_dir: Path) -> list[Path]:
-    """The timing table of ``scripts/compare_qgpo.py`` (``X.json`` -> ``X.md``), by its own ``to_markdown``."""
+def _render_markdown_of_json(mod, results: Path, figures_dir: Path) -> list[Path]:
+    """A timing table (``X.json`` -> ``X.md``) by the measuring module's own ``to_markdown``."""
     from .._io import atomic_write_text, read_json
 
     return [atomic_write_text(Path(figures_dir) / (results.stem + ".md"), mod.to_markdown(read_json(results)))]
@@ -126,10 +127,13 @@ def _load_script(rel: str, figures_dir: Path):
 PARTS = (
     Part("closed-form demo", "aepo_lite.demo", "closed_form_checks.json", "aepo-lite demo --out figures", _render_demo),
     Part("toy 2D tasks", "aepo_lite.toy_report", "toy2d_results.csv", "aepo-lite toy-grid", _render_report),
-    Part("offline RL", "aepo_lite.rl_report", "rl_results.csv", "aepo-lite rl-results", _render_report),
+    Part("offline RL", "aepo_lite.rl_report", "rl_results.csv",
+         "aepo-lite rl-results --runs RUNS --csv figures/rl_results.csv", _render_report),
+    Part("speed benchmark", "aepo_lite.bench", "bench_*.json",
+         "aepo-lite bench --out figures/bench_<device>.json", _render_markdown_of_json, optional=True),
     Part("QGPO code comparison", "scripts/compare_qgpo.py", "compare_qgpo_*.json",
-         "python scripts/compare_qgpo.py --qgpo CHECKOUT --out figures/compare_qgpo_<device>", _render_compare_qgpo,
-         optional=True),
+         "python scripts/compare_qgpo.py --qgpo CHECKOUT --out figures/compare_qgpo_<device>",
+         _render_markdown_of_json, optional=True),
 )
 
 
@@ -155,7 +159,7 @@ def render_all(figures_dir: Path, parts=PARTS, out=None, err=None) -> tuple[list
         if not found:
             if not part.optional:
                 problems.append(f"{part.name}: no results file {figures_dir / part.results} (it is made by "
-                                f"`{part.made_by}`, which trains; commit its output, then run `aepo-lite figures` again)")
+                                f"`{part.made_by}`; commit it, then run `aepo-lite figures` again)")
                 print(f"aepo-lite figures: {problems[-1]}", file=err)
             continue
         try:
