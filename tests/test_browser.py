@@ -132,6 +132,7 @@ def server(browser_tools, tmp_path_factory):
     try:
         s.wait(120)
         s.start_s = time.perf_counter() - t0
+        s.cache = Path(env["AEPO_TOY_CACHE"])
         yield s
     finally:
         s.stop()
@@ -141,19 +142,26 @@ def server(browser_tools, tmp_path_factory):
             assert sock.connect_ex(("127.0.0.1", s.port)) != 0, "JupyterLab still listens after the test"
 
 
-def _drive(server, notebook: str, out: Path, timeout: float = 150) -> subprocess.CompletedProcess:
+def _drive(server, notebook: str, out: Path, step_timeout: float = 600) -> subprocess.CompletedProcess:
     return subprocess.run(["node", str(DRIVER), "--url", f"http://127.0.0.1:{server.port}", "--token", server.token,
-                           "--notebook", notebook, "--out", str(out), "--slider", SLIDER, "--timeout", "100"],
-                          capture_output=True, text=True, timeout=timeout)
+                           "--notebook", notebook, "--out", str(out), "--slider", SLIDER,
+                           "--timeout", str(int(step_timeout))], capture_output=True, text=True, timeout=step_timeout + 120)
+
+
+def _stages(cache: Path) -> set[Path]:
+    """The trained stages in notebook 2's cache (a run that adds one has trained)."""
+    return set(cache.rglob("*.pt")) if cache.is_dir() else set()
 
 
 def test_guidance_slider_changes_the_plot_in_a_real_browser(server):
     if not (ROOT / NOTEBOOK).is_file():
         pytest.fail(f"{NOTEBOOK} is missing")
     out = _artifacts()
+    stages = _stages(server.cache)
     t0 = time.perf_counter()
     r = _drive(server, NOTEBOOK, out)
     drive_s = time.perf_counter() - t0
+    trained = len(_stages(server.cache) - stages)
     assert r.returncode == 0, f"browser driver failed:\n{r.stderr}\n(screenshots in {out})"
     res = json.loads(r.stdout.strip().splitlines()[-1])
     assert res["opened_as_notebook"]
@@ -165,8 +173,12 @@ def test_guidance_slider_changes_the_plot_in_a_real_browser(server):
         assert Path(shot).stat().st_size > 10_000, shot
     total = server.start_s + drive_s
     print(f"browser test: server {server.start_s:.1f} s + browser {drive_s:.1f} s "
-          f"(notebook run {res['run_s']:.1f} s) = {total:.1f} s; screenshots {res['screenshots']}")
-    assert total < BUDGET_S, f"the browser test took {total:.0f} s (budget {BUDGET_S:.0f} s): {res}"
+          f"(notebook run {res['run_s']:.1f} s, {trained} stages trained) = "
+          f"{total:.1f} s; screenshots {res['screenshots']}")
+    # The budget is the browser's: a run that trained (cold stage cache) includes notebook 2's smoke
+    # training, which has its own budget (tests/test_notebooks.py times it); printed either way.
+    if not trained:
+        assert total < BUDGET_S, f"the browser test took {total:.0f} s (budget {BUDGET_S:.0f} s): {res}"
 
 
 def test_a_notebook_that_fails_is_reported_with_its_cell_and_error(server, tmp_path):
