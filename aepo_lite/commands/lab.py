@@ -10,8 +10,8 @@ What makes the ``.py`` files open as notebooks is configured in the repository:
   viewer for Python files; the command puts ``.jupyter`` on ``JUPYTER_CONFIG_PATH`` so JupyterLab
   reads it as a default (your own JupyterLab settings still win).
 
-The server listens on 127.0.0.1 only, with a fresh random token. Ctrl-C (or SIGTERM) stops it
-and its kernels; a server that failed to start is never left behind.
+The server listens on 127.0.0.1 only, with a fresh random token. Ctrl-C (or SIGTERM, SIGHUP)
+stops it and its kernels; a server that failed to start is never left behind.
 """
 from __future__ import annotations
 
@@ -312,7 +312,10 @@ def run(args) -> int:
                 return 1
         server = LabServer(root, port, open_browser=not args.no_browser,
                            log_path=root / "runs" / "lab" / f"jupyterlab-{port}.log")
-        previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+        # SIGTERM, or SIGHUP (the terminal closed), stops the server like Ctrl-C does: it runs in its
+        # own session, so nothing else would.
+        stop_signals = [sig for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)) if sig is not None]
+        previous = {sig: signal.signal(sig, _raise_keyboard_interrupt) for sig in stop_signals}
         try:
             print(f"aepo-lite lab: starting JupyterLab in {root} on {HOST}:{port} ...", flush=True)
             server.start()
@@ -328,7 +331,8 @@ def run(args) -> int:
             return 0
         finally:
             server.stop()
-            signal.signal(signal.SIGTERM, previous)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
     except LabError as e:
         print(f"aepo-lite lab: error: {e}", file=sys.stderr)
         return 2
