@@ -146,6 +146,7 @@ async function main() {
     const before = await plotState();
     result.before = before;
     await shot('before.png');
+    await shot('before-output.png', cell);
     await step('move the slider (keyboard, right arrow)', async () => {
       const handle = slider.locator('.noUi-handle').first();
       await handle.focus();
