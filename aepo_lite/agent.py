@@ -16,12 +16,11 @@ candidates ranked by Q.
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import time
 import warnings
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Optional
 
@@ -187,7 +186,6 @@ def check_config(cfg: AgentConfig) -> AgentConfig:
         raise ValueError(f"guidance_scales: expected non-negative numbers, got {cfg.guidance_scales}")
     if cfg.method == "bc" and cfg.n_candidates > 1:
         raise ValueError("n_candidates: best-of-N ranks by Q, and the bc method trains no critic")
-    EnergyConfig(method="aepo", covariance=cfg.covariance, expansion=cfg.expansion)  # cheap, names come later
     from . import guidance as G
     if cfg.covariance not in G.COVARIANCES:
         raise ValueError(f"covariance: expected one of {G.COVARIANCES}, got {cfg.covariance!r}")
@@ -217,8 +215,6 @@ def stage_fingerprint(cfg: AgentConfig, stage: str) -> str:
     vals = {k: getattr(cfg, k) for s in deps for k in _STAGE_FIELDS[s]}
     if stage in ("critic", "energy"):
         vals["critic_kind"] = cfg.critic_kind()
-    if stage == "behaviour":
-        vals = {k: v for k, v in vals.items()}
     return hashlib.sha256(json.dumps(vals, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -376,8 +372,9 @@ def train(cfg: AgentConfig, run_dir, *, data: OfflineData | None = None, progres
           init_behaviour: str | Path | None = None) -> Agent:
     """Train every stage the method needs, skipping stages already checkpointed in ``run_dir``.
 
-    ``init_behaviour``: another run directory whose behaviour checkpoint has the same fingerprint
-    (same dataset, seed and behaviour settings) to copy instead of retraining stage 1.
+    ``init_behaviour``: another run directory to copy finished stages from instead of retraining
+    them: its behaviour checkpoint (required, same dataset, seed and behaviour settings), and its
+    support and critic checkpoints when their fingerprints match this config (an energy-only change).
     """
     check_config(cfg)
     run_dir = Path(run_dir)
@@ -396,11 +393,20 @@ def train(cfg: AgentConfig, run_dir, *, data: OfflineData | None = None, progres
     mean, std = data.obs_stats()
     agent = Agent(cfg, data.state_dim, data.action_dim, mean, std, data.action_low, data.action_high, device)
     T = data.tensors(device)
-    T["obs"] = (T["obs"])  # normalised rows
     N = data.n
     logger = _Logger(run_dir, cfg.tensorboard)
     stats_path = run_dir / "train_stats.json"
     stats = read_json(stats_path) if stats_path.exists() else {}
+    if init_behaviour is not None:
+        for stage in ("support", "critic"):
+            src, dst = _ckpt_path(Path(init_behaviour), stage), _ckpt_path(run_dir, stage)
+            if cfg.needs(stage) and src.exists() and not dst.exists():
+                try:
+                    ck = _load_ckpt(src, stage_fingerprint(cfg, stage), "cpu")
+                except ValueError:
+                    continue  # another config: train it here
+                atomic_torch_save(dst, ck)
+                stats[stage] = dict(ck.get("stats", {}), copied_from=str(init_behaviour))
 
     def idx(batch):
         return torch.randint(0, N, (batch,), device=device)

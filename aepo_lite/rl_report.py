@@ -40,6 +40,12 @@ def collect(run_paths, csv_path, speed_csv: str | Path | None = None) -> list[di
     rows, speed, datasets = [], [], {}
     for f in _result_files(run_paths):
         res = read_json(f)
+        cfg_p = f.parent / "config.json"
+        label = res["method"]
+        if cfg_p.exists() and res["method"] in ("aepo", "mse"):  # name the estimator: they differ a lot
+            c = read_json(cfg_p)
+            label = f"{res['method']}({c.get('covariance')}/{c.get('expansion')})"
+        res["method"] = label
         for w, r in sorted(res.get("results", {}).items(), key=lambda kv: float(kv[0])):
             rows.append({"dataset": res["dataset"], "method": res["method"], "seed": res["seed"],
                          "guidance_scale": float(w), "return_mean": r["return_mean"],

@@ -1,7 +1,6 @@
 """Minari loading (bootstrapping, scaling, bad inputs), normalised scores, local dataset making."""
 from __future__ import annotations
 
-import json
 import warnings
 
 import numpy as np

@@ -1,7 +1,6 @@
 """Offline RL subcommands: ``make-dataset``, ``train``, ``eval``, ``rl-results``, ``rl-bench``."""
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 
