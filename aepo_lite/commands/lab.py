@@ -319,10 +319,11 @@ def run(args) -> int:
         try:
             print(f"aepo-lite lab: starting JupyterLab in {root} on {HOST}:{port} ...", flush=True)
             server.start()
+            first = sorted((root / "notebooks").glob("[0-9]*.py"))
             print(f"aepo-lite lab: JupyterLab is running (pid {server.proc.pid}, log {server.log_path})\n"
                   f"  open the course: {server.url()}\n"
-                  f"  notebook 1:      {server.url('lab/tree/notebooks/01_closed_form_guidance.py')}\n"
-                  "  stop it with Ctrl-C", flush=True)
+                  + (f"  chapter 1:       {server.url('lab/tree/notebooks/' + first[0].name)}\n" if first else "")
+                  + "  stop it with Ctrl-C", flush=True)
             status = server.proc.wait()
             print(f"aepo-lite lab: JupyterLab exited with status {status}:\n{server.log_tail()}", file=sys.stderr)
             return 1
