@@ -139,7 +139,7 @@ PRESETS: dict[str, dict] = {
                   behaviour_blocks=2, critic_steps=4_000, critic_batch=128, critic_hidden=64, energy_steps=2_000,
                   energy_batch=128, energy_lr=1e-3, energy_hidden=64, energy_depth=2, support_k=8,
                   support_solver="dpmpp2m", support_steps=4, solver="dpmpp2m", sample_steps=5,
-                  guidance_scales=(0.3, 1.0, 3.0), eval_episodes=5, eval_envs=5, log_every=500),
+                  guidance_scales=(0.03, 0.1, 0.3, 1.0, 3.0), eval_episodes=5, eval_envs=5, log_every=500),
     # method.md section 7: QGPO's published settings (for a GPU)
     "full": dict(),
 }

@@ -235,28 +235,47 @@ do not edit by hand. Figure: `figures/rl_results.png`; stage speeds: `figures/rl
 _README_TAIL = """
 What these numbers are, and are not:
 
-- The dataset `local/hopper/medium-v0` is made here (`aepo-lite make-dataset`, see below), not D4RL's
-  `hopper-medium-v2`: Hopper-v5, a TD3 policy trained for a small CPU budget and stopped at a third of
-  the best return that budget reached. Its `ref_max_score` is that best TD3 snapshot (100 episodes),
-  not an expert in D4RL's sense, so these normalised scores are not comparable to D4RL tables.
-- The `bench` preset is what a shared 2-core CPU affords (thousands of steps, small networks), not
-  QGPO's settings (`full`, method.md section 7). Scores are the last checkpoint, not the best.
-- "best" guidance scale = the scale with the highest mean over seeds, chosen on the same evaluation
-  episodes (as QGPO's sweep does): an optimistic choice, shown beside the whole sweep.
+- The dataset `local/hopper/medium-v0` is made here (`aepo-lite make-dataset`, below), not D4RL's
+  `hopper-medium-v2`: Hopper-v5, 200k transitions from the first snapshot of a 60k-step TD3 ladder
+  (stable-baselines3, update-to-data 1/2, 128x128 nets) that reached a third of the ladder's best
+  evaluation return, with N(0, 0.1^2) action noise. `ref_min_score` = uniform random actions,
+  `ref_max_score` = the ladder's best snapshot, each over 100 episodes: a weak "expert" (a CPU
+  budget, not an expert in D4RL's sense), so these normalised scores are not comparable to D4RL tables.
+- The `bench` preset is what a shared 2-core CPU affords before a deadline (6k behaviour, 4k critic,
+  2k energy steps, 64-wide networks, 5 evaluation episodes per seed and scale), not QGPO's settings
+  (`full`, method.md section 7). Scores are the last checkpoint. With so few episodes and steps the
+  seed-to-seed spread is large; read the ± columns before the means.
+- The "best" guidance scale is the one with the highest mean over seeds, chosen on the same
+  evaluation episodes (as QGPO's sweep does): an optimistic choice, shown beside the whole sweep.
+- `aepo(tweedie/first)`, the library default, failed here: the IQL critic is steep in the action
+  (median |grad_a Q| about 60 after IQL's reward scaling, which multiplies this narrow dataset's
+  rewards by about 4), so the first-order variance term (beta^2/2) g^T S_hat g dwarfs beta Q at
+  large t and the energy regression does not fit (loss ~1e6). `aepo(tweedie/sampled)` (a
+  log-mean-exp over actions clipped to the box, bounded by beta max Q) and `aepo(none/first)` (no
+  variance term) are the same behaviour and critic checkpoints with another energy target.
+  Guidance scales of 0.3 and above push every method off the data here; QGPO's published sweep
+  (1 to 10) does not transfer to this critic scale.
 - Normalised score = 100 (return - ref_min) / (ref_max - ref_min); mean ± sample std over seeds
   of each seed's mean over episodes.
 
-Rebuild the dataset and the table (CPU, about an hour on two cores):
+Rebuild the dataset and this table (CPU; about an hour on a lightly loaded 2-core machine):
 
 ```bash
-export MINARI_DATASETS_PATH=/path/to/minari        # datasets and the cached TD3 policies live here
+export MINARI_DATASETS_PATH=/path/to/minari   # the dataset and the cached TD3 ladder live here
 pip install -e '.[rl,datasets]'
 aepo-lite make-dataset --env Hopper-v5 --quality medium --steps 200000 --name local/hopper/medium-v0
-aepo-lite rl-bench --dataset local/hopper/medium-v0 --methods bc aepo qgpo --seeds 0 1 2 --preset bench
+D=local/hopper/medium-v0; R=runs/bench/local_hopper_medium-v0
+for s in 0 1 2; do
+  aepo-lite train --dataset $D --method bc --preset bench --seed $s --out $R/bc-bench-s$s
+  aepo-lite train --dataset $D --method aepo --preset bench --seed $s --out $R/aepo-bench-s$s --init-behaviour $R/bc-bench-s$s
+  aepo-lite train --dataset $D --method qgpo --preset bench --seed $s --out $R/qgpo-bench-s$s --init-behaviour $R/bc-bench-s$s
+  aepo-lite train --dataset $D --method aepo --preset bench --seed $s --expansion sampled --out $R/aepo-sampled-bench-s$s --init-behaviour $R/aepo-bench-s$s
+  aepo-lite train --dataset $D --method aepo --preset bench --seed $s --covariance none --out $R/aepo-none-bench-s$s --init-behaviour $R/aepo-bench-s$s
+done
 aepo-lite rl-results --runs runs/bench --readme README.md
 ```
 
 With a GPU and internet, the D4RL-port reproduction at QGPO's settings (method.md sections 7-8) is
 `aepo-lite train --dataset D4RL/door/human-v2 --method aepo --preset full --device cuda --seed 0`
-for each dataset, method and seed; see `notebooks/03_d4rl_reproduction.py` for the full list.
+for each dataset, method and seed; `notebooks/03_d4rl_reproduction.py` lists them all.
 """
