@@ -180,6 +180,8 @@ plt.show()
 # uniformly in the box, where MSE and CEP have no targets at all.
 
 # %%
+# AEPO with the toy default estimator: the Gaussian-fit posterior covariance and the sampled expansion,
+# the estimator that measured best on the toy grid (figures/toy2d_estimators.md)
 METHODS = (("aepo", TT.DEFAULT_ESTIMATOR), ("cep", TT.DEFAULT_ESTIMATOR), ("mse", TT.DEFAULT_ESTIMATOR))
 runs = {}
 t0 = time.time()
@@ -363,7 +365,9 @@ show_samples(w_w.value, w_b2.value)
 # 1. The mean reward of guided samples rises with the guidance scale (from the behaviour's, at
 #    $w = 0$, towards and past the target's), for every method at $\beta = 10$.
 # 2. At notebook scale, AEPO's distance to the exact target at $\beta = 10$, $w = 1$ is below the
-#    MSE baseline's. (CEP is printed beside it, whichever wins.)
+#    MSE baseline's. (CEP is printed beside it, whichever wins: on this task, in our runs, CEP is
+#    closer to the target than AEPO, and some AEPO samples overshoot out of the box at $w = 1$; the
+#    README's grid table has the numbers over tasks and seeds.)
 
 # %%
 for method, _ in METHODS:
@@ -398,8 +402,12 @@ else:
 #    between AEPO and MSE largest, and why (think of what Jensen's gap $E_t - \mathbb{E}[\beta e|x_t]$
 #    looks like when the posterior straddles a reward boundary)?
 # 2. Train AEPO with `estimator="none-first"` (the target collapses to $\beta Q(\hat x_0)$) and
-#    with `"gaussian-fit-sampled"`: how much of AEPO's advantage comes from the variance term?
-# 3. Replace the smooth critic by a narrower one (fewer `critic_steps`) and watch the error of
+#    with the library's `"tweedie-first"`: how much of AEPO's result comes from the posterior
+#    covariance, and why does the first-order expansion overshoot with a steep critic?
+# 3. Some of AEPO's samples leave the box at $w = 1$ here (the fraction is printed in section 7).
+#    Find the guidance scale where its distance is smallest, and relate it to the width of the
+#    Gaussian-fit posterior covariance against the true (multimodal) posterior.
+# 4. Replace the smooth critic by a narrower one (fewer `critic_steps`) and watch the error of
 #    $f$ at small $t$.
 #
 # ## Summary
@@ -410,7 +418,8 @@ else:
 # - AEPO's analytic target needs a smooth critic when the reward is piecewise constant; that costs
 #   a network and a smoothing bias.
 # - The trends: reward rises with the guidance scale; AEPO's target lands closer to the exact
-#   target than the MSE baseline's. Whether it reaches the floor is in the grid's table, measured.
+#   target than the MSE baseline's. Whether it reaches the floor is in the grid's table, measured
+#   (at our compute, it does not: no method is within 2x of the floor on most tasks).
 
 # %%
 print(f"notebook ran in {time.time() - T_START:.0f} s at scale {SCALE}")
