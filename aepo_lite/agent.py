@@ -91,6 +91,7 @@ class AgentConfig:
     solver: str = "dpm2"  # action sampler (QGPO: DPM-Solver order 2)
     sample_steps: int = 15  # its network evaluations (QGPO: 15)
     guidance_scales: tuple = (0.0, 1.0, 2.0, 3.0, 5.0, 8.0, 10.0)  # swept at evaluation (bc: 0 only)
+    guidance_t_max: float = 1.0  # guide only where t <= this (1.0 = everywhere, the method as written)
     n_candidates: int = 1  # best-of-N: sample N actions per state, keep the one with the largest Q
     eval_episodes: int = 10  # episodes per guidance scale
     eval_seed: int = 100_000  # episode i of an evaluation resets with seed eval_seed + i (all runs alike)
@@ -114,7 +115,7 @@ class AgentConfig:
 
 
 # fields that only change acting/evaluation/logging: a run may be re-evaluated with other values
-EVAL_FIELDS = ("device", "solver", "sample_steps", "guidance_scales", "n_candidates", "eval_episodes", "eval_seed",
+EVAL_FIELDS = ("device", "solver", "sample_steps", "guidance_scales", "guidance_t_max", "n_candidates", "eval_episodes", "eval_seed",
                "eval_envs", "eval_max_episode_steps", "log_every", "tensorboard", "preset")
 _STAGE_FIELDS = {
     "behaviour": ("dataset", "seed", "behaviour_steps", "behaviour_batch", "behaviour_lr", "behaviour_hidden",
@@ -258,6 +259,9 @@ class Agent:
         n = s.shape[0]
         s_rep = s.repeat_interleave(n_candidates, 0) if n_candidates > 1 else s
         guide = energy_guidance(self.energy) if (self.energy is not None and guidance_scale != 0) else None
+        if guide is not None and cfg.guidance_t_max < self.behaviour.schedule.t_max:
+            full, t_cut = guide, cfg.guidance_t_max
+            guide = lambda a_t, t, c: full(a_t, t, c) * (t <= t_cut).to(a_t.dtype)[:, None]  # noqa: E731
         a = self.behaviour.sample(cond=s_rep, n_steps=cfg.sample_steps, solver=cfg.solver, guidance=guide,
                                   guidance_scale=float(guidance_scale), generator=generator, clip=1.0)
         if n_candidates > 1:
@@ -572,7 +576,7 @@ def _eval_env_factory(cfg: AgentConfig, minari_ds):
 
 
 def evaluate_run(run_dir, *, guidance_scales=None, episodes: int | None = None, device: str | None = None,
-                 n_candidates: int | None = None, progress: bool = True) -> dict:
+                 n_candidates: int | None = None, guidance_t_max: float | None = None, progress: bool = True) -> dict:
     """Evaluate a trained run at each guidance scale and merge into ``DIR/results.json``.
 
     Returns the results dict: per scale ``return_mean``, ``return_std``, ``normalized_score_mean``
@@ -580,7 +584,8 @@ def evaluate_run(run_dir, *, guidance_scales=None, episodes: int | None = None, 
     """
     from .data import open_minari
     run_dir = Path(run_dir)
-    over = {"guidance_scales": guidance_scales, "eval_episodes": episodes, "n_candidates": n_candidates}
+    over = {"guidance_scales": guidance_scales, "eval_episodes": episodes, "n_candidates": n_candidates,
+            "guidance_t_max": guidance_t_max}
     agent, cfg, data = load_run(run_dir, device=device, overrides=over)
     scales = (0.0,) if cfg.method == "bc" else tuple(float(w) for w in cfg.guidance_scales)
     if cfg.method == "bc" and guidance_scales and any(float(w) != 0 for w in guidance_scales):
@@ -591,6 +596,9 @@ def evaluate_run(run_dir, *, guidance_scales=None, episodes: int | None = None, 
     res_path = run_dir / "results.json"
     results = read_json(res_path) if res_path.exists() else {}
     per = results.get("results", {})
+    if per and float(results.get("guidance_t_max", 1.0)) != float(cfg.guidance_t_max):
+        raise ValueError(f"guidance_t_max: {res_path} holds results at guidance_t_max="
+                         f"{results.get('guidance_t_max', 1.0)}; evaluate a copy of the run to keep both")
     for w in scales:
         g = torch.Generator().manual_seed(cfg.seed * 7919 + 17)
         pol = lambda obs, w=w, g=g: agent.act(obs, w, n_candidates=cfg.n_candidates, generator=g)  # noqa: E731
@@ -603,6 +611,7 @@ def evaluate_run(run_dir, *, guidance_scales=None, episodes: int | None = None, 
         per[f"{w:g}"] = row
         results.update({"dataset": cfg.dataset, "method": cfg.method, "seed": cfg.seed, "preset": cfg.preset,
                         "transitions": data.n, "ref_min_score": lo, "ref_max_score": hi, "ref_source": source,
-                        "dataset_mean_return": float(np.mean(data.episode_returns)), "results": per})
+                        "dataset_mean_return": float(np.mean(data.episode_returns)), "results": per,
+                        "guidance_t_max": cfg.guidance_t_max})
         atomic_write_json(res_path, results)
     return results

@@ -45,6 +45,8 @@ def collect(run_paths, csv_path, speed_csv: str | Path | None = None) -> list[di
         if cfg_p.exists() and res["method"] in ("aepo", "mse"):  # name the estimator: they differ a lot
             c = read_json(cfg_p)
             label = f"{res['method']}({c.get('covariance')}/{c.get('expansion')})"
+        if float(res.get("guidance_t_max", 1.0)) < 1.0:
+            label += f"[t<={float(res['guidance_t_max']):g}]"
         res["method"] = label
         for w, r in sorted(res.get("results", {}).items(), key=lambda kv: float(kv[0])):
             rows.append({"dataset": res["dataset"], "method": res["method"], "seed": res["seed"],

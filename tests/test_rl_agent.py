@@ -156,6 +156,10 @@ def test_act_shapes_guidance_and_best_of_n(tiny, smoke_runs):
     assert a0.shape == (5, 3) and np.all(np.abs(a0) <= 1)
     np.testing.assert_array_equal(a0, agent.act(obs, 0.0, generator=g()))  # seeded
     assert not np.allclose(a0, a1)  # the guidance scale is an argument and it acts
+    # guidance switched off for every t (t_max below t_min): the guided policy is the behaviour
+    agent.cfg.guidance_t_max = 1e-4
+    np.testing.assert_array_equal(agent.act(obs, 100.0, generator=g()), a0)
+    agent.cfg.guidance_t_max = 1.0
     s = agent.normalize(obs)
     best = agent.act_unit(s, 1.0, n_candidates=4, generator=g())
     cands = agent.act_unit(s.repeat_interleave(4, 0), 1.0, generator=g()).reshape(5, 4, 3)

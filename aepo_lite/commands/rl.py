@@ -42,6 +42,7 @@ def register(sub) -> None:
     p.add_argument("--guidance-scale", type=float, nargs="+", default=None, help="default: the config's sweep")
     p.add_argument("--episodes", type=int, default=None)
     p.add_argument("--candidates", type=int, default=None, help="best-of-N actions ranked by Q")
+    p.add_argument("--guidance-t-max", type=float, default=None, help="guide only where t <= this (default 1: everywhere)")
     p.add_argument("--device", default=None, choices=DEVICE_CHOICES)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_eval)
@@ -107,7 +108,8 @@ def _print_results(res: dict) -> None:
 def _eval(args) -> int:
     from ..agent import evaluate_run
     _print_results(evaluate_run(args.run, guidance_scales=args.guidance_scale, episodes=args.episodes,
-                                device=args.device, n_candidates=args.candidates, progress=not args.quiet))
+                                device=args.device, n_candidates=args.candidates,
+                                guidance_t_max=args.guidance_t_max, progress=not args.quiet))
     return 0
 
 
