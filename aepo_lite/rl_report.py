@@ -165,9 +165,13 @@ def speed_table(speed_csv) -> str:
     """Mean rate over seeds per (dataset, preset, method, stage) from ``rl_speed.csv``."""
     groups = defaultdict(list)
     for r in _read(speed_csv):
-        if r["rate"] not in ("", None) and "(copied)" not in r["stage"]:
-            groups[(r["dataset"], r["preset"], r["method"], r["stage"], r["unit"])].append(float(r["rate"]))
-    lines = ["| dataset | preset | method | stage | rate (mean over seeds) | seeds |", "|---|---|---|---|---|---|"]
+        if r["rate"] in ("", None) or "(copied)" in r["stage"]:
+            continue
+        stage = "eval (all scales)" if r["stage"].startswith("eval") else r["stage"]
+        if "[t<=" in r["method"] and stage != "eval (all scales)":
+            continue  # a re-evaluated copy: its training rows are the original run's
+        groups[(r["dataset"], r["preset"], r["method"], stage, r["unit"])].append(float(r["rate"]))
+    lines = ["| dataset | preset | method | stage | rate (mean) | runs x scales |", "|---|---|---|---|---|---|"]
     for (ds, preset, m, stage, unit), v in sorted(groups.items()):
         lines.append(f"| {ds} | {preset} | {m} | {stage} | {sum(v) / len(v):.1f} {unit} | {len(v)} |")
     return "\n".join(lines) + "\n"
@@ -183,7 +187,7 @@ def render(csv_path, figures_dir) -> list[Path]:
     md = atomic_write_text(figures_dir / "rl_results.md", markdown_table(csv_path))
     rows = summary_rows(csv_path)
     keys = sorted({(r["dataset"], r["preset"]) for r in rows})
-    fig, axes = plt.subplots(1, max(1, len(keys)), figsize=(5.5 * max(1, len(keys)), 4), squeeze=False)
+    fig, axes = plt.subplots(1, max(1, len(keys)), figsize=(8.5 * max(1, len(keys)), 4.2), squeeze=False)
     for ax, (ds, preset) in zip(axes[0], keys):
         rs = [r for r in rows if r["dataset"] == ds and r["preset"] == preset]
         use_score = all(r["score_mean"] is not None for r in rs)
@@ -202,7 +206,7 @@ def render(csv_path, figures_dir) -> list[Path]:
         ax.set_xlabel("guidance scale w")
         ax.set_ylabel("normalised score (x100)" if use_score else "return")
         ax.set_title(f"{ds} [{preset}]", fontsize=9)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     png = figures_dir / "rl_results.png"
     fig.savefig(png, dpi=110)
