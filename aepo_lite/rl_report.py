@@ -256,7 +256,8 @@ What these numbers are, and are not:
 - `aepo(tweedie/first)`, the library default, failed here: the IQL critic is steep in the action
   (median |grad_a Q| about 60 after IQL's reward scaling, which multiplies this narrow dataset's
   rewards by about 4), so the first-order variance term (beta^2/2) g^T S_hat g dwarfs beta Q at
-  large t and the energy regression does not fit (loss ~1e6). `aepo(tweedie/sampled)` (a
+  large t, even with S_hat capped at the box's variance bound (I), and the energy regression does
+  not fit (loss ~1e6, targets ~1e3). `aepo(tweedie/sampled)` (a
   log-mean-exp over actions clipped to the box, bounded by beta max Q) and `aepo(none/first)` (no
   variance term) are the same behaviour and critic checkpoints with another energy target.
   Guidance scales of 0.3 and above push every method off the data here; QGPO's published sweep
