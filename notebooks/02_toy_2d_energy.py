@@ -257,7 +257,8 @@ plt.tight_layout()
 plt.show()
 
 # %% [markdown]
-# The same maps for any $t$ and $\beta$ (precomputed: moving a slider only redraws).
+# The same maps for any $t$ and $\beta$ (precomputed: moving a slider only redraws; the top row
+# above is the sliders' starting point).
 
 # %%
 out_heat = widgets.Output()
@@ -271,11 +272,11 @@ def show_heat(t, beta):
         plt.show()
 
 
-w_t = widgets.SelectionSlider(options=list(TIMES), value=TIMES[1], description="t")
+w_t = widgets.SelectionSlider(options=list(TIMES), value=TIMES[0], description="t")
 w_b = widgets.SelectionSlider(options=list(BETAS), value=BETAS[-1], description="beta")
-widgets.interactive(show_heat, t=w_t, beta=w_b)
+for _w in (w_t, w_b):  # redraw on a slider move; the static figure above shows the starting point
+    _w.observe(lambda change: show_heat(w_t.value, w_b.value), names="value")
 display(widgets.VBox([w_t, w_b, out_heat]))  # noqa: F821  (IPython's display)
-show_heat(w_t.value, w_b.value)
 
 # %% [markdown]
 # ## 6. Guided samples beside the exact target
@@ -355,9 +356,9 @@ def show_samples(w, beta):
 
 w_w = widgets.SelectionSlider(options=list(SCALES), value=1.0, description="scale w")
 w_b2 = widgets.SelectionSlider(options=list(BETAS), value=10.0, description="beta")
-widgets.interactive(show_samples, w=w_w, beta=w_b2)
+for _w in (w_w, w_b2):  # redraw on a slider move; the static figure above shows the starting point
+    _w.observe(lambda change: show_samples(w_w.value, w_b2.value), names="value")
 display(widgets.VBox([w_w, w_b2, out_s]))  # noqa: F821
-show_samples(w_w.value, w_b2.value)
 
 # %% [markdown]
 # ## 7. The trends, asserted
