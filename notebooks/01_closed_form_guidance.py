@@ -36,6 +36,13 @@
 # behaviour is a known Gaussian (or a known finite data set), so every quantity has an exact value
 # to compare with. Numbers here are this course's own, not the AEPO paper's.
 
+
+# %% [markdown]
+# **The result, precomputed.** Exact guidance on a Gaussian behaviour: guided samples for w = 0, 0.5, 1, 2 against the exact pi (made by `aepo-lite demo`, redrawn by `aepo-lite figures`).
+# Shown here so the page says something before you run it.
+#
+# ![closed_form_guidance.png](../figures/closed_form_guidance.png)
+
 # %%
 import math
 import os

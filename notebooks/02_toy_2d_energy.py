@@ -33,6 +33,13 @@
 # AEPO paper's. The scale switch `AEPO_SCALE=smoke|full` only changes sizes (the test suite runs
 # `smoke`); the code path is the same.
 
+
+# %% [markdown]
+# **The result, precomputed.** Distance of guided samples to the exact target at the `full` preset, every task and method, with the noise floor (from `figures/toy2d_results.csv`, drawn by `aepo-lite figures`).
+# Shown here so the page says something before you run it.
+#
+# ![toy2d_distance.png](../figures/toy2d_distance.png)
+
 # %%
 import os
 import time

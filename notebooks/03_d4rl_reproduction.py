@@ -31,6 +31,13 @@
 # 200k-transition Hopper-v5 dataset of the benchmark and the `bench` preset). The code path is
 # the same.
 
+
+# %% [markdown]
+# **The result, precomputed.** Normalised score against the guidance scale on our local Hopper-v5 medium dataset (from `figures/rl_results.csv`, drawn by `aepo-lite figures`; our numbers, not D4RL's and not the paper's).
+# Shown here so the page says something before you run it.
+#
+# ![rl_results.png](../figures/rl_results.png)
+
 # %%
 import os
 import tempfile
