@@ -13,13 +13,6 @@ from aepo_lite.data import from_episodes, load_minari  # noqa: E402
 from aepo_lite.evaluation import normalized_score, reference_scores, run_episodes, summarize_returns  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    import torch
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture

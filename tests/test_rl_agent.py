@@ -16,13 +16,6 @@ from aepo_lite.critics import CriticConfig, IQLCritic, InSupportCritic, expectil
 DS = "t/hopper/medium-v0"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny networks: one thread is faster, and much faster on a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 # ------------------------------------------------------------------------------- critics
