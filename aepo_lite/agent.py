@@ -83,7 +83,7 @@ class AgentConfig:
     energy_depth: int = 3  # EnergyNet hidden layers
     beta: float = 3.0  # inverse temperature of pi ∝ mu exp(beta Q)
     covariance: str = "tweedie"  # AEPO posterior covariance: tweedie | isotropic | gaussian-fit | none
-    expansion: str = "first"  # AEPO expansion of Q: first | second | sampled
+    expansion: str = "sampled"  # AEPO expansion of Q: first | second | sampled (sampled measured better, README)
     n_samples: int = 16  # AEPO sampled expansion: Monte Carlo samples
     energy_baseline: str = "value"  # aepo/mse with IQL: regress on beta (Q - V(s)) ("value") or beta Q ("none");
     #   a per-state shift leaves grad_{a_t} E_t, the guidance, unchanged and spares the net a large offset
