@@ -142,6 +142,15 @@ async function main() {
       await output.locator('img').first().waitFor();
       await page.waitForTimeout(300);
     };
+    // A notebook may draw its plot only when the slider moves (the static figure above it shows
+    // the start). Then a first move draws plot A, and the move below must change A into B.
+    if (!(await output.locator('img').count())) {
+      await step('first slider move (the plot is drawn on a move)', async () => {
+        const handle = slider.locator('.noUi-handle').first();
+        await handle.focus();
+        await handle.press('ArrowLeft');
+      });
+    }
     await step('wait for the plot next to the slider', waitForImage);
     const before = await plotState();
     result.before = before;
