@@ -31,3 +31,9 @@ def make_problem(d: int, seed: int = 0, scale: float = 0.1):
 def schedule():
     from aepo_lite.schedule import VPSchedule
     return VPSchedule()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Run the browser test last: notebook 2's training stages are then cached by the notebook
+    test, and the browser test measures the browser, not the training."""
+    items.sort(key=lambda item: "test_browser.py" in str(item.fspath))
