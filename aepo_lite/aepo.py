@@ -124,7 +124,12 @@ def aepo_target(a_t: torch.Tensor, t: torch.Tensor, s: torch.Tensor | None, *, e
                 schedule: VPSchedule, beta: float, covariance: str = "tweedie", expansion: str = "first",
                 clip: float | None = 1.0, n_samples: int = 16, eps_table: EpsNormTable | None = None,
                 fit_cov: torch.Tensor | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-    """AEPO's estimate y_t(s, a_t) of E_t = log E_{mu_0t}[exp(beta Q)]: (B, d), (B,) -> (B,), no grad."""
+    """AEPO's estimate y_t(s, a_t) of E_t = log E_{mu_0t}[exp(beta Q)]: (B, d), (B,) -> (B,), no grad.
+
+    Validates its inputs (a ValueError naming the argument); ``EnergyLearner`` draws a_t and t
+    itself and calls the unchecked :func:`_aepo_target`, so a training step pays no host syncs for
+    checks. ``expansion`` defaults to ``first`` here; ``EnergyConfig``'s measured default is ``sampled``.
+    """
     if expansion not in G.EXPANSIONS:
         raise ValueError(f"expansion: expected one of {G.EXPANSIONS}, got {expansion!r}")
     check_scalar("beta", beta, low=0.0)
@@ -137,6 +142,14 @@ def aepo_target(a_t: torch.Tensor, t: torch.Tensor, s: torch.Tensor | None, *, e
         if s.shape[0] != a_t.shape[0]:
             raise ValueError(f"s: expected {a_t.shape[0]} rows to match a_t, got {s.shape[0]}")
         check_finite("s", s)
+    return _aepo_target(a_t, t, s, eps_fn=eps_fn, q_fn=q_fn, schedule=schedule, beta=beta, covariance=covariance,
+                        expansion=expansion, clip=clip, n_samples=n_samples, eps_table=eps_table, fit_cov=fit_cov,
+                        generator=generator)
+
+
+def _aepo_target(a_t, t, s, *, eps_fn, q_fn, schedule, beta, covariance, expansion, clip, n_samples, eps_table,
+                 fit_cov, generator) -> torch.Tensor:
+    """:func:`aepo_target` without the input checks (the caller made a_t and t)."""
     a0_hat, S_hat = posterior_estimate(a_t, t, s, eps_fn, schedule, covariance, clip, eps_table, fit_cov)
     if expansion == "sampled":
         K = n_samples
@@ -217,7 +230,7 @@ class EnergyLearner:
                 q = self.q_fn(s, a0)
             return G.mse_energy_loss(self.energy(s, a_t, t), q, cfg.beta), {}
         fit_cov = batch.get("fit_cov", self.fit_cov)
-        y = aepo_target(a_t, t, s, eps_fn=self.eps_fn, q_fn=self.q_fn, schedule=self.schedule, beta=cfg.beta,
+        y = _aepo_target(a_t, t, s, eps_fn=self.eps_fn, q_fn=self.q_fn, schedule=self.schedule, beta=cfg.beta,
                         covariance=cfg.covariance, expansion=cfg.expansion, clip=cfg.clip,
                         n_samples=cfg.n_samples, eps_table=self.eps_table, fit_cov=fit_cov,
                         generator=self.generator)

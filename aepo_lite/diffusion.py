@@ -146,13 +146,15 @@ def sample(eps_fn: EpsFn, x_T: torch.Tensor, *, schedule: VPSchedule, cond: torc
             x = x_new
     elif solver == "dpm2":
         n_second, n_first = divmod(n_steps, 2)
+        # midpoints in lambda of the second-order steps, computed once with the grid
+        t_mid = schedule.t_of_lambda(0.5 * (lams[:-1] + lams[1:]))
+        a_mid, s_mid = schedule.alpha_sigma(t_mid)
+        tm_, am_, sm_ = t_mid.tolist(), a_mid.tolist(), s_mid.tolist()
         for i in range(n_second + n_first):
             h = la_[i + 1] - la_[i]
             eps = eps_at(x, i)
             if i < n_second:
-                lam_s = la_[i] + 0.5 * h
-                t_s = float(schedule.t_of_lambda(torch.tensor(lam_s, dtype=torch.float64)))
-                a_s, s_s = (float(v) for v in schedule.alpha_sigma(torch.tensor(t_s, dtype=torch.float64)))
+                t_s, a_s, s_s = tm_[i], am_[i], sm_[i]
                 u = (a_s / al_[i]) * x - s_s * math.expm1(0.5 * h) * eps
                 eps = eps_at(u, i, t_val=t_s, sigma=s_s)
             x = (al_[i + 1] / al_[i]) * x - si_[i + 1] * math.expm1(h) * eps
