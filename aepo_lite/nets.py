@@ -1,6 +1,11 @@
 """Networks: time embedding, MLP blocks, the state-conditional noise network, critics, the
-value network and the intermediate-energy network. Smooth activations (SiLU/Mish) throughout:
-AEPO differentiates the critic in the action, so a ReLU critic would carry no curvature."""
+value network and the intermediate-energy network. Smooth activations (SiLU/Mish) by default:
+AEPO's first- and second-order expansions differentiate the critic in the action, and a ReLU
+critic has no curvature (its Hessian is zero almost everywhere). ReLU is offered for critics whose
+Q is only evaluated (AEPO's ``sampled`` expansion, QGPO/CEP, MSE); the RL config checks this.
+
+Under ``torch.no_grad`` the MLP blocks apply their activations in place (no new activation
+tensor per layer): a target network evaluated on B x K rows is the critic step's largest cost."""
 from __future__ import annotations
 
 import math
@@ -10,7 +15,7 @@ from torch import nn
 
 __all__ = [
     "GaussianFourierEmbedding", "MLP", "ResidualMLP", "NoiseNet", "TwinQ", "ValueNet", "EnergyNet",
-    "make_activation",
+    "make_activation", "SMOOTH_ACTIVATIONS",
 ]
 
 
@@ -26,15 +31,35 @@ class Mish(nn.Mish):
         return nn.functional.mish(x)
 
 
-_ACTIVATIONS = {"silu": nn.SiLU, "mish": Mish, "gelu": nn.GELU, "tanh": nn.Tanh}
+_ACTIVATIONS = {"silu": nn.SiLU, "mish": Mish, "gelu": nn.GELU, "tanh": nn.Tanh, "relu": nn.ReLU}
+SMOOTH_ACTIVATIONS = ("silu", "mish", "gelu", "tanh")
 
 
 def make_activation(name: str) -> nn.Module:
-    """``silu|mish|gelu|tanh``. ReLU is left out on purpose (see the module docstring)."""
+    """``silu|mish|gelu|tanh|relu``. ReLU has no curvature: only for critics whose gradient and
+    Hessian in the action are never used (see the module docstring)."""
     try:
         return _ACTIVATIONS[name]()
     except KeyError:
         raise ValueError(f"activation: expected one of {sorted(_ACTIVATIONS)}, got {name!r}") from None
+
+
+def _act_(act: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``act(x)``, overwriting x where the activation allows it (call only without autograd)."""
+    if isinstance(act, nn.SiLU):
+        return nn.functional.silu(x, inplace=True)
+    if isinstance(act, nn.ReLU):
+        return x.relu_()
+    if isinstance(act, nn.Tanh):
+        return x.tanh_()
+    if isinstance(act, Mish) and x.device.type == "cpu":
+        return x.mul_(nn.functional.softplus(x).tanh_())
+    return act(x)
+
+
+def _linear_act(linear: nn.Linear, act: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    y = linear(x)
+    return _act_(act, y) if not torch.is_grad_enabled() else act(y)
 
 
 class GaussianFourierEmbedding(nn.Module):
@@ -71,6 +96,15 @@ class MLP(nn.Sequential):
             d = hidden
         layers.append(nn.Linear(d, out_dim))
         super().__init__(*layers)
+        self._inplace_ok = not layer_norm
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() or not self._inplace_ok:
+            return super().forward(x)
+        layers = list(self)
+        for lin, act in zip(layers[:-1:2], layers[1::2]):  # (Linear, activation) pairs, then the output Linear
+            x = _act_(act, lin(x))
+        return layers[-1](x)
 
 
 class _ResBlock(nn.Module):
@@ -82,7 +116,7 @@ class _ResBlock(nn.Module):
         self.act = make_activation(activation)
 
     def forward(self, x):
-        return x + self.fc2(self.act(self.fc1(self.norm(x))))
+        return x + self.fc2(_linear_act(self.fc1, self.act, self.norm(x)))
 
 
 class ResidualMLP(nn.Module):

@@ -80,7 +80,34 @@ def test_energy_net_is_smooth_in_the_action():
     (h,) = torch.autograd.grad(g[:, 0].sum(), a)
     assert float(h.abs().max()) > 1e-6
     with pytest.raises(ValueError, match="activation"):
-        make_activation("relu")
+        make_activation("swish")
+    # ReLU is offered (for critics only evaluated), and it is why it is not the default: no curvature
+    q = TwinQ(3, 2, hidden=32, activation="relu")
+    x = torch.randn(5, 2, requires_grad=True)
+    (g,) = torch.autograd.grad(q.q_min(torch.randn(5, 3), x).sum(), x, create_graph=True)
+    assert float(g.detach().abs().max()) > 0
+    h = torch.autograd.grad(g[:, 0].sum(), x, allow_unused=True)[0] if g.requires_grad else None
+    assert h is None or float(h.abs().max()) == 0
+
+
+@pytest.mark.parametrize("act", ["silu", "mish", "gelu", "tanh", "relu"])
+def test_no_grad_forward_in_place_matches_autograd_forward(act):
+    """Under no_grad the MLP blocks overwrite their activations; the numbers must not change and the
+    input must not be touched."""
+    torch.manual_seed(1)
+    s, a, t = torch.randn(64, 5), torch.rand(64, 3) * 2 - 1, torch.rand(64)
+    nets = [(TwinQ(5, 3, hidden=32, depth=3, activation=act), lambda n: torch.stack(n(s, a))),
+            (TwinQ(5, 3, hidden=32, depth=2, activation=act, layer_norm=True), lambda n: torch.stack(n(s, a))),
+            (NoiseNet(3, 5, hidden=32, n_blocks=2, activation=act), lambda n: n(a, t, s)),
+            (EnergyNet(3, 5, hidden=32, depth=3, activation=act), lambda n: n(s, a, t))]
+    s0, a0 = s.clone(), a.clone()
+    for net, call in nets:
+        ref = call(net)
+        assert ref.requires_grad
+        with torch.no_grad():
+            out = call(net)
+        torch.testing.assert_close(out, ref.detach(), rtol=1e-6, atol=1e-6)
+    assert torch.equal(s, s0) and torch.equal(a, a0)
 
 
 def test_device_switch():
