@@ -18,6 +18,7 @@ from torch import nn
 
 from . import guidance as G
 from ._checks import check_finite, check_scalar, check_tensor
+from .device import adam
 from .diffusion import EpsFn
 from .schedule import VPSchedule
 
@@ -148,18 +149,19 @@ def aepo_target(a_t: torch.Tensor, t: torch.Tensor, s: torch.Tensor | None, *, e
 
 
 def _aepo_target(a_t, t, s, *, eps_fn, q_fn, schedule, beta, covariance, expansion, clip, n_samples, eps_table,
-                 fit_cov, generator) -> torch.Tensor:
+                 fit_cov, generator, check: bool = True) -> torch.Tensor:
     """:func:`aepo_target` without the input checks (the caller made a_t and t)."""
     a0_hat, S_hat = posterior_estimate(a_t, t, s, eps_fn, schedule, covariance, clip, eps_table, fit_cov)
     if expansion == "sampled":
         K = n_samples
         s_rep = None if s is None else s.repeat_interleave(K, dim=0)
         with torch.no_grad():
-            return G.aepo_target_sampled(lambda a: q_fn(s_rep, a), a0_hat, S_hat, beta, K, generator, clip=clip)
+            return G.aepo_target_sampled(lambda a: q_fn(s_rep, a), a0_hat, S_hat, beta, K, generator, clip=clip,
+                                         check=check)
     q, g, H = critic_expansion(q_fn, s, a0_hat, order=2 if expansion == "second" else 1)
     if expansion == "first":
-        return G.aepo_target_first(q, g, S_hat, beta)
-    return G.aepo_target_second(q, g, H, S_hat, beta)
+        return G.aepo_target_first(q, g, S_hat, beta, check=check)
+    return G.aepo_target_second(q, g, H, S_hat, beta, check=check)
 
 
 @dataclass
@@ -204,8 +206,10 @@ class EnergyLearner:
         self.energy, self.cfg, self.schedule = energy, cfg, schedule
         self.eps_fn, self.q_fn, self.eps_table, self.fit_cov = eps_fn, q_fn, eps_table, fit_cov
         self.generator = generator
-        on_cuda = any(p.is_cuda for p in energy.parameters())
-        self.opt = torch.optim.Adam(energy.parameters(), lr=cfg.lr, fused=True if on_cuda else None)  # fused: one kernel
+        self.opt = adam(energy.parameters(), cfg.lr)  # fused on CUDA (parameters already on their device)
+        # NaN/inf checks of targets and losses read a value back: every step on the CPU (an immediate,
+        # named error), never on CUDA, where the training loop checks the metrics it logs instead
+        self.check_finite = not any(p.is_cuda for p in energy.parameters())
 
     def _noise(self, a0: torch.Tensor):
         t = self.schedule.sample_t(a0.shape[0], device=a0.device, dtype=a0.dtype, generator=self.generator)
@@ -222,19 +226,19 @@ class EnergyLearner:
             a_t, _ = self.schedule.diffuse(sup.reshape(B * K, d), t_rep, generator=self.generator)
             s_rep = None if s is None else s.repeat_interleave(K, dim=0)
             f = self.energy(s_rep, a_t, t_rep).reshape(B, K)
-            return G.cep_loss(f, q, cfg.beta), {}
+            return G.cep_loss(f, q, cfg.beta, check=self.check_finite), {}
         a0 = batch["a"]
         a_t, t = self._noise(a0)
         if cfg.method == "mse":
             with torch.no_grad():
                 q = self.q_fn(s, a0)
-            return G.mse_energy_loss(self.energy(s, a_t, t), q, cfg.beta), {}
+            return G.mse_energy_loss(self.energy(s, a_t, t), q, cfg.beta, check=self.check_finite), {}
         fit_cov = batch.get("fit_cov", self.fit_cov)
         y = _aepo_target(a_t, t, s, eps_fn=self.eps_fn, q_fn=self.q_fn, schedule=self.schedule, beta=cfg.beta,
                         covariance=cfg.covariance, expansion=cfg.expansion, clip=cfg.clip,
                         n_samples=cfg.n_samples, eps_table=self.eps_table, fit_cov=fit_cov,
-                        generator=self.generator)
-        return G.energy_regression_loss(self.energy(s, a_t, t), y), {"target_mean": y.mean()}
+                        generator=self.generator, check=self.check_finite)
+        return G.energy_regression_loss(self.energy(s, a_t, t), y, check=self.check_finite), {"target_mean": y.mean()}
 
     def update(self, batch: dict) -> dict[str, float]:
         return {k: float(v) for k, v in self.step(batch).items()}

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 import warnings
 from dataclasses import asdict, dataclass, fields
@@ -31,7 +32,7 @@ from ._io import append_jsonl, atomic_torch_save, atomic_write_json, read_json
 from .aepo import EnergyConfig, EnergyLearner, EpsNormTable
 from .critics import CriticConfig, make_critic
 from .data import OfflineData, flatten_observation, load_minari
-from .device import resolve_device, seed_everything
+from .device import adam, resolve_device, seed_everything
 from .diffusion import SOLVERS, DiffusionModel, energy_guidance
 from .evaluation import reference_scores, run_episodes, summarize_returns
 from .nets import EnergyNet, NoiseNet
@@ -67,6 +68,8 @@ class AgentConfig:
     critic_lr: float = 3e-4  # Adam learning rate
     critic_hidden: int = 256  # Q/V width
     critic_depth: int = 2  # Q/V hidden layers
+    critic_activation: str = "mish"  # Q/V activation: smooth (silu|mish|gelu|tanh), or relu (QGPO's) where Q is
+    #   only evaluated: qgpo, mse, and aepo with the sampled expansion (first/second order differentiate Q)
     gamma: float = 0.99  # discount
     tau_target: float = 0.005  # Polyak rate of the target Q
     expectile: float = 0.7  # IQL expectile (AntMaze: 0.9)
@@ -121,8 +124,8 @@ _STAGE_FIELDS = {
     "behaviour": ("dataset", "seed", "behaviour_steps", "behaviour_batch", "behaviour_lr", "behaviour_hidden",
                   "behaviour_blocks"),
     "support": ("support_k", "support_solver", "support_steps"),
-    "critic": ("reward_scaling", "critic_steps", "critic_batch", "critic_lr", "critic_hidden", "critic_depth", "gamma",
-               "tau_target", "expectile", "beta_q"),
+    "critic": ("reward_scaling", "critic_steps", "critic_batch", "critic_lr", "critic_hidden", "critic_depth",
+               "critic_activation", "gamma", "tau_target", "expectile", "beta_q"),
     "energy": ("method", "energy_steps", "energy_batch", "energy_lr", "energy_hidden", "energy_depth", "beta",
                "covariance", "expansion", "n_samples", "energy_baseline"),
 }
@@ -192,6 +195,12 @@ def check_config(cfg: AgentConfig) -> AgentConfig:
         raise ValueError(f"covariance: expected one of {G.COVARIANCES}, got {cfg.covariance!r}")
     if cfg.expansion not in G.EXPANSIONS:
         raise ValueError(f"expansion: expected one of {G.EXPANSIONS}, got {cfg.expansion!r}")
+    from .nets import SMOOTH_ACTIVATIONS
+    if cfg.critic_activation not in SMOOTH_ACTIVATIONS + ("relu",):
+        raise ValueError(f"critic_activation: expected one of {SMOOTH_ACTIVATIONS + ('relu',)}, got {cfg.critic_activation!r}")
+    if cfg.critic_activation == "relu" and cfg.method == "aepo" and cfg.expansion != "sampled":
+        raise ValueError(f"critic_activation: a ReLU critic has no curvature; AEPO's {cfg.expansion!r} expansion "
+                         "differentiates Q in the action (use a smooth activation, or expansion='sampled')")
     if cfg.energy_baseline not in ("value", "none"):
         raise ValueError(f"energy_baseline: expected 'value' or 'none', got {cfg.energy_baseline!r}")
     if cfg.covariance == "gaussian-fit":
@@ -214,6 +223,8 @@ def stage_fingerprint(cfg: AgentConfig, stage: str) -> str:
             "critic": ["behaviour", "critic"] + (["support"] if cfg.needs("support") else []),
             "energy": ["behaviour", "critic", "energy"] + (["support"] if cfg.needs("support") else [])}[stage]
     vals = {k: getattr(cfg, k) for s in deps for k in _STAGE_FIELDS[s]}
+    if vals.get("critic_activation") == "mish":  # the default: runs made before the field existed keep their hash
+        del vals["critic_activation"]
     if stage in ("critic", "energy"):
         vals["critic_kind"] = cfg.critic_kind()
     return hashlib.sha256(json.dumps(vals, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -236,7 +247,7 @@ class Agent:
         if cfg.method != "bc":
             ccfg = CriticConfig(kind=cfg.critic_kind(), gamma=cfg.gamma, tau_target=cfg.tau_target,
                                 expectile=cfg.expectile, beta_q=cfg.beta_q, lr=cfg.critic_lr, hidden=cfg.critic_hidden,
-                                depth=cfg.critic_depth)
+                                depth=cfg.critic_depth, activation=cfg.critic_activation)
             self.critic = make_critic(state_dim, action_dim, ccfg).to(device)
             self.energy = EnergyNet(action_dim, state_dim, cfg.energy_hidden, cfg.energy_depth).to(device)
 
@@ -334,6 +345,8 @@ def _guard_run_dir(run_dir: Path, cfg: AgentConfig) -> None:
         raise ValueError(f"out: {run_dir} was made by method {old.get('method')!r}, not {cfg.method!r}; "
                          "use another --out directory")
     new = asdict(cfg)
+    defaults = {f.name: f.default for f in fields(AgentConfig)}  # a field newer than the run: its default
+    old = {k: old.get(k, defaults.get(k)) for k in new}
     diff = sorted(k for k in new if k not in EVAL_FIELDS and json.dumps(old.get(k), default=str)
                   != json.dumps(new[k], default=str))
     if diff:
@@ -351,8 +364,13 @@ def _run_stage(name: str, n_steps: int, step_fn, logger: _Logger, log_every: int
     t0 = time.perf_counter()
     bar = tqdm(range(1, n_steps + 1), desc=name, disable=not progress, mininterval=1.0)
     for i in bar:
-        m = step_fn()
+        m = step_fn()  # 0-d tensors: read back (a host synchronisation on GPU) only when logged
         if i % log_every == 0 or i == n_steps:
+            m = {k: float(v) for k, v in m.items()}
+            bad = sorted(k for k, v in m.items() if not math.isfinite(v))
+            if bad:
+                raise FloatingPointError(f"{name}: step {i} has non-finite {bad} ({m}); check the learning rate, beta, "
+                                         "the critic and the data")
             logger.log(name, i, m)
             bar.set_postfix({k: f"{v:.3g}" for k, v in list(m.items())[:3]})
     dt = time.perf_counter() - t0
@@ -429,7 +447,7 @@ def train(cfg: AgentConfig, run_dir, *, data: OfflineData | None = None, progres
         agent.behaviour.load_state_dict(_load_ckpt(p, fp, device)["state"])
     else:
         _batches_seed(cfg, "behaviour")
-        opt = torch.optim.Adam(agent.behaviour.parameters(), lr=cfg.behaviour_lr)
+        opt = adam(agent.behaviour.parameters(), cfg.behaviour_lr)
 
         def step():
             i = idx(cfg.behaviour_batch)
@@ -437,7 +455,7 @@ def train(cfg: AgentConfig, run_dir, *, data: OfflineData | None = None, progres
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            return {"loss": float(loss.detach())}
+            return {"loss": loss.detach()}
 
         st = _run_stage("behaviour", cfg.behaviour_steps, step, logger, cfg.log_every, progress)
         atomic_torch_save(p, {"stage": "behaviour", "fingerprint": fp, "state": agent.behaviour.state_dict(), "stats": st})
@@ -479,7 +497,7 @@ def train(cfg: AgentConfig, run_dir, *, data: OfflineData | None = None, progres
                  "done": T["done"][i]}
             if support is not None:
                 b["support2"] = support[T["next_idx"][i]]
-            return critic.update(b)
+            return critic.step(b)
 
         st = _run_stage("critic", cfg.critic_steps, step, logger, cfg.log_every, progress)
         atomic_torch_save(p, {"stage": "critic", "fingerprint": fp, "state": critic.state_dict(), "stats": st})
@@ -516,7 +534,7 @@ def train(cfg: AgentConfig, run_dir, *, data: OfflineData | None = None, progres
                 with torch.no_grad():
                     b["support_q"] = critic.q_fn(s.repeat_interleave(K, 0), sup.reshape(B * K, d)).reshape(B, K)
                 b["support"] = sup
-            return learner.update(b)
+            return learner.step(b)
 
         st = _run_stage("energy", cfg.energy_steps, step, logger, cfg.log_every, progress)
         atomic_torch_save(p, {"stage": "energy", "fingerprint": fp, "state": agent.energy.state_dict(), "stats": st})

@@ -10,7 +10,12 @@ QGPO's in-support softmax Q (Lu et al.), with K actions a'_j ~ mu(.|s') from the
     y = r + gamma (1 - done) sum_j softmax_j(beta_Q Q'(s', a'_j)) Q'(s', a'_j)
 
 Q' is the Polyak-averaged target network (rate ``tau_target``). Networks use smooth
-activations: AEPO differentiates Q in the action. ``q_fn(s, a) -> (B,)`` is what guidance uses.
+activations by default: AEPO's first- and second-order expansions differentiate Q in the action
+(``activation="relu"`` is allowed for the uses that only evaluate Q). ``q_fn(s, a) -> (B,)`` is
+what guidance uses.
+
+``step(batch)`` returns the metrics as 0-d tensors (no host synchronisation: what a GPU training
+loop calls); ``update(batch)`` is the same step with the numbers read back as floats.
 
 batch keys: ``s`` (B, k), ``a`` (B, d), ``r`` (B,), ``s2`` (B, k), ``done`` (B,);
 the in-support critic also needs ``support2`` (B, K, d), actions from mu(.|s').
@@ -24,6 +29,7 @@ import torch
 from torch import nn
 
 from ._checks import check_scalar
+from .device import adam
 from .nets import TwinQ, ValueNet
 
 __all__ = ["CriticConfig", "expectile_loss", "insupport_target", "IQLCritic", "InSupportCritic", "make_critic",
@@ -44,7 +50,7 @@ class CriticConfig:
     lr: float = 3e-4  # Adam learning rate
     hidden: int = 256  # hidden width of Q and V
     depth: int = 2  # hidden layers of Q and V
-    activation: str = "mish"  # smooth activation (AEPO needs grad_a Q)
+    activation: str = "mish"  # silu | mish | gelu | tanh | relu (relu: Q only evaluated, never differentiated)
     layer_norm: bool = False  # LayerNorm in the Q/V MLPs
 
 
@@ -62,9 +68,10 @@ def insupport_target(r: torch.Tensor, done: torch.Tensor, q_next: torch.Tensor, 
 
 
 def _soft_update(target: nn.Module, online: nn.Module, tau: float) -> None:
+    """target <- target + tau (online - target), every parameter in one foreach call."""
     with torch.no_grad():
-        for pt, p in zip(target.parameters(), online.parameters()):
-            pt.mul_(1.0 - tau).add_(p, alpha=tau)
+        torch._foreach_lerp_(list(target.parameters()), list(online.parameters()), tau)
+
 
 
 class _TwinQLearner(nn.Module):
@@ -75,6 +82,15 @@ class _TwinQLearner(nn.Module):
         self.cfg = cfg
         self.q = TwinQ(state_dim, action_dim, cfg.hidden, cfg.depth, cfg.activation, cfg.layer_norm)
         self.q_target = copy.deepcopy(self.q).requires_grad_(False)
+
+    def update(self, batch: dict) -> dict[str, float]:
+        """:meth:`step`, then the metrics as floats (one host synchronisation)."""
+        return {k: float(v) for k, v in self.step(batch).items()}
+
+    def _optimizers(self) -> None:
+        # made at the first step, when the parameters sit on their device (fused Adam on CUDA)
+        if self.q_opt is None:
+            self._make_optimizers()
 
     def q_fn(self, s: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         """Q(s, a) (B,): the minimum of the two target heads (what guidance and ranking use)."""
@@ -89,6 +105,9 @@ class _TwinQLearner(nn.Module):
         _soft_update(self.q_target, self.q, self.cfg.tau_target)
         return loss.detach(), q1.detach()
 
+    def _make_optimizers(self) -> None:
+        raise NotImplementedError
+
 
 class IQLCritic(_TwinQLearner):
     """IQL's expectile V and twin Q. ``update(batch) -> {"v_loss", "q_loss", "q_mean", "v_mean"}``."""
@@ -97,10 +116,13 @@ class IQLCritic(_TwinQLearner):
         super().__init__(state_dim, action_dim, cfg)
         check_scalar("expectile", cfg.expectile, 0.0, 1.0, low_open=True)
         self.v = ValueNet(state_dim, cfg.hidden, cfg.depth, cfg.activation, cfg.layer_norm)
-        self.q_opt = torch.optim.Adam(self.q.parameters(), lr=cfg.lr)
-        self.v_opt = torch.optim.Adam(self.v.parameters(), lr=cfg.lr)
+        self.q_opt = self.v_opt = None
 
-    def update(self, batch: dict) -> dict[str, float]:
+    def _make_optimizers(self) -> None:
+        self.q_opt, self.v_opt = adam(self.q.parameters(), self.cfg.lr), adam(self.v.parameters(), self.cfg.lr)
+
+    def step(self, batch: dict) -> dict[str, torch.Tensor]:
+        self._optimizers()
         s, a, r, s2, done = batch["s"], batch["a"], batch["r"], batch["s2"], batch["done"]
         with torch.no_grad():
             q_t = self.q_target.q_min(s, a)
@@ -112,7 +134,7 @@ class IQLCritic(_TwinQLearner):
         with torch.no_grad():
             y = r + self.cfg.gamma * (1.0 - done) * self.v(s2)
         q_loss, q1 = self._q_step(s, a, y)
-        return {"v_loss": float(v_loss.detach()), "q_loss": float(q_loss), "q_mean": float(q1.mean()), "v_mean": float(v.detach().mean())}
+        return {"v_loss": v_loss.detach(), "q_loss": q_loss, "q_mean": q1.mean(), "v_mean": v.detach().mean()}
 
 
 class InSupportCritic(_TwinQLearner):
@@ -121,16 +143,20 @@ class InSupportCritic(_TwinQLearner):
     def __init__(self, state_dim: int, action_dim: int, cfg: CriticConfig):
         super().__init__(state_dim, action_dim, cfg)
         check_scalar("beta_q", cfg.beta_q, low=0.0)
-        self.q_opt = torch.optim.Adam(self.q.parameters(), lr=cfg.lr)
+        self.q_opt = None
 
-    def update(self, batch: dict) -> dict[str, float]:
+    def _make_optimizers(self) -> None:
+        self.q_opt = adam(self.q.parameters(), self.cfg.lr)
+
+    def step(self, batch: dict) -> dict[str, torch.Tensor]:
+        self._optimizers()
         s, a, r, s2, done, sup = batch["s"], batch["a"], batch["r"], batch["s2"], batch["done"], batch["support2"]
         B, K, d = sup.shape
         with torch.no_grad():
             q_next = self.q_target.q_min(s2.repeat_interleave(K, 0), sup.reshape(B * K, d)).reshape(B, K)
             y = insupport_target(r, done, q_next, self.cfg.gamma, self.cfg.beta_q)
         q_loss, q1 = self._q_step(s, a, y)
-        return {"q_loss": float(q_loss), "q_mean": float(q1.mean()), "target_mean": float(y.mean())}
+        return {"q_loss": q_loss, "q_mean": q1.mean(), "target_mean": y.mean()}
 
 
 def make_critic(state_dim: int, action_dim: int, cfg: CriticConfig) -> _TwinQLearner:

@@ -298,7 +298,8 @@ def psd_project(M: torch.Tensor) -> torch.Tensor:
     return evecs @ torch.diag_embed(evals.clamp_min(0.0)) @ evecs.transpose(-1, -2)
 
 
-def aepo_target_first(q: torch.Tensor, g: torch.Tensor, S_hat: torch.Tensor, beta: float) -> torch.Tensor:
+def aepo_target_first(q: torch.Tensor, g: torch.Tensor, S_hat: torch.Tensor, beta: float, *,
+                      check: bool = True) -> torch.Tensor:
     """First-order AEPO target y_t = beta Q(a0_hat) + (beta^2 / 2) g^T S_hat g.
 
     q (B,), g (B, d) = grad_a Q at a0_hat, S_hat (B, d, d) -> (B,). The variance term lifts the
@@ -306,10 +307,11 @@ def aepo_target_first(q: torch.Tensor, g: torch.Tensor, S_hat: torch.Tensor, bet
     """
     beta = check_scalar("beta", beta, low=0.0)
     quad = (g.unsqueeze(-2) @ S_hat @ g.unsqueeze(-1)).squeeze(-1).squeeze(-1)
-    return _finite("aepo_target_first", beta * q + 0.5 * beta**2 * quad)
+    return _finite("aepo_target_first", beta * q + 0.5 * beta**2 * quad, check)
 
 
-def aepo_target_second(q: torch.Tensor, g: torch.Tensor, H: torch.Tensor, S_hat: torch.Tensor, beta: float) -> torch.Tensor:
+def aepo_target_second(q: torch.Tensor, g: torch.Tensor, H: torch.Tensor, S_hat: torch.Tensor, beta: float, *,
+                       check: bool = True) -> torch.Tensor:
     """Second-order AEPO target: the Gaussian integral of method.md 3b around a0_hat.
 
     With u ~ N(0, S_hat), Q(a0_hat + u) ≈ q + g^T u - u^T H u / 2 and H = -hess Q (PSD-projected
@@ -318,12 +320,12 @@ def aepo_target_second(q: torch.Tensor, g: torch.Tensor, H: torch.Tensor, S_hat:
     beta = check_scalar("beta", beta, low=0.0)
     zero = torch.zeros_like(g)
     y = beta * q + gaussian_log_expectation(zero, S_hat, beta * g, beta * psd_project(H))
-    return _finite("aepo_target_second", y)
+    return _finite("aepo_target_second", y, check)
 
 
 def aepo_target_sampled(q_fn: Callable[[torch.Tensor], torch.Tensor], a0_hat: torch.Tensor, S_hat: torch.Tensor,
                         beta: float, n_samples: int = 16, generator: torch.Generator | None = None,
-                        clip: float | None = None) -> torch.Tensor:
+                        clip: float | None = None, *, check: bool = True) -> torch.Tensor:
     """Sampled AEPO target y_t = logmeanexp_k beta Q(a0_hat + S_hat^(1/2) z_k), z_k ~ N(0, I).
 
     q_fn maps actions (B * K, d) -> (B * K,) (the state is the caller's to repeat); a0_hat (B, d),
@@ -342,28 +344,31 @@ def aepo_target_sampled(q_fn: Callable[[torch.Tensor], torch.Tensor], a0_hat: to
         a = a.clamp(-clip, clip)
     qv = q_fn(a.reshape(B * n_samples, d)).reshape(B, n_samples)
     y = torch.logsumexp(beta * qv, dim=1) - math.log(n_samples)
-    return _finite("aepo_target_sampled", y)
+    return _finite("aepo_target_sampled", y, check)
 
 
-def _finite(where: str, y: torch.Tensor) -> torch.Tensor:
-    if not bool(torch.isfinite(y).all()):
+def _finite(where: str, y: torch.Tensor, check: bool = True) -> torch.Tensor:
+    """y, after raising FloatingPointError if it has NaN/inf. ``check=False`` skips the test: it reads
+    a value back to the host, a synchronisation a GPU training loop avoids (it checks its logged
+    metrics instead)."""
+    if check and not bool(torch.isfinite(y).all()):
         raise FloatingPointError(f"{where}: the target has NaN/inf entries (check beta, the critic and S_hat)")
     return y
 
 
 # ----------------------------------------------------------------------------- losses
-def energy_regression_loss(f: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def energy_regression_loss(f: torch.Tensor, y: torch.Tensor, *, check: bool = True) -> torch.Tensor:
     """AEPO's loss: mean (f_phi(s, a_t, t) - stopgrad(y_t))^2. f, y (B,) -> scalar."""
-    return _finite("energy_regression_loss", ((f - y.detach()) ** 2).mean())
+    return _finite("energy_regression_loss", ((f - y.detach()) ** 2).mean(), check)
 
 
-def mse_energy_loss(f: torch.Tensor, q: torch.Tensor, beta: float) -> torch.Tensor:
+def mse_energy_loss(f: torch.Tensor, q: torch.Tensor, beta: float, *, check: bool = True) -> torch.Tensor:
     """The MSE baseline: mean (f_phi(s, a_t, t) - beta Q(s, a_0))^2. Learns E[beta Q | a_t] <= E_t (Jensen)."""
     beta = check_scalar("beta", beta, low=0.0)
-    return _finite("mse_energy_loss", ((f - beta * q.detach()) ** 2).mean())
+    return _finite("mse_energy_loss", ((f - beta * q.detach()) ** 2).mean(), check)
 
 
-def cep_loss(f: torch.Tensor, q: torch.Tensor, beta: float) -> torch.Tensor:
+def cep_loss(f: torch.Tensor, q: torch.Tensor, beta: float, *, check: bool = True) -> torch.Tensor:
     """QGPO's contrastive energy prediction over K support actions per state.
 
     f (B, K) = f_phi(s, a_t^(i), t), q (B, K) = Q(s, a^(i)) -> scalar
@@ -373,4 +378,4 @@ def cep_loss(f: torch.Tensor, q: torch.Tensor, beta: float) -> torch.Tensor:
     if f.shape != q.shape or f.ndim != 2:
         raise ValueError(f"cep_loss: expected f and q of the same shape (B, K), got {tuple(f.shape)} and {tuple(q.shape)}")
     w = torch.softmax(beta * q.detach(), dim=1)
-    return _finite("cep_loss", -(w * torch.log_softmax(f, dim=1)).sum(1).mean())
+    return _finite("cep_loss", -(w * torch.log_softmax(f, dim=1)).sum(1).mean(), check)

@@ -69,10 +69,68 @@ def test_critic_updates_soft_target_and_iql_target():
         y = batch["r"] + 0.99 * (1 - batch["done"]) * c.v(batch["s2"])
     assert torch.isfinite(y).all()
     ins = InSupportCritic(k, d, CriticConfig(kind="insupport", hidden=16))
-    out = ins.update(dict(batch, support2=torch.rand(B, 5, d) * 2 - 1))
+    sup = torch.rand(B, 5, d) * 2 - 1
+    with torch.no_grad():  # the target by hand, from the target network before the step
+        q_next = torch.minimum(*ins.q_target(batch["s2"].repeat_interleave(5, 0), sup.reshape(-1, d))).reshape(B, 5)
+        w = torch.softmax(q_next, -1)
+        y = batch["r"] + 0.99 * (1 - batch["done"]) * (w * q_next).sum(-1)
+    out = ins.update(dict(batch, support2=sup))
     assert set(out) == {"q_loss", "q_mean", "target_mean"}
+    assert out["target_mean"] == pytest.approx(float(y.mean()), rel=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["iql", "insupport"])
+def test_critic_step_keeps_metrics_on_device_and_matches_update(kind):
+    """step() returns 0-d tensors (no host sync in a training loop); update() is the same step read back."""
+    B, k, d = 32, 4, 2
+    g = torch.Generator().manual_seed(3)
+    batch = {"s": torch.randn(B, k, generator=g), "a": torch.rand(B, d, generator=g) * 2 - 1,
+             "r": torch.randn(B, generator=g), "s2": torch.randn(B, k, generator=g), "done": torch.zeros(B),
+             "support2": torch.rand(B, 4, d, generator=g) * 2 - 1}
+    runs = []
+    for use_step in (True, False):
+        torch.manual_seed(0)
+        c = (IQLCritic if kind == "iql" else InSupportCritic)(k, d, CriticConfig(kind=kind, hidden=16))
+        outs = [c.step(batch) if use_step else c.update(batch) for _ in range(3)]
+        runs.append((outs, [p.detach().clone() for p in c.parameters()]))
+    (o_step, p_step), (o_upd, p_upd) = runs
+    assert all(isinstance(v, torch.Tensor) and v.ndim == 0 for o in o_step for v in o.values())
+    assert [{k: float(v) for k, v in o.items()} for o in o_step] == o_upd
+    for x, y in zip(p_step, p_upd):
+        assert torch.equal(x, y)
     with pytest.raises(ValueError, match="gamma"):
         IQLCritic(k, d, CriticConfig(gamma=1.5))
+
+
+def test_stage_loop_reads_metrics_back_only_when_logging_and_stops_on_nan(tmp_path):
+    """_run_stage: steps return 0-d tensors; they become floats (a host sync on GPU) only at log steps,
+    where a NaN stops the run with the stage and step named."""
+    from aepo_lite import guidance as G
+    from aepo_lite.agent import _Logger, _run_stage
+    count = [0]
+
+    def step(nan_from=None):
+        count[0] += 1
+        bad = nan_from is not None and count[0] >= nan_from
+        return {"loss": torch.tensor(float("nan") if bad else float(count[0]))}
+    logger = _Logger(tmp_path, False)
+    st = _run_stage("probe", 10, step, logger, 5, False)
+    assert st["steps"] == 10 and count[0] == 10
+    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["loss"]) for r in logged] == [(5, 5.0), (10, 10.0)]
+    count[0] = 0
+    with pytest.raises(FloatingPointError, match=r"probe: step 10 has non-finite \['loss'\]"):
+        _run_stage("probe", 20, lambda: step(nan_from=7), logger, 5, False)
+    assert count[0] == 10  # stopped at the first logged step after the NaN
+    logger.close()
+    # the losses' own checks: on by default (the CPU learner), skippable (the CUDA learner)
+    f, y = torch.tensor([1.0, float("nan")]), torch.zeros(2)
+    with pytest.raises(FloatingPointError, match="energy_regression_loss"):
+        G.energy_regression_loss(f, y)
+    assert torch.isnan(G.energy_regression_loss(f, y, check=False))
+    with pytest.raises(FloatingPointError, match="cep_loss"):
+        G.cep_loss(f[None], y[None], 1.0)
+    assert torch.isnan(G.cep_loss(f[None], y[None], 1.0, check=False))
 
 
 # ------------------------------------------------------------------------------- agent
@@ -193,6 +251,13 @@ def test_run_dir_guards_and_broken_checkpoint(tiny, smoke_runs):
         train(make_config(DS, "aepo", "smoke", beta=5.0), d, progress=False)
     with pytest.raises(ValueError, match="different config.*seed"):
         train(make_config(DS, "aepo", "smoke", seed=3), d, progress=False)
+    with pytest.raises(ValueError, match="different config.*critic_activation"):
+        train(make_config(DS, "aepo", "smoke", critic_activation="relu"), d, progress=False)
+    # a run made before the critic_activation field existed counts as the default (mish): it resumes
+    cfg_json = json.loads((d / "config.json").read_text())
+    del cfg_json["critic_activation"]
+    (d / "config.json").write_text(json.dumps(cfg_json))
+    train(make_config(DS, "aepo", "smoke"), d, progress=False)
     assert {p.name: p.read_bytes() for p in (d / "checkpoints").iterdir()} == snap  # nothing touched
     broken = tiny / "runs" / "broken"
     train(make_config(DS, "bc", "smoke"), broken, progress=False)
@@ -208,7 +273,10 @@ def test_run_dir_guards_and_broken_checkpoint(tiny, smoke_runs):
 
 @pytest.mark.parametrize("kw,match", [(dict(method="sac"), "method"), (dict(preset="huge"), "preset"),
                                       (dict(covariance="full"), "covariance"), (dict(solver="rk4"), "solver"),
-                                      (dict(behaviour_steps=0), "behaviour_steps"), (dict(bogus=1), "bogus")])
+                                      (dict(behaviour_steps=0), "behaviour_steps"), (dict(bogus=1), "bogus"),
+                                      (dict(critic_activation="swish"), "critic_activation"),
+                                      (dict(critic_activation="relu", expansion="first"), "no curvature"),
+                                      (dict(critic_activation="relu", expansion="second"), "no curvature")])
 def test_bad_config_is_named(kw, match):
     from aepo_lite.agent import make_config
     args = dict(dataset=DS, method="aepo", preset="smoke")
@@ -254,3 +322,13 @@ def test_cli_train_eval_and_errors(tiny, smoke_runs, capsys):
     assert "make-dataset" in capsys.readouterr().err
     assert main(["train", "--dataset", DS, "--method", "qgpo", "--out", str(out), "--quiet"]) == 2
     assert "made by method 'bc'" in capsys.readouterr().err
+    # QGPO's own critic network (ReLU): trains from the saved behaviour and support stages
+    relu = tiny / "runs" / "cli-qgpo-relu"
+    assert main(["train", "--dataset", DS, "--method", "qgpo", "--out", str(relu), "--critic-activation", "relu",
+                 "--init-behaviour", str(smoke_runs["qgpo"]), "--no-eval", "--quiet"]) == 0
+    assert json.loads((relu / "config.json").read_text())["critic_activation"] == "relu"
+    assert json.loads((relu / "train_stats.json").read_text())["support"].get("copied_from")
+    capsys.readouterr()
+    assert main(["train", "--dataset", DS, "--method", "aepo", "--expansion", "first", "--critic-activation", "relu",
+                 "--out", str(tiny / "y"), "--quiet"]) == 2
+    assert "no curvature" in capsys.readouterr().err
