@@ -18,7 +18,8 @@ What is timed (Hopper shapes: state 11, action 3; K = 16 support actions):
               aepo_lite: ``DiffusionModel.loss`` on a NoiseNet with QGPO's parameter count (and the
               library default, smaller), Adam lr 1e-4.
   critic      QGPO: ``QGPO_Critic.update_q0`` (in-support softmax target over K next actions), batch 256;
-              aepo_lite: ``critics.InSupportCritic.update`` (the same target), TwinQ 3 x 256.
+              aepo_lite: ``critics.InSupportCritic.step`` (the same target), TwinQ 3 x 256 with QGPO's
+              ReLU, and a second row with aepo_lite's smooth critic (SiLU) against the same QGPO step.
   energy      QGPO: ``QGPO_Critic.update_qt`` with method CEP, batch 256 x K;
               aepo_lite: ``EnergyLearner`` (cep) with support Q from the target critic, EnergyNet 4 x 256.
               Also aepo_lite's AEPO update (a different algorithm: no support actions) for context.
@@ -55,9 +56,10 @@ sys.path.insert(0, str(ROOT))
 
 from aepo_lite import bench  # noqa: E402
 from aepo_lite.aepo import EnergyConfig, EnergyLearner  # noqa: E402
+from aepo_lite.critics import CriticConfig, make_critic  # noqa: E402
 from aepo_lite.device import resolve_device  # noqa: E402
 from aepo_lite.diffusion import DiffusionModel, energy_guidance  # noqa: E402
-from aepo_lite.nets import NoiseNet  # noqa: E402
+from aepo_lite.nets import NoiseNet, TwinQ  # noqa: E402
 from aepo_lite.schedule import VPSchedule  # noqa: E402
 
 STATE_DIM, ACTION_DIM, K = 11, 3, 16
@@ -193,12 +195,17 @@ class ResidentData:
 
 
 class AepoSide:
-    def __init__(self, device, data, noise_hidden, noise_blocks, activation):
+    """aepo_lite's stages at QGPO's sizes. ``critic_activation``: the critic's (QGPO's is ReLU; the
+    library's default critics are smooth, which AEPO's first/second-order expansions need)."""
+
+    def __init__(self, device, data, noise_hidden, noise_blocks, activation, critic_activation=None):
         cfg = bench.BenchConfig(device=str(device), support_k=K, noise_hidden=noise_hidden, noise_blocks=noise_blocks,
                                 energy_hidden=256, energy_depth=4, critic_hidden=256, critic_depth=3,
                                 methods=("cep", "aepo"), guidance_scale=1.0, activation=activation)
         self.st = bench.Stages(cfg, device)
         self.cfg, self.data, self.device = cfg, data, device
+        self.critic_activation = critic_activation or activation or "mish"
+        self.critic_target = TwinQ(STATE_DIM, ACTION_DIM, 256, 3, self.critic_activation).to(device).requires_grad_(False)
         # the same resident data as QGPO's side, so both index the same tensors
         t = data.tensors
         self.st.data = {"s": t["s"], "a": t["a"], "r": t["r"], "s_": t["s_"], "done": t["done"]}
@@ -219,14 +226,21 @@ class AepoSide:
         return self.st.behaviour_step()
 
     def critic_step(self, batch):
-        self.cfg.batch = batch
-        return self.st.critic_softmax_step()
+        """``InSupportCritic.step`` (the metrics stay on the device, as in a training loop)."""
+        critic = make_critic(STATE_DIM, ACTION_DIM, CriticConfig(kind="insupport", hidden=256, depth=3,
+                                                                 activation=self.critic_activation)).to(self.device)
+
+        def step():
+            b = self.data.batch(batch)
+            critic.step({"s": b["s"], "a": b["a"], "r": b["r"], "s2": b["s_"], "done": b["done"],
+                         "support2": b["support_next"]})
+        return step
 
     def energy_step(self, batch, method="cep"):
         """As QGPO's update_qt does, the support Q comes from the target critic inside the step."""
         self.cfg.batch = batch
         ecfg = EnergyConfig(method=method, beta=3.0)
-        q_target = self.st.critic_target.q_min
+        q_target = self.critic_target.q_min
         learner = EnergyLearner(self.st.energy[method], ecfg, schedule=self.st.schedule, eps_fn=self.st.eps,
                                 q_fn=q_target)
         run = getattr(learner, "step", learner.update)
@@ -337,20 +351,24 @@ def main(argv=None):
     torch.manual_seed(0)
     data = ResidentData(100_000, device)
     qgpo = QGPOSide(args.qgpo, device, data)
-    # QGPO's parameter counts and its activation (SiLU; its critic's ReLU has no curvature, so SiLU there too)
-    matched = AepoSide(device, data, noise_hidden=448, noise_blocks=2, activation="silu")
+    # QGPO's networks: its parameter counts and activations (SiLU; ReLU in its critic)
+    matched = AepoSide(device, data, noise_hidden=448, noise_blocks=2, activation="silu", critic_activation="relu")
     default = AepoSide(device, data, noise_hidden=256, noise_blocks=3, activation=None)  # the library default (Mish)
+    smooth = AepoSide(device, data, noise_hidden=448, noise_blocks=2, activation="silu")  # SiLU critic
 
     pairs = [("behaviour", qgpo.behaviour_step(4096), matched.behaviour_step(4096)),
              ("behaviour (aepo_lite default net)", qgpo.behaviour_step(4096), default.behaviour_step(4096)),
              ("critic (in-support softmax)", qgpo.critic_step(256), matched.critic_step(256)),
+             ("critic, aepo_lite smooth (SiLU)", qgpo.critic_step(256), smooth.critic_step(256)),
              ("energy (CEP)", qgpo.energy_step(256), matched.energy_step(256, "cep")),
              ("energy: aepo_lite AEPO vs QGPO CEP", qgpo.energy_step(256), matched.energy_step(256, "aepo")),
              ("guided sampling b1", qgpo.sampler(1), matched.sampler(1)),
              ("guided sampling b256", qgpo.sampler(256), matched.sampler(256))]
     meta = {"behaviour": {"batch": 4096, "note": "matched parameter count, SiLU"},
             "behaviour (aepo_lite default net)": {"batch": 4096, "note": "aepo_lite's default NoiseNet (smaller, Mish)"},
-            "critic (in-support softmax)": {"batch": 256, "note": f"K = {K} next support actions"},
+            "critic (in-support softmax)": {"batch": 256, "note": f"K = {K} next support actions; QGPO's ReLU TwinQ on both sides"},
+            "critic, aepo_lite smooth (SiLU)": {"batch": 256, "note": "a smooth critic (AEPO's first/second order need one): "
+                                                 "SiLU costs ~3x ReLU per element here"},
             "energy (CEP)": {"batch": 256, "note": f"K = {K} support actions, target-critic Q inside the step"},
             "energy: aepo_lite AEPO vs QGPO CEP": {"batch": 256, "note": "different algorithms: AEPO needs no support actions"},
             "guided sampling b1": {"batch": 1, "note": "15 steps, numpy in/out, per call"},
@@ -370,7 +388,7 @@ def main(argv=None):
               "shapes": {"state_dim": STATE_DIM, "action_dim": ACTION_DIM, "support_k": K},
               "params": {"qgpo": qgpo.params(), "aepo_matched": matched.params(), "aepo_default": default.params()},
               "aepo_lite_sizes": {"matched": {"noise_hidden": 448, "noise_blocks": 2, "energy": "EnergyNet(256, depth 4)",
-                                              "critic": "TwinQ(256, depth 3)", "activation": "silu"},
+                                              "critic": "TwinQ(256, depth 3), ReLU (QGPO's)", "activation": "silu"},
                                   "default": {"noise_hidden": 256, "noise_blocks": 3, "activation": "mish"}},
               "rows": rows}
     md = to_markdown(result)
