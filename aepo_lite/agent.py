@@ -33,7 +33,7 @@ from .aepo import EnergyConfig, EnergyLearner, EpsNormTable
 from .critics import CriticConfig, make_critic
 from .data import OfflineData, flatten_observation, load_minari
 from .device import adam, resolve_device, seed_everything
-from .diffusion import SOLVERS, DiffusionModel, energy_guidance
+from .diffusion import SOLVERS, DiffusionModel, FusedGuidedEps, energy_guidance
 from .evaluation import reference_scores, run_episodes, summarize_returns
 from .nets import EnergyNet, NoiseNet
 from .schedule import VPSchedule
@@ -96,6 +96,7 @@ class AgentConfig:
     guidance_scales: tuple = (0.0, 1.0, 2.0, 3.0, 5.0, 8.0, 10.0)  # swept at evaluation (bc: 0 only)
     guidance_t_max: float = 1.0  # guide only where t <= this (1.0 = everywhere, the method as written)
     n_candidates: int = 1  # best-of-N: sample N actions per state, keep the one with the largest Q
+    compile_sampler: bool = False  # torch.compile the guided sampler step (CUDA: CUDA graphs); first call compiles
     eval_episodes: int = 10  # episodes per guidance scale
     eval_seed: int = 100_000  # episode i of an evaluation resets with seed eval_seed + i (all runs alike)
     eval_envs: int = 10  # environments stepped together (one batched sampler call per step)
@@ -118,8 +119,8 @@ class AgentConfig:
 
 
 # fields that only change acting/evaluation/logging: a run may be re-evaluated with other values
-EVAL_FIELDS = ("device", "solver", "sample_steps", "guidance_scales", "guidance_t_max", "n_candidates", "eval_episodes", "eval_seed",
-               "eval_envs", "eval_max_episode_steps", "log_every", "tensorboard", "preset")
+EVAL_FIELDS = ("device", "solver", "sample_steps", "guidance_scales", "guidance_t_max", "n_candidates", "compile_sampler",
+               "eval_episodes", "eval_seed", "eval_envs", "eval_max_episode_steps", "log_every", "tensorboard", "preset")
 _STAGE_FIELDS = {
     "behaviour": ("dataset", "seed", "behaviour_steps", "behaviour_batch", "behaviour_lr", "behaviour_hidden",
                   "behaviour_blocks"),
@@ -244,6 +245,7 @@ class Agent:
                                         VPSchedule()).to(device)
         self.critic = None
         self.energy = None
+        self._fused = None  # the compiled guided sampler step (compile_sampler)
         if cfg.method != "bc":
             ccfg = CriticConfig(kind=cfg.critic_kind(), gamma=cfg.gamma, tau_target=cfg.tau_target,
                                 expectile=cfg.expectile, beta_q=cfg.beta_q, lr=cfg.critic_lr, hidden=cfg.critic_hidden,
@@ -269,12 +271,24 @@ class Agent:
             raise ValueError("n_candidates: best-of-N needs a critic")
         n = s.shape[0]
         s_rep = s.repeat_interleave(n_candidates, 0) if n_candidates > 1 else s
-        guide = energy_guidance(self.energy) if (self.energy is not None and guidance_scale != 0) else None
-        if guide is not None and cfg.guidance_t_max < self.behaviour.schedule.t_max:
-            full, t_cut = guide, cfg.guidance_t_max
-            guide = lambda a_t, t, c: full(a_t, t, c) * (t <= t_cut).to(a_t.dtype)[:, None]  # noqa: E731
+        guide = fused = None
+        if self.energy is not None and guidance_scale != 0:
+            if cfg.compile_sampler:
+                if self._fused is None:  # compiled once per agent (and batch size), then reused
+                    self._fused = FusedGuidedEps(self.behaviour.eps, self.energy, compile=True)
+                fused = self._fused
+            else:
+                guide = energy_guidance(self.energy)
+        t_max = cfg.guidance_t_max if cfg.guidance_t_max < self.behaviour.schedule.t_max else None
+        rows = s_rep.shape[0]
+        if fused is not None and rows & (rows - 1):
+            # a compiled graph per batch size: pad to the next power of two (the last state repeated), so the
+            # shrinking batches at the end of an evaluation reuse a few graphs instead of compiling each size
+            s_rep = torch.cat([s_rep, s_rep[-1:].expand((1 << (rows - 1).bit_length()) - rows, -1)])
         a = self.behaviour.sample(cond=s_rep, n_steps=cfg.sample_steps, solver=cfg.solver, guidance=guide,
-                                  guidance_scale=float(guidance_scale), generator=generator, clip=1.0)
+                                  guided_eps=fused, guidance_t_max=t_max, guidance_scale=float(guidance_scale),
+                                  generator=generator, clip=1.0)[:rows]
+        s_rep = s_rep[:rows]
         if n_candidates > 1:
             with torch.no_grad():
                 q = self.critic.q_fn(s_rep, a).reshape(n, n_candidates)
@@ -594,7 +608,8 @@ def _eval_env_factory(cfg: AgentConfig, minari_ds):
 
 
 def evaluate_run(run_dir, *, guidance_scales=None, episodes: int | None = None, device: str | None = None,
-                 n_candidates: int | None = None, guidance_t_max: float | None = None, progress: bool = True) -> dict:
+                 n_candidates: int | None = None, guidance_t_max: float | None = None,
+                 compile_sampler: bool | None = None, progress: bool = True) -> dict:
     """Evaluate a trained run at each guidance scale and merge into ``DIR/results.json``.
 
     Returns the results dict: per scale ``return_mean``, ``return_std``, ``normalized_score_mean``
@@ -603,7 +618,7 @@ def evaluate_run(run_dir, *, guidance_scales=None, episodes: int | None = None, 
     from .data import open_minari
     run_dir = Path(run_dir)
     over = {"guidance_scales": guidance_scales, "eval_episodes": episodes, "n_candidates": n_candidates,
-            "guidance_t_max": guidance_t_max}
+            "guidance_t_max": guidance_t_max, "compile_sampler": compile_sampler}
     agent, cfg, data = load_run(run_dir, device=device, overrides=over)
     scales = (0.0,) if cfg.method == "bc" else tuple(float(w) for w in cfg.guidance_scales)
     if cfg.method == "bc" and guidance_scales and any(float(w) != 0 for w in guidance_scales):

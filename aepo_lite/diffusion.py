@@ -26,7 +26,8 @@ from torch import nn
 from ._checks import check_finite, check_scalar, check_tensor
 from .schedule import VPSchedule
 
-__all__ = ["DiffusionModel", "sample", "energy_guidance", "SOLVERS", "EpsFn", "GuidanceFn"]
+__all__ = ["DiffusionModel", "sample", "energy_guidance", "FusedGuidedEps", "SOLVERS", "EpsFn", "GuidanceFn",
+           "GuidedEpsFn"]
 
 EpsFn = Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
 GuidanceFn = Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
@@ -46,6 +47,48 @@ def energy_guidance(energy: Callable[[Optional[torch.Tensor], torch.Tensor, torc
     return guidance
 
 
+GuidedEpsFn = Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor], torch.Tensor], torch.Tensor]
+
+
+class FusedGuidedEps:
+    """The guided noise prediction as one function, for fast sampling:
+
+        (a_t (B, d), t (B,), s, w_sigma (0-d tensor)) -> eps_theta(a_t, t, s) - w_sigma grad_{a_t} f(s, a_t, t)
+
+    The gradient comes from ``torch.func.grad``, which ``torch.compile`` traces, so with
+    ``compile=True`` the noise network, the energy's forward and its backward become one compiled
+    graph per batch size; on CUDA the mode is ``reduce-overhead``, which replays that graph as a CUDA
+    graph (one launch per solver step instead of a few hundred). ``w_sigma`` is a tensor so a new
+    scale or step never recompiles. Pass it to :func:`sample` as ``guided_eps``.
+    """
+
+    def __init__(self, eps_fn: EpsFn, energy: Callable, *, compile: bool = False, mode: str | None = "auto"):
+        self.eps_fn, self.energy, self.compiled = eps_fn, energy, bool(compile)
+        fn = self._eager
+        self._cuda_graphs = False
+        if compile:
+            if mode == "auto":
+                dev = next((p.device for p in getattr(energy, "parameters", lambda: iter(()))()), torch.device("cpu"))
+                mode = "reduce-overhead" if dev.type == "cuda" else None
+            self._cuda_graphs = mode == "reduce-overhead"
+            fn = torch.compile(self._eager, mode=mode, dynamic=False)
+        self._fn = fn
+
+    def _eager(self, x, t, s, w_sigma):
+        # torch.func.grad differentiates in a_t even under no_grad (a function transform ignores the outer
+        # mode); no_grad keeps the energy's parameters out of it, so nothing here requires grad
+        with torch.no_grad():
+            eps = self.eps_fn(x, t, s)
+            grad = torch.func.grad(lambda a: self.energy(s, a, t).sum())(x)
+            return eps - w_sigma * grad
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, s: Optional[torch.Tensor], w_sigma: torch.Tensor) -> torch.Tensor:
+        if self._cuda_graphs:
+            # each call is a new step: its output is consumed before the next call overwrites it
+            torch.compiler.cudagraph_mark_step_begin()
+        return self._fn(x, t, s, w_sigma)
+
+
 def _guided_eps(eps_fn: EpsFn, guidance: GuidanceFn | None, w: float, x, t_scalar, sigma, cond):
     t = torch.full((x.shape[0],), float(t_scalar), dtype=x.dtype, device=x.device)
     with torch.no_grad():
@@ -58,7 +101,8 @@ def _guided_eps(eps_fn: EpsFn, guidance: GuidanceFn | None, w: float, x, t_scala
 def sample(eps_fn: EpsFn, x_T: torch.Tensor, *, schedule: VPSchedule, cond: torch.Tensor | None = None,
            n_steps: int = 15, solver: str = "dpmpp2m", guidance: GuidanceFn | None = None,
            guidance_scale: float = 0.0, t_end: float | None = None,
-           generator: torch.Generator | None = None, check_nan: bool = True) -> torch.Tensor:
+           generator: torch.Generator | None = None, check_nan: bool = True,
+           guided_eps: GuidedEpsFn | None = None, guidance_t_max: float | None = None) -> torch.Tensor:
     """Integrate from noise x_T (B, d) at t = t_max down to t_end (default t_min).
 
     Args:
@@ -71,6 +115,9 @@ def sample(eps_fn: EpsFn, x_T: torch.Tensor, *, schedule: VPSchedule, cond: torc
         guidance_scale: w >= 0; w = 0 (or no guidance) is behaviour cloning.
         t_end: final time, in [t_min, t_max).
         generator: randomness for ``ddpm``.
+        guided_eps: instead of ``guidance``, the whole guided prediction in one call
+            (:class:`FusedGuidedEps`, optionally compiled); ``eps_fn`` then serves the unguided steps.
+        guidance_t_max: guide only the network evaluations at t <= this (None: all of them).
     Returns:
         samples at t_end, (B, d).
     """
@@ -81,6 +128,9 @@ def sample(eps_fn: EpsFn, x_T: torch.Tensor, *, schedule: VPSchedule, cond: torc
     if solver == "dpm2" and n_steps < 2:
         raise ValueError("n_steps: dpm2 needs at least 2 network evaluations")
     w = check_scalar("guidance_scale", guidance_scale, low=0.0)
+    if guided_eps is not None and guidance is not None:
+        raise ValueError("guided_eps: pass either guidance or guided_eps (which includes the guidance), not both")
+    t_guide = math.inf if guidance_t_max is None else check_scalar("guidance_t_max", guidance_t_max, low=0.0)
     check_tensor("x_T", x_T, ndim=2)
     check_finite("x_T", x_T)
     if cond is not None:
@@ -105,8 +155,13 @@ def sample(eps_fn: EpsFn, x_T: torch.Tensor, *, schedule: VPSchedule, cond: torc
     ts_, al_, si_, la_ = ts.tolist(), alphas.tolist(), sigmas.tolist(), lams.tolist()
 
     def eps_at(x, i, t_val=None, sigma=None):
-        return _guided_eps(eps_fn, guidance, w, x, ts_[i] if t_val is None else t_val,
-                           si_[i] if sigma is None else sigma, cond)
+        t_val = ts_[i] if t_val is None else t_val
+        sigma = si_[i] if sigma is None else sigma
+        w_here = w if t_val <= t_guide else 0.0
+        if guided_eps is not None and w_here != 0.0:
+            t = torch.full((x.shape[0],), t_val, dtype=x.dtype, device=x.device)
+            return guided_eps(x, t, cond, torch.full((), w_here * sigma, dtype=x.dtype, device=x.device))
+        return _guided_eps(eps_fn, guidance, w_here, x, t_val, sigma, cond)
 
     x = x_T
     if solver == "dpmpp2m":
@@ -208,8 +263,10 @@ class DiffusionModel(nn.Module):
     def sample(self, n: int | None = None, cond: torch.Tensor | None = None, *, n_steps: int = 15,
                solver: str = "dpmpp2m", guidance: GuidanceFn | None = None, guidance_scale: float = 0.0,
                generator: torch.Generator | None = None, clip: float | None = None,
-               action_dim: int | None = None) -> torch.Tensor:
-        """Draw one action per condition row (or ``n`` unconditional samples). Returns (B, d)."""
+               action_dim: int | None = None, guided_eps: GuidedEpsFn | None = None,
+               guidance_t_max: float | None = None) -> torch.Tensor:
+        """Draw one action per condition row (or ``n`` unconditional samples). Returns (B, d).
+        ``guided_eps`` and ``guidance_t_max``: see :func:`sample`."""
         d = action_dim or getattr(self.net, "action_dim", None)
         if d is None:
             raise ValueError("action_dim: the network does not say its action size; pass action_dim")
@@ -221,5 +278,6 @@ class DiffusionModel(nn.Module):
         x_T = torch.randn((n, d), generator=generator, dtype=p.dtype,
                           device="cpu" if generator is not None else p.device).to(p.device)
         x = sample(self.eps, x_T, schedule=self.schedule, cond=cond, n_steps=n_steps, solver=solver,
-                   guidance=guidance, guidance_scale=guidance_scale, generator=generator)
+                   guidance=guidance, guidance_scale=guidance_scale, generator=generator, guided_eps=guided_eps,
+                   guidance_t_max=guidance_t_max)
         return x.clamp(-clip, clip) if clip is not None else x

@@ -223,6 +223,26 @@ def test_act_shapes_guidance_and_best_of_n(tiny, smoke_runs):
         agent.act(obs[:, :4], 0.0)
 
 
+def test_compiled_sampler_agent_matches_eager_and_pads_batches(tiny, smoke_runs):
+    """compile_sampler: the same actions as the eager policy at a power-of-two batch (the same noise);
+    other batch sizes are padded to the next power of two, so they reuse the compiled graph."""
+    import shutil
+    if shutil.which("gcc") is None and shutil.which("cc") is None:
+        pytest.skip("torch.compile on the CPU needs a C compiler")
+    import torch._dynamo
+    from aepo_lite.agent import load_run
+    eager, _, data = load_run(smoke_runs["aepo"])
+    comp, cfg, _ = load_run(smoke_runs["aepo"], overrides={"compile_sampler": True})
+    assert cfg.compile_sampler
+    obs = data.obs_rows[:4]
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    torch._dynamo.reset()
+    np.testing.assert_allclose(comp.act(obs, 3.0, generator=g()), eager.act(obs, 3.0, generator=g()), atol=1e-4)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        a3 = comp.act(obs[:3], 1.0, generator=g())  # 3 rows -> padded to 4: no new graph
+    assert a3.shape == (3, 3) and np.all(np.abs(a3) <= 1)
+
+
 def test_resume_skips_finished_stages(tiny, smoke_runs):
     from aepo_lite.agent import make_config, train
     d = smoke_runs["mse"]

@@ -46,6 +46,8 @@ def register(sub) -> None:
     p.add_argument("--episodes", type=int, default=None)
     p.add_argument("--candidates", type=int, default=None, help="best-of-N actions ranked by Q")
     p.add_argument("--guidance-t-max", type=float, default=None, help="guide only where t <= this (default 1: everywhere)")
+    p.add_argument("--compile", action="store_true", default=None,
+                   help="torch.compile the guided sampler step (CUDA graphs on CUDA; the first calls compile)")
     p.add_argument("--device", default=None, choices=DEVICE_CHOICES)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_eval)
@@ -112,7 +114,8 @@ def _eval(args) -> int:
     from ..agent import evaluate_run
     _print_results(evaluate_run(args.run, guidance_scales=args.guidance_scale, episodes=args.episodes,
                                 device=args.device, n_candidates=args.candidates,
-                                guidance_t_max=args.guidance_t_max, progress=not args.quiet))
+                                guidance_t_max=args.guidance_t_max, compile_sampler=args.compile,
+                                progress=not args.quiet))
     return 0
 
 
