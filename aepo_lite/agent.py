@@ -16,6 +16,7 @@ candidates ranked by Q.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -32,7 +33,7 @@ from ._io import append_jsonl, atomic_torch_save, atomic_write_json, read_json
 from .aepo import EnergyConfig, EnergyLearner, EpsNormTable
 from .critics import CriticConfig, make_critic
 from .data import OfflineData, flatten_observation, load_minari
-from .device import adam, resolve_device, seed_everything
+from .device import adam, compile_limits, compile_mode, compile_module, resolve_device, seed_everything
 from .diffusion import SOLVERS, DiffusionModel, FusedGuidedEps, energy_guidance
 from .evaluation import reference_scores, run_episodes, summarize_returns
 from .nets import EnergyNet, NoiseNet
@@ -104,6 +105,8 @@ class AgentConfig:
     # --- logging -----------------------------------------------------------------------------
     log_every: int = 1000  # metrics line every this many steps
     tensorboard: bool = False  # also write TensorBoard scalars to DIR/tb (needs tensorboard)
+    compile: bool = False  # torch.compile every network for training (CUDA: CUDA graphs); costs a compile at the
+    #   start of each stage and measured no faster on a CPU (README, Performance)
 
     def critic_kind(self) -> str:
         return self.critic or ("insupport" if self.method == "qgpo" else "iql")
@@ -118,9 +121,9 @@ class AgentConfig:
         return True
 
 
-# fields that only change acting/evaluation/logging: a run may be re-evaluated with other values
+# fields that only change acting/evaluation/logging/speed: a run may be resumed or re-evaluated with other values
 EVAL_FIELDS = ("device", "solver", "sample_steps", "guidance_scales", "guidance_t_max", "n_candidates", "compile_sampler",
-               "eval_episodes", "eval_seed", "eval_envs", "eval_max_episode_steps", "log_every", "tensorboard", "preset")
+               "eval_episodes", "eval_seed", "eval_envs", "eval_max_episode_steps", "log_every", "tensorboard", "compile", "preset")
 _STAGE_FIELDS = {
     "behaviour": ("dataset", "seed", "behaviour_steps", "behaviour_batch", "behaviour_lr", "behaviour_hidden",
                   "behaviour_blocks"),
@@ -202,6 +205,9 @@ def check_config(cfg: AgentConfig) -> AgentConfig:
     if cfg.critic_activation == "relu" and cfg.method == "aepo" and cfg.expansion != "sampled":
         raise ValueError(f"critic_activation: a ReLU critic has no curvature; AEPO's {cfg.expansion!r} expansion "
                          "differentiates Q in the action (use a smooth activation, or expansion='sampled')")
+    if cfg.compile and cfg.method == "aepo" and cfg.expansion == "second":
+        raise ValueError("compile: AEPO's 'second' expansion differentiates the critic twice, which torch.compile "
+                         "does not support; use expansion='sampled' or 'first', or compile=False")
     if cfg.energy_baseline not in ("value", "none"):
         raise ValueError(f"energy_baseline: expected 'value' or 'none', got {cfg.energy_baseline!r}")
     if cfg.covariance == "gaussian-fit":
@@ -373,11 +379,14 @@ def _batches_seed(cfg: AgentConfig, stage: str) -> None:
     torch.manual_seed(cfg.seed * 7919 + STAGES.index(stage))
 
 
-def _run_stage(name: str, n_steps: int, step_fn, logger: _Logger, log_every: int, progress: bool) -> dict:
+def _run_stage(name: str, n_steps: int, step_fn, logger: _Logger, log_every: int, progress: bool,
+               before_step=None) -> dict:
     from tqdm.auto import tqdm
     t0 = time.perf_counter()
     bar = tqdm(range(1, n_steps + 1), desc=name, disable=not progress, mininterval=1.0)
     for i in bar:
+        if before_step is not None:
+            before_step()
         m = step_fn()  # 0-d tensors: read back (a host synchronisation on GPU) only when logged
         if i % log_every == 0 or i == n_steps:
             m = {k: float(v) for k, v in m.items()}
@@ -430,6 +439,21 @@ def train(cfg: AgentConfig, run_dir, *, data: OfflineData | None = None, progres
     agent = Agent(cfg, data.state_dim, data.action_dim, mean, std, data.action_low, data.action_high, device)
     T = data.tensors(device)
     N = data.n
+    before_step = None
+    if cfg.compile:
+        # in place: the optimisers, learners and Polyak updates below all run the compiled networks
+        nets = [agent.behaviour.net] + ([] if agent.critic is None else [*agent.critic.children(), agent.energy])
+        for net in nets:
+            compile_module(net, device)
+        if compile_mode(device) == "reduce-overhead":
+            # each step is one CUDA-graph step: outputs read later in the step are not overwritten
+            before_step = torch.compiler.cudagraph_mark_step_begin
+    limits = compile_limits() if cfg.compile else contextlib.nullcontext()
+    with limits:
+        return _train_stages(cfg, run_dir, agent, T, N, device, init_behaviour, progress, before_step)
+
+
+def _train_stages(cfg, run_dir, agent, T, N, device, init_behaviour, progress, before_step) -> Agent:
     logger = _Logger(run_dir, cfg.tensorboard)
     stats_path = run_dir / "train_stats.json"
     stats = read_json(stats_path) if stats_path.exists() else {}
@@ -471,7 +495,7 @@ def train(cfg: AgentConfig, run_dir, *, data: OfflineData | None = None, progres
             opt.step()
             return {"loss": loss.detach()}
 
-        st = _run_stage("behaviour", cfg.behaviour_steps, step, logger, cfg.log_every, progress)
+        st = _run_stage("behaviour", cfg.behaviour_steps, step, logger, cfg.log_every, progress, before_step)
         atomic_torch_save(p, {"stage": "behaviour", "fingerprint": fp, "state": agent.behaviour.state_dict(), "stats": st})
         stats["behaviour"] = st
     atomic_write_json(stats_path, stats)
@@ -513,7 +537,7 @@ def train(cfg: AgentConfig, run_dir, *, data: OfflineData | None = None, progres
                 b["support2"] = support[T["next_idx"][i]]
             return critic.step(b)
 
-        st = _run_stage("critic", cfg.critic_steps, step, logger, cfg.log_every, progress)
+        st = _run_stage("critic", cfg.critic_steps, step, logger, cfg.log_every, progress, before_step)
         atomic_torch_save(p, {"stage": "critic", "fingerprint": fp, "state": critic.state_dict(), "stats": st})
         stats["critic"] = st
         atomic_write_json(stats_path, stats)
@@ -550,7 +574,7 @@ def train(cfg: AgentConfig, run_dir, *, data: OfflineData | None = None, progres
                 b["support"] = sup
             return learner.step(b)
 
-        st = _run_stage("energy", cfg.energy_steps, step, logger, cfg.log_every, progress)
+        st = _run_stage("energy", cfg.energy_steps, step, logger, cfg.log_every, progress, before_step)
         atomic_torch_save(p, {"stage": "energy", "fingerprint": fp, "state": agent.energy.state_dict(), "stats": st})
         stats["energy"] = st
         atomic_write_json(stats_path, stats)

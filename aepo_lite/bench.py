@@ -40,7 +40,7 @@ import torch
 
 from .aepo import EnergyConfig, EnergyLearner
 from .critics import CriticConfig, make_critic
-from .device import resolve_device
+from .device import compile_limits, compile_mode, compile_module, resolve_device
 from .diffusion import DiffusionModel, FusedGuidedEps, energy_guidance
 from .nets import EnergyNet, NoiseNet, TwinQ
 from .schedule import VPSchedule
@@ -187,25 +187,6 @@ def time_call(fn: Callable[[], object], *, device: torch.device, warmup: int, mi
 def _adam(params, lr, device):
     # fused Adam on CUDA (one kernel for all parameters); the default foreach Adam on CPU
     return torch.optim.Adam(params, lr=lr, fused=True if device.type == "cuda" else None)
-
-
-def compile_mode(device: torch.device) -> str | None:
-    """``torch.compile`` mode of ``BenchConfig.compile``: ``reduce-overhead`` (CUDA graphs) on CUDA, inductor's
-    default (None) elsewhere: CUDA graphs exist only on CUDA."""
-    return "reduce-overhead" if device.type == "cuda" else None
-
-
-def compile_module(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """Compile ``module`` in place and return it: ``nn.Module.compile``, i.e. ``torch.compile`` of the module's
-    call, mode :func:`compile_mode`, ``dynamic=False`` (static shapes: a new batch size compiles a new graph).
-
-    In place, because the bench times library code that already holds the module: a learner's
-    attribute, an optimizer built on its parameters, the Polyak update of a target network, and
-    methods that call ``self(...)`` (``TwinQ.q_min``) all run the compiled forward (and its compiled
-    backward) with no wrapper to thread through. Parameters, buffers and state-dict keys are unchanged.
-    """
-    module.compile(mode=compile_mode(device), dynamic=False)
-    return module
 
 
 def _noop() -> None:
@@ -398,15 +379,8 @@ def run_bench(cfg: BenchConfig | None = None, *, log: Callable[[str], None] | No
 
 
 def _compile_limits(cfg: BenchConfig):
-    """Compiled: room for every static shape. Dynamo keeps 8 graphs per forward by default (a TwinQ forward
-    gets 6 at the tiny size: grad / no-grad / input-grad calls at several batch sizes) and silently runs
-    eager past that, which would time eager code under the compiled label."""
-    if not cfg.compile:
-        return contextlib.nullcontext()
-    import torch._dynamo
-    conf = torch._dynamo.config
-    name = "recompile_limit" if hasattr(conf, "recompile_limit") else "cache_size_limit"  # torch < 2.6: the old name
-    return conf.patch(**{name: 64})
+    """Compiled: room for every static shape (:func:`~aepo_lite.device.compile_limits`)."""
+    return compile_limits() if cfg.compile else contextlib.nullcontext()
 
 
 def _run(cfg: BenchConfig, device: torch.device, log) -> dict:

@@ -34,6 +34,8 @@ def register(sub) -> None:
     p.add_argument("--critic-activation", default=None, choices=("mish", "silu", "gelu", "tanh", "relu"),
                    help="the critic's activation (default mish; relu, QGPO's and cheaper, only where Q is not "
                         "differentiated: qgpo, mse, aepo with --expansion sampled)")
+    p.add_argument("--compile", action="store_true", default=None,
+                   help="torch.compile the networks for training (CUDA graphs on CUDA; no faster on a CPU)")
     p.add_argument("--init-behaviour", default=None, help="copy the behaviour stage from this run dir (same settings)")
     p.add_argument("--tensorboard", action="store_true", help="also write TensorBoard scalars")
     p.add_argument("--no-eval", action="store_true", help="train only; run `aepo-lite eval` later")
@@ -93,7 +95,7 @@ def _train(args) -> int:
     from ..agent import evaluate_run, make_config, train
     cfg = make_config(args.dataset, args.method, args.preset, seed=args.seed, device=args.device,
                       covariance=args.covariance, expansion=args.expansion, critic=args.critic,
-                      critic_activation=args.critic_activation, tensorboard=args.tensorboard or None)
+                      critic_activation=args.critic_activation, compile=args.compile, tensorboard=args.tensorboard or None)
     out = Path(args.out) if args.out else _default_out(args.dataset, args.method, args.preset, args.seed)
     train(cfg, out, progress=not args.quiet, init_behaviour=args.init_behaviour)
     print(f"trained {args.method} on {args.dataset} -> {out}")
