@@ -40,7 +40,7 @@ import torch
 
 from .aepo import EnergyConfig, EnergyLearner
 from .critics import CriticConfig, make_critic
-from .device import compile_limits, compile_mode, compile_module, resolve_device
+from .device import adam, compile_limits, compile_mode, compile_module, resolve_device
 from .diffusion import DiffusionModel, FusedGuidedEps, energy_guidance
 from .nets import EnergyNet, NoiseNet, TwinQ
 from .schedule import VPSchedule
@@ -184,11 +184,6 @@ def time_call(fn: Callable[[], object], *, device: torch.device, warmup: int, mi
 
 
 # ----------------------------------------------------------------------------- the stages
-def _adam(params, lr, device):
-    # fused Adam on CUDA (one kernel for all parameters); the default foreach Adam on CPU
-    return torch.optim.Adam(params, lr=lr, fused=True if device.type == "cuda" else None)
-
-
 def _noop() -> None:
     return None
 
@@ -268,7 +263,7 @@ class Stages:
 
     # --- training steps -------------------------------------------------------------------
     def behaviour_step(self):
-        opt = _adam(self.behaviour.parameters(), 1e-4, self.device)
+        opt = adam(self.behaviour.parameters(), 1e-4)
         B = self.cfg.behaviour_batch
 
         def step():
@@ -316,11 +311,8 @@ class Stages:
         cfg = self.cfg
         ecfg = EnergyConfig(method=method, beta=3.0, covariance=cfg.covariance, expansion=cfg.expansion)
         learner = EnergyLearner(self.energy[method], ecfg, schedule=self.schedule, eps_fn=self.eps, q_fn=self.q)
-        if self.device.type == "cuda":
-            learner.opt = _adam(self.energy[method].parameters(), ecfg.lr, self.device)
         K, B = cfg.support_k, cfg.batch
-        # EnergyLearner.step (no host sync) where the library has it, else update
-        run = getattr(learner, "step", learner.update)
+        run = learner.step  # no host sync (fused Adam on CUDA: the learner's own optimiser)
 
         def step():
             self._enter(f"energy_{method}")

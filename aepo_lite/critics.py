@@ -73,7 +73,6 @@ def _soft_update(target: nn.Module, online: nn.Module, tau: float) -> None:
         torch._foreach_lerp_(list(target.parameters()), list(online.parameters()), tau)
 
 
-
 class _TwinQLearner(nn.Module):
     def __init__(self, state_dim: int, action_dim: int, cfg: CriticConfig):
         super().__init__()

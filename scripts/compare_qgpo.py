@@ -243,7 +243,7 @@ class AepoSide:
         q_target = self.critic_target.q_min
         learner = EnergyLearner(self.st.energy[method], ecfg, schedule=self.st.schedule, eps_fn=self.st.eps,
                                 q_fn=q_target)
-        run = getattr(learner, "step", learner.update)
+        run = learner.step
 
         def step():
             b = self._batch(batch)

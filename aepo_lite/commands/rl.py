@@ -7,6 +7,7 @@ from pathlib import Path
 def register(sub) -> None:
     from ..datasets_local import QUALITIES
     from ..device import DEVICE_CHOICES
+    from ..nets import SMOOTH_ACTIVATIONS
 
     p = sub.add_parser("make-dataset", help="make a D4RL-style Minari dataset locally (random actions or TD3 policies)")
     p.add_argument("--env", required=True, help="Gymnasium environment id, e.g. Hopper-v5")
@@ -31,7 +32,7 @@ def register(sub) -> None:
     p.add_argument("--covariance", default=None, help="AEPO posterior covariance (tweedie|isotropic|none)")
     p.add_argument("--expansion", default=None, help="AEPO expansion of Q (first|second|sampled)")
     p.add_argument("--critic", default=None, choices=("iql", "insupport"), help="override the method's critic")
-    p.add_argument("--critic-activation", default=None, choices=("mish", "silu", "gelu", "tanh", "relu"),
+    p.add_argument("--critic-activation", default=None, choices=SMOOTH_ACTIVATIONS + ("relu",),
                    help="the critic's activation (default mish; relu, QGPO's and cheaper, only where Q is not "
                         "differentiated: qgpo, mse, aepo with --expansion sampled)")
     p.add_argument("--compile", action="store_true", default=None,
