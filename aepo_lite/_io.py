@@ -10,7 +10,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["atomic_write_text", "atomic_write_json", "atomic_torch_save", "read_json", "append_jsonl"]
+__all__ = ["atomic_write_text", "atomic_write_json", "atomic_torch_save", "atomic_save_figure", "read_json",
+           "append_jsonl"]
 
 
 _UMASK = os.umask(0)
@@ -58,6 +59,12 @@ def atomic_write_json(path, obj: Any) -> Path:
 def atomic_torch_save(path, obj: Any) -> Path:
     """``torch.save`` written atomically (a killed run never leaves a half checkpoint)."""
     return _atomic(path, lambda f: torch.save(obj, f))
+
+
+def atomic_save_figure(path, fig, dpi: int = 110) -> Path:
+    """``fig.savefig`` written atomically, in the format of ``path``'s suffix (png, pdf, svg)."""
+    path = Path(path)
+    return _atomic(path, lambda f: fig.savefig(f, dpi=dpi, format=path.suffix.lstrip(".") or "png"))
 
 
 def read_json(path) -> Any:

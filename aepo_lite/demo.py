@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 from . import guidance as G
-from ._io import atomic_write_json
+from ._io import atomic_save_figure, atomic_write_json
 from .aepo import aepo_target
 from .diffusion import sample
 from .schedule import VPSchedule
@@ -95,22 +94,6 @@ def _guidance_fn(P, schedule):
         return G.gaussian_intermediate_energy_grad(x, P["m"], P["S"], P["c"], P["g"], P["H"], P["beta"],
                                                    float(alpha), float(sigma))
     return guidance
-
-
-def _save_figure_atomic(fig, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=120, format="png")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a figure should be readable like any file
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _figure(P, schedule, samples: dict, m_pi, S_pi):
@@ -248,7 +231,7 @@ def _run_demo(out: Path, scale: str, seed: int, verbose: bool) -> dict:
                             guidance=guidance, guidance_scale=w)
     mean_q = {str(w): float(_quadratic(x, c, g, H).mean()) for w, x in samples.items()}
     fig = _figure(P, sch, samples, m_pi, S_pi)
-    _save_figure_atomic(fig, out / "closed_form_guidance.png")
+    atomic_save_figure(out / "closed_form_guidance.png", fig, dpi=120)
 
     result = dict(checks=checks, scale=scale, seed=seed, settings=cfg,
                   problem={k: (v.tolist() if isinstance(v, torch.Tensor) else v) for k, v in P.items()},

@@ -15,7 +15,7 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
-from ._io import atomic_write_text, read_json
+from ._io import atomic_save_figure, atomic_write_text, read_json
 
 __all__ = ["COLUMNS", "collect", "render", "summary_rows", "markdown_table", "speed_table", "update_readme"]
 
@@ -209,7 +209,7 @@ def render(csv_path, figures_dir) -> list[Path]:
         ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     png = figures_dir / "rl_results.png"
-    fig.savefig(png, dpi=110)
+    atomic_save_figure(png, fig, dpi=110)
     plt.close(fig)
     return [md, png]
 

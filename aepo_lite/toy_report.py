@@ -17,7 +17,7 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
-from ._io import atomic_write_text
+from ._io import atomic_save_figure, atomic_write_text
 
 __all__ = ["COLUMNS", "read_results", "write_results", "summarise", "best_estimator", "render", "update_readme",
            "plot_run", "README_START", "README_END"]
@@ -243,11 +243,9 @@ def plot_distances(rows: list[dict], path, default_est: str | None, scale: float
         ax.set_ylabel("distance / floor")
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    atomic_save_figure(path, fig, dpi=110)
     plt.close(fig)
-    return path
+    return Path(path)
 
 
 def render(csv_path="figures/toy2d_results.csv", figures_dir="figures") -> list[Path]:
@@ -354,8 +352,6 @@ def plot_run(models, metrics: dict, samples: dict | None, target, path) -> Path:
         ax.set_yticks([])
     fig.suptitle(metrics["task"], fontsize=10)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    atomic_save_figure(path, fig, dpi=100)
     plt.close(fig)
-    return path
+    return Path(path)

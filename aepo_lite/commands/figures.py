@@ -84,6 +84,7 @@ def _draw(mod, P, seed, n_plot, steps, scales, figures_dir) -> Path:
     import torch
 
     from .. import guidance as G
+    from .._io import atomic_save_figure
     from ..diffusion import sample
     from ..schedule import VPSchedule
 
@@ -95,7 +96,7 @@ def _draw(mod, P, seed, n_plot, steps, scales, figures_dir) -> Path:
     samples = {w: sample(eps_fn, x_T, schedule=sch, n_steps=steps, solver="dpmpp2m",
                          guidance=mod._guidance_fn(P, sch), guidance_scale=w) for w in scales}
     path = Path(figures_dir) / "closed_form_guidance.png"
-    mod._save_figure_atomic(mod._figure(P, sch, samples, m_pi, S_pi), path)
+    atomic_save_figure(path, mod._figure(P, sch, samples, m_pi, S_pi), dpi=120)
     return path
 
 
