@@ -38,12 +38,15 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .aepo import EnergyConfig, EnergyLearner
-from .critics import CriticConfig, make_critic
-from .device import adam, compile_limits, compile_mode, compile_module, resolve_device
-from .diffusion import DiffusionModel, FusedGuidedEps, energy_guidance
-from .nets import EnergyNet, NoiseNet, TwinQ
-from .schedule import VPSchedule
+from aepo_lite.config import EnergyConfig
+
+from aepo_lite.core.aepo import EnergyLearner
+from aepo_lite.config import CriticConfig
+from aepo_lite.core.critics import make_critic
+from aepo_lite.device import adam, compile_limits, compile_mode, compile_module, resolve_device
+from aepo_lite.core.diffusion import DiffusionModel, FusedGuidedEps, energy_guidance
+from aepo_lite.core.nets import EnergyNet, NoiseNet, TwinQ
+from aepo_lite.core.schedule import VPSchedule
 
 __all__ = ["BenchConfig", "FullPreset", "FULL_PRESET", "PIPELINES", "run_bench", "extrapolate", "environment",
            "to_markdown", "quick_config", "tiny_config", "compile_mode", "compile_module"]
@@ -123,7 +126,7 @@ def tiny_config(**kw) -> BenchConfig:
 # ----------------------------------------------------------------------------- environment
 def environment(device: torch.device) -> dict:
     """Device and library versions, for the JSON and the README table."""
-    from . import __version__
+    from aepo_lite import __version__
     env = {"device": str(device), "python": platform.python_version(), "torch": torch.__version__,
            "numpy": np.__version__, "aepo_lite": __version__, "platform": platform.platform(),
            "cpu": _cpu_name(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
@@ -309,8 +312,9 @@ class Stages:
 
     def energy_step(self, method: str):
         cfg = self.cfg
-        ecfg = EnergyConfig(method=method, beta=3.0, covariance=cfg.covariance, expansion=cfg.expansion)
-        learner = EnergyLearner(self.energy[method], ecfg, schedule=self.schedule, eps_fn=self.eps, q_fn=self.q)
+        ecfg = EnergyConfig(beta=3.0, covariance=cfg.covariance, expansion=cfg.expansion)
+        learner = EnergyLearner(self.energy[method], ecfg, schedule=self.schedule, eps_fn=self.eps, q_fn=self.q,
+                                method="qgpo" if method == "cep" else method)
         K, B = cfg.support_k, cfg.batch
         run = learner.step  # no host sync (fused Adam on CUDA: the learner's own optimiser)
 
@@ -339,7 +343,7 @@ class Stages:
 
     def guided_sampler(self, batch: int):
         """Eager: ``energy_guidance`` (eps, then the energy's autograd gradient). Compiled: what the agent runs
-        with ``compile_sampler``, :class:`~aepo_lite.diffusion.FusedGuidedEps` (eps, energy and its gradient
+        with ``compile_sampler``, :class:`~aepo_lite.core.diffusion.FusedGuidedEps` (eps, energy and its gradient
         traced into one graph per batch size)."""
         energy = self.energy.get("aepo") or next(iter(self.energy.values()))
         s = self.data["s"][:batch]

@@ -2,6 +2,7 @@
 # jupyter:
 #   jupytext:
 #     formats: ipynb,py:percent
+#     notebook_metadata_filter: -jupytext.text_representation.jupytext_version,-jupytext.text_representation.format_version
 #     text_representation:
 #       extension: .py
 #       format_name: percent
@@ -53,11 +54,11 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from aepo_lite import guidance as G
-from aepo_lite.aepo import aepo_target, posterior_estimate
-from aepo_lite.demo import gaussian_problem
-from aepo_lite.diffusion import sample
-from aepo_lite.schedule import VPSchedule
+from aepo_lite.core import guidance as G
+from aepo_lite.core.aepo import aepo_target, posterior_estimate
+from aepo_lite.course.demo import gaussian_problem
+from aepo_lite.core.diffusion import sample
+from aepo_lite.core.schedule import VPSchedule
 
 # One switch for scale: "smoke" (the test suite) only shrinks sample counts; the code path is the same.
 SCALE = os.environ.get("AEPO_SCALE", "full")
@@ -246,7 +247,7 @@ assert gaps[0.3] > gaps[0.05] > 0  # the gap grows as the posterior widens
 # $$
 #
 # (The second forms follow from the Woodbury identity, and never invert $S$.) The course's running
-# example is a 2D behaviour with a concave quadratic critic, from `aepo_lite.demo.gaussian_problem`.
+# example is a 2D behaviour with a concave quadratic critic, from `aepo_lite.course.demo.gaussian_problem`.
 
 # %%
 P = gaussian_problem()
@@ -805,7 +806,7 @@ assert cosine > 0.95
 # $\pi$) and `figures/closed_form_checks.json` (the numbers):
 #
 # ```bash
-# aepo-lite demo --out figures --scale full    # or, in Python: aepo_lite.demo.run_demo("figures")
+# aepo-lite demo --out figures --scale full    # or, in Python: aepo_lite.course.demo.run_demo("figures")
 # ```
 #
 # ## Exercises

@@ -2,6 +2,7 @@
 # jupyter:
 #   jupytext:
 #     formats: ipynb,py:percent
+#     notebook_metadata_filter: -jupytext.text_representation.jupytext_version,-jupytext.text_representation.format_version
 #     text_representation:
 #       extension: .py
 #       format_name: percent
@@ -50,9 +51,9 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from aepo_lite import toy
-from aepo_lite import toy_train as TT
-from aepo_lite.schedule import VPSchedule
+from aepo_lite.toy import tasks as toy
+from aepo_lite.toy import pipeline as TT
+from aepo_lite.core.schedule import VPSchedule
 
 SCALE = os.environ.get("AEPO_SCALE", "full")
 assert SCALE in ("smoke", "full"), f"AEPO_SCALE must be smoke or full, got {SCALE!r}"
@@ -391,12 +392,12 @@ assert r["aepo"]["distance"] < r["mse"]["distance"]
 #
 # `aepo-lite toy-grid` runs every task, method, $\beta$ and seed at the `full` preset and writes
 # `figures/toy2d_results.csv`; the tables and the README section are generated from that file by
-# `aepo_lite.toy_report.render` (no training). If the file exists, here is its table.
+# `aepo_lite.toy.report.render` (no training). If the file exists, here is its table.
 
 # %%
 csv_path = Path("../figures/toy2d_results.csv")
 if csv_path.exists():
-    from aepo_lite import toy_report
+    from aepo_lite.toy import report as toy_report
     rows = toy_report.read_results(csv_path)
     best, _ = toy_report.best_estimator(rows)
     print(toy_report.table_markdown(rows, 10.0, best))

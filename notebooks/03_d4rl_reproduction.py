@@ -2,6 +2,7 @@
 # jupyter:
 #   jupytext:
 #     formats: ipynb,py:percent
+#     notebook_metadata_filter: -jupytext.text_representation.jupytext_version,-jupytext.text_representation.format_version
 #     text_representation:
 #       extension: .py
 #       format_name: percent
@@ -81,7 +82,7 @@ print("scale:", SCALE, "| Minari root:", os.environ.get("MINARI_DATASETS_PATH", 
 
 # %%
 import warnings
-from aepo_lite.evaluation import normalized_score, reference_scores, D4RL_REF_SCORES
+from aepo_lite.rl.evaluation import normalized_score, reference_scores, D4RL_REF_SCORES
 
 lo, hi, src = reference_scores("D4RL/door/human-v2", {})  # a port without metadata: D4RL's table
 print("door:", lo, hi, src)
@@ -102,8 +103,8 @@ assert any("None" in str(w.message) for w in caught)
 # over `ref_episodes` episodes (100 by default). At smoke scale the ladder is a few hundred steps.
 
 # %%
-from aepo_lite.datasets_local import DatasetRecipe, make_dataset
-from aepo_lite.data import load_minari, description_info
+from aepo_lite.rl.datasets import DatasetRecipe, make_dataset
+from aepo_lite.rl.data import load_minari, description_info
 import minari
 
 if SCALE == "smoke":
@@ -149,7 +150,7 @@ assert np.allclose(data.scaled_rewards(), data.rewards * 1000 / span, rtol=1e-5)
 # %% [markdown]
 # ## 3. The agent, stage by stage
 #
-# `aepo_lite.agent.train` runs the stages a method needs and checkpoints each one; a second
+# `aepo_lite.rl.agent.train` runs the stages a method needs and checkpoints each one; a second
 # call skips what is done. `bc` is the behaviour model alone (guidance scale 0); `aepo` adds an
 # IQL critic and an energy regressed on AEPO's analytic target (method.md section 4); `qgpo`
 # adds K support actions from the behaviour model, QGPO's in-support softmax critic and the
@@ -157,7 +158,7 @@ assert np.allclose(data.scaled_rewards(), data.rewards * 1000 / span, rtol=1e-5)
 # at guidance scale 0 they are the same policy.
 
 # %%
-from aepo_lite.agent import make_config, train, evaluate_run
+from aepo_lite.rl.agent import make_config, train, evaluate_run
 from aepo_lite._io import read_json
 
 PRESET = "smoke" if SCALE == "smoke" else "bench"
@@ -217,7 +218,7 @@ plt.show()
 # and the table and figure are made from the CSV alone, never typed.
 
 # %%
-from aepo_lite import rl_report
+from aepo_lite.rl import report as rl_report
 
 csv_path = REPO / "figures" / "rl_results.csv"
 if csv_path.exists():

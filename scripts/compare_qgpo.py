@@ -55,12 +55,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from aepo_lite import bench  # noqa: E402
-from aepo_lite.aepo import EnergyConfig, EnergyLearner  # noqa: E402
-from aepo_lite.critics import CriticConfig, make_critic  # noqa: E402
+from aepo_lite.config import EnergyConfig  # noqa: E402
+from aepo_lite.core.aepo import EnergyLearner  # noqa: E402
+from aepo_lite.config import CriticConfig  # noqa: E402
+from aepo_lite.core.critics import make_critic  # noqa: E402
 from aepo_lite.device import resolve_device  # noqa: E402
-from aepo_lite.diffusion import DiffusionModel, energy_guidance  # noqa: E402
-from aepo_lite.nets import NoiseNet, TwinQ  # noqa: E402
-from aepo_lite.schedule import VPSchedule  # noqa: E402
+from aepo_lite.core.diffusion import DiffusionModel, energy_guidance  # noqa: E402
+from aepo_lite.core.nets import NoiseNet, TwinQ  # noqa: E402
+from aepo_lite.core.schedule import VPSchedule  # noqa: E402
 
 STATE_DIM, ACTION_DIM, K = 11, 3, 16
 
@@ -239,10 +241,10 @@ class AepoSide:
     def energy_step(self, batch, method="cep"):
         """As QGPO's update_qt does, the support Q comes from the target critic inside the step."""
         self.cfg.batch = batch
-        ecfg = EnergyConfig(method=method, beta=3.0)
+        ecfg = EnergyConfig(beta=3.0)
         q_target = self.critic_target.q_min
         learner = EnergyLearner(self.st.energy[method], ecfg, schedule=self.st.schedule, eps_fn=self.st.eps,
-                                q_fn=q_target)
+                                q_fn=q_target, method="qgpo" if method == "cep" else method)
         run = learner.step
 
         def step():

@@ -29,7 +29,7 @@ def make_problem(d: int, seed: int = 0, scale: float = 0.1):
 
 @pytest.fixture
 def schedule():
-    from aepo_lite.schedule import VPSchedule
+    from aepo_lite.core.schedule import VPSchedule
     return VPSchedule()
 
 

@@ -3,9 +3,10 @@ or loss is caught where it appears."""
 import pytest
 import torch
 
-from aepo_lite import guidance as G
-from aepo_lite.aepo import EnergyConfig, EnergyLearner, aepo_target
-from aepo_lite.nets import EnergyNet
+from aepo_lite.core import guidance as G
+from aepo_lite.config import EnergyConfig
+from aepo_lite.core.aepo import EnergyLearner, aepo_target
+from aepo_lite.core.nets import EnergyNet
 
 from conftest import DT, make_problem
 
@@ -84,22 +85,22 @@ def test_non_finite_target_is_caught_where_it_appears(schedule):
 def test_energy_learner_rejects_bad_config(schedule):
     f = EnergyNet(2, 0, hidden=8)
     with pytest.raises(ValueError, match="method"):
-        EnergyLearner(f, EnergyConfig(method="dpo"), schedule=schedule)
+        EnergyLearner(f, EnergyConfig(), schedule=schedule, method="dpo")
     with pytest.raises(ValueError, match="beta"):
         EnergyLearner(f, EnergyConfig(beta=-1.0), schedule=schedule, eps_fn=lambda x, t, s: x, q_fn=lambda s, a: a[:, 0])
     with pytest.raises(ValueError, match="q_fn"):
-        EnergyLearner(f, EnergyConfig(method="mse"), schedule=schedule)
+        EnergyLearner(f, EnergyConfig(), schedule=schedule, method="mse")
     with pytest.raises(ValueError, match="eps_fn"):
-        EnergyLearner(f, EnergyConfig(method="aepo"), schedule=schedule, q_fn=lambda s, a: a[:, 0])
+        EnergyLearner(f, EnergyConfig(), schedule=schedule, method="aepo", q_fn=lambda s, a: a[:, 0])
     with pytest.raises(ValueError, match="cep_loss"):
         G.cep_loss(torch.zeros(2, 3), torch.zeros(2, 4), 1.0)
 
 
-@pytest.mark.parametrize("method", ["aepo", "mse", "cep"])
+@pytest.mark.parametrize("method", ["aepo", "mse", "qgpo"])
 def test_energy_learner_update_returns_finite_floats(method, schedule):
     torch.manual_seed(0)
     f = EnergyNet(2, 0, hidden=16)
-    learner = EnergyLearner(f, EnergyConfig(method=method, beta=2.0), schedule=schedule,
+    learner = EnergyLearner(f, EnergyConfig(beta=2.0), schedule=schedule, method=method,
                             eps_fn=lambda x, t, s: G.gaussian_eps(x, t, torch.zeros(2), 0.3 * torch.eye(2), schedule),
                             q_fn=lambda s, a: -(a**2).sum(-1))
     batch = {"a": torch.rand(32, 2) * 2 - 1, "s": None,

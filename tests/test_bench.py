@@ -11,7 +11,7 @@ import torch
 
 from aepo_lite import bench
 from aepo_lite.cli import main
-from aepo_lite.diffusion import FusedGuidedEps
+from aepo_lite.core.diffusion import FusedGuidedEps
 
 STAGES = ("behaviour", "critic_iql", "critic_softmax", "energy_aepo", "energy_mse", "energy_cep", "support_sampling",
           "guided_b1", "guided_b8")
@@ -133,7 +133,7 @@ def test_compile_path_cpu():
     compiled critic gives eager's Q and grad_a Q."""
     from torch._dynamo.utils import counters
 
-    from aepo_lite.nets import TwinQ
+    from aepo_lite.core.nets import TwinQ
     torch.manual_seed(0)
     q, s, a = TwinQ(11, 3, 16, 2), torch.randn(8, 11), torch.randn(8, 3, requires_grad=True)
     ref = q.q_min(s, a)

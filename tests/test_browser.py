@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from aepo_lite.commands import lab
+from aepo_lite.course import lab
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = "notebooks/02_toy_2d_energy.py"
@@ -80,7 +80,7 @@ class Lab:
         self.port = lab.free_port()
         self.lines: list[str] = []
         self.jupyter_pid: int | None = None
-        self.proc = subprocess.Popen([sys.executable, "-m", "aepo_lite.cli", "lab", "--no-browser", "--port",
+        self.proc = subprocess.Popen([sys.executable, "-m", "aepo_lite", "lab", "--no-browser", "--port",
                                       str(self.port), "--root", str(root)], env=env, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True, start_new_session=True)
         self.ready = threading.Event()

@@ -9,8 +9,8 @@ import pytest
 minari = pytest.importorskip("minari")
 gym = pytest.importorskip("gymnasium")
 
-from aepo_lite.data import from_episodes, load_minari  # noqa: E402
-from aepo_lite.evaluation import normalized_score, reference_scores, run_episodes, summarize_returns  # noqa: E402
+from aepo_lite.rl.data import from_episodes, load_minari  # noqa: E402
+from aepo_lite.rl.evaluation import normalized_score, reference_scores, run_episodes, summarize_returns  # noqa: E402
 
 
 
@@ -168,8 +168,8 @@ def test_run_episodes_seeds_do_not_depend_on_parallelism():
 
 def test_make_dataset_tiny_repeatable(minari_root):
     pytest.importorskip("stable_baselines3")
-    from aepo_lite.datasets_local import DatasetRecipe, make_dataset
-    from aepo_lite.data import description_info
+    from aepo_lite.rl.datasets import DatasetRecipe, make_dataset
+    from aepo_lite.rl.data import description_info
     kw = dict(train_steps=200, eval_every=100, learning_starts=100, eval_episodes=2, ref_episodes=4, n_envs=4)
     ds = make_dataset(DatasetRecipe("Hopper-v5", "medium", 250, "t/hopper/medium-v0", **kw), progress=False)
     assert ds.total_steps == 250
@@ -182,7 +182,7 @@ def test_make_dataset_tiny_repeatable(minari_root):
                           seed=1_000_000, n_envs=4)
     assert meta["ref_min_score"] == pytest.approx(np.mean([e.ret for e in eps]))
     # ref_max_score is the mean return of the best ladder snapshot, deterministic, on its own seeds
-    from aepo_lite.datasets_local import _load_snapshot, _sb3_policy, train_policy_ladder
+    from aepo_lite.rl.datasets import _load_snapshot, _sb3_policy, train_policy_ladder
     lad = train_policy_ladder(DatasetRecipe("Hopper-v5", "medium", 250, "t/hopper/medium-v0", **kw), progress=False)
     best = max(info["ladder"], key=lambda s: s["eval_return"])
     eps, _ = run_episodes(lambda: gym.make("Hopper-v5"), _sb3_policy(_load_snapshot(lad, best), 0.0, None), 4,
@@ -203,7 +203,7 @@ def test_make_dataset_tiny_repeatable(minari_root):
 @pytest.mark.parametrize("bad,match", [(dict(quality="great"), "quality"), (dict(name="hopper-v0"), "name"),
                                        (dict(env_id="NoSuchEnv-v9"), "env"), (dict(steps=0), "steps")])
 def test_make_dataset_bad_arguments(minari_root, bad, match):
-    from aepo_lite.datasets_local import DatasetRecipe, make_dataset
+    from aepo_lite.rl.datasets import DatasetRecipe, make_dataset
     kw = dict(env_id="Hopper-v5", quality="random", steps=10, name="t/hopper/random-v0")
     kw.update(bad)
     with pytest.raises(ValueError, match=match):

@@ -3,11 +3,11 @@ samples match the behaviour; networks have the documented shapes and smooth acti
 import pytest
 import torch
 
-from aepo_lite import guidance as G
+from aepo_lite.core import guidance as G
 from aepo_lite.device import resolve_device, seed_everything
-from aepo_lite.diffusion import DiffusionModel, energy_guidance
-from aepo_lite.nets import EnergyNet, NoiseNet, TwinQ, ValueNet, make_activation
-from aepo_lite.schedule import VPSchedule
+from aepo_lite.core.diffusion import DiffusionModel, energy_guidance
+from aepo_lite.core.nets import EnergyNet, NoiseNet, TwinQ, ValueNet, make_activation
+from aepo_lite.core.schedule import VPSchedule
 
 
 def _behaviour(s):
@@ -153,7 +153,7 @@ def _guided_pair(seed=0):
 def test_fused_guided_eps_matches_the_guidance_function(solver):
     """FusedGuidedEps (torch.func.grad) gives the sampler the same guided prediction as energy_guidance
     (autograd.grad); guidance_t_max guides only the evaluations at t <= t_max, as masking by hand does."""
-    from aepo_lite.diffusion import FusedGuidedEps, sample
+    from aepo_lite.core.diffusion import FusedGuidedEps, sample
     model, f, s, x_T = _guided_pair()
     kw = dict(schedule=model.schedule, cond=s, n_steps=6, solver=solver, guidance_scale=2.0)
     ref = sample(model.eps, x_T, guidance=energy_guidance(f), **kw)
@@ -177,7 +177,7 @@ def test_compiled_guided_sampler_matches_eager_on_cpu():
     import shutil
     if shutil.which("gcc") is None and shutil.which("cc") is None:
         pytest.skip("torch.compile on the CPU needs a C compiler")
-    from aepo_lite.diffusion import FusedGuidedEps, sample
+    from aepo_lite.core.diffusion import FusedGuidedEps, sample
     import torch._dynamo
     model, f, s, x_T = _guided_pair(1)
     kw = dict(schedule=model.schedule, cond=s, n_steps=5, solver="dpm2")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from aepo_lite.commands import figures as F
+from aepo_lite.cli import figures as F
 
 ROOT = Path(__file__).resolve().parents[1]
 FIGURES = ROOT / "figures"
@@ -21,7 +21,7 @@ OLD = 1_000_000_000  # an mtime in 2001: anything rewritten by the command is ne
 
 
 def _cli(*args, cwd=ROOT, timeout=300):
-    return subprocess.run([sys.executable, "-m", "aepo_lite.cli", *args], cwd=cwd, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "aepo_lite", *args], cwd=cwd, capture_output=True,
                           text=True, timeout=timeout)
 
 
@@ -108,7 +108,7 @@ def test_demo_figure_redraw_refuses_results_of_another_problem(tmp_path):
     rec = json.loads((FIGURES / "closed_form_checks.json").read_text())
     rec["problem"]["beta"] = rec["problem"]["beta"] + 1.0
     (tmp_path / "closed_form_checks.json").write_text(json.dumps(rec))
-    demo = __import__("aepo_lite.demo", fromlist=["x"])
+    demo = __import__("aepo_lite.course.demo", fromlist=["x"])
     fake = types.SimpleNamespace(**{k: getattr(demo, k) for k in dir(demo) if not k.startswith("__") and k != "render"})
     with pytest.raises(ValueError, match="different problem"):
         F._render_demo(fake, tmp_path / "closed_form_checks.json", tmp_path)

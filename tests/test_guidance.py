@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from aepo_lite import guidance as G
-from aepo_lite.aepo import EpsNormTable, aepo_target
+from aepo_lite.core import guidance as G
+from aepo_lite.core.aepo import EpsNormTable, aepo_target
 
 from conftest import DIMS, DT, TIMES, make_problem
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from aepo_lite import cli
-from aepo_lite.commands import lab
+from aepo_lite.course import lab
 
 ROOT = Path(__file__).resolve().parents[1]
 HAVE_LAB = not lab.missing_packages()
@@ -90,7 +90,7 @@ def test_lab_serves_py_notebooks_as_notebooks_and_stops_on_sigterm(tmp_path):
     (tmp_path / ".jupyter").symlink_to(ROOT / ".jupyter")
     (tmp_path / "notebooks" / "01_tiny.py").write_text("# %% [markdown]\n# # Tiny\n\n# %%\nprint(1)\n")
     port = lab.free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "aepo_lite.cli", "lab", "--no-browser", "--port", str(port),
+    proc = subprocess.Popen([sys.executable, "-m", "aepo_lite", "lab", "--no-browser", "--port", str(port),
                              "--root", str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
     jupyter_pid = None

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import yaml
 
-from aepo_lite import guidance
+from aepo_lite.core import guidance
 
 ROOT = Path(__file__).resolve().parents[1]
 

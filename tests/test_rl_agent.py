@@ -11,7 +11,9 @@ import torch
 
 minari = pytest.importorskip("minari")
 
-from aepo_lite.critics import CriticConfig, IQLCritic, InSupportCritic, expectile_loss, insupport_target  # noqa: E402
+from aepo_lite.config import CriticConfig  # noqa: E402
+
+from aepo_lite.core.critics import IQLCritic, InSupportCritic, expectile_loss, insupport_target  # noqa: E402
 
 DS = "t/hopper/medium-v0"
 
@@ -105,8 +107,8 @@ def test_critic_step_keeps_metrics_on_device_and_matches_update(kind):
 def test_stage_loop_reads_metrics_back_only_when_logging_and_stops_on_nan(tmp_path):
     """_run_stage: steps return 0-d tensors; they become floats (a host sync on GPU) only at log steps,
     where a NaN stops the run with the stage and step named."""
-    from aepo_lite import guidance as G
-    from aepo_lite.agent import _Logger, _run_stage
+    from aepo_lite.core import guidance as G
+    from aepo_lite.rl.agent import _Logger, _run_stage
     count = [0]
 
     def step(nan_from=None):
@@ -142,7 +144,7 @@ def tiny(tmp_path_factory):
     os.environ["MINARI_DATASETS_PATH"] = str(root / "minari")
     import gymnasium as gym
     from minari.data_collector import EpisodeBuffer
-    from aepo_lite.evaluation import run_episodes
+    from aepo_lite.rl.evaluation import run_episodes
     rng = np.random.default_rng(0)
     eps, _ = run_episodes(lambda: gym.make("Hopper-v5"), lambda o: rng.uniform(-1, 1, (o.shape[0], 3)), 10**6,
                           seed=0, n_envs=4, record=True, max_transitions=400)
@@ -162,8 +164,8 @@ def tiny(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def smoke_runs(tiny):
-    from aepo_lite.agent import evaluate_run, make_config, train
-    from aepo_lite.data import load_minari
+    from aepo_lite.rl.agent import evaluate_run, make_config, train
+    from aepo_lite.rl.data import load_minari
     data, _ = load_minari(DS)
     runs = {}
     for m in ("bc", "aepo", "qgpo", "mse"):
@@ -198,7 +200,7 @@ def test_every_method_trains_and_evaluates(smoke_runs):
 
 
 def test_act_shapes_guidance_and_best_of_n(tiny, smoke_runs):
-    from aepo_lite.agent import load_run
+    from aepo_lite.rl.agent import load_run
     agent, cfg, data = load_run(smoke_runs["aepo"])
     obs = data.obs_rows[:5]
     g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
@@ -230,7 +232,7 @@ def test_compiled_sampler_agent_matches_eager_and_pads_batches(tiny, smoke_runs)
     if shutil.which("gcc") is None and shutil.which("cc") is None:
         pytest.skip("torch.compile on the CPU needs a C compiler")
     import torch._dynamo
-    from aepo_lite.agent import load_run
+    from aepo_lite.rl.agent import load_run
     eager, _, data = load_run(smoke_runs["aepo"])
     comp, cfg, _ = load_run(smoke_runs["aepo"], overrides={"compile_sampler": True})
     assert cfg.compile_sampler
@@ -251,8 +253,8 @@ def test_compiled_training_matches_eager(tiny, smoke_runs):
     if shutil.which("gcc") is None and shutil.which("cc") is None:
         pytest.skip("torch.compile on the CPU needs a C compiler")
     import torch._dynamo
-    from aepo_lite.agent import make_config, train
-    from aepo_lite.data import load_minari
+    from aepo_lite.rl.agent import make_config, train
+    from aepo_lite.rl.data import load_minari
     data, _ = load_minari(DS)
     torch._dynamo.reset()
     d = tiny / "runs" / "aepo-compiled"
@@ -273,7 +275,7 @@ def test_compiled_training_matches_eager(tiny, smoke_runs):
 
 
 def test_resume_skips_finished_stages(tiny, smoke_runs):
-    from aepo_lite.agent import make_config, train
+    from aepo_lite.rl.agent import make_config, train
     d = smoke_runs["mse"]
     ck = d / "checkpoints"
     before = {p.name: p.stat().st_mtime_ns for p in ck.iterdir()}
@@ -291,7 +293,7 @@ def test_resume_skips_finished_stages(tiny, smoke_runs):
 
 
 def test_run_dir_guards_and_broken_checkpoint(tiny, smoke_runs):
-    from aepo_lite.agent import evaluate_run, make_config, train
+    from aepo_lite.rl.agent import evaluate_run, make_config, train
     d = smoke_runs["aepo"]
     snap = {p.name: p.read_bytes() for p in (d / "checkpoints").iterdir()}
     with pytest.raises(ValueError, match="made by method 'aepo'"):
@@ -327,7 +329,7 @@ def test_run_dir_guards_and_broken_checkpoint(tiny, smoke_runs):
                                       (dict(critic_activation="relu", expansion="first"), "no curvature"),
                                       (dict(critic_activation="relu", expansion="second"), "no curvature")])
 def test_bad_config_is_named(kw, match):
-    from aepo_lite.agent import make_config
+    from aepo_lite.rl.agent import make_config
     args = dict(dataset=DS, method="aepo", preset="smoke")
     args.update(kw)
     with pytest.raises(ValueError, match=match):
@@ -336,7 +338,7 @@ def test_bad_config_is_named(kw, match):
 
 def test_results_csv_table_and_readme(tiny, smoke_runs, tmp_path):
     import csv
-    from aepo_lite import rl_report
+    from aepo_lite.rl import report as rl_report
     csv_path = tmp_path / "figs" / "rl_results.csv"
     rows = rl_report.collect([tiny / "runs"], csv_path)
     with open(csv_path) as f:

@@ -9,8 +9,8 @@ import math
 import pytest
 import torch
 
-from aepo_lite import guidance as G
-from aepo_lite.diffusion import SOLVERS, sample
+from aepo_lite.core import guidance as G
+from aepo_lite.core.diffusion import SOLVERS, sample
 
 from conftest import DT, make_problem
 

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from aepo_lite.schedule import VPSchedule
+from aepo_lite.core.schedule import VPSchedule
 
 DT = torch.float64
 

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from aepo_lite import toy
-from aepo_lite.schedule import VPSchedule
+from aepo_lite.toy import tasks as toy
+from aepo_lite.core.schedule import VPSchedule
 
 TASKS = ("swissroll", "8gaussians", "moons", "rings", "checkerboard", "2spirals")
 

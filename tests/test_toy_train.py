@@ -5,8 +5,9 @@ import math
 import pytest
 import torch
 
-from aepo_lite import toy, toy_report
-from aepo_lite import toy_train as TT
+from aepo_lite.toy import tasks as toy
+from aepo_lite.toy import report as toy_report
+from aepo_lite.toy import pipeline as TT
 from aepo_lite.cli import main
 
 TINY = dict(n_data=4000, bc_steps=250, bc_hidden=64, critic_steps=150, critic_hidden=64, energy_steps=150,

@@ -6,11 +6,11 @@ Each part of the course has one renderer, reading one results file:
 ==================  ===========================  ==========================================
 part                results file (in figures/)   renderer
 ==================  ===========================  ==========================================
-closed-form demo    closed_form_checks.json      ``aepo_lite.demo.render`` if present, else
+closed-form demo    closed_form_checks.json      ``aepo_lite.course.demo.render`` if present, else
                                                  the demo's figure redrawn here (exact Gaussian
                                                  guidance: sampling, no training, seconds)
-toy 2D tasks        toy2d_results.csv            ``aepo_lite.toy_report.render``
-offline RL          rl_results.csv               ``aepo_lite.rl_report.render``
+toy 2D tasks        toy2d_results.csv            ``aepo_lite.toy.report.render``
+offline RL          rl_results.csv               ``aepo_lite.rl.report.render``
 speed benchmark     bench_*.json (optional)      ``aepo_lite.bench.to_markdown``
 QGPO comparison     compare_qgpo_*.json          ``scripts/compare_qgpo.py``'s ``to_markdown``
                     (optional)                   (timings measured there, tabulated here)
@@ -55,7 +55,7 @@ def _redraw_demo_figure(mod, results: Path, figures_dir: Path) -> Path:
     The checks themselves (Monte Carlo, moments) are the results file and are not re-run."""
     import torch
 
-    from .._io import read_json
+    from aepo_lite._io import read_json
 
     rec = read_json(results)
     try:
@@ -70,7 +70,7 @@ def _redraw_demo_figure(mod, results: Path, figures_dir: Path) -> Path:
         if k in saved and not torch.allclose(torch.as_tensor(saved[k], dtype=torch.float64),
                                              torch.as_tensor(v, dtype=torch.float64)):
             raise ValueError(f"{results} was made for a different problem ({k} differs from "
-                             "aepo_lite.demo.gaussian_problem()); re-run `aepo-lite demo`")
+                             "aepo_lite.course.demo.gaussian_problem()); re-run `aepo-lite demo`")
     # Thousands of 2x2 solves per step: one thread is several times faster than a contended pool.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -83,10 +83,10 @@ def _redraw_demo_figure(mod, results: Path, figures_dir: Path) -> Path:
 def _draw(mod, P, seed, n_plot, steps, scales, figures_dir) -> Path:
     import torch
 
-    from .. import guidance as G
-    from .._io import atomic_save_figure
-    from ..diffusion import sample
-    from ..schedule import VPSchedule
+    from aepo_lite.core import guidance as G
+    from aepo_lite._io import atomic_save_figure
+    from aepo_lite.core.diffusion import sample
+    from aepo_lite.core.schedule import VPSchedule
 
     sch = VPSchedule()
     m_pi, S_pi = G.gaussian_target_policy(P["m"], P["S"], P["g"], P["H"], P["beta"])
@@ -106,7 +106,7 @@ def _render_report(mod, results: Path, figures_dir: Path) -> list[Path]:
 
 def _render_markdown_of_json(mod, results: Path, figures_dir: Path) -> list[Path]:
     """A timing table (``X.json`` -> ``X.md``) by the measuring module's own ``to_markdown``."""
-    from .._io import atomic_write_text, read_json
+    from aepo_lite._io import atomic_write_text, read_json
 
     return [atomic_write_text(Path(figures_dir) / (results.stem + ".md"), mod.to_markdown(read_json(results)))]
 
@@ -126,9 +126,9 @@ def _load_script(rel: str, figures_dir: Path):
 
 
 PARTS = (
-    Part("closed-form demo", "aepo_lite.demo", "closed_form_checks.json", "aepo-lite demo --out figures", _render_demo),
-    Part("toy 2D tasks", "aepo_lite.toy_report", "toy2d_results.csv", "aepo-lite toy-grid", _render_report),
-    Part("offline RL", "aepo_lite.rl_report", "rl_results.csv",
+    Part("closed-form demo", "aepo_lite.course.demo", "closed_form_checks.json", "aepo-lite demo --out figures", _render_demo),
+    Part("toy 2D tasks", "aepo_lite.toy.report", "toy2d_results.csv", "aepo-lite toy-grid", _render_report),
+    Part("offline RL", "aepo_lite.rl.report", "rl_results.csv",
          "aepo-lite rl-results --runs RUNS --csv figures/rl_results.csv", _render_report),
     Part("speed benchmark", "aepo_lite.bench", "bench_*.json",
          "aepo-lite bench --out figures/bench_<device>.json", _render_markdown_of_json, optional=True),

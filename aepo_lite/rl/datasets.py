@@ -31,8 +31,8 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from ._io import atomic_write_json, read_json
-from .evaluation import Episode, run_episodes
+from aepo_lite._io import atomic_write_json, read_json
+from aepo_lite.rl.evaluation import Episode, run_episodes
 
 __all__ = ["QUALITIES", "DatasetRecipe", "make_dataset", "train_policy_ladder", "policy_cache_dir"]
 
@@ -318,5 +318,5 @@ def make_dataset(recipe: DatasetRecipe, *, overwrite: bool = False, progress: bo
 def _create(minari, r, buffers, ref_min, ref_max, info):
     return minari.create_dataset_from_buffers(
         r.name, buffers, env=r.env_id, eval_env=r.env_id, algorithm_name=f"aepo-lite make-dataset ({r.quality})",
-        author="aepo-lite", code_permalink="aepo_lite/datasets_local.py", ref_min_score=ref_min, ref_max_score=ref_max,
+        author="aepo-lite", code_permalink="aepo_lite/rl/datasets.py", ref_min_score=ref_min, ref_max_score=ref_max,
         num_episodes_average_score=r.ref_episodes, description=json.dumps(info, default=str))

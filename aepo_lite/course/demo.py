@@ -22,11 +22,11 @@ from pathlib import Path
 
 import torch
 
-from . import guidance as G
-from ._io import atomic_save_figure, atomic_write_json
-from .aepo import aepo_target
-from .diffusion import sample
-from .schedule import VPSchedule
+from aepo_lite.core import guidance as G
+from aepo_lite._io import atomic_save_figure, atomic_write_json
+from aepo_lite.core.aepo import aepo_target
+from aepo_lite.core.diffusion import sample
+from aepo_lite.core.schedule import VPSchedule
 
 __all__ = ["gaussian_problem", "run_demo", "SCALES"]
 

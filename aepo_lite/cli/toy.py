@@ -11,7 +11,7 @@ import math
 import time
 from pathlib import Path
 
-from ..device import DEVICE_CHOICES
+from aepo_lite.device import DEVICE_CHOICES
 
 GRID_METHODS = ("aepo", "cep", "mse", "bc")
 
@@ -27,8 +27,8 @@ def _float(name):
 
 
 def register(subparsers) -> None:
-    from ..toy import task_names
-    from ..toy_train import ESTIMATORS, PRESETS, TOY_METHODS, DEFAULT_ESTIMATOR
+    from aepo_lite.toy.tasks import task_names
+    from aepo_lite.toy.pipeline import ESTIMATORS, PRESETS, TOY_METHODS, DEFAULT_ESTIMATOR
 
     p = subparsers.add_parser("toy", help="train and evaluate one guidance method on a toy 2D task",
                               description="Train (or load from the cache) and evaluate one guidance method on a toy "
@@ -83,12 +83,12 @@ def register(subparsers) -> None:
 
 
 def _config(args, **kw):
-    from ..toy_train import make_config
+    from aepo_lite.toy.pipeline import make_config
     return make_config(args.preset, device=args.device, **kw)
 
 
 def run_toy_command(args) -> int:
-    from ..toy_train import run_toy
+    from aepo_lite.toy.pipeline import run_toy
     if any(math.isnan(w) for w in args.guidance_scale):
         raise ValueError("guidance_scale: expected finite numbers, got NaN")
     cfg = _config(args, task=args.task, method=args.method, estimator=args.estimator, beta=args.beta,
@@ -105,8 +105,8 @@ def run_toy_command(args) -> int:
 
 
 def _grid_configs(args):
-    from ..toy import task_names
-    from ..toy_train import DEFAULT_ESTIMATOR, ESTIMATORS
+    from aepo_lite.toy.tasks import task_names
+    from aepo_lite.toy.pipeline import DEFAULT_ESTIMATOR, ESTIMATORS
     tasks = args.tasks or task_names()
     ests = args.estimators or [DEFAULT_ESTIMATOR]
     if "all" in ests:
@@ -123,8 +123,8 @@ def _grid_configs(args):
 
 
 def run_grid_command(args) -> int:
-    from .. import toy_report
-    from ..toy_train import config_rows, run_toy
+    from aepo_lite.toy import report as toy_report
+    from aepo_lite.toy.pipeline import config_rows, run_toy
     csv = Path(args.csv)
     if not args.render_only:
         if any(math.isnan(w) for w in args.guidance_scales):
@@ -153,7 +153,7 @@ def run_grid_command(args) -> int:
 
 
 def run_bench_command(args) -> int:
-    from ..toy_train import bench
+    from aepo_lite.toy.pipeline import bench
     for line in bench(args.task, preset=args.preset, steps=args.steps, n_points=args.n_points, device=args.device):
         print(line, flush=True)
     return 0

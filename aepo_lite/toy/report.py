@@ -17,7 +17,7 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
-from ._io import atomic_save_figure, atomic_write_text
+from aepo_lite._io import atomic_save_figure, atomic_write_text
 
 __all__ = ["COLUMNS", "read_results", "write_results", "summarise", "best_estimator", "render", "update_readme",
            "plot_run", "README_START", "README_END"]
@@ -279,7 +279,7 @@ def readme_section(rows: list[dict], csv_name: str = "figures/toy2d_results.csv"
                   "distance / floor at beta = 10 and guidance scale 1 over the tasks where every estimator ran "
                   f"({score[best][2]} common run(s) on {score[best][1]} task(s)). "
                   "This choice is ours, measured on these toy tasks; it is not the paper's, which publishes no code. "
-                  f"The library default in `aepo_lite.aepo.EnergyConfig` is `{_lib_default()}`; the estimator run "
+                  f"The library default in `aepo_lite.core.aepo.EnergyConfig` is `{_lib_default()}`; the estimator run "
                   f"on the whole grid (every task and seed) is `{main}`.", ""]
         others = sorted(score, key=lambda e: score[e][0])
         parts.append("Estimators measured (mean distance / floor over the common runs): " +
@@ -296,7 +296,7 @@ def readme_section(rows: list[dict], csv_name: str = "figures/toy2d_results.csv"
               "is not met: the table says so instead of tuning the metric. Read the columns against each other and "
               "against bc (the unguided behaviour): a method no closer than bc did not guide. The toy tasks "
               "rescale the published point sets by 1/4 and write the published reward labels as functions of x "
-              "(`aepo_lite/toy.py`). Energies of every method see c_in(t) x_t (the Gaussian posterior-mean "
+              "(`aepo_lite/toy/tasks.py`). Energies of every method see c_in(t) x_t (the Gaussian posterior-mean "
               "scaling) and AEPO also trains on a quarter of uniform box points; every sample is clipped to the "
               "action box. Speeds: `aepo-lite toy-bench`.", "",
               "Rows present in the CSV (the full grid is 6 tasks x methods x beta in {3, 10, 20} x 3 seeds; "
@@ -306,7 +306,7 @@ def readme_section(rows: list[dict], csv_name: str = "figures/toy2d_results.csv"
 
 
 def _lib_default() -> str:
-    from .aepo import EnergyConfig
+    from aepo_lite.config import EnergyConfig
     return f"{EnergyConfig.covariance}-{EnergyConfig.expansion}"
 
 
@@ -330,7 +330,7 @@ def plot_run(models, metrics: dict, samples: dict | None, target, path) -> Path:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from . import toy
+    from aepo_lite.toy import tasks as toy
     task = toy.get_task(metrics["task"])
     samples = samples or {}
     n = 1 + len(samples)

@@ -27,8 +27,8 @@ from typing import Callable
 
 import torch
 
-from ._checks import check_finite, check_scalar, check_tensor
-from .schedule import VPSchedule
+from aepo_lite._checks import check_finite, check_scalar, check_tensor
+from aepo_lite.core.schedule import VPSchedule
 
 __all__ = [
     "ToyTask", "register_task", "get_task", "task_names", "TOY_TASKS", "SCALE",

@@ -17,7 +17,7 @@ def register(subparsers) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from ..demo import run_demo
+    from aepo_lite.course.demo import run_demo
 
     try:
         run_demo(out_dir=args.out, scale=args.scale, seed=args.seed)

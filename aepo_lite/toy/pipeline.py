@@ -9,7 +9,7 @@ losing a finished stage:
      piecewise constant, so grad e = 0 almost everywhere and AEPO's gradient-based targets need
      a smooth surrogate; CEP and MSE use e itself;
   3. the intermediate-energy network f_phi of one method (aepo with an estimator, cep, mse) at
-     one beta and seed, trained with :class:`aepo_lite.aepo.EnergyLearner`;
+     one beta and seed, trained with :class:`aepo_lite.core.aepo.EnergyLearner`;
   4. evaluation: guided samples at each guidance scale, their sliced Wasserstein distance to
      exact target samples and its noise floor, the mean reward, and the error of f_phi against
      the exact E_t on a grid.
@@ -26,15 +26,16 @@ from typing import Optional
 import torch
 from torch import nn
 
-from . import guidance as G
-from . import toy
-from ._checks import check_scalar
-from ._io import atomic_torch_save, atomic_write_json
-from .aepo import EnergyConfig, EnergyLearner, EpsNormTable
-from .device import resolve_device
-from .diffusion import SOLVERS, DiffusionModel, energy_guidance
-from .nets import MLP, EnergyNet, NoiseNet
-from .schedule import VPSchedule
+from aepo_lite.core import guidance as G
+from aepo_lite.toy import tasks as toy
+from aepo_lite._checks import check_scalar
+from aepo_lite._io import atomic_torch_save, atomic_write_json
+from aepo_lite.config import EnergyConfig
+from aepo_lite.core.aepo import EnergyLearner, EpsNormTable
+from aepo_lite.device import resolve_device
+from aepo_lite.core.diffusion import SOLVERS, DiffusionModel, energy_guidance
+from aepo_lite.core.nets import MLP, EnergyNet, NoiseNet
+from aepo_lite.core.schedule import VPSchedule
 
 __all__ = ["ToyConfig", "PRESETS", "TOY_METHODS", "ESTIMATORS", "DEFAULT_ESTIMATOR", "make_config", "parse_estimator",
            "ToyModels", "train_behaviour", "fit_critic", "train_energy", "train_toy", "guided_samples",
@@ -42,7 +43,7 @@ __all__ = ["ToyConfig", "PRESETS", "TOY_METHODS", "ESTIMATORS", "DEFAULT_ESTIMAT
 
 TOY_METHODS = ("aepo", "cep", "mse", "bc")
 ESTIMATORS = tuple(f"{c}-{e}" for c in G.COVARIANCES for e in G.EXPANSIONS)
-LIBRARY_ESTIMATOR = f"{EnergyConfig.covariance}-{EnergyConfig.expansion}"  # aepo_lite.aepo.EnergyConfig's default
+LIBRARY_ESTIMATOR = f"{EnergyConfig.covariance}-{EnergyConfig.expansion}"  # aepo_lite.core.aepo.EnergyConfig's default
 # The toy default: the estimator that measured best on the toy grid (README, figures/toy2d_estimators.md);
 # our choice, by measurement, not the paper's.
 DEFAULT_ESTIMATOR = "gaussian-fit-sampled"
@@ -60,7 +61,7 @@ def parse_estimator(estimator: str) -> tuple[str, str]:
 class ToyConfig:
     """One toy run: a task, a guidance method, beta, the guidance scales to evaluate, a seed."""
 
-    task: str = "8gaussians"  # registered toy task (aepo_lite.toy.task_names())
+    task: str = "8gaussians"  # registered toy task (aepo_lite.toy.tasks.task_names())
     method: str = "aepo"  # aepo | cep | mse | bc (bc = the behaviour model, guidance scale 0)
     estimator: str = DEFAULT_ESTIMATOR  # AEPO only: "<covariance>-<expansion>", see ESTIMATORS
     beta: float = 10.0  # inverse temperature of the target pi ∝ mu exp(beta e)
@@ -97,7 +98,7 @@ class ToyConfig:
     # evaluation
     n_eval: int = 1000  # guided samples per guidance scale (and size of each exact target set)
     sample_steps: int = 20  # network evaluations per sample
-    solver: str = "dpmpp2m"  # sampler, one of aepo_lite.diffusion.SOLVERS
+    solver: str = "dpmpp2m"  # sampler, one of aepo_lite.core.diffusion.SOLVERS
     pool_size: int = 100_000  # behaviour pool resampled for exact target samples
     n_projections: int = 128  # directions of the sliced Wasserstein distance
     grid_size: int = 40  # the energy-error grid is grid_size x grid_size on [-1.2, 1.2]^2
@@ -338,7 +339,7 @@ def _learner(cfg: ToyConfig, energy: EnergyNet, behaviour: DiffusionModel, criti
              x: torch.Tensor, g: torch.Generator) -> EnergyLearner:
     task = toy.get_task(cfg.task)
     cov, exp = parse_estimator(cfg.estimator)
-    ecfg = EnergyConfig(method=cfg.method, beta=cfg.beta, covariance=cov, expansion=exp, n_samples=cfg.n_mc,
+    ecfg = EnergyConfig(beta=cfg.beta, covariance=cov, expansion=exp, n_samples=cfg.n_mc,
                         clip=cfg.clip, lr=cfg.energy_lr)
     sched = behaviour.schedule
     if cfg.method == "aepo":
@@ -349,7 +350,7 @@ def _learner(cfg: ToyConfig, energy: EnergyNet, behaviour: DiffusionModel, criti
         if (cfg.method == "aepo" and cov == "isotropic") else None
     fit_cov = torch.cov(x.T) if (cfg.method == "aepo" and cov == "gaussian-fit") else None
     return EnergyLearner(energy, ecfg, schedule=sched, eps_fn=behaviour.eps, q_fn=q_fn, eps_table=eps_table,
-                         fit_cov=fit_cov, generator=g)
+                         fit_cov=fit_cov, generator=g, method="qgpo" if cfg.method == "cep" else cfg.method)
 
 
 def train_energy(cfg: ToyConfig, behaviour: DiffusionModel, critic: nn.Module | None = None, *, cache_dir=None,
@@ -496,7 +497,7 @@ def run_toy(cfg: ToyConfig, out_dir, *, cache_dir=None, progress: bool = True, f
     samples, target = metrics.pop("_samples", None), metrics.pop("_target", None)
     atomic_write_json(out_dir / "metrics.json", metrics)
     if figure:
-        from .toy_report import plot_run
+        from aepo_lite.toy.report import plot_run
         plot_run(models, metrics, samples, target, out_dir / "figure.png")
     return metrics
 

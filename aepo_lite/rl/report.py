@@ -15,7 +15,7 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
-from ._io import atomic_save_figure, atomic_write_text, read_json
+from aepo_lite._io import atomic_save_figure, atomic_write_text, read_json
 
 __all__ = ["COLUMNS", "collect", "render", "summary_rows", "markdown_table", "speed_table", "update_readme"]
 

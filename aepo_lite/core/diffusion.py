@@ -23,8 +23,8 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from ._checks import check_finite, check_scalar, check_tensor
-from .schedule import VPSchedule
+from aepo_lite._checks import check_finite, check_scalar, check_tensor
+from aepo_lite.core.schedule import VPSchedule
 
 __all__ = ["DiffusionModel", "sample", "energy_guidance", "FusedGuidedEps", "SOLVERS", "EpsFn", "GuidanceFn",
            "GuidedEpsFn"]

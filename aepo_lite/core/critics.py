@@ -23,35 +23,19 @@ the in-support critic also needs ``support2`` (B, K, d), actions from mu(.|s').
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from ._checks import check_scalar
-from .device import adam
-from .nets import TwinQ, ValueNet
+from aepo_lite._checks import check_scalar
+from aepo_lite.config import CriticConfig
+from aepo_lite.device import adam
+from aepo_lite.core.nets import TwinQ, ValueNet
 
-__all__ = ["CriticConfig", "expectile_loss", "insupport_target", "IQLCritic", "InSupportCritic", "make_critic",
+__all__ = ["expectile_loss", "insupport_target", "IQLCritic", "InSupportCritic", "make_critic",
            "CRITICS"]
 
 CRITICS = ("iql", "insupport")
-
-
-@dataclass
-class CriticConfig:
-    """Critic hyper-parameters (QGPO's settings by default, method.md section 7)."""
-
-    kind: str = "iql"  # iql | insupport
-    gamma: float = 0.99  # discount
-    tau_target: float = 0.005  # Polyak rate of the target Q network
-    expectile: float = 0.7  # IQL expectile tau (0.7 locomotion, 0.9 AntMaze in IQL's paper)
-    beta_q: float = 1.0  # in-support softmax inverse temperature beta_Q
-    lr: float = 3e-4  # Adam learning rate
-    hidden: int = 256  # hidden width of Q and V
-    depth: int = 2  # hidden layers of Q and V
-    activation: str = "mish"  # silu | mish | gelu | tanh | relu (relu: Q only evaluated, never differentiated)
-    layer_norm: bool = False  # LayerNorm in the Q/V MLPs
 
 
 def expectile_loss(u: torch.Tensor, tau: float) -> torch.Tensor:
@@ -106,6 +90,29 @@ class _TwinQLearner(nn.Module):
 
     def _make_optimizers(self) -> None:
         raise NotImplementedError
+
+    def _named_optimizers(self) -> dict:
+        return {k: v for k, v in vars(self).items() if k.endswith("_opt") and v is not None}
+
+    def state_dict(self, *args, **kwargs):
+        """The networks and, once made, the optimisers: a learner's state, enough to resume training.
+
+        Called with arguments (``prefix=...``, as a parent module does), the plain module state.
+        """
+        sd = super().state_dict(*args, **kwargs)
+        if not args and not kwargs:
+            sd["_optimizers"] = {k: o.state_dict() for k, o in self._named_optimizers().items()}
+        return sd
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        state_dict = dict(state_dict)
+        opts = state_dict.pop("_optimizers", {})
+        out = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        if opts:
+            self._optimizers()
+            for k, o in self._named_optimizers().items():
+                o.load_state_dict(opts[k])
+        return out
 
 
 class IQLCritic(_TwinQLearner):

@@ -10,23 +10,23 @@ Read top to bottom:
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 from torch import nn
 
-from . import guidance as G
-from ._checks import check_finite, check_scalar, check_tensor
-from .device import adam
-from .diffusion import EpsFn
-from .schedule import VPSchedule
+from aepo_lite.config import EnergyConfig
+from aepo_lite.core import guidance as G
+from aepo_lite._checks import check_finite, check_scalar, check_tensor
+from aepo_lite.device import adam, cosine_schedule
+from aepo_lite.core.diffusion import EpsFn
+from aepo_lite.core.schedule import VPSchedule
 
-__all__ = ["posterior_estimate", "critic_expansion", "aepo_target", "EpsNormTable", "EnergyConfig", "EnergyLearner",
+__all__ = ["posterior_estimate", "critic_expansion", "aepo_target", "EpsNormTable", "EnergyLearner",
            "ENERGY_METHODS"]
 
 QFn = Callable[[Optional[torch.Tensor], torch.Tensor], torch.Tensor]  # (s (B, k) | None, a (B, d)) -> (B,)
-ENERGY_METHODS = ("aepo", "mse", "cep")
+ENERGY_METHODS = ("aepo", "mse", "qgpo")  # qgpo: the contrastive energy (CEP) of QGPO
 
 
 class EpsNormTable(nn.Module):
@@ -164,49 +164,38 @@ def _aepo_target(a_t, t, s, *, eps_fn, q_fn, schedule, beta, covariance, expansi
     return G.aepo_target_second(q, g, H, S_hat, beta, check=check)
 
 
-@dataclass
-class EnergyConfig:
-    """How the intermediate energy f_phi is trained."""
-
-    method: str = "aepo"  # aepo | mse | cep
-    beta: float = 3.0  # inverse temperature of pi ∝ mu exp(beta Q)
-    covariance: str = "tweedie"  # AEPO posterior covariance: tweedie | isotropic | gaussian-fit | none
-    expansion: str = "sampled"  # AEPO expansion of Q: first | second | sampled (measured: README, toy results)
-    n_samples: int = 16  # AEPO `sampled` expansion: Monte Carlo samples per a_t
-    clip: Optional[float] = 1.0  # clip a0_hat (and sampled actions) to [-clip, clip]; None = no box
-    lr: float = 3e-4  # Adam learning rate
-    grad_clip: Optional[float] = None  # gradient-norm clipping; None = off
-
-
 class EnergyLearner:
     """Trains f_phi(s, a_t, t). ``update(batch) -> dict[str, float]``.
 
-    batch keys: ``a`` (B, d) behaviour actions and ``s`` (B, k) or None, for aepo and mse;
-    for cep: ``s`` (B, k) or None, ``support`` (B, K, d) actions from mu(.|s) and ``support_q`` (B, K).
+    ``method``: aepo (regression on AEPO's target), mse (regression on beta Q(s, a_0)) or qgpo (QGPO's
+    contrastive energy, CEP). batch keys: ``a`` (B, d) behaviour actions and ``s`` (B, k) or None, for aepo
+    and mse; for qgpo: ``s`` (B, k) or None, ``support`` (B, K, d) actions from mu(.|s) and ``support_q`` (B, K).
     Optional ``fit_cov`` (B, d, d) for AEPO's ``gaussian-fit``.
     """
 
     def __init__(self, energy: nn.Module, cfg: EnergyConfig, *, schedule: VPSchedule,
                  eps_fn: EpsFn | None = None, q_fn: QFn | None = None, eps_table: EpsNormTable | None = None,
-                 fit_cov: torch.Tensor | None = None, generator: torch.Generator | None = None):
-        if cfg.method not in ENERGY_METHODS:
-            raise ValueError(f"method: expected one of {ENERGY_METHODS}, got {cfg.method!r}")
+                 fit_cov: torch.Tensor | None = None, generator: torch.Generator | None = None,
+                 decay_steps: int | None = None, method: str = "aepo"):
+        if method not in ENERGY_METHODS:
+            raise ValueError(f"method: expected one of {ENERGY_METHODS}, got {method!r}")
         check_scalar("beta", cfg.beta, low=0.0)
-        if cfg.method in ("aepo", "mse") and q_fn is None:
-            raise ValueError(f"q_fn: the {cfg.method} energy needs a critic")
-        if cfg.method == "aepo" and eps_fn is None:
+        if method in ("aepo", "mse") and q_fn is None:
+            raise ValueError(f"q_fn: the {method} energy needs a critic")
+        if method == "aepo" and eps_fn is None:
             raise ValueError("eps_fn: the aepo energy needs the behaviour model's noise prediction")
-        if cfg.method == "aepo":
+        if method == "aepo":
             if cfg.covariance not in G.COVARIANCES:
                 raise ValueError(f"covariance: expected one of {G.COVARIANCES}, got {cfg.covariance!r}")
             if cfg.expansion not in G.EXPANSIONS:
                 raise ValueError(f"expansion: expected one of {G.EXPANSIONS}, got {cfg.expansion!r}")
             if cfg.covariance == "isotropic" and eps_table is None:
                 raise ValueError("eps_table: covariance='isotropic' needs an EpsNormTable")
-        self.energy, self.cfg, self.schedule = energy, cfg, schedule
+        self.energy, self.cfg, self.schedule, self.method = energy, cfg, schedule, method
         self.eps_fn, self.q_fn, self.eps_table, self.fit_cov = eps_fn, q_fn, eps_table, fit_cov
         self.generator = generator
         self.opt = adam(energy.parameters(), cfg.lr)  # fused on CUDA (parameters already on their device)
+        self.lr_schedule = cosine_schedule(self.opt, decay_steps)  # None: a constant learning rate
         # NaN/inf checks of targets and losses read a value back: every step on the CPU (an immediate,
         # named error), never on CUDA, where the training loop checks the metrics it logs instead
         self.check_finite = not any(p.is_cuda for p in energy.parameters())
@@ -217,8 +206,8 @@ class EnergyLearner:
         return a_t, t
 
     def loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
-        cfg, s = self.cfg, batch.get("s")
-        if cfg.method == "cep":
+        cfg, method, s = self.cfg, self.method, batch.get("s")
+        if method == "qgpo":
             sup, q = batch["support"], batch["support_q"]
             B, K, d = sup.shape
             t = self.schedule.sample_t(B, device=sup.device, dtype=sup.dtype, generator=self.generator)
@@ -229,7 +218,7 @@ class EnergyLearner:
             return G.cep_loss(f, q, cfg.beta, check=self.check_finite), {}
         a0 = batch["a"]
         a_t, t = self._noise(a0)
-        if cfg.method == "mse":
+        if method == "mse":
             with torch.no_grad():
                 q = self.q_fn(s, a0)
             return G.mse_energy_loss(self.energy(s, a_t, t), q, cfg.beta, check=self.check_finite), {}
@@ -251,6 +240,25 @@ class EnergyLearner:
         if self.cfg.grad_clip:
             nn.utils.clip_grad_norm_(self.energy.parameters(), self.cfg.grad_clip)
         self.opt.step()
+        if self.lr_schedule is not None:
+            self.lr_schedule.step()
         out = {"energy_loss": loss.detach()}
         out.update({k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in extra.items()})
         return out
+
+    def state_dict(self) -> dict:
+        """The energy network, its optimiser and schedule, and the noise generator: enough to resume exactly."""
+        out = {"energy": self.energy.state_dict(), "opt": self.opt.state_dict()}
+        if self.lr_schedule is not None:
+            out["lr_schedule"] = self.lr_schedule.state_dict()
+        if self.generator is not None:
+            out["generator"] = self.generator.get_state()
+        return out
+
+    def load_state_dict(self, state: dict) -> None:
+        self.energy.load_state_dict(state["energy"])
+        self.opt.load_state_dict(state["opt"])
+        if self.lr_schedule is not None:
+            self.lr_schedule.load_state_dict(state["lr_schedule"])
+        if self.generator is not None:
+            self.generator.set_state(state["generator"])

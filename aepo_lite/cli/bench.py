@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..device import DEVICE_CHOICES
+from aepo_lite.device import DEVICE_CHOICES
 
 
 def register(subparsers) -> None:
@@ -29,8 +29,8 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .. import bench
-    from .._io import atomic_write_json, atomic_write_text
+    from aepo_lite import bench
+    from aepo_lite._io import atomic_write_json, atomic_write_text
 
     kw = dict(device=args.device, state_dim=args.state_dim, action_dim=args.action_dim, compile=args.compile,
               tf32=args.tf32)

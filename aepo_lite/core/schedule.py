@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._checks import check_scalar, check_time, check_tensor
+from aepo_lite._checks import check_scalar, check_time, check_tensor
 
 __all__ = ["VPSchedule"]
 

@@ -29,15 +29,17 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ._io import append_jsonl, atomic_torch_save, atomic_write_json, read_json
-from .aepo import EnergyConfig, EnergyLearner, EpsNormTable
-from .critics import CriticConfig, make_critic
-from .data import OfflineData, flatten_observation, load_minari
-from .device import adam, compile_limits, compile_mode, compile_module, resolve_device, seed_everything
-from .diffusion import SOLVERS, DiffusionModel, FusedGuidedEps, energy_guidance
-from .evaluation import reference_scores, run_episodes, summarize_returns
-from .nets import EnergyNet, NoiseNet
-from .schedule import VPSchedule
+from aepo_lite._io import append_jsonl, atomic_torch_save, atomic_write_json, read_json
+from aepo_lite.config import EnergyConfig
+from aepo_lite.core.aepo import EnergyLearner, EpsNormTable
+from aepo_lite.config import CriticConfig
+from aepo_lite.core.critics import make_critic
+from aepo_lite.rl.data import OfflineData, flatten_observation, load_minari
+from aepo_lite.device import adam, compile_limits, compile_mode, compile_module, resolve_device, seed_everything
+from aepo_lite.core.diffusion import SOLVERS, DiffusionModel, FusedGuidedEps, energy_guidance
+from aepo_lite.rl.evaluation import reference_scores, run_episodes, summarize_returns
+from aepo_lite.core.nets import EnergyNet, NoiseNet
+from aepo_lite.core.schedule import VPSchedule
 
 __all__ = ["AgentConfig", "Agent", "METHODS", "PRESETS", "make_config", "train", "load_run", "evaluate_run",
            "STAGES"]
@@ -194,12 +196,12 @@ def check_config(cfg: AgentConfig) -> AgentConfig:
         raise ValueError(f"guidance_scales: expected non-negative numbers, got {cfg.guidance_scales}")
     if cfg.method == "bc" and cfg.n_candidates > 1:
         raise ValueError("n_candidates: best-of-N ranks by Q, and the bc method trains no critic")
-    from . import guidance as G
+    from aepo_lite.core import guidance as G
     if cfg.covariance not in G.COVARIANCES:
         raise ValueError(f"covariance: expected one of {G.COVARIANCES}, got {cfg.covariance!r}")
     if cfg.expansion not in G.EXPANSIONS:
         raise ValueError(f"expansion: expected one of {G.EXPANSIONS}, got {cfg.expansion!r}")
-    from .nets import SMOOTH_ACTIVATIONS
+    from aepo_lite.core.nets import SMOOTH_ACTIVATIONS
     if cfg.critic_activation not in SMOOTH_ACTIVATIONS + ("relu",):
         raise ValueError(f"critic_activation: expected one of {SMOOTH_ACTIVATIONS + ('relu',)}, got {cfg.critic_activation!r}")
     if cfg.critic_activation == "relu" and cfg.method == "aepo" and cfg.expansion != "sampled":
@@ -549,8 +551,8 @@ def _train_stages(cfg, run_dir, agent, T, N, device, init_behaviour, progress, b
         agent.energy.load_state_dict(_load_ckpt(p, fp, device)["state"])
     else:
         _batches_seed(cfg, "energy")
-        method = {"aepo": "aepo", "mse": "mse", "qgpo": "cep"}[cfg.method]
-        ecfg = EnergyConfig(method=method, beta=cfg.beta, covariance=cfg.covariance, expansion=cfg.expansion,
+        method = cfg.method
+        ecfg = EnergyConfig(beta=cfg.beta, covariance=cfg.covariance, expansion=cfg.expansion,
                             n_samples=cfg.n_samples, clip=1.0, lr=cfg.energy_lr)
         eps_table = None
         if method == "aepo" and cfg.covariance == "isotropic":
@@ -560,13 +562,13 @@ def _train_stages(cfg, run_dir, agent, T, N, device, init_behaviour, progress, b
         if cfg.energy_baseline == "value" and hasattr(critic, "v"):
             q_fn = lambda s, a: critic.q_fn(s, a) - critic.v(s)  # noqa: E731  (a per-state shift)
         learner = EnergyLearner(agent.energy, ecfg, schedule=agent.behaviour.schedule, eps_fn=agent.behaviour.eps,
-                                q_fn=q_fn, eps_table=eps_table)
+                                q_fn=q_fn, eps_table=eps_table, method=method)
 
         def step():
             i = idx(cfg.energy_batch)
             s = T["obs"][T["idx"][i]]
             b = {"s": s, "a": T["a"][i]}
-            if method == "cep":
+            if method == "qgpo":
                 sup = support[T["idx"][i]]
                 B, K, d = sup.shape
                 with torch.no_grad():
@@ -639,7 +641,7 @@ def evaluate_run(run_dir, *, guidance_scales=None, episodes: int | None = None, 
     Returns the results dict: per scale ``return_mean``, ``return_std``, ``normalized_score_mean``
     (or None), ``normalized_score_std``, ``episodes``, plus ``actions_per_s``.
     """
-    from .data import open_minari
+    from aepo_lite.rl.data import open_minari
     run_dir = Path(run_dir)
     over = {"guidance_scales": guidance_scales, "eval_episodes": episodes, "n_candidates": n_candidates,
             "guidance_t_max": guidance_t_max, "compile_sampler": compile_sampler}

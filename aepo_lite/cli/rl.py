@@ -5,9 +5,9 @@ from pathlib import Path
 
 
 def register(sub) -> None:
-    from ..datasets_local import QUALITIES
-    from ..device import DEVICE_CHOICES
-    from ..nets import SMOOTH_ACTIVATIONS
+    from aepo_lite.rl.datasets import QUALITIES
+    from aepo_lite.device import DEVICE_CHOICES
+    from aepo_lite.core.nets import SMOOTH_ACTIVATIONS
 
     p = sub.add_parser("make-dataset", help="make a D4RL-style Minari dataset locally (random actions or TD3 policies)")
     p.add_argument("--env", required=True, help="Gymnasium environment id, e.g. Hopper-v5")
@@ -74,8 +74,8 @@ def register(sub) -> None:
 
 
 def _make_dataset(args) -> int:
-    from ..datasets_local import DatasetRecipe, make_dataset
-    from ..data import description_info
+    from aepo_lite.rl.datasets import DatasetRecipe, make_dataset
+    from aepo_lite.rl.data import description_info
     r = DatasetRecipe(env_id=args.env, quality=args.quality, steps=args.steps, name=args.name, seed=args.seed,
                       train_steps=args.train_steps, eval_every=args.eval_every, learning_starts=args.learning_starts,
                       ref_episodes=args.ref_episodes)
@@ -93,7 +93,7 @@ def _default_out(dataset: str, method: str, preset: str, seed: int) -> Path:
 
 
 def _train(args) -> int:
-    from ..agent import evaluate_run, make_config, train
+    from aepo_lite.rl.agent import evaluate_run, make_config, train
     cfg = make_config(args.dataset, args.method, args.preset, seed=args.seed, device=args.device,
                       covariance=args.covariance, expansion=args.expansion, critic=args.critic,
                       critic_activation=args.critic_activation, compile=args.compile, tensorboard=args.tensorboard or None)
@@ -114,7 +114,7 @@ def _print_results(res: dict) -> None:
 
 
 def _eval(args) -> int:
-    from ..agent import evaluate_run
+    from aepo_lite.rl.agent import evaluate_run
     _print_results(evaluate_run(args.run, guidance_scales=args.guidance_scale, episodes=args.episodes,
                                 device=args.device, n_candidates=args.candidates,
                                 guidance_t_max=args.guidance_t_max, compile_sampler=args.compile,
@@ -123,7 +123,7 @@ def _eval(args) -> int:
 
 
 def _results(args) -> int:
-    from .. import rl_report
+    from aepo_lite.rl import report as rl_report
     rows = rl_report.collect(args.runs, args.csv)
     print(f"{len(rows)} rows -> {args.csv}")
     for p in rl_report.render(args.csv, args.figures):
@@ -135,8 +135,8 @@ def _results(args) -> int:
 
 
 def _bench(args) -> int:
-    from ..agent import evaluate_run, make_config, train
-    from ..data import load_minari
+    from aepo_lite.rl.agent import evaluate_run, make_config, train
+    from aepo_lite.rl.data import load_minari
     data, _ = load_minari(args.dataset)
     out = Path(args.out)
     for seed in args.seeds:

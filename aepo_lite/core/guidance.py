@@ -16,7 +16,7 @@ from typing import Callable
 
 import torch
 
-from ._checks import check_finite, check_positive_definite, check_scalar, check_tensor
+from aepo_lite._checks import check_finite, check_positive_definite, check_scalar, check_tensor
 
 __all__ = [
     # Gaussian closed forms (method.md section 3)

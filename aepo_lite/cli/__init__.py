@@ -1,4 +1,4 @@
-"""The ``aepo-lite`` command. Each subcommand lives in ``aepo_lite/commands/<name>.py`` and exposes
+"""The ``aepo-lite`` command. Each subcommand lives in ``aepo_lite/cli/<name>.py`` and exposes
 ``register(subparsers)``; this file only collects them."""
 from __future__ import annotations
 
@@ -18,9 +18,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         try:
-            mod = importlib.import_module(f"aepo_lite.commands.{name}")
+            mod = importlib.import_module(f"aepo_lite.cli.{name}")
         except ModuleNotFoundError as e:
-            if e.name == f"aepo_lite.commands.{name}":
+            if e.name == f"aepo_lite.cli.{name}":
                 continue
             raise
         mod.register(sub)
@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _version() -> str:
-    from . import __version__
+    from aepo_lite import __version__
     return __version__
 
 

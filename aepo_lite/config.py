@@ -1,0 +1,298 @@
+"""Configs: one part per component, shared by the offline-RL agent and the toy tasks, and the presets.
+
+A run's config is a tree of dataclasses: top-level fields (what to train, seeds, device, logging)
+and one part per component: ``behaviour`` (the diffusion behaviour model), ``critic``,
+``support`` (the support actions QGPO's recipe and the in-support targets use), ``energy`` (the
+intermediate energy f_phi), ``sampling`` (the guided sampler) and ``eval``. Every field has one
+name everywhere and a comment, which is its ``--help`` text: the command line is generated from
+these classes (``aepo-lite train --energy.beta 3``). A stage's checkpoint is keyed by a hash of
+the parts it depends on, so a setting that changes a result always lands in its hash.
+
+Presets are data (:data:`PRESETS`): nested overrides of the defaults, written once. The defaults
+of :class:`TrainConfig` are the ``full`` preset (QGPO's published settings, docs/derivation.md
+section 7); the bench extrapolates that same preset.
+"""
+from __future__ import annotations
+
+import copy
+import difflib
+import json
+from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass, replace
+from pathlib import Path
+from typing import Any, Optional
+
+__all__ = ["BehaviourConfig", "CriticConfig", "SupportConfig", "EnergyConfig", "SamplingConfig", "EvalConfig",
+           "ToyEvalConfig", "TrainConfig", "ToyConfig", "PRESETS", "METHODS", "from_dict", "to_dict",
+           "apply_overrides", "load_config_file", "field_paths", "preset_config"]
+
+METHODS = ("aepo", "qgpo", "mse", "bc")  # one name per method, in RL and on the toy tasks
+
+
+@dataclass
+class BehaviourConfig:
+    """The diffusion behaviour model mu(a|s): a noise network trained by denoising score matching."""
+
+    steps: int = 600_000  # gradient steps (QGPO: 600k)
+    batch: int = 4096  # batch size (QGPO: 4096)
+    lr: float = 1e-4  # Adam learning rate (QGPO: 1e-4)
+    lr_decay: bool = False  # cosine-decay the learning rate to 0 over the steps
+    hidden: int = 256  # noise network width
+    blocks: int = 3  # noise network residual blocks
+
+
+@dataclass
+class CriticConfig:
+    """The critic Q(s, a): IQL, QGPO's in-support softmax Q, or (toy tasks) a regression on the known reward."""
+
+    kind: str = ""  # iql | insupport | regression (toy: fit e(x)); "" = the method's default
+    steps: int = 500_000  # gradient steps (QGPO updates its critic for the first 500k)
+    batch: int = 256  # batch size
+    lr: float = 3e-4  # Adam learning rate
+    lr_decay: bool = False  # cosine-decay the learning rate to 0 over the steps
+    hidden: int = 256  # Q/V width
+    depth: int = 2  # Q/V hidden layers
+    activation: str = "mish"  # smooth (silu|mish|gelu|tanh), or relu (QGPO's) only where Q is never differentiated
+    gamma: float = 0.99  # discount
+    tau_target: float = 0.005  # Polyak rate of the target Q
+    expectile: float = 0.7  # IQL expectile (AntMaze: 0.9)
+    beta_q: float = 1.0  # in-support softmax temperature beta_Q
+    layer_norm: bool = False  # LayerNorm in the Q/V networks
+
+
+@dataclass
+class SupportConfig:
+    """Support actions a^(j) ~ mu(.|s): QGPO's contrastive groups and in-support critic (toy: data points)."""
+
+    k: int = 16  # K actions per state (AntMaze: 32)
+    solver: str = "dpm2"  # sampler of the support actions
+    steps: int = 15  # its network evaluations (docs/derivation.md section 6c: QGPO's 15)
+
+
+@dataclass
+class EnergyConfig:
+    """The intermediate energy f_phi(s, a_t, t) and its target (AEPO's analytic one, CEP's, or MSE's)."""
+
+    steps: int = 1_000_000  # gradient steps (QGPO: 1M)
+    batch: int = 256  # batch size: states (qgpo: contrastive groups of support.k actions)
+    lr: float = 3e-4  # Adam learning rate
+    lr_decay: bool = False  # cosine-decay the learning rate to 0 over the steps
+    hidden: int = 256  # energy network width
+    depth: int = 3  # energy network hidden layers
+    beta: float = 3.0  # inverse temperature of pi ∝ mu exp(beta Q)
+    covariance: str = "tweedie"  # AEPO posterior covariance: tweedie | isotropic | gaussian-fit | none
+    expansion: str = "sampled"  # AEPO expansion of Q: first | second | sampled
+    n_samples: int = 16  # AEPO sampled expansion: Monte Carlo samples per a_t
+    posterior: str = "gaussian"  # AEPO posterior: gaussian (covariance, expansion) | mixture | particles (ours, 4b)
+    bandwidth: float = 0.0  # AEPO mixture posterior: kernel bandwidth h >= 0 around each support action
+    clip: Optional[float] = 1.0  # clip the posterior mean (and sampled actions) to [-clip, clip]; None = no box
+    grad_clip: Optional[float] = None  # gradient-norm clipping of f_phi; None = off
+    baseline: str = "value"  # RL, aepo/mse with IQL: regress on beta (Q - V(s)) ("value") or beta Q ("none")
+    cover: float = 0.0  # toy, aepo: fraction of each batch drawn uniformly on the box instead of from the data
+    precondition: bool = False  # toy: feed f_phi c_in(t) x_t (the Gaussian posterior-mean scaling)
+
+
+@dataclass
+class SamplingConfig:
+    """The guided sampler: eps_guided = eps_theta - w sigma_t grad f_phi, with w swept at evaluation."""
+
+    solver: str = "dpm2"  # sampler (QGPO: DPM-Solver order 2)
+    steps: int = 15  # network evaluations per action (QGPO: 15)
+    guidance_scales: tuple[float, ...] = (0.0, 1.0, 2.0, 3.0, 5.0, 8.0, 10.0)  # w swept at evaluation (bc: 0)
+    guidance_t_max: float = 1.0  # guide only where t <= this (1.0: everywhere, the method as written)
+    compile: bool = False  # torch.compile the guided sampler step (CUDA graphs on CUDA); the first call compiles
+
+
+@dataclass
+class EvalConfig:
+    """Offline RL evaluation in Gymnasium (docs/derivation.md section 6c)."""
+
+    episodes: int = 10  # episodes per guidance scale
+    seed: int = 100_000  # episode i resets with seed + i (the same for every run)
+    envs: int = 10  # environments stepped together (one batched sampler call per step)
+    max_episode_steps: Optional[int] = None  # cap on episode length (smoke only; None: the environment's)
+    candidates: int = 1  # best-of-N: N actions per state, keep the one with the largest Q
+
+
+@dataclass
+class ToyEvalConfig:
+    """Toy evaluation against exact references (docs/derivation.md section 6)."""
+
+    n_samples: int = 2000  # guided samples per guidance scale (and size of each exact target set)
+    pool_size: int = 100_000  # behaviour pool resampled for exact target samples
+    n_projections: int = 128  # directions of the sliced Wasserstein distance
+    grid_size: int = 40  # the energy-error grid is grid_size x grid_size on [-1.2, 1.2]^2
+    error_times: tuple[float, ...] = (0.05, 0.2, 0.5)  # diffusion times at which f_phi is compared with E_t
+    n_ref_data: int = 10_000  # data points behind the exact E_t reference
+
+
+@dataclass
+class TrainConfig:
+    """One offline-RL run: a dataset, a method, a seed. Saved as ``DIR/config.json``. Defaults: the full preset."""
+
+    dataset: str = ""  # Minari dataset id (local, or downloaded when online)
+    method: str = "aepo"  # aepo | qgpo | mse | bc
+    preset: str = "full"  # the preset these values started from: smoke | bench | full
+    seed: int = 0  # seeds every stage and the sampling noise
+    device: str = "auto"  # auto | cpu | cuda
+    reward_scaling: str = "auto"  # IQL's conventions: auto | locomotion | antmaze | none
+    log_every: int = 1000  # metrics line every this many steps
+    checkpoint_every: int = 10_000  # periodic checkpoint every this many steps (a killed run resumes there)
+    tensorboard: bool = False  # also write TensorBoard scalars to DIR/tb (the tensorboard extra)
+    compile: bool = False  # torch.compile every network for training (CUDA graphs on CUDA)
+    behaviour: BehaviourConfig = field(default_factory=BehaviourConfig)
+    critic: CriticConfig = field(default_factory=CriticConfig)
+    support: SupportConfig = field(default_factory=SupportConfig)
+    energy: EnergyConfig = field(default_factory=EnergyConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+@dataclass
+class ToyConfig:
+    """One toy run: a task, a method, beta (energy.beta), a seed. Defaults: the toy full preset."""
+
+    task: str = "8gaussians"  # registered toy task (aepo_lite.toy.tasks.task_names())
+    method: str = "aepo"  # aepo | qgpo | mse | bc
+    preset: str = "full"  # the preset these values started from: smoke | full
+    seed: int = 0  # seeds the energy network, its batches, the samples and the reference sets
+    data_seed: int = 0  # seeds the task's training set, shared by every run of a task
+    n_data: int = 50_000  # behaviour points x^j ~ mu in the training set
+    device: str = "auto"  # auto | cpu | cuda
+    log_every: int = 200  # metrics line every this many steps
+    checkpoint_every: int = 1000  # periodic checkpoint every this many steps
+    behaviour: BehaviourConfig = field(default_factory=lambda: BehaviourConfig(
+        steps=3000, batch=512, lr=2e-3, lr_decay=True, hidden=128, blocks=2))
+    critic: CriticConfig = field(default_factory=lambda: CriticConfig(
+        kind="regression", steps=1500, batch=512, lr=2e-3, lr_decay=True, hidden=128, depth=3, activation="silu"))
+    support: SupportConfig = field(default_factory=lambda: SupportConfig(k=16))
+    energy: EnergyConfig = field(default_factory=lambda: EnergyConfig(
+        steps=600, batch=256, lr=1e-3, lr_decay=True, hidden=128, depth=3, beta=10.0, covariance="gaussian-fit",
+        expansion="sampled", cover=0.25, precondition=True, baseline="none"))
+    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(
+        solver="dpmpp2m", steps=20, guidance_scales=(1.0,)))
+    eval: ToyEvalConfig = field(default_factory=ToyEvalConfig)
+
+
+# Presets: nested overrides of the defaults above, the only place a preset is written.
+PRESETS: dict[str, dict[str, dict]] = {
+    "rl": {
+        # seconds on a CPU: the test suite and chapter 3 at smoke scale
+        "smoke": {"log_every": 20, "checkpoint_every": 20,
+                  "behaviour": dict(steps=60, batch=64, lr=1e-3, hidden=32, blocks=1),
+                  "critic": dict(steps=60, batch=64, hidden=32),
+                  "support": dict(k=4, solver="dpmpp2m", steps=3),
+                  "energy": dict(steps=40, batch=32, hidden=32, depth=2),
+                  "sampling": dict(solver="dpmpp2m", steps=3, guidance_scales=(0.0, 1.0)),
+                  "eval": dict(episodes=2, envs=2, max_episode_steps=50)},
+        # what a 2-core CPU affords on a 200k-transition dataset (a CPU benchmark, not QGPO's settings);
+        # sampling at QGPO's 15 steps for acting and support actions (docs/derivation.md section 6c)
+        "bench": {"log_every": 500, "checkpoint_every": 1000,
+                  "behaviour": dict(steps=6_000, batch=128, lr=1e-3, hidden=64, blocks=2),
+                  "critic": dict(steps=4_000, batch=128, hidden=64),
+                  "support": dict(k=8, solver="dpmpp2m", steps=15),
+                  "energy": dict(steps=2_000, batch=128, lr=1e-3, hidden=64, depth=2),
+                  "sampling": dict(solver="dpmpp2m", steps=15, guidance_scales=(0.0, 0.03, 0.1, 0.3, 1.0, 3.0)),
+                  "eval": dict(episodes=10, envs=10)},
+        # docs/derivation.md section 7: QGPO's published settings (for a GPU): the defaults
+        "full": {},
+    },
+    "toy": {
+        "smoke": {"n_data": 20_000, "log_every": 100, "checkpoint_every": 500,
+                  "behaviour": dict(steps=1500), "critic": dict(steps=800), "energy": dict(steps=800),
+                  "eval": dict(n_samples=1000, n_ref_data=20_000)},
+        "full": {},
+    },
+}
+
+
+# ----------------------------------------------------------------------------------- dict <-> config
+def to_dict(cfg) -> dict:
+    """A config as a plain nested dict (JSON-able; tuples become lists)."""
+    return json.loads(json.dumps(asdict(cfg)))
+
+
+def _names(cls) -> list[str]:
+    return [f.name for f in fields(cls)]
+
+
+def _unknown(path: str, key: str, cls) -> ValueError:
+    near = difflib.get_close_matches(key, _names(cls), n=3, cutoff=0.5)
+    hint = f"; did you mean {', '.join(repr(n) for n in near)}?" if near else f"; valid: {', '.join(_names(cls))}"
+    return ValueError(f"{path + key}: not a config field{hint}")
+
+
+def _coerce(f, value):
+    t = str(f.type)
+    if isinstance(value, list) and "tuple" in t:
+        return tuple(value)
+    return value
+
+
+def apply_overrides(cfg, overrides: dict, path: str = ""):
+    """A copy of ``cfg`` with nested ``overrides`` applied; an unknown key is an error naming the nearest fields."""
+    if not isinstance(overrides, dict):
+        raise ValueError(f"{path.rstrip('.') or 'config'}: expected a mapping of fields, got {overrides!r}")
+    cfg = copy.deepcopy(cfg)
+    by_name = {f.name: f for f in fields(cfg)}
+    for k, v in overrides.items():
+        if k not in by_name:
+            raise _unknown(path, k, type(cfg))
+        cur = getattr(cfg, k)
+        if is_dataclass(cur):
+            setattr(cfg, k, apply_overrides(cur, v, f"{path}{k}."))
+        else:
+            setattr(cfg, k, _coerce(by_name[k], v))
+    return cfg
+
+
+def from_dict(cls, d: dict):
+    """A config of class ``cls`` from a nested dict (a saved config.json); unknown keys are errors."""
+    return apply_overrides(cls(), d)
+
+
+def preset_config(cls, preset: str, **top):
+    """``cls``'s defaults with the named preset applied, then top-level fields ``top`` (e.g. dataset, method)."""
+    kind = "toy" if cls is ToyConfig else "rl"
+    if preset not in PRESETS[kind]:
+        raise ValueError(f"preset: expected one of {tuple(PRESETS[kind])}, got {preset!r}")
+    return apply_overrides(cls(preset=preset), dict(PRESETS[kind][preset], **top))
+
+
+def field_paths(cls, prefix: str = "") -> list[str]:
+    """Every leaf field as a dotted path (``energy.beta``): what the command line must accept."""
+    out = []
+    for f in fields(cls):
+        t = f.default_factory() if f.default_factory is not MISSING else None  # type: ignore[misc]
+        if is_dataclass(t):
+            out += field_paths(type(t), f"{prefix}{f.name}.")
+        else:
+            out.append(prefix + f.name)
+    return out
+
+
+def load_config_file(path, cls):
+    """Read a JSON (or YAML) config file into ``cls``. A parse error names the file and line."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ValueError(f"config: cannot read {path} ({e.strerror})") from None
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+        try:
+            d = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark is not None else ""
+            raise ValueError(f"config: {path}{where} does not parse as YAML ({getattr(e, 'problem', e)})") from None
+    else:
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"config: {path} line {e.lineno} does not parse as JSON ({e.msg})") from None
+    return from_dict(cls, d or {})
+
+
+def replace_nested(cfg, **parts):
+    """``dataclasses.replace`` for one level of nesting: ``replace_nested(cfg, energy=dict(beta=3))``."""
+    return apply_overrides(cfg, parts) if parts else replace(cfg)
