@@ -17,13 +17,13 @@ from __future__ import annotations
 import copy
 import difflib
 import json
-from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass, replace
+from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 __all__ = ["BehaviourConfig", "CriticConfig", "SupportConfig", "EnergyConfig", "SamplingConfig", "EvalConfig",
            "ToyEvalConfig", "TrainConfig", "ToyConfig", "PRESETS", "METHODS", "from_dict", "to_dict",
-           "apply_overrides", "load_config_file", "field_paths", "preset_config"]
+           "apply_overrides", "load_config_file", "field_paths", "preset_config", "flatten", "config_diff"]
 
 METHODS = ("aepo", "qgpo", "mse", "bc")  # one name per method, in RL and on the toy tasks
 
@@ -131,7 +131,7 @@ class TrainConfig:
 
     dataset: str = ""  # Minari dataset id (local, or downloaded when online)
     method: str = "aepo"  # aepo | qgpo | mse | bc
-    preset: str = "full"  # the preset these values started from: smoke | bench | full
+    preset: str = "full"  # start from this named preset (smoke | bench | full); its values come first, flags last
     seed: int = 0  # seeds every stage and the sampling noise
     device: str = "auto"  # auto | cpu | cuda
     reward_scaling: str = "auto"  # IQL's conventions: auto | locomotion | antmaze | none
@@ -153,7 +153,7 @@ class ToyConfig:
 
     task: str = "8gaussians"  # registered toy task (aepo_lite.toy.tasks.task_names())
     method: str = "aepo"  # aepo | qgpo | mse | bc
-    preset: str = "full"  # the preset these values started from: smoke | full
+    preset: str = "full"  # start from this named preset (smoke | full); its values come first, flags last
     seed: int = 0  # seeds the energy network, its batches, the samples and the reference sets
     data_seed: int = 0  # seeds the task's training set, shared by every run of a task
     n_data: int = 50_000  # behaviour points x^j ~ mu in the training set
@@ -293,6 +293,21 @@ def load_config_file(path, cls):
     return from_dict(cls, d or {})
 
 
-def replace_nested(cfg, **parts):
-    """``dataclasses.replace`` for one level of nesting: ``replace_nested(cfg, energy=dict(beta=3))``."""
-    return apply_overrides(cfg, parts) if parts else replace(cfg)
+def flatten(d: dict, prefix: str = "") -> dict:
+    """A nested config dict as ``{"energy.beta": 3.0, ...}``."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def config_diff(old: dict, new: dict, ignore=()) -> list[str]:
+    """Dotted paths whose values differ between two nested config dicts (a path under ``ignore`` is skipped;
+    a path missing from ``old``, a field newer than the saved config, counts as equal)."""
+    a, b = flatten(old), flatten(new)
+    skip = tuple(ignore)
+    return sorted(k for k in b if not any(k == p or k.startswith(p + ".") for p in skip)
+                  and k in a and json.dumps(a[k], default=str) != json.dumps(b[k], default=str))

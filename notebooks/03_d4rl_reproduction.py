@@ -181,15 +181,15 @@ assert sum(1 for _ in open(runs["aepo"] / "metrics.jsonl")) == n_lines
 #
 # The guidance scale w is an argument of the sampler, so one trained run is evaluated at many
 # scales: eps_guided = eps_theta - w sigma_t grad f_phi. Evaluation episodes use fixed seeds
-# (episode i resets with `eval_seed + i`), so every method meets the same start states.
+# (episode i resets with `eval.seed + i`), so every method meets the same start states.
 
 # %%
 SCALES = (0.0, 0.3, 1.0, 3.0)
 sweep = {}
 for method in ("aepo", "qgpo"):
-    res = evaluate_run(runs[method], guidance_scales=SCALES, progress=False)["results"]
-    sweep[method] = [res[f"{w:g}"] for w in SCALES]
-bc = evaluate_run(runs["bc"], progress=False)["results"]["0"]
+    res = {r["guidance_scale"]: r for r in evaluate_run(runs[method], guidance_scales=SCALES, progress=False)["rows"]}
+    sweep[method] = [res[w] for w in SCALES]
+bc = evaluate_run(runs["bc"], progress=False)["rows"][0]
 # same behaviour, same seeds: w = 0 of a guided method is behaviour cloning
 assert abs(sweep["aepo"][0]["return_mean"] - bc["return_mean"]) < 1e-6
 assert abs(sweep["qgpo"][0]["return_mean"] - bc["return_mean"]) < 1e-6
@@ -257,8 +257,8 @@ else:
 # %% [markdown]
 # ## Exercise
 #
-# 1. Train `aepo` with `covariance="none"` (the target collapses to beta Q(a0_hat)) and with
-#    `expansion="second"` on the same behaviour checkpoint (`init_behaviour`) and compare the
+# 1. Train `aepo` with `energy=dict(covariance="none")` (the target collapses to beta Q(a0_hat)) and with
+#    `energy=dict(expansion="second")` on the same behaviour checkpoint (`init_behaviour`) and compare the
 #    sweeps. Which part of the target moves the score?
 # 2. Evaluate with best-of-N (`evaluate_run(run, n_candidates=8)`): how much of the gain is the
 #    critic's ranking rather than the guidance?

@@ -105,26 +105,40 @@ def test_critic_step_keeps_metrics_on_device_and_matches_update(kind):
 
 
 def test_stage_loop_reads_metrics_back_only_when_logging_and_stops_on_nan(tmp_path):
-    """_run_stage: steps return 0-d tensors; they become floats (a host sync on GPU) only at log steps,
+    """run_stage: steps return 0-d tensors; they become floats (a host sync on GPU) only at log steps,
     where a NaN stops the run with the stage and step named."""
     from aepo_lite.core import guidance as G
-    from aepo_lite.rl.agent import _Logger, _run_stage
+    from aepo_lite.training import Stage, StageStore, run_stage
+    from aepo_lite.training.stages import MetricsLog
     count = [0]
 
-    def step(nan_from=None):
-        count[0] += 1
-        bad = nan_from is not None and count[0] >= nan_from
-        return {"loss": torch.tensor(float("nan") if bad else float(count[0]))}
-    logger = _Logger(tmp_path, False)
-    st = _run_stage("probe", 10, step, logger, 5, False)
+    class Probe:  # a learner whose metric is its step count (NaN from step `nan_from` on)
+        def __init__(self, nan_from=None):
+            self.nan_from = nan_from
+
+        def step(self, batch):
+            count[0] += 1
+            bad = self.nan_from is not None and count[0] >= self.nan_from
+            return {"loss": torch.tensor(float("nan") if bad else float(count[0]))}
+
+        def state_dict(self):
+            return {}
+
+        def load_state_dict(self, state):
+            pass
+
+    log = MetricsLog(tmp_path / "metrics.jsonl")
+    _, st = run_stage(Stage("probe", {}, 10, Probe, lambda g: {}), StageStore(tmp_path / "a"), log=log, log_every=5,
+                      progress=False)
     assert st["steps"] == 10 and count[0] == 10
     logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [(r["step"], r["loss"]) for r in logged] == [(5, 5.0), (10, 10.0)]
     count[0] = 0
     with pytest.raises(FloatingPointError, match=r"probe: step 10 has non-finite \['loss'\]"):
-        _run_stage("probe", 20, lambda: step(nan_from=7), logger, 5, False)
+        run_stage(Stage("probe", {}, 20, lambda: Probe(nan_from=7), lambda g: {}), StageStore(tmp_path / "b"),
+                  log=log, log_every=5, progress=False)
     assert count[0] == 10  # stopped at the first logged step after the NaN
-    logger.close()
+    log.close()
     # the losses' own checks: on by default (the CPU learner), skippable (the CUDA learner)
     f, y = torch.tensor([1.0, float("nan")]), torch.zeros(2)
     with pytest.raises(FloatingPointError, match="energy_regression_loss"):
@@ -182,9 +196,9 @@ def test_every_method_trains_and_evaluates(smoke_runs):
     for m, d in smoke_runs.items():
         res = read_json(d / "results.json")
         assert res["method"] == m and res["transitions"] == 400
-        scales = {"0"} if m == "bc" else {"0", "1"}
-        assert set(res["results"]) == scales
-        for row in res["results"].values():
+        scales = {0.0} if m == "bc" else {0.0, 1.0}
+        assert {r["guidance_scale"] for r in res["rows"]} == scales
+        for row in res["rows"]:
             assert {"return_mean", "return_std", "normalized_score_mean", "normalized_score_std", "episodes"} <= set(row)
             assert row["episodes"] == 2
             assert row["normalized_score_mean"] == pytest.approx(row["return_mean"])  # ref (0, 100)
@@ -193,7 +207,8 @@ def test_every_method_trains_and_evaluates(smoke_runs):
         stages = {json.loads(line)["stage"] for line in open(d / "metrics.jsonl")}
         assert stages >= ({"behaviour"} if m == "bc" else {"critic", "energy"})
     # same behaviour checkpoint, same evaluation seeds: w = 0 gives the same returns for every method
-    r0 = {m: read_json(d / "results.json")["results"]["0"]["return_mean"] for m, d in smoke_runs.items()}
+    r0 = {m: [r for r in read_json(d / "results.json")["rows"] if r["guidance_scale"] == 0][0]["return_mean"]
+          for m, d in smoke_runs.items()}
     assert len({round(v, 8) for v in r0.values()}) == 1
     assert (smoke_runs["qgpo"] / "checkpoints" / "support.pt").exists()
     assert not (smoke_runs["aepo"] / "checkpoints" / "support.pt").exists()
@@ -210,9 +225,9 @@ def test_act_shapes_guidance_and_best_of_n(tiny, smoke_runs):
     np.testing.assert_array_equal(a0, agent.act(obs, 0.0, generator=g()))  # seeded
     assert not np.allclose(a0, a1)  # the guidance scale is an argument and it acts
     # guidance switched off for every t (t_max below t_min): the guided policy is the behaviour
-    agent.cfg.guidance_t_max = 1e-4
+    agent.cfg.sampling.guidance_t_max = 1e-4
     np.testing.assert_array_equal(agent.act(obs, 100.0, generator=g()), a0)
-    agent.cfg.guidance_t_max = 1.0
+    agent.cfg.sampling.guidance_t_max = 1.0
     s = agent.normalize(obs)
     best = agent.act_unit(s, 1.0, n_candidates=4, generator=g())
     cands = agent.act_unit(s.repeat_interleave(4, 0), 1.0, generator=g()).reshape(5, 4, 3)
@@ -234,8 +249,8 @@ def test_compiled_sampler_agent_matches_eager_and_pads_batches(tiny, smoke_runs)
     import torch._dynamo
     from aepo_lite.rl.agent import load_run
     eager, _, data = load_run(smoke_runs["aepo"])
-    comp, cfg, _ = load_run(smoke_runs["aepo"], overrides={"compile_sampler": True})
-    assert cfg.compile_sampler
+    comp, cfg, _ = load_run(smoke_runs["aepo"], overrides={"sampling": {"compile": True}})
+    assert cfg.sampling.compile
     obs = data.obs_rows[:4]
     g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
     torch._dynamo.reset()
@@ -271,7 +286,7 @@ def test_compiled_training_matches_eager(tiny, smoke_runs):
             if c["stage"] != "energy":
                 assert c[k] == pytest.approx(v, rel=1e-4, abs=1e-6), (c["stage"], c["step"], k)
     with pytest.raises(ValueError, match="compile"):
-        make_config(DS, "aepo", "smoke", compile=True, expansion="second")
+        make_config(DS, "aepo", "smoke", compile=True, energy=dict(expansion="second"))
 
 
 def test_resume_skips_finished_stages(tiny, smoke_runs):
@@ -285,11 +300,13 @@ def test_resume_skips_finished_stages(tiny, smoke_runs):
     after = {p.name: p.stat().st_mtime_ns for p in ck.iterdir()}
     assert after["behaviour.pt"] == before["behaviour.pt"] and after["critic.pt"] == before["critic.pt"]
     assert after["energy.pt"] != before["energy.pt"]
-    new = [json.loads(line) for line in open(d / "metrics.jsonl")][lines:]
-    assert new and {r["stage"] for r in new} == {"energy"}
+    rows = [json.loads(line) for line in open(d / "metrics.jsonl")]
+    # the retrained stage's old lines were replaced, not duplicated; the others were kept as they were
+    assert len(rows) == lines and [r["stage"] for r in rows[-2:]] == ["energy", "energy"]
+    assert len({(r["stage"], r["step"]) for r in rows}) == len(rows)
     # and a second call trains nothing at all
     train(make_config(DS, "mse", "smoke", seed=0), d, progress=False)
-    assert sum(1 for _ in open(d / "metrics.jsonl")) == lines + len(new)
+    assert sum(1 for _ in open(d / "metrics.jsonl")) == lines
 
 
 def test_run_dir_guards_and_broken_checkpoint(tiny, smoke_runs):
@@ -298,36 +315,46 @@ def test_run_dir_guards_and_broken_checkpoint(tiny, smoke_runs):
     snap = {p.name: p.read_bytes() for p in (d / "checkpoints").iterdir()}
     with pytest.raises(ValueError, match="made by method 'aepo'"):
         train(make_config(DS, "qgpo", "smoke"), d, progress=False)
-    with pytest.raises(ValueError, match="different config.*beta"):
-        train(make_config(DS, "aepo", "smoke", beta=5.0), d, progress=False)
+    with pytest.raises(ValueError, match="different config.*energy.beta"):
+        train(make_config(DS, "aepo", "smoke", energy=dict(beta=5.0)), d, progress=False)
     with pytest.raises(ValueError, match="different config.*seed"):
         train(make_config(DS, "aepo", "smoke", seed=3), d, progress=False)
-    with pytest.raises(ValueError, match="different config.*critic_activation"):
-        train(make_config(DS, "aepo", "smoke", critic_activation="relu"), d, progress=False)
-    # a run made before the critic_activation field existed counts as the default (mish): it resumes
-    cfg_json = json.loads((d / "config.json").read_text())
-    del cfg_json["critic_activation"]
-    (d / "config.json").write_text(json.dumps(cfg_json))
-    train(make_config(DS, "aepo", "smoke"), d, progress=False)
+    with pytest.raises(ValueError, match="different config.*critic.activation"):
+        train(make_config(DS, "aepo", "smoke", critic=dict(activation="relu")), d, progress=False)
+    # evaluation settings may differ: the run resumes (nothing to train) under other sampling settings
+    train(make_config(DS, "aepo", "smoke", sampling=dict(steps=5), eval=dict(episodes=1)), d, progress=False)
+    # a run directory of the layout before the stage mechanism (flat config.json) is refused, not reused
+    old = tiny / "runs" / "old-layout"
+    old.mkdir()
+    (old / "config.json").write_text(json.dumps({"method": "aepo", "beta": 3.0, "behaviour_steps": 60}))
+    with pytest.raises(ValueError, match="older aepo-lite layout"):
+        train(make_config(DS, "aepo", "smoke"), old, progress=False)
     assert {p.name: p.read_bytes() for p in (d / "checkpoints").iterdir()} == snap  # nothing touched
     broken = tiny / "runs" / "broken"
     train(make_config(DS, "bc", "smoke"), broken, progress=False)
     (broken / "checkpoints" / "behaviour.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match=r"behaviour\.pt could not be loaded"):
+    with pytest.raises(ValueError, match=r"behaviour\.pt could not be read"):
         train(make_config(DS, "bc", "smoke"), broken, progress=False)
     assert (broken / "checkpoints" / "behaviour.pt").read_bytes() == b"not a checkpoint"
-    with pytest.raises(ValueError, match="could not be loaded"):
+    with pytest.raises(ValueError, match="could not be read"):
         evaluate_run(broken, progress=False)
     with pytest.raises(ValueError, match="config.json"):
         evaluate_run(tiny / "runs" / "nothing-here", progress=False)
 
 
 @pytest.mark.parametrize("kw,match", [(dict(method="sac"), "method"), (dict(preset="huge"), "preset"),
-                                      (dict(covariance="full"), "covariance"), (dict(solver="rk4"), "solver"),
-                                      (dict(behaviour_steps=0), "behaviour_steps"), (dict(bogus=1), "bogus"),
-                                      (dict(critic_activation="swish"), "critic_activation"),
-                                      (dict(critic_activation="relu", expansion="first"), "no curvature"),
-                                      (dict(critic_activation="relu", expansion="second"), "no curvature")])
+                                      (dict(energy=dict(covariance="full")), "energy.covariance"),
+                                      (dict(sampling=dict(solver="rk4")), "sampling.solver"),
+                                      (dict(behaviour=dict(steps=0)), "behaviour.steps"),
+                                      (dict(bogus=1), "bogus: not a config field"),
+                                      (dict(energy=dict(betta=1.0)), "energy.betta.*did you mean 'beta'"),
+                                      (dict(seed=10**20), "seed"),
+                                      (dict(sampling=dict(guidance_t_max=float("nan"))), "guidance_t_max"),
+                                      (dict(critic=dict(activation="swish")), "critic.activation"),
+                                      (dict(critic=dict(activation="relu"), energy=dict(expansion="first")),
+                                       "no curvature"),
+                                      (dict(critic=dict(activation="relu"), energy=dict(expansion="second")),
+                                       "no curvature")])
 def test_bad_config_is_named(kw, match):
     from aepo_lite.rl.agent import make_config
     args = dict(dataset=DS, method="aepo", preset="smoke")
@@ -367,19 +394,23 @@ def test_cli_train_eval_and_errors(tiny, smoke_runs, capsys):
     assert main(["train", "--dataset", DS, "--method", "bc", "--preset", "smoke", "--out", str(out), "--quiet"]) == 0
     assert main(["eval", "--run", str(smoke_runs["aepo"]), "--guidance-scale", "0.5", "--episodes", "1", "--quiet"]) == 0
     res = json.loads((smoke_runs["aepo"] / "results.json").read_text())
-    assert set(res["results"]) == {"0", "1", "0.5"} and res["results"]["0.5"]["episodes"] == 1  # merged, not lost
+    got = {(r["guidance_scale"], r["episodes"]) for r in res["rows"]}
+    assert got == {(0.0, 2), (1.0, 2), (0.5, 1)}  # merged, not lost; rows keep their own settings
     capsys.readouterr()
-    assert main(["train", "--dataset", "nobody/none/none-v0", "--method", "bc", "--out", str(tiny / "x"), "--quiet"]) == 2
+    assert main(["train", "--dataset", "nobody/none/none-v0", "--method", "bc", "--preset", "smoke", "--out",
+                 str(tiny / "x"), "--quiet"]) == 2
     assert "make-dataset" in capsys.readouterr().err
-    assert main(["train", "--dataset", DS, "--method", "qgpo", "--out", str(out), "--quiet"]) == 2
+    assert main(["train", "--dataset", DS, "--method", "qgpo", "--preset", "smoke", "--out", str(out), "--quiet"]) == 2
     assert "made by method 'bc'" in capsys.readouterr().err
     # QGPO's own critic network (ReLU): trains from the saved behaviour and support stages
     relu = tiny / "runs" / "cli-qgpo-relu"
-    assert main(["train", "--dataset", DS, "--method", "qgpo", "--out", str(relu), "--critic-activation", "relu",
+    assert main(["train", "--dataset", DS, "--method", "qgpo", "--preset", "smoke", "--out", str(relu),
+                 "--critic.activation", "relu",
                  "--init-behaviour", str(smoke_runs["qgpo"]), "--no-eval", "--quiet"]) == 0
-    assert json.loads((relu / "config.json").read_text())["critic_activation"] == "relu"
+    assert json.loads((relu / "config.json").read_text())["critic"]["activation"] == "relu"
     assert json.loads((relu / "train_stats.json").read_text())["support"].get("copied_from")
     capsys.readouterr()
-    assert main(["train", "--dataset", DS, "--method", "aepo", "--expansion", "first", "--critic-activation", "relu",
+    assert main(["train", "--dataset", DS, "--method", "aepo", "--preset", "smoke", "--energy.expansion", "first",
+                 "--critic.activation", "relu",
                  "--out", str(tiny / "y"), "--quiet"]) == 2
     assert "no curvature" in capsys.readouterr().err

@@ -11,19 +11,32 @@ import sys
 COMMAND_MODULES = ("demo", "toy", "rl", "bench", "figures", "lab")
 
 
+def _modules():
+    for name in COMMAND_MODULES:
+        try:
+            yield importlib.import_module(f"aepo_lite.cli.{name}")
+        except ModuleNotFoundError as e:
+            if e.name != f"aepo_lite.cli.{name}":
+                raise
+
+
+def config_commands() -> dict:
+    """Commands whose options are generated from a config (``CONFIG_COMMANDS`` of each module): name -> (help, fn(argv))."""
+    out = {}
+    for mod in _modules():
+        out.update(getattr(mod, "CONFIG_COMMANDS", {}))
+    return out
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="aepo-lite", description="AEPO / QGPO energy-guided diffusion policies: "
                                      "closed-form checks, toy 2D tasks, offline RL on Minari datasets.")
     parser.add_argument("--version", action="version", version=f"aepo-lite {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMAND_MODULES:
-        try:
-            mod = importlib.import_module(f"aepo_lite.cli.{name}")
-        except ModuleNotFoundError as e:
-            if e.name == f"aepo_lite.cli.{name}":
-                continue
-            raise
+    for mod in _modules():
         mod.register(sub)
+        for name, (help_text, _) in getattr(mod, "CONFIG_COMMANDS", {}).items():
+            sub.add_parser(name, help=help_text, add_help=False)  # listed here; parsed from its config
     return parser
 
 
@@ -33,6 +46,16 @@ def _version() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    raw = config_commands()
+    if argv and argv[0] in raw:
+        try:
+            return int(raw[argv[0]][1](argv[1:]) or 0)
+        except (ValueError, FileNotFoundError, FileExistsError) as e:
+            print(f"aepo-lite {argv[0]}: error: {e}", file=sys.stderr)
+            return 2
+        except SystemExit as e:  # tyro's own usage errors and --help
+            return int(e.code or 0)
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

@@ -1,13 +1,17 @@
-"""Offline RL subcommands: ``make-dataset``, ``train``, ``eval``, ``rl-results``, ``rl-bench``."""
+"""Offline RL subcommands: ``make-dataset``, ``train``, ``eval``, ``rl-results``, ``rl-grid``."""
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated, Optional
+
+from aepo_lite.cli._config import ConfigCommand, _arg, _flag, parse_command, print_config
+from aepo_lite.config import TrainConfig
 
 
 def register(sub) -> None:
     from aepo_lite.rl.datasets import QUALITIES
     from aepo_lite.device import DEVICE_CHOICES
-    from aepo_lite.core.nets import SMOOTH_ACTIVATIONS
 
     p = sub.add_parser("make-dataset", help="make a D4RL-style Minari dataset locally (random actions or TD3 policies)")
     p.add_argument("--env", required=True, help="Gymnasium environment id, e.g. Hopper-v5")
@@ -21,27 +25,6 @@ def register(sub) -> None:
     p.add_argument("--ref-episodes", type=int, default=100, help="episodes for ref_min_score / ref_max_score")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset of that name")
     p.set_defaults(func=_make_dataset)
-
-    p = sub.add_parser("train", help="train an agent on a Minari dataset (staged, resumable)")
-    p.add_argument("--dataset", required=True, help="Minari dataset id (local, or downloaded when online)")
-    p.add_argument("--method", required=True, choices=("aepo", "qgpo", "mse", "bc"))
-    p.add_argument("--preset", default="smoke", choices=("smoke", "bench", "full"))
-    p.add_argument("--device", default="auto", choices=DEVICE_CHOICES)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="run directory (default runs/<dataset>/<method>-<preset>-s<seed>)")
-    p.add_argument("--covariance", default=None, help="AEPO posterior covariance (tweedie|isotropic|none)")
-    p.add_argument("--expansion", default=None, help="AEPO expansion of Q (first|second|sampled)")
-    p.add_argument("--critic", default=None, choices=("iql", "insupport"), help="override the method's critic")
-    p.add_argument("--critic-activation", default=None, choices=SMOOTH_ACTIVATIONS + ("relu",),
-                   help="the critic's activation (default mish; relu, QGPO's and cheaper, only where Q is not "
-                        "differentiated: qgpo, mse, aepo with --expansion sampled)")
-    p.add_argument("--compile", action="store_true", default=None,
-                   help="torch.compile the networks for training (CUDA graphs on CUDA; no faster on a CPU)")
-    p.add_argument("--init-behaviour", default=None, help="copy the behaviour stage from this run dir (same settings)")
-    p.add_argument("--tensorboard", action="store_true", help="also write TensorBoard scalars")
-    p.add_argument("--no-eval", action="store_true", help="train only; run `aepo-lite eval` later")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(func=_train)
 
     p = sub.add_parser("eval", help="evaluate a trained run at one or more guidance scales")
     p.add_argument("--run", required=True, help="run directory made by `aepo-lite train`")
@@ -62,15 +45,15 @@ def register(sub) -> None:
     p.add_argument("--readme", default=None, help="README.md to update between <!-- rl:start --> and <!-- rl:end -->")
     p.set_defaults(func=_results)
 
-    p = sub.add_parser("rl-bench", help="train + evaluate methods x seeds on one dataset; report speeds")
+    p = sub.add_parser("rl-grid", help="train + evaluate methods x seeds on one dataset (ordinary run directories)")
     p.add_argument("--dataset", required=True)
     p.add_argument("--methods", nargs="+", default=["bc", "aepo", "qgpo"])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--preset", default="bench", choices=("smoke", "bench", "full"))
+    p.add_argument("--preset", required=True, choices=("smoke", "bench", "full"))
     p.add_argument("--device", default="auto", choices=DEVICE_CHOICES)
-    p.add_argument("--out", default="runs/bench")
+    p.add_argument("--out", default="runs")
     p.add_argument("--quiet", action="store_true")
-    p.set_defaults(func=_bench)
+    p.set_defaults(func=_grid)
 
 
 def _make_dataset(args) -> int:
@@ -88,27 +71,49 @@ def _make_dataset(args) -> int:
     return 0
 
 
-def _default_out(dataset: str, method: str, preset: str, seed: int) -> Path:
-    return Path("runs") / dataset.replace("/", "_") / f"{method}-{preset}-s{seed}"
+def _default_out(dataset: str, method: str, preset: str, seed: int, root="runs") -> Path:
+    return Path(root) / dataset.replace("/", "_") / f"{method}-{preset}-s{seed}"
 
 
-def _train(args) -> int:
-    from aepo_lite.rl.agent import evaluate_run, make_config, train
-    cfg = make_config(args.dataset, args.method, args.preset, seed=args.seed, device=args.device,
-                      covariance=args.covariance, expansion=args.expansion, critic=args.critic,
-                      critic_activation=args.critic_activation, compile=args.compile, tensorboard=args.tensorboard or None)
-    out = Path(args.out) if args.out else _default_out(args.dataset, args.method, args.preset, args.seed)
-    train(cfg, out, progress=not args.quiet, init_behaviour=args.init_behaviour)
-    print(f"trained {args.method} on {args.dataset} -> {out}")
-    if not args.no_eval:
-        _print_results(evaluate_run(out, progress=not args.quiet))
+@dataclass
+class TrainCommand(ConfigCommand):
+    """Train an agent on a Minari dataset (staged, resumable), then evaluate it at each guidance scale."""
+
+    config_values: Annotated[TrainConfig, _arg("", "")] = field(default_factory=TrainConfig)
+    out: Optional[str] = None  # run directory (default: runs/<dataset>/<method>-<preset>-s<seed>)
+    init_behaviour: Optional[str] = None  # copy finished stages (behaviour; support, critic if they match) from this run
+    no_eval: Annotated[bool, _flag()] = False  # train only; evaluate later with `aepo-lite eval --run DIR`
+    quiet: Annotated[bool, _flag()] = False  # no progress bars
+
+
+def _train(argv: list[str]) -> int:
+    from aepo_lite.rl.agent import check_config, domain_settings, evaluate_run, train
+    cmd = parse_command(TrainCommand, TrainConfig, argv, prog="aepo-lite train", domain=domain_settings,
+                        description="Train an agent on a Minari dataset (staged, resumable; every config field is a "
+                                    "flag), then evaluate it. Choose a scale with --preset.")
+    if cmd is None:
+        return 0
+    cfg = check_config(cmd.config_values)
+    if not cfg.dataset:
+        raise ValueError("dataset: give a Minari dataset id with --dataset (e.g. a local one made by make-dataset)")
+    out = Path(cmd.out) if cmd.out else _default_out(cfg.dataset, cfg.method, cfg.preset, cfg.seed)
+    print_config(cfg)
+    train(cfg, out, progress=not cmd.quiet, init_behaviour=cmd.init_behaviour)
+    print(f"trained {cfg.method} on {cfg.dataset} -> {out} (config: {out / 'config.json'})")
+    if not cmd.no_eval:
+        _print_results(evaluate_run(out, progress=not cmd.quiet))
     return 0
 
 
+CONFIG_COMMANDS = {"train": ("train an agent on a Minari dataset (staged, resumable; every config field a flag)",
+                             _train)}
+
+
 def _print_results(res: dict) -> None:
-    for w, row in res["results"].items():
+    for row in res["rows"]:
         ns = row["normalized_score_mean"]
         ns = "n/a" if ns is None else f"{ns:.1f} +- {row['normalized_score_std']:.1f}"
+        w = f"{row['guidance_scale']:g}"
         print(f"  w={w:>5}  return {row['return_mean']:9.1f} +- {row['return_std']:7.1f}  normalised {ns}  "
               f"({row['episodes']} episodes, {row['actions_per_s']:.0f} actions/s)")
 
@@ -134,7 +139,7 @@ def _results(args) -> int:
     return 0
 
 
-def _bench(args) -> int:
+def _grid(args) -> int:
     from aepo_lite.rl.agent import evaluate_run, make_config, train
     from aepo_lite.rl.data import load_minari
     data, _ = load_minari(args.dataset)
@@ -143,7 +148,7 @@ def _bench(args) -> int:
         first = None
         for m in args.methods:
             cfg = make_config(args.dataset, m, args.preset, seed=seed, device=args.device)
-            d = out / args.dataset.replace("/", "_") / f"{m}-{args.preset}-s{seed}"
+            d = _default_out(args.dataset, m, args.preset, seed, root=out)
             train(cfg, d, data=data, progress=not args.quiet, init_behaviour=first)
             first = first or d
             res = evaluate_run(d, progress=not args.quiet)

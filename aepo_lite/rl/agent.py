@@ -1,265 +1,191 @@
-"""The offline-RL agent: staged training, resume, acting and evaluation.
+"""The offline-RL agent: its stages, acting and evaluation.
 
-Stages (each checkpointed atomically under ``DIR/checkpoints/<stage>.pt`` and skipped on resume):
+A run is a list of stages on :mod:`aepo_lite.training` (checkpointed under ``DIR/checkpoints/``,
+periodically inside each stage, and resumed from there):
 
   1. ``behaviour``: the diffusion behaviour model mu(a|s) (denoising score matching);
-  2. ``support``  : K actions a^(j) ~ mu(.|s) for every observation row (QGPO; only when the
-                    in-support critic or CEP needs them);
-  3. ``critic``   : IQL or QGPO's in-support softmax Q (``critics.py``);
-  4. ``energy``   : the intermediate energy f_phi (``aepo.py``): AEPO's analytic target, CEP
-                    (QGPO) or MSE. Behaviour cloning (``bc``) stops after stage 1.
+  2. ``support``  : K actions a^(j) ~ mu(.|s) for every observation row (QGPO's contrastive groups and
+                    in-support critic, and AEPO's in-support targets; only when one of them is used);
+  3. ``critic``   : IQL or QGPO's in-support softmax Q (:mod:`aepo_lite.core.critics`);
+  4. ``energy``   : the intermediate energy f_phi (:mod:`aepo_lite.core.aepo`): AEPO's analytic target,
+                    QGPO's contrastive energy (CEP) or MSE. Behaviour cloning (``bc``) stops after stage 1.
 
 Methods: ``aepo`` (IQL critic by default), ``qgpo`` (CEP + in-support critic, QGPO's recipe),
 ``mse`` (IQL critic), ``bc`` (guidance scale 0). Acting draws actions from the behaviour model
 guided by grad_{a_t} f_phi at a guidance scale passed as an argument, optionally best-of-N
-candidates ranked by Q.
+candidates ranked by Q. The config is :class:`aepo_lite.config.TrainConfig`.
 """
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import math
-import time
-import warnings
-from dataclasses import asdict, dataclass, fields
+from dataclasses import replace
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
 
-from aepo_lite._io import append_jsonl, atomic_torch_save, atomic_write_json, read_json
-from aepo_lite.config import EnergyConfig
+from aepo_lite._io import atomic_write_json, read_json
+from aepo_lite.config import METHODS, PRESETS, TrainConfig, apply_overrides, config_diff, from_dict, preset_config, \
+    to_dict
+from aepo_lite.core import guidance as G
 from aepo_lite.core.aepo import EnergyLearner, EpsNormTable
-from aepo_lite.config import CriticConfig
-from aepo_lite.core.critics import make_critic
-from aepo_lite.rl.data import OfflineData, flatten_observation, load_minari
-from aepo_lite.device import adam, compile_limits, compile_mode, compile_module, resolve_device, seed_everything
+from aepo_lite.core.critics import CRITICS, make_critic
 from aepo_lite.core.diffusion import SOLVERS, DiffusionModel, FusedGuidedEps, energy_guidance
-from aepo_lite.rl.evaluation import reference_scores, run_episodes, summarize_returns
-from aepo_lite.core.nets import EnergyNet, NoiseNet
+from aepo_lite.core.nets import SMOOTH_ACTIVATIONS, EnergyNet, NoiseNet
 from aepo_lite.core.schedule import VPSchedule
+from aepo_lite.device import compile_limits, compile_mode, compile_module, resolve_device, seed_everything
+from aepo_lite.rl.data import OfflineData, REWARD_SCALINGS, flatten_observation, load_minari, open_minari
+from aepo_lite.rl.evaluation import reference_scores, run_episodes, summarize_returns
+from aepo_lite.training import BehaviourLearner, RunLock, Stage, StageStore, run_stage, stage_hash
+from aepo_lite.training.stages import MetricsLog
 
-__all__ = ["AgentConfig", "Agent", "METHODS", "PRESETS", "make_config", "train", "load_run", "evaluate_run",
-           "STAGES"]
+__all__ = ["Agent", "TrainConfig", "METHODS", "PRESETS", "STAGES", "EVAL_FIELDS", "make_config", "check_config",
+           "critic_kind", "domain_settings", "needs", "estimator_label", "train", "load_run", "evaluate_run"]
 
-METHODS = ("aepo", "qgpo", "mse", "bc")
 STAGES = ("behaviour", "support", "critic", "energy")
+# what may change between evaluations of one trained run (and on a resume): acting, evaluation, logging, speed
+EVAL_FIELDS = ("preset", "device", "log_every", "checkpoint_every", "tensorboard", "compile", "sampling", "eval")
 
 
-@dataclass
-class AgentConfig:
-    """Everything a run needs; saved as ``DIR/config.json``. Defaults are the ``full`` preset."""
+def make_config(dataset: str, method: str, preset: str, **overrides) -> TrainConfig:
+    """A checked :class:`TrainConfig`: the preset, the dataset's domain settings, then ``overrides``.
 
-    dataset: str = ""  # Minari dataset id (local, or downloaded when online)
-    method: str = "aepo"  # aepo | qgpo | mse | bc
-    preset: str = "full"  # the preset these values started from: smoke | bench | full
-    seed: int = 0  # seeds every stage (stage i reseeds with seed * 7919 + i) and the sampling noise
-    device: str = "auto"  # auto | cpu | cuda (resolved once, never stored as a literal)
-    reward_scaling: str = "auto"  # IQL's conventions: auto | locomotion | antmaze | none
-    # --- behaviour model (diffusion) -------------------------------------------------------
-    behaviour_steps: int = 600_000  # gradient steps (QGPO: 600k)
-    behaviour_batch: int = 4096  # batch size (QGPO: 4096)
-    behaviour_lr: float = 1e-4  # Adam learning rate (QGPO: 1e-4)
-    behaviour_hidden: int = 256  # NoiseNet width
-    behaviour_blocks: int = 3  # NoiseNet residual blocks
-    # --- critic ------------------------------------------------------------------------------
-    critic: str = ""  # iql | insupport; "" = the method's default (qgpo: insupport, others: iql)
-    critic_steps: int = 500_000  # gradient steps (QGPO updates its critic for the first 500k)
-    critic_batch: int = 256  # batch size
-    critic_lr: float = 3e-4  # Adam learning rate
-    critic_hidden: int = 256  # Q/V width
-    critic_depth: int = 2  # Q/V hidden layers
-    critic_activation: str = "mish"  # Q/V activation: smooth (silu|mish|gelu|tanh), or relu (QGPO's) where Q is
-    #   only evaluated: qgpo, mse, and aepo with the sampled expansion (first/second order differentiate Q)
-    gamma: float = 0.99  # discount
-    tau_target: float = 0.005  # Polyak rate of the target Q
-    expectile: float = 0.7  # IQL expectile (AntMaze: 0.9)
-    beta_q: float = 1.0  # in-support softmax temperature beta_Q
-    # --- support actions (QGPO) --------------------------------------------------------------
-    support_k: int = 16  # K actions per state from the behaviour model (AntMaze: 32)
-    support_solver: str = "dpm2"  # sampler for the support actions
-    support_steps: int = 15  # its network evaluations
-    # --- energy ------------------------------------------------------------------------------
-    energy_steps: int = 1_000_000  # gradient steps (QGPO: 1M)
-    energy_batch: int = 256  # batch size (states; CEP uses K actions per state)
-    energy_lr: float = 3e-4  # Adam learning rate
-    energy_hidden: int = 256  # EnergyNet width
-    energy_depth: int = 3  # EnergyNet hidden layers
-    beta: float = 3.0  # inverse temperature of pi ∝ mu exp(beta Q)
-    covariance: str = "tweedie"  # AEPO posterior covariance: tweedie | isotropic | gaussian-fit | none
-    expansion: str = "sampled"  # AEPO expansion of Q: first | second | sampled (sampled measured better, README)
-    n_samples: int = 16  # AEPO sampled expansion: Monte Carlo samples
-    energy_baseline: str = "value"  # aepo/mse with IQL: regress on beta (Q - V(s)) ("value") or beta Q ("none");
-    #   a per-state shift leaves grad_{a_t} E_t, the guidance, unchanged and spares the net a large offset
-    # --- acting and evaluation (may change between evaluations of one run) --------------------
-    solver: str = "dpm2"  # action sampler (QGPO: DPM-Solver order 2)
-    sample_steps: int = 15  # its network evaluations (QGPO: 15)
-    guidance_scales: tuple = (0.0, 1.0, 2.0, 3.0, 5.0, 8.0, 10.0)  # swept at evaluation (bc: 0 only)
-    guidance_t_max: float = 1.0  # guide only where t <= this (1.0 = everywhere, the method as written)
-    n_candidates: int = 1  # best-of-N: sample N actions per state, keep the one with the largest Q
-    compile_sampler: bool = False  # torch.compile the guided sampler step (CUDA: CUDA graphs); first call compiles
-    eval_episodes: int = 10  # episodes per guidance scale
-    eval_seed: int = 100_000  # episode i of an evaluation resets with seed eval_seed + i (all runs alike)
-    eval_envs: int = 10  # environments stepped together (one batched sampler call per step)
-    eval_max_episode_steps: Optional[int] = None  # cap on episode length (smoke only; None = the env's)
-    # --- logging -----------------------------------------------------------------------------
-    log_every: int = 1000  # metrics line every this many steps
-    tensorboard: bool = False  # also write TensorBoard scalars to DIR/tb (needs tensorboard)
-    compile: bool = False  # torch.compile every network for training (CUDA: CUDA graphs); costs a compile at the
-    #   start of each stage and measured no faster on a CPU (README, Performance)
+    ``overrides`` are top-level fields or parts as dicts, e.g. ``seed=1, energy=dict(beta=5.0)``;
+    None values are ignored.
+    """
+    cfg = domain_settings(preset_config(TrainConfig, preset, dataset=dataset, method=method))
+    return check_config(apply_overrides(cfg, {k: v for k, v in overrides.items() if v is not None}))
 
-    def critic_kind(self) -> str:
-        return self.critic or ("insupport" if self.method == "qgpo" else "iql")
 
-    def needs(self, stage: str) -> bool:
-        if stage == "behaviour":
-            return True
-        if self.method == "bc":
-            return False
-        if stage == "support":
-            return self.method == "qgpo" or self.critic_kind() == "insupport"
+def domain_settings(cfg: TrainConfig) -> TrainConfig:
+    """Settings that follow from the dataset: IQL's and QGPO's AntMaze values (docs/derivation.md section 7)."""
+    if "antmaze" not in cfg.dataset.lower():
+        return cfg
+    domain = {"critic": {"expectile": 0.9}}
+    if cfg.preset == "full":
+        domain["support"] = {"k": 32}
+    return apply_overrides(cfg, domain)
+
+
+def critic_kind(cfg: TrainConfig) -> str:
+    """The critic a run trains: ``critic.kind``, or the method's default (qgpo: insupport, others: iql)."""
+    return cfg.critic.kind or ("insupport" if cfg.method == "qgpo" else "iql")
+
+
+def _support_in_energy(cfg: TrainConfig) -> bool:
+    return cfg.method == "qgpo" or (cfg.method == "aepo" and cfg.energy.posterior != "gaussian")
+
+
+def needs(cfg: TrainConfig, stage: str) -> bool:
+    """Whether the run's method trains ``stage``."""
+    if stage == "behaviour":
         return True
+    if cfg.method == "bc":
+        return False
+    if stage == "support":
+        return _support_in_energy(cfg) or critic_kind(cfg) == "insupport"
+    return True
 
 
-# fields that only change acting/evaluation/logging/speed: a run may be resumed or re-evaluated with other values
-EVAL_FIELDS = ("device", "solver", "sample_steps", "guidance_scales", "guidance_t_max", "n_candidates", "compile_sampler",
-               "eval_episodes", "eval_seed", "eval_envs", "eval_max_episode_steps", "log_every", "tensorboard", "compile", "preset")
-_STAGE_FIELDS = {
-    "behaviour": ("dataset", "seed", "behaviour_steps", "behaviour_batch", "behaviour_lr", "behaviour_hidden",
-                  "behaviour_blocks"),
-    "support": ("support_k", "support_solver", "support_steps"),
-    "critic": ("reward_scaling", "critic_steps", "critic_batch", "critic_lr", "critic_hidden", "critic_depth",
-               "critic_activation", "gamma", "tau_target", "expectile", "beta_q"),
-    "energy": ("method", "energy_steps", "energy_batch", "energy_lr", "energy_hidden", "energy_depth", "beta",
-               "covariance", "expansion", "n_samples", "energy_baseline"),
-}
-
-PRESETS: dict[str, dict] = {
-    # seconds on a CPU: the test suite and the notebook's smoke scale
-    "smoke": dict(behaviour_steps=60, behaviour_batch=64, behaviour_lr=1e-3, behaviour_hidden=32, behaviour_blocks=1,
-                  critic_steps=60, critic_batch=64, critic_hidden=32, energy_steps=40, energy_batch=32, energy_hidden=32,
-                  energy_depth=2, support_k=4, support_solver="dpmpp2m", support_steps=3, solver="dpmpp2m",
-                  sample_steps=3, guidance_scales=(0.0, 1.0), eval_episodes=2, eval_envs=2,
-                  eval_max_episode_steps=50, log_every=20),
-    # what a 2-core CPU session affords on a 200k-transition dataset (README: a CPU benchmark,
-    # not QGPO's settings)
-    "bench": dict(behaviour_steps=6_000, behaviour_batch=128, behaviour_lr=1e-3, behaviour_hidden=64,
-                  behaviour_blocks=2, critic_steps=4_000, critic_batch=128, critic_hidden=64, energy_steps=2_000,
-                  energy_batch=128, energy_lr=1e-3, energy_hidden=64, energy_depth=2, support_k=8,
-                  support_solver="dpmpp2m", support_steps=4, solver="dpmpp2m", sample_steps=5,
-                  guidance_scales=(0.03, 0.1, 0.3, 1.0, 3.0), eval_episodes=5, eval_envs=5, log_every=500),
-    # method.md section 7: QGPO's published settings (for a GPU)
-    "full": dict(),
-}
+def estimator_label(cfg: TrainConfig) -> str:
+    """A row label naming what differs between energy targets, e.g. ``aepo(tweedie/sampled)``."""
+    e = cfg.energy
+    if cfg.method == "aepo":
+        est = f"{e.covariance}/{e.expansion}" if e.posterior == "gaussian" else e.posterior
+        return f"aepo({est})"
+    return cfg.method
 
 
-def make_config(dataset: str, method: str, preset: str = "smoke", **overrides) -> AgentConfig:
-    """A resolved :class:`AgentConfig`: the preset's values, then ``overrides``."""
-    if method not in METHODS:
-        raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
-    if preset not in PRESETS:
-        raise ValueError(f"preset: expected one of {tuple(PRESETS)}, got {preset!r}")
-    names = {f.name for f in fields(AgentConfig)}
-    bad = sorted(set(overrides) - names)
-    if bad:
-        raise ValueError(f"overrides: unknown config field(s) {bad}")
-    vals = dict(PRESETS[preset])
-    vals.update({k: v for k, v in overrides.items() if v is not None})
-    cfg = AgentConfig(dataset=dataset, method=method, preset=preset, **vals)
-    if "antmaze" in dataset.lower() and "support_k" not in overrides and preset == "full":
-        cfg.support_k = 32
-    if "antmaze" in dataset.lower() and "expectile" not in overrides:
-        cfg.expectile = 0.9
-    check_config(cfg)
-    return cfg
+def _positive_ints(cfg: TrainConfig) -> dict:
+    return {"behaviour.steps": cfg.behaviour.steps, "behaviour.batch": cfg.behaviour.batch,
+            "behaviour.hidden": cfg.behaviour.hidden, "behaviour.blocks": cfg.behaviour.blocks,
+            "critic.steps": cfg.critic.steps, "critic.batch": cfg.critic.batch, "critic.hidden": cfg.critic.hidden,
+            "critic.depth": cfg.critic.depth, "support.k": cfg.support.k, "support.steps": cfg.support.steps,
+            "energy.steps": cfg.energy.steps, "energy.batch": cfg.energy.batch, "energy.hidden": cfg.energy.hidden,
+            "energy.depth": cfg.energy.depth, "energy.n_samples": cfg.energy.n_samples,
+            "sampling.steps": cfg.sampling.steps, "eval.episodes": cfg.eval.episodes, "eval.envs": cfg.eval.envs,
+            "eval.candidates": cfg.eval.candidates, "log_every": cfg.log_every,
+            "checkpoint_every": cfg.checkpoint_every}
 
 
-def check_config(cfg: AgentConfig) -> AgentConfig:
-    """Raise a ValueError naming the first bad field."""
-    if cfg.method not in METHODS:
-        raise ValueError(f"method: expected one of {METHODS}, got {cfg.method!r}")
-    if cfg.critic not in ("", "iql", "insupport"):
-        raise ValueError(f"critic: expected '', 'iql' or 'insupport', got {cfg.critic!r}")
-    for k in ("behaviour_steps", "behaviour_batch", "critic_steps", "critic_batch", "energy_steps", "energy_batch",
-              "support_k", "support_steps", "sample_steps", "n_candidates", "eval_episodes", "eval_envs", "log_every"):
-        v = getattr(cfg, k)
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+def _choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}: expected one of {tuple(choices)}, got {value!r}")
+
+
+def _check_seed(name: str, v) -> None:
+    if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < 2**63:
+        raise ValueError(f"{name}: expected an integer in [0, 2**63), got {v!r}")
+
+
+def check_config(cfg: TrainConfig) -> TrainConfig:
+    """Raise a ValueError naming the first bad field (dotted, as on the command line)."""
+    _choice("method", cfg.method, METHODS)
+    _choice("preset", cfg.preset, PRESETS["rl"])
+    _choice("reward_scaling", cfg.reward_scaling, REWARD_SCALINGS)
+    _choice("critic.kind", cfg.critic.kind, ("",) + CRITICS)
+    for k, v in _positive_ints(cfg).items():
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{k}: expected a positive integer, got {v!r}")
-    if not isinstance(cfg.seed, int) or cfg.seed < 0:
-        raise ValueError(f"seed: expected a non-negative integer, got {cfg.seed!r}")
-    for k in ("solver", "support_solver"):
-        if getattr(cfg, k) not in SOLVERS:
-            raise ValueError(f"{k}: expected one of {SOLVERS}, got {getattr(cfg, k)!r}")
-    if any((not np.isfinite(w)) or w < 0 for w in cfg.guidance_scales):
-        raise ValueError(f"guidance_scales: expected non-negative numbers, got {cfg.guidance_scales}")
-    if cfg.method == "bc" and cfg.n_candidates > 1:
-        raise ValueError("n_candidates: best-of-N ranks by Q, and the bc method trains no critic")
-    from aepo_lite.core import guidance as G
-    if cfg.covariance not in G.COVARIANCES:
-        raise ValueError(f"covariance: expected one of {G.COVARIANCES}, got {cfg.covariance!r}")
-    if cfg.expansion not in G.EXPANSIONS:
-        raise ValueError(f"expansion: expected one of {G.EXPANSIONS}, got {cfg.expansion!r}")
-    from aepo_lite.core.nets import SMOOTH_ACTIVATIONS
-    if cfg.critic_activation not in SMOOTH_ACTIVATIONS + ("relu",):
-        raise ValueError(f"critic_activation: expected one of {SMOOTH_ACTIVATIONS + ('relu',)}, got {cfg.critic_activation!r}")
-    if cfg.critic_activation == "relu" and cfg.method == "aepo" and cfg.expansion != "sampled":
-        raise ValueError(f"critic_activation: a ReLU critic has no curvature; AEPO's {cfg.expansion!r} expansion "
-                         "differentiates Q in the action (use a smooth activation, or expansion='sampled')")
-    if cfg.compile and cfg.method == "aepo" and cfg.expansion == "second":
+    _check_seed("seed", cfg.seed)
+    _check_seed("eval.seed", cfg.eval.seed)
+    for k, lr in (("behaviour.lr", cfg.behaviour.lr), ("critic.lr", cfg.critic.lr), ("energy.lr", cfg.energy.lr)):
+        if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+            raise ValueError(f"{k}: expected a positive learning rate, got {lr!r}")
+    if not (math.isfinite(cfg.energy.beta) and cfg.energy.beta >= 0):
+        raise ValueError(f"energy.beta: expected a finite number >= 0, got {cfg.energy.beta!r}")
+    _choice("sampling.solver", cfg.sampling.solver, SOLVERS)
+    _choice("support.solver", cfg.support.solver, SOLVERS)
+    if not cfg.sampling.guidance_scales or any(not math.isfinite(w) or w < 0 for w in cfg.sampling.guidance_scales):
+        raise ValueError(f"sampling.guidance_scales: expected non-negative numbers, got {cfg.sampling.guidance_scales}")
+    t_max = cfg.sampling.guidance_t_max
+    if not (isinstance(t_max, (int, float)) and math.isfinite(t_max) and 0 < t_max <= 1):
+        raise ValueError(f"sampling.guidance_t_max: expected a number in (0, 1], got {t_max!r}")
+    if cfg.method == "bc" and cfg.eval.candidates > 1:
+        raise ValueError("eval.candidates: best-of-N ranks by Q, and the bc method trains no critic")
+    _choice("energy.covariance", cfg.energy.covariance, G.COVARIANCES)
+    _choice("energy.expansion", cfg.energy.expansion, G.EXPANSIONS)
+    _choice("energy.posterior", cfg.energy.posterior, ("gaussian", "mixture", "particles"))
+    _choice("energy.baseline", cfg.energy.baseline, ("value", "none"))
+    _choice("critic.activation", cfg.critic.activation, SMOOTH_ACTIVATIONS + ("relu",))
+    gradient_of_q = cfg.method == "aepo" and cfg.energy.posterior != "particles" and (
+        cfg.energy.expansion != "sampled" or cfg.energy.posterior == "mixture")
+    if cfg.critic.activation == "relu" and gradient_of_q:
+        raise ValueError(f"critic.activation: a ReLU critic has no curvature; AEPO's {cfg.energy.expansion!r} "
+                         "expansion differentiates Q in the action (use a smooth activation, or "
+                         "energy.expansion='sampled')")
+    if cfg.compile and cfg.method == "aepo" and cfg.energy.expansion == "second":
         raise ValueError("compile: AEPO's 'second' expansion differentiates the critic twice, which torch.compile "
-                         "does not support; use expansion='sampled' or 'first', or compile=False")
-    if cfg.energy_baseline not in ("value", "none"):
-        raise ValueError(f"energy_baseline: expected 'value' or 'none', got {cfg.energy_baseline!r}")
-    if cfg.covariance == "gaussian-fit":
-        raise ValueError("covariance: 'gaussian-fit' needs a Gaussian behaviour per state; the RL agent supports "
-                         "tweedie | isotropic | none")
+                         "does not support; use energy.expansion='sampled' or 'first', or compile=False")
+    if cfg.energy.covariance == "gaussian-fit" and cfg.method == "aepo" and cfg.energy.posterior == "gaussian":
+        raise ValueError("energy.covariance: 'gaussian-fit' needs a Gaussian behaviour per state; the RL agent "
+                         "supports tweedie | isotropic | none")
+    if cfg.energy.bandwidth < 0 or not math.isfinite(cfg.energy.bandwidth):
+        raise ValueError(f"energy.bandwidth: expected a finite number >= 0, got {cfg.energy.bandwidth!r}")
+    resolve_device(cfg.device)
     return cfg
-
-
-def config_from_dict(d: dict) -> AgentConfig:
-    names = {f.name for f in fields(AgentConfig)}
-    d = {k: v for k, v in d.items() if k in names}
-    if "guidance_scales" in d:
-        d["guidance_scales"] = tuple(float(w) for w in d["guidance_scales"])
-    return AgentConfig(**d)
-
-
-def stage_fingerprint(cfg: AgentConfig, stage: str) -> str:
-    """A hash of every field the stage's result depends on (its own and its inputs')."""
-    deps = {"behaviour": ["behaviour"], "support": ["behaviour", "support"],
-            "critic": ["behaviour", "critic"] + (["support"] if cfg.needs("support") else []),
-            "energy": ["behaviour", "critic", "energy"] + (["support"] if cfg.needs("support") else [])}[stage]
-    vals = {k: getattr(cfg, k) for s in deps for k in _STAGE_FIELDS[s]}
-    if vals.get("critic_activation") == "mish":  # the default: runs made before the field existed keep their hash
-        del vals["critic_activation"]
-    if stage in ("critic", "energy"):
-        vals["critic_kind"] = cfg.critic_kind()
-    return hashlib.sha256(json.dumps(vals, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 class Agent:
     """The networks of one run and the data normalisation; :meth:`act` is the policy."""
 
-    def __init__(self, cfg: AgentConfig, state_dim: int, action_dim: int, obs_mean: np.ndarray, obs_std: np.ndarray,
+    def __init__(self, cfg: TrainConfig, state_dim: int, action_dim: int, obs_mean: np.ndarray, obs_std: np.ndarray,
                  action_low: np.ndarray, action_high: np.ndarray, device: torch.device):
         self.cfg, self.device = cfg, device
         self.state_dim, self.action_dim = state_dim, action_dim
         self.obs_mean = torch.as_tensor(obs_mean, dtype=torch.float32, device=device)
         self.obs_std = torch.as_tensor(obs_std, dtype=torch.float32, device=device)
         self.action_low, self.action_high = np.asarray(action_low, np.float64), np.asarray(action_high, np.float64)
-        self.behaviour = DiffusionModel(NoiseNet(action_dim, state_dim, cfg.behaviour_hidden, cfg.behaviour_blocks),
+        self.behaviour = DiffusionModel(NoiseNet(action_dim, state_dim, cfg.behaviour.hidden, cfg.behaviour.blocks),
                                         VPSchedule()).to(device)
         self.critic = None
         self.energy = None
         self._fused = None  # the compiled guided sampler step (compile_sampler)
         if cfg.method != "bc":
-            ccfg = CriticConfig(kind=cfg.critic_kind(), gamma=cfg.gamma, tau_target=cfg.tau_target,
-                                expectile=cfg.expectile, beta_q=cfg.beta_q, lr=cfg.critic_lr, hidden=cfg.critic_hidden,
-                                depth=cfg.critic_depth, activation=cfg.critic_activation)
+            ccfg = replace(cfg.critic, kind=critic_kind(cfg))
             self.critic = make_critic(state_dim, action_dim, ccfg).to(device)
-            self.energy = EnergyNet(action_dim, state_dim, cfg.energy_hidden, cfg.energy_depth).to(device)
+            self.energy = EnergyNet(action_dim, state_dim, cfg.energy.hidden, cfg.energy.depth).to(device)
 
     # ------------------------------------------------------------------ acting
     def normalize(self, obs: np.ndarray) -> torch.Tensor:
@@ -281,19 +207,19 @@ class Agent:
         s_rep = s.repeat_interleave(n_candidates, 0) if n_candidates > 1 else s
         guide = fused = None
         if self.energy is not None and guidance_scale != 0:
-            if cfg.compile_sampler:
+            if cfg.sampling.compile:
                 if self._fused is None:  # compiled once per agent (and batch size), then reused
                     self._fused = FusedGuidedEps(self.behaviour.eps, self.energy, compile=True)
                 fused = self._fused
             else:
                 guide = energy_guidance(self.energy)
-        t_max = cfg.guidance_t_max if cfg.guidance_t_max < self.behaviour.schedule.t_max else None
+        t_max = cfg.sampling.guidance_t_max if cfg.sampling.guidance_t_max < self.behaviour.schedule.t_max else None
         rows = s_rep.shape[0]
         if fused is not None and rows & (rows - 1):
             # a compiled graph per batch size: pad to the next power of two (the last state repeated), so the
             # shrinking batches at the end of an evaluation reuse a few graphs instead of compiling each size
             s_rep = torch.cat([s_rep, s_rep[-1:].expand((1 << (rows - 1).bit_length()) - rows, -1)])
-        a = self.behaviour.sample(cond=s_rep, n_steps=cfg.sample_steps, solver=cfg.solver, guidance=guide,
+        a = self.behaviour.sample(cond=s_rep, n_steps=cfg.sampling.steps, solver=cfg.sampling.solver, guidance=guide,
                                   guided_eps=fused, guidance_t_max=t_max, guidance_scale=float(guidance_scale),
                                   generator=generator, clip=1.0)[:rows]
         s_rep = s_rep[:rows]
@@ -312,52 +238,115 @@ class Agent:
 
 
 # ---------------------------------------------------------------------------------- training
-class _Logger:
-    def __init__(self, run_dir: Path, tensorboard: bool):
-        self.path = run_dir / "metrics.jsonl"
-        self.tb = None
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-                self.tb = SummaryWriter(str(run_dir / "tb"))
-            except Exception as e:  # tensorboard not installed
-                warnings.warn(f"tensorboard: not available ({e}); metrics go to metrics.jsonl only")
+class SupportSampler:
+    """The ``support`` stage's learner: each step draws K behaviour actions for the next chunk of
+    observation rows (a sampling stage resumes chunk by chunk like a training stage)."""
 
-    def log(self, stage: str, step: int, metrics: dict) -> None:
-        append_jsonl(self.path, {"stage": stage, "step": step, **metrics})
-        if self.tb is not None:
-            for k, v in metrics.items():
-                self.tb.add_scalar(f"{stage}/{k}", v, step)
+    def __init__(self, behaviour: DiffusionModel, obs: torch.Tensor, cfg: TrainConfig, chunk: int = 4096):
+        self.behaviour, self.obs, self.cfg = behaviour, obs, cfg.support
+        self.per = max(1, chunk // cfg.support.k)
+        self.chunks: list[torch.Tensor] = []
 
-    def close(self):
-        if self.tb is not None:
-            self.tb.close()
+    @staticmethod
+    def n_steps(rows: int, k: int, chunk: int = 4096) -> int:
+        return math.ceil(rows / max(1, chunk // k))
 
+    def step(self, batch: dict) -> dict:
+        i, K = len(self.chunks) * self.per, self.cfg.k
+        s = self.obs[i:i + self.per].repeat_interleave(K, 0)
+        a = self.behaviour.sample(cond=s, n_steps=self.cfg.steps, solver=self.cfg.solver, generator=batch["generator"],
+                                  clip=1.0)
+        self.chunks.append(a.reshape(-1, K, a.shape[-1]))
+        return {}
 
-def _ckpt_path(run_dir: Path, stage: str) -> Path:
-    return Path(run_dir) / "checkpoints" / f"{stage}.pt"
+    @property
+    def support(self) -> torch.Tensor:
+        """(M, K, d): K actions for each of the M observation rows."""
+        return torch.cat(self.chunks)
 
+    def state_dict(self) -> dict:
+        return {"chunks": [c.cpu() for c in self.chunks]}
 
-def _load_ckpt(path: Path, fingerprint: str, device) -> dict:
-    try:
-        ck = torch.load(path, map_location=device, weights_only=False)
-    except Exception as e:
-        raise ValueError(f"checkpoint: {path} could not be loaded ({type(e).__name__}: {e}). It was left in place; "
-                         "move it away to retrain that stage.") from None
-    if not isinstance(ck, dict) or "fingerprint" not in ck or "state" not in ck:
-        raise ValueError(f"checkpoint: {path} is not an aepo-lite stage checkpoint")
-    if ck["fingerprint"] != fingerprint:
-        raise ValueError(f"checkpoint: {path} was trained with another config (fingerprint {ck['fingerprint']} != "
-                         f"{fingerprint}); use a new --out directory")
-    return ck
+    def load_state_dict(self, state: dict) -> None:
+        self.chunks = [c.to(self.obs.device) for c in state["chunks"]]
 
 
-def _guard_run_dir(run_dir: Path, cfg: AgentConfig) -> None:
-    """Refuse a run directory made by another method or a different training config."""
+def _energy_learner(cfg: TrainConfig, agent: Agent, T: dict, draw) -> EnergyLearner:
+    critic, eps_table = agent.critic, None
+    if cfg.method == "aepo" and cfg.energy.posterior == "gaussian" and cfg.energy.covariance == "isotropic":
+        i = draw(None, min(T["a"].shape[0], 8192))
+        eps_table = EpsNormTable.estimate(agent.behaviour.eps, T["a"][i], T["obs"][T["idx"][i]], agent.behaviour.schedule)
+    q_fn = critic.q_fn
+    if cfg.energy.baseline == "value" and hasattr(critic, "v"):
+        q_fn = lambda s, a: critic.q_fn(s, a) - critic.v(s)  # noqa: E731  (a per-state shift)
+    return EnergyLearner(agent.energy, cfg.energy, schedule=agent.behaviour.schedule, eps_fn=agent.behaviour.eps,
+                         q_fn=q_fn, eps_table=eps_table, method=cfg.method,
+                         decay_steps=cfg.energy.steps if cfg.energy.lr_decay else None)
+
+
+def build_stages(cfg: TrainConfig, agent: Agent, T: dict, device: torch.device) -> list[Stage]:
+    """The run's stages, in order, each with its config part and upstream hashes (a function of ``cfg`` only)."""
+    N, M = T["a"].shape[0], T["obs"].shape[0]
+    held: dict = {}  # results of earlier stages that later batch sources read (the support actions)
+
+    def draw(g, batch):
+        return torch.randint(0, N, (batch,), generator=g, device=device)
+
+    def seed(i):
+        return cfg.seed * 7919 + i
+
+    data = {"dataset": cfg.dataset, "transitions": N}
+    b = cfg.behaviour
+    stages = [Stage("behaviour", {"data": data, "behaviour": b}, b.steps, seed=seed(0), device=device,
+                    learner=lambda: BehaviourLearner(agent.behaviour, b.lr, decay_steps=b.steps if b.lr_decay else None),
+                    batches=lambda g: (lambda i: {"a": T["a"][i], "s": T["obs"][T["idx"][i]]})(draw(g, b.batch)))]
+    if cfg.method == "bc":
+        return stages
+    up = {"behaviour": stage_hash(stages[0])}
+    if needs(cfg, "support"):
+        stages.append(Stage("support", {"support": cfg.support}, SupportSampler.n_steps(M, cfg.support.k),
+                            lambda: held.setdefault("support", SupportSampler(agent.behaviour, T["obs"], cfg)),
+                            lambda g: {"generator": g}, upstream=(up["behaviour"],), seed=seed(1)))
+        up["support"] = stage_hash(stages[-1])
+
+    def critic_batch(g):
+        i = draw(g, cfg.critic.batch)
+        out = {"s": T["obs"][T["idx"][i]], "a": T["a"][i], "r": T["r"][i], "s2": T["obs"][T["idx2"][i]],
+               "done": T["done"][i]}
+        if "support" in held:
+            out["support2"] = held["support"].support[T["idx2"][i]]
+        return out
+
+    kind = critic_kind(cfg)
+    stages.append(Stage("critic", {"data": dict(data, reward_scaling=cfg.reward_scaling),
+                                   "critic": replace(cfg.critic, kind=kind)}, cfg.critic.steps, lambda: agent.critic,
+                        critic_batch, upstream=(up["support"],) if kind == "insupport" else (), seed=seed(2),
+                        device=device))
+    up["critic"] = stage_hash(stages[-1])
+
+    def energy_batch(g):
+        i = draw(g, cfg.energy.batch)
+        s = T["obs"][T["idx"][i]]
+        out = {"s": s, "a": T["a"][i]}
+        if _support_in_energy(cfg):
+            sup = held["support"].support[T["idx"][i]]
+            B, K, d = sup.shape
+            with torch.no_grad():
+                out["support_q"] = agent.critic.q_fn(s.repeat_interleave(K, 0), sup.reshape(B * K, d)).reshape(B, K)
+            out["support"] = sup
+        return out
+
+    stages.append(Stage("energy", {"method": cfg.method, "energy": cfg.energy}, cfg.energy.steps,
+                        lambda: _energy_learner(cfg, agent, T, draw), energy_batch,
+                        upstream=tuple(up[k] for k in ("behaviour", "support", "critic") if k in up), seed=seed(3),
+                        device=device))
+    return stages
+
+
+def _guard_run_dir(run_dir: Path, cfg: TrainConfig) -> None:
+    """Refuse a run directory made by another method, an older layout or a different training config."""
     p = run_dir / "config.json"
     if not p.exists():
-        if (run_dir / "checkpoints").exists():
-            raise ValueError(f"out: {run_dir} holds checkpoints but no config.json; refusing to train over them")
         return
     try:
         old = read_json(p)
@@ -366,238 +355,122 @@ def _guard_run_dir(run_dir: Path, cfg: AgentConfig) -> None:
     if old.get("method") != cfg.method:
         raise ValueError(f"out: {run_dir} was made by method {old.get('method')!r}, not {cfg.method!r}; "
                          "use another --out directory")
-    new = asdict(cfg)
-    defaults = {f.name: f.default for f in fields(AgentConfig)}  # a field newer than the run: its default
-    old = {k: old.get(k, defaults.get(k)) for k in new}
-    diff = sorted(k for k in new if k not in EVAL_FIELDS and json.dumps(old.get(k), default=str)
-                  != json.dumps(new[k], default=str))
+    if not isinstance(old.get("behaviour"), dict):
+        raise ValueError(f"out: {run_dir} was made by an older aepo-lite layout (a flat config.json); its checkpoints "
+                         "are not reused. Train into a new --out directory.")
+    new = to_dict(cfg)
+    diff = config_diff(old, new, ignore=EVAL_FIELDS)
     if diff:
-        raise ValueError(f"out: {run_dir} was made with a different config (fields {diff}: "
-                         + ", ".join(f"{k}={old.get(k)!r} there vs {new[k]!r} now" for k in diff[:4])
+        old_flat = {k: v for k, v in _flat(old).items()}
+        new_flat = _flat(new)
+        raise ValueError(f"out: {run_dir} was made with a different config ("
+                         + ", ".join(f"{k}={old_flat.get(k)!r} there vs {new_flat[k]!r} now" for k in diff[:4])
                          + "); use another --out directory")
 
 
-def _batches_seed(cfg: AgentConfig, stage: str) -> None:
-    torch.manual_seed(cfg.seed * 7919 + STAGES.index(stage))
+def _flat(d: dict) -> dict:
+    from aepo_lite.config import flatten
+    return flatten(d)
 
 
-def _run_stage(name: str, n_steps: int, step_fn, logger: _Logger, log_every: int, progress: bool,
-               before_step=None) -> dict:
-    from tqdm.auto import tqdm
-    t0 = time.perf_counter()
-    bar = tqdm(range(1, n_steps + 1), desc=name, disable=not progress, mininterval=1.0)
-    for i in bar:
-        if before_step is not None:
-            before_step()
-        m = step_fn()  # 0-d tensors: read back (a host synchronisation on GPU) only when logged
-        if i % log_every == 0 or i == n_steps:
-            m = {k: float(v) for k, v in m.items()}
-            bad = sorted(k for k, v in m.items() if not math.isfinite(v))
-            if bad:
-                raise FloatingPointError(f"{name}: step {i} has non-finite {bad} ({m}); check the learning rate, beta, "
-                                         "the critic and the data")
-            logger.log(name, i, m)
-            bar.set_postfix({k: f"{v:.3g}" for k, v in list(m.items())[:3]})
-    dt = time.perf_counter() - t0
-    return {"steps": n_steps, "seconds": dt, "steps_per_s": n_steps / max(dt, 1e-9)}
-
-
-def _sample_support(agent: Agent, obs: torch.Tensor, cfg: AgentConfig, progress: bool, chunk: int = 4096) -> torch.Tensor:
-    """K behaviour actions for every observation row: (M, k) -> (M, K, d)."""
-    from tqdm.auto import tqdm
-    K, out = cfg.support_k, []
-    g = torch.Generator().manual_seed(cfg.seed * 7919 + 101)
-    per = max(1, chunk // K)
-    for i in tqdm(range(0, obs.shape[0], per), desc="support", disable=not progress, mininterval=1.0):
-        s = obs[i:i + per].repeat_interleave(K, 0)
-        a = agent.behaviour.sample(cond=s, n_steps=cfg.support_steps, solver=cfg.support_solver, generator=g, clip=1.0)
-        out.append(a.reshape(-1, K, agent.action_dim))
-    return torch.cat(out)
-
-
-def train(cfg: AgentConfig, run_dir, *, data: OfflineData | None = None, progress: bool = True,
+def train(cfg: TrainConfig, run_dir, *, data: OfflineData | None = None, progress: bool = True,
           init_behaviour: str | Path | None = None) -> Agent:
-    """Train every stage the method needs, skipping stages already checkpointed in ``run_dir``.
+    """Train every stage the method needs into ``run_dir``: finished stages are loaded, a stage killed
+    mid-way resumes from its last periodic checkpoint.
 
-    ``init_behaviour``: another run directory to copy finished stages from instead of retraining
-    them: its behaviour checkpoint (required, same dataset, seed and behaviour settings), and its
-    support and critic checkpoints when their fingerprints match this config (an energy-only change).
+    ``init_behaviour``: another run directory to copy finished stages from instead of training them
+    (its behaviour stage must match this config; its support and critic stages are copied when they match).
     """
     check_config(cfg)
     run_dir = Path(run_dir)
-    _guard_run_dir(run_dir, cfg)
-    device = resolve_device(cfg.device)
-    if data is None:
-        data, _ = load_minari(cfg.dataset, reward_scaling=cfg.reward_scaling)
-    elif data.dataset_id != cfg.dataset:
-        raise ValueError(f"data: holds {data.dataset_id!r}, the config names {cfg.dataset!r}")
-    for stage in STAGES:  # fail on a broken checkpoint before any training starts
-        p = _ckpt_path(run_dir, stage)
-        if cfg.needs(stage) and p.exists():
-            _load_ckpt(p, stage_fingerprint(cfg, stage), "cpu")
-    atomic_write_json(run_dir / "config.json", asdict(cfg))
-    seed_everything(cfg.seed)
-    mean, std = data.obs_stats()
-    agent = Agent(cfg, data.state_dim, data.action_dim, mean, std, data.action_low, data.action_high, device)
-    T = data.tensors(device)
-    N = data.n
-    before_step = None
-    if cfg.compile:
-        # in place: the optimisers, learners and Polyak updates below all run the compiled networks
-        nets = [agent.behaviour.net] + ([] if agent.critic is None else [*agent.critic.children(), agent.energy])
-        for net in nets:
-            compile_module(net, device)
-        if compile_mode(device) == "reduce-overhead":
-            # each step is one CUDA-graph step: outputs read later in the step are not overwritten
-            before_step = torch.compiler.cudagraph_mark_step_begin
-    limits = compile_limits() if cfg.compile else contextlib.nullcontext()
-    with limits:
-        return _train_stages(cfg, run_dir, agent, T, N, device, init_behaviour, progress, before_step)
-
-
-def _train_stages(cfg, run_dir, agent, T, N, device, init_behaviour, progress, before_step) -> Agent:
-    logger = _Logger(run_dir, cfg.tensorboard)
-    stats_path = run_dir / "train_stats.json"
-    stats = read_json(stats_path) if stats_path.exists() else {}
-    if init_behaviour is not None:
-        for stage in ("support", "critic"):
-            src, dst = _ckpt_path(Path(init_behaviour), stage), _ckpt_path(run_dir, stage)
-            if cfg.needs(stage) and src.exists() and not dst.exists():
-                try:
-                    ck = _load_ckpt(src, stage_fingerprint(cfg, stage), "cpu")
-                except ValueError:
-                    continue  # another config: train it here
-                atomic_torch_save(dst, ck)
-                stats[stage] = dict(ck.get("stats", {}), copied_from=str(init_behaviour))
-
-    def idx(batch):
-        return torch.randint(0, N, (batch,), device=device)
-
-    # 1. behaviour -----------------------------------------------------------------------------
-    p = _ckpt_path(run_dir, "behaviour")
-    fp = stage_fingerprint(cfg, "behaviour")
-    if not p.exists() and init_behaviour is not None:
-        src = _ckpt_path(Path(init_behaviour), "behaviour")
-        if not src.exists():
-            raise ValueError(f"init_behaviour: {src} does not exist")
-        ck = _load_ckpt(src, fp, "cpu")
-        atomic_torch_save(p, ck)
-        stats["behaviour"] = dict(ck.get("stats", {}), copied_from=str(init_behaviour))
-    if p.exists():
-        agent.behaviour.load_state_dict(_load_ckpt(p, fp, device)["state"])
-    else:
-        _batches_seed(cfg, "behaviour")
-        opt = adam(agent.behaviour.parameters(), cfg.behaviour_lr)
-
-        def step():
-            i = idx(cfg.behaviour_batch)
-            loss = agent.behaviour.loss(T["a"][i], T["obs"][T["idx"][i]])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            return {"loss": loss.detach()}
-
-        st = _run_stage("behaviour", cfg.behaviour_steps, step, logger, cfg.log_every, progress, before_step)
-        atomic_torch_save(p, {"stage": "behaviour", "fingerprint": fp, "state": agent.behaviour.state_dict(), "stats": st})
-        stats["behaviour"] = st
-    atomic_write_json(stats_path, stats)
-    agent.behaviour.requires_grad_(False).eval()
-    if cfg.method == "bc":
-        logger.close()
-        return agent
-
-    # 2. support actions -----------------------------------------------------------------------
-    support = None
-    if cfg.needs("support"):
-        p, fp = _ckpt_path(run_dir, "support"), stage_fingerprint(cfg, "support")
-        if p.exists():
-            support = _load_ckpt(p, fp, device)["state"]["support"]
-        else:
-            t0 = time.perf_counter()
-            support = _sample_support(agent, T["obs"], cfg, progress)
-            dt = time.perf_counter() - t0
-            st = {"rows": int(support.shape[0]), "k": cfg.support_k, "seconds": dt,
-                  "actions_per_s": support.shape[0] * cfg.support_k / max(dt, 1e-9)}
-            atomic_torch_save(p, {"stage": "support", "fingerprint": fp, "state": {"support": support.cpu()}, "stats": st})
-            stats["support"] = st
-            atomic_write_json(stats_path, stats)
-        support = support.to(device)
-
-    # 3. critic --------------------------------------------------------------------------------
-    p, fp = _ckpt_path(run_dir, "critic"), stage_fingerprint(cfg, "critic")
-    critic = agent.critic
-    if p.exists():
-        critic.load_state_dict(_load_ckpt(p, fp, device)["state"])
-    else:
-        _batches_seed(cfg, "critic")
-
-        def step():
-            i = idx(cfg.critic_batch)
-            b = {"s": T["obs"][T["idx"][i]], "a": T["a"][i], "r": T["r"][i], "s2": T["obs"][T["next_idx"][i]],
-                 "done": T["done"][i]}
-            if support is not None:
-                b["support2"] = support[T["next_idx"][i]]
-            return critic.step(b)
-
-        st = _run_stage("critic", cfg.critic_steps, step, logger, cfg.log_every, progress, before_step)
-        atomic_torch_save(p, {"stage": "critic", "fingerprint": fp, "state": critic.state_dict(), "stats": st})
-        stats["critic"] = st
-        atomic_write_json(stats_path, stats)
-    critic.requires_grad_(False).eval()
-
-    # 4. energy --------------------------------------------------------------------------------
-    p, fp = _ckpt_path(run_dir, "energy"), stage_fingerprint(cfg, "energy")
-    if p.exists():
-        agent.energy.load_state_dict(_load_ckpt(p, fp, device)["state"])
-    else:
-        _batches_seed(cfg, "energy")
-        method = cfg.method
-        ecfg = EnergyConfig(beta=cfg.beta, covariance=cfg.covariance, expansion=cfg.expansion,
-                            n_samples=cfg.n_samples, clip=1.0, lr=cfg.energy_lr)
-        eps_table = None
-        if method == "aepo" and cfg.covariance == "isotropic":
-            i = idx(min(N, 8192))
-            eps_table = EpsNormTable.estimate(agent.behaviour.eps, T["a"][i], T["obs"][T["idx"][i]], agent.behaviour.schedule)
-        q_fn = critic.q_fn
-        if cfg.energy_baseline == "value" and hasattr(critic, "v"):
-            q_fn = lambda s, a: critic.q_fn(s, a) - critic.v(s)  # noqa: E731  (a per-state shift)
-        learner = EnergyLearner(agent.energy, ecfg, schedule=agent.behaviour.schedule, eps_fn=agent.behaviour.eps,
-                                q_fn=q_fn, eps_table=eps_table, method=method)
-
-        def step():
-            i = idx(cfg.energy_batch)
-            s = T["obs"][T["idx"][i]]
-            b = {"s": s, "a": T["a"][i]}
-            if method == "qgpo":
-                sup = support[T["idx"][i]]
-                B, K, d = sup.shape
-                with torch.no_grad():
-                    b["support_q"] = critic.q_fn(s.repeat_interleave(K, 0), sup.reshape(B * K, d)).reshape(B, K)
-                b["support"] = sup
-            return learner.step(b)
-
-        st = _run_stage("energy", cfg.energy_steps, step, logger, cfg.log_every, progress, before_step)
-        atomic_torch_save(p, {"stage": "energy", "fingerprint": fp, "state": agent.energy.state_dict(), "stats": st})
-        stats["energy"] = st
-        atomic_write_json(stats_path, stats)
-    agent.energy.requires_grad_(False).eval()
-    logger.close()
+    with RunLock(run_dir):
+        _guard_run_dir(run_dir, cfg)
+        if data is None:
+            data, _ = load_minari(cfg.dataset, reward_scaling=cfg.reward_scaling)
+        elif data.dataset_id != cfg.dataset:
+            raise ValueError(f"data: holds {data.dataset_id!r}, the config names {cfg.dataset!r}")
+        device = resolve_device(cfg.device)
+        seed_everything(cfg.seed)
+        mean, std = data.obs_stats()
+        agent = Agent(cfg, data.state_dim, data.action_dim, mean, std, data.action_low, data.action_high, device)
+        T = data.tensors(device)
+        T["idx2"] = T["next_idx"]
+        stages = build_stages(cfg, agent, T, device)
+        store = StageStore(run_dir / "checkpoints")
+        for st in stages:  # a broken or foreign checkpoint is an error before any training starts
+            store.load(st.name, stage_hash(st))
+        stats_path = run_dir / "train_stats.json"
+        stats = read_json(stats_path) if stats_path.exists() else {}
+        if init_behaviour is not None:
+            stats.update(_copy_stages(Path(init_behaviour), store, stages))
+        atomic_write_json(run_dir / "config.json", to_dict(cfg))
+        before_step = _compile(cfg, agent, device)
+        limits = compile_limits() if cfg.compile else contextlib.nullcontext()
+        log = MetricsLog(run_dir / "metrics.jsonl", run_dir / "tb" if cfg.tensorboard else None)
+        try:
+            with limits:
+                for st in stages:
+                    copied = {k: v for k, v in stats.get(st.name, {}).items() if k == "copied_from"}
+                    _, got = run_stage(st, store, log=log, log_every=cfg.log_every,
+                                       checkpoint_every=cfg.checkpoint_every, progress=progress,
+                                       map_location=device, before_step=before_step)
+                    stats[st.name] = dict(got, **copied)
+                    atomic_write_json(stats_path, stats)
+                    _freeze(agent, st.name)
+        finally:
+            log.close()
     return agent
 
 
+def _copy_stages(src: Path, store: StageStore, stages: list[Stage]) -> dict:
+    other, stats = StageStore(src / "checkpoints"), {}
+    for st in stages:
+        if st.name == "energy":
+            break
+        copied = store.copy_from(other, st.name, stage_hash(st))
+        if copied is not None:
+            stats[st.name] = dict(copied, copied_from=str(src))
+        elif st.name == "behaviour" and not store.path(st.name, stage_hash(st)).exists():
+            raise ValueError(f"init_behaviour: {src} has no finished behaviour stage trained with this config "
+                             "(same dataset, seed and behaviour settings)")
+    return stats
+
+
+def _freeze(agent: Agent, stage: str) -> None:
+    mod = {"behaviour": agent.behaviour, "critic": agent.critic, "energy": agent.energy}.get(stage)
+    if mod is not None:
+        mod.requires_grad_(False).eval()
+
+
+def _compile(cfg: TrainConfig, agent: Agent, device: torch.device):
+    """Compile every network in place (the learners then run the compiled ones); the per-step hook."""
+    if not cfg.compile:
+        return None
+    nets = [agent.behaviour.net] + ([] if agent.critic is None else [*agent.critic.children(), agent.energy])
+    for net in nets:
+        compile_module(net, device)
+    if compile_mode(device) == "reduce-overhead":
+        return torch.compiler.cudagraph_mark_step_begin  # each step is one CUDA-graph step
+    return None
+
+
 def load_run(run_dir, *, device: str | None = None, data: OfflineData | None = None,
-             overrides: dict | None = None) -> tuple[Agent, AgentConfig, OfflineData]:
-    """Rebuild a trained agent from ``run_dir`` (every stage its method needs must be there)."""
+             overrides: dict | None = None) -> tuple[Agent, TrainConfig, OfflineData]:
+    """Rebuild a trained agent from ``run_dir``; ``overrides`` (nested, e.g. ``{"sampling": {"steps": 15}}``)
+    may change acting and evaluation settings only."""
     run_dir = Path(run_dir)
     p = run_dir / "config.json"
     if not p.exists():
         raise ValueError(f"run: {run_dir} has no config.json (not an aepo-lite run directory)")
-    cfg = config_from_dict(read_json(p))
-    for k, v in (overrides or {}).items():
-        if k not in EVAL_FIELDS:
-            raise ValueError(f"overrides: {k} is a training setting and cannot change at evaluation")
-        if v is not None:
-            setattr(cfg, k, tuple(v) if k == "guidance_scales" else v)
+    saved = read_json(p)
+    if not isinstance(saved.get("behaviour"), dict):
+        raise ValueError(f"run: {run_dir} was made by an older aepo-lite layout (a flat config.json); train it again")
+    cfg = from_dict(TrainConfig, saved)
+    over = {k: v for k, v in (overrides or {}).items() if v is not None}
+    bad = sorted(k for k in over if k not in EVAL_FIELDS)
+    if bad:
+        raise ValueError(f"overrides: {bad} are training settings and cannot change at evaluation")
+    cfg = apply_overrides(cfg, over)
     if device is not None:
         cfg.device = device
     check_config(cfg)
@@ -606,20 +479,26 @@ def load_run(run_dir, *, device: str | None = None, data: OfflineData | None = N
     mean, std = data.obs_stats()
     dev = resolve_device(cfg.device)
     agent = Agent(cfg, data.state_dim, data.action_dim, mean, std, data.action_low, data.action_high, dev)
-    for stage, mod in (("behaviour", agent.behaviour), ("critic", agent.critic), ("energy", agent.energy)):
-        if not cfg.needs(stage):
+    T = data.tensors(dev)
+    T["idx2"] = T["next_idx"]
+    store = StageStore(run_dir / "checkpoints")
+    for st in build_stages(cfg, agent, T, dev):
+        if st.name == "support":
             continue
-        cp = _ckpt_path(run_dir, stage)
-        if not cp.exists():
-            raise ValueError(f"run: {run_dir} has no {stage} checkpoint; train it first (aepo-lite train --out {run_dir})")
-        mod.load_state_dict(_load_ckpt(cp, stage_fingerprint(cfg, stage), dev)["state"])
-        mod.requires_grad_(False).eval()
+        ck = store.load(st.name, stage_hash(st), dev)
+        if ck is None or ck["step"] < ck["steps"]:
+            raise ValueError(f"run: {run_dir} has no finished {st.name} stage; train it first "
+                             f"(aepo-lite train --config {p} --out {run_dir})")
+        st.learner().load_state_dict(ck["learner"])
+        _freeze(agent, st.name)
     return agent, cfg, data
 
 
-def _eval_env_factory(cfg: AgentConfig, minari_ds):
+# ---------------------------------------------------------------------------------- evaluation
+def _eval_env_factory(cfg: TrainConfig, minari_ds):
     import gymnasium as gym
-    kw = {} if cfg.eval_max_episode_steps is None else {"max_episode_steps": cfg.eval_max_episode_steps}
+    cap = cfg.eval.max_episode_steps
+    kw = {} if cap is None else {"max_episode_steps": cap}
 
     def make():
         env = minari_ds.recover_environment(eval_env=True, **kw)
@@ -633,44 +512,53 @@ def _eval_env_factory(cfg: AgentConfig, minari_ds):
     return make
 
 
+def _row_settings(cfg: TrainConfig) -> dict:
+    """Every evaluation setting that changes a result row (reports never merge rows that differ in one)."""
+    return {"episodes": cfg.eval.episodes, "candidates": cfg.eval.candidates, "eval_seed": cfg.eval.seed,
+            "sample_steps": cfg.sampling.steps, "solver": cfg.sampling.solver,
+            "guidance_t_max": cfg.sampling.guidance_t_max, "max_episode_steps": cfg.eval.max_episode_steps}
+
+
 def evaluate_run(run_dir, *, guidance_scales=None, episodes: int | None = None, device: str | None = None,
                  n_candidates: int | None = None, guidance_t_max: float | None = None,
-                 compile_sampler: bool | None = None, progress: bool = True) -> dict:
+                 compile_sampler: bool | None = None, sample_steps: int | None = None, progress: bool = True) -> dict:
     """Evaluate a trained run at each guidance scale and merge into ``DIR/results.json``.
 
-    Returns the results dict: per scale ``return_mean``, ``return_std``, ``normalized_score_mean``
-    (or None), ``normalized_score_std``, ``episodes``, plus ``actions_per_s``.
+    Rows are keyed by the guidance scale and the evaluation settings (:func:`_row_settings`): an
+    evaluation with other settings adds rows beside the old ones, never over them. Returns the
+    results dict: ``rows``, each with ``guidance_scale``, ``return_mean``, ``return_std``,
+    ``normalized_score_mean`` (or None), ``normalized_score_std``, the settings, ``actions_per_s``.
     """
-    from aepo_lite.rl.data import open_minari
     run_dir = Path(run_dir)
-    over = {"guidance_scales": guidance_scales, "eval_episodes": episodes, "n_candidates": n_candidates,
-            "guidance_t_max": guidance_t_max, "compile_sampler": compile_sampler}
-    agent, cfg, data = load_run(run_dir, device=device, overrides=over)
-    scales = (0.0,) if cfg.method == "bc" else tuple(float(w) for w in cfg.guidance_scales)
-    if cfg.method == "bc" and guidance_scales and any(float(w) != 0 for w in guidance_scales):
-        raise ValueError("guidance_scale: the bc method has no energy; only 0 is meaningful")
-    ds = open_minari(cfg.dataset)
-    lo, hi, source = reference_scores(cfg.dataset, dict(ds.storage.metadata))
-    make_env = _eval_env_factory(cfg, ds)
-    res_path = run_dir / "results.json"
-    results = read_json(res_path) if res_path.exists() else {}
-    per = results.get("results", {})
-    if per and float(results.get("guidance_t_max", 1.0)) != float(cfg.guidance_t_max):
-        raise ValueError(f"guidance_t_max: {res_path} holds results at guidance_t_max="
-                         f"{results.get('guidance_t_max', 1.0)}; evaluate a copy of the run to keep both")
-    for w in scales:
-        g = torch.Generator().manual_seed(cfg.seed * 7919 + 17)
-        pol = lambda obs, w=w, g=g: agent.act(obs, w, n_candidates=cfg.n_candidates, generator=g)  # noqa: E731
-        eps, timing = run_episodes(make_env, pol, cfg.eval_episodes, seed=cfg.eval_seed, n_envs=cfg.eval_envs,
-                                   progress=progress, desc=f"eval w={w:g}")
-        row = summarize_returns([e.ret for e in eps], lo, hi)
-        row.update({"actions_per_s": timing["actions"] / max(timing["policy_seconds"], 1e-9),
-                    "n_candidates": cfg.n_candidates, "eval_seed": cfg.eval_seed,
-                    "sample_steps": cfg.sample_steps, "solver": cfg.solver})
-        per[f"{w:g}"] = row
-        results.update({"dataset": cfg.dataset, "method": cfg.method, "seed": cfg.seed, "preset": cfg.preset,
-                        "transitions": data.n, "ref_min_score": lo, "ref_max_score": hi, "ref_source": source,
-                        "dataset_mean_return": float(np.mean(data.episode_returns)), "results": per,
-                        "guidance_t_max": cfg.guidance_t_max})
-        atomic_write_json(res_path, results)
+    over = {"sampling": {k: v for k, v in (("guidance_scales", None if guidance_scales is None else
+                                            tuple(float(w) for w in guidance_scales)),
+                                           ("guidance_t_max", guidance_t_max), ("compile", compile_sampler),
+                                           ("steps", sample_steps)) if v is not None},
+            "eval": {k: v for k, v in (("episodes", episodes), ("candidates", n_candidates)) if v is not None}}
+    with RunLock(run_dir, what="run"):
+        agent, cfg, data = load_run(run_dir, device=device, overrides=over)
+        if cfg.method == "bc" and guidance_scales and any(float(w) != 0 for w in guidance_scales):
+            raise ValueError("guidance_scale: the bc method has no energy; only 0 is meaningful")
+        scales = (0.0,) if cfg.method == "bc" else tuple(float(w) for w in cfg.sampling.guidance_scales)
+        ds = open_minari(cfg.dataset)
+        lo, hi, source = reference_scores(cfg.dataset, dict(ds.storage.metadata))
+        make_env = _eval_env_factory(cfg, ds)
+        res_path = run_dir / "results.json"
+        results = read_json(res_path) if res_path.exists() else {}
+        rows = [r for r in results.get("rows", []) if isinstance(r, dict)]
+        settings = _row_settings(cfg)
+        results.update({"dataset": cfg.dataset, "method": cfg.method, "label": estimator_label(cfg), "seed": cfg.seed,
+                        "preset": cfg.preset, "transitions": data.n, "ref_min_score": lo, "ref_max_score": hi,
+                        "ref_source": source, "dataset_mean_return": float(np.mean(data.episode_returns))})
+        for w in scales:
+            g = torch.Generator().manual_seed(cfg.seed * 7919 + 17)
+            pol = lambda obs, w=w, g=g: agent.act(obs, w, n_candidates=cfg.eval.candidates, generator=g)  # noqa: E731
+            eps, timing = run_episodes(make_env, pol, cfg.eval.episodes, seed=cfg.eval.seed, n_envs=cfg.eval.envs,
+                                       progress=progress, desc=f"eval w={w:g}")
+            row = dict(summarize_returns([e.ret for e in eps], lo, hi), guidance_scale=w, **settings,
+                       actions_per_s=timing["actions"] / max(timing["policy_seconds"], 1e-9))
+            key = {"guidance_scale": w, **settings}
+            rows = [r for r in rows if any(r.get(k) != v for k, v in key.items())] + [row]
+            results["rows"] = rows
+            atomic_write_json(res_path, results)  # after each scale: a killed evaluation keeps what it finished
     return results

@@ -40,15 +40,10 @@ def collect(run_paths, csv_path, speed_csv: str | Path | None = None) -> list[di
     rows, speed, datasets = [], [], {}
     for f in _result_files(run_paths):
         res = read_json(f)
-        cfg_p = f.parent / "config.json"
-        label = res["method"]
-        if cfg_p.exists() and res["method"] in ("aepo", "mse"):  # name the estimator: they differ a lot
-            c = read_json(cfg_p)
-            label = f"{res['method']}({c.get('covariance')}/{c.get('expansion')})"
-        if float(res.get("guidance_t_max", 1.0)) < 1.0:
-            label += f"[t<={float(res['guidance_t_max']):g}]"
-        res["method"] = label
-        for w, r in sorted(res.get("results", {}).items(), key=lambda kv: float(kv[0])):
+        label = res.get("label", res["method"])  # names the AEPO estimator: they differ a lot
+        for r in sorted(res.get("rows", []), key=lambda r: r["guidance_scale"]):
+            w = r["guidance_scale"]
+            res["method"] = label + (f"[t<={float(r['guidance_t_max']):g}]" if r.get("guidance_t_max", 1.0) < 1 else "")
             rows.append({"dataset": res["dataset"], "method": res["method"], "seed": res["seed"],
                          "guidance_scale": float(w), "return_mean": r["return_mean"],
                          "normalized_score": r["normalized_score_mean"], "transitions": res["transitions"],

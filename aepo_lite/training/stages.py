@@ -136,6 +136,19 @@ class StageStore:
         ck = self.load(name, h)
         return ck is not None and ck["step"] >= ck["steps"]
 
+    def copy_from(self, other: "StageStore", name: str, h: str) -> Optional[dict]:
+        """Copy another store's finished checkpoint of this stage and hash (a shared upstream stage); its stats."""
+        if self.path(name, h).exists() or not other.path(name, h).exists():
+            return None
+        try:
+            ck = other.load(name, h)
+        except ValueError:
+            return None  # another config there: train it here
+        if ck["step"] < ck["steps"]:
+            return None
+        self.save(name, h, ck)
+        return ck["stats"]
+
     def save(self, name: str, h: str, ck: dict) -> Path:
         return atomic_torch_save(self.path(name, h), dict(ck, format=FORMAT, stage=name, hash=h))
 
@@ -214,15 +227,15 @@ def run_stage(stage: Stage, store: StageStore, *, log: MetricsLog | None = None,
     """
     from tqdm.auto import tqdm
     h = stage_hash(stage)
-    learner = stage.learner()
     ck = store.load(stage.name, h, map_location)
+    torch.manual_seed(stage.seed)  # before the learner is built: anything it draws is seeded too
+    learner = stage.learner()
     if ck is not None and ck["step"] >= ck["steps"]:
         learner.load_state_dict(ck["learner"])
         return learner, ck["stats"]
     g = torch.Generator(device=stage.device)
     start, seconds, stats = 0, 0.0, {}
     if ck is None:
-        torch.manual_seed(stage.seed)
         g.manual_seed(stage.seed)
     else:
         learner.load_state_dict(ck["learner"])
@@ -252,6 +265,4 @@ def run_stage(stage: Stage, store: StageStore, *, log: MetricsLog | None = None,
             bar.set_postfix({k: f"{v:.3g}" for k, v in list(m.items())[:3]})
         if i % checkpoint_every == 0 or i == stage.steps:
             save(i)
-    if start >= stage.steps:  # nothing left to do (a zero-step stage)
-        save(stage.steps)
     return learner, stats
