@@ -73,13 +73,14 @@ def stage_hash(stage: Stage) -> str:
 
 
 class RunLock:
-    """An exclusive lock on a folder (``DIR/.lock``): a second writer is refused at once, not queued.
+    """An exclusive lock on a folder (``DIR/.lock``) or one entry in it: a second writer is refused at once.
 
     The operating system releases it when the process ends, however it ends.
     """
 
-    def __init__(self, folder, what: str = "out"):
-        self.path, self.what, self._fd = Path(folder) / ".lock", what, None
+    def __init__(self, folder, what: str = "out", name: str = ".lock"):
+        """``name``: the lock file in ``folder``; one folder may hold several locks (one per cache entry)."""
+        self.path, self.what, self._fd = Path(folder) / name, what, None
 
     def __enter__(self) -> "RunLock":
         self.path.parent.mkdir(parents=True, exist_ok=True)
