@@ -19,7 +19,7 @@ import difflib
 import json
 from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 __all__ = ["BehaviourConfig", "CriticConfig", "SupportConfig", "EnergyConfig", "SamplingConfig", "EvalConfig",
            "ToyEvalConfig", "TrainConfig", "ToyConfig", "PRESETS", "METHODS", "from_dict", "to_dict",

@@ -121,6 +121,29 @@ def sample(eps_fn: EpsFn, x_T: torch.Tensor, *, schedule: VPSchedule, cond: torc
     Returns:
         samples at t_end, (B, d).
     """
+    w, t_guide, t_end = _check_sample_args(x_T, cond, schedule, n_steps, solver, guidance, guided_eps,
+                                           guidance_scale, guidance_t_max, t_end)
+    grid = _Grid(schedule, solver, n_steps, t_end)
+
+    def eps_at(x, i, t_val=None, sigma=None):
+        t_val = grid.t[i] if t_val is None else t_val
+        sigma = grid.sigma[i] if sigma is None else sigma
+        w_here = w if t_val <= t_guide else 0.0
+        if guided_eps is not None and w_here != 0.0:
+            t = torch.full((x.shape[0],), t_val, dtype=x.dtype, device=x.device)
+            return guided_eps(x, t, cond, torch.full((), w_here * sigma, dtype=x.dtype, device=x.device))
+        return _guided_eps(eps_fn, guidance, w_here, x, t_val, sigma, cond)
+
+    x = _SOLVER_LOOPS[solver](x_T, eps_at, grid, generator=generator)
+    if check_nan and not bool(torch.isfinite(x).all()):
+        raise FloatingPointError(f"sample: the {solver} sampler produced NaN/inf (guidance_scale={w}); "
+                                 "lower the guidance scale or check the guidance network")
+    return x
+
+
+def _check_sample_args(x_T, cond, schedule, n_steps, solver, guidance, guided_eps, guidance_scale, guidance_t_max,
+                       t_end) -> tuple[float, float, float]:
+    """Validate :func:`sample`'s arguments; return (w, the guided-time limit, t_end)."""
     if solver not in SOLVERS:
         raise ValueError(f"solver: expected one of {SOLVERS}, got {solver!r}")
     if not isinstance(n_steps, int) or isinstance(n_steps, bool) or n_steps < 1:
@@ -139,103 +162,128 @@ def sample(eps_fn: EpsFn, x_T: torch.Tensor, *, schedule: VPSchedule, cond: torc
             raise ValueError(f"cond: expected {x_T.shape[0]} rows to match x_T, got {cond.shape[0]}")
         check_finite("cond", cond)
     t_end = schedule.t_min if t_end is None else check_scalar("t_end", t_end, schedule.t_min, schedule.t_max)
+    return w, t_guide, t_end
 
-    dev, dt = x_T.device, x_T.dtype
-    if solver in ("euler", "ddpm"):
-        ts = torch.linspace(schedule.t_max, t_end, n_steps + 1, dtype=torch.float64)
-    elif solver == "dpm2":
-        n_second, n_first = divmod(n_steps, 2)
-        ts = schedule.lambda_grid(n_second + n_first, t_end=t_end)
-    else:
-        ts = schedule.lambda_grid(n_steps, t_end=t_end)
-    la64 = schedule.log_alpha(ts)
-    alphas, sigmas = torch.exp(la64), torch.sqrt(-torch.expm1(2 * la64))
-    lams = la64 - torch.log(sigmas)
-    # python floats: the step coefficients never touch the device or force a sync
-    ts_, al_, si_, la_ = ts.tolist(), alphas.tolist(), sigmas.tolist(), lams.tolist()
 
-    def eps_at(x, i, t_val=None, sigma=None):
-        t_val = ts_[i] if t_val is None else t_val
-        sigma = si_[i] if sigma is None else sigma
-        w_here = w if t_val <= t_guide else 0.0
-        if guided_eps is not None and w_here != 0.0:
-            t = torch.full((x.shape[0],), t_val, dtype=x.dtype, device=x.device)
-            return guided_eps(x, t, cond, torch.full((), w_here * sigma, dtype=x.dtype, device=x.device))
-        return _guided_eps(eps_fn, guidance, w_here, x, t_val, sigma, cond)
+class _Grid:
+    """The solver's time grid as python floats (the step coefficients never touch the device or force a sync):
+    ``t``, ``alpha``, ``sigma``, ``lam`` (log-SNR / 2) at each grid point."""
 
-    x = x_T
-    if solver == "dpmpp2m":
-        x0_prev, h_prev = None, None
-        for i in range(n_steps):
-            eps = eps_at(x, i)
-            x0 = (x - si_[i] * eps) / al_[i]
-            h = la_[i + 1] - la_[i]
-            if x0_prev is None:
-                d = x0
-            else:
-                r = h_prev / h
-                d = (1 + 0.5 / r) * x0 - (0.5 / r) * x0_prev
-            x = (si_[i + 1] / si_[i]) * x - al_[i + 1] * math.expm1(-h) * d
-            x0_prev, h_prev = x0, h
-    elif solver == "dpmpp3m":
-        hist: list[tuple[torch.Tensor, float]] = []  # (x0 prediction, lambda) of earlier steps
-        for i in range(n_steps):
-            eps = eps_at(x, i)
-            x0 = (x - si_[i] * eps) / al_[i]
-            h = la_[i + 1] - la_[i]
-            phi1 = math.expm1(-h)
-            phi2 = phi1 / h + 1.0
-            x_new = (si_[i + 1] / si_[i]) * x - al_[i + 1] * phi1 * x0
-            if len(hist) == 1:
-                r0 = (la_[i] - hist[-1][1]) / h
-                x_new = x_new + al_[i + 1] * phi2 * (x0 - hist[-1][0]) / r0
-            elif len(hist) >= 2:
-                (x1, l1), (x2, l2) = hist[-1], hist[-2]
-                r0, r1 = (la_[i] - l1) / h, (l1 - l2) / h
-                d10, d11 = (x0 - x1) / r0, (x1 - x2) / r1
-                d1 = d10 + (r0 / (r0 + r1)) * (d10 - d11)
-                d2 = (d10 - d11) / (r0 + r1)
-                phi3 = phi2 / h - 0.5
-                x_new = x_new + al_[i + 1] * phi2 * d1 - al_[i + 1] * phi3 * d2
-            hist = (hist + [(x0, la_[i])])[-2:]
-            x = x_new
-    elif solver == "dpm2":
-        n_second, n_first = divmod(n_steps, 2)
-        # midpoints in lambda of the second-order steps, computed once with the grid
-        t_mid = schedule.t_of_lambda(0.5 * (lams[:-1] + lams[1:]))
-        a_mid, s_mid = schedule.alpha_sigma(t_mid)
-        tm_, am_, sm_ = t_mid.tolist(), a_mid.tolist(), s_mid.tolist()
-        for i in range(n_second + n_first):
-            h = la_[i + 1] - la_[i]
-            eps = eps_at(x, i)
-            if i < n_second:
-                t_s, a_s, s_s = tm_[i], am_[i], sm_[i]
-                u = (a_s / al_[i]) * x - s_s * math.expm1(0.5 * h) * eps
-                eps = eps_at(u, i, t_val=t_s, sigma=s_s)
-            x = (al_[i + 1] / al_[i]) * x - si_[i + 1] * math.expm1(h) * eps
-    elif solver in ("ddim", "ddpm"):
-        eta = 1.0 if solver == "ddpm" else 0.0
-        for i in range(n_steps):
-            eps = eps_at(x, i)
-            x0 = (x - si_[i] * eps) / al_[i]
-            a1, s1, s0, a0 = al_[i + 1], si_[i + 1], si_[i], al_[i]
-            # DDIM(eta): c is the std of the fresh noise; eta = 1 is the DDPM posterior.
-            c2 = eta**2 * (s1**2 / s0**2) * (1.0 - (a0 / a1) ** 2)
-            c = max(c2, 0.0) ** 0.5
-            x = a1 * x0 + max(s1**2 - c**2, 0.0) ** 0.5 * eps
-            if c > 0:
-                z = torch.randn(x.shape, generator=generator, dtype=dt, device="cpu" if generator is not None else dev).to(dev)
-                x = x + c * z
-    else:  # euler on the probability-flow ODE: dx/dt = -b(t)/2 x + b(t)/(2 sigma) eps
-        for i in range(n_steps):
-            eps = eps_at(x, i)
-            b = schedule.b0 + ts_[i] * (schedule.b1 - schedule.b0)
-            dxdt = -0.5 * b * x + 0.5 * b * eps / si_[i]
-            x = x + (ts_[i + 1] - ts_[i]) * dxdt
-    if check_nan and not bool(torch.isfinite(x).all()):
-        raise FloatingPointError(f"sample: the {solver} sampler produced NaN/inf (guidance_scale={w}); "
-                                 "lower the guidance scale or check the guidance network")
+    def __init__(self, schedule: VPSchedule, solver: str, n_steps: int, t_end: float):
+        self.schedule, self.n_steps = schedule, n_steps
+        if solver in ("euler", "ddpm"):
+            ts = torch.linspace(schedule.t_max, t_end, n_steps + 1, dtype=torch.float64)
+        elif solver == "dpm2":
+            n_second, n_first = divmod(n_steps, 2)
+            ts = schedule.lambda_grid(n_second + n_first, t_end=t_end)
+        else:
+            ts = schedule.lambda_grid(n_steps, t_end=t_end)
+        la64 = schedule.log_alpha(ts)
+        alphas, sigmas = torch.exp(la64), torch.sqrt(-torch.expm1(2 * la64))
+        self.lams64 = la64 - torch.log(sigmas)
+        self.t, self.alpha, self.sigma, self.lam = ts.tolist(), alphas.tolist(), sigmas.tolist(), self.lams64.tolist()
+
+
+def _dpmpp2m(x, eps_at, g: _Grid, **_):
+    """DPM-Solver++ 2M: the x0 prediction, extrapolated linearly in lambda from the previous step."""
+    al_, si_, la_ = g.alpha, g.sigma, g.lam
+    x0_prev, h_prev = None, None
+    for i in range(g.n_steps):
+        eps = eps_at(x, i)
+        x0 = (x - si_[i] * eps) / al_[i]
+        h = la_[i + 1] - la_[i]
+        if x0_prev is None:
+            d = x0
+        else:
+            r = h_prev / h
+            d = (1 + 0.5 / r) * x0 - (0.5 / r) * x0_prev
+        x = (si_[i + 1] / si_[i]) * x - al_[i + 1] * math.expm1(-h) * d
+        x0_prev, h_prev = x0, h
     return x
+
+
+def _dpmpp3m(x, eps_at, g: _Grid, **_):
+    """DPM-Solver++ 3M: a quadratic extrapolation of the x0 prediction over the last three steps."""
+    al_, si_, la_ = g.alpha, g.sigma, g.lam
+    hist: list[tuple[torch.Tensor, float]] = []  # (x0 prediction, lambda) of earlier steps
+    for i in range(g.n_steps):
+        eps = eps_at(x, i)
+        x0 = (x - si_[i] * eps) / al_[i]
+        h = la_[i + 1] - la_[i]
+        phi1 = math.expm1(-h)
+        phi2 = phi1 / h + 1.0
+        x_new = (si_[i + 1] / si_[i]) * x - al_[i + 1] * phi1 * x0
+        if len(hist) == 1:
+            r0 = (la_[i] - hist[-1][1]) / h
+            x_new = x_new + al_[i + 1] * phi2 * (x0 - hist[-1][0]) / r0
+        elif len(hist) >= 2:
+            (x1, l1), (x2, l2) = hist[-1], hist[-2]
+            r0, r1 = (la_[i] - l1) / h, (l1 - l2) / h
+            d10, d11 = (x0 - x1) / r0, (x1 - x2) / r1
+            d1 = d10 + (r0 / (r0 + r1)) * (d10 - d11)
+            d2 = (d10 - d11) / (r0 + r1)
+            phi3 = phi2 / h - 0.5
+            x_new = x_new + al_[i + 1] * phi2 * d1 - al_[i + 1] * phi3 * d2
+        hist = (hist + [(x0, la_[i])])[-2:]
+        x = x_new
+    return x
+
+
+def _dpm2(x, eps_at, g: _Grid, **_):
+    """DPM-Solver-2 (QGPO's): second-order steps through the lambda midpoint, a first-order step if n is odd."""
+    al_, si_, la_ = g.alpha, g.sigma, g.lam
+    n_second, n_first = divmod(g.n_steps, 2)
+    # midpoints in lambda of the second-order steps, computed once with the grid
+    t_mid = g.schedule.t_of_lambda(0.5 * (g.lams64[:-1] + g.lams64[1:]))
+    a_mid, s_mid = g.schedule.alpha_sigma(t_mid)
+    tm_, am_, sm_ = t_mid.tolist(), a_mid.tolist(), s_mid.tolist()
+    for i in range(n_second + n_first):
+        h = la_[i + 1] - la_[i]
+        eps = eps_at(x, i)
+        if i < n_second:
+            t_s, a_s, s_s = tm_[i], am_[i], sm_[i]
+            u = (a_s / al_[i]) * x - s_s * math.expm1(0.5 * h) * eps
+            eps = eps_at(u, i, t_val=t_s, sigma=s_s)
+        x = (al_[i + 1] / al_[i]) * x - si_[i + 1] * math.expm1(h) * eps
+    return x
+
+
+def _ddim(x, eps_at, g: _Grid, *, eta: float = 0.0, generator=None):
+    """DDIM(eta); eta = 1 draws the DDPM posterior's fresh noise (from ``generator``)."""
+    al_, si_ = g.alpha, g.sigma
+    for i in range(g.n_steps):
+        eps = eps_at(x, i)
+        x0 = (x - si_[i] * eps) / al_[i]
+        a1, s1, s0, a0 = al_[i + 1], si_[i + 1], si_[i], al_[i]
+        # c is the std of the fresh noise; eta = 1 is the DDPM posterior
+        c2 = eta**2 * (s1**2 / s0**2) * (1.0 - (a0 / a1) ** 2)
+        c = max(c2, 0.0) ** 0.5
+        x = a1 * x0 + max(s1**2 - c**2, 0.0) ** 0.5 * eps
+        if c > 0:
+            dev = x.device
+            z = torch.randn(x.shape, generator=generator, dtype=x.dtype,
+                            device="cpu" if generator is not None else dev).to(dev)
+            x = x + c * z
+    return x
+
+
+def _ddpm(x, eps_at, g: _Grid, *, generator=None):
+    return _ddim(x, eps_at, g, eta=1.0, generator=generator)
+
+
+def _euler(x, eps_at, g: _Grid, **_):
+    """Euler on the probability-flow ODE: dx/dt = -b(t)/2 x + b(t)/(2 sigma) eps."""
+    sch = g.schedule
+    for i in range(g.n_steps):
+        eps = eps_at(x, i)
+        b = sch.b0 + g.t[i] * (sch.b1 - sch.b0)
+        dxdt = -0.5 * b * x + 0.5 * b * eps / g.sigma[i]
+        x = x + (g.t[i + 1] - g.t[i]) * dxdt
+    return x
+
+
+_SOLVER_LOOPS = {"dpmpp2m": _dpmpp2m, "dpmpp3m": _dpmpp3m, "dpm2": _dpm2, "ddim": _ddim, "ddpm": _ddpm,
+                 "euler": _euler}
 
 
 class DiffusionModel(nn.Module):

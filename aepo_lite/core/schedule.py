@@ -7,7 +7,6 @@ The half log-SNR ``lambda_t = log(alpha_t / sigma_t)`` is what DPM-Solver steps 
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -96,12 +95,3 @@ class VPSchedule:
 
     def __repr__(self) -> str:  # pragma: no cover - cosmetic
         return f"VPSchedule(b0={self.b0}, b1={self.b1}, t_min={self.t_min}, t_max={self.t_max})"
-
-
-def _self_test() -> None:  # pragma: no cover - used interactively
-    s = VPSchedule()
-    t = torch.linspace(s.t_min, 1, 5, dtype=torch.float64)
-    assert torch.allclose(s.t_of_lambda(s.lambda_(t)), t)
-    a, g = s.alpha_sigma(t)
-    assert torch.allclose(a**2 + g**2, torch.ones_like(t))
-    assert math.isfinite(float(s.lambda_(t).min()))
