@@ -8,7 +8,7 @@ import random
 import numpy as np
 import torch
 
-__all__ = ["resolve_device", "seed_everything", "adam", "cosine_schedule", "compile_mode", "compile_module", "compile_limits",
+__all__ = ["resolve_device", "seed_everything", "adam", "cosine_schedule", "TrainingState", "compile_mode", "compile_module", "compile_limits",
            "DEVICE_CHOICES"]
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
@@ -58,6 +58,32 @@ def cosine_schedule(opt: torch.optim.Optimizer, steps: int | None):
     if steps is None:
         return None
     return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(int(steps), 1))
+
+
+class TrainingState:
+    """``state_dict`` / ``load_state_dict`` of a learner that holds ``module``, its optimiser ``opt``, an optional
+    ``lr_schedule`` and an optional noise ``generator``: everything needed to resume it exactly."""
+
+    module: torch.nn.Module
+    opt: torch.optim.Optimizer
+    lr_schedule = None
+    generator: torch.Generator | None = None
+
+    def state_dict(self) -> dict:
+        out = {"module": self.module.state_dict(), "opt": self.opt.state_dict()}
+        if self.lr_schedule is not None:
+            out["lr_schedule"] = self.lr_schedule.state_dict()
+        if self.generator is not None:
+            out["generator"] = self.generator.get_state()
+        return out
+
+    def load_state_dict(self, state: dict) -> None:
+        self.module.load_state_dict(state["module"])
+        self.opt.load_state_dict(state["opt"])
+        if self.lr_schedule is not None:
+            self.lr_schedule.load_state_dict(state["lr_schedule"])
+        if self.generator is not None:
+            self.generator.set_state(state["generator"])
 
 
 def compile_mode(device: torch.device) -> str | None:

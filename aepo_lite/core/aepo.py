@@ -18,7 +18,7 @@ from torch import nn
 from aepo_lite.config import EnergyConfig
 from aepo_lite.core import guidance as G
 from aepo_lite._checks import check_finite, check_scalar, check_tensor
-from aepo_lite.device import adam, cosine_schedule
+from aepo_lite.device import TrainingState, adam, cosine_schedule
 from aepo_lite.core.diffusion import EpsFn
 from aepo_lite.core.schedule import VPSchedule
 
@@ -164,7 +164,7 @@ def _aepo_target(a_t, t, s, *, eps_fn, q_fn, schedule, beta, covariance, expansi
     return G.aepo_target_second(q, g, H, S_hat, beta, check=check)
 
 
-class EnergyLearner:
+class EnergyLearner(TrainingState):
     """Trains f_phi(s, a_t, t). ``update(batch) -> dict[str, float]``.
 
     ``method``: aepo (regression on AEPO's target), mse (regression on beta Q(s, a_0)) or qgpo (QGPO's
@@ -192,6 +192,7 @@ class EnergyLearner:
             if cfg.covariance == "isotropic" and eps_table is None:
                 raise ValueError("eps_table: covariance='isotropic' needs an EpsNormTable")
         self.energy, self.cfg, self.schedule, self.method = energy, cfg, schedule, method
+        self.module = energy  # what state_dict saves (TrainingState), with the optimiser and schedule
         self.eps_fn, self.q_fn, self.eps_table, self.fit_cov = eps_fn, q_fn, eps_table, fit_cov
         self.generator = generator
         self.opt = adam(energy.parameters(), cfg.lr)  # fused on CUDA (parameters already on their device)
@@ -245,20 +246,3 @@ class EnergyLearner:
         out = {"energy_loss": loss.detach()}
         out.update({k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in extra.items()})
         return out
-
-    def state_dict(self) -> dict:
-        """The energy network, its optimiser and schedule, and the noise generator: enough to resume exactly."""
-        out = {"energy": self.energy.state_dict(), "opt": self.opt.state_dict()}
-        if self.lr_schedule is not None:
-            out["lr_schedule"] = self.lr_schedule.state_dict()
-        if self.generator is not None:
-            out["generator"] = self.generator.get_state()
-        return out
-
-    def load_state_dict(self, state: dict) -> None:
-        self.energy.load_state_dict(state["energy"])
-        self.opt.load_state_dict(state["opt"])
-        if self.lr_schedule is not None:
-            self.lr_schedule.load_state_dict(state["lr_schedule"])
-        if self.generator is not None:
-            self.generator.set_state(state["generator"])

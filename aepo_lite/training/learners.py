@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from aepo_lite.core.diffusion import DiffusionModel
-from aepo_lite.device import adam, cosine_schedule
+from aepo_lite.device import TrainingState, adam, cosine_schedule
 
 __all__ = ["Learner", "BehaviourLearner", "RegressionLearner"]
 
@@ -33,7 +33,7 @@ class Learner(Protocol):
         """Restore :meth:`state_dict`."""
 
 
-class _OptimisedLearner:
+class _OptimisedLearner(TrainingState):
     """Shared by the learners below: one module, one Adam, an optional cosine schedule, a generator."""
 
     def __init__(self, module: nn.Module, lr: float, decay_steps: int | None, generator: torch.Generator | None):
@@ -47,22 +47,6 @@ class _OptimisedLearner:
         self.opt.step()
         if self.lr_schedule is not None:
             self.lr_schedule.step()
-
-    def state_dict(self) -> dict:
-        out = {"module": self.module.state_dict(), "opt": self.opt.state_dict()}
-        if self.lr_schedule is not None:
-            out["lr_schedule"] = self.lr_schedule.state_dict()
-        if self.generator is not None:
-            out["generator"] = self.generator.get_state()
-        return out
-
-    def load_state_dict(self, state: dict) -> None:
-        self.module.load_state_dict(state["module"])
-        self.opt.load_state_dict(state["opt"])
-        if self.lr_schedule is not None:
-            self.lr_schedule.load_state_dict(state["lr_schedule"])
-        if self.generator is not None:
-            self.generator.set_state(state["generator"])
 
 
 class BehaviourLearner(_OptimisedLearner):
