@@ -8,7 +8,7 @@ import sys
 
 # Subcommand modules, in the order ``aepo-lite --help`` lists them. A module that is not there
 # yet (a later part of the course) is skipped; one that fails to import is an error.
-COMMAND_MODULES = ("demo", "toy", "rl", "bench", "figures", "lab")
+COMMAND_MODULES = ("demo", "toy", "rl", "sweep", "bench", "figures", "lab")
 
 
 def _modules():

@@ -41,7 +41,7 @@ from aepo_lite.training import BehaviourLearner, RunLock, Stage, StageStore, run
 from aepo_lite.training.stages import MetricsLog
 
 __all__ = ["Agent", "TrainConfig", "METHODS", "PRESETS", "STAGES", "EVAL_FIELDS", "make_config", "check_config",
-           "critic_kind", "domain_settings", "needs", "estimator_label", "train", "load_run", "evaluate_run"]
+           "critic_kind", "domain_settings", "needs", "estimator_label", "train", "load_run", "evaluate_run", "evaluation_done"]
 
 STAGES = ("behaviour", "support", "critic", "energy")
 # what may change between evaluations of one trained run (and on a resume): acting, evaluation, logging, speed
@@ -59,13 +59,13 @@ def make_config(dataset: str, method: str, preset: str, **overrides) -> TrainCon
 
 
 def domain_settings(cfg: TrainConfig) -> TrainConfig:
-    """Settings that follow from the dataset: IQL's and QGPO's AntMaze values (docs/derivation.md section 7)."""
-    if "antmaze" not in cfg.dataset.lower():
-        return cfg
-    domain = {"critic": {"expectile": 0.9}}
-    if cfg.preset == "full":
-        domain["support"] = {"k": 32}
-    return apply_overrides(cfg, domain)
+    """The dataset's domain settings (its suite's overrides, :mod:`aepo_lite.rl.suites`). Sizes and sweeps (the
+    ``support`` and ``sampling`` parts) apply to the full preset only; smaller presets keep their own."""
+    from aepo_lite.rl.suites import domain_overrides
+    over = domain_overrides(cfg.dataset)
+    if cfg.preset != "full":
+        over = {k: v for k, v in over.items() if k not in ("support", "sampling")}
+    return apply_overrides(cfg, over)
 
 
 def critic_kind(cfg: TrainConfig) -> str:
@@ -517,6 +517,22 @@ def _row_settings(cfg: TrainConfig) -> dict:
     return {"episodes": cfg.eval.episodes, "candidates": cfg.eval.candidates, "eval_seed": cfg.eval.seed,
             "sample_steps": cfg.sampling.steps, "solver": cfg.sampling.solver,
             "guidance_t_max": cfg.sampling.guidance_t_max, "max_episode_steps": cfg.eval.max_episode_steps}
+
+
+def evaluation_done(run_dir, cfg: TrainConfig) -> bool:
+    """Whether ``run_dir`` holds a result row for every guidance scale of ``cfg`` at its evaluation settings
+    (and was trained with its training settings)."""
+    run_dir = Path(run_dir)
+    try:
+        res, saved = read_json(run_dir / "results.json"), read_json(run_dir / "config.json")
+    except (OSError, ValueError):
+        return False
+    if config_diff(saved, to_dict(cfg), ignore=EVAL_FIELDS) or saved.get("method") != cfg.method:
+        return False
+    scales = (0.0,) if cfg.method == "bc" else tuple(float(w) for w in cfg.sampling.guidance_scales)
+    settings = _row_settings(cfg)
+    have = {r["guidance_scale"] for r in res.get("rows", []) if all(r.get(k) == v for k, v in settings.items())}
+    return set(scales) <= have
 
 
 def evaluate_run(run_dir, *, guidance_scales=None, episodes: int | None = None, device: str | None = None,

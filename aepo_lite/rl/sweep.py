@@ -1,0 +1,243 @@
+"""Sweeps: datasets (or toy tasks) x methods x seeds, each an ordinary run directory made by the same
+code path as ``aepo-lite train`` (or ``aepo-lite toy``), on a local process pool or on Ray.
+
+- Resumable: a finished run (trained and evaluated with the current settings) is skipped; an
+  unfinished one resumes from its stage checkpoints (:mod:`aepo_lite.training`).
+- A failed run is isolated: it is listed at the end with its log (``RUN/sweep.log``) and the others go on.
+- A dataset that is not here and cannot be downloaded (always so offline) is skipped, with the reason.
+- One sweep at a time per output folder (a lock); results merge into the report through
+  :func:`aepo_lite.rl.report.collect`.
+- Backends: ``local`` (a process pool: ``workers`` processes, ``threads`` torch threads each; one run per
+  GPU with ``gpus_per_run=1``) or ``ray`` (an existing cluster at ``address``, or a local one; CPUs
+  and a GPU fraction per run). Ray is the scheduler; nothing here schedules.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import socket
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from aepo_lite.config import METHODS
+
+__all__ = ["SweepConfig", "RunSpec", "plan", "run_one", "run_sweep", "TOY_PREFIX"]
+
+TOY_PREFIX = "toy:"  # a dataset named "toy:<task>" is a toy 2D task, run by the toy pipeline
+BACKENDS = ("local", "ray")
+
+
+@dataclass
+class SweepConfig:
+    """What a sweep runs and where."""
+
+    suite: str = ""  # a named suite (`aepo-lite suite list`); or give datasets
+    datasets: tuple[str, ...] = ()  # Minari ids, or toy:<task> for a toy 2D task
+    methods: tuple[str, ...] = ("bc", "aepo", "qgpo")  # aepo | qgpo | mse | bc
+    seeds: tuple[int, ...] = (0, 1, 2)  # one run per seed
+    preset: str = "smoke"  # smoke | bench | full (toy tasks: smoke | full)
+    out: str = "runs/sweep"  # the sweep's folder: one run directory per dataset, method and seed
+    backend: str = "local"  # local (a process pool) | ray
+    workers: int = 1  # local: runs at a time
+    threads: int = 1  # torch threads per run
+    address: Optional[str] = None  # ray: an existing cluster (host:port); None starts a local one
+    cpus_per_run: float = 1.0  # ray: CPUs reserved per run
+    gpus_per_run: float = 0.0  # ray: GPU fraction per run (local: 1 gives each run its own GPU in turn)
+    evaluate: bool = True  # evaluate each run after training (skipped when already evaluated)
+
+
+@dataclass
+class RunSpec:
+    """One run of a sweep."""
+
+    dataset: str
+    method: str
+    seed: int
+    preset: str
+    run_dir: str
+    overrides: dict = field(default_factory=dict)
+    evaluate: bool = True
+
+    @property
+    def name(self) -> str:
+        return f"{self.dataset} {self.method} seed {self.seed}"
+
+
+def _check(cfg: SweepConfig) -> tuple[str, ...]:
+    from aepo_lite.rl.suites import get_suite
+    datasets = tuple(cfg.datasets) + (get_suite(cfg.suite).datasets if cfg.suite else ())
+    if not datasets:
+        raise ValueError("datasets: give --suite NAME or --datasets ID [ID ...]")
+    bad = [m for m in cfg.methods if m not in METHODS]
+    if bad or not cfg.methods:
+        raise ValueError(f"methods: unknown method(s) {bad} (known: {', '.join(METHODS)})")
+    if cfg.backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {cfg.backend!r}")
+    for name in ("workers", "threads"):
+        if int(getattr(cfg, name)) < 1:
+            raise ValueError(f"{name}: expected a positive integer, got {getattr(cfg, name)!r}")
+    if not cfg.seeds or any(int(s) < 0 for s in cfg.seeds):
+        raise ValueError(f"seeds: expected non-negative integers, got {cfg.seeds!r}")
+    return datasets
+
+
+def plan(cfg: SweepConfig) -> list[RunSpec]:
+    """Every run of the sweep, in order (dataset, method, seed), with its run directory."""
+    out = Path(cfg.out)
+    specs = []
+    for ds in _check(cfg):
+        for m in cfg.methods:
+            for seed in cfg.seeds:
+                d = out / ds.replace(":", "_").replace("/", "_") / f"{m}-{cfg.preset}-s{seed}"
+                specs.append(RunSpec(ds, m, int(seed), cfg.preset, str(d), evaluate=cfg.evaluate))
+    return specs
+
+
+# ----------------------------------------------------------------------------------- one run
+def _rl_run(spec: RunSpec, progress: bool) -> str:
+    from aepo_lite.rl.agent import evaluate_run, evaluation_done, make_config, train
+    cfg = make_config(spec.dataset, spec.method, spec.preset, seed=spec.seed, **spec.overrides)
+    d = Path(spec.run_dir)
+    if evaluation_done(d, cfg) or (not spec.evaluate and _trained(d)):
+        return "skipped"
+    train(cfg, d, progress=progress)
+    if spec.evaluate:
+        evaluate_run(d, progress=progress)
+    return "done"
+
+
+def _trained(d: Path) -> bool:
+    return (d / "checkpoints" / "energy.pt").exists() or ((d / "config.json").exists()
+                                                          and (d / "checkpoints" / "behaviour.pt").exists())
+
+
+def _toy_run(spec: RunSpec, progress: bool) -> str:
+    from aepo_lite.config import ToyConfig, apply_overrides, preset_config
+    from aepo_lite.toy.pipeline import run_toy
+    d = Path(spec.run_dir)
+    if (d / "metrics.json").exists():
+        return "skipped"
+    cfg = preset_config(ToyConfig, spec.preset, task=spec.dataset[len(TOY_PREFIX):], method=spec.method,
+                        seed=spec.seed)
+    cfg = apply_overrides(cfg, spec.overrides)
+    run_toy(cfg, d, cache_dir=Path(spec.run_dir).parents[1] / "toy_cache", progress=progress, figure=False)
+    return "done"
+
+
+def run_one(spec: RunSpec | dict, threads: int = 1, progress: bool = False) -> dict:
+    """Run (or skip, or resume) one run; never raises: a failure is returned with its log's path."""
+    import torch
+    spec = RunSpec(**spec) if isinstance(spec, dict) else spec
+    torch.set_num_threads(threads)
+    log = Path(spec.run_dir) / "sweep.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    buf = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
+            fn = _toy_run if spec.dataset.startswith(TOY_PREFIX) else _rl_run
+            status, error = fn(spec, progress), None
+    except Exception as e:  # isolated: the sweep goes on, the log keeps the traceback
+        status, error = "failed", f"{type(e).__name__}: {e}"
+        buf.write(traceback.format_exc())
+    with open(log, "a") as f:
+        f.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} {spec.name}: {status}\n{buf.getvalue()}")
+    return {"run": spec.name, "run_dir": spec.run_dir, "status": status, "error": error, "log": str(log),
+            "seconds": time.perf_counter() - t0}
+
+
+# ----------------------------------------------------------------------------------- availability
+def available(dataset: str) -> Optional[str]:
+    """None when the dataset can be used here; else why not (a toy task always can)."""
+    if dataset.startswith(TOY_PREFIX):
+        from aepo_lite.toy.tasks import get_task
+        try:
+            get_task(dataset[len(TOY_PREFIX):])
+        except ValueError as e:
+            return str(e)
+        return None
+    from aepo_lite.rl.data import open_minari
+    try:
+        open_minari(dataset)  # the local copy, else a download: fails fast and clearly offline
+    except ValueError as e:
+        return str(e).splitlines()[0]
+    return None
+
+
+# ----------------------------------------------------------------------------------- backends
+def _run_local(specs: list[RunSpec], cfg: SweepConfig, on_result) -> None:
+    if cfg.workers == 1:
+        for s in specs:
+            on_result(run_one(s, cfg.threads))
+        return
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    with ProcessPoolExecutor(max_workers=cfg.workers, mp_context=mp.get_context("spawn")) as pool:
+        futures = [pool.submit(run_one, asdict(s), cfg.threads) for s in specs]
+        for f in as_completed(futures):
+            on_result(f.result())
+
+
+def _check_address(address: str, timeout: float = 10.0) -> None:
+    host, _, port = address.replace("ray://", "").rpartition(":")
+    try:
+        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout):
+            return
+    except (OSError, ValueError) as e:
+        raise ValueError(f"address: no Ray cluster answers at {address!r} ({e}); start one with `ray start --head` "
+                         "or leave --address out to start a local one") from None
+
+
+def _run_ray(specs: list[RunSpec], cfg: SweepConfig, on_result) -> None:
+    try:
+        import ray
+    except ImportError:
+        raise ValueError("backend: 'ray' needs Ray; install the sweep extra: pip install 'aepo-lite[sweep]'") from None
+    if cfg.address:
+        _check_address(cfg.address)
+    started = not ray.is_initialized()
+    if started:
+        kw = {"address": cfg.address} if cfg.address else {"num_cpus": max(cfg.workers, int(cfg.cpus_per_run))}
+        ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False, **kw)
+    try:
+        remote = ray.remote(num_cpus=cfg.cpus_per_run, num_gpus=cfg.gpus_per_run)(run_one)
+        pending = [remote.remote(asdict(s), cfg.threads) for s in specs]
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            on_result(ray.get(done[0]))
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def run_sweep(cfg: SweepConfig, *, results_csv: str | Path | None = None, echo=print) -> dict:
+    """Run the sweep; returns {"done", "skipped", "failed", "unavailable"} lists. With ``results_csv``, the
+    runs' results are merged into that CSV (and its table and figure) by the report command's code."""
+    from aepo_lite.training import RunLock
+    specs = plan(cfg)
+    out = {"done": [], "skipped": [], "failed": [], "unavailable": []}
+    with RunLock(cfg.out, what="out", name=".sweep.lock"):
+        why = {ds: available(ds) for ds in dict.fromkeys(s.dataset for s in specs)}
+        for ds, reason in why.items():
+            if reason:
+                out["unavailable"].append({"dataset": ds, "reason": reason})
+                echo(f"skipped {ds}: {reason}")
+        todo = [s for s in specs if not why[s.dataset]]
+
+        def on_result(r: dict) -> None:
+            out[r["status"]].append(r)
+            echo(f"[{sum(len(v) for k, v in out.items() if k != 'unavailable')}/{len(todo)}] {r['run']}: "
+                 f"{r['status']} ({r['seconds']:.1f} s)" + (f" -> {r['error']} (log: {r['log']})" if r["error"] else ""))
+
+        (_run_ray if cfg.backend == "ray" else _run_local)(todo, cfg, on_result)
+    if results_csv is not None and (out["done"] or out["skipped"]):
+        from aepo_lite.rl import report
+        if any(not s.dataset.startswith(TOY_PREFIX) for s in todo):
+            report.collect([cfg.out], results_csv)
+    for r in out["failed"]:
+        echo(f"FAILED {r['run']}: {r['error']} (log: {r['log']})")
+    return out
+

@@ -1,0 +1,111 @@
+"""Sweeps: the same rows on both backends, resume without redoing finished runs, isolation, bad input."""
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+pytest.importorskip("minari")
+
+from test_rl_agent import DS, tiny  # noqa: E402,F401  (the tiny local Minari dataset fixture)
+
+from aepo_lite.rl.sweep import RunSpec, SweepConfig, plan, run_one, run_sweep  # noqa: E402
+
+TIMING = ("actions_per_s",)
+
+
+def _rows(out):
+    rows = {}
+    for p in sorted(out.rglob("results.json")):
+        res = json.loads(p.read_text())
+        key = p.parent.relative_to(out).as_posix()
+        rows[key] = [{k: v for k, v in r.items() if k not in TIMING} for r in res["rows"]]
+    return rows
+
+
+def _cfg(out, **kw):
+    return SweepConfig(datasets=(DS,), methods=("bc", "mse"), seeds=(0, 1), preset="smoke", out=str(out), **kw)
+
+
+def test_smoke_sweep_gives_identical_rows_on_both_backends(tiny, tmp_path):  # noqa: F811
+    pytest.importorskip("ray")
+    local = run_sweep(_cfg(tmp_path / "local"), echo=lambda *a: None)
+    assert len(local["done"]) == 4 and not local["failed"]
+    ray = run_sweep(_cfg(tmp_path / "ray", backend="ray", workers=2), echo=lambda *a: None)
+    assert len(ray["done"]) == 4 and not ray["failed"], ray["failed"]
+    a, b = _rows(tmp_path / "local"), _rows(tmp_path / "ray")
+    assert len(a) == 4 and a == b
+
+
+def test_rerun_redoes_no_finished_run_and_resumes_the_unfinished(tiny, tmp_path):  # noqa: F811
+    cfg = _cfg(tmp_path / "s", workers=2)
+    first = run_sweep(cfg, echo=lambda *a: None)
+    assert len(first["done"]) == 4
+    # a run killed before its evaluation: results gone, checkpoints kept; another killed mid-training
+    runs = [s.run_dir for s in plan(cfg)]
+    (tmp_path / "s" / runs[1].split("/s/", 1)[1] / "results.json").unlink()
+    mtimes = {p: p.stat().st_mtime_ns for p in (tmp_path / "s").rglob("*.pt")}
+    t0 = time.perf_counter()
+    again = run_sweep(cfg, echo=lambda *a: None)
+    assert [r["run_dir"] for r in again["done"]] == [runs[1]]
+    assert len(again["skipped"]) == 3
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "s").rglob("*.pt")} == mtimes  # nothing retrained
+    assert time.perf_counter() - t0 < 60
+
+
+def test_a_failed_run_is_isolated_and_logged(tiny, tmp_path):  # noqa: F811
+    spec = RunSpec(DS, "aepo", 0, "smoke", str(tmp_path / "bad"), overrides={"energy": {"beta": -1.0}})
+    r = run_one(spec)
+    assert r["status"] == "failed" and "energy.beta" in r["error"]
+    assert "energy.beta" in (tmp_path / "bad" / "sweep.log").read_text()
+
+
+def test_unavailable_dataset_is_skipped_with_the_reason_and_the_rest_runs(tiny, tmp_path):  # noqa: F811
+    cfg = SweepConfig(datasets=("nobody/none/none-v0", DS), methods=("bc",), seeds=(0,), preset="smoke",
+                      out=str(tmp_path / "s"))
+    res = run_sweep(cfg, echo=lambda *a: None)
+    assert [u["dataset"] for u in res["unavailable"]] == ["nobody/none/none-v0"]
+    assert "make-dataset" in res["unavailable"][0]["reason"] or "not in the local" in res["unavailable"][0]["reason"]
+    assert len(res["done"]) == 1
+
+
+@pytest.mark.parametrize("kw,match", [(dict(suite="antmase"), "did you mean 'antmaze'"),
+                                      (dict(methods=("sac",)), "methods"), (dict(backend="slurm"), "backend"),
+                                      (dict(workers=0), "workers")])
+def test_bad_sweep_input_is_named(tmp_path, kw, match):
+    base = dict(datasets=(DS,), out=str(tmp_path))
+    base.update(kw)
+    with pytest.raises(ValueError, match=match):
+        plan(SweepConfig(**base))
+
+
+def test_ray_address_that_does_not_answer_fails_fast(tmp_path):
+    pytest.importorskip("ray")
+    t0 = time.perf_counter()
+    with pytest.raises(ValueError, match="no Ray cluster answers"):
+        run_sweep(SweepConfig(datasets=("toy:8gaussians",), methods=("bc",), seeds=(0,), out=str(tmp_path),
+                              backend="ray", address="127.0.0.1:1"), echo=lambda *a: None)
+    assert time.perf_counter() - t0 < 30
+
+
+def test_two_sweeps_into_one_folder_are_refused(tmp_path):
+    from aepo_lite.training import RunLock
+    with RunLock(tmp_path, name=".sweep.lock"):
+        with pytest.raises(ValueError, match="another aepo-lite process"):
+            import subprocess
+            import sys
+            code = ("from aepo_lite.rl.sweep import SweepConfig, run_sweep\n"
+                    f"run_sweep(SweepConfig(datasets=('toy:8gaussians',), out={str(tmp_path)!r}))")
+            r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+            raise ValueError(r.stderr)
+
+
+def test_suite_commands(capsys):
+    from aepo_lite.cli import main
+    assert main(["suite", "list"]) == 0
+    assert "antmaze" in capsys.readouterr().out
+    assert main(["suite", "show", "mujoco"]) == 0
+    out = capsys.readouterr().out
+    assert "mujoco/hopper/medium-v0" in out and "NOT D4RL data" in out
+    assert main(["suite", "show", "antmase"]) == 2
