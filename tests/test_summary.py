@@ -1,0 +1,59 @@
+"""The generated results summary: its numbers come from the CSVs, and it says where AEPO loses."""
+from __future__ import annotations
+
+import csv
+
+import pytest
+
+from aepo_lite.course.summary import rl_summary, summary_markdown, toy_summary, update_readme
+
+
+def _write(path, rows):
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
+@pytest.fixture
+def csvs(tmp_path):
+    toy = [dict(task=t, method=m, estimator=e, beta=10, guidance_scale=1, seed=s, distance=d + 0.01 * s, floor=0.02)
+           for t, scale in (("a", 1.0), ("b", 2.0)) for s in range(3)
+           for m, e, d in (("aepo", "x", 0.05 * scale), ("aepo", "y", 0.03 * scale), ("cep", "", 0.04),
+                           ("bc", "", 0.5))]
+    rl = [dict(dataset="d", method=m, seed=s, guidance_scale=w, return_mean=0, normalized_score=v + s,
+               transitions=10, preset="bench")
+          for m, w, v in (("bc", 0, 40), ("qgpo", 0.1, 50), ("qgpo", 1, 30), ("aepo(t/s)", 0.1, 10), ("aepo(t/s)", 1, 60))
+          for s in range(3)]
+    rl.append(dict(dataset="d", method="dataset", seed="", guidance_scale="", return_mean=0, normalized_score=55,
+                   transitions=10, preset="bench"))
+    _write(tmp_path / "toy.csv", toy)
+    _write(tmp_path / "rl.csv", rl)
+    return tmp_path / "toy.csv", tmp_path / "rl.csv"
+
+
+def test_toy_summary_picks_best_estimator_and_ratios(csvs):
+    toy = toy_summary(csvs[0])
+    assert toy["a"]["best_aepo"] == "aepo[y]" and toy["a"]["winner"] == "aepo[y]"
+    assert toy["a"]["aepo_over_qgpo"] == pytest.approx(0.04 / 0.05)  # (0.03 + 0.01) / (0.04 + 0.01)
+    assert toy["b"]["winner"] == "qgpo" and toy["b"]["aepo_over_floor"] == pytest.approx(0.07 / 0.02)
+
+
+def test_rl_summary_best_scale_per_method(csvs):
+    r = rl_summary(csvs[1])[("d", "bench")]
+    assert r["methods"]["qgpo"]["w"] == 0.1 and r["methods"]["qgpo"]["mean"] == pytest.approx(51)
+    assert r["methods"]["aepo(t/s)"]["w"] == 1 and r["methods"]["aepo(t/s)"]["std"] == pytest.approx(1.0)
+    assert r["dataset"] == 55
+
+
+def test_markdown_states_wins_and_losses(csvs, tmp_path):
+    md = summary_markdown(*csvs)
+    assert "aepo 1/2" in md and "qgpo 1/2" in md and "within 2x of the noise floor on 1/2" in md
+    assert "beats behaviour cloning" in md
+    readme = tmp_path / "README.md"
+    readme.write_text("# T\n<!-- summary:start -->\nold\n<!-- summary:end -->\nrest\n")
+    update_readme(readme, *csvs)
+    assert "old" not in readme.read_text() and readme.read_text().endswith("<!-- summary:end -->\nrest\n")
+    readme.write_text("no markers\n")
+    with pytest.raises(ValueError, match="summary:start"):
+        update_readme(readme, *csvs)
