@@ -51,7 +51,14 @@ def test_console_script_declared():
     assert _pyproject()["project"]["scripts"]["aepo-lite"] == "aepo_lite.cli:main"
 
 
-def test_readme_lists_every_public_guidance_function():
-    readme = (ROOT / "README.md").read_text()
-    missing = [name for name in guidance.__all__ if f"`{name}" not in readme]
-    assert not missing, f"README does not list: {missing}"
+def test_library_doc_lists_every_public_guidance_function():
+    doc = (ROOT / "docs" / "library.md").read_text()
+    missing = [name for name in guidance.__all__ if f"`{name}" not in doc]
+    assert not missing, f"docs/library.md does not list: {missing}"
+
+
+def test_readme_fits_a_newcomer():
+    """At most 250 lines, with the generated results summary in its first screen (first 40 lines)."""
+    lines = (ROOT / "README.md").read_text().splitlines()
+    assert len(lines) <= 250, len(lines)
+    assert any("<!-- summary:start -->" in ln for ln in lines[:40])
