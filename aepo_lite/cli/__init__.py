@@ -33,16 +33,28 @@ def _version() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    """Parse ``argv`` and run the command inside the error boundary (``aepo_lite.cli.errors``): a failure
+    is one line ``aepo-lite CMD: error: ...`` and an exit status; ``--debug`` or ``AEPO_DEBUG=1`` adds the traceback."""
+    from aepo_lite.cli.errors import debug_requested, run_command
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = None
+
+    def build() -> int:
+        nonlocal parser
+        parser = build_parser()
+        parser.add_argument("--debug", action="store_true",
+                            help="print the full traceback of an error (also: environment variable AEPO_DEBUG=1)")
+        return 0
+
+    early_debug = debug_requested("--debug" in argv[:1])
+    rc = run_command("", build, early_debug)  # a command module that fails to import is one line too
+    if rc:
+        return rc
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    try:
-        return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
-        print(f"aepo-lite {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    return run_command(args.command, lambda: args.func(args), args.debug)
 
 
 if __name__ == "__main__":  # pragma: no cover
