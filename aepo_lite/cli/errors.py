@@ -82,6 +82,9 @@ def _path_of(e: OSError) -> str:
 
 
 def _os_error(e: OSError) -> tuple[str, int]:
+    if e.errno is None and isinstance(e, (FileNotFoundError, FileExistsError, PermissionError, NotADirectoryError,
+                                          IsADirectoryError)):
+        return _one_line(e), EXIT_USAGE  # raised by a check, with its own message
     path = _path_of(e)
     at = f" ({path})" if path else ""
     if e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)):
@@ -105,8 +108,7 @@ def _os_error(e: OSError) -> tuple[str, int]:
     if isinstance(e, FileNotFoundError) or e.errno == errno.ENOENT:
         return f"no such file or folder: {path or _one_line(e)}", EXIT_USAGE
     if isinstance(e, FileExistsError) or e.errno == errno.EEXIST:
-        return (_one_line(e) if e.errno is None else f"{path} already exists: remove it or choose another path",
-                EXIT_USAGE)
+        return f"{path or 'the path'} already exists: remove it or choose another path", EXIT_USAGE
     msg = _one_line(e)
     if any(s in msg for s in ("Unable to open file", "Unable to synchronously open", "file signature not found",
                               "truncated file", "HDF5", "Unable to read", "bad object header")):

@@ -80,10 +80,10 @@ SEED_HIGH = 2**32 - 1
 
 def _check_recipe(r: DatasetRecipe) -> None:
     import gymnasium as gym
-    from aepo_lite.rl.data import dataset_dir
+    from aepo_lite.rl.data import check_dataset_id, dataset_dir
     if r.quality not in QUALITIES:
         raise ValueError(f"quality: expected one of {QUALITIES}, got {r.quality!r}")
-    dataset_dir(r.name, name="name")  # Minari's grammar, inside the Minari root
+    check_dataset_id("name", r.name)  # Minari's grammar (and below: inside the Minari root)
     check_int("steps", r.steps, low=1)
     check_seed("seed", r.seed)
     check_int("seed", r.seed, low=0, high=SEED_HIGH)
@@ -92,6 +92,7 @@ def _check_recipe(r: DatasetRecipe) -> None:
         check_int(k, getattr(r, k), low=0 if k == "learning_starts" else 1)
     if not 0 < r.medium_fraction < 1:
         raise ValueError(f"medium_fraction: expected a value in (0, 1), got {r.medium_fraction}")
+    dataset_dir(r.name, name="name")
     if not isinstance(r.env_id, str) or not r.env_id:
         raise ValueError(f"env: expected a Gymnasium environment id, got {r.env_id!r}")
     try:
