@@ -13,7 +13,6 @@ import json
 import os
 import sys
 import tempfile
-import time
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any

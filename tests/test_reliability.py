@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import errno
-import json
 import os
 import pickle
 import signal
@@ -221,12 +220,13 @@ def test_identical_episode_returns_refuse_the_locomotion_scaling():
 # ---------------------------------------------------------------- broken state
 
 @pytest.mark.parametrize("name", ["lo cal/hö pper/random-v0", "../../escape-v0", "local/../../escape-v0",
-                                  "local/hopper/random", "/abs/hopper/random-v0", "hopper-v0", "local//x-v0"])
+                                  "local/hopper/random", "/abs/hopper/random-v0", "hopper-v0", "local//x-v0",
+                                  "local/" + "h" * 300 + "-v0"])
 def test_make_dataset_refuses_a_bad_name_before_any_work(minari_root, tmp_path, capsys, name):
     rc = main(["make-dataset", "--env", "Hopper-v5", "--quality", "random", "--steps", "10", "--name", name])
     assert rc == 2
     line = _one_error_line(capsys.readouterr().err, "make-dataset")
-    assert "name:" in line and "NAMESPACE/NAME-vN" in line
+    assert "name:" in line and ("NAMESPACE/NAME-vN" in line or "most file systems allow 255" in line)
     assert not minari_root.exists() and not (tmp_path / "policies").exists()  # nothing was made
     assert not any(p.name == "escape-v0" for p in tmp_path.parent.rglob("escape-v0"))
 

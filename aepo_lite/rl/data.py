@@ -43,6 +43,7 @@ __all__ = ["OfflineData", "load_minari", "from_episodes", "dataset_mean_return",
 # Minari's dataset id grammar (minari.dataset.minari_dataset.DATASET_ID_RE), with the namespace
 # required and ASCII only: folders that every file system and the Hugging Face hub accept.
 DATASET_ID_RE = re.compile(r"(?P<namespace>[-\w]+(?:/[-\w]+)*)/(?P<name>[-\w]+?)-v(?P<version>\d+)", re.ASCII)
+MAX_ID_PART = 200  # characters per part of a dataset id: each part is a folder name
 # The locomotion scaling divides by the spread of episode returns: one below this fraction of the
 # returns' size (at least 1) is rounding noise, and would multiply the rewards by 1e6 or more.
 MIN_RETURN_SPAN = 1e-3
@@ -234,6 +235,10 @@ def check_dataset_id(name: str, dataset_id) -> str:
         raise ValueError(f"{name}: {dataset_id!r} is not a Minari dataset id: expected NAMESPACE/NAME-vN (e.g. "
                          "D4RL/door/human-v2 or local/hopper/medium-v0): ASCII letters, digits, '_' and '-', parts "
                          "separated by '/', ending in -v and a version number")
+    longest = max(dataset_id.split("/"), key=len)
+    if len(longest) > MAX_ID_PART:
+        raise ValueError(f"{name}: the part {longest[:20]}... of the dataset id has {len(longest)} characters; a folder "
+                         f"name of at most {MAX_ID_PART} is needed (most file systems allow 255)")
     return dataset_id
 
 
