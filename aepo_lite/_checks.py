@@ -7,7 +7,10 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["check_tensor", "check_finite", "check_positive_definite", "check_scalar", "check_time"]
+__all__ = ["check_tensor", "check_finite", "check_positive_definite", "check_scalar", "check_time", "check_seed",
+           "check_int", "SEED_MAX"]
+
+SEED_MAX = 2**63 - 1  # torch, numpy and random all accept seeds in [0, 2**63 - 1]
 
 
 def check_tensor(name: str, x, ndim: int | None = None, shape: Sequence[int | None] | None = None) -> torch.Tensor:
@@ -82,3 +85,24 @@ def check_time(name: str, t: torch.Tensor, t_min: float, t_max: float) -> torch.
             f"{name}: expected diffusion times in [t_min={t_min:g}, t_max={t_max:g}], "
             f"got values in [{float(t.min()):.4g}, {float(t.max()):.4g}]")
     return t
+
+
+def check_int(name: str, value, low: int | None = None, high: int | None = None) -> int:
+    """Check an integer (a bool, a float or a string is refused, even ``3.0``) in [low, high]."""
+    import numbers
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name}: expected an integer, got {value!r}")
+    value = int(value)
+    if (low is not None and value < low) or (high is not None and value > high):
+        lo = "-inf" if low is None else str(low)
+        hi = "inf" if high is None else ("2**63-1" if high == SEED_MAX else str(high))
+        raise ValueError(f"{name}: expected an integer in [{lo}, {hi}], got {value}")
+    return value
+
+
+def check_seed(name: str, value) -> int:
+    """A random seed: an integer in [0, 2**63-1] (what torch, numpy and ``random`` all accept).
+
+    ``1e20`` or ``-1`` fail here, naming the argument, instead of deep inside ``torch.manual_seed``
+    ("Overflow when unpacking long long") or numpy ("expected non-negative integer")."""
+    return check_int(name, value, low=0, high=SEED_MAX)

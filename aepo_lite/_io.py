@@ -1,8 +1,17 @@
-"""Atomic writes and per-stage run bookkeeping: a killed run resumes and loses no finished stage."""
+"""Atomic writes and per-stage run bookkeeping: a killed run resumes and loses no finished stage.
+
+Every write goes to a hidden temporary sibling ``.<name>.<random>.<pid>.tmp``, is flushed to disk,
+then renamed over the target, so a reader sees the old file or the new one, never half of one.
+The temporary file is removed on any exception (Ctrl-C, disk full, a failing ``savefig``). A
+process killed outright (SIGKILL, power loss) cannot clean up; its orphan is removed by the next
+write of the same file (:func:`_remove_stale_temps`). Reading a damaged file (:func:`read_json`,
+:func:`torch_load`) raises a ``ValueError`` naming the file and what to do.
+"""
 from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
@@ -11,27 +20,88 @@ from typing import Any
 import torch
 
 __all__ = ["atomic_write_text", "atomic_write_json", "atomic_torch_save", "atomic_save_figure", "read_json",
-           "append_jsonl"]
+           "torch_load", "append_jsonl", "STALE_TEMP_S"]
+
+# A sibling temporary file this much older than ours, whose writer is gone, is an orphan.
+STALE_TEMP_S = 60.0
 
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
+def _pid_alive(pid: int) -> bool:
+    """Whether a process of this id runs on this machine (POSIX; elsewhere: assume it does)."""
+    if sys.platform.startswith("win"):  # os.kill(pid, 0) would terminate the process there
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    except OSError:
+        return True
+    return True
+
+
+def _remove_stale_temps(path: Path, own: str) -> list[Path]:
+    """Remove orphaned ``.<name>.*.tmp`` siblings of ``path`` left by killed writers.
+
+    A sibling is an orphan when it was last written more than :data:`STALE_TEMP_S` before our own
+    temporary file and its writer's process id (the last part of its name) is not running here
+    (a file without one, from an older version, only needs the age). A concurrent writer keeps its
+    file: it is either recent or its process is alive. On a folder shared between machines a
+    writer on another machine that stalls for a minute could lose its temporary file; its rename
+    then fails and it reports the error instead of writing a half file.
+    """
+    removed = []
+    prefix, own_name = f".{path.name}.", os.path.basename(own)
+    try:
+        own_mtime = os.stat(own).st_mtime
+        names = os.listdir(path.parent)
+    except OSError:
+        return removed
+    for name in names:
+        if name == own_name or not (name.startswith(prefix) and name.endswith(".tmp")):
+            continue
+        p = path.parent / name
+        try:
+            if own_mtime - p.stat().st_mtime < STALE_TEMP_S:
+                continue
+            pid = name[:-len(".tmp")].rsplit(".", 1)[-1]
+            if pid.isdigit() and _pid_alive(int(pid)):
+                continue
+            p.unlink()
+            removed.append(p)
+        except OSError:  # gone already, or not ours to remove: leave it
+            continue
+    return removed
+
+
 def _atomic(path: Path, write) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".{os.getpid()}.tmp")
+    f = None
     try:
-        with os.fdopen(fd, "wb") as f:
+        f = os.fdopen(fd, "wb")
+        _remove_stale_temps(path, tmp)
+        with f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give results the usual mode
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException:  # Ctrl-C, disk full, a failing writer: no temporary file stays behind
+        try:  # closing can fail again (a full disk flushes its buffer): the unlink still runs
+            os.close(fd) if f is None else f.close()
+        except OSError:
+            pass
+        try:
             os.unlink(tmp)
+        except OSError:
+            pass
         raise
     return path
 
@@ -68,8 +138,31 @@ def atomic_save_figure(path, fig, dpi: int = 110) -> Path:
 
 
 def read_json(path) -> Any:
-    with open(path) as f:
-        return json.load(f)
+    """Parse a JSON file; a damaged one (truncated, not JSON) is a ``ValueError`` naming it."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        where = f"line {e.lineno}" if isinstance(e, json.JSONDecodeError) else f"byte {e.start}"
+        what = "is empty" if not raw.strip() else f"is not valid JSON ({type(e).__name__} at {where})"
+        raise ValueError(f"{path} {what}: the file is damaged (an interrupted write or an edit); restore it, "
+                         "or delete it so that the command that makes it writes it again") from None
+
+
+def torch_load(path, **kw) -> Any:
+    """``torch.load`` of a checkpoint or cache file; a damaged one is a ``ValueError`` naming it.
+
+    Missing files, permission problems and memory errors pass through unchanged."""
+    try:
+        return torch.load(path, **kw)
+    except (FileNotFoundError, PermissionError, IsADirectoryError, MemoryError):
+        raise
+    except Exception as e:  # zip reader, unpickling, EOF, a tensor of the wrong size ...
+        if isinstance(e, RuntimeError) and ("out of memory" in str(e) or "DefaultCPUAllocator" in str(e)):
+            raise
+        raise ValueError(f"{path} cannot be read ({type(e).__name__}: {str(e)[:200]}): the file is damaged or "
+                         "not a checkpoint; delete it so that the stage that makes it runs again") from None
 
 
 def append_jsonl(path, record: dict) -> None:

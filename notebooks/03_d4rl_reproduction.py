@@ -224,7 +224,7 @@ csv_path = REPO / "figures" / "rl_results.csv"
 if csv_path.exists():
     print(rl_report.markdown_table(csv_path))
 else:
-    print("no saved benchmark yet: run `aepo-lite rl-bench ...` then `aepo-lite rl-results` (see below)")
+    print("no saved benchmark yet: run `aepo-lite sweep ...` then `aepo-lite rl-results` (see below)")
 
 # %% [markdown]
 # ## 6. Reproducing the D4RL tables (GPU and internet)

@@ -109,7 +109,7 @@ def _rows():
                           distance=0.05, floor=floor),
                      dict(task=task, method="bc", estimator="", beta=10, guidance_scale=0, seed=seed,
                           distance=0.6, floor=floor)]
-    return rows
+    return [dict(r, preset="full", n_eval=2000, sample_steps=20, solver="dpmpp2m") for r in rows]
 
 
 def test_report_from_csv_alone(tmp_path):
@@ -118,7 +118,8 @@ def test_report_from_csv_alone(tmp_path):
     toy_report.write_results(csv, _rows())  # merging replaces, never duplicates
     rows = toy_report.read_results(csv)
     assert len(rows) == 30
-    assert csv.read_text().splitlines()[0] == "task,method,estimator,beta,guidance_scale,seed,distance,floor"
+    assert csv.read_text().splitlines()[0] == ("task,method,estimator,beta,guidance_scale,seed,distance,floor,"
+                                               "preset,n_eval,sample_steps,solver")
     best, score = toy_report.best_estimator(rows)
     assert best == "gaussian-fit-sampled" and score[best][0] == pytest.approx(1.55, abs=1e-9)
     paths = toy_report.render(csv, tmp_path / "figs")

@@ -46,26 +46,41 @@ def _version() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Parse ``argv`` and run the command inside the error boundary (``aepo_lite.cli.errors``): a failure
+    is one line ``aepo-lite CMD: error: ...`` and an exit status; ``aepo-lite --debug CMD ...`` or
+    ``AEPO_DEBUG=1`` adds the traceback. Commands whose options are a config are parsed by tyro."""
+    from aepo_lite.cli.errors import debug_requested, run_command
     argv = sys.argv[1:] if argv is None else list(argv)
-    raw = config_commands()
-    if argv and argv[0] in raw:
-        try:
-            return int(raw[argv[0]][1](argv[1:]) or 0)
-        except (ValueError, FileNotFoundError, FileExistsError) as e:
-            print(f"aepo-lite {argv[0]}: error: {e}", file=sys.stderr)
-            return 2
-        except SystemExit as e:  # tyro's own usage errors and --help
-            return int(e.code or 0)
-    parser = build_parser()
+    early_debug = debug_requested("--debug" in argv[:1])
+    raw: dict = {}
+    rc = run_command("", lambda: raw.update(config_commands()) or 0, early_debug)
+    if rc:
+        return rc
+    rest = argv[1:] if argv[:1] == ["--debug"] else argv
+    if rest and rest[0] in raw:
+        def run_config_command() -> int:
+            try:
+                return int(raw[rest[0]][1](rest[1:]) or 0)
+            except SystemExit as e:  # tyro's own usage errors (already printed) and --help
+                return int(e.code or 0)
+        return run_command(rest[0], run_config_command, early_debug)
+    parser = None
+
+    def build() -> int:
+        nonlocal parser
+        parser = build_parser()
+        parser.add_argument("--debug", action="store_true",
+                            help="print the full traceback of an error (also: environment variable AEPO_DEBUG=1)")
+        return 0
+
+    rc = run_command("", build, early_debug)  # a command module that fails to import is one line too
+    if rc:
+        return rc
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    try:
-        return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
-        print(f"aepo-lite {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    return run_command(args.command, lambda: args.func(args), args.debug)
 
 
 if __name__ == "__main__":  # pragma: no cover

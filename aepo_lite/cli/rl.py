@@ -1,4 +1,4 @@
-"""Offline RL subcommands: ``make-dataset``, ``train``, ``eval``, ``rl-results``, ``rl-grid``."""
+"""Offline RL subcommands: ``make-dataset``, ``train``, ``eval``, ``rl-results`` (many runs: ``aepo-lite sweep``)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -42,18 +42,10 @@ def register(sub) -> None:
     p.add_argument("--runs", nargs="+", default=["runs"], help="run directories or folders holding them")
     p.add_argument("--csv", default="figures/rl_results.csv")
     p.add_argument("--figures", default="figures")
-    p.add_argument("--readme", default=None, help="README.md to update between <!-- rl:start --> and <!-- rl:end -->")
+    p.add_argument("--readme", default=None, help="a Markdown file to update between <!-- rl:start --> and "
+                   "<!-- rl:end --> (the project's: docs/results.md)")
+    p.add_argument("--force", action="store_true", help="replace saved rows that the runs found would drop")
     p.set_defaults(func=_results)
-
-    p = sub.add_parser("rl-grid", help="train + evaluate methods x seeds on one dataset (ordinary run directories)")
-    p.add_argument("--dataset", required=True)
-    p.add_argument("--methods", nargs="+", default=["bc", "aepo", "qgpo"])
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--preset", required=True, choices=("smoke", "bench", "full"))
-    p.add_argument("--device", default="auto", choices=DEVICE_CHOICES)
-    p.add_argument("--out", default="runs")
-    p.add_argument("--quiet", action="store_true")
-    p.set_defaults(func=_grid)
 
 
 def _make_dataset(args) -> int:
@@ -129,29 +121,11 @@ def _eval(args) -> int:
 
 def _results(args) -> int:
     from aepo_lite.rl import report as rl_report
-    rows = rl_report.collect(args.runs, args.csv)
+    rows = rl_report.collect(args.runs, args.csv, force=args.force)
     print(f"{len(rows)} rows -> {args.csv}")
     for p in rl_report.render(args.csv, args.figures):
         print(f"wrote {p}")
     if args.readme:
         rl_report.update_readme(args.readme, args.csv)
         print(f"updated {args.readme}")
-    return 0
-
-
-def _grid(args) -> int:
-    from aepo_lite.rl.agent import evaluate_run, make_config, train
-    from aepo_lite.rl.data import load_minari
-    data, _ = load_minari(args.dataset)
-    out = Path(args.out)
-    for seed in args.seeds:
-        first = None
-        for m in args.methods:
-            cfg = make_config(args.dataset, m, args.preset, seed=seed, device=args.device)
-            d = _default_out(args.dataset, m, args.preset, seed, root=out)
-            train(cfg, d, data=data, progress=not args.quiet, init_behaviour=first)
-            first = first or d
-            res = evaluate_run(d, progress=not args.quiet)
-            print(f"{m} seed {seed}:")
-            _print_results(res)
     return 0

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from aepo_lite._checks import check_seed
 from aepo_lite._io import atomic_write_json, read_json
 from aepo_lite.config import METHODS, PRESETS, TrainConfig, apply_overrides, config_diff, from_dict, preset_config, \
     to_dict
@@ -114,11 +115,6 @@ def _choice(name: str, value, choices) -> None:
         raise ValueError(f"{name}: expected one of {tuple(choices)}, got {value!r}")
 
 
-def _check_seed(name: str, v) -> None:
-    if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < 2**63:
-        raise ValueError(f"{name}: expected an integer in [0, 2**63), got {v!r}")
-
-
 def check_config(cfg: TrainConfig) -> TrainConfig:
     """Raise a ValueError naming the first bad field (dotted, as on the command line)."""
     _choice("method", cfg.method, METHODS)
@@ -128,8 +124,8 @@ def check_config(cfg: TrainConfig) -> TrainConfig:
     for k, v in _positive_ints(cfg).items():
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{k}: expected a positive integer, got {v!r}")
-    _check_seed("seed", cfg.seed)
-    _check_seed("eval.seed", cfg.eval.seed)
+    check_seed("seed", cfg.seed)
+    check_seed("eval.seed", cfg.eval.seed)
     for k, lr in (("behaviour.lr", cfg.behaviour.lr), ("critic.lr", cfg.critic.lr), ("energy.lr", cfg.energy.lr)):
         if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
             raise ValueError(f"{k}: expected a positive learning rate, got {lr!r}")
@@ -293,7 +289,7 @@ def build_stages(cfg: TrainConfig, agent: Agent, T: dict, device: torch.device) 
         return torch.randint(0, N, (batch,), generator=g, device=device)
 
     def seed(i):
-        return cfg.seed * 7919 + i
+        return (cfg.seed * 7919 + i) % 2**63  # any seed check_seed accepts
 
     data = {"dataset": cfg.dataset, "transitions": N}
     b = cfg.behaviour
@@ -567,7 +563,7 @@ def evaluate_run(run_dir, *, guidance_scales=None, episodes: int | None = None, 
                         "preset": cfg.preset, "transitions": data.n, "ref_min_score": lo, "ref_max_score": hi,
                         "ref_source": source, "dataset_mean_return": float(np.mean(data.episode_returns))})
         for w in scales:
-            g = torch.Generator().manual_seed(cfg.seed * 7919 + 17)
+            g = torch.Generator().manual_seed((cfg.seed * 7919 + 17) % 2**63)
             pol = lambda obs, w=w, g=g: agent.act(obs, w, n_candidates=cfg.eval.candidates, generator=g)  # noqa: E731
             eps, timing = run_episodes(make_env, pol, cfg.eval.episodes, seed=cfg.eval.seed, n_envs=cfg.eval.envs,
                                        progress=progress, desc=f"eval w={w:g}")

@@ -18,18 +18,35 @@ Conventions the critic needs (IQL's):
                     tasks (hopper, walker2d, halfcheetah, ant, humanoid, swimmer), else none.
 States are normalised with the dataset's mean and std (std + 1e-3); actions are mapped from the
 action box to [-1, 1]^d (method.md section 1).
+
+Loading checks the contents before any training: every episode has transitions, one observation
+and action size, finite values; the locomotion scaling needs episode returns that differ (all
+equal returns would divide by ~0); the reference scores are usable. A dataset id must follow
+Minari's grammar ``NAMESPACE/NAME-vN`` (ASCII letters, digits, ``_``, ``-``), so it always names
+a folder inside the Minari root; a damaged local copy is reported as damaged, not as a download.
 """
 from __future__ import annotations
 
 import json
+import os
+import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
 
 __all__ = ["OfflineData", "load_minari", "from_episodes", "dataset_mean_return", "REWARD_SCALINGS",
-           "LOCOMOTION_TASKS"]
+           "LOCOMOTION_TASKS", "check_dataset_id", "dataset_dir", "check_return_span"]
+
+# Minari's dataset id grammar (minari.dataset.minari_dataset.DATASET_ID_RE), with the namespace
+# required and ASCII only: folders that every file system and the Hugging Face hub accept.
+DATASET_ID_RE = re.compile(r"(?P<namespace>[-\w]+(?:/[-\w]+)*)/(?P<name>[-\w]+?)-v(?P<version>\d+)", re.ASCII)
+MAX_ID_PART = 200  # characters per part of a dataset id: each part is a folder name
+# The locomotion scaling divides by the spread of episode returns: one below this fraction of the
+# returns' size (at least 1) is rounding noise, and would multiply the rewards by 1e6 or more.
+MIN_RETURN_SPAN = 1e-3
 
 REWARD_SCALINGS = ("auto", "locomotion", "antmaze", "none")
 LOCOMOTION_TASKS = ("hopper", "walker2d", "halfcheetah", "ant", "humanoid", "swimmer", "reacher", "pusher",
@@ -77,8 +94,8 @@ class OfflineData:
     def scaled_rewards(self) -> np.ndarray:
         """Rewards under :attr:`reward_scaling` (see the module docstring), (N,)."""
         if self.reward_scaling == "locomotion":
-            span = float(self.episode_returns.max() - self.episode_returns.min())
-            return (self.rewards * (1000.0 / max(span, 1e-6))).astype(np.float32)
+            span = check_return_span(self.dataset_id, self.episode_returns)
+            return (self.rewards * (1000.0 / span)).astype(np.float32)
         if self.reward_scaling == "antmaze":
             return (self.rewards - 1.0).astype(np.float32)
         return self.rewards.astype(np.float32)
@@ -97,6 +114,20 @@ class OfflineData:
                 "a": torch.as_tensor(self.actions, dtype=torch.float32, device=device),
                 "r": torch.as_tensor(self.scaled_rewards(), dtype=torch.float32, device=device),
                 "done": torch.as_tensor(self.terminals, dtype=torch.float32, device=device)}
+
+
+def check_return_span(dataset_id: str, returns: np.ndarray) -> float:
+    """max - min of the episode returns, refused when ~0 (the locomotion scaling divides by it)."""
+    r = np.asarray(returns, dtype=np.float64)
+    span = float(r.max() - r.min()) if r.size else 0.0
+    if span <= MIN_RETURN_SPAN * max(1.0, float(np.abs(r).max()) if r.size else 0.0):
+        factor = "infinity" if span == 0 else f"{1000.0 / span:.3g}"
+        raise ValueError(
+            f"reward_scaling: the {r.size} episode(s) of {dataset_id!r} have (almost) the same return "
+            f"({float(r.mean()) if r.size else float('nan'):.6g}, span {span:.3g}), so the locomotion scaling "
+            f"r * 1000 / (max return - min return) would multiply the rewards by {factor}; use "
+            "reward_scaling='none' (raw rewards) for this dataset")
+    return span
 
 
 def _resolve_scaling(dataset_id: str, scaling: str) -> str:
@@ -139,19 +170,37 @@ def from_episodes(dataset_id: str, episodes: list[dict], action_low: np.ndarray,
     if not (np.all(np.isfinite(low)) and np.all(np.isfinite(high)) and np.all(high > low)):
         raise ValueError(f"action space: expected a bounded box with high > low, got low={low}, high={high}")
     rows, idx, nxt, acts, rews, terms, touts, rets = [], [], [], [], [], [], [], []
-    offset = 0
+    offset, k = 0, None
     for e, ep in enumerate(episodes):
-        obs = _flatten(obs_space, ep["observations"]) if obs_space is not None else np.asarray(ep["observations"], np.float64)
-        a = np.asarray(ep["actions"], np.float64).reshape(len(ep["actions"]), -1)
-        r = np.asarray(ep["rewards"], np.float64).reshape(-1)
-        term = np.asarray(ep["terminations"], bool).reshape(-1)
-        trunc = np.asarray(ep["truncations"], bool).reshape(-1)
+        where = f"dataset: episode {e} of {dataset_id!r}"
+        try:
+            obs = (_flatten(obs_space, ep["observations"]) if obs_space is not None
+                   else np.asarray(ep["observations"], np.float64))
+            r = np.asarray(ep["rewards"], np.float64).reshape(-1)
+            a = np.asarray(ep["actions"], np.float64)
+            term = np.asarray(ep["terminations"], bool).reshape(-1)
+            trunc = np.asarray(ep["truncations"], bool).reshape(-1)
+        except KeyError as err:
+            raise ValueError(f"{where} has no {err} array") from None
+        except (TypeError, ValueError) as err:  # ragged lists, strings, objects
+            raise ValueError(f"{where} holds arrays that are not numeric or not rectangular ({err})") from None
         T = len(r)
-        if T == 0:
-            continue
+        if T == 0 or a.size == 0:
+            raise ValueError(f"{where} is empty (no transitions: {T} rewards, {len(a)} actions); remove it from the "
+                             "dataset or make the dataset again")
+        if obs.ndim != 2 or a.ndim not in (1, 2):
+            raise ValueError(f"{where} has observations of shape {obs.shape} and actions of shape {a.shape}; expected "
+                             "(T+1, k) and (T, d)")
+        a = a.reshape(len(a), -1)
         if obs.shape[0] != T + 1 or a.shape[0] != T or term.shape[0] != T or trunc.shape[0] != T:
-            raise ValueError(f"dataset: episode {e} of {dataset_id!r} has inconsistent lengths: "
-                             f"{obs.shape[0]} observations, {a.shape[0]} actions, {T} rewards (expected T+1, T, T)")
+            raise ValueError(f"{where} has inconsistent lengths: {obs.shape[0]} observations, {a.shape[0]} actions, "
+                             f"{T} rewards, {term.shape[0]} terminations, {trunc.shape[0]} truncations "
+                             "(expected T+1, T, T, T, T)")
+        if k is None:
+            k = obs.shape[1]
+        elif obs.shape[1] != k:
+            raise ValueError(f"observation space: episode {e} of {dataset_id!r} has {obs.shape[1]}-dim observations, "
+                             f"episode 0 has {k}-dim ones")
         if a.shape[1] != low.shape[0]:
             raise ValueError(f"action space: episode {e} of {dataset_id!r} has {a.shape[1]}-dim actions, "
                              f"the environment has {low.shape[0]}")
@@ -164,11 +213,10 @@ def from_episodes(dataset_id: str, episodes: list[dict], action_low: np.ndarray,
         nxt.append(offset + np.arange(1, T + 1))
         offset += T + 1
         acts.append(a), rews.append(r), terms.append(term), touts.append(trunc), rets.append(r.sum())
-    if not rows:
-        raise ValueError(f"dataset: {dataset_id!r} has no transitions (an empty dataset)")
     obs_rows = np.concatenate(rows)
-    if len({o.shape[1] for o in rows}) != 1:
-        raise ValueError(f"observation space: episodes of {dataset_id!r} have different observation sizes")
+    scaling = _resolve_scaling(dataset_id, reward_scaling)
+    if scaling == "locomotion":
+        check_return_span(dataset_id, np.asarray(rets))
     actions = np.concatenate(acts)
     a_unit = np.clip(2.0 * (actions - low) / (high - low) - 1.0, -1.0, 1.0)
     return OfflineData(dataset_id=dataset_id, obs_rows=obs_rows.astype(np.float32), idx=np.concatenate(idx),
@@ -177,29 +225,74 @@ def from_episodes(dataset_id: str, episodes: list[dict], action_low: np.ndarray,
                        terminals=np.concatenate(terms).astype(np.float32),
                        timeouts=np.concatenate(touts).astype(np.float32), episode_returns=np.asarray(rets),
                        action_low=low.astype(np.float32), action_high=high.astype(np.float32),
-                       reward_scaling=_resolve_scaling(dataset_id, reward_scaling), metadata=dict(metadata or {}))
+                       reward_scaling=scaling, metadata=dict(metadata or {}))
+
+
+def check_dataset_id(name: str, dataset_id) -> str:
+    """A Minari dataset id ``NAMESPACE/NAME-vN`` (ASCII letters, digits, ``_``, ``-``), else a ``ValueError``
+    naming the argument ``name``. Such an id is always a path inside the Minari root."""
+    if not isinstance(dataset_id, str) or not DATASET_ID_RE.fullmatch(dataset_id):
+        raise ValueError(f"{name}: {dataset_id!r} is not a Minari dataset id: expected NAMESPACE/NAME-vN (e.g. "
+                         "D4RL/door/human-v2 or local/hopper/medium-v0): ASCII letters, digits, '_' and '-', parts "
+                         "separated by '/', ending in -v and a version number")
+    longest = max(dataset_id.split("/"), key=len)
+    if len(longest) > MAX_ID_PART:
+        raise ValueError(f"{name}: the part {longest[:20]}... of the dataset id has {len(longest)} characters; a folder "
+                         f"name of at most {MAX_ID_PART} is needed (most file systems allow 255)")
+    return dataset_id
+
+
+def dataset_dir(dataset_id: str, name: str = "dataset") -> Path:
+    """The folder of ``dataset_id`` in the local Minari root (``MINARI_DATASETS_PATH``), checked to lie inside it."""
+    from minari.storage.datasets_root_dir import get_dataset_path
+    check_dataset_id(name, dataset_id)
+    root = Path(os.path.abspath(get_dataset_path()))
+    path = Path(os.path.normpath(root / dataset_id))
+    if root not in path.parents:
+        raise ValueError(f"{name}: {dataset_id!r} would be stored at {path}, outside the Minari root {root}")
+    return path
+
+
+def _how_to_make() -> str:
+    from minari.storage.datasets_root_dir import get_dataset_path
+    return ("make a local dataset instead, e.g. `aepo-lite make-dataset --env Hopper-v5 --quality medium --steps "
+            f"200000 --name local/hopper/medium-v0` (datasets live under MINARI_DATASETS_PATH, now {get_dataset_path()})")
+
+
+def _damaged(dataset_id: str, folder: Path, e: BaseException) -> ValueError:
+    return ValueError(f"dataset: the local copy of {dataset_id!r} in {folder} cannot be read ({type(e).__name__}: "
+                      f"{' '.join(str(e).split())[:240]}): it is damaged (an interrupted make or download, or an edit); "
+                      f"delete the folder {folder} and make or download the dataset again")
 
 
 def open_minari(dataset_id: str, download: bool = True):
-    """``minari.load_dataset`` with a clear error: the local copy, else a download (online users)."""
+    """``minari.load_dataset`` with a clear error: the local copy, else a download (online users).
+
+    A malformed id fails before anything is read; a local copy that cannot be read is reported as
+    damaged (with the folder to delete), never as a failed download."""
     import minari
-    from minari.storage.datasets_root_dir import get_dataset_path
-    if not isinstance(dataset_id, str) or not dataset_id.strip():
-        raise ValueError(f"dataset: expected a Minari dataset id, got {dataset_id!r}")
-    if dataset_id in minari.list_local_datasets():
-        return minari.load_dataset(dataset_id)
-    root = get_dataset_path()
-    how = ("Make a local dataset instead, e.g.\n  aepo-lite make-dataset --env Hopper-v5 --quality medium "
-           "--steps 200000 --name local/hopper/medium-v0\n(datasets live under MINARI_DATASETS_PATH, now "
-           f"{root}).")
+    folder = dataset_dir(dataset_id)
+    if folder.exists():
+        if not (folder / "data").is_dir():
+            raise ValueError(f"dataset: {folder} exists but holds no Minari dataset (no data/ folder: the remains of a "
+                             f"failed make or download?); delete the folder {folder} and make or download it again")
+        try:
+            return minari.load_dataset(dataset_id)
+        except MemoryError:
+            raise
+        except Exception as e:  # a truncated metadata.json (JSONDecodeError), an unreadable HDF5 file (OSError) ...
+            raise _damaged(dataset_id, folder, e) from None
+    how = _how_to_make()
     if not download:
-        raise ValueError(f"dataset: {dataset_id!r} is not in the local Minari root {root}. {how}")
+        raise ValueError(f"dataset: {dataset_id!r} is not in the local Minari root; {how}")
     try:
         return minari.load_dataset(dataset_id, download=True)
+    except MemoryError:
+        raise
     except Exception as e:  # offline, unknown id, missing huggingface_hub, incompatible version ...
-        raise ValueError(f"dataset: {dataset_id!r} is not in the local Minari root {root} and downloading it "
-                         f"failed ({type(e).__name__}: {str(e)[:300]}). If you are offline or the id is "
-                         f"unknown (see `minari list remote`): {how}") from None
+        raise ValueError(f"dataset: {dataset_id!r} is not in the local Minari root and downloading it "
+                         f"failed ({type(e).__name__}: {' '.join(str(e).split())[:300]}). If you are offline or the id "
+                         f"is unknown (see `minari list remote`): {how}") from None
 
 
 def recover_eval_env_fn(ds):
@@ -214,8 +307,10 @@ def load_minari(dataset_id: str, *, reward_scaling: str = "auto", download: bool
                 check_env: bool = True) -> tuple[OfflineData, object]:
     """Load a Minari dataset as transitions. Returns (data, minari_dataset).
 
-    Raises ``ValueError`` for an unknown/unreachable id, an empty dataset, NaN/inf values, or
-    observation/action spaces that differ from the dataset's evaluation environment.
+    Raises ``ValueError`` for a malformed, unknown or unreachable id, a damaged local copy, an empty
+    dataset or episode, episodes of other sizes, NaN/inf values, unusable reference scores, returns
+    too alike for the locomotion scaling, or observation/action spaces that differ from the
+    dataset's evaluation environment.
     """
     import gymnasium as gym
     ds = open_minari(dataset_id, download=download)
@@ -242,9 +337,16 @@ def load_minari(dataset_id: str, *, reward_scaling: str = "auto", download: bool
                                  f"{env.spec.id if env.spec else env} has {e_act}")
         finally:
             env.close()
-    episodes = [{"observations": ep.observations, "actions": ep.actions, "rewards": ep.rewards,
-                 "terminations": ep.terminations, "truncations": ep.truncations} for ep in ds.iterate_episodes()]
     meta = dict(ds.storage.metadata)
+    from aepo_lite.rl.evaluation import check_reference_scores
+    check_reference_scores(dataset_id, meta)  # before any training, not at the first evaluation
+    try:
+        episodes = [{"observations": ep.observations, "actions": ep.actions, "rewards": ep.rewards,
+                     "terminations": ep.terminations, "truncations": ep.truncations} for ep in ds.iterate_episodes()]
+    except MemoryError:
+        raise
+    except Exception as e:  # h5py: a truncated or garbled file (OSError), a missing group (KeyError) ...
+        raise _damaged(dataset_id, dataset_dir(dataset_id), e) from None
     data = from_episodes(dataset_id, episodes, act_space.low, act_space.high, reward_scaling=reward_scaling,
                          metadata=meta, obs_space=obs_space)
     return data, ds

@@ -17,6 +17,10 @@ Behaviour data is collected with Gaussian action noise (``collect_noise``) on to
 deterministic TD3 actor. ``ref_min_score`` / ``ref_max_score`` are the mean returns of the random
 policy and of the expert snapshot over ``ref_episodes`` (>= 100 by default) episodes. Everything
 is seeded: the same arguments give the same dataset.
+
+Every argument is checked before any work (the name against Minari's id grammar and the Minari
+root, the seed, the counts). A make that fails or is interrupted leaves nothing behind: no new
+dataset folder, no namespace folder it created, and the dataset it was to replace is restored.
 """
 from __future__ import annotations
 
@@ -31,8 +35,9 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from aepo_lite._checks import check_int, check_seed
 from aepo_lite._io import atomic_write_json, read_json
-from aepo_lite.rl.evaluation import Episode, run_episodes
+from aepo_lite.rl.evaluation import Episode, check_reference_scores, run_episodes
 
 __all__ = ["QUALITIES", "DatasetRecipe", "make_dataset", "train_policy_ladder", "policy_cache_dir"]
 
@@ -47,7 +52,7 @@ class DatasetRecipe:
     quality: str  # random | medium | medium-replay | medium-expert | expert
     steps: int  # transitions in the dataset
     name: str  # Minari dataset id NAMESPACE/ENV/QUALITY-v0
-    seed: int = 0  # seeds the policy training, data collection and reference episodes
+    seed: int = 0  # seeds the policy training, data collection and reference episodes (0 .. 2**32-1)
     train_steps: int = 60_000  # TD3 environment steps for the policy ladder (the whole budget)
     eval_every: int = 5_000  # snapshot + evaluation period of the ladder (env steps)
     eval_episodes: int = 5  # deterministic episodes per ladder evaluation
@@ -69,15 +74,27 @@ def policy_cache_dir() -> Path:
     return Path(get_dataset_path()).parent / "aepo_lite_policies"
 
 
+# stable-baselines3 seeds numpy's legacy generator, which takes seeds below 2**32
+SEED_HIGH = 2**32 - 1
+
+
 def _check_recipe(r: DatasetRecipe) -> None:
     import gymnasium as gym
+    from aepo_lite.rl.data import check_dataset_id, dataset_dir
     if r.quality not in QUALITIES:
         raise ValueError(f"quality: expected one of {QUALITIES}, got {r.quality!r}")
-    if not isinstance(r.steps, int) or r.steps < 1:
-        raise ValueError(f"steps: expected a positive number of transitions, got {r.steps!r}")
-    parts = r.name.split("/")
-    if len(parts) != 3 or not parts[2].rsplit("-v", 1)[-1].isdigit() or "-v" not in parts[2]:
-        raise ValueError(f"name: expected NAMESPACE/ENV/QUALITY-vN, got {r.name!r}")
+    check_dataset_id("name", r.name)  # Minari's grammar (and below: inside the Minari root)
+    check_int("steps", r.steps, low=1)
+    check_seed("seed", r.seed)
+    check_int("seed", r.seed, low=0, high=SEED_HIGH)
+    for k in ("train_steps", "eval_every", "eval_episodes", "learning_starts", "ref_episodes", "n_envs",
+              "train_freq", "gradient_steps"):
+        check_int(k, getattr(r, k), low=0 if k == "learning_starts" else 1)
+    if not 0 < r.medium_fraction < 1:
+        raise ValueError(f"medium_fraction: expected a value in (0, 1), got {r.medium_fraction}")
+    dataset_dir(r.name, name="name")
+    if not isinstance(r.env_id, str) or not r.env_id:
+        raise ValueError(f"env: expected a Gymnasium environment id, got {r.env_id!r}")
     try:
         gym.spec(r.env_id)
     except Exception as e:  # gymnasium raises its own NameNotFound/VersionNotFound
@@ -89,12 +106,6 @@ def _check_recipe(r: DatasetRecipe) -> None:
                              "only continuous (Box) actions are supported")
     finally:
         env.close()
-    for k in ("train_steps", "eval_every", "eval_episodes", "ref_episodes", "n_envs"):
-        v = getattr(r, k)
-        if not isinstance(v, int) or v < 1:
-            raise ValueError(f"{k}: expected a positive integer, got {v!r}")
-    if not 0 < r.medium_fraction < 1:
-        raise ValueError(f"medium_fraction: expected a value in (0, 1), got {r.medium_fraction}")
 
 
 class _EpisodeRecorder:
@@ -179,18 +190,23 @@ def train_policy_ladder(r: DatasetRecipe, cache: Optional[Path] = None, progress
             return True
 
     t0 = time.perf_counter()
-    model.learn(total_timesteps=r.train_steps, callback=Snap())
-    bar.close()
-    eps = env.episodes
-    np.savez_compressed(tmp / "replay_episodes.npz",
-                        **{f"{k}_{i}": e[k] for i, e in enumerate(eps) for k in ("obs", "act", "rew", "term", "trunc")},
-                        end_step=np.array([e["end_step"] for e in eps]))
-    atomic_write_json(tmp / "ladder.json", {"recipe": asdict(r), "snapshots": ladder, "n_replay_episodes": len(eps),
-                                            "train_seconds": time.perf_counter() - t0,
-                                            "stable_baselines3": sb3.__version__})
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    try:
+        model.learn(total_timesteps=r.train_steps, callback=Snap())
+        bar.close()
+        eps = env.episodes
+        np.savez_compressed(tmp / "replay_episodes.npz",
+                            **{f"{k}_{i}": e[k] for i, e in enumerate(eps) for k in ("obs", "act", "rew", "term", "trunc")},
+                            end_step=np.array([e["end_step"] for e in eps]))
+        atomic_write_json(tmp / "ladder.json", {"recipe": asdict(r), "snapshots": ladder, "n_replay_episodes": len(eps),
+                                                "train_seconds": time.perf_counter() - t0,
+                                                "stable_baselines3": sb3.__version__})
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:  # interrupted or failed: no half ladder stays in the cache
+        bar.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return out
 
 
@@ -246,12 +262,13 @@ def make_dataset(recipe: DatasetRecipe, *, overwrite: bool = False, progress: bo
     import minari
     from minari.data_collector import EpisodeBuffer
 
+    from aepo_lite.rl.data import dataset_dir
     _check_recipe(recipe)
     r = recipe
-    if r.name in minari.list_local_datasets():
-        if not overwrite:
-            raise FileExistsError(f"name: the dataset {r.name!r} already exists locally; pass --overwrite to rebuild it")
-        minari.delete_dataset(r.name)
+    folder = dataset_dir(r.name, name="name")
+    if folder.exists() and not overwrite:
+        raise FileExistsError(f"name: the dataset {r.name!r} already exists locally ({folder}); pass --overwrite to "
+                              "rebuild it")
     make_env = lambda: gym.make(r.env_id)  # noqa: E731
     probe = make_env()
     space = probe.action_space
@@ -277,6 +294,11 @@ def make_dataset(recipe: DatasetRecipe, *, overwrite: bool = False, progress: bo
     exp_eps, _ = run_episodes(make_env, _sb3_policy(expert_model, 0.0, None), r.ref_episodes,
                               seed=2_000_000 + r.seed, n_envs=r.n_envs, progress=progress, desc="ref: expert")
     ref_max = float(np.mean([e.ret for e in exp_eps]))
+    if ref_max <= ref_min:  # before collecting: the scores of this dataset would be undefined or inverted
+        raise ValueError(f"train_steps: the best policy of the {r.train_steps}-step ladder returns {ref_max:.1f}, no "
+                         f"better than random actions ({ref_min:.1f}), so it cannot serve as ref_max_score; give more "
+                         "--train-steps (or --learning-starts fewer)")
+    check_reference_scores(r.name, {"ref_min_score": ref_min, "ref_max_score": ref_max})
     info.update({"ref_max_policy": f"best TD3 snapshot of a {r.train_steps}-step budget (step {expert['step']}), "
                                    "deterministic; not an expert in D4RL's sense",
                  "ladder": snaps, "expert_snapshot_step": expert["step"], "medium_snapshot_step": medium["step"],
@@ -311,7 +333,34 @@ def make_dataset(recipe: DatasetRecipe, *, overwrite: bool = False, progress: bo
     info["make_seconds"] = time.perf_counter() - t0
     with warnings.catch_warnings():  # minari asks for an author e-mail; there is none to give
         warnings.filterwarnings("ignore", message=".*author_email.*")
-        ds = _create(minari, r, buffers, ref_min, ref_max, info)
+        return _create_in_place(folder, lambda: _create(minari, r, buffers, ref_min, ref_max, info))
+
+
+def _create_in_place(folder: Path, create):
+    """Run ``create()`` (which writes the dataset ``folder``) so that a failure leaves nothing behind.
+
+    An existing dataset there is moved aside to a hidden sibling (Minari skips hidden folders) and
+    restored if ``create`` fails or is interrupted; namespace folders that ``create`` made are removed."""
+    from minari.storage.datasets_root_dir import get_dataset_path
+    root = Path(os.path.abspath(get_dataset_path()))
+    new_dirs = [d for d in [folder, *folder.parents] if root in d.parents and not d.exists()]
+    backup = None
+    if folder.exists():
+        backup = folder.with_name(f".{folder.name}.replaced-{os.getpid()}")
+        if backup.exists():
+            shutil.rmtree(backup)
+        os.replace(folder, backup)
+    try:
+        ds = create()
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        for d in new_dirs:  # innermost first; only folders this make created
+            shutil.rmtree(d, ignore_errors=True)
+        if backup is not None:
+            os.replace(backup, folder)
+        raise
+    if backup is not None:
+        shutil.rmtree(backup, ignore_errors=True)
     return ds
 
 

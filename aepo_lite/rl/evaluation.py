@@ -10,7 +10,8 @@ Normalised score (x100, as D4RL tables print it):
 
 with (ref_min, ref_max) from the dataset's metadata when it has them, D4RL's published
 reference returns only for datasets that are ports of D4RL data, and otherwise ``None`` (with
-a warning): never a silent substitute.
+a warning): never a silent substitute. Metadata that holds one of the two, a non-number, equal
+values or ref_max < ref_min is an error when the dataset is loaded (before any training).
 """
 from __future__ import annotations
 
@@ -22,8 +23,8 @@ from typing import Callable, Optional
 
 import numpy as np
 
-__all__ = ["Episode", "run_episodes", "reference_scores", "normalized_score", "summarize_returns",
-           "D4RL_REF_SCORES"]
+__all__ = ["Episode", "run_episodes", "reference_scores", "check_reference_scores", "normalized_score",
+           "summarize_returns", "D4RL_REF_SCORES"]
 
 # (observation batch (n, obs_dim) float64) -> actions (n, act_dim)
 BatchPolicy = Callable[[np.ndarray], np.ndarray]
@@ -153,12 +154,39 @@ def run_episodes(make_env: Callable[[], "object"], policy: BatchPolicy, n_episod
     return eps, timing
 
 
-def reference_scores(dataset_id: str, metadata: dict) -> tuple[Optional[float], Optional[float], str]:
-    """(ref_min, ref_max, source) for a dataset: its metadata, else D4RL's table for D4RL ports,
-    else (None, None, reason) with a warning."""
+def check_reference_scores(dataset_id: str, metadata: dict) -> tuple[Optional[float], Optional[float]]:
+    """The metadata's (ref_min_score, ref_max_score), checked: both or neither, finite numbers,
+    ref_max > ref_min. Raises a ``ValueError`` naming the dataset otherwise."""
     lo, hi = metadata.get("ref_min_score"), metadata.get("ref_max_score")
-    if lo is not None and hi is not None:
-        return float(lo), float(hi), "dataset metadata"
+    if lo is None and hi is None:
+        return None, None
+    fix = ("fix the dataset's metadata (ref_min_score = the return of a random policy, ref_max_score = an "
+           "expert's), or make the dataset again")
+    if lo is None or hi is None:
+        have, miss = ("ref_min_score", "ref_max_score") if hi is None else ("ref_max_score", "ref_min_score")
+        raise ValueError(f"dataset: {dataset_id!r} has {have} but no {miss} in its metadata; normalised scores "
+                         f"need both: {fix}")
+    try:
+        lo_f, hi_f = float(lo), float(hi)
+    except (TypeError, ValueError):
+        raise ValueError(f"dataset: {dataset_id!r} has reference scores that are not numbers (ref_min_score={lo!r}, "
+                         f"ref_max_score={hi!r}): {fix}") from None
+    if not (math.isfinite(lo_f) and math.isfinite(hi_f)):
+        raise ValueError(f"dataset: {dataset_id!r} has non-finite reference scores (ref_min_score={lo_f}, "
+                         f"ref_max_score={hi_f}): {fix}")
+    if hi_f <= lo_f:
+        what = "equals" if hi_f == lo_f else "is below"
+        raise ValueError(f"dataset: {dataset_id!r} has ref_max_score={hi_f:g}, which {what} ref_min_score={lo_f:g}: "
+                         f"normalised scores would be {'undefined' if hi_f == lo_f else 'inverted'}; {fix}")
+    return lo_f, hi_f
+
+
+def reference_scores(dataset_id: str, metadata: dict) -> tuple[Optional[float], Optional[float], str]:
+    """(ref_min, ref_max, source) for a dataset: its metadata (checked by :func:`check_reference_scores`),
+    else D4RL's table for D4RL ports, else (None, None, reason) with a warning."""
+    lo, hi = check_reference_scores(dataset_id, metadata)
+    if lo is not None:
+        return lo, hi, "dataset metadata"
     for prefix, (lo, hi) in D4RL_REF_SCORES.items():
         if dataset_id.startswith(prefix + "/"):
             return lo, hi, "D4RL published reference returns"

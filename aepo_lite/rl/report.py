@@ -5,8 +5,14 @@ figures_dir)`` rebuilds the table (``rl_results.md``) and the figure (``rl_resul
 CSV alone; ``update_readme`` rewrites the README between ``<!-- rl:start -->`` and ``<!-- rl:end -->``.
 
 CSV columns: dataset, method, seed, guidance_scale, return_mean, normalized_score, transitions,
-preset. One row per (run, guidance scale); a ``method=dataset`` row per dataset holds the mean
-episode return of the data itself (seed and guidance scale empty).
+then every setting that changes a result (:data:`SETTINGS`): preset, episodes, candidates
+(best-of-N), guidance_t_max, sample_steps, solver. One row per (run, guidance scale); a
+``method=dataset`` row per dataset holds the mean episode return of the data itself (seed,
+guidance scale and the evaluation settings empty).
+
+Rows that differ in any setting are never averaged together: the tables and the figure group by
+all of them. ``collect`` never replaces saved rows by fewer (``force=True`` to do it on purpose)
+and refuses to run on no runs at all.
 """
 from __future__ import annotations
 
@@ -17,10 +23,14 @@ from pathlib import Path
 
 from aepo_lite._io import atomic_save_figure, atomic_write_text, read_json
 
-__all__ = ["COLUMNS", "collect", "render", "summary_rows", "markdown_table", "speed_table", "update_readme"]
+__all__ = ["COLUMNS", "SETTINGS", "SPEED_COLUMNS", "collect", "render", "summary_rows", "markdown_table",
+           "speed_table", "update_readme"]
 
-COLUMNS = ["dataset", "method", "seed", "guidance_scale", "return_mean", "normalized_score", "transitions", "preset"]
-SPEED_COLUMNS = ["dataset", "method", "seed", "preset", "stage", "steps", "seconds", "rate", "unit"]
+# The settings of an evaluation that change its numbers; every row carries them.
+SETTINGS = ["preset", "episodes", "candidates", "guidance_t_max", "sample_steps", "solver"]
+COLUMNS = ["dataset", "method", "seed", "guidance_scale", "return_mean", "normalized_score", "transitions"] + SETTINGS
+SPEED_COLUMNS = ["dataset", "method", "seed", "preset", "stage", "steps", "seconds", "rate", "unit"] + SETTINGS[1:]
+_EVAL_SETTINGS = SETTINGS[1:]  # empty on the dataset row and on training-stage speed rows
 START, END = "<!-- rl:start -->", "<!-- rl:end -->"
 
 
@@ -28,49 +38,126 @@ def _result_files(paths) -> list[Path]:
     out = []
     for p in paths:
         p = Path(p)
+        if not p.exists():
+            raise FileNotFoundError(f"runs: {p} does not exist (give run folders made by `aepo-lite train`, or "
+                                    "folders holding them)")
         if p.is_file() and p.name == "results.json":
             out.append(p)
         elif p.is_dir():
             out += sorted(p.rglob("results.json"))
+        else:
+            raise ValueError(f"runs: {p} is neither a run folder nor a results.json file")
+    if not out:
+        where = ", ".join(str(p) for p in paths) or "(no paths given)"
+        raise ValueError(f"runs: no results.json under {where}: evaluate runs first (`aepo-lite train ...`, "
+                         "`aepo-lite eval --run DIR`) or give the folders that hold them")
     return out
 
 
-def collect(run_paths, csv_path, speed_csv: str | Path | None = None) -> list[dict]:
-    """Write the results CSV (and ``rl_speed.csv`` beside it) from saved runs; returns the rows."""
-    rows, speed, datasets = [], [], {}
+def _label(label: str, t_max: float, candidates: int) -> str:
+    """The run's label (``aepo(tweedie/sampled)``: it names the AEPO estimator), marked with diagnostics."""
+    if t_max < 1.0:
+        label += f"[t<={t_max:g}]"
+    if candidates > 1:
+        label += f"[best-of-{candidates}]"
+    return label
+
+
+def _norm(v) -> str:
+    """A cell as a comparable string: numbers by value (``1`` == ``1.0``), empty for None."""
+    if v is None or v == "":
+        return ""
+    try:
+        return repr(float(v))
+    except (TypeError, ValueError):
+        return str(v)
+
+
+def _row_key(r: dict) -> tuple:
+    return tuple(_norm(r.get(k)) for k in ("dataset", "method", "seed", "guidance_scale", *SETTINGS))
+
+
+def _speed_key(r: dict) -> tuple:
+    return tuple(_norm(r.get(k)) for k in ("dataset", "method", "seed", "stage", *SETTINGS))
+
+
+def collect(run_paths, csv_path, speed_csv: str | Path | None = None, *, force: bool = False) -> list[dict]:
+    """Write the results CSV (and ``rl_speed.csv`` beside it) from saved runs; returns the rows.
+
+    Raises ``FileNotFoundError``/``ValueError`` (and writes nothing) when a run path is missing, when no
+    ``results.json`` is found, when two runs give the same row, or when a CSV already holds rows that the
+    runs found would drop (unless ``force``: then the saved rows are replaced on purpose).
+    """
+    rows, speed, datasets, seen = [], [], {}, {}
     for f in _result_files(run_paths):
         res = read_json(f)
-        label = res.get("label", res["method"])  # names the AEPO estimator: they differ a lot
-        for r in sorted(res.get("rows", []), key=lambda r: r["guidance_scale"]):
+        if "rows" not in res or "label" not in res:
+            raise ValueError(f"runs: {f} was written by an older aepo-lite (results keyed by scale only); "
+                             f"re-evaluate the run: aepo-lite eval --run {f.parent}")
+        try:
+            ds, method, seed, preset = res["dataset"], res["label"], res["seed"], res["preset"]
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"runs: {f} lacks {e} (not a results file of `aepo-lite eval`)") from None
+        for r in sorted(res["rows"], key=lambda r: (r["guidance_scale"], r["episodes"], r["candidates"])):
             w = r["guidance_scale"]
-            res["method"] = label + (f"[t<={float(r['guidance_t_max']):g}]" if r.get("guidance_t_max", 1.0) < 1 else "")
-            rows.append({"dataset": res["dataset"], "method": res["method"], "seed": res["seed"],
-                         "guidance_scale": float(w), "return_mean": r["return_mean"],
-                         "normalized_score": r["normalized_score_mean"], "transitions": res["transitions"],
-                         "preset": res["preset"]})
-            speed.append({"dataset": res["dataset"], "method": res["method"], "seed": res["seed"],
-                          "preset": res["preset"], "stage": f"eval w={float(w):g}", "steps": r["episodes"],
-                          "seconds": "", "rate": r.get("actions_per_s"), "unit": "actions/s"})
+            st = {"preset": preset, "episodes": int(r["episodes"]), "candidates": int(r["candidates"]),
+                  "guidance_t_max": float(r["guidance_t_max"]), "sample_steps": int(r["sample_steps"]),
+                  "solver": str(r["solver"])}
+            label = _label(method, st["guidance_t_max"], st["candidates"])
+            row = {"dataset": ds, "method": label, "seed": seed, "guidance_scale": float(w),
+                   "return_mean": r["return_mean"], "normalized_score": r["normalized_score_mean"],
+                   "transitions": res["transitions"], **st}
+            k = _row_key(row)
+            if k in seen:
+                raise ValueError(f"runs: {seen[k]} and {f} give the same row ({ds}, {label}, seed {seed}, guidance "
+                                 f"scale {float(w):g}, same settings): collect only one of them")
+            seen[k] = f
+            rows.append(row)
+            speed.append({"dataset": ds, "method": label, "seed": seed, "stage": f"eval w={float(w):g}",
+                          "steps": r["episodes"], "seconds": "", "rate": r.get("actions_per_s"), "unit": "actions/s",
+                          **st})
         lo, hi = res.get("ref_min_score"), res.get("ref_max_score")
         ret = res.get("dataset_mean_return")
         ns = None if (lo is None or hi is None or ret is None) else 100.0 * (ret - lo) / (hi - lo)
-        datasets[(res["dataset"], res["preset"])] = {
-            "dataset": res["dataset"], "method": "dataset", "seed": "", "guidance_scale": "", "return_mean": ret,
-            "normalized_score": ns, "transitions": res["transitions"], "preset": res["preset"]}
+        datasets[(ds, preset)] = {"dataset": ds, "method": "dataset", "seed": "", "guidance_scale": "",
+                                  "return_mean": ret, "normalized_score": ns, "transitions": res["transitions"],
+                                  "preset": preset}
         stats_p = f.parent / "train_stats.json"
         if stats_p.exists():
+            label = method  # training stages do not depend on the evaluation settings
             for stage, st in read_json(stats_p).items():
                 rate, unit = (st.get("steps_per_s"), "steps/s") if "steps_per_s" in st else (st.get("actions_per_s"), "actions/s")
-                speed.append({"dataset": res["dataset"], "method": res["method"], "seed": res["seed"],
-                              "preset": res["preset"], "stage": stage + (" (copied)" if "copied_from" in st else ""),
+                speed.append({"dataset": ds, "method": label, "seed": seed,
+                              "stage": stage + (" (copied)" if "copied_from" in st else ""),
                               "steps": st.get("steps", st.get("rows")), "seconds": st.get("seconds"), "rate": rate,
-                              "unit": unit})
+                              "unit": unit, "preset": preset})
     rows += list(datasets.values())
-    rows.sort(key=lambda r: (r["dataset"], r["preset"], r["method"], str(r["seed"]), str(r["guidance_scale"])))
-    _write_csv(csv_path, COLUMNS, rows)
+    rows.sort(key=lambda r: (r["dataset"], r["preset"], r["method"], str(r["seed"]), str(r["guidance_scale"]),
+                             *(_norm(r.get(k)) for k in _EVAL_SETTINGS)))
     speed_csv = Path(speed_csv) if speed_csv else Path(csv_path).with_name("rl_speed.csv")
+    # every check before the first write: a refused collection leaves both files as they were
+    _refuse_fewer(csv_path, rows, COLUMNS, _row_key, force)
+    _refuse_fewer(speed_csv, speed, SPEED_COLUMNS, _speed_key, force)
+    _write_csv(csv_path, COLUMNS, rows)
     _write_csv(speed_csv, SPEED_COLUMNS, speed)
     return rows
+
+
+def _refuse_fewer(path, new_rows: list[dict], cols, key, force: bool) -> None:
+    """Raise unless every row saved in ``path`` is among ``new_rows`` (or ``force``)."""
+    path = Path(path)
+    if force or not path.exists():
+        return
+    old = _read(path, cols)
+    new_keys = {key(r) for r in new_rows}
+    lost = [r for r in old if key(r) not in new_keys]
+    if lost:
+        ex = lost[0]
+        raise ValueError(
+            f"{path} holds {len(old)} rows and the runs found give {len(new_rows)}; {len(lost)} saved rows would be "
+            f"lost (e.g. {ex.get('dataset')} {ex.get('method')} seed {ex.get('seed') or '-'}): collect every run folder "
+            "the file was made from (see the README block's command), or replace it on purpose with force=True "
+            "(aepo-lite rl-results --force)")
 
 
 def _write_csv(path, cols, rows) -> None:
@@ -83,9 +170,15 @@ def _write_csv(path, cols, rows) -> None:
     atomic_write_text(path, buf.getvalue())
 
 
-def _read(csv_path) -> list[dict]:
-    with open(csv_path) as f:
-        return list(csv.DictReader(f))
+def _read(csv_path, cols=COLUMNS) -> list[dict]:
+    with open(csv_path, newline="") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in cols if c not in (reader.fieldnames or [])]
+        if missing:
+            raise ValueError(f"{csv_path} lacks the columns {missing} (made by an older aepo-lite, whose rows did not "
+                             "record every setting): add them with the values the rows were made with, or collect the "
+                             "runs again")
+        return list(reader)
 
 
 def _num(x):
@@ -99,22 +192,38 @@ def _mean_std(xs):
 
 
 def summary_rows(csv_path) -> list[dict]:
-    """Per (dataset, preset, method, guidance scale): mean and std over seeds (sample std)."""
+    """Per (dataset, method, guidance scale, settings): mean and std over seeds (sample std).
+
+    Rows that differ in any of :data:`SETTINGS` are separate summaries, never averaged together."""
     groups = defaultdict(list)
     for r in _read(csv_path):
-        key = (r["dataset"], r["preset"], r["method"], r["guidance_scale"])
+        key = (r["dataset"], r["preset"], r["method"], r["guidance_scale"], *(_norm(r[k]) for k in _EVAL_SETTINGS))
         groups[key].append(r)
     out = []
-    for (ds, preset, m, w), rs in sorted(groups.items()):
+    for key, rs in sorted(groups.items()):
+        ds, preset, m, w = key[:4]
         rets = [float(r["return_mean"]) for r in rs if r["return_mean"] != ""]
         ns = [float(r["normalized_score"]) for r in rs if r["normalized_score"] != ""]
-        rm, rsd = _mean_std(rets)
+        rm, rsd = _mean_std(rets) if rets else (None, None)
+        first = rs[0]
         out.append({"dataset": ds, "preset": preset, "method": m, "guidance_scale": _num(w), "seeds": len(rs),
                     "return_mean": rm, "return_std": rsd,
-                    "score_mean": _mean_std(ns)[0] if len(ns) == len(rs) else None,
-                    "score_std": _mean_std(ns)[1] if len(ns) == len(rs) else None,
-                    "transitions": int(float(rs[0]["transitions"]))})
+                    "score_mean": _mean_std(ns)[0] if ns and len(ns) == len(rs) else None,
+                    "score_std": _mean_std(ns)[1] if ns and len(ns) == len(rs) else None,
+                    "transitions": int(float(first["transitions"])),
+                    **{k: first[k] for k in _EVAL_SETTINGS}})
     return out
+
+
+def _eval_text(r: dict) -> str:
+    """The evaluation settings of a summary row, as the tables print them."""
+    if r["method"] == "dataset" or r.get("episodes") in ("", None):
+        return "—"
+    return f"{r['episodes']} ep, {r['solver']} {r['sample_steps']} steps"
+
+
+def _variant(r: dict) -> tuple:
+    return (r["method"], *(_norm(r.get(k)) for k in _EVAL_SETTINGS))
 
 
 def _fmt(m, s):
@@ -122,81 +231,99 @@ def _fmt(m, s):
 
 
 def markdown_table(csv_path) -> str:
-    """Headline table (dataset, BC, best guidance scale per guided method) and the full sweep."""
+    """Headline table (dataset, BC, best guidance scale per guided method) and the full sweep.
+
+    A method evaluated with other settings (episodes, sampler, best-of-N, guidance cut-off) is its
+    own line, with those settings in the ``evaluation`` column."""
     rows = summary_rows(csv_path)
     by_ds = defaultdict(list)
     for r in rows:
         by_ds[(r["dataset"], r["preset"])].append(r)
-    lines = ["| dataset | preset | transitions | method | guidance scale | seeds | normalised score | return |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| dataset | preset | transitions | method | evaluation | guidance scale | seeds | normalised score | return |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    order = {"dataset": 0, "bc": 1}
     for (ds, preset), rs in sorted(by_ds.items()):
-        order = {"dataset": 0, "bc": 1}
         best = {}
         for r in rs:
-            if r["method"] in ("dataset", "bc"):
-                best[r["method"]] = r
-                continue
+            v = _variant(r)
             key = r["score_mean"] if r["score_mean"] is not None else r["return_mean"]
-            cur = best.get(r["method"])
+            cur = best.get(v)
             ck = None if cur is None else (cur["score_mean"] if cur["score_mean"] is not None else cur["return_mean"])
-            if cur is None or key > ck:
-                best[r["method"]] = r
-        for m, r in sorted(best.items(), key=lambda kv: (order.get(kv[0], 2), kv[0])):
+            if cur is None or (key is not None and (ck is None or key > ck)):
+                best[v] = r
+        for v, r in sorted(best.items(), key=lambda kv: (order.get(kv[0][0], 2), kv[0])):
+            m = r["method"]
             w = "—" if r["guidance_scale"] is None else f"{r['guidance_scale']:g}" + (" (best)" if m not in order else "")
             seeds = "—" if m == "dataset" else str(r["seeds"])
-            lines.append(f"| {ds} | {preset} | {r['transitions']} | {m} | {w} | {seeds} | "
+            lines.append(f"| {ds} | {preset} | {r['transitions']} | {m} | {_eval_text(r)} | {w} | {seeds} | "
                          f"{_fmt(r['score_mean'], r['score_std'])} | {_fmt(r['return_mean'], r['return_std'])} |")
     lines += ["", "Full guidance-scale sweep (mean ± std over seeds):", "",
-              "| dataset | preset | method | guidance scale | seeds | normalised score | return |", "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        if r["method"] == "dataset":
-            continue
-        lines.append(f"| {r['dataset']} | {r['preset']} | {r['method']} | {r['guidance_scale']:g} | {r['seeds']} | "
-                     f"{_fmt(r['score_mean'], r['score_std'])} | {_fmt(r['return_mean'], r['return_std'])} |")
+              "| dataset | preset | method | evaluation | guidance scale | seeds | normalised score | return |",
+              "|---|---|---|---|---|---|---|---|"]
+    for r in sorted((r for r in rows if r["method"] != "dataset"),
+                    key=lambda r: (r["dataset"], r["preset"], _variant(r), r["guidance_scale"])):
+        lines.append(f"| {r['dataset']} | {r['preset']} | {r['method']} | {_eval_text(r)} | {r['guidance_scale']:g} | "
+                     f"{r['seeds']} | {_fmt(r['score_mean'], r['score_std'])} | {_fmt(r['return_mean'], r['return_std'])} |")
     return "\n".join(lines) + "\n"
 
 
 def speed_table(speed_csv) -> str:
-    """Mean rate over seeds per (dataset, preset, method, stage) from ``rl_speed.csv``."""
+    """Mean rate over seeds per (dataset, preset, method, stage, evaluation settings) from ``rl_speed.csv``."""
     groups = defaultdict(list)
-    for r in _read(speed_csv):
+    for r in _read(speed_csv, SPEED_COLUMNS):
         if r["rate"] in ("", None) or "(copied)" in r["stage"]:
             continue
-        stage = "eval (all scales)" if r["stage"].startswith("eval") else r["stage"]
-        if "[t<=" in r["method"] and stage != "eval (all scales)":
+        is_eval = r["stage"].startswith("eval")
+        stage = "eval (all scales)" if is_eval else r["stage"]
+        if "[t<=" in r["method"] and not is_eval:
             continue  # a re-evaluated copy: its training rows are the original run's
-        groups[(r["dataset"], r["preset"], r["method"], stage, r["unit"])].append(float(r["rate"]))
-    lines = ["| dataset | preset | method | stage | rate (mean) | runs x scales |", "|---|---|---|---|---|---|"]
-    for (ds, preset, m, stage, unit), v in sorted(groups.items()):
-        lines.append(f"| {ds} | {preset} | {m} | {stage} | {sum(v) / len(v):.1f} {unit} | {len(v)} |")
+        ev = (f"{r['solver']} {r['sample_steps']} steps, best-of-{r['candidates']}" if is_eval else "—")
+        groups[(r["dataset"], r["preset"], r["method"], stage, ev, r["unit"])].append(float(r["rate"]))
+    lines = ["| dataset | preset | method | stage | sampler | rate (mean) | runs x scales |",
+             "|---|---|---|---|---|---|---|"]
+    for (ds, preset, m, stage, ev, unit), v in sorted(groups.items()):
+        lines.append(f"| {ds} | {preset} | {m} | {stage} | {ev} | {sum(v) / len(v):.1f} {unit} | {len(v)} |")
     return "\n".join(lines) + "\n"
 
 
 def render(csv_path, figures_dir) -> list[Path]:
-    """Rebuild ``rl_results.md`` and ``rl_results.png`` in ``figures_dir`` from the CSV alone."""
+    """Rebuild ``rl_results.md`` and ``rl_results.png`` in ``figures_dir`` from the CSV alone.
+
+    An empty CSV is an error (it would draw an empty table over the saved one)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     figures_dir = Path(figures_dir)
-    md = atomic_write_text(figures_dir / "rl_results.md", markdown_table(csv_path))
     rows = summary_rows(csv_path)
+    if not rows:
+        raise ValueError(f"{csv_path} has no result rows: nothing to render (collect runs with `aepo-lite rl-results "
+                         "--runs DIR ...` first)")
+    md = atomic_write_text(figures_dir / "rl_results.md", markdown_table(csv_path))
     keys = sorted({(r["dataset"], r["preset"]) for r in rows})
     fig, axes = plt.subplots(1, max(1, len(keys)), figsize=(8.5 * max(1, len(keys)), 4.2), squeeze=False)
     for ax, (ds, preset) in zip(axes[0], keys):
         rs = [r for r in rows if r["dataset"] == ds and r["preset"] == preset]
         use_score = all(r["score_mean"] is not None for r in rs)
         val = (lambda r: (r["score_mean"], r["score_std"])) if use_score else (lambda r: (r["return_mean"], r["return_std"]))
+        variants = sorted({_variant(r) for r in rs})
+        many = defaultdict(int)
+        for v in variants:
+            many[v[0]] += 1
+
+        def name(r):  # the settings are named only where one method was evaluated several ways
+            return r["method"] + (f" [{_eval_text(r)}]" if many[r["method"]] > 1 else "")
+
         for r in rs:
             if r["method"] in ("dataset", "bc"):
                 m, s = val(r)
                 ax.axhline(m, ls="--" if r["method"] == "dataset" else ":", color="k" if r["method"] == "dataset" else "C7",
-                           label=f"{r['method']} ({m:.1f})")
-        for i, meth in enumerate(sorted({r["method"] for r in rs} - {"dataset", "bc"})):
-            pts = sorted((r for r in rs if r["method"] == meth), key=lambda r: r["guidance_scale"])
+                           label=f"{name(r)} ({m:.1f})")
+        for i, v in enumerate(v for v in variants if v[0] not in ("dataset", "bc")):
+            pts = sorted((r for r in rs if _variant(r) == v), key=lambda r: r["guidance_scale"])
             x = [r["guidance_scale"] for r in pts]
             y, e = zip(*[val(r) for r in pts])
-            ax.errorbar(x, y, yerr=e, marker="o", capsize=3, color=f"C{i}", label=f"{meth} (n={pts[0]['seeds']})")
+            ax.errorbar(x, y, yerr=e, marker="o", capsize=3, color=f"C{i % 10}", label=f"{name(pts[0])} (n={pts[0]['seeds']})")
         ax.set_xscale("symlog", linthresh=0.1)
         ax.set_xlabel("guidance scale w")
         ax.set_ylabel("normalised score (x100)" if use_score else "return")

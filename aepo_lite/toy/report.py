@@ -9,32 +9,51 @@
   - ``toy2d_rows.md``: which rows of the grid exist (tasks, seeds per method, beta and scale).
 ``update_readme(csv_path, readme_path)`` rewrites the README block between
 ``<!-- toy:start -->`` and ``<!-- toy:end -->``.
+
+Every row records the settings that change its numbers (:data:`SETTINGS`: the preset, the sample
+count ``n_eval``, the sampler's ``sample_steps`` and ``solver``). Rows that differ in any of them
+are never merged: ``write_results`` keeps both, and every table and figure is drawn per settings
+group (a smoke row never lands in a full-preset table). Build rows with :func:`result_rows`.
 """
 from __future__ import annotations
 
 import csv
 import math
 from collections import defaultdict
+from dataclasses import asdict
 from pathlib import Path
 
 from aepo_lite._io import atomic_save_figure, atomic_write_text
 
-__all__ = ["COLUMNS", "read_results", "write_results", "summarise", "best_estimator", "render", "update_readme",
-           "plot_run", "README_START", "README_END"]
+__all__ = ["COLUMNS", "SETTINGS", "read_results", "write_results", "result_rows", "done_keys", "config_keys",
+           "settings_groups", "summarise", "best_estimator", "render", "update_readme", "plot_run", "README_START",
+           "README_END"]
 
-COLUMNS = ("task", "method", "estimator", "beta", "guidance_scale", "seed", "distance", "floor")
-KEY = COLUMNS[:6]
+# The settings of a run that change its numbers; every row carries them, and rows that differ in
+# any of them are never averaged, ranked or replaced together.
+SETTINGS = ("preset", "n_eval", "sample_steps", "solver")
+COLUMNS = ("task", "method", "estimator", "beta", "guidance_scale", "seed", "distance", "floor") + SETTINGS
+KEY = COLUMNS[:6] + SETTINGS
 README_START, README_END = "<!-- toy:start -->", "<!-- toy:end -->"
 TASK_ORDER = ("swissroll", "8gaussians", "moons", "rings", "checkerboard", "2spirals")
 REPORT_SCALE = 1.0  # the guidance scale the tables report (w = 1 is exact when f = E_t)
 
 
-def _row(r: dict) -> dict:
+def _row(r: dict, where: str = "row") -> dict:
+    missing = [k for k in COLUMNS if r.get(k) is None or (k in SETTINGS and r.get(k) == "")]
+    if missing:
+        raise ValueError(f"{where}: lacks {missing}; every row records the settings it was made with "
+                         f"({', '.join(SETTINGS)}): build rows with aepo_lite.toy.report.result_rows(metrics, cfg)")
     out = {k: r[k] for k in COLUMNS}
     out["estimator"] = out["estimator"] or ""
-    for k in ("beta", "guidance_scale", "distance", "floor"):
-        out[k] = float(out[k])
-    out["seed"] = int(out["seed"])
+    try:
+        for k in ("beta", "guidance_scale", "distance", "floor"):
+            out[k] = float(out[k])
+        for k in ("seed", "n_eval", "sample_steps"):
+            out[k] = int(out[k])
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{where}: {e}") from None
+    out["preset"], out["solver"] = str(out["preset"]), str(out["solver"])
     return out
 
 
@@ -47,29 +66,87 @@ def read_results(csv_path) -> list[dict]:
         reader = csv.DictReader(f)
         missing = [c for c in COLUMNS if c not in (reader.fieldnames or [])]
         if missing:
-            raise ValueError(f"csv_path: {path} lacks the columns {missing}")
-        return [_row(r) for r in reader]
+            raise ValueError(f"csv_path: {path} lacks the columns {missing} (made before every row recorded its "
+                             f"settings {list(SETTINGS)}): add them with the values its rows were made with")
+        return [_row(r, f"{path} line {i + 2}") for i, r in enumerate(reader)]
 
 
 def _key(r: dict) -> tuple:
-    return (r["task"], r["method"], r["estimator"] or "", float(r["beta"]), float(r["guidance_scale"]), int(r["seed"]))
+    return (r["task"], r["method"], r["estimator"] or "", float(r["beta"]), float(r["guidance_scale"]), int(r["seed"]),
+            str(r["preset"]), int(r["n_eval"]), int(r["sample_steps"]), str(r["solver"]))
+
+
+def _settings(r: dict) -> tuple:
+    return tuple(r[k] for k in SETTINGS)
+
+
+def result_rows(metrics: dict, cfg) -> list[dict]:
+    """One run's ``metrics.json`` (``evaluate_toy``) and its config (a ``ToyConfig`` or its dict) ->
+    rows of the results CSV, each with the settings that made it."""
+    c = cfg if isinstance(cfg, dict) else asdict(cfg)
+    for k in ("task", "method", "beta", "seed"):
+        if k in metrics and k in c and metrics[k] != c[k]:
+            raise ValueError(f"cfg: the metrics are of {k}={metrics[k]!r}, the config has {k}={c[k]!r}")
+    st = {k: c[k] for k in SETTINGS}
+    return [_row(dict(task=metrics["task"], method=metrics["method"], estimator=metrics.get("estimator") or "",
+                      beta=metrics["beta"], guidance_scale=r["guidance_scale"], seed=metrics["seed"],
+                      distance=r["distance"], floor=r["floor"], **st)) for r in metrics["results"]]
+
+
+def config_keys(cfg) -> set:
+    """The CSV keys one config's run writes (for skipping configs whose rows exist: see :func:`done_keys`)."""
+    c = cfg if isinstance(cfg, dict) else asdict(cfg)
+    est = c["estimator"] if c["method"] == "aepo" else ""
+    scales = (0.0,) if c["method"] == "bc" else tuple(c["guidance_scales"])
+    return {(c["task"], c["method"], est, float(c["beta"]), float(w), int(c["seed"]), str(c["preset"]),
+             int(c["n_eval"]), int(c["sample_steps"]), str(c["solver"])) for w in scales}
+
+
+def done_keys(csv_path) -> set:
+    """Keys of the rows already in the CSV (empty when there is none): a config is done when
+    ``config_keys(cfg) <= done_keys(csv)``; a smoke run never counts as a full one."""
+    return {_key(r) for r in read_results(csv_path)} if Path(csv_path).exists() else set()
 
 
 def write_results(csv_path, new_rows: list[dict]) -> list[dict]:
-    """Merge ``new_rows`` into the CSV (a row with the same task/method/estimator/beta/scale/seed is replaced)."""
+    """Merge ``new_rows`` into the CSV: a row with the same task/method/estimator/beta/scale/seed *and*
+    settings is replaced; rows made with other settings (another preset, sample count, sampler) are kept."""
     path = Path(csv_path)
+    checked = [_row(r, f"new_rows[{i}]") for i, r in enumerate(new_rows)]  # all checked before the file is read
     rows = {_key(r): r for r in (read_results(path) if path.exists() else [])}
-    for r in new_rows:
-        r = _row(r)
+    for r in checked:
         rows[_key(r)] = r
-    ordered = sorted(rows.values(), key=lambda r: (_task_rank(r["task"]), r["method"], r["estimator"], r["beta"],
-                                                   r["guidance_scale"], r["seed"]))
+    ordered = sorted(rows.values(), key=lambda r: (_settings(r), _task_rank(r["task"]), r["method"], r["estimator"],
+                                                   r["beta"], r["guidance_scale"], r["seed"]))
     lines = [",".join(COLUMNS)]
     for r in ordered:
         lines.append(",".join([r["task"], r["method"], r["estimator"], f"{r['beta']:g}", f"{r['guidance_scale']:g}",
-                               str(r["seed"]), f"{r['distance']:.6f}", f"{r['floor']:.6f}"]))
+                               str(r["seed"]), f"{r['distance']:.6f}", f"{r['floor']:.6f}", r["preset"],
+                               str(r["n_eval"]), str(r["sample_steps"]), r["solver"]]))
     atomic_write_text(path, "\n".join(lines) + "\n")
     return ordered
+
+
+def settings_groups(rows: list[dict]) -> dict[tuple, list[dict]]:
+    """Rows by their settings (``SETTINGS`` values), the full preset first, then by size."""
+    g = defaultdict(list)
+    for r in rows:
+        g[_settings(r)].append(r)
+    return dict(sorted(g.items(), key=lambda kv: (kv[0][0] != "full", -len(kv[1]), kv[0])))
+
+
+def _one_settings(rows: list[dict], what: str) -> None:
+    """Refuse to summarise rows made with different settings together."""
+    found = {_settings(r) for r in rows}
+    if len(found) > 1:
+        raise ValueError(f"rows: {what} got rows of {len(found)} different settings "
+                         f"({'; '.join(settings_text(st) for st in sorted(found))}); split them with "
+                         "settings_groups(rows) and summarise each group on its own")
+
+
+def settings_text(st: tuple) -> str:
+    preset, n_eval, steps, solver = st
+    return f"preset {preset}, {n_eval} samples per scale, {solver} sampler with {steps} steps"
 
 
 def _task_rank(t: str) -> tuple:
@@ -82,7 +159,8 @@ def _label(method: str, estimator: str) -> str:
 
 def summarise(rows: list[dict], scale: float = REPORT_SCALE) -> dict:
     """{(beta, task, label): (mean distance, std, mean floor, n seeds, mean ratio distance/floor)} at ``scale``
-    (bc rows, sampled at scale 0, are included at every scale)."""
+    (bc rows, sampled at scale 0, are included at every scale). The rows must share their settings."""
+    _one_settings(rows, "summarise")
     groups = defaultdict(list)
     for r in rows:
         if r["method"] != "bc" and abs(r["guidance_scale"] - scale) > 1e-9:
@@ -104,7 +182,9 @@ def best_estimator(rows: list[dict], beta: float = 10.0, scale: float = REPORT_S
     on what they have but not ranked.
 
     Returns (estimator, {estimator: (mean ratio, n tasks, n pairs)}) or (None, {}) without AEPO rows.
+    The rows must share their settings (:func:`settings_groups`).
     """
+    _one_settings(rows, "best_estimator")
     ratio = defaultdict(dict)  # estimator -> {(task, seed): distance / floor}
     for r in rows:
         if r["method"] == "aepo" and r["beta"] == beta and abs(r["guidance_scale"] - scale) < 1e-9:
@@ -128,6 +208,7 @@ def _fmt(m, sd, n):
 
 def grid_estimator(rows: list[dict], beta: float = 10.0) -> str | None:
     """The AEPO estimator with the most (task, seed) rows at ``beta``: the one the main table reports."""
+    _one_settings(rows, "grid_estimator")
     count = defaultdict(set)
     for r in rows:
         if r["method"] == "aepo" and r["beta"] == beta:
@@ -209,39 +290,50 @@ def estimators_markdown(rows: list[dict], beta: float = 10.0, scale: float = REP
 
 
 def rows_markdown(rows: list[dict]) -> str:
-    """Which rows exist: per (method, estimator, beta, guidance scale) the tasks and seeds."""
+    """Which rows exist: per (settings, method, estimator, beta, guidance scale) the tasks and seeds."""
     g = defaultdict(lambda: (set(), set()))
     for r in rows:
-        k = (_label(r["method"], r["estimator"]), r["beta"], r["guidance_scale"])
+        k = (r["preset"], r["n_eval"], f"{r['solver']} {r['sample_steps']}", _label(r["method"], r["estimator"]),
+             r["beta"], r["guidance_scale"])
         g[k][0].add(r["task"])
         g[k][1].add(r["seed"])
-    lines = ["| method | beta | guidance scale | tasks | seeds |", "|---|---|---|---|---|"]
-    for (lab, b, w), (tasks, seeds) in sorted(g.items()):
-        lines.append(f"| {lab} | {b:g} | {w:g} | {len(tasks)} | {','.join(map(str, sorted(seeds)))} |")
+    lines = ["| preset | samples | sampler, steps | method | beta | guidance scale | tasks | seeds |",
+             "|---|---|---|---|---|---|---|---|"]
+    for (preset, n, smp, lab, b, w), (tasks, seeds) in sorted(g.items(), key=lambda kv: (kv[0][0] != "full", kv[0])):
+        lines.append(f"| {preset} | {n} | {smp} | {lab} | {b:g} | {w:g} | {len(tasks)} | "
+                     f"{','.join(map(str, sorted(seeds)))} |")
     return "\n".join(lines) + "\n"
 
 
-def plot_distances(rows: list[dict], path, default_est: str | None, scale: float = REPORT_SCALE) -> Path:
+def plot_distances(rows: list[dict], path, default_est: str | None = None, scale: float = REPORT_SCALE) -> Path:
+    """distance / floor per task and method: one row of panels per settings group, one panel per beta."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    betas = sorted({r["beta"] for r in rows})
-    s = summarise(rows, scale)
-    fig, axes = plt.subplots(1, len(betas), figsize=(5.5 * len(betas), 3.8), squeeze=False)
-    for ax, b in zip(axes[0], betas):
-        labels = _main_labels(rows, b, default_est)
-        tasks = sorted({r["task"] for r in rows if r["beta"] == b}, key=_task_rank)
-        width = 0.8 / max(len(labels), 1)
-        for i, lab in enumerate(labels):
-            ys = [s[(b, t, lab)][4] if (b, t, lab) in s else float("nan") for t in tasks]
-            ax.bar([j + i * width for j in range(len(tasks))], ys, width, label=lab)
-        ax.axhline(1.0, color="k", lw=0.8)
-        ax.axhline(2.0, color="k", lw=0.8, ls="--")
-        ax.set_yscale("log")
-        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(tasks))], tasks, rotation=30, fontsize=8)
-        ax.set_title(f"beta = {b:g}, scale {scale:g}")
-        ax.set_ylabel("distance / floor")
-    axes[0][0].legend(fontsize=7)
+    groups = settings_groups(rows)
+    ncol = max(len({r["beta"] for r in rs}) for rs in groups.values())
+    fig, axes = plt.subplots(len(groups), ncol, figsize=(5.5 * ncol, 3.8 * len(groups)), squeeze=False)
+    for gi, (st, rs) in enumerate(groups.items()):
+        betas = sorted({r["beta"] for r in rs})
+        s = summarise(rs, scale)
+        est = best_estimator(rs)[0] if len(groups) > 1 or default_est is None else default_est
+        for ax in axes[gi][len(betas):]:
+            ax.axis("off")
+        for ax, b in zip(axes[gi], betas):
+            labels = _main_labels(rs, b, est)
+            tasks = sorted({r["task"] for r in rs if r["beta"] == b}, key=_task_rank)
+            width = 0.8 / max(len(labels), 1)
+            for i, lab in enumerate(labels):
+                ys = [s[(b, t, lab)][4] if (b, t, lab) in s else float("nan") for t in tasks]
+                ax.bar([j + i * width for j in range(len(tasks))], ys, width, label=lab)
+            ax.axhline(1.0, color="k", lw=0.8)
+            ax.axhline(2.0, color="k", lw=0.8, ls="--")
+            ax.set_yscale("log")
+            ax.set_xticks([j + 0.4 - width / 2 for j in range(len(tasks))], tasks, rotation=30, fontsize=8)
+            ax.set_title(f"beta = {b:g}, scale {scale:g}" + (f"\n{settings_text(st)}" if len(groups) > 1 else ""),
+                         fontsize=10 if len(groups) == 1 else 8)
+            ax.set_ylabel("distance / floor")
+        axes[gi][0].legend(fontsize=7)
     fig.tight_layout()
     atomic_save_figure(path, fig, dpi=110)
     plt.close(fig)
@@ -249,22 +341,37 @@ def plot_distances(rows: list[dict], path, default_est: str | None, scale: float
 
 
 def render(csv_path="figures/toy2d_results.csv", figures_dir="figures") -> list[Path]:
-    """Regenerate every toy table and figure in ``figures_dir`` from the CSV. Returns the paths written."""
+    """Regenerate every toy table and figure in ``figures_dir`` from the CSV. Returns the paths written.
+
+    Each settings group (preset, samples, sampler) gets its own tables; an empty CSV is an error."""
     rows = read_results(csv_path)
+    if not rows:
+        raise ValueError(f"csv_path: {csv_path} has no rows: nothing to render (run `aepo-lite toy-grid` first)")
     figures_dir = Path(figures_dir)
-    best, _ = best_estimator(rows)
-    written = []
-    betas = sorted({r["beta"] for r in rows})
-    text = "\n".join(f"### beta = {b:g}\n\n" + table_markdown(rows, b, best) for b in betas)
-    written.append(atomic_write_text(figures_dir / "toy2d_table.md", text))
-    written.append(atomic_write_text(figures_dir / "toy2d_estimators.md", estimators_markdown(rows)))
-    written.append(atomic_write_text(figures_dir / "toy2d_rows.md", rows_markdown(rows)))
-    if rows:
-        written.append(plot_distances(rows, figures_dir / "toy2d_distance.png", best))
+    groups = settings_groups(rows)
+    tables, ests = [], []
+    for st, rs in groups.items():
+        best, _ = best_estimator(rs)
+        head = f"## {settings_text(st)}\n\n" if len(groups) > 1 else ""
+        tail = "" if len(groups) > 1 else f"\nSettings: {settings_text(st)}.\n"
+        tables.append(head + "\n".join(f"### beta = {b:g}\n\n" + table_markdown(rs, b, best)
+                                       for b in sorted({r["beta"] for r in rs})) + tail)
+        ests.append(head + estimators_markdown(rs))
+    written = [atomic_write_text(figures_dir / "toy2d_table.md", "\n".join(tables)),
+               atomic_write_text(figures_dir / "toy2d_estimators.md", "\n".join(ests)),
+               atomic_write_text(figures_dir / "toy2d_rows.md", rows_markdown(rows))]
+    first = next(iter(groups.values()))
+    written.append(plot_distances(rows, figures_dir / "toy2d_distance.png",
+                                  best_estimator(first)[0] if len(groups) == 1 else None))
     return written
 
 
 def readme_section(rows: list[dict], csv_name: str = "figures/toy2d_results.csv") -> str:
+    """The README block, from the main settings group (the full preset when the CSV has it); other
+    groups are named, and tabulated in ``figures/toy2d_table.md``, never mixed into this one."""
+    groups = settings_groups(rows)
+    main_st, rows = next(iter(groups.items()))
+    others = [settings_text(st) + f" ({len(rs)} rows)" for st, rs in groups.items() if st != main_st]
     best, score = best_estimator(rows)
     parts = ["## Toy 2D tasks: guidance against the exact target", "",
              f"Generated by `aepo-lite toy-grid` from `{csv_name}` (do not edit by hand). On the six 2D tasks of "
@@ -272,7 +379,10 @@ def readme_section(rows: list[dict], csv_name: str = "figures/toy2d_results.csv"
              "computable (method.md section 6), so every guidance method is measured against the truth: the sliced "
              "Wasserstein-2 distance between guided samples and as many exact target samples (2000 each at the "
              "`full` preset), next to its noise floor (the same distance between two independent exact sets). These are our numbers on our "
-             "re-implementation of the tasks, not the paper's.", ""]
+             "re-implementation of the tasks, not the paper's.", "",
+             f"Settings of every row below: {settings_text(main_st)}."
+             + (" Rows made with other settings are in `figures/toy2d_table.md`, not here: " + "; ".join(others) + "."
+                if others else ""), ""]
     if best:
         main = grid_estimator(rows)
         parts += [f"**AEPO estimator (posterior covariance - expansion of Q) that measured best: `{best}`**, lowest mean "

@@ -34,7 +34,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from aepo_lite._io import _default, append_jsonl, atomic_torch_save, atomic_write_text
+from aepo_lite._io import _default, append_jsonl, atomic_torch_save, atomic_write_text, torch_load
 from aepo_lite.training.learners import Learner
 
 __all__ = ["FORMAT", "Stage", "StageStore", "RunLock", "MetricsLog", "stage_hash", "run_stage"]
@@ -119,10 +119,10 @@ class StageStore:
         if not p.exists():
             return None
         try:
-            ck = torch.load(p, map_location=map_location, weights_only=False)
-        except Exception as e:
-            raise ValueError(f"checkpoint: {p} could not be read ({type(e).__name__}: {e}). It was left in "
-                             "place; move it away to train that stage again.") from None
+            ck = torch_load(p, map_location=map_location, weights_only=False)
+        except ValueError as e:
+            raise ValueError(f"checkpoint: {p} could not be read ({str(e).split(' (', 1)[-1].split('):')[0]}). It was "
+                             "left in place; move it away to train that stage again.") from None
         if not isinstance(ck, dict) or ck.get("format") != FORMAT:
             found = ck.get("format", 1) if isinstance(ck, dict) else "unknown"
             raise ValueError(f"checkpoint: {p} was written by an older aepo-lite layout (format {found}, this "

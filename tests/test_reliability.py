@@ -1,0 +1,480 @@
+"""Reliability (issue 14): no data loss, no silently wrong result, no traceback for a user's mistake.
+
+One test per fault found by a user, named after the fault."""
+from __future__ import annotations
+
+import csv
+import errno
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from aepo_lite._checks import check_seed
+from aepo_lite._io import atomic_write_json, atomic_write_text, read_json, torch_load
+from aepo_lite.cli import main
+from aepo_lite.cli.errors import run_command
+from aepo_lite.rl import report as rl_report
+from aepo_lite.toy import report as toy_report
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------- helpers: runs, datasets
+
+def _run(folder: Path, method="qgpo", seed=0, scales=(0.1, 1.0), episodes=5, candidates=1, t_max=1.0,
+         steps=5, solver="dpmpp2m", preset="bench", ret=100.0) -> Path:
+    """A run folder as `aepo-lite train` + `eval` leave it (results.json and config.json)."""
+    folder.mkdir(parents=True)
+    rows = [{"guidance_scale": float(w), "return_mean": ret + w, "return_std": 1.0,
+             "normalized_score_mean": (ret + w) / 10, "normalized_score_std": 0.1, "episodes": episodes,
+             "actions_per_s": 50.0, "candidates": candidates, "eval_seed": 0, "sample_steps": steps, "solver": solver,
+             "guidance_t_max": t_max, "max_episode_steps": None} for w in scales]
+    label = "qgpo" if method == "qgpo" else f"{method}(tweedie/sampled)"
+    atomic_write_json(folder / "results.json", {
+        "dataset": "t/hopper/medium-v0", "method": method, "label": label, "seed": seed, "preset": preset,
+        "transitions": 400, "ref_min_score": 0.0, "ref_max_score": 1000.0, "ref_source": "dataset metadata",
+        "dataset_mean_return": 250.0, "rows": rows})
+    atomic_write_json(folder / "config.json", {"method": method, "seed": seed, "preset": preset})
+    return folder
+
+
+@pytest.fixture
+def minari_root(tmp_path, monkeypatch):
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "minari"))
+    monkeypatch.setenv("AEPO_POLICY_CACHE", str(tmp_path / "policies"))
+    return tmp_path / "minari"
+
+
+def _episodes(rng, lengths=(5, 7, 4), obs_dim=11, act_dim=3):
+    return [{"observations": rng.normal(size=(T + 1, obs_dim)).astype(np.float32),
+             "actions": rng.uniform(-1, 1, size=(T, act_dim)).astype(np.float32),
+             "rewards": rng.normal(1.0, 0.5, size=T), "terminations": np.r_[np.zeros(T - 1, bool), True],
+             "truncations": np.zeros(T, bool)} for T in lengths]
+
+
+def _write_dataset(name, eps, **kw):
+    minari = pytest.importorskip("minari")
+    from minari.data_collector import EpisodeBuffer
+    bufs = [EpisodeBuffer(id=i, observations=e["observations"], actions=e["actions"], rewards=e["rewards"],
+                          terminations=e["terminations"], truncations=e["truncations"], infos={})
+            for i, e in enumerate(eps)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return minari.create_dataset_from_buffers(name, bufs, env="Hopper-v5", author="t", author_email="t@t", **kw)
+
+
+def _one_error_line(err: str, cmd: str) -> str:
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"aepo-lite {cmd}: error: "), err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+# ---------------------------------------------------------------- data loss
+
+def test_rl_results_with_no_runs_found_is_an_error_and_keeps_the_results(tmp_path, capsys):
+    figs = tmp_path / "figures"
+    _run(tmp_path / "runs" / "a")
+    assert main(["rl-results", "--runs", str(tmp_path / "runs"), "--csv", str(figs / "rl_results.csv"),
+                 "--figures", str(figs)]) == 0
+    saved = {p.name: p.read_bytes() for p in figs.iterdir()}
+    assert {"rl_results.csv", "rl_speed.csv", "rl_results.md", "rl_results.png"} <= set(saved)
+    capsys.readouterr()
+    (tmp_path / "empty").mkdir()
+    for runs in (tmp_path / "runs" / "typo", tmp_path / "empty"):  # a typo, a folder without runs
+        rc = main(["rl-results", "--runs", str(runs), "--csv", str(figs / "rl_results.csv"), "--figures", str(figs)])
+        assert rc == 2
+        line = _one_error_line(capsys.readouterr().err, "rl-results")
+        assert str(runs) in line
+        assert {p.name: p.read_bytes() for p in figs.iterdir()} == saved  # csv, speed csv, table, figure kept
+
+
+def test_rl_results_never_replaced_by_fewer_rows_without_force(tmp_path):
+    runs = tmp_path / "runs"
+    _run(runs / "qgpo-s0", seed=0)
+    _run(runs / "qgpo-s1", seed=1)
+    csv_path = tmp_path / "figs" / "rl_results.csv"
+    rows = rl_report.collect([runs], csv_path)
+    assert len(rows) == 5  # 2 seeds x 2 scales + the dataset row
+    before = csv_path.read_bytes(), csv_path.with_name("rl_speed.csv").read_bytes()
+    with pytest.raises(ValueError, match=r"rl_results\.csv holds 5 rows and the runs found give 3; 2 saved rows"):
+        rl_report.collect([runs / "qgpo-s0"], csv_path)
+    assert (csv_path.read_bytes(), csv_path.with_name("rl_speed.csv").read_bytes()) == before
+    assert len(rl_report.collect([runs], csv_path)) == 5  # the same runs again: fine
+    _run(runs / "qgpo-s2", seed=2)
+    assert len(rl_report.collect([runs], csv_path)) == 7  # more rows: fine
+    assert len(rl_report.collect([runs / "qgpo-s0"], csv_path, force=True)) == 3  # on purpose
+    with pytest.raises(ValueError, match="give the same row"):  # two copies of one run would count twice
+        rl_report.collect([runs / "qgpo-s0", runs / "qgpo-s0" / "results.json"], tmp_path / "x.csv")
+
+
+# ---------------------------------------------------------------- silently wrong
+
+def _toy_rows(preset, n_eval, distance):
+    return [dict(task=t, method=m, estimator="gaussian-fit-sampled" if m == "aepo" else "", beta=10.0,
+                 guidance_scale=0.0 if m == "bc" else 1.0, seed=s, distance=distance, floor=0.02, preset=preset,
+                 n_eval=n_eval, sample_steps=20, solver="dpmpp2m")
+            for t in ("moons", "rings") for m in ("aepo", "mse", "bc") for s in (0, 1)]
+
+
+def test_toy_grid_smoke_rows_never_merge_into_full_rows(tmp_path):
+    csv_path = tmp_path / "toy2d_results.csv"
+    toy_report.write_results(csv_path, _toy_rows("full", 2000, 0.03))
+    toy_report.write_results(csv_path, _toy_rows("smoke", 1000, 0.9))  # same tasks, methods, seeds, beta
+    rows = toy_report.read_results(csv_path)
+    assert len(rows) == 24 and {r["preset"] for r in rows} == {"full", "smoke"}  # nothing replaced
+    assert {r["distance"] for r in rows if r["preset"] == "full"} == {0.03}
+    with pytest.raises(ValueError, match="2 different settings"):
+        toy_report.summarise(rows)
+    groups = toy_report.settings_groups(rows)
+    assert [st[0] for st in groups] == ["full", "smoke"]
+    s = toy_report.summarise(groups[("full", 2000, 20, "dpmpp2m")])
+    assert s[(10.0, "moons", "mse")][0] == pytest.approx(0.03)  # not averaged with the smoke 0.9
+    toy_report.render(csv_path, tmp_path)
+    table = (tmp_path / "toy2d_table.md").read_text()
+    assert "## preset full, 2000 samples" in table and "## preset smoke, 1000 samples" in table
+    readme = tmp_path / "README.md"
+    toy_report.update_readme(csv_path, readme)
+    text = readme.read_text()
+    body = text.split("Settings of every row below: preset full")[1].split("What these numbers are not")[0]
+    assert "0.030" in body and "0.900" not in body  # the README block is the full preset's alone
+    # rows that do not say how they were made are refused, before the file is touched
+    before = csv_path.read_bytes()
+    old_style = {k: v for k, v in _toy_rows("full", 2000, 0.5)[0].items() if k not in toy_report.SETTINGS}
+    with pytest.raises(ValueError, match=r"lacks \['preset', 'n_eval', 'sample_steps', 'solver'\]"):
+        toy_report.write_results(csv_path, [old_style])
+    assert csv_path.read_bytes() == before
+
+
+def test_toy_rows_built_from_a_run_carry_its_settings_and_skip_only_the_same_settings(tmp_path):
+    from aepo_lite.toy.pipeline import make_config
+    cfg = make_config("smoke", task="moons", method="mse", beta=10.0, guidance_scales=(1.0,))
+    metrics = {"task": "moons", "method": "mse", "estimator": "", "beta": 10.0, "seed": 0, "preset": "smoke",
+               "results": [{"guidance_scale": 1.0, "distance": 0.1, "floor": 0.02}]}
+    rows = toy_report.result_rows(metrics, cfg)
+    assert rows[0]["preset"] == "smoke" and rows[0]["n_eval"] == cfg.n_eval and rows[0]["solver"] == cfg.solver
+    csv_path = tmp_path / "r.csv"
+    toy_report.write_results(csv_path, rows)
+    assert toy_report.config_keys(cfg) <= toy_report.done_keys(csv_path)
+    full = make_config("full", task="moons", method="mse", beta=10.0, guidance_scales=(1.0,))
+    assert not toy_report.config_keys(full) & toy_report.done_keys(csv_path)  # a smoke row is not a full row
+
+
+def test_eval_with_other_candidates_or_episodes_never_merges_with_plain_rows(tmp_path):
+    runs = tmp_path / "runs"
+    for s in (0, 1):
+        _run(runs / f"plain-s{s}", seed=s, ret=100.0)
+    _run(runs / "best-of-8-s0", seed=0, candidates=8, episodes=1, ret=900.0)  # `eval --candidates 8 --episodes 1`
+    _run(runs / "one-episode-s1", seed=1, episodes=1, ret=500.0)  # `eval --episodes 1`
+    csv_path = tmp_path / "rl_results.csv"
+    rl_report.collect([runs], csv_path)
+    with open(csv_path) as f:
+        got = list(csv.DictReader(f))
+    assert {r["candidates"] for r in got if r["method"] != "dataset"} == {"1", "8"}
+    summ = [r for r in rl_report.summary_rows(csv_path) if r["method"] != "dataset" and r["guidance_scale"] == 1.0]
+    by = {(r["method"], r["episodes"]): (r["seeds"], r["return_mean"]) for r in summ}
+    assert by == {("qgpo", "5"): (2, 101.0), ("qgpo[best-of-8]", "1"): (1, 901.0), ("qgpo", "1"): (1, 501.0)}
+    table = rl_report.markdown_table(csv_path)
+    assert "| qgpo | 5 ep, dpmpp2m 5 steps | 1 (best) | 2 |" in table
+    assert "| qgpo | 1 ep, dpmpp2m 5 steps | 1 (best) | 1 |" in table
+
+
+def test_committed_results_record_the_settings_they_were_made_with():
+    toy = toy_report.read_results(ROOT / "figures" / "toy2d_results.csv")
+    assert {(r["preset"], r["n_eval"], r["sample_steps"], r["solver"]) for r in toy} == {("full", 2000, 20, "dpmpp2m")}
+    with open(ROOT / "figures" / "rl_results.csv") as f:
+        rl = list(csv.DictReader(f))
+    assert set(rl[0]) == set(rl_report.COLUMNS)
+    runs = [r for r in rl if r["method"] != "dataset"]
+    assert {(r["preset"], r["episodes"], r["candidates"], r["sample_steps"], r["solver"]) for r in runs} == \
+        {("bench", "5", "1", "5", "dpmpp2m")}
+    assert all((float(r["guidance_t_max"]) == 0.5) == ("[t<=0.5]" in r["method"]) for r in runs)
+    with open(ROOT / "figures" / "rl_speed.csv") as f:
+        assert set(next(csv.DictReader(f))) == set(rl_report.SPEED_COLUMNS)
+
+
+def test_identical_episode_returns_refuse_the_locomotion_scaling():
+    from aepo_lite.rl.data import from_episodes
+    eps = _episodes(np.random.default_rng(0), lengths=(4, 4, 4))
+    for e in eps:
+        e["rewards"] = np.full(4, 0.25)  # every episode returns 1.0: 1000 / span would be ~1e9 or inf
+    with pytest.raises(ValueError, match=r"reward_scaling: .*'t/hopper/flat-v0' .*same return.*reward_scaling='none'"):
+        from_episodes("t/hopper/flat-v0", eps, -np.ones(3), np.ones(3))
+    eps[1]["rewards"] = eps[1]["rewards"] + 1e-7  # rounding noise is not a spread either
+    with pytest.raises(ValueError, match="same return"):
+        from_episodes("t/hopper/flat-v0", eps, -np.ones(3), np.ones(3))
+    d = from_episodes("t/hopper/flat-v0", eps, -np.ones(3), np.ones(3), reward_scaling="none")
+    np.testing.assert_allclose(d.scaled_rewards()[:4], 0.25)
+
+
+# ---------------------------------------------------------------- broken state
+
+@pytest.mark.parametrize("name", ["lo cal/hö pper/random-v0", "../../escape-v0", "local/../../escape-v0",
+                                  "local/hopper/random", "/abs/hopper/random-v0", "hopper-v0", "local//x-v0",
+                                  "local/" + "h" * 300 + "-v0"])
+def test_make_dataset_refuses_a_bad_name_before_any_work(minari_root, tmp_path, capsys, name):
+    rc = main(["make-dataset", "--env", "Hopper-v5", "--quality", "random", "--steps", "10", "--name", name])
+    assert rc == 2
+    line = _one_error_line(capsys.readouterr().err, "make-dataset")
+    assert "name:" in line and ("NAMESPACE/NAME-vN" in line or "most file systems allow 255" in line)
+    assert not minari_root.exists() and not (tmp_path / "policies").exists()  # nothing was made
+    assert not any(p.name == "escape-v0" for p in tmp_path.parent.rglob("escape-v0"))
+
+
+def test_a_failed_make_leaves_nothing_behind(minari_root, monkeypatch):
+    pytest.importorskip("stable_baselines3")
+    from aepo_lite.rl import datasets as D
+    from aepo_lite.rl.data import load_minari
+    kw = dict(train_steps=200, eval_every=100, learning_starts=100, eval_episodes=2, ref_episodes=4, n_envs=4)
+    real = D._create
+
+    def create_then_fail(*a):
+        real(*a)  # Minari has written the dataset (and its namespaces) ...
+        raise OSError(errno.ENOSPC, "No space left on device")  # ... and then the disk fills up
+
+    monkeypatch.setattr(D, "_create", create_then_fail)
+    with pytest.raises(OSError):
+        D.make_dataset(D.DatasetRecipe("Hopper-v5", "random", 60, "new/hopper/random-v0", **kw), progress=False)
+    assert not (minari_root / "new").exists()  # neither the dataset nor the namespace it created
+    monkeypatch.setattr(D, "_create", real)
+    D.make_dataset(D.DatasetRecipe("Hopper-v5", "random", 60, "new/hopper/random-v0", **kw), progress=False)
+    before = load_minari("new/hopper/random-v0")[0]
+    monkeypatch.setattr(D, "_create", create_then_fail)
+    with pytest.raises(OSError):  # --overwrite that fails: the old dataset comes back
+        D.make_dataset(D.DatasetRecipe("Hopper-v5", "random", 80, "new/hopper/random-v0", **kw),
+                       progress=False, overwrite=True)
+    after = load_minari("new/hopper/random-v0")[0]
+    assert after.n == before.n == 60
+    np.testing.assert_array_equal(after.actions, before.actions)
+    assert [p.name for p in (minari_root / "new" / "hopper").iterdir() if p.name.startswith(".")] == []
+
+
+# ---------------------------------------------------------------- tracebacks
+
+@pytest.mark.parametrize("exc, code, fragment", [
+    (PermissionError(errno.EACCES, "Permission denied", "/srv/runs/x"), 2, "permission denied (/srv/runs/x)"),
+    (NotADirectoryError(errno.ENOTDIR, "Not a directory", "runs/file/x"), 2, "runs/file/x is a file, not a folder"),
+    (IsADirectoryError(errno.EISDIR, "Is a directory", "figures"), 2, "figures is a folder where a file"),
+    (OSError(errno.ENOSPC, "No space left on device", "runs/a/ckpt.pt"), 1, "no space left on the device"),
+    (OSError(errno.ENAMETOOLONG, "File name too long", "runs/" + "x" * 300), 2, "file name is too long"),
+    (FloatingPointError("aepo_target_first: 3 non-finite values"), 1, "non-finite (aepo_target_first"),
+    (RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"), 1, "out of memory"),
+    (RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you tried to "
+                  "allocate 1099511627776 bytes."), 1, "out of memory"),
+    (MemoryError(), 1, "out of memory"),
+    (OSError("Unable to synchronously open file (truncated file: eof = 16484, stored_eof = 32968)"), 1,
+     "the file is damaged"),
+    (pickle.UnpicklingError("invalid load key, 'x'."), 1, "is damaged"),
+    (RuntimeError("PytorchStreamReader failed reading zip archive: failed finding central directory"), 1,
+     "is damaged"),
+    (ValueError("seed: expected an integer in [0, 2**63-1], got 1e+20"), 2, "seed: expected an integer"),
+    (FileNotFoundError(errno.ENOENT, "No such file or directory", "runs/x/config.json"), 2, "runs/x/config.json"),
+    (KeyError("bogus"), 1, "internal error (KeyError"),
+])
+def test_cli_failures_are_one_line_without_traceback(exc, code, fragment, capsys, monkeypatch):
+    monkeypatch.delenv("AEPO_DEBUG", raising=False)
+
+    def fail():
+        raise exc
+
+    assert run_command("train", fail) == code
+    line = _one_error_line(capsys.readouterr().err, "train")
+    assert fragment in line
+    if code == 1 and "internal" in fragment:
+        assert "--debug" in line  # a bug: say how to see where
+
+
+def test_damaged_file_named_from_the_traceback(tmp_path, capsys):
+    import torch
+    bad = tmp_path / "behaviour.pt"
+    bad.write_bytes(b"PK\x03\x04 half a checkpoint")
+    assert run_command("eval", lambda: torch.load(bad, weights_only=False)) == 1
+    assert str(bad) in _one_error_line(capsys.readouterr().err, "eval")
+    with pytest.raises(ValueError, match=r"behaviour\.pt cannot be read .*delete it"):
+        torch_load(bad)
+    cfg = tmp_path / "config.json"
+    cfg.write_text('{"method": "aepo", "se')
+    with pytest.raises(ValueError, match=r"config\.json is not valid JSON .*damaged"):
+        read_json(cfg)
+    cfg.write_text("")
+    with pytest.raises(ValueError, match=r"config\.json is empty"):
+        read_json(cfg)
+
+
+def test_debug_flag_or_env_prints_the_traceback(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("AEPO_DEBUG", raising=False)
+    argv = ["rl-results", "--runs", str(tmp_path / "typo"), "--csv", str(tmp_path / "r.csv"), "--figures", str(tmp_path)]
+    assert main(["--debug"] + argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and err.rstrip().splitlines()[-1].startswith("aepo-lite rl-results: error: runs:")
+    monkeypatch.setenv("AEPO_DEBUG", "1")
+    assert main(argv) == 2
+    assert "Traceback" in capsys.readouterr().err
+    monkeypatch.setenv("AEPO_DEBUG", "0")
+    assert main(argv) == 2
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_ctrl_c_ends_with_a_short_message_and_130(capsys, monkeypatch):
+    monkeypatch.delenv("AEPO_DEBUG", raising=False)
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    assert run_command("toy-grid", interrupted) == 130
+    assert "interrupted" in _one_error_line(capsys.readouterr().err, "toy-grid")
+
+
+def test_cli_error_in_a_real_process_is_one_line(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env.pop("AEPO_DEBUG", None)
+    r = subprocess.run([sys.executable, "-m", "aepo_lite", "rl-results", "--runs", str(tmp_path / "typo"),
+                        "--csv", str(tmp_path / "r.csv"), "--figures", str(tmp_path)],
+                       capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+    assert r.returncode == 2
+    _one_error_line(r.stderr, "rl-results")
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------- unclear messages
+
+@pytest.mark.parametrize("bad", [1e20, -1, 2**63, True, "3", 3.0, None])
+def test_seed_check_names_the_seed(bad):
+    with pytest.raises(ValueError, match=r"^seed: expected an integer"):
+        check_seed("seed", bad)
+
+
+def test_seed_check_accepts_the_whole_range():
+    assert check_seed("seed", 0) == 0 and check_seed("seed", 2**63 - 1) == 2**63 - 1
+    assert check_seed("seed", np.int64(7)) == 7
+
+
+def test_make_dataset_negative_seed_is_named(minari_root, capsys):
+    rc = main(["make-dataset", "--env", "Hopper-v5", "--quality", "random", "--steps", "10", "--name",
+               "t/hopper/random-v0", "--seed", "-1"])
+    assert rc == 2
+    assert "seed: expected an integer in [0, " in _one_error_line(capsys.readouterr().err, "make-dataset")
+    assert not (minari_root / "t").exists()
+
+
+def test_truncated_metadata_is_reported_as_damaged_not_as_a_failed_download(minari_root):
+    from aepo_lite.rl.data import load_minari
+    _write_dataset("t/hopper/meta-v0", _episodes(np.random.default_rng(1)))
+    meta = minari_root / "t" / "hopper" / "meta-v0" / "data" / "metadata.json"
+    meta.write_text(meta.read_text()[:100])
+    with pytest.raises(ValueError, match=r"local copy of 't/hopper/meta-v0' .*damaged.*delete the folder") as e:
+        load_minari("t/hopper/meta-v0")
+    assert "downloading it failed" not in str(e.value)
+
+
+def test_truncated_or_garbled_dataset_file_is_named(minari_root):
+    from aepo_lite.rl.data import load_minari
+    _write_dataset("t/hopper/cut-v0", _episodes(np.random.default_rng(2)))
+    h5 = next((minari_root / "t" / "hopper" / "cut-v0" / "data").glob("*.hdf5"))
+    raw = h5.read_bytes()
+    h5.write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(ValueError, match=r"'t/hopper/cut-v0' .*cut-v0 cannot be read \(OSError.*damaged"):
+        load_minari("t/hopper/cut-v0")
+    h5.write_bytes(b"\x00garbage" * 100)
+    with pytest.raises(ValueError, match="damaged"):
+        load_minari("t/hopper/cut-v0")
+
+
+def test_folder_left_by_a_failed_make_is_named(minari_root):
+    from aepo_lite.rl.data import load_minari
+    (minari_root / "t" / "hopper" / "half-v0").mkdir(parents=True)
+    with pytest.raises(ValueError, match=r"half-v0 exists but holds no Minari dataset.*delete the folder"):
+        load_minari("t/hopper/half-v0")
+
+
+def test_zero_length_or_other_size_episode_is_named():
+    from aepo_lite.rl.data import from_episodes
+    rng = np.random.default_rng(3)
+    eps = _episodes(rng)
+    eps[1] = {"observations": rng.normal(size=(1, 11)), "actions": np.zeros((0, 3)), "rewards": np.zeros(0),
+              "terminations": np.zeros(0, bool), "truncations": np.zeros(0, bool)}
+    with pytest.raises(ValueError, match=r"episode 1 of 'x/hopper/z-v0' is empty"):
+        from_episodes("x/hopper/z-v0", eps, -np.ones(3), np.ones(3))
+    eps = _episodes(rng)
+    eps[2]["observations"] = rng.normal(size=(5, 9))
+    with pytest.raises(ValueError, match=r"episode 2 of 'x/hopper/z-v0' has 9-dim observations, episode 0 has 11"):
+        from_episodes("x/hopper/z-v0", eps, -np.ones(3), np.ones(3))
+    eps = _episodes(rng)
+    eps[0]["observations"] = [[0.0, 1.0], [2.0]]  # ragged
+    with pytest.raises(ValueError, match=r"episode 0 of 'x/hopper/z-v0' holds arrays that are not"):
+        from_episodes("x/hopper/z-v0", eps, -np.ones(3), np.ones(3))
+
+
+@pytest.mark.parametrize("refs, match", [
+    (dict(ref_min_score=5.0, ref_max_score=5.0), "equals ref_min_score"),
+    (dict(ref_min_score=50.0, ref_max_score=5.0), "inverted"),
+])
+def test_reference_score_problems_are_found_when_loading(minari_root, refs, match):
+    from aepo_lite.rl.data import load_minari
+    _write_dataset("t/hopper/refs-v0", _episodes(np.random.default_rng(4)), **refs)
+    with pytest.raises(ValueError, match=rf"'t/hopper/refs-v0' has ref_max_score=.*{match}"):
+        load_minari("t/hopper/refs-v0")
+
+
+def test_reference_score_metadata_checks():
+    from aepo_lite.rl.evaluation import check_reference_scores, reference_scores
+    with pytest.raises(ValueError, match="has ref_min_score but no ref_max_score"):
+        check_reference_scores("a/b-v0", {"ref_min_score": 1.0})
+    with pytest.raises(ValueError, match="non-finite"):
+        check_reference_scores("a/b-v0", {"ref_min_score": 1.0, "ref_max_score": float("inf")})
+    with pytest.raises(ValueError, match="not numbers"):
+        reference_scores("a/b-v0", {"ref_min_score": "low", "ref_max_score": 2.0})
+    assert check_reference_scores("a/b-v0", {"ref_min_score": 1, "ref_max_score": 2}) == (1.0, 2.0)
+
+
+def test_atomic_writer_cleans_its_temp_file_on_any_exception(tmp_path):
+    from aepo_lite import _io
+    target = tmp_path / "results.json"
+    atomic_write_json(target, {"old": 1})
+
+    def disk_full(f):
+        f.write(b"{\"new\": ")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def ctrl_c(f):
+        raise KeyboardInterrupt
+
+    for writer, exc in ((disk_full, OSError), (ctrl_c, KeyboardInterrupt)):
+        with pytest.raises(exc):
+            _io._atomic(target, writer)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
+        assert read_json(target) == {"old": 1}
+
+
+def test_orphan_temp_of_a_killed_writer_is_removed_at_the_next_write(tmp_path):
+    target = tmp_path / "metrics.json"
+    code = ("import sys, time; sys.path.insert(0, sys.argv[2]); from aepo_lite import _io; "
+            "_io._atomic(sys.argv[1], lambda f: (f.write(b'half'), f.flush(), print('writing', flush=True), "
+            "time.sleep(600)))")
+    p = subprocess.Popen([sys.executable, "-c", code, str(target), str(ROOT)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip() == "writing"
+    finally:
+        p.send_signal(signal.SIGKILL)
+        p.wait(timeout=60)
+    orphans = list(tmp_path.glob(".metrics.json.*.tmp"))
+    assert len(orphans) == 1 and not target.exists()  # SIGKILL: nobody could clean up
+    recent = tmp_path / ".metrics.json.x1.999999999.tmp"  # a writer that started a moment ago
+    recent.write_bytes(b"in progress")
+    alive = tmp_path / f".metrics.json.x2.{os.getpid()}.tmp"  # an old temp whose writer still runs
+    alive.write_bytes(b"in progress")
+    old = time.time() - 3600
+    for q in (orphans[0], alive):
+        os.utime(q, (old, old))
+    atomic_write_text(target, "{}\n")
+    assert not orphans[0].exists() and recent.exists() and alive.exists()
+    assert target.read_text() == "{}\n"
