@@ -44,7 +44,7 @@ class BehaviourConfig:
 class CriticConfig:
     """The critic Q(s, a): IQL, QGPO's in-support softmax Q, or (toy tasks) a regression on the known reward."""
 
-    kind: str = ""  # iql | insupport | regression (toy: fit e(x)); "" = the method's default
+    kind: str = ""  # RL: iql | insupport ("" = the method's default); toy: reward (the true e(x)) | regression
     steps: int = 500_000  # gradient steps (QGPO updates its critic for the first 500k)
     batch: int = 256  # batch size
     lr: float = 3e-4  # Adam learning rate
@@ -163,7 +163,7 @@ class ToyConfig:
     behaviour: BehaviourConfig = field(default_factory=lambda: BehaviourConfig(
         steps=3000, batch=512, lr=2e-3, lr_decay=True, hidden=128, blocks=2))
     critic: CriticConfig = field(default_factory=lambda: CriticConfig(
-        kind="regression", steps=1500, batch=512, lr=2e-3, lr_decay=True, hidden=128, depth=3, activation="silu"))
+        kind="reward", steps=1500, batch=512, lr=2e-3, lr_decay=True, hidden=128, depth=3, activation="silu"))
     support: SupportConfig = field(default_factory=lambda: SupportConfig(k=16))
     energy: EnergyConfig = field(default_factory=lambda: EnergyConfig(
         steps=600, batch=256, lr=1e-3, lr_decay=True, hidden=128, depth=3, beta=10.0, covariance="gaussian-fit",
