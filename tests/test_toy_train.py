@@ -46,7 +46,7 @@ def test_smoke_training_guides_towards_the_exact_target(tmp_path):
         m = TT.evaluate_toy(TT.train_toy(cfg, cache_dir=tmp_path, progress=False))
         (r0, r1) = m["results"]
         assert abs(r0["mean_reward"] - behaviour_reward) < 0.08, name  # w = 0 is the behaviour model
-        assert r1["mean_reward"] > behaviour_reward + 0.15, (name, r1)  # guidance moves mass to the rewarded moon
+        assert r1["mean_reward"] > behaviour_reward + 0.1, (name, r1)  # guidance moves mass to the rewarded moon
         assert r1["distance"] < 0.95 * bc_distance, (name, r1["distance"], bc_distance)  # and towards the target
         if name == "qgpo":  # QGPO's contrastive energy, at this tiny scale, most of the way
             assert r1["distance"] < 0.75 * bc_distance, (r1["distance"], bc_distance)
@@ -76,6 +76,31 @@ def test_runs_differing_in_method_and_seed_share_one_behaviour_checkpoint(tmp_pa
     m_a2 = TT.train_toy(a, cache_dir=tmp_path, progress=False)
     assert m_a2.info == m_a.info
     for p, q in zip(m_a.energy.parameters(), m_a2.energy.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_a_killed_energy_stage_resumes_to_the_same_weights(tmp_path, monkeypatch):
+    cfg = _cfg("swissroll", "aepo", checkpoint_every=20, behaviour=dict(steps=20), energy=dict(steps=50))
+    whole = TT.train_toy(cfg, cache_dir=tmp_path / "whole", progress=False)
+    real = TT._energy_batches
+
+    def dies_at_step_30(cfg, m, device):
+        batches, calls = real(cfg, m, device), [0]
+
+        def batch(g):
+            calls[0] += 1
+            if calls[0] == 30:
+                raise RuntimeError("killed")
+            return batches(g)
+        return batch
+
+    monkeypatch.setattr(TT, "_energy_batches", dies_at_step_30)
+    with pytest.raises(RuntimeError, match="killed"):
+        TT.train_toy(cfg, cache_dir=tmp_path / "killed", progress=False)
+    monkeypatch.setattr(TT, "_energy_batches", real)
+    resumed = TT.train_toy(cfg, cache_dir=tmp_path / "killed", progress=False)
+    assert resumed.info["energy"]["resumed_from"] == 20
+    for p, q in zip(whole.energy.parameters(), resumed.energy.parameters()):
         assert torch.equal(p, q)
 
 

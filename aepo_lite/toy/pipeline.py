@@ -245,14 +245,24 @@ class ToyModels:
     info: dict = field(default_factory=dict)
 
 
+def _seeded(seed: int, make) -> nn.Module:
+    """``make()`` with the CPU generator seeded: a network's initial weights follow its stage's seed alone."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return make()
+
+
 def _models(cfg: ToyConfig, x: torch.Tensor, e: torch.Tensor, device: torch.device) -> ToyModels:
     b, c, en = cfg.behaviour, cfg.critic, cfg.energy
-    m = ToyModels(cfg, DiffusionModel(NoiseNet(2, 0, hidden=b.hidden, n_blocks=b.blocks)).to(device), x, e)
+    behaviour = _seeded(_seed(cfg.data_seed, 0), lambda: DiffusionModel(NoiseNet(2, 0, hidden=b.hidden,
+                                                                                 n_blocks=b.blocks)))
+    m = ToyModels(cfg, behaviour.to(device), x, e)
     if uses_critic(cfg):
-        m.critic = MLP(2, 1, hidden=c.hidden, depth=c.depth, activation=c.activation,
-                       layer_norm=c.layer_norm).to(device)
+        m.critic = _seeded(_seed(cfg.data_seed, 1), lambda: MLP(2, 1, hidden=c.hidden, depth=c.depth,
+                                                                activation=c.activation, layer_norm=c.layer_norm))
+        m.critic.to(device)
     if cfg.method != "bc":
-        net = EnergyNet(2, 0, hidden=en.hidden, depth=en.depth)
+        net = _seeded(_seed(cfg.seed, 2), lambda: EnergyNet(2, 0, hidden=en.hidden, depth=en.depth))
         m.energy = (PreconditionedEnergy(net, m.behaviour.schedule, float(x.double().var(0).mean()))
                     if en.precondition else net).to(device)
     return m
