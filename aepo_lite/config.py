@@ -23,7 +23,7 @@ from typing import Optional
 
 __all__ = ["BehaviourConfig", "CriticConfig", "SupportConfig", "EnergyConfig", "SamplingConfig", "EvalConfig",
            "ToyEvalConfig", "TrainConfig", "ToyConfig", "PRESETS", "METHODS", "from_dict", "to_dict",
-           "apply_overrides", "load_config_file", "field_paths", "preset_config", "flatten", "config_diff"]
+           "apply_overrides", "read_config_file", "load_config_file", "field_paths", "preset_config", "flatten", "config_diff"]
 
 METHODS = ("aepo", "qgpo", "mse", "bc")  # one name per method, in RL and on the toy tasks
 
@@ -44,7 +44,7 @@ class BehaviourConfig:
 class CriticConfig:
     """The critic Q(s, a): IQL, QGPO's in-support softmax Q, or (toy tasks) a regression on the known reward."""
 
-    kind: str = ""  # iql | insupport | regression (toy: fit e(x)); "" = the method's default
+    kind: str = ""  # RL: iql | insupport ("" = the method's default); toy: reward (the true e(x)) | regression
     steps: int = 500_000  # gradient steps (QGPO updates its critic for the first 500k)
     batch: int = 256  # batch size
     lr: float = 3e-4  # Adam learning rate
@@ -163,7 +163,7 @@ class ToyConfig:
     behaviour: BehaviourConfig = field(default_factory=lambda: BehaviourConfig(
         steps=3000, batch=512, lr=2e-3, lr_decay=True, hidden=128, blocks=2))
     critic: CriticConfig = field(default_factory=lambda: CriticConfig(
-        kind="regression", steps=1500, batch=512, lr=2e-3, lr_decay=True, hidden=128, depth=3, activation="silu"))
+        kind="reward", steps=1500, batch=512, lr=2e-3, lr_decay=True, hidden=128, depth=3, activation="silu"))
     support: SupportConfig = field(default_factory=lambda: SupportConfig(k=16))
     energy: EnergyConfig = field(default_factory=lambda: EnergyConfig(
         steps=600, batch=256, lr=1e-3, lr_decay=True, hidden=128, depth=3, beta=10.0, covariance="gaussian-fit",
@@ -270,8 +270,8 @@ def field_paths(cls, prefix: str = "") -> list[str]:
     return out
 
 
-def load_config_file(path, cls):
-    """Read a JSON (or YAML) config file into ``cls``. A parse error names the file and line."""
+def read_config_file(path) -> dict:
+    """A JSON (or YAML, by suffix) mapping from a file. A parse error names the file and line."""
     path = Path(path)
     try:
         text = path.read_text()
@@ -290,7 +290,14 @@ def load_config_file(path, cls):
             d = json.loads(text)
         except json.JSONDecodeError as e:
             raise ValueError(f"config: {path} line {e.lineno} does not parse as JSON ({e.msg})") from None
-    return from_dict(cls, d or {})
+    if d is not None and not isinstance(d, dict):
+        raise ValueError(f"config: {path} holds a {type(d).__name__}, not a mapping of fields")
+    return d or {}
+
+
+def load_config_file(path, cls):
+    """Read a JSON (or YAML) config file into ``cls``; an unknown field is an error naming the nearest ones."""
+    return from_dict(cls, read_config_file(path))
 
 
 def flatten(d: dict, prefix: str = "") -> dict:

@@ -53,6 +53,7 @@ import torch
 
 from aepo_lite.toy import tasks as toy
 from aepo_lite.toy import pipeline as TT
+from aepo_lite.config import apply_overrides
 from aepo_lite.core.schedule import VPSchedule
 
 SCALE = os.environ.get("AEPO_SCALE", "full")
@@ -65,9 +66,20 @@ BETAS = (3.0, 10.0, 20.0) if FULL else (3.0, 10.0)  # betas trained below
 SCALES = (0.0, 0.5, 1.0, 2.0, 4.0)  # guidance scales precomputed for the slider
 TIMES = (0.02, 0.1, 0.3, 0.6)  # diffusion times of the energy heatmaps
 CACHE = Path(os.environ.get("AEPO_TOY_CACHE", "runs/toy_cache"))  # stage checkpoints (reused on a re-run)
-# Notebook scale: the `full` preset of the library, or a smaller one that runs in about a minute.
-SIZES = {} if FULL else dict(n_data=10_000, bc_steps=600, critic_steps=300, energy_steps=300, n_eval=800,
-                             grid_size=30, n_ref_data=5_000, sample_steps=15, pool_size=30_000)
+# Notebook scale: the library's toy `full` preset, or the `smoke` preset made smaller to run in about a minute
+PRESET = "full" if FULL else "smoke"
+SIZES = {} if FULL else dict(n_data=10_000, behaviour=dict(steps=600), critic=dict(steps=300), energy=dict(steps=300),
+                             eval=dict(n_samples=800, grid_size=30, n_ref_data=5_000, pool_size=30_000),
+                             sampling=dict(steps=15))
+
+
+def toy_config(method: str, beta: float, critic: str = "reward"):
+    """The notebook's config of one run: the preset, SIZES, then beta, the critic kind and the slider's scales."""
+    cfg = TT.make_config(TASK, method, PRESET, **SIZES)
+    return TT.check_config(apply_overrides(cfg, {"energy": {"beta": beta}, "critic": {"kind": critic},
+                                                 "sampling": {"guidance_scales": SCALES}}))
+
+
 schedule = VPSchedule()
 print(f"scale {SCALE}; tasks: {', '.join(toy.task_names())}")
 
@@ -188,18 +200,19 @@ plt.show()
 # uniformly in the box, where MSE and CEP have no targets at all.
 
 # %%
-# AEPO with the toy default estimator: the Gaussian-fit posterior covariance and the sampled expansion,
-# the estimator that measured best on the toy grid (figures/toy2d_estimators.md)
-METHODS = (("aepo", TT.DEFAULT_ESTIMATOR), ("cep", TT.DEFAULT_ESTIMATOR), ("mse", TT.DEFAULT_ESTIMATOR))
+# Matched reward access (method.md 6b): every method reads the true reward e(x) (critic.kind = "reward").
+# AEPO's toy estimator, the Gaussian-fit posterior covariance with the sampled expansion, needs values of e
+# only, no gradient. One more AEPO run reads the fitted smooth critic instead (critic.kind = "regression").
+METHODS = (("aepo", "reward"), ("qgpo", "reward"), ("mse", "reward"))  # (method, critic kind)
 runs = {}
 t0 = time.time()
 for beta in BETAS:
-    for method, est in METHODS:
-        cfg = TT.make_config("full" if FULL else "smoke", task=TASK, method=method, estimator=est, beta=beta,
-                             guidance_scales=SCALES, **SIZES)
-        runs[(method, beta)] = TT.train_toy(cfg, cache_dir=CACHE, progress=False)
-info = runs[("aepo", BETAS[0])].info
-print(f"trained in {time.time() - t0:.0f} s; behaviour loss {info['behaviour']['loss']:.3f}, "
+    for method, critic in METHODS:
+        runs[(method, beta)] = TT.train_toy(toy_config(method, beta, critic), cache_dir=CACHE, progress=False)
+fitted = TT.train_toy(toy_config("aepo", 10.0, "regression"), cache_dir=CACHE, progress=False)
+info = fitted.info
+print(f"trained in {time.time() - t0:.0f} s; {TT.estimator_label(fitted.cfg)}; behaviour "
+      f"{info['behaviour']['steps']} steps, critic {info['critic']['steps']} steps, "
       f"critic held-out RMSE vs e(x): {info['critic']['heldout_rmse']:.3f}")
 
 # %% [markdown]
@@ -207,7 +220,7 @@ print(f"trained in {time.time() - t0:.0f} s; behaviour loss {info['behaviour']['
 # boundaries between Gaussians.
 
 # %%
-critic = runs[("aepo", BETAS[0])].critic
+critic = fitted.critic
 with torch.no_grad():
     q_grid = critic(grid).squeeze(-1)
 fig, axes = plt.subplots(1, 2, figsize=(8, 3.4))
@@ -303,12 +316,12 @@ results = {}  # (method, beta, w) -> dict(samples, distance, floor, mean_reward)
 targets = {}
 t0 = time.time()
 for (method, beta), m in runs.items():
-    cfg = m.cfg
+    ev = m.cfg.eval
     if beta not in targets:
-        targets[beta] = toy.target_samples(task, beta, cfg.n_eval, pool_size=cfg.pool_size, seed=20_000)
-    floor = toy.distance_floor(task, beta, cfg.n_eval, pool_size=cfg.pool_size)
+        targets[beta] = toy.target_samples(task, beta, ev.n_samples, pool_size=ev.pool_size, seed=20_000)
+    floor = toy.distance_floor(task, beta, ev.n_samples, pool_size=ev.pool_size)
     for w in SCALES:
-        raw = TT.guided_samples(m, w, cfg.n_eval, seed=0)
+        raw = TT.guided_samples(m, w, ev.n_samples, seed=0)
         xs = raw.clamp(-1, 1)
         results[(method, beta, w)] = dict(samples=xs.numpy(), distance=toy.sliced_wasserstein(xs, targets[beta]),
                                           floor=floor, mean_reward=float(task.reward(xs).mean()),
@@ -383,6 +396,9 @@ for method, _ in METHODS:
     rew = [results[(method, 10.0, w)]["mean_reward"] for w in SCALES]
     assert rew[2] > rew[0] + 0.05 and rew[3] > rew[1], (method, rew)
 r = {m: results[(m, 10.0, 1.0)] for m, _ in METHODS}
+raw = TT.guided_samples(fitted, 1.0, fitted.cfg.eval.n_samples, seed=0)  # AEPO reading the fitted critic
+r["aepo, fitted critic"] = dict(distance=toy.sliced_wasserstein(raw.clamp(-1, 1), targets[10.0]),
+                                floor=r["aepo"]["floor"], outside=float((raw.abs() > 1).any(1).float().mean()))
 print("beta 10, w 1: " + ", ".join(f"{m} {v['distance']:.3f} (x{v['distance'] / v['floor']:.1f} floor, "
                                    f"{100 * v['outside']:.0f}% left the box)" for m, v in r.items()))
 assert r["aepo"]["distance"] < r["mse"]["distance"]

@@ -120,7 +120,8 @@ def test_rl_results_never_replaced_by_fewer_rows_without_force(tmp_path):
 # ---------------------------------------------------------------- silently wrong
 
 def _toy_rows(preset, n_eval, distance):
-    return [dict(task=t, method=m, estimator="gaussian-fit-sampled" if m == "aepo" else "", beta=10.0,
+    return [dict(task=t, method=m, estimator="gaussian-fit/sampled" if m == "aepo" else "",
+                 critic="none" if m == "bc" else "reward", beta=10.0,
                  guidance_scale=0.0 if m == "bc" else 1.0, seed=s, distance=distance, floor=0.02, preset=preset,
                  n_eval=n_eval, sample_steps=20, solver="dpmpp2m")
             for t in ("moons", "rings") for m in ("aepo", "mse", "bc") for s in (0, 1)]
@@ -157,15 +158,16 @@ def test_toy_grid_smoke_rows_never_merge_into_full_rows(tmp_path):
 
 def test_toy_rows_built_from_a_run_carry_its_settings_and_skip_only_the_same_settings(tmp_path):
     from aepo_lite.toy.pipeline import make_config
-    cfg = make_config("smoke", task="moons", method="mse", beta=10.0, guidance_scales=(1.0,))
-    metrics = {"task": "moons", "method": "mse", "estimator": "", "beta": 10.0, "seed": 0, "preset": "smoke",
+    cfg = make_config("moons", "mse", "smoke", energy=dict(beta=10.0), sampling=dict(guidance_scales=(1.0,)))
+    results = {"task": "moons", "method": "mse", "estimator": "", "critic": "reward", "beta": 10.0, "seed": 0,
                "results": [{"guidance_scale": 1.0, "distance": 0.1, "floor": 0.02}]}
-    rows = toy_report.result_rows(metrics, cfg)
-    assert rows[0]["preset"] == "smoke" and rows[0]["n_eval"] == cfg.n_eval and rows[0]["solver"] == cfg.solver
+    rows = toy_report.result_rows(results, cfg)
+    assert rows[0]["preset"] == "smoke" and rows[0]["n_eval"] == cfg.eval.n_samples
+    assert rows[0]["solver"] == cfg.sampling.solver
     csv_path = tmp_path / "r.csv"
     toy_report.write_results(csv_path, rows)
     assert toy_report.config_keys(cfg) <= toy_report.done_keys(csv_path)
-    full = make_config("full", task="moons", method="mse", beta=10.0, guidance_scales=(1.0,))
+    full = make_config("moons", "mse", "full", energy=dict(beta=10.0), sampling=dict(guidance_scales=(1.0,)))
     assert not toy_report.config_keys(full) & toy_report.done_keys(csv_path)  # a smoke row is not a full row
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import pytest
 
@@ -16,26 +17,36 @@ TIMING = ("actions_per_s",)
 
 
 def _rows(out):
+    """Each run's result rows without timings: RL rows, and the toy runs' distances."""
     rows = {}
     for p in sorted(out.rglob("results.json")):
         res = json.loads(p.read_text())
         key = p.parent.relative_to(out).as_posix()
-        rows[key] = [{k: v for k, v in r.items() if k not in TIMING} for r in res["rows"]]
+        got = res["rows"] if "rows" in res else res["results"]
+        rows[key] = [{k: v for k, v in r.items() if k not in TIMING and not k.endswith("per_s")} for r in got]
     return rows
 
 
-def _cfg(out, **kw):
-    return SweepConfig(datasets=(DS,), methods=("bc", "mse"), seeds=(0, 1), preset="smoke", out=str(out), **kw)
+SMALL = {"behaviour": {"steps": 150}, "critic": {"steps": 60}, "energy": {"steps": 40}}  # shared by RL and toy
+
+
+def _cfg(out, datasets=(DS,), **kw):
+    small = Path(out).parent / f"{Path(out).name}-small.json"
+    small.write_text(json.dumps(SMALL))
+    return SweepConfig(datasets=datasets, methods=("bc", "mse"), seeds=(0, 1), preset="smoke", out=str(out),
+                       overrides=str(small), **kw)
 
 
 def test_smoke_sweep_gives_identical_rows_on_both_backends(tiny, tmp_path):  # noqa: F811
+    """A toy task and a local dataset, 2 methods x 2 seeds, on the process pool and on a local Ray cluster."""
     pytest.importorskip("ray")
-    local = run_sweep(_cfg(tmp_path / "local"), echo=lambda *a: None)
-    assert len(local["done"]) == 4 and not local["failed"]
-    ray = run_sweep(_cfg(tmp_path / "ray", backend="ray", workers=2), echo=lambda *a: None)
-    assert len(ray["done"]) == 4 and not ray["failed"], ray["failed"]
+    both = (DS, "toy:moons")
+    local = run_sweep(_cfg(tmp_path / "local", both), echo=lambda *a: None)
+    assert len(local["done"]) == 8 and not local["failed"], local["failed"]
+    ray = run_sweep(_cfg(tmp_path / "ray", both, backend="ray", workers=2), echo=lambda *a: None)
+    assert len(ray["done"]) == 8 and not ray["failed"], ray["failed"]
     a, b = _rows(tmp_path / "local"), _rows(tmp_path / "ray")
-    assert len(a) == 4 and a == b
+    assert len(a) == 8 and a == b
 
 
 def test_rerun_redoes_no_finished_run_and_resumes_the_unfinished(tiny, tmp_path):  # noqa: F811

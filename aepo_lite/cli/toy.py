@@ -1,19 +1,60 @@
-"""``aepo-lite toy``, ``aepo-lite toy-grid`` and ``aepo-lite toy-bench``: the toy 2D tasks of method.md section 6.
+"""``aepo-lite toy`` and ``aepo-lite toy-grid``: the toy 2D tasks of method.md section 6.
 
-  aepo-lite toy --task 8gaussians --method aepo --beta 10 --guidance-scale 1 2 --preset smoke --out runs/toy/x
-  aepo-lite toy-grid --preset full --betas 10 --seeds 0 1 2          # or any part of the grid
-  aepo-lite toy-bench                                              # training steps/s, sampled points/s
+  aepo-lite toy --preset smoke --task moons --method aepo --energy.beta 10 --sampling.guidance-scales 1 2
+  aepo-lite toy-grid --preset full --betas 10 --seeds 0 1 2 --critic reward regression   # or any part of the grid
+
+``toy`` is generated from :class:`aepo_lite.config.ToyConfig`: every field is a flag (``--help`` lists
+them with their comments). Speeds of the toy stages: ``aepo-lite bench``.
 """
 from __future__ import annotations
 
 import argparse
 import math
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated, Optional
 
+from aepo_lite.cli._config import ConfigCommand, _arg, _flag, parse_command, print_config
+from aepo_lite.config import ToyConfig
 from aepo_lite.device import DEVICE_CHOICES
 
-GRID_METHODS = ("aepo", "cep", "mse", "bc")
+GRID_METHODS = ("aepo", "qgpo", "mse", "bc")
+
+
+@dataclass
+class ToyCommand(ConfigCommand):
+    """Train (or load from the stage cache) and evaluate one method on a toy 2D task."""
+
+    config_values: Annotated[ToyConfig, _arg("", "")] = field(default_factory=ToyConfig)
+    out: Optional[str] = None  # run folder (default: runs/toy/<task>/<method>-b<beta>-<critic>-<preset>-s<seed>)
+    cache_dir: Optional[str] = None  # stage checkpoints, one folder per task shared by every run (runs/toy_cache)
+    quiet: Annotated[bool, _flag()] = False  # no progress bars
+
+
+def _toy(argv: list[str]) -> int:
+    from aepo_lite.toy.pipeline import check_config, default_out, estimator_label, run_toy
+    cmd = parse_command(ToyCommand, ToyConfig, argv, prog="aepo-lite toy", default_preset="full",
+                        description="Train (or load from the stage cache) and evaluate one guidance method on a toy "
+                                    "2D task; every config field is a flag. Writes DIR/config.json, "
+                                    "DIR/metrics.jsonl, DIR/results.json and DIR/figure.png.")
+    if cmd is None:
+        return 0
+    cfg = check_config(cmd.config_values)  # every field, before any training
+    out = Path(cmd.out) if cmd.out else default_out(cfg)
+    print_config(cfg)
+    res = run_toy(cfg, out, cache_dir=cmd.cache_dir, progress=not cmd.quiet)
+    for r in res["results"]:
+        print(f"{cfg.task} {estimator_label(cfg)} (Q: {res['critic']}) beta={cfg.energy.beta:g} "
+              f"w={r['guidance_scale']:g}: distance {r['distance']:.4f} (floor {r['floor']:.4f}, ratio "
+              f"{r['distance'] / r['floor']:.2f}), mean reward {r['mean_reward']:.3f} (exact target "
+              f"{res['target_mean_reward']:.3f})")
+    print(f"wrote {out / 'results.json'} and {out / 'figure.png'}")
+    return 0
+
+
+CONFIG_COMMANDS = {"toy": ("train and evaluate one guidance method on a toy 2D task (every config field a flag)",
+                           _toy)}
 
 
 def _float(name):
@@ -22,138 +63,91 @@ def _float(name):
             v = float(s)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{name}: expected a number, got {s!r}") from None
+        if math.isnan(v):
+            raise argparse.ArgumentTypeError(f"{name}: expected a number, got NaN")
         return v
     return parse
 
 
 def register(subparsers) -> None:
-    from aepo_lite.toy.tasks import task_names
-    from aepo_lite.toy.pipeline import ESTIMATORS, PRESETS, TOY_METHODS, DEFAULT_ESTIMATOR
-
-    p = subparsers.add_parser("toy", help="train and evaluate one guidance method on a toy 2D task",
-                              description="Train (or load from the cache) and evaluate one guidance method on a toy "
-                              "2D task; writes DIR/metrics.json, DIR/config.json and DIR/figure.png.")
-    p.add_argument("--task", required=True, help=f"toy task: {', '.join(task_names())} or a registered one")
-    p.add_argument("--method", required=True, help=f"one of {', '.join(TOY_METHODS)}")
-    p.add_argument("--estimator", default=DEFAULT_ESTIMATOR,
-                   help=f"AEPO estimator <covariance>-<expansion> (default {DEFAULT_ESTIMATOR}); one of {', '.join(ESTIMATORS)}")
-    p.add_argument("--beta", type=_float("beta"), required=True, help="inverse temperature beta >= 0")
-    p.add_argument("--guidance-scale", type=_float("guidance-scale"), nargs="+", default=[1.0],
-                   help="one or more guidance scales w >= 0 (default 1)")
-    p.add_argument("--preset", default="smoke", choices=tuple(PRESETS), help="sizes (default smoke)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the energy, the samples and the references")
-    p.add_argument("--out", default=None, help="output folder (default runs/toy/<task>-<method>-b<beta>-s<seed>)")
-    p.add_argument("--cache-dir", default=None, help="stage checkpoints (default runs/toy_cache)")
-    p.add_argument("--device", default="auto", choices=DEVICE_CHOICES)
-    p.add_argument("--n-eval", type=int, default=None, help="override the preset's sample count")
-    p.add_argument("--grid-size", type=int, default=None, help="override the preset's energy-error grid size")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
-    p.set_defaults(func=run_toy_command)
+    from aepo_lite.config import PRESETS
+    from aepo_lite.toy.pipeline import CRITIC_KINDS
 
     g = subparsers.add_parser("toy-grid", help="run the toy grid (or part of it) and regenerate its CSV, tables, README",
-                              description="Run tasks x methods x betas x seeds (skipping rows already in the CSV "
-                              "unless --force), merge them into the CSV, then regenerate figures/toy2d_* and the "
-                              "README block from the CSV alone.")
+                              description="Run tasks x methods x estimators x critics x betas x seeds at a preset "
+                              "(rows already in the CSV are skipped unless --force), merge them into the CSV, then "
+                              "regenerate figures/toy2d_* and the README block from the CSV alone.")
     g.add_argument("--tasks", nargs="+", default=None, help="default: every registered task")
-    g.add_argument("--methods", nargs="+", default=list(GRID_METHODS), help="default: aepo cep mse bc")
+    g.add_argument("--methods", nargs="+", default=list(GRID_METHODS), help="default: aepo qgpo mse bc")
     g.add_argument("--estimators", nargs="+", default=None,
-                   help=f"AEPO estimators to run (default: {DEFAULT_ESTIMATOR}); 'all' = every estimator")
+                   help="AEPO estimators: <covariance>/<expansion> (e.g. gaussian-fit/sampled, the default), mixture, "
+                        "particles; 'all' = every <covariance>/<expansion> the critic allows")
+    g.add_argument("--critic", nargs="+", default=["reward"], choices=CRITIC_KINDS,
+                   help="Q of the energy targets: reward (the true e(x), default) and/or regression (the fitted "
+                        "critic); every method runs with each")
     g.add_argument("--betas", type=_float("betas"), nargs="+", default=[3.0, 10.0, 20.0])
     g.add_argument("--guidance-scales", type=_float("guidance-scales"), nargs="+", default=[1.0])
     g.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    g.add_argument("--preset", default="full", choices=tuple(PRESETS))
+    g.add_argument("--preset", default="full", choices=tuple(PRESETS["toy"]))
     g.add_argument("--csv", default="figures/toy2d_results.csv")
     g.add_argument("--figures-dir", default="figures")
     g.add_argument("--readme", default="README.md", help="README to update between the toy markers ('' = none)")
-    g.add_argument("--cache-dir", default=None)
-    g.add_argument("--runs-dir", default="runs/toy", help="per-run metrics.json and figures")
+    g.add_argument("--cache-dir", default=None, help="stage checkpoints (default runs/toy_cache)")
+    g.add_argument("--runs-dir", default="runs/toy", help="one run folder per row group (config, results, figure)")
     g.add_argument("--device", default="auto", choices=DEVICE_CHOICES)
     g.add_argument("--force", action="store_true", help="re-evaluate rows already in the CSV")
     g.add_argument("--render-only", action="store_true", help="only regenerate tables, figures and README from the CSV")
-    g.add_argument("--no-progress", action="store_true")
+    g.add_argument("--quiet", action="store_true", help="no progress bars")
     g.set_defaults(func=run_grid_command)
 
-    b = subparsers.add_parser("toy-bench", help="training steps/s and sampled points/s on a toy task")
-    b.add_argument("--task", default="8gaussians")
-    b.add_argument("--preset", default="full", choices=tuple(PRESETS), help="network sizes to time (default full)")
-    b.add_argument("--steps", type=int, default=30, help="timed steps per learner")
-    b.add_argument("--n-points", type=int, default=4000, help="points per timed sampling call")
-    b.add_argument("--device", default="auto", choices=DEVICE_CHOICES)
-    b.set_defaults(func=run_bench_command)
+
+def _estimator_specs(args, critic: str) -> list[str]:
+    from aepo_lite.toy.pipeline import ESTIMATORS, estimator_overrides
+    specs = args.estimators or ["/".join((ToyConfig().energy.covariance, ToyConfig().energy.expansion))]
+    if "all" not in specs:
+        return specs
+    # 'all': every Gaussian-posterior estimator this critic allows (the true reward has no gradient)
+    return [s for s in ESTIMATORS if critic == "regression" or estimator_overrides(s)["expansion"] == "sampled"]
 
 
-def _config(args, **kw):
-    from aepo_lite.toy.pipeline import make_config
-    return make_config(args.preset, device=args.device, **kw)
-
-
-def run_toy_command(args) -> int:
-    from aepo_lite.toy.pipeline import run_toy
-    if any(math.isnan(w) for w in args.guidance_scale):
-        raise ValueError("guidance_scale: expected finite numbers, got NaN")
-    cfg = _config(args, task=args.task, method=args.method, estimator=args.estimator, beta=args.beta,
-                  guidance_scales=tuple(args.guidance_scale), seed=args.seed, n_eval=args.n_eval,
-                  grid_size=args.grid_size)  # validated here, before any training
-    out = Path(args.out or f"runs/toy/{cfg.task}-{cfg.method}-b{cfg.beta:g}-s{cfg.seed}")
-    m = run_toy(cfg, out, cache_dir=args.cache_dir, progress=not args.no_progress)
-    for r in m["results"]:
-        print(f"{cfg.task} {cfg.method} beta={cfg.beta:g} w={r['guidance_scale']:g}: distance {r['distance']:.4f} "
-              f"(floor {r['floor']:.4f}, ratio {r['distance'] / r['floor']:.2f}), mean reward {r['mean_reward']:.3f} "
-              f"(exact target {m['target_mean_reward']:.3f})")
-    print(f"wrote {out / 'metrics.json'} and {out / 'figure.png'}")
-    return 0
-
-
-def _grid_configs(args):
+def _grid_configs(args) -> list:
+    from aepo_lite.toy.pipeline import estimator_overrides, make_config
     from aepo_lite.toy.tasks import task_names
-    from aepo_lite.toy.pipeline import DEFAULT_ESTIMATOR, ESTIMATORS
-    tasks = args.tasks or task_names()
-    ests = args.estimators or [DEFAULT_ESTIMATOR]
-    if "all" in ests:
-        ests = list(ESTIMATORS)
     cfgs = []
     for beta in args.betas:
         for seed in args.seeds:
-            for task in tasks:
+            for task in args.tasks or task_names():
                 for method in args.methods:
-                    for est in (ests if method == "aepo" else [DEFAULT_ESTIMATOR]):
-                        cfgs.append(_config(args, task=task, method=method, estimator=est, beta=beta, seed=seed,
-                                            guidance_scales=tuple(args.guidance_scales)))
+                    for critic in (["reward"] if method == "bc" else args.critic):  # bc reads no Q
+                        for spec in (_estimator_specs(args, critic) if method == "aepo" else [None]):
+                            energy = dict(estimator_overrides(spec) if spec else {}, beta=beta)
+                            cfgs.append(make_config(task, method, args.preset, seed=seed, device=args.device,
+                                                    energy=energy, critic={"kind": critic},
+                                                    sampling={"guidance_scales": tuple(args.guidance_scales)}))
     return cfgs
 
 
 def run_grid_command(args) -> int:
     from aepo_lite.toy import report as toy_report
-    from aepo_lite.toy.pipeline import config_rows, run_toy
+    from aepo_lite.toy.pipeline import default_out, run_toy
     csv = Path(args.csv)
     if not args.render_only:
-        if any(math.isnan(w) for w in args.guidance_scales):
-            raise ValueError("guidance_scales: expected finite numbers, got NaN")
-        cfgs = _grid_configs(args)  # every config validated before the first training step
-        done = {toy_report._key(r) for r in toy_report.read_results(csv)} if csv.exists() else set()
+        cfgs = _grid_configs(args)  # every config checked before the first training step
+        done = toy_report.done_keys(csv)
         for i, cfg in enumerate(cfgs):
-            est = cfg.estimator if cfg.method == "aepo" else ""
-            scales = (0.0,) if cfg.method == "bc" else cfg.guidance_scales
-            keys = {(cfg.task, cfg.method, est, float(cfg.beta), float(w), cfg.seed) for w in scales}
+            keys = toy_report.config_keys(cfg)
             if keys <= done and not args.force:
                 continue
             t0 = time.time()
-            tag = f"{cfg.task}-{cfg.method}{'-' + est if est else ''}-b{cfg.beta:g}-s{cfg.seed}"
-            m = run_toy(cfg, Path(args.runs_dir) / tag, cache_dir=args.cache_dir, progress=not args.no_progress)
-            toy_report.write_results(csv, config_rows(m))
+            out = default_out(cfg, args.runs_dir)
+            res = run_toy(cfg, out, cache_dir=args.cache_dir, progress=not args.quiet)
+            toy_report.write_results(csv, toy_report.result_rows(res, cfg))
             done |= keys
-            r = m["results"][0]
-            print(f"[{i + 1}/{len(cfgs)}] {tag}: distance {r['distance']:.4f} floor {r['floor']:.4f} "
-                  f"({time.time() - t0:.0f} s)", flush=True)
+            r = res["results"][0]
+            print(f"[{i + 1}/{len(cfgs)}] {out.parent.name}/{out.name}: distance {r['distance']:.4f} floor "
+                  f"{r['floor']:.4f} ({time.time() - t0:.0f} s)", flush=True)
     paths = toy_report.render(csv, args.figures_dir)
     if args.readme:
         paths.append(toy_report.update_readme(csv, args.readme))
     print("wrote " + ", ".join(str(p) for p in paths))
-    return 0
-
-
-def run_bench_command(args) -> int:
-    from aepo_lite.toy.pipeline import bench
-    for line in bench(args.task, preset=args.preset, steps=args.steps, n_points=args.n_points, device=args.device):
-        print(line, flush=True)
     return 0

@@ -47,6 +47,7 @@ class SweepConfig:
     cpus_per_run: float = 1.0  # ray: CPUs reserved per run
     gpus_per_run: float = 0.0  # ray: GPU fraction per run (local: 1 gives each run its own GPU in turn)
     evaluate: bool = True  # evaluate each run after training (skipped when already evaluated)
+    overrides: Optional[str] = None  # a JSON/YAML file of nested config overrides for every run, e.g. {"energy": {"beta": 3}}
 
 
 @dataclass
@@ -84,15 +85,22 @@ def _check(cfg: SweepConfig) -> tuple[str, ...]:
     return datasets
 
 
+def _read_overrides(path) -> dict:
+    if not path:
+        return {}
+    from aepo_lite.config import read_config_file
+    return read_config_file(path)
+
+
 def plan(cfg: SweepConfig) -> list[RunSpec]:
     """Every run of the sweep, in order (dataset, method, seed), with its run directory."""
     out = Path(cfg.out)
-    specs = []
+    specs, over = [], _read_overrides(cfg.overrides)
     for ds in _check(cfg):
         for m in cfg.methods:
             for seed in cfg.seeds:
                 d = out / ds.replace(":", "_").replace("/", "_") / f"{m}-{cfg.preset}-s{seed}"
-                specs.append(RunSpec(ds, m, int(seed), cfg.preset, str(d), evaluate=cfg.evaluate))
+                specs.append(RunSpec(ds, m, int(seed), cfg.preset, str(d), overrides=over, evaluate=cfg.evaluate))
     return specs
 
 
@@ -115,14 +123,11 @@ def _trained(d: Path) -> bool:
 
 
 def _toy_run(spec: RunSpec, progress: bool) -> str:
-    from aepo_lite.config import ToyConfig, apply_overrides, preset_config
-    from aepo_lite.toy.pipeline import run_toy
+    from aepo_lite.toy.pipeline import make_config, run_toy
     d = Path(spec.run_dir)
-    if (d / "metrics.json").exists():
+    if (d / "results.json").exists():
         return "skipped"
-    cfg = preset_config(ToyConfig, spec.preset, task=spec.dataset[len(TOY_PREFIX):], method=spec.method,
-                        seed=spec.seed)
-    cfg = apply_overrides(cfg, spec.overrides)
+    cfg = make_config(spec.dataset[len(TOY_PREFIX):], spec.method, spec.preset, seed=spec.seed, **spec.overrides)
     run_toy(cfg, d, cache_dir=Path(spec.run_dir).parents[1] / "toy_cache", progress=progress, figure=False)
     return "done"
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import csv
 import math
 from collections import defaultdict
-from dataclasses import asdict
 from pathlib import Path
 
 from aepo_lite._io import atomic_save_figure, atomic_write_text
@@ -32,8 +31,8 @@ __all__ = ["COLUMNS", "SETTINGS", "read_results", "write_results", "result_rows"
 # The settings of a run that change its numbers; every row carries them, and rows that differ in
 # any of them are never averaged, ranked or replaced together.
 SETTINGS = ("preset", "n_eval", "sample_steps", "solver")
-COLUMNS = ("task", "method", "estimator", "beta", "guidance_scale", "seed", "distance", "floor") + SETTINGS
-KEY = COLUMNS[:6] + SETTINGS
+COLUMNS = ("task", "method", "estimator", "critic", "beta", "guidance_scale", "seed", "distance", "floor") + SETTINGS
+KEY = COLUMNS[:7] + SETTINGS
 README_START, README_END = "<!-- toy:start -->", "<!-- toy:end -->"
 TASK_ORDER = ("swissroll", "8gaussians", "moons", "rings", "checkerboard", "2spirals")
 REPORT_SCALE = 1.0  # the guidance scale the tables report (w = 1 is exact when f = E_t)
@@ -46,6 +45,7 @@ def _row(r: dict, where: str = "row") -> dict:
                          f"({', '.join(SETTINGS)}): build rows with aepo_lite.toy.report.result_rows(metrics, cfg)")
     out = {k: r[k] for k in COLUMNS}
     out["estimator"] = out["estimator"] or ""
+    out["critic"] = out["critic"] or "none"  # reward | regression (the fitted critic) | none (bc)
     try:
         for k in ("beta", "guidance_scale", "distance", "floor"):
             out[k] = float(out[k])
@@ -72,34 +72,38 @@ def read_results(csv_path) -> list[dict]:
 
 
 def _key(r: dict) -> tuple:
-    return (r["task"], r["method"], r["estimator"] or "", float(r["beta"]), float(r["guidance_scale"]), int(r["seed"]),
-            str(r["preset"]), int(r["n_eval"]), int(r["sample_steps"]), str(r["solver"]))
+    return (r["task"], r["method"], r["estimator"] or "", r.get("critic") or "none", float(r["beta"]),
+            float(r["guidance_scale"]), int(r["seed"]), str(r["preset"]), int(r["n_eval"]), int(r["sample_steps"]),
+            str(r["solver"]))
 
 
 def _settings(r: dict) -> tuple:
     return tuple(r[k] for k in SETTINGS)
 
 
-def result_rows(metrics: dict, cfg) -> list[dict]:
-    """One run's ``metrics.json`` (``evaluate_toy``) and its config (a ``ToyConfig`` or its dict) ->
-    rows of the results CSV, each with the settings that made it."""
-    c = cfg if isinstance(cfg, dict) else asdict(cfg)
-    for k in ("task", "method", "beta", "seed"):
-        if k in metrics and k in c and metrics[k] != c[k]:
-            raise ValueError(f"cfg: the metrics are of {k}={metrics[k]!r}, the config has {k}={c[k]!r}")
-    st = {k: c[k] for k in SETTINGS}
-    return [_row(dict(task=metrics["task"], method=metrics["method"], estimator=metrics.get("estimator") or "",
-                      beta=metrics["beta"], guidance_scale=r["guidance_scale"], seed=metrics["seed"],
-                      distance=r["distance"], floor=r["floor"], **st)) for r in metrics["results"]]
+def _run_settings(cfg) -> dict:
+    """The settings columns of a toy run's config (:class:`aepo_lite.config.ToyConfig`)."""
+    return {"preset": cfg.preset, "n_eval": cfg.eval.n_samples, "sample_steps": cfg.sampling.steps,
+            "solver": cfg.sampling.solver}
+
+
+def result_rows(results: dict, cfg) -> list[dict]:
+    """One run's ``results.json`` and its config -> rows of the results CSV, each with the settings that made it."""
+    for k in ("task", "method", "seed"):
+        if results[k] != getattr(cfg, k):
+            raise ValueError(f"cfg: the results are of {k}={results[k]!r}, the config has {k}={getattr(cfg, k)!r}")
+    keep = ("task", "method", "estimator", "critic", "beta", "seed")
+    return [_row(dict({k: results[k] for k in keep}, guidance_scale=r["guidance_scale"], distance=r["distance"],
+                      floor=r["floor"], **_run_settings(cfg))) for r in results["results"]]
 
 
 def config_keys(cfg) -> set:
     """The CSV keys one config's run writes (for skipping configs whose rows exist: see :func:`done_keys`)."""
-    c = cfg if isinstance(cfg, dict) else asdict(cfg)
-    est = c["estimator"] if c["method"] == "aepo" else ""
-    scales = (0.0,) if c["method"] == "bc" else tuple(c["guidance_scales"])
-    return {(c["task"], c["method"], est, float(c["beta"]), float(w), int(c["seed"]), str(c["preset"]),
-             int(c["n_eval"]), int(c["sample_steps"]), str(c["solver"])) for w in scales}
+    from aepo_lite.toy.pipeline import critic_label, estimator
+    scales = (0.0,) if cfg.method == "bc" else cfg.sampling.guidance_scales
+    st = _run_settings(cfg)
+    return {_key(dict(task=cfg.task, method=cfg.method, estimator=estimator(cfg), critic=critic_label(cfg),
+                      beta=cfg.energy.beta, guidance_scale=w, seed=cfg.seed, **st)) for w in scales}
 
 
 def done_keys(csv_path) -> set:
@@ -109,7 +113,7 @@ def done_keys(csv_path) -> set:
 
 
 def write_results(csv_path, new_rows: list[dict]) -> list[dict]:
-    """Merge ``new_rows`` into the CSV: a row with the same task/method/estimator/beta/scale/seed *and*
+    """Merge ``new_rows`` into the CSV: a row with the same task/method/estimator/critic/beta/scale/seed *and*
     settings is replaced; rows made with other settings (another preset, sample count, sampler) are kept."""
     path = Path(csv_path)
     checked = [_row(r, f"new_rows[{i}]") for i, r in enumerate(new_rows)]  # all checked before the file is read
@@ -117,12 +121,12 @@ def write_results(csv_path, new_rows: list[dict]) -> list[dict]:
     for r in checked:
         rows[_key(r)] = r
     ordered = sorted(rows.values(), key=lambda r: (_settings(r), _task_rank(r["task"]), r["method"], r["estimator"],
-                                                   r["beta"], r["guidance_scale"], r["seed"]))
+                                                   r["critic"], r["beta"], r["guidance_scale"], r["seed"]))
     lines = [",".join(COLUMNS)]
     for r in ordered:
-        lines.append(",".join([r["task"], r["method"], r["estimator"], f"{r['beta']:g}", f"{r['guidance_scale']:g}",
-                               str(r["seed"]), f"{r['distance']:.6f}", f"{r['floor']:.6f}", r["preset"],
-                               str(r["n_eval"]), str(r["sample_steps"]), r["solver"]]))
+        lines.append(",".join([r["task"], r["method"], r["estimator"], r["critic"], f"{r['beta']:g}",
+                               f"{r['guidance_scale']:g}", str(r["seed"]), f"{r['distance']:.6f}", f"{r['floor']:.6f}",
+                               r["preset"], str(r["n_eval"]), str(r["sample_steps"]), r["solver"]]))
     atomic_write_text(path, "\n".join(lines) + "\n")
     return ordered
 
@@ -153,8 +157,10 @@ def _task_rank(t: str) -> tuple:
     return (TASK_ORDER.index(t) if t in TASK_ORDER else len(TASK_ORDER), t)
 
 
-def _label(method: str, estimator: str) -> str:
-    return f"aepo[{estimator}]" if method == "aepo" else method
+def _label(method: str, estimator: str, critic: str = "reward") -> str:
+    """``aepo(gaussian-fit/sampled)``, ``qgpo``, ...; `` [fitted Q]`` when the target read the fitted critic."""
+    base = f"aepo({estimator})" if method == "aepo" else method
+    return base + (" [fitted Q]" if critic == "regression" else "")
 
 
 def summarise(rows: list[dict], scale: float = REPORT_SCALE) -> dict:
@@ -165,7 +171,7 @@ def summarise(rows: list[dict], scale: float = REPORT_SCALE) -> dict:
     for r in rows:
         if r["method"] != "bc" and abs(r["guidance_scale"] - scale) > 1e-9:
             continue
-        groups[(r["beta"], r["task"], _label(r["method"], r["estimator"]))].append(r)
+        groups[(r["beta"], r["task"], _label(r["method"], r["estimator"], r["critic"]))].append(r)
     out = {}
     for k, rs in groups.items():
         d = [r["distance"] for r in rs]
@@ -188,7 +194,7 @@ def best_estimator(rows: list[dict], beta: float = 10.0, scale: float = REPORT_S
     ratio = defaultdict(dict)  # estimator -> {(task, seed): distance / floor}
     for r in rows:
         if r["method"] == "aepo" and r["beta"] == beta and abs(r["guidance_scale"] - scale) < 1e-9:
-            ratio[r["estimator"]][(r["task"], r["seed"])] = r["distance"] / r["floor"]
+            ratio[_label("aepo", r["estimator"], r["critic"])][(r["task"], r["seed"])] = r["distance"] / r["floor"]
     if not ratio:
         return None, {}
     # estimators run on a single task are listed but not ranked, unless none was run on two or more
@@ -212,7 +218,7 @@ def grid_estimator(rows: list[dict], beta: float = 10.0) -> str | None:
     count = defaultdict(set)
     for r in rows:
         if r["method"] == "aepo" and r["beta"] == beta:
-            count[r["estimator"]].add((r["task"], r["seed"]))
+            count[_label("aepo", r["estimator"], r["critic"])].add((r["task"], r["seed"]))
     if not count:
         return None
     return max(sorted(count), key=lambda e: len(count[e]))
@@ -222,11 +228,11 @@ def _main_labels(rows, beta, default_est):
     labels = []
     main = grid_estimator(rows, beta)
     if main:
-        labels.append(_label("aepo", main))
-    if default_est and default_est != main and any(r["estimator"] == default_est and r["beta"] == beta for r in rows):
-        labels.append(_label("aepo", default_est))
-    labels += ["cep", "mse", "bc"]
-    present = {_label(r["method"], r["estimator"]) for r in rows if r["beta"] == beta}
+        labels.append(main)
+    present = {_label(r["method"], r["estimator"], r["critic"]) for r in rows if r["beta"] == beta}
+    if default_est and default_est != main and default_est in present:
+        labels.append(default_est)
+    labels += [_label(m, "", c) for m in ("qgpo", "mse") for c in ("reward", "regression")] + ["bc"]
     return [lab for lab in labels if lab in present]
 
 
@@ -278,7 +284,7 @@ def estimators_markdown(rows: list[dict], beta: float = 10.0, scale: float = REP
     for e in sorted(score, key=lambda e: (-score[e][2], score[e][0])):
         cells = []
         for t in tasks:
-            v = s.get((beta, t, f"aepo[{e}]"))
+            v = s.get((beta, t, e))
             cells.append("—" if v is None else f"{v[4]:.2f} ({v[3]})")
         tag = " (best)" if e == best else (" (fewer runs, not ranked)" if score[e][2] < score[best][2] else "")
         lines.append(f"| {e}{tag} | {score[e][0]:.2f} | {score[e][1]} | " + " | ".join(cells) + " |")
@@ -293,8 +299,8 @@ def rows_markdown(rows: list[dict]) -> str:
     """Which rows exist: per (settings, method, estimator, beta, guidance scale) the tasks and seeds."""
     g = defaultdict(lambda: (set(), set()))
     for r in rows:
-        k = (r["preset"], r["n_eval"], f"{r['solver']} {r['sample_steps']}", _label(r["method"], r["estimator"]),
-             r["beta"], r["guidance_scale"])
+        k = (r["preset"], r["n_eval"], f"{r['solver']} {r['sample_steps']}",
+             _label(r["method"], r["estimator"], r["critic"]), r["beta"], r["guidance_scale"])
         g[k][0].add(r["task"])
         g[k][1].add(r["seed"])
     lines = ["| preset | samples | sampler, steps | method | beta | guidance scale | tasks | seeds |",
@@ -408,7 +414,7 @@ def readme_section(rows: list[dict], csv_name: str = "figures/toy2d_results.csv"
               "rescale the published point sets by 1/4 and write the published reward labels as functions of x "
               "(`aepo_lite/toy/tasks.py`). Energies of every method see c_in(t) x_t (the Gaussian posterior-mean "
               "scaling) and AEPO also trains on a quarter of uniform box points; every sample is clipped to the "
-              "action box. Speeds: `aepo-lite toy-bench`.", "",
+              "action box. Speeds: `aepo-lite bench`.", "",
               "Rows present in the CSV (the full grid is 6 tasks x methods x beta in {3, 10, 20} x 3 seeds; "
               "rows not listed were not run):", "", rows_markdown(rows),
               "Figures: `figures/toy2d_distance.png`, tables `figures/toy2d_table.md`, `figures/toy2d_estimators.md`.", ""]
@@ -417,7 +423,7 @@ def readme_section(rows: list[dict], csv_name: str = "figures/toy2d_results.csv"
 
 def _lib_default() -> str:
     from aepo_lite.config import EnergyConfig
-    return f"{EnergyConfig.covariance}-{EnergyConfig.expansion}"
+    return f"aepo({EnergyConfig.covariance}/{EnergyConfig.expansion})"
 
 
 def update_readme(csv_path="figures/toy2d_results.csv", readme_path="README.md") -> Path:
@@ -452,7 +458,7 @@ def plot_run(models, metrics: dict, samples: dict | None, target, path) -> Path:
     for ax, (w, xs) in zip(axes[0][1:], samples.items()):
         r = by_w[w]
         ax.scatter(xs[:, 0], xs[:, 1], s=2, c=task.reward(xs.double()), vmin=0, vmax=1, cmap="viridis")
-        ax.set_title(f"{_label(metrics['method'], metrics['estimator'])} w={w:g}\n"
+        ax.set_title(f"{_label(metrics['method'], metrics['estimator'], metrics['critic'])} w={w:g}\n"
                      f"SW {r['distance']:.3f} (floor {r['floor']:.3f})", fontsize=9)
     for ax in axes[0]:
         ax.set_xlim(-1.1, 1.1)

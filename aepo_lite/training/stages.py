@@ -78,20 +78,30 @@ class RunLock:
     The operating system releases it when the process ends, however it ends.
     """
 
-    def __init__(self, folder, what: str = "out", name: str = ".lock"):
-        """``name``: the lock file in ``folder``; one folder may hold several locks (one per cache entry)."""
-        self.path, self.what, self._fd = Path(folder) / name, what, None
+    def __init__(self, folder, what: str = "out", name: str = ".lock", wait: float = 0.0):
+        """``name``: the lock file in ``folder``; one folder may hold several locks (one per cache entry).
+        ``wait``: seconds to wait for another holder (0: refuse at once). A shared cache entry waits: the
+        other process is training exactly what this one needs, and it is loaded once that finishes."""
+        self.path, self.what, self.wait, self._fd = Path(folder) / name, what, float(wait), None
 
     def __enter__(self) -> "RunLock":
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            other = os.read(fd, 64).decode(errors="replace").strip() or "?"
-            os.close(fd)
-            raise ValueError(f"{self.what}: {self.path.parent} is being written by another aepo-lite process "
-                             f"(pid {other}); wait for it to finish or use another folder") from None
+        deadline, said = time.monotonic() + self.wait, False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                other = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+                if time.monotonic() >= deadline:
+                    os.close(fd)
+                    raise ValueError(f"{self.what}: {self.path.parent} is being written by another aepo-lite "
+                                     f"process (pid {other}); wait for it to finish or use another folder") from None
+                if not said:
+                    print(f"{self.what}: waiting for pid {other}, which is writing {self.path.parent}", flush=True)
+                    said = True
+                time.sleep(0.5)
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
         self._fd = fd
