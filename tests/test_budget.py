@@ -122,6 +122,14 @@ def test_budget_with_small_trained_models_is_finite_and_written_deterministicall
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
     text = (tmp_path / "a" / "toy2d_budget.md").read_text()
     assert "### critic" in text and "particles-K8" in text
+    # the table and figure are rebuilt from the CSV alone (what `aepo-lite figures` runs)
+    assert B.read_budget(tmp_path / "a" / "toy2d_budget.csv")[0]["beta"] == cfg.beta
+    (tmp_path / "c").mkdir()
+    B.render(tmp_path / "a" / "toy2d_budget.csv", tmp_path / "c")
+    for name in ("toy2d_budget.md", "toy2d_budget.png"):
+        assert (tmp_path / "c" / name).read_bytes() == (tmp_path / "a" / name).read_bytes(), name
+    with pytest.raises(FileNotFoundError, match="csv_path"):
+        B.read_budget(tmp_path / "nope.csv")
 
 
 def test_budget_config_rejects_bad_values():
