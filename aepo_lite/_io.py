@@ -131,10 +131,13 @@ def atomic_torch_save(path, obj: Any) -> Path:
     return _atomic(path, lambda f: torch.save(obj, f))
 
 
-def atomic_save_figure(path, fig, dpi: int = 110) -> Path:
-    """``fig.savefig`` written atomically, in the format of ``path``'s suffix (png, pdf, svg)."""
+def atomic_save_figure(path, fig, dpi: int = 110, metadata: dict | None = None) -> Path:
+    """``fig.savefig`` written atomically, in the format of ``path``'s suffix (png, pdf, svg).
+
+    ``metadata`` goes to savefig (``{"Software": None}``: no version stamp, the same bytes on every run)."""
     path = Path(path)
-    return _atomic(path, lambda f: fig.savefig(f, dpi=dpi, format=path.suffix.lstrip(".") or "png"))
+    return _atomic(path, lambda f: fig.savefig(f, dpi=dpi, format=path.suffix.lstrip(".") or "png",
+                                               metadata=metadata))
 
 
 def read_json(path) -> Any:

@@ -11,6 +11,7 @@ closed-form demo    closed_form_checks.json      ``aepo_lite.course.demo.render`
                                                  guidance: sampling, no training, seconds)
 toy 2D tasks        toy2d_results.csv            ``aepo_lite.toy.report.render``
 offline RL          rl_results.csv               ``aepo_lite.rl.report.render``
+toy error budget    toy2d_budget.csv (optional)  ``aepo_lite.toy.budget.render``
 speed benchmark     bench_*.json (optional)      ``aepo_lite.bench.to_markdown``
 QGPO comparison     compare_qgpo_*.json          ``scripts/compare_qgpo.py``'s ``to_markdown``
                     (optional)                   (timings measured there, tabulated here)
@@ -130,6 +131,8 @@ PARTS = (
     Part("toy 2D tasks", "aepo_lite.toy.report", "toy2d_results.csv", "aepo-lite toy-grid", _render_report),
     Part("offline RL", "aepo_lite.rl.report", "rl_results.csv",
          "aepo-lite rl-results --runs RUNS --csv figures/rl_results.csv", _render_report),
+    Part("toy error budget", "aepo_lite.toy.budget", "toy2d_budget.csv",
+         "python -c 'from aepo_lite.toy.budget import run_budget; run_budget()'", _render_report, optional=True),
     Part("speed benchmark", "aepo_lite.bench", "bench_*.json",
          "aepo-lite bench --out figures/bench_<device>.json", _render_markdown_of_json, optional=True),
     Part("QGPO code comparison", "scripts/compare_qgpo.py", "compare_qgpo_*.json",

@@ -5,8 +5,11 @@ Read top to bottom:
   1. ``posterior_estimate``: the Gaussian approximation N(a0_hat, S_hat) of mu_{0t}(.|a_t, s);
   2. ``critic_expansion``: Q, grad_a Q and -hess_a Q at a0_hat;
   3. ``aepo_target``: the analytic target y_t (first / second order or sampled);
-  4. ``EnergyLearner``: f_phi regressed on stopgrad(y_t) (AEPO), on beta Q(s, a_0) (MSE), or
-     trained contrastively on K support actions (CEP / QGPO).
+  3b. ``insupport_target``: our in-support targets (method.md 4b, ``EnergyConfig.posterior``):
+     the posterior as a mixture over K support actions a^(k) ~ mu(.|s), so that Q is queried on
+     (``particles``) or next to (``mixture``) the behaviour's support, never at a0_hat;
+  4. ``EnergyLearner``: f_phi regressed on stopgrad(y_t) (AEPO, with either target), on
+     beta Q(s, a_0) (MSE), or trained contrastively on K support actions (CEP / QGPO).
 """
 from __future__ import annotations
 
@@ -22,8 +25,8 @@ from aepo_lite.device import TrainingState, adam, cosine_schedule
 from aepo_lite.core.diffusion import EpsFn
 from aepo_lite.core.schedule import VPSchedule
 
-__all__ = ["posterior_estimate", "critic_expansion", "aepo_target", "EpsNormTable", "EnergyLearner",
-           "ENERGY_METHODS"]
+__all__ = ["posterior_estimate", "critic_expansion", "aepo_target", "insupport_target", "EpsNormTable",
+           "EnergyLearner", "ENERGY_METHODS"]
 
 QFn = Callable[[Optional[torch.Tensor], torch.Tensor], torch.Tensor]  # (s (B, k) | None, a (B, d)) -> (B,)
 ENERGY_METHODS = ("aepo", "mse", "qgpo")  # qgpo: the contrastive energy (CEP) of QGPO
@@ -164,13 +167,91 @@ def _aepo_target(a_t, t, s, *, eps_fn, q_fn, schedule, beta, covariance, expansi
     return G.aepo_target_second(q, g, H, S_hat, beta, check=check)
 
 
+def insupport_target(a_t: torch.Tensor, t: torch.Tensor, s: torch.Tensor | None, support: torch.Tensor, *,
+                     posterior: str, schedule: VPSchedule, beta: float, q_fn: QFn | None = None,
+                     support_q: torch.Tensor | None = None, bandwidth: float = 0.0,
+                     clip: float | None = 1.0) -> torch.Tensor:
+    """Our in-support estimate y_t(s, a_t) of E_t (method.md 4b): (B, d), (B,), support (B, K, d) -> (B,), no grad.
+
+    The behaviour at s is the mixture (1/K) sum_k N(a^(k), h^2 I) over the support actions a^(k) ~ mu(.|s):
+    ``particles`` (h = 0): y_t = log sum_k r_k(a_t) exp(beta Q(s, a^(k))), from ``support_q`` (B, K)
+    (or q_fn at the support actions); ``mixture`` (h = ``bandwidth``): the first-order expansion of Q
+    at each posterior component mean m~_k (clipped to the box), y_t = log sum_k r_k exp(beta Q(m~_k) +
+    beta^2 s~^2 |grad Q(m~_k)|^2 / 2). Validates its inputs; :class:`EnergyLearner` calls the unchecked
+    :func:`_insupport_target`.
+    """
+    if posterior not in ("mixture", "particles"):
+        raise ValueError(f"posterior: expected 'mixture' or 'particles' (in-support targets), got {posterior!r}")
+    check_scalar("beta", beta, low=0.0)
+    check_scalar("bandwidth", bandwidth, low=0.0)
+    check_tensor("a_t", a_t, ndim=2)
+    check_finite("a_t", a_t)
+    check_tensor("t", t, shape=(a_t.shape[0],))
+    schedule.check_t(t)
+    check_tensor("support", support, shape=(a_t.shape[0], None, a_t.shape[1]))
+    if support.shape[1] < 1:
+        raise ValueError("support: expected K >= 1 support actions per row, got K = 0")
+    check_finite("support", support)
+    if s is not None:
+        check_tensor("s", s, shape=(a_t.shape[0], None))
+        check_finite("s", s)
+    if support_q is not None:
+        check_tensor("support_q", support_q, shape=tuple(support.shape[:2]))
+    elif posterior == "particles" and q_fn is None:
+        raise ValueError("support_q: the particle target needs Q at the support actions (support_q or q_fn)")
+    if posterior == "mixture" and q_fn is None:
+        raise ValueError("q_fn: the mixture target needs a critic (Q and its gradient at each component mean)")
+    with torch.no_grad():
+        return _insupport_target(a_t, t, s, support, support_q, posterior=posterior, q_fn=q_fn, schedule=schedule,
+                                 beta=beta, bandwidth=bandwidth, clip=clip)
+
+
+def _insupport_target(a_t, t, s, support, support_q, *, posterior, q_fn, schedule, beta, bandwidth, clip,
+                      check: bool = True) -> torch.Tensor:
+    """:func:`insupport_target` without the input checks (the caller made a_t and t)."""
+    alpha, sigma = schedule.alpha_sigma(t)
+    B, K, d = support.shape
+    s_rep = None if s is None else s.repeat_interleave(K, dim=0)
+    if posterior == "particles":
+        if support_q is None:
+            with torch.no_grad():
+                support_q = q_fn(s_rep, support.reshape(B * K, d)).reshape(B, K)
+        return G.particle_target(a_t, support, support_q, beta, alpha, sigma, check=check)
+    log_r, m_t, s2 = G.mixture_posterior(a_t, support, bandwidth, alpha, sigma, check=check)
+    if clip is not None:
+        m_t = m_t.clamp(-clip, clip)
+    q, g, _ = critic_expansion(q_fn, s_rep, m_t.reshape(B * K, d))
+    return G.mixture_target_first(log_r, q.reshape(B, K), g.reshape(B, K, d), s2, beta, check=check)
+
+
+def _batch_support(batch: dict, a0: torch.Tensor, need_q: bool) -> torch.Tensor:
+    """batch["support"] (B, K, d) for the in-support targets; shapes are checked (no host synchronisation)."""
+    sup = batch.get("support")
+    if sup is None:
+        raise ValueError("support: the in-support posteriors (mixture, particles) need batch['support'] (B, K, d), "
+                         "the support actions a^(k) ~ mu(.|s) of each row")
+    B, d = a0.shape
+    if sup.ndim != 3 or sup.shape[0] != B or sup.shape[2] != d or sup.shape[1] < 1:
+        raise ValueError(f"support: expected batch['support'] of shape ({B}, K >= 1, {d}), got {tuple(sup.shape)}")
+    q = batch.get("support_q")
+    if q is None and need_q:
+        raise ValueError("support_q: the particle target without a q_fn needs batch['support_q'] (B, K)")
+    if q is not None and tuple(q.shape) != tuple(sup.shape[:2]):
+        raise ValueError(f"support_q: expected batch['support_q'] of shape {tuple(sup.shape[:2])}, got {tuple(q.shape)}")
+    return sup
+
+
 class EnergyLearner(TrainingState):
     """Trains f_phi(s, a_t, t). ``update(batch) -> dict[str, float]``.
 
     ``method``: aepo (regression on AEPO's target), mse (regression on beta Q(s, a_0)) or qgpo (QGPO's
     contrastive energy, CEP). batch keys: ``a`` (B, d) behaviour actions and ``s`` (B, k) or None, for aepo
     and mse; for qgpo: ``s`` (B, k) or None, ``support`` (B, K, d) actions from mu(.|s) and ``support_q`` (B, K).
-    Optional ``fit_cov`` (B, d, d) for AEPO's ``gaussian-fit``.
+    Optional ``fit_cov`` (B, d, d) for AEPO's ``gaussian-fit``. AEPO's target follows ``cfg.posterior``:
+    ``gaussian`` (``cfg.covariance`` and ``cfg.expansion``, section 4) or the in-support ``mixture``
+    (bandwidth ``cfg.bandwidth``, first order per component) and ``particles`` (section 4b), which also
+    read ``support`` (B, K, d) and, for particles, ``support_q`` (B, K) (else q_fn at the support actions):
+    a_t is still drawn around ``a``.
     """
 
     def __init__(self, energy: nn.Module, cfg: EnergyConfig, *, schedule: VPSchedule,
@@ -180,11 +261,17 @@ class EnergyLearner(TrainingState):
         if method not in ENERGY_METHODS:
             raise ValueError(f"method: expected one of {ENERGY_METHODS}, got {method!r}")
         check_scalar("beta", cfg.beta, low=0.0)
-        if method in ("aepo", "mse") and q_fn is None:
-            raise ValueError(f"q_fn: the {method} energy needs a critic")
-        if method == "aepo" and eps_fn is None:
-            raise ValueError("eps_fn: the aepo energy needs the behaviour model's noise prediction")
+        posterior = cfg.posterior
         if method == "aepo":
+            if posterior not in G.POSTERIORS:
+                raise ValueError(f"posterior: expected one of {G.POSTERIORS}, got {posterior!r}")
+            check_scalar("bandwidth", cfg.bandwidth, low=0.0)
+        if method == "mse" or (method == "aepo" and posterior != "particles"):
+            if q_fn is None:
+                raise ValueError(f"q_fn: the {method} energy needs a critic")
+        if method == "aepo" and posterior == "gaussian" and eps_fn is None:
+            raise ValueError("eps_fn: the aepo energy needs the behaviour model's noise prediction")
+        if method == "aepo" and posterior == "gaussian":
             if cfg.covariance not in G.COVARIANCES:
                 raise ValueError(f"covariance: expected one of {G.COVARIANCES}, got {cfg.covariance!r}")
             if cfg.expansion not in G.EXPANSIONS:
@@ -223,11 +310,16 @@ class EnergyLearner(TrainingState):
             with torch.no_grad():
                 q = self.q_fn(s, a0)
             return G.mse_energy_loss(self.energy(s, a_t, t), q, cfg.beta, check=self.check_finite), {}
-        fit_cov = batch.get("fit_cov", self.fit_cov)
-        y = _aepo_target(a_t, t, s, eps_fn=self.eps_fn, q_fn=self.q_fn, schedule=self.schedule, beta=cfg.beta,
-                        covariance=cfg.covariance, expansion=cfg.expansion, clip=cfg.clip,
-                        n_samples=cfg.n_samples, eps_table=self.eps_table, fit_cov=fit_cov,
-                        generator=self.generator, check=self.check_finite)
+        if cfg.posterior == "gaussian":  # section 4: N(a0_hat, S_hat) around the Tweedie mean
+            y = _aepo_target(a_t, t, s, eps_fn=self.eps_fn, q_fn=self.q_fn, schedule=self.schedule, beta=cfg.beta,
+                             covariance=cfg.covariance, expansion=cfg.expansion, clip=cfg.clip,
+                             n_samples=cfg.n_samples, eps_table=self.eps_table,
+                             fit_cov=batch.get("fit_cov", self.fit_cov), generator=self.generator,
+                             check=self.check_finite)
+        else:  # section 4b: a mixture over the support actions of each state
+            y = _insupport_target(a_t, t, s, _batch_support(batch, a0, self.q_fn is None), batch.get("support_q"),
+                                  posterior=cfg.posterior, q_fn=self.q_fn, schedule=self.schedule, beta=cfg.beta,
+                                  bandwidth=cfg.bandwidth, clip=cfg.clip, check=self.check_finite)
         return G.energy_regression_loss(self.energy(s, a_t, t), y, check=self.check_finite), {"target_mean": y.mean()}
 
     def update(self, batch: dict) -> dict[str, float]:

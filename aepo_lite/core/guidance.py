@@ -1,4 +1,4 @@
-"""The guidance maths of method.md sections 2-5, as pure functions of tensors.
+"""The guidance maths of method.md sections 2-5 (and our section 4b), as pure functions of tensors.
 
 Notation follows method.md: behaviour mu(a|s) = N(m, S) in the Gaussian sections, critic
 Q(a) = c + g^T a - a^T H a / 2, target pi ∝ mu exp(beta Q), VP marginal a_t = alpha a_0 + sigma eps,
@@ -8,6 +8,7 @@ E_t(a_t) = log E_{a_0 ~ mu_{0t}(.|a_t)} exp(beta Q(a_0)).
 Shapes: a_t (B, d), m (d,), S (d, d), g (d,), H (d, d); alpha, sigma, beta, c are floats.
 Every function works in the dtype of its inputs (float64 for the exactness checks) and on any
 device. Batched AEPO estimators take per-sample g (B, d), H (B, d, d) and S_hat (B, d, d).
+The in-support estimators of section 4b take K support actions per row, m_k (B, K, d).
 """
 from __future__ import annotations
 
@@ -28,12 +29,15 @@ __all__ = [
     "tweedie_mean", "tweedie_covariance", "isotropic_covariance", "gaussian_fit_covariance",
     "psd_project", "aepo_target_first", "aepo_target_second", "aepo_target_sampled",
     "COVARIANCES", "EXPANSIONS",
+    # in-support targets (method.md section 4b, ours)
+    "mixture_posterior", "particle_target", "mixture_target_first", "POSTERIORS",
     # losses (method.md sections 4-5)
     "energy_regression_loss", "mse_energy_loss", "cep_loss",
 ]
 
 COVARIANCES = ("tweedie", "isotropic", "gaussian-fit", "none")
 EXPANSIONS = ("first", "second", "sampled")
+POSTERIORS = ("gaussian", "mixture", "particles")  # gaussian: section 4 (COVARIANCES x EXPANSIONS); the others: 4b
 
 
 # ----------------------------------------------------------------------------- validation
@@ -354,6 +358,93 @@ def _finite(where: str, y: torch.Tensor, check: bool = True) -> torch.Tensor:
     if check and not bool(torch.isfinite(y).all()):
         raise FloatingPointError(f"{where}: the target has NaN/inf entries (check beta, the critic and S_hat)")
     return y
+
+
+# ----------------------------------------------------------------------------- in-support targets (section 4b)
+def _time_b1(x, like: torch.Tensor, name: str, low: float, low_open: bool, check: bool) -> torch.Tensor:
+    """alpha or sigma, a float or a (B,) tensor, as a (B, 1) tensor (range-checked when ``check``)."""
+    if not isinstance(x, torch.Tensor):
+        check_scalar(name, x, low=low, high=1.0, low_open=low_open)
+    elif check:
+        check_finite(name, x)
+        if bool((x < low).any()) or bool((x > 1.0).any()) or (low_open and bool((x == low).any())):
+            raise ValueError(f"{name}: expected values in {'(' if low_open else '['}{low}, 1], got values in "
+                             f"[{float(x.min()):.4g}, {float(x.max()):.4g}]")
+    v = torch.as_tensor(x, dtype=like.dtype, device=like.device).reshape(-1, 1)
+    if v.shape[0] not in (1, like.shape[0]):
+        raise ValueError(f"{name}: expected a float or {like.shape[0]} values (one per row), got {v.shape[0]}")
+    return v.expand(like.shape[0], 1)
+
+
+def mixture_posterior(a_t: torch.Tensor, support: torch.Tensor, bandwidth: float, alpha, sigma, *,
+                      check: bool = True):
+    """The posterior of a mixture behaviour mu = (1/K) sum_k N(m_k, h^2 I) (method.md section 4b).
+
+    a_t (B, d); support m_k (B, K, d), K >= 1 actions per row; bandwidth h >= 0 (h = 0: particles);
+    alpha, sigma floats or (B,) tensors. With v = alpha^2 h^2 + sigma^2 the posterior is the mixture
+    mu_{0t}(.|a_t) = sum_k r_k(a_t) N(m~_k, s~^2 I) with
+
+        r_k  = softmax_k( -||a_t - alpha m_k||^2 / (2 v) ),
+        m~_k = m_k + (alpha h^2 / v) (a_t - alpha m_k),        s~^2 = h^2 sigma^2 / v.
+
+    Returns (log r (B, K), m~ (B, K, d), s~^2 (B,)): responsibilities as logs, for the log-sum-exp
+    of the targets. ``check=False`` skips the checks that read values back to the host (NaN in
+    ``support``, the range of tensor ``alpha``/``sigma``): a GPU training loop passes it.
+    """
+    check_tensor("a_t", a_t, ndim=2)
+    check_tensor("support", support, ndim=3)
+    B, d = a_t.shape
+    if support.shape[0] != B or support.shape[2] != d:
+        raise ValueError(f"support: expected shape ({B}, K, {d}) to match a_t {tuple(a_t.shape)}, "
+                         f"got {tuple(support.shape)}")
+    if support.shape[1] < 1:
+        raise ValueError(f"support: expected K >= 1 support actions per row, got K = {support.shape[1]}")
+    h = check_scalar("bandwidth", bandwidth, low=0.0)
+    if check:
+        check_finite("support", support)
+        check_finite("a_t", a_t)
+    al = _time_b1(alpha, a_t, "alpha", 0.0, True, check)  # (B, 1)
+    si = _time_b1(sigma, a_t, "sigma", 0.0, h == 0.0, check)  # sigma = 0 is allowed only with a bandwidth
+    v = al**2 * h**2 + si**2  # (B, 1)
+    r = a_t[:, None, :] - al[:, :, None] * support  # (B, K, d): a_t - alpha m_k
+    log_r = torch.log_softmax(-(r**2).sum(-1) / (2 * v), dim=1)
+    m_t = support + (al * h**2 / v)[:, :, None] * r
+    s2 = (h**2 * si**2 / v).squeeze(-1)
+    return log_r, m_t, s2
+
+
+def particle_target(a_t: torch.Tensor, support: torch.Tensor, support_q: torch.Tensor, beta: float, alpha, sigma,
+                    *, check: bool = True) -> torch.Tensor:
+    """The particle target (h = 0, method.md 4b): y_t = log sum_k r_k(a_t) exp(beta Q(m_k)).
+
+    a_t (B, d), support m_k (B, K, d), support_q = Q(s, m_k) (B, K) precomputed (Q is queried on
+    support actions only), alpha, sigma floats or (B,) tensors -> (B,). With every data point as a
+    particle this is the exact E_t of method.md section 6; with K draws it is biased low (Jensen).
+    """
+    beta = check_scalar("beta", beta, low=0.0)
+    log_r, _, _ = mixture_posterior(a_t, support, 0.0, alpha, sigma, check=check)
+    check_tensor("support_q", support_q, shape=tuple(log_r.shape))
+    if check:
+        check_finite("support_q", support_q)
+    return _finite("particle_target", torch.logsumexp(log_r + beta * support_q, dim=1), check)
+
+
+def mixture_target_first(log_r: torch.Tensor, q: torch.Tensor, g: torch.Tensor, s2: torch.Tensor, beta: float, *,
+                         check: bool = True) -> torch.Tensor:
+    """The mixture target with a first-order expansion of Q in each component (method.md 4b):
+
+        y_t = log sum_k r_k exp( beta Q(m~_k) + (beta^2 / 2) s~^2 |g_k|^2 ),   g_k = grad_a Q(m~_k).
+
+    log_r (B, K), q = Q(m~_k) (B, K), g (B, K, d), s2 = s~^2 (B,) (from :func:`mixture_posterior`)
+    -> (B,). Exact for a linear Q; with K = 1 it is :func:`aepo_target_first` with S_hat = s~^2 I.
+    """
+    beta = check_scalar("beta", beta, low=0.0)
+    check_tensor("log_r", log_r, ndim=2)
+    check_tensor("q", q, shape=tuple(log_r.shape))
+    check_tensor("g", g, shape=(*log_r.shape, None))
+    check_tensor("s2", s2, shape=(log_r.shape[0],))
+    inner = beta * q + 0.5 * beta**2 * s2[:, None] * (g**2).sum(-1)
+    return _finite("mixture_target_first", torch.logsumexp(log_r + inner, dim=1), check)
 
 
 # ----------------------------------------------------------------------------- losses
