@@ -32,7 +32,7 @@
 #    exact (section 4);
 # 6. call the library's CEP and MSE losses and say what each one's minimiser is.
 #
-# The derivation is `method.md` sections 1-4 (in the repository's shared notes). Every identity is
+# The derivation is [docs/derivation.md](../docs/derivation.md) sections 1-4. Every identity is
 # followed by a cell that checks it numerically and `assert`s. Nothing here is trained: the
 # behaviour is a known Gaussian (or a known finite data set), so every quantity has an exact value
 # to compare with. Numbers here are this course's own, not the AEPO paper's.
@@ -140,7 +140,7 @@ print(f"alpha at t_min = {float(al[0]):.6f}, alpha at t = 1: {float(al[-1]):.4f}
 # points given $a_t$ is $p_j(a_t) = \operatorname{softmax}_j\big(-(a_t - \alpha_t x^j)^2 / 2\sigma_t^2\big)$,
 # $E_t = \log \sum_j p_j e^{\beta Q(x^j)}$, and $\pi_t$ is the data set reweighted by
 # $\operatorname{softmax}_j(\beta Q(x^j))$, then diffused. (These are the "ground truth" formulas of
-# `method.md` section 6.) We check that $\log \pi_t - \log \mu_t - E_t$ is the constant $-\log Z$, and
+# derivation.md section 6.) We check that $\log \pi_t - \log \mu_t - E_t$ is the constant $-\log Z$, and
 # that the score identity holds to float64 precision.
 
 # %%

@@ -16,9 +16,10 @@
 # # Chapter 2. Toy 2D tasks: every guidance estimator against the exact truth
 #
 # Chapter 1 had a Gaussian behaviour, where everything is closed-form. Real behaviour
-# distributions are multimodal, and then AEPO's target (method.md section 4) is an *approximation*.
+# distributions are multimodal, and then AEPO's target (derivation.md section 4) is an *approximation*.
 # How good? On a 2D task we can answer with numbers, because the exact guided distribution and the
-# exact intermediate energy are computable from the data (method.md section 6).
+# exact intermediate energy are computable from the data (derivation.md section 6; the derivation is
+# [docs/derivation.md](../docs/derivation.md)).
 #
 # **After this chapter you can**
 #
@@ -136,7 +137,7 @@ assert all(a < b for a, b in zip(means, means[1:]))
 # ## 3. The exact intermediate energy
 #
 # For the empirical behaviour (the data), the posterior $\mu_{0t}(x_0 | x_t)$ is a softmax over the
-# data points, so (method.md section 6)
+# data points, so (derivation.md section 6)
 #
 # $$E_t(x_t) = \log \sum_j \mathrm{softmax}_j\!\Big(-\frac{\|x_t - \alpha_t x^j\|^2}{2\sigma_t^2}\Big)\, e^{\beta e(x^j)}.$$
 #
@@ -181,7 +182,7 @@ plt.show()
 # 3. **intermediate energy** $f_\phi(x_t, t)$ for each method: AEPO (regression on its analytic
 #    target), CEP (contrastive over K = 16 behaviour points), MSE (regression on $\beta e(x_0)$).
 #
-# Two choices of ours, used by every method alike (see `aepo_lite/toy_train.py`): the energy
+# Two choices of ours, used by every method alike (see `aepo_lite/toy/pipeline.py`): the energy
 # network sees $c_{in}(t)\,x_t$, the Gaussian posterior-mean scaling, because $E_t$ depends on
 # $x_t$ only through $\alpha_t x_t/\sigma_t^2$ and its gradient must vanish like $\alpha_t$ at large
 # $t$; and AEPO, whose target is a function of $x_t$ alone, also trains on a quarter of points drawn

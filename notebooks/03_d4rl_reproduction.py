@@ -63,7 +63,7 @@ print("scale:", SCALE, "| Minari root:", os.environ.get("MINARI_DATASETS_PATH", 
 #
 # D4RL (Fu et al., 2020) is the benchmark QGPO and AEPO report on. It is no longer maintained;
 # Minari (Farama) hosts offline datasets now. Three kinds of Minari ids matter here
-# (method.md section 8):
+# ([derivation.md section 8](../docs/derivation.md)):
 #
 # | group | Minari ids | relation to D4RL |
 # |---|---|---|
@@ -96,7 +96,7 @@ assert any("None" in str(w.message) for w in caught)
 # ## 2. A dataset made here
 #
 # No download is possible on the machines this course is built on, so the pipeline runs on a
-# dataset we make ourselves, D4RL-style (`aepo_lite/datasets_local.py`): a TD3 *policy ladder*
+# dataset we make ourselves, D4RL-style (`aepo_lite/rl/datasets.py`): a TD3 *policy ladder*
 # trained for a fixed budget with snapshots; `expert` is its best snapshot (with a CPU budget,
 # not an expert in D4RL's sense, and the metadata says so); `medium` the first snapshot reaching
 # a third of the expert's return; reference returns are the random and expert policies' means
@@ -152,7 +152,7 @@ assert np.allclose(data.scaled_rewards(), data.rewards * 1000 / span, rtol=1e-5)
 #
 # `aepo_lite.rl.agent.train` runs the stages a method needs and checkpoints each one; a second
 # call skips what is done. `bc` is the behaviour model alone (guidance scale 0); `aepo` adds an
-# IQL critic and an energy regressed on AEPO's analytic target (method.md section 4); `qgpo`
+# IQL critic and an energy regressed on AEPO's analytic target (derivation.md section 4); `qgpo`
 # adds K support actions from the behaviour model, QGPO's in-support softmax critic and the
 # contrastive (CEP) energy. The three runs share one behaviour checkpoint (`init_behaviour`), so
 # at guidance scale 0 they are the same policy.
@@ -231,7 +231,7 @@ else:
 #
 # On a machine with a GPU and internet, `minari.load_dataset(id, download=True)` fetches the
 # data (the loader does it for you; `pip install "minari[hf]"` for the Hugging Face remote).
-# The `full` preset is QGPO's published settings (method.md section 7): behaviour 600k steps at
+# The `full` preset is QGPO's published settings (derivation.md section 7): behaviour 600k steps at
 # batch 4096, critic 500k and energy 1M steps at batch 256, beta = 3, K = 16 (32 on AntMaze),
 # DPM-Solver-2 with 15 steps, guidance scales {0, 1, 2, 3, 5, 8, 10}.
 #

@@ -1,4 +1,4 @@
-"""The closed-form guidance demo (method.md sections 3-4): checks that print PASS/FAIL and one figure.
+"""The closed-form guidance demo (docs/derivation.md sections 3-4): checks that print PASS/FAIL and one figure.
 
 ``run_demo`` needs no data and no training. On a 2D Gaussian behaviour mu = N(m, S) with a concave
 quadratic critic Q(a) = c + g^T a - a^T H a / 2 it checks, in float64:
@@ -168,7 +168,7 @@ def _run_demo(out: Path, scale: str, seed: int, verbose: bool) -> dict:
     m, S, c, g, H, beta = P["m"], P["S"], P["c"], P["g"], P["H"], P["beta"]
     checks: dict[str, dict] = {}
 
-    # 1. the two routes of method.md 3b, on a grid of a_t and several times
+    # 1. the two routes of derivation.md section 3b, on a grid of a_t and several times
     a_t = 1.5 * torch.randn((2000, 2), generator=gen, dtype=dt)
     times = [sch.t_min, 0.02, 0.1, 0.3, 0.6, 1.0]
     worst = 0.0
