@@ -159,3 +159,80 @@ def test_check_names_the_notebook_and_cell_that_fail_and_starts_no_server(monkey
     assert "notebooks/02_broken.py failed to execute: code cell 2" in cap.err
     assert "KeyError" in cap.err and "no results file" in cap.err
     assert "AEPO_SCALE" not in os.environ  # restored
+
+
+def _put_notebook(server, rel: str, nb: dict) -> None:
+    import json
+    body = json.dumps({"type": "notebook", "format": "json", "content": nb}).encode()
+    req = urllib.request.Request(f"{server.base_url}/api/contents/{rel}", data=body, method="PUT",
+                                 headers={"Authorization": f"token {server.token}", "Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        assert r.status == 200
+
+
+def _as_if_run(nb: dict) -> dict:
+    """What a Run All in JupyterLab adds to a notebook model: outputs, counts, run-time metadata."""
+    for i, c in enumerate(nb["cells"]):
+        if c["cell_type"] == "code":
+            c["execution_count"] = i + 1
+            c["outputs"] = [{"output_type": "stream", "name": "stdout", "text": f"out {i}\n"}]
+            c["metadata"]["execution"] = {"iopub.status.busy": "2026-01-01T00:00:00Z"}
+    nb["metadata"]["language_info"] = {"name": "python", "version": "3.11.7"}
+    nb["metadata"]["widgets"] = {"application/vnd.jupyter.widget-state+json": {"state": {}, "version_major": 2}}
+    return nb
+
+
+@pytest.mark.skipif(not HAVE_LAB, reason=f"course packages missing: {lab.missing_packages()}")
+def test_saving_a_run_chapter_leaves_its_files_unchanged_and_lists_it_once(tmp_path):
+    """JupyterLab's autosave after a Run All writes the .py and the paired .ipynb through jupytext:
+    both keep their bytes; an edit still reaches both files (without outputs); an unpaired notebook
+    keeps its outputs; the file browser lists the chapter once."""
+    import json
+    import shutil
+
+    nb_dir = tmp_path / "notebooks"
+    nb_dir.mkdir()
+    for f in ("jupytext.toml",):
+        shutil.copy(ROOT / f, tmp_path / f)
+    pair = sorted((ROOT / "notebooks").glob("[0-9]*.py"))[0]
+    for p in (pair, pair.with_suffix(".ipynb")):
+        shutil.copy(p, nb_dir / p.name)
+    (nb_dir / "scratch.ipynb").write_text(json.dumps({"cells": [], "metadata": {}, "nbformat": 4, "nbformat_minor": 5}))
+    files = {p: p.read_bytes() for p in nb_dir.iterdir()}
+    py_rel = f"notebooks/{pair.name}"
+    with lab.LabServer(tmp_path, lab.free_port()) as server:
+        listed = [c["name"] for c in server._api("api/contents/notebooks")["content"]]
+        assert sorted(listed) == sorted([pair.name, "scratch.ipynb"]), listed
+        nb = server._api(f"api/contents/{py_rel}")["content"]
+        _put_notebook(server, py_rel, _as_if_run(nb))
+        changed = [p.name for p, data in files.items() if p.read_bytes() != data]
+        assert changed == [], f"saving a run chapter changed {changed}"
+        # an edit is saved to both files, still without outputs
+        nb["cells"][-1]["source"] += "\nprint('an edit')"
+        _put_notebook(server, py_rel, _as_if_run(nb))
+        assert "print('an edit')" in (nb_dir / pair.name).read_text()
+        saved = json.loads((nb_dir / pair.with_suffix(".ipynb").name).read_text())
+        assert "print('an edit')" in "".join(saved["cells"][-1]["source"])
+        assert all(c.get("outputs", []) == [] and c.get("execution_count") is None for c in saved["cells"])
+        assert "language_info" not in saved["metadata"] and "widgets" not in saved["metadata"]
+        # a notebook that is not paired keeps what it shows
+        own = server._api("api/contents/notebooks/scratch.ipynb")["content"]
+        own["cells"] = [{"cell_type": "code", "source": "1", "metadata": {}, "outputs": [], "execution_count": None,
+                         "id": "a1"}]
+        _put_notebook(server, "notebooks/scratch.ipynb", _as_if_run(own))
+        assert json.loads((nb_dir / "scratch.ipynb").read_text())["cells"][0]["outputs"], "outputs were stripped"
+
+
+def test_scrub_touches_only_paired_notebooks():
+    paired = {"metadata": {"jupytext": {"formats": "ipynb,py:percent"}}, "cells": []}
+    assert lab.is_paired(paired) and not lab.is_paired({"metadata": {}})
+    assert not lab.is_paired({"metadata": {"jupytext": {"formats": "py:percent"}}})
+    model = {"type": "notebook", "content": _as_if_run({**paired, "cells": [
+        {"cell_type": "code", "source": "x", "metadata": {"tags": ["keep"]}, "outputs": [], "execution_count": None}]})}
+    lab.scrub_paired_notebook(model, "notebooks/a.ipynb")
+    cell = model["content"]["cells"][0]
+    assert cell["outputs"] == [] and cell["execution_count"] is None and cell["metadata"] == {"tags": ["keep"]}
+    assert set(model["content"]["metadata"]) == {"jupytext"}
+    text = {"type": "file", "content": "print(1)"}
+    lab.scrub_paired_notebook(text, "notebooks/a.py")
+    assert text == {"type": "file", "content": "print(1)"}

@@ -10,11 +10,20 @@ What makes the ``.py`` files open as notebooks is configured in the repository:
   viewer for Python files; the command puts ``.jupyter`` on ``JUPYTER_CONFIG_PATH`` so JupyterLab
   reads it as a default (your own JupyterLab settings still win).
 
+Running the course leaves the repository as it was. A chapter is a pair: the ``.py`` is the
+source, the ``.ipynb`` (for reading on GitHub) is tracked without outputs. When JupyterLab saves a
+chapter (autosave after a Run All, or Ctrl-S) jupytext writes both files; the server's
+``pre_save_hook``, :func:`scrub_paired_notebook`, removes the outputs, execution counts and the
+kernel's run-time metadata from the paired ``.ipynb`` first, so both files keep their bytes unless
+you edited a cell. (Notebooks that are not paired with a text file keep their outputs.) The file
+browser lists each chapter once: the paired ``.ipynb`` files are hidden from it.
+
 The server listens on 127.0.0.1 only, with a fresh random token. Ctrl-C (or SIGTERM, SIGHUP)
 stops it and its kernels; a server that failed to start is never left behind.
 """
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 import os
@@ -39,6 +48,11 @@ REQUIRED = {
     "ipykernel": "ipykernel",
 }
 START_TIMEOUT_S = 90.0
+# JupyterLab's own hidden names (ContentsManager.hide_globs' default), kept when we add ours.
+DEFAULT_HIDE_GLOBS = ("__pycache__", "*.pyc", "*.pyo", ".DS_Store", "*~")
+# What a kernel run adds to a notebook and a paired .ipynb must not keep (the .py never has it).
+RUNTIME_NOTEBOOK_METADATA = ("language_info", "widgets")
+RUNTIME_CELL_METADATA = ("execution", "ExecuteTime", "scrolled", "collapsed", "trusted")
 
 
 class LabError(RuntimeError):
@@ -99,6 +113,44 @@ def find_root(start: Path | None = None) -> Path:
                    f"{cwd}; run from the repository or pass --root")
 
 
+# ---------------------------------------------------------------- saving paired notebooks
+
+def is_paired(nb: dict) -> bool:
+    """A notebook paired by jupytext with a text file (its ``jupytext.formats`` names ipynb and another)."""
+    formats = (nb.get("metadata", {}).get("jupytext", {}) or {}).get("formats", "")
+    if isinstance(formats, list):
+        formats = ",".join(str(f) for f in formats)
+    names = [f.strip() for f in str(formats).split(",") if f.strip()]
+    return len(names) > 1 and any(n.split(":")[0].lstrip(".") == "ipynb" for n in names)
+
+
+def scrub_paired_notebook(model: dict, path: str, contents_manager=None, **kwargs) -> None:
+    """Jupyter server ``pre_save_hook``: a paired ``.ipynb`` is saved without outputs, execution
+    counts and run-time metadata (kernel language_info, widget state, cell timings). Other files,
+    and notebooks that are not paired, are saved unchanged."""
+    if model.get("type") != "notebook" or not str(path).endswith(".ipynb") or not isinstance(model.get("content"), dict):
+        return
+    nb = model["content"]
+    if not is_paired(nb):
+        return
+    nb = copy.deepcopy(nb)
+    for key in RUNTIME_NOTEBOOK_METADATA:
+        nb.get("metadata", {}).pop(key, None)
+    for cell in nb.get("cells", []):
+        if cell.get("cell_type") == "code":
+            cell["outputs"] = []
+            cell["execution_count"] = None
+        for key in RUNTIME_CELL_METADATA:
+            cell.get("metadata", {}).pop(key, None)
+    model["content"] = nb
+
+
+def paired_ipynb_names(root: Path) -> list[str]:
+    """Names of the ``notebooks/*.ipynb`` that have a ``.py`` beside them (hidden in the file browser)."""
+    nb_dir = Path(root) / "notebooks"
+    return sorted(p.name for p in nb_dir.glob("*.ipynb") if p.with_suffix(".py").is_file()) if nb_dir.is_dir() else []
+
+
 # ---------------------------------------------------------------- the server
 
 def lab_argv(root: Path, port: int, open_browser: bool) -> list[str]:
@@ -110,9 +162,11 @@ def lab_argv(root: Path, port: int, open_browser: bool) -> list[str]:
         "--ServerApp.port_retries=0",  # a taken port is an error, never a silent other port
         f"--ServerApp.root_dir={root}",
         "--ServerApp.contents_manager_class=jupytext.AsyncTextFileContentsManager",
+        "--ContentsManager.pre_save_hook=aepo_lite.course.lab.scrub_paired_notebook",
         "--LabApp.default_url=/lab/tree/notebooks",
         f"--ServerApp.open_browser={open_browser}",
     ]
+    argv += [f"--ContentsManager.hide_globs={g}" for g in (*DEFAULT_HIDE_GLOBS, *paired_ipynb_names(root))]
     if hasattr(os, "geteuid") and os.geteuid() == 0:
         argv.append("--allow-root")
     return argv
