@@ -27,10 +27,11 @@
 #    sweep the guidance scale, and read the saved benchmark table;
 # 5. reproduce the D4RL tables at QGPO's settings on a GPU with internet (the last section).
 #
-# One switch sets the scale: `AEPO_SCALE=smoke` (the default here, under two minutes on a CPU:
-# a tiny dataset in a temporary folder, a few dozen gradient steps) or `AEPO_SCALE=full` (the
-# 200k-transition Hopper-v5 dataset of the benchmark and the `bench` preset). The code path is
-# the same.
+# One switch sets the scale: `AEPO_SCALE=smoke` (the default in every chapter, under two minutes
+# on a CPU: a tiny dataset in a temporary folder, removed by the last cell, and a few dozen
+# gradient steps) or `AEPO_SCALE=full` (the 200k-transition Hopper-v5 dataset of the benchmark and
+# the `bench` preset). Set it before starting JupyterLab; the first code cell prints the one in
+# use. The code path is the same. Check cells raise an error when a number is off.
 
 
 # %% [markdown]
@@ -48,8 +49,9 @@ from pathlib import Path
 import numpy as np
 import matplotlib.pyplot as plt
 
-SCALE = os.environ.get("AEPO_SCALE", "smoke")
-assert SCALE in ("smoke", "full"), SCALE
+from aepo_lite.course.notebook import check, course_scale
+
+SCALE = course_scale()  # AEPO_SCALE: smoke unless set (printed)
 T0 = time.perf_counter()
 REPO = Path.cwd() if (Path.cwd() / "aepo_lite").exists() else Path.cwd().parent
 if SCALE == "smoke":  # a private Minari root: nothing of the user's is touched
@@ -86,11 +88,11 @@ from aepo_lite.rl.evaluation import normalized_score, reference_scores, D4RL_REF
 
 lo, hi, src = reference_scores("D4RL/door/human-v2", {})  # a port without metadata: D4RL's table
 print("door:", lo, hi, src)
-assert abs(normalized_score(hi, lo, hi) - 100.0) < 1e-9 and abs(normalized_score(lo, lo, hi)) < 1e-9
+check(abs(normalized_score(hi, lo, hi) - 100.0) < 1e-9 and abs(normalized_score(lo, lo, hi)) < 1e-9, 'abs(normalized_score(hi, lo, hi) - 100.0) < 1e-9 and abs(normalized_score(lo, lo, hi)) < 1e-9')
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
-    assert reference_scores("mujoco/hopper/medium-v0", {})[:2] == (None, None)  # new data: no substitute
-assert any("None" in str(w.message) for w in caught)
+    check(reference_scores("mujoco/hopper/medium-v0", {})[:2] == (None, None), 'reference_scores("mujoco/hopper/medium-v0", {})[:2] == (None, None)')  # new data: no substitute
+check(any("None" in str(w.message) for w in caught), 'any("None" in str(w.message) for w in caught)')
 
 # %% [markdown]
 # ## 2. A dataset made here
@@ -135,17 +137,17 @@ off, t0 = 0, 0
 for ep in ds.iterate_episodes():
     T = len(ep.rewards)
     rows = data.idx[t0:t0 + T]
-    assert np.allclose(data.obs_rows[rows], ep.observations[:T], atol=1e-6)
-    assert np.allclose(data.obs_rows[data.next_idx[t0:t0 + T]], ep.observations[1:], atol=1e-6)
-    assert np.array_equal(data.terminals[t0:t0 + T], ep.terminations.astype(np.float32))
-    assert data.terminals[t0:t0 + T][ep.truncations].sum() == 0  # a truncated step never stops the bootstrap
+    check(np.allclose(data.obs_rows[rows], ep.observations[:T], atol=1e-6), 'np.allclose(data.obs_rows[rows], ep.observations[:T], atol=1e-6)')
+    check(np.allclose(data.obs_rows[data.next_idx[t0:t0 + T]], ep.observations[1:], atol=1e-6), 'np.allclose(data.obs_rows[data.next_idx[t0:t0 + T]], ep.observations[1:], atol=1e-6)')
+    check(np.array_equal(data.terminals[t0:t0 + T], ep.terminations.astype(np.float32)), 'np.array_equal(data.terminals[t0:t0 + T], ep.terminations.astype(np.float32))')
+    check(data.terminals[t0:t0 + T][ep.truncations].sum() == 0, 'data.terminals[t0:t0 + T][ep.truncations].sum() == 0')  # a truncated step never stops the bootstrap
     t0 += T
-assert t0 == data.n
+check(t0 == data.n, 't0 == data.n')
 print("terminations:", int(data.terminals.sum()), "| truncations (bootstrapped):", int(data.timeouts.sum()))
 # IQL's reward convention for locomotion: r * 1000 / (max return - min return)
 span = data.episode_returns.max() - data.episode_returns.min()
-assert data.reward_scaling == "locomotion"
-assert np.allclose(data.scaled_rewards(), data.rewards * 1000 / span, rtol=1e-5)
+check(data.reward_scaling == "locomotion", 'data.reward_scaling == "locomotion"')
+check(np.allclose(data.scaled_rewards(), data.rewards * 1000 / span, rtol=1e-5), 'np.allclose(data.scaled_rewards(), data.rewards * 1000 / span, rtol=1e-5)')
 
 # %% [markdown]
 # ## 3. The agent, stage by stage
@@ -174,7 +176,7 @@ for method in ("bc", "aepo", "qgpo"):
 # resume: nothing is retrained when every stage is there
 n_lines = sum(1 for _ in open(runs["aepo"] / "metrics.jsonl"))
 train(make_config(DATASET, "aepo", PRESET, seed=0), runs["aepo"], data=data, progress=False)
-assert sum(1 for _ in open(runs["aepo"] / "metrics.jsonl")) == n_lines
+check(sum(1 for _ in open(runs["aepo"] / "metrics.jsonl")) == n_lines, 'sum(1 for _ in open(runs["aepo"] / "metrics.jsonl")) == n_lines')
 
 # %% [markdown]
 # ## 4. A guidance-scale sweep
@@ -191,8 +193,8 @@ for method in ("aepo", "qgpo"):
     sweep[method] = [res[f"{w:g}"] for w in SCALES]
 bc = evaluate_run(runs["bc"], progress=False)["results"]["0"]
 # same behaviour, same seeds: w = 0 of a guided method is behaviour cloning
-assert abs(sweep["aepo"][0]["return_mean"] - bc["return_mean"]) < 1e-6
-assert abs(sweep["qgpo"][0]["return_mean"] - bc["return_mean"]) < 1e-6
+check(abs(sweep["aepo"][0]["return_mean"] - bc["return_mean"]) < 1e-6, 'abs(sweep["aepo"][0]["return_mean"] - bc["return_mean"]) < 1e-6')
+check(abs(sweep["qgpo"][0]["return_mean"] - bc["return_mean"]) < 1e-6, 'abs(sweep["qgpo"][0]["return_mean"] - bc["return_mean"]) < 1e-6')
 
 fig, ax = plt.subplots(figsize=(5, 3.2))
 for method, rows in sweep.items():
@@ -272,4 +274,10 @@ else:
 # - Every stage is checkpointed; the guidance scale is an argument of the policy.
 
 # %%
+# Clean up: the smoke run's private folder (dataset, policies, runs) in the system's temp folder.
+if SCALE == "smoke":
+    import shutil
+
+    shutil.rmtree(_tmp, ignore_errors=True)
+    check(not os.path.exists(_tmp), f"{_tmp} is still there")
 print(f"notebook ran in {time.perf_counter() - T0:.0f} s at scale {SCALE}")
