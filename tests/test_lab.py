@@ -52,11 +52,31 @@ def test_missing_jupyterlab_names_the_package_and_how_to_install(monkeypatch, ca
     assert "jupyterlab" in err and "pip install" in err and "[course]" in err
 
 
-def test_no_course_folder_is_an_error(monkeypatch, tmp_path, capsys):
+def test_missing_root_is_a_one_line_error(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(lab.subprocess, "Popen", _no_popen)
-    monkeypatch.setattr(lab, "find_root", lambda start=None: (_ for _ in ()).throw(lab.LabError("cannot find the course")))
+    assert cli.main(["lab", "--no-browser", "--root", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == f"aepo-lite lab: error: --root {tmp_path / 'nope'}: no such folder", err
+    (tmp_path / "file.txt").write_text("x")
+    assert cli.main(["lab", "--no-browser", "--root", str(tmp_path / "file.txt")]) == 2
+    assert "not a folder" in capsys.readouterr().err
+
+
+def test_serves_the_folder_it_is_started_in(monkeypatch, tmp_path, capsys):
+    served = []
+
+    class FakeServer:
+        def __init__(self, root, port, **kw):
+            served.append(Path(root))
+            raise lab.LabError("stop here")
+
+    monkeypatch.setattr(lab, "LabServer", FakeServer)
+    monkeypatch.chdir(tmp_path)
     assert cli.main(["lab", "--no-browser"]) == 2
-    assert "cannot find the course" in capsys.readouterr().err
+    assert served == [tmp_path.resolve()]
+    assert lab.start_path(tmp_path) == "lab"  # no notebooks/ there: open the top of the folder
+    (tmp_path / "notebooks").mkdir()
+    assert lab.start_path(tmp_path) == "lab/tree/notebooks"
 
 
 def test_a_server_that_dies_at_start_is_reported_with_its_log(monkeypatch, tmp_path, capsys):
@@ -236,3 +256,71 @@ def test_scrub_touches_only_paired_notebooks():
     text = {"type": "file", "content": "print(1)"}
     lab.scrub_paired_notebook(text, "notebooks/a.py")
     assert text == {"type": "file", "content": "print(1)"}
+
+
+def _alive(pid: int) -> bool:
+    """A process that exists and is not a zombie (a killed orphan may wait to be reaped)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            out += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            pass
+    return out
+
+
+@pytest.mark.skipif(not HAVE_LAB or not sys.platform.startswith("linux"), reason="needs the course packages, on Linux")
+def test_server_and_kernels_end_when_the_launcher_is_killed(tmp_path):
+    """SIGKILL gives ``aepo-lite lab`` no chance to clean up: the parent-death signal stops JupyterLab,
+    which shuts its kernels down."""
+    import json
+
+    port = lab.free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "aepo_lite", "lab", "--no-browser", "--port", str(port),
+                             "--root", str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    jupyter_pid = token = None
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and token is None:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            if "JupyterLab is running (pid" in line:
+                jupyter_pid = int(line.split("(pid ")[1].split(",")[0])
+            if "open the course:" in line:
+                token = line.split("token=")[1].strip()
+        assert jupyter_pid and token, "aepo-lite lab did not start"
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/api/kernels", data=b"{}", method="POST",
+                                     headers={"Authorization": f"token {token}", "Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=60) as r:
+            assert json.loads(r.read())["id"]
+        deadline = time.monotonic() + 60
+        kernels = []
+        while not kernels and time.monotonic() < deadline:
+            kernels = [c for c in _children(jupyter_pid) if "ipykernel" in Path(f"/proc/{c}/cmdline").read_text()]
+            time.sleep(0.2)
+        assert kernels, "no kernel process under JupyterLab"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and any(_alive(p) for p in (jupyter_pid, *kernels)):
+            time.sleep(0.2)
+        left = [p for p in (jupyter_pid, *kernels) if _alive(p)]
+        assert not left, f"still running after aepo-lite lab was killed: {left}"
+        assert _port_closed(port)
+    finally:
+        for pid in [jupyter_pid] if jupyter_pid else []:
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
