@@ -1,6 +1,7 @@
 """Every notebooks/*.py executes at smoke scale in a real Jupyter kernel, and its .ipynb pair is
 in sync with it (same cells, same sources)."""
 import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -33,6 +34,7 @@ def test_notebook_executes_at_smoke_scale(py, tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # small tensors: one thread is fastest
     monkeypatch.setenv("MPLBACKEND", "Agg")
     nb = jupytext.read(py)
+    temp_before = set(Path(tempfile.gettempdir()).glob("aepo_nb*"))
     t0 = time.time()
     NotebookClient(nb, timeout=600, kernel_name="python3",
                    resources={"metadata": {"path": str(py.parent)}}).execute()
@@ -40,6 +42,8 @@ def test_notebook_executes_at_smoke_scale(py, tmp_path, monkeypatch):
     print(f"{py.name}: executed in {elapsed:.1f} s")
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.output_type == "error"]
     assert not errors
+    left = set(Path(tempfile.gettempdir()).glob("aepo_nb*")) - temp_before
+    assert not left, f"{py.name} left temporary folders behind: {sorted(left)}"
 
 
 # ---------------------------------------------------------------- checks that always run, and the scale switch
