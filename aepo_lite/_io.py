@@ -131,13 +131,17 @@ def atomic_torch_save(path, obj: Any) -> Path:
     return _atomic(path, lambda f: torch.save(obj, f))
 
 
-def atomic_save_figure(path, fig, dpi: int = 110, metadata: dict | None = None) -> Path:
-    """``fig.savefig`` written atomically, in the format of ``path``'s suffix (png, pdf, svg).
+# No software version or date in a saved figure: the same data gives the same bytes (a clean git tree).
+_FIXED_METADATA = {"png": {"Software": None}, "pdf": {"Creator": None, "Producer": None, "CreationDate": None},
+                   "svg": {"Creator": None, "Date": None}}
 
-    ``metadata`` goes to savefig (``{"Software": None}``: no version stamp, the same bytes on every run)."""
+
+def atomic_save_figure(path, fig, dpi: int = 110) -> Path:
+    """``fig.savefig`` written atomically, in the format of ``path``'s suffix (png, pdf, svg), with
+    fixed metadata (no version, no date), so the same figure always gives the same bytes."""
     path = Path(path)
-    return _atomic(path, lambda f: fig.savefig(f, dpi=dpi, format=path.suffix.lstrip(".") or "png",
-                                               metadata=metadata))
+    fmt = path.suffix.lstrip(".") or "png"
+    return _atomic(path, lambda f: fig.savefig(f, dpi=dpi, format=fmt, metadata=_FIXED_METADATA.get(fmt)))
 
 
 def read_json(path) -> Any:

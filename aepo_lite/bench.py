@@ -1,5 +1,5 @@
 """Stage benchmarks of the pipeline: how fast each stage runs here, and how long the ``full``
-preset (QGPO's published settings, method.md section 7) would take at that rate.
+preset (QGPO's published settings, docs/derivation.md section 7) would take at that rate.
 
 Stages (random data of D4RL-locomotion shape, resident on the device; nothing is read from disk):
 
@@ -54,7 +54,7 @@ __all__ = ["BenchConfig", "FullPreset", "FULL_PRESET", "PIPELINES", "run_bench",
 
 @dataclass(frozen=True)
 class FullPreset:
-    """How much work the ``full`` preset does (method.md section 7, QGPO's official code)."""
+    """How much work the ``full`` preset does (docs/derivation.md section 7, QGPO's official code)."""
 
     behaviour_steps: int = 600_000  # behaviour training steps at batch 4096
     critic_steps: int = 500_000  # critic updated for the first 500k of the energy steps
@@ -83,7 +83,7 @@ class BenchConfig:
     device: str = "auto"  # auto | cpu | cuda
     state_dim: int = 11  # Hopper observation size
     action_dim: int = 3  # Hopper action size
-    behaviour_batch: int = 4096  # behaviour training batch (method.md section 7)
+    behaviour_batch: int = 4096  # behaviour training batch (docs/derivation.md section 7)
     batch: int = 256  # critic and energy training batch
     support_k: int = 16  # K support actions per state (cep, softmax critic)
     n_steps: int = 15  # solver steps (network evaluations) for every sampler stage

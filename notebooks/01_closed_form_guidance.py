@@ -32,10 +32,15 @@
 #    exact (section 4);
 # 6. call the library's CEP and MSE losses and say what each one's minimiser is.
 #
-# The derivation is `method.md` sections 1-4 (in the repository's shared notes). Every identity is
-# followed by a cell that checks it numerically and `assert`s. Nothing here is trained: the
-# behaviour is a known Gaussian (or a known finite data set), so every quantity has an exact value
-# to compare with. Numbers here are this course's own, not the AEPO paper's.
+# The derivation is [docs/derivation.md](../docs/derivation.md) sections 1-4. Every identity is
+# followed by a cell that checks it numerically and raises an error if it does not hold (`check`,
+# which, unlike `assert`, also runs under `python -O`). Nothing here is trained: the behaviour is a
+# known Gaussian (or a known finite data set), so every quantity has an exact value to compare with.
+# Numbers here are this course's own, not the AEPO paper's.
+#
+# **Scale.** `AEPO_SCALE=smoke` (the default, a minute or two on a laptop) or `full` (more samples,
+# the same code path); set it before starting JupyterLab. The first code cell prints the one in use.
+# Each exercise at the end has a solution to unfold and a cell that checks your answer.
 
 
 # %% [markdown]
@@ -46,23 +51,23 @@
 
 # %%
 import math
-import os
 import time
 
 import ipywidgets as widgets
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
+from IPython.display import Markdown, display
 
 from aepo_lite.core import guidance as G
 from aepo_lite.core.aepo import aepo_target, posterior_estimate
 from aepo_lite.course.demo import gaussian_problem
+from aepo_lite.course.notebook import check, course_scale, markdown_table
 from aepo_lite.core.diffusion import sample
 from aepo_lite.core.schedule import VPSchedule
 
-# One switch for scale: "smoke" (the test suite) only shrinks sample counts; the code path is the same.
-SCALE = os.environ.get("AEPO_SCALE", "full")
-assert SCALE in ("smoke", "full"), f"AEPO_SCALE must be smoke or full, got {SCALE!r}"
+# One switch for scale: smoke unless AEPO_SCALE is set; it only changes sample counts, not the code path.
+SCALE = course_scale()
 FULL = SCALE == "full"
 N_MC = 1_000_000  # Monte Carlo samples for the closed-form checks (cheap: kept at both scales)
 N_SAMPLER = 200_000 if FULL else 30_000  # guided samples for the moment check of section 3
@@ -73,7 +78,7 @@ torch.set_num_threads(1)  # the tensors here are small: one thread avoids thread
 gen = torch.Generator().manual_seed(0)
 T_START = time.time()
 sch = VPSchedule()  # linear VP-SDE, b0 = 0.1, b1 = 20, t in [1e-3, 1]
-print(f"scale={SCALE}  N_MC={N_MC:,}  N_SAMPLER={N_SAMPLER:,}  torch {torch.__version__}")
+print(f"N_MC={N_MC:,}  N_SAMPLER={N_SAMPLER:,}  N_WIDGET={N_WIDGET:,}  torch {torch.__version__}")
 
 
 def alpha_sigma(t: float) -> tuple[float, float]:
@@ -99,7 +104,7 @@ def alpha_sigma(t: float) -> tuple[float, float]:
 # %%
 ts = torch.linspace(sch.t_min, sch.t_max, 200)
 al, si = sch.alpha_sigma(ts)
-assert torch.allclose(al**2 + si**2, torch.ones_like(ts), atol=1e-12)  # variance preserving
+check(torch.allclose(al**2 + si**2, torch.ones_like(ts), atol=1e-12), 'torch.allclose(al**2 + si**2, torch.ones_like(ts), atol=1e-12)')  # variance preserving
 fig, ax = plt.subplots(figsize=(5, 2.6))
 ax.plot(ts, al, label=r"$\alpha_t$")
 ax.plot(ts, si, label=r"$\sigma_t$")
@@ -140,7 +145,7 @@ print(f"alpha at t_min = {float(al[0]):.6f}, alpha at t = 1: {float(al[-1]):.4f}
 # points given $a_t$ is $p_j(a_t) = \operatorname{softmax}_j\big(-(a_t - \alpha_t x^j)^2 / 2\sigma_t^2\big)$,
 # $E_t = \log \sum_j p_j e^{\beta Q(x^j)}$, and $\pi_t$ is the data set reweighted by
 # $\operatorname{softmax}_j(\beta Q(x^j))$, then diffused. (These are the "ground truth" formulas of
-# `method.md` section 6.) We check that $\log \pi_t - \log \mu_t - E_t$ is the constant $-\log Z$, and
+# derivation.md section 6.) We check that $\log \pi_t - \log \mu_t - E_t$ is the constant $-\log Z$, and
 # that the score identity holds to float64 precision.
 
 # %%
@@ -185,8 +190,8 @@ for t in (0.01, 0.1, 0.3, 0.6):
 print(f"max |log pi_t - log mu_t - E_t + log Z|        = {worst_const:.2e}")
 print(f"max |grad log pi_t - grad log mu_t - grad E_t| = {worst_score:.2e}")
 print(f"min over the grid of E_t - E[beta Q | a_t]     = {min_gap:.3e}  (Jensen: >= 0)")
-assert worst_const < 1e-10 and worst_score < 1e-9
-assert min_gap >= -1e-12
+check(worst_const < 1e-10 and worst_score < 1e-9, 'worst_const < 1e-10 and worst_score < 1e-9')
+check(min_gap >= -1e-12, 'min_gap >= -1e-12')
 
 # %% [markdown]
 # ### Why regressing on $\beta Q$ is not enough (Jensen)
@@ -225,7 +230,7 @@ axes[1].legend(fontsize=8)
 plt.tight_layout()
 plt.show()
 print({t: round(v, 3) for t, v in gaps.items()}, "= largest Jensen gap at each t")
-assert gaps[0.3] > gaps[0.05] > 0  # the gap grows as the posterior widens
+check(gaps[0.3] > gaps[0.05] > 0, 'gaps[0.3] > gaps[0.05] > 0')  # the gap grows as the posterior widens
 
 # %% [markdown]
 # ## 3. Closed form: a Gaussian behaviour
@@ -273,7 +278,7 @@ for t, a_t_point in [(0.05, [0.3, -0.2]), (0.3, [-0.5, 0.8])]:
     err = max(float((mean_grid - m_t[0]).abs().max()), float((cov_grid - S_t).abs().max()))
     worst_bayes = max(worst_bayes, err)
     print(f"t={t}: m~ = {m_t[0].numpy().round(5)}, grid {mean_grid.numpy().round(5)}; max error {err:.1e}")
-assert worst_bayes < 1e-8
+check(worst_bayes < 1e-8, 'worst_bayes < 1e-8')
 
 # %% [markdown]
 # **Check 2: the posterior by Monte Carlo of the joint.** Draw $(a_0, a_t)$ pairs from the forward
@@ -298,7 +303,48 @@ z_b = ((coef[0] - (m - a * K @ m)) / se_coef[0]).abs().max()
 dg = torch.diag(S_t)
 z_S = ((S_tilde_mc - S_t) / torch.sqrt((dg[:, None] * dg[None, :] + S_t**2) / N_MC)).abs().max()
 print(f"slope K: max error {float(z_K):.2f} SE; intercept {float(z_b):.2f} SE; S~ {float(z_S):.2f} SE")
-assert max(z_K, z_b, z_S) < 4.5
+check(max(z_K, z_b, z_S) < 4.5, 'max(z_K, z_b, z_S) < 4.5')
+
+# %% [markdown]
+# **Picture: the posterior.** One noisy action $a_t = (0.5, 0.4)$ seen at three times. At small $t$
+# the posterior $\mu_{0t}(a_0|a_t)$ is a narrow bump at $a_t/\alpha_t$ (the noise was small, so $a_t$
+# says almost exactly where $a_0$ was); at large $t$ it relaxes to the prior $\mu$ (dashed), because
+# $a_t$ is almost pure noise. Its mean $\tilde m$ (the cross) is Tweedie's estimate $\hat a_0$ (section 4).
+# Actions are in the units of the action box $[-1, 1]^2$; the colour is a probability density per unit area.
+
+# %%
+a_t_pic = torch.tensor([[0.5, 0.4]])
+u_pic = torch.linspace(-1.2, 1.2, 241)
+PX, PY = torch.meshgrid(u_pic, u_pic, indexing="xy")
+grid_pic = torch.stack([PX.reshape(-1), PY.reshape(-1)], 1)
+prior_pic = G.mvn_log_prob(grid_pic, m, S).exp().reshape(PX.shape)
+fig, axes = plt.subplots(1, 3, figsize=(13, 4.2), layout="constrained")
+post_means = {}
+for ax, t in zip(axes, (0.05, 0.3, 0.7)):
+    a, s = alpha_sigma(t)
+    m_t, S_t = G.gaussian_posterior(a_t_pic, m, S, a, s)
+    post_means[t] = m_t[0]
+    dens = G.mvn_log_prob(grid_pic, m_t[0], S_t).exp().reshape(PX.shape)
+    im = ax.imshow(dens.numpy(), origin="lower", extent=(-1.2, 1.2, -1.2, 1.2), cmap="Blues")
+    fig.colorbar(im, ax=ax, shrink=0.85, label="density (per unit area)")
+    ax.contour(PX, PY, prior_pic, levels=4, colors="0.4", linewidths=0.8, linestyles="dashed")
+    ax.plot(*(a_t_pic[0] / a), "r+", ms=12, mew=2, label=r"$a_t / \alpha_t$")
+    ax.plot(*m_t[0], "kx", ms=9, mew=2, label=r"$\tilde m$ (Tweedie)")
+    ax.set_title(f"t = {t}: alpha = {a:.2f}, sigma = {s:.2f}", fontsize=9)
+    ax.set_xlabel("$a_{0,1}$")
+    ax.set_xlim(-1.2, 1.2)
+    ax.set_ylim(-1.2, 1.2)
+axes[0].set_ylabel("$a_{0,2}$")
+axes[0].legend(fontsize=8, loc="lower left")
+fig.suptitle(r"The posterior $\mu_{0t}(a_0 \mid a_t)$ for one $a_t$; dashed: the prior $\mu$", fontsize=10)
+plt.show()
+# the two limits the picture shows: the posterior mean tends to a_t / alpha as t -> 0 and to m as t -> 1
+a_lo, s_lo = alpha_sigma(sch.t_min)
+a_hi, s_hi = alpha_sigma(1.0)
+lim_lo = float((G.gaussian_posterior(a_t_pic, m, S, a_lo, s_lo)[0][0] - a_t_pic[0] / a_lo).norm())
+lim_hi = float((G.gaussian_posterior(a_t_pic, m, S, a_hi, s_hi)[0][0] - m).norm())
+print(f"|m~ - a_t/alpha| at t_min: {lim_lo:.1e};  |m~ - m| at t = 1: {lim_hi:.1e}")
+check(lim_lo < 1e-3 and lim_hi < 1e-3, f"posterior-mean limits: {lim_lo:.2e}, {lim_hi:.2e}")
 
 # %% [markdown]
 # ### 3a. Linear critic $Q(a) = c + g^\top a$
@@ -336,8 +382,8 @@ m_pi_lin, S_pi_lin = G.gaussian_target_policy(m, S, g, None, beta)
 print(f"3a formula vs general closed form and marginal route: {worst_lin:.1e}")
 print(f"grad: closed form vs autograd, and spread over a_t:    {worst_grad:.1e}")
 print(f"pi = N(m + beta S g, S): m_pi = {m_pi_lin.numpy().round(4)}")
-assert worst_lin < 1e-9 and worst_grad < 1e-9
-assert torch.allclose(m_pi_lin, m + beta * S @ g) and torch.equal(S_pi_lin, S)
+check(worst_lin < 1e-9 and worst_grad < 1e-9, 'worst_lin < 1e-9 and worst_grad < 1e-9')
+check(torch.allclose(m_pi_lin, m + beta * S @ g) and torch.equal(S_pi_lin, S), 'torch.allclose(m_pi_lin, m + beta * S @ g) and torch.equal(S_pi_lin, S)')
 
 # %%
 ts_plot = torch.linspace(sch.t_min, 1.0, 200)
@@ -351,7 +397,7 @@ ax.set_ylabel(r"$\|\nabla_{a_t} E_t\|$")
 ax.set_title("Linear critic: the guidance is a constant field per t")
 ax.legend()
 plt.show()
-assert abs(norms[0] - float(beta * g.norm())) < 1e-2 and norms[-1] < 1e-2  # full push at t=0, none at t=1
+check(abs(norms[0] - float(beta * g.norm())) < 1e-2 and norms[-1] < 1e-2, 'abs(norms[0] - float(beta * g.norm())) < 1e-2 and norms[-1] < 1e-2')  # full push at t=0, none at t=1
 
 # %% [markdown]
 # ### 3b. Concave quadratic critic $Q(a) = c + g^\top a - \tfrac12 a^\top H a$, $H \succeq 0$
@@ -388,7 +434,7 @@ for t in (sch.t_min, 0.01, 0.05, 0.2, 0.5, 1.0):
     e2 = G.gaussian_intermediate_energy_marginal(a_pts, m, S, c, g, H, beta, a, s)
     route_err[t] = float((e1 - e2).abs().max())
 print("max |route 2 - route 1| by t:", {t: f"{v:.1e}" for t, v in route_err.items()})
-assert max(route_err.values()) < 1e-9
+check(max(route_err.values()) < 1e-9, 'max(route_err.values()) < 1e-9')
 
 # %% [markdown]
 # **Check 4: Monte Carlo over the posterior.** Draw $10^6$ samples from $\mathcal N(\tilde m, \tilde S)$,
@@ -407,11 +453,11 @@ for t, point in [(0.05, [0.1, -0.3]), (0.3, [0.5, 0.4]), (0.7, [-0.8, 0.2]), (1.
     mc, se = float(torch.log(w.mean())), float(w.std() / (w.mean() * math.sqrt(N_MC)))
     mean_bq = float(beta * (c + x @ g - 0.5 * ((x @ H) * x).sum(1)).mean())  # MSE target, for comparison
     mc_rows.append((t, exact, mc, se, abs(mc - exact) / se, mean_bq))
-print(f"{'t':>5} {'E_t closed':>11} {'E_t MC':>10} {'SE':>9} {'|err|/SE':>9} {'E[bQ|a_t]':>10}")
-for row in mc_rows:
-    print("{:5.2f} {:11.5f} {:10.5f} {:9.1e} {:9.2f} {:10.5f}".format(*row))
-assert all(r[4] < 4.5 for r in mc_rows)
-assert all(r[5] < r[1] for r in mc_rows)  # Jensen again: the MSE target is below E_t
+display(Markdown(markdown_table(
+    ["t", "$E_t$, closed form", "$E_t$, Monte Carlo", "standard error", "abs. error / SE", r"$\mathbb{E}[\beta Q \mid a_t]$"],
+    [[f"{t:.2f}", f"{ex:.5f}", f"{mc:.5f}", f"{se:.1e}", f"{z:.2f}", f"{bq:.5f}"] for t, ex, mc, se, z, bq in mc_rows])))
+check(all(r[4] < 4.5 for r in mc_rows), 'all(r[4] < 4.5 for r in mc_rows)')
+check(all(r[5] < r[1] for r in mc_rows), 'all(r[5] < r[1] for r in mc_rows)')  # Jensen again: the MSE target is below E_t
 
 # %% [markdown]
 # **Check 5: the gradient.** `gaussian_intermediate_energy_grad` is
@@ -427,7 +473,37 @@ for t in (sch.t_min, 0.05, 0.3, 1.0):
     worst = max(worst, float((auto - G.gaussian_intermediate_energy_grad(a_pts[:500], m, S, c, g, H, beta, a, s))
                              .abs().max()))
 print(f"max |closed-form grad - autograd| = {worst:.1e}")
-assert worst < 1e-8
+check(worst < 1e-8, 'worst < 1e-8')
+
+# %% [markdown]
+# **Picture: the guidance field.** The colour is $E_t(a_t)$ (in nats: it is a log-expectation), the
+# arrows are $\nabla_{a_t} E_t$, the push the guided sampler adds to the behaviour's score. For this
+# concave critic the field is affine in $a_t$: it points towards where $\pi_t$ has more mass than
+# $\mu_t$. It is strong at small $t$ and fades as $t \to 1$, where $a_t$ carries almost no information
+# about $a_0$ (its length scales with $\alpha_t$).
+
+# %%
+u_f = torch.linspace(-1.5, 1.5, 121)
+FX, FY = torch.meshgrid(u_f, u_f, indexing="xy")
+grid_f = torch.stack([FX.reshape(-1), FY.reshape(-1)], 1)
+q_idx = torch.arange(0, 121, 12)
+fig, axes = plt.subplots(1, 3, figsize=(13, 4.2), layout="constrained")
+field_norms = {}
+for ax, t in zip(axes, (0.05, 0.3, 0.7)):
+    a, s = alpha_sigma(t)
+    E_map = G.gaussian_intermediate_energy(grid_f, m, S, c, g, H, beta, a, s).reshape(FX.shape)
+    grad_map = G.gaussian_intermediate_energy_grad(grid_f, m, S, c, g, H, beta, a, s).reshape(*FX.shape, 2)
+    field_norms[t] = float(grad_map.norm(dim=-1).mean())
+    im = ax.imshow(E_map.numpy(), origin="lower", extent=(-1.5, 1.5, -1.5, 1.5), cmap="viridis")
+    fig.colorbar(im, ax=ax, shrink=0.85, label=r"$E_t(a_t)$ (nats)")
+    sub = grad_map[q_idx][:, q_idx]
+    ax.quiver(FX[q_idx][:, q_idx], FY[q_idx][:, q_idx], sub[..., 0], sub[..., 1], color="w", width=0.005)
+    ax.set_title(f"t = {t}: mean length {field_norms[t]:.2f} nats per unit of $a_t$", fontsize=9)
+    ax.set_xlabel("$a_{t,1}$")
+axes[0].set_ylabel("$a_{t,2}$")
+fig.suptitle(r"The exact guidance field $\nabla_{a_t} E_t$ (arrows, relative lengths) over $E_t$ (colour)", fontsize=10)
+plt.show()
+check(field_norms[0.05] > field_norms[0.3] > field_norms[0.7], f"the field fades with t: {field_norms}")
 
 # %% [markdown]
 # ### Sampling with the exact guidance
@@ -468,7 +544,7 @@ z_mean, z_cov, rel_cov = moment_errors(x_pi, mean_end, cov_end)
 print(f"dpmpp3m, 50 steps, {N_SAMPLER:,} samples ({time.time() - t0:.1f} s): mean {z_mean:.2f} SE, "
       f"covariance {z_cov:.2f} SE (relative {100 * rel_cov:.2f}%)")
 print("m_pi =", m_pi.numpy().round(4), " sample mean =", x_pi.mean(0).numpy().round(4))
-assert z_mean < 3.0 and z_cov < 4.0
+check(z_mean < 3.0 and z_cov < 4.0, 'z_mean < 3.0 and z_cov < 4.0')
 
 # %% [markdown]
 # ### Guidance is exact; the solver is not: a convergence table
@@ -498,7 +574,7 @@ b, _, A = sampler_law("dpmpp2m", 15)
 x_chk = torch.randn(100, 2, generator=gen)
 affine_err = float((sample(eps_fn, x_chk, schedule=sch, n_steps=15, solver="dpmpp2m", guidance=exact_guidance,
                            guidance_scale=1.0) - (x_chk @ A.T + b)).abs().max())
-assert affine_err < 1e-12, affine_err
+check(affine_err < 1e-12, affine_err)
 
 STEPS = [10, 15, 20, 30, 50, 100]
 SOLVERS = ["ddim", "dpmpp2m", "dpmpp3m"]
@@ -511,11 +587,10 @@ for solver in SOLVERS:
         table[solver, n] = dict(rel_cov=float(torch.linalg.norm(C - cov_end) / torch.linalg.norm(cov_end)),
                                 se_2e5=float(((C - cov_end) / se_2e5).abs().max()),
                                 mean_err=float((b - mean_end).abs().max()))
-print("covariance error of the sampler's exact output law, % (and in SEs of a 2e5-sample estimate)")
-print(f"{'steps':>6}" + "".join(f"{s:>20}" for s in SOLVERS))
-for n in STEPS:
-    print(f"{n:>6}" + "".join(f"{100 * table[s, n]['rel_cov']:>10.3f}% ({table[s, n]['se_2e5']:>5.1f})"
-                              for s in SOLVERS))
+display(Markdown("**Relative covariance error of the sampler's exact output law** (in brackets: in standard "
+                 "errors of a $2\\times10^5$-sample estimate)\n\n" + markdown_table(
+    ["steps"] + SOLVERS,
+    [[n] + [f"{100 * table[s, n]['rel_cov']:.3f}% ({table[s, n]['se_2e5']:.1f})" for s in SOLVERS] for n in STEPS])))
 
 fig, ax = plt.subplots(figsize=(5.5, 3.4))
 for s in SOLVERS:
@@ -531,16 +606,16 @@ plt.show()
 # %%
 # What the table says, asserted:
 for s in ("dpmpp2m", "dpmpp3m"):
-    assert 0.02 < table[s, 15]["rel_cov"] < 0.06, "higher-order solvers: a few % off at 15 steps"
-    assert table[s, 15]["se_2e5"] > 8, "... which is many standard errors at 2e5 samples"
-    assert table[s, 50]["rel_cov"] < 0.005, "... below 0.5% by 50 steps"
-    assert table[s, 100]["rel_cov"] < 0.002, "... and below 0.2% by 100"
-assert table["ddim", 100]["rel_cov"] > 0.02, "first order: still a few % off at 100 steps"
+    check(0.02 < table[s, 15]["rel_cov"] < 0.06, "higher-order solvers: a few % off at 15 steps")
+    check(table[s, 15]["se_2e5"] > 8, "... which is many standard errors at 2e5 samples")
+    check(table[s, 50]["rel_cov"] < 0.005, "... below 0.5% by 50 steps")
+    check(table[s, 100]["rel_cov"] < 0.002, "... and below 0.2% by 100")
+check(table["ddim", 100]["rel_cov"] > 0.02, "first order: still a few % off at 100 steps")
 r = [table["ddim", n]["rel_cov"] for n in STEPS]
-assert all(r1 > r2 for r1, r2 in zip(r, r[1:]))
+check(all(r1 > r2 for r1, r2 in zip(r, r[1:])), 'all(r1 > r2 for r1, r2 in zip(r, r[1:]))')
 slope = math.log(r[-1] / r[-2]) / math.log(STEPS[-1] / STEPS[-2])
 print(f"ddim error ~ steps^{slope:.2f} (first order: -1)")
-assert -1.3 < slope < -0.7
+check(-1.3 < slope < -0.7, '-1.3 < slope < -0.7')
 
 # %% [markdown]
 # Read the table: at 15 steps, both DPM-Solver++ variants are 3.5-4% off in covariance (11-13 standard
@@ -581,7 +656,43 @@ S_tilde = torch.stack([p[1] for p in post])
 err_mean = float((a0_hat - m_tilde).abs().max())
 err_cov = float((S_hat - S_tilde).abs().max())
 print(f"Tweedie mean vs m~: {err_mean:.1e};  Tweedie covariance vs S~: {err_cov:.1e}")
-assert err_mean < 1e-10 and err_cov < 1e-10
+check(err_mean < 1e-10 and err_cov < 1e-10, 'err_mean < 1e-10 and err_cov < 1e-10')
+
+# %% [markdown]
+# **Picture: Tweedie's estimate.** Each arrow goes from a noisy action $a_t$ to its Tweedie estimate
+# $\hat a_0 = (a_t - \sigma_t \epsilon(a_t, t))/\alpha_t$, computed from the noise prediction alone (here the
+# exact $\epsilon$ of $\mathcal N(m, S)$). The colour is the noisy behaviour's density $\mu_t(a_t)$. At small
+# $t$ the arrows are short where the behaviour has mass (denoising barely moves $a_t$) and long only
+# from places the behaviour never goes; at large $t$ every $a_t$ is sent close to the behaviour's mean
+# $m$ (the star): the estimate knows little more than the prior there, which is why AEPO also needs
+# the covariance $\hat S$ (the spread around $\hat a_0$).
+
+# %%
+u_tw = torch.linspace(-1.2, 1.2, 9)
+TX, TY = torch.meshgrid(u_tw, u_tw, indexing="xy")
+pts_tw = torch.stack([TX.reshape(-1), TY.reshape(-1)], 1)
+fig, axes = plt.subplots(1, 3, figsize=(13, 4.2), layout="constrained")
+spread = {}
+for ax, t in zip(axes, (0.05, 0.3, 0.7)):
+    a, s = alpha_sigma(t)
+    a0_tw, _ = posterior_estimate(pts_tw, torch.full((pts_tw.shape[0],), t), None, eps_fn, sch,
+                                  covariance="tweedie", clip=None)
+    spread[t] = float(a0_tw.std(0).mean())  # how much the estimates still depend on a_t
+    dens_t = G.mvn_log_prob(grid_pic, a * m, a**2 * S + s**2 * torch.eye(2)).exp().reshape(PX.shape)
+    im = ax.imshow(dens_t.numpy(), origin="lower", extent=(-1.2, 1.2, -1.2, 1.2), cmap="Greys")
+    fig.colorbar(im, ax=ax, shrink=0.85, label=r"$\mu_t(a_t)$ (per unit area)")
+    d = a0_tw - pts_tw
+    ax.quiver(pts_tw[:, 0], pts_tw[:, 1], d[:, 0], d[:, 1], angles="xy", scale_units="xy", scale=1,
+              color="C3", width=0.004)
+    ax.plot(*m, "y*", ms=14, mec="k")
+    ax.set_title(f"t = {t}: spread of the estimates {spread[t]:.2f}", fontsize=9)
+    ax.set_xlim(-1.3, 1.3)
+    ax.set_ylim(-1.3, 1.3)
+    ax.set_xlabel("$a_{t,1}$ (arrow tips: $\\hat a_0$)")
+axes[0].set_ylabel("$a_{t,2}$")
+fig.suptitle(r"Tweedie's estimate: $a_t \to \hat a_0$ (arrows); star: the behaviour's mean $m$", fontsize=10)
+plt.show()
+check(spread[0.05] > spread[0.3] > spread[0.7], f"the estimates collapse towards m as t grows: {spread}")
 
 # %% [markdown]
 # **Check 8: first order is exact for a linear critic; second order is exact for a quadratic one.**
@@ -604,7 +715,7 @@ err_second = float((y_second_quad - E_quad).abs().max())
 print(f"first order,  linear Q:    max |y - E_t| = {err_first:.1e}")
 print(f"second order, quadratic Q: max |y - E_t| = {err_second:.1e}")
 print(f"first order,  quadratic Q: max |y - E_t| = {float((y_first_quad - E_quad).abs().max()):.3f}  (not exact)")
-assert err_first < 1e-10 and err_second < 1e-10
+check(err_first < 1e-10 and err_second < 1e-10, 'err_first < 1e-10 and err_second < 1e-10')
 
 # %% [markdown]
 # **Check 9: dropping the covariance.** With `covariance="none"`, $\hat S = 0$ and $y_t = \beta Q(\hat a_0)$.
@@ -626,15 +737,15 @@ y_none_quad = aepo_target(a_pts, t_pts, None, q_fn=q_quad, covariance="none", ex
 gap_lin = 0.5 * beta**2 * torch.einsum("i,bij,j->b", g, S_tilde, g)
 err_none_lin = float((E_lin - y_none_lin - gap_lin).abs().max())
 print(f"linear: max |(E_t - y_none) - beta^2/2 g'S~g| = {err_none_lin:.1e}")
-assert err_none_lin < 1e-10 and bool((y_none_lin < E_lin).all())
+check(err_none_lin < 1e-10 and bool((y_none_lin < E_lin).all()), 'err_none_lin < 1e-10 and bool((y_none_lin < E_lin).all())')
 dQ = g - m_tilde @ H  # grad Q at m~, (B, d)
 bonus = 0.5 * beta**2 * torch.einsum("bi,bij,bj->b", dQ, torch.linalg.inv(torch.linalg.inv(S_tilde) + beta * H), dQ)
 penalty = 0.5 * torch.logdet(torch.eye(2) + beta * S_tilde @ H)
 err_none_quad = float((E_quad - y_none_quad - (bonus - penalty)).abs().max())
 print(f"quadratic: max |(E_t - y_none) - (bonus - penalty)| = {err_none_quad:.1e}; "
       f"y_none above E_t at {int((y_none_quad > E_quad).sum())} of {N_PTS} points")
-assert err_none_quad < 1e-9
-assert bool((y_none_quad > E_quad).any()) and bool((y_none_quad < E_quad).any())  # no bound either way
+check(err_none_quad < 1e-9, 'err_none_quad < 1e-9')
+check(bool((y_none_quad > E_quad).any()) and bool((y_none_quad < E_quad).any()), 'bool((y_none_quad > E_quad).any()) and bool((y_none_quad < E_quad).any())')  # no bound either way
 
 # %% [markdown]
 # **Check 10: the sampled estimator converges, from below.** $\operatorname{logmeanexp}$ of $K$ samples is
@@ -648,9 +759,10 @@ for K in Ks:
     y_K = aepo_target(a_pts.repeat(REP, 1), t_pts.repeat(REP), None, q_fn=q_quad, covariance="tweedie",
                       expansion="sampled", n_samples=K, generator=gen, **common)
     bias[K] = float((y_K - E_quad.repeat(REP)).mean())
-print(f"mean (y_K - E_t) over {N_PTS} points x {REP}:", {K: f"{v:+.4f}" for K, v in bias.items()})
-assert bias[1] < bias[16] < bias[256] < 0  # biased low, less so with more samples
-assert abs(bias[1024]) < 0.01 and abs(bias[1024]) < abs(bias[4]) / 20
+display(Markdown(f"Mean of $y_K - E_t$ over {N_PTS} points, each {REP} times\n\n"
+                 + markdown_table(["K (samples)"] + [str(K) for K in Ks], [["bias"] + [f"{bias[K]:+.4f}" for K in Ks]])))
+check(bias[1] < bias[16] < bias[256] < 0, 'bias[1] < bias[16] < bias[256] < 0')  # biased low, less so with more samples
+check(abs(bias[1024]) < 0.01 and abs(bias[1024]) < abs(bias[4]) / 20, 'abs(bias[1024]) < 0.01 and abs(bias[1024]) < abs(bias[4]) / 20')
 
 # %% [markdown]
 # ### The targets side by side
@@ -683,8 +795,8 @@ ax.set_title(f"Targets for the energy at t = {t_slice} (beta = {beta:g})")
 ax.legend(fontsize=8)
 plt.show()
 E_sl = curves[r"$E_t$ (exact)"]
-assert float((curves[r"AEPO 2nd order"] - E_sl).abs().max()) < 1e-10
-assert bool((curves[r"MSE target $\mathbb{E}[\beta Q|a_t]$"] < E_sl).all())
+check(float((curves[r"AEPO 2nd order"] - E_sl).abs().max()) < 1e-10, 'float((curves[r"AEPO 2nd order"] - E_sl).abs().max()) < 1e-10')
+check(bool((curves[r"MSE target $\mathbb{E}[\beta Q|a_t]$"] < E_sl).all()), 'bool((curves[r"MSE target $\\mathbb{E}[\\beta Q|a_t]$"] < E_sl).all())')
 
 # %% [markdown]
 # ### The baselines' losses, as library calls
@@ -711,7 +823,7 @@ for name, value in [("E[beta Q | a_t]", float(beta * q_post.mean())), ("E_t", E_
     (dfl,) = torch.autograd.grad(G.mse_energy_loss(f, q_post, beta), f)
     grads[name] = float(dfl.sum())  # derivative of the loss along a constant shift of f
 print("d MSE loss / d f at:", {k: f"{v:+.2e}" for k, v in grads.items()})
-assert abs(grads["E[beta Q | a_t]"]) < 1e-9 and grads["E_t"] > 0.01  # E_t is not the MSE minimiser
+check(abs(grads["E[beta Q | a_t]"]) < 1e-9 and grads["E_t"] > 0.01, 'abs(grads["E[beta Q | a_t]"]) < 1e-9 and grads["E_t"] > 0.01')  # E_t is not the MSE minimiser
 
 K_SUP = 16
 support = m + torch.randn(8, K_SUP, 2, generator=gen) @ torch.linalg.cholesky(S).T  # 8 states x 16 actions
@@ -722,7 +834,7 @@ f_half = (0.5 * beta * q_sup).requires_grad_(True)  # a "cooler" energy: not opt
 (g_half,) = torch.autograd.grad(G.cep_loss(f_half, q_sup, beta), f_half)
 print(f"CEP: |grad| at f = beta Q + const: {float(g_opt.abs().max()):.1e}; at f = beta Q / 2: "
       f"{float(g_half.abs().max()):.1e}")
-assert float(g_opt.abs().max()) < 1e-12 and float(g_half.abs().max()) > 1e-3
+check(float(g_opt.abs().max()) < 1e-12 and float(g_half.abs().max()) > 1e-3, 'float(g_opt.abs().max()) < 1e-12 and float(g_half.abs().max()) > 1e-3')
 
 # %% [markdown]
 # ## Exploring $\beta$: a slider over precomputed guided samples
@@ -790,13 +902,13 @@ widgets.interact(show, beta_value=widgets.SelectionSlider(options=BETAS, value=2
 mean_q = [pre[b_]["mean_q"] for b_ in BETAS]
 print("beta:", BETAS, "\nmean Q of guided samples:", [round(v, 3) for v in mean_q])
 print("guided mean vs m_pi, max over beta (SE):", round(max(pre[b_]["z_mean"] for b_ in BETAS), 2))
-assert all(q1 < q2 for q1, q2 in zip(mean_q, mean_q[1:])), "mean reward rises with beta"
-assert max(pre[b_]["z_mean"] for b_ in BETAS) < 4.0, "the guided mean is the exact m_pi at every beta"
+check(all(q1 < q2 for q1, q2 in zip(mean_q, mean_q[1:])), "mean reward rises with beta")
+check(max(pre[b_]["z_mean"] for b_ in BETAS) < 4.0, "the guided mean is the exact m_pi at every beta")
 step = pre[0.5]["m_pi"] - m
 direction = S @ (g - H @ m)
 cosine = float(step @ direction / (step.norm() * direction.norm()))
 print(f"cosine between m_pi(0.5) - m and S grad Q(m): {cosine:.3f}")
-assert cosine > 0.95
+check(cosine > 0.95, 'cosine > 0.95')
 
 # %% [markdown]
 # ## The library's demo
@@ -811,17 +923,154 @@ assert cosine > 0.95
 #
 # ## Exercises
 #
-# 1. **Guidance scale vs temperature.** For the *linear* critic, show on paper that
-#    $w\,\nabla E_t^{(\beta)} = \nabla E_t^{(w\beta)}$, so the guidance scale is exactly a rescaled $\beta$.
-#    Then, for the quadratic critic, sample with `guidance_scale=2` at $\beta=3$ and compare the
-#    sample mean with `gaussian_target_policy(m, S, g, H, 6.0)`. Is $w = 2$ the same as $\beta = 6$? Why not?
-#    (Hint: is $\nabla E_t$ linear in $\beta$ when $H \neq 0$?)
-# 2. **The MSE energy's policy.** The MSE target for the quadratic critic is
-#    $\beta Q(\tilde m) - \tfrac\beta2\operatorname{tr}(H\tilde S)$. Write its gradient in $a_t$ and sample with it
-#    instead of $\nabla E_t$. Which way is the sample mean off from $m_\pi$, and by how much?
-# 3. **Another solver.** Add `dpm2` (QGPO's singlestep second-order solver) to the convergence table.
-#    Where does it sit between `ddim` and `dpmpp2m` at 15 steps?
+# Each exercise has a cell for your answer (it starts as `None`), a solution you can unfold, and a
+# cell that checks your answer against an exact reference and raises an error if it is off. An
+# unanswered exercise is reported, not failed.
 #
+# ### Exercise 1. Guidance scale vs temperature
+#
+# For the *linear* critic, show on paper that $w\,\nabla E_t^{(\beta)} = \nabla E_t^{(w\beta)}$, so the
+# guidance scale is exactly a rescaled $\beta$. Then, for the quadratic critic, sample with
+# `guidance_scale=2` at $\beta = 3$ (use `exact_guidance`, `x_T` and 50 `dpmpp3m` steps as in Check 6) and
+# compare the sample mean with the mean of `gaussian_target_policy(m, S, g, H, 6.0)`. Is $w = 2$ the
+# same as $\beta = 6$? (Hint: is $\nabla E_t$ linear in $\beta$ when $H \neq 0$?)
+#
+# <details><summary><b>Solution</b> (click to unfold)</summary>
+#
+# For a linear critic, $\nabla E_t = \beta\alpha S(\alpha^2 S + \sigma^2 I)^{-1} g$ is linear in $\beta$, so
+# $w\nabla E_t^{(\beta)} = \nabla E_t^{(w\beta)}$. For the quadratic critic it is not: $\beta$ enters
+# $S_\pi = (S^{-1} + \beta H)^{-1}$ nonlinearly, so doubling the guidance is not doubling $\beta$. Here
+# the $w = 2$ samples overshoot: their mean is about 0.09 away from $m_\pi(\beta = 6)$, further along
+# the critic's slope.
+#
+# ```python
+# x_w2 = sample(eps_fn, x_T, schedule=sch, n_steps=50, solver="dpmpp3m", guidance=exact_guidance,
+#               guidance_scale=2.0)
+# mean_w2 = x_w2.mean(0)
+# m_beta6, _ = G.gaussian_target_policy(m, S, g, H, 6.0)
+# w2_same_as_beta6 = bool((mean_w2 - m_beta6).norm() < 0.01)  # False
+# ```
+# </details>
+
+# %%
+# Exercise 1: your answer
+mean_w2 = None  # the sample mean of guided samples at beta = 3, guidance_scale = 2: a tensor of shape (2,)
+w2_same_as_beta6 = None  # True or False
+
+# %%
+# Exercise 1: the check. Reference: the sampler's exact output law at w = 2 (the affine trick above).
+if mean_w2 is None or w2_same_as_beta6 is None:
+    print("Exercise 1 is not answered yet (fill in the cell above; the solution is folded above it).")
+else:
+    pts3 = torch.cat([torch.zeros(1, 2), torch.eye(2)])
+    out3 = sample(eps_fn, pts3, schedule=sch, n_steps=50, solver="dpmpp3m", guidance=exact_guidance,
+                  guidance_scale=2.0)
+    A3 = (out3[1:] - out3[0]).T
+    se3 = (torch.diag(A3 @ A3.T) / x_T.shape[0]).sqrt()  # standard error of a sample mean of x_T.shape[0] draws
+    z3 = float(((torch.as_tensor(mean_w2) - out3[0]) / se3).abs().max())
+    gap6 = float((out3[0] - G.gaussian_target_policy(m, S, g, H, 6.0)[0]).norm())
+    check(z3 < 4.5, f"your mean_w2 is {z3:.1f} standard errors from the exact w = 2 mean {out3[0].numpy().round(4)}")
+    check(w2_same_as_beta6 == (gap6 < 0.01), f"w = 2 and beta = 6 give means {gap6:.3f} apart: are they the same?")
+    print(f"Exercise 1: correct (w = 2 lands {gap6:.3f} away from m_pi(beta = 6)).")
+
+# %% [markdown]
+# ### Exercise 2. The MSE energy's policy
+#
+# The MSE target for the quadratic critic is $\beta Q(\tilde m) - \tfrac\beta2\operatorname{tr}(H\tilde S)$. Write its
+# gradient in $a_t$ (or let autograd do it) and sample with it instead of $\nabla E_t$ ($w = 1$, `x_T`, 50
+# `dpmpp3m` steps). Which way is the sample mean off from $m_\pi$, and by how much?
+#
+# <details><summary><b>Solution</b> (click to unfold)</summary>
+#
+# $\tilde S$ does not depend on $a_t$, so the trace term is a constant and the gradient is
+# $\beta\, \big(\partial\tilde m/\partial a_t\big)^\top \nabla Q(\tilde m) = \beta\alpha S(\alpha^2 S + \sigma^2 I)^{-1}(g - H\tilde m)$. It lacks
+# the curvature correction that $E_t$ has (the $\det$ and the $(\tilde S^{-1} + \beta H)^{-1}$ of 3b): the MSE
+# energy keeps pushing up the critic's slope, and its samples **overshoot** $m_\pi$, by about 0.1 here,
+# with a smaller covariance than $S_\pi$.
+#
+# ```python
+# def mse_guidance(x, t, s):
+#     a, sg = alpha_sigma(float(t[0]))
+#     x = x.detach().requires_grad_(True)
+#     with torch.enable_grad():
+#         m_t, _ = G.gaussian_posterior(x, m, S, a, sg)
+#         (grad,) = torch.autograd.grad(beta * q_quad(None, m_t).sum(), x)
+#     return grad
+#
+# x_mse = sample(eps_fn, x_T, schedule=sch, n_steps=50, solver="dpmpp3m", guidance=mse_guidance, guidance_scale=1.0)
+# mean_mse = x_mse.mean(0)
+# mse_overshoots = bool(((mean_mse - m) @ (m_pi - m)) > ((m_pi - m) @ (m_pi - m)))  # True
+# ```
+# </details>
+
+# %%
+# Exercise 2: your answer
+mean_mse = None  # the sample mean with the MSE energy's guidance: a tensor of shape (2,)
+mse_overshoots = None  # True if the mean lands beyond m_pi (further from m along m_pi - m), else False
+
+# %%
+# Exercise 2: the check. Reference: the closed-form gradient of the MSE target (not autograd) and the
+# sampler's exact output law (it is affine in x_T here too).
+if mean_mse is None or mse_overshoots is None:
+    print("Exercise 2 is not answered yet (fill in the cell above; the solution is folded above it).")
+else:
+    def _mse_guidance_closed_form(x, t, s):
+        a, sg = alpha_sigma(float(t[0]))
+        K = a * S @ torch.linalg.inv(a**2 * S + sg**2 * torch.eye(2))  # d m~ / d a_t (symmetric)
+        m_t, _ = G.gaussian_posterior(x, m, S, a, sg)
+        return beta * (g - m_t @ H) @ K
+
+    pts3 = torch.cat([torch.zeros(1, 2), torch.eye(2)])
+    out3 = sample(eps_fn, pts3, schedule=sch, n_steps=50, solver="dpmpp3m", guidance=_mse_guidance_closed_form,
+                  guidance_scale=1.0)
+    A3 = (out3[1:] - out3[0]).T
+    se3 = (torch.diag(A3 @ A3.T) / x_T.shape[0]).sqrt()
+    z3 = float(((torch.as_tensor(mean_mse) - out3[0]) / se3).abs().max())
+    d = m_pi - m
+    truth = bool(((out3[0] - m) @ d) > (d @ d))
+    check(z3 < 4.5, f"your mean_mse is {z3:.1f} standard errors from the exact mean {out3[0].numpy().round(4)}")
+    check(mse_overshoots == truth, "look again at where the mean lands along m_pi - m")
+    print(f"Exercise 2: correct (the MSE energy's mean is {float((out3[0] - m_pi).norm()):.3f} from m_pi).")
+
+# %% [markdown]
+# ### Exercise 3. Another solver
+#
+# Add `dpm2` (QGPO's singlestep second-order solver) to the convergence table: its relative covariance
+# error at 15 steps, with `sampler_law`. Where does it sit between `ddim` and `dpmpp2m`?
+#
+# <details><summary><b>Solution</b> (click to unfold)</summary>
+#
+# ```python
+# b, C, _ = sampler_law("dpm2", 15)
+# rel_cov_dpm2_15 = float(torch.linalg.norm(C - cov_end) / torch.linalg.norm(cov_end))  # about 0.21
+# dpm2_between = table["dpmpp2m", 15]["rel_cov"] < rel_cov_dpm2_15 < table["ddim", 15]["rel_cov"]  # True
+# ```
+# About 21% at 15 steps: better than DDIM's 27%, far worse than DPM-Solver++ 2M's 4%. A singlestep
+# second-order solver spends two network evaluations per step, so at a fixed budget of 15 it takes
+# fewer, larger steps; by 50 it is near 2%.
+# </details>
+
+# %%
+# Exercise 3: your answer
+rel_cov_dpm2_15 = None  # relative covariance error of dpm2 at 15 steps (a fraction, not %)
+dpm2_between = None  # True if it lies between dpmpp2m's and ddim's at 15 steps
+
+# %%
+# Exercise 3: the check. Reference: a Monte Carlo estimate (200k samples), which cannot be as exact
+# as the affine trick but must agree with it to a few percent of the error itself.
+if rel_cov_dpm2_15 is None or dpm2_between is None:
+    print("Exercise 3 is not answered yet (fill in the cell above; the solution is folded above it).")
+else:
+    x_chk3 = sample(eps_fn, torch.randn(200_000, 2, generator=torch.Generator().manual_seed(3)), schedule=sch,
+                    n_steps=15, solver="dpm2", guidance=exact_guidance, guidance_scale=1.0)
+    rel_mc = float(torch.linalg.norm(torch.cov(x_chk3.T) - cov_end) / torch.linalg.norm(cov_end))
+    check(abs(rel_cov_dpm2_15 - rel_mc) < 0.1 * rel_mc,
+          f"your error {rel_cov_dpm2_15:.4f} vs {rel_mc:.4f} measured by Monte Carlo (is it a fraction, at 15 steps?)")
+    truth = table["dpmpp2m", 15]["rel_cov"] < rel_mc < table["ddim", 15]["rel_cov"]
+    check(dpm2_between == truth, "compare with the dpmpp2m and ddim rows of the table at 15 steps")
+    print(f"Exercise 3: correct (dpm2 at 15 steps: {100 * rel_mc:.1f}% by Monte Carlo).")
+
+# %% [markdown]
 # ## Summary
 #
 # * The exact guidance for $\pi \propto \mu e^{\beta Q}$ is $\nabla_{a_t} E_t$ with

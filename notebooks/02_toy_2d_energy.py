@@ -16,9 +16,10 @@
 # # Chapter 2. Toy 2D tasks: every guidance estimator against the exact truth
 #
 # Chapter 1 had a Gaussian behaviour, where everything is closed-form. Real behaviour
-# distributions are multimodal, and then AEPO's target (method.md section 4) is an *approximation*.
+# distributions are multimodal, and then AEPO's target (derivation.md section 4) is an *approximation*.
 # How good? On a 2D task we can answer with numbers, because the exact guided distribution and the
-# exact intermediate energy are computable from the data (method.md section 6).
+# exact intermediate energy are computable from the data (derivation.md section 6; the derivation is
+# [docs/derivation.md](../docs/derivation.md)).
 #
 # **After this chapter you can**
 #
@@ -31,8 +32,10 @@
 # 6. read the trends: reward rises with the guidance scale; AEPO's target vs the MSE baseline.
 #
 # All numbers here are this course's own, on our re-implementation of the tasks; none is the
-# AEPO paper's. The scale switch `AEPO_SCALE=smoke|full` only changes sizes (the test suite runs
-# `smoke`); the code path is the same.
+# AEPO paper's. The scale switch `AEPO_SCALE=smoke|full` only changes sizes; it is `smoke` (about a
+# minute of training on a CPU) unless you set it before starting JupyterLab, and the first code cell
+# prints which one is in use. The code path is the same. Every check cell raises an error when a
+# number is off (`check`, which unlike `assert` also runs under `python -O`).
 
 
 # %% [markdown]
@@ -55,9 +58,9 @@ from aepo_lite.toy import tasks as toy
 from aepo_lite.toy import pipeline as TT
 from aepo_lite.config import apply_overrides
 from aepo_lite.core.schedule import VPSchedule
+from aepo_lite.course.notebook import check, course_scale
 
-SCALE = os.environ.get("AEPO_SCALE", "full")
-assert SCALE in ("smoke", "full"), f"AEPO_SCALE must be smoke or full, got {SCALE!r}"
+SCALE = course_scale()  # AEPO_SCALE: smoke unless set (printed); full is the library's full preset
 FULL = SCALE == "full"
 T_START = time.time()
 torch.manual_seed(0)
@@ -113,7 +116,7 @@ toy.register_task("half_disk", lambda n, g: 0.5 * torch.randn(n, 2, generator=g,
                   lambda x: (x[:, 1] > 0).to(x.dtype), "a Gaussian blob; reward 1 on the upper half",
                   overwrite=True)
 xs = toy.target_samples("half_disk", 10.0, 5000, seed=0)
-assert float((xs[:, 1] > 0).float().mean()) > 0.99  # beta = 10 puts (almost) all mass on the rewarded half
+check(float((xs[:, 1] > 0).float().mean()) > 0.99, 'float((xs[:, 1] > 0).float().mean()) > 0.99')  # beta = 10 puts (almost) all mass on the rewarded half
 toy.TOY_TASKS.pop("half_disk")
 
 # %% [markdown]
@@ -134,7 +137,7 @@ for ax, beta in zip(axes, (0.0, 3.0, 10.0, 20.0)):
     xt = toy.target_samples(task, beta, 20_000, pool=pool, seed=2, dtype=torch.float64)
     m_exact = float((torch.softmax(beta * e_pool, 0) * e_pool).sum())
     m = float(task.reward(xt).mean())
-    assert abs(m - m_exact) < 0.01, (beta, m, m_exact)
+    check(abs(m - m_exact) < 0.01, (beta, m, m_exact))
     means.append(m)
     ax.scatter(xt[:4000, 0], xt[:4000, 1], s=2, c=task.reward(xt[:4000]), cmap="viridis", vmin=0, vmax=1)
     ax.set_title(f"beta = {beta:g}: mean reward {m:.3f}")
@@ -142,13 +145,13 @@ for ax, beta in zip(axes, (0.0, 3.0, 10.0, 20.0)):
     ax.set_xlim(-1.1, 1.1)
     ax.set_ylim(-1.1, 1.1)
 plt.show()
-assert all(a < b for a, b in zip(means, means[1:]))
+check(all(a < b for a, b in zip(means, means[1:])), 'all(a < b for a, b in zip(means, means[1:]))')
 
 # %% [markdown]
 # ## 3. The exact intermediate energy
 #
 # For the empirical behaviour (the data), the posterior $\mu_{0t}(x_0 | x_t)$ is a softmax over the
-# data points, so (method.md section 6)
+# data points, so (derivation.md section 6)
 #
 # $$E_t(x_t) = \log \sum_j \mathrm{softmax}_j\!\Big(-\frac{\|x_t - \alpha_t x^j\|^2}{2\sigma_t^2}\Big)\, e^{\beta e(x^j)}.$$
 #
@@ -163,10 +166,10 @@ t0 = time.time()
 E_exact = {t: toy.exact_intermediate_energy(grid, t, data, e_data, 10.0) for t in TIMES}
 print(f"exact E_t on {grid.shape[0]} points x {len(data)} data points x {len(TIMES)} times: {time.time() - t0:.1f} s")
 E1 = toy.exact_intermediate_energy(grid[:50].double(), 1.0, pool[:5000], e_pool[:5000], 10.0)
-assert float(E1.max() - E1.min()) < 0.05
+check(float(E1.max() - E1.min()) < 0.05, 'float(E1.max() - E1.min()) < 0.05')
 a_min = float(schedule.alpha(torch.tensor(schedule.t_min)))
 E0 = toy.exact_intermediate_energy(a_min * pool[:10], schedule.t_min, pool[:5000], e_pool[:5000], 10.0)
-assert torch.allclose(E0, 10.0 * e_pool[:10], atol=1e-4)
+check(torch.allclose(E0, 10.0 * e_pool[:10], atol=1e-4), 'torch.allclose(E0, 10.0 * e_pool[:10], atol=1e-4)')
 
 fig, axes = plt.subplots(1, len(TIMES), figsize=(3.4 * len(TIMES), 3.2))
 n = len(gx)
@@ -193,14 +196,14 @@ plt.show()
 # 3. **intermediate energy** $f_\phi(x_t, t)$ for each method: AEPO (regression on its analytic
 #    target), CEP (contrastive over K = 16 behaviour points), MSE (regression on $\beta e(x_0)$).
 #
-# Two choices of ours, used by every method alike (see `aepo_lite/toy_train.py`): the energy
+# Two choices of ours, used by every method alike (see `aepo_lite/toy/pipeline.py`): the energy
 # network sees $c_{in}(t)\,x_t$, the Gaussian posterior-mean scaling, because $E_t$ depends on
 # $x_t$ only through $\alpha_t x_t/\sigma_t^2$ and its gradient must vanish like $\alpha_t$ at large
 # $t$; and AEPO, whose target is a function of $x_t$ alone, also trains on a quarter of points drawn
 # uniformly in the box, where MSE and CEP have no targets at all.
 
 # %%
-# Matched reward access (method.md 6b): every method reads the true reward e(x) (critic.kind = "reward").
+# Matched reward access (docs/derivation.md section 6b): every method reads the true reward e(x) (critic.kind = "reward").
 # AEPO's toy estimator, the Gaussian-fit posterior covariance with the sampled expansion, needs values of e
 # only, no gradient. One more AEPO run reads the fitted smooth critic instead (critic.kind = "regression").
 METHODS = (("aepo", "reward"), ("qgpo", "reward"), ("mse", "reward"))  # (method, critic kind)
@@ -229,7 +232,7 @@ for ax, z, title in zip(axes, (task.reward(grid), q_grid), ("reward e(x)", "smoo
     ax.set_title(title)
     fig.colorbar(im, ax=ax, shrink=0.8)
 plt.show()
-assert info["critic"]["heldout_rmse"] < 0.2
+check(info["critic"]["heldout_rmse"] < 0.2, 'info["critic"]["heldout_rmse"] < 0.2')
 
 # %% [markdown]
 # ## 5. Learned vs exact intermediate energy
@@ -394,14 +397,14 @@ display(widgets.VBox([w_w, w_b2, out_s]))  # noqa: F821
 # %%
 for method, _ in METHODS:
     rew = [results[(method, 10.0, w)]["mean_reward"] for w in SCALES]
-    assert rew[2] > rew[0] + 0.05 and rew[3] > rew[1], (method, rew)
+    check(rew[2] > rew[0] + 0.05 and rew[3] > rew[1], (method, rew))
 r = {m: results[(m, 10.0, 1.0)] for m, _ in METHODS}
 raw = TT.guided_samples(fitted, 1.0, fitted.cfg.eval.n_samples, seed=0)  # AEPO reading the fitted critic
 r["aepo, fitted critic"] = dict(distance=toy.sliced_wasserstein(raw.clamp(-1, 1), targets[10.0]),
                                 floor=r["aepo"]["floor"], outside=float((raw.abs() > 1).any(1).float().mean()))
 print("beta 10, w 1: " + ", ".join(f"{m} {v['distance']:.3f} (x{v['distance'] / v['floor']:.1f} floor, "
                                    f"{100 * v['outside']:.0f}% left the box)" for m, v in r.items()))
-assert r["aepo"]["distance"] < r["mse"]["distance"]
+check(r["aepo"]["distance"] < r["mse"]["distance"], 'r["aepo"]["distance"] < r["mse"]["distance"]')
 
 # %% [markdown]
 # ## 8. The whole grid

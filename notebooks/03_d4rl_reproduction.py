@@ -7,7 +7,7 @@
 #       extension: .py
 #       format_name: percent
 #   kernelspec:
-#     display_name: Python 3
+#     display_name: Python 3 (ipykernel)
 #     language: python
 #     name: python3
 # ---
@@ -27,10 +27,11 @@
 #    sweep the guidance scale, and read the saved benchmark table;
 # 5. reproduce the D4RL tables at QGPO's settings on a GPU with internet (the last section).
 #
-# One switch sets the scale: `AEPO_SCALE=smoke` (the default here, under two minutes on a CPU:
-# a tiny dataset in a temporary folder, a few dozen gradient steps) or `AEPO_SCALE=full` (the
-# 200k-transition Hopper-v5 dataset of the benchmark and the `bench` preset). The code path is
-# the same.
+# One switch sets the scale: `AEPO_SCALE=smoke` (the default in every chapter, under two minutes
+# on a CPU: a tiny dataset in a temporary folder, removed by the last cell, and a few dozen
+# gradient steps) or `AEPO_SCALE=full` (the 200k-transition Hopper-v5 dataset of the benchmark and
+# the `bench` preset). Set it before starting JupyterLab; the first code cell prints the one in
+# use. The code path is the same. Check cells raise an error when a number is off.
 
 
 # %% [markdown]
@@ -48,8 +49,9 @@ from pathlib import Path
 import numpy as np
 import matplotlib.pyplot as plt
 
-SCALE = os.environ.get("AEPO_SCALE", "smoke")
-assert SCALE in ("smoke", "full"), SCALE
+from aepo_lite.course.notebook import check, course_scale
+
+SCALE = course_scale()  # AEPO_SCALE: smoke unless set (printed)
 T0 = time.perf_counter()
 REPO = Path.cwd() if (Path.cwd() / "aepo_lite").exists() else Path.cwd().parent
 if SCALE == "smoke":  # a private Minari root: nothing of the user's is touched
@@ -63,7 +65,7 @@ print("scale:", SCALE, "| Minari root:", os.environ.get("MINARI_DATASETS_PATH", 
 #
 # D4RL (Fu et al., 2020) is the benchmark QGPO and AEPO report on. It is no longer maintained;
 # Minari (Farama) hosts offline datasets now. Three kinds of Minari ids matter here
-# (method.md section 8):
+# ([derivation.md section 8](../docs/derivation.md)):
 #
 # | group | Minari ids | relation to D4RL |
 # |---|---|---|
@@ -86,17 +88,17 @@ from aepo_lite.rl.evaluation import normalized_score, reference_scores, D4RL_REF
 
 lo, hi, src = reference_scores("D4RL/door/human-v2", {})  # a port without metadata: D4RL's table
 print("door:", lo, hi, src)
-assert abs(normalized_score(hi, lo, hi) - 100.0) < 1e-9 and abs(normalized_score(lo, lo, hi)) < 1e-9
+check(abs(normalized_score(hi, lo, hi) - 100.0) < 1e-9 and abs(normalized_score(lo, lo, hi)) < 1e-9, 'abs(normalized_score(hi, lo, hi) - 100.0) < 1e-9 and abs(normalized_score(lo, lo, hi)) < 1e-9')
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
-    assert reference_scores("mujoco/hopper/medium-v0", {})[:2] == (None, None)  # new data: no substitute
-assert any("None" in str(w.message) for w in caught)
+    check(reference_scores("mujoco/hopper/medium-v0", {})[:2] == (None, None), 'reference_scores("mujoco/hopper/medium-v0", {})[:2] == (None, None)')  # new data: no substitute
+check(any("None" in str(w.message) for w in caught), 'any("None" in str(w.message) for w in caught)')
 
 # %% [markdown]
 # ## 2. A dataset made here
 #
 # No download is possible on the machines this course is built on, so the pipeline runs on a
-# dataset we make ourselves, D4RL-style (`aepo_lite/datasets_local.py`): a TD3 *policy ladder*
+# dataset we make ourselves, D4RL-style (`aepo_lite/rl/datasets.py`): a TD3 *policy ladder*
 # trained for a fixed budget with snapshots; `expert` is its best snapshot (with a CPU budget,
 # not an expert in D4RL's sense, and the metadata says so); `medium` the first snapshot reaching
 # a third of the expert's return; reference returns are the random and expert policies' means
@@ -135,24 +137,24 @@ off, t0 = 0, 0
 for ep in ds.iterate_episodes():
     T = len(ep.rewards)
     rows = data.idx[t0:t0 + T]
-    assert np.allclose(data.obs_rows[rows], ep.observations[:T], atol=1e-6)
-    assert np.allclose(data.obs_rows[data.next_idx[t0:t0 + T]], ep.observations[1:], atol=1e-6)
-    assert np.array_equal(data.terminals[t0:t0 + T], ep.terminations.astype(np.float32))
-    assert data.terminals[t0:t0 + T][ep.truncations].sum() == 0  # a truncated step never stops the bootstrap
+    check(np.allclose(data.obs_rows[rows], ep.observations[:T], atol=1e-6), 'np.allclose(data.obs_rows[rows], ep.observations[:T], atol=1e-6)')
+    check(np.allclose(data.obs_rows[data.next_idx[t0:t0 + T]], ep.observations[1:], atol=1e-6), 'np.allclose(data.obs_rows[data.next_idx[t0:t0 + T]], ep.observations[1:], atol=1e-6)')
+    check(np.array_equal(data.terminals[t0:t0 + T], ep.terminations.astype(np.float32)), 'np.array_equal(data.terminals[t0:t0 + T], ep.terminations.astype(np.float32))')
+    check(data.terminals[t0:t0 + T][ep.truncations].sum() == 0, 'data.terminals[t0:t0 + T][ep.truncations].sum() == 0')  # a truncated step never stops the bootstrap
     t0 += T
-assert t0 == data.n
+check(t0 == data.n, 't0 == data.n')
 print("terminations:", int(data.terminals.sum()), "| truncations (bootstrapped):", int(data.timeouts.sum()))
 # IQL's reward convention for locomotion: r * 1000 / (max return - min return)
 span = data.episode_returns.max() - data.episode_returns.min()
-assert data.reward_scaling == "locomotion"
-assert np.allclose(data.scaled_rewards(), data.rewards * 1000 / span, rtol=1e-5)
+check(data.reward_scaling == "locomotion", 'data.reward_scaling == "locomotion"')
+check(np.allclose(data.scaled_rewards(), data.rewards * 1000 / span, rtol=1e-5), 'np.allclose(data.scaled_rewards(), data.rewards * 1000 / span, rtol=1e-5)')
 
 # %% [markdown]
 # ## 3. The agent, stage by stage
 #
 # `aepo_lite.rl.agent.train` runs the stages a method needs and checkpoints each one; a second
 # call skips what is done. `bc` is the behaviour model alone (guidance scale 0); `aepo` adds an
-# IQL critic and an energy regressed on AEPO's analytic target (method.md section 4); `qgpo`
+# IQL critic and an energy regressed on AEPO's analytic target (derivation.md section 4); `qgpo`
 # adds K support actions from the behaviour model, QGPO's in-support softmax critic and the
 # contrastive (CEP) energy. The three runs share one behaviour checkpoint (`init_behaviour`), so
 # at guidance scale 0 they are the same policy.
@@ -174,7 +176,7 @@ for method in ("bc", "aepo", "qgpo"):
 # resume: nothing is retrained when every stage is there
 n_lines = sum(1 for _ in open(runs["aepo"] / "metrics.jsonl"))
 train(make_config(DATASET, "aepo", PRESET, seed=0), runs["aepo"], data=data, progress=False)
-assert sum(1 for _ in open(runs["aepo"] / "metrics.jsonl")) == n_lines
+check(sum(1 for _ in open(runs["aepo"] / "metrics.jsonl")) == n_lines, 'sum(1 for _ in open(runs["aepo"] / "metrics.jsonl")) == n_lines')
 
 # %% [markdown]
 # ## 4. A guidance-scale sweep
@@ -191,8 +193,8 @@ for method in ("aepo", "qgpo"):
     sweep[method] = [res[w] for w in SCALES]
 bc = evaluate_run(runs["bc"], progress=False)["rows"][0]
 # same behaviour, same seeds: w = 0 of a guided method is behaviour cloning
-assert abs(sweep["aepo"][0]["return_mean"] - bc["return_mean"]) < 1e-6
-assert abs(sweep["qgpo"][0]["return_mean"] - bc["return_mean"]) < 1e-6
+check(abs(sweep["aepo"][0]["return_mean"] - bc["return_mean"]) < 1e-6, 'abs(sweep["aepo"][0]["return_mean"] - bc["return_mean"]) < 1e-6')
+check(abs(sweep["qgpo"][0]["return_mean"] - bc["return_mean"]) < 1e-6, 'abs(sweep["qgpo"][0]["return_mean"] - bc["return_mean"]) < 1e-6')
 
 fig, ax = plt.subplots(figsize=(5, 3.2))
 for method, rows in sweep.items():
@@ -231,7 +233,7 @@ else:
 #
 # On a machine with a GPU and internet, `minari.load_dataset(id, download=True)` fetches the
 # data (the loader does it for you; `pip install "minari[hf]"` for the Hugging Face remote).
-# The `full` preset is QGPO's published settings (method.md section 7): behaviour 600k steps at
+# The `full` preset is QGPO's published settings (derivation.md section 7): behaviour 600k steps at
 # batch 4096, critic 500k and energy 1M steps at batch 256, beta = 3, K = 16 (32 on AntMaze),
 # DPM-Solver-2 with 15 steps, guidance scales {0, 1, 2, 3, 5, 8, 10}.
 #
@@ -272,4 +274,10 @@ else:
 # - Every stage is checkpointed; the guidance scale is an argument of the policy.
 
 # %%
+# Clean up: the smoke run's private folder (dataset, policies, runs) in the system's temp folder.
+if SCALE == "smoke":
+    import shutil
+
+    shutil.rmtree(_tmp, ignore_errors=True)
+    check(not os.path.exists(_tmp), f"{_tmp} is still there")
 print(f"notebook ran in {time.perf_counter() - T0:.0f} s at scale {SCALE}")

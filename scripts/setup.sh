@@ -39,8 +39,8 @@ fi
 stamp="$VENV/.aepo-lite-installed"
 want="$(sha256sum pyproject.toml | cut -d' ' -f1)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
-  echo "setup: installing aepo-lite and its extras (course, rl, datasets, sweep, dev)"
-  "${pip[@]}" -e ".[course,rl,datasets,sweep,dev]"
+  echo "setup: installing aepo-lite and its extras (course, rl, datasets, sweep, tensorboard, dev)"
+  "${pip[@]}" -e ".[course,rl,datasets,sweep,tensorboard,dev]"
   echo "$want" > "$stamp"
 fi
 export PATH="$PWD/$VENV/bin:$PATH"

@@ -1,6 +1,9 @@
 """End to end, in a real browser: ``aepo-lite lab`` on a free loopback port, headless Chromium
 driven by Playwright (tests/browser/drive_lab.js) opens notebook 2 (the ``.py``, as a notebook),
-runs it at smoke scale, moves the guidance-scale slider and checks that the plot changed.
+runs it at smoke scale, moves the guidance-scale slider and checks that the plot changed, then
+saves it and checks that the run left the chapter's files (.py and paired .ipynb) byte for byte as
+they were. A failing notebook is reported with the failing cell, also when that cell is the last
+one, far below the visible part of the page (JupyterLab 4 does not render off-screen cells).
 
 Set-up: ``scripts/install_browser.sh`` installs Chromium (Debian) and playwright-core (npm) when
 they are missing; the tests skip, saying why, only when those registries cannot be reached.
@@ -31,6 +34,15 @@ NOTEBOOK = "notebooks/02_toy_2d_energy.py"
 SLIDER = "guidance|scale w"    # regex (case-insensitive) matching the guidance-scale slider's label
 BUDGET_S = 120.0              # server start + open + run notebook 2 + slider, on a 2-core machine
 DRIVER = ROOT / "tests" / "browser" / "drive_lab.js"
+LAST_CELL_FAILS = "98_fails_in_the_last_cell.py"
+N_FILLER = 30  # code cells before the failing one, each printing 40 lines: far below the first screen
+
+
+def _fails_in_last_cell() -> str:
+    cells = ["# %% [markdown]\n# # The last cell fails\n"]
+    cells += [f"# %%\nfor i in range(40):\n    print('filler cell {k}, line', i)\n" for k in range(1, N_FILLER + 1)]
+    cells.append("# %%\nraise RuntimeError('planted failure in the last cell')\n")
+    return "\n".join(cells)
 
 pytestmark = pytest.mark.notebook
 
@@ -122,6 +134,8 @@ def server(browser_tools, tmp_path_factory):
     # A notebook that fails on purpose, to check the driver says which cell and why.
     (root / "notebooks" / "99_fails_on_purpose.py").write_text(
         "# %% [markdown]\n# # Fails\n\n# %%\nx = 1\n\n# %%\n1 / 0\n\n# %%\nprint('never')\n")
+    # ... and one whose only failure is its last cell, pages below the first screen.
+    (root / "notebooks" / LAST_CELL_FAILS).write_text(_fails_in_last_cell())
     env = {**os.environ, "AEPO_SCALE": "smoke", "OMP_NUM_THREADS": "1"}  # small tensors: one thread is fastest
     # Notebook 2 caches its training stages; share the cache a reader's (or the notebook test's)
     # run of notebooks/ uses, so a warm run only evaluates. A cold cache trains at smoke scale.
@@ -133,6 +147,7 @@ def server(browser_tools, tmp_path_factory):
         s.wait(120)
         s.start_s = time.perf_counter() - t0
         s.cache = Path(env["AEPO_TOY_CACHE"])
+        s.root = root
         yield s
     finally:
         s.stop()
@@ -142,10 +157,11 @@ def server(browser_tools, tmp_path_factory):
             assert sock.connect_ex(("127.0.0.1", s.port)) != 0, "JupyterLab still listens after the test"
 
 
-def _drive(server, notebook: str, out: Path, step_timeout: float = 600) -> subprocess.CompletedProcess:
+def _drive(server, notebook: str, out: Path, step_timeout: float = 600, save: bool = False) -> subprocess.CompletedProcess:
     return subprocess.run(["node", str(DRIVER), "--url", f"http://127.0.0.1:{server.port}", "--token", server.token,
                            "--notebook", notebook, "--out", str(out), "--slider", SLIDER,
-                           "--timeout", str(int(step_timeout))], capture_output=True, text=True, timeout=step_timeout + 120)
+                           "--timeout", str(int(step_timeout)), "--save", "1" if save else "0"],
+                          capture_output=True, text=True, timeout=step_timeout + 120)
 
 
 def _stages(cache: Path) -> set[Path]:
@@ -158,8 +174,9 @@ def test_guidance_slider_changes_the_plot_in_a_real_browser(server):
         pytest.fail(f"{NOTEBOOK} is missing")
     out = _artifacts()
     stages = _stages(server.cache)
+    pair = [Path(NOTEBOOK), Path(NOTEBOOK).with_suffix(".ipynb")]
     t0 = time.perf_counter()
-    r = _drive(server, NOTEBOOK, out)
+    r = _drive(server, NOTEBOOK, out, save=True)
     drive_s = time.perf_counter() - t0
     trained = len(_stages(server.cache) - stages)
     assert r.returncode == 0, f"browser driver failed:\n{r.stderr}\n(screenshots in {out})"
@@ -171,6 +188,10 @@ def test_guidance_slider_changes_the_plot_in_a_real_browser(server):
         assert res["after"]["readout"] != res["before"]["readout"], res
     for shot in res["screenshots"]:
         assert Path(shot).stat().st_size > 10_000, shot
+    # Run All, slider moves, then a save through the server: the chapter's files are unchanged.
+    assert res.get("saved") and res["cells_executed"] == res["code_cells"] > 10, res
+    changed = [str(p) for p in pair if (server.root / p).read_bytes() != (ROOT / p).read_bytes()]
+    assert not changed, f"running and saving the chapter in JupyterLab changed {changed}"
     total = server.start_s + drive_s
     print(f"browser test: server {server.start_s:.1f} s + browser {drive_s:.1f} s "
           f"(notebook run {res['run_s']:.1f} s, {trained} stages trained) = "
@@ -186,3 +207,12 @@ def test_a_notebook_that_fails_is_reported_with_its_cell_and_error(server, tmp_p
     assert r.returncode == 1, r
     assert "failed to execute" in r.stderr and "code cell 2" in r.stderr, r.stderr
     assert "ZeroDivisionError" in r.stderr, r.stderr
+
+
+def test_a_failing_last_cell_far_below_the_screen_is_reported(server, tmp_path):
+    """JupyterLab 4 leaves off-screen cells unrendered: a driver reading the page's text would see no
+    error here and call the run a success. The driver reads the notebook model and names the cell."""
+    r = _drive(server, f"notebooks/{LAST_CELL_FAILS}", tmp_path, step_timeout=180)
+    assert r.returncode == 1, f"the driver missed the failing last cell:\n{r.stdout}\n{r.stderr}"
+    assert f"failed to execute: code cell {N_FILLER + 1} " in r.stderr, r.stderr
+    assert "RuntimeError: planted failure in the last cell" in r.stderr, r.stderr

@@ -1,4 +1,4 @@
-"""The error budget (method.md 6b): the parts are zero where theory says, each part changes only its own
+"""The error budget (docs/derivation.md 6b): the parts are zero where theory says, each part changes only its own
 source (an exact stand-in for the behaviour model or the critic reproduces the part before it), the
 exact noise prediction's Jacobian is the posterior covariance, and the outputs are finite and written
 deterministically."""

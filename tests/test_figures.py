@@ -105,10 +105,62 @@ def test_outputs_no_renderer_makes_are_reported(tmp_path):
 def test_demo_figure_redraw_refuses_results_of_another_problem(tmp_path):
     import json
 
+    from aepo_lite.course import demo
+
     rec = json.loads((FIGURES / "closed_form_checks.json").read_text())
     rec["problem"]["beta"] = rec["problem"]["beta"] + 1.0
     (tmp_path / "closed_form_checks.json").write_text(json.dumps(rec))
-    demo = __import__("aepo_lite.course.demo", fromlist=["x"])
-    fake = types.SimpleNamespace(**{k: getattr(demo, k) for k in dir(demo) if not k.startswith("__") and k != "render"})
     with pytest.raises(ValueError, match="different problem"):
-        F._render_demo(fake, tmp_path / "closed_form_checks.json", tmp_path)
+        demo.render(tmp_path / "closed_form_checks.json", tmp_path)
+    assert not (tmp_path / "closed_form_guidance.png").exists()
+
+
+def test_figures_redraws_the_demo_figure_byte_for_byte(tmp_path):
+    """The demo's figure, and the one ``render`` redraws from the demo's JSON alone, are the same bytes;
+    and the JSON holds no timing (a second run writes the same file)."""
+    from aepo_lite.course import demo
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    demo.run_demo(a, scale="smoke", seed=3, verbose=False)
+    png, js = (a / "closed_form_guidance.png").read_bytes(), (a / "closed_form_checks.json").read_bytes()
+    assert b"matplotlib" not in png, "the PNG carries a software version"
+    b.mkdir()
+    shutil.copy(a / "closed_form_checks.json", b)
+    assert [p.name for p in demo.render(b / "closed_form_checks.json", b)] == ["closed_form_guidance.png"]
+    assert (b / "closed_form_guidance.png").read_bytes() == png
+    demo.run_demo(a, scale="smoke", seed=3, verbose=False)
+    assert (a / "closed_form_checks.json").read_bytes() == js
+    assert (a / "closed_form_guidance.png").read_bytes() == png
+    # and the seed matters (the check above could not pass with a figure that ignores its data)
+    demo.run_demo(b, scale="smoke", seed=4, verbose=False)
+    assert (b / "closed_form_guidance.png").read_bytes() != png
+
+
+def _scratch_repository(dst: Path) -> Path:
+    """The working tree as git sees it (tracked, and untracked but not ignored), committed in a new
+    repository: ``git status`` there shows exactly what a command changed."""
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, check=True,
+                           capture_output=True, text=True).stdout.split("\0")
+    for f in filter(None, files):
+        if (ROOT / f).is_file():
+            (dst / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / f, dst / f)
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@localhost", "-c", "commit.gpgsign=false"]
+    for cmd in (["init", "-q"], ["add", "-A"], ["commit", "-q", "-m", "scratch"]):
+        subprocess.run(git + cmd, cwd=dst, check=True, capture_output=True)
+    return dst
+
+
+@pytest.mark.skipif(shutil.which("git") is None or not (ROOT / ".git").exists(), reason="needs git and a checkout")
+def test_make_run_and_figures_leave_the_tree_clean(tmp_path):
+    """What ``make run`` runs (``aepo-lite demo --out figures``) and ``aepo-lite figures``, in a copy of
+    the repository: afterwards ``git status`` shows nothing changed (results, figures, tables)."""
+    repo = _scratch_repository(tmp_path / "repo")
+    env = {**os.environ, "PYTHONPATH": str(repo)}
+    for args in (["demo", "--out", "figures"], ["figures"]):
+        r = subprocess.run([sys.executable, "-m", "aepo_lite", *args], cwd=repo, env=env, capture_output=True,
+                           text=True, timeout=600)
+        assert r.returncode == 0, f"aepo-lite {' '.join(args)} failed:\n{r.stdout}\n{r.stderr}"
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=repo,
+                                capture_output=True, text=True, check=True).stdout
+        assert status == "", f"aepo-lite {' '.join(args)} changed the repository:\n{status}"

@@ -43,7 +43,7 @@ def test_two_routes_of_3b_agree(d, t, schedule):
 @pytest.mark.parametrize("d", DIMS)
 @pytest.mark.parametrize("t", TIMES)
 def test_posterior_matches_precision_form(d, t, schedule):
-    """S~ = (S^-1 + alpha^2/sigma^2 I)^-1, m~ = S~ (S^-1 m + alpha/sigma^2 a_t): method.md's other form."""
+    """S~ = (S^-1 + alpha^2/sigma^2 I)^-1, m~ = S~ (S^-1 m + alpha/sigma^2 a_t): docs/derivation.md's other form."""
     p = make_problem(d, seed=10 + d)
     al, si = _ab(schedule, t)
     a_t = _points(d)

@@ -1,4 +1,4 @@
-"""The in-support targets of method.md section 4b against independent references: the mixture
+"""The in-support targets of docs/derivation.md section 4b against independent references: the mixture
 posterior's exact E_t through the other route (log pi_t - log mu_t + log Z) for a linear critic,
 the exact E_t of section 6 for the particle target as K grows, the Gaussian target of section 4 as
 the K = 1 member of the family, bad input, and the energy learner's use of them."""

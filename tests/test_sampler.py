@@ -1,4 +1,4 @@
-"""Guided sampling with the exact grad E_t of a Gaussian behaviour must return pi (method.md 3b).
+"""Guided sampling with the exact grad E_t of a Gaussian behaviour must return pi (docs/derivation.md 3b).
 
 Two kinds of reference: Monte Carlo (2e5 samples, errors in standard errors), and, because the
 guided noise prediction of a Gaussian is affine in a_t, the exact push-forward of N(0, I) through

@@ -1,4 +1,4 @@
-"""Toy 2D tasks and their exact references (method.md section 6), checked against independent
+"""Toy 2D tasks and their exact references (docs/derivation.md section 6), checked against independent
 brute-force computations."""
 import math
 

@@ -1,4 +1,4 @@
-"""``aepo-lite demo``: the closed-form guidance checks and figure (method.md sections 3-4), no data needed."""
+"""``aepo-lite demo``: the closed-form guidance checks and figure (docs/derivation.md sections 3-4), no data needed."""
 from __future__ import annotations
 
 import argparse

@@ -6,8 +6,7 @@ Each part of the course has one renderer, reading one results file:
 ==================  ===========================  ==========================================
 part                results file (in figures/)   renderer
 ==================  ===========================  ==========================================
-closed-form demo    closed_form_checks.json      ``aepo_lite.course.demo.render`` if present, else
-                                                 the demo's figure redrawn here (exact Gaussian
+closed-form demo    closed_form_checks.json      ``aepo_lite.course.demo.render`` (exact Gaussian
                                                  guidance: sampling, no training, seconds)
 toy 2D tasks        toy2d_results.csv            ``aepo_lite.toy.report.render``
 offline RL          rl_results.csv               ``aepo_lite.rl.report.render``
@@ -15,10 +14,14 @@ toy error budget    toy2d_budget.csv (optional)  ``aepo_lite.toy.budget.render``
 speed benchmark     bench_*.json (optional)      ``aepo_lite.bench.to_markdown``
 QGPO comparison     compare_qgpo_*.json          ``scripts/compare_qgpo.py``'s ``to_markdown``
                     (optional)                   (timings measured there, tabulated here)
+results summary     the two CSVs above           ``aepo_lite.course.summary.render``: the README's
+                                                 summary, docs/results.md's toy and RL tables
 ==================  ===========================  ==========================================
 
 A missing results file is reported (with the command that makes it) and the other parts still
 render; so is a renderer that fails, by name. The exit status is 0 only when every part rendered.
+Renderers are deterministic (fixed figure metadata, seeded sampling): unchanged results give
+unchanged bytes, so the command leaves a clean git tree.
 """
 from __future__ import annotations
 
@@ -45,60 +48,7 @@ class Part:
 
 
 def _render_demo(mod, results: Path, figures_dir: Path) -> list[Path]:
-    if hasattr(mod, "render"):
-        return list(mod.render(results, figures_dir))
-    return [_redraw_demo_figure(mod, results, figures_dir)]
-
-
-def _redraw_demo_figure(mod, results: Path, figures_dir: Path) -> Path:
-    """``closed_form_guidance.png`` from the settings saved in ``closed_form_checks.json``: guided
-    samples of the exact Gaussian guidance at the saved guidance scales, seed and sample count.
-    The checks themselves (Monte Carlo, moments) are the results file and are not re-run."""
-    import torch
-
-    from aepo_lite._io import read_json
-
-    rec = read_json(results)
-    try:
-        seed, cfg, scales = int(rec["seed"]), rec["settings"], sorted(float(w) for w in rec["guided_mean_q"])
-        n_plot, steps = int(cfg["n_plot"]), int(cfg["sampler_steps"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise ValueError(f"{results} lacks the demo settings (seed, settings.n_plot, settings.sampler_steps, "
-                         f"guided_mean_q): {e!r}") from None
-    P = mod.gaussian_problem(torch.float64)
-    saved = rec.get("problem", {})
-    for k, v in P.items():
-        if k in saved and not torch.allclose(torch.as_tensor(saved[k], dtype=torch.float64),
-                                             torch.as_tensor(v, dtype=torch.float64)):
-            raise ValueError(f"{results} was made for a different problem ({k} differs from "
-                             "aepo_lite.course.demo.gaussian_problem()); re-run `aepo-lite demo`")
-    # Thousands of 2x2 solves per step: one thread is several times faster than a contended pool.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return _draw(mod, P, seed, n_plot, steps, scales, figures_dir)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _draw(mod, P, seed, n_plot, steps, scales, figures_dir) -> Path:
-    import torch
-
-    from aepo_lite.core import guidance as G
-    from aepo_lite._io import atomic_save_figure
-    from aepo_lite.core.diffusion import sample
-    from aepo_lite.core.schedule import VPSchedule
-
-    sch = VPSchedule()
-    m_pi, S_pi = G.gaussian_target_policy(P["m"], P["S"], P["g"], P["H"], P["beta"])
-    eps_fn = lambda x, t, s: G.gaussian_eps(x, t, P["m"], P["S"], sch)  # noqa: E731
-    gen = torch.Generator().manual_seed(seed)
-    x_T = torch.randn((n_plot, 2), generator=gen, dtype=torch.float64)
-    samples = {w: sample(eps_fn, x_T, schedule=sch, n_steps=steps, solver="dpmpp2m",
-                         guidance=mod._guidance_fn(P, sch), guidance_scale=w) for w in scales}
-    path = Path(figures_dir) / "closed_form_guidance.png"
-    atomic_save_figure(path, mod._figure(P, sch, samples, m_pi, S_pi), dpi=120)
-    return path
+    return list(mod.render(results, figures_dir))
 
 
 def _render_report(mod, results: Path, figures_dir: Path) -> list[Path]:
@@ -131,6 +81,8 @@ PARTS = (
     Part("toy 2D tasks", "aepo_lite.toy.report", "toy2d_results.csv", "aepo-lite toy-grid", _render_report),
     Part("offline RL", "aepo_lite.rl.report", "rl_results.csv",
          "aepo-lite rl-results --runs RUNS --csv figures/rl_results.csv", _render_report),
+    Part("results summary", "aepo_lite.course.summary", "toy2d_results.csv",
+         "the toy and RL results above", lambda mod, results, figures_dir: mod.render(figures_dir), optional=True),
     Part("toy error budget", "aepo_lite.toy.budget", "toy2d_budget.csv",
          "python -c 'from aepo_lite.toy.budget import run_budget; run_budget()'", _render_report, optional=True),
     Part("speed benchmark", "aepo_lite.bench", "bench_*.json",

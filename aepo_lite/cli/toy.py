@@ -1,4 +1,4 @@
-"""``aepo-lite toy`` and ``aepo-lite toy-grid``: the toy 2D tasks of method.md section 6.
+"""``aepo-lite toy`` and ``aepo-lite toy-grid``: the toy 2D tasks of docs/derivation.md section 6.
 
   aepo-lite toy --preset smoke --task moons --method aepo --energy.beta 10 --sampling.guidance-scales 1 2
   aepo-lite toy-grid --preset full --betas 10 --seeds 0 1 2 --critic reward regression   # or any part of the grid

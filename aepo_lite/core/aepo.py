@@ -1,11 +1,11 @@
-"""The whole AEPO energy update in one file (method.md section 4), with its two baselines
+"""The whole AEPO energy update in one file (docs/derivation.md section 4), with its two baselines
 (CEP and MSE, section 5) behind the same ``update(batch) -> dict`` interface.
 
 Read top to bottom:
   1. ``posterior_estimate``: the Gaussian approximation N(a0_hat, S_hat) of mu_{0t}(.|a_t, s);
   2. ``critic_expansion``: Q, grad_a Q and -hess_a Q at a0_hat;
   3. ``aepo_target``: the analytic target y_t (first / second order or sampled);
-  3b. ``insupport_target``: our in-support targets (method.md 4b, ``EnergyConfig.posterior``):
+  3b. ``insupport_target``: our in-support targets (docs/derivation.md 4b, ``EnergyConfig.posterior``):
      the posterior as a mixture over K support actions a^(k) ~ mu(.|s), so that Q is queried on
      (``particles``) or next to (``mixture``) the behaviour's support, never at a0_hat;
   4. ``EnergyLearner``: f_phi regressed on stopgrad(y_t) (AEPO, with either target), on
@@ -171,7 +171,7 @@ def insupport_target(a_t: torch.Tensor, t: torch.Tensor, s: torch.Tensor | None,
                      posterior: str, schedule: VPSchedule, beta: float, q_fn: QFn | None = None,
                      support_q: torch.Tensor | None = None, bandwidth: float = 0.0,
                      clip: float | None = 1.0) -> torch.Tensor:
-    """Our in-support estimate y_t(s, a_t) of E_t (method.md 4b): (B, d), (B,), support (B, K, d) -> (B,), no grad.
+    """Our in-support estimate y_t(s, a_t) of E_t (docs/derivation.md 4b): (B, d), (B,), support (B, K, d) -> (B,), no grad.
 
     The behaviour at s is the mixture (1/K) sum_k N(a^(k), h^2 I) over the support actions a^(k) ~ mu(.|s):
     ``particles`` (h = 0): y_t = log sum_k r_k(a_t) exp(beta Q(s, a^(k))), from ``support_q`` (B, K)

@@ -1,4 +1,4 @@
-"""Critics (method.md section 5), each a learner with ``update(batch) -> dict[str, float]``.
+"""Critics (docs/derivation.md section 5), each a learner with ``update(batch) -> dict[str, float]``.
 
 IQL (Kostrikov et al.): an expectile value V and twin Q,
 

@@ -3,7 +3,7 @@ score matching, and its samplers.
 
 Every sampler takes the condition, the number of steps, an optional guidance function and the
 guidance scale as arguments; nothing about guidance is stored on the model. The guided noise
-prediction is (method.md section 2)
+prediction is (docs/derivation.md section 2)
 
     eps_guided(a_t, t, s) = eps_theta(a_t, t, s) - w * sigma_t * grad_{a_t} f(s, a_t, t).
 

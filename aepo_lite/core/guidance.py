@@ -1,6 +1,6 @@
-"""The guidance maths of method.md sections 2-5 (and our section 4b), as pure functions of tensors.
+"""The guidance maths of docs/derivation.md sections 2-5 (and our section 4b), as pure functions of tensors.
 
-Notation follows method.md: behaviour mu(a|s) = N(m, S) in the Gaussian sections, critic
+Notation follows docs/derivation.md: behaviour mu(a|s) = N(m, S) in the Gaussian sections, critic
 Q(a) = c + g^T a - a^T H a / 2, target pi ∝ mu exp(beta Q), VP marginal a_t = alpha a_0 + sigma eps,
 posterior mu_{0t}(a_0|a_t) = N(m~, S~), intermediate energy
 E_t(a_t) = log E_{a_0 ~ mu_{0t}(.|a_t)} exp(beta Q(a_0)).
@@ -20,18 +20,18 @@ import torch
 from aepo_lite._checks import check_finite, check_positive_definite, check_scalar, check_tensor
 
 __all__ = [
-    # Gaussian closed forms (method.md section 3)
+    # Gaussian closed forms (docs/derivation.md section 3)
     "mvn_log_prob", "gaussian_marginal", "gaussian_posterior", "gaussian_target_policy",
     "gaussian_log_expectation", "linear_intermediate_energy", "linear_intermediate_energy_grad",
     "gaussian_intermediate_energy", "gaussian_intermediate_energy_marginal",
     "gaussian_intermediate_energy_grad", "gaussian_eps",
-    # AEPO's target (method.md section 4)
+    # AEPO's target (docs/derivation.md section 4)
     "tweedie_mean", "tweedie_covariance", "isotropic_covariance", "gaussian_fit_covariance",
     "psd_project", "aepo_target_first", "aepo_target_second", "aepo_target_sampled",
     "COVARIANCES", "EXPANSIONS",
-    # in-support targets (method.md section 4b, ours)
+    # in-support targets (docs/derivation.md section 4b, ours)
     "mixture_posterior", "particle_target", "mixture_target_first", "POSTERIORS",
-    # losses (method.md sections 4-5)
+    # losses (docs/derivation.md sections 4-5)
     "energy_regression_loss", "mse_energy_loss", "cep_loss",
 ]
 
@@ -85,7 +85,7 @@ def gaussian_marginal(m: torch.Tensor, S: torch.Tensor, alpha: float, sigma: flo
 
 
 def gaussian_posterior(a_t: torch.Tensor, m: torch.Tensor, S: torch.Tensor, alpha: float, sigma: float):
-    """Posterior mu_{0t}(a_0 | a_t) = N(m~, S~) for mu = N(m, S) (method.md section 3).
+    """Posterior mu_{0t}(a_0 | a_t) = N(m~, S~) for mu = N(m, S) (docs/derivation.md section 3).
 
         S~ = S - alpha^2 S (alpha^2 S + sigma^2 I)^-1 S
         m~ = m + alpha S (alpha^2 S + sigma^2 I)^-1 (a_t - alpha m)
@@ -119,7 +119,7 @@ def gaussian_eps(a_t: torch.Tensor, t: torch.Tensor, m: torch.Tensor, S: torch.T
 
 
 def gaussian_target_policy(m: torch.Tensor, S: torch.Tensor, g: torch.Tensor, H: torch.Tensor | None, beta: float):
-    """pi ∝ N(m, S) exp(beta Q) for Q = c + g^T a - a^T H a / 2 (method.md 3a/3b).
+    """pi ∝ N(m, S) exp(beta Q) for Q = c + g^T a - a^T H a / 2 (docs/derivation.md 3a/3b).
 
         S_pi = (S^-1 + beta H)^-1,   m_pi = S_pi (S^-1 m + beta g)
 
@@ -150,7 +150,7 @@ def gaussian_log_expectation(mean: torch.Tensor, cov: torch.Tensor, b: torch.Ten
 
         = b^T mean - mean^T A mean / 2 + b'^T (I + cov A)^-1 cov b' / 2 - logdet(I + cov A) / 2,
 
-    which equals method.md's det(I + S~A)^(-1/2) exp(...) form but never inverts ``cov``.
+    which equals docs/derivation.md's det(I + S~A)^(-1/2) exp(...) form but never inverts ``cov``.
     """
     B, d = mean.shape
     b = b.expand(B, d)
@@ -169,7 +169,7 @@ def gaussian_log_expectation(mean: torch.Tensor, cov: torch.Tensor, b: torch.Ten
 
 
 def linear_intermediate_energy(a_t, m, S, c, g, beta, alpha, sigma) -> torch.Tensor:
-    """E_t for a linear critic Q = c + g^T a (method.md 3a): (B, d) -> (B,).
+    """E_t for a linear critic Q = c + g^T a (docs/derivation.md 3a): (B, d) -> (B,).
 
         E_t = beta c + beta g^T m~ + (beta^2 / 2) g^T S~ g
     """
@@ -180,7 +180,7 @@ def linear_intermediate_energy(a_t, m, S, c, g, beta, alpha, sigma) -> torch.Ten
 
 
 def linear_intermediate_energy_grad(a_t, m, S, c, g, beta, alpha, sigma) -> torch.Tensor:
-    """grad_{a_t} E_t for a linear critic (method.md 3a): beta alpha S (alpha^2 S + sigma^2 I)^-1 g, (B, d).
+    """grad_{a_t} E_t for a linear critic (docs/derivation.md 3a): beta alpha S (alpha^2 S + sigma^2 I)^-1 g, (B, d).
 
     It does not depend on a_t: the guidance of a linear critic is a constant field per t.
     """
@@ -194,7 +194,7 @@ def linear_intermediate_energy_grad(a_t, m, S, c, g, beta, alpha, sigma) -> torc
 def gaussian_intermediate_energy(a_t, m, S, c, g, H, beta, alpha, sigma) -> torch.Tensor:
     """Exact E_t(a_t) for behaviour N(m, S) and critic Q(a) = c + g^T a - a^T H a / 2. (B, d) -> (B,).
 
-    Route of method.md 3b: the Gaussian integral of exp(beta Q) over the posterior N(m~, S~).
+    Route of docs/derivation.md 3b: the Gaussian integral of exp(beta Q) over the posterior N(m~, S~).
     """
     d, alpha, sigma = _gaussian_args(a_t, m, S, alpha, sigma)
     c, beta = _critic_args(d, c, g, H, beta)
@@ -316,7 +316,7 @@ def aepo_target_first(q: torch.Tensor, g: torch.Tensor, S_hat: torch.Tensor, bet
 
 def aepo_target_second(q: torch.Tensor, g: torch.Tensor, H: torch.Tensor, S_hat: torch.Tensor, beta: float, *,
                        check: bool = True) -> torch.Tensor:
-    """Second-order AEPO target: the Gaussian integral of method.md 3b around a0_hat.
+    """Second-order AEPO target: the Gaussian integral of docs/derivation.md 3b around a0_hat.
 
     With u ~ N(0, S_hat), Q(a0_hat + u) ≈ q + g^T u - u^T H u / 2 and H = -hess Q (PSD-projected
     here): y_t = beta q + log E exp(beta g^T u - beta u^T H u / 2). (B,), (B, d), (B, d, d), (B, d, d) -> (B,).
@@ -378,7 +378,7 @@ def _time_b1(x, like: torch.Tensor, name: str, low: float, low_open: bool, check
 
 def mixture_posterior(a_t: torch.Tensor, support: torch.Tensor, bandwidth: float, alpha, sigma, *,
                       check: bool = True):
-    """The posterior of a mixture behaviour mu = (1/K) sum_k N(m_k, h^2 I) (method.md section 4b).
+    """The posterior of a mixture behaviour mu = (1/K) sum_k N(m_k, h^2 I) (docs/derivation.md section 4b).
 
     a_t (B, d); support m_k (B, K, d), K >= 1 actions per row; bandwidth h >= 0 (h = 0: particles);
     alpha, sigma floats or (B,) tensors. With v = alpha^2 h^2 + sigma^2 the posterior is the mixture
@@ -415,11 +415,11 @@ def mixture_posterior(a_t: torch.Tensor, support: torch.Tensor, bandwidth: float
 
 def particle_target(a_t: torch.Tensor, support: torch.Tensor, support_q: torch.Tensor, beta: float, alpha, sigma,
                     *, check: bool = True) -> torch.Tensor:
-    """The particle target (h = 0, method.md 4b): y_t = log sum_k r_k(a_t) exp(beta Q(m_k)).
+    """The particle target (h = 0, docs/derivation.md 4b): y_t = log sum_k r_k(a_t) exp(beta Q(m_k)).
 
     a_t (B, d), support m_k (B, K, d), support_q = Q(s, m_k) (B, K) precomputed (Q is queried on
     support actions only), alpha, sigma floats or (B,) tensors -> (B,). With every data point as a
-    particle this is the exact E_t of method.md section 6; with K draws it is biased low (Jensen).
+    particle this is the exact E_t of docs/derivation.md section 6; with K draws it is biased low (Jensen).
     """
     beta = check_scalar("beta", beta, low=0.0)
     log_r, _, _ = mixture_posterior(a_t, support, 0.0, alpha, sigma, check=check)
@@ -431,7 +431,7 @@ def particle_target(a_t: torch.Tensor, support: torch.Tensor, support_q: torch.T
 
 def mixture_target_first(log_r: torch.Tensor, q: torch.Tensor, g: torch.Tensor, s2: torch.Tensor, beta: float, *,
                          check: bool = True) -> torch.Tensor:
-    """The mixture target with a first-order expansion of Q in each component (method.md 4b):
+    """The mixture target with a first-order expansion of Q in each component (docs/derivation.md 4b):
 
         y_t = log sum_k r_k exp( beta Q(m~_k) + (beta^2 / 2) s~^2 |g_k|^2 ),   g_k = grad_a Q(m~_k).
 

@@ -1,4 +1,4 @@
-"""The linear VP-SDE noise schedule of method.md section 1 (QGPO's schedule).
+"""The linear VP-SDE noise schedule of docs/derivation.md section 1 (QGPO's schedule).
 
     log alpha_t = -(t^2 / 4) (b1 - b0) - (t / 2) b0,   sigma_t = sqrt(1 - alpha_t^2),
     a_t = alpha_t a_0 + sigma_t eps,   t in [t_min, 1].

@@ -1,4 +1,4 @@
-"""The closed-form guidance demo (method.md sections 3-4): checks that print PASS/FAIL and one figure.
+"""The closed-form guidance demo (docs/derivation.md sections 3-4): checks that print PASS/FAIL and one figure.
 
 ``run_demo`` needs no data and no training. On a 2D Gaussian behaviour mu = N(m, S) with a concave
 quadratic critic Q(a) = c + g^T a - a^T H a / 2 it checks, in float64:
@@ -12,12 +12,17 @@ quadratic critic Q(a) = c + g^T a - a^T H a / 2 it checks, in float64:
 
 then draws guided samples for a few guidance scales against the exact pi contours and writes
 ``closed_form_guidance.png`` and ``closed_form_checks.json`` (atomically). A failed check raises.
+
+The figure's samples come from their own generator (seeded with ``seed``), so ``render`` (what
+``aepo-lite figures`` calls) redraws the same figure, byte for byte, from the JSON alone. The JSON
+holds no timing, so re-running the demo on the same machine leaves the repository unchanged.
 """
 from __future__ import annotations
 
 import math
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -28,7 +33,7 @@ from aepo_lite.core.aepo import aepo_target
 from aepo_lite.core.diffusion import sample
 from aepo_lite.core.schedule import VPSchedule
 
-__all__ = ["gaussian_problem", "run_demo", "SCALES"]
+__all__ = ["gaussian_problem", "run_demo", "render", "SCALES"]
 
 SCALES = {
     # n_mc: posterior Monte Carlo samples per point; n_sampler: guided samples for the moment check;
@@ -131,6 +136,60 @@ def _figure(P, schedule, samples: dict, m_pi, S_pi):
     return fig
 
 
+PLOT_SCALES = (0.0, 0.5, 1.0, 2.0)  # guidance scales of the figure's panels (w = 1 is exact)
+
+
+def _plot_samples(P, schedule, seed: int, n_plot: int, steps: int, scales: Sequence[float]) -> dict:
+    """Guided samples of the exact Gaussian guidance, one (n_plot, 2) set per guidance scale, from
+    one x_T drawn by a generator of their own (seeded with ``seed``): the figure depends only on
+    (seed, n_plot, steps, scales), all saved in the JSON."""
+    gen = torch.Generator().manual_seed(seed)
+    x_T = torch.randn((n_plot, 2), generator=gen, dtype=P["m"].dtype)
+    eps_fn = lambda x, t, s: G.gaussian_eps(x, t, P["m"], P["S"], schedule)  # noqa: E731
+    guidance = _guidance_fn(P, schedule)
+    return {float(w): sample(eps_fn, x_T, schedule=schedule, n_steps=steps, solver="dpmpp2m", guidance=guidance,
+                             guidance_scale=float(w)) for w in scales}
+
+
+def _save_figure(P, schedule, samples: dict, out: Path) -> Path:
+    m_pi, S_pi = G.gaussian_target_policy(P["m"], P["S"], P["g"], P["H"], P["beta"])
+    return atomic_save_figure(Path(out) / "closed_form_guidance.png", _figure(P, schedule, samples, m_pi, S_pi),
+                              dpi=120)
+
+
+def render(results: str | os.PathLike, figures_dir: str | os.PathLike) -> list[Path]:
+    """Redraw ``closed_form_guidance.png`` in ``figures_dir`` from a saved ``closed_form_checks.json``
+    (its seed, sample count, solver steps and guidance scales); the checks are not re-run.
+
+    Raises:
+        ValueError if the JSON lacks those settings or was made for another problem.
+    """
+    from aepo_lite._io import read_json
+
+    rec = read_json(results)
+    try:
+        seed, cfg = int(rec["seed"]), rec["settings"]
+        scales = sorted(float(w) for w in rec["guided_mean_q"])
+        n_plot, steps = int(cfg["n_plot"]), int(cfg["sampler_steps"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"results: {results} lacks the demo settings (seed, settings.n_plot, "
+                         f"settings.sampler_steps, guided_mean_q): {e!r}") from None
+    P = gaussian_problem(torch.float64)
+    saved = rec.get("problem", {})
+    for k, v in P.items():
+        if k in saved and not torch.allclose(torch.as_tensor(saved[k], dtype=torch.float64),
+                                             torch.as_tensor(v, dtype=torch.float64)):
+            raise ValueError(f"results: {results} was made for a different problem ({k} differs from "
+                             "gaussian_problem()); re-run `aepo-lite demo`")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # thousands of 2x2 solves per step: one thread is fastest
+    try:
+        return [_save_figure(P, VPSchedule(), _plot_samples(P, VPSchedule(), seed, n_plot, steps, scales),
+                             Path(figures_dir))]
+    finally:
+        torch.set_num_threads(threads)
+
+
 def run_demo(out_dir: str | os.PathLike = "figures", scale: str = "full", seed: int = 0,
              verbose: bool = True) -> dict:
     """Run the closed-form checks and the guided-sampling demo; write the figure and the JSON.
@@ -168,7 +227,7 @@ def _run_demo(out: Path, scale: str, seed: int, verbose: bool) -> dict:
     m, S, c, g, H, beta = P["m"], P["S"], P["c"], P["g"], P["H"], P["beta"]
     checks: dict[str, dict] = {}
 
-    # 1. the two routes of method.md 3b, on a grid of a_t and several times
+    # 1. the two routes of derivation.md section 3b, on a grid of a_t and several times
     a_t = 1.5 * torch.randn((2000, 2), generator=gen, dtype=dt)
     times = [sch.t_min, 0.02, 0.1, 0.3, 0.6, 1.0]
     worst = 0.0
@@ -224,20 +283,17 @@ def _run_demo(out: Path, scale: str, seed: int, verbose: bool) -> dict:
                                  passed=z_cov < TOL_COV_SE, rel_frobenius=rel_cov)
 
     # the figure: guided samples for a few guidance scales (w = 1 is the exact pi)
-    samples = {}
-    x_T = torch.randn((cfg["n_plot"], 2), generator=gen, dtype=dt)
-    for w in (0.0, 0.5, 1.0, 2.0):
-        samples[w] = sample(eps_fn, x_T, schedule=sch, n_steps=cfg["sampler_steps"], solver="dpmpp2m",
-                            guidance=guidance, guidance_scale=w)
+    samples = _plot_samples(P, sch, seed, cfg["n_plot"], cfg["sampler_steps"], PLOT_SCALES)
     mean_q = {str(w): float(_quadratic(x, c, g, H).mean()) for w, x in samples.items()}
-    fig = _figure(P, sch, samples, m_pi, S_pi)
-    atomic_save_figure(out / "closed_form_guidance.png", fig, dpi=120)
+    _save_figure(P, sch, samples, out)
 
+    # No timing here: the JSON is tracked, and the same run must write the same file.
     result = dict(checks=checks, scale=scale, seed=seed, settings=cfg,
                   problem={k: (v.tolist() if isinstance(v, torch.Tensor) else v) for k, v in P.items()},
                   target_policy=dict(m_pi=m_pi.tolist(), S_pi=S_pi.tolist()),
-                  guided_mean_q=mean_q, seconds=round(time.time() - t_start, 2))
+                  guided_mean_q=mean_q)
     atomic_write_json(out / "closed_form_checks.json", result)
+    seconds = time.time() - t_start
     if verbose:
         print(f"{'check':<14}{'value':>12}{'tol':>10}  result")
         for name, ch in checks.items():
@@ -245,7 +301,7 @@ def _run_demo(out: Path, scale: str, seed: int, verbose: bool) -> dict:
         print(f"mean Q of guided samples by guidance scale: "
               + ", ".join(f"w={w}: {v:.3f}" for w, v in mean_q.items()))
         print(f"wrote {out / 'closed_form_guidance.png'} and {out / 'closed_form_checks.json'} "
-              f"({result['seconds']} s)")
+              f"({seconds:.1f} s)")
     failed = [k for k, ch in checks.items() if not ch["passed"]]
     if failed:
         raise RuntimeError(f"closed-form checks failed: {failed} (see {out / 'closed_form_checks.json'})")

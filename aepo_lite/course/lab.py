@@ -10,11 +10,23 @@ What makes the ``.py`` files open as notebooks is configured in the repository:
   viewer for Python files; the command puts ``.jupyter`` on ``JUPYTER_CONFIG_PATH`` so JupyterLab
   reads it as a default (your own JupyterLab settings still win).
 
-The server listens on 127.0.0.1 only, with a fresh random token. Ctrl-C (or SIGTERM, SIGHUP)
-stops it and its kernels; a server that failed to start is never left behind.
+Running the course leaves the repository as it was. A chapter is a pair: the ``.py`` is the
+source, the ``.ipynb`` (for reading on GitHub) is tracked without outputs. When JupyterLab saves a
+chapter (autosave after a Run All, or Ctrl-S) jupytext writes both files; the server's
+``pre_save_hook``, :func:`scrub_paired_notebook`, removes the outputs, execution counts and the
+kernel's run-time metadata from the paired ``.ipynb`` first, so both files keep their bytes unless
+you edited a cell. (Notebooks that are not paired with a text file keep their outputs.) The file
+browser lists each chapter once: the paired ``.ipynb`` files are hidden from it.
+
+It serves the folder it is started in (``make lab``: the repository), or ``--root``. The server
+listens on 127.0.0.1 only, with a fresh random token. Ctrl-C (or SIGTERM, SIGHUP) stops it and its
+kernels; a server that failed to start is never left behind; and if ``aepo-lite lab`` itself is
+killed (even with SIGKILL), the kernel sends the server SIGTERM (Linux's parent-death signal), so the
+server shuts its kernels down and exits too.
 """
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 import os
@@ -39,6 +51,11 @@ REQUIRED = {
     "ipykernel": "ipykernel",
 }
 START_TIMEOUT_S = 90.0
+# JupyterLab's own hidden names (ContentsManager.hide_globs' default), kept when we add ours.
+DEFAULT_HIDE_GLOBS = ("__pycache__", "*.pyc", "*.pyo", ".DS_Store", "*~")
+# What a kernel run adds to a notebook and a paired .ipynb must not keep (the .py never has it).
+RUNTIME_NOTEBOOK_METADATA = ("language_info", "widgets")
+RUNTIME_CELL_METADATA = ("execution", "ExecuteTime", "scrolled", "collapsed", "trusted")
 
 
 class LabError(RuntimeError):
@@ -58,7 +75,7 @@ def register(subparsers) -> None:
                    help="first run every notebook headless at AEPO_SCALE=smoke (minutes); start JupyterLab "
                         "only if all of them run, else say which failed and why")
     p.add_argument("--root", type=Path, default=None,
-                   help="directory JupyterLab serves (default: the repository, the folder holding notebooks/)")
+                   help="folder JupyterLab serves (default: the current folder; `make lab` runs it in the repository)")
     p.set_defaults(func=run)
 
 
@@ -87,16 +104,52 @@ def free_port(host: str = HOST) -> int:
         return s.getsockname()[1]
 
 
-def find_root(start: Path | None = None) -> Path:
-    """The repository: the first of (the package's parent, cwd and its parents) that has notebooks/."""
-    candidates = [Path(__file__).resolve().parents[2]]
-    cwd = (start or Path.cwd()).resolve()
-    candidates += [cwd, *cwd.parents]
-    for c in candidates:
-        if (c / "notebooks").is_dir() and (c / "jupytext.toml").is_file():
-            return c
-    raise LabError("cannot find the course: no folder with notebooks/ and jupytext.toml above "
-                   f"{cwd}; run from the repository or pass --root")
+def resolve_root(root: Path | None) -> Path:
+    """The folder to serve: ``--root`` if given (it must be an existing folder), else the current one."""
+    if root is None:
+        return Path.cwd().resolve()
+    path = Path(root).expanduser()
+    if not path.is_dir():
+        raise LabError(f"--root {root}: {'not a folder' if path.exists() else 'no such folder'}")
+    return path.resolve()
+
+
+# ---------------------------------------------------------------- saving paired notebooks
+
+def is_paired(nb: dict) -> bool:
+    """A notebook paired by jupytext with a text file (its ``jupytext.formats`` names ipynb and another)."""
+    formats = (nb.get("metadata", {}).get("jupytext", {}) or {}).get("formats", "")
+    if isinstance(formats, list):
+        formats = ",".join(str(f) for f in formats)
+    names = [f.strip() for f in str(formats).split(",") if f.strip()]
+    return len(names) > 1 and any(n.split(":")[0].lstrip(".") == "ipynb" for n in names)
+
+
+def scrub_paired_notebook(model: dict, path: str, contents_manager=None, **kwargs) -> None:
+    """Jupyter server ``pre_save_hook``: a paired ``.ipynb`` is saved without outputs, execution
+    counts and run-time metadata (kernel language_info, widget state, cell timings). Other files,
+    and notebooks that are not paired, are saved unchanged."""
+    if model.get("type") != "notebook" or not str(path).endswith(".ipynb") or not isinstance(model.get("content"), dict):
+        return
+    nb = model["content"]
+    if not is_paired(nb):
+        return
+    nb = copy.deepcopy(nb)
+    for key in RUNTIME_NOTEBOOK_METADATA:
+        nb.get("metadata", {}).pop(key, None)
+    for cell in nb.get("cells", []):
+        if cell.get("cell_type") == "code":
+            cell["outputs"] = []
+            cell["execution_count"] = None
+        for key in RUNTIME_CELL_METADATA:
+            cell.get("metadata", {}).pop(key, None)
+    model["content"] = nb
+
+
+def paired_ipynb_names(root: Path) -> list[str]:
+    """Names of the ``notebooks/*.ipynb`` that have a ``.py`` beside them (hidden in the file browser)."""
+    nb_dir = Path(root) / "notebooks"
+    return sorted(p.name for p in nb_dir.glob("*.ipynb") if p.with_suffix(".py").is_file()) if nb_dir.is_dir() else []
 
 
 # ---------------------------------------------------------------- the server
@@ -110,12 +163,41 @@ def lab_argv(root: Path, port: int, open_browser: bool) -> list[str]:
         "--ServerApp.port_retries=0",  # a taken port is an error, never a silent other port
         f"--ServerApp.root_dir={root}",
         "--ServerApp.contents_manager_class=jupytext.AsyncTextFileContentsManager",
-        "--LabApp.default_url=/lab/tree/notebooks",
+        "--ContentsManager.pre_save_hook=aepo_lite.course.lab.scrub_paired_notebook",
+        f"--LabApp.default_url=/{start_path(root)}",
         f"--ServerApp.open_browser={open_browser}",
     ]
+    argv += [f"--ContentsManager.hide_globs={g}" for g in (*DEFAULT_HIDE_GLOBS, *paired_ipynb_names(root))]
     if hasattr(os, "geteuid") and os.geteuid() == 0:
         argv.append("--allow-root")
     return argv
+
+
+def start_path(root: Path) -> str:
+    """Where the browser opens: the course's notebooks/ when the served folder has one, else its top."""
+    return "lab/tree/notebooks" if (Path(root) / "notebooks").is_dir() else "lab"
+
+
+def parent_death_signal():
+    """Linux: a ``preexec_fn`` that asks the kernel to send the child SIGTERM when its parent (this
+    process) dies, however it dies; ``None`` elsewhere. libc is looked up here, before the fork."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    PR_SET_PDEATHSIG = 1
+    parent = os.getpid()
+
+    def set_signal() -> None:  # runs in the child, between fork and exec
+        prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before prctl: nobody would send the signal
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return set_signal
 
 
 def lab_env(root: Path, token: str, extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -148,7 +230,8 @@ class LabServer:
     def base_url(self) -> str:
         return f"http://{HOST}:{self.port}"
 
-    def url(self, path: str = "lab/tree/notebooks") -> str:
+    def url(self, path: str | None = None) -> str:
+        path = start_path(self.root) if path is None else path
         return f"{self.base_url}/{path.lstrip('/')}?token={self.token}"
 
     def start(self, timeout: float = START_TIMEOUT_S) -> "LabServer":
@@ -158,7 +241,8 @@ class LabServer:
             self.proc = subprocess.Popen(
                 lab_argv(self.root, self.port, self.open_browser), cwd=self.root,
                 env=lab_env(self.root, self.token, self.extra_env),
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                preexec_fn=parent_death_signal())
         finally:
             log.close()
         try:
@@ -293,7 +377,7 @@ def run(args) -> int:
               "(or run `make lab`, which sets everything up)", file=sys.stderr)
         return 2
     try:
-        root = Path(args.root).resolve() if args.root else find_root()
+        root = resolve_root(args.root)
         if args.port is not None:
             if not 0 < args.port < 65536:
                 raise LabError(f"--port {args.port} is not a port number (1-65535)")
@@ -310,8 +394,7 @@ def run(args) -> int:
                 print("aepo-lite lab: error: not starting JupyterLab, a notebook does not run:\n  "
                       + "\n  ".join(failures), file=sys.stderr)
                 return 1
-        server = LabServer(root, port, open_browser=not args.no_browser,
-                           log_path=root / "runs" / "lab" / f"jupyterlab-{port}.log")
+        server = LabServer(root, port, open_browser=not args.no_browser)  # its log: a temporary folder
         # SIGTERM, or SIGHUP (the terminal closed), stops the server like Ctrl-C does: it runs in its
         # own session, so nothing else would.
         stop_signals = [sig for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)) if sig is not None]

@@ -42,6 +42,8 @@ def toy_summary(csv_path, beta: float = 10.0, w: float = 1.0) -> dict:
         if r.get("preset", "full") != "full":
             continue
         label = _method(r) if _method(r) != "aepo" else f"aepo[{r.get('estimator', '')}]"
+        if r.get("critic") == "regression":
+            label += " [fitted Q]"  # not the true reward: not a matched comparison
         by[(r["task"], label)].append(float(r["distance"]))
         floors[r["task"]].append(float(r["floor"]))
     tasks = {}
@@ -93,12 +95,15 @@ def _toy_lines(toy: dict) -> list[str]:
     within = sum(1 for t in toy.values() if t.get("aepo_over_floor", 1e9) <= 2.0)
     close = sum(1 for t in toy.values() if t.get("aepo_over_qgpo", 1e9) <= 1.25)
     ratios = [t["aepo_over_qgpo"] for t in toy.values() if "aepo_over_qgpo" in t]
+    fitted = any("fitted Q" in (t["best_aepo"] or "") for t in toy.values())
     lines = [f"- **Toy 2D tasks** (beta = 10, w = 1, sliced-W2 distance to exact target samples, mean over "
              f"{max(t['n_seeds'] for t in toy.values())} seeds, `full` preset; AEPO: its best estimator per task): "
              "closest method on each task: "
              + ", ".join(f"{m} {k}/{n}" for m, k in sorted(wins.items(), key=lambda kv: -kv[1])) + ".",
              f"  AEPO's best estimator is within 1.25x of QGPO/CEP's distance on {close}/{n} tasks (ratios "
-             f"{min(ratios):.2f}-{max(ratios):.2f}) and within 2x of the noise floor on {within}/{n}."]
+             f"{min(ratios):.2f}-{max(ratios):.2f}) and within 2x of the noise floor on {within}/{n}."
+             + (" Not a matched comparison: these AEPO rows used a fitted critic, QGPO the true reward." if fitted
+                else "")]
     return lines
 
 
@@ -138,3 +143,24 @@ def update_readme(readme, toy_csv="figures/toy2d_results.csv", rl_csv="figures/r
     if new != text:
         atomic_write_text(readme, new)
     return readme
+
+
+def render(figures_dir) -> list[Path]:
+    """Refill the generated blocks beside ``figures_dir``: the README's summary and docs/results.md's toy and RL
+    tables (each only where its file and markers exist). Returns the files written."""
+    root = Path(figures_dir).resolve().parent
+    toy_csv, rl_csv = Path(figures_dir) / "toy2d_results.csv", Path(figures_dir) / "rl_results.csv"
+    written = []
+    readme = root / "README.md"
+    if readme.exists() and START in readme.read_text():
+        written.append(update_readme(readme, toy_csv, rl_csv))
+    results = root / "docs" / "results.md"
+    if results.exists():
+        from aepo_lite.rl import report as rl_report
+        from aepo_lite.toy import report as toy_report
+        if toy_csv.exists() and toy_report.README_START in results.read_text():
+            written.append(Path(toy_report.update_readme(toy_csv, results)))
+        if rl_csv.exists() and rl_report.START in results.read_text():
+            rl_report.update_readme(results, rl_csv)
+            written.append(results)
+    return written

@@ -17,7 +17,7 @@ Conventions the critic needs (IQL's):
   - ``auto``:       antmaze for ids containing "antmaze", locomotion for MuJoCo locomotion
                     tasks (hopper, walker2d, halfcheetah, ant, humanoid, swimmer), else none.
 States are normalised with the dataset's mean and std (std + 1e-3); actions are mapped from the
-action box to [-1, 1]^d (method.md section 1).
+action box to [-1, 1]^d (docs/derivation.md section 1).
 
 Loading checks the contents before any training: every episode has transitions, one observation
 and action size, finite values; the locomotion scaling needs episode returns that differ (all

@@ -371,7 +371,7 @@ What these numbers are, and are not:
   budget, not an expert in D4RL's sense), so these normalised scores are not comparable to D4RL tables.
 - The `bench` preset is what a shared 2-core CPU affords before a deadline (6k behaviour, 4k critic,
   2k energy steps, 64-wide networks, 5 evaluation episodes per seed and scale), not QGPO's settings
-  (`full`, method.md section 7). Scores are the last checkpoint. With so few episodes and steps the
+  (`full`, docs/derivation.md section 7). Scores are the last checkpoint. With so few episodes and steps the
   seed-to-seed spread is large; read the ± columns before the means.
 - The "best" guidance scale is the one with the highest mean over seeds, chosen on the same
   evaluation episodes (as QGPO's sweep does): an optimistic choice, shown beside the whole sweep.
@@ -413,7 +413,7 @@ done
 aepo-lite rl-results --runs runs/bench runs/bench-tcut --readme README.md
 ```
 
-With a GPU and internet, the D4RL-port reproduction at QGPO's settings (method.md sections 7-8) is
+With a GPU and internet, the D4RL-port reproduction at QGPO's settings (docs/derivation.md sections 7-8) is
 `aepo-lite train --dataset D4RL/door/human-v2 --method aepo --preset full --device cuda --seed 0`
 for each dataset, method and seed; `notebooks/03_d4rl_reproduction.py` lists them all.
 """

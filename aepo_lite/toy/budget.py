@@ -1,4 +1,4 @@
-"""The error budget of method.md section 6b on the toy tasks: where an estimator's error comes from.
+"""The error budget of docs/derivation.md section 6b on the toy tasks: where an estimator's error comes from.
 
 On a toy task the exact E_t is known (section 6), so the error of an estimator's target y_t splits
 into parts. Each is the RMS of y_t - E_t over a grid of x_t weighted by mu_t, after removing the best
@@ -56,7 +56,7 @@ ModelsFn = Callable[[str], tuple[DiffusionModel, nn.Module]]  # task name -> (be
 
 @dataclass
 class BudgetConfig:
-    """The error budget on the toy tasks (method.md section 6b). Defaults: the full size."""
+    """The error budget on the toy tasks (docs/derivation.md section 6b). Defaults: the full size."""
 
     tasks: tuple[str, ...] = ("swissroll", "8gaussians", "moons", "rings", "checkerboard", "2spirals")  # toy tasks
     times: tuple[float, ...] = (0.05, 0.2, 0.5, 0.8)  # diffusion times t at which the parts are measured
@@ -413,7 +413,7 @@ def budget_markdown(rows: list[dict]) -> str:
     c = rows[0]
     spread = _mean_over_tasks(rows, "spread")
     head = "| estimator | " + " | ".join(f"t = {t:g}" for t in times) + " |\n|---|" + "---|" * len(times)
-    lines = [f"Error budget (method.md 6b), generated from `toy2d_budget.csv` by `aepo_lite.toy.budget.render` (do not "
+    lines = [f"Error budget (docs/derivation.md 6b), generated from `toy2d_budget.csv` by `aepo_lite.toy.budget.render` (do not "
              f"edit by hand). Tasks: {', '.join(tasks)}; beta = {c['beta']:g}; exact E_t from {c['n_ref_data']} "
              f"reference points; {c['grid_size']}x{c['grid_size']} grid on [-{c['lim']:g}, {c['lim']:g}]^2 weighted "
              f"by mu_t; support actions of parts 2-3 drawn from {c['support_pool']} behaviour samples ({c['solver']}, "
@@ -456,7 +456,7 @@ def _plot(rows: list[dict], path) -> Path:
     axes[0].set_ylabel("RMS error vs exact E_t, mean over tasks (0 drawn at 1e-3)")
     axes[-1].legend(fontsize=6, loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.tight_layout()
-    atomic_save_figure(path, fig, dpi=100, metadata={"Software": None})
+    atomic_save_figure(path, fig, dpi=100)  # fixed metadata: the same bytes on every run
     plt.close(fig)
     return Path(path)
 

@@ -1,4 +1,4 @@
-"""One toy run on the stage mechanism of :mod:`aepo_lite.training` (method.md sections 6 and 6b).
+"""One toy run on the stage mechanism of :mod:`aepo_lite.training` (docs/derivation.md sections 6 and 6b).
 
 The config is :class:`aepo_lite.config.ToyConfig` (its defaults: the toy ``full`` preset). A run is a
 list of stages, each a :class:`~aepo_lite.training.Stage` with its config part and upstream hashes,
@@ -13,7 +13,7 @@ checkpoints, resume) into a keyed :class:`~aepo_lite.training.StageStore` at ``<
      ``energy.expansion``), ``qgpo`` (QGPO's contrastive energy over K = ``support.k`` data points)
      or ``mse``; ``bc`` stops after stage 1.
 
-Matched reward access (method.md 6b): ``critic.kind = "reward"`` (the default) gives every method the
+Matched reward access (docs/derivation.md 6b): ``critic.kind = "reward"`` (the default) gives every method the
 true reward e(x) on data points; ``"regression"`` gives every method the fitted critic. AEPO's
 ``first`` / ``second`` expansions and its ``mixture`` posterior differentiate Q, so they need the
 fitted critic. Evaluation: guided samples at each guidance scale against exact target samples
@@ -211,7 +211,7 @@ class PreconditionedEnergy(nn.Module):
     """f_phi(s, x_t, t) = EnergyNet(s, c_in(t) x_t, t) with c_in(t) = alpha_t v / (alpha_t^2 v + sigma_t^2).
 
     c_in x_t is the posterior mean of x_0 for Gaussian data of variance v. The exact E_t depends on
-    x_t only through alpha_t x_t / sigma_t^2 (method.md section 6: the ||x_t||^2 term cancels in the
+    x_t only through alpha_t x_t / sigma_t^2 (docs/derivation.md section 6: the ||x_t||^2 term cancels in the
     softmax), so its gradient is O(alpha_t) at large t. A plain network fed x_t has O(1) gradients
     there, which the sampler multiplies by sigma_t^2 / alpha_t (~150 at t = 1) and throws samples out
     of the box. With c_in the network keeps its full expressiveness at each t (c_in is one scalar

@@ -1,4 +1,4 @@
-"""Toy 2D energy tasks and their exact references (method.md section 6).
+"""Toy 2D energy tasks and their exact references (docs/derivation.md section 6).
 
 The six tasks of the QGPO paper's 2D experiments: ``swissroll``, ``8gaussians``, ``moons``,
 ``rings``, ``checkerboard``, ``2spirals``. Each is a sampler of behaviour points x ~ mu (2D) and

@@ -1,12 +1,18 @@
 // Drives a running JupyterLab in headless Chromium (Playwright, system Chromium), for
 // tests/test_browser.py:
 //   open a notebook, run all its cells, find the guidance-scale slider, record the plot next to
-//   it, move the slider with the keyboard, wait for the plot to change, save screenshots.
+//   it, move the slider with the keyboard, wait for the plot to change, save screenshots, and
+//   (--save 1) save the notebook the way Ctrl-S does.
 // Prints one JSON line on stdout with what it saw; exits 1 with a message saying which step
-// failed and why (a cell's error text when the notebook fails to execute).
+// failed and why (which code cell raised, and its error, when the notebook fails to execute).
+//
+// Execution state is read from the notebook *model* (window.jupyterapp), never from the page's
+// text: JupyterLab 4 renders only the cells near the viewport (windowing), so an error in an
+// off-screen cell has no text in the DOM. The driver turns on JupyterLab's own
+// exposeAppInBrowser page option for its page (the server is not reconfigured).
 //
 //   node drive_lab.js --url http://127.0.0.1:PORT --token TOKEN --notebook notebooks/02_toy_2d_energy.py \
-//                     --out ARTIFACT_DIR [--slider "guidance"] [--timeout 90]
+//                     --out ARTIFACT_DIR [--slider "guidance"] [--timeout 90] [--save 0|1]
 'use strict';
 const fs = require('fs');
 const path = require('path');
@@ -14,7 +20,7 @@ const crypto = require('crypto');
 const { chromium } = require('playwright-core');
 
 function parseArgs(argv) {
-  const a = { slider: 'guidance', timeout: 90, chromium: process.env.AEPO_CHROMIUM || '/usr/bin/chromium' };
+  const a = { slider: 'guidance', timeout: 90, save: '0', chromium: process.env.AEPO_CHROMIUM || '/usr/bin/chromium' };
   for (let i = 2; i < argv.length; i += 2) a[argv[i].replace(/^--/, '')] = argv[i + 1];
   for (const k of ['url', 'token', 'notebook', 'out']) if (!a[k]) throw new Error(`missing --${k}`);
   a.timeout = Number(a.timeout) * 1000;
@@ -34,17 +40,39 @@ async function step(name, fn) {
   }
 }
 
-// Text of every error output in the notebook (with the code cell's position), or []. JupyterLab
-// renders an error as stderr text holding the traceback; a warning has no traceback.
-async function cellErrors(page) {
-  return page.$$eval('.jp-Notebook .jp-Cell.jp-CodeCell', (cells) => cells.flatMap((cell, i) => {
-    const outs = [...cell.querySelectorAll('.jp-OutputArea-output[data-mime-type="application/vnd.jupyter.stderr"]')];
-    const isError = (t) => /Traceback \(most recent call last\)/.test(t)
-      || /^[A-Za-z_][\w.]*(Error|Exception|Exit)\b.*$/.test(t.trim().split('\n').pop());
-    return outs.filter((e) => isError(e.innerText))
-      .map((e) => ({ cell: i, text: e.innerText.trim().split('\n').slice(-12).join('\n') }));
-  }));
+// The notebook's execution state, from its model (every cell, on screen or not):
+//   { found, kernel, dirty, codeCells, toRun, executed, running, errors: [{cell, first, ename, evalue, traceback}] }
+// cell: the 1-based position among code cells; first: the cell's first non-blank source line.
+async function notebookState(page, notebook) {
+  return page.evaluate((nbPath) => {
+    const app = window.jupyterapp;
+    if (!app) return { found: false, why: 'window.jupyterapp is not set (exposeAppInBrowser)' };
+    const panel = [...app.shell.widgets('main')].find((w) => w.context && w.content && w.content.model
+      && (w.context.path === nbPath || w.context.path.endsWith('/' + nbPath)));
+    if (!panel) return { found: false, why: `no open notebook ${nbPath}` };
+    const strip = (t) => String(t).replace(/\u001b\[[0-9;]*m/g, '');
+    const st = { found: true, codeCells: 0, toRun: 0, executed: 0, running: 0, errors: [],
+                 kernel: panel.sessionContext.session?.kernel?.status ?? 'none',
+                 dirty: panel.context.model.dirty };
+    for (const cell of panel.content.model.cells) {
+      if (cell.type !== 'code') continue;
+      st.codeCells += 1;
+      const source = cell.sharedModel.getSource();
+      if (source.trim()) st.toRun += 1;  // an empty code cell is never executed
+      if (source.trim() && cell.executionCount !== null) st.executed += 1;
+      if (cell.executionState === 'running') st.running += 1;
+      for (const o of cell.outputs.toJSON()) {
+        if (o.output_type !== 'error') continue;
+        st.errors.push({ cell: st.codeCells, first: (source.split('\n').find((l) => l.trim()) || '').trim().slice(0, 60),
+                         ename: o.ename, evalue: strip(o.evalue),
+                         traceback: (o.traceback || []).map(strip).join('\n').trim().split('\n').slice(-12).join('\n') });
+      }
+    }
+    return st;
+  }, notebook);
 }
+
+const describeError = (e) => `code cell ${e.cell} (${JSON.stringify(e.first)}) raised ${e.ename}: ${e.evalue}\n${e.traceback}`;
 
 async function main() {
   const args = parseArgs(process.argv);
@@ -57,6 +85,25 @@ async function main() {
   }));
   const page = await browser.newPage({ viewport: { width: 1400, height: 1000 } });
   page.setDefaultTimeout(args.timeout);
+  // JupyterLab's page config is JSON in a <script id="jupyter-config-data"> of the /lab page: before
+  // the application reads it, switch its exposeAppInBrowser option on (the app is then
+  // window.jupyterapp), for this page only. (Rewriting the response with page.route instead
+  // breaks the kernel's websocket.)
+  await page.addInitScript(() => {
+    const expose = () => {
+      const el = document.getElementById('jupyter-config-data');
+      if (!el) return false;
+      let cfg;
+      try { cfg = JSON.parse(el.textContent); } catch (e) { return false; }  // not parsed in full yet
+      if (cfg.exposeAppInBrowser !== true) {
+        cfg.exposeAppInBrowser = true;
+        el.textContent = JSON.stringify(cfg);
+      }
+      return true;
+    };
+    const observer = new MutationObserver(() => { if (expose()) observer.disconnect(); });
+    observer.observe(document, { childList: true, subtree: true, characterData: true });
+  });
   const shot = async (name, locator) => {
     const file = path.join(args.out, name);
     await (locator || page).screenshot({ path: file });
@@ -95,29 +142,26 @@ async function main() {
       await page.locator('.lm-Menu-item:has(.lm-Menu-itemLabel:text-is("Run All Cells"))').click();
     });
     const tRun = Date.now();
-    // Done when no prompt shows [*] and the kernel is idle, or as soon as an error appears.
+    // Done when every non-empty code cell has run and nothing runs, or as soon as any cell (on
+    // screen or not) holds an error output.
     await step('wait for the cells to finish', async () => {
       const deadline = Date.now() + args.timeout;
       for (;;) {
-        const state = await page.evaluate(() => {
-          const prompts = [...document.querySelectorAll('.jp-Notebook .jp-CodeCell .jp-InputArea-prompt')].map((p) => p.innerText.trim());
-          return { running: prompts.filter((p) => p.includes('*')).length, done: prompts.filter((p) => /\[\d+\]/.test(p)).length, n: prompts.length };
-        });
-        const errors = await cellErrors(page);
-        if (errors.length) {
+        const state = await notebookState(page, args.notebook);
+        if (!state.found) throw new Error(state.why);
+        if (state.errors.length) {
           await shot('error.png');
-          throw new StepError(`notebook ${args.notebook} failed to execute: code cell ${errors[0].cell + 1} raised:\n${errors[0].text}`);
+          throw new StepError(`notebook ${args.notebook} failed to execute: ${describeError(state.errors[0])}`);
         }
-        if (state.running === 0 && state.done > 0 && Date.now() - tRun > 1500) {
-          result.cells_executed = state.done;
-          const late = await cellErrors(page);
-          if (late.length) {
-            await shot('error.png');
-            throw new StepError(`notebook ${args.notebook} failed to execute: code cell ${late[0].cell + 1} raised:\n${late[0].text}`);
-          }
+        if (state.running === 0 && state.kernel === 'idle' && state.executed === state.toRun
+            && Date.now() - tRun > 1500) {
+          result.cells_executed = state.executed;
+          result.code_cells = state.codeCells;
           break;
         }
-        if (Date.now() > deadline) throw new Error(`cells still running after ${args.timeout / 1000} s (${state.done}/${state.n} done)`);
+        if (Date.now() > deadline) {
+          throw new Error(`cells still running after ${args.timeout / 1000} s (${state.executed}/${state.toRun} done, kernel ${state.kernel})`);
+        }
         await page.waitForTimeout(500);
       }
     });
@@ -180,11 +224,23 @@ async function main() {
     after = await plotState();
     result.after = after;
     result.changed = after.images.join() !== before.images.join();
-    const errors = await cellErrors(page);
-    if (errors.length) throw new StepError(`moving the slider raised in code cell ${errors[0].cell + 1}:\n${errors[0].text}`);
+    const late = await notebookState(page, args.notebook);
+    if (late.errors.length) throw new StepError(`moving the slider raised: ${describeError(late.errors[0])}`);
     await slider.scrollIntoViewIfNeeded();
     await shot('after.png');
     await shot('after-output.png', cell);
+    if (args.save === '1') {
+      // What Ctrl-S (or autosave) does: the server writes the .py and the paired .ipynb.
+      await step('save the notebook (File > Save)', async () => {
+        await page.evaluate(() => window.jupyterapp.commands.execute('docmanager:save'));
+        const deadline = Date.now() + 30000;
+        while ((await notebookState(page, args.notebook)).dirty) {
+          if (Date.now() > deadline) throw new Error('the notebook is still unsaved after 30 s');
+          await page.waitForTimeout(250);
+        }
+      });
+      result.saved = true;
+    }
     result.total_s = (Date.now() - t0) / 1000;
     process.stdout.write(JSON.stringify(result) + '\n');
   } catch (e) {
