@@ -414,3 +414,20 @@ def test_cli_train_eval_and_errors(tiny, smoke_runs, capsys):
                  "--critic.activation", "relu",
                  "--out", str(tiny / "y"), "--quiet"]) == 2
     assert "no curvature" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("posterior", ["particles", "mixture"])
+def test_in_support_aepo_trains_on_the_support_stage(tiny, smoke_runs, posterior):
+    """AEPO's in-support targets (derivation section 4b) read the support stage's actions: the run trains a
+    support stage, reuses the bc run's behaviour, and its energy moves the policy."""
+    from aepo_lite._io import read_json
+    from aepo_lite.rl.agent import load_run, make_config, train
+    d = tiny / "runs" / f"aepo-{posterior}"
+    train(make_config(DS, "aepo", "smoke", energy=dict(posterior=posterior, bandwidth=0.1)), d, progress=False,
+          init_behaviour=smoke_runs["bc"])
+    assert (d / "checkpoints" / "support.pt").exists()
+    assert read_json(d / "train_stats.json")["behaviour"].get("copied_from")
+    agent, cfg, data = load_run(d)
+    obs = data.obs_rows[:4]
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    assert not np.allclose(agent.act(obs, 0.0, generator=g()), agent.act(obs, 50.0, generator=g()))
