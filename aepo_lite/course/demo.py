@@ -217,70 +217,81 @@ def run_demo(out_dir: str | os.PathLike = "figures", scale: str = "full", seed: 
         torch.set_num_threads(n_threads)
 
 
-def _run_demo(out: Path, scale: str, seed: int, verbose: bool) -> dict:
-    cfg = SCALES[scale]
-    t_start = time.time()
+def _check_routes(P: dict, sch: VPSchedule, gen: torch.Generator) -> dict:
+    """1. The two routes of derivation.md section 3b, on a grid of a_t and several times."""
     dt = torch.float64
-    gen = torch.Generator().manual_seed(seed)
-    sch = VPSchedule()
-    P = gaussian_problem(dt)
-    m, S, c, g, H, beta = P["m"], P["S"], P["c"], P["g"], P["H"], P["beta"]
-    checks: dict[str, dict] = {}
-
-    # 1. the two routes of derivation.md section 3b, on a grid of a_t and several times
     a_t = 1.5 * torch.randn((2000, 2), generator=gen, dtype=dt)
-    times = [sch.t_min, 0.02, 0.1, 0.3, 0.6, 1.0]
     worst = 0.0
-    for t in times:
+    for t in [sch.t_min, 0.02, 0.1, 0.3, 0.6, 1.0]:
         al, si = (float(v) for v in sch.alpha_sigma(torch.tensor(t, dtype=dt)))
-        e1 = G.gaussian_intermediate_energy(a_t, m, S, c, g, H, beta, al, si)
-        e2 = G.gaussian_intermediate_energy_marginal(a_t, m, S, c, g, H, beta, al, si)
+        e1 = G.gaussian_intermediate_energy(a_t, P["m"], P["S"], P["c"], P["g"], P["H"], P["beta"], al, si)
+        e2 = G.gaussian_intermediate_energy_marginal(a_t, P["m"], P["S"], P["c"], P["g"], P["H"], P["beta"], al, si)
         worst = max(worst, float((e1 - e2).abs().max()))
-    checks["routes"] = dict(what="max |E_t posterior-integral - E_t marginal| (float64, 12000 points)",
-                            value=worst, tol=TOL_ROUTES, passed=worst < TOL_ROUTES)
+    return dict(what="max |E_t posterior-integral - E_t marginal| (float64, 12000 points)",
+                value=worst, tol=TOL_ROUTES, passed=worst < TOL_ROUTES)
 
-    # 2. Monte Carlo over the posterior N(m~, S~) against the closed form
+
+def _check_mc(P: dict, sch: VPSchedule, gen: torch.Generator, n_mc: int) -> dict:
+    """2. Monte Carlo over the posterior N(m~, S~) against the closed form."""
+    dt = torch.float64
     z_worst, rows = 0.0, []
     for t, point in [(0.05, [0.1, -0.3]), (0.3, [0.5, 0.4]), (0.7, [-0.8, 0.2])]:
         al, si = (float(v) for v in sch.alpha_sigma(torch.tensor(t, dtype=dt)))
         x = torch.tensor([point], dtype=dt)
-        exact = float(G.gaussian_intermediate_energy(x, m, S, c, g, H, beta, al, si)[0])
-        m_t, S_t = G.gaussian_posterior(x, m, S, al, si)
-        est, se = _mc_log_expectation(m_t[0], S_t, c, g, H, beta, cfg["n_mc"], gen)
+        exact = float(G.gaussian_intermediate_energy(x, P["m"], P["S"], P["c"], P["g"], P["H"], P["beta"], al, si)[0])
+        m_t, S_t = G.gaussian_posterior(x, P["m"], P["S"], al, si)
+        est, se = _mc_log_expectation(m_t[0], S_t, P["c"], P["g"], P["H"], P["beta"], n_mc, gen)
         z = abs(est - exact) / se
         z_worst = max(z_worst, z)
         rows.append(dict(t=t, a_t=point, exact=exact, mc=est, se=se, z=z))
-    checks["mc"] = dict(what=f"max |MC - closed form| / SE over 3 points, {cfg['n_mc']} posterior samples each",
-                        value=z_worst, tol=TOL_MC_SE, passed=z_worst < TOL_MC_SE, points=rows)
+    return dict(what=f"max |MC - closed form| / SE over 3 points, {n_mc} posterior samples each",
+                value=z_worst, tol=TOL_MC_SE, passed=z_worst < TOL_MC_SE, points=rows)
 
-    # 3. AEPO's first-order target == E_t for a linear critic and the exact Gaussian eps
-    eps_fn = lambda x, t, s: G.gaussian_eps(x, t, m, S, sch)  # noqa: E731
-    q_lin = lambda s, a: _quadratic(a, c, g, None)  # noqa: E731
+
+def _check_aepo_linear(P: dict, sch: VPSchedule, gen: torch.Generator, eps_fn) -> dict:
+    """3. AEPO's first-order target == E_t for a linear critic and the exact Gaussian eps."""
+    dt = torch.float64
+    q_lin = lambda s, a: _quadratic(a, P["c"], P["g"], None)  # noqa: E731
     x = 1.5 * torch.randn((200, 2), generator=gen, dtype=dt)
     t = sch.t_min + (1.0 - sch.t_min) * torch.rand(200, generator=gen, dtype=dt)
-    y = aepo_target(x, t, None, eps_fn=eps_fn, q_fn=q_lin, schedule=sch, beta=beta,
+    y = aepo_target(x, t, None, eps_fn=eps_fn, q_fn=q_lin, schedule=sch, beta=P["beta"],
                     covariance="tweedie", expansion="first", clip=None)
     al, si = sch.alpha_sigma(t)
-    e_lin = torch.stack([G.linear_intermediate_energy(x[i:i + 1], m, S, c, g, beta, float(al[i]), float(si[i]))[0]
-                         for i in range(x.shape[0])])
+    e_lin = torch.stack([G.linear_intermediate_energy(x[i:i + 1], P["m"], P["S"], P["c"], P["g"], P["beta"],
+                                                      float(al[i]), float(si[i]))[0] for i in range(x.shape[0])])
     err = float((y - e_lin).abs().max())
-    checks["aepo_linear"] = dict(what="max |AEPO first-order (tweedie, exact eps) - E_t|, linear Q, 200 (a_t, t)",
-                                 value=err, tol=TOL_AEPO_LINEAR, passed=err < TOL_AEPO_LINEAR)
+    return dict(what="max |AEPO first-order (tweedie, exact eps) - E_t|, linear Q, 200 (a_t, t)",
+                value=err, tol=TOL_AEPO_LINEAR, passed=err < TOL_AEPO_LINEAR)
 
-    # 4. the guided sampler with exact grad E_t returns pi (compared at t_min, where it stops)
-    m_pi, S_pi = G.gaussian_target_policy(m, S, g, H, beta)
+
+def _check_sampler(P: dict, sch: VPSchedule, gen: torch.Generator, eps_fn, cfg: dict) -> tuple[dict, dict, tuple]:
+    """4. The guided sampler with exact grad E_t returns pi (compared at t_min, where it stops)."""
+    dt = torch.float64
+    m_pi, S_pi = G.gaussian_target_policy(P["m"], P["S"], P["g"], P["H"], P["beta"])
     a_end, s_end = (float(v) for v in sch.alpha_sigma(torch.tensor(sch.t_min, dtype=dt)))
     mean_end, cov_end = G.gaussian_marginal(m_pi, S_pi, a_end, s_end)
-    guidance = _guidance_fn(P, sch)
     x_T = torch.randn((cfg["n_sampler"], 2), generator=gen, dtype=dt)
     xs = sample(eps_fn, x_T, schedule=sch, n_steps=cfg["sampler_steps"], solver="dpmpp2m",
-                guidance=guidance, guidance_scale=1.0)
+                guidance=_guidance_fn(P, sch), guidance_scale=1.0)
     z_mean, z_cov, rel_cov = _moment_errors(xs, mean_end, cov_end)
-    checks["sampler_mean"] = dict(what=f"max |mean - m_pi| / SE, dpmpp2m {cfg['sampler_steps']} steps, "
-                                  f"{cfg['n_sampler']} samples", value=z_mean, tol=TOL_MEAN_SE,
-                                  passed=z_mean < TOL_MEAN_SE)
-    checks["sampler_cov"] = dict(what="max |cov - S_pi| / SE (same samples)", value=z_cov, tol=TOL_COV_SE,
-                                 passed=z_cov < TOL_COV_SE, rel_frobenius=rel_cov)
+    mean = dict(what=f"max |mean - m_pi| / SE, dpmpp2m {cfg['sampler_steps']} steps, {cfg['n_sampler']} samples",
+                value=z_mean, tol=TOL_MEAN_SE, passed=z_mean < TOL_MEAN_SE)
+    cov = dict(what="max |cov - S_pi| / SE (same samples)", value=z_cov, tol=TOL_COV_SE, passed=z_cov < TOL_COV_SE,
+               rel_frobenius=rel_cov)
+    return mean, cov, (m_pi, S_pi)
+
+
+def _run_demo(out: Path, scale: str, seed: int, verbose: bool) -> dict:
+    cfg = SCALES[scale]
+    t_start = time.time()
+    gen = torch.Generator().manual_seed(seed)
+    sch = VPSchedule()
+    P = gaussian_problem(torch.float64)
+    c, g, H = P["c"], P["g"], P["H"]
+    eps_fn = lambda x, t, s: G.gaussian_eps(x, t, P["m"], P["S"], sch)  # noqa: E731
+    checks: dict[str, dict] = {"routes": _check_routes(P, sch, gen), "mc": _check_mc(P, sch, gen, cfg["n_mc"]),
+                               "aepo_linear": _check_aepo_linear(P, sch, gen, eps_fn)}
+    checks["sampler_mean"], checks["sampler_cov"], (m_pi, S_pi) = _check_sampler(P, sch, gen, eps_fn, cfg)
 
     # the figure: guided samples for a few guidance scales (w = 1 is the exact pi)
     samples = _plot_samples(P, sch, seed, cfg["n_plot"], cfg["sampler_steps"], PLOT_SCALES)
@@ -298,7 +309,7 @@ def _run_demo(out: Path, scale: str, seed: int, verbose: bool) -> dict:
         print(f"{'check':<14}{'value':>12}{'tol':>10}  result")
         for name, ch in checks.items():
             print(f"{name:<14}{ch['value']:>12.3g}{ch['tol']:>10.3g}  {'PASS' if ch['passed'] else 'FAIL'}")
-        print(f"mean Q of guided samples by guidance scale: "
+        print("mean Q of guided samples by guidance scale: "
               + ", ".join(f"w={w}: {v:.3f}" for w, v in mean_q.items()))
         print(f"wrote {out / 'closed_form_guidance.png'} and {out / 'closed_form_checks.json'} "
               f"({seconds:.1f} s)")

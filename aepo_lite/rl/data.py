@@ -37,7 +37,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-__all__ = ["OfflineData", "load_minari", "from_episodes", "dataset_mean_return", "REWARD_SCALINGS",
+__all__ = ["OfflineData", "load_minari", "from_episodes", "REWARD_SCALINGS",
            "LOCOMOTION_TASKS", "check_dataset_id", "dataset_dir", "check_return_span"]
 
 # Minari's dataset id grammar (minari.dataset.minari_dataset.DATASET_ID_RE), with the namespace
@@ -295,12 +295,6 @@ def open_minari(dataset_id: str, download: bool = True):
                          f"is unknown (see `minari list remote`): {how}") from None
 
 
-def recover_eval_env_fn(ds):
-    """A zero-argument factory for the dataset's evaluation environment (Minari's ``eval_env``
-    when the dataset names one, else the data-collection environment)."""
-    def make(**kw):
-        return ds.recover_environment(eval_env=True, **kw)
-    return make
 
 
 def load_minari(dataset_id: str, *, reward_scaling: str = "auto", download: bool = True,
@@ -352,9 +346,6 @@ def load_minari(dataset_id: str, *, reward_scaling: str = "auto", download: bool
     return data, ds
 
 
-def dataset_mean_return(data: OfflineData) -> float:
-    """Mean undiscounted return of the dataset's episodes."""
-    return float(np.mean(data.episode_returns))
 
 
 def description_info(metadata: dict) -> dict:

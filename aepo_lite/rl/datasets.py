@@ -281,7 +281,6 @@ def make_dataset(recipe: DatasetRecipe, *, overwrite: bool = False, progress: bo
     ref_min = float(np.mean([e.ret for e in rand_eps]))
     info = {"recipe": asdict(r), "ref_min_policy": "uniform random actions",
             "ref_episodes": r.ref_episodes}
-    ladder_dir, expert, medium = None, None, None
     ladder_dir = train_policy_ladder(r, policy_cache, progress)
     lad = read_json(ladder_dir / "ladder.json")
     snaps = lad["snapshots"]
@@ -304,26 +303,7 @@ def make_dataset(recipe: DatasetRecipe, *, overwrite: bool = False, progress: bo
                  "ladder": snaps, "expert_snapshot_step": expert["step"], "medium_snapshot_step": medium["step"],
                  "medium_target_return": target})
 
-    def collect(policy, n_steps, seed0, desc):
-        eps, _ = run_episodes(make_env, policy, 10**9, seed=seed0, n_envs=r.n_envs, record=True,
-                              max_transitions=n_steps, progress=False, desc=desc)
-        return eps
-
-    if r.quality == "random":
-        episodes = collect(_random_policy(space, rng), r.steps, 3_000_000 + r.seed, "random")
-    elif r.quality == "medium":
-        episodes = collect(_sb3_policy(_load_snapshot(ladder_dir, medium), r.collect_noise, rng), r.steps,
-                           3_000_000 + r.seed, "medium")
-    elif r.quality == "expert":
-        episodes = collect(_sb3_policy(expert_model, r.collect_noise, rng), r.steps, 3_000_000 + r.seed, "expert")
-    elif r.quality == "medium-replay":
-        episodes = _replay_episodes(ladder_dir, medium["step"], r.steps)
-    else:  # medium-expert
-        half = r.steps // 2
-        episodes = (collect(_sb3_policy(_load_snapshot(ladder_dir, medium), r.collect_noise, rng), half,
-                            3_000_000 + r.seed, "medium")
-                    + collect(_sb3_policy(expert_model, r.collect_noise, rng), r.steps - half, 4_000_000 + r.seed,
-                              "expert"))
+    episodes = _collect(r, make_env, space, rng, ladder_dir, medium, expert_model)
     obs_space = gym.make(r.env_id).observation_space
     buffers = [EpisodeBuffer(id=i, observations=e.observations.astype(obs_space.dtype),
                              actions=e.actions.astype(space.dtype), rewards=e.rewards,
@@ -334,6 +314,28 @@ def make_dataset(recipe: DatasetRecipe, *, overwrite: bool = False, progress: bo
     with warnings.catch_warnings():  # minari asks for an author e-mail; there is none to give
         warnings.filterwarnings("ignore", message=".*author_email.*")
         return _create_in_place(folder, lambda: _create(minari, r, buffers, ref_min, ref_max, info))
+
+
+def _collect(r: DatasetRecipe, make_env, space, rng, ladder_dir: Path, medium: dict, expert_model) -> list:
+    """The recipe's episodes: its quality's policy (or the ladder's replay buffer) for ``r.steps`` transitions."""
+    def collect(policy, n_steps, seed0, desc):
+        eps, _ = run_episodes(make_env, policy, 10**9, seed=seed0, n_envs=r.n_envs, record=True,
+                              max_transitions=n_steps, progress=False, desc=desc)
+        return eps
+
+    if r.quality == "random":
+        return collect(_random_policy(space, rng), r.steps, 3_000_000 + r.seed, "random")
+    if r.quality == "medium":
+        return collect(_sb3_policy(_load_snapshot(ladder_dir, medium), r.collect_noise, rng), r.steps,
+                       3_000_000 + r.seed, "medium")
+    if r.quality == "expert":
+        return collect(_sb3_policy(expert_model, r.collect_noise, rng), r.steps, 3_000_000 + r.seed, "expert")
+    if r.quality == "medium-replay":
+        return _replay_episodes(ladder_dir, medium["step"], r.steps)
+    half = r.steps // 2  # medium-expert
+    return (collect(_sb3_policy(_load_snapshot(ladder_dir, medium), r.collect_noise, rng), half,
+                    3_000_000 + r.seed, "medium")
+            + collect(_sb3_policy(expert_model, r.collect_noise, rng), r.steps - half, 4_000_000 + r.seed, "expert"))
 
 
 def _create_in_place(folder: Path, create):

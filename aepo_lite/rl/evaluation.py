@@ -80,78 +80,92 @@ def run_episodes(make_env: Callable[[], "object"], policy: BatchPolicy, n_episod
         raise ValueError(f"n_envs: expected a positive integer, got {n_envs!r}")
     from tqdm.auto import tqdm
 
-    n_envs = min(n_envs, n_episodes)
-    envs = [make_env() for _ in range(n_envs)]
-    slots: list[Optional[dict]] = [None] * n_envs
-    next_ep, finished = 0, {}
-    total, n_actions, t_policy, t0 = 0, 0, 0.0, time.perf_counter()
+    t0 = time.perf_counter()
     bar = tqdm(total=n_episodes, desc=desc, disable=not progress, leave=False)
+    ro = _Rollout([make_env() for _ in range(min(n_envs, n_episodes))], n_episodes, seed, record, bar)
+    try:
+        for k in range(len(ro.envs)):
+            ro.start(k)
+        while any(s is not None for s in ro.slots) and not ro.budget_hit:
+            ro.step_all(policy, max_transitions)
+    finally:
+        bar.close()
+        for e in ro.envs:
+            e.close()
+    eps = [ro.finished[i] for i in sorted(ro.finished)]
+    return eps, {"actions": ro.n_actions, "policy_seconds": ro.t_policy, "seconds": time.perf_counter() - t0}
 
-    def start(k: int) -> None:
-        nonlocal next_ep
-        if next_ep >= n_episodes:
-            slots[k] = None
+
+class _Rollout:
+    """The state of :func:`run_episodes`: one slot per environment, each holding its running episode."""
+
+    def __init__(self, envs: list, n_episodes: int, seed: int, record: bool, bar):
+        self.envs, self.n_episodes, self.seed, self.record, self.bar = envs, n_episodes, seed, record, bar
+        self.slots: list[Optional[dict]] = [None] * len(envs)
+        self.next_ep, self.finished = 0, {}
+        self.total, self.n_actions, self.t_policy, self.budget_hit = 0, 0, 0.0, False
+
+    def start(self, k: int) -> None:
+        if self.next_ep >= self.n_episodes:
+            self.slots[k] = None
             return
-        obs, _ = envs[k].reset(seed=seed + next_ep)
-        slots[k] = {"i": next_ep, "obs": [np.asarray(obs, dtype=np.float64)], "act": [], "rew": [], "term": [],
-                    "trunc": []}
-        next_ep += 1
+        obs, _ = self.envs[k].reset(seed=self.seed + self.next_ep)
+        self.slots[k] = {"i": self.next_ep, "obs": [np.asarray(obs, dtype=np.float64)], "act": [], "rew": [],
+                         "term": [], "trunc": []}
+        self.next_ep += 1
 
-    def finish(k: int) -> None:
-        sl = slots[k]
+    def finish(self, k: int) -> None:
+        sl = self.slots[k]
         rew = np.asarray(sl["rew"], dtype=np.float64)
-        ep = Episode(seed=seed + sl["i"], ret=float(rew.sum()), length=len(rew), terminated=bool(sl["term"][-1]))
-        if record:
+        ep = Episode(seed=self.seed + sl["i"], ret=float(rew.sum()), length=len(rew), terminated=bool(sl["term"][-1]))
+        if self.record:
             ep.observations = np.stack(sl["obs"])
             ep.actions = np.stack(sl["act"])
             ep.rewards, ep.terminations = rew, np.asarray(sl["term"], bool)
             ep.truncations = np.asarray(sl["trunc"], bool)
-        finished[sl["i"]] = ep
-        bar.update(1)
+        self.finished[sl["i"]] = ep
+        self.bar.update(1)
 
-    for k in range(n_envs):
-        start(k)
-    budget_hit = False
-    try:
-        while any(s is not None for s in slots) and not budget_hit:
-            live = [k for k in range(n_envs) if slots[k] is not None]
-            obs = np.stack([slots[k]["obs"][-1] for k in live])
-            tp = time.perf_counter()
-            act = np.asarray(policy(obs), dtype=np.float64)
-            t_policy += time.perf_counter() - tp
-            n_actions += len(live)
-            if act.shape[0] != len(live):
-                raise ValueError(f"policy: returned {act.shape[0]} actions for {len(live)} observations")
-            for j, k in enumerate(live):
-                o, r, term, trunc, _ = envs[k].step(act[j])
-                sl = slots[k]
-                sl["act"].append(act[j])
-                sl["rew"].append(float(r))
-                if record:
-                    sl["obs"].append(np.asarray(o, dtype=np.float64))
-                else:
-                    sl["obs"] = [np.asarray(o, dtype=np.float64)]
-                total += 1
-                cut = max_transitions is not None and total >= max_transitions
-                sl["term"].append(bool(term))
-                sl["trunc"].append(bool(trunc) or (cut and not term))
-                if term or trunc or cut:
-                    finish(k)
-                    if cut:  # the other running episodes end here too, as timeouts
-                        for k2 in range(n_envs):
-                            if k2 != k and slots[k2] is not None and slots[k2]["rew"]:
-                                slots[k2]["trunc"][-1] = not slots[k2]["term"][-1]
-                                finish(k2)
-                        budget_hit = True
-                        break
-                    start(k)
-    finally:
-        bar.close()
-        for e in envs:
-            e.close()
-    eps = [finished[i] for i in sorted(finished)]
-    timing = {"actions": n_actions, "policy_seconds": t_policy, "seconds": time.perf_counter() - t0}
-    return eps, timing
+    def step_all(self, policy: BatchPolicy, max_transitions: Optional[int]) -> None:
+        """One policy call for every running environment, then one step of each."""
+        live = [k for k in range(len(self.envs)) if self.slots[k] is not None]
+        obs = np.stack([self.slots[k]["obs"][-1] for k in live])
+        tp = time.perf_counter()
+        act = np.asarray(policy(obs), dtype=np.float64)
+        self.t_policy += time.perf_counter() - tp
+        self.n_actions += len(live)
+        if act.shape[0] != len(live):
+            raise ValueError(f"policy: returned {act.shape[0]} actions for {len(live)} observations")
+        for j, k in enumerate(live):
+            if self._step(k, act[j], max_transitions):
+                return
+
+    def _step(self, k: int, action: np.ndarray, max_transitions: Optional[int]) -> bool:
+        """Step environment k; True when the transition budget ended the rollout."""
+        o, r, term, trunc, _ = self.envs[k].step(action)
+        sl = self.slots[k]
+        sl["act"].append(action)
+        sl["rew"].append(float(r))
+        if self.record:
+            sl["obs"].append(np.asarray(o, dtype=np.float64))
+        else:
+            sl["obs"] = [np.asarray(o, dtype=np.float64)]
+        self.total += 1
+        cut = max_transitions is not None and self.total >= max_transitions
+        sl["term"].append(bool(term))
+        sl["trunc"].append(bool(trunc) or (cut and not term))
+        if not (term or trunc or cut):
+            return False
+        self.finish(k)
+        if cut:  # the other running episodes end here too, as timeouts
+            for k2, other in enumerate(self.slots):
+                if k2 != k and other is not None and other["rew"]:
+                    other["trunc"][-1] = not other["term"][-1]
+                    self.finish(k2)
+            self.budget_hit = True
+            return True
+        self.start(k)
+        return False
 
 
 def check_reference_scores(dataset_id: str, metadata: dict) -> tuple[Optional[float], Optional[float]]:
