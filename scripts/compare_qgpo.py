@@ -9,7 +9,7 @@ and batch sizes, in one process on one machine, interleaved.
 It fetches nothing: ``--qgpo`` is a checkout you made (``git clone``), used unmodified. Only its
 model files are imported (``Offline_RL_2D/diffusion_SDE``, and ``dataset/dataset.py`` for the row that
 times its DataLoader); the modules those files import at the top but never use here (gym, d4rl,
-sklearn) are stubbed with empty ``sys.modules`` entries when they are not installed. Its device
+sklearn, and scipy, whose ``softmax`` model.py imports and then shadows with ``nn.Softmax``) are stubbed with empty ``sys.modules`` entries when they are not installed. Its device
 comes from its own ``args.device``, which this script sets, and one run-time patch: its
 ``schedule.marginal_prob_std`` defaults to ``device="cuda"`` (called so in ``update_qt``), so the module
 attribute is replaced by the same function bound to the chosen device. No file of it is changed or copied.
@@ -68,18 +68,20 @@ STATE_DIM, ACTION_DIM, K = 11, 3, 16
 
 # ----------------------------------------------------------------------------- QGPO, imported from its checkout
 def import_qgpo(path: Path):
-    """Import QGPO's model code from a checkout (sys.path), stubbing gym/d4rl/sklearn if absent."""
+    """Import QGPO's model code from a checkout (sys.path), stubbing gym/d4rl/sklearn/scipy if absent."""
     root = Path(path) / "Offline_RL_2D"
     if not (root / "diffusion_SDE" / "model.py").is_file():
         raise SystemExit(f"--qgpo {path}: no Offline_RL_2D/diffusion_SDE/model.py there; pass a checkout of "
                          "https://github.com/thu-ml/CEP-energy-guided-diffusion")
-    missing = {top for top in ("gym", "d4rl", "sklearn") if importlib.util.find_spec(top) is None}
-    for name in ("gym", "d4rl", "sklearn", "sklearn.datasets", "sklearn.utils"):
+    missing = {top for top in ("gym", "d4rl", "sklearn", "scipy") if importlib.util.find_spec(top) is None}
+    for name in ("gym", "d4rl", "sklearn", "sklearn.datasets", "sklearn.utils", "scipy", "scipy.special"):
         if name.split(".")[0] in missing and name not in sys.modules:
             mod = types.ModuleType(name)
             mod.__spec__ = importlib.machinery.ModuleSpec(name, None)  # torch._dynamo looks modules up by spec
             if name == "sklearn.utils":
                 mod.shuffle = None
+            if name == "scipy.special":
+                mod.softmax = None
             sys.modules[name] = mod
     sys.path.insert(0, str(root))
     from diffusion_SDE import model as qmodel, loss as qloss, schedule as qschedule
