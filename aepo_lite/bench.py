@@ -272,7 +272,7 @@ class RLStages(_Stages):
         self._compile([self.behaviour.net] + [n for c in self.critics.values() for n in c.children()]
                       + [a.energy for a in self.agents.values()])
         self.n = 16 * max(cfg.behaviour.batch, cfg.critic.batch, cfg.energy.batch)
-        K = max(cfg.support.k, 1)
+        K = cfg.support.k
         g = torch.Generator().manual_seed(cfg.seed)
         data = {"s": torch.randn(self.n, k, generator=g), "a": torch.rand(self.n, d, generator=g) * 2 - 1,
                 "r": torch.randn(self.n, generator=g), "s2": torch.randn(self.n, k, generator=g),
@@ -342,7 +342,8 @@ class RLStages(_Stages):
                 sup = D["support"][i]
                 B, K, d = sup.shape
                 with torch.no_grad():
-                    out["support_q"] = critic.q_fn(out["s"].repeat_interleave(K, 0), sup.reshape(B * K, d)).reshape(B, K)
+                    q = critic.q_fn(out["s"].repeat_interleave(K, 0), sup.reshape(B * K, d))
+                out["support_q"] = q.reshape(B, K)
                 out["support"] = sup
             return out
         return self._steps(learner, batch)
@@ -365,8 +366,8 @@ class RLStages(_Stages):
         note = (f"{len(full.sampling.guidance_scales)} scales x {math.ceil(ev.episodes / ev.envs)} rounds of {ev.envs} "
                 f"environments x {cfg.episode_len} steps ({ev.episodes} episodes per scale), sampler only")
         parts = ("behaviour", "critic", "support", "energy", "sampling")
-        differs = config_diff({p: to_dict(getattr(full, p)) for p in parts}, {p: to_dict(getattr(cfg, p)) for p in parts},
-                              ignore=("critic.kind", "sampling.compile"))
+        differs = config_diff({p: to_dict(getattr(full, p)) for p in parts},
+                              {p: to_dict(getattr(cfg, p)) for p in parts}, ignore=("critic.kind", "sampling.compile"))
         return extrapolate(stages, "full", work, pipelines, evaluation=(calls, rows, note), differs=differs)
 
 
@@ -392,17 +393,15 @@ class ToyStages(_Stages):
         tc, x, e = self.tc, self.x, self.e
         b, c = tc.behaviour, tc.critic
         decay = lambda part: part.steps if part.lr_decay else None  # noqa: E731
-        behaviour = BehaviourLearner(self.behaviour, b.lr, decay_steps=decay(b))
         out = [Timed("behaviour", "steps/s", b.batch, lambda: self._steps(
-            behaviour, lambda: {"a": x[self._draw(b.batch)], "s": None}), self.behaviour)]
+            BehaviourLearner(self.behaviour, b.lr, decay_steps=decay(b)),
+            lambda: {"a": x[self._draw(b.batch)], "s": None}), self.behaviour)]
         if "aepo" in self.energies:  # only AEPO's target reads the smooth critic (the others: the true reward)
-            critic = RegressionLearner(self.critic, c.lr, decay_steps=decay(c))
-
             def critic_batch():
                 i = self._draw(c.batch)
                 return {"x": x[i], "y": e[i]}
-            out.append(Timed("critic_regression", "steps/s", c.batch, lambda: self._steps(critic, critic_batch),
-                             self.critic))
+            out.append(Timed("critic_regression", "steps/s", c.batch, lambda: self._steps(
+                RegressionLearner(self.critic, c.lr, decay_steps=decay(c)), critic_batch), self.critic))
         out += [Timed(f"energy_{m}", "steps/s", tc.energy.batch, lambda m=m: self._energy(m), net)
                 for m, net in self.energies.items()]
         n, s = tc.eval.n_samples, tc.sampling
@@ -528,8 +527,8 @@ def _hms(sec: float) -> str:
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
-_ORDER = ("behaviour", "critic_iql", "critic_insupport", "critic_regression", "energy_aepo", "energy_mse",
-          "energy_qgpo", "support_sampling", "unguided", "guided")
+_ORDER = ("behaviour", "critic_iql", "critic_insupport", "critic_softmax", "critic_regression", "energy_aepo",
+          "energy_mse", "energy_qgpo", "energy_cep", "support_sampling", "unguided", "guided")  # *_softmax, *_cep: saved
 
 
 def _stage_key(name: str):
@@ -540,9 +539,20 @@ def _stage_key(name: str):
     return (_ORDER.index(name) if name in _ORDER else len(_ORDER), 0, name)
 
 
+def _extrapolation(result: dict) -> dict:
+    """A result's extrapolation; one saved by the bench before its config parts (``full_preset``, the full
+    preset's evaluation timed at batch 1) reads as the same fields."""
+    if "extrapolation" in result:
+        return result["extrapolation"]
+    old = result["full_preset"]
+    ev = old.get("evaluation")
+    return {"preset": "full", "work": old["work"], "seconds": old["seconds"], "pipelines": old["pipelines"],
+            "evaluation": ev and dict(ev, timed_stage=None), "differs_from_preset": []}  # its note names the batch
+
+
 def to_markdown(result: dict) -> str:
     """The bench result as Markdown tables (stage rates, the preset's times, environment)."""
-    env, stages, ex = result["environment"], result["stages"], result["extrapolation"]
+    env, stages, ex = result["environment"], result["stages"], _extrapolation(result)
     lines = [f"| stage | batch | rate | {ex['preset']} preset: work | time |", "|---|---:|---:|---:|---:|"]
     for name, s in sorted(stages.items(), key=lambda kv: _stage_key(kv[0])):
         work, t = ex["work"].get(name), ex["seconds"].get(name)
@@ -553,13 +563,15 @@ def to_markdown(result: dict) -> str:
         lines.append(f"| {m} | {' + '.join(p['stages'])} | {_hms(p['seconds'])} |")
     if ex.get("evaluation"):
         e = ex["evaluation"]
-        lines.append(f"| evaluation | {e['note']} (timed as {e['timed_stage']}) | {_hms(e['seconds'])} |")
+        timed = f" (timed as {e['timed_stage']})" if e.get("timed_stage") else ""
+        lines.append(f"| evaluation sweep | {e['note']}{timed} | {_hms(e['seconds'])} |")
     if ex.get("differs_from_preset"):
-        lines += ["", f"Timed at settings other than the {ex['preset']} preset's: {', '.join(ex['differs_from_preset'])} "
-                      "(the times above are its step counts at these rates)."]
+        lines += ["", f"Timed at settings other than the {ex['preset']} preset's: "
+                      f"{', '.join(ex['differs_from_preset'])} (the times above are its step counts at these rates)."]
     dev = env.get("gpu") or env["cpu"]
+    start = env.get("load_average_1min_start")
+    load = ("" if start is None else f"{start} at the start, ") + f"{env['load_average_1min']} at the end"
     lines += ["", f"Device: {env['device']} ({dev}; {env['cpu_count']} CPUs, {env['torch_threads']} torch threads, "
-                  f"load average {env.get('load_average_1min_start')} at the start, {env['load_average_1min']} at the "
-                  f"end). torch {env['torch']}, numpy {env['numpy']}, python {env['python']}, "
+                  f"load average {load}). torch {env['torch']}, numpy {env['numpy']}, python {env['python']}, "
                   f"aepo_lite {env['aepo_lite']}."]
     return "\n".join(lines) + "\n"

@@ -136,6 +136,22 @@ def test_markdown(result):
     assert bench.to_markdown(json.loads(json.dumps(result, sort_keys=True))) == md  # saved JSON renders the same
 
 
+def test_markdown_of_a_result_saved_before_the_config_parts():
+    """figures/bench_*.json written by the earlier bench (``full_preset``, ``cep`` names) still render."""
+    saved = {"environment": {"device": "cpu", "cpu": "x", "cpu_count": 2, "torch_threads": 1, "load_average_1min": 1.0,
+                             "torch": "t", "numpy": "n", "python": "p", "aepo_lite": "a"},
+             "stages": {"energy_cep": {"batch": 256, "rate": 4.0, "unit": "steps/s"},
+                        "behaviour": {"batch": 4096, "rate": 2.0, "unit": "steps/s"}},
+             "full_preset": {"work": {"behaviour": 600_000, "energy_cep": 1_000_000},
+                             "seconds": {"behaviour": 300_000.0, "energy_cep": 250_000.0},
+                             "pipelines": {"cep": {"stages": ["behaviour", "energy_cep"], "seconds": 550_000.0}},
+                             "evaluation": {"note": "at batch 1", "seconds": 60.0}}}
+    md = bench.to_markdown(saved)
+    assert md.index("| behaviour |") < md.index("| energy_cep |")
+    assert "| cep | behaviour + energy_cep | 152h46m |" in md and "| evaluation sweep | at batch 1 | 1m00s |" in md
+    assert "load average 1.0 at the end" in md
+
+
 def test_toy_stages():
     r = bench.run_bench(bench.tiny_config(toy="8gaussians", toy_preset="smoke", methods=("aepo", "qgpo")))
     n = preset_config(bench.ToyConfig, "smoke").eval.n_samples
