@@ -246,6 +246,16 @@ class _Stages:
             learner.step(batch_of())
         return call
 
+    def _sampler(self, sample: Callable[[], torch.Tensor]) -> Callable[[], Callable[[], torch.Tensor]]:
+        """A sampling stage's ``build``: compiled with CUDA graphs, each sampler call is one CUDA-graph step, so
+        an output of the compiled behaviour net stays valid while the energy's gradient runs (pytorch#160281)."""
+        step_begin = self.step_begin
+
+        def call():
+            step_begin()
+            return sample()
+        return lambda: call
+
     def _compile(self, nets) -> None:
         if self.cfg.compile:
             for net in nets:
@@ -290,13 +300,14 @@ class RLStages(_Stages):
                 for m, a in self.agents.items()]
         per = max(1, SUPPORT_CHUNK // cfg.support.k)
         s_support = D["s"][:per].repeat_interleave(cfg.support.k, 0)
-        out.append(Timed("support_sampling", "samples/s", s_support.shape[0], lambda: lambda: self.behaviour.sample(
-            cond=s_support, n_steps=cfg.support.steps, solver=cfg.support.solver, clip=1.0)))
+        support = self._sampler(lambda: self.behaviour.sample(cond=s_support, n_steps=cfg.support.steps,
+                                                              solver=cfg.support.solver, clip=1.0))
+        out.append(Timed("support_sampling", "samples/s", s_support.shape[0], support))
         agent = next(iter(self.agents.values()))
         for B in cfg.sample_batches:
             s = torch.randn(B, cfg.state_dim, generator=torch.Generator().manual_seed(cfg.seed)).to(self.device)
             out.append(Timed(f"guided_b{B}", "samples/s", B,
-                             lambda s=s: lambda: agent.act_unit(s, cfg.guidance_scale)))
+                             self._sampler(lambda s=s: agent.act_unit(s, cfg.guidance_scale))))
         return out
 
     def _behaviour(self):
@@ -407,8 +418,8 @@ class ToyStages(_Stages):
         n, s = tc.eval.n_samples, tc.sampling
         guide = energy_guidance(next(iter(self.energies.values())))
         for name, kw in (("unguided", {}), ("guided", {"guidance": guide, "guidance_scale": s.guidance_scales[0]})):
-            out.append(Timed(f"{name}_b{n}", "samples/s", n, lambda kw=kw: lambda: self.behaviour.sample(
-                n, n_steps=s.steps, solver=s.solver, **kw)))
+            out.append(Timed(f"{name}_b{n}", "samples/s", n, self._sampler(lambda kw=kw: self.behaviour.sample(
+                n, n_steps=s.steps, solver=s.solver, **kw))))
         return out
 
     def _energy(self, method: str):
