@@ -9,10 +9,11 @@ and batch sizes, in one process on one machine, interleaved.
 It fetches nothing: ``--qgpo`` is a checkout you made (``git clone``), used unmodified. Only its
 model files are imported (``Offline_RL_2D/diffusion_SDE``, and ``dataset/dataset.py`` for the row that
 times its DataLoader); the modules those files import at the top but never use here (gym, d4rl,
-sklearn, and scipy, whose ``softmax`` model.py imports and then shadows with ``nn.Softmax``) are stubbed with empty ``sys.modules`` entries when they are not installed. Its device
-comes from its own ``args.device``, which this script sets, and one run-time patch: its
-``schedule.marginal_prob_std`` defaults to ``device="cuda"`` (called so in ``update_qt``), so the module
-attribute is replaced by the same function bound to the chosen device. No file of it is changed or copied.
+sklearn, and scipy, whose ``softmax`` model.py imports and then shadows with ``nn.Softmax``) are
+stubbed with empty ``sys.modules`` entries when they are not installed. Its device comes from its
+own ``args.device``, which this script sets, and one run-time patch: its ``schedule.marginal_prob_std``
+defaults to ``device="cuda"`` (called so in ``update_qt``), so the module attribute is replaced by the
+same function bound to the chosen device. No file of it is changed or copied.
 
 What is timed (Hopper shapes: state 11, action 3; K = 16 support actions):
   behaviour   QGPO: its ``train_behavior`` loop body (``loss_fn`` on ScoreNet, Adam lr 1e-4), batch 4096;
