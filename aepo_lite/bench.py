@@ -10,7 +10,10 @@ Offline-RL stages (random data of Hopper's shape, resident on the device; nothin
   guided_b<B>        ``Agent.act_unit`` (the guided sampler acting runs), batch B     samples/s
 
 With ``toy`` naming a toy task, the toy learners instead, at the toy preset's sizes: behaviour,
-``critic_regression`` (``RegressionLearner``), ``energy_<method>``, and unguided / guided points/s.
+``critic_regression`` (``RegressionLearner``; in the extrapolated pipelines only when the preset's
+``critic.kind`` is ``regression``, which every method's Q then comes from, else from e(x)),
+``energy_<method>``, and unguided / guided points/s. The toy energy is timed without the toy's
+c_in(t) input scaling (one multiply per call; it lives in ``aepo_lite.toy.pipeline``).
 
 The networks are the agent's own (:class:`aepo_lite.rl.agent.Agent`, one per method, sharing one
 behaviour model and one critic per kind), every step is the library learner's ``step`` on a batch
@@ -393,6 +396,8 @@ class ToyStages(_Stages):
         torch.manual_seed(cfg.seed)
         self.x = self.task.sample(tc.n_data, seed=tc.data_seed, device=device)
         self.e, self.n = self.task.reward(self.x), self.x.shape[0]
+        # the toy's matched reward access: every method reads the fitted critic (critic.kind "regression") or e(x)
+        self.fitted = tc.critic.kind == "regression"
         dim = self.x.shape[1]
         b, c, e = tc.behaviour, tc.critic, tc.energy
         self.behaviour = DiffusionModel(NoiseNet(dim, 0, b.hidden, b.blocks)).to(device)
@@ -407,12 +412,11 @@ class ToyStages(_Stages):
         out = [Timed("behaviour", "steps/s", b.batch, lambda: self._steps(
             BehaviourLearner(self.behaviour, b.lr, decay_steps=decay(b)),
             lambda: {"a": x[self._draw(b.batch)], "s": None}), self.behaviour)]
-        if "aepo" in self.energies:  # only AEPO's target reads the smooth critic (the others: the true reward)
-            def critic_batch():
-                i = self._draw(c.batch)
-                return {"x": x[i], "y": e[i]}
-            out.append(Timed("critic_regression", "steps/s", c.batch, lambda: self._steps(
-                RegressionLearner(self.critic, c.lr, decay_steps=decay(c)), critic_batch), self.critic))
+        def critic_batch():  # timed whatever the preset's critic.kind: the fitted critic's rate is worth knowing
+            i = self._draw(c.batch)
+            return {"x": x[i], "y": e[i]}
+        out.append(Timed("critic_regression", "steps/s", c.batch, lambda: self._steps(
+            RegressionLearner(self.critic, c.lr, decay_steps=decay(c)), critic_batch), self.critic))
         out += [Timed(f"energy_{m}", "steps/s", tc.energy.batch, lambda m=m: self._energy(m), net)
                 for m, net in self.energies.items()]
         n, s = tc.eval.n_samples, tc.sampling
@@ -425,7 +429,7 @@ class ToyStages(_Stages):
     def _energy(self, method: str):
         tc, x, e = self.tc, self.x, self.e
         ecfg = tc.energy
-        q_fn = (lambda s, a: self.critic(a).squeeze(-1)) if method == "aepo" else (lambda s, a: self.task.reward(a))
+        q_fn = (lambda s, a: self.critic(a).squeeze(-1)) if self.fitted else (lambda s, a: self.task.reward(a))
         eps_table = fit_cov = None
         if method == "aepo" and ecfg.covariance == "isotropic":
             eps_table = EpsNormTable.estimate(self.behaviour.eps, x[:4096], None, self.behaviour.schedule)
@@ -435,9 +439,12 @@ class ToyStages(_Stages):
                                 eps_fn=self.behaviour.eps, q_fn=q_fn, eps_table=eps_table, fit_cov=fit_cov,
                                 method=method, decay_steps=ecfg.steps if ecfg.lr_decay else None)
         B, K = ecfg.batch, tc.support.k
+        if method == "qgpo" and self.fitted:
+            with torch.no_grad():
+                e = self.critic(x).squeeze(-1)  # Q at every data point, after the critic stage
 
         def batch():
-            if method == "qgpo":  # K data points per group, scored by the true reward
+            if method == "qgpo":  # K data points per group and Q at them
                 i = self._draw(B, K)
                 return {"s": None, "support": x[i], "support_q": e[i]}
             return {"s": None, "a": x[self._draw(B)]}
@@ -448,7 +455,7 @@ class ToyStages(_Stages):
         tc = self.tc
         work = {"behaviour": tc.behaviour.steps, "critic_regression": tc.critic.steps}
         work.update({f"energy_{m}": tc.energy.steps for m in self.energies})
-        pipelines = {m: ["behaviour"] + (["critic_regression"] if m == "aepo" else []) + [f"energy_{m}"]
+        pipelines = {m: ["behaviour"] + (["critic_regression"] if self.fitted else []) + [f"energy_{m}"]
                      for m in self.energies}
         scales = tc.sampling.guidance_scales
         note = f"{len(scales)} guidance scale(s) x {tc.eval.n_samples} guided samples, sampler only"

@@ -160,9 +160,29 @@ def test_toy_stages():
     assert r["stages"]["energy_qgpo"]["batch"] == 256 and r["stages"]["behaviour"]["batch"] == 512  # toy sizes
     ex = r["extrapolation"]
     assert ex["preset"] == "toy smoke" and ex["work"]["behaviour"] == 1500
-    assert ex["pipelines"]["qgpo"]["stages"] == ["behaviour", "energy_qgpo"]
+    fitted = preset_config(bench.ToyConfig, "smoke").critic.kind == "regression"
+    assert ex["pipelines"]["qgpo"]["stages"] == ["behaviour"] + ["critic_regression"] * fitted + ["energy_qgpo"]
     assert ex["evaluation"]["seconds"] == pytest.approx(r["stages"][f"guided_b{n}"]["seconds_per_call"])
     assert "| critic_regression |" in bench.to_markdown(r)
+
+
+@pytest.mark.parametrize("kind", ["reward", "regression"])
+def test_toy_energies_read_the_presets_critic(kind, monkeypatch):
+    """As the toy runs: with critic.kind "regression" every method's Q is the fitted critic, else the true e(x)."""
+    from aepo_lite.config import PRESETS
+    smoke = PRESETS["toy"]["smoke"]
+    monkeypatch.setitem(smoke, "critic", dict(smoke.get("critic", {}), kind=kind))
+    st = bench.ToyStages(bench.tiny_config(toy="8gaussians", toy_preset="smoke", methods=("mse", "qgpo")),
+                         torch.device("cpu"))
+    calls = []
+    st.critic.register_forward_hook(lambda *_: calls.append(1))
+    plan = {t.name: t for t in st.plan()}
+    for name in ("energy_mse", "energy_qgpo"):
+        before = len(calls)
+        plan[name].build()()
+        assert (len(calls) > before) == (kind == "regression")
+    ex = st.extrapolate({name: {"rate": 1.0, "batch": 1, "seconds_per_call": 1.0} for name in plan})
+    assert ("critic_regression" in ex["pipelines"]["mse"]["stages"]) == (kind == "regression")
 
 
 @pytest.mark.parametrize("overrides, name", [
