@@ -1,27 +1,34 @@
-"""Stage benchmarks of the pipeline: how fast each stage runs here, and how long the ``full``
-preset (QGPO's published settings, docs/derivation.md section 7) would take at that rate.
+"""The speed bench: how fast each training stage and sampler of the library runs here, and how long
+the ``full`` preset (QGPO's published settings, docs/derivation.md section 7) would take at that rate.
 
-Stages (random data of D4RL-locomotion shape, resident on the device; nothing is read from disk):
+Offline-RL stages (random data of Hopper's shape, resident on the device; nothing read from disk):
 
-  behaviour          denoising score matching + Adam, batch 4096                 steps/s
-  critic_iql         ``critics.IQLCritic`` update (expectile V + twin Q), batch 256  steps/s
-  critic_softmax     ``critics.InSupportCritic`` update (K next support actions)   steps/s
-  energy_<method>    ``EnergyLearner`` update (aepo | mse | cep), batch 256      steps/s
-  support_sampling   unguided behaviour samples, 256 states x K actions          samples/s
-  guided_b<B>        energy-guided sampling, batch B (1, 256, 4096), 15 steps    samples/s
+  behaviour          ``BehaviourLearner.step`` (denoising score matching)              steps/s
+  critic_<kind>      the critic learner's ``step``: ``iql`` or ``insupport``         steps/s
+  energy_<method>    ``EnergyLearner.step``: aepo | mse | qgpo                        steps/s
+  support_sampling   K unguided behaviour actions per state, one support chunk      samples/s
+  guided_b<B>        ``Agent.act_unit`` (the guided sampler acting runs), batch B     samples/s
 
-``run_bench(cfg) -> dict`` is the whole API; ``aepo-lite bench`` prints it and writes it as JSON.
-A training step is timed as a loop of steps with one device synchronisation at the end, so the
-rate is what a training loop with no host synchronisation gets (where the library's step has none).
+With ``toy`` naming a toy task, the toy learners instead, at the toy preset's sizes: behaviour,
+``critic_regression`` (``RegressionLearner``; in the extrapolated pipelines only when the preset's
+``critic.kind`` is ``regression``, which every method's Q then comes from, else from e(x)),
+``energy_<method>``, and unguided / guided points/s. The toy energy is timed without the toy's
+c_in(t) input scaling (one multiply per call; it lives in ``aepo_lite.toy.pipeline``).
 
-``BenchConfig.compile`` compiles, in place, every network a timed stage runs (:func:`compile_module`):
-the behaviour NoiseNet (behaviour training, support sampling, AEPO's posterior), the critics (the
-fixed TwinQ that the energy stages query, and each critic learner's Q, target Q and V) and the
-EnergyNets (energy training); the guided stages time the agent's compiled sampler step
-(``FusedGuidedEps``: eps, energy and its gradient in one graph). Mode ``reduce-overhead`` (CUDA graphs) on
-CUDA, inductor's default on the CPU; static shapes, so each batch size compiles once. On CUDA each
-timed call first marks a new CUDA-graph step (``torch.compiler.cudagraph_mark_step_begin``); see
-:class:`Stages`. Compilation happens in each stage's untimed warm-up calls (``warmup_seconds``).
+The networks are the agent's own (:class:`aepo_lite.rl.agent.Agent`, one per method, sharing one
+behaviour model and one critic per kind), every step is the library learner's ``step`` on a batch
+laid out as the agent's stages lay it out, and after its stage a network is frozen as the agent
+freezes it. Nothing here writes a training step. Sizes come from the config parts of
+:class:`BenchConfig`, whose defaults are :class:`~aepo_lite.config.TrainConfig`'s (the full preset).
+
+A stage is timed as loops of calls with one device synchronisation at each loop's end, so a
+training step's rate is what a training loop with no host synchronisation gets. ``compile``
+compiles every network the training stages run, in place (:func:`~aepo_lite.device.compile_module`;
+CUDA graphs on CUDA, each step then one CUDA-graph step, as ``train --compile`` runs);
+``sampling.compile`` makes the guided stages use the agent's compiled sampler step. Compilation
+happens in each stage's untimed warm-up calls (``warmup_seconds``).
+
+``run_bench(cfg) -> dict`` is the API; ``aepo-lite bench`` prints it and writes it as JSON + Markdown.
 """
 from __future__ import annotations
 
@@ -30,102 +37,121 @@ import math
 import os
 import platform
 import statistics
-import sys
 import time
-from dataclasses import asdict, dataclass, field
-from typing import Callable
+from dataclasses import dataclass, field, replace
+from typing import Callable, Optional
 
 import numpy as np
 import torch
+from torch import nn
 
-from aepo_lite.config import EnergyConfig
+from aepo_lite.config import (PRESETS, BehaviourConfig, CriticConfig, EnergyConfig, SamplingConfig, SupportConfig,
+                              ToyConfig, TrainConfig, apply_overrides, config_diff, preset_config, to_dict)
+from aepo_lite.core.aepo import ENERGY_METHODS, EnergyLearner, EpsNormTable
+from aepo_lite.core.diffusion import DiffusionModel, energy_guidance
+from aepo_lite.core.nets import MLP, EnergyNet, NoiseNet
+from aepo_lite.device import compile_limits, compile_mode, compile_module, resolve_device
+from aepo_lite.training import BehaviourLearner, RegressionLearner
 
-from aepo_lite.core.aepo import EnergyLearner
-from aepo_lite.config import CriticConfig
-from aepo_lite.core.critics import make_critic
-from aepo_lite.device import adam, compile_limits, compile_mode, compile_module, resolve_device
-from aepo_lite.core.diffusion import DiffusionModel, FusedGuidedEps, energy_guidance
-from aepo_lite.core.nets import EnergyNet, NoiseNet, TwinQ
-from aepo_lite.core.schedule import VPSchedule
+__all__ = ["BenchConfig", "quick_config", "tiny_config", "check_bench_config", "train_config", "run_bench",
+           "time_call", "extrapolate", "environment", "to_markdown", "RLStages", "ToyStages", "SUPPORT_CHUNK"]
 
-__all__ = ["BenchConfig", "FullPreset", "FULL_PRESET", "PIPELINES", "run_bench", "extrapolate", "environment",
-           "to_markdown", "quick_config", "tiny_config", "compile_mode", "compile_module"]
-
-
-@dataclass(frozen=True)
-class FullPreset:
-    """How much work the ``full`` preset does (docs/derivation.md section 7, QGPO's official code)."""
-
-    behaviour_steps: int = 600_000  # behaviour training steps at batch 4096
-    critic_steps: int = 500_000  # critic updated for the first 500k of the energy steps
-    energy_steps: int = 1_000_000  # energy training steps at batch 256
-    dataset_size: int = 1_000_000  # transitions (D4RL hopper/walker/halfcheetah-medium: 1M; medium-expert: 2M)
-    support_k: int = 16  # support actions per state for s and s' (32 on AntMaze)
-    guidance_scales: tuple = (0, 1, 2, 3, 5, 8, 10)  # scales swept at evaluation (locomotion)
-    eval_episodes: int = 10  # episodes per scale, stepped together (one sampler call per env step)
-    episode_len: int = 1000  # env steps per episode (upper bound: early termination is faster)
+SUPPORT_CHUNK = 4096  # actions per support-sampling call: rl.agent.SupportSampler's chunk
 
 
-FULL_PRESET = FullPreset()
-
-# Which stages each method's pipeline runs (the evaluation sweep is reported on its own).
-PIPELINES = {
-    "aepo": ("behaviour", "critic_iql", "energy_aepo"),
-    "mse": ("behaviour", "critic_iql", "energy_mse"),
-    "cep": ("behaviour", "support_sampling", "critic_softmax", "energy_cep"),  # QGPO
-}
+def _full() -> TrainConfig:
+    return preset_config(TrainConfig, "full")
 
 
 @dataclass
 class BenchConfig:
-    """What ``run_bench`` measures. Defaults: Hopper shapes, the library's default network sizes."""
+    """What ``aepo-lite bench`` times. The config parts' defaults are the full preset's (TrainConfig's)."""
 
-    device: str = "auto"  # auto | cpu | cuda
-    state_dim: int = 11  # Hopper observation size
-    action_dim: int = 3  # Hopper action size
-    behaviour_batch: int = 4096  # behaviour training batch (docs/derivation.md section 7)
-    batch: int = 256  # critic and energy training batch
-    support_k: int = 16  # K support actions per state (cep, softmax critic)
-    n_steps: int = 15  # solver steps (network evaluations) for every sampler stage
-    solver: str = "dpmpp2m"  # sampler of the guided and support stages
-    guidance_scale: float = 3.0  # w of the guided stages
-    sample_batches: tuple = (1, 256, 4096)  # batch sizes of the guided-sampling stages
-    methods: tuple = ("aepo", "mse", "cep")  # energy learners to time
-    covariance: str = "tweedie"  # AEPO posterior covariance of the energy_aepo stage
-    expansion: str = "first"  # AEPO expansion of the energy_aepo stage
-    noise_hidden: int = 256  # NoiseNet width
-    noise_blocks: int = 3  # NoiseNet residual blocks
-    energy_hidden: int = 256  # EnergyNet width
-    energy_depth: int = 3  # EnergyNet hidden layers
-    critic_hidden: int = 256  # TwinQ / ValueNet width
-    critic_depth: int = 2  # TwinQ / ValueNet hidden layers
-    activation: str | None = None  # one activation for every network; None = each network's default
-    warmup: int = 3  # untimed calls before timing each stage
-    min_time: float = 1.0  # seconds one timed repeat should last (sets the number of calls)
-    repeats: int = 3  # timed repeats per stage; the median is reported
-    tf32: bool = False  # CUDA only: TF32 matmuls (off until checked on the toy distance metric)
-    compile: bool = False  # torch.compile every network the stages run (CUDA: reduce-overhead, i.e. CUDA graphs)
-    seed: int = 0  # seed of the random data and the networks
-    threads: int | None = None  # torch CPU threads; None = torch's default (1 is steadier on a shared machine)
-    preset: FullPreset = field(default_factory=FullPreset)  # the work to extrapolate to
+    device: str = "auto"  # auto | cpu | cuda (or cuda:N)
+    state_dim: int = 11  # state size of the random data (Hopper: 11)
+    action_dim: int = 3  # action size of the random data (Hopper: 3)
+    methods: tuple[str, ...] = ("aepo", "mse", "qgpo")  # energy learners timed (aepo | mse | qgpo)
+    sample_batches: tuple[int, ...] = (1, 10, 256, 4096)  # batch sizes of the guided-sampling stages
+    guidance_scale: float = 3.0  # w of the guided stages (the rate does not depend on w > 0)
+    dataset_size: int = 1_000_000  # transitions of the extrapolated run (D4RL locomotion medium: 1M)
+    episode_len: int = 1000  # environment steps per evaluation episode in the extrapolation (an upper bound)
+    warmup: int = 3  # untimed calls before timing each stage (compiled: at least 3)
+    min_time: float = 1.0  # seconds one timed loop should last (sets the number of calls in it)
+    repeats: int = 3  # timed loops per stage; the median is reported
+    compile: bool = False  # torch.compile every network the training stages run (CUDA graphs on CUDA)
+    tf32: bool = False  # CUDA only: allow TF32 matmuls
+    threads: Optional[int] = None  # torch CPU threads; None = torch's default (1 is steadier on a shared machine)
+    seed: int = 0  # seeds the random data and the networks
+    toy: str = ""  # time this toy task (e.g. 8gaussians) at the toy preset's sizes instead of the RL stages
+    toy_preset: str = "full"  # the toy preset whose sizes are timed and extrapolated (smoke | full)
+    behaviour: BehaviourConfig = field(default_factory=lambda: _full().behaviour)
+    critic: CriticConfig = field(default_factory=lambda: _full().critic)
+    support: SupportConfig = field(default_factory=lambda: _full().support)
+    energy: EnergyConfig = field(default_factory=lambda: _full().energy)
+    sampling: SamplingConfig = field(default_factory=lambda: _full().sampling)
 
 
-def quick_config(**kw) -> BenchConfig:
-    """The real batch sizes, one short repeat per stage (``aepo-lite bench --quick``)."""
-    return BenchConfig(**{"warmup": 1, "min_time": 0.2, "repeats": 1, **kw})
+def quick_config(**overrides) -> BenchConfig:
+    """The same sizes, one short loop per stage (``aepo-lite bench --quick``); ``overrides`` nested like a config."""
+    return apply_overrides(BenchConfig(warmup=1, min_time=0.2, repeats=1), overrides)
 
 
-def tiny_config(**kw) -> BenchConfig:
-    """Tiny networks and batches: checks the bench runs, measures nothing useful (tests)."""
-    return BenchConfig(**{"behaviour_batch": 64, "batch": 16, "support_k": 4, "n_steps": 3, "sample_batches": (1, 8),
-                          "noise_hidden": 16, "noise_blocks": 1, "energy_hidden": 16, "energy_depth": 2,
-                          "critic_hidden": 16, "critic_depth": 2, "warmup": 1, "min_time": 0.01, "repeats": 1,
-                          "device": "cpu", "threads": 1, **kw})
+def tiny_config(**overrides) -> BenchConfig:
+    """Tiny networks and batches on the CPU: checks that the bench runs, measures nothing useful (tests)."""
+    base = {"device": "cpu", "threads": 1, "warmup": 1, "min_time": 0.01, "repeats": 1, "sample_batches": (1, 8),
+            "behaviour": dict(batch=64, hidden=16, blocks=1), "critic": dict(batch=16, hidden=16),
+            "support": dict(k=4, steps=3), "energy": dict(batch=16, hidden=16, depth=2, n_samples=4),
+            "sampling": dict(steps=3)}
+    return apply_overrides(apply_overrides(BenchConfig(), base), overrides)
+
+
+def train_config(cfg: BenchConfig, method: str) -> TrainConfig:
+    """The offline-RL run config whose networks and learners the bench times for ``method``."""
+    return TrainConfig(method=method, seed=cfg.seed, device=cfg.device, compile=cfg.compile, behaviour=cfg.behaviour,
+                       critic=cfg.critic, support=cfg.support, energy=cfg.energy, sampling=cfg.sampling)
+
+
+def _positive(name: str, v, kind=int) -> None:
+    ok = not isinstance(v, bool) and isinstance(v, (int, float) if kind is float else int)
+    if not (ok and math.isfinite(v) and v > 0):
+        raise ValueError(f"{name}: expected a positive {'number' if kind is float else 'integer'}, got {v!r}")
+
+
+def check_bench_config(cfg: BenchConfig) -> BenchConfig:
+    """Raise a ValueError naming the first bad field (dotted, as on the command line)."""
+    from aepo_lite.rl.agent import check_config
+    for name in ("state_dim", "action_dim", "dataset_size", "episode_len", "repeats"):
+        _positive(name, getattr(cfg, name))
+    _positive("min_time", cfg.min_time, float)
+    if isinstance(cfg.warmup, bool) or not isinstance(cfg.warmup, int) or cfg.warmup < 0:
+        raise ValueError(f"warmup: expected an integer >= 0, got {cfg.warmup!r}")
+    if cfg.threads is not None:
+        _positive("threads", cfg.threads)
+    if not cfg.methods or any(m not in ENERGY_METHODS for m in cfg.methods):
+        raise ValueError(f"methods: expected one or more of {ENERGY_METHODS}, got {cfg.methods!r}")
+    if not cfg.sample_batches:
+        raise ValueError("sample_batches: expected one or more batch sizes, got none")
+    for b in cfg.sample_batches:
+        _positive("sample_batches", b)
+    if not (isinstance(cfg.guidance_scale, (int, float)) and math.isfinite(cfg.guidance_scale)
+            and cfg.guidance_scale >= 0):
+        raise ValueError(f"guidance_scale: expected a finite number >= 0, got {cfg.guidance_scale!r}")
+    resolve_device(cfg.device)
+    if cfg.toy:
+        from aepo_lite.toy.tasks import task_names
+        if cfg.toy not in task_names():
+            raise ValueError(f"toy: unknown toy task {cfg.toy!r}; known tasks: {', '.join(task_names())}")
+        if cfg.toy_preset not in PRESETS["toy"]:
+            raise ValueError(f"toy_preset: expected one of {tuple(PRESETS['toy'])}, got {cfg.toy_preset!r}")
+    else:
+        for m in cfg.methods:
+            check_config(train_config(cfg, m))
+    return cfg
 
 
 # ----------------------------------------------------------------------------- environment
 def environment(device: torch.device) -> dict:
-    """Device and library versions, for the JSON and the README table."""
+    """Device and library versions, for the JSON and the Markdown table."""
     from aepo_lite import __version__
     env = {"device": str(device), "python": platform.python_version(), "torch": torch.__version__,
            "numpy": np.__version__, "aepo_lite": __version__, "platform": platform.platform(),
@@ -186,261 +212,328 @@ def time_call(fn: Callable[[], object], *, device: torch.device, warmup: int, mi
     return out
 
 
-# ----------------------------------------------------------------------------- the stages
+@dataclass
+class Timed:
+    """One stage to time: ``build()`` makes the call (when its turn comes, after the stages before it)."""
+
+    name: str  # behaviour, critic_iql, energy_aepo, guided_b256, ...
+    unit: str  # steps/s (training) or samples/s (sampling)
+    batch: int  # rows per call
+    build: Callable[[], Callable[[], object]]
+    trains: nn.Module | None = None  # the network the stage trains: frozen after it, as the agent does
+
+
 def _noop() -> None:
     return None
 
 
-class Stages:
-    """Builds the networks and closures that one call of each stage runs.
-
-    With ``cfg.compile`` every network a stage runs is compiled in place (:func:`compile_module`) and
-    the guided stages use the compiled ``FusedGuidedEps``. On CUDA (``reduce-overhead``: CUDA-graph
-    trees) each training step and each sampler call starts with
-    ``torch.compiler.cudagraph_mark_step_begin()``. Without it, CUDA-graph trees start a new
-    generation at every compiled call that has no backward pending, and a new generation may
-    overwrite the outputs of the previous one while the library still reads them (pytorch#160281):
-    IQL's ``v`` is read (``v_mean``) after the ``v(s2)`` and Q calls (``critics.IQLCritic.step``), and
-    in the unfused guided sampler the behaviour net's eps after the energy's gradient call
-    (``diffusion._guided_eps``). Once a step is marked, generations change only at the marks, so
-    everything inside one step or one sampler call stays valid.
-
-    Compiled, each stage also gives the shared networks the ``requires_grad`` the agent gives them
-    (``agent.py`` freezes the behaviour model and the critic before the energy stage and the energy
-    before evaluation): a compiled backward computes the gradient of every input that requires one,
-    so AEPO's Jacobian and critic gradient would also compute the weight gradients that eager
-    ``autograd.grad`` skips (measured on this CPU, energy_aepo compiled: 6.4 steps/s trainable, 8.9
-    frozen; eager 9.95 and 10.14). The uncompiled path leaves them as they are.
-    """
+class _Stages:
+    """Shared by the RL and toy stages: resident data, batch indices, one call per training step."""
 
     def __init__(self, cfg: BenchConfig, device: torch.device):
         self.cfg, self.device = cfg, device
-        torch.manual_seed(cfg.seed)
-        k, d, dev = cfg.state_dim, cfg.action_dim, device
-        self.schedule = VPSchedule()
-        act = {} if cfg.activation is None else {"activation": cfg.activation}
-        self.behaviour = DiffusionModel(NoiseNet(d, k, cfg.noise_hidden, cfg.noise_blocks, **act), self.schedule).to(dev)
-        self.critic = TwinQ(k, d, cfg.critic_hidden, cfg.critic_depth, **act).to(dev)
-        self.critic_target = TwinQ(k, d, cfg.critic_hidden, cfg.critic_depth, **act).to(dev).requires_grad_(False)
-        self.critic_target.load_state_dict(self.critic.state_dict())
-        self.energy = {m: EnergyNet(d, k, cfg.energy_hidden, cfg.energy_depth, **act).to(dev) for m in cfg.methods}
-        if cfg.compile:
-            if "aepo" in cfg.methods and cfg.expansion == "second":
-                # create_graph through a compiled critic: AOTAutograd has no double backward
-                raise ValueError("compile: the energy_aepo stage with expansion='second' differentiates the critic "
-                                 "twice, which torch.compile does not support; use expansion='first' or 'sampled'")
-            for net in (self.behaviour.net, self.critic, *self.energy.values()):
-                compile_module(net, dev)
-            self.critic.requires_grad_(False)  # the fixed critic the energy stages query; never trained here
-        self._stage: str | None = None
-        self.eps = self.behaviour.eps  # the compiled NoiseNet when cfg.compile
-        self.q = self.critic.q_min  # q_min calls self(s, a): the compiled TwinQ when cfg.compile
-        self._step_begin = (torch.compiler.cudagraph_mark_step_begin
-                            if cfg.compile and compile_mode(dev) == "reduce-overhead" else _noop)
-        # a data set resident on the device: batches are drawn by on-device indexing
-        n = 16 * max(cfg.behaviour_batch, cfg.batch)
-        g = torch.Generator(device="cpu").manual_seed(cfg.seed)
-        self.data = {"s": torch.randn(n, k, generator=g), "a": torch.rand(n, d, generator=g) * 2 - 1,
-                     "r": torch.randn(n, generator=g), "s_": torch.randn(n, k, generator=g),
-                     "done": (torch.rand(n, generator=g) < 0.01).float()}
-        self.data = {key: v.to(dev) for key, v in self.data.items()}
-        self.support = (torch.rand(n // 16, cfg.support_k, d, generator=g) * 2 - 1).to(dev)
-        self.n = n
+        cuda_graphs = cfg.compile and compile_mode(device) == "reduce-overhead"
+        # CUDA-graph trees: each training step is one CUDA-graph step (what `train --compile` marks; pytorch#160281)
+        self.step_begin = torch.compiler.cudagraph_mark_step_begin if cuda_graphs else _noop
+        self.n = 0
 
-    def _enter(self, stage: str) -> None:
-        """Compiled only: the behaviour net trains in the behaviour stage and is frozen after it; an energy
-        net trains in its energy stage and is frozen for sampling (set once per stage, at its first call)."""
-        if not self.cfg.compile or self._stage == stage:
-            return
-        self._stage = stage
-        self.behaviour.requires_grad_(stage == "behaviour")
-        for m, net in self.energy.items():
-            net.requires_grad_(stage == f"energy_{m}")
+    def _draw(self, *shape: int) -> torch.Tensor:
+        return torch.randint(0, self.n, shape, device=self.device)
 
-    def batch(self, size: int) -> dict:
-        idx = torch.randint(0, self.n, (size,), device=self.device)
-        b = {key: v[idx] for key, v in self.data.items()}
-        sidx = idx % self.support.shape[0]
-        b["support"] = b["fake_a_"] = self.support[sidx]
-        return b
-
-    # --- training steps -------------------------------------------------------------------
-    def behaviour_step(self):
-        opt = adam(self.behaviour.parameters(), 1e-4)
-        B = self.cfg.behaviour_batch
-
-        def step():
-            self._enter("behaviour")
-            self._step_begin()
-            b = self.batch(B)
-            loss = self.behaviour.loss(b["a"], b["s"])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        return step
-
-    def _critic(self, kind: str):
-        cfg = self.cfg
-        ccfg = CriticConfig(kind=kind, hidden=cfg.critic_hidden, depth=cfg.critic_depth,
-                            **({} if cfg.activation is None else {"activation": cfg.activation}))
-        learner = make_critic(cfg.state_dim, cfg.action_dim, ccfg).to(self.device)
-        if cfg.compile:
-            for net in learner.children():  # its networks: Q, target Q and (IQL) V
-                compile_module(net, self.device)
-        return learner
-
-    def critic_iql_step(self):
-        """The library's IQLCritic.update (expectile V, twin Q, Polyak target)."""
-        learner, B = self._critic("iql"), self.cfg.batch
-
-        def step():
-            self._step_begin()
-            b = self.batch(B)
-            learner.update({"s": b["s"], "a": b["a"], "r": b["r"], "s2": b["s_"], "done": b["done"]})
-        return step
-
-    def critic_softmax_step(self):
-        """The library's InSupportCritic.update (QGPO's softmax target over K next support actions)."""
-        learner, B = self._critic("insupport"), self.cfg.batch
-
-        def step():
-            self._step_begin()
-            b = self.batch(B)
-            learner.update({"s": b["s"], "a": b["a"], "r": b["r"], "s2": b["s_"], "done": b["done"],
-                            "support2": b["fake_a_"]})
-        return step
-
-    def energy_step(self, method: str):
-        cfg = self.cfg
-        ecfg = EnergyConfig(beta=3.0, covariance=cfg.covariance, expansion=cfg.expansion)
-        learner = EnergyLearner(self.energy[method], ecfg, schedule=self.schedule, eps_fn=self.eps, q_fn=self.q,
-                                method="qgpo" if method == "cep" else method)
-        K, B = cfg.support_k, cfg.batch
-        run = learner.step  # no host sync (fused Adam on CUDA: the learner's own optimiser)
-
-        def step():
-            self._enter(f"energy_{method}")
-            self._step_begin()
-            b = self.batch(B)
-            if method == "cep":
-                with torch.no_grad():
-                    s_rep = b["s"].repeat_interleave(K, dim=0)
-                    b["support_q"] = self.q(s_rep, b["support"].reshape(B * K, -1)).reshape(B, K)
-            run(b)
-        return step
-
-    # --- samplers ---------------------------------------------------------------------------
-    def support_sampler(self):
-        B, K = self.cfg.batch, self.cfg.support_k
-        s = self.data["s"][:B].repeat_interleave(K, dim=0)
+    def _steps(self, learner, batch_of: Callable[[], dict]) -> Callable[[], None]:
+        """The call a training stage times: the batch source, then the learner's own ``step``."""
+        step_begin = self.step_begin
 
         def call():
-            self._enter("sampling")
-            self._step_begin()
-            with torch.no_grad():
-                return self.behaviour.sample(cond=s, n_steps=self.cfg.n_steps, solver=self.cfg.solver)
-        return call, B * K
+            step_begin()
+            learner.step(batch_of())
+        return call
 
-    def guided_sampler(self, batch: int):
-        """Eager: ``energy_guidance`` (eps, then the energy's autograd gradient). Compiled: what the agent runs
-        with ``compile_sampler``, :class:`~aepo_lite.core.diffusion.FusedGuidedEps` (eps, energy and its gradient
-        traced into one graph per batch size)."""
-        energy = self.energy.get("aepo") or next(iter(self.energy.values()))
-        s = self.data["s"][:batch]
+    def _sampler(self, sample: Callable[[], torch.Tensor]) -> Callable[[], Callable[[], torch.Tensor]]:
+        """A sampling stage's ``build``: compiled with CUDA graphs, each sampler call is one CUDA-graph step, so
+        an output of the compiled behaviour net stays valid while the energy's gradient runs (pytorch#160281)."""
+        step_begin = self.step_begin
+
+        def call():
+            step_begin()
+            return sample()
+        return lambda: call
+
+    def _compile(self, nets) -> None:
         if self.cfg.compile:
-            kw = {"guided_eps": FusedGuidedEps(self.eps, energy, compile=True, mode=compile_mode(self.device))}
-        else:
-            kw = {"guidance": energy_guidance(energy)}
-
-        def call():
-            self._enter("sampling")
-            self._step_begin()
-            return self.behaviour.sample(cond=s, n_steps=self.cfg.n_steps, solver=self.cfg.solver,
-                                         guidance_scale=self.cfg.guidance_scale, **kw)
-        return call, batch
+            for net in nets:
+                compile_module(net, self.device)
 
 
-def run_bench(cfg: BenchConfig | None = None, *, log: Callable[[str], None] | None = None) -> dict:
-    """Time every stage; return ``{"environment", "config", "stages", "full_preset"}`` (JSON-ready)."""
-    cfg = cfg or BenchConfig()
-    device = resolve_device(cfg.device)
+class RLStages(_Stages):
+    """The offline-RL agent's networks and a :class:`Timed` per stage (see the module docstring)."""
+
+    def __init__(self, cfg: BenchConfig, device: torch.device):
+        from aepo_lite.rl.agent import Agent, critic_kind
+        super().__init__(cfg, device)
+        torch.manual_seed(cfg.seed)
+        k, d = cfg.state_dim, cfg.action_dim
+        self.agents, self.critics = {}, {}
+        for m in cfg.methods:
+            tc = train_config(cfg, m)
+            agent = Agent(tc, k, d, np.zeros(k), np.ones(k), -np.ones(d), np.ones(d), device)
+            first = next(iter(self.agents.values()), agent)
+            agent.behaviour = first.behaviour  # one behaviour model for every method (as rl-grid's runs share it)
+            agent.critic = self.critics.setdefault(critic_kind(tc), agent.critic)  # one critic per kind
+            self.agents[m] = agent
+        self.behaviour = first.behaviour
+        self._compile([self.behaviour.net] + [n for c in self.critics.values() for n in c.children()]
+                      + [a.energy for a in self.agents.values()])
+        self.n = 16 * max(cfg.behaviour.batch, cfg.critic.batch, cfg.energy.batch)
+        K = cfg.support.k
+        g = torch.Generator().manual_seed(cfg.seed)
+        data = {"s": torch.randn(self.n, k, generator=g), "a": torch.rand(self.n, d, generator=g) * 2 - 1,
+                "r": torch.randn(self.n, generator=g), "s2": torch.randn(self.n, k, generator=g),
+                "done": (torch.rand(self.n, generator=g) < 0.01).float(),
+                "support": torch.rand(self.n, K, d, generator=g) * 2 - 1}
+        self.data = {key: v.to(device) for key, v in data.items()}
+
+    def plan(self) -> list[Timed]:
+        cfg, D = self.cfg, self.data
+        b = cfg.behaviour
+        out = [Timed("behaviour", "steps/s", b.batch, self._behaviour, self.behaviour)]
+        out += [Timed(f"critic_{kind}", "steps/s", cfg.critic.batch, lambda c=c: self._critic(c), c)
+                for kind, c in self.critics.items()]
+        out += [Timed(f"energy_{m}", "steps/s", cfg.energy.batch, lambda m=m: self._energy(m), a.energy)
+                for m, a in self.agents.items()]
+        per = max(1, SUPPORT_CHUNK // cfg.support.k)
+        s_support = D["s"][:per].repeat_interleave(cfg.support.k, 0)
+        support = self._sampler(lambda: self.behaviour.sample(cond=s_support, n_steps=cfg.support.steps,
+                                                              solver=cfg.support.solver, clip=1.0))
+        out.append(Timed("support_sampling", "samples/s", s_support.shape[0], support))
+        agent = next(iter(self.agents.values()))
+        for B in cfg.sample_batches:
+            s = torch.randn(B, cfg.state_dim, generator=torch.Generator().manual_seed(cfg.seed)).to(self.device)
+            out.append(Timed(f"guided_b{B}", "samples/s", B,
+                             self._sampler(lambda s=s: agent.act_unit(s, cfg.guidance_scale))))
+        return out
+
+    def _behaviour(self):
+        b, D = self.cfg.behaviour, self.data
+        learner = BehaviourLearner(self.behaviour, b.lr, decay_steps=b.steps if b.lr_decay else None)
+
+        def batch():
+            i = self._draw(b.batch)
+            return {"a": D["a"][i], "s": D["s"][i]}
+        return self._steps(learner, batch)
+
+    def _critic(self, critic):
+        B, D, keys = self.cfg.critic.batch, self.data, ("s", "a", "r", "s2", "done")
+        insupport = not hasattr(critic, "v")
+
+        def batch():
+            i = self._draw(B)
+            out = {key: D[key][i] for key in keys}
+            if insupport:
+                out["support2"] = D["support"][i]  # K behaviour actions at s' (rl.agent's critic batch)
+            return out
+        return self._steps(critic, batch)
+
+    def _energy(self, method: str):
+        """``EnergyLearner`` as rl.agent's energy stage builds it; qgpo's batch scores its support with the critic."""
+        cfg, D, agent = self.cfg, self.data, self.agents[method]
+        critic, e = agent.critic, cfg.energy
+        q_fn = critic.q_fn
+        if e.baseline == "value" and hasattr(critic, "v"):
+            q_fn = lambda s, a: critic.q_fn(s, a) - critic.v(s)  # noqa: E731  rl.agent's per-state shift
+        eps_table = None
+        if method == "aepo" and e.covariance == "isotropic":
+            rows = torch.arange(min(self.n, 8192), device=self.device)
+            eps_table = EpsNormTable.estimate(self.behaviour.eps, D["a"][rows], D["s"][rows], self.behaviour.schedule)
+        learner = EnergyLearner(agent.energy, e, schedule=self.behaviour.schedule, eps_fn=self.behaviour.eps,
+                                q_fn=q_fn, eps_table=eps_table, method=method,
+                                decay_steps=e.steps if e.lr_decay else None)
+
+        def batch():
+            i = self._draw(e.batch)
+            out = {"s": D["s"][i], "a": D["a"][i]}
+            if method == "qgpo":
+                sup = D["support"][i]
+                B, K, d = sup.shape
+                with torch.no_grad():
+                    q = critic.q_fn(out["s"].repeat_interleave(K, 0), sup.reshape(B * K, d))
+                out["support_q"] = q.reshape(B, K)
+                out["support"] = sup
+            return out
+        return self._steps(learner, batch)
+
+    def extrapolate(self, stages: dict) -> dict:
+        """The full preset's time at the measured rates (:func:`extrapolate`)."""
+        from aepo_lite.rl.agent import critic_kind, needs
+        full, cfg = _full(), self.cfg
+        work = {"behaviour": full.behaviour.steps, "support_sampling": cfg.dataset_size * full.support.k}
+        work.update({n: full.critic.steps for n in stages if n.startswith("critic_")})
+        work.update({n: full.energy.steps for n in stages if n.startswith("energy_")})
+        pipelines = {}
+        for m in cfg.methods:
+            tc = replace(full, method=m, critic=replace(full.critic, kind=cfg.critic.kind))
+            names = ["behaviour"] + (["support_sampling"] if needs(tc, "support") else [])
+            pipelines[m] = names + [f"critic_{critic_kind(tc)}", f"energy_{m}"]
+        ev = full.eval
+        rows = ev.envs * ev.candidates  # states per sampler call: the environments stepped together
+        calls = len(full.sampling.guidance_scales) * math.ceil(ev.episodes / ev.envs) * cfg.episode_len
+        note = (f"{len(full.sampling.guidance_scales)} scales x {math.ceil(ev.episodes / ev.envs)} rounds of {ev.envs} "
+                f"environments x {cfg.episode_len} steps ({ev.episodes} episodes per scale), sampler only")
+        parts = ("behaviour", "critic", "support", "energy", "sampling")
+        differs = config_diff({p: to_dict(getattr(full, p)) for p in parts},
+                              {p: to_dict(getattr(cfg, p)) for p in parts}, ignore=("critic.kind", "sampling.compile"))
+        return extrapolate(stages, "full", work, pipelines, evaluation=(calls, rows, note), differs=differs)
+
+
+class ToyStages(_Stages):
+    """A toy task's networks at the toy preset's sizes (built with aepo_lite.core / training, as the toy runs)."""
+
+    def __init__(self, cfg: BenchConfig, device: torch.device):
+        from aepo_lite.toy.tasks import get_task
+        super().__init__(cfg, device)
+        self.tc = tc = preset_config(ToyConfig, cfg.toy_preset, task=cfg.toy)
+        self.task = get_task(cfg.toy)
+        torch.manual_seed(cfg.seed)
+        self.x = self.task.sample(tc.n_data, seed=tc.data_seed, device=device)
+        self.e, self.n = self.task.reward(self.x), self.x.shape[0]
+        # the toy's matched reward access: every method reads the fitted critic (critic.kind "regression") or e(x)
+        self.fitted = tc.critic.kind == "regression"
+        dim = self.x.shape[1]
+        b, c, e = tc.behaviour, tc.critic, tc.energy
+        self.behaviour = DiffusionModel(NoiseNet(dim, 0, b.hidden, b.blocks)).to(device)
+        self.critic = MLP(dim, 1, c.hidden, c.depth, c.activation).to(device)
+        self.energies = {m: EnergyNet(dim, 0, e.hidden, e.depth).to(device) for m in cfg.methods}
+        self._compile([self.behaviour.net, self.critic, *self.energies.values()])
+
+    def plan(self) -> list[Timed]:
+        tc, x, e = self.tc, self.x, self.e
+        b, c = tc.behaviour, tc.critic
+        decay = lambda part: part.steps if part.lr_decay else None  # noqa: E731
+        out = [Timed("behaviour", "steps/s", b.batch, lambda: self._steps(
+            BehaviourLearner(self.behaviour, b.lr, decay_steps=decay(b)),
+            lambda: {"a": x[self._draw(b.batch)], "s": None}), self.behaviour)]
+        def critic_batch():  # timed whatever the preset's critic.kind: the fitted critic's rate is worth knowing
+            i = self._draw(c.batch)
+            return {"x": x[i], "y": e[i]}
+        out.append(Timed("critic_regression", "steps/s", c.batch, lambda: self._steps(
+            RegressionLearner(self.critic, c.lr, decay_steps=decay(c)), critic_batch), self.critic))
+        out += [Timed(f"energy_{m}", "steps/s", tc.energy.batch, lambda m=m: self._energy(m), net)
+                for m, net in self.energies.items()]
+        n, s = tc.eval.n_samples, tc.sampling
+        guide = energy_guidance(next(iter(self.energies.values())))
+        for name, kw in (("unguided", {}), ("guided", {"guidance": guide, "guidance_scale": s.guidance_scales[0]})):
+            out.append(Timed(f"{name}_b{n}", "samples/s", n, self._sampler(lambda kw=kw: self.behaviour.sample(
+                n, n_steps=s.steps, solver=s.solver, **kw))))
+        return out
+
+    def _energy(self, method: str):
+        tc, x, e = self.tc, self.x, self.e
+        ecfg = tc.energy
+        q_fn = (lambda s, a: self.critic(a).squeeze(-1)) if self.fitted else (lambda s, a: self.task.reward(a))
+        eps_table = fit_cov = None
+        if method == "aepo" and ecfg.covariance == "isotropic":
+            eps_table = EpsNormTable.estimate(self.behaviour.eps, x[:4096], None, self.behaviour.schedule)
+        if method == "aepo" and ecfg.covariance == "gaussian-fit":
+            fit_cov = torch.cov(x.T)
+        learner = EnergyLearner(self.energies[method], ecfg, schedule=self.behaviour.schedule,
+                                eps_fn=self.behaviour.eps, q_fn=q_fn, eps_table=eps_table, fit_cov=fit_cov,
+                                method=method, decay_steps=ecfg.steps if ecfg.lr_decay else None)
+        B, K = ecfg.batch, tc.support.k
+        if method == "qgpo" and self.fitted:
+            with torch.no_grad():
+                e = self.critic(x).squeeze(-1)  # Q at every data point, after the critic stage
+
+        def batch():
+            if method == "qgpo":  # K data points per group and Q at them
+                i = self._draw(B, K)
+                return {"s": None, "support": x[i], "support_q": e[i]}
+            return {"s": None, "a": x[self._draw(B)]}
+        return self._steps(learner, batch)
+
+    def extrapolate(self, stages: dict) -> dict:
+        """The toy preset's time at the measured rates."""
+        tc = self.tc
+        work = {"behaviour": tc.behaviour.steps, "critic_regression": tc.critic.steps}
+        work.update({f"energy_{m}": tc.energy.steps for m in self.energies})
+        pipelines = {m: ["behaviour"] + (["critic_regression"] if self.fitted else []) + [f"energy_{m}"]
+                     for m in self.energies}
+        scales = tc.sampling.guidance_scales
+        note = f"{len(scales)} guidance scale(s) x {tc.eval.n_samples} guided samples, sampler only"
+        return extrapolate(stages, f"toy {self.cfg.toy_preset}", work, pipelines,
+                           evaluation=(len(scales), tc.eval.n_samples, note))
+
+
+def extrapolate(stages: dict, preset: str, work: dict, pipelines: dict, *, evaluation: tuple | None = None,
+                differs: list | None = None) -> dict:
+    """Seconds a preset takes at the measured rates: per stage (``work`` steps or samples / rate), per
+    method's pipeline (the sum of its stages), and its evaluation (``(calls, rows, note)``: sampler
+    calls of ``rows`` states, timed at the guided stage whose batch is nearest ``rows``)."""
+    seconds = {name: w / stages[name]["rate"] for name, w in work.items() if name in stages}
+    piped = {m: {"stages": list(names), "seconds": sum(seconds[n] for n in names),
+                 "hours": sum(seconds[n] for n in names) / 3600}
+             for m, names in pipelines.items() if all(n in seconds for n in names)}
+    ev = None
+    guided = {s["batch"]: name for name, s in stages.items() if name.startswith("guided_b")}
+    if evaluation is not None and guided:
+        calls, rows, note = evaluation
+        b = min(guided, key=lambda size: (abs(math.log(size / rows)), size))
+        ev = {"sampler_calls": calls, "rows": rows, "timed_stage": guided[b], "note": note,
+              "seconds": calls * stages[guided[b]]["seconds_per_call"]}
+    return {"preset": preset, "work": {k: w for k, w in work.items() if k in stages}, "seconds": seconds,
+            "pipelines": piped, "evaluation": ev, "differs_from_preset": list(differs or [])}
+
+
+# ----------------------------------------------------------------------------- running
+@contextlib.contextmanager
+def _settings(cfg: BenchConfig, device: torch.device):
+    """Threads, TF32 and dynamo's recompile limit for the bench, restored after it."""
     threads = torch.get_num_threads()
+    tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    if cfg.tf32 and device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     try:
-        with _compile_limits(cfg):
-            return _run(cfg, device, log)
+        with compile_limits() if cfg.compile else contextlib.nullcontext():
+            yield
     finally:
         torch.set_num_threads(threads)
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
 
 
-def _compile_limits(cfg: BenchConfig):
-    """Compiled: room for every static shape (:func:`~aepo_lite.device.compile_limits`)."""
-    return compile_limits() if cfg.compile else contextlib.nullcontext()
-
-
-def _run(cfg: BenchConfig, device: torch.device, log) -> dict:
-    if cfg.tf32 and device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    st = Stages(cfg, device)
-    plan: list[tuple[str, str, int, Callable]] = [("behaviour", "steps/s", cfg.behaviour_batch, st.behaviour_step()),
-                                                 ("critic_iql", "steps/s", cfg.batch, st.critic_iql_step()),
-                                                 ("critic_softmax", "steps/s", cfg.batch, st.critic_softmax_step())]
-    plan += [(f"energy_{m}", "steps/s", cfg.batch, st.energy_step(m)) for m in cfg.methods]
-    call, n = st.support_sampler()
-    plan.append(("support_sampling", "samples/s", n, call))
-    for b in cfg.sample_batches:
-        call, n = st.guided_sampler(b)
-        plan.append((f"guided_b{b}", "samples/s", n, call))
-
+def time_plan(plan: list[Timed], cfg: BenchConfig, device: torch.device, log=None) -> dict:
+    """Time each stage in order (freezing what it trained after it); ``{name: {unit, batch, rate, ...}}``."""
     # compiled: the first call compiles; CUDA-graph trees run a function eagerly once, record it on the
     # second call and replay from the third, so three untimed calls before the calibrating one
     warmup = max(cfg.warmup, 3) if cfg.compile else cfg.warmup
     stages = {}
-    for name, unit, batch, fn in plan:
+    for st in plan:
         info: dict = {}
-        secs = time_call(fn, device=device, warmup=warmup, min_time=cfg.min_time, repeats=cfg.repeats, info=info)
+        secs = time_call(st.build(), device=device, warmup=warmup, min_time=cfg.min_time, repeats=cfg.repeats,
+                         info=info)
+        if st.trains is not None:
+            st.trains.requires_grad_(False).eval()
         sec = statistics.median(secs)
-        per = batch if unit == "samples/s" else 1
-        stages[name] = {"unit": unit, "batch": batch, "seconds_per_call": sec, "rate": per / sec,
-                        "repeats": [per / s for s in secs], "warmup_seconds": info["warmup_seconds"]}
+        per = st.batch if st.unit == "samples/s" else 1
+        stages[st.name] = {"unit": st.unit, "batch": st.batch, "seconds_per_call": sec, "rate": per / sec,
+                           "repeats": [per / s for s in secs], "warmup_seconds": info["warmup_seconds"]}
         if log:
-            log(f"  {name:<18} batch {batch:>5}  {per / sec:>12.1f} {unit}"
+            log(f"  {st.name:<18} batch {st.batch:>5}  {per / sec:>12.1f} {st.unit}"
                 + (f"  (warm-up {info['warmup_seconds']:.1f} s)" if cfg.compile else ""))
-    out = {"environment": environment(device), "config": _jsonable(asdict(cfg)), "stages": stages}
-    out["full_preset"] = extrapolate(stages, cfg.preset, n_steps=cfg.n_steps)
-    return out
+    return stages
 
 
-def extrapolate(stages: dict, preset: FullPreset = FULL_PRESET, n_steps: int = 15) -> dict:
-    """Seconds the ``full`` preset would take at the measured rates (stage, pipeline and evaluation)."""
-    p = preset
-    work = {"behaviour": p.behaviour_steps, "critic_iql": p.critic_steps, "critic_softmax": p.critic_steps,
-            "support_sampling": 2 * p.dataset_size * p.support_k}  # K actions for every s and every s'
-    work.update({name: p.energy_steps for name in stages if name.startswith("energy_")})
-    seconds = {name: work[name] / stages[name]["rate"] for name in work if name in stages}
-    pipelines = {}
-    for method, names in PIPELINES.items():
-        if all(n in seconds for n in names):
-            total = sum(seconds[n] for n in names)
-            pipelines[method] = {"stages": list(names), "seconds": total, "hours": total / 3600}
-    evaluation = None
-    if "guided_b1" in stages:
-        calls = len(p.guidance_scales) * p.episode_len  # episodes stepped together: one call per env step
-        evaluation = {"sampler_calls": calls, "seconds": calls * stages["guided_b1"]["seconds_per_call"],
-                      "note": f"{len(p.guidance_scales)} scales x {p.episode_len} env steps, {p.eval_episodes} "
-                              "episodes per call, timed at batch 1 (sampler only, no simulator)"}
-    return {"preset": _jsonable(asdict(p)), "work": work, "seconds": seconds, "pipelines": pipelines,
-            "evaluation": evaluation, "n_steps": n_steps}
-
-
-def _jsonable(d):
-    if isinstance(d, dict):
-        return {k: _jsonable(v) for k, v in d.items()}
-    if isinstance(d, (list, tuple)):
-        return [_jsonable(v) for v in d]
-    return d
+def run_bench(cfg: BenchConfig | None = None, *, log: Callable[[str], None] | None = None) -> dict:
+    """Time every stage; ``{"environment", "config", "stages", "extrapolation"}`` (JSON-ready)."""
+    cfg = check_bench_config(cfg or BenchConfig())
+    device = resolve_device(cfg.device)
+    load_start = _loadavg()
+    with _settings(cfg, device):
+        built = ToyStages(cfg, device) if cfg.toy else RLStages(cfg, device)
+        stages = time_plan(built.plan(), cfg, device, log)
+        env = environment(device)
+    env["load_average_1min_start"] = load_start
+    return {"environment": env, "config": to_dict(cfg), "stages": stages, "extrapolation": built.extrapolate(stages)}
 
 
 # ----------------------------------------------------------------------------- report
@@ -452,37 +545,51 @@ def _hms(sec: float) -> str:
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
+_ORDER = ("behaviour", "critic_iql", "critic_insupport", "critic_softmax", "critic_regression", "energy_aepo",
+          "energy_mse", "energy_qgpo", "energy_cep", "support_sampling", "unguided", "guided")  # *_softmax, *_cep: saved
+
+
 def _stage_key(name: str):
     """The order stages run in (a JSON file written with sorted keys renders the same table)."""
-    order = ["behaviour", "critic_iql", "critic_softmax", "energy_aepo", "energy_mse", "energy_cep", "support_sampling"]
-    if name in order:
-        return (order.index(name), 0, name)
-    if name.startswith("guided_b") and name[8:].isdigit():
-        return (len(order) + 1, int(name[8:]), name)
-    return (len(order), 0, name)
+    head, _, size = name.rpartition("_b")
+    if head in _ORDER and size.isdigit():
+        return (_ORDER.index(head), int(size), name)
+    return (_ORDER.index(name) if name in _ORDER else len(_ORDER), 0, name)
+
+
+def _extrapolation(result: dict) -> dict:
+    """A result's extrapolation; one saved by the bench before its config parts (``full_preset``, the full
+    preset's evaluation timed at batch 1) reads as the same fields."""
+    if "extrapolation" in result:
+        return result["extrapolation"]
+    old = result["full_preset"]
+    ev = old.get("evaluation")
+    return {"preset": "full", "work": old["work"], "seconds": old["seconds"], "pipelines": old["pipelines"],
+            "evaluation": ev and dict(ev, timed_stage=None), "differs_from_preset": []}  # its note names the batch
 
 
 def to_markdown(result: dict) -> str:
-    """The bench result as a markdown table (stage rates, full-preset times, environment)."""
-    env, stages, full = result["environment"], result["stages"], result["full_preset"]
-    lines = ["| stage | batch | rate | full preset: work | time |", "|---|---:|---:|---:|---:|"]
+    """The bench result as Markdown tables (stage rates, the preset's times, environment)."""
+    env, stages, ex = result["environment"], result["stages"], _extrapolation(result)
+    lines = [f"| stage | batch | rate | {ex['preset']} preset: work | time |", "|---|---:|---:|---:|---:|"]
     for name, s in sorted(stages.items(), key=lambda kv: _stage_key(kv[0])):
-        work = full["work"].get(name)
-        t = full["seconds"].get(name)
+        work, t = ex["work"].get(name), ex["seconds"].get(name)
         lines.append(f"| {name} | {s['batch']} | {s['rate']:.1f} {s['unit']} | "
                      f"{'' if work is None else f'{work:,}'} | {'' if t is None else _hms(t)} |")
-    lines += ["", "| pipeline (full preset) | stages | time |", "|---|---|---:|"]
-    for m, p in sorted(full["pipelines"].items(), key=lambda kv: _stage_key("energy_" + kv[0])):
+    lines += ["", f"| pipeline ({ex['preset']} preset) | stages | time |", "|---|---|---:|"]
+    for m, p in sorted(ex["pipelines"].items(), key=lambda kv: _stage_key("energy_" + kv[0])):
         lines.append(f"| {m} | {' + '.join(p['stages'])} | {_hms(p['seconds'])} |")
-    if full.get("evaluation"):
-        e = full["evaluation"]
-        lines.append(f"| evaluation sweep | {e['note']} | {_hms(e['seconds'])} |")
+    if ex.get("evaluation"):
+        e = ex["evaluation"]
+        timed = f" (timed as {e['timed_stage']})" if e.get("timed_stage") else ""
+        lines.append(f"| evaluation sweep | {e['note']}{timed} | {_hms(e['seconds'])} |")
+    if ex.get("differs_from_preset"):
+        lines += ["", f"Timed at settings other than the {ex['preset']} preset's: "
+                      f"{', '.join(ex['differs_from_preset'])} (the times above are its step counts at these rates)."]
     dev = env.get("gpu") or env["cpu"]
+    start = env.get("load_average_1min_start")
+    load = ("" if start is None else f"{start} at the start, ") + f"{env['load_average_1min']} at the end"
     lines += ["", f"Device: {env['device']} ({dev}; {env['cpu_count']} CPUs, {env['torch_threads']} torch threads, "
-                  f"load average {env['load_average_1min']} at the end). torch {env['torch']}, numpy {env['numpy']}, "
-                  f"python {env['python']}, aepo_lite {env['aepo_lite']}."]
+                  f"load average {load}). torch {env['torch']}, numpy {env['numpy']}, python {env['python']}, "
+                  f"aepo_lite {env['aepo_lite']}."]
     return "\n".join(lines) + "\n"
-
-
-def main_print(result: dict, file=sys.stdout) -> None:
-    print(to_markdown(result), file=file)

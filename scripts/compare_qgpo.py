@@ -4,24 +4,27 @@ and batch sizes, in one process on one machine, interleaved.
 
     python scripts/compare_qgpo.py --qgpo /path/to/CEP-energy-guided-diffusion [--device cpu] [--threads 1]
                                    [--rounds 7] [--quick] [--out figures/compare_qgpo_cpu]
+    python scripts/compare_qgpo.py --dry-run [--quick]     # aepo_lite's side only: checks it runs
 
 It fetches nothing: ``--qgpo`` is a checkout you made (``git clone``), used unmodified. Only its
 model files are imported (``Offline_RL_2D/diffusion_SDE``, and ``dataset/dataset.py`` for the row that
 times its DataLoader); the modules those files import at the top but never use here (gym, d4rl,
-sklearn) are stubbed with empty ``sys.modules`` entries when they are not installed. Its device
-comes from its own ``args.device``, which this script sets, and one run-time patch: its
-``schedule.marginal_prob_std`` defaults to ``device="cuda"`` (called so in ``update_qt``), so the module
-attribute is replaced by the same function bound to the chosen device. No file of it is changed or copied.
+sklearn, and scipy, whose ``softmax`` model.py imports and then shadows with ``nn.Softmax``) are
+stubbed with empty ``sys.modules`` entries when they are not installed. Its device comes from its
+own ``args.device``, which this script sets, and one run-time patch: its ``schedule.marginal_prob_std``
+defaults to ``device="cuda"`` (called so in ``update_qt``), so the module attribute is replaced by the
+same function bound to the chosen device. No file of it is changed or copied.
 
 What is timed (Hopper shapes: state 11, action 3; K = 16 support actions):
   behaviour   QGPO: its ``train_behavior`` loop body (``loss_fn`` on ScoreNet, Adam lr 1e-4), batch 4096;
-              aepo_lite: ``DiffusionModel.loss`` on a NoiseNet with QGPO's parameter count (and the
+              aepo_lite: ``BehaviourLearner.step`` on a NoiseNet with QGPO's parameter count (and the
               library default, smaller), Adam lr 1e-4.
   critic      QGPO: ``QGPO_Critic.update_q0`` (in-support softmax target over K next actions), batch 256;
               aepo_lite: ``critics.InSupportCritic.step`` (the same target), TwinQ 3 x 256 with QGPO's
               ReLU, and a second row with aepo_lite's smooth critic (SiLU) against the same QGPO step.
   energy      QGPO: ``QGPO_Critic.update_qt`` with method CEP, batch 256 x K;
-              aepo_lite: ``EnergyLearner`` (cep) with support Q from the target critic, EnergyNet 4 x 256.
+              aepo_lite: ``EnergyLearner.step`` (method qgpo: CEP) with support Q from the target critic,
+              EnergyNet 4 x 256.
               Also aepo_lite's AEPO update (a different algorithm: no support actions) for context.
   sampling    QGPO: ``ScoreNet.select_actions`` (DPM-Solver++ singlestep order 2, 15 steps, guidance
               scale 1), numpy states in, numpy actions out; aepo_lite: ``DiffusionModel.sample``
@@ -39,8 +42,6 @@ import functools
 import importlib.machinery
 import importlib.util
 import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -48,39 +49,40 @@ import types
 import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from aepo_lite import bench  # noqa: E402
-from aepo_lite.config import EnergyConfig  # noqa: E402
+from aepo_lite.config import CriticConfig, EnergyConfig  # noqa: E402
 from aepo_lite.core.aepo import EnergyLearner  # noqa: E402
-from aepo_lite.config import CriticConfig  # noqa: E402
 from aepo_lite.core.critics import make_critic  # noqa: E402
-from aepo_lite.device import resolve_device  # noqa: E402
 from aepo_lite.core.diffusion import DiffusionModel, energy_guidance  # noqa: E402
-from aepo_lite.core.nets import NoiseNet, TwinQ  # noqa: E402
+from aepo_lite.core.nets import EnergyNet, NoiseNet, TwinQ  # noqa: E402
 from aepo_lite.core.schedule import VPSchedule  # noqa: E402
+from aepo_lite.device import resolve_device  # noqa: E402
+from aepo_lite.training import BehaviourLearner  # noqa: E402
 
 STATE_DIM, ACTION_DIM, K = 11, 3, 16
 
 
 # ----------------------------------------------------------------------------- QGPO, imported from its checkout
 def import_qgpo(path: Path):
-    """Import QGPO's model code from a checkout (sys.path), stubbing gym/d4rl/sklearn if absent."""
+    """Import QGPO's model code from a checkout (sys.path), stubbing gym/d4rl/sklearn/scipy if absent."""
     root = Path(path) / "Offline_RL_2D"
     if not (root / "diffusion_SDE" / "model.py").is_file():
         raise SystemExit(f"--qgpo {path}: no Offline_RL_2D/diffusion_SDE/model.py there; pass a checkout of "
                          "https://github.com/thu-ml/CEP-energy-guided-diffusion")
-    missing = {top for top in ("gym", "d4rl", "sklearn") if importlib.util.find_spec(top) is None}
-    for name in ("gym", "d4rl", "sklearn", "sklearn.datasets", "sklearn.utils"):
+    missing = {top for top in ("gym", "d4rl", "sklearn", "scipy") if importlib.util.find_spec(top) is None}
+    for name in ("gym", "d4rl", "sklearn", "sklearn.datasets", "sklearn.utils", "scipy", "scipy.special"):
         if name.split(".")[0] in missing and name not in sys.modules:
             mod = types.ModuleType(name)
             mod.__spec__ = importlib.machinery.ModuleSpec(name, None)  # torch._dynamo looks modules up by spec
             if name == "sklearn.utils":
                 mod.shuffle = None
+            if name == "scipy.special":
+                mod.softmax = None
             sys.modules[name] = mod
     sys.path.insert(0, str(root))
     from diffusion_SDE import model as qmodel, loss as qloss, schedule as qschedule
@@ -197,35 +199,33 @@ class ResidentData:
 
 
 class AepoSide:
-    """aepo_lite's stages at QGPO's sizes. ``critic_activation``: the critic's (QGPO's is ReLU; the
-    library's default critics are smooth, which AEPO's first/second-order expansions need)."""
+    """aepo_lite's stages at QGPO's sizes, built from the library's networks and learners. ``activation``:
+    the noise and energy networks' (None: each network's default); ``critic_activation``: the critic's
+    (QGPO's is ReLU; the library's default critics are smooth, which AEPO's first/second-order expansions need)."""
 
     def __init__(self, device, data, noise_hidden, noise_blocks, activation, critic_activation=None):
-        cfg = bench.BenchConfig(device=str(device), support_k=K, noise_hidden=noise_hidden, noise_blocks=noise_blocks,
-                                energy_hidden=256, energy_depth=4, critic_hidden=256, critic_depth=3,
-                                methods=("cep", "aepo"), guidance_scale=1.0, activation=activation)
-        self.st = bench.Stages(cfg, device)
-        self.cfg, self.data, self.device = cfg, data, device
+        torch.manual_seed(0)
+        act = {} if activation is None else {"activation": activation}
+        self.behaviour = DiffusionModel(NoiseNet(ACTION_DIM, STATE_DIM, noise_hidden, noise_blocks, **act),
+                                        VPSchedule()).to(device)
+        self.energy = {m: EnergyNet(ACTION_DIM, STATE_DIM, 256, 4, **act).to(device) for m in ("qgpo", "aepo")}
         self.critic_activation = critic_activation or activation or "mish"
         self.critic_target = TwinQ(STATE_DIM, ACTION_DIM, 256, 3, self.critic_activation).to(device).requires_grad_(False)
-        # the same resident data as QGPO's side, so both index the same tensors
-        t = data.tensors
-        self.st.data = {"s": t["s"], "a": t["a"], "r": t["r"], "s_": t["s_"], "done": t["done"]}
-        self.st.n = data.n
-        self.st.batch = self._batch
-
-    def _batch(self, size):
-        b = self.data.batch(size)
-        b["fake_a_"] = b.pop("support_next")
-        return b
+        self.data, self.device = data, device
 
     def params(self):
         n = lambda m: sum(p.numel() for p in m.parameters() if p.requires_grad)
-        return {"behaviour": n(self.st.behaviour), "critic": n(self.st.critic), "energy": n(self.st.energy["cep"])}
+        return {"behaviour": n(self.behaviour), "critic": sum(p.numel() for p in self.critic_target.parameters()),
+                "energy": n(self.energy["qgpo"])}
 
     def behaviour_step(self, batch):
-        self.cfg.behaviour_batch = batch
-        return self.st.behaviour_step()
+        """``BehaviourLearner.step`` (denoising score matching, Adam lr 1e-4, QGPO's)."""
+        learner = BehaviourLearner(self.behaviour, 1e-4)
+
+        def step():
+            b = self.data.batch(batch)
+            learner.step({"a": b["a"], "s": b["s"]})
+        return step
 
     def critic_step(self, batch):
         """``InSupportCritic.step`` (the metrics stay on the device, as in a training loop)."""
@@ -238,32 +238,28 @@ class AepoSide:
                          "support2": b["support_next"]})
         return step
 
-    def energy_step(self, batch, method="cep"):
-        """As QGPO's update_qt does, the support Q comes from the target critic inside the step."""
-        self.cfg.batch = batch
-        ecfg = EnergyConfig(beta=3.0)
+    def energy_step(self, batch, method="qgpo"):
+        """``EnergyLearner.step``; as QGPO's update_qt does, the support Q comes from the target critic in the step."""
         q_target = self.critic_target.q_min
-        learner = EnergyLearner(self.st.energy[method], ecfg, schedule=self.st.schedule, eps_fn=self.st.eps,
-                                q_fn=q_target, method="qgpo" if method == "cep" else method)
-        run = learner.step
+        learner = EnergyLearner(self.energy[method], EnergyConfig(beta=3.0), schedule=self.behaviour.schedule,
+                                eps_fn=self.behaviour.eps, q_fn=q_target, method=method)
 
         def step():
-            b = self._batch(batch)
-            if method == "cep":
+            b = self.data.batch(batch)
+            if method == "qgpo":
                 with torch.no_grad():
                     b["support_q"] = q_target(b["s"].repeat_interleave(K, dim=0),
                                               b["support"].reshape(batch * K, ACTION_DIM)).reshape(batch, K)
-            run(b)
+            learner.step(b)
         return step
 
     def sampler(self, batch):
         states = self.data.tensors["s"][:batch].cpu().numpy()
-        guide = energy_guidance(self.st.energy["cep"])
-        model: DiffusionModel = self.st.behaviour
+        guide = energy_guidance(self.energy["qgpo"])
 
         def call():
             s = torch.as_tensor(states, dtype=torch.float32, device=self.device)
-            a = model.sample(cond=s, n_steps=15, solver="dpmpp2m", guidance=guide, guidance_scale=1.0)
+            a = self.behaviour.sample(cond=s, n_steps=15, solver="dpmpp2m", guidance=guide, guidance_scale=1.0)
             return a.cpu().numpy()
         return call
 
@@ -332,9 +328,53 @@ def to_markdown(result):
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None):
+def _rows(quick: bool, dataloader: bool) -> list[tuple]:
+    """(stage, batch, note, QGPO's call from its side, aepo_lite's call from its sides) for each row."""
+    rows = [("behaviour", 4096, "matched parameter count, SiLU",
+             lambda q: q.behaviour_step(4096), lambda a: a["matched"].behaviour_step(4096)),
+            ("behaviour (aepo_lite default net)", 4096, "aepo_lite's default NoiseNet (smaller, Mish)",
+             lambda q: q.behaviour_step(4096), lambda a: a["default"].behaviour_step(4096)),
+            ("critic (in-support softmax)", 256, f"K = {K} next support actions; QGPO's ReLU TwinQ on both sides",
+             lambda q: q.critic_step(256), lambda a: a["matched"].critic_step(256)),
+            ("critic, aepo_lite smooth (SiLU)", 256, "a smooth critic (AEPO's first/second order need one): "
+             "SiLU costs ~3x ReLU per element here", lambda q: q.critic_step(256), lambda a: a["smooth"].critic_step(256)),
+            ("energy (CEP)", 256, f"K = {K} support actions, target-critic Q inside the step",
+             lambda q: q.energy_step(256), lambda a: a["matched"].energy_step(256, "qgpo")),
+            ("energy: aepo_lite AEPO vs QGPO CEP", 256, "different algorithms: AEPO needs no support actions",
+             lambda q: q.energy_step(256), lambda a: a["matched"].energy_step(256, "aepo"))]
+    for b in (1, 256) if quick else (1, 256, 4096):
+        rows.append((f"guided sampling b{b}", b, "15 steps, numpy in/out, per call",
+                     lambda q, b=b: q.sampler(b), lambda a, b=b: a["matched"].sampler(b)))
+    if dataloader:
+        rows.append(("behaviour, QGPO's DataLoader", 4096, "QGPO as its train_behavior runs (per-item Dataset + "
+                     "DataLoader collate); aepo_lite with resident data",
+                     lambda q: q.behaviour_step_dataloader(4096), lambda a: a["matched"].behaviour_step(4096)))
+    return rows
+
+
+def aepo_sides(device, data) -> dict:
+    """aepo_lite at QGPO's parameter counts and activations (SiLU; its ReLU critic), with a SiLU critic, and the
+    library's default networks (Mish)."""
+    return {"matched": AepoSide(device, data, noise_hidden=448, noise_blocks=2, activation="silu",
+                                critic_activation="relu"),
+            "default": AepoSide(device, data, noise_hidden=256, noise_blocks=3, activation=None),
+            "smooth": AepoSide(device, data, noise_hidden=448, noise_blocks=2, activation="silu")}
+
+
+def dry_run(rows, sides, device) -> int:
+    """Build and call every aepo_lite row twice, without QGPO: checks this side runs. The seconds of one
+    call per row are printed as a smoke check, not a measurement."""
+    print(f"compare_qgpo --dry-run: aepo_lite side only, device {device}, {torch.get_num_threads()} threads")
+    for name, batch, _, _, make_aepo in rows:
+        fn = make_aepo(sides)
+        fn()
+        print(f"  {name:<36} batch {batch:>5}  {_fmt_s(_block(fn, 1, device))} per call")
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--qgpo", required=True, help="path of a checkout of thu-ml/CEP-energy-guided-diffusion")
+    ap.add_argument("--qgpo", default=None, help="path of a checkout of thu-ml/CEP-energy-guided-diffusion")
     ap.add_argument("--qgpo-commit", default=None, help="its commit, recorded in the output when --qgpo is not a git checkout")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda (QGPO's code gets the same device)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads for both sides")
@@ -342,8 +382,17 @@ def main(argv=None):
     ap.add_argument("--min-time", type=float, default=1.0, help="seconds one timed block should last")
     ap.add_argument("--quick", action="store_true", help="3 rounds, short blocks, no batch-4096 sampling")
     ap.add_argument("--no-dataloader", action="store_true", help="skip the row with QGPO's DataLoader")
+    ap.add_argument("--dry-run", action="store_true", help="no QGPO: build and call each aepo_lite row twice (checks "
+                                                           "this side runs; compares nothing)")
     ap.add_argument("--out", default=None, help="write OUT.json and OUT.md")
+    return ap
+
+
+def main(argv=None):
+    ap = _parser()
     args = ap.parse_args(argv)
+    if args.qgpo is None and not args.dry_run:
+        ap.error("--qgpo: give a checkout of thu-ml/CEP-energy-guided-diffusion (or --dry-run for aepo_lite's side only)")
     warnings.filterwarnings("ignore", category=UserWarning)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -352,57 +401,38 @@ def main(argv=None):
     device = resolve_device(args.device)
     torch.manual_seed(0)
     data = ResidentData(100_000, device)
+    sides = aepo_sides(device, data)
+    rows = _rows(args.quick, not args.no_dataloader and not args.dry_run)
+    if args.dry_run:
+        return dry_run(rows, sides, device)
     qgpo = QGPOSide(args.qgpo, device, data)
-    # QGPO's networks: its parameter counts and activations (SiLU; ReLU in its critic)
-    matched = AepoSide(device, data, noise_hidden=448, noise_blocks=2, activation="silu", critic_activation="relu")
-    default = AepoSide(device, data, noise_hidden=256, noise_blocks=3, activation=None)  # the library default (Mish)
-    smooth = AepoSide(device, data, noise_hidden=448, noise_blocks=2, activation="silu")  # SiLU critic
-
-    pairs = [("behaviour", qgpo.behaviour_step(4096), matched.behaviour_step(4096)),
-             ("behaviour (aepo_lite default net)", qgpo.behaviour_step(4096), default.behaviour_step(4096)),
-             ("critic (in-support softmax)", qgpo.critic_step(256), matched.critic_step(256)),
-             ("critic, aepo_lite smooth (SiLU)", qgpo.critic_step(256), smooth.critic_step(256)),
-             ("energy (CEP)", qgpo.energy_step(256), matched.energy_step(256, "cep")),
-             ("energy: aepo_lite AEPO vs QGPO CEP", qgpo.energy_step(256), matched.energy_step(256, "aepo")),
-             ("guided sampling b1", qgpo.sampler(1), matched.sampler(1)),
-             ("guided sampling b256", qgpo.sampler(256), matched.sampler(256))]
-    meta = {"behaviour": {"batch": 4096, "note": "matched parameter count, SiLU"},
-            "behaviour (aepo_lite default net)": {"batch": 4096, "note": "aepo_lite's default NoiseNet (smaller, Mish)"},
-            "critic (in-support softmax)": {"batch": 256, "note": f"K = {K} next support actions; QGPO's ReLU TwinQ on both sides"},
-            "critic, aepo_lite smooth (SiLU)": {"batch": 256, "note": "a smooth critic (AEPO's first/second order need one): "
-                                                 "SiLU costs ~3x ReLU per element here"},
-            "energy (CEP)": {"batch": 256, "note": f"K = {K} support actions, target-critic Q inside the step"},
-            "energy: aepo_lite AEPO vs QGPO CEP": {"batch": 256, "note": "different algorithms: AEPO needs no support actions"},
-            "guided sampling b1": {"batch": 1, "note": "15 steps, numpy in/out, per call"},
-            "guided sampling b256": {"batch": 256, "note": "15 steps, numpy in/out, per call"}}
-    if not args.quick:
-        pairs.append(("guided sampling b4096", qgpo.sampler(4096), matched.sampler(4096)))
-        meta["guided sampling b4096"] = {"batch": 4096, "note": "15 steps, numpy in/out, per call"}
-    if not args.no_dataloader:
-        pairs.append(("behaviour, QGPO's DataLoader", qgpo.behaviour_step_dataloader(4096), matched.behaviour_step(4096)))
-        meta["behaviour, QGPO's DataLoader"] = {"batch": 4096, "note": "QGPO as its train_behavior runs (per-item "
-                                                 "Dataset + DataLoader collate); aepo_lite with resident data"}
+    pairs = [(name, make_q(qgpo), make_a(sides)) for name, _, _, make_q, make_a in rows]
+    meta = {name: {"batch": batch, "note": note} for name, batch, note, _, _ in rows}
     print(f"compare_qgpo: device {device}, {torch.get_num_threads()} threads, {args.rounds} rounds")
     raw, calls = interleave(pairs, rounds=args.rounds, min_time=args.min_time, device=device)
-    rows = summarise(raw, calls, meta)
     result = {"environment": bench.environment(device), "qgpo_commit": qgpo_commit(Path(args.qgpo)) or args.qgpo_commit,
               "rounds": args.rounds, "min_time": args.min_time, "threads": torch.get_num_threads(),
               "shapes": {"state_dim": STATE_DIM, "action_dim": ACTION_DIM, "support_k": K},
-              "params": {"qgpo": qgpo.params(), "aepo_matched": matched.params(), "aepo_default": default.params()},
+              "params": {"qgpo": qgpo.params(), "aepo_matched": sides["matched"].params(),
+                         "aepo_default": sides["default"].params()},
               "aepo_lite_sizes": {"matched": {"noise_hidden": 448, "noise_blocks": 2, "energy": "EnergyNet(256, depth 4)",
                                               "critic": "TwinQ(256, depth 3), ReLU (QGPO's)", "activation": "silu"},
                                   "default": {"noise_hidden": 256, "noise_blocks": 3, "activation": "mish"}},
-              "rows": rows}
+              "rows": summarise(raw, calls, meta)}
+    _write(result, args.out)
+    return 0
+
+
+def _write(result: dict, out: str | None) -> None:
     md = to_markdown(result)
     print()
     print(md)
-    if args.out:
-        out = Path(args.out)
+    if out:
+        out = Path(out)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.with_suffix(".json").write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
         out.with_suffix(".md").write_text(md)
         print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -1,51 +1,75 @@
-"""``aepo-lite bench``: time each pipeline stage here and extrapolate the ``full`` preset."""
+"""``aepo-lite bench``: the speed bench, its options generated from :class:`aepo_lite.bench.BenchConfig` (tyro).
+
+  aepo-lite bench                                   # every stage at the full preset's sizes, extrapolated
+  aepo-lite bench --quick --threads 1 --out figures/bench_cpu.json
+  aepo-lite bench --energy.expansion first --methods aepo
+  aepo-lite bench --toy 8gaussians                  # the toy learners at the toy preset's sizes
+
+Every field of the config is a flag (``--behaviour.batch 1024``), and ``--help`` shows each field's
+comment. ``--quick`` and ``--tiny`` change the defaults the flags then override.
+"""
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Optional
 
-from aepo_lite.device import DEVICE_CHOICES
+from aepo_lite.bench import BenchConfig
+from aepo_lite.cli._config import _arg, _flag
+
+DESCRIPTION = ("Time the library's training steps (behaviour, critics, energy learners) and samplers on random data "
+               "of Hopper's shape, at the full preset's sizes unless flags say otherwise; print steps/s or samples/s, "
+               "the full preset's time at those rates, the device and library versions. --toy TASK times a toy "
+               "task's learners instead, at the toy preset's sizes.")
+
+
+@dataclass
+class BenchCommand:
+    """Time each training stage and sampler; extrapolate the full preset."""
+
+    config_values: Annotated[BenchConfig, _arg("", "")] = field(default_factory=BenchConfig)
+    out: Optional[str] = None  # write the result as JSON here (and a Markdown table next to it, .md)
+    quick: Annotated[bool, _flag()] = False  # one short timed loop per stage (warmup 1, min_time 0.2, repeats 1)
+    tiny: Annotated[bool, _flag()] = False  # tiny networks and batches on the CPU: checks the bench runs, no numbers
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("bench", help="time each pipeline stage; extrapolate the full preset",
-                              description="Time behaviour, critic and energy training steps, support-action and "
-                              "guided sampling on random data of D4RL-locomotion shape; print steps/s or samples/s, "
-                              "the full preset's time at those rates, the device and library versions.")
-    p.add_argument("--device", default="auto", help=f"one of {DEVICE_CHOICES} or cuda:N (default auto)")
-    p.add_argument("--quick", action="store_true", help="one short repeat per stage (same batch sizes)")
-    p.add_argument("--out", default=None, help="write the result as JSON here (and a .md table next to it)")
-    p.add_argument("--state-dim", type=int, default=11, help="state size (default 11, Hopper)")
-    p.add_argument("--action-dim", type=int, default=3, help="action size (default 3, Hopper)")
-    p.add_argument("--repeats", type=int, default=None, help="timed repeats per stage (median reported)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile every network the stages run (CUDA: mode reduce-overhead, CUDA graphs; CPU: "
-                        "inductor's default). Compiles in each stage's warm-up (on a 2-core CPU ~100 s with an empty "
-                        "inductor cache); on the CPU only guided sampling at small batches got faster")
-    p.add_argument("--tf32", action="store_true", help="CUDA: allow TF32 matmuls")
-    p.set_defaults(func=run)
+    """Nothing to add: ``bench`` is listed through :data:`CONFIG_COMMANDS`."""
 
 
-def run(args: argparse.Namespace) -> int:
-    from pathlib import Path
+def parse(argv: list[str]) -> BenchCommand:
+    """``argv`` -> the command; ``--quick`` / ``--tiny`` set the defaults, every other flag overrides them."""
+    import tyro
 
     from aepo_lite import bench
-    from aepo_lite._io import atomic_write_json, atomic_write_text
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--quick", action="store_true")
+    pre.add_argument("--tiny", action="store_true")
+    known, _ = pre.parse_known_args(argv)
+    base = bench.tiny_config() if known.tiny else bench.quick_config() if known.quick else BenchConfig()
+    return tyro.cli(BenchCommand, default=BenchCommand(config_values=base), args=argv, prog="aepo-lite bench",
+                    description=DESCRIPTION)
 
-    kw = dict(device=args.device, state_dim=args.state_dim, action_dim=args.action_dim, compile=args.compile,
-              tf32=args.tf32)
-    if args.threads is not None:
-        kw["threads"] = args.threads
-    if args.repeats is not None:
-        kw["repeats"] = args.repeats
-    cfg = bench.quick_config(**kw) if args.quick else bench.BenchConfig(**kw)
-    print(f"aepo-lite bench: {'quick, ' if args.quick else ''}state {cfg.state_dim}, action {cfg.action_dim}")
+
+def _bench(argv: list[str]) -> int:
+    from aepo_lite import bench
+    from aepo_lite._io import atomic_write_json, atomic_write_text
+    cmd = parse(argv)
+    cfg = bench.check_bench_config(cmd.config_values)
+    what = f"toy task {cfg.toy}" if cfg.toy else f"state {cfg.state_dim}, action {cfg.action_dim}"
+    print(f"aepo-lite bench: {'quick, ' if cmd.quick else ''}{'tiny, ' if cmd.tiny else ''}{what}")
     result = bench.run_bench(cfg, log=print)
+    md = bench.to_markdown(result)
     print()
-    print(bench.to_markdown(result))
-    if args.out:
-        out = Path(args.out)
+    print(md)
+    if cmd.out:
+        out = Path(cmd.out)
         atomic_write_json(out, result)
-        atomic_write_text(out.with_suffix(".md"), bench.to_markdown(result))
+        atomic_write_text(out.with_suffix(".md"), md)
         print(f"wrote {out} and {out.with_suffix('.md')}")
     return 0
+
+
+CONFIG_COMMANDS = {"bench": ("time each training stage and sampler; extrapolate the full preset (every field a flag)",
+                             _bench)}
