@@ -178,3 +178,18 @@ def append_jsonl(path, record: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as f:
         f.write(json.dumps(record, default=_default) + "\n")
+
+
+def read_csv_rows(path, columns, *, made_by: str, hint: str = "") -> list[dict]:
+    """The rows of a results CSV as dicts of strings; a missing file or a missing column is an error naming
+    the file (``made_by``: the command that makes it; ``hint``: what to do about missing columns)."""
+    import csv
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"csv_path: {path} does not exist (it is made by {made_by})")
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in columns if c not in (reader.fieldnames or [])]
+        if missing:
+            raise ValueError(f"csv_path: {path} lacks the columns {missing}{hint}")
+        return list(reader)

@@ -214,7 +214,7 @@ def test_a_run_folder_holding_another_run_is_refused(tmp_path):
                                                                                                       "energy"}
     other = _cfg("checkerboard", "mse", behaviour=dict(steps=20), energy=dict(steps=20, beta=5.0),
                  sampling=dict(guidance_scales=(1.0,)))
-    with pytest.raises(ValueError, match=r"out: .* holds another run \(energy\.beta=3\.0 there vs 5\.0 now\)"):
+    with pytest.raises(ValueError, match=r"out: .* holds another run, made with a different config \(energy\.beta=3\.0 there vs 5\.0 now\)"):
         TT.run_toy(other, out, cache_dir=tmp_path / "cache", progress=False, figure=False)
     assert (out / "results.json").read_text() == saved
     again = TT.run_toy(cfg, out, cache_dir=tmp_path / "cache", progress=False, figure=False)  # the same run: fine

@@ -39,7 +39,7 @@ from aepo_lite.device import compile_limits, compile_mode, compile_module, resol
 from aepo_lite.rl.data import OfflineData, REWARD_SCALINGS, flatten_observation, load_minari, open_minari
 from aepo_lite.rl.evaluation import reference_scores, run_episodes, summarize_returns
 from aepo_lite.training import BehaviourLearner, RunLock, Stage, StageStore, run_stage, stage_hash
-from aepo_lite.training.stages import MetricsLog
+from aepo_lite.training.stages import MetricsLog, check_run_folder
 
 __all__ = ["Agent", "TrainConfig", "METHODS", "PRESETS", "STAGES", "EVAL_FIELDS", "make_config", "check_config",
            "critic_kind", "domain_settings", "needs", "estimator_label", "train", "load_run", "evaluate_run", "evaluation_done"]
@@ -339,36 +339,6 @@ def build_stages(cfg: TrainConfig, agent: Agent, T: dict, device: torch.device) 
     return stages
 
 
-def _guard_run_dir(run_dir: Path, cfg: TrainConfig) -> None:
-    """Refuse a run directory made by another method, an older layout or a different training config."""
-    p = run_dir / "config.json"
-    if not p.exists():
-        return
-    try:
-        old = read_json(p)
-    except Exception as e:
-        raise ValueError(f"out: {p} is not readable JSON ({e}); refusing to reuse {run_dir}") from None
-    if old.get("method") != cfg.method:
-        raise ValueError(f"out: {run_dir} was made by method {old.get('method')!r}, not {cfg.method!r}; "
-                         "use another --out directory")
-    if not isinstance(old.get("behaviour"), dict):
-        raise ValueError(f"out: {run_dir} was made by an older aepo-lite layout (a flat config.json); its checkpoints "
-                         "are not reused. Train into a new --out directory.")
-    new = to_dict(cfg)
-    diff = config_diff(old, new, ignore=EVAL_FIELDS)
-    if diff:
-        old_flat = {k: v for k, v in _flat(old).items()}
-        new_flat = _flat(new)
-        raise ValueError(f"out: {run_dir} was made with a different config ("
-                         + ", ".join(f"{k}={old_flat.get(k)!r} there vs {new_flat[k]!r} now" for k in diff[:4])
-                         + "); use another --out directory")
-
-
-def _flat(d: dict) -> dict:
-    from aepo_lite.config import flatten
-    return flatten(d)
-
-
 def train(cfg: TrainConfig, run_dir, *, data: OfflineData | None = None, progress: bool = True,
           init_behaviour: str | Path | None = None) -> Agent:
     """Train every stage the method needs into ``run_dir``: finished stages are loaded, a stage killed
@@ -380,7 +350,7 @@ def train(cfg: TrainConfig, run_dir, *, data: OfflineData | None = None, progres
     check_config(cfg)
     run_dir = Path(run_dir)
     with RunLock(run_dir):
-        _guard_run_dir(run_dir, cfg)
+        check_run_folder(run_dir, to_dict(cfg), ignore=EVAL_FIELDS)
         if data is None:
             data, _ = load_minari(cfg.dataset, reward_scaling=cfg.reward_scaling)
         elif data.dataset_id != cfg.dataset:

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from aepo_lite._checks import check_scalar
-from aepo_lite._io import atomic_save_figure, atomic_write_text
+from aepo_lite._io import atomic_save_figure, atomic_write_text, read_csv_rows
 from aepo_lite.config import BehaviourConfig, CriticConfig
 from aepo_lite.core import guidance as G
 from aepo_lite.core.aepo import EpsNormTable, aepo_target, insupport_target
@@ -475,15 +475,7 @@ def write_budget(rows: list[dict], out_dir="figures") -> list[Path]:
 
 def read_budget(csv_path) -> list[dict]:
     """The rows of ``toy2d_budget.csv``, typed."""
-    path = Path(csv_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"csv_path: {path} does not exist (it is made by aepo_lite.toy.budget.run_budget)")
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        missing = [c for c in COLUMNS if c not in (reader.fieldnames or [])]
-        if missing:
-            raise ValueError(f"csv_path: {path} lacks the columns {missing}")
-        rows = list(reader)
+    rows = read_csv_rows(csv_path, COLUMNS, made_by="aepo_lite.toy.budget.run_budget")
     ints = ("n_ref_data", "grid_size", "support_pool", "sample_steps", "n_samples", "seed")
     for r in rows:
         for k in COLUMNS:
@@ -492,7 +484,7 @@ def read_budget(csv_path) -> list[dict]:
             elif k not in ("task", "estimator", "solver"):
                 r[k] = float(r[k])
     if not rows:
-        raise ValueError(f"csv_path: {path} has no rows")
+        raise ValueError(f"csv_path: {csv_path} has no rows")
     return rows
 
 

@@ -33,9 +33,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from aepo_lite._io import atomic_write_json, read_json
-from aepo_lite.config import METHODS, PRESETS, ToyConfig, apply_overrides, config_diff, flatten, preset_config, \
-    to_dict
+from aepo_lite._io import atomic_write_json
+from aepo_lite.config import METHODS, PRESETS, ToyConfig, apply_overrides, preset_config, to_dict
 from aepo_lite.core import guidance as G
 from aepo_lite.core.aepo import EnergyLearner, EpsNormTable
 from aepo_lite.core.diffusion import SOLVERS, DiffusionModel, energy_guidance
@@ -44,7 +43,7 @@ from aepo_lite.core.schedule import VPSchedule
 from aepo_lite.device import resolve_device
 from aepo_lite.toy import tasks as toy
 from aepo_lite.training import BehaviourLearner, RegressionLearner, RunLock, Stage, StageStore, run_stage, stage_hash
-from aepo_lite.training.stages import MetricsLog
+from aepo_lite.training.stages import MetricsLog, check_run_folder
 
 __all__ = ["CRITIC_KINDS", "POSTERIORS", "ESTIMATORS", "make_config", "check_config", "needs_grad_q", "uses_critic",
            "estimator", "estimator_label", "estimator_overrides", "critic_label", "PreconditionedEnergy", "ToyModels",
@@ -470,32 +469,13 @@ def default_out(cfg: ToyConfig, root="runs/toy") -> Path:
     return Path(root) / cfg.task / "-".join(parts + [cfg.preset, f"s{cfg.seed}"])
 
 
-def _guard_run_dir(out: Path, cfg: ToyConfig) -> None:
-    """Refuse a folder that holds another run's config (its results would be overwritten)."""
-    p = out / "config.json"
-    if not p.exists():
-        return
-    try:
-        old = read_json(p)
-    except Exception as e:
-        raise ValueError(f"out: {p} is not readable JSON ({e}); refusing to reuse {out}") from None
-    if not isinstance(old, dict) or not isinstance(old.get("energy"), dict):
-        raise ValueError(f"out: {out} was made by an older aepo-lite layout (a flat config.json); use another --out")
-    new = to_dict(cfg)
-    diff = config_diff(old, new, ignore=RUN_FIELDS_FREE)
-    if diff:
-        a, b = flatten(old), flatten(new)
-        raise ValueError(f"out: {out} holds another run (" + ", ".join(f"{k}={a[k]!r} there vs {b[k]!r} now"
-                                                                       for k in diff[:4]) + "); use another --out")
-
-
 def run_toy(cfg: ToyConfig, out_dir, *, cache_dir=None, progress: bool = True, figure: bool = True) -> dict:
     """Train (or load) and evaluate one config into ``out_dir``: ``config.json``, ``metrics.jsonl``,
     ``results.json`` and ``figure.png``. The folder is locked while the run writes it."""
     check_config(cfg)
     out = Path(out_dir)
     with RunLock(out):
-        _guard_run_dir(out, cfg)
+        check_run_folder(out, to_dict(cfg), ignore=RUN_FIELDS_FREE, part="energy")
         atomic_write_json(out / "config.json", to_dict(cfg))
         log = MetricsLog(out / "metrics.jsonl")
         try:

@@ -17,12 +17,11 @@ group (a smoke row never lands in a full-preset table). Build rows with :func:`r
 """
 from __future__ import annotations
 
-import csv
 import math
 from collections import defaultdict
 from pathlib import Path
 
-from aepo_lite._io import atomic_save_figure, atomic_write_text
+from aepo_lite._io import atomic_save_figure, atomic_write_text, read_csv_rows
 
 __all__ = ["COLUMNS", "SETTINGS", "read_results", "write_results", "result_rows", "done_keys", "config_keys",
            "settings_groups", "summarise", "best_estimator", "render", "update_readme", "plot_run", "README_START",
@@ -59,16 +58,10 @@ def _row(r: dict, where: str = "row") -> dict:
 
 def read_results(csv_path) -> list[dict]:
     """Rows of the results CSV (numbers parsed). A missing file is an error."""
-    path = Path(csv_path)
-    if not path.exists():
-        raise FileNotFoundError(f"csv_path: {path} does not exist (run `aepo-lite toy-grid` first)")
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        missing = [c for c in COLUMNS if c not in (reader.fieldnames or [])]
-        if missing:
-            raise ValueError(f"csv_path: {path} lacks the columns {missing} (made before every row recorded its "
-                             f"settings {list(SETTINGS)}): add them with the values its rows were made with")
-        return [_row(r, f"{path} line {i + 2}") for i, r in enumerate(reader)]
+    rows = read_csv_rows(csv_path, COLUMNS, made_by="`aepo-lite toy-grid`",
+                         hint=f" (made before every row recorded its settings {list(SETTINGS)}): add them with the "
+                              "values its rows were made with")
+    return [_row(r, f"{csv_path} line {i + 2}") for i, r in enumerate(rows)]
 
 
 def _key(r: dict) -> tuple:

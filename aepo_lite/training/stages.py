@@ -37,7 +37,7 @@ import torch
 from aepo_lite._io import _default, append_jsonl, atomic_torch_save, atomic_write_text, torch_load
 from aepo_lite.training.learners import Learner
 
-__all__ = ["FORMAT", "Stage", "StageStore", "RunLock", "MetricsLog", "stage_hash", "run_stage"]
+__all__ = ["FORMAT", "Stage", "StageStore", "RunLock", "MetricsLog", "stage_hash", "run_stage", "check_run_folder"]
 
 FORMAT = 2  # checkpoint format: 1 = before the stage mechanism (refused), 2 = this module
 
@@ -277,3 +277,31 @@ def run_stage(stage: Stage, store: StageStore, *, log: MetricsLog | None = None,
         if i % checkpoint_every == 0 or i == stage.steps:
             save(i)
     return learner, stats
+
+
+def check_run_folder(folder, new: dict, *, ignore=(), part: str = "behaviour") -> None:
+    """Refuse a run folder whose ``config.json`` belongs to another run: unreadable, another method, the
+    layout before nested configs (no ``part`` section), or different settings outside ``ignore``. A folder
+    without one is free. ``new`` is the new run's config as a nested dict."""
+    from aepo_lite.config import config_diff, flatten
+    folder = Path(folder)
+    p = folder / "config.json"
+    if not p.exists():
+        return
+    try:
+        old = json.loads(p.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"out: {p} is not readable JSON ({e}); refusing to reuse {folder}") from None
+    if not isinstance(old, dict) or old.get("method") != new.get("method"):
+        got = old.get("method") if isinstance(old, dict) else None
+        raise ValueError(f"out: {folder} was made by method {got!r}, not {new.get('method')!r}; "
+                         "use another --out directory")
+    if not isinstance(old.get(part), dict):
+        raise ValueError(f"out: {folder} was made by an older aepo-lite layout (a flat config.json); its files are "
+                         "not reused. Use another --out directory.")
+    diff = config_diff(old, new, ignore=ignore)
+    if diff:
+        a, b = flatten(old), flatten(new)
+        raise ValueError(f"out: {folder} holds another run, made with a different config ("
+                         + ", ".join(f"{k}={a[k]!r} there vs {b[k]!r} now" for k in diff[:4])
+                         + "); use another --out directory")
