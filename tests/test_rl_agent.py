@@ -392,7 +392,8 @@ def test_cli_train_eval_and_errors(tiny, smoke_runs, capsys):
     from aepo_lite.cli import main
     out = tiny / "runs" / "cli-bc"
     assert main(["train", "--dataset", DS, "--method", "bc", "--preset", "smoke", "--out", str(out), "--quiet"]) == 0
-    assert main(["eval", "--run", str(smoke_runs["aepo"]), "--guidance-scale", "0.5", "--episodes", "1", "--quiet"]) == 0
+    assert main(["eval", "--run", str(smoke_runs["aepo"]), "--sampling.guidance-scales", "0.5", "--eval.episodes", "1",
+                 "--quiet"]) == 0
     res = json.loads((smoke_runs["aepo"] / "results.json").read_text())
     got = {(r["guidance_scale"], r["episodes"]) for r in res["rows"]}
     assert got == {(0.0, 2), (1.0, 2), (0.5, 1)}  # merged, not lost; rows keep their own settings

@@ -6,12 +6,11 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 from aepo_lite.cli._config import ConfigCommand, _arg, _flag, parse_command, print_config
-from aepo_lite.config import TrainConfig
+from aepo_lite.config import EvalConfig, SamplingConfig, TrainConfig
 
 
 def register(sub) -> None:
     from aepo_lite.rl.datasets import QUALITIES
-    from aepo_lite.device import DEVICE_CHOICES
 
     p = sub.add_parser("make-dataset", help="make a D4RL-style Minari dataset locally (random actions or TD3 policies)")
     p.add_argument("--env", required=True, help="Gymnasium environment id, e.g. Hopper-v5")
@@ -25,18 +24,6 @@ def register(sub) -> None:
     p.add_argument("--ref-episodes", type=int, default=100, help="episodes for ref_min_score / ref_max_score")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset of that name")
     p.set_defaults(func=_make_dataset)
-
-    p = sub.add_parser("eval", help="evaluate a trained run at one or more guidance scales")
-    p.add_argument("--run", required=True, help="run directory made by `aepo-lite train`")
-    p.add_argument("--guidance-scale", type=float, nargs="+", default=None, help="default: the config's sweep")
-    p.add_argument("--episodes", type=int, default=None)
-    p.add_argument("--candidates", type=int, default=None, help="best-of-N actions ranked by Q")
-    p.add_argument("--guidance-t-max", type=float, default=None, help="guide only where t <= this (default 1: everywhere)")
-    p.add_argument("--compile", action="store_true", default=None,
-                   help="torch.compile the guided sampler step (CUDA graphs on CUDA; the first calls compile)")
-    p.add_argument("--device", default=None, choices=DEVICE_CHOICES)
-    p.add_argument("--quiet", action="store_true")
-    p.set_defaults(func=_eval)
 
     p = sub.add_parser("rl-results", help="collect saved runs into figures/rl_results.csv (+ table, figure, README)")
     p.add_argument("--runs", nargs="+", default=["runs"], help="run directories or folders holding them")
@@ -97,10 +84,6 @@ def _train(argv: list[str]) -> int:
     return 0
 
 
-CONFIG_COMMANDS = {"train": ("train an agent on a Minari dataset (staged, resumable; every config field a flag)",
-                             _train)}
-
-
 def _print_results(res: dict) -> None:
     for row in res["rows"]:
         ns = row["normalized_score_mean"]
@@ -110,12 +93,37 @@ def _print_results(res: dict) -> None:
               f"({row['episodes']} episodes, {row['actions_per_s']:.0f} actions/s)")
 
 
-def _eval(args) -> int:
+@dataclass
+class EvalCommand:
+    """Evaluate a trained run at each guidance scale; rows with other settings are added beside the saved ones."""
+
+    run: str = ""  # run directory made by `aepo-lite train` (its config gives every default below)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    device: Optional[str] = None  # auto | cpu | cuda (default: the run's)
+    quiet: Annotated[bool, _flag()] = False  # no progress bars
+
+
+def _eval(argv: list[str]) -> int:
+    import argparse
+
+    import tyro
+
+    from aepo_lite._io import read_json
+    from aepo_lite.config import from_dict, to_dict
     from aepo_lite.rl.agent import evaluate_run
-    _print_results(evaluate_run(args.run, guidance_scales=args.guidance_scale, episodes=args.episodes,
-                                device=args.device, n_candidates=args.candidates,
-                                guidance_t_max=args.guidance_t_max, compile_sampler=args.compile,
-                                progress=not args.quiet))
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--run")
+    pre, _ = parser.parse_known_args(argv)
+    default = EvalCommand()
+    if pre.run and (Path(pre.run) / "config.json").exists():
+        saved = from_dict(TrainConfig, read_json(Path(pre.run) / "config.json"))
+        default = EvalCommand(run=pre.run, sampling=saved.sampling, eval=saved.eval)
+    cmd = tyro.cli(EvalCommand, default=default, args=argv, prog="aepo-lite eval")
+    if not cmd.run:
+        raise ValueError("run: give the run directory with --run (made by `aepo-lite train`)")
+    over = {"sampling": to_dict(cmd.sampling), "eval": to_dict(cmd.eval)}
+    _print_results(evaluate_run(cmd.run, device=cmd.device, overrides=over, progress=not cmd.quiet))
     return 0
 
 
@@ -129,3 +137,9 @@ def _results(args) -> int:
         rl_report.update_readme(args.readme, args.csv)
         print(f"updated {args.readme}")
     return 0
+
+
+CONFIG_COMMANDS = {"train": ("train an agent on a Minari dataset (staged, resumable; every config field a flag)",
+                             _train),
+                   "eval": ("evaluate a trained run at one or more guidance scales (sampling and eval fields as flags)",
+                            _eval)}

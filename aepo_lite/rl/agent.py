@@ -503,12 +503,13 @@ def evaluation_done(run_dir, cfg: TrainConfig) -> bool:
 
 def evaluate_run(run_dir, *, guidance_scales=None, episodes: int | None = None, device: str | None = None,
                  n_candidates: int | None = None, guidance_t_max: float | None = None,
-                 compile_sampler: bool | None = None, sample_steps: int | None = None, progress: bool = True) -> dict:
+                 compile_sampler: bool | None = None, sample_steps: int | None = None, overrides: dict | None = None,
+                 progress: bool = True) -> dict:
     """Evaluate a trained run at each guidance scale and merge into ``DIR/results.json``.
 
     Rows are keyed by the guidance scale and the evaluation settings (:func:`_row_settings`): an
     evaluation with other settings adds rows beside the old ones, never over them. Returns the
-    results dict: ``rows``, each with ``guidance_scale``, ``return_mean``, ``return_std``,
+    results dict (``overrides``: nested sampling/eval values, as ``load_run`` takes): ``rows``, each with ``guidance_scale``, ``return_mean``, ``return_std``,
     ``normalized_score_mean`` (or None), ``normalized_score_std``, the settings, ``actions_per_s``.
     """
     run_dir = Path(run_dir)
@@ -517,6 +518,8 @@ def evaluate_run(run_dir, *, guidance_scales=None, episodes: int | None = None, 
                                            ("guidance_t_max", guidance_t_max), ("compile", compile_sampler),
                                            ("steps", sample_steps)) if v is not None},
             "eval": {k: v for k, v in (("episodes", episodes), ("candidates", n_candidates)) if v is not None}}
+    for part, values in (overrides or {}).items():  # nested ``sampling`` / ``eval`` overrides (the eval command's)
+        over[part] = {**values, **over.get(part, {})}
     with RunLock(run_dir, what="run"):
         agent, cfg, data = load_run(run_dir, device=device, overrides=over)
         if cfg.method == "bc" and guidance_scales and any(float(w) != 0 for w in guidance_scales):
