@@ -385,32 +385,37 @@ What these numbers are, and are not:
   Guidance scales of 0.3 and above push every method off the data here; QGPO's published sweep
   (1 to 10) does not transfer to this critic scale.
 - Rows marked `[t<=0.5]` are a diagnostic, not a method of the paper: the same checkpoints
-  evaluated with guidance switched off for t > 0.5 (`aepo-lite eval --guidance-t-max 0.5`). AEPO's
+  evaluated with guidance switched off for t > 0.5 (`aepo-lite eval --sampling.guidance-t-max 0.5`). AEPO's
   target goes through the Tweedie mean a0_hat = (a_t - sigma eps_theta) / alpha, and at large t
   (alpha(1) = 0.0065) a learned eps_theta's error is multiplied by 1/alpha ~ 150, so the regressed
   energy is steep there. The cut-off was chosen after seeing the failure, on the same episodes.
 - Normalised score = 100 (return - ref_min) / (ref_max - ref_min); mean ± sample std over seeds
   of each seed's mean over episodes.
 
-Rebuild the dataset and this table (CPU; about an hour on a lightly loaded 2-core machine):
+Rebuild the dataset and this table (CPU; about an hour on a lightly loaded 2-core machine). These rows were
+made with the `bench` preset as it was then (sampler and support actions: dpmpp2m with 5 and 4 steps; 5
+episodes per scale; scales 0.03-3); the preset now samples with 15 steps and evaluates 10 episodes
+(docs/derivation.md section 6c), so the flags below restore the old settings to reproduce these rows:
 
 ```bash
 export MINARI_DATASETS_PATH=/path/to/minari   # the dataset and the cached TD3 ladder live here
-pip install -e '.[rl,datasets]'
 aepo-lite make-dataset --env Hopper-v5 --quality medium --steps 200000 --name local/hopper/medium-v0
-D=local/hopper/medium-v0; R=runs/bench/local_hopper_medium-v0; mkdir -p runs/bench-tcut/local_hopper_medium-v0
+D=local/hopper/medium-v0; R=runs/bench/local_hopper_medium-v0
+OLD="--sampling.steps 5 --support.steps 4 --support.k 8 --eval.episodes 5 --eval.envs 5"
 for s in 0 1 2; do
-  aepo-lite train --dataset $D --method bc --preset bench --seed $s --out $R/bc-bench-s$s
-  aepo-lite train --dataset $D --method aepo --preset bench --seed $s --out $R/aepo-bench-s$s --init-behaviour $R/bc-bench-s$s
-  aepo-lite train --dataset $D --method qgpo --preset bench --seed $s --out $R/qgpo-bench-s$s --init-behaviour $R/bc-bench-s$s
-  aepo-lite train --dataset $D --method aepo --preset bench --seed $s --expansion sampled --out $R/aepo-sampled-bench-s$s --init-behaviour $R/aepo-bench-s$s
-  aepo-lite train --dataset $D --method aepo --preset bench --seed $s --covariance none --out $R/aepo-none-bench-s$s --init-behaviour $R/aepo-bench-s$s
-  for r in aepo aepo-sampled aepo-none qgpo; do   # the [t<=0.5] diagnostic, in copies of the runs
-    T=runs/bench-tcut/local_hopper_medium-v0/$r-bench-s$s; cp -r $R/$r-bench-s$s $T; rm $T/results.json
-    aepo-lite eval --run $T --guidance-scale 0.03 0.1 0.3 1 --guidance-t-max 0.5
+  aepo-lite train --dataset $D --method bc --preset bench --seed $s $OLD --out $R/bc-bench-s$s
+  aepo-lite train --dataset $D --method qgpo --preset bench --seed $s $OLD --out $R/qgpo-bench-s$s \
+    --init-behaviour $R/bc-bench-s$s --sampling.guidance-scales 0.03 0.1 0.3 1 3
+  for e in "tweedie first" "tweedie sampled" "none first"; do set -- $e
+    aepo-lite train --dataset $D --method aepo --preset bench --seed $s $OLD --energy.covariance $1 \
+      --energy.expansion $2 --out $R/aepo-$1-$2-bench-s$s --init-behaviour $R/bc-bench-s$s \
+      --sampling.guidance-scales 0.03 0.1 0.3 1 3
+    aepo-lite eval --run $R/aepo-$1-$2-bench-s$s --sampling.guidance-scales 0.03 0.1 0.3 1 \
+      --sampling.guidance-t-max 0.5   # the [t<=0.5] diagnostic: rows beside the others
   done
+  aepo-lite eval --run $R/qgpo-bench-s$s --sampling.guidance-scales 0.03 0.1 0.3 1 --sampling.guidance-t-max 0.5
 done
-aepo-lite rl-results --runs runs/bench runs/bench-tcut --readme README.md
+aepo-lite rl-results --runs runs/bench --readme docs/results.md
 ```
 
 With a GPU and internet, the D4RL-port reproduction at QGPO's settings (docs/derivation.md sections 7-8) is
