@@ -50,6 +50,9 @@ def test_markdown_states_wins_and_losses(csvs, tmp_path):
     md = summary_markdown(*csvs)
     assert "aepo 1/2" in md and "qgpo 1/2" in md and "within 2x of the noise floor on 1/2" in md
     assert "beats behaviour cloning" in md
+    both = summary_markdown(*csvs, matched_csv=csvs[0])
+    assert "Toy 2D tasks, matched" in both and both.count("aepo 1/2") == 2
+    assert "matched" not in summary_markdown(*csvs, matched_csv=tmp_path / "absent.csv")
     readme = tmp_path / "README.md"
     readme.write_text("# T\n<!-- summary:start -->\nold\n<!-- summary:end -->\nrest\n")
     update_readme(readme, *csvs)

@@ -85,9 +85,9 @@ def rl_summary(csv_path) -> dict:
     return out
 
 
-def _toy_lines(toy: dict) -> list[str]:
+def _toy_lines(toy: dict, title: str = "Toy 2D tasks") -> list[str]:
     if not toy:
-        return ["- Toy 2D tasks: no results in `figures/toy2d_results.csv` yet."]
+        return [f"- {title}: no results yet."]
     n = len(toy)
     wins = defaultdict(int)
     for t in toy.values():
@@ -96,7 +96,7 @@ def _toy_lines(toy: dict) -> list[str]:
     close = sum(1 for t in toy.values() if t.get("aepo_over_qgpo", 1e9) <= 1.25)
     ratios = [t["aepo_over_qgpo"] for t in toy.values() if "aepo_over_qgpo" in t]
     fitted = any("fitted Q" in (t["best_aepo"] or "") for t in toy.values())
-    lines = [f"- **Toy 2D tasks** (beta = 10, w = 1, sliced-W2 distance to exact target samples, mean over "
+    lines = [f"- **{title}** (beta = 10, w = 1, sliced-W2 distance to exact target samples, mean over "
              f"{max(t['n_seeds'] for t in toy.values())} seeds, `full` preset; AEPO: its best estimator per task): "
              "closest method on each task: "
              + ", ".join(f"{m} {k}/{n}" for m, k in sorted(wins.items(), key=lambda kv: -kv[1])) + ".",
@@ -126,12 +126,19 @@ def _rl_lines(rl: dict) -> list[str]:
     return lines or ["- Offline RL: no results in `figures/rl_results.csv` yet."]
 
 
-def summary_markdown(toy_csv="figures/toy2d_results.csv", rl_csv="figures/rl_results.csv") -> str:
-    """The generated summary (Markdown bullet points)."""
-    return "\n".join(_toy_lines(toy_summary(toy_csv)) + _rl_lines(rl_summary(rl_csv))) + "\n"
+def summary_markdown(toy_csv="figures/toy2d_results.csv", rl_csv="figures/rl_results.csv",
+                     matched_csv: str | Path | None = None) -> str:
+    """The generated summary (Markdown bullet points). ``matched_csv``: a toy grid in which every method read the
+    true reward (``toy2d_matched.csv``), summarised too when it exists."""
+    lines = _toy_lines(toy_summary(toy_csv), "Toy 2D tasks, committed grid")
+    if matched_csv is not None and Path(matched_csv).exists():
+        lines += _toy_lines(toy_summary(matched_csv), "Toy 2D tasks, matched (every method reads the true reward; "
+                                                      "the staged pipeline)")
+    return "\n".join(lines + _rl_lines(rl_summary(rl_csv))) + "\n"
 
 
-def update_readme(readme, toy_csv="figures/toy2d_results.csv", rl_csv="figures/rl_results.csv") -> Path:
+def update_readme(readme, toy_csv="figures/toy2d_results.csv", rl_csv="figures/rl_results.csv",
+                  matched_csv: str | Path | None = None) -> Path:
     """Rewrite the README's block between the summary markers (an error if the markers are missing)."""
     readme = Path(readme)
     text = readme.read_text()
@@ -139,7 +146,7 @@ def update_readme(readme, toy_csv="figures/toy2d_results.csv", rl_csv="figures/r
         raise ValueError(f"readme: {readme} has no {START} ... {END} block to fill")
     head, rest = text.split(START, 1)
     _, tail = rest.split(END, 1)
-    new = f"{head}{START}\n{summary_markdown(toy_csv, rl_csv)}{END}{tail}"
+    new = f"{head}{START}\n{summary_markdown(toy_csv, rl_csv, matched_csv)}{END}{tail}"
     if new != text:
         atomic_write_text(readme, new)
     return readme
@@ -153,7 +160,7 @@ def render(figures_dir) -> list[Path]:
     written = []
     readme = root / "README.md"
     if readme.exists() and START in readme.read_text():
-        written.append(update_readme(readme, toy_csv, rl_csv))
+        written.append(update_readme(readme, toy_csv, rl_csv, Path(figures_dir) / "toy2d_matched.csv"))
     results = root / "docs" / "results.md"
     if results.exists():
         from aepo_lite.rl import report as rl_report
