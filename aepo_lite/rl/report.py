@@ -395,19 +395,19 @@ What these numbers are, and are not:
 Rebuild the dataset and this table (CPU; about an hour on a lightly loaded 2-core machine). These rows were
 made with the `bench` preset as it was then (sampler and support actions: dpmpp2m with 5 and 4 steps; 5
 episodes per scale; scales 0.03-3); the preset now samples with 15 steps and evaluates 10 episodes
-(docs/derivation.md section 6c), so the flags below restore the old settings to reproduce these rows:
+(docs/derivation.md section 6c), so the flags below restore the earlier settings to reproduce these rows:
 
 ```bash
 export MINARI_DATASETS_PATH=/path/to/minari   # the dataset and the cached TD3 ladder live here
 aepo-lite make-dataset --env Hopper-v5 --quality medium --steps 200000 --name local/hopper/medium-v0
 D=local/hopper/medium-v0; R=runs/bench/local_hopper_medium-v0
-OLD="--sampling.steps 5 --support.steps 4 --support.k 8 --eval.episodes 5 --eval.envs 5"
+PREV="--sampling.steps 5 --support.steps 4 --support.k 8 --eval.episodes 5 --eval.envs 5"
 for s in 0 1 2; do
-  aepo-lite train --dataset $D --method bc --preset bench --seed $s $OLD --out $R/bc-bench-s$s
-  aepo-lite train --dataset $D --method qgpo --preset bench --seed $s $OLD --out $R/qgpo-bench-s$s \
+  aepo-lite train --dataset $D --method bc --preset bench --seed $s $PREV --out $R/bc-bench-s$s
+  aepo-lite train --dataset $D --method qgpo --preset bench --seed $s $PREV --out $R/qgpo-bench-s$s \
     --init-behaviour $R/bc-bench-s$s --sampling.guidance-scales 0.03 0.1 0.3 1 3
   for e in "tweedie first" "tweedie sampled" "none first"; do set -- $e
-    aepo-lite train --dataset $D --method aepo --preset bench --seed $s $OLD --energy.covariance $1 \
+    aepo-lite train --dataset $D --method aepo --preset bench --seed $s $PREV --energy.covariance $1 \
       --energy.expansion $2 --out $R/aepo-$1-$2-bench-s$s --init-behaviour $R/bc-bench-s$s \
       --sampling.guidance-scales 0.03 0.1 0.3 1 3
     aepo-lite eval --run $R/aepo-$1-$2-bench-s$s --sampling.guidance-scales 0.03 0.1 0.3 1 \
