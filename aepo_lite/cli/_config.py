@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Callable, Optional
 
@@ -58,13 +58,6 @@ def _pre_parse(argv: list[str]):
     return known
 
 
-def _config_field(command_cls) -> str:
-    for f in fields(command_cls):
-        if f.name == "config_values":
-            return f.name
-    raise TypeError(f"{command_cls.__name__} needs a field `config_values` holding the config")
-
-
 def parse_command(command_cls, config_cls, argv: list[str], *, prog: str, description: str,
                   default_preset: str | None = None, domain: Callable | None = None):
     """Parse ``argv`` into ``command_cls`` (a dataclass with a ``config_values: Annotated[config_cls, arg(name="")]``
@@ -95,7 +88,7 @@ def parse_command(command_cls, config_cls, argv: list[str], *, prog: str, descri
         base = domain(base)
     default = command_cls(config_values=base)
     cmd = tyro.cli(command_cls, default=default, args=argv, prog=prog, description=description)
-    cfg = getattr(cmd, _config_field(command_cls))
+    cfg = cmd.config_values
     if pre.save_config:
         atomic_write_json(Path(pre.save_config), to_dict(cfg))
         print(f"wrote the resolved config to {pre.save_config}")

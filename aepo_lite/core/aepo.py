@@ -26,7 +26,7 @@ from aepo_lite.core.diffusion import EpsFn
 from aepo_lite.core.schedule import VPSchedule
 
 __all__ = ["posterior_estimate", "critic_expansion", "aepo_target", "insupport_target", "EpsNormTable",
-           "EnergyLearner", "ENERGY_METHODS"]
+           "EnergyLearner", "differentiates_q", "ENERGY_METHODS"]
 
 QFn = Callable[[Optional[torch.Tensor], torch.Tensor], torch.Tensor]  # (s (B, k) | None, a (B, d)) -> (B,)
 ENERGY_METHODS = ("aepo", "mse", "qgpo")  # qgpo: the contrastive energy (CEP) of QGPO
@@ -239,6 +239,13 @@ def _batch_support(batch: dict, a0: torch.Tensor, need_q: bool) -> torch.Tensor:
     if q is not None and tuple(q.shape) != tuple(sup.shape[:2]):
         raise ValueError(f"support_q: expected batch['support_q'] of shape {tuple(sup.shape[:2])}, got {tuple(q.shape)}")
     return sup
+
+
+def differentiates_q(method: str, cfg: EnergyConfig) -> bool:
+    """Whether the energy target needs grad_a Q (a smooth critic): AEPO's first/second expansions of the
+    Gaussian posterior and its mixture posterior. The sampled and particle targets need only values of Q."""
+    gradient = cfg.posterior == "mixture" or (cfg.posterior == "gaussian" and cfg.expansion != "sampled")
+    return method == "aepo" and gradient
 
 
 class EnergyLearner(TrainingState):

@@ -30,7 +30,7 @@ from aepo_lite._io import atomic_write_json, read_json
 from aepo_lite.config import METHODS, PRESETS, TrainConfig, apply_overrides, config_diff, from_dict, preset_config, \
     to_dict
 from aepo_lite.core import guidance as G
-from aepo_lite.core.aepo import EnergyLearner, EpsNormTable
+from aepo_lite.core.aepo import EnergyLearner, EpsNormTable, differentiates_q
 from aepo_lite.core.critics import CRITICS, make_critic
 from aepo_lite.core.diffusion import SOLVERS, DiffusionModel, FusedGuidedEps, energy_guidance
 from aepo_lite.core.nets import SMOOTH_ACTIVATIONS, EnergyNet, NoiseNet
@@ -145,9 +145,7 @@ def check_config(cfg: TrainConfig) -> TrainConfig:
     _choice("energy.posterior", cfg.energy.posterior, ("gaussian", "mixture", "particles"))
     _choice("energy.baseline", cfg.energy.baseline, ("value", "none"))
     _choice("critic.activation", cfg.critic.activation, SMOOTH_ACTIVATIONS + ("relu",))
-    gradient_of_q = cfg.method == "aepo" and cfg.energy.posterior != "particles" and (
-        cfg.energy.expansion != "sampled" or cfg.energy.posterior == "mixture")
-    if cfg.critic.activation == "relu" and gradient_of_q:
+    if cfg.critic.activation == "relu" and differentiates_q(cfg.method, cfg.energy):
         raise ValueError(f"critic.activation: a ReLU critic has no curvature; AEPO's {cfg.energy.expansion!r} "
                          "expansion differentiates Q in the action (use a smooth activation, or "
                          "energy.expansion='sampled')")
@@ -307,10 +305,10 @@ def build_stages(cfg: TrainConfig, agent: Agent, T: dict, device: torch.device) 
 
     def critic_batch(g):
         i = draw(g, cfg.critic.batch)
-        out = {"s": T["obs"][T["idx"][i]], "a": T["a"][i], "r": T["r"][i], "s2": T["obs"][T["idx2"][i]],
+        out = {"s": T["obs"][T["idx"][i]], "a": T["a"][i], "r": T["r"][i], "s2": T["obs"][T["next_idx"][i]],
                "done": T["done"][i]}
         if "support" in held:
-            out["support2"] = held["support"].support[T["idx2"][i]]
+            out["support2"] = held["support"].support[T["next_idx"][i]]
         return out
 
     kind = critic_kind(cfg)
@@ -360,7 +358,6 @@ def train(cfg: TrainConfig, run_dir, *, data: OfflineData | None = None, progres
         mean, std = data.obs_stats()
         agent = Agent(cfg, data.state_dim, data.action_dim, mean, std, data.action_low, data.action_high, device)
         T = data.tensors(device)
-        T["idx2"] = T["next_idx"]
         stages = build_stages(cfg, agent, T, device)
         store = StageStore(run_dir / "checkpoints")
         for st in stages:  # a broken or foreign checkpoint is an error before any training starts
@@ -446,7 +443,6 @@ def load_run(run_dir, *, device: str | None = None, data: OfflineData | None = N
     dev = resolve_device(cfg.device)
     agent = Agent(cfg, data.state_dim, data.action_dim, mean, std, data.action_low, data.action_high, dev)
     T = data.tensors(dev)
-    T["idx2"] = T["next_idx"]
     store = StageStore(run_dir / "checkpoints")
     for st in build_stages(cfg, agent, T, dev):
         if st.name == "support":

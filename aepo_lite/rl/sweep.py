@@ -109,17 +109,12 @@ def _rl_run(spec: RunSpec, progress: bool) -> str:
     from aepo_lite.rl.agent import evaluate_run, evaluation_done, make_config, train
     cfg = make_config(spec.dataset, spec.method, spec.preset, seed=spec.seed, **spec.overrides)
     d = Path(spec.run_dir)
-    if evaluation_done(d, cfg) or (not spec.evaluate and _trained(d)):
-        return "skipped"
+    if spec.evaluate and evaluation_done(d, cfg):
+        return "skipped"  # without evaluation, train() itself loads finished stages and trains the rest
     train(cfg, d, progress=progress)
     if spec.evaluate:
         evaluate_run(d, progress=progress)
     return "done"
-
-
-def _trained(d: Path) -> bool:
-    return (d / "checkpoints" / "energy.pt").exists() or ((d / "config.json").exists()
-                                                          and (d / "checkpoints" / "behaviour.pt").exists())
 
 
 def _toy_run(spec: RunSpec, progress: bool) -> str:

@@ -36,7 +36,7 @@ from torch import nn
 from aepo_lite._io import atomic_write_json
 from aepo_lite.config import METHODS, PRESETS, ToyConfig, apply_overrides, preset_config, to_dict
 from aepo_lite.core import guidance as G
-from aepo_lite.core.aepo import EnergyLearner, EpsNormTable
+from aepo_lite.core.aepo import EnergyLearner, EpsNormTable, differentiates_q
 from aepo_lite.core.diffusion import SOLVERS, DiffusionModel, energy_guidance
 from aepo_lite.core.nets import MLP, SMOOTH_ACTIVATIONS, EnergyNet, NoiseNet
 from aepo_lite.core.schedule import VPSchedule
@@ -71,10 +71,8 @@ def make_config(task: str, method: str, preset: str = "full", **overrides) -> To
 
 
 def needs_grad_q(cfg: ToyConfig) -> bool:
-    """Whether the energy target differentiates Q: AEPO's first/second expansions and its mixture posterior."""
-    e = cfg.energy
-    gradient = e.posterior == "mixture" or (e.posterior == "gaussian" and e.expansion != "sampled")
-    return cfg.method == "aepo" and gradient
+    """Whether the energy target differentiates Q (:func:`aepo_lite.core.aepo.differentiates_q`)."""
+    return differentiates_q(cfg.method, cfg.energy)
 
 
 def uses_critic(cfg: ToyConfig) -> bool:
