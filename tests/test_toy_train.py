@@ -153,7 +153,7 @@ def test_gradient_targets_need_the_fitted_critic():
     with pytest.raises(ValueError, match=r"critic\.activation"):
         _cfg("moons", "aepo", energy=dict(expansion="first"), critic=dict(kind="regression", activation="relu"))
     assert TT.estimator_label(_cfg("moons", "aepo")) == "aepo(gaussian-fit/sampled)"
-    assert TT.estimator_label(_cfg("moons", "aepo", energy=dict(posterior="particles"))) == "aepo(particles)"
+    assert TT.estimator_label(_cfg("moons", "aepo", energy=dict(posterior="particles"))) == "aepo(particles-K16)"
     assert TT.estimator_label(_cfg("moons", "qgpo")) == "qgpo"
 
 

@@ -2,6 +2,7 @@
 
   aepo-lite toy --preset smoke --task moons --method aepo --energy.beta 10 --sampling.guidance-scales 1 2
   aepo-lite toy-grid --preset full --betas 10 --seeds 0 1 2 --critic reward regression   # or any part of the grid
+  aepo-lite toy-convergence --steps 2000 4000 8000 --check 4000   # is the energy budget large enough?
 
 ``toy`` is generated from :class:`aepo_lite.config.ToyConfig`: every field is a flag (``--help`` lists
 them with their comments). Speeds of the toy stages: ``aepo-lite bench``.
@@ -80,8 +81,9 @@ def register(subparsers) -> None:
     g.add_argument("--tasks", nargs="+", default=None, help="default: every registered task")
     g.add_argument("--methods", nargs="+", default=list(GRID_METHODS), help="default: aepo qgpo mse bc")
     g.add_argument("--estimators", nargs="+", default=None,
-                   help="AEPO estimators: <covariance>/<expansion> (e.g. gaussian-fit/sampled, the default), mixture, "
-                        "particles; 'all' = every <covariance>/<expansion> the critic allows")
+                   help="AEPO estimators: <covariance>/<expansion> (e.g. gaussian-fit/sampled, the default), "
+                        "particles[-K<k>] or mixture[-K<k>][-h<bandwidth>] (K support points; default support.k), "
+                        "'all' = every <covariance>/<expansion> the critic allows")
     g.add_argument("--critic", nargs="+", default=["reward"], choices=CRITIC_KINDS,
                    help="Q of the energy targets: reward (the true e(x), default) and/or regression (the fitted "
                         "critic); every method runs with each")
@@ -91,6 +93,8 @@ def register(subparsers) -> None:
     g.add_argument("--preset", default="full", choices=tuple(PRESETS["toy"]))
     g.add_argument("--csv", default="figures/toy2d_results.csv")
     g.add_argument("--figures-dir", default="figures")
+    g.add_argument("--budget-csv", default="", help="also write each run's error-budget parts 4-5 here "
+                   "(e.g. figures/toy2d_budget_runs.csv; '' = none)")
     g.add_argument("--readme", default="README.md", help="README to update between the toy markers ('' = none)")
     g.add_argument("--cache-dir", default=None, help="stage checkpoints (default runs/toy_cache)")
     g.add_argument("--runs-dir", default="runs/toy", help="one run folder per row group (config, results, figure)")
@@ -99,6 +103,7 @@ def register(subparsers) -> None:
     g.add_argument("--render-only", action="store_true", help="only regenerate tables, figures and README from the CSV")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
     g.set_defaults(func=run_grid_command)
+    _register_convergence(subparsers, tuple(PRESETS["toy"]), CRITIC_KINDS)
 
 
 def _estimator_specs(args, critic: str) -> list[str]:
@@ -107,7 +112,8 @@ def _estimator_specs(args, critic: str) -> list[str]:
     if "all" not in specs:
         return specs
     # 'all': every Gaussian-posterior estimator this critic allows (the true reward has no gradient)
-    return [s for s in ESTIMATORS if critic == "regression" or estimator_overrides(s)["expansion"] == "sampled"]
+    return [s for s in ESTIMATORS
+            if critic == "regression" or estimator_overrides(s)["energy"]["expansion"] == "sampled"]
 
 
 def _grid_configs(args) -> list:
@@ -120,15 +126,61 @@ def _grid_configs(args) -> list:
                 for method in args.methods:
                     for critic in (["reward"] if method == "bc" else args.critic):  # bc reads no Q
                         for spec in (_estimator_specs(args, critic) if method == "aepo" else [None]):
-                            energy = dict(estimator_overrides(spec) if spec else {}, beta=beta)
+                            over = estimator_overrides(spec) if spec else {}
                             cfgs.append(make_config(task, method, args.preset, seed=seed, device=args.device,
-                                                    energy=energy, critic={"kind": critic},
+                                                    energy=dict(over.get("energy", {}), beta=beta),
+                                                    support=over.get("support"), critic={"kind": critic},
                                                     sampling={"guidance_scales": tuple(args.guidance_scales)}))
     return cfgs
 
 
+def _register_convergence(subparsers, presets, critic_kinds) -> None:
+    from aepo_lite.toy.convergence import ConvergenceConfig
+    d = ConvergenceConfig()
+    c = subparsers.add_parser("toy-convergence", help="energy error vs energy steps on the toy tasks (is the budget "
+                              "converged?)", description="One run per task, method and energy step count (resumable: "
+                              "finished runs are read), merged into the CSV; then figures/toy2d_convergence.{md,png}. "
+                              "--check N fails unless every method's energy error falls by less than --tol past N.")
+    c.add_argument("--tasks", nargs="+", default=None, help="default: every registered task")
+    c.add_argument("--specs", nargs="+", default=list(d.specs), help="qgpo, mse, aepo:<estimator> (default: %(default)s)")
+    c.add_argument("--steps", type=int, nargs="+", default=list(d.steps), help="energy step counts (increasing)")
+    c.add_argument("--seed", type=int, default=d.seed)
+    c.add_argument("--beta", type=_float("beta"), default=d.beta)
+    c.add_argument("--critic", default=d.critic, choices=critic_kinds, help="Q of every method's target")
+    c.add_argument("--preset", default=d.preset, choices=presets, help="every setting but energy.steps")
+    c.add_argument("--check", type=int, default=None, metavar="N", help="fail unless the budget N is converged")
+    c.add_argument("--tol", type=_float("tol"), default=0.1, help="relative drop past N that counts as converged")
+    c.add_argument("--csv", default="figures/toy2d_convergence.csv")
+    c.add_argument("--figures-dir", default="figures")
+    c.add_argument("--runs-dir", default="runs/convergence")
+    c.add_argument("--cache-dir", default=None, help="stage checkpoints (default runs/toy_cache)")
+    c.add_argument("--device", default="auto", choices=DEVICE_CHOICES)
+    c.add_argument("--render-only", action="store_true", help="only the table, figure and --check from the CSV")
+    c.add_argument("--quiet", action="store_true", help="no progress bars")
+    c.set_defaults(func=run_convergence_command)
+
+
+def run_convergence_command(args) -> int:
+    from aepo_lite.toy import convergence as conv
+    cc = conv.ConvergenceConfig(tasks=tuple(args.tasks or ()), specs=tuple(args.specs), steps=tuple(args.steps),
+                                seed=args.seed, beta=args.beta, critic=args.critic, preset=args.preset,
+                                device=args.device)
+    if args.check is not None and args.check not in args.steps[:-1]:
+        raise ValueError(f"--check {args.check}: expected one of the step counts below the largest, {args.steps[:-1]}")
+    if not args.render_only:
+        conv.run_convergence(cc, args.csv, runs_dir=args.runs_dir, cache_dir=args.cache_dir, progress=not args.quiet)
+    paths = conv.render(args.csv, args.figures_dir, tol=args.tol)
+    print("wrote " + ", ".join(str(p) for p in paths))
+    if args.check is not None:
+        drops = conv.check_converged(conv.read_rows(args.csv), args.check, args.tol)
+        print(f"energy.steps={args.check} is converged: the largest drop past it is {100 * max(drops.values()):.1f}% "
+              f"(tol {100 * args.tol:.0f}%)")
+    return 0
+
+
 def run_grid_command(args) -> int:
     from aepo_lite.toy import report as toy_report
+    from aepo_lite.toy import trained_budget
     from aepo_lite.toy.pipeline import default_out, run_toy
     csv = Path(args.csv)
     if not args.render_only:
@@ -142,11 +194,15 @@ def run_grid_command(args) -> int:
             out = default_out(cfg, args.runs_dir)
             res = run_toy(cfg, out, cache_dir=args.cache_dir, progress=not args.quiet)
             toy_report.write_results(csv, toy_report.result_rows(res, cfg))
+            if args.budget_csv:
+                trained_budget.write_rows(args.budget_csv, trained_budget.budget_rows(res))
             done |= keys
             r = res["results"][0]
             print(f"[{i + 1}/{len(cfgs)}] {out.parent.name}/{out.name}: distance {r['distance']:.4f} floor "
                   f"{r['floor']:.4f} ({time.time() - t0:.0f} s)", flush=True)
     paths = toy_report.render(csv, args.figures_dir)
+    if args.budget_csv and Path(args.budget_csv).exists():
+        paths += trained_budget.render(args.budget_csv, args.figures_dir)
     if args.readme:
         paths.append(toy_report.update_readme(csv, args.readme))
     print("wrote " + ", ".join(str(p) for p in paths))

@@ -317,6 +317,16 @@ class EnergyLearner(TrainingState):
             with torch.no_grad():
                 q = self.q_fn(s, a0)
             return G.mse_energy_loss(self.energy(s, a_t, t), q, cfg.beta, check=self.check_finite), {}
+        y = self.target(a_t, t, batch)
+        return G.energy_regression_loss(self.energy(s, a_t, t), y, check=self.check_finite), {"target_mean": y.mean()}
+
+    def target(self, a_t: torch.Tensor, t: torch.Tensor, batch: dict) -> torch.Tensor:
+        """AEPO's regression target y_t at (a_t (B, d), t (B,)), one draw (the sampled expansion's samples, the
+        batch's ``support``), detached: f_phi learns its mean over draws, E[y_t | a_t]. batch: ``s`` and, per
+        posterior, ``support`` / ``support_q`` / ``fit_cov`` as in :meth:`loss`."""
+        cfg, s = self.cfg, batch.get("s")
+        if self.method != "aepo":
+            raise ValueError(f"target: the {self.method} energy has no AEPO target")
         if cfg.posterior == "gaussian":  # section 4: N(a0_hat, S_hat) around the Tweedie mean
             y = _aepo_target(a_t, t, s, eps_fn=self.eps_fn, q_fn=self.q_fn, schedule=self.schedule, beta=cfg.beta,
                              covariance=cfg.covariance, expansion=cfg.expansion, clip=cfg.clip,
@@ -324,10 +334,10 @@ class EnergyLearner(TrainingState):
                              fit_cov=batch.get("fit_cov", self.fit_cov), generator=self.generator,
                              check=self.check_finite)
         else:  # section 4b: a mixture over the support actions of each state
-            y = _insupport_target(a_t, t, s, _batch_support(batch, a0, self.q_fn is None), batch.get("support_q"),
+            y = _insupport_target(a_t, t, s, _batch_support(batch, a_t, self.q_fn is None), batch.get("support_q"),
                                   posterior=cfg.posterior, q_fn=self.q_fn, schedule=self.schedule, beta=cfg.beta,
                                   bandwidth=cfg.bandwidth, clip=cfg.clip, check=self.check_finite)
-        return G.energy_regression_loss(self.energy(s, a_t, t), y, check=self.check_finite), {"target_mean": y.mean()}
+        return y.detach()
 
     def update(self, batch: dict) -> dict[str, float]:
         return {k: float(v) for k, v in self.step(batch).items()}

@@ -25,6 +25,7 @@ a folder holding another run's config is refused.
 from __future__ import annotations
 
 import math
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,7 +48,8 @@ from aepo_lite.training.stages import MetricsLog, check_run_folder
 
 __all__ = ["CRITIC_KINDS", "POSTERIORS", "ESTIMATORS", "make_config", "check_config", "needs_grad_q", "uses_critic",
            "estimator", "estimator_label", "estimator_overrides", "critic_label", "PreconditionedEnergy", "ToyModels",
-           "build_stages", "train_toy", "guided_samples", "energy_errors", "evaluate_toy", "run_toy",
+           "build_stages", "energy_learner", "data_q", "support_batch", "train_toy", "guided_samples",
+           "energy_errors", "evaluate_toy", "run_toy",
            "default_out", "default_cache_dir"]
 
 CRITIC_KINDS = ("reward", "regression")  # the true e(x) on data points | a smooth MLP fitted to it
@@ -85,11 +87,14 @@ def _uses_support(cfg: ToyConfig) -> bool:
 
 
 def estimator(cfg: ToyConfig) -> str:
-    """AEPO's estimator, ``<covariance>/<expansion>`` or the in-support posterior's name; "" for other methods."""
+    """AEPO's estimator: ``<covariance>/<expansion>``, or the in-support posterior with its K support points
+    (``particles-K256``, ``mixture-K64-h0.05``); "" for other methods."""
     if cfg.method != "aepo":
         return ""
     e = cfg.energy
-    return f"{e.covariance}/{e.expansion}" if e.posterior == "gaussian" else e.posterior
+    if e.posterior == "gaussian":
+        return f"{e.covariance}/{e.expansion}"
+    return f"{e.posterior}-K{cfg.support.k}" + (f"-h{e.bandwidth:g}" if e.posterior == "mixture" else "")
 
 
 def estimator_label(cfg: ToyConfig) -> str:
@@ -98,14 +103,22 @@ def estimator_label(cfg: ToyConfig) -> str:
 
 
 def estimator_overrides(spec: str) -> dict:
-    """``gaussian-fit/sampled`` | ``mixture`` | ``particles`` -> the ``energy`` fields it sets."""
-    if spec in ("mixture", "particles"):
-        return {"posterior": spec}
+    """An estimator name -> the config parts it sets: ``gaussian-fit/sampled`` -> ``{"energy": {...}}``;
+    ``particles-K256`` / ``mixture-K64-h0.05`` (K support points, bandwidth h) also set ``support.k``."""
+    m = re.fullmatch(r"(particles|mixture)(?:-K(\d+))?(?:-h([0-9.eE+-]+))?", spec)
+    if m and not (m.group(1) == "particles" and m.group(3)):
+        energy = {"posterior": m.group(1)}
+        if m.group(3):
+            try:
+                energy["bandwidth"] = float(m.group(3))
+            except ValueError:
+                raise ValueError(f"estimator {spec!r}: bandwidth h must be a number, got {m.group(3)!r}") from None
+        return {"energy": energy, **({"support": {"k": int(m.group(2))}} if m.group(2) else {})}
     if spec not in ESTIMATORS:
-        raise ValueError(f"estimator: expected <covariance>/<expansion> (one of {', '.join(ESTIMATORS)}), mixture "
-                         f"or particles, got {spec!r}")
+        raise ValueError(f"estimator: expected <covariance>/<expansion> (one of {', '.join(ESTIMATORS)}), "
+                         f"particles[-K<k>] or mixture[-K<k>][-h<bandwidth>], got {spec!r}")
     cov, exp = spec.split("/")
-    return {"posterior": "gaussian", "covariance": cov, "expansion": exp}
+    return {"energy": {"posterior": "gaussian", "covariance": cov, "expansion": exp}}
 
 
 def critic_label(cfg: ToyConfig) -> str:
@@ -281,7 +294,8 @@ def _critic_part(cfg: ToyConfig) -> dict:
                                       "layer_norm")}
 
 
-def _energy_learner(cfg: ToyConfig, m: ToyModels) -> EnergyLearner:
+def energy_learner(cfg: ToyConfig, m: ToyModels) -> EnergyLearner:
+    """The energy stage's learner for ``cfg`` (its target reads the true reward, or the critic once trained)."""
     e, task, sched = cfg.energy, toy.get_task(cfg.task), m.behaviour.schedule
     critic = m.critic
     q_fn = (lambda s, a: critic(a).squeeze(-1)) if critic is not None else (lambda s, a: task.reward(a))
@@ -293,6 +307,18 @@ def _energy_learner(cfg: ToyConfig, m: ToyModels) -> EnergyLearner:
                          fit_cov=fit_cov, decay_steps=_decay(e), method=cfg.method)
 
 
+def data_q(m: ToyModels) -> torch.Tensor:
+    """Q at every data point (N,): the true reward, or the fitted critic once its stage is trained."""
+    with torch.no_grad():
+        return m.e if m.critic is None else m.critic(m.x).squeeze(-1)
+
+
+def support_batch(m: ToyModels, k: int, n: int, g: torch.Generator, q: torch.Tensor) -> dict:
+    """``support`` (n, k, 2): k data points per row, drawn uniformly with ``g``, and ``support_q`` (n, k): q at them."""
+    i = torch.randint(0, m.x.shape[0], (n, k), generator=g, device=m.x.device)
+    return {"support": m.x[i], "support_q": q[i]}
+
+
 def _energy_batches(cfg: ToyConfig, m: ToyModels, device):
     """The energy stage's batch source. qgpo: ``support`` (B, K, 2) data points and ``support_q`` (B, K), Q at
     them; aepo, mse: ``a`` (B, 2) (aepo: a fraction ``energy.cover`` uniform on the box), and for AEPO's
@@ -300,15 +326,10 @@ def _energy_batches(cfg: ToyConfig, m: ToyModels, device):
     e, K, N = cfg.energy, cfg.support.k, m.x.shape[0]
     held: dict = {}
 
-    def q_data() -> torch.Tensor:  # Q at every data point, after the critic stage
-        if "q" not in held:
-            with torch.no_grad():
-                held["q"] = m.e if m.critic is None else m.critic(m.x).squeeze(-1)
-        return held["q"]
-
     def support(g) -> dict:
-        i = torch.randint(0, N, (e.batch, K), generator=g, device=device)
-        return {"support": m.x[i], "support_q": q_data()[i]}
+        if "q" not in held:  # Q at every data point, after the critic stage
+            held["q"] = data_q(m)
+        return support_batch(m, K, e.batch, g, held["q"])
 
     def batch(g) -> dict:
         if cfg.method == "qgpo":
@@ -350,7 +371,7 @@ def build_stages(cfg: ToyConfig, m: ToyModels, device) -> list[Stage]:
         upstream.append(stage_hash(stages[-1]))
     part = {"data": data, "method": cfg.method, "critic": cfg.critic.kind, "energy": cfg.energy,
             "support_k": cfg.support.k if _uses_support(cfg) else None}
-    stages.append(Stage("energy", part, cfg.energy.steps, lambda: _energy_learner(cfg, m),
+    stages.append(Stage("energy", part, cfg.energy.steps, lambda: energy_learner(cfg, m),
                         _energy_batches(cfg, m, device), upstream=tuple(upstream), seed=_seed(cfg.seed, 2),
                         device=device))
     return stages
@@ -430,8 +451,9 @@ def energy_errors(models: ToyModels, times=None) -> dict:
     return out
 
 
-def evaluate_toy(models: ToyModels, *, keep_samples: bool = False) -> dict:
-    """Per guidance scale: the distance of guided samples to exact target samples, its floor, the mean reward."""
+def evaluate_toy(models: ToyModels, *, keep_samples: bool = False, budget: bool = True) -> dict:
+    """Per guidance scale: the distance of guided samples to exact target samples, its floor, the mean reward;
+    with ``budget`` also parts 4-5 of the error budget (:func:`aepo_lite.toy.trained_budget.trained_budget`)."""
     cfg, ev = models.cfg, models.cfg.eval
     task, beta, clip = toy.get_task(cfg.task), cfg.energy.beta, cfg.energy.clip
     scales = (0.0,) if models.energy is None else cfg.sampling.guidance_scales
@@ -453,6 +475,9 @@ def evaluate_toy(models: ToyModels, *, keep_samples: bool = False) -> dict:
                target_mean_reward=float(task.reward(target).mean()),
                behaviour_mean_reward=float(task.reward(task.sample(ev.pool_size, seed=7)).mean()),
                energy_error=energy_errors(models), train_info=models.info)
+    if budget:  # parts 4-5 of the error budget (aepo_lite.toy.trained_budget)
+        from aepo_lite.toy.trained_budget import trained_budget
+        out["budget"] = trained_budget(models, target)
     if keep_samples:
         out["_samples"], out["_target"] = samples, target
     return out

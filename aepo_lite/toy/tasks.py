@@ -32,7 +32,7 @@ from aepo_lite.core.schedule import VPSchedule
 
 __all__ = [
     "ToyTask", "register_task", "get_task", "task_names", "TOY_TASKS", "SCALE",
-    "target_samples", "exact_intermediate_energy", "make_grid", "sliced_wasserstein", "distance_floor",
+    "target_samples", "exact_intermediate_energy", "exact_posterior_average", "exact_energy_gradient", "make_grid", "sliced_wasserstein", "distance_floor",
     "energy_error", "check_count", "check_beta", "memory_budget_bytes",
 ]
 
@@ -328,6 +328,43 @@ def exact_intermediate_energy(x_t: torch.Tensor, t: float, data: torch.Tensor, r
     if return_log_density:
         return E, torch.cat(logp).to(out_dtype)
     return E
+
+
+def exact_posterior_average(x_t: torch.Tensor, t: float, data: torch.Tensor, values: torch.Tensor,
+                            schedule: VPSchedule | None = None, *, log_tilt: torch.Tensor | None = None,
+                            chunk_bytes: int = 8 * 2**20) -> torch.Tensor:
+    """sum_j p_j(x_t) values_j with p_j ∝ exp(log_tilt_j - ||x_t - alpha_t x^j||^2 / (2 sigma_t^2)): the exact
+    posterior mean of ``values`` (N, k) given x_t (M, d) under the empirical behaviour (``log_tilt`` None) or
+    under the tilted target pi ∝ mu exp(log_tilt) (e.g. log_tilt = beta e(x^j)). -> (M, k) in x_t's dtype."""
+    schedule = schedule or VPSchedule()
+    check_tensor("x_t", x_t, ndim=2)
+    check_tensor("data", data, shape=(None, x_t.shape[1]))
+    check_tensor("values", values, shape=(data.shape[0], None))
+    t = check_scalar("t", t, low=schedule.t_min - 1e-12, high=schedule.t_max + 1e-12)
+    alpha, sigma = (float(v) for v in schedule.alpha_sigma(torch.tensor(t, dtype=torch.float64)))
+    X = data.to(device=x_t.device, dtype=torch.float64) * alpha
+    bias = -(X**2).sum(-1) / (2 * sigma**2)
+    if log_tilt is not None:
+        check_tensor("log_tilt", log_tilt, shape=(data.shape[0],))
+        bias = bias + log_tilt.to(bias)
+    V = values.to(X)
+    out = []
+    for q in x_t.double().split(_rows_per_chunk(X.shape[0], chunk_bytes)):
+        out.append(torch.softmax(torch.addmm(bias, q, X.T / sigma**2), dim=1) @ V)
+    return torch.cat(out).to(x_t.dtype)
+
+
+def exact_energy_gradient(x_t: torch.Tensor, t: float, data: torch.Tensor, rewards: torch.Tensor, beta: float,
+                          schedule: VPSchedule | None = None) -> torch.Tensor:
+    """grad_x E_t(x_t) of :func:`exact_intermediate_energy`, in closed form: (alpha_t / sigma_t^2) times the
+    difference of the posterior means of x_0 under the target and under the behaviour. (M, d) -> (M, d)."""
+    schedule = schedule or VPSchedule()
+    beta = check_beta(beta)
+    check_tensor("rewards", rewards, shape=(data.shape[0],))
+    alpha, sigma = (float(v) for v in schedule.alpha_sigma(torch.tensor(float(t), dtype=torch.float64)))
+    tilted = exact_posterior_average(x_t, t, data, data, schedule, log_tilt=beta * rewards.double())
+    plain = exact_posterior_average(x_t, t, data, data, schedule)
+    return (alpha / sigma**2) * (tilted - plain)
 
 
 def make_grid(n: int, lim: float = 1.2, *, device=None, dtype=torch.float32):

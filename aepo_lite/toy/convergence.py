@@ -1,0 +1,244 @@
+"""Is the toy energy budget large enough? The energy error against the exact E_t as the energy steps grow.
+
+docs/derivation.md section 6b asks that methods be compared at a matched budget "large enough that more
+steps no longer lower the energy error". This module measures it: for each task and method, one run per
+energy step count (everything else the preset's, each run with its own learning-rate schedule), and per
+run the RMS error of f_phi against the exact E_t (:func:`aepo_lite.toy.pipeline.energy_errors`, mean over
+the error times) and the sampler distance at w = 1.
+
+A budget of N steps is *converged* for a row group when the next step count of the curve (2N by default)
+lowers the energy error by less than ``tol`` (relative): :func:`check_converged` raises, naming every group
+that still improves, when it is not.
+
+Entry points: ``run_convergence`` (resumable: a step count whose run folder already holds results for the
+same config is read, not trained again), ``render`` (``figures/toy2d_convergence.{md,png}`` from the CSV),
+``check_converged``; the command is ``aepo-lite toy-convergence``.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from aepo_lite._io import atomic_save_figure, atomic_write_text, read_csv_rows, read_json
+from aepo_lite.config import to_dict
+from aepo_lite.toy import tasks as toy
+from aepo_lite.toy.pipeline import (RUN_FIELDS_FREE, check_config, default_out, estimator_label,
+                                    estimator_overrides, make_config, run_toy)
+
+__all__ = ["ConvergenceConfig", "DEFAULT_SPECS", "spec_configs", "run_convergence", "read_rows", "improvements",
+           "check_converged", "convergence_markdown", "render"]
+
+DEFAULT_SPECS = ("qgpo", "mse", "aepo:gaussian-fit/sampled", "aepo:particles-K256")
+COLUMNS = ("task", "method", "estimator", "critic", "beta", "seed", "preset", "energy_steps", "err_0.05", "err_0.2",
+           "err_0.5", "err_mean", "distance", "floor", "energy_seconds")
+_KEY = ("task", "method", "estimator", "critic", "beta", "seed", "preset", "energy_steps")
+_GROUP = ("task", "method", "estimator", "critic", "beta", "seed", "preset")
+
+
+@dataclass
+class ConvergenceConfig:
+    """The energy-steps curve: tasks x method specs x step counts, one seed, at a preset."""
+
+    tasks: tuple[str, ...] = ()  # () = every registered task
+    specs: tuple[str, ...] = DEFAULT_SPECS  # qgpo | mse | aepo:<estimator> (see pipeline.estimator_overrides)
+    steps: tuple[int, ...] = (2000, 4000, 8000)  # energy step counts, increasing
+    seed: int = 0
+    beta: float = 10.0
+    critic: str = "reward"  # what every method reads Q from (matched inputs): reward | regression
+    preset: str = "full"  # everything but energy.steps comes from this preset
+    device: str = "auto"
+
+
+def _spec(spec: str) -> tuple[str, dict]:
+    method, _, est = spec.partition(":")
+    if method not in ("qgpo", "mse", "aepo"):
+        raise ValueError(f"specs: expected qgpo, mse or aepo:<estimator>, got {spec!r}")
+    if (method == "aepo") != bool(est):
+        raise ValueError(f"specs: {spec!r}: aepo needs an estimator (aepo:<estimator>), the others take none")
+    return method, (estimator_overrides(est) if est else {})
+
+
+def spec_configs(cc: ConvergenceConfig) -> list:
+    """Every run of the curve as a checked ToyConfig (errors name the bad spec or step count first)."""
+    steps = [int(s) for s in cc.steps]
+    if not steps or any(s < 1 for s in steps) or steps != sorted(set(steps)):
+        raise ValueError(f"steps: expected increasing positive step counts, got {tuple(cc.steps)}")
+    out = []
+    for task in cc.tasks or toy.task_names():
+        for spec in cc.specs:
+            method, over = _spec(spec)
+            for n in steps:
+                out.append(make_config(task, method, cc.preset, seed=cc.seed, device=cc.device,
+                                       energy=dict(over.get("energy", {}), beta=cc.beta, steps=n),
+                                       support=over.get("support"), critic={"kind": cc.critic}))
+    return out
+
+
+def _row(res: dict, cfg) -> dict:
+    errs = res["energy_error"]
+    r = res["results"][0]
+    return dict(task=cfg.task, method=cfg.method, estimator=res["estimator"], critic=res["critic"],
+                beta=f"{cfg.energy.beta:g}", seed=cfg.seed, preset=cfg.preset, energy_steps=cfg.energy.steps,
+                **{f"err_{t}": f"{errs[t]:.6f}" for t in ("0.05", "0.2", "0.5")},
+                err_mean=f"{sum(errs.values()) / len(errs):.6f}", distance=f"{r['distance']:.6f}",
+                floor=f"{r['floor']:.6f}", energy_seconds=f"{res['train_info']['energy']['seconds']:.1f}")
+
+
+def _run_dir(cfg, runs_dir) -> Path:
+    return default_out(cfg, runs_dir).with_name(default_out(cfg, runs_dir).name + f"-e{cfg.energy.steps}")
+
+
+def _finished(out: Path, cfg) -> dict | None:
+    """The run's results when ``out`` holds a finished run of exactly ``cfg`` (else None: run it)."""
+    if not (out / "results.json").exists() or not (out / "config.json").exists():
+        return None
+    old, new = read_json(out / "config.json"), to_dict(cfg)
+    for k in RUN_FIELDS_FREE:
+        old.pop(k, None), new.pop(k, None)
+    return read_json(out / "results.json") if old == new else None
+
+
+def read_rows(csv_path) -> list[dict]:
+    """The curve's rows (none when the CSV does not exist yet)."""
+    return (read_csv_rows(csv_path, COLUMNS, made_by="aepo-lite toy-convergence") if Path(csv_path).exists()
+            else [])
+
+
+def _write_rows(csv_path, rows: list[dict]) -> Path:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
+    w.writeheader()
+    w.writerows(sorted(rows, key=_sort_key))
+    return atomic_write_text(csv_path, buf.getvalue())
+
+
+def run_convergence(cc: ConvergenceConfig, csv_path="figures/toy2d_convergence.csv", *, runs_dir="runs/convergence",
+                    cache_dir=None, progress: bool = True) -> list[dict]:
+    """Run (or read) every step count of the curve and merge its rows into ``csv_path`` after each run."""
+    cfgs = [check_config(c) for c in spec_configs(cc)]
+    rows = {tuple(str(r[k]) for k in _KEY): r for r in read_rows(csv_path)}
+    for i, cfg in enumerate(cfgs):
+        out = _run_dir(cfg, runs_dir)
+        t0 = time.time()
+        res = _finished(out, cfg) or run_toy(cfg, out, cache_dir=cache_dir, progress=progress, figure=False)
+        row = _row(res, cfg)
+        rows[tuple(str(row[k]) for k in _KEY)] = row
+        _write_rows(csv_path, list(rows.values()))
+        print(f"[{i + 1}/{len(cfgs)}] {cfg.task} {estimator_label(cfg)} energy.steps={cfg.energy.steps}: energy error "
+              f"{float(row['err_mean']):.4f}, distance {float(row['distance']):.4f} ({time.time() - t0:.0f} s)",
+              flush=True)
+    return list(rows.values())
+
+
+def _sort_key(r: dict) -> tuple:
+    return (r["task"], r["method"], r["estimator"], r["critic"], float(r["beta"]), int(r["seed"]), r["preset"],
+            int(r["energy_steps"]))
+
+
+def _groups(rows: list[dict]) -> dict[tuple, dict[int, float]]:
+    out: dict[tuple, dict[int, float]] = {}
+    for r in rows:
+        out.setdefault(tuple(str(r[k]) for k in _GROUP), {})[int(r["energy_steps"])] = float(r["err_mean"])
+    return out
+
+
+def improvements(rows: list[dict], steps: int) -> dict[tuple, float | None]:
+    """Per row group: the relative drop of the energy error from ``steps`` to the group's next larger step
+    count, (err(N) - err(next)) / err(N); None when the group has no row at ``steps`` or none above it."""
+    out = {}
+    for g, curve in _groups(rows).items():
+        above = [n for n in curve if n > steps]
+        out[g] = (None if steps not in curve or not above
+                  else (curve[steps] - curve[min(above)]) / max(curve[steps], 1e-12))
+    return out
+
+
+def _name(g: tuple) -> str:
+    d = dict(zip(_GROUP, g))
+    label = f"aepo({d['estimator']})" if d["method"] == "aepo" else d["method"]
+    return f"{d['task']} {label} (Q: {d['critic']}, beta {d['beta']}, seed {d['seed']}, preset {d['preset']})"
+
+
+def check_converged(rows: list[dict], steps: int, tol: float = 0.1) -> dict[tuple, float]:
+    """Raise ValueError naming every row group whose energy error still falls by more than ``tol`` past
+    ``steps`` (or that was not measured at ``steps`` and above); return the drops when all converged."""
+    if not (isinstance(tol, (int, float)) and 0 < tol < 1):
+        raise ValueError(f"tol: expected a relative drop in (0, 1), got {tol!r}")
+    drops = improvements(rows, steps)
+    if not drops:
+        raise ValueError(f"energy.steps={steps}: no convergence rows to check (run aepo-lite toy-convergence)")
+    missing = [_name(g) for g, d in drops.items() if d is None]
+    bad = [f"{_name(g)}: {100 * d:.0f}% lower" for g, d in drops.items() if d is not None and d > tol]
+    if missing or bad:
+        raise ValueError(f"energy.steps={steps} is not shown converged (tol {100 * tol:.0f}%): "
+                         + "; ".join(bad + [f"{m}: no row at {steps} and above" for m in missing]))
+    return drops
+
+
+def convergence_markdown(rows: list[dict], steps: int | None = None, tol: float = 0.1) -> str:
+    """The curve as a table: one line per row group, the energy error at each step count, the last drop."""
+    groups = _groups(rows)
+    counts = sorted({n for c in groups.values() for n in c})
+    head = "| task | method | " + " | ".join(f"{n} steps" for n in counts) + " | drop past " + (
+        f"{steps} |" if steps else "the last-but-one |")
+    lines = [head, "|" + "---|" * (len(counts) + 3)]
+    for g, curve in sorted(groups.items()):
+        d = dict(zip(_GROUP, g))
+        at = steps if steps else (counts[-2] if len(counts) > 1 else counts[0])
+        drop = improvements([r for r in rows if tuple(str(r[k]) for k in _GROUP) == g], at)[g]
+        cells = " | ".join(f"{curve[n]:.3f}" if n in curve else "" for n in counts)
+        flag = "" if drop is None else f"{100 * drop:+.0f}%" + (" (not converged)" if drop > tol else "")
+        label = f"aepo({d['estimator']})" if d["method"] == "aepo" else d["method"]
+        lines.append(f"| {d['task']} | {label} | {cells} | {flag} |")
+    return "\n".join(lines) + "\n"
+
+
+def _plot(rows: list[dict], path) -> Path:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    groups = _groups(rows)
+    tasks = sorted({g[0] for g in groups})
+    cols = min(3, len(tasks))
+    nrows = math.ceil(len(tasks) / cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.4 * nrows), squeeze=False)
+    for ax, task in zip(axes.flat, tasks):
+        for g, curve in sorted(groups.items()):
+            if g[0] != task:
+                continue
+            d = dict(zip(_GROUP, g))
+            ns = sorted(curve)
+            ax.plot(ns, [curve[n] for n in ns], marker="o",
+                    label=f"aepo({d['estimator']})" if d["method"] == "aepo" else d["method"])
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_title(task)
+        ax.set_xlabel("energy steps")
+        ax.set_ylabel("RMS error of f vs exact E_t")
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(tasks):]:
+        ax.axis("off")
+    fig.tight_layout()
+    try:
+        return atomic_save_figure(path, fig)
+    finally:
+        plt.close(fig)
+
+
+def render(csv_path="figures/toy2d_convergence.csv", figures_dir="figures", tol: float = 0.1) -> list[Path]:
+    """``toy2d_convergence.md`` and ``.png`` from the CSV alone."""
+    rows = read_rows(csv_path)
+    if not rows:
+        raise ValueError(f"{csv_path}: no convergence rows (run aepo-lite toy-convergence first)")
+    d = Path(figures_dir)
+    text = (f"Energy error vs energy steps, generated from `{Path(csv_path).name}` by "
+            "`aepo_lite.toy.convergence.render` (do not edit by hand). Each cell: the RMS error of the trained "
+            "f_phi against the exact E_t (mean over t = 0.05, 0.2, 0.5; up to a constant per t, weighted by "
+            f"mu_t); one run per step count, each with its own learning-rate schedule. A drop above "
+            f"{100 * tol:.0f}% means more steps still help. Our measurement, not the paper's.\n\n"
+            + convergence_markdown(rows, tol=tol))
+    return [atomic_write_text(d / "toy2d_convergence.md", text), _plot(rows, d / "toy2d_convergence.png")]

@@ -1,0 +1,154 @@
+"""The energy-steps curve (aepo_lite.toy.convergence), error-budget parts 4-5 (aepo_lite.toy.trained_budget)
+and their exact references (closed-form gradient and posterior averages of the toy E_t)."""
+import math
+
+import pytest
+import torch
+
+from aepo_lite.core.schedule import VPSchedule
+from aepo_lite.toy import convergence as conv
+from aepo_lite.toy import pipeline as TT
+from aepo_lite.toy import tasks as toy
+from aepo_lite.toy import trained_budget as TB
+
+
+# ------------------------------------------------------------------------------ exact references
+@pytest.mark.parametrize("t", [0.03, 0.3, 0.9])
+def test_exact_energy_gradient_matches_finite_differences(t):
+    task = toy.get_task("moons")
+    x = task.sample(400, seed=1, dtype=torch.float64)
+    e = task.reward(x)
+    q = torch.randn(9, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 0.6
+    g = toy.exact_energy_gradient(q, t, x, e, 3.0)
+    h = 1e-5
+    num = torch.stack([(toy.exact_intermediate_energy(q + h * d, t, x, e, 3.0)
+                        - toy.exact_intermediate_energy(q - h * d, t, x, e, 3.0)) / (2 * h)
+                       for d in torch.eye(2, dtype=torch.float64)], -1)
+    assert torch.allclose(g, num, atol=1e-6 * max(1.0, float(num.abs().max())))
+
+
+def test_exact_posterior_average_is_the_weighted_mean_and_its_tilt():
+    sched = VPSchedule()
+    x = torch.randn(50, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    v = torch.randn(50, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    tilt = torch.rand(50, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    q = torch.randn(6, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    alpha, sigma = (float(a) for a in sched.alpha_sigma(torch.tensor(0.4, dtype=torch.float64)))
+    logw = -((q[:, None, :] - alpha * x[None]) ** 2).sum(-1) / (2 * sigma**2)
+    ref = torch.softmax(logw, 1) @ v
+    ref_tilted = torch.softmax(logw + tilt, 1) @ v
+    assert torch.allclose(toy.exact_posterior_average(q, 0.4, x, v, sched), ref, atol=1e-10)
+    assert torch.allclose(toy.exact_posterior_average(q, 0.4, x, v, sched, log_tilt=tilt), ref_tilted, atol=1e-10)
+    with pytest.raises(ValueError, match="values"):
+        toy.exact_posterior_average(q, 0.4, x, v[:10], sched)
+
+
+# ------------------------------------------------------------------------------ estimator names
+def test_in_support_estimator_names_carry_k_and_bandwidth_and_parse_back():
+    assert TT.estimator_overrides("particles-K256") == {"energy": {"posterior": "particles"}, "support": {"k": 256}}
+    assert TT.estimator_overrides("mixture-K8-h0.05") == {"energy": {"posterior": "mixture", "bandwidth": 0.05},
+                                                          "support": {"k": 8}}
+    assert TT.estimator_overrides("particles") == {"energy": {"posterior": "particles"}}
+    over = TT.estimator_overrides("mixture-K8-h0.05")
+    cfg = TT.make_config("moons", "aepo", "smoke", energy=over["energy"], support=over["support"], critic={"kind":
+                                                                                                         "regression"})
+    assert TT.estimator(cfg) == "mixture-K8-h0.05" and TT.estimator_overrides(TT.estimator(cfg)) == over
+    for bad in ("particles-K", "particles-h0.1", "mixtures", "tweedie"):
+        with pytest.raises(ValueError, match="estimator"):
+            TT.estimator_overrides(bad)
+
+
+def test_k_below_one_and_a_negative_bandwidth_are_refused_by_name():
+    with pytest.raises(ValueError, match="support.k"):
+        TT.make_config("moons", "aepo", "smoke", **TT.estimator_overrides("particles-K0"))
+    with pytest.raises(ValueError, match="bandwidth"):
+        TT.make_config("moons", "aepo", "smoke", energy={"posterior": "mixture", "bandwidth": -0.1},
+                       critic={"kind": "regression"})
+
+
+# ------------------------------------------------------------------------------ the convergence check
+def _rows(curves: dict) -> list[dict]:
+    rows = []
+    for (task, method, est), curve in curves.items():
+        for n, err in curve.items():
+            rows.append(dict(task=task, method=method, estimator=est, critic="reward", beta="10", seed="0",
+                             preset="full", energy_steps=str(n), err_mean=str(err)))
+    return rows
+
+
+def test_check_converged_names_every_group_that_still_improves():
+    rows = _rows({("moons", "qgpo", ""): {1000: 1.0, 2000: 0.5, 4000: 0.48},
+                  ("moons", "aepo", "particles-K256"): {1000: 0.4, 2000: 0.39, 4000: 0.385},
+                  ("rings", "mse", ""): {1000: 0.9, 2000: 0.8}})
+    drops = conv.improvements(rows, 1000)
+    assert drops[("moons", "qgpo", "", "reward", "10", "0", "full")] == pytest.approx(0.5)
+    assert conv.check_converged(_rows({("moons", "qgpo", ""): {2000: 0.5, 4000: 0.48}}), 2000)
+    with pytest.raises(ValueError) as e:
+        conv.check_converged(rows, 1000, tol=0.1)
+    msg = str(e.value)
+    assert "energy.steps=1000" in msg and "moons qgpo" in msg and "50% lower" in msg and "rings mse" in msg
+    assert "particles" not in msg  # a 2.5% drop is converged at tol 10%
+    with pytest.raises(ValueError, match="rings mse.*no row at 2000"):
+        conv.check_converged(rows, 2000, tol=0.1)
+    with pytest.raises(ValueError, match="tol"):
+        conv.check_converged(rows, 2000, tol=1.5)
+
+
+def test_convergence_specs_and_steps_are_checked_before_any_run():
+    with pytest.raises(ValueError, match="steps"):
+        conv.spec_configs(conv.ConvergenceConfig(tasks=("moons",), steps=(200, 100)))
+    with pytest.raises(ValueError, match="specs"):
+        conv.spec_configs(conv.ConvergenceConfig(tasks=("moons",), specs=("cep",)))
+    with pytest.raises(ValueError, match="specs"):
+        conv.spec_configs(conv.ConvergenceConfig(tasks=("moons",), specs=("aepo",)))
+    cfgs = conv.spec_configs(conv.ConvergenceConfig(tasks=("moons",), specs=("qgpo", "aepo:particles-K64"),
+                                                    steps=(10, 20), preset="smoke"))
+    assert [(c.method, c.energy.steps, c.support.k) for c in cfgs] == [("qgpo", 10, 16), ("qgpo", 20, 16),
+                                                                      ("aepo", 10, 64), ("aepo", 20, 64)]
+
+
+def test_convergence_run_is_resumable_and_renders(tmp_path, monkeypatch):
+    import aepo_lite.config as C
+    monkeypatch.setitem(C.PRESETS["toy"], "smoke", dict(C.PRESETS["toy"]["smoke"], n_data=2000, behaviour=dict(
+        steps=20), eval=dict(n_samples=200, n_ref_data=1000, pool_size=2000, grid_size=8)))
+    cc = conv.ConvergenceConfig(tasks=("moons",), specs=("aepo:particles-K8",), steps=(5, 10), preset="smoke")
+    small = dict(csv_path=tmp_path / "c.csv", runs_dir=tmp_path / "runs", cache_dir=tmp_path / "cache",
+                 progress=False)
+    rows = conv.run_convergence(cc, **small)
+    assert sorted(int(r["energy_steps"]) for r in rows) == [5, 10]
+    first = (tmp_path / "c.csv").read_text()
+    (tmp_path / "c.csv").unlink()
+    monkeypatch.setattr(conv, "run_toy", lambda *a, **k: pytest.fail("a finished run was trained again"))
+    conv.run_convergence(cc, **small)  # read back from the finished run folders
+    assert (tmp_path / "c.csv").read_text() == first
+    paths = conv.render(tmp_path / "c.csv", tmp_path)
+    assert all(p.exists() for p in paths) and "particles-K8" in paths[0].read_text()
+
+
+# ------------------------------------------------------------------------------ parts 4-5 on a trained run
+def test_trained_budget_parts_against_their_references(tmp_path):
+    """MSE's own target is exact (beta E[e(x0)|x_t]); the exact-energy sampler beats unguided samples."""
+    res = {}
+    for method in ("mse", "aepo", "bc"):
+        cfg = TT.make_config("8gaussians", method, "smoke", n_data=4000, behaviour=dict(steps=300),
+                             energy=dict(steps=30, **({"posterior": "particles"} if method == "aepo" else {})),
+                             support={"k": 32}, eval=dict(n_samples=600, n_ref_data=2000, pool_size=4000,
+                                                          grid_size=10))
+        res[method] = TT.run_toy(cfg, tmp_path / method, cache_dir=tmp_path / "cache", progress=False, figure=False)
+    for method in ("mse", "aepo"):
+        reg = res[method]["budget"]["regression"]
+        for t, part in reg.items():
+            assert part["vs_exact"] == pytest.approx(res[method]["energy_error"][t], rel=1e-6)
+            # the triangle inequality of the weighted RMS (the constants removed differ: a small slack)
+            assert part["vs_exact"] <= part["vs_target"] + part["target_bias"] + 1e-6
+    # MSE's regression target is biased (beta E[e] is not log E[exp(beta e)]): clearly off E_t at small t
+    assert res["mse"]["budget"]["regression"]["0.05"]["target_bias"] > 0.1
+    assert res["bc"]["budget"]["regression"] == {}
+    # the exact energy guides the behaviour model toward the target: far closer than unguided samples
+    bc_distance = res["bc"]["results"][0]["distance"]
+    assert res["bc"]["budget"]["exact_distance"] < 0.6 * bc_distance
+    rows = TB.budget_rows(res["aepo"]) + TB.budget_rows(res["bc"])
+    TB.write_rows(tmp_path / "b.csv", rows)
+    text = TB.render(tmp_path / "b.csv", tmp_path)[0].read_text()
+    assert "aepo(particles-K32)" in text and "| 8gaussians | bc (none) |" in text
+    assert not math.isnan(float(TB.read_rows(tmp_path / "b.csv")[0]["exact_distance"]))
