@@ -109,6 +109,7 @@ fig, ax = plt.subplots(figsize=(5, 2.6))
 ax.plot(ts, al, label=r"$\alpha_t$")
 ax.plot(ts, si, label=r"$\sigma_t$")
 ax.set_xlabel("t")
+ax.set_ylabel(r"$\alpha_t$, $\sigma_t$")
 ax.legend()
 ax.set_title("The VP schedule")
 plt.show()
@@ -217,6 +218,8 @@ axes[0].hist(x_data.numpy(), bins=60, density=True, weights=(w_pi * N_DATA).nump
              color="C1", lw=1.5, label=r"$\pi \propto \mu e^{\beta Q}$")
 axes[0].plot(grid_1d, np.sin(3 * grid_1d.numpy()), "k--", lw=1, label="Q")
 axes[0].set_title("behaviour, critic and target")
+axes[0].set_xlabel("$a$")
+axes[0].set_ylabel("density; Q(a)")
 axes[0].legend(fontsize=8)
 gaps = {}
 for i, t in enumerate((0.05, 0.3)):
@@ -225,6 +228,7 @@ for i, t in enumerate((0.05, 0.3)):
     axes[1 + i].plot(grid_1d, mse_target, "--", label=r"$\mathbb{E}[\beta Q|a_t]$ (MSE)")
     axes[1 + i].set_title(f"t = {t}")
     axes[1 + i].set_xlabel("$a_t$")
+    axes[1 + i].set_ylabel("energy (nats)")
     gaps[t] = float((E_t - mse_target).max())
 axes[1].legend(fontsize=8)
 plt.tight_layout()
@@ -790,7 +794,7 @@ fig, ax = plt.subplots(figsize=(6.5, 3.6))
 for (name, y), ls in zip(curves.items(), ["-", "--", "-.", ":", (0, (5, 1, 1, 1))]):
     ax.plot(line, y, ls=ls, lw=2 if name.startswith("$E") else 1.3, label=name)
 ax.set_xlabel("position along the slice")
-ax.set_ylabel("energy")
+ax.set_ylabel("energy (nats)")
 ax.set_title(f"Targets for the energy at t = {t_slice} (beta = {beta:g})")
 ax.legend(fontsize=8)
 plt.show()
@@ -878,10 +882,12 @@ def draw(b_, ax):
     ax.set_xlim(-1.2, 1.0)
     ax.set_ylim(-1.2, 1.0)
     ax.set_aspect("equal")
+    ax.set_xlabel("$a_1$")
+    ax.set_ylabel("$a_2$")
 
 
 # the static figure: a rendered page shows this even without a kernel
-fig, axes = plt.subplots(1, 3, figsize=(11, 3.7))
+fig, axes = plt.subplots(1, 3, figsize=(11, 3.9), layout="constrained")
 for b_, ax in zip([0.0, 1.0, 4.0], axes):
     draw(b_, ax)
 fig.suptitle("grey: behaviour samples; orange: guided samples; contours: exact pi; star: argmax Q", fontsize=9)

@@ -45,6 +45,7 @@
 # ![toy2d_distance.png](../figures/toy2d_distance.png)
 
 # %%
+import math
 import os
 import time
 from pathlib import Path
@@ -104,6 +105,8 @@ for ax, name in zip(axes, toy.task_names()[:6]):
     ax.set_aspect("equal")
     ax.set_xlim(-1.1, 1.1)
     ax.set_ylim(-1.1, 1.1)
+    ax.set_xlabel("$x_1$")
+axes[0].set_ylabel("$x_2$")
 fig.colorbar(sc, ax=axes, shrink=0.8, label="reward e(x)")
 plt.show()
 
@@ -131,7 +134,7 @@ toy.TOY_TASKS.pop("half_disk")
 task = toy.get_task(TASK)
 pool = task.sample(100_000, seed=1, dtype=torch.float64)
 e_pool = task.reward(pool)
-fig, axes = plt.subplots(1, 4, figsize=(13, 3.3))
+fig, axes = plt.subplots(1, 4, figsize=(14, 3.3), layout="constrained")
 means = []
 for ax, beta in zip(axes, (0.0, 3.0, 10.0, 20.0)):
     xt = toy.target_samples(task, beta, 20_000, pool=pool, seed=2, dtype=torch.float64)
@@ -139,11 +142,14 @@ for ax, beta in zip(axes, (0.0, 3.0, 10.0, 20.0)):
     m = float(task.reward(xt).mean())
     check(abs(m - m_exact) < 0.01, (beta, m, m_exact))
     means.append(m)
-    ax.scatter(xt[:4000, 0], xt[:4000, 1], s=2, c=task.reward(xt[:4000]), cmap="viridis", vmin=0, vmax=1)
+    sc = ax.scatter(xt[:4000, 0], xt[:4000, 1], s=2, c=task.reward(xt[:4000]), cmap="viridis", vmin=0, vmax=1)
     ax.set_title(f"beta = {beta:g}: mean reward {m:.3f}")
     ax.set_aspect("equal")
     ax.set_xlim(-1.1, 1.1)
     ax.set_ylim(-1.1, 1.1)
+    ax.set_xlabel("$x_1$")
+axes[0].set_ylabel("$x_2$")
+fig.colorbar(sc, ax=axes, shrink=0.8, label="reward e(x)")
 plt.show()
 check(all(a < b for a, b in zip(means, means[1:])), 'all(a < b for a, b in zip(means, means[1:]))')
 
@@ -171,12 +177,14 @@ a_min = float(schedule.alpha(torch.tensor(schedule.t_min)))
 E0 = toy.exact_intermediate_energy(a_min * pool[:10], schedule.t_min, pool[:5000], e_pool[:5000], 10.0)
 check(torch.allclose(E0, 10.0 * e_pool[:10], atol=1e-4), 'torch.allclose(E0, 10.0 * e_pool[:10], atol=1e-4)')
 
-fig, axes = plt.subplots(1, len(TIMES), figsize=(3.4 * len(TIMES), 3.2))
+fig, axes = plt.subplots(1, len(TIMES), figsize=(3.6 * len(TIMES), 3.3), layout="constrained")
 n = len(gx)
 for ax, t in zip(axes, TIMES):
     im = ax.imshow(E_exact[t].reshape(n, n), origin="lower", extent=(-1.2, 1.2, -1.2, 1.2), cmap="magma")
     ax.set_title(f"exact E_t, t = {t:g} (beta 10)")
-    fig.colorbar(im, ax=ax, shrink=0.75)
+    ax.set_xlabel("$x_{t,1}$")
+    fig.colorbar(im, ax=ax, shrink=0.75, label="$E_t(x_t)$ (nats)")
+axes[0].set_ylabel("$x_{t,2}$")
 plt.show()
 
 # %% [markdown]
@@ -226,11 +234,14 @@ print(f"trained in {time.time() - t0:.0f} s; {TT.estimator_label(fitted.cfg)}; b
 critic = fitted.critic
 with torch.no_grad():
     q_grid = critic(grid).squeeze(-1)
-fig, axes = plt.subplots(1, 2, figsize=(8, 3.4))
-for ax, z, title in zip(axes, (task.reward(grid), q_grid), ("reward e(x)", "smooth critic Q(x)")):
+fig, axes = plt.subplots(1, 2, figsize=(8.5, 3.4), layout="constrained")
+for ax, z, title, unit in zip(axes, (task.reward(grid), q_grid), ("reward e(x)", "smooth critic Q(x)"),
+                              ("e(x) (reward, in [0, 1])", "Q(x) (reward units)")):
     im = ax.imshow(z.reshape(n, n), origin="lower", extent=(-1.2, 1.2, -1.2, 1.2), cmap="viridis")
     ax.set_title(title)
-    fig.colorbar(im, ax=ax, shrink=0.8)
+    ax.set_xlabel("$x_1$")
+    fig.colorbar(im, ax=ax, shrink=0.8, label=unit)
+axes[0].set_ylabel("$x_2$")
 plt.show()
 check(info["critic"]["heldout_rmse"] < 0.2, 'info["critic"]["heldout_rmse"] < 0.2')
 
@@ -262,22 +273,25 @@ for (method, beta) in runs:
 
 
 def draw_heatmaps(beta, t, axes):
+    """Exact E_t and each learned f at (beta, t), each minus its mu_t-weighted mean, on one colour scale.
+    White: far from the data (log mu_t more than 12 below its maximum), where no method is scored."""
     keys = ["exact"] + [m for m, _ in METHODS]
     vmax = float(np.abs(heat[("exact", beta, t)]).max())
     mask = heat[("density", beta, t)] < heat[("density", beta, t)].max() - 12  # far from the data
     for ax, k in zip(axes, keys):
         z = np.where(mask, np.nan, heat[(k, beta, t)]).reshape(n, n)
-        ax.imshow(z, origin="lower", extent=(-1.2, 1.2, -1.2, 1.2), cmap="coolwarm", vmin=-vmax, vmax=vmax)
+        im = ax.imshow(z, origin="lower", extent=(-1.2, 1.2, -1.2, 1.2), cmap="coolwarm", vmin=-vmax, vmax=vmax)
         title = k if k == "exact" else f"{k}: err {errors[(k, beta, t)]:.2f}"
         ax.set_title(f"{title}\nt = {t:g}, beta = {beta:g}", fontsize=9)
         ax.set_xticks([])
         ax.set_yticks([])
+    axes[0].figure.colorbar(im, ax=list(axes), shrink=0.85,
+                            label="energy - its $\\mu_t$-weighted mean\n(nats; $E_t$ or $f$, up to a constant)")
 
 
-fig, axes = plt.subplots(2, 4, figsize=(13, 6.5))
+fig, axes = plt.subplots(2, 4, figsize=(14, 6.5), layout="constrained")
 for row, t in zip(axes, (TIMES[0], TIMES[2])):
     draw_heatmaps(BETAS[-1], t, row)
-plt.tight_layout()
 plt.show()
 
 # %% [markdown]
@@ -291,15 +305,16 @@ out_heat = widgets.Output()
 def show_heat(t, beta):
     with out_heat:
         out_heat.clear_output(wait=True)
-        fig, axes = plt.subplots(1, 4, figsize=(13, 3.4))
+        fig, axes = plt.subplots(1, 4, figsize=(14, 3.4), layout="constrained")
         draw_heatmaps(beta, t, axes)
         plt.show()
 
 
 w_t = widgets.SelectionSlider(options=list(TIMES), value=TIMES[0], description="t")
 w_b = widgets.SelectionSlider(options=list(BETAS), value=BETAS[-1], description="beta")
-for _w in (w_t, w_b):  # redraw on a slider move; the static figure above shows the starting point
+for _w in (w_t, w_b):  # redraw on a slider move
     _w.observe(lambda change: show_heat(w_t.value, w_b.value), names="value")
+show_heat(w_t.value, w_b.value)  # the first plot: sliders and plot appear together
 display(widgets.VBox([w_t, w_b, out_heat]))  # noqa: F821  (IPython's display)
 
 # %% [markdown]
@@ -354,11 +369,11 @@ def draw_samples(beta, w, axes):
         ax.set_aspect("equal")
         ax.set_xticks([])
         ax.set_yticks([])
+    axes[0].figure.colorbar(axes[0].collections[0], ax=list(axes), shrink=0.85, label="reward e(x)")
 
 
-fig, axes = plt.subplots(1, 4, figsize=(13, 3.5))
+fig, axes = plt.subplots(1, 4, figsize=(14, 3.5), layout="constrained")
 draw_samples(10.0, 1.0, axes)
-plt.tight_layout()
 plt.show()
 
 # %% [markdown]
@@ -372,16 +387,16 @@ out_s = widgets.Output()
 def show_samples(w, beta):
     with out_s:
         out_s.clear_output(wait=True)
-        fig, axes = plt.subplots(1, 4, figsize=(13, 3.5))
+        fig, axes = plt.subplots(1, 4, figsize=(14, 3.5), layout="constrained")
         draw_samples(beta, w, axes)
-        plt.tight_layout()
         plt.show()
 
 
 w_w = widgets.SelectionSlider(options=list(SCALES), value=1.0, description="scale w")
 w_b2 = widgets.SelectionSlider(options=list(BETAS), value=10.0, description="beta")
-for _w in (w_w, w_b2):  # redraw on a slider move; the static figure above shows the starting point
+for _w in (w_w, w_b2):  # redraw on a slider move
     _w.observe(lambda change: show_samples(w_w.value, w_b2.value), names="value")
+show_samples(w_w.value, w_b2.value)  # the first plot: sliders and plot appear together
 display(widgets.VBox([w_w, w_b2, out_s]))  # noqa: F821
 
 # %% [markdown]
@@ -431,20 +446,187 @@ else:
     print("no grid results yet: run `aepo-lite toy-grid`")
 
 # %% [markdown]
-# ## Exercise
+# ## Exercises
+#
+# Each exercise has a cell for your answer (it starts as `None`), a solution you can unfold, and a
+# cell that checks your answer against a reference computed another way and raises an error if it is
+# off. An unanswered exercise is reported, not failed. They are written for `TASK = "8gaussians"`
+# and use what the chapter computed above; none trains anything.
+#
+# ### Exercise 1. How much of the target sits on the best Gaussian?
+#
+# In `8gaussians` the eight Gaussians carry equal behaviour mass $1/8$ and rewards $e_k = k/7$,
+# $k = 0, \dots, 7$ (one reward per Gaussian). Write the mass that the target
+# $\pi \propto \mu\, e^{\beta e}$ puts on the best Gaussian ($e = 1$) at $\beta = 10$ in closed form,
+# and evaluate it.
+#
+# <details><summary><b>Solution</b> (click to unfold)</summary>
+#
+# Tilting a mixture by $e^{\beta e}$ tilts its weights: Gaussian $k$ gets mass
+# $\frac18 e^{\beta e_k} / \sum_j \frac18 e^{\beta e_j}$, so the best one gets
+# $1/\sum_{k=0}^{7} e^{-\beta (7 - k)/7}$, about 0.76 at $\beta = 10$ (and 1/8 at $\beta = 0$). The same number
+# from the data: `torch.softmax(10.0 * e_pool, 0)[e_pool == 1].sum()`, the weight that weighted
+# resampling gives the best Gaussian's points.
+#
+# ```python
+# best_mode_mass = 1 / sum(math.exp(-10.0 * (7 - k) / 7) for k in range(8))
+# ```
+# </details>
+
+# %%
+# Exercise 1: your answer
+best_mode_mass = None  # the target's mass on the e = 1 Gaussian at beta = 10: a float in [0, 1]
+
+# %%
+# Exercise 1: the check. Reference: Monte Carlo, the fraction of exact target samples (weighted
+# resampling of a fresh 200k pool) whose reward is 1.
+if TASK != "8gaussians":
+    print(f"Exercise 1 is written for TASK = '8gaussians' (TASK is {TASK!r} now).")
+elif best_mode_mass is None:
+    print("Exercise 1 is not answered yet (fill in the cell above; the solution is folded above it).")
+else:
+    x_ex1 = toy.target_samples(task, 10.0, 40_000, pool_size=200_000, seed=3)
+    frac = float((task.reward(x_ex1) == 1).float().mean())
+    se = math.sqrt(frac * (1 - frac) / 40_000)
+    check(abs(best_mode_mass - frac) < 0.015,
+          f"your mass {best_mode_mass:.4f} vs {frac:.4f} +- {se:.4f} by Monte Carlo (beta = 10, e = 1 only?)")
+    print(f"Exercise 1: correct ({best_mode_mass:.3f}; Monte Carlo {frac:.3f} +- {se:.3f}).")
+
+# %% [markdown]
+# ### Exercise 2. Where Jensen's gap lives
+#
+# The MSE baseline regresses on $\beta e(x_0)$, so it learns $\mathbb E[\beta e \mid x_t]$, not
+# $E_t = \log \mathbb E[e^{\beta e} \mid x_t]$; the difference, Jensen's gap, is $\ge 0$ and depends on $x_t$
+# (chapter 1, section 2). Compute the gap `gap` $= E_t - \mathbb E[\beta e \mid x_t]$ on `grid` at
+# $t = 0.05$, $\beta = 10$, with the chapter's `data` and `e_data` and no new code: only
+# `toy.exact_intermediate_energy`. Hint: $\log \mathbb E[e^{h e} \mid x_t] = h\, \mathbb E[e \mid x_t] + O(h^2)$,
+# so the posterior mean is the slope of $E_t^{(h)}$ at $h = 0$. Where is the gap largest, and why there?
+#
+# <details><summary><b>Solution</b> (click to unfold)</summary>
+#
+# With a small $h$, $\mathbb E[\beta e \mid x_t] \approx \beta\, E_t^{(h)}(x_t) / h$ (the error is
+# $\beta h \operatorname{Var}[e \mid x_t]/2 \le 1.3 \cdot 10^{-4}$ for $h = 10^{-4}$); compute in float64 so
+# that $E_t^{(h)} \approx 10^{-4}$ keeps its digits. The gap is largest where the posterior straddles
+# Gaussians of very different reward: between the $e = 1$ Gaussian (at 45 degrees, top right) and the
+# $e = 0$ one (at 90 degrees, top). There $e^{\beta e}$ is dominated by the $e = 1$ points while the mean
+# of $\beta e$ is pulled down by the $e = 0$ ones: the MSE energy's slope, and so its guidance, is wrong
+# exactly on the boundary the target most wants to cross.
+#
+# ```python
+# h = 1e-4
+# E_ex2 = toy.exact_intermediate_energy(grid.double(), 0.05, data, e_data, 10.0)
+# mse_ex2 = 10.0 * toy.exact_intermediate_energy(grid.double(), 0.05, data, e_data, h) / h
+# gap = E_ex2 - mse_ex2
+# ```
+# </details>
+
+# %%
+# Exercise 2: your answer
+gap = None  # E_t - E[beta e | x_t] at t = 0.05, beta = 10, on `grid`: a tensor of shape (grid.shape[0],)
+
+# %%
+# Exercise 2: the check. Reference: the posterior mean of e as the slope of E_t^(h) at a much smaller h
+# (1e-7), and Jensen's inequality. Then the map of your gap.
+if gap is None:
+    print("Exercise 2 is not answered yet (fill in the cell above; the solution is folded above it).")
+else:
+    gap = torch.as_tensor(gap, dtype=torch.float64).reshape(-1)
+    E_ref, logp_ref = toy.exact_intermediate_energy(grid.double(), 0.05, data, e_data, 10.0, return_log_density=True)
+    gap_ref = E_ref - 10.0 * toy.exact_intermediate_energy(grid.double(), 0.05, data, e_data, 1e-7) / 1e-7
+    check(gap.shape == gap_ref.shape, f"gap: expected shape {tuple(gap_ref.shape)}, got {tuple(gap.shape)}")
+    err = float((gap - gap_ref).abs().max())
+    check(err < 0.01, f"your gap is up to {err:.3f} nats off the reference (t = 0.05, beta = 10, the factor beta?)")
+    check(float(gap_ref.min()) > -1e-6, "Jensen: the gap is never negative")
+    i_max = int(gap_ref.argmax())
+    x_max = grid[i_max]
+    fig, ax = plt.subplots(figsize=(5, 4.2), layout="constrained")
+    im = ax.imshow(gap_ref.reshape(n, n).numpy(), origin="lower", extent=(-1.2, 1.2, -1.2, 1.2), cmap="magma")
+    fig.colorbar(im, ax=ax, label=r"$E_t - \mathbb{E}[\beta e \mid x_t]$ (nats)")
+    ax.contour(gx.numpy(), gx.numpy(), logp_ref.reshape(n, n).numpy(), levels=[float(logp_ref.max()) - 3], colors="w",
+               linewidths=0.8)
+    ax.plot(*x_max.numpy(), "c*", ms=12, mec="k")
+    ax.set_title("Jensen's gap, t = 0.05, beta = 10\n(dashed: log mu_t = its max - 3; star: the largest gap)",
+                 fontsize=9)
+    ax.set_xlabel("$x_{t,1}$")
+    ax.set_ylabel("$x_{t,2}$")
+    plt.show()
+    angle = math.degrees(math.atan2(float(x_max[1]), float(x_max[0])))
+    print(f"Exercise 2: correct (largest gap {float(gap_ref.max()):.2f} nats at x_t = "
+          f"({float(x_max[0]):.2f}, {float(x_max[1]):.2f}), angle {angle:.0f} degrees; "
+          f"mu_t-weighted mean gap {float((torch.softmax(logp_ref, 0) * gap_ref).sum()):.2f} nats).")
+
+# %% [markdown]
+# ### Exercise 3. The best guidance scale
+#
+# Some of AEPO's samples leave the box at $w = 1$ (the fraction is printed in section 7). Among the
+# precomputed scales `SCALES`, at which one is AEPO's distance to the exact target smallest at
+# $\beta = 10$? Relate it to the width of the Gaussian-fit posterior covariance against the true,
+# multimodal posterior.
+#
+# <details><summary><b>Solution</b> (click to unfold)</summary>
+#
+# Read it off `results`. A Gaussian fitted to a multimodal posterior is wider than each of its modes
+# and puts mass between and beyond them, where the true posterior has none: AEPO's target then reads
+# rewards that the posterior never reaches, and its guidance can overshoot (samples leave the box).
+# When it does, a scale below 1 brings the samples back towards the target. (At smoke scale the
+# networks are small and the answer can move with the training budget; the check compares with this
+# run's numbers.)
+#
+# ```python
+# best_w = min(SCALES, key=lambda w: results[("aepo", 10.0, w)]["distance"])
+# ```
+# </details>
+
+# %%
+# Exercise 3: your answer
+best_w = None  # the guidance scale in SCALES with AEPO's smallest distance at beta = 10
+
+# %%
+# Exercise 3: the check. Reference: every AEPO distance at beta = 10, in a table.
+if best_w is None:
+    print("Exercise 3 is not answered yet (fill in the cell above; the solution is folded above it).")
+else:
+    d_ex3 = {w: results[("aepo", 10.0, w)] for w in SCALES}
+    print("w:           " + " ".join(f"{w:>7g}" for w in SCALES))
+    print("SW / floor:  " + " ".join(f"{d['distance'] / d['floor']:>7.2f}" for d in d_ex3.values()))
+    print("out of box:  " + " ".join(f"{100 * d['outside']:>6.0f}%" for d in d_ex3.values()))
+    check(best_w in d_ex3, f"best_w = {best_w!r} is not one of SCALES {SCALES}")
+    check(d_ex3[best_w]["distance"] == min(d["distance"] for d in d_ex3.values()),
+          f"at w = {best_w:g} the distance is {d_ex3[best_w]['distance']:.3f}; look at the table above")
+    print(f"Exercise 3: correct (w = {best_w:g}: {d_ex3[best_w]['distance']:.3f}, "
+          f"{d_ex3[best_w]['distance'] / d_ex3[best_w]['floor']:.1f}x the floor).")
+
+# %% [markdown]
+# ## Going further
+#
+# These retrain, so they have no check cell; the folded cells say how to run them.
 #
 # 1. Set `TASK = "checkerboard"` (or `"rings"`) at the top and re-run. On which task is the gap
-#    between AEPO and MSE largest, and why (think of what Jensen's gap $E_t - \mathbb{E}[\beta e|x_t]$
-#    looks like when the posterior straddles a reward boundary)?
+#    between AEPO and MSE largest? Compare with the Jensen's gap map of Exercise 2 on that task.
 # 2. Train AEPO with `energy=dict(covariance="none", expansion="first")` (the target collapses to
 #    $\beta Q(\hat x_0)$) and with `energy=dict(covariance="tweedie", expansion="first")`, both with
 #    `critic=dict(kind="regression")` (first order needs a gradient of Q): how much of AEPO's result comes
 #    from the posterior covariance, and why does the first-order expansion overshoot with a steep critic?
-# 3. Some of AEPO's samples leave the box at $w = 1$ here (the fraction is printed in section 7).
-#    Find the guidance scale where its distance is smallest, and relate it to the width of the
-#    Gaussian-fit posterior covariance against the true (multimodal) posterior.
-# 4. Replace the smooth critic by a narrower one (fewer `critic.steps`) and watch the error of
+# 3. Replace the smooth critic by a narrower one (fewer `critic.steps`) and watch the error of
 #    $f$ at small $t$.
+#
+# <details><summary><b>How to run 2 and 3</b> (click to unfold)</summary>
+#
+# Each run reuses the cached behaviour stage; only the new stages train.
+#
+# ```python
+# def variant(**overrides):
+#     cfg = TT.check_config(apply_overrides(toy_config("aepo", 10.0, "regression"), overrides))
+#     m = TT.train_toy(cfg, cache_dir=CACHE, progress=False)
+#     xs = TT.guided_samples(m, 1.0, cfg.eval.n_samples, seed=0).clamp(-1, 1)
+#     return m, toy.sliced_wasserstein(xs, targets[10.0])
+#
+# _, d_none = variant(energy={"covariance": "none", "expansion": "first"})
+# _, d_first = variant(energy={"covariance": "tweedie", "expansion": "first"})
+# m_narrow, d_narrow = variant(critic={"steps": 50})
+# print(d_none, d_first, d_narrow, TT.energy_errors(m_narrow))
+# ```
+# </details>
 #
 # ## Summary
 #

@@ -28,10 +28,11 @@
 # 5. reproduce the D4RL tables at QGPO's settings on a GPU with internet (the last section).
 #
 # One switch sets the scale: `AEPO_SCALE=smoke` (the default in every chapter, under two minutes
-# on a CPU: a tiny dataset in a temporary folder, removed by the last cell, and a few dozen
-# gradient steps) or `AEPO_SCALE=full` (the 200k-transition Hopper-v5 dataset of the benchmark and
-# the `bench` preset). Set it before starting JupyterLab; the first code cell prints the one in
-# use. The code path is the same. Check cells raise an error when a number is off.
+# on a CPU: a tiny dataset in a temporary folder, removed by the last cell or, at the latest, when
+# the kernel shuts down or restarts, and a few dozen gradient steps) or `AEPO_SCALE=full` (the
+# 200k-transition Hopper-v5 dataset of the benchmark and the `bench` preset). Set it before
+# starting JupyterLab; the first code cell prints the one in use. The code path is the same. Check
+# cells raise an error when a number is off.
 
 
 # %% [markdown]
@@ -42,20 +43,19 @@
 
 # %%
 import os
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import matplotlib.pyplot as plt
 
-from aepo_lite.course.notebook import check, course_scale
+from aepo_lite.course.notebook import check, course_scale, remove_scratch, scratch_dir
 
 SCALE = course_scale()  # AEPO_SCALE: smoke unless set (printed)
 T0 = time.perf_counter()
 REPO = Path.cwd() if (Path.cwd() / "aepo_lite").exists() else Path.cwd().parent
-if SCALE == "smoke":  # a private Minari root: nothing of the user's is touched
-    _tmp = tempfile.mkdtemp(prefix="aepo_nb3_")
+if SCALE == "smoke":  # a private Minari root: nothing of the user's is touched; removed when the kernel exits
+    _tmp = str(scratch_dir("aepo_nb3_"))
     os.environ["MINARI_DATASETS_PATH"] = os.path.join(_tmp, "minari")
     os.environ["AEPO_POLICY_CACHE"] = os.path.join(_tmp, "policies")
 print("scale:", SCALE, "| Minari root:", os.environ.get("MINARI_DATASETS_PATH", "~/.minari/datasets"))
@@ -286,9 +286,8 @@ display(Markdown(summary_markdown(REPO / "figures" / "toy2d_results.csv", REPO /
 
 # %%
 # Clean up: the smoke run's private folder (dataset, policies, runs) in the system's temp folder.
+# (Shutting the kernel down or restarting it removes it too. To run the cells above again after this
+# one, run the first code cell again: it makes a new folder.)
 if SCALE == "smoke":
-    import shutil
-
-    shutil.rmtree(_tmp, ignore_errors=True)
-    check(not os.path.exists(_tmp), f"{_tmp} is still there")
+    check(remove_scratch(_tmp), f"{_tmp} is still there")
 print(f"notebook ran in {time.perf_counter() - T0:.0f} s at scale {SCALE}")

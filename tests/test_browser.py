@@ -1,6 +1,8 @@
 """End to end, in a real browser: ``aepo-lite lab`` on a free loopback port, headless Chromium
 driven by Playwright (tests/browser/drive_lab.js) opens notebook 2 (the ``.py``, as a notebook),
-runs it at smoke scale, moves the guidance-scale slider and checks that the plot changed, then
+runs it at smoke scale, checks that each of its two slider widgets shows its plot before any slider
+moves, moves the guidance-scale slider and checks that the plot changed (one plot, not a stale
+extra one), then
 saves it and checks that the run left the chapter's files (.py and paired .ipynb) byte for byte as
 they were. A failing notebook is reported with the failing cell, also when that cell is the last
 one, far below the visible part of the page (JupyterLab 4 does not render off-screen cells).
@@ -182,8 +184,13 @@ def test_guidance_slider_changes_the_plot_in_a_real_browser(server):
     assert r.returncode == 0, f"browser driver failed:\n{r.stderr}\n(screenshots in {out})"
     res = json.loads(r.stdout.strip().splitlines()[-1])
     assert res["opened_as_notebook"]
+    # Both slider widgets (t/beta heatmaps, guidance scale/beta samples) draw their plot at first display.
+    assert len(res["slider_cells"]) == 2, res["slider_cells"]
+    assert res["plot_at_first_display"], f"a slider widget shows no plot until a slider moves: {res['slider_cells']}"
+    assert all(c["images"] == c["images_in_output_widget"] == 1 for c in res["slider_cells"]), res["slider_cells"]
     assert res["before"]["images"], "no plot image next to the slider"
     assert res["after"]["images"] != res["before"]["images"], f"the plot did not change: {res}"
+    assert len(res["after"]["images"]) == len(res["before"]["images"]) == 1, f"one plot before and after a move: {res}"
     if res["before"]["readout"] is not None:
         assert res["after"]["readout"] != res["before"]["readout"], res
     for shot in res["screenshots"]:

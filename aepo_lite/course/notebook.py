@@ -4,14 +4,21 @@
 - :func:`check` raises ``AssertionError`` when a condition is false. Unlike an ``assert``
   statement, it is not removed when Python runs with ``-O`` (``PYTHONOPTIMIZE``), so a chapter's
   numeric checks can never be silently skipped;
-- :func:`markdown_table` formats rows as a Markdown table, for ``IPython.display.Markdown``.
+- :func:`markdown_table` formats rows as a Markdown table, for ``IPython.display.Markdown``;
+- :func:`scratch_dir` makes a private folder in the system's temp folder that is removed when the
+  kernel (or any Python process) exits, or earlier by :func:`remove_scratch`.
 """
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from collections.abc import Sequence
+from pathlib import Path
 
-__all__ = ["SCALES", "DEFAULT_SCALE", "course_scale", "check", "markdown_table"]
+__all__ = ["SCALES", "DEFAULT_SCALE", "course_scale", "check", "markdown_table", "scratch_dir",
+           "remove_scratch"]
 
 SCALES = ("smoke", "full")
 DEFAULT_SCALE = "smoke"  # the one default of every chapter (and of the test suite)
@@ -66,3 +73,67 @@ def _numeric(cell) -> bool:
     except ValueError:
         return False
     return True
+
+
+# ---------------------------------------------------------------------------- scratch folders
+
+_OWNER = ".owner-pid"  # inside each scratch folder: the id of the process that made it
+_SCRATCH: set[str] = set()  # this process's scratch folders not yet removed
+
+
+def scratch_dir(prefix: str) -> Path:
+    """A new private folder ``<temp>/<prefix>XXXXXXXX``, removed when this process exits.
+
+    The removal runs at exit (``atexit``): a kernel shut down or restarted from JupyterLab, the end
+    of a test's kernel, a script's end; :func:`remove_scratch` removes it earlier (a chapter's last
+    cell). A process killed outright (SIGKILL) runs no exit handler, so the folders of the same
+    prefix whose owner process no longer runs are removed here first.
+    """
+    if not prefix or os.sep in prefix:
+        raise ValueError(f"prefix: expected a plain file name prefix, got {prefix!r}")
+    _remove_orphans(prefix)
+    path = tempfile.mkdtemp(prefix=prefix)
+    (Path(path) / _OWNER).write_text(str(os.getpid()))
+    if not _SCRATCH:
+        atexit.unregister(_remove_all)  # registered once, however many folders
+        atexit.register(_remove_all)
+    _SCRATCH.add(path)
+    return Path(path)
+
+
+def remove_scratch(path: str | os.PathLike) -> bool:
+    """Remove a folder made by :func:`scratch_dir` (nothing if it is already gone). Returns True
+    when the folder no longer exists."""
+    path = str(path)
+    shutil.rmtree(path, ignore_errors=True)
+    _SCRATCH.discard(path)
+    return not os.path.exists(path)
+
+
+def _remove_all() -> None:
+    for path in list(_SCRATCH):
+        remove_scratch(path)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def _remove_orphans(prefix: str) -> None:
+    """Remove ``<temp>/<prefix>*`` folders of this user whose owner process has ended. A folder
+    without an owner file (made by something else, or still being set up) is left alone."""
+    for d in Path(tempfile.gettempdir()).glob(prefix + "*"):
+        try:
+            if not d.is_dir() or d.is_symlink() or d.stat().st_uid != os.getuid():
+                continue
+            pid = int((d / _OWNER).read_text().strip())
+        except (OSError, ValueError):
+            continue
+        if pid != os.getpid() and not _alive(pid):
+            shutil.rmtree(d, ignore_errors=True)

@@ -1,7 +1,8 @@
 // Drives a running JupyterLab in headless Chromium (Playwright, system Chromium), for
 // tests/test_browser.py:
-//   open a notebook, run all its cells, find the guidance-scale slider, record the plot next to
-//   it, move the slider with the keyboard, wait for the plot to change, save screenshots, and
+//   open a notebook, run all its cells, record for every cell with a slider whether its plot is
+//   there before any slider moves, find the guidance-scale slider, record the plot next to it,
+//   move the slider with the keyboard, wait for the plot to change, save screenshots, and
 //   (--save 1) save the notebook the way Ctrl-S does.
 // Prints one JSON line on stdout with what it saw; exits 1 with a message saying which step
 // failed and why (which code cell raised, and its error, when the notebook fails to execute).
@@ -167,6 +168,32 @@ async function main() {
     });
     result.run_s = (Date.now() - tRun) / 1000;
 
+    // Every cell that shows sliders: is its plot there at first display, before any slider moves?
+    // (Within 15 s of the run's end: the widgets render after the cells finish.) The images are
+    // counted inside ipywidgets Output widgets (.widget-output) and in the whole output area, so
+    // a figure that escaped the Output widget (and would stay behind on a move) shows up too.
+    result.slider_cells = await step('the plots next to the sliders, before any move', async () => {
+      const cells = page.locator('.jp-Notebook .jp-CodeCell').filter({ has: page.locator('.widget-slider') });
+      const found = [];
+      for (let i = 0; i < await cells.count(); i++) {
+        const c = cells.nth(i);
+        await c.scrollIntoViewIfNeeded();
+        const sliders = (await c.locator('.widget-slider .widget-label').allInnerTexts()).map((t) => t.trim());
+        let inWidget = 0;
+        const deadline = Date.now() + 15000;
+        while (Date.now() < deadline) {
+          inWidget = await c.locator('.widget-output img').count();
+          if (inWidget) break;
+          await page.waitForTimeout(250);
+        }
+        found.push({ sliders, images_in_output_widget: inWidget,
+                     images: await c.locator('.jp-Cell-outputArea img').count() });
+      }
+      return found;
+    });
+    result.plot_at_first_display = result.slider_cells.length > 0
+      && result.slider_cells.every((c) => c.images_in_output_widget > 0);
+
     // The slider: an ipywidgets slider whose description matches --slider.
     const re = new RegExp(args.slider, 'i');
     const sliders = page.locator('.widget-slider', { has: page.locator('.widget-label', { hasText: re }) });
@@ -179,6 +206,7 @@ async function main() {
     const readout = slider.locator('.widget-readout');
     const plotState = async () => {
       const srcs = await output.locator('img').evaluateAll((imgs) => imgs.map((i) => i.currentSrc || i.src));
+      // (every image of the cell's output area: one plot before and after a move, never a stale extra one)
       const text = await readout.count() ? (await readout.first().innerText()).trim() : null;
       return { images: srcs.map((s) => sha(s)), readout: text };
     };
@@ -186,8 +214,9 @@ async function main() {
       await output.locator('img').first().waitFor();
       await page.waitForTimeout(300);
     };
-    // A notebook may draw its plot only when the slider moves (the static figure above it shows
-    // the start). Then a first move draws plot A, and the move below must change A into B.
+    // A notebook may draw its plot only when the slider moves (plot_at_first_display is then false,
+    // which tests/test_browser.py refuses for the course). Then a first move draws plot A, and the
+    // move below must change A into B, so the rest of the run still reports what it sees.
     if (!(await output.locator('img').count())) {
       await step('first slider move (the plot is drawn on a move)', async () => {
         const handle = slider.locator('.noUi-handle').first();
