@@ -11,6 +11,8 @@ closed-form demo    closed_form_checks.json      ``aepo_lite.course.demo.render`
 toy 2D tasks        toy2d_results.csv            ``aepo_lite.toy.report.render``
 offline RL          rl_results.csv               ``aepo_lite.rl.report.render``
 toy error budget    toy2d_budget.csv (optional)  ``aepo_lite.toy.budget.render``
+toy budget, runs    toy2d_budget_runs.csv (opt.) ``aepo_lite.toy.trained_budget.render`` (parts 4-5)
+toy convergence     toy2d_convergence.csv (opt.) ``aepo_lite.toy.convergence.render``
 speed benchmark     bench_*.json (optional)      ``aepo_lite.bench.to_markdown``
 QGPO comparison     compare_qgpo_*.json          ``scripts/compare_qgpo.py``'s ``to_markdown``
                     (optional)                   (timings measured there, tabulated here)
@@ -85,6 +87,11 @@ PARTS = (
          "the toy and RL results above", lambda mod, results, figures_dir: mod.render(figures_dir), optional=True),
     Part("toy error budget", "aepo_lite.toy.budget", "toy2d_budget.csv",
          "python -c 'from aepo_lite.toy.budget import run_budget; run_budget()'", _render_report, optional=True),
+    Part("toy error budget, trained runs", "aepo_lite.toy.trained_budget", "toy2d_budget_runs.csv",
+         "aepo-lite toy-grid --preset converged --budget-csv figures/toy2d_budget_runs.csv", _render_report,
+         optional=True),
+    Part("toy energy convergence", "aepo_lite.toy.convergence", "toy2d_convergence.csv",
+         "aepo-lite toy-convergence", _render_report, optional=True),
     Part("speed benchmark", "aepo_lite.bench", "bench_*.json",
          "aepo-lite bench --out figures/bench_<device>.json", _render_markdown_of_json, optional=True),
     Part("QGPO code comparison", "scripts/compare_qgpo.py", "compare_qgpo_*.json",
