@@ -31,21 +31,24 @@ def _method(row: dict) -> str:
     return "qgpo" if m == "cep" else m  # the toy grid's name for QGPO's contrastive energy before the rename
 
 
-def toy_summary(csv_path, beta: float = 10.0, w: float = 1.0) -> dict:
-    """Per task at one beta and guidance scale: the mean distance (over seeds) of each method (AEPO: its best
-    estimator on that task), the noise floor, the winner, and AEPO's ratios to QGPO and to the floor."""
-    by = defaultdict(list)
+def toy_summary(csv_path, beta: float = 10.0, w: float | None = 1.0, preset: str = "full") -> dict:
+    """Per task at one beta, one preset and guidance scale ``w`` (None: each method's best scale on that task, an
+    optimistic choice made on the evaluation itself, the same rule for every method): the mean distance (over
+    seeds) of each method (AEPO: its best estimator on that task), the noise floor, the winner, and AEPO's
+    ratios to QGPO and to the floor."""
+    cells = defaultdict(lambda: defaultdict(list))
     floors = defaultdict(list)
     for r in _read(csv_path):
-        if float(r["beta"]) != beta or (float(r["guidance_scale"]) != w and _method(r) != "bc"):
+        if float(r["beta"]) != beta or r.get("preset", "full") != preset:
             continue
-        if r.get("preset", "full") != "full":
+        if w is not None and float(r["guidance_scale"]) != w and _method(r) != "bc":
             continue
         label = _method(r) if _method(r) != "aepo" else f"aepo[{r.get('estimator', '')}]"
         if r.get("critic") == "regression":
             label += " [fitted Q]"  # not the true reward: not a matched comparison
-        by[(r["task"], label)].append(float(r["distance"]))
+        cells[(r["task"], label)][float(r["guidance_scale"])].append(float(r["distance"]))
         floors[r["task"]].append(float(r["floor"]))
+    by = {k: min(v.values(), key=statistics.mean) for k, v in cells.items()}
     tasks = {}
     for task in sorted(floors):
         means = {lab: statistics.mean(v) for (t, lab), v in by.items() if t == task}
@@ -85,7 +88,7 @@ def rl_summary(csv_path) -> dict:
     return out
 
 
-def _toy_lines(toy: dict, title: str = "Toy 2D tasks") -> list[str]:
+def _toy_lines(toy: dict, title: str = "Toy 2D tasks", preset: str = "full", w: str = "w = 1") -> list[str]:
     if not toy:
         return [f"- {title}: no results yet."]
     n = len(toy)
@@ -96,8 +99,8 @@ def _toy_lines(toy: dict, title: str = "Toy 2D tasks") -> list[str]:
     close = sum(1 for t in toy.values() if t.get("aepo_over_qgpo", 1e9) <= 1.25)
     ratios = [t["aepo_over_qgpo"] for t in toy.values() if "aepo_over_qgpo" in t]
     fitted = any("fitted Q" in (t["best_aepo"] or "") for t in toy.values())
-    lines = [f"- **{title}** (beta = 10, w = 1, sliced-W2 distance to exact target samples, mean over "
-             f"{max(t['n_seeds'] for t in toy.values())} seeds, `full` preset; AEPO: its best estimator per task): "
+    lines = [f"- **{title}** (beta = 10, {w}, sliced-W2 distance to exact target samples, mean over "
+             f"{max(t['n_seeds'] for t in toy.values())} seeds, `{preset}` preset; AEPO: its best estimator per task): "
              "closest method on each task: "
              + ", ".join(f"{m} {k}/{n}" for m, k in sorted(wins.items(), key=lambda kv: -kv[1])) + ".",
              f"  AEPO's best estimator is within 1.25x of QGPO/CEP's distance on {close}/{n} tasks (ratios "
@@ -127,18 +130,24 @@ def _rl_lines(rl: dict) -> list[str]:
 
 
 def summary_markdown(toy_csv="figures/toy2d_results.csv", rl_csv="figures/rl_results.csv",
-                     matched_csv: str | Path | None = None) -> str:
+                     matched_csv: str | Path | None = None, converged_csv: str | Path | None = None) -> str:
     """The generated summary (Markdown bullet points). ``matched_csv``: a toy grid in which every method read the
-    true reward (``toy2d_matched.csv``), summarised too when it exists."""
+    true reward (``toy2d_matched.csv``); ``converged_csv``: the same at the ``converged`` preset, at w = 1 and at
+    each method's best w (``toy2d_converged.csv``); each summarised too when it exists."""
     lines = _toy_lines(toy_summary(toy_csv), "Toy 2D tasks, committed grid")
     if matched_csv is not None and Path(matched_csv).exists():
         lines += _toy_lines(toy_summary(matched_csv), "Toy 2D tasks, matched (every method reads the true reward; "
                                                       "the staged pipeline)")
+    if converged_csv is not None and Path(converged_csv).exists():
+        title = "Toy 2D tasks, matched at a converged energy budget (true reward for every method)"
+        lines += _toy_lines(toy_summary(converged_csv, preset="converged"), title, "converged")
+        lines += _toy_lines(toy_summary(converged_csv, w=None, preset="converged"), title, "converged",
+                            "best w of 0.5 / 1 / 2 per method and task")
     return "\n".join(lines + _rl_lines(rl_summary(rl_csv))) + "\n"
 
 
 def update_readme(readme, toy_csv="figures/toy2d_results.csv", rl_csv="figures/rl_results.csv",
-                  matched_csv: str | Path | None = None) -> Path:
+                  matched_csv: str | Path | None = None, converged_csv: str | Path | None = None) -> Path:
     """Rewrite the README's block between the summary markers (an error if the markers are missing)."""
     readme = Path(readme)
     text = readme.read_text()
@@ -146,7 +155,7 @@ def update_readme(readme, toy_csv="figures/toy2d_results.csv", rl_csv="figures/r
         raise ValueError(f"readme: {readme} has no {START} ... {END} block to fill")
     head, rest = text.split(START, 1)
     _, tail = rest.split(END, 1)
-    new = f"{head}{START}\n{summary_markdown(toy_csv, rl_csv, matched_csv)}{END}{tail}"
+    new = f"{head}{START}\n{summary_markdown(toy_csv, rl_csv, matched_csv, converged_csv)}{END}{tail}"
     if new != text:
         atomic_write_text(readme, new)
     return readme
@@ -160,7 +169,8 @@ def render(figures_dir) -> list[Path]:
     written = []
     readme = root / "README.md"
     if readme.exists() and START in readme.read_text():
-        written.append(update_readme(readme, toy_csv, rl_csv, Path(figures_dir) / "toy2d_matched.csv"))
+        written.append(update_readme(readme, toy_csv, rl_csv, Path(figures_dir) / "toy2d_matched.csv",
+                                     Path(figures_dir) / "toy2d_converged.csv"))
     results = root / "docs" / "results.md"
     if results.exists():
         from aepo_lite.rl import report as rl_report
