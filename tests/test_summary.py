@@ -62,18 +62,18 @@ def test_markdown_states_wins_and_losses(csvs, tmp_path):
         update_readme(readme, *csvs)
 
 
-def test_converged_grid_summary_filters_its_preset_and_picks_each_methods_best_scale(tmp_path, csvs):
+def test_long_grid_summary_filters_its_preset_and_picks_each_methods_best_scale(tmp_path, csvs):
     rows = [dict(task="a", method=m, estimator=e, beta=10, guidance_scale=w, seed=s, distance=d, floor=0.02,
                  preset=p)
-            for s in range(2) for p in ("converged", "full")
+            for s in range(2) for p in ("long", "full")
             for m, e, w, d in (("aepo", "particles-K256", 1, 0.06), ("aepo", "particles-K256", 2, 0.03),
                                ("qgpo", "", 1, 0.05), ("qgpo", "", 2, 0.08), ("bc", "", 0, 0.5))]
-    rows.append(dict(rows[0], preset="full", distance=9.0))  # another preset never enters the converged summary
+    rows.append(dict(rows[0], preset="full", distance=9.0))  # another preset never enters the long grid's summary
     _write(tmp_path / "conv.csv", rows)
-    at1 = toy_summary(tmp_path / "conv.csv", preset="converged")
-    best = toy_summary(tmp_path / "conv.csv", w=None, preset="converged")
+    at1 = toy_summary(tmp_path / "conv.csv", preset="long")
+    best = toy_summary(tmp_path / "conv.csv", w=None, preset="long")
     assert at1["a"]["winner"] == "qgpo" and at1["a"]["aepo_over_qgpo"] == pytest.approx(0.06 / 0.05)
     assert best["a"]["winner"] == "aepo[particles-K256]"  # 0.03 at w = 2 against QGPO's best, 0.05 at w = 1
     assert best["a"]["aepo_over_qgpo"] == pytest.approx(0.03 / 0.05)
-    text = summary_markdown(*csvs, converged_csv=tmp_path / "conv.csv")
-    assert "converged energy budget" in text and "best w of 0.5 / 1 / 2" in text and "`converged` preset" in text
+    text = summary_markdown(*csvs, long_csv=tmp_path / "conv.csv")
+    assert "4000-step energy budget" in text and "best w of 0.5 / 1 / 2" in text and "`long` preset" in text

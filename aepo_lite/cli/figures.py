@@ -88,7 +88,7 @@ PARTS = (
     Part("toy error budget", "aepo_lite.toy.budget", "toy2d_budget.csv",
          "python -c 'from aepo_lite.toy.budget import run_budget; run_budget()'", _render_report, optional=True),
     Part("toy error budget, trained runs", "aepo_lite.toy.trained_budget", "toy2d_budget_runs.csv",
-         "aepo-lite toy-grid --preset converged --budget-csv figures/toy2d_budget_runs.csv", _render_report,
+         "aepo-lite toy-grid --preset long --budget-csv figures/toy2d_budget_runs.csv", _render_report,
          optional=True),
     Part("toy energy convergence", "aepo_lite.toy.convergence", "toy2d_convergence.csv",
          "aepo-lite toy-convergence", _render_report, optional=True),

@@ -130,24 +130,24 @@ def _rl_lines(rl: dict) -> list[str]:
 
 
 def summary_markdown(toy_csv="figures/toy2d_results.csv", rl_csv="figures/rl_results.csv",
-                     matched_csv: str | Path | None = None, converged_csv: str | Path | None = None) -> str:
+                     matched_csv: str | Path | None = None, long_csv: str | Path | None = None) -> str:
     """The generated summary (Markdown bullet points). ``matched_csv``: a toy grid in which every method read the
-    true reward (``toy2d_matched.csv``); ``converged_csv``: the same at the ``converged`` preset, at w = 1 and at
-    each method's best w (``toy2d_converged.csv``); each summarised too when it exists."""
+    true reward (``toy2d_matched.csv``); ``long_csv``: the same at the ``long`` preset (4000 energy steps), at w = 1 and at
+    each method's best w (``toy2d_long.csv``); each summarised too when it exists."""
     lines = _toy_lines(toy_summary(toy_csv), "Toy 2D tasks, committed grid")
     if matched_csv is not None and Path(matched_csv).exists():
         lines += _toy_lines(toy_summary(matched_csv), "Toy 2D tasks, matched (every method reads the true reward; "
                                                       "the staged pipeline)")
-    if converged_csv is not None and Path(converged_csv).exists():
-        title = "Toy 2D tasks, matched at a converged energy budget (true reward for every method)"
-        lines += _toy_lines(toy_summary(converged_csv, preset="converged"), title, "converged")
-        lines += _toy_lines(toy_summary(converged_csv, w=None, preset="converged"), title, "converged",
+    if long_csv is not None and Path(long_csv).exists():
+        title = "Toy 2D tasks, matched at a 4000-step energy budget (true reward for every method)"
+        lines += _toy_lines(toy_summary(long_csv, preset="long"), title, "long")
+        lines += _toy_lines(toy_summary(long_csv, w=None, preset="long"), title, "long",
                             "best w of 0.5 / 1 / 2 per method and task")
     return "\n".join(lines + _rl_lines(rl_summary(rl_csv))) + "\n"
 
 
 def update_readme(readme, toy_csv="figures/toy2d_results.csv", rl_csv="figures/rl_results.csv",
-                  matched_csv: str | Path | None = None, converged_csv: str | Path | None = None) -> Path:
+                  matched_csv: str | Path | None = None, long_csv: str | Path | None = None) -> Path:
     """Rewrite the README's block between the summary markers (an error if the markers are missing)."""
     readme = Path(readme)
     text = readme.read_text()
@@ -155,7 +155,7 @@ def update_readme(readme, toy_csv="figures/toy2d_results.csv", rl_csv="figures/r
         raise ValueError(f"readme: {readme} has no {START} ... {END} block to fill")
     head, rest = text.split(START, 1)
     _, tail = rest.split(END, 1)
-    new = f"{head}{START}\n{summary_markdown(toy_csv, rl_csv, matched_csv, converged_csv)}{END}{tail}"
+    new = f"{head}{START}\n{summary_markdown(toy_csv, rl_csv, matched_csv, long_csv)}{END}{tail}"
     if new != text:
         atomic_write_text(readme, new)
     return readme
@@ -170,7 +170,7 @@ def render(figures_dir) -> list[Path]:
     readme = root / "README.md"
     if readme.exists() and START in readme.read_text():
         written.append(update_readme(readme, toy_csv, rl_csv, Path(figures_dir) / "toy2d_matched.csv",
-                                     Path(figures_dir) / "toy2d_converged.csv"))
+                                     Path(figures_dir) / "toy2d_long.csv"))
     results = root / "docs" / "results.md"
     if results.exists():
         from aepo_lite.rl import report as rl_report
