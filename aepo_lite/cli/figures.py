@@ -9,6 +9,7 @@ part                results file (in figures/)   renderer
 closed-form demo    closed_form_checks.json      ``aepo_lite.course.demo.render`` (exact Gaussian
                                                  guidance: sampling, no training, seconds)
 toy 2D tasks        toy2d_results.csv            ``aepo_lite.toy.report.render``
+toy 2D, long grid   toy2d_long.csv (optional)    the same, into ``figures/toy2d_long/``
 offline RL          rl_results.csv               ``aepo_lite.rl.report.render``
 toy error budget    toy2d_budget.csv (optional)  ``aepo_lite.toy.budget.render``
 toy budget, runs    toy2d_budget_runs.csv (opt.) ``aepo_lite.toy.trained_budget.render`` (parts 4-5)
@@ -81,6 +82,9 @@ def _load_script(rel: str, figures_dir: Path):
 PARTS = (
     Part("closed-form demo", "aepo_lite.course.demo", "closed_form_checks.json", "aepo-lite demo --out figures", _render_demo),
     Part("toy 2D tasks", "aepo_lite.toy.report", "toy2d_results.csv", "aepo-lite toy-grid", _render_report),
+    Part("toy 2D tasks, long grid", "aepo_lite.toy.report", "toy2d_long.csv",
+         "aepo-lite toy-grid --preset long (docs/results.md)",
+         lambda mod, results, figures_dir: mod.render(results, Path(figures_dir) / "toy2d_long"), optional=True),
     Part("offline RL", "aepo_lite.rl.report", "rl_results.csv",
          "aepo-lite rl-results --runs RUNS --csv figures/rl_results.csv", _render_report),
     Part("results summary", "aepo_lite.course.summary", "toy2d_results.csv",
