@@ -124,7 +124,8 @@ def run_convergence(cc: ConvergenceConfig, csv_path="figures/toy2d_convergence.c
     for i, cfg in enumerate(cfgs):
         out = _run_dir(cfg, runs_dir)
         t0 = time.time()
-        res = _finished(out, cfg) or run_toy(cfg, out, cache_dir=cache_dir, progress=progress, figure=False)
+        res = _finished(out, cfg) or run_toy(cfg, out, cache_dir=cache_dir, progress=progress, figure=False,
+                                                 budget=False)
         row = _row(res, cfg)
         rows[tuple(str(row[k]) for k in _KEY)] = row
         _write_rows(csv_path, list(rows.values()))

@@ -492,7 +492,8 @@ def default_out(cfg: ToyConfig, root="runs/toy") -> Path:
     return Path(root) / cfg.task / "-".join(parts + [cfg.preset, f"s{cfg.seed}"])
 
 
-def run_toy(cfg: ToyConfig, out_dir, *, cache_dir=None, progress: bool = True, figure: bool = True) -> dict:
+def run_toy(cfg: ToyConfig, out_dir, *, cache_dir=None, progress: bool = True, figure: bool = True,
+            budget: bool = True) -> dict:
     """Train (or load) and evaluate one config into ``out_dir``: ``config.json``, ``metrics.jsonl``,
     ``results.json`` and ``figure.png``. The folder is locked while the run writes it."""
     check_config(cfg)
@@ -505,7 +506,7 @@ def run_toy(cfg: ToyConfig, out_dir, *, cache_dir=None, progress: bool = True, f
             models = train_toy(cfg, cache_dir=cache_dir, progress=progress, log=log)
         finally:
             log.close()
-        results = evaluate_toy(models, keep_samples=figure)
+        results = evaluate_toy(models, keep_samples=figure, budget=budget)
         samples, target = results.pop("_samples", None), results.pop("_target", None)
         atomic_write_json(out / "results.json", results)
         if figure:

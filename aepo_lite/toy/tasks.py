@@ -332,10 +332,11 @@ def exact_intermediate_energy(x_t: torch.Tensor, t: float, data: torch.Tensor, r
 
 def exact_posterior_average(x_t: torch.Tensor, t: float, data: torch.Tensor, values: torch.Tensor,
                             schedule: VPSchedule | None = None, *, log_tilt: torch.Tensor | None = None,
-                            chunk_bytes: int = 8 * 2**20) -> torch.Tensor:
+                            both: bool = False, chunk_bytes: int = 8 * 2**20):
     """sum_j p_j(x_t) values_j with p_j ∝ exp(log_tilt_j - ||x_t - alpha_t x^j||^2 / (2 sigma_t^2)): the exact
     posterior mean of ``values`` (N, k) given x_t (M, d) under the empirical behaviour (``log_tilt`` None) or
-    under the tilted target pi ∝ mu exp(log_tilt) (e.g. log_tilt = beta e(x^j)). -> (M, k) in x_t's dtype."""
+    under the tilted target pi ∝ mu exp(log_tilt) (e.g. log_tilt = beta e(x^j)). -> (M, k) in x_t's dtype;
+    with ``both`` (and a tilt): (tilted, untilted) from one kernel."""
     schedule = schedule or VPSchedule()
     check_tensor("x_t", x_t, ndim=2)
     check_tensor("data", data, shape=(None, x_t.shape[1]))
@@ -344,13 +345,19 @@ def exact_posterior_average(x_t: torch.Tensor, t: float, data: torch.Tensor, val
     alpha, sigma = (float(v) for v in schedule.alpha_sigma(torch.tensor(t, dtype=torch.float64)))
     X = data.to(device=x_t.device, dtype=torch.float64) * alpha
     bias = -(X**2).sum(-1) / (2 * sigma**2)
+    tilt = None
     if log_tilt is not None:
         check_tensor("log_tilt", log_tilt, shape=(data.shape[0],))
-        bias = bias + log_tilt.to(bias)
+        tilt = log_tilt.to(bias)
     V = values.to(X)
-    out = []
+    out, plain = [], []
     for q in x_t.double().split(_rows_per_chunk(X.shape[0], chunk_bytes)):
-        out.append(torch.softmax(torch.addmm(bias, q, X.T / sigma**2), dim=1) @ V)
+        logits = torch.addmm(bias, q, X.T / sigma**2)
+        out.append(torch.softmax(logits if tilt is None else logits + tilt, dim=1) @ V)
+        if both:
+            plain.append(torch.softmax(logits, dim=1) @ V)
+    if both:
+        return torch.cat(out).to(x_t.dtype), torch.cat(plain).to(x_t.dtype)
     return torch.cat(out).to(x_t.dtype)
 
 
@@ -362,8 +369,7 @@ def exact_energy_gradient(x_t: torch.Tensor, t: float, data: torch.Tensor, rewar
     beta = check_beta(beta)
     check_tensor("rewards", rewards, shape=(data.shape[0],))
     alpha, sigma = (float(v) for v in schedule.alpha_sigma(torch.tensor(float(t), dtype=torch.float64)))
-    tilted = exact_posterior_average(x_t, t, data, data, schedule, log_tilt=beta * rewards.double())
-    plain = exact_posterior_average(x_t, t, data, data, schedule)
+    tilted, plain = exact_posterior_average(x_t, t, data, data, schedule, log_tilt=beta * rewards.double(), both=True)
     return (alpha / sigma**2) * (tilted - plain)
 
 

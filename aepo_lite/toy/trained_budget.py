@@ -24,11 +24,13 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 from pathlib import Path
 
 import torch
 
 from aepo_lite._io import atomic_write_text, read_csv_rows
+from aepo_lite.config import to_dict
 from aepo_lite.toy import tasks as toy
 
 __all__ = ["regression_part", "sampler_part", "trained_budget", "budget_rows", "write_rows", "read_rows",
@@ -83,8 +85,25 @@ def regression_part(models, draws: int = 8, times=None) -> dict:
     return out
 
 
+_SAMPLER_MEMO: dict = {}  # one exact-energy distance per behaviour model and evaluation settings, per process
+
+
+def _sampler_key(models) -> str:
+    cfg = models.cfg
+    return json.dumps([cfg.task, cfg.data_seed, cfg.n_data, cfg.seed, to_dict(cfg.behaviour), to_dict(cfg.eval),
+                       cfg.sampling.steps, cfg.sampling.solver, cfg.energy.beta, cfg.energy.clip, str(models.x.device)])
+
+
 def sampler_part(models, target: torch.Tensor) -> float:
-    """Distance to ``target`` (exact target samples) of w = 1 samples guided by the exact grad E_t."""
+    """Distance to ``target`` (exact target samples) of w = 1 samples guided by the exact grad E_t. It depends
+    on the behaviour model and the evaluation settings only, so every method of a task and seed shares it."""
+    key = _sampler_key(models)
+    if key not in _SAMPLER_MEMO:
+        _SAMPLER_MEMO[key] = _sampler_distance(models, target)
+    return _SAMPLER_MEMO[key]
+
+
+def _sampler_distance(models, target: torch.Tensor) -> float:
     cfg, sched = models.cfg, models.behaviour.schedule
     x, e = models.x[:cfg.eval.n_ref_data], models.e[:cfg.eval.n_ref_data]
 
