@@ -77,3 +77,20 @@ def test_long_grid_summary_filters_its_preset_and_picks_each_methods_best_scale(
     assert best["a"]["aepo_over_qgpo"] == pytest.approx(0.03 / 0.05)
     text = summary_markdown(*csvs, long_csv=tmp_path / "conv.csv")
     assert "4000-step energy budget" in text and "best w of 0.5 / 1 / 2" in text and "`long` preset" in text
+
+
+def test_convergence_line_names_the_winner_at_the_largest_budget_and_what_still_improves(tmp_path, csvs):
+    from aepo_lite.toy.convergence import COLUMNS
+    rows = []
+    for task, curves in (("a", {"qgpo": (1.0, 0.5, 0.06), "aepo": (1.0, 0.9, 0.05)}),
+                         ("b", {"qgpo": (1.0, 0.95, 0.04), "aepo": (1.0, 0.98, 0.09)})):
+        for m, (e1, e2, d) in curves.items():
+            for n, err in ((1000, e1), (2000, e2)):
+                rows.append({**{c: "" for c in COLUMNS}, "task": task, "method": m, "critic": "reward", "beta": "10",
+                             "estimator": "particles-K256" if m == "aepo" else "", "seed": "0", "preset": "full",
+                             "energy_steps": n, "err_mean": err, "distance": d})
+    _write(tmp_path / "conv.csv", rows)
+    text = summary_markdown(*csvs, convergence_csv=tmp_path / "conv.csv")
+    assert "energy budget 2000 steps" in text and "seed 0 only" in text
+    assert "aepo[particles-K256] 1/2" in text and "qgpo 1/2" in text
+    assert "Not converged" in text and "qgpo 5-50%" in text and "aepo[particles-K256] 2-10%" in text

@@ -129,8 +129,41 @@ def _rl_lines(rl: dict) -> list[str]:
     return lines or ["- Offline RL: no results in `figures/rl_results.csv` yet."]
 
 
+def _convergence_lines(csv_path) -> list[str]:
+    """The energy-steps curve (``toy2d_convergence.csv``): at its largest budget, who is closer to the exact
+    target per task, and how much the last doubling still lowered each method's energy error."""
+    from aepo_lite.toy import convergence as conv
+    rows = conv.read_rows(csv_path)
+    if not rows:
+        return []
+    steps = sorted({int(r["energy_steps"]) for r in rows})
+    top, prev = steps[-1], (steps[-2] if len(steps) > 1 else None)
+    at = defaultdict(dict)
+    for r in rows:
+        if int(r["energy_steps"]) == top:
+            at[r["task"]][f"aepo[{r['estimator']}]" if r["method"] == "aepo" else r["method"]] = float(r["distance"])
+    wins = defaultdict(int)
+    for cells in at.values():
+        wins[min(cells, key=cells.get)] += 1
+    seeds = sorted({r["seed"] for r in rows})
+    line = (f"- **Toy 2D tasks, energy budget {top} steps** (seed {', '.join(seeds)} only, true reward for every "
+            f"method, w = 1; `figures/toy2d_convergence.md`): closest method on each task: "
+            + ", ".join(f"{m} {k}/{len(at)}" for m, k in sorted(wins.items(), key=lambda kv: -kv[1])) + ".")
+    if prev is not None:
+        drops = defaultdict(list)
+        for g, d in conv.improvements(rows, prev).items():
+            if d is not None:
+                drops[f"aepo[{g[2]}]" if g[1] == "aepo" else g[1]].append(d)
+        line += (f" Not converged: doubling the energy steps from {prev} to {top} still lowered the energy error by "
+                 + "; ".join(f"{m} {100 * min(v):.0f}-{100 * max(v):.0f}%" for m, v in sorted(drops.items()))
+                 + " (by task).") if any(max(v) > 0.1 for v in drops.values()) else \
+            f" Converged: no method's energy error fell by more than 10% from {prev} to {top} steps."
+    return [line]
+
+
 def summary_markdown(toy_csv="figures/toy2d_results.csv", rl_csv="figures/rl_results.csv",
-                     matched_csv: str | Path | None = None, long_csv: str | Path | None = None) -> str:
+                     matched_csv: str | Path | None = None, long_csv: str | Path | None = None,
+                     convergence_csv: str | Path | None = None) -> str:
     """The generated summary (Markdown bullet points). ``matched_csv``: a toy grid in which every method read the
     true reward (``toy2d_matched.csv``); ``long_csv``: the same at the ``long`` preset (4000 energy steps), at w = 1 and at
     each method's best w (``toy2d_long.csv``); each summarised too when it exists."""
@@ -143,11 +176,14 @@ def summary_markdown(toy_csv="figures/toy2d_results.csv", rl_csv="figures/rl_res
         lines += _toy_lines(toy_summary(long_csv, preset="long"), title, "long")
         lines += _toy_lines(toy_summary(long_csv, w=None, preset="long"), title, "long",
                             "best w of 0.5 / 1 / 2 per method and task")
+    if convergence_csv is not None and Path(convergence_csv).exists():
+        lines += _convergence_lines(convergence_csv)
     return "\n".join(lines + _rl_lines(rl_summary(rl_csv))) + "\n"
 
 
 def update_readme(readme, toy_csv="figures/toy2d_results.csv", rl_csv="figures/rl_results.csv",
-                  matched_csv: str | Path | None = None, long_csv: str | Path | None = None) -> Path:
+                  matched_csv: str | Path | None = None, long_csv: str | Path | None = None,
+                  convergence_csv: str | Path | None = None) -> Path:
     """Rewrite the README's block between the summary markers (an error if the markers are missing)."""
     readme = Path(readme)
     text = readme.read_text()
@@ -155,7 +191,7 @@ def update_readme(readme, toy_csv="figures/toy2d_results.csv", rl_csv="figures/r
         raise ValueError(f"readme: {readme} has no {START} ... {END} block to fill")
     head, rest = text.split(START, 1)
     _, tail = rest.split(END, 1)
-    new = f"{head}{START}\n{summary_markdown(toy_csv, rl_csv, matched_csv, long_csv)}{END}{tail}"
+    new = f"{head}{START}\n{summary_markdown(toy_csv, rl_csv, matched_csv, long_csv, convergence_csv)}{END}{tail}"
     if new != text:
         atomic_write_text(readme, new)
     return readme
@@ -169,8 +205,9 @@ def render(figures_dir) -> list[Path]:
     written = []
     readme = root / "README.md"
     if readme.exists() and START in readme.read_text():
-        written.append(update_readme(readme, toy_csv, rl_csv, Path(figures_dir) / "toy2d_matched.csv",
-                                     Path(figures_dir) / "toy2d_long.csv"))
+        fd = Path(figures_dir)
+        written.append(update_readme(readme, toy_csv, rl_csv, fd / "toy2d_matched.csv", fd / "toy2d_long.csv",
+                                     fd / "toy2d_convergence.csv"))
     results = root / "docs" / "results.md"
     if results.exists():
         from aepo_lite.rl import report as rl_report
