@@ -10,13 +10,12 @@ comment. ``--quick`` and ``--tiny`` change the defaults the flags then override.
 """
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Optional
 
 from aepo_lite.bench import BenchConfig
-from aepo_lite.cli._config import _arg, _flag
+from aepo_lite.cli._config import _arg, _flag, tyro_cli
 
 DESCRIPTION = ("Time the library's training steps (behaviour, critics, energy learners) and samplers on random data "
                "of Hopper's shape, at the full preset's sizes unless flags say otherwise; print steps/s or samples/s, "
@@ -40,15 +39,14 @@ def register(subparsers) -> None:
 
 def parse(argv: list[str]) -> BenchCommand:
     """``argv`` -> the command; ``--quick`` / ``--tiny`` set the defaults, every other flag overrides them."""
-    import tyro
-
     from aepo_lite import bench
-    pre = argparse.ArgumentParser(add_help=False)
+    from aepo_lite.cli.errors import OneLineParser
+    pre = OneLineParser(add_help=False, prog="aepo-lite bench")
     pre.add_argument("--quick", action="store_true")
     pre.add_argument("--tiny", action="store_true")
     known, _ = pre.parse_known_args(argv)
     base = bench.tiny_config() if known.tiny else bench.quick_config() if known.quick else BenchConfig()
-    return tyro.cli(BenchCommand, default=BenchCommand(config_values=base), args=argv, prog="aepo-lite bench",
+    return tyro_cli(BenchCommand, argv, prog="aepo-lite bench", default=BenchCommand(config_values=base),
                     description=DESCRIPTION)
 
 
