@@ -93,7 +93,7 @@ def _atomic(path: Path, write) -> Path:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give results the usual mode
         os.replace(tmp, path)
-    except BaseException:  # Ctrl-C, disk full, a failing writer: no temporary file stays behind
+    except BaseException as e:  # Ctrl-C, disk full, a failing writer: no temporary file stays behind
         try:  # closing can fail again (a full disk flushes its buffer): the unlink still runs
             os.close(fd) if f is None else f.close()
         except OSError:
@@ -102,6 +102,8 @@ def _atomic(path: Path, write) -> Path:
             os.unlink(tmp)
         except OSError:
             pass
+        if isinstance(e, OSError) and e.errno is not None and e.filename is None:  # a full disk names the file
+            raise OSError(e.errno, e.strerror or str(e), str(path)) from e
         raise
     return path
 
