@@ -102,7 +102,8 @@ def _atomic(path: Path, write) -> Path:
             os.unlink(tmp)
         except OSError:
             pass
-        if isinstance(e, OSError) and e.errno is not None and e.filename is None:  # a full disk names the file
+        if isinstance(e, OSError) and e.errno is not None and e.filename in (None, tmp):
+            # name the file being written: a full disk (torch.save, savefig) names none, os.replace our temporary
             raise OSError(e.errno, e.strerror or str(e), str(path)) from e
         raise
     return path
@@ -187,6 +188,8 @@ def read_csv_rows(path, columns, *, made_by: str, hint: str = "") -> list[dict]:
     the file (``made_by``: the command that makes it; ``hint``: what to do about missing columns)."""
     import csv
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"csv_path: {path} is a folder, not a CSV file (the CSV is made by {made_by})")
     if not path.is_file():
         raise FileNotFoundError(f"csv_path: {path} does not exist (it is made by {made_by})")
     with open(path, newline="") as f:

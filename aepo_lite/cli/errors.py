@@ -120,6 +120,9 @@ def _os_error(e: OSError) -> tuple[str, int]:
     if isinstance(e, FileNotFoundError) or e.errno == errno.ENOENT:
         return f"no such file or folder: {path or _one_line(e)}", EXIT_USAGE
     if isinstance(e, FileExistsError) or e.errno == errno.EEXIST:
+        if e.filename is not None and os.path.isfile(e.filename):  # mkdir over a file: the path names a file
+            return (f"{e.filename} is a file where a folder is needed: choose another path, or move that file "
+                    "away", EXIT_USAGE)
         return f"{path or 'the path'} already exists: remove it or choose another path", EXIT_USAGE
     msg = _one_line(e)
     if any(s in msg for s in ("Unable to open file", "Unable to synchronously open", "file signature not found",
