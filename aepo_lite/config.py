@@ -338,4 +338,14 @@ def config_diff(old: dict, new: dict, ignore=()) -> list[str]:
     a, b = flatten(old), flatten(new)
     skip = tuple(ignore)
     return sorted(k for k in b if not any(k == p or k.startswith(p + ".") for p in skip)
-                  and k in a and json.dumps(a[k], default=str) != json.dumps(b[k], default=str))
+                  and k in a and not _same(a[k], b[k]))
+
+
+def _same(x, y) -> bool:
+    """Equal config values: numbers by value (``3`` in a hand-written config.json is ``3.0``), lists item by item."""
+    number = (int, float)
+    if isinstance(x, number) and isinstance(y, number) and not isinstance(x, bool) and not isinstance(y, bool):
+        return x == y
+    if isinstance(x, (list, tuple)) and isinstance(y, (list, tuple)):
+        return len(x) == len(y) and all(_same(u, v) for u, v in zip(x, y))
+    return json.dumps(x, default=str) == json.dumps(y, default=str)

@@ -55,6 +55,8 @@ def _bench(argv: list[str]) -> int:
     from aepo_lite._io import atomic_write_json, atomic_write_text
     cmd = parse(argv)
     cfg = bench.check_bench_config(cmd.config_values)
+    if cmd.out:
+        _check_out_file(Path(cmd.out))
     what = f"toy task {cfg.toy}" if cfg.toy else f"state {cfg.state_dim}, action {cfg.action_dim}"
     print(f"aepo-lite bench: {'quick, ' if cmd.quick else ''}{'tiny, ' if cmd.tiny else ''}{what}")
     result = bench.run_bench(cfg, log=print)
@@ -67,6 +69,17 @@ def _bench(argv: list[str]) -> int:
         atomic_write_text(out.with_suffix(".md"), md)
         print(f"wrote {out} and {out.with_suffix('.md')}")
     return 0
+
+
+def _check_out_file(out: Path) -> None:
+    """``--out`` must name a file in a folder that is (or can be) made: checked before the bench runs, which takes
+    an hour at the full preset's sizes, not when it writes its result."""
+    import errno
+    if out.is_dir():
+        raise IsADirectoryError(errno.EISDIR, "Is a directory", str(out))
+    first = next((p for p in out.parents if p.exists()), None)
+    if first is not None and not first.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, "Not a directory", str(out))
 
 
 CONFIG_COMMANDS = {"bench": ("time each training stage and sampler; extrapolate the full preset (every field a flag)",

@@ -563,6 +563,8 @@ def evaluate_run(run_dir, *, guidance_scales=None, episodes: int | None = None, 
             "eval": {k: v for k, v in (("episodes", episodes), ("candidates", n_candidates)) if v is not None}}
     for part, values in (overrides or {}).items():  # nested ``sampling`` / ``eval`` overrides (the eval command's)
         over[part] = {**values, **over.get(part, {})}
+    if not (run_dir / "config.json").is_file():  # before the lock, which would make the folder of a typo
+        raise ValueError(f"run: {run_dir} has no config.json (not an aepo-lite run directory)")
     with RunLock(run_dir, what="run"):
         res_path = run_dir / "results.json"
         results = _saved_results(res_path)
