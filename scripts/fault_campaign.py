@@ -270,7 +270,7 @@ def _train_cases() -> list[Case]:
                 ("relu-first-order", "--critic.activation relu --energy.expansion first", "critic.activation"),
                 ("compile-second-order", "--compile --energy.expansion second", "compile"),
                 ("gaussian-fit-rl", "--energy.covariance gaussian-fit", "energy.covariance"),
-                ("init-behaviour-missing", "--init-behaviour {c}/nowhere", "nowhere"),
+                ("init-behaviour-missing", "--init-behaviour {c}/nowhere/run", "nowhere"),
                 ("init-behaviour-other-seed", "--method qgpo --seed 5 --init-behaviour {fx}/qgpo", "init_behaviour")]
     cases += [Case(f"{t}/{i}", t, "conflict", f"{TRAIN} {a}", (nm,), needs=("dataset", "qgpo")) for i, a, nm in conflict]
     cases += _train_config_cases() + _train_path_cases() + _train_fault_cases()
@@ -327,6 +327,9 @@ def _train_path_cases() -> list[Case]:
         Case(f"{t}/checkpoint-of-another-config", t, "corrupt-file",
              f"{TRAIN} --method qgpo --seed 4 --out {{c}}/r", ("behaviour.pt",),
              setup=(copy("qgpo", "r"), remove("r/config.json")), keep=("r/checkpoints",), needs=run),
+        Case(f"{t}/out-config-with-3-for-3.0", t, "bad-config", f"{TRAIN} --method qgpo --no-eval --out {{c}}/r",
+             expect="succeed", setup=(copy("qgpo", "r"), edit_json("r/config.json", lambda d: _set(d, "energy.beta", 3))),
+             keep=("r/checkpoints",), needs=run),
         Case(f"{t}/train-stats-truncated", t, "corrupt-file", f"{TRAIN} --method qgpo --out {{c}}/r",
              ("train_stats.json",), setup=(copy("qgpo", "r"), truncate("r/train_stats.json")),
              keep=("r/checkpoints",), needs=run),
@@ -394,7 +397,7 @@ def _eval_cases() -> list[Case]:
     cases = [
         Case(f"{e}/no-run", e, "bad-path", "eval --quiet", ("run",)),
         Case(f"{e}/run-without-value", e, "bad-path", "eval --run", ("--run",)),
-        Case(f"{e}/run-missing", e, "bad-path", "eval --run {c}/nowhere", ("nowhere",)),
+        Case(f"{e}/run-missing", e, "bad-path", "eval --run {c}/nowhere", ("nowhere",), absent=("nowhere",)),
         Case(f"{e}/run-is-a-file", e, "bad-path", "eval --run {c}/f", ("f",), setup=(write("f", "x"),)),
         Case(f"{e}/run-without-config", e, "bad-path", "eval --run {c}/d", ("d",), setup=(mkdir("d"),)),
         Case(f"{e}/config-truncated", e, "corrupt-file", EVAL, ("config.json",),

@@ -733,3 +733,77 @@ def test_lab_without_the_course_packages_is_one_line(monkeypatch, capsys):
     assert main(["lab", "--no-browser"]) == 2
     line = _one_error_line(capsys.readouterr().err, "lab")
     assert "jupyterlab" in line and "pip install -e '.[course]'" in line
+
+
+def test_a_file_where_a_folder_is_needed_is_named_as_such(tmp_path, capsys):
+    """`--out FILE` (or `--out FILE/x`) said "FILE already exists: remove it or choose another path"."""
+    (tmp_path / "f").write_text("keep")
+    for target in (tmp_path / "f", tmp_path / "f" / "x"):
+        assert run_command("train", lambda: atomic_write_json(target / "config.json", {})) == 2
+        line = _one_error_line(capsys.readouterr().err, "train")
+        assert f"{tmp_path / 'f'} is a file where a folder is needed" in line or "is a file, not a folder" in line
+    assert (tmp_path / "f").read_text() == "keep"
+
+
+def test_an_output_file_that_is_a_folder_is_named_without_the_temporary_file(tmp_path, capsys):
+    """`--save-config DIR` named the writer's hidden temporary file: ".DIR.x1y2.123.tmp -> DIR is a folder"."""
+    (tmp_path / "d").mkdir()
+    assert run_command("train", lambda: atomic_write_json(tmp_path / "d", {})) == 2
+    line = _one_error_line(capsys.readouterr().err, "train")
+    assert f"{tmp_path / 'd'} is a folder where a file was expected" in line and ".tmp" not in line
+    assert list((tmp_path / "d").iterdir()) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["d"]
+
+
+def test_eval_of_a_folder_that_is_not_a_run_makes_nothing(tmp_path):
+    """`eval --run TYPO` made the folder TYPO (and TYPO/.lock) before saying it holds no run."""
+    from aepo_lite.rl.agent import evaluate_run
+    with pytest.raises(ValueError, match=r"has no config\.json \(not an aepo-lite run directory\)"):
+        evaluate_run(tmp_path / "typo", progress=False)
+    assert not (tmp_path / "typo").exists()
+
+
+def test_a_results_csv_that_is_a_folder_is_named_as_a_folder(tmp_path):
+    """`toy-grid --render-only --csv DIR` said that DIR does not exist."""
+    (tmp_path / "t.csv").mkdir()
+    with pytest.raises(IsADirectoryError, match=r"t\.csv is a folder, not a CSV file"):
+        toy_report.read_results(tmp_path / "t.csv")
+
+
+def test_make_dataset_without_a_ladder_snapshot_is_refused_before_any_work(minari_root, tmp_path):
+    """--eval-every beyond --train-steps was found after the reference episodes and the whole TD3 ladder."""
+    from aepo_lite.rl.datasets import DatasetRecipe, make_dataset
+    r = DatasetRecipe("Hopper-v5", "random", 50, "t/hopper/new-v0", train_steps=200, eval_every=5000,
+                      learning_starts=100, ref_episodes=2)
+    with pytest.raises(ValueError, match=r"^eval_every: 5000 is more than train_steps \(200\)"):
+        make_dataset(r, progress=False)
+    assert not minari_root.exists() and not (tmp_path / "policies").exists()
+
+
+def test_a_run_folder_whose_config_json_writes_3_for_3_0_is_the_same_run(tmp_path):
+    """A config.json with `"beta": 3` (a hand edit, another tool) was "another run, energy.beta=3 there vs 3.0 now"."""
+    from aepo_lite.config import config_diff, to_dict
+    from aepo_lite.rl.agent import EVAL_FIELDS, make_config
+    from aepo_lite.training.stages import check_run_folder
+    new = to_dict(make_config("t/hopper/none-v0", "qgpo", "smoke"))
+    old = json.loads(json.dumps(new))
+    old["energy"]["beta"], old["sampling"]["guidance_scales"] = 3, [0, 1]
+    atomic_write_json(tmp_path / "config.json", old)
+    check_run_folder(tmp_path, new, ignore=EVAL_FIELDS)  # no error
+    old["energy"]["beta"], old["seed"] = 3.5, True  # a real difference is still one (and True is not 1)
+    assert config_diff(old, dict(new, seed=1)) == ["energy.beta", "seed"]
+
+
+@pytest.mark.parametrize("out, named", [("d", "is a folder where a file was expected"), ("f/b.json", "is a file")])
+def test_bench_out_is_checked_before_the_bench_runs(out, named, tmp_path, capsys, monkeypatch):
+    """`bench --out DIR` (or FILE/x.json) ran the whole bench (an hour at full size), then failed to write."""
+    from aepo_lite import bench
+
+    def no_bench(*a, **k):
+        raise AssertionError("the bench ran")
+
+    monkeypatch.setattr(bench, "run_bench", no_bench)
+    (tmp_path / "d").mkdir()
+    (tmp_path / "f").write_text("keep")
+    assert main(["bench", "--tiny", "--out", str(tmp_path / out)]) == 2
+    assert named in _one_error_line(capsys.readouterr().err, "bench")
+    assert (tmp_path / "f").read_text() == "keep" and list((tmp_path / "d").iterdir()) == []
