@@ -807,3 +807,13 @@ def test_bench_out_is_checked_before_the_bench_runs(out, named, tmp_path, capsys
     assert main(["bench", "--tiny", "--out", str(tmp_path / out)]) == 2
     assert named in _one_error_line(capsys.readouterr().err, "bench")
     assert (tmp_path / "f").read_text() == "keep" and list((tmp_path / "d").iterdir()) == []
+
+
+def test_a_cut_rl_results_csv_is_named_not_a_renderer_crash(tmp_path):
+    """`figures` on an rl_results.csv cut mid-row: the renderer crashed with "TypeError: '<' not supported between
+    instances of 'NoneType' and 'str'" (the cut row's missing cells)."""
+    csv_path = tmp_path / "rl_results.csv"
+    csv_path.write_bytes((ROOT / "figures" / "rl_results.csv").read_bytes()[:300])
+    with pytest.raises(ValueError, match=r"rl_results\.csv line \d+ does not have the header's 13\+ cells"):
+        rl_report.render(csv_path, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rl_results.csv"]

@@ -198,6 +198,10 @@ def _read(csv_path, cols=COLUMNS) -> list[dict]:
         raise ValueError(f"{csv_path} lacks the columns {missing} (made by an older aepo-lite, whose rows did not "
                          "record every setting): add them with the values the rows were made with, or collect the "
                          "runs again")
+    short = next((i for i, r in enumerate(rows, 2) if None in r.values() or None in r), None)
+    if short is not None:  # csv leaves the cells of a cut row None (and puts extra cells under the key None)
+        raise ValueError(f"{csv_path} line {short} does not have the header's {len(cols)}+ cells: the file is cut "
+                         "short or damaged; restore it, or delete it and collect the runs again")
     return rows
 
 
