@@ -20,7 +20,8 @@ Each case is classified from its exit status, its stderr and the files it had to
   ok              a case that must succeed did: Ctrl-C ending with 130 and one line, then a rerun that resumed
                   (finished stages untouched); a SIGKILL, then a rerun that resumed; --debug printing a traceback
   traceback       a Python traceback on stderr (only ``--debug`` may print one)
-  internal-error  the error boundary's "internal error ... bug" line: an unchecked input reached the code
+  internal-error  the error boundary's "internal error ... bug" line, or a message quoting a programming error
+                  (``TypeError: ...``): an unchecked input reached the code
   unclear         no message, several lines, or a line that does not name the input
   accepted        exit status 0 where the input had to be refused
   data-loss       a file that had to survive changed or vanished, or a half-written file stayed behind
@@ -71,6 +72,11 @@ _NOISE = re.compile(r"^(?:config:|preset:|aepo-lite [\w-]+: warning:|\S+:\d+: \w
                     r"[\w.]*Warning:)")
 
 
+# exceptions that are bugs, never a description of bad input (a damaged file gives JSONDecodeError, OSError ...)
+_PROGRAM_ERROR = re.compile(r"\b(TypeError|AttributeError|NameError|IndexError|KeyError|ZeroDivisionError|"
+                            r"UnboundLocalError|AssertionError): ")
+
+
 def message_lines(stderr: str) -> list[str]:
     """The lines of ``stderr`` that say something: without progress bars, warnings or blank lines."""
     out, after_warning = [], False
@@ -119,8 +125,9 @@ def classify(rc: Optional[int], stderr: str, names=(), expect: str = "refuse") -
         return "accepted", "exit status 0"
     if not lines:
         return "unclear", f"rc {rc} and no message on stderr"
-    if any("internal error" in ln for ln in lines):
-        return "internal-error", next(ln for ln in lines if "internal error" in ln)[:300]
+    crash = next((ln for ln in lines if "internal error" in ln or _PROGRAM_ERROR.search(ln)), None)
+    if crash is not None:  # the boundary's bug line, or a message quoting a programming error (a renderer's crash)
+        return "internal-error", crash[:300]
     if len(lines) > 1:
         return "unclear", f"{len(lines)} message lines: {' | '.join(lines)[:300]}"
     if names and not any(_norm(n) in _norm(lines[0]) for n in names):

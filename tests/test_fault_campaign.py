@@ -52,6 +52,10 @@ WARNING = ("/x/gymnasium/envs/registration.py:512: UserWarning: WARN: the enviro
     (1, "aepo-lite eval: error: internal error (AttributeError: 'list' object has no attribute 'get' at "
         "agent.py:529); this is a bug in aepo-lite: re-run with --debug\n", ("results.json",), "refuse",
      "internal-error"),
+    (1, "aepo-lite figures: offline RL: the renderer failed on r.csv: TypeError: '<' not supported\n", ("r.csv",),
+     "refuse", "internal-error"),
+    (1, "aepo-lite eval: error: r.json is not valid JSON (JSONDecodeError at line 21): damaged\n", ("r.json",),
+     "refuse", "ok-refused"),
     (2, BARS + WARNING + "config: {}\naepo-lite train: error: critic.tau_target: expected a value <= 1.0\n",
      ("critic.tau-target",), "refuse", "ok-refused"),  # bars, warnings, the echo aside; - and _ alike
     (None, "", (), "refuse", "timeout"),
