@@ -93,7 +93,7 @@ def _atomic(path: Path, write) -> Path:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give results the usual mode
         os.replace(tmp, path)
-    except BaseException:  # Ctrl-C, disk full, a failing writer: no temporary file stays behind
+    except BaseException as e:  # Ctrl-C, disk full, a failing writer: no temporary file stays behind
         try:  # closing can fail again (a full disk flushes its buffer): the unlink still runs
             os.close(fd) if f is None else f.close()
         except OSError:
@@ -102,6 +102,9 @@ def _atomic(path: Path, write) -> Path:
             os.unlink(tmp)
         except OSError:
             pass
+        if isinstance(e, OSError) and e.errno is not None and e.filename in (None, tmp):
+            # name the file being written: a full disk (torch.save, savefig) names none, os.replace our temporary
+            raise OSError(e.errno, e.strerror or str(e), str(path)) from e
         raise
     return path
 
@@ -185,6 +188,8 @@ def read_csv_rows(path, columns, *, made_by: str, hint: str = "") -> list[dict]:
     the file (``made_by``: the command that makes it; ``hint``: what to do about missing columns)."""
     import csv
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"csv_path: {path} is a folder, not a CSV file (the CSV is made by {made_by})")
     if not path.is_file():
         raise FileNotFoundError(f"csv_path: {path} does not exist (it is made by {made_by})")
     with open(path, newline="") as f:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import difflib
 import json
+import numbers
 from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Optional
@@ -224,10 +225,30 @@ def _unknown(path: str, key: str, cls) -> ValueError:
     return ValueError(f"{path + key}: not a config field{hint}")
 
 
-def _coerce(f, value):
-    t = str(f.type)
-    if isinstance(value, list) and "tuple" in t:
+# what a field's declared type accepts (bool is not a number here, and 3.0 is not an integer)
+_KINDS = {"int": ("an integer", lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool)),
+          "float": ("a number", lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool)),
+          "bool": ("true or false", lambda v: isinstance(v, bool)),
+          "str": ("a string", lambda v: isinstance(v, str))}
+
+
+def _coerce(f, value, where: str):
+    """``value`` for the field ``f`` (dotted name ``where``), checked against its declared type: a config file's
+    ``"beta": "x"`` is an error naming ``energy.beta`` here, not a TypeError deep in training. Lists become tuples."""
+    t = str(f.type).replace(" ", "")
+    if t.startswith("Optional[") and t.endswith("]"):
+        if value is None:
+            return None
+        t = t[len("Optional["):-1]
+    if t.startswith("tuple[") and t.endswith(",...]"):
+        inner = t[len("tuple["):-len(",...]")]
+        what, ok = _KINDS.get(inner, ("a value", lambda v: True))
+        if not isinstance(value, (list, tuple)) or not all(ok(v) for v in value):
+            raise ValueError(f"{where}: expected a list of values, each {what}, got {value!r}")
         return tuple(value)
+    what, ok = _KINDS.get(t, ("", lambda v: True))
+    if not ok(value):
+        raise ValueError(f"{where}: expected {what}, got {value!r}")
     return value
 
 
@@ -244,7 +265,7 @@ def apply_overrides(cfg, overrides: dict, path: str = ""):
         if is_dataclass(cur):
             setattr(cfg, k, apply_overrides(cur, v, f"{path}{k}."))
         else:
-            setattr(cfg, k, _coerce(by_name[k], v))
+            setattr(cfg, k, _coerce(by_name[k], v, path + k))
     return cfg
 
 
@@ -320,4 +341,14 @@ def config_diff(old: dict, new: dict, ignore=()) -> list[str]:
     a, b = flatten(old), flatten(new)
     skip = tuple(ignore)
     return sorted(k for k in b if not any(k == p or k.startswith(p + ".") for p in skip)
-                  and k in a and json.dumps(a[k], default=str) != json.dumps(b[k], default=str))
+                  and k in a and not _same(a[k], b[k]))
+
+
+def _same(x, y) -> bool:
+    """Equal config values: numbers by value (``3`` in a hand-written config.json is ``3.0``), lists item by item."""
+    number = (int, float)
+    if isinstance(x, number) and isinstance(y, number) and not isinstance(x, bool) and not isinstance(y, bool):
+        return x == y
+    if isinstance(x, (list, tuple)) and isinstance(y, (list, tuple)):
+        return len(x) == len(y) and all(_same(u, v) for u, v in zip(x, y))
+    return json.dumps(x, default=str) == json.dumps(y, default=str)

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import csv
 import errno
+import json
 import os
 import pickle
+import re
 import signal
 import subprocess
 import sys
@@ -480,3 +482,338 @@ def test_orphan_temp_of_a_killed_writer_is_removed_at_the_next_write(tmp_path):
     atomic_write_text(target, "{}\n")
     assert not orphans[0].exists() and recent.exists() and alive.exists()
     assert target.read_text() == "{}\n"
+
+
+# ---------------------------------------------------------------- found by scripts/fault_campaign.py
+# Each test is named after a case of the campaign that was not refused cleanly; each failed before its fix.
+
+def test_sweep_command_parses_its_options(tmp_path, capsys):
+    """`aepo-lite sweep ...` (any options) was an internal NameError: tyro could not resolve SweepConfig."""
+    assert main(["sweep", "--datasets", "a/hopper/b-v0", "--methods", "foo", "--out", str(tmp_path / "s")]) == 2
+    assert "methods: unknown method(s) ['foo']" in _one_error_line(capsys.readouterr().err, "sweep")
+    assert main(["sweep", "--help"]) == 0
+    assert "--overrides" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, cmd, named", [
+    (["train", "--preset", "smoke", "--seed", "abc"], "train", "Error parsing --seed"),
+    (["train", "--preset", "smoke", "--energy.bta", "3"], "train", "perhaps you meant --energy.beta"),
+    (["toy", "--preset", "smoke", "--bogus"], "toy", "--bogus"),
+    (["eval", "--run", "x", "--eval.envs", "many"], "eval", "--eval.envs"),
+    (["bench", "--tiny", "--seed", "x"], "bench", "--seed"),
+    (["demo", "--scale", "huge"], "demo", "'--scale'"),
+    (["sweep", "--seeds", "x"], "sweep", "--seeds"),
+])
+def test_a_bad_flag_of_a_config_command_is_one_line_naming_the_flag(argv, cmd, named, capsys, monkeypatch):
+    """tyro's usage errors were a box of 5-12 lines (with the flag's help text) on stderr."""
+    monkeypatch.delenv("AEPO_DEBUG", raising=False)
+    assert main(argv) == 2
+    line = _one_error_line(capsys.readouterr().err, cmd)
+    assert named in line and f"(see aepo-lite {cmd} --help)" in line
+
+
+@pytest.mark.parametrize("argv, prog, named", [
+    (["toy-grid", "--seeds", "x"], "aepo-lite toy-grid", "argument --seeds: invalid int value: 'x'"),
+    (["toy-grid", "--bogus"], "aepo-lite toy-grid", "unrecognized arguments: --bogus"),
+    (["make-dataset", "--steps", "3"], "aepo-lite make-dataset", "required: --env, --quality, --name"),
+    (["lab", "--port", "x"], "aepo-lite lab", "argument --port"),
+    (["nosuchcmd"], "aepo-lite", "invalid choice: 'nosuchcmd'"),
+    (["train", "--dataset", "a/b/c-v0", "--preset"], "aepo-lite train", "argument --preset: expected one argument"),
+    (["eval", "--run"], "aepo-lite eval", "argument --run: expected one argument"),
+])
+def test_a_usage_error_of_an_argparse_command_is_one_line_naming_the_command(argv, prog, named, capsys):
+    """argparse printed its usage block before the error; an unknown option was reported by `aepo-lite` (not the
+    command), and `train --preset` without a value by a parser calling itself `__main__.py`."""
+    try:
+        rc = main(argv)
+    except SystemExit as e:  # argparse exits; a config command's pre-parser's exit is main's return value
+        rc = e.code
+    assert rc == 2
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"{prog}: error: ") and named in lines[0], err
+
+
+@pytest.mark.parametrize("over, named", [
+    (dict(critic=dict(gamma=2.0)), "critic.gamma"), (dict(critic=dict(tau_target=5.0)), "critic.tau_target"),
+    (dict(critic=dict(expectile=1.5)), "critic.expectile"), (dict(critic=dict(beta_q=-1.0)), "critic.beta_q"),
+    (dict(energy=dict(clip=-1.0)), "energy.clip"), (dict(energy=dict(clip=float("nan"))), "energy.clip"),
+    (dict(energy=dict(grad_clip=0.0)), "energy.grad_clip"), (dict(energy=dict(cover=2.0)), "energy.cover"),
+    (dict(eval=dict(max_episode_steps=0)), "eval.max_episode_steps"),
+    (dict(eval=dict(max_episode_steps=-1)), "eval.max_episode_steps"),
+])
+def test_critic_clip_and_episode_settings_are_refused_before_any_data_is_read(over, named):
+    """A negative clip or a zero gradient clip trained anyway (silently wrong), a NaN clip crashed inside eigh,
+    -1 episode steps evaluated, and gamma/tau/expectile were refused only after loading the data, without the part."""
+    from aepo_lite.rl.agent import make_config
+    with pytest.raises(ValueError, match=rf"^{named}: expected"):
+        make_config("t/hopper/none-v0", "qgpo", "smoke", **over)
+
+
+def test_a_network_too_large_for_memory_is_refused_before_allocating_it():
+    """--behaviour.hidden 100000000 allocated (and initialised) gigabytes for minutes instead of refusing."""
+    from aepo_lite.rl.agent import make_config
+    with pytest.raises(ValueError, match=r"^behaviour\.hidden: 100000000 needs about .* GiB"):
+        make_config("t/hopper/none-v0", "bc", "smoke", behaviour=dict(hidden=10**8))
+    with pytest.raises(ValueError, match=r"^critic\.batch: "):
+        make_config("t/hopper/none-v0", "aepo", "smoke", critic=dict(batch=10**12))
+    make_config("t/hopper/none-v0", "aepo", "full")  # QGPO's sizes pass
+
+
+@pytest.mark.parametrize("saved, named", [
+    ({"energy": {"beta": "x"}}, "energy.beta: expected a number, got 'x'"),
+    ({"sampling": {"guidance_scales": "1 2"}}, "sampling.guidance_scales: expected a list"),
+    ({"eval": {"max_episode_steps": "a"}}, "eval.max_episode_steps: expected an integer, got 'a'"),
+    ({"compile": 1}, "compile: expected true or false"),
+])
+def test_a_config_file_value_of_the_wrong_type_names_the_field(saved, named, tmp_path, capsys):
+    """`"beta": "x"` in --config FILE reached check_config and was an internal TypeError."""
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps(saved))
+    assert main(["train", "--preset", "smoke", "--dataset", "a/b/c-v0", "--config", str(cfg)]) == 2
+    assert named in _one_error_line(capsys.readouterr().err, "train")
+
+
+def _fake_run(folder: Path, method: str) -> Path:
+    """A run folder with its config.json and nothing trained (no checkpoints, no dataset)."""
+    from aepo_lite.config import to_dict
+    from aepo_lite.rl.agent import make_config
+    folder.mkdir(parents=True)
+    atomic_write_json(folder / "config.json", to_dict(make_config("t/hopper/none-v0", method, "smoke")))
+    return folder
+
+
+@pytest.mark.parametrize("content", ["[1, 2]", '{"rows": 5}'])
+def test_eval_refuses_a_results_file_that_is_not_results_and_keeps_it(content, tmp_path, capsys):
+    """results.json holding a list (or rows that are not a list) was an internal AttributeError/TypeError."""
+    run = _fake_run(tmp_path / "r", "qgpo")
+    (run / "results.json").write_text(content)
+    assert main(["eval", "--quiet", "--run", str(run)]) == 2
+    line = _one_error_line(capsys.readouterr().err, "eval")
+    assert f"{run / 'results.json'} is not a results file" in line
+    assert (run / "results.json").read_text() == content
+
+
+def test_eval_of_a_bc_run_at_guidance_scales_is_refused_not_evaluated_at_0(tmp_path, capsys):
+    """`eval --run BC --sampling.guidance-scales 1 2` evaluated only w=0 and exited 0 (silently wrong)."""
+    run = _fake_run(tmp_path / "bc", "bc")
+    assert main(["eval", "--quiet", "--run", str(run), "--sampling.guidance-scales", "1", "2"]) == 2
+    assert "sampling.guidance_scales: the bc method has no energy" in _one_error_line(capsys.readouterr().err, "eval")
+    assert main(["eval", "--quiet", "--run", str(run)]) == 2  # its own saved scales are not a request
+    assert "bc method" not in capsys.readouterr().err
+
+
+def test_rl_results_checks_the_readme_and_figures_folder_before_writing_anything(tmp_path, capsys):
+    """A README without the rl block (or --figures naming a file) was refused after the CSV had been rewritten."""
+    _run(tmp_path / "runs" / "a")
+    (tmp_path / "R.md").write_text("# mine\n")
+    (tmp_path / "f").write_text("keep")
+    base = ["rl-results", "--runs", str(tmp_path / "runs"), "--csv", str(tmp_path / "figs" / "rl_results.csv")]
+    assert main(base + ["--figures", str(tmp_path / "figs"), "--readme", str(tmp_path / "R.md")]) == 2
+    assert "R.md has no <!-- rl:start -->" in _one_error_line(capsys.readouterr().err, "rl-results")
+    assert main(base + ["--figures", str(tmp_path / "f")]) == 2
+    assert "figures: " in _one_error_line(capsys.readouterr().err, "rl-results")
+    assert not (tmp_path / "figs").exists() and (tmp_path / "R.md").read_text() == "# mine\n"
+    assert (tmp_path / "f").read_text() == "keep"
+
+
+def test_rl_results_row_without_a_field_or_a_garbled_csv_is_named(tmp_path, capsys):
+    """A results row without return_mean was an internal KeyError; a CSV of binary junk a bare UnicodeDecodeError."""
+    run = _run(tmp_path / "runs" / "a")
+    res = read_json(run / "results.json")
+    for row in res["rows"]:
+        del row["return_mean"]
+    atomic_write_json(run / "results.json", res)
+    with pytest.raises(ValueError, match=r"results\.json has an evaluation row without the field 'return_mean'"):
+        rl_report.collect([tmp_path / "runs"], tmp_path / "r.csv")
+    _run(tmp_path / "good" / "a")
+    (tmp_path / "r.csv").write_bytes(b"\x00\xff" * 50)
+    with pytest.raises(ValueError, match=r"r\.csv is not a readable CSV file"):
+        rl_report.collect([tmp_path / "good"], tmp_path / "r.csv")
+    assert (tmp_path / "r.csv").read_bytes() == b"\x00\xff" * 50
+
+
+def test_binary_junk_in_a_results_csv_names_the_file(tmp_path, capsys):
+    """toy-grid --render-only on a CSV of binary junk said only "'utf-8' codec can't decode byte 0xff"."""
+    csv_path = tmp_path / "t.csv"
+    csv_path.write_bytes(b"\x00\xff" * 300)
+    assert main(["toy-grid", "--render-only", "--csv", str(csv_path), "--figures-dir", str(tmp_path / "f"),
+                 "--readme", ""]) == 1
+    assert f"{csv_path} is not readable text or CSV" in _one_error_line(capsys.readouterr().err, "toy-grid")
+
+
+def test_figures_in_a_folder_without_results_is_one_line(tmp_path):
+    """An empty --figures-dir printed one line per missing results file (three lines)."""
+    from aepo_lite.cli.figures import PARTS
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    r = subprocess.run([sys.executable, "-m", "aepo_lite", "figures", "--figures-dir", str(tmp_path)],
+                       capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 1
+    line = _one_error_line(r.stderr, "figures")
+    assert all(p.results in line and p.made_by in line for p in PARTS if not p.optional)
+
+
+def test_lab_check_without_notebooks_is_refused_not_a_pass(tmp_path, monkeypatch, capsys):
+    """`lab --check --root EMPTY` ran no notebook, called that a pass and started JupyterLab."""
+    from aepo_lite.course import lab
+
+    def no_server(*a, **k):
+        raise AssertionError("a server was started")
+
+    monkeypatch.setattr(lab.subprocess, "Popen", no_server)
+    assert main(["lab", "--no-browser", "--check", "--root", str(tmp_path)]) == 2
+    assert "holds no chapters" in _one_error_line(capsys.readouterr().err, "lab")
+
+
+def test_demo_seed_beyond_the_range_is_named(tmp_path, capsys):
+    """`demo --seed 1e20` said only "Overflow when unpacking long long"."""
+    assert main(["demo", "--scale", "smoke", "--seed", str(10**20), "--out", str(tmp_path / "o")]) == 2
+    assert "seed: expected an integer in [0, 2**63-1]" in _one_error_line(capsys.readouterr().err, "demo")
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("kw, named", [
+    (dict(preset="huge"), "preset: expected one of"), (dict(datasets=("../../x",)), "'../../x' is not a Minari"),
+    (dict(gpus_per_run=-1.0), "gpus_per_run"), (dict(overrides="OVER"), "energy.betta: not a config field"),
+])
+def test_sweep_settings_and_overrides_are_checked_before_the_first_run(kw, named, tmp_path):
+    """A bad preset or override failed every run one by one (exit 1, the reason in each log), and a malformed id
+    or a negative GPU fraction was accepted."""
+    from aepo_lite.rl.sweep import SweepConfig, plan
+    (tmp_path / "o.json").write_text('{"energy": {"betta": 3}}')
+    kw = {k: str(tmp_path / "o.json") if v == "OVER" else v for k, v in kw.items()}
+    cfg = dict(dict(datasets=("t/hopper/none-v0",), methods=("bc",), seeds=(0,), out=str(tmp_path / "s")), **kw)
+    with pytest.raises(ValueError, match=re.escape(named)):
+        plan(SweepConfig(**cfg))
+
+
+def test_sweep_with_no_available_dataset_is_an_error(tmp_path, monkeypatch):
+    """Every dataset unavailable: the sweep ran nothing and exited 0."""
+    from aepo_lite.rl.sweep import SweepConfig, run_sweep
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "minari"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg = SweepConfig(datasets=("nobody/hopper/none-v0",), methods=("bc",), seeds=(0,), out=str(tmp_path / "s"))
+    with pytest.raises(ValueError, match=r"datasets: none of the sweep's datasets is available here \(nobody/"):
+        run_sweep(cfg, echo=lambda *a: None)
+
+
+def test_a_full_disk_names_the_file_being_written(tmp_path, capsys):
+    """On a full disk, torch.save and savefig raise ENOSPC without a file name: "while writing a file"."""
+    from aepo_lite import _io
+    target = tmp_path / "checkpoints" / "behaviour.pt"
+
+    def disk_full(f):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OSError) as e:
+        _io._atomic(target, disk_full)
+    assert e.value.errno == errno.ENOSPC and e.value.filename == str(target)
+    assert run_command("train", lambda: _io._atomic(target, disk_full)) == 1
+    assert f"no space left on the device while writing ({target})" in _one_error_line(capsys.readouterr().err, "train")
+    assert list(target.parent.iterdir()) == []
+
+
+def test_rl_speed_csv_does_not_depend_on_the_order_the_runs_are_given(tmp_path):
+    """Collecting the same runs as `--runs a b` and as `--runs b a` rewrote rl_speed.csv in another order (on a
+    full disk the campaign saw the saved file "changed" by a collection of the very runs it was made from)."""
+    runs = [_run(tmp_path / "runs" / f"qgpo-s{s}", seed=s) for s in (0, 1)]
+    for r in runs:
+        atomic_write_json(r / "train_stats.json", {"behaviour": {"steps": 60, "seconds": 1.0, "steps_per_s": 60.0}})
+    first, second = tmp_path / "a" / "rl_results.csv", tmp_path / "b" / "rl_results.csv"
+    rl_report.collect(runs, first)
+    rl_report.collect(runs[::-1], second)
+    assert first.read_bytes() == second.read_bytes()
+    assert first.with_name("rl_speed.csv").read_bytes() == second.with_name("rl_speed.csv").read_bytes()
+
+
+def test_lab_without_the_course_packages_is_one_line(monkeypatch, capsys):
+    """The missing-packages refusal of `aepo-lite lab` was two lines (the error, then how to install)."""
+    from aepo_lite.course import lab
+    monkeypatch.setattr(lab, "missing_packages", lambda: ["jupyterlab"])
+    assert main(["lab", "--no-browser"]) == 2
+    line = _one_error_line(capsys.readouterr().err, "lab")
+    assert "jupyterlab" in line and "pip install -e '.[course]'" in line
+
+
+def test_a_file_where_a_folder_is_needed_is_named_as_such(tmp_path, capsys):
+    """`--out FILE` (or `--out FILE/x`) said "FILE already exists: remove it or choose another path"."""
+    (tmp_path / "f").write_text("keep")
+    for target in (tmp_path / "f", tmp_path / "f" / "x"):
+        assert run_command("train", lambda: atomic_write_json(target / "config.json", {})) == 2
+        line = _one_error_line(capsys.readouterr().err, "train")
+        assert f"{tmp_path / 'f'} is a file where a folder is needed" in line or "is a file, not a folder" in line
+    assert (tmp_path / "f").read_text() == "keep"
+
+
+def test_an_output_file_that_is_a_folder_is_named_without_the_temporary_file(tmp_path, capsys):
+    """`--save-config DIR` named the writer's hidden temporary file: ".DIR.x1y2.123.tmp -> DIR is a folder"."""
+    (tmp_path / "d").mkdir()
+    assert run_command("train", lambda: atomic_write_json(tmp_path / "d", {})) == 2
+    line = _one_error_line(capsys.readouterr().err, "train")
+    assert f"{tmp_path / 'd'} is a folder where a file was expected" in line and ".tmp" not in line
+    assert list((tmp_path / "d").iterdir()) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["d"]
+
+
+def test_eval_of_a_folder_that_is_not_a_run_makes_nothing(tmp_path):
+    """`eval --run TYPO` made the folder TYPO (and TYPO/.lock) before saying it holds no run."""
+    from aepo_lite.rl.agent import evaluate_run
+    with pytest.raises(ValueError, match=r"has no config\.json \(not an aepo-lite run directory\)"):
+        evaluate_run(tmp_path / "typo", progress=False)
+    assert not (tmp_path / "typo").exists()
+
+
+def test_a_results_csv_that_is_a_folder_is_named_as_a_folder(tmp_path):
+    """`toy-grid --render-only --csv DIR` said that DIR does not exist."""
+    (tmp_path / "t.csv").mkdir()
+    with pytest.raises(IsADirectoryError, match=r"t\.csv is a folder, not a CSV file"):
+        toy_report.read_results(tmp_path / "t.csv")
+
+
+def test_make_dataset_without_a_ladder_snapshot_is_refused_before_any_work(minari_root, tmp_path):
+    """--eval-every beyond --train-steps was found after the reference episodes and the whole TD3 ladder."""
+    from aepo_lite.rl.datasets import DatasetRecipe, make_dataset
+    r = DatasetRecipe("Hopper-v5", "random", 50, "t/hopper/new-v0", train_steps=200, eval_every=5000,
+                      learning_starts=100, ref_episodes=2)
+    with pytest.raises(ValueError, match=r"^eval_every: 5000 is more than train_steps \(200\)"):
+        make_dataset(r, progress=False)
+    assert not minari_root.exists() and not (tmp_path / "policies").exists()
+
+
+def test_a_run_folder_whose_config_json_writes_3_for_3_0_is_the_same_run(tmp_path):
+    """A config.json with `"beta": 3` (a hand edit, another tool) was "another run, energy.beta=3 there vs 3.0 now"."""
+    from aepo_lite.config import config_diff, to_dict
+    from aepo_lite.rl.agent import EVAL_FIELDS, make_config
+    from aepo_lite.training.stages import check_run_folder
+    new = to_dict(make_config("t/hopper/none-v0", "qgpo", "smoke"))
+    old = json.loads(json.dumps(new))
+    old["energy"]["beta"], old["sampling"]["guidance_scales"] = 3, [0, 1]
+    atomic_write_json(tmp_path / "config.json", old)
+    check_run_folder(tmp_path, new, ignore=EVAL_FIELDS)  # no error
+    old["energy"]["beta"], old["seed"] = 3.5, True  # a real difference is still one (and True is not 1)
+    assert config_diff(old, dict(new, seed=1)) == ["energy.beta", "seed"]
+
+
+@pytest.mark.parametrize("out, named", [("d", "is a folder where a file was expected"), ("f/b.json", "is a file")])
+def test_bench_out_is_checked_before_the_bench_runs(out, named, tmp_path, capsys, monkeypatch):
+    """`bench --out DIR` (or FILE/x.json) ran the whole bench (an hour at full size), then failed to write."""
+    from aepo_lite import bench
+
+    def no_bench(*a, **k):
+        raise AssertionError("the bench ran")
+
+    monkeypatch.setattr(bench, "run_bench", no_bench)
+    (tmp_path / "d").mkdir()
+    (tmp_path / "f").write_text("keep")
+    assert main(["bench", "--tiny", "--out", str(tmp_path / out)]) == 2
+    assert named in _one_error_line(capsys.readouterr().err, "bench")
+    assert (tmp_path / "f").read_text() == "keep" and list((tmp_path / "d").iterdir()) == []
+
+
+def test_a_cut_rl_results_csv_is_named_not_a_renderer_crash(tmp_path):
+    """`figures` on an rl_results.csv cut mid-row: the renderer crashed with "TypeError: '<' not supported between
+    instances of 'NoneType' and 'str'" (the cut row's missing cells)."""
+    csv_path = tmp_path / "rl_results.csv"
+    csv_path.write_bytes((ROOT / "figures" / "rl_results.csv").read_bytes()[:300])
+    with pytest.raises(ValueError, match=r"rl_results\.csv line \d+ does not have the header's 13\+ cells"):
+        rl_report.render(csv_path, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rl_results.csv"]

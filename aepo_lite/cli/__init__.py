@@ -29,7 +29,8 @@ def config_commands() -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="aepo-lite", description="AEPO / QGPO energy-guided diffusion policies: "
+    from aepo_lite.cli.errors import OneLineParser
+    parser = OneLineParser(prog="aepo-lite", description="AEPO / QGPO energy-guided diffusion policies: "
                                      "closed-form checks, toy 2D tasks, offline RL on Minari datasets.")
     parser.add_argument("--version", action="version", version=f"aepo-lite {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -76,7 +77,10 @@ def main(argv: list[str] | None = None) -> int:
     rc = run_command("", build, early_debug)  # a command module that fails to import is one line too
     if rc:
         return rc
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # named by the command they were given to, in one line like every other usage error
+        prog = f"aepo-lite {args.command}" if getattr(args, "command", None) else "aepo-lite"
+        parser.exit(2, f"{prog}: error: unrecognized arguments: {' '.join(extra)} (see {prog} --help)\n")
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -7,7 +7,6 @@ Precedence: the preset's values, then the config file, then the flags.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from dataclasses import dataclass
@@ -17,7 +16,7 @@ from typing import Annotated, Callable, Optional
 from aepo_lite._io import atomic_write_json
 from aepo_lite.config import PRESETS, ToyConfig, apply_overrides, preset_config, to_dict
 
-__all__ = ["ConfigCommand", "parse_command", "print_config", "PRESET_NOTES"]
+__all__ = ["ConfigCommand", "parse_command", "print_config", "tyro_cli", "PRESET_NOTES"]
 
 PRESET_NOTES = {
     "rl": {"smoke": "seconds on a CPU: a check that everything runs, not a result",
@@ -47,8 +46,52 @@ class ConfigCommand:
     save_config: Annotated[Optional[str], _arg("save-config", "write the resolved config to this file and exit")] = None
 
 
-def _pre_parse(argv: list[str]):
-    p = argparse.ArgumentParser(add_help=False)
+def tyro_cli(cls, argv: list[str], *, prog: str, **kw):
+    """``tyro.cli(cls, args=argv, prog=prog, **kw)`` whose usage errors are one line: a ``ValueError`` (the
+    error boundary prints it as ``PROG: error: ...``, status 2) with the words of tyro's box, without the box,
+    the flag's help text or the hint, plus the flags tyro suggests. ``--help`` and warnings pass through."""
+    import contextlib
+    import io
+
+    import tyro
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            cmd = tyro.cli(cls, args=argv, prog=prog, **kw)
+    except SystemExit as e:
+        if e.code:
+            raise ValueError(f"{_box_text(err.getvalue())} (see {prog} --help)") from None
+        sys.stderr.write(err.getvalue())
+        raise
+    sys.stderr.write(err.getvalue())
+    return cmd
+
+
+def _box_text(text: str) -> str:
+    """The message of tyro's error in one line: its first section after the title, and the flags it suggests.
+    tyro draws a box (``╭─ Title ─╮``, ``│ ... │`` rows, ``─`` rules) on a terminal, or the title and rules
+    without the box elsewhere; both read the same here."""
+    title, sections = None, [[]]
+    for line in text.splitlines():
+        row = line.strip().strip("│|").strip()
+        if row[:1] in ("╭", "╰"):
+            title = title or row.strip("╭╮╰╯─ ")
+        elif len(row) >= 3 and set(row) <= set("─-"):
+            sections.append([])
+        elif row:
+            sections[-1].append(row)
+    sections = [sec for sec in sections if sec]
+    if title is None and len(sections) > 1 and len(sections[0]) == 1:
+        title = sections.pop(0)[0]  # no box: the title is a line of its own, then a rule
+    words = " ".join(sections[0]) if sections else (title or "")
+    meant = next((sec for sec in sections[1:] if sec[0].startswith("Perhaps you meant")), [])
+    flags = [row.split()[0] for row in meant[1:] if row.startswith("-")]
+    return (words or "invalid command line") + (f"; perhaps you meant {', '.join(flags)}" if flags else "")
+
+
+def _pre_parse(argv: list[str], prog: str):
+    from aepo_lite.cli.errors import OneLineParser
+    p = OneLineParser(add_help=False, prog=prog)
     p.add_argument("--preset")
     p.add_argument("--config")
     p.add_argument("--save-config")
@@ -67,9 +110,8 @@ def parse_command(command_cls, config_cls, argv: list[str], *, prog: str, descri
     choice explicit (an error listing the presets and what each costs). ``domain(cfg) -> cfg``: settings
     that follow from the dataset (e.g. AntMaze's), applied after the preset and before the flags.
     """
-    import tyro
     kind = "toy" if config_cls is ToyConfig else "rl"
-    pre = _pre_parse(argv)
+    pre = _pre_parse(argv, prog)
     wants_help = any(a in ("-h", "--help") for a in argv)
     saved = {}
     if pre.config:
@@ -87,7 +129,7 @@ def parse_command(command_cls, config_cls, argv: list[str], *, prog: str, descri
     if domain is not None and not saved:
         base = domain(base)
     default = command_cls(config_values=base)
-    cmd = tyro.cli(command_cls, default=default, args=argv, prog=prog, description=description)
+    cmd = tyro_cli(command_cls, argv, prog=prog, default=default, description=description)
     cfg = cmd.config_values
     if pre.save_config:
         atomic_write_json(Path(pre.save_config), to_dict(cfg))

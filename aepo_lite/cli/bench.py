@@ -10,13 +10,12 @@ comment. ``--quick`` and ``--tiny`` change the defaults the flags then override.
 """
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Optional
 
 from aepo_lite.bench import BenchConfig
-from aepo_lite.cli._config import _arg, _flag
+from aepo_lite.cli._config import _arg, _flag, tyro_cli
 
 DESCRIPTION = ("Time the library's training steps (behaviour, critics, energy learners) and samplers on random data "
                "of Hopper's shape, at the full preset's sizes unless flags say otherwise; print steps/s or samples/s, "
@@ -40,15 +39,14 @@ def register(subparsers) -> None:
 
 def parse(argv: list[str]) -> BenchCommand:
     """``argv`` -> the command; ``--quick`` / ``--tiny`` set the defaults, every other flag overrides them."""
-    import tyro
-
     from aepo_lite import bench
-    pre = argparse.ArgumentParser(add_help=False)
+    from aepo_lite.cli.errors import OneLineParser
+    pre = OneLineParser(add_help=False, prog="aepo-lite bench")
     pre.add_argument("--quick", action="store_true")
     pre.add_argument("--tiny", action="store_true")
     known, _ = pre.parse_known_args(argv)
     base = bench.tiny_config() if known.tiny else bench.quick_config() if known.quick else BenchConfig()
-    return tyro.cli(BenchCommand, default=BenchCommand(config_values=base), args=argv, prog="aepo-lite bench",
+    return tyro_cli(BenchCommand, argv, prog="aepo-lite bench", default=BenchCommand(config_values=base),
                     description=DESCRIPTION)
 
 
@@ -57,6 +55,8 @@ def _bench(argv: list[str]) -> int:
     from aepo_lite._io import atomic_write_json, atomic_write_text
     cmd = parse(argv)
     cfg = bench.check_bench_config(cmd.config_values)
+    if cmd.out:
+        _check_out_file(Path(cmd.out))
     what = f"toy task {cfg.toy}" if cfg.toy else f"state {cfg.state_dim}, action {cfg.action_dim}"
     print(f"aepo-lite bench: {'quick, ' if cmd.quick else ''}{'tiny, ' if cmd.tiny else ''}{what}")
     result = bench.run_bench(cfg, log=print)
@@ -69,6 +69,17 @@ def _bench(argv: list[str]) -> int:
         atomic_write_text(out.with_suffix(".md"), md)
         print(f"wrote {out} and {out.with_suffix('.md')}")
     return 0
+
+
+def _check_out_file(out: Path) -> None:
+    """``--out`` must name a file in a folder that is (or can be) made: checked before the bench runs, which takes
+    an hour at the full preset's sizes, not when it writes its result."""
+    import errno
+    if out.is_dir():
+        raise IsADirectoryError(errno.EISDIR, "Is a directory", str(out))
+    first = next((p for p in out.parents if p.exists()), None)
+    if first is not None and not first.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, "Not a directory", str(out))
 
 
 CONFIG_COMMANDS = {"bench": ("time each training stage and sampler; extrapolate the full preset (every field a flag)",

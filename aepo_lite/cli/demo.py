@@ -17,10 +17,11 @@ class DemoCommand:
 
 
 def _run(argv: list[str]) -> int:
-    import tyro
-
+    from aepo_lite._checks import check_seed
+    from aepo_lite.cli._config import tyro_cli
     from aepo_lite.course.demo import run_demo
-    cmd = tyro.cli(DemoCommand, args=argv, prog="aepo-lite demo")
+    cmd = tyro_cli(DemoCommand, argv, prog="aepo-lite demo")
+    check_seed("seed", cmd.seed)
     try:
         run_demo(out_dir=cmd.out, scale=cmd.scale, seed=cmd.seed)
     except RuntimeError as e:

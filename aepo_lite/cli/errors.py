@@ -11,11 +11,14 @@ raises into that line and an exit status:
     file, a missing package, or a bug: then the line says to re-run with ``--debug``);
   - 130: interrupted by Ctrl-C (the atomic writers leave no half-written file behind).
 
-The traceback is printed only with ``debug`` (``aepo-lite --debug CMD ...`` or ``AEPO_DEBUG=1``).
-The library raises plain exceptions; only this module knows how a terminal user should read them.
+A usage error (a bad flag or value, seen by argparse or tyro) is one line of the same form, from
+:class:`OneLineParser` and ``aepo_lite.cli._config.tyro_cli``. The traceback is printed only with
+``debug`` (``aepo-lite --debug CMD ...`` or ``AEPO_DEBUG=1``). The library raises plain exceptions;
+only this module knows how a terminal user should read them.
 """
 from __future__ import annotations
 
+import argparse
 import errno
 import os
 import pickle
@@ -24,7 +27,8 @@ import traceback
 from pathlib import Path
 from typing import Callable, Optional, TextIO
 
-__all__ = ["run_command", "describe", "debug_requested", "EXIT_USAGE", "EXIT_FAILED", "EXIT_INTERRUPTED"]
+__all__ = ["run_command", "describe", "debug_requested", "OneLineParser", "EXIT_USAGE", "EXIT_FAILED",
+           "EXIT_INTERRUPTED"]
 
 EXIT_FAILED = 1  # the command ran and failed (resources, diverged numbers, damaged files, bugs)
 EXIT_USAGE = 2  # the input was wrong (argparse uses 2 as well)
@@ -36,6 +40,14 @@ _DEBUG_HINT = "re-run with --debug (or AEPO_DEBUG=1) for the traceback"
 def debug_requested(flag: bool = False) -> bool:
     """``--debug`` on the command line, or ``AEPO_DEBUG`` set to 1/true/yes in the environment."""
     return bool(flag) or os.environ.get("AEPO_DEBUG", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """``argparse`` whose usage errors are one line like every other error, ``PROG: error: WHAT (see PROG --help)``,
+    instead of the usage block and the error (``--help`` still prints the usage)."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {_one_line(message)} (see {self.prog} --help)\n")
 
 
 def _one_line(text: str) -> str:
@@ -108,6 +120,9 @@ def _os_error(e: OSError) -> tuple[str, int]:
     if isinstance(e, FileNotFoundError) or e.errno == errno.ENOENT:
         return f"no such file or folder: {path or _one_line(e)}", EXIT_USAGE
     if isinstance(e, FileExistsError) or e.errno == errno.EEXIST:
+        if e.filename is not None and os.path.isfile(e.filename):  # mkdir over a file: the path names a file
+            return (f"{e.filename} is a file where a folder is needed: choose another path, or move that file "
+                    "away", EXIT_USAGE)
         return f"{path or 'the path'} already exists: remove it or choose another path", EXIT_USAGE
     msg = _one_line(e)
     if any(s in msg for s in ("Unable to open file", "Unable to synchronously open", "file signature not found",
@@ -139,6 +154,12 @@ def describe(e: BaseException) -> tuple[str, int]:
     if isinstance(e, ModuleNotFoundError):
         return (f"the package {e.name!r} is not installed: install the extra that needs it, e.g. "
                 "pip install 'aepo-lite[rl,datasets]'", EXIT_FAILED)
+    import csv
+    if isinstance(e, (UnicodeDecodeError, csv.Error)):
+        where = _file_in_traceback(e)  # a results CSV or text file holding binary junk, a CSV with a broken quote
+        return (f"{where or 'a text file'} is not readable text or CSV ({type(e).__name__}: {_one_line(e)[:160]}): "
+                "the file is damaged; restore or delete it" + ("" if where else f"; {_DEBUG_HINT} to see which file"),
+                EXIT_FAILED)
     if isinstance(e, ValueError):
         import json
         if isinstance(e, json.JSONDecodeError):

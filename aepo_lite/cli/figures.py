@@ -169,6 +169,12 @@ def run(args) -> int:
         print(f"aepo-lite figures: error: {figures_dir} is not a folder (pass --figures-dir, the folder "
               "holding the results files)", file=sys.stderr)
         return 2
+    needed = [part for part in PARTS if not part.optional]
+    if not any((figures_dir / part.results).is_file() for part in needed):  # the wrong folder: one line, not three
+        print(f"aepo-lite figures: error: {figures_dir} holds none of the results files ("
+              + ", ".join(f"{part.results}, made by `{part.made_by}`" for part in needed)
+              + "): pass --figures-dir, the folder holding them", file=sys.stderr)
+        return 1
     t0 = time.perf_counter()
     written, problems = render_all(figures_dir)
     for p in unmade_outputs(figures_dir, written):

@@ -36,7 +36,7 @@ def run(args) -> int:
     missing = lab.missing_packages()
     if missing:
         print("aepo-lite lab: error: the course needs packages that are not installed: "
-              f"{', '.join(missing)}.\n  install them with: pip install -e '.[course]'  "
+              f"{', '.join(missing)}; install them with: pip install -e '.[course]' "
               "(or run `make lab`, which sets everything up)", file=sys.stderr)
         return 2
     try:

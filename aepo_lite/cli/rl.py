@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Optional
 
-from aepo_lite.cli._config import ConfigCommand, _arg, _flag, parse_command, print_config
+from aepo_lite.cli._config import ConfigCommand, _arg, _flag, parse_command, print_config, tyro_cli
 from aepo_lite.config import EvalConfig, SamplingConfig, TrainConfig
 
 
@@ -105,30 +105,33 @@ class EvalCommand:
 
 
 def _eval(argv: list[str]) -> int:
-    import argparse
-
-    import tyro
-
     from aepo_lite._io import read_json
+    from aepo_lite.cli.errors import OneLineParser
     from aepo_lite.config import from_dict, to_dict
     from aepo_lite.rl.agent import evaluate_run
-    parser = argparse.ArgumentParser(add_help=False)
+    parser = OneLineParser(add_help=False, prog="aepo-lite eval")
     parser.add_argument("--run")
     pre, _ = parser.parse_known_args(argv)
     default = EvalCommand()
     if pre.run and (Path(pre.run) / "config.json").exists():
         saved = from_dict(TrainConfig, read_json(Path(pre.run) / "config.json"))
         default = EvalCommand(run=pre.run, sampling=saved.sampling, eval=saved.eval)
-    cmd = tyro.cli(EvalCommand, default=default, args=argv, prog="aepo-lite eval")
+    cmd = tyro_cli(EvalCommand, argv, prog="aepo-lite eval", default=default)
     if not cmd.run:
         raise ValueError("run: give the run directory with --run (made by `aepo-lite train`)")
-    over = {"sampling": to_dict(cmd.sampling), "eval": to_dict(cmd.eval)}
+    # only what the flags changed: the saved values are the run's own (a bc run's saved scales are not a request)
+    over = {part: {k: v for k, v in to_dict(getattr(cmd, part)).items() if v != to_dict(getattr(default, part))[k]}
+            for part in ("sampling", "eval")}
     _print_results(evaluate_run(cmd.run, device=cmd.device, overrides=over, progress=not cmd.quiet))
     return 0
 
 
 def _results(args) -> int:
     from aepo_lite.rl import report as rl_report
+    if Path(args.figures).exists() and not Path(args.figures).is_dir():  # checked before the CSV is written
+        raise ValueError(f"figures: {args.figures} is a file, not a folder; give the folder for the table and figure")
+    if args.readme:
+        rl_report.check_readme(args.readme)
     rows = rl_report.collect(args.runs, args.csv, force=args.force)
     print(f"{len(rows)} rows -> {args.csv}")
     for p in rl_report.render(args.csv, args.figures):

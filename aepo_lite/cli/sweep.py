@@ -4,6 +4,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Annotated, Optional
 
+from aepo_lite.cli._config import _arg, tyro_cli
+from aepo_lite.rl.sweep import SweepConfig
+
 
 def register(sub) -> None:
     p = sub.add_parser("suite", help="the reproduction suites: `suite list`, `suite show NAME`")
@@ -27,17 +30,17 @@ def _suite(args) -> int:
     return 0
 
 
+@dataclass
+class SweepCommand:
+    """Train and evaluate datasets (or a suite) x methods x seeds as ordinary run directories."""
+
+    config_values: Annotated[SweepConfig, _arg("", "")] = field(default_factory=SweepConfig)
+    results_csv: Optional[str] = None  # merge the runs' results into this CSV (and its table and figure)
+
+
 def _sweep(argv: list[str]) -> int:
-    import tyro
-
-    from aepo_lite.rl.sweep import SweepConfig, run_sweep
-
-    @dataclass
-    class SweepCommand:
-        config_values: Annotated[SweepConfig, tyro.conf.arg(name="")] = field(default_factory=SweepConfig)
-        results_csv: Optional[str] = None  # merge the runs' results into this CSV (and its table and figure)
-
-    cmd = tyro.cli(SweepCommand, args=argv, prog="aepo-lite sweep",
+    from aepo_lite.rl.sweep import run_sweep
+    cmd = tyro_cli(SweepCommand, argv, prog="aepo-lite sweep",
                    description="Train and evaluate datasets (or a suite) x methods x seeds as ordinary run "
                                "directories; finished runs are skipped, failed ones listed with their logs.")
     res = run_sweep(cmd.config_values, results_csv=cmd.results_csv)

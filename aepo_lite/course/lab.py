@@ -305,7 +305,12 @@ class LabServer:
 
 def check_notebooks(root: Path, scale: str = "smoke", timeout: int = 1200, out=None) -> list[str]:
     """Run every ``notebooks/[0-9]*.py`` in a fresh kernel at ``AEPO_SCALE=scale``, in order.
-    Returns one message per notebook that failed: which notebook, which cell, and the error."""
+    Returns one message per notebook that failed: which notebook, which cell, and the error; a ``LabError``
+    when there is no notebook to run."""
+    chapters = sorted((Path(root) / "notebooks").glob("[0-9]*.py"))
+    if not chapters:  # nothing to check is not a pass: the wrong --root
+        raise LabError(f"--check: {Path(root) / 'notebooks'} holds no chapters ([0-9]*.py) to run; give --root the "
+                       "course's folder (the repository)")
     import jupytext
     from nbclient import NotebookClient
     from nbclient.exceptions import CellExecutionError, CellTimeoutError, DeadKernelError
@@ -315,7 +320,7 @@ def check_notebooks(root: Path, scale: str = "smoke", timeout: int = 1200, out=N
     previous = os.environ.get("AEPO_SCALE")
     os.environ["AEPO_SCALE"] = scale
     try:
-        for path in sorted((Path(root) / "notebooks").glob("[0-9]*.py")):
+        for path in chapters:
             rel = path.relative_to(root)
             t0 = time.monotonic()
             nb = jupytext.read(path)

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from aepo_lite._checks import check_seed
+from aepo_lite._checks import check_scalar, check_seed
 from aepo_lite._io import atomic_write_json, read_json
 from aepo_lite.config import METHODS, PRESETS, TrainConfig, apply_overrides, config_diff, from_dict, preset_config, \
     to_dict
@@ -116,35 +116,71 @@ def _choice(name: str, value, choices) -> None:
 
 
 def check_config(cfg: TrainConfig) -> TrainConfig:
-    """Raise a ValueError naming the first bad field (dotted, as on the command line)."""
+    """Raise a ValueError naming the first bad field (dotted, as on the command line), before any data is read."""
+    _check_choices(cfg)
+    for k, v in _positive_ints(cfg).items():
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{k}: expected a positive integer, got {v!r}")
+    _check_numbers(cfg)
+    _check_sizes(cfg)
+    _check_combinations(cfg)
+    resolve_device(cfg.device)
+    return cfg
+
+
+def _check_choices(cfg: TrainConfig) -> None:
     _choice("method", cfg.method, METHODS)
     _choice("preset", cfg.preset, PRESETS["rl"])
     _choice("reward_scaling", cfg.reward_scaling, REWARD_SCALINGS)
     _choice("critic.kind", cfg.critic.kind, ("",) + CRITICS)
-    for k, v in _positive_ints(cfg).items():
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{k}: expected a positive integer, got {v!r}")
-    check_seed("seed", cfg.seed)
-    check_seed("eval.seed", cfg.eval.seed)
-    for k, lr in (("behaviour.lr", cfg.behaviour.lr), ("critic.lr", cfg.critic.lr), ("energy.lr", cfg.energy.lr)):
-        if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
-            raise ValueError(f"{k}: expected a positive learning rate, got {lr!r}")
-    if not (math.isfinite(cfg.energy.beta) and cfg.energy.beta >= 0):
-        raise ValueError(f"energy.beta: expected a finite number >= 0, got {cfg.energy.beta!r}")
     _choice("sampling.solver", cfg.sampling.solver, SOLVERS)
     _choice("support.solver", cfg.support.solver, SOLVERS)
-    if not cfg.sampling.guidance_scales or any(not math.isfinite(w) or w < 0 for w in cfg.sampling.guidance_scales):
-        raise ValueError(f"sampling.guidance_scales: expected non-negative numbers, got {cfg.sampling.guidance_scales}")
-    t_max = cfg.sampling.guidance_t_max
-    if not (isinstance(t_max, (int, float)) and math.isfinite(t_max) and 0 < t_max <= 1):
-        raise ValueError(f"sampling.guidance_t_max: expected a number in (0, 1], got {t_max!r}")
-    if cfg.method == "bc" and cfg.eval.candidates > 1:
-        raise ValueError("eval.candidates: best-of-N ranks by Q, and the bc method trains no critic")
     _choice("energy.covariance", cfg.energy.covariance, G.COVARIANCES)
     _choice("energy.expansion", cfg.energy.expansion, G.EXPANSIONS)
     _choice("energy.posterior", cfg.energy.posterior, ("gaussian", "mixture", "particles"))
     _choice("energy.baseline", cfg.energy.baseline, ("value", "none"))
     _choice("critic.activation", cfg.critic.activation, SMOOTH_ACTIVATIONS + ("relu",))
+
+
+def _check_numbers(cfg: TrainConfig) -> None:
+    """Seeds, rates and ranges: each a finite number in its range (the critic's too, named as flags)."""
+    check_seed("seed", cfg.seed)
+    check_seed("eval.seed", cfg.eval.seed)
+    for k, lr in (("behaviour.lr", cfg.behaviour.lr), ("critic.lr", cfg.critic.lr), ("energy.lr", cfg.energy.lr)):
+        if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+            raise ValueError(f"{k}: expected a positive learning rate, got {lr!r}")
+    c, e = cfg.critic, cfg.energy
+    ranges = (("energy.beta", e.beta, 0.0, None, False), ("critic.gamma", c.gamma, 0.0, 1.0, False),
+              ("critic.tau_target", c.tau_target, 0.0, 1.0, True), ("critic.expectile", c.expectile, 0.0, 1.0, True),
+              ("critic.beta_q", c.beta_q, 0.0, None, False), ("energy.bandwidth", e.bandwidth, 0.0, None, False),
+              ("energy.cover", e.cover, 0.0, 1.0, False),
+              ("sampling.guidance_t_max", cfg.sampling.guidance_t_max, 0.0, 1.0, True))
+    for name, v, lo, hi, lo_open in ranges:  # (name, value, low, high, low excluded)
+        check_scalar(name, v, low=lo, high=hi, low_open=lo_open)
+    for name, v in (("energy.clip", e.clip), ("energy.grad_clip", e.grad_clip)):
+        if v is not None:  # None: no clipping
+            check_scalar(name, v, low=0.0, low_open=True)
+    if not cfg.sampling.guidance_scales or any(not math.isfinite(w) or w < 0 for w in cfg.sampling.guidance_scales):
+        raise ValueError(f"sampling.guidance_scales: expected non-negative numbers, got {cfg.sampling.guidance_scales}")
+    cap = cfg.eval.max_episode_steps
+    if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
+        raise ValueError(f"eval.max_episode_steps: expected a positive integer (None: the environment's), got {cap!r}")
+
+
+def _check_sizes(cfg: TrainConfig) -> None:
+    """Networks and batches whose weights (with gradients and Adam's moments) or activations fit in memory: a
+    width of 10^8 is an error naming it, not minutes of allocation."""
+    from aepo_lite.toy.tasks import check_count
+    for part, layers in (("behaviour", 2 * cfg.behaviour.blocks + 2), ("critic", 5 * (cfg.critic.depth + 1)),
+                         ("energy", cfg.energy.depth + 1)):
+        p = getattr(cfg, part)
+        check_count(f"{part}.hidden", p.hidden, bytes_per_item=16 * layers * p.hidden)
+        check_count(f"{part}.batch", p.batch, bytes_per_item=16 * layers * p.hidden)
+
+
+def _check_combinations(cfg: TrainConfig) -> None:
+    if cfg.method == "bc" and cfg.eval.candidates > 1:
+        raise ValueError("eval.candidates: best-of-N ranks by Q, and the bc method trains no critic")
     if cfg.critic.activation == "relu" and differentiates_q(cfg.method, cfg.energy):
         raise ValueError(f"critic.activation: a ReLU critic has no curvature; AEPO's {cfg.energy.expansion!r} "
                          "expansion differentiates Q in the action (use a smooth activation, or "
@@ -155,10 +191,6 @@ def check_config(cfg: TrainConfig) -> TrainConfig:
     if cfg.energy.covariance == "gaussian-fit" and cfg.method == "aepo" and cfg.energy.posterior == "gaussian":
         raise ValueError("energy.covariance: 'gaussian-fit' needs a Gaussian behaviour per state; the RL agent "
                          "supports tweedie | isotropic | none")
-    if cfg.energy.bandwidth < 0 or not math.isfinite(cfg.energy.bandwidth):
-        raise ValueError(f"energy.bandwidth: expected a finite number >= 0, got {cfg.energy.bandwidth!r}")
-    resolve_device(cfg.device)
-    return cfg
 
 
 class Agent:
@@ -434,6 +466,10 @@ def load_run(run_dir, *, device: str | None = None, data: OfflineData | None = N
     if bad:
         raise ValueError(f"overrides: {bad} are training settings and cannot change at evaluation")
     cfg = apply_overrides(cfg, over)
+    asked = (over.get("sampling") or {}).get("guidance_scales") or ()
+    if cfg.method == "bc" and any(float(w) != 0 for w in asked):  # not evaluated at 0 in silence
+        raise ValueError(f"sampling.guidance_scales: the bc method has no energy, so only 0 is meaningful; got "
+                         f"{tuple(asked)}")
     if device is not None:
         cfg.device = device
     check_config(cfg)
@@ -497,6 +533,17 @@ def evaluation_done(run_dir, cfg: TrainConfig) -> bool:
     return set(scales) <= have
 
 
+def _saved_results(path: Path) -> dict:
+    """The results an evaluation adds its rows to: ``{}`` when there are none yet; a file that is not a results dict
+    with a list of rows is an error naming it (before any evaluation, and it is left as it is)."""
+    results = read_json(path) if path.exists() else {}
+    if not isinstance(results, dict) or not isinstance(results.get("rows", []), list):
+        what = type(results).__name__ if not isinstance(results, dict) else f"'rows': {type(results['rows']).__name__}"
+        raise ValueError(f"run: {path} is not a results file of `aepo-lite eval` (it holds a {what}); move it away "
+                         "(its rows are not replaced) and evaluate again")
+    return results
+
+
 def evaluate_run(run_dir, *, guidance_scales=None, episodes: int | None = None, device: str | None = None,
                  n_candidates: int | None = None, guidance_t_max: float | None = None,
                  compile_sampler: bool | None = None, sample_steps: int | None = None, overrides: dict | None = None,
@@ -516,16 +563,16 @@ def evaluate_run(run_dir, *, guidance_scales=None, episodes: int | None = None, 
             "eval": {k: v for k, v in (("episodes", episodes), ("candidates", n_candidates)) if v is not None}}
     for part, values in (overrides or {}).items():  # nested ``sampling`` / ``eval`` overrides (the eval command's)
         over[part] = {**values, **over.get(part, {})}
+    if not (run_dir / "config.json").is_file():  # before the lock, which would make the folder of a typo
+        raise ValueError(f"run: {run_dir} has no config.json (not an aepo-lite run directory)")
     with RunLock(run_dir, what="run"):
+        res_path = run_dir / "results.json"
+        results = _saved_results(res_path)
         agent, cfg, data = load_run(run_dir, device=device, overrides=over)
-        if cfg.method == "bc" and guidance_scales and any(float(w) != 0 for w in guidance_scales):
-            raise ValueError("guidance_scale: the bc method has no energy; only 0 is meaningful")
         scales = (0.0,) if cfg.method == "bc" else tuple(float(w) for w in cfg.sampling.guidance_scales)
         ds = open_minari(cfg.dataset)
         lo, hi, source = reference_scores(cfg.dataset, dict(ds.storage.metadata))
         make_env = _eval_env_factory(cfg, ds)
-        res_path = run_dir / "results.json"
-        results = read_json(res_path) if res_path.exists() else {}
         rows = [r for r in results.get("rows", []) if isinstance(r, dict)]
         settings = _row_settings(cfg)
         results.update({"dataset": cfg.dataset, "method": cfg.method, "label": estimator_label(cfg), "seed": cfg.seed,

@@ -90,6 +90,9 @@ def _check_recipe(r: DatasetRecipe) -> None:
     for k in ("train_steps", "eval_every", "eval_episodes", "learning_starts", "ref_episodes", "n_envs",
               "train_freq", "gradient_steps"):
         check_int(k, getattr(r, k), low=0 if k == "learning_starts" else 1)
+    if r.eval_every > r.train_steps:  # no snapshot: found only after the reference episodes and the ladder
+        raise ValueError(f"eval_every: {r.eval_every} is more than train_steps ({r.train_steps}), so the policy ladder "
+                         "would have no snapshot; give a smaller --eval-every or more --train-steps")
     if not 0 < r.medium_fraction < 1:
         raise ValueError(f"medium_fraction: expected a value in (0, 1), got {r.medium_fraction}")
     dataset_dir(r.name, name="name")

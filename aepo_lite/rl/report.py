@@ -24,7 +24,7 @@ from pathlib import Path
 from aepo_lite._io import atomic_save_figure, atomic_write_text, read_json
 
 __all__ = ["COLUMNS", "SETTINGS", "SPEED_COLUMNS", "collect", "render", "summary_rows", "markdown_table",
-           "speed_table", "update_readme"]
+           "speed_table", "check_readme", "update_readme"]
 
 # The settings of an evaluation that change its numbers; every row carries them.
 SETTINGS = ["preset", "episodes", "candidates", "guidance_t_max", "sample_steps", "solver"]
@@ -81,6 +81,30 @@ def _speed_key(r: dict) -> tuple:
     return tuple(_norm(r.get(k)) for k in ("dataset", "method", "seed", "stage", *SETTINGS))
 
 
+def _eval_rows(f: Path, res: dict) -> list[tuple[dict, dict]]:
+    """(CSV row, speed row) for each evaluation row of the results file ``f``; a row without one of the fields
+    ``aepo-lite eval`` writes is an error naming the file and the field."""
+    ds, method, seed, preset = res["dataset"], res["label"], res["seed"], res["preset"]
+    out = []
+    try:
+        for r in sorted(res["rows"], key=lambda r: (r["guidance_scale"], r["episodes"], r["candidates"])):
+            w = float(r["guidance_scale"])
+            st = {"preset": preset, "episodes": int(r["episodes"]), "candidates": int(r["candidates"]),
+                  "guidance_t_max": float(r["guidance_t_max"]), "sample_steps": int(r["sample_steps"]),
+                  "solver": str(r["solver"])}
+            label = _label(method, st["guidance_t_max"], st["candidates"])
+            row = {"dataset": ds, "method": label, "seed": seed, "guidance_scale": w, "return_mean": r["return_mean"],
+                   "normalized_score": r["normalized_score_mean"], "transitions": res["transitions"], **st}
+            out.append((row, {"dataset": ds, "method": label, "seed": seed, "stage": f"eval w={w:g}",
+                              "steps": r["episodes"], "seconds": "", "rate": r.get("actions_per_s"),
+                              "unit": "actions/s", **st}))
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        what = f"the field {e}" if isinstance(e, KeyError) else f"usable values ({type(e).__name__}: {e})"
+        raise ValueError(f"runs: {f} has an evaluation row without {what}: it is not a results file of `aepo-lite "
+                         f"eval` (damaged or edited); re-evaluate the run: aepo-lite eval --run {f.parent}") from None
+    return out
+
+
 def collect(run_paths, csv_path, speed_csv: str | Path | None = None, *, force: bool = False) -> list[dict]:
     """Write the results CSV (and ``rl_speed.csv`` beside it) from saved runs; returns the rows.
 
@@ -98,24 +122,14 @@ def collect(run_paths, csv_path, speed_csv: str | Path | None = None, *, force: 
             ds, method, seed, preset = res["dataset"], res["label"], res["seed"], res["preset"]
         except (KeyError, TypeError) as e:
             raise ValueError(f"runs: {f} lacks {e} (not a results file of `aepo-lite eval`)") from None
-        for r in sorted(res["rows"], key=lambda r: (r["guidance_scale"], r["episodes"], r["candidates"])):
-            w = r["guidance_scale"]
-            st = {"preset": preset, "episodes": int(r["episodes"]), "candidates": int(r["candidates"]),
-                  "guidance_t_max": float(r["guidance_t_max"]), "sample_steps": int(r["sample_steps"]),
-                  "solver": str(r["solver"])}
-            label = _label(method, st["guidance_t_max"], st["candidates"])
-            row = {"dataset": ds, "method": label, "seed": seed, "guidance_scale": float(w),
-                   "return_mean": r["return_mean"], "normalized_score": r["normalized_score_mean"],
-                   "transitions": res["transitions"], **st}
+        for row, sp in _eval_rows(f, res):
             k = _row_key(row)
             if k in seen:
-                raise ValueError(f"runs: {seen[k]} and {f} give the same row ({ds}, {label}, seed {seed}, guidance "
-                                 f"scale {float(w):g}, same settings): collect only one of them")
+                raise ValueError(f"runs: {seen[k]} and {f} give the same row ({ds}, {row['method']}, seed {seed}, "
+                                 f"guidance scale {row['guidance_scale']:g}, same settings): collect only one of them")
             seen[k] = f
             rows.append(row)
-            speed.append({"dataset": ds, "method": label, "seed": seed, "stage": f"eval w={float(w):g}",
-                          "steps": r["episodes"], "seconds": "", "rate": r.get("actions_per_s"), "unit": "actions/s",
-                          **st})
+            speed.append(sp)
         lo, hi = res.get("ref_min_score"), res.get("ref_max_score")
         ret = res.get("dataset_mean_return")
         ns = None if (lo is None or hi is None or ret is None) else 100.0 * (ret - lo) / (hi - lo)
@@ -134,6 +148,7 @@ def collect(run_paths, csv_path, speed_csv: str | Path | None = None, *, force: 
     rows += list(datasets.values())
     rows.sort(key=lambda r: (r["dataset"], r["preset"], r["method"], str(r["seed"]), str(r["guidance_scale"]),
                              *(_norm(r.get(k)) for k in _EVAL_SETTINGS)))
+    speed.sort(key=_speed_key)  # the same runs give the same bytes, in whatever order they were given
     speed_csv = Path(speed_csv) if speed_csv else Path(csv_path).with_name("rl_speed.csv")
     # every check before the first write: a refused collection leaves both files as they were
     _refuse_fewer(csv_path, rows, COLUMNS, _row_key, force)
@@ -171,14 +186,23 @@ def _write_csv(path, cols, rows) -> None:
 
 
 def _read(csv_path, cols=COLUMNS) -> list[dict]:
-    with open(csv_path, newline="") as f:
-        reader = csv.DictReader(f)
-        missing = [c for c in cols if c not in (reader.fieldnames or [])]
-        if missing:
-            raise ValueError(f"{csv_path} lacks the columns {missing} (made by an older aepo-lite, whose rows did not "
-                             "record every setting): add them with the values the rows were made with, or collect the "
-                             "runs again")
-        return list(reader)
+    try:
+        with open(csv_path, newline="") as f:
+            reader = csv.DictReader(f)
+            missing = [c for c in cols if c not in (reader.fieldnames or [])]
+            rows = list(reader)
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise ValueError(f"{csv_path} is not a readable CSV file ({type(e).__name__}: {e}): it is damaged; restore "
+                         "it, or delete it and collect the runs again") from None
+    if missing:
+        raise ValueError(f"{csv_path} lacks the columns {missing} (made by an older aepo-lite, whose rows did not "
+                         "record every setting): add them with the values the rows were made with, or collect the "
+                         "runs again")
+    short = next((i for i, r in enumerate(rows, 2) if None in r.values() or None in r), None)
+    if short is not None:  # csv leaves the cells of a cut row None (and puts extra cells under the key None)
+        raise ValueError(f"{csv_path} line {short} does not have the header's {len(cols)}+ cells: the file is cut "
+                         "short or damaged; restore it, or delete it and collect the runs again")
+    return rows
 
 
 def _num(x):
@@ -336,12 +360,20 @@ def render(csv_path, figures_dir) -> list[Path]:
     return [md, png]
 
 
-def update_readme(readme_path, csv_path, note: str = "") -> Path:
-    """Rewrite the README between the rl markers with the table made from ``csv_path``."""
+def check_readme(readme_path) -> str:
+    """The text of a README that :func:`update_readme` can rewrite: a missing one (it is made, holding only the
+    block) or one holding the block; else a ``ValueError`` (checked before anything is written)."""
     p = Path(readme_path)
     text = p.read_text() if p.exists() else f"{START}\n{END}\n"
     if START not in text or END not in text:
-        raise ValueError(f"readme: {p} has no {START} ... {END} block")
+        raise ValueError(f"readme: {p} has no {START} ... {END} block; add the two markers where the table goes")
+    return text
+
+
+def update_readme(readme_path, csv_path, note: str = "") -> Path:
+    """Rewrite the README between the rl markers with the table made from ``csv_path``."""
+    p = Path(readme_path)
+    text = check_readme(p)
     speed = Path(csv_path).with_name("rl_speed.csv")
     body = _README_HEAD + markdown_table(csv_path) + "\n" + (note + "\n" if note else "")
     if speed.exists():

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import math
 import socket
 import time
 import traceback
@@ -82,6 +83,17 @@ def _check(cfg: SweepConfig) -> tuple[str, ...]:
             raise ValueError(f"{name}: expected a positive integer, got {getattr(cfg, name)!r}")
     if not cfg.seeds or any(int(s) < 0 for s in cfg.seeds):
         raise ValueError(f"seeds: expected non-negative integers, got {cfg.seeds!r}")
+    if not (cfg.cpus_per_run > 0 and cfg.gpus_per_run >= 0 and math.isfinite(cfg.cpus_per_run + cfg.gpus_per_run)):
+        raise ValueError(f"cpus_per_run, gpus_per_run: expected a CPU count > 0 and a GPU fraction >= 0, got "
+                         f"{cfg.cpus_per_run!r} and {cfg.gpus_per_run!r}")
+    from aepo_lite.config import PRESETS
+    from aepo_lite.rl.data import check_dataset_id
+    for ds in datasets:  # a malformed id is a typo, refused here; a well-formed one that is not here is skipped later
+        kind = "toy" if ds.startswith(TOY_PREFIX) else "rl"
+        if kind == "rl":
+            check_dataset_id("datasets", ds)
+        if cfg.preset not in PRESETS[kind]:
+            raise ValueError(f"preset: expected one of {tuple(PRESETS[kind])} for {ds}, got {cfg.preset!r}")
     return datasets
 
 
@@ -101,13 +113,24 @@ def plan(cfg: SweepConfig) -> list[RunSpec]:
             for seed in cfg.seeds:
                 d = out / ds.replace(":", "_").replace("/", "_") / f"{m}-{cfg.preset}-s{seed}"
                 specs.append(RunSpec(ds, m, int(seed), cfg.preset, str(d), overrides=over, evaluate=cfg.evaluate))
+    for ds, m in dict.fromkeys((s.dataset, s.method) for s in specs):  # before the first run starts
+        _make_config(next(s for s in specs if (s.dataset, s.method) == (ds, m)))
     return specs
+
+
+def _make_config(spec: RunSpec):
+    """The run's checked config (a toy task's or an offline-RL run's); a bad override is an error naming it."""
+    if spec.dataset.startswith(TOY_PREFIX):
+        from aepo_lite.toy.pipeline import make_config as toy_config
+        return toy_config(spec.dataset[len(TOY_PREFIX):], spec.method, spec.preset, seed=spec.seed, **spec.overrides)
+    from aepo_lite.rl.agent import make_config
+    return make_config(spec.dataset, spec.method, spec.preset, seed=spec.seed, **spec.overrides)
 
 
 # ----------------------------------------------------------------------------------- one run
 def _rl_run(spec: RunSpec, progress: bool) -> str:
-    from aepo_lite.rl.agent import evaluate_run, evaluation_done, make_config, train
-    cfg = make_config(spec.dataset, spec.method, spec.preset, seed=spec.seed, **spec.overrides)
+    from aepo_lite.rl.agent import evaluate_run, evaluation_done, train
+    cfg = _make_config(spec)
     d = Path(spec.run_dir)
     if spec.evaluate and evaluation_done(d, cfg):
         return "skipped"  # without evaluation, train() itself loads finished stages and trains the rest
@@ -118,11 +141,11 @@ def _rl_run(spec: RunSpec, progress: bool) -> str:
 
 
 def _toy_run(spec: RunSpec, progress: bool) -> str:
-    from aepo_lite.toy.pipeline import make_config, run_toy
+    from aepo_lite.toy.pipeline import run_toy
     d = Path(spec.run_dir)
     if (d / "results.json").exists():
         return "skipped"
-    cfg = make_config(spec.dataset[len(TOY_PREFIX):], spec.method, spec.preset, seed=spec.seed, **spec.overrides)
+    cfg = _make_config(spec)
     run_toy(cfg, d, cache_dir=Path(spec.run_dir).parents[1] / "toy_cache", progress=progress, figure=False)
     return "done"
 
@@ -226,6 +249,9 @@ def run_sweep(cfg: SweepConfig, *, results_csv: str | Path | None = None, echo=p
                 out["unavailable"].append({"dataset": ds, "reason": reason})
                 echo(f"skipped {ds}: {reason}")
         todo = [s for s in specs if not why[s.dataset]]
+        if not todo:  # nothing can run: an error, not a sweep that "succeeded" with no run
+            raise ValueError("datasets: none of the sweep's datasets is available here ("
+                             + "; ".join(f"{ds}: {reason}" for ds, reason in why.items()) + ")")
 
         def on_result(r: dict) -> None:
             out[r["status"]].append(r)
