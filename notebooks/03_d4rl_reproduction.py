@@ -280,9 +280,9 @@ else:
 # %%
 from IPython.display import Markdown, display  # noqa: E402
 
-from aepo_lite.course.summary import summary_markdown  # noqa: E402
+from aepo_lite.course.summary import figures_summary  # noqa: E402
 
-display(Markdown(summary_markdown(REPO / "figures" / "toy2d_results.csv", REPO / "figures" / "rl_results.csv")))
+display(Markdown(figures_summary(REPO / "figures")))
 
 # %%
 # Clean up: the smoke run's private folder (dataset, policies, runs) in the system's temp folder.

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from aepo_lite._io import atomic_write_text
 
-__all__ = ["toy_summary", "rl_summary", "summary_markdown", "update_readme"]
+__all__ = ["toy_summary", "rl_summary", "summary_markdown", "figures_summary", "update_readme"]
 
 START, END = "<!-- summary:start -->", "<!-- summary:end -->"
 
@@ -181,6 +181,17 @@ def summary_markdown(toy_csv="figures/toy2d_results.csv", rl_csv="figures/rl_res
     return "\n".join(lines + _rl_lines(rl_summary(rl_csv))) + "\n"
 
 
+def _csvs(figures_dir) -> tuple[Path, ...]:
+    fd = Path(figures_dir)
+    return tuple(fd / n for n in ("toy2d_results.csv", "rl_results.csv", "toy2d_matched.csv", "toy2d_long.csv",
+                                  "toy2d_convergence.csv"))
+
+
+def figures_summary(figures_dir="figures") -> str:
+    """The README's summary from every results file in ``figures_dir`` (what the chapters display)."""
+    return summary_markdown(*_csvs(figures_dir))
+
+
 def update_readme(readme, toy_csv="figures/toy2d_results.csv", rl_csv="figures/rl_results.csv",
                   matched_csv: str | Path | None = None, long_csv: str | Path | None = None,
                   convergence_csv: str | Path | None = None) -> Path:
@@ -205,9 +216,7 @@ def render(figures_dir) -> list[Path]:
     written = []
     readme = root / "README.md"
     if readme.exists() and START in readme.read_text():
-        fd = Path(figures_dir)
-        written.append(update_readme(readme, toy_csv, rl_csv, fd / "toy2d_matched.csv", fd / "toy2d_long.csv",
-                                     fd / "toy2d_convergence.csv"))
+        written.append(update_readme(readme, *_csvs(figures_dir)))
     results = root / "docs" / "results.md"
     if results.exists():
         from aepo_lite.rl import report as rl_report
