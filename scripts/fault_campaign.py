@@ -228,6 +228,8 @@ TOY = ("toy --preset smoke --task moons --method bc --quiet --out {c}/toy --cach
        "--behaviour.steps 60 --eval.n-samples 200 --eval.n-ref-data 2000 --eval.pool-size 2000")
 GRID = ("toy-grid --preset smoke --tasks moons --methods bc --seeds 0 --betas 10 --csv {c}/t.csv --figures-dir {c}/f "
         "--readme '' --runs-dir {c}/runs --cache-dir {c}/tc --quiet")
+CONV = ("toy-convergence --preset smoke --tasks moons --specs aepo:particles-K8 --steps 5 10 --csv {c}/c.csv "
+        "--figures-dir {c}/f --runs-dir {c}/runs --cache-dir {c}/tc --quiet")
 MAKE = ("make-dataset --env Hopper-v5 --quality random --steps 50 --name local/hopper/new-v0 --train-steps 200 "
         "--eval-every 100 --learning-starts 100 --ref-episodes 2")
 RESULTS = "rl-results --runs {c}/runs --csv {c}/figs/rl_results.csv --figures {c}/figs"
@@ -508,6 +510,23 @@ def _grid_cases() -> list[Case]:
     return cases
 
 
+def _convergence_cases() -> list[Case]:
+    g = "toy-convergence"
+    bad = [("steps-decreasing", "bad-number", "--steps 10 5", ("steps",)),
+           ("steps-string", "bad-number", "--steps x", ("--steps",)),
+           ("steps-zero", "bad-number", "--steps 0 5", ("steps",)),
+           ("spec-unknown", "bad-choice", "--specs cep", ("specs",)),
+           ("spec-aepo-without-estimator", "bad-choice", "--specs aepo", ("specs",)),
+           ("estimator-unknown", "bad-choice", "--specs aepo:bogus", ("bogus",)),
+           ("support-k-zero", "bad-number", "--specs aepo:particles-K0", ("support.k",)),
+           ("check-not-a-step-count", "conflict", "--check 7", ("--check",)),
+           ("beta-nan", "bad-number", "--beta nan", ("beta",)),
+           ("unknown-flag", "bad-choice", "--bogus", ("--bogus",))]
+    cases = [Case(f"{g}/{i}", g, cat, f"{CONV} {a}", names) for i, cat, a, names in bad]
+    cases.append(Case(f"{g}/render-without-csv", g, "bad-path", f"{CONV} --render-only", ("c.csv",)))
+    return cases
+
+
 def _block_added(rel: str, kept: str, marker: str) -> Callable[[Path, float], str]:
     """A README that the command had to make or extend: it starts with what it held and has the block."""
     def check(c: Path, since: float) -> str:
@@ -691,7 +710,7 @@ def _results_lab_cases() -> list[Case]:
 
 
 def all_cases() -> list[Case]:
-    cases = (_train_cases() + _eval_cases() + _toy_cases() + _grid_cases() + _sweep_cases()
+    cases = (_train_cases() + _eval_cases() + _toy_cases() + _grid_cases() + _convergence_cases() + _sweep_cases()
              + _suite_bench_demo_cases() + _figures_make_cases() + _results_lab_cases())
     ids = Counter(c.id for c in cases)
     dup = [i for i, n in ids.items() if n > 1]

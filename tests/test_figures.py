@@ -30,9 +30,10 @@ def test_figures_rebuilds_every_figure_and_table_from_committed_results(tmp_path
     assert not missing, f"results files not committed in figures/: {missing}"
     work = tmp_path / "figures"
     shutil.copytree(FIGURES, work)
-    results = {p.name: p.read_bytes() for p in work.iterdir() if p.suffix not in F.OUTPUT_SUFFIXES}
-    outputs = sorted(p.name for p in work.iterdir() if p.suffix in F.OUTPUT_SUFFIXES)
-    for p in work.iterdir():
+    files = [p for p in work.rglob("*") if p.is_file()]  # subfolders too (figures/toy2d_long/)
+    results = {str(p.relative_to(work)): p.read_bytes() for p in files if p.suffix not in F.OUTPUT_SUFFIXES}
+    outputs = sorted(str(p.relative_to(work)) for p in files if p.suffix in F.OUTPUT_SUFFIXES)
+    for p in files:
         os.utime(p, (OLD, OLD))
 
     t0 = time.perf_counter()
