@@ -17,6 +17,8 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from aepo_lite._io import _pid_alive
+
 __all__ = ["SCALES", "DEFAULT_SCALE", "course_scale", "check", "markdown_table", "scratch_dir",
            "remove_scratch"]
 
@@ -115,16 +117,6 @@ def _remove_all() -> None:
         remove_scratch(path)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
-
-
 def _remove_orphans(prefix: str) -> None:
     """Remove ``<temp>/<prefix>*`` folders of this user whose owner process has ended. A folder
     without an owner file (made by something else, or still being set up) is left alone."""
@@ -135,5 +127,5 @@ def _remove_orphans(prefix: str) -> None:
             pid = int((d / _OWNER).read_text().strip())
         except (OSError, ValueError):
             continue
-        if pid != os.getpid() and not _alive(pid):
+        if pid != os.getpid() and not _pid_alive(pid):
             shutil.rmtree(d, ignore_errors=True)

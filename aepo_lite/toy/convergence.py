@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from aepo_lite._io import atomic_save_figure, atomic_write_text, read_csv_rows, read_json
-from aepo_lite.config import to_dict
+from aepo_lite.config import config_diff, to_dict
 from aepo_lite.toy import tasks as toy
 from aepo_lite.toy.pipeline import (RUN_FIELDS_FREE, check_config, default_out, estimator_label,
                                     estimator_overrides, make_config, run_toy)
@@ -96,10 +96,8 @@ def _finished(out: Path, cfg) -> dict | None:
     """The run's results when ``out`` holds a finished run of exactly ``cfg`` (else None: run it)."""
     if not (out / "results.json").exists() or not (out / "config.json").exists():
         return None
-    old, new = read_json(out / "config.json"), to_dict(cfg)
-    for k in RUN_FIELDS_FREE:
-        old.pop(k, None), new.pop(k, None)
-    return read_json(out / "results.json") if old == new else None
+    same = not config_diff(read_json(out / "config.json"), to_dict(cfg), ignore=RUN_FIELDS_FREE)
+    return read_json(out / "results.json") if same else None
 
 
 def read_rows(csv_path) -> list[dict]:
