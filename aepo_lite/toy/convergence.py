@@ -185,10 +185,10 @@ def convergence_markdown(rows: list[dict], steps: int | None = None, tol: float 
     head = "| task | method | " + " | ".join(f"{n} steps" for n in counts) + " | drop past " + (
         f"{steps} |" if steps else "the last-but-one |")
     lines = [head, "|" + "---|" * (len(counts) + 3)]
+    drops = improvements(rows, steps if steps else (counts[-2] if len(counts) > 1 else counts[0]))
     for g, curve in sorted(groups.items()):
         d = dict(zip(_GROUP, g))
-        at = steps if steps else (counts[-2] if len(counts) > 1 else counts[0])
-        drop = improvements([r for r in rows if tuple(str(r[k]) for k in _GROUP) == g], at)[g]
+        drop = drops[g]
         cells = " | ".join(f"{curve[n]:.3f}" if n in curve else "" for n in counts)
         flag = "" if drop is None else f"{100 * drop:+.0f}%" + (" (not converged)" if drop > tol else "")
         label = f"aepo({d['estimator']})" if d["method"] == "aepo" else d["method"]
