@@ -432,3 +432,35 @@ def test_in_support_aepo_trains_on_the_support_stage(tiny, smoke_runs, posterior
     obs = data.obs_rows[:4]
     g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
     assert not np.allclose(agent.act(obs, 0.0, generator=g()), agent.act(obs, 50.0, generator=g()))
+
+
+def test_stage_cache_trains_shared_stages_once_and_matches_a_plain_run(tiny, smoke_runs):
+    """Runs of one dataset and seed share behaviour and critic through ``stage_cache``: the second run copies
+    them (no training), and its networks equal those of the run trained without a cache (same seed)."""
+    from aepo_lite._io import read_json
+    from aepo_lite.rl.agent import load_run, make_config, train
+    cache = tiny / "stage_cache"
+    for m in ("mse", "aepo"):
+        train(make_config(DS, m, "smoke", seed=0), tiny / "cached" / m, progress=False, stage_cache=cache)
+    entries = sorted(p.name.split("-")[0] for p in cache.glob("*.pt"))
+    assert entries == ["behaviour", "critic"]  # one of each: the second run trained neither
+    stats = read_json(tiny / "cached" / "aepo" / "train_stats.json")
+    assert stats["behaviour"]["copied_from"] == str(cache) and stats["critic"]["copied_from"] == str(cache)
+    assert "copied_from" not in stats["energy"]
+    cached, _, _ = load_run(tiny / "cached" / "mse")
+    plain, _, _ = load_run(smoke_runs["mse"])
+    for a, b in ((cached.behaviour, plain.behaviour), (cached.critic, plain.critic), (cached.energy, plain.energy)):
+        for (k, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+            if isinstance(x, torch.Tensor):
+                assert torch.equal(x, y), k
+
+
+def test_labels_name_the_estimator_k_and_a_non_default_critic():
+    from aepo_lite.rl.agent import estimator_label, make_config
+    lab = lambda m, **kw: estimator_label(make_config(DS, m, "smoke", **kw))  # noqa: E731
+    assert lab("aepo") == "aepo(tweedie/sampled)"
+    assert lab("aepo", energy=dict(posterior="particles"), support=dict(k=8)) == "aepo(particles-K8)"
+    assert lab("aepo", energy=dict(posterior="mixture", bandwidth=0.05), support=dict(k=8)) == "aepo(mixture-K8-h0.05)"
+    assert lab("aepo", critic=dict(kind="insupport")) == "aepo(tweedie/sampled)+insupport"
+    assert lab("qgpo") == "qgpo" and lab("qgpo", critic=dict(kind="iql")) == "qgpo+iql"
+    assert lab("mse", critic=dict(kind="insupport")) == "mse+insupport" and lab("bc") == "bc"

@@ -22,6 +22,9 @@ def register(sub) -> None:
     p.add_argument("--eval-every", type=int, default=5_000, help="ladder snapshot period (env steps)")
     p.add_argument("--learning-starts", type=int, default=5_000, help="random steps before TD3 learns")
     p.add_argument("--ref-episodes", type=int, default=100, help="episodes for ref_min_score / ref_max_score")
+    p.add_argument("--medium-fraction", type=float, default=1.0 / 3.0,
+                   help="medium = the first ladder snapshot reaching this fraction of the way from random to expert "
+                        "(D4RL: about 1/3; lower it where the ladder jumps, e.g. InvertedDoublePendulum)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset of that name")
     p.set_defaults(func=_make_dataset)
 
@@ -40,13 +43,18 @@ def _make_dataset(args) -> int:
     from aepo_lite.rl.data import description_info
     r = DatasetRecipe(env_id=args.env, quality=args.quality, steps=args.steps, name=args.name, seed=args.seed,
                       train_steps=args.train_steps, eval_every=args.eval_every, learning_starts=args.learning_starts,
-                      ref_episodes=args.ref_episodes)
+                      ref_episodes=args.ref_episodes, medium_fraction=args.medium_fraction)
     ds = make_dataset(r, overwrite=args.overwrite)
     meta = ds.storage.metadata
     info = description_info(meta)
     print(f"{args.name}: {ds.total_episodes} episodes, {ds.total_steps} transitions, "
           f"mean episode return {info.get('dataset_mean_episode_return', float('nan')):.1f}, "
           f"ref_min_score {meta.get('ref_min_score'):.1f}, ref_max_score {meta.get('ref_max_score'):.1f}")
+    snaps = {s["step"]: s["eval_return"] for s in info.get("ladder", [])}
+    if "medium_snapshot_step" in info:
+        print(f"  ladder: medium snapshot at step {info['medium_snapshot_step']} (eval return "
+              f"{snaps.get(info['medium_snapshot_step'], float('nan')):.1f}), expert at step "
+              f"{info['expert_snapshot_step']} ({snaps.get(info['expert_snapshot_step'], float('nan')):.1f})")
     return 0
 
 
@@ -61,6 +69,7 @@ class TrainCommand(ConfigCommand):
     config_values: Annotated[TrainConfig, _arg("", "")] = field(default_factory=TrainConfig)
     out: Optional[str] = None  # run directory (default: runs/<dataset>/<method>-<preset>-s<seed>)
     init_behaviour: Optional[str] = None  # copy finished stages (behaviour; support, critic if they match) from this run
+    stage_cache: Optional[str] = None  # train shared stages (behaviour, support, critic) once in this folder, reused by runs
     no_eval: Annotated[bool, _flag()] = False  # train only; evaluate later with `aepo-lite eval --run DIR`
     quiet: Annotated[bool, _flag()] = False  # no progress bars
 
@@ -77,7 +86,7 @@ def _train(argv: list[str]) -> int:
         raise ValueError("dataset: give a Minari dataset id with --dataset (e.g. a local one made by make-dataset)")
     out = Path(cmd.out) if cmd.out else _default_out(cfg.dataset, cfg.method, cfg.preset, cfg.seed)
     print_config(cfg)
-    train(cfg, out, progress=not cmd.quiet, init_behaviour=cmd.init_behaviour)
+    train(cfg, out, progress=not cmd.quiet, init_behaviour=cmd.init_behaviour, stage_cache=cmd.stage_cache)
     print(f"trained {cfg.method} on {cfg.dataset} -> {out} (config: {out / 'config.json'})")
     if not cmd.no_eval:
         _print_results(evaluate_run(out, progress=not cmd.quiet))

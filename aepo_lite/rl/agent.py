@@ -90,12 +90,21 @@ def needs(cfg: TrainConfig, stage: str) -> bool:
 
 
 def estimator_label(cfg: TrainConfig) -> str:
-    """A row label naming what differs between energy targets, e.g. ``aepo(tweedie/sampled)``."""
+    """A row label naming what differs between energy targets, e.g. ``aepo(tweedie/sampled)``,
+    ``aepo(particles-K8)``, ``aepo(mixture-K8-h0.05)``; a critic other than the method's default is named
+    after it (``mse+insupport``, ``qgpo+iql``)."""
     e = cfg.energy
+    label = cfg.method
     if cfg.method == "aepo":
-        est = f"{e.covariance}/{e.expansion}" if e.posterior == "gaussian" else e.posterior
-        return f"aepo({est})"
-    return cfg.method
+        if e.posterior == "gaussian":
+            est = f"{e.covariance}/{e.expansion}"
+        else:
+            est = f"{e.posterior}-K{cfg.support.k}" + (f"-h{e.bandwidth:g}" if e.posterior == "mixture" else "")
+        label = f"aepo({est})"
+    default = "insupport" if cfg.method == "qgpo" else "iql"
+    if cfg.method != "bc" and critic_kind(cfg) != default:
+        label += f"+{critic_kind(cfg)}"
+    return label
 
 
 def _positive_ints(cfg: TrainConfig) -> dict:
@@ -370,12 +379,14 @@ def build_stages(cfg: TrainConfig, agent: Agent, T: dict, device: torch.device) 
 
 
 def train(cfg: TrainConfig, run_dir, *, data: OfflineData | None = None, progress: bool = True,
-          init_behaviour: str | Path | None = None) -> Agent:
+          init_behaviour: str | Path | None = None, stage_cache: str | Path | None = None) -> Agent:
     """Train every stage the method needs into ``run_dir``: finished stages are loaded, a stage killed
     mid-way resumes from its last periodic checkpoint.
 
     ``init_behaviour``: another run directory to copy finished stages from instead of training them
     (its behaviour stage must match this config; its support and critic stages are copied when they match).
+    ``stage_cache``: a folder of stages shared by runs (behaviour, support, critic, keyed by their content
+    hash): each is trained there once and copied into every run that needs it.
     """
     check_config(cfg)
     run_dir = Path(run_dir)
@@ -405,6 +416,9 @@ def train(cfg: TrainConfig, run_dir, *, data: OfflineData | None = None, progres
         try:
             with limits:
                 for st in stages:
+                    if stage_cache is not None and st.name != "energy":
+                        stats[st.name] = _from_cache(st, store, StageStore(Path(stage_cache), keyed=True), log, cfg,
+                                                     progress, device) or stats.get(st.name, {})
                     copied = {k: v for k, v in stats.get(st.name, {}).items() if k == "copied_from"}
                     _, got = run_stage(st, store, log=log, log_every=cfg.log_every,
                                        checkpoint_every=cfg.checkpoint_every, progress=progress,
@@ -429,6 +443,23 @@ def _copy_stages(src: Path, store: StageStore, stages: list[Stage]) -> dict:
             raise ValueError(f"init_behaviour: {src} has no finished behaviour stage trained with this config "
                              "(same dataset, seed and behaviour settings)")
     return stats
+
+
+def _from_cache(st: Stage, store: StageStore, cache: StageStore, log, cfg: TrainConfig, progress: bool,
+                device) -> dict | None:
+    """A stage shared by runs of one dataset and seed (behaviour, support, critic): trained once in the cache
+    (a lock makes a second run wait for the writer), then copied into this run; its stats, or None when the
+    run already has its own checkpoint of it (which then resumes as usual)."""
+    h = stage_hash(st)
+    if store.path(st.name, h).exists():
+        return None
+    if not cache.is_complete(st.name, h):
+        cache.root.mkdir(parents=True, exist_ok=True)
+        with RunLock(cache.root, what="cache", name=f".{st.name}-{h}.lock", wait=24 * 3600):
+            run_stage(st, cache, log=log, log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every,
+                      progress=progress, map_location=device)
+    got = store.copy_from(cache, st.name, h)
+    return None if got is None else dict(got, copied_from=str(cache.root))
 
 
 def _freeze(agent: Agent, stage: str) -> None:

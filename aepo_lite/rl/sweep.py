@@ -49,6 +49,7 @@ class SweepConfig:
     gpus_per_run: float = 0.0  # ray: GPU fraction per run (local: 1 gives each run its own GPU in turn)
     evaluate: bool = True  # evaluate each run after training (skipped when already evaluated)
     overrides: Optional[str] = None  # a JSON/YAML file of nested config overrides for every run, e.g. {"energy": {"beta": 3}}
+    stage_cache: Optional[str] = None  # RL: stages shared by runs (behaviour, support, critic) are trained once here; None = OUT/stage_cache
 
 
 @dataclass
@@ -62,6 +63,7 @@ class RunSpec:
     run_dir: str
     overrides: dict = field(default_factory=dict)
     evaluate: bool = True
+    stage_cache: Optional[str] = None  # RL: the shared stage folder (see SweepConfig.stage_cache)
 
     @property
     def name(self) -> str:
@@ -112,7 +114,9 @@ def plan(cfg: SweepConfig) -> list[RunSpec]:
         for m in cfg.methods:
             for seed in cfg.seeds:
                 d = out / ds.replace(":", "_").replace("/", "_") / f"{m}-{cfg.preset}-s{seed}"
-                specs.append(RunSpec(ds, m, int(seed), cfg.preset, str(d), overrides=over, evaluate=cfg.evaluate))
+                cache = cfg.stage_cache or str(out / "stage_cache")
+                specs.append(RunSpec(ds, m, int(seed), cfg.preset, str(d), overrides=over, evaluate=cfg.evaluate,
+                                     stage_cache=cache))
     for ds, m in dict.fromkeys((s.dataset, s.method) for s in specs):  # before the first run starts
         _make_config(next(s for s in specs if (s.dataset, s.method) == (ds, m)))
     return specs
@@ -134,7 +138,7 @@ def _rl_run(spec: RunSpec, progress: bool) -> str:
     d = Path(spec.run_dir)
     if spec.evaluate and evaluation_done(d, cfg):
         return "skipped"  # without evaluation, train() itself loads finished stages and trains the rest
-    train(cfg, d, progress=progress)
+    train(cfg, d, progress=progress, stage_cache=spec.stage_cache)
     if spec.evaluate:
         evaluate_run(d, progress=progress)
     return "done"
