@@ -129,6 +129,50 @@ def _rl_lines(rl: dict) -> list[str]:
     return lines or ["- Offline RL: no results in `figures/rl_results.csv` yet."]
 
 
+def default_aepo_label() -> str:
+    """The row label of the library's default AEPO estimator (read from the config defaults, never typed)."""
+    from aepo_lite.config import EnergyConfig, SupportConfig
+    e = EnergyConfig()
+    if e.posterior == "gaussian":
+        return f"aepo({e.covariance}/{e.expansion})"
+    return f"aepo({e.posterior}-K{SupportConfig().k}" + (f"-h{e.bandwidth:g})" if e.posterior == "mixture" else ")")
+
+
+def _rl_protocol_lines(csv_path) -> list[str]:
+    """The offline-RL sweep under docs/derivation.md 6c (``rl_6c.csv``): per dataset each row's best w, then the
+    issue's check for the library's default AEPO estimator: BC + 5 points on every dataset, QGPO or better on
+    at least 2 of 3."""
+    rl = rl_summary(csv_path)
+    if not rl:
+        return []
+    label = default_aepo_label()
+    lines, plus5, over_q = [], 0, 0
+    for (ds, preset), r in sorted(rl.items()):
+        m = r["methods"]
+        n = max(v["n"] for v in m.values())
+        parts = [f"{k} {v['mean']:.1f} +- {v['std']:.1f} (w={v['w']:g})" for k, v in
+                 sorted(m.items(), key=lambda kv: -kv[1]["mean"])]
+        line = (f"- **Offline RL (6c protocol), {ds}** (`{preset}` preset, 15 sampler steps, 10 episodes x {n} seeds, "
+                "normalised score: 0 = uniform random actions, 100 = the best TD3 snapshot; best w per method): "
+                + "; ".join(parts))
+        if r["dataset"] is not None:
+            line += f"; the dataset's own episodes {r['dataset']:.1f}"
+        a, bc, q = m.get(label), m.get("bc"), m.get("qgpo")
+        if a and bc:
+            ok5, okq = a["mean"] >= bc["mean"] + 5, q is not None and a["mean"] >= q["mean"]
+            plus5, over_q = plus5 + ok5, over_q + okq
+            line += (f". The default AEPO estimator, {label}, {'reaches' if ok5 else 'does not reach'} BC + 5 "
+                     f"({a['mean'] - bc['mean']:+.1f} points)" + ("" if q is None else
+                     f" and is {'at or above' if okq else 'below'} QGPO ({a['mean'] - q['mean']:+.1f})") + ".")
+        lines.append(line)
+    k = len(rl)
+    met = plus5 == k and over_q >= min(2, k)
+    lines.append(f"- **Offline RL target** (the default AEPO estimator at least BC + 5 on every dataset and at least "
+                 f"QGPO on 2 of 3): BC + 5 on {plus5}/{k}, QGPO or better on {over_q}/{k}: "
+                 + ("reached." if met else "**not reached**."))
+    return lines
+
+
 def _convergence_lines(csv_path) -> list[str]:
     """The energy-steps curve (``toy2d_convergence.csv``): at its largest budget, who is closer to the exact
     target per task, and how much the last doubling still lowered each method's energy error."""
@@ -165,10 +209,11 @@ def _convergence_lines(csv_path) -> list[str]:
 
 def summary_markdown(toy_csv="figures/toy2d_results.csv", rl_csv="figures/rl_results.csv",
                      matched_csv: str | Path | None = None, long_csv: str | Path | None = None,
-                     convergence_csv: str | Path | None = None) -> str:
+                     convergence_csv: str | Path | None = None, rl_protocol_csv: str | Path | None = None) -> str:
     """The generated summary (Markdown bullet points). ``matched_csv``: a toy grid in which every method read the
     true reward (``toy2d_matched.csv``); ``long_csv``: the same at the ``long`` preset (4000 energy steps), at w = 1 and at
-    each method's best w (``toy2d_long.csv``); each summarised too when it exists."""
+    each method's best w (``toy2d_long.csv``); ``rl_protocol_csv``: the offline-RL sweep of the 6c protocol
+    (``rl_6c.csv``); each summarised too when it exists."""
     lines = _toy_lines(toy_summary(toy_csv), "Toy 2D tasks, committed grid")
     if matched_csv is not None and Path(matched_csv).exists():
         lines += _toy_lines(toy_summary(matched_csv), "Toy 2D tasks, matched (every method reads the true reward; "
@@ -180,13 +225,15 @@ def summary_markdown(toy_csv="figures/toy2d_results.csv", rl_csv="figures/rl_res
                             "best w of 0.5 / 1 / 2 per method and task")
     if convergence_csv is not None and Path(convergence_csv).exists():
         lines += _convergence_lines(convergence_csv)
+    if rl_protocol_csv is not None and Path(rl_protocol_csv).exists():
+        lines += _rl_protocol_lines(rl_protocol_csv)
     return "\n".join(lines + _rl_lines(rl_summary(rl_csv))) + "\n"
 
 
 def _csvs(figures_dir) -> tuple[Path, ...]:
     fd = Path(figures_dir)
     return tuple(fd / n for n in ("toy2d_results.csv", "rl_results.csv", "toy2d_matched.csv", "toy2d_long.csv",
-                                  "toy2d_convergence.csv"))
+                                  "toy2d_convergence.csv", "rl_6c.csv"))
 
 
 def figures_summary(figures_dir="figures") -> str:
@@ -196,7 +243,7 @@ def figures_summary(figures_dir="figures") -> str:
 
 def update_readme(readme, toy_csv="figures/toy2d_results.csv", rl_csv="figures/rl_results.csv",
                   matched_csv: str | Path | None = None, long_csv: str | Path | None = None,
-                  convergence_csv: str | Path | None = None) -> Path:
+                  convergence_csv: str | Path | None = None, rl_protocol_csv: str | Path | None = None) -> Path:
     """Rewrite the README's block between the summary markers (an error if the markers are missing)."""
     readme = Path(readme)
     text = readme.read_text()
@@ -204,7 +251,7 @@ def update_readme(readme, toy_csv="figures/toy2d_results.csv", rl_csv="figures/r
         raise ValueError(f"readme: {readme} has no {START} ... {END} block to fill")
     head, rest = text.split(START, 1)
     _, tail = rest.split(END, 1)
-    new = f"{head}{START}\n{summary_markdown(toy_csv, rl_csv, matched_csv, long_csv, convergence_csv)}{END}{tail}"
+    new = f"{head}{START}\n{summary_markdown(toy_csv, rl_csv, matched_csv, long_csv, convergence_csv, rl_protocol_csv)}{END}{tail}"
     if new != text:
         atomic_write_text(readme, new)
     return readme
