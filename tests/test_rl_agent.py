@@ -464,3 +464,25 @@ def test_labels_name_the_estimator_k_and_a_non_default_critic():
     assert lab("aepo", critic=dict(kind="insupport")) == "aepo(tweedie/sampled)+insupport"
     assert lab("qgpo") == "qgpo" and lab("qgpo", critic=dict(kind="iql")) == "qgpo+iql"
     assert lab("mse", critic=dict(kind="insupport")) == "mse+insupport" and lab("bc") == "bc"
+
+
+def test_reference_returns_are_recovered_from_the_rows(tmp_path):
+    """The table's random/expert returns come from the rows' (return, score) pairs: exact for a known map."""
+    from aepo_lite.rl.report import COLUMNS, _write_csv, markdown_table, reference_returns
+    lo, hi = -150.7, -34.0
+    score = lambda r: 100 * (r - lo) / (hi - lo)  # noqa: E731
+    base = {k: "" for k in COLUMNS}
+    rows = [dict(base, dataset="local/p/m-v0", method="dataset", return_mean=-50.2, normalized_score=score(-50.2),
+                 transitions=10, preset="bench")]
+    for seed, ret in enumerate((-60.0, -41.5)):
+        rows.append(dict(base, dataset="local/p/m-v0", method="bc", seed=seed, guidance_scale=0.0, return_mean=ret,
+                         normalized_score=score(ret), transitions=10, preset="bench", episodes=10, candidates=1,
+                         guidance_t_max=1.0, sample_steps=15, solver="dpmpp2m"))
+    p = tmp_path / "r.csv"
+    _write_csv(p, COLUMNS, rows)
+    ref = reference_returns(p)[("local/p/m-v0", "bench")]
+    assert ref["random"] == pytest.approx(lo, abs=1e-9) and ref["expert"] == pytest.approx(hi, abs=1e-9)
+    assert ref["data"] == pytest.approx((-50.2, score(-50.2)))
+    assert "| local/p/m-v0 | bench | -150.7 | -34.0 | -50.2 (86.1) |" in markdown_table(p)
+    _write_csv(p, COLUMNS, rows[:1])  # one score only: not determined, so no reference line
+    assert reference_returns(p) == {}

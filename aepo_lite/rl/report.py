@@ -23,7 +23,7 @@ from pathlib import Path
 
 from aepo_lite._io import atomic_save_figure, atomic_write_text, read_json
 
-__all__ = ["COLUMNS", "SETTINGS", "SPEED_COLUMNS", "collect", "render", "summary_rows", "markdown_table",
+__all__ = ["COLUMNS", "SETTINGS", "SPEED_COLUMNS", "collect", "render", "summary_rows", "markdown_table", "reference_returns",
            "speed_table", "check_readme", "update_readme"]
 
 # The settings of an evaluation that change its numbers; every row carries them.
@@ -254,6 +254,43 @@ def _fmt(m, s):
     return "n/a" if m is None else f"{m:.1f} ± {s:.1f}"
 
 
+def reference_returns(csv_path) -> dict:
+    """Per (dataset, preset): the returns that score 0 and 100 (the dataset's ``ref_min_score`` and
+    ``ref_max_score``: random actions and the expert policy for a ``make-dataset`` set), recovered from the rows
+    themselves (every row's score is 100 (return - min) / (max - min)), and the data's own mean return."""
+    pts = defaultdict(dict)
+    data = {}
+    for r in _read(csv_path):
+        if r["return_mean"] in ("", None) or r["normalized_score"] in ("", None):
+            continue
+        key = (r["dataset"], r["preset"])
+        ret, score = float(r["return_mean"]), float(r["normalized_score"])
+        pts[key][round(ret, 9)] = score
+        if r["method"] == "dataset":
+            data[key] = (ret, score)
+    out = {}
+    for key, p in pts.items():
+        (r0, s0), (r1, s1) = min(p.items(), key=lambda kv: kv[1]), max(p.items(), key=lambda kv: kv[1])
+        if s1 - s0 < 1e-6:
+            continue  # one score only: the two references are not determined
+        span = 100.0 * (r1 - r0) / (s1 - s0)
+        lo = r0 - s0 * span / 100.0
+        out[key] = {"random": lo, "expert": lo + span, "data": data.get(key)}
+    return out
+
+
+def _reference_lines(csv_path) -> list[str]:
+    refs = reference_returns(csv_path)
+    if not refs:
+        return []
+    lines = ["| dataset | preset | return at score 0 (random) | return at score 100 (expert) | data's mean return (score) |",
+             "|---|---|---|---|---|"]
+    for (ds, preset), v in sorted(refs.items()):
+        d = "n/a" if v["data"] is None else f"{v['data'][0]:.1f} ({v['data'][1]:.1f})"
+        lines.append(f"| {ds} | {preset} | {v['random']:.1f} | {v['expert']:.1f} | {d} |")
+    return lines + [""]
+
+
 def markdown_table(csv_path) -> str:
     """Headline table (dataset, BC, best guidance scale per guided method) and the full sweep.
 
@@ -263,8 +300,9 @@ def markdown_table(csv_path) -> str:
     by_ds = defaultdict(list)
     for r in rows:
         by_ds[(r["dataset"], r["preset"])].append(r)
-    lines = ["| dataset | preset | transitions | method | evaluation | guidance scale | seeds | normalised score | return |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = _reference_lines(csv_path) + [
+        "| dataset | preset | transitions | method | evaluation | guidance scale | seeds | normalised score | return |",
+        "|---|---|---|---|---|---|---|---|---|"]
     order = {"dataset": 0, "bc": 1}
     for (ds, preset), rs in sorted(by_ds.items()):
         best = {}
