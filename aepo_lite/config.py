@@ -85,6 +85,9 @@ class EnergyConfig:
     n_samples: int = 16  # AEPO sampled expansion: Monte Carlo samples per a_t
     posterior: str = "gaussian"  # AEPO posterior: gaussian (covariance, expansion) | mixture | particles (ours, 4b)
     bandwidth: float = 0.0  # AEPO mixture posterior: kernel bandwidth h >= 0 around each support action
+    # AEPO in-support targets (ours): regress f's differences between a state's K noised support actions (one t)
+    # on the target's, so f need not fit the per-state offset that guidance never uses
+    centered: bool = field(default=False, metadata={"hash_default": False})
     clip: Optional[float] = 1.0  # clip the posterior mean (and sampled actions) to [-clip, clip]; None = no box
     grad_clip: Optional[float] = None  # gradient-norm clipping of f_phi; None = off
     baseline: str = "value"  # RL, aepo/mse with IQL: regress on beta (Q - V(s)) ("value") or beta Q ("none")

@@ -262,3 +262,43 @@ def test_energy_learner_regresses_on_the_in_support_target(posterior, schedule):
     assert abs(float(out["energy_loss"]) - ref) < 1e-12
     assert abs(float(out["target_mean"]) - float(y.mean())) < 1e-12
 
+
+
+def test_centered_regression_learns_the_target_up_to_a_constant_per_state():
+    """energy.centered: f is fitted to the particle target's differences within each state's group, so the trained
+    f matches y_t up to a per-(s, t) constant (its gradient in a_t is what guidance uses), while the hash of a
+    config that leaves it off is unchanged (older checkpoints keep theirs)."""
+    import json
+    from dataclasses import asdict, replace
+    from aepo_lite.config import EnergyConfig
+    from aepo_lite.core.aepo import EnergyLearner
+    from aepo_lite.core.nets import EnergyNet
+    from aepo_lite.core.schedule import VPSchedule
+    from aepo_lite.training.stages import _jsonable
+    torch.manual_seed(0)
+    sched = VPSchedule()
+    K, d = 8, 1
+    support = torch.linspace(-0.9, 0.9, K).reshape(1, K, d)
+    q = (-(support[..., 0] - 0.5) ** 2) * 4.0  # one state; its Q favours a = 0.5
+    cfg = EnergyConfig(posterior="particles", centered=True, beta=2.0, lr=3e-3, hidden=64, depth=2)
+    learner = EnergyLearner(EnergyNet(d, 0, 64, 2), cfg, schedule=sched, generator=torch.Generator().manual_seed(1))
+    batch = {"s": None, "a": support[:, 0].repeat(64, 1), "support": support.repeat(64, 1, 1),
+             "support_q": q.repeat(64, 1)}
+    for _ in range(1500):
+        learner.step(batch)
+    a_t = torch.linspace(-0.9, 0.9, 41).reshape(-1, 1)
+    for t0 in (0.05, 0.3):
+        t = torch.full((41,), t0)
+        y = learner.target(a_t, t, {"s": None, "support": support.repeat(41, 1, 1), "support_q": q.repeat(41, 1)})
+        with torch.no_grad():
+            f = learner.energy(None, a_t, t)
+        dev = (f - f.mean()) - (y - y.mean())
+        assert dev.abs().max() < 0.15 * (y.max() - y.min()), (t0, dev.abs().max(), y.max() - y.min())
+        assert (f.max() - f.min()) > 0.5 * (y.max() - y.min())  # not flat: the shape in a_t is learned
+    off = EnergyConfig(posterior="particles")
+    assert "centered" not in _jsonable(off) and _jsonable(replace(off, centered=True))["centered"] is True
+    assert json.dumps(_jsonable(off), sort_keys=True) == json.dumps(
+        {k: v for k, v in asdict(off).items() if k != "centered"}, sort_keys=True)
+    with pytest.raises(ValueError, match="centered"):
+        EnergyLearner(EnergyNet(d, 0, 8, 1), EnergyConfig(centered=True), schedule=sched,
+                      eps_fn=lambda a, t, s: a, q_fn=lambda s, a: a.sum(-1))

@@ -273,6 +273,9 @@ class EnergyLearner(TrainingState):
             if posterior not in G.POSTERIORS:
                 raise ValueError(f"posterior: expected one of {G.POSTERIORS}, got {posterior!r}")
             check_scalar("bandwidth", cfg.bandwidth, low=0.0)
+            if cfg.centered and posterior == "gaussian":
+                raise ValueError("centered: the centered regression groups each state's support actions; it needs "
+                                 "an in-support posterior (energy.posterior particles or mixture), not gaussian")
         if method == "mse" or (method == "aepo" and posterior != "particles"):
             if q_fn is None:
                 raise ValueError(f"q_fn: the {method} energy needs a critic")
@@ -311,6 +314,8 @@ class EnergyLearner(TrainingState):
             s_rep = None if s is None else s.repeat_interleave(K, dim=0)
             f = self.energy(s_rep, a_t, t_rep).reshape(B, K)
             return G.cep_loss(f, q, cfg.beta, check=self.check_finite), {}
+        if method == "aepo" and cfg.centered:
+            return self._centered_loss(batch)
         a0 = batch["a"]
         a_t, t = self._noise(a0)
         if method == "mse":
@@ -319,6 +324,28 @@ class EnergyLearner(TrainingState):
             return G.mse_energy_loss(self.energy(s, a_t, t), q, cfg.beta, check=self.check_finite), {}
         y = self.target(a_t, t, batch)
         return G.energy_regression_loss(self.energy(s, a_t, t), y, check=self.check_finite), {"target_mean": y.mean()}
+
+    def _centered_loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        """``cfg.centered`` (ours): each state's K support actions a^(k) are noised at one shared t, as in QGPO's
+        contrastive batch, and f is regressed on the target up to a constant per state and t:
+
+            L = mean_{b,k} ((f_bk - mean_k f_bk) - (y_bk - mean_k y_bk))^2
+
+        Guidance reads only grad_{a_t} f, which no per-(s, t) constant changes; the plain regression also has
+        to fit that constant (the state's value under beta, the largest part of the target's variance)."""
+        s, sup = batch.get("s"), _batch_support(batch, batch["a"], self.q_fn is None)
+        B, K, d = sup.shape
+        t = self.schedule.sample_t(B, device=sup.device, dtype=sup.dtype, generator=self.generator)
+        t_rep = t.repeat_interleave(K)
+        a_t, _ = self.schedule.diffuse(sup.reshape(B * K, d), t_rep, generator=self.generator)
+        rep = {"s": None if s is None else s.repeat_interleave(K, dim=0), "support": sup.repeat_interleave(K, dim=0)}
+        if batch.get("support_q") is not None:
+            rep["support_q"] = batch["support_q"].repeat_interleave(K, dim=0)
+        y = self.target(a_t, t_rep, rep).reshape(B, K)
+        f = self.energy(rep["s"], a_t, t_rep).reshape(B, K)
+        loss = G.energy_regression_loss(f - f.mean(1, keepdim=True), y - y.mean(1, keepdim=True),
+                                        check=self.check_finite)
+        return loss, {"target_mean": y.mean()}
 
     def target(self, a_t: torch.Tensor, t: torch.Tensor, batch: dict) -> torch.Tensor:
         """AEPO's regression target y_t at (a_t (B, d), t (B,)), one draw (the sampled expansion's samples, the

@@ -91,7 +91,7 @@ def needs(cfg: TrainConfig, stage: str) -> bool:
 
 def estimator_label(cfg: TrainConfig) -> str:
     """A row label naming what differs between energy targets, e.g. ``aepo(tweedie/sampled)``,
-    ``aepo(particles-K8)``, ``aepo(mixture-K8-h0.05)``; a critic other than the method's default is named
+    ``aepo(particles-K8)``, ``aepo(mixture-K8-h0.05)``, ``aepo(particles-K8-centered)``; a critic other than the method's default is named
     after it (``mse+insupport``, ``qgpo+iql``)."""
     e = cfg.energy
     label = cfg.method
@@ -99,7 +99,8 @@ def estimator_label(cfg: TrainConfig) -> str:
         if e.posterior == "gaussian":
             est = f"{e.covariance}/{e.expansion}"
         else:
-            est = f"{e.posterior}-K{cfg.support.k}" + (f"-h{e.bandwidth:g}" if e.posterior == "mixture" else "")
+            est = (f"{e.posterior}-K{cfg.support.k}" + (f"-h{e.bandwidth:g}" if e.posterior == "mixture" else "")
+                   + ("-centered" if e.centered else ""))
         label = f"aepo({est})"
     default = "insupport" if cfg.method == "qgpo" else "iql"
     if cfg.method != "bc" and critic_kind(cfg) != default:
@@ -197,6 +198,9 @@ def _check_combinations(cfg: TrainConfig) -> None:
     if cfg.compile and cfg.method == "aepo" and cfg.energy.expansion == "second":
         raise ValueError("compile: AEPO's 'second' expansion differentiates the critic twice, which torch.compile "
                          "does not support; use energy.expansion='sampled' or 'first', or compile=False")
+    if cfg.energy.centered and cfg.method == "aepo" and cfg.energy.posterior == "gaussian":
+        raise ValueError("energy.centered: the centered regression groups each state's support actions; it needs "
+                         "energy.posterior particles or mixture")
     if cfg.energy.covariance == "gaussian-fit" and cfg.method == "aepo" and cfg.energy.posterior == "gaussian":
         raise ValueError("energy.covariance: 'gaussian-fit' needs a Gaussian behaviour per state; the RL agent "
                          "supports tweedie | isotropic | none")

@@ -205,6 +205,9 @@ def check_config(cfg: ToyConfig) -> ToyConfig:
     _choice("sampling.solver", cfg.sampling.solver, SOLVERS)
     _check_counts(cfg)
     _check_numbers(cfg)
+    if cfg.energy.centered:
+        raise ValueError("energy.centered: offline RL only for now; the toy error budget compares f_phi with E_t "
+                         "itself, and a centered f is defined up to a constant per t")
     if needs_grad_q(cfg) and cfg.critic.kind == "reward":
         raise ValueError(f"critic.kind: AEPO's {estimator(cfg)!r} target differentiates Q, and the toy rewards are "
                          "piecewise constant (grad e = 0 almost everywhere); use critic.kind='regression' (a smooth "

@@ -28,7 +28,7 @@ import math
 import os
 import time
 import warnings
-from dataclasses import asdict, dataclass, is_dataclass
+from dataclasses import asdict, dataclass, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -62,7 +62,17 @@ class Stage:
 
 
 def _jsonable(config: Any) -> Any:
-    return asdict(config) if is_dataclass(config) else config
+    """The config as hashed: dataclasses as dicts, without the fields marked ``metadata={"hash_default": v}``
+    that hold that value (an option added later, at the value that reproduces older runs, so their
+    checkpoints keep their hashes)."""
+    if is_dataclass(config) and not isinstance(config, type):
+        return {f.name: _jsonable(getattr(config, f.name)) for f in fields(config)
+                if not ("hash_default" in f.metadata and getattr(config, f.name) == f.metadata["hash_default"])}
+    if isinstance(config, dict):
+        return {k: _jsonable(v) for k, v in config.items()}
+    if isinstance(config, (list, tuple)):
+        return [_jsonable(v) for v in config]
+    return config
 
 
 def stage_hash(stage: Stage) -> str:
