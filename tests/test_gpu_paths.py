@@ -1,0 +1,204 @@
+"""The GPU-speed paths, checked on the CPU against independent references: the batched Jacobian against a
+loop of backward passes, the batched TwinQ against the earlier two-MLP layout (old checkpoints load and give
+the same Q), the captured training step against plain eager steps. Tests that need CUDA are skipped here and
+run by scripts/gpu_check.sh on a machine with a GPU."""
+from __future__ import annotations
+
+import copy
+import functools
+from dataclasses import replace
+
+import pytest
+import torch
+from torch import nn
+
+from aepo_lite.config import CriticConfig
+from aepo_lite.core import aepo
+from aepo_lite.core.critics import IQLCritic, InSupportCritic
+from aepo_lite.core.nets import MLP, NoiseNet, TwinQ
+from aepo_lite.core.schedule import VPSchedule
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (scripts/gpu_check.sh runs it)")
+TOL = {torch.float32: 1e-6, torch.float64: 1e-10}
+_JACOBIAN = aepo.rowwise_jacobian
+
+
+# ----------------------------------------------------------------------------- 1. the Jacobian
+def loop_jacobian(y, x):
+    """The reference: one backward pass per output coordinate (the code the batched Jacobian replaced)."""
+    return torch.stack([torch.autograd.grad(y[:, i].sum(), x, retain_graph=True)[0] for i in range(y.shape[1])], 1)
+
+
+def _noise_problem(B, d, dtype, seed=0):
+    torch.manual_seed(seed)
+    net = NoiseNet(d, 2, hidden=16, n_blocks=1, time_dim=8).to(dtype)
+    g = torch.Generator().manual_seed(seed + 1)
+    a_t = torch.randn(B, d, generator=g, dtype=dtype)
+    t = torch.rand(B, generator=g, dtype=dtype) * 0.9 + 0.05
+    s = torch.randn(B, 2, generator=g, dtype=dtype)
+    return net, a_t, t, s
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("B,d", [(5, 3), (1, 3), (4, 1), (1, 1)])
+@pytest.mark.parametrize("batched", [True, False])
+def test_rowwise_jacobian_matches_the_loop(dtype, B, d, batched):
+    net, a_t, t, s = _noise_problem(B, d, dtype)
+    x = a_t.clone().requires_grad_(True)
+    ref = loop_jacobian(net(x, t, s), x)
+    x = a_t.clone().requires_grad_(True)
+    jac = aepo.rowwise_jacobian(net(x, t, s), x, batched=batched)
+    assert jac.shape == (B, d, d)
+    assert (jac - ref).abs().max() <= TOL[dtype]
+    assert ref.abs().max() > 1e-3  # a Jacobian worth comparing
+
+
+@pytest.fixture(params=[True, False], ids=["batched", "loop"])
+def jacobian_kind(request, monkeypatch):
+    """posterior_estimate / critic_expansion with either Jacobian (the CPU default is the loop)."""
+    monkeypatch.setattr(aepo, "rowwise_jacobian", functools.partial(_JACOBIAN, batched=request.param))
+    return request.param
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("B,d", [(6, 2), (1, 1)])
+def test_posterior_covariance_matches_the_loop(jacobian_kind, dtype, B, d):
+    net, a_t, t, s = _noise_problem(B, d, dtype, seed=3)
+    sched = VPSchedule()
+    a0, S = aepo.posterior_estimate(a_t, t, s, net, sched, "tweedie", clip=None)
+    x = a_t.clone().requires_grad_(True)
+    J = loop_jacobian(net(x, t, s), x)
+    alpha, sigma = sched.alpha_sigma(t)
+    from aepo_lite.core import guidance as G
+    ref = G.tweedie_covariance(J, alpha, sigma, max_var=None)
+    assert (S - ref).abs().max() <= TOL[dtype] * max(1.0, ref.abs().max().item())
+
+
+def _old_twin(state_dim, action_dim, hidden, depth, activation, layer_norm):
+    """The earlier TwinQ layout: two independent MLPs (the reference for old checkpoints)."""
+    class OldTwinQ(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q1 = MLP(state_dim + action_dim, 1, hidden, depth, activation, layer_norm)
+            self.q2 = MLP(state_dim + action_dim, 1, hidden, depth, activation, layer_norm)
+
+        def forward(self, s, a):
+            x = torch.cat([s, a], dim=-1)
+            return self.q1(x).squeeze(-1), self.q2(x).squeeze(-1)
+
+        def q_min(self, s, a):
+            return torch.minimum(*self(s, a))
+    return OldTwinQ()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("B,d", [(5, 3), (1, 1)])
+def test_critic_hessian_matches_the_loop(jacobian_kind, dtype, B, d):
+    torch.manual_seed(1)
+    q = TwinQ(2, d, 16, 2, "mish", layer_norm=True).to(dtype)
+    s, a = torch.randn(B, 2, dtype=dtype), torch.randn(B, d, dtype=dtype)
+    val, g, H = aepo.critic_expansion(q.q_min, s, a, order=2)
+    x = a.clone().requires_grad_(True)
+    (g_ref,) = torch.autograd.grad(q.q_min(s, x).sum(), x, create_graph=True)
+    H_ref = -loop_jacobian(g_ref, x)
+    assert (g - g_ref).abs().max() <= TOL[dtype]
+    assert (H - H_ref).abs().max() <= TOL[dtype]
+    assert H_ref.abs().max() > 1e-4
+
+
+# ----------------------------------------------------------------------------- 2. the batched TwinQ
+CASES = [("mish", False, 2), ("silu", True, 2), ("relu", False, 1), ("tanh", True, 3)]
+
+
+def _perturbed(net, seed=0):
+    """LayerNorm's affine parameters start at 1 and 0: move every parameter so the conversion is tested."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return net
+
+
+@pytest.mark.parametrize("activation,layer_norm,depth", CASES)
+def test_old_twin_q_state_dict_loads_with_identical_q(activation, layer_norm, depth):
+    torch.manual_seed(0)
+    old = _perturbed(_old_twin(3, 2, 8, depth, activation, layer_norm).double())
+    new = TwinQ(3, 2, 8, depth, activation, layer_norm).double()
+    new.load_state_dict(old.state_dict())  # strict: every old key used, every new key filled
+    s, a = torch.randn(7, 3, dtype=torch.float64), torch.randn(7, 2, dtype=torch.float64)
+    for grad in (True, False):  # the no-grad path applies activations in place
+        with torch.set_grad_enabled(grad):
+            (o1, o2), (n1, n2) = old(s, a), new(s, a)
+            assert (o1 - n1).abs().max() < 1e-12 and (o2 - n2).abs().max() < 1e-12
+            assert (old.q_min(s, a) - new.q_min(s, a)).abs().max() < 1e-12
+    assert (o1 - o2).abs().max() > 1e-3  # two different heads
+
+
+@pytest.mark.parametrize("activation,layer_norm,depth", CASES[:2])
+def test_twin_q_gradients_in_the_action_match_the_old_layout(activation, layer_norm, depth):
+    """AEPO differentiates Q in the action (first and second order): both agree with the two-MLP network."""
+    torch.manual_seed(0)
+    old = _perturbed(_old_twin(3, 2, 8, depth, activation, layer_norm).double())
+    new = TwinQ(3, 2, 8, depth, activation, layer_norm).double()
+    new.load_state_dict(old.state_dict())
+    s, a = torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 2, dtype=torch.float64)
+    _, g_o, H_o = aepo.critic_expansion(old.q_min, s, a, order=2)
+    _, g_n, H_n = aepo.critic_expansion(new.q_min, s, a, order=2)
+    assert (g_o - g_n).abs().max() < 1e-12 and (H_o - H_n).abs().max() < 1e-12
+    assert H_o.abs().max() > 1e-4
+
+
+def test_twin_q_init_is_torch_linear_like_and_heads_differ():
+    torch.manual_seed(0)
+    q = TwinQ(5, 3, 32, 2)
+    assert [tuple(w.shape) for w in q.weights] == [(2, 8, 32), (2, 32, 32), (2, 32, 1)]
+    for w, b in zip(q.weights, q.biases):
+        bound = 1 / w.shape[1] ** 0.5
+        assert w.abs().max() <= bound and b.abs().max() <= bound and w.std() > bound / 3
+        assert not torch.equal(w[0], w[1])
+    assert sum(p.numel() for p in q.parameters()) == sum(p.numel() for p in _old_twin(5, 3, 32, 2, "mish", False)
+                                                         .parameters())
+
+
+def _train_old_layout_critic(cls, cfg, steps, batches):
+    """A critic trained with the earlier TwinQ inside (its learner code is unchanged): an old checkpoint."""
+    torch.manual_seed(0)
+    c = cls(3, 2, cfg)
+    c.q = _old_twin(3, 2, cfg.hidden, cfg.depth, cfg.activation, cfg.layer_norm)
+    c.q_target = copy.deepcopy(c.q).requires_grad_(False)
+    for b in batches[:steps]:
+        c.step(b)
+    return c
+
+
+def _critic_batches(n, K=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [{"s": torch.randn(8, 3, generator=g), "a": torch.rand(8, 2, generator=g) * 2 - 1,
+             "r": torch.randn(8, generator=g), "s2": torch.randn(8, 3, generator=g),
+             "done": (torch.rand(8, generator=g) < 0.2).float(),
+             "support2": torch.rand(8, K, 2, generator=g) * 2 - 1} for _ in range(n)]
+
+
+@pytest.mark.parametrize("cls,layer_norm", [(IQLCritic, False), (InSupportCritic, True)])
+def test_old_critic_checkpoint_resumes(cls, layer_norm):
+    """An old critic checkpoint (networks and Adam moments) loads; Q agrees and training continues identically."""
+    cfg = replace(CriticConfig(), hidden=16, depth=2, layer_norm=layer_norm, lr=1e-2)
+    batches = _critic_batches(6)
+    old = _train_old_layout_critic(cls, cfg, 3, batches)
+    ck = copy.deepcopy(old.state_dict())  # as saved and read back (Adam would share the live moments)
+    assert "q.q1.0.weight" in ck and "q_target.q2.0.bias" in ck
+    new = cls(3, 2, cfg)
+    new.load_state_dict(ck)
+    s, a = batches[0]["s"], batches[0]["a"]
+    assert (new.q_fn(s, a) - old.q_fn(s, a)).abs().max() < 1e-6
+    for b in batches[3:]:
+        old.step(b), new.step(b)
+    o1, o2 = old.q(s, a)
+    n1, n2 = new.q(s, a)
+    assert (o1 - n1).abs().max() < 1e-5 and (o2 - n2).abs().max() < 1e-5
+    assert (new.q_fn(s, a) - old.q_fn(s, a)).abs().max() < 1e-5
+    fresh = cls(3, 2, cfg)  # without the moments, the continuation would differ: the test can tell
+    fresh.load_state_dict({k: v for k, v in ck.items() if k != "_optimizers"})
+    for b in batches[3:]:
+        fresh.step(b)
+    assert (fresh.q(s, a)[0] - o1).abs().max() > 1e-4
