@@ -202,3 +202,200 @@ def test_old_critic_checkpoint_resumes(cls, layer_norm):
     for b in batches[3:]:
         fresh.step(b)
     assert (fresh.q(s, a)[0] - o1).abs().max() > 1e-4
+
+
+# ----------------------------------------------------------------------------- 3. the captured step
+from aepo_lite.config import EnergyConfig  # noqa: E402
+from aepo_lite.core.diffusion import DiffusionModel  # noqa: E402
+from aepo_lite.core.nets import EnergyNet  # noqa: E402
+from aepo_lite.training import BehaviourLearner, Stage, StageStore, run_stage  # noqa: E402
+from aepo_lite.training.captured import CapturedStep, DeviceBatches  # noqa: E402
+
+N_DATA, K_DIM, D_DIM = 64, 3, 2
+
+
+def _data(device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    d = {"s": torch.randn(N_DATA, K_DIM, generator=g), "a": torch.rand(N_DATA, D_DIM, generator=g) * 2 - 1,
+         "r": torch.randn(N_DATA, generator=g), "s2": torch.randn(N_DATA, K_DIM, generator=g),
+         "done": (torch.rand(N_DATA, generator=g) < 0.2).float(),
+         "support2": torch.rand(N_DATA, 3, D_DIM, generator=g) * 2 - 1}
+    return {k: v.to(device) for k, v in d.items()}
+
+
+def _learner(kind: str, device="cpu"):
+    """A fresh small learner (seeded): behaviour (noise from the global RNG), a critic (optimisers made at the
+    first step, a target network), AEPO's energy (a Jacobian, sampled targets, the global RNG)."""
+    torch.manual_seed(0)
+    if kind == "behaviour":
+        return BehaviourLearner(DiffusionModel(NoiseNet(D_DIM, K_DIM, 16, 1, 8)).to(device), 1e-2)
+    cfg = replace(CriticConfig(), hidden=16, depth=2, lr=1e-2)
+    critic = (IQLCritic if kind == "iql" else InSupportCritic)(K_DIM, D_DIM, cfg).to(device)
+    if kind != "energy":
+        return critic
+    behaviour = DiffusionModel(NoiseNet(D_DIM, K_DIM, 16, 1, 8)).to(device)
+    e = replace(EnergyConfig(), batch=8, hidden=16, depth=2, n_samples=4, covariance="tweedie", expansion="sampled")
+    return aepo.EnergyLearner(EnergyNet(D_DIM, K_DIM, 16, 2).to(device), e, schedule=behaviour.schedule,
+                              eps_fn=behaviour.eps, q_fn=critic.q_fn)
+
+
+def _params(learner):
+    mods = [learner] if isinstance(learner, nn.Module) else [learner.module]
+    return [p.detach().clone() for m in mods for p in m.parameters()]
+
+
+def _batches(n, B=8, seed=1):
+    data, g = _data(), torch.Generator().manual_seed(seed)
+    return [{k: v[torch.randint(0, N_DATA, (B,), generator=g)] for k, v in data.items()} for _ in range(n)]
+
+
+@pytest.mark.parametrize("kind", ["behaviour", "iql", "insupport", "energy"])
+def test_static_buffers_give_the_eager_parameters_bit_for_bit(kind):
+    """The captured path on the CPU: warm-up steps run and are undone (parameters, Adam moments, lazily made
+    optimisers, the random-number state), then batches go through the static buffers; N steps end where N plain
+    steps end, bit for bit."""
+    batches = _batches(5)
+    ref = _learner(kind)
+    torch.manual_seed(7)
+    ref_out = [ref.step(b) for b in batches]
+    learner = _learner(kind)
+    torch.manual_seed(7)
+    cap = CapturedStep(learner, device="cpu", example=batches[0], warmup=2)
+    ptrs = {k: v.data_ptr() for k, v in cap.buffers.items()}
+    outs = [{k: v.clone() for k, v in cap.step(b).items()} for b in batches]
+    for p, q in zip(_params(ref), _params(learner)):
+        assert torch.equal(p, q)
+    for o, r in zip(outs, ref_out):
+        assert set(o) == set(r) and all(torch.equal(o[k], r[k]) for k in o)
+    assert {k: v.data_ptr() for k, v in cap.buffers.items()} == ptrs  # the same buffers, refilled
+    assert all(torch.equal(cap.buffers[k], batches[-1][k]) for k in ptrs)
+    assert not torch.equal(_params(_learner(kind))[0], _params(learner)[0])  # it did train
+
+
+def test_undoing_the_warmup_is_what_makes_it_match():
+    """Without the restore the warm-up steps would count: the reference test above can fail."""
+    batches = _batches(2)
+    ref, learner = _learner("iql"), _learner("iql")
+    for b in batches:
+        ref.step(b)
+    cap = CapturedStep(learner, device="cpu", example=batches[0], warmup=2)
+    cap._restore = lambda snap: None  # noqa: SLF001  the bookkeeping switched off
+    for b in batches:
+        cap.step(b)
+    assert not all(torch.equal(p, q) for p, q in zip(_params(ref), _params(learner)))
+
+
+def test_device_batches_are_seeded():
+    data = _data()
+    draws = [DeviceBatches(lambda i: {"a": data["a"][i]}, N_DATA, 8, "cpu", seed=s) for s in (3, 3, 4)]
+    seq = [[d.draw() for _ in range(4)] for d in draws]
+    assert all(torch.equal(x, y) for x, y in zip(seq[0], seq[1]))
+    assert not all(torch.equal(x, y) for x, y in zip(seq[0], seq[2]))
+    idx = torch.cat(seq[0])
+    assert idx.dtype == torch.int64 and idx.min() >= 0 and idx.max() < N_DATA and len(set(idx.tolist())) > 8
+    i = DeviceBatches(lambda i: {"a": data["a"][i]}, N_DATA, 8, "cpu", seed=5)
+    j = DeviceBatches(lambda i: {"a": data["a"][i]}, N_DATA, 8, "cpu", seed=5)
+    assert torch.equal(i()["a"], data["a"][j.draw()])
+
+
+@pytest.mark.parametrize("per_replay", [1, 3])
+def test_source_steps_match_eager_steps(per_replay):
+    """run() with a device source (the draw inside the graph on CUDA): the same indices and parameters as a plain
+    loop over the same seeded draws, several steps per replay."""
+    data = _data()
+    gather = lambda i: {k: v[i] for k, v in data.items()}  # noqa: E731
+    ref = _learner("insupport")
+    src = DeviceBatches(gather, N_DATA, 8, "cpu", seed=2)
+    for _ in range(6):
+        ref.step(src())
+    learner = _learner("insupport")
+    cap = CapturedStep(learner, device="cpu", source=DeviceBatches(gather, N_DATA, 8, "cpu", seed=2),
+                       steps_per_replay=per_replay)
+    for _ in range(6 // per_replay):
+        cap.run()
+    assert all(torch.equal(p, q) for p, q in zip(_params(ref), _params(learner)))
+
+
+def test_captured_learner_trains_as_a_stage(tmp_path):
+    """A CapturedStep is a Learner: run_stage trains it (and reloads it) as it trains the plain learner."""
+    data = _data()
+
+    def stage(capture):
+        make = (lambda: CapturedStep(_learner("iql"), device="cpu", example=_batches(1)[0])) if capture else \
+            (lambda: _learner("iql"))
+        return Stage("critic", {"capture": False}, 6, make,
+                     lambda g: {k: v[torch.randint(0, N_DATA, (8,), generator=g)] for k, v in data.items()})
+    plain, _ = run_stage(stage(False), StageStore(tmp_path / "a"), progress=False, checkpoint_every=4)
+    cap, _ = run_stage(stage(True), StageStore(tmp_path / "b"), progress=False, checkpoint_every=4)
+    assert all(torch.equal(p, q) for p, q in zip(_params(plain), _params(cap.learner)))
+    again, _ = run_stage(stage(True), StageStore(tmp_path / "b"), progress=False)  # finished: loaded
+    assert all(torch.equal(p, q) for p, q in zip(_params(plain), _params(again.learner)))
+
+
+def test_captured_step_refuses_bad_settings():
+    b = _batches(2, B=8) + _batches(1, B=4)
+    cap = CapturedStep(_learner("iql"), device="cpu", example=b[0])
+    cap.step(b[1])
+    with pytest.raises(ValueError, match=r"batch size: batch\['s'\] has shape \(4, 3\) but the captured buffers "
+                                         r"hold \(8, 3\)"):
+        cap.step(b[2])
+    with pytest.raises(ValueError, match="keys"):
+        cap.step({k: v for k, v in b[1].items() if k != "r"})
+    with pytest.raises(ValueError, match="example/source"):
+        CapturedStep(_learner("iql"), device="cpu")
+    with pytest.raises(ValueError, match="steps_per_replay"):
+        CapturedStep(_learner("iql"), device="cpu", example=b[0], steps_per_replay=2)
+    sched = BehaviourLearner(DiffusionModel(NoiseNet(D_DIM, K_DIM, 16, 1, 8)), 1e-2, decay_steps=10)
+    with pytest.raises(ValueError, match="lr_decay"):
+        CapturedStep(sched, device="cpu", example=b[0])
+    with pytest.raises(ValueError, match="device"):
+        CapturedStep(_learner("iql"), device="meta", example=b[0])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_captured_step_refuses_missing_cuda():
+    with pytest.raises(ValueError, match="device: 'cuda' was asked for a captured step but CUDA is not available"):
+        CapturedStep(_learner("iql"), device=torch.device("cuda"), example=_batches(1)[0])
+    with pytest.raises(ValueError, match="device: 'cuda:1' was asked for"):
+        CapturedStep(_learner("iql"), device="cuda:1", example=_batches(1)[0])
+
+
+def _cuda_pair(kind, source=False, per_replay=1):
+    """The same learner on CUDA twice: eager (graph=False) and captured, 20 steps on the same batches."""
+    dev = torch.device("cuda")
+    data = _data(dev)
+    gather = lambda i: {k: v[i] for k, v in data.items()}  # noqa: E731
+    runs = []
+    for graph in (False, True):
+        learner = _learner(kind, dev)
+        torch.cuda.manual_seed(11)
+        if source:
+            cap = CapturedStep(learner, device=dev, source=DeviceBatches(gather, N_DATA, 8, dev, seed=2),
+                               steps_per_replay=per_replay, graph=graph)
+            outs = [cap.run()["q_loss" if kind != "behaviour" else "loss"].clone() for _ in range(20 // per_replay)]
+        else:
+            batches = [{k: v.to(dev) for k, v in b.items()} for b in _batches(20)]
+            cap = CapturedStep(learner, device=dev, example=batches[0], graph=graph)
+            key = "loss" if kind == "behaviour" else "energy_loss" if kind == "energy" else "q_loss"
+            outs = [cap.step(b)[key].clone() for b in batches]
+        runs.append((_params(learner), torch.stack(outs), cap))
+    return runs
+
+
+@CUDA
+@pytest.mark.parametrize("kind", ["iql", "behaviour", "energy"])
+def test_cuda_captured_equals_eager_after_20_steps(kind):
+    (p_e, l_e, eager), (p_c, l_c, cap) = _cuda_pair(kind)
+    assert eager._graph is None and cap._graph is not None
+    for a, b in zip(p_e, p_c):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5), (a - b).abs().max()
+    assert torch.allclose(l_e, l_c, rtol=1e-4, atol=1e-5)
+
+
+@CUDA
+def test_cuda_captured_device_draws_equal_eager():
+    (p_e, l_e, _), (p_c, l_c, cap) = _cuda_pair("insupport", source=True, per_replay=4)
+    assert cap._graph is not None
+    for a, b in zip(p_e, p_c):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5), (a - b).abs().max()
+    assert torch.allclose(l_e, l_c, rtol=1e-4, atol=1e-5)
