@@ -26,7 +26,9 @@ training step's rate is what a training loop with no host synchronisation gets. 
 compiles every network the training stages run, in place (:func:`~aepo_lite.device.compile_module`;
 CUDA graphs on CUDA, each step then one CUDA-graph step, as ``train --compile`` runs);
 ``sampling.compile`` makes the guided stages use the agent's compiled sampler step. Compilation
-happens in each stage's untimed warm-up calls (``warmup_seconds``).
+happens in each stage's untimed warm-up calls (``warmup_seconds``). ``capture`` instead replays each training
+step, its batch draw included, as one CUDA graph (:class:`~aepo_lite.training.captured.CapturedStep`; captured in
+the first call, which the warm-up times; on the CPU the same steps run eagerly).
 
 ``run_bench(cfg) -> dict`` is the API; ``aepo-lite bench`` prints it and writes it as JSON + Markdown.
 """
@@ -79,6 +81,7 @@ class BenchConfig:
     min_time: float = 1.0  # seconds one timed loop should last (sets the number of calls in it)
     repeats: int = 3  # timed loops per stage; the median is reported
     compile: bool = False  # torch.compile every network the training stages run (CUDA graphs on CUDA)
+    capture: bool = False  # each training step, batch draw included, replayed as one CUDA graph (training/captured.py); eager on the CPU
     tf32: bool = False  # CUDA only: allow TF32 matmuls
     threads: Optional[int] = None  # torch CPU threads; None = torch's default (1 is steadier on a shared machine)
     seed: int = 0  # seeds the random data and the networks
@@ -137,6 +140,7 @@ def check_bench_config(cfg: BenchConfig) -> BenchConfig:
             and cfg.guidance_scale >= 0):
         raise ValueError(f"guidance_scale: expected a finite number >= 0, got {cfg.guidance_scale!r}")
     resolve_device(cfg.device)
+    _check_capture(cfg)
     if cfg.toy:
         from aepo_lite.toy.tasks import task_names
         if cfg.toy not in task_names():
@@ -147,6 +151,20 @@ def check_bench_config(cfg: BenchConfig) -> BenchConfig:
         for m in cfg.methods:
             check_config(train_config(cfg, m))
     return cfg
+
+
+def _check_capture(cfg: BenchConfig) -> None:
+    """``capture`` needs a constant learning rate in every timed training stage and excludes ``compile``."""
+    if not cfg.capture:
+        return
+    if cfg.compile:
+        raise ValueError("capture: --capture and --compile both make CUDA graphs of the training step; choose one")
+    parts = preset_config(ToyConfig, cfg.toy_preset) if cfg.toy else cfg
+    decay = [f"{p}.lr_decay" for p in ("behaviour", "critic", "energy") if getattr(parts, p).lr_decay]
+    if decay:
+        where = f" in the toy preset {cfg.toy_preset!r}" if cfg.toy else ""
+        raise ValueError(f"capture: a captured step replays one learning rate, but {', '.join(decay)} "
+                         f"{'is' if len(decay) == 1 else 'are'} true{where}; time it without --capture")
 
 
 # ----------------------------------------------------------------------------- environment
@@ -241,7 +259,11 @@ class _Stages:
         return torch.randint(0, self.n, shape, device=self.device)
 
     def _steps(self, learner, batch_of: Callable[[], dict]) -> Callable[[], None]:
-        """The call a training stage times: the batch source, then the learner's own ``step``."""
+        """The call a training stage times: the batch source, then the learner's own ``step`` (with ``capture``,
+        both in one replayed CUDA graph: :class:`~aepo_lite.training.captured.CapturedStep`)."""
+        if self.cfg.capture:
+            from aepo_lite.training.captured import CapturedStep
+            return CapturedStep(learner, device=self.device, source=batch_of).run
         step_begin = self.step_begin
 
         def call():
@@ -519,7 +541,7 @@ def time_plan(plan: list[Timed], cfg: BenchConfig, device: torch.device, log=Non
                            "repeats": [per / s for s in secs], "warmup_seconds": info["warmup_seconds"]}
         if log:
             log(f"  {st.name:<18} batch {st.batch:>5}  {per / sec:>12.1f} {st.unit}"
-                + (f"  (warm-up {info['warmup_seconds']:.1f} s)" if cfg.compile else ""))
+                + (f"  (warm-up {info['warmup_seconds']:.1f} s)" if cfg.compile or cfg.capture else ""))
     return stages
 
 
@@ -586,6 +608,9 @@ def to_markdown(result: dict) -> str:
     if ex.get("differs_from_preset"):
         lines += ["", f"Timed at settings other than the {ex['preset']} preset's: "
                       f"{', '.join(ex['differs_from_preset'])} (the times above are its step counts at these rates)."]
+    if result.get("config", {}).get("capture"):
+        eager = "" if env["device"].startswith("cuda") else " (on the CPU: the same step run eagerly)"
+        lines += ["", f"Training steps captured: each replayed as one CUDA graph, batch draw included (--capture){eager}."]
     dev = env.get("gpu") or env["cpu"]
     start = env.get("load_average_1min_start")
     load = ("" if start is None else f"{start} at the start, ") + f"{env['load_average_1min']} at the end"

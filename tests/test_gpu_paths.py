@@ -399,3 +399,24 @@ def test_cuda_captured_device_draws_equal_eager():
     for a, b in zip(p_e, p_c):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-5), (a - b).abs().max()
     assert torch.allclose(l_e, l_c, rtol=1e-4, atol=1e-5)
+
+
+def test_bench_capture_option_cpu():
+    """``aepo-lite bench --capture``: every training stage runs through CapturedStep (eagerly on the CPU)."""
+    from aepo_lite import bench
+    made = []
+    real = CapturedStep.__init__
+
+    def spy(self, learner, **kw):
+        made.append(type(learner).__name__)
+        real(self, learner, **kw)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(CapturedStep, "__init__", spy)
+        result = bench.run_bench(bench.tiny_config(capture=True, methods=("aepo", "qgpo")))
+    assert made == ["BehaviourLearner", "IQLCritic", "InSupportCritic", "EnergyLearner", "EnergyLearner"]
+    assert result["config"]["capture"] is True and "critic_iql" in result["stages"]
+    assert "captured" in bench.to_markdown(result)
+    for kw, msg in ((dict(compile=True), "choose one"), (dict(critic=dict(lr_decay=True)), "critic.lr_decay is true"),
+                    (dict(toy="8gaussians"), "in the toy preset 'full'")):
+        with pytest.raises(ValueError, match=msg):
+            bench.check_bench_config(bench.tiny_config(capture=True, **kw))
