@@ -590,6 +590,35 @@ def _extrapolation(result: dict) -> dict:
             "evaluation": ev and dict(ev, timed_stage=None), "differs_from_preset": []}  # its note names the batch
 
 
+def _check_sections(result: dict) -> list[str]:
+    """The extra tables of a ``scripts/gpu_check.sh`` result (absent from a plain bench result): the same stages
+    timed eagerly, compiled and captured (``variants``: rates by stage), the side-by-side timings of the GPU paths
+    (``paths``: scripts/gpu_paths.py's rows) and each check's exit status (``checks``)."""
+    lines, stages = [], result["stages"]
+    variants = result.get("variants") or {}
+    if variants:
+        names = list(variants)
+        lines += ["", "| stage | eager | " + " | ".join(names) + " | " + " | ".join(f"{n}/eager" for n in names) + " |",
+                  "|---|---:|" + "---:|" * (2 * len(names))]
+        for name, s in sorted(stages.items(), key=lambda kv: _stage_key(kv[0])):
+            rates = [variants[n].get(name) for n in names]
+            lines.append(f"| {name} | {s['rate']:.1f} {s['unit']} | "
+                         + " | ".join("" if r is None else f"{r:.1f}" for r in rates) + " | "
+                         + " | ".join("" if r is None else f"{r / s['rate']:.2f}x" for r in rates) + " |")
+    for part, rows in (result.get("paths") or {}).get("parts", {}).items():
+        lines += ["", f"| {part} | old | new | old ms | new ms | old/new | aten ops old -> new |",
+                  "|---|---|---|---:|---:|---:|---:|"]
+        for r in rows:
+            o, n = r["old"], r["new"]
+            lines.append(f"| {r['name']} | {o} | {n} | {r['ms'][o]:.3f} | {r['ms'][n]:.3f} | {r['ratio']:.2f}x | "
+                         f"{r['ops'][o]} -> {r['ops'][n]} |")
+    checks = result.get("checks") or {}
+    if checks:
+        lines += ["", "| check | exit status | seconds | last line |", "|---|---:|---:|---|"]
+        lines += [f"| {k} | {c['rc']} | {c['seconds']:.0f} | {c.get('summary', '')} |" for k, c in checks.items()]
+    return lines
+
+
 def to_markdown(result: dict) -> str:
     """The bench result as Markdown tables (stage rates, the preset's times, environment)."""
     env, stages, ex = result["environment"], result["stages"], _extrapolation(result)
@@ -608,6 +637,7 @@ def to_markdown(result: dict) -> str:
     if ex.get("differs_from_preset"):
         lines += ["", f"Timed at settings other than the {ex['preset']} preset's: "
                       f"{', '.join(ex['differs_from_preset'])} (the times above are its step counts at these rates)."]
+    lines += _check_sections(result)
     if result.get("config", {}).get("capture"):
         eager = "" if env["device"].startswith("cuda") else " (on the CPU: the same step run eagerly)"
         lines += ["", f"Training steps captured: each replayed as one CUDA graph, batch draw included (--capture){eager}."]

@@ -473,3 +473,39 @@ def test_gpu_paths_script_runs_tiny():
     for rows in res["parts"].values():
         assert rows and all(r["ratio"] > 0 and r["ops"][r["old"]] > 0 for r in rows)
     assert any("time(2 seeds together) / time(1 seed)" in ln for ln in lines)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_gpu_check_without_a_gpu_stops_with_one_line():
+    import subprocess
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run(["bash", "scripts/gpu_check.sh"], cwd=root, capture_output=True, text=True, timeout=120)
+    out = (r.stdout + r.stderr).strip().splitlines()
+    assert r.returncode != 0 and len(out) == 1, out
+    assert out[0].startswith("gpu_check: no CUDA device here") and "--device cpu --tiny" in out[0]
+
+
+def test_gpu_check_dry_run_cpu(tmp_path):
+    """The check's every step at tiny sizes on the CPU (compile skipped there): the gathered JSON is a bench result
+    that bench.to_markdown renders as the written Markdown (so `aepo-lite figures` rebuilds the same table)."""
+    import json
+    import os
+    import subprocess
+    from pathlib import Path
+
+    from aepo_lite import bench
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "bench_dry"
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    r = subprocess.run(["bash", "scripts/gpu_check.sh", "--device", "cpu", "--tiny", "--out", str(out)], cwd=root,
+                       capture_output=True, text=True, timeout=240, env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    res = json.loads(out.with_suffix(".json").read_text())
+    assert set(res["checks"]) == {"eager", "captured", "tests", "paths"}
+    assert all(c["rc"] == 0 for c in res["checks"].values())
+    assert "passed" in res["checks"]["tests"]["summary"]
+    assert set(res["variants"]) == {"captured"} and set(res["variants"]["captured"]) == set(res["stages"])
+    assert res["paths"]["parts"]["jacobian"] and res["environment"]["device_name"]
+    md = out.with_suffix(".md").read_text()
+    assert md == bench.to_markdown(res) and "captured/eager" in md and "| tweedie jacobian B=8 d=3 | loop |" in md
