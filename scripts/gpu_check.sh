@@ -9,6 +9,7 @@
 #   compiled  the same with --compile (CUDA graphs via torch.compile; skipped on the CPU)         <= 200 s
 #   captured  the same with --capture (each training step one CUDA graph, training/captured.py)   <= 80 s
 #   tests     the CUDA tests of tests/test_gpu_paths.py (captured == eager after 20 steps, ...)   <= 60 s
+#             and the slow one (the rows Jacobian through a compiled module)
 #   paths     scripts/gpu_paths.py: Jacobian loop/batched, TwinQ two MLPs/batched, eager/captured,
 #             N seeds stacked / 1 seed                                                           <= 60 s
 # then scripts/gpu_check.py gathers them into OUT.json and OUT.md (the device named by torch). The exit status
@@ -56,9 +57,11 @@ step() {  # step NAME SECONDS CMD...: run CMD with a time limit, log to WORK/NAM
 if [ $TINY = 1 ]; then  # the dry run: every step's code path at the smallest cost (the tests run it)
   SIZE=(--tiny --methods aepo --sample-batches 1)
   PATHS=(--tiny --rounds 1 --min-time 0.001 --parts jacobian)
+  TESTS="cuda"; SLOW=""
 else
   SIZE=(--quick --sample-batches 1 256)
   PATHS=(--rounds 3 --min-time 0.2)
+  TESTS="cuda or compiled_module"; SLOW=1
 fi
 BENCH=("$PY" -m aepo_lite bench --device "$DEVICE" "${SIZE[@]}")
 step eager 100 "${BENCH[@]}" --out "$WORK/eager.json"
@@ -66,7 +69,7 @@ if [ "$DEVICE" != cpu ]; then
   step compiled 200 "${BENCH[@]}" --compile --out "$WORK/compiled.json"
 fi
 step captured 80 "${BENCH[@]}" --capture --out "$WORK/captured.json"
-step tests 60 "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu_paths.py -k cuda
+step tests 60 env AEPO_SLOW="$SLOW" "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu_paths.py -k "$TESTS"
 step paths 60 "$PY" scripts/gpu_paths.py --device "$DEVICE" "${PATHS[@]}" --out "$WORK/paths.json"
 if ! "$PY" scripts/gpu_check.py --work "$WORK" --out "$OUT"; then
   echo "gpu_check: could not gather the results (the step logs are in $WORK)" >&2

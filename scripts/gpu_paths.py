@@ -9,8 +9,9 @@ Parts (each prints median ms per call over ``--rounds`` interleaved rounds and t
 new path is faster; ``ops`` is the number of aten operators one call runs, a proxy for kernel launches):
 
   jacobian   the Tweedie covariance's Jacobian of eps_theta in a_t (the default NoiseNet, Hopper's d = 3 and
-             d = 6) and the Hessian of Q in a (TwinQ 2 x 256): the loop of d backward passes against
-             ``rowwise_jacobian(batched=True)`` (one vmapped backward pass)
+             d = 6) and the Hessian of Q in a (TwinQ 2 x 256, ``critic_expansion(order=2)``): the loop of d
+             backward passes against ``rowwise_jacobian``'s ``vmap`` (one vmapped backward pass) and ``rows``
+             (one pass over the rows repeated d times)
   twinq      ``IQLCritic.step`` and ``InSupportCritic.step`` (K = 16) with the earlier TwinQ (two MLPs) against
              the batched TwinQ, batch 256, 2 x 256 Mish
   captured   ``IQLCritic.step`` on device-drawn batches: eager against ``CapturedStep`` (1 and 8 steps per
@@ -23,7 +24,9 @@ Nothing is asserted here; the tests (tests/test_gpu_paths.py) check the numbers 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import functools
 import json
 import statistics
 import sys
@@ -39,7 +42,8 @@ sys.path.insert(0, str(ROOT))
 
 from aepo_lite import bench  # noqa: E402
 from aepo_lite.config import CriticConfig  # noqa: E402
-from aepo_lite.core.aepo import rowwise_jacobian  # noqa: E402
+from aepo_lite.core import aepo  # noqa: E402
+from aepo_lite.core.aepo import JACOBIANS, critic_expansion, rowwise_jacobian  # noqa: E402
 from aepo_lite.core.critics import IQLCritic, InSupportCritic  # noqa: E402
 from aepo_lite.core.diffusion import DiffusionModel  # noqa: E402
 from aepo_lite.core.nets import MLP, NoiseNet, TwinQ  # noqa: E402
@@ -145,6 +149,17 @@ def _row(name: str, res: dict, old: str, new: str, log) -> dict:
 
 
 # ----------------------------------------------------------------------------- the parts
+@contextlib.contextmanager
+def _jacobian_method(method: str):
+    """critic_expansion with rowwise_jacobian's method fixed (it uses the device's default)."""
+    real = aepo.rowwise_jacobian
+    aepo.rowwise_jacobian = functools.partial(real, method=method)
+    try:
+        yield
+    finally:
+        aepo.rowwise_jacobian = real
+
+
 def part_jacobian(device, sizes, rounds, min_time, log) -> list:
     rows = []
     for B, d in sizes["jacobian"]:
@@ -152,23 +167,19 @@ def part_jacobian(device, sizes, rounds, min_time, log) -> list:
         net = NoiseNet(d, 11, **sizes["noise"]).to(device)
         x0, t, s = torch.randn(B, d, device=device), torch.rand(B, device=device), torch.randn(B, 11, device=device)
 
-        def jac(batched):
-            x = x0.clone().requires_grad_(True)
-            return lambda: rowwise_jacobian(net(x, t, s), x, batched=batched)
-        fns = {"loop": lambda: jac(False)(), "batched": lambda: jac(True)()}
-        rows.append(_row(f"tweedie jacobian B={B} d={d}", side_by_side(fns, device, rounds, min_time),
-                         "loop", "batched", log))
+        f = lambda x: net(x, t.repeat(x.shape[0] // B), s.repeat(x.shape[0] // B, 1))  # noqa: E731
+        fns = {m: (lambda m=m: rowwise_jacobian(f, x0, method=m)) for m in JACOBIANS}
+        res = side_by_side(fns, device, rounds, min_time)
+        rows += [_row(f"tweedie jacobian B={B} d={d}", res, "loop", m, log) for m in JACOBIANS[1:]]
     B, d = sizes["hessian"]
     q = TwinQ(11, d, **sizes["q"]).to(device)
     s, a = torch.randn(B, 11, device=device), torch.randn(B, d, device=device)
 
-    def hess(batched):
-        x = a.clone().requires_grad_(True)
-        (g,) = torch.autograd.grad(q.q_min(s, x).sum(), x, create_graph=True)
-        return rowwise_jacobian(g, x, batched=batched)
-    fns = {"loop": lambda: hess(False), "batched": lambda: hess(True)}
-    rows.append(_row(f"critic hessian B={B} d={d}", side_by_side(fns, device, rounds, min_time), "loop", "batched",
-                     log))
+    def hessian(method):
+        with _jacobian_method(method):
+            return critic_expansion(q.q_min, s, a, order=2)
+    res = side_by_side({m: functools.partial(hessian, m) for m in JACOBIANS}, device, rounds, min_time)
+    rows += [_row(f"critic hessian B={B} d={d}", res, "loop", m, log) for m in JACOBIANS[1:]]
     return rows
 
 

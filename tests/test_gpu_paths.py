@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import os
 from dataclasses import replace
 
 import pytest
@@ -39,24 +40,42 @@ def _noise_problem(B, d, dtype, seed=0):
     return net, a_t, t, s
 
 
+def _rows(f, B):
+    """f(a, t, s) as rowwise_jacobian calls it: its per-row inputs repeated to the rows it is given."""
+    return lambda t, s: (lambda x: f(x, t.repeat(x.shape[0] // B), s.repeat(x.shape[0] // B, 1)))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("B,d", [(5, 3), (1, 3), (4, 1), (1, 1)])
-@pytest.mark.parametrize("batched", [True, False])
-def test_rowwise_jacobian_matches_the_loop(dtype, B, d, batched):
+@pytest.mark.parametrize("method", aepo.JACOBIANS)
+def test_rowwise_jacobian_matches_the_loop(dtype, B, d, method):
     net, a_t, t, s = _noise_problem(B, d, dtype)
     x = a_t.clone().requires_grad_(True)
-    ref = loop_jacobian(net(x, t, s), x)
-    x = a_t.clone().requires_grad_(True)
-    jac = aepo.rowwise_jacobian(net(x, t, s), x, batched=batched)
-    assert jac.shape == (B, d, d)
-    assert (jac - ref).abs().max() <= TOL[dtype]
+    y_ref = net(x, t, s)
+    ref = loop_jacobian(y_ref, x)
+    y, jac = aepo.rowwise_jacobian(_rows(net, B)(t, s), a_t, method=method)
+    assert jac.shape == (B, d, d) and y.shape == (B, d)
+    assert (jac - ref).abs().max() <= TOL[dtype] and (y - y_ref).abs().max() <= TOL[dtype]
     assert ref.abs().max() > 1e-3  # a Jacobian worth comparing
 
 
-@pytest.fixture(params=[True, False], ids=["batched", "loop"])
+def test_rowwise_jacobian_refuses_an_unknown_method():
+    with pytest.raises(ValueError, match="method: expected one of"):
+        aepo.rowwise_jacobian(lambda x: x, torch.zeros(2, 2), method="jacfwd")
+
+
+def test_jacobian_default_is_the_loop_on_the_cpu(monkeypatch):
+    seen = []
+    real = torch.autograd.grad
+    monkeypatch.setattr(torch.autograd, "grad", lambda *a, **k: seen.append(1) or real(*a, **k))
+    aepo.rowwise_jacobian(lambda x: torch.sin(x) * x.sum(-1, keepdim=True), torch.randn(3, 4))
+    assert len(seen) == 4
+
+
+@pytest.fixture(params=aepo.JACOBIANS)
 def jacobian_kind(request, monkeypatch):
-    """posterior_estimate / critic_expansion with either Jacobian (the CPU default is the loop)."""
-    monkeypatch.setattr(aepo, "rowwise_jacobian", functools.partial(_JACOBIAN, batched=request.param))
+    """posterior_estimate / critic_expansion with each Jacobian method (the CPU default is the loop)."""
+    monkeypatch.setattr(aepo, "rowwise_jacobian", functools.partial(_JACOBIAN, method=request.param))
     return request.param
 
 
@@ -490,7 +509,6 @@ def test_gpu_check_dry_run_cpu(tmp_path):
     """The check's every step at tiny sizes on the CPU (compile skipped there): the gathered JSON is a bench result
     that bench.to_markdown renders as the written Markdown (so `aepo-lite figures` rebuilds the same table)."""
     import json
-    import os
     import subprocess
     from pathlib import Path
 
@@ -509,3 +527,19 @@ def test_gpu_check_dry_run_cpu(tmp_path):
     assert res["paths"]["parts"]["jacobian"] and res["environment"]["device_name"]
     md = out.with_suffix(".md").read_text()
     assert md == bench.to_markdown(res) and "captured/eager" in md and "| tweedie jacobian B=8 d=3 | loop |" in md
+
+
+@pytest.mark.skipif(not os.environ.get("AEPO_SLOW"), reason="slow: compiles (11 s on 2 shared CPU cores); AEPO_SLOW=1 "
+                    "runs it, as scripts/gpu_check.sh does")
+def test_rows_jacobian_goes_through_a_compiled_module():
+    """The GPU default (``rows``) works through a torch.compile'd behaviour net (AOTAutograd's backward; the
+    aot_eager backend generates no code, so this is quick on the CPU); ``vmap`` cannot, which is why it is not
+    the default."""
+    net, a_t, t, s = _noise_problem(4, 3, torch.float32, seed=5)
+    sched = VPSchedule()
+    ref = aepo.posterior_estimate(a_t, t, s, net, sched, "tweedie", clip=None)
+    net.compile(backend="aot_eager", dynamic=False)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(aepo, "rowwise_jacobian", functools.partial(_JACOBIAN, method="rows"))
+        a0, S = aepo.posterior_estimate(a_t, t, s, net, sched, "tweedie", clip=None)
+    assert (a0 - ref[0]).abs().max() <= 1e-6 and (S - ref[1]).abs().max() <= 1e-6
