@@ -137,8 +137,8 @@ def posterior_estimate(a_t: torch.Tensor, t: torch.Tensor, s: torch.Tensor | Non
     if need_jac:  # jac (B, d, d): jac[b, i, j] = d eps_i / d a_t_j
         eps, jac = rowwise_jacobian(lambda x: eps_fn(x, *(_repeat_rows(v, x.shape[0] // B) for v in (t, s))), a_t)
     else:
-        with torch.no_grad():
-            eps = eps_fn(a_t, t, s)
+        with torch.enable_grad():  # as for the Jacobian: an eps_fn may differentiate a density inside
+            eps = eps_fn(a_t.detach(), t, s)
     a0_hat = G.tweedie_mean(a_t, eps.detach(), alpha, sigma, clip=clip)
     max_var = None if clip is None else clip**2  # no distribution on [-clip, clip] has a larger variance
     if covariance == "tweedie":
