@@ -263,7 +263,7 @@ class _Stages:
         both in one replayed CUDA graph: :class:`~aepo_lite.training.captured.CapturedStep`)."""
         if self.cfg.capture:
             from aepo_lite.training.captured import CapturedStep
-            return CapturedStep(learner, device=self.device, source=batch_of).run
+            return CapturedStep(learner, device=self.device, source=batch_of, fallback=True).run  # uncapturable: eager
         step_begin = self.step_begin
 
         def call():
@@ -531,14 +531,19 @@ def time_plan(plan: list[Timed], cfg: BenchConfig, device: torch.device, log=Non
     stages = {}
     for st in plan:
         info: dict = {}
-        secs = time_call(st.build(), device=device, warmup=warmup, min_time=cfg.min_time, repeats=cfg.repeats,
-                         info=info)
+        st_call = st.build()
+        secs = time_call(st_call, device=device, warmup=warmup, min_time=cfg.min_time, repeats=cfg.repeats, info=info)
         if st.trains is not None:
             st.trains.requires_grad_(False).eval()
         sec = statistics.median(secs)
+        not_captured = getattr(getattr(st_call, "__self__", None), "capture_error", None)  # --capture, fell back
         per = st.batch if st.unit == "samples/s" else 1
         stages[st.name] = {"unit": st.unit, "batch": st.batch, "seconds_per_call": sec, "rate": per / sec,
                            "repeats": [per / s for s in secs], "warmup_seconds": info["warmup_seconds"]}
+        if not_captured:
+            stages[st.name]["capture_error"] = not_captured
+            if log:
+                log(f"  {st.name}: timed eagerly, {not_captured}")
         if log:
             log(f"  {st.name:<18} batch {st.batch:>5}  {per / sec:>12.1f} {st.unit}"
                 + (f"  (warm-up {info['warmup_seconds']:.1f} s)" if cfg.compile or cfg.capture else ""))
@@ -602,6 +607,8 @@ def _check_sections(result: dict) -> list[str]:
                   "|---|---:|" + "---:|" * (2 * len(names))]
         for name, s in sorted(stages.items(), key=lambda kv: _stage_key(kv[0])):
             rates = [variants[n].get(name) for n in names]
+            eager = [n for n in names if name in (result.get("variant_errors") or {}).get(n, {})]
+            name = name + "".join(f" ({n}: ran eagerly, not capturable)" for n in eager)
             lines.append(f"| {name} | {s['rate']:.1f} {s['unit']} | "
                          + " | ".join("" if r is None else f"{r:.1f}" for r in rates) + " | "
                          + " | ".join("" if r is None else f"{r / s['rate']:.2f}x" for r in rates) + " |")
@@ -640,7 +647,10 @@ def to_markdown(result: dict) -> str:
     lines += _check_sections(result)
     if result.get("config", {}).get("capture"):
         eager = "" if env["device"].startswith("cuda") else " (on the CPU: the same step run eagerly)"
-        lines += ["", f"Training steps captured: each replayed as one CUDA graph, batch draw included (--capture){eager}."]
+        fell = [n for n, s in stages.items() if "capture_error" in s]
+        fell = f" Not capturable, so timed eagerly: {', '.join(fell)}." if fell else ""
+        lines += ["", f"Training steps captured: each replayed as one CUDA graph, batch draw included (--capture){eager}."
+                  + fell]
     dev = env.get("gpu") or env["cpu"]
     start = env.get("load_average_1min_start")
     load = ("" if start is None else f"{start} at the start, ") + f"{env['load_average_1min']} at the end"

@@ -5,7 +5,8 @@ from the JSON).
     python scripts/gpu_check.py --work DIR --out figures/bench_cuda
 
 DIR holds ``eager.json`` (an ``aepo-lite bench`` result: the base of the file), optionally ``compiled.json`` and
-``captured.json`` (the same stages compiled / captured: their rates go under ``variants``), ``paths.json``
+``captured.json`` (the same stages compiled / captured: their rates go under ``variants``, and the stages a
+captured run had to run eagerly, with why, under ``variant_errors``), ``paths.json``
 (scripts/gpu_paths.py: under ``paths``), and ``status.tsv`` (one line per step: name, exit status, seconds; its
 log ``<name>.log`` gives the last line shown). The device is named as torch names it
 (``torch.cuda.get_device_name``, under ``environment.device_name``).
@@ -46,12 +47,13 @@ def combine(work: Path) -> dict:
     env = result["environment"]
     env["device_name"] = (torch.cuda.get_device_name(env["device"]) if env["device"].startswith("cuda")
                           else env.get("cpu"))
-    variants = {}
+    variants, errors = {}, {}
     for name in ("compiled", "captured"):
         other = _read(work / f"{name}.json")
         if other is not None:
             variants[name] = {k: s["rate"] for k, s in other["stages"].items()}
-    result["variants"] = variants
+            errors[name] = {k: s["capture_error"] for k, s in other["stages"].items() if "capture_error" in s}
+    result["variants"], result["variant_errors"] = variants, errors
     result["paths"] = _read(work / "paths.json")
     checks = {}
     status = work / "status.tsv"

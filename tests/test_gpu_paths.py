@@ -250,10 +250,12 @@ def _learner(kind: str, device="cpu"):
         return BehaviourLearner(DiffusionModel(NoiseNet(D_DIM, K_DIM, 16, 1, 8)).to(device), 1e-2)
     cfg = replace(CriticConfig(), hidden=16, depth=2, lr=1e-2)
     critic = (IQLCritic if kind == "iql" else InSupportCritic)(K_DIM, D_DIM, cfg).to(device)
-    if kind != "energy":
+    if not kind.startswith("energy"):
         return critic
     behaviour = DiffusionModel(NoiseNet(D_DIM, K_DIM, 16, 1, 8)).to(device)
     e = replace(EnergyConfig(), batch=8, hidden=16, depth=2, n_samples=4, covariance="tweedie", expansion="sampled")
+    if kind == "energy_first":  # no torch.linalg call (eigh, solve synchronise): capturable on CUDA
+        e = replace(e, covariance="none", expansion="first")
     return aepo.EnergyLearner(EnergyNet(D_DIM, K_DIM, 16, 2).to(device), e, schedule=behaviour.schedule,
                               eps_fn=behaviour.eps, q_fn=critic.q_fn)
 
@@ -302,6 +304,44 @@ def test_undoing_the_warmup_is_what_makes_it_match():
     for b in batches:
         cap.step(b)
     assert not all(torch.equal(p, q) for p, q in zip(_params(ref), _params(learner)))
+
+
+def _failing_capture(cap):
+    """Pretend the device can capture, and make the capture fail as an uncapturable step does on CUDA."""
+    cap.graph_on = True
+
+    def fail():
+        raise RuntimeError("CUDA error: operation not permitted when stream is capturing\nmore")
+    cap._capture = fail
+    return cap
+
+
+def test_capture_failure_is_named_and_undone():
+    from aepo_lite.training.captured import CaptureError
+    batches = _batches(3)
+    learner = _learner("energy")
+    start = _params(learner)
+    cap = _failing_capture(CapturedStep(learner, device="cpu", example=batches[0]))
+    with pytest.raises(CaptureError, match=r"capture: EnergyLearner.step could not be captured as a CUDA graph: CUDA "
+                                           r"error: operation not permitted when stream is capturing\. Something"):
+        cap.step(batches[0])
+    assert all(torch.equal(p, q) for p, q in zip(start, _params(learner)))  # the warm-up was undone
+    assert not cap.captured
+
+
+def test_capture_failure_with_fallback_runs_eagerly():
+    batches = _batches(4)
+    ref = _learner("iql")
+    torch.manual_seed(3)
+    for b in batches:
+        ref.step(b)
+    learner = _learner("iql")
+    torch.manual_seed(3)
+    cap = _failing_capture(CapturedStep(learner, device="cpu", example=batches[0], fallback=True))
+    for b in batches:
+        cap.step(b)
+    assert not cap.captured and cap.capture_error.startswith("IQLCritic.step could not be captured")
+    assert all(torch.equal(p, q) for p, q in zip(_params(ref), _params(learner)))
 
 
 def test_device_batches_are_seeded():
@@ -379,7 +419,7 @@ def test_captured_step_refuses_missing_cuda():
         CapturedStep(_learner("iql"), device="cuda:1", example=_batches(1)[0])
 
 
-def _cuda_pair(kind, source=False, per_replay=1):
+def _cuda_pair(kind, source=False, per_replay=1, fallback=False):
     """The same learner on CUDA twice: eager (graph=False) and captured, 20 steps on the same batches."""
     dev = torch.device("cuda")
     data = _data(dev)
@@ -394,18 +434,18 @@ def _cuda_pair(kind, source=False, per_replay=1):
             outs = [cap.run()["q_loss" if kind != "behaviour" else "loss"].clone() for _ in range(20 // per_replay)]
         else:
             batches = [{k: v.to(dev) for k, v in b.items()} for b in _batches(20)]
-            cap = CapturedStep(learner, device=dev, example=batches[0], graph=graph)
-            key = "loss" if kind == "behaviour" else "energy_loss" if kind == "energy" else "q_loss"
+            cap = CapturedStep(learner, device=dev, example=batches[0], graph=graph, fallback=fallback)
+            key = "loss" if kind == "behaviour" else "energy_loss" if kind.startswith("energy") else "q_loss"
             outs = [cap.step(b)[key].clone() for b in batches]
         runs.append((_params(learner), torch.stack(outs), cap))
     return runs
 
 
 @CUDA
-@pytest.mark.parametrize("kind", ["iql", "behaviour", "energy"])
+@pytest.mark.parametrize("kind", ["iql", "behaviour", "energy_first"])
 def test_cuda_captured_equals_eager_after_20_steps(kind):
     (p_e, l_e, eager), (p_c, l_c, cap) = _cuda_pair(kind)
-    assert eager._graph is None and cap._graph is not None
+    assert not eager.captured and cap.captured
     for a, b in zip(p_e, p_c):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-5), (a - b).abs().max()
     assert torch.allclose(l_e, l_c, rtol=1e-4, atol=1e-5)
@@ -414,7 +454,7 @@ def test_cuda_captured_equals_eager_after_20_steps(kind):
 @CUDA
 def test_cuda_captured_device_draws_equal_eager():
     (p_e, l_e, _), (p_c, l_c, cap) = _cuda_pair("insupport", source=True, per_replay=4)
-    assert cap._graph is not None
+    assert cap.captured
     for a, b in zip(p_e, p_c):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-5), (a - b).abs().max()
     assert torch.allclose(l_e, l_c, rtol=1e-4, atol=1e-5)
@@ -435,6 +475,23 @@ def test_bench_capture_option_cpu():
     assert made == ["BehaviourLearner", "IQLCritic", "InSupportCritic", "EnergyLearner", "EnergyLearner"]
     assert result["config"]["capture"] is True and "critic_iql" in result["stages"]
     assert "captured" in bench.to_markdown(result)
+    real_prepare = CapturedStep._prepare
+
+    def energy_fails(self):  # as AEPO's energy step does on CUDA (torch.linalg.eigh)
+        if type(self.learner).__name__ == "EnergyLearner":
+            _failing_capture(self)
+        real_prepare(self)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(CapturedStep, "_prepare", energy_fails)
+        result = bench.run_bench(bench.tiny_config(capture=True, methods=("aepo",), sample_batches=(1,)))
+    errors = {k: s.get("capture_error") for k, s in result["stages"].items()}
+    assert errors["energy_aepo"].startswith("EnergyLearner.step could not be captured")
+    assert errors["behaviour"] is None and errors["critic_iql"] is None
+    assert "Not capturable, so timed eagerly: energy_aepo." in bench.to_markdown(result)
+    rates = {k: 2 * v["rate"] for k, v in result["stages"].items()}  # as scripts/gpu_check.py gathers a check
+    md = bench.to_markdown(dict(result, variants={"captured": rates},
+                                variant_errors={"captured": {"energy_aepo": errors["energy_aepo"]}}))
+    assert "| energy_aepo (captured: ran eagerly, not capturable) |" in md and "| 2.00x |" in md
     for kw, msg in ((dict(compile=True), "choose one"), (dict(critic=dict(lr_decay=True)), "critic.lr_decay is true"),
                     (dict(toy="8gaussians"), "in the toy preset 'full'")):
         with pytest.raises(ValueError, match=msg):
@@ -543,3 +600,20 @@ def test_rows_jacobian_goes_through_a_compiled_module():
         mp.setattr(aepo, "rowwise_jacobian", functools.partial(_JACOBIAN, method="rows"))
         a0, S = aepo.posterior_estimate(a_t, t, s, net, sched, "tweedie", clip=None)
     assert (a0 - ref[0]).abs().max() <= 1e-6 and (S - ref[1]).abs().max() <= 1e-6
+
+
+@CUDA
+def test_cuda_uncapturable_aepo_step_falls_back_or_captures_and_equals_eager():
+    """AEPO's default posterior (Tweedie covariance, sampled expansion) calls torch.linalg.eigh, which checks its
+    result on the host: expected not capturable. Either way (captured, or eager with the reason recorded), the 20
+    steps equal the eager run's; without ``fallback`` an uncapturable step raises CaptureError."""
+    (p_e, l_e, _), (p_c, l_c, cap) = _cuda_pair("energy", fallback=True)
+    print(f"AEPO tweedie/sampled step captured: {cap.captured}; capture_error: {cap.capture_error}")
+    assert cap.captured != (cap.capture_error is not None)
+    for a, b in zip(p_e, p_c):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5), (a - b).abs().max()
+    if not cap.captured:
+        from aepo_lite.training.captured import CaptureError
+        with pytest.raises(CaptureError, match="capture: EnergyLearner.step could not be captured"):
+            CapturedStep(_learner("energy", torch.device("cuda")), device="cuda", example=_batches(1)[0]).step(
+                {k: v.cuda() for k, v in _batches(1)[0].items()})

@@ -20,7 +20,10 @@ happens except the capture: the warm-up runs and is undone, then every call runs
 tests check this bookkeeping there (N steps through the buffers == N plain steps, bit for bit).
 
 Outputs of a replay are static tensors that the next replay overwrites: read (or clone) them before it.
-A learning-rate schedule is refused (a graph would replay the first rate forever).
+A learning-rate schedule is refused (a graph would replay the first rate forever). A step that synchronises
+with the host cannot be captured: AEPO's gaussian posterior does (``torch.linalg.eigh`` in the Tweedie
+covariance and the sampled expansion, ``linalg.solve`` elsewhere check their results on the host), so its
+energy step raises :class:`CaptureError`, or runs eagerly with ``fallback=True``.
 """
 from __future__ import annotations
 
@@ -29,7 +32,11 @@ from typing import Callable
 import torch
 from torch import nn
 
-__all__ = ["CapturedStep", "DeviceBatches"]
+__all__ = ["CapturedStep", "CaptureError", "DeviceBatches"]
+
+
+class CaptureError(ValueError):
+    """A learner's step could not be captured as a CUDA graph (the message names the learner and the cause)."""
 
 
 class DeviceBatches:
@@ -84,11 +91,14 @@ class CapturedStep:
     Exactly one of ``example`` (a batch dict: :meth:`step` copies batches of its shapes into static buffers)
     or ``source`` (a call returning a batch made on the device: :meth:`run`). ``steps_per_replay`` steps per
     :meth:`run` (source only). ``graph=False`` runs the same bookkeeping without capturing (the eager
-    reference on CUDA). ``warmup``: steps run, then undone, before the capture.
+    reference on CUDA). ``warmup``: steps run, then undone, before the capture. A step that cannot be captured
+    (it synchronises with the host: ``torch.linalg.eigh``, ``.item()``) raises :class:`CaptureError` naming the
+    learner and the error, after the warm-up is undone; with ``fallback=True`` it runs eagerly instead and says
+    why in ``capture_error`` (the bench records it).
     """
 
     def __init__(self, learner, *, device, example: dict | None = None, source: Callable[[], dict] | None = None,
-                 steps_per_replay: int = 1, warmup: int = 3, graph: bool = True):
+                 steps_per_replay: int = 1, warmup: int = 3, graph: bool = True, fallback: bool = False):
         self.device = _check_device(device)
         if (example is None) == (source is None):
             raise ValueError("example/source: give exactly one (an example batch for step(batch), or a source of "
@@ -105,7 +115,13 @@ class CapturedStep:
         self.warmup, self.graph_on = int(warmup), graph and self.device.type == "cuda"
         self.buffers = None if example is None else {k: None if v is None else v.detach().clone()
                                                      for k, v in example.items()}
+        self.fallback, self.capture_error = fallback, None
         self._graph, self._out, self._ready = None, None, False
+
+    @property
+    def captured(self) -> bool:
+        """Whether calls replay a CUDA graph (False before the first call, on the CPU, and after a fallback)."""
+        return self._graph is not None
 
     # ------------------------------------------------------------------ the learner interface
     def step(self, batch: dict) -> dict[str, torch.Tensor]:
@@ -207,9 +223,19 @@ class CapturedStep:
         else:
             for _ in range(self.warmup):
                 self._body()
-        if self.graph_on:
-            self._graph = self._capture()
-        self._restore(snap)
+        try:
+            if self.graph_on:
+                self._graph = self._capture()
+        except RuntimeError as e:  # torch's CUDA errors (AcceleratorError) are RuntimeErrors
+            self._graph, self._out = None, None
+            self.capture_error = (f"{type(self.learner).__name__}.step could not be captured as a CUDA graph: "
+                                  f"{str(e).strip().splitlines()[0]}")
+            if not self.fallback:
+                raise CaptureError(f"capture: {self.capture_error}. Something in the step synchronises with the host "
+                                   "or cannot be captured (AEPO's gaussian posterior calls torch.linalg.eigh and "
+                                   "solve); run it eagerly (graph=False, or without --capture)") from e
+        finally:
+            self._restore(snap)
         self._ready = True
 
     def _capture(self) -> "torch.cuda.CUDAGraph":
