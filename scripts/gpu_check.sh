@@ -5,15 +5,16 @@
 #   bash scripts/gpu_check.sh --device cpu --tiny --out /tmp/dry/bench_dry   # the dry run (tests): tiny, CPU
 #
 # Steps, each with its own time limit (a step that fails or runs out is recorded, the others still run):
-#   eager     aepo-lite bench --quick (the full preset's sizes, guided batches 1 and 256)        <= 100 s
-#   compiled  the same with --compile (CUDA graphs via torch.compile; skipped on the CPU)         <= 200 s
+#   eager     aepo-lite bench --quick (the full preset's sizes, guided batches 1 and 256)        <= 90 s
+#   compiled  the same with --compile (CUDA graphs via torch.compile; skipped on the CPU)         <= 180 s
 #   captured  the same with --capture (each training step one CUDA graph, training/captured.py)   <= 80 s
 #   tests     the CUDA tests of tests/test_gpu_paths.py (captured == eager after 20 steps, ...)   <= 60 s
 #             and the slow one (the rows Jacobian through a compiled module)
 #   paths     scripts/gpu_paths.py: Jacobian loop/batched, TwinQ two MLPs/batched, eager/captured,
 #             N seeds stacked / 1 seed                                                           <= 60 s
-# then scripts/gpu_check.py gathers them into OUT.json and OUT.md (the device named by torch). The exit status
-# is 0 only when every step passed. Without CUDA (and without --device cpu) it stops at once, with one line.
+# (at most 470 s in all), then scripts/gpu_check.py gathers them into OUT.json and OUT.md (the device named by
+# torch). The exit status is 0 only when every step passed. Without CUDA (and without --device cpu) it stops at
+# once, with one line.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DEVICE=cuda
@@ -64,9 +65,9 @@ else
   TESTS="cuda or compiled_module"; SLOW=1
 fi
 BENCH=("$PY" -m aepo_lite bench --device "$DEVICE" "${SIZE[@]}")
-step eager 100 "${BENCH[@]}" --out "$WORK/eager.json"
+step eager 90 "${BENCH[@]}" --out "$WORK/eager.json"
 if [ "$DEVICE" != cpu ]; then
-  step compiled 200 "${BENCH[@]}" --compile --out "$WORK/compiled.json"
+  step compiled 180 "${BENCH[@]}" --compile --out "$WORK/compiled.json"
 fi
 step captured 80 "${BENCH[@]}" --capture --out "$WORK/captured.json"
 step tests 60 env AEPO_SLOW="$SLOW" "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu_paths.py -k "$TESTS"
