@@ -81,7 +81,7 @@ class BenchConfig:
     min_time: float = 1.0  # seconds one timed loop should last (sets the number of calls in it)
     repeats: int = 3  # timed loops per stage; the median is reported
     compile: bool = False  # torch.compile every network the training stages run (CUDA graphs on CUDA)
-    capture: bool = False  # each training step, batch draw included, replayed as one CUDA graph (training/captured.py); eager on the CPU
+    capture: bool = False  # replay each training step (batch draw included) as one CUDA graph; eager on the CPU
     tf32: bool = False  # CUDA only: allow TF32 matmuls
     threads: Optional[int] = None  # torch CPU threads; None = torch's default (1 is steadier on a shared machine)
     seed: int = 0  # seeds the random data and the networks
@@ -649,8 +649,8 @@ def to_markdown(result: dict) -> str:
         eager = "" if env["device"].startswith("cuda") else " (on the CPU: the same step run eagerly)"
         fell = [n for n, s in stages.items() if "capture_error" in s]
         fell = f" Not capturable, so timed eagerly: {', '.join(fell)}." if fell else ""
-        lines += ["", f"Training steps captured: each replayed as one CUDA graph, batch draw included (--capture){eager}."
-                  + fell]
+        lines += ["", "Training steps captured: each replayed as one CUDA graph, batch draw included "
+                      f"(--capture){eager}.{fell}"]
     dev = env.get("gpu") or env["cpu"]
     start = env.get("load_average_1min_start")
     load = ("" if start is None else f"{start} at the start, ") + f"{env['load_average_1min']} at the end"

@@ -25,8 +25,8 @@ from aepo_lite.device import TrainingState, adam, cosine_schedule
 from aepo_lite.core.diffusion import EpsFn
 from aepo_lite.core.schedule import VPSchedule
 
-__all__ = ["rowwise_jacobian", "JACOBIANS", "posterior_estimate", "critic_expansion", "aepo_target", "insupport_target", "EpsNormTable",
-           "EnergyLearner", "differentiates_q", "ENERGY_METHODS"]
+__all__ = ["rowwise_jacobian", "JACOBIANS", "posterior_estimate", "critic_expansion", "aepo_target", "insupport_target",
+           "EpsNormTable", "EnergyLearner", "differentiates_q", "ENERGY_METHODS"]
 
 QFn = Callable[[Optional[torch.Tensor], torch.Tensor], torch.Tensor]  # (s (B, k) | None, a (B, d)) -> (B,)
 ENERGY_METHODS = ("aepo", "mse", "qgpo")  # qgpo: the contrastive energy (CEP) of QGPO

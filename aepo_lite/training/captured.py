@@ -113,8 +113,8 @@ class CapturedStep:
                              "constant rate (lr_decay false) or without capture")
         self.learner, self.source, self.steps_per_replay = learner, source, steps_per_replay
         self.warmup, self.graph_on = int(warmup), graph and self.device.type == "cuda"
-        self.buffers = None if example is None else {k: None if v is None else v.detach().clone()
-                                                     for k, v in example.items()}
+        self.buffers = None if example is None else {k: None if v is None else v.detach().to(self.device, copy=True)
+                                                     for k, v in example.items()}  # on the device, whatever example's
         self.fallback, self.capture_error = fallback, None
         self._graph, self._out, self._ready = None, None, False
 
