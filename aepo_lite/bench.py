@@ -26,7 +26,9 @@ training step's rate is what a training loop with no host synchronisation gets. 
 compiles every network the training stages run, in place (:func:`~aepo_lite.device.compile_module`;
 CUDA graphs on CUDA, each step then one CUDA-graph step, as ``train --compile`` runs);
 ``sampling.compile`` makes the guided stages use the agent's compiled sampler step. Compilation
-happens in each stage's untimed warm-up calls (``warmup_seconds``).
+happens in each stage's untimed warm-up calls (``warmup_seconds``). ``capture`` instead replays each training
+step, its batch draw included, as one CUDA graph (:class:`~aepo_lite.training.captured.CapturedStep`; captured in
+the first call, which the warm-up times; on the CPU the same steps run eagerly).
 
 ``run_bench(cfg) -> dict`` is the API; ``aepo-lite bench`` prints it and writes it as JSON + Markdown.
 """
@@ -79,6 +81,7 @@ class BenchConfig:
     min_time: float = 1.0  # seconds one timed loop should last (sets the number of calls in it)
     repeats: int = 3  # timed loops per stage; the median is reported
     compile: bool = False  # torch.compile every network the training stages run (CUDA graphs on CUDA)
+    capture: bool = False  # replay each training step (batch draw included) as one CUDA graph; eager on the CPU
     tf32: bool = False  # CUDA only: allow TF32 matmuls
     threads: Optional[int] = None  # torch CPU threads; None = torch's default (1 is steadier on a shared machine)
     seed: int = 0  # seeds the random data and the networks
@@ -137,6 +140,7 @@ def check_bench_config(cfg: BenchConfig) -> BenchConfig:
             and cfg.guidance_scale >= 0):
         raise ValueError(f"guidance_scale: expected a finite number >= 0, got {cfg.guidance_scale!r}")
     resolve_device(cfg.device)
+    _check_capture(cfg)
     if cfg.toy:
         from aepo_lite.toy.tasks import task_names
         if cfg.toy not in task_names():
@@ -147,6 +151,20 @@ def check_bench_config(cfg: BenchConfig) -> BenchConfig:
         for m in cfg.methods:
             check_config(train_config(cfg, m))
     return cfg
+
+
+def _check_capture(cfg: BenchConfig) -> None:
+    """``capture`` needs a constant learning rate in every timed training stage and excludes ``compile``."""
+    if not cfg.capture:
+        return
+    if cfg.compile:
+        raise ValueError("capture: --capture and --compile both make CUDA graphs of the training step; choose one")
+    parts = preset_config(ToyConfig, cfg.toy_preset) if cfg.toy else cfg
+    decay = [f"{p}.lr_decay" for p in ("behaviour", "critic", "energy") if getattr(parts, p).lr_decay]
+    if decay:
+        where = f" in the toy preset {cfg.toy_preset!r}" if cfg.toy else ""
+        raise ValueError(f"capture: a captured step replays one learning rate, but {', '.join(decay)} "
+                         f"{'is' if len(decay) == 1 else 'are'} true{where}; time it without --capture")
 
 
 # ----------------------------------------------------------------------------- environment
@@ -241,7 +259,11 @@ class _Stages:
         return torch.randint(0, self.n, shape, device=self.device)
 
     def _steps(self, learner, batch_of: Callable[[], dict]) -> Callable[[], None]:
-        """The call a training stage times: the batch source, then the learner's own ``step``."""
+        """The call a training stage times: the batch source, then the learner's own ``step`` (with ``capture``,
+        both in one replayed CUDA graph: :class:`~aepo_lite.training.captured.CapturedStep`)."""
+        if self.cfg.capture:
+            from aepo_lite.training.captured import CapturedStep
+            return CapturedStep(learner, device=self.device, source=batch_of, fallback=True).run  # uncapturable: eager
         step_begin = self.step_begin
 
         def call():
@@ -509,17 +531,22 @@ def time_plan(plan: list[Timed], cfg: BenchConfig, device: torch.device, log=Non
     stages = {}
     for st in plan:
         info: dict = {}
-        secs = time_call(st.build(), device=device, warmup=warmup, min_time=cfg.min_time, repeats=cfg.repeats,
-                         info=info)
+        st_call = st.build()
+        secs = time_call(st_call, device=device, warmup=warmup, min_time=cfg.min_time, repeats=cfg.repeats, info=info)
         if st.trains is not None:
             st.trains.requires_grad_(False).eval()
         sec = statistics.median(secs)
+        not_captured = getattr(getattr(st_call, "__self__", None), "capture_error", None)  # --capture, fell back
         per = st.batch if st.unit == "samples/s" else 1
         stages[st.name] = {"unit": st.unit, "batch": st.batch, "seconds_per_call": sec, "rate": per / sec,
                            "repeats": [per / s for s in secs], "warmup_seconds": info["warmup_seconds"]}
+        if not_captured:
+            stages[st.name]["capture_error"] = not_captured
+            if log:
+                log(f"  {st.name}: timed eagerly, {not_captured}")
         if log:
             log(f"  {st.name:<18} batch {st.batch:>5}  {per / sec:>12.1f} {st.unit}"
-                + (f"  (warm-up {info['warmup_seconds']:.1f} s)" if cfg.compile else ""))
+                + (f"  (warm-up {info['warmup_seconds']:.1f} s)" if cfg.compile or cfg.capture else ""))
     return stages
 
 
@@ -568,6 +595,37 @@ def _extrapolation(result: dict) -> dict:
             "evaluation": ev and dict(ev, timed_stage=None), "differs_from_preset": []}  # its note names the batch
 
 
+def _check_sections(result: dict) -> list[str]:
+    """The extra tables of a ``scripts/gpu_check.sh`` result (absent from a plain bench result): the same stages
+    timed eagerly, compiled and captured (``variants``: rates by stage), the side-by-side timings of the GPU paths
+    (``paths``: scripts/gpu_paths.py's rows) and each check's exit status (``checks``)."""
+    lines, stages = [], result["stages"]
+    variants = result.get("variants") or {}
+    if variants:
+        names = list(variants)
+        lines += ["", "| stage | eager | " + " | ".join(names) + " | " + " | ".join(f"{n}/eager" for n in names) + " |",
+                  "|---|---:|" + "---:|" * (2 * len(names))]
+        for name, s in sorted(stages.items(), key=lambda kv: _stage_key(kv[0])):
+            rates = [variants[n].get(name) for n in names]
+            eager = [n for n in names if name in (result.get("variant_errors") or {}).get(n, {})]
+            name = name + "".join(f" ({n}: ran eagerly, not capturable)" for n in eager)
+            lines.append(f"| {name} | {s['rate']:.1f} {s['unit']} | "
+                         + " | ".join("" if r is None else f"{r:.1f}" for r in rates) + " | "
+                         + " | ".join("" if r is None else f"{r / s['rate']:.2f}x" for r in rates) + " |")
+    for part, rows in (result.get("paths") or {}).get("parts", {}).items():
+        lines += ["", f"| {part} | old | new | old ms | new ms | old/new | aten ops old -> new |",
+                  "|---|---|---|---:|---:|---:|---:|"]
+        for r in rows:
+            o, n = r["old"], r["new"]
+            lines.append(f"| {r['name']} | {o} | {n} | {r['ms'][o]:.3f} | {r['ms'][n]:.3f} | {r['ratio']:.2f}x | "
+                         f"{r['ops'][o]} -> {r['ops'][n]} |")
+    checks = result.get("checks") or {}
+    if checks:
+        lines += ["", "| check | exit status | seconds | last line |", "|---|---:|---:|---|"]
+        lines += [f"| {k} | {c['rc']} | {c['seconds']:.0f} | {c.get('summary', '')} |" for k, c in checks.items()]
+    return lines
+
+
 def to_markdown(result: dict) -> str:
     """The bench result as Markdown tables (stage rates, the preset's times, environment)."""
     env, stages, ex = result["environment"], result["stages"], _extrapolation(result)
@@ -586,6 +644,13 @@ def to_markdown(result: dict) -> str:
     if ex.get("differs_from_preset"):
         lines += ["", f"Timed at settings other than the {ex['preset']} preset's: "
                       f"{', '.join(ex['differs_from_preset'])} (the times above are its step counts at these rates)."]
+    lines += _check_sections(result)
+    if result.get("config", {}).get("capture"):
+        eager = "" if env["device"].startswith("cuda") else " (on the CPU: the same step run eagerly)"
+        fell = [n for n, s in stages.items() if "capture_error" in s]
+        fell = f" Not capturable, so timed eagerly: {', '.join(fell)}." if fell else ""
+        lines += ["", "Training steps captured: each replayed as one CUDA graph, batch draw included "
+                      f"(--capture){eager}.{fell}"]
     dev = env.get("gpu") or env["cpu"]
     start = env.get("load_average_1min_start")
     load = ("" if start is None else f"{start} at the start, ") + f"{env['load_average_1min']} at the end"

@@ -25,11 +25,17 @@ from aepo_lite.device import TrainingState, adam, cosine_schedule
 from aepo_lite.core.diffusion import EpsFn
 from aepo_lite.core.schedule import VPSchedule
 
-__all__ = ["posterior_estimate", "critic_expansion", "aepo_target", "insupport_target", "EpsNormTable",
-           "EnergyLearner", "differentiates_q", "ENERGY_METHODS"]
+__all__ = ["rowwise_jacobian", "JACOBIANS", "posterior_estimate", "critic_expansion", "aepo_target", "insupport_target",
+           "EpsNormTable", "EnergyLearner", "differentiates_q", "ENERGY_METHODS"]
 
 QFn = Callable[[Optional[torch.Tensor], torch.Tensor], torch.Tensor]  # (s (B, k) | None, a (B, d)) -> (B,)
 ENERGY_METHODS = ("aepo", "mse", "qgpo")  # qgpo: the contrastive energy (CEP) of QGPO
+JACOBIANS = ("loop", "vmap", "rows")  # how rowwise_jacobian batches its d backward passes
+
+
+def _repeat_rows(v: torch.Tensor | None, k: int) -> torch.Tensor | None:
+    """v (B, ...) stacked k times along rows -> (k B, ...); None stays None."""
+    return v if v is None or k == 1 else v.repeat(k, *([1] * (v.ndim - 1)))
 
 
 class EpsNormTable(nn.Module):
@@ -70,6 +76,49 @@ class EpsNormTable(nn.Module):
         return torch.exp((1 - w) * lv[idx - 1] + w * lv[idx])
 
 
+JACOBIANS = ("loop", "vmap", "rows")  # how rowwise_jacobian batches its m backward passes
+
+
+def _repeat_rows(v: torch.Tensor | None, k: int) -> torch.Tensor | None:
+    """v (B, ...) stacked k times along rows -> (k B, ...) (None stays None)."""
+    return v if v is None or k == 1 else v.repeat(k, *([1] * (v.ndim - 1)))
+
+
+def rowwise_jacobian(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+                     method: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """y = f(x) (B, d) and J[b, i, j] = d y[b, i] / d x[b, j] (B, d, d), for f acting row by row on x (B, d).
+
+    f must also take x's rows repeated k times ((k B, d), in order) and repeat its own per-row inputs to match
+    (:func:`_repeat_rows`). ``method``:
+
+    - ``loop``: y = f(x), then d backward passes, one per output coordinate (the default on the CPU, where a
+      step is compute-bound and this measured fastest: ``scripts/gpu_paths.py``);
+    - ``vmap``: y = f(x), then one vmapped backward pass for the d basis cotangents
+      (``autograd.grad(..., is_grads_batched=True)``); it cannot go through a ``torch.compile``d module's backward;
+    - ``rows`` (the default off the CPU): one forward of x repeated d times and one backward pass whose cotangent
+      is e_i on the i-th copy: the launches of one pass for all of J (what a launch-bound GPU step needs), d times
+      the flops; it works compiled and inside a CUDA graph.
+
+    All three give the same numbers (to rounding). Rows must not mix (no batch norm), as for the loop.
+    """
+    method = method or ("loop" if x.device.type == "cpu" else "rows")
+    if method not in JACOBIANS:
+        raise ValueError(f"method: expected one of {JACOBIANS}, got {method!r}")
+    B, d = x.shape
+    with torch.enable_grad():
+        xi = (_repeat_rows(x, d) if method == "rows" else x).detach().requires_grad_(True)
+        y = f(xi)
+        eye = torch.eye(d, dtype=y.dtype, device=y.device)
+        if method == "rows":  # copy i of the rows gets the cotangent e_i: its gradient is row i of J
+            (g,) = torch.autograd.grad(y, xi, grad_outputs=eye.repeat_interleave(B, dim=0))
+            return y[:B].detach(), g.reshape(d, B, d).transpose(0, 1)
+        if method == "loop":
+            rows = [torch.autograd.grad(y[:, i].sum(), xi, retain_graph=i < d - 1)[0] for i in range(d)]
+            return y.detach(), torch.stack(rows, dim=1)
+        (jt,) = torch.autograd.grad(y, xi, grad_outputs=eye.unsqueeze(1).expand(d, B, d), is_grads_batched=True)
+        return y.detach(), jt.transpose(0, 1)
+
+
 def posterior_estimate(a_t: torch.Tensor, t: torch.Tensor, s: torch.Tensor | None, eps_fn: EpsFn,
                        schedule: VPSchedule, covariance: str = "tweedie", clip: float | None = 1.0,
                        eps_table: EpsNormTable | None = None, fit_cov: torch.Tensor | None = None):
@@ -85,12 +134,11 @@ def posterior_estimate(a_t: torch.Tensor, t: torch.Tensor, s: torch.Tensor | Non
     B, d = a_t.shape
     alpha, sigma = schedule.alpha_sigma(t)
     need_jac = covariance == "tweedie"
-    with torch.enable_grad():
-        x = a_t.detach().requires_grad_(need_jac)
-        eps = eps_fn(x, t, s)
-        if need_jac:
-            rows = [torch.autograd.grad(eps[:, i].sum(), x, retain_graph=i < d - 1)[0] for i in range(d)]
-            jac = torch.stack(rows, dim=1)  # (B, d, d): jac[b, i, j] = d eps_i / d a_t_j
+    if need_jac:  # jac (B, d, d): jac[b, i, j] = d eps_i / d a_t_j
+        eps, jac = rowwise_jacobian(lambda x: eps_fn(x, *(_repeat_rows(v, x.shape[0] // B) for v in (t, s))), a_t)
+    else:
+        with torch.enable_grad():  # as for the Jacobian: an eps_fn may differentiate a density inside
+            eps = eps_fn(a_t.detach(), t, s)
     a0_hat = G.tweedie_mean(a_t, eps.detach(), alpha, sigma, clip=clip)
     max_var = None if clip is None else clip**2  # no distribution on [-clip, clip] has a larger variance
     if covariance == "tweedie":
@@ -112,16 +160,20 @@ def posterior_estimate(a_t: torch.Tensor, t: torch.Tensor, s: torch.Tensor | Non
 
 def critic_expansion(q_fn: QFn, s: torch.Tensor | None, a: torch.Tensor, order: int = 1):
     """Q(s, a) (B,), g = grad_a Q (B, d) and, for order 2, H = -hess_a Q (B, d, d) (else None)."""
+    if order >= 2:
+        B = a.shape[0]
+
+        def grad_q(x):
+            (g,) = torch.autograd.grad(q_fn(_repeat_rows(s, x.shape[0] // B), x).sum(), x, create_graph=True)
+            return g
+        g, H = rowwise_jacobian(grad_q, a)
+        with torch.no_grad():
+            return q_fn(s, a).detach(), g, -H.detach()
     with torch.enable_grad():
         x = a.detach().requires_grad_(True)
         q = q_fn(s, x)
-        (g,) = torch.autograd.grad(q.sum(), x, create_graph=order >= 2)
-        H = None
-        if order >= 2:
-            d = a.shape[1]
-            rows = [torch.autograd.grad(g[:, i].sum(), x, retain_graph=i < d - 1)[0] for i in range(d)]
-            H = -torch.stack(rows, dim=1).detach()
-    return q.detach(), g.detach(), H
+        (g,) = torch.autograd.grad(q.sum(), x)
+    return q.detach(), g.detach(), None
 
 
 def aepo_target(a_t: torch.Tensor, t: torch.Tensor, s: torch.Tensor | None, *, eps_fn: EpsFn, q_fn: QFn,

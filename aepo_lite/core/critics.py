@@ -30,7 +30,7 @@ from torch import nn
 from aepo_lite._checks import check_scalar
 from aepo_lite.config import CriticConfig
 from aepo_lite.device import adam
-from aepo_lite.core.nets import TwinQ, ValueNet
+from aepo_lite.core.nets import TwinQ, ValueNet, _twin_from_two_mlps
 
 __all__ = ["expectile_loss", "insupport_target", "IQLCritic", "InSupportCritic", "make_critic",
            "CRITICS"]
@@ -107,12 +107,31 @@ class _TwinQLearner(nn.Module):
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         state_dict = dict(state_dict)
         opts = state_dict.pop("_optimizers", {})
+        if "q.q1.0.weight" in state_dict and "q_opt" in opts:  # saved before TwinQ was one batched network
+            opts = dict(opts, q_opt=_twin_optimizer_state(opts["q_opt"], state_dict, self.q))
         out = super().load_state_dict(state_dict, strict=strict, assign=assign)
         if opts:
             self._optimizers()
             for k, o in self._named_optimizers().items():
                 o.load_state_dict(opts[k])
         return out
+
+
+def _twin_optimizer_state(opt_state: dict, state_dict: dict, q: TwinQ) -> dict:
+    """An Adam state saved for the earlier TwinQ (two MLPs; its parameters in the order of ``state_dict``'s ``q.``
+    keys) rewritten for the batched TwinQ ``q``: each moment converted as its parameter is."""
+    old_names = [k[2:] for k in state_dict if k.startswith("q.")]
+    new_names = [n for n, _ in q.named_parameters()]
+    state = opt_state["state"]
+    new_state: dict = {}
+    if state:
+        fields = {f: {n: state[i][f] for i, n in enumerate(old_names)} for f in ("exp_avg", "exp_avg_sq")}
+        for sd in fields.values():
+            _twin_from_two_mlps(sd, "", q.depth, q.layer_norm)
+        step = state[0]["step"]
+        new_state = {i: {"step": step.clone(), **{f: fields[f][n] for f in fields}} for i, n in enumerate(new_names)}
+    (group,) = opt_state["param_groups"]
+    return {"state": new_state, "param_groups": [dict(group, params=list(range(len(new_names))))]}
 
 
 class IQLCritic(_TwinQLearner):

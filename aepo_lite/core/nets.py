@@ -155,20 +155,74 @@ class NoiseNet(nn.Module):
 
 
 class TwinQ(nn.Module):
-    """Two Q heads. ``forward(s, a) -> (q1 (B,), q2 (B,))``; :meth:`q_min` is their minimum."""
+    """Two Q heads. ``forward(s, a) -> (q1 (B,), q2 (B,))``; :meth:`q_min` is their minimum.
+
+    Both heads are one batched network: layer l holds ``weights[l]`` (2, in, out) and ``biases[l]``
+    (2, 1, out), and each layer is one ``baddbmm`` for both heads, so a step launches half the kernels
+    of two separate MLPs (what a launch-bound GPU step pays for). Head h computes what
+    ``MLP(state_dim + action_dim, 1, hidden, depth, activation, layer_norm)`` computes (Linear,
+    optional LayerNorm, activation per hidden layer), initialised the way ``nn.Linear`` is. A state
+    dict of the earlier layout (two MLPs: ``q1.0.weight`` (out, in), ...) is converted on loading.
+    """
 
     def __init__(self, state_dim: int, action_dim: int, hidden: int = 256, depth: int = 2,
                  activation: str = "mish", layer_norm: bool = False):
         super().__init__()
-        self.q1 = MLP(state_dim + action_dim, 1, hidden, depth, activation, layer_norm)
-        self.q2 = MLP(state_dim + action_dim, 1, hidden, depth, activation, layer_norm)
+        dims = [state_dim + action_dim] + [hidden] * depth + [1]
+        bounds = [1 / math.sqrt(i) for i in dims[:-1]]  # nn.Linear's default: U(-1/sqrt(in), 1/sqrt(in))
+        self.weights = nn.ParameterList([nn.Parameter(torch.empty(2, i, o).uniform_(-b, b))
+                                         for i, o, b in zip(dims[:-1], dims[1:], bounds)])
+        self.biases = nn.ParameterList([nn.Parameter(torch.empty(2, 1, o).uniform_(-b, b))
+                                        for o, b in zip(dims[1:], bounds)])
+        n_norm = depth if layer_norm else 0  # LayerNorm's affine weight and bias per hidden layer
+        self.norm_weights = nn.ParameterList([nn.Parameter(torch.ones(2, 1, hidden)) for _ in range(n_norm)])
+        self.norm_biases = nn.ParameterList([nn.Parameter(torch.zeros(2, 1, hidden)) for _ in range(n_norm)])
+        self.act = make_activation(activation)
+        self.depth, self.layer_norm = depth, layer_norm
+
+    def heads(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, in) -> (2, B): both heads' Q."""
+        h = x.unsqueeze(0).expand(2, *x.shape)
+        inplace = not torch.is_grad_enabled()  # a target network's no-grad call: activations in place
+        for i in range(self.depth):
+            h = torch.baddbmm(self.biases[i], h, self.weights[i])
+            if self.layer_norm:
+                h = nn.functional.layer_norm(h, h.shape[-1:]) * self.norm_weights[i] + self.norm_biases[i]
+            h = _act_(self.act, h) if inplace else self.act(h)
+        return torch.baddbmm(self.biases[-1], h, self.weights[-1]).squeeze(-1)
 
     def forward(self, s: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = torch.cat([s, a], dim=-1)
-        return self.q1(x).squeeze(-1), self.q2(x).squeeze(-1)
+        q = self.heads(torch.cat([s, a], dim=-1))
+        return q[0], q[1]
 
     def q_min(self, s: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-        return torch.minimum(*self(s, a))
+        return self.heads(torch.cat([s, a], dim=-1)).amin(0)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        _twin_from_two_mlps(state_dict, prefix, self.depth, self.layer_norm)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def _twin_from_two_mlps(sd: dict, prefix: str, depth: int, layer_norm: bool) -> None:
+    """Rewrite, in ``sd``, an earlier TwinQ's keys as the batched layout's. The earlier TwinQ held two ``MLP``s
+    (``nn.Sequential``s): ``{prefix}q1.{k}.weight`` with k the index of Linear (out, in), LayerNorm (hidden,) and
+    activation in each hidden layer, then the output Linear. Keys it does not know are left for strict loading
+    to report."""
+    if f"{prefix}q1.0.weight" not in sd:
+        return
+    per = 3 if layer_norm else 2  # Sequential entries per hidden layer
+
+    def move(new: str, k: int, name: str) -> None:
+        old = [f"{prefix}q{h}.{k}.{name}" for h in (1, 2)]
+        if all(o in sd for o in old):
+            sd[prefix + new] = torch.stack([v.T if v.ndim == 2 else v[None] for v in map(sd.pop, old)])
+
+    for i in range(depth + 1):
+        move(f"weights.{i}", per * i, "weight")
+        move(f"biases.{i}", per * i, "bias")
+        if layer_norm and i < depth:
+            move(f"norm_weights.{i}", per * i + 1, "weight")
+            move(f"norm_biases.{i}", per * i + 1, "bias")
 
 
 class ValueNet(nn.Module):

@@ -1,0 +1,251 @@
+"""A learner's whole training step replayed as one CUDA graph: forward, backward, optimiser step and target
+update, with the batch drawn on the device, so a step of a small network costs one graph launch instead of
+hundreds of kernel launches (docs/gpu.md).
+
+:class:`CapturedStep` wraps any learner with ``step(batch) -> dict`` (the behaviour, critic and energy
+learners). Two ways to feed it:
+
+- ``step(batch)``: the batch is copied into static buffers (made from an ``example`` batch) and the graph
+  of ``learner.step(buffers)`` is replayed. It is a :class:`~aepo_lite.training.learners.Learner`, so a
+  :class:`~aepo_lite.training.stages.Stage` can train it. A batch of another shape is refused.
+- ``run()``: with a ``source`` (a call that makes a batch on the device, e.g. :class:`DeviceBatches`, which
+  gathers rows of device-resident data at indices drawn by a seeded device generator), the graph holds
+  ``steps_per_replay`` whole steps, batch draws included; nothing crosses from the host.
+
+On CUDA the first call captures: the optimisers are made capturable (Adam with ``capturable=True``), a few
+warm-up steps run on a side stream (cuBLAS workspaces, lazily made optimisers and their state), the step is
+captured, and then every value the warm-up changed is put back (parameters, buffers, optimiser moments,
+random-number states), so the n-th replay computes the n-th step of a plain eager run. On the CPU the same
+happens except the capture: the warm-up runs and is undone, then every call runs the step eagerly; the
+tests check this bookkeeping there (N steps through the buffers == N plain steps, bit for bit).
+
+Outputs of a replay are static tensors that the next replay overwrites: read (or clone) them before it.
+A learning-rate schedule is refused (a graph would replay the first rate forever). A step that synchronises
+with the host cannot be captured: AEPO's gaussian posterior does (``torch.linalg.eigh`` in the Tweedie
+covariance and the sampled expansion, ``linalg.solve`` elsewhere check their results on the host), so its
+energy step raises :class:`CaptureError`, or runs eagerly with ``fallback=True``.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+__all__ = ["CapturedStep", "CaptureError", "DeviceBatches"]
+
+
+class CaptureError(ValueError):
+    """A learner's step could not be captured as a CUDA graph (the message names the learner and the cause)."""
+
+
+class DeviceBatches:
+    """Batches of device-resident data: ``batch_of(i)`` gathers rows ``i`` (B,), drawn uniformly from ``range(n)``
+    by a generator on ``device`` seeded with ``seed`` (the same seed draws the same indices)."""
+
+    def __init__(self, batch_of: Callable[[torch.Tensor], dict], n: int, batch: int, device, seed: int = 0):
+        for name, v in (("n", n), ("batch", batch)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name}: expected a positive integer, got {v!r}")
+        self.batch_of, self.n, self.batch, self.device = batch_of, n, batch, torch.device(device)
+        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+
+    def draw(self) -> torch.Tensor:
+        """(batch,) int64 indices in [0, n), on the device."""
+        return torch.randint(0, self.n, (self.batch,), device=self.device, generator=self.generator)
+
+    def __call__(self) -> dict:
+        return self.batch_of(self.draw())
+
+
+def _check_device(device) -> torch.device:
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device: {str(device)!r} was asked for a captured step but CUDA is not available here; "
+                         "use the CPU (the step then runs eagerly)")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device: a captured step runs on CUDA (or eagerly on the CPU), got {str(device)!r}")
+    return device
+
+
+def _parts(learner) -> tuple[list[nn.Module], list[torch.optim.Optimizer]]:
+    """The learner's networks and optimisers (attributes; a learner that is itself a module counts)."""
+    attrs = list(vars(learner).values())
+    modules = ([learner] if isinstance(learner, nn.Module) else []) + [v for v in attrs if isinstance(v, nn.Module)]
+    return modules, [v for v in attrs if isinstance(v, torch.optim.Optimizer)]
+
+
+def _capturable(opts, device: torch.device) -> None:
+    """Adam with ``capturable=True``: its step counts live on the device, and step() reads no host value."""
+    for opt in opts:
+        for group in opt.param_groups:
+            group["capturable"] = True
+        for st in opt.state.values():
+            if isinstance(st.get("step"), torch.Tensor) and st["step"].device != device:
+                st["step"] = st["step"].to(device)
+
+
+class CapturedStep:
+    """``learner.step`` as one CUDA graph on CUDA, eagerly on the CPU (see the module docstring).
+
+    Exactly one of ``example`` (a batch dict: :meth:`step` copies batches of its shapes into static buffers)
+    or ``source`` (a call returning a batch made on the device: :meth:`run`). ``steps_per_replay`` steps per
+    :meth:`run` (source only). ``graph=False`` runs the same bookkeeping without capturing (the eager
+    reference on CUDA). ``warmup``: steps run, then undone, before the capture. A step that cannot be captured
+    (it synchronises with the host: ``torch.linalg.eigh``, ``.item()``) raises :class:`CaptureError` naming the
+    learner and the error, after the warm-up is undone; with ``fallback=True`` it runs eagerly instead and says
+    why in ``capture_error`` (the bench records it).
+    """
+
+    def __init__(self, learner, *, device, example: dict | None = None, source: Callable[[], dict] | None = None,
+                 steps_per_replay: int = 1, warmup: int = 3, graph: bool = True, fallback: bool = False):
+        self.device = _check_device(device)
+        if (example is None) == (source is None):
+            raise ValueError("example/source: give exactly one (an example batch for step(batch), or a source of "
+                             "device batches for run())")
+        if isinstance(steps_per_replay, bool) or not isinstance(steps_per_replay, int) or steps_per_replay < 1:
+            raise ValueError(f"steps_per_replay: expected a positive integer, got {steps_per_replay!r}")
+        if example is not None and steps_per_replay != 1:
+            raise ValueError("steps_per_replay: static buffers hold one batch; use a source for several steps per "
+                             f"replay, got {steps_per_replay}")
+        if any(getattr(learner, k, None) is not None for k in ("lr_schedule", "lr_scheduler")):
+            raise ValueError("lr_decay: a captured step would replay the first learning rate forever; train with a "
+                             "constant rate (lr_decay false) or without capture")
+        self.learner, self.source, self.steps_per_replay = learner, source, steps_per_replay
+        self.warmup, self.graph_on = int(warmup), graph and self.device.type == "cuda"
+        self.buffers = None if example is None else {k: None if v is None else v.detach().to(self.device, copy=True)
+                                                     for k, v in example.items()}  # on the device, whatever example's
+        self.fallback, self.capture_error = fallback, None
+        self._graph, self._out, self._ready = None, None, False
+
+    @property
+    def captured(self) -> bool:
+        """Whether calls replay a CUDA graph (False before the first call, on the CPU, and after a fallback)."""
+        return self._graph is not None
+
+    # ------------------------------------------------------------------ the learner interface
+    def step(self, batch: dict) -> dict[str, torch.Tensor]:
+        """Copy ``batch`` into the static buffers and run one step (a replay on CUDA); metrics as 0-d tensors."""
+        if self.buffers is None:
+            raise ValueError("batch: this captured step draws its own batches (source); call run()")
+        self._check_batch(batch)
+        with torch.no_grad():
+            for k, buf in self.buffers.items():
+                if buf is not None:
+                    buf.copy_(batch[k])
+        return self.run()
+
+    def state_dict(self) -> dict:
+        return self.learner.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        """Load into the learner; the next call captures again (loading replaces optimiser state tensors)."""
+        self.learner.load_state_dict(state)
+        self._graph, self._out, self._ready = None, None, False
+
+    def run(self) -> dict[str, torch.Tensor]:
+        """``steps_per_replay`` steps (one replay on CUDA); the last step's metrics (static: read before the next)."""
+        if not self._ready:
+            self._prepare()
+        if self._graph is None:
+            return self._body()
+        self._graph.replay()
+        return self._out
+
+    # ------------------------------------------------------------------ capture
+    def _body(self) -> dict[str, torch.Tensor]:
+        out = None
+        for _ in range(self.steps_per_replay):
+            out = self.learner.step(self.buffers if self.source is None else self.source())
+        return out
+
+    def _check_batch(self, batch: dict) -> None:
+        if set(batch) != set(self.buffers):
+            raise ValueError(f"batch: keys {sorted(batch)} differ from the captured buffers' {sorted(self.buffers)}")
+        for k, buf in self.buffers.items():
+            v = batch[k]
+            if (buf is None) != (v is None):
+                raise ValueError(f"batch: {k!r} is {'None' if v is None else 'a tensor'} but was "
+                                 f"{'None' if buf is None else 'a tensor'} when the step was captured")
+            if buf is not None and tuple(v.shape) != tuple(buf.shape):
+                raise ValueError(f"batch size: batch[{k!r}] has shape {tuple(v.shape)} but the captured buffers hold "
+                                 f"{tuple(buf.shape)} (a CUDA graph replays fixed shapes); make another CapturedStep "
+                                 f"for batch size {v.shape[0] if v.ndim else v.shape}")
+
+    def _generators(self) -> list[torch.Generator]:
+        gens = [getattr(self.learner, "generator", None), getattr(self.source, "generator", None)]
+        return [g for g in gens if isinstance(g, torch.Generator)]
+
+    def _snapshot(self) -> dict:
+        modules, opts = _parts(self.learner)
+        tensors = {id(t): t for m in modules for t in [*m.parameters(), *m.buffers()]}
+        state = {id(p): {k: v.clone() for k, v in st.items() if isinstance(v, torch.Tensor)}
+                 for opt in opts for p, st in opt.state.items()}
+        rng = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else torch.get_rng_state()
+        return {"tensors": [(t, t.detach().clone()) for t in tensors.values()], "opt_state": state,
+                "generators": [(g, g.get_state()) for g in self._generators()], "rng": rng}
+
+    def _restore(self, snap: dict) -> None:
+        """Put back the values of ``snap``, in place (the graph holds these tensors); optimiser state made since
+        the snapshot is zeroed, which is Adam's initial state."""
+        _, opts = _parts(self.learner)
+        with torch.no_grad():
+            for t, v in snap["tensors"]:
+                t.copy_(v)
+            for opt in opts:
+                for p, st in opt.state.items():
+                    saved = snap["opt_state"].get(id(p), {})
+                    for k, v in st.items():
+                        if isinstance(v, torch.Tensor) and k in saved:
+                            v.copy_(saved[k])
+                        elif isinstance(v, torch.Tensor):
+                            v.zero_()
+        for g, s in snap["generators"]:
+            g.set_state(s)
+        if self.device.type == "cuda":
+            torch.cuda.set_rng_state(snap["rng"], self.device)
+        else:
+            torch.set_rng_state(snap["rng"])
+
+    def _prepare(self) -> None:
+        """Warm up, capture (CUDA only), undo the warm-up."""
+        snap = self._snapshot()
+        _, opts = _parts(self.learner)
+        if self.device.type == "cuda":
+            _capturable(opts, self.device)
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                for _ in range(self.warmup):
+                    self._body()
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            _capturable(_parts(self.learner)[1], self.device)  # optimisers made lazily in the warm-up
+        else:
+            for _ in range(self.warmup):
+                self._body()
+        try:
+            if self.graph_on:
+                self._graph = self._capture()
+        except RuntimeError as e:  # torch's CUDA errors (AcceleratorError) are RuntimeErrors
+            self._graph, self._out = None, None
+            self.capture_error = (f"{type(self.learner).__name__}.step could not be captured as a CUDA graph: "
+                                  f"{str(e).strip().splitlines()[0]}")
+            if not self.fallback:
+                raise CaptureError(f"capture: {self.capture_error}. Something in the step synchronises with the host "
+                                   "or cannot be captured (AEPO's gaussian posterior calls torch.linalg.eigh and "
+                                   "solve); run it eagerly (graph=False, or without --capture)") from e
+        finally:
+            self._restore(snap)
+        self._ready = True
+
+    def _capture(self) -> "torch.cuda.CUDAGraph":
+        g = torch.cuda.CUDAGraph()
+        for gen in self._generators():
+            if gen.device.type == "cuda":
+                if not hasattr(g, "register_generator_state"):
+                    raise ValueError("generator: this torch cannot capture draws from a custom CUDA generator "
+                                     "(CUDAGraph.register_generator_state); use the default generator or graph=False")
+                g.register_generator_state(gen)
+        with torch.cuda.graph(g):
+            self._out = self._body()
+        return g

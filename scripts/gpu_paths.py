@@ -1,0 +1,305 @@
+"""Side-by-side timings of the GPU-speed paths (docs/gpu.md), old against new in one process, interleaved,
+on any device; and the several-seeds-in-one-process prototype (:class:`StackedBehaviour`).
+
+    python scripts/gpu_paths.py --device cpu                       # every part, the sizes below
+    python scripts/gpu_paths.py --device cuda --out figures/bench_cuda_paths.json
+    python scripts/gpu_paths.py --device cpu --tiny --parts jacobian twinq   # checks it runs (tests)
+
+Parts (each prints median ms per call over ``--rounds`` interleaved rounds and the ratio old / new, > 1: the
+new path is faster; ``ops`` is the number of aten operators one call runs, a proxy for kernel launches):
+
+  jacobian   the Tweedie covariance's Jacobian of eps_theta in a_t (the default NoiseNet, Hopper's d = 3 and
+             d = 6) and the Hessian of Q in a (TwinQ 2 x 256, ``critic_expansion(order=2)``): the loop of d
+             backward passes against ``rowwise_jacobian``'s ``vmap`` (one vmapped backward pass) and ``rows``
+             (one pass over the rows repeated d times)
+  twinq      ``IQLCritic.step`` and ``InSupportCritic.step`` (K = 16) with the earlier TwinQ (two MLPs) against
+             the batched TwinQ, batch 256, 2 x 256 Mish
+  captured   ``IQLCritic.step`` on device-drawn batches: eager against ``CapturedStep`` (1 and 8 steps per
+             replay); on the CPU both run eagerly (the ratio shows the bookkeeping costs nothing)
+  seeds      N behaviour models trained together (``StackedBehaviour``: stacked parameters, one vmapped loss,
+             one Adam) against one: time(N seeds together) / time(1 seed), N = 4 and 8
+
+Nothing is asserted here; the tests (tests/test_gpu_paths.py) check the numbers of each path.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import functools
+import json
+import statistics
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from aepo_lite import bench  # noqa: E402
+from aepo_lite.config import CriticConfig  # noqa: E402
+from aepo_lite.core import aepo  # noqa: E402
+from aepo_lite.core.aepo import JACOBIANS, critic_expansion, rowwise_jacobian  # noqa: E402
+from aepo_lite.core.critics import IQLCritic, InSupportCritic  # noqa: E402
+from aepo_lite.core.diffusion import DiffusionModel  # noqa: E402
+from aepo_lite.core.nets import MLP, NoiseNet, TwinQ  # noqa: E402
+from aepo_lite.device import adam, resolve_device  # noqa: E402
+from aepo_lite.training import BehaviourLearner  # noqa: E402
+from aepo_lite.training.captured import CapturedStep, DeviceBatches  # noqa: E402
+
+PARTS = ("jacobian", "twinq", "captured", "seeds")
+
+
+# ----------------------------------------------------------------------------- the prototype (part 4)
+class StackedBehaviour:
+    """N behaviour models (same architecture, different seeds) trained as one: their parameters stacked along a
+    leading axis (``torch.func.stack_module_state``), the denoising loss of all N in one vmapped
+    ``functional_call``, one Adam over the stacked tensors (Adam is elementwise, so it is N Adams).
+
+    ``step(batches)``: one batch per model (``a`` (B, d), ``s`` (B, k)); the noise of model i is drawn from
+    ``generators[i]`` exactly as ``BehaviourLearner(model_i, lr, generator=generators[i])`` draws it, so N
+    stacked steps give the parameters of N separate runs (to rounding). ``models()`` unstacks them.
+    """
+
+    def __init__(self, models: list[DiffusionModel], generators: list[torch.Generator], lr: float):
+        from torch.func import stack_module_state
+        if len(models) != len(generators):
+            raise ValueError(f"generators: expected one per model ({len(models)}), got {len(generators)}")
+        self.schedule, self.generators = models[0].schedule, generators
+        self.params, self.buffers = stack_module_state([m.net for m in models])
+        self.base = copy.deepcopy(models[0].net).to("meta")
+        self.template = models[0]
+        self.opt = adam(self.params.values(), lr)
+
+    def _loss(self, params, buffers, a_t, t, s, eps):
+        from torch.func import functional_call
+        eps_hat = functional_call(self.base, (params, buffers), (a_t, t, s))
+        return ((eps_hat - eps) ** 2).sum(-1).mean()
+
+    def step(self, batches: list[dict]) -> dict[str, torch.Tensor]:
+        from torch.func import vmap
+        drawn = []
+        for g, b in zip(self.generators, batches):  # the draws of DiffusionModel.loss, model by model
+            t = self.schedule.sample_t(b["a"].shape[0], device=b["a"].device, dtype=b["a"].dtype, generator=g)
+            drawn.append((*self.schedule.diffuse(b["a"], t, generator=g), t))
+        a_t, eps, t = (torch.stack(x) for x in zip(*drawn))
+        s = torch.stack([b["s"] for b in batches])
+        losses = vmap(self._loss)(self.params, self.buffers, a_t, t, s, eps)  # (N,)
+        self.opt.zero_grad(set_to_none=True)
+        losses.sum().backward()
+        self.opt.step()
+        return {"loss": losses.detach()}
+
+    def models(self) -> list[DiffusionModel]:
+        out = []
+        for i in range(next(iter(self.params.values())).shape[0]):
+            m = copy.deepcopy(self.template)
+            m.net.load_state_dict({k: v[i].detach() for k, v in {**self.params, **self.buffers}.items()})
+            out.append(m)
+        return out
+
+
+# ----------------------------------------------------------------------------- the earlier TwinQ (reference)
+class OldTwinQ(nn.Module):
+    """The TwinQ layout before it was batched: two independent MLPs."""
+
+    def __init__(self, state_dim, action_dim, hidden=256, depth=2, activation="mish", layer_norm=False):
+        super().__init__()
+        self.q1 = MLP(state_dim + action_dim, 1, hidden, depth, activation, layer_norm)
+        self.q2 = MLP(state_dim + action_dim, 1, hidden, depth, activation, layer_norm)
+
+    def forward(self, s, a):
+        x = torch.cat([s, a], dim=-1)
+        return self.q1(x).squeeze(-1), self.q2(x).squeeze(-1)
+
+    def q_min(self, s, a):
+        return torch.minimum(*self(s, a))
+
+
+# ----------------------------------------------------------------------------- timing
+def _ops(fn) -> int:
+    """aten operators one call runs (a proxy for kernel launches on a GPU)."""
+    from torch.profiler import profile
+    with profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(e.count for e in prof.key_averages() if e.key.startswith("aten::"))
+
+
+def side_by_side(fns: dict, device: torch.device, rounds: int, min_time: float) -> dict:
+    """Median seconds per call of each of ``fns`` over ``rounds`` rounds, each round timing every one (alternating
+    the order); ``{name: {"ms", "ops"}}``."""
+    times = {k: [] for k in fns}
+    names = list(fns)
+    for r in range(rounds):
+        for k in names if r % 2 == 0 else names[::-1]:
+            times[k] += bench.time_call(fns[k], device=device, warmup=1, min_time=min_time, repeats=1)
+    return {k: {"ms": 1e3 * statistics.median(v), "ops": _ops(fns[k])} for k, v in times.items()}
+
+
+def _row(name: str, res: dict, old: str, new: str, log) -> dict:
+    ratio = res[old]["ms"] / res[new]["ms"]
+    log(f"  {name:<34} {old} {res[old]['ms']:8.2f} ms ({res[old]['ops']:5d} ops)   {new} {res[new]['ms']:8.2f} ms "
+        f"({res[new]['ops']:5d} ops)   {old}/{new} {ratio:5.2f}x")
+    return {"name": name, "old": old, "new": new, "ms": {old: res[old]["ms"], new: res[new]["ms"]},
+            "ops": {old: res[old]["ops"], new: res[new]["ops"]}, "ratio": ratio}
+
+
+# ----------------------------------------------------------------------------- the parts
+@contextlib.contextmanager
+def _jacobian_method(method: str):
+    """critic_expansion with rowwise_jacobian's method fixed (it uses the device's default)."""
+    real = aepo.rowwise_jacobian
+    aepo.rowwise_jacobian = functools.partial(real, method=method)
+    try:
+        yield
+    finally:
+        aepo.rowwise_jacobian = real
+
+
+def part_jacobian(device, sizes, rounds, min_time, log) -> list:
+    rows = []
+    for B, d in sizes["jacobian"]:
+        torch.manual_seed(0)
+        net = NoiseNet(d, 11, **sizes["noise"]).to(device)
+        x0, t, s = torch.randn(B, d, device=device), torch.rand(B, device=device), torch.randn(B, 11, device=device)
+
+        f = lambda x: net(x, t.repeat(x.shape[0] // B), s.repeat(x.shape[0] // B, 1))  # noqa: E731
+        fns = {m: (lambda m=m: rowwise_jacobian(f, x0, method=m)) for m in JACOBIANS}
+        res = side_by_side(fns, device, rounds, min_time)
+        rows += [_row(f"tweedie jacobian B={B} d={d}", res, "loop", m, log) for m in JACOBIANS[1:]]
+    B, d = sizes["hessian"]
+    q = TwinQ(11, d, **sizes["q"]).to(device)
+    s, a = torch.randn(B, 11, device=device), torch.randn(B, d, device=device)
+
+    def hessian(method):
+        with _jacobian_method(method):
+            return critic_expansion(q.q_min, s, a, order=2)
+    res = side_by_side({m: functools.partial(hessian, m) for m in JACOBIANS}, device, rounds, min_time)
+    rows += [_row(f"critic hessian B={B} d={d}", res, "loop", m, log) for m in JACOBIANS[1:]]
+    return rows
+
+
+def _critic(cls, cfg, device, old: bool):
+    torch.manual_seed(0)
+    c = cls(11, 3, cfg)
+    if old:
+        c.q = OldTwinQ(11, 3, cfg.hidden, cfg.depth, cfg.activation, cfg.layer_norm)
+        c.q_target = copy.deepcopy(c.q).requires_grad_(False)
+    return c.to(device)
+
+
+def _critic_data(device, n=4096, K=16):
+    g = torch.Generator().manual_seed(0)
+    d = {"s": torch.randn(n, 11, generator=g), "a": torch.rand(n, 3, generator=g) * 2 - 1,
+         "r": torch.randn(n, generator=g), "s2": torch.randn(n, 11, generator=g),
+         "done": torch.zeros(n), "support2": torch.rand(n, K, 3, generator=g) * 2 - 1}
+    return {k: v.to(device) for k, v in d.items()}
+
+
+def part_twinq(device, sizes, rounds, min_time, log) -> list:
+    cfg = replace(CriticConfig(), **sizes["critic"])
+    data = _critic_data(device, K=sizes["k"])
+    rows = []
+    for cls in (IQLCritic, InSupportCritic):
+        src = DeviceBatches(lambda i: {k: v[i] for k, v in data.items()}, len(data["s"]), sizes["batch"], device)
+        old, new = _critic(cls, cfg, device, True), _critic(cls, cfg, device, False)
+        fns = {"two_mlps": lambda: old.step(src()), "batched": lambda: new.step(src())}
+        rows.append(_row(f"{cls.__name__}.step B={sizes['batch']}", side_by_side(fns, device, rounds, min_time),
+                         "two_mlps", "batched", log))
+    return rows
+
+
+def part_captured(device, sizes, rounds, min_time, log) -> list:
+    cfg = replace(CriticConfig(), **sizes["critic"])
+    data = _critic_data(device, K=sizes["k"])
+    gather = lambda i: {k: v[i] for k, v in data.items()}  # noqa: E731
+    src = DeviceBatches(gather, len(data["s"]), sizes["batch"], device)
+    eager = _critic(IQLCritic, cfg, device, False)
+    caps = {k: CapturedStep(_critic(IQLCritic, cfg, device, False), device=device, steps_per_replay=k,
+                            source=DeviceBatches(gather, len(data["s"]), sizes["batch"], device)) for k in (1, 8)}
+    fns = {"eager": lambda: eager.step(src()), "captured": caps[1].run}
+    rows = [_row(f"IQLCritic.step B={sizes['batch']} (1 per replay)", side_by_side(fns, device, rounds, min_time),
+                 "eager", "captured", log)]
+    fns = {"eager": lambda: [eager.step(src()) for _ in range(8)], "captured": caps[8].run}
+    rows.append(_row(f"IQLCritic.step B={sizes['batch']} x 8 (8 per replay)",
+                     side_by_side(fns, device, rounds, min_time), "eager", "captured", log))
+    return rows
+
+
+def _behaviours(n, device, sizes):
+    models, gens = [], []
+    for seed in range(n):
+        torch.manual_seed(seed)
+        models.append(DiffusionModel(NoiseNet(3, 11, **sizes["noise"])).to(device))
+        gens.append(torch.Generator(device=device).manual_seed(100 + seed))
+    return models, gens
+
+
+def part_seeds(device, sizes, rounds, min_time, log) -> list:
+    data = _critic_data(device, K=1)
+    B = sizes["behaviour_batch"]
+    draw = lambda: {"a": data["a"][torch.randint(0, len(data["a"]), (B,), device=device)],  # noqa: E731
+                    "s": data["s"][torch.randint(0, len(data["a"]), (B,), device=device)]}
+    models, gens = _behaviours(1, device, sizes)
+    one = BehaviourLearner(models[0], 1e-4, generator=gens[0])
+    rows = []
+    for n in sizes["seeds"]:
+        stacked = StackedBehaviour(*_behaviours(n, device, sizes), lr=1e-4)
+        fns = {"one_seed": lambda: one.step(draw()), f"{n}_seeds": lambda: stacked.step([draw() for _ in range(n)])}
+        res = side_by_side(fns, device, rounds, min_time)
+        row = _row(f"behaviour B={B}: {n} seeds stacked vs 1", res, f"{n}_seeds", "one_seed", log)
+        row["seconds_n_over_1"] = row["ratio"]
+        log(f"    time({n} seeds together) / time(1 seed) = {row['ratio']:.2f} (separately: {n}.00)")
+        rows.append(row)
+    return rows
+
+
+SIZES = {"full": {"jacobian": [(256, 3), (256, 6), (1, 3)], "hessian": (256, 3), "noise": {},
+                  "q": {"hidden": 256, "depth": 2}, "critic": {"hidden": 256, "depth": 2}, "k": 16, "batch": 256,
+                  "behaviour_batch": 4096, "seeds": (4, 8)},
+         "tiny": {"jacobian": [(8, 3), (1, 1)], "hessian": (8, 2), "noise": {"hidden": 16, "n_blocks": 1},
+                  "q": {"hidden": 16, "depth": 2}, "critic": {"hidden": 16, "depth": 2}, "k": 2, "batch": 8,
+                  "behaviour_batch": 16, "seeds": (2,)}}
+
+
+def run(device: str = "cpu", parts=PARTS, tiny: bool = False, rounds: int = 5, min_time: float = 0.5,
+        log=print) -> dict:
+    """Every part asked for; ``{"device", "parts": {part: [rows]}}`` (JSON-ready)."""
+    dev = resolve_device(device)
+    sizes = SIZES["tiny" if tiny else "full"]
+    out = {"device": str(dev), "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
+           "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "tiny": tiny, "parts": {}}
+    for p in parts:
+        log(f"{p}:")
+        out["parts"][p] = globals()[f"part_{p}"](dev, sizes, rounds, min_time, log)
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", default="cpu", help="auto | cpu | cuda")
+    ap.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS)
+    ap.add_argument("--tiny", action="store_true", help="tiny sizes: checks it runs, measures nothing")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--min-time", type=float, default=0.5, help="seconds per timed loop")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--out", default=None, help="write the result as JSON here")
+    a = ap.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    t0 = time.perf_counter()
+    res = run(a.device, a.parts, a.tiny, a.rounds, a.min_time)
+    res["seconds"] = time.perf_counter() - t0
+    if a.out:
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(json.dumps(res, indent=1) + "\n")
+        print(f"wrote {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
