@@ -8,9 +8,12 @@
   learner, a batch source and a step count; :func:`run_stages` trains a list of them with one
   checkpoint store (content-hashed, versioned, atomic, periodic inside a stage), one progress bar
   and metrics log, NaN checks at logged steps and per-stage seeding.
+- :mod:`~aepo_lite.training.captured`: a learner's whole step captured as one CUDA graph (eager, with the
+  same bookkeeping, on the CPU).
 """
 from aepo_lite.training.learners import BehaviourLearner, Learner, RegressionLearner
 from aepo_lite.training.stages import RunLock, Stage, StageStore, run_stage, stage_hash
+from aepo_lite.training.captured import CapturedStep
 
 __all__ = ["Learner", "BehaviourLearner", "RegressionLearner", "Stage", "StageStore", "RunLock", "run_stage",
-           "stage_hash"]
+           "stage_hash", "CapturedStep"]
