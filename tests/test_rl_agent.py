@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import warnings
 
@@ -486,3 +487,29 @@ def test_reference_returns_are_recovered_from_the_rows(tmp_path):
     assert "| local/p/m-v0 | bench | -150.7 | -34.0 | -50.2 (86.1) |" in markdown_table(p)
     _write_csv(p, COLUMNS, rows[:1])  # one score only: not determined, so no reference line
     assert reference_returns(p) == {}
+
+
+def test_energy_gradient_norms_of_known_energies(tiny, smoke_runs, monkeypatch):
+    """The diagnostic's gradient norms: exactly 3 sqrt(d) for f = 3 sum(a_t), and sigma_t-free t-dependence for
+    f = t |a_t|^2 / 2 (grad = t a_t), checked against the norms of the same a_t computed by hand."""
+    from aepo_lite.rl import agent as A, diagnostics
+    real = A.load_run
+    energy = {}
+
+    def fake(run_dir, **kw):
+        agent, cfg, data = real(run_dir, **kw)
+        agent.energy = energy["f"]
+        return agent, cfg, data
+
+    monkeypatch.setattr(A, "load_run", fake)
+    energy["f"] = lambda s, a, t: 3.0 * a.sum(-1)
+    norms = diagnostics.energy_gradient_norms(smoke_runs["mse"], n=32)
+    assert all(v == pytest.approx(3.0 * math.sqrt(3)) for v in norms.values())
+    seen = []
+    energy["f"] = lambda s, a, t: (seen.append(a.detach().clone()) or 0.5 * t * (a ** 2).sum(-1))
+    norms = diagnostics.energy_gradient_norms(smoke_runs["mse"], times=(0.1, 0.7), n=32)
+    for (t, v), a in zip(norms.items(), seen):
+        assert v == pytest.approx(float((t * a).norm(dim=-1).mean()), rel=1e-6)
+    monkeypatch.setattr(A, "load_run", real)
+    with pytest.raises(ValueError, match="no energy network"):
+        diagnostics.energy_gradient_norms(smoke_runs["bc"])

@@ -150,8 +150,8 @@ def _rl_protocol_lines(csv_path) -> list[str]:
     for (ds, preset), r in sorted(rl.items()):
         m = r["methods"]
         n = max(v["n"] for v in m.values())
-        parts = [f"{k} {v['mean']:.1f} +- {v['std']:.1f} (w={v['w']:g})" for k, v in
-                 sorted(m.items(), key=lambda kv: -kv[1]["mean"])]
+        parts = [f"{k} {v['mean']:.1f} +- {v['std']:.1f} (w={v['w']:g}" + (f", {v['n']} seeds)" if v["n"] < n else ")")
+                 for k, v in sorted(m.items(), key=lambda kv: -kv[1]["mean"])]
         line = (f"- **Offline RL (6c protocol), {ds}** (`{preset}` preset, 15 sampler steps, 10 episodes x {n} seeds, "
                 "normalised score: 0 = uniform random actions, 100 = the best TD3 snapshot; best w per method): "
                 + "; ".join(parts))

@@ -1,0 +1,54 @@
+"""Diagnostics of trained offline-RL runs: how large each run's guidance is, by diffusion time.
+
+``energy_gradient_norms`` measures the mean of ||grad_{a_t} f_phi(s, a_t, t)|| over dataset states and
+dataset actions noised to time t (a_t = alpha_t a + sigma_t eps). The exact E_t hardly depends on a_t at
+large t (the posterior forgets a_t), so a well-fitted energy's gradient falls toward 0 as t grows;
+QGPO's contrastive energy does. ``scripts/energy_gradients.py`` tabulates it for a set of runs
+(``figures/rl_6c/energy_gradients.md``, docs/derivation.md section 4b, the centered regression).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from aepo_lite.core.diffusion import energy_guidance
+
+__all__ = ["energy_gradient_norms", "gradient_table"]
+
+TIMES = (0.05, 0.2, 0.5, 0.9)
+
+
+def energy_gradient_norms(run_dir, times=TIMES, n: int = 512, seed: int = 0) -> dict[float, float]:
+    """Mean ||grad_{a_t} f_phi|| over ``n`` dataset transitions (drawn with ``seed``) at each t in ``times``."""
+    from aepo_lite.rl.agent import load_run
+    agent, cfg, data = load_run(run_dir, device="cpu")
+    if agent.energy is None:
+        raise ValueError(f"run: {run_dir} ({cfg.method}) has no energy network")
+    T = data.tensors(agent.device)
+    rng = np.random.default_rng(seed)
+    i = torch.as_tensor(rng.choice(T["a"].shape[0], min(n, T["a"].shape[0]), replace=False))
+    s, a0 = T["obs"][T["idx"][i]], T["a"][i]
+    g = torch.Generator().manual_seed(seed)
+    grad = energy_guidance(agent.energy)
+    out = {}
+    for t0 in times:
+        t = torch.full((a0.shape[0],), float(t0))
+        alpha, sigma = agent.behaviour.schedule.alpha_sigma(t)
+        a_t = alpha[:, None] * a0 + sigma[:, None] * torch.randn(a0.shape, generator=g)
+        out[float(t0)] = float(grad(a_t, t, s).norm(dim=-1).mean())
+    return out
+
+
+def gradient_table(run_dirs, times=TIMES) -> str:
+    """A Markdown table: one line per run (dataset, label, seed) with the mean gradient norm at each t."""
+    from aepo_lite._io import read_json
+    lines = ["| dataset | method | seed | " + " | ".join(f"t = {t:g}" for t in times) + " |",
+             "|---|---|---|" + "---|" * len(times)]
+    for d in run_dirs:
+        res = read_json(Path(d) / "results.json")
+        norms = energy_gradient_norms(d, times)
+        lines.append(f"| {res['dataset']} | {res['label']} | {res['seed']} | "
+                     + " | ".join(f"{norms[float(t)]:.3g}" for t in times) + " |")
+    return "\n".join(lines) + "\n"
