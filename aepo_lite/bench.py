@@ -357,7 +357,8 @@ class RLStages(_Stages):
         return self._steps(critic, batch)
 
     def _energy(self, method: str):
-        """``EnergyLearner`` as rl.agent's energy stage builds it; qgpo's batch scores its support with the critic."""
+        """``EnergyLearner`` as rl.agent's energy stage builds it; qgpo's batch (and AEPO's, with an in-support
+        posterior) scores its support with the critic."""
         cfg, D, agent = self.cfg, self.data, self.agents[method]
         critic, e = agent.critic, cfg.energy
         q_fn = critic.q_fn
@@ -374,7 +375,7 @@ class RLStages(_Stages):
         def batch():
             i = self._draw(e.batch)
             out = {"s": D["s"][i], "a": D["a"][i]}
-            if method == "qgpo":
+            if method == "qgpo" or (method == "aepo" and e.posterior != "gaussian"):
                 sup = D["support"][i]
                 B, K, d = sup.shape
                 with torch.no_grad():

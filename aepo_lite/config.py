@@ -83,11 +83,11 @@ class EnergyConfig:
     covariance: str = "tweedie"  # AEPO posterior covariance: tweedie | isotropic | gaussian-fit | none
     expansion: str = "sampled"  # AEPO expansion of Q: first | second | sampled
     n_samples: int = 16  # AEPO sampled expansion: Monte Carlo samples per a_t
-    posterior: str = "gaussian"  # AEPO posterior: gaussian (covariance, expansion) | mixture | particles (ours, 4b)
+    posterior: str = "particles"  # AEPO posterior: particles | mixture (ours, 4b; K = support.k) | gaussian (covariance, expansion)
     bandwidth: float = 0.0  # AEPO mixture posterior: kernel bandwidth h >= 0 around each support action
     # AEPO in-support targets (ours): regress f's differences between a state's K noised support actions (one t)
-    # on the target's, so f need not fit the per-state offset that guidance never uses
-    centered: bool = field(default=False, metadata={"hash_default": False})
+    # on the target's, so f need not fit the per-state offset that guidance never uses (posterior gaussian: False)
+    centered: bool = field(default=True, metadata={"hash_default": False})
     clip: Optional[float] = 1.0  # clip the posterior mean (and sampled actions) to [-clip, clip]; None = no box
     grad_clip: Optional[float] = None  # gradient-norm clipping of f_phi; None = off
     baseline: str = "value"  # RL, aepo/mse with IQL: regress on beta (Q - V(s)) ("value") or beta Q ("none")
@@ -170,8 +170,9 @@ class ToyConfig:
         kind="reward", steps=1500, batch=512, lr=2e-3, lr_decay=True, hidden=128, depth=3, activation="silu"))
     support: SupportConfig = field(default_factory=lambda: SupportConfig(k=16))
     energy: EnergyConfig = field(default_factory=lambda: EnergyConfig(
-        steps=600, batch=256, lr=1e-3, lr_decay=True, hidden=128, depth=3, beta=10.0, covariance="gaussian-fit",
-        expansion="sampled", cover=0.25, precondition=True, baseline="none"))
+        steps=600, batch=256, lr=1e-3, lr_decay=True, hidden=128, depth=3, beta=10.0, posterior="gaussian",
+        covariance="gaussian-fit", expansion="sampled", centered=False, cover=0.25, precondition=True,
+        baseline="none"))
     sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(
         solver="dpmpp2m", steps=20, guidance_scales=(1.0,)))
     eval: ToyEvalConfig = field(default_factory=ToyEvalConfig)
@@ -273,8 +274,23 @@ def apply_overrides(cfg, overrides: dict, path: str = ""):
 
 
 def from_dict(cls, d: dict):
-    """A config of class ``cls`` from a nested dict (a saved config.json); unknown keys are errors."""
-    return apply_overrides(cls(), d)
+    """A config of class ``cls`` from a nested dict (a saved config.json); unknown keys are errors. A field
+    added later with ``metadata={"hash_default": v}`` and missing from ``d`` takes ``v``, the value that
+    reproduces the run that saved it (not today's default)."""
+    return apply_overrides(cls(), _with_saved_defaults(cls(), d))
+
+
+def _with_saved_defaults(cfg, d):
+    if not isinstance(d, dict):
+        return d
+    out = dict(d)
+    for f in fields(cfg):
+        v = getattr(cfg, f.name)
+        if f.name not in out and "hash_default" in f.metadata:
+            out[f.name] = f.metadata["hash_default"]
+        elif is_dataclass(v) and isinstance(out.get(f.name), dict):
+            out[f.name] = _with_saved_defaults(v, out[f.name])
+    return out
 
 
 def preset_config(cls, preset: str, **top):

@@ -246,7 +246,7 @@ class AepoSide:
 
         def step():
             b = self.data.batch(batch)
-            if method == "qgpo":
+            if method == "qgpo" or (method == "aepo" and learner.cfg.posterior != "gaussian"):  # the default: particles
                 with torch.no_grad():
                     b["support_q"] = q_target(b["s"].repeat_interleave(K, dim=0),
                                               b["support"].reshape(batch * K, ACTION_DIM)).reshape(batch, K)

@@ -91,7 +91,7 @@ def test_energy_learner_rejects_bad_config(schedule):
     with pytest.raises(ValueError, match="q_fn"):
         EnergyLearner(f, EnergyConfig(), schedule=schedule, method="mse")
     with pytest.raises(ValueError, match="eps_fn"):
-        EnergyLearner(f, EnergyConfig(), schedule=schedule, method="aepo", q_fn=lambda s, a: a[:, 0])
+        EnergyLearner(f, EnergyConfig(posterior="gaussian", centered=False), schedule=schedule, method="aepo", q_fn=lambda s, a: a[:, 0])
     with pytest.raises(ValueError, match="cep_loss"):
         G.cep_loss(torch.zeros(2, 3), torch.zeros(2, 4), 1.0)
 
@@ -100,7 +100,7 @@ def test_energy_learner_rejects_bad_config(schedule):
 def test_energy_learner_update_returns_finite_floats(method, schedule):
     torch.manual_seed(0)
     f = EnergyNet(2, 0, hidden=16)
-    learner = EnergyLearner(f, EnergyConfig(beta=2.0), schedule=schedule, method=method,
+    learner = EnergyLearner(f, EnergyConfig(beta=2.0, posterior="gaussian", centered=False), schedule=schedule, method=method,
                             eps_fn=lambda x, t, s: G.gaussian_eps(x, t, torch.zeros(2), 0.3 * torch.eye(2), schedule),
                             q_fn=lambda s, a: -(a**2).sum(-1))
     batch = {"a": torch.rand(32, 2) * 2 - 1, "s": None,

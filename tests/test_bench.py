@@ -102,7 +102,8 @@ def test_extrapolation_arithmetic(result):
     for name, sec in ex["seconds"].items():
         assert sec == pytest.approx(ex["work"][name] / st[name]["rate"])
     assert ex["pipelines"]["qgpo"]["stages"] == ["behaviour", "support_sampling", "critic_insupport", "energy_qgpo"]
-    assert ex["pipelines"]["aepo"]["stages"] == ["behaviour", "critic_iql", "energy_aepo"]
+    # the default AEPO estimator (the particle target) reads support actions
+    assert ex["pipelines"]["aepo"]["stages"] == ["behaviour", "support_sampling", "critic_iql", "energy_aepo"]
     for p in ex["pipelines"].values():
         assert p["seconds"] == pytest.approx(sum(ex["seconds"][n] for n in p["stages"]))
         assert p["hours"] == pytest.approx(p["seconds"] / 3600)

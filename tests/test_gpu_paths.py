@@ -253,7 +253,8 @@ def _learner(kind: str, device="cpu"):
     if not kind.startswith("energy"):
         return critic
     behaviour = DiffusionModel(NoiseNet(D_DIM, K_DIM, 16, 1, 8)).to(device)
-    e = replace(EnergyConfig(), batch=8, hidden=16, depth=2, n_samples=4, covariance="tweedie", expansion="sampled")
+    e = replace(EnergyConfig(posterior="gaussian", centered=False), batch=8, hidden=16, depth=2, n_samples=4, covariance="tweedie",
+                expansion="sampled")
     if kind == "energy_first":  # no torch.linalg call (eigh, solve synchronise): capturable on CUDA
         e = replace(e, covariance="none", expansion="first")
     return aepo.EnergyLearner(EnergyNet(D_DIM, K_DIM, 16, 2).to(device), e, schedule=behaviour.schedule,

@@ -212,7 +212,8 @@ def test_every_method_trains_and_evaluates(smoke_runs):
           for m, d in smoke_runs.items()}
     assert len({round(v, 8) for v in r0.values()}) == 1
     assert (smoke_runs["qgpo"] / "checkpoints" / "support.pt").exists()
-    assert not (smoke_runs["aepo"] / "checkpoints" / "support.pt").exists()
+    assert (smoke_runs["aepo"] / "checkpoints" / "support.pt").exists()  # the default: the particle target
+    assert not (smoke_runs["mse"] / "checkpoints" / "support.pt").exists()
 
 
 def test_act_shapes_guidance_and_best_of_n(tiny, smoke_runs):
@@ -352,10 +353,10 @@ def test_run_dir_guards_and_broken_checkpoint(tiny, smoke_runs):
                                       (dict(seed=10**20), "seed"),
                                       (dict(sampling=dict(guidance_t_max=float("nan"))), "guidance_t_max"),
                                       (dict(critic=dict(activation="swish")), "critic.activation"),
-                                      (dict(critic=dict(activation="relu"), energy=dict(expansion="first")),
-                                       "no curvature"),
-                                      (dict(critic=dict(activation="relu"), energy=dict(expansion="second")),
-                                       "no curvature")])
+                                      (dict(critic=dict(activation="relu"), energy=dict(
+                                          posterior="gaussian", centered=False, expansion="first")), "no curvature"),
+                                      (dict(critic=dict(activation="relu"), energy=dict(
+                                          posterior="gaussian", centered=False, expansion="second")), "no curvature")])
 def test_bad_config_is_named(kw, match):
     from aepo_lite.rl.agent import make_config
     args = dict(dataset=DS, method="aepo", preset="smoke")
@@ -413,7 +414,7 @@ def test_cli_train_eval_and_errors(tiny, smoke_runs, capsys):
     assert json.loads((relu / "train_stats.json").read_text())["support"].get("copied_from")
     capsys.readouterr()
     assert main(["train", "--dataset", DS, "--method", "aepo", "--preset", "smoke", "--energy.expansion", "first",
-                 "--critic.activation", "relu",
+                 "--energy.posterior", "gaussian", "--energy.no-centered", "--critic.activation", "relu",
                  "--out", str(tiny / "y"), "--quiet"]) == 2
     assert "no curvature" in capsys.readouterr().err
 
@@ -444,7 +445,7 @@ def test_stage_cache_trains_shared_stages_once_and_matches_a_plain_run(tiny, smo
     for m in ("mse", "aepo"):
         train(make_config(DS, m, "smoke", seed=0), tiny / "cached" / m, progress=False, stage_cache=cache)
     entries = sorted(p.name.split("-")[0] for p in cache.glob("*.pt"))
-    assert entries == ["behaviour", "critic"]  # one of each: the second run trained neither
+    assert entries == ["behaviour", "critic", "support"]  # one of each: aepo reused mse's behaviour and critic
     stats = read_json(tiny / "cached" / "aepo" / "train_stats.json")
     assert stats["behaviour"]["copied_from"] == str(cache) and stats["critic"]["copied_from"] == str(cache)
     assert "copied_from" not in stats["energy"]
@@ -459,10 +460,15 @@ def test_stage_cache_trains_shared_stages_once_and_matches_a_plain_run(tiny, smo
 def test_labels_name_the_estimator_k_and_a_non_default_critic():
     from aepo_lite.rl.agent import estimator_label, make_config
     lab = lambda m, **kw: estimator_label(make_config(DS, m, "smoke", **kw))  # noqa: E731
-    assert lab("aepo") == "aepo(tweedie/sampled)"
-    assert lab("aepo", energy=dict(posterior="particles"), support=dict(k=8)) == "aepo(particles-K8)"
-    assert lab("aepo", energy=dict(posterior="mixture", bandwidth=0.05), support=dict(k=8)) == "aepo(mixture-K8-h0.05)"
-    assert lab("aepo", critic=dict(kind="insupport")) == "aepo(tweedie/sampled)+insupport"
+    gauss = dict(posterior="gaussian", centered=False)
+    assert lab("aepo") == "aepo(particles-K4-centered)"  # the library default (smoke: K = 4)
+    assert lab("aepo", energy=gauss) == "aepo(tweedie/sampled)"
+    assert lab("aepo", energy=dict(centered=False), support=dict(k=8)) == "aepo(particles-K8)"
+    assert lab("aepo", energy=dict(posterior="mixture", bandwidth=0.05, centered=False), support=dict(k=8)) == \
+        "aepo(mixture-K8-h0.05)"
+    assert lab("aepo", energy=gauss, critic=dict(kind="insupport")) == "aepo(tweedie/sampled)+insupport"
+    with pytest.raises(ValueError, match="energy.centered"):
+        lab("aepo", energy=dict(posterior="gaussian"))
     assert lab("qgpo") == "qgpo" and lab("qgpo", critic=dict(kind="iql")) == "qgpo+iql"
     assert lab("mse", critic=dict(kind="insupport")) == "mse+insupport" and lab("bc") == "bc"
 

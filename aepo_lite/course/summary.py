@@ -129,13 +129,12 @@ def _rl_lines(rl: dict) -> list[str]:
     return lines or ["- Offline RL: no results in `figures/rl_results.csv` yet."]
 
 
-def default_aepo_label() -> str:
-    """The row label of the library's default AEPO estimator (read from the config defaults, never typed)."""
-    from aepo_lite.config import EnergyConfig, SupportConfig
-    e = EnergyConfig()
-    if e.posterior == "gaussian":
-        return f"aepo({e.covariance}/{e.expansion})"
-    return f"aepo({e.posterior}-K{SupportConfig().k}" + (f"-h{e.bandwidth:g})" if e.posterior == "mixture" else ")")
+def default_aepo_label(preset: str = "full") -> str:
+    """The row label of the library's default AEPO estimator at ``preset`` (from the config defaults, never typed;
+    K is the preset's support.k)."""
+    from aepo_lite.config import TrainConfig, preset_config
+    from aepo_lite.rl.agent import estimator_label
+    return estimator_label(preset_config(TrainConfig, preset, method="aepo"))
 
 
 def _rl_protocol_lines(csv_path) -> list[str]:
@@ -145,9 +144,9 @@ def _rl_protocol_lines(csv_path) -> list[str]:
     rl = rl_summary(csv_path)
     if not rl:
         return []
-    label = default_aepo_label()
     lines, plus5, over_q = [], 0, 0
     for (ds, preset), r in sorted(rl.items()):
+        label = default_aepo_label(preset)
         m = r["methods"]
         n = max(v["n"] for v in m.values())
         parts = [f"{k} {v['mean']:.1f} +- {v['std']:.1f} (w={v['w']:g}" + (f", {v['n']} seeds)" if v["n"] < n else ")")

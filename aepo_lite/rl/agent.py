@@ -200,7 +200,8 @@ def _check_combinations(cfg: TrainConfig) -> None:
                          "does not support; use energy.expansion='sampled' or 'first', or compile=False")
     if cfg.energy.centered and cfg.method == "aepo" and cfg.energy.posterior == "gaussian":
         raise ValueError("energy.centered: the centered regression groups each state's support actions; it needs "
-                         "energy.posterior particles or mixture")
+                         "energy.posterior particles or mixture (with energy.posterior gaussian, also pass "
+                         "--energy.no-centered)")
     if cfg.energy.covariance == "gaussian-fit" and cfg.method == "aepo" and cfg.energy.posterior == "gaussian":
         raise ValueError("energy.covariance: 'gaussian-fit' needs a Gaussian behaviour per state; the RL agent "
                          "supports tweedie | isotropic | none")

@@ -388,7 +388,7 @@ def readme_section(rows: list[dict], csv_name: str = "figures/toy2d_results.csv"
                   "distance / floor at beta = 10 and guidance scale 1 over the tasks where every estimator ran "
                   f"({score[best][2]} common run(s) on {score[best][1]} task(s)). "
                   "This choice is ours, measured on these toy tasks; it is not the paper's, which publishes no code. "
-                  f"The library default in `aepo_lite.core.aepo.EnergyConfig` is `{_lib_default()}`; the estimator run "
+                  f"The library's offline-RL default (`aepo_lite.config.EnergyConfig`) is `{_lib_default()}`; the estimator run "
                   f"on the whole grid (every task and seed) is `{main}`.", ""]
         others = sorted(score, key=lambda e: score[e][0])
         parts.append("Estimators measured (mean distance / floor over the common runs): " +
@@ -415,8 +415,9 @@ def readme_section(rows: list[dict], csv_name: str = "figures/toy2d_results.csv"
 
 
 def _lib_default() -> str:
-    from aepo_lite.config import EnergyConfig
-    return f"aepo({EnergyConfig.covariance}/{EnergyConfig.expansion})"
+    """The library's (offline-RL) default AEPO estimator, as its RL rows name it (K: the full preset's)."""
+    from aepo_lite.course.summary import default_aepo_label
+    return default_aepo_label("full")
 
 
 def update_readme(csv_path="figures/toy2d_results.csv", readme_path="README.md") -> Path:
