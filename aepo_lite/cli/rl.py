@@ -32,6 +32,7 @@ def register(sub) -> None:
     p.add_argument("--runs", nargs="+", default=["runs"], help="run directories or folders holding them")
     p.add_argument("--csv", default="figures/rl_results.csv")
     p.add_argument("--figures", default="figures")
+    p.add_argument("--speed-csv", default=None, help="the stage speeds (default: rl_speed.csv beside --csv)")
     p.add_argument("--readme", default=None, help="a Markdown file to update between <!-- rl:start --> and "
                    "<!-- rl:end --> (the project's: docs/results.md)")
     p.add_argument("--force", action="store_true", help="replace saved rows that the runs found would drop")
@@ -141,7 +142,7 @@ def _results(args) -> int:
         raise ValueError(f"figures: {args.figures} is a file, not a folder; give the folder for the table and figure")
     if args.readme:
         rl_report.check_readme(args.readme)
-    rows = rl_report.collect(args.runs, args.csv, force=args.force)
+    rows = rl_report.collect(args.runs, args.csv, args.speed_csv, force=args.force)
     print(f"{len(rows)} rows -> {args.csv}")
     for p in rl_report.render(args.csv, args.figures):
         print(f"wrote {p}")

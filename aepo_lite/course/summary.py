@@ -68,7 +68,7 @@ def rl_summary(csv_path) -> dict:
     """Per dataset and preset: each method's best guidance scale (by its mean over seeds: an optimistic choice
     made on the evaluation itself, the same rule for every method) and that mean +- sample std over seeds."""
     groups = defaultdict(lambda: defaultdict(list))
-    dataset_score = {}
+    dataset_score, settings = {}, {}
     for r in _read(csv_path):
         key = (r["dataset"], r["preset"])
         if r["method"] == "dataset":
@@ -77,6 +77,7 @@ def rl_summary(csv_path) -> dict:
         if "[" in r["method"] or not r["normalized_score"]:
             continue  # diagnostics (guidance only at small t) are not method rows
         groups[key][(r["method"], float(r["guidance_scale"]))].append(float(r["normalized_score"]))
+        settings.setdefault(key, set()).add((r.get("sample_steps", ""), r.get("episodes", "")))
     out = {}
     for key, cells in groups.items():
         best = {}
@@ -84,7 +85,7 @@ def rl_summary(csv_path) -> dict:
             mean = statistics.mean(v)
             if m not in best or mean > best[m]["mean"]:
                 best[m] = {"w": w, "mean": mean, "std": statistics.stdev(v) if len(v) > 1 else 0.0, "n": len(v)}
-        out[key] = {"methods": best, "dataset": dataset_score.get(key)}
+        out[key] = {"methods": best, "dataset": dataset_score.get(key), "settings": sorted(settings.get(key, ()))}
     return out
 
 
@@ -116,8 +117,9 @@ def _rl_lines(rl: dict) -> list[str]:
         m = r["methods"]
         parts = [f"{k} {v['mean']:.1f} +- {v['std']:.1f} (w={v['w']:g})" for k, v in
                  sorted(m.items(), key=lambda kv: -kv[1]["mean"])]
-        line = f"- **Offline RL, {ds}** (`{preset}` preset, normalised score, best w per method, " \
-               f"{max(v['n'] for v in m.values())} seeds): " + "; ".join(parts)
+        ev = "; ".join(f"{st} sampler steps, {ep} episodes" for st, ep in r.get("settings", ()) if st and ep)
+        line = f"- **Offline RL, {ds}** (`{preset}` preset{', ' + ev if ev else ''}, normalised score, best w per " \
+               f"method, {max(v['n'] for v in m.values())} seeds): " + "; ".join(parts)
         if r["dataset"] is not None:
             line += f"; the dataset's own episodes {r['dataset']:.1f}"
         aepo = {k: v for k, v in m.items() if k.startswith("aepo")}
