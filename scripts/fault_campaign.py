@@ -278,7 +278,10 @@ def _train_cases() -> list[Case]:
     conflict = [("bc-best-of-n", "--method bc --eval.candidates 4", "eval.candidates"),
                 ("relu-first-order", "--critic.activation relu --energy.expansion first", "critic.activation"),
                 ("compile-second-order", "--compile --energy.expansion second", "compile"),
-                ("gaussian-fit-rl", "--energy.covariance gaussian-fit", "energy.covariance"),
+                ("gaussian-fit-rl", "--energy.covariance gaussian-fit --energy.posterior gaussian --energy.no-centered",
+                 "energy.covariance"),
+                ("centered-gaussian", "--energy.posterior gaussian", "energy.centered"),
+                ("stage-cache-a-file", "--stage-cache {fx}/qgpo/config.json", "config.json"),
                 ("init-behaviour-missing", "--init-behaviour {c}/nowhere/run", "nowhere"),
                 ("init-behaviour-other-seed", "--method qgpo --seed 5 --init-behaviour {fx}/qgpo", "init_behaviour")]
     cases += [Case(f"{t}/{i}", t, "conflict", f"{TRAIN} {a}", (nm,), needs=("dataset", "qgpo")) for i, a, nm in conflict]
@@ -631,7 +634,9 @@ def _figures_make_cases() -> list[Case]:
            ("steps-string", "--steps x", "steps"), ("steps-1e20", "--steps 1e20", "steps"),
            ("seed-negative", "--seed -1", "seed"), ("seed-2e40", "--seed 1099511627776", "seed"),
            ("learning-starts-negative", "--learning-starts -1", "learning_starts"),
-           ("eval-every-beyond-budget", "--eval-every 5000", "eval_every")]
+           ("eval-every-beyond-budget", "--eval-every 5000", "eval_every"),
+           ("medium-fraction-one", "--medium-fraction 1", "medium_fraction"),
+           ("medium-fraction-nan", "--medium-fraction nan", "medium_fraction")]
     cases += [Case(f"{m}/{i}", m, "bad-number", f"{MAKE} {a}", (n,), absent=("minari/local/hopper/new-v0",),
                    env=ISOLATED_MINARI) for i, a, n in num]
     choice = [("env-unknown", "--env NoSuchEnv-v9", "NoSuchEnv-v9"), ("env-empty", "--env ''", "env"),
