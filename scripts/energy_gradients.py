@@ -1,30 +1,33 @@
-"""Tabulate mean ||grad_a f_phi(s, a_t, t)|| of trained runs by t (aepo_lite.rl.diagnostics).
+"""Measure mean ||grad_a f_phi(s, a_t, t)|| of trained runs by t (aepo_lite.rl.diagnostics) into a CSV, and render
+its table beside it (``aepo-lite figures`` re-renders the table from the CSV alone).
 
-    python scripts/energy_gradients.py --runs RUN [RUN ...] --out figures/rl_6c/energy_gradients.md
+    python scripts/energy_gradients.py --runs RUN [RUN ...] --out figures/rl_6c/energy_gradients.csv
 """
 from __future__ import annotations
 
 import argparse
+import csv
+import io
 from pathlib import Path
 
 from aepo_lite._io import atomic_write_text
-from aepo_lite.rl.diagnostics import gradient_table
-
-HEADER = ("# Guidance size by diffusion time\n\nMean ||grad_a f_phi(s, a_t, t)|| over 512 dataset transitions, "
-          "a_t = alpha_t a + sigma_t eps (made by `scripts/energy_gradients.py`; docs/derivation.md section 4b).\n\n")
+from aepo_lite.rl.diagnostics import CSV_COLUMNS, gradient_rows, render
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--runs", nargs="+", required=True, help="run directories with an energy network")
-    p.add_argument("--out", default=None, help="write the table here (Markdown); default: print it")
+    p.add_argument("--out", required=True, help="the CSV to write (its .md table is written beside it)")
     a = p.parse_args(argv)
-    text = HEADER + gradient_table(a.runs)
-    if a.out:
-        atomic_write_text(Path(a.out), text)
-        print(f"wrote {a.out}")
-    else:
-        print(text)
+    if not a.out.endswith(".csv"):
+        p.error(f"--out: expected a .csv path, got {a.out!r}")
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, lineterminator="\n")
+    w.writeheader()
+    w.writerows(gradient_rows(a.runs))
+    atomic_write_text(Path(a.out), buf.getvalue())
+    for path in [Path(a.out), *render(a.out, Path(a.out).parent)]:
+        print(f"wrote {path}")
     return 0
 
 

@@ -91,8 +91,8 @@ def needs(cfg: TrainConfig, stage: str) -> bool:
 
 def estimator_label(cfg: TrainConfig) -> str:
     """A row label naming what differs between energy targets, e.g. ``aepo(tweedie/sampled)``,
-    ``aepo(particles-K8)``, ``aepo(mixture-K8-h0.05)``, ``aepo(particles-K8-centered)``; a critic other than the method's default is named
-    after it (``mse+insupport``, ``qgpo+iql``)."""
+    ``aepo(particles-K8)``, ``aepo(mixture-K8-h0.05)``, ``aepo(particles-K8-centered)``; a critic other than
+    the method's default is named after it (``mse+insupport``, ``qgpo+iql``)."""
     e = cfg.energy
     label = cfg.method
     if cfg.method == "aepo":

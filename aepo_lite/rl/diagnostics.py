@@ -3,8 +3,8 @@
 ``energy_gradient_norms`` measures the mean of ||grad_{a_t} f_phi(s, a_t, t)|| over dataset states and
 dataset actions noised to time t (a_t = alpha_t a + sigma_t eps). The exact E_t hardly depends on a_t at
 large t (the posterior forgets a_t), so a well-fitted energy's gradient falls toward 0 as t grows;
-QGPO's contrastive energy does. ``scripts/energy_gradients.py`` tabulates it for a set of runs
-(``figures/rl_6c/energy_gradients.md``, docs/derivation.md section 4b, the centered regression).
+QGPO's contrastive energy does. ``scripts/energy_gradients.py`` measures it for a set of runs
+(``figures/rl_6c/energy_gradients.csv``, rendered to ``.md`` by :func:`render`, docs/derivation.md section 4b, the centered regression).
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import torch
 
 from aepo_lite.core.diffusion import energy_guidance
 
-__all__ = ["energy_gradient_norms", "gradient_table"]
+__all__ = ["energy_gradient_norms", "gradient_rows", "gradient_table", "render"]
 
 TIMES = (0.05, 0.2, 0.5, 0.9)
 
@@ -41,14 +41,42 @@ def energy_gradient_norms(run_dir, times=TIMES, n: int = 512, seed: int = 0) -> 
     return out
 
 
-def gradient_table(run_dirs, times=TIMES) -> str:
-    """A Markdown table: one line per run (dataset, label, seed) with the mean gradient norm at each t."""
+CSV_COLUMNS = ("dataset", "method", "seed", "t", "grad_norm")
+HEADER = ("# Guidance size by diffusion time\n\nMean ||grad_a f_phi(s, a_t, t)|| over 512 dataset transitions, "
+          "a_t = alpha_t a + sigma_t eps (measured by `scripts/energy_gradients.py` into `energy_gradients.csv`; "
+          "docs/derivation.md section 4b).\n\n")
+
+
+def gradient_rows(run_dirs, times=TIMES) -> list[dict]:
+    """One CSV row per run and t: dataset, the run's label, seed, t, the mean gradient norm."""
     from aepo_lite._io import read_json
-    lines = ["| dataset | method | seed | " + " | ".join(f"t = {t:g}" for t in times) + " |",
-             "|---|---|---|" + "---|" * len(times)]
+    rows = []
     for d in run_dirs:
         res = read_json(Path(d) / "results.json")
-        norms = energy_gradient_norms(d, times)
-        lines.append(f"| {res['dataset']} | {res['label']} | {res['seed']} | "
-                     + " | ".join(f"{norms[float(t)]:.3g}" for t in times) + " |")
+        for t, v in energy_gradient_norms(d, times).items():
+            rows.append({"dataset": res["dataset"], "method": res["label"], "seed": res["seed"], "t": t, "grad_norm": v})
+    return rows
+
+
+def gradient_table(rows) -> str:
+    """A Markdown table from :func:`gradient_rows` (or the CSV's rows): one line per run, one column per t."""
+    times = sorted({float(r["t"]) for r in rows})
+    cells: dict = {}
+    for r in rows:
+        cells.setdefault((r["dataset"], r["method"], str(r["seed"])), {})[float(r["t"])] = float(r["grad_norm"])
+    lines = ["| dataset | method | seed | " + " | ".join(f"t = {t:g}" for t in times) + " |",
+             "|---|---|---|" + "---|" * len(times)]
+    for (ds, m, seed), v in cells.items():
+        lines.append(f"| {ds} | {m} | {seed} | " + " | ".join(f"{v[t]:.3g}" if t in v else "n/a" for t in times) + " |")
     return "\n".join(lines) + "\n"
+
+
+def render(csv_path, figures_dir) -> list[Path]:
+    """``energy_gradients.md`` beside the CSV, from the CSV alone (``aepo-lite figures``)."""
+    import csv
+    from aepo_lite._io import atomic_write_text
+    with open(csv_path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        raise ValueError(f"{csv_path} has no rows: run scripts/energy_gradients.py first")
+    return [atomic_write_text(Path(csv_path).with_suffix(".md"), HEADER + gradient_table(rows))]
