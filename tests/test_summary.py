@@ -94,3 +94,26 @@ def test_convergence_line_names_the_winner_at_the_largest_budget_and_what_still_
     assert "energy budget 2000 steps" in text and "seed 0 only" in text
     assert "aepo[particles-K256] 1/2" in text and "qgpo 1/2" in text
     assert "Not converged" in text and "qgpo 5-50%" in text and "aepo[particles-K256] 2-10%" in text
+
+
+def test_protocol_lines_check_the_default_estimator_against_bc_and_qgpo(tmp_path):
+    """The 6c target, by hand: the library default's label (read from the config), BC + 5 on every dataset and
+    QGPO or better on 2 of 3; a held-out file gets the rows but no target line."""
+    from aepo_lite.course.summary import _rl_protocol_lines, default_aepo_label
+    lab = default_aepo_label("bench")
+    cells = {"d1": {"bc": 50, "qgpo": 60, lab: 61}, "d2": {"bc": 50, "qgpo": 60, lab: 62},
+             "d3": {"bc": 50, "qgpo": 70, lab: 56}}
+    rows = [{"dataset": f"local/{d}/m-v0", "method": m, "seed": s, "guidance_scale": 0.0 if m == "bc" else 1.0,
+             "return_mean": v, "normalized_score": v + s - 1, "preset": "bench", "sample_steps": 15, "episodes": 10}
+            for d, ms in cells.items() for m, v in ms.items() for s in range(3)]
+    _write(tmp_path / "r.csv", rows)
+    lines = _rl_protocol_lines(tmp_path / "r.csv")
+    assert len(lines) == 4 and "BC + 5 on 3/3, QGPO or better on 2/3: reached." in lines[-1]
+    assert f"{lab}, reaches BC + 5 (+6.0 points) and is below QGPO (-14.0)" in lines[2]
+    cells["d3"][lab] = 54.0  # 4 points above BC: one dataset short
+    rows = [r if not (r["dataset"] == "local/d3/m-v0" and r["method"] == lab) else dict(r, normalized_score=53 + r["seed"])
+            for r in rows]
+    _write(tmp_path / "r.csv", rows)
+    assert "BC + 5 on 2/3, QGPO or better on 2/3: **not reached**." in _rl_protocol_lines(tmp_path / "r.csv")[-1]
+    held = _rl_protocol_lines(tmp_path / "r.csv", "held-out", target=False)
+    assert len(held) == 3 and all(line.startswith("- **held-out, local/") for line in held)

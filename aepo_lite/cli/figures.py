@@ -12,6 +12,7 @@ toy 2D tasks        toy2d_results.csv            ``aepo_lite.toy.report.render``
 toy 2D, long grid   toy2d_long.csv (optional)    the same, into ``figures/toy2d_long/``
 offline RL          rl_results.csv               ``aepo_lite.rl.report.render``
 offline RL, 6c      rl_6c.csv (optional)         the same, into ``figures/rl_6c/``
+offline RL, Reacher rl_6c_heldout.csv (opt.)     the same, into ``figures/rl_6c_heldout/``
 guidance size by t  rl_6c/energy_gradients.csv   ``aepo_lite.rl.diagnostics.render`` (optional)
 toy error budget    toy2d_budget.csv (optional)  ``aepo_lite.toy.budget.render``
 toy budget, runs    toy2d_budget_runs.csv (opt.) ``aepo_lite.toy.trained_budget.render`` (parts 4-5)
@@ -92,6 +93,9 @@ PARTS = (
     Part("offline RL, 6c protocol", "aepo_lite.rl.report", "rl_6c.csv",
          "aepo-lite rl-results --runs runs/rl6c --csv figures/rl_6c.csv --figures figures/rl_6c (docs/results.md)",
          lambda mod, results, figures_dir: mod.render(results, Path(figures_dir) / "rl_6c"), optional=True),
+    Part("offline RL, 6c protocol, held-out", "aepo_lite.rl.report", "rl_6c_heldout.csv",
+         "aepo-lite rl-results --runs runs/rl6c-heldout --csv figures/rl_6c_heldout.csv --figures figures/rl_6c_heldout",
+         lambda mod, results, figures_dir: mod.render(results, Path(figures_dir) / "rl_6c_heldout"), optional=True),
     Part("offline RL, guidance size by t", "aepo_lite.rl.diagnostics", "rl_6c/energy_gradients.csv",
          "python scripts/energy_gradients.py --runs RUN ... --out figures/rl_6c/energy_gradients.csv (docs/results.md)",
          _render_report, optional=True),

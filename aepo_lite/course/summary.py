@@ -139,7 +139,7 @@ def default_aepo_label(preset: str = "full") -> str:
     return estimator_label(preset_config(TrainConfig, preset, method="aepo"))
 
 
-def _rl_protocol_lines(csv_path) -> list[str]:
+def _rl_protocol_lines(csv_path, title: str = "Offline RL (6c protocol)", target: bool = True) -> list[str]:
     """The offline-RL sweep under docs/derivation.md 6c (``rl_6c.csv``): per dataset each row's best w, then the
     issue's check for the library's default AEPO estimator: BC + 5 points on every dataset, QGPO or better on
     at least 2 of 3."""
@@ -153,7 +153,7 @@ def _rl_protocol_lines(csv_path) -> list[str]:
         n = max(v["n"] for v in m.values())
         parts = [f"{k} {v['mean']:.1f} +- {v['std']:.1f} (w={v['w']:g}" + (f", {v['n']} seeds)" if v["n"] < n else ")")
                  for k, v in sorted(m.items(), key=lambda kv: -kv[1]["mean"])]
-        line = (f"- **Offline RL (6c protocol), {ds}** (`{preset}` preset, 15 sampler steps, 10 episodes x {n} seeds, "
+        line = (f"- **{title}, {ds}** (`{preset}` preset, 15 sampler steps, 10 episodes x {n} seeds, "
                 "normalised score: 0 = uniform random actions, 100 = the best TD3 snapshot; best w per method): "
                 + "; ".join(parts))
         if r["dataset"] is not None:
@@ -167,6 +167,8 @@ def _rl_protocol_lines(csv_path) -> list[str]:
                      f" and is {'at or above' if okq else 'below'} QGPO ({a['mean'] - q['mean']:+.1f})") + ".")
         lines.append(line)
     k = len(rl)
+    if not target:
+        return lines
     met = plus5 == k and over_q >= min(2, k)
     lines.append(f"- **Offline RL target** (the default AEPO estimator at least BC + 5 on every dataset and at least "
                  f"QGPO on 2 of 3): BC + 5 on {plus5}/{k}, QGPO or better on {over_q}/{k}: "
@@ -210,11 +212,13 @@ def _convergence_lines(csv_path) -> list[str]:
 
 def summary_markdown(toy_csv="figures/toy2d_results.csv", rl_csv="figures/rl_results.csv",
                      matched_csv: str | Path | None = None, long_csv: str | Path | None = None,
-                     convergence_csv: str | Path | None = None, rl_protocol_csv: str | Path | None = None) -> str:
+                     convergence_csv: str | Path | None = None, rl_protocol_csv: str | Path | None = None,
+                     rl_heldout_csv: str | Path | None = None) -> str:
     """The generated summary (Markdown bullet points). ``matched_csv``: a toy grid in which every method read the
     true reward (``toy2d_matched.csv``); ``long_csv``: the same at the ``long`` preset (4000 energy steps), at w = 1 and at
     each method's best w (``toy2d_long.csv``); ``rl_protocol_csv``: the offline-RL sweep of the 6c protocol
-    (``rl_6c.csv``); each summarised too when it exists."""
+    (``rl_6c.csv``); ``rl_heldout_csv``: the same protocol on a dataset nothing was tuned on
+    (``rl_6c_heldout.csv``); each summarised too when it exists."""
     lines = _toy_lines(toy_summary(toy_csv), "Toy 2D tasks, committed grid")
     if matched_csv is not None and Path(matched_csv).exists():
         lines += _toy_lines(toy_summary(matched_csv), "Toy 2D tasks, matched (every method reads the true reward; "
@@ -228,13 +232,16 @@ def summary_markdown(toy_csv="figures/toy2d_results.csv", rl_csv="figures/rl_res
         lines += _convergence_lines(convergence_csv)
     if rl_protocol_csv is not None and Path(rl_protocol_csv).exists():
         lines += _rl_protocol_lines(rl_protocol_csv)
+    if rl_heldout_csv is not None and Path(rl_heldout_csv).exists():
+        lines += _rl_protocol_lines(rl_heldout_csv, "Offline RL, held-out check (6c protocol; not tuned on)",
+                                    target=False)
     return "\n".join(lines + _rl_lines(rl_summary(rl_csv))) + "\n"
 
 
 def _csvs(figures_dir) -> tuple[Path, ...]:
     fd = Path(figures_dir)
     return tuple(fd / n for n in ("toy2d_results.csv", "rl_results.csv", "toy2d_matched.csv", "toy2d_long.csv",
-                                  "toy2d_convergence.csv", "rl_6c.csv"))
+                                  "toy2d_convergence.csv", "rl_6c.csv", "rl_6c_heldout.csv"))
 
 
 def figures_summary(figures_dir="figures") -> str:
@@ -244,7 +251,8 @@ def figures_summary(figures_dir="figures") -> str:
 
 def update_readme(readme, toy_csv="figures/toy2d_results.csv", rl_csv="figures/rl_results.csv",
                   matched_csv: str | Path | None = None, long_csv: str | Path | None = None,
-                  convergence_csv: str | Path | None = None, rl_protocol_csv: str | Path | None = None) -> Path:
+                  convergence_csv: str | Path | None = None, rl_protocol_csv: str | Path | None = None,
+                  rl_heldout_csv: str | Path | None = None) -> Path:
     """Rewrite the README's block between the summary markers (an error if the markers are missing)."""
     readme = Path(readme)
     text = readme.read_text()
@@ -252,7 +260,8 @@ def update_readme(readme, toy_csv="figures/toy2d_results.csv", rl_csv="figures/r
         raise ValueError(f"readme: {readme} has no {START} ... {END} block to fill")
     head, rest = text.split(START, 1)
     _, tail = rest.split(END, 1)
-    new = f"{head}{START}\n{summary_markdown(toy_csv, rl_csv, matched_csv, long_csv, convergence_csv, rl_protocol_csv)}{END}{tail}"
+    body = summary_markdown(toy_csv, rl_csv, matched_csv, long_csv, convergence_csv, rl_protocol_csv, rl_heldout_csv)
+    new = f"{head}{START}\n{body}{END}{tail}"
     if new != text:
         atomic_write_text(readme, new)
     return readme
