@@ -24,7 +24,8 @@ from typing import Optional
 
 __all__ = ["BehaviourConfig", "CriticConfig", "SupportConfig", "EnergyConfig", "SamplingConfig", "EvalConfig",
            "ToyEvalConfig", "TrainConfig", "ToyConfig", "PRESETS", "METHODS", "from_dict", "to_dict",
-           "apply_overrides", "read_config_file", "load_config_file", "field_paths", "preset_config", "flatten", "config_diff"]
+           "apply_overrides", "read_config_file", "load_config_file", "field_paths", "preset_config", "flatten", "config_diff",
+           "estimator_name"]
 
 METHODS = ("aepo", "qgpo", "mse", "bc")  # one name per method, in RL and on the toy tasks
 
@@ -93,6 +94,16 @@ class EnergyConfig:
     baseline: str = "value"  # RL, aepo/mse with IQL: regress on beta (Q - V(s)) ("value") or beta Q ("none")
     cover: float = 0.0  # toy, aepo: fraction of each batch drawn uniformly on the box instead of from the data
     precondition: bool = False  # toy: feed f_phi c_in(t) x_t (the Gaussian posterior-mean scaling)
+
+
+def estimator_name(energy: "EnergyConfig", k: int) -> str:
+    """AEPO's estimator as rows name it: ``<covariance>/<expansion>`` for the Gaussian posterior, else the in-support
+    posterior with its K support actions (``particles-K8``, ``mixture-K64-h0.05``, ``particles-K8-centered``)."""
+    e = energy
+    if e.posterior == "gaussian":
+        return f"{e.covariance}/{e.expansion}"
+    return (f"{e.posterior}-K{k}" + (f"-h{e.bandwidth:g}" if e.posterior == "mixture" else "")
+            + ("-centered" if e.centered else ""))
 
 
 @dataclass

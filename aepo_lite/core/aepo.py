@@ -30,12 +30,6 @@ __all__ = ["rowwise_jacobian", "JACOBIANS", "posterior_estimate", "critic_expans
 
 QFn = Callable[[Optional[torch.Tensor], torch.Tensor], torch.Tensor]  # (s (B, k) | None, a (B, d)) -> (B,)
 ENERGY_METHODS = ("aepo", "mse", "qgpo")  # qgpo: the contrastive energy (CEP) of QGPO
-JACOBIANS = ("loop", "vmap", "rows")  # how rowwise_jacobian batches its d backward passes
-
-
-def _repeat_rows(v: torch.Tensor | None, k: int) -> torch.Tensor | None:
-    """v (B, ...) stacked k times along rows -> (k B, ...); None stays None."""
-    return v if v is None or k == 1 else v.repeat(k, *([1] * (v.ndim - 1)))
 
 
 class EpsNormTable(nn.Module):

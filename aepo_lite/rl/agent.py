@@ -27,8 +27,8 @@ import torch
 
 from aepo_lite._checks import check_scalar, check_seed
 from aepo_lite._io import atomic_write_json, read_json
-from aepo_lite.config import METHODS, PRESETS, TrainConfig, apply_overrides, config_diff, from_dict, preset_config, \
-    to_dict
+from aepo_lite.config import METHODS, PRESETS, TrainConfig, apply_overrides, config_diff, estimator_name, from_dict, \
+    preset_config, to_dict
 from aepo_lite.core import guidance as G
 from aepo_lite.core.aepo import EnergyLearner, EpsNormTable, differentiates_q
 from aepo_lite.core.critics import CRITICS, make_critic
@@ -39,7 +39,7 @@ from aepo_lite.device import compile_limits, compile_mode, compile_module, resol
 from aepo_lite.rl.data import OfflineData, REWARD_SCALINGS, flatten_observation, load_minari, open_minari
 from aepo_lite.rl.evaluation import reference_scores, run_episodes, summarize_returns
 from aepo_lite.training import BehaviourLearner, RunLock, Stage, StageStore, run_stage, stage_hash
-from aepo_lite.training.stages import MetricsLog, check_run_folder
+from aepo_lite.training.stages import MetricsLog, check_run_folder, run_cached_stage
 
 __all__ = ["Agent", "TrainConfig", "METHODS", "PRESETS", "STAGES", "EVAL_FIELDS", "make_config", "check_config",
            "critic_kind", "domain_settings", "needs", "estimator_label", "train", "load_run", "evaluate_run", "evaluation_done"]
@@ -93,15 +93,7 @@ def estimator_label(cfg: TrainConfig) -> str:
     """A row label naming what differs between energy targets, e.g. ``aepo(tweedie/sampled)``,
     ``aepo(particles-K8)``, ``aepo(mixture-K8-h0.05)``, ``aepo(particles-K8-centered)``; a critic other than
     the method's default is named after it (``mse+insupport``, ``qgpo+iql``)."""
-    e = cfg.energy
-    label = cfg.method
-    if cfg.method == "aepo":
-        if e.posterior == "gaussian":
-            est = f"{e.covariance}/{e.expansion}"
-        else:
-            est = (f"{e.posterior}-K{cfg.support.k}" + (f"-h{e.bandwidth:g}" if e.posterior == "mixture" else "")
-                   + ("-centered" if e.centered else ""))
-        label = f"aepo({est})"
+    label = f"aepo({estimator_name(cfg.energy, cfg.support.k)})" if cfg.method == "aepo" else cfg.method
     default = "insupport" if cfg.method == "qgpo" else "iql"
     if cfg.method != "bc" and critic_kind(cfg) != default:
         label += f"+{critic_kind(cfg)}"
@@ -458,11 +450,8 @@ def _from_cache(st: Stage, store: StageStore, cache: StageStore, log, cfg: Train
     h = stage_hash(st)
     if store.path(st.name, h).exists():
         return None
-    if not cache.is_complete(st.name, h):
-        cache.root.mkdir(parents=True, exist_ok=True)
-        with RunLock(cache.root, what="cache", name=f".{st.name}-{h}.lock", wait=24 * 3600):
-            run_stage(st, cache, log=log, log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every,
-                      progress=progress, map_location=device)
+    run_cached_stage(st, cache, log=log, log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every,
+                     progress=progress, map_location=device)
     got = store.copy_from(cache, st.name, h)
     return None if got is None else dict(got, copied_from=str(cache.root))
 

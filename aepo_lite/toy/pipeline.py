@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from aepo_lite._io import atomic_write_json
-from aepo_lite.config import METHODS, PRESETS, ToyConfig, apply_overrides, preset_config, to_dict
+from aepo_lite.config import METHODS, PRESETS, ToyConfig, apply_overrides, estimator_name, preset_config, to_dict
 from aepo_lite.core import guidance as G
 from aepo_lite.core.aepo import EnergyLearner, EpsNormTable, differentiates_q
 from aepo_lite.core.diffusion import SOLVERS, DiffusionModel, energy_guidance
@@ -43,8 +43,8 @@ from aepo_lite.core.nets import MLP, SMOOTH_ACTIVATIONS, EnergyNet, NoiseNet
 from aepo_lite.core.schedule import VPSchedule
 from aepo_lite.device import resolve_device
 from aepo_lite.toy import tasks as toy
-from aepo_lite.training import BehaviourLearner, RegressionLearner, RunLock, Stage, StageStore, run_stage, stage_hash
-from aepo_lite.training.stages import MetricsLog, check_run_folder
+from aepo_lite.training import BehaviourLearner, RegressionLearner, RunLock, Stage, StageStore, stage_hash
+from aepo_lite.training.stages import MetricsLog, check_run_folder, run_cached_stage
 
 __all__ = ["CRITIC_KINDS", "POSTERIORS", "ESTIMATORS", "make_config", "check_config", "needs_grad_q", "uses_critic",
            "estimator", "estimator_label", "estimator_overrides", "critic_label", "PreconditionedEnergy", "ToyModels",
@@ -89,12 +89,7 @@ def _uses_support(cfg: ToyConfig) -> bool:
 def estimator(cfg: ToyConfig) -> str:
     """AEPO's estimator: ``<covariance>/<expansion>``, or the in-support posterior with its K support points
     (``particles-K256``, ``mixture-K64-h0.05``); "" for other methods."""
-    if cfg.method != "aepo":
-        return ""
-    e = cfg.energy
-    if e.posterior == "gaussian":
-        return f"{e.covariance}/{e.expansion}"
-    return f"{e.posterior}-K{cfg.support.k}" + (f"-h{e.bandwidth:g}" if e.posterior == "mixture" else "")
+    return estimator_name(cfg.energy, cfg.support.k) if cfg.method == "aepo" else ""
 
 
 def estimator_label(cfg: ToyConfig) -> str:
@@ -388,13 +383,8 @@ def _data(cfg: ToyConfig, device) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _train_entry(st: Stage, store: StageStore, cfg: ToyConfig, log, progress: bool, device) -> dict:
     """Train (or load) one cache entry; while it trains, its lock refuses a second writer of the same entry."""
-    h = stage_hash(st)
-    kw = dict(log=log, log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every, progress=progress,
-              map_location=device)
-    if store.is_complete(st.name, h):
-        return dict(run_stage(st, store, **kw)[1])
-    with RunLock(store.root, what="cache", name=f".{st.name}-{h}.lock", wait=24 * 3600):
-        return dict(run_stage(st, store, **kw)[1])
+    return dict(run_cached_stage(st, store, log=log, log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every,
+                                 progress=progress, map_location=device)[1])
 
 
 def train_toy(cfg: ToyConfig, *, cache_dir=None, progress: bool = True, log: MetricsLog | None = None) -> ToyModels:

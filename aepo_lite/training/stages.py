@@ -28,7 +28,7 @@ import math
 import os
 import time
 import warnings
-from dataclasses import asdict, dataclass, fields, is_dataclass
+from dataclasses import dataclass, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -37,7 +37,8 @@ import torch
 from aepo_lite._io import _default, append_jsonl, atomic_torch_save, atomic_write_text, torch_load
 from aepo_lite.training.learners import Learner
 
-__all__ = ["FORMAT", "Stage", "StageStore", "RunLock", "MetricsLog", "stage_hash", "run_stage", "check_run_folder"]
+__all__ = ["FORMAT", "Stage", "StageStore", "RunLock", "MetricsLog", "stage_hash", "run_stage", "run_cached_stage",
+           "check_run_folder"]
 
 FORMAT = 2  # checkpoint format: 1 = before the stage mechanism (refused), 2 = this module
 
@@ -287,6 +288,17 @@ def run_stage(stage: Stage, store: StageStore, *, log: MetricsLog | None = None,
         if i % checkpoint_every == 0 or i == stage.steps:
             save(i)
     return learner, stats
+
+
+def run_cached_stage(stage: Stage, cache: StageStore, **kw) -> tuple[Learner, dict]:
+    """:func:`run_stage` on a shared, keyed store: a finished entry is loaded; otherwise the entry's lock makes a
+    second process wait for the one training it (the same work), then load it. ``kw`` as for run_stage."""
+    h = stage_hash(stage)
+    if cache.is_complete(stage.name, h):
+        return run_stage(stage, cache, **kw)
+    cache.root.mkdir(parents=True, exist_ok=True)
+    with RunLock(cache.root, what="cache", name=f".{stage.name}-{h}.lock", wait=24 * 3600):
+        return run_stage(stage, cache, **kw)
 
 
 def check_run_folder(folder, new: dict, *, ignore=(), part: str = "behaviour") -> None:
