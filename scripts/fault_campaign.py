@@ -276,8 +276,8 @@ def _train_cases() -> list[Case]:
     cases += [Case(f"{t}/dataset-{i}", t, "bad-dataset", f"{plain} {a}", (nm,)) for i, a, nm in ids]
     cases += [Case(f"{t}/no-preset", t, "conflict", "train --dataset {ds} --out {c}/run", ("preset",))]
     conflict = [("bc-best-of-n", "--method bc --eval.candidates 4", "eval.candidates"),
-                ("relu-first-order", "--critic.activation relu --energy.expansion first", "critic.activation"),
-                ("compile-second-order", "--compile --energy.expansion second", "compile"),
+                ("relu-first-order", "--critic.activation relu --energy.expansion first --energy.posterior gaussian --energy.no-centered", "critic.activation"),
+                ("compile-second-order", "--compile --energy.expansion second --energy.posterior gaussian --energy.no-centered", "compile"),
                 ("gaussian-fit-rl", "--energy.covariance gaussian-fit --energy.posterior gaussian --energy.no-centered",
                  "energy.covariance"),
                 ("centered-gaussian", "--energy.posterior gaussian", "energy.centered"),
