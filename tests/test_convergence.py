@@ -152,3 +152,30 @@ def test_trained_budget_parts_against_their_references(tmp_path):
     text = TB.render(tmp_path / "b.csv", tmp_path)[0].read_text()
     assert "aepo(particles-K32)" in text and "| 8gaussians | bc (none) |" in text
     assert not math.isnan(float(TB.read_rows(tmp_path / "b.csv")[0]["exact_distance"]))
+
+
+def test_centered_mean_target_draws_each_point_its_source_from_the_exact_posterior():
+    """The centered toy regression noises its own support points, so the budget's mean target gives each grid
+    point its source x_0 ~ p(x_0 | x_t) beside k - 1 uniform data points. Checked against the closed-form
+    posterior mean E[x_0 | x_t] (a Monte Carlo average of 4000 draws) and, at K = 1, the source-only target
+    beta e(x_0), whose mean is beta E[e(x_0) | x_t]."""
+    from types import SimpleNamespace
+    task = toy.get_task("moons")
+    x = task.sample(3000, seed=2, dtype=torch.float64)
+    e = task.reward(x)
+    sched = VPSchedule()
+    models = SimpleNamespace(x=x, cfg=SimpleNamespace(eval=SimpleNamespace(n_ref_data=2000)),
+                             behaviour=SimpleNamespace(schedule=sched))
+    pts = torch.tensor([[0.0, 0.5], [0.8, -0.3], [-0.6, 0.1]], dtype=torch.float64)
+    g = torch.Generator().manual_seed(0)
+    t, R = 0.3, 4000
+    draws = [TB._source_support(models, pts, t, 5, g, e) for _ in range(R)]
+    assert draws[0]["support"].shape == (3, 5, 2) and draws[0]["support_q"].shape == (3, 5)
+    src = torch.stack([d["support"][:, 0] for d in draws]).mean(0)
+    ref = toy.exact_posterior_average(pts, t, x[:2000], x[:2000], sched)
+    assert torch.allclose(src, ref, atol=0.03), (src, ref)
+    others = torch.stack([d["support"][:, 1:] for d in draws]).reshape(-1, 2).mean(0)  # uniform: the data mean
+    assert torch.allclose(others, x.mean(0), atol=0.02)
+    q1 = torch.stack([TB._source_support(models, pts, t, 1, g, e)["support_q"][:, 0] for _ in range(R)]).mean(0)
+    ref_q = toy.exact_posterior_average(pts, t, x[:2000], e[:2000, None], sched)[:, 0]
+    assert torch.allclose(q1, ref_q, atol=0.04), (q1, ref_q)

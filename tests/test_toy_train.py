@@ -41,7 +41,9 @@ def test_smoke_training_guides_towards_the_exact_target(tmp_path):
     assert abs(behaviour_reward - 0.5) < 0.1  # half the moons data is rewarded
     assert m_bc["target_mean_reward"] > 0.95  # beta = 10 puts (almost) all mass on the rewarded moon
     runs = {"aepo": _cfg("moons", "aepo"), "qgpo": _cfg("moons", "qgpo"),
-            "aepo [fitted Q]": _cfg("moons", "aepo", critic=dict(kind="regression"))}
+            "aepo [fitted Q]": _cfg("moons", "aepo", critic=dict(kind="regression")),
+            "aepo [particles, centered]": _cfg("moons", "aepo", energy=dict(posterior="particles", centered=True,
+                                                                            cover=0.0, batch=16))}
     for name, cfg in runs.items():
         m = TT.evaluate_toy(TT.train_toy(cfg, cache_dir=tmp_path, progress=False))
         (r0, r1) = m["results"]
@@ -55,7 +57,7 @@ def test_smoke_training_guides_towards_the_exact_target(tmp_path):
     # one behaviour model for the task, one fitted critic (only the regression run trained it)
     assert len(list((tmp_path / "moons").glob("behaviour-*.pt"))) == 1
     assert len(list((tmp_path / "moons").glob("critic-*.pt"))) == 1
-    assert len(list((tmp_path / "moons").glob("energy-*.pt"))) == 3
+    assert len(list((tmp_path / "moons").glob("energy-*.pt"))) == 4
 
 
 def test_runs_differing_in_method_and_seed_share_one_behaviour_checkpoint(tmp_path):
@@ -167,6 +169,8 @@ def test_gradient_targets_need_the_fitted_critic():
     (dict(energy=dict(covariance="full")), r"energy\.covariance"),
     (dict(energy=dict(cover=1.5)), r"energy\.cover"),
     (dict(energy=dict(baseline="value")), r"energy\.baseline"),
+    (dict(energy=dict(centered=True)), r"energy\.centered: .*particles or mixture, not gaussian"),
+    (dict(energy=dict(posterior="particles", centered=True, cover=0.25)), r"energy\.cover: the centered"),
     (dict(critic=dict(kind="iql")), r"critic\.kind"),
     (dict(eval=dict(n_samples=10**11)), r"eval\.n_samples.*GiB"),
     (dict(eval=dict(grid_size=10**6)), r"eval\.grid_size"),
@@ -338,3 +342,23 @@ def test_committed_results_carry_the_critic_and_one_name_per_method():
     kinds = {(r["method"], r["critic"]) for r in rows}
     assert kinds == {("aepo", "regression"), ("qgpo", "reward"), ("mse", "reward"), ("bc", "none")}
     assert all("/" in r["estimator"] for r in rows if r["method"] == "aepo")
+
+
+def test_centered_estimator_spec_matches_qgpo_points_per_step():
+    """``particles-K<K>-centered`` sets the centered regression with as many noised points per energy step as
+    QGPO's contrastive batch (256 groups of 16 in the toy defaults) and no off-data cover."""
+    over = TT.estimator_overrides("particles-K64-centered")
+    assert over == {"energy": {"posterior": "particles", "centered": True, "batch": 64, "cover": 0.0},
+                    "support": {"k": 64}}
+    assert TT.matched_groups(16) == 256 and TT.matched_groups(8192) == 1
+    d = TT.make_config("moons", "qgpo", "full")
+    for k in (16, 64, 256):
+        cfg = TT.make_config("moons", "aepo", "full", **TT.estimator_overrides(f"particles-K{k}-centered"))
+        assert cfg.energy.batch * cfg.support.k == d.energy.batch * d.support.k
+        assert TT.estimator_label(cfg) == f"aepo(particles-K{k}-centered)"
+    cfg = TT.make_config("moons", "aepo", "full", critic={"kind": "regression"},
+                         **TT.estimator_overrides("mixture-K32-h0.05-centered"))
+    assert (cfg.energy.posterior, cfg.energy.bandwidth, cfg.energy.centered) == ("mixture", 0.05, True)
+    for bad in ("particles-K0-centered", "particles-centered-K4", "gaussian-fit/sampled-centered"):
+        with pytest.raises(ValueError, match="estimator"):
+            TT.make_config("moons", "aepo", "full", **TT.estimator_overrides(bad))

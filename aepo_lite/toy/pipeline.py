@@ -10,8 +10,10 @@ checkpoints, resume) into a keyed :class:`~aepo_lite.training.StageStore` at ``<
   2. ``critic``   : only with ``critic.kind = "regression"``: a smooth MLP Q(x) regressed on the
      reward e(x) (the toy rewards are piecewise constant, so grad e = 0 almost everywhere);
   3. ``energy``   : f_phi for ``aepo`` (its estimator: ``energy.posterior``, ``energy.covariance``,
-     ``energy.expansion``), ``qgpo`` (QGPO's contrastive energy over K = ``support.k`` data points)
-     or ``mse``; ``bc`` stops after stage 1.
+     ``energy.expansion``, and for the in-support posteriors ``energy.centered``: groups of K = ``support.k``
+     data points noised at one t, f regressed on the target's differences within each group, as QGPO's
+     contrastive batch groups them), ``qgpo`` (QGPO's contrastive energy over K = ``support.k`` data
+     points) or ``mse``; ``bc`` stops after stage 1.
 
 Matched reward access (docs/derivation.md 6b): ``critic.kind = "reward"`` (the default) gives every method the
 true reward e(x) on data points; ``"regression"`` gives every method the fitted critic. AEPO's
@@ -97,10 +99,20 @@ def estimator_label(cfg: ToyConfig) -> str:
     return f"aepo({estimator(cfg)})" if cfg.method == "aepo" else cfg.method
 
 
+def matched_groups(k: int) -> int:
+    """Centered groups per energy step so that each step noises as many points as QGPO's contrastive batch of
+    the toy defaults (``energy.batch`` x ``support.k`` = 256 x 16 = 4096): the matched budget of the
+    centered toy rows (at least one group)."""
+    d = ToyConfig()
+    return max(1, d.energy.batch * d.support.k // k)
+
+
 def estimator_overrides(spec: str) -> dict:
     """An estimator name -> the config parts it sets: ``gaussian-fit/sampled`` -> ``{"energy": {...}}``;
-    ``particles-K256`` / ``mixture-K64-h0.05`` (K support points, bandwidth h) also set ``support.k``."""
-    m = re.fullmatch(r"(particles|mixture)(?:-K(\d+))?(?:-h([0-9.eE+-]+))?", spec)
+    ``particles-K256`` / ``mixture-K64-h0.05`` (K support points, bandwidth h) also set ``support.k``;
+    ``particles-K64-centered`` (ours, docs/derivation.md 4b) regresses within-group differences over groups of
+    K noised data points, with ``energy.batch`` = :func:`matched_groups` (K) groups and ``energy.cover`` = 0."""
+    m = re.fullmatch(r"(particles|mixture)(?:-K(\d+))?(?:-h([0-9.eE+-]+))?(-centered)?", spec)
     if m and not (m.group(1) == "particles" and m.group(3)):
         energy = {"posterior": m.group(1)}
         if m.group(3):
@@ -108,10 +120,15 @@ def estimator_overrides(spec: str) -> dict:
                 energy["bandwidth"] = float(m.group(3))
             except ValueError:
                 raise ValueError(f"estimator {spec!r}: bandwidth h must be a number, got {m.group(3)!r}") from None
+        if m.group(4):
+            k = int(m.group(2)) if m.group(2) else ToyConfig().support.k
+            if k < 1:
+                raise ValueError(f"estimator {spec!r}: K must be >= 1, got {k}")
+            energy.update(centered=True, batch=matched_groups(k), cover=0.0)
         return {"energy": energy, **({"support": {"k": int(m.group(2))}} if m.group(2) else {})}
     if spec not in ESTIMATORS:
         raise ValueError(f"estimator: expected <covariance>/<expansion> (one of {', '.join(ESTIMATORS)}), "
-                         f"particles[-K<k>] or mixture[-K<k>][-h<bandwidth>], got {spec!r}")
+                         f"particles[-K<k>][-centered] or mixture[-K<k>][-h<bandwidth>][-centered], got {spec!r}")
     cov, exp = spec.split("/")
     return {"energy": {"posterior": "gaussian", "covariance": cov, "expansion": exp}}
 
@@ -137,6 +154,8 @@ def _check_counts(cfg: ToyConfig) -> None:
     """Positive integers; the arrays they size must fit in memory (a ValueError in GiB otherwise)."""
     b, c, e, ev = cfg.behaviour, cfg.critic, cfg.energy, cfg.eval
     group = cfg.support.k if _uses_support(cfg) else 1
+    if cfg.method == "aepo" and cfg.energy.centered:  # each of a group's K noised points reads all K particles
+        group = cfg.support.k ** 2
     sized = {"n_data": (cfg.n_data, 64), "eval.n_samples": (ev.n_samples, 64 * 128),
              "eval.pool_size": (ev.pool_size, 64), "eval.n_ref_data": (ev.n_ref_data, 64),
              "behaviour.batch": (b.batch, 4096), "critic.batch": (c.batch, 4096),
@@ -200,9 +219,13 @@ def check_config(cfg: ToyConfig) -> ToyConfig:
     _choice("sampling.solver", cfg.sampling.solver, SOLVERS)
     _check_counts(cfg)
     _check_numbers(cfg)
-    if cfg.energy.centered:
-        raise ValueError("energy.centered: offline RL only for now; the toy error budget compares f_phi with E_t "
-                         "itself, and a centered f is defined up to a constant per t")
+    if cfg.energy.centered and cfg.method == "aepo":
+        if cfg.energy.posterior == "gaussian":
+            raise ValueError("energy.centered: the centered regression noises each group of support points at one t; "
+                             "it needs energy.posterior particles or mixture, not gaussian")
+        if cfg.energy.cover:
+            raise ValueError(f"energy.cover: the centered regression noises the support points themselves, so no "
+                             f"fraction of the batch can be drawn off the data; set energy.cover 0 (got {cfg.energy.cover:g})")
     if needs_grad_q(cfg) and cfg.critic.kind == "reward":
         raise ValueError(f"critic.kind: AEPO's {estimator(cfg)!r} target differentiates Q, and the toy rewards are "
                          "piecewise constant (grad e = 0 almost everywhere); use critic.kind='regression' (a smooth "

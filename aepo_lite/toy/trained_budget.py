@@ -9,7 +9,9 @@ and sampling make of it, on the same grid of x_t weighted by mu_t, up to a const
      - ``target_bias``: RMS(ybar - E_t): the error of the target itself, bias included (a finite K, the
        Gaussian form, the critic), which no amount of regression removes;
      - ``vs_exact``: RMS(f - E_t), the energy error the tables report.
-   AEPO's ybar is the average of ``draws`` draws of its target at each grid point; MSE's is exact,
+   AEPO's ybar is the average of ``draws`` draws of its target at each grid point (the centered regression
+   noises its own support points, so each draw's support holds the point's source x_0 ~ p(x_0 | x_t) beside
+   K - 1 uniform data points; up to a constant per t, ybar is then what it learns); MSE's is exact,
    beta E[Q(x_0) | x_t] from the data's posterior. QGPO's contrastive loss has no pointwise target: only
    ``vs_exact``.
 5. ``sampler``: guided samples at w = 1 with the *exact* energy gradient (closed form, from the data)
@@ -56,10 +58,27 @@ def _mean_target(models, pts: torch.Tensor, t: float, draws: int, g: torch.Gener
     ys = []
     for _ in range(draws):
         batch = {"s": None}
-        if cfg.energy.posterior != "gaussian":
+        if cfg.energy.posterior != "gaussian" and cfg.energy.centered:
+            batch.update(_source_support(models, pts, t, cfg.support.k, g, q))
+        elif cfg.energy.posterior != "gaussian":
             batch.update(support_batch(models, cfg.support.k, pts.shape[0], g, q))
         ys.append(learner.target(pts, tt, batch))
     return torch.stack(ys).mean(0)
+
+
+def _source_support(models, pts: torch.Tensor, t: float, k: int, g: torch.Generator, q: torch.Tensor) -> dict:
+    """The support a centered group gives a point x_t it noised: its own source x_0 ~ p(x_0 | x_t) (the exact
+    posterior over the reference data) and k - 1 data points drawn uniformly, as in training."""
+    from aepo_lite.toy.pipeline import support_batch
+    n = models.cfg.eval.n_ref_data
+    alpha, sigma = (float(v) for v in models.behaviour.schedule.alpha_sigma(torch.tensor(float(t))))
+    logits = -torch.cdist(pts, alpha * models.x[:n]).pow(2) / (2 * sigma**2)  # (M, n): log p(x_0 = x^j | x_t) + c
+    src = torch.multinomial(torch.softmax(logits, 1), 1, generator=g)  # (M, 1)
+    out = {"support": models.x[src], "support_q": q[src]}
+    if k > 1:
+        rest = support_batch(models, k - 1, pts.shape[0], g, q)
+        out = {key: torch.cat([out[key], rest[key]], 1) for key in out}
+    return out
 
 
 def regression_part(models, draws: int = 8, times=None) -> dict:
