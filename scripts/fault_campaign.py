@@ -450,7 +450,10 @@ def _toy_cases() -> list[Case]:
            ("n-ref-data-too-many", "--eval.n-ref-data 5000", "n_ref_data", n),
            ("scale-nan", "--sampling.guidance-scales nan", "guidance_scales", n),
            ("error-time-2", "--eval.error-times 2", "error_times", n), ("seed-negative", "--seed -1", "seed", n),
-           ("n-data-1e12", "--n-data 1000000000000", "n_data", n), ("unknown-flag", "--bogus", "--bogus", "bad-choice")]
+           ("n-data-1e12", "--n-data 1000000000000", "n_data", n), ("unknown-flag", "--bogus", "--bogus", "bad-choice"),
+           ("centered-gaussian", "--method aepo --energy.centered", "energy.centered", "bad-choice"),
+           ("centered-with-cover", "--method aepo --energy.posterior particles --energy.centered", "energy.cover",
+            "bad-choice")]
     cases = [Case(f"{t}/{i}", t, cat, f"{TOY} {a}", (nm,)) for i, a, nm, cat in num]
     cases += [
         Case(f"{t}/out-is-a-file", t, "bad-path", TOY.replace("{c}/toy ", "{c}/f "), ("f",),
@@ -482,6 +485,7 @@ def _grid_cases() -> list[Case]:
     num = [("seeds-string", "--seeds x", "seeds"), ("seeds-negative", "--seeds -1", "seed"),
            ("betas-nan", "--betas nan", "betas"), ("tasks-unknown", "--tasks nosuch", "nosuch"),
            ("estimator-unknown", "--methods aepo --estimators bogus", "bogus"),
+           ("estimator-k0-centered", "--methods aepo --estimators particles-K0-centered", "particles-K0-centered"),
            ("preset-unknown", "--preset huge", "preset"), ("device-tpu", "--device tpu", "device"),
            ("unknown-flag", "--bogus", "--bogus")]
     cases = [Case(f"{g}/{i}", g, "bad-number" if "nan" in i or "neg" in i or "inf" in i or "string" in i
