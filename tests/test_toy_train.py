@@ -362,3 +362,17 @@ def test_centered_estimator_spec_matches_qgpo_points_per_step():
     for bad in ("particles-K0-centered", "particles-centered-K4", "gaussian-fit/sampled-centered"):
         with pytest.raises(ValueError, match="estimator"):
             TT.make_config("moons", "aepo", "full", **TT.estimator_overrides(bad))
+
+
+def test_table_verdicts_follow_the_best_ranked_estimator():
+    """With two AEPO estimators, the table's verdict columns are the best-ranked one's (not whichever has the
+    most rows or sorts first), and a grid without MSE says so instead of counting 'below MSE' as failures."""
+    rows = [r for r in _rows() if r["method"] != "mse" and r["critic"] == "reward" or r["method"] == "bc"]
+    rows += [dict(r, estimator="particles-K64-centered", distance=0.03 + 0.001 * r["seed"])
+             for r in rows if r["method"] == "aepo"]
+    rows = [dict(r, distance=0.5) if r.get("estimator") == "gaussian-fit/sampled" else r for r in rows]
+    best, _ = toy_report.best_estimator(rows)
+    assert best == "aepo(particles-K64-centered)"
+    table = toy_report.table_markdown(rows, 10.0, best)
+    assert "aepo(particles-K64-centered): within 2x of the floor on 2 of 2 tasks; MSE was not run here." in table
+    assert "| yes | — |" in table and "below MSE" not in table
