@@ -117,3 +117,18 @@ def test_protocol_lines_check_the_default_estimator_against_bc_and_qgpo(tmp_path
     assert "BC + 5 on 2/3, QGPO or better on 2/3: **not reached**." in _rl_protocol_lines(tmp_path / "r.csv")[-1]
     held = _rl_protocol_lines(tmp_path / "r.csv", "held-out", target=False)
     assert len(held) == 3 and all(line.startswith("- **held-out, local/") for line in held)
+
+
+def test_a_one_seed_probe_is_no_candidate_for_best_estimator(csvs, tmp_path):
+    """An AEPO estimator run on fewer seeds than the task's best-covered AEPO row (a one-seed probe) is shown
+    but never AEPO's best or the winner: its one lucky seed would pass for a better estimator. The floor is
+    the mean over seeds, not over rows, so extra rows of one seed do not tilt it."""
+    with open(csvs[0], newline="") as f:
+        rows = list(csv.DictReader(f))
+    rows = [dict(r, floor=0.01 * (int(r["seed"]) + 1)) for r in rows]  # each seed its own reference sets
+    rows.append(dict(rows[0], estimator="probe", seed=0, distance=0.001, floor=0.01))  # task a, seed 0 only
+    _write(tmp_path / "probe.csv", rows)
+    toy = toy_summary(tmp_path / "probe.csv")
+    assert toy["a"]["methods"]["aepo[probe]"] == pytest.approx(0.001)
+    assert toy["a"]["best_aepo"] == "aepo[y]" and toy["a"]["winner"] == "aepo[y]"
+    assert toy["a"]["floor"] == pytest.approx(0.02)  # over rows it would be 0.25 / 13, tilted to seed 0

@@ -34,10 +34,10 @@ def _method(row: dict) -> str:
 def toy_summary(csv_path, beta: float = 10.0, w: float | None = 1.0, preset: str = "full") -> dict:
     """Per task at one beta, one preset and guidance scale ``w`` (None: each method's best scale on that task, an
     optimistic choice made on the evaluation itself, the same rule for every method): the mean distance (over
-    seeds) of each method (AEPO: its best estimator on that task), the noise floor, the winner, and AEPO's
-    ratios to QGPO and to the floor."""
+    seeds) of each method (AEPO: its best estimator on that task among those run on the most seeds), the noise
+    floor (mean over seeds), the winner, and AEPO's ratios to QGPO and to the floor."""
     cells = defaultdict(lambda: defaultdict(list))
-    floors = defaultdict(list)
+    floors = defaultdict(dict)  # task -> {seed: floor} (every method of a seed shares its reference sets)
     for r in _read(csv_path):
         if float(r["beta"]) != beta or r.get("preset", "full") != preset:
             continue
@@ -47,15 +47,20 @@ def toy_summary(csv_path, beta: float = 10.0, w: float | None = 1.0, preset: str
         if r.get("critic") == "regression":
             label += " [fitted Q]"  # not the true reward: not a matched comparison
         cells[(r["task"], label)][float(r["guidance_scale"])].append(float(r["distance"]))
-        floors[r["task"]].append(float(r["floor"]))
+        floors[r["task"]][r.get("seed", len(floors[r["task"]]))] = float(r["floor"])
     by = {k: min(v.values(), key=statistics.mean) for k, v in cells.items()}
     tasks = {}
     for task in sorted(floors):
         means = {lab: statistics.mean(v) for (t, lab), v in by.items() if t == task}
-        aepo = {k: v for k, v in means.items() if k.startswith("aepo")}
+        seeds = {lab: len(v) for (t, lab), v in by.items() if t == task}
+        # AEPO's best estimator among those run on as many seeds as the task's best-covered AEPO row (a one-seed
+        # probe is no candidate: its luck would pass for a better estimator)
+        full = max((n for lab, n in seeds.items() if lab.startswith("aepo")), default=0)
+        aepo = {k: v for k, v in means.items() if k.startswith("aepo") and seeds[k] == full}
         best_aepo = min(aepo, key=aepo.get) if aepo else None
-        row = {"floor": statistics.mean(floors[task]), "methods": means, "best_aepo": best_aepo,
-               "winner": min(means, key=means.get) if means else None, "n_seeds": max(len(v) for v in by.values())}
+        ranked = {k: v for k, v in means.items() if not k.startswith("aepo") or k in aepo}
+        row = {"floor": statistics.mean(floors[task].values()), "methods": means, "best_aepo": best_aepo,
+               "winner": min(ranked, key=ranked.get) if ranked else None, "n_seeds": max(len(v) for v in by.values())}
         if best_aepo and "qgpo" in means:
             row["aepo_over_qgpo"] = aepo[best_aepo] / means["qgpo"]
         if best_aepo:
