@@ -208,7 +208,7 @@ def _convergence_lines(csv_path) -> list[str]:
                 drops[f"aepo[{g[2]}]" if g[1] == "aepo" else g[1]].append(d)
         if any(max(v) > 0.1 for v in drops.values()):
             line += (f" Not converged: doubling the energy steps from {prev} to {top} still lowered the energy error "
-                     "by " + "; ".join(f"{m} {100 * min(v):.0f}-{100 * max(v):.0f}%" for m, v in sorted(drops.items()))
+                     "by " + "; ".join(f"{m} {100 * min(v):.0f}% to {100 * max(v):.0f}%" for m, v in sorted(drops.items()))
                      + " (by task).")
         else:
             line += f" Converged: no method's energy error fell by more than 10% from {prev} to {top} steps."
