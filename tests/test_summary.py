@@ -93,7 +93,7 @@ def test_convergence_line_names_the_winner_at_the_largest_budget_and_what_still_
     text = summary_markdown(*csvs, convergence_csv=tmp_path / "conv.csv")
     assert "energy budget 2000 steps" in text and "seed 0 only" in text
     assert "aepo[particles-K256] 1/2" in text and "qgpo 1/2" in text
-    assert "Not converged" in text and "qgpo 5-50%" in text and "aepo[particles-K256] 2-10%" in text
+    assert "Not converged" in text and "qgpo 5% to 50%" in text and "aepo[particles-K256] 2% to 10%" in text
 
 
 def test_protocol_lines_check_the_default_estimator_against_bc_and_qgpo(tmp_path):
