@@ -47,7 +47,7 @@ def toy_summary(csv_path, beta: float = 10.0, w: float | None = 1.0, preset: str
         if r.get("critic") == "regression":
             label += " [fitted Q]"  # not the true reward: not a matched comparison
         cells[(r["task"], label)][float(r["guidance_scale"])].append(float(r["distance"]))
-        floors[r["task"]][r.get("seed", len(floors[r["task"]]))] = float(r["floor"])
+        floors[r["task"]][r["seed"]] = float(r["floor"])
     by = {k: min(v.values(), key=statistics.mean) for k, v in cells.items()}
     tasks = {}
     for task in sorted(floors):
