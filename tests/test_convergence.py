@@ -94,6 +94,25 @@ def test_check_converged_names_every_group_that_still_improves():
         conv.check_converged(rows, 2000, tol=1.5)
 
 
+def test_distance_table_averages_seeds_at_one_step_count_against_floor_and_qgpo():
+    rows = []
+    for seed, dq, da, fl in (("0", 0.06, 0.03, 0.02), ("1", 0.10, 0.05, 0.04), ("2", 0.08, 0.04, 0.03)):
+        for m, est, d in (("qgpo", "", dq), ("aepo", "particles-K64-centered", da)):
+            rows += [dict(task="moons", method=m, estimator=est, critic="reward", beta="10", seed=seed, preset="full",
+                          energy_steps=str(n), err_mean="0.1", distance=str(d + (0.5 if n == 1000 else 0.0)),
+                          floor=str(fl)) for n in ((1000, 2000) if seed == "0" else (2000,))]
+    text = conv.distance_markdown(rows)  # the largest step count: 2000, three seeds
+    line = next(x for x in text.splitlines() if "centered" in x)
+    # mean 0.04, sample std 0.01, floor mean 0.03, QGPO mean 0.08
+    assert line == "| moons | aepo(particles-K64-centered) | 0, 1, 2 | 0.040 +- 0.010 | 0.030 | 1.33 | 0.50 |"
+    assert "| moons | qgpo | 0, 1, 2 | 0.080 +- 0.020 | 0.030 | 2.67 | 1.00 |" in text
+    assert "| moons | qgpo | 0 | 0.560 +- 0.000 | 0.020 | 28.00 | 1.00 |" in conv.distance_markdown(rows, 1000)
+    with pytest.raises(ValueError, match="energy.steps=500"):
+        conv.distance_markdown(rows, 500)
+    table = conv.convergence_markdown(rows)
+    assert "| seed |" in table and "| moons | qgpo | 2 |  | 0.100 |  |" in table
+
+
 def test_convergence_specs_and_steps_are_checked_before_any_run():
     with pytest.raises(ValueError, match="steps"):
         conv.spec_configs(conv.ConvergenceConfig(tasks=("moons",), steps=(200, 100)))

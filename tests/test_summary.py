@@ -88,12 +88,36 @@ def test_convergence_line_names_the_winner_at_the_largest_budget_and_what_still_
             for n, err in ((1000, e1), (2000, e2)):
                 rows.append({**{c: "" for c in COLUMNS}, "task": task, "method": m, "critic": "reward", "beta": "10",
                              "estimator": "particles-K256" if m == "aepo" else "", "seed": "0", "preset": "full",
-                             "energy_steps": n, "err_mean": err, "distance": d})
+                             "energy_steps": n, "err_mean": err, "distance": d, "floor": 0.03})
     _write(tmp_path / "conv.csv", rows)
     text = summary_markdown(*csvs, convergence_csv=tmp_path / "conv.csv")
-    assert "energy budget 2000 steps" in text and "seed 0 only" in text
-    assert "aepo[particles-K256] 1/2" in text and "qgpo 1/2" in text
+    assert "energy budget 2000 steps (the convergence curve; seed 0;" in text
+    assert "aepo 1/2" in text and "qgpo 1/2" in text
+    assert "within 1.25x of QGPO/CEP's distance on 1/2 tasks (ratios 0.83-2.25)" in text
+    assert "within 2x of the noise floor on 1/2" in text  # 0.05 / 0.03 and 0.09 / 0.03
     assert "Not converged" in text and "qgpo 5% to 50%" in text and "aepo[particles-K256] 2% to 10%" in text
+    assert "(seed 0) by" in text
+
+
+def test_convergence_line_averages_the_seeds_run_at_the_largest_budget(tmp_path, csvs):
+    """More seeds at the top budget only (the curve on seed 0): distances and floors are means over seeds, and
+    the drops name the seed they were measured on."""
+    from aepo_lite.toy.convergence import COLUMNS
+    base = {**{c: "" for c in COLUMNS}, "task": "a", "critic": "reward", "beta": "10", "preset": "full"}
+    rows = [dict(base, method="qgpo", seed="0", energy_steps=1000, err_mean=1.0, distance=0.08, floor=0.02),
+            dict(base, method="aepo", estimator="p", seed="0", energy_steps=1000, err_mean=1.0, distance=0.08,
+                 floor=0.02)]
+    for s, dq, da, fl in (("0", 0.05, 0.03, 0.02), ("1", 0.07, 0.09, 0.04), ("2", 0.06, 0.06, 0.03)):
+        rows += [dict(base, method="qgpo", seed=s, energy_steps=2000, err_mean=0.5, distance=dq, floor=fl),
+                 dict(base, method="aepo", estimator="p", seed=s, energy_steps=2000, err_mean=0.6, distance=da,
+                      floor=fl)]
+    _write(tmp_path / "conv.csv", rows)
+    text = summary_markdown(*csvs, convergence_csv=tmp_path / "conv.csv")
+    assert "(the convergence curve; seeds 0, 1, 2;" in text and "mean over 3 seeds, `full` preset with energy.steps = 2000" in text
+    # AEPO mean 0.06, QGPO mean 0.06, floor mean 0.03: ratio 1.00 to QGPO, exactly 2x the floor
+    assert "within 1.25x of QGPO/CEP's distance on 1/1 tasks (ratios 1.00-1.00)" in text
+    assert "within 2x of the noise floor on 1/1" in text
+    assert "(seed 0) by aepo[p] 40% to 40%; qgpo 50% to 50%" in text
 
 
 def test_protocol_lines_check_the_default_estimator_against_bc_and_qgpo(tmp_path):

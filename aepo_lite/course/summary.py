@@ -13,7 +13,7 @@ from pathlib import Path
 
 from aepo_lite._io import atomic_write_text
 
-__all__ = ["toy_summary", "rl_summary", "summary_markdown", "figures_summary", "update_readme"]
+__all__ = ["toy_summary", "toy_summary_rows", "rl_summary", "summary_markdown", "figures_summary", "update_readme"]
 
 START, END = "<!-- summary:start -->", "<!-- summary:end -->"
 
@@ -36,9 +36,15 @@ def toy_summary(csv_path, beta: float = 10.0, w: float | None = 1.0, preset: str
     optimistic choice made on the evaluation itself, the same rule for every method): the mean distance (over
     seeds) of each method (AEPO: its best estimator on that task among those run on the most seeds), the noise
     floor (mean over seeds), the winner, and AEPO's ratios to QGPO and to the floor."""
+    return toy_summary_rows(_read(csv_path), beta, w, preset)
+
+
+def toy_summary_rows(rows: list[dict], beta: float = 10.0, w: float | None = 1.0, preset: str = "full") -> dict:
+    """:func:`toy_summary` of rows already read (columns task, method, estimator, critic, beta, guidance_scale,
+    seed, preset, distance, floor)."""
     cells = defaultdict(lambda: defaultdict(list))
     floors = defaultdict(dict)  # task -> {seed: floor} (every method of a seed shares its reference sets)
-    for r in _read(csv_path):
+    for r in rows:
         if float(r["beta"]) != beta or r.get("preset", "full") != preset:
             continue
         if w is not None and float(r["guidance_scale"]) != w and _method(r) != "bc":
@@ -94,7 +100,13 @@ def rl_summary(csv_path) -> dict:
     return out
 
 
-def _toy_lines(toy: dict, title: str = "Toy 2D tasks", preset: str = "full", w: str = "w = 1") -> list[str]:
+def _seeds(n: int) -> str:
+    return f"{n} seed" + ("s" if n != 1 else "")
+
+
+def _toy_lines(toy: dict, title: str = "Toy 2D tasks", preset: str = "full", w: str = "w = 1",
+               setting: str | None = None) -> list[str]:
+    """``setting``: how the runs were made, in place of "`<preset>` preset"."""
     if not toy:
         return [f"- {title}: no results yet."]
     n = len(toy)
@@ -106,7 +118,8 @@ def _toy_lines(toy: dict, title: str = "Toy 2D tasks", preset: str = "full", w: 
     ratios = [t["aepo_over_qgpo"] for t in toy.values() if "aepo_over_qgpo" in t]
     fitted = any("fitted Q" in (t["best_aepo"] or "") for t in toy.values())
     lines = [f"- **{title}** (beta = 10, {w}, sliced-W2 distance to exact target samples, mean over "
-             f"{max(t['n_seeds'] for t in toy.values())} seeds, `{preset}` preset; AEPO: its best estimator per task): "
+             f"{_seeds(max(t['n_seeds'] for t in toy.values()))}, {setting or f'`{preset}` preset'}; AEPO: its best "
+             "estimator per task): "
              "closest method on each task: "
              + ", ".join(f"{m} {k}/{n}" for m, k in sorted(wins.items(), key=lambda kv: -kv[1])) + ".",
              f"  AEPO's best estimator is within 1.25x of QGPO/CEP's distance on {close}/{n} tasks (ratios "
@@ -182,37 +195,38 @@ def _rl_protocol_lines(csv_path, title: str = "Offline RL (6c protocol)", target
 
 
 def _convergence_lines(csv_path) -> list[str]:
-    """The energy-steps curve (``toy2d_convergence.csv``): at its largest budget, who is closer to the exact
-    target per task, and how much the last doubling still lowered each method's energy error."""
+    """The energy-steps curve (``toy2d_convergence.csv``) at its largest budget, as a toy grid at w = 1 (means
+    over the seeds run there: who is closest, AEPO's best against QGPO and the floor), and how much the last
+    doubling still lowered each method's energy error."""
     from aepo_lite.toy import convergence as conv
     rows = conv.read_rows(csv_path)
     if not rows:
         return []
     steps = sorted({int(r["energy_steps"]) for r in rows})
     top, prev = steps[-1], (steps[-2] if len(steps) > 1 else None)
-    at = defaultdict(dict)
-    for r in rows:
-        if int(r["energy_steps"]) == top:
-            at[r["task"]][f"aepo[{r['estimator']}]" if r["method"] == "aepo" else r["method"]] = float(r["distance"])
-    wins = defaultdict(int)
-    for cells in at.values():
-        wins[min(cells, key=cells.get)] += 1
-    seeds = sorted({r["seed"] for r in rows})
-    line = (f"- **Toy 2D tasks, energy budget {top} steps** (seed {', '.join(seeds)} only, true reward for every "
-            f"method, w = 1; `figures/toy2d_convergence.md`): closest method on each task: "
-            + ", ".join(f"{m} {k}/{len(at)}" for m, k in sorted(wins.items(), key=lambda kv: -kv[1])) + ".")
-    if prev is not None:
-        drops = defaultdict(list)
+    at_top = [dict(r, guidance_scale="1") for r in rows if int(r["energy_steps"]) == top]
+    lines = []
+    for preset in sorted({r["preset"] for r in at_top}):
+        for beta in sorted({float(r["beta"]) for r in at_top if r["preset"] == preset}):
+            seeds = sorted({r["seed"] for r in at_top if r["preset"] == preset and float(r["beta"]) == beta}, key=int)
+            title = (f"Toy 2D tasks, energy budget {top} steps (the convergence curve; seed"
+                     f"{'s' if len(seeds) > 1 else ''} {', '.join(seeds)}; true reward for every method)")
+            lines += _toy_lines(toy_summary_rows(at_top, beta, 1.0, preset), title, preset,
+                                setting=f"`{preset}` preset with energy.steps = {top}")
+    if prev is not None and lines:
+        drops, seeds = defaultdict(list), set()
         for g, d in conv.improvements(rows, prev).items():
             if d is not None:
                 drops[f"aepo[{g[2]}]" if g[1] == "aepo" else g[1]].append(d)
-        if any(max(v) > 0.1 for v in drops.values()):
-            line += (f" Not converged: doubling the energy steps from {prev} to {top} still lowered the energy error "
-                     "by " + "; ".join(f"{m} {100 * min(v):.0f}% to {100 * max(v):.0f}%" for m, v in sorted(drops.items()))
-                     + " (by task).")
-        else:
-            line += f" Converged: no method's energy error fell by more than 10% from {prev} to {top} steps."
-    return [line]
+                seeds.add(g[5])
+        if drops and any(max(v) > 0.1 for v in drops.values()):
+            lines[0] += (f" Not converged: doubling the energy steps from {prev} to {top} still lowered the energy "
+                         f"error (seed{'s' if len(seeds) > 1 else ''} {', '.join(sorted(seeds, key=int))}) by "
+                         + "; ".join(f"{m} {100 * min(v):.0f}% to {100 * max(v):.0f}%"
+                                     for m, v in sorted(drops.items())) + " (by task).")
+        elif drops:
+            lines[0] += f" Converged: no method's energy error fell by more than 10% from {prev} to {top} steps."
+    return lines
 
 
 def summary_markdown(toy_csv="figures/toy2d_results.csv", rl_csv="figures/rl_results.csv",

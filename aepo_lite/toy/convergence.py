@@ -30,7 +30,7 @@ from aepo_lite.toy.pipeline import (RUN_FIELDS_FREE, check_config, default_out, 
                                     estimator_overrides, make_config, run_toy)
 
 __all__ = ["ConvergenceConfig", "DEFAULT_SPECS", "spec_configs", "run_convergence", "read_rows", "improvements",
-           "check_converged", "convergence_markdown", "render"]
+           "check_converged", "convergence_markdown", "distance_markdown", "render"]
 
 DEFAULT_SPECS = ("qgpo", "mse", "aepo:gaussian-fit/sampled", "aepo:particles-K256")
 COLUMNS = ("task", "method", "estimator", "critic", "beta", "seed", "preset", "energy_steps", "err_0.05", "err_0.2",
@@ -178,21 +178,51 @@ def check_converged(rows: list[dict], steps: int, tol: float = 0.1) -> dict[tupl
     return drops
 
 
+def _label(d: dict) -> str:
+    return f"aepo({d['estimator']})" if d["method"] == "aepo" else d["method"]
+
+
 def convergence_markdown(rows: list[dict], steps: int | None = None, tol: float = 0.1) -> str:
-    """The curve as a table: one line per row group, the energy error at each step count, the last drop."""
+    """The curve as a table: one line per row group, the energy error at each step count, the last drop (a seed
+    column when the rows hold more than one seed)."""
     groups = _groups(rows)
     counts = sorted({n for c in groups.values() for n in c})
-    head = "| task | method | " + " | ".join(f"{n} steps" for n in counts) + " | drop past " + (
-        f"{steps} |" if steps else "the last-but-one |")
-    lines = [head, "|" + "---|" * (len(counts) + 3)]
+    seeds = len({g[5] for g in groups}) > 1
+    head = ("| task | method | " + ("seed | " if seeds else "") + " | ".join(f"{n} steps" for n in counts)
+            + " | drop past " + (f"{steps} |" if steps else "the last-but-one |"))
+    lines = [head, "|" + "---|" * (len(counts) + 3 + seeds)]
     drops = improvements(rows, steps if steps else (counts[-2] if len(counts) > 1 else counts[0]))
-    for g, curve in sorted(groups.items()):
+    for g, curve in sorted(groups.items(), key=lambda kv: (kv[0][:5], int(kv[0][5]), kv[0][6:])):
         d = dict(zip(_GROUP, g))
         drop = drops[g]
         cells = " | ".join(f"{curve[n]:.3f}" if n in curve else "" for n in counts)
         flag = "" if drop is None else f"{100 * drop:+.0f}%" + (" (not converged)" if drop > tol else "")
-        label = f"aepo({d['estimator']})" if d["method"] == "aepo" else d["method"]
-        lines.append(f"| {d['task']} | {label} | {cells} | {flag} |")
+        lines.append(f"| {d['task']} | {_label(d)} | " + (f"{d['seed']} | " if seeds else "") + f"{cells} | {flag} |")
+    return "\n".join(lines) + "\n"
+
+
+def distance_markdown(rows: list[dict], steps: int | None = None) -> str:
+    """The sampler at one step count (default the largest): per task and method, the distance at w = 1 as mean
+    +- sample std over the seeds run there, the noise floor (mean over those seeds) and the ratios to the
+    floor and to QGPO's distance on the same task."""
+    steps = steps if steps is not None else max(int(r["energy_steps"]) for r in rows)
+    cells: dict[tuple, dict[str, tuple[float, float]]] = {}
+    for r in rows:
+        if int(r["energy_steps"]) == steps:
+            key = (r["task"], _label(r), r["critic"], r["beta"], r["preset"])
+            cells.setdefault(key, {})[r["seed"]] = (float(r["distance"]), float(r["floor"]))
+    if not cells:
+        raise ValueError(f"energy.steps={steps}: no convergence rows at that step count")
+    lines = ["| task | method | seeds | distance (w = 1) | floor | / floor | / QGPO |", "|---|---|---|---|---|---|---|"]
+    for key, by_seed in sorted(cells.items()):
+        dist = [d for d, _ in by_seed.values()]
+        floor = sum(f for _, f in by_seed.values()) / len(by_seed)
+        mean = sum(dist) / len(dist)
+        std = (sum((x - mean) ** 2 for x in dist) / (len(dist) - 1)) ** 0.5 if len(dist) > 1 else 0.0
+        q = cells.get((key[0], "qgpo", *key[2:]))
+        q_mean = sum(d for d, _ in q.values()) / len(q) if q else None
+        lines.append(f"| {key[0]} | {key[1]} | {', '.join(sorted(by_seed, key=int))} | {mean:.3f} +- {std:.3f} | "
+                     f"{floor:.3f} | {mean / floor:.2f} | " + ("" if q_mean is None else f"{mean / q_mean:.2f}") + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -201,6 +231,7 @@ def _plot(rows: list[dict], path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     groups = _groups(rows)
+    many_seeds = len({g[5] for g in groups}) > 1
     tasks = sorted({g[0] for g in groups})
     cols = min(3, len(tasks))
     nrows = math.ceil(len(tasks) / cols)
@@ -212,7 +243,7 @@ def _plot(rows: list[dict], path) -> Path:
             d = dict(zip(_GROUP, g))
             ns = sorted(curve)
             ax.plot(ns, [curve[n] for n in ns], marker="o",
-                    label=f"aepo({d['estimator']})" if d["method"] == "aepo" else d["method"])
+                    label=_label(d) + (f" s{d['seed']}" if many_seeds else ""))
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_title(task)
@@ -234,10 +265,15 @@ def render(csv_path="figures/toy2d_convergence.csv", figures_dir="figures", tol:
     if not rows:
         raise ValueError(f"{csv_path}: no convergence rows (run aepo-lite toy-convergence first)")
     d = Path(figures_dir)
+    top = max(int(r["energy_steps"]) for r in rows)
     text = (f"Energy error vs energy steps, generated from `{Path(csv_path).name}` by "
             "`aepo_lite.toy.convergence.render` (do not edit by hand). Each cell: the RMS error of the trained "
             "f_phi against the exact E_t (mean over t = 0.05, 0.2, 0.5; up to a constant per t, weighted by "
             f"mu_t); one run per step count, each with its own learning-rate schedule. A drop above "
             f"{100 * tol:.0f}% means more steps still help. Our measurement, not the paper's.\n\n"
-            + convergence_markdown(rows, tol=tol))
+            + convergence_markdown(rows, tol=tol)
+            + f"\n## The sampler at {top} energy steps\n\nSliced-W2 distance to exact target samples at w = 1 "
+            "(mean +- std over the seeds run at this step count); / floor: that mean over the noise floor (two "
+            "independent exact sample sets); / QGPO: over QGPO's mean on the same task.\n\n"
+            + distance_markdown(rows, top))
     return [atomic_write_text(d / "toy2d_convergence.md", text), _plot(rows, d / "toy2d_convergence.png")]
