@@ -141,6 +141,14 @@ def test_protocol_lines_check_the_default_estimator_against_bc_and_qgpo(tmp_path
     assert "BC + 5 on 2/3, QGPO or better on 2/3: **not reached**." in _rl_protocol_lines(tmp_path / "r.csv")[-1]
     held = _rl_protocol_lines(tmp_path / "r.csv", "held-out", target=False)
     assert len(held) == 3 and all(line.startswith("- **held-out, local/") for line in held)
+    # five datasets: 2 of 3 becomes ceil(10 / 3) = 4 of 5 (QGPO or better on d1, d2, d4, d5: reached)
+    more = [dict(r, dataset=r["dataset"].replace("d1", d)) for d in ("d4", "d5") for r in rows
+            if r["dataset"] == "local/d1/m-v0"]
+    fixed = [dict(r, normalized_score=56 + r["seed"]) if r["dataset"] == "local/d3/m-v0" and r["method"] == lab
+             else r for r in rows]
+    _write(tmp_path / "r5.csv", fixed + more)
+    assert _rl_protocol_lines(tmp_path / "r5.csv")[-1].endswith(
+        "QGPO on 4 of 5): BC + 5 on 5/5, QGPO or better on 4/5: reached.")
 
 
 def test_a_one_seed_probe_is_no_candidate_for_best_estimator(csvs, tmp_path):
