@@ -528,6 +528,8 @@ def _convergence_cases() -> list[Case]:
            ("support-k-zero", "bad-number", "--specs aepo:particles-K0", ("support.k",)),
            ("check-not-a-step-count", "conflict", "--check 7", ("--check",)),
            ("beta-nan", "bad-number", "--beta nan", ("beta",)),
+           ("seeds-repeated", "bad-number", "--seeds 1 1", ("seeds",)),
+           ("seeds-negative", "bad-number", "--seeds -1", ("seeds",)),
            ("unknown-flag", "bad-choice", "--bogus", ("--bogus",))]
     cases = [Case(f"{g}/{i}", g, cat, f"{CONV} {a}", names) for i, cat, a, names in bad]
     cases.append(Case(f"{g}/render-without-csv", g, "bad-path", f"{CONV} --render-only", ("c.csv",)))

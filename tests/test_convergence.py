@@ -124,6 +124,12 @@ def test_convergence_specs_and_steps_are_checked_before_any_run():
                                                     steps=(10, 20), preset="smoke"))
     assert [(c.method, c.energy.steps, c.support.k) for c in cfgs] == [("qgpo", 10, 16), ("qgpo", 20, 16),
                                                                       ("aepo", 10, 64), ("aepo", 20, 64)]
+    two = conv.spec_configs(conv.ConvergenceConfig(tasks=("moons",), specs=("qgpo",), steps=(10,), seeds=(3, 1),
+                                                   preset="smoke"))
+    assert [c.seed for c in two] == [3, 1]
+    for bad in ((), (1, 1), (-1,)):
+        with pytest.raises(ValueError, match="seeds"):
+            conv.spec_configs(conv.ConvergenceConfig(tasks=("moons",), seeds=bad))
 
 
 def test_convergence_run_is_resumable_and_renders(tmp_path, monkeypatch):

@@ -144,7 +144,8 @@ def _register_convergence(subparsers, presets, critic_kinds) -> None:
     c.add_argument("--tasks", nargs="+", default=None, help="default: every registered task")
     c.add_argument("--specs", nargs="+", default=list(d.specs), help="qgpo, mse, aepo:<estimator> (default: %(default)s)")
     c.add_argument("--steps", type=int, nargs="+", default=list(d.steps), help="energy step counts (increasing)")
-    c.add_argument("--seed", type=int, default=d.seed)
+    c.add_argument("--seeds", "--seed", dest="seeds", type=int, nargs="+", default=list(d.seeds),
+                   help="one curve per seed (default: %(default)s)")
     c.add_argument("--beta", type=_float("beta"), default=d.beta)
     c.add_argument("--critic", default=d.critic, choices=critic_kinds, help="Q of every method's target")
     c.add_argument("--preset", default=d.preset, choices=presets, help="every setting but energy.steps")
@@ -163,7 +164,7 @@ def _register_convergence(subparsers, presets, critic_kinds) -> None:
 def run_convergence_command(args) -> int:
     from aepo_lite.toy import convergence as conv
     cc = conv.ConvergenceConfig(tasks=tuple(args.tasks or ()), specs=tuple(args.specs), steps=tuple(args.steps),
-                                seed=args.seed, beta=args.beta, critic=args.critic, preset=args.preset,
+                                seeds=tuple(args.seeds), beta=args.beta, critic=args.critic, preset=args.preset,
                                 device=args.device)
     if args.check is not None and args.check not in args.steps[:-1]:
         raise ValueError(f"--check {args.check}: expected one of the step counts below the largest, {args.steps[:-1]}")

@@ -41,12 +41,12 @@ _GROUP = ("task", "method", "estimator", "critic", "beta", "seed", "preset")
 
 @dataclass
 class ConvergenceConfig:
-    """The energy-steps curve: tasks x method specs x step counts, one seed, at a preset."""
+    """The energy-steps curve: tasks x method specs x step counts x seeds, at a preset."""
 
     tasks: tuple[str, ...] = ()  # () = every registered task
     specs: tuple[str, ...] = DEFAULT_SPECS  # qgpo | mse | aepo:<estimator> (see pipeline.estimator_overrides)
     steps: tuple[int, ...] = (2000, 4000, 8000)  # energy step counts, increasing
-    seed: int = 0
+    seeds: tuple[int, ...] = (0,)  # one curve per seed
     beta: float = 10.0
     critic: str = "reward"  # what every method reads Q from (matched inputs): reward | regression
     preset: str = "full"  # everything but energy.steps comes from this preset
@@ -67,14 +67,17 @@ def spec_configs(cc: ConvergenceConfig) -> list:
     steps = [int(s) for s in cc.steps]
     if not steps or any(s < 1 for s in steps) or steps != sorted(set(steps)):
         raise ValueError(f"steps: expected increasing positive step counts, got {tuple(cc.steps)}")
+    seeds = list(cc.seeds)
+    if not seeds or len(set(seeds)) != len(seeds) or any(not isinstance(x, int) or x < 0 for x in seeds):
+        raise ValueError(f"seeds: expected distinct non-negative integers, got {tuple(cc.seeds)}")
     out = []
-    for task in cc.tasks or toy.task_names():
-        for spec in cc.specs:
-            method, over = _spec(spec)
-            for n in steps:
-                out.append(make_config(task, method, cc.preset, seed=cc.seed, device=cc.device,
-                                       energy=dict(over.get("energy", {}), beta=cc.beta, steps=n),
-                                       support=over.get("support"), critic={"kind": cc.critic}))
+    for seed in seeds:
+        for task in cc.tasks or toy.task_names():
+            for spec in cc.specs:
+                method, over = _spec(spec)
+                out += [make_config(task, method, cc.preset, seed=seed, device=cc.device,
+                                    energy=dict(over.get("energy", {}), beta=cc.beta, steps=n),
+                                    support=over.get("support"), critic={"kind": cc.critic}) for n in steps]
     return out
 
 
