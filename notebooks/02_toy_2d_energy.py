@@ -659,7 +659,8 @@ else:
 #   within 2x of the floor on 1 of 6. Guided by the exact energy, the same behaviour model and sampler
 #   are above 2x on 3 tasks; a 4x behaviour budget brings the exact energy close to the floor on two of
 #   them but leaves the learned energies where they were, so that target needs more accurate energies too.
-#   With 4x the energy steps (one seed) the centered target is within 2x of the floor on 4 of 6 tasks.
+#   With 4x the energy steps (16000, 3 seeds) the centered target is within 2x of the floor on 4 of 6
+#   tasks (QGPO on 2 of 6); neither energy error has stopped falling at that budget.
 
 # %%
 print(f"notebook ran in {time.time() - T_START:.0f} s at scale {SCALE}")
