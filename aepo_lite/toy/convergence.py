@@ -19,6 +19,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -219,11 +220,10 @@ def distance_markdown(rows: list[dict], steps: int | None = None) -> str:
     lines = ["| task | method | seeds | distance (w = 1) | floor | / floor | / QGPO |", "|---|---|---|---|---|---|---|"]
     for key, by_seed in sorted(cells.items()):
         dist = [d for d, _ in by_seed.values()]
-        floor = sum(f for _, f in by_seed.values()) / len(by_seed)
-        mean = sum(dist) / len(dist)
-        std = (sum((x - mean) ** 2 for x in dist) / (len(dist) - 1)) ** 0.5 if len(dist) > 1 else 0.0
+        floor = statistics.mean(f for _, f in by_seed.values())
+        mean, std = statistics.mean(dist), (statistics.stdev(dist) if len(dist) > 1 else 0.0)
         q = cells.get((key[0], "qgpo", *key[2:]))
-        q_mean = sum(d for d, _ in q.values()) / len(q) if q else None
+        q_mean = statistics.mean(d for d, _ in q.values()) if q else None
         lines.append(f"| {key[0]} | {key[1]} | {', '.join(sorted(by_seed, key=int))} | {mean:.3f} +- {std:.3f} | "
                      f"{floor:.3f} | {mean / floor:.2f} | " + ("" if q_mean is None else f"{mean / q_mean:.2f}") + " |")
     return "\n".join(lines) + "\n"
