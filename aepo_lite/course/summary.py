@@ -215,14 +215,15 @@ def _convergence_lines(csv_path) -> list[str]:
             lines += _toy_lines(toy_summary_rows(at_top, beta, 1.0, preset), title, preset,
                                 setting=f"`{preset}` preset with energy.steps = {top}")
     if prev is not None and lines:
-        drops, seeds = defaultdict(list), set()
+        drops, curve_seeds = defaultdict(list), set()  # the seeds whose curve has both step counts
         for g, d in conv.improvements(rows, prev).items():
             if d is not None:
                 drops[f"aepo[{g[2]}]" if g[1] == "aepo" else g[1]].append(d)
-                seeds.add(g[5])
+                curve_seeds.add(g[5])
         if drops and any(max(v) > 0.1 for v in drops.values()):
             lines[0] += (f" Not converged: doubling the energy steps from {prev} to {top} still lowered the energy "
-                         f"error (seed{'s' if len(seeds) > 1 else ''} {', '.join(sorted(seeds, key=int))}) by "
+                         f"error (seed{'s' if len(curve_seeds) > 1 else ''} "
+                         f"{', '.join(sorted(curve_seeds, key=int))}) by "
                          + "; ".join(f"{m} {100 * min(v):.0f}% to {100 * max(v):.0f}%"
                                      for m, v in sorted(drops.items())) + " (by task).")
         elif drops:
