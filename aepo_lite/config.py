@@ -220,6 +220,9 @@ PRESETS: dict[str, dict[str, dict]] = {
         # the full preset with a longer energy budget (4000 steps; whether it is converged is measured by
         # aepo-lite toy-convergence, figures/toy2d_convergence.md): the matched toy grid of docs/results.md
         "long": {"energy": dict(steps=4000)},
+        # four times that (16000 steps): the top of the convergence curve, for each method's best guidance scale
+        # there (figures/toy2d_xlong.csv; the stage cache of the curve's runs is shared, so only sampling is new)
+        "xlong": {"energy": dict(steps=16000)},
     },
 }
 
