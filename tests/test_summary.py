@@ -139,6 +139,14 @@ def test_protocol_lines_check_the_default_estimator_against_bc_and_qgpo(tmp_path
             for r in rows]
     _write(tmp_path / "r.csv", rows)
     assert "BC + 5 on 2/3, QGPO or better on 2/3: **not reached**." in _rl_protocol_lines(tmp_path / "r.csv")[-1]
+    assert "where some row" not in _rl_protocol_lines(tmp_path / "r.csv")[-1]  # every dataset has room: no view
+    # d3 without room (no row 5 above BC): the view names d1 and d2 and counts the default there
+    flat = [dict(r, normalized_score=51 + r["seed"]) if r["dataset"] == "local/d3/m-v0" and r["method"] != "bc" else r
+            for r in rows]
+    _write(tmp_path / "flat.csv", flat)
+    assert _rl_protocol_lines(tmp_path / "flat.csv")[-1].endswith(
+        "On the 2 datasets where some row reaches BC + 5 (local/d1/m-v0, local/d2/m-v0): BC + 5 on 2/2, "
+        "QGPO or better on 2/2.")
     held = _rl_protocol_lines(tmp_path / "r.csv", "held-out", target=False)
     assert len(held) == 3 and all(line.startswith("- **held-out, local/") for line in held)
     # five datasets: 2 of 3 becomes ceil(10 / 3) = 4 of 5 (QGPO or better on d1, d2, d4, d5: reached)
