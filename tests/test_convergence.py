@@ -204,3 +204,19 @@ def test_centered_mean_target_draws_each_point_its_source_from_the_exact_posteri
     q1 = torch.stack([TB._source_support(models, pts, t, 1, g, e)["support_q"][:, 0] for _ in range(R)]).mean(0)
     ref_q = toy.exact_posterior_average(pts, t, x[:2000], e[:2000, None], sched)[:, 0]
     assert torch.allclose(q1, ref_q, atol=0.04), (q1, ref_q)
+
+
+def test_one_curve_carried_further_keeps_the_comparison_at_the_budget_every_method_reached():
+    rows = _rows({("moons", "qgpo", ""): {1000: 1.0, 2000: 0.5},
+                  ("moons", "aepo", "p"): {1000: 0.8, 2000: 0.4, 4000: 0.38}})
+    assert conv.matched_top(rows) == 2000  # qgpo stops at 2000; 4000 is aepo's alone
+    assert conv.matched_top(rows + _rows({("moons", "mse", ""): {1000: 0.9}})) == 2000  # a short curve does not cap it
+    assert conv.matched_top(_rows({("moons", "qgpo", ""): {1000: 1.0, 2000: 0.5}})) == 2000  # one method: its top
+    drops = conv.last_drops(rows)
+    assert drops[("moons", "aepo", "p", "reward", "10", "0", "full")] == (2000, 4000, pytest.approx(0.05))
+    assert drops[("moons", "qgpo", "", "reward", "10", "0", "full")] == (1000, 2000, pytest.approx(0.5))
+    table = conv.convergence_markdown(rows)  # each row's drop past its own last-but-one step count
+    assert "| moons | qgpo | 1.000 | 0.500 |  | +50% (not converged) |" in table
+    assert "| moons | aepo(p) | 0.800 | 0.400 | 0.380 | +5% |" in table
+    with pytest.raises(ValueError, match="energy_steps: no step count"):
+        conv.matched_top(_rows({("moons", "qgpo", ""): {1000: 1.0}, ("moons", "aepo", "p"): {2000: 0.4}}))

@@ -189,3 +189,20 @@ def test_xlong_grid_adds_only_its_best_scale_line(tmp_path, csvs):
     ratio = next(ln for ln in text.splitlines()[text.splitlines().index(line):] if "1.25x" in ln)
     assert "ratios 1.11-1.11" in ratio  # AEPO's best 0.05 (w = 1) over QGPO's best 0.045 (w = 0.5)
     assert "16000-step" not in summary_markdown(*csvs, xlong_csv=tmp_path / "absent.csv")
+
+
+def test_convergence_line_stays_at_the_matched_budget_and_names_a_curve_carried_further(tmp_path, csvs):
+    from aepo_lite.toy.convergence import COLUMNS
+    base = {**{c: "" for c in COLUMNS}, "critic": "reward", "beta": "10", "preset": "full", "seed": "0",
+            "floor": 0.02}
+    rows = []
+    for task, e4000 in (("a", 0.38), ("b", 0.30)):  # aepo alone at 4000: 5% and 25% below its 2000-step error
+        rows += [dict(base, task=task, method="qgpo", energy_steps=n, err_mean=e, distance=0.05)
+                 for n, e in ((1000, 1.0), (2000, 0.5))]
+        rows += [dict(base, task=task, method="aepo", estimator="p", energy_steps=n, err_mean=e, distance=d)
+                 for n, e, d in ((1000, 0.8, 0.05), (2000, 0.4, 0.04), (4000, e4000, 0.01))]
+    _write(tmp_path / "conv.csv", rows)
+    text = summary_markdown(*csvs, convergence_csv=tmp_path / "conv.csv")
+    assert "energy budget 2000 steps" in text and "ratios 0.80-0.80" in text  # 0.04 / 0.05, not the 4000-step 0.01
+    assert ("Carried further, aepo[p] (seed 0, 2 tasks) from 2000 to 4000 steps: its energy error fell by 5% to 25%, "
+            "by more than 10% on 1 (b).") in text

@@ -211,8 +211,9 @@ def _convergence_lines(csv_path) -> list[str]:
     rows = conv.read_rows(csv_path)
     if not rows:
         return []
-    steps = sorted({int(r["energy_steps"]) for r in rows})
-    top, prev = steps[-1], (steps[-2] if len(steps) > 1 else None)
+    top = conv.matched_top(rows)  # the largest budget every method reached (one curve may go further)
+    steps = sorted({int(r["energy_steps"]) for r in rows if int(r["energy_steps"]) <= top})
+    prev = steps[-2] if len(steps) > 1 else None
     at_top = [dict(r, guidance_scale="1") for r in rows if int(r["energy_steps"]) == top]
     lines = []
     for preset in sorted({r["preset"] for r in at_top}):
@@ -236,6 +237,17 @@ def _convergence_lines(csv_path) -> list[str]:
                                      for m, v in sorted(drops.items())) + " (by task).")
         elif drops:
             lines[0] += f" Converged: no method's energy error fell by more than 10% from {prev} to {top} steps."
+    beyond = defaultdict(dict)  # curves carried past the matched top: label -> {(from, to, seed): [drops]}
+    for g, v in conv.last_drops(rows).items():
+        if v is not None and v[1] > top and lines:
+            beyond[f"aepo[{g[2]}]" if g[1] == "aepo" else g[1]].setdefault((v[0], v[1], g[5]), {})[g[0]] = v[2]
+    for lab, parts in sorted(beyond.items()):
+        for (a, b, seed), by_task in sorted(parts.items()):
+            d, still = list(by_task.values()), sorted(t for t, x in by_task.items() if x > 0.1)
+            lines[0] += (f" Carried further, {lab} (seed {seed}, {len(d)} task{'s' if len(d) > 1 else ''}) from {a} to "
+                         f"{b} steps: its energy error fell by {100 * min(d):.0f}% to {100 * max(d):.0f}%"
+                         + (f", by more than 10% on {len(still)} ({', '.join(still)})." if still
+                            else ", by no more than 10% (converged there)."))
     return lines
 
 

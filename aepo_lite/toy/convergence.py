@@ -31,7 +31,7 @@ from aepo_lite.toy.pipeline import (RUN_FIELDS_FREE, check_config, default_out, 
                                     estimator_overrides, make_config, run_toy)
 
 __all__ = ["ConvergenceConfig", "DEFAULT_SPECS", "spec_configs", "run_convergence", "read_rows", "improvements",
-           "check_converged", "convergence_markdown", "distance_markdown", "render"]
+           "matched_top", "last_drops", "check_converged", "convergence_markdown", "distance_markdown", "render"]
 
 DEFAULT_SPECS = ("qgpo", "mse", "aepo:gaussian-fit/sampled", "aepo:particles-K256")
 COLUMNS = ("task", "method", "estimator", "critic", "beta", "seed", "preset", "energy_steps", "err_0.05", "err_0.2",
@@ -149,6 +149,33 @@ def _groups(rows: list[dict]) -> dict[tuple, dict[int, float]]:
     return out
 
 
+def matched_top(rows: list[dict]) -> int:
+    """The top of the comparison: the largest step count run by at least two methods (method, estimator, critic,
+    beta, preset), so that one curve carried further than the others' does not become the table alone (with a
+    single method in the rows, its largest step count)."""
+    def label(r):
+        return tuple(str(r[k]) for k in ("method", "estimator", "critic", "beta", "preset"))
+    need = min(2, len({label(r) for r in rows}))
+    at = {}
+    for r in rows:
+        at.setdefault(int(r["energy_steps"]), set()).add(label(r))
+    common = [n for n, have in at.items() if len(have) >= need]
+    if not common:
+        raise ValueError("energy_steps: no step count at which two methods of the curve were both run")
+    return max(common)
+
+
+def last_drops(rows: list[dict]) -> dict[tuple, tuple[int, int, float] | None]:
+    """Per row group: (N, next, relative drop of the energy error from N to next) for its own last two step counts
+    (None with fewer than two)."""
+    out = {}
+    for g, curve in _groups(rows).items():
+        ns = sorted(curve)
+        out[g] = (None if len(ns) < 2 else
+                  (ns[-2], ns[-1], (curve[ns[-2]] - curve[ns[-1]]) / max(curve[ns[-2]], 1e-12)))
+    return out
+
+
 def improvements(rows: list[dict], steps: int) -> dict[tuple, float | None]:
     """Per row group: the relative drop of the energy error from ``steps`` to the group's next larger step
     count, (err(N) - err(next)) / err(N); None when the group has no row at ``steps`` or none above it."""
@@ -187,15 +214,17 @@ def _label(d: dict) -> str:
 
 
 def convergence_markdown(rows: list[dict], steps: int | None = None, tol: float = 0.1) -> str:
-    """The curve as a table: one line per row group, the energy error at each step count, the last drop (a seed
-    column when the rows hold more than one seed)."""
+    """The curve as a table: one line per row group, the energy error at each step count, and the drop past
+    ``steps`` (default: past each row's own last-but-one step count); a seed column when the rows hold more than
+    one seed."""
     groups = _groups(rows)
     counts = sorted({n for c in groups.values() for n in c})
     seeds = len({g[5] for g in groups}) > 1
     head = ("| task | method | " + ("seed | " if seeds else "") + " | ".join(f"{n} steps" for n in counts)
-            + " | drop past " + (f"{steps} |" if steps else "the last-but-one |"))
+            + " | drop past " + (f"{steps} |" if steps else "its last-but-one |"))
     lines = [head, "|" + "---|" * (len(counts) + 3 + seeds)]
-    drops = improvements(rows, steps if steps else (counts[-2] if len(counts) > 1 else counts[0]))
+    drops = (improvements(rows, steps) if steps else
+             {g: (None if v is None else v[2]) for g, v in last_drops(rows).items()})
     for g, curve in sorted(groups.items(), key=lambda kv: (kv[0][:5], int(kv[0][5]), kv[0][6:])):
         d = dict(zip(_GROUP, g))
         drop = drops[g]
@@ -268,7 +297,7 @@ def render(csv_path="figures/toy2d_convergence.csv", figures_dir="figures", tol:
     if not rows:
         raise ValueError(f"{csv_path}: no convergence rows (run aepo-lite toy-convergence first)")
     d = Path(figures_dir)
-    top = max(int(r["energy_steps"]) for r in rows)
+    top = matched_top(rows)  # the sampler table compares methods: the largest budget that every method reached
     text = (f"Energy error vs energy steps, generated from `{Path(csv_path).name}` by "
             "`aepo_lite.toy.convergence.render` (do not edit by hand). Each cell: the RMS error of the trained "
             "f_phi against the exact E_t (mean over t = 0.05, 0.2, 0.5; up to a constant per t, weighted by "
