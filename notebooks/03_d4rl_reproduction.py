@@ -275,10 +275,11 @@ else:
 # - On our Hopper data (generated below from `figures/rl_results.csv`), AEPO's Gaussian targets made the
 #   policy worse than behaviour cloning at every guidance scale we tried, while QGPO stayed near it: the
 #   IQL critic is steep there, so AEPO's variance term dominates its target.
-# - Under the 6c protocol (15 sampler steps, 3-5 seeds, five local datasets; `docs/results.md`), the
+# - Under the 6c protocol (15 sampler steps, 3-5 seeds, six local datasets; `docs/results.md`), the
 #   in-support particle target of section 4b with the centered regression (the library's default) keeps up with
-#   QGPO. It beats behaviour cloning by 5 points only where the data leave room: on the two replay sets
-#   (Pusher +32.6, Hopper +93.2), not on Pusher medium-expert, InvertedDoublePendulum or Hopper medium.
+#   QGPO. It beats behaviour cloning by 5 points only where the data leave room: on the three replay sets
+#   (Pusher +32.6, Hopper +93.2, HalfCheetah +24.1, the last made after the default was chosen), not on Pusher
+#   medium-expert (+3.6, where QGPO reaches +5.8), InvertedDoublePendulum or Hopper medium.
 #   The target (BC + 5 everywhere) is not reached; the generated lines below give every row.
 
 # %%
