@@ -278,7 +278,7 @@ else:
 # - Under the 6c protocol (15 sampler steps, 3-5 seeds, six local datasets; `docs/results.md`), the
 #   in-support particle target of section 4b with the centered regression (the library's default) keeps up with
 #   QGPO. It beats behaviour cloning by 5 points only where the data leave room: on the three replay sets
-#   (Pusher +32.6, Hopper +93.2, HalfCheetah +24.1, the last made after the default was chosen), not on Pusher
+#   (Pusher +32.5, Hopper +93.2, HalfCheetah +24.1, the last made after the default was chosen), not on Pusher
 #   medium-expert (+3.6, where QGPO reaches +5.8), InvertedDoublePendulum or Hopper medium.
 #   The target (BC + 5 everywhere) is not reached; the generated lines below give every row.
 
