@@ -211,7 +211,7 @@ def _convergence_lines(csv_path) -> list[str]:
     rows = conv.read_rows(csv_path)
     if not rows:
         return []
-    top = conv.matched_top(rows)  # the largest budget every method reached (one curve may go further)
+    top = conv.matched_top(rows)  # the largest budget two methods reached (one curve may go further)
     steps = sorted({int(r["energy_steps"]) for r in rows if int(r["energy_steps"]) <= top})
     prev = steps[-2] if len(steps) > 1 else None
     at_top = [dict(r, guidance_scale="1") for r in rows if int(r["energy_steps"]) == top]
@@ -237,7 +237,7 @@ def _convergence_lines(csv_path) -> list[str]:
                                      for m, v in sorted(drops.items())) + " (by task).")
         elif drops:
             lines[0] += f" Converged: no method's energy error fell by more than 10% from {prev} to {top} steps."
-    beyond = defaultdict(dict)  # curves carried past the matched top: label -> {(from, to, seed): [drops]}
+    beyond = defaultdict(dict)  # curves carried past the matched top: label -> {(from, to, seed): {task: drop}}
     for g, v in conv.last_drops(rows).items():
         if v is not None and v[1] > top and lines:
             beyond[f"aepo[{g[2]}]" if g[1] == "aepo" else g[1]].setdefault((v[0], v[1], g[5]), {})[g[0]] = v[2]
