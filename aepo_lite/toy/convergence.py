@@ -165,14 +165,18 @@ def matched_top(rows: list[dict]) -> int:
     return max(common)
 
 
+def _drop(curve: dict[int, float], a: int, b: int) -> float:
+    """The relative drop of the energy error from ``a`` to ``b`` steps, (err(a) - err(b)) / err(a)."""
+    return (curve[a] - curve[b]) / max(curve[a], 1e-12)
+
+
 def last_drops(rows: list[dict]) -> dict[tuple, tuple[int, int, float] | None]:
     """Per row group: (N, next, relative drop of the energy error from N to next) for its own last two step counts
     (None with fewer than two)."""
     out = {}
     for g, curve in _groups(rows).items():
         ns = sorted(curve)
-        out[g] = (None if len(ns) < 2 else
-                  (ns[-2], ns[-1], (curve[ns[-2]] - curve[ns[-1]]) / max(curve[ns[-2]], 1e-12)))
+        out[g] = None if len(ns) < 2 else (ns[-2], ns[-1], _drop(curve, ns[-2], ns[-1]))
     return out
 
 
@@ -182,8 +186,7 @@ def improvements(rows: list[dict], steps: int) -> dict[tuple, float | None]:
     out = {}
     for g, curve in _groups(rows).items():
         above = [n for n in curve if n > steps]
-        out[g] = (None if steps not in curve or not above
-                  else (curve[steps] - curve[min(above)]) / max(curve[steps], 1e-12))
+        out[g] = None if steps not in curve or not above else _drop(curve, steps, min(above))
     return out
 
 
@@ -297,7 +300,7 @@ def render(csv_path="figures/toy2d_convergence.csv", figures_dir="figures", tol:
     if not rows:
         raise ValueError(f"{csv_path}: no convergence rows (run aepo-lite toy-convergence first)")
     d = Path(figures_dir)
-    top = matched_top(rows)  # the sampler table compares methods: the largest budget that every method reached
+    top = matched_top(rows)  # the sampler table compares methods: the largest budget two methods reached
     text = (f"Energy error vs energy steps, generated from `{Path(csv_path).name}` by "
             "`aepo_lite.toy.convergence.render` (do not edit by hand). Each cell: the RMS error of the trained "
             "f_phi against the exact E_t (mean over t = 0.05, 0.2, 0.5; up to a constant per t, weighted by "
