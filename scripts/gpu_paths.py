@@ -1,5 +1,5 @@
 """Side-by-side timings of the GPU-speed paths (docs/gpu.md), old against new in one process, interleaved,
-on any device; and the several-seeds-in-one-process prototype (:class:`StackedBehaviour`).
+on any device; and several seeds trained in one process (:mod:`aepo_lite.training.stacked`).
 
     python scripts/gpu_paths.py --device cpu                       # every part, the sizes below
     python scripts/gpu_paths.py --device cuda --out figures/bench_cuda_paths.json
@@ -16,8 +16,8 @@ new path is faster; ``ops`` is the number of aten operators one call runs, a pro
              the batched TwinQ, batch 256, 2 x 256 Mish
   captured   ``IQLCritic.step`` on device-drawn batches: eager against ``CapturedStep`` (1 and 8 steps per
              replay); on the CPU both run eagerly (the ratio shows the bookkeeping costs nothing)
-  seeds      N behaviour models trained together (``StackedBehaviour``: stacked parameters, one vmapped loss,
-             one Adam) against one: time(N seeds together) / time(1 seed), N = 4 and 8
+  seeds      N behaviour models trained together (``StackedBehaviourLearner``: stacked parameters, one vmapped
+             loss, one Adam; what ``train --seeds`` and ``sweep --stack-seeds`` run) against one: time(N seeds together) / time(1 seed), N = 4 and 8
 
 Nothing is asserted here; the tests (tests/test_gpu_paths.py) check the numbers of each path.
 """
@@ -47,60 +47,12 @@ from aepo_lite.core.aepo import JACOBIANS, critic_expansion, rowwise_jacobian  #
 from aepo_lite.core.critics import IQLCritic, InSupportCritic  # noqa: E402
 from aepo_lite.core.diffusion import DiffusionModel  # noqa: E402
 from aepo_lite.core.nets import MLP, NoiseNet, TwinQ  # noqa: E402
-from aepo_lite.device import adam, resolve_device  # noqa: E402
+from aepo_lite.device import resolve_device  # noqa: E402
 from aepo_lite.training import BehaviourLearner  # noqa: E402
 from aepo_lite.training.captured import CapturedStep, DeviceBatches  # noqa: E402
+from aepo_lite.training.stacked import StackedBehaviourLearner  # noqa: E402
 
 PARTS = ("jacobian", "twinq", "captured", "seeds")
-
-
-# ----------------------------------------------------------------------------- the prototype (part 4)
-class StackedBehaviour:
-    """N behaviour models (same architecture, different seeds) trained as one: their parameters stacked along a
-    leading axis (``torch.func.stack_module_state``), the denoising loss of all N in one vmapped
-    ``functional_call``, one Adam over the stacked tensors (Adam is elementwise, so it is N Adams).
-
-    ``step(batches)``: one batch per model (``a`` (B, d), ``s`` (B, k)); the noise of model i is drawn from
-    ``generators[i]`` exactly as ``BehaviourLearner(model_i, lr, generator=generators[i])`` draws it, so N
-    stacked steps give the parameters of N separate runs (to rounding). ``models()`` unstacks them.
-    """
-
-    def __init__(self, models: list[DiffusionModel], generators: list[torch.Generator], lr: float):
-        from torch.func import stack_module_state
-        if len(models) != len(generators):
-            raise ValueError(f"generators: expected one per model ({len(models)}), got {len(generators)}")
-        self.schedule, self.generators = models[0].schedule, generators
-        self.params, self.buffers = stack_module_state([m.net for m in models])
-        self.base = copy.deepcopy(models[0].net).to("meta")
-        self.template = models[0]
-        self.opt = adam(self.params.values(), lr)
-
-    def _loss(self, params, buffers, a_t, t, s, eps):
-        from torch.func import functional_call
-        eps_hat = functional_call(self.base, (params, buffers), (a_t, t, s))
-        return ((eps_hat - eps) ** 2).sum(-1).mean()
-
-    def step(self, batches: list[dict]) -> dict[str, torch.Tensor]:
-        from torch.func import vmap
-        drawn = []
-        for g, b in zip(self.generators, batches):  # the draws of DiffusionModel.loss, model by model
-            t = self.schedule.sample_t(b["a"].shape[0], device=b["a"].device, dtype=b["a"].dtype, generator=g)
-            drawn.append((*self.schedule.diffuse(b["a"], t, generator=g), t))
-        a_t, eps, t = (torch.stack(x) for x in zip(*drawn))
-        s = torch.stack([b["s"] for b in batches])
-        losses = vmap(self._loss)(self.params, self.buffers, a_t, t, s, eps)  # (N,)
-        self.opt.zero_grad(set_to_none=True)
-        losses.sum().backward()
-        self.opt.step()
-        return {"loss": losses.detach()}
-
-    def models(self) -> list[DiffusionModel]:
-        out = []
-        for i in range(next(iter(self.params.values())).shape[0]):
-            m = copy.deepcopy(self.template)
-            m.net.load_state_dict({k: v[i].detach() for k, v in {**self.params, **self.buffers}.items()})
-            out.append(m)
-        return out
 
 
 # ----------------------------------------------------------------------------- the earlier TwinQ (reference)
@@ -248,8 +200,11 @@ def part_seeds(device, sizes, rounds, min_time, log) -> list:
     one = BehaviourLearner(models[0], 1e-4, generator=gens[0])
     rows = []
     for n in sizes["seeds"]:
-        stacked = StackedBehaviour(*_behaviours(n, device, sizes), lr=1e-4)
-        fns = {"one_seed": lambda: one.step(draw()), f"{n}_seeds": lambda: stacked.step([draw() for _ in range(n)])}
+        models, gens = _behaviours(n, device, sizes)
+        stacked = StackedBehaviourLearner(models, 1e-4, generators=gens)
+        fns = {"one_seed": lambda: one.step(draw()),
+               f"{n}_seeds": lambda: stacked.step({k: torch.stack(v) for k, v in
+                                                   zip(("a", "s"), zip(*[draw().values() for _ in range(n)]))})}
         res = side_by_side(fns, device, rounds, min_time)
         row = _row(f"behaviour B={B}: {n} seeds stacked vs 1", res, f"{n}_seeds", "one_seed", log)
         row["seconds_n_over_1"] = row["ratio"]

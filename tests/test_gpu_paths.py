@@ -499,7 +499,7 @@ def test_bench_capture_option_cpu():
             bench.check_bench_config(bench.tiny_config(capture=True, **kw))
 
 
-# ----------------------------------------------------------------------------- 4. several seeds, 5. the check script
+# ----------------------------------------------------------------------------- 5. the check script (4: tests/test_stacked.py)
 def _script(name):
     import importlib.util
     from pathlib import Path
@@ -508,38 +508,6 @@ def _script(name):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
-
-
-def test_stacked_seeds_train_as_separate_runs():
-    """N behaviour models trained together (stacked parameters, one vmapped loss, one Adam) end where N separate
-    BehaviourLearner runs end, each with its own noise generator and batches."""
-    gp = _script("gpu_paths")
-    n, steps = 3, 4
-    data = _data()
-
-    def models():
-        out, gens = [], []
-        for seed in range(n):
-            torch.manual_seed(seed)
-            out.append(DiffusionModel(NoiseNet(D_DIM, K_DIM, 16, 1, 8)))
-            gens.append(torch.Generator().manual_seed(100 + seed))
-        return out, gens
-    g = torch.Generator().manual_seed(9)
-    batches = [[{k: data[k][torch.randint(0, N_DATA, (8,), generator=g)] for k in ("a", "s")} for _ in range(n)]
-               for _ in range(steps)]
-    sep_models, sep_gens = models()
-    separate = [BehaviourLearner(m, 1e-2, generator=gen) for m, gen in zip(sep_models, sep_gens)]
-    losses = [[separate[i].step(b[i])["loss"] for i in range(n)] for b in batches]
-    stacked = gp.StackedBehaviour(*models(), lr=1e-2)
-    stacked_losses = [stacked.step(b)["loss"] for b in batches]
-    for ref, got in zip(losses, stacked_losses):
-        assert torch.allclose(torch.stack(ref), got, rtol=1e-5, atol=1e-6)
-    start = models()[0]
-    for i, m in enumerate(stacked.models()):
-        for (name, p), q, p0 in zip(m.named_parameters(), sep_models[i].parameters(), start[i].parameters()):
-            assert torch.allclose(p, q, rtol=1e-5, atol=1e-6), name
-            assert not torch.equal(p, p0)  # trained
-    assert not torch.allclose(next(sep_models[0].parameters()), next(sep_models[1].parameters()))
 
 
 def test_gpu_paths_script_runs_tiny():

@@ -120,3 +120,26 @@ def test_suite_commands(capsys):
     out = capsys.readouterr().out
     assert "mujoco/hopper/medium-v0" in out and "NOT D4RL data" in out
     assert main(["suite", "show", "antmase"]) == 2
+
+
+def test_stack_seeds_trains_the_behaviours_together_and_the_runs_copy_them(tiny, tmp_path):  # noqa: F811
+    """``stack_seeds``: the behaviour stages of seeds 0 and 1 are trained together before the runs; every run's
+    behaviour stage is then copied from the cache (no run trains one), and the rows equal those of a plain sweep
+    up to the rounding of the stacked sum."""
+    said = []
+    got = run_sweep(_cfg(tmp_path / "stacked", stack_seeds=True), echo=said.append)
+    assert len(got["done"]) == 4 and not got["failed"], got["failed"]
+    assert any(s.startswith(f"stack_seeds: {DS}: behaviour stages of seeds [0, 1] trained together") for s in said)
+    for p in (tmp_path / "stacked").rglob("train_stats.json"):
+        stats = json.loads(p.read_text())["behaviour"]
+        assert stats["stacked_seeds"] == [0, 1] and "copied_from" in stats, p
+    plain = run_sweep(_cfg(tmp_path / "plain"), echo=lambda *a: None)
+    assert len(plain["done"]) == 4
+    a, b = _rows(tmp_path / "stacked"), _rows(tmp_path / "plain")
+    assert a.keys() == b.keys()
+    for k in a:
+        for ra, rb in zip(a[k], b[k]):
+            assert ra["return_mean"] == pytest.approx(rb["return_mean"], rel=0.05, abs=1.0), k
+    said.clear()
+    again = run_sweep(_cfg(tmp_path / "stacked", stack_seeds=True), echo=said.append)
+    assert len(again["skipped"]) == 4 and not any(s.startswith("stack_seeds") for s in said)

@@ -68,7 +68,8 @@ class TrainCommand(ConfigCommand):
     """Train an agent on a Minari dataset (staged, resumable), then evaluate it at each guidance scale."""
 
     config_values: Annotated[TrainConfig, _arg("", "")] = field(default_factory=TrainConfig)
-    out: Optional[str] = None  # run directory (default: runs/<dataset>/<method>-<preset>-s<seed>)
+    out: Optional[str] = None  # run directory (default: runs/<dataset>/<method>-<preset>-s<seed>; with --seeds, a folder of runs)
+    seeds: Optional[tuple[int, ...]] = None  # several seeds in one process (replaces --seed): behaviour stages trained together, stacked
     init_behaviour: Optional[str] = None  # copy finished stages (behaviour; support, critic if they match) from this run
     stage_cache: Optional[str] = None  # train shared stages (behaviour, support, critic) once in this folder, reused by runs
     no_eval: Annotated[bool, _flag()] = False  # train only; evaluate later with `aepo-lite eval --run DIR`
@@ -85,12 +86,38 @@ def _train(argv: list[str]) -> int:
     cfg = check_config(cmd.config_values)
     if not cfg.dataset:
         raise ValueError("dataset: give a Minari dataset id with --dataset (e.g. a local one made by make-dataset)")
+    if cmd.seeds:
+        return _train_seeds(cmd, cfg)
     out = Path(cmd.out) if cmd.out else _default_out(cfg.dataset, cfg.method, cfg.preset, cfg.seed)
     print_config(cfg)
     train(cfg, out, progress=not cmd.quiet, init_behaviour=cmd.init_behaviour, stage_cache=cmd.stage_cache)
     print(f"trained {cfg.method} on {cfg.dataset} -> {out} (config: {out / 'config.json'})")
     if not cmd.no_eval:
         _print_results(evaluate_run(out, progress=not cmd.quiet))
+    return 0
+
+
+def _train_seeds(cmd: TrainCommand, cfg) -> int:
+    """``train --seeds 0 1 2``: one run per seed (OUT/<method>-<preset>-s<seed>), their behaviour stages trained
+    together as one stacked model into the stage cache (default: OUT/stage_cache), then each run in turn."""
+    from dataclasses import replace
+    from aepo_lite.rl.agent import evaluate_run, train_seeds
+    seeds = list(cmd.seeds)
+    if len(set(seeds)) != len(seeds) or any(s < 0 for s in seeds):
+        raise ValueError(f"seeds: expected distinct non-negative seeds, got {seeds}")
+    if cmd.init_behaviour:
+        raise ValueError("init_behaviour: copies one run's stages; with --seeds each seed trains its own (drop one)")
+    root = Path(cmd.out) if cmd.out else Path("runs") / cfg.dataset.replace("/", "_")
+    cfgs = [replace(cfg, seed=s) for s in seeds]
+    dirs = [root / f"{cfg.method}-{cfg.preset}-s{s}" for s in seeds]
+    cache = Path(cmd.stage_cache) if cmd.stage_cache else root / "stage_cache"
+    print_config(cfgs[0])
+    print(f"seeds {seeds}: behaviour stages trained together (stacked), shared stages in {cache}")
+    train_seeds(cfgs, dirs, stage_cache=cache, progress=not cmd.quiet)
+    for s, d in zip(seeds, dirs):
+        print(f"trained {cfg.method} on {cfg.dataset}, seed {s} -> {d}")
+        if not cmd.no_eval:
+            _print_results(evaluate_run(d, progress=not cmd.quiet))
     return 0
 
 

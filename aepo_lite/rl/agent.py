@@ -27,8 +27,8 @@ import torch
 
 from aepo_lite._checks import check_scalar, check_seed
 from aepo_lite._io import atomic_write_json, read_json
-from aepo_lite.config import METHODS, PRESETS, TrainConfig, apply_overrides, config_diff, estimator_name, from_dict, \
-    preset_config, to_dict
+from aepo_lite.config import METHODS, PRESETS, TrainConfig, apply_overrides, config_diff, estimator_name, flatten, \
+    from_dict, preset_config, to_dict
 from aepo_lite.core import guidance as G
 from aepo_lite.core.aepo import EnergyLearner, EpsNormTable, differentiates_q
 from aepo_lite.core.critics import CRITICS, make_critic
@@ -42,7 +42,8 @@ from aepo_lite.training import BehaviourLearner, RunLock, Stage, StageStore, run
 from aepo_lite.training.stages import MetricsLog, check_run_folder, run_cached_stage
 
 __all__ = ["Agent", "TrainConfig", "METHODS", "PRESETS", "STAGES", "EVAL_FIELDS", "make_config", "check_config",
-           "critic_kind", "domain_settings", "needs", "estimator_label", "train", "load_run", "evaluate_run", "evaluation_done"]
+           "critic_kind", "domain_settings", "needs", "estimator_label", "train", "train_seeds",
+           "train_stacked_behaviours", "load_run", "evaluate_run", "evaluation_done"]
 
 STAGES = ("behaviour", "support", "critic", "energy")
 # what may change between evaluations of one trained run (and on a resume): acting, evaluation, logging, speed
@@ -426,6 +427,92 @@ def train(cfg: TrainConfig, run_dir, *, data: OfflineData | None = None, progres
         finally:
             log.close()
     return agent
+
+
+def train_stacked_behaviours(cfgs: list[TrainConfig], stage_cache, *, data: OfflineData | None = None,
+                             progress: bool = True) -> dict[int, dict]:
+    """Train the behaviour stages of several seeds together, as one stacked model (one vmapped loss, one Adam:
+    :mod:`aepo_lite.training.stacked`), into the shared stage cache ``stage_cache``.
+
+    ``cfgs``: one config per seed, equal in everything but the seed. Each seed's checkpoint is written under
+    the hash its own run computes, so ``train(cfg, run_dir, stage_cache=stage_cache)`` copies it instead of
+    training it. Its parameters are those of a run that trained the seed alone, up to floating-point rounding.
+    Seeds whose behaviour stage the cache already holds are skipped; a killed stacked stage resumes from its
+    own checkpoint (``behaviour-stacked-<hash>.pt`` in the cache, removed once every seed's is written).
+    Returns ``{seed: stats}`` of the seeds trained here.
+    """
+    from aepo_lite.training.stacked import StackedBatches, StackedBehaviourLearner
+    if not cfgs:
+        raise ValueError("seeds: give at least one config")
+    cfgs = [check_config(c) for c in cfgs]
+    seeds = [c.seed for c in cfgs]
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds: each seed once, got {seeds}")
+    base = to_dict(cfgs[0])
+    for c in cfgs[1:]:
+        diff = config_diff(base, to_dict(c), ignore=("seed",))
+        if diff:
+            a, b = flatten(base), flatten(to_dict(c))
+            raise ValueError(f"seeds: several seeds train together only with one config; seed {c.seed} differs from "
+                             f"seed {cfgs[0].seed} in " + ", ".join(f"{k} ({b[k]!r} vs {a[k]!r})" for k in diff[:4]))
+    if data is None:
+        data, _ = load_minari(cfgs[0].dataset, reward_scaling=cfgs[0].reward_scaling)
+    elif data.dataset_id != cfgs[0].dataset:
+        raise ValueError(f"data: holds {data.dataset_id!r}, the config names {cfgs[0].dataset!r}")
+    device = resolve_device(cfgs[0].device)
+    cache = StageStore(Path(stage_cache), keyed=True)
+    mean, std = data.obs_stats()
+    T = data.tensors(device)
+    todo = []
+    for c in cfgs:
+        seed_everything(c.seed)  # as train() does before it builds the agent: the seed's initial parameters
+        agent = Agent(c, data.state_dim, data.action_dim, mean, std, data.action_low, data.action_high, device)
+        st = build_stages(c, agent, T, device)[0]
+        if not cache.is_complete(st.name, stage_hash(st)):
+            todo.append((c, agent, st))
+    if not todo:
+        return {}
+    b = cfgs[0].behaviour
+    # run_stage seeds a single run's batch generator and torch's global generator (the noise) with stage.seed
+    src = StackedBatches(todo[0][2].batches, [torch.Generator(device=device).manual_seed(st.seed) for *_, st in todo])
+    noise = [torch.Generator(device=device).manual_seed(st.seed) for *_, st in todo]
+    stacked = Stage("behaviour-stacked", {"seeds": [stage_hash(st) for *_, st in todo]}, b.steps, device=device,
+                    learner=lambda: StackedBehaviourLearner([a.behaviour for _, a, _ in todo], b.lr, generators=noise,
+                                                            decay_steps=b.steps if b.lr_decay else None, batches=src),
+                    batches=src)
+    hs = stage_hash(stacked)
+    log = MetricsLog(cache.root / f"behaviour-stacked-{hs}.jsonl")
+    cache.root.mkdir(parents=True, exist_ok=True)
+    learner, stats = run_cached_stage(stacked, cache, log=log, log_every=cfgs[0].log_every,
+                                      checkpoint_every=cfgs[0].checkpoint_every, progress=progress,
+                                      map_location=device)
+    out = {}
+    for i, (c, agent, st) in enumerate(todo):
+        h = stage_hash(st)
+        one = learner.unstacked(i, agent.behaviour)
+        rng = {"torch": noise[i].get_state() if device.type == "cpu" else torch.get_rng_state(),
+               "batches": src.generators[i].get_state()}
+        out[c.seed] = dict(stats, stacked_seeds=[x.seed for x, *_ in todo])
+        with RunLock(cache.root, what="cache", name=f".{st.name}-{h}.lock", wait=24 * 3600):
+            cache.save(st.name, h, {"step": st.steps, "steps": st.steps, "learner": one.state_dict(), "rng": rng,
+                                    "stats": out[c.seed]})
+    cache.path(stacked.name, hs).unlink(missing_ok=True)  # every seed's own checkpoint is written
+    return out
+
+
+def train_seeds(cfgs: list[TrainConfig], run_dirs: list, *, stage_cache, data: OfflineData | None = None,
+                progress: bool = True) -> list[Agent]:
+    """Several seeds of one config: their behaviour stages trained together (:func:`train_stacked_behaviours`),
+    then each seed's run (:func:`train`, reading the shared stages from ``stage_cache``). One seed: ``train``."""
+    if len(run_dirs) != len(cfgs):
+        raise ValueError(f"out: expected one run directory per seed ({len(cfgs)}), got {len(run_dirs)}")
+    if len(set(map(str, run_dirs))) != len(run_dirs):
+        raise ValueError("out: the seeds' run directories must differ")
+    if data is None and cfgs:
+        data, _ = load_minari(cfgs[0].dataset, reward_scaling=cfgs[0].reward_scaling)
+    if len(cfgs) > 1:
+        train_stacked_behaviours(cfgs, stage_cache, data=data, progress=progress)
+    return [train(c, d, data=data, progress=progress, stage_cache=stage_cache) for c, d in zip(cfgs, run_dirs)]
 
 
 def _copy_stages(src: Path, store: StageStore, stages: list[Stage]) -> dict:

@@ -50,6 +50,7 @@ class SweepConfig:
     evaluate: bool = True  # evaluate each run after training (skipped when already evaluated)
     overrides: Optional[str] = None  # a JSON/YAML file of nested config overrides for every run, e.g. {"energy": {"beta": 3}}
     stage_cache: Optional[str] = None  # RL: stages shared by runs (behaviour, support, critic) are trained once here; None = OUT/stage_cache
+    stack_seeds: bool = False  # RL: first train each dataset's behaviour stages of all seeds together (stacked, in this process) into the stage cache
 
 
 @dataclass
@@ -176,6 +177,30 @@ def run_one(spec: RunSpec | dict, threads: int = 1, progress: bool = False) -> d
             "seconds": time.perf_counter() - t0}
 
 
+def _stack_behaviours(specs: list[RunSpec], echo) -> None:
+    """``stack_seeds``: per offline-RL dataset, the behaviour stages of the seeds some unfinished run needs, trained
+    together into the stage cache (:func:`aepo_lite.rl.agent.train_stacked_behaviours`); the runs then copy them.
+    A failure here is reported and the runs train their behaviour stages alone as usual."""
+    from aepo_lite.rl.agent import evaluation_done, train_stacked_behaviours
+    for ds in dict.fromkeys(s.dataset for s in specs if not s.dataset.startswith(TOY_PREFIX)):
+        runs = [s for s in specs if s.dataset == ds]
+        pending = [s for s in runs if not (s.evaluate and evaluation_done(Path(s.run_dir), _make_config(s)))]
+        seeds = sorted({s.seed for s in pending})
+        if len(seeds) < 2:
+            continue
+        method = pending[0].method  # the behaviour stage is the same for every method of a dataset and seed
+        cfgs = [_make_config(next(s for s in runs if s.seed == seed and s.method == method)) for seed in seeds]
+        t0 = time.perf_counter()
+        try:
+            got = train_stacked_behaviours(cfgs, pending[0].stage_cache, progress=False)
+        except Exception as e:  # the runs still train their own behaviour stages
+            echo(f"stack_seeds: {ds}: {type(e).__name__}: {e}; each run trains its behaviour stage alone")
+            continue
+        if got:
+            echo(f"stack_seeds: {ds}: behaviour stages of seeds {sorted(got)} trained together "
+                 f"({time.perf_counter() - t0:.1f} s)")
+
+
 # ----------------------------------------------------------------------------------- availability
 def available(dataset: str) -> Optional[str]:
     """None when the dataset can be used here; else why not (a toy task always can)."""
@@ -262,6 +287,8 @@ def run_sweep(cfg: SweepConfig, *, results_csv: str | Path | None = None, echo=p
             echo(f"[{sum(len(v) for k, v in out.items() if k != 'unavailable')}/{len(todo)}] {r['run']}: "
                  f"{r['status']} ({r['seconds']:.1f} s)" + (f" -> {r['error']} (log: {r['log']})" if r["error"] else ""))
 
+        if cfg.stack_seeds:
+            _stack_behaviours(todo, echo)
         (_run_ray if cfg.backend == "ray" else _run_local)(todo, cfg, on_result)
     if results_csv is not None and (out["done"] or out["skipped"]):
         from aepo_lite.rl import report

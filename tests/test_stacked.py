@@ -1,0 +1,138 @@
+"""Several seeds in one process (aepo_lite.training.stacked): N behaviour models trained as one stacked model
+reach the parameters of N separate runs, resume exactly, and refuse what they cannot stack."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from aepo_lite.core.diffusion import DiffusionModel
+from aepo_lite.core.nets import NoiseNet
+from aepo_lite.core.schedule import VPSchedule
+from aepo_lite.training import BehaviourLearner, Stage, StageStore, run_stage
+from aepo_lite.training.stacked import StackedBatches, StackedBehaviourLearner
+
+SEEDS = (3, 7, 11)
+
+
+@pytest.fixture
+def data():
+    g = torch.Generator().manual_seed(0)
+    return torch.rand(200, 3, generator=g, dtype=torch.float64) * 2 - 1, torch.randn(200, 5, generator=g,
+                                                                                     dtype=torch.float64)
+
+
+def _draw(data):
+    A, S = data
+    return lambda g: (lambda i: {"a": A[i], "s": S[i]})(torch.randint(0, len(A), (16,), generator=g))
+
+
+def _model(seed, hidden=32):
+    torch.manual_seed(seed)
+    return DiffusionModel(NoiseNet(3, 5, hidden, 1), VPSchedule()).double()
+
+
+def _stacked(data, seeds=SEEDS, decay=10):
+    src = StackedBatches(_draw(data), [torch.Generator().manual_seed(100 + s) for s in seeds])
+    return StackedBehaviourLearner([_model(s) for s in seeds], 1e-3, decay_steps=decay, batches=src,
+                                   generators=[torch.Generator().manual_seed(100 + s) for s in seeds]), src
+
+
+def _separate(data, seed, steps, decay=10):
+    """One seed alone, drawn as run_stage draws it: the global generator for the noise, its own for the batches."""
+    learner = BehaviourLearner(_model(seed), 1e-3, decay_steps=decay)
+    torch.manual_seed(100 + seed)
+    g = torch.Generator().manual_seed(100 + seed)
+    for _ in range(steps):
+        learner.step(_draw(data)(g))
+    return learner
+
+
+def _gap(a: BehaviourLearner, b: BehaviourLearner) -> float:
+    return max((x - y).abs().max().item() for x, y in zip(a.model.parameters(), b.model.parameters()))
+
+
+def test_stacked_seeds_end_at_the_separate_runs_and_continue_alike(data):
+    stacked, src = _stacked(data)
+    for _ in range(6):
+        m = stacked.step(src())
+    assert m["loss"].shape == () and m["loss_max"] >= m["loss"]
+    for i, seed in enumerate(SEEDS):
+        alone = _separate(data, seed, 6)
+        one = stacked.unstacked(i, _model(0))
+        assert _gap(one, alone) < 1e-12  # float64: rounding only
+        # the unstacked learner carries Adam's moments, step count and the cosine schedule: 3 more steps agree
+        for learner in (alone, one):
+            torch.manual_seed(9)
+            g = torch.Generator().manual_seed(5)
+            for _ in range(3):
+                learner.step(_draw(data)(g))
+        assert _gap(one, alone) < 1e-12
+    # the seeds differ (a stack of copies would pass the checks above only if every seed were the same)
+    p = next(iter(stacked.params.values()))
+    assert (p[0] - p[1]).abs().max() > 1e-3
+
+
+def test_a_dropped_moment_would_show(data):
+    """The test above can fail: an unstacked learner without Adam's moments drifts from the separate run."""
+    stacked, src = _stacked(data)
+    for _ in range(6):
+        stacked.step(src())
+    alone = _separate(data, SEEDS[0], 6)
+    fresh = BehaviourLearner(_model(0), 1e-3, decay_steps=10)
+    fresh.model.load_state_dict(stacked.unstacked(0, _model(0)).model.state_dict())
+    assert _gap(fresh, alone) < 1e-12
+    for learner in (alone, fresh):
+        torch.manual_seed(9)
+        g = torch.Generator().manual_seed(5)
+        for _ in range(3):
+            learner.step(_draw(data)(g))
+    assert _gap(fresh, alone) > 1e-6
+
+
+def test_run_stage_resumes_a_stacked_stage_bit_for_bit(data, tmp_path):
+    def stage(store_dir, steps):
+        holder = {}
+
+        def learner():
+            holder["l"], holder["src"] = _stacked(data, decay=None)
+            return holder["l"]
+        return Stage("behaviour-stacked", {"seeds": list(SEEDS)}, steps, learner=learner,
+                     batches=lambda g: holder["src"]()), StageStore(store_dir)
+
+    st, store = stage(tmp_path / "straight", 8)
+    straight, _ = run_stage(st, store, progress=False, checkpoint_every=4)
+
+    class Killed(Exception):
+        pass
+    calls = {"n": 0}
+
+    def kill():
+        calls["n"] += 1
+        if calls["n"] == 7:
+            raise Killed
+    st, store = stage(tmp_path / "killed", 8)
+    with pytest.raises(Killed):
+        run_stage(st, store, progress=False, checkpoint_every=4, before_step=kill)
+    st, store = stage(tmp_path / "killed", 8)
+    resumed, stats = run_stage(st, store, progress=False, checkpoint_every=4)
+    assert stats["resumed_from"] == 4
+    for k in straight.params:
+        assert torch.equal(straight.params[k], resumed.params[k]), k
+
+
+def test_refusals_name_the_setting(data):
+    with pytest.raises(ValueError, match="generators: expected one per model"):
+        StackedBehaviourLearner([_model(0), _model(1)], 1e-3, generators=[torch.Generator()])
+    with pytest.raises(ValueError, match="one architecture"):
+        StackedBehaviourLearner([_model(0), _model(1, hidden=16)], 1e-3, generators=[torch.Generator()] * 2)
+    with pytest.raises(ValueError, match="seeds: a stacked run needs at least one"):
+        StackedBatches(_draw(data), [])
+    stacked, src = _stacked(data)
+    b = src()
+    with pytest.raises(ValueError, match="batch: expected 3 stacked batches"):
+        stacked.step({k: v[:2] for k, v in b.items()})
+    with pytest.raises(ValueError, match=r"i: expected a model index in \[0, 3\)"):
+        stacked.unstacked(3, _model(0))
+    two, _ = _stacked(data, seeds=SEEDS[:2])
+    with pytest.raises(ValueError, match="seeds: the checkpoint holds 3 models, this run has 2"):
+        two.load_state_dict(stacked.state_dict())
