@@ -17,7 +17,8 @@ new path is faster; ``ops`` is the number of aten operators one call runs, a pro
   captured   ``IQLCritic.step`` on device-drawn batches: eager against ``CapturedStep`` (1 and 8 steps per
              replay); on the CPU both run eagerly (the ratio shows the bookkeeping costs nothing)
   seeds      N behaviour models trained together (``StackedBehaviourLearner``: stacked parameters, one vmapped
-             loss, one Adam; what ``train --seeds`` and ``sweep --stack-seeds`` run) against one: time(N seeds together) / time(1 seed), N = 4 and 8
+             loss, one Adam; what ``train --seeds`` and ``sweep --stack-seeds`` run) against one; the same for
+             N IQL critics (``StackedIQLCritic``, batch 256): time(N seeds together) / time(1 seed), N = 4 and 8
 
 Nothing is asserted here; the tests (tests/test_gpu_paths.py) check the numbers of each path.
 """
@@ -50,7 +51,7 @@ from aepo_lite.core.nets import MLP, NoiseNet, TwinQ  # noqa: E402
 from aepo_lite.device import resolve_device  # noqa: E402
 from aepo_lite.training import BehaviourLearner  # noqa: E402
 from aepo_lite.training.captured import CapturedStep, DeviceBatches  # noqa: E402
-from aepo_lite.training.stacked import StackedBehaviourLearner  # noqa: E402
+from aepo_lite.training.stacked import StackedBehaviourLearner, StackedIQLCritic  # noqa: E402
 
 PARTS = ("jacobian", "twinq", "captured", "seeds")
 
@@ -207,6 +208,20 @@ def part_seeds(device, sizes, rounds, min_time, log) -> list:
                                                    zip(("a", "s"), zip(*[draw().values() for _ in range(n)]))})}
         res = side_by_side(fns, device, rounds, min_time)
         row = _row(f"behaviour B={B}: {n} seeds stacked vs 1", res, f"{n}_seeds", "one_seed", log)
+        row["seconds_n_over_1"] = row["ratio"]
+        log(f"    time({n} seeds together) / time(1 seed) = {row['ratio']:.2f} (separately: {n}.00)")
+        rows.append(row)
+    cfg = replace(CriticConfig(), **sizes["critic"])
+    src = DeviceBatches(lambda i: {k: v[i] for k, v in data.items() if k != "support2"}, len(data["s"]),
+                        sizes["batch"], device)
+    critic = _critic(IQLCritic, cfg, device, False)
+    for n in sizes["seeds"]:
+        stacked = StackedIQLCritic([_critic(IQLCritic, cfg, device, False) for _ in range(n)])
+        fns = {"one_seed": lambda: critic.step(src()),
+               f"{n}_seeds": lambda: stacked.step({k: torch.stack(v) for k, v in
+                                                   zip(src().keys(), zip(*[src().values() for _ in range(n)]))})}
+        res = side_by_side(fns, device, rounds, min_time)
+        row = _row(f"IQL critic B={sizes['batch']}: {n} seeds stacked vs 1", res, f"{n}_seeds", "one_seed", log)
         row["seconds_n_over_1"] = row["ratio"]
         log(f"    time({n} seeds together) / time(1 seed) = {row['ratio']:.2f} (separately: {n}.00)")
         rows.append(row)

@@ -522,35 +522,42 @@ def test_energy_gradient_norms_of_known_energies(tiny, smoke_runs, monkeypatch):
 
 
 def test_seeds_trained_together_match_runs_trained_alone(tiny, smoke_runs):
-    """``train_seeds``: the behaviour stages of seeds 0 and 1 are trained as one stacked model into the stage cache,
-    then each seed's run reads its own from there. Each behaviour model equals the one its seed trains alone (to
-    float32 rounding), the stacked checkpoint is gone once both are written, and a rerun trains nothing."""
+    """``train_seeds``: the behaviour and IQL critic stages of seeds 0 and 1 are each trained as one stacked model
+    into the stage cache, then each seed's run reads its own from there. Each behaviour model and critic equals the
+    one its seed trains alone (to float32 rounding), the stacked checkpoints are gone once every seed's is written,
+    and a rerun trains nothing."""
     from aepo_lite._io import read_json
-    from aepo_lite.rl.agent import load_run, make_config, train, train_seeds, train_stacked_behaviours
+    from aepo_lite.rl.agent import load_run, make_config, train, train_seeds, train_stacked_stages
     from aepo_lite.rl.data import load_minari
     data, _ = load_minari(DS)
     cfgs = [make_config(DS, "mse", "smoke", seed=s) for s in (0, 1)]
     cache, dirs = tiny / "stacked_cache", [tiny / "stacked" / f"s{s}" for s in (0, 1)]
     train_seeds(cfgs, dirs, stage_cache=cache, data=data, progress=False)
-    assert not list(cache.glob("behaviour-stacked-*.pt"))
-    assert len(list(cache.glob("behaviour-*.pt"))) == 2
+    assert not list(cache.glob("*-stacked-*.pt"))
+    assert len(list(cache.glob("behaviour-*.pt"))) == 2 and len(list(cache.glob("critic-*.pt"))) == 2
     stats = read_json(dirs[1] / "train_stats.json")
-    assert stats["behaviour"]["stacked_seeds"] == [0, 1] and stats["behaviour"]["copied_from"] == str(cache)
+    for stage in ("behaviour", "critic"):
+        assert stats[stage]["stacked_seeds"] == [0, 1] and stats[stage]["copied_from"] == str(cache)
     alone1 = tiny / "stacked" / "alone-s1"
-    train(make_config(DS, "bc", "smoke", seed=1), alone1, data=data, progress=False)
+    train(make_config(DS, "mse", "smoke", seed=1), alone1, data=data, progress=False)
     for d, ref in ((dirs[0], smoke_runs["mse"]), (dirs[1], alone1)):
         got, ref_agent = load_run(d)[0], load_run(ref)[0]
-        gap = max((x - y).abs().max().item() for x, y in zip(got.behaviour.parameters(), ref_agent.behaviour.parameters()))
-        assert gap < 1e-5, (d, gap)
+        for net in ("behaviour", "critic"):
+            gap = max((x - y).abs().max().item() for x, y in zip(getattr(got, net).state_dict().values(),
+                                                                 getattr(ref_agent, net).state_dict().values())
+                      if isinstance(x, torch.Tensor))
+            assert gap < 1e-5, (d, net, gap)
     a0, a1 = load_run(dirs[0])[0], load_run(dirs[1])[0]
     assert max((x - y).abs().max().item() for x, y in zip(a0.behaviour.parameters(), a1.behaviour.parameters())) > 1e-3
-    assert train_stacked_behaviours(cfgs, cache, data=data, progress=False) == {}  # every seed's stage is there
+    assert train_stacked_stages(cfgs, cache, data=data, progress=False) == {}  # every seed's stage is there
     with pytest.raises(ValueError, match=r"seeds: several seeds train together only with one config; seed 1 differs"
                                          r" from seed 0 in behaviour.lr"):
-        train_stacked_behaviours([cfgs[0], make_config(DS, "mse", "smoke", seed=1, behaviour={"lr": 0.5})], cache,
+        train_stacked_stages([cfgs[0], make_config(DS, "mse", "smoke", seed=1, behaviour={"lr": 0.5})], cache,
                                  data=data)
     with pytest.raises(ValueError, match=r"seeds: each seed once, got \[0, 0\]"):
-        train_stacked_behaviours([cfgs[0], cfgs[0]], cache, data=data)
+        train_stacked_stages([cfgs[0], cfgs[0]], cache, data=data)
+    with pytest.raises(ValueError, match=r"stages: only \('behaviour', 'critic'\) stack, got \['energy'\]"):
+        train_stacked_stages(cfgs, cache, data=data, stages=("energy",))
     with pytest.raises(ValueError, match="out: expected one run directory per seed"):
         train_seeds(cfgs, dirs[:1], stage_cache=cache, data=data)
 

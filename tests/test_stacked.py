@@ -136,3 +136,89 @@ def test_refusals_name_the_setting(data):
     two, _ = _stacked(data, seeds=SEEDS[:2])
     with pytest.raises(ValueError, match="seeds: the checkpoint holds 3 models, this run has 2"):
         two.load_state_dict(stacked.state_dict())
+
+
+# ----------------------------------------------------------------------------- IQL critics
+def _critic_data():
+    g = torch.Generator().manual_seed(1)
+    n = 120
+    return {"s": torch.randn(n, 5, generator=g, dtype=torch.float64),
+            "a": torch.rand(n, 3, generator=g, dtype=torch.float64) * 2 - 1,
+            "r": torch.randn(n, generator=g, dtype=torch.float64), "s2": torch.randn(n, 5, generator=g, dtype=torch.float64),
+            "done": (torch.rand(n, generator=g) < 0.2).double()}
+
+
+def _critic(seed, **kw):
+    from aepo_lite.config import CriticConfig
+    from aepo_lite.core.critics import IQLCritic
+    torch.manual_seed(seed)
+    return IQLCritic(5, 3, CriticConfig(hidden=16, depth=2, lr=3e-3, **kw)).double()
+
+
+def _critic_draw(data):
+    return lambda g: (lambda i: {k: v[i] for k, v in data.items()})(torch.randint(0, 120, (12,), generator=g))
+
+
+def _critic_gap(a, b) -> float:
+    return max((x - y).abs().max().item() for x, y in zip(a.state_dict(prefix="").values(),
+                                                          b.state_dict(prefix="").values()))
+
+
+def test_stacked_iql_critics_end_at_the_separate_runs():
+    from aepo_lite.training.stacked import StackedIQLCritic
+    data = _critic_data()
+    src = StackedBatches(_critic_draw(data), [torch.Generator().manual_seed(100 + s) for s in SEEDS])
+    stacked = StackedIQLCritic([_critic(s) for s in SEEDS], batches=src)
+    for _ in range(5):
+        m = stacked.step(src())
+    assert set(m) == {"v_loss", "q_loss", "q_mean", "v_mean"}
+    means = []
+    for i, seed in enumerate(SEEDS):
+        alone, g = _critic(seed), torch.Generator().manual_seed(100 + seed)
+        for _ in range(5):
+            last = alone.step(_critic_draw(data)(g))
+        means.append(last["q_loss"])
+        one = stacked.unstacked(i, _critic(0))
+        assert _critic_gap(one, alone) < 1e-12  # q, q_target and v
+        g = torch.Generator().manual_seed(5)  # both Adams carried over: 3 more steps agree
+        for _ in range(3):
+            batch = _critic_draw(data)(g)
+            one.step(batch), alone.step(batch)
+        assert _critic_gap(one, alone) < 1e-12
+    assert float(m["q_loss"]) == pytest.approx(float(torch.stack(means).mean()), rel=1e-12)
+    w = stacked.q["weights.0"]
+    assert (w[0] - w[1]).abs().max() > 1e-3  # the seeds differ
+
+
+def test_stacked_critic_resumes_and_refuses():
+    from aepo_lite.training.stacked import StackedIQLCritic
+    data = _critic_data()
+
+    def make():
+        src = StackedBatches(_critic_draw(data), [torch.Generator().manual_seed(100 + s) for s in SEEDS])
+        return StackedIQLCritic([_critic(s) for s in SEEDS], batches=src), src
+    straight, src = make()
+    for _ in range(6):
+        straight.step(src())
+    first, src1 = make()
+    for _ in range(3):
+        first.step(src1())
+    second, src2 = make()
+    second.load_state_dict(first.state_dict())
+    for _ in range(3):
+        second.step(src2())
+    for part in ("q", "v", "q_target"):
+        for k, v in getattr(straight, part).items():
+            assert torch.equal(v, getattr(second, part)[k]), (part, k)
+    with pytest.raises(ValueError, match="critics: a stacked run needs one critic config"):
+        StackedIQLCritic([_critic(0), _critic(1, expectile=0.9)])
+    used = _critic(0)
+    used.step(_critic_draw(data)(torch.Generator().manual_seed(0)))
+    with pytest.raises(ValueError, match="before their first step"):
+        StackedIQLCritic([used, _critic(1)])
+    from aepo_lite.config import CriticConfig
+    from aepo_lite.core.critics import InSupportCritic
+    with pytest.raises(ValueError, match="critic: only IQL critics stack"):
+        StackedIQLCritic([InSupportCritic(5, 3, CriticConfig(hidden=16))])
+    with pytest.raises(ValueError, match="seeds: the checkpoint holds 3 critics, this run has 2"):
+        StackedIQLCritic([_critic(0), _critic(1)]).load_state_dict(straight.state_dict())

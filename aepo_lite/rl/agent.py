@@ -43,7 +43,7 @@ from aepo_lite.training.stages import MetricsLog, check_run_folder, run_cached_s
 
 __all__ = ["Agent", "TrainConfig", "METHODS", "PRESETS", "STAGES", "EVAL_FIELDS", "make_config", "check_config",
            "critic_kind", "domain_settings", "needs", "estimator_label", "train", "train_seeds",
-           "train_stacked_behaviours", "load_run", "evaluate_run", "evaluation_done"]
+           "train_stacked_stages", "load_run", "evaluate_run", "evaluation_done"]
 
 STAGES = ("behaviour", "support", "critic", "energy")
 # what may change between evaluations of one trained run (and on a resume): acting, evaluation, logging, speed
@@ -429,21 +429,29 @@ def train(cfg: TrainConfig, run_dir, *, data: OfflineData | None = None, progres
     return agent
 
 
-def train_stacked_behaviours(cfgs: list[TrainConfig], stage_cache, *, data: OfflineData | None = None,
-                             progress: bool = True) -> dict[int, dict]:
-    """Train the behaviour stages of several seeds together, as one stacked model (one vmapped loss, one Adam:
-    :mod:`aepo_lite.training.stacked`), into the shared stage cache ``stage_cache``.
+STACKED = ("behaviour", "critic")  # the stages several seeds can train together (the critic: IQL only)
+
+
+def train_stacked_stages(cfgs: list[TrainConfig], stage_cache, *, data: OfflineData | None = None,
+                         progress: bool = True, stages=STACKED) -> dict[str, dict[int, dict]]:
+    """Train the behaviour stages (and the IQL critic stages) of several seeds together, each as one stacked model
+    (one vmapped loss, one Adam per network: :mod:`aepo_lite.training.stacked`), into the shared stage cache
+    ``stage_cache``.
 
     ``cfgs``: one config per seed, equal in everything but the seed. Each seed's checkpoint is written under
     the hash its own run computes, so ``train(cfg, run_dir, stage_cache=stage_cache)`` copies it instead of
-    training it. Its parameters are those of a run that trained the seed alone, up to floating-point rounding.
-    Seeds whose behaviour stage the cache already holds are skipped; a killed stacked stage resumes from its
-    own checkpoint (``behaviour-stacked-<hash>.pt`` in the cache, removed once every seed's is written).
-    Returns ``{seed: stats}`` of the seeds trained here.
+    training it. Its networks are those of a run that trained the seed alone, up to floating-point rounding.
+    The in-support critic is not stacked (each seed's reads its own support actions): its runs train it alone.
+    Seeds whose stage the cache already holds are skipped; a killed stacked stage resumes from its own
+    checkpoint (``<stage>-stacked-<hash>.pt`` in the cache, removed once every seed's is written).
+    Returns ``{stage: {seed: stats}}`` of the seeds trained here.
     """
-    from aepo_lite.training.stacked import StackedBatches, StackedBehaviourLearner
+    from aepo_lite.training.stacked import StackedBatches, StackedBehaviourLearner, StackedIQLCritic
     if not cfgs:
         raise ValueError("seeds: give at least one config")
+    bad = [s for s in stages if s not in STACKED]
+    if bad:
+        raise ValueError(f"stages: only {STACKED} stack, got {bad}")
     cfgs = [check_config(c) for c in cfgs]
     seeds = [c.seed for c in cfgs]
     if len(set(seeds)) != len(seeds):
@@ -463,47 +471,64 @@ def train_stacked_behaviours(cfgs: list[TrainConfig], stage_cache, *, data: Offl
     cache = StageStore(Path(stage_cache), keyed=True)
     mean, std = data.obs_stats()
     T = data.tensors(device)
-    todo = []
+    runs = []
     for c in cfgs:
-        seed_everything(c.seed)  # as train() does before it builds the agent: the seed's initial parameters
+        seed_everything(c.seed)  # as train() does before it builds the agent: the seed's initial networks
         agent = Agent(c, data.state_dim, data.action_dim, mean, std, data.action_low, data.action_high, device)
-        st = build_stages(c, agent, T, device)[0]
-        if not cache.is_complete(st.name, stage_hash(st)):
-            todo.append((c, agent, st))
-    if not todo:
-        return {}
-    b = cfgs[0].behaviour
-    # run_stage seeds a single run's batch generator and torch's global generator (the noise) with stage.seed
-    src = StackedBatches(todo[0][2].batches, [torch.Generator(device=device).manual_seed(st.seed) for *_, st in todo])
-    noise = [torch.Generator(device=device).manual_seed(st.seed) for *_, st in todo]
-    stacked = Stage("behaviour-stacked", {"seeds": [stage_hash(st) for *_, st in todo]}, b.steps, device=device,
-                    learner=lambda: StackedBehaviourLearner([a.behaviour for _, a, _ in todo], b.lr, generators=noise,
-                                                            decay_steps=b.steps if b.lr_decay else None, batches=src),
-                    batches=src)
+        runs.append((c, agent, {st.name: st for st in build_stages(c, agent, T, device)}))
+    out = {}
+    for name in stages:
+        if name == "critic" and (cfgs[0].method == "bc" or critic_kind(cfgs[0]) != "iql"):
+            continue
+        todo = [(c, agent, sts[name]) for c, agent, sts in runs if not cache.is_complete(name, stage_hash(sts[name]))]
+        if not todo:
+            continue
+        # run_stage seeds a single run's batch generator, and torch's global generator (the behaviour's noise),
+        # with stage.seed; the critic draws no noise
+        src = StackedBatches(todo[0][2].batches, [torch.Generator(device=device).manual_seed(st.seed)
+                                                  for *_, st in todo])
+        noise = [torch.Generator(device=device).manual_seed(st.seed) for *_, st in todo]
+        if name == "behaviour":
+            b = cfgs[0].behaviour
+            make = lambda: StackedBehaviourLearner([a.behaviour for _, a, _ in todo], b.lr, generators=noise,  # noqa: E731
+                                                   decay_steps=b.steps if b.lr_decay else None, batches=src)
+            unstack = lambda learner, i, agent: learner.unstacked(i, agent.behaviour).state_dict()  # noqa: E731
+        else:
+            make = lambda: StackedIQLCritic([a.critic for _, a, _ in todo], batches=src)  # noqa: E731
+            unstack = lambda learner, i, agent: learner.unstacked(i, agent.critic).state_dict()  # noqa: E731
+        out[name] = _stacked_stage(name, todo, make, unstack, src, noise, cache, cfgs[0], device, progress)
+    return out
+
+
+def _stacked_stage(name, todo, make, unstack, src, noise, cache: StageStore, cfg: TrainConfig, device,
+                   progress: bool) -> dict[int, dict]:
+    """One stacked stage (resumable, in the cache), then each seed's checkpoint under its own hash."""
+    steps = todo[0][2].steps
+    stacked = Stage(f"{name}-stacked", {"seeds": [stage_hash(st) for *_, st in todo]}, steps, learner=make,
+                    batches=src, device=device)
     hs = stage_hash(stacked)
-    log = MetricsLog(cache.root / f"behaviour-stacked-{hs}.jsonl")
     cache.root.mkdir(parents=True, exist_ok=True)
-    learner, stats = run_cached_stage(stacked, cache, log=log, log_every=cfgs[0].log_every,
-                                      checkpoint_every=cfgs[0].checkpoint_every, progress=progress,
-                                      map_location=device)
+    learner, stats = run_cached_stage(stacked, cache, log=MetricsLog(cache.root / f"{stacked.name}-{hs}.jsonl"),
+                                      log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every,
+                                      progress=progress, map_location=device)
     out = {}
     for i, (c, agent, st) in enumerate(todo):
         h = stage_hash(st)
-        one = learner.unstacked(i, agent.behaviour)
         rng = {"torch": noise[i].get_state() if device.type == "cpu" else torch.get_rng_state(),
                "batches": src.generators[i].get_state()}
         out[c.seed] = dict(stats, stacked_seeds=[x.seed for x, *_ in todo])
-        with RunLock(cache.root, what="cache", name=f".{st.name}-{h}.lock", wait=24 * 3600):
-            cache.save(st.name, h, {"step": st.steps, "steps": st.steps, "learner": one.state_dict(), "rng": rng,
-                                    "stats": out[c.seed]})
+        with RunLock(cache.root, what="cache", name=f".{name}-{h}.lock", wait=24 * 3600):
+            cache.save(name, h, {"step": steps, "steps": steps, "learner": unstack(learner, i, agent), "rng": rng,
+                                 "stats": out[c.seed]})
     cache.path(stacked.name, hs).unlink(missing_ok=True)  # every seed's own checkpoint is written
     return out
 
 
 def train_seeds(cfgs: list[TrainConfig], run_dirs: list, *, stage_cache, data: OfflineData | None = None,
                 progress: bool = True) -> list[Agent]:
-    """Several seeds of one config: their behaviour stages trained together (:func:`train_stacked_behaviours`),
-    then each seed's run (:func:`train`, reading the shared stages from ``stage_cache``). One seed: ``train``."""
+    """Several seeds of one config: their behaviour and IQL critic stages trained together
+    (:func:`train_stacked_stages`), then each seed's run (:func:`train`, reading the shared stages from
+    ``stage_cache``). One seed: ``train``."""
     if len(run_dirs) != len(cfgs):
         raise ValueError(f"out: expected one run directory per seed ({len(cfgs)}), got {len(run_dirs)}")
     if len(set(map(str, run_dirs))) != len(run_dirs):
@@ -511,7 +536,7 @@ def train_seeds(cfgs: list[TrainConfig], run_dirs: list, *, stage_cache, data: O
     if data is None and cfgs:
         data, _ = load_minari(cfgs[0].dataset, reward_scaling=cfgs[0].reward_scaling)
     if len(cfgs) > 1:
-        train_stacked_behaviours(cfgs, stage_cache, data=data, progress=progress)
+        train_stacked_stages(cfgs, stage_cache, data=data, progress=progress)
     return [train(c, d, data=data, progress=progress, stage_cache=stage_cache) for c, d in zip(cfgs, run_dirs)]
 
 

@@ -50,7 +50,7 @@ class SweepConfig:
     evaluate: bool = True  # evaluate each run after training (skipped when already evaluated)
     overrides: Optional[str] = None  # a JSON/YAML file of nested config overrides for every run, e.g. {"energy": {"beta": 3}}
     stage_cache: Optional[str] = None  # RL: stages shared by runs (behaviour, support, critic) are trained once here; None = OUT/stage_cache
-    stack_seeds: bool = False  # RL: first train each dataset's behaviour stages of all seeds together (stacked, in this process) into the stage cache
+    stack_seeds: bool = False  # RL: first train each dataset's behaviour (and IQL critic) stages of all seeds together (stacked, in this process) into the stage cache
 
 
 @dataclass
@@ -178,26 +178,24 @@ def run_one(spec: RunSpec | dict, threads: int = 1, progress: bool = False) -> d
 
 
 def _stack_behaviours(specs: list[RunSpec], echo) -> None:
-    """``stack_seeds``: per offline-RL dataset, the behaviour stages of the seeds some unfinished run needs, trained
-    together into the stage cache (:func:`aepo_lite.rl.agent.train_stacked_behaviours`); the runs then copy them.
-    A failure here is reported and the runs train their behaviour stages alone as usual."""
-    from aepo_lite.rl.agent import evaluation_done, train_stacked_behaviours
-    for ds in dict.fromkeys(s.dataset for s in specs if not s.dataset.startswith(TOY_PREFIX)):
-        runs = [s for s in specs if s.dataset == ds]
-        pending = [s for s in runs if not (s.evaluate and evaluation_done(Path(s.run_dir), _make_config(s)))]
-        seeds = sorted({s.seed for s in pending})
-        if len(seeds) < 2:
+    """``stack_seeds``: per offline-RL dataset and method, the behaviour and IQL critic stages of the seeds some
+    unfinished run needs, trained together into the stage cache (:func:`aepo_lite.rl.agent.train_stacked_stages`);
+    the runs then copy them (a stage shared by several methods is trained once). A failure here is reported
+    and the runs train those stages alone as usual."""
+    from aepo_lite.rl.agent import evaluation_done, train_stacked_stages
+    for ds, m in dict.fromkeys((s.dataset, s.method) for s in specs if not s.dataset.startswith(TOY_PREFIX)):
+        pending = [s for s in specs if (s.dataset, s.method) == (ds, m)
+                   and not (s.evaluate and evaluation_done(Path(s.run_dir), _make_config(s)))]
+        if len({s.seed for s in pending}) < 2:
             continue
-        method = pending[0].method  # the behaviour stage is the same for every method of a dataset and seed
-        cfgs = [_make_config(next(s for s in runs if s.seed == seed and s.method == method)) for seed in seeds]
         t0 = time.perf_counter()
         try:
-            got = train_stacked_behaviours(cfgs, pending[0].stage_cache, progress=False)
-        except Exception as e:  # the runs still train their own behaviour stages
-            echo(f"stack_seeds: {ds}: {type(e).__name__}: {e}; each run trains its behaviour stage alone")
+            got = train_stacked_stages([_make_config(s) for s in pending], pending[0].stage_cache, progress=False)
+        except Exception as e:  # the runs still train their own stages
+            echo(f"stack_seeds: {ds} {m}: {type(e).__name__}: {e}; each run trains its stages alone")
             continue
-        if got:
-            echo(f"stack_seeds: {ds}: behaviour stages of seeds {sorted(got)} trained together "
+        for stage, seeds in got.items():
+            echo(f"stack_seeds: {ds}: {stage} stages of seeds {sorted(seeds)} trained together "
                  f"({time.perf_counter() - t0:.1f} s)")
 
 

@@ -1,4 +1,4 @@
-"""Several seeds in one process: N behaviour models trained as one stacked model.
+"""Several seeds in one process: N behaviour models (and N IQL critics) trained as one stacked model.
 
 :class:`StackedBehaviourLearner` holds N behaviour models of one architecture (one per seed). Their parameters
 are stacked along a leading axis (``torch.func.stack_module_state``). One ``vmap`` of ``functional_call``
@@ -13,8 +13,13 @@ this). :meth:`StackedBehaviourLearner.unstacked` writes model i back, with its A
 schedule, into an ordinary :class:`~aepo_lite.training.BehaviourLearner`, so its checkpoint is the one a
 single run would have written.
 
-The stacked learner is a :class:`~aepo_lite.training.Learner`: ``run_stage`` trains it, checkpoints it
-(every generator included) and resumes it.
+:class:`StackedIQLCritic` does the same for N IQL critics (twin Q, its Polyak target, the expectile V): the
+step of :class:`~aepo_lite.core.critics.IQLCritic` with every network a stacked one; it draws no noise, so its
+N batch generators are its only random state. :meth:`StackedIQLCritic.unstacked` gives critic i back with
+its two Adams. QGPO's in-support critic is not stacked (each seed's reads its own support actions).
+
+The stacked learners are :class:`~aepo_lite.training.Learner` s: ``run_stage`` trains them, checkpoints them
+(every generator included) and resumes them.
 """
 from __future__ import annotations
 
@@ -23,11 +28,12 @@ from typing import Callable
 
 import torch
 
+from aepo_lite.core.critics import IQLCritic
 from aepo_lite.core.diffusion import DiffusionModel
 from aepo_lite.device import adam, cosine_schedule
 from aepo_lite.training.learners import BehaviourLearner
 
-__all__ = ["StackedBatches", "StackedBehaviourLearner"]
+__all__ = ["StackedBatches", "StackedBehaviourLearner", "StackedIQLCritic"]
 
 
 class StackedBatches:
@@ -147,9 +153,116 @@ class StackedBehaviourLearner:
         with torch.no_grad():
             model.net.load_state_dict({k: v[i].detach() for k, v in {**self.params, **self.buffers}.items()})
         learner = BehaviourLearner(model, self.lr, decay_steps=self.decay_steps)
-        sd = self.opt.state_dict()
-        per = {j: {k: (v.clone() if k == "step" else v[i].clone()) for k, v in st.items()} for j, st in sd["state"].items()}
-        learner.opt.load_state_dict({"state": per, "param_groups": sd["param_groups"]})
+        learner.opt.load_state_dict(_unstack_adam(self.opt, i))
         if self.lr_schedule is not None:
             learner.lr_schedule.load_state_dict(self.lr_schedule.state_dict())
         return learner
+
+
+def _stack(modules) -> tuple[dict, dict]:
+    from torch.func import stack_module_state
+    return stack_module_state(list(modules))
+
+
+def _unstack_adam(opt: torch.optim.Optimizer, i: int) -> dict:
+    """Model i's share of an Adam over stacked tensors, as the state of an Adam over that model's parameters."""
+    sd = opt.state_dict()
+    per = {j: {k: (v.clone() if k == "step" else v[i].clone()) for k, v in st.items()} for j, st in sd["state"].items()}
+    return {"state": per, "param_groups": sd["param_groups"]}
+
+
+class StackedIQLCritic:
+    """N :class:`IQLCritic` (same config, different seeds) trained together.
+
+    ``critics``: the N critics (their initial networks are each seed's own; none has stepped yet);
+    ``batches``: the :class:`StackedBatches` whose generators this learner saves. ``step(batch)`` takes the
+    critic batch with a leading seed axis (``s`` (N, B, k), ``a``, ``r``, ``s2``, ``done``) and returns the
+    metrics of :meth:`IQLCritic.step`, each the mean over the N critics.
+    """
+
+    def __init__(self, critics: list[IQLCritic], *, batches: StackedBatches | None = None):
+        if not critics:
+            raise ValueError("seeds: a stacked run needs at least one critic")
+        if any(not isinstance(c, IQLCritic) for c in critics):
+            raise ValueError("critic: only IQL critics stack (the in-support critic reads each seed's support)")
+        cfg = critics[0].cfg
+        if any(c.cfg != cfg for c in critics):
+            raise ValueError("critics: a stacked run needs one critic config; the critics' configs differ")
+        if any(c.q_opt is not None for c in critics):
+            raise ValueError("critics: stack critics before their first step (their optimisers exist already)")
+        self.n, self.cfg, self.batches = len(critics), cfg, batches
+        self.q, self.q_buffers = _stack(c.q for c in critics)
+        self.v, self.v_buffers = _stack(c.v for c in critics)
+        self.q_target = {k: v.detach().clone() for k, v in _stack(c.q_target for c in critics)[0].items()}
+        self.q_base = copy.deepcopy(critics[0].q).to("meta")
+        self.v_base = copy.deepcopy(critics[0].v).to("meta")
+        self.q_opt, self.v_opt = adam(self.q.values(), cfg.lr), adam(self.v.values(), cfg.lr)
+
+    def _twin(self, params, buffers, s, a):
+        from torch.func import functional_call
+        return functional_call(self.q_base, (params, buffers), (s, a))
+
+    def _value(self, params, buffers, s):
+        from torch.func import functional_call
+        return functional_call(self.v_base, (params, buffers), (s,))
+
+    def step(self, batch: dict) -> dict[str, torch.Tensor]:
+        from torch.func import vmap
+        s, a, r, s2, done = batch["s"], batch["a"], batch["r"], batch["s2"], batch["done"]
+        if s.shape[0] != self.n:
+            raise ValueError(f"batch: expected {self.n} stacked batches (one per critic), got {s.shape[0]}")
+        twin, value = vmap(self._twin), vmap(self._value)
+        with torch.no_grad():
+            q_t = torch.minimum(*twin(self.q_target, self.q_buffers, s, a))  # (N, B)
+        v = value(self.v, self.v_buffers, s)
+        u, tau = q_t - v, self.cfg.expectile
+        v_loss = (torch.where(u < 0, 1.0 - tau, tau) * u**2).mean(-1)  # (N,): expectile_loss per critic
+        self.v_opt.zero_grad(set_to_none=True)
+        v_loss.sum().backward()
+        self.v_opt.step()
+        with torch.no_grad():
+            y = r + self.cfg.gamma * (1.0 - done) * value(self.v, self.v_buffers, s2)
+        q1, q2 = twin(self.q, self.q_buffers, s, a)
+        q_loss = ((q1 - y) ** 2).mean(-1) + ((q2 - y) ** 2).mean(-1)
+        self.q_opt.zero_grad(set_to_none=True)
+        q_loss.sum().backward()
+        self.q_opt.step()
+        with torch.no_grad():  # the Polyak update of every critic's target at once
+            torch._foreach_lerp_(list(self.q_target.values()), list(self.q.values()), self.cfg.tau_target)
+        return {"v_loss": v_loss.detach().mean(), "q_loss": q_loss.detach().mean(), "q_mean": q1.detach().mean(),
+                "v_mean": v.detach().mean()}
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        out = {part: {k: v.detach().clone() for k, v in getattr(self, part).items()}
+               for part in ("q", "q_buffers", "v", "v_buffers", "q_target")}
+        out.update(q_opt=self.q_opt.state_dict(), v_opt=self.v_opt.state_dict(), n=self.n)
+        if self.batches is not None:
+            out["batches"] = self.batches.state_dict()
+        return out
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("n") != self.n:
+            raise ValueError(f"seeds: the checkpoint holds {state.get('n')} critics, this run has {self.n}")
+        with torch.no_grad():
+            for part in ("q", "q_buffers", "v", "v_buffers", "q_target"):
+                for k, v in state[part].items():
+                    getattr(self, part)[k].copy_(v)
+        self.q_opt.load_state_dict(state["q_opt"])
+        self.v_opt.load_state_dict(state["v_opt"])
+        if self.batches is not None and "batches" in state:
+            self.batches.load_state_dict(state["batches"])
+
+    def unstacked(self, i: int, critic: IQLCritic) -> IQLCritic:
+        """Critic i written into ``critic`` (networks, target, both Adams): what a run of that seed alone holds
+        after the same steps."""
+        if not 0 <= i < self.n:
+            raise ValueError(f"i: expected a critic index in [0, {self.n}), got {i}")
+        with torch.no_grad():
+            critic.q.load_state_dict({k: v[i] for k, v in {**self.q, **self.q_buffers}.items()})
+            critic.q_target.load_state_dict({k: v[i] for k, v in {**self.q_target, **self.q_buffers}.items()})
+            critic.v.load_state_dict({k: v[i] for k, v in {**self.v, **self.v_buffers}.items()})
+        critic._optimizers()
+        critic.q_opt.load_state_dict(_unstack_adam(self.q_opt, i))
+        critic.v_opt.load_state_dict(_unstack_adam(self.v_opt, i))
+        return critic
