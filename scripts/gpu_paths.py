@@ -18,7 +18,8 @@ new path is faster; ``ops`` is the number of aten operators one call runs, a pro
              replay); on the CPU both run eagerly (the ratio shows the bookkeeping costs nothing)
   seeds      N behaviour models trained together (``StackedBehaviourLearner``: stacked parameters, one vmapped
              loss, one Adam; what ``train --seeds`` and ``sweep --stack-seeds`` run) against one; the same for
-             N IQL critics (``StackedIQLCritic``, batch 256): time(N seeds together) / time(1 seed), N = 4 and 8
+             N IQL critics (``StackedIQLCritic``, batch 256) and N AEPO energy learners (``StackedEnergyLearner``,
+             the default particle target, batch 256): time(N seeds together) / time(1 seed), N = 4 and 8
 
 Nothing is asserted here; the tests (tests/test_gpu_paths.py) check the numbers of each path.
 """
@@ -42,16 +43,17 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from aepo_lite import bench  # noqa: E402
-from aepo_lite.config import CriticConfig  # noqa: E402
+from aepo_lite.config import CriticConfig, EnergyConfig  # noqa: E402
 from aepo_lite.core import aepo  # noqa: E402
-from aepo_lite.core.aepo import JACOBIANS, critic_expansion, rowwise_jacobian  # noqa: E402
+from aepo_lite.core.aepo import JACOBIANS, EnergyLearner, critic_expansion, rowwise_jacobian  # noqa: E402
 from aepo_lite.core.critics import IQLCritic, InSupportCritic  # noqa: E402
 from aepo_lite.core.diffusion import DiffusionModel  # noqa: E402
-from aepo_lite.core.nets import MLP, NoiseNet, TwinQ  # noqa: E402
+from aepo_lite.core.nets import MLP, EnergyNet, NoiseNet, TwinQ  # noqa: E402
+from aepo_lite.core.schedule import VPSchedule  # noqa: E402
 from aepo_lite.device import resolve_device  # noqa: E402
 from aepo_lite.training import BehaviourLearner  # noqa: E402
 from aepo_lite.training.captured import CapturedStep, DeviceBatches  # noqa: E402
-from aepo_lite.training.stacked import StackedBehaviourLearner, StackedIQLCritic  # noqa: E402
+from aepo_lite.training.stacked import StackedBehaviourLearner, StackedEnergyLearner, StackedIQLCritic  # noqa: E402
 
 PARTS = ("jacobian", "twinq", "captured", "seeds")
 
@@ -225,15 +227,38 @@ def part_seeds(device, sizes, rounds, min_time, log) -> list:
         row["seconds_n_over_1"] = row["ratio"]
         log(f"    time({n} seeds together) / time(1 seed) = {row['ratio']:.2f} (separately: {n}.00)")
         rows.append(row)
+    # the default AEPO energy (particle target, centered): targets seed by seed, the N energy networks as one
+    K, B = sizes["k"], sizes["batch"]
+    sup = torch.rand(len(data["s"]), K, 3, device=device) * 2 - 1
+    sup_q = torch.randn(len(data["s"]), K, device=device)
+    esrc = DeviceBatches(lambda i: {"s": data["s"][i], "a": data["a"][i], "support": sup[i], "support_q": sup_q[i]},
+                         len(data["s"]), B, device)
+
+    def energy_learner(seed):
+        torch.manual_seed(seed)
+        return EnergyLearner(EnergyNet(3, 11, **sizes["energy"]).to(device), replace(EnergyConfig(), **sizes["energy"]),
+                             schedule=VPSchedule(), method="aepo")
+    one_e = energy_learner(0)
+    for n in sizes["seeds"]:
+        stacked = StackedEnergyLearner([energy_learner(i) for i in range(n)],
+                                       generators=[torch.Generator(device=device).manual_seed(i) for i in range(n)])
+        fns = {"one_seed": lambda: one_e.step(esrc()),
+               f"{n}_seeds": lambda: stacked.step({k: torch.stack(v) for k, v in
+                                                   zip(esrc().keys(), zip(*[esrc().values() for _ in range(n)]))})}
+        res = side_by_side(fns, device, rounds, min_time)
+        row = _row(f"AEPO energy B={B} K={K}: {n} seeds stacked vs 1", res, f"{n}_seeds", "one_seed", log)
+        row["seconds_n_over_1"] = row["ratio"]
+        log(f"    time({n} seeds together) / time(1 seed) = {row['ratio']:.2f} (separately: {n}.00)")
+        rows.append(row)
     return rows
 
 
 SIZES = {"full": {"jacobian": [(256, 3), (256, 6), (1, 3)], "hessian": (256, 3), "noise": {},
                   "q": {"hidden": 256, "depth": 2}, "critic": {"hidden": 256, "depth": 2}, "k": 16, "batch": 256,
-                  "behaviour_batch": 4096, "seeds": (4, 8)},
+                  "behaviour_batch": 4096, "seeds": (4, 8), "energy": {"hidden": 256, "depth": 3}},
          "tiny": {"jacobian": [(8, 3), (1, 1)], "hessian": (8, 2), "noise": {"hidden": 16, "n_blocks": 1},
                   "q": {"hidden": 16, "depth": 2}, "critic": {"hidden": 16, "depth": 2}, "k": 2, "batch": 8,
-                  "behaviour_batch": 16, "seeds": (2,)}}
+                  "behaviour_batch": 16, "seeds": (2,), "energy": {"hidden": 16, "depth": 2}}}
 
 
 def run(device: str = "cpu", parts=PARTS, tiny: bool = False, rounds: int = 5, min_time: float = 0.5,

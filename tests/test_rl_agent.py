@@ -523,9 +523,9 @@ def test_energy_gradient_norms_of_known_energies(tiny, smoke_runs, monkeypatch):
 
 def test_seeds_trained_together_match_runs_trained_alone(tiny, smoke_runs):
     """``train_seeds``: the behaviour and IQL critic stages of seeds 0 and 1 are each trained as one stacked model
-    into the stage cache, then each seed's run reads its own from there. Each behaviour model and critic equals the
-    one its seed trains alone (to float32 rounding), the stacked checkpoints are gone once every seed's is written,
-    and a rerun trains nothing."""
+    into the stage cache, each seed's run reads its own from there, and their energy stages train as one stacked
+    model too. Each behaviour model, critic and energy network equals the one its seed trains alone (to float32
+    rounding), the stacked checkpoints are gone once every seed's is written, and a rerun trains nothing."""
     from aepo_lite._io import read_json
     from aepo_lite.rl.agent import load_run, make_config, train, train_seeds, train_stacked_stages
     from aepo_lite.rl.data import load_minari
@@ -538,11 +538,12 @@ def test_seeds_trained_together_match_runs_trained_alone(tiny, smoke_runs):
     stats = read_json(dirs[1] / "train_stats.json")
     for stage in ("behaviour", "critic"):
         assert stats[stage]["stacked_seeds"] == [0, 1] and stats[stage]["copied_from"] == str(cache)
+    assert stats["energy"]["stacked_seeds"] == [0, 1] and "copied_from" not in stats["energy"]
     alone1 = tiny / "stacked" / "alone-s1"
     train(make_config(DS, "mse", "smoke", seed=1), alone1, data=data, progress=False)
     for d, ref in ((dirs[0], smoke_runs["mse"]), (dirs[1], alone1)):
         got, ref_agent = load_run(d)[0], load_run(ref)[0]
-        for net in ("behaviour", "critic"):
+        for net in ("behaviour", "critic", "energy"):
             gap = max((x - y).abs().max().item() for x, y in zip(getattr(got, net).state_dict().values(),
                                                                  getattr(ref_agent, net).state_dict().values())
                       if isinstance(x, torch.Tensor))
@@ -576,3 +577,39 @@ def test_cli_train_several_seeds(tiny, capsys):
     assert main(["train", "--dataset", DS, "--method", "bc", "--preset", "smoke", "--seeds", "4", "4", "--out",
                  str(out), "--quiet"]) == 2
     assert "seeds: expected distinct non-negative seeds, got [4, 4]" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", ["aepo", "qgpo"])
+def test_seeds_trained_together_with_support_actions(tiny, smoke_runs, method):
+    """AEPO's default (particle target on support actions, IQL critic) and QGPO (in-support critic, not stacked),
+    seeds 0 and 1 trained together. Seed 0's behaviour model and critic equal the run trained alone (to float32
+    rounding); its energy network equals the one trained alone on the same upstream stages (copied from the
+    stacked run), but for the output bias. Both losses are blind to a constant added to f per state (CEP's softmax,
+    the centered regression), so that bias's gradient is rounding noise, which Adam's normalised steps turn into
+    moves of up to the learning rate either way; guidance never reads it."""
+    from aepo_lite._io import read_json
+    from aepo_lite.rl.agent import load_run, make_config, train, train_seeds
+    from aepo_lite.rl.data import load_minari
+    data, _ = load_minari(DS)
+    dirs = [tiny / f"stacked-{method}" / f"s{s}" for s in (0, 1)]
+    cfg0 = make_config(DS, method, "smoke", seed=0)
+    train_seeds([cfg0, make_config(DS, method, "smoke", seed=1)], dirs, stage_cache=tiny / f"stacked-{method}-cache",
+                data=data, progress=False)
+    same_upstream = tiny / f"stacked-{method}" / "alone-s0"
+    train(cfg0, same_upstream, data=data, progress=False, init_behaviour=dirs[0])
+
+    def gap(a, b, net, skip_last=False):
+        pairs = list(zip(getattr(a, net).named_parameters(), getattr(b, net).parameters()))
+        if skip_last:
+            assert pairs[-1][0][0].endswith("bias")
+            pairs = pairs[:-1]
+        return max((x - y).abs().max().item() for (_, x), y in pairs)
+    got, alone, copied = load_run(dirs[0])[0], load_run(smoke_runs[method])[0], load_run(same_upstream)[0]
+    for net in ("behaviour", "critic"):
+        assert gap(got, alone, net) < 1e-4, (method, net, gap(got, alone, net))
+    assert gap(got, copied, "energy", skip_last=True) < 1e-5, (method, gap(got, copied, "energy", skip_last=True))
+    other = load_run(dirs[1])[0]
+    assert gap(got, other, "energy", skip_last=True) > 1e-3  # the seeds differ
+    stats = read_json(dirs[1] / "train_stats.json")
+    assert stats["energy"]["stacked_seeds"] == [0, 1]
+    assert ("stacked_seeds" in stats["critic"]) == (method == "aepo")  # the in-support critic trains alone

@@ -222,3 +222,92 @@ def test_stacked_critic_resumes_and_refuses():
         StackedIQLCritic([InSupportCritic(5, 3, CriticConfig(hidden=16))])
     with pytest.raises(ValueError, match="seeds: the checkpoint holds 3 critics, this run has 2"):
         StackedIQLCritic([_critic(0), _critic(1)]).load_state_dict(straight.state_dict())
+
+
+# ----------------------------------------------------------------------------- energy learners
+def _energy_setup(method, **kw):
+    """Per seed: an energy learner with its own critic (a different quadratic Q per seed, as each seed's critic
+    differs), and one batch source per seed reading that critic."""
+    from aepo_lite.config import EnergyConfig
+    from aepo_lite.core.aepo import EnergyLearner
+    from aepo_lite.core.nets import EnergyNet
+    g = torch.Generator().manual_seed(2)
+    n, K = 90, 4
+    S = torch.randn(n, 5, generator=g, dtype=torch.float64)
+    A = torch.rand(n, 3, generator=g, dtype=torch.float64) * 2 - 1
+    SUP = torch.rand(n, K, 3, generator=g, dtype=torch.float64) * 2 - 1
+    cfg = EnergyConfig(hidden=16, depth=2, lr=3e-3, beta=2.0, **kw)
+
+    def q_fn_of(seed):
+        c = torch.linspace(-0.5, 0.5, 3, dtype=torch.float64) * (1 + seed / 10)
+        return lambda s, a: -((a - c) ** 2).sum(-1) + 0.1 * s[:, 0]
+
+    def learner(seed):
+        torch.manual_seed(seed)
+        net = EnergyNet(3, 5, 16, 2).double()
+        return EnergyLearner(net, cfg, schedule=VPSchedule(), q_fn=q_fn_of(seed), method=method,
+                             decay_steps=20)
+
+    def draw_of(seed):
+        q_fn = q_fn_of(seed)
+
+        def draw(gen):
+            i = torch.randint(0, n, (10,), generator=gen)
+            sup = SUP[i]
+            q = q_fn(S[i].repeat_interleave(K, 0), sup.reshape(-1, 3)).reshape(10, K)
+            return {"s": S[i], "a": A[i], "support": sup, "support_q": q}
+        return draw
+    return learner, draw_of
+
+
+@pytest.mark.parametrize("method,kw", [("aepo", {}), ("aepo", {"centered": False}), ("qgpo", {}), ("mse", {}),
+                                       ("aepo", {"grad_clip": 0.05})])
+def test_stacked_energy_learners_end_at_the_separate_runs(method, kw):
+    from aepo_lite.training.stacked import StackedEnergyLearner
+    learner, draw_of = _energy_setup(method, **kw)
+    src = StackedBatches([draw_of(s) for s in SEEDS], [torch.Generator().manual_seed(100 + s) for s in SEEDS])
+    stacked = StackedEnergyLearner([learner(s) for s in SEEDS], batches=src,
+                                   generators=[torch.Generator().manual_seed(200 + s) for s in SEEDS])
+    for _ in range(5):
+        m = stacked.step(src())
+    assert "energy_loss" in m and ("target_mean" in m) == (method == "aepo")
+    for i, seed in enumerate(SEEDS):
+        alone, gen = learner(seed), torch.Generator().manual_seed(100 + seed)
+        torch.manual_seed(200 + seed)  # a run's energy learner draws from torch's global generator
+        for _ in range(5):
+            alone.step(draw_of(seed)(gen))
+        one = stacked.unstacked(i, learner(seed))  # a fresh learner of that seed (its own critic)
+        gap = max((x - y).abs().max().item() for x, y in zip(one.energy.parameters(), alone.energy.parameters()))
+        assert gap < 1e-9, (method, seed, gap)  # float64 rounding, grown through Adam's first steps
+        assert one.generator is None
+        for lr in (one, alone):  # Adam's moments and the schedule carried over
+            torch.manual_seed(9)
+            g2 = torch.Generator().manual_seed(7)
+            for _ in range(2):
+                lr.step(draw_of(seed)(g2))
+        gap = max((x - y).abs().max().item() for x, y in zip(one.energy.parameters(), alone.energy.parameters()))
+        assert gap < 1e-9, (method, seed, gap)
+    w = next(iter(stacked.params.values()))
+    assert (w[0] - w[1]).abs().max() > 1e-3
+
+
+def test_stacked_energy_grad_clip_acts_and_refusals():
+    """With a tight grad_clip the separate runs differ from unclipped ones (so the per-model clip above is tested),
+    and what cannot be stacked is refused."""
+    from aepo_lite.training.stacked import StackedEnergyLearner
+    clipped, draw_of = _energy_setup("aepo", grad_clip=0.05)
+    free, _ = _energy_setup("aepo")
+    a, b = clipped(3), free(3)
+    for lr in (a, b):
+        torch.manual_seed(1)
+        g = torch.Generator().manual_seed(1)
+        lr.step(draw_of(3)(g))
+    assert max((x - y).abs().max().item() for x, y in zip(a.energy.parameters(), b.energy.parameters())) > 1e-6
+    with pytest.raises(ValueError, match="energy: a stacked run needs one energy config and method"):
+        StackedEnergyLearner([clipped(0), free(1)], generators=[torch.Generator()] * 2)
+    with pytest.raises(ValueError, match="before their first step"):
+        StackedEnergyLearner([a], generators=[torch.Generator()])
+    with pytest.raises(ValueError, match="generators: expected one per learner"):
+        StackedEnergyLearner([free(0), free(1)], generators=[torch.Generator()])
+    with pytest.raises(ValueError, match="draw: expected one batch source per seed"):
+        StackedBatches([draw_of(0)], [torch.Generator()] * 2)

@@ -350,7 +350,17 @@ class EnergyLearner(TrainingState):
         return a_t, t
 
     def loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        """The energy loss on ``batch`` and extra metrics (``target_mean`` for AEPO)."""
+        args, finish = self.loss_parts(batch)
+        return finish(self.energy(*args))
+
+    def loss_parts(self, batch: dict) -> tuple[tuple, Callable[[torch.Tensor], tuple[torch.Tensor, dict]]]:
+        """The loss in two parts: the energy network's inputs ``(s, a_t, t)`` for this batch (its noise drawn, its
+        targets computed) and ``finish(f) -> (loss, extra)`` from the network's output f at them:
+        ``loss(batch) == finish(self.energy(*args))``. Several seeds trained together
+        (:mod:`aepo_lite.training.stacked`) call the energy networks of all seeds at once between the two."""
         cfg, method, s = self.cfg, self.method, batch.get("s")
+        check = self.check_finite
         if method == "qgpo":
             sup, q = batch["support"], batch["support_q"]
             B, K, d = sup.shape
@@ -358,20 +368,19 @@ class EnergyLearner(TrainingState):
             t_rep = t.repeat_interleave(K)  # one t per state, shared by its K support actions
             a_t, _ = self.schedule.diffuse(sup.reshape(B * K, d), t_rep, generator=self.generator)
             s_rep = None if s is None else s.repeat_interleave(K, dim=0)
-            f = self.energy(s_rep, a_t, t_rep).reshape(B, K)
-            return G.cep_loss(f, q, cfg.beta, check=self.check_finite), {}
+            return (s_rep, a_t, t_rep), lambda f: (G.cep_loss(f.reshape(B, K), q, cfg.beta, check=check), {})
         if method == "aepo" and cfg.centered:
-            return self._centered_loss(batch)
+            return self._centered_parts(batch)
         a0 = batch["a"]
         a_t, t = self._noise(a0)
         if method == "mse":
             with torch.no_grad():
                 q = self.q_fn(s, a0)
-            return G.mse_energy_loss(self.energy(s, a_t, t), q, cfg.beta, check=self.check_finite), {}
+            return (s, a_t, t), lambda f: (G.mse_energy_loss(f, q, cfg.beta, check=check), {})
         y = self.target(a_t, t, batch)
-        return G.energy_regression_loss(self.energy(s, a_t, t), y, check=self.check_finite), {"target_mean": y.mean()}
+        return (s, a_t, t), lambda f: (G.energy_regression_loss(f, y, check=check), {"target_mean": y.mean()})
 
-    def _centered_loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
+    def _centered_parts(self, batch: dict):
         """``cfg.centered`` (ours): each state's K support actions a^(k) are noised at one shared t, as in QGPO's
         contrastive batch, and f is regressed on the target up to a constant per state and t:
 
@@ -388,10 +397,13 @@ class EnergyLearner(TrainingState):
         if batch.get("support_q") is not None:
             rep["support_q"] = batch["support_q"].repeat_interleave(K, dim=0)
         y = self.target(a_t, t_rep, rep).reshape(B, K)
-        f = self.energy(rep["s"], a_t, t_rep).reshape(B, K)
-        loss = G.energy_regression_loss(f - f.mean(1, keepdim=True), y - y.mean(1, keepdim=True),
-                                        check=self.check_finite)
-        return loss, {"target_mean": y.mean()}
+
+        def finish(f):
+            f = f.reshape(B, K)
+            loss = G.energy_regression_loss(f - f.mean(1, keepdim=True), y - y.mean(1, keepdim=True),
+                                            check=self.check_finite)
+            return loss, {"target_mean": y.mean()}
+        return (rep["s"], a_t, t_rep), finish
 
     def target(self, a_t: torch.Tensor, t: torch.Tensor, batch: dict) -> torch.Tensor:
         """AEPO's regression target y_t at (a_t (B, d), t (B,)), one draw (the sampled expansion's samples, the

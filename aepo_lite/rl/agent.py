@@ -43,7 +43,7 @@ from aepo_lite.training.stages import MetricsLog, check_run_folder, run_cached_s
 
 __all__ = ["Agent", "TrainConfig", "METHODS", "PRESETS", "STAGES", "EVAL_FIELDS", "make_config", "check_config",
            "critic_kind", "domain_settings", "needs", "estimator_label", "train", "train_seeds",
-           "train_stacked_stages", "load_run", "evaluate_run", "evaluation_done"]
+           "train_stacked_stages", "train_stacked_energy", "load_run", "evaluate_run", "evaluation_done"]
 
 STAGES = ("behaviour", "support", "critic", "energy")
 # what may change between evaluations of one trained run (and on a resume): acting, evaluation, logging, speed
@@ -377,7 +377,8 @@ def build_stages(cfg: TrainConfig, agent: Agent, T: dict, device: torch.device) 
 
 
 def train(cfg: TrainConfig, run_dir, *, data: OfflineData | None = None, progress: bool = True,
-          init_behaviour: str | Path | None = None, stage_cache: str | Path | None = None) -> Agent:
+          init_behaviour: str | Path | None = None, stage_cache: str | Path | None = None,
+          until: str | None = None) -> Agent:
     """Train every stage the method needs into ``run_dir``: finished stages are loaded, a stage killed
     mid-way resumes from its last periodic checkpoint.
 
@@ -385,8 +386,12 @@ def train(cfg: TrainConfig, run_dir, *, data: OfflineData | None = None, progres
     (its behaviour stage must match this config; its support and critic stages are copied when they match).
     ``stage_cache``: a folder of stages shared by runs (behaviour, support, critic, keyed by their content
     hash): each is trained there once and copied into every run that needs it.
+    ``until``: a stage name; train the stages before it only (``train_seeds`` trains the energy stages of several
+    seeds together after that).
     """
     check_config(cfg)
+    if until is not None and until not in STAGES:
+        raise ValueError(f"until: expected one of {STAGES}, got {until!r}")
     run_dir = Path(run_dir)
     with RunLock(run_dir):
         check_run_folder(run_dir, to_dict(cfg), ignore=EVAL_FIELDS)
@@ -414,6 +419,8 @@ def train(cfg: TrainConfig, run_dir, *, data: OfflineData | None = None, progres
         try:
             with limits:
                 for st in stages:
+                    if st.name == until:
+                        break
                     if stage_cache is not None and st.name != "energy":
                         stats[st.name] = _from_cache(st, store, StageStore(Path(stage_cache), keyed=True), log, cfg,
                                                      progress, device) or stats.get(st.name, {})
@@ -487,8 +494,8 @@ def train_stacked_stages(cfgs: list[TrainConfig], stage_cache, *, data: OfflineD
         # with stage.seed; the critic draws no noise
         src = StackedBatches(todo[0][2].batches, [torch.Generator(device=device).manual_seed(st.seed)
                                                   for *_, st in todo])
-        noise = [torch.Generator(device=device).manual_seed(st.seed) for *_, st in todo]
-        if name == "behaviour":
+        if name == "behaviour":  # no draw when built: its noise generators are simply seeded
+            noise = [torch.Generator(device=device).manual_seed(st.seed) for *_, st in todo]
             b = cfgs[0].behaviour
             make = lambda: StackedBehaviourLearner([a.behaviour for _, a, _ in todo], b.lr, generators=noise,  # noqa: E731
                                                    decay_steps=b.steps if b.lr_decay else None, batches=src)
@@ -496,39 +503,99 @@ def train_stacked_stages(cfgs: list[TrainConfig], stage_cache, *, data: OfflineD
         else:
             make = lambda: StackedIQLCritic([a.critic for _, a, _ in todo], batches=src)  # noqa: E731
             unstack = lambda learner, i, agent: learner.unstacked(i, agent.critic).state_dict()  # noqa: E731
-        out[name] = _stacked_stage(name, todo, make, unstack, src, noise, cache, cfgs[0], device, progress)
+        out[name] = _stacked_stage(name, todo, make, unstack, src, cache, cfgs[0], device, progress)
     return out
 
 
-def _stacked_stage(name, todo, make, unstack, src, noise, cache: StageStore, cfg: TrainConfig, device,
-                   progress: bool) -> dict[int, dict]:
-    """One stacked stage (resumable, in the cache), then each seed's checkpoint under its own hash."""
+def _stacked_stage(name, todo, make, unstack, src, cache: StageStore, cfg: TrainConfig, device, progress: bool,
+                   save=None) -> dict[int, dict]:
+    """One stacked stage (resumable, in the cache ``cache``), then each seed's checkpoint under its own hash:
+    ``save(entry, checkpoint)`` for each entry of ``todo`` (default: into ``cache``, under the entry's lock)."""
     steps = todo[0][2].steps
-    stacked = Stage(f"{name}-stacked", {"seeds": [stage_hash(st) for *_, st in todo]}, steps, learner=make,
+    stacked = Stage(f"{name}-stacked", {"seeds": [stage_hash(e[2]) for e in todo]}, steps, learner=make,
                     batches=src, device=device)
     hs = stage_hash(stacked)
     cache.root.mkdir(parents=True, exist_ok=True)
     learner, stats = run_cached_stage(stacked, cache, log=MetricsLog(cache.root / f"{stacked.name}-{hs}.jsonl"),
                                       log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every,
                                       progress=progress, map_location=device)
-    out = {}
-    for i, (c, agent, st) in enumerate(todo):
-        h = stage_hash(st)
-        rng = {"torch": noise[i].get_state() if device.type == "cpu" else torch.get_rng_state(),
-               "batches": src.generators[i].get_state()}
-        out[c.seed] = dict(stats, stacked_seeds=[x.seed for x, *_ in todo])
+
+    def to_cache(entry, ck):
+        h = stage_hash(entry[2])
         with RunLock(cache.root, what="cache", name=f".{name}-{h}.lock", wait=24 * 3600):
-            cache.save(name, h, {"step": steps, "steps": steps, "learner": unstack(learner, i, agent), "rng": rng,
-                                 "stats": out[c.seed]})
+            cache.save(name, h, ck)
+    out, gens = {}, getattr(learner, "generators", None)  # the noise generators (the critic draws none)
+    for i, entry in enumerate(todo):
+        c = entry[0]
+        rng = {"torch": gens[i].get_state() if gens is not None and device.type == "cpu" else torch.get_rng_state(),
+               "batches": src.generators[i].get_state()}
+        out[c.seed] = dict(stats, stacked_seeds=[e[0].seed for e in todo])
+        (save or to_cache)(entry, {"step": steps, "steps": steps, "learner": unstack(learner, i, entry[1]),
+                                   "rng": rng, "stats": out[c.seed]})
     cache.path(stacked.name, hs).unlink(missing_ok=True)  # every seed's own checkpoint is written
     return out
 
 
+def _noise_after(seed: int, build, device):
+    """``build()`` under ``torch.manual_seed(seed)``, as run_stage builds a stage's learner, and a generator that
+    continues torch's global stream from there (what that run's steps then draw from)."""
+    torch.manual_seed(seed)
+    built = build()
+    g = torch.Generator(device=device)
+    g.set_state(torch.get_rng_state() if device.type == "cpu" else torch.cuda.get_rng_state(device))
+    return built, g
+
+
+def train_stacked_energy(cfgs: list[TrainConfig], run_dirs: list, *, stage_cache, data: OfflineData,
+                         progress: bool = True) -> dict[int, dict]:
+    """The energy stages of several seeds' runs trained together (:class:`StackedEnergyLearner`): each run's
+    earlier stages must be finished in its folder (``train(..., until="energy")``); each seed's learner computes
+    its own targets from its own behaviour model, support actions and critic, and the N energy networks run as one.
+    Each seed's energy checkpoint is written into its run; the stacked one lives in ``stage_cache`` while it
+    trains (resumable). Runs whose energy stage is already there (or started alone) are left to ``train``.
+    Returns ``{seed: stats}`` of the seeds trained here."""
+    from aepo_lite.training.stacked import StackedBatches, StackedEnergyLearner
+    if cfgs[0].method == "bc":
+        return {}
+    device = resolve_device(cfgs[0].device)
+    mean, std = data.obs_stats()
+    T = data.tensors(device)
+    with contextlib.ExitStack() as locks:
+        todo = []
+        for c, d in zip(cfgs, run_dirs):
+            locks.enter_context(RunLock(d))
+            seed_everything(c.seed)
+            agent = Agent(c, data.state_dim, data.action_dim, mean, std, data.action_low, data.action_high, device)
+            stages = build_stages(c, agent, T, device)
+            store = StageStore(Path(d) / "checkpoints")
+            if store.load("energy", stage_hash(stages[-1])) is not None:
+                continue
+            for st in stages[:-1]:  # finished: loaded (the support sampler fills the energy batches' support)
+                if not store.is_complete(st.name, stage_hash(st)):
+                    raise ValueError(f"out: {d} has no finished {st.name} stage; train it first "
+                                     "(train(..., until='energy'))")
+                run_stage(st, store, progress=False, map_location=device)
+                _freeze(agent, st.name)
+            todo.append((c, agent, stages[-1], store))
+        if len(todo) < 2:
+            return {}
+        src = StackedBatches([st.batches for _, _, st, _ in todo],
+                             [torch.Generator(device=device).manual_seed(st.seed) for _, _, st, _ in todo])
+
+        def make():
+            learners, gens = zip(*(_noise_after(st.seed, st.learner, device) for _, _, st, _ in todo))
+            return StackedEnergyLearner(list(learners), generators=list(gens), batches=src)
+        return _stacked_stage("energy", todo, make, lambda learner, i, agent: learner.unstacked(i).state_dict(), src,
+                              StageStore(Path(stage_cache), keyed=True), cfgs[0], device, progress,
+                              save=lambda e, ck: e[3].save("energy", stage_hash(e[2]), ck))
+
+
 def train_seeds(cfgs: list[TrainConfig], run_dirs: list, *, stage_cache, data: OfflineData | None = None,
                 progress: bool = True) -> list[Agent]:
-    """Several seeds of one config: their behaviour and IQL critic stages trained together
-    (:func:`train_stacked_stages`), then each seed's run (:func:`train`, reading the shared stages from
-    ``stage_cache``). One seed: ``train``."""
+    """Several seeds of one config, trained together where the stages allow: the behaviour and IQL critic stages
+    (:func:`train_stacked_stages`, into ``stage_cache``), each run's support (and in-support critic) stage alone,
+    then the energy stages together (:func:`train_stacked_energy`); finally each seed's run (:func:`train`), which
+    finds its stages finished. One seed: ``train``."""
     if len(run_dirs) != len(cfgs):
         raise ValueError(f"out: expected one run directory per seed ({len(cfgs)}), got {len(run_dirs)}")
     if len(set(map(str, run_dirs))) != len(run_dirs):
@@ -537,6 +604,9 @@ def train_seeds(cfgs: list[TrainConfig], run_dirs: list, *, stage_cache, data: O
         data, _ = load_minari(cfgs[0].dataset, reward_scaling=cfgs[0].reward_scaling)
     if len(cfgs) > 1:
         train_stacked_stages(cfgs, stage_cache, data=data, progress=progress)
+        for c, d in zip(cfgs, run_dirs):
+            train(c, d, data=data, progress=progress, stage_cache=stage_cache, until="energy")
+        train_stacked_energy(cfgs, run_dirs, stage_cache=stage_cache, data=data, progress=progress)
     return [train(c, d, data=data, progress=progress, stage_cache=stage_cache) for c, d in zip(cfgs, run_dirs)]
 
 

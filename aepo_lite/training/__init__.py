@@ -10,13 +10,14 @@
   and metrics log, NaN checks at logged steps and per-stage seeding.
 - :mod:`~aepo_lite.training.captured`: a learner's whole step captured as one CUDA graph (eager, with the
   same bookkeeping, on the CPU).
-- :mod:`~aepo_lite.training.stacked`: several seeds' behaviour models trained as one stacked model (one
-  vmapped loss, one Adam), each ending where its seed trained alone would (``train --seeds``).
+- :mod:`~aepo_lite.training.stacked`: several seeds' behaviour models, IQL critics or energy networks trained
+  as one stacked model (one vmapped call, one Adam), each ending where its seed alone would (``train --seeds``).
 """
 from aepo_lite.training.learners import BehaviourLearner, Learner, RegressionLearner
 from aepo_lite.training.stages import RunLock, Stage, StageStore, run_stage, stage_hash
 from aepo_lite.training.captured import CapturedStep
-from aepo_lite.training.stacked import StackedBatches, StackedBehaviourLearner
+from aepo_lite.training.stacked import StackedBatches, StackedBehaviourLearner, StackedEnergyLearner, StackedIQLCritic
 
 __all__ = ["Learner", "BehaviourLearner", "RegressionLearner", "Stage", "StageStore", "RunLock", "run_stage",
-           "stage_hash", "CapturedStep", "StackedBatches", "StackedBehaviourLearner"]
+           "stage_hash", "CapturedStep", "StackedBatches", "StackedBehaviourLearner",
+           "StackedIQLCritic", "StackedEnergyLearner"]

@@ -18,6 +18,12 @@ step of :class:`~aepo_lite.core.critics.IQLCritic` with every network a stacked 
 N batch generators are its only random state. :meth:`StackedIQLCritic.unstacked` gives critic i back with
 its two Adams. QGPO's in-support critic is not stacked (each seed's reads its own support actions).
 
+:class:`StackedEnergyLearner` does it for N energy learners (any method and target): each seed's own
+:class:`~aepo_lite.core.aepo.EnergyLearner` draws its noise and computes its targets
+(:meth:`~aepo_lite.core.aepo.EnergyLearner.loss_parts`, reading its own behaviour model and critic), then the
+N energy networks run as one vmapped call and one Adam steps them. Only the network part is fused; the
+targets are computed seed by seed.
+
 The stacked learners are :class:`~aepo_lite.training.Learner` s: ``run_stage`` trains them, checkpoints them
 (every generator included) and resumes them.
 """
@@ -28,29 +34,35 @@ from typing import Callable
 
 import torch
 
+from aepo_lite.core.aepo import EnergyLearner
 from aepo_lite.core.critics import IQLCritic
 from aepo_lite.core.diffusion import DiffusionModel
 from aepo_lite.device import adam, cosine_schedule
 from aepo_lite.training.learners import BehaviourLearner
 
-__all__ = ["StackedBatches", "StackedBehaviourLearner", "StackedIQLCritic"]
+__all__ = ["StackedBatches", "StackedBehaviourLearner", "StackedIQLCritic", "StackedEnergyLearner"]
 
 
 class StackedBatches:
     """One batch per model, each drawn by ``draw(generator)`` from the model's own generator; stacked.
 
-    ``draw(g)`` returns ``{"a": (B, d), "s": (B, k)}`` (as a single run's batch source does);
+    ``draw(g)`` (one for every model, or a list of one per model: each seed's energy batches read its own
+    support actions and critic) returns ``{"a": (B, d), "s": (B, k)}`` (as a single run's batch source does);
     ``__call__`` returns ``{"a": (N, B, d), "s": (N, B, k)}``. The stage loop's own generator is not used:
     the N generators here are the stacked run's batch state (saved in the learner's state_dict).
     """
 
-    def __init__(self, draw: Callable[[torch.Generator], dict], generators: list[torch.Generator]):
+    def __init__(self, draw: Callable[[torch.Generator], dict] | list[Callable[[torch.Generator], dict]],
+                 generators: list[torch.Generator]):
         if not generators:
             raise ValueError("seeds: a stacked run needs at least one seed")
-        self.draw, self.generators = draw, list(generators)
+        draws = list(draw) if isinstance(draw, (list, tuple)) else [draw] * len(generators)
+        if len(draws) != len(generators):
+            raise ValueError(f"draw: expected one batch source per seed ({len(generators)}), got {len(draws)}")
+        self.draws, self.generators = draws, list(generators)
 
     def __call__(self, _unused: torch.Generator | None = None) -> dict:
-        batches = [self.draw(g) for g in self.generators]
+        batches = [draw(g) for draw, g in zip(self.draws, self.generators)]
         return {k: torch.stack([b[k] for b in batches]) for k in batches[0]}
 
     def state_dict(self) -> list:
@@ -266,3 +278,114 @@ class StackedIQLCritic:
         critic.q_opt.load_state_dict(_unstack_adam(self.q_opt, i))
         critic.v_opt.load_state_dict(_unstack_adam(self.v_opt, i))
         return critic
+
+
+def _clip_per_model(grads: list[torch.Tensor], max_norm: float) -> None:
+    """``clip_grad_norm_`` of each model's gradient (the leading axis of every tensor) on its own."""
+    n = grads[0].shape[0]
+    norm = torch.sqrt(sum(g.reshape(n, -1).pow(2).sum(1) for g in grads))
+    coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+    for g in grads:
+        g.mul_(coef.reshape(n, *([1] * (g.ndim - 1))))
+
+
+class StackedEnergyLearner:
+    """N :class:`EnergyLearner` (same config and method, different seeds) trained together.
+
+    ``learners``: each seed's energy learner (its energy network's initial parameters, its own behaviour model
+    and critic; not stepped yet); ``generators``: N noise generators, given to the learners (each draws its t,
+    a_t and target samples from its own); ``batches``: a :class:`StackedBatches` with one batch source per seed.
+    ``step(batch)`` takes the stacked energy batch and returns the metrics of :meth:`EnergyLearner.step`, each
+    the mean over the N learners.
+    """
+
+    def __init__(self, learners: list[EnergyLearner], *, generators: list[torch.Generator],
+                 batches: StackedBatches | None = None):
+        if not learners:
+            raise ValueError("seeds: a stacked run needs at least one energy learner")
+        if len(generators) != len(learners):
+            raise ValueError(f"generators: expected one per learner ({len(learners)}), got {len(generators)}")
+        first = learners[0]
+        if any(l.cfg != first.cfg or l.method != first.method for l in learners):
+            raise ValueError("energy: a stacked run needs one energy config and method; the learners' differ")
+        if any(l.opt.state for l in learners):
+            raise ValueError("energy: stack the learners before their first step (their optimisers hold state)")
+        self.learners, self.n, self.cfg, self.batches = list(learners), len(learners), first.cfg, batches
+        self.generators = list(generators)
+        for l, g in zip(self.learners, self.generators):
+            l.generator = g
+        self.params, self.buffers = _stack(l.energy for l in learners)
+        self.base = copy.deepcopy(first.energy).to("meta")
+        self.decay_steps = None if first.lr_schedule is None else first.lr_schedule.T_max
+        self.opt = adam(self.params.values(), self.cfg.lr)
+        self.lr_schedule = cosine_schedule(self.opt, self.decay_steps)
+
+    def _energy(self, params, buffers, s, a_t, t):
+        from torch.func import functional_call
+        return functional_call(self.base, (params, buffers), (s, a_t, t))
+
+    def step(self, batch: dict) -> dict[str, torch.Tensor]:
+        from torch.func import vmap
+        first = next(iter(batch.values()))
+        if first.shape[0] != self.n:
+            raise ValueError(f"batch: expected {self.n} stacked batches (one per learner), got {first.shape[0]}")
+        parts = [l.loss_parts({k: v[i] for k, v in batch.items()}) for i, l in enumerate(self.learners)]
+        args = [None if a[0] is None else torch.stack(a) for a in zip(*(p[0] for p in parts))]
+        in_dims = (0, 0, *(None if a is None else 0 for a in args))
+        f = vmap(self._energy, in_dims=in_dims)(self.params, self.buffers, *args)
+        done = [finish(f[i]) for i, (_, finish) in enumerate(parts)]
+        losses = torch.stack([loss for loss, _ in done])
+        self.opt.zero_grad(set_to_none=True)
+        losses.sum().backward()
+        if self.cfg.grad_clip:
+            _clip_per_model([p.grad for p in self.params.values() if p.grad is not None], self.cfg.grad_clip)
+        self.opt.step()
+        if self.lr_schedule is not None:
+            self.lr_schedule.step()
+        out = {"energy_loss": losses.detach().mean()}
+        for k in done[0][1]:
+            out[k] = torch.stack([torch.as_tensor(extra[k]).detach() for _, extra in done]).mean()
+        return out
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        out = {"params": {k: v.detach().clone() for k, v in self.params.items()},
+               "buffers": {k: v.clone() for k, v in self.buffers.items()}, "opt": self.opt.state_dict(),
+               "generators": [g.get_state() for g in self.generators]}
+        if self.lr_schedule is not None:
+            out["lr_schedule"] = self.lr_schedule.state_dict()
+        if self.batches is not None:
+            out["batches"] = self.batches.state_dict()
+        return out
+
+    def load_state_dict(self, state: dict) -> None:
+        if len(state["generators"]) != self.n:
+            raise ValueError(f"seeds: the checkpoint holds {len(state['generators'])} energy networks, this run "
+                             f"has {self.n}")
+        with torch.no_grad():
+            for k, v in state["params"].items():
+                self.params[k].copy_(v)
+            for k, v in state["buffers"].items():
+                self.buffers[k].copy_(v)
+        self.opt.load_state_dict(state["opt"])
+        if self.lr_schedule is not None:
+            self.lr_schedule.load_state_dict(state["lr_schedule"])
+        for g, s in zip(self.generators, state["generators"]):
+            g.set_state(s)
+        if self.batches is not None and "batches" in state:
+            self.batches.load_state_dict(state["batches"])
+
+    def unstacked(self, i: int, learner: EnergyLearner | None = None) -> EnergyLearner:
+        """Learner i (or ``learner``, another of that seed's) with energy network i, its Adam moments and its
+        learning-rate schedule: what a run of that seed alone holds after the same steps. Its generator is reset
+        to None (torch's global one), as a run's energy learner has it."""
+        if not 0 <= i < self.n:
+            raise ValueError(f"i: expected a learner index in [0, {self.n}), got {i}")
+        learner = self.learners[i] if learner is None else learner
+        with torch.no_grad():
+            learner.energy.load_state_dict({k: v[i] for k, v in {**self.params, **self.buffers}.items()})
+        learner.opt.load_state_dict(_unstack_adam(self.opt, i))
+        if self.lr_schedule is not None:
+            learner.lr_schedule.load_state_dict(self.lr_schedule.state_dict())
+        learner.generator = None
+        return learner
