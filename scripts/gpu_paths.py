@@ -194,6 +194,23 @@ def _behaviours(n, device, sizes):
     return models, gens
 
 
+def _seed_rows(name, one, make_stacked, draw, device, sizes, rounds, min_time, log) -> list:
+    """time(N seeds stacked) / time(1 seed) for each N: ``one`` a single learner, ``make_stacked(n)`` N of them
+    stacked, ``draw()`` one seed's batch (the stacked step gets n of them stacked)."""
+    rows = []
+    for n in sizes["seeds"]:
+        stacked = make_stacked(n)
+        fns = {"one_seed": lambda: one.step(draw()),
+               f"{n}_seeds": lambda: stacked.step({k: torch.stack(v) for k, v in
+                                                   zip(draw().keys(), zip(*[draw().values() for _ in range(n)]))})}
+        res = side_by_side(fns, device, rounds, min_time)
+        row = _row(f"{name}: {n} seeds stacked vs 1", res, f"{n}_seeds", "one_seed", log)
+        row["seconds_n_over_1"] = row["ratio"]
+        log(f"    time({n} seeds together) / time(1 seed) = {row['ratio']:.2f} (separately: {n}.00)")
+        rows.append(row)
+    return rows
+
+
 def part_seeds(device, sizes, rounds, min_time, log) -> list:
     data = _critic_data(device, K=1)
     B = sizes["behaviour_batch"]
@@ -201,32 +218,16 @@ def part_seeds(device, sizes, rounds, min_time, log) -> list:
                     "s": data["s"][torch.randint(0, len(data["a"]), (B,), device=device)]}
     models, gens = _behaviours(1, device, sizes)
     one = BehaviourLearner(models[0], 1e-4, generator=gens[0])
-    rows = []
-    for n in sizes["seeds"]:
+    def behaviours(n):
         models, gens = _behaviours(n, device, sizes)
-        stacked = StackedBehaviourLearner(models, 1e-4, generators=gens)
-        fns = {"one_seed": lambda: one.step(draw()),
-               f"{n}_seeds": lambda: stacked.step({k: torch.stack(v) for k, v in
-                                                   zip(("a", "s"), zip(*[draw().values() for _ in range(n)]))})}
-        res = side_by_side(fns, device, rounds, min_time)
-        row = _row(f"behaviour B={B}: {n} seeds stacked vs 1", res, f"{n}_seeds", "one_seed", log)
-        row["seconds_n_over_1"] = row["ratio"]
-        log(f"    time({n} seeds together) / time(1 seed) = {row['ratio']:.2f} (separately: {n}.00)")
-        rows.append(row)
+        return StackedBehaviourLearner(models, 1e-4, generators=gens)
+    rows = _seed_rows(f"behaviour B={B}", one, behaviours, draw, device, sizes, rounds, min_time, log)
     cfg = replace(CriticConfig(), **sizes["critic"])
     src = DeviceBatches(lambda i: {k: v[i] for k, v in data.items() if k != "support2"}, len(data["s"]),
                         sizes["batch"], device)
-    critic = _critic(IQLCritic, cfg, device, False)
-    for n in sizes["seeds"]:
-        stacked = StackedIQLCritic([_critic(IQLCritic, cfg, device, False) for _ in range(n)])
-        fns = {"one_seed": lambda: critic.step(src()),
-               f"{n}_seeds": lambda: stacked.step({k: torch.stack(v) for k, v in
-                                                   zip(src().keys(), zip(*[src().values() for _ in range(n)]))})}
-        res = side_by_side(fns, device, rounds, min_time)
-        row = _row(f"IQL critic B={sizes['batch']}: {n} seeds stacked vs 1", res, f"{n}_seeds", "one_seed", log)
-        row["seconds_n_over_1"] = row["ratio"]
-        log(f"    time({n} seeds together) / time(1 seed) = {row['ratio']:.2f} (separately: {n}.00)")
-        rows.append(row)
+    rows += _seed_rows(f"IQL critic B={sizes['batch']}", _critic(IQLCritic, cfg, device, False),
+                       lambda n: StackedIQLCritic([_critic(IQLCritic, cfg, device, False) for _ in range(n)]),
+                       src, device, sizes, rounds, min_time, log)
     # the default AEPO energy (particle target, centered): targets seed by seed, the N energy networks as one
     K, B = sizes["k"], sizes["batch"]
     sup = torch.rand(len(data["s"]), K, 3, device=device) * 2 - 1
@@ -238,18 +239,10 @@ def part_seeds(device, sizes, rounds, min_time, log) -> list:
         torch.manual_seed(seed)
         return EnergyLearner(EnergyNet(3, 11, **sizes["energy"]).to(device), replace(EnergyConfig(), **sizes["energy"]),
                              schedule=VPSchedule(), method="aepo")
-    one_e = energy_learner(0)
-    for n in sizes["seeds"]:
-        stacked = StackedEnergyLearner([energy_learner(i) for i in range(n)],
-                                       generators=[torch.Generator(device=device).manual_seed(i) for i in range(n)])
-        fns = {"one_seed": lambda: one_e.step(esrc()),
-               f"{n}_seeds": lambda: stacked.step({k: torch.stack(v) for k, v in
-                                                   zip(esrc().keys(), zip(*[esrc().values() for _ in range(n)]))})}
-        res = side_by_side(fns, device, rounds, min_time)
-        row = _row(f"AEPO energy B={B} K={K}: {n} seeds stacked vs 1", res, f"{n}_seeds", "one_seed", log)
-        row["seconds_n_over_1"] = row["ratio"]
-        log(f"    time({n} seeds together) / time(1 seed) = {row['ratio']:.2f} (separately: {n}.00)")
-        rows.append(row)
+    rows += _seed_rows(f"AEPO energy B={B} K={K}", energy_learner(0),
+                       lambda n: StackedEnergyLearner([energy_learner(i) for i in range(n)], generators=[
+                           torch.Generator(device=device).manual_seed(i) for i in range(n)]),
+                       esrc, device, sizes, rounds, min_time, log)
     return rows
 
 

@@ -76,7 +76,42 @@ class StackedBatches:
             g.set_state(s)
 
 
-class StackedBehaviourLearner:
+class _StackedState:
+    """``state_dict`` / ``load_state_dict`` of a stacked learner with one network per model: ``params`` and
+    ``buffers`` (stacked), one Adam ``opt``, an optional ``lr_schedule``, the N noise ``generators`` and the
+    :class:`StackedBatches` ``batches``; ``what`` names the models in errors."""
+
+    what = "models"
+
+    def state_dict(self) -> dict:
+        out = {"params": {k: v.detach().clone() for k, v in self.params.items()},
+               "buffers": {k: v.clone() for k, v in self.buffers.items()}, "opt": self.opt.state_dict(),
+               "generators": [g.get_state() for g in self.generators]}
+        if self.lr_schedule is not None:
+            out["lr_schedule"] = self.lr_schedule.state_dict()
+        if self.batches is not None:
+            out["batches"] = self.batches.state_dict()
+        return out
+
+    def load_state_dict(self, state: dict) -> None:
+        if len(state["generators"]) != self.n:
+            raise ValueError(f"seeds: the checkpoint holds {len(state['generators'])} {self.what}, this run has "
+                             f"{self.n}")
+        with torch.no_grad():
+            for k, v in state["params"].items():
+                self.params[k].copy_(v)
+            for k, v in state["buffers"].items():
+                self.buffers[k].copy_(v)
+        self.opt.load_state_dict(state["opt"])
+        if self.lr_schedule is not None:
+            self.lr_schedule.load_state_dict(state["lr_schedule"])
+        for g, st in zip(self.generators, state["generators"]):
+            g.set_state(st)
+        if self.batches is not None and "batches" in state:
+            self.batches.load_state_dict(state["batches"])
+
+
+class StackedBehaviourLearner(_StackedState):
     """N behaviour models (same architecture, different seeds) trained together.
 
     ``models``: the N :class:`DiffusionModel` (their initial parameters are each seed's own);
@@ -128,33 +163,6 @@ class StackedBehaviourLearner:
             self.lr_schedule.step()
         losses = losses.detach()
         return {"loss": losses.mean(), "loss_max": losses.max()}
-
-    # ------------------------------------------------------------------ state
-    def state_dict(self) -> dict:
-        out = {"params": {k: v.detach().clone() for k, v in self.params.items()},
-               "buffers": {k: v.clone() for k, v in self.buffers.items()}, "opt": self.opt.state_dict(),
-               "generators": [g.get_state() for g in self.generators]}
-        if self.lr_schedule is not None:
-            out["lr_schedule"] = self.lr_schedule.state_dict()
-        if self.batches is not None:
-            out["batches"] = self.batches.state_dict()
-        return out
-
-    def load_state_dict(self, state: dict) -> None:
-        if len(state["generators"]) != self.n:
-            raise ValueError(f"seeds: the checkpoint holds {len(state['generators'])} models, this run has {self.n}")
-        with torch.no_grad():
-            for k, v in state["params"].items():
-                self.params[k].copy_(v)
-            for k, v in state["buffers"].items():
-                self.buffers[k].copy_(v)
-        self.opt.load_state_dict(state["opt"])
-        if self.lr_schedule is not None:
-            self.lr_schedule.load_state_dict(state["lr_schedule"])
-        for g, s in zip(self.generators, state["generators"]):
-            g.set_state(s)
-        if self.batches is not None and "batches" in state:
-            self.batches.load_state_dict(state["batches"])
 
     def unstacked(self, i: int, model: DiffusionModel) -> BehaviourLearner:
         """Model i as an ordinary :class:`BehaviourLearner` on ``model`` (its parameters are overwritten):
@@ -289,7 +297,7 @@ def _clip_per_model(grads: list[torch.Tensor], max_norm: float) -> None:
         g.mul_(coef.reshape(n, *([1] * (g.ndim - 1))))
 
 
-class StackedEnergyLearner:
+class StackedEnergyLearner(_StackedState):
     """N :class:`EnergyLearner` (same config and method, different seeds) trained together.
 
     ``learners``: each seed's energy learner (its energy network's initial parameters, its own behaviour model
@@ -298,6 +306,8 @@ class StackedEnergyLearner:
     ``step(batch)`` takes the stacked energy batch and returns the metrics of :meth:`EnergyLearner.step`, each
     the mean over the N learners.
     """
+
+    what = "energy networks"
 
     def __init__(self, learners: list[EnergyLearner], *, generators: list[torch.Generator],
                  batches: StackedBatches | None = None):
@@ -346,34 +356,6 @@ class StackedEnergyLearner:
         for k in done[0][1]:
             out[k] = torch.stack([torch.as_tensor(extra[k]).detach() for _, extra in done]).mean()
         return out
-
-    # ------------------------------------------------------------------ state
-    def state_dict(self) -> dict:
-        out = {"params": {k: v.detach().clone() for k, v in self.params.items()},
-               "buffers": {k: v.clone() for k, v in self.buffers.items()}, "opt": self.opt.state_dict(),
-               "generators": [g.get_state() for g in self.generators]}
-        if self.lr_schedule is not None:
-            out["lr_schedule"] = self.lr_schedule.state_dict()
-        if self.batches is not None:
-            out["batches"] = self.batches.state_dict()
-        return out
-
-    def load_state_dict(self, state: dict) -> None:
-        if len(state["generators"]) != self.n:
-            raise ValueError(f"seeds: the checkpoint holds {len(state['generators'])} energy networks, this run "
-                             f"has {self.n}")
-        with torch.no_grad():
-            for k, v in state["params"].items():
-                self.params[k].copy_(v)
-            for k, v in state["buffers"].items():
-                self.buffers[k].copy_(v)
-        self.opt.load_state_dict(state["opt"])
-        if self.lr_schedule is not None:
-            self.lr_schedule.load_state_dict(state["lr_schedule"])
-        for g, s in zip(self.generators, state["generators"]):
-            g.set_state(s)
-        if self.batches is not None and "batches" in state:
-            self.batches.load_state_dict(state["batches"])
 
     def unstacked(self, i: int, learner: EnergyLearner | None = None) -> EnergyLearner:
         """Learner i (or ``learner``, another of that seed's) with energy network i, its Adam moments and its
