@@ -18,7 +18,7 @@ new path is faster; ``ops`` is the number of aten operators one call runs, a pro
              replay); on the CPU both run eagerly (the ratio shows the bookkeeping costs nothing)
   seeds      N behaviour models trained together (``StackedBehaviourLearner``: stacked parameters, one vmapped
              loss, one Adam; what ``train --seeds`` and ``sweep --stack-seeds`` run) against one; the same for
-             N IQL critics (``StackedIQLCritic``, batch 256) and N AEPO energy learners (``StackedEnergyLearner``,
+             N IQL critics (``StackedCritic``, batch 256) and N AEPO energy learners (``StackedEnergyLearner``,
              the default particle target, batch 256): time(N seeds together) / time(1 seed), N = 4 and 8
 
 Nothing is asserted here; the tests (tests/test_gpu_paths.py) check the numbers of each path.
@@ -53,7 +53,7 @@ from aepo_lite.core.schedule import VPSchedule  # noqa: E402
 from aepo_lite.device import resolve_device  # noqa: E402
 from aepo_lite.training import BehaviourLearner  # noqa: E402
 from aepo_lite.training.captured import CapturedStep, DeviceBatches  # noqa: E402
-from aepo_lite.training.stacked import StackedBehaviourLearner, StackedEnergyLearner, StackedIQLCritic  # noqa: E402
+from aepo_lite.training.stacked import StackedBehaviourLearner, StackedEnergyLearner, StackedCritic  # noqa: E402
 
 PARTS = ("jacobian", "twinq", "captured", "seeds")
 
@@ -226,7 +226,7 @@ def part_seeds(device, sizes, rounds, min_time, log) -> list:
     src = DeviceBatches(lambda i: {k: v[i] for k, v in data.items() if k != "support2"}, len(data["s"]),
                         sizes["batch"], device)
     rows += _seed_rows(f"IQL critic B={sizes['batch']}", _critic(IQLCritic, cfg, device, False),
-                       lambda n: StackedIQLCritic([_critic(IQLCritic, cfg, device, False) for _ in range(n)]),
+                       lambda n: StackedCritic([_critic(IQLCritic, cfg, device, False) for _ in range(n)]),
                        src, device, sizes, rounds, min_time, log)
     # the default AEPO energy (particle target, centered): targets seed by seed, the N energy networks as one
     K, B = sizes["k"], sizes["batch"]

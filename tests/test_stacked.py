@@ -148,15 +148,28 @@ def _critic_data():
             "done": (torch.rand(n, generator=g) < 0.2).double()}
 
 
-def _critic(seed, **kw):
+def _critic(seed, kind="iql", **kw):
     from aepo_lite.config import CriticConfig
-    from aepo_lite.core.critics import IQLCritic
+    from aepo_lite.core.critics import InSupportCritic, IQLCritic
     torch.manual_seed(seed)
-    return IQLCritic(5, 3, CriticConfig(hidden=16, depth=2, lr=3e-3, **kw)).double()
+    cls = IQLCritic if kind == "iql" else InSupportCritic
+    return cls(5, 3, CriticConfig(hidden=16, depth=2, lr=3e-3, **kw)).double()
 
 
-def _critic_draw(data):
-    return lambda g: (lambda i: {k: v[i] for k, v in data.items()})(torch.randint(0, 120, (12,), generator=g))
+def _critic_draw(data, support=None):
+    """Critic batches; ``support`` (n, K, d): that seed's support actions at s' (the in-support critic)."""
+    def draw(g):
+        i = torch.randint(0, 120, (12,), generator=g)
+        out = {k: v[i] for k, v in data.items()}
+        if support is not None:
+            out["support2"] = support[i]
+        return out
+    return draw
+
+
+def _support(seed):
+    g = torch.Generator().manual_seed(50 + seed)
+    return torch.rand(120, 4, 3, generator=g, dtype=torch.float64) * 2 - 1
 
 
 def _critic_gap(a, b) -> float:
@@ -164,25 +177,29 @@ def _critic_gap(a, b) -> float:
                                                           b.state_dict(prefix="").values()))
 
 
-def test_stacked_iql_critics_end_at_the_separate_runs():
-    from aepo_lite.training.stacked import StackedIQLCritic
+@pytest.mark.parametrize("kind", ["iql", "insupport"])
+def test_stacked_critics_end_at_the_separate_runs(kind):
+    """IQL and QGPO's in-support critic (each seed reading its own support actions at s')."""
+    from aepo_lite.training.stacked import StackedCritic
     data = _critic_data()
-    src = StackedBatches(_critic_draw(data), [torch.Generator().manual_seed(100 + s) for s in SEEDS])
-    stacked = StackedIQLCritic([_critic(s) for s in SEEDS], batches=src)
+    sup = {s: _support(s) if kind == "insupport" else None for s in SEEDS}
+    src = StackedBatches([_critic_draw(data, sup[s]) for s in SEEDS],
+                         [torch.Generator().manual_seed(100 + s) for s in SEEDS])
+    stacked = StackedCritic([_critic(s, kind) for s in SEEDS], batches=src)
     for _ in range(5):
         m = stacked.step(src())
-    assert set(m) == {"v_loss", "q_loss", "q_mean", "v_mean"}
+    assert set(m) == ({"v_loss", "q_loss", "q_mean", "v_mean"} if kind == "iql" else {"q_loss", "q_mean", "target_mean"})
     means = []
     for i, seed in enumerate(SEEDS):
-        alone, g = _critic(seed), torch.Generator().manual_seed(100 + seed)
+        alone, g = _critic(seed, kind), torch.Generator().manual_seed(100 + seed)
         for _ in range(5):
-            last = alone.step(_critic_draw(data)(g))
+            last = alone.step(_critic_draw(data, sup[seed])(g))
         means.append(last["q_loss"])
-        one = stacked.unstacked(i, _critic(0))
-        assert _critic_gap(one, alone) < 1e-12  # q, q_target and v
-        g = torch.Generator().manual_seed(5)  # both Adams carried over: 3 more steps agree
+        one = stacked.unstacked(i, _critic(0, kind))
+        assert _critic_gap(one, alone) < 1e-12  # q, q_target (and v)
+        g = torch.Generator().manual_seed(5)  # the Adams carried over: 3 more steps agree
         for _ in range(3):
-            batch = _critic_draw(data)(g)
+            batch = _critic_draw(data, sup[seed])(g)
             one.step(batch), alone.step(batch)
         assert _critic_gap(one, alone) < 1e-12
     assert float(m["q_loss"]) == pytest.approx(float(torch.stack(means).mean()), rel=1e-12)
@@ -191,12 +208,12 @@ def test_stacked_iql_critics_end_at_the_separate_runs():
 
 
 def test_stacked_critic_resumes_and_refuses():
-    from aepo_lite.training.stacked import StackedIQLCritic
+    from aepo_lite.training.stacked import StackedCritic
     data = _critic_data()
 
     def make():
         src = StackedBatches(_critic_draw(data), [torch.Generator().manual_seed(100 + s) for s in SEEDS])
-        return StackedIQLCritic([_critic(s) for s in SEEDS], batches=src), src
+        return StackedCritic([_critic(s) for s in SEEDS], batches=src), src
     straight, src = make()
     for _ in range(6):
         straight.step(src())
@@ -211,17 +228,18 @@ def test_stacked_critic_resumes_and_refuses():
         for k, v in getattr(straight, part).items():
             assert torch.equal(v, getattr(second, part)[k]), (part, k)
     with pytest.raises(ValueError, match="critics: a stacked run needs one critic config"):
-        StackedIQLCritic([_critic(0), _critic(1, expectile=0.9)])
+        StackedCritic([_critic(0), _critic(1, expectile=0.9)])
     used = _critic(0)
     used.step(_critic_draw(data)(torch.Generator().manual_seed(0)))
     with pytest.raises(ValueError, match="before their first step"):
-        StackedIQLCritic([used, _critic(1)])
+        StackedCritic([used, _critic(1)])
     from aepo_lite.config import CriticConfig
     from aepo_lite.core.critics import InSupportCritic
-    with pytest.raises(ValueError, match="critic: only IQL critics stack"):
-        StackedIQLCritic([InSupportCritic(5, 3, CriticConfig(hidden=16))])
+    with pytest.raises(ValueError, match=r"critic: a stacked run needs critics of one kind .* got \['IQLCritic', "
+                                         r"'InSupportCritic'\]"):
+        StackedCritic([_critic(0), InSupportCritic(5, 3, CriticConfig(hidden=16))])
     with pytest.raises(ValueError, match="seeds: the checkpoint holds 3 critics, this run has 2"):
-        StackedIQLCritic([_critic(0), _critic(1)]).load_state_dict(straight.state_dict())
+        StackedCritic([_critic(0), _critic(1)]).load_state_dict(straight.state_dict())
 
 
 # ----------------------------------------------------------------------------- energy learners

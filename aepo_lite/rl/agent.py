@@ -43,7 +43,7 @@ from aepo_lite.training.stages import MetricsLog, check_run_folder, run_cached_s
 
 __all__ = ["Agent", "TrainConfig", "METHODS", "PRESETS", "STAGES", "EVAL_FIELDS", "make_config", "check_config",
            "critic_kind", "domain_settings", "needs", "estimator_label", "train", "train_seeds",
-           "train_stacked_stages", "train_stacked_energy", "load_run", "evaluate_run", "evaluation_done"]
+           "train_stacked_stages", "train_stacked_in_runs", "load_run", "evaluate_run", "evaluation_done"]
 
 STAGES = ("behaviour", "support", "critic", "energy")
 # what may change between evaluations of one trained run (and on a resume): acting, evaluation, logging, speed
@@ -453,7 +453,7 @@ def train_stacked_stages(cfgs: list[TrainConfig], stage_cache, *, data: OfflineD
     checkpoint (``<stage>-stacked-<hash>.pt`` in the cache, removed once every seed's is written).
     Returns ``{stage: {seed: stats}}`` of the seeds trained here.
     """
-    from aepo_lite.training.stacked import StackedBatches, StackedBehaviourLearner, StackedIQLCritic
+    from aepo_lite.training.stacked import StackedBatches, StackedBehaviourLearner, StackedCritic
     if not cfgs:
         raise ValueError("seeds: give at least one config")
     bad = [s for s in stages if s not in STACKED]
@@ -501,7 +501,7 @@ def train_stacked_stages(cfgs: list[TrainConfig], stage_cache, *, data: OfflineD
                                                    decay_steps=b.steps if b.lr_decay else None, batches=src)
             unstack = lambda learner, i, agent: learner.unstacked(i, agent.behaviour).state_dict()  # noqa: E731
         else:
-            make = lambda: StackedIQLCritic([a.critic for _, a, _ in todo], batches=src)  # noqa: E731
+            make = lambda: StackedCritic([a.critic for _, a, _ in todo], batches=src)  # noqa: E731
             unstack = lambda learner, i, agent: learner.unstacked(i, agent.critic).state_dict()  # noqa: E731
         out[name] = _stacked_stage(name, todo, make, unstack, src, cache, cfgs[0], device, progress)
     return out
@@ -546,18 +546,23 @@ def _noise_after(seed: int, build, device):
     return built, g
 
 
-def train_stacked_energy(cfgs: list[TrainConfig], run_dirs: list, *, stage_cache, data: OfflineData,
-                         progress: bool = True) -> dict[int, dict]:
-    """The energy stages of several seeds' runs trained together (:class:`StackedEnergyLearner`): each run's
-    earlier stages must be finished in its folder (``train(..., until="energy")``); each seed's learner computes
-    its own targets from its own behaviour model, support actions and critic, and the N energy networks run as one.
-    Each seed's energy checkpoint is written into its run; the stacked one lives in ``stage_cache`` while it
-    trains (resumable). Runs whose energy stage is already there (or started alone) are left to ``train``.
+def train_stacked_in_runs(cfgs: list[TrainConfig], run_dirs: list, stage: str, *, stage_cache, data: OfflineData,
+                          progress: bool = True) -> dict[int, dict]:
+    """The ``stage`` ("critic" or "energy") of several seeds' runs trained together, on each run's finished
+    earlier stages (``train(..., until=stage)`` first): the critics as one :class:`StackedCritic` (IQL or
+    in-support: each seed's batches read its own support actions), the energy networks as one
+    :class:`StackedEnergyLearner` (each seed's learner computes its own targets from its own behaviour model,
+    support actions and critic). A seed's critic checkpoint goes into ``stage_cache`` (its run copies it from
+    there, as any shared stage), its energy checkpoint into its run; the stacked one lives in ``stage_cache``
+    while it trains (resumable). Seeds whose stage is already there (or started alone) are left to ``train``.
     Returns ``{seed: stats}`` of the seeds trained here."""
-    from aepo_lite.training.stacked import StackedBatches, StackedEnergyLearner
+    from aepo_lite.training.stacked import StackedBatches, StackedCritic, StackedEnergyLearner
+    if stage not in ("critic", "energy"):
+        raise ValueError(f"stage: expected 'critic' or 'energy', got {stage!r}")
     if cfgs[0].method == "bc":
         return {}
     device = resolve_device(cfgs[0].device)
+    cache = StageStore(Path(stage_cache), keyed=True)
     mean, std = data.obs_stats()
     T = data.tensors(device)
     with contextlib.ExitStack() as locks:
@@ -567,35 +572,42 @@ def train_stacked_energy(cfgs: list[TrainConfig], run_dirs: list, *, stage_cache
             seed_everything(c.seed)
             agent = Agent(c, data.state_dim, data.action_dim, mean, std, data.action_low, data.action_high, device)
             stages = build_stages(c, agent, T, device)
+            names = [st.name for st in stages]
             store = StageStore(Path(d) / "checkpoints")
-            if store.load("energy", stage_hash(stages[-1])) is not None:
+            target = stages[names.index(stage)]
+            h = stage_hash(target)
+            if store.load(stage, h) is not None or (stage == "critic" and cache.load(stage, h) is not None):
                 continue
-            for st in stages[:-1]:  # finished: loaded (the support sampler fills the energy batches' support)
+            for st in stages[:names.index(stage)]:  # finished: loaded (the support sampler fills the batches' support)
                 if not store.is_complete(st.name, stage_hash(st)):
                     raise ValueError(f"out: {d} has no finished {st.name} stage; train it first "
-                                     "(train(..., until='energy'))")
+                                     f"(train(..., until={stage!r}))")
                 run_stage(st, store, progress=False, map_location=device)
                 _freeze(agent, st.name)
-            todo.append((c, agent, stages[-1], store))
+            todo.append((c, agent, target, store))
         if len(todo) < 2:
             return {}
         src = StackedBatches([st.batches for _, _, st, _ in todo],
                              [torch.Generator(device=device).manual_seed(st.seed) for _, _, st, _ in todo])
+        if stage == "critic":
+            return _stacked_stage("critic", todo, lambda: StackedCritic([a.critic for _, a, _, _ in todo], batches=src),
+                                  lambda learner, i, agent: learner.unstacked(i, agent.critic).state_dict(), src,
+                                  cache, cfgs[0], device, progress)
 
         def make():
             learners, gens = zip(*(_noise_after(st.seed, st.learner, device) for _, _, st, _ in todo))
             return StackedEnergyLearner(list(learners), generators=list(gens), batches=src)
         return _stacked_stage("energy", todo, make, lambda learner, i, agent: learner.unstacked(i).state_dict(), src,
-                              StageStore(Path(stage_cache), keyed=True), cfgs[0], device, progress,
+                              cache, cfgs[0], device, progress,
                               save=lambda e, ck: e[3].save("energy", stage_hash(e[2]), ck))
 
 
 def train_seeds(cfgs: list[TrainConfig], run_dirs: list, *, stage_cache, data: OfflineData | None = None,
                 progress: bool = True) -> list[Agent]:
-    """Several seeds of one config, trained together where the stages allow: the behaviour and IQL critic stages
-    (:func:`train_stacked_stages`, into ``stage_cache``), each run's support (and in-support critic) stage alone,
-    then the energy stages together (:func:`train_stacked_energy`); finally each seed's run (:func:`train`), which
-    finds its stages finished. One seed: ``train``."""
+    """Several seeds of one config, trained together where the stages allow: the behaviour stages
+    (:func:`train_stacked_stages`, into ``stage_cache``), each run's support stage alone, the critics together,
+    the energy networks together (:func:`train_stacked_in_runs`); finally each seed's run (:func:`train`), which
+    finds its stages finished and evaluates. One seed: ``train``."""
     if len(run_dirs) != len(cfgs):
         raise ValueError(f"out: expected one run directory per seed ({len(cfgs)}), got {len(run_dirs)}")
     if len(set(map(str, run_dirs))) != len(run_dirs):
@@ -603,10 +615,11 @@ def train_seeds(cfgs: list[TrainConfig], run_dirs: list, *, stage_cache, data: O
     if data is None and cfgs:
         data, _ = load_minari(cfgs[0].dataset, reward_scaling=cfgs[0].reward_scaling)
     if len(cfgs) > 1:
-        train_stacked_stages(cfgs, stage_cache, data=data, progress=progress)
-        for c, d in zip(cfgs, run_dirs):
-            train(c, d, data=data, progress=progress, stage_cache=stage_cache, until="energy")
-        train_stacked_energy(cfgs, run_dirs, stage_cache=stage_cache, data=data, progress=progress)
+        train_stacked_stages(cfgs, stage_cache, data=data, progress=progress, stages=("behaviour",))
+        for stage in ("critic", "energy"):
+            for c, d in zip(cfgs, run_dirs):
+                train(c, d, data=data, progress=progress, stage_cache=stage_cache, until=stage)
+            train_stacked_in_runs(cfgs, run_dirs, stage, stage_cache=stage_cache, data=data, progress=progress)
     return [train(c, d, data=data, progress=progress, stage_cache=stage_cache) for c, d in zip(cfgs, run_dirs)]
 
 

@@ -16,8 +16,8 @@
 from aepo_lite.training.learners import BehaviourLearner, Learner, RegressionLearner
 from aepo_lite.training.stages import RunLock, Stage, StageStore, run_stage, stage_hash
 from aepo_lite.training.captured import CapturedStep
-from aepo_lite.training.stacked import StackedBatches, StackedBehaviourLearner, StackedEnergyLearner, StackedIQLCritic
+from aepo_lite.training.stacked import StackedBatches, StackedBehaviourLearner, StackedEnergyLearner, StackedCritic
 
 __all__ = ["Learner", "BehaviourLearner", "RegressionLearner", "Stage", "StageStore", "RunLock", "run_stage",
            "stage_hash", "CapturedStep", "StackedBatches", "StackedBehaviourLearner",
-           "StackedIQLCritic", "StackedEnergyLearner"]
+           "StackedCritic", "StackedEnergyLearner"]

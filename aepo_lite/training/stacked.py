@@ -1,4 +1,4 @@
-"""Several seeds in one process: N behaviour models (and N IQL critics) trained as one stacked model.
+"""Several seeds in one process: N behaviour models, critics or energy networks trained as one stacked model.
 
 :class:`StackedBehaviourLearner` holds N behaviour models of one architecture (one per seed). Their parameters
 are stacked along a leading axis (``torch.func.stack_module_state``). One ``vmap`` of ``functional_call``
@@ -13,10 +13,10 @@ this). :meth:`StackedBehaviourLearner.unstacked` writes model i back, with its A
 schedule, into an ordinary :class:`~aepo_lite.training.BehaviourLearner`, so its checkpoint is the one a
 single run would have written.
 
-:class:`StackedIQLCritic` does the same for N IQL critics (twin Q, its Polyak target, the expectile V): the
-step of :class:`~aepo_lite.core.critics.IQLCritic` with every network a stacked one; it draws no noise, so its
-N batch generators are its only random state. :meth:`StackedIQLCritic.unstacked` gives critic i back with
-its two Adams. QGPO's in-support critic is not stacked (each seed's reads its own support actions).
+:class:`StackedCritic` does the same for N critics of one kind: IQL's (twin Q, its Polyak target, the
+expectile V) or QGPO's in-support one (each seed's batch carries its own support actions), with the critic's
+step written over the stacked networks. A critic draws no noise, so its N batch generators are its only
+random state. :meth:`StackedCritic.unstacked` gives critic i back with its Adams.
 
 :class:`StackedEnergyLearner` does it for N energy learners (any method and target): each seed's own
 :class:`~aepo_lite.core.aepo.EnergyLearner` draws its noise and computes its targets
@@ -35,12 +35,12 @@ from typing import Callable
 import torch
 
 from aepo_lite.core.aepo import EnergyLearner
-from aepo_lite.core.critics import IQLCritic
+from aepo_lite.core.critics import InSupportCritic, IQLCritic, insupport_target
 from aepo_lite.core.diffusion import DiffusionModel
 from aepo_lite.device import adam, cosine_schedule
 from aepo_lite.training.learners import BehaviourLearner
 
-__all__ = ["StackedBatches", "StackedBehaviourLearner", "StackedIQLCritic", "StackedEnergyLearner"]
+__all__ = ["StackedBatches", "StackedBehaviourLearner", "StackedCritic", "StackedEnergyLearner"]
 
 
 class StackedBatches:
@@ -191,32 +191,41 @@ def _unstack_adam(opt: torch.optim.Optimizer, i: int) -> dict:
     return {"state": per, "param_groups": sd["param_groups"]}
 
 
-class StackedIQLCritic:
-    """N :class:`IQLCritic` (same config, different seeds) trained together.
+class StackedCritic:
+    """N critics of one kind and config (different seeds) trained together: :class:`IQLCritic` (twin Q, its
+    Polyak target, the expectile V) or QGPO's :class:`InSupportCritic` (twin Q and target; each seed's batch
+    carries its own support actions ``support2``).
 
     ``critics``: the N critics (their initial networks are each seed's own; none has stepped yet);
     ``batches``: the :class:`StackedBatches` whose generators this learner saves. ``step(batch)`` takes the
-    critic batch with a leading seed axis (``s`` (N, B, k), ``a``, ``r``, ``s2``, ``done``) and returns the
-    metrics of :meth:`IQLCritic.step`, each the mean over the N critics.
+    critic batch with a leading seed axis (``s`` (N, B, k), ``a``, ``r``, ``s2``, ``done``, and ``support2``
+    (N, B, K, d) for the in-support critic) and returns the metrics of the critic's ``step``, each the mean
+    over the N critics.
     """
 
-    def __init__(self, critics: list[IQLCritic], *, batches: StackedBatches | None = None):
+    def __init__(self, critics: list, *, batches: StackedBatches | None = None):
         if not critics:
             raise ValueError("seeds: a stacked run needs at least one critic")
-        if any(not isinstance(c, IQLCritic) for c in critics):
-            raise ValueError("critic: only IQL critics stack (the in-support critic reads each seed's support)")
+        kinds = {type(c) for c in critics}
+        if len(kinds) > 1 or not issubclass(next(iter(kinds)), (IQLCritic, InSupportCritic)):
+            raise ValueError(f"critic: a stacked run needs critics of one kind (IQLCritic or InSupportCritic), got "
+                             f"{sorted(k.__name__ for k in kinds)}")
         cfg = critics[0].cfg
         if any(c.cfg != cfg for c in critics):
             raise ValueError("critics: a stacked run needs one critic config; the critics' configs differ")
         if any(c.q_opt is not None for c in critics):
             raise ValueError("critics: stack critics before their first step (their optimisers exist already)")
         self.n, self.cfg, self.batches = len(critics), cfg, batches
+        self.iql = isinstance(critics[0], IQLCritic)
+        self.parts = ("q", "q_buffers", "q_target") + (("v", "v_buffers") if self.iql else ())
         self.q, self.q_buffers = _stack(c.q for c in critics)
-        self.v, self.v_buffers = _stack(c.v for c in critics)
         self.q_target = {k: v.detach().clone() for k, v in _stack(c.q_target for c in critics)[0].items()}
         self.q_base = copy.deepcopy(critics[0].q).to("meta")
-        self.v_base = copy.deepcopy(critics[0].v).to("meta")
-        self.q_opt, self.v_opt = adam(self.q.values(), cfg.lr), adam(self.v.values(), cfg.lr)
+        self.q_opt = adam(self.q.values(), cfg.lr)
+        if self.iql:
+            self.v, self.v_buffers = _stack(c.v for c in critics)
+            self.v_base = copy.deepcopy(critics[0].v).to("meta")
+            self.v_opt = adam(self.v.values(), cfg.lr)
 
     def _twin(self, params, buffers, s, a):
         from torch.func import functional_call
@@ -231,17 +240,27 @@ class StackedIQLCritic:
         s, a, r, s2, done = batch["s"], batch["a"], batch["r"], batch["s2"], batch["done"]
         if s.shape[0] != self.n:
             raise ValueError(f"batch: expected {self.n} stacked batches (one per critic), got {s.shape[0]}")
-        twin, value = vmap(self._twin), vmap(self._value)
-        with torch.no_grad():
-            q_t = torch.minimum(*twin(self.q_target, self.q_buffers, s, a))  # (N, B)
-        v = value(self.v, self.v_buffers, s)
-        u, tau = q_t - v, self.cfg.expectile
-        v_loss = (torch.where(u < 0, 1.0 - tau, tau) * u**2).mean(-1)  # (N,): expectile_loss per critic
-        self.v_opt.zero_grad(set_to_none=True)
-        v_loss.sum().backward()
-        self.v_opt.step()
-        with torch.no_grad():
-            y = r + self.cfg.gamma * (1.0 - done) * value(self.v, self.v_buffers, s2)
+        twin, out = vmap(self._twin), {}
+        if self.iql:
+            value = vmap(self._value)
+            with torch.no_grad():
+                q_t = torch.minimum(*twin(self.q_target, self.q_buffers, s, a))  # (N, B)
+            v = value(self.v, self.v_buffers, s)
+            u, tau = q_t - v, self.cfg.expectile
+            v_loss = (torch.where(u < 0, 1.0 - tau, tau) * u**2).mean(-1)  # (N,): expectile_loss per critic
+            self.v_opt.zero_grad(set_to_none=True)
+            v_loss.sum().backward()
+            self.v_opt.step()
+            with torch.no_grad():
+                y = r + self.cfg.gamma * (1.0 - done) * value(self.v, self.v_buffers, s2)
+            out.update(v_loss=v_loss.detach().mean(), v_mean=v.detach().mean())
+        else:  # QGPO's softmax over each seed's own K support actions at s'
+            sup = batch["support2"]
+            N, B, K, d = sup.shape
+            with torch.no_grad():
+                q_next = torch.minimum(*twin(self.q_target, self.q_buffers, s2.repeat_interleave(K, 1),
+                                             sup.reshape(N, B * K, d))).reshape(N, B, K)
+                y = insupport_target(r, done, q_next, self.cfg.gamma, self.cfg.beta_q)
         q1, q2 = twin(self.q, self.q_buffers, s, a)
         q_loss = ((q1 - y) ** 2).mean(-1) + ((q2 - y) ** 2).mean(-1)
         self.q_opt.zero_grad(set_to_none=True)
@@ -249,14 +268,17 @@ class StackedIQLCritic:
         self.q_opt.step()
         with torch.no_grad():  # the Polyak update of every critic's target at once
             torch._foreach_lerp_(list(self.q_target.values()), list(self.q.values()), self.cfg.tau_target)
-        return {"v_loss": v_loss.detach().mean(), "q_loss": q_loss.detach().mean(), "q_mean": q1.detach().mean(),
-                "v_mean": v.detach().mean()}
+        out.update(q_loss=q_loss.detach().mean(), q_mean=q1.detach().mean())
+        if not self.iql:
+            out["target_mean"] = y.mean()
+        return out
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
-        out = {part: {k: v.detach().clone() for k, v in getattr(self, part).items()}
-               for part in ("q", "q_buffers", "v", "v_buffers", "q_target")}
-        out.update(q_opt=self.q_opt.state_dict(), v_opt=self.v_opt.state_dict(), n=self.n)
+        out = {part: {k: v.detach().clone() for k, v in getattr(self, part).items()} for part in self.parts}
+        out.update(q_opt=self.q_opt.state_dict(), n=self.n)
+        if self.iql:
+            out["v_opt"] = self.v_opt.state_dict()
         if self.batches is not None:
             out["batches"] = self.batches.state_dict()
         return out
@@ -265,26 +287,29 @@ class StackedIQLCritic:
         if state.get("n") != self.n:
             raise ValueError(f"seeds: the checkpoint holds {state.get('n')} critics, this run has {self.n}")
         with torch.no_grad():
-            for part in ("q", "q_buffers", "v", "v_buffers", "q_target"):
+            for part in self.parts:
                 for k, v in state[part].items():
                     getattr(self, part)[k].copy_(v)
         self.q_opt.load_state_dict(state["q_opt"])
-        self.v_opt.load_state_dict(state["v_opt"])
+        if self.iql:
+            self.v_opt.load_state_dict(state["v_opt"])
         if self.batches is not None and "batches" in state:
             self.batches.load_state_dict(state["batches"])
 
-    def unstacked(self, i: int, critic: IQLCritic) -> IQLCritic:
-        """Critic i written into ``critic`` (networks, target, both Adams): what a run of that seed alone holds
-        after the same steps."""
+    def unstacked(self, i: int, critic):
+        """Critic i written into ``critic`` (networks, target, Adams): what a run of that seed alone holds after
+        the same steps."""
         if not 0 <= i < self.n:
             raise ValueError(f"i: expected a critic index in [0, {self.n}), got {i}")
         with torch.no_grad():
             critic.q.load_state_dict({k: v[i] for k, v in {**self.q, **self.q_buffers}.items()})
             critic.q_target.load_state_dict({k: v[i] for k, v in {**self.q_target, **self.q_buffers}.items()})
-            critic.v.load_state_dict({k: v[i] for k, v in {**self.v, **self.v_buffers}.items()})
+            if self.iql:
+                critic.v.load_state_dict({k: v[i] for k, v in {**self.v, **self.v_buffers}.items()})
         critic._optimizers()
         critic.q_opt.load_state_dict(_unstack_adam(self.q_opt, i))
-        critic.v_opt.load_state_dict(_unstack_adam(self.v_opt, i))
+        if self.iql:
+            critic.v_opt.load_state_dict(_unstack_adam(self.v_opt, i))
         return critic
 
 
