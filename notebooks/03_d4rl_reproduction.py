@@ -253,6 +253,13 @@ else:
 # aepo-lite rl-results --runs runs/full --csv figures/rl_results.csv
 # ```
 #
+# `--seeds 0 1 2 3 4` in place of the seed loop trains the five seeds in one process, their behaviour
+# models, critics and energy networks each as one stacked network (`aepo_lite.training.stacked`; each
+# seed ends where it would alone, up to rounding): `aepo-lite train --dataset $ds --method $method
+# --preset full --device cuda --seeds 0 1 2 3 4 --out runs/full/${ds//\//_}`. It is built for a GPU,
+# where a step of these small networks waits on kernel launches, and is unmeasured there; on a CPU it
+# is no faster (docs/gpu.md, section 4).
+#
 # Only the Adroit and Kitchen ports (and, loosely, AntMaze) can be set beside the D4RL tables;
 # the `mujoco/*` rows are our own numbers on new data and must be labelled so.
 
