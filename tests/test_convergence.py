@@ -212,6 +212,11 @@ def test_one_curve_carried_further_keeps_the_comparison_at_the_budget_every_meth
     assert conv.matched_top(rows) == 2000  # qgpo stops at 2000; 4000 is aepo's alone
     assert conv.matched_top(rows + _rows({("moons", "mse", ""): {1000: 0.9}})) == 2000  # a short curve does not cap it
     assert conv.matched_top(_rows({("moons", "qgpo", ""): {1000: 1.0, 2000: 0.5}})) == 2000  # one method: its top
+    # the second method carried to 4000 on one task of two: the comparison stays where both ran on every task
+    two = rows + _rows({("moons", "qgpo", ""): {4000: 0.45}, ("rings", "qgpo", ""): {1000: 1.0, 2000: 0.6},
+                        ("rings", "aepo", "p"): {1000: 0.9, 2000: 0.5, 4000: 0.3}})
+    assert conv.matched_top(two) == 2000
+    assert conv.matched_top(two + _rows({("rings", "qgpo", ""): {4000: 0.55}})) == 4000
     drops = conv.last_drops(rows)
     assert drops[("moons", "aepo", "p", "reward", "10", "0", "full")] == (2000, 4000, pytest.approx(0.05))
     assert drops[("moons", "qgpo", "", "reward", "10", "0", "full")] == (1000, 2000, pytest.approx(0.5))

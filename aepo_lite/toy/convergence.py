@@ -151,17 +151,18 @@ def _groups(rows: list[dict]) -> dict[tuple, dict[int, float]]:
 
 def matched_top(rows: list[dict]) -> int:
     """The top of the comparison: the largest step count run by at least two methods (method, estimator, critic,
-    beta, preset), so that one curve carried further than the others' does not become the table alone (with a
-    single method in the rows, its largest step count)."""
+    beta, preset) on every task of the rows, so that one curve carried further than the others' (on some or all
+    tasks) does not become the table alone (with a single method in the rows, its largest step count)."""
     def label(r):
         return tuple(str(r[k]) for k in ("method", "estimator", "critic", "beta", "preset"))
     need = min(2, len({label(r) for r in rows}))
-    at = {}
+    at: dict = {}
     for r in rows:
-        at.setdefault(int(r["energy_steps"]), set()).add(label(r))
-    common = [n for n, have in at.items() if len(have) >= need]
+        at.setdefault(int(r["energy_steps"]), {}).setdefault(r["task"], set()).add(label(r))
+    tasks = {r["task"] for r in rows}
+    common = [n for n, by_task in at.items() if set(by_task) == tasks and all(len(v) >= need for v in by_task.values())]
     if not common:
-        raise ValueError("energy_steps: no step count at which two methods of the curve were both run")
+        raise ValueError("energy_steps: no step count at which two methods of the curve were both run on every task")
     return max(common)
 
 
