@@ -122,18 +122,20 @@ def test_suite_commands(capsys):
     assert main(["suite", "show", "antmase"]) == 2
 
 
-def test_stack_seeds_trains_the_behaviours_together_and_the_runs_copy_them(tiny, tmp_path):  # noqa: F811
-    """``stack_seeds``: the behaviour stages of seeds 0 and 1 (and MSE's IQL critics) are trained together before
-    the runs; every run's behaviour stage is then copied from the cache (no run trains one), and the rows equal
-    those of a plain sweep up to the rounding of the stacked sum."""
+def test_stack_seeds_trains_the_seeds_together_and_the_runs_only_evaluate(tiny, tmp_path):  # noqa: F811
+    """``stack_seeds``: per dataset and method, seeds 0 and 1 are trained together before the runs (behaviour, critic
+    and energy stacked); every run then finds its stages finished, and the rows equal those of a plain sweep up to
+    the rounding of the stacked sums."""
     said = []
     got = run_sweep(_cfg(tmp_path / "stacked", stack_seeds=True), echo=said.append)
     assert len(got["done"]) == 4 and not got["failed"], got["failed"]
-    for stage in ("behaviour", "critic"):
-        assert sum(s.startswith(f"stack_seeds: {DS}: {stage} stages of seeds [0, 1] trained together") for s in said) == 1
+    for m in ("bc", "mse"):
+        assert sum(s.startswith(f"stack_seeds: {DS} {m}: seeds [0, 1] trained together") for s in said) == 1
     for p in (tmp_path / "stacked").rglob("train_stats.json"):
-        stats = json.loads(p.read_text())["behaviour"]
-        assert stats["stacked_seeds"] == [0, 1] and "copied_from" in stats, p
+        stats = json.loads(p.read_text())
+        assert stats["behaviour"]["stacked_seeds"] == [0, 1], p
+        if "mse-" in str(p):
+            assert stats["critic"]["stacked_seeds"] == stats["energy"]["stacked_seeds"] == [0, 1]
     plain = run_sweep(_cfg(tmp_path / "plain"), echo=lambda *a: None)
     assert len(plain["done"]) == 4
     a, b = _rows(tmp_path / "stacked"), _rows(tmp_path / "plain")

@@ -50,7 +50,7 @@ class SweepConfig:
     evaluate: bool = True  # evaluate each run after training (skipped when already evaluated)
     overrides: Optional[str] = None  # a JSON/YAML file of nested config overrides for every run, e.g. {"energy": {"beta": 3}}
     stage_cache: Optional[str] = None  # RL: stages shared by runs (behaviour, support, critic) are trained once here; None = OUT/stage_cache
-    stack_seeds: bool = False  # RL: first train each dataset's behaviour (and IQL critic) stages of all seeds together (stacked, in this process) into the stage cache
+    stack_seeds: bool = False  # RL: first train the seeds of each dataset and method together (stacked networks, in this process); the runs then evaluate
 
 
 @dataclass
@@ -177,12 +177,12 @@ def run_one(spec: RunSpec | dict, threads: int = 1, progress: bool = False) -> d
             "seconds": time.perf_counter() - t0}
 
 
-def _stack_behaviours(specs: list[RunSpec], echo) -> None:
-    """``stack_seeds``: per offline-RL dataset and method, the behaviour and IQL critic stages of the seeds some
-    unfinished run needs, trained together into the stage cache (:func:`aepo_lite.rl.agent.train_stacked_stages`);
-    the runs then copy them (a stage shared by several methods is trained once). A failure here is reported
-    and the runs train those stages alone as usual."""
-    from aepo_lite.rl.agent import evaluation_done, train_stacked_stages
+def _stack_seeds(specs: list[RunSpec], echo) -> None:
+    """``stack_seeds``: per offline-RL dataset and method, the seeds some unfinished run needs are trained together
+    in this process (:func:`aepo_lite.rl.agent.train_seeds`: behaviour, critic and energy stages each as one stacked
+    model; shared stages in the stage cache); the runs then find their stages finished and evaluate. A failure
+    here is reported and those runs train alone as usual."""
+    from aepo_lite.rl.agent import evaluation_done, train_seeds
     for ds, m in dict.fromkeys((s.dataset, s.method) for s in specs if not s.dataset.startswith(TOY_PREFIX)):
         pending = [s for s in specs if (s.dataset, s.method) == (ds, m)
                    and not (s.evaluate and evaluation_done(Path(s.run_dir), _make_config(s)))]
@@ -190,13 +190,13 @@ def _stack_behaviours(specs: list[RunSpec], echo) -> None:
             continue
         t0 = time.perf_counter()
         try:
-            got = train_stacked_stages([_make_config(s) for s in pending], pending[0].stage_cache, progress=False)
+            train_seeds([_make_config(s) for s in pending], [Path(s.run_dir) for s in pending],
+                        stage_cache=pending[0].stage_cache, progress=False)
         except Exception as e:  # the runs still train their own stages
-            echo(f"stack_seeds: {ds} {m}: {type(e).__name__}: {e}; each run trains its stages alone")
+            echo(f"stack_seeds: {ds} {m}: {type(e).__name__}: {e}; each run trains alone")
             continue
-        for stage, seeds in got.items():
-            echo(f"stack_seeds: {ds}: {stage} stages of seeds {sorted(seeds)} trained together "
-                 f"({time.perf_counter() - t0:.1f} s)")
+        echo(f"stack_seeds: {ds} {m}: seeds {sorted(s.seed for s in pending)} trained together "
+             f"({time.perf_counter() - t0:.1f} s)")
 
 
 # ----------------------------------------------------------------------------------- availability
@@ -286,7 +286,7 @@ def run_sweep(cfg: SweepConfig, *, results_csv: str | Path | None = None, echo=p
                  f"{r['status']} ({r['seconds']:.1f} s)" + (f" -> {r['error']} (log: {r['log']})" if r["error"] else ""))
 
         if cfg.stack_seeds:
-            _stack_behaviours(todo, echo)
+            _stack_seeds(todo, echo)
         (_run_ray if cfg.backend == "ray" else _run_local)(todo, cfg, on_result)
     if results_csv is not None and (out["done"] or out["skipped"]):
         from aepo_lite.rl import report
