@@ -599,7 +599,8 @@ def _extrapolation(result: dict) -> dict:
 def _check_sections(result: dict) -> list[str]:
     """The extra tables of a ``scripts/gpu_check.sh`` result (absent from a plain bench result): the same stages
     timed eagerly, compiled and captured (``variants``: rates by stage), the side-by-side timings of the GPU paths
-    (``paths``: scripts/gpu_paths.py's rows) and each check's exit status (``checks``)."""
+    (``paths``: scripts/gpu_paths.py's rows), several seeds trained end to end (``seeds``: scripts/seeds_timing.py)
+    and each check's exit status (``checks``)."""
     lines, stages = [], result["stages"]
     variants = result.get("variants") or {}
     if variants:
@@ -620,6 +621,14 @@ def _check_sections(result: dict) -> list[str]:
             o, n = r["old"], r["new"]
             lines.append(f"| {r['name']} | {o} | {n} | {r['ms'][o]:.3f} | {r['ms'][n]:.3f} | {r['ratio']:.2f}x | "
                          f"{r['ops'][o]} -> {r['ops'][n]} |")
+    seeds = result.get("seeds")
+    if seeds and seeds.get("rows"):
+        n = seeds["seeds"]
+        lines += ["", f"| several seeds, end to end ({seeds['steps_per_stage']} steps a stage, "
+                      f"{seeds['transitions']} synthetic transitions) | 1 seed | {n} seeds together | "
+                      f"time({n}) / time(1) |", "|---|---:|---:|---:|"]
+        lines += [f"| {r['method']} | {r['one_seed_s']:.1f} s | {r['n_seeds_s']:.1f} s | {r['ratio']:.2f} |"
+                  for r in seeds["rows"]]
     checks = result.get("checks") or {}
     if checks:
         lines += ["", "| check | exit status | seconds | last line |", "|---|---:|---:|---|"]

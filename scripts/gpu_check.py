@@ -7,7 +7,7 @@ from the JSON).
 DIR holds ``eager.json`` (an ``aepo-lite bench`` result: the base of the file), optionally ``compiled.json`` and
 ``captured.json`` (the same stages compiled / captured: their rates go under ``variants``, and the stages a
 captured run had to run eagerly, with why, under ``variant_errors``), ``paths.json``
-(scripts/gpu_paths.py: under ``paths``), and ``status.tsv`` (one line per step: name, exit status, seconds; its
+(scripts/gpu_paths.py: under ``paths``), ``seeds.json`` (scripts/seeds_timing.py: under ``seeds``), and ``status.tsv`` (one line per step: name, exit status, seconds; its
 log ``<name>.log`` gives the last line shown). The device is named as torch names it
 (``torch.cuda.get_device_name``, under ``environment.device_name``).
 """
@@ -55,6 +55,7 @@ def combine(work: Path) -> dict:
             errors[name] = {k: s["capture_error"] for k, s in other["stages"].items() if "capture_error" in s}
     result["variants"], result["variant_errors"] = variants, errors
     result["paths"] = _read(work / "paths.json")
+    result["seeds"] = _read(work / "seeds.json")
     checks = {}
     status = work / "status.tsv"
     for line in status.read_text().splitlines() if status.exists() else []:

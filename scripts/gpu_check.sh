@@ -11,8 +11,10 @@
 #   tests     the CUDA tests of tests/test_gpu_paths.py (captured == eager after 20 steps, ...)   <= 60 s
 #             and the slow one (the rows Jacobian through a compiled module)
 #   paths     scripts/gpu_paths.py: Jacobian loop/batched, TwinQ two MLPs/batched, eager/captured,
-#             N seeds stacked / 1 seed                                                           <= 60 s
-# (at most 470 s in all), then scripts/gpu_check.py gathers them into OUT.json and OUT.md (the device named by
+#             N seeds stacked / 1 seed (one step of each stage)                                 <= 60 s
+#   seeds     scripts/seeds_timing.py: train_seeds for 5 seeds against train for 1, end to end (the full
+#             preset's networks, 300 steps a stage, a synthetic dataset: no Minari needed)       <= 90 s
+# (at most 560 s in all), then scripts/gpu_check.py gathers them into OUT.json and OUT.md (the device named by
 # torch). The exit status is 0 only when every step passed. Without CUDA (and without --device cpu) it stops at
 # once, with one line.
 set -uo pipefail
@@ -58,10 +60,12 @@ step() {  # step NAME SECONDS CMD...: run CMD with a time limit, log to WORK/NAM
 if [ $TINY = 1 ]; then  # the dry run: every step's code path at the smallest cost (the tests run it)
   SIZE=(--tiny --methods aepo --sample-batches 1)
   PATHS=(--tiny --rounds 1 --min-time 0.001 --parts jacobian)
+  SEEDS=(--tiny --seeds 2 --steps 3 --transitions 300)
   TESTS="cuda"; SLOW=""
 else
   SIZE=(--quick --sample-batches 1 256)
   PATHS=(--rounds 3 --min-time 0.2)
+  SEEDS=(--seeds 5 --steps 300)
   TESTS="cuda or compiled_module"; SLOW=1
 fi
 BENCH=("$PY" -m aepo_lite bench --device "$DEVICE" "${SIZE[@]}")
@@ -72,6 +76,7 @@ fi
 step captured 80 "${BENCH[@]}" --capture --out "$WORK/captured.json"
 step tests 60 env AEPO_SLOW="$SLOW" "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu_paths.py -k "$TESTS"
 step paths 60 "$PY" scripts/gpu_paths.py --device "$DEVICE" "${PATHS[@]}" --out "$WORK/paths.json"
+step seeds 90 "$PY" scripts/seeds_timing.py --device "$DEVICE" "${SEEDS[@]}" --out "$WORK/seeds.json"
 if ! "$PY" scripts/gpu_check.py --work "$WORK" --out "$OUT"; then
   echo "gpu_check: could not gather the results (the step logs are in $WORK)" >&2
   exit 1

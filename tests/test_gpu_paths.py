@@ -546,13 +546,31 @@ def test_gpu_check_dry_run_cpu(tmp_path):
                        capture_output=True, text=True, timeout=240, env=env)
     assert r.returncode == 0, r.stdout + r.stderr
     res = json.loads(out.with_suffix(".json").read_text())
-    assert set(res["checks"]) == {"eager", "captured", "tests", "paths"}
+    assert set(res["checks"]) == {"eager", "captured", "tests", "paths", "seeds"}
     assert all(c["rc"] == 0 for c in res["checks"].values())
     assert "passed" in res["checks"]["tests"]["summary"]
     assert set(res["variants"]) == {"captured"} and set(res["variants"]["captured"]) == set(res["stages"])
     assert res["paths"]["parts"]["jacobian"] and res["environment"]["device_name"]
     md = out.with_suffix(".md").read_text()
     assert md == bench.to_markdown(res) and "captured/eager" in md and "| tweedie jacobian B=8 d=3 | loop |" in md
+    assert res["seeds"]["seeds"] == 2 and res["seeds"]["rows"][0]["method"] == "aepo"
+    assert "| several seeds, end to end (3 steps a stage, 300 synthetic transitions) |" in md
+
+
+def test_seeds_timing_trains_every_seed_and_refuses_one():
+    """scripts/seeds_timing.py: the synthetic dataset has the asked size and consistent rows; the timing runs (tiny)
+    and reports both times; one seed alone is refused."""
+    st = _script("seeds_timing")
+    data = st.synthetic_data(610, episode_len=250)
+    assert data.n == 610 and data.obs_rows.shape[0] == 610 + 3 and data.timeouts.sum() == 3
+    assert (data.next_idx == data.idx + 1).all() and data.episode_returns.sum() == pytest.approx(data.rewards.sum())
+    lines = []
+    res = st.run("cpu", seeds=2, steps=2, transitions=300, tiny=True, log=lines.append)
+    (row,) = res["rows"]
+    assert row["one_seed_s"] > 0 and row["n_seeds_s"] > 0 and row["ratio"] == row["n_seeds_s"] / row["one_seed_s"]
+    assert "time(2) / time(1)" in lines[0]
+    with pytest.raises(ValueError, match="seeds: time at least 2 seeds together"):
+        st.run("cpu", seeds=1, tiny=True)
 
 
 @pytest.mark.skipif(not os.environ.get("AEPO_SLOW"), reason="slow: compiles (11 s on 2 shared CPU cores); AEPO_SLOW=1 "
