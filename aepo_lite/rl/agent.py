@@ -448,7 +448,8 @@ def train_stacked_stages(cfgs: list[TrainConfig], stage_cache, *, data: OfflineD
     ``cfgs``: one config per seed, equal in everything but the seed. Each seed's checkpoint is written under
     the hash its own run computes, so ``train(cfg, run_dir, stage_cache=stage_cache)`` copies it instead of
     training it. Its networks are those of a run that trained the seed alone, up to floating-point rounding.
-    The in-support critic is not stacked (each seed's reads its own support actions): its runs train it alone.
+    The in-support critic is not stacked here: it reads each seed's support actions, a stage of each run
+    (:func:`train_stacked_in_runs` stacks it on the runs' finished support stages).
     Seeds whose stage the cache already holds are skipped; a killed stacked stage resumes from its own
     checkpoint (``<stage>-stacked-<hash>.pt`` in the cache, removed once every seed's is written).
     Returns ``{stage: {seed: stats}}`` of the seeds trained here.
