@@ -662,7 +662,9 @@ else:
 #   With 4x the energy steps (16000, 3 seeds) the centered target is within 2x of the floor on 4 of 6
 #   tasks (QGPO on 2 of 6), at w = 1 and at each method's best w alike; neither energy error has stopped
 #   falling at that budget. Carried to 32000 steps (seed 0), the centered target's energy error still fell
-#   by more than 10% on 5 of 6 tasks, yet its samples moved only on rings (2.69x to 1.27x the floor).
+#   by more than 10% on 5 of 6 tasks, yet its samples moved only on rings (2.69x to 1.27x the floor);
+#   QGPO's energy error stopped falling on 5 of 6 (all but rings). At 32000 steps the centered target is
+#   within 2x of the floor on 5 of 6 tasks and QGPO on 2 of 6 (one seed).
 
 # %%
 print(f"notebook ran in {time.time() - T_START:.0f} s at scale {SCALE}")
