@@ -29,7 +29,6 @@ import argparse
 import contextlib
 import copy
 import functools
-import json
 import statistics
 import sys
 import time
@@ -43,6 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from aepo_lite import bench  # noqa: E402
+from aepo_lite._io import atomic_write_json  # noqa: E402
 from aepo_lite.config import CriticConfig, EnergyConfig  # noqa: E402
 from aepo_lite.core import aepo  # noqa: E402
 from aepo_lite.core.aepo import JACOBIANS, EnergyLearner, critic_expansion, rowwise_jacobian  # noqa: E402
@@ -283,9 +283,7 @@ def main(argv=None) -> int:
     res = run(a.device, a.parts, a.tiny, a.rounds, a.min_time)
     res["seconds"] = time.perf_counter() - t0
     if a.out:
-        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out).write_text(json.dumps(res, indent=1) + "\n")
-        print(f"wrote {a.out}")
+        print(f"wrote {atomic_write_json(a.out, res)}")
     return 0
 
 

@@ -13,7 +13,6 @@ The issue's target is time(5 seeds) / time(1 seed) <= 1.5 on one GPU; separately
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -24,6 +23,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from aepo_lite._io import atomic_write_json  # noqa: E402
 from aepo_lite.rl.data import OfflineData  # noqa: E402
 
 DATASET = "synthetic/hopper/random-v0"
@@ -119,9 +119,7 @@ def main(argv=None) -> int:
     res = run(a.device, a.seeds, tuple(a.methods), a.steps, a.transitions, a.tiny)
     res["seconds"] = time.perf_counter() - t0
     if a.out:
-        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out).write_text(json.dumps(res, indent=1) + "\n")
-        print(f"wrote {a.out}")
+        print(f"wrote {atomic_write_json(a.out, res)}")
     return 0
 
 
