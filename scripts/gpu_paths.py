@@ -19,7 +19,8 @@ new path is faster; ``ops`` is the number of aten operators one call runs, a pro
   seeds      N behaviour models trained together (``StackedBehaviourLearner``: stacked parameters, one vmapped
              loss, one Adam; what ``train --seeds`` and ``sweep --stack-seeds`` run) against one; the same for
              N IQL critics (``StackedCritic``, batch 256) and N AEPO energy learners (``StackedEnergyLearner``,
-             the default particle target, batch 256): time(N seeds together) / time(1 seed), N = 4 and 8
+             the default particle target, batch 256), and one chunk of support actions (``StackedSupportSampler``:
+             4096 actions a seed, 15 dpmpp2m steps): time(N seeds together) / time(1 seed), N = 4 and 8
 
 Nothing is asserted here; the tests (tests/test_gpu_paths.py) check the numbers of each path.
 """
@@ -53,7 +54,8 @@ from aepo_lite.core.schedule import VPSchedule  # noqa: E402
 from aepo_lite.device import resolve_device  # noqa: E402
 from aepo_lite.training import BehaviourLearner  # noqa: E402
 from aepo_lite.training.captured import CapturedStep, DeviceBatches  # noqa: E402
-from aepo_lite.training.stacked import StackedBehaviourLearner, StackedEnergyLearner, StackedCritic  # noqa: E402
+from aepo_lite.training.stacked import (StackedBehaviourLearner, StackedCritic, StackedEnergyLearner,  # noqa: E402
+                                        StackedSupportSampler)
 
 PARTS = ("jacobian", "twinq", "captured", "seeds")
 
@@ -243,6 +245,36 @@ def part_seeds(device, sizes, rounds, min_time, log) -> list:
                        lambda n: StackedEnergyLearner([energy_learner(i) for i in range(n)], generators=[
                            torch.Generator(device=device).manual_seed(i) for i in range(n)]),
                        esrc, device, sizes, rounds, min_time, log)
+    rows += _support_rows(data["s"], device, sizes, rounds, min_time, log)
+    return rows
+
+
+def _support_rows(obs, device, sizes, rounds, min_time, log) -> list:
+    """One chunk of support actions (K for each of chunk / K rows) of 1 seed against N seeds in one pass."""
+    from aepo_lite.config import TrainConfig
+    from aepo_lite.rl.agent import SupportSampler
+    cfg = TrainConfig()
+    cfg.support.k, cfg.support.solver, cfg.support.steps = sizes["k"], "dpmpp2m", 15
+    chunk = sizes["behaviour_batch"]
+
+    def sampler(seed):
+        torch.manual_seed(seed)
+        return SupportSampler(DiffusionModel(NoiseNet(3, 11, **sizes["noise"])).to(device), obs, cfg, chunk=chunk)
+    one, g, rows = sampler(0), torch.Generator().manual_seed(0), []
+
+    def step(x, batch):
+        x.chunks = [[] for _ in x.chunks] if isinstance(x, StackedSupportSampler) else []  # always the first chunk
+        return x.step(batch)
+    for n in sizes["seeds"]:
+        stacked = StackedSupportSampler([sampler(i) for i in range(n)],
+                                        generators=[torch.Generator().manual_seed(i) for i in range(n)])
+        res = side_by_side({"one_seed": lambda: step(one, {"generator": g}), f"{n}_seeds": lambda: step(stacked, {})},
+                           device, rounds, min_time)
+        row = _row(f"support actions {chunk} a seed, K={cfg.support.k}: {n} seeds stacked vs 1", res, f"{n}_seeds",
+                   "one_seed", log)
+        row["seconds_n_over_1"] = row["ratio"]
+        log(f"    time({n} seeds together) / time(1 seed) = {row['ratio']:.2f} (separately: {n}.00)")
+        rows.append(row)
     return rows
 
 

@@ -557,7 +557,7 @@ def test_seeds_trained_together_match_runs_trained_alone(tiny, smoke_runs):
                                  data=data)
     with pytest.raises(ValueError, match=r"seeds: each seed once, got \[0, 0\]"):
         train_stacked_stages([cfgs[0], cfgs[0]], cache, data=data)
-    with pytest.raises(ValueError, match=r"stages: only \('behaviour', 'critic'\) stack, got \['energy'\]"):
+    with pytest.raises(ValueError, match=r"stages: only \('behaviour', 'support', 'critic'\) stack, got \['energy'\]"):
         train_stacked_stages(cfgs, cache, data=data, stages=("energy",))
     with pytest.raises(ValueError, match="out: expected one run directory per seed"):
         train_seeds(cfgs, dirs[:1], stage_cache=cache, data=data)
@@ -613,3 +613,8 @@ def test_seeds_trained_together_with_support_actions(tiny, smoke_runs, method):
     stats = read_json(dirs[1] / "train_stats.json")
     assert stats["energy"]["stacked_seeds"] == [0, 1]
     assert stats["critic"]["stacked_seeds"] == [0, 1]  # IQL and the in-support critic (on each seed's support)
+    assert stats["support"]["stacked_seeds"] == [0, 1]  # both seeds' support actions in one sampling pass
+
+    def support(run):
+        return torch.cat(torch.load(run / "checkpoints" / "support.pt", weights_only=False)["learner"]["chunks"])
+    assert (support(dirs[0]) - support(smoke_runs[method])).abs().max().item() < 1e-4

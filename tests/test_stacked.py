@@ -329,3 +329,66 @@ def test_stacked_energy_grad_clip_acts_and_refusals():
         StackedEnergyLearner([free(0), free(1)], generators=[torch.Generator()])
     with pytest.raises(ValueError, match="draw: expected one batch source per seed"):
         StackedBatches([draw_of(0)], [torch.Generator()] * 2)
+
+
+def _sampler(seed, obs, k=3, solver="dpmpp2m", steps=4, chunk=24):
+    from aepo_lite.config import TrainConfig
+    from aepo_lite.rl.agent import SupportSampler
+    cfg = TrainConfig()
+    cfg.support.k, cfg.support.solver, cfg.support.steps = k, solver, steps
+    return SupportSampler(_model(seed), obs, cfg, chunk=chunk)
+
+
+@pytest.mark.parametrize("solver", ["dpmpp2m", "dpm2"])
+def test_stacked_support_actions_are_the_separate_passes(data, solver):
+    """N seeds' support actions drawn in one pass are each seed's own pass (float64), chunk by chunk."""
+    from aepo_lite.training.stacked import StackedSupportSampler
+    obs = data[1][:40]
+    stacked = StackedSupportSampler([_sampler(s, obs, solver=solver) for s in SEEDS],
+                                    generators=[torch.Generator().manual_seed(100 + s) for s in SEEDS])
+    n = _sampler(0, obs).n_steps(40, 3, chunk=24)
+    assert n == 5  # 8 rows a chunk: the last chunk is short
+    for _ in range(n):
+        stacked.step({})
+    for i, seed in enumerate(SEEDS):
+        alone, g = _sampler(seed, obs, solver=solver), torch.Generator().manual_seed(100 + seed)
+        for _ in range(n):
+            alone.step({"generator": g})
+        got = stacked.unstacked(i, _sampler(seed, obs, solver=solver)).support
+        assert got.shape == alone.support.shape == (40, 3, 3)
+        assert (got - alone.support).abs().max().item() < 1e-12
+    # the seeds' models differ, and their actions with them
+    assert (stacked.unstacked(0).support - stacked.unstacked(1).support).abs().max().item() > 1e-2
+
+
+def test_stacked_support_resumes_and_refuses(data):
+    from aepo_lite.training.stacked import StackedSupportSampler
+    obs = data[1][:40]
+
+    def make(seeds=SEEDS, **kw):
+        return StackedSupportSampler([_sampler(s, obs, **kw) for s in seeds],
+                                     generators=[torch.Generator().manual_seed(100 + s) for s in seeds])
+    whole, cut = make(), make()
+    for _ in range(5):
+        whole.step({})
+    for _ in range(2):
+        cut.step({})
+    again = make()
+    again.load_state_dict(cut.state_dict())
+    for _ in range(3):
+        again.step({})
+    assert torch.equal(again.unstacked(2).support, whole.unstacked(2).support)
+    with pytest.raises(ValueError, match="seeds: the checkpoint holds 3 support samplers, this run has 2"):
+        make(SEEDS[:2]).load_state_dict(whole.state_dict())
+    with pytest.raises(ValueError, match="support.solver: .* got 'ddpm'"):
+        make(solver="ddpm")
+    with pytest.raises(ValueError, match="support: a stacked run needs one support config"):
+        StackedSupportSampler([_sampler(3, obs), _sampler(7, obs, k=4)], generators=[torch.Generator()] * 2)
+    with pytest.raises(ValueError, match="generators: expected one per sampler"):
+        StackedSupportSampler([_sampler(3, obs)], generators=[])
+    stepped = _sampler(3, obs)
+    stepped.step({"generator": torch.Generator()})
+    with pytest.raises(ValueError, match="before their first step"):
+        StackedSupportSampler([stepped, _sampler(7, obs)], generators=[torch.Generator()] * 2)
+    with pytest.raises(ValueError, match="i: expected a sampler index"):
+        whole.unstacked(3)

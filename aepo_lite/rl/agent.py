@@ -436,14 +436,15 @@ def train(cfg: TrainConfig, run_dir, *, data: OfflineData | None = None, progres
     return agent
 
 
-STACKED = ("behaviour", "critic")  # the stages several seeds can train together (the critic: IQL only)
+STACKED = ("behaviour", "support", "critic")  # the stages several seeds can train together here (support: a
+# solver that draws no noise after the start; the critic: IQL only, train_stacked_in_runs stacks both kinds)
 
 
 def train_stacked_stages(cfgs: list[TrainConfig], stage_cache, *, data: OfflineData | None = None,
                          progress: bool = True, stages=STACKED) -> dict[str, dict[int, dict]]:
-    """Train the behaviour stages (and the IQL critic stages) of several seeds together, each as one stacked model
-    (one vmapped loss, one Adam per network: :mod:`aepo_lite.training.stacked`), into the shared stage cache
-    ``stage_cache``.
+    """Train the behaviour stages (the support stages, and the IQL critic stages) of several seeds together, each
+    as one stacked model (one vmapped loss, one Adam per network; the support actions of every seed in one
+    sampling pass: :mod:`aepo_lite.training.stacked`), into the shared stage cache ``stage_cache``.
 
     ``cfgs``: one config per seed, equal in everything but the seed. Each seed's checkpoint is written under
     the hash its own run computes, so ``train(cfg, run_dir, stage_cache=stage_cache)`` copies it instead of
@@ -454,7 +455,8 @@ def train_stacked_stages(cfgs: list[TrainConfig], stage_cache, *, data: OfflineD
     checkpoint (``<stage>-stacked-<hash>.pt`` in the cache, removed once every seed's is written).
     Returns ``{stage: {seed: stats}}`` of the seeds trained here.
     """
-    from aepo_lite.training.stacked import StackedBatches, StackedBehaviourLearner, StackedCritic
+    from aepo_lite.training.stacked import (StackedBatches, StackedBehaviourLearner, StackedCritic,
+                                            StackedSupportSampler)
     if not cfgs:
         raise ValueError("seeds: give at least one config")
     bad = [s for s in stages if s not in STACKED]
@@ -484,12 +486,29 @@ def train_stacked_stages(cfgs: list[TrainConfig], stage_cache, *, data: OfflineD
         seed_everything(c.seed)  # as train() does before it builds the agent: the seed's initial networks
         agent = Agent(c, data.state_dim, data.action_dim, mean, std, data.action_low, data.action_high, device)
         runs.append((c, agent, {st.name: st for st in build_stages(c, agent, T, device)}))
+    runs_by_seed = {c.seed: sts for c, _, sts in runs}
     out = {}
     for name in stages:
         if name == "critic" and (cfgs[0].method == "bc" or critic_kind(cfgs[0]) != "iql"):
             continue
+        if name == "support" and ("support" not in runs[0][2] or cfgs[0].support.solver == "ddpm"):
+            continue  # no support stage, or one whose sampler draws noise at every step (each seed alone)
         todo = [(c, agent, sts[name]) for c, agent, sts in runs if not cache.is_complete(name, stage_hash(sts[name]))]
         if not todo:
+            continue
+        if name == "support":  # sampled from each seed's finished behaviour model
+            for c, agent, sts in runs:
+                if not cache.is_complete("behaviour", stage_hash(sts["behaviour"])):
+                    raise ValueError(f"stages: seed {c.seed} has no finished behaviour stage in {cache.root}; "
+                                     "stack 'behaviour' first")
+            for c, agent, st in todo:
+                run_stage(runs_by_seed[c.seed]["behaviour"], cache, progress=False, map_location=device)
+                _freeze(agent, "behaviour")
+            gens = [torch.Generator().manual_seed(st.seed) for *_, st in todo]  # as run_stage seeds each pass
+            src = StackedBatches(lambda g: {}, gens)
+            make = lambda: StackedSupportSampler([st.learner() for *_, st in todo], generators=gens)  # noqa: E731
+            unstack = lambda learner, i, agent: learner.unstacked(i).state_dict()  # noqa: E731
+            out[name] = _stacked_stage(name, todo, make, unstack, src, cache, cfgs[0], device, progress)
             continue
         # run_stage seeds a single run's batch generator, and torch's global generator (the behaviour's noise),
         # with stage.seed; the critic draws no noise
@@ -606,7 +625,7 @@ def train_stacked_in_runs(cfgs: list[TrainConfig], run_dirs: list, stage: str, *
 def train_seeds(cfgs: list[TrainConfig], run_dirs: list, *, stage_cache, data: OfflineData | None = None,
                 progress: bool = True) -> list[Agent]:
     """Several seeds of one config, trained together where the stages allow: the behaviour stages
-    (:func:`train_stacked_stages`, into ``stage_cache``), each run's support stage alone, the critics together,
+    and their support actions (:func:`train_stacked_stages`, into ``stage_cache``), the critics together,
     the energy networks together (:func:`train_stacked_in_runs`); finally each seed's run (:func:`train`), which
     finds its stages finished and evaluates. One seed: ``train``."""
     if len(run_dirs) != len(cfgs):
@@ -616,7 +635,7 @@ def train_seeds(cfgs: list[TrainConfig], run_dirs: list, *, stage_cache, data: O
     if data is None and cfgs:
         data, _ = load_minari(cfgs[0].dataset, reward_scaling=cfgs[0].reward_scaling)
     if len(cfgs) > 1:
-        train_stacked_stages(cfgs, stage_cache, data=data, progress=progress, stages=("behaviour",))
+        train_stacked_stages(cfgs, stage_cache, data=data, progress=progress, stages=("behaviour", "support"))
         for stage in ("critic", "energy"):
             for c, d in zip(cfgs, run_dirs):
                 train(c, d, data=data, progress=progress, stage_cache=stage_cache, until=stage)

@@ -24,6 +24,10 @@ random state. :meth:`StackedCritic.unstacked` gives critic i back with its Adams
 N energy networks run as one vmapped call and one Adam steps them. Only the network part is fused; the
 targets are computed seed by seed.
 
+:class:`StackedSupportSampler` draws the support actions of N seeds (K actions of each seed's behaviour model
+for every observation row) as one sampling pass: each seed's starting noise comes from its own generator, as
+its own support stage draws it, and the N behaviour networks run as one vmapped call at every solver step.
+
 The stacked learners are :class:`~aepo_lite.training.Learner` s: ``run_stage`` trains them, checkpoints them
 (every generator included) and resumes them.
 """
@@ -40,7 +44,8 @@ from aepo_lite.core.diffusion import DiffusionModel
 from aepo_lite.device import adam, cosine_schedule
 from aepo_lite.training.learners import BehaviourLearner
 
-__all__ = ["StackedBatches", "StackedBehaviourLearner", "StackedCritic", "StackedEnergyLearner"]
+__all__ = ["StackedBatches", "StackedBehaviourLearner", "StackedCritic", "StackedEnergyLearner",
+           "StackedSupportSampler"]
 
 
 class StackedBatches:
@@ -396,3 +401,90 @@ class StackedEnergyLearner(_StackedState):
             learner.lr_schedule.load_state_dict(self.lr_schedule.state_dict())
         learner.generator = None
         return learner
+
+
+class StackedSupportSampler:
+    """N seeds' ``support`` stages as one: each step draws K actions of every seed's behaviour model for the
+    next chunk of observation rows, in one sampling pass whose network call is the N behaviour networks vmapped.
+
+    ``samplers``: each seed's support sampler (``aepo_lite.rl.agent.SupportSampler``: its finished behaviour
+    model, the observation rows and the support config; none has stepped yet); ``generators``: N CPU generators,
+    seeded as each seed's support stage seeds its own (the starting noise of seed i is drawn from generator i,
+    as :meth:`DiffusionModel.sample` draws it). The solver must draw no noise after the start (not ``ddpm``),
+    so that the N seeds' samples are those of N separate passes up to floating-point rounding.
+    :meth:`unstacked` gives seed i's actions back in its own sampler.
+    """
+
+    what = "support samplers"
+
+    def __init__(self, samplers: list, *, generators: list[torch.Generator]):
+        from aepo_lite.core.diffusion import SOLVERS
+        if not samplers:
+            raise ValueError("seeds: a stacked run needs at least one support sampler")
+        if len(generators) != len(samplers):
+            raise ValueError(f"generators: expected one per sampler ({len(samplers)}), got {len(generators)}")
+        first = samplers[0]
+        if any(x.cfg != first.cfg or x.per != first.per or x.obs.shape != first.obs.shape for x in samplers):
+            raise ValueError("support: a stacked run needs one support config and one set of observation rows; "
+                             "the samplers' differ")
+        if first.cfg.solver not in SOLVERS or first.cfg.solver == "ddpm":
+            raise ValueError(f"support.solver: stacked support sampling needs a solver that draws no noise after "
+                             f"the start, got {first.cfg.solver!r}")
+        if any(x.chunks for x in samplers):
+            raise ValueError("support: stack the samplers before their first step (they hold actions already)")
+        shapes = [[tuple(p.shape) for p in x.behaviour.net.parameters()] for x in samplers]
+        if any(sh != shapes[0] for sh in shapes):
+            raise ValueError("models: a stacked run needs one architecture; the behaviour models' shapes differ")
+        self.samplers, self.n, self.generators = list(samplers), len(samplers), list(generators)
+        self.obs, self.cfg, self.per, self.schedule = first.obs, first.cfg, first.per, first.behaviour.schedule
+        self.params, self.buffers = _stack(x.behaviour.net for x in samplers)
+        self.base = copy.deepcopy(first.behaviour.net).to("meta")
+        self.action_dim = first.behaviour.net.action_dim
+        self.chunks: list[list[torch.Tensor]] = [[] for _ in samplers]
+
+    def _net(self, params, buffers, a_t, t, s):
+        from torch.func import functional_call
+        return functional_call(self.base, (params, buffers), (a_t, t, s))
+
+    def _eps(self, x: torch.Tensor, t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """The N networks on (N * m) rows, seed i's m rows i-th: one vmapped call."""
+        from torch.func import vmap
+        n = self.n
+        out = vmap(self._net)(self.params, self.buffers, x.reshape(n, -1, x.shape[-1]), t.reshape(n, -1),
+                              s.reshape(n, -1, s.shape[-1]))
+        return out.reshape(x.shape)
+
+    @torch.no_grad()
+    def step(self, batch: dict | None = None) -> dict:
+        from aepo_lite.core.diffusion import sample
+        i, K, d = len(self.chunks[0]) * self.per, self.cfg.k, self.action_dim
+        s = self.obs[i:i + self.per].repeat_interleave(K, 0)
+        p = self.params[next(iter(self.params))]
+        x_T = torch.cat([torch.randn((s.shape[0], d), generator=g, dtype=p.dtype, device="cpu")
+                         for g in self.generators]).to(p.device)  # seed i's noise, as its own pass draws it
+        a = sample(self._eps, x_T, schedule=self.schedule, cond=s.repeat(self.n, 1), n_steps=self.cfg.steps,
+                   solver=self.cfg.solver).clamp(-1.0, 1.0)
+        for chunks, ai in zip(self.chunks, a.reshape(self.n, -1, K, d)):
+            chunks.append(ai)
+        return {}
+
+    def state_dict(self) -> dict:
+        return {"chunks": [[c.cpu() for c in ch] for ch in self.chunks],
+                "generators": [g.get_state() for g in self.generators]}
+
+    def load_state_dict(self, state: dict) -> None:
+        if len(state["generators"]) != self.n:
+            raise ValueError(f"seeds: the checkpoint holds {len(state['generators'])} {self.what}, this run has "
+                             f"{self.n}")
+        self.chunks = [[c.to(self.obs.device) for c in ch] for ch in state["chunks"]]
+        for g, st in zip(self.generators, state["generators"]):
+            g.set_state(st)
+
+    def unstacked(self, i: int, sampler=None):
+        """Seed i's support actions in its own sampler (or ``sampler``, another of that seed's): what its
+        support stage alone holds after the same steps."""
+        if not 0 <= i < self.n:
+            raise ValueError(f"i: expected a sampler index in [0, {self.n}), got {i}")
+        sampler = self.samplers[i] if sampler is None else sampler
+        sampler.chunks = list(self.chunks[i])
+        return sampler
