@@ -615,12 +615,13 @@ def _check_sections(result: dict) -> list[str]:
                          + " | ".join("" if r is None else f"{r:.1f}" for r in rates) + " | "
                          + " | ".join("" if r is None else f"{r / s['rate']:.2f}x" for r in rates) + " |")
     for part, rows in (result.get("paths") or {}).get("parts", {}).items():
-        lines += ["", f"| {part} | old | new | old ms | new ms | old/new | aten ops old -> new |",
-                  "|---|---|---|---:|---:|---:|---:|"]
+        lines += ["", f"| {part} | old | new | old ms | new ms | old/new | aten ops old -> new | "
+                      "kernel-launching ops old -> new |", "|---|---|---|---:|---:|---:|---:|---:|"]
         for r in rows:
             o, n = r["old"], r["new"]
+            la = r.get("launches")
             lines.append(f"| {r['name']} | {o} | {n} | {r['ms'][o]:.3f} | {r['ms'][n]:.3f} | {r['ratio']:.2f}x | "
-                         f"{r['ops'][o]} -> {r['ops'][n]} |")
+                         f"{r['ops'][o]} -> {r['ops'][n]} | " + (f"{la[o]} -> {la[n]} |" if la else " |"))
     seeds = result.get("seeds")
     if seeds and seeds.get("rows"):
         n = seeds["seeds"]

@@ -78,12 +78,24 @@ class OldTwinQ(nn.Module):
 
 
 # ----------------------------------------------------------------------------- timing
-def _ops(fn) -> int:
-    """aten operators one call runs (a proxy for kernel launches on a GPU)."""
+# operators that launch no kernel: views and metadata (their storage is another tensor's, or uninitialised)
+_NO_KERNEL = frozenset(f"aten::{n}" for n in (
+    "view", "_unsafe_view", "reshape", "_reshape_alias", "expand", "expand_as", "as_strided", "t", "transpose",
+    "permute", "unsqueeze", "squeeze", "select", "slice", "narrow", "split", "split_with_sizes", "chunk", "unbind",
+    "detach", "alias", "lift_fresh", "empty", "empty_strided", "empty_like", "resize_", "result_type", "view_as",
+    "broadcast_to", "movedim", "flatten", "unflatten", "_has_compatible_shallow_copy_type", "is_same_size"))
+
+
+def _ops(fn) -> tuple[int, int]:
+    """(aten operators one call runs, the innermost of them that launch a kernel): the second a closer proxy for
+    kernel launches on a GPU (a composite operator counts once, through the operators it calls; views none)."""
     from torch.profiler import profile
     with profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         fn()
-    return sum(e.count for e in prof.key_averages() if e.key.startswith("aten::"))
+    ops = sum(e.count for e in prof.key_averages() if e.key.startswith("aten::"))
+    leaves = sum(1 for e in prof.events() if e.name.startswith("aten::") and not e.cpu_children
+                 and e.name not in _NO_KERNEL)
+    return ops, leaves
 
 
 def side_by_side(fns: dict, device: torch.device, rounds: int, min_time: float) -> dict:
@@ -94,7 +106,11 @@ def side_by_side(fns: dict, device: torch.device, rounds: int, min_time: float) 
     for r in range(rounds):
         for k in names if r % 2 == 0 else names[::-1]:
             times[k] += bench.time_call(fns[k], device=device, warmup=1, min_time=min_time, repeats=1)
-    return {k: {"ms": 1e3 * statistics.median(v), "ops": _ops(fns[k])} for k, v in times.items()}
+    out = {}
+    for k, v in times.items():
+        ops, launches = _ops(fns[k])
+        out[k] = {"ms": 1e3 * statistics.median(v), "ops": ops, "launches": launches}
+    return out
 
 
 def _row(name: str, res: dict, old: str, new: str, log) -> dict:
@@ -102,7 +118,8 @@ def _row(name: str, res: dict, old: str, new: str, log) -> dict:
     log(f"  {name:<34} {old} {res[old]['ms']:8.2f} ms ({res[old]['ops']:5d} ops)   {new} {res[new]['ms']:8.2f} ms "
         f"({res[new]['ops']:5d} ops)   {old}/{new} {ratio:5.2f}x")
     return {"name": name, "old": old, "new": new, "ms": {old: res[old]["ms"], new: res[new]["ms"]},
-            "ops": {old: res[old]["ops"], new: res[new]["ops"]}, "ratio": ratio}
+            "ops": {old: res[old]["ops"], new: res[new]["ops"]},
+            "launches": {old: res[old]["launches"], new: res[new]["launches"]}, "ratio": ratio}
 
 
 # ----------------------------------------------------------------------------- the parts
@@ -208,7 +225,9 @@ def _seed_rows(name, one, make_stacked, draw, device, sizes, rounds, min_time, l
         res = side_by_side(fns, device, rounds, min_time)
         row = _row(f"{name}: {n} seeds stacked vs 1", res, f"{n}_seeds", "one_seed", log)
         row["seconds_n_over_1"] = row["ratio"]
-        log(f"    time({n} seeds together) / time(1 seed) = {row['ratio']:.2f} (separately: {n}.00)")
+        row["launches_n_over_1"] = row["launches"][f"{n}_seeds"] / row["launches"]["one_seed"]
+        log(f"    time({n} seeds together) / time(1 seed) = {row['ratio']:.2f}, kernel-launching operators "
+            f"{row['launches_n_over_1']:.2f} (separately: {n}.00)")
         rows.append(row)
     return rows
 
@@ -273,7 +292,9 @@ def _support_rows(obs, device, sizes, rounds, min_time, log) -> list:
         row = _row(f"support actions {chunk} a seed, K={cfg.support.k}: {n} seeds stacked vs 1", res, f"{n}_seeds",
                    "one_seed", log)
         row["seconds_n_over_1"] = row["ratio"]
-        log(f"    time({n} seeds together) / time(1 seed) = {row['ratio']:.2f} (separately: {n}.00)")
+        row["launches_n_over_1"] = row["launches"][f"{n}_seeds"] / row["launches"]["one_seed"]
+        log(f"    time({n} seeds together) / time(1 seed) = {row['ratio']:.2f}, kernel-launching operators "
+            f"{row['launches_n_over_1']:.2f} (separately: {n}.00)")
         rows.append(row)
     return rows
 

@@ -278,16 +278,22 @@ def _energy_setup(method, **kw):
     return learner, draw_of
 
 
-@pytest.mark.parametrize("method,kw", [("aepo", {}), ("aepo", {"centered": False}), ("qgpo", {}), ("mse", {}),
-                                       ("aepo", {"grad_clip": 0.05})])
-def test_stacked_energy_learners_end_at_the_separate_runs(method, kw):
+@pytest.mark.parametrize("method,kw,fuse", [("aepo", {}, True), ("aepo", {}, False), ("aepo", {"centered": False}, True),
+                                            ("qgpo", {}, True), ("qgpo", {}, False), ("mse", {}, True),
+                                            ("aepo", {"grad_clip": 0.05}, True)])
+def test_stacked_energy_learners_end_at_the_separate_runs(method, kw, fuse, monkeypatch):
+    """3 stacked energy learners end at the 3 trained alone; the row-wise losses (the particle target on
+    support_q, CEP) through the fused step (every seed's targets in one pass) or seed by seed."""
     from aepo_lite.training.stacked import StackedEnergyLearner
     learner, draw_of = _energy_setup(method, **kw)
     src = StackedBatches([draw_of(s) for s in SEEDS], [torch.Generator().manual_seed(100 + s) for s in SEEDS])
-    stacked = StackedEnergyLearner([learner(s) for s in SEEDS], batches=src,
+    stacked = StackedEnergyLearner([learner(s) for s in SEEDS], batches=src, fuse_targets=fuse,
                                    generators=[torch.Generator().manual_seed(200 + s) for s in SEEDS])
+    fused = []
+    monkeypatch.setattr(stacked, "_fused_step", (lambda f: lambda *a: fused.append(1) or f(*a))(stacked._fused_step))
     for _ in range(5):
         m = stacked.step(src())
+    assert len(fused) == (5 if fuse and method != "mse" else 0)
     assert "energy_loss" in m and ("target_mean" in m) == (method == "aepo")
     for i, seed in enumerate(SEEDS):
         alone, gen = learner(seed), torch.Generator().manual_seed(100 + seed)
@@ -392,3 +398,51 @@ def test_stacked_support_resumes_and_refuses(data):
         StackedSupportSampler([stepped, _sampler(7, obs)], generators=[torch.Generator()] * 2)
     with pytest.raises(ValueError, match="i: expected a sampler index"):
         whole.unstacked(3)
+
+
+@pytest.mark.parametrize("method,kw", [("aepo", {}), ("aepo", {"centered": False}), ("qgpo", {})])
+def test_noise_drawn_first_gives_the_same_loss(method, kw):
+    """loss_parts(batch, draws=noise_draws(batch)) is loss_parts(batch): the same draws from the same generator."""
+    learner, draw_of = _energy_setup(method, **kw)
+    batch = draw_of(3)(torch.Generator().manual_seed(0))
+    losses = []
+    for pre in (False, True):
+        el = learner(3)
+        el.generator = torch.Generator().manual_seed(5)
+        args, finish = el.loss_parts(batch, draws=el.noise_draws(batch) if pre else None)
+        losses.append(finish(el.energy(*args))[0])
+        assert el.generator.get_state().equal(torch.Generator().manual_seed(5).get_state()) is False
+    assert torch.equal(losses[0], losses[1])
+    mse, mse_draw = _energy_setup("mse")
+    el, b = mse(3), mse_draw(3)(torch.Generator().manual_seed(0))
+    assert not el.rowwise(b)
+    with pytest.raises(ValueError, match="draws: the mse energy .* is not row-wise"):
+        el.noise_draws(b)
+    with pytest.raises(ValueError, match="draws: the mse energy .* is not row-wise"):
+        el.loss_parts(b, draws=(torch.zeros(10), torch.zeros(10, 3)))
+
+
+@pytest.mark.parametrize("kind", ["iql", "insupport"])
+def test_stacked_q_is_each_critics_q(kind):
+    """StackedQ: block i through critic i's q_fn (float64); support_q as each seed's batch source computes it."""
+    from aepo_lite.training.stacked import StackedQ
+    critics = [_critic(s, kind) for s in SEEDS]
+    for c in critics:  # targets that differ from the online heads (q_fn reads the target heads)
+        with torch.no_grad():
+            for p in c.q_target.parameters():
+                p.add_(0.1 * torch.randn_like(p))
+    g = torch.Generator().manual_seed(0)
+    s = torch.randn(3, 7, 5, generator=g, dtype=torch.float64)
+    sup = torch.rand(3, 7, 4, 3, generator=g, dtype=torch.float64) * 2 - 1
+    sq = StackedQ(critics)
+    out = sq.support_q({"s": s, "support": sup})
+    for i, c in enumerate(critics):
+        want = c.q_fn(s[i].repeat_interleave(4, 0), sup[i].reshape(-1, 3)).reshape(7, 4)
+        assert (out["support_q"][i] - want).abs().max().item() < 1e-12
+        assert (c.q_fn(s[i], sup[i, :, 0]) - sq(s, sup[:, :, 0])[i]).abs().max().item() < 1e-12
+    assert (out["support_q"][0] - out["support_q"][1]).abs().max().item() > 1e-3
+    with pytest.raises(ValueError, match="s, a: expected 3 stacked blocks"):
+        sq(s[:2], sup[:2, :, 0])
+    with pytest.raises(ValueError, match="critics: a stacked Q needs one architecture"):
+        from aepo_lite.config import CriticConfig
+        StackedQ([_critic(0, kind), type(critics[0])(5, 3, CriticConfig(hidden=8, depth=2)).double()])

@@ -344,35 +344,69 @@ class EnergyLearner(TrainingState):
         # named error), never on CUDA, where the training loop checks the metrics it logs instead
         self.check_finite = not any(p.is_cuda for p in energy.parameters())
 
-    def _noise(self, a0: torch.Tensor):
+    def _noise(self, a0: torch.Tensor, draws: tuple | None = None):
+        if draws is not None:
+            t, eps = draws
+            return self.schedule.diffuse(a0, t, eps=eps)[0], t
         t = self.schedule.sample_t(a0.shape[0], device=a0.device, dtype=a0.dtype, generator=self.generator)
         a_t, _ = self.schedule.diffuse(a0, t, generator=self.generator)
         return a_t, t
+
+    def rowwise(self, batch: dict) -> bool:
+        """Whether this loss on ``batch`` is a mean over rows whose only randomness is the diffusion noise and whose
+        targets read the batch alone (no network of this seed's): QGPO's CEP and AEPO's particle target with
+        ``batch["support_q"]``. Several seeds' batches can then be concatenated and their loss parts computed in
+        one pass (:meth:`noise_draws` drawn seed by seed)."""
+        if self.method == "qgpo":
+            return True
+        return self.method == "aepo" and self.cfg.posterior == "particles" and batch.get("support_q") is not None
+
+    def noise_draws(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """The random draws of :meth:`loss_parts` on ``batch`` (a :meth:`rowwise` loss), in its order and from its
+        generator: the times t (B,) and the noise eps (one row per noised action: B, or B * K with support
+        groups). ``loss_parts(batch, draws=noise_draws(batch))`` is ``loss_parts(batch)``."""
+        if not self.rowwise(batch):
+            raise ValueError(f"draws: the {self.method} energy ({self.cfg.posterior} posterior) is not row-wise on "
+                             "this batch; only QGPO's CEP and the particle target with batch['support_q'] are")
+        grouped = self.method == "qgpo" or self.cfg.centered
+        x = batch["support"] if grouped else batch["a"]
+        rows, d = (x.shape[0] * x.shape[1], x.shape[2]) if grouped else tuple(x.shape)
+        t = self.schedule.sample_t(x.shape[0], device=x.device, dtype=x.dtype, generator=self.generator)
+        g = self.generator
+        eps = torch.randn((rows, d), generator=g, dtype=x.dtype, device="cpu" if g is not None else x.device)
+        return t, eps.to(x.device)
 
     def loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
         """The energy loss on ``batch`` and extra metrics (``target_mean`` for AEPO)."""
         args, finish = self.loss_parts(batch)
         return finish(self.energy(*args))
 
-    def loss_parts(self, batch: dict) -> tuple[tuple, Callable[[torch.Tensor], tuple[torch.Tensor, dict]]]:
+    def loss_parts(self, batch: dict, draws: tuple | None = None
+                   ) -> tuple[tuple, Callable[[torch.Tensor], tuple[torch.Tensor, dict]]]:
         """The loss in two parts: the energy network's inputs ``(s, a_t, t)`` for this batch (its noise drawn, its
         targets computed) and ``finish(f) -> (loss, extra)`` from the network's output f at them:
         ``loss(batch) == finish(self.energy(*args))``. Several seeds trained together
-        (:mod:`aepo_lite.training.stacked`) call the energy networks of all seeds at once between the two."""
+        (:mod:`aepo_lite.training.stacked`) call the energy networks of all seeds at once between the two.
+        ``draws``: the step's noise, drawn already (:meth:`noise_draws`; a :meth:`rowwise` loss only)."""
         cfg, method, s = self.cfg, self.method, batch.get("s")
         check = self.check_finite
+        if draws is not None and not self.rowwise(batch):
+            raise ValueError(f"draws: the {method} energy ({cfg.posterior} posterior) is not row-wise on this "
+                             "batch; it draws its own noise")
         if method == "qgpo":
             sup, q = batch["support"], batch["support_q"]
             B, K, d = sup.shape
-            t = self.schedule.sample_t(B, device=sup.device, dtype=sup.dtype, generator=self.generator)
+            t, eps = (None, None) if draws is None else draws
+            if t is None:
+                t = self.schedule.sample_t(B, device=sup.device, dtype=sup.dtype, generator=self.generator)
             t_rep = t.repeat_interleave(K)  # one t per state, shared by its K support actions
-            a_t, _ = self.schedule.diffuse(sup.reshape(B * K, d), t_rep, generator=self.generator)
+            a_t, _ = self.schedule.diffuse(sup.reshape(B * K, d), t_rep, eps=eps, generator=self.generator)
             s_rep = None if s is None else s.repeat_interleave(K, dim=0)
             return (s_rep, a_t, t_rep), lambda f: (G.cep_loss(f.reshape(B, K), q, cfg.beta, check=check), {})
         if method == "aepo" and cfg.centered:
-            return self._centered_parts(batch)
+            return self._centered_parts(batch, draws)
         a0 = batch["a"]
-        a_t, t = self._noise(a0)
+        a_t, t = self._noise(a0, draws)
         if method == "mse":
             with torch.no_grad():
                 q = self.q_fn(s, a0)
@@ -380,7 +414,7 @@ class EnergyLearner(TrainingState):
         y = self.target(a_t, t, batch)
         return (s, a_t, t), lambda f: (G.energy_regression_loss(f, y, check=check), {"target_mean": y.mean()})
 
-    def _centered_parts(self, batch: dict):
+    def _centered_parts(self, batch: dict, draws: tuple | None = None):
         """``cfg.centered`` (ours): each state's K support actions a^(k) are noised at one shared t, as in QGPO's
         contrastive batch, and f is regressed on the target up to a constant per state and t:
 
@@ -390,9 +424,11 @@ class EnergyLearner(TrainingState):
         to fit that constant (the state's value under beta, the largest part of the target's variance)."""
         s, sup = batch.get("s"), _batch_support(batch, batch["a"], self.q_fn is None)
         B, K, d = sup.shape
-        t = self.schedule.sample_t(B, device=sup.device, dtype=sup.dtype, generator=self.generator)
+        t, eps = (None, None) if draws is None else draws
+        if t is None:
+            t = self.schedule.sample_t(B, device=sup.device, dtype=sup.dtype, generator=self.generator)
         t_rep = t.repeat_interleave(K)
-        a_t, _ = self.schedule.diffuse(sup.reshape(B * K, d), t_rep, generator=self.generator)
+        a_t, _ = self.schedule.diffuse(sup.reshape(B * K, d), t_rep, eps=eps, generator=self.generator)
         rep = {"s": None if s is None else s.repeat_interleave(K, dim=0), "support": sup.repeat_interleave(K, dim=0)}
         if batch.get("support_q") is not None:
             rep["support_q"] = batch["support_q"].repeat_interleave(K, dim=0)

@@ -18,6 +18,7 @@ candidates ranked by Q. The config is :class:`aepo_lite.config.TrainConfig`.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from dataclasses import replace
 from pathlib import Path
@@ -357,15 +358,18 @@ def build_stages(cfg: TrainConfig, agent: Agent, T: dict, device: torch.device) 
                         device=device))
     up["critic"] = stage_hash(stages[-1])
 
-    def energy_batch(g):
+    def energy_batch(g, with_q: bool = True):
+        """with_q=False: without ``support_q`` (several seeds' stacked batches compute it in one call)."""
         i = draw(g, cfg.energy.batch)
         s = T["obs"][T["idx"][i]]
         out = {"s": s, "a": T["a"][i]}
         if _support_in_energy(cfg):
             sup = held["support"].support[T["idx"][i]]
             B, K, d = sup.shape
-            with torch.no_grad():
-                out["support_q"] = agent.critic.q_fn(s.repeat_interleave(K, 0), sup.reshape(B * K, d)).reshape(B, K)
+            if with_q:
+                with torch.no_grad():
+                    out["support_q"] = agent.critic.q_fn(s.repeat_interleave(K, 0),
+                                                         sup.reshape(B * K, d)).reshape(B, K)
             out["support"] = sup
         return out
 
@@ -576,7 +580,7 @@ def train_stacked_in_runs(cfgs: list[TrainConfig], run_dirs: list, stage: str, *
     there, as any shared stage), its energy checkpoint into its run; the stacked one lives in ``stage_cache``
     while it trains (resumable). Seeds whose stage is already there (or started alone) are left to ``train``.
     Returns ``{seed: stats}`` of the seeds trained here."""
-    from aepo_lite.training.stacked import StackedBatches, StackedCritic, StackedEnergyLearner
+    from aepo_lite.training.stacked import StackedBatches, StackedCritic, StackedEnergyLearner, StackedQ
     if stage not in ("critic", "energy"):
         raise ValueError(f"stage: expected 'critic' or 'energy', got {stage!r}")
     if cfgs[0].method == "bc":
@@ -607,8 +611,12 @@ def train_stacked_in_runs(cfgs: list[TrainConfig], run_dirs: list, stage: str, *
             todo.append((c, agent, target, store))
         if len(todo) < 2:
             return {}
-        src = StackedBatches([st.batches for _, _, st, _ in todo],
-                             [torch.Generator(device=device).manual_seed(st.seed) for _, _, st, _ in todo])
+        gens = [torch.Generator(device=device).manual_seed(st.seed) for _, _, st, _ in todo]
+        if stage == "energy" and _support_in_energy(cfgs[0]):  # Q at every seed's support actions in one call
+            src = StackedBatches([functools.partial(st.batches, with_q=False) for _, _, st, _ in todo], gens,
+                                 after=StackedQ([a.critic for _, a, _, _ in todo]).support_q)
+        else:
+            src = StackedBatches([st.batches for _, _, st, _ in todo], gens)
         if stage == "critic":
             return _stacked_stage("critic", todo, lambda: StackedCritic([a.critic for _, a, _, _ in todo], batches=src),
                                   lambda learner, i, agent: learner.unstacked(i, agent.critic).state_dict(), src,

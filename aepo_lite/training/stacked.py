@@ -21,8 +21,10 @@ random state. :meth:`StackedCritic.unstacked` gives critic i back with its Adams
 :class:`StackedEnergyLearner` does it for N energy learners (any method and target): each seed's own
 :class:`~aepo_lite.core.aepo.EnergyLearner` draws its noise and computes its targets
 (:meth:`~aepo_lite.core.aepo.EnergyLearner.loss_parts`, reading its own behaviour model and critic), then the
-N energy networks run as one vmapped call and one Adam steps them. Only the network part is fused; the
-targets are computed seed by seed.
+N energy networks run as one vmapped call and one Adam steps them. Where the loss is row-wise and its targets
+read only the batch (QGPO's CEP, the particle target on precomputed ``support_q``), the N seeds' targets and
+losses are computed as one batch of N * B rows too; other targets (the Gaussian posterior's, MSE's, the mixture's:
+each reads that seed's behaviour model or critic) are computed seed by seed.
 
 :class:`StackedSupportSampler` draws the support actions of N seeds (K actions of each seed's behaviour model
 for every observation row) as one sampling pass: each seed's starting noise comes from its own generator, as
@@ -44,7 +46,7 @@ from aepo_lite.core.diffusion import DiffusionModel
 from aepo_lite.device import adam, cosine_schedule
 from aepo_lite.training.learners import BehaviourLearner
 
-__all__ = ["StackedBatches", "StackedBehaviourLearner", "StackedCritic", "StackedEnergyLearner",
+__all__ = ["StackedBatches", "StackedBehaviourLearner", "StackedCritic", "StackedEnergyLearner", "StackedQ",
            "StackedSupportSampler"]
 
 
@@ -53,22 +55,25 @@ class StackedBatches:
 
     ``draw(g)`` (one for every model, or a list of one per model: each seed's energy batches read its own
     support actions and critic) returns ``{"a": (B, d), "s": (B, k)}`` (as a single run's batch source does);
-    ``__call__`` returns ``{"a": (N, B, d), "s": (N, B, k)}``. The stage loop's own generator is not used:
-    the N generators here are the stacked run's batch state (saved in the learner's state_dict).
+    ``__call__`` returns ``{"a": (N, B, d), "s": (N, B, k)}``, passed through ``after`` when given (a step of
+    the whole stacked batch, such as :class:`StackedQ`'s values at the support actions). The stage loop's own
+    generator is not used: the N generators here are the stacked run's batch state (saved in the learner's
+    state_dict).
     """
 
     def __init__(self, draw: Callable[[torch.Generator], dict] | list[Callable[[torch.Generator], dict]],
-                 generators: list[torch.Generator]):
+                 generators: list[torch.Generator], *, after: Callable[[dict], dict] | None = None):
         if not generators:
             raise ValueError("seeds: a stacked run needs at least one seed")
         draws = list(draw) if isinstance(draw, (list, tuple)) else [draw] * len(generators)
         if len(draws) != len(generators):
             raise ValueError(f"draw: expected one batch source per seed ({len(generators)}), got {len(draws)}")
-        self.draws, self.generators = draws, list(generators)
+        self.draws, self.generators, self.after = draws, list(generators), after
 
     def __call__(self, _unused: torch.Generator | None = None) -> dict:
         batches = [draw(g) for draw, g in zip(self.draws, self.generators)]
-        return {k: torch.stack([b[k] for b in batches]) for k in batches[0]}
+        out = {k: torch.stack([b[k] for b in batches]) for k in batches[0]}
+        return out if self.after is None else self.after(out)
 
     def state_dict(self) -> list:
         return [g.get_state() for g in self.generators]
@@ -334,13 +339,16 @@ class StackedEnergyLearner(_StackedState):
     and critic; not stepped yet); ``generators``: N noise generators, given to the learners (each draws its t,
     a_t and target samples from its own); ``batches``: a :class:`StackedBatches` with one batch source per seed.
     ``step(batch)`` takes the stacked energy batch and returns the metrics of :meth:`EnergyLearner.step`, each
-    the mean over the N learners.
+    the mean over the N learners. With ``fuse_targets`` (default) a row-wise loss (QGPO's CEP, the particle
+    target on ``support_q``: :meth:`EnergyLearner.rowwise`) is computed for the N seeds as one batch: each seed
+    draws its own noise, then the targets and the loss are one pass over N * B rows (on a GPU, one seed's
+    launches instead of N times them). Otherwise each seed's targets are computed on its own.
     """
 
     what = "energy networks"
 
     def __init__(self, learners: list[EnergyLearner], *, generators: list[torch.Generator],
-                 batches: StackedBatches | None = None):
+                 batches: StackedBatches | None = None, fuse_targets: bool = True):
         if not learners:
             raise ValueError("seeds: a stacked run needs at least one energy learner")
         if len(generators) != len(learners):
@@ -351,6 +359,7 @@ class StackedEnergyLearner(_StackedState):
         if any(l.opt.state for l in learners):
             raise ValueError("energy: stack the learners before their first step (their optimisers hold state)")
         self.learners, self.n, self.cfg, self.batches = list(learners), len(learners), first.cfg, batches
+        self.fuse_targets = fuse_targets
         self.generators = list(generators)
         for l, g in zip(self.learners, self.generators):
             l.generator = g
@@ -369,23 +378,44 @@ class StackedEnergyLearner(_StackedState):
         first = next(iter(batch.values()))
         if first.shape[0] != self.n:
             raise ValueError(f"batch: expected {self.n} stacked batches (one per learner), got {first.shape[0]}")
-        parts = [l.loss_parts({k: v[i] for k, v in batch.items()}) for i, l in enumerate(self.learners)]
+        per = [{k: v[i] for k, v in batch.items()} for i in range(self.n)]
+        if self.fuse_targets and all(l.rowwise(b) for l, b in zip(self.learners, per)):
+            return self._fused_step(batch, per)
+        parts = [l.loss_parts(b) for l, b in zip(self.learners, per)]
         args = [None if a[0] is None else torch.stack(a) for a in zip(*(p[0] for p in parts))]
         in_dims = (0, 0, *(None if a is None else 0 for a in args))
         f = vmap(self._energy, in_dims=in_dims)(self.params, self.buffers, *args)
         done = [finish(f[i]) for i, (_, finish) in enumerate(parts)]
         losses = torch.stack([loss for loss, _ in done])
+        return self._update(losses.sum(), losses.detach().mean(),
+                            {k: torch.stack([torch.as_tensor(extra[k]).detach() for _, extra in done]).mean()
+                             for k in done[0][1]})
+
+    def _fused_step(self, batch: dict, per: list[dict]) -> dict[str, torch.Tensor]:
+        """A row-wise loss (QGPO's CEP, the particle target on ``support_q``): each seed draws its noise from its
+        own generator, then the N batches are computed as one batch of N * B rows, the targets and the loss
+        included. Every seed's loss is a mean over its B rows, so N times the mean over all rows has, for seed
+        i's network, the gradient of seed i's loss; and the mean over the seeds is the mean over all rows."""
+        from torch.func import vmap
+        n = self.n
+        draws = [l.noise_draws(b) for l, b in zip(self.learners, per)]
+        merged = {k: v.reshape(-1, *v.shape[2:]) for k, v in batch.items()}
+        args, finish = self.learners[0].loss_parts(merged, draws=tuple(torch.cat(x) for x in zip(*draws)))
+        args = [None if a is None else a.reshape(n, -1, *a.shape[1:]) for a in args]
+        in_dims = (0, 0, *(None if a is None else 0 for a in args))
+        f = vmap(self._energy, in_dims=in_dims)(self.params, self.buffers, *args)
+        loss, extra = finish(f.reshape(-1))
+        return self._update(loss * n, loss.detach(), {k: torch.as_tensor(v).detach() for k, v in extra.items()})
+
+    def _update(self, total: torch.Tensor, loss: torch.Tensor, extra: dict) -> dict[str, torch.Tensor]:
         self.opt.zero_grad(set_to_none=True)
-        losses.sum().backward()
+        total.backward()
         if self.cfg.grad_clip:
             _clip_per_model([p.grad for p in self.params.values() if p.grad is not None], self.cfg.grad_clip)
         self.opt.step()
         if self.lr_schedule is not None:
             self.lr_schedule.step()
-        out = {"energy_loss": losses.detach().mean()}
-        for k in done[0][1]:
-            out[k] = torch.stack([torch.as_tensor(extra[k]).detach() for _, extra in done]).mean()
-        return out
+        return {"energy_loss": loss, **extra}
 
     def unstacked(self, i: int, learner: EnergyLearner | None = None) -> EnergyLearner:
         """Learner i (or ``learner``, another of that seed's) with energy network i, its Adam moments and its
@@ -488,3 +518,44 @@ class StackedSupportSampler:
         sampler = self.samplers[i] if sampler is None else sampler
         sampler.chunks = list(self.chunks[i])
         return sampler
+
+
+class StackedQ:
+    """N trained critics' Q(s, a) in one vmapped call: each critic's ``q_fn`` (the minimum of its two target
+    heads, :class:`IQLCritic` and :class:`InSupportCritic` alike), no gradient.
+
+    ``__call__(s (N, R, k), a (N, R, d)) -> (N, R)``: row block i through critic i. :meth:`support_q` fills a
+    stacked energy batch's ``support_q`` (N, B, K), Q at each seed's support actions, as each seed's own batch
+    source computes it (an ``after`` of :class:`StackedBatches`).
+    """
+
+    def __init__(self, critics: list):
+        if not critics:
+            raise ValueError("seeds: a stacked run needs at least one critic")
+        shapes = [[tuple(p.shape) for p in c.q_target.parameters()] for c in critics]
+        if any(sh != shapes[0] for sh in shapes):
+            raise ValueError("critics: a stacked Q needs one architecture; the critics' shapes differ")
+        self.n = len(critics)
+        with torch.no_grad():
+            self.params, self.buffers = (({k: v.detach() for k, v in d.items()})
+                                         for d in _stack(c.q_target for c in critics))
+        self.base = copy.deepcopy(critics[0].q_target).to("meta")
+
+    def _q(self, params, buffers, s, a):
+        from torch.func import functional_call
+        return torch.minimum(*functional_call(self.base, (params, buffers), (s, a)))
+
+    @torch.no_grad()
+    def __call__(self, s: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        from torch.func import vmap
+        if s.shape[0] != self.n or a.shape[0] != self.n:
+            raise ValueError(f"s, a: expected {self.n} stacked blocks (one per critic), got {s.shape[0]} and "
+                             f"{a.shape[0]}")
+        return vmap(self._q)(self.params, self.buffers, s, a)
+
+    def support_q(self, batch: dict) -> dict:
+        """``batch`` (stacked: ``s`` (N, B, k), ``support`` (N, B, K, d)) with ``support_q`` (N, B, K)."""
+        sup, s = batch["support"], batch["s"]
+        N, B, K, d = sup.shape
+        q = self(s.repeat_interleave(K, dim=1), sup.reshape(N, B * K, d)).reshape(N, B, K)
+        return dict(batch, support_q=q)
