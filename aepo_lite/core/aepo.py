@@ -373,7 +373,7 @@ class EnergyLearner(TrainingState):
         rows, d = (x.shape[0] * x.shape[1], x.shape[2]) if grouped else tuple(x.shape)
         t = self.schedule.sample_t(x.shape[0], device=x.device, dtype=x.dtype, generator=self.generator)
         g = self.generator
-        eps = torch.randn((rows, d), generator=g, dtype=x.dtype, device="cpu" if g is not None else x.device)
+        eps = torch.randn((rows, d), generator=g, dtype=x.dtype, device=g.device if g is not None else x.device)
         return t, eps.to(x.device)
 
     def loss(self, batch: dict) -> tuple[torch.Tensor, dict]:

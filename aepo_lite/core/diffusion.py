@@ -262,7 +262,7 @@ def _ddim(x, eps_at, g: _Grid, *, eta: float = 0.0, generator=None):
         if c > 0:
             dev = x.device
             z = torch.randn(x.shape, generator=generator, dtype=x.dtype,
-                            device="cpu" if generator is not None else dev).to(dev)
+                            device=generator.device if generator is not None else dev).to(dev)
             x = x + c * z
     return x
 
@@ -324,7 +324,7 @@ class DiffusionModel(nn.Module):
             raise ValueError(f"n: expected a positive sample count or a condition, got {n!r}")
         p = next(self.parameters())
         x_T = torch.randn((n, d), generator=generator, dtype=p.dtype,
-                          device="cpu" if generator is not None else p.device).to(p.device)
+                          device=generator.device if generator is not None else p.device).to(p.device)
         x = sample(self.eps, x_T, schedule=self.schedule, cond=cond, n_steps=n_steps, solver=solver,
                    guidance=guidance, guidance_scale=guidance_scale, generator=generator, guided_eps=guided_eps,
                    guidance_t_max=guidance_t_max)

@@ -342,7 +342,7 @@ def aepo_target_sampled(q_fn: Callable[[torch.Tensor], torch.Tensor], a0_hat: to
     evals, evecs = torch.linalg.eigh(0.5 * (S_hat + S_hat.transpose(-1, -2)))
     root = evecs @ torch.diag_embed(evals.clamp_min(0).sqrt())
     z = torch.randn((B, n_samples, d), generator=generator, dtype=a0_hat.dtype,
-                    device="cpu" if generator is not None else a0_hat.device).to(a0_hat.device)
+                    device=generator.device if generator is not None else a0_hat.device).to(a0_hat.device)
     a = a0_hat[:, None, :] + z @ root.transpose(-1, -2)
     if clip is not None:
         a = a.clamp(-clip, clip)

@@ -65,7 +65,8 @@ class VPSchedule:
 
     def sample_t(self, n: int, *, device=None, dtype=torch.float32, generator: torch.Generator | None = None) -> torch.Tensor:
         """Times uniform on [t_min, t_max], shape (n,)."""
-        u = torch.rand(n, generator=generator, dtype=dtype, device="cpu" if generator is not None else device)
+        u = torch.rand(n, generator=generator, dtype=dtype,
+                       device=generator.device if generator is not None else device)  # the generator's device
         return (self.t_min + (self.t_max - self.t_min) * u).to(device)
 
     def diffuse(self, a0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor | None = None,
@@ -75,7 +76,7 @@ class VPSchedule:
         check_tensor("t", t, shape=(a0.shape[0],))
         if eps is None:
             eps = torch.randn(a0.shape, generator=generator, dtype=a0.dtype,
-                              device="cpu" if generator is not None else a0.device).to(a0.device)
+                              device=generator.device if generator is not None else a0.device).to(a0.device)
         alpha, sigma = self.alpha_sigma(t)
         return alpha[:, None] * a0 + sigma[:, None] * eps, eps
 

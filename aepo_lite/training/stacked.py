@@ -148,6 +148,20 @@ class StackedBehaviourLearner(_StackedState):
         self.opt = adam(self.params.values(), lr)
         self.lr_schedule = cosine_schedule(self.opt, decay_steps)
 
+    def _noised(self, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(t, a_t, eps), each (N, B, ...): model i's draws from its own generator, in the order of
+        :meth:`DiffusionModel.loss` (u for t, then eps), then the schedule's arithmetic once for all N (elementwise:
+        the values :meth:`VPSchedule.sample_t` and :meth:`VPSchedule.diffuse` give each model alone)."""
+        sch, (n, B, d) = self.schedule, a.shape
+        u, eps = [], []
+        for g in self.generators:
+            u.append(torch.rand(B, generator=g, dtype=a.dtype, device=g.device))
+            eps.append(torch.randn((B, d), generator=g, dtype=a.dtype, device=g.device))
+        t = (sch.t_min + (sch.t_max - sch.t_min) * torch.stack(u)).to(a.device)
+        eps = torch.stack(eps).to(a.device)
+        alpha, sigma = sch.alpha_sigma(t)
+        return t, alpha[..., None] * a + sigma[..., None] * eps, eps
+
     def _loss(self, params, buffers, a_t, t, s, eps):
         from torch.func import functional_call
         eps_hat = functional_call(self.base, (params, buffers), (a_t, t, s))
@@ -158,12 +172,7 @@ class StackedBehaviourLearner(_StackedState):
         a, s = batch["a"], batch.get("s")
         if a.shape[0] != self.n:
             raise ValueError(f"batch: expected {self.n} stacked batches (one per model), got {a.shape[0]}")
-        t, a_t, eps = [], [], []
-        for i, g in enumerate(self.generators):  # model i's draws, in the order of DiffusionModel.loss
-            ti = self.schedule.sample_t(a.shape[1], device=a.device, dtype=a.dtype, generator=g)
-            ai, ei = self.schedule.diffuse(a[i], ti, generator=g)
-            t.append(ti), a_t.append(ai), eps.append(ei)
-        t, a_t, eps = torch.stack(t), torch.stack(a_t), torch.stack(eps)
+        t, a_t, eps = self._noised(a)
         in_dims = (0, 0, 0, 0, None if s is None else 0, 0)
         losses = vmap(self._loss, in_dims=in_dims)(self.params, self.buffers, a_t, t, s, eps)  # (N,)
         self.opt.zero_grad(set_to_none=True)
@@ -490,7 +499,7 @@ class StackedSupportSampler:
         i, K, d = len(self.chunks[0]) * self.per, self.cfg.k, self.action_dim
         s = self.obs[i:i + self.per].repeat_interleave(K, 0)
         p = self.params[next(iter(self.params))]
-        x_T = torch.cat([torch.randn((s.shape[0], d), generator=g, dtype=p.dtype, device="cpu")
+        x_T = torch.cat([torch.randn((s.shape[0], d), generator=g, dtype=p.dtype, device=g.device)
                          for g in self.generators]).to(p.device)  # seed i's noise, as its own pass draws it
         a = sample(self._eps, x_T, schedule=self.schedule, cond=s.repeat(self.n, 1), n_steps=self.cfg.steps,
                    solver=self.cfg.solver).clamp(-1.0, 1.0)
