@@ -377,7 +377,7 @@ def _time_b1(x, like: torch.Tensor, name: str, low: float, low_open: bool, check
 
 
 def mixture_posterior(a_t: torch.Tensor, support: torch.Tensor, bandwidth: float, alpha, sigma, *,
-                      check: bool = True):
+                      check: bool = True, moments: bool = True):
     """The posterior of a mixture behaviour mu = (1/K) sum_k N(m_k, h^2 I) (docs/derivation.md section 4b).
 
     a_t (B, d); support m_k (B, K, d), K >= 1 actions per row; bandwidth h >= 0 (h = 0: particles);
@@ -389,7 +389,8 @@ def mixture_posterior(a_t: torch.Tensor, support: torch.Tensor, bandwidth: float
 
     Returns (log r (B, K), m~ (B, K, d), s~^2 (B,)): responsibilities as logs, for the log-sum-exp
     of the targets. ``check=False`` skips the checks that read values back to the host (NaN in
-    ``support``, the range of tensor ``alpha``/``sigma``): a GPU training loop passes it.
+    ``support``, the range of tensor ``alpha``/``sigma``): a GPU training loop passes it. ``moments=False``
+    returns (log r, None, None): the particle target reads only the responsibilities.
     """
     check_tensor("a_t", a_t, ndim=2)
     check_tensor("support", support, ndim=3)
@@ -405,9 +406,11 @@ def mixture_posterior(a_t: torch.Tensor, support: torch.Tensor, bandwidth: float
         check_finite("a_t", a_t)
     al = _time_b1(alpha, a_t, "alpha", 0.0, True, check)  # (B, 1)
     si = _time_b1(sigma, a_t, "sigma", 0.0, h == 0.0, check)  # sigma = 0 is allowed only with a bandwidth
-    v = al**2 * h**2 + si**2  # (B, 1)
+    v = si**2 if h == 0.0 else al**2 * h**2 + si**2  # (B, 1)
     r = a_t[:, None, :] - al[:, :, None] * support  # (B, K, d): a_t - alpha m_k
     log_r = torch.log_softmax(-(r**2).sum(-1) / (2 * v), dim=1)
+    if not moments:
+        return log_r, None, None
     m_t = support + (al * h**2 / v)[:, :, None] * r
     s2 = (h**2 * si**2 / v).squeeze(-1)
     return log_r, m_t, s2
@@ -422,7 +425,7 @@ def particle_target(a_t: torch.Tensor, support: torch.Tensor, support_q: torch.T
     particle this is the exact E_t of docs/derivation.md section 6; with K draws it is biased low (Jensen).
     """
     beta = check_scalar("beta", beta, low=0.0)
-    log_r, _, _ = mixture_posterior(a_t, support, 0.0, alpha, sigma, check=check)
+    log_r, _, _ = mixture_posterior(a_t, support, 0.0, alpha, sigma, check=check, moments=False)
     check_tensor("support_q", support_q, shape=tuple(log_r.shape))
     if check:
         check_finite("support_q", support_q)
