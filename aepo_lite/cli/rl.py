@@ -69,7 +69,7 @@ class TrainCommand(ConfigCommand):
 
     config_values: Annotated[TrainConfig, _arg("", "")] = field(default_factory=TrainConfig)
     out: Optional[str] = None  # run directory (default: runs/<dataset>/<method>-<preset>-s<seed>; with --seeds, a folder of runs)
-    seeds: Optional[tuple[int, ...]] = None  # several seeds in one process (replaces --seed): behaviour, critic and energy stages trained together, stacked
+    seeds: Optional[tuple[int, ...]] = None  # several seeds in one process (replaces --seed): behaviour, support, critic and energy stages trained together, stacked
     init_behaviour: Optional[str] = None  # copy finished stages (behaviour; support, critic if they match) from this run
     stage_cache: Optional[str] = None  # train shared stages (behaviour, support, critic) once in this folder, reused by runs
     no_eval: Annotated[bool, _flag()] = False  # train only; evaluate later with `aepo-lite eval --run DIR`
@@ -98,7 +98,7 @@ def _train(argv: list[str]) -> int:
 
 
 def _train_seeds(cmd: TrainCommand, cfg) -> int:
-    """``train --seeds 0 1 2``: one run per seed (OUT/<method>-<preset>-s<seed>), their behaviour, critic and
+    """``train --seeds 0 1 2``: one run per seed (OUT/<method>-<preset>-s<seed>), their behaviour, support, critic and
     energy stages trained together as stacked models (shared stages in the stage cache, default OUT/stage_cache)."""
     from dataclasses import replace
     from aepo_lite.rl.agent import evaluate_run, train_seeds
