@@ -154,6 +154,7 @@ class TrainConfig:
     checkpoint_every: int = 10_000  # periodic checkpoint every this many steps (a killed run resumes there)
     tensorboard: bool = False  # also write TensorBoard scalars to DIR/tb (the tensorboard extra)
     compile: bool = False  # torch.compile every network for training (CUDA graphs on CUDA)
+    capture: bool = False  # each training step one CUDA graph (training.CapturedStep; eager on the CPU)
     behaviour: BehaviourConfig = field(default_factory=BehaviourConfig)
     critic: CriticConfig = field(default_factory=CriticConfig)
     support: SupportConfig = field(default_factory=SupportConfig)

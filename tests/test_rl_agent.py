@@ -291,6 +291,37 @@ def test_compiled_training_matches_eager(tiny, smoke_runs):
         make_config(DS, "aepo", "smoke", compile=True, energy=dict(expansion="second"))
 
 
+@pytest.mark.parametrize("method", ["aepo", "qgpo"])
+def test_captured_training_equals_eager_training(tiny, smoke_runs, method):
+    """``capture=True``: each training step through CapturedStep (on the CPU: the warm-up on a batch of its own
+    generator, then undone, then eager steps). Every network ends bit for bit where the plain run's does (the
+    run's draws are untouched), the stats say how each stage ran, and what cannot be captured is refused."""
+    from aepo_lite._io import read_json
+    from aepo_lite.rl.agent import load_run, make_config, train
+    from aepo_lite.rl.data import load_minari
+    data, _ = load_minari(DS)
+    d = tiny / "runs" / f"{method}-captured"
+    train(make_config(DS, method, "smoke", seed=0, capture=True), d, data=data, progress=False,
+          init_behaviour=smoke_runs["bc"])
+    got, ref = load_run(d)[0], load_run(smoke_runs[method])[0]
+    for net in ("behaviour", "critic", "energy"):
+        for x, y in zip(getattr(got, net).state_dict().values(), getattr(ref, net).state_dict().values()):
+            torch.testing.assert_close(x, y, rtol=0, atol=0, msg=net)
+    stats = read_json(d / "train_stats.json")
+    assert stats["critic"]["capture"] == stats["energy"]["capture"] == "eager (no CUDA graphs on cpu)"
+    assert "capture" not in stats["behaviour"]  # copied from the bc run, not trained here
+    bc = tiny / "runs" / f"bc-captured-{method}"
+    train(make_config(DS, "bc", "smoke", seed=0, capture=True), bc, data=data, progress=False)
+    for x, y in zip(load_run(bc)[0].behaviour.state_dict().values(),
+                    load_run(smoke_runs["bc"])[0].behaviour.state_dict().values()):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+    assert read_json(bc / "train_stats.json")["behaviour"]["capture"] == "eager (no CUDA graphs on cpu)"
+    with pytest.raises(ValueError, match="capture: a captured step replays one CUDA graph .* --capture and --compile"):
+        make_config(DS, method, "smoke", capture=True, compile=True)
+    with pytest.raises(ValueError, match=r"capture: .* first learning rate forever; energy.lr_decay is on"):
+        make_config(DS, method, "smoke", capture=True, energy={"lr_decay": True})
+
+
 def test_resume_skips_finished_stages(tiny, smoke_runs):
     from aepo_lite.rl.agent import make_config, train
     d = smoke_runs["mse"]

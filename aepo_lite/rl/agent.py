@@ -39,7 +39,7 @@ from aepo_lite.core.schedule import VPSchedule
 from aepo_lite.device import compile_limits, compile_mode, compile_module, resolve_device, seed_everything
 from aepo_lite.rl.data import OfflineData, REWARD_SCALINGS, flatten_observation, load_minari, open_minari
 from aepo_lite.rl.evaluation import reference_scores, run_episodes, summarize_returns
-from aepo_lite.training import BehaviourLearner, RunLock, Stage, StageStore, run_stage, stage_hash
+from aepo_lite.training import BehaviourLearner, CapturedStep, RunLock, Stage, StageStore, run_stage, stage_hash
 from aepo_lite.training.stages import MetricsLog, check_run_folder, run_cached_stage
 
 __all__ = ["Agent", "TrainConfig", "METHODS", "PRESETS", "STAGES", "EVAL_FIELDS", "make_config", "check_config",
@@ -48,7 +48,8 @@ __all__ = ["Agent", "TrainConfig", "METHODS", "PRESETS", "STAGES", "EVAL_FIELDS"
 
 STAGES = ("behaviour", "support", "critic", "energy")
 # what may change between evaluations of one trained run (and on a resume): acting, evaluation, logging, speed
-EVAL_FIELDS = ("preset", "device", "log_every", "checkpoint_every", "tensorboard", "compile", "sampling", "eval")
+EVAL_FIELDS = ("preset", "device", "log_every", "checkpoint_every", "tensorboard", "compile", "capture", "sampling",
+               "eval")
 
 
 def make_config(dataset: str, method: str, preset: str, **overrides) -> TrainConfig:
@@ -189,6 +190,14 @@ def _check_combinations(cfg: TrainConfig) -> None:
         raise ValueError(f"critic.activation: a ReLU critic has no curvature; AEPO's {cfg.energy.expansion!r} "
                          "expansion differentiates Q in the action (use a smooth activation, or "
                          "energy.expansion='sampled')")
+    if cfg.capture and cfg.compile:
+        raise ValueError("capture: a captured step replays one CUDA graph of the whole step; with compile=True the "
+                         "networks capture their own graphs. Pass one of --capture and --compile")
+    decaying = [n for n in ("behaviour", "critic", "energy") if getattr(cfg, n).lr_decay]
+    if cfg.capture and decaying:
+        raise ValueError(f"capture: a captured step would replay the first learning rate forever; "
+                         f"{', '.join(n + '.lr_decay' for n in decaying)} is on (turn it off, or train without "
+                         "--capture)")
     if cfg.compile and cfg.method == "aepo" and cfg.energy.expansion == "second":
         raise ValueError("compile: AEPO's 'second' expansion differentiates the critic twice, which torch.compile "
                          "does not support; use energy.expansion='sampled' or 'first', or compile=False")
@@ -418,6 +427,8 @@ def train(cfg: TrainConfig, run_dir, *, data: OfflineData | None = None, progres
             stats.update(_copy_stages(Path(init_behaviour), store, stages))
         atomic_write_json(run_dir / "config.json", to_dict(cfg))
         before_step = _compile(cfg, agent, device)
+        if cfg.capture:
+            stages = [_captured(st, device) for st in stages]
         limits = compile_limits() if cfg.compile else contextlib.nullcontext()
         log = MetricsLog(run_dir / "metrics.jsonl", run_dir / "tb" if cfg.tensorboard else None)
         try:
@@ -429,10 +440,13 @@ def train(cfg: TrainConfig, run_dir, *, data: OfflineData | None = None, progres
                         stats[st.name] = _from_cache(st, store, StageStore(Path(stage_cache), keyed=True), log, cfg,
                                                      progress, device) or stats.get(st.name, {})
                     copied = {k: v for k, v in stats.get(st.name, {}).items() if k == "copied_from"}
-                    _, got = run_stage(st, store, log=log, log_every=cfg.log_every,
-                                       checkpoint_every=cfg.checkpoint_every, progress=progress,
-                                       map_location=device, before_step=before_step)
+                    learner, got = run_stage(st, store, log=log, log_every=cfg.log_every,
+                                             checkpoint_every=cfg.checkpoint_every, progress=progress,
+                                             map_location=device, before_step=before_step)
                     stats[st.name] = dict(got, **copied)
+                    if isinstance(learner, CapturedStep) and learner.ready:
+                        stats[st.name]["capture"] = ("graph" if learner.captured else learner.capture_error
+                                                     or f"eager (no CUDA graphs on {device.type})")
                     atomic_write_json(stats_path, stats)
                     _freeze(agent, st.name)
         finally:
@@ -677,6 +691,20 @@ def _from_cache(st: Stage, store: StageStore, cache: StageStore, log, cfg: Train
                      progress=progress, map_location=device)
     got = store.copy_from(cache, st.name, h)
     return None if got is None else dict(got, copied_from=str(cache.root))
+
+
+def _captured(st: Stage, device: torch.device) -> Stage:
+    """``st`` with its learner's step as one CUDA graph (:class:`CapturedStep`: static batch buffers shaped by a
+    batch drawn from a throwaway generator, the warm-up undone, so the run's draws are untouched). A step that
+    cannot be captured runs eagerly (its stats say why); the sampling stage is left as it is."""
+    if st.name not in ("behaviour", "critic", "energy"):
+        return st
+    make = st.learner
+
+    def learner():
+        example = st.batches(torch.Generator(device=st.device).manual_seed(0))
+        return CapturedStep(make(), device=device, example=example, fallback=True)
+    return replace(st, learner=learner)
 
 
 def _freeze(agent: Agent, stage: str) -> None:

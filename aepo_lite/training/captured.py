@@ -119,6 +119,11 @@ class CapturedStep:
         self._graph, self._out, self._ready = None, None, False
 
     @property
+    def ready(self) -> bool:
+        """Whether the first call has prepared the step (warmed up, captured or fallen back)."""
+        return self._ready
+
+    @property
     def captured(self) -> bool:
         """Whether calls replay a CUDA graph (False before the first call, on the CPU, and after a fallback)."""
         return self._graph is not None
