@@ -56,7 +56,8 @@ from aepo_lite.device import compile_limits, compile_mode, compile_module, resol
 from aepo_lite.training import BehaviourLearner, RegressionLearner
 
 __all__ = ["BenchConfig", "quick_config", "tiny_config", "check_bench_config", "train_config", "run_bench",
-           "time_call", "extrapolate", "environment", "to_markdown", "RLStages", "ToyStages", "SUPPORT_CHUNK"]
+           "time_call", "extrapolate", "predict", "environment", "to_markdown", "RLStages", "ToyStages",
+           "SUPPORT_CHUNK"]
 
 SUPPORT_CHUNK = 4096  # actions per support-sampling call: rl.agent.SupportSampler's chunk
 
@@ -506,6 +507,15 @@ def extrapolate(stages: dict, preset: str, work: dict, pipelines: dict, *, evalu
             "pipelines": piped, "evaluation": ev, "differs_from_preset": list(differs or [])}
 
 
+def predict(stages: dict, work: dict) -> float | None:
+    """Seconds ``work`` ({stage: steps or samples}) takes at the rates of ``stages`` (a bench result's), as the
+    extrapolation adds them up; None when a stage was not timed. scripts/gpu_check.py sets it beside a measured
+    end-to-end run of that work (scripts/seeds_timing.py), the check of the extrapolation."""
+    if not work or any(name not in stages for name in work):
+        return None
+    return sum(w / stages[name]["rate"] for name, w in work.items())
+
+
 # ----------------------------------------------------------------------------- running
 @contextlib.contextmanager
 def _settings(cfg: BenchConfig, device: torch.device):
@@ -627,10 +637,16 @@ def _check_sections(result: dict) -> list[str]:
         n = seeds["seeds"]
         lines += ["", f"| several seeds, end to end ({seeds['steps_per_stage']} steps a stage, "
                       f"{seeds['transitions']} synthetic transitions) | 1 seed | {n} seeds together | "
-                      f"time({n}) / time(1) | 1 seed, captured steps |", "|---|---:|---:|---:|---:|"]
-        lines += [f"| {r['method']} | {r['one_seed_s']:.1f} s | {r['n_seeds_s']:.1f} s | {r['ratio']:.2f} | "
-                  + (f"{r['one_seed_captured_s']:.1f} s |" if "one_seed_captured_s" in r else " |")
-                  for r in seeds["rows"]]
+                      f"time({n}) / time(1) | 1 seed, captured steps | 1 seed, the bench's prediction |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        for r in seeds["rows"]:
+            pred = predict(stages, r.get("work") or {})
+            lines.append(f"| {r['method']} | {r['one_seed_s']:.1f} s | {r['n_seeds_s']:.1f} s | {r['ratio']:.2f} | "
+                         + (f"{r['one_seed_captured_s']:.1f} s |" if "one_seed_captured_s" in r else " |")
+                         + (" |" if pred is None else f" {pred:.1f} s (measured / predicted "
+                                                      f"{r['one_seed_s'] / pred:.2f}) |"))
+        lines += ["", "The prediction adds the run's work (steps, support samples) at the eager bench's rates, as the "
+                  "preset's extrapolation does; the measured run also loads the data and writes checkpoints."]
     checks = result.get("checks") or {}
     if checks:
         lines += ["", "| check | exit status | seconds | last line |", "|---|---:|---:|---|"]

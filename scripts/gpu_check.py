@@ -67,6 +67,7 @@ def combine(work: Path) -> dict:
 
 def main(argv=None) -> int:
     from aepo_lite import bench
+    from aepo_lite._io import atomic_write_text
     ap = argparse.ArgumentParser(description="gather scripts/gpu_check.sh's outputs into OUT.json and OUT.md")
     ap.add_argument("--work", required=True, help="the folder the check's steps wrote to")
     ap.add_argument("--out", required=True, help="output path without suffix, e.g. figures/bench_cuda")
@@ -75,8 +76,8 @@ def main(argv=None) -> int:
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(result, indent=1, sort_keys=True) + "\n"
-    out.with_suffix(".json").write_text(text)
-    out.with_suffix(".md").write_text(bench.to_markdown(json.loads(text)))  # as `aepo-lite figures` renders the file
+    atomic_write_text(out.with_suffix(".json"), text)
+    atomic_write_text(out.with_suffix(".md"), bench.to_markdown(json.loads(text)))  # as `aepo-lite figures` does
     print(f"gpu_check: wrote {out.with_suffix('.json')} and {out.with_suffix('.md')} "
           f"({result['environment']['device_name']})")
     return 0

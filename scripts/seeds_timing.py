@@ -64,6 +64,20 @@ def configs(method: str, seeds: int, steps: int, device: str, tiny: bool):
     return [make_config(DATASET, method, "full", seed=s, **over) for s in range(seeds)]
 
 
+def work(cfg, data: OfflineData) -> dict:
+    """What one seed's run trains, in the bench's stage names and units (steps; support samples): what
+    ``aepo_lite.bench.predict`` turns into seconds at a bench's rates (the check of the bench's extrapolation)."""
+    from aepo_lite.rl.agent import critic_kind, needs
+    out = {"behaviour": cfg.behaviour.steps}
+    if cfg.method == "bc":
+        return out
+    if needs(cfg, "support"):
+        out["support_sampling"] = int(data.obs_rows.shape[0]) * cfg.support.k
+    out[f"critic_{critic_kind(cfg)}"] = cfg.critic.steps
+    out[f"energy_{cfg.method}"] = cfg.energy.steps
+    return out
+
+
 def _sync(device: str) -> None:
     import torch
     if device.startswith("cuda"):
@@ -105,7 +119,7 @@ def run(device: str = "cpu", seeds: int = 5, methods=("aepo",), steps: int = 300
             _sync(str(dev))
             captured = time.perf_counter() - t0
             row = {"method": method, "one_seed_s": one, "n_seeds_s": many, "ratio": many / one,
-                   "one_seed_captured_s": captured}
+                   "one_seed_captured_s": captured, "work": work(cfgs[0], data)}
             out["rows"].append(row)
             log(f"  {method}: 1 seed {one:.1f} s, {seeds} seeds together {many:.1f} s: "
                 f"time({seeds}) / time(1) = {row['ratio']:.2f} (separately: {seeds}.00); 1 seed with captured "

@@ -555,6 +555,10 @@ def test_gpu_check_dry_run_cpu(tmp_path):
     assert md == bench.to_markdown(res) and "captured/eager" in md and "| tweedie jacobian B=8 d=3 | loop |" in md
     assert res["seeds"]["seeds"] == 2 and res["seeds"]["rows"][0]["method"] == "aepo"
     assert "| several seeds, end to end (3 steps a stage, 300 synthetic transitions) |" in md
+    # the one-seed run set beside the bench's prediction of it (the eager rates times its work)
+    row = res["seeds"]["rows"][0]
+    pred = bench.predict(res["stages"], row["work"])
+    assert pred > 0 and f"{pred:.1f} s (measured / predicted {row['one_seed_s'] / pred:.2f})" in md
 
 
 def test_seeds_timing_trains_every_seed_and_refuses_one():
@@ -568,6 +572,9 @@ def test_seeds_timing_trains_every_seed_and_refuses_one():
     res = st.run("cpu", seeds=2, steps=2, transitions=300, tiny=True, log=lines.append)
     (row,) = res["rows"]
     assert row["one_seed_s"] > 0 and row["n_seeds_s"] > 0 and row["ratio"] == row["n_seeds_s"] / row["one_seed_s"]
+    assert row["one_seed_captured_s"] > 0
+    # 300 transitions in 2 episodes: 302 observation rows, K = 4 support actions each (tiny)
+    assert row["work"] == {"behaviour": 2, "support_sampling": 302 * 4, "critic_iql": 2, "energy_aepo": 2}
     assert "time(2) / time(1)" in lines[0]
     with pytest.raises(ValueError, match="seeds: time at least 2 seeds together"):
         st.run("cpu", seeds=1, tiny=True)
@@ -604,3 +611,11 @@ def test_cuda_uncapturable_aepo_step_falls_back_or_captures_and_equals_eager():
         with pytest.raises(CaptureError, match="capture: EnergyLearner.step could not be captured"):
             CapturedStep(_learner("energy", torch.device("cuda")), device="cuda", example=_batches(1)[0]).step(
                 {k: v.cuda() for k, v in _batches(1)[0].items()})
+
+
+def test_bench_predict_adds_work_at_rates():
+    from aepo_lite import bench
+    stages = {"behaviour": {"rate": 10.0}, "support_sampling": {"rate": 400.0}}
+    assert bench.predict(stages, {"behaviour": 20, "support_sampling": 800}) == pytest.approx(4.0)
+    assert bench.predict(stages, {"behaviour": 20, "energy_aepo": 5}) is None  # a stage the bench did not time
+    assert bench.predict(stages, {}) is None
