@@ -649,3 +649,7 @@ def test_seeds_trained_together_with_support_actions(tiny, smoke_runs, method):
     def support(run):
         return torch.cat(torch.load(run / "checkpoints" / "support.pt", weights_only=False)["learner"]["chunks"])
     assert (support(dirs[0]) - support(smoke_runs[method])).abs().max().item() < 1e-4
+    from aepo_lite.rl.agent import train_stacked_stages
+    with pytest.raises(ValueError, match="stages: seed 0 has no finished behaviour stage in .*; stack 'behaviour'"):
+        train_stacked_stages([cfg0, make_config(DS, method, "smoke", seed=1)], tiny / f"empty-cache-{method}",
+                             data=data, stages=("support",))
