@@ -6,7 +6,8 @@ Offline-RL stages (random data of Hopper's shape, resident on the device; nothin
   behaviour          ``BehaviourLearner.step`` (denoising score matching)              steps/s
   critic_<kind>      the critic learner's ``step``: ``iql`` or ``insupport``         steps/s
   energy_<method>    ``EnergyLearner.step``: aepo | mse | qgpo                        steps/s
-  support_sampling   K unguided behaviour actions per state, one support chunk      samples/s
+  support_sampling   K unguided behaviour actions per state, one support pass        samples/s
+                     (one chunk of 4096 actions; 16 chunks on CUDA, as the run samples them)
   guided_b<B>        ``Agent.act_unit`` (the guided sampler acting runs), batch B     samples/s
 
 With ``toy`` naming a toy task, the toy learners instead, at the toy preset's sizes: behaviour,
@@ -324,7 +325,8 @@ class RLStages(_Stages):
                 for kind, c in self.critics.items()]
         out += [Timed(f"energy_{m}", "steps/s", cfg.energy.batch, lambda m=m: self._energy(m), a.energy)
                 for m, a in self.agents.items()]
-        per = max(1, SUPPORT_CHUNK // cfg.support.k)
+        from aepo_lite.rl.agent import SUPPORT_PER_CALL_CUDA
+        per = max(1, SUPPORT_CHUNK // cfg.support.k) * (SUPPORT_PER_CALL_CUDA if self.device.type == "cuda" else 1)
         s_support = D["s"][:per].repeat_interleave(cfg.support.k, 0)
         support = self._sampler(lambda: self.behaviour.sample(cond=s_support, n_steps=cfg.support.steps,
                                                               solver=cfg.support.solver, clip=1.0))

@@ -278,7 +278,8 @@ def _support_rows(obs, device, sizes, rounds, min_time, log) -> list:
 
     def sampler(seed):
         torch.manual_seed(seed)
-        return SupportSampler(DiffusionModel(NoiseNet(3, 11, **sizes["noise"])).to(device), obs, cfg, chunk=chunk)
+        return SupportSampler(DiffusionModel(NoiseNet(3, 11, **sizes["noise"])).to(device), obs, cfg, chunk=chunk,
+                              per_call=1)  # one chunk a pass, as the stacked pass samples one chunk of each seed
     one, g, rows = sampler(0), torch.Generator().manual_seed(0), []
 
     def step(x, batch):

@@ -446,3 +446,42 @@ def test_stacked_q_is_each_critics_q(kind):
     with pytest.raises(ValueError, match="critics: a stacked Q needs one architecture"):
         from aepo_lite.config import CriticConfig
         StackedQ([_critic(0, kind), type(critics[0])(5, 3, CriticConfig(hidden=8, depth=2)).double()])
+
+
+def test_support_sampled_ahead_is_the_chunk_by_chunk_pass(data, tmp_path):
+    """SupportSampler(per_call=3): three chunks a pass (the default on CUDA), their noise drawn chunk by chunk,
+    gives the actions of one chunk a pass (float64), also when the stage is killed inside a pass and resumed."""
+    obs = data[1][:40]
+
+    def stage(per_call):
+        def make():
+            sampler = _sampler(3, obs)
+            sampler.per_call = per_call
+            return sampler
+        return Stage("support", {"per_call": "any"}, _sampler(3, obs).n_steps(40, 3, chunk=24), learner=make,
+                     batches=lambda g: {"generator": g}, seed=5)
+    one, _ = run_stage(stage(1), StageStore(tmp_path / "one"), progress=False)
+    ahead, _ = run_stage(stage(3), StageStore(tmp_path / "ahead"), progress=False)
+    assert len(one.chunks) == len(ahead.chunks) == 5 and ahead.done == 5
+    assert (one.support - ahead.support).abs().max().item() < 1e-12
+    # killed at step 2 (a checkpoint inside the first pass of 3 chunks), then resumed
+    store = StageStore(tmp_path / "cut")
+    cut = stage(3)
+    with pytest.raises(KeyboardInterrupt):
+        run_stage(replace_batches(cut, stop_at=3), store, progress=False, checkpoint_every=2)
+    resumed, stats = run_stage(cut, store, progress=False, checkpoint_every=2)
+    assert stats["resumed_from"] == 2
+    assert (resumed.support - ahead.support).abs().max().item() < 1e-12
+
+
+def replace_batches(stage, stop_at):
+    """``stage`` whose batch source raises KeyboardInterrupt at its ``stop_at``-th call (a killed run)."""
+    from dataclasses import replace
+    calls = [0]
+
+    def batches(g):
+        calls[0] += 1
+        if calls[0] == stop_at:
+            raise KeyboardInterrupt
+        return stage.batches(g)
+    return replace(stage, batches=batches)

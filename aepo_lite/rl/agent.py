@@ -281,26 +281,54 @@ class Agent:
 
 
 # ---------------------------------------------------------------------------------- training
+SUPPORT_PER_CALL_CUDA = 16  # support chunks a sampling pass on CUDA (65536 actions at K = 16; CPU: 1)
+
+
 class SupportSampler:
     """The ``support`` stage's learner: each step draws K behaviour actions for the next chunk of
-    observation rows (a sampling stage resumes chunk by chunk like a training stage)."""
+    observation rows (a sampling stage resumes chunk by chunk like a training stage).
 
-    def __init__(self, behaviour: DiffusionModel, obs: torch.Tensor, cfg: TrainConfig, chunk: int = 4096):
+    ``per_call`` chunks are sampled in one pass (default: :data:`SUPPORT_PER_CALL_CUDA` on CUDA, where a pass
+    of 4096 rows waits on kernel launches; 1 elsewhere), their starting noise drawn chunk by chunk from the
+    stage's generator as single passes draw it, so the actions are those of one chunk a pass up to
+    floating-point rounding; the steps that follow take the chunks sampled ahead. A solver that draws noise at
+    every step (``ddpm``) samples one chunk a pass."""
+
+    def __init__(self, behaviour: DiffusionModel, obs: torch.Tensor, cfg: TrainConfig, chunk: int = 4096,
+                 per_call: int | None = None):
         self.behaviour, self.obs, self.cfg = behaviour, obs, cfg.support
         self.per = max(1, chunk // cfg.support.k)
-        self.chunks: list[torch.Tensor] = []
+        self.per_call = 1 if cfg.support.solver == "ddpm" else (
+            per_call or (SUPPORT_PER_CALL_CUDA if obs.device.type == "cuda" else 1))
+        self.chunks: list[torch.Tensor] = []  # sampled so far (possibly ahead of the steps taken)
+        self.done = 0  # steps taken
 
     @staticmethod
     def n_steps(rows: int, k: int, chunk: int = 4096) -> int:
         return math.ceil(rows / max(1, chunk // k))
 
     def step(self, batch: dict) -> dict:
-        i, K = len(self.chunks) * self.per, self.cfg.k
-        s = self.obs[i:i + self.per].repeat_interleave(K, 0)
-        a = self.behaviour.sample(cond=s, n_steps=self.cfg.steps, solver=self.cfg.solver, generator=batch["generator"],
-                                  clip=1.0)
-        self.chunks.append(a.reshape(-1, K, a.shape[-1]))
+        if self.done >= len(self.chunks):
+            self._sample(batch["generator"])
+        self.done += 1
         return {}
+
+    def _sample(self, g: torch.Generator | None) -> None:
+        i, K = len(self.chunks) * self.per, self.cfg.k
+        if self.per_call == 1:
+            s = self.obs[i:i + self.per].repeat_interleave(K, 0)
+            a = self.behaviour.sample(cond=s, n_steps=self.cfg.steps, solver=self.cfg.solver, generator=g, clip=1.0)
+            self.chunks.append(a.reshape(-1, K, a.shape[-1]))
+            return
+        from aepo_lite.core.diffusion import sample
+        rows = self.obs[i:i + self.per * self.per_call]
+        p, d = next(self.behaviour.parameters()), self.behaviour.net.action_dim
+        sizes = [min(self.per, rows.shape[0] - j) * K for j in range(0, rows.shape[0], self.per)]
+        x_T = torch.cat([torch.randn((n, d), generator=g, dtype=p.dtype, device=g.device if g is not None else p.device)
+                         for n in sizes]).to(p.device)  # chunk by chunk, as one pass a chunk draws it
+        a = sample(self.behaviour.eps, x_T, schedule=self.behaviour.schedule, cond=rows.repeat_interleave(K, 0),
+                   n_steps=self.cfg.steps, solver=self.cfg.solver).clamp(-1.0, 1.0)
+        self.chunks += [c.reshape(-1, K, d) for c in a.split(sizes)]
 
     @property
     def support(self) -> torch.Tensor:
@@ -308,10 +336,11 @@ class SupportSampler:
         return torch.cat(self.chunks)
 
     def state_dict(self) -> dict:
-        return {"chunks": [c.cpu() for c in self.chunks]}
+        return {"chunks": [c.cpu() for c in self.chunks], "done": self.done}
 
     def load_state_dict(self, state: dict) -> None:
         self.chunks = [c.to(self.obs.device) for c in state["chunks"]]
+        self.done = state.get("done", len(self.chunks))  # checkpoints before sampling ahead: one chunk a step
 
 
 def _energy_learner(cfg: TrainConfig, agent: Agent, T: dict, draw) -> EnergyLearner:

@@ -469,7 +469,7 @@ class StackedSupportSampler:
         if first.cfg.solver not in SOLVERS or first.cfg.solver == "ddpm":
             raise ValueError(f"support.solver: stacked support sampling needs a solver that draws no noise after "
                              f"the start, got {first.cfg.solver!r}")
-        if any(x.chunks for x in samplers):
+        if any(x.chunks or x.done for x in samplers):
             raise ValueError("support: stack the samplers before their first step (they hold actions already)")
         shapes = [[tuple(p.shape) for p in x.behaviour.net.parameters()] for x in samplers]
         if any(sh != shapes[0] for sh in shapes):
@@ -525,7 +525,7 @@ class StackedSupportSampler:
         if not 0 <= i < self.n:
             raise ValueError(f"i: expected a sampler index in [0, {self.n}), got {i}")
         sampler = self.samplers[i] if sampler is None else sampler
-        sampler.chunks = list(self.chunks[i])
+        sampler.chunks, sampler.done = list(self.chunks[i]), len(self.chunks[i])
         return sampler
 
 
