@@ -50,7 +50,7 @@ class CriticConfig:
     steps: int = 500_000  # gradient steps (QGPO updates its critic for the first 500k)
     batch: int = 256  # batch size
     lr: float = 3e-4  # Adam learning rate
-    lr_decay: bool = False  # cosine-decay the learning rate to 0 over the steps
+    lr_decay: bool = False  # cosine-decay the learning rate to 0 over the steps (the toy's fitted critic only)
     hidden: int = 256  # Q/V width
     depth: int = 2  # Q/V hidden layers
     activation: str = "mish"  # smooth (silu|mish|gelu|tanh), or relu (QGPO's) only where Q is never differentiated

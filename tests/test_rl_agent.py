@@ -320,6 +320,8 @@ def test_captured_training_equals_eager_training(tiny, smoke_runs, method):
         make_config(DS, method, "smoke", capture=True, compile=True)
     with pytest.raises(ValueError, match=r"capture: .* first learning rate forever; energy.lr_decay is on"):
         make_config(DS, method, "smoke", capture=True, energy={"lr_decay": True})
+    with pytest.raises(ValueError, match=r"critic.lr_decay: the offline-RL critics .* constant learning rate"):
+        make_config(DS, method, "smoke", critic={"lr_decay": True})  # it would be silently ignored
 
 
 def test_resume_skips_finished_stages(tiny, smoke_runs):

@@ -190,10 +190,14 @@ def _check_combinations(cfg: TrainConfig) -> None:
         raise ValueError(f"critic.activation: a ReLU critic has no curvature; AEPO's {cfg.energy.expansion!r} "
                          "expansion differentiates Q in the action (use a smooth activation, or "
                          "energy.expansion='sampled')")
+    if cfg.critic.lr_decay and cfg.method != "bc":
+        raise ValueError("critic.lr_decay: the offline-RL critics (iql, insupport) train at a constant learning rate, "
+                         "as IQL's and QGPO's do; lr_decay applies to the toy tasks' fitted critic only (drop "
+                         "--critic.lr-decay)")
     if cfg.capture and cfg.compile:
         raise ValueError("capture: a captured step replays one CUDA graph of the whole step; with compile=True the "
                          "networks capture their own graphs. Pass one of --capture and --compile")
-    decaying = [n for n in ("behaviour", "critic", "energy") if getattr(cfg, n).lr_decay]
+    decaying = [n for n in ("behaviour", "energy") if getattr(cfg, n).lr_decay]
     if cfg.capture and decaying:
         raise ValueError(f"capture: a captured step would replay the first learning rate forever; "
                          f"{', '.join(n + '.lr_decay' for n in decaying)} is on (turn it off, or train without "
