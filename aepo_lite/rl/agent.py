@@ -197,11 +197,6 @@ def _check_combinations(cfg: TrainConfig) -> None:
     if cfg.capture and cfg.compile:
         raise ValueError("capture: a captured step replays one CUDA graph of the whole step; with compile=True the "
                          "networks capture their own graphs. Pass one of --capture and --compile")
-    decaying = [n for n in ("behaviour", "energy") if getattr(cfg, n).lr_decay]
-    if cfg.capture and decaying:
-        raise ValueError(f"capture: a captured step would replay the first learning rate forever; "
-                         f"{', '.join(n + '.lr_decay' for n in decaying)} is on (turn it off, or train without "
-                         "--capture)")
     if cfg.compile and cfg.method == "aepo" and cfg.energy.expansion == "second":
         raise ValueError("compile: AEPO's 'second' expansion differentiates the critic twice, which torch.compile "
                          "does not support; use energy.expansion='sampled' or 'first', or compile=False")

@@ -20,10 +20,11 @@ happens except the capture: the warm-up runs and is undone, then every call runs
 tests check this bookkeeping there (N steps through the buffers == N plain steps, bit for bit).
 
 Outputs of a replay are static tensors that the next replay overwrites: read (or clone) them before it.
-A learning-rate schedule is refused (a graph would replay the first rate forever). A step that synchronises
-with the host cannot be captured: AEPO's gaussian posterior does (``torch.linalg.eigh`` in the Tweedie
-covariance and the sampled expansion, ``linalg.solve`` elsewhere check their results on the host), so its
-energy step raises :class:`CaptureError`, or runs eagerly with ``fallback=True``.
+A learner's learning-rate schedule (``lr_schedule``) is stepped between replays, outside the graph; on CUDA
+the optimiser then reads its rate from a device tensor that the schedule fills (one step per replay). A step
+that synchronises with the host cannot be captured: AEPO's gaussian posterior does (``torch.linalg.eigh`` in the
+Tweedie covariance and the sampled expansion, ``linalg.solve`` elsewhere check their results on the host), so
+its energy step raises :class:`CaptureError`, or runs eagerly with ``fallback=True``.
 """
 from __future__ import annotations
 
@@ -85,6 +86,13 @@ def _capturable(opts, device: torch.device) -> None:
                 st["step"] = st["step"].to(device)
 
 
+def _tensor_lr(opt: torch.optim.Optimizer, device: torch.device) -> None:
+    """Each group's learning rate as a 0-d tensor on the device (a schedule then ``fill_`` s it in place)."""
+    for group in opt.param_groups:
+        if not isinstance(group["lr"], torch.Tensor):
+            group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float32, device=device)
+
+
 class CapturedStep:
     """``learner.step`` as one CUDA graph on CUDA, eagerly on the CPU (see the module docstring).
 
@@ -108,9 +116,13 @@ class CapturedStep:
         if example is not None and steps_per_replay != 1:
             raise ValueError("steps_per_replay: static buffers hold one batch; use a source for several steps per "
                              f"replay, got {steps_per_replay}")
-        if any(getattr(learner, k, None) is not None for k in ("lr_schedule", "lr_scheduler")):
-            raise ValueError("lr_decay: a captured step would replay the first learning rate forever; train with a "
-                             "constant rate (lr_decay false) or without capture")
+        if getattr(learner, "lr_scheduler", None) is not None:
+            raise ValueError("lr_decay: a captured step steps only a learner's lr_schedule between replays; this "
+                             "learner's lr_scheduler would be replayed at its first rate")
+        self._schedule = getattr(learner, "lr_schedule", None)
+        if self._schedule is not None and steps_per_replay != 1:
+            raise ValueError(f"steps_per_replay: a decaying learning rate changes after every step, so a replay "
+                             f"holds one step; got {steps_per_replay} (or train with lr_decay off)")
         self.learner, self.source, self.steps_per_replay = learner, source, steps_per_replay
         self.warmup, self.graph_on = int(warmup), graph and self.device.type == "cuda"
         self.buffers = None if example is None else {k: None if v is None else v.detach().to(self.device, copy=True)
@@ -149,19 +161,32 @@ class CapturedStep:
         self._graph, self._out, self._ready = None, None, False
 
     def run(self) -> dict[str, torch.Tensor]:
-        """``steps_per_replay`` steps (one replay on CUDA); the last step's metrics (static: read before the next)."""
+        """``steps_per_replay`` steps (one replay on CUDA); the last step's metrics (static: read before the next).
+        A learner's ``lr_schedule`` is stepped after the step, outside the graph (on CUDA the optimiser reads its
+        learning rate from a device tensor that the schedule fills)."""
         if not self._ready:
             self._prepare()
         if self._graph is None:
-            return self._body()
-        self._graph.replay()
-        return self._out
+            out = self._body()
+        else:
+            self._graph.replay()
+            out = self._out
+        if self._schedule is not None:
+            self._schedule.step()
+        return out
 
     # ------------------------------------------------------------------ capture
     def _body(self) -> dict[str, torch.Tensor]:
+        """The learner's steps without its schedule (stepped by :meth:`run`, between replays)."""
         out = None
-        for _ in range(self.steps_per_replay):
-            out = self.learner.step(self.buffers if self.source is None else self.source())
+        if self._schedule is not None:
+            self.learner.lr_schedule = None
+        try:
+            for _ in range(self.steps_per_replay):
+                out = self.learner.step(self.buffers if self.source is None else self.source())
+        finally:
+            if self._schedule is not None:
+                self.learner.lr_schedule = self._schedule
         return out
 
     def _check_batch(self, batch: dict) -> None:
@@ -218,6 +243,8 @@ class CapturedStep:
         _, opts = _parts(self.learner)
         if self.device.type == "cuda":
             _capturable(opts, self.device)
+            if self._schedule is not None:  # the graph reads the rate the schedule fills in between replays
+                _tensor_lr(self._schedule.optimizer, self.device)
             side = torch.cuda.Stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side):
