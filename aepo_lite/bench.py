@@ -641,10 +641,17 @@ def _check_sections(result: dict) -> list[str]:
                                                       f"{r['one_seed_s'] / pred:.2f}) |"))
         lines += ["", "The prediction adds the run's work (steps, support samples) at the eager bench's rates, as the "
                   "preset's extrapolation does; the measured run also loads the data and writes checkpoints."]
+    tf32 = result.get("tf32")
+    if tf32 and tf32.get("pairs"):
+        lines += ["", f"| TF32 against float32 (toy, {tf32['energy_steps']} energy steps, seed 0) | energy error "
+                      "tf32 / fp32 | distance tf32 / fp32 | time tf32 / fp32 |", "|---|---:|---:|---:|"]
+        lines += [f"| {p['task']} {p['method']} | {p['err_ratio']:.3f} | {p['distance_ratio']:.3f} | "
+                  f"{p['time_ratio']:.2f} |" for p in tf32["pairs"]]
     checks = result.get("checks") or {}
     if checks:
         lines += ["", "| check | exit status | seconds | last line |", "|---|---:|---:|---|"]
-        lines += [f"| {k} | {c['rc']} | {c['seconds']:.0f} | {c.get('summary', '')} |" for k, c in checks.items()]
+        lines += [f"| {k} | {'skipped' if c['rc'] == -1 else c['rc']} | {c['seconds']:.0f} | {c.get('summary', '')} |"
+                  for k, c in checks.items()]
     return lines
 
 

@@ -7,8 +7,9 @@ from the JSON).
 DIR holds ``eager.json`` (an ``aepo-lite bench`` result: the base of the file), optionally ``compiled.json`` and
 ``captured.json`` (the same stages compiled / captured: their rates go under ``variants``, and the stages a
 captured run had to run eagerly, with why, under ``variant_errors``), ``paths.json``
-(scripts/gpu_paths.py: under ``paths``), ``seeds.json`` (scripts/seeds_timing.py: under ``seeds``), and ``status.tsv`` (one line per step: name, exit status, seconds; its
-log ``<name>.log`` gives the last line shown). The device is named as torch names it
+(scripts/gpu_paths.py: under ``paths``), ``seeds.json`` (scripts/seeds_timing.py: under ``seeds``), ``tf32.json``
+(scripts/tf32_check.py: under ``tf32``), and ``status.tsv`` (one line per step: name, exit status (-1: skipped,
+its limit did not fit the time budget), seconds; its log ``<name>.log`` gives the last line shown). The device is named as torch names it
 (``torch.cuda.get_device_name``, under ``environment.device_name``).
 """
 from __future__ import annotations
@@ -56,6 +57,7 @@ def combine(work: Path) -> dict:
     result["variants"], result["variant_errors"] = variants, errors
     result["paths"] = _read(work / "paths.json")
     result["seeds"] = _read(work / "seeds.json")
+    result["tf32"] = _read(work / "tf32.json")
     checks = {}
     status = work / "status.tsv"
     for line in status.read_text().splitlines() if status.exists() else []:

@@ -584,6 +584,23 @@ def test_gpu_check_dry_run_cpu(tmp_path):
     assert pred > 0 and f"{pred:.1f} s (measured / predicted {row['one_seed_s'] / pred:.2f})" in md
 
 
+def test_gpu_check_skips_what_does_not_fit_its_budget(tmp_path):
+    """--budget 0: no step's limit fits, so every step is recorded as skipped and nothing runs; with no eager
+    bench there is nothing to gather, and the check says so and fails."""
+    import subprocess
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run(["bash", "scripts/gpu_check.sh", "--device", "cpu", "--tiny", "--budget", "0", "--out",
+                        str(tmp_path / "b")], cwd=root, capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "TMPDIR": str(tmp_path)})
+    assert r.returncode == 1, r.stdout + r.stderr
+    for name in ("eager", "seeds", "captured", "paths", "tests"):
+        assert f"gpu_check: {name} skipped: its limit of" in r.stdout
+    assert "eager.json is missing or unreadable" in r.stderr and not (tmp_path / "b.json").exists()
+    (status,) = tmp_path.glob("gpu_check.*/status.tsv")
+    assert [line.split("\t")[1] for line in status.read_text().splitlines()] == ["-1"] * 5
+
+
 def test_seeds_timing_trains_every_seed_and_refuses_one():
     """scripts/seeds_timing.py: the synthetic dataset has the asked size and consistent rows; the timing runs (tiny)
     and reports both times; one seed alone is refused."""
@@ -642,3 +659,18 @@ def test_bench_predict_adds_work_at_rates():
     assert bench.predict(stages, {"behaviour": 20, "support_sampling": 800}) == pytest.approx(4.0)
     assert bench.predict(stages, {"behaviour": 20, "energy_aepo": 5}) is None  # a stage the bench did not time
     assert bench.predict(stages, {}) is None
+
+
+def test_tf32_check_pairs_and_restores_the_flags():
+    """scripts/tf32_check.py (run on a GPU by scripts/gpu_check.sh): its ratios, and the TF32 flags put back."""
+    tc = _script("tf32_check")
+    rows = [dict(task="moons", method="qgpo", precision="fp32", err_mean=0.2, distance=0.05, seconds=10.0),
+            dict(task="moons", method="qgpo", precision="tf32", err_mean=0.3, distance=0.04, seconds=5.0),
+            dict(task="rings", method="qgpo", precision="fp32", err_mean=0.1, distance=0.02, seconds=1.0)]
+    (p,) = tc.pairs(rows)  # rings has no tf32 row: no pair
+    assert p == {"task": "moons", "method": "qgpo", "err_ratio": pytest.approx(1.5), "distance_ratio": pytest.approx(0.8),
+                 "time_ratio": pytest.approx(0.5)}
+    before = torch.backends.cuda.matmul.allow_tf32
+    with tc.tf32(not before):
+        assert torch.backends.cuda.matmul.allow_tf32 is (not before)
+    assert torch.backends.cuda.matmul.allow_tf32 is before
