@@ -500,8 +500,7 @@ def train_stacked_stages(cfgs: list[TrainConfig], stage_cache, *, data: OfflineD
     checkpoint (``<stage>-stacked-<hash>.pt`` in the cache, removed once every seed's is written).
     Returns ``{stage: {seed: stats}}`` of the seeds trained here.
     """
-    from aepo_lite.training.stacked import (StackedBatches, StackedBehaviourLearner, StackedCritic,
-                                            StackedSupportSampler)
+    from aepo_lite.training.stacked import StackedBatches, StackedBehaviourLearner, StackedCritic
     if not cfgs:
         raise ValueError("seeds: give at least one config")
     bad = [s for s in stages if s not in STACKED]
@@ -531,7 +530,6 @@ def train_stacked_stages(cfgs: list[TrainConfig], stage_cache, *, data: OfflineD
         seed_everything(c.seed)  # as train() does before it builds the agent: the seed's initial networks
         agent = Agent(c, data.state_dim, data.action_dim, mean, std, data.action_low, data.action_high, device)
         runs.append((c, agent, {st.name: st for st in build_stages(c, agent, T, device)}))
-    runs_by_seed = {c.seed: sts for c, _, sts in runs}
     out = {}
     for name in stages:
         if name == "critic" and (cfgs[0].method == "bc" or critic_kind(cfgs[0]) != "iql"):
@@ -541,19 +539,8 @@ def train_stacked_stages(cfgs: list[TrainConfig], stage_cache, *, data: OfflineD
         todo = [(c, agent, sts[name]) for c, agent, sts in runs if not cache.is_complete(name, stage_hash(sts[name]))]
         if not todo:
             continue
-        if name == "support":  # sampled from each seed's finished behaviour model
-            for c, agent, sts in runs:
-                if not cache.is_complete("behaviour", stage_hash(sts["behaviour"])):
-                    raise ValueError(f"stages: seed {c.seed} has no finished behaviour stage in {cache.root}; "
-                                     "stack 'behaviour' first")
-            for c, agent, st in todo:
-                run_stage(runs_by_seed[c.seed]["behaviour"], cache, progress=False, map_location=device)
-                _freeze(agent, "behaviour")
-            gens = [torch.Generator().manual_seed(st.seed) for *_, st in todo]  # as run_stage seeds each pass
-            src = StackedBatches(lambda g: {}, gens)
-            make = lambda: StackedSupportSampler([st.learner() for *_, st in todo], generators=gens)  # noqa: E731
-            unstack = lambda learner, i, agent: learner.unstacked(i).state_dict()  # noqa: E731
-            out[name] = _stacked_stage(name, todo, make, unstack, src, cache, cfgs[0], device, progress)
+        if name == "support":
+            out[name] = _stacked_support(runs, todo, cache, cfgs[0], device, progress)
             continue
         # run_stage seeds a single run's batch generator, and torch's global generator (the behaviour's noise),
         # with stage.seed; the critic draws no noise
@@ -570,6 +557,25 @@ def train_stacked_stages(cfgs: list[TrainConfig], stage_cache, *, data: OfflineD
             unstack = lambda learner, i, agent: learner.unstacked(i, agent.critic).state_dict()  # noqa: E731
         out[name] = _stacked_stage(name, todo, make, unstack, src, cache, cfgs[0], device, progress)
     return out
+
+
+def _stacked_support(runs, todo, cache: StageStore, cfg: TrainConfig, device, progress: bool) -> dict[int, dict]:
+    """The support stages of ``todo`` in one sampling pass a chunk, from each seed's finished behaviour model
+    (loaded from ``cache``)."""
+    from aepo_lite.training.stacked import StackedBatches, StackedSupportSampler
+    for c, agent, sts in runs:
+        if not cache.is_complete("behaviour", stage_hash(sts["behaviour"])):
+            raise ValueError(f"stages: seed {c.seed} has no finished behaviour stage in {cache.root}; "
+                             "stack 'behaviour' first")
+    behaviour = {c.seed: sts["behaviour"] for c, _, sts in runs}
+    for c, agent, _ in todo:
+        run_stage(behaviour[c.seed], cache, progress=False, map_location=device)
+        _freeze(agent, "behaviour")
+    gens = [torch.Generator().manual_seed(st.seed) for *_, st in todo]  # as run_stage seeds each pass
+    return _stacked_stage("support", todo,
+                          lambda: StackedSupportSampler([st.learner() for *_, st in todo], generators=gens),
+                          lambda learner, i, agent: learner.unstacked(i).state_dict(),
+                          StackedBatches(lambda g: {}, gens), cache, cfg, device, progress)
 
 
 def _stacked_stage(name, todo, make, unstack, src, cache: StageStore, cfg: TrainConfig, device, progress: bool,
