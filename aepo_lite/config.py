@@ -176,6 +176,7 @@ class ToyConfig:
     device: str = "auto"  # auto | cpu | cuda
     log_every: int = 200  # metrics line every this many steps
     checkpoint_every: int = 1000  # periodic checkpoint every this many steps
+    capture: bool = False  # each training step one CUDA graph (training.CapturedStep; eager on the CPU)
     behaviour: BehaviourConfig = field(default_factory=lambda: BehaviourConfig(
         steps=3000, batch=512, lr=2e-3, lr_decay=True, hidden=128, blocks=2))
     critic: CriticConfig = field(default_factory=lambda: CriticConfig(

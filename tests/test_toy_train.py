@@ -81,6 +81,22 @@ def test_runs_differing_in_method_and_seed_share_one_behaviour_checkpoint(tmp_pa
         assert torch.equal(p, q)
 
 
+@pytest.mark.parametrize("method,critic", [("aepo", "regression"), ("qgpo", "reward")])
+def test_captured_toy_training_is_the_plain_training(tmp_path, method, critic):
+    """capture=True (each step, batch draw included, through CapturedStep; eager on the CPU): the toy presets'
+    decaying rates stepped between steps, every stage ends bit for bit where the plain run's does, and its
+    stats say how it ran. Separate caches, so nothing is loaded from the other run."""
+    over = dict(behaviour=dict(steps=30), critic=dict(kind=critic, steps=20), energy=dict(steps=20, beta=3.0))
+    plain = TT.train_toy(_cfg("moons", method, **over), cache_dir=tmp_path / "plain", progress=False)
+    cap = TT.train_toy(_cfg("moons", method, capture=True, **over), cache_dir=tmp_path / "cap", progress=False)
+    nets = ["behaviour", "energy"] + (["critic"] if critic == "regression" else [])
+    for net in nets:
+        for x, y in zip(getattr(plain, net).parameters(), getattr(cap, net).parameters()):
+            assert torch.equal(x, y), net
+        assert cap.info[net]["capture"] == "eager (no CUDA graphs on cpu)" and "capture" not in plain.info[net]
+    assert TT.make_config("moons", method, "smoke").energy.lr_decay  # the schedule was there to step
+
+
 def test_a_killed_energy_stage_resumes_to_the_same_weights(tmp_path, monkeypatch):
     cfg = _cfg("swissroll", "aepo", checkpoint_every=20, behaviour=dict(steps=20), energy=dict(steps=50))
     whole = TT.train_toy(cfg, cache_dir=tmp_path / "whole", progress=False)

@@ -156,6 +156,7 @@ def _register_convergence(subparsers, presets, critic_kinds) -> None:
     c.add_argument("--runs-dir", default="runs/convergence")
     c.add_argument("--cache-dir", default=None, help="stage checkpoints (default runs/toy_cache)")
     c.add_argument("--device", default="auto", choices=DEVICE_CHOICES)
+    c.add_argument("--capture", action="store_true", help="each training step one CUDA graph (eager on the CPU)")
     c.add_argument("--render-only", action="store_true", help="only the table, figure and --check from the CSV")
     c.add_argument("--quiet", action="store_true", help="no progress bars")
     c.set_defaults(func=run_convergence_command)
@@ -165,7 +166,7 @@ def run_convergence_command(args) -> int:
     from aepo_lite.toy import convergence as conv
     cc = conv.ConvergenceConfig(tasks=tuple(args.tasks or ()), specs=tuple(args.specs), steps=tuple(args.steps),
                                 seeds=tuple(args.seeds), beta=args.beta, critic=args.critic, preset=args.preset,
-                                device=args.device)
+                                device=args.device, capture=args.capture)
     if args.check is not None and args.check not in args.steps[:-1]:
         raise ValueError(f"--check {args.check}: expected one of the step counts below the largest, {args.steps[:-1]}")
     if not args.render_only:

@@ -39,7 +39,8 @@ from aepo_lite.core.schedule import VPSchedule
 from aepo_lite.device import compile_limits, compile_mode, compile_module, resolve_device, seed_everything
 from aepo_lite.rl.data import OfflineData, REWARD_SCALINGS, flatten_observation, load_minari, open_minari
 from aepo_lite.rl.evaluation import reference_scores, run_episodes, summarize_returns
-from aepo_lite.training import BehaviourLearner, CapturedStep, RunLock, Stage, StageStore, run_stage, stage_hash
+from aepo_lite.training import BehaviourLearner, RunLock, Stage, StageStore, run_stage, stage_hash
+from aepo_lite.training.captured import CapturedLearner, captured_stage
 from aepo_lite.training.stages import MetricsLog, check_run_folder, run_cached_stage
 
 __all__ = ["Agent", "TrainConfig", "METHODS", "PRESETS", "STAGES", "EVAL_FIELDS", "make_config", "check_config",
@@ -456,7 +457,7 @@ def train(cfg: TrainConfig, run_dir, *, data: OfflineData | None = None, progres
         atomic_write_json(run_dir / "config.json", to_dict(cfg))
         before_step = _compile(cfg, agent, device)
         if cfg.capture:
-            stages = [_captured(st, device) for st in stages]
+            stages = [captured_stage(st, device) for st in stages]
         limits = compile_limits() if cfg.compile else contextlib.nullcontext()
         log = MetricsLog(run_dir / "metrics.jsonl", run_dir / "tb" if cfg.tensorboard else None)
         try:
@@ -472,7 +473,7 @@ def train(cfg: TrainConfig, run_dir, *, data: OfflineData | None = None, progres
                                              checkpoint_every=cfg.checkpoint_every, progress=progress,
                                              map_location=device, before_step=before_step)
                     stats[st.name] = dict(got, **copied)
-                    if isinstance(learner, _CapturedLearner) and learner.how() is not None:
+                    if isinstance(learner, CapturedLearner) and learner.how() is not None:
                         stats[st.name]["capture"] = learner.how()
                     atomic_write_json(stats_path, stats)
                     _freeze(agent, st.name)
@@ -724,58 +725,6 @@ def _from_cache(st: Stage, store: StageStore, cache: StageStore, log, cfg: Train
                      progress=progress, map_location=device)
     got = store.copy_from(cache, st.name, h)
     return None if got is None else dict(got, copied_from=str(cache.root))
-
-
-class _Source:
-    """A stage's batch source bound to the stage loop's generator: what a captured step draws in its graph."""
-
-    def __init__(self, batches, generator: torch.Generator):
-        self.batches, self.generator = batches, generator
-
-    def __call__(self) -> dict:
-        return self.batches(self.generator)
-
-
-class _CapturedLearner:
-    """A stage's learner whose every step, its batch draw included, is one CUDA graph: at the first step the
-    stage loop's generator (``batch["generator"]``) becomes the source's, so the graph draws the same indices
-    from the same generator as the plain run, and ``run_stage`` checkpoints and restores that generator as
-    usual. The learner's state is the plain learner's (checkpoints are interchangeable with a plain run's)."""
-
-    def __init__(self, learner, batches, device: torch.device):
-        self.learner, self.batches, self.device, self.cap = learner, batches, device, None
-
-    def step(self, batch: dict) -> dict:
-        if self.cap is None:
-            self.cap = CapturedStep(self.learner, device=self.device, source=_Source(self.batches, batch["generator"]),
-                                    fallback=True)
-        return self.cap.run()
-
-    def state_dict(self) -> dict:
-        return self.learner.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.learner.load_state_dict(state)
-        self.cap = None  # captured again at the next step (loading replaces optimiser state tensors)
-
-    def how(self) -> str | None:
-        """How the steps ran: ``graph``, why they could not be captured, or eager on a device without graphs."""
-        if self.cap is None or not self.cap.ready:
-            return None
-        return ("graph" if self.cap.captured else self.cap.capture_error
-                or f"eager (no CUDA graphs on {self.device.type})")
-
-
-def _captured(st: Stage, device: torch.device) -> Stage:
-    """``st`` with each step of its learner, the batch draw included, one CUDA graph (:class:`CapturedStep` with
-    the stage's own batch source on the stage loop's generator; the warm-up undone, so the run's draws are
-    those of the plain run). A step that cannot be captured runs eagerly (its stats say why); the sampling
-    stage is left as it is."""
-    if st.name not in ("behaviour", "critic", "energy"):
-        return st
-    make, batches = st.learner, st.batches
-    return replace(st, learner=lambda: _CapturedLearner(make(), batches, device),
-                   batches=lambda g: {"generator": g})
 
 
 def _freeze(agent: Agent, stage: str) -> None:

@@ -52,6 +52,7 @@ class ConvergenceConfig:
     critic: str = "reward"  # what every method reads Q from (matched inputs): reward | regression
     preset: str = "full"  # everything but energy.steps comes from this preset
     device: str = "auto"
+    capture: bool = False  # each training step one CUDA graph (eager on the CPU; the runs' results are the same)
 
 
 def _spec(spec: str) -> tuple[str, dict]:
@@ -76,7 +77,7 @@ def spec_configs(cc: ConvergenceConfig) -> list:
         for task in cc.tasks or toy.task_names():
             for spec in cc.specs:
                 method, over = _spec(spec)
-                out += [make_config(task, method, cc.preset, seed=seed, device=cc.device,
+                out += [make_config(task, method, cc.preset, seed=seed, device=cc.device, capture=cc.capture,
                                     energy=dict(over.get("energy", {}), beta=cc.beta, steps=n),
                                     support=over.get("support"), critic={"kind": cc.critic}) for n in steps]
     return out

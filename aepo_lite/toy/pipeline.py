@@ -46,6 +46,7 @@ from aepo_lite.core.schedule import VPSchedule
 from aepo_lite.device import resolve_device
 from aepo_lite.toy import tasks as toy
 from aepo_lite.training import BehaviourLearner, RegressionLearner, RunLock, Stage, StageStore, stage_hash
+from aepo_lite.training.captured import CapturedLearner, captured_stage
 from aepo_lite.training.stages import MetricsLog, check_run_folder, run_cached_stage
 
 __all__ = ["CRITIC_KINDS", "POSTERIORS", "ESTIMATORS", "make_config", "check_config", "needs_grad_q", "uses_critic",
@@ -59,7 +60,7 @@ POSTERIORS = ("gaussian", "mixture", "particles")
 ESTIMATORS = tuple(f"{c}/{e}" for c in G.COVARIANCES for e in G.EXPANSIONS)  # AEPO's Gaussian-posterior estimators
 BOX = 1.2  # AEPO's cover points and the energy-error grid live in [-BOX, BOX]^2
 # what two runs writing one folder may differ in: neither the trained networks nor the results depend on it
-RUN_FIELDS_FREE = ("device", "log_every", "checkpoint_every")
+RUN_FIELDS_FREE = ("device", "log_every", "checkpoint_every", "capture")
 
 
 def default_cache_dir() -> Path:
@@ -406,8 +407,12 @@ def _data(cfg: ToyConfig, device) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _train_entry(st: Stage, store: StageStore, cfg: ToyConfig, log, progress: bool, device) -> dict:
     """Train (or load) one cache entry; while it trains, its lock refuses a second writer of the same entry."""
-    return dict(run_cached_stage(st, store, log=log, log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every,
-                                 progress=progress, map_location=device)[1])
+    learner, stats = run_cached_stage(st, store, log=log, log_every=cfg.log_every,
+                                      checkpoint_every=cfg.checkpoint_every, progress=progress, map_location=device)
+    stats = dict(stats)
+    if isinstance(learner, CapturedLearner) and learner.how() is not None:
+        stats["capture"] = learner.how()
+    return stats
 
 
 def train_toy(cfg: ToyConfig, *, cache_dir=None, progress: bool = True, log: MetricsLog | None = None) -> ToyModels:
@@ -421,6 +426,8 @@ def train_toy(cfg: ToyConfig, *, cache_dir=None, progress: bool = True, log: Met
     stages = build_stages(cfg, m, device)
     for st in stages:  # a broken or foreign checkpoint is an error before any training starts
         store.load(st.name, stage_hash(st))
+    if cfg.capture:  # the same stages (and hashes), each step one CUDA graph
+        stages = [captured_stage(st, device) for st in stages]
     for st in stages:
         m.info[st.name] = _train_entry(st, store, cfg, log, progress, device)
         getattr(m, st.name).requires_grad_(False).eval()

@@ -28,12 +28,15 @@ its energy step raises :class:`CaptureError`, or runs eagerly with ``fallback=Tr
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch import nn
 
-__all__ = ["CapturedStep", "CaptureError", "DeviceBatches"]
+if TYPE_CHECKING:
+    from aepo_lite.training.stages import Stage
+
+__all__ = ["CapturedStep", "CaptureError", "DeviceBatches", "CapturedLearner", "captured_stage"]
 
 
 class CaptureError(ValueError):
@@ -281,3 +284,56 @@ class CapturedStep:
         with torch.cuda.graph(g):
             self._out = self._body()
         return g
+
+
+class _Source:
+    """A stage's batch source bound to the stage loop's generator: what a captured step draws in its graph."""
+
+    def __init__(self, batches, generator: torch.Generator):
+        self.batches, self.generator = batches, generator
+
+    def __call__(self) -> dict:
+        return self.batches(self.generator)
+
+
+class CapturedLearner:
+    """A stage's learner whose every step, its batch draw included, is one CUDA graph: at the first step the
+    stage loop's generator (``batch["generator"]``) becomes the source's, so the graph draws the same indices
+    from the same generator as the plain run, and ``run_stage`` checkpoints and restores that generator as
+    usual. The learner's state is the plain learner's (checkpoints are interchangeable with a plain run's)."""
+
+    def __init__(self, learner, batches, device: torch.device):
+        self.learner, self.batches, self.device, self.cap = learner, batches, device, None
+
+    def step(self, batch: dict) -> dict:
+        if self.cap is None:
+            self.cap = CapturedStep(self.learner, device=self.device, source=_Source(self.batches, batch["generator"]),
+                                    fallback=True)
+        return self.cap.run()
+
+    def state_dict(self) -> dict:
+        return self.learner.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.learner.load_state_dict(state)
+        self.cap = None  # captured again at the next step (loading replaces optimiser state tensors)
+
+    def how(self) -> str | None:
+        """How the steps ran: ``graph``, why they could not be captured, or eager on a device without graphs."""
+        if self.cap is None or not self.cap.ready:
+            return None
+        return ("graph" if self.cap.captured else self.cap.capture_error
+                or f"eager (no CUDA graphs on {self.device.type})")
+
+
+def captured_stage(st: Stage, device) -> Stage:
+    """``st`` with each step of its learner, the batch draw included, one CUDA graph (:class:`CapturedStep` with
+    the stage's own batch source on the stage loop's generator; the warm-up undone, so the run's draws are
+    those of the plain run). A step that cannot be captured runs eagerly (its stats say why); the sampling
+    stage is left as it is."""
+    from dataclasses import replace
+    if st.name not in ("behaviour", "critic", "energy"):
+        return st
+    make, batches = st.learner, st.batches
+    return replace(st, learner=lambda: CapturedLearner(make(), batches, torch.device(device)),
+                   batches=lambda g: {"generator": g})

@@ -152,7 +152,7 @@ class StackedBehaviourLearner(_StackedState):
         """(t, a_t, eps), each (N, B, ...): model i's draws from its own generator, in the order of
         :meth:`DiffusionModel.loss` (u for t, then eps), then the schedule's arithmetic once for all N (elementwise:
         the values :meth:`VPSchedule.sample_t` and :meth:`VPSchedule.diffuse` give each model alone)."""
-        sch, (n, B, d) = self.schedule, a.shape
+        sch, (_, B, d) = self.schedule, a.shape
         u, eps = [], []
         for g in self.generators:
             u.append(torch.rand(B, generator=g, dtype=a.dtype, device=g.device))
