@@ -450,19 +450,21 @@ def test_stacked_q_is_each_critics_q(kind):
 
 def test_support_sampled_ahead_is_the_chunk_by_chunk_pass(data, tmp_path):
     """SupportSampler(per_call=3): three chunks a pass (the default on CUDA), their noise drawn chunk by chunk,
-    gives the actions of one chunk a pass (float64), also when the stage is killed inside a pass and resumed."""
-    obs = data[1][:40]
+    gives the actions of one chunk a pass (float64), also when the stage is killed inside a pass and resumed.
+    37 rows: the last chunk holds 5 rows, not 8."""
+    obs = data[1][:37]
 
     def stage(per_call):
         def make():
             sampler = _sampler(3, obs)
             sampler.per_call = per_call
             return sampler
-        return Stage("support", {"per_call": "any"}, _sampler(3, obs).n_steps(40, 3, chunk=24), learner=make,
+        return Stage("support", {"per_call": "any"}, _sampler(3, obs).n_steps(37, 3, chunk=24), learner=make,
                      batches=lambda g: {"generator": g}, seed=5)
     one, _ = run_stage(stage(1), StageStore(tmp_path / "one"), progress=False)
     ahead, _ = run_stage(stage(3), StageStore(tmp_path / "ahead"), progress=False)
     assert len(one.chunks) == len(ahead.chunks) == 5 and ahead.done == 5
+    assert ahead.support.shape == one.support.shape == (37, 3, 3)
     assert (one.support - ahead.support).abs().max().item() < 1e-12
     # killed at step 2 (a checkpoint inside the first pass of 3 chunks), then resumed
     store = StageStore(tmp_path / "cut")
