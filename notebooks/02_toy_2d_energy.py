@@ -664,7 +664,10 @@ else:
 #   falling at that budget. Carried to 32000 steps (seed 0), the centered target's energy error still fell
 #   by more than 10% on 5 of 6 tasks, yet its samples moved only on rings (2.69x to 1.27x the floor);
 #   QGPO's energy error stopped falling on 5 of 6 (all but rings). At 32000 steps the centered target is
-#   within 2x of the floor on 5 of 6 tasks and QGPO on 2 of 6 (one seed).
+#   within 2x of the floor on 5 of 6 tasks and QGPO on 2 of 6 (one seed). Carried to 64000 steps (seed 0),
+#   the centered target's energy error stopped falling on 5 of 6 tasks (2spirals still fell 36%) and QGPO's
+#   on rings, so past 32000 steps neither method's energy error falls by 10% on 5 of 6 tasks; at 64000 the
+#   centered target is within 2x of the floor on 6 of 6 (one seed). Three seeds at that budget are still to run.
 
 # %%
 print(f"notebook ran in {time.time() - T_START:.0f} s at scale {SCALE}")
