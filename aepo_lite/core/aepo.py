@@ -344,13 +344,18 @@ class EnergyLearner(TrainingState):
         # named error), never on CUDA, where the training loop checks the metrics it logs instead
         self.check_finite = not any(p.is_cuda for p in energy.parameters())
 
+    def _draw(self, x: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step's noise, in the one order every loss draws it: t for x's first axis (B), then eps (rows, d),
+        from this learner's generator (torch's global one when None)."""
+        g = self.generator
+        t = self.schedule.sample_t(x.shape[0], device=x.device, dtype=x.dtype, generator=g)
+        eps = torch.randn((rows, x.shape[-1]), generator=g, dtype=x.dtype,
+                          device=g.device if g is not None else x.device)
+        return t, eps.to(x.device)
+
     def _noise(self, a0: torch.Tensor, draws: tuple | None = None):
-        if draws is not None:
-            t, eps = draws
-            return self.schedule.diffuse(a0, t, eps=eps)[0], t
-        t = self.schedule.sample_t(a0.shape[0], device=a0.device, dtype=a0.dtype, generator=self.generator)
-        a_t, _ = self.schedule.diffuse(a0, t, generator=self.generator)
-        return a_t, t
+        t, eps = draws or self._draw(a0, a0.shape[0])
+        return self.schedule.diffuse(a0, t, eps=eps)[0], t
 
     def rowwise(self, batch: dict) -> bool:
         """Whether this loss on ``batch`` is a mean over rows whose only randomness is the diffusion noise and whose
@@ -368,13 +373,9 @@ class EnergyLearner(TrainingState):
         if not self.rowwise(batch):
             raise ValueError(f"draws: the {self.method} energy ({self.cfg.posterior} posterior) is not row-wise on "
                              "this batch; only QGPO's CEP and the particle target with batch['support_q'] are")
-        grouped = self.method == "qgpo" or self.cfg.centered
-        x = batch["support"] if grouped else batch["a"]
-        rows, d = (x.shape[0] * x.shape[1], x.shape[2]) if grouped else tuple(x.shape)
-        t = self.schedule.sample_t(x.shape[0], device=x.device, dtype=x.dtype, generator=self.generator)
-        g = self.generator
-        eps = torch.randn((rows, d), generator=g, dtype=x.dtype, device=g.device if g is not None else x.device)
-        return t, eps.to(x.device)
+        if self.method == "qgpo" or self.cfg.centered:  # one t per state, eps for each of its K support actions
+            return self._draw(batch["support"], batch["support"].shape[0] * batch["support"].shape[1])
+        return self._draw(batch["a"], batch["a"].shape[0])
 
     def loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
         """The energy loss on ``batch`` and extra metrics (``target_mean`` for AEPO)."""
@@ -396,11 +397,9 @@ class EnergyLearner(TrainingState):
         if method == "qgpo":
             sup, q = batch["support"], batch["support_q"]
             B, K, d = sup.shape
-            t, eps = (None, None) if draws is None else draws
-            if t is None:
-                t = self.schedule.sample_t(B, device=sup.device, dtype=sup.dtype, generator=self.generator)
+            t, eps = draws or self._draw(sup, B * K)
             t_rep = t.repeat_interleave(K)  # one t per state, shared by its K support actions
-            a_t, _ = self.schedule.diffuse(sup.reshape(B * K, d), t_rep, eps=eps, generator=self.generator)
+            a_t, _ = self.schedule.diffuse(sup.reshape(B * K, d), t_rep, eps=eps)
             s_rep = None if s is None else s.repeat_interleave(K, dim=0)
             return (s_rep, a_t, t_rep), lambda f: (G.cep_loss(f.reshape(B, K), q, cfg.beta, check=check), {})
         if method == "aepo" and cfg.centered:
@@ -424,11 +423,9 @@ class EnergyLearner(TrainingState):
         to fit that constant (the state's value under beta, the largest part of the target's variance)."""
         s, sup = batch.get("s"), _batch_support(batch, batch["a"], self.q_fn is None)
         B, K, d = sup.shape
-        t, eps = (None, None) if draws is None else draws
-        if t is None:
-            t = self.schedule.sample_t(B, device=sup.device, dtype=sup.dtype, generator=self.generator)
+        t, eps = draws or self._draw(sup, B * K)
         t_rep = t.repeat_interleave(K)
-        a_t, _ = self.schedule.diffuse(sup.reshape(B * K, d), t_rep, eps=eps, generator=self.generator)
+        a_t, _ = self.schedule.diffuse(sup.reshape(B * K, d), t_rep, eps=eps)
         rep = {"s": None if s is None else s.repeat_interleave(K, dim=0), "support": sup.repeat_interleave(K, dim=0)}
         if batch.get("support_q") is not None:
             rep["support_q"] = batch["support_q"].repeat_interleave(K, dim=0)
