@@ -314,20 +314,17 @@ class SupportSampler:
         return {}
 
     def _sample(self, g: torch.Generator | None) -> None:
-        i, K = len(self.chunks) * self.per, self.cfg.k
-        if self.per_call == 1:
-            s = self.obs[i:i + self.per].repeat_interleave(K, 0)
-            a = self.behaviour.sample(cond=s, n_steps=self.cfg.steps, solver=self.cfg.solver, generator=g, clip=1.0)
-            self.chunks.append(a.reshape(-1, K, a.shape[-1]))
-            return
+        """The next ``per_call`` chunks in one pass (what ``DiffusionModel.sample`` draws for one chunk a pass:
+        the starting noise chunk by chunk from ``g``, then ``g`` for a solver's later noise, clipped to 1)."""
         from aepo_lite.core.diffusion import sample
+        i, K = len(self.chunks) * self.per, self.cfg.k
         rows = self.obs[i:i + self.per * self.per_call]
         p, d = next(self.behaviour.parameters()), self.behaviour.net.action_dim
         sizes = [min(self.per, rows.shape[0] - j) * K for j in range(0, rows.shape[0], self.per)]
         x_T = torch.cat([torch.randn((n, d), generator=g, dtype=p.dtype, device=g.device if g is not None else p.device)
-                         for n in sizes]).to(p.device)  # chunk by chunk, as one pass a chunk draws it
+                         for n in sizes]).to(p.device)
         a = sample(self.behaviour.eps, x_T, schedule=self.behaviour.schedule, cond=rows.repeat_interleave(K, 0),
-                   n_steps=self.cfg.steps, solver=self.cfg.solver).clamp(-1.0, 1.0)
+                   n_steps=self.cfg.steps, solver=self.cfg.solver, generator=g).clamp(-1.0, 1.0)
         self.chunks += [c.reshape(-1, K, d) for c in a.split(sizes)]
 
     @property
