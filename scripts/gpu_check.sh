@@ -43,16 +43,16 @@ while [ $# -gt 0 ]; do
 done
 PY="${PYTHON:-python}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-if compgen -G ".whl/*.whl" > /dev/null; then  # scripts/gpu_prepare.sh: what the GPU image lacks
-  SITE="$(mktemp -d "${TMPDIR:-/tmp}/gpu_check_site.XXXXXX")"
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl \
-    && export PYTHONPATH="$SITE:$PYTHONPATH" || echo "gpu_check: could not install .whl/*.whl; going on without" >&2
-fi
 if [ "$DEVICE" != cpu ]; then
   if ! "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" >/dev/null 2>&1; then
     echo "gpu_check: no CUDA device here (torch.cuda.is_available() is False for $PY); run it on a machine with a GPU, or use --device cpu --tiny for the dry run" >&2
     exit 2
   fi
+fi
+if compgen -G ".whl/*.whl" > /dev/null; then  # scripts/gpu_prepare.sh: what the GPU image lacks
+  SITE="$(mktemp -d "${TMPDIR:-/tmp}/gpu_check_site.XXXXXX")"
+  PIP_ROOT_USER_ACTION=ignore "$PY" -m pip install -q --disable-pip-version-check --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl \
+    && export PYTHONPATH="$SITE:$PYTHONPATH" || echo "gpu_check: could not install .whl/*.whl; going on without" >&2
 fi
 if [ -z "$OUT" ]; then
   if [ "$DEVICE" = cpu ]; then OUT="${TMPDIR:-/tmp}/gpu_check_dry/bench_dry"; else OUT=figures/bench_cuda; fi
