@@ -122,6 +122,16 @@ def _row(name: str, res: dict, old: str, new: str, log) -> dict:
             "launches": {old: res[old]["launches"], new: res[new]["launches"]}, "ratio": ratio}
 
 
+def _seeds_row(name: str, res: dict, n: int, log) -> dict:
+    """A row timing ``n`` seeds stacked (``res[f"{n}_seeds"]``) against one (``res["one_seed"]``)."""
+    row = _row(name, res, f"{n}_seeds", "one_seed", log)
+    row["seconds_n_over_1"] = row["ratio"]
+    row["launches_n_over_1"] = row["launches"][f"{n}_seeds"] / row["launches"]["one_seed"]
+    log(f"    time({n} seeds together) / time(1 seed) = {row['ratio']:.2f}, kernel-launching operators "
+        f"{row['launches_n_over_1']:.2f} (separately: {n}.00)")
+    return row
+
+
 # ----------------------------------------------------------------------------- the parts
 @contextlib.contextmanager
 def _jacobian_method(method: str):
@@ -223,12 +233,7 @@ def _seed_rows(name, one, make_stacked, draw, device, sizes, rounds, min_time, l
                f"{n}_seeds": lambda: stacked.step({k: torch.stack(v) for k, v in
                                                    zip(draw().keys(), zip(*[draw().values() for _ in range(n)]))})}
         res = side_by_side(fns, device, rounds, min_time)
-        row = _row(f"{name}: {n} seeds stacked vs 1", res, f"{n}_seeds", "one_seed", log)
-        row["seconds_n_over_1"] = row["ratio"]
-        row["launches_n_over_1"] = row["launches"][f"{n}_seeds"] / row["launches"]["one_seed"]
-        log(f"    time({n} seeds together) / time(1 seed) = {row['ratio']:.2f}, kernel-launching operators "
-            f"{row['launches_n_over_1']:.2f} (separately: {n}.00)")
-        rows.append(row)
+        rows.append(_seeds_row(f"{name}: {n} seeds stacked vs 1", res, n, log))
     return rows
 
 
@@ -290,13 +295,8 @@ def _support_rows(obs, device, sizes, rounds, min_time, log) -> list:
                                         generators=[torch.Generator().manual_seed(i) for i in range(n)])
         res = side_by_side({"one_seed": lambda: step(one, {"generator": g}), f"{n}_seeds": lambda: step(stacked, {})},
                            device, rounds, min_time)
-        row = _row(f"support actions {chunk} a seed, K={cfg.support.k}: {n} seeds stacked vs 1", res, f"{n}_seeds",
-                   "one_seed", log)
-        row["seconds_n_over_1"] = row["ratio"]
-        row["launches_n_over_1"] = row["launches"][f"{n}_seeds"] / row["launches"]["one_seed"]
-        log(f"    time({n} seeds together) / time(1 seed) = {row['ratio']:.2f}, kernel-launching operators "
-            f"{row['launches_n_over_1']:.2f} (separately: {n}.00)")
-        rows.append(row)
+        rows.append(_seeds_row(f"support actions {chunk} a seed, K={cfg.support.k}: {n} seeds stacked vs 1", res, n,
+                               log))
     return rows
 
 

@@ -17,7 +17,7 @@ from torch import nn
 from aepo_lite.config import CriticConfig
 from aepo_lite.core import aepo
 from aepo_lite.core.critics import IQLCritic, InSupportCritic
-from aepo_lite.core.nets import MLP, NoiseNet, TwinQ
+from aepo_lite.core.nets import NoiseNet, TwinQ
 from aepo_lite.core.schedule import VPSchedule
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (scripts/gpu_check.sh runs it)")
@@ -95,20 +95,9 @@ def test_posterior_covariance_matches_the_loop(jacobian_kind, dtype, B, d):
 
 
 def _old_twin(state_dim, action_dim, hidden, depth, activation, layer_norm):
-    """The earlier TwinQ layout: two independent MLPs (the reference for old checkpoints)."""
-    class OldTwinQ(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.q1 = MLP(state_dim + action_dim, 1, hidden, depth, activation, layer_norm)
-            self.q2 = MLP(state_dim + action_dim, 1, hidden, depth, activation, layer_norm)
-
-        def forward(self, s, a):
-            x = torch.cat([s, a], dim=-1)
-            return self.q1(x).squeeze(-1), self.q2(x).squeeze(-1)
-
-        def q_min(self, s, a):
-            return torch.minimum(*self(s, a))
-    return OldTwinQ()
+    """The earlier TwinQ layout, two independent MLPs (the reference for old checkpoints), as the GPU-paths
+    script times it."""
+    return _script("gpu_paths").OldTwinQ(state_dim, action_dim, hidden, depth, activation, layer_norm)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
