@@ -9,10 +9,12 @@ write of the same file (:func:`_remove_stale_temps`). Reading a damaged file (:f
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import sys
 import tempfile
+import time
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +22,7 @@ from typing import Any
 import torch
 
 __all__ = ["atomic_write_text", "atomic_write_json", "atomic_torch_save", "atomic_save_figure", "read_json",
-           "torch_load", "append_jsonl", "STALE_TEMP_S"]
+           "torch_load", "append_jsonl", "read_csv_rows", "RunLock", "results_lock", "STALE_TEMP_S"]
 
 # A sibling temporary file this much older than ours, whose writer is gone, is an orphan.
 STALE_TEMP_S = 60.0
@@ -198,3 +200,53 @@ def read_csv_rows(path, columns, *, made_by: str, hint: str = "") -> list[dict]:
         if missing:
             raise ValueError(f"csv_path: {path} lacks the columns {missing}{hint}")
         return list(reader)
+
+
+class RunLock:
+    """An exclusive lock on a folder (``DIR/.lock``) or one entry in it: a second writer is refused at once.
+
+    The operating system releases it when the process ends, however it ends.
+    """
+
+    def __init__(self, folder, what: str = "out", name: str = ".lock", wait: float = 0.0):
+        """``name``: the lock file in ``folder``; one folder may hold several locks (one per cache entry).
+        ``wait``: seconds to wait for another holder (0: refuse at once). A shared cache entry waits: the
+        other process is training exactly what this one needs, and it is loaded once that finishes."""
+        self.path, self.what, self.wait, self._fd = Path(folder) / name, what, float(wait), None
+
+    def __enter__(self) -> "RunLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        deadline, said = time.monotonic() + self.wait, False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                other = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+                if time.monotonic() >= deadline:
+                    os.close(fd)
+                    raise ValueError(f"{self.what}: {self.path.parent} is being written by another aepo-lite "
+                                     f"process (pid {other}); wait for it to finish or use another folder") from None
+                if not said:
+                    print(f"{self.what}: waiting for pid {other}, which is writing {self.path.parent}", flush=True)
+                    said = True
+                time.sleep(0.5)
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+
+def results_lock(path) -> RunLock:
+    """A lock for a read-merge-write of the results file ``path`` (``.<name>.lock`` beside it): processes that
+    add rows to one CSV (two toy runs sharing a 2-core machine) then keep each other's rows. It waits for
+    another holder, which holds it only while it merges."""
+    path = Path(path)
+    return RunLock(path.parent, what="csv_path", name=f".{path.name}.lock", wait=600)

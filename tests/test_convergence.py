@@ -150,6 +150,51 @@ def test_convergence_run_is_resumable_and_renders(tmp_path, monkeypatch):
     assert all(p.exists() for p in paths) and "particles-K8" in paths[0].read_text()
 
 
+def _curve_row(task, seed, steps, err=0.5):
+    return dict(task=task, method="qgpo", estimator="", critic="reward", beta="10", seed=seed, preset="smoke",
+                energy_steps=steps, **{k: f"{err:.6f}" for k in ("err_0.05", "err_0.2", "err_0.5", "err_mean")},
+                distance="0.100000", floor="0.050000", energy_seconds="1.0")
+
+
+def test_convergence_keeps_rows_another_process_wrote_during_a_run(tmp_path, monkeypatch):
+    """Two processes running other parts of the curve into one CSV: a row merged while this one trains stays."""
+    csv_path = tmp_path / "c.csv"
+    conv.merge_rows(csv_path, [_curve_row("rings", 0, 5)])
+
+    def fake_run(cfg, out, **kw):
+        conv.merge_rows(csv_path, [_curve_row("swissroll", 1, 7)])  # the other process, finishing meanwhile
+        return dict(energy_error={"0.05": 0.1, "0.2": 0.2, "0.5": 0.3}, results=[dict(distance=0.2, floor=0.1)],
+                    estimator="", critic="reward", train_info=dict(energy=dict(seconds=1.0)))
+
+    monkeypatch.setattr(conv, "run_toy", fake_run)
+    cc = conv.ConvergenceConfig(tasks=("moons",), specs=("qgpo",), steps=(5,), preset="smoke")
+    rows = conv.run_convergence(cc, csv_path, runs_dir=tmp_path / "runs", progress=False)
+    got = sorted((r["task"], str(r["seed"]), int(r["energy_steps"])) for r in conv.read_rows(csv_path))
+    assert got == [("moons", "0", 5), ("rings", "0", 5), ("swissroll", "1", 7)]
+    assert len(rows) == 3
+
+
+def test_processes_merging_into_one_csv_keep_every_row(tmp_path):
+    """Three processes each merge 100 rows one at a time into the same CSV: all 300 are there (a read-merge-write
+    without the lock loses rows when the writes interleave)."""
+    import subprocess
+    import sys
+    import time
+    go = tmp_path / "go"
+    code = ("import os, sys, time; from aepo_lite.toy import convergence as conv\n"
+            "sys.path.insert(0, sys.argv[3]); from test_convergence import _curve_row\n"
+            "while not os.path.exists(sys.argv[4]): time.sleep(0.01)\n"  # all start merging at once
+            "for i in range(100): conv.merge_rows(sys.argv[1], [_curve_row('moons', int(sys.argv[2]), i)])\n")
+    here = str(__import__("pathlib").Path(__file__).parent)
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "c.csv"), str(p), here, str(go)])
+             for p in range(3)]
+    time.sleep(3)  # imports done
+    go.touch()
+    assert [p.wait(timeout=300) for p in procs] == [0, 0, 0]
+    got = {(str(r["seed"]), int(r["energy_steps"])) for r in conv.read_rows(tmp_path / "c.csv")}
+    assert got == {(str(p), i) for p in range(3) for i in range(100)}
+
+
 # ------------------------------------------------------------------------------ parts 4-5 on a trained run
 def test_trained_budget_parts_against_their_references(tmp_path):
     """MSE's own target is exact (beta E[e(x0)|x_t]); the exact-energy sampler beats unguided samples."""

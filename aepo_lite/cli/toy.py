@@ -139,7 +139,8 @@ def _register_convergence(subparsers, presets, critic_kinds) -> None:
     d = ConvergenceConfig()
     c = subparsers.add_parser("toy-convergence", help="energy error vs energy steps on the toy tasks (is the budget "
                               "converged?)", description="One run per task, method and energy step count (resumable: "
-                              "finished runs are read), merged into the CSV; then figures/toy2d_convergence.{md,png}. "
+                              "finished runs are read), each run's row merged into the CSV under a lock (processes running other tasks "
+                              "or seeds may share it); then figures/toy2d_convergence.{md,png}. "
                               "--check N fails unless every method's energy error falls by less than --tol past N.")
     c.add_argument("--tasks", nargs="+", default=None, help="default: every registered task")
     c.add_argument("--specs", nargs="+", default=list(d.specs), help="qgpo, mse, aepo:<estimator> (default: %(default)s)")

@@ -24,13 +24,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from aepo_lite._io import atomic_save_figure, atomic_write_text, read_csv_rows, read_json
+from aepo_lite._io import atomic_save_figure, atomic_write_text, read_csv_rows, read_json, results_lock
 from aepo_lite.config import config_diff, to_dict
 from aepo_lite.toy import tasks as toy
 from aepo_lite.toy.pipeline import (RUN_FIELDS_FREE, check_config, default_out, estimator_label,
                                     estimator_overrides, make_config, run_toy)
 
-__all__ = ["ConvergenceConfig", "DEFAULT_SPECS", "spec_configs", "run_convergence", "read_rows", "improvements",
+__all__ = ["ConvergenceConfig", "DEFAULT_SPECS", "spec_configs", "run_convergence", "read_rows", "merge_rows", "improvements",
            "matched_top", "last_drops", "check_converged", "convergence_markdown", "distance_markdown", "render"]
 
 DEFAULT_SPECS = ("qgpo", "mse", "aepo:gaussian-fit/sampled", "aepo:particles-K256")
@@ -119,23 +119,34 @@ def _write_rows(csv_path, rows: list[dict]) -> Path:
     return atomic_write_text(csv_path, buf.getvalue())
 
 
+def merge_rows(csv_path, new_rows: list[dict]) -> list[dict]:
+    """Merge rows into the CSV (a row with the same key is replaced, the others kept) and return all of them.
+    The CSV is read and written under a lock, so processes that run other parts of the curve into one CSV
+    keep each other's rows."""
+    with results_lock(csv_path):
+        rows = {tuple(str(r[k]) for k in _KEY): r for r in read_rows(csv_path)}
+        rows.update({tuple(str(r[k]) for k in _KEY): r for r in new_rows})
+        _write_rows(csv_path, list(rows.values()))
+    return list(rows.values())
+
+
 def run_convergence(cc: ConvergenceConfig, csv_path="figures/toy2d_convergence.csv", *, runs_dir="runs/convergence",
                     cache_dir=None, progress: bool = True) -> list[dict]:
-    """Run (or read) every step count of the curve and merge its rows into ``csv_path`` after each run."""
+    """Run (or read) every step count of the curve and merge its row into ``csv_path`` after each run (several
+    processes may share one CSV); returns the CSV's rows."""
     cfgs = [check_config(c) for c in spec_configs(cc)]
-    rows = {tuple(str(r[k]) for k in _KEY): r for r in read_rows(csv_path)}
+    rows = []
     for i, cfg in enumerate(cfgs):
         out = _run_dir(cfg, runs_dir)
         t0 = time.time()
         res = _finished(out, cfg) or run_toy(cfg, out, cache_dir=cache_dir, progress=progress, figure=False,
                                                  budget=False)
         row = _row(res, cfg)
-        rows[tuple(str(row[k]) for k in _KEY)] = row
-        _write_rows(csv_path, list(rows.values()))
+        rows = merge_rows(csv_path, [row])
         print(f"[{i + 1}/{len(cfgs)}] {cfg.task} {estimator_label(cfg)} energy.steps={cfg.energy.steps}: energy error "
               f"{float(row['err_mean']):.4f}, distance {float(row['distance']):.4f} ({time.time() - t0:.0f} s)",
               flush=True)
-    return list(rows.values())
+    return rows
 
 
 def _sort_key(r: dict) -> tuple:

@@ -21,7 +21,7 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
-from aepo_lite._io import atomic_save_figure, atomic_write_text, read_csv_rows
+from aepo_lite._io import atomic_save_figure, atomic_write_text, read_csv_rows, results_lock
 
 __all__ = ["COLUMNS", "SETTINGS", "read_results", "write_results", "result_rows", "done_keys", "config_keys",
            "settings_groups", "summarise", "best_estimator", "render", "update_readme", "plot_run", "README_START",
@@ -107,9 +107,15 @@ def done_keys(csv_path) -> set:
 
 def write_results(csv_path, new_rows: list[dict]) -> list[dict]:
     """Merge ``new_rows`` into the CSV: a row with the same task/method/estimator/critic/beta/scale/seed *and*
-    settings is replaced; rows made with other settings (another preset, sample count, sampler) are kept."""
+    settings is replaced; rows made with other settings (another preset, sample count, sampler) are kept. Read
+    and written under a lock: processes that share the CSV keep each other's rows."""
     path = Path(csv_path)
     checked = [_row(r, f"new_rows[{i}]") for i, r in enumerate(new_rows)]  # all checked before the file is read
+    with results_lock(path):
+        return _merge_results(path, checked)
+
+
+def _merge_results(path: Path, checked: list[dict]) -> list[dict]:
     rows = {_key(r): r for r in (read_results(path) if path.exists() else [])}
     for r in checked:
         rows[_key(r)] = r

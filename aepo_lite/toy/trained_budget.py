@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from aepo_lite._io import atomic_write_text, read_csv_rows
+from aepo_lite._io import atomic_write_text, read_csv_rows, results_lock
 from aepo_lite.config import to_dict
 from aepo_lite.toy import tasks as toy
 
@@ -164,14 +164,16 @@ def read_rows(csv_path) -> list[dict]:
 
 
 def write_rows(csv_path, new_rows: list[dict]) -> Path:
-    """Merge rows into the CSV (a row with the same key is replaced; others are kept)."""
-    rows = {tuple(str(r[k]) for k in _KEY): r for r in read_rows(csv_path)}
-    rows.update({tuple(str(r[k]) for k in _KEY): r for r in new_rows})
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
-    w.writeheader()
-    w.writerows(sorted(rows.values(), key=lambda r: tuple(str(r[k]) for k in _KEY)))
-    return atomic_write_text(csv_path, buf.getvalue())
+    """Merge rows into the CSV (a row with the same key is replaced; others are kept), under a lock: processes
+    that share the CSV keep each other's rows."""
+    with results_lock(csv_path):
+        rows = {tuple(str(r[k]) for k in _KEY): r for r in read_rows(csv_path)}
+        rows.update({tuple(str(r[k]) for k in _KEY): r for r in new_rows})
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
+        w.writeheader()
+        w.writerows(sorted(rows.values(), key=lambda r: tuple(str(r[k]) for k in _KEY)))
+        return atomic_write_text(csv_path, buf.getvalue())
 
 
 def _label(r: dict) -> str:

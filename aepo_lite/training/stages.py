@@ -21,11 +21,9 @@ so runs that share a stage, e.g. one behaviour model per toy task, train it once
 """
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import math
-import os
 import time
 import warnings
 from dataclasses import dataclass, fields, is_dataclass
@@ -34,7 +32,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from aepo_lite._io import _default, append_jsonl, atomic_torch_save, atomic_write_text, torch_load
+from aepo_lite._io import RunLock, _default, append_jsonl, atomic_torch_save, atomic_write_text, torch_load
 from aepo_lite.training.learners import Learner
 
 __all__ = ["FORMAT", "Stage", "StageStore", "RunLock", "MetricsLog", "stage_hash", "run_stage", "run_cached_stage",
@@ -81,48 +79,6 @@ def stage_hash(stage: Stage) -> str:
     key = {"format": FORMAT, "stage": stage.name, "config": _jsonable(stage.config), "steps": stage.steps,
            "seed": stage.seed, "upstream": list(stage.upstream)}
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=_default).encode()).hexdigest()[:16]
-
-
-class RunLock:
-    """An exclusive lock on a folder (``DIR/.lock``) or one entry in it: a second writer is refused at once.
-
-    The operating system releases it when the process ends, however it ends.
-    """
-
-    def __init__(self, folder, what: str = "out", name: str = ".lock", wait: float = 0.0):
-        """``name``: the lock file in ``folder``; one folder may hold several locks (one per cache entry).
-        ``wait``: seconds to wait for another holder (0: refuse at once). A shared cache entry waits: the
-        other process is training exactly what this one needs, and it is loaded once that finishes."""
-        self.path, self.what, self.wait, self._fd = Path(folder) / name, what, float(wait), None
-
-    def __enter__(self) -> "RunLock":
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        deadline, said = time.monotonic() + self.wait, False
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                other = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
-                if time.monotonic() >= deadline:
-                    os.close(fd)
-                    raise ValueError(f"{self.what}: {self.path.parent} is being written by another aepo-lite "
-                                     f"process (pid {other}); wait for it to finish or use another folder") from None
-                if not said:
-                    print(f"{self.what}: waiting for pid {other}, which is writing {self.path.parent}", flush=True)
-                    said = True
-                time.sleep(0.5)
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
-        self._fd = fd
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self._fd is not None:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-            os.close(self._fd)
-            self._fd = None
 
 
 class StageStore:
