@@ -150,6 +150,24 @@ def test_convergence_run_is_resumable_and_renders(tmp_path, monkeypatch):
     assert all(p.exists() for p in paths) and "particles-K8" in paths[0].read_text()
 
 
+def test_convergence_in_two_worker_processes_gives_the_serial_rows(tmp_path, monkeypatch):
+    import aepo_lite.config as C
+    monkeypatch.setitem(C.PRESETS["toy"], "smoke", dict(C.PRESETS["toy"]["smoke"], n_data=2000, behaviour=dict(
+        steps=20), eval=dict(n_samples=200, n_ref_data=1000, pool_size=2000, grid_size=8)))
+    cc = conv.ConvergenceConfig(tasks=("moons", "rings"), specs=("qgpo",), steps=(5, 10), preset="smoke",
+                                device="cpu")
+    got = {}
+    for workers in (1, 2):
+        d = tmp_path / f"w{workers}"
+        rows = conv.run_convergence(cc, d / "c.csv", runs_dir=d / "runs", cache_dir=d / "cache", progress=False,
+                                    workers=workers)
+        got[workers] = sorted(tuple((k, str(v)) for k, v in r.items() if k != "energy_seconds") for r in rows)
+    assert len(got[1]) == 4 and got[2] == got[1]  # the configs travel whole: the workers see the patched preset
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="workers"):
+            conv.run_convergence(cc, tmp_path / "x.csv", runs_dir=tmp_path / "x", workers=bad)
+
+
 def _curve_row(task, seed, steps, err=0.5):
     return dict(task=task, method="qgpo", estimator="", critic="reward", beta="10", seed=seed, preset="smoke",
                 energy_steps=steps, **{k: f"{err:.6f}" for k in ("err_0.05", "err_0.2", "err_0.5", "err_mean")},

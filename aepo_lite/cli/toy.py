@@ -160,6 +160,8 @@ def _register_convergence(subparsers, presets, critic_kinds) -> None:
     c.add_argument("--capture", action="store_true", help="each training step one CUDA graph (eager on the CPU)")
     c.add_argument("--render-only", action="store_true", help="only the table, figure and --check from the CSV")
     c.add_argument("--quiet", action="store_true", help="no progress bars")
+    c.add_argument("--workers", type=int, default=1, help="runs at a time in a process pool, the cores shared out "
+                   "as torch threads (no progress bars; a line per finished run)")
     c.set_defaults(func=run_convergence_command)
 
 
@@ -171,7 +173,8 @@ def run_convergence_command(args) -> int:
     if args.check is not None and args.check not in args.steps[:-1]:
         raise ValueError(f"--check {args.check}: expected one of the step counts below the largest, {args.steps[:-1]}")
     if not args.render_only:
-        conv.run_convergence(cc, args.csv, runs_dir=args.runs_dir, cache_dir=args.cache_dir, progress=not args.quiet)
+        conv.run_convergence(cc, args.csv, runs_dir=args.runs_dir, cache_dir=args.cache_dir, progress=not args.quiet,
+                             workers=args.workers)
     paths = conv.render(args.csv, args.figures_dir, tol=args.tol)
     print("wrote " + ", ".join(str(p) for p in paths))
     if args.check is not None:

@@ -24,10 +24,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from aepo_lite._io import atomic_save_figure, atomic_write_text, read_csv_rows, read_json, results_lock
 from aepo_lite.config import config_diff, to_dict
 from aepo_lite.toy import tasks as toy
-from aepo_lite.toy.pipeline import (RUN_FIELDS_FREE, check_config, default_out, estimator_label,
+from aepo_lite.toy.pipeline import (RUN_FIELDS_FREE, check_config, default_out,
                                     estimator_overrides, make_config, run_toy)
 
 __all__ = ["ConvergenceConfig", "DEFAULT_SPECS", "spec_configs", "run_convergence", "read_rows", "merge_rows", "improvements",
@@ -130,23 +132,44 @@ def merge_rows(csv_path, new_rows: list[dict]) -> list[dict]:
     return list(rows.values())
 
 
+def _run_one(cfg, runs_dir, cache_dir, progress: bool, csv_path, threads: int | None = None) -> tuple[dict, float]:
+    """One point of the curve: train (or read back) the run, merge its row into the CSV; (row, seconds)."""
+    if threads:
+        torch.set_num_threads(threads)
+    out, t0 = _run_dir(cfg, runs_dir), time.time()
+    res = _finished(out, cfg) or run_toy(cfg, out, cache_dir=cache_dir, progress=progress, figure=False, budget=False)
+    row = _row(res, cfg)
+    merge_rows(csv_path, [row])
+    return row, time.time() - t0
+
+
 def run_convergence(cc: ConvergenceConfig, csv_path="figures/toy2d_convergence.csv", *, runs_dir="runs/convergence",
-                    cache_dir=None, progress: bool = True) -> list[dict]:
+                    cache_dir=None, progress: bool = True, workers: int = 1) -> list[dict]:
     """Run (or read) every step count of the curve and merge its row into ``csv_path`` after each run (several
-    processes may share one CSV); returns the CSV's rows."""
+    processes may share one CSV); returns the CSV's rows. ``workers`` > 1: that many runs at a time in a
+    process pool, the machine's cores shared out as torch threads (no progress bars then; a line per run)."""
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers: expected an integer >= 1, got {workers!r}")
     cfgs = [check_config(c) for c in spec_configs(cc)]
-    rows = []
-    for i, cfg in enumerate(cfgs):
-        out = _run_dir(cfg, runs_dir)
-        t0 = time.time()
-        res = _finished(out, cfg) or run_toy(cfg, out, cache_dir=cache_dir, progress=progress, figure=False,
-                                                 budget=False)
-        row = _row(res, cfg)
-        rows = merge_rows(csv_path, [row])
-        print(f"[{i + 1}/{len(cfgs)}] {cfg.task} {estimator_label(cfg)} energy.steps={cfg.energy.steps}: energy error "
-              f"{float(row['err_mean']):.4f}, distance {float(row['distance']):.4f} ({time.time() - t0:.0f} s)",
+
+    def done(i: int, row: dict, seconds: float) -> None:
+        print(f"[{i}/{len(cfgs)}] {row['task']} {_label(row)} seed {row['seed']} energy.steps={row['energy_steps']}: "
+              f"energy error {float(row['err_mean']):.4f}, distance {float(row['distance']):.4f} ({seconds:.0f} s)",
               flush=True)
-    return rows
+
+    if workers == 1:
+        for i, cfg in enumerate(cfgs):
+            done(i + 1, *_run_one(cfg, runs_dir, cache_dir, progress, csv_path))
+        return read_rows(csv_path)
+    import multiprocessing as mp
+    import os
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
+        futures = [pool.submit(_run_one, cfg, runs_dir, cache_dir, False, csv_path, threads) for cfg in cfgs]
+        for i, f in enumerate(as_completed(futures)):
+            done(i + 1, *f.result())
+    return read_rows(csv_path)
 
 
 def _sort_key(r: dict) -> tuple:
