@@ -217,7 +217,7 @@ PRESETS: dict[str, dict[str, dict]] = {
     "toy": {
         "smoke": {"n_data": 20_000, "log_every": 100, "checkpoint_every": 500,
                   "behaviour": dict(steps=1500), "critic": dict(steps=800), "energy": dict(steps=800),
-                  "eval": dict(n_samples=1000, n_ref_data=20_000)},
+                  "eval": dict(n_samples=1000, n_ref_data=20_000, pool_size=20_000)},
         "full": {},
         # the full preset with a longer energy budget (4000 steps; whether it is converged is measured by
         # aepo-lite toy-convergence, figures/toy2d_convergence.md): the matched toy grid of docs/results.md

@@ -288,3 +288,50 @@ def test_one_curve_carried_further_keeps_the_comparison_at_the_budget_every_meth
     assert "| moons | aepo(p) | 0.800 | 0.400 | 0.380 | +5% |" in table
     with pytest.raises(ValueError, match="energy_steps: no step count"):
         conv.matched_top(_rows({("moons", "qgpo", ""): {1000: 1.0}, ("moons", "aepo", "p"): {2000: 0.4}}))
+
+
+def test_floor_spread_sets_runs_against_their_seed_floor_and_the_expected_one(tmp_path):
+    from aepo_lite.toy import floors as FL
+    rows = FL.spread_rows(["moons"], 10.0, 300, 4, 5000, 32)
+    draws = [toy.distance_floor("moons", 10.0, 300, seed=s, pool_size=5000, n_projections=32) for s in range(4)]
+    assert [float(r["floor"]) for r in rows] == pytest.approx(draws, abs=1e-6) and len(set(draws)) == 4
+    expected = sum(draws) / 4
+    assert toy.expected_floor("moons", 10.0, 300, pool_size=5000, n_projections=32, pairs=4) == pytest.approx(expected)
+    runs = [dict(_curve_row("moons", s, 100), method="aepo", estimator="x", distance=f"{d:.6f}")
+            for s, d in ((0, 1.9 * draws[0]), (1, 2.5 * expected))]
+    table = FL.against_floors(runs, rows)
+    assert f"| {1.9 * draws[0] / expected:.2f} |" in table and "| 2.50 |" in table and "aepo(x)" in table
+    n_own = (1.9 <= 2.0) + (2.5 * expected / draws[1] <= 2.0)
+    n_exp = (1.9 * draws[0] / expected <= 2.0) + 0
+    assert f"Within 2x: {n_own}/2 runs against their own seed's floor, {n_exp}/2 against the expected floor." in table
+    with pytest.raises(ValueError, match="runs"):
+        FL.against_floors([dict(runs[0], task="rings")], rows)
+    FL.write_rows(tmp_path / "toy2d_floor_spread.csv", rows)
+    md = FL.render(tmp_path / "toy2d_floor_spread.csv", tmp_path)[0].read_text()
+    assert f"| moons | 10 | 300 | 4 | {expected:.4f} |" in md
+
+
+def test_refloor_restates_only_the_floor_column(tmp_path, monkeypatch):
+    import importlib.util
+    from pathlib import Path
+    spec = importlib.util.spec_from_file_location("floor_spread", Path(__file__).resolve().parents[1] / "scripts"
+                                                  / "floor_spread.py")
+    fs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fs)
+    import aepo_lite.config as C
+    monkeypatch.setitem(C.PRESETS["toy"], "smoke", dict(C.PRESETS["toy"]["smoke"], eval=dict(
+        n_samples=300, pool_size=5000, n_projections=32)))
+    ev = C.PRESETS["toy"]["smoke"]["eval"]
+    rows = [dict(_curve_row("moons", 0, 5), floor="0.5"), _curve_row("rings", 1, 5)]
+    conv.merge_rows(tmp_path / "c.csv", rows)
+    before = conv.read_rows(tmp_path / "c.csv")
+    assert fs.refloor(tmp_path / "c.csv") == 2 and fs.refloor(tmp_path / "c.csv") == 0
+    after = conv.read_rows(tmp_path / "c.csv")
+    for b, a in zip(before, after):
+        assert {k: v for k, v in a.items() if k != "floor"} == {k: v for k, v in b.items() if k != "floor"}
+        want = toy.expected_floor(a["task"], 10.0, ev["n_samples"], pool_size=ev["pool_size"],
+                                  n_projections=ev["n_projections"])
+        assert float(a["floor"]) == pytest.approx(want, abs=1e-6)
+    (tmp_path / "bad.csv").write_text("task,beta\nmoons,10\n")
+    with pytest.raises(ValueError, match="no floor column"):
+        fs.refloor(tmp_path / "bad.csv")

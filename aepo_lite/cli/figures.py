@@ -18,6 +18,7 @@ guidance size by t  rl_6c/energy_gradients.csv   ``aepo_lite.rl.diagnostics.rend
 toy error budget    toy2d_budget.csv (optional)  ``aepo_lite.toy.budget.render``
 toy budget, runs    toy2d_budget_runs.csv (opt.) ``aepo_lite.toy.trained_budget.render`` (parts 4-5)
 toy convergence     toy2d_convergence.csv (opt.) ``aepo_lite.toy.convergence.render``
+toy floor by seed   toy2d_floor_spread.csv (opt.) ``aepo_lite.toy.floors.render``
 speed benchmark     bench_*.json (optional)      ``aepo_lite.bench.to_markdown``
 QGPO comparison     compare_qgpo_*.json          ``scripts/compare_qgpo.py``'s ``to_markdown``
                     (optional)                   (timings measured there, tabulated here)
@@ -112,6 +113,8 @@ PARTS = (
          optional=True),
     Part("toy energy convergence", "aepo_lite.toy.convergence", "toy2d_convergence.csv",
          "aepo-lite toy-convergence", _render_report, optional=True),
+    Part("toy noise floor by seed", "aepo_lite.toy.floors", "toy2d_floor_spread.csv",
+         "python scripts/floor_spread.py", _render_report, optional=True),
     Part("speed benchmark", "aepo_lite.bench", "bench_*.json",
          "aepo-lite bench --out figures/bench_<device>.json", _render_markdown_of_json, optional=True),
     Part("QGPO code comparison", "scripts/compare_qgpo.py", "compare_qgpo_*.json",

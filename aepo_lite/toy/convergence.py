@@ -86,8 +86,11 @@ def spec_configs(cc: ConvergenceConfig) -> list:
 
 
 def _row(res: dict, cfg) -> dict:
-    errs = res["energy_error"]
-    r = res["results"][0]
+    """The curve's row of a run; its floor is the expected one (:func:`aepo_lite.toy.tasks.expected_floor`) of the
+    run's settings, also for runs evaluated when each recorded one seed's draw."""
+    errs, ev = res["energy_error"], cfg.eval
+    r = dict(res["results"][0], floor=toy.expected_floor(cfg.task, cfg.energy.beta, ev.n_samples, pool_size=ev.pool_size,
+                                                         n_projections=ev.n_projections))
     return dict(task=cfg.task, method=cfg.method, estimator=res["estimator"], critic=res["critic"],
                 beta=f"{cfg.energy.beta:g}", seed=cfg.seed, preset=cfg.preset, energy_steps=cfg.energy.steps,
                 **{f"err_{t}": f"{errs[t]:.6f}" for t in ("0.05", "0.2", "0.5")},
@@ -275,8 +278,8 @@ def convergence_markdown(rows: list[dict], steps: int | None = None, tol: float 
 
 def distance_markdown(rows: list[dict], steps: int | None = None) -> str:
     """The sampler at one step count (default the largest): per task and method, the distance at w = 1 as mean
-    +- sample std over the seeds run there, the noise floor (mean over those seeds) and the ratios to the
-    floor and to QGPO's distance on the same task."""
+    +- sample std over the seeds run there, the noise floor (the expected one, the same for every seed) and the
+    ratios to the floor and to QGPO's distance on the same task."""
     steps = steps if steps is not None else max(int(r["energy_steps"]) for r in rows)
     cells: dict[tuple, dict[str, tuple[float, float]]] = {}
     for r in rows:
@@ -344,7 +347,9 @@ def render(csv_path="figures/toy2d_convergence.csv", figures_dir="figures", tol:
             f"{100 * tol:.0f}% means more steps still help. Our measurement, not the paper's.\n\n"
             + convergence_markdown(rows, tol=tol)
             + f"\n## The sampler at {top} energy steps\n\nSliced-W2 distance to exact target samples at w = 1 "
-            "(mean +- std over the seeds run at this step count); / floor: that mean over the noise floor (two "
-            "independent exact sample sets); / QGPO: over QGPO's mean on the same task.\n\n"
+            "(mean +- std over the seeds run at this step count); / floor: that mean over the noise floor (the expected "
+            f"distance between two independent exact sample sets, a mean over {toy.FLOOR_PAIRS} pairs: "
+            "`toy2d_floor_spread.md`); "
+            "/ QGPO: over QGPO's mean on the same task.\n\n"
             + distance_markdown(rows, top))
     return [atomic_write_text(d / "toy2d_convergence.md", text), _plot(rows, d / "toy2d_convergence.png")]

@@ -481,8 +481,7 @@ def evaluate_toy(models: ToyModels, *, keep_samples: bool = False, budget: bool 
     task, beta, clip = toy.get_task(cfg.task), cfg.energy.beta, cfg.energy.clip
     scales = (0.0,) if models.energy is None else cfg.sampling.guidance_scales
     target = toy.target_samples(task, beta, ev.n_samples, pool_size=ev.pool_size, seed=20_000 + cfg.seed)
-    floor = toy.distance_floor(task, beta, ev.n_samples, seed=cfg.seed, pool_size=ev.pool_size,
-                               n_projections=ev.n_projections)
+    floor = toy.expected_floor(task, beta, ev.n_samples, pool_size=ev.pool_size, n_projections=ev.n_projections)
     rows, samples = [], {}
     for w in scales:
         t0 = time.perf_counter()

@@ -22,6 +22,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from aepo_lite._io import atomic_save_figure, atomic_write_text, read_csv_rows, results_lock
+from aepo_lite.toy.tasks import FLOOR_PAIRS
 
 __all__ = ["COLUMNS", "SETTINGS", "read_results", "write_results", "result_rows", "done_keys", "config_keys",
            "settings_groups", "summarise", "best_estimator", "render", "update_readme", "plot_run", "README_START",
@@ -265,8 +266,8 @@ def table_markdown(rows: list[dict], beta: float, default_est: str | None, scale
                      if floor is not None else f"| {t} | — | " + " | ".join(cells) + " | — | — |")
     lines.append("")
     lines.append(f"beta = {beta:g}, guidance scale {scale:g} (bc: scale 0). Cells: sliced Wasserstein-2 distance to "
-                 "exact target samples, mean ± std over seeds (number of seeds). floor: the same distance between two "
-                 "independent exact target sets of the same size.")
+                 "exact target samples, mean ± std over seeds (number of seeds). floor: the expected distance between two "
+                 f"independent exact target sets of the same size (mean over {FLOOR_PAIRS} pairs).")
     if aepo:
         has_mse = any(s.get((beta, t, "mse")) for t in tasks)
         lines.append(f"{aepo}: within 2x of the floor on {n_within} of {n_tasks} tasks; "
@@ -385,7 +386,8 @@ def readme_section(rows: list[dict], csv_name: str = "figures/toy2d_results.csv"
              "the QGPO paper the exact target pi ∝ mu exp(beta e) and the exact intermediate energy E_t are "
              "computable (docs/derivation.md section 6), so every guidance method is measured against the truth: the sliced "
              "Wasserstein-2 distance between guided samples and as many exact target samples (2000 each at the "
-             "`full` preset), next to its noise floor (the same distance between two independent exact sets). These are our numbers on our "
+             "`full` preset), next to its noise floor (the expected distance between two independent exact sets, "
+             f"a mean over {FLOOR_PAIRS} pairs). These are our numbers on our "
              "re-implementation of the tasks, not the paper's.", "",
              f"Settings of every row below: {settings_text(main_st)}."
              + (" Rows made with other settings are in `figures/toy2d_table.md`, not here: " + "; ".join(others) + "."

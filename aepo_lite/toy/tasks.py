@@ -20,6 +20,7 @@ Everything takes an explicit ``torch.Generator`` or seed and works on any device
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ from aepo_lite.core.schedule import VPSchedule
 
 __all__ = [
     "ToyTask", "register_task", "get_task", "task_names", "TOY_TASKS", "SCALE",
-    "target_samples", "exact_intermediate_energy", "exact_posterior_average", "exact_energy_gradient", "make_grid", "sliced_wasserstein", "distance_floor",
+    "target_samples", "exact_intermediate_energy", "exact_posterior_average", "exact_energy_gradient", "make_grid", "sliced_wasserstein", "distance_floor", "expected_floor", "FLOOR_PAIRS",
     "energy_error", "check_count", "check_beta", "memory_budget_bytes",
 ]
 
@@ -418,6 +419,27 @@ def distance_floor(task: str | ToyTask, beta: float, n: int, *, seed: int = 0, p
     a = target_samples(task, beta, n, pool_size=pool_size, seed=10_000 + 2 * seed, dtype=torch.float64)
     b = target_samples(task, beta, n, pool_size=pool_size, seed=10_001 + 2 * seed, dtype=torch.float64)
     return sliced_wasserstein(a, b, n_projections)
+
+
+FLOOR_PAIRS = 32  # independent pairs averaged by expected_floor
+
+
+def expected_floor(task: str | ToyTask, beta: float, n: int, *, pool_size: int = 100_000, n_projections: int = 128,
+                   pairs: int = FLOOR_PAIRS) -> float:
+    """The noise floor every toy table reports: the expected sliced-W2 distance between two independent exact
+    target sets of size n, the mean of :func:`distance_floor` over ``pairs`` pairs (seeds 0 .. pairs-1).
+
+    One pair is a noisy draw: at beta = 10 and n = 2000 it varies by 15-40% (std / mean) from seed to seed on
+    the six tasks (``scripts/floor_spread.py``), so a ratio to one seed's draw is off by as much. Cached: a
+    task, beta and size cost ``pairs`` pairs once per process."""
+    return _expected_floor(get_task(task).name, float(beta), int(n), int(pool_size), int(n_projections), int(pairs))
+
+
+@functools.lru_cache(maxsize=256)
+def _expected_floor(name: str, beta: float, n: int, pool_size: int, n_projections: int, pairs: int) -> float:
+    pairs = check_count("pairs", pairs, bytes_per_item=1)
+    return math.fsum(distance_floor(name, beta, n, seed=s, pool_size=pool_size, n_projections=n_projections)
+                     for s in range(pairs)) / pairs
 
 
 def energy_error(f: torch.Tensor, E: torch.Tensor, log_weight: torch.Tensor | None = None) -> float:
