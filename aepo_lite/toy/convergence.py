@@ -16,8 +16,6 @@ same config is read, not trained again), ``render`` (``figures/toy2d_convergence
 """
 from __future__ import annotations
 
-import csv
-import io
 import math
 import statistics
 import time
@@ -26,14 +24,14 @@ from pathlib import Path
 
 import torch
 
-from aepo_lite._io import atomic_save_figure, atomic_write_text, read_csv_rows, read_json, results_lock
+from aepo_lite._io import atomic_save_figure, atomic_write_text, merge_csv_rows, read_csv_rows, read_json
 from aepo_lite.config import config_diff, to_dict
 from aepo_lite.toy import tasks as toy
 from aepo_lite.toy.pipeline import (RUN_FIELDS_FREE, check_config, default_out,
                                     estimator_overrides, make_config, run_toy)
 
-__all__ = ["ConvergenceConfig", "DEFAULT_SPECS", "spec_configs", "run_convergence", "read_rows", "merge_rows", "improvements",
-           "matched_top", "last_drops", "check_converged", "convergence_markdown", "distance_markdown", "render"]
+__all__ = ["ConvergenceConfig", "DEFAULT_SPECS", "spec_configs", "run_convergence", "read_rows", "merge_rows",
+           "improvements", "matched_top", "last_drops", "check_converged", "convergence_markdown", "distance_markdown", "render"]
 
 DEFAULT_SPECS = ("qgpo", "mse", "aepo:gaussian-fit/sampled", "aepo:particles-K256")
 COLUMNS = ("task", "method", "estimator", "critic", "beta", "seed", "preset", "energy_steps", "err_0.05", "err_0.2",
@@ -116,23 +114,11 @@ def read_rows(csv_path) -> list[dict]:
             else [])
 
 
-def _write_rows(csv_path, rows: list[dict]) -> Path:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
-    w.writeheader()
-    w.writerows(sorted(rows, key=_sort_key))
-    return atomic_write_text(csv_path, buf.getvalue())
-
-
 def merge_rows(csv_path, new_rows: list[dict]) -> list[dict]:
     """Merge rows into the CSV (a row with the same key is replaced, the others kept) and return all of them.
     The CSV is read and written under a lock, so processes that run other parts of the curve into one CSV
     keep each other's rows."""
-    with results_lock(csv_path):
-        rows = {tuple(str(r[k]) for k in _KEY): r for r in read_rows(csv_path)}
-        rows.update({tuple(str(r[k]) for k in _KEY): r for r in new_rows})
-        _write_rows(csv_path, list(rows.values()))
-    return list(rows.values())
+    return merge_csv_rows(csv_path, new_rows, COLUMNS, _KEY, made_by="aepo-lite toy-convergence", sort_key=_sort_key)
 
 
 def _run_one(cfg, runs_dir, cache_dir, progress: bool, csv_path, threads: int | None = None) -> tuple[dict, float]:

@@ -24,14 +24,12 @@ and sampling make of it, on the same grid of x_t weighted by mu_t, up to a const
 """
 from __future__ import annotations
 
-import csv
-import io
 import json
 from pathlib import Path
 
 import torch
 
-from aepo_lite._io import atomic_write_text, read_csv_rows, results_lock
+from aepo_lite._io import atomic_write_text, merge_csv_rows, read_csv_rows
 from aepo_lite.config import to_dict
 from aepo_lite.toy import tasks as toy
 
@@ -163,17 +161,10 @@ def read_rows(csv_path) -> list[dict]:
             if Path(csv_path).exists() else [])
 
 
-def write_rows(csv_path, new_rows: list[dict]) -> Path:
+def write_rows(csv_path, new_rows: list[dict]) -> list[dict]:
     """Merge rows into the CSV (a row with the same key is replaced; others are kept), under a lock: processes
     that share the CSV keep each other's rows."""
-    with results_lock(csv_path):
-        rows = {tuple(str(r[k]) for k in _KEY): r for r in read_rows(csv_path)}
-        rows.update({tuple(str(r[k]) for k in _KEY): r for r in new_rows})
-        buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
-        w.writeheader()
-        w.writerows(sorted(rows.values(), key=lambda r: tuple(str(r[k]) for k in _KEY)))
-        return atomic_write_text(csv_path, buf.getvalue())
+    return merge_csv_rows(csv_path, new_rows, COLUMNS, _KEY, made_by="aepo-lite toy-grid (with --budget-csv)")
 
 
 def _label(r: dict) -> str:
