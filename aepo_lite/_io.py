@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 __all__ = ["atomic_write_text", "atomic_write_json", "atomic_torch_save", "atomic_save_figure", "read_json",
-           "torch_load", "append_jsonl", "read_csv_rows", "merge_csv_rows", "RunLock", "results_lock", "STALE_TEMP_S"]
+           "torch_load", "append_jsonl", "read_csv_rows", "atomic_write_csv", "merge_csv_rows", "RunLock", "results_lock", "STALE_TEMP_S"]
 
 # A sibling temporary file this much older than ours, whose writer is gone, is an orphan.
 STALE_TEMP_S = 60.0
@@ -256,17 +256,22 @@ def merge_csv_rows(path, new_rows: list[dict], columns, key, *, made_by: str, so
     """Merge rows into a results CSV under :func:`results_lock`: a row whose ``key`` columns equal a saved one
     replaces it, the others are kept; written sorted (``sort_key``, default the key) and atomically. Returns
     every row."""
-    import csv
-    import io
     path = Path(path)
     ident = lambda r: tuple(str(r[k]) for k in key)  # noqa: E731
     with results_lock(path):
         rows = {ident(r): r for r in (read_csv_rows(path, columns, made_by=made_by) if path.exists() else [])}
         rows.update({ident(r): r for r in new_rows})
         ordered = sorted(rows.values(), key=sort_key or ident)
-        buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
-        w.writeheader()
-        w.writerows(ordered)
-        atomic_write_text(path, buf.getvalue())
+        atomic_write_csv(path, ordered, columns)
     return ordered
+
+
+def atomic_write_csv(path, rows: list[dict], columns) -> Path:
+    """Rows (dicts) as a CSV with the header ``columns``, ``\\n`` line ends, written atomically."""
+    import csv
+    import io
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
+    w.writeheader()
+    w.writerows(rows)
+    return atomic_write_text(path, buf.getvalue())

@@ -6,11 +6,9 @@ its table beside it (``aepo-lite figures`` re-renders the table from the CSV alo
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 from pathlib import Path
 
-from aepo_lite._io import atomic_write_text
+from aepo_lite._io import atomic_write_csv
 from aepo_lite.rl.diagnostics import CSV_COLUMNS, gradient_rows, render
 
 
@@ -21,11 +19,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if not a.out.endswith(".csv"):
         p.error(f"--out: expected a .csv path, got {a.out!r}")
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, lineterminator="\n")
-    w.writeheader()
-    w.writerows(gradient_rows(a.runs))
-    atomic_write_text(Path(a.out), buf.getvalue())
+    atomic_write_csv(Path(a.out), gradient_rows(a.runs), CSV_COLUMNS)
     for path in [Path(a.out), *render(a.out, Path(a.out).parent)]:
         print(f"wrote {path}")
     return 0

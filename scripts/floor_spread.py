@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import argparse
 import csv
-import io
 import sys
 from pathlib import Path
 
-from aepo_lite._io import atomic_write_text, results_lock
+from aepo_lite._io import atomic_write_csv, results_lock
 from aepo_lite.toy import convergence as conv
 from aepo_lite.toy import floors
 from aepo_lite.toy import tasks as toy
@@ -42,11 +41,7 @@ def refloor(csv_path) -> int:
                                      n_projections=ev.n_projections)
             changed += f"{new:.6f}" != r["floor"]
             r["floor"] = f"{new:.6f}"
-        buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
-        w.writeheader()
-        w.writerows(rows)
-        atomic_write_text(csv_path, buf.getvalue())
+        atomic_write_csv(csv_path, rows, columns)
     return changed
 
 

@@ -21,7 +21,7 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
-from aepo_lite._io import atomic_save_figure, atomic_write_text, read_json
+from aepo_lite._io import atomic_save_figure, atomic_write_csv, atomic_write_text, read_json
 
 __all__ = ["COLUMNS", "SETTINGS", "SPEED_COLUMNS", "collect", "render", "summary_rows", "markdown_table", "reference_returns",
            "speed_table", "check_readme", "update_readme"]
@@ -176,13 +176,7 @@ def _refuse_fewer(path, new_rows: list[dict], cols, key, force: bool) -> None:
 
 
 def _write_csv(path, cols, rows) -> None:
-    import io
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n")
-    w.writeheader()
-    for r in rows:
-        w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in cols})
-    atomic_write_text(path, buf.getvalue())
+    atomic_write_csv(path, [{k: ("" if r.get(k) is None else r.get(k)) for k in cols} for r in rows], cols)
 
 
 def _read(csv_path, cols=COLUMNS) -> list[dict]:

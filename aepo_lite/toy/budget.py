@@ -25,8 +25,6 @@ Entry point: ``run_budget(BudgetConfig(...), models=...)`` writes ``figures/toy2
 """
 from __future__ import annotations
 
-import csv
-import io
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -35,7 +33,7 @@ import torch
 from torch import nn
 
 from aepo_lite._checks import check_scalar
-from aepo_lite._io import atomic_save_figure, atomic_write_text, read_csv_rows
+from aepo_lite._io import atomic_save_figure, atomic_write_csv, atomic_write_text, read_csv_rows
 from aepo_lite.config import BehaviourConfig, CriticConfig
 from aepo_lite.core import guidance as G
 from aepo_lite.core.aepo import EpsNormTable, aepo_target, insupport_target
@@ -464,12 +462,8 @@ def _plot(rows: list[dict], path) -> Path:
 def write_budget(rows: list[dict], out_dir="figures") -> list[Path]:
     """``toy2d_budget.csv`` (one row per task, estimator and t, with its settings), then :func:`render`."""
     out_dir = Path(out_dir)
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
-    w.writeheader()
-    for r in rows:
-        w.writerow({k: (f"{r[k]:.6g}" if isinstance(r[k], float) else r[k]) for k in COLUMNS})
-    path = atomic_write_text(out_dir / "toy2d_budget.csv", buf.getvalue())
+    path = atomic_write_csv(out_dir / "toy2d_budget.csv", [
+        {k: (f"{r[k]:.6g}" if isinstance(r[k], float) else r[k]) for k in COLUMNS} for r in rows], COLUMNS)
     return [path, *render(path, out_dir)]
 
 

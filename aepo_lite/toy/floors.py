@@ -7,12 +7,10 @@ sets single runs against both (``scripts/floor_spread.py`` makes the CSV; ``aepo
 """
 from __future__ import annotations
 
-import csv
-import io
 import statistics
 from pathlib import Path
 
-from aepo_lite._io import atomic_write_text, read_csv_rows
+from aepo_lite._io import atomic_write_csv, atomic_write_text, read_csv_rows
 from aepo_lite.toy import tasks as toy
 
 __all__ = ["COLUMNS", "spread_rows", "write_rows", "read_rows", "spread_markdown", "against_floors", "render"]
@@ -29,11 +27,7 @@ def spread_rows(tasks, beta: float = 10.0, n: int = 2000, seeds: int = 20, pool_
 
 
 def write_rows(csv_path, rows: list[dict]) -> Path:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
-    w.writeheader()
-    w.writerows(rows)
-    return atomic_write_text(csv_path, buf.getvalue())
+    return atomic_write_csv(csv_path, rows, COLUMNS)
 
 
 def read_rows(csv_path) -> list[dict]:
