@@ -335,3 +335,23 @@ def test_refloor_restates_only_the_floor_column(tmp_path, monkeypatch):
     (tmp_path / "bad.csv").write_text("task,beta\nmoons,10\n")
     with pytest.raises(ValueError, match="no floor column"):
         fs.refloor(tmp_path / "bad.csv")
+
+
+def test_eval_noise_redraws_a_finished_run_and_its_draw_0_is_the_recorded_one(tmp_path, monkeypatch):
+    import aepo_lite.config as C
+    from aepo_lite.toy import eval_noise as EN
+    monkeypatch.setitem(C.PRESETS["toy"], "smoke", dict(C.PRESETS["toy"]["smoke"], n_data=2000, behaviour=dict(
+        steps=20), eval=dict(n_samples=200, n_ref_data=1000, pool_size=2000, grid_size=8, n_projections=32)))
+    cc = conv.ConvergenceConfig(tasks=("moons",), specs=("qgpo",), steps=(6,), preset="smoke", device="cpu")
+    rows = conv.run_convergence(cc, tmp_path / "c.csv", runs_dir=tmp_path / "runs", cache_dir=tmp_path / "cache",
+                                progress=False)
+    cfg = conv.spec_configs(cc)[0]
+    d = EN.draws(cfg, tmp_path / "cache", 3)
+    assert d[0] == pytest.approx(float(rows[0]["distance"]), abs=1e-6) and len(set(d)) == 3
+    other = conv.spec_configs(conv.ConvergenceConfig(tasks=("moons",), specs=("qgpo",), steps=(7,), preset="smoke"))[0]
+    with pytest.raises(ValueError, match="cache_dir: .*no finished energy stage"):
+        EN.draws(other, tmp_path / "cache", 2)
+    EN.write_rows(tmp_path / "toy2d_eval_noise.csv", EN.rows_of(cfg, d))
+    md = EN.render(tmp_path / "toy2d_eval_noise.csv", tmp_path)[0].read_text()
+    mean = sum(d) / 3
+    assert f"| moons | qgpo | 0 | 6 | 3 | {d[0]:.4f} | {mean:.4f} |" in md

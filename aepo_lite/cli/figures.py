@@ -19,6 +19,7 @@ toy error budget    toy2d_budget.csv (optional)  ``aepo_lite.toy.budget.render``
 toy budget, runs    toy2d_budget_runs.csv (opt.) ``aepo_lite.toy.trained_budget.render`` (parts 4-5)
 toy convergence     toy2d_convergence.csv (opt.) ``aepo_lite.toy.convergence.render``
 toy floor by seed   toy2d_floor_spread.csv (opt.) ``aepo_lite.toy.floors.render``
+toy eval noise      toy2d_eval_noise.csv (opt.)  ``aepo_lite.toy.eval_noise.render``
 speed benchmark     bench_*.json (optional)      ``aepo_lite.bench.to_markdown``
 QGPO comparison     compare_qgpo_*.json          ``scripts/compare_qgpo.py``'s ``to_markdown``
                     (optional)                   (timings measured there, tabulated here)
@@ -115,6 +116,8 @@ PARTS = (
          "aepo-lite toy-convergence", _render_report, optional=True),
     Part("toy noise floor by seed", "aepo_lite.toy.floors", "toy2d_floor_spread.csv",
          "python scripts/floor_spread.py", _render_report, optional=True),
+    Part("toy evaluation noise", "aepo_lite.toy.eval_noise", "toy2d_eval_noise.csv",
+         "python scripts/eval_noise.py", _render_report, optional=True),
     Part("speed benchmark", "aepo_lite.bench", "bench_*.json",
          "aepo-lite bench --out figures/bench_<device>.json", _render_markdown_of_json, optional=True),
     Part("QGPO code comparison", "scripts/compare_qgpo.py", "compare_qgpo_*.json",
