@@ -669,8 +669,10 @@ else:
 #   on rings, so past 32000 steps neither method's energy error falls by 10% on 5 of 6 tasks; at 64000 the
 #   centered target is within 2x of the floor on 3 of 6 and at 2.04-2.10x on the other three (one seed).
 #   (The floor is the expected distance between two exact sample sets, a mean over 32 pairs: one pair's
-#   draw varies by 15-40%, so a ratio to one seed's draw is that noisy.) Three seeds at that budget are
-#   still to run.
+#   draw varies by 15-40%, so a ratio to one seed's draw is that noisy.) Each run's distance is one draw as
+#   well, varying by 7-42% between draws (`figures/toy2d_eval_noise.md`): by the mean of 6 draws the 32000-step
+#   runs of seed 0 put the centered target within 2x of the floor on 4 of 6 tasks and QGPO on 3 of 6, level on
+#   moons and checkerboard within that noise. Three seeds at that budget are still to run.
 
 # %%
 print(f"notebook ran in {time.time() - T_START:.0f} s at scale {SCALE}")
