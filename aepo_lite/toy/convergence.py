@@ -28,7 +28,7 @@ from aepo_lite._io import atomic_save_figure, atomic_write_text, merge_csv_rows,
 from aepo_lite.config import config_diff, to_dict
 from aepo_lite.toy import tasks as toy
 from aepo_lite.toy.pipeline import (RUN_FIELDS_FREE, check_config, default_out,
-                                    estimator_overrides, make_config, run_toy)
+                                    estimator_overrides, make_config, run_floor, run_toy)
 
 __all__ = ["ConvergenceConfig", "DEFAULT_SPECS", "spec_configs", "run_convergence", "read_rows", "merge_rows",
            "improvements", "matched_top", "last_drops", "check_converged", "convergence_markdown", "distance_markdown", "render"]
@@ -86,9 +86,7 @@ def spec_configs(cc: ConvergenceConfig) -> list:
 def _row(res: dict, cfg) -> dict:
     """The curve's row of a run; its floor is the expected one (:func:`aepo_lite.toy.tasks.expected_floor`) of the
     run's settings, also for runs evaluated when each recorded one seed's draw."""
-    errs, ev = res["energy_error"], cfg.eval
-    r = dict(res["results"][0], floor=toy.expected_floor(cfg.task, cfg.energy.beta, ev.n_samples, pool_size=ev.pool_size,
-                                                         n_projections=ev.n_projections))
+    errs, r = res["energy_error"], dict(res["results"][0], floor=run_floor(cfg))
     return dict(task=cfg.task, method=cfg.method, estimator=res["estimator"], critic=res["critic"],
                 beta=f"{cfg.energy.beta:g}", seed=cfg.seed, preset=cfg.preset, energy_steps=cfg.energy.steps,
                 **{f"err_{t}": f"{errs[t]:.6f}" for t in ("0.05", "0.2", "0.5")},

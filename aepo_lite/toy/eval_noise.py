@@ -52,9 +52,7 @@ def draws(cfg, cache_dir, n_draws: int) -> list[float]:
 
 
 def rows_of(cfg, distances: list[float]) -> list[dict]:
-    ev = cfg.eval
-    floor = toy.expected_floor(cfg.task, cfg.energy.beta, ev.n_samples, pool_size=ev.pool_size,
-                               n_projections=ev.n_projections)
+    floor = P.run_floor(cfg)
     return [dict(task=cfg.task, method=P.estimator_label(cfg), seed=cfg.seed, energy_steps=cfg.energy.steps, draw=d,
                  distance=f"{x:.6f}", floor=f"{floor:.6f}") for d, x in enumerate(distances)]
 

@@ -474,6 +474,13 @@ def energy_errors(models: ToyModels, times=None) -> dict:
     return out
 
 
+def run_floor(cfg: ToyConfig) -> float:
+    """The noise floor a run of ``cfg`` is read against: the expected one of its task, beta and eval settings."""
+    ev = cfg.eval
+    return toy.expected_floor(cfg.task, cfg.energy.beta, ev.n_samples, pool_size=ev.pool_size,
+                              n_projections=ev.n_projections)
+
+
 def evaluate_toy(models: ToyModels, *, keep_samples: bool = False, budget: bool = True) -> dict:
     """Per guidance scale: the distance of guided samples to exact target samples, its floor, the mean reward;
     with ``budget`` also parts 4-5 of the error budget (:func:`aepo_lite.toy.trained_budget.trained_budget`)."""
@@ -481,7 +488,7 @@ def evaluate_toy(models: ToyModels, *, keep_samples: bool = False, budget: bool 
     task, beta, clip = toy.get_task(cfg.task), cfg.energy.beta, cfg.energy.clip
     scales = (0.0,) if models.energy is None else cfg.sampling.guidance_scales
     target = toy.target_samples(task, beta, ev.n_samples, pool_size=ev.pool_size, seed=20_000 + cfg.seed)
-    floor = toy.expected_floor(task, beta, ev.n_samples, pool_size=ev.pool_size, n_projections=ev.n_projections)
+    floor = run_floor(cfg)
     rows, samples = [], {}
     for w in scales:
         t0 = time.perf_counter()
