@@ -185,21 +185,25 @@ def append_jsonl(path, record: dict) -> None:
         f.write(json.dumps(record, default=_default) + "\n")
 
 
-def read_csv_rows(path, columns, *, made_by: str, hint: str = "") -> list[dict]:
+def read_csv_rows(path, columns, *, made_by: str, hint: str = "", optional: dict | None = None) -> list[dict]:
     """The rows of a results CSV as dicts of strings; a missing file or a missing column is an error naming
-    the file (``made_by``: the command that makes it; ``hint``: what to do about missing columns)."""
+    the file (``made_by``: the command that makes it; ``hint``: what to do about missing columns). ``optional``:
+    {column: value} for columns added later, read as that value from a CSV made before them."""
     import csv
     path = Path(path)
     if path.is_dir():
         raise IsADirectoryError(f"csv_path: {path} is a folder, not a CSV file (the CSV is made by {made_by})")
     if not path.is_file():
         raise FileNotFoundError(f"csv_path: {path} does not exist (it is made by {made_by})")
+    optional = optional or {}
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
-        missing = [c for c in columns if c not in (reader.fieldnames or [])]
+        have = reader.fieldnames or []
+        missing = [c for c in columns if c not in have and c not in optional]
         if missing:
             raise ValueError(f"csv_path: {path} lacks the columns {missing}{hint}")
-        return list(reader)
+        fill = {c: v for c, v in optional.items() if c not in have}
+        return [dict(r, **fill) for r in reader]
 
 
 class RunLock:
@@ -252,14 +256,16 @@ def results_lock(path) -> RunLock:
     return RunLock(path.parent, what="csv_path", name=f".{path.name}.lock", wait=600)
 
 
-def merge_csv_rows(path, new_rows: list[dict], columns, key, *, made_by: str, sort_key=None) -> list[dict]:
+def merge_csv_rows(path, new_rows: list[dict], columns, key, *, made_by: str, sort_key=None,
+                   optional: dict | None = None) -> list[dict]:
     """Merge rows into a results CSV under :func:`results_lock`: a row whose ``key`` columns equal a saved one
     replaces it, the others are kept; written sorted (``sort_key``, default the key) and atomically. Returns
-    every row."""
+    every row. ``optional``: as in :func:`read_csv_rows` (a saved CSV without such a column gains it)."""
     path = Path(path)
     ident = lambda r: tuple(str(r[k]) for k in key)  # noqa: E731
     with results_lock(path):
-        rows = {ident(r): r for r in (read_csv_rows(path, columns, made_by=made_by) if path.exists() else [])}
+        saved = read_csv_rows(path, columns, made_by=made_by, optional=optional) if path.exists() else []
+        rows = {ident(r): r for r in saved}
         rows.update({ident(r): r for r in new_rows})
         ordered = sorted(rows.values(), key=sort_key or ident)
         atomic_write_csv(path, ordered, columns)

@@ -138,6 +138,8 @@ class ToyEvalConfig:
     grid_size: int = 40  # the energy-error grid is grid_size x grid_size on [-1.2, 1.2]^2
     error_times: tuple[float, ...] = (0.05, 0.2, 0.5)  # diffusion times at which f_phi is compared with E_t
     n_ref_data: int = 10_000  # data points behind the exact E_t reference
+    draws: int = 4  # distance draws per guidance scale (draw d: sampler seed and exact target set of seed + d); the
+    # distance is their mean, since one draw varies by 7-42% (figures/toy2d_eval_noise.md); 1 = draw 0 alone
 
 
 @dataclass
@@ -217,7 +219,7 @@ PRESETS: dict[str, dict[str, dict]] = {
     "toy": {
         "smoke": {"n_data": 20_000, "log_every": 100, "checkpoint_every": 500,
                   "behaviour": dict(steps=1500), "critic": dict(steps=800), "energy": dict(steps=800),
-                  "eval": dict(n_samples=1000, n_ref_data=20_000, pool_size=20_000)},
+                  "eval": dict(n_samples=1000, n_ref_data=20_000, pool_size=20_000, draws=1)},
         "full": {},
         # the full preset with a longer energy budget (4000 steps; whether it is converged is measured by
         # aepo-lite toy-convergence, figures/toy2d_convergence.md): the matched toy grid of docs/results.md

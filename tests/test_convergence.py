@@ -1,6 +1,9 @@
 """The energy-steps curve (aepo_lite.toy.convergence), error-budget parts 4-5 (aepo_lite.toy.trained_budget)
 and their exact references (closed-form gradient and posterior averages of the toy E_t)."""
+import dataclasses
+import json
 import math
+
 
 import pytest
 import torch
@@ -100,13 +103,14 @@ def test_distance_table_averages_seeds_at_one_step_count_against_floor_and_qgpo(
         for m, est, d in (("qgpo", "", dq), ("aepo", "particles-K64-centered", da)):
             rows += [dict(task="moons", method=m, estimator=est, critic="reward", beta="10", seed=seed, preset="full",
                           energy_steps=str(n), err_mean="0.1", distance=str(d + (0.5 if n == 1000 else 0.0)),
-                          floor=str(fl)) for n in ((1000, 2000) if seed == "0" else (2000,))]
+                          floor=str(fl), **({"draws": "4"} if seed == "2" else {}))
+                     for n in ((1000, 2000) if seed == "0" else (2000,))]  # seeds 0-1: rows made before draws
     text = conv.distance_markdown(rows)  # the largest step count: 2000, three seeds
     line = next(x for x in text.splitlines() if "centered" in x)
-    # mean 0.04, sample std 0.01, floor mean 0.03, QGPO mean 0.08
-    assert line == "| moons | aepo(particles-K64-centered) | 0, 1, 2 | 0.040 +- 0.010 | 0.030 | 1.33 | 0.50 |"
-    assert "| moons | qgpo | 0, 1, 2 | 0.080 +- 0.020 | 0.030 | 2.67 | 1.00 |" in text
-    assert "| moons | qgpo | 0 | 0.560 +- 0.000 | 0.020 | 28.00 | 1.00 |" in conv.distance_markdown(rows, 1000)
+    # mean 0.04, sample std 0.01, floor mean 0.03, QGPO mean 0.08; draws per seed
+    assert line == "| moons | aepo(particles-K64-centered) | 0, 1, 2 | 1, 1, 4 | 0.040 +- 0.010 | 0.030 | 1.33 | 0.50 |"
+    assert "| moons | qgpo | 0, 1, 2 | 1, 1, 4 | 0.080 +- 0.020 | 0.030 | 2.67 | 1.00 |" in text
+    assert "| moons | qgpo | 0 | 1 | 0.560 +- 0.000 | 0.020 | 28.00 | 1.00 |" in conv.distance_markdown(rows, 1000)
     with pytest.raises(ValueError, match="energy.steps=500"):
         conv.distance_markdown(rows, 500)
     table = conv.convergence_markdown(rows)
@@ -346,8 +350,12 @@ def test_eval_noise_redraws_a_finished_run_and_its_draw_0_is_the_recorded_one(tm
     rows = conv.run_convergence(cc, tmp_path / "c.csv", runs_dir=tmp_path / "runs", cache_dir=tmp_path / "cache",
                                 progress=False)
     cfg = conv.spec_configs(cc)[0]
-    d = EN.draws(cfg, tmp_path / "cache", 3)
-    assert d[0] == pytest.approx(float(rows[0]["distance"]), abs=1e-6) and len(set(d)) == 3
+    assert cfg.eval.draws == 4 and rows[0]["draws"] == "4"  # the preset's eval here does not set draws: the default
+    recorded = json.loads(next((tmp_path / "runs").rglob("results.json")).read_text())["results"][0]
+    d = EN.draws(cfg, tmp_path / "cache", 4)  # redrawn in this process from the cached stages
+    assert d == pytest.approx(recorded["distances"], abs=1e-9) and len(set(d)) == 4
+    assert sum(d) / 4 == pytest.approx(float(rows[0]["distance"]), abs=1e-6)
+    d = d[:3]
     other = conv.spec_configs(conv.ConvergenceConfig(tasks=("moons",), specs=("qgpo",), steps=(7,), preset="smoke"))[0]
     with pytest.raises(ValueError, match="cache_dir: .*no finished energy stage"):
         EN.draws(other, tmp_path / "cache", 2)
@@ -355,3 +363,33 @@ def test_eval_noise_redraws_a_finished_run_and_its_draw_0_is_the_recorded_one(tm
     md = EN.render(tmp_path / "toy2d_eval_noise.csv", tmp_path)[0].read_text()
     mean = sum(d) / 3
     assert f"| moons | qgpo | 0 | 6 | 3 | {d[0]:.4f} | {mean:.4f} |" in md
+
+
+def test_a_finished_run_evaluated_with_other_draws_is_evaluated_again_from_its_cache_not_trained(tmp_path, monkeypatch):
+    import aepo_lite.config as C
+    monkeypatch.setitem(C.PRESETS["toy"], "smoke", dict(C.PRESETS["toy"]["smoke"], n_data=2000, behaviour=dict(
+        steps=20), eval=dict(n_samples=200, n_ref_data=1000, pool_size=2000, grid_size=8, n_projections=32)))
+    kw = dict(runs_dir=tmp_path / "runs", cache_dir=tmp_path / "cache", progress=False)
+    one = conv.ConvergenceConfig(tasks=("moons",), specs=("qgpo",), steps=(6,), preset="smoke", device="cpu", draws=1)
+    r1 = conv.run_convergence(one, tmp_path / "c.csv", **kw)[0]
+    energy = next((tmp_path / "cache").rglob("energy-*.pt"))
+    stamp = energy.stat().st_mtime_ns
+    r3 = conv.run_convergence(dataclasses.replace(one, draws=3), tmp_path / "c.csv", **kw)
+    assert len(r3) == 1 and r3[0]["draws"] == "3" and r1["draws"] == "1"  # the row is replaced, not added
+    assert energy.stat().st_mtime_ns == stamp  # read from the cache, not trained again
+    assert {k: v for k, v in r3[0].items() if k not in ("distance", "draws")} == \
+        {k: v for k, v in r1.items() if k not in ("distance", "draws")}
+    distances = json.loads(next((tmp_path / "runs").rglob("results.json")).read_text())["results"][0]["distances"]
+    assert distances[0] == pytest.approx(float(r1["distance"]), abs=1e-6)  # draw 0 is the one-draw evaluation
+    assert float(r3[0]["distance"]) == pytest.approx(sum(distances) / 3, abs=1e-6) and len(set(distances)) == 3
+    # a CSV made before the draws column reads as one draw a row, and gains the column on the next merge
+    old = tmp_path / "old.csv"
+    cols = [c for c in conv.COLUMNS if c != "draws"]
+    old.write_text(",".join(cols) + "\n" + ",".join(r1[c] for c in cols) + "\n")
+    assert conv.read_rows(old)[0]["draws"] == "1"
+    conv.merge_rows(old, [dict(r1, seed="1")])
+    assert old.read_text().splitlines()[0].split(",") == list(conv.COLUMNS)
+    with pytest.raises(ValueError, match="eval.draws"):
+        conv.run_convergence(dataclasses.replace(one, draws=0), tmp_path / "c.csv", **kw)
+    with pytest.raises(ValueError, match="eval.draws: .* holds an evaluation of 3 distance draws; 2 would overwrite"):
+        conv.run_convergence(dataclasses.replace(one, draws=2), tmp_path / "c.csv", **kw)

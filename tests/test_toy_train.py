@@ -329,7 +329,8 @@ def test_report_from_csv_alone(tmp_path):
     rows = toy_report.read_results(csv)
     assert len(rows) == 36
     assert csv.read_text().splitlines()[0] == ("task,method,estimator,critic,beta,guidance_scale,seed,distance,floor,"
-                                               "preset,n_eval,sample_steps,solver")
+                                               "draws,preset,n_eval,sample_steps,solver")
+    assert {r["draws"] for r in rows} == {1}  # rows built without draws hold one (as the CSVs made before it)
     best, score = toy_report.best_estimator(rows)
     assert best == "aepo(gaussian-fit/sampled)" and score[best][0] == pytest.approx(1.55, abs=1e-9)
     assert score["aepo(tweedie/first) [fitted Q]"][0] == pytest.approx(25.0)

@@ -47,7 +47,8 @@ def _toy(argv: list[str]) -> int:
     res = run_toy(cfg, out, cache_dir=cmd.cache_dir, progress=not cmd.quiet)
     for r in res["results"]:
         print(f"{cfg.task} {estimator_label(cfg)} (Q: {res['critic']}) beta={cfg.energy.beta:g} "
-              f"w={r['guidance_scale']:g}: distance {r['distance']:.4f} (floor {r['floor']:.4f}, ratio "
+              f"w={r['guidance_scale']:g}: distance {r['distance']:.4f} (mean of {len(r['distances'])} draws; floor "
+              f"{r['floor']:.4f}, ratio "
               f"{r['distance'] / r['floor']:.2f}), mean reward {r['mean_reward']:.3f} (exact target "
               f"{res['target_mean_reward']:.3f})")
     print(f"wrote {out / 'results.json'} and {out / 'figure.png'}")
@@ -150,6 +151,9 @@ def _register_convergence(subparsers, presets, critic_kinds) -> None:
     c.add_argument("--beta", type=_float("beta"), default=d.beta)
     c.add_argument("--critic", default=d.critic, choices=critic_kinds, help="Q of every method's target")
     c.add_argument("--preset", default=d.preset, choices=presets, help="every setting but energy.steps")
+    c.add_argument("--draws", type=int, default=None, help="distance draws per run, their mean the distance "
+                   "(eval.draws; default: the preset's; a finished run evaluated with other draws is evaluated again "
+                   "from its cached stages)")
     c.add_argument("--check", type=int, default=None, metavar="N", help="fail unless the budget N is converged")
     c.add_argument("--tol", type=_float("tol"), default=0.1, help="relative drop past N that counts as converged")
     c.add_argument("--csv", default="figures/toy2d_convergence.csv")
@@ -169,7 +173,7 @@ def run_convergence_command(args) -> int:
     from aepo_lite.toy import convergence as conv
     cc = conv.ConvergenceConfig(tasks=tuple(args.tasks or ()), specs=tuple(args.specs), steps=tuple(args.steps),
                                 seeds=tuple(args.seeds), beta=args.beta, critic=args.critic, preset=args.preset,
-                                device=args.device, capture=args.capture)
+                                device=args.device, capture=args.capture, draws=args.draws)
     if args.check is not None and args.check not in args.steps[:-1]:
         raise ValueError(f"--check {args.check}: expected one of the step counts below the largest, {args.steps[:-1]}")
     if not args.render_only:

@@ -35,7 +35,8 @@ __all__ = ["ConvergenceConfig", "DEFAULT_SPECS", "spec_configs", "run_convergenc
 
 DEFAULT_SPECS = ("qgpo", "mse", "aepo:gaussian-fit/sampled", "aepo:particles-K256")
 COLUMNS = ("task", "method", "estimator", "critic", "beta", "seed", "preset", "energy_steps", "err_0.05", "err_0.2",
-           "err_0.5", "err_mean", "distance", "floor", "energy_seconds")
+           "err_0.5", "err_mean", "distance", "draws", "floor", "energy_seconds")
+OPTIONAL = {"draws": "1"}  # distance draws behind a row; a CSV made before the column held one a row
 _KEY = ("task", "method", "estimator", "critic", "beta", "seed", "preset", "energy_steps")
 _GROUP = ("task", "method", "estimator", "critic", "beta", "seed", "preset")
 
@@ -53,6 +54,7 @@ class ConvergenceConfig:
     preset: str = "full"  # everything but energy.steps comes from this preset
     device: str = "auto"
     capture: bool = False  # each training step one CUDA graph (eager on the CPU; the runs' results are the same)
+    draws: int | None = None  # distance draws per run (eval.draws; None: the preset's)
 
 
 def _spec(spec: str) -> tuple[str, dict]:
@@ -77,7 +79,8 @@ def spec_configs(cc: ConvergenceConfig) -> list:
         for task in cc.tasks or toy.task_names():
             for spec in cc.specs:
                 method, over = _spec(spec)
-                out += [make_config(task, method, cc.preset, seed=seed, device=cc.device, capture=cc.capture,
+                ev = {} if cc.draws is None else {"eval": {"draws": cc.draws}}
+                out += [make_config(task, method, cc.preset, seed=seed, device=cc.device, capture=cc.capture, **ev,
                                     energy=dict(over.get("energy", {}), beta=cc.beta, steps=n),
                                     support=over.get("support"), critic={"kind": cc.critic}) for n in steps]
     return out
@@ -91,6 +94,7 @@ def _row(res: dict, cfg) -> dict:
                 beta=f"{cfg.energy.beta:g}", seed=cfg.seed, preset=cfg.preset, energy_steps=cfg.energy.steps,
                 **{f"err_{t}": f"{errs[t]:.6f}" for t in ("0.05", "0.2", "0.5")},
                 err_mean=f"{sum(errs.values()) / len(errs):.6f}", distance=f"{r['distance']:.6f}",
+                draws=len(r.get("distances", [r["distance"]])),
                 floor=f"{r['floor']:.6f}", energy_seconds=f"{res['train_info']['energy']['seconds']:.1f}")
 
 
@@ -99,24 +103,29 @@ def _run_dir(cfg, runs_dir) -> Path:
 
 
 def _finished(out: Path, cfg) -> dict | None:
-    """The run's results when ``out`` holds a finished run of exactly ``cfg`` (else None: run it)."""
+    """The run's results when ``out`` holds a finished run of exactly ``cfg``, evaluated with its ``eval.draws`` (else
+    None: run it; a folder evaluated with other draws, or before runs recorded them, is evaluated again)."""
     if not (out / "results.json").exists() or not (out / "config.json").exists():
         return None
     same = not config_diff(read_json(out / "config.json"), to_dict(cfg), ignore=RUN_FIELDS_FREE)
-    return read_json(out / "results.json") if same else None
+    res = read_json(out / "results.json") if same else None
+    if res is not None and len(res["results"][0].get("distances", [None])) != cfg.eval.draws:
+        return None  # evaluated with another number of distance draws: evaluate again (the stages are cached)
+    return res
 
 
 def read_rows(csv_path) -> list[dict]:
     """The curve's rows (none when the CSV does not exist yet)."""
-    return (read_csv_rows(csv_path, COLUMNS, made_by="aepo-lite toy-convergence") if Path(csv_path).exists()
-            else [])
+    return (read_csv_rows(csv_path, COLUMNS, made_by="aepo-lite toy-convergence", optional=OPTIONAL)
+            if Path(csv_path).exists() else [])
 
 
 def merge_rows(csv_path, new_rows: list[dict]) -> list[dict]:
     """Merge rows into the CSV (a row with the same key is replaced, the others kept) and return all of them.
     The CSV is read and written under a lock, so processes that run other parts of the curve into one CSV
     keep each other's rows."""
-    return merge_csv_rows(csv_path, new_rows, COLUMNS, _KEY, made_by="aepo-lite toy-convergence", sort_key=_sort_key)
+    return merge_csv_rows(csv_path, new_rows, COLUMNS, _KEY, made_by="aepo-lite toy-convergence", sort_key=_sort_key,
+                          optional=OPTIONAL)
 
 
 def _run_one(cfg, runs_dir, cache_dir, progress: bool, csv_path, threads: int | None = None) -> tuple[dict, float]:
@@ -269,17 +278,20 @@ def distance_markdown(rows: list[dict], steps: int | None = None) -> str:
     for r in rows:
         if int(r["energy_steps"]) == steps:
             key = (r["task"], _label(r), r["critic"], r["beta"], r["preset"])
-            cells.setdefault(key, {})[r["seed"]] = (float(r["distance"]), float(r["floor"]))
+            cells.setdefault(key, {})[r["seed"]] = (float(r["distance"]), float(r["floor"]), str(r.get("draws", 1)))
     if not cells:
         raise ValueError(f"energy.steps={steps}: no convergence rows at that step count")
-    lines = ["| task | method | seeds | distance (w = 1) | floor | / floor | / QGPO |", "|---|---|---|---|---|---|---|"]
+    lines = ["| task | method | seeds | draws | distance (w = 1) | floor | / floor | / QGPO |",
+             "|---|---|---|---|---|---|---|---|"]
     for key, by_seed in sorted(cells.items()):
-        dist = [d for d, _ in by_seed.values()]
-        floor = statistics.mean(f for _, f in by_seed.values())
+        dist = [v[0] for v in by_seed.values()]
+        floor = statistics.mean(v[1] for v in by_seed.values())
         mean, std = statistics.mean(dist), (statistics.stdev(dist) if len(dist) > 1 else 0.0)
         q = cells.get((key[0], "qgpo", *key[2:]))
-        q_mean = statistics.mean(d for d, _ in q.values()) if q else None
-        lines.append(f"| {key[0]} | {key[1]} | {', '.join(sorted(by_seed, key=int))} | {mean:.3f} +- {std:.3f} | "
+        q_mean = statistics.mean(v[0] for v in q.values()) if q else None
+        seeds = sorted(by_seed, key=int)
+        lines.append(f"| {key[0]} | {key[1]} | {', '.join(seeds)} | {', '.join(by_seed[x][2] for x in seeds)} | "
+                     f"{mean:.3f} +- {std:.3f} | "
                      f"{floor:.3f} | {mean / floor:.2f} | " + ("" if q_mean is None else f"{mean / q_mean:.2f}") + " |")
     return "\n".join(lines) + "\n"
 
@@ -331,7 +343,9 @@ def render(csv_path="figures/toy2d_convergence.csv", figures_dir="figures", tol:
             f"{100 * tol:.0f}% means more steps still help. Our measurement, not the paper's.\n\n"
             + convergence_markdown(rows, tol=tol)
             + f"\n## The sampler at {top} energy steps\n\nSliced-W2 distance to exact target samples at w = 1 "
-            "(mean +- std over the seeds run at this step count); / floor: that mean over the noise floor (the expected "
+            "(mean +- std over the seeds run at this step count; each seed's distance is the mean over its draws, "
+            "listed per seed: sampler seeds and exact target sets of seed + d); / floor: that mean over the noise "
+            "floor (the expected "
             f"distance between two independent exact sample sets, a mean over {toy.FLOOR_PAIRS} pairs: "
             "`toy2d_floor_spread.md`); "
             "/ QGPO: over QGPO's mean on the same task.\n\n"

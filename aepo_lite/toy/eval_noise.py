@@ -14,7 +14,6 @@ import torch
 
 from aepo_lite._io import atomic_write_csv, atomic_write_text, read_csv_rows
 from aepo_lite.toy import pipeline as P
-from aepo_lite.toy import tasks as toy
 
 __all__ = ["COLUMNS", "draws", "rows_of", "write_rows", "read_rows", "noise_markdown", "render"]
 
@@ -40,15 +39,7 @@ def draws(cfg, cache_dir, n_draws: int) -> list[float]:
     own evaluation draws them for d = 0."""
     _check_cached(cfg, cache_dir)
     m = P.train_toy(cfg, cache_dir=cache_dir, progress=False)
-    ev, task, clip = cfg.eval, toy.get_task(cfg.task), cfg.energy.clip
-    out = []
-    for d in range(n_draws):
-        xs = P.guided_samples(m, 1.0, ev.n_samples, seed=cfg.seed + d)
-        xs = xs if clip is None else xs.clamp(-clip, clip)
-        target = toy.target_samples(task, cfg.energy.beta, ev.n_samples, pool_size=ev.pool_size,
-                                    seed=20_000 + cfg.seed + d)
-        out.append(toy.sliced_wasserstein(xs, target, ev.n_projections))
-    return out
+    return [P.draw_distance(m, 1.0, d)[0] for d in range(n_draws)]
 
 
 def rows_of(cfg, distances: list[float]) -> list[dict]:

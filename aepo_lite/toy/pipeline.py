@@ -36,7 +36,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from aepo_lite._io import atomic_write_json
+from aepo_lite._io import atomic_write_json, read_json
 from aepo_lite.config import METHODS, PRESETS, ToyConfig, apply_overrides, estimator_name, preset_config, to_dict
 from aepo_lite.core import guidance as G
 from aepo_lite.core.aepo import EnergyLearner, EpsNormTable, differentiates_q
@@ -52,7 +52,7 @@ from aepo_lite.training.stages import MetricsLog, check_run_folder, run_cached_s
 __all__ = ["CRITIC_KINDS", "POSTERIORS", "ESTIMATORS", "make_config", "check_config", "needs_grad_q", "uses_critic",
            "estimator", "estimator_label", "estimator_overrides", "critic_label", "PreconditionedEnergy", "ToyModels",
            "build_stages", "energy_learner", "data_q", "support_batch", "train_toy", "guided_samples",
-           "energy_errors", "evaluate_toy", "run_toy",
+           "energy_errors", "run_floor", "draw_target", "draw_distance", "evaluate_toy", "run_toy",
            "default_out", "default_cache_dir"]
 
 CRITIC_KINDS = ("reward", "regression")  # the true e(x) on data points | a smooth MLP fitted to it
@@ -61,6 +61,8 @@ ESTIMATORS = tuple(f"{c}/{e}" for c in G.COVARIANCES for e in G.EXPANSIONS)  # A
 BOX = 1.2  # AEPO's cover points and the energy-error grid live in [-BOX, BOX]^2
 # what two runs writing one folder may differ in: neither the trained networks nor the results depend on it
 RUN_FIELDS_FREE = ("device", "log_every", "checkpoint_every", "capture")
+# what a folder's run may be evaluated again with: the trained networks do not depend on it (the stages are cached)
+REEVAL_FIELDS = ("eval.draws",)
 
 
 def default_cache_dir() -> Path:
@@ -162,7 +164,7 @@ def _check_counts(cfg: ToyConfig) -> None:
              "behaviour.batch": (b.batch, 4096), "critic.batch": (c.batch, 4096),
              "energy.batch": (e.batch, 4096 * max(group, e.n_samples)), "support.k": (cfg.support.k, 4096),
              "energy.n_samples": (e.n_samples, 4096), "eval.grid_size": (ev.grid_size, 1),
-             "eval.n_projections": (ev.n_projections, 1)}
+             "eval.n_projections": (ev.n_projections, 1), "eval.draws": (ev.draws, 64)}
     for name in ("behaviour.steps", "behaviour.hidden", "behaviour.blocks", "critic.steps", "critic.hidden",
                  "critic.depth", "energy.steps", "energy.hidden", "energy.depth", "sampling.steps", "log_every",
                  "checkpoint_every"):
@@ -481,21 +483,41 @@ def run_floor(cfg: ToyConfig) -> float:
                               n_projections=ev.n_projections)
 
 
+def draw_target(cfg: ToyConfig, d: int = 0) -> torch.Tensor:
+    """Draw ``d``'s exact target set: ``eval.n_samples`` points of pi, seeded by 20_000 + seed + d."""
+    ev = cfg.eval
+    return toy.target_samples(toy.get_task(cfg.task), cfg.energy.beta, ev.n_samples, pool_size=ev.pool_size,
+                              seed=20_000 + cfg.seed + d)
+
+
+def draw_distance(models: ToyModels, guidance_scale: float, d: int, target: torch.Tensor | None = None) -> tuple:
+    """Draw ``d`` of the distance at ``guidance_scale``: guided samples of sampler seed ``seed + d`` (clipped to the
+    box) against draw d's exact target set (``target``, else :func:`draw_target`). (distance, raw samples, seconds
+    the sampler took)."""
+    cfg, ev = models.cfg, models.cfg.eval
+    target = draw_target(cfg, d) if target is None else target
+    t0 = time.perf_counter()
+    raw = guided_samples(models, guidance_scale, ev.n_samples, seed=cfg.seed + d)
+    dt = time.perf_counter() - t0
+    xs = raw if cfg.energy.clip is None else raw.clamp(-cfg.energy.clip, cfg.energy.clip)
+    return toy.sliced_wasserstein(xs, target, ev.n_projections), raw, dt
+
+
 def evaluate_toy(models: ToyModels, *, keep_samples: bool = False, budget: bool = True) -> dict:
-    """Per guidance scale: the distance of guided samples to exact target samples, its floor, the mean reward;
-    with ``budget`` also parts 4-5 of the error budget (:func:`aepo_lite.toy.trained_budget.trained_budget`)."""
+    """Per guidance scale: the distance to exact target samples as the mean over ``eval.draws`` draws (each draw's
+    in ``distances``), its floor, and from draw 0 the mean reward and the share of samples outside the box; with
+    ``budget`` also parts 4-5 of the error budget (:func:`aepo_lite.toy.trained_budget.trained_budget`)."""
     cfg, ev = models.cfg, models.cfg.eval
     task, beta, clip = toy.get_task(cfg.task), cfg.energy.beta, cfg.energy.clip
     scales = (0.0,) if models.energy is None else cfg.sampling.guidance_scales
-    target = toy.target_samples(task, beta, ev.n_samples, pool_size=ev.pool_size, seed=20_000 + cfg.seed)
-    floor = run_floor(cfg)
+    targets = [draw_target(cfg, d) for d in range(ev.draws)]
+    target, floor = targets[0], run_floor(cfg)
     rows, samples = [], {}
     for w in scales:
-        t0 = time.perf_counter()
-        raw = guided_samples(models, w, ev.n_samples, seed=cfg.seed)
-        dt = time.perf_counter() - t0
+        draws = [draw_distance(models, w, d, t) for d, t in enumerate(targets)]
+        dists, raw, dt = [x[0] for x in draws], draws[0][1], draws[0][2]
         xs = raw if clip is None else raw.clamp(-clip, clip)
-        rows.append(dict(guidance_scale=w, distance=toy.sliced_wasserstein(xs, target, ev.n_projections), floor=floor,
+        rows.append(dict(guidance_scale=w, distance=sum(dists) / len(dists), distances=dists, floor=floor,
                          mean_reward=float(task.reward(xs).mean()), points_per_s=ev.n_samples / max(dt, 1e-9),
                          frac_outside_box=float((raw.abs() > (clip or math.inf)).any(1).float().mean())))
         samples[w] = xs
@@ -506,7 +528,7 @@ def evaluate_toy(models: ToyModels, *, keep_samples: bool = False, budget: bool 
                energy_error=energy_errors(models), train_info=models.info)
     if budget:  # parts 4-5 of the error budget (aepo_lite.toy.trained_budget)
         from aepo_lite.toy.trained_budget import trained_budget
-        out["budget"] = trained_budget(models, target)
+        out["budget"] = trained_budget(models, targets)
     if keep_samples:
         out["_samples"], out["_target"] = samples, target
     return out
@@ -521,6 +543,20 @@ def default_out(cfg: ToyConfig, root="runs/toy") -> Path:
     return Path(root) / cfg.task / "-".join(parts + [cfg.preset, f"s{cfg.seed}"])
 
 
+def _check_not_less(out: Path, cfg: ToyConfig) -> None:
+    """Refuse to overwrite a folder's evaluation with one of fewer distance draws."""
+    p = out / "results.json"
+    if not p.exists():
+        return
+    try:
+        had = len(read_json(p)["results"][0].get("distances", [None]))
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        return  # an unreadable or partial results.json holds nothing to keep
+    if had > cfg.eval.draws:
+        raise ValueError(f"eval.draws: {out} holds an evaluation of {had} distance draws; {cfg.eval.draws} would "
+                         f"overwrite it with less (set eval.draws={had}, or use another folder)")
+
+
 def run_toy(cfg: ToyConfig, out_dir, *, cache_dir=None, progress: bool = True, figure: bool = True,
             budget: bool = True) -> dict:
     """Train (or load) and evaluate one config into ``out_dir``: ``config.json``, ``metrics.jsonl``,
@@ -528,7 +564,8 @@ def run_toy(cfg: ToyConfig, out_dir, *, cache_dir=None, progress: bool = True, f
     check_config(cfg)
     out = Path(out_dir)
     with RunLock(out):
-        check_run_folder(out, to_dict(cfg), ignore=RUN_FIELDS_FREE, part="energy")
+        check_run_folder(out, to_dict(cfg), ignore=RUN_FIELDS_FREE + REEVAL_FIELDS, part="energy")
+        _check_not_less(out, cfg)
         atomic_write_json(out / "config.json", to_dict(cfg))
         log = MetricsLog(out / "metrics.jsonl")
         try:

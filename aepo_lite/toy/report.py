@@ -31,14 +31,18 @@ __all__ = ["COLUMNS", "SETTINGS", "read_results", "write_results", "result_rows"
 # The settings of a run that change its numbers; every row carries them, and rows that differ in
 # any of them are never averaged, ranked or replaced together.
 SETTINGS = ("preset", "n_eval", "sample_steps", "solver")
-COLUMNS = ("task", "method", "estimator", "critic", "beta", "guidance_scale", "seed", "distance", "floor") + SETTINGS
+COLUMNS = ("task", "method", "estimator", "critic", "beta", "guidance_scale", "seed", "distance", "floor",
+           "draws") + SETTINGS
 KEY = COLUMNS[:7] + SETTINGS
+# distance draws behind a row's distance (their mean); a row or CSV made before the column holds one draw
+OPTIONAL = {"draws": 1}
 README_START, README_END = "<!-- toy:start -->", "<!-- toy:end -->"
 TASK_ORDER = ("swissroll", "8gaussians", "moons", "rings", "checkerboard", "2spirals")
 REPORT_SCALE = 1.0  # the guidance scale the tables report (w = 1 is exact when f = E_t)
 
 
 def _row(r: dict, where: str = "row") -> dict:
+    r = dict(OPTIONAL, **r)
     missing = [k for k in COLUMNS if r.get(k) is None or (k in SETTINGS and r.get(k) == "")]
     if missing:
         raise ValueError(f"{where}: lacks {missing}; every row records the settings it was made with "
@@ -49,7 +53,7 @@ def _row(r: dict, where: str = "row") -> dict:
     try:
         for k in ("beta", "guidance_scale", "distance", "floor"):
             out[k] = float(out[k])
-        for k in ("seed", "n_eval", "sample_steps"):
+        for k in ("seed", "draws", "n_eval", "sample_steps"):
             out[k] = int(out[k])
     except (TypeError, ValueError) as e:
         raise ValueError(f"{where}: {e}") from None
@@ -59,7 +63,7 @@ def _row(r: dict, where: str = "row") -> dict:
 
 def read_results(csv_path) -> list[dict]:
     """Rows of the results CSV (numbers parsed). A missing file is an error."""
-    rows = read_csv_rows(csv_path, COLUMNS, made_by="`aepo-lite toy-grid`",
+    rows = read_csv_rows(csv_path, COLUMNS, made_by="`aepo-lite toy-grid`", optional=OPTIONAL,
                          hint=f" (made before every row recorded its settings {list(SETTINGS)}): add them with the "
                               "values its rows were made with")
     return [_row(r, f"{csv_path} line {i + 2}") for i, r in enumerate(rows)]
@@ -88,7 +92,8 @@ def result_rows(results: dict, cfg) -> list[dict]:
             raise ValueError(f"cfg: the results are of {k}={results[k]!r}, the config has {k}={getattr(cfg, k)!r}")
     keep = ("task", "method", "estimator", "critic", "beta", "seed")
     return [_row(dict({k: results[k] for k in keep}, guidance_scale=r["guidance_scale"], distance=r["distance"],
-                      floor=r["floor"], **_run_settings(cfg))) for r in results["results"]]
+                      floor=r["floor"], draws=len(r.get("distances", [r["distance"]])), **_run_settings(cfg)))
+            for r in results["results"]]
 
 
 def config_keys(cfg) -> set:
@@ -126,7 +131,7 @@ def _merge_results(path: Path, checked: list[dict]) -> list[dict]:
     for r in ordered:
         lines.append(",".join([r["task"], r["method"], r["estimator"], r["critic"], f"{r['beta']:g}",
                                f"{r['guidance_scale']:g}", str(r["seed"]), f"{r['distance']:.6f}", f"{r['floor']:.6f}",
-                               r["preset"], str(r["n_eval"]), str(r["sample_steps"]), r["solver"]]))
+                               str(r["draws"]), r["preset"], str(r["n_eval"]), str(r["sample_steps"]), r["solver"]]))
     atomic_write_text(path, "\n".join(lines) + "\n")
     return ordered
 
@@ -298,18 +303,21 @@ def estimators_markdown(rows: list[dict], beta: float = 10.0, scale: float = REP
 
 
 def rows_markdown(rows: list[dict]) -> str:
-    """Which rows exist: per (settings, method, estimator, beta, guidance scale) the tasks and seeds."""
-    g = defaultdict(lambda: (set(), set()))
+    """Which rows exist: per (settings, method, estimator, beta, guidance scale) the tasks, seeds and the distance
+    draws behind a row (their mean is its distance)."""
+    g = defaultdict(lambda: (set(), set(), set()))
     for r in rows:
         k = (r["preset"], r["n_eval"], f"{r['solver']} {r['sample_steps']}",
              _label(r["method"], r["estimator"], r["critic"]), r["beta"], r["guidance_scale"])
         g[k][0].add(r["task"])
         g[k][1].add(r["seed"])
-    lines = ["| preset | samples | sampler, steps | method | beta | guidance scale | tasks | seeds |",
-             "|---|---|---|---|---|---|---|---|"]
-    for (preset, n, smp, lab, b, w), (tasks, seeds) in sorted(g.items(), key=lambda kv: (kv[0][0] != "full", kv[0])):
+        g[k][2].add(r["draws"])
+    lines = ["| preset | samples | sampler, steps | method | beta | guidance scale | tasks | seeds | draws |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for (preset, n, smp, lab, b, w), (tasks, seeds, draws) in sorted(g.items(),
+                                                                     key=lambda kv: (kv[0][0] != "full", kv[0])):
         lines.append(f"| {preset} | {n} | {smp} | {lab} | {b:g} | {w:g} | {len(tasks)} | "
-                     f"{','.join(map(str, sorted(seeds)))} |")
+                     f"{','.join(map(str, sorted(seeds)))} | {','.join(map(str, sorted(draws)))} |")
     return "\n".join(lines) + "\n"
 
 
