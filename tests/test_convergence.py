@@ -91,8 +91,26 @@ def test_check_converged_names_every_group_that_still_improves():
     msg = str(e.value)
     assert "energy.steps=1000" in msg and "moons qgpo" in msg and "50% lower" in msg and "rings mse" in msg
     assert "particles" not in msg  # a 2.5% drop is converged at tol 10%
-    with pytest.raises(ValueError, match="rings mse.*no row at 2000"):
+    with pytest.raises(ValueError, match=r"rings mse \(Q: reward, beta 10, seed any, preset full\): no row at 2000"):
         conv.check_converged(rows, 2000, tol=0.1)
+    # seeds run at the budget alone are replicates: the check reads the seeds whose curves go past it
+    reps = _rows({("moons", "qgpo", ""): {2000: 0.5, 4000: 0.48}}) + [
+        dict(r, seed="1", err_mean="0.7") for r in _rows({("moons", "qgpo", ""): {2000: 0.7}})]
+    assert list(conv.check_converged(reps, 2000)) == [("moons", "qgpo", "", "reward", "10", "0", "full")]
+    falls = reps + [dict(r, seed="2") for r in _rows({("moons", "qgpo", ""): {2000: 0.6, 4000: 0.3}})]
+    with pytest.raises(ValueError, match="seed 2, preset full\): 50% lower") as e:
+        conv.check_converged(falls, 2000)
+    assert "seed 1" not in str(e.value) and "seed 0" not in str(e.value)
+    # --check reads the curve's own rows: a CSV may hold other specs, tasks or betas that stop at lower budgets
+    other = _rows({("moons", "aepo", "particles-K256"): {1000: 0.4}, ("rings", "qgpo", ""): {1000: 0.9}})
+    mixed = reps + other + [dict(r, beta="3") for r in _rows({("moons", "qgpo", ""): {1000: 0.4}})]
+    cc = conv.ConvergenceConfig(tasks=("moons",), specs=("qgpo",), steps=(2000, 4000))
+    assert conv.curve_rows(mixed, cc) == reps
+    assert conv.check_converged(conv.curve_rows(mixed, cc), 2000)
+    with pytest.raises(ValueError, match="no row at 2000"):
+        conv.check_converged(mixed, 2000)
+    cc = conv.ConvergenceConfig(tasks=("moons",), specs=("qgpo", "aepo:particles-K256"), steps=(1000, 2000))
+    assert conv.curve_rows(mixed, cc) == reps + other[:1]
     with pytest.raises(ValueError, match="tol"):
         conv.check_converged(rows, 2000, tol=1.5)
 

@@ -154,7 +154,9 @@ def _register_convergence(subparsers, presets, critic_kinds) -> None:
     c.add_argument("--draws", type=int, default=None, help="distance draws per run, their mean the distance "
                    "(eval.draws; default: the preset's; a finished run evaluated with other draws is evaluated again "
                    "from its cached stages)")
-    c.add_argument("--check", type=int, default=None, metavar="N", help="fail unless the budget N is converged")
+    c.add_argument("--check", type=int, default=None, metavar="N", help="fail unless the budget N is converged for "
+                   "the curve's tasks and specs (read from the CSV; a seed run only at N counts through the seeds "
+                   "carried past it)")
     c.add_argument("--tol", type=_float("tol"), default=0.1, help="relative drop past N that counts as converged")
     c.add_argument("--csv", default="figures/toy2d_convergence.csv")
     c.add_argument("--figures-dir", default="figures")
@@ -182,7 +184,7 @@ def run_convergence_command(args) -> int:
     paths = conv.render(args.csv, args.figures_dir, tol=args.tol)
     print("wrote " + ", ".join(str(p) for p in paths))
     if args.check is not None:
-        drops = conv.check_converged(conv.read_rows(args.csv), args.check, args.tol)
+        drops = conv.check_converged(conv.curve_rows(conv.read_rows(args.csv), cc), args.check, args.tol)
         print(f"energy.steps={args.check} is converged: the largest drop past it is {100 * max(drops.values()):.1f}% "
               f"(tol {100 * args.tol:.0f}%)")
     return 0
