@@ -98,7 +98,7 @@ def test_check_converged_names_every_group_that_still_improves():
         dict(r, seed="1", err_mean="0.7") for r in _rows({("moons", "qgpo", ""): {2000: 0.7}})]
     assert list(conv.check_converged(reps, 2000)) == [("moons", "qgpo", "", "reward", "10", "0", "full")]
     falls = reps + [dict(r, seed="2") for r in _rows({("moons", "qgpo", ""): {2000: 0.6, 4000: 0.3}})]
-    with pytest.raises(ValueError, match="seed 2, preset full\): 50% lower") as e:
+    with pytest.raises(ValueError, match=r"seed 2, preset full\): 50% lower") as e:
         conv.check_converged(falls, 2000)
     assert "seed 1" not in str(e.value) and "seed 0" not in str(e.value)
     # --check reads the curve's own rows: a CSV may hold other specs, tasks or betas that stop at lower budgets
