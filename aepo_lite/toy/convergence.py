@@ -27,7 +27,7 @@ import torch
 from aepo_lite._io import atomic_save_figure, atomic_write_text, merge_csv_rows, read_csv_rows, read_json
 from aepo_lite.config import config_diff, to_dict
 from aepo_lite.toy import tasks as toy
-from aepo_lite.toy.pipeline import (RUN_FIELDS_FREE, check_config, critic_label, default_out, estimator,
+from aepo_lite.toy.pipeline import (RUN_FIELDS_FREE, check_config, critic_label, default_out, draws_of, estimator,
                                     estimator_overrides, make_config, run_floor, run_toy)
 
 __all__ = ["ConvergenceConfig", "DEFAULT_SPECS", "spec_configs", "run_convergence", "read_rows", "merge_rows",
@@ -95,7 +95,7 @@ def _row(res: dict, cfg) -> dict:
                 beta=f"{cfg.energy.beta:g}", seed=cfg.seed, preset=cfg.preset, energy_steps=cfg.energy.steps,
                 **{f"err_{t}": f"{errs[t]:.6f}" for t in ("0.05", "0.2", "0.5")},
                 err_mean=f"{sum(errs.values()) / len(errs):.6f}", distance=f"{r['distance']:.6f}",
-                draws=len(r.get("distances", [r["distance"]])),
+                draws=draws_of(r),
                 floor=f"{r['floor']:.6f}", energy_seconds=f"{res['train_info']['energy']['seconds']:.1f}")
 
 
@@ -110,7 +110,7 @@ def _finished(out: Path, cfg) -> dict | None:
         return None
     same = not config_diff(read_json(out / "config.json"), to_dict(cfg), ignore=RUN_FIELDS_FREE)
     res = read_json(out / "results.json") if same else None
-    if res is not None and len(res["results"][0].get("distances", [None])) != cfg.eval.draws:
+    if res is not None and draws_of(res["results"][0]) != cfg.eval.draws:
         return None  # evaluated with another number of distance draws: evaluate again (the stages are cached)
     return res
 

@@ -52,7 +52,7 @@ from aepo_lite.training.stages import MetricsLog, check_run_folder, run_cached_s
 __all__ = ["CRITIC_KINDS", "POSTERIORS", "ESTIMATORS", "make_config", "check_config", "needs_grad_q", "uses_critic",
            "estimator", "estimator_label", "estimator_overrides", "critic_label", "PreconditionedEnergy", "ToyModels",
            "build_stages", "energy_learner", "data_q", "support_batch", "train_toy", "guided_samples",
-           "energy_errors", "run_floor", "draw_target", "draw_distance", "evaluate_toy", "run_toy",
+           "energy_errors", "run_floor", "draw_target", "draw_distance", "draws_of", "evaluate_toy", "run_toy",
            "default_out", "default_cache_dir"]
 
 CRITIC_KINDS = ("reward", "regression")  # the true e(x) on data points | a smooth MLP fitted to it
@@ -503,6 +503,12 @@ def draw_distance(models: ToyModels, guidance_scale: float, d: int, target: torc
     return toy.sliced_wasserstein(xs, target, ev.n_projections), raw, dt
 
 
+def draws_of(row: dict) -> int:
+    """The distance draws behind one guidance scale's row of a ``results.json`` (1 for runs evaluated before
+    rows recorded their ``distances``)."""
+    return len(row.get("distances", [row["distance"]]))
+
+
 def evaluate_toy(models: ToyModels, *, keep_samples: bool = False, budget: bool = True) -> dict:
     """Per guidance scale: the distance to exact target samples as the mean over ``eval.draws`` draws (each draw's
     in ``distances``), its floor, and from draw 0 the mean reward and the share of samples outside the box; with
@@ -549,7 +555,7 @@ def _check_not_less(out: Path, cfg: ToyConfig) -> None:
     if not p.exists():
         return
     try:
-        had = len(read_json(p)["results"][0].get("distances", [None]))
+        had = draws_of(read_json(p)["results"][0])
     except (OSError, ValueError, KeyError, IndexError, TypeError):
         return  # an unreadable or partial results.json holds nothing to keep
     if had > cfg.eval.draws:

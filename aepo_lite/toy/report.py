@@ -90,9 +90,10 @@ def result_rows(results: dict, cfg) -> list[dict]:
     for k in ("task", "method", "seed"):
         if results[k] != getattr(cfg, k):
             raise ValueError(f"cfg: the results are of {k}={results[k]!r}, the config has {k}={getattr(cfg, k)!r}")
+    from aepo_lite.toy.pipeline import draws_of
     keep = ("task", "method", "estimator", "critic", "beta", "seed")
     return [_row(dict({k: results[k] for k in keep}, guidance_scale=r["guidance_scale"], distance=r["distance"],
-                      floor=r["floor"], draws=len(r.get("distances", [r["distance"]])), **_run_settings(cfg)))
+                      floor=r["floor"], draws=draws_of(r), **_run_settings(cfg)))
             for r in results["results"]]
 
 
