@@ -676,7 +676,7 @@ else:
 #   draws, now the `full` preset's evaluation) the centered target is within 1.25x of QGPO on 6 of 6 tasks,
 #   closest on 5 of 6 and within 2x of the floor on 4 of 6 (QGPO on 3 of 6); it stays above 2x on 8gaussians
 #   and 2spirals, where the exact energy does too. That budget is not yet shown converged for both methods
-#   (QGPO was not run past it on five tasks; on 2spirals the centered target still improves).
+#   (QGPO was not run past it on three tasks; on 2spirals the centered target still improves).
 
 # %%
 print(f"notebook ran in {time.time() - T_START:.0f} s at scale {SCALE}")
