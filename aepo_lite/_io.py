@@ -256,6 +256,14 @@ def results_lock(path) -> RunLock:
     return RunLock(path.parent, what="csv_path", name=f".{path.name}.lock", wait=600)
 
 
+def write_table(path, rows: list[dict], header: str, table, *, csv_path, made_by: str) -> list[Path]:
+    """A generated markdown table (``header`` + ``table(rows)``) written atomically to ``path``; rows read from
+    ``csv_path`` must not be empty (an error names ``made_by``, the command that makes them)."""
+    if not rows:
+        raise ValueError(f"{csv_path} has no rows: run {made_by} first")
+    return [atomic_write_text(path, header + table(rows))]
+
+
 def merge_csv_rows(path, new_rows: list[dict], columns, key, *, made_by: str, sort_key=None,
                    optional: dict | None = None) -> list[dict]:
     """Merge rows into a results CSV under :func:`results_lock`: a row whose ``key`` columns equal a saved one

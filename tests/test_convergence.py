@@ -411,3 +411,14 @@ def test_a_finished_run_evaluated_with_other_draws_is_evaluated_again_from_its_c
         conv.run_convergence(dataclasses.replace(one, draws=0), tmp_path / "c.csv", **kw)
     with pytest.raises(ValueError, match="eval.draws: .* holds an evaluation of 3 distance draws; 2 would overwrite"):
         conv.run_convergence(dataclasses.replace(one, draws=2), tmp_path / "c.csv", **kw)
+
+
+def test_generated_tables_refuse_an_empty_csv_naming_the_command_that_makes_it(tmp_path):
+    from aepo_lite.toy import eval_noise as EN
+    from aepo_lite.toy import floors as fs
+    for mod, cmd in ((fs, "scripts/floor_spread.py"), (EN, "scripts/eval_noise.py")):
+        p = tmp_path / f"{cmd.split('/')[1]}.csv"
+        p.write_text(",".join(mod.COLUMNS) + "\n")
+        with pytest.raises(ValueError, match=f"{p.name} has no rows: run {cmd} first"):
+            mod.render(p, tmp_path)
+    assert not list(tmp_path.glob("*.md"))

@@ -74,9 +74,8 @@ def gradient_table(rows) -> str:
 def render(csv_path, figures_dir) -> list[Path]:
     """``energy_gradients.md`` beside the CSV, from the CSV alone (``aepo-lite figures``)."""
     import csv
-    from aepo_lite._io import atomic_write_text
+    from aepo_lite._io import write_table
     with open(csv_path, newline="") as f:
         rows = list(csv.DictReader(f))
-    if not rows:
-        raise ValueError(f"{csv_path} has no rows: run scripts/energy_gradients.py first")
-    return [atomic_write_text(Path(csv_path).with_suffix(".md"), HEADER + gradient_table(rows))]
+    return write_table(Path(csv_path).with_suffix(".md"), rows, HEADER, gradient_table, csv_path=csv_path,
+                       made_by="scripts/energy_gradients.py")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from aepo_lite._io import atomic_write_csv, atomic_write_text, read_csv_rows
+from aepo_lite._io import atomic_write_csv, read_csv_rows, write_table
 from aepo_lite.toy import pipeline as P
 
 __all__ = ["COLUMNS", "draws", "rows_of", "write_rows", "read_rows", "noise_markdown", "render"]
@@ -81,7 +81,5 @@ HEADER = ("Evaluation noise of the toy distance, generated from `toy2d_eval_nois
 
 def render(csv_path, figures_dir) -> list[Path]:
     """``toy2d_eval_noise.md`` from the CSV alone (``aepo-lite figures``)."""
-    rows = read_rows(csv_path)
-    if not rows:
-        raise ValueError(f"{csv_path} has no rows: run scripts/eval_noise.py first")
-    return [atomic_write_text(Path(figures_dir) / "toy2d_eval_noise.md", HEADER + noise_markdown(rows))]
+    return write_table(Path(figures_dir) / "toy2d_eval_noise.md", read_rows(csv_path), HEADER, noise_markdown,
+                       csv_path=csv_path, made_by="scripts/eval_noise.py")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-from aepo_lite._io import atomic_write_csv, atomic_write_text, read_csv_rows
+from aepo_lite._io import atomic_write_csv, read_csv_rows, write_table
 from aepo_lite.toy import tasks as toy
 
 __all__ = ["COLUMNS", "spread_rows", "write_rows", "read_rows", "spread_markdown", "against_floors", "render"]
@@ -84,7 +84,5 @@ HEADER = ("The toy noise floor seed by seed, generated from `toy2d_floor_spread.
 
 def render(csv_path, figures_dir) -> list[Path]:
     """``toy2d_floor_spread.md`` from the CSV alone (``aepo-lite figures``)."""
-    rows = read_rows(csv_path)
-    if not rows:
-        raise ValueError(f"{csv_path} has no rows: run scripts/floor_spread.py first")
-    return [atomic_write_text(Path(figures_dir) / "toy2d_floor_spread.md", HEADER + spread_markdown(rows))]
+    return write_table(Path(figures_dir) / "toy2d_floor_spread.md", read_rows(csv_path), HEADER, spread_markdown,
+                       csv_path=csv_path, made_by="scripts/floor_spread.py")
