@@ -492,15 +492,15 @@ def draw_target(cfg: ToyConfig, d: int = 0) -> torch.Tensor:
 
 def draw_distance(models: ToyModels, guidance_scale: float, d: int, target: torch.Tensor | None = None) -> tuple:
     """Draw ``d`` of the distance at ``guidance_scale``: guided samples of sampler seed ``seed + d`` (clipped to the
-    box) against draw d's exact target set (``target``, else :func:`draw_target`). (distance, raw samples, seconds
-    the sampler took)."""
+    box) against draw d's exact target set (``target``, else :func:`draw_target`). (distance, raw samples, clipped
+    samples, seconds the sampler took)."""
     cfg, ev = models.cfg, models.cfg.eval
     target = draw_target(cfg, d) if target is None else target
     t0 = time.perf_counter()
     raw = guided_samples(models, guidance_scale, ev.n_samples, seed=cfg.seed + d)
     dt = time.perf_counter() - t0
     xs = raw if cfg.energy.clip is None else raw.clamp(-cfg.energy.clip, cfg.energy.clip)
-    return toy.sliced_wasserstein(xs, target, ev.n_projections), raw, dt
+    return toy.sliced_wasserstein(xs, target, ev.n_projections), raw, xs, dt
 
 
 def draws_of(row: dict) -> int:
@@ -521,8 +521,7 @@ def evaluate_toy(models: ToyModels, *, keep_samples: bool = False, budget: bool 
     rows, samples = [], {}
     for w in scales:
         draws = [draw_distance(models, w, d, t) for d, t in enumerate(targets)]
-        dists, raw, dt = [x[0] for x in draws], draws[0][1], draws[0][2]
-        xs = raw if clip is None else raw.clamp(-clip, clip)
+        dists, (_, raw, xs, dt) = [x[0] for x in draws], draws[0]
         rows.append(dict(guidance_scale=w, distance=sum(dists) / len(dists), distances=dists, floor=floor,
                          mean_reward=float(task.reward(xs).mean()), points_per_s=ev.n_samples / max(dt, 1e-9),
                          frac_outside_box=float((raw.abs() > (clip or math.inf)).any(1).float().mean())))
