@@ -174,21 +174,25 @@ def test_a_one_seed_probe_is_no_candidate_for_best_estimator(csvs, tmp_path):
     assert toy["a"]["floor"] == pytest.approx(0.02)  # over rows it would be 0.25 / 13, tilted to seed 0
 
 
-def test_xlong_grid_adds_only_its_best_scale_line(tmp_path, csvs):
-    # the xlong grid's w = 1 line is the convergence curve's; only each method's best w is added, from its preset
+@pytest.mark.parametrize("preset,steps", [("xlong", 16000), ("xxlong", 32000)])
+def test_long_grids_add_only_their_best_scale_line(tmp_path, csvs, preset, steps):
+    # the grid's w = 1 line is the convergence curve's; only each method's best w is added, from its preset
     rows = [dict(task="a", method=m, estimator=e, beta=10, guidance_scale=w, seed=s, distance=d, floor=0.02,
                  preset=p)
-            for s in range(3) for p in ("xlong", "long")
+            for s in range(3) for p in (preset, "long")
             for m, e, w, d in (("aepo", "particles-K64-centered", 1, 0.05), ("aepo", "particles-K64-centered", 2, 0.07),
                                ("qgpo", "", 1, 0.06), ("qgpo", "", 0.5, 0.045))]
     rows.append(dict(rows[3], preset="long", distance=0.001))  # the long preset's rows are not this grid's
-    _write(tmp_path / "xlong.csv", rows)
-    text = summary_markdown(*csvs, xlong_csv=tmp_path / "xlong.csv")
-    line = next(ln for ln in text.splitlines() if "16000-step energy budget" in ln)
-    assert "best w of 0.5 / 1 / 2" in line and "`xlong` preset" in line and "qgpo 1/1" in line
+    _write(tmp_path / "grid.csv", rows)
+    text = summary_markdown(*csvs, **{f"{preset}_csv": tmp_path / "grid.csv"})
+    line = next(ln for ln in text.splitlines() if f"{steps}-step energy budget" in ln)
+    assert "best w of 0.5 / 1 / 2" in line and f"`{preset}` preset" in line and "qgpo 1/1" in line
     ratio = next(ln for ln in text.splitlines()[text.splitlines().index(line):] if "1.25x" in ln)
     assert "ratios 1.11-1.11" in ratio  # AEPO's best 0.05 (w = 1) over QGPO's best 0.045 (w = 0.5)
-    assert "16000-step" not in summary_markdown(*csvs, xlong_csv=tmp_path / "absent.csv")
+    assert f"{steps}-step" not in summary_markdown(*csvs, **{f"{preset}_csv": tmp_path / "absent.csv"})
+    other, o_steps = {"xlong": ("xxlong", 32000), "xxlong": ("xlong", 16000)}[preset]  # nor this preset's rows
+    assert (f"at a {o_steps}-step energy budget (true reward for every method): no results yet."
+            in summary_markdown(*csvs, **{f"{other}_csv": tmp_path / "grid.csv"}))
 
 
 def test_convergence_line_stays_at_the_matched_budget_and_names_a_curve_carried_further(tmp_path, csvs):

@@ -11,6 +11,7 @@ closed-form demo    closed_form_checks.json      ``aepo_lite.course.demo.render`
 toy 2D tasks        toy2d_results.csv            ``aepo_lite.toy.report.render``
 toy 2D, long grid   toy2d_long.csv (optional)    the same, into ``figures/toy2d_long/``
 toy 2D, 16000 steps toy2d_xlong.csv (optional)   the same, into ``figures/toy2d_xlong/``
+toy 2D, 32000 steps toy2d_xxlong.csv (optional)  the same, into ``figures/toy2d_xxlong/``
 offline RL          rl_results.csv               ``aepo_lite.rl.report.render``
 offline RL, 6c      rl_6c.csv (optional)         the same, into ``figures/rl_6c/``
 offline RL, Reacher rl_6c_heldout.csv (opt.)     the same, into ``figures/rl_6c_heldout/``
@@ -94,6 +95,9 @@ PARTS = (
     Part("toy 2D tasks, 16000-step grid", "aepo_lite.toy.report", "toy2d_xlong.csv",
          "aepo-lite toy-grid --preset xlong (docs/results.md)",
          lambda mod, results, figures_dir: mod.render(results, Path(figures_dir) / "toy2d_xlong"), optional=True),
+    Part("toy 2D tasks, 32000-step grid", "aepo_lite.toy.report", "toy2d_xxlong.csv",
+         "aepo-lite toy-grid --preset xxlong (docs/results.md)",
+         lambda mod, results, figures_dir: mod.render(results, Path(figures_dir) / "toy2d_xxlong"), optional=True),
     Part("offline RL", "aepo_lite.rl.report", "rl_results.csv",
          "aepo-lite rl-results --runs RUNS --csv figures/rl_results.csv", _render_report),
     Part("offline RL, 6c protocol", "aepo_lite.rl.report", "rl_6c.csv",

@@ -254,14 +254,15 @@ def _convergence_lines(csv_path) -> list[str]:
 def summary_markdown(toy_csv="figures/toy2d_results.csv", rl_csv="figures/rl_results.csv",
                      matched_csv: str | Path | None = None, long_csv: str | Path | None = None,
                      convergence_csv: str | Path | None = None, rl_protocol_csv: str | Path | None = None,
-                     rl_heldout_csv: str | Path | None = None, xlong_csv: str | Path | None = None) -> str:
+                     rl_heldout_csv: str | Path | None = None, xlong_csv: str | Path | None = None,
+                     xxlong_csv: str | Path | None = None) -> str:
     """The generated summary (Markdown bullet points). ``matched_csv``: a toy grid in which every method read the
     true reward (``toy2d_matched.csv``); ``long_csv``: the same at the ``long`` preset (4000 energy steps), at w = 1 and at
     each method's best w (``toy2d_long.csv``); ``rl_protocol_csv``: the offline-RL sweep of the 6c protocol
     (``rl_6c.csv``); ``rl_heldout_csv``: the same protocol on a dataset nothing was tuned on
     (``rl_6c_heldout.csv``); ``xlong_csv``: the matched grid at the ``xlong`` preset (16000 energy steps, the top
     of the convergence curve), at each method's best w (its w = 1 line is the convergence curve's);
-    each summarised too when it exists."""
+    ``xxlong_csv``: the same at the ``xxlong`` preset (32000 energy steps); each summarised too when it exists."""
     lines = _toy_lines(toy_summary(toy_csv), "Toy 2D tasks, committed grid")
     if matched_csv is not None and Path(matched_csv).exists():
         lines += _toy_lines(toy_summary(matched_csv), "Toy 2D tasks, matched (every method reads the true reward; "
@@ -273,10 +274,11 @@ def summary_markdown(toy_csv="figures/toy2d_results.csv", rl_csv="figures/rl_res
                             "best w of 0.5 / 1 / 2 per method and task")
     if convergence_csv is not None and Path(convergence_csv).exists():
         lines += _convergence_lines(convergence_csv)
-    if xlong_csv is not None and Path(xlong_csv).exists():
-        lines += _toy_lines(toy_summary(xlong_csv, w=None, preset="xlong"),
-                            "Toy 2D tasks, matched at a 16000-step energy budget (true reward for every method)",
-                            "xlong", "best w of 0.5 / 1 / 2 per method and task")
+    for csv, preset, steps in ((xlong_csv, "xlong", 16000), (xxlong_csv, "xxlong", 32000)):
+        if csv is not None and Path(csv).exists():
+            lines += _toy_lines(toy_summary(csv, w=None, preset=preset),
+                                f"Toy 2D tasks, matched at a {steps}-step energy budget (true reward for every method)",
+                                preset, "best w of 0.5 / 1 / 2 per method and task")
     if rl_protocol_csv is not None and Path(rl_protocol_csv).exists():
         lines += _rl_protocol_lines(rl_protocol_csv)
     if rl_heldout_csv is not None and Path(rl_heldout_csv).exists():
@@ -288,7 +290,8 @@ def summary_markdown(toy_csv="figures/toy2d_results.csv", rl_csv="figures/rl_res
 def _csvs(figures_dir) -> tuple[Path, ...]:
     fd = Path(figures_dir)
     return tuple(fd / n for n in ("toy2d_results.csv", "rl_results.csv", "toy2d_matched.csv", "toy2d_long.csv",
-                                  "toy2d_convergence.csv", "rl_6c.csv", "rl_6c_heldout.csv", "toy2d_xlong.csv"))
+                                  "toy2d_convergence.csv", "rl_6c.csv", "rl_6c_heldout.csv", "toy2d_xlong.csv",
+                                  "toy2d_xxlong.csv"))
 
 
 def figures_summary(figures_dir="figures") -> str:
@@ -299,7 +302,8 @@ def figures_summary(figures_dir="figures") -> str:
 def update_readme(readme, toy_csv="figures/toy2d_results.csv", rl_csv="figures/rl_results.csv",
                   matched_csv: str | Path | None = None, long_csv: str | Path | None = None,
                   convergence_csv: str | Path | None = None, rl_protocol_csv: str | Path | None = None,
-                  rl_heldout_csv: str | Path | None = None, xlong_csv: str | Path | None = None) -> Path:
+                  rl_heldout_csv: str | Path | None = None, xlong_csv: str | Path | None = None,
+                  xxlong_csv: str | Path | None = None) -> Path:
     """Rewrite the README's block between the summary markers (an error if the markers are missing)."""
     readme = Path(readme)
     text = readme.read_text()
@@ -308,7 +312,7 @@ def update_readme(readme, toy_csv="figures/toy2d_results.csv", rl_csv="figures/r
     head, rest = text.split(START, 1)
     _, tail = rest.split(END, 1)
     body = summary_markdown(toy_csv, rl_csv, matched_csv, long_csv, convergence_csv, rl_protocol_csv, rl_heldout_csv,
-                            xlong_csv)
+                            xlong_csv, xxlong_csv)
     new = f"{head}{START}\n{body}{END}{tail}"
     if new != text:
         atomic_write_text(readme, new)
