@@ -210,3 +210,16 @@ def test_convergence_line_stays_at_the_matched_budget_and_names_a_curve_carried_
     assert "energy budget 2000 steps" in text and "ratios 0.80-0.80" in text  # 0.04 / 0.05, not the 4000-step 0.01
     assert ("Carried further, aepo[p] (seed 0, 2 tasks) from 2000 to 4000 steps: its energy error fell by 5% to 25%, "
             "by more than 10% on 1 (b).") in text
+
+
+def test_seed_counts_are_per_task_and_a_mixed_grid_says_so(tmp_path, csvs):
+    # task a has three seeds, task b one: b's row counts one seed and the line names the spread, not "3 seeds"
+    rows = [dict(task=t, method=m, estimator="x" if m == "aepo" else "", beta=10, guidance_scale=1, seed=s,
+                 distance=0.05, floor=0.02)
+            for t, seeds in (("a", range(3)), ("b", [2])) for s in seeds for m in ("aepo", "qgpo")]
+    _write(tmp_path / "mixed.csv", rows)
+    toy = toy_summary(tmp_path / "mixed.csv")
+    assert (toy["a"]["n_seeds"], toy["b"]["n_seeds"]) == (3, 1)
+    line = summary_markdown(tmp_path / "mixed.csv", csvs[1]).splitlines()[0]
+    assert "mean over 1-3 seeds by task (3 on a)" in line
+    assert "mean over 3 seeds" in summary_markdown(*csvs).splitlines()[0]

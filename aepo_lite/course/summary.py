@@ -66,7 +66,7 @@ def toy_summary_rows(rows: list[dict], beta: float = 10.0, w: float | None = 1.0
         best_aepo = min(aepo, key=aepo.get) if aepo else None
         ranked = {k: v for k, v in means.items() if not k.startswith("aepo") or k in aepo}
         row = {"floor": statistics.mean(floors[task].values()), "methods": means, "best_aepo": best_aepo,
-               "winner": min(ranked, key=ranked.get) if ranked else None, "n_seeds": max(len(v) for v in by.values())}
+               "winner": min(ranked, key=ranked.get) if ranked else None, "n_seeds": max(seeds.values())}
         if best_aepo and "qgpo" in means:
             row["aepo_over_qgpo"] = aepo[best_aepo] / means["qgpo"]
         if best_aepo:
@@ -104,6 +104,15 @@ def _seeds(n: int) -> str:
     return f"{n} seed" + ("s" if n != 1 else "")
 
 
+def _task_seeds(toy: dict) -> str:
+    """The seeds behind a summary's means: "3 seeds", or "1-3 seeds by task (3 on a, b)" when tasks differ."""
+    ns = sorted({t["n_seeds"] for t in toy.values()})
+    if len(ns) == 1:
+        return _seeds(ns[0])
+    most = sorted(task for task, t in toy.items() if t["n_seeds"] == ns[-1])
+    return f"{ns[0]}-{ns[-1]} seeds by task ({ns[-1]} on {', '.join(most)})"
+
+
 def _toy_lines(toy: dict, title: str = "Toy 2D tasks", preset: str = "full", w: str = "w = 1",
                setting: str | None = None) -> list[str]:
     """``setting``: how the runs were made, in place of "`<preset>` preset"."""
@@ -118,7 +127,7 @@ def _toy_lines(toy: dict, title: str = "Toy 2D tasks", preset: str = "full", w: 
     ratios = [t["aepo_over_qgpo"] for t in toy.values() if "aepo_over_qgpo" in t]
     fitted = any("fitted Q" in (t["best_aepo"] or "") for t in toy.values())
     lines = [f"- **{title}** (beta = 10, {w}, sliced-W2 distance to exact target samples, mean over "
-             f"{_seeds(max(t['n_seeds'] for t in toy.values()))}, {setting or f'`{preset}` preset'}; AEPO: its best "
+             f"{_task_seeds(toy)}, {setting or f'`{preset}` preset'}; AEPO: its best "
              "estimator per task): "
              "closest method on each task: "
              + ", ".join(f"{m} {k}/{n}" for m, k in sorted(wins.items(), key=lambda kv: -kv[1])) + ".",
