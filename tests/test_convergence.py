@@ -91,7 +91,8 @@ def test_check_converged_names_every_group_that_still_improves():
     msg = str(e.value)
     assert "energy.steps=1000" in msg and "moons qgpo" in msg and "50% lower" in msg and "rings mse" in msg
     assert "particles" not in msg  # a 2.5% drop is converged at tol 10%
-    with pytest.raises(ValueError, match=r"rings mse \(Q: reward, beta 10, seed any, preset full\): no row at 2000"):
+    with pytest.raises(ValueError, match=r"rings mse \(Q: reward, beta 10, seed any, preset full\): "
+                                         "no seed with rows at 2000 and past it"):
         conv.check_converged(rows, 2000, tol=0.1)
     # seeds run at the budget alone are replicates: the check reads the seeds whose curves go past it
     reps = _rows({("moons", "qgpo", ""): {2000: 0.5, 4000: 0.48}}) + [
@@ -107,7 +108,7 @@ def test_check_converged_names_every_group_that_still_improves():
     cc = conv.ConvergenceConfig(tasks=("moons",), specs=("qgpo",), steps=(2000, 4000))
     assert conv.curve_rows(mixed, cc) == reps
     assert conv.check_converged(conv.curve_rows(mixed, cc), 2000)
-    with pytest.raises(ValueError, match="no row at 2000"):
+    with pytest.raises(ValueError, match="no seed with rows at 2000 and past it"):
         conv.check_converged(mixed, 2000)
     cc = conv.ConvergenceConfig(tasks=("moons",), specs=("qgpo", "aepo:particles-K256"), steps=(1000, 2000))
     assert conv.curve_rows(mixed, cc) == reps + other[:1]

@@ -254,7 +254,7 @@ def check_converged(rows: list[dict], steps: int, tol: float = 0.1) -> dict[tupl
     bad = [f"{_name(g)}: {100 * d:.0f}% lower" for g, d in drops.items() if d is not None and d > tol]
     if missing or bad:
         raise ValueError(f"energy.steps={steps} is not shown converged (tol {100 * tol:.0f}%): "
-                         + "; ".join(bad + [f"{m}: no row at {steps} and above" for m in missing]))
+                         + "; ".join(bad + [f"{m}: no seed with rows at {steps} and past it" for m in missing]))
     return {g: d for g, d in drops.items() if d is not None}
 
 
