@@ -212,6 +212,30 @@ def test_convergence_line_stays_at_the_matched_budget_and_names_a_curve_carried_
             "by more than 10% on 1 (b).") in text
 
 
+def test_convergence_lines_keep_the_budget_replicated_on_most_seeds(tmp_path, csvs):
+    # three seeds at 2000 steps, seed 0 carried to 4000 by both methods: the 2000-step line (3 seeds) comes first
+    # and names what still fell past it; the 4000-step line (1 seed) follows
+    from aepo_lite.toy.convergence import COLUMNS
+    base = {**{c: "" for c in COLUMNS}, "critic": "reward", "beta": "10", "preset": "full", "floor": 0.02}
+    rows = [dict(base, task="a", method=m, estimator=e, seed=str(s), energy_steps=2000, err_mean=0.5,
+                 distance=d + 0.01 * s) for s in range(3) for m, e, d in (("qgpo", "", 0.05), ("aepo", "p", 0.03))]
+    rows += [dict(base, task="a", method="qgpo", seed="0", energy_steps=4000, err_mean=0.3, distance=0.01),
+             dict(base, task="a", method="aepo", estimator="p", seed="0", energy_steps=4000, err_mean=0.48,
+                  distance=0.02)]
+    _write(tmp_path / "conv.csv", rows)
+    text = summary_markdown(*csvs, convergence_csv=tmp_path / "conv.csv")
+    first = text.index("energy budget 2000 steps (the convergence curve; seeds 0, 1, 2")
+    assert first < text.index("energy budget 4000 steps (the convergence curve; seed 0;")
+    line = text[first:].splitlines()
+    assert ("Past 2000 steps (the seeds carried further) the energy error fell by more than 10% on a qgpo (seed 0, "
+            "40%).") in line[0]  # aepo's 4% drop is converged
+    assert "ratios 0.67-0.67" in line[1]  # mean 0.04 over mean 0.06 at 2000 steps, not seed 0's 0.02 / 0.01 at 4000
+    # with one seed everywhere only the top's line is written
+    _write(tmp_path / "one.csv", [r for r in rows if r["seed"] == "0"])
+    one = summary_markdown(*csvs, convergence_csv=tmp_path / "one.csv")
+    assert "energy budget 4000 steps" in one and "energy budget 2000 steps" not in one
+
+
 def test_seed_counts_are_per_task_and_a_mixed_grid_says_so(tmp_path, csvs):
     # task a has three seeds, task b one: b's row counts one seed and the line names the spread, not "3 seeds"
     rows = [dict(task=t, method=m, estimator="x" if m == "aepo" else "", beta=10, guidance_scale=1, seed=s,

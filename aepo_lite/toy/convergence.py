@@ -31,8 +31,8 @@ from aepo_lite.toy.pipeline import (RUN_FIELDS_FREE, check_config, critic_label,
                                     estimator_overrides, make_config, run_floor, run_toy)
 
 __all__ = ["ConvergenceConfig", "DEFAULT_SPECS", "spec_configs", "run_convergence", "read_rows", "merge_rows",
-           "improvements", "matched_top", "last_drops", "curve_rows", "check_converged", "convergence_markdown",
-           "distance_markdown", "render"]
+           "improvements", "matched_top", "matched_budgets", "last_drops", "curve_rows", "check_converged",
+           "convergence_markdown", "distance_markdown", "render"]
 
 DEFAULT_SPECS = ("qgpo", "mse", "aepo:gaussian-fit/sampled", "aepo:particles-K256")
 COLUMNS = ("task", "method", "estimator", "critic", "beta", "seed", "preset", "energy_steps", "err_0.05", "err_0.2",
@@ -185,6 +185,12 @@ def matched_top(rows: list[dict]) -> int:
     """The top of the comparison: the largest step count run by at least two methods (method, estimator, critic,
     beta, preset) on every task of the rows, so that one curve carried further than the others' (on some or all
     tasks) does not become the table alone (with a single method in the rows, its largest step count)."""
+    return max(matched_budgets(rows))
+
+
+def matched_budgets(rows: list[dict]) -> list[int]:
+    """Every step count run by at least two methods on every task of the rows (one method: each of its counts),
+    increasing; an error when there is none."""
     def label(r):
         return tuple(str(r[k]) for k in ("method", "estimator", "critic", "beta", "preset"))
     need = min(2, len({label(r) for r in rows}))
@@ -195,7 +201,7 @@ def matched_top(rows: list[dict]) -> int:
     common = [n for n, by_task in at.items() if set(by_task) == tasks and all(len(v) >= need for v in by_task.values())]
     if not common:
         raise ValueError("energy_steps: no step count at which two methods of the curve were both run on every task")
-    return max(common)
+    return sorted(common)
 
 
 def _drop(curve: dict[int, float], a: int, b: int) -> float:
