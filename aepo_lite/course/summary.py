@@ -12,6 +12,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from aepo_lite._io import atomic_write_text
+from aepo_lite.config import PRESETS
 
 __all__ = ["toy_summary", "toy_summary_rows", "rl_summary", "summary_markdown", "figures_summary", "update_readme"]
 
@@ -229,7 +230,7 @@ def _convergence_lines(csv_path) -> list[str]:
         drops, curve_seeds = defaultdict(list), set()  # the seeds whose curve has both step counts
         for g, d in conv.improvements(rows, prev).items():
             if d is not None:
-                drops[f"aepo[{g[2]}]" if g[1] == "aepo" else g[1]].append(d)
+                drops[_curve_label(g)].append(d)
                 curve_seeds.add(g[5])
         if drops and any(max(v) > 0.1 for v in drops.values()):
             lines[0] += (f" Not converged: doubling the energy steps from {prev} to {top} still lowered the energy "
@@ -242,7 +243,7 @@ def _convergence_lines(csv_path) -> list[str]:
     beyond = defaultdict(dict)  # curves carried past the matched top: label -> {(from, to, seed): {task: drop}}
     for g, v in conv.last_drops(rows).items():
         if v is not None and v[1] > top and lines:
-            beyond[f"aepo[{g[2]}]" if g[1] == "aepo" else g[1]].setdefault((v[0], v[1], g[5]), {})[g[0]] = v[2]
+            beyond[_curve_label(g)].setdefault((v[0], v[1], g[5]), {})[g[0]] = v[2]
     for lab, parts in sorted(beyond.items()):
         for (a, b, seed), by_task in sorted(parts.items()):
             d, still = list(by_task.values()), sorted(t for t, x in by_task.items() if x > 0.1)
@@ -256,12 +257,17 @@ def _convergence_lines(csv_path) -> list[str]:
         rep_lines = _budget_lines(rows, rep)
         if rep_lines:
             drops = conv.improvements(rows, rep)
-            still = sorted(f"{g[0]} {'aepo[' + g[2] + ']' if g[1] == 'aepo' else g[1]} (seed {g[5]}, {100 * d:.0f}%)"
+            still = sorted(f"{g[0]} {_curve_label(g)} (seed {g[5]}, {100 * d:.0f}%)"
                            for g, d in drops.items() if d is not None and d > 0.1)
             rep_lines[0] += (f" Past {rep} steps (the seeds carried further) the energy error fell by more than 10% on "
                              + (", ".join(still) if still else "no task") + ".")
         lines = rep_lines + lines
     return lines
+
+
+def _curve_label(g: tuple) -> str:
+    """A convergence row group's method as the summary names it (``aepo[<estimator>]`` or the method)."""
+    return f"aepo[{g[2]}]" if g[1] == "aepo" else g[1]
 
 
 def _budget_lines(rows: list[dict], n: int) -> list[str]:
@@ -301,8 +307,9 @@ def summary_markdown(toy_csv="figures/toy2d_results.csv", rl_csv="figures/rl_res
                             "best w of 0.5 / 1 / 2 per method and task")
     if convergence_csv is not None and Path(convergence_csv).exists():
         lines += _convergence_lines(convergence_csv)
-    for csv, preset, steps in ((xlong_csv, "xlong", 16000), (xxlong_csv, "xxlong", 32000)):
+    for csv, preset in ((xlong_csv, "xlong"), (xxlong_csv, "xxlong")):
         if csv is not None and Path(csv).exists():
+            steps = PRESETS["toy"][preset]["energy"]["steps"]
             lines += _toy_lines(toy_summary(csv, w=None, preset=preset),
                                 f"Toy 2D tasks, matched at a {steps}-step energy budget (true reward for every method)",
                                 preset, "best w of 0.5 / 1 / 2 per method and task")
