@@ -119,6 +119,33 @@ def test_rl_results_never_replaced_by_fewer_rows_without_force(tmp_path):
         rl_report.collect([runs / "qgpo-s0", runs / "qgpo-s0" / "results.json"], tmp_path / "x.csv")
 
 
+def test_rl_results_merge_adds_new_seeds_to_saved_rows_and_refuses_other_numbers(tmp_path):
+    runs, csv_path = tmp_path / "runs", tmp_path / "figs" / "rl_results.csv"
+    _run(runs / "qgpo-s0", seed=0)
+    _run(runs / "qgpo-s1", seed=1)
+    rl_report.collect([runs], csv_path)
+    saved = rl_report._read(csv_path)
+    new = tmp_path / "new"  # the first runs' folders are gone; seed 2 and a rerun of seed 1 are made again
+    _run(new / "qgpo-s1", seed=1)
+    _run(new / "qgpo-s2", seed=2, scales=(0.1, 1.0, 3.0))
+    assert len(rl_report.collect([new], csv_path, merge=True)) == len(saved) + 3  # seed 1, dataset row: once
+    both = rl_report._read(csv_path)
+    by_seed = sorted((r["seed"], float(r["guidance_scale"])) for r in both if r["method"] == "qgpo")
+    assert by_seed == [("0", 0.1), ("0", 1.0), ("1", 0.1), ("1", 1.0), ("2", 0.1), ("2", 1.0), ("2", 3.0)]
+    assert [r for r in both if r["seed"] != "2"] == saved  # the saved rows kept as they were, in their order
+    before = csv_path.read_bytes()
+    _run(tmp_path / "other" / "qgpo-s1", seed=1, ret=90.0)  # the same row with another return: other data or code
+    with pytest.raises(ValueError, match=r"merge: the runs give t/hopper/medium-v0 qgpo \(seed 1 at w = 0\.1\) as"):
+        rl_report.collect([tmp_path / "other"], csv_path, merge=True)
+    res = _run(tmp_path / "remade" / "qgpo-s3", seed=3) / "results.json"  # a new seed on a remade, other dataset
+    atomic_write_json(res, {**read_json(res), "dataset_mean_return": 251.0})
+    with pytest.raises(ValueError, match=r"medium-v0 dataset \(its dataset's mean return\) as 251\.0 where"):
+        rl_report.collect([tmp_path / "remade"], csv_path, merge=True)
+    assert csv_path.read_bytes() == before
+    with pytest.raises(ValueError, match="merge or force, not both"):
+        rl_report.collect([new], csv_path, merge=True, force=True)
+
+
 # ---------------------------------------------------------------- silently wrong
 
 def _toy_rows(preset, n_eval, distance):

@@ -36,6 +36,8 @@ def register(sub) -> None:
     p.add_argument("--readme", default=None, help="a Markdown file to update between <!-- rl:start --> and "
                    "<!-- rl:end --> (the project's: docs/results.md)")
     p.add_argument("--force", action="store_true", help="replace saved rows that the runs found would drop")
+    p.add_argument("--merge", action="store_true", help="keep the saved rows the runs do not give (more seeds or "
+                   "scales for runs whose folders are gone); a saved row the runs give with another value is an error")
     p.set_defaults(func=_results)
 
 
@@ -169,7 +171,7 @@ def _results(args) -> int:
         raise ValueError(f"figures: {args.figures} is a file, not a folder; give the folder for the table and figure")
     if args.readme:
         rl_report.check_readme(args.readme)
-    rows = rl_report.collect(args.runs, args.csv, args.speed_csv, force=args.force)
+    rows = rl_report.collect(args.runs, args.csv, args.speed_csv, force=args.force, merge=args.merge)
     print(f"{len(rows)} rows -> {args.csv}")
     for p in rl_report.render(args.csv, args.figures):
         print(f"wrote {p}")

@@ -77,6 +77,11 @@ def _row_key(r: dict) -> tuple:
     return tuple(_norm(r.get(k)) for k in ("dataset", "method", "seed", "guidance_scale", *SETTINGS))
 
 
+def _row_order(r: dict) -> tuple:
+    return (r["dataset"], r["preset"], r["method"], str(r["seed"]), str(r["guidance_scale"]),
+            *(_norm(r.get(k)) for k in _EVAL_SETTINGS))
+
+
 def _speed_key(r: dict) -> tuple:
     return tuple(_norm(r.get(k)) for k in ("dataset", "method", "seed", "stage", *SETTINGS))
 
@@ -105,13 +110,19 @@ def _eval_rows(f: Path, res: dict) -> list[tuple[dict, dict]]:
     return out
 
 
-def collect(run_paths, csv_path, speed_csv: str | Path | None = None, *, force: bool = False) -> list[dict]:
+def collect(run_paths, csv_path, speed_csv: str | Path | None = None, *, force: bool = False,
+            merge: bool = False) -> list[dict]:
     """Write the results CSV (and ``rl_speed.csv`` beside it) from saved runs; returns the rows.
 
     Raises ``FileNotFoundError``/``ValueError`` (and writes nothing) when a run path is missing, when no
     ``results.json`` is found, when two runs give the same row, or when a CSV already holds rows that the
-    runs found would drop (unless ``force``: then the saved rows are replaced on purpose).
+    runs found would drop (unless ``force``: then the saved rows are replaced on purpose). ``merge`` keeps
+    the saved rows the runs do not give (new seeds or scales for runs whose folders are gone); it refuses
+    runs that give a saved row, or a dataset's mean return, with another value (a remade dataset that
+    differs, or other code).
     """
+    if force and merge:
+        raise ValueError("merge: give merge or force, not both (merge keeps the saved rows, force replaces them)")
     rows, speed, datasets, seen = [], [], {}, {}
     for f in _result_files(run_paths):
         res = read_json(f)
@@ -146,16 +157,40 @@ def collect(run_paths, csv_path, speed_csv: str | Path | None = None, *, force: 
                               "steps": st.get("steps", st.get("rows")), "seconds": st.get("seconds"), "rate": rate,
                               "unit": unit, "preset": preset})
     rows += list(datasets.values())
-    rows.sort(key=lambda r: (r["dataset"], r["preset"], r["method"], str(r["seed"]), str(r["guidance_scale"]),
-                             *(_norm(r.get(k)) for k in _EVAL_SETTINGS)))
+    rows.sort(key=_row_order)
     speed.sort(key=_speed_key)  # the same runs give the same bytes, in whatever order they were given
     speed_csv = Path(speed_csv) if speed_csv else Path(csv_path).with_name("rl_speed.csv")
+    if merge:
+        rows, speed = _merged(csv_path, rows), _merged(speed_csv, speed, SPEED_COLUMNS, _speed_key)
     # every check before the first write: a refused collection leaves both files as they were
     _refuse_fewer(csv_path, rows, COLUMNS, _row_key, force)
     _refuse_fewer(speed_csv, speed, SPEED_COLUMNS, _speed_key, force)
     _write_csv(csv_path, COLUMNS, rows)
     _write_csv(speed_csv, SPEED_COLUMNS, speed)
     return rows
+
+
+def _merged(path, new_rows: list[dict], cols=COLUMNS, key=_row_key) -> list[dict]:
+    """``new_rows`` plus the rows saved in ``path`` that they do not give, sorted as ``collect`` sorts; for the
+    results CSV (not the speeds, whose times vary) a saved row given again must hold the same numbers."""
+    path = Path(path)
+    if not path.exists():
+        return new_rows
+    given = {key(r): r for r in new_rows}
+    kept = []
+    for old in _read(path, cols):
+        new = given.get(key(old))
+        if new is None:
+            kept.append(old)
+        elif cols is COLUMNS and any(_norm(old[c]) != _norm(new.get(c)) for c in ("return_mean", "transitions")):
+            what = "its dataset's mean return" if old["method"] == "dataset" else f"seed {old['seed']} at w = " \
+                                                                                 f"{old['guidance_scale']}"
+            raise ValueError(f"merge: the runs give {old['dataset']} {old['method']} ({what}) as "
+                             f"{new.get('return_mean')} where {path} holds {old['return_mean']}: the runs were not "
+                             "made from the same dataset and code as the saved rows; collect them into another CSV")
+    out = new_rows + kept
+    out.sort(key=_row_order if cols is COLUMNS else key)
+    return out
 
 
 def _refuse_fewer(path, new_rows: list[dict], cols, key, force: bool) -> None:
