@@ -287,9 +287,10 @@ else:
 #   above QGPO on 4 of 6 datasets. It beats behaviour cloning by 5 points on the three replay sets (Pusher
 #   +32.4, Hopper +93.2, HalfCheetah +24.1, the last made after the default was chosen) and on Pusher
 #   medium-expert (+6.3, 10 seeds; QGPO +8.2). It does not on InvertedDoublePendulum, where no method does,
-#   nor on Hopper medium, where QGPO does at w = 10 (98.8 against behaviour cloning's 62.0, carried by two of
-#   5 seeds, which fall to 56 and 11 with K = 16 support actions) and the default's best is 63.5 (w = 5;
-#   at w = 10 it falls to 40.8).
+#   nor on Hopper medium, where QGPO does at w = 10 (73.5 against behaviour cloning's 61.9, 10 seeds,
+#   carried by two of them, which fall to 56 and 11 with K = 16 support actions; on seeds 5-9 alone it
+#   scores 48.2) and the default's best is 63.3 (w = 5, where QGPO also scores 63.3; at w = 10 it falls
+#   to 41.0).
 #   The target (BC + 5 everywhere) is not reached; the generated lines below give every row.
 
 # %%
