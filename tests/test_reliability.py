@@ -669,6 +669,27 @@ def test_binary_junk_in_a_results_csv_names_the_file(tmp_path, capsys):
     assert f"{csv_path} is not readable text or CSV" in _one_error_line(capsys.readouterr().err, "toy-grid")
 
 
+def test_a_csv_of_ones_own_never_rewrites_the_projects_tables_or_readme(tmp_path, monkeypatch, capsys):
+    """toy-grid and toy-convergence on a CSV elsewhere rendered into figures/ (and toy-grid rewrote README.md's toy
+    block) by default, replacing the project's tables with those of a few rows."""
+    monkeypatch.chdir(tmp_path)
+    own = tmp_path / "mine"
+    toy_report.write_results(own / "grid.csv", _toy_rows("full", 2000, 0.03))
+    cols = ["task", "method", "estimator", "critic", "beta", "seed", "preset", "energy_steps", "err_0.05", "err_0.2",
+            "err_0.5", "err_mean", "distance", "draws", "floor", "energy_seconds"]
+    rows = [dict(zip(cols, ["moons", "qgpo", "", "reward", 10, 0, "full", n, e, e, e, e, 0.02, 1, 0.01, 1.0]))
+            for n, e in ((1000, 0.2), (2000, 0.1))]
+    with open(own / "conv.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, cols)
+        w.writeheader()
+        w.writerows(rows)
+    assert main(["toy-grid", "--render-only", "--csv", str(own / "grid.csv")]) == 0
+    assert main(["toy-convergence", "--render-only", "--csv", str(own / "conv.csv")]) == 0
+    assert (own / "grid" / "toy2d_table.md").exists() and (own / "toy2d_convergence.md").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]  # no figures/, no README.md
+    assert "README" not in capsys.readouterr().out
+
+
 def test_figures_in_a_folder_without_results_is_one_line(tmp_path):
     """An empty --figures-dir printed one line per missing results file (three lines)."""
     from aepo_lite.cli.figures import PARTS

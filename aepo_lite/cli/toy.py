@@ -33,6 +33,9 @@ class ToyCommand(ConfigCommand):
     quiet: Annotated[bool, _flag()] = False  # no progress bars
 
 
+_GRID_CSV = "figures/toy2d_results.csv"  # the project's grid: the default CSV, the one that updates README.md
+
+
 def _toy(argv: list[str]) -> int:
     from aepo_lite.toy.pipeline import check_config, default_out, estimator_label, run_toy
     cmd = parse_command(ToyCommand, ToyConfig, argv, prog="aepo-lite toy", default_preset="full",
@@ -92,11 +95,14 @@ def register(subparsers) -> None:
     g.add_argument("--guidance-scales", type=_float("guidance-scales"), nargs="+", default=[1.0])
     g.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     g.add_argument("--preset", default="full", choices=tuple(PRESETS["toy"]))
-    g.add_argument("--csv", default="figures/toy2d_results.csv")
-    g.add_argument("--figures-dir", default="figures")
+    g.add_argument("--csv", default=_GRID_CSV)
+    g.add_argument("--figures-dir", default=None, help=f"tables and figures (default: figures/ for {_GRID_CSV}, "
+                   "else a folder named after the CSV beside it, as `aepo-lite figures` lays out figures/toy2d_long.csv; "
+                   "so another grid never rewrites the project's tables)")
     g.add_argument("--budget-csv", default="", help="also write each run's error-budget parts 4-5 here "
                    "(e.g. figures/toy2d_budget_runs.csv; '' = none)")
-    g.add_argument("--readme", default="README.md", help="README to update between the toy markers ('' = none)")
+    g.add_argument("--readme", default=None, help="README to update between the toy markers (default: README.md "
+                   f"when --csv is {_GRID_CSV}, else none; '' = none)")
     g.add_argument("--cache-dir", default=None, help="stage checkpoints (default runs/toy_cache)")
     g.add_argument("--runs-dir", default="runs/toy", help="one run folder per row group (config, results, figure)")
     g.add_argument("--device", default="auto", choices=DEVICE_CHOICES)
@@ -159,7 +165,8 @@ def _register_convergence(subparsers, presets, critic_kinds) -> None:
                    "carried past it)")
     c.add_argument("--tol", type=_float("tol"), default=0.1, help="relative drop past N that counts as converged")
     c.add_argument("--csv", default="figures/toy2d_convergence.csv")
-    c.add_argument("--figures-dir", default="figures")
+    c.add_argument("--figures-dir", default=None, help="the table and figure (default: the CSV's folder, so a CSV "
+                   "of one's own never rewrites the project's figures)")
     c.add_argument("--runs-dir", default="runs/convergence")
     c.add_argument("--cache-dir", default=None, help="stage checkpoints (default runs/toy_cache)")
     c.add_argument("--device", default="auto", choices=DEVICE_CHOICES)
@@ -181,7 +188,7 @@ def run_convergence_command(args) -> int:
     if not args.render_only:
         conv.run_convergence(cc, args.csv, runs_dir=args.runs_dir, cache_dir=args.cache_dir, progress=not args.quiet,
                              workers=args.workers)
-    paths = conv.render(args.csv, args.figures_dir, tol=args.tol)
+    paths = conv.render(args.csv, args.figures_dir or Path(args.csv).parent, tol=args.tol)
     print("wrote " + ", ".join(str(p) for p in paths))
     if args.check is not None:
         drops = conv.check_converged(conv.curve_rows(conv.read_rows(args.csv), cc), args.check, args.tol)
@@ -212,10 +219,12 @@ def run_grid_command(args) -> int:
             r = res["results"][0]
             print(f"[{i + 1}/{len(cfgs)}] {out.parent.name}/{out.name}: distance {r['distance']:.4f} floor "
                   f"{r['floor']:.4f} ({time.time() - t0:.0f} s)", flush=True)
-    paths = toy_report.render(csv, args.figures_dir)
+    figures_dir = args.figures_dir or (csv.parent if csv == Path(_GRID_CSV) else csv.with_suffix(""))
+    paths = toy_report.render(csv, figures_dir)
     if args.budget_csv and Path(args.budget_csv).exists():
-        paths += trained_budget.render(args.budget_csv, args.figures_dir)
-    if args.readme:
-        paths.append(toy_report.update_readme(csv, args.readme))
+        paths += trained_budget.render(args.budget_csv, figures_dir)
+    readme = ("README.md" if csv == Path(_GRID_CSV) else "") if args.readme is None else args.readme
+    if readme:
+        paths.append(toy_report.update_readme(csv, readme))
     print("wrote " + ", ".join(str(p) for p in paths))
     return 0
