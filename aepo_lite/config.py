@@ -227,7 +227,7 @@ PRESETS: dict[str, dict[str, dict]] = {
         # four times that (16000 steps): the top of the convergence curve, for each method's best guidance scale
         # there (figures/toy2d_xlong.csv; the stage cache of the curve's runs is shared, so only sampling is new)
         "xlong": {"energy": dict(steps=16000)},
-        # twice that (32000 steps): shown converged for both methods on 4 of 6 tasks (docs/results.md), for the
+        # twice that (32000 steps): shown converged for both methods on 3 of 6 tasks (docs/results.md), for the
         # 3-seed best-w tables (figures/toy2d_xxlong.csv; the convergence curve's stage cache is shared)
         "xxlong": {"energy": dict(steps=32000)},
     },

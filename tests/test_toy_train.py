@@ -97,8 +97,11 @@ def test_captured_toy_training_is_the_plain_training(tmp_path, method, critic):
     assert TT.make_config("moons", method, "smoke").energy.lr_decay  # the schedule was there to step
 
 
-def test_a_killed_energy_stage_resumes_to_the_same_weights(tmp_path, monkeypatch):
-    cfg = _cfg("swissroll", "aepo", checkpoint_every=20, behaviour=dict(steps=20), energy=dict(steps=50))
+@pytest.mark.parametrize("energy", [{}, dict(posterior="particles", centered=True, cover=0, batch=64)],
+                         ids=["gaussian", "particles-centered"])
+def test_a_killed_energy_stage_resumes_to_the_same_weights(tmp_path, monkeypatch, energy):
+    cfg = _cfg("swissroll", "aepo", checkpoint_every=20, behaviour=dict(steps=20), energy=dict(steps=50, **energy),
+               support=dict(k=64))
     whole = TT.train_toy(cfg, cache_dir=tmp_path / "whole", progress=False)
     real = TT._energy_batches
 
