@@ -672,14 +672,16 @@ else:
 #   draw varies by 15-40%, so a ratio to one seed's draw is that noisy.) Each run's distance is one draw as
 #   well, varying by 7-42% between draws (`figures/toy2d_eval_noise.md`): by the mean of 6 draws the 32000-step
 #   runs of seed 0 put the centered target within 2x of the floor on 4 of 6 tasks and QGPO on 3 of 6, level on
-#   moons and checkerboard within that noise. With three seeds at 32000 steps (seeds 1-2 mostly the mean of four
+#   moons and checkerboard within that noise. With three seeds at 32000 steps (each run the mean of four
 #   draws, now the `full` preset's evaluation) the centered target is within 1.25x of QGPO on 6 of 6 tasks,
-#   closest on 4 of 6 and within 2x of the floor on 4 of 6 (QGPO on 3 of 6); it stays above 2x on 8gaussians
+#   closest on 5 of 6 and within 2x of the floor on 4 of 6 (QGPO on 3 of 6), at w = 1 and at each method's
+#   best w of 0.5 / 1 / 2 alike (w = 1 is both methods' best on every task); it stays above 2x on 8gaussians
 #   and 2spirals, where the exact energy does too. That budget is shown converged for both methods on 3 of 6
 #   tasks (seed 0 carried to 64000): on 2spirals both energy errors fell by more than 10% past it and stopped
 #   by 64000 (both within 6% from 64000 to 128000), QGPO's checkerboard error is not monotone in the
 #   budget (0.075, 0.133, 0.099 at 16000, 32000, 64000 steps), and on rings the centered target's fell 13%
-#   (7.9% from a first run of the same seed and settings, which a retrain did not repeat exactly). At 32000
+#   (7.9% from a first run of the same seed and settings: on rings the centered target's retrains ended 6%
+#   and 29% off their first runs, every other retrain within 1e-6). At 32000
 #   the three seeds' energy errors spread by 2-40% of their mean, so a 10% rule read on one seed is near
 #   that noise.
 
