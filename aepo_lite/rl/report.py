@@ -161,7 +161,8 @@ def collect(run_paths, csv_path, speed_csv: str | Path | None = None, *, force: 
     speed.sort(key=_speed_key)  # the same runs give the same bytes, in whatever order they were given
     speed_csv = Path(speed_csv) if speed_csv else Path(csv_path).with_name("rl_speed.csv")
     if merge:
-        rows, speed = _merged(csv_path, rows), _merged(speed_csv, speed, SPEED_COLUMNS, _speed_key)
+        rows = _merged(csv_path, rows, COLUMNS, _row_key, _row_order, same=("return_mean", "transitions"))
+        speed = _merged(speed_csv, speed, SPEED_COLUMNS, _speed_key, _speed_key, same=())  # times vary run to run
     # every check before the first write: a refused collection leaves both files as they were
     _refuse_fewer(csv_path, rows, COLUMNS, _row_key, force)
     _refuse_fewer(speed_csv, speed, SPEED_COLUMNS, _speed_key, force)
@@ -170,9 +171,9 @@ def collect(run_paths, csv_path, speed_csv: str | Path | None = None, *, force: 
     return rows
 
 
-def _merged(path, new_rows: list[dict], cols=COLUMNS, key=_row_key) -> list[dict]:
-    """``new_rows`` plus the rows saved in ``path`` that they do not give, sorted as ``collect`` sorts; for the
-    results CSV (not the speeds, whose times vary) a saved row given again must hold the same numbers."""
+def _merged(path, new_rows: list[dict], cols, key, order, same: tuple) -> list[dict]:
+    """``new_rows`` plus the rows saved in ``path`` that they do not give (rows matched by ``key``, sorted by
+    ``order``); a saved row given again must hold the same values in the columns ``same``."""
     path = Path(path)
     if not path.exists():
         return new_rows
@@ -182,14 +183,14 @@ def _merged(path, new_rows: list[dict], cols=COLUMNS, key=_row_key) -> list[dict
         new = given.get(key(old))
         if new is None:
             kept.append(old)
-        elif cols is COLUMNS and any(_norm(old[c]) != _norm(new.get(c)) for c in ("return_mean", "transitions")):
+        elif any(_norm(old[c]) != _norm(new.get(c)) for c in same):
             what = "its dataset's mean return" if old["method"] == "dataset" else f"seed {old['seed']} at w = " \
                                                                                  f"{old['guidance_scale']}"
             raise ValueError(f"merge: the runs give {old['dataset']} {old['method']} ({what}) as "
                              f"{new.get('return_mean')} where {path} holds {old['return_mean']}: the runs were not "
                              "made from the same dataset and code as the saved rows; collect them into another CSV")
     out = new_rows + kept
-    out.sort(key=_row_order if cols is COLUMNS else key)
+    out.sort(key=order)
     return out
 
 
