@@ -219,11 +219,12 @@ def run_grid_command(args) -> int:
             r = res["results"][0]
             print(f"[{i + 1}/{len(cfgs)}] {out.parent.name}/{out.name}: distance {r['distance']:.4f} floor "
                   f"{r['floor']:.4f} ({time.time() - t0:.0f} s)", flush=True)
-    figures_dir = args.figures_dir or (csv.parent if csv == Path(_GRID_CSV) else csv.with_suffix(""))
+    project = csv.resolve() == Path(_GRID_CSV).resolve()  # however the path is spelled
+    figures_dir = args.figures_dir or (csv.parent if project else csv.with_suffix(""))
     paths = toy_report.render(csv, figures_dir)
     if args.budget_csv and Path(args.budget_csv).exists():
         paths += trained_budget.render(args.budget_csv, figures_dir)
-    readme = ("README.md" if csv == Path(_GRID_CSV) else "") if args.readme is None else args.readme
+    readme = ("README.md" if project else "") if args.readme is None else args.readme
     if readme:
         paths.append(toy_report.update_readme(csv, readme))
     print("wrote " + ", ".join(str(p) for p in paths))
