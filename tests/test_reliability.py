@@ -219,6 +219,26 @@ def test_eval_with_other_candidates_or_episodes_never_merges_with_plain_rows(tmp
     assert "| qgpo | 1 ep, dpmpp2m 5 steps | 1 (best) | 1 |" in table
 
 
+def test_best_of_n_at_w0_is_labelled_as_behaviour_samples_ranked_by_the_runs_critic(tmp_path):
+    runs = tmp_path / "runs"
+    _run(runs / "qgpo-s0", seed=0, candidates=16, scales=(0.0, 1.0), ret=300.0)  # QGPO's default: in-support Q
+    iql = _run(runs / "qgpo-iql-s0", seed=0, candidates=16, scales=(0.0,), ret=200.0)
+    res = json.loads((iql / "results.json").read_text())
+    atomic_write_json(iql / "results.json", {**res, "label": "qgpo+iql"})  # `--critic.kind iql`
+    _run(runs / "mse-s1", method="mse", seed=1, candidates=4, scales=(0.0,), ret=100.0)  # mse's default: IQL
+    csv_path = tmp_path / "rl_results.csv"
+    rl_report.collect([runs], csv_path)
+    with open(csv_path) as f:
+        got = {(r["method"], r["guidance_scale"]): float(r["return_mean"]) for r in csv.DictReader(f)
+               if r["method"] != "dataset"}
+    # w = 0 reads no energy: the row is the behaviour model's samples ranked by the critic, named after it;
+    # with w > 0 the guided run keeps its own label
+    assert got == {("bc[best-of-16, insupport Q]", "0.0"): 300.0, ("bc[best-of-16, iql Q]", "0.0"): 200.0,
+                   ("qgpo[best-of-16]", "1.0"): 301.0, ("bc[best-of-4, iql Q]", "0.0"): 100.0}
+    rl_report.render(csv_path, tmp_path / "fig")  # drawn as lines beside BC's, without failing
+    assert "| bc[best-of-4, iql Q] | 5 ep, dpmpp2m 5 steps | 0 (best) | 1 |" in rl_report.markdown_table(csv_path)
+
+
 def test_committed_results_record_the_settings_they_were_made_with():
     toy = toy_report.read_results(ROOT / "figures" / "toy2d_results.csv")
     assert {(r["preset"], r["n_eval"], r["sample_steps"], r["solver"]) for r in toy} == {("full", 2000, 20, "dpmpp2m")}

@@ -54,8 +54,21 @@ def _result_files(paths) -> list[Path]:
     return out
 
 
-def _label(label: str, t_max: float, candidates: int) -> str:
-    """The run's label (``aepo(tweedie/sampled)``: it names the AEPO estimator), marked with diagnostics."""
+def _critic_of(res: dict) -> str:
+    """The critic a results file's run trained: named in its label (``qgpo+iql``), else the method's default."""
+    label, method = str(res["label"]), str(res["method"])
+    for kind in ("iql", "insupport"):
+        if label.endswith(f"+{kind}"):
+            return kind
+    return "insupport" if method == "qgpo" else "iql"
+
+
+def _label(label: str, t_max: float, candidates: int, w: float = 1.0, critic: str = "") -> str:
+    """The run's label (``aepo(tweedie/sampled)``: it names the AEPO estimator), marked with diagnostics.
+    Best-of-N at w = 0 uses no energy: behaviour samples ranked by the run's critic (``bc[best-of-16, iql Q]``,
+    docs/derivation.md 6c)."""
+    if candidates > 1 and w == 0 and critic:
+        return f"bc[best-of-{candidates}, {critic} Q]"
     if t_max < 1.0:
         label += f"[t<={t_max:g}]"
     if candidates > 1:
@@ -97,7 +110,7 @@ def _eval_rows(f: Path, res: dict) -> list[tuple[dict, dict]]:
             st = {"preset": preset, "episodes": int(r["episodes"]), "candidates": int(r["candidates"]),
                   "guidance_t_max": float(r["guidance_t_max"]), "sample_steps": int(r["sample_steps"]),
                   "solver": str(r["solver"])}
-            label = _label(method, st["guidance_t_max"], st["candidates"])
+            label = _label(method, st["guidance_t_max"], st["candidates"], w, _critic_of(res))
             row = {"dataset": ds, "method": label, "seed": seed, "guidance_scale": w, "return_mean": r["return_mean"],
                    "normalized_score": r["normalized_score_mean"], "transitions": res["transitions"], **st}
             out.append((row, {"dataset": ds, "method": label, "seed": seed, "stage": f"eval w={w:g}",
@@ -406,12 +419,13 @@ def render(csv_path, figures_dir) -> list[Path]:
         def name(r):  # the settings are named only where one method was evaluated several ways
             return r["method"] + (f" [{_eval_text(r)}]" if many[r["method"]] > 1 else "")
 
+        flat = [v for v in variants if v[0] in ("dataset", "bc") or v[0].startswith("bc[")]  # no w axis: lines
         for r in rs:
-            if r["method"] in ("dataset", "bc"):
+            if _variant(r) in flat:
                 m, s = val(r)
-                ax.axhline(m, ls="--" if r["method"] == "dataset" else ":", color="k" if r["method"] == "dataset" else "C7",
-                           label=f"{name(r)} ({m:.1f})")
-        for i, v in enumerate(v for v in variants if v[0] not in ("dataset", "bc")):
+                style = {"dataset": ("--", "k"), "bc": (":", "C7")}.get(r["method"], ("-.", "C7"))
+                ax.axhline(m, ls=style[0], color=style[1], label=f"{name(r)} ({m:.1f})")
+        for i, v in enumerate(v for v in variants if v not in flat):
             pts = sorted((r for r in rs if _variant(r) == v), key=lambda r: r["guidance_scale"])
             x = [r["guidance_scale"] for r in pts]
             y, e = zip(*[val(r) for r in pts])
