@@ -679,7 +679,8 @@ else:
 #   and 2spirals, where the exact energy does too. That budget is shown converged for both methods on 3 of 6
 #   tasks (seed 0 carried to 64000): on 2spirals both energy errors fell by more than 10% past it and stopped
 #   by 64000 (both within 6% from 64000 to 128000), QGPO's checkerboard error is not monotone in the
-#   budget (0.075, 0.133, 0.099 at 16000, 32000, 64000 steps), and on rings the centered target's fell 13%
+#   budget (0.075, 0.133, 0.099, 0.048 at 16000, 32000, 64000, 128000 steps; its distance flat from 32000
+#   on), and on rings the centered target's fell 13%
 #   (7.9% from a first run of the same seed and settings made on another machine: on rings the centered
 #   target's retrains ended 6% and 29% off their first runs, every other retrain within 1e-6). At 32000
 #   the three seeds' energy errors spread by 2-40% of their mean, so a 10% rule read on one seed is near
