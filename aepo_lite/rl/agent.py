@@ -73,9 +73,14 @@ def domain_settings(cfg: TrainConfig) -> TrainConfig:
     return apply_overrides(cfg, over)
 
 
+def default_critic(method: str) -> str:
+    """The critic a method trains unless ``critic.kind`` names another: qgpo its in-support Q, the others IQL."""
+    return "insupport" if method == "qgpo" else "iql"
+
+
 def critic_kind(cfg: TrainConfig) -> str:
-    """The critic a run trains: ``critic.kind``, or the method's default (qgpo: insupport, others: iql)."""
-    return cfg.critic.kind or ("insupport" if cfg.method == "qgpo" else "iql")
+    """The critic a run trains: ``critic.kind``, or the method's default (:func:`default_critic`)."""
+    return cfg.critic.kind or default_critic(cfg.method)
 
 
 def _support_in_energy(cfg: TrainConfig) -> bool:
@@ -98,8 +103,7 @@ def estimator_label(cfg: TrainConfig) -> str:
     ``aepo(particles-K8)``, ``aepo(mixture-K8-h0.05)``, ``aepo(particles-K8-centered)``; a critic other than
     the method's default is named after it (``mse+insupport``, ``qgpo+iql``)."""
     label = f"aepo({estimator_name(cfg.energy, cfg.support.k)})" if cfg.method == "aepo" else cfg.method
-    default = "insupport" if cfg.method == "qgpo" else "iql"
-    if cfg.method != "bc" and critic_kind(cfg) != default:
+    if cfg.method != "bc" and critic_kind(cfg) != default_critic(cfg.method):
         label += f"+{critic_kind(cfg)}"
     return label
 

@@ -60,7 +60,8 @@ def _critic_of(res: dict) -> str:
     for kind in ("iql", "insupport"):
         if label.endswith(f"+{kind}"):
             return kind
-    return "insupport" if method == "qgpo" else "iql"
+    from aepo_lite.rl.agent import default_critic
+    return default_critic(method)
 
 
 def _label(label: str, t_max: float, candidates: int, w: float = 1.0, critic: str = "") -> str:
