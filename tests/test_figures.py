@@ -1,5 +1,5 @@
 """``aepo-lite figures``: every figure and table in figures/ is rebuilt from the committed results
-files alone, quickly (nothing trains), and bad input is reported, not crashed on."""
+files alone (nothing trains; its time is printed, not asserted: timing lives in benchmarks), and bad input is reported, not crashed on."""
 from __future__ import annotations
 
 import os
@@ -15,7 +15,6 @@ from aepo_lite.cli import figures as F
 
 ROOT = Path(__file__).resolve().parents[1]
 FIGURES = ROOT / "figures"
-BUDGET_S = 60.0
 OLD = 1_000_000_000  # an mtime in 2001: anything rewritten by the command is newer
 
 
@@ -39,7 +38,6 @@ def test_figures_rebuilds_every_figure_and_table_from_committed_results(tmp_path
     r = _cli("figures", "--figures-dir", str(work))
     elapsed = time.perf_counter() - t0
     assert r.returncode == 0, f"aepo-lite figures failed:\n{r.stdout}\n{r.stderr}"
-    assert elapsed < BUDGET_S, f"aepo-lite figures took {elapsed:.1f} s (budget {BUDGET_S:.0f} s)\n{r.stdout}"
     assert "not made by any renderer" not in r.stderr, r.stderr
 
     stale = [name for name in outputs if (work / name).stat().st_mtime <= OLD]
