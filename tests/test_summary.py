@@ -159,6 +159,27 @@ def test_protocol_lines_check_the_default_estimator_against_bc_and_qgpo(tmp_path
         "QGPO on 4 of 5): BC + 5 on 5/5, QGPO or better on 4/5: reached.")
 
 
+def test_the_layer_norm_critic_sweep_gets_its_own_rows_and_target_line(tmp_path, csvs):
+    """rl_6c_ln.csv (the 6c sweep with the LayerNorm critic) is summarised beside rl_6c.csv, each with its own
+    verdict: the same rows in both files give two target lines, the second named after the critic."""
+    from aepo_lite.course.summary import LN_CRITIC, LN_TITLE, default_aepo_label
+    lab = default_aepo_label("bench")
+    rows = [{"dataset": "local/d1/m-v0", "method": m, "seed": s, "guidance_scale": 0.0 if m == "bc" else 1.0,
+             "return_mean": v, "normalized_score": v + s, "preset": "bench", "sample_steps": 15, "episodes": 10}
+            for m, v in (("bc", 50), ("qgpo", 52), (lab, 58)) for s in range(3)]
+    _write(tmp_path / "rl_6c.csv", rows)
+    _write(tmp_path / "rl_6c_ln.csv", [dict(r, normalized_score=r["normalized_score"] - 7) if r["method"] == lab
+                                       else r for r in rows])
+    toy = csvs[0]
+    md = summary_markdown(toy, tmp_path / "absent.csv", rl_protocol_csv=tmp_path / "rl_6c.csv",
+                          rl_ln_csv=tmp_path / "rl_6c_ln.csv")
+    assert "BC + 5 on 1/1, QGPO or better on 1/1: reached." in md
+    assert f"**{LN_TITLE}, local/d1/m-v0**" in md
+    assert f"**Offline RL target, {LN_CRITIC}** (the default AEPO estimator" in md
+    assert md.split(LN_TITLE)[1].count("BC + 5 on 0/1, QGPO or better on 0/1: **not reached**.") == 1
+    assert LN_TITLE not in summary_markdown(toy, tmp_path / "absent.csv", rl_protocol_csv=tmp_path / "rl_6c.csv")
+
+
 def test_a_one_seed_probe_is_no_candidate_for_best_estimator(csvs, tmp_path):
     """An AEPO estimator run on fewer seeds than the task's best-covered AEPO row (a one-seed probe) is shown
     but never AEPO's best or the winner: its one lucky seed would pass for a better estimator. The floor is

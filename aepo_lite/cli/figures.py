@@ -14,6 +14,7 @@ toy 2D, 16000 steps toy2d_xlong.csv (optional)   the same, into ``figures/toy2d_
 toy 2D, 32000 steps toy2d_xxlong.csv (optional)  the same, into ``figures/toy2d_xxlong/``
 offline RL          rl_results.csv               ``aepo_lite.rl.report.render``
 offline RL, 6c      rl_6c.csv (optional)         the same, into ``figures/rl_6c/``
+offline RL, LN      rl_6c_ln.csv (optional)      the same, into ``figures/rl_6c_ln/``
 offline RL, Reacher rl_6c_heldout.csv (opt.)     the same, into ``figures/rl_6c_heldout/``
 guidance size by t  rl_6c/energy_gradients.csv   ``aepo_lite.rl.diagnostics.render`` (optional)
 toy error budget    toy2d_budget.csv (optional)  ``aepo_lite.toy.budget.render``
@@ -103,6 +104,9 @@ PARTS = (
     Part("offline RL, 6c protocol", "aepo_lite.rl.report", "rl_6c.csv",
          "aepo-lite rl-results --runs runs/rl6c --csv figures/rl_6c.csv --figures figures/rl_6c (docs/results.md)",
          lambda mod, results, figures_dir: mod.render(results, Path(figures_dir) / "rl_6c"), optional=True),
+    Part("offline RL, 6c protocol, LayerNorm critic", "aepo_lite.rl.report", "rl_6c_ln.csv",
+         "aepo-lite rl-results --runs runs/rl6c-ln --csv figures/rl_6c_ln.csv --figures figures/rl_6c_ln (docs/results.md)",
+         lambda mod, results, figures_dir: mod.render(results, Path(figures_dir) / "rl_6c_ln"), optional=True),
     Part("offline RL, 6c protocol, held-out", "aepo_lite.rl.report", "rl_6c_heldout.csv",
          "aepo-lite rl-results --runs runs/rl6c-heldout --csv figures/rl_6c_heldout.csv --figures figures/rl_6c_heldout",
          lambda mod, results, figures_dir: mod.render(results, Path(figures_dir) / "rl_6c_heldout"), optional=True),

@@ -167,7 +167,12 @@ def default_aepo_label(preset: str = "full") -> str:
     return estimator_label(preset_config(TrainConfig, preset, method="aepo"))
 
 
-def _rl_protocol_lines(csv_path, title: str = "Offline RL (6c protocol)", target: bool = True) -> list[str]:
+LN_CRITIC = "LayerNorm critic trained 40000 steps"  # configs/rl6c/ln-critic-*.yaml: critic.layer_norm, critic.steps
+LN_TITLE = f"Offline RL (6c protocol), {LN_CRITIC} for every row with a critic"
+
+
+def _rl_protocol_lines(csv_path, title: str = "Offline RL (6c protocol)", target: bool = True,
+                       target_title: str = "Offline RL target") -> list[str]:
     """The offline-RL sweep under docs/derivation.md 6c (``rl_6c.csv``): per dataset each row's best w, then the
     issue's check for the library's default AEPO estimator: BC + 5 points on every dataset, QGPO or better on
     at least 2 of 3 (on ceil(2k / 3) of k datasets); then the same counts on the datasets where some row (any
@@ -203,7 +208,7 @@ def _rl_protocol_lines(csv_path, title: str = "Offline RL (6c protocol)", target
         return lines
     need = -(-2 * k // 3)  # the issue's 2 of 3, for any number of datasets: ceil(2k / 3)
     met = plus5 == k and over_q >= need
-    lines.append(f"- **Offline RL target** (the default AEPO estimator at least BC + 5 on every dataset and at least "
+    lines.append(f"- **{target_title}** (the default AEPO estimator at least BC + 5 on every dataset and at least "
                  f"QGPO on {need} of {k}): BC + 5 on {plus5}/{k}, QGPO or better on {over_q}/{k}: "
                  + ("reached." if met else "**not reached**."))
     if room and len(room) < k:  # the datasets that leave guidance room at all, named (no verdict: a view, not the target)
@@ -288,14 +293,16 @@ def summary_markdown(toy_csv="figures/toy2d_results.csv", rl_csv="figures/rl_res
                      matched_csv: str | Path | None = None, long_csv: str | Path | None = None,
                      convergence_csv: str | Path | None = None, rl_protocol_csv: str | Path | None = None,
                      rl_heldout_csv: str | Path | None = None, xlong_csv: str | Path | None = None,
-                     xxlong_csv: str | Path | None = None) -> str:
+                     xxlong_csv: str | Path | None = None, rl_ln_csv: str | Path | None = None) -> str:
     """The generated summary (Markdown bullet points). ``matched_csv``: a toy grid in which every method read the
     true reward (``toy2d_matched.csv``); ``long_csv``: the same at the ``long`` preset (4000 energy steps), at w = 1 and at
     each method's best w (``toy2d_long.csv``); ``rl_protocol_csv``: the offline-RL sweep of the 6c protocol
     (``rl_6c.csv``); ``rl_heldout_csv``: the same protocol on a dataset nothing was tuned on
     (``rl_6c_heldout.csv``); ``xlong_csv``: the matched grid at the ``xlong`` preset (16000 energy steps, the top
     of the convergence curve), at each method's best w (its w = 1 line is the convergence curve's);
-    ``xxlong_csv``: the same at the ``xxlong`` preset (32000 energy steps); each summarised too when it exists."""
+    ``xxlong_csv``: the same at the ``xxlong`` preset (32000 energy steps); ``rl_ln_csv``: the 6c sweep again with
+    the LayerNorm critic trained 40000 steps for every row with a critic (``rl_6c_ln.csv``, its own target line);
+    each summarised too when it exists."""
     lines = _toy_lines(toy_summary(toy_csv), "Toy 2D tasks, committed grid")
     if matched_csv is not None and Path(matched_csv).exists():
         lines += _toy_lines(toy_summary(matched_csv), "Toy 2D tasks, matched (every method reads the true reward; "
@@ -315,6 +322,8 @@ def summary_markdown(toy_csv="figures/toy2d_results.csv", rl_csv="figures/rl_res
                                 preset, "best w of 0.5 / 1 / 2 per method and task")
     if rl_protocol_csv is not None and Path(rl_protocol_csv).exists():
         lines += _rl_protocol_lines(rl_protocol_csv)
+    if rl_ln_csv is not None and Path(rl_ln_csv).exists():
+        lines += _rl_protocol_lines(rl_ln_csv, LN_TITLE, target_title=f"Offline RL target, {LN_CRITIC}")
     if rl_heldout_csv is not None and Path(rl_heldout_csv).exists():
         lines += _rl_protocol_lines(rl_heldout_csv, "Offline RL, held-out check (6c protocol; not tuned on)",
                                     target=False)
@@ -325,7 +334,7 @@ def _csvs(figures_dir) -> tuple[Path, ...]:
     fd = Path(figures_dir)
     return tuple(fd / n for n in ("toy2d_results.csv", "rl_results.csv", "toy2d_matched.csv", "toy2d_long.csv",
                                   "toy2d_convergence.csv", "rl_6c.csv", "rl_6c_heldout.csv", "toy2d_xlong.csv",
-                                  "toy2d_xxlong.csv"))
+                                  "toy2d_xxlong.csv", "rl_6c_ln.csv"))
 
 
 def figures_summary(figures_dir="figures") -> str:
@@ -337,7 +346,7 @@ def update_readme(readme, toy_csv="figures/toy2d_results.csv", rl_csv="figures/r
                   matched_csv: str | Path | None = None, long_csv: str | Path | None = None,
                   convergence_csv: str | Path | None = None, rl_protocol_csv: str | Path | None = None,
                   rl_heldout_csv: str | Path | None = None, xlong_csv: str | Path | None = None,
-                  xxlong_csv: str | Path | None = None) -> Path:
+                  xxlong_csv: str | Path | None = None, rl_ln_csv: str | Path | None = None) -> Path:
     """Rewrite the README's block between the summary markers (an error if the markers are missing)."""
     readme = Path(readme)
     text = readme.read_text()
@@ -346,7 +355,7 @@ def update_readme(readme, toy_csv="figures/toy2d_results.csv", rl_csv="figures/r
     head, rest = text.split(START, 1)
     _, tail = rest.split(END, 1)
     body = summary_markdown(toy_csv, rl_csv, matched_csv, long_csv, convergence_csv, rl_protocol_csv, rl_heldout_csv,
-                            xlong_csv, xxlong_csv)
+                            xlong_csv, xxlong_csv, rl_ln_csv)
     new = f"{head}{START}\n{body}{END}{tail}"
     if new != text:
         atomic_write_text(readme, new)
