@@ -558,6 +558,38 @@ def test_energy_gradient_norms_of_known_energies(tiny, smoke_runs, monkeypatch):
         diagnostics.energy_gradient_norms(smoke_runs["bc"])
 
 
+def test_guided_q_stats_match_exchangeability_and_a_known_push(tiny, smoke_runs, monkeypatch):
+    """The guided-Q diagnostic with known critics: at w = 0 the policy's draw is one more behaviour sample, so it is
+    the best of K + 1 with probability 1 / (K + 1) (Q = a_0 plus tiny i.i.d. noise, which breaks the ties of the
+    smoke model's many actions clipped to the box's edge); an energy f = 50 a_0 pushes every guided action to
+    a_0 = 1, so with Q = a_0 it is at least as high as any behaviour action."""
+    from aepo_lite.rl import agent as A, diagnostics
+    real, critic = A.load_run, {}
+
+    def fake(run_dir, **kw):
+        agent, cfg, data = real(run_dir, **kw)
+        agent.energy = lambda s, a, t: 50.0 * a[:, 0]
+        agent.critic.q_fn = critic["q"]
+        return agent, cfg, data
+
+    monkeypatch.setattr(A, "load_run", fake)
+    n = min(2000, real(smoke_runs["mse"])[2].tensors(torch.device("cpu"))["obs"].shape[0])
+    k = 3
+    critic["q"] = lambda s, a: a[:, 0] + 1e-6 * torch.randn(a.shape[0])
+    at0 = diagnostics.guided_q_stats(smoke_runs["mse"], scales=(), n=2000, k=k)[0]
+    assert at0["w"] == 0 and abs(at0["frac_at_best"] - 1 / (k + 1)) < 4 * math.sqrt(k / (k + 1) ** 2 / n)
+    assert at0["q_best_of_k"] > at0["q_mean"]
+    critic["q"] = lambda s, a: a[:, 0]
+    at0, at5 = diagnostics.guided_q_stats(smoke_runs["mse"], scales=(5.0,), n=2000, k=k)
+    assert at5["w"] == 5.0 and at5["frac_at_best"] == 1.0 and at5["q_mean"] == pytest.approx(1.0)
+    assert 0 < at5["support_distance"] <= 2 * math.sqrt(3)  # within the box [-1, 1]^3
+    with pytest.raises(ValueError, match="k: expected a positive integer"):
+        diagnostics.guided_q_stats(smoke_runs["mse"], k=0)
+    monkeypatch.setattr(A, "load_run", real)
+    with pytest.raises(ValueError, match="has no critic"):
+        diagnostics.guided_q_stats(smoke_runs["bc"])
+
+
 def test_seeds_trained_together_match_runs_trained_alone(tiny, smoke_runs):
     """``train_seeds``: the behaviour and IQL critic stages of seeds 0 and 1 are each trained as one stacked model
     into the stage cache, each seed's run reads its own from there, and their energy stages train as one stacked

@@ -1,10 +1,16 @@
-"""Diagnostics of trained offline-RL runs: how large each run's guidance is, by diffusion time.
+"""Diagnostics of trained offline-RL runs: how large each run's guidance is, by diffusion time, and where it takes
+the policy by the run's own critic.
 
 ``energy_gradient_norms`` measures the mean of ||grad_{a_t} f_phi(s, a_t, t)|| over dataset states and
 dataset actions noised to time t (a_t = alpha_t a + sigma_t eps). The exact E_t hardly depends on a_t at
 large t (the posterior forgets a_t), so a well-fitted energy's gradient falls toward 0 as t grows;
 QGPO's contrastive energy does. ``scripts/energy_gradients.py`` measures it for a set of runs
 (``figures/rl_6c/energy_gradients.csv``, rendered to ``.md`` by :func:`render`, docs/derivation.md section 4b, the centered regression).
+
+``guided_q_stats`` compares one guided action per dataset state with K behaviour actions at the same state, by the
+run's critic: the guided action's mean Q, how often it is at least the best of the K (1 / (K + 1) at w = 0, by
+exchangeability) and its distance to the nearest of them (how far guidance leaves the behaviour's support).
+``scripts/guided_q.py`` measures it for a set of runs (rendered by :func:`render_guided_q`).
 """
 from __future__ import annotations
 
@@ -15,7 +21,8 @@ import torch
 
 from aepo_lite.core.diffusion import energy_guidance
 
-__all__ = ["energy_gradient_norms", "gradient_rows", "gradient_table", "render"]
+__all__ = ["energy_gradient_norms", "gradient_rows", "gradient_table", "render", "guided_q_stats", "guided_q_rows",
+           "render_guided_q"]
 
 TIMES = (0.05, 0.2, 0.5, 0.9)
 
@@ -79,3 +86,74 @@ def render(csv_path, figures_dir) -> list[Path]:
         rows = list(csv.DictReader(f))
     return write_table(Path(csv_path).with_suffix(".md"), rows, HEADER, gradient_table, csv_path=csv_path,
                        made_by="scripts/energy_gradients.py")
+
+
+@torch.no_grad()
+def guided_q_stats(run_dir, scales=(0.1, 1.0), n: int = 500, k: int = 16, seed: int = 0) -> list[dict]:
+    """At ``n`` dataset states (drawn with ``seed``): ``k`` behaviour actions each (w = 0), then one guided action
+    each at every w in ``scales``, all scored by the run's critic. One dict per w (0 first): ``q_mean``, the mean Q
+    of the w-policy's action (at w = 0: of one behaviour action); ``q_best_of_k``, the mean of the best of the k
+    behaviour actions' Q; ``frac_at_best``, how often the w-policy's action has Q at least that best;
+    ``support_distance``, its mean distance to the nearest of the k behaviour actions (actions in [-1, 1]^d)."""
+    from aepo_lite.rl.agent import load_run
+    if not isinstance(k, int) or k < 1:
+        raise ValueError(f"k: expected a positive integer, got {k!r}")
+    agent, cfg, data = load_run(run_dir, device="cpu")
+    if agent.critic is None:
+        raise ValueError(f"run: {run_dir} ({cfg.method}) has no critic")
+    obs = data.tensors(agent.device)["obs"]
+    rows = torch.as_tensor(np.random.default_rng(seed).choice(obs.shape[0], min(n, obs.shape[0]), replace=False))
+    s = obs[rows]
+    g = torch.Generator().manual_seed(seed)
+    support = agent.act_unit(s.repeat_interleave(k + 1, 0), 0.0, generator=g).reshape(len(s), k + 1, -1)
+    q = agent.critic.q_fn(s.repeat_interleave(k + 1, 0), support.reshape(len(s) * (k + 1), -1)).reshape(len(s), -1)
+    best = q[:, 1:].max(1).values  # the k behaviour actions; column 0 is the w = 0 policy's own draw
+    out = []
+    for w in (0.0, *[float(x) for x in scales if float(x) != 0]):
+        a = support[:, 0] if w == 0 else agent.act_unit(s, w, generator=g)
+        qa = q[:, 0] if w == 0 else agent.critic.q_fn(s, a)
+        out.append({"w": w, "q_mean": float(qa.mean()), "q_best_of_k": float(best.mean()),
+                    "frac_at_best": float((qa >= best).float().mean()),
+                    "support_distance": float((support[:, 1:] - a[:, None]).norm(dim=-1).min(1).values.mean())})
+    return out
+
+
+GUIDED_Q_COLUMNS = ("dataset", "method", "seed", "k", "w", "q_mean", "q_best_of_k", "frac_at_best",
+                    "support_distance")
+GUIDED_Q_HEADER = ("# Where guidance takes the policy, by the run's critic\n\nAt 500 dataset states: K behaviour "
+                   "actions each and one action of the w-policy, scored by the run's own critic (measured by "
+                   "`scripts/guided_q.py` into `guided_q.csv`). `at best`: how often the w-policy's action has Q at "
+                   "least the best of the K (1 / (K + 1) at w = 0); `distance`: its mean distance to the nearest of "
+                   "the K (actions in [-1, 1]^d).\n\n")
+
+
+def guided_q_rows(run_dirs, scales=(0.1, 1.0), k: int = 16) -> list[dict]:
+    """One CSV row per run and w (:func:`guided_q_stats`), with the run's dataset, label and seed."""
+    from aepo_lite._io import read_json
+    rows = []
+    for d in run_dirs:
+        res = read_json(Path(d) / "results.json")
+        rows += [{"dataset": res["dataset"], "method": res["label"], "seed": res["seed"], "k": k, **r}
+                 for r in guided_q_stats(d, scales, k=k)]
+    return rows
+
+
+def guided_q_table(rows) -> str:
+    """A Markdown table from :func:`guided_q_rows` (or the CSV's rows), one line per run and w."""
+    lines = ["| dataset | method | seed | w | mean Q | best of K behaviour Q (K) | at best | distance |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['dataset']} | {r['method']} | {r['seed']} | {float(r['w']):g} | {float(r['q_mean']):.1f} "
+                     f"| {float(r['q_best_of_k']):.1f} ({r['k']}) | {float(r['frac_at_best']):.2f} "
+                     f"| {float(r['support_distance']):.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def render_guided_q(csv_path, figures_dir) -> list[Path]:
+    """``guided_q.md`` beside the CSV, from the CSV alone (``aepo-lite figures``)."""
+    import csv
+    from aepo_lite._io import write_table
+    with open(csv_path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    return write_table(Path(csv_path).with_suffix(".md"), rows, GUIDED_Q_HEADER, guided_q_table, csv_path=csv_path,
+                       made_by="scripts/guided_q.py")
