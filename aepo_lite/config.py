@@ -208,7 +208,9 @@ PRESETS: dict[str, dict[str, dict]] = {
         # sampling at QGPO's 15 steps for acting and support actions (docs/derivation.md section 6c)
         "bench": {"log_every": 500, "checkpoint_every": 1000,
                   "behaviour": dict(steps=6_000, batch=128, lr=1e-3, hidden=64, blocks=2),
-                  "critic": dict(steps=4_000, batch=128, hidden=64),
+                  # LayerNorm in Q/V and 40000 steps: chosen by the 6c sweep with it (docs/results.md, rl_6c_ln.csv);
+                  # the table in rl_6c.csv used 4000 steps without LayerNorm (its override files pin those)
+                  "critic": dict(steps=40_000, batch=128, hidden=64, layer_norm=True),
                   "support": dict(k=8, solver="dpmpp2m", steps=15),
                   "energy": dict(steps=2_000, batch=128, lr=1e-3, hidden=64, depth=2),
                   "sampling": dict(solver="dpmpp2m", steps=15, guidance_scales=(0.0, 0.03, 0.1, 0.3, 1.0, 3.0)),
