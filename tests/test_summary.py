@@ -160,9 +160,10 @@ def test_protocol_lines_check_the_default_estimator_against_bc_and_qgpo(tmp_path
 
 
 def test_the_layer_norm_critic_sweep_gets_its_own_rows_and_target_line(tmp_path, csvs):
-    """rl_6c_ln.csv (the 6c sweep with the LayerNorm critic) is summarised beside rl_6c.csv, each with its own
-    verdict: the same rows in both files give two target lines, the second named after the critic."""
-    from aepo_lite.course.summary import LN_CRITIC, LN_TITLE, default_aepo_label
+    """rl_6c_ln.csv (the 6c sweep with the LayerNorm critic) is summarised beside rl_6c.csv (the former bench
+    critic), each with its own verdict: the same rows in both files give two target lines, each named after its
+    critic."""
+    from aepo_lite.course.summary import LN_CRITIC, LN_TITLE, OLD_CRITIC, OLD_TITLE, default_aepo_label
     lab = default_aepo_label("bench")
     rows = [{"dataset": "local/d1/m-v0", "method": m, "seed": s, "guidance_scale": 0.0 if m == "bc" else 1.0,
              "return_mean": v, "normalized_score": v + s, "preset": "bench", "sample_steps": 15, "episodes": 10}
@@ -173,7 +174,8 @@ def test_the_layer_norm_critic_sweep_gets_its_own_rows_and_target_line(tmp_path,
     toy = csvs[0]
     md = summary_markdown(toy, tmp_path / "absent.csv", rl_protocol_csv=tmp_path / "rl_6c.csv",
                           rl_ln_csv=tmp_path / "rl_6c_ln.csv")
-    assert "BC + 5 on 1/1, QGPO or better on 1/1: reached." in md
+    assert f"**{OLD_TITLE}, local/d1/m-v0**" in md and f"**Offline RL target, {OLD_CRITIC}**" in md
+    assert "BC + 5 on 1/1, QGPO or better on 1/1: reached." in md.split(LN_TITLE)[0]
     assert f"**{LN_TITLE}, local/d1/m-v0**" in md
     assert f"**Offline RL target, {LN_CRITIC}** (the default AEPO estimator" in md
     assert md.split(LN_TITLE)[1].count("BC + 5 on 0/1, QGPO or better on 0/1: **not reached**.") == 1

@@ -167,7 +167,10 @@ def default_aepo_label(preset: str = "full") -> str:
     return estimator_label(preset_config(TrainConfig, preset, method="aepo"))
 
 
-LN_CRITIC = "LayerNorm critic trained 40000 steps"  # configs/rl6c/ln-critic-*.yaml: critic.layer_norm, critic.steps
+# the two critics of the 6c sweep (rl_6c.csv, rl_6c_ln.csv): the bench preset's before and since the LayerNorm table
+OLD_CRITIC = "critic of 4000 steps without LayerNorm"  # the former bench critic, pinned in configs/rl6c/*.yaml
+LN_CRITIC = "LayerNorm critic trained 40000 steps"  # the bench preset's now; configs/rl6c/ln-critic-*.yaml
+OLD_TITLE = f"Offline RL (6c protocol), {OLD_CRITIC}"
 LN_TITLE = f"Offline RL (6c protocol), {LN_CRITIC} for every row with a critic"
 
 
@@ -321,7 +324,7 @@ def summary_markdown(toy_csv="figures/toy2d_results.csv", rl_csv="figures/rl_res
                                 f"Toy 2D tasks, matched at a {steps}-step energy budget (true reward for every method)",
                                 preset, "best w of 0.5 / 1 / 2 per method and task")
     if rl_protocol_csv is not None and Path(rl_protocol_csv).exists():
-        lines += _rl_protocol_lines(rl_protocol_csv)
+        lines += _rl_protocol_lines(rl_protocol_csv, OLD_TITLE, target_title=f"Offline RL target, {OLD_CRITIC}")
     if rl_ln_csv is not None and Path(rl_ln_csv).exists():
         lines += _rl_protocol_lines(rl_ln_csv, LN_TITLE, target_title=f"Offline RL target, {LN_CRITIC}")
     if rl_heldout_csv is not None and Path(rl_heldout_csv).exists():
