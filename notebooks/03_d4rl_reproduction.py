@@ -282,21 +282,19 @@ else:
 # - On our Hopper data (generated below from `figures/rl_results.csv`), AEPO's Gaussian targets made the
 #   policy worse than behaviour cloning at every guidance scale we tried, while QGPO stayed near it: the
 #   IQL critic is steep there, so AEPO's variance term dominates its target.
-# - Under the 6c protocol (15 sampler steps, 3-10 seeds, six local datasets; `docs/results.md`), the
-#   in-support particle target of section 4b with the centered regression (the library's default) is at or
-#   above QGPO on 4 of 6 datasets. It beats behaviour cloning by 5 points on the three replay sets (Pusher
-#   +32.4, Hopper +93.2, HalfCheetah +24.1, the last made after the default was chosen) and on Pusher
-#   medium-expert (+6.3, 10 seeds; QGPO +8.2). It does not on InvertedDoublePendulum, where no method does,
-#   nor on Hopper medium, where QGPO does at w = 10 (73.5 against behaviour cloning's 61.9, 10 seeds,
-#   carried by two of them, which fall to 56 and 11 with K = 16 support actions; on seeds 5-9 alone it
-#   scores 48.2) and the default's best is 63.3 (w = 5, where QGPO also scores 63.3; at w = 10 it falls
-#   to 41.0).
-# - On those two the preset's critic is at fault (exercise 2's best-of-N, `docs/results.md`): the
-#   behaviour model's own samples ranked by either critic score as behaviour cloning on Hopper medium
-#   (best-of-64: 61.7 and 62.6 against 61.8) and below it on InvertedDoublePendulum (2.1 and 2.3 against
-#   10.2). A critic with LayerNorm and ten times the steps ranks InvertedDoublePendulum's samples as the
-#   expert (best-of-16: 102.9), and guided by it the default scores 18.0 there (BC + 7.8, QGPO 12.6; three
-#   seeds, not the table's critic); on Hopper medium it reaches BC + 2.9.
+# - Under the 6c protocol (15 sampler steps, six local datasets; `docs/results.md`), the in-support
+#   particle target of section 4b with the centered regression (the library's default) was measured with
+#   two critics. With the former `bench` critic (4000 steps, 3-10 seeds) it beats behaviour cloning by 5
+#   points on 4 of 6 datasets (the three replay sets and Pusher medium-expert) and is at or above QGPO on 4.
+#   That critic ranked InvertedDoublePendulum's behaviour samples wrongly (exercise 2's best-of-N: 2.1 for the
+#   best of 64 against behaviour cloning's 10.2).
+# - A critic with LayerNorm and ten times the steps ranks them as the expert would (best-of-16: 102.9) and is
+#   the `bench` preset's now, chosen on the whole sweep run again with it (3 seeds): the default beats
+#   behaviour cloning by 5 on 5 of 6 and is at or above QGPO on 5 of 6 (it gained on four datasets, most on
+#   HalfCheetah replay, 60.4 against 39.7, and lost on Hopper replay, 77.7 against 102.2, and Pusher replay).
+# - Hopper medium stays the miss (BC + 2.9): the best of 16 behaviour samples by Q is barely better than one
+#   there. On InvertedDoublePendulum guided sampling reaches 18.0 where best-of-16 by the same critic reaches
+#   102.9: the guided policy takes the critic's best action on a fifth of the states only.
 #   The issue's target (BC + 5 everywhere) is not reached; the generated lines below give every row.
 
 # %%
