@@ -78,14 +78,18 @@ def gradient_table(rows) -> str:
     return "\n".join(lines) + "\n"
 
 
-def render(csv_path, figures_dir) -> list[Path]:
-    """``energy_gradients.md`` beside the CSV, from the CSV alone (``aepo-lite figures``)."""
+def _render_table(csv_path, header: str, table, made_by: str) -> list[Path]:
+    """The CSV's ``.md`` table beside it (``header`` + ``table(rows)``), from the CSV alone."""
     import csv
     from aepo_lite._io import write_table
     with open(csv_path, newline="") as f:
         rows = list(csv.DictReader(f))
-    return write_table(Path(csv_path).with_suffix(".md"), rows, HEADER, gradient_table, csv_path=csv_path,
-                       made_by="scripts/energy_gradients.py")
+    return write_table(Path(csv_path).with_suffix(".md"), rows, header, table, csv_path=csv_path, made_by=made_by)
+
+
+def render(csv_path, figures_dir) -> list[Path]:
+    """``energy_gradients.md`` beside the CSV, from the CSV alone (``aepo-lite figures``)."""
+    return _render_table(csv_path, HEADER, gradient_table, "scripts/energy_gradients.py")
 
 
 @torch.no_grad()
@@ -151,9 +155,4 @@ def guided_q_table(rows) -> str:
 
 def render_guided_q(csv_path, figures_dir) -> list[Path]:
     """``guided_q.md`` beside the CSV, from the CSV alone (``aepo-lite figures``)."""
-    import csv
-    from aepo_lite._io import write_table
-    with open(csv_path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    return write_table(Path(csv_path).with_suffix(".md"), rows, GUIDED_Q_HEADER, guided_q_table, csv_path=csv_path,
-                       made_by="scripts/guided_q.py")
+    return _render_table(csv_path, GUIDED_Q_HEADER, guided_q_table, "scripts/guided_q.py")
