@@ -484,8 +484,8 @@ What these numbers are, and are not:
   evaluation return, with N(0, 0.1^2) action noise. `ref_min_score` = uniform random actions,
   `ref_max_score` = the ladder's best snapshot, each over 100 episodes: a weak "expert" (a CPU
   budget, not an expert in D4RL's sense), so these normalised scores are not comparable to D4RL tables.
-- The `bench` preset is what a shared 2-core CPU affords before a deadline (6k behaviour, 4k critic,
-  2k energy steps, 64-wide networks, 5 evaluation episodes per seed and scale), not QGPO's settings
+- The `bench` preset, as it was for this first-round table, is what a shared 2-core CPU afforded (6k behaviour,
+  4k critic, 2k energy steps, 64-wide networks, 5 evaluation episodes per seed and scale), not QGPO's settings
   (`full`, docs/derivation.md section 7). Scores are the last checkpoint. With so few episodes and steps the
   seed-to-seed spread is large; read the ± columns before the means.
 - The "best" guidance scale is the one with the highest mean over seeds, chosen on the same
