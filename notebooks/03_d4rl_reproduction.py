@@ -289,11 +289,12 @@ else:
 #   That critic ranked InvertedDoublePendulum's behaviour samples wrongly (exercise 2's best-of-N: 2.1 for the
 #   best of 64 against behaviour cloning's 10.2).
 # - A critic with LayerNorm and ten times the steps ranks them as the expert would (best-of-16: 102.9) and is
-#   the `bench` preset's now, chosen on the whole sweep run again with it (3 seeds): the default beats
-#   behaviour cloning by 5 on 5 of 6 and is at or above QGPO on 5 of 6 (it gained on four datasets, most on
-#   HalfCheetah replay, 60.4 against 39.7, and lost on Hopper replay, 77.7 against 102.2, and Pusher replay).
-# - Hopper medium stays the miss (BC + 2.9): the best of 16 behaviour samples by Q is barely better than one
-#   there. On InvertedDoublePendulum guided sampling reaches 18.0 where best-of-16 by the same critic reaches
+#   the `bench` preset's now, chosen on the whole sweep run again with it (3-5 seeds): the default beats
+#   behaviour cloning by 5 on 5 of 6 and is at or above QGPO on 6 of 6 (on seeds 0-2 it gained on four
+#   datasets, most on HalfCheetah replay, 60.4 against 39.7, and lost on Hopper replay, 77.7 against 102.2,
+#   and Pusher replay).
+# - Hopper medium stays the miss (BC + 2.1, 5 seeds): the best of 16 behaviour samples by Q is barely better
+#   than one there. On InvertedDoublePendulum guided sampling reaches 18.0 where best-of-16 by the same critic reaches
 #   102.9: the guided policy takes the critic's best action on a fifth of the states only.
 #   The issue's target (BC + 5 everywhere) is not reached; the generated lines below give every row.
 
