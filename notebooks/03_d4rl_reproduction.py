@@ -294,8 +294,9 @@ else:
 #   datasets, most on HalfCheetah replay, 60.4 against 39.7, and lost on Hopper replay, 77.7 against 102.2,
 #   and Pusher replay).
 # - Hopper medium stays the miss (BC + 2.1, 5 seeds): the best of 16 behaviour samples by Q is barely better
-#   than one there. On InvertedDoublePendulum guided sampling reaches 18.0 where best-of-16 by the same critic reaches
-#   102.9: the guided policy takes the critic's best action on a fifth of the states only.
+#   than one there. On InvertedDoublePendulum guided sampling reaches 14.9 (5 seeds, BC + 5.1) where
+#   best-of-16 by the same critic reaches 102.9: the guided policy takes the critic's best action on a fifth
+#   of the states only.
 #   The target (BC + 5 everywhere) is not reached; the generated lines below give every row.
 
 # %%
