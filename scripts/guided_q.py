@@ -6,10 +6,8 @@ into a CSV, and render its table beside it (``aepo-lite figures`` re-renders the
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from aepo_lite._io import atomic_write_csv
-from aepo_lite.rl.diagnostics import GUIDED_Q_COLUMNS, guided_q_rows, render_guided_q
+from aepo_lite.rl.diagnostics import GUIDED_Q_COLUMNS, guided_q_rows, render_guided_q, write_csv_and_table
 
 
 def main(argv=None) -> int:
@@ -21,8 +19,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if not a.out.endswith(".csv"):
         p.error(f"--out: expected a .csv path, got {a.out!r}")
-    atomic_write_csv(Path(a.out), guided_q_rows(a.runs, a.scales, a.k), GUIDED_Q_COLUMNS)
-    for path in [Path(a.out), *render_guided_q(a.out, Path(a.out).parent)]:
+    for path in write_csv_and_table(a.out, guided_q_rows(a.runs, a.scales, a.k), GUIDED_Q_COLUMNS, render_guided_q):
         print(f"wrote {path}")
     return 0
 

@@ -590,6 +590,40 @@ def test_guided_q_stats_match_exchangeability_and_a_known_push(tiny, smoke_runs,
         diagnostics.guided_q_stats(smoke_runs["bc"])
 
 
+def test_energy_fit_stats_against_a_linear_critic_and_the_reference_itself(tiny, smoke_runs, monkeypatch):
+    """The energy-fit diagnostic with known parts. With Q = c . a, the particle reference's gradient is
+    (alpha / sigma^2) (E_p[m] - E_r[m]), p the posterior r tilted by exp(beta c . m), so it never points against c:
+    an energy f = c . a agrees with it everywhere and f = -c . a nowhere. With k = k_ref the k-particle target is
+    the reference itself (agreement 1, error 0); a smaller k errs."""
+    from aepo_lite.rl import agent as A, diagnostics
+    real, sign = A.load_run, {}
+    c = torch.tensor([1.0, -0.5, 0.25])
+
+    def fake(run_dir, **kw):
+        agent, cfg, data = real(run_dir, **kw)
+        agent.energy = lambda s, a, t: sign["f"] * (a * c[: a.shape[1]]).sum(-1)
+        agent.critic.q_fn = lambda s, a: (a * c[: a.shape[1]]).sum(-1)
+        return agent, cfg, data
+
+    monkeypatch.setattr(A, "load_run", fake)
+    for f_sign, expected in ((1.0, 1.0), (-1.0, 0.0)):
+        sign["f"] = f_sign
+        rows = diagnostics.energy_fit_stats(smoke_runs["mse"], times=(0.2, 0.5), n=64, k=16, k_ref=16)
+        assert [r["t"] for r in rows] == [0.2, 0.5]
+        for r in rows:
+            assert r["energy_agree"] == expected and r["target_agree"] == 1.0 and r["target_rel_err"] == 0.0
+            assert r["ref_grad"] > 0 and r["energy_grad"] == pytest.approx(float(c.norm()), rel=1e-5)
+    few = diagnostics.energy_fit_stats(smoke_runs["mse"], times=(0.2,), n=64, k=2, k_ref=16)[0]
+    assert few["target_rel_err"] > 0.01 and few["k"] == 2 and few["k_ref"] == 16
+    for kw, match in (({"k": 0}, "k: expected a positive integer"), ({"k_ref": 0}, "k_ref: expected"),
+                      ({"k": 8, "k_ref": 4}, "k: 8 is more than k_ref")):
+        with pytest.raises(ValueError, match=match):
+            diagnostics.energy_fit_stats(smoke_runs["mse"], **kw)
+    monkeypatch.setattr(A, "load_run", real)
+    with pytest.raises(ValueError, match="needs an energy network and a critic"):
+        diagnostics.energy_fit_stats(smoke_runs["bc"])
+
+
 def test_seeds_trained_together_match_runs_trained_alone(tiny, smoke_runs):
     """``train_seeds``: the behaviour and IQL critic stages of seeds 0 and 1 are each trained as one stacked model
     into the stage cache, each seed's run reads its own from there, and their energy stages train as one stacked

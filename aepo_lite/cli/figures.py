@@ -18,6 +18,7 @@ offline RL, LN      rl_6c_ln.csv (optional)      the same, into ``figures/rl_6c_
 offline RL, Reacher rl_6c_heldout.csv (opt.)     the same, into ``figures/rl_6c_heldout/``
 guidance size by t  rl_6c/energy_gradients.csv   ``aepo_lite.rl.diagnostics.render`` (optional)
 guidance by Q       rl_6c_ln/guided_q.csv (opt.) ``aepo_lite.rl.diagnostics.render_guided_q``
+energy fit, RL      rl_6c_ln/energy_fit.csv (o.) ``aepo_lite.rl.diagnostics.render_energy_fit``
 toy error budget    toy2d_budget.csv (optional)  ``aepo_lite.toy.budget.render``
 toy budget, runs    toy2d_budget_runs.csv (opt.) ``aepo_lite.toy.trained_budget.render`` (parts 4-5)
 toy convergence     toy2d_convergence.csv (opt.) ``aepo_lite.toy.convergence.render``
@@ -117,6 +118,9 @@ PARTS = (
     Part("offline RL, where guidance goes by Q", "aepo_lite.rl.diagnostics", "rl_6c_ln/guided_q.csv",
          "python scripts/guided_q.py --runs RUN ... --out figures/rl_6c_ln/guided_q.csv (docs/results.md)",
          lambda mod, results, figures_dir: mod.render_guided_q(results, figures_dir), optional=True),
+    Part("offline RL, how well the energies follow E_t", "aepo_lite.rl.diagnostics", "rl_6c_ln/energy_fit.csv",
+         "python scripts/energy_fit.py --runs RUN ... --out figures/rl_6c_ln/energy_fit.csv (docs/results.md)",
+         lambda mod, results, figures_dir: mod.render_energy_fit(results, figures_dir), optional=True),
     Part("results summary", "aepo_lite.course.summary", "toy2d_results.csv",
          "the toy and RL results above", lambda mod, results, figures_dir: mod.render(figures_dir), optional=True),
     Part("toy error budget", "aepo_lite.toy.budget", "toy2d_budget.csv",

@@ -11,6 +11,14 @@ QGPO's contrastive energy does. ``scripts/energy_gradients.py`` measures it for 
 run's critic: the guided action's mean Q, how often it is at least the best of the K (1 / (K + 1) at w = 0, by
 exchangeability) and its distance to the nearest of them (how far guidance leaves the behaviour's support).
 ``scripts/guided_q.py`` measures it for a set of runs (rendered by :func:`render_guided_q`).
+
+``energy_fit_stats`` is the error budget's regression part (docs/derivation.md 6b, part 4) in RL, where no exact
+E_t exists: the reference is the particle target over ``k_ref`` behaviour actions per state scored by the run's
+critic, E_t of pi ∝ mu exp(beta Q) for that behaviour model and critic up to a small Jensen bias (derivation 4b).
+At a_t = alpha_t a + sigma_t eps around a fresh behaviour action, it compares with that reference's gradient in
+a_t the gradient of the trained f_phi and of the particle target over the first ``k`` of the same actions (what a
+K-particle run regresses on): how often each points the reference's way (cosine > 0) and its relative error.
+``scripts/energy_fit.py`` measures it for a set of runs (rendered by :func:`render_energy_fit`).
 """
 from __future__ import annotations
 
@@ -22,7 +30,7 @@ import torch
 from aepo_lite.core.diffusion import energy_guidance
 
 __all__ = ["energy_gradient_norms", "gradient_rows", "gradient_table", "render", "guided_q_stats", "guided_q_rows",
-           "render_guided_q"]
+           "render_guided_q", "energy_fit_stats", "energy_fit_rows", "render_energy_fit", "write_csv_and_table"]
 
 TIMES = (0.05, 0.2, 0.5, 0.9)
 
@@ -54,15 +62,20 @@ HEADER = ("# Guidance size by diffusion time\n\nMean ||grad_a f_phi(s, a_t, t)||
           "docs/derivation.md section 4b).\n\n")
 
 
-def gradient_rows(run_dirs, times=TIMES) -> list[dict]:
-    """One CSV row per run and t: dataset, the run's label, seed, t, the mean gradient norm."""
+def _rows_per_run(run_dirs, stats) -> list[dict]:
+    """``stats(run_dir) -> list[dict]`` for each run, each dict prefixed with the run's dataset, label and seed."""
     from aepo_lite._io import read_json
     rows = []
     for d in run_dirs:
         res = read_json(Path(d) / "results.json")
-        for t, v in energy_gradient_norms(d, times).items():
-            rows.append({"dataset": res["dataset"], "method": res["label"], "seed": res["seed"], "t": t, "grad_norm": v})
+        rows += [{"dataset": res["dataset"], "method": res["label"], "seed": res["seed"], **r} for r in stats(d)]
     return rows
+
+
+def gradient_rows(run_dirs, times=TIMES) -> list[dict]:
+    """One CSV row per run and t: dataset, the run's label, seed, t, the mean gradient norm."""
+    return _rows_per_run(run_dirs, lambda d: [{"t": t, "grad_norm": v}
+                                              for t, v in energy_gradient_norms(d, times).items()])
 
 
 def gradient_table(rows) -> str:
@@ -85,6 +98,15 @@ def _render_table(csv_path, header: str, table, made_by: str) -> list[Path]:
     with open(csv_path, newline="") as f:
         rows = list(csv.DictReader(f))
     return write_table(Path(csv_path).with_suffix(".md"), rows, header, table, csv_path=csv_path, made_by=made_by)
+
+
+def write_csv_and_table(out, rows, columns, render_fn) -> list[Path]:
+    """A diagnostic script's output: ``rows`` into the CSV ``out`` (atomically) and its ``.md`` table beside it."""
+    from aepo_lite._io import atomic_write_csv
+    if not str(out).endswith(".csv"):
+        raise ValueError(f"out: expected a .csv path, got {str(out)!r}")
+    atomic_write_csv(Path(out), rows, columns)
+    return [Path(out), *render_fn(out, Path(out).parent)]
 
 
 def render(csv_path, figures_dir) -> list[Path]:
@@ -133,13 +155,7 @@ GUIDED_Q_HEADER = ("# Where guidance takes the policy, by the run's critic\n\nAt
 
 def guided_q_rows(run_dirs, scales=(0.1, 1.0), k: int = 16) -> list[dict]:
     """One CSV row per run and w (:func:`guided_q_stats`), with the run's dataset, label and seed."""
-    from aepo_lite._io import read_json
-    rows = []
-    for d in run_dirs:
-        res = read_json(Path(d) / "results.json")
-        rows += [{"dataset": res["dataset"], "method": res["label"], "seed": res["seed"], "k": k, **r}
-                 for r in guided_q_stats(d, scales, k=k)]
-    return rows
+    return _rows_per_run(run_dirs, lambda d: [{"k": k, **r} for r in guided_q_stats(d, scales, k=k)])
 
 
 def guided_q_table(rows) -> str:
@@ -156,3 +172,95 @@ def guided_q_table(rows) -> str:
 def render_guided_q(csv_path, figures_dir) -> list[Path]:
     """``guided_q.md`` beside the CSV, from the CSV alone (``aepo-lite figures``)."""
     return _render_table(csv_path, GUIDED_Q_HEADER, guided_q_table, "scripts/guided_q.py")
+
+
+FIT_TIMES = (0.02, 0.05, 0.1, 0.2, 0.5)
+
+
+def _agreement(g: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
+    """How often g points the reference's way (cosine > 0), and its relative error median|g - ref| / median|ref|."""
+    agree = float((torch.nn.functional.cosine_similarity(g, ref, dim=-1) > 0).float().mean())
+    return agree, float((g - ref).norm(dim=-1).median() / ref.norm(dim=-1).median().clamp_min(1e-12))
+
+
+def energy_fit_stats(run_dir, times=FIT_TIMES, n: int = 256, k: int | None = None, k_ref: int = 128,
+                     seed: int = 0) -> list[dict]:
+    """At ``n`` dataset states (drawn with ``seed``) and each t in ``times``: the gradients in a_t of the trained
+    energy and of the ``k``-particle target (default: the run's ``support.k``) against the ``k_ref``-particle
+    reference (module docstring). One dict per t: ``ref_grad`` (median |grad E_ref|), ``target_agree`` /
+    ``target_rel_err`` (the k-particle target) and ``energy_agree`` / ``energy_rel_err`` (f_phi), ``energy_grad``."""
+    from aepo_lite.core import guidance as G
+    from aepo_lite.rl.agent import load_run
+    agent, cfg, data = load_run(run_dir, device="cpu")
+    k = cfg.support.k if k is None else k
+    for name, v in (("k", k), ("k_ref", k_ref), ("n", n)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"{name}: expected a positive integer, got {v!r}")
+    if k > k_ref:
+        raise ValueError(f"k: {k} is more than k_ref ({k_ref}); the k-particle target uses the first k of the reference's")
+    if agent.energy is None or agent.critic is None:
+        raise ValueError(f"run: {run_dir} ({cfg.method}) needs an energy network and a critic")
+    obs = data.tensors(agent.device)["obs"]
+    s = obs[torch.as_tensor(np.random.default_rng(seed).choice(obs.shape[0], min(n, obs.shape[0]), replace=False))]
+    B, beta, g = s.shape[0], cfg.energy.beta, torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        ref = agent.act_unit(s.repeat_interleave(k_ref + 1, 0), 0.0, generator=g).reshape(B, k_ref + 1, -1)
+        a0, ref = ref[:, 0], ref[:, 1:]  # a0: where a_t is drawn around, apart from the reference's actions
+        q = agent.critic.q_fn(s.repeat_interleave(k_ref, 0), ref.reshape(B * k_ref, -1)).reshape(B, k_ref)
+    guide, out = energy_guidance(agent.energy), []
+    for t0 in times:
+        t = torch.full((B,), float(t0))
+        alpha, sigma = agent.behaviour.schedule.alpha_sigma(t)
+        a_t = (alpha[:, None] * a0 + sigma[:, None] * torch.randn(a0.shape, generator=g)).requires_grad_(True)
+        g_ref, g_k = (torch.autograd.grad(G.particle_target(a_t, sup, sq, beta, alpha, sigma).sum(), a_t)[0]
+                      for sup, sq in ((ref, q), (ref[:, :k], q[:, :k])))
+        g_f = guide(a_t.detach(), t, s)
+        (ta, te), (ea, ee) = _agreement(g_k, g_ref), _agreement(g_f, g_ref)
+        out.append({"t": float(t0), "k": k, "k_ref": k_ref, "ref_grad": float(g_ref.norm(dim=-1).median()),
+                    "target_agree": ta, "target_rel_err": te, "energy_grad": float(g_f.norm(dim=-1).median()),
+                    "energy_agree": ea, "energy_rel_err": ee})
+    return out
+
+
+ENERGY_FIT_COLUMNS = ("dataset", "method", "seed", "t", "k", "k_ref", "ref_grad", "target_agree", "target_rel_err",
+                      "energy_grad", "energy_agree", "energy_rel_err")
+ENERGY_FIT_HEADER = ("# How well each trained energy's gradient follows E_t (the error budget's regression part)\n\n"
+                     "At 256 dataset states and a_t = alpha_t a + sigma_t eps around a behaviour action: the gradient "
+                     "in a_t of the trained f_phi, and of the particle target over the first K of those behaviour actions, "
+                     "against the "
+                     "reference E_t (the particle target over K_ref = 128 behaviour actions scored by the run's own "
+                     "critic; docs/derivation.md 4b). `agree`: how often the gradient points the reference's way "
+                     "(cosine > 0; 0.5 is chance in one dimension); `rel err`: median |g - g_ref| / median |g_ref|; "
+                     "each cell `agree / rel err`, a mean over the seeds listed "
+                     "(measured by `scripts/energy_fit.py` into `energy_fit.csv`).\n\n")
+
+
+def energy_fit_rows(run_dirs, times=FIT_TIMES, k_ref: int = 128) -> list[dict]:
+    """One CSV row per run and t (:func:`energy_fit_stats`), with the run's dataset, label and seed."""
+    return _rows_per_run(run_dirs, lambda d: energy_fit_stats(d, times, k_ref=k_ref))
+
+
+def energy_fit_table(rows) -> str:
+    """A Markdown table from :func:`energy_fit_rows` (or the CSV's rows): one line per dataset and method, one
+    column per t, each cell ``agree / rel err`` as a mean over the method's seeds; above each dataset's methods,
+    the K-particle target itself (its seeds' and methods' mean, K and K_ref as in the rows)."""
+    times = sorted({float(r["t"]) for r in rows})
+    cells: dict = {}
+    for r in rows:
+        key = (r["dataset"], f"K-particle target (K = {r['k']}, K_ref = {r['k_ref']})")
+        for (ds, name), a, e in ((key, "target_agree", "target_rel_err"),
+                                 ((r["dataset"], r["method"]), "energy_agree", "energy_rel_err")):
+            cells.setdefault((ds, name), {}).setdefault(float(r["t"]), []).append((float(r[a]), float(r[e]), r["seed"]))
+    lines = ["| dataset | gradient of | seeds | " + " | ".join(f"t = {t:g}" for t in times) + " |",
+             "|---|---|---|" + "---|" * len(times)]
+    for (ds, name), by_t in sorted(cells.items(), key=lambda kv: (kv[0][0], not kv[0][1].startswith("K-"), kv[0][1])):
+        seeds = sorted({str(x[2]) for v in by_t.values() for x in v})
+        cols = [f"{np.mean([x[0] for x in by_t[t]]):.2f} / {np.mean([x[1] for x in by_t[t]]):.2f}" if t in by_t
+                else "n/a" for t in times]
+        lines.append(f"| {ds} | {name} | {', '.join(seeds)} | " + " | ".join(cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def render_energy_fit(csv_path, figures_dir) -> list[Path]:
+    """``energy_fit.md`` beside the CSV, from the CSV alone (``aepo-lite figures``)."""
+    return _render_table(csv_path, ENERGY_FIT_HEADER, energy_fit_table, "scripts/energy_fit.py")
