@@ -198,6 +198,20 @@ def test_make_dataset_tiny_repeatable(minari_root):
         make_dataset(DatasetRecipe("Hopper-v5", "medium", 250, "t/hopper/medium-v0", **kw), progress=False)
     r = make_dataset(DatasetRecipe("Hopper-v5", "random", 120, "t/hopper/random-v0", **kw), progress=False)
     assert r.total_steps == 120 and r.storage.metadata["ref_max_score"] == meta["ref_max_score"]
+    # the dataset's own policy with action noise: at noise 0 the medium snapshot's deterministic return, recomputed
+    from aepo_lite.rl.datasets import snapshot_noise_scores
+    med = next(s for s in info["ladder"] if s["step"] == info["medium_snapshot_step"])
+    eps, _ = run_episodes(lambda: gym.make("Hopper-v5"), _sb3_policy(_load_snapshot(lad, med), 0.0, None), 3,
+                          seed=100_000, n_envs=3)
+    at0, at1 = snapshot_noise_scores("t/hopper/medium-v0", (0.0, 1.0), episodes=3)
+    lo, hi = meta["ref_min_score"], meta["ref_max_score"]
+    assert at0["return_mean"] == pytest.approx(np.mean([e.ret for e in eps]))
+    assert at0["score_mean"] == pytest.approx((at0["return_mean"] - lo) / (hi - lo) * 100)
+    assert at1["noise"] == 1.0 and at1["return_mean"] != at0["return_mean"]
+    with pytest.raises(ValueError, match="random dataset; its actions are not the medium snapshot's"):
+        snapshot_noise_scores("t/hopper/random-v0")
+    with pytest.raises(ValueError, match="noises"):
+        snapshot_noise_scores("t/hopper/medium-v0", (-0.1,))
 
 
 @pytest.mark.parametrize("bad,match", [(dict(quality="great"), "quality"), (dict(name="hopper-v0"), "name"),

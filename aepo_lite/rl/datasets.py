@@ -39,7 +39,8 @@ from aepo_lite._checks import check_int, check_seed
 from aepo_lite._io import atomic_write_json, read_json
 from aepo_lite.rl.evaluation import Episode, check_reference_scores, run_episodes
 
-__all__ = ["QUALITIES", "DatasetRecipe", "make_dataset", "train_policy_ladder", "policy_cache_dir"]
+__all__ = ["QUALITIES", "DatasetRecipe", "make_dataset", "train_policy_ladder", "policy_cache_dir",
+           "snapshot_noise_scores"]
 
 QUALITIES = ("random", "medium", "medium-replay", "medium-expert", "expert")
 
@@ -252,6 +253,45 @@ def _replay_episodes(ladder_dir: Path, until_step: int, steps: int) -> list[Epis
                          ep.rewards[:keep], np.zeros(keep, bool), np.r_[np.zeros(keep - 1, bool), True])
         out.append(ep)
         total += keep
+    return out
+
+
+def snapshot_noise_scores(name: str, noises=(0.0, 0.1, 0.2), episodes: int = 30, seed: int = 100_000,
+                          which: str = "medium", policy_cache: Optional[Path] = None) -> list[dict]:
+    """How a ``make-dataset`` dataset's own policy scores with Gaussian action noise of each std in ``noises``
+    (clipped to the box): does the return depend on the actions at the data's noise scale? ``which``: the
+    recipe's ``medium`` or ``expert`` snapshot (read from the dataset's description; its ladder from the policy
+    cache, trained as ``make-dataset`` would if absent). One dict per noise: ``noise``, ``return_mean``,
+    ``score_mean`` / ``score_std`` (normalised with the dataset's reference scores), ``episodes``."""
+    import gymnasium as gym
+    import minari
+    if which not in ("medium", "expert"):
+        raise ValueError(f"which: expected 'medium' or 'expert', got {which!r}")
+    check_int("episodes", episodes, low=1)
+    if any(not np.isfinite(x) or x < 0 for x in noises):
+        raise ValueError(f"noises: expected finite stds >= 0, got {list(noises)}")
+    from aepo_lite.rl.data import description_info
+    meta = minari.load_dataset(name).storage.metadata
+    info = description_info(meta)
+    if "recipe" not in info or f"{which}_snapshot_step" not in info:
+        raise ValueError(f"name: {name} was not made by aepo-lite make-dataset with a {which} snapshot "
+                         f"(its description has no recipe and {which}_snapshot_step)")
+    recipe = DatasetRecipe(**{**info["recipe"], "net_arch": tuple(info["recipe"]["net_arch"])})
+    if recipe.quality not in (which, "medium-expert"):
+        raise ValueError(f"which: {name} is a {recipe.quality} dataset; its actions are not the {which} snapshot's")
+    step = info[f"{which}_snapshot_step"]
+    ladder_dir = train_policy_ladder(recipe, policy_cache, progress=False)
+    model = _load_snapshot(ladder_dir, next(x for x in read_json(ladder_dir / "ladder.json")["snapshots"]
+                                            if x["step"] == step))
+    lo, hi = float(meta["ref_min_score"]), float(meta["ref_max_score"])
+    out = []
+    for noise in noises:
+        eps, _ = run_episodes(lambda: gym.make(recipe.env_id), _sb3_policy(model, float(noise),
+                              np.random.default_rng(seed)), episodes, seed=seed, n_envs=min(10, episodes))
+        ret = np.array([e.ret for e in eps])
+        score = (ret - lo) / (hi - lo) * 100
+        out.append({"noise": float(noise), "return_mean": float(ret.mean()), "score_mean": float(score.mean()),
+                    "score_std": float(score.std()), "episodes": episodes})
     return out
 
 
