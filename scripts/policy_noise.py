@@ -1,5 +1,6 @@
 """Score a made dataset's own policy with action noise (aepo_lite.rl.datasets.snapshot_noise_scores): does the
-return depend on the actions at the data's noise scale? Writes a CSV and its Markdown table beside it.
+return depend on the actions at the data's noise scale? Writes a CSV and its Markdown table beside it
+(``aepo-lite figures`` re-renders the table from the CSV alone).
 
     python scripts/policy_noise.py --datasets local/hopper/medium-v0 --noises 0 0.1 0.2 \
         --out figures/rl_6c_ln/policy_noise.csv
@@ -7,12 +8,9 @@ return depend on the actions at the data's noise scale? Writes a CSV and its Mar
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from aepo_lite._io import atomic_write_csv, atomic_write_text
 from aepo_lite.rl.datasets import snapshot_noise_scores
-
-COLUMNS = ("dataset", "snapshot", "noise", "episodes", "return_mean", "score_mean", "score_std")
+from aepo_lite.rl.diagnostics import POLICY_NOISE_COLUMNS, render_policy_noise, write_csv_and_table
 
 
 def main(argv=None) -> int:
@@ -27,15 +25,8 @@ def main(argv=None) -> int:
         p.error(f"--out: expected a .csv path, got {a.out!r}")
     rows = [{"dataset": d, "snapshot": a.which, **r} for d in a.datasets
             for r in snapshot_noise_scores(d, a.noises, a.episodes, which=a.which)]
-    atomic_write_csv(Path(a.out), rows, COLUMNS)
-    lines = ["# A dataset's own policy with action noise\n", "The policy that made each dataset (its snapshot of the "
-             "TD3 ladder), deterministic and with N(0, std^2) action noise, clipped to the box; normalised with the "
-             f"dataset's reference scores (made by `python scripts/policy_noise.py`).\n",
-             "| dataset | snapshot | noise std | episodes | return | normalised score |", "|---|---|---|---|---|---|"]
-    lines += [f"| {r['dataset']} | {r['snapshot']} | {r['noise']:g} | {r['episodes']} | {r['return_mean']:.1f} "
-              f"| {r['score_mean']:.1f} +- {r['score_std']:.1f} |" for r in rows]
-    atomic_write_text(Path(a.out).with_suffix(".md"), "\n".join(lines) + "\n")
-    print("\n".join(lines[3:]))
+    for path in write_csv_and_table(a.out, rows, POLICY_NOISE_COLUMNS, render_policy_noise):
+        print(f"wrote {path}")
     return 0
 
 

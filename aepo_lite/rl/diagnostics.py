@@ -30,7 +30,8 @@ import torch
 from aepo_lite.core.diffusion import energy_guidance
 
 __all__ = ["energy_gradient_norms", "gradient_rows", "gradient_table", "render", "guided_q_stats", "guided_q_rows",
-           "render_guided_q", "energy_fit_stats", "energy_fit_rows", "render_energy_fit", "write_csv_and_table"]
+           "render_guided_q", "energy_fit_stats", "energy_fit_rows", "render_energy_fit", "write_csv_and_table",
+           "POLICY_NOISE_COLUMNS", "render_policy_noise"]
 
 TIMES = (0.05, 0.2, 0.5, 0.9)
 
@@ -264,3 +265,24 @@ def energy_fit_table(rows) -> str:
 def render_energy_fit(csv_path, figures_dir) -> list[Path]:
     """``energy_fit.md`` beside the CSV, from the CSV alone (``aepo-lite figures``)."""
     return _render_table(csv_path, ENERGY_FIT_HEADER, energy_fit_table, "scripts/energy_fit.py")
+
+
+POLICY_NOISE_COLUMNS = ("dataset", "snapshot", "noise", "episodes", "return_mean", "score_mean", "score_std")
+POLICY_NOISE_HEADER = ("# A dataset's own policy with action noise\n\nThe policy that made each dataset (its snapshot "
+                       "of the TD3 ladder), deterministic and with N(0, std^2) action noise, clipped to the box; "
+                       "normalised with the dataset's reference scores (measured by `scripts/policy_noise.py` into "
+                       "`policy_noise.csv`; :func:`aepo_lite.rl.datasets.snapshot_noise_scores`).\n\n")
+
+
+def policy_noise_table(rows) -> str:
+    """A Markdown table from ``scripts/policy_noise.py``'s rows (or its CSV's), one line per dataset and noise."""
+    lines = ["| dataset | snapshot | noise std | episodes | return | normalised score |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['dataset']} | {r['snapshot']} | {float(r['noise']):g} | {r['episodes']} "
+              f"| {float(r['return_mean']):.1f} | {float(r['score_mean']):.1f} +- {float(r['score_std']):.1f} |"
+              for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def render_policy_noise(csv_path, figures_dir) -> list[Path]:
+    """``policy_noise.md`` beside the CSV, from the CSV alone (``aepo-lite figures``)."""
+    return _render_table(csv_path, POLICY_NOISE_HEADER, policy_noise_table, "scripts/policy_noise.py")
