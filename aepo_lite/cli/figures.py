@@ -16,6 +16,7 @@ offline RL          rl_results.csv               ``aepo_lite.rl.report.render``
 offline RL, 6c      rl_6c.csv (optional)         the same, into ``figures/rl_6c/``
 offline RL, LN      rl_6c_ln.csv (optional)      the same, into ``figures/rl_6c_ln/``
 offline RL, Reacher rl_6c_heldout.csv (opt.)     the same, into ``figures/rl_6c_heldout/``
+offline RL, energy  rl_6c_big.csv (optional)     the same, into ``figures/rl_6c_big/`` (a 256 x 3 energy)
 guidance size by t  rl_6c/energy_gradients.csv   ``aepo_lite.rl.diagnostics.render`` (optional)
 guidance by Q       rl_6c_ln/guided_q.csv (opt.) ``aepo_lite.rl.diagnostics.render_guided_q``
 energy fit, RL      rl_6c_ln/energy_fit.csv (o.) ``aepo_lite.rl.diagnostics.render_energy_fit``
@@ -110,6 +111,9 @@ PARTS = (
     Part("offline RL, 6c protocol, LayerNorm critic", "aepo_lite.rl.report", "rl_6c_ln.csv",
          "aepo-lite rl-results --runs runs/rl6c-ln --csv figures/rl_6c_ln.csv --figures figures/rl_6c_ln (docs/results.md)",
          lambda mod, results, figures_dir: mod.render(results, Path(figures_dir) / "rl_6c_ln"), optional=True),
+    Part("offline RL, 6c protocol, a larger energy", "aepo_lite.rl.report", "rl_6c_big.csv",
+         "aepo-lite rl-results --runs runs/rl6c-big --csv figures/rl_6c_big.csv --figures figures/rl_6c_big (docs/results.md)",
+         lambda mod, results, figures_dir: mod.render(results, Path(figures_dir) / "rl_6c_big"), optional=True),
     Part("offline RL, 6c protocol, held-out", "aepo_lite.rl.report", "rl_6c_heldout.csv",
          "aepo-lite rl-results --runs runs/rl6c-heldout --csv figures/rl_6c_heldout.csv --figures figures/rl_6c_heldout",
          lambda mod, results, figures_dir: mod.render(results, Path(figures_dir) / "rl_6c_heldout"), optional=True),
