@@ -227,12 +227,11 @@ ENERGY_FIT_COLUMNS = ("dataset", "method", "seed", "t", "k", "k_ref", "ref_grad"
                       "energy_grad", "energy_agree", "energy_rel_err")
 ENERGY_FIT_HEADER = ("# How well each trained energy's gradient follows E_t (the error budget's regression part)\n\n"
                      "At 256 dataset states and a_t = alpha_t a + sigma_t eps around a behaviour action: the gradient "
-                     "in a_t of the trained f_phi, and of the particle target over the first K of those behaviour actions, "
-                     "against the "
-                     "reference E_t (the particle target over K_ref = 128 behaviour actions scored by the run's own "
-                     "critic; docs/derivation.md 4b). `agree`: how often the gradient points the reference's way "
-                     "(cosine > 0; 0.5 is chance in one dimension); `rel err`: median |g - g_ref| / median |g_ref|; "
-                     "each cell `agree / rel err`, a mean over the seeds listed "
+                     "in a_t of the trained f_phi, and of the particle target over the first K of those behaviour "
+                     "actions, against the reference E_t (the particle target over K_ref = 128 behaviour actions "
+                     "scored by the run's own critic; docs/derivation.md 4b). `agree`: how often the gradient points "
+                     "the reference's way (cosine > 0; 0.5 is chance in one dimension); `rel err`: median "
+                     "|g - g_ref| / median |g_ref|; each cell `agree / rel err`, a mean over the seeds listed "
                      "(measured by `scripts/energy_fit.py` into `energy_fit.csv`).\n\n")
 
 
