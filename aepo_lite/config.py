@@ -89,6 +89,9 @@ class EnergyConfig:
     # AEPO in-support targets (ours): regress f's differences between a state's K noised support actions (one t)
     # on the target's, so f need not fit the per-state offset that guidance never uses (posterior gaussian: False)
     centered: bool = field(default=True, metadata={"hash_default": False})
+    # how the centered targets are fitted (ours): "squared", the regression above; "softmax", QGPO's contrastive
+    # loss with the target as labels, -sum_k softmax_k(y) log softmax_k(f) per group (the same optimum, f = y + c)
+    fit: str = field(default="squared", metadata={"hash_default": "squared"})
     clip: Optional[float] = 1.0  # clip the posterior mean (and sampled actions) to [-clip, clip]; None = no box
     grad_clip: Optional[float] = None  # gradient-norm clipping of f_phi; None = off
     baseline: str = "value"  # RL, aepo/mse with IQL: regress on beta (Q - V(s)) ("value") or beta Q ("none")
@@ -98,12 +101,13 @@ class EnergyConfig:
 
 def estimator_name(energy: "EnergyConfig", k: int) -> str:
     """AEPO's estimator as rows name it: ``<covariance>/<expansion>`` for the Gaussian posterior, else the in-support
-    posterior with its K support actions (``particles-K8``, ``mixture-K64-h0.05``, ``particles-K8-centered``)."""
+    posterior with its K support actions (``particles-K8``, ``mixture-K64-h0.05``, ``particles-K8-centered``,
+    ``particles-K8-centered-softmax``)."""
     e = energy
     if e.posterior == "gaussian":
         return f"{e.covariance}/{e.expansion}"
     return (f"{e.posterior}-K{k}" + (f"-h{e.bandwidth:g}" if e.posterior == "mixture" else "")
-            + ("-centered" if e.centered else ""))
+            + ("-centered" if e.centered else "") + ("-softmax" if e.fit == "softmax" else ""))
 
 
 @dataclass

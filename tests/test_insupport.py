@@ -299,7 +299,56 @@ def test_centered_regression_learns_the_target_up_to_a_constant_per_state():
     off = EnergyConfig(posterior="particles", centered=False)
     assert "centered" not in _jsonable(off) and _jsonable(replace(off, centered=True))["centered"] is True
     assert json.dumps(_jsonable(off), sort_keys=True) == json.dumps(
-        {k: v for k, v in asdict(off).items() if k != "centered"}, sort_keys=True)
+        {k: v for k, v in asdict(off).items() if k not in ("centered", "fit")}, sort_keys=True)
     with pytest.raises(ValueError, match="centered"):
         EnergyLearner(EnergyNet(d, 0, 8, 1), EnergyConfig(posterior="gaussian", centered=True), schedule=sched,
                       eps_fn=lambda a, t, s: a, q_fn=lambda s, a: a.sum(-1))
+
+
+def test_softmax_fit_is_cep_on_the_target_and_learns_its_top_up_to_a_constant():
+    """energy.fit = 'softmax': the loss is -mean_b sum_k softmax_k(y_b) log softmax_k(f_b) on each state's K noised
+    support actions (checked by hand from the same noise), its trained f matches y_t up to a constant where the
+    target's probability lies, and a bad fit or one without the centered groups is refused by name; the hash of a
+    config that leaves it at 'squared' is unchanged (older checkpoints keep theirs)."""
+    from dataclasses import replace
+    from aepo_lite.config import EnergyConfig, estimator_name
+    from aepo_lite.core.aepo import EnergyLearner
+    from aepo_lite.core.nets import EnergyNet
+    from aepo_lite.core.schedule import VPSchedule
+    from aepo_lite.training.stages import _jsonable
+    torch.manual_seed(0)
+    sched = VPSchedule()
+    K, d, B = 8, 1, 64
+    support = torch.linspace(-0.9, 0.9, K).reshape(1, K, d)
+    q = (-(support[..., 0] - 0.5) ** 2) * 4.0
+    cfg = EnergyConfig(posterior="particles", centered=True, fit="softmax", beta=2.0, lr=3e-3, hidden=64, depth=2)
+    learner = EnergyLearner(EnergyNet(d, 0, 64, 2), cfg, schedule=sched, generator=torch.Generator().manual_seed(1))
+    batch = {"s": None, "a": support[:, 0].repeat(B, 1), "support": support.repeat(B, 1, 1), "support_q": q.repeat(B, 1)}
+    draws = learner.noise_draws(batch)
+    (s_rep, a_t, t_rep), finish = learner.loss_parts(batch, draws=draws)
+    rep = {"s": None, "support": support.repeat(B * K, 1, 1), "support_q": q.repeat(B * K, 1)}
+    y = learner.target(a_t, t_rep, rep).reshape(B, K)
+    with torch.no_grad():
+        f = learner.energy(s_rep, a_t, t_rep).reshape(B, K)
+        loss, _ = finish(f.reshape(-1))
+    p = torch.exp(y - torch.logsumexp(y, 1, keepdim=True))
+    ref = -(p * (f - torch.logsumexp(f, 1, keepdim=True))).sum(1).mean()
+    assert abs(float(loss) - float(ref)) < 1e-10
+    for _ in range(1500):
+        learner.step(batch)
+    a_grid = torch.linspace(-0.9, 0.9, 41).reshape(-1, 1)
+    t = torch.full((41,), 0.05)
+    yg = learner.target(a_grid, t, {"s": None, "support": support.repeat(41, 1, 1), "support_q": q.repeat(41, 1)})
+    with torch.no_grad():
+        fg = learner.energy(None, a_grid, t)
+    top = yg > yg.max() - 4.0  # where softmax(y) holds all but e^-4 of its mass per unit
+    dev = (fg - yg)[top] - (fg - yg)[top].mean()
+    assert top.sum() >= 10 and dev.abs().max() < 0.15 * (yg.max() - yg.min()), (dev.abs().max(), yg.max() - yg.min())
+    assert int(fg.argmax()) == int(yg.argmax()) or abs(float(a_grid[fg.argmax()] - a_grid[yg.argmax()])) < 0.1
+    base = EnergyConfig(posterior="particles")
+    assert "fit" not in _jsonable(base) and _jsonable(replace(base, fit="softmax"))["fit"] == "softmax"
+    assert estimator_name(cfg, 8) == "particles-K8-centered-softmax"
+    net = EnergyNet(d, 0, 8, 1)
+    for bad, named in ((replace(cfg, fit="huber"), "fit"), (replace(cfg, centered=False), "fit")):
+        with pytest.raises(ValueError, match=named):
+            EnergyLearner(net, bad, schedule=sched)

@@ -322,6 +322,10 @@ class EnergyLearner(TrainingState):
             if cfg.centered and posterior == "gaussian":
                 raise ValueError("centered: the centered regression groups each state's support actions; it needs "
                                  "an in-support posterior (energy.posterior particles or mixture), not gaussian")
+            if cfg.fit not in G.GROUP_FITS:
+                raise ValueError(f"fit: expected one of {G.GROUP_FITS}, got {cfg.fit!r}")
+            if cfg.fit == "softmax" and not cfg.centered:
+                raise ValueError("fit: 'softmax' fits each state's group of K support actions; it needs centered=True")
         if method == "mse" or (method == "aepo" and posterior != "particles"):
             if q_fn is None:
                 raise ValueError(f"q_fn: the {method} energy needs a critic")
@@ -420,7 +424,10 @@ class EnergyLearner(TrainingState):
             L = mean_{b,k} ((f_bk - mean_k f_bk) - (y_bk - mean_k y_bk))^2
 
         Guidance reads only grad_{a_t} f, which no per-(s, t) constant changes; the plain regression also has
-        to fit that constant (the state's value under beta, the largest part of the target's variance)."""
+        to fit that constant (the state's value under beta, the largest part of the target's variance).
+        ``cfg.fit == "softmax"``: L = -mean_b sum_k softmax_k(y_b) log softmax_k(f_b), QGPO's CEP loss with
+        the target's values as its labels instead of beta Q(s, a^(k)); minimised by the same f = y + c, it weights
+        each action by its target probability rather than every action alike."""
         s, sup = batch.get("s"), _batch_support(batch, batch["a"], self.q_fn is None)
         B, K, d = sup.shape
         t, eps = draws or self._draw(sup, B * K)
@@ -433,8 +440,11 @@ class EnergyLearner(TrainingState):
 
         def finish(f):
             f = f.reshape(B, K)
-            loss = G.energy_regression_loss(f - f.mean(1, keepdim=True), y - y.mean(1, keepdim=True),
-                                            check=self.check_finite)
+            if self.cfg.fit == "softmax":  # y is in units of beta Q already: the labels are softmax(y)
+                loss = G.cep_loss(f, y, 1.0, check=self.check_finite)
+            else:
+                loss = G.energy_regression_loss(f - f.mean(1, keepdim=True), y - y.mean(1, keepdim=True),
+                                                check=self.check_finite)
             return loss, {"target_mean": y.mean()}
         return (rep["s"], a_t, t_rep), finish
 

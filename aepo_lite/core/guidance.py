@@ -38,6 +38,7 @@ __all__ = [
 COVARIANCES = ("tweedie", "isotropic", "gaussian-fit", "none")
 EXPANSIONS = ("first", "second", "sampled")
 POSTERIORS = ("gaussian", "mixture", "particles")  # gaussian: section 4 (COVARIANCES x EXPANSIONS); the others: 4b
+GROUP_FITS = ("squared", "softmax")  # how the centered in-support targets are fitted (EnergyConfig.fit, ours)
 
 
 # ----------------------------------------------------------------------------- validation
