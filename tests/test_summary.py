@@ -163,7 +163,8 @@ def test_the_layer_norm_critic_sweep_gets_its_own_rows_and_target_line(tmp_path,
     """rl_6c_ln.csv (the 6c sweep with the LayerNorm critic) is summarised beside rl_6c.csv (the former bench
     critic), each with its own verdict: the same rows in both files give two target lines, each named after its
     critic."""
-    from aepo_lite.course.summary import LN_CRITIC, LN_TITLE, OLD_CRITIC, OLD_TITLE, default_aepo_label
+    from aepo_lite.course.summary import (BIG_ENERGY, BIG_TITLE, LN_CRITIC, LN_TITLE, OLD_CRITIC, OLD_TITLE,
+                                          default_aepo_label)
     lab = default_aepo_label("bench")
     rows = [{"dataset": "local/d1/m-v0", "method": m, "seed": s, "guidance_scale": 0.0 if m == "bc" else 1.0,
              "return_mean": v, "normalized_score": v + s, "preset": "bench", "sample_steps": 15, "episodes": 10}
@@ -180,6 +181,14 @@ def test_the_layer_norm_critic_sweep_gets_its_own_rows_and_target_line(tmp_path,
     assert f"**Offline RL target, {LN_CRITIC}** (the default AEPO estimator" in md
     assert md.split(LN_TITLE)[1].count("BC + 5 on 0/1, QGPO or better on 0/1: **not reached**.") == 1
     assert LN_TITLE not in summary_markdown(toy, tmp_path / "absent.csv", rl_protocol_csv=tmp_path / "rl_6c.csv")
+    # the larger energy's table (rl_6c_big.csv) has a third verdict of its own, after the LayerNorm table's
+    _write(tmp_path / "rl_6c_big.csv", [dict(r, normalized_score=r["normalized_score"] - 3) if r["method"] == "qgpo"
+                                        else r for r in rows])
+    md = summary_markdown(toy, tmp_path / "absent.csv", rl_ln_csv=tmp_path / "rl_6c_ln.csv",
+                          rl_big_csv=tmp_path / "rl_6c_big.csv")
+    ln_part, big_part = md.split(f"**{BIG_TITLE}, local/d1/m-v0**")
+    assert "**not reached**" in ln_part and f"**Offline RL target, {BIG_ENERGY}** (the default" in big_part
+    assert "qgpo 50.0 +- 1.0" in big_part and "BC + 5 on 1/1, QGPO or better on 1/1: reached." in big_part
 
 
 def test_a_one_seed_probe_is_no_candidate_for_best_estimator(csvs, tmp_path):

@@ -172,6 +172,8 @@ OLD_CRITIC = "critic of 4000 steps without LayerNorm"  # the former bench critic
 LN_CRITIC = "LayerNorm critic trained 40000 steps"  # the bench preset's now; configs/rl6c/ln-critic-*.yaml
 OLD_TITLE = f"Offline RL (6c protocol), {OLD_CRITIC}"
 LN_TITLE = f"Offline RL (6c protocol), {LN_CRITIC} for every row with a critic"
+BIG_ENERGY = "256 x 3 energy trained 20000 steps"  # configs/rl6c/big-energy-*.yaml, with the LayerNorm critic
+BIG_TITLE = f"Offline RL (6c protocol), {LN_CRITIC} and a {BIG_ENERGY} for every guided row"
 
 
 def _rl_protocol_lines(csv_path, title: str = "Offline RL (6c protocol)", target: bool = True,
@@ -296,7 +298,8 @@ def summary_markdown(toy_csv="figures/toy2d_results.csv", rl_csv="figures/rl_res
                      matched_csv: str | Path | None = None, long_csv: str | Path | None = None,
                      convergence_csv: str | Path | None = None, rl_protocol_csv: str | Path | None = None,
                      rl_heldout_csv: str | Path | None = None, xlong_csv: str | Path | None = None,
-                     xxlong_csv: str | Path | None = None, rl_ln_csv: str | Path | None = None) -> str:
+                     xxlong_csv: str | Path | None = None, rl_ln_csv: str | Path | None = None,
+                     rl_big_csv: str | Path | None = None) -> str:
     """The generated summary (Markdown bullet points). ``matched_csv``: a toy grid in which every method read the
     true reward (``toy2d_matched.csv``); ``long_csv``: the same at the ``long`` preset (4000 energy steps), at w = 1 and at
     each method's best w (``toy2d_long.csv``); ``rl_protocol_csv``: the offline-RL sweep of the 6c protocol
@@ -305,6 +308,7 @@ def summary_markdown(toy_csv="figures/toy2d_results.csv", rl_csv="figures/rl_res
     of the convergence curve), at each method's best w (its w = 1 line is the convergence curve's);
     ``xxlong_csv``: the same at the ``xxlong`` preset (32000 energy steps); ``rl_ln_csv``: the 6c sweep again with
     the LayerNorm critic trained 40000 steps for every row with a critic (``rl_6c_ln.csv``, its own target line);
+    ``rl_big_csv``: the same with a 256 x 3 energy trained 20000 steps (``rl_6c_big.csv``, its own target line);
     each summarised too when it exists."""
     lines = _toy_lines(toy_summary(toy_csv), "Toy 2D tasks, committed grid")
     if matched_csv is not None and Path(matched_csv).exists():
@@ -327,6 +331,8 @@ def summary_markdown(toy_csv="figures/toy2d_results.csv", rl_csv="figures/rl_res
         lines += _rl_protocol_lines(rl_protocol_csv, OLD_TITLE, target_title=f"Offline RL target, {OLD_CRITIC}")
     if rl_ln_csv is not None and Path(rl_ln_csv).exists():
         lines += _rl_protocol_lines(rl_ln_csv, LN_TITLE, target_title=f"Offline RL target, {LN_CRITIC}")
+    if rl_big_csv is not None and Path(rl_big_csv).exists():
+        lines += _rl_protocol_lines(rl_big_csv, BIG_TITLE, target_title=f"Offline RL target, {BIG_ENERGY}")
     if rl_heldout_csv is not None and Path(rl_heldout_csv).exists():
         lines += _rl_protocol_lines(rl_heldout_csv, "Offline RL, held-out check (6c protocol; not tuned on)",
                                     target=False)
@@ -337,7 +343,7 @@ def _csvs(figures_dir) -> tuple[Path, ...]:
     fd = Path(figures_dir)
     return tuple(fd / n for n in ("toy2d_results.csv", "rl_results.csv", "toy2d_matched.csv", "toy2d_long.csv",
                                   "toy2d_convergence.csv", "rl_6c.csv", "rl_6c_heldout.csv", "toy2d_xlong.csv",
-                                  "toy2d_xxlong.csv", "rl_6c_ln.csv"))
+                                  "toy2d_xxlong.csv", "rl_6c_ln.csv", "rl_6c_big.csv"))
 
 
 def figures_summary(figures_dir="figures") -> str:
@@ -349,7 +355,8 @@ def update_readme(readme, toy_csv="figures/toy2d_results.csv", rl_csv="figures/r
                   matched_csv: str | Path | None = None, long_csv: str | Path | None = None,
                   convergence_csv: str | Path | None = None, rl_protocol_csv: str | Path | None = None,
                   rl_heldout_csv: str | Path | None = None, xlong_csv: str | Path | None = None,
-                  xxlong_csv: str | Path | None = None, rl_ln_csv: str | Path | None = None) -> Path:
+                  xxlong_csv: str | Path | None = None, rl_ln_csv: str | Path | None = None,
+                  rl_big_csv: str | Path | None = None) -> Path:
     """Rewrite the README's block between the summary markers (an error if the markers are missing)."""
     readme = Path(readme)
     text = readme.read_text()
@@ -358,7 +365,7 @@ def update_readme(readme, toy_csv="figures/toy2d_results.csv", rl_csv="figures/r
     head, rest = text.split(START, 1)
     _, tail = rest.split(END, 1)
     body = summary_markdown(toy_csv, rl_csv, matched_csv, long_csv, convergence_csv, rl_protocol_csv, rl_heldout_csv,
-                            xlong_csv, xxlong_csv, rl_ln_csv)
+                            xlong_csv, xxlong_csv, rl_ln_csv, rl_big_csv)
     new = f"{head}{START}\n{body}{END}{tail}"
     if new != text:
         atomic_write_text(readme, new)
