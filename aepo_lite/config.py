@@ -216,7 +216,9 @@ PRESETS: dict[str, dict[str, dict]] = {
                   # the table in rl_6c.csv used 4000 steps without LayerNorm (its override files pin those)
                   "critic": dict(steps=40_000, batch=128, hidden=64, layer_norm=True),
                   "support": dict(k=8, solver="dpmpp2m", steps=15),
-                  "energy": dict(steps=2_000, batch=128, lr=1e-3, hidden=64, depth=2),
+                  # 256 x 3 trained 20000 steps: chosen by the 6c sweep with it against 64 x 2 / 2000 steps (docs/results.md,
+                  # rl_6c_big.csv vs rl_6c_ln.csv); the older tables' override files pin the smaller energy
+                  "energy": dict(steps=20_000, batch=128, lr=1e-3, hidden=256, depth=3),
                   "sampling": dict(solver="dpmpp2m", steps=15, guidance_scales=(0.0, 0.03, 0.1, 0.3, 1.0, 3.0)),
                   "eval": dict(episodes=10, envs=10)},
         # docs/derivation.md section 7: QGPO's published settings (for a GPU): the defaults
