@@ -20,6 +20,7 @@ offline RL, energy  rl_6c_big.csv (optional)     the same, into ``figures/rl_6c_
 guidance size by t  rl_6c/energy_gradients.csv   ``aepo_lite.rl.diagnostics.render`` (optional)
 guidance by Q       rl_6c_ln/guided_q.csv (opt.) ``aepo_lite.rl.diagnostics.render_guided_q``
 energy fit, RL      rl_6c_ln/energy_fit.csv (o.) ``aepo_lite.rl.diagnostics.render_energy_fit``
+energy fit, larger  rl_6c_big/energy_fit.csv (o.) the same
 policy with noise   rl_6c_ln/policy_noise.csv    ``aepo_lite.rl.diagnostics.render_policy_noise`` (opt.)
 toy error budget    toy2d_budget.csv (optional)  ``aepo_lite.toy.budget.render``
 toy budget, runs    toy2d_budget_runs.csv (opt.) ``aepo_lite.toy.trained_budget.render`` (parts 4-5)
@@ -125,6 +126,9 @@ PARTS = (
          lambda mod, results, figures_dir: mod.render_guided_q(results, figures_dir), optional=True),
     Part("offline RL, how well the energies follow E_t", "aepo_lite.rl.diagnostics", "rl_6c_ln/energy_fit.csv",
          "python scripts/energy_fit.py --runs RUN ... --out figures/rl_6c_ln/energy_fit.csv (docs/results.md)",
+         lambda mod, results, figures_dir: mod.render_energy_fit(results, figures_dir), optional=True),
+    Part("offline RL, how well the larger energies follow E_t", "aepo_lite.rl.diagnostics", "rl_6c_big/energy_fit.csv",
+         "python scripts/energy_fit.py --runs RUN ... --out figures/rl_6c_big/energy_fit.csv (docs/results.md)",
          lambda mod, results, figures_dir: mod.render_energy_fit(results, figures_dir), optional=True),
     Part("offline RL, a dataset's own policy with action noise", "aepo_lite.rl.diagnostics",
          "rl_6c_ln/policy_noise.csv",
