@@ -390,6 +390,8 @@ def test_run_dir_guards_and_broken_checkpoint(tiny, smoke_runs):
                                       (dict(seed=10**20), "seed"),
                                       (dict(sampling=dict(guidance_t_max=float("nan"))), "guidance_t_max"),
                                       (dict(critic=dict(activation="swish")), "critic.activation"),
+                                      (dict(energy=dict(fit="huber")), "energy.fit"),
+                                      (dict(energy=dict(fit="softmax", centered=False)), "energy.fit"),
                                       (dict(critic=dict(activation="relu"), energy=dict(
                                           posterior="gaussian", centered=False, expansion="first")), "no curvature"),
                                       (dict(critic=dict(activation="relu"), energy=dict(

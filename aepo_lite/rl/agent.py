@@ -147,7 +147,8 @@ def _check_choices(cfg: TrainConfig) -> None:
     _choice("support.solver", cfg.support.solver, SOLVERS)
     _choice("energy.covariance", cfg.energy.covariance, G.COVARIANCES)
     _choice("energy.expansion", cfg.energy.expansion, G.EXPANSIONS)
-    _choice("energy.posterior", cfg.energy.posterior, ("gaussian", "mixture", "particles"))
+    _choice("energy.posterior", cfg.energy.posterior, G.POSTERIORS)
+    _choice("energy.fit", cfg.energy.fit, G.GROUP_FITS)
     _choice("energy.baseline", cfg.energy.baseline, ("value", "none"))
     _choice("critic.activation", cfg.critic.activation, SMOOTH_ACTIVATIONS + ("relu",))
 
@@ -209,6 +210,9 @@ def _check_combinations(cfg: TrainConfig) -> None:
         raise ValueError("energy.centered: the centered regression groups each state's support actions; it needs "
                          "energy.posterior particles or mixture (with energy.posterior gaussian, also pass "
                          "--energy.no-centered)")
+    if cfg.energy.fit == "softmax" and cfg.method == "aepo" and not cfg.energy.centered:
+        raise ValueError("energy.fit: 'softmax' fits each state's group of K support actions; it needs "
+                         "energy.centered (and an in-support posterior, particles or mixture)")
     if cfg.energy.covariance == "gaussian-fit" and cfg.method == "aepo" and cfg.energy.posterior == "gaussian":
         raise ValueError("energy.covariance: 'gaussian-fit' needs a Gaussian behaviour per state; the RL agent "
                          "supports tweedie | isotropic | none")
