@@ -297,8 +297,8 @@ else:
 #   than one there, and the policy that made the data scores the same with action noise up to three times
 #   the data's (60.5 without, 61.9 at std 0.3): its support holds nothing better to steer to.
 # - On InvertedDoublePendulum guided sampling reaches 14.9 (5 seeds, BC + 5.1) where best-of-16 by the same
-#   critic reaches 102.9. There the energy's fit is at fault: a 256 x 3 energy trained 20000 steps (3 seeds,
-#   two rows only) lifts the default to 43.0 and QGPO to 71.0, which then beats it; on HalfCheetah replay
+#   critic reaches 102.9. There the energy's fit is at fault: a 256 x 3 energy trained 20000 steps (3 seeds;
+#   now the `bench` preset's energy, every row in the lines below) lifts the default to 43.0 and QGPO to 71.0, which then beats it; on HalfCheetah replay
 #   the same change lifts the default from 60.4 to 93.4 and QGPO from 42.3 to 91.7.
 #   The target (BC + 5 everywhere) is not reached; the generated lines below give every row.
 
