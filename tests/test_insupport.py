@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from aepo_lite.config import EnergyConfig
+from aepo_lite.config import EnergyConfig, ToyConfig
 from aepo_lite.core import guidance as G
 from aepo_lite.core.aepo import EnergyLearner, aepo_target, insupport_target
 from aepo_lite.core.nets import EnergyNet
@@ -281,7 +281,7 @@ def test_centered_regression_learns_the_target_up_to_a_constant_per_state():
     K, d = 8, 1
     support = torch.linspace(-0.9, 0.9, K).reshape(1, K, d)
     q = (-(support[..., 0] - 0.5) ** 2) * 4.0  # one state; its Q favours a = 0.5
-    cfg = EnergyConfig(posterior="particles", centered=True, beta=2.0, lr=3e-3, hidden=64, depth=2)
+    cfg = EnergyConfig(posterior="particles", centered=True, fit="squared", beta=2.0, lr=3e-3, hidden=64, depth=2)
     learner = EnergyLearner(EnergyNet(d, 0, 64, 2), cfg, schedule=sched, generator=torch.Generator().manual_seed(1))
     batch = {"s": None, "a": support[:, 0].repeat(64, 1), "support": support.repeat(64, 1, 1),
              "support_q": q.repeat(64, 1)}
@@ -296,7 +296,7 @@ def test_centered_regression_learns_the_target_up_to_a_constant_per_state():
         dev = (f - f.mean()) - (y - y.mean())
         assert dev.abs().max() < 0.15 * (y.max() - y.min()), (t0, dev.abs().max(), y.max() - y.min())
         assert (f.max() - f.min()) > 0.5 * (y.max() - y.min())  # not flat: the shape in a_t is learned
-    off = EnergyConfig(posterior="particles", centered=False)
+    off = EnergyConfig(posterior="particles", centered=False, fit="squared")
     assert "centered" not in _jsonable(off) and _jsonable(replace(off, centered=True))["centered"] is True
     assert json.dumps(_jsonable(off), sort_keys=True) == json.dumps(
         {k: v for k, v in asdict(off).items() if k not in ("centered", "fit")}, sort_keys=True)
@@ -345,10 +345,12 @@ def test_softmax_fit_is_cep_on_the_target_and_learns_its_top_up_to_a_constant():
     dev = (fg - yg)[top] - (fg - yg)[top].mean()
     assert top.sum() >= 10 and dev.abs().max() < 0.15 * (yg.max() - yg.min()), (dev.abs().max(), yg.max() - yg.min())
     assert int(fg.argmax()) == int(yg.argmax()) or abs(float(a_grid[fg.argmax()] - a_grid[yg.argmax()])) < 0.1
-    base = EnergyConfig(posterior="particles")
+    base = EnergyConfig(posterior="particles", fit="squared")  # squared leaves the hash (and old caches) as before
     assert "fit" not in _jsonable(base) and _jsonable(replace(base, fit="softmax"))["fit"] == "softmax"
+    assert EnergyConfig().fit == "softmax" and ToyConfig().energy.fit == "squared"  # the RL default; the toy's pin
     assert estimator_name(cfg, 8) == "particles-K8-centered-softmax"
+    assert estimator_name(replace(cfg, centered=False), 8) == "particles-K8"  # read only where centered
     net = EnergyNet(d, 0, 8, 1)
-    for bad, named in ((replace(cfg, fit="huber"), "fit"), (replace(cfg, centered=False), "fit")):
-        with pytest.raises(ValueError, match=named):
-            EnergyLearner(net, bad, schedule=sched)
+    EnergyLearner(net, replace(cfg, centered=False), schedule=sched)  # not centered: the fit is not read
+    with pytest.raises(ValueError, match="fit"):
+        EnergyLearner(net, replace(cfg, fit="huber"), schedule=sched)

@@ -391,7 +391,6 @@ def test_run_dir_guards_and_broken_checkpoint(tiny, smoke_runs):
                                       (dict(sampling=dict(guidance_t_max=float("nan"))), "guidance_t_max"),
                                       (dict(critic=dict(activation="swish")), "critic.activation"),
                                       (dict(energy=dict(fit="huber")), "energy.fit"),
-                                      (dict(energy=dict(fit="softmax", centered=False)), "energy.fit"),
                                       (dict(critic=dict(activation="relu"), energy=dict(
                                           posterior="gaussian", centered=False, expansion="first")), "no curvature"),
                                       (dict(critic=dict(activation="relu"), energy=dict(
@@ -500,7 +499,8 @@ def test_labels_name_the_estimator_k_and_a_non_default_critic():
     from aepo_lite.rl.agent import estimator_label, make_config
     lab = lambda m, **kw: estimator_label(make_config(DS, m, "smoke", **kw))  # noqa: E731
     gauss = dict(posterior="gaussian", centered=False)
-    assert lab("aepo") == "aepo(particles-K4-centered)"  # the library default (smoke: K = 4)
+    assert lab("aepo") == "aepo(particles-K4-centered-softmax)"  # the library default (smoke: K = 4)
+    assert lab("aepo", energy=dict(fit="squared")) == "aepo(particles-K4-centered)"
     assert lab("aepo", energy=gauss) == "aepo(tweedie/sampled)"
     assert lab("aepo", energy=dict(centered=False), support=dict(k=8)) == "aepo(particles-K8)"
     assert lab("aepo", energy=dict(posterior="mixture", bandwidth=0.05, centered=False), support=dict(k=8)) == \

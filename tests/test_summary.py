@@ -165,10 +165,14 @@ def test_the_layer_norm_critic_sweep_gets_its_own_rows_and_target_line(tmp_path,
     critic."""
     from aepo_lite.course.summary import (BIG_ENERGY, BIG_TITLE, LN_CRITIC, LN_TITLE, OLD_CRITIC, OLD_TITLE,
                                           default_aepo_label)
-    lab = default_aepo_label("bench")
-    rows = [{"dataset": "local/d1/m-v0", "method": m, "seed": s, "guidance_scale": 0.0 if m == "bc" else 1.0,
-             "return_mean": v, "normalized_score": v + s, "preset": "bench", "sample_steps": 15, "episodes": 10}
-            for m, v in (("bc", 50), ("qgpo", 52), (lab, 58)) for s in range(3)]
+    lab = default_aepo_label("bench", fit="squared")  # the older tables' default: the squared fit, named "then"
+    assert lab == "aepo(particles-K8-centered)" and default_aepo_label("bench") == lab[:-1] + "-softmax)"
+
+    def table(label):
+        return [{"dataset": "local/d1/m-v0", "method": m, "seed": s, "guidance_scale": 0.0 if m == "bc" else 1.0,
+                 "return_mean": v, "normalized_score": v + s, "preset": "bench", "sample_steps": 15, "episodes": 10}
+                for m, v in (("bc", 50), ("qgpo", 52), (label, 58)) for s in range(3)]
+    rows = table(lab)
     _write(tmp_path / "rl_6c.csv", rows)
     _write(tmp_path / "rl_6c_ln.csv", [dict(r, normalized_score=r["normalized_score"] - 7) if r["method"] == lab
                                        else r for r in rows])
@@ -177,18 +181,20 @@ def test_the_layer_norm_critic_sweep_gets_its_own_rows_and_target_line(tmp_path,
                           rl_ln_csv=tmp_path / "rl_6c_ln.csv")
     assert f"**{OLD_TITLE}, local/d1/m-v0**" in md and f"**Offline RL target, {OLD_CRITIC}**" in md
     assert "BC + 5 on 1/1, QGPO or better on 1/1: reached." in md.split(LN_TITLE)[0]
+    assert f"The default AEPO estimator then, {lab}, reaches BC + 5" in md.split(LN_TITLE)[0]
     assert f"**{LN_TITLE}, local/d1/m-v0**" in md
     assert f"**Offline RL target, {LN_CRITIC}** (the default AEPO estimator" in md
     assert md.split(LN_TITLE)[1].count("BC + 5 on 0/1, QGPO or better on 0/1: **not reached**.") == 1
     assert LN_TITLE not in summary_markdown(toy, tmp_path / "absent.csv", rl_protocol_csv=tmp_path / "rl_6c.csv")
     # the larger energy's table (rl_6c_big.csv) has a third verdict of its own, after the LayerNorm table's
     _write(tmp_path / "rl_6c_big.csv", [dict(r, normalized_score=r["normalized_score"] - 3) if r["method"] == "qgpo"
-                                        else r for r in rows])
+                                        else r for r in table(default_aepo_label("bench"))])
     md = summary_markdown(toy, tmp_path / "absent.csv", rl_ln_csv=tmp_path / "rl_6c_ln.csv",
                           rl_big_csv=tmp_path / "rl_6c_big.csv")
     ln_part, big_part = md.split(f"**{BIG_TITLE}, local/d1/m-v0**")
     assert "**not reached**" in ln_part and f"**Offline RL target, {BIG_ENERGY}** (the default" in big_part
     assert "qgpo 50.0 +- 1.0" in big_part and "BC + 5 on 1/1, QGPO or better on 1/1: reached." in big_part
+    assert f"The default AEPO estimator, {default_aepo_label('bench')}, reaches" in big_part  # today's default
 
 
 def test_a_one_seed_probe_is_no_candidate_for_best_estimator(csvs, tmp_path):

@@ -324,8 +324,6 @@ class EnergyLearner(TrainingState):
                                  "an in-support posterior (energy.posterior particles or mixture), not gaussian")
             if cfg.fit not in G.GROUP_FITS:
                 raise ValueError(f"fit: expected one of {G.GROUP_FITS}, got {cfg.fit!r}")
-            if cfg.fit == "softmax" and not cfg.centered:
-                raise ValueError("fit: 'softmax' fits each state's group of K support actions; it needs centered=True")
         if method == "mse" or (method == "aepo" and posterior != "particles"):
             if q_fn is None:
                 raise ValueError(f"q_fn: the {method} energy needs a critic")

@@ -159,12 +159,12 @@ def _rl_lines(rl: dict) -> list[str]:
     return lines or ["- Offline RL: no results in `figures/rl_results.csv` yet."]
 
 
-def default_aepo_label(preset: str = "full") -> str:
+def default_aepo_label(preset: str = "full", **energy) -> str:
     """The row label of the library's default AEPO estimator at ``preset`` (from the config defaults, never typed;
-    K is the preset's support.k)."""
+    K is the preset's support.k); ``energy``: fields that differed when an older table was run (``fit="squared"``)."""
     from aepo_lite.config import TrainConfig, preset_config
     from aepo_lite.rl.agent import estimator_label
-    return estimator_label(preset_config(TrainConfig, preset, method="aepo"))
+    return estimator_label(preset_config(TrainConfig, preset, method="aepo", **({"energy": energy} if energy else {})))
 
 
 # the two critics of the 6c sweep (rl_6c.csv, rl_6c_ln.csv): the bench preset's before and since the LayerNorm table
@@ -174,21 +174,23 @@ OLD_TITLE = f"Offline RL (6c protocol), {OLD_CRITIC}"
 LN_TITLE = f"Offline RL (6c protocol), {LN_CRITIC} for every row with a critic"
 BIG_ENERGY = "256 x 3 energy trained 20000 steps"  # configs/rl6c/big-energy-*.yaml, with the LayerNorm critic
 BIG_TITLE = f"Offline RL (6c protocol), {LN_CRITIC} and a {BIG_ENERGY} for every guided row"
+SQUARED_THEN = {"fit": "squared"}  # the default's fit when the older tables (and the held-out check) were run
 
 
 def _rl_protocol_lines(csv_path, title: str = "Offline RL (6c protocol)", target: bool = True,
-                       target_title: str = "Offline RL target") -> list[str]:
+                       target_title: str = "Offline RL target", then: dict | None = None) -> list[str]:
     """The offline-RL sweep under docs/derivation.md 6c (``rl_6c.csv``): per dataset each row's best w, then the
     issue's check for the library's default AEPO estimator: BC + 5 points on every dataset, QGPO or better on
     at least 2 of 3 (on ceil(2k / 3) of k datasets); then the same counts on the datasets where some row (any
-    method, critic or estimator) reaches BC + 5, those where guidance has room at this budget."""
+    method, critic or estimator) reaches BC + 5, those where guidance has room at this budget. ``then``: energy
+    fields of the default when the table was run (its default is then named "the default AEPO estimator then")."""
     rl = rl_summary(csv_path)
     if not rl:
         return []
     lines, plus5, over_q = [], 0, 0
     room = []  # (dataset, default at BC + 5, default at or above QGPO) where some row reaches BC + 5
     for (ds, preset), r in sorted(rl.items()):
-        label = default_aepo_label(preset)
+        label = default_aepo_label(preset, **(then or {}))
         m = r["methods"]
         n = max(v["n"] for v in m.values())
         parts = [f"{k} {v['mean']:.1f} +- {v['std']:.1f} (w={v['w']:g}" + (f", {v['n']} seeds)" if v["n"] < n else ")")
@@ -204,7 +206,7 @@ def _rl_protocol_lines(csv_path, title: str = "Offline RL (6c protocol)", target
             plus5, over_q = plus5 + ok5, over_q + okq
             if any(v["mean"] >= bc["mean"] + 5 for k, v in m.items() if k != "bc"):
                 room.append((ds, ok5, okq))
-            line += (f". The default AEPO estimator, {label}, {'reaches' if ok5 else 'does not reach'} BC + 5 "
+            line += (f". The default AEPO estimator{' then' if then else ''}, {label}, {'reaches' if ok5 else 'does not reach'} BC + 5 "
                      f"({a['mean'] - bc['mean']:+.1f} points)" + ("" if q is None else
                      f" and is {'at or above' if okq else 'below'} QGPO ({a['mean'] - q['mean']:+.1f})") + ".")
         lines.append(line)
@@ -213,8 +215,8 @@ def _rl_protocol_lines(csv_path, title: str = "Offline RL (6c protocol)", target
         return lines
     need = -(-2 * k // 3)  # the issue's 2 of 3, for any number of datasets: ceil(2k / 3)
     met = plus5 == k and over_q >= need
-    lines.append(f"- **{target_title}** (the default AEPO estimator at least BC + 5 on every dataset and at least "
-                 f"QGPO on {need} of {k}): BC + 5 on {plus5}/{k}, QGPO or better on {over_q}/{k}: "
+    lines.append(f"- **{target_title}** (the default AEPO estimator{' then' if then else ''} at least BC + 5 on every "
+                 f"dataset and at least QGPO on {need} of {k}): BC + 5 on {plus5}/{k}, QGPO or better on {over_q}/{k}: "
                  + ("reached." if met else "**not reached**."))
     if room and len(room) < k:  # the datasets that leave guidance room at all, named (no verdict: a view, not the target)
         lines[-1] += (f" On the {len(room)} datasets where some row reaches BC + 5 ("
@@ -328,14 +330,16 @@ def summary_markdown(toy_csv="figures/toy2d_results.csv", rl_csv="figures/rl_res
                                 f"Toy 2D tasks, matched at a {steps}-step energy budget (true reward for every method)",
                                 preset, "best w of 0.5 / 1 / 2 per method and task")
     if rl_protocol_csv is not None and Path(rl_protocol_csv).exists():
-        lines += _rl_protocol_lines(rl_protocol_csv, OLD_TITLE, target_title=f"Offline RL target, {OLD_CRITIC}")
+        lines += _rl_protocol_lines(rl_protocol_csv, OLD_TITLE, target_title=f"Offline RL target, {OLD_CRITIC}",
+                                    then=SQUARED_THEN)
     if rl_ln_csv is not None and Path(rl_ln_csv).exists():
-        lines += _rl_protocol_lines(rl_ln_csv, LN_TITLE, target_title=f"Offline RL target, {LN_CRITIC}")
+        lines += _rl_protocol_lines(rl_ln_csv, LN_TITLE, target_title=f"Offline RL target, {LN_CRITIC}",
+                                    then=SQUARED_THEN)
     if rl_big_csv is not None and Path(rl_big_csv).exists():
         lines += _rl_protocol_lines(rl_big_csv, BIG_TITLE, target_title=f"Offline RL target, {BIG_ENERGY}")
     if rl_heldout_csv is not None and Path(rl_heldout_csv).exists():
         lines += _rl_protocol_lines(rl_heldout_csv, "Offline RL, held-out check (6c protocol; not tuned on)",
-                                    target=False)
+                                    target=False, then=SQUARED_THEN)
     return "\n".join(lines + _rl_lines(rl_summary(rl_csv))) + "\n"
 
 

@@ -210,9 +210,6 @@ def _check_combinations(cfg: TrainConfig) -> None:
         raise ValueError("energy.centered: the centered regression groups each state's support actions; it needs "
                          "energy.posterior particles or mixture (with energy.posterior gaussian, also pass "
                          "--energy.no-centered)")
-    if cfg.energy.fit == "softmax" and cfg.method == "aepo" and not cfg.energy.centered:
-        raise ValueError("energy.fit: 'softmax' fits each state's group of K support actions; it needs "
-                         "energy.centered (and an in-support posterior, particles or mixture)")
     if cfg.energy.covariance == "gaussian-fit" and cfg.method == "aepo" and cfg.energy.posterior == "gaussian":
         raise ValueError("energy.covariance: 'gaussian-fit' needs a Gaussian behaviour per state; the RL agent "
                          "supports tweedie | isotropic | none")
