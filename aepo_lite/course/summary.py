@@ -206,8 +206,8 @@ def _rl_protocol_lines(csv_path, title: str = "Offline RL (6c protocol)", target
             plus5, over_q = plus5 + ok5, over_q + okq
             if any(v["mean"] >= bc["mean"] + 5 for k, v in m.items() if k != "bc"):
                 room.append((ds, ok5, okq))
-            line += (f". The default AEPO estimator{' then' if then else ''}, {label}, {'reaches' if ok5 else 'does not reach'} BC + 5 "
-                     f"({a['mean'] - bc['mean']:+.1f} points)" + ("" if q is None else
+            line += (f". The default AEPO estimator{' then' if then else ''}, {label}, "
+                     f"{'reaches' if ok5 else 'does not reach'} BC + 5 ({a['mean'] - bc['mean']:+.1f} points)" + ("" if q is None else
                      f" and is {'at or above' if okq else 'below'} QGPO ({a['mean'] - q['mean']:+.1f})") + ".")
         lines.append(line)
     k = len(rl)
