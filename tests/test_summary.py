@@ -195,6 +195,17 @@ def test_the_layer_norm_critic_sweep_gets_its_own_rows_and_target_line(tmp_path,
     assert "**not reached**" in ln_part and f"**Offline RL target, {BIG_ENERGY}** (the default" in big_part
     assert "qgpo 50.0 +- 1.0" in big_part and "BC + 5 on 1/1, QGPO or better on 1/1: reached." in big_part
     assert f"The default AEPO estimator, {default_aepo_label('bench')}, reaches" in big_part  # today's default
+    # the held-out dataset run again at today's preset (rl_6c_heldout_big.csv): its rows name today's default
+    # (no "then"), and it has no target line of its own (nothing was tuned on it, it checks the default)
+    from aepo_lite.course.summary import HELDOUT_BIG_TITLE
+    held = [dict(r, dataset="local/held/m-v0") for r in table(default_aepo_label("bench"))]
+    _write(tmp_path / "rl_6c_heldout_big.csv", held)
+    md = summary_markdown(toy, tmp_path / "absent.csv", rl_big_csv=tmp_path / "rl_6c_big.csv",
+                          rl_heldout_big_csv=tmp_path / "rl_6c_heldout_big.csv")
+    big_part, held_part = md.split(f"**{HELDOUT_BIG_TITLE}, local/held/m-v0**")
+    assert "Offline RL target" in big_part and "Offline RL target" not in held_part
+    assert f"The default AEPO estimator, {default_aepo_label('bench')}, reaches BC + 5 (+8.0 points)" in held_part
+    assert "and is at or above QGPO (+6.0)" in held_part and "qgpo 53.0 +- 1.0" in held_part
 
 
 def test_a_one_seed_probe_is_no_candidate_for_best_estimator(csvs, tmp_path):

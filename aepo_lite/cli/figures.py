@@ -17,6 +17,7 @@ offline RL, 6c      rl_6c.csv (optional)         the same, into ``figures/rl_6c/
 offline RL, LN      rl_6c_ln.csv (optional)      the same, into ``figures/rl_6c_ln/``
 offline RL, Reacher rl_6c_heldout.csv (opt.)     the same, into ``figures/rl_6c_heldout/``
 offline RL, energy  rl_6c_big.csv (optional)     the same, into ``figures/rl_6c_big/`` (a 256 x 3 energy)
+Reacher, energy     rl_6c_heldout_big.csv (o.)   the same, into ``figures/rl_6c_heldout_big/``
 guidance size by t  rl_6c/energy_gradients.csv   ``aepo_lite.rl.diagnostics.render`` (optional)
 guidance by Q       rl_6c_ln/guided_q.csv (opt.) ``aepo_lite.rl.diagnostics.render_guided_q``
 energy fit, RL      rl_6c_ln/energy_fit.csv (o.) ``aepo_lite.rl.diagnostics.render_energy_fit``
@@ -118,6 +119,10 @@ PARTS = (
     Part("offline RL, 6c protocol, held-out", "aepo_lite.rl.report", "rl_6c_heldout.csv",
          "aepo-lite rl-results --runs runs/rl6c-heldout --csv figures/rl_6c_heldout.csv --figures figures/rl_6c_heldout",
          lambda mod, results, figures_dir: mod.render(results, Path(figures_dir) / "rl_6c_heldout"), optional=True),
+    Part("offline RL, 6c protocol, held-out, a larger energy", "aepo_lite.rl.report", "rl_6c_heldout_big.csv",
+         "aepo-lite rl-results --runs runs/rl6c-heldout-big --csv figures/rl_6c_heldout_big.csv "
+         "--figures figures/rl_6c_heldout_big (docs/results.md)",
+         lambda mod, results, figures_dir: mod.render(results, Path(figures_dir) / "rl_6c_heldout_big"), optional=True),
     Part("offline RL, guidance size by t", "aepo_lite.rl.diagnostics", "rl_6c/energy_gradients.csv",
          "python scripts/energy_gradients.py --runs RUN ... --out figures/rl_6c/energy_gradients.csv (docs/results.md)",
          _render_report, optional=True),

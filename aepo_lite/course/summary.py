@@ -174,6 +174,8 @@ OLD_TITLE = f"Offline RL (6c protocol), {OLD_CRITIC}"
 LN_TITLE = f"Offline RL (6c protocol), {LN_CRITIC} for every row with a critic"
 BIG_ENERGY = "256 x 3 energy trained 20000 steps"  # configs/rl6c/big-energy-*.yaml, with the LayerNorm critic
 BIG_TITLE = f"Offline RL (6c protocol), {LN_CRITIC} and a {BIG_ENERGY} for every guided row"
+HELDOUT_BIG_TITLE = (f"Offline RL, held-out check with the {LN_CRITIC} and a {BIG_ENERGY} "
+                     "(6c protocol; not tuned on)")  # the bench preset's since (rl_6c_heldout_big.csv)
 SQUARED_THEN = {"fit": "squared"}  # the default's fit when the older tables (and the held-out check) were run
 
 
@@ -301,7 +303,7 @@ def summary_markdown(toy_csv="figures/toy2d_results.csv", rl_csv="figures/rl_res
                      convergence_csv: str | Path | None = None, rl_protocol_csv: str | Path | None = None,
                      rl_heldout_csv: str | Path | None = None, xlong_csv: str | Path | None = None,
                      xxlong_csv: str | Path | None = None, rl_ln_csv: str | Path | None = None,
-                     rl_big_csv: str | Path | None = None) -> str:
+                     rl_big_csv: str | Path | None = None, rl_heldout_big_csv: str | Path | None = None) -> str:
     """The generated summary (Markdown bullet points). ``matched_csv``: a toy grid in which every method read the
     true reward (``toy2d_matched.csv``); ``long_csv``: the same at the ``long`` preset (4000 energy steps), at w = 1 and at
     each method's best w (``toy2d_long.csv``); ``rl_protocol_csv``: the offline-RL sweep of the 6c protocol
@@ -311,7 +313,8 @@ def summary_markdown(toy_csv="figures/toy2d_results.csv", rl_csv="figures/rl_res
     ``xxlong_csv``: the same at the ``xxlong`` preset (32000 energy steps); ``rl_ln_csv``: the 6c sweep again with
     the LayerNorm critic trained 40000 steps for every row with a critic (``rl_6c_ln.csv``, its own target line);
     ``rl_big_csv``: the same with a 256 x 3 energy trained 20000 steps (``rl_6c_big.csv``, its own target line);
-    each summarised too when it exists."""
+    ``rl_heldout_big_csv``: the held-out dataset again with that critic and energy, today's ``bench`` preset
+    (``rl_6c_heldout_big.csv``); each summarised too when it exists."""
     lines = _toy_lines(toy_summary(toy_csv), "Toy 2D tasks, committed grid")
     if matched_csv is not None and Path(matched_csv).exists():
         lines += _toy_lines(toy_summary(matched_csv), "Toy 2D tasks, matched (every method reads the true reward; "
@@ -340,6 +343,8 @@ def summary_markdown(toy_csv="figures/toy2d_results.csv", rl_csv="figures/rl_res
     if rl_heldout_csv is not None and Path(rl_heldout_csv).exists():
         lines += _rl_protocol_lines(rl_heldout_csv, "Offline RL, held-out check (6c protocol; not tuned on)",
                                     target=False, then=SQUARED_THEN)
+    if rl_heldout_big_csv is not None and Path(rl_heldout_big_csv).exists():
+        lines += _rl_protocol_lines(rl_heldout_big_csv, HELDOUT_BIG_TITLE, target=False)
     return "\n".join(lines + _rl_lines(rl_summary(rl_csv))) + "\n"
 
 
@@ -347,7 +352,7 @@ def _csvs(figures_dir) -> tuple[Path, ...]:
     fd = Path(figures_dir)
     return tuple(fd / n for n in ("toy2d_results.csv", "rl_results.csv", "toy2d_matched.csv", "toy2d_long.csv",
                                   "toy2d_convergence.csv", "rl_6c.csv", "rl_6c_heldout.csv", "toy2d_xlong.csv",
-                                  "toy2d_xxlong.csv", "rl_6c_ln.csv", "rl_6c_big.csv"))
+                                  "toy2d_xxlong.csv", "rl_6c_ln.csv", "rl_6c_big.csv", "rl_6c_heldout_big.csv"))
 
 
 def figures_summary(figures_dir="figures") -> str:
@@ -360,7 +365,7 @@ def update_readme(readme, toy_csv="figures/toy2d_results.csv", rl_csv="figures/r
                   convergence_csv: str | Path | None = None, rl_protocol_csv: str | Path | None = None,
                   rl_heldout_csv: str | Path | None = None, xlong_csv: str | Path | None = None,
                   xxlong_csv: str | Path | None = None, rl_ln_csv: str | Path | None = None,
-                  rl_big_csv: str | Path | None = None) -> Path:
+                  rl_big_csv: str | Path | None = None, rl_heldout_big_csv: str | Path | None = None) -> Path:
     """Rewrite the README's block between the summary markers (an error if the markers are missing)."""
     readme = Path(readme)
     text = readme.read_text()
@@ -369,7 +374,7 @@ def update_readme(readme, toy_csv="figures/toy2d_results.csv", rl_csv="figures/r
     head, rest = text.split(START, 1)
     _, tail = rest.split(END, 1)
     body = summary_markdown(toy_csv, rl_csv, matched_csv, long_csv, convergence_csv, rl_protocol_csv, rl_heldout_csv,
-                            xlong_csv, xxlong_csv, rl_ln_csv, rl_big_csv)
+                            xlong_csv, xxlong_csv, rl_ln_csv, rl_big_csv, rl_heldout_big_csv)
     new = f"{head}{START}\n{body}{END}{tail}"
     if new != text:
         atomic_write_text(readme, new)
