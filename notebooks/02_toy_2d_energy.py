@@ -682,7 +682,10 @@ else:
 #   budget (0.075, 0.133, 0.099, 0.048 at 16000, 32000, 64000, 128000 steps; its distance flat from 32000
 #   on), and on rings the centered target's fell 13%
 #   (7.9% from a first run of the same seed and settings made on another machine: on rings the centered
-#   target's retrains ended 6% and 29% off their first runs, every other retrain within 1e-6). At 32000
+#   target's retrains ended 6% and 29% off their first runs, every other retrain within 1e-6) and 8% more
+#   from 64000 to 128000 (both runs on one machine; the 64000 retrain gave the committed row to the digit).
+#   QGPO's error, carried to 128000 on every task, fell by less than 10% past 64000 on 4 of 6 (checkerboard
+#   52%, moons 29%). At 32000
 #   the three seeds' energy errors spread by 2-40% of their mean, so a 10% rule read on one seed is near
 #   that noise.
 
