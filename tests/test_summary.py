@@ -95,8 +95,8 @@ def test_convergence_line_names_the_winner_at_the_largest_budget_and_what_still_
     assert "aepo 1/2" in text and "qgpo 1/2" in text
     assert "within 1.25x of QGPO/CEP's distance on 1/2 tasks (ratios 0.83-2.25)" in text
     assert "within 2x of the noise floor on 1/2" in text  # 0.05 / 0.03 and 0.09 / 0.03
-    assert "Not converged" in text and "qgpo 5% to 50%" in text and "aepo[particles-K256] 2% to 10%" in text
-    assert "(seed 0) by" in text
+    assert "Not converged" in text and "qgpo fell by 5% to 50%" in text and "aepo[particles-K256] fell by 2% to 10%" in text
+    assert "error (seed 0): aepo" in text
 
 
 def test_convergence_line_averages_the_seeds_run_at_the_largest_budget(tmp_path, csvs):
@@ -117,7 +117,7 @@ def test_convergence_line_averages_the_seeds_run_at_the_largest_budget(tmp_path,
     # AEPO mean 0.06, QGPO mean 0.06, floor mean 0.03: ratio 1.00 to QGPO, exactly 2x the floor
     assert "within 1.25x of QGPO/CEP's distance on 1/1 tasks (ratios 1.00-1.00)" in text
     assert "within 2x of the noise floor on 1/1" in text
-    assert "(seed 0) by aepo[p] 40% to 40%; qgpo 50% to 50%" in text
+    assert "(seed 0): aepo[p] fell by 40% to 40%; qgpo fell by 50% to 50%" in text
 
 
 def test_protocol_lines_check_the_default_estimator_against_bc_and_qgpo(tmp_path):
@@ -259,6 +259,31 @@ def test_convergence_line_stays_at_the_matched_budget_and_names_a_curve_carried_
     assert "energy budget 2000 steps" in text and "ratios 0.80-0.80" in text  # 0.04 / 0.05, not the 4000-step 0.01
     assert ("Carried further, aepo[p] (seed 0, 2 tasks) from 2000 to 4000 steps: its energy error fell by 5% to 25%, "
             "by more than 10% on 1 (b).") in text
+
+
+def test_convergence_lines_name_a_rise_as_a_rise(tmp_path, csvs):
+    # a curve whose error rose on one task: the words say so instead of "fell by -4%"
+    from aepo_lite.toy.convergence import COLUMNS
+    base = {**{c: "" for c in COLUMNS}, "critic": "reward", "beta": "10", "preset": "full", "seed": "0",
+            "floor": 0.02}
+    rows = []
+    for task, e2000, e4000 in (("a", 0.5, 0.475), ("b", 0.3, 0.312)):  # aepo at 4000: 5% lower on a, 4% higher on b
+        rows += [dict(base, task=task, method="qgpo", energy_steps=n, err_mean=e, distance=0.05)
+                 for n, e in ((1000, 1.0), (2000, 0.5))]
+        rows += [dict(base, task=task, method="aepo", estimator="p", energy_steps=n, err_mean=e, distance=0.04)
+                 for n, e in ((1000, 0.6 if task == "a" else 0.27), (2000, e2000), (4000, e4000))]
+    _write(tmp_path / "conv.csv", rows)
+    text = summary_markdown(*csvs, convergence_csv=tmp_path / "conv.csv")
+    assert ("from 2000 to 4000 steps: its energy error fell by up to 5% (and rose by up to 4% on another task), "
+            "by no more than 10% (converged there).") in text
+    # 1000 -> 2000: aepo 17% lower on a, 11% higher on b; qgpo 50% lower on both
+    assert ("still lowered the energy error (seed 0): aepo[p] fell by up to 17% (and rose by up to 11% on another "
+            "task); qgpo fell by 50% to 50% (by task).") in text
+    rows = [r for r in rows if r["task"] == "b"]  # b alone: a rise everywhere
+    _write(tmp_path / "b.csv", rows)
+    assert "its energy error rose by 4% to 4%, by no more than 10%" in summary_markdown(
+        *csvs, convergence_csv=tmp_path / "b.csv")
+    assert "fell by -" not in text
 
 
 def test_convergence_lines_keep_the_budget_replicated_on_most_seeds(tmp_path, csvs):

@@ -249,9 +249,8 @@ def _convergence_lines(csv_path) -> list[str]:
         if drops and any(max(v) > 0.1 for v in drops.values()):
             lines[0] += (f" Not converged: doubling the energy steps from {prev} to {top} still lowered the energy "
                          f"error (seed{'s' if len(curve_seeds) > 1 else ''} "
-                         f"{', '.join(sorted(curve_seeds, key=int))}) by "
-                         + "; ".join(f"{m} {100 * min(v):.0f}% to {100 * max(v):.0f}%"
-                                     for m, v in sorted(drops.items())) + " (by task).")
+                         f"{', '.join(sorted(curve_seeds, key=int))}): "
+                         + "; ".join(f"{m} {_drop_range(v)}" for m, v in sorted(drops.items())) + " (by task).")
         elif drops:
             lines[0] += f" Converged: no method's energy error fell by more than 10% from {prev} to {top} steps."
     beyond = defaultdict(dict)  # curves carried past the matched top: label -> {(from, to, seed): {task: drop}}
@@ -262,7 +261,7 @@ def _convergence_lines(csv_path) -> list[str]:
         for (a, b, seed), by_task in sorted(parts.items()):
             d, still = list(by_task.values()), sorted(t for t, x in by_task.items() if x > 0.1)
             lines[0] += (f" Carried further, {lab} (seed {seed}, {len(d)} task{'s' if len(d) > 1 else ''}) from {a} to "
-                         f"{b} steps: its energy error fell by {100 * min(d):.0f}% to {100 * max(d):.0f}%"
+                         f"{b} steps: its energy error {_drop_range(d)}"
                          + (f", by more than 10% on {len(still)} ({', '.join(still)})." if still
                             else ", by no more than 10% (converged there)."))
     n_seeds = {n: len({r["seed"] for r in rows if int(r["energy_steps"]) == n}) for n in budgets}
@@ -277,6 +276,16 @@ def _convergence_lines(csv_path) -> list[str]:
                              + (", ".join(still) if still else "no task") + ".")
         lines = rep_lines + lines
     return lines
+
+
+def _drop_range(d: list[float]) -> str:
+    """Relative drops over tasks (positive: lower) as a verb phrase: a rise is named, never a negative drop."""
+    lo, hi = 100 * min(d), 100 * max(d)
+    if lo >= -0.5:
+        return f"fell by {max(lo, 0):.0f}% to {hi:.0f}%"
+    if hi < 0.5:
+        return f"rose by {max(-hi, 0):.0f}% to {-lo:.0f}%"
+    return f"fell by up to {hi:.0f}% (and rose by up to {-lo:.0f}% on another task)"
 
 
 def _curve_label(g: tuple) -> str:
