@@ -685,7 +685,9 @@ else:
 #   target's retrains ended 6% and 29% off their first runs, every other retrain within 1e-6) and 8% more
 #   from 64000 to 128000 (both runs on one machine; the 64000 retrain gave the committed row to the digit).
 #   QGPO's error, carried to 128000 on every task, fell by less than 10% past 64000 on 4 of 6 (checkerboard
-#   52%, moons 29%). At 32000
+#   52%, moons 29%); the centered target's, carried to 128000 on 2spirals, 8gaussians, rings and swissroll,
+#   fell by at most 8% (on swissroll it rose 2%). So 64000 steps is shown converged for both methods on 4 of 6
+#   tasks (seed 0), not on checkerboard and moons. At 32000
 #   the three seeds' energy errors spread by 2-40% of their mean, so a 10% rule read on one seed is near
 #   that noise.
 
