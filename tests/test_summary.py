@@ -308,6 +308,13 @@ def test_convergence_lines_keep_the_budget_replicated_on_most_seeds(tmp_path, cs
     _write(tmp_path / "one.csv", [r for r in rows if r["seed"] == "0"])
     one = summary_markdown(*csvs, convergence_csv=tmp_path / "one.csv")
     assert "energy budget 4000 steps" in one and "energy budget 2000 steps" not in one
+    # seeds 1 and 2 carried to 4000 on task a only: 4000 is not replicated on every task, 2000 stays first
+    rows = [dict(r, task=t) for r in rows for t in ("a", "b")]
+    rows += [dict(r, seed=s) for r in rows if r["task"] == "a" and r["energy_steps"] == 4000 for s in ("1", "2")]
+    _write(tmp_path / "part.csv", rows)
+    part = summary_markdown(*csvs, convergence_csv=tmp_path / "part.csv")
+    assert "energy budget 2000 steps (the convergence curve; seeds 0, 1, 2" in part
+    assert part.index("energy budget 2000 steps") < part.index("energy budget 4000 steps (the convergence curve; seeds 0, 1, 2")
 
 
 def test_seed_counts_are_per_task_and_a_mixed_grid_says_so(tmp_path, csvs):
