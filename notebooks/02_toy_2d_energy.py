@@ -690,7 +690,9 @@ else:
 #   fell by at most 8% (on swissroll it rose 2%). So 64000 steps is shown converged for both methods on 4 of 6
 #   tasks (seed 0), not on checkerboard and moons. At 32000
 #   the three seeds' energy errors spread by 2-40% of their mean, so a 10% rule read on one seed is near
-#   that noise.
+#   that noise. With three seeds at 64000 steps, so far on 8gaussians only, the centered target is at 2.15x
+#   the floor and QGPO at 3.59x (2.08x and 3.47x at 32000): doubling the energy steps did not bring either
+#   method's samples closer there, where the exact energy is above 2x too.
 
 # %%
 print(f"notebook ran in {time.time() - T_START:.0f} s at scale {SCALE}")
