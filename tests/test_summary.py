@@ -328,3 +328,10 @@ def test_seed_counts_are_per_task_and_a_mixed_grid_says_so(tmp_path, csvs):
     line = summary_markdown(tmp_path / "mixed.csv", csvs[1]).splitlines()[0]
     assert "mean over 1-3 seeds by task (3 on a)" in line
     assert "mean over 3 seeds" in summary_markdown(*csvs).splitlines()[0]
+    # on task b qgpo has seeds 0-2 and aepo seed 2 only: the count is the one both have, and the line names each
+    rows += [dict(r, seed=s) for r in rows if r["task"] == "b" and r["method"] == "qgpo" for s in (0, 1)]
+    _write(tmp_path / "uneven.csv", rows)
+    toy = toy_summary(tmp_path / "uneven.csv")
+    assert toy["b"]["n_seeds"] == 1 and toy["b"]["seeds_by_method"] == {"aepo[x]": 1, "qgpo": 3}
+    line = summary_markdown(tmp_path / "uneven.csv", csvs[1]).splitlines()[0]
+    assert "mean over 1-3 seeds by task (3 on a; b: aepo[x] 1, qgpo 3)" in line

@@ -67,7 +67,9 @@ def toy_summary_rows(rows: list[dict], beta: float = 10.0, w: float | None = 1.0
         best_aepo = min(aepo, key=aepo.get) if aepo else None
         ranked = {k: v for k, v in means.items() if not k.startswith("aepo") or k in aepo}
         row = {"floor": statistics.mean(floors[task].values()), "methods": means, "best_aepo": best_aepo,
-               "winner": min(ranked, key=ranked.get) if ranked else None, "n_seeds": max(seeds.values())}
+               "winner": min(ranked, key=ranked.get) if ranked else None,
+               # the seeds every compared row has, and each row's where they differ
+               "n_seeds": min(seeds[k] for k in ranked), "seeds_by_method": {k: seeds[k] for k in ranked}}
         if best_aepo and "qgpo" in means:
             row["aepo_over_qgpo"] = aepo[best_aepo] / means["qgpo"]
         if best_aepo:
@@ -106,12 +108,16 @@ def _seeds(n: int) -> str:
 
 
 def _task_seeds(toy: dict) -> str:
-    """The seeds behind a summary's means: "3 seeds", or "1-3 seeds by task (3 on a, b)" when tasks differ."""
+    """The seeds behind a summary's means: "3 seeds", or "1-3 seeds by task (3 on a, b)" when tasks differ, counting
+    the seeds every compared method has on a task; a task where methods differ is named with each one's count."""
     ns = sorted({t["n_seeds"] for t in toy.values()})
+    uneven = {task: t["seeds_by_method"] for task, t in sorted(toy.items())
+              if len(set(t.get("seeds_by_method", {}).values())) > 1}
+    tail = "".join(f"; {task}: " + ", ".join(f"{m} {n}" for m, n in sorted(by.items())) for task, by in uneven.items())
     if len(ns) == 1:
-        return _seeds(ns[0])
+        return _seeds(ns[0]) + (f" ({tail[2:]})" if tail else "")
     most = sorted(task for task, t in toy.items() if t["n_seeds"] == ns[-1])
-    return f"{ns[0]}-{ns[-1]} seeds by task ({ns[-1]} on {', '.join(most)})"
+    return f"{ns[0]}-{ns[-1]} seeds by task ({ns[-1]} on {', '.join(most)}{tail})"
 
 
 def _toy_lines(toy: dict, title: str = "Toy 2D tasks", preset: str = "full", w: str = "w = 1",
