@@ -278,7 +278,7 @@ def test_convergence_lines_name_a_rise_as_a_rise(tmp_path, csvs):
             "by no more than 10% (converged there).") in text
     # 1000 -> 2000: aepo 17% lower on a, 11% higher on b; qgpo 50% lower on both
     assert ("still lowered the energy error (seed 0): aepo[p] fell by up to 17% (and rose by up to 11% on another "
-            "task); qgpo fell by 50% to 50% (by task).") in text
+            "task); qgpo fell by 50% to 50% (each a task and seed's own curve).") in text
     rows = [r for r in rows if r["task"] == "b"]  # b alone: a rise everywhere
     _write(tmp_path / "b.csv", rows)
     assert "its energy error rose by 4% to 4%, by no more than 10%" in summary_markdown(

@@ -256,7 +256,7 @@ def _convergence_lines(csv_path) -> list[str]:
             lines[0] += (f" Not converged: doubling the energy steps from {prev} to {top} still lowered the energy "
                          f"error (seed{'s' if len(curve_seeds) > 1 else ''} "
                          f"{', '.join(sorted(curve_seeds, key=int))}): "
-                         + "; ".join(f"{m} {_drop_range(v)}" for m, v in sorted(drops.items())) + " (by task).")
+                         + "; ".join(f"{m} {_drop_range(v)}" for m, v in sorted(drops.items())) + " (each a task and seed's own curve).")
         elif drops:
             lines[0] += f" Converged: no method's energy error fell by more than 10% from {prev} to {top} steps."
     beyond = defaultdict(dict)  # curves carried past the matched top: label -> {(from, to, seed): {task: drop}}
