@@ -116,6 +116,56 @@ def test_check_converged_names_every_group_that_still_improves():
         conv.check_converged(rows, 2000, tol=1.5)
 
 
+def test_a_plateau_followed_by_a_fall_is_not_converged_and_a_flat_method_need_not_go_further():
+    # qgpo: 2% lower from 1000 to 2000, then 40% lower from 2000 to 4000: 1000 is not converged, whatever its next
+    # doubling says; 2000 is not either, 4000 has nothing past it
+    plateau = _rows({("moons", "qgpo", ""): {1000: 0.5, 2000: 0.49, 4000: 0.294}})
+    with pytest.raises(ValueError, match=r"seed 0, preset full\): 40% lower from 2000 to 4000"):
+        conv.check_converged(plateau, 1000)
+    with pytest.raises(ValueError, match=r"seed 0, preset full\): 40% lower$"):
+        conv.check_converged(plateau, 2000)
+    # aepo flat from 1000 (3% then 1% lower) and carried to 4000; qgpo flat from 2000 (5%) to 4000 (2%): at 2000
+    # both are checked on their own doublings; at 4000 neither was run past it, so it is not shown converged
+    both = _rows({("moons", "aepo", "p"): {1000: 0.3, 2000: 0.291, 4000: 0.288},
+                  ("moons", "qgpo", ""): {1000: 0.9, 2000: 0.5, 4000: 0.475, 8000: 0.4655}})
+    assert sorted(conv.check_converged(both, 2000).values()) == pytest.approx([0.003 / 0.291, 0.05])
+    # at 4000 aepo has no row past it, but it is flat from 1000 on: converged there by the same rule
+    assert list(conv.check_converged(both, 4000).values()) == [pytest.approx(0.02)]
+    still = [r for r in both if not (r["method"] == "aepo" and r["energy_steps"] == "4000")]
+    still += _rows({("moons", "aepo", "p"): {4000: 0.2}})  # aepo fell 31% from 2000 to 4000: not flat below 4000
+    with pytest.raises(ValueError, match=r"moons aepo\(p\) \(Q: reward, beta 10, seed any, preset full\): no seed with "
+                                         "rows at 4000 and past it"):
+        conv.check_converged(still, 4000)
+    with pytest.raises(ValueError, match="31% lower"):
+        conv.check_converged(still, 1000)
+
+
+def test_converged_budgets_are_per_task_and_leave_out_a_task_no_budget_passes():
+    rows = _rows({("moons", "qgpo", ""): {1000: 0.9, 2000: 0.5, 4000: 0.48},      # converged from 2000
+                  ("moons", "aepo", "p"): {1000: 0.3, 2000: 0.29, 4000: 0.288},   # from 1000
+                  ("rings", "qgpo", ""): {1000: 0.5, 2000: 0.49, 4000: 0.3},      # plateau, then a 39% fall
+                  ("rings", "aepo", "p"): {1000: 0.3, 2000: 0.29, 4000: 0.288},
+                  ("swissroll", "qgpo", ""): {1000: 0.2, 2000: 0.19},
+                  ("swissroll", "aepo", "p"): {1000: 0.2, 2000: 0.19},
+                  ("swissroll", "mse", ""): {500: 0.9, 1000: 0.5}})
+    # swissroll: mse is compared at 1000 but not shown converged anywhere (44% lower from 500, no row past 1000);
+    # it stops there, so 2000 compares qgpo and aepo alone, and passes
+    with pytest.raises(ValueError, match="swissroll mse .*no seed with rows at 1000 and past it"):
+        conv.check_converged([r for r in rows if r["task"] == "swissroll"], 1000)
+    assert conv.converged_budgets(rows) == {"moons": 2000, "rings": None, "swissroll": 2000}
+    # mse carried to 2000 and still falling (60%): no budget passes on swissroll
+    rows += _rows({("swissroll", "mse", ""): {2000: 0.2}})
+    with pytest.raises(ValueError, match="swissroll mse .*60% lower"):
+        conv.check_converged([r for r in rows if r["task"] == "swissroll"], 1000)
+    assert conv.converged_budgets(rows)["swissroll"] is None
+    # the distance table takes one step count per task and leaves out the others
+    for r in rows:
+        r.update(distance="0.05" if r["method"] == "qgpo" else "0.04", floor="0.02")
+    text = conv.distance_markdown(rows, {"moons": 2000, "swissroll": 1000})
+    assert "| moons | aepo(p) | 0 | 1 | 0.040 +- 0.000 | 0.020 | 2.00 | 0.80 |" in text
+    assert "| swissroll | qgpo | 0 |" in text and "rings" not in text
+
+
 def test_distance_table_averages_seeds_at_one_step_count_against_floor_and_qgpo():
     rows = []
     for seed, dq, da, fl in (("0", 0.06, 0.03, 0.02), ("1", 0.10, 0.05, 0.04), ("2", 0.08, 0.04, 0.03)):

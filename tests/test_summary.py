@@ -335,3 +335,28 @@ def test_seed_counts_are_per_task_and_a_mixed_grid_says_so(tmp_path, csvs):
     assert toy["b"]["n_seeds"] == 1 and toy["b"]["seeds_by_method"] == {"aepo[x]": 1, "qgpo": 3}
     line = summary_markdown(tmp_path / "uneven.csv", csvs[1]).splitlines()[0]
     assert "mean over 1-3 seeds by task (3 on a; b: aepo[x] 1, qgpo 3)" in line
+
+
+def test_convergence_lines_put_each_task_at_its_smallest_converged_budget(tmp_path, csvs):
+    # task a: both methods flat from 2000 (qgpo 4% lower to 4000, aepo 2%); task b: qgpo still 40% lower from 2000
+    # to 4000, so b has no converged budget and is named, not counted
+    from aepo_lite.toy.convergence import COLUMNS
+    base = {**{c: "" for c in COLUMNS}, "critic": "reward", "beta": "10", "preset": "full", "floor": 0.025}
+    rows = []
+    for s in range(3):
+        for task, qgpo_4000 in (("a", 0.48), ("b", 0.3)):
+            rows += [dict(base, task=task, method="qgpo", seed=str(s), energy_steps=n, err_mean=e,
+                          distance=d + 0.01 * s) for n, e, d in ((1000, 1.0, 0.2), (2000, 0.5, 0.05),
+                                                                   (4000, qgpo_4000, 0.01))]
+            rows += [dict(base, task=task, method="aepo", estimator="p", seed=str(s), energy_steps=n, err_mean=e,
+                          distance=d + 0.01 * s) for n, e, d in ((1000, 0.8, 0.1), (2000, 0.5, 0.03),
+                                                                   (4000, 0.49, 0.5))]
+    _write(tmp_path / "conv.csv", rows)
+    text = summary_markdown(*csvs, convergence_csv=tmp_path / "conv.csv")
+    line = text[text.index("each at the smallest energy budget shown converged"):].splitlines()
+    assert line[0].startswith("each at the smallest energy budget shown converged (a 2000 steps;")
+    assert line[0].endswith("Not shown converged at any budget measured, so not counted here: b (1 of 2 tasks "
+                            "counted).")
+    assert "mean over 3 seeds" in line[0] and "aepo 1/1" in line[0]
+    # a at 2000: aepo mean 0.04 over qgpo mean 0.06 and over the floor 0.025 (1.6x); not the 4000-step distances
+    assert "on 1/1 tasks (ratios 0.67-0.67) and within 2x of the noise floor on 1/1" in line[1]

@@ -148,7 +148,8 @@ def _register_convergence(subparsers, presets, critic_kinds) -> None:
                               "converged?)", description="One run per task, method and energy step count (resumable: "
                               "finished runs are read), each run's row merged into the CSV under a lock (processes running other tasks "
                               "or seeds may share it); then figures/toy2d_convergence.{md,png}. "
-                              "--check N fails unless every method's energy error falls by less than --tol past N.")
+                              "--check N fails unless every method's energy error falls by less than --tol past N and past every "
+                              "larger step count measured.")
     c.add_argument("--tasks", nargs="+", default=None, help="default: every registered task")
     c.add_argument("--specs", nargs="+", default=list(d.specs), help="qgpo, mse, aepo:<estimator> (default: %(default)s)")
     c.add_argument("--steps", type=int, nargs="+", default=list(d.steps), help="energy step counts (increasing)")
@@ -162,7 +163,8 @@ def _register_convergence(subparsers, presets, critic_kinds) -> None:
                    "from its cached stages)")
     c.add_argument("--check", type=int, default=None, metavar="N", help="fail unless the budget N is converged for "
                    "the curve's tasks and specs (read from the CSV; a seed run only at N counts through the seeds "
-                   "carried past it)")
+                   "carried past it; a plateau past N followed by a fall is not converged; a method flat from a "
+                   "smaller count is)")
     c.add_argument("--tol", type=_float("tol"), default=0.1, help="relative drop past N that counts as converged")
     c.add_argument("--csv", default="figures/toy2d_convergence.csv")
     c.add_argument("--figures-dir", default=None, help="the table and figure (default: the CSV's folder, so a CSV "

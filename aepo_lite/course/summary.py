@@ -281,6 +281,31 @@ def _convergence_lines(csv_path) -> list[str]:
             rep_lines[0] += (f" Past {rep} steps (the seeds carried further) the energy error fell by more than 10% on "
                              + (", ".join(still) if still else "no task") + ".")
         lines = rep_lines + lines
+    return _converged_lines(rows) + lines
+
+
+def _converged_lines(rows: list[dict]) -> list[str]:
+    """The convergence curve's rows with each task at its smallest budget shown converged
+    (:func:`aepo_lite.toy.convergence.converged_budgets`) as one toy summary line at w = 1; the tasks shown
+    converged at no measured budget are named, not counted."""
+    from aepo_lite.toy import convergence as conv
+    budgets = conv.converged_budgets(rows)
+    shown = {t: n for t, n in budgets.items() if n is not None}
+    none = [t for t, n in budgets.items() if n is None]
+    title = "Toy 2D tasks, each at the smallest energy budget shown converged"
+    if not shown:
+        return [f"- **{title}**: no task is shown converged at any budget measured yet."]
+    at = [dict(r, guidance_scale="1") for r in rows if int(r["energy_steps"]) == shown.get(r["task"])]
+    lines = []
+    for preset in sorted({r["preset"] for r in at}):
+        for beta in sorted({float(r["beta"]) for r in at if r["preset"] == preset}):
+            lines += _toy_lines(toy_summary_rows(at, beta, 1.0, preset),
+                                f"{title} ({', '.join(f'{t} {n}' for t, n in shown.items())} steps; no measured "
+                                "doubling from there lowers an energy error by more than 10%; true reward for every "
+                                "method)", preset, setting=f"`{preset}` preset with those energy.steps")
+    if lines and none:
+        lines[0] += (f" Not shown converged at any budget measured, so not counted here: {', '.join(none)}"
+                     f" ({len(shown)} of {len(budgets)} tasks counted).")
     return lines
 
 

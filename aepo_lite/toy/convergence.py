@@ -6,9 +6,10 @@ energy step count (everything else the preset's, each run with its own learning-
 run the RMS error of f_phi against the exact E_t (:func:`aepo_lite.toy.pipeline.energy_errors`, mean over
 the error times) and the sampler distance at w = 1.
 
-A budget of N steps is *converged* for a row group when the next step count of the curve (2N by default)
-lowers the energy error by less than ``tol`` (relative): :func:`check_converged` raises, naming every group
-that still improves, when it is not.
+A budget of N steps is *converged* for a row group when no step count of its curve from N on lowers the
+energy error by ``tol`` (relative) or more at the next one (2N by default): a curve that is flat from N to 2N but
+falls again from 2N to 4N is not converged at N. :func:`check_converged` raises, naming every group that still
+improves and where, when it is not; :func:`converged_budgets` finds, per task, the smallest budget that passes.
 
 Entry points: ``run_convergence`` (resumable: a step count whose run folder already holds results for the
 same config is read, not trained again), ``render`` (``figures/toy2d_convergence.{md,png}`` from the CSV),
@@ -32,7 +33,7 @@ from aepo_lite.toy.pipeline import (RUN_FIELDS_FREE, check_config, critic_label,
 
 __all__ = ["ConvergenceConfig", "DEFAULT_SPECS", "spec_configs", "run_convergence", "read_rows", "merge_rows",
            "improvements", "matched_top", "matched_budgets", "last_drops", "curve_rows", "check_converged",
-           "convergence_markdown", "distance_markdown", "render"]
+           "converged_budgets", "convergence_markdown", "distance_markdown", "render"]
 
 DEFAULT_SPECS = ("qgpo", "mse", "aepo:gaussian-fit/sampled", "aepo:particles-K256")
 COLUMNS = ("task", "method", "estimator", "critic", "beta", "seed", "preset", "energy_steps", "err_0.05", "err_0.2",
@@ -245,9 +246,10 @@ def curve_rows(rows: list[dict], cc: ConvergenceConfig) -> list[dict]:
 
 def check_converged(rows: list[dict], steps: int, tol: float = 0.1) -> dict[tuple, float]:
     """Raise ValueError naming every row group whose energy error still falls by more than ``tol`` past
-    ``steps``, and every method none of whose seeds was measured at ``steps`` and above; return the drops when
-    all converged. A seed run at ``steps`` but not past it is a replicate of the budget, not a curve: it is
-    checked through the seeds of its method whose curves go on."""
+    ``steps`` or past any larger step count of its curve (a plateau from N to 2N followed by a fall is not
+    converged at N), and every method none of whose seeds was measured at ``steps`` and above; return the drops
+    past ``steps`` when all converged. A seed run at ``steps`` but not past it is a replicate of the budget, not a
+    curve: it is checked through the seeds of its method whose curves go on."""
     if not (isinstance(tol, (int, float)) and 0 < tol < 1):
         raise ValueError(f"tol: expected a relative drop in (0, 1), got {tol!r}")
     drops = improvements(rows, steps)
@@ -256,12 +258,59 @@ def check_converged(rows: list[dict], steps: int, tol: float = 0.1) -> dict[tupl
     methods: dict[tuple, list] = {}
     for g, d in drops.items():
         methods.setdefault(g[:5] + g[6:], []).append(d)
-    missing = [_name(m[:5] + ("any",) + m[5:]) for m, ds in methods.items() if all(d is None for d in ds)]
+    missing = [m for m, ds in methods.items() if all(d is None for d in ds)
+               and not _converged_below([r for r in rows if _method_key(r) == m], steps, tol)]
+    missing = [_name(m[:5] + ("any",) + m[5:]) for m in missing]
     bad = [f"{_name(g)}: {100 * d:.0f}% lower" for g, d in drops.items() if d is not None and d > tol]
+    groups = _groups(rows)
+    for g, d in drops.items():  # the rest of each curve that passes at ``steps``: every later doubling too
+        if d is None or d > tol:
+            continue
+        ns = sorted(n for n in groups[g] if n > steps)
+        later = [(a, b, _drop(groups[g], a, b)) for a, b in zip(ns, ns[1:])]
+        bad += [f"{_name(g)}: {100 * x:.0f}% lower from {a} to {b}" for a, b, x in later if x > tol][:1]
     if missing or bad:
         raise ValueError(f"energy.steps={steps} is not shown converged (tol {100 * tol:.0f}%): "
                          + "; ".join(bad + [f"{m}: no seed with rows at {steps} and past it" for m in missing]))
     return {g: d for g, d in drops.items() if d is not None}
+
+
+def _method_key(r: dict) -> tuple:
+    """A row's group (:data:`_GROUP`) without its seed: the method's curve on one task, beta and preset."""
+    g = tuple(str(r[k]) for k in _GROUP)
+    return g[:5] + g[6:]
+
+
+def _converged_below(rows: list[dict], steps: int, tol: float) -> bool:
+    """Whether one method's rows (one task) are shown converged at a step count below ``steps``: then they are at
+    ``steps`` too, by the rule's own definition (no measured doubling from there on lowers the error by ``tol``),
+    and a method need not be carried past every budget another method needs."""
+    for n in sorted({int(r["energy_steps"]) for r in rows if int(r["energy_steps"]) < steps}):
+        try:
+            check_converged(rows, n, tol)
+            return True
+        except ValueError:
+            continue
+    return False
+
+
+def converged_budgets(rows: list[dict], tol: float = 0.1) -> dict[str, int | None]:
+    """Per task: the smallest step count, among those two methods ran there (one method: its own), at which
+    :func:`check_converged` passes on the rows of the methods run at that count (a method whose curve stops below
+    it is not compared there); None when no measured budget passes."""
+    out = {}
+    for task in sorted({r["task"] for r in rows}):
+        mine = [r for r in rows if r["task"] == task]
+        out[task] = None
+        for n in matched_budgets(mine):
+            there = {_method_key(r) for r in mine if int(r["energy_steps"]) == n}
+            try:
+                check_converged([r for r in mine if _method_key(r) in there], n, tol)
+            except ValueError:
+                continue
+            out[task] = n
+            break
+    return out
 
 
 def _label(d: dict) -> str:
@@ -289,14 +338,15 @@ def convergence_markdown(rows: list[dict], steps: int | None = None, tol: float 
     return "\n".join(lines) + "\n"
 
 
-def distance_markdown(rows: list[dict], steps: int | None = None) -> str:
-    """The sampler at one step count (default the largest): per task and method, the distance at w = 1 as mean
-    +- sample std over the seeds run there, the noise floor (the expected one, the same for every seed) and the
-    ratios to the floor and to QGPO's distance on the same task."""
+def distance_markdown(rows: list[dict], steps: int | dict[str, int] | None = None) -> str:
+    """The sampler at one step count (default the largest; a dict: one per task, tasks not in it left out): per
+    task and method, the distance at w = 1 as mean +- sample std over the seeds run there, the noise floor (the
+    expected one, the same for every seed) and the ratios to the floor and to QGPO's distance on the same task."""
     steps = steps if steps is not None else max(int(r["energy_steps"]) for r in rows)
+    at = steps if isinstance(steps, dict) else {r["task"]: steps for r in rows}
     cells: dict[tuple, dict[str, tuple[float, float]]] = {}
     for r in rows:
-        if int(r["energy_steps"]) == steps:
+        if int(r["energy_steps"]) == at.get(r["task"]):
             key = (r["task"], _label(r), r["critic"], r["beta"], r["preset"])
             cells.setdefault(key, {})[r["seed"]] = (float(r["distance"]), float(r["floor"]), str(r.get("draws", 1)))
     if not cells:
@@ -349,6 +399,20 @@ def _plot(rows: list[dict], path) -> Path:
         plt.close(fig)
 
 
+def _budgets_markdown(rows: list[dict], tol: float) -> str:
+    """The section of each task at the smallest budget shown converged (:func:`converged_budgets`)."""
+    budgets = converged_budgets(rows, tol)
+    shown = {t: n for t, n in budgets.items() if n is not None}
+    text = ("\n## Each task at the smallest budget shown converged\n\nPer task, the smallest energy step count at "
+            f"which no measured doubling from there on lowered any compared method's energy error by more than "
+            f"{100 * tol:.0f}% (`check_converged`; a method already flat from a smaller count counts as converged "
+            "there): " + (", ".join(f"{t} {n}" for t, n in shown.items()) or "none") + ". "
+            + (f"Not shown converged at any budget measured: {', '.join(t for t, n in budgets.items() if n is None)}"
+               " (left out below). " if len(shown) < len(budgets) else "")
+            + "Sliced-W2 distance at w = 1, columns as above.\n\n")
+    return text + (distance_markdown(rows, shown) if shown else "")
+
+
 def render(csv_path="figures/toy2d_convergence.csv", figures_dir="figures", tol: float = 0.1) -> list[Path]:
     """``toy2d_convergence.md`` and ``.png`` from the CSV alone."""
     rows = read_rows(csv_path)
@@ -369,5 +433,5 @@ def render(csv_path="figures/toy2d_convergence.csv", figures_dir="figures", tol:
             f"distance between two independent exact sample sets, a mean over {toy.FLOOR_PAIRS} pairs: "
             "`toy2d_floor_spread.md`); "
             "/ QGPO: over QGPO's mean on the same task.\n\n"
-            + distance_markdown(rows, top))
+            + distance_markdown(rows, top) + _budgets_markdown(rows, tol))
     return [atomic_write_text(d / "toy2d_convergence.md", text), _plot(rows, d / "toy2d_convergence.png")]
