@@ -158,6 +158,9 @@ def test_converged_budgets_are_per_task_and_leave_out_a_task_no_budget_passes():
     with pytest.raises(ValueError, match="swissroll mse .*60% lower"):
         conv.check_converged([r for r in rows if r["task"] == "swissroll"], 1000)
     assert conv.converged_budgets(rows)["swissroll"] is None
+    # a task whose methods never ran at the same count has nothing to compare
+    apart = _rows({("rings", "qgpo", ""): {1000: 0.5, 2000: 0.49}, ("rings", "aepo", "p"): {4000: 0.3, 8000: 0.29}})
+    assert conv.converged_budgets(apart) == {"rings": None}
     # the distance table takes one step count per task and leaves out the others
     for r in rows:
         r.update(distance="0.05" if r["method"] == "qgpo" else "0.04", floor="0.02")
