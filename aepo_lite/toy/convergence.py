@@ -370,11 +370,12 @@ def distance_markdown(rows: list[dict], steps: int | dict[str, int] | None = Non
     return "\n".join(lines) + "\n"
 
 
-def _plot(rows: list[dict], path) -> Path:
+def _plot(rows: list[dict], path, tol: float = 0.1) -> Path:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     groups = _groups(rows)
+    budgets = converged_budgets(rows, tol)
     many_seeds = len({g[5] for g in groups}) > 1
     tasks = sorted({g[0] for g in groups})
     cols = min(3, len(tasks))
@@ -388,9 +389,11 @@ def _plot(rows: list[dict], path) -> Path:
             ns = sorted(curve)
             ax.plot(ns, [curve[n] for n in ns], marker="o",
                     label=_label(d) + (f" s{d['seed']}" if many_seeds else ""))
+        if budgets.get(task) is not None:
+            ax.axvline(budgets[task], color="0.5", ls="--", lw=1, label="smallest converged budget")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
-        ax.set_title(task)
+        ax.set_title(task if budgets.get(task) is not None else f"{task}: no converged budget")
         ax.set_xlabel("energy steps")
         ax.set_ylabel("RMS error of f vs exact E_t")
         ax.legend(fontsize=7)
@@ -438,4 +441,4 @@ def render(csv_path="figures/toy2d_convergence.csv", figures_dir="figures", tol:
             "`toy2d_floor_spread.md`); "
             "/ QGPO: over QGPO's mean on the same task.\n\n"
             + distance_markdown(rows, top) + _budgets_markdown(rows, tol))
-    return [atomic_write_text(d / "toy2d_convergence.md", text), _plot(rows, d / "toy2d_convergence.png")]
+    return [atomic_write_text(d / "toy2d_convergence.md", text), _plot(rows, d / "toy2d_convergence.png", tol)]
