@@ -169,6 +169,17 @@ def test_converged_budgets_are_per_task_and_leave_out_a_task_no_budget_passes():
     assert "| swissroll | qgpo | 0 |" in text and "rings" not in text
 
 
+def test_spread_table_gives_mean_and_sample_std_where_two_seeds_or_more_ran():
+    rows = _rows({("moons", "qgpo", ""): {1000: 0.5, 2000: 0.4}, ("rings", "qgpo", ""): {1000: 0.9}})
+    rows += [dict(r, seed="1", err_mean=str(float(r["err_mean"]) + 0.2))
+             for r in _rows({("moons", "qgpo", ""): {2000: 0.4}})]
+    text = conv.spread_markdown(rows)
+    # moons at 2000: 0.4 and 0.6, mean 0.5, sample std 0.1414; 1000 has one seed, rings one seed: left out
+    assert text.splitlines()[0] == "| task | method | 2000 steps |"
+    assert "| moons | qgpo | 0.500 +- 0.141 (2) |" in text and "rings" not in text
+    assert conv.spread_markdown(_rows({("moons", "qgpo", ""): {1000: 0.5}})) == ""
+
+
 def test_distance_table_averages_seeds_at_one_step_count_against_floor_and_qgpo():
     rows = []
     for seed, dq, da, fl in (("0", 0.06, 0.03, 0.02), ("1", 0.10, 0.05, 0.04), ("2", 0.08, 0.04, 0.03)):

@@ -33,7 +33,7 @@ from aepo_lite.toy.pipeline import (RUN_FIELDS_FREE, check_config, critic_label,
 
 __all__ = ["ConvergenceConfig", "DEFAULT_SPECS", "spec_configs", "run_convergence", "read_rows", "merge_rows",
            "improvements", "matched_top", "matched_budgets", "last_drops", "curve_rows", "check_converged",
-           "converged_budgets", "convergence_markdown", "distance_markdown", "render"]
+           "converged_budgets", "convergence_markdown", "distance_markdown", "spread_markdown", "render"]
 
 DEFAULT_SPECS = ("qgpo", "mse", "aepo:gaussian-fit/sampled", "aepo:particles-K256")
 COLUMNS = ("task", "method", "estimator", "critic", "beta", "seed", "preset", "energy_steps", "err_0.05", "err_0.2",
@@ -406,6 +406,27 @@ def _plot(rows: list[dict], path, tol: float = 0.1) -> Path:
         plt.close(fig)
 
 
+def spread_markdown(rows: list[dict]) -> str:
+    """Per task and method, the energy error at each step count run on two seeds or more: mean +- sample std
+    (seeds), the spread a one-seed drop is read against ("" where fewer than two seeds ran)."""
+    cells: dict[tuple, dict[int, list[float]]] = {}
+    for g, curve in _groups(rows).items():
+        for n, err in curve.items():
+            cells.setdefault(g[:5] + g[6:], {}).setdefault(n, []).append(err)
+    counts = sorted({n for c in cells.values() for n, v in c.items() if len(v) > 1})
+    if not counts:
+        return ""
+    lines = ["| task | method | " + " | ".join(f"{n} steps" for n in counts) + " |", "|" + "---|" * (len(counts) + 2)]
+    for key, by_n in sorted(cells.items()):
+        if not any(len(by_n.get(n, [])) > 1 for n in counts):
+            continue
+        d = dict(zip(_GROUP[:5] + _GROUP[6:], key))
+        lines.append(f"| {d['task']} | {_label(d)} | " + " | ".join(
+            f"{statistics.mean(v):.3f} +- {statistics.stdev(v):.3f} ({len(v)})" if len(v := by_n.get(n, [])) > 1
+            else "" for n in counts) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def _budgets_markdown(rows: list[dict], tol: float) -> str:
     """The section of each task at the smallest budget shown converged (:func:`converged_budgets`)."""
     budgets = converged_budgets(rows, tol)
@@ -440,5 +461,8 @@ def render(csv_path="figures/toy2d_convergence.csv", figures_dir="figures", tol:
             f"distance between two independent exact sample sets, a mean over {toy.FLOOR_PAIRS} pairs: "
             "`toy2d_floor_spread.md`); "
             "/ QGPO: over QGPO's mean on the same task.\n\n"
-            + distance_markdown(rows, top) + _budgets_markdown(rows, tol))
+            + distance_markdown(rows, top) + _budgets_markdown(rows, tol)
+            + ("\n## The seeds' spread\n\nThe energy error over the seeds run at a step count (mean +- sample "
+               "std, seeds in brackets): a drop read on one seed's curve is judged against it.\n\n"
+               + spread if (spread := spread_markdown(rows)) else ""))
     return [atomic_write_text(d / "toy2d_convergence.md", text), _plot(rows, d / "toy2d_convergence.png", tol)]
