@@ -316,7 +316,7 @@ def _seeds_everywhere(rows: list[dict], n: int) -> int:
     at = defaultdict(set)  # a convergence group without its seed (g[5]) -> the seeds run at n
     for g, curve in conv._groups(rows).items():
         if n in curve:
-            at[g[:5] + g[6:]].add(g[5])
+            at[conv._without_seed(g)].add(g[5])
     return min((len(v) for v in at.values()), default=0)
 
 

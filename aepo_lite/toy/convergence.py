@@ -257,7 +257,7 @@ def check_converged(rows: list[dict], steps: int, tol: float = 0.1) -> dict[tupl
         raise ValueError(f"energy.steps={steps}: no convergence rows to check (run aepo-lite toy-convergence)")
     methods: dict[tuple, list] = {}
     for g, d in drops.items():
-        methods.setdefault(g[:5] + g[6:], []).append(d)
+        methods.setdefault(_without_seed(g), []).append(d)
     missing = [m for m, ds in methods.items() if all(d is None for d in ds)
                and not _converged_below([r for r in rows if _method_key(r) == m], steps, tol)]
     missing = [_name(m[:5] + ("any",) + m[5:]) for m in missing]
@@ -275,10 +275,14 @@ def check_converged(rows: list[dict], steps: int, tol: float = 0.1) -> dict[tupl
     return {g: d for g, d in drops.items() if d is not None}
 
 
-def _method_key(r: dict) -> tuple:
-    """A row's group (:data:`_GROUP`) without its seed: the method's curve on one task, beta and preset."""
-    g = tuple(str(r[k]) for k in _GROUP)
+def _without_seed(g: tuple) -> tuple:
+    """A row group (:data:`_GROUP`) without its seed: the method's curve on one task, beta and preset."""
     return g[:5] + g[6:]
+
+
+def _method_key(r: dict) -> tuple:
+    """A row's :func:`_without_seed` group."""
+    return _without_seed(tuple(str(r[k]) for k in _GROUP))
 
 
 def _converged_below(rows: list[dict], steps: int, tol: float) -> bool:
@@ -412,7 +416,7 @@ def spread_markdown(rows: list[dict]) -> str:
     cells: dict[tuple, dict[int, list[float]]] = {}
     for g, curve in _groups(rows).items():
         for n, err in curve.items():
-            cells.setdefault(g[:5] + g[6:], {}).setdefault(n, []).append(err)
+            cells.setdefault(_without_seed(g), {}).setdefault(n, []).append(err)
     counts = sorted({n for c in cells.values() for n, v in c.items() if len(v) > 1})
     if not counts:
         return ""
