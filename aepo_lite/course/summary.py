@@ -295,14 +295,9 @@ def _converged_lines(rows: list[dict]) -> list[str]:
     title = "Toy 2D tasks, each at the smallest energy budget shown converged"
     if not shown:
         return [f"- **{title}**: no task is shown converged at any budget measured yet."]
-    at = [dict(r, guidance_scale="1") for r in rows if int(r["energy_steps"]) == shown.get(r["task"])]
-    lines = []
-    for preset in sorted({r["preset"] for r in at}):
-        for beta in sorted({float(r["beta"]) for r in at if r["preset"] == preset}):
-            lines += _toy_lines(toy_summary_rows(at, beta, 1.0, preset),
-                                f"{title} ({', '.join(f'{t} {n}' for t, n in shown.items())} steps; no measured "
-                                "doubling from there lowers an energy error by more than 10%; true reward for every "
-                                "method)", preset, setting=f"`{preset}` preset with those energy.steps")
+    lines = _budget_lines(rows, shown, f"{title} ({', '.join(f'{t} {n}' for t, n in shown.items())} steps; no "
+                          "measured doubling from there lowers an energy error by more than 10%; true reward for every "
+                          "method)")
     if lines and none:
         lines[0] += (f" Not shown converged at any budget measured, so not counted here: {', '.join(none)}"
                      f" ({len(shown)} of {len(budgets)} tasks counted).")
@@ -335,17 +330,21 @@ def _curve_label(g: tuple) -> str:
     return f"aepo[{g[2]}]" if g[1] == "aepo" else g[1]
 
 
-def _budget_lines(rows: list[dict], n: int) -> list[str]:
-    """The convergence curve's rows at ``n`` energy steps as toy summary lines at w = 1 (one per preset and beta)."""
-    at = [dict(r, guidance_scale="1") for r in rows if int(r["energy_steps"]) == n]
+def _budget_lines(rows: list[dict], n: int | dict[str, int], title: str | None = None) -> list[str]:
+    """The convergence curve's rows at ``n`` energy steps (a dict: one count per task, other tasks left out) as toy
+    summary lines at w = 1 (one per preset and beta); ``title`` replaces the one naming ``n`` and the seeds."""
+    per_task = isinstance(n, dict)
+    at = [dict(r, guidance_scale="1") for r in rows
+          if int(r["energy_steps"]) == (n.get(r["task"]) if per_task else n)]
     lines = []
     for preset in sorted({r["preset"] for r in at}):
         for beta in sorted({float(r["beta"]) for r in at if r["preset"] == preset}):
             seeds = sorted({r["seed"] for r in at if r["preset"] == preset and float(r["beta"]) == beta}, key=int)
-            title = (f"Toy 2D tasks, energy budget {n} steps (the convergence curve; seed"
-                     f"{'s' if len(seeds) > 1 else ''} {', '.join(seeds)}; true reward for every method)")
-            lines += _toy_lines(toy_summary_rows(at, beta, 1.0, preset), title, preset,
-                                setting=f"`{preset}` preset with energy.steps = {n}")
+            head = title or (f"Toy 2D tasks, energy budget {n} steps (the convergence curve; seed"
+                             f"{'s' if len(seeds) > 1 else ''} {', '.join(seeds)}; true reward for every method)")
+            lines += _toy_lines(toy_summary_rows(at, beta, 1.0, preset), head, preset,
+                                setting=f"`{preset}` preset with " + ("those energy.steps" if per_task
+                                                                      else f"energy.steps = {n}"))
     return lines
 
 

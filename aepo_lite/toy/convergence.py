@@ -374,12 +374,12 @@ def distance_markdown(rows: list[dict], steps: int | dict[str, int] | None = Non
     return "\n".join(lines) + "\n"
 
 
-def _plot(rows: list[dict], path, tol: float = 0.1) -> Path:
+def _plot(rows: list[dict], path, budgets: dict[str, int | None]) -> Path:
+    """The curves, one panel per task, each task's smallest converged budget (``budgets``) marked."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     groups = _groups(rows)
-    budgets = converged_budgets(rows, tol)
     many_seeds = len({g[5] for g in groups}) > 1
     tasks = sorted({g[0] for g in groups})
     cols = min(3, len(tasks))
@@ -431,9 +431,8 @@ def spread_markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _budgets_markdown(rows: list[dict], tol: float) -> str:
-    """The section of each task at the smallest budget shown converged (:func:`converged_budgets`)."""
-    budgets = converged_budgets(rows, tol)
+def _budgets_markdown(rows: list[dict], budgets: dict[str, int | None], tol: float) -> str:
+    """The section of each task at the smallest budget shown converged (``budgets``: :func:`converged_budgets`)."""
     shown = {t: n for t, n in budgets.items() if n is not None}
     text = ("\n## Each task at the smallest budget shown converged\n\nPer task, the smallest energy step count at "
             f"which no measured doubling from there on lowered any compared method's energy error by more than "
@@ -452,6 +451,7 @@ def render(csv_path="figures/toy2d_convergence.csv", figures_dir="figures", tol:
         raise ValueError(f"{csv_path}: no convergence rows (run aepo-lite toy-convergence first)")
     d = Path(figures_dir)
     top = matched_top(rows)  # the sampler table compares methods: the largest budget two methods reached
+    budgets = converged_budgets(rows, tol)
     text = (f"Energy error vs energy steps, generated from `{Path(csv_path).name}` by "
             "`aepo_lite.toy.convergence.render` (do not edit by hand). Each cell: the RMS error of the trained "
             "f_phi against the exact E_t (mean over t = 0.05, 0.2, 0.5; up to a constant per t, weighted by "
@@ -465,8 +465,8 @@ def render(csv_path="figures/toy2d_convergence.csv", figures_dir="figures", tol:
             f"distance between two independent exact sample sets, a mean over {toy.FLOOR_PAIRS} pairs: "
             "`toy2d_floor_spread.md`); "
             "/ QGPO: over QGPO's mean on the same task.\n\n"
-            + distance_markdown(rows, top) + _budgets_markdown(rows, tol)
+            + distance_markdown(rows, top) + _budgets_markdown(rows, budgets, tol)
             + ("\n## The seeds' spread\n\nThe energy error over the seeds run at a step count (mean +- sample "
                "std, seeds in brackets): a drop read on one seed's curve is judged against it.\n\n"
                + spread if (spread := spread_markdown(rows)) else ""))
-    return [atomic_write_text(d / "toy2d_convergence.md", text), _plot(rows, d / "toy2d_convergence.png", tol)]
+    return [atomic_write_text(d / "toy2d_convergence.md", text), _plot(rows, d / "toy2d_convergence.png", budgets)]
