@@ -370,6 +370,8 @@ def test_one_curve_carried_further_keeps_the_comparison_at_the_budget_every_meth
     drops = conv.last_drops(rows)
     assert drops[("moons", "aepo", "p", "reward", "10", "0", "full")] == (2000, 4000, pytest.approx(0.05))
     assert drops[("moons", "qgpo", "", "reward", "10", "0", "full")] == (1000, 2000, pytest.approx(0.5))
+    assert conv.doublings(rows)[("moons", "aepo", "p", "reward", "10", "0", "full")] == [
+        (1000, 2000, pytest.approx(0.5)), (2000, 4000, pytest.approx(0.05))]  # every doubling, not the last alone
     table = conv.convergence_markdown(rows)  # each row's drop past its own last-but-one step count
     assert "| moons | qgpo | 1.000 | 0.500 |  | +50% (not converged) |" in table
     assert "| moons | aepo(p) | 0.800 | 0.400 | 0.380 | +5% |" in table

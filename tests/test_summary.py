@@ -117,7 +117,7 @@ def test_convergence_line_averages_the_seeds_run_at_the_largest_budget(tmp_path,
     # AEPO mean 0.06, QGPO mean 0.06, floor mean 0.03: ratio 1.00 to QGPO, exactly 2x the floor
     assert "within 1.25x of QGPO/CEP's distance on 1/1 tasks (ratios 1.00-1.00)" in text
     assert "within 2x of the noise floor on 1/1" in text
-    assert "(seed 0): aepo[p] fell by 40% to 40%; qgpo fell by 50% to 50%" in text
+    assert "(seed 0): aepo[p] fell by 40%; qgpo fell by 50%" in text  # one task: one number, not "40% to 40%"
 
 
 def test_protocol_lines_check_the_default_estimator_against_bc_and_qgpo(tmp_path):
@@ -261,6 +261,22 @@ def test_convergence_line_stays_at_the_matched_budget_and_names_a_curve_carried_
             "by more than 10% on 1 (b).") in text
 
 
+def test_convergence_line_names_every_doubling_past_the_matched_budget(tmp_path, csvs):
+    # aepo carried two doublings past the matched 2000 on one task: a fall of 25% then a 3% rise, both named
+    from aepo_lite.toy.convergence import COLUMNS
+    base = {**{c: "" for c in COLUMNS}, "critic": "reward", "beta": "10", "preset": "full", "seed": "0",
+            "floor": 0.02}
+    rows = [dict(base, task="a", method="qgpo", energy_steps=n, err_mean=e, distance=0.05)
+            for n, e in ((1000, 1.0), (2000, 0.5))]
+    rows += [dict(base, task="a", method="aepo", estimator="p", energy_steps=n, err_mean=e, distance=0.04)
+             for n, e in ((1000, 0.8), (2000, 0.4), (4000, 0.3), (8000, 0.309))]
+    _write(tmp_path / "conv.csv", rows)
+    text = summary_markdown(*csvs, convergence_csv=tmp_path / "conv.csv")
+    assert ("Carried further, aepo[p] (seed 0, 1 task) from 2000 to 4000 steps: its energy error fell by 25%, "
+            "by more than 10% on 1 (a). Carried further, aepo[p] (seed 0, 1 task) from 4000 to 8000 steps: its "
+            "energy error rose by 3%, by no more than 10% (converged there).") in text
+
+
 def test_convergence_lines_name_a_rise_as_a_rise(tmp_path, csvs):
     # a curve whose error rose on one task: the words say so instead of "fell by -4%"
     from aepo_lite.toy.convergence import COLUMNS
@@ -278,10 +294,10 @@ def test_convergence_lines_name_a_rise_as_a_rise(tmp_path, csvs):
             "by no more than 10% (converged there).") in text
     # 1000 -> 2000: aepo 17% lower on a, 11% higher on b; qgpo 50% lower on both
     assert ("still lowered the energy error (seed 0): aepo[p] fell by up to 17% (and rose by up to 11% on another "
-            "task); qgpo fell by 50% to 50% (each a task and seed's own curve).") in text
+            "task); qgpo fell by 50% (each a task and seed's own curve).") in text
     rows = [r for r in rows if r["task"] == "b"]  # b alone: a rise everywhere
     _write(tmp_path / "b.csv", rows)
-    assert "its energy error rose by 4% to 4%, by no more than 10%" in summary_markdown(
+    assert "its energy error rose by 4%, by no more than 10%" in summary_markdown(
         *csvs, convergence_csv=tmp_path / "b.csv")
     assert "fell by -" not in text
 

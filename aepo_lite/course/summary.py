@@ -260,9 +260,10 @@ def _convergence_lines(csv_path) -> list[str]:
         elif drops:
             lines[0] += f" Converged: no method's energy error fell by more than 10% from {prev} to {top} steps."
     beyond = defaultdict(dict)  # curves carried past the matched top: label -> {(from, to, seed): {task: drop}}
-    for g, v in conv.last_drops(rows).items():
-        if v is not None and v[1] > top and lines:
-            beyond[_curve_label(g)].setdefault((v[0], v[1], g[5]), {})[g[0]] = v[2]
+    for g, steps in conv.doublings(rows).items():
+        for a, b, d in steps:
+            if b > top and lines:
+                beyond[_curve_label(g)].setdefault((a, b, g[5]), {})[g[0]] = d
     for lab, parts in sorted(beyond.items()):
         for (a, b, seed), by_task in sorted(parts.items()):
             d, still = list(by_task.values()), sorted(t for t, x in by_task.items() if x > 0.1)
@@ -318,6 +319,8 @@ def _seeds_everywhere(rows: list[dict], n: int) -> int:
 def _drop_range(d: list[float]) -> str:
     """Relative drops over tasks (positive: lower) as a verb phrase: a rise is named, never a negative drop."""
     lo, hi = 100 * min(d), 100 * max(d)
+    if round(lo) == round(hi):  # one task, or all the same to the percent
+        return f"fell by {max(hi, 0):.0f}%" if hi >= -0.5 else f"rose by {-lo:.0f}%"
     if lo >= -0.5:
         return f"fell by {max(lo, 0):.0f}% to {hi:.0f}%"
     if hi < 0.5:

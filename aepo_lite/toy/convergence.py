@@ -32,7 +32,7 @@ from aepo_lite.toy.pipeline import (RUN_FIELDS_FREE, check_config, critic_label,
                                     estimator_overrides, make_config, run_floor, run_toy)
 
 __all__ = ["ConvergenceConfig", "DEFAULT_SPECS", "spec_configs", "run_convergence", "read_rows", "merge_rows",
-           "improvements", "matched_top", "matched_budgets", "last_drops", "curve_rows", "check_converged",
+           "improvements", "matched_top", "matched_budgets", "last_drops", "doublings", "curve_rows", "check_converged",
            "converged_budgets", "convergence_markdown", "distance_markdown", "spread_markdown", "render"]
 
 DEFAULT_SPECS = ("qgpo", "mse", "aepo:gaussian-fit/sampled", "aepo:particles-K256")
@@ -217,6 +217,16 @@ def last_drops(rows: list[dict]) -> dict[tuple, tuple[int, int, float] | None]:
     for g, curve in _groups(rows).items():
         ns = sorted(curve)
         out[g] = None if len(ns) < 2 else (ns[-2], ns[-1], _drop(curve, ns[-2], ns[-1]))
+    return out
+
+
+def doublings(rows: list[dict]) -> dict[tuple, list[tuple[int, int, float]]]:
+    """Per row group: (N, next, relative drop of the energy error from N to next) for each pair of its
+    consecutive step counts, increasing."""
+    out = {}
+    for g, curve in _groups(rows).items():
+        ns = sorted(curve)
+        out[g] = [(a, b, _drop(curve, a, b)) for a, b in zip(ns, ns[1:])]
     return out
 
 
