@@ -489,3 +489,21 @@ def test_generated_tables_refuse_an_empty_csv_naming_the_command_that_makes_it(t
         with pytest.raises(ValueError, match=f"{p.name} has no rows: run {cmd} first"):
             mod.render(p, tmp_path)
     assert not list(tmp_path.glob("*.md"))
+
+
+def test_check_command_names_a_rise_past_the_budget_as_a_rise(tmp_path, capsys):
+    # `--check N` printed "the largest drop past it is -2.8%" when every curve rose past N
+    import csv
+    from aepo_lite.cli import main
+    rows = [{**{c: "" for c in conv.COLUMNS}, **r, "distance": "0.02", "floor": "0.01", "draws": "1"}
+            for r in _rows({("moons", "qgpo", ""): {1000: 0.2, 2000: 0.1, 4000: 0.103}})]
+    with open(tmp_path / "conv.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, conv.COLUMNS)
+        w.writeheader()
+        w.writerows(rows)
+    args = ["toy-convergence", "--render-only", "--csv", str(tmp_path / "conv.csv"), "--tasks", "moons", "--specs",
+            "qgpo", "--seeds", "0", "--steps", "1000", "2000", "4000", "--check"]
+    assert main(args + ["2000"]) == 0
+    assert "energy.steps=2000 is converged: no error fell past it (rose by 3.0% or more) (tol 10%)" in capsys.readouterr().out
+    assert main(args + ["1000"]) != 0  # 50% lower from 1000 to 2000
+    assert "50% lower" in capsys.readouterr().err

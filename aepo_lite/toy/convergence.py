@@ -272,13 +272,11 @@ def check_converged(rows: list[dict], steps: int, tol: float = 0.1) -> dict[tupl
                and not _converged_below([r for r in rows if _method_key(r) == m], steps, tol)]
     missing = [_name(m[:5] + ("any",) + m[5:]) for m in missing]
     bad = [f"{_name(g)}: {100 * d:.0f}% lower" for g, d in drops.items() if d is not None and d > tol]
-    groups = _groups(rows)
+    steps_of = doublings(rows)
     for g, d in drops.items():  # the rest of each curve that passes at ``steps``: every later doubling too
         if d is None or d > tol:
             continue
-        ns = sorted(n for n in groups[g] if n > steps)
-        later = [(a, b, _drop(groups[g], a, b)) for a, b in zip(ns, ns[1:])]
-        bad += [f"{_name(g)}: {100 * x:.0f}% lower from {a} to {b}" for a, b, x in later if x > tol][:1]
+        bad += [f"{_name(g)}: {100 * x:.0f}% lower from {a} to {b}" for a, b, x in steps_of[g] if a > steps and x > tol][:1]
     if missing or bad:
         raise ValueError(f"energy.steps={steps} is not shown converged (tol {100 * tol:.0f}%): "
                          + "; ".join(bad + [f"{m}: no seed with rows at {steps} and past it" for m in missing]))
