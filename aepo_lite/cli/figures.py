@@ -72,6 +72,11 @@ def _render_report(mod, results: Path, figures_dir: Path) -> list[Path]:
     return list(mod.render(results, figures_dir))
 
 
+def _render_into(folder: str):
+    """A report rendered into its own folder of ``figures_dir`` (one per extra grid or protocol run)."""
+    return lambda mod, results, figures_dir: list(mod.render(results, Path(figures_dir) / folder))
+
+
 def _render_markdown_of_json(mod, results: Path, figures_dir: Path) -> list[Path]:
     """A timing table (``X.json`` -> ``X.md``) by the measuring module's own ``to_markdown``."""
     from aepo_lite._io import atomic_write_text, read_json
@@ -98,31 +103,31 @@ PARTS = (
     Part("toy 2D tasks", "aepo_lite.toy.report", "toy2d_results.csv", "aepo-lite toy-grid", _render_report),
     Part("toy 2D tasks, long grid", "aepo_lite.toy.report", "toy2d_long.csv",
          "aepo-lite toy-grid --preset long (docs/results.md)",
-         lambda mod, results, figures_dir: mod.render(results, Path(figures_dir) / "toy2d_long"), optional=True),
+         _render_into("toy2d_long"), optional=True),
     Part("toy 2D tasks, 16000-step grid", "aepo_lite.toy.report", "toy2d_xlong.csv",
          "aepo-lite toy-grid --preset xlong (docs/results.md)",
-         lambda mod, results, figures_dir: mod.render(results, Path(figures_dir) / "toy2d_xlong"), optional=True),
+         _render_into("toy2d_xlong"), optional=True),
     Part("toy 2D tasks, 32000-step grid", "aepo_lite.toy.report", "toy2d_xxlong.csv",
          "aepo-lite toy-grid --preset xxlong (docs/results.md)",
-         lambda mod, results, figures_dir: mod.render(results, Path(figures_dir) / "toy2d_xxlong"), optional=True),
+         _render_into("toy2d_xxlong"), optional=True),
     Part("offline RL", "aepo_lite.rl.report", "rl_results.csv",
          "aepo-lite rl-results --runs RUNS --csv figures/rl_results.csv", _render_report),
     Part("offline RL, 6c protocol", "aepo_lite.rl.report", "rl_6c.csv",
          "aepo-lite rl-results --runs runs/rl6c --csv figures/rl_6c.csv --figures figures/rl_6c (docs/results.md)",
-         lambda mod, results, figures_dir: mod.render(results, Path(figures_dir) / "rl_6c"), optional=True),
+         _render_into("rl_6c"), optional=True),
     Part("offline RL, 6c protocol, LayerNorm critic", "aepo_lite.rl.report", "rl_6c_ln.csv",
          "aepo-lite rl-results --runs runs/rl6c-ln --csv figures/rl_6c_ln.csv --figures figures/rl_6c_ln (docs/results.md)",
-         lambda mod, results, figures_dir: mod.render(results, Path(figures_dir) / "rl_6c_ln"), optional=True),
+         _render_into("rl_6c_ln"), optional=True),
     Part("offline RL, 6c protocol, a larger energy", "aepo_lite.rl.report", "rl_6c_big.csv",
          "aepo-lite rl-results --runs runs/rl6c-big --csv figures/rl_6c_big.csv --figures figures/rl_6c_big (docs/results.md)",
-         lambda mod, results, figures_dir: mod.render(results, Path(figures_dir) / "rl_6c_big"), optional=True),
+         _render_into("rl_6c_big"), optional=True),
     Part("offline RL, 6c protocol, held-out", "aepo_lite.rl.report", "rl_6c_heldout.csv",
          "aepo-lite rl-results --runs runs/rl6c-heldout --csv figures/rl_6c_heldout.csv --figures figures/rl_6c_heldout",
-         lambda mod, results, figures_dir: mod.render(results, Path(figures_dir) / "rl_6c_heldout"), optional=True),
+         _render_into("rl_6c_heldout"), optional=True),
     Part("offline RL, 6c protocol, held-out, a larger energy", "aepo_lite.rl.report", "rl_6c_heldout_big.csv",
          "aepo-lite rl-results --runs runs/rl6c-heldout-big --csv figures/rl_6c_heldout_big.csv "
          "--figures figures/rl_6c_heldout_big (docs/results.md)",
-         lambda mod, results, figures_dir: mod.render(results, Path(figures_dir) / "rl_6c_heldout_big"), optional=True),
+         _render_into("rl_6c_heldout_big"), optional=True),
     Part("offline RL, guidance size by t", "aepo_lite.rl.diagnostics", "rl_6c/energy_gradients.csv",
          "python scripts/energy_gradients.py --runs RUN ... --out figures/rl_6c/energy_gradients.csv (docs/results.md)",
          _render_report, optional=True),
