@@ -712,5 +712,15 @@ else:
 #   (QGPO 1.27x the floor at 256000, the centered target 1.28x at 32000, 3 seeds): there the energy error ranks
 #   CEP ahead and the distance to the exact target does not.
 
+# %% [markdown]
+# **The convergence curve, precomputed** (`figures/toy2d_convergence.csv`, drawn by `aepo-lite figures`): each
+# run's energy error against its energy steps (dashed: each task's smallest converged budget), then the same runs'
+# sample distance over the noise floor. On checkerboard QGPO's energy error still falls at 256000 steps while its
+# distance has not moved since 32000.
+#
+# ![toy2d_convergence.png](../figures/toy2d_convergence.png)
+#
+# ![toy2d_convergence_distance.png](../figures/toy2d_convergence_distance.png)
+
 # %%
 print(f"notebook ran in {time.time() - T_START:.0f} s at scale {SCALE}")

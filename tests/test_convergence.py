@@ -507,3 +507,23 @@ def test_check_command_names_a_rise_past_the_budget_as_a_rise(tmp_path, capsys):
     assert "energy.steps=2000 is converged: no error fell past it (rose by 3.0% or more) (tol 10%)" in capsys.readouterr().out
     assert main(args + ["1000"]) != 0  # 50% lower from 1000 to 2000
     assert "50% lower" in capsys.readouterr().err
+
+
+def test_render_draws_the_distance_over_the_floor_where_rows_have_both(tmp_path):
+    import csv
+    rows = _rows({("moons", "qgpo", ""): {1000: 0.2, 2000: 0.1}, ("moons", "aepo", "p"): {1000: 0.3, 2000: 0.2}})
+    full = [{**{c: "" for c in conv.COLUMNS}, **r} for r in rows]
+
+    def write(rs):
+        with open(tmp_path / "c.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, conv.COLUMNS)
+            w.writeheader()
+            w.writerows(rs)
+    assert conv._plot(full, tmp_path / "d.png", {}, conv._over_floor) is None  # no distances: no figure
+    assert not (tmp_path / "d.png").exists()
+    write([dict(r, distance="0.03", floor="0.02", draws="1" if r["energy_steps"] == "1000" else "4") for r in full])
+    paths = conv.render(tmp_path / "c.csv", tmp_path)
+    assert [p.name for p in paths][-1] == "toy2d_convergence_distance.png" and paths[-1].stat().st_size > 0
+    assert conv._over_floor({"distance": "0.03", "floor": "0.02"}) == pytest.approx(1.5)
+    assert conv._over_floor({"distance": "", "floor": "0.02"}) is None and conv._over_floor({"distance": "1"}) is None
+    assert conv._groups(full, conv._over_floor) == {}  # a row without a value is left out, not read as 0

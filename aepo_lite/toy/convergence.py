@@ -175,11 +175,23 @@ def _sort_key(r: dict) -> tuple:
             int(r["energy_steps"]))
 
 
-def _groups(rows: list[dict]) -> dict[tuple, dict[int, float]]:
+def _groups(rows: list[dict], value=None) -> dict[tuple, dict[int, float]]:
+    """Per row group (:data:`_GROUP`): {step count: ``value(row)``} (default the energy error; rows whose value is
+    None are left out)."""
     out: dict[tuple, dict[int, float]] = {}
     for r in rows:
-        out.setdefault(tuple(str(r[k]) for k in _GROUP), {})[int(r["energy_steps"])] = float(r["err_mean"])
+        v = float(r["err_mean"]) if value is None else value(r)
+        if v is not None:
+            out.setdefault(tuple(str(r[k]) for k in _GROUP), {})[int(r["energy_steps"])] = v
     return out
+
+
+def _over_floor(r: dict) -> float | None:
+    """A row's sliced-W2 distance over its noise floor (None without both)."""
+    try:
+        return float(r["distance"]) / float(r["floor"])
+    except (KeyError, TypeError, ValueError, ZeroDivisionError):
+        return None
 
 
 def matched_top(rows: list[dict]) -> int:
@@ -382,12 +394,19 @@ def distance_markdown(rows: list[dict], steps: int | dict[str, int] | None = Non
     return "\n".join(lines) + "\n"
 
 
-def _plot(rows: list[dict], path, budgets: dict[str, int | None]) -> Path:
-    """The curves, one panel per task, each task's smallest converged budget (``budgets``) marked."""
+def _plot(rows: list[dict], path, budgets: dict[str, int | None], value=None,
+          ylabel: str = "RMS error of f vs exact E_t", hlines: tuple = (), hollow=None,
+          note: str | None = None) -> Path | None:
+    """The curves of ``value`` (default the energy error; see :func:`_groups`), one panel per task, each task's
+    smallest converged budget (``budgets``) marked, grey dotted lines at ``hlines``, the points of rows where
+    ``hollow(row)`` is true drawn hollow, ``note`` as the figure's title; None when no row has a value."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    groups = _groups(rows)
+    groups = _groups(rows, value)
+    if not groups:
+        return None
+    open_pts = _groups(rows, lambda r: 1.0 if hollow is not None and hollow(r) else None)
     many_seeds = len({g[5] for g in groups}) > 1
     tasks = sorted({g[0] for g in groups})
     cols = min(3, len(tasks))
@@ -399,18 +418,25 @@ def _plot(rows: list[dict], path, budgets: dict[str, int | None]) -> Path:
                 continue
             d = dict(zip(_GROUP, g))
             ns = sorted(curve)
-            ax.plot(ns, [curve[n] for n in ns], marker="o",
-                    label=_label(d) + (f" s{d['seed']}" if many_seeds else ""))
+            (line,) = ax.plot(ns, [curve[n] for n in ns], marker="o",
+                              label=_label(d) + (f" s{d['seed']}" if many_seeds else ""))
+            if hollow_ns := [n for n in ns if n in open_pts.get(g, {})]:
+                ax.plot(hollow_ns, [curve[n] for n in hollow_ns], ls="none", marker="o", mfc="white",
+                        color=line.get_color())  # an explicit colour: the colour cycle does not advance
         if budgets.get(task) is not None:
             ax.axvline(budgets[task], color="0.5", ls="--", lw=1, label="smallest converged budget")
+        for y in hlines:
+            ax.axhline(y, color="0.6", ls=":", lw=1)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_title(task if budgets.get(task) is not None else f"{task}: no converged budget")
         ax.set_xlabel("energy steps")
-        ax.set_ylabel("RMS error of f vs exact E_t")
+        ax.set_ylabel(ylabel)
         ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(tasks):]:
         ax.axis("off")
+    if note:
+        fig.suptitle(note, fontsize=9)
     fig.tight_layout()
     try:
         return atomic_save_figure(path, fig)
@@ -453,7 +479,8 @@ def _budgets_markdown(rows: list[dict], budgets: dict[str, int | None], tol: flo
 
 
 def render(csv_path="figures/toy2d_convergence.csv", figures_dir="figures", tol: float = 0.1) -> list[Path]:
-    """``toy2d_convergence.md`` and ``.png`` from the CSV alone."""
+    """``toy2d_convergence.md``, ``.png`` (energy error) and ``_distance.png`` (the samples' distance over the
+    noise floor, where the energy error's fall can be set against the samples') from the CSV alone."""
     rows = read_rows(csv_path)
     if not rows:
         raise ValueError(f"{csv_path}: no convergence rows (run aepo-lite toy-convergence first)")
@@ -477,4 +504,10 @@ def render(csv_path="figures/toy2d_convergence.csv", figures_dir="figures", tol:
             + ("\n## The seeds' spread\n\nThe energy error over the seeds run at a step count (mean +- sample "
                "std, seeds in brackets): a drop read on one seed's curve is judged against it.\n\n"
                + spread if (spread := spread_markdown(rows)) else ""))
-    return [atomic_write_text(d / "toy2d_convergence.md", text), _plot(rows, d / "toy2d_convergence.png", budgets)]
+    paths = [atomic_write_text(d / "toy2d_convergence.md", text), _plot(rows, d / "toy2d_convergence.png", budgets),
+             _plot(rows, d / "toy2d_convergence_distance.png", budgets, _over_floor,
+                   "sliced-W2 distance / noise floor (w = 1)", hlines=(1.0, 2.0),
+                   hollow=lambda r: str(r.get("draws", "")) == "1",
+                   note="The samples' distance to the exact target over the noise floor (dotted: 1x and 2x). "
+                        "Hollow points: one sampling draw; filled: the mean of the run's draws.")]
+    return [p for p in paths if p is not None]
