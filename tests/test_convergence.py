@@ -504,7 +504,8 @@ def test_check_command_names_a_rise_past_the_budget_as_a_rise(tmp_path, capsys):
     args = ["toy-convergence", "--render-only", "--csv", str(tmp_path / "conv.csv"), "--tasks", "moons", "--specs",
             "qgpo", "--seeds", "0", "--steps", "1000", "2000", "4000", "--check"]
     assert main(args + ["2000"]) == 0
-    assert "energy.steps=2000 is converged: no error fell past it (rose by 3.0% or more) (tol 10%)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "energy.steps=2000 is converged: no error fell past it (rose by 3.0% or more) (tol 10%)" in out
     assert main(args + ["1000"]) != 0  # 50% lower from 1000 to 2000
     assert "50% lower" in capsys.readouterr().err
 

@@ -195,7 +195,8 @@ def run_convergence_command(args) -> int:
     if args.check is not None:
         drops = conv.check_converged(conv.curve_rows(conv.read_rows(args.csv), cc), args.check, args.tol)
         top = 100 * max(drops.values(), default=0.0)  # none: every method flat from a smaller count
-        past = f"the largest drop past it is {top:.1f}%" if top > 0 else f"no error fell past it (rose by {-top:.1f}% or more)"
+        past = (f"the largest drop past it is {top:.1f}%" if top > 0
+                else f"no error fell past it (rose by {-top:.1f}% or more)")
         print(f"energy.steps={args.check} is converged: {past} (tol {100 * args.tol:.0f}%)")
     return 0
 

@@ -225,11 +225,7 @@ def _drop(curve: dict[int, float], a: int, b: int) -> float:
 def last_drops(rows: list[dict]) -> dict[tuple, tuple[int, int, float] | None]:
     """Per row group: (N, next, relative drop of the energy error from N to next) for its own last two step counts
     (None with fewer than two)."""
-    out = {}
-    for g, curve in _groups(rows).items():
-        ns = sorted(curve)
-        out[g] = None if len(ns) < 2 else (ns[-2], ns[-1], _drop(curve, ns[-2], ns[-1]))
-    return out
+    return {g: steps[-1] if steps else None for g, steps in doublings(rows).items()}
 
 
 def doublings(rows: list[dict]) -> dict[tuple, list[tuple[int, int, float]]]:
@@ -288,7 +284,8 @@ def check_converged(rows: list[dict], steps: int, tol: float = 0.1) -> dict[tupl
     for g, d in drops.items():  # the rest of each curve that passes at ``steps``: every later doubling too
         if d is None or d > tol:
             continue
-        bad += [f"{_name(g)}: {100 * x:.0f}% lower from {a} to {b}" for a, b, x in steps_of[g] if a > steps and x > tol][:1]
+        bad += [f"{_name(g)}: {100 * x:.0f}% lower from {a} to {b}"
+                for a, b, x in steps_of[g] if a > steps and x > tol][:1]
     if missing or bad:
         raise ValueError(f"energy.steps={steps} is not shown converged (tol {100 * tol:.0f}%): "
                          + "; ".join(bad + [f"{m}: no seed with rows at {steps} and past it" for m in missing]))
