@@ -706,7 +706,7 @@ else:
 #   the last table of `figures/toy2d_convergence.md`): 2spirals, 8gaussians and rings at 64000, swissroll at
 #   32000, where the centered target is within 1.25x of QGPO on 4 of 4 (0.24-0.78) and within 2x of the floor on
 #   3 of 4 (8gaussians 2.15x); checkerboard is converged at no budget measured; moons at 128000 (so far on one
-#   centered and two QGPO seeds: AEPO/QGPO 1.13, AEPO 1.45x the floor). Carried to
+#   centered and three QGPO seeds: AEPO/QGPO 1.18, AEPO 1.45x the floor). Carried to
 #   256000 steps (seed 0), QGPO's moons error rose 3% past 128000 (so 128000 passes there once every seed has
 #   run at it), while its checkerboard error fell 12% more, to 0.042: half the centered target's, which has
 #   stayed at 0.086-0.092 since 32000 steps. Yet on checkerboard both methods' samples sit at the same distance
