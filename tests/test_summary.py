@@ -257,8 +257,8 @@ def test_convergence_line_stays_at_the_matched_budget_and_names_a_curve_carried_
     _write(tmp_path / "conv.csv", rows)
     text = summary_markdown(*csvs, convergence_csv=tmp_path / "conv.csv")
     assert "energy budget 2000 steps" in text and "ratios 0.80-0.80" in text  # 0.04 / 0.05, not the 4000-step 0.01
-    assert ("Carried further, aepo[p] (seed 0, 2 tasks) from 2000 to 4000 steps: its energy error fell by 5% to 25%, "
-            "by more than 10% on 1 (b).") in text
+    assert ("Carried further, aepo[p] from 2000 to 4000 steps (seed 0 on 2 tasks): its energy error fell by 5% to 25%, "
+            "by more than 10% on 1 (b seed 0).") in text
 
 
 def test_convergence_line_names_every_doubling_past_the_matched_budget(tmp_path, csvs):
@@ -272,9 +272,27 @@ def test_convergence_line_names_every_doubling_past_the_matched_budget(tmp_path,
              for n, e in ((1000, 0.8), (2000, 0.4), (4000, 0.3), (8000, 0.309))]
     _write(tmp_path / "conv.csv", rows)
     text = summary_markdown(*csvs, convergence_csv=tmp_path / "conv.csv")
-    assert ("Carried further, aepo[p] (seed 0, 1 task) from 2000 to 4000 steps: its energy error fell by 25%, "
-            "by more than 10% on 1 (a). Carried further, aepo[p] (seed 0, 1 task) from 4000 to 8000 steps: its "
+    assert ("Carried further, aepo[p] from 2000 to 4000 steps (seed 0 on a): its energy error fell by 25%, "
+            "by more than 10% on 1 (a seed 0). Carried further, aepo[p] from 4000 to 8000 steps (seed 0 on a): its "
             "energy error rose by 3%, by no more than 10% (converged there).") in text
+
+
+def test_convergence_line_gathers_the_seeds_of_one_doubling(tmp_path, csvs):
+    # aepo carried from 2000 to 4000 on task a (seeds 0, 1, 2: 20%, 4%, 30% lower) and on b (seed 0: 2% lower):
+    # one sentence for the doubling, the curves by seed, the ones over 10% named with their seeds
+    from aepo_lite.toy.convergence import COLUMNS
+    base = {**{c: "" for c in COLUMNS}, "critic": "reward", "beta": "10", "preset": "full", "floor": 0.02}
+    rows = []
+    for task, seed, e4000 in (("a", "0", 0.32), ("a", "1", 0.384), ("a", "2", 0.28), ("b", "0", 0.392)):
+        rows += [dict(base, task=task, seed=seed, method="qgpo", energy_steps=n, err_mean=e, distance=0.05)
+                 for n, e in ((1000, 1.0), (2000, 0.5))]
+        rows += [dict(base, task=task, seed=seed, method="aepo", estimator="p", energy_steps=n, err_mean=e,
+                      distance=0.04) for n, e in ((1000, 0.8), (2000, 0.4), (4000, e4000))]
+    _write(tmp_path / "conv.csv", rows)
+    text = summary_markdown(*csvs, convergence_csv=tmp_path / "conv.csv")
+    assert text.count("Carried further") == 1
+    assert ("Carried further, aepo[p] from 2000 to 4000 steps (seed 0 on b; seeds 0, 1, 2 on a): its energy error "
+            "fell by 2% to 30%, by more than 10% on 2 (a seeds 0, 2).") in text
 
 
 def test_convergence_lines_name_a_rise_as_a_rise(tmp_path, csvs):
@@ -290,8 +308,8 @@ def test_convergence_lines_name_a_rise_as_a_rise(tmp_path, csvs):
                  for n, e in ((1000, 0.6 if task == "a" else 0.27), (2000, e2000), (4000, e4000))]
     _write(tmp_path / "conv.csv", rows)
     text = summary_markdown(*csvs, convergence_csv=tmp_path / "conv.csv")
-    assert ("from 2000 to 4000 steps: its energy error fell by up to 5% (and rose by up to 4% on another task), "
-            "by no more than 10% (converged there).") in text
+    assert ("from 2000 to 4000 steps (seed 0 on 2 tasks): its energy error fell by up to 5% (and rose by up to 4% "
+            "on another task), by no more than 10% (converged there).") in text
     # 1000 -> 2000: aepo 17% lower on a, 11% higher on b; qgpo 50% lower on both
     assert ("still lowered the energy error (seed 0): aepo[p] fell by up to 17% (and rose by up to 11% on another "
             "task); qgpo fell by 50% (each a task and seed's own curve).") in text

@@ -259,18 +259,19 @@ def _convergence_lines(csv_path) -> list[str]:
                          + "; ".join(f"{m} {_drop_range(v)}" for m, v in sorted(drops.items())) + " (each a task and seed's own curve).")
         elif drops:
             lines[0] += f" Converged: no method's energy error fell by more than 10% from {prev} to {top} steps."
-    beyond = defaultdict(dict)  # curves carried past the matched top: label -> {(from, to, seed): {task: drop}}
+    beyond = defaultdict(dict)  # curves carried past the matched top: label -> {(from, to): {(task, seed): drop}}
     for g, steps in conv.doublings(rows).items():
         for a, b, d in steps:
             if b > top and lines:
-                beyond[_curve_label(g)].setdefault((a, b, g[5]), {})[g[0]] = d
+                beyond[_curve_label(g)].setdefault((a, b), {})[(g[0], g[5])] = d
     for lab, parts in sorted(beyond.items()):
-        for (a, b, seed), by_task in sorted(parts.items()):
-            d, still = list(by_task.values()), sorted(t for t, x in by_task.items() if x > 0.1)
-            lines[0] += (f" Carried further, {lab} (seed {seed}, {len(d)} task{'s' if len(d) > 1 else ''}) from {a} to "
-                         f"{b} steps: its energy error {_drop_range(d)}"
-                         + (f", by more than 10% on {len(still)} ({', '.join(still)})." if still
-                            else ", by no more than 10% (converged there)."))
+        for (a, b), by_curve in sorted(parts.items()):
+            still = _by_task({c for c, x in by_curve.items() if x > 0.1})
+            lines[0] += (f" Carried further, {lab} from {a} to {b} steps ({_curves_run(set(by_curve))}): its energy "
+                         f"error {_drop_range(list(by_curve.values()))}"
+                         + (f", by more than 10% on {sum(len(v) for v in still.values())} ("
+                            + "; ".join(f"{t} {_seeds_word(v)}" for t, v in sorted(still.items())) + ")."
+                            if still else ", by no more than 10% (converged there)."))
     n_seeds = {n: _seeds_everywhere(rows, n) for n in budgets}
     rep = max(budgets, key=lambda n: (n_seeds[n], n))  # the budget replicated on the most seeds on every curve
     if rep != top and n_seeds[rep] > n_seeds[top]:
@@ -326,6 +327,29 @@ def _drop_range(d: list[float]) -> str:
     if hi < 0.5:
         return f"rose by {max(-hi, 0):.0f}% to {-lo:.0f}%"
     return f"fell by up to {hi:.0f}% (and rose by up to {-lo:.0f}% on another task)"
+
+
+def _by_task(curves: set) -> dict[str, list[str]]:
+    """(task, seed) pairs as task -> its seeds, in seed order."""
+    out = defaultdict(list)
+    for task, seed in sorted(curves, key=lambda c: (c[0], int(c[1]))):
+        out[task].append(seed)
+    return dict(out)
+
+
+def _seeds_word(seeds) -> str:
+    return f"seed{'s' if len(seeds) > 1 else ''} {', '.join(seeds)}"
+
+
+def _curves_run(curves: set) -> str:
+    """Which (task, seed) curves a doubling was measured on, shortest first: ``seed 0 on 6 tasks; seeds 1, 2 on
+    moons`` (the tasks named when one)."""
+    tasks_of = defaultdict(list)  # a set of seeds -> the tasks run with exactly those seeds
+    for task, seeds in _by_task(curves).items():
+        tasks_of[tuple(seeds)].append(task)
+    order = sorted(tasks_of.items(), key=lambda kv: (-len(kv[1]), [int(x) for x in kv[0]]))
+    return "; ".join(f"{_seeds_word(seeds)} on {tasks[0] if len(tasks) == 1 else f'{len(tasks)} tasks'}"
+                     for seeds, tasks in order)
 
 
 def _curve_label(g: tuple) -> str:
