@@ -700,11 +700,11 @@ else:
 #   On 2spirals the opposite: every seed of both methods still lowered its energy error by 14-36% from 32000 to
 #   64000, and with three seeds there the centered target moved from 2.06x to 1.91x the floor while QGPO stayed
 #   at 3.2x. On rings every centered seed still fell by 13-39% past 32000, yet its three seeds' samples sit at
-#   1.09x the floor at 64000 against 1.04x at 32000 (QGPO 1.39x against 1.26x). So at 64000 steps, on the four
-#   tasks with three seeds of both methods, the centered target is within 2x of the floor on 3 (2spirals,
-#   rings, swissroll) and QGPO on 1 (rings). Each task at its own smallest converged budget (three seeds;
-#   the last table of `figures/toy2d_convergence.md`): 2spirals, 8gaussians and rings at 64000, swissroll at
-#   32000, where the centered target is within 1.25x of QGPO on 4 of 4 (0.24-0.78) and within 2x of the floor on
+#   1.09x the floor at 64000 against 1.04x at 32000 (QGPO 1.39x against 1.26x). So at 64000 steps, with three
+#   seeds of both methods on all six tasks, the centered target is within 1.25x of QGPO on 6 (0.29-1.00) and
+#   within 2x of the floor on 5 (not 8gaussians), QGPO on 3 (checkerboard, moons, rings). Each task at its own
+#   smallest converged budget (three seeds; the last table of `figures/toy2d_convergence.md`): 2spirals,
+#   8gaussians and rings at 64000, swissroll at 32000, where the centered target is within 1.25x of QGPO on 4 of 4 (0.24-0.78) and within 2x of the floor on
 #   3 of 4 (8gaussians 2.15x); checkerboard is converged at no budget measured; moons at 128000 (three seeds
 #   of each: AEPO/QGPO 1.07, AEPO 1.32x the floor, QGPO 1.23x; QGPO's seeds fell 18-29% from 64000). Carried to
 #   256000 steps (seed 0), QGPO's moons error rose 3% past 128000 (seed 0 is the one that shows 128000 flat),
