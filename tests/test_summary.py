@@ -257,8 +257,8 @@ def test_convergence_line_stays_at_the_matched_budget_and_names_a_curve_carried_
     _write(tmp_path / "conv.csv", rows)
     text = summary_markdown(*csvs, convergence_csv=tmp_path / "conv.csv")
     assert "energy budget 2000 steps" in text and "ratios 0.80-0.80" in text  # 0.04 / 0.05, not the 4000-step 0.01
-    assert ("Carried further, aepo[p] from 2000 to 4000 steps (seed 0 on 2 tasks): its energy error fell by 5% to 25%, "
-            "by more than 10% on 1 (b seed 0).") in text
+    assert ("Carried further, aepo[p] from 2000 to 4000 steps (seed 0 on 2 tasks): its energy error fell by 5% to "
+            "25%, by more than 10% on 1 (b seed 0).") in text
 
 
 def test_convergence_line_names_every_doubling_past_the_matched_budget(tmp_path, csvs):

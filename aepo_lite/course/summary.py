@@ -342,8 +342,8 @@ def _seeds_word(seeds) -> str:
 
 
 def _curves_run(curves: set) -> str:
-    """Which (task, seed) curves a doubling was measured on, shortest first: ``seed 0 on 6 tasks; seeds 1, 2 on
-    moons`` (the tasks named when one)."""
+    """Which (task, seed) curves a doubling was measured on, grouped by each task's seeds, the group with the most
+    tasks first: ``seed 0 on 5 tasks; seeds 0, 1, 2 on moons`` (a task named when its group has one)."""
     tasks_of = defaultdict(list)  # a set of seeds -> the tasks run with exactly those seeds
     for task, seeds in _by_task(curves).items():
         tasks_of[tuple(seeds)].append(task)
