@@ -709,9 +709,9 @@ else:
 #   of each: AEPO/QGPO 1.07, AEPO 1.32x the floor, QGPO 1.23x; QGPO's seeds fell 18-29% from 64000). Carried to
 #   256000 steps (seed 0), QGPO's moons error rose 3% past 128000 (seed 0 is the one that shows 128000 flat),
 #   while its checkerboard error fell 12% more, to 0.042 (its three seeds fell 30-52% from 64000 to 128000):
-#   half the centered target's, which has stayed at 0.086-0.092 since 32000 steps. Yet on checkerboard both methods' samples sit at the same distance
-#   (QGPO 1.27x the floor at 256000, the centered target 1.28x at 32000, 3 seeds): there the energy error ranks
-#   CEP ahead and the distance to the exact target does not.
+#   half the centered target's, which has stayed at 0.086-0.092 since 32000 steps. Yet on checkerboard both
+#   methods' samples sit at the same distance (QGPO 1.27x the floor at 256000, the centered target 1.28x at
+#   32000, 3 seeds): there the energy error ranks CEP ahead and the distance to the exact target does not.
 
 # %% [markdown]
 # **The convergence curve, precomputed** (`figures/toy2d_convergence.csv`, drawn by `aepo-lite figures`): each
