@@ -375,6 +375,8 @@ def test_one_curve_carried_further_keeps_the_comparison_at_the_budget_every_meth
     table = conv.convergence_markdown(rows)  # each row's drop past its own last-but-one step count
     assert "| moons | qgpo | 1.000 | 0.500 |  | +50% (not converged) |" in table
     assert "| moons | aepo(p) | 0.800 | 0.400 | 0.380 | +5% |" in table
+    rose = conv.convergence_markdown(_rows({("moons", "qgpo", ""): {1000: 0.8620, 2000: 0.8660}}))
+    assert "| 0.862 | 0.866 | -0.5% |" in rose  # a small rise keeps its sign and size (was "-0%")
     with pytest.raises(ValueError, match="energy_steps: no step count"):
         conv.matched_top(_rows({("moons", "qgpo", ""): {1000: 1.0}, ("moons", "aepo", "p"): {2000: 0.4}}))
 

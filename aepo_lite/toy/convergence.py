@@ -342,6 +342,11 @@ def _label(d: dict) -> str:
     return f"aepo({d['estimator']})" if d["method"] == "aepo" else d["method"]
 
 
+def _signed_percent(x: float) -> str:
+    """``x`` as a signed percentage: whole percents, one decimal under 1% so that a small rise is not "-0%"."""
+    return f"{100 * x:+.1f}%" if abs(100 * x) < 0.95 else f"{100 * x:+.0f}%"
+
+
 def convergence_markdown(rows: list[dict], steps: int | None = None, tol: float = 0.1) -> str:
     """The curve as a table: one line per row group, the energy error at each step count, and the drop past
     ``steps`` (default: past each row's own last-but-one step count); a seed column when the rows hold more than
@@ -358,7 +363,7 @@ def convergence_markdown(rows: list[dict], steps: int | None = None, tol: float 
         d = dict(zip(_GROUP, g))
         drop = drops[g]
         cells = " | ".join(f"{curve[n]:.3f}" if n in curve else "" for n in counts)
-        flag = "" if drop is None else f"{100 * drop:+.0f}%" + (" (not converged)" if drop > tol else "")
+        flag = "" if drop is None else _signed_percent(drop) + (" (not converged)" if drop > tol else "")
         lines.append(f"| {d['task']} | {_label(d)} | " + (f"{d['seed']} | " if seeds else "") + f"{cells} | {flag} |")
     return "\n".join(lines) + "\n"
 
