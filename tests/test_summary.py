@@ -191,7 +191,9 @@ def test_the_layer_norm_critic_sweep_gets_its_own_rows_and_target_line(tmp_path,
                                         else r for r in table(default_aepo_label("bench"))])
     md = summary_markdown(toy, tmp_path / "absent.csv", rl_ln_csv=tmp_path / "rl_6c_ln.csv",
                           rl_big_csv=tmp_path / "rl_6c_big.csv")
-    ln_part, big_part = md.split(f"**{BIG_TITLE}, local/d1/m-v0**")
+    # today's table first, the LayerNorm table's verdict folded under it with the other earlier lines
+    big_part, ln_part = md.split("<details>")
+    assert f"**{BIG_TITLE}, local/d1/m-v0**" in big_part and LN_TITLE not in big_part
     assert "**not reached**" in ln_part and f"**Offline RL target, {BIG_ENERGY}** (the default" in big_part
     assert "qgpo 50.0 +- 1.0" in big_part and "BC + 5 on 1/1, QGPO or better on 1/1: reached." in big_part
     assert f"The default AEPO estimator, {default_aepo_label('bench')}, reaches" in big_part  # today's default
@@ -394,3 +396,26 @@ def test_convergence_lines_put_each_task_at_its_smallest_converged_budget(tmp_pa
     assert "mean over 3 seeds" in line[0] and "aepo 1/1" in line[0]
     # a at 2000: aepo mean 0.04 over qgpo mean 0.06 and over the floor 0.025 (1.6x); not the 4000-step distances
     assert "on 1/1 tasks (ratios 0.67-0.67) and within 2x of the noise floor on 1/1" in line[1]
+
+
+def test_current_lines_come_first_and_the_earlier_ones_are_folded(tmp_path, csvs):
+    """With a result of today's budgets (the convergence curve, the larger-energy sweep, its held-out check) the
+    summary opens with it, and every earlier line (the committed grid, the first RL round, the former tables)
+    follows inside one closed <details> block, each line once; without one, nothing is folded."""
+    from aepo_lite.course.summary import BIG_TITLE, EARLIER, OLD_TITLE, default_aepo_label
+    plain = summary_markdown(*csvs)
+    assert "<details>" not in plain and plain.startswith("- **Toy 2D tasks, committed grid**")
+    label = default_aepo_label("bench")
+    rows = [{"dataset": "local/d1/m-v0", "method": m, "seed": s, "guidance_scale": 0.0 if m == "bc" else 1.0,
+             "return_mean": v, "normalized_score": v + s, "preset": "bench", "sample_steps": 15, "episodes": 10}
+            for m, v in (("bc", 50), ("qgpo", 52), (label, 58)) for s in range(3)]
+    _write(tmp_path / "rl_6c_big.csv", rows)
+    _write(tmp_path / "rl_6c.csv", rows)
+    md = summary_markdown(*csvs, rl_protocol_csv=tmp_path / "rl_6c.csv", rl_big_csv=tmp_path / "rl_6c_big.csv")
+    first, rest = md.split(f"<details><summary>{EARLIER}</summary>")
+    assert first.startswith(f"- **{BIG_TITLE}, local/d1/m-v0**") and "committed grid" not in first
+    assert OLD_TITLE not in first and f"**{OLD_TITLE}, local/d1/m-v0**" in rest
+    assert rest.rstrip().endswith("</details>") and md.count("<details>") == 1
+    earlier = [ln for ln in plain.splitlines() if ln.startswith("- ")]
+    assert earlier and all(rest.count(ln) == 1 for ln in earlier)  # every earlier line, once, inside the block
+    assert "\n\n- **Toy 2D tasks, committed grid**" in rest  # a blank line after <summary>: Markdown inside renders

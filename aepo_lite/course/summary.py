@@ -17,6 +17,8 @@ from aepo_lite.config import PRESETS
 __all__ = ["toy_summary", "toy_summary_rows", "rl_summary", "summary_markdown", "figures_summary", "update_readme"]
 
 START, END = "<!-- summary:start -->", "<!-- summary:end -->"
+EARLIER = ("Earlier measurements: shorter toy budgets, the former RL critic and energy, the first RL round. "
+           "Superseded by the lines above; kept for the record (click to open)")
 
 
 def _read(path) -> list[dict]:
@@ -391,8 +393,11 @@ def summary_markdown(toy_csv="figures/toy2d_results.csv", rl_csv="figures/rl_res
     the LayerNorm critic trained 40000 steps for every row with a critic (``rl_6c_ln.csv``, its own target line);
     ``rl_big_csv``: the same with a 256 x 3 energy trained 20000 steps (``rl_6c_big.csv``, its own target line);
     ``rl_heldout_big_csv``: the held-out dataset again with that critic and energy, today's ``bench`` preset
-    (``rl_6c_heldout_big.csv``); each summarised too when it exists."""
+    (``rl_6c_heldout_big.csv``); each summarised too when it exists. The lines of today's budgets and presets (the
+    convergence curve, the larger-energy sweep and its held-out check) come first; every other line follows in a
+    closed ``<details>`` block (:data:`EARLIER`), so that a reader meets the current numbers before the history."""
     lines = _toy_lines(toy_summary(toy_csv), "Toy 2D tasks, committed grid")
+    current: list[str] = []  # the latest budgets and presets: first, with the earlier ones folded under them
     if matched_csv is not None and Path(matched_csv).exists():
         lines += _toy_lines(toy_summary(matched_csv), "Toy 2D tasks, matched (every method reads the true reward; "
                                                       "the staged pipeline)")
@@ -402,7 +407,7 @@ def summary_markdown(toy_csv="figures/toy2d_results.csv", rl_csv="figures/rl_res
         lines += _toy_lines(toy_summary(long_csv, w=None, preset="long"), title, "long",
                             "best w of 0.5 / 1 / 2 per method and task")
     if convergence_csv is not None and Path(convergence_csv).exists():
-        lines += _convergence_lines(convergence_csv)
+        current += _convergence_lines(convergence_csv)
     for csv, preset in ((xlong_csv, "xlong"), (xxlong_csv, "xxlong")):
         if csv is not None and Path(csv).exists():
             steps = PRESETS["toy"][preset]["energy"]["steps"]
@@ -416,13 +421,18 @@ def summary_markdown(toy_csv="figures/toy2d_results.csv", rl_csv="figures/rl_res
         lines += _rl_protocol_lines(rl_ln_csv, LN_TITLE, target_title=f"Offline RL target, {LN_CRITIC}",
                                     then=SQUARED_THEN)
     if rl_big_csv is not None and Path(rl_big_csv).exists():
-        lines += _rl_protocol_lines(rl_big_csv, BIG_TITLE, target_title=f"Offline RL target, {BIG_ENERGY}")
+        current += _rl_protocol_lines(rl_big_csv, BIG_TITLE, target_title=f"Offline RL target, {BIG_ENERGY}")
     if rl_heldout_csv is not None and Path(rl_heldout_csv).exists():
         lines += _rl_protocol_lines(rl_heldout_csv, "Offline RL, held-out check (6c protocol; not tuned on)",
                                     target=False, then=SQUARED_THEN)
     if rl_heldout_big_csv is not None and Path(rl_heldout_big_csv).exists():
-        lines += _rl_protocol_lines(rl_heldout_big_csv, HELDOUT_BIG_TITLE, target=False)
-    return "\n".join(lines + _rl_lines(rl_summary(rl_csv))) + "\n"
+        current += _rl_protocol_lines(rl_heldout_big_csv, HELDOUT_BIG_TITLE, target=False)
+    lines += _rl_lines(rl_summary(rl_csv))
+    if current and lines:  # the earlier lines folded (a <details> block: GitHub and JupyterLab render it closed)
+        lines = current + ["", f"<details><summary>{EARLIER}</summary>", "", *lines, "", "</details>"]
+    elif current:
+        lines = current
+    return "\n".join(lines) + "\n"
 
 
 def _csvs(figures_dir) -> tuple[Path, ...]:
