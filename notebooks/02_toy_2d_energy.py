@@ -660,14 +660,15 @@ else:
 #   are above 2x on 2 tasks; a 4x behaviour budget brings the exact energy closer to the floor on both
 #   but leaves the learned energies where they were, so that target needs more accurate energies too.
 #   With 4x the energy steps (16000, 3 seeds) the centered target is within 2x of the floor on 4 of 6
-#   tasks (QGPO on 2 of 6), at w = 1 and at each method's best w alike; neither energy error has stopped
-#   falling at that budget. Carried to 32000 steps (seed 0), the centered target's energy error still fell
-#   by more than 10% on 5 of 6 tasks, yet its samples moved only on rings (2.59x to 1.23x the floor);
-#   QGPO's energy error stopped falling on 5 of 6 (all but rings). At 32000 steps the centered target is
-#   within 2x of the floor on 3 of 6 tasks and QGPO on 3 of 6 (one seed). Carried to 64000 steps (seed 0),
-#   the centered target's energy error stopped falling on 5 of 6 tasks (2spirals still fell 36%) and QGPO's
-#   on rings, so past 32000 steps neither method's energy error falls by 10% on 5 of 6 tasks; at 64000 the
-#   centered target is within 2x of the floor on 3 of 6 and at 2.04-2.10x on the other three (one seed).
+#   tasks (QGPO on 2 of 6), at w = 1 and at each method's best w alike; from 8000 to 16000 steps (seed 0)
+#   the centered target's energy error fell 11-32% on every task and QGPO's 25-58% on four. Carried to 32000
+#   steps (seed 0), the centered target's energy error still fell by more than 10% on 5 of 6 tasks, and its
+#   samples moved both ways (rings 2.59x to 1.06x the floor, swissroll 2.05x to 1.35x; checkerboard 0.59x
+#   to 1.25x, moons 1.04x to 1.55x; one draw at 16000 against four at 32000); QGPO's energy error stopped
+#   falling on 5 of 6 (all but rings). At 32000 steps the centered target is within 2x of the floor on 4 of 6
+#   tasks and QGPO on 3 of 6 (seed 0). Carried to 64000 steps (seed 0), the centered target's energy error
+#   stopped falling on 4 of 6 tasks (2spirals still fell 36%, rings 13%) and QGPO's on rings; at 64000 the
+#   centered target is within 2x of the floor on 3 of 6 and at 2.04-2.10x on the other three (seed 0).
 #   (The floor is the expected distance between two exact sample sets, a mean over 32 pairs: one pair's
 #   draw varies by 15-40%, so a ratio to one seed's draw is that noisy.) Each run's distance is one draw as
 #   well, varying by 7-42% between draws (`figures/toy2d_eval_noise.md`): by the mean of 6 draws the 32000-step
@@ -708,9 +709,9 @@ else:
 #   3 of 4 (8gaussians 2.15x); checkerboard is converged at no budget measured; moons at 128000 (three seeds
 #   of each: AEPO/QGPO 1.07, AEPO 1.32x the floor, QGPO 1.23x; QGPO's seeds fell 18-29% from 64000). Carried to
 #   256000 steps (seed 0), QGPO's moons error rose 3% past 128000 (seed 0 is the one that shows 128000 flat),
-#   while its checkerboard error fell 12% more, to 0.042 (its three seeds fell 30-52% from 64000 to 128000):
-#   half the centered target's, which has stayed at 0.086-0.092 since 32000 steps. Yet on checkerboard both
-#   methods' samples sit at the same distance (QGPO 1.27x the floor at 256000, the centered target 1.28x at
+#   while its checkerboard error fell 12% more, to 0.042 (its three seeds fell 30-52% from 64000 to 128000): about
+#   half the centered target's, which has stayed at 0.083-0.092 (each seed) since 32000 steps. Yet on checkerboard
+#   both methods' samples sit at the same distance (QGPO 1.27x the floor at 256000, the centered target 1.28x at
 #   32000, 3 seeds): there the energy error ranks CEP ahead and the distance to the exact target does not. At
 #   128000, three seeds of each, the centered target's error is still flat (-7%, +0.5%, -2% from 64000) and its
 #   samples are 1.25x the floor against QGPO's 1.36x (AEPO/QGPO 0.92), with QGPO's energy error 0.56x its own.

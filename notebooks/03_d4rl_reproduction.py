@@ -280,8 +280,9 @@ else:
 # - Normalised scores come from the dataset's reference returns, or are `None`.
 # - Every stage is checkpointed; the guidance scale is an argument of the policy.
 # - On our Hopper data (generated below from `figures/rl_results.csv`), AEPO's Gaussian targets made the
-#   policy worse than behaviour cloning at every guidance scale we tried, while QGPO stayed near it: the
-#   IQL critic is steep there, so AEPO's variance term dominates its target.
+#   policy worse than behaviour cloning at every guidance scale we tried. QGPO stayed near it at w <= 0.1
+#   (50.2 and 43.9 against 46.4) and fell below it too from w = 0.3 on (21.5, then below zero), unless guided
+#   only at t <= 0.5 (50.1-58.2). The IQL critic is steep there, so AEPO's variance term dominates its target.
 # - Under the 6c protocol (15 sampler steps, six local datasets; `docs/results.md`), the in-support
 #   particle target of section 4b with the centered regression (the library's default then) was measured with
 #   two critics. With the former `bench` critic (4000 steps, 3-10 seeds) it beats behaviour cloning by 5
