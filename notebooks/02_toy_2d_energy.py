@@ -715,6 +715,9 @@ else:
 #   32000, 3 seeds): there the energy error ranks CEP ahead and the distance to the exact target does not. At
 #   128000, three seeds of each, the centered target's error is still flat (-7%, +0.5%, -2% from 64000) and its
 #   samples are 1.25x the floor against QGPO's 1.36x (AEPO/QGPO 0.92), with QGPO's energy error 0.56x its own.
+#   Seed 0's centered target carried to 256000 steps: its error rose 4% (0.083 -> 0.086), its samples sit at
+#   1.21x the floor against QGPO's 1.27x there (AEPO/QGPO 0.95). Checkerboard stays without a converged budget
+#   until QGPO's curve flattens (a 512000-step run).
 
 # %% [markdown]
 # **The convergence curve, precomputed** (`figures/toy2d_convergence.csv`, drawn by `aepo-lite figures`): each

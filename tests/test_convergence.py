@@ -530,3 +530,29 @@ def test_render_draws_the_distance_over_the_floor_where_rows_have_both(tmp_path)
     assert conv._over_floor({"distance": "0.03", "floor": "0.02"}) == pytest.approx(1.5)
     assert conv._over_floor({"distance": "", "floor": "0.02"}) is None and conv._over_floor({"distance": "1"}) is None
     assert conv._groups(full, conv._over_floor) == {}  # a row without a value is left out, not read as 0
+
+
+def test_a_task_not_shown_converged_is_tabled_at_its_largest_matched_budget_and_named_so(tmp_path):
+    import csv
+    # moons: qgpo still falls 40% at its last doubling (4000 -> 8000), aepo is flat; rings: both flat from 1000
+    rows = _rows({("moons", "qgpo", ""): {1000: 0.5, 2000: 0.4, 4000: 0.3, 8000: 0.18},
+                  ("moons", "aepo", "p"): {1000: 0.2, 2000: 0.2, 4000: 0.2, 8000: 0.2},
+                  ("rings", "qgpo", ""): {1000: 0.1, 2000: 0.1}, ("rings", "aepo", "p"): {1000: 0.1, 2000: 0.1}})
+    dist = {("moons", "qgpo", "8000"): "0.06", ("moons", "aepo", "8000"): "0.045"}
+    full = [{**{c: "" for c in conv.COLUMNS}, **r, "floor": "0.03", "draws": "4",
+             "distance": dist.get((r["task"], r["method"], r["energy_steps"]), "0.09")} for r in rows]
+    full.append({**full[0], "task": "moons", "method": "aepo", "estimator": "p", "energy_steps": "16000",
+                 "err_mean": "0.2", "distance": "0.5"})  # one method alone past the matched budget: not the table
+    with open(tmp_path / "c.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, conv.COLUMNS)
+        w.writeheader()
+        w.writerows(full)
+    assert conv.converged_budgets(full) == {"moons": None, "rings": 1000}
+    conv.render(tmp_path / "c.csv", tmp_path)
+    text = (tmp_path / "toy2d_convergence.md").read_text()
+    section = text.split("## The tasks not shown converged, at their largest matched budget")[1].split("## ")[0]
+    assert "Per task: moons 8000 energy steps" in section and "rings" not in section
+    assert "| moons | aepo(p) | 0 | 4 | 0.045 +- 0.000 | 0.030 | 1.50 | 0.75 |" in section
+    assert "| moons | qgpo | 0 | 4 | 0.060 +- 0.000 | 0.030 | 2.00 | 1.00 |" in section
+    full = [r for r in full if r["task"] == "rings"]  # every task converged: no such section
+    assert conv._unconverged_markdown(full, conv.converged_budgets(full)) == ""

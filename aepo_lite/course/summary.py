@@ -304,8 +304,32 @@ def _converged_lines(rows: list[dict]) -> list[str]:
                           "method)")
     if lines and none:
         lines[0] += (f" Not shown converged at any budget measured, so not counted here: {', '.join(none)}"
-                     f" ({len(shown)} of {len(budgets)} tasks counted).")
+                     f" ({len(shown)} of {len(budgets)} tasks counted)." + _unconverged_text(rows, none))
     return lines
+
+
+def _unconverged_text(rows: list[dict], tasks: list[str]) -> str:
+    """Where each task not shown converged stands at its largest matched budget (two methods run there): each
+    method's mean distance at w = 1 over the noise floor and AEPO's best over QGPO; "" where nothing is matched."""
+    from aepo_lite.toy import convergence as conv
+    parts = []
+    for task in tasks:
+        mine = [r for r in rows if r["task"] == task and r.get("distance") not in (None, "")]
+        try:
+            n = max(conv.matched_budgets(mine))
+        except ValueError:
+            continue
+        at = [r for r in mine if int(r["energy_steps"]) == n]
+        by = defaultdict(list)
+        for r in at:
+            by[_curve_label(tuple(r[k] for k in conv._GROUP))].append(float(r["distance"]) / float(r["floor"]))
+        ratio = {m: statistics.mean(v) for m, v in by.items()}
+        seeds = sorted({r["seed"] for r in at}, key=int)
+        aepo = min((m for m in ratio if m.startswith("aepo")), key=ratio.get, default=None)
+        parts.append(f"{task} at its largest matched budget, {n} steps (seed{'s' if len(seeds) > 1 else ''} "
+                     f"{', '.join(seeds)}): " + ", ".join(f"{m} {v:.2f}x the floor" for m, v in sorted(ratio.items()))
+                     + (f" (AEPO/QGPO {ratio[aepo] / ratio['qgpo']:.2f})" if aepo and "qgpo" in ratio else ""))
+    return (" Where it stands, not a converged comparison: " + "; ".join(parts) + ".") if parts else ""
 
 
 def _seeds_everywhere(rows: list[dict], n: int) -> int:

@@ -477,7 +477,25 @@ def _budgets_markdown(rows: list[dict], budgets: dict[str, int | None], tol: flo
             + (f"Not shown converged at any budget measured: {', '.join(t for t, n in budgets.items() if n is None)}"
                " (left out below). " if len(shown) < len(budgets) else "")
             + "Sliced-W2 distance at w = 1, columns as above.\n\n")
-    return text + (distance_markdown(rows, shown) if shown else "")
+    return text + (distance_markdown(rows, shown) if shown else "") + _unconverged_markdown(rows, budgets)
+
+
+def _unconverged_markdown(rows: list[dict], budgets: dict[str, int | None]) -> str:
+    """The tasks not shown converged (``budgets`` None), each at the largest step count two methods reached on it
+    (:func:`matched_budgets` of its rows): where a still-falling curve stands, read as not converged; "" when every
+    task converged or none of the rest has a count two methods share."""
+    last = {}
+    for task in (t for t, n in budgets.items() if n is None):
+        try:
+            last[task] = max(matched_budgets([r for r in rows if r["task"] == task]))
+        except ValueError:
+            continue
+    if not last:
+        return ""
+    return ("\n## The tasks not shown converged, at their largest matched budget\n\nNot a converged comparison: "
+            "no budget measured passed `check_converged` (a method's energy error still fell by more than the "
+            "tolerance past each). Per task: " + ", ".join(f"{t} {n}" for t, n in last.items()) + " energy steps (the seeds "
+            "run there). Columns as above.\n\n" + distance_markdown(rows, last))
 
 
 def render(csv_path="figures/toy2d_convergence.csv", figures_dir="figures", tol: float = 0.1) -> list[Path]:
