@@ -26,6 +26,7 @@ policy with noise   rl_6c_ln/policy_noise.csv    ``aepo_lite.rl.diagnostics.rend
 toy error budget    toy2d_budget.csv (optional)  ``aepo_lite.toy.budget.render``
 toy budget, runs    toy2d_budget_runs.csv (opt.) ``aepo_lite.toy.trained_budget.render`` (parts 4-5)
 toy convergence     toy2d_convergence.csv (opt.) ``aepo_lite.toy.convergence.render``
+toy plateau parts   toy2d_plateau.csv (optional) ``aepo_lite.toy.plateau.render`` (part 4 without draw noise)
 toy floor by seed   toy2d_floor_spread.csv (opt.) ``aepo_lite.toy.floors.render``
 toy eval noise      toy2d_eval_noise.csv (opt.)  ``aepo_lite.toy.eval_noise.render``
 speed benchmark     bench_*.json (optional)      ``aepo_lite.bench.to_markdown``
@@ -153,6 +154,9 @@ PARTS = (
          optional=True),
     Part("toy energy convergence", "aepo_lite.toy.convergence", "toy2d_convergence.csv",
          "aepo-lite toy-convergence", _render_report, optional=True),
+    Part("toy plateau, the regression part without draw noise", "aepo_lite.toy.plateau", "toy2d_plateau.csv",
+         "python scripts/plateau_budget.py --runs RUN ... --cache-dir CACHE --ks K ...", _render_report,
+         optional=True),
     Part("toy noise floor by seed", "aepo_lite.toy.floors", "toy2d_floor_spread.csv",
          "python scripts/floor_spread.py", _render_report, optional=True),
     Part("toy evaluation noise", "aepo_lite.toy.eval_noise", "toy2d_eval_noise.csv",

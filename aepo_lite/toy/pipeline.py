@@ -417,9 +417,11 @@ def _train_entry(st: Stage, store: StageStore, cfg: ToyConfig, log, progress: bo
     return stats
 
 
-def train_toy(cfg: ToyConfig, *, cache_dir=None, progress: bool = True, log: MetricsLog | None = None) -> ToyModels:
+def train_toy(cfg: ToyConfig, *, cache_dir=None, progress: bool = True, log: MetricsLog | None = None,
+              trained_only: bool = False) -> ToyModels:
     """Train every stage the method needs into the cache ``<cache_dir>/<task>/`` (finished entries are loaded,
-    an entry killed mid-way resumes from its last periodic checkpoint). Returns the trained models."""
+    an entry killed mid-way resumes from its last periodic checkpoint). Returns the trained models.
+    ``trained_only``: load finished stages and train nothing (an error naming the first stage the cache lacks)."""
     check_config(cfg)
     device = resolve_device(cfg.device)
     x, e = _data(cfg, device)
@@ -428,6 +430,11 @@ def train_toy(cfg: ToyConfig, *, cache_dir=None, progress: bool = True, log: Met
     stages = build_stages(cfg, m, device)
     for st in stages:  # a broken or foreign checkpoint is an error before any training starts
         store.load(st.name, stage_hash(st))
+        if trained_only and not store.is_complete(st.name, stage_hash(st)):
+            raise ValueError(f"cache_dir: {store.path(st.name, stage_hash(st))} is not a finished {st.name} stage of "
+                             f"this config ({cfg.task} {estimator_label(cfg)}, seed {cfg.seed}, {st.name} "
+                             f"{st.steps} steps); nothing is trained here: train the run first, or pass the cache "
+                             "it was trained into")
     if cfg.capture:  # the same stages (and hashes), each step one CUDA graph
         stages = [captured_stage(st, device) for st in stages]
     for st in stages:

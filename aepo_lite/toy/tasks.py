@@ -34,7 +34,7 @@ from aepo_lite.core.schedule import VPSchedule
 __all__ = [
     "ToyTask", "register_task", "get_task", "task_names", "TOY_TASKS", "SCALE",
     "target_samples", "exact_intermediate_energy", "exact_posterior_average", "exact_energy_gradient", "make_grid", "sliced_wasserstein", "distance_floor", "expected_floor", "FLOOR_PAIRS",
-    "energy_error", "check_count", "check_beta", "memory_budget_bytes",
+    "energy_error", "energy_error_cross", "check_count", "check_beta", "memory_budget_bytes",
 ]
 
 SCALE = 0.25  # every built-in task is the published point set times SCALE (so it fits in [-1, 1]^2)
@@ -455,3 +455,22 @@ def energy_error(f: torch.Tensor, E: torch.Tensor, log_weight: torch.Tensor | No
     w = torch.full_like(diff, 1.0 / diff.numel()) if log_weight is None else torch.softmax(log_weight.double(), 0)
     c = (w * diff).sum()
     return float((w * (diff - c) ** 2).sum().sqrt())
+
+
+def energy_error_cross(a: torch.Tensor, b: torch.Tensor, E: torch.Tensor,
+                       log_weight: torch.Tensor | None = None) -> float:
+    """:func:`energy_error` of the mean of a noisy estimate, without the estimate's noise.
+
+    ``a`` and ``b`` (M,) are two independent estimates of one function ybar (e.g. the means of two disjoint
+    halves of a target's random draws). ``energy_error(a, E)`` is inflated by a's variance: its square is, in
+    expectation, RMS(ybar - E)^2 + the weighted variance of a. The cross product of the two centered errors,
+    sum_w (a - E - c_a)(b - E - c_b), has expectation RMS(ybar - E)^2 exactly (a and b independent), so its square
+    root (0 where noise makes it negative) estimates the error of ybar itself, from any number of draws.
+    """
+    check_tensor("a", a, ndim=1)
+    check_tensor("b", b, shape=(a.shape[0],))
+    check_tensor("E", E, shape=(a.shape[0],))
+    da, db = (a - E).double(), (b - E).double()
+    w = torch.full_like(da, 1.0 / da.numel()) if log_weight is None else torch.softmax(log_weight.double(), 0)
+    cross = (w * (da - (w * da).sum()) * (db - (w * db).sum())).sum()
+    return float(cross.clamp(min=0.0).sqrt())

@@ -1,0 +1,142 @@
+"""Where a toy energy's plateau comes from: the regression part of the error budget, without draw noise.
+
+When more energy steps no longer lower a run's energy error (``figures/toy2d_convergence.md``), what is left is
+either the regression (the network and optimiser have not reached the mean of their target, ybar_t) or the
+target itself (ybar_t is off E_t: a finite K, the Gaussian form, the critic). Part 4 of the budget
+(:func:`aepo_lite.toy.trained_budget.regression_part`) tells them apart, but its default averages 8 draws of
+the target, and that average keeps the draws' noise: both of its columns read high by the noise over 8. Here
+the same part runs with ``debias=True`` (two halves of the draws and a cross product, exact in expectation),
+on a finished run's cached stages, for the run's own K and for other K of the same target (the trained f is
+then compared with the target it would have had), so that a plateau is named by its part and a larger K's
+target bias says how far it could fall.
+
+``rows(run_dir, cache_dir, ...)`` measures one run, ``write_rows`` merges rows into
+``figures/toy2d_plateau.csv``, ``render`` writes ``figures/toy2d_plateau.md``. ``scripts/plateau_budget.py``
+is the command.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from aepo_lite._io import atomic_write_text, merge_csv_rows, read_csv_rows
+
+__all__ = ["COLUMNS", "rows", "write_rows", "read_rows", "render"]
+
+COLUMNS = ("task", "method", "estimator", "critic", "beta", "seed", "preset", "energy_steps", "k", "t", "draws",
+           "vs_exact", "vs_target", "target_bias", "target_sd")
+_KEY = ("task", "method", "estimator", "critic", "beta", "seed", "preset", "energy_steps", "k", "t")
+MADE_BY = "python scripts/plateau_budget.py"
+
+
+def _check_ks(ks) -> list[int]:
+    if ks is None:
+        return []
+    bad = [k for k in ks if isinstance(k, bool) or not isinstance(k, int) or k < 1]
+    if bad or not ks:
+        raise ValueError(f"ks: every K must be an integer >= 1, got {list(ks)!r}")
+    return sorted(set(ks))
+
+
+def rows(run_dir, cache_dir, ks=None, draws: int = 32, times=None, device: str | None = None) -> list[dict]:
+    """One row per K and t for the finished toy run in ``run_dir`` (its ``config.json``; stages from
+    ``cache_dir``, nothing trained): the trained f against E_t (``vs_exact``), against the mean target of K
+    support points (``vs_target``), that mean target against E_t (``target_bias``) and one draw's noise about
+    it (``target_sd``), from ``draws`` draws (even) without their noise. ``ks``: default the run's own K;
+    only particle and mixture targets have a K (other AEPO targets and MSE get one row per t, k blank)."""
+    from aepo_lite.config import ToyConfig, apply_overrides, from_dict
+    from aepo_lite.toy.pipeline import estimator, train_toy
+    from aepo_lite.toy.trained_budget import regression_part
+    ks = _check_ks(ks)
+    path = Path(run_dir) / "config.json"
+    if not path.exists():
+        raise ValueError(f"run_dir: {run_dir} holds no config.json (a toy run folder, e.g. runs/convergence/<task>/...)")
+    cfg = from_dict(ToyConfig, json.loads(path.read_text()))
+    if cfg.method not in ("aepo", "mse"):
+        raise ValueError(f"run_dir: {run_dir} is a {cfg.method} run, whose energy has no regression target "
+                         "(only aepo and mse runs have one)")
+    if device is not None:
+        cfg = apply_overrides(cfg, {"device": device})
+    models = train_toy(cfg, cache_dir=cache_dir, progress=False, trained_only=True)
+    has_k = cfg.method == "aepo" and cfg.energy.posterior != "gaussian"
+    if ks and not has_k:
+        raise ValueError(f"ks: the run in {run_dir} ({estimator(cfg) if cfg.method == 'aepo' else 'mse'}) has no "
+                         "support points, so no K to vary")
+    out = []
+    for k in (ks or [cfg.support.k]) if has_k else [None]:
+        m = models if k in (None, cfg.support.k) else dataclasses.replace(
+            models, cfg=apply_overrides(cfg, {"support": {"k": k}}))
+        for t, part in regression_part(m, draws=draws, times=times, debias=True).items():
+            out.append({"task": cfg.task, "method": cfg.method, "estimator": estimator(cfg) if cfg.method == "aepo"
+                        else "", "critic": cfg.critic.kind, "beta": f"{cfg.energy.beta:g}", "seed": cfg.seed,
+                        "preset": _preset(run_dir),
+                        "energy_steps": cfg.energy.steps, "k": "" if k is None else k, "t": t, "draws": draws,
+                        **{c: f"{part[c]:.6f}" for c in ("vs_exact", "vs_target", "target_bias", "target_sd")}})
+    return out
+
+
+def _preset(run_dir) -> str:
+    """The preset the run was made from, as its results record it (blank when they do not)."""
+    res = Path(run_dir) / "results.json"
+    return json.loads(res.read_text()).get("preset", "") if res.exists() else ""
+
+
+def read_rows(csv_path) -> list[dict]:
+    return read_csv_rows(csv_path, COLUMNS, made_by=MADE_BY) if Path(csv_path).exists() else []
+
+
+def write_rows(csv_path, new_rows: list[dict]) -> list[dict]:
+    """Merge ``new_rows`` into the CSV (a row with the same key replaced) and return all of them."""
+    return merge_csv_rows(csv_path, new_rows, COLUMNS, _KEY, made_by=MADE_BY,
+                          sort_key=lambda r: (r["task"], r["estimator"], int(r["seed"]), int(r["energy_steps"]),
+                                              float(r["t"]), int(r["k"] or 0)))
+
+
+def _k(r: dict) -> str:
+    """The row's K, marked "(run's)" where it is the K the run was trained with."""
+    if not r["k"]:
+        return "-"
+    return r["k"] + (" (run's)" if f"K{r['k']}-" in r["estimator"] + "-" else "")
+
+
+def _label(r: dict) -> str:
+    return f"aepo({r['estimator']})" if r["method"] == "aepo" else r["method"]
+
+
+def render(csv_path="figures/toy2d_plateau.csv", figures_dir="figures") -> list[Path]:
+    """``toy2d_plateau.md`` from the CSV alone: per t, each run's energy error beside its parts."""
+    rs = read_rows(csv_path)
+    if not rs:
+        raise ValueError(f"{csv_path}: no rows (made by {MADE_BY})")
+    text = (f"Where a trained toy energy's error comes from, generated from `{Path(csv_path).name}` by "
+            "`aepo_lite.toy.plateau.render` (do not edit by hand). Error budget part 4 (docs/derivation.md 6b) on "
+            "a finished run, without the noise of averaging finitely many target draws (two halves of the draws "
+            "and their cross product: `aepo_lite.toy.tasks.energy_error_cross`). Energy errors: RMS on the 40x40 "
+            "grid weighted by mu_t, up to a constant per t. `f vs E_t`: the trained energy's error (the "
+            "convergence table's); `f vs target`: what the regression leaves, against the mean target of K "
+            "support points (0.000: below the draws' noise); `target vs E_t`: the error of that mean target "
+            "itself, which no training removes; `one draw's noise`: the RMS spread of a single draw of the target. "
+            "A K other than the run's own compares the trained f with the target it would have had. "
+            "Our measurement, not the paper's.\n")
+    for t in sorted({r["t"] for r in rs}, key=float):
+        text += ("\n### t = " + t + "\n\n| task | method (Q) | seed | energy steps | K | draws | f vs E_t | f vs target "
+                 "| target vs E_t | one draw's noise |\n|---|---|---|---|---|---|---|---|---|---|\n")
+        for r in (r for r in rs if r["t"] == t):
+            text += (f"| {r['task']} | {_label(r)} ({r['critic']}) | {r['seed']} | {r['energy_steps']} | "
+                     f"{_k(r)} | {r['draws']} | {float(r['vs_exact']):.3f} | {float(r['vs_target']):.3f} | "
+                     f"{float(r['target_bias']):.3f} | {float(r['target_sd']):.3f} |\n")
+    text += ("\n### Mean over t\n\nEach column's mean over the times above: `f vs E_t` is then the convergence "
+             "table's energy error, and `target vs E_t` where that error settles once the regression has reached that target.\n\n"
+             "| task | method (Q) | seed | energy steps | K | times | f vs E_t | f vs target | target vs E_t |\n"
+             "|---|---|---|---|---|---|---|---|---|\n")
+    groups: dict = {}
+    for r in rs:
+        groups.setdefault(tuple(r[c] for c in _KEY if c != "t"), []).append(r)
+    for key, g in groups.items():
+        r = g[0]
+        mean = {c: sum(float(x[c]) for x in g) / len(g) for c in ("vs_exact", "vs_target", "target_bias")}
+        text += (f"| {r['task']} | {_label(r)} ({r['critic']}) | {r['seed']} | {r['energy_steps']} | {_k(r)} | "
+                 f"{', '.join(x['t'] for x in g)} | {mean['vs_exact']:.4f} | {mean['vs_target']:.4f} | "
+                 f"{mean['target_bias']:.4f} |\n")
+    return [atomic_write_text(Path(figures_dir) / "toy2d_plateau.md", text)]

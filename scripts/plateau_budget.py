@@ -1,0 +1,52 @@
+"""Which part of the error budget a trained toy energy's plateau is (``figures/toy2d_plateau.{csv,md}``).
+
+    python scripts/plateau_budget.py --runs runs/convergence/checkerboard/aepo-particles-K64-centered-b10-reward-full-s0-e256000 \
+        --cache-dir runs/matched/cache --ks 16 64 256 --draws 32
+
+For each finished toy run (its folder's ``config.json``; its stages read from ``--cache-dir``, nothing trained):
+the trained energy against E_t, against the mean of its regression target, and that mean target against E_t,
+without the noise of a finite average of draws (:mod:`aepo_lite.toy.plateau`); for every K of ``--ks`` the
+target of K support points in place of the run's own. Rows are merged into the CSV (a rerun replaces its own),
+then the table is rendered (``aepo-lite figures`` renders it too).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from aepo_lite.toy import plateau
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--runs", nargs="+", required=True, help="finished toy run folders (aepo or mse)")
+    p.add_argument("--cache-dir", required=True, help="the stage cache the runs were trained into")
+    p.add_argument("--ks", nargs="+", type=int, default=None, help="K of the targets compared (default: the run's)")
+    p.add_argument("--draws", type=int, default=32, help="target draws per grid point, even (two halves)")
+    p.add_argument("--times", nargs="+", type=float, default=None, help="default: the run's eval.error_times")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None, help="default: the run's")
+    p.add_argument("--csv", default="figures/toy2d_plateau.csv")
+    p.add_argument("--figures-dir", default=None, help="default: the CSV's folder")
+    args = p.parse_args(argv)
+    try:
+        for run in args.runs:
+            t0 = time.time()
+            rs = plateau.rows(run, args.cache_dir, ks=args.ks, draws=args.draws, times=args.times, device=args.device)
+            plateau.write_rows(args.csv, rs)
+            for r in rs:
+                print(f"{r['task']} {r['estimator'] or r['method']} seed {r['seed']} K={r['k'] or '-'} t={r['t']}: "
+                      f"f vs E_t {float(r['vs_exact']):.4f}, f vs target {float(r['vs_target']):.4f}, target vs E_t "
+                      f"{float(r['target_bias']):.4f}, one draw's noise {float(r['target_sd']):.4f}")
+            print(f"{run}: {time.time() - t0:.0f} s", flush=True)
+        from pathlib import Path
+        for path in plateau.render(args.csv, args.figures_dir or Path(args.csv).parent):
+            print(f"wrote {path}")
+    except ValueError as e:
+        print(f"plateau_budget: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
