@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 from aepo_lite.toy import plateau
 
@@ -39,7 +40,6 @@ def main(argv=None) -> int:
                       f"f vs E_t {float(r['vs_exact']):.4f}, f vs target {float(r['vs_target']):.4f}, target vs E_t "
                       f"{float(r['target_bias']):.4f}, one draw's noise {float(r['target_sd']):.4f}")
             print(f"{run}: {time.time() - t0:.0f} s", flush=True)
-        from pathlib import Path
         for path in plateau.render(args.csv, args.figures_dir or Path(args.csv).parent):
             print(f"wrote {path}")
     except ValueError as e:

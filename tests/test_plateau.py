@@ -108,3 +108,19 @@ def test_plateau_refuses_what_it_cannot_measure(trained, tmp_path):
                                                    method="qgpo")))
     with pytest.raises(ValueError, match="qgpo run, whose energy has no regression target"):
         plateau.rows(q, tmp / "cache")
+
+
+def test_the_script_writes_the_table_and_names_a_bad_run(trained, tmp_path, capsys):
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "scripts" / "plateau_budget.py"
+    spec = importlib.util.spec_from_file_location("plateau_budget", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    cfg, tmp = trained
+    assert script.main(["--runs", str(tmp_path), "--cache-dir", str(tmp / "cache"), "--csv", str(tmp_path / "p.csv")]) == 2
+    assert "plateau_budget: run_dir:" in capsys.readouterr().err and not (tmp_path / "p.csv").exists()
+    assert script.main(["--runs", str(tmp / "run"), "--cache-dir", str(tmp / "cache"), "--draws", "4", "--times",
+                        "0.2", "--csv", str(tmp_path / "p.csv")]) == 0
+    assert "K=8 t=0.2" in capsys.readouterr().out
+    assert "| 8gaussians | aepo(particles-K8) (reward) | 0 | 40 | 8 (run's) | 4 |" in (tmp_path / "toy2d_plateau.md").read_text()
