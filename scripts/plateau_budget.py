@@ -1,6 +1,7 @@
 """Which part of the error budget a trained toy energy's plateau is (``figures/toy2d_plateau.{csv,md}``).
 
-    python scripts/plateau_budget.py --runs runs/convergence/checkerboard/aepo-particles-K64-centered-b10-reward-full-s0-e256000 \
+    python scripts/plateau_budget.py \
+        --runs runs/convergence/checkerboard/aepo-particles-K64-centered-b10-reward-full-s0-e256000 \
         --cache-dir runs/matched/cache --ks 16 64 256 --draws 32
 
 For each finished toy run (its folder's ``config.json``; its stages read from ``--cache-dir``, nothing trained):

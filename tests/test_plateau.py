@@ -118,9 +118,11 @@ def test_the_script_writes_the_table_and_names_a_bad_run(trained, tmp_path, caps
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     cfg, tmp = trained
-    assert script.main(["--runs", str(tmp_path), "--cache-dir", str(tmp / "cache"), "--csv", str(tmp_path / "p.csv")]) == 2
+    args = ["--cache-dir", str(tmp / "cache"), "--csv", str(tmp_path / "p.csv")]
+    assert script.main(["--runs", str(tmp_path), *args]) == 2
     assert "plateau_budget: run_dir:" in capsys.readouterr().err and not (tmp_path / "p.csv").exists()
     assert script.main(["--runs", str(tmp / "run"), "--cache-dir", str(tmp / "cache"), "--draws", "4", "--times",
                         "0.2", "--csv", str(tmp_path / "p.csv")]) == 0
     assert "K=8 t=0.2" in capsys.readouterr().out
-    assert "| 8gaussians | aepo(particles-K8) (reward) | 0 | 40 | 8 (run's) | 4 |" in (tmp_path / "toy2d_plateau.md").read_text()
+    text = (tmp_path / "toy2d_plateau.md").read_text()
+    assert "| 8gaussians | aepo(particles-K8) (reward) | 0 | 40 | 8 (run's) | 4 |" in text

@@ -51,7 +51,8 @@ def rows(run_dir, cache_dir, ks=None, draws: int = 32, times=None, device: str |
     ks = _check_ks(ks)
     path = Path(run_dir) / "config.json"
     if not path.exists():
-        raise ValueError(f"run_dir: {run_dir} holds no config.json (a toy run folder, e.g. runs/convergence/<task>/...)")
+        raise ValueError(f"run_dir: {run_dir} holds no config.json (a toy run folder, e.g. "
+                         "runs/convergence/<task>/...)")
     cfg = from_dict(ToyConfig, json.loads(path.read_text()))
     if cfg.method not in ("aepo", "mse"):
         raise ValueError(f"run_dir: {run_dir} is a {cfg.method} run, whose energy has no regression target "
@@ -120,14 +121,16 @@ def render(csv_path="figures/toy2d_plateau.csv", figures_dir="figures") -> list[
             "A K other than the run's own compares the trained f with the target it would have had. "
             "Our measurement, not the paper's.\n")
     for t in sorted({r["t"] for r in rs}, key=float):
-        text += ("\n### t = " + t + "\n\n| task | method (Q) | seed | energy steps | K | draws | f vs E_t | f vs target "
+        text += ("\n### t = " + t + "\n\n| task | method (Q) | seed | energy steps | K | draws | f vs E_t "
+                 "| f vs target "
                  "| target vs E_t | one draw's noise |\n|---|---|---|---|---|---|---|---|---|---|\n")
         for r in (r for r in rs if r["t"] == t):
             text += (f"| {r['task']} | {_label(r)} ({r['critic']}) | {r['seed']} | {r['energy_steps']} | "
                      f"{_k(r)} | {r['draws']} | {float(r['vs_exact']):.3f} | {float(r['vs_target']):.3f} | "
                      f"{float(r['target_bias']):.3f} | {float(r['target_sd']):.3f} |\n")
     text += ("\n### Mean over t\n\nEach column's mean over the times above: `f vs E_t` is then the convergence "
-             "table's energy error, and `target vs E_t` where that error settles once the regression has reached that target.\n\n"
+             "table's energy error, and `target vs E_t` where that error settles once the regression has reached "
+             "that target.\n\n"
              "| task | method (Q) | seed | energy steps | K | times | f vs E_t | f vs target | target vs E_t |\n"
              "|---|---|---|---|---|---|---|---|---|\n")
     groups: dict = {}
