@@ -423,3 +423,26 @@ def test_current_lines_come_first_and_the_earlier_ones_are_folded(tmp_path, csvs
     earlier = [ln for ln in plain.splitlines() if ln.startswith("- ")]
     assert earlier and all(rest.count(ln) == 1 for ln in earlier)  # every earlier line, once, inside the block
     assert "\n\n- **Toy 2D tasks, committed grid**" in rest  # a blank line after <summary>: Markdown inside renders
+
+
+def test_plateau_line_names_the_part_each_run_is_at_fault_with_means_over_t(tmp_path, csvs):
+    from aepo_lite.toy import plateau
+    base = dict(method="aepo", critic="reward", beta="10", preset="full", draws="32", target_sd="0.5")
+    rows = []
+    for t, (f, reg64, tgt64, tgt256) in {"0.05": (0.25, 0.0, 0.24, 0.07), "0.2": (0.01, 0.0, 0.01, 0.008)}.items():
+        rows += [dict(base, task="c", estimator="particles-K64-centered", seed="0", energy_steps="256000", k="64", t=t,
+                      vs_exact=f, vs_target=reg64, target_bias=tgt64),
+                 dict(base, task="c", estimator="particles-K64-centered", seed="0", energy_steps="256000", k="256",
+                      t=t, vs_exact=f, vs_target=0.2, target_bias=tgt256),
+                 # a run the regression still limits: 0.3 from its target, which is 0.1 from E_t
+                 dict(base, task="c", estimator="particles-K256-centered", seed="0", energy_steps="1000", k="256",
+                      t=t, vs_exact=0.35, vs_target=0.3, target_bias=0.1)]
+    plateau.write_rows(tmp_path / "p.csv", rows)
+    text = summary_markdown(*csvs, plateau_csv=tmp_path / "p.csv")
+    line = next(ln for ln in text.splitlines() if ln.startswith("- **Where a toy energy's error comes from**"))
+    assert ("c aepo[particles-K64-centered] (reward), seed 0 at 256000 steps: energy error 0.130, its regression "
+            "0.000 from its target, the target 0.125 from E_t: mostly its target's own error (the approximation "
+            "part: more steps cannot lower it); the same target's own error with K = 256: 0.039") in line
+    assert ("c aepo[particles-K256-centered] (reward), seed 0 at 1000 steps: energy error 0.350, its regression "
+            "0.300 from its target, the target 0.100 from E_t: mostly the regression") in line
+    assert "plateau" not in summary_markdown(*csvs, plateau_csv=tmp_path / "absent.csv")

@@ -332,6 +332,39 @@ def _unconverged_text(rows: list[dict], tasks: list[str]) -> str:
     return (" Where it stands, not a converged comparison: " + "; ".join(parts) + ".") if parts else ""
 
 
+def _plateau_lines(csv_path) -> list[str]:
+    """One line naming, for each run measured in ``toy2d_plateau.csv``, the part of the error budget its energy
+    error is (means over t): what its regression leaves against its own target, and that target's own error; and
+    the same target's own error at the other K measured."""
+    from aepo_lite.toy import plateau
+    rows = plateau.read_rows(csv_path)
+    runs: dict = {}
+    for r in rows:
+        runs.setdefault((r["task"], r["method"], r["estimator"], r["critic"], r["seed"], int(r["energy_steps"])),
+                        {}).setdefault(r["k"], []).append(r)
+    parts = []
+    for (task, method, est, critic, seed, steps), by_k in sorted(runs.items()):
+        own = next((k for k in by_k if k == "" or f"K{k}-" in est + "-"), None)
+        if own is None:
+            continue
+
+        def mean(k, col):
+            return statistics.mean(float(r[col]) for r in by_k[k])
+        err, reg, tgt = mean(own, "vs_exact"), mean(own, "vs_target"), mean(own, "target_bias")
+        label = f"aepo[{est}]" if method == "aepo" else method
+        at_fault = ("its target's own error (the approximation part: more steps cannot lower it)" if tgt >= reg
+                    else "the regression (more steps or a larger network)")
+        others = sorted((k for k in by_k if k not in ("", own)), key=int)
+        parts.append(f"{task} {label} ({critic}), seed {seed} at {steps} steps: energy error {err:.3f}, its "
+                     f"regression {reg:.3f} from its target, the target {tgt:.3f} from E_t: mostly {at_fault}"
+                     + (("; the same target's own error with K = " + " / ".join(others) + ": "
+                         + " / ".join(f"{mean(k, 'target_bias'):.3f}" for k in others)) if others else ""))
+    if not parts:
+        return []
+    return ["- **Where a toy energy's error comes from** (error budget part 4 on finished runs, means over t, without "
+            "the noise of averaging the target's draws; `figures/toy2d_plateau.md`): " + ". ".join(parts) + "."]
+
+
 def _seeds_everywhere(rows: list[dict], n: int) -> int:
     """How many seeds every curve (task and method) run at ``n`` energy steps has there: seeds 1 and 2 added on
     one task do not make a budget replicated on three."""
@@ -406,7 +439,8 @@ def summary_markdown(toy_csv="figures/toy2d_results.csv", rl_csv="figures/rl_res
                      convergence_csv: str | Path | None = None, rl_protocol_csv: str | Path | None = None,
                      rl_heldout_csv: str | Path | None = None, xlong_csv: str | Path | None = None,
                      xxlong_csv: str | Path | None = None, rl_ln_csv: str | Path | None = None,
-                     rl_big_csv: str | Path | None = None, rl_heldout_big_csv: str | Path | None = None) -> str:
+                     rl_big_csv: str | Path | None = None, rl_heldout_big_csv: str | Path | None = None,
+                     plateau_csv: str | Path | None = None) -> str:
     """The generated summary (Markdown bullet points). ``matched_csv``: a toy grid in which every method read the
     true reward (``toy2d_matched.csv``); ``long_csv``: the same at the ``long`` preset (4000 energy steps), at w = 1 and at
     each method's best w (``toy2d_long.csv``); ``rl_protocol_csv``: the offline-RL sweep of the 6c protocol
@@ -417,7 +451,8 @@ def summary_markdown(toy_csv="figures/toy2d_results.csv", rl_csv="figures/rl_res
     the LayerNorm critic trained 40000 steps for every row with a critic (``rl_6c_ln.csv``, its own target line);
     ``rl_big_csv``: the same with a 256 x 3 energy trained 20000 steps (``rl_6c_big.csv``, its own target line);
     ``rl_heldout_big_csv``: the held-out dataset again with that critic and energy, today's ``bench`` preset
-    (``rl_6c_heldout_big.csv``); each summarised too when it exists. The lines of today's budgets and presets (the
+    (``rl_6c_heldout_big.csv``); ``plateau_csv``: part 4 of the toy error budget on finished runs, without draw
+    noise (``toy2d_plateau.csv``: which part a run's energy error is); each summarised too when it exists. The lines of today's budgets and presets (the
     convergence curve, the larger-energy sweep and its held-out check) come first; every other line follows in a
     closed ``<details>`` block (:data:`EARLIER`), so that a reader meets the current numbers before the history."""
     lines = _toy_lines(toy_summary(toy_csv), "Toy 2D tasks, committed grid")
@@ -432,6 +467,8 @@ def summary_markdown(toy_csv="figures/toy2d_results.csv", rl_csv="figures/rl_res
                             "best w of 0.5 / 1 / 2 per method and task")
     if convergence_csv is not None and Path(convergence_csv).exists():
         current += _convergence_lines(convergence_csv)
+    if plateau_csv is not None and Path(plateau_csv).exists():
+        current += _plateau_lines(plateau_csv)
     for csv, preset in ((xlong_csv, "xlong"), (xxlong_csv, "xxlong")):
         if csv is not None and Path(csv).exists():
             steps = PRESETS["toy"][preset]["energy"]["steps"]
@@ -463,7 +500,8 @@ def _csvs(figures_dir) -> tuple[Path, ...]:
     fd = Path(figures_dir)
     return tuple(fd / n for n in ("toy2d_results.csv", "rl_results.csv", "toy2d_matched.csv", "toy2d_long.csv",
                                   "toy2d_convergence.csv", "rl_6c.csv", "rl_6c_heldout.csv", "toy2d_xlong.csv",
-                                  "toy2d_xxlong.csv", "rl_6c_ln.csv", "rl_6c_big.csv", "rl_6c_heldout_big.csv"))
+                                  "toy2d_xxlong.csv", "rl_6c_ln.csv", "rl_6c_big.csv", "rl_6c_heldout_big.csv",
+                                  "toy2d_plateau.csv"))
 
 
 def figures_summary(figures_dir="figures") -> str:
@@ -476,7 +514,8 @@ def update_readme(readme, toy_csv="figures/toy2d_results.csv", rl_csv="figures/r
                   convergence_csv: str | Path | None = None, rl_protocol_csv: str | Path | None = None,
                   rl_heldout_csv: str | Path | None = None, xlong_csv: str | Path | None = None,
                   xxlong_csv: str | Path | None = None, rl_ln_csv: str | Path | None = None,
-                  rl_big_csv: str | Path | None = None, rl_heldout_big_csv: str | Path | None = None) -> Path:
+                  rl_big_csv: str | Path | None = None, rl_heldout_big_csv: str | Path | None = None,
+                  plateau_csv: str | Path | None = None) -> Path:
     """Rewrite the README's block between the summary markers (an error if the markers are missing)."""
     readme = Path(readme)
     text = readme.read_text()
@@ -485,7 +524,7 @@ def update_readme(readme, toy_csv="figures/toy2d_results.csv", rl_csv="figures/r
     head, rest = text.split(START, 1)
     _, tail = rest.split(END, 1)
     body = summary_markdown(toy_csv, rl_csv, matched_csv, long_csv, convergence_csv, rl_protocol_csv, rl_heldout_csv,
-                            xlong_csv, xxlong_csv, rl_ln_csv, rl_big_csv, rl_heldout_big_csv)
+                            xlong_csv, xxlong_csv, rl_ln_csv, rl_big_csv, rl_heldout_big_csv, plateau_csv)
     new = f"{head}{START}\n{body}{END}{tail}"
     if new != text:
         atomic_write_text(readme, new)
