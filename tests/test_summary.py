@@ -436,7 +436,10 @@ def test_plateau_line_names_the_part_each_run_is_at_fault_with_means_over_t(tmp_
                       t=t, vs_exact=f, vs_target=0.2, target_bias=tgt256),
                  # a run the regression still limits: 0.3 from its target, which is 0.1 from E_t
                  dict(base, task="c", estimator="particles-K256-centered", seed="0", energy_steps="1000", k="256",
-                      t=t, vs_exact=0.35, vs_target=0.3, target_bias=0.1)]
+                      t=t, vs_exact=0.35, vs_target=0.3, target_bias=0.1),
+                 # within 1.25x of each other: neither part named as the larger
+                 dict(base, task="c", estimator="particles-K256-centered", seed="0", energy_steps="2000", k="256",
+                      t=t, vs_exact=0.2, vs_target=0.11, target_bias=0.1)]
     plateau.write_rows(tmp_path / "p.csv", rows)
     text = summary_markdown(*csvs, plateau_csv=tmp_path / "p.csv")
     line = next(ln for ln in text.splitlines() if ln.startswith("- **Where a toy energy's error comes from**"))
@@ -445,4 +448,6 @@ def test_plateau_line_names_the_part_each_run_is_at_fault_with_means_over_t(tmp_
             "part: more steps cannot lower it); the same target's own error with K = 256: 0.039") in line
     assert ("c aepo[particles-K256-centered] (reward), seed 0 at 1000 steps: energy error 0.350, its regression "
             "0.300 from its target, the target 0.100 from E_t: mostly the regression") in line
+    assert ("seed 0 at 2000 steps: energy error 0.200, its regression 0.110 from its target, the target 0.100 from "
+            "E_t: the regression and its target's own error about equally") in line
     assert "plateau" not in summary_markdown(*csvs, plateau_csv=tmp_path / "absent.csv")

@@ -352,11 +352,12 @@ def _plateau_lines(csv_path) -> list[str]:
             return statistics.mean(float(r[col]) for r in by_k[k])
         err, reg, tgt = mean(own, "vs_exact"), mean(own, "vs_target"), mean(own, "target_bias")
         label = f"aepo[{est}]" if method == "aepo" else method
-        at_fault = ("its target's own error (the approximation part: more steps cannot lower it)" if tgt >= reg
-                    else "the regression (more steps or a larger network)")
+        at_fault = ("mostly its target's own error (the approximation part: more steps cannot lower it)"
+                    if tgt > 1.25 * reg else "mostly the regression (more steps or a larger network)"
+                    if reg > 1.25 * tgt else "the regression and its target's own error about equally")
         others = sorted((k for k in by_k if k not in ("", own)), key=int)
         parts.append(f"{task} {label} ({critic}), seed {seed} at {steps} steps: energy error {err:.3f}, its "
-                     f"regression {reg:.3f} from its target, the target {tgt:.3f} from E_t: mostly {at_fault}"
+                     f"regression {reg:.3f} from its target, the target {tgt:.3f} from E_t: {at_fault}"
                      + (("; the same target's own error with K = " + " / ".join(others) + ": "
                          + " / ".join(f"{mean(k, 'target_bias'):.3f}" for k in others)) if others else ""))
     if not parts:
