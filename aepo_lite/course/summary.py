@@ -337,20 +337,16 @@ def _plateau_lines(csv_path) -> list[str]:
     error is (means over t): what its regression leaves against its own target, and that target's own error; and
     the same target's own error at the other K measured."""
     from aepo_lite.toy import plateau
-    rows = plateau.read_rows(csv_path)
     runs: dict = {}
-    for r in rows:
+    for r in plateau.means_over_t(plateau.read_rows(csv_path)):
         runs.setdefault((r["task"], r["method"], r["estimator"], r["critic"], r["seed"], int(r["energy_steps"])),
-                        {}).setdefault(r["k"], []).append(r)
+                        {})[r["k"]] = r
     parts = []
     for (task, method, est, critic, seed, steps), by_k in sorted(runs.items()):
-        own = next((k for k in by_k if k == "" or f"K{k}-" in est + "-"), None)
+        own = next((k for k, r in by_k.items() if plateau.is_runs_k(r)), None)
         if own is None:
             continue
-
-        def mean(k, col):
-            return statistics.mean(float(r[col]) for r in by_k[k])
-        err, reg, tgt = mean(own, "vs_exact"), mean(own, "vs_target"), mean(own, "target_bias")
+        err, reg, tgt = (by_k[own][c] for c in ("vs_exact", "vs_target", "target_bias"))
         label = f"aepo[{est}]" if method == "aepo" else method
         at_fault = ("mostly its target's own error (the approximation part: more steps cannot lower it)"
                     if tgt > 1.25 * reg else "mostly the regression (more steps or a larger network)"
@@ -359,7 +355,7 @@ def _plateau_lines(csv_path) -> list[str]:
         parts.append(f"{task} {label} ({critic}), seed {seed} at {steps} steps: energy error {err:.3f}, its "
                      f"regression {reg:.3f} from its target, the target {tgt:.3f} from E_t: {at_fault}"
                      + (("; the same target's own error with K = " + " / ".join(others) + ": "
-                         + " / ".join(f"{mean(k, 'target_bias'):.3f}" for k in others)) if others else ""))
+                         + " / ".join(f"{by_k[k]['target_bias']:.3f}" for k in others)) if others else ""))
     if not parts:
         return []
     return ["- **Where a toy energy's error comes from** (error budget part 4 on finished runs, means over t, without "

@@ -494,8 +494,8 @@ def _unconverged_markdown(rows: list[dict], budgets: dict[str, int | None]) -> s
         return ""
     return ("\n## The tasks not shown converged, at their largest matched budget\n\nNot a converged comparison: "
             "no budget measured passed `check_converged` (a method's energy error still fell by more than the "
-            "tolerance past each). Per task: " + ", ".join(f"{t} {n}" for t, n in last.items()) + " energy steps (the seeds "
-            "run there). Columns as above.\n\n" + distance_markdown(rows, last))
+            "tolerance past each). Per task: " + ", ".join(f"{t} {n}" for t, n in last.items())
+            + " energy steps (the seeds run there). Columns as above.\n\n" + distance_markdown(rows, last))
 
 
 def render(csv_path="figures/toy2d_convergence.csv", figures_dir="figures", tol: float = 0.1) -> list[Path]:

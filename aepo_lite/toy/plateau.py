@@ -22,7 +22,7 @@ from pathlib import Path
 
 from aepo_lite._io import atomic_write_text, merge_csv_rows, read_csv_rows
 
-__all__ = ["COLUMNS", "rows", "write_rows", "read_rows", "render"]
+__all__ = ["COLUMNS", "rows", "write_rows", "read_rows", "means_over_t", "is_runs_k", "render"]
 
 COLUMNS = ("task", "method", "estimator", "critic", "beta", "seed", "preset", "energy_steps", "k", "t", "draws",
            "vs_exact", "vs_target", "target_bias", "target_sd")
@@ -94,11 +94,27 @@ def write_rows(csv_path, new_rows: list[dict]) -> list[dict]:
                                               float(r["t"]), int(r["k"] or 0)))
 
 
+def is_runs_k(r: dict) -> bool:
+    """Whether the row compares the run with its own target (the K it was trained with, or a target without K)."""
+    return not r["k"] or f"K{r['k']}-" in r["estimator"] + "-"
+
+
+def means_over_t(rs: list[dict]) -> list[dict]:
+    """One row per run and K: its key fields, ``times`` (the t measured) and the mean over them of ``vs_exact``,
+    ``vs_target`` and ``target_bias`` (floats), in the rows' order."""
+    groups: dict = {}
+    for r in rs:
+        groups.setdefault(tuple(r[c] for c in _KEY if c != "t"), []).append(r)
+    return [{**{c: g[0][c] for c in _KEY if c != "t"}, "times": [x["t"] for x in g],
+             **{c: sum(float(x[c]) for x in g) / len(g) for c in ("vs_exact", "vs_target", "target_bias")}}
+            for g in groups.values()]
+
+
 def _k(r: dict) -> str:
     """The row's K, marked "(run's)" where it is the K the run was trained with."""
     if not r["k"]:
         return "-"
-    return r["k"] + (" (run's)" if f"K{r['k']}-" in r["estimator"] + "-" else "")
+    return r["k"] + (" (run's)" if is_runs_k(r) else "")
 
 
 def _label(r: dict) -> str:
@@ -133,13 +149,7 @@ def render(csv_path="figures/toy2d_plateau.csv", figures_dir="figures") -> list[
              "that target.\n\n"
              "| task | method (Q) | seed | energy steps | K | times | f vs E_t | f vs target | target vs E_t |\n"
              "|---|---|---|---|---|---|---|---|---|\n")
-    groups: dict = {}
-    for r in rs:
-        groups.setdefault(tuple(r[c] for c in _KEY if c != "t"), []).append(r)
-    for key, g in groups.items():
-        r = g[0]
-        mean = {c: sum(float(x[c]) for x in g) / len(g) for c in ("vs_exact", "vs_target", "target_bias")}
+    for r in means_over_t(rs):
         text += (f"| {r['task']} | {_label(r)} ({r['critic']}) | {r['seed']} | {r['energy_steps']} | {_k(r)} | "
-                 f"{', '.join(x['t'] for x in g)} | {mean['vs_exact']:.4f} | {mean['vs_target']:.4f} | "
-                 f"{mean['target_bias']:.4f} |\n")
+                 f"{', '.join(r['times'])} | {r['vs_exact']:.4f} | {r['vs_target']:.4f} | {r['target_bias']:.4f} |\n")
     return [atomic_write_text(Path(figures_dir) / "toy2d_plateau.md", text)]
