@@ -304,22 +304,19 @@ def _converged_lines(rows: list[dict]) -> list[str]:
                           "method)")
     if lines and none:
         lines[0] += (f" Not shown converged at any budget measured, so not counted here: {', '.join(none)}"
-                     f" ({len(shown)} of {len(budgets)} tasks counted)." + _unconverged_text(rows, none))
+                     f" ({len(shown)} of {len(budgets)} tasks counted)." + _unconverged_text(rows, budgets))
     return lines
 
 
-def _unconverged_text(rows: list[dict], tasks: list[str]) -> str:
-    """Where each task not shown converged stands at its largest matched budget (two methods run there): each
-    method's mean distance at w = 1 over the noise floor and AEPO's best over QGPO; "" where nothing is matched."""
+def _unconverged_text(rows: list[dict], budgets: dict[str, int | None]) -> str:
+    """Where each task not shown converged stands at its largest matched budget
+    (:func:`aepo_lite.toy.convergence.unconverged_tops`): each method's mean distance at w = 1 over the noise floor
+    and AEPO's best over QGPO; "" where nothing is matched."""
     from aepo_lite.toy import convergence as conv
     parts = []
-    for task in tasks:
-        mine = [r for r in rows if r["task"] == task and r.get("distance") not in (None, "")]
-        try:
-            n = max(conv.matched_budgets(mine))
-        except ValueError:
-            continue
-        at = [r for r in mine if int(r["energy_steps"]) == n]
+    for task, n in conv.unconverged_tops(rows, budgets).items():
+        at = [r for r in rows if r["task"] == task and int(r["energy_steps"]) == n
+              and r.get("distance") not in (None, "")]
         by = defaultdict(list)
         for r in at:
             by[_curve_label(tuple(r[k] for k in conv._GROUP))].append(float(r["distance"]) / float(r["floor"]))

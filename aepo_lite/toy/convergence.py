@@ -480,16 +480,22 @@ def _budgets_markdown(rows: list[dict], budgets: dict[str, int | None], tol: flo
     return text + (distance_markdown(rows, shown) if shown else "") + _unconverged_markdown(rows, budgets)
 
 
-def _unconverged_markdown(rows: list[dict], budgets: dict[str, int | None]) -> str:
-    """The tasks not shown converged (``budgets`` None), each at the largest step count two methods reached on it
-    (:func:`matched_budgets` of its rows): where a still-falling curve stands, read as not converged; "" when every
-    task converged or none of the rest has a count two methods share."""
+def unconverged_tops(rows: list[dict], budgets: dict[str, int | None]) -> dict[str, int]:
+    """Each task not shown converged (``budgets`` None) at the largest step count two methods reached on it
+    (:func:`matched_budgets` of its rows); a task with no such count is left out."""
     last = {}
     for task in (t for t, n in budgets.items() if n is None):
         try:
             last[task] = max(matched_budgets([r for r in rows if r["task"] == task]))
         except ValueError:
             continue
+    return last
+
+
+def _unconverged_markdown(rows: list[dict], budgets: dict[str, int | None]) -> str:
+    """The tasks not shown converged, each at its :func:`unconverged_tops` budget: where a still-falling curve
+    stands, read as not converged; "" when every task converged or none of the rest has a count two methods share."""
+    last = unconverged_tops(rows, budgets)
     if not last:
         return ""
     return ("\n## The tasks not shown converged, at their largest matched budget\n\nNot a converged comparison: "

@@ -429,8 +429,8 @@ def train_toy(cfg: ToyConfig, *, cache_dir=None, progress: bool = True, log: Met
     store = StageStore(Path(cache_dir or default_cache_dir()) / cfg.task, keyed=True)
     stages = build_stages(cfg, m, device)
     for st in stages:  # a broken or foreign checkpoint is an error before any training starts
-        store.load(st.name, stage_hash(st))
-        if trained_only and not store.is_complete(st.name, stage_hash(st)):
+        ck = store.load(st.name, stage_hash(st))
+        if trained_only and (ck is None or ck["step"] < ck["steps"]):
             raise ValueError(f"cache_dir: {store.path(st.name, stage_hash(st))} is not a finished {st.name} stage of "
                              f"this config ({cfg.task} {estimator_label(cfg)}, seed {cfg.seed}, {st.name} "
                              f"{st.steps} steps); nothing is trained here: train the run first, or pass the cache "

@@ -106,8 +106,8 @@ def regression_part(models, draws: int = 8, times=None, debias: bool = False) ->
         if cfg.method in ("aepo", "mse") and debias:
             a, b = (_mean_target(models, pts, t, draws // 2, g) for _ in range(2))
             # Var(a - b) = 4 Var(one draw) / draws, pointwise; energy_error centers and weights it as the rest
-            row.update(vs_target=toy.energy_error_cross(a, b, f, logp), target_bias=toy.energy_error_cross(a, b, E, logp),
-                       target_sd=toy.energy_error(a, b, logp) * (draws / 4) ** 0.5)
+            row.update(vs_target=toy.energy_error_cross(a, b, f, logp),
+                       target_bias=toy.energy_error_cross(a, b, E, logp), target_sd=toy.energy_error(a, b, logp) * (draws / 4) ** 0.5)
         elif cfg.method in ("aepo", "mse"):
             ybar = _mean_target(models, pts, t, draws, g)
             row.update(vs_target=toy.energy_error(f, ybar, logp), target_bias=toy.energy_error(ybar, E, logp))
@@ -218,7 +218,8 @@ def render(csv_path="figures/toy2d_budget_runs.csv", figures_dir="figures") -> l
             "seeds. Energy errors: RMS against the reference on the 40x40 grid weighted by mu_t, up to a constant "
             "per t. `own target`: the mean of the method's regression target over its random draws (AEPO: 8 draws "
             "per point; MSE: exact); QGPO has none. An 8-draw mean keeps the draws' noise, so for AEPO both `f vs "
-            "own target` and `own target vs E_t` read high by it (`toy2d_plateau.md` measures them without). Distances: sliced W2 to exact target samples at w = 1; "
+            "own target` and `own target vs E_t` read high by it (`toy2d_plateau.md` measures them without). "
+            "Distances: sliced W2 to exact target samples at w = 1; "
             "`exact-energy distance` guides the same behaviour model and sampler with the exact grad E_t. "
             "Our measurement, not the paper's.\n")
     for t in times:
