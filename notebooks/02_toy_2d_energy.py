@@ -299,23 +299,14 @@ plt.show()
 # above is the sliders' starting point).
 
 # %%
-out_heat = widgets.Output()
-
-
 def show_heat(t, beta):
-    with out_heat:
-        out_heat.clear_output(wait=True)
-        fig, axes = plt.subplots(1, 4, figsize=(14, 3.4), layout="constrained")
-        draw_heatmaps(beta, t, axes)
-        plt.show()
+    fig, axes = plt.subplots(1, 4, figsize=(14, 3.4), layout="constrained")
+    draw_heatmaps(beta, t, axes)
+    plt.show()
 
 
-w_t = widgets.SelectionSlider(options=list(TIMES), value=TIMES[0], description="t")
-w_b = widgets.SelectionSlider(options=list(BETAS), value=BETAS[-1], description="beta")
-for _w in (w_t, w_b):  # redraw on a slider move
-    _w.observe(lambda change: show_heat(w_t.value, w_b.value), names="value")
-show_heat(w_t.value, w_b.value)  # the first plot: sliders and plot appear together
-display(widgets.VBox([w_t, w_b, out_heat]))  # noqa: F821  (IPython's display)
+widgets.interact(show_heat, t=widgets.SelectionSlider(options=list(TIMES), value=TIMES[0], description="t"),
+                 beta=widgets.SelectionSlider(options=list(BETAS), value=BETAS[-1], description="beta"));
 
 # %% [markdown]
 # ## 6. Guided samples beside the exact target
@@ -381,23 +372,14 @@ plt.show()
 # $w = 1$ is exact *if* $f = E_t$; larger $w$ over-sharpens.
 
 # %%
-out_s = widgets.Output()
-
-
 def show_samples(w, beta):
-    with out_s:
-        out_s.clear_output(wait=True)
-        fig, axes = plt.subplots(1, 4, figsize=(14, 3.5), layout="constrained")
-        draw_samples(beta, w, axes)
-        plt.show()
+    fig, axes = plt.subplots(1, 4, figsize=(14, 3.5), layout="constrained")
+    draw_samples(beta, w, axes)
+    plt.show()
 
 
-w_w = widgets.SelectionSlider(options=list(SCALES), value=1.0, description="scale w")
-w_b2 = widgets.SelectionSlider(options=list(BETAS), value=10.0, description="beta")
-for _w in (w_w, w_b2):  # redraw on a slider move
-    _w.observe(lambda change: show_samples(w_w.value, w_b2.value), names="value")
-show_samples(w_w.value, w_b2.value)  # the first plot: sliders and plot appear together
-display(widgets.VBox([w_w, w_b2, out_s]))  # noqa: F821
+widgets.interact(show_samples, w=widgets.SelectionSlider(options=list(SCALES), value=1.0, description="scale w"),
+                 beta=widgets.SelectionSlider(options=list(BETAS), value=10.0, description="beta"));
 
 # %% [markdown]
 # ## 7. The trends, asserted
