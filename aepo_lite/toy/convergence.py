@@ -396,50 +396,63 @@ def distance_markdown(rows: list[dict], steps: int | dict[str, int] | None = Non
     return "\n".join(lines) + "\n"
 
 
+_SEED_STYLES = (("-", "o"), ("--", "s"), (":", "^"), ("-.", "D"))
+
+
 def _plot(rows: list[dict], path, budgets: dict[str, int | None], value=None,
           ylabel: str = "RMS error of f vs exact E_t", hlines: tuple = (), hollow=None,
           note: str | None = None) -> Path | None:
     """The curves of ``value`` (default the energy error; see :func:`_groups`), one panel per task, each task's
     smallest converged budget (``budgets``) marked, grey dotted lines at ``hlines``, the points of rows where
-    ``hollow(row)`` is true drawn hollow, ``note`` as the figure's title; None when no row has a value."""
+    ``hollow(row)`` is true drawn hollow, ``note`` as the figure's title; None when no row has a value.
+    A method has one colour in every panel and a seed one line style and marker; one legend for the figure."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
     groups = _groups(rows, value)
     if not groups:
         return None
     open_pts = _groups(rows, lambda r: 1.0 if hollow is not None and hollow(r) else None)
-    many_seeds = len({g[5] for g in groups}) > 1
+    labels = sorted({_label(dict(zip(_GROUP, g))) for g in groups})
+    colours = {lab: plt.get_cmap("tab10")(i % 10) for i, lab in enumerate(labels)}
+    seeds = sorted({g[5] for g in groups})
+    styles = {s: _SEED_STYLES[i % len(_SEED_STYLES)] for i, s in enumerate(seeds)}
     tasks = sorted({g[0] for g in groups})
     cols = min(3, len(tasks))
     nrows = math.ceil(len(tasks) / cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.4 * nrows), squeeze=False)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.2 * nrows + 0.9), squeeze=False,
+                             layout="constrained")
     for ax, task in zip(axes.flat, tasks):
         for g, curve in sorted(groups.items()):
             if g[0] != task:
                 continue
-            d = dict(zip(_GROUP, g))
+            colour, (ls, marker) = colours[_label(dict(zip(_GROUP, g)))], styles[g[5]]
             ns = sorted(curve)
-            (line,) = ax.plot(ns, [curve[n] for n in ns], marker="o",
-                              label=_label(d) + (f" s{d['seed']}" if many_seeds else ""))
+            ax.plot(ns, [curve[n] for n in ns], color=colour, ls=ls, marker=marker, ms=4.5, lw=1.3)
             if hollow_ns := [n for n in ns if n in open_pts.get(g, {})]:
-                ax.plot(hollow_ns, [curve[n] for n in hollow_ns], ls="none", marker="o", mfc="white",
-                        color=line.get_color())  # an explicit colour: the colour cycle does not advance
+                ax.plot(hollow_ns, [curve[n] for n in hollow_ns], ls="none", marker=marker, ms=4.5, mfc="white",
+                        color=colour)
         if budgets.get(task) is not None:
-            ax.axvline(budgets[task], color="0.5", ls="--", lw=1, label="smallest converged budget")
+            ax.axvline(budgets[task], color="0.5", ls="--", lw=1)
         for y in hlines:
             ax.axhline(y, color="0.6", ls=":", lw=1)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
-        ax.set_title(task if budgets.get(task) is not None else f"{task}: no converged budget")
+        ax.set_title(task if budgets.get(task) is not None else f"{task}: no converged budget", fontsize=10)
         ax.set_xlabel("energy steps")
         ax.set_ylabel(ylabel)
-        ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(tasks):]:
         ax.axis("off")
+    handles = [Line2D([], [], color=colours[lab], lw=2, label=lab) for lab in labels]
+    if len(seeds) > 1:
+        handles += [Line2D([], [], color="0.3", ls=styles[s][0], marker=styles[s][1], ms=4.5, label=f"seed {s}")
+                    for s in seeds]
+    if any(budgets.get(t) is not None for t in tasks):
+        handles.append(Line2D([], [], color="0.5", ls="--", lw=1, label="smallest converged budget"))
+    fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 8), fontsize=8, frameon=False)
     if note:
         fig.suptitle(note, fontsize=9)
-    fig.tight_layout()
     try:
         return atomic_save_figure(path, fig)
     finally:
