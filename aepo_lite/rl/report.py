@@ -392,6 +392,12 @@ def speed_table(speed_csv) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _panel_name(r: dict, many: dict) -> str:
+    """A row's name in the figure: its method, with its evaluation settings where one method was evaluated
+    several ways on that dataset (``many``: variants per method)."""
+    return r["method"] + (f" [{_eval_text(r)}]" if many[r["method"]] > 1 else "")
+
+
 def render(csv_path, figures_dir) -> list[Path]:
     """Rebuild ``rl_results.md`` and ``rl_results.png`` in ``figures_dir`` from the CSV alone.
 
@@ -407,36 +413,60 @@ def render(csv_path, figures_dir) -> list[Path]:
                          "--runs DIR ...` first)")
     md = atomic_write_text(figures_dir / "rl_results.md", markdown_table(csv_path))
     keys = sorted({(r["dataset"], r["preset"]) for r in rows})
-    fig, axes = plt.subplots(1, max(1, len(keys)), figsize=(8.5 * max(1, len(keys)), 4.2), squeeze=False)
-    for ax, (ds, preset) in zip(axes[0], keys):
+    cols = min(3, max(1, len(keys)))
+    nrows = math.ceil(max(1, len(keys)) / cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(5.2 * cols, 3.6 * nrows + 1.0), squeeze=False, layout="constrained")
+    panels, names = [], {}  # names: one colour per row name in every panel, in the order first drawn
+    for ds, preset in keys:
         rs = [r for r in rows if r["dataset"] == ds and r["preset"] == preset]
+        many = defaultdict(int)
+        for v in sorted({_variant(r) for r in rs}):
+            many[v[0]] += 1
+        panels.append((ds, preset, rs, many))
+        for r in sorted(rs, key=_variant):
+            if r["method"] not in ("dataset", "bc"):
+                names.setdefault(_panel_name(r, many), len(names))
+    palette = ([f"C{i}" for i in range(10) if i != 7] if len(names) <= 9  # C7 (grey) is BC's
+               else [plt.get_cmap("tab20")(i) for i in range(20) if i not in (14, 15)])  # tab20's greys: 14, 15
+    colour = {n: palette[i % len(palette)] for n, i in names.items()}
+    handles: dict = {}
+    for ax, (ds, preset, rs, many) in zip(axes.flat, panels):
         use_score = all(r["score_mean"] is not None for r in rs)
         val = (lambda r: (r["score_mean"], r["score_std"])) if use_score else (lambda r: (r["return_mean"], r["return_std"]))
         variants = sorted({_variant(r) for r in rs})
-        many = defaultdict(int)
-        for v in variants:
-            many[v[0]] += 1
-
-        def name(r):  # the settings are named only where one method was evaluated several ways
-            return r["method"] + (f" [{_eval_text(r)}]" if many[r["method"]] > 1 else "")
-
         flat = [v for v in variants if v[0] in ("dataset", "bc") or v[0].startswith("bc[")]  # no w axis: lines
+        refs = []
         for r in rs:
             if _variant(r) in flat:
                 m, s = val(r)
-                style = {"dataset": ("--", "k"), "bc": (":", "C7")}.get(r["method"], ("-.", "C7"))
-                ax.axhline(m, ls=style[0], color=style[1], label=f"{name(r)} ({m:.1f})")
-        for i, v in enumerate(v for v in variants if v not in flat):
+                n = _panel_name(r, many)
+                style = {"dataset": ("--", "k"), "bc": (":", "C7")}.get(r["method"], ("-.", colour.get(n, "C7")))
+                label = {"dataset": "the dataset's own episodes", "bc": "bc"}.get(r["method"], n)
+                handles.setdefault(label, ax.axhline(m, ls=style[0], color=style[1], label=label))
+                if r["method"] in ("dataset", "bc"):
+                    refs.append(f"{'data' if r['method'] == 'dataset' else 'bc'} {m:.1f}")
+                    if r["method"] == "dataset":
+                        continue
+                ax.axhline(m, ls=style[0], color=style[1])
+        seeds = set()
+        for v in (v for v in variants if v not in flat):
             pts = sorted((r for r in rs if _variant(r) == v), key=lambda r: r["guidance_scale"])
             x = [r["guidance_scale"] for r in pts]
             y, e = zip(*[val(r) for r in pts])
-            ax.errorbar(x, y, yerr=e, marker="o", capsize=3, color=f"C{i % 10}", label=f"{name(pts[0])} (n={pts[0]['seeds']})")
+            n = _panel_name(pts[0], many)
+            h = ax.errorbar(x, y, yerr=e, marker="o", ms=4, capsize=2.5, lw=1.3, color=colour[n])
+            h.lines[0].set_gid(n)  # the row's name on its curve (tests read it)
+            handles.setdefault(n, h)
+            seeds.add(pts[0]["seeds"])
         ax.set_xscale("symlog", linthresh=0.1)
         ax.set_xlabel("guidance scale w")
         ax.set_ylabel("normalised score (x100)" if use_score else "return")
-        ax.set_title(f"{ds} [{preset}]", fontsize=9)
-        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    fig.tight_layout()
+        n_seeds = "" if not seeds else f"; {min(seeds)}-{max(seeds)} seeds" if len(seeds) > 1 else f"; {min(seeds)} seeds"
+        ax.set_title(f"{ds} [{preset}]\n{', '.join(refs)}{n_seeds}", fontsize=9)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.legend(handles=list(handles.values()), labels=list(handles), loc="outside lower center",
+               ncol=min(len(handles), 2 * cols), fontsize=8, frameon=False)
     png = figures_dir / "rl_results.png"
     atomic_save_figure(png, fig, dpi=110)
     plt.close(fig)

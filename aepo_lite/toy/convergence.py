@@ -429,7 +429,8 @@ def _plot(rows: list[dict], path, budgets: dict[str, int | None], value=None,
                 continue
             colour, (ls, marker) = colours[_label(dict(zip(_GROUP, g)))], styles[g[5]]
             ns = sorted(curve)
-            ax.plot(ns, [curve[n] for n in ns], color=colour, ls=ls, marker=marker, ms=4.5, lw=1.3)
+            ax.plot(ns, [curve[n] for n in ns], color=colour, ls=ls, marker=marker, ms=4.5, lw=1.3,
+                    gid=f"{_label(dict(zip(_GROUP, g)))} s{g[5]}")
             if hollow_ns := [n for n in ns if n in open_pts.get(g, {})]:
                 ax.plot(hollow_ns, [curve[n] for n in hollow_ns], ls="none", marker=marker, ms=4.5, mfc="white",
                         color=colour)

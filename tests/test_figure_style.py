@@ -1,0 +1,88 @@
+"""The result figures: a method keeps one colour in every panel, and the figure has one legend naming each
+method once (rendered from the committed CSVs; the figure is captured before it is saved)."""
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+
+from aepo_lite.rl import report as rl_report
+from aepo_lite.toy import convergence as conv
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _captured(monkeypatch, module):
+    figs = []
+
+    def save(path, fig, **kw):
+        figs.append(fig)
+        Path(path).write_bytes(b"png")
+        return Path(path)
+
+    monkeypatch.setattr(module, "atomic_save_figure", save)
+    return figs
+
+
+def _colours_by_name(fig) -> dict[str, set]:
+    out = defaultdict(set)
+    for ax in fig.axes:
+        for line in ax.get_lines():
+            if line.get_gid():
+                out[line.get_gid()].add(line.get_color() if isinstance(line.get_color(), str)
+                                        else tuple(line.get_color()))
+    return out
+
+
+def test_rl_figure_one_colour_per_row_name_and_one_legend(monkeypatch, tmp_path):
+    figs = _captured(monkeypatch, rl_report)
+    rl_report.render(ROOT / "figures" / "rl_6c_big.csv", tmp_path)
+    (fig,) = figs
+    panels = [ax for ax in fig.axes if ax.get_lines()]
+    assert len(panels) == 6  # one panel per dataset, in a grid
+    colours = _colours_by_name(fig)
+    assert "qgpo" in colours and "bc" not in colours
+    assert all(len(c) == 1 for c in colours.values()), colours  # a name, one colour, on every panel
+    assert len({next(iter(c)) for c in colours.values()}) == len(colours)  # and no two names share one
+    (legend,) = fig.legends
+    labels = [t.get_text() for t in legend.get_texts()]
+    assert len(labels) == len(set(labels)) and set(colours) <= set(labels) and "bc" in labels
+    assert all(ax.get_legend() is None for ax in fig.axes)
+
+
+def test_convergence_figure_one_colour_per_method_one_style_per_seed(monkeypatch, tmp_path):
+    figs = _captured(monkeypatch, conv)
+    conv.render(ROOT / "figures" / "toy2d_convergence.csv", tmp_path)
+    fig = figs[0]
+    by_name = defaultdict(set)
+    for ax in fig.axes:
+        for line in ax.get_lines():
+            if line.get_gid():
+                method, seed = line.get_gid().rsplit(" s", 1)
+                by_name[method].add(tuple(line.get_color()))
+                by_name["seed " + seed].add((line.get_linestyle(), line.get_marker()))
+    assert by_name and all(len(v) == 1 for v in by_name.values()), by_name
+    methods = [k for k in by_name if not k.startswith("seed ")]
+    assert len({next(iter(by_name[m])) for m in methods}) == len(methods)
+    (legend,) = fig.legends
+    labels = [t.get_text() for t in legend.get_texts()]
+    assert set(methods) <= set(labels) and {"seed 0", "seed 1", "seed 2"} <= set(labels)
+
+
+@pytest.mark.parametrize("n_methods", [3, 12])
+def test_rl_figure_colours_stay_distinct_with_many_rows(monkeypatch, tmp_path, n_methods):
+    import csv
+    src = ROOT / "figures" / "rl_6c_big.csv"
+    with open(src, newline="") as f:
+        rows = list(csv.DictReader(f))
+    keep = [r for r in rows if r["dataset"] == rows[0]["dataset"]]
+    base = [r for r in keep if r["method"] == "qgpo"]
+    extra = [dict(r, method=f"m{i}") for i in range(n_methods) for r in base]
+    out = tmp_path / "many.csv"
+    with open(out, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(keep + extra)
+    figs = _captured(monkeypatch, rl_report)
+    rl_report.render(out, tmp_path / "fig")
+    colours = _colours_by_name(figs[0])
+    assert len({next(iter(c)) for c in colours.values()}) == len(colours)
