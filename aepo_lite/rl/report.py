@@ -442,12 +442,11 @@ def render(csv_path, figures_dir) -> list[Path]:
                 n = _panel_name(r, many)
                 style = {"dataset": ("--", "k"), "bc": (":", "C7")}.get(r["method"], ("-.", colour.get(n, "C7")))
                 label = {"dataset": "the dataset's own episodes", "bc": "bc"}.get(r["method"], n)
-                handles.setdefault(label, ax.axhline(m, ls=style[0], color=style[1], label=label))
+                line = ax.axhline(m, ls=style[0], color=style[1])
+                line.set_gid(None if r["method"] in ("dataset", "bc") else n)
+                handles.setdefault(label, line)
                 if r["method"] in ("dataset", "bc"):
                     refs.append(f"{'data' if r['method'] == 'dataset' else 'bc'} {m:.1f}")
-                    if r["method"] == "dataset":
-                        continue
-                ax.axhline(m, ls=style[0], color=style[1])
         seeds = set()
         for v in (v for v in variants if v not in flat):
             pts = sorted((r for r in rs if _variant(r) == v), key=lambda r: r["guidance_scale"])
