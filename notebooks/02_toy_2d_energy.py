@@ -699,9 +699,9 @@ else:
 #   samples are 1.25x the floor against QGPO's 1.36x (AEPO/QGPO 0.92), with QGPO's energy error 0.56x its own.
 #   Seed 0's centered target carried to 256000 steps: its error rose 4% (0.083 -> 0.086), its samples sit at
 #   1.21x the floor against QGPO's 1.27x there (AEPO/QGPO 0.95). QGPO's seed 0 at 512000: +4% (0.042 -> 0.044),
-#   so checkerboard converges at 256000, on seed 0 only so far (seeds 1 and 2 there are still to run). Why the centered target's error stops at 0.086 there
-#   (`figures/toy2d_plateau.md`: part 4 of the budget on that run, without the noise of averaging draws): the
-#   trained energy has reached the mean of its K = 64 target, and that mean is itself 0.084 from E_t (the Jensen
+#   so checkerboard converges at 256000, on seed 0 only so far (seeds 1 and 2 there are still to run).
+#   Why the centered target's error stops at 0.086 there (`figures/toy2d_plateau.md`: part 4 of the budget on
+#   that run, without the noise of averaging draws): the trained energy has reached the mean of its K = 64 target, and that mean is itself 0.084 from E_t (the Jensen
 #   gap of 64 support points). With K = 256 the target's own error is 0.027, with K = 1024 0.014, below QGPO's
 #   trained 0.042: the plateau is the approximation part of the budget, and a larger K is the lever. Trained
 #   with K = 256 (seed 0), the centered target's error is 0.047 at 16000 steps and 0.036 at 32000, below QGPO's

@@ -427,10 +427,11 @@ def _plot(rows: list[dict], path, budgets: dict[str, int | None], value=None,
         for g, curve in sorted(groups.items()):
             if g[0] != task:
                 continue
-            colour, (ls, marker) = colours[_label(dict(zip(_GROUP, g)))], styles[g[5]]
+            label = _label(dict(zip(_GROUP, g)))
+            colour, (ls, marker) = colours[label], styles[g[5]]
             ns = sorted(curve)
             ax.plot(ns, [curve[n] for n in ns], color=colour, ls=ls, marker=marker, ms=4.5, lw=1.3,
-                    gid=f"{_label(dict(zip(_GROUP, g)))} s{g[5]}")
+                    gid=f"{label} s{g[5]}")  # the curve's method and seed (tests read it)
             if hollow_ns := [n for n in ns if n in open_pts.get(g, {})]:
                 ax.plot(hollow_ns, [curve[n] for n in hollow_ns], ls="none", marker=marker, ms=4.5, mfc="white",
                         color=colour)
