@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -166,7 +167,7 @@ def test_run_episodes_seeds_do_not_depend_on_parallelism():
     assert rec[-1].truncations[-1] or rec[-1].terminations[-1]
 
 
-def test_make_dataset_tiny_repeatable(minari_root):
+def test_make_dataset_tiny_repeatable(minari_root, capsys):
     pytest.importorskip("stable_baselines3")
     from aepo_lite.rl.datasets import DatasetRecipe, make_dataset
     from aepo_lite.rl.data import description_info
@@ -212,6 +213,73 @@ def test_make_dataset_tiny_repeatable(minari_root):
         snapshot_noise_scores("t/hopper/random-v0")
     with pytest.raises(ValueError, match="noises"):
         snapshot_noise_scores("t/hopper/medium-v0", (-0.1,))
+    # the oracle best-of-N: without noise every candidate is the snapshot's action, so any N replays the
+    # deterministic policy's episodes (same reset seeds as snapshot_noise_scores')
+    from aepo_lite.rl.datasets import snapshot_oracle_scores
+    o1, o4 = snapshot_oracle_scores("t/hopper/medium-v0", (1, 4), horizon=5, episodes=3, noise=0.0)
+    assert o1["return_mean"] == pytest.approx(at0["return_mean"]) and o4["return_mean"] == pytest.approx(at0["return_mean"])
+    assert o4["candidates"] == 4 and o4["score_mean"] == pytest.approx(at0["score_mean"])
+    (d1,) = snapshot_oracle_scores("t/hopper/medium-v0", (1,), episodes=2)  # the data's own noise (0.1)
+    assert d1["noise"] == 0.1 and d1["return_mean"] != pytest.approx(at0["return_mean"])
+    for kw, match in [(dict(candidates=(0,)), "candidates"), (dict(horizon=0), "horizon"), (dict(gamma=1.5), "gamma"),
+                      (dict(noise=-1.0), "noise"), (dict(candidates=()), "candidates"),
+                      (dict(continuation_noise=float("nan")), "continuation_noise")]:
+        with pytest.raises(ValueError, match=match):
+            snapshot_oracle_scores("t/hopper/medium-v0", **kw)
+    with pytest.raises(ValueError, match="random dataset"):
+        snapshot_oracle_scores("t/hopper/random-v0")
+    # its script writes a CSV + table and, rerun, skips the rows it has
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("support_oracle", Path(__file__).resolve().parents[1] / "scripts"
+                                                  / "support_oracle.py")
+    so = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(so)
+    out = minari_root / "oracle.csv"
+    args = ["--datasets", "t/hopper/medium-v0", "--candidates", "1", "2", "--horizon", "3", "--episodes", "1",
+            "--out", str(out)]
+    assert so.main(args) == 0
+    first = out.read_text()
+    assert len(first.strip().splitlines()) == 3 and "| t/hopper/medium-v0 | medium | 0.1 | 2 | 3 |" in \
+        out.with_suffix(".md").read_text()
+    assert so.main(args) == 0 and out.read_text() == first
+    assert "skip t/hopper/medium-v0 N=2" in capsys.readouterr().out
+
+
+def test_rollout_returns_match_a_replay_of_the_same_actions():
+    """The oracle's Monte-Carlo returns from a restored physics state equal those of an environment that
+    reached the same state by replaying the episode from its reset, then took the same actions."""
+    from aepo_lite.rl.datasets import _mujoco_state, rollout_returns
+    policy = lambda obs: np.tanh(obs[:, :3])  # noqa: E731  any deterministic policy
+    rng = np.random.default_rng(0)
+    prefix = rng.uniform(-1, 1, (25, 3))
+    env = gym.make("Hopper-v5")
+    env.reset(seed=3)
+    for a in prefix:
+        env.step(a)
+    first = rng.uniform(-1, 1, (3, 3))
+    cont = 0.3 * rng.standard_normal((12, 3))
+    scratch = [gym.make("Hopper-v5").unwrapped for _ in range(4)]
+    for s in scratch:
+        s.reset(seed=99)  # a different state: rollout_returns must restore the whole physics state
+    got = rollout_returns(_mujoco_state(env.unwrapped), scratch, first, policy, cont, gamma=0.9)
+    want = []
+    for a0 in first:
+        ref = gym.make("Hopper-v5")
+        obs, _ = ref.reset(seed=3)
+        for a in prefix:
+            ref.step(a)
+        g, disc, a = 0.0, 1.0, a0
+        for k in range(1 + len(cont)):
+            obs, r, term, _, _ = ref.step(a)
+            g, disc = g + disc * r, disc * 0.9
+            if term or k == len(cont):
+                break
+            a = np.clip(policy(obs[None])[0] + cont[k], -1, 1)
+        want.append(g)
+    np.testing.assert_allclose(got, want, rtol=1e-9)
+    assert len(set(np.round(got, 6))) == 3  # the first actions matter
+    with pytest.raises(ValueError, match="scratch"):
+        rollout_returns(_mujoco_state(env.unwrapped), scratch[:2], first, policy, cont, gamma=0.9)
 
 
 @pytest.mark.parametrize("bad,match", [(dict(quality="great"), "quality"), (dict(name="hopper-v0"), "name"),

@@ -23,6 +23,7 @@ guidance by Q       rl_6c_ln/guided_q.csv (opt.) ``aepo_lite.rl.diagnostics.rend
 energy fit, RL      rl_6c_ln/energy_fit.csv (o.) ``aepo_lite.rl.diagnostics.render_energy_fit``
 energy fit, larger  rl_6c_big/energy_fit.csv (o.) the same
 policy with noise   rl_6c_ln/policy_noise.csv    ``aepo_lite.rl.diagnostics.render_policy_noise`` (opt.)
+support oracle      rl_6c_ln/support_oracle.csv  ``aepo_lite.rl.diagnostics.render_support_oracle`` (opt.)
 toy error budget    toy2d_budget.csv (optional)  ``aepo_lite.toy.budget.render``
 toy budget, runs    toy2d_budget_runs.csv (opt.) ``aepo_lite.toy.trained_budget.render`` (parts 4-5)
 toy convergence     toy2d_convergence.csv (opt.) ``aepo_lite.toy.convergence.render``
@@ -145,6 +146,10 @@ PARTS = (
          "rl_6c_ln/policy_noise.csv",
          "python scripts/policy_noise.py --datasets DATASET --out figures/rl_6c_ln/policy_noise.csv (docs/results.md)",
          lambda mod, results, figures_dir: mod.render_policy_noise(results, figures_dir), optional=True),
+    Part("offline RL, the best of N in-support actions by the true return", "aepo_lite.rl.diagnostics",
+         "rl_6c_ln/support_oracle.csv",
+         "python scripts/support_oracle.py --datasets DATASET --out figures/rl_6c_ln/support_oracle.csv (docs/results.md)",
+         lambda mod, results, figures_dir: mod.render_support_oracle(results, figures_dir), optional=True),
     Part("results summary", "aepo_lite.course.summary", "toy2d_results.csv",
          "the toy and RL results above", lambda mod, results, figures_dir: mod.render(figures_dir), optional=True),
     Part("toy error budget", "aepo_lite.toy.budget", "toy2d_budget.csv",

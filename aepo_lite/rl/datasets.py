@@ -40,7 +40,7 @@ from aepo_lite._io import atomic_write_json, read_json
 from aepo_lite.rl.evaluation import Episode, check_reference_scores, run_episodes
 
 __all__ = ["QUALITIES", "DatasetRecipe", "make_dataset", "train_policy_ladder", "policy_cache_dir",
-           "snapshot_noise_scores"]
+           "snapshot_noise_scores", "snapshot_oracle_scores", "rollout_returns"]
 
 QUALITIES = ("random", "medium", "medium-replay", "medium-expert", "expert")
 
@@ -256,20 +256,11 @@ def _replay_episodes(ladder_dir: Path, until_step: int, steps: int) -> list[Epis
     return out
 
 
-def snapshot_noise_scores(name: str, noises=(0.0, 0.1, 0.2), episodes: int = 30, seed: int = 100_000,
-                          which: str = "medium", policy_cache: Optional[Path] = None) -> list[dict]:
-    """How a ``make-dataset`` dataset's own policy scores with Gaussian action noise of each std in ``noises``
-    (clipped to the box): does the return depend on the actions at the data's noise scale? ``which``: the
-    recipe's ``medium`` or ``expert`` snapshot (read from the dataset's description; its ladder from the policy
-    cache, trained as ``make-dataset`` would if absent). One dict per noise: ``noise``, ``return_mean``,
-    ``score_mean`` / ``score_std`` (normalised with the dataset's reference scores), ``episodes``."""
-    import gymnasium as gym
+def _dataset_snapshot(name: str, which: str, policy_cache: Optional[Path]):
+    """A ``make-dataset`` dataset's recipe, its ``which`` snapshot (an SB3 TD3 model) and its reference returns."""
     import minari
     if which not in ("medium", "expert"):
         raise ValueError(f"which: expected 'medium' or 'expert', got {which!r}")
-    check_int("episodes", episodes, low=1)
-    if any(not np.isfinite(x) or x < 0 for x in noises):
-        raise ValueError(f"noises: expected finite stds >= 0, got {list(noises)}")
     from aepo_lite.rl.data import description_info
     meta = minari.load_dataset(name).storage.metadata
     info = description_info(meta)
@@ -283,7 +274,21 @@ def snapshot_noise_scores(name: str, noises=(0.0, 0.1, 0.2), episodes: int = 30,
     ladder_dir = train_policy_ladder(recipe, policy_cache, progress=False)
     model = _load_snapshot(ladder_dir, next(x for x in read_json(ladder_dir / "ladder.json")["snapshots"]
                                             if x["step"] == step))
-    lo, hi = float(meta["ref_min_score"]), float(meta["ref_max_score"])
+    return recipe, model, float(meta["ref_min_score"]), float(meta["ref_max_score"])
+
+
+def snapshot_noise_scores(name: str, noises=(0.0, 0.1, 0.2), episodes: int = 30, seed: int = 100_000,
+                          which: str = "medium", policy_cache: Optional[Path] = None) -> list[dict]:
+    """How a ``make-dataset`` dataset's own policy scores with Gaussian action noise of each std in ``noises``
+    (clipped to the box): does the return depend on the actions at the data's noise scale? ``which``: the
+    recipe's ``medium`` or ``expert`` snapshot (read from the dataset's description; its ladder from the policy
+    cache, trained as ``make-dataset`` would if absent). One dict per noise: ``noise``, ``return_mean``,
+    ``score_mean`` / ``score_std`` (normalised with the dataset's reference scores), ``episodes``."""
+    import gymnasium as gym
+    check_int("episodes", episodes, low=1)
+    if any(not np.isfinite(x) or x < 0 for x in noises):
+        raise ValueError(f"noises: expected finite stds >= 0, got {list(noises)}")
+    recipe, model, lo, hi = _dataset_snapshot(name, which, policy_cache)
     out = []
     for noise in noises:
         eps, _ = run_episodes(lambda: gym.make(recipe.env_id), _sb3_policy(model, float(noise),
@@ -292,6 +297,140 @@ def snapshot_noise_scores(name: str, noises=(0.0, 0.1, 0.2), episodes: int = 30,
         score = (ret - lo) / (hi - lo) * 100
         out.append({"noise": float(noise), "return_mean": float(ret.mean()), "score_mean": float(score.mean()),
                     "score_std": float(score.std()), "episodes": episodes})
+    return out
+
+
+def _mujoco_state(env) -> dict:
+    """The physics state a MuJoCo Gymnasium environment's step depends on (``rollout_returns`` restores it)."""
+    d = env.data
+    return {"qpos": d.qpos.copy(), "qvel": d.qvel.copy(), "act": d.act.copy(), "time": float(d.time),
+            "qacc_warmstart": d.qacc_warmstart.copy()}
+
+
+def _restore_mujoco_state(env, state: dict) -> None:
+    import mujoco
+    d = env.data
+    d.qpos[:], d.qvel[:], d.act[:] = state["qpos"], state["qvel"], state["act"]
+    d.time = state["time"]
+    d.qacc_warmstart[:] = state["qacc_warmstart"]
+    mujoco.mj_forward(env.model, d)
+
+
+def rollout_returns(state: dict, scratch: list, first_actions: np.ndarray, policy: Callable[[np.ndarray], np.ndarray],
+                    continuation_noise: np.ndarray, gamma: float) -> np.ndarray:
+    """Monte-Carlo returns of taking each row of ``first_actions`` from one MuJoCo ``state`` and then following
+    ``policy``: sum_k gamma^k r_k over ``1 + len(continuation_noise)`` steps, or up to a termination.
+
+    ``scratch``: one unwrapped MuJoCo environment per candidate (their own physics, restored to ``state``).
+    ``policy(obs) -> actions`` is the deterministic part; ``continuation_noise`` (steps - 1, act_dim) is added
+    to it at each later step, the same draws for every candidate (common random numbers: the candidates'
+    returns differ by their first action, not by luck of the continuation). Actions are clipped to the box."""
+    n = len(first_actions)
+    if len(scratch) < n:
+        raise ValueError(f"scratch: expected at least {n} environments (one per candidate), got {len(scratch)}")
+    low, high = scratch[0].action_space.low, scratch[0].action_space.high
+    for env in scratch[:n]:
+        _restore_mujoco_state(env, state)
+    returns, alive, disc = np.zeros(n), np.ones(n, bool), 1.0
+    actions = np.clip(first_actions, low, high)
+    obs = None
+    for k in range(1 + len(continuation_noise)):
+        for i in np.flatnonzero(alive):
+            o, r, terminated, _, _ = scratch[i].step(actions[i])
+            if obs is None:
+                obs = np.zeros((n, len(o)))
+            obs[i] = o
+            returns[i] += disc * r
+            alive[i] = not terminated
+        disc *= gamma
+        if k == len(continuation_noise) or not alive.any():
+            break
+        actions = np.clip(policy(obs) + continuation_noise[k], low, high)
+    return returns
+
+
+def snapshot_oracle_scores(name: str, candidates=(1, 4, 16), horizon: int = 50, episodes: int = 5,
+                           gamma: float = 0.99, seed: int = 100_000, which: str = "medium", noise: Optional[float] = None,
+                           continuation_noise: Optional[float] = None, policy_cache: Optional[Path] = None,
+                           progress: bool = False) -> list[dict]:
+    """What the best of N of a dataset's own actions is worth when chosen by the *true* return (an oracle):
+    the upper end of what one step of in-support policy improvement can gain on a ``make-dataset`` dataset.
+
+    At every step of an episode, N candidate actions are drawn from the data's policy (the ``which`` snapshot's
+    action plus N(0, ``noise``^2), ``noise`` the recipe's ``collect_noise`` by default: the behaviour's support),
+    each is scored by a Monte-Carlo rollout from the current physics state (the candidate, then the same noisy
+    policy for ``horizon - 1`` steps, discounted by ``gamma``, common continuation noise; see
+    :func:`rollout_returns`), and the best is taken. N = 1 is the data's policy itself. The continuation's noise
+    std is ``continuation_noise`` (default ``noise``): a rollout is then one draw of Q of the data's policy, and
+    in a chaotic system one draw ranks the candidates poorly. With ``continuation_noise=0`` the continuation
+    is the snapshot's deterministic policy, so each score is that policy's exact Q(s, a) over the horizon (with
+    ``gamma=1`` and a horizon past the time limit, its exact return to the episode's end): the policy-improvement
+    step over that policy, restricted to the N support actions. A critic that ranked the support as well as these
+    rollouts, at the same N, would score this. MuJoCo environments only (their state is restored for each rollout).
+
+    One dict per N: ``candidates``, ``horizon``, ``gamma``, ``noise``, ``continuation_noise``, ``return_mean``,
+    ``score_mean`` / ``score_std`` (normalised with the dataset's reference scores), ``length_mean``,
+    ``episodes``, ``seconds``."""
+    import gymnasium as gym
+    from tqdm.auto import tqdm
+    cands = [check_int("candidates", c, low=1) for c in candidates]
+    if not cands:
+        raise ValueError("candidates: expected at least one count")
+    check_int("horizon", horizon, low=1)
+    check_int("episodes", episodes, low=1)
+    check_seed("seed", seed)
+    if not (np.isfinite(gamma) and 0 < gamma <= 1):
+        raise ValueError(f"gamma: expected a discount in (0, 1], got {gamma!r}")
+    recipe, model, lo, hi = _dataset_snapshot(name, which, policy_cache)
+    noise = recipe.collect_noise if noise is None else noise
+    if not (np.isfinite(noise) and noise >= 0):
+        raise ValueError(f"noise: expected a finite std >= 0, got {noise!r}")
+    continuation_noise = noise if continuation_noise is None else continuation_noise
+    if not (np.isfinite(continuation_noise) and continuation_noise >= 0):
+        raise ValueError(f"continuation_noise: expected a finite std >= 0, got {continuation_noise!r}")
+    env = gym.make(recipe.env_id)
+    if not hasattr(env.unwrapped, "set_state"):
+        env.close()
+        raise ValueError(f"name: {name}'s environment {recipe.env_id} is not a MuJoCo one; the oracle restores "
+                         "MuJoCo physics states")
+    limit = env.spec.max_episode_steps or 10**9
+    scratch = [gym.make(recipe.env_id).unwrapped for _ in range(max(cands))]
+    for i, s in enumerate(scratch):
+        s.reset(seed=seed + i)
+    mean_action = _sb3_policy(model, 0.0, None)
+    low, high = env.action_space.low, env.action_space.high
+    out = []
+    try:
+        for n in cands:
+            t0 = time.perf_counter()
+            rets, lens = [], []
+            for ep in tqdm(range(episodes), desc=f"oracle best of {n}", disable=not progress, leave=False):
+                rng = np.random.default_rng([seed, n, ep])
+                obs, _ = env.reset(seed=seed + ep)
+                ret, t, done = 0.0, 0, False
+                while not done:
+                    a0 = mean_action(obs[None])[0]
+                    first = np.clip(a0 + noise * rng.standard_normal((n, a0.shape[0])), low, high)
+                    if n > 1:
+                        steps = min(horizon, limit - t)
+                        g = rollout_returns(_mujoco_state(env.unwrapped), scratch, first, mean_action,
+                                            continuation_noise * rng.standard_normal((steps - 1, a0.shape[0])), gamma)
+                        first = first[[int(np.argmax(g))]]
+                    obs, r, terminated, truncated, _ = env.step(first[0])
+                    ret, t, done = ret + float(r), t + 1, terminated or truncated
+                rets.append(ret)
+                lens.append(t)
+            ret = np.array(rets)
+            score = (ret - lo) / (hi - lo) * 100
+            out.append({"candidates": n, "horizon": horizon, "gamma": float(gamma), "noise": float(noise),
+                        "continuation_noise": float(continuation_noise), "return_mean": float(ret.mean()),
+                        "score_mean": float(score.mean()), "score_std": float(score.std()),
+                        "length_mean": float(np.mean(lens)), "episodes": episodes,
+                        "seconds": time.perf_counter() - t0})
+    finally:
+        env.close()
+        for s in scratch:
+            s.close()
     return out
 
 

@@ -31,7 +31,7 @@ from aepo_lite.core.diffusion import energy_guidance
 
 __all__ = ["energy_gradient_norms", "gradient_rows", "gradient_table", "render", "guided_q_stats", "guided_q_rows",
            "render_guided_q", "energy_fit_stats", "energy_fit_rows", "render_energy_fit", "write_csv_and_table",
-           "POLICY_NOISE_COLUMNS", "render_policy_noise"]
+           "POLICY_NOISE_COLUMNS", "render_policy_noise", "SUPPORT_ORACLE_COLUMNS", "render_support_oracle"]
 
 TIMES = (0.05, 0.2, 0.5, 0.9)
 
@@ -285,3 +285,33 @@ def policy_noise_table(rows) -> str:
 def render_policy_noise(csv_path, figures_dir) -> list[Path]:
     """``policy_noise.md`` beside the CSV, from the CSV alone (``aepo-lite figures``)."""
     return _render_table(csv_path, POLICY_NOISE_HEADER, policy_noise_table, "scripts/policy_noise.py")
+
+
+SUPPORT_ORACLE_COLUMNS = ("dataset", "snapshot", "noise", "candidates", "horizon", "gamma", "continuation_noise",
+                          "episodes", "return_mean", "score_mean", "score_std", "length_mean", "seconds")
+SUPPORT_ORACLE_HEADER = (
+    "# The best of N of a dataset's own actions, chosen by the true return\n\nAt every step N actions of the policy "
+    "that made the dataset (its TD3 snapshot plus the data's action noise: the behaviour's support) are each "
+    "scored by a rollout of the environment from the current state (the action, then the snapshot's policy with "
+    "the continuation's noise std for the horizon's remaining steps, discounted by gamma, the same continuation "
+    "noise for every candidate), and the best is taken; N = 1 is the data's own policy. With continuation noise "
+    "0 each score is the deterministic snapshot's exact Q(s, a) over the horizon (gamma 1 and horizon 1000: its "
+    "return to the episode's end), so the row is the policy-improvement step over that policy restricted to N "
+    "support actions; with the data's noise it is one noisy draw. Normalised with the dataset's "
+    "reference scores (measured by `scripts/support_oracle.py` into `support_oracle.csv`; "
+    ":func:`aepo_lite.rl.datasets.snapshot_oracle_scores`).\n\n")
+
+
+def support_oracle_table(rows) -> str:
+    """A Markdown table from ``scripts/support_oracle.py``'s rows (or its CSV's), one line per dataset, N, horizon."""
+    lines = ["| dataset | snapshot | noise std | N | horizon | gamma | continuation noise | episodes | return "
+             "| normalised score | mean length | seconds |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['dataset']} | {r['snapshot']} | {float(r['noise']):g} | {r['candidates']} | {r['horizon']} "
+              f"| {float(r['gamma']):g} | {float(r['continuation_noise']):g} | {r['episodes']} | {float(r['return_mean']):.1f} | {float(r['score_mean']):.1f} +- "
+              f"{float(r['score_std']):.1f} | {float(r['length_mean']):.0f} | {float(r['seconds']):.0f} |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def render_support_oracle(csv_path, figures_dir) -> list[Path]:
+    """``support_oracle.md`` beside the CSV, from the CSV alone (``aepo-lite figures``)."""
+    return _render_table(csv_path, SUPPORT_ORACLE_HEADER, support_oracle_table, "scripts/support_oracle.py")

@@ -1,0 +1,74 @@
+"""The best of N of a made dataset's own actions, chosen by Monte-Carlo rollouts of the true environment
+(aepo_lite.rl.datasets.snapshot_oracle_scores): how much one step of in-support policy improvement can gain
+there, for a critic that ranked the support as well as the rollouts do. Writes a CSV and its Markdown table
+beside it (``aepo-lite figures`` re-renders the table from the CSV alone); a rerun skips the rows the CSV has.
+
+    python scripts/support_oracle.py --datasets local/hopper/medium-v0 --candidates 1 4 16 --horizon 1000 \
+        --gamma 1 --continuation-noise 0 --out figures/rl_6c_ln/support_oracle.csv
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+from pathlib import Path
+
+from aepo_lite.rl.datasets import snapshot_oracle_scores
+from aepo_lite.rl.diagnostics import SUPPORT_ORACLE_COLUMNS, render_support_oracle, write_csv_and_table
+
+
+def _key(row) -> tuple:
+    return (row["dataset"], row["snapshot"], int(row["candidates"]), int(row["horizon"]), int(row["episodes"]),
+            round(float(row["noise"]), 9), round(float(row["continuation_noise"]), 9), round(float(row["gamma"]), 9))
+
+
+def _data_noise(name: str) -> float:
+    """The action-noise std a ``make-dataset`` dataset was collected with (its recipe's ``collect_noise``)."""
+    import minari
+    from aepo_lite.rl.data import description_info
+    info = description_info(minari.load_dataset(name).storage.metadata)
+    if "recipe" not in info:
+        raise SystemExit(f"--datasets: {name} was not made by aepo-lite make-dataset (its description has no recipe)")
+    return float(info["recipe"]["collect_noise"])
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--datasets", nargs="+", required=True, help="datasets made by aepo-lite make-dataset")
+    p.add_argument("--candidates", nargs="+", type=int, default=[1, 4, 16], help="N: actions compared per step")
+    p.add_argument("--horizon", type=int, default=50, help="rollout steps per candidate (the candidate's included)")
+    p.add_argument("--episodes", type=int, default=5, help="episodes per N (reset seeds 100000 + i)")
+    p.add_argument("--noise", type=float, default=None, help="action-noise std (default: the data's own)")
+    p.add_argument("--continuation-noise", type=float, default=None,
+                   help="the rollouts' action-noise std after the candidate (default: --noise; 0: the snapshot's exact Q)")
+    p.add_argument("--gamma", type=float, default=0.99, help="the rollouts' discount")
+    p.add_argument("--which", default="medium", choices=("medium", "expert"), help="the recipe's snapshot")
+    p.add_argument("--out", required=True, help="the CSV to write (its .md table is written beside it)")
+    a = p.parse_args(argv)
+    if not a.out.endswith(".csv"):
+        p.error(f"--out: expected a .csv path, got {a.out!r}")
+    rows = []
+    if Path(a.out).exists():
+        with open(a.out, newline="") as f:
+            rows = list(csv.DictReader(f))
+    for d in a.datasets:
+        noise = _data_noise(d) if a.noise is None else a.noise
+        cont = noise if a.continuation_noise is None else a.continuation_noise
+        for n in a.candidates:
+            key = (d, a.which, n, a.horizon, a.episodes, round(noise, 9), round(cont, 9), round(a.gamma, 9))
+            if key in {_key(r) for r in rows}:
+                print(f"skip {d} N={n} horizon={a.horizon}: in {a.out}")
+                continue
+            (r,) = snapshot_oracle_scores(d, (n,), horizon=a.horizon, episodes=a.episodes, noise=noise,
+                                          continuation_noise=cont, gamma=a.gamma,
+                                          which=a.which, progress=True)
+            rows.append({"dataset": d, "snapshot": a.which, **r})
+            print(f"{d} N={n} horizon={a.horizon} gamma={a.gamma:g} continuation noise={cont:g}: score {r['score_mean']:.1f} +- {r['score_std']:.1f} "
+                  f"({r['seconds']:.0f} s)", flush=True)
+            write_csv_and_table(a.out, rows, SUPPORT_ORACLE_COLUMNS, render_support_oracle)  # each row as it lands
+    for path in write_csv_and_table(a.out, rows, SUPPORT_ORACLE_COLUMNS, render_support_oracle):
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
