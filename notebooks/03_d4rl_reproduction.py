@@ -296,8 +296,11 @@ else:
 #   and Pusher replay).
 # - Hopper medium stays the miss (BC + 2.1 there, 5 seeds; + 4.6 with today's default, below): the best of 16
 #   behaviour samples by Q is barely better than one there, and the policy that made the data scores the same
-#   with action noise up to three times the data's (60.5 without, 61.9 at std 0.3): its support holds nothing
-#   better to steer to.
+#   with action noise up to three times the data's (60.5 without, 61.9 at std 0.3). Ranked by their exact
+#   return instead of a critic (an oracle: the simulator run to the episode's end from each candidate), the
+#   best of 64 of the data's own actions scores 62.7, BC + 0.7; candidates three times as spread reach 67.5
+#   (`figures/rl_6c_ln/support_oracle.md`). Its support holds almost nothing better to steer to; BC + 5 needs
+#   actions beyond it.
 # - On InvertedDoublePendulum guided sampling reaches 14.9 (5 seeds, BC + 5.1) where best-of-16 by the same
 #   critic reaches 102.9. There the energy's fit is at fault: a 256 x 3 energy trained 20000 steps (3 seeds;
 #   now the `bench` preset's) lifts the default to 43.0 and QGPO to 71.0, which then beats it; on HalfCheetah
