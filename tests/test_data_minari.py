@@ -239,7 +239,7 @@ def test_make_dataset_tiny_repeatable(minari_root, capsys):
             "--out", str(out)]
     assert so.main(args) == 0
     first = out.read_text()
-    assert len(first.strip().splitlines()) == 3 and "| t/hopper/medium-v0 | medium | 0.1 | 2 | 3 |" in \
+    assert len(first.strip().splitlines()) == 3 and "| t/hopper/medium-v0 | medium | 0.1 (0.1) | 2 | 3 |" in \
         out.with_suffix(".md").read_text()
     assert so.main(args) == 0 and out.read_text() == first
     assert "skip t/hopper/medium-v0 N=2" in capsys.readouterr().out

@@ -451,3 +451,35 @@ def test_plateau_line_names_the_part_each_run_is_at_fault_with_means_over_t(tmp_
     assert ("seed 0 at 2000 steps: energy error 0.200, its regression 0.110 from its target, the target 0.100 from "
             "E_t: the regression and its target's own error about equally") in line
     assert "plateau" not in summary_markdown(*csvs, plateau_csv=tmp_path / "absent.csv")
+
+
+def test_oracle_line_says_what_the_support_holds_where_the_default_misses(tmp_path):
+    """The support oracle's line: only datasets where the default misses BC + 5, only its exact-Q rows, the best
+    in-support score against BC (by hand) and the verdict either way; wider candidates named by their noise ratio."""
+    from aepo_lite.course.summary import _oracle_lines, default_aepo_label
+    lab = default_aepo_label("bench")
+    cells = {"miss": {"bc": 60, lab: 63}, "pass": {"bc": 50, lab: 70}}
+    rl = [{"dataset": d, "method": m, "seed": s, "guidance_scale": 0.0 if m == "bc" else 1.0, "return_mean": v,
+           "normalized_score": v + s - 1, "preset": "bench", "sample_steps": 15, "episodes": 10}
+          for d, ms in cells.items() for m, v in ms.items() for s in range(3)]
+    _write(tmp_path / "rl.csv", rl)
+    base = dict(snapshot="medium", data_noise=0.1, horizon=1000, gamma=1.0, continuation_noise=0.0, episodes=10,
+                return_mean=0, score_std=1, length_mean=100, seconds=1)
+    orc = [dict(base, dataset="miss", noise=0.1, candidates=4, score_mean=61.0),
+           dict(base, dataset="miss", noise=0.1, candidates=16, score_mean=62.5),
+           dict(base, dataset="miss", noise=0.1, candidates=64, score_mean=99.0, continuation_noise=0.1),  # not exact
+           dict(base, dataset="miss", noise=0.2, candidates=16, score_mean=66.0),
+           dict(base, dataset="pass", noise=0.1, candidates=16, score_mean=51.0)]
+    _write(tmp_path / "o.csv", orc)
+    (line,) = _oracle_lines(tmp_path / "o.csv", tmp_path / "rl.csv")
+    assert "pass:" not in line and "N = 64" not in line and "99.0" not in line
+    assert ("miss: the best of N = 4 / 16 of the data's own actions scores 61.0 / 62.5 against BC's 60.0 (at best "
+            "BC +2.5), so one step of improvement within the data's support gives less than BC + 5 there") in line
+    assert "candidates with 2x the data's noise (N = 16): 66.0 (BC +6.0); the default scores 63.0 (BC +3.0)." in line
+    orc[1]["score_mean"] = 66.0  # now the support holds BC + 5: the verdict turns
+    _write(tmp_path / "o.csv", orc)
+    assert "data's support holds BC + 5 there" in _oracle_lines(tmp_path / "o.csv", tmp_path / "rl.csv")[0]
+    cells["miss"][lab] = 66  # the default passes: no line
+    _write(tmp_path / "rl.csv", [dict(r, normalized_score=65 + r["seed"]) if r["dataset"] == "miss" and r["method"] == lab
+                                 else r for r in rl])
+    assert _oracle_lines(tmp_path / "o.csv", tmp_path / "rl.csv") == []

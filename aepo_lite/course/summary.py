@@ -182,6 +182,7 @@ OLD_TITLE = f"Offline RL (6c protocol), {OLD_CRITIC}"
 LN_TITLE = f"Offline RL (6c protocol), {LN_CRITIC} for every row with a critic"
 BIG_ENERGY = "256 x 3 energy trained 20000 steps"  # configs/rl6c/big-energy-*.yaml, with the LayerNorm critic
 BIG_TITLE = f"Offline RL (6c protocol), {LN_CRITIC} and a {BIG_ENERGY} for every guided row"
+ORACLE_TITLE = "Where the default misses BC + 5, what the data's support holds by the true return"
 HELDOUT_BIG_TITLE = (f"Offline RL, held-out check with the {LN_CRITIC} and a {BIG_ENERGY} "
                      "(6c protocol; not tuned on)")  # the bench preset's since (rl_6c_heldout_big.csv)
 SQUARED_THEN = {"fit": "squared"}  # the default's fit when the older tables (and the held-out check) were run
@@ -233,6 +234,49 @@ def _rl_protocol_lines(csv_path, title: str = "Offline RL (6c protocol)", target
                       + ", ".join(d for d, _, _ in room) + f"): BC + 5 on {sum(a for _, a, _ in room)}/{len(room)}, "
                       f"QGPO or better on {sum(q for _, _, q in room)}/{len(room)}.")
     return lines
+
+
+def _oracle_lines(oracle_csv, rl_csv) -> list[str]:
+    """Where the default AEPO estimator misses BC + 5 in ``rl_csv``, what the data's support holds there by the
+    true return (``rl_6c_ln/support_oracle.csv``, ``scripts/support_oracle.py``): its exact-Q rows (continuation
+    noise 0, gamma 1) with candidates of the data's own noise, their best against BC, and any wider candidates."""
+    rows = [r for r in _read(oracle_csv) if float(r["continuation_noise"]) == 0 and float(r["gamma"]) == 1]
+    rl = rl_summary(rl_csv)
+    parts = []
+    for ds in sorted({r["dataset"] for r in rows}):
+        found = [(preset, res) for (d, preset), res in sorted(rl.items()) if d == ds]
+        if not found:
+            continue
+        preset, res = found[0]
+        bc, a = res["methods"].get("bc"), res["methods"].get(default_aepo_label(preset))
+        if bc is None or a is None or a["mean"] >= bc["mean"] + 5:
+            continue  # only where the default misses
+        mine = [r for r in rows if r["dataset"] == ds]
+        inside = sorted((r for r in mine if abs(float(r["noise"]) - float(r["data_noise"])) < 1e-9),
+                        key=lambda r: int(r["candidates"]))
+        if not inside:
+            continue
+        b = bc["mean"]
+        best = max(float(r["score_mean"]) for r in inside)
+        text = (f"{ds}: the best of N = " + " / ".join(r["candidates"] for r in inside) + " of the data's own actions "
+                "scores " + " / ".join(f"{float(r['score_mean']):.1f}" for r in inside)
+                + f" against BC's {b:.1f} (at best BC {best - b:+.1f}), so one step of improvement within the "
+                + ("data's support gives less than BC + 5 there" if best < b + 5 else
+                   "data's support holds BC + 5 there: a critic ranking it as the simulator does would reach it"))
+        for r in sorted((r for r in mine if float(r["noise"]) > float(r["data_noise"]) + 1e-9),
+                        key=lambda r: (float(r["noise"]), int(r["candidates"]))):
+            x = float(r["score_mean"])
+            text += (f"; candidates with {float(r['noise']) / float(r['data_noise']):g}x the data's noise (N = "
+                     f"{r['candidates']}): {x:.1f} (BC {x - b:+.1f})")
+        text += f"; the default scores {a['mean']:.1f} (BC {a['mean'] - b:+.1f})"
+        parts.append(text)
+    if not parts:
+        return []
+    return [f"- **{ORACLE_TITLE}** (`figures/rl_6c_ln/support_oracle.md`: at every step the best of N actions of "
+            "the data's own policy, ranked by the simulator run from each to the episode's end with the deterministic "
+            "policy that made the data: one exact policy-improvement step within the support; "
+            + "-".join(sorted({r["episodes"] for r in rows}, key=int)[::max(1, len({r["episodes"] for r in rows}) - 1)])
+            + " episodes a row): " + ". ".join(parts) + "."]
 
 
 def _convergence_lines(csv_path) -> list[str]:
@@ -434,7 +478,7 @@ def summary_markdown(toy_csv="figures/toy2d_results.csv", rl_csv="figures/rl_res
                      rl_heldout_csv: str | Path | None = None, xlong_csv: str | Path | None = None,
                      xxlong_csv: str | Path | None = None, rl_ln_csv: str | Path | None = None,
                      rl_big_csv: str | Path | None = None, rl_heldout_big_csv: str | Path | None = None,
-                     plateau_csv: str | Path | None = None) -> str:
+                     plateau_csv: str | Path | None = None, oracle_csv: str | Path | None = None) -> str:
     """The generated summary (Markdown bullet points). ``matched_csv``: a toy grid in which every method read the
     true reward (``toy2d_matched.csv``); ``long_csv``: the same at the ``long`` preset (4000 energy steps), at w = 1 and at
     each method's best w (``toy2d_long.csv``); ``rl_protocol_csv``: the offline-RL sweep of the 6c protocol
@@ -446,7 +490,9 @@ def summary_markdown(toy_csv="figures/toy2d_results.csv", rl_csv="figures/rl_res
     ``rl_big_csv``: the same with a 256 x 3 energy trained 20000 steps (``rl_6c_big.csv``, its own target line);
     ``rl_heldout_big_csv``: the held-out dataset again with that critic and energy, today's ``bench`` preset
     (``rl_6c_heldout_big.csv``); ``plateau_csv``: part 4 of the toy error budget on finished runs, without draw
-    noise (``toy2d_plateau.csv``: which part a run's energy error is); each summarised too when it exists. The lines of today's budgets and presets (the
+    noise (``toy2d_plateau.csv``: which part a run's energy error is); ``oracle_csv``: the best of N in-support
+    actions by the true return (``rl_6c_ln/support_oracle.csv``), said where the ``rl_big_csv`` default misses
+    BC + 5; each summarised too when it exists. The lines of today's budgets and presets (the
     convergence curve, the larger-energy sweep and its held-out check) come first; every other line follows in a
     closed ``<details>`` block (:data:`EARLIER`), so that a reader meets the current numbers before the history."""
     lines = _toy_lines(toy_summary(toy_csv), "Toy 2D tasks, committed grid")
@@ -477,6 +523,8 @@ def summary_markdown(toy_csv="figures/toy2d_results.csv", rl_csv="figures/rl_res
                                     then=SQUARED_THEN)
     if rl_big_csv is not None and Path(rl_big_csv).exists():
         current += _rl_protocol_lines(rl_big_csv, BIG_TITLE, target_title=f"Offline RL target, {BIG_ENERGY}")
+    if oracle_csv is not None and Path(oracle_csv).exists() and rl_big_csv is not None and Path(rl_big_csv).exists():
+        current += _oracle_lines(oracle_csv, rl_big_csv)
     if rl_heldout_csv is not None and Path(rl_heldout_csv).exists():
         lines += _rl_protocol_lines(rl_heldout_csv, "Offline RL, held-out check (6c protocol; not tuned on)",
                                     target=False, then=SQUARED_THEN)
@@ -495,7 +543,7 @@ def _csvs(figures_dir) -> tuple[Path, ...]:
     return tuple(fd / n for n in ("toy2d_results.csv", "rl_results.csv", "toy2d_matched.csv", "toy2d_long.csv",
                                   "toy2d_convergence.csv", "rl_6c.csv", "rl_6c_heldout.csv", "toy2d_xlong.csv",
                                   "toy2d_xxlong.csv", "rl_6c_ln.csv", "rl_6c_big.csv", "rl_6c_heldout_big.csv",
-                                  "toy2d_plateau.csv"))
+                                  "toy2d_plateau.csv", "rl_6c_ln/support_oracle.csv"))
 
 
 def figures_summary(figures_dir="figures") -> str:
@@ -509,7 +557,7 @@ def update_readme(readme, toy_csv="figures/toy2d_results.csv", rl_csv="figures/r
                   rl_heldout_csv: str | Path | None = None, xlong_csv: str | Path | None = None,
                   xxlong_csv: str | Path | None = None, rl_ln_csv: str | Path | None = None,
                   rl_big_csv: str | Path | None = None, rl_heldout_big_csv: str | Path | None = None,
-                  plateau_csv: str | Path | None = None) -> Path:
+                  plateau_csv: str | Path | None = None, oracle_csv: str | Path | None = None) -> Path:
     """Rewrite the README's block between the summary markers (an error if the markers are missing)."""
     readme = Path(readme)
     text = readme.read_text()
@@ -518,7 +566,8 @@ def update_readme(readme, toy_csv="figures/toy2d_results.csv", rl_csv="figures/r
     head, rest = text.split(START, 1)
     _, tail = rest.split(END, 1)
     body = summary_markdown(toy_csv, rl_csv, matched_csv, long_csv, convergence_csv, rl_protocol_csv, rl_heldout_csv,
-                            xlong_csv, xxlong_csv, rl_ln_csv, rl_big_csv, rl_heldout_big_csv, plateau_csv)
+                            xlong_csv, xxlong_csv, rl_ln_csv, rl_big_csv, rl_heldout_big_csv, plateau_csv,
+                            oracle_csv)
     new = f"{head}{START}\n{body}{END}{tail}"
     if new != text:
         atomic_write_text(readme, new)

@@ -368,7 +368,8 @@ def snapshot_oracle_scores(name: str, candidates=(1, 4, 16), horizon: int = 50, 
     step over that policy, restricted to the N support actions. A critic that ranked the support as well as these
     rollouts, at the same N, would score this. MuJoCo environments only (their state is restored for each rollout).
 
-    One dict per N: ``candidates``, ``horizon``, ``gamma``, ``noise``, ``continuation_noise``, ``return_mean``,
+    One dict per N: ``candidates``, ``horizon``, ``gamma``, ``noise``, ``data_noise`` (the recipe's
+    ``collect_noise``: candidates with ``noise`` equal to it are the data's support), ``continuation_noise``, ``return_mean``,
     ``score_mean`` / ``score_std`` (normalised with the dataset's reference scores), ``length_mean``,
     ``episodes``, ``seconds``."""
     import gymnasium as gym
@@ -423,7 +424,8 @@ def snapshot_oracle_scores(name: str, candidates=(1, 4, 16), horizon: int = 50, 
             ret = np.array(rets)
             score = (ret - lo) / (hi - lo) * 100
             out.append({"candidates": n, "horizon": horizon, "gamma": float(gamma), "noise": float(noise),
-                        "continuation_noise": float(continuation_noise), "return_mean": float(ret.mean()),
+                        "data_noise": float(recipe.collect_noise), "continuation_noise": float(continuation_noise),
+                        "return_mean": float(ret.mean()),
                         "score_mean": float(score.mean()), "score_std": float(score.std()),
                         "length_mean": float(np.mean(lens)), "episodes": episodes,
                         "seconds": time.perf_counter() - t0})

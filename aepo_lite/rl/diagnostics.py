@@ -287,7 +287,7 @@ def render_policy_noise(csv_path, figures_dir) -> list[Path]:
     return _render_table(csv_path, POLICY_NOISE_HEADER, policy_noise_table, "scripts/policy_noise.py")
 
 
-SUPPORT_ORACLE_COLUMNS = ("dataset", "snapshot", "noise", "candidates", "horizon", "gamma", "continuation_noise",
+SUPPORT_ORACLE_COLUMNS = ("dataset", "snapshot", "noise", "data_noise", "candidates", "horizon", "gamma", "continuation_noise",
                           "episodes", "return_mean", "score_mean", "score_std", "length_mean", "seconds")
 SUPPORT_ORACLE_HEADER = (
     "# The best of N of a dataset's own actions, chosen by the true return\n\nAt every step N actions of the policy "
@@ -304,9 +304,10 @@ SUPPORT_ORACLE_HEADER = (
 
 def support_oracle_table(rows) -> str:
     """A Markdown table from ``scripts/support_oracle.py``'s rows (or its CSV's), one line per dataset, N, horizon."""
-    lines = ["| dataset | snapshot | noise std | N | horizon | gamma | continuation noise | episodes | return "
-             "| normalised score | mean length | seconds |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['dataset']} | {r['snapshot']} | {float(r['noise']):g} | {r['candidates']} | {r['horizon']} "
+    lines = ["| dataset | snapshot | noise std (the data's) | N | horizon | gamma | continuation noise | episodes "
+             "| return | normalised score | mean length | seconds |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['dataset']} | {r['snapshot']} | {float(r['noise']):g} ({float(r['data_noise']):g}) "
+              f"| {r['candidates']} | {r['horizon']} "
               f"| {float(r['gamma']):g} | {float(r['continuation_noise']):g} | {r['episodes']} | {float(r['return_mean']):.1f} | {float(r['score_mean']):.1f} +- "
               f"{float(r['score_std']):.1f} | {float(r['length_mean']):.0f} | {float(r['seconds']):.0f} |" for r in rows]
     return "\n".join(lines) + "\n"
