@@ -299,8 +299,11 @@ else:
 #   with action noise up to three times the data's (60.5 without, 61.9 at std 0.3). Ranked by their exact
 #   return instead of a critic (an oracle: the simulator run to the episode's end from each candidate), the
 #   best of 64 of the data's own actions scores 62.7, BC + 0.7; candidates three times as spread reach 67.5
-#   (`figures/rl_6c_ln/support_oracle.md`). Its support holds almost nothing better to steer to; BC + 5 needs
-#   actions beyond it.
+#   (`figures/rl_6c_ln/support_oracle.md`). Its support holds almost nothing better to steer to: one step of
+#   improvement within it cannot reach BC + 5.
+#
+#   ![support_oracle.png](../figures/rl_6c_ln/support_oracle.png)
+#
 # - On InvertedDoublePendulum guided sampling reaches 14.9 (5 seeds, BC + 5.1) where best-of-16 by the same
 #   critic reaches 102.9. There the energy's fit is at fault: a 256 x 3 energy trained 20000 steps (3 seeds;
 #   now the `bench` preset's) lifts the default to 43.0 and QGPO to 71.0, which then beats it; on HalfCheetah

@@ -86,3 +86,32 @@ def test_rl_figure_colours_stay_distinct_with_many_rows(monkeypatch, tmp_path, n
     rl_report.render(out, tmp_path / "fig")
     colours = _colours_by_name(figs[0])
     assert len({next(iter(c)) for c in colours.values()}) == len(colours)
+
+
+def test_support_oracle_figure_has_a_line_per_kind_of_row_and_bc_from_the_sweep(monkeypatch, tmp_path):
+    """scripts/support_oracle.py's plot: one line per kind of row (exact Q, noisy rollouts by horizon, wider
+    candidates, the data's policy), and BC at its mean over seeds from the larger-energy sweep's CSV, when that
+    CSV sits in the figures folder above (recomputed here from the CSV's BC rows)."""
+    import csv
+    import shutil
+
+    import aepo_lite._io as io
+    from aepo_lite.rl.diagnostics import render_support_oracle
+    figs = _captured(monkeypatch, io)
+    (tmp_path / "rl_6c_ln").mkdir()
+    shutil.copy(ROOT / "figures" / "rl_6c_ln" / "support_oracle.csv", tmp_path / "rl_6c_ln")
+    render_support_oracle(tmp_path / "rl_6c_ln" / "support_oracle.csv", tmp_path)
+    (alone,) = figs
+    assert not any(str(line.get_gid()).startswith("BC") for line in alone.axes[0].get_lines())
+    shutil.copy(ROOT / "figures" / "rl_6c_big.csv", tmp_path)
+    render_support_oracle(tmp_path / "rl_6c_ln" / "support_oracle.csv", tmp_path)
+    lines = {line.get_gid(): line for line in figs[1].axes[0].get_lines() if line.get_gid()}
+    with open(ROOT / "figures" / "rl_6c_big.csv", newline="") as f:
+        bc = [float(r["normalized_score"]) for r in csv.DictReader(f)
+              if r["dataset"] == "local/hopper/medium-v0" and r["method"] == "bc"]
+    (name,) = [g for g in lines if g.startswith("BC (")]
+    assert lines[name].get_ydata()[0] == pytest.approx(sum(bc) / len(bc))
+    assert {"the data's actions, exact Q to the end", "3x the data's noise, exact Q to the end",
+            "the data's policy (N = 1)", "the data's actions, one noisy rollout of 50 steps"} <= set(lines)
+    assert len({lines[g].get_color() for g in lines if not g.startswith(("BC", "default"))}) == len(
+        [g for g in lines if not g.startswith(("BC", "default"))])

@@ -314,5 +314,64 @@ def support_oracle_table(rows) -> str:
 
 
 def render_support_oracle(csv_path, figures_dir) -> list[Path]:
-    """``support_oracle.md`` beside the CSV, from the CSV alone (``aepo-lite figures``)."""
-    return _render_table(csv_path, SUPPORT_ORACLE_HEADER, support_oracle_table, "scripts/support_oracle.py")
+    """``support_oracle.md`` and ``support_oracle.png`` beside the CSV (``aepo-lite figures``). The plot: score
+    against N per dataset, one line per kind of row (exact Q within the data's noise, one noisy rollout, wider
+    candidates); BC and the default AEPO estimator at their best w as horizontal lines when the larger-energy
+    sweep's CSV (``rl_6c_big.csv``) sits in the figures folder above."""
+    written = _render_table(csv_path, SUPPORT_ORACLE_HEADER, support_oracle_table, "scripts/support_oracle.py")
+    return written + [_plot_support_oracle(Path(csv_path), Path(csv_path).resolve().parent.parent / "rl_6c_big.csv")]
+
+
+def _plot_support_oracle(csv_path: Path, rl_csv: Path) -> Path:
+    import csv
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from aepo_lite._io import atomic_save_figure
+    with open(csv_path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    datasets = sorted({r["dataset"] for r in rows})
+    refs = {}
+    if rl_csv.exists():
+        from aepo_lite.course.summary import default_aepo_label, rl_summary
+        for (ds, preset), res in rl_summary(rl_csv).items():
+            m = res["methods"]
+            refs[ds] = [(f"BC ({m['bc']['mean']:.1f})", m["bc"]["mean"], "0.5", "-")] if "bc" in m else []
+            if "bc" in m:
+                refs[ds].append((f"BC + 5 ({m['bc']['mean'] + 5:.1f})", m["bc"]["mean"] + 5, "0.5", ":"))
+            lab = default_aepo_label(preset)
+            if lab in m:
+                refs[ds].append((f"default AEPO, best w ({m[lab]['mean']:.1f})", m[lab]["mean"], "C3", "--"))
+    fig, axes = plt.subplots(1, len(datasets), figsize=(6.4 * len(datasets), 4.2), squeeze=False,
+                             layout="constrained")
+    for ax, ds in zip(axes[0], datasets):
+        mine = [r for r in rows if r["dataset"] == ds]
+        kinds = {}
+        for r in mine:
+            noise, data, cont = float(r["noise"]), float(r["data_noise"]), float(r["continuation_noise"])
+            if int(r["candidates"]) == 1:
+                kind = "the data's policy (N = 1)"
+            elif cont == 0 and abs(noise - data) < 1e-9:
+                kind = "the data's actions, exact Q to the end"
+            elif cont == 0:
+                kind = f"{noise / data:g}x the data's noise, exact Q to the end"
+            else:
+                kind = f"the data's actions, one noisy rollout of {r['horizon']} steps"
+            kinds.setdefault(kind, []).append((int(r["candidates"]), float(r["score_mean"]), float(r["score_std"])))
+        for i, (kind, pts) in enumerate(sorted(kinds.items())):
+            pts.sort()
+            x, y, e = zip(*pts)
+            ax.errorbar(x, y, yerr=e, marker="os^vD"[i % 5], capsize=3, color=f"C{i}", label=kind, gid=kind)
+        for label, y, colour, style in refs.get(ds, []):
+            ax.axhline(y, color=colour, linestyle=style, label=label, gid=label)
+        ax.set_xscale("log", base=2)
+        ns = sorted({int(r["candidates"]) for r in mine})
+        ax.set_xticks(ns, [str(n) for n in ns])
+        ax.set_xlabel("N, candidate actions per step")
+        ax.set_ylabel("normalised score (10 episodes; +- std)")
+        ax.set_title(f"{ds}: the best of N by the true return", fontsize=10)
+        ax.legend(fontsize=7, loc="best")
+    out = csv_path.with_suffix(".png")
+    atomic_save_figure(out, fig)
+    plt.close(fig)
+    return out
