@@ -349,6 +349,26 @@ def rollout_returns(state: dict, scratch: list, first_actions: np.ndarray, polic
     return returns
 
 
+def _oracle_episode(env, scratch, mean_action, n: int, reset_seed: int, rng, noise: float, continuation_noise: float,
+                    horizon: int, gamma: float) -> tuple[float, int]:
+    """One episode of :func:`snapshot_oracle_scores`' best-of-``n`` policy: (its return, its length)."""
+    low, high = env.action_space.low, env.action_space.high
+    limit = env.spec.max_episode_steps or 10**9
+    obs, _ = env.reset(seed=reset_seed)
+    ret, t, done = 0.0, 0, False
+    while not done:
+        a0 = mean_action(obs[None])[0]
+        first = np.clip(a0 + noise * rng.standard_normal((n, a0.shape[0])), low, high)
+        if n > 1:
+            steps = min(horizon, limit - t)
+            g = rollout_returns(_mujoco_state(env.unwrapped), scratch, first, mean_action,
+                                continuation_noise * rng.standard_normal((steps - 1, a0.shape[0])), gamma)
+            first = first[[int(np.argmax(g))]]
+        obs, r, terminated, truncated, _ = env.step(first[0])
+        ret, t, done = ret + float(r), t + 1, terminated or truncated
+    return ret, t
+
+
 def snapshot_oracle_scores(name: str, candidates=(1, 4, 16), horizon: int = 50, episodes: int = 5,
                            gamma: float = 0.99, seed: int = 100_000, which: str = "medium", noise: Optional[float] = None,
                            continuation_noise: Optional[float] = None, policy_cache: Optional[Path] = None,
@@ -394,39 +414,25 @@ def snapshot_oracle_scores(name: str, candidates=(1, 4, 16), horizon: int = 50, 
         env.close()
         raise ValueError(f"name: {name}'s environment {recipe.env_id} is not a MuJoCo one; the oracle restores "
                          "MuJoCo physics states")
-    limit = env.spec.max_episode_steps or 10**9
     scratch = [gym.make(recipe.env_id).unwrapped for _ in range(max(cands))]
     for i, s in enumerate(scratch):
         s.reset(seed=seed + i)
     mean_action = _sb3_policy(model, 0.0, None)
-    low, high = env.action_space.low, env.action_space.high
     out = []
     try:
         for n in cands:
             t0 = time.perf_counter()
             rets, lens = [], []
             for ep in tqdm(range(episodes), desc=f"oracle best of {n}", disable=not progress, leave=False):
-                rng = np.random.default_rng([seed, n, ep])
-                obs, _ = env.reset(seed=seed + ep)
-                ret, t, done = 0.0, 0, False
-                while not done:
-                    a0 = mean_action(obs[None])[0]
-                    first = np.clip(a0 + noise * rng.standard_normal((n, a0.shape[0])), low, high)
-                    if n > 1:
-                        steps = min(horizon, limit - t)
-                        g = rollout_returns(_mujoco_state(env.unwrapped), scratch, first, mean_action,
-                                            continuation_noise * rng.standard_normal((steps - 1, a0.shape[0])), gamma)
-                        first = first[[int(np.argmax(g))]]
-                    obs, r, terminated, truncated, _ = env.step(first[0])
-                    ret, t, done = ret + float(r), t + 1, terminated or truncated
+                ret, t = _oracle_episode(env, scratch, mean_action, n, seed + ep, np.random.default_rng([seed, n, ep]),
+                                         noise, continuation_noise, horizon, gamma)
                 rets.append(ret)
                 lens.append(t)
             ret = np.array(rets)
             score = (ret - lo) / (hi - lo) * 100
             out.append({"candidates": n, "horizon": horizon, "gamma": float(gamma), "noise": float(noise),
                         "data_noise": float(recipe.collect_noise), "continuation_noise": float(continuation_noise),
-                        "return_mean": float(ret.mean()),
-                        "score_mean": float(score.mean()), "score_std": float(score.std()),
+                        "return_mean": float(ret.mean()), "score_mean": float(score.mean()), "score_std": float(score.std()),
                         "length_mean": float(np.mean(lens)), "episodes": episodes,
                         "seconds": time.perf_counter() - t0})
     finally:
