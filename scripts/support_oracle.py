@@ -3,8 +3,8 @@
 there, for a critic that ranked the support as well as the rollouts do. Writes a CSV and its Markdown table
 beside it (``aepo-lite figures`` re-renders the table from the CSV alone); a rerun skips the rows the CSV has.
 
-    python scripts/support_oracle.py --datasets local/hopper/medium-v0 --candidates 1 4 16 --horizon 1000 \
-        --gamma 1 --continuation-noise 0 --out figures/rl_6c_ln/support_oracle.csv
+    python scripts/support_oracle.py --datasets local/hopper/medium-v0 --candidates 4 16 64 \
+        --out figures/rl_6c_ln/support_oracle.csv
 """
 from __future__ import annotations
 
@@ -35,12 +35,12 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--datasets", nargs="+", required=True, help="datasets made by aepo-lite make-dataset")
     p.add_argument("--candidates", nargs="+", type=int, default=[1, 4, 16], help="N: actions compared per step")
-    p.add_argument("--horizon", type=int, default=50, help="rollout steps per candidate (the candidate's included)")
+    p.add_argument("--horizon", type=int, default=1000, help="rollout steps per candidate (the candidate's included)")
     p.add_argument("--episodes", type=int, default=5, help="episodes per N (reset seeds 100000 + i)")
     p.add_argument("--noise", type=float, default=None, help="action-noise std (default: the data's own)")
-    p.add_argument("--continuation-noise", type=float, default=None,
-                   help="the rollouts' action-noise std after the candidate (default: --noise; 0: the snapshot's exact Q)")
-    p.add_argument("--gamma", type=float, default=0.99, help="the rollouts' discount")
+    p.add_argument("--continuation-noise", type=float, default=0.0,
+                   help="the rollouts' action-noise std after the candidate (0: the snapshot's exact Q)")
+    p.add_argument("--gamma", type=float, default=1.0, help="the rollouts' discount")
     p.add_argument("--which", default="medium", choices=("medium", "expert"), help="the recipe's snapshot")
     p.add_argument("--out", required=True, help="the CSV to write (its .md table is written beside it)")
     a = p.parse_args(argv)
@@ -52,7 +52,7 @@ def main(argv=None) -> int:
             rows = list(csv.DictReader(f))
     for d in a.datasets:
         noise = _data_noise(d) if a.noise is None else a.noise
-        cont = noise if a.continuation_noise is None else a.continuation_noise
+        cont = a.continuation_noise
         for n in a.candidates:
             key = (d, a.which, n, a.horizon, a.episodes, round(noise, 9), round(cont, 9), round(a.gamma, 9))
             if key in {_key(r) for r in rows}:
