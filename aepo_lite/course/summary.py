@@ -275,8 +275,13 @@ def _oracle_lines(oracle_csv, rl_csv) -> list[str]:
     return [f"- **{ORACLE_TITLE}** (`figures/rl_6c_ln/support_oracle.md`: at every step the best of N actions of "
             "the data's own policy, ranked by the simulator run from each to the episode's end with the deterministic "
             "policy that made the data: one exact policy-improvement step within the support; "
-            + "-".join(sorted({r["episodes"] for r in rows}, key=int)[::max(1, len({r["episodes"] for r in rows}) - 1)])
-            + " episodes a row): " + ". ".join(parts) + "."]
+            + _span([int(r["episodes"]) for r in rows]) + " episodes a row): " + ". ".join(parts) + "."]
+
+
+def _span(values) -> str:
+    """"10" for one value, "5-10" for several."""
+    lo, hi = min(values), max(values)
+    return f"{lo}" if lo == hi else f"{lo}-{hi}"
 
 
 def _convergence_lines(csv_path) -> list[str]:
