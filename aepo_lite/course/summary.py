@@ -240,7 +240,8 @@ def _oracle_lines(oracle_csv, rl_csv) -> list[str]:
     """Where the default AEPO estimator misses BC + 5 in ``rl_csv``, what the data's support holds there by the
     true return (``rl_6c_ln/support_oracle.csv``, ``scripts/support_oracle.py``): its exact-Q rows (continuation
     noise 0, gamma 1) with candidates of the data's own noise, their best against BC, and any wider candidates."""
-    rows = [r for r in _read(oracle_csv) if float(r["continuation_noise"]) == 0 and float(r["gamma"]) == 1]
+    from aepo_lite.rl.diagnostics import support_oracle_kind
+    rows = [r for r in _read(oracle_csv) if support_oracle_kind(r) in ("support", "wider") and float(r["gamma"]) == 1]
     rl = rl_summary(rl_csv)
     parts = []
     for ds in sorted({r["dataset"] for r in rows}):
@@ -252,8 +253,7 @@ def _oracle_lines(oracle_csv, rl_csv) -> list[str]:
         if bc is None or a is None or a["mean"] >= bc["mean"] + 5:
             continue  # only where the default misses
         mine = [r for r in rows if r["dataset"] == ds]
-        inside = sorted((r for r in mine if abs(float(r["noise"]) - float(r["data_noise"])) < 1e-9),
-                        key=lambda r: int(r["candidates"]))
+        inside = sorted((r for r in mine if support_oracle_kind(r) == "support"), key=lambda r: int(r["candidates"]))
         if not inside:
             continue
         b = bc["mean"]
@@ -263,7 +263,7 @@ def _oracle_lines(oracle_csv, rl_csv) -> list[str]:
                 + f" against BC's {b:.1f} (at best BC {best - b:+.1f}), so one step of improvement within the "
                 + ("data's support gives less than BC + 5 there" if best < b + 5 else
                    "data's support holds BC + 5 there: a critic ranking it as the simulator does would reach it"))
-        for r in sorted((r for r in mine if float(r["noise"]) > float(r["data_noise"]) + 1e-9),
+        for r in sorted((r for r in mine if support_oracle_kind(r) == "wider"),
                         key=lambda r: (float(r["noise"]), int(r["candidates"]))):
             x = float(r["score_mean"])
             text += (f"; candidates with {float(r['noise']) / float(r['data_noise']):g}x the data's noise (N = "

@@ -31,7 +31,8 @@ from aepo_lite.core.diffusion import energy_guidance
 
 __all__ = ["energy_gradient_norms", "gradient_rows", "gradient_table", "render", "guided_q_stats", "guided_q_rows",
            "render_guided_q", "energy_fit_stats", "energy_fit_rows", "render_energy_fit", "write_csv_and_table",
-           "POLICY_NOISE_COLUMNS", "render_policy_noise", "SUPPORT_ORACLE_COLUMNS", "render_support_oracle"]
+           "POLICY_NOISE_COLUMNS", "render_policy_noise", "SUPPORT_ORACLE_COLUMNS", "render_support_oracle",
+           "support_oracle_kind"]
 
 TIMES = (0.05, 0.2, 0.5, 0.9)
 
@@ -313,6 +314,16 @@ def support_oracle_table(rows) -> str:
     return "\n".join(lines) + "\n"
 
 
+def support_oracle_kind(row) -> str:
+    """What a support-oracle row (CSV dict) measures: ``policy`` (N = 1, the data's policy), ``noisy`` (one noisy
+    rollout a candidate), ``support`` (exact Q, candidates of the data's own noise) or ``wider`` (exact Q, more noise)."""
+    if int(row["candidates"]) == 1:
+        return "policy"
+    if float(row["continuation_noise"]) > 0:
+        return "noisy"
+    return "support" if abs(float(row["noise"]) - float(row["data_noise"])) < 1e-9 else "wider"
+
+
 def render_support_oracle(csv_path, figures_dir) -> list[Path]:
     """``support_oracle.md`` and ``support_oracle.png`` beside the CSV (``aepo-lite figures``). The plot: score
     against N per dataset, one line per kind of row (exact Q within the data's noise, one noisy rollout, wider
@@ -335,10 +346,10 @@ def _plot_support_oracle(csv_path: Path, rl_csv: Path) -> Path:
     if rl_csv.exists():
         from aepo_lite.course.summary import default_aepo_label, rl_summary
         for (ds, preset), res in rl_summary(rl_csv).items():
-            m = res["methods"]
-            refs[ds] = [(f"BC ({m['bc']['mean']:.1f})", m["bc"]["mean"], "0.5", "-")] if "bc" in m else []
+            m, refs[ds] = res["methods"], []
             if "bc" in m:
-                refs[ds].append((f"BC + 5 ({m['bc']['mean'] + 5:.1f})", m["bc"]["mean"] + 5, "0.5", ":"))
+                b = m["bc"]["mean"]
+                refs[ds] += [(f"BC ({b:.1f})", b, "0.5", "-"), (f"BC + 5 ({b + 5:.1f})", b + 5, "0.5", ":")]
             lab = default_aepo_label(preset)
             if lab in m:
                 refs[ds].append((f"default AEPO, best w ({m[lab]['mean']:.1f})", m[lab]["mean"], "C3", "--"))
@@ -348,15 +359,9 @@ def _plot_support_oracle(csv_path: Path, rl_csv: Path) -> Path:
         mine = [r for r in rows if r["dataset"] == ds]
         kinds = {}
         for r in mine:
-            noise, data, cont = float(r["noise"]), float(r["data_noise"]), float(r["continuation_noise"])
-            if int(r["candidates"]) == 1:
-                kind = "the data's policy (N = 1)"
-            elif cont == 0 and abs(noise - data) < 1e-9:
-                kind = "the data's actions, exact Q to the end"
-            elif cont == 0:
-                kind = f"{noise / data:g}x the data's noise, exact Q to the end"
-            else:
-                kind = f"the data's actions, one noisy rollout of {r['horizon']} steps"
+            kind = {"policy": "the data's policy (N = 1)", "support": "the data's actions, exact Q to the end",
+                    "wider": f"{float(r['noise']) / float(r['data_noise']):g}x the data's noise, exact Q to the end",
+                    "noisy": f"the data's actions, one noisy rollout of {r['horizon']} steps"}[support_oracle_kind(r)]
             kinds.setdefault(kind, []).append((int(r["candidates"]), float(r["score_mean"]), float(r["score_std"])))
         for i, (kind, pts) in enumerate(sorted(kinds.items())):
             pts.sort()
@@ -368,7 +373,7 @@ def _plot_support_oracle(csv_path: Path, rl_csv: Path) -> Path:
         ns = sorted({int(r["candidates"]) for r in mine})
         ax.set_xticks(ns, [str(n) for n in ns])
         ax.set_xlabel("N, candidate actions per step")
-        ax.set_ylabel("normalised score (10 episodes; +- std)")
+        ax.set_ylabel("normalised score (+- std over episodes)")
         ax.set_title(f"{ds}: the best of N by the true return", fontsize=10)
         ax.legend(fontsize=7, loc="best")
     out = csv_path.with_suffix(".png")
