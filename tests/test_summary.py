@@ -483,3 +483,31 @@ def test_oracle_line_says_what_the_support_holds_where_the_default_misses(tmp_pa
     _write(tmp_path / "rl.csv", [dict(r, normalized_score=65 + r["seed"]) if r["dataset"] == "miss" and r["method"] == lab
                                  else r for r in rl])
     assert _oracle_lines(tmp_path / "o.csv", tmp_path / "rl.csv") == []
+
+
+def test_a_best_scale_at_the_top_of_the_sweep_is_named_as_such(tmp_path):
+    """Best at the largest swept scale (of several) is flagged in the protocol lines and the RL table, with a
+    sentence for the default; best inside the sweep, or a method swept at one scale, is not."""
+    from aepo_lite.course.summary import _rl_protocol_lines, default_aepo_label
+    from aepo_lite.rl.report import COLUMNS, _write_csv, markdown_table
+    lab = default_aepo_label("bench")
+    means = {"bc": {0.0: 50}, "qgpo": {1.0: 60, 3.0: 55}, lab: {1.0: 58, 3.0: 62}}  # QGPO peaks inside, AEPO at the top
+    rows = [dict(dataset="local/d/m-v0", method=m, seed=s, guidance_scale=w, return_mean=v + s - 1,
+                 normalized_score=v + s - 1, transitions=10, preset="bench", episodes=10, candidates=1,
+                 guidance_t_max=1.0, sample_steps=15, solver="dpmpp2m")
+            for m, by_w in means.items() for w, v in by_w.items() for s in range(3)]
+    _write(tmp_path / "r.csv", rows)
+    r = rl_summary(tmp_path / "r.csv")[("local/d/m-v0", "bench")]["methods"]
+    assert r[lab]["edge"] and r[lab]["w"] == 3.0
+    assert not r["qgpo"]["edge"] and not r["bc"]["edge"]  # inside the sweep; one scale only
+    line = _rl_protocol_lines(tmp_path / "r.csv")[0]
+    assert f"{lab} 62.0 +- 1.0 (w=3, the largest swept)" in line and "qgpo 60.0 +- 1.0 (w=1)" in line
+    assert line.endswith("Its best w is the largest swept; larger w is not in this table.")
+    _write_csv(tmp_path / "t.csv", COLUMNS, rows)
+    table = markdown_table(tmp_path / "t.csv")
+    assert f"| {lab} | 10 ep, dpmpp2m 15 steps | 3 (best, the largest swept) |" in table
+    assert "| qgpo | 10 ep, dpmpp2m 15 steps | 1 (best) |" in table and "| bc | 10 ep, dpmpp2m 15 steps | 0 |" in table
+    # the top scale losing: no flag, no sentence
+    _write(tmp_path / "r.csv", [dict(r, normalized_score=r["normalized_score"] - 10) if r["method"] == lab and
+                                r["guidance_scale"] == 3.0 else r for r in rows])
+    assert "largest swept" not in _rl_protocol_lines(tmp_path / "r.csv")[0]

@@ -82,7 +82,8 @@ def toy_summary_rows(rows: list[dict], beta: float = 10.0, w: float | None = 1.0
 
 def rl_summary(csv_path) -> dict:
     """Per dataset and preset: each method's best guidance scale (by its mean over seeds: an optimistic choice
-    made on the evaluation itself, the same rule for every method) and that mean +- sample std over seeds."""
+    made on the evaluation itself, the same rule for every method) and that mean +- sample std over seeds;
+    ``edge``: that scale is the largest of the several the method was swept at (the optimum may lie beyond)."""
     groups = defaultdict(lambda: defaultdict(list))
     dataset_score, settings = {}, {}
     for r in _read(csv_path):
@@ -96,11 +97,14 @@ def rl_summary(csv_path) -> dict:
         settings.setdefault(key, set()).add((r.get("sample_steps", ""), r.get("episodes", "")))
     out = {}
     for key, cells in groups.items():
-        best = {}
+        best, swept = {}, defaultdict(set)
         for (m, w), v in cells.items():
+            swept[m].add(w)
             mean = statistics.mean(v)
             if m not in best or mean > best[m]["mean"]:
                 best[m] = {"w": w, "mean": mean, "std": statistics.stdev(v) if len(v) > 1 else 0.0, "n": len(v)}
+        for m, b in best.items():  # best at the largest of several swept scales: the optimum may lie beyond the sweep
+            b["edge"] = len(swept[m]) > 1 and b["w"] > 0 and b["w"] == max(swept[m])
         out[key] = {"methods": best, "dataset": dataset_score.get(key), "settings": sorted(settings.get(key, ()))}
     return out
 
@@ -204,8 +208,8 @@ def _rl_protocol_lines(csv_path, title: str = "Offline RL (6c protocol)", target
         label = default_aepo_label(preset, **(then or {}))
         m = r["methods"]
         n = max(v["n"] for v in m.values())
-        parts = [f"{k} {v['mean']:.1f} +- {v['std']:.1f} (w={v['w']:g}" + (f", {v['n']} seeds)" if v["n"] < n else ")")
-                 for k, v in sorted(m.items(), key=lambda kv: -kv[1]["mean"])]
+        parts = [f"{k} {v['mean']:.1f} +- {v['std']:.1f} (w={v['w']:g}" + (", the largest swept" if v["edge"] else "")
+                 + (f", {v['n']} seeds)" if v["n"] < n else ")") for k, v in sorted(m.items(), key=lambda kv: -kv[1]["mean"])]
         line = (f"- **{title}, {ds}** (`{preset}` preset, 15 sampler steps, 10 episodes x {n} seeds, "
                 "normalised score: 0 = uniform random actions, 100 = the best TD3 snapshot; best w per method): "
                 + "; ".join(parts))
@@ -219,7 +223,9 @@ def _rl_protocol_lines(csv_path, title: str = "Offline RL (6c protocol)", target
                 room.append((ds, ok5, okq))
             line += (f". The default AEPO estimator{' then' if then else ''}, {label}, "
                      f"{'reaches' if ok5 else 'does not reach'} BC + 5 ({a['mean'] - bc['mean']:+.1f} points)" + ("" if q is None else
-                     f" and is {'at or above' if okq else 'below'} QGPO ({a['mean'] - q['mean']:+.1f})") + ".")
+                     f" and is {'at or above' if okq else 'below'} QGPO ({a['mean'] - q['mean']:+.1f})") + "."
+                     + (" Its best w is the largest swept; larger w is not in this table." if a["edge"]
+                        else ""))
         lines.append(line)
     k = len(rl)
     if not target:

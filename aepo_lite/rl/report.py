@@ -349,9 +349,10 @@ def markdown_table(csv_path) -> str:
         "|---|---|---|---|---|---|---|---|---|"]
     order = {"dataset": 0, "bc": 1}
     for (ds, preset), rs in sorted(by_ds.items()):
-        best = {}
+        best, swept = {}, defaultdict(set)
         for r in rs:
             v = _variant(r)
+            swept[v].add(r["guidance_scale"])
             key = r["score_mean"] if r["score_mean"] is not None else r["return_mean"]
             cur = best.get(v)
             ck = None if cur is None else (cur["score_mean"] if cur["score_mean"] is not None else cur["return_mean"])
@@ -360,6 +361,9 @@ def markdown_table(csv_path) -> str:
         for v, r in sorted(best.items(), key=lambda kv: (order.get(kv[0][0], 2), kv[0])):
             m = r["method"]
             w = "—" if r["guidance_scale"] is None else f"{r['guidance_scale']:g}" + (" (best)" if m not in order else "")
+            ws = {x for x in swept[v] if x is not None}
+            if m not in order and r["guidance_scale"] is not None and len(ws) > 1 and r["guidance_scale"] == max(ws):
+                w = w[:-1] + ", the largest swept)"  # the optimum may lie beyond the sweep
             seeds = "—" if m == "dataset" else str(r["seeds"])
             lines.append(f"| {ds} | {preset} | {r['transitions']} | {m} | {_eval_text(r)} | {w} | {seeds} | "
                          f"{_fmt(r['score_mean'], r['score_std'])} | {_fmt(r['return_mean'], r['return_std'])} |")
