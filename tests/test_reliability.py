@@ -215,8 +215,9 @@ def test_eval_with_other_candidates_or_episodes_never_merges_with_plain_rows(tmp
     by = {(r["method"], r["episodes"]): (r["seeds"], r["return_mean"]) for r in summ}
     assert by == {("qgpo", "5"): (2, 101.0), ("qgpo[best-of-8]", "1"): (1, 901.0), ("qgpo", "1"): (1, 501.0)}
     table = rl_report.markdown_table(csv_path)
-    assert "| qgpo | 5 ep, dpmpp2m 5 steps | 1 (best) | 2 |" in table
-    assert "| qgpo | 1 ep, dpmpp2m 5 steps | 1 (best) | 1 |" in table
+    # swept at 0.1 and 1, best at 1: the table says it is the largest swept
+    assert "| qgpo | 5 ep, dpmpp2m 5 steps | 1 (best, the largest swept) | 2 |" in table
+    assert "| qgpo | 1 ep, dpmpp2m 5 steps | 1 (best, the largest swept) | 1 |" in table
 
 
 def test_best_of_n_at_w0_is_labelled_as_behaviour_samples_ranked_by_the_runs_critic(tmp_path):
