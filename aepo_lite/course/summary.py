@@ -13,6 +13,7 @@ from pathlib import Path
 
 from aepo_lite._io import atomic_write_text
 from aepo_lite.config import PRESETS
+from aepo_lite.rl.report import at_top_of_sweep
 
 __all__ = ["toy_summary", "toy_summary_rows", "rl_summary", "summary_markdown", "figures_summary", "update_readme"]
 
@@ -103,8 +104,8 @@ def rl_summary(csv_path) -> dict:
             mean = statistics.mean(v)
             if m not in best or mean > best[m]["mean"]:
                 best[m] = {"w": w, "mean": mean, "std": statistics.stdev(v) if len(v) > 1 else 0.0, "n": len(v)}
-        for m, b in best.items():  # best at the largest of several swept scales: the optimum may lie beyond the sweep
-            b["edge"] = len(swept[m]) > 1 and b["w"] > 0 and b["w"] == max(swept[m])
+        for m, b in best.items():
+            b["edge"] = at_top_of_sweep(b["w"], swept[m])
         out[key] = {"methods": best, "dataset": dataset_score.get(key), "settings": sorted(settings.get(key, ()))}
     return out
 

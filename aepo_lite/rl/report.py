@@ -335,6 +335,13 @@ def _reference_lines(csv_path) -> list[str]:
     return lines + [""]
 
 
+def at_top_of_sweep(w, scales) -> bool:
+    """``w`` is the largest of several positive guidance scales swept (None skipped): a best w there may have its
+    optimum beyond the sweep, so the tables and summary lines say so."""
+    ws = {x for x in scales if x is not None}
+    return w is not None and w > 0 and len(ws) > 1 and w == max(ws)
+
+
 def markdown_table(csv_path) -> str:
     """Headline table (dataset, BC, best guidance scale per guided method) and the full sweep.
 
@@ -360,10 +367,8 @@ def markdown_table(csv_path) -> str:
                 best[v] = r
         for v, r in sorted(best.items(), key=lambda kv: (order.get(kv[0][0], 2), kv[0])):
             m = r["method"]
-            w = "—" if r["guidance_scale"] is None else f"{r['guidance_scale']:g}" + (" (best)" if m not in order else "")
-            ws = {x for x in swept[v] if x is not None}
-            if m not in order and r["guidance_scale"] is not None and len(ws) > 1 and r["guidance_scale"] == max(ws):
-                w = w[:-1] + ", the largest swept)"  # the optimum may lie beyond the sweep
+            top = ", the largest swept" if at_top_of_sweep(r["guidance_scale"], swept[v]) else ""
+            w = "—" if r["guidance_scale"] is None else f"{r['guidance_scale']:g}" + (f" (best{top})" if m not in order else "")
             seeds = "—" if m == "dataset" else str(r["seeds"])
             lines.append(f"| {ds} | {preset} | {r['transitions']} | {m} | {_eval_text(r)} | {w} | {seeds} | "
                          f"{_fmt(r['score_mean'], r['score_std'])} | {_fmt(r['return_mean'], r['return_std'])} |")
