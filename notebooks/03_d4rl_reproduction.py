@@ -294,7 +294,7 @@ else:
 #   behaviour cloning by 5 on 5 of 6 and is at or above QGPO on 6 of 6 (on seeds 0-2 it gained on four
 #   datasets, most on HalfCheetah replay, 60.4 against 39.7, and lost on Hopper replay, 77.7 against 102.2,
 #   and Pusher replay).
-# - Hopper medium stays the miss (BC + 2.1 there, 5 seeds; + 4.6 with today's default, below): the best of 16
+# - Hopper medium stays the miss (BC + 2.1 there, 5 seeds; + 2.9 with today's default on 10 seeds, below): the best of 16
 #   behaviour samples by Q is barely better than one there, and the policy that made the data scores the same
 #   with action noise up to three times the data's (60.5 without, 61.9 at std 0.3). Ranked by their exact
 #   return instead of a critic (an oracle: the simulator run to the episode's end from each candidate), the
@@ -312,7 +312,8 @@ else:
 # - Fitting the centered target with QGPO's softmax loss instead of the squared one (`energy.fit`, ours) makes
 #   its gradient follow a 128-particle reference more closely on all six datasets, and it is the default now:
 #   by the rule stated before its last seeds, a tie on the target's checks broken by the mean over the six
-#   datasets (77.9 against 74.3). With it (3-5 seeds): BC + 5 on 5 of 6 (Hopper medium + 4.6), at or above
+#   datasets (77.9 against 74.3). With it (3-10 seeds): BC + 5 on 5 of 6 (Hopper medium + 2.9 on 10 seeds; + 4.6 on
+#   seeds 0-4 alone, + 1.2 on seeds 5-9, run later to settle it), at or above
 #   QGPO on 5 of 6 (InvertedDoublePendulum 58.7 against 56.8; Pusher replay 86.4 against 87.4, the loss).
 #   The target (BC + 5 everywhere) is not reached; the generated lines below give every row.
 # - On Reacher, the dataset kept for checks nothing was tuned on, today's default scores 80.0 (3 seeds, w = 1)
