@@ -298,7 +298,7 @@ else:
 #   behaviour samples by Q is barely better than one there, and the policy that made the data scores the same
 #   with action noise up to three times the data's (60.5 without, 61.9 at std 0.3). Ranked by their exact
 #   return instead of a critic (an oracle: the simulator run to the episode's end from each candidate), the
-#   best of 64 of the data's own actions scores 62.7, BC + 0.7; candidates three times as spread reach 67.5
+#   best of 64 of the data's own actions scores 62.7, BC + 0.8 (BC 61.9 on 10 seeds); candidates three times as spread reach 67.5
 #   (`figures/rl_6c_ln/support_oracle.md`). Its support holds almost nothing better to steer to: one step of
 #   improvement within it cannot reach BC + 5. The default's best w there, 10, is the sweep's largest (the
 #   tables below say so); w = 20, 30 and 50, checked outside the sweep, score lower (docs/results.md).
