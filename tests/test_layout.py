@@ -29,7 +29,8 @@ def test_layout_shows_the_architecture():
     for pkg in ("core", "training", "rl", "toy", "course", "cli"):
         assert (LIB / pkg / "__init__.py").exists(), pkg
     flat = sorted(p.name for p in LIB.glob("*.py"))
-    assert flat == sorted(["__init__.py", "__main__.py", "_checks.py", "_io.py", "bench.py", "config.py", "device.py"])
+    assert flat == sorted(["__init__.py", "__main__.py", "_checks.py", "_io.py", "_procs.py", "bench.py", "config.py",
+                           "device.py"])
 
 
 def test_one_device_switch():

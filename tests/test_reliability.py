@@ -886,3 +886,54 @@ def test_a_cut_rl_results_csv_is_named_not_a_renderer_crash(tmp_path):
     with pytest.raises(ValueError, match=r"rl_results\.csv line \d+ does not have the header's 13\+ cells"):
         rl_report.render(csv_path, tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rl_results.csv"]
+
+
+_POOL_SCRIPT = """
+import os, sys, time
+from aepo_lite._procs import process_pool
+
+def work(path):
+    with open(path + ".tmp", "w") as f:
+        f.write(str(os.getpid()))
+    os.replace(path + ".tmp", path)
+    time.sleep(120)
+
+if __name__ == "__main__":
+    with process_pool(1) as pool:
+        pool.submit(work, sys.argv[1]).result()
+"""
+
+
+def _alive(pid: int) -> bool:
+    """The process exists and is not a zombie (a dead child nobody has reaped yet)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
+def test_pool_workers_stop_when_the_parent_is_killed(tmp_path):
+    """A sweep or a toy grid killed with SIGTERM takes its spawned workers with it (they would go on training)."""
+    script, pid_file = tmp_path / "pool.py", tmp_path / "worker.pid"
+    script.write_text(_POOL_SCRIPT)
+    parent = subprocess.Popen([sys.executable, str(script), str(pid_file)], cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 60
+        while not pid_file.exists():
+            assert parent.poll() is None and time.monotonic() < deadline, "the worker never started"
+            time.sleep(0.1)
+        worker = int(pid_file.read_text())
+        assert _alive(worker)
+        parent.send_signal(signal.SIGTERM)
+        parent.wait(timeout=30)
+        deadline = time.monotonic() + 20
+        while _alive(worker) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _alive(worker), f"worker {worker} outlived its killed parent"
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+        if pid_file.exists() and _alive(int(pid_file.read_text())):
+            os.kill(int(pid_file.read_text()), signal.SIGKILL)

@@ -164,21 +164,15 @@ def start_path(root: Path) -> str:
 def parent_death_signal():
     """Linux: a ``preexec_fn`` that asks the kernel to send the child SIGTERM when its parent (this
     process) dies, however it dies; ``None`` elsewhere. libc is looked up here, before the fork."""
-    if not sys.platform.startswith("linux"):
-        return None
-    import ctypes
+    from aepo_lite._procs import _prctl, die_with_parent
 
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
+    prctl = _prctl()
+    if prctl is None:
         return None
-    PR_SET_PDEATHSIG = 1
     parent = os.getpid()
 
     def set_signal() -> None:  # runs in the child, between fork and exec
-        prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
-        if os.getppid() != parent:  # the parent died before prctl: nobody would send the signal
-            os.kill(os.getpid(), signal.SIGTERM)
+        die_with_parent(parent, prctl)
 
     return set_signal
 

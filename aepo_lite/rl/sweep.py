@@ -223,9 +223,10 @@ def _run_local(specs: list[RunSpec], cfg: SweepConfig, on_result) -> None:
         for s in specs:
             on_result(run_one(s, cfg.threads))
         return
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor, as_completed
-    with ProcessPoolExecutor(max_workers=cfg.workers, mp_context=mp.get_context("spawn")) as pool:
+    from concurrent.futures import as_completed
+
+    from aepo_lite._procs import process_pool
+    with process_pool(cfg.workers) as pool:  # its workers stop if the sweep is killed
         futures = [pool.submit(run_one, asdict(s), cfg.threads) for s in specs]
         for f in as_completed(futures):
             on_result(f.result())

@@ -159,11 +159,12 @@ def run_convergence(cc: ConvergenceConfig, csv_path="figures/toy2d_convergence.c
         for i, cfg in enumerate(cfgs):
             done(i + 1, *_run_one(cfg, runs_dir, cache_dir, progress, csv_path))
         return read_rows(csv_path)
-    import multiprocessing as mp
     import os
-    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures import as_completed
+
+    from aepo_lite._procs import process_pool
     threads = max(1, (os.cpu_count() or 1) // workers)
-    with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
+    with process_pool(workers) as pool:  # its workers stop if the grid is killed
         futures = [pool.submit(_run_one, cfg, runs_dir, cache_dir, False, csv_path, threads) for cfg in cfgs]
         for i, f in enumerate(as_completed(futures)):
             done(i + 1, *f.result())
