@@ -417,7 +417,8 @@ def test_current_lines_come_first_and_the_earlier_ones_are_folded(tmp_path, csvs
     _write(tmp_path / "rl_6c.csv", rows)
     md = summary_markdown(*csvs, rl_protocol_csv=tmp_path / "rl_6c.csv", rl_big_csv=tmp_path / "rl_6c_big.csv")
     first, rest = md.split(f"<details><summary>{EARLIER}</summary>")
-    assert first.startswith(f"- **{BIG_TITLE}, local/d1/m-v0**") and "committed grid" not in first
+    assert first.lstrip().startswith("**Offline RL at a glance**") and "committed grid" not in first
+    assert f"\n- **{BIG_TITLE}, local/d1/m-v0**" in first
     assert OLD_TITLE not in first and f"**{OLD_TITLE}, local/d1/m-v0**" in rest
     assert rest.rstrip().endswith("</details>") and md.count("<details>") == 1
     earlier = [ln for ln in plain.splitlines() if ln.startswith("- ")]
@@ -511,3 +512,27 @@ def test_a_best_scale_at_the_top_of_the_sweep_is_named_as_such(tmp_path):
     _write(tmp_path / "r.csv", [dict(r, normalized_score=r["normalized_score"] - 10) if r["method"] == lab and
                                 r["guidance_scale"] == 3.0 else r for r in rows])
     assert "largest swept" not in _rl_protocol_lines(tmp_path / "r.csv")[0]
+
+
+def test_rl_glance_table_puts_each_method_at_its_best_scale_and_marks_the_defaults_misses(tmp_path):
+    """The at-a-glance table, by hand: each method's mean at its own best w, the default's margins over BC and
+    QGPO (a miss of BC + 5 or of QGPO in bold), fewer seeds named, the held-out dataset marked."""
+    from aepo_lite.course.summary import GAUSSIAN, _rl_glance_lines, default_aepo_label
+    lab = default_aepo_label("bench")
+    means = {"d1": {"bc": {0.0: 50}, "qgpo": {1.0: 60, 3.0: 54}, lab: {1.0: 58, 3.0: 62}, "mse": {1.0: 51}},
+             "d2": {"bc": {0.0: 50}, "qgpo": {1.0: 57}, lab: {1.0: 53, 3.0: 52}, GAUSSIAN: {0.1: 40}}}
+    rows = [dict(dataset=f"local/{d}/m-v0", method=m, seed=s, guidance_scale=w, return_mean=0,
+                 normalized_score=v + s - 1, preset="bench", sample_steps=15, episodes=10)
+            for d, by_m in means.items() for m, by_w in by_m.items() for w, v in by_w.items()
+            for s in (range(2) if m == "mse" else range(3))]
+    rows.append(dict(rows[0], method="dataset", seed="", guidance_scale="", normalized_score=47.5))
+    _write(tmp_path / "r.csv", rows)
+    _write(tmp_path / "h.csv", [dict(r, dataset="local/h/m-v0") for r in rows if r["dataset"] == "local/d2/m-v0"])
+    lines = _rl_glance_lines(tmp_path / "r.csv", tmp_path / "h.csv")
+    table = [ln for ln in lines if ln.startswith("| local/")]
+    assert table == [
+        "| local/d1/m-v0 | 3 | 47.5 | 50.0 | 50.5 (2 seeds) | 60.0 | — | 62.0 (w=3, the largest swept) | +12.0 | +2.0 |",
+        "| local/d2/m-v0 | 3 | — | 50.0 | — | 57.0 | 40.0 | 53.0 (w=1) | **+3.0** (under + 5) | **-4.0** |",
+        "| local/h/m-v0 (held out) | 3 | — | 50.0 | — | 57.0 | 40.0 | 53.0 (w=1) | **+3.0** (under + 5) | **-4.0** |"]
+    assert lines[0] == "" and lines[-1] == ""  # a table between bullets needs blank lines around it
+    assert _rl_glance_lines(tmp_path / "missing.csv") == []

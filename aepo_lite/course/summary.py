@@ -243,6 +243,51 @@ def _rl_protocol_lines(csv_path, title: str = "Offline RL (6c protocol)", target
     return lines
 
 
+GAUSSIAN = "aepo(tweedie/sampled)"  # the paper-style Gaussian target's row label (estimator tweedie, sampling)
+
+
+def _cell(v: dict | None, n: int, mark_w: bool = False) -> str:
+    """A method's mean at its best w; its seed count where it has fewer than the table's ``n``."""
+    if v is None:
+        return "—"
+    notes = ([f"w={v['w']:g}" + (", the largest swept" if v["edge"] else "")] if mark_w else []) \
+        + ([f"{v['n']} seeds"] if v["n"] < n else [])
+    return f"{v['mean']:.1f}" + (f" ({', '.join(notes)})" if notes else "")
+
+
+def _rl_glance_lines(rl_csv, heldout_csv=None) -> list[str]:
+    """Today's offline-RL sweep as one table a reader takes in at a glance: per dataset (and the held-out one,
+    marked) the data's own episodes, BC, MSE, QGPO, the Gaussian AEPO target and the library's default AEPO
+    estimator, each at its own best w (the rule of :func:`rl_summary`), then the default's margins over BC and
+    over QGPO, a miss of the target (BC + 5; at least QGPO) in bold. The per-row bullets below hold the stds,
+    seeds per row and every other estimator."""
+    found = [(ds, preset, r, False) for (ds, preset), r in sorted(rl_summary(rl_csv).items())]
+    if heldout_csv is not None:
+        found += [(ds, preset, r, True) for (ds, preset), r in sorted(rl_summary(heldout_csv).items())]
+    if not found:
+        return []
+    rows = []
+    for ds, preset, r, held in found:
+        m = r["methods"]
+        a, bc, q = m.get(default_aepo_label(preset)), m.get("bc"), m.get("qgpo")
+        vs_bc = vs_q = "—"
+        if a and bc:
+            d = a["mean"] - bc["mean"]
+            vs_bc = f"{d:+.1f}" if d >= 5 else f"**{d:+.1f}** (under + 5)"
+        if a and q:
+            d = a["mean"] - q["mean"]
+            vs_q = f"{d:+.1f}" if d >= 0 else f"**{d:+.1f}**"
+        n = max(v["n"] for v in m.values())
+        data = "—" if r["dataset"] is None else f"{r['dataset']:.1f}"
+        rows.append(f"| {ds}{' (held out)' if held else ''} | {n} | {data} | {_cell(bc, n)} | {_cell(m.get('mse'), n)} | "
+                    f"{_cell(q, n)} | {_cell(m.get(GAUSSIAN), n)} | {_cell(a, n, True)} | {vs_bc} | {vs_q} |")
+    return ["", f"**Offline RL at a glance** (the {BIG_ENERGY} and the {LN_CRITIC}; `bench` preset, 15 sampler "
+            "steps, 10 episodes a seed; normalised score, mean over seeds, each method at its own best w; "
+            "data: the dataset's own episodes; AEPO default: the library's default estimator, AEPO Gaussian: the paper-style Gaussian target):", "",
+            "| dataset | seeds | data | BC | MSE | QGPO | AEPO Gaussian | AEPO default | default - BC | "
+            "default - QGPO |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|", *rows, ""]
+
+
 def _oracle_lines(oracle_csv, rl_csv) -> list[str]:
     """Where the default AEPO estimator misses BC + 5 in ``rl_csv``, what the data's support holds there by the
     true return (``rl_6c_ln/support_oracle.csv``, ``scripts/support_oracle.py``): its exact-Q rows (continuation
@@ -534,6 +579,8 @@ def summary_markdown(toy_csv="figures/toy2d_results.csv", rl_csv="figures/rl_res
         lines += _rl_protocol_lines(rl_ln_csv, LN_TITLE, target_title=f"Offline RL target, {LN_CRITIC}",
                                     then=SQUARED_THEN)
     if rl_big_csv is not None and Path(rl_big_csv).exists():
+        held = rl_heldout_big_csv if rl_heldout_big_csv is not None and Path(rl_heldout_big_csv).exists() else None
+        current += _rl_glance_lines(rl_big_csv, held)
         current += _rl_protocol_lines(rl_big_csv, BIG_TITLE, target_title=f"Offline RL target, {BIG_ENERGY}")
     if oracle_csv is not None and Path(oracle_csv).exists() and rl_big_csv is not None and Path(rl_big_csv).exists():
         current += _oracle_lines(oracle_csv, rl_big_csv)
