@@ -281,9 +281,12 @@ def _rl_glance_lines(rl_csv, heldout_csv=None) -> list[str]:
         data = "—" if r["dataset"] is None else f"{r['dataset']:.1f}"
         rows.append(f"| {ds}{' (held out)' if held else ''} | {n} | {data} | {_cell(bc, n)} | {_cell(m.get('mse'), n)} | "
                     f"{_cell(q, n)} | {_cell(m.get(GAUSSIAN), n)} | {_cell(a, n, True)} | {vs_bc} | {vs_q} |")
+    figure = Path(rl_csv).with_suffix("") / "rl_results.png"  # the curves over w (rl-results --figures)
     return ["", f"**Offline RL at a glance** (the {BIG_ENERGY} and the {LN_CRITIC}; `bench` preset, 15 sampler "
-            "steps, 10 episodes a seed; normalised score, mean over seeds, each method at its own best w; "
-            "data: the dataset's own episodes; AEPO default: the library's default estimator, AEPO Gaussian: the paper-style Gaussian target):", "",
+            "steps, 10 episodes a seed; normalised score, mean over seeds, each method at its own best w; data: the "
+            "dataset's own episodes; AEPO default: the library's default estimator; AEPO Gaussian: the paper-style "
+            "Gaussian target" + (f"; every scale: `{Path(rl_csv).parent.name}/{figure.parent.name}/{figure.name}`"
+                                 if figure.exists() else "") + "):", "",
             "| dataset | seeds | data | BC | MSE | QGPO | AEPO Gaussian | AEPO default | default - BC | "
             "default - QGPO |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|", *rows, ""]
 
