@@ -302,6 +302,9 @@ else:
 #   (`figures/rl_6c_ln/support_oracle.md`). Its support holds almost nothing better to steer to: one step of
 #   improvement within it cannot reach BC + 5. The default's best w there, 10, is the sweep's largest (the
 #   tables below say so); w = 20, 30 and 50, checked outside the sweep, score lower (docs/results.md).
+#   At w = 10 the default acts beyond 3 of the data's noise stds on 60% of its steps (seeds 5-9; the data's own
+#   actions 0.5%, behaviour cloning 13%; `figures/rl_6c_big/support_spread.md`): the gain it makes there is made
+#   off the support, where the in-support target and the critic extrapolate.
 #
 #   ![support_oracle.png](../figures/rl_6c_ln/support_oracle.png)
 #

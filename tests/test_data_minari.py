@@ -243,6 +243,30 @@ def test_make_dataset_tiny_repeatable(minari_root, capsys):
         out.with_suffix(".md").read_text()
     assert so.main(args) == 0 and out.read_text() == first
     assert "skip t/hopper/medium-v0 N=2" in capsys.readouterr().out
+    # how far a policy acts from the data's actions, in the data's noise std: the snapshot itself at z = 0 (and
+    # its noise-free score, the same reset seeds); the snapshot plus unclipped noise of twice the data's std at RMS z
+    # 2, with 1 - P(|N(0, 1)| < 1.5)^3 of its steps beyond 3 stds; the data's own actions (the snapshot plus the
+    # data's noise, clipped to the box, which only shortens an offset) at RMS z <= 1 up to sampling error
+    import math
+    from aepo_lite.rl.datasets import snapshot_action_spread
+    mu = _sb3_policy(_load_snapshot(lad, med), 0.0, None)
+    rng = np.random.default_rng(5)
+    data_row, exact, wide = snapshot_action_spread(
+        "t/hopper/medium-v0", {"snapshot": mu, "wide": lambda o: mu(o) + 0.2 * rng.standard_normal((o.shape[0], 3))},
+        episodes=3)
+    assert (data_row["label"], data_row["steps"], data_row["noise"]) == ("data", 250, 0.1)
+    assert data_row["score_mean"] == pytest.approx((data.episode_returns.mean() - lo) / (hi - lo) * 100)
+    assert data_row["z_rms"] <= 1 + 4 * math.sqrt(2 / 750) and data_row["beyond3"] <= 0.03
+    assert (exact["label"], exact["episodes"], exact["beyond3"]) == ("snapshot", 3, 0.0)
+    assert exact["z_rms"] < 1e-5  # float32 rounding of the snapshot's net, batched differently
+    assert exact["score_mean"] == pytest.approx(at0["score_mean"])
+    n, p_beyond = wide["steps"], 1 - math.erf(1.5 / math.sqrt(2)) ** 3
+    assert wide["z_rms"] == pytest.approx(2.0, rel=4 * math.sqrt(2 / (3 * n)) / 2)
+    assert abs(wide["beyond3"] - p_beyond) < 4 * math.sqrt(p_beyond * (1 - p_beyond) / n)
+    with pytest.raises(ValueError, match="episodes"):
+        snapshot_action_spread("t/hopper/medium-v0", {"snapshot": mu}, episodes=0)
+    with pytest.raises(ValueError, match="random dataset"):
+        snapshot_action_spread("t/hopper/random-v0", {"snapshot": mu})
 
 
 def test_rollout_returns_match_a_replay_of_the_same_actions():

@@ -162,3 +162,25 @@ def test_make_run_and_figures_leave_the_tree_clean(tmp_path):
         status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=repo,
                                 capture_output=True, text=True, check=True).stdout
         assert status == "", f"aepo-lite {' '.join(args)} changed the repository:\n{status}"
+
+
+def test_support_spread_table_averages_each_policy_and_scale_over_its_seeds():
+    """scripts/support_spread.py's table, by hand: the data's row first, then one line per policy and w with the
+    seeds' runs averaged (steps summed, the score's std over seeds)."""
+    from aepo_lite.rl.diagnostics import support_spread_table
+    base = dict(dataset="local/h/m-v0", episodes=10, noise=0.1, score_std=1.0)
+    rows = [dict(base, run="", label="data", seed="", guidance_scale="", episodes=50, steps=900, z_rms=0.84,
+                 beyond3=0.006, score_mean=60.9),
+            dict(base, run="r5", label="aepo(x)", seed=5, guidance_scale=10.0, steps=100, z_rms=4.0, beyond3=0.6,
+                 score_mean=64.0),
+            dict(base, run="r8", label="aepo(x)", seed=8, guidance_scale=10.0, steps=120, z_rms=5.0, beyond3=0.7,
+                 score_mean=66.0),
+            dict(base, run="r5", label="aepo(x)", seed=5, guidance_scale=0.0, steps=110, z_rms=1.5, beyond3=0.15,
+                 score_mean=61.0),
+            dict(base, run="b5", label="bc", seed=5, guidance_scale=0.0, steps=105, z_rms=1.4, beyond3=0.1,
+                 score_mean=61.5)]
+    lines = support_spread_table(rows).splitlines()[2:]
+    assert lines == ["| local/h/m-v0 | data | — | — | 50 | 900 | 0.84 | 0.6% | 60.9 |",
+                     "| local/h/m-v0 | aepo(x) | 0 | 5 | 10 | 110 | 1.50 | 15.0% | 61.0 |",
+                     "| local/h/m-v0 | aepo(x) | 10 | 5, 8 | 10 | 220 | 4.50 | 65.0% | 65.0 +- 1.4 |",
+                     "| local/h/m-v0 | bc | 0 | 5 | 10 | 105 | 1.40 | 10.0% | 61.5 |"]

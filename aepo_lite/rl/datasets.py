@@ -441,6 +441,56 @@ def snapshot_oracle_scores(name: str, candidates=(1, 4, 16), horizon: int = 1000
     return out
 
 
+def _spread_stats(z: np.ndarray) -> dict:
+    """z (steps, action dims) in units of the data's noise std -> its RMS and the share of steps with some
+    action dimension beyond 3 stds (under the data's own noise, unclipped: 1 - 0.9973^d, 0.8% for d = 3)."""
+    return {"steps": len(z), "z_rms": float(np.sqrt(np.mean(z ** 2))),
+            "beyond3": float(np.mean(np.any(np.abs(z) > 3, axis=1)))}
+
+
+def snapshot_action_spread(name: str, policies: dict, episodes: int = 10, seed: int = 100_000,
+                           which: str = "medium", policy_cache: Optional[Path] = None) -> list[dict]:
+    """How far from the data's own actions each policy acts on a ``make-dataset`` dataset, where the policy that
+    made the data is known: at every step of a policy's episodes, its action's offset from the ``which``
+    snapshot's mean action at that state, in units of the data's action-noise std (the recipe's
+    ``collect_noise``), z = (a - mu(s)) / noise per action dimension. The data's actions are mu(s) plus that
+    noise (clipped to the box), so a policy acting within the data's support has an RMS z of about 1 and almost
+    no step beyond 3 stds; a guided policy that leaves the support shows it here.
+
+    ``policies``: {label: (observations (n, k) -> actions (n, d))}, rolled out for ``episodes`` episodes with
+    reset seeds ``seed + i`` (the evaluation's). The first row (label ``data``) is the dataset's own
+    transitions. One dict per row: ``label``, ``episodes``, ``steps``, ``z_rms``, ``beyond3`` (the share of
+    steps with some dimension beyond 3 stds), ``score_mean`` / ``score_std`` (normalised returns), ``noise``."""
+    import gymnasium as gym
+    import minari
+    check_int("episodes", episodes, low=1)
+    check_seed("seed", seed)
+    recipe, model, lo, hi = _dataset_snapshot(name, which, policy_cache)
+    noise = float(recipe.collect_noise)
+    if not noise > 0:
+        raise ValueError(f"name: {name} was collected without action noise (collect_noise {noise}): no spread to "
+                         "measure against")
+    mean_action = _sb3_policy(model, 0.0, None)
+    ds = minari.load_dataset(name)
+    obs, act, rets = [], [], []
+    for ep in ds.iterate_episodes():
+        obs.append(ep.observations[:-1])
+        act.append(ep.actions)
+        rets.append(float(np.sum(ep.rewards)))
+    data_z = (np.concatenate(act) - mean_action(np.concatenate(obs))) / noise
+    score = (np.array(rets) - lo) / (hi - lo) * 100
+    out = [{"label": "data", "episodes": len(rets), **_spread_stats(data_z), "score_mean": float(score.mean()),
+            "score_std": float(score.std()), "noise": noise}]
+    for label, policy in policies.items():
+        eps, _ = run_episodes(lambda: gym.make(recipe.env_id), policy, episodes, seed=seed, n_envs=min(10, episodes),
+                              record=True)
+        z = np.concatenate([(e.actions - mean_action(e.observations[:-1])) / noise for e in eps])
+        score = (np.array([e.ret for e in eps]) - lo) / (hi - lo) * 100
+        out.append({"label": label, "episodes": episodes, **_spread_stats(z), "score_mean": float(score.mean()),
+                    "score_std": float(score.std()), "noise": noise})
+    return out
+
+
 def make_dataset(recipe: DatasetRecipe, *, overwrite: bool = False, progress: bool = True,
                  policy_cache: Optional[Path] = None):
     """Build the dataset ``recipe.name`` in the local Minari root and return the ``MinariDataset``.

@@ -380,3 +380,41 @@ def _plot_support_oracle(csv_path: Path, rl_csv: Path) -> Path:
     atomic_save_figure(out, fig)
     plt.close(fig)
     return out
+
+
+SUPPORT_SPREAD_COLUMNS = ("dataset", "run", "label", "seed", "guidance_scale", "episodes", "steps", "noise", "z_rms",
+                          "beyond3", "score_mean", "score_std")
+SUPPORT_SPREAD_HEADER = (
+    "# How far from the data's own actions a trained policy acts\n\nAt every step of a policy's evaluation "
+    "episodes, its action's offset from the mean action of the policy that made the dataset (its TD3 snapshot), in "
+    "units of the data's action-noise std: z = (a - mu(s)) / std per action dimension. The dataset's own actions "
+    "are mu(s) plus that noise, clipped to the box (the `data` row: its transitions, its episodes' score). RMS z "
+    "about 1 and almost no step beyond 3 stds: the policy acts within the data's support; more: it leaves it. "
+    "Means over the seeds (runs) of each row, the score's +- its std over seeds (measured by "
+    "`scripts/support_spread.py` into `support_spread.csv`; :func:`aepo_lite.rl.datasets.snapshot_action_spread`)."
+    "\n\n")
+
+
+def support_spread_table(rows) -> str:
+    """A Markdown table from ``scripts/support_spread.py``'s rows (or its CSV's): one line per dataset, policy
+    (label) and guidance scale, the seeds' runs averaged (the data's own row first)."""
+    import statistics
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        w = "" if r["label"] == "data" else f"{float(r['guidance_scale']):g}"
+        groups.setdefault((r["dataset"], r["label"] != "data", r["label"], float(w or 0), w), []).append(r)
+    lines = ["| dataset | policy | w | seeds | episodes a seed | steps | RMS z | steps beyond 3 stds | score |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    for (ds, _, label, _, w), g in sorted(groups.items()):
+        sc = [float(r["score_mean"]) for r in g]
+        spread = f" +- {statistics.stdev(sc):.1f}" if len(sc) > 1 else ""
+        seeds = ", ".join(str(r["seed"]) for r in g) if label != "data" else "—"
+        lines.append(f"| {ds} | {label} | {w or '—'} | {seeds} | {g[0]['episodes']} "
+                     f"| {sum(int(r['steps']) for r in g)} | {statistics.mean(float(r['z_rms']) for r in g):.2f} "
+                     f"| {100 * statistics.mean(float(r['beyond3']) for r in g):.1f}% | {statistics.mean(sc):.1f}{spread} |")
+    return "\n".join(lines) + "\n"
+
+
+def render_support_spread(csv_path, figures_dir) -> list[Path]:
+    """``support_spread.md`` beside the CSV, from the CSV alone (``aepo-lite figures``)."""
+    return _render_table(csv_path, SUPPORT_SPREAD_HEADER, support_spread_table, "scripts/support_spread.py")
