@@ -9,11 +9,9 @@ beside it (``aepo-lite figures`` re-renders the table from the CSV alone); a rer
 from __future__ import annotations
 
 import argparse
-import csv
-from pathlib import Path
 
 from aepo_lite.rl.datasets import snapshot_oracle_scores
-from aepo_lite.rl.diagnostics import SUPPORT_ORACLE_COLUMNS, render_support_oracle, write_csv_and_table
+from aepo_lite.rl.diagnostics import SUPPORT_ORACLE_COLUMNS, existing_rows, render_support_oracle, write_csv_and_table
 
 
 def _key(row) -> tuple:
@@ -44,12 +42,10 @@ def main(argv=None) -> int:
     p.add_argument("--which", default="medium", choices=("medium", "expert"), help="the recipe's snapshot")
     p.add_argument("--out", required=True, help="the CSV to write (its .md table is written beside it)")
     a = p.parse_args(argv)
-    if not a.out.endswith(".csv"):
-        p.error(f"--out: expected a .csv path, got {a.out!r}")
-    rows = []
-    if Path(a.out).exists():
-        with open(a.out, newline="") as f:
-            rows = list(csv.DictReader(f))
+    try:
+        rows = existing_rows(a.out)
+    except ValueError as e:
+        p.error(f"--{e}")
     for d in a.datasets:
         noise = _data_noise(d) if a.noise is None else a.noise
         cont = a.continuation_noise

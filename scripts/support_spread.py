@@ -9,14 +9,12 @@ beside it (``aepo-lite figures`` re-renders the table from the CSV alone); a rer
 from __future__ import annotations
 
 import argparse
-import csv
-from pathlib import Path
 
 import torch
 
 from aepo_lite.rl.agent import estimator_label, load_run
 from aepo_lite.rl.datasets import snapshot_action_spread
-from aepo_lite.rl.diagnostics import SUPPORT_SPREAD_COLUMNS, render_support_spread, write_csv_and_table
+from aepo_lite.rl.diagnostics import SUPPORT_SPREAD_COLUMNS, existing_rows, render_support_spread, write_csv_and_table
 
 
 def _key(r: dict) -> tuple:
@@ -56,12 +54,10 @@ def main(argv=None) -> int:
     p.add_argument("--episodes", type=int, default=10, help="episodes per run and scale (reset seeds 100000 + i)")
     p.add_argument("--out", required=True, help="the CSV to write (its .md table is written beside it)")
     a = p.parse_args(argv)
-    if not a.out.endswith(".csv"):
-        p.error(f"--out: expected a .csv path, got {a.out!r}")
-    rows = []
-    if Path(a.out).exists():
-        with open(a.out, newline="") as f:
-            rows = list(csv.DictReader(f))
+    try:
+        rows = existing_rows(a.out)
+    except ValueError as e:
+        p.error(f"--{e}")
     for run in a.runs:
         rows += _run_rows(run, a.scales, a.episodes, rows)
         write_csv_and_table(a.out, rows, SUPPORT_SPREAD_COLUMNS, render_support_spread)  # each run as it lands

@@ -102,6 +102,17 @@ def _render_table(csv_path, header: str, table, made_by: str) -> list[Path]:
     return write_table(Path(csv_path).with_suffix(".md"), rows, header, table, csv_path=csv_path, made_by=made_by)
 
 
+def existing_rows(out) -> list[dict]:
+    """A diagnostic script's CSV ``out`` as rows so far (a rerun skips what they hold); [] when it is absent."""
+    import csv
+    if not str(out).endswith(".csv"):
+        raise ValueError(f"out: expected a .csv path, got {str(out)!r}")
+    if not Path(out).exists():
+        return []
+    with open(out, newline="") as f:
+        return list(csv.DictReader(f))
+
+
 def write_csv_and_table(out, rows, columns, render_fn) -> list[Path]:
     """A diagnostic script's output: ``rows`` into the CSV ``out`` (atomically) and its ``.md`` table beside it."""
     from aepo_lite._io import atomic_write_csv
