@@ -38,9 +38,9 @@ def _run_rows(run: str, scales, episodes: int, rows: list[dict]) -> list[dict]:
         return []
     label = estimator_label(cfg)
     got = snapshot_action_spread(cfg.dataset, {f"{label} w={w:g}": _policy(agent, float(w), cfg.seed) for w in todo},
-                                 episodes=episodes)
-    out = [] if have_data else [{"dataset": cfg.dataset, "run": "", "seed": "", "guidance_scale": "", **got[0]}]
-    for w, r in zip(todo, got[1:]):
+                                 episodes=episodes, with_data=not have_data)  # the data's row once per dataset
+    out = [] if have_data else [{"dataset": cfg.dataset, "run": "", "seed": "", "guidance_scale": "", **got.pop(0)}]
+    for w, r in zip(todo, got):
         out.append({"dataset": cfg.dataset, "run": run, **r, "label": label, "seed": cfg.seed, "guidance_scale": w})
         print(f"{run} w={w:g}: RMS z {r['z_rms']:.2f}, beyond 3 stds {100 * r['beyond3']:.1f}% of "
               f"{r['steps']} steps, score {r['score_mean']:.1f}", flush=True)

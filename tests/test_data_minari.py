@@ -259,6 +259,8 @@ def test_make_dataset_tiny_repeatable(minari_root, capsys):
     assert data_row["z_rms"] <= 1 + 4 * math.sqrt(2 / 750) and data_row["beyond3"] <= 0.03
     assert (exact["label"], exact["episodes"], exact["beyond3"]) == ("snapshot", 3, 0.0)
     assert exact["z_rms"] < 1e-5  # float32 rounding of the snapshot's net, batched differently
+    assert [r["label"] for r in snapshot_action_spread("t/hopper/medium-v0", {"snapshot": mu}, episodes=1,
+                                                       with_data=False)] == ["snapshot"]
     assert exact["score_mean"] == pytest.approx(at0["score_mean"])
     n, p_beyond = wide["steps"], 1 - math.erf(1.5 / math.sqrt(2)) ** 3
     assert wide["z_rms"] == pytest.approx(2.0, rel=4 * math.sqrt(2 / (3 * n)) / 2)

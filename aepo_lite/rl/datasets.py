@@ -448,8 +448,23 @@ def _spread_stats(z: np.ndarray) -> dict:
             "beyond3": float(np.mean(np.any(np.abs(z) > 3, axis=1)))}
 
 
+def _data_spread(name: str, mean_action, noise: float, lo: float, hi: float) -> dict:
+    """:func:`snapshot_action_spread`'s row of the dataset's own transitions."""
+    import minari
+    obs, act, rets = [], [], []
+    for ep in minari.load_dataset(name).iterate_episodes():
+        obs.append(ep.observations[:-1])
+        act.append(ep.actions)
+        rets.append(float(np.sum(ep.rewards)))
+    z = (np.concatenate(act) - mean_action(np.concatenate(obs))) / noise
+    score = (np.array(rets) - lo) / (hi - lo) * 100
+    return {"label": "data", "episodes": len(rets), **_spread_stats(z), "score_mean": float(score.mean()),
+            "score_std": float(score.std()), "noise": noise}
+
+
 def snapshot_action_spread(name: str, policies: dict, episodes: int = 10, seed: int = 100_000,
-                           which: str = "medium", policy_cache: Optional[Path] = None) -> list[dict]:
+                           which: str = "medium", policy_cache: Optional[Path] = None,
+                           with_data: bool = True) -> list[dict]:
     """How far from the data's own actions each policy acts on a ``make-dataset`` dataset, where the policy that
     made the data is known: at every step of a policy's episodes, its action's offset from the ``which``
     snapshot's mean action at that state, in units of the data's action-noise std (the recipe's
@@ -458,11 +473,10 @@ def snapshot_action_spread(name: str, policies: dict, episodes: int = 10, seed: 
     no step beyond 3 stds; a guided policy that leaves the support shows it here.
 
     ``policies``: {label: (observations (n, k) -> actions (n, d))}, rolled out for ``episodes`` episodes with
-    reset seeds ``seed + i`` (the evaluation's). The first row (label ``data``) is the dataset's own
-    transitions. One dict per row: ``label``, ``episodes``, ``steps``, ``z_rms``, ``beyond3`` (the share of
+    reset seeds ``seed + i`` (the evaluation's). With ``with_data`` the first row (label ``data``) is the dataset's
+    own transitions (every one of them: leave it out when it is already measured). One dict per row: ``label``, ``episodes``, ``steps``, ``z_rms``, ``beyond3`` (the share of
     steps with some dimension beyond 3 stds), ``score_mean`` / ``score_std`` (normalised returns), ``noise``."""
     import gymnasium as gym
-    import minari
     check_int("episodes", episodes, low=1)
     check_seed("seed", seed)
     recipe, model, lo, hi = _dataset_snapshot(name, which, policy_cache)
@@ -471,16 +485,7 @@ def snapshot_action_spread(name: str, policies: dict, episodes: int = 10, seed: 
         raise ValueError(f"name: {name} was collected without action noise (collect_noise {noise}): no spread to "
                          "measure against")
     mean_action = _sb3_policy(model, 0.0, None)
-    ds = minari.load_dataset(name)
-    obs, act, rets = [], [], []
-    for ep in ds.iterate_episodes():
-        obs.append(ep.observations[:-1])
-        act.append(ep.actions)
-        rets.append(float(np.sum(ep.rewards)))
-    data_z = (np.concatenate(act) - mean_action(np.concatenate(obs))) / noise
-    score = (np.array(rets) - lo) / (hi - lo) * 100
-    out = [{"label": "data", "episodes": len(rets), **_spread_stats(data_z), "score_mean": float(score.mean()),
-            "score_std": float(score.std()), "noise": noise}]
+    out = [_data_spread(name, mean_action, noise, lo, hi)] if with_data else []
     for label, policy in policies.items():
         eps, _ = run_episodes(lambda: gym.make(recipe.env_id), policy, episodes, seed=seed, n_envs=min(10, episodes),
                               record=True)
