@@ -316,3 +316,84 @@ def test_make_dataset_bad_arguments(minari_root, bad, match):
     kw.update(bad)
     with pytest.raises(ValueError, match=match):
         make_dataset(DatasetRecipe(**kw), progress=False)
+
+
+def _exact_q(horizon: int, gamma: float, mean_action):
+    """An independent exact Q for Hopper: the physics rebuilt from the observation alone (qpos without x, qvel:
+    the reward and the dynamics do not depend on x), then the candidate and the deterministic snapshot."""
+    from aepo_lite.rl.datasets import rollout_returns
+    env = gym.make("Hopper-v5").unwrapped
+    env.reset(seed=0)
+    nq = env.model.nq
+
+    def q(obs, acts):
+        state = {"qpos": np.r_[0.0, obs[0, :nq - 1]], "qvel": obs[0, nq - 1:], "act": env.data.act.copy(),
+                 "time": 0.0, "qacc_warmstart": np.zeros(env.model.nv)}
+        scratch = [gym.make("Hopper-v5").unwrapped for _ in range(len(acts))]
+        for s in scratch:
+            s.reset(seed=1)
+        return rollout_returns(state, scratch, acts, mean_action, np.zeros((horizon - 1, 3)), gamma)
+    return q
+
+
+def test_critic_against_exact_q_on_and_off_the_support(minari_root):
+    """snapshot_q_errors against an exact Q computed independently (the physics rebuilt from the observation):
+    no error, every sign and pick right; the same values negated: correlation -1, every sign wrong, no gain; the
+    snapshot's own action as the policy: advantage exactly 0 at offset 0; the spread groups at about c stds."""
+    pytest.importorskip("stable_baselines3")
+    from aepo_lite.rl.datasets import (DatasetRecipe, _load_snapshot, _sb3_policy, make_dataset, snapshot_q_errors,
+                                       train_policy_ladder)
+    from aepo_lite.rl.data import description_info
+    kw = dict(train_steps=200, eval_every=100, learning_starts=100, eval_episodes=2, ref_episodes=4, n_envs=4)
+    recipe = DatasetRecipe("Hopper-v5", "medium", 250, "t/hopper/medium-v0", **kw)
+    meta = make_dataset(recipe, progress=False).storage.metadata
+    make_dataset(DatasetRecipe("Hopper-v5", "random", 120, "t/hopper/random-v0", **kw), progress=False)
+    info = description_info(meta)
+    med = next(s for s in info["ladder"] if s["step"] == info["medium_snapshot_step"])
+    mu = _sb3_policy(_load_snapshot(train_policy_ladder(recipe, progress=False), med), 0.0, None)
+    rng = np.random.default_rng(3)
+    noisy = lambda o: mu(o) + 0.2 * rng.standard_normal((o.shape[0], 3))  # noqa: E731
+    exact = _exact_q(4, 0.9, mu)
+    args = dict(episodes=2, probe_every=7, spreads=(1.0, 3.0), per_spread=3, horizon=4, gamma=0.9)
+    pol, s1, s3 = snapshot_q_errors("t/hopper/medium-v0", exact, noisy, **args)
+    assert [r["group"] for r in (pol, s1, s3)] == ["policy", "spread 1", "spread 3"]
+    for r in (pol, s1, s3):
+        assert r["err_rms"] < 1e-6 * max(1.0, abs(r["true_adv"])) + 1e-6 and r["sign_agree"] == 1.0
+        assert r["critic_gain"] == pytest.approx(r["oracle_gain"], abs=1e-6) and r["oracle_gain"] >= 0
+    assert s1["corr"] > 0.999 and s3["actions"] == 3 * s3["probes"] and pol["actions"] == pol["probes"]
+    assert s1["z_rms"] == pytest.approx(1.0, rel=0.35) and s3["z_rms"] == pytest.approx(3.0, rel=0.35)
+    assert s3["z_rms"] > 2 * s1["z_rms"]
+    rng = np.random.default_rng(3)  # the same policy draws, so the same states and candidates
+    neg = snapshot_q_errors("t/hopper/medium-v0", lambda o, a: -exact(o, a), noisy, **args)
+    for r, n in zip((pol, s1, s3), neg):
+        assert n["probes"] == r["probes"] and n["true_adv"] == pytest.approx(r["true_adv"])
+        assert n["sign_agree"] == 0.0 and n["critic_gain"] <= 0 <= r["critic_gain"]
+    assert neg[1]["corr"] < -0.999
+    (own, *_) = snapshot_q_errors("t/hopper/medium-v0", exact, mu, **args)
+    assert own["z_rms"] == 0.0 and own["true_adv"] == 0.0
+    for bad, match in [(dict(episodes=0), "episodes"), (dict(probe_every=0), "probe_every"),
+                       (dict(per_spread=0), "per_spread"), (dict(spreads=(-1.0,)), "spreads"), (dict(spreads=()), "spreads"),
+                       (dict(gamma=0.0), "gamma"), (dict(horizon=5000), "horizon")]:
+        with pytest.raises(ValueError, match=match):
+            snapshot_q_errors("t/hopper/medium-v0", exact, mu, **bad)
+    with pytest.raises(ValueError, match="random dataset"):
+        snapshot_q_errors("t/hopper/random-v0", exact, mu)
+    # its script on a run trained on that dataset: a CSV row per group, rerun skips, a run without critic refused
+    import importlib.util
+    from aepo_lite.rl.agent import make_config, train
+    for m in ("aepo", "bc"):
+        train(make_config("t/hopper/medium-v0", m, "smoke", seed=0), minari_root / m, progress=False)
+    spec = importlib.util.spec_from_file_location("critic_errors", Path(__file__).resolve().parents[1] / "scripts"
+                                                  / "critic_errors.py")
+    ce = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ce)
+    out = minari_root / "critic.csv"
+    args = ["--runs", str(minari_root / "aepo"), "--scales", "0", "--episodes", "1", "--probe-every", "5",
+            "--horizon", "3", "--out", str(out)]
+    assert ce.main(args) == 0
+    first = out.read_text()
+    assert [line.split(",")[6] for line in first.strip().splitlines()] == ["group", "policy", "spread 1", "spread 3"]
+    assert ce.main(args) == 0 and out.read_text() == first
+    assert "| t/hopper/medium-v0 | aepo" in out.with_suffix(".md").read_text()
+    with pytest.raises(SystemExit, match="no critic"):
+        ce.main(["--runs", str(minari_root / "bc"), "--out", str(minari_root / "bc.csv")])

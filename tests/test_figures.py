@@ -184,3 +184,22 @@ def test_support_spread_table_averages_each_policy_and_scale_over_its_seeds():
                      "| local/h/m-v0 | aepo(x) | 0 | 5 | 10 | 110 | 1.50 | 15.0% | 61.0 |",
                      "| local/h/m-v0 | aepo(x) | 10 | 5, 8 | 10 | 220 | 4.50 | 65.0% | 65.0 +- 1.4 |",
                      "| local/h/m-v0 | bc | 0 | 5 | 10 | 105 | 1.40 | 10.0% | 61.5 |"]
+
+
+def test_critic_errors_table_averages_each_group_over_its_seeds():
+    """scripts/critic_errors.py's table, by hand: one line per run label, critic, w and group, the policy's own
+    action first, the seeds' runs averaged (probes summed)."""
+    from aepo_lite.rl.diagnostics import critic_errors_table
+    base = dict(dataset="local/h/m-v0", label="aepo(x)", critic="iql", guidance_scale=10.0, actions=1, noise=0.1,
+                horizon=300, gamma=0.99, episodes=3, seconds=1.0)
+    def row(seed, group, probes, z, t, c, s):
+        return dict(base, run=f"r{seed}", seed=seed, group=group, probes=probes, z_rms=z, true_adv=t, critic_adv=c,
+                    err_rms=abs(c - t), corr=0.5, sign_agree=s, critic_gain=t / 2, oracle_gain=t)
+    rows = [row(5, "spread 3", 40, 3.0, -2.0, 1.0, 0.4), row(5, "policy", 40, 4.0, 1.0, 3.0, 0.7),
+            row(8, "policy", 30, 5.0, 2.0, 4.0, 0.9), row(8, "spread 3", 30, 2.8, -1.0, 2.0, 0.6),
+            row(5, "spread 1", 40, 1.0, 0.5, 0.5, 0.5)]
+    lines = critic_errors_table(rows).splitlines()[2:]
+    assert lines == [
+        "| local/h/m-v0 | aepo(x) | iql | 10 | policy | 5, 8 | 70 | 4.50 | 1.50 | 3.50 | 2.00 | 0.50 | 0.80 | 0.75 | 1.50 |",
+        "| local/h/m-v0 | aepo(x) | iql | 10 | spread 1 | 5 | 40 | 1.00 | 0.50 | 0.50 | 0.00 | 0.50 | 0.50 | 0.25 | 0.50 |",
+        "| local/h/m-v0 | aepo(x) | iql | 10 | spread 3 | 5, 8 | 70 | 2.90 | -1.50 | 1.50 | 3.00 | 0.50 | 0.50 | -0.75 | -1.50 |"]

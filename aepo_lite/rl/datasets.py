@@ -40,7 +40,7 @@ from aepo_lite._io import atomic_write_json, read_json
 from aepo_lite.rl.evaluation import Episode, check_reference_scores, run_episodes
 
 __all__ = ["QUALITIES", "DatasetRecipe", "make_dataset", "train_policy_ladder", "policy_cache_dir",
-           "snapshot_noise_scores", "snapshot_oracle_scores", "rollout_returns"]
+           "snapshot_noise_scores", "snapshot_oracle_scores", "rollout_returns", "snapshot_q_errors"]
 
 QUALITIES = ("random", "medium", "medium-replay", "medium-expert", "expert")
 
@@ -494,6 +494,120 @@ def snapshot_action_spread(name: str, policies: dict, episodes: int = 10, seed: 
         out.append({"label": label, "episodes": episodes, **_spread_stats(z), "score_mean": float(score.mean()),
                     "score_std": float(score.std()), "noise": noise})
     return out
+
+
+def _q_probe_episode(env, scratch, policy, mean_action, q_fn, reset_seed: int, rng, noise: float, spreads,
+                     per_spread: int, probe_every: int, horizon: int, gamma: float) -> list[tuple]:
+    """One episode of :func:`snapshot_q_errors`: the policy acts; at every ``probe_every``-th step that leaves a full
+    ``horizon`` before the time limit, the candidates' (actions, exact Q, critic Q)."""
+    low, high = env.action_space.low, env.action_space.high
+    limit = env.spec.max_episode_steps or 10**9
+    obs, _ = env.reset(seed=reset_seed)
+    out, t, done = [], 0, False
+    while not done:
+        a = np.clip(policy(obs[None])[0], low, high)
+        if t % probe_every == 0 and t + horizon <= limit:
+            mu = np.clip(mean_action(obs[None])[0], low, high)
+            wide = [mu + c * noise * rng.standard_normal((per_spread, len(mu))) for c in spreads]
+            cands = np.clip(np.concatenate([mu[None], a[None], *wide]), low, high)
+            q_true = rollout_returns(_mujoco_state(env.unwrapped), scratch, cands, mean_action,
+                                     np.zeros((horizon - 1, len(mu))), gamma)
+            q_hat = np.asarray(q_fn(np.repeat(obs[None], len(cands), 0), cands), np.float64).reshape(-1)
+            out.append((cands, q_true, q_hat))
+        obs, _, terminated, truncated, _ = env.step(a)
+        t, done = t + 1, terminated or truncated
+    return out
+
+
+def _q_error_row(group: str, idx: np.ndarray, probes: list[tuple], noise: float, points: float) -> dict:
+    """:func:`snapshot_q_errors`' row of one candidate group (``idx``: its columns of each probe; column 0 is mu)."""
+    mu_action = np.stack([p[0][0] for p in probes])
+    z = np.stack([p[0][idx] for p in probes]) - mu_action[:, None]  # (probes, group, d)
+    true = np.stack([p[1][idx] - p[1][0] for p in probes]) * points  # advantages over mu(s), in points
+    hat = np.stack([p[2][idx] - p[2][0] for p in probes]) * points
+    with np.errstate(invalid="ignore"):
+        corr = float(np.corrcoef(hat.ravel(), true.ravel())[0, 1]) if true.size > 1 else float("nan")
+    pick = np.argmax(np.concatenate([np.zeros((len(probes), 1)), hat], 1), 1)  # the critic's choice, mu included
+    picked = np.concatenate([np.zeros((len(probes), 1)), true], 1)[np.arange(len(probes)), pick]
+    return {"group": group, "probes": len(probes), "actions": int(true.size),
+            "z_rms": float(np.sqrt(np.mean((z / noise) ** 2))), "true_adv": float(true.mean()),
+            "critic_adv": float(hat.mean()), "err_rms": float(np.sqrt(np.mean((hat - true) ** 2))),
+            "corr": corr, "sign_agree": float(np.mean(np.sign(hat) == np.sign(true))),
+            "critic_gain": float(picked.mean()), "oracle_gain": float(np.maximum(true.max(1), 0).mean())}
+
+
+def snapshot_q_errors(name: str, q_fn: Callable, policy: Callable[[np.ndarray], np.ndarray], episodes: int = 3,
+                      probe_every: int = 20, spreads=(1.0, 3.0), per_spread: int = 4, horizon: int = 300,
+                      gamma: float = 0.99, seed: int = 100_000, which: str = "medium",
+                      policy_cache: Optional[Path] = None, progress: bool = False) -> list[dict]:
+    """A critic's action values against the exact ones, on and off the data's support, at the states a policy
+    visits, on a ``make-dataset`` dataset whose data policy is known (MuJoCo environments only).
+
+    ``policy`` (observations (n, k) -> actions (n, d)) acts for ``episodes`` episodes (reset seeds ``seed + i``, the
+    evaluation's). At every ``probe_every``-th step with a full ``horizon`` before the time limit, the candidates are
+    the data policy's mean action mu(s) (the ``which`` snapshot), the policy's own action, and for each c in
+    ``spreads`` ``per_spread`` draws mu(s) + c * std * N(0, I) (std: the data's action noise, so c = 1 is the data's
+    support and c = 3 mostly beyond it), all clipped to the box. Each candidate's exact value is the discounted
+    (``gamma``) return of taking it and then following the deterministic snapshot for ``horizon - 1`` steps (or to a
+    termination; :func:`rollout_returns`); its critic value is ``q_fn(observations (m, k), actions (m, d)) -> (m,)``.
+    Both are compared as advantages over mu(s) at the same state, so a critic's level (it values the data's
+    noisy policy, or an improved one) cancels and what remains is how it ranks the actions. Advantages are in
+    points: the discounted return difference x 100 / (ref_max - ref_min), the dataset's score scale.
+
+    One dict per group (``policy``, then ``spread c``): ``probes``, ``actions``, ``z_rms`` (the group's offset
+    from mu in data-noise stds), ``true_adv`` / ``critic_adv`` (mean advantage over mu, exact and by the critic),
+    ``err_rms`` (RMS of their difference), ``corr`` (their correlation over the group's actions), ``sign_agree`` (how
+    often the critic says better / worse than mu as the exact value does), ``critic_gain`` (the exact advantage of
+    the critic's pick among mu and the group, per state: what acting on its ranking gains) and ``oracle_gain``
+    (the same for the exact pick), plus ``noise``, ``horizon``, ``gamma``, ``episodes``, ``seconds``."""
+    import gymnasium as gym
+    from tqdm.auto import tqdm
+    check_int("episodes", episodes, low=1)
+    check_int("probe_every", probe_every, low=1)
+    check_int("per_spread", per_spread, low=1)
+    check_int("horizon", horizon, low=1)
+    check_seed("seed", seed)
+    spreads = [float(c) for c in spreads]
+    if not spreads or any(not (np.isfinite(c) and c > 0) for c in spreads):
+        raise ValueError(f"spreads: expected one or more finite multiples of the data's noise > 0, got {spreads}")
+    if not (np.isfinite(gamma) and 0 < gamma <= 1):
+        raise ValueError(f"gamma: expected a discount in (0, 1], got {gamma!r}")
+    recipe, model, lo, hi = _dataset_snapshot(name, which, policy_cache)
+    noise = float(recipe.collect_noise)
+    if not noise > 0:
+        raise ValueError(f"name: {name} was collected without action noise: no support width to measure against")
+    env = gym.make(recipe.env_id)
+    if not hasattr(env.unwrapped, "set_state"):
+        env.close()
+        raise ValueError(f"name: {name}'s environment {recipe.env_id} is not a MuJoCo one; the exact values restore "
+                         "MuJoCo physics states")
+    if (env.spec.max_episode_steps or 10**9) < horizon:
+        env.close()
+        raise ValueError(f"horizon: {horizon} is longer than {recipe.env_id}'s episodes ({env.spec.max_episode_steps})")
+    n_cands = 2 + per_spread * len(spreads)
+    scratch = [gym.make(recipe.env_id).unwrapped for _ in range(n_cands)]
+    for i, s in enumerate(scratch):
+        s.reset(seed=seed + i)
+    mean_action = _sb3_policy(model, 0.0, None)
+    t0, probes = time.perf_counter(), []
+    try:
+        for ep in tqdm(range(episodes), desc="critic against exact Q", disable=not progress, leave=False):
+            probes += _q_probe_episode(env, scratch, policy, mean_action, q_fn, seed + ep,
+                                       np.random.default_rng([seed, ep]), noise, spreads, per_spread, probe_every,
+                                       horizon, gamma)
+    finally:
+        env.close()
+        for s in scratch:
+            s.close()
+    if not probes:
+        raise ValueError(f"episodes: the policy's {episodes} episode(s) gave no state to probe (each ended before "
+                         f"a probe step with {horizon} steps left)")
+    points = 100.0 / (hi - lo)
+    groups = [("policy", np.array([1]))] + [(f"spread {c:g}", 2 + per_spread * i + np.arange(per_spread))
+                                            for i, c in enumerate(spreads)]
+    extra = {"noise": noise, "horizon": horizon, "gamma": float(gamma), "episodes": episodes,
+             "seconds": time.perf_counter() - t0}
+    return [{**_q_error_row(g, idx, probes, noise, points), **extra} for g, idx in groups]
 
 
 def make_dataset(recipe: DatasetRecipe, *, overwrite: bool = False, progress: bool = True,

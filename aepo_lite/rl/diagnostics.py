@@ -32,7 +32,7 @@ from aepo_lite.core.diffusion import energy_guidance
 __all__ = ["energy_gradient_norms", "gradient_rows", "gradient_table", "render", "guided_q_stats", "guided_q_rows",
            "render_guided_q", "energy_fit_stats", "energy_fit_rows", "render_energy_fit", "write_csv_and_table",
            "POLICY_NOISE_COLUMNS", "render_policy_noise", "SUPPORT_ORACLE_COLUMNS", "render_support_oracle",
-           "support_oracle_kind"]
+           "support_oracle_kind", "CRITIC_ERRORS_COLUMNS", "render_critic_errors"]
 
 TIMES = (0.05, 0.2, 0.5, 0.9)
 
@@ -429,3 +429,45 @@ def support_spread_table(rows) -> str:
 def render_support_spread(csv_path, figures_dir) -> list[Path]:
     """``support_spread.md`` beside the CSV, from the CSV alone (``aepo-lite figures``)."""
     return _render_table(csv_path, SUPPORT_SPREAD_HEADER, support_spread_table, "scripts/support_spread.py")
+
+
+CRITIC_ERRORS_COLUMNS = ("dataset", "run", "label", "critic", "seed", "guidance_scale", "group", "probes", "actions",
+                         "z_rms", "true_adv", "critic_adv", "err_rms", "corr", "sign_agree", "critic_gain",
+                         "oracle_gain", "noise", "horizon", "gamma", "episodes", "seconds")
+CRITIC_ERRORS_HEADER = (
+    "# A run's critic against the exact action values, on and off the data's support\n\nAt states a trained "
+    "policy visits (its evaluation episodes at guidance scale w), candidate actions are scored two ways: by the "
+    "run's critic, and exactly, by running the simulator from that state (the action, then the deterministic policy "
+    "that made the data, discounted). Both as advantages over that policy's mean action mu(s) at the same state, "
+    "in points of the dataset's score scale. Groups: the policy's own action; mu(s) + c x the data's noise std, c = "
+    "1 (the data's support) and c = 3 (mostly beyond it). `sign right`: how often the critic says better / worse "
+    "than mu(s) as the exact value does (0.5: a coin); `corr`: their correlation; `gain`: the exact advantage of "
+    "the critic's pick among mu(s) and the group, per state, beside the exact pick's (`best`). Means over the "
+    "seeds (runs) of each row (measured by `scripts/critic_errors.py` into `critic_errors.csv`; "
+    ":func:`aepo_lite.rl.datasets.snapshot_q_errors`).\n\n")
+
+
+def critic_errors_table(rows) -> str:
+    """A Markdown table from ``scripts/critic_errors.py``'s rows (or its CSV's): one line per dataset, run label,
+    critic, w and candidate group, the seeds' runs averaged (probes summed)."""
+    import statistics
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["dataset"], r["label"], r["critic"], float(r["guidance_scale"]), r["group"]), []).append(r)
+    lines = ["| dataset | run | critic | w | group | seeds | probes | RMS z | exact adv. | critic adv. | RMS error "
+             "| corr | sign right | gain | best |", "|---|---|---|---:|---|---|---:|" + "---:|" * 8]
+
+    def m(g, k, fmt):
+        return format(statistics.mean(float(r[k]) for r in g), fmt)
+    for (ds, label, critic, w, group), g in sorted(groups.items(), key=lambda kv: (*kv[0][:4], kv[0][4] != "policy",
+                                                                                  kv[0][4])):
+        lines.append(f"| {ds} | {label} | {critic} | {w:g} | {group} | {', '.join(str(r['seed']) for r in g)} "
+                     f"| {sum(int(r['probes']) for r in g)} | {m(g, 'z_rms', '.2f')} | {m(g, 'true_adv', '.2f')} "
+                     f"| {m(g, 'critic_adv', '.2f')} | {m(g, 'err_rms', '.2f')} | {m(g, 'corr', '.2f')} "
+                     f"| {m(g, 'sign_agree', '.2f')} | {m(g, 'critic_gain', '.2f')} | {m(g, 'oracle_gain', '.2f')} |")
+    return "\n".join(lines) + "\n"
+
+
+def render_critic_errors(csv_path, figures_dir) -> list[Path]:
+    """``critic_errors.md`` beside the CSV, from the CSV alone (``aepo-lite figures``)."""
+    return _render_table(csv_path, CRITIC_ERRORS_HEADER, critic_errors_table, "scripts/critic_errors.py")

@@ -1,0 +1,84 @@
+"""A trained run's critic against the exact action values, on and off the data's support, on a dataset made by
+``aepo-lite make-dataset`` (aepo_lite.rl.datasets.snapshot_q_errors): at the states the run's policy visits at each
+guidance scale, its critic's advantages over the data policy's mean action against those of simulator rollouts.
+Writes a CSV and its Markdown table beside it (``aepo-lite figures`` re-renders the table from the CSV alone); a
+rerun skips the rows the CSV has.
+
+    python scripts/critic_errors.py --runs runs/rl6c-big/big-energy-softmax-hopper/local_hopper_medium-v0/*-s5 \
+        --scales 0 10 --out figures/rl_6c_big/critic_errors.csv
+"""
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import torch
+
+from aepo_lite.rl.agent import critic_kind, estimator_label, load_run
+from aepo_lite.rl.datasets import snapshot_q_errors
+from aepo_lite.rl.diagnostics import CRITIC_ERRORS_COLUMNS, existing_rows, render_critic_errors, write_csv_and_table
+
+
+def _key(r: dict) -> tuple:
+    return (r["dataset"], r["run"], round(float(r["guidance_scale"]), 9), int(r["episodes"]), int(r["horizon"]),
+            round(float(r["gamma"]), 9))
+
+
+def _q_fn(agent):
+    """The run's critic on raw observations and environment actions (scaled to its [-1, 1] box)."""
+    lo, hi = agent.action_low, agent.action_high
+
+    @torch.no_grad()
+    def q(obs, actions):
+        unit = torch.as_tensor(2 * (np.asarray(actions) - lo) / (hi - lo) - 1, dtype=torch.float32, device=agent.device)
+        return agent.critic.q_fn(agent.normalize(obs), unit).cpu().double().numpy()
+    return q
+
+
+def _run_rows(run: str, a, rows: list[dict]) -> list[dict]:
+    agent, cfg, _ = load_run(run)
+    if agent.critic is None:
+        raise SystemExit(f"--runs: {run} ({cfg.method}) has no critic to measure")
+    done = {_key(r) for r in rows}
+    out = []
+    for w in a.scales:
+        if (cfg.dataset, run, round(float(w), 9), a.episodes, a.horizon, round(a.gamma, 9)) in done:
+            print(f"skip {run} w={w:g}: in the CSV")
+            continue
+        g = torch.Generator(device=agent.device).manual_seed(cfg.seed)
+        got = snapshot_q_errors(cfg.dataset, _q_fn(agent), lambda o: agent.act(o, float(w), generator=g),
+                                episodes=a.episodes, probe_every=a.probe_every, horizon=a.horizon, gamma=a.gamma,
+                                progress=True)
+        for r in got:
+            out.append({"dataset": cfg.dataset, "run": run, "label": estimator_label(cfg), "critic": critic_kind(cfg),
+                        "seed": cfg.seed, "guidance_scale": w, **r})
+            print(f"{run} w={w:g} {r['group']}: exact adv. {r['true_adv']:.2f}, critic {r['critic_adv']:.2f}, sign "
+                  f"right {r['sign_agree']:.2f}, corr {r['corr']:.2f}, gain {r['critic_gain']:.2f} of "
+                  f"{r['oracle_gain']:.2f} ({r['probes']} states)", flush=True)
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--runs", nargs="+", required=True, help="trained run directories with a critic")
+    p.add_argument("--scales", nargs="+", type=float, default=[0.0, 10.0], help="guidance scales of the policy")
+    p.add_argument("--episodes", type=int, default=3, help="episodes per run and scale (reset seeds 100000 + i)")
+    p.add_argument("--probe-every", type=int, default=20, help="probe every this many steps of an episode")
+    p.add_argument("--horizon", type=int, default=300, help="rollout steps of an exact value (the candidate's included)")
+    p.add_argument("--gamma", type=float, default=0.99, help="the exact values' discount (the critics': 0.99)")
+    p.add_argument("--out", required=True, help="the CSV to write (its .md table is written beside it)")
+    a = p.parse_args(argv)
+    try:
+        rows = existing_rows(a.out)
+    except ValueError as e:
+        p.error(f"--{e}")
+    for run in a.runs:
+        rows += _run_rows(run, a, rows)
+        write_csv_and_table(a.out, rows, CRITIC_ERRORS_COLUMNS, render_critic_errors)  # each run as it lands
+    for path in write_csv_and_table(a.out, rows, CRITIC_ERRORS_COLUMNS, render_critic_errors):
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
