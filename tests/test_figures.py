@@ -200,6 +200,6 @@ def test_critic_errors_table_averages_each_group_over_its_seeds():
             row(5, "spread 1", 40, 1.0, 0.5, 0.5, 0.5)]
     lines = critic_errors_table(rows).splitlines()[2:]
     assert lines == [
-        "| local/h/m-v0 | aepo(x) | iql | 10 | policy | 5, 8 | 70 | 4.50 | 1.50 | 3.50 | 2.00 | 0.50 | 0.80 | 0.75 | 1.50 |",
-        "| local/h/m-v0 | aepo(x) | iql | 10 | spread 1 | 5 | 40 | 1.00 | 0.50 | 0.50 | 0.00 | 0.50 | 0.50 | 0.25 | 0.50 |",
-        "| local/h/m-v0 | aepo(x) | iql | 10 | spread 3 | 5, 8 | 70 | 2.90 | -1.50 | 1.50 | 3.00 | 0.50 | 0.50 | -0.75 | -1.50 |"]
+        "| local/h/m-v0 | aepo(x) | iql | 10 | policy | 5, 8 | 70 | 4.50 | 1.500 | 3.500 | 2.000 | 0.50 | 0.80 | 0.750 | 1.500 |",
+        "| local/h/m-v0 | aepo(x) | iql | 10 | spread 1 | 5 | 40 | 1.00 | 0.500 | 0.500 | 0.000 | 0.50 | 0.50 | 0.250 | 0.500 |",
+        "| local/h/m-v0 | aepo(x) | iql | 10 | spread 3 | 5, 8 | 70 | 2.90 | -1.500 | 1.500 | 3.000 | 0.50 | 0.50 | -0.750 | -1.500 |"]

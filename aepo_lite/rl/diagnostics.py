@@ -440,7 +440,8 @@ CRITIC_ERRORS_HEADER = (
     "run's critic, and exactly, by running the simulator from that state (the action, then the deterministic policy "
     "that made the data, discounted). Both as advantages over that policy's mean action mu(s) at the same state, "
     "in points of the dataset's score scale. Groups: the policy's own action; mu(s) + c x the data's noise std, c = "
-    "1 (the data's support) and c = 3 (mostly beyond it). `sign right`: how often the critic says better / worse "
+    "1 (the data's support) and c = 3 (mostly beyond it), clipped to the action box, which shortens offsets where "
+    "mu(s) is near its edge (the `RMS z` column: the offset in data-noise stds). `sign right`: how often the critic says better / worse "
     "than mu(s) as the exact value does (0.5: a coin); `corr`: their correlation; `gain`: the exact advantage of "
     "the critic's pick among mu(s) and the group, per state, beside the exact pick's (`best`). Means over the "
     "seeds (runs) of each row (measured by `scripts/critic_errors.py` into `critic_errors.csv`; "
@@ -462,9 +463,9 @@ def critic_errors_table(rows) -> str:
     for (ds, label, critic, w, group), g in sorted(groups.items(), key=lambda kv: (*kv[0][:4], kv[0][4] != "policy",
                                                                                   kv[0][4])):
         lines.append(f"| {ds} | {label} | {critic} | {w:g} | {group} | {', '.join(str(r['seed']) for r in g)} "
-                     f"| {sum(int(r['probes']) for r in g)} | {m(g, 'z_rms', '.2f')} | {m(g, 'true_adv', '.2f')} "
-                     f"| {m(g, 'critic_adv', '.2f')} | {m(g, 'err_rms', '.2f')} | {m(g, 'corr', '.2f')} "
-                     f"| {m(g, 'sign_agree', '.2f')} | {m(g, 'critic_gain', '.2f')} | {m(g, 'oracle_gain', '.2f')} |")
+                     f"| {sum(int(r['probes']) for r in g)} | {m(g, 'z_rms', '.2f')} | {m(g, 'true_adv', '.3f')} "
+                     f"| {m(g, 'critic_adv', '.3f')} | {m(g, 'err_rms', '.3f')} | {m(g, 'corr', '.2f')} "
+                     f"| {m(g, 'sign_agree', '.2f')} | {m(g, 'critic_gain', '.3f')} | {m(g, 'oracle_gain', '.3f')} |")
     return "\n".join(lines) + "\n"
 
 
