@@ -304,7 +304,10 @@ else:
 #   tables below say so); w = 20, 30 and 50, checked outside the sweep, score lower (docs/results.md).
 #   At w = 10 the default acts beyond 3 of the data's noise stds on 60% of its steps (seeds 5-9; the data's own
 #   actions 0.5%, behaviour cloning 13%; `figures/rl_6c_big/support_spread.md`): the gain it makes there is made
-#   off the support, where the in-support target and the critic extrapolate.
+#   off the support, where the in-support target and the critic extrapolate. Against exact action values (the
+#   simulator run from the states the policies visit; seeds 5 and 6, `figures/rl_6c_big/critic_errors.md`) neither
+#   critic ranks actions better than a coin, on the support or off it: the advantages to rank are hundredths of a
+#   point a step and the critics' errors several times that. The critic is the part of the error budget at fault.
 #
 #   ![support_oracle.png](../figures/rl_6c_ln/support_oracle.png)
 #
