@@ -16,7 +16,7 @@ import torch
 
 from aepo_lite.rl.agent import critic_kind, estimator_label, load_run
 from aepo_lite.rl.datasets import snapshot_q_errors
-from aepo_lite.rl.diagnostics import CRITIC_ERRORS_COLUMNS, existing_rows, render_critic_errors, write_csv_and_table
+from aepo_lite.rl.diagnostics import CRITIC_ERRORS_COLUMNS, csv_per_run, render_critic_errors
 
 
 def _key(r: dict) -> tuple:
@@ -68,14 +68,9 @@ def main(argv=None) -> int:
     p.add_argument("--gamma", type=float, default=0.99, help="the exact values' discount (the critics': 0.99)")
     p.add_argument("--out", required=True, help="the CSV to write (its .md table is written beside it)")
     a = p.parse_args(argv)
-    try:
-        rows = existing_rows(a.out)
-    except ValueError as e:
-        p.error(f"--{e}")
-    for run in a.runs:
-        rows += _run_rows(run, a, rows)
-        write_csv_and_table(a.out, rows, CRITIC_ERRORS_COLUMNS, render_critic_errors)  # each run as it lands
-    for path in write_csv_and_table(a.out, rows, CRITIC_ERRORS_COLUMNS, render_critic_errors):
+    if not a.out.endswith(".csv"):
+        p.error(f"--out: expected a .csv path, got {a.out!r}")
+    for path in csv_per_run(a.out, a.runs, lambda run, rows: _run_rows(run, a, rows), CRITIC_ERRORS_COLUMNS, render_critic_errors):
         print(f"wrote {path}")
     return 0
 

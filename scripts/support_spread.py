@@ -14,7 +14,7 @@ import torch
 
 from aepo_lite.rl.agent import estimator_label, load_run
 from aepo_lite.rl.datasets import snapshot_action_spread
-from aepo_lite.rl.diagnostics import SUPPORT_SPREAD_COLUMNS, existing_rows, render_support_spread, write_csv_and_table
+from aepo_lite.rl.diagnostics import SUPPORT_SPREAD_COLUMNS, csv_per_run, render_support_spread
 
 
 def _key(r: dict) -> tuple:
@@ -54,14 +54,9 @@ def main(argv=None) -> int:
     p.add_argument("--episodes", type=int, default=10, help="episodes per run and scale (reset seeds 100000 + i)")
     p.add_argument("--out", required=True, help="the CSV to write (its .md table is written beside it)")
     a = p.parse_args(argv)
-    try:
-        rows = existing_rows(a.out)
-    except ValueError as e:
-        p.error(f"--{e}")
-    for run in a.runs:
-        rows += _run_rows(run, a.scales, a.episodes, rows)
-        write_csv_and_table(a.out, rows, SUPPORT_SPREAD_COLUMNS, render_support_spread)  # each run as it lands
-    for path in write_csv_and_table(a.out, rows, SUPPORT_SPREAD_COLUMNS, render_support_spread):
+    if not a.out.endswith(".csv"):
+        p.error(f"--out: expected a .csv path, got {a.out!r}")
+    for path in csv_per_run(a.out, a.runs, lambda run, rows: _run_rows(run, a.scales, a.episodes, rows), SUPPORT_SPREAD_COLUMNS, render_support_spread):
         print(f"wrote {path}")
     return 0
 

@@ -397,3 +397,18 @@ def test_critic_against_exact_q_on_and_off_the_support(minari_root):
     assert "| t/hopper/medium-v0 | aepo" in out.with_suffix(".md").read_text()
     with pytest.raises(SystemExit, match="no critic"):
         ce.main(["--runs", str(minari_root / "bc"), "--out", str(minari_root / "bc.csv")])
+    # the spread script on the same runs, through the same per-run CSV loop: the data's row once, then a row per run
+    spec = importlib.util.spec_from_file_location("support_spread", Path(__file__).resolve().parents[1] / "scripts"
+                                                  / "support_spread.py")
+    ss = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ss)
+    out = minari_root / "spread.csv"
+    args = ["--runs", str(minari_root / "aepo"), str(minari_root / "bc"), "--scales", "0", "--episodes", "1",
+            "--out", str(out)]
+    assert ss.main(args) == 0
+    first = out.read_text()
+    labels = [line.split(",")[2] for line in first.strip().splitlines()]
+    assert labels[:2] == ["label", "data"] and labels[2].startswith("aepo(") and labels[3:] == ["bc"]
+    assert ss.main(args) == 0 and out.read_text() == first
+    with pytest.raises(SystemExit):
+        ss.main(["--runs", str(minari_root / "bc"), "--out", str(minari_root / "spread.txt")])

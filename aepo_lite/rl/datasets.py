@@ -349,6 +349,21 @@ def rollout_returns(state: dict, scratch: list, first_actions: np.ndarray, polic
     return returns
 
 
+def _mujoco_envs(name: str, env_id: str, n: int, seed: int, what: str):
+    """An environment of ``env_id`` to act in and ``n`` unwrapped scratch copies (reset with seeds ``seed + i``) for
+    :func:`rollout_returns`; a clear error when it is not a MuJoCo environment (``what`` names the user)."""
+    import gymnasium as gym
+    env = gym.make(env_id)
+    if not hasattr(env.unwrapped, "set_state"):
+        env.close()
+        raise ValueError(f"name: {name}'s environment {env_id} is not a MuJoCo one; {what} restores MuJoCo physics "
+                         "states")
+    scratch = [gym.make(env_id).unwrapped for _ in range(n)]
+    for i, s in enumerate(scratch):
+        s.reset(seed=seed + i)
+    return env, scratch
+
+
 def _oracle_episode(env, scratch, mean_action, n: int, reset_seed: int, rng, noise: float, continuation_noise: float,
                     horizon: int, gamma: float) -> tuple[float, int]:
     """One episode of :func:`snapshot_oracle_scores`' best-of-``n`` policy: (its return, its length)."""
@@ -392,7 +407,6 @@ def snapshot_oracle_scores(name: str, candidates=(1, 4, 16), horizon: int = 1000
     ``collect_noise``: candidates with ``noise`` equal to it are the data's support), ``continuation_noise``, ``return_mean``,
     ``score_mean`` / ``score_std`` (normalised with the dataset's reference scores), ``length_mean``,
     ``episodes``, ``seconds``."""
-    import gymnasium as gym
     from tqdm.auto import tqdm
     cands = [check_int("candidates", c, low=1) for c in candidates]
     if not cands:
@@ -408,14 +422,7 @@ def snapshot_oracle_scores(name: str, candidates=(1, 4, 16), horizon: int = 1000
         raise ValueError(f"noise: expected a finite std >= 0, got {noise!r}")
     if not (np.isfinite(continuation_noise) and continuation_noise >= 0):
         raise ValueError(f"continuation_noise: expected a finite std >= 0, got {continuation_noise!r}")
-    env = gym.make(recipe.env_id)
-    if not hasattr(env.unwrapped, "set_state"):
-        env.close()
-        raise ValueError(f"name: {name}'s environment {recipe.env_id} is not a MuJoCo one; the oracle restores "
-                         "MuJoCo physics states")
-    scratch = [gym.make(recipe.env_id).unwrapped for _ in range(max(cands))]
-    for i, s in enumerate(scratch):
-        s.reset(seed=seed + i)
+    env, scratch = _mujoco_envs(name, recipe.env_id, max(cands), seed, "the oracle")
     mean_action = _sb3_policy(model, 0.0, None)
     out = []
     try:
@@ -560,7 +567,6 @@ def snapshot_q_errors(name: str, q_fn: Callable, policy: Callable[[np.ndarray], 
     often the critic says better / worse than mu as the exact value does), ``critic_gain`` (the exact advantage of
     the critic's pick among mu and the group, per state: what acting on its ranking gains) and ``oracle_gain``
     (the same for the exact pick), plus ``noise``, ``horizon``, ``gamma``, ``episodes``, ``seconds``."""
-    import gymnasium as gym
     from tqdm.auto import tqdm
     check_int("episodes", episodes, low=1)
     check_int("probe_every", probe_every, low=1)
@@ -576,18 +582,11 @@ def snapshot_q_errors(name: str, q_fn: Callable, policy: Callable[[np.ndarray], 
     noise = float(recipe.collect_noise)
     if not noise > 0:
         raise ValueError(f"name: {name} was collected without action noise: no support width to measure against")
-    env = gym.make(recipe.env_id)
-    if not hasattr(env.unwrapped, "set_state"):
-        env.close()
-        raise ValueError(f"name: {name}'s environment {recipe.env_id} is not a MuJoCo one; the exact values restore "
-                         "MuJoCo physics states")
+    env, scratch = _mujoco_envs(name, recipe.env_id, 2 + per_spread * len(spreads), seed, "the exact values")
     if (env.spec.max_episode_steps or 10**9) < horizon:
-        env.close()
+        for e in (env, *scratch):
+            e.close()
         raise ValueError(f"horizon: {horizon} is longer than {recipe.env_id}'s episodes ({env.spec.max_episode_steps})")
-    n_cands = 2 + per_spread * len(spreads)
-    scratch = [gym.make(recipe.env_id).unwrapped for _ in range(n_cands)]
-    for i, s in enumerate(scratch):
-        s.reset(seed=seed + i)
     mean_action = _sb3_policy(model, 0.0, None)
     t0, probes = time.perf_counter(), []
     try:

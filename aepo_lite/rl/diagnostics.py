@@ -32,7 +32,7 @@ from aepo_lite.core.diffusion import energy_guidance
 __all__ = ["energy_gradient_norms", "gradient_rows", "gradient_table", "render", "guided_q_stats", "guided_q_rows",
            "render_guided_q", "energy_fit_stats", "energy_fit_rows", "render_energy_fit", "write_csv_and_table",
            "POLICY_NOISE_COLUMNS", "render_policy_noise", "SUPPORT_ORACLE_COLUMNS", "render_support_oracle",
-           "support_oracle_kind", "CRITIC_ERRORS_COLUMNS", "render_critic_errors"]
+           "support_oracle_kind", "CRITIC_ERRORS_COLUMNS", "render_critic_errors", "csv_per_run"]
 
 TIMES = (0.05, 0.2, 0.5, 0.9)
 
@@ -120,6 +120,18 @@ def write_csv_and_table(out, rows, columns, render_fn) -> list[Path]:
         raise ValueError(f"out: expected a .csv path, got {str(out)!r}")
     atomic_write_csv(Path(out), rows, columns)
     return [Path(out), *render_fn(out, Path(out).parent)]
+
+
+def csv_per_run(out, runs, run_rows, columns, render_fn) -> list[Path]:
+    """A diagnostic script's loop over trained runs: the CSV ``out``'s rows so far, then for each run
+    ``run_rows(run, rows)`` (the rows it adds, skipping those ``rows`` holds), the CSV and its table rewritten as
+    each run lands, so a killed script loses no finished run. Returns the paths written."""
+    rows = existing_rows(out)
+    paths = write_csv_and_table(out, rows, columns, render_fn) if rows else []
+    for run in runs:
+        rows += run_rows(run, rows)
+        paths = write_csv_and_table(out, rows, columns, render_fn)
+    return paths
 
 
 def render(csv_path, figures_dir) -> list[Path]:
