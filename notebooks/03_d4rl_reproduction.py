@@ -309,6 +309,8 @@ else:
 #   critic ranks actions better than a coin, on the support or off it: the advantages to rank are hundredths of a
 #   point a step and the critics' errors several times that. The critic is the part of the error budget at fault.
 #
+#   ![critic_errors.png](../figures/rl_6c_big/critic_errors.png)
+#
 #   ![support_oracle.png](../figures/rl_6c_ln/support_oracle.png)
 #
 # - On InvertedDoublePendulum guided sampling reaches 14.9 (5 seeds, BC + 5.1) where best-of-16 by the same

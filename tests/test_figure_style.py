@@ -115,3 +115,34 @@ def test_support_oracle_figure_has_a_line_per_kind_of_row_and_bc_from_the_sweep(
             "the data's policy (N = 1)", "the data's actions, one noisy rollout of 50 steps"} <= set(lines)
     assert len({lines[g].get_color() for g in lines if not g.startswith(("BC", "default"))}) == len(
         [g for g in lines if not g.startswith(("BC", "default"))])
+
+
+def test_critic_errors_figure_bars_are_the_seeds_means(monkeypatch, tmp_path):
+    """scripts/critic_errors.py's plot: a column of panels per run label and critic; the top panel's bars are the
+    seeds' mean exact-pick and critic-pick gains of each w and group, the bottom one's the share of right signs,
+    recomputed here from the committed CSV; one legend for the figure."""
+    import csv
+    import shutil
+    import statistics
+
+    import aepo_lite._io as io
+    from aepo_lite.rl.diagnostics import render_critic_errors
+    figs = _captured(monkeypatch, io)
+    shutil.copy(ROOT / "figures" / "rl_6c_big" / "critic_errors.csv", tmp_path)
+    render_critic_errors(tmp_path / "critic_errors.csv", tmp_path)
+    (fig,) = figs
+    with open(ROOT / "figures" / "rl_6c_big" / "critic_errors.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    mine = [r for r in rows if r["critic"] == "insupport" and r["guidance_scale"] == "10.0" and r["group"] == "spread 3"]
+    assert len(mine) == 2  # seeds 5 and 6
+    top, bottom = fig.axes[1], fig.axes[3]  # row-major: the second column is the qgpo run's
+    assert "qgpo" in top.get_title()
+    ticks = [t.get_text() for t in top.get_xticklabels()]
+    i = ticks.index("w=10\nspread 3")
+    exact = [p for p in top.patches if p.get_gid() == "the exact pick"]
+    picked = [p for p in top.patches if p.get_gid() == "the critic's pick"]
+    assert exact[i].get_height() == pytest.approx(statistics.mean(float(r["oracle_gain"]) for r in mine))
+    assert picked[i].get_height() == pytest.approx(statistics.mean(float(r["critic_gain"]) for r in mine))
+    assert bottom.patches[i].get_height() == pytest.approx(statistics.mean(float(r["sign_agree"]) for r in mine))
+    (legend,) = fig.legends
+    assert [t.get_text() for t in legend.get_texts()] == ["the exact pick", "the critic's pick", "a coin (0.5)"]

@@ -482,5 +482,51 @@ def critic_errors_table(rows) -> str:
 
 
 def render_critic_errors(csv_path, figures_dir) -> list[Path]:
-    """``critic_errors.md`` beside the CSV, from the CSV alone (``aepo-lite figures``)."""
-    return _render_table(csv_path, CRITIC_ERRORS_HEADER, critic_errors_table, "scripts/critic_errors.py")
+    """``critic_errors.md`` and ``critic_errors.png`` beside the CSV, from the CSV alone (``aepo-lite figures``).
+    The plot: per run label and critic, for each w and candidate group, what the critic's pick gains a state
+    beside what the exact pick would (the seeds' mean), and how often the critic's sign is right (0.5: a coin)."""
+    written = _render_table(csv_path, CRITIC_ERRORS_HEADER, critic_errors_table, "scripts/critic_errors.py")
+    return written + [_plot_critic_errors(Path(csv_path))]
+
+
+def _plot_critic_errors(csv_path: Path) -> Path:
+    import csv
+    import statistics
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from aepo_lite._io import atomic_save_figure
+    with open(csv_path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    panels = sorted({(r["dataset"], r["label"], r["critic"]) for r in rows})
+    fig, axes = plt.subplots(2, len(panels), figsize=(5.6 * len(panels), 6.4), squeeze=False, sharey="row",
+                             layout="constrained")
+    for j, key in enumerate(panels):
+        mine = [r for r in rows if (r["dataset"], r["label"], r["critic"]) == key]
+        cells = sorted({(float(r["guidance_scale"]), r["group"] != "policy", r["group"]) for r in mine})
+        mean = {c: {k: statistics.mean(float(r[k]) for r in mine if (float(r["guidance_scale"]), r["group"]) ==
+                                       (c[0], c[2])) for k in ("critic_gain", "oracle_gain", "sign_agree")}
+                for c in cells}
+        x = np.arange(len(cells))
+        names = [f"w={w:g}\n{g}" for w, _, g in cells]
+        top, bottom = axes[0, j], axes[1, j]
+        top.bar(x - 0.2, [mean[c]["oracle_gain"] for c in cells], 0.4, color="0.7", label="the exact pick",
+                gid="the exact pick")
+        top.bar(x + 0.2, [mean[c]["critic_gain"] for c in cells], 0.4, color="C3", label="the critic's pick",
+                gid="the critic's pick")
+        top.axhline(0, color="0.3", linewidth=0.8)
+        top.set_title(f"{key[0]}\n{key[1]}, {key[2]} critic", fontsize=9)
+        bottom.bar(x, [mean[c]["sign_agree"] for c in cells], 0.6, color="C0")
+        bottom.axhline(0.5, color="0.3", linestyle=":", label="a coin (0.5)", gid="a coin")
+        bottom.set_ylim(0, 1)
+        for ax in (top, bottom):
+            ax.set_xticks(x, names, fontsize=7)
+    axes[0, 0].set_ylabel("advantage over mu(s) a state\n(points, mean over probes and seeds)")
+    axes[1, 0].set_ylabel("share of signs the critic gets right")
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    h2, l2 = axes[1, 0].get_legend_handles_labels()
+    fig.legend(handles + h2, labels + l2, loc="outside lower center", ncol=3, fontsize=8)
+    out = csv_path.with_suffix(".png")
+    atomic_save_figure(out, fig)
+    plt.close(fig)
+    return out
