@@ -21,7 +21,7 @@ from aepo_lite.rl.diagnostics import CRITIC_ERRORS_COLUMNS, csv_per_run, render_
 
 def _key(r: dict) -> tuple:
     return (r["dataset"], r["run"], round(float(r["guidance_scale"]), 9), int(r["episodes"]), int(r["horizon"]),
-            round(float(r["gamma"]), 9))
+            round(float(r["gamma"]), 9), round(float(r.get("continuation_noise") or 0), 9), int(r.get("rollouts") or 1))
 
 
 def _q_fn(agent):
@@ -42,17 +42,18 @@ def _run_rows(run: str, a, rows: list[dict]) -> list[dict]:
     done = {_key(r) for r in rows}
     out = []
     for w in a.scales:
-        if (cfg.dataset, run, round(float(w), 9), a.episodes, a.horizon, round(a.gamma, 9)) in done:
+        if (cfg.dataset, run, round(float(w), 9), a.episodes, a.horizon, round(a.gamma, 9),
+                round(a.continuation_noise, 9), a.rollouts) in done:
             print(f"skip {run} w={w:g}: in the CSV")
             continue
         g = torch.Generator(device=agent.device).manual_seed(cfg.seed)
         got = snapshot_q_errors(cfg.dataset, _q_fn(agent), lambda o: agent.act(o, float(w), generator=g),
                                 episodes=a.episodes, probe_every=a.probe_every, horizon=a.horizon, gamma=a.gamma,
-                                progress=True)
+                                continuation_noise=a.continuation_noise, rollouts=a.rollouts, progress=True)
         for r in got:
             out.append({"dataset": cfg.dataset, "run": run, "label": estimator_label(cfg), "critic": critic_kind(cfg),
                         "seed": cfg.seed, "guidance_scale": w, **r})
-            print(f"{run} w={w:g} {r['group']}: exact adv. {r['true_adv']:.2f}, critic {r['critic_adv']:.2f}, sign "
+            print(f"{run} w={w:g} {r['group']} (continuation noise {a.continuation_noise:g}): exact adv. {r['true_adv']:.2f}, critic {r['critic_adv']:.2f}, sign "
                   f"right {r['sign_agree']:.2f}, corr {r['corr']:.2f}, gain {r['critic_gain']:.2f} of "
                   f"{r['oracle_gain']:.2f} ({r['probes']} states)", flush=True)
     return out
@@ -66,6 +67,9 @@ def main(argv=None) -> int:
     p.add_argument("--probe-every", type=int, default=20, help="probe every this many steps of an episode")
     p.add_argument("--horizon", type=int, default=300, help="rollout steps of an exact value (the candidate's included)")
     p.add_argument("--gamma", type=float, default=0.99, help="the exact values' discount (the critics': 0.99)")
+    p.add_argument("--continuation-noise", type=float, default=0.0,
+                   help="action-noise std after the candidate (0: the deterministic snapshot; the data's: its Q)")
+    p.add_argument("--rollouts", type=int, default=1, help="noisy continuations averaged per candidate")
     p.add_argument("--out", required=True, help="the CSV to write (its .md table is written beside it)")
     a = p.parse_args(argv)
     if not a.out.endswith(".csv"):

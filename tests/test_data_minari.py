@@ -371,9 +371,22 @@ def test_critic_against_exact_q_on_and_off_the_support(minari_root):
     assert neg[1]["corr"] < -0.999
     (own, *_) = snapshot_q_errors("t/hopper/medium-v0", exact, mu, **args)
     assert own["z_rms"] == 0.0 and own["true_adv"] == 0.0
+    # against the data policy's Q (noisy continuations): the same states and candidates; as the noise goes to 0
+    # the values go to the deterministic ones, and with the data's noise they differ
+    for cont, rollouts in [(1e-9, 2), (0.1, 3)]:
+        rng = np.random.default_rng(3)
+        got = snapshot_q_errors("t/hopper/medium-v0", exact, noisy, continuation_noise=cont, rollouts=rollouts, **args)
+        for r, n in zip((pol, s1, s3), got):
+            assert (n["probes"], n["z_rms"], n["critic_adv"]) == (r["probes"], r["z_rms"], r["critic_adv"])
+            assert (n["continuation_noise"], n["rollouts"]) == (cont, rollouts)
+            if cont < 1e-6:
+                assert n["true_adv"] == pytest.approx(r["true_adv"], abs=1e-5)
+        if cont > 1e-6:
+            assert any(abs(n["true_adv"] - r["true_adv"]) > 1e-6 for r, n in zip((pol, s1, s3), got))
     for bad, match in [(dict(episodes=0), "episodes"), (dict(probe_every=0), "probe_every"),
                        (dict(per_spread=0), "per_spread"), (dict(spreads=(-1.0,)), "spreads"), (dict(spreads=()), "spreads"),
-                       (dict(gamma=0.0), "gamma"), (dict(horizon=5000), "horizon")]:
+                       (dict(gamma=0.0), "gamma"), (dict(horizon=5000), "horizon"), (dict(rollouts=2), "rollouts"),
+                       (dict(continuation_noise=-0.1), "continuation_noise"), (dict(rollouts=0), "rollouts")]:
         with pytest.raises(ValueError, match=match):
             snapshot_q_errors("t/hopper/medium-v0", exact, mu, **bad)
     with pytest.raises(ValueError, match="random dataset"):

@@ -191,15 +191,17 @@ def test_critic_errors_table_averages_each_group_over_its_seeds():
     action first, the seeds' runs averaged (probes summed)."""
     from aepo_lite.rl.diagnostics import critic_errors_table
     base = dict(dataset="local/h/m-v0", label="aepo(x)", critic="iql", guidance_scale=10.0, actions=1, noise=0.1,
-                horizon=300, gamma=0.99, episodes=3, seconds=1.0)
+                horizon=300, gamma=0.99, continuation_noise=0.0, rollouts=1, episodes=3, seconds=1.0)
     def row(seed, group, probes, z, t, c, s):
         return dict(base, run=f"r{seed}", seed=seed, group=group, probes=probes, z_rms=z, true_adv=t, critic_adv=c,
                     err_rms=abs(c - t), corr=0.5, sign_agree=s, critic_gain=t / 2, oracle_gain=t)
     rows = [row(5, "spread 3", 40, 3.0, -2.0, 1.0, 0.4), row(5, "policy", 40, 4.0, 1.0, 3.0, 0.7),
             row(8, "policy", 30, 5.0, 2.0, 4.0, 0.9), row(8, "spread 3", 30, 2.8, -1.0, 2.0, 0.6),
             row(5, "spread 1", 40, 1.0, 0.5, 0.5, 0.5)]
-    lines = critic_errors_table(rows).splitlines()[2:]
+    noisy = dict(row(5, "spread 1", 40, 1.0, 0.1, 0.2, 0.6), continuation_noise=0.1, rollouts=8)
+    lines = critic_errors_table(rows + [noisy]).splitlines()[2:]
     assert lines == [
-        "| local/h/m-v0 | aepo(x) | iql | 10 | policy | 5, 8 | 70 | 4.50 | 1.500 | 3.500 | 2.000 | 0.50 | 0.80 | 0.750 | 1.500 |",
-        "| local/h/m-v0 | aepo(x) | iql | 10 | spread 1 | 5 | 40 | 1.00 | 0.500 | 0.500 | 0.000 | 0.50 | 0.50 | 0.250 | 0.500 |",
-        "| local/h/m-v0 | aepo(x) | iql | 10 | spread 3 | 5, 8 | 70 | 2.90 | -1.500 | 1.500 | 3.000 | 0.50 | 0.50 | -0.750 | -1.500 |"]
+        "| local/h/m-v0 | aepo(x) | iql | deterministic | 10 | policy | 5, 8 | 70 | 4.50 | 1.500 | 3.500 | 2.000 | 0.50 | 0.80 | 0.750 | 1.500 |",
+        "| local/h/m-v0 | aepo(x) | iql | deterministic | 10 | spread 1 | 5 | 40 | 1.00 | 0.500 | 0.500 | 0.000 | 0.50 | 0.50 | 0.250 | 0.500 |",
+        "| local/h/m-v0 | aepo(x) | iql | deterministic | 10 | spread 3 | 5, 8 | 70 | 2.90 | -1.500 | 1.500 | 3.000 | 0.50 | 0.50 | -0.750 | -1.500 |",
+        "| local/h/m-v0 | aepo(x) | iql | noise 0.1, 8 rollouts | 10 | spread 1 | 5 | 40 | 1.00 | 0.100 | 0.200 | 0.100 | 0.50 | 0.60 | 0.050 | 0.100 |"]

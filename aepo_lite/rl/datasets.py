@@ -503,10 +503,10 @@ def snapshot_action_spread(name: str, policies: dict, episodes: int = 10, seed: 
     return out
 
 
-def _q_probe_episode(env, scratch, policy, mean_action, q_fn, reset_seed: int, rng, noise: float, spreads,
-                     per_spread: int, probe_every: int, horizon: int, gamma: float) -> list[tuple]:
+def _q_probe_episode(env, value, policy, mean_action, q_fn, reset_seed: int, rng, noise: float, spreads,
+                     per_spread: int, probe_every: int, horizon: int) -> list[tuple]:
     """One episode of :func:`snapshot_q_errors`: the policy acts; at every ``probe_every``-th step that leaves a full
-    ``horizon`` before the time limit, the candidates' (actions, exact Q, critic Q)."""
+    ``horizon`` before the time limit, the candidates' (actions, exact Q by ``value(state, actions)``, critic Q)."""
     low, high = env.action_space.low, env.action_space.high
     limit = env.spec.max_episode_steps or 10**9
     obs, _ = env.reset(seed=reset_seed)
@@ -517,8 +517,7 @@ def _q_probe_episode(env, scratch, policy, mean_action, q_fn, reset_seed: int, r
             mu = np.clip(mean_action(obs[None])[0], low, high)
             wide = [mu + c * noise * rng.standard_normal((per_spread, len(mu))) for c in spreads]
             cands = np.clip(np.concatenate([mu[None], a[None], *wide]), low, high)
-            q_true = rollout_returns(_mujoco_state(env.unwrapped), scratch, cands, mean_action,
-                                     np.zeros((horizon - 1, len(mu))), gamma)
+            q_true = value(_mujoco_state(env.unwrapped), cands)
             q_hat = np.asarray(q_fn(np.repeat(obs[None], len(cands), 0), cands), np.float64).reshape(-1)
             out.append((cands, q_true, q_hat))
         obs, _, terminated, truncated, _ = env.step(a)
@@ -543,10 +542,30 @@ def _q_error_row(group: str, idx: np.ndarray, probes: list[tuple], noise: float,
             "critic_gain": float(picked.mean()), "oracle_gain": float(np.maximum(true.max(1), 0).mean())}
 
 
+def _check_q_error_args(episodes, probe_every, per_spread, horizon, seed, spreads, gamma, continuation_noise,
+                        rollouts) -> list[float]:
+    """:func:`snapshot_q_errors`' arguments checked before any work; returns the spreads as floats."""
+    for k, v in (("episodes", episodes), ("probe_every", probe_every), ("per_spread", per_spread),
+                 ("horizon", horizon), ("rollouts", rollouts)):
+        check_int(k, v, low=1)
+    check_seed("seed", seed)
+    spreads = [float(c) for c in spreads]
+    if not spreads or any(not (np.isfinite(c) and c > 0) for c in spreads):
+        raise ValueError(f"spreads: expected one or more finite multiples of the data's noise > 0, got {spreads}")
+    if not (np.isfinite(gamma) and 0 < gamma <= 1):
+        raise ValueError(f"gamma: expected a discount in (0, 1], got {gamma!r}")
+    if not (np.isfinite(continuation_noise) and continuation_noise >= 0):
+        raise ValueError(f"continuation_noise: expected a finite std >= 0, got {continuation_noise!r}")
+    if continuation_noise == 0 and rollouts != 1:
+        raise ValueError(f"rollouts: {rollouts} rollouts of a noise-free continuation are one and the same; give "
+                         "continuation_noise > 0 or rollouts = 1")
+    return spreads
+
+
 def snapshot_q_errors(name: str, q_fn: Callable, policy: Callable[[np.ndarray], np.ndarray], episodes: int = 3,
                       probe_every: int = 20, spreads=(1.0, 3.0), per_spread: int = 4, horizon: int = 300,
-                      gamma: float = 0.99, seed: int = 100_000, which: str = "medium",
-                      policy_cache: Optional[Path] = None, progress: bool = False) -> list[dict]:
+                      gamma: float = 0.99, continuation_noise: float = 0.0, rollouts: int = 1, seed: int = 100_000,
+                      which: str = "medium", policy_cache: Optional[Path] = None, progress: bool = False) -> list[dict]:
     """A critic's action values against the exact ones, on and off the data's support, at the states a policy
     visits, on a ``make-dataset`` dataset whose data policy is known (MuJoCo environments only).
 
@@ -555,29 +574,25 @@ def snapshot_q_errors(name: str, q_fn: Callable, policy: Callable[[np.ndarray], 
     the data policy's mean action mu(s) (the ``which`` snapshot), the policy's own action, and for each c in
     ``spreads`` ``per_spread`` draws mu(s) + c * std * N(0, I) (std: the data's action noise, so c = 1 is the data's
     support and c = 3 mostly beyond it), all clipped to the box. Each candidate's exact value is the discounted
-    (``gamma``) return of taking it and then following the deterministic snapshot for ``horizon - 1`` steps (or to a
-    termination; :func:`rollout_returns`); its critic value is ``q_fn(observations (m, k), actions (m, d)) -> (m,)``.
-    Both are compared as advantages over mu(s) at the same state, so a critic's level (it values the data's
-    noisy policy, or an improved one) cancels and what remains is how it ranks the actions. Advantages are in
-    points: the discounted return difference x 100 / (ref_max - ref_min), the dataset's score scale.
+    (``gamma``) return of taking it and then following the snapshot for ``horizon - 1`` steps (or to a termination;
+    :func:`rollout_returns`): the deterministic snapshot by default; with ``continuation_noise`` the snapshot plus
+    that action noise (the data's policy at its own std), averaged over ``rollouts`` draws shared by the candidates,
+    so the reference is the data policy's Q, which an in-sample critic is trained toward. Its critic value is
+    ``q_fn(observations (m, k), actions (m, d)) -> (m,)``. Both are compared as advantages over mu(s) at the same
+    state, so a critic's level cancels and what remains is how it ranks the actions. Advantages are in points: the
+    discounted return difference x 100 / (ref_max - ref_min), the dataset's score scale. The states and
+    candidates do not depend on the reference, so two references measure the same actions.
 
     One dict per group (``policy``, then ``spread c``): ``probes``, ``actions``, ``z_rms`` (the group's offset
     from mu in data-noise stds), ``true_adv`` / ``critic_adv`` (mean advantage over mu, exact and by the critic),
     ``err_rms`` (RMS of their difference), ``corr`` (their correlation over the group's actions), ``sign_agree`` (how
     often the critic says better / worse than mu as the exact value does), ``critic_gain`` (the exact advantage of
     the critic's pick among mu and the group, per state: what acting on its ranking gains) and ``oracle_gain``
-    (the same for the exact pick), plus ``noise``, ``horizon``, ``gamma``, ``episodes``, ``seconds``."""
+    (the same for the exact pick), plus ``noise``, ``horizon``, ``gamma``, ``continuation_noise``, ``rollouts``,
+    ``episodes``, ``seconds``."""
     from tqdm.auto import tqdm
-    check_int("episodes", episodes, low=1)
-    check_int("probe_every", probe_every, low=1)
-    check_int("per_spread", per_spread, low=1)
-    check_int("horizon", horizon, low=1)
-    check_seed("seed", seed)
-    spreads = [float(c) for c in spreads]
-    if not spreads or any(not (np.isfinite(c) and c > 0) for c in spreads):
-        raise ValueError(f"spreads: expected one or more finite multiples of the data's noise > 0, got {spreads}")
-    if not (np.isfinite(gamma) and 0 < gamma <= 1):
-        raise ValueError(f"gamma: expected a discount in (0, 1], got {gamma!r}")
+    spreads = _check_q_error_args(episodes, probe_every, per_spread, horizon, seed, spreads, gamma,
+                                  continuation_noise, rollouts)
     recipe, model, lo, hi = _dataset_snapshot(name, which, policy_cache)
     noise = float(recipe.collect_noise)
     if not noise > 0:
@@ -587,26 +602,30 @@ def snapshot_q_errors(name: str, q_fn: Callable, policy: Callable[[np.ndarray], 
         for e in (env, *scratch):
             e.close()
         raise ValueError(f"horizon: {horizon} is longer than {recipe.env_id}'s episodes ({env.spec.max_episode_steps})")
-    mean_action = _sb3_policy(model, 0.0, None)
+    mean_action, d = _sb3_policy(model, 0.0, None), env.action_space.shape[0]
+    cont_rng = np.random.default_rng([seed, 1])  # its own stream: the candidates do not depend on the reference
+
+    def value(state, cands):
+        return np.mean([rollout_returns(state, scratch, cands, mean_action,
+                                        continuation_noise * cont_rng.standard_normal((horizon - 1, d)), gamma)
+                        for _ in range(rollouts)], 0)
     t0, probes = time.perf_counter(), []
     try:
         for ep in tqdm(range(episodes), desc="critic against exact Q", disable=not progress, leave=False):
-            probes += _q_probe_episode(env, scratch, policy, mean_action, q_fn, seed + ep,
+            probes += _q_probe_episode(env, value, policy, mean_action, q_fn, seed + ep,
                                        np.random.default_rng([seed, ep]), noise, spreads, per_spread, probe_every,
-                                       horizon, gamma)
+                                       horizon)
     finally:
-        env.close()
-        for s in scratch:
-            s.close()
+        for e in (env, *scratch):
+            e.close()
     if not probes:
         raise ValueError(f"episodes: the policy's {episodes} episode(s) gave no state to probe (each ended before "
                          f"a probe step with {horizon} steps left)")
-    points = 100.0 / (hi - lo)
     groups = [("policy", np.array([1]))] + [(f"spread {c:g}", 2 + per_spread * i + np.arange(per_spread))
                                             for i, c in enumerate(spreads)]
-    extra = {"noise": noise, "horizon": horizon, "gamma": float(gamma), "episodes": episodes,
-             "seconds": time.perf_counter() - t0}
-    return [{**_q_error_row(g, idx, probes, noise, points), **extra} for g, idx in groups]
+    extra = {"noise": noise, "horizon": horizon, "gamma": float(gamma), "continuation_noise": float(continuation_noise),
+             "rollouts": rollouts, "episodes": episodes, "seconds": time.perf_counter() - t0}
+    return [{**_q_error_row(g, idx, probes, noise, 100.0 / (hi - lo)), **extra} for g, idx in groups]
 
 
 def make_dataset(recipe: DatasetRecipe, *, overwrite: bool = False, progress: bool = True,

@@ -445,12 +445,14 @@ def render_support_spread(csv_path, figures_dir) -> list[Path]:
 
 CRITIC_ERRORS_COLUMNS = ("dataset", "run", "label", "critic", "seed", "guidance_scale", "group", "probes", "actions",
                          "z_rms", "true_adv", "critic_adv", "err_rms", "corr", "sign_agree", "critic_gain",
-                         "oracle_gain", "noise", "horizon", "gamma", "episodes", "seconds")
+                         "oracle_gain", "noise", "horizon", "gamma", "continuation_noise", "rollouts", "episodes",
+                         "seconds")
 CRITIC_ERRORS_HEADER = (
     "# A run's critic against the exact action values, on and off the data's support\n\nAt states a trained "
     "policy visits (its evaluation episodes at guidance scale w), candidate actions are scored two ways: by the "
     "run's critic, and exactly, by running the simulator from that state (the action, then the deterministic policy "
-    "that made the data, discounted). Both as advantages over that policy's mean action mu(s) at the same state, "
+    "that made the data, discounted; the `reference` column: deterministic, or with the data's action noise averaged "
+    "over that many rollouts, the data policy's own Q). Both as advantages over that policy's mean action mu(s) at the same state, "
     "in points of the dataset's score scale. Groups: the policy's own action; mu(s) + c x the data's noise std, c = "
     "1 (the data's support) and c = 3 (mostly beyond it), clipped to the action box, which shortens offsets where "
     "mu(s) is near its edge (the `RMS z` column: the offset in data-noise stds). `sign right`: how often the critic says better / worse "
@@ -460,21 +462,28 @@ CRITIC_ERRORS_HEADER = (
     ":func:`aepo_lite.rl.datasets.snapshot_q_errors`).\n\n")
 
 
+def critic_errors_reference(row) -> str:
+    """The exact values a ``scripts/critic_errors.py`` row (CSV dict) is measured against, in words."""
+    cont = float(row.get("continuation_noise") or 0)
+    return "deterministic" if cont == 0 else f"noise {cont:g}, {int(row['rollouts'])} rollouts"
+
+
 def critic_errors_table(rows) -> str:
     """A Markdown table from ``scripts/critic_errors.py``'s rows (or its CSV's): one line per dataset, run label,
-    critic, w and candidate group, the seeds' runs averaged (probes summed)."""
+    critic, reference, w and candidate group, the seeds' runs averaged (probes summed)."""
     import statistics
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        groups.setdefault((r["dataset"], r["label"], r["critic"], float(r["guidance_scale"]), r["group"]), []).append(r)
-    lines = ["| dataset | run | critic | w | group | seeds | probes | RMS z | exact adv. | critic adv. | RMS error "
-             "| corr | sign right | gain | best |", "|---|---|---|---:|---|---|---:|" + "---:|" * 8]
+        groups.setdefault((r["dataset"], r["label"], r["critic"], critic_errors_reference(r), float(r["guidance_scale"]),
+                           r["group"]), []).append(r)
+    lines = ["| dataset | run | critic | reference | w | group | seeds | probes | RMS z | exact adv. | critic adv. "
+             "| RMS error | corr | sign right | gain | best |", "|---|---|---|---|---:|---|---|---:|" + "---:|" * 8]
 
     def m(g, k, fmt):
         return format(statistics.mean(float(r[k]) for r in g), fmt)
-    for (ds, label, critic, w, group), g in sorted(groups.items(), key=lambda kv: (*kv[0][:4], kv[0][4] != "policy",
-                                                                                  kv[0][4])):
-        lines.append(f"| {ds} | {label} | {critic} | {w:g} | {group} | {', '.join(str(r['seed']) for r in g)} "
+    for (ds, label, critic, ref, w, group), g in sorted(groups.items(), key=lambda kv: (*kv[0][:5], kv[0][5] !=
+                                                                                       "policy", kv[0][5])):
+        lines.append(f"| {ds} | {label} | {critic} | {ref} | {w:g} | {group} | {', '.join(str(r['seed']) for r in g)} "
                      f"| {sum(int(r['probes']) for r in g)} | {m(g, 'z_rms', '.2f')} | {m(g, 'true_adv', '.3f')} "
                      f"| {m(g, 'critic_adv', '.3f')} | {m(g, 'err_rms', '.3f')} | {m(g, 'corr', '.2f')} "
                      f"| {m(g, 'sign_agree', '.2f')} | {m(g, 'critic_gain', '.3f')} | {m(g, 'oracle_gain', '.3f')} |")
@@ -498,11 +507,11 @@ def _plot_critic_errors(csv_path: Path) -> Path:
     from aepo_lite._io import atomic_save_figure
     with open(csv_path, newline="") as f:
         rows = list(csv.DictReader(f))
-    panels = sorted({(r["dataset"], r["label"], r["critic"]) for r in rows})
+    panels = sorted({(r["dataset"], r["label"], r["critic"], critic_errors_reference(r)) for r in rows})
     fig, axes = plt.subplots(2, len(panels), figsize=(5.6 * len(panels), 6.4), squeeze=False, sharey="row",
                              layout="constrained")
     for j, key in enumerate(panels):
-        mine = [r for r in rows if (r["dataset"], r["label"], r["critic"]) == key]
+        mine = [r for r in rows if (r["dataset"], r["label"], r["critic"], critic_errors_reference(r)) == key]
         cells = sorted({(float(r["guidance_scale"]), r["group"] != "policy", r["group"]) for r in mine})
         mean = {c: {k: statistics.mean(float(r[k]) for r in mine if (float(r["guidance_scale"]), r["group"]) ==
                                        (c[0], c[2])) for k in ("critic_gain", "oracle_gain", "sign_agree")}
@@ -515,7 +524,7 @@ def _plot_critic_errors(csv_path: Path) -> Path:
         top.bar(x + 0.2, [mean[c]["critic_gain"] for c in cells], 0.4, color="C3", label="the critic's pick",
                 gid="the critic's pick")
         top.axhline(0, color="0.3", linewidth=0.8)
-        top.set_title(f"{key[0]}\n{key[1]}, {key[2]} critic", fontsize=9)
+        top.set_title(f"{key[0]}\n{key[1]}, {key[2]} critic\nagainst exact values: {key[3]}", fontsize=9)
         bottom.bar(x, [mean[c]["sign_agree"] for c in cells], 0.6, color="C0")
         bottom.axhline(0.5, color="0.3", linestyle=":", label="a coin (0.5)", gid="a coin")
         bottom.set_ylim(0, 1)
