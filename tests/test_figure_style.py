@@ -133,10 +133,12 @@ def test_critic_errors_figure_bars_are_the_seeds_means(monkeypatch, tmp_path):
     (fig,) = figs
     with open(ROOT / "figures" / "rl_6c_big" / "critic_errors.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    mine = [r for r in rows if r["critic"] == "insupport" and r["guidance_scale"] == "10.0" and r["group"] == "spread 3"]
+    mine = [r for r in rows if r["critic"] == "insupport" and r["guidance_scale"] == "10.0" and r["group"] == "spread 3"
+            and float(r["continuation_noise"]) == 0]
     assert len(mine) == 2  # seeds 5 and 6
-    top, bottom = fig.axes[1], fig.axes[3]  # row-major: the second column is the qgpo run's
-    assert "qgpo" in top.get_title()
+    n = len(fig.axes) // 2  # row-major: gains on top, signs below, a column per run label, critic and reference
+    (j,) = [j for j, ax in enumerate(fig.axes[:n]) if "qgpo" in ax.get_title() and "deterministic" in ax.get_title()]
+    top, bottom = fig.axes[j], fig.axes[n + j]
     ticks = [t.get_text() for t in top.get_xticklabels()]
     i = ticks.index("w=10\nspread 3")
     exact = [p for p in top.patches if p.get_gid() == "the exact pick"]
