@@ -450,16 +450,16 @@ CRITIC_ERRORS_COLUMNS = ("dataset", "run", "label", "critic", "seed", "guidance_
 CRITIC_ERRORS_HEADER = (
     "# A run's critic against the exact action values, on and off the data's support\n\nAt states a trained "
     "policy visits (its evaluation episodes at guidance scale w), candidate actions are scored two ways: by the "
-    "run's critic, and exactly, by running the simulator from that state (the action, then the deterministic policy "
-    "that made the data, discounted; the `reference` column: deterministic, or with the data's action noise averaged "
-    "over that many rollouts, the data policy's own Q). Both as advantages over that policy's mean action mu(s) at the same state, "
-    "in points of the dataset's score scale. Groups: the policy's own action; mu(s) + c x the data's noise std, c = "
-    "1 (the data's support) and c = 3 (mostly beyond it), clipped to the action box, which shortens offsets where "
-    "mu(s) is near its edge (the `RMS z` column: the offset in data-noise stds). `sign right`: how often the critic says better / worse "
-    "than mu(s) as the exact value does (0.5: a coin); `corr`: their correlation; `gain`: the exact advantage of "
-    "the critic's pick among mu(s) and the group, per state, beside the exact pick's (`best`). Means over the "
-    "seeds (runs) of each row (measured by `scripts/critic_errors.py` into `critic_errors.csv`; "
-    ":func:`aepo_lite.rl.datasets.snapshot_q_errors`).\n\n")
+    "run's critic, and exactly, by running the simulator from that state (the action, then the policy that made the "
+    "data, discounted; the `reference` column: that policy deterministic, or with the data's action noise averaged "
+    "over that many rollouts, the data policy's own Q). Both as advantages over that policy's mean action mu(s) at "
+    "the same state, in points of the dataset's score scale. Groups: the policy's own action; mu(s) + c x the "
+    "data's noise std, c = 1 (the data's support) and c = 3 (mostly beyond it), clipped to the action box, which "
+    "shortens offsets where mu(s) is near its edge (the `RMS z` column: the offset in data-noise stds). `sign "
+    "right`: how often the critic says better / worse than mu(s) as the exact value does (0.5: a coin); `corr`: "
+    "their correlation; `gain`: the exact advantage of the critic's pick among mu(s) and the group, per state, "
+    "beside the exact pick's (`best`). Means over the seeds (runs) of each row (measured by "
+    "`scripts/critic_errors.py` into `critic_errors.csv`; :func:`aepo_lite.rl.datasets.snapshot_q_errors`).\n\n")
 
 
 def critic_errors_reference(row) -> str:
@@ -492,8 +492,9 @@ def critic_errors_table(rows) -> str:
 
 def render_critic_errors(csv_path, figures_dir) -> list[Path]:
     """``critic_errors.md`` and ``critic_errors.png`` beside the CSV, from the CSV alone (``aepo-lite figures``).
-    The plot: per run label and critic, for each w and candidate group, what the critic's pick gains a state
-    beside what the exact pick would (the seeds' mean), and how often the critic's sign is right (0.5: a coin)."""
+    The plot: per run label, critic and reference, for each w and candidate group, what the critic's pick gains a
+    state beside what the exact pick would (the seeds' mean), and how often the critic's sign is right (0.5: a
+    coin)."""
     written = _render_table(csv_path, CRITIC_ERRORS_HEADER, critic_errors_table, "scripts/critic_errors.py")
     return written + [_plot_critic_errors(Path(csv_path))]
 
