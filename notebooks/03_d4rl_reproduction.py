@@ -307,7 +307,7 @@ else:
 #   off the support, where the in-support target and the critic extrapolate. Against exact action values (the
 #   simulator run from the states the policies visit; seeds 5 and 6, `figures/rl_6c_big/critic_errors.md`) neither
 #   critic ranks actions much better than a coin, on the support or off it: the advantages to rank are hundredths of a
-#   point a step and the critics' errors several times that. The critic is the part of the error budget at fault.
+#   point a step and the critics' errors 1.4-5.3 times that. The critic is the part of the error budget at fault.
 #
 #   ![critic_errors.png](../figures/rl_6c_big/critic_errors.png)
 #

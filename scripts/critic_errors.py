@@ -24,19 +24,22 @@ def _key(r: dict) -> tuple:
             round(float(r["gamma"]), 9), round(float(r.get("continuation_noise") or 0), 9), int(r.get("rollouts") or 1))
 
 
-def _q_fn(agent):
-    """The run's critic on raw observations and environment actions (scaled to its [-1, 1] box)."""
-    lo, hi = agent.action_low, agent.action_high
+def _q_fn(agent, data):
+    """The run's critic on raw observations and environment actions (scaled to its [-1, 1] box), in raw reward
+    units: its Q divided by the factor its training rewards were scaled by (the exact values are raw returns)."""
+    if data.reward_scaling == "antmaze":
+        raise SystemExit("--runs: a run trained with reward_scaling antmaze (shifted rewards) has no Q in raw units")
+    lo, hi, factor = agent.action_low, agent.action_high, data.reward_factor()
 
     @torch.no_grad()
     def q(obs, actions):
         unit = torch.as_tensor(2 * (np.asarray(actions) - lo) / (hi - lo) - 1, dtype=torch.float32, device=agent.device)
-        return agent.critic.q_fn(agent.normalize(obs), unit).cpu().double().numpy()
+        return agent.critic.q_fn(agent.normalize(obs), unit).cpu().double().numpy() / factor
     return q
 
 
 def _run_rows(run: str, a, rows: list[dict]) -> list[dict]:
-    agent, cfg, _ = load_run(run)
+    agent, cfg, data = load_run(run)
     if agent.critic is None:
         raise SystemExit(f"--runs: {run} ({cfg.method}) has no critic to measure")
     done = {_key(r) for r in rows}
@@ -47,7 +50,7 @@ def _run_rows(run: str, a, rows: list[dict]) -> list[dict]:
             print(f"skip {run} w={w:g}: in the CSV")
             continue
         g = torch.Generator(device=agent.device).manual_seed(cfg.seed)
-        got = snapshot_q_errors(cfg.dataset, _q_fn(agent), lambda o: agent.act(o, float(w), generator=g),
+        got = snapshot_q_errors(cfg.dataset, _q_fn(agent, data), lambda o: agent.act(o, float(w), generator=g),
                                 episodes=a.episodes, probe_every=a.probe_every, horizon=a.horizon, gamma=a.gamma,
                                 continuation_noise=a.continuation_noise, rollouts=a.rollouts, progress=True)
         for r in got:

@@ -410,6 +410,19 @@ def test_critic_against_exact_q_on_and_off_the_support(minari_root):
     assert "| t/hopper/medium-v0 | aepo" in out.with_suffix(".md").read_text()
     with pytest.raises(SystemExit, match="no critic"):
         ce.main(["--runs", str(minari_root / "bc"), "--out", str(minari_root / "bc.csv")])
+    # the critic in raw reward units, as the exact values are: its Q over the factor its rewards were scaled by,
+    # 1000 / (max - min episode return) under the locomotion scaling
+    import torch
+    from aepo_lite.rl.agent import load_run
+    agent, cfg, data = load_run(minari_root / "aepo")
+    assert data.reward_scaling == "locomotion"  # the config's "auto" on a locomotion task
+    span = data.episode_returns.max() - data.episode_returns.min()
+    assert data.reward_factor() == pytest.approx(1000 / span)
+    np.testing.assert_allclose(data.scaled_rewards(), data.rewards * 1000 / span, rtol=1e-6)
+    obs, acts = data.obs_rows[data.idx[:5]], data.to_action_box(data.actions[:5])
+    with torch.no_grad():
+        scaled = agent.critic.q_fn(agent.normalize(obs), torch.as_tensor(data.actions[:5])).double().numpy()
+    np.testing.assert_allclose(ce._q_fn(agent, data)(obs, acts) * 1000 / span, scaled, rtol=1e-5)
     # the spread script on the same runs, through the same per-run CSV loop: the data's row once, then a row per run
     spec = importlib.util.spec_from_file_location("support_spread", Path(__file__).resolve().parents[1] / "scripts"
                                                   / "support_spread.py")

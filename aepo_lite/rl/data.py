@@ -91,11 +91,18 @@ class OfflineData:
         s = self.obs_rows[self.idx]
         return s.mean(0).astype(np.float32), (s.std(0) + 1e-3).astype(np.float32)
 
+    def reward_factor(self) -> float:
+        """What :meth:`scaled_rewards` multiplies the rewards by: 1000 / (max - min episode return) under the
+        locomotion scaling, else 1 (antmaze's scaling shifts instead). A critic's Q divided by it is in raw reward
+        units."""
+        if self.reward_scaling == "locomotion":
+            return 1000.0 / check_return_span(self.dataset_id, self.episode_returns)
+        return 1.0
+
     def scaled_rewards(self) -> np.ndarray:
         """Rewards under :attr:`reward_scaling` (see the module docstring), (N,)."""
         if self.reward_scaling == "locomotion":
-            span = check_return_span(self.dataset_id, self.episode_returns)
-            return (self.rewards * (1000.0 / span)).astype(np.float32)
+            return (self.rewards * self.reward_factor()).astype(np.float32)
         if self.reward_scaling == "antmaze":
             return (self.rewards - 1.0).astype(np.float32)
         return self.rewards.astype(np.float32)
