@@ -448,6 +448,16 @@ def snapshot_oracle_scores(name: str, candidates=(1, 4, 16), horizon: int = 1000
     return out
 
 
+def _support_width(name: str, recipe: DatasetRecipe) -> float:
+    """The data's action-noise std (the recipe's ``collect_noise``), the unit the support measures use; refused
+    when the data was collected without noise."""
+    noise = float(recipe.collect_noise)
+    if not noise > 0:
+        raise ValueError(f"name: {name} was collected without action noise (collect_noise {noise}): no spread to "
+                         "measure against")
+    return noise
+
+
 def _spread_stats(z: np.ndarray) -> dict:
     """z (steps, action dims) in units of the data's noise std -> its RMS and the share of steps with some
     action dimension beyond 3 stds (under the data's own noise, unclipped: 1 - 0.9973^d, 0.8% for d = 3)."""
@@ -487,10 +497,7 @@ def snapshot_action_spread(name: str, policies: dict, episodes: int = 10, seed: 
     check_int("episodes", episodes, low=1)
     check_seed("seed", seed)
     recipe, model, lo, hi = _dataset_snapshot(name, which, policy_cache)
-    noise = float(recipe.collect_noise)
-    if not noise > 0:
-        raise ValueError(f"name: {name} was collected without action noise (collect_noise {noise}): no spread to "
-                         "measure against")
+    noise = _support_width(name, recipe)
     mean_action = _sb3_policy(model, 0.0, None)
     out = [_data_spread(name, mean_action, noise, lo, hi)] if with_data else []
     for label, policy in policies.items():
@@ -594,14 +601,12 @@ def snapshot_q_errors(name: str, q_fn: Callable, policy: Callable[[np.ndarray], 
     spreads = _check_q_error_args(episodes, probe_every, per_spread, horizon, seed, spreads, gamma,
                                   continuation_noise, rollouts)
     recipe, model, lo, hi = _dataset_snapshot(name, which, policy_cache)
-    noise = float(recipe.collect_noise)
-    if not noise > 0:
-        raise ValueError(f"name: {name} was collected without action noise: no support width to measure against")
+    noise = _support_width(name, recipe)
+    import gymnasium as gym
+    limit = gym.spec(recipe.env_id).max_episode_steps
+    if (limit or 10**9) < horizon:
+        raise ValueError(f"horizon: {horizon} is longer than {recipe.env_id}'s episodes ({limit})")
     env, scratch = _mujoco_envs(name, recipe.env_id, 2 + per_spread * len(spreads), seed, "the exact values")
-    if (env.spec.max_episode_steps or 10**9) < horizon:
-        for e in (env, *scratch):
-            e.close()
-        raise ValueError(f"horizon: {horizon} is longer than {recipe.env_id}'s episodes ({env.spec.max_episode_steps})")
     mean_action, d = _sb3_policy(model, 0.0, None), env.action_space.shape[0]
     cont_rng = np.random.default_rng([seed, 1])  # its own stream: the candidates do not depend on the reference
 
