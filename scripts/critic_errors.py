@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import argparse
 
-import numpy as np
 import torch
 
 from aepo_lite.rl.agent import critic_kind, estimator_label, load_run
 from aepo_lite.rl.datasets import snapshot_q_errors
-from aepo_lite.rl.diagnostics import CRITIC_ERRORS_COLUMNS, csv_per_run, render_critic_errors
+from aepo_lite.rl.diagnostics import CRITIC_ERRORS_COLUMNS, csv_per_run, raw_q_fn, render_critic_errors
 
 
 def _key(r: dict) -> tuple:
@@ -24,24 +23,12 @@ def _key(r: dict) -> tuple:
             round(float(r["gamma"]), 9), round(float(r.get("continuation_noise") or 0), 9), int(r.get("rollouts") or 1))
 
 
-def _q_fn(agent, data):
-    """The run's critic on raw observations and environment actions (scaled to its [-1, 1] box), in raw reward
-    units: its Q divided by the factor its training rewards were scaled by (the exact values are raw returns)."""
-    if data.reward_scaling == "antmaze":
-        raise SystemExit("--runs: a run trained with reward_scaling antmaze (shifted rewards) has no Q in raw units")
-    lo, hi, factor = agent.action_low, agent.action_high, data.reward_factor()
-
-    @torch.no_grad()
-    def q(obs, actions):
-        unit = torch.as_tensor(2 * (np.asarray(actions) - lo) / (hi - lo) - 1, dtype=torch.float32, device=agent.device)
-        return agent.critic.q_fn(agent.normalize(obs), unit).cpu().double().numpy() / factor
-    return q
-
-
 def _run_rows(run: str, a, rows: list[dict]) -> list[dict]:
     agent, cfg, data = load_run(run)
     if agent.critic is None:
         raise SystemExit(f"--runs: {run} ({cfg.method}) has no critic to measure")
+    if data.reward_scaling == "antmaze":
+        raise SystemExit("--runs: a run trained with reward_scaling antmaze (shifted rewards) has no Q in raw units")
     done = {_key(r) for r in rows}
     out = []
     for w in a.scales:
@@ -50,7 +37,7 @@ def _run_rows(run: str, a, rows: list[dict]) -> list[dict]:
             print(f"skip {run} w={w:g}: in the CSV")
             continue
         g = torch.Generator(device=agent.device).manual_seed(cfg.seed)
-        got = snapshot_q_errors(cfg.dataset, _q_fn(agent, data), lambda o: agent.act(o, float(w), generator=g),
+        got = snapshot_q_errors(cfg.dataset, raw_q_fn(agent, data), lambda o: agent.act(o, float(w), generator=g),
                                 episodes=a.episodes, probe_every=a.probe_every, horizon=a.horizon, gamma=a.gamma,
                                 continuation_noise=a.continuation_noise, rollouts=a.rollouts, progress=True)
         for r in got:

@@ -326,13 +326,21 @@ def _exact_q(horizon: int, gamma: float, mean_action):
     env.reset(seed=0)
     nq = env.model.nq
 
-    def q(obs, acts):
-        state = {"qpos": np.r_[0.0, obs[0, :nq - 1]], "qvel": obs[0, nq - 1:], "act": env.data.act.copy(),
+    def one(o, acts):
+        state = {"qpos": np.r_[0.0, o[:nq - 1]], "qvel": o[nq - 1:], "act": env.data.act.copy(),
                  "time": 0.0, "qacc_warmstart": np.zeros(env.model.nv)}
         scratch = [gym.make("Hopper-v5").unwrapped for _ in range(len(acts))]
         for s in scratch:
             s.reset(seed=1)
         return rollout_returns(state, scratch, acts, mean_action, np.zeros((horizon - 1, 3)), gamma)
+
+    def q(obs, acts):  # any batch: each distinct observation's actions rolled out from its rebuilt physics
+        out = np.empty(len(acts))
+        _, first, which = np.unique(obs, axis=0, return_index=True, return_inverse=True)
+        for i, j in enumerate(first):
+            rows = np.flatnonzero(which.ravel() == i)
+            out[rows] = one(obs[j], acts[rows])
+        return out
     return q
 
 
@@ -369,6 +377,18 @@ def test_critic_against_exact_q_on_and_off_the_support(minari_root):
         assert n["probes"] == r["probes"] and n["true_adv"] == pytest.approx(r["true_adv"])
         assert n["sign_agree"] == 0.0 and n["critic_gain"] <= 0 <= r["critic_gain"]
     assert neg[1]["corr"] < -0.999
+    # recorded once, scored many times: the same rows as snapshot_q_errors, also after a save and load
+    from aepo_lite.rl.datasets import QProbes, probe_q_states, q_error_rows
+    rng = np.random.default_rng(3)
+    probes = probe_q_states("t/hopper/medium-v0", noisy, **args)
+    probes.save(minari_root / "probes.npz")
+    for got in (q_error_rows(probes, exact), q_error_rows(QProbes.load(minari_root / "probes.npz"), exact)):
+        for r, n in zip((pol, s1, s3), got):
+            assert {k: v for k, v in n.items() if k != "seconds"} == {k: v for k, v in r.items() if k != "seconds"}
+    assert [r["corr"] for r in q_error_rows(probes, lambda o, a: -exact(o, a))] == [r["corr"] for r in neg]
+    for bad_q in (lambda o, a: exact(o, a)[:-1], lambda o, a: exact(o, a) * np.nan):
+        with pytest.raises(ValueError, match="q_fn"):
+            q_error_rows(probes, bad_q)
     (own, *_) = snapshot_q_errors("t/hopper/medium-v0", exact, mu, **args)
     assert own["z_rms"] == 0.0 and own["true_adv"] == 0.0
     # against the data policy's Q (noisy continuations): the same states and candidates; as the noise goes to 0
@@ -422,7 +442,43 @@ def test_critic_against_exact_q_on_and_off_the_support(minari_root):
     obs, acts = data.obs_rows[data.idx[:5]], data.to_action_box(data.actions[:5])
     with torch.no_grad():
         scaled = agent.critic.q_fn(agent.normalize(obs), torch.as_tensor(data.actions[:5])).double().numpy()
-    np.testing.assert_allclose(ce._q_fn(agent, data)(obs, acts) * 1000 / span, scaled, rtol=1e-5)
+    from aepo_lite.rl.diagnostics import raw_q_fn
+    np.testing.assert_allclose(raw_q_fn(agent, data)(obs, acts) * 1000 / span, scaled, rtol=1e-5)
+    # the budget script: the run's critic settings trained again by its critic stage reproduce its critic at the
+    # run's step count (60, smoke); a variant; a rerun skips; bad input named
+    spec = importlib.util.spec_from_file_location("critic_budget", Path(__file__).resolve().parents[1] / "scripts"
+                                                  / "critic_budget.py")
+    cb = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cb)
+    out, work = minari_root / "budget.csv", minari_root / "budget"
+    args = ["--run", str(minari_root / "aepo"), "--scales", "0", "--episodes", "1", "--probe-every", "5", "--horizon",
+            "3", "--steps", "30", "60", "--variants", "run", "hidden=16,expectile=0.5", "--work", str(work),
+            "--out", str(out)]
+    assert cfg.critic.steps == 60 and cb.main(args) == 0
+    import csv
+    rows = list(csv.DictReader(open(out)))
+    assert [(r["variant"], r["steps"], r["group"]) for r in rows] == [
+        (v, s, g) for v in ("run", "hidden=16,expectile=0.5") for s in ("30", "60")
+        for g in ("policy", "spread 1", "spread 3")]
+    (probe_file,) = work.glob("probes-*.npz")
+    own = q_error_rows(QProbes.load(probe_file), raw_q_fn(agent, data))
+    for r, o in zip(rows[3:6], own):
+        assert float(r["corr"]) == pytest.approx(o["corr"], abs=1e-9)
+        assert float(r["critic_adv"]) == pytest.approx(o["critic_adv"], abs=1e-9)
+    assert rows[3]["critic_adv"] != rows[0]["critic_adv"] and rows[9]["critic_adv"] != rows[3]["critic_adv"]
+    first = out.read_text()
+    assert cb.main(args) == 0 and out.read_text() == first
+    assert "| t/hopper/medium-v0 | iql | hidden=16,expectile=0.5 | 0 | 30 | 0 |" in out.with_suffix(".md").read_text()
+    out.write_text("".join(first.splitlines(keepends=True)[:1] + first.splitlines(keepends=True)[4:]))
+    with pytest.raises(SystemExit, match="delete"):  # the 30-step rows lost, the checkpoint past them
+        cb.main(args)
+    for bad in (["--variants", "steps=5"], ["--variants", "width=5"], ["--variants", "layer_norm=yes"],
+                ["--steps", "60", "30"], ["--steps", "0"]):
+        with pytest.raises(SystemExit) as e:
+            cb.main(args + bad)
+        assert e.value.code == 2
+    with pytest.raises(SystemExit, match="no critic"):
+        cb.main(["--run", str(minari_root / "bc"), "--out", str(out)])
     # the spread script on the same runs, through the same per-run CSV loop: the data's row once, then a row per run
     spec = importlib.util.spec_from_file_location("support_spread", Path(__file__).resolve().parents[1] / "scripts"
                                                   / "support_spread.py")

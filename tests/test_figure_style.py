@@ -148,3 +148,34 @@ def test_critic_errors_figure_bars_are_the_seeds_means(monkeypatch, tmp_path):
     assert bottom.patches[i].get_height() == pytest.approx(statistics.mean(float(r["sign_agree"]) for r in mine))
     (legend,) = fig.legends
     assert [t.get_text() for t in legend.get_texts()] == ["the exact pick", "the critic's pick", "a coin (0.5)"]
+
+
+def test_critic_budget_figure_lines_are_the_csv(monkeypatch, tmp_path):
+    """scripts/critic_budget.py's plot, from a CSV written here: a column per candidate group; on top each variant's
+    and w's critic-pick gain against its steps (and the exact pick's, dotted), below its share of right signs."""
+    import csv
+
+    import aepo_lite._io as io
+    from aepo_lite.rl.diagnostics import CRITIC_BUDGET_COLUMNS, render_critic_budget
+    figs = _captured(monkeypatch, io)
+    rows = [dict(dataset="d", run="r", critic="iql", variant=v, seed=5, steps=s, guidance_scale=w, group=g,
+                 probes=10, actions=10, true_adv=0.0, critic_adv=0.0, err_rms=0.1, corr=0.1,
+                 sign_agree=0.5 + 0.001 * s + 0.1 * w, critic_gain=0.01 * k + 0.0001 * s, oracle_gain=0.05 + 0.01 * w,
+                 horizon=300, gamma=0.99, episodes=2)
+            for k, v in enumerate(("run", "hidden=8")) for s in (10, 20, 40) for w in (0.0, 1.0)
+            for g in ("spread 1", "policy")]
+    with open(tmp_path / "critic_budget.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, CRITIC_BUDGET_COLUMNS)
+        w.writeheader()
+        w.writerows(rows)
+    render_critic_budget(tmp_path / "critic_budget.csv", tmp_path)
+    (fig,) = figs
+    assert [ax.get_title() for ax in fig.axes[:2]] == ["policy", "spread 1"]
+    top = {line.get_gid(): line for line in fig.axes[1].get_lines() if line.get_gid()}
+    bottom = {line.get_gid(): line for line in fig.axes[3].get_lines() if line.get_gid()}
+    assert list(top["gain hidden=8 w=1"].get_xdata()) == [10, 20, 40]
+    assert list(top["gain hidden=8 w=1"].get_ydata()) == pytest.approx([0.011, 0.012, 0.014])
+    assert list(top["best w=1"].get_ydata()) == pytest.approx([0.06] * 3)
+    assert list(bottom["sign run w=0"].get_ydata()) == pytest.approx([0.51, 0.52, 0.54])
+    assert fig.axes[3].get_xscale() == "log"
+    assert (tmp_path / "critic_budget.md").exists()

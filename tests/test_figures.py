@@ -205,3 +205,23 @@ def test_critic_errors_table_averages_each_group_over_its_seeds():
         "| local/h/m-v0 | aepo(x) | iql | deterministic | 10 | spread 1 | 5 | 40 | 1.00 | 0.500 | 0.500 | 0.000 | 0.50 | 0.50 | 0.250 | 0.500 |",
         "| local/h/m-v0 | aepo(x) | iql | deterministic | 10 | spread 3 | 5, 8 | 70 | 2.90 | -1.500 | 1.500 | 3.000 | 0.50 | 0.50 | -0.750 | -1.500 |",
         "| local/h/m-v0 | aepo(x) | iql | noise 0.1, 8 rollouts | 10 | spread 1 | 5 | 40 | 1.00 | 0.100 | 0.200 | 0.100 | 0.50 | 0.60 | 0.050 | 0.100 |"]
+
+
+def test_critic_budget_table_one_line_per_variant_steps_and_scale():
+    """scripts/critic_budget.py's table, by hand: a line per dataset, critic, variant, seed, steps and w (sorted),
+    the policy group first, a group missing from a line left blank."""
+    from aepo_lite.rl.diagnostics import critic_budget_table
+    base = dict(dataset="local/h/m-v0", run="r", critic="iql", seed=5, guidance_scale=0.0)
+
+    def row(variant, steps, group, s, c, g, b):
+        return dict(base, variant=variant, steps=steps, group=group, sign_agree=s, corr=c, critic_gain=g, oracle_gain=b)
+    rows = [row("run", 20, "spread 1", 0.55, 0.1, 0.004, 0.02), row("run", 20, "policy", 0.6, 0.2, 0.01, 0.03),
+            row("run", 10, "policy", 0.5, -0.1, -0.002, 0.03), row("run", 10, "spread 1", 0.45, 0.0, 0.0, 0.02),
+            row("hidden=8", 10, "policy", 0.7, 0.3, 0.02, 0.03)]
+    lines = critic_budget_table(rows).splitlines()
+    assert lines[0].startswith("| dataset | critic | variant | seed | steps | w | policy: sign right |")
+    assert "spread 1: sign right" in lines[0]
+    assert lines[2:] == [
+        "| local/h/m-v0 | iql | hidden=8 | 5 | 10 | 0 | 0.70 | 0.30 | 0.020 / 0.030 |  |  |  |",
+        "| local/h/m-v0 | iql | run | 5 | 10 | 0 | 0.50 | -0.10 | -0.002 / 0.030 | 0.45 | 0.00 | 0.000 / 0.020 |",
+        "| local/h/m-v0 | iql | run | 5 | 20 | 0 | 0.60 | 0.20 | 0.010 / 0.030 | 0.55 | 0.10 | 0.004 / 0.020 |"]

@@ -40,7 +40,8 @@ from aepo_lite._io import atomic_write_json, read_json
 from aepo_lite.rl.evaluation import Episode, check_reference_scores, run_episodes
 
 __all__ = ["QUALITIES", "DatasetRecipe", "make_dataset", "train_policy_ladder", "policy_cache_dir",
-           "snapshot_noise_scores", "snapshot_oracle_scores", "rollout_returns", "snapshot_q_errors"]
+           "snapshot_noise_scores", "snapshot_oracle_scores", "rollout_returns", "snapshot_q_errors", "QProbes",
+           "probe_q_states", "q_error_rows"]
 
 QUALITIES = ("random", "medium", "medium-replay", "medium-expert", "expert")
 
@@ -510,10 +511,10 @@ def snapshot_action_spread(name: str, policies: dict, episodes: int = 10, seed: 
     return out
 
 
-def _q_probe_episode(env, value, policy, mean_action, q_fn, reset_seed: int, rng, noise: float, spreads,
+def _q_probe_episode(env, value, policy, mean_action, reset_seed: int, rng, noise: float, spreads,
                      per_spread: int, probe_every: int, horizon: int) -> list[tuple]:
-    """One episode of :func:`snapshot_q_errors`: the policy acts; at every ``probe_every``-th step that leaves a full
-    ``horizon`` before the time limit, the candidates' (actions, exact Q by ``value(state, actions)``, critic Q)."""
+    """One episode of :func:`probe_q_states`: the policy acts; at every ``probe_every``-th step that leaves a full
+    ``horizon`` before the time limit, the (observation, candidate actions, their exact Q by ``value(state, actions)``)."""
     low, high = env.action_space.low, env.action_space.high
     limit = env.spec.max_episode_steps or 10**9
     obs, _ = env.reset(seed=reset_seed)
@@ -524,26 +525,24 @@ def _q_probe_episode(env, value, policy, mean_action, q_fn, reset_seed: int, rng
             mu = np.clip(mean_action(obs[None])[0], low, high)
             wide = [mu + c * noise * rng.standard_normal((per_spread, len(mu))) for c in spreads]
             cands = np.clip(np.concatenate([mu[None], a[None], *wide]), low, high)
-            q_true = value(_mujoco_state(env.unwrapped), cands)
-            q_hat = np.asarray(q_fn(np.repeat(obs[None], len(cands), 0), cands), np.float64).reshape(-1)
-            out.append((cands, q_true, q_hat))
+            out.append((np.array(obs, np.float64), cands, value(_mujoco_state(env.unwrapped), cands)))
         obs, _, terminated, truncated, _ = env.step(a)
         t, done = t + 1, terminated or truncated
     return out
 
 
-def _q_error_row(group: str, idx: np.ndarray, probes: list[tuple], noise: float, points: float) -> dict:
-    """:func:`snapshot_q_errors`' row of one candidate group (``idx``: its columns of each probe; column 0 is mu)."""
-    mu_action = np.stack([p[0][0] for p in probes])
-    z = np.stack([p[0][idx] for p in probes]) - mu_action[:, None]  # (probes, group, d)
-    true = np.stack([p[1][idx] - p[1][0] for p in probes]) * points  # advantages over mu(s), in points
-    hat = np.stack([p[2][idx] - p[2][0] for p in probes]) * points
+def _q_error_row(group: str, idx: np.ndarray, probes: "QProbes", q_hat: np.ndarray) -> dict:
+    """:func:`q_error_rows`' row of one candidate group (``idx``: its columns of each probe; column 0 is mu)."""
+    z = probes.actions[:, idx] - probes.actions[:, :1]  # (probes, group, d)
+    true = (probes.q_true[:, idx] - probes.q_true[:, :1]) * probes.points  # advantages over mu(s), in points
+    hat = (q_hat[:, idx] - q_hat[:, :1]) * probes.points
     with np.errstate(invalid="ignore"):
         corr = float(np.corrcoef(hat.ravel(), true.ravel())[0, 1]) if true.size > 1 else float("nan")
-    pick = np.argmax(np.concatenate([np.zeros((len(probes), 1)), hat], 1), 1)  # the critic's choice, mu included
-    picked = np.concatenate([np.zeros((len(probes), 1)), true], 1)[np.arange(len(probes)), pick]
-    return {"group": group, "probes": len(probes), "actions": int(true.size),
-            "z_rms": float(np.sqrt(np.mean((z / noise) ** 2))), "true_adv": float(true.mean()),
+    n = len(true)
+    pick = np.argmax(np.concatenate([np.zeros((n, 1)), hat], 1), 1)  # the critic's choice, mu included
+    picked = np.concatenate([np.zeros((n, 1)), true], 1)[np.arange(n), pick]
+    return {"group": group, "probes": n, "actions": int(true.size),
+            "z_rms": float(np.sqrt(np.mean((z / probes.noise) ** 2))), "true_adv": float(true.mean()),
             "critic_adv": float(hat.mean()), "err_rms": float(np.sqrt(np.mean((hat - true) ** 2))),
             "corr": corr, "sign_agree": float(np.mean(np.sign(hat) == np.sign(true))),
             "critic_gain": float(picked.mean()), "oracle_gain": float(np.maximum(true.max(1), 0).mean())}
@@ -567,6 +566,95 @@ def _check_q_error_args(episodes, probe_every, per_spread, horizon, seed, spread
         raise ValueError(f"rollouts: {rollouts} rollouts of a noise-free continuation are one and the same; give "
                          "continuation_noise > 0 or rollouts = 1")
     return spreads
+
+
+@dataclass
+class QProbes:
+    """States a policy visits and candidate actions with their exact values (:func:`probe_q_states`), which any
+    critic can then be scored on (:func:`q_error_rows`) without running the simulator again.
+
+    ``obs`` (P, k) the probed observations; ``actions`` (P, C, d) their candidates, column 0 the data policy's mean
+    action mu(s), column 1 the policy's own, then ``per_spread`` per spread; ``q_true`` (P, C) their exact values;
+    ``groups`` the named column sets (``policy``, ``spread c``); ``noise`` the data's action-noise std; ``points``
+    the score points per unit of return (100 / (ref_max - ref_min)); ``meta`` the probing settings."""
+
+    obs: np.ndarray
+    actions: np.ndarray
+    q_true: np.ndarray
+    groups: list
+    noise: float
+    points: float
+    meta: dict
+
+    def save(self, path) -> None:
+        """One ``.npz`` (written atomically): the arrays, and the rest as JSON."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp.npz")
+        info = {"groups": [[g, idx.tolist()] for g, idx in self.groups], "noise": self.noise, "points": self.points,
+                "meta": self.meta}
+        np.savez(tmp, obs=self.obs, actions=self.actions, q_true=self.q_true, info=np.array(json.dumps(info)))
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path) -> "QProbes":
+        with np.load(path) as f:
+            info = json.loads(str(f["info"]))
+            return cls(f["obs"], f["actions"], f["q_true"], [(g, np.array(i)) for g, i in info["groups"]],
+                       info["noise"], info["points"], info["meta"])
+
+
+def probe_q_states(name: str, policy: Callable[[np.ndarray], np.ndarray], episodes: int = 3, probe_every: int = 20,
+                   spreads=(1.0, 3.0), per_spread: int = 4, horizon: int = 300, gamma: float = 0.99,
+                   continuation_noise: float = 0.0, rollouts: int = 1, seed: int = 100_000, which: str = "medium",
+                   policy_cache: Optional[Path] = None, progress: bool = False) -> QProbes:
+    """The states and candidates of :func:`snapshot_q_errors` with their exact values (arguments as there), for
+    :func:`q_error_rows` to score critics on."""
+    from tqdm.auto import tqdm
+    spreads = _check_q_error_args(episodes, probe_every, per_spread, horizon, seed, spreads, gamma,
+                                  continuation_noise, rollouts)
+    recipe, model, lo, hi = _dataset_snapshot(name, which, policy_cache)
+    noise = _support_width(name, recipe)
+    import gymnasium as gym
+    limit = gym.spec(recipe.env_id).max_episode_steps
+    if (limit or 10**9) < horizon:
+        raise ValueError(f"horizon: {horizon} is longer than {recipe.env_id}'s episodes ({limit})")
+    env, scratch = _mujoco_envs(name, recipe.env_id, 2 + per_spread * len(spreads), seed, "the exact values")
+    mean_action, d = _sb3_policy(model, 0.0, None), env.action_space.shape[0]
+    cont_rng = np.random.default_rng([seed, 1])  # its own stream: the candidates do not depend on the reference
+
+    def value(state, cands):
+        return np.mean([rollout_returns(state, scratch, cands, mean_action,
+                                        continuation_noise * cont_rng.standard_normal((horizon - 1, d)), gamma)
+                        for _ in range(rollouts)], 0)
+    t0, probes = time.perf_counter(), []
+    try:
+        for ep in tqdm(range(episodes), desc="exact action values", disable=not progress, leave=False):
+            probes += _q_probe_episode(env, value, policy, mean_action, seed + ep, np.random.default_rng([seed, ep]),
+                                       noise, spreads, per_spread, probe_every, horizon)
+    finally:
+        for e in (env, *scratch):
+            e.close()
+    if not probes:
+        raise ValueError(f"episodes: the policy's {episodes} episode(s) gave no state to probe (each ended before "
+                         f"a probe step with {horizon} steps left)")
+    groups = [("policy", np.array([1]))] + [(f"spread {c:g}", 2 + per_spread * i + np.arange(per_spread))
+                                            for i, c in enumerate(spreads)]
+    meta = {"horizon": horizon, "gamma": float(gamma), "continuation_noise": float(continuation_noise),
+            "rollouts": rollouts, "episodes": episodes, "seconds": time.perf_counter() - t0}
+    return QProbes(*(np.stack([p[i] for p in probes]) for i in range(3)), groups, noise, 100.0 / (hi - lo), meta)
+
+
+def q_error_rows(probes: QProbes, q_fn: Callable) -> list[dict]:
+    """A critic ``q_fn(observations (m, k), actions (m, d)) -> (m,)`` scored on ``probes``: one dict per group, as
+    :func:`snapshot_q_errors` returns."""
+    P, C, d = probes.actions.shape
+    q_hat = np.asarray(q_fn(np.repeat(probes.obs, C, 0), probes.actions.reshape(P * C, d)), np.float64)
+    if q_hat.size != P * C or not np.all(np.isfinite(q_hat)):
+        raise ValueError(f"q_fn: expected {P * C} finite values, got shape {q_hat.shape}"
+                         f"{'' if q_hat.size != P * C else ' with non-finite values'}")
+    extra = {"noise": probes.noise, **probes.meta}
+    return [{**_q_error_row(g, idx, probes, q_hat.reshape(P, C)), **extra} for g, idx in probes.groups]
 
 
 def snapshot_q_errors(name: str, q_fn: Callable, policy: Callable[[np.ndarray], np.ndarray], episodes: int = 3,
@@ -596,41 +684,12 @@ def snapshot_q_errors(name: str, q_fn: Callable, policy: Callable[[np.ndarray], 
     often the critic says better / worse than mu as the exact value does), ``critic_gain`` (the exact advantage of
     the critic's pick among mu and the group, per state: what acting on its ranking gains) and ``oracle_gain``
     (the same for the exact pick), plus ``noise``, ``horizon``, ``gamma``, ``continuation_noise``, ``rollouts``,
-    ``episodes``, ``seconds``."""
-    from tqdm.auto import tqdm
-    spreads = _check_q_error_args(episodes, probe_every, per_spread, horizon, seed, spreads, gamma,
-                                  continuation_noise, rollouts)
-    recipe, model, lo, hi = _dataset_snapshot(name, which, policy_cache)
-    noise = _support_width(name, recipe)
-    import gymnasium as gym
-    limit = gym.spec(recipe.env_id).max_episode_steps
-    if (limit or 10**9) < horizon:
-        raise ValueError(f"horizon: {horizon} is longer than {recipe.env_id}'s episodes ({limit})")
-    env, scratch = _mujoco_envs(name, recipe.env_id, 2 + per_spread * len(spreads), seed, "the exact values")
-    mean_action, d = _sb3_policy(model, 0.0, None), env.action_space.shape[0]
-    cont_rng = np.random.default_rng([seed, 1])  # its own stream: the candidates do not depend on the reference
+    ``episodes``, ``seconds`` (of the probing).
 
-    def value(state, cands):
-        return np.mean([rollout_returns(state, scratch, cands, mean_action,
-                                        continuation_noise * cont_rng.standard_normal((horizon - 1, d)), gamma)
-                        for _ in range(rollouts)], 0)
-    t0, probes = time.perf_counter(), []
-    try:
-        for ep in tqdm(range(episodes), desc="critic against exact Q", disable=not progress, leave=False):
-            probes += _q_probe_episode(env, value, policy, mean_action, q_fn, seed + ep,
-                                       np.random.default_rng([seed, ep]), noise, spreads, per_spread, probe_every,
-                                       horizon)
-    finally:
-        for e in (env, *scratch):
-            e.close()
-    if not probes:
-        raise ValueError(f"episodes: the policy's {episodes} episode(s) gave no state to probe (each ended before "
-                         f"a probe step with {horizon} steps left)")
-    groups = [("policy", np.array([1]))] + [(f"spread {c:g}", 2 + per_spread * i + np.arange(per_spread))
-                                            for i, c in enumerate(spreads)]
-    extra = {"noise": noise, "horizon": horizon, "gamma": float(gamma), "continuation_noise": float(continuation_noise),
-             "rollouts": rollouts, "episodes": episodes, "seconds": time.perf_counter() - t0}
-    return [{**_q_error_row(g, idx, probes, noise, 100.0 / (hi - lo)), **extra} for g, idx in groups]
+    :func:`probe_q_states`, then :func:`q_error_rows`: record the probes once to score several critics."""
+    probes = probe_q_states(name, policy, episodes, probe_every, spreads, per_spread, horizon, gamma,
+                            continuation_noise, rollouts, seed, which, policy_cache, progress)
+    return q_error_rows(probes, q_fn)
 
 
 def make_dataset(recipe: DatasetRecipe, *, overwrite: bool = False, progress: bool = True,

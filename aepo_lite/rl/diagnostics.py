@@ -32,7 +32,8 @@ from aepo_lite.core.diffusion import energy_guidance
 __all__ = ["energy_gradient_norms", "gradient_rows", "gradient_table", "render", "guided_q_stats", "guided_q_rows",
            "render_guided_q", "energy_fit_stats", "energy_fit_rows", "render_energy_fit", "write_csv_and_table",
            "POLICY_NOISE_COLUMNS", "render_policy_noise", "SUPPORT_ORACLE_COLUMNS", "render_support_oracle",
-           "support_oracle_kind", "CRITIC_ERRORS_COLUMNS", "render_critic_errors", "csv_per_run"]
+           "support_oracle_kind", "CRITIC_ERRORS_COLUMNS", "render_critic_errors", "csv_per_run", "raw_q_fn",
+           "CRITIC_BUDGET_COLUMNS", "render_critic_budget"]
 
 TIMES = (0.05, 0.2, 0.5, 0.9)
 
@@ -537,6 +538,110 @@ def _plot_critic_errors(csv_path: Path) -> Path:
     handles, labels = axes[0, 0].get_legend_handles_labels()
     h2, l2 = axes[1, 0].get_legend_handles_labels()
     fig.legend(handles + h2, labels + l2, loc="outside lower center", ncol=3, fontsize=8)
+    out = csv_path.with_suffix(".png")
+    atomic_save_figure(out, fig)
+    plt.close(fig)
+    return out
+
+
+def raw_q_fn(agent, data):
+    """The agent's critic as ``q(observations (m, k), actions (m, d)) -> (m,)`` on raw observations and environment
+    actions (scaled to its [-1, 1] box), in raw reward units: its Q divided by the factor its training rewards were
+    scaled by, so it compares with simulator returns (antmaze's shifted rewards have no such factor: refused)."""
+    if data.reward_scaling == "antmaze":
+        raise ValueError("data: a run trained with reward_scaling antmaze (shifted rewards) has no Q in raw units")
+    if agent.critic is None:
+        raise ValueError("agent: has no critic")
+    lo, hi, factor = agent.action_low, agent.action_high, data.reward_factor()
+
+    @torch.no_grad()
+    def q(obs, actions):
+        unit = torch.as_tensor(2 * (np.asarray(actions) - lo) / (hi - lo) - 1, dtype=torch.float32, device=agent.device)
+        return agent.critic.q_fn(agent.normalize(obs), unit).cpu().double().numpy() / factor
+    return q
+
+
+CRITIC_BUDGET_COLUMNS = ("dataset", "run", "critic", "variant", "seed", "steps", "guidance_scale", "group", "probes",
+                         "actions", "true_adv", "critic_adv", "err_rms", "corr", "sign_agree", "critic_gain",
+                         "oracle_gain", "horizon", "gamma", "episodes")
+CRITIC_BUDGET_HEADER = (
+    "# How a critic's ranking of actions grows with its training budget and size\n\nThe probes of "
+    "`critic_errors.md` (states a trained run's policy visits at guidance scale w; candidates: its own action, mu(s) "
+    "+ c x the data's noise std, c = 1 and 3; exact values by the simulator, the deterministic data policy after "
+    "the action), recorded once; a critic with the run's settings, or a variant of them (the `variant` column: the "
+    "critic fields changed), is trained afresh by the run's critic stage (its seed, batches and upstream stages) and "
+    "scored on them after each number of steps. Columns as in `critic_errors.md`: `sign right` (0.5: a coin), "
+    "`corr`, and `gain`, the exact advantage of the critic's pick among mu(s) and the group, per state, in points, "
+    "beside the exact pick's (`best`). Measured by `scripts/critic_budget.py` into `critic_budget.csv`.\n\n")
+
+
+def critic_budget_table(rows) -> str:
+    """A Markdown table from ``scripts/critic_budget.py``'s rows (or its CSV's): one line per dataset, critic,
+    variant, seed, steps and w; per candidate group its sign agreement, correlation and gain beside the best."""
+    cells: dict[tuple, dict] = {}
+    for r in rows:
+        key = (r["dataset"], r["critic"], r["variant"], int(r["seed"]), int(r["steps"]), float(r["guidance_scale"]))
+        cells.setdefault(key, {})[r["group"]] = r
+    groups = sorted({r["group"] for r in rows}, key=lambda g: (g != "policy", g))
+    lines = ["| dataset | critic | variant | seed | steps | w | " + " | ".join(
+        f"{g}: sign right | corr | gain / best" for g in groups) + " |",
+        "|---|---|---|---:|---:|---:|" + "---:|---:|---:|" * len(groups)]
+    for (ds, critic, variant, seed, steps, w), by in sorted(cells.items()):
+        vals = []
+        for g in groups:
+            r = by.get(g)
+            vals += (["", "", ""] if r is None else
+                     [f"{float(r['sign_agree']):.2f}", f"{float(r['corr']):.2f}",
+                      f"{float(r['critic_gain']):.3f} / {float(r['oracle_gain']):.3f}"])
+        lines.append(f"| {ds} | {critic} | {variant} | {seed} | {steps} | {w:g} | " + " | ".join(vals) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def render_critic_budget(csv_path, figures_dir) -> list[Path]:
+    """``critic_budget.md`` and ``critic_budget.png`` beside the CSV, from the CSV alone (``aepo-lite figures``).
+    The plot: per candidate group, the critic's pick's gain a state (top) and its share of right signs (bottom)
+    against its training steps, a line per variant and w; the exact pick's gain dotted."""
+    written = _render_table(csv_path, CRITIC_BUDGET_HEADER, critic_budget_table, "scripts/critic_budget.py")
+    return written + [_plot_critic_budget(Path(csv_path))]
+
+
+def _plot_critic_budget(csv_path: Path) -> Path:
+    import csv
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from aepo_lite._io import atomic_save_figure
+    with open(csv_path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    groups = sorted({r["group"] for r in rows}, key=lambda g: (g != "policy", g))
+    lines = sorted({(r["variant"], float(r["guidance_scale"])) for r in rows})
+    variants, scales = sorted({v for v, _ in lines}), sorted({w for _, w in lines})
+    fig, axes = plt.subplots(2, len(groups), figsize=(4.6 * len(groups), 6.4), squeeze=False, sharex=True,
+                             sharey="row", layout="constrained")
+    for j, g in enumerate(groups):
+        top, bottom = axes[0, j], axes[1, j]
+        for v, w in lines:
+            mine = sorted((int(r["steps"]), r) for r in rows if (r["group"], r["variant"], float(r["guidance_scale"]))
+                          == (g, v, w))
+            x = [s for s, _ in mine]
+            style = dict(color=f"C{variants.index(v)}", linestyle=("-", "--", "-.", ":")[scales.index(w) % 4],
+                         marker="o", markersize=3)
+            top.plot(x, [float(r["critic_gain"]) for _, r in mine], label=f"{v or 'the run'}, w={w:g}",
+                     gid=f"gain {v} w={w:g}", **style)
+            bottom.plot(x, [float(r["sign_agree"]) for _, r in mine], gid=f"sign {v} w={w:g}", **style)
+            if variants.index(v) == 0:
+                top.plot(x, [float(r["oracle_gain"]) for _, r in mine], color="0.5", linestyle=":",
+                         label=f"the exact pick, w={w:g}", gid=f"best w={w:g}")
+        top.axhline(0, color="0.3", linewidth=0.8)
+        bottom.axhline(0.5, color="0.3", linewidth=0.8)
+        top.set_title(g, fontsize=10)
+        bottom.set_xscale("log")
+        bottom.set_xlabel("critic training steps")
+    axes[0, 0].set_ylabel("advantage over mu(s) of the pick\n(points a state)")
+    axes[1, 0].set_ylabel("share of signs the critic gets right")
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=min(4, len(labels)), fontsize=8)
+    fig.suptitle(f"{rows[0]['dataset']}: the critic's ranking of actions against its training budget", fontsize=10)
     out = csv_path.with_suffix(".png")
     atomic_save_figure(out, fig)
     plt.close(fig)

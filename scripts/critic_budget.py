@@ -1,0 +1,174 @@
+"""How a critic's ranking of actions grows with its training steps and size, on a dataset made by ``aepo-lite
+make-dataset``: the probes of ``scripts/critic_errors.py`` (states a trained run's policy visits at each guidance
+scale, candidate actions, their exact values by the simulator) are recorded once; then a critic with the run's
+settings, or a variant of them, is trained afresh by the run's own critic stage (its seed, batches and finished
+upstream stages) and scored on the probes after each number of steps. Writes a CSV, its Markdown table and a figure
+beside it (``aepo-lite figures`` re-renders both from the CSV); probes and critic checkpoints live in ``--work``, so a
+killed script resumes at its last finished step count and a rerun skips the rows the CSV has.
+
+    python scripts/critic_budget.py --run runs/s51/big-energy-softmax-hopper/local_hopper_medium-v0/aepo-bench-s5 \
+        --steps 10000 20000 40000 80000 160000 --variants run hidden=256,batch=256 expectile=0.5 \
+        --out figures/rl_6c_big/critic_budget.csv
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+from dataclasses import fields, replace
+from pathlib import Path
+
+import torch
+
+from aepo_lite.config import CriticConfig
+from aepo_lite.device import seed_everything
+from aepo_lite.rl.agent import Agent, build_stages, check_config, critic_kind, load_run
+from aepo_lite.rl.datasets import QProbes, probe_q_states, q_error_rows
+from aepo_lite.rl.diagnostics import CRITIC_BUDGET_COLUMNS, existing_rows, raw_q_fn, render_critic_budget, \
+    write_csv_and_table
+from aepo_lite.training import StageStore, run_stage, stage_hash
+
+FIXED = ("kind", "steps")  # a variant keeps the run's critic kind; the step counts are --steps
+
+
+def parse_variant(text: str) -> dict:
+    """``run`` (the run's critic settings) or ``field=value,...`` of CriticConfig (typed as the field)."""
+    if text == "run":
+        return {}
+    types = {f.name: type(getattr(CriticConfig(), f.name)) for f in fields(CriticConfig)}
+    out = {}
+    for part in text.split(","):
+        key, sep, value = part.partition("=")
+        if not sep or key not in types or key in FIXED:
+            raise ValueError(f"--variants: {part!r} is not field=value of a critic field other than "
+                             f"{'/'.join(FIXED)} (fields: {sorted(set(types) - set(FIXED))})")
+        if types[key] is bool:
+            if value not in ("true", "false"):
+                raise ValueError(f"--variants: {key} takes true or false, got {value!r}")
+            out[key] = value == "true"
+        else:
+            try:
+                out[key] = types[key](value)
+            except ValueError:
+                raise ValueError(f"--variants: {key} takes a {types[key].__name__}, got {value!r}") from None
+    return out
+
+
+def probes_for(run: str, agent, cfg, w: float, a) -> QProbes:
+    """The run's probes at w (recorded in --work once; as scripts/critic_errors.py draws them)."""
+    key = json.dumps([str(Path(run).resolve()), cfg.dataset, cfg.seed, w, a.episodes, a.probe_every, a.horizon,
+                      a.gamma])
+    path = Path(a.work) / f"probes-{hashlib.sha256(key.encode()).hexdigest()[:16]}.npz"
+    if path.exists():
+        return QProbes.load(path)
+    g = torch.Generator(device=agent.device).manual_seed(cfg.seed)
+    probes = probe_q_states(cfg.dataset, lambda o: agent.act(o, float(w), generator=g), episodes=a.episodes,
+                            probe_every=a.probe_every, horizon=a.horizon, gamma=a.gamma, progress=True)
+    probes.save(path)
+    print(f"recorded {len(probes.obs)} states at w={w:g} in {path}", flush=True)
+    return probes
+
+
+def variant_stages(run: str, cfg, data, over: dict, steps: int):
+    """A fresh agent for the run's config with the critic fields ``over`` and ``steps`` steps; the stages before
+    its critic loaded from the run (they must be finished there, unchanged by the variant); the critic stage."""
+    vcfg = check_config(replace(cfg, critic=replace(cfg.critic, **over, steps=steps)))
+    if vcfg.critic.lr_decay:
+        raise SystemExit("--variants: a critic with lr_decay: its learning rate at each count would depend on the "
+                         "last count (use lr_decay=false)")
+    seed_everything(vcfg.seed)  # as train() does before the agent's networks are made
+    mean, std = data.obs_stats()
+    agent = Agent(vcfg, data.state_dim, data.action_dim, mean, std, data.action_low, data.action_high,
+                  torch.device("cpu"))
+    stages = build_stages(vcfg, agent, data.tensors(torch.device("cpu")), torch.device("cpu"))
+    store = StageStore(Path(run) / "checkpoints")
+    for st in stages[:[s.name for s in stages].index("critic")]:
+        if not store.is_complete(st.name, stage_hash(st)):
+            raise SystemExit(f"--run: {run} has no finished {st.name} stage for this critic")
+        run_stage(st, store, progress=False)
+    return agent, vcfg, next(s for s in stages if s.name == "critic")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--run", required=True, help="a trained run with a critic (its states, settings and stages)")
+    p.add_argument("--scales", nargs="+", type=float, default=[0.0, 10.0], help="guidance scales of the policy")
+    p.add_argument("--steps", nargs="+", type=int, default=[10_000, 20_000, 40_000, 80_000],
+                   help="critic training steps at which it is scored (increasing)")
+    p.add_argument("--variants", nargs="+", default=["run"],
+                   help="'run' (the run's critic settings) or field=value,... changes of them, e.g. hidden=256,batch=256")
+    p.add_argument("--episodes", type=int, default=10, help="episodes per scale (reset seeds 100000 + i)")
+    p.add_argument("--probe-every", type=int, default=4, help="probe every this many steps of an episode")
+    p.add_argument("--horizon", type=int, default=300, help="rollout steps of an exact value (the candidate's included)")
+    p.add_argument("--gamma", type=float, default=0.99, help="the exact values' discount (the critics': 0.99)")
+    p.add_argument("--work", default="runs/critic_budget", help="probes and critic checkpoints (resumable)")
+    p.add_argument("--out", required=True, help="the CSV to write (its .md table and .png figure beside it)")
+    a = p.parse_args(argv)
+    if not a.out.endswith(".csv"):
+        p.error(f"--out: expected a .csv path, got {a.out!r}")
+    if any(s < 1 for s in a.steps) or a.steps != sorted(set(a.steps)):
+        p.error(f"--steps: expected increasing positive step counts, got {a.steps}")
+    try:
+        variants = {v: parse_variant(v) for v in a.variants}
+    except ValueError as e:
+        p.error(str(e))
+    agent, cfg, data = load_run(a.run, device="cpu")
+    if agent.critic is None:
+        raise SystemExit(f"--run: {a.run} ({cfg.method}) has no critic to measure")
+    if data.reward_scaling == "antmaze":
+        raise SystemExit("--run: a run trained with reward_scaling antmaze (shifted rewards) has no Q in raw units")
+    probes = {w: probes_for(a.run, agent, cfg, w, a) for w in a.scales}
+    rows = existing_rows(a.out)
+    for name, over in variants.items():
+        rows = train_and_score(a, name, over, cfg, data, probes, rows)
+    print(f"wrote {a.out}")
+    return 0
+
+
+def train_and_score(a, name: str, over: dict, cfg, data, probes: dict, rows: list[dict]) -> list[dict]:
+    """One variant: its critic stage trained to the last step count (checkpoints in --work, at every count's
+    greatest common divisor, so a killed run resumes there), scored at each count its rows lack."""
+    def key(r):
+        return (r["run"], r["variant"], int(r["steps"]), round(float(r["guidance_scale"]), 9), int(r["episodes"]),
+                int(r["horizon"]), round(float(r["gamma"]), 9))
+    done = {key(r) for r in rows}
+
+    def missing(steps):
+        return [w for w in a.scales if (a.run, name, steps, round(w, 9), a.episodes, a.horizon, round(a.gamma, 9))
+                not in done]
+    if not any(missing(s) for s in a.steps):
+        print(f"skip {name}: every step count in the CSV")
+        return rows
+    agent, vcfg, stage = variant_stages(a.run, cfg, data, over, max(a.steps))
+    store = StageStore(Path(a.work) / "critics", keyed=True)
+    ck = store.load("critic", stage_hash(stage))
+    count = {"done": 0 if ck is None else ck["step"]}
+    lost = [s for s in a.steps if s < count["done"] and missing(s)]
+    if lost:
+        raise SystemExit(f"--out: lacks the rows of {name} at {lost} steps, which its checkpoint in --work is past; "
+                         f"delete {store.path('critic', stage_hash(stage))} to train it again")
+
+    def score(steps):
+        nonlocal rows
+        for w in missing(steps):
+            for r in q_error_rows(probes[w], raw_q_fn(agent, data)):
+                row = {"dataset": cfg.dataset, "run": a.run, "critic": critic_kind(vcfg), "variant": name,
+                       "seed": cfg.seed, "steps": steps, "guidance_scale": w, **r}
+                rows.append({k: row[k] for k in CRITIC_BUDGET_COLUMNS})
+                print(f"{name} {steps} steps w={w:g} {r['group']}: sign right {r['sign_agree']:.2f}, corr "
+                      f"{r['corr']:.2f}, gain {r['critic_gain']:.3f} of {r['oracle_gain']:.3f}", flush=True)
+            done.add((a.run, name, steps, round(w, 9), a.episodes, a.horizon, round(a.gamma, 9)))
+        write_csv_and_table(a.out, rows, CRITIC_BUDGET_COLUMNS, render_critic_budget)
+
+    def before_step():  # called before each step: count["done"] steps are behind the critic
+        if count["done"] in a.steps:
+            score(count["done"])
+        count["done"] += 1
+    run_stage(stage, store, checkpoint_every=math.gcd(*a.steps), log_every=max(a.steps), before_step=before_step)
+    score(max(a.steps))
+    return rows
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
