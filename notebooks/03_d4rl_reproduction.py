@@ -308,6 +308,10 @@ else:
 #   simulator run from the states the policies visit; seeds 5 and 6, `figures/rl_6c_big/critic_errors.md`) neither
 #   critic ranks actions much better than a coin, on the support or off it: the advantages to rank are hundredths of a
 #   point a step and the critics' errors 1.4-5.3 times that. The critic is the part of the error budget at fault.
+#   Training it 4x longer, 4x wider at 4x the batch, or with expectile 0.5 does not change that (seed 5: right signs
+#   0.49-0.58, `figures/rl_6c_big/critic_budget.md`).
+#
+#   ![critic_budget.png](../figures/rl_6c_big/critic_budget.png)
 #
 #   ![critic_errors.png](../figures/rl_6c_big/critic_errors.png)
 #

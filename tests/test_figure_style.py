@@ -152,7 +152,7 @@ def test_critic_errors_figure_bars_are_the_seeds_means(monkeypatch, tmp_path):
 
 def test_critic_budget_figure_lines_are_the_csv(monkeypatch, tmp_path):
     """scripts/critic_budget.py's plot, from a CSV written here: a column per candidate group; on top each variant's
-    and w's critic-pick gain against its steps (and the exact pick's, dotted), below its share of right signs."""
+    and w's critic-pick gain against its steps (and the exact pick's, thick grey), below its share of right signs."""
     import csv
 
     import aepo_lite._io as io

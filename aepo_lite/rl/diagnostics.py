@@ -600,7 +600,8 @@ def critic_budget_table(rows) -> str:
 def render_critic_budget(csv_path, figures_dir) -> list[Path]:
     """``critic_budget.md`` and ``critic_budget.png`` beside the CSV, from the CSV alone (``aepo-lite figures``).
     The plot: per candidate group, the critic's pick's gain a state (top) and its share of right signs (bottom)
-    against its training steps, a line per variant and w; the exact pick's gain dotted."""
+    against its training steps, a line per variant and w (solid, dashed, ... by w); the exact pick's gain in
+    thick grey."""
     written = _render_table(csv_path, CRITIC_BUDGET_HEADER, critic_budget_table, "scripts/critic_budget.py")
     return written + [_plot_critic_budget(Path(csv_path))]
 
@@ -626,12 +627,13 @@ def _plot_critic_budget(csv_path: Path) -> Path:
             x = [s for s, _ in mine]
             style = dict(color=f"C{variants.index(v)}", linestyle=("-", "--", "-.", ":")[scales.index(w) % 4],
                          marker="o", markersize=3)
-            top.plot(x, [float(r["critic_gain"]) for _, r in mine], label=f"{v or 'the run'}, w={w:g}",
+            top.plot(x, [float(r["critic_gain"]) for _, r in mine],
+                     label=f"{'the run' if v == 'run' else v}: critic's pick, w={w:g}",
                      gid=f"gain {v} w={w:g}", **style)
             bottom.plot(x, [float(r["sign_agree"]) for _, r in mine], gid=f"sign {v} w={w:g}", **style)
             if variants.index(v) == 0:
-                top.plot(x, [float(r["oracle_gain"]) for _, r in mine], color="0.5", linestyle=":",
-                         label=f"the exact pick, w={w:g}", gid=f"best w={w:g}")
+                top.plot(x, [float(r["oracle_gain"]) for _, r in mine], color="0.6", linewidth=2.5,
+                         linestyle=style["linestyle"], label=f"the exact pick, w={w:g}", gid=f"best w={w:g}")
         top.axhline(0, color="0.3", linewidth=0.8)
         bottom.axhline(0.5, color="0.3", linewidth=0.8)
         top.set_title(g, fontsize=10)
