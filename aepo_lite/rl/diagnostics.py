@@ -94,24 +94,25 @@ def gradient_table(rows) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _csv_rows(csv_path) -> list[dict]:
+    """A diagnostic CSV's rows (dicts of strings)."""
+    import csv
+    with open(csv_path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
 def _render_table(csv_path, header: str, table, made_by: str) -> list[Path]:
     """The CSV's ``.md`` table beside it (``header`` + ``table(rows)``), from the CSV alone."""
-    import csv
     from aepo_lite._io import write_table
-    with open(csv_path, newline="") as f:
-        rows = list(csv.DictReader(f))
+    rows = _csv_rows(csv_path)
     return write_table(Path(csv_path).with_suffix(".md"), rows, header, table, csv_path=csv_path, made_by=made_by)
 
 
 def existing_rows(out) -> list[dict]:
     """A diagnostic script's CSV ``out`` as rows so far (a rerun skips what they hold); [] when it is absent."""
-    import csv
     if not str(out).endswith(".csv"):
         raise ValueError(f"out: expected a .csv path, got {str(out)!r}")
-    if not Path(out).exists():
-        return []
-    with open(out, newline="") as f:
-        return list(csv.DictReader(f))
+    return _csv_rows(out) if Path(out).exists() else []
 
 
 def write_csv_and_table(out, rows, columns, render_fn) -> list[Path]:
@@ -358,13 +359,11 @@ def render_support_oracle(csv_path, figures_dir) -> list[Path]:
 
 
 def _plot_support_oracle(csv_path: Path, rl_csv: Path) -> Path:
-    import csv
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from aepo_lite._io import atomic_save_figure
-    with open(csv_path, newline="") as f:
-        rows = list(csv.DictReader(f))
+    rows = _csv_rows(csv_path)
     datasets = sorted({r["dataset"] for r in rows})
     refs = {}
     if rl_csv.exists():
@@ -502,14 +501,12 @@ def render_critic_errors(csv_path, figures_dir) -> list[Path]:
 
 
 def _plot_critic_errors(csv_path: Path) -> Path:
-    import csv
     import statistics
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from aepo_lite._io import atomic_save_figure
-    with open(csv_path, newline="") as f:
-        rows = list(csv.DictReader(f))
+    rows = _csv_rows(csv_path)
     panels = sorted({(r["dataset"], r["label"], r["critic"], critic_errors_reference(r)) for r in rows})
     fig, axes = plt.subplots(2, len(panels), figsize=(5.6 * len(panels), 6.4), squeeze=False, sharey="row",
                              layout="constrained")
@@ -607,13 +604,11 @@ def render_critic_budget(csv_path, figures_dir) -> list[Path]:
 
 
 def _plot_critic_budget(csv_path: Path) -> Path:
-    import csv
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from aepo_lite._io import atomic_save_figure
-    with open(csv_path, newline="") as f:
-        rows = list(csv.DictReader(f))
+    rows = _csv_rows(csv_path)
     groups = sorted({r["group"] for r in rows}, key=lambda g: (g != "policy", g))
     lines = sorted({(r["variant"], float(r["guidance_scale"])) for r in rows})
     variants, scales = sorted({v for v, _ in lines}), sorted({w for _, w in lines})
