@@ -114,10 +114,10 @@ def main(argv=None) -> int:
     except ValueError as e:
         p.error(str(e))
     agent, cfg, data = load_run(a.run, device="cpu")
-    if agent.critic is None:
-        raise SystemExit(f"--run: {a.run} ({cfg.method}) has no critic to measure")
-    if data.reward_scaling == "antmaze":
-        raise SystemExit("--run: a run trained with reward_scaling antmaze (shifted rewards) has no Q in raw units")
+    try:
+        raw_q_fn(agent, data)  # a critic in raw reward units, checked before any probing
+    except ValueError as e:
+        raise SystemExit(f"--run: {a.run} ({cfg.method}): {e}") from None
     probes = {w: probes_for(a.run, agent, cfg, w, a) for w in a.scales}
     rows = existing_rows(a.out)
     for name, over in variants.items():
@@ -129,14 +129,13 @@ def main(argv=None) -> int:
 def train_and_score(a, name: str, over: dict, cfg, data, probes: dict, rows: list[dict]) -> list[dict]:
     """One variant: its critic stage trained to the last step count (checkpoints in --work, at every count's
     greatest common divisor, so a killed run resumes there), scored at each count its rows lack."""
-    def key(r):
-        return (r["run"], r["variant"], int(r["steps"]), round(float(r["guidance_scale"]), 9), int(r["episodes"]),
-                int(r["horizon"]), round(float(r["gamma"]), 9))
-    done = {key(r) for r in rows}
+    def key(run, variant, steps, w, episodes, horizon, gamma):
+        return run, variant, int(steps), round(float(w), 9), int(episodes), int(horizon), round(float(gamma), 9)
+    done = {key(r["run"], r["variant"], r["steps"], r["guidance_scale"], r["episodes"], r["horizon"], r["gamma"])
+            for r in rows}
 
     def missing(steps):
-        return [w for w in a.scales if (a.run, name, steps, round(w, 9), a.episodes, a.horizon, round(a.gamma, 9))
-                not in done]
+        return [w for w in a.scales if key(a.run, name, steps, w, a.episodes, a.horizon, a.gamma) not in done]
     if not any(missing(s) for s in a.steps):
         print(f"skip {name}: every step count in the CSV")
         return rows
@@ -150,15 +149,17 @@ def train_and_score(a, name: str, over: dict, cfg, data, probes: dict, rows: lis
                          f"delete {store.path('critic', stage_hash(stage))} to train it again")
 
     def score(steps):
-        nonlocal rows
-        for w in missing(steps):
+        todo = missing(steps)
+        if not todo:
+            return
+        for w in todo:
             for r in q_error_rows(probes[w], raw_q_fn(agent, data)):
                 row = {"dataset": cfg.dataset, "run": a.run, "critic": critic_kind(vcfg), "variant": name,
                        "seed": cfg.seed, "steps": steps, "guidance_scale": w, **r}
                 rows.append({k: row[k] for k in CRITIC_BUDGET_COLUMNS})
                 print(f"{name} {steps} steps w={w:g} {r['group']}: sign right {r['sign_agree']:.2f}, corr "
                       f"{r['corr']:.2f}, gain {r['critic_gain']:.3f} of {r['oracle_gain']:.3f}", flush=True)
-            done.add((a.run, name, steps, round(w, 9), a.episodes, a.horizon, round(a.gamma, 9)))
+            done.add(key(a.run, name, steps, w, a.episodes, a.horizon, a.gamma))
         write_csv_and_table(a.out, rows, CRITIC_BUDGET_COLUMNS, render_critic_budget)
 
     def before_step():  # called before each step: count["done"] steps are behind the critic

@@ -25,10 +25,10 @@ def _key(r: dict) -> tuple:
 
 def _run_rows(run: str, a, rows: list[dict]) -> list[dict]:
     agent, cfg, data = load_run(run)
-    if agent.critic is None:
-        raise SystemExit(f"--runs: {run} ({cfg.method}) has no critic to measure")
-    if data.reward_scaling == "antmaze":
-        raise SystemExit("--runs: a run trained with reward_scaling antmaze (shifted rewards) has no Q in raw units")
+    try:
+        q_fn = raw_q_fn(agent, data)  # a critic in raw reward units
+    except ValueError as e:
+        raise SystemExit(f"--runs: {run} ({cfg.method}): {e}") from None
     done = {_key(r) for r in rows}
     out = []
     for w in a.scales:
@@ -37,7 +37,7 @@ def _run_rows(run: str, a, rows: list[dict]) -> list[dict]:
             print(f"skip {run} w={w:g}: in the CSV")
             continue
         g = torch.Generator(device=agent.device).manual_seed(cfg.seed)
-        got = snapshot_q_errors(cfg.dataset, raw_q_fn(agent, data), lambda o: agent.act(o, float(w), generator=g),
+        got = snapshot_q_errors(cfg.dataset, q_fn, lambda o: agent.act(o, float(w), generator=g),
                                 episodes=a.episodes, probe_every=a.probe_every, horizon=a.horizon, gamma=a.gamma,
                                 continuation_noise=a.continuation_noise, rollouts=a.rollouts, progress=True)
         for r in got:

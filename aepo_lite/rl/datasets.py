@@ -687,8 +687,10 @@ def snapshot_q_errors(name: str, q_fn: Callable, policy: Callable[[np.ndarray], 
     ``episodes``, ``seconds`` (of the probing).
 
     :func:`probe_q_states`, then :func:`q_error_rows`: record the probes once to score several critics."""
-    probes = probe_q_states(name, policy, episodes, probe_every, spreads, per_spread, horizon, gamma,
-                            continuation_noise, rollouts, seed, which, policy_cache, progress)
+    probes = probe_q_states(name, policy, episodes=episodes, probe_every=probe_every, spreads=spreads,
+                            per_spread=per_spread, horizon=horizon, gamma=gamma,
+                            continuation_noise=continuation_noise, rollouts=rollouts, seed=seed, which=which,
+                            policy_cache=policy_cache, progress=progress)
     return q_error_rows(probes, q_fn)
 
 
