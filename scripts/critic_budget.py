@@ -55,11 +55,16 @@ def parse_variant(text: str) -> dict:
     return out
 
 
-def probes_for(run: str, agent, cfg, w: float, a) -> QProbes:
-    """The run's probes at w (recorded in --work once; as scripts/critic_errors.py draws them)."""
+def probes_path(run: str, cfg, w: float, a) -> Path:
+    """Where the run's probes at w live in --work (named by the run, its seed, w and the probing arguments)."""
     key = json.dumps([str(Path(run).resolve()), cfg.dataset, cfg.seed, w, a.episodes, a.probe_every, a.horizon,
                       a.gamma])
-    path = Path(a.work) / f"probes-{hashlib.sha256(key.encode()).hexdigest()[:16]}.npz"
+    return Path(a.work) / f"probes-{hashlib.sha256(key.encode()).hexdigest()[:16]}.npz"
+
+
+def probes_for(run: str, agent, cfg, w: float, a) -> QProbes:
+    """The run's probes at w (recorded in --work once; as scripts/critic_errors.py draws them)."""
+    path = probes_path(run, cfg, w, a)
     if path.exists():
         return QProbes.load(path)
     g = torch.Generator(device=agent.device).manual_seed(cfg.seed)

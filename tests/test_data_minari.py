@@ -479,6 +479,33 @@ def test_critic_against_exact_q_on_and_off_the_support(minari_root):
         assert e.value.code == 2
     with pytest.raises(SystemExit, match="no critic"):
         cb.main(["--run", str(minari_root / "bc"), "--out", str(out)])
+    # the seeds script: member 0 is the run's own critic, members 1.. trained with the stage's seed + m; a row per
+    # number averaged and group; rerun unchanged; bad input named
+    spec = importlib.util.spec_from_file_location("critic_seeds", Path(__file__).resolve().parents[1] / "scripts"
+                                                  / "critic_seeds.py")
+    cs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cs)
+    out = minari_root / "seeds.csv"
+    args = ["--run", str(minari_root / "aepo"), "--scales", "0", "--episodes", "1", "--probe-every", "5", "--horizon",
+            "3", "--members", "3", "--work", str(work), "--out", str(out)]
+    assert cs.main(args) == 0
+    rows = list(csv.DictReader(open(out)))
+    assert [(r["members"], r["group"]) for r in rows] == [(n, g) for n in ("1", "2", "3")
+                                                          for g in ("policy", "spread 1", "spread 3")]
+    for r, o in zip(rows[:3], own):  # the mean of one critic, member 0: the run's critic as it is
+        for k in ("corr", "sign_agree", "critic_gain", "oracle_gain"):
+            assert float(r[k]) == pytest.approx(o[k], abs=1e-9)
+    assert len(list(work.glob("seedq-*.npz"))) == 3 and float(rows[3]["corr"]) != float(rows[0]["corr"])
+    assert all(-1 <= float(r["agree"]) < 1 for r in rows)  # trained apart, the members differ
+    first = out.read_text()
+    assert cs.main(args) == 0 and out.read_text() == first
+    assert "| t/hopper/medium-v0 | iql | 60 | 0 | 3 |" in out.with_suffix(".md").read_text()
+    for bad in (["--members", "1"], ["--steps", "0"], ["--out", str(minari_root / "seeds.txt")]):
+        with pytest.raises(SystemExit) as e:
+            cs.main(args + bad)
+        assert e.value.code == 2
+    with pytest.raises(SystemExit, match="no critic"):
+        cs.main(["--run", str(minari_root / "bc"), "--out", str(out)])
     # the spread script on the same runs, through the same per-run CSV loop: the data's row once, then a row per run
     spec = importlib.util.spec_from_file_location("support_spread", Path(__file__).resolve().parents[1] / "scripts"
                                                   / "support_spread.py")
@@ -494,3 +521,44 @@ def test_critic_against_exact_q_on_and_off_the_support(minari_root):
     assert ss.main(args) == 0 and out.read_text() == first
     with pytest.raises(SystemExit):
         ss.main(["--runs", str(minari_root / "bc"), "--out", str(minari_root / "spread.txt")])
+
+
+def test_critic_seed_rows_against_closed_forms():
+    """critic_seed_rows: identical critics agree exactly and their mean scores as each; critics equal to the exact
+    values correlate 1 with them and pick the best; two critics with opposite errors average to the exact values;
+    fewer than two critics or a wrong size named."""
+    from aepo_lite.rl.datasets import QProbes, q_error_rows
+    from aepo_lite.rl.diagnostics import critic_seed_rows, member_counts
+    rng = np.random.default_rng(0)
+    P, C = 40, 7
+    q_true = rng.normal(size=(P, C))
+    probes = QProbes(obs=rng.normal(size=(P, 3)), actions=rng.normal(size=(P, C, 2)), q_true=q_true,
+                     groups=[("policy", np.array([1])), ("spread 1", np.arange(2, C))], noise=0.1, points=2.0,
+                     meta={})
+    noisy = q_true + rng.normal(size=(P, C))
+    same = critic_seed_rows(probes, [noisy.ravel()] * 4)
+    assert [r["members"] for r in same] == [n for n in member_counts(4) for _ in range(2)] and member_counts(4) == [1, 2, 4]
+    alone = q_error_rows(probes, lambda o, a: noisy.ravel())
+    for r in same:
+        assert r["agree"] == pytest.approx(1.0)
+        o = alone[[g for g, _ in probes.groups].index(r["group"])]
+        assert r["corr"] == pytest.approx(o["corr"]) and r["critic_gain"] == pytest.approx(o["critic_gain"])
+        adv = lambda q: (q[:, dict(probes.groups)[r["group"]]] - q[:, :1]).ravel()
+        assert r["alone"] == pytest.approx(np.corrcoef(adv(noisy), adv(q_true))[0, 1])
+    exact = critic_seed_rows(probes, [q_true.ravel() + 5.0, q_true.ravel()])  # a constant offset: the same ranking
+    for r in exact:
+        assert r["alone"] == pytest.approx(1.0) and r["agree"] == pytest.approx(1.0) and r["sign_agree"] == 1.0
+        assert r["critic_gain"] == pytest.approx(r["oracle_gain"])
+    e = rng.normal(size=(P, C))
+    opposite = critic_seed_rows(probes, [q_true + e, q_true - e])
+    for r in opposite:
+        if r["members"] == 2:
+            assert r["corr"] == pytest.approx(1.0) and r["critic_gain"] == pytest.approx(r["oracle_gain"])
+        else:
+            assert r["corr"] < 0.99
+    with pytest.raises(ValueError, match="q_hats"):
+        critic_seed_rows(probes, [q_true])
+    with pytest.raises(ValueError, match="q_hats"):
+        critic_seed_rows(probes, [q_true, q_true[:, :3]])
+    with pytest.raises(ValueError, match="q_hats"):
+        critic_seed_rows(probes, [q_true, np.full_like(q_true, np.nan)])

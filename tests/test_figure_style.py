@@ -179,3 +179,30 @@ def test_critic_budget_figure_lines_are_the_csv(monkeypatch, tmp_path):
     assert list(bottom["sign run w=0"].get_ydata()) == pytest.approx([0.51, 0.52, 0.54])
     assert fig.axes[3].get_xscale() == "log"
     assert (tmp_path / "critic_budget.md").exists()
+
+
+def test_critic_seeds_figure_lines_are_the_csv(monkeypatch, tmp_path):
+    """scripts/critic_seeds.py's plot, from a CSV written here: a panel per candidate group; per w the correlation
+    of the mean of n critics against n (log2 axis) and, dashed, the critics' agreement with each other."""
+    import csv
+
+    import aepo_lite._io as io
+    from aepo_lite.rl.diagnostics import CRITIC_SEEDS_COLUMNS, render_critic_seeds
+    figs = _captured(monkeypatch, io)
+    rows = [dict(dataset="d", run="r", critic="iql", steps=40, guidance_scale=w, group=g, members=n, probes=10,
+                 actions=10, agree=0.5 + 0.1 * w, alone=0.1, corr=0.1 + 0.01 * n + 0.1 * w, sign_agree=0.5,
+                 critic_gain=0.01, oracle_gain=0.05, horizon=300, gamma=0.99, episodes=2)
+            for w in (0.0, 1.0) for g in ("spread 1", "policy") for n in (4, 1, 2)]
+    with open(tmp_path / "critic_seeds.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, CRITIC_SEEDS_COLUMNS)
+        w.writeheader()
+        w.writerows(rows)
+    render_critic_seeds(tmp_path / "critic_seeds.csv", tmp_path)
+    (fig,) = figs
+    assert [ax.get_title() for ax in fig.axes[:2]] == ["policy", "spread 1"]
+    lines = {line.get_gid(): line for line in fig.axes[1].get_lines() if line.get_gid()}
+    assert list(lines["corr w=1"].get_xdata()) == [1, 2, 4]
+    assert list(lines["corr w=1"].get_ydata()) == pytest.approx([0.21, 0.22, 0.24])
+    assert list(lines["agree w=0"].get_ydata()) == pytest.approx([0.5] * 3)
+    assert fig.axes[0].get_xscale() == "log"
+    assert (tmp_path / "critic_seeds.md").exists()

@@ -225,3 +225,21 @@ def test_critic_budget_table_one_line_per_variant_steps_and_scale():
         "| local/h/m-v0 | iql | hidden=8 | 5 | 10 | 0 | 0.70 | 0.30 | 0.020 / 0.030 |  |  |  |",
         "| local/h/m-v0 | iql | run | 5 | 10 | 0 | 0.50 | -0.10 | -0.002 / 0.030 | 0.45 | 0.00 | 0.000 / 0.020 |",
         "| local/h/m-v0 | iql | run | 5 | 20 | 0 | 0.60 | 0.20 | 0.010 / 0.030 | 0.55 | 0.10 | 0.004 / 0.020 |"]
+
+
+def test_critic_seeds_table_one_line_per_scale_and_number_averaged():
+    """scripts/critic_seeds.py's table, by hand: a line per dataset, critic, steps, w and critics averaged (sorted),
+    the policy group first; per group the agreement, one critic alone, and the average's corr, signs and gain."""
+    from aepo_lite.rl.diagnostics import critic_seeds_table
+    base = dict(dataset="local/h/m-v0", run="r", critic="iql", steps=40)
+
+    def row(w, n, group, agree, alone, c, s, g, b):
+        return dict(base, guidance_scale=w, members=n, group=group, agree=agree, alone=alone, corr=c, sign_agree=s,
+                    critic_gain=g, oracle_gain=b)
+    rows = [row(10, 2, "policy", 0.6, 0.2, 0.25, 0.55, 0.012, 0.044), row(0, 1, "spread 1", 0.5, 0.1, 0.1, 0.5, 0.0, 0.02),
+            row(0, 1, "policy", 0.6, 0.05, 0.05, 0.52, 0.001, 0.014)]
+    lines = critic_seeds_table(rows).splitlines()
+    assert lines[0].startswith("| dataset | critic | steps | w | critics averaged | policy: critics agree | each alone |")
+    assert lines[2:] == [
+        "| local/h/m-v0 | iql | 40 | 0 | 1 | 0.60 | 0.05 | 0.05 | 0.52 | 0.001 / 0.014 | 0.50 | 0.10 | 0.10 | 0.50 | 0.000 / 0.020 |",
+        "| local/h/m-v0 | iql | 40 | 10 | 2 | 0.60 | 0.20 | 0.25 | 0.55 | 0.012 / 0.044 |  |  |  |  |  |"]

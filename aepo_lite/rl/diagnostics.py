@@ -33,7 +33,8 @@ __all__ = ["energy_gradient_norms", "gradient_rows", "gradient_table", "render",
            "render_guided_q", "energy_fit_stats", "energy_fit_rows", "render_energy_fit", "write_csv_and_table",
            "POLICY_NOISE_COLUMNS", "render_policy_noise", "SUPPORT_ORACLE_COLUMNS", "render_support_oracle",
            "support_oracle_kind", "CRITIC_ERRORS_COLUMNS", "render_critic_errors", "csv_per_run", "raw_q_fn",
-           "CRITIC_BUDGET_COLUMNS", "render_critic_budget"]
+           "CRITIC_BUDGET_COLUMNS", "render_critic_budget", "CRITIC_SEEDS_COLUMNS", "member_counts",
+           "critic_seed_rows", "render_critic_seeds"]
 
 TIMES = (0.05, 0.2, 0.5, 0.9)
 
@@ -639,6 +640,120 @@ def _plot_critic_budget(csv_path: Path) -> Path:
     handles, labels = axes[0, 0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside lower center", ncol=min(4, len(labels)), fontsize=8)
     fig.suptitle(f"{rows[0]['dataset']}: the critic's ranking of actions against its training budget", fontsize=10)
+    out = csv_path.with_suffix(".png")
+    atomic_save_figure(out, fig)
+    plt.close(fig)
+    return out
+
+
+CRITIC_SEEDS_COLUMNS = ("dataset", "run", "critic", "steps", "guidance_scale", "group", "members", "probes", "actions",
+                        "agree", "alone", "corr", "sign_agree", "critic_gain", "oracle_gain", "horizon", "gamma",
+                        "episodes")
+CRITIC_SEEDS_HEADER = (
+    "# Critics alike but for their seed: do they err alike?\n\nThe probes of `critic_budget.md` (states a trained "
+    "run's policy visits at guidance scale w; candidates: its own action, mu(s) + c x the data's noise std, c = 1 and "
+    "3; exact values by the simulator). The run's critic stage is trained M times, each with its own seed (its "
+    "networks' initialisation and its batches; seed 0 is the run's own critic), on the same data and settings. Per "
+    "candidate group, as advantages over mu(s) at the same state: `critics agree`, the mean correlation between "
+    "two of the M critics; `each alone`, the mean correlation of one critic with the exact values; then the mean of "
+    "the first n critics' Q taken as one critic: its correlation with the exact values, its `sign right` (0.5: a "
+    "coin) and `gain`, the exact advantage of its pick among mu(s) and the group, per state, in points, beside the "
+    "exact pick's (`best`). Critics that agree with each other far more than with the exact values err alike: the "
+    "error is set by the data and the training target, not by the seed, and averaging seeds cannot remove it. "
+    "Measured by `scripts/critic_seeds.py` into `critic_seeds.csv`.\n\n")
+
+
+def member_counts(m: int) -> list[int]:
+    """How many critics :func:`critic_seed_rows` averages: 1, 2, 4, ... below ``m``, then ``m``."""
+    return [2**i for i in range(max(m - 1, 1).bit_length()) if 2**i < m] + [m]
+
+
+def critic_seed_rows(probes, q_hats) -> list[dict]:
+    """``q_hats``: M >= 2 critics' Q on ``probes`` (each (P * C,) in the order :func:`q_error_rows` asks for, raw
+    reward units), trained alike but for their seed. Per candidate group and n in :func:`member_counts`: the row of
+    the mean of the first n critics' Q scored as one critic (:func:`aepo_lite.rl.datasets.q_error_rows`), with
+    ``members`` n, ``agree`` the mean correlation between two critics' advantages over mu(s) and ``alone`` the mean
+    correlation of one critic's with the exact advantages (both over all M critics)."""
+    from aepo_lite.rl.datasets import q_error_rows
+    P, C, _ = probes.actions.shape
+    qs = [np.asarray(q, np.float64).reshape(-1) for q in q_hats]
+    if len(qs) < 2:
+        raise ValueError(f"q_hats: expected the Q of 2 or more critics, got {len(qs)}")
+    if any(q.size != P * C or not np.all(np.isfinite(q)) for q in qs):
+        raise ValueError(f"q_hats: expected {P * C} finite values per critic, got sizes {[q.size for q in qs]}")
+    qs = [q.reshape(P, C) for q in qs]
+    m, pairs = len(qs), np.triu_indices(len(qs), 1)
+    spread = {}
+    for g, idx in probes.groups:
+        adv = [(q[:, idx] - q[:, :1]).ravel() for q in qs]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            c = np.corrcoef(np.stack(adv + [(probes.q_true[:, idx] - probes.q_true[:, :1]).ravel()]))
+        spread[g] = {"agree": float(c[:m, :m][pairs].mean()), "alone": float(c[:m, m].mean())}
+    rows = []
+    for n in member_counts(m):
+        mean = np.mean(qs[:n], axis=0).reshape(-1)
+        rows += [dict(r, members=n, **spread[r["group"]]) for r in q_error_rows(probes, lambda o, a: mean)]
+    return rows
+
+
+def critic_seeds_table(rows) -> str:
+    """A Markdown table from ``scripts/critic_seeds.py``'s rows (or its CSV's): one line per dataset, critic, steps,
+    w and number of critics averaged; per candidate group the critics' agreement, one critic's correlation with the
+    exact values, and the average's correlation, sign agreement and gain beside the best."""
+    cells: dict[tuple, dict] = {}
+    for r in rows:
+        key = (r["dataset"], r["critic"], int(r["steps"]), float(r["guidance_scale"]), int(r["members"]))
+        cells.setdefault(key, {})[r["group"]] = r
+    groups = sorted({r["group"] for r in rows}, key=lambda g: (g != "policy", g))
+    lines = ["| dataset | critic | steps | w | critics averaged | " + " | ".join(
+        f"{g}: critics agree | each alone | corr | sign right | gain / best" for g in groups) + " |",
+        "|---|---|---:|---:|---:|" + "---:|---:|---:|---:|---:|" * len(groups)]
+    for (ds, critic, steps, w, n), by in sorted(cells.items()):
+        vals = []
+        for g in groups:
+            r = by.get(g)
+            vals += ([""] * 5 if r is None else
+                     [f"{float(r['agree']):.2f}", f"{float(r['alone']):.2f}", f"{float(r['corr']):.2f}",
+                      f"{float(r['sign_agree']):.2f}", f"{float(r['critic_gain']):.3f} / {float(r['oracle_gain']):.3f}"])
+        lines.append(f"| {ds} | {critic} | {steps} | {w:g} | {n} | " + " | ".join(vals) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def render_critic_seeds(csv_path, figures_dir) -> list[Path]:
+    """``critic_seeds.md`` and ``critic_seeds.png`` beside the CSV, from the CSV alone (``aepo-lite figures``).
+    The plot: per candidate group, the correlation with the exact advantages of the mean of n critics against n, a
+    line per w; dashed at the same colour, how well two of the critics agree with each other."""
+    written = _render_table(csv_path, CRITIC_SEEDS_HEADER, critic_seeds_table, "scripts/critic_seeds.py")
+    return written + [_plot_critic_seeds(Path(csv_path))]
+
+
+def _plot_critic_seeds(csv_path: Path) -> Path:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from aepo_lite._io import atomic_save_figure
+    rows = _csv_rows(csv_path)
+    groups = sorted({r["group"] for r in rows}, key=lambda g: (g != "policy", g))
+    scales = sorted({float(r["guidance_scale"]) for r in rows})
+    fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 3.8), squeeze=False, sharey=True,
+                             layout="constrained")
+    for j, g in enumerate(groups):
+        ax = axes[0, j]
+        for i, w in enumerate(scales):
+            mine = sorted((int(r["members"]), r) for r in rows if r["group"] == g and float(r["guidance_scale"]) == w)
+            x = [n for n, _ in mine]
+            ax.plot(x, [float(r["corr"]) for _, r in mine], color=f"C{i}", marker="o", markersize=3,
+                    label=f"mean of n critics vs the exact values, w={w:g}", gid=f"corr w={w:g}")
+            ax.plot(x, [float(r["agree"]) for _, r in mine], color=f"C{i}", linestyle="--",
+                    label=f"two critics with each other, w={w:g}", gid=f"agree w={w:g}")
+        ax.axhline(0, color="0.3", linewidth=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_title(g, fontsize=10)
+        ax.set_xlabel("critics averaged (seeds)")
+    axes[0, 0].set_ylabel("correlation of advantages over mu(s)")
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=2, fontsize=8)
+    fig.suptitle(f"{rows[0]['dataset']}: critics that differ only in their seed", fontsize=10)
     out = csv_path.with_suffix(".png")
     atomic_save_figure(out, fig)
     plt.close(fig)

@@ -1,0 +1,121 @@
+"""Do critics that differ only in their seed err alike? On a dataset made by ``aepo-lite make-dataset``: the probes
+of ``scripts/critic_budget.py`` (states a trained run's policy visits at each guidance scale, candidate actions,
+their exact values by the simulator; shared with it through ``--work``), then the run's critic stage trained
+``--members`` times, member m with the stage's seed + m (its networks' initialisation and its batches; member 0 is
+the run's own critic), each scored on the probes; the rows (:func:`aepo_lite.rl.diagnostics.critic_seed_rows`):
+how well the members agree with each other and with the exact values, and the mean of 1, 2, 4, ... of them taken
+as one critic (an ensemble). Writes a CSV, its Markdown table and a figure beside it (``aepo-lite figures``
+re-renders both from the CSV). Each member's checkpoints and Q on the probes live in ``--work``: a killed script
+resumes at its last finished member; a rerun skips what the CSV has.
+
+    python scripts/critic_seeds.py --run runs/s51/big-energy-softmax-hopper/local_hopper_medium-v0/aepo-bench-s5 \
+        --members 8 --out figures/rl_6c_big/critic_seeds.csv
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import replace
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # critic_budget.py, the probes and stages shared with it
+from critic_budget import probes_for, probes_path, variant_stages  # noqa: E402
+
+from aepo_lite._io import _atomic  # noqa: E402
+from aepo_lite.core.critics import make_critic  # noqa: E402
+from aepo_lite.rl.agent import critic_kind, load_run  # noqa: E402
+from aepo_lite.rl.diagnostics import CRITIC_SEEDS_COLUMNS, critic_seed_rows, existing_rows, raw_q_fn, \
+    render_critic_seeds, write_csv_and_table  # noqa: E402
+from aepo_lite.training import StageStore, run_stage, stage_hash  # noqa: E402
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--run", required=True, help="a trained run with a critic (its states, settings and stages)")
+    p.add_argument("--members", type=int, default=8, help="critics trained, each with its own seed (>= 2)")
+    p.add_argument("--steps", type=int, default=None, help="each critic's training steps (default: the run's)")
+    p.add_argument("--scales", nargs="+", type=float, default=[0.0, 10.0], help="guidance scales of the policy")
+    p.add_argument("--episodes", type=int, default=10, help="episodes per scale (reset seeds 100000 + i)")
+    p.add_argument("--probe-every", type=int, default=4, help="probe every this many steps of an episode")
+    p.add_argument("--horizon", type=int, default=300, help="rollout steps of an exact value (the candidate's included)")
+    p.add_argument("--gamma", type=float, default=0.99, help="the exact values' discount (the critics': 0.99)")
+    p.add_argument("--work", default="runs/critic_budget", help="probes, critic checkpoints and Q (resumable)")
+    p.add_argument("--out", required=True, help="the CSV to write (its .md table and .png figure beside it)")
+    a = p.parse_args(argv)
+    if not a.out.endswith(".csv"):
+        p.error(f"--out: expected a .csv path, got {a.out!r}")
+    if a.members < 2:
+        p.error(f"--members: expected 2 or more critics to compare, got {a.members}")
+    if a.steps is not None and a.steps < 1:
+        p.error(f"--steps: expected a positive step count, got {a.steps}")
+    agent, cfg, data = load_run(a.run, device="cpu")
+    try:
+        raw_q_fn(agent, data)  # a critic in raw reward units, checked before any probing
+    except ValueError as e:
+        raise SystemExit(f"--run: {a.run} ({cfg.method}): {e}") from None
+    steps = a.steps or cfg.critic.steps
+    rows = existing_rows(a.out)
+
+    def key(run, steps, w, episodes, horizon, gamma, members):
+        return run, int(steps), round(float(w), 9), int(episodes), int(horizon), round(float(gamma), 9), int(members)
+    done = {key(r["run"], r["steps"], r["guidance_scale"], r["episodes"], r["horizon"], r["gamma"], r["members"])
+            for r in rows}
+    todo = [w for w in a.scales if key(a.run, steps, w, a.episodes, a.horizon, a.gamma, a.members) not in done]
+    if not todo:
+        print(f"skip: {a.out} has every scale's rows")
+        return 0
+    probes = {w: probes_for(a.run, agent, cfg, w, a) for w in todo}
+    q_hats = [member_q(a, cfg, data, steps, m, probes) for m in range(a.members)]
+    for w in todo:
+        for r in critic_seed_rows(probes[w], [q[w] for q in q_hats]):
+            row = {"dataset": cfg.dataset, "run": a.run, "critic": critic_kind(cfg), "steps": steps,
+                   "guidance_scale": w, **r}
+            rows.append({k: row[k] for k in CRITIC_SEEDS_COLUMNS})
+            print(f"w={w:g} {r['group']}, mean of {r['members']}: corr {r['corr']:.2f} (critics agree "
+                  f"{r['agree']:.2f}, each alone {r['alone']:.2f}), sign right {r['sign_agree']:.2f}, gain "
+                  f"{r['critic_gain']:.3f} of {r['oracle_gain']:.3f}", flush=True)
+    write_csv_and_table(a.out, rows, CRITIC_SEEDS_COLUMNS, render_critic_seeds)
+    print(f"wrote {a.out}")
+    return 0
+
+
+def member_q(a, cfg, data, steps: int, m: int, probes: dict) -> dict:
+    """Member m's Q on each scale's probes ({w: (P * C,)}), from --work, or its critic trained (resumably) first.
+    Member 0 is the run's critic stage as it is (loaded from the run when it finished there at these steps); member
+    m > 0 the same stage with seed + m, its critic made afresh under that seed."""
+    agent, vcfg, stage = variant_stages(a.run, cfg, data, {}, steps)
+    if m:
+        stage = replace(stage, seed=stage.seed + m, learner=partial(_fresh_critic, agent, vcfg, data))
+    h = stage_hash(stage)
+    path = Path(a.work) / f"seedq-{h}.npz"
+    names = {w: probes_path(a.run, cfg, w, a).stem for w in probes}
+    held = {}
+    if path.exists():
+        with np.load(path) as f:
+            held = {n: f[n] for n in f.files}
+        if all(n in held for n in names.values()):
+            return {w: held[n] for w, n in names.items()}
+    own = StageStore(Path(a.run) / "checkpoints")
+    store = own if m == 0 and own.is_complete("critic", h) else StageStore(Path(a.work) / "critics", keyed=True)
+    print(f"member {m}: critic stage {h} ({steps} steps)", flush=True)
+    run_stage(stage, store, checkpoint_every=min(10_000, steps), log_every=steps)
+    q = raw_q_fn(agent, data)
+    out = {}
+    for w, pr in probes.items():
+        P, C, d = pr.actions.shape
+        out[w] = q(np.repeat(pr.obs, C, 0), pr.actions.reshape(P * C, d))
+    _atomic(path, lambda f: np.savez(f, **held, **{names[w]: v for w, v in out.items()}))
+    return out
+
+
+def _fresh_critic(agent, vcfg, data):
+    """A critic made afresh (under the seed run_stage has just set), put in the agent: what member m > 0 trains."""
+    agent.critic = make_critic(data.state_dim, data.action_dim, replace(vcfg.critic, kind=critic_kind(vcfg)))
+    return agent.critic
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
