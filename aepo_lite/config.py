@@ -46,7 +46,9 @@ class BehaviourConfig:
 class CriticConfig:
     """The critic Q(s, a): IQL, QGPO's in-support softmax Q, or (toy tasks) a regression on the known reward."""
 
-    kind: str = ""  # RL: iql | insupport ("" = the method's default); toy: reward (the true e(x)) | regression
+    # RL: iql | insupport | mc (ours: Q and V regressed on the data's Monte-Carlo returns; "" = the method's
+    # default); toy: reward (the true e(x)) | regression
+    kind: str = ""
     steps: int = 500_000  # gradient steps (QGPO updates its critic for the first 500k)
     batch: int = 256  # batch size
     lr: float = 3e-4  # Adam learning rate

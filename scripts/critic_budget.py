@@ -29,11 +29,12 @@ from aepo_lite.rl.diagnostics import CRITIC_BUDGET_COLUMNS, existing_rows, raw_q
     write_csv_and_table
 from aepo_lite.training import StageStore, run_stage, stage_hash
 
-FIXED = ("kind", "steps")  # a variant keeps the run's critic kind; the step counts are --steps
+FIXED = ("steps",)  # the step counts are --steps
 
 
 def parse_variant(text: str) -> dict:
-    """``run`` (the run's critic settings) or ``field=value,...`` of CriticConfig (typed as the field)."""
+    """``run`` (the run's critic settings) or ``field=value,...`` of CriticConfig (typed as the field; ``kind=mc``
+    trains the Monte-Carlo critic in place of the run's)."""
     if text == "run":
         return {}
     types = {f.name: type(getattr(CriticConfig(), f.name)) for f in fields(CriticConfig)}
@@ -78,7 +79,10 @@ def probes_for(run: str, agent, cfg, w: float, a) -> QProbes:
 def variant_stages(run: str, cfg, data, over: dict, steps: int):
     """A fresh agent for the run's config with the critic fields ``over`` and ``steps`` steps; the stages before
     its critic loaded from the run (they must be finished there, unchanged by the variant); the critic stage."""
-    vcfg = check_config(replace(cfg, critic=replace(cfg.critic, **over, steps=steps)))
+    try:
+        vcfg = check_config(replace(cfg, critic=replace(cfg.critic, **over, steps=steps)))
+    except ValueError as e:
+        raise SystemExit(f"--variants: {e}") from None
     if vcfg.critic.lr_decay:
         raise SystemExit("--variants: a critic with lr_decay: its learning rate at each count would depend on the "
                          "last count (use lr_decay=false)")
@@ -95,23 +99,40 @@ def variant_stages(run: str, cfg, data, over: dict, steps: int):
     return agent, vcfg, next(s for s in stages if s.name == "critic")
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def probe_arguments(description: str) -> argparse.ArgumentParser:
+    """The arguments this script and scripts/critic_seeds.py share: the run, its probes, --work and --out."""
+    p = argparse.ArgumentParser(description=description)
     p.add_argument("--run", required=True, help="a trained run with a critic (its states, settings and stages)")
     p.add_argument("--scales", nargs="+", type=float, default=[0.0, 10.0], help="guidance scales of the policy")
-    p.add_argument("--steps", nargs="+", type=int, default=[10_000, 20_000, 40_000, 80_000],
-                   help="critic training steps at which it is scored (increasing)")
-    p.add_argument("--variants", nargs="+", default=["run"],
-                   help="'run' (the run's critic settings) or field=value,... changes of them, e.g. hidden=256,batch=256")
     p.add_argument("--episodes", type=int, default=10, help="episodes per scale (reset seeds 100000 + i)")
     p.add_argument("--probe-every", type=int, default=4, help="probe every this many steps of an episode")
     p.add_argument("--horizon", type=int, default=300, help="rollout steps of an exact value (the candidate's included)")
     p.add_argument("--gamma", type=float, default=0.99, help="the exact values' discount (the critics': 0.99)")
-    p.add_argument("--work", default="runs/critic_budget", help="probes and critic checkpoints (resumable)")
+    p.add_argument("--work", default="runs/critic_budget", help="probes, critic checkpoints (resumable)")
     p.add_argument("--out", required=True, help="the CSV to write (its .md table and .png figure beside it)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (these small critics train fastest on "
+                   "one; run a second script on another core)")
+    return p
+
+
+def parse_checked(p: argparse.ArgumentParser, argv):
+    """``p``'s arguments, --out checked to be a CSV path."""
     a = p.parse_args(argv)
     if not a.out.endswith(".csv"):
         p.error(f"--out: expected a .csv path, got {a.out!r}")
+    if a.threads < 1:
+        p.error(f"--threads: expected 1 or more, got {a.threads}")
+    torch.set_num_threads(a.threads)
+    return a
+
+
+def main(argv=None) -> int:
+    p = probe_arguments(__doc__.splitlines()[0])
+    p.add_argument("--steps", nargs="+", type=int, default=[10_000, 20_000, 40_000, 80_000],
+                   help="critic training steps at which it is scored (increasing)")
+    p.add_argument("--variants", nargs="+", default=["run"],
+                   help="'run' (the run's critic settings) or field=value,... changes of them, e.g. hidden=256,batch=256")
+    a = parse_checked(p, argv)
     if any(s < 1 for s in a.steps) or a.steps != sorted(set(a.steps)):
         p.error(f"--steps: expected increasing positive step counts, got {a.steps}")
     try:

@@ -13,7 +13,6 @@ resumes at its last finished member; a rerun skips what the CSV has.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from dataclasses import replace
 from functools import partial
@@ -22,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # critic_budget.py, the probes and stages shared with it
-from critic_budget import probes_for, probes_path, variant_stages  # noqa: E402
+from critic_budget import parse_checked, probe_arguments, probes_for, probes_path, variant_stages  # noqa: E402
 
 from aepo_lite._io import _atomic  # noqa: E402
 from aepo_lite.core.critics import make_critic  # noqa: E402
@@ -33,20 +32,10 @@ from aepo_lite.training import StageStore, run_stage, stage_hash  # noqa: E402
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--run", required=True, help="a trained run with a critic (its states, settings and stages)")
+    p = probe_arguments(__doc__.splitlines()[0])
     p.add_argument("--members", type=int, default=8, help="critics trained, each with its own seed (>= 2)")
     p.add_argument("--steps", type=int, default=None, help="each critic's training steps (default: the run's)")
-    p.add_argument("--scales", nargs="+", type=float, default=[0.0, 10.0], help="guidance scales of the policy")
-    p.add_argument("--episodes", type=int, default=10, help="episodes per scale (reset seeds 100000 + i)")
-    p.add_argument("--probe-every", type=int, default=4, help="probe every this many steps of an episode")
-    p.add_argument("--horizon", type=int, default=300, help="rollout steps of an exact value (the candidate's included)")
-    p.add_argument("--gamma", type=float, default=0.99, help="the exact values' discount (the critics': 0.99)")
-    p.add_argument("--work", default="runs/critic_budget", help="probes, critic checkpoints and Q (resumable)")
-    p.add_argument("--out", required=True, help="the CSV to write (its .md table and .png figure beside it)")
-    a = p.parse_args(argv)
-    if not a.out.endswith(".csv"):
-        p.error(f"--out: expected a .csv path, got {a.out!r}")
+    a = parse_checked(p, argv)
     if a.members < 2:
         p.error(f"--members: expected 2 or more critics to compare, got {a.members}")
     if a.steps is not None and a.steps < 1:

@@ -452,13 +452,13 @@ def test_critic_against_exact_q_on_and_off_the_support(minari_root):
     spec.loader.exec_module(cb)
     out, work = minari_root / "budget.csv", minari_root / "budget"
     args = ["--run", str(minari_root / "aepo"), "--scales", "0", "--episodes", "1", "--probe-every", "5", "--horizon",
-            "3", "--steps", "30", "60", "--variants", "run", "hidden=16,expectile=0.5", "--work", str(work),
+            "3", "--steps", "30", "60", "--variants", "run", "hidden=16,expectile=0.5", "kind=mc", "--work", str(work),
             "--out", str(out)]
     assert cfg.critic.steps == 60 and cb.main(args) == 0
     import csv
     rows = list(csv.DictReader(open(out)))
     assert [(r["variant"], r["steps"], r["group"]) for r in rows] == [
-        (v, s, g) for v in ("run", "hidden=16,expectile=0.5") for s in ("30", "60")
+        (v, s, g) for v in ("run", "hidden=16,expectile=0.5", "kind=mc") for s in ("30", "60")
         for g in ("policy", "spread 1", "spread 3")]
     (probe_file,) = work.glob("probes-*.npz")
     own = q_error_rows(QProbes.load(probe_file), raw_q_fn(agent, data))
@@ -469,9 +469,12 @@ def test_critic_against_exact_q_on_and_off_the_support(minari_root):
     first = out.read_text()
     assert cb.main(args) == 0 and out.read_text() == first
     assert "| t/hopper/medium-v0 | iql | hidden=16,expectile=0.5 | 0 | 30 | 0 |" in out.with_suffix(".md").read_text()
+    assert "| t/hopper/medium-v0 | mc | kind=mc | 0 | 60 | 0 |" in out.with_suffix(".md").read_text()
     out.write_text("".join(first.splitlines(keepends=True)[:1] + first.splitlines(keepends=True)[4:]))
     with pytest.raises(SystemExit, match="delete"):  # the 30-step rows lost, the checkpoint past them
         cb.main(args)
+    with pytest.raises(SystemExit, match="critic.kind"):
+        cb.main(args + ["--variants", "kind=sarsa"])
     for bad in (["--variants", "steps=5"], ["--variants", "width=5"], ["--variants", "layer_norm=yes"],
                 ["--steps", "60", "30"], ["--steps", "0"]):
         with pytest.raises(SystemExit) as e:

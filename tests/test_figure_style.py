@@ -150,11 +150,17 @@ def test_critic_errors_figure_bars_are_the_seeds_means(monkeypatch, tmp_path):
     assert [t.get_text() for t in legend.get_texts()] == ["the exact pick", "the critic's pick", "a coin (0.5)"]
 
 
+def _write_csv(path, columns, rows) -> None:
+    import csv
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, columns)
+        w.writeheader()
+        w.writerows(rows)
+
+
 def test_critic_budget_figure_lines_are_the_csv(monkeypatch, tmp_path):
     """scripts/critic_budget.py's plot, from a CSV written here: a column per candidate group; on top each variant's
     and w's critic-pick gain against its steps (and the exact pick's, thick grey), below its share of right signs."""
-    import csv
-
     import aepo_lite._io as io
     from aepo_lite.rl.diagnostics import CRITIC_BUDGET_COLUMNS, render_critic_budget
     figs = _captured(monkeypatch, io)
@@ -164,10 +170,7 @@ def test_critic_budget_figure_lines_are_the_csv(monkeypatch, tmp_path):
                  horizon=300, gamma=0.99, episodes=2)
             for k, v in enumerate(("run", "hidden=8")) for s in (10, 20, 40) for w in (0.0, 1.0)
             for g in ("spread 1", "policy")]
-    with open(tmp_path / "critic_budget.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, CRITIC_BUDGET_COLUMNS)
-        w.writeheader()
-        w.writerows(rows)
+    _write_csv(tmp_path / "critic_budget.csv", CRITIC_BUDGET_COLUMNS, rows)
     render_critic_budget(tmp_path / "critic_budget.csv", tmp_path)
     (fig,) = figs
     assert [ax.get_title() for ax in fig.axes[:2]] == ["policy", "spread 1"]
@@ -184,8 +187,6 @@ def test_critic_budget_figure_lines_are_the_csv(monkeypatch, tmp_path):
 def test_critic_seeds_figure_lines_are_the_csv(monkeypatch, tmp_path):
     """scripts/critic_seeds.py's plot, from a CSV written here: a panel per candidate group; per w the correlation
     of the mean of n critics against n (log2 axis) and, dashed, the critics' agreement with each other."""
-    import csv
-
     import aepo_lite._io as io
     from aepo_lite.rl.diagnostics import CRITIC_SEEDS_COLUMNS, render_critic_seeds
     figs = _captured(monkeypatch, io)
@@ -193,10 +194,7 @@ def test_critic_seeds_figure_lines_are_the_csv(monkeypatch, tmp_path):
                  actions=10, agree=0.5 + 0.1 * w, alone=0.1, corr=0.1 + 0.01 * n + 0.1 * w, sign_agree=0.5,
                  critic_gain=0.01, oracle_gain=0.05, horizon=300, gamma=0.99, episodes=2)
             for w in (0.0, 1.0) for g in ("spread 1", "policy") for n in (4, 1, 2)]
-    with open(tmp_path / "critic_seeds.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, CRITIC_SEEDS_COLUMNS)
-        w.writeheader()
-        w.writerows(rows)
+    _write_csv(tmp_path / "critic_seeds.csv", CRITIC_SEEDS_COLUMNS, rows)
     render_critic_seeds(tmp_path / "critic_seeds.csv", tmp_path)
     (fig,) = figs
     assert [ax.get_title() for ax in fig.axes[:2]] == ["policy", "spread 1"]

@@ -14,7 +14,7 @@ minari = pytest.importorskip("minari")
 
 from aepo_lite.config import CriticConfig  # noqa: E402
 
-from aepo_lite.core.critics import IQLCritic, InSupportCritic, expectile_loss, insupport_target  # noqa: E402
+from aepo_lite.core.critics import IQLCritic, InSupportCritic, MCCritic, expectile_loss, insupport_target  # noqa: E402
 
 DS = "t/hopper/medium-v0"
 
@@ -82,18 +82,18 @@ def test_critic_updates_soft_target_and_iql_target():
     assert out["target_mean"] == pytest.approx(float(y.mean()), rel=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["iql", "insupport"])
+@pytest.mark.parametrize("kind", ["iql", "insupport", "mc"])
 def test_critic_step_keeps_metrics_on_device_and_matches_update(kind):
     """step() returns 0-d tensors (no host sync in a training loop); update() is the same step read back."""
     B, k, d = 32, 4, 2
     g = torch.Generator().manual_seed(3)
     batch = {"s": torch.randn(B, k, generator=g), "a": torch.rand(B, d, generator=g) * 2 - 1,
              "r": torch.randn(B, generator=g), "s2": torch.randn(B, k, generator=g), "done": torch.zeros(B),
-             "support2": torch.rand(B, 4, d, generator=g) * 2 - 1}
+             "support2": torch.rand(B, 4, d, generator=g) * 2 - 1, "g": torch.randn(B, generator=g)}
     runs = []
     for use_step in (True, False):
         torch.manual_seed(0)
-        c = (IQLCritic if kind == "iql" else InSupportCritic)(k, d, CriticConfig(kind=kind, hidden=16))
+        c = {"iql": IQLCritic, "insupport": InSupportCritic, "mc": MCCritic}[kind](k, d, CriticConfig(kind=kind, hidden=16))
         outs = [c.step(batch) if use_step else c.update(batch) for _ in range(3)]
         runs.append((outs, [p.detach().clone() for p in c.parameters()]))
     (o_step, p_step), (o_upd, p_upd) = runs
@@ -151,6 +151,37 @@ def test_stage_loop_reads_metrics_back_only_when_logging_and_stops_on_nan(tmp_pa
 
 
 # ------------------------------------------------------------------------------- agent
+def test_returns_to_go_by_hand_and_against_episode_returns():
+    """returns_to_go: G_i = r_i + gamma G_{i+1} within an episode, cut where the next transition does not start at
+    this one's next observation (a termination or a timeout); with gamma = 1 an episode's first G is its return."""
+    from aepo_lite.rl.data import returns_to_go
+    # two episodes stored as the loader stores them: rows 0-3 (3 transitions) then rows 4-6 (2 transitions)
+    r = np.array([1.0, 2.0, 4.0, 8.0, 16.0])
+    idx, nxt = np.array([0, 1, 2, 4, 5]), np.array([1, 2, 3, 5, 6])
+    np.testing.assert_allclose(returns_to_go(r, idx, nxt, 0.5), [1 + 0.5 * 2 + 0.25 * 4, 2 + 0.5 * 4, 4, 8 + 8, 16])
+    np.testing.assert_allclose(returns_to_go(r, idx, nxt, 1.0)[[0, 3]], [7.0, 24.0])
+    np.testing.assert_allclose(returns_to_go(r, idx, nxt, 0.0), r)
+    for bad, match in [((r, idx, nxt[:-1], 0.5), "idx"), ((r, idx, nxt, 1.5), "gamma"), ((r, idx, nxt, np.nan), "gamma")]:
+        with pytest.raises(ValueError, match=match):
+            returns_to_go(*bad)
+
+
+def test_mc_critic_regresses_q_and_v_on_the_returns():
+    """The Monte-Carlo critic against a closed form: returns g = 2 s_0 + a_0 + noise with a independent of s, so
+    Q(s, a) = 2 s_0 + a_0 and V(s) = E[g | s] = 2 s_0; after training both are close to these."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    c = MCCritic(3, 2, CriticConfig(kind="mc", hidden=32, lr=3e-3, tau_target=0.05))
+    for _ in range(1500):
+        s, a = torch.randn(256, 3, generator=g), torch.rand(256, 2, generator=g) * 2 - 1
+        c.update({"s": s, "a": a, "g": 2 * s[:, 0] + a[:, 0] + 0.1 * torch.randn(256, generator=g)})
+    s, a = torch.randn(2000, 3, generator=g), torch.rand(2000, 2, generator=g) * 2 - 1
+    with torch.no_grad():
+        q_err = (c.q_fn(s, a) - (2 * s[:, 0] + a[:, 0])).pow(2).mean().sqrt()
+        v_err = (c.v(s) - 2 * s[:, 0]).pow(2).mean().sqrt()
+    assert q_err < 0.1 and v_err < 0.25, (q_err, v_err)  # the returns' std: about 2.1; a V blind to s: 2
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A tiny Hopper-v5 dataset written straight into a temporary Minari root (no policy training)."""
@@ -727,3 +758,25 @@ def test_seeds_trained_together_with_support_actions(tiny, smoke_runs, method):
     with pytest.raises(ValueError, match="stages: seed 0 has no finished behaviour stage in .*; stack 'behaviour'"):
         train_stacked_stages([cfg0, make_config(DS, method, "smoke", seed=1)], tiny / f"empty-cache-{method}",
                              data=data, stages=("support",))
+
+
+def test_mc_critic_runs_end_to_end_and_is_trained_per_seed(tiny):
+    """critic.kind = mc: AEPO trains on the data's returns to go (its label names the critic), resumes as any run,
+    and several seeds train it one by one (no stacked Monte-Carlo critic), each as it trains alone."""
+    from dataclasses import replace
+    from aepo_lite._io import read_json
+    from aepo_lite.rl.agent import estimator_label, load_run, make_config, train, train_seeds
+    from aepo_lite.rl.data import load_minari
+    data, _ = load_minari(DS)
+    cfgs = [make_config(DS, "aepo", "smoke", seed=s) for s in (0, 1)]
+    cfgs = [replace(c, critic=replace(c.critic, kind="mc")) for c in cfgs]
+    assert estimator_label(cfgs[0]).endswith("+mc")
+    dirs = [tiny / "mc" / f"s{s}" for s in (0, 1)]
+    train_seeds(cfgs, dirs, stage_cache=tiny / "mc-cache", data=data, progress=False)
+    agent = load_run(dirs[0])[0]
+    assert isinstance(agent.critic, MCCritic)
+    assert "stacked_seeds" not in read_json(dirs[0] / "train_stats.json")["critic"]
+    alone = tiny / "mc" / "alone-s0"
+    train(cfgs[0], alone, data=data, progress=False, init_behaviour=dirs[0])
+    for x, y in zip(agent.critic.parameters(), load_run(alone)[0].critic.parameters()):
+        assert torch.equal(x, y)

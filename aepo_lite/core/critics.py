@@ -9,6 +9,11 @@ QGPO's in-support softmax Q (Lu et al.), with K actions a'_j ~ mu(.|s') from the
 
     y = r + gamma (1 - done) sum_j softmax_j(beta_Q Q'(s', a'_j)) Q'(s', a'_j)
 
+The Monte-Carlo critic (``mc``; ours, a check on the two above): Q and V of the policy that made the data,
+regressed on the discounted return of the rest of each transition's episode, G (no bootstrapping),
+
+    L_Q = E sum_i (Q_i(s, a) - G)^2,       L_V = E (V(s) - G)^2
+
 Q' is the Polyak-averaged target network (rate ``tau_target``). Networks use smooth
 activations by default: AEPO's first- and second-order expansions differentiate Q in the action
 (``activation="relu"`` is allowed for the uses that only evaluate Q). ``q_fn(s, a) -> (B,)`` is
@@ -18,7 +23,8 @@ what guidance uses.
 loop calls); ``update(batch)`` is the same step with the numbers read back as floats.
 
 batch keys: ``s`` (B, k), ``a`` (B, d), ``r`` (B,), ``s2`` (B, k), ``done`` (B,);
-the in-support critic also needs ``support2`` (B, K, d), actions from mu(.|s').
+the in-support critic also needs ``support2`` (B, K, d), actions from mu(.|s'); the Monte-Carlo critic needs
+only ``s``, ``a`` and ``g`` (B,), the return to go (:func:`aepo_lite.rl.data.returns_to_go`).
 """
 from __future__ import annotations
 
@@ -32,10 +38,10 @@ from aepo_lite.config import CriticConfig
 from aepo_lite.device import adam
 from aepo_lite.core.nets import TwinQ, ValueNet, _twin_from_two_mlps
 
-__all__ = ["expectile_loss", "insupport_target", "IQLCritic", "InSupportCritic", "make_critic",
+__all__ = ["expectile_loss", "insupport_target", "IQLCritic", "InSupportCritic", "MCCritic", "make_critic",
            "CRITICS"]
 
-CRITICS = ("iql", "insupport")
+CRITICS = ("iql", "insupport", "mc")
 
 
 def expectile_loss(u: torch.Tensor, tau: float) -> torch.Tensor:
@@ -184,10 +190,28 @@ class InSupportCritic(_TwinQLearner):
         return {"q_loss": q_loss, "q_mean": q1.mean(), "target_mean": y.mean()}
 
 
+class MCCritic(IQLCritic):
+    """The data policy's twin Q and V regressed on the return to go ``g`` (no bootstrapping; ``gamma`` is the
+    discount ``g`` was computed with). ``update(batch) -> {"v_loss", "q_loss", "q_mean", "v_mean"}``."""
+
+    def step(self, batch: dict) -> dict[str, torch.Tensor]:
+        self._optimizers()
+        s, a, g = batch["s"], batch["a"], batch["g"]
+        v = self.v(s)
+        v_loss = ((v - g) ** 2).mean()
+        self.v_opt.zero_grad(set_to_none=True)
+        v_loss.backward()
+        self.v_opt.step()
+        q_loss, q1 = self._q_step(s, a, g)
+        return {"v_loss": v_loss.detach(), "q_loss": q_loss, "q_mean": q1.mean(), "v_mean": v.detach().mean()}
+
+
 def make_critic(state_dim: int, action_dim: int, cfg: CriticConfig) -> _TwinQLearner:
     """The critic named by ``cfg.kind``."""
     if cfg.kind == "iql":
         return IQLCritic(state_dim, action_dim, cfg)
     if cfg.kind == "insupport":
         return InSupportCritic(state_dim, action_dim, cfg)
+    if cfg.kind == "mc":
+        return MCCritic(state_dim, action_dim, cfg)
     raise ValueError(f"critic: expected one of {CRITICS}, got {cfg.kind!r}")

@@ -37,7 +37,8 @@ from aepo_lite.core.diffusion import SOLVERS, DiffusionModel, FusedGuidedEps, en
 from aepo_lite.core.nets import SMOOTH_ACTIVATIONS, EnergyNet, NoiseNet
 from aepo_lite.core.schedule import VPSchedule
 from aepo_lite.device import compile_limits, compile_mode, compile_module, resolve_device, seed_everything
-from aepo_lite.rl.data import OfflineData, REWARD_SCALINGS, flatten_observation, load_minari, open_minari
+from aepo_lite.rl.data import OfflineData, REWARD_SCALINGS, flatten_observation, load_minari, open_minari, \
+    returns_to_go
 from aepo_lite.rl.evaluation import reference_scores, run_episodes, summarize_returns
 from aepo_lite.training import BehaviourLearner, RunLock, Stage, StageStore, run_stage, stage_hash
 from aepo_lite.training.captured import CapturedLearner, captured_stage
@@ -383,15 +384,22 @@ def build_stages(cfg: TrainConfig, agent: Agent, T: dict, device: torch.device) 
                             lambda g: {"generator": g}, upstream=(up["behaviour"],), seed=seed(1)))
         up["support"] = stage_hash(stages[-1])
 
+    kind = critic_kind(cfg)
+    if kind == "mc":  # the return to go of each transition, computed once (the rewards as the critic sees them)
+        T = dict(T, g=torch.as_tensor(returns_to_go(T["r"].cpu().numpy(), T["idx"].cpu().numpy(),
+                                                    T["next_idx"].cpu().numpy(), cfg.critic.gamma),
+                                      dtype=torch.float32, device=device))
+
     def critic_batch(g):
         i = draw(g, cfg.critic.batch)
+        if kind == "mc":
+            return {"s": T["obs"][T["idx"][i]], "a": T["a"][i], "g": T["g"][i]}
         out = {"s": T["obs"][T["idx"][i]], "a": T["a"][i], "r": T["r"][i], "s2": T["obs"][T["next_idx"][i]],
                "done": T["done"][i]}
         if "support" in held:
             out["support2"] = held["support"].support[T["next_idx"][i]]
         return out
 
-    kind = critic_kind(cfg)
     stages.append(Stage("critic", {"data": dict(data, reward_scaling=cfg.reward_scaling),
                                    "critic": replace(cfg.critic, kind=kind)}, cfg.critic.steps, lambda: agent.critic,
                         critic_batch, upstream=(up["support"],) if kind == "insupport" else (), seed=seed(2),
@@ -626,15 +634,15 @@ def train_stacked_in_runs(cfgs: list[TrainConfig], run_dirs: list, stage: str, *
     earlier stages (``train(..., until=stage)`` first): the critics as one :class:`StackedCritic` (IQL or
     in-support: each seed's batches read its own support actions), the energy networks as one
     :class:`StackedEnergyLearner` (each seed's learner computes its own targets from its own behaviour model,
-    support actions and critic). A seed's critic checkpoint goes into ``stage_cache`` (its run copies it from
+    support actions and critic; a Monte-Carlo critic is left to ``train``). A seed's critic checkpoint goes into ``stage_cache`` (its run copies it from
     there, as any shared stage), its energy checkpoint into its run; the stacked one lives in ``stage_cache``
     while it trains (resumable). Seeds whose stage is already there (or started alone) are left to ``train``.
     Returns ``{seed: stats}`` of the seeds trained here."""
     from aepo_lite.training.stacked import StackedBatches, StackedCritic, StackedEnergyLearner, StackedQ
     if stage not in ("critic", "energy"):
         raise ValueError(f"stage: expected 'critic' or 'energy', got {stage!r}")
-    if cfgs[0].method == "bc":
-        return {}
+    if cfgs[0].method == "bc" or (stage == "critic" and critic_kind(cfgs[0]) == "mc"):
+        return {}  # no critic; the Monte-Carlo critic, trained per seed by ``train``
     device = resolve_device(cfgs[0].device)
     cache = StageStore(Path(stage_cache), keyed=True)
     mean, std = data.obs_stats()

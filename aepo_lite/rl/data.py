@@ -37,7 +37,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-__all__ = ["OfflineData", "load_minari", "from_episodes", "REWARD_SCALINGS",
+__all__ = ["OfflineData", "load_minari", "from_episodes", "returns_to_go", "REWARD_SCALINGS",
            "LOCOMOTION_TASKS", "check_dataset_id", "dataset_dir", "check_return_span"]
 
 # Minari's dataset id grammar (minari.dataset.minari_dataset.DATASET_ID_RE), with the namespace
@@ -121,6 +121,25 @@ class OfflineData:
                 "a": torch.as_tensor(self.actions, dtype=torch.float32, device=device),
                 "r": torch.as_tensor(self.scaled_rewards(), dtype=torch.float32, device=device),
                 "done": torch.as_tensor(self.terminals, dtype=torch.float32, device=device)}
+
+
+def returns_to_go(rewards, idx, next_idx, gamma: float) -> np.ndarray:
+    """The discounted return of the rest of each transition's episode, G_i = r_i + gamma G_{i+1} (N,), float64:
+    what the ``mc`` critic regresses on. Transitions are stored episode by episode (as :func:`from_episodes` and
+    the Minari loader store them); an episode ends where the next transition does not start at this one's next
+    observation (a termination or a timeout alike: at a timeout the return is cut there, not bootstrapped)."""
+    r, idx, nxt = (np.asarray(x) for x in (rewards, idx, next_idx))
+    if not (r.shape == idx.shape == nxt.shape and r.ndim == 1):
+        raise ValueError(f"rewards, idx, next_idx: expected three (N,) arrays, got {r.shape}, {idx.shape}, {nxt.shape}")
+    if not (np.isfinite(gamma) and 0 <= gamma <= 1):
+        raise ValueError(f"gamma: expected a discount in [0, 1], got {gamma!r}")
+    cont = np.zeros(r.shape, bool)
+    cont[:-1] = nxt[:-1] == idx[1:]
+    g, acc = np.empty(r.shape, np.float64), 0.0
+    for i in range(r.size - 1, -1, -1):
+        acc = float(r[i]) + (gamma * acc if cont[i] else 0.0)
+        g[i] = acc
+    return g
 
 
 def check_return_span(dataset_id: str, returns: np.ndarray) -> float:

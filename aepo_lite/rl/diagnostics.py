@@ -95,6 +95,27 @@ def gradient_table(rows) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _pyplot():
+    """matplotlib's pyplot on the Agg backend (files only, no display)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _save_plot(fig, out: Path) -> Path:
+    """``fig`` saved atomically to ``out``, then closed."""
+    from aepo_lite._io import atomic_save_figure
+    atomic_save_figure(out, fig)
+    _pyplot().close(fig)
+    return out
+
+
+def _groups(rows) -> list[str]:
+    """The candidate groups of critic rows, the policy's own first."""
+    return sorted({r["group"] for r in rows}, key=lambda g: (g != "policy", g))
+
+
 def _csv_rows(csv_path) -> list[dict]:
     """A diagnostic CSV's rows (dicts of strings)."""
     import csv
@@ -360,10 +381,7 @@ def render_support_oracle(csv_path, figures_dir) -> list[Path]:
 
 
 def _plot_support_oracle(csv_path: Path, rl_csv: Path) -> Path:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from aepo_lite._io import atomic_save_figure
+    plt = _pyplot()
     rows = _csv_rows(csv_path)
     datasets = sorted({r["dataset"] for r in rows})
     refs = {}
@@ -400,10 +418,7 @@ def _plot_support_oracle(csv_path: Path, rl_csv: Path) -> Path:
         ax.set_ylabel("normalised score (+- std over episodes)")
         ax.set_title(f"{ds}: the best of N by the true return", fontsize=10)
         ax.legend(fontsize=7, loc="best")
-    out = csv_path.with_suffix(".png")
-    atomic_save_figure(out, fig)
-    plt.close(fig)
-    return out
+    return _save_plot(fig, csv_path.with_suffix(".png"))
 
 
 SUPPORT_SPREAD_COLUMNS = ("dataset", "run", "label", "seed", "guidance_scale", "episodes", "steps", "noise", "z_rms",
@@ -503,10 +518,7 @@ def render_critic_errors(csv_path, figures_dir) -> list[Path]:
 
 def _plot_critic_errors(csv_path: Path) -> Path:
     import statistics
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from aepo_lite._io import atomic_save_figure
+    plt = _pyplot()
     rows = _csv_rows(csv_path)
     panels = sorted({(r["dataset"], r["label"], r["critic"], critic_errors_reference(r)) for r in rows})
     fig, axes = plt.subplots(2, len(panels), figsize=(5.6 * len(panels), 6.4), squeeze=False, sharey="row",
@@ -536,10 +548,7 @@ def _plot_critic_errors(csv_path: Path) -> Path:
     handles, labels = axes[0, 0].get_legend_handles_labels()
     h2, l2 = axes[1, 0].get_legend_handles_labels()
     fig.legend(handles + h2, labels + l2, loc="outside lower center", ncol=3, fontsize=8)
-    out = csv_path.with_suffix(".png")
-    atomic_save_figure(out, fig)
-    plt.close(fig)
-    return out
+    return _save_plot(fig, csv_path.with_suffix(".png"))
 
 
 def raw_q_fn(agent, data):
@@ -580,7 +589,7 @@ def critic_budget_table(rows) -> str:
     for r in rows:
         key = (r["dataset"], r["critic"], r["variant"], int(r["seed"]), int(r["steps"]), float(r["guidance_scale"]))
         cells.setdefault(key, {})[r["group"]] = r
-    groups = sorted({r["group"] for r in rows}, key=lambda g: (g != "policy", g))
+    groups = _groups(rows)
     lines = ["| dataset | critic | variant | seed | steps | w | " + " | ".join(
         f"{g}: sign right | corr | gain / best" for g in groups) + " |",
         "|---|---|---|---:|---:|---:|" + "---:|---:|---:|" * len(groups)]
@@ -605,12 +614,9 @@ def render_critic_budget(csv_path, figures_dir) -> list[Path]:
 
 
 def _plot_critic_budget(csv_path: Path) -> Path:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from aepo_lite._io import atomic_save_figure
+    plt = _pyplot()
     rows = _csv_rows(csv_path)
-    groups = sorted({r["group"] for r in rows}, key=lambda g: (g != "policy", g))
+    groups = _groups(rows)
     lines = sorted({(r["variant"], float(r["guidance_scale"])) for r in rows})
     variants, scales = sorted({v for v, _ in lines}), sorted({w for _, w in lines})
     fig, axes = plt.subplots(2, len(groups), figsize=(4.6 * len(groups), 6.4), squeeze=False, sharex=True,
@@ -640,10 +646,7 @@ def _plot_critic_budget(csv_path: Path) -> Path:
     handles, labels = axes[0, 0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside lower center", ncol=min(4, len(labels)), fontsize=8)
     fig.suptitle(f"{rows[0]['dataset']}: the critic's ranking of actions against its training budget", fontsize=10)
-    out = csv_path.with_suffix(".png")
-    atomic_save_figure(out, fig)
-    plt.close(fig)
-    return out
+    return _save_plot(fig, csv_path.with_suffix(".png"))
 
 
 CRITIC_SEEDS_COLUMNS = ("dataset", "run", "critic", "steps", "guidance_scale", "group", "members", "probes", "actions",
@@ -704,7 +707,7 @@ def critic_seeds_table(rows) -> str:
     for r in rows:
         key = (r["dataset"], r["critic"], int(r["steps"]), float(r["guidance_scale"]), int(r["members"]))
         cells.setdefault(key, {})[r["group"]] = r
-    groups = sorted({r["group"] for r in rows}, key=lambda g: (g != "policy", g))
+    groups = _groups(rows)
     lines = ["| dataset | critic | steps | w | critics averaged | " + " | ".join(
         f"{g}: critics agree | each alone | corr | sign right | gain / best" for g in groups) + " |",
         "|---|---|---:|---:|---:|" + "---:|---:|---:|---:|---:|" * len(groups)]
@@ -728,12 +731,9 @@ def render_critic_seeds(csv_path, figures_dir) -> list[Path]:
 
 
 def _plot_critic_seeds(csv_path: Path) -> Path:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from aepo_lite._io import atomic_save_figure
+    plt = _pyplot()
     rows = _csv_rows(csv_path)
-    groups = sorted({r["group"] for r in rows}, key=lambda g: (g != "policy", g))
+    groups = _groups(rows)
     scales = sorted({float(r["guidance_scale"]) for r in rows})
     fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 3.8), squeeze=False, sharey=True,
                              layout="constrained")
@@ -754,7 +754,4 @@ def _plot_critic_seeds(csv_path: Path) -> Path:
     handles, labels = axes[0, 0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside lower center", ncol=2, fontsize=8)
     fig.suptitle(f"{rows[0]['dataset']}: critics that differ only in their seed", fontsize=10)
-    out = csv_path.with_suffix(".png")
-    atomic_save_figure(out, fig)
-    plt.close(fig)
-    return out
+    return _save_plot(fig, csv_path.with_suffix(".png"))

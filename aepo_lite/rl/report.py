@@ -57,7 +57,8 @@ def _result_files(paths) -> list[Path]:
 def _critic_of(res: dict) -> str:
     """The critic a results file's run trained: named in its label (``qgpo+iql``), else the method's default."""
     label, method = str(res["label"]), str(res["method"])
-    for kind in ("iql", "insupport"):
+    from aepo_lite.core.critics import CRITICS
+    for kind in CRITICS:
         if label.endswith(f"+{kind}"):
             return kind
     from aepo_lite.rl.agent import default_critic

@@ -226,7 +226,7 @@ class StackedCritic:
         if not critics:
             raise ValueError("seeds: a stacked run needs at least one critic")
         kinds = {type(c) for c in critics}
-        if len(kinds) > 1 or not issubclass(next(iter(kinds)), (IQLCritic, InSupportCritic)):
+        if len(kinds) > 1 or next(iter(kinds)) not in (IQLCritic, InSupportCritic):  # not subclasses (mc)
             raise ValueError(f"critic: a stacked run needs critics of one kind (IQLCritic or InSupportCritic), got "
                              f"{sorted(k.__name__ for k in kinds)}")
         cfg = critics[0].cfg
