@@ -131,6 +131,12 @@ def atomic_write_json(path, obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_default) + "\n")
 
 
+def atomic_save_npz(path, **arrays) -> Path:
+    """``np.savez`` of ``arrays`` written atomically."""
+    import numpy as np
+    return _atomic(path, lambda f: np.savez(f, **arrays))
+
+
 def atomic_torch_save(path, obj: Any) -> Path:
     """``torch.save`` written atomically (a killed run never leaves a half checkpoint)."""
     return _atomic(path, lambda f: torch.save(obj, f))

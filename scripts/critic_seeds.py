@@ -23,7 +23,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # critic_budget.py, the probes and stages shared with it
 from critic_budget import parse_checked, probe_arguments, probes_for, probes_path, variant_stages  # noqa: E402
 
-from aepo_lite._io import _atomic  # noqa: E402
+from aepo_lite._io import atomic_save_npz  # noqa: E402
 from aepo_lite.core.critics import make_critic  # noqa: E402
 from aepo_lite.rl.agent import critic_kind, load_run  # noqa: E402
 from aepo_lite.rl.diagnostics import CRITIC_SEEDS_COLUMNS, critic_seed_rows, existing_rows, raw_q_fn, \
@@ -96,7 +96,7 @@ def member_q(a, cfg, data, steps: int, m: int, probes: dict) -> dict:
     for w, pr in probes.items():
         P, C, d = pr.actions.shape
         out[w] = q(np.repeat(pr.obs, C, 0), pr.actions.reshape(P * C, d))
-    _atomic(path, lambda f: np.savez(f, **held, **{names[w]: v for w, v in out.items()}))
+    atomic_save_npz(path, **held, **{names[w]: v for w, v in out.items()})
     return out
 
 

@@ -588,13 +588,10 @@ class QProbes:
 
     def save(self, path) -> None:
         """One ``.npz`` (written atomically): the arrays, and the rest as JSON."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp.npz")
+        from aepo_lite._io import atomic_save_npz
         info = {"groups": [[g, idx.tolist()] for g, idx in self.groups], "noise": self.noise, "points": self.points,
                 "meta": self.meta}
-        np.savez(tmp, obs=self.obs, actions=self.actions, q_true=self.q_true, info=np.array(json.dumps(info)))
-        os.replace(tmp, path)
+        atomic_save_npz(path, obs=self.obs, actions=self.actions, q_true=self.q_true, info=np.array(json.dumps(info)))
 
     @classmethod
     def load(cls, path) -> "QProbes":
