@@ -309,9 +309,16 @@ else:
 #   critic ranks actions much better than a coin, on the support or off it: the advantages to rank are hundredths of a
 #   point a step and the critics' errors 1.4-5.3 times that. The critic is the part of the error budget at fault.
 #   Training it 4x longer, 4x wider at 4x the batch, or with expectile 0.5 does not change that (seed 5: right signs
-#   0.49-0.58, `figures/rl_6c_big/critic_budget.md`).
+#   0.49-0.58, `figures/rl_6c_big/critic_budget.md`), and neither does a critic regressed on the data's Monte-Carlo
+#   returns (`critic.kind = mc`, ours: signs 0.50-0.56 on the candidates around mu(s)); AEPO steered by it scores
+#   62.7 at best (w = 3, seeds 5-7), about BC + 0.8, and falls apart at w = 10. Eight critics trained alike but
+#   for their seed agree with each other (correlation 0.23-0.60 of their advantages) more than one of them agrees
+#   with the exact values (0.01-0.25), and their mean ranks no better than one (`figures/rl_6c_big/critic_seeds.md`):
+#   the critics' error is shared, not a matter of the seed, so an ensemble of seeds does not fix it.
 #
 #   ![critic_budget.png](../figures/rl_6c_big/critic_budget.png)
+#
+#   ![critic_seeds.png](../figures/rl_6c_big/critic_seeds.png)
 #
 #   ![critic_errors.png](../figures/rl_6c_big/critic_errors.png)
 #
