@@ -634,10 +634,10 @@ def train_stacked_in_runs(cfgs: list[TrainConfig], run_dirs: list, stage: str, *
     earlier stages (``train(..., until=stage)`` first): the critics as one :class:`StackedCritic` (IQL or
     in-support: each seed's batches read its own support actions), the energy networks as one
     :class:`StackedEnergyLearner` (each seed's learner computes its own targets from its own behaviour model,
-    support actions and critic; a Monte-Carlo critic is left to ``train``). A seed's critic checkpoint goes into ``stage_cache`` (its run copies it from
-    there, as any shared stage), its energy checkpoint into its run; the stacked one lives in ``stage_cache``
-    while it trains (resumable). Seeds whose stage is already there (or started alone) are left to ``train``.
-    Returns ``{seed: stats}`` of the seeds trained here."""
+    support actions and critic; a Monte-Carlo critic is left to ``train``). A seed's critic checkpoint goes into
+    ``stage_cache`` (its run copies it from there, as any shared stage), its energy checkpoint into its run; the
+    stacked one lives in ``stage_cache`` while it trains (resumable). Seeds whose stage is already there (or started
+    alone) are left to ``train``. Returns ``{seed: stats}`` of the seeds trained here."""
     from aepo_lite.training.stacked import StackedBatches, StackedCritic, StackedEnergyLearner, StackedQ
     if stage not in ("critic", "energy"):
         raise ValueError(f"stage: expected 'critic' or 'energy', got {stage!r}")
