@@ -661,8 +661,8 @@ CRITIC_SEEDS_HEADER = (
     "two of the M critics; `each alone`, the mean correlation of one critic with the exact values; then the mean of "
     "the first n critics' Q taken as one critic: its correlation with the exact values, its `sign right` (0.5: a "
     "coin) and `gain`, the exact advantage of its pick among mu(s) and the group, per state, in points, beside the "
-    "exact pick's (`best`). Critics that agree with each other far more than with the exact values err alike: the "
-    "error is set by the data and the training target, not by the seed, and averaging seeds cannot remove it. "
+    "exact pick's (`best`). Whatever error the critics share, averaging them cannot remove; critics that agree with "
+    "each other more than with the exact values have such a shared part. "
     "Measured by `scripts/critic_seeds.py` into `critic_seeds.csv`.\n\n")
 
 
