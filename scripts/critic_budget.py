@@ -76,6 +76,16 @@ def probes_for(run: str, agent, cfg, w: float, a) -> QProbes:
     return probes
 
 
+def fresh_critic_stage(vcfg, data):
+    """A fresh agent for ``vcfg`` on ``data`` (made under its seed, as train() makes it) and its critic stage."""
+    seed_everything(vcfg.seed)  # as train() does before the agent's networks are made
+    mean, std = data.obs_stats()
+    agent = Agent(vcfg, data.state_dim, data.action_dim, mean, std, data.action_low, data.action_high,
+                  torch.device("cpu"))
+    stages = build_stages(vcfg, agent, data.tensors(torch.device("cpu")), torch.device("cpu"))
+    return agent, stages
+
+
 def variant_stages(run: str, cfg, data, over: dict, steps: int):
     """A fresh agent for the run's config with the critic fields ``over`` and ``steps`` steps; the stages before
     its critic loaded from the run (they must be finished there, unchanged by the variant); the critic stage."""
@@ -86,11 +96,7 @@ def variant_stages(run: str, cfg, data, over: dict, steps: int):
     if vcfg.critic.lr_decay:
         raise SystemExit("--variants: a critic with lr_decay: its learning rate at each count would depend on the "
                          "last count (use lr_decay=false)")
-    seed_everything(vcfg.seed)  # as train() does before the agent's networks are made
-    mean, std = data.obs_stats()
-    agent = Agent(vcfg, data.state_dim, data.action_dim, mean, std, data.action_low, data.action_high,
-                  torch.device("cpu"))
-    stages = build_stages(vcfg, agent, data.tensors(torch.device("cpu")), torch.device("cpu"))
+    agent, stages = fresh_critic_stage(vcfg, data)
     store = StageStore(Path(run) / "checkpoints")
     for st in stages[:[s.name for s in stages].index("critic")]:
         if not store.is_complete(st.name, stage_hash(st)):
@@ -152,9 +158,14 @@ def main(argv=None) -> int:
     return 0
 
 
-def train_and_score(a, name: str, over: dict, cfg, data, probes: dict, rows: list[dict]) -> list[dict]:
+def train_and_score(a, name: str, over: dict, cfg, data, probes: dict, rows: list[dict], *, make=None,
+                    extra: dict | None = None, columns=CRITIC_BUDGET_COLUMNS, render=render_critic_budget) -> list[dict]:
     """One variant: its critic stage trained to the last step count (checkpoints in --work, at every count's
-    greatest common divisor, so a killed run resumes there), scored at each count its rows lack."""
+    greatest common divisor, so a killed run resumes there), scored at each count its rows lack.
+
+    ``make(steps) -> (agent, vcfg, stage, data)`` builds the variant's critic stage (default: the run's critic
+    with the fields ``over``, on the run's data); ``extra`` adds columns to its rows (``columns``, rendered by
+    ``render``; scripts/critic_data.py's)."""
     def key(run, variant, steps, w, episodes, horizon, gamma):
         return run, variant, int(steps), round(float(w), 9), int(episodes), int(horizon), round(float(gamma), 9)
     done = {key(r["run"], r["variant"], r["steps"], r["guidance_scale"], r["episodes"], r["horizon"], r["gamma"])
@@ -165,7 +176,10 @@ def train_and_score(a, name: str, over: dict, cfg, data, probes: dict, rows: lis
     if not any(missing(s) for s in a.steps):
         print(f"skip {name}: every step count in the CSV")
         return rows
-    agent, vcfg, stage = variant_stages(a.run, cfg, data, over, max(a.steps))
+    if make is None:
+        agent, vcfg, stage = variant_stages(a.run, cfg, data, over, max(a.steps))
+    else:
+        agent, vcfg, stage, data = make(max(a.steps))
     store = StageStore(Path(a.work) / "critics", keyed=True)
     ck = store.load("critic", stage_hash(stage))
     count = {"done": 0 if ck is None else ck["step"]}
@@ -181,12 +195,12 @@ def train_and_score(a, name: str, over: dict, cfg, data, probes: dict, rows: lis
         for w in todo:
             for r in q_error_rows(probes[w], raw_q_fn(agent, data)):
                 row = {"dataset": cfg.dataset, "run": a.run, "critic": critic_kind(vcfg), "variant": name,
-                       "seed": cfg.seed, "steps": steps, "guidance_scale": w, **r}
-                rows.append({k: row[k] for k in CRITIC_BUDGET_COLUMNS})
+                       "seed": cfg.seed, "steps": steps, "guidance_scale": w, **(extra or {}), **r}
+                rows.append({k: row[k] for k in columns})
                 print(f"{name} {steps} steps w={w:g} {r['group']}: sign right {r['sign_agree']:.2f}, corr "
                       f"{r['corr']:.2f}, gain {r['critic_gain']:.3f} of {r['oracle_gain']:.3f}", flush=True)
             done.add(key(a.run, name, steps, w, a.episodes, a.horizon, a.gamma))
-        write_csv_and_table(a.out, rows, CRITIC_BUDGET_COLUMNS, render_critic_budget)
+        write_csv_and_table(a.out, rows, columns, render)
 
     def before_step():  # called before each step: count["done"] steps are behind the critic
         if count["done"] in a.steps:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -87,6 +88,28 @@ def test_reward_conventions_and_action_box():
     assert from_episodes("D4RL/door/human-v2", eps, [0, 2], [1, 3]).reward_scaling == "none"
     with pytest.raises(ValueError, match="reward_scaling"):
         from_episodes("x", eps, [0, 2], [1, 3], reward_scaling="bogus")
+
+
+def test_take_episodes_is_the_dataset_of_those_episodes():
+    """take_episodes(which) against from_episodes on the same episodes in that order: every array equal, the
+    locomotion factor the subset's own; bad indices named."""
+    rng = np.random.default_rng(3)
+    eps = _episodes(rng, lengths=(5, 7, 4, 6), terminated=(True, False, True, False))
+    eps[2]["rewards"] = eps[2]["rewards"] + 3.0  # returns spread differently in the subset
+    full = from_episodes("local/hopper/medium-v0", eps, -np.ones(3), np.ones(3))
+    for which in ([2, 0], [0, 1, 2, 3], [1, 3, 2]):
+        sub = full.take_episodes(np.array(which))
+        ref = from_episodes("local/hopper/medium-v0", [eps[i] for i in which], -np.ones(3), np.ones(3))
+        for f in ("obs_rows", "idx", "next_idx", "actions", "rewards", "terminals", "timeouts", "episode_returns"):
+            np.testing.assert_array_equal(getattr(sub, f), getattr(ref, f), err_msg=f"{which} {f}")
+        assert sub.n_episodes == len(which) and sub.reward_scaling == "locomotion"
+        assert sub.reward_factor() == pytest.approx(ref.reward_factor())
+    for bad, match in [(np.array([], int), "non-empty"), ([0, 0], "repeated"), ([4], r"\[0, 4\)"),
+                       ([-1], r"\[0, 4\)"), ([0.0], "indices")]:
+        with pytest.raises(ValueError, match=match):
+            full.take_episodes(bad)
+    with pytest.raises(ValueError, match="same return"):  # one episode: no spread for the locomotion scaling
+        full.take_episodes(np.array([1]))
 
 
 def test_bad_data_is_named():
@@ -509,6 +532,46 @@ def test_critic_against_exact_q_on_and_off_the_support(minari_root):
         assert e.value.code == 2
     with pytest.raises(SystemExit, match="no critic"):
         cs.main(["--run", str(minari_root / "bc"), "--out", str(out)])
+    # the data script: the run's critic stage on nested episode subsets; all episodes reproduce the run's critic;
+    # a larger dataset of the same recipe is accepted, another recipe's refused; bad input named
+    spec = importlib.util.spec_from_file_location("critic_data", Path(__file__).resolve().parents[1] / "scripts"
+                                                  / "critic_data.py")
+    cd = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cd)
+    E = data.n_episodes
+    out = minari_root / "data.csv"
+    args = ["--run", str(minari_root / "aepo"), "--scales", "0", "--episodes", "1", "--probe-every", "5", "--horizon",
+            "3", "--steps", "60", "--work", str(work), "--out", str(out)]
+    assert cd.main(args + ["--train-episodes", "3", str(E)]) == 0
+    rows = list(csv.DictReader(open(out)))
+    assert [(r["train_episodes"], r["group"]) for r in rows] == [(n, g) for n in ("3", str(E))
+                                                                 for g in ("policy", "spread 1", "spread 3")]
+    assert int(rows[0]["transitions"]) < int(rows[3]["transitions"]) == data.n
+    for r, o in zip(rows[3:], own):  # every episode: the run's data, the run's critic
+        for k in ("corr", "sign_agree", "critic_adv", "critic_gain"):
+            assert float(r[k]) == pytest.approx(o[k], abs=1e-9)
+    assert rows[0]["critic_adv"] != rows[3]["critic_adv"]
+    first = out.read_text()
+    assert cd.main(args + ["--train-episodes", "3", str(E)]) == 0 and out.read_text() == first
+    assert f"| t/hopper/medium-v0 | 3 | {rows[0]['transitions']} | iql | 60 | 0 |" in out.with_suffix(".md").read_text()
+    make_dataset(replace(recipe, steps=400, name="t/hopper-big/medium-v0"), progress=False)
+    big = ["--dataset", "t/hopper-big/medium-v0", "--train-episodes", str(E + 2)]
+    assert cd.main(args + big) == 0
+    (last,) = [r for r in csv.DictReader(open(out)) if r["train_dataset"] == "t/hopper-big/medium-v0"][-1:]
+    assert int(last["train_episodes"]) == E + 2 and int(last["transitions"]) > data.n
+    assert cd.main(args + ["--train-episodes", "3", "--critic-kind", "mc"]) == 0  # another kind, the same probes
+    mc = [r for r in csv.DictReader(open(out)) if r["critic"] == "mc"]
+    assert [(r["train_episodes"], r["variant"]) for r in mc] == [("3", "t/hopper/medium-v0:3:mc")] * 3
+    assert [r["critic_adv"] for r in mc] != [r["critic_adv"] for r in rows[:3]]
+    with pytest.raises(SystemExit, match="quality"):  # collected by another policy
+        cd.main(args + ["--dataset", "t/hopper/random-v0", "--train-episodes", "3"])
+    for bad in (["--train-episodes", "1"], ["--train-episodes", "5", "3"], ["--train-episodes", str(E + 1)],
+                ["--train-episodes", "3", "--steps", "0"], ["--out", str(minari_root / "data.txt")]):
+        with pytest.raises(SystemExit) as e:
+            cd.main(args + bad)
+        assert e.value.code == 2
+    with pytest.raises(SystemExit, match="no critic"):
+        cd.main(["--run", str(minari_root / "bc"), "--train-episodes", "3", "--out", str(out)])
     # the spread script on the same runs, through the same per-run CSV loop: the data's row once, then a row per run
     spec = importlib.util.spec_from_file_location("support_spread", Path(__file__).resolve().parents[1] / "scripts"
                                                   / "support_spread.py")

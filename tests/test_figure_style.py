@@ -184,6 +184,30 @@ def test_critic_budget_figure_lines_are_the_csv(monkeypatch, tmp_path):
     assert (tmp_path / "critic_budget.md").exists()
 
 
+def test_critic_data_figure_lines_are_the_csv(monkeypatch, tmp_path):
+    """scripts/critic_data.py's plot, from a CSV written here: a column per candidate group; per step count and w
+    the critic's share of right signs (top) and correlation (bottom) against its training transitions (log axis)."""
+    import aepo_lite._io as io
+    from aepo_lite.rl.diagnostics import CRITIC_DATA_COLUMNS, render_critic_data
+    figs = _captured(monkeypatch, io)
+    rows = [dict(dataset="d", run="r", critic="iql", variant=f"big:{e}", seed=5, steps=s, guidance_scale=w, group=g,
+                 probes=10, actions=10, true_adv=0.0, critic_adv=0.0, err_rms=0.1, corr=0.001 * e + 0.1 * w,
+                 sign_agree=0.5 + 0.0001 * s + 0.001 * e, critic_gain=0.01, oracle_gain=0.05, horizon=300, gamma=0.99,
+                 episodes=2, train_dataset="big", train_episodes=e, transitions=100 * e)
+            for e in (40, 10, 20) for s in (10, 20) for w in (0.0, 1.0) for g in ("spread 1", "policy")]
+    _write_csv(tmp_path / "critic_data.csv", CRITIC_DATA_COLUMNS, rows)
+    render_critic_data(tmp_path / "critic_data.csv", tmp_path)
+    (fig,) = figs
+    assert [ax.get_title() for ax in fig.axes[:2]] == ["policy", "spread 1"]
+    top = {line.get_gid(): line for line in fig.axes[1].get_lines() if line.get_gid()}
+    bottom = {line.get_gid(): line for line in fig.axes[3].get_lines() if line.get_gid()}
+    assert list(top["sign iql 20 w=1"].get_xdata()) == [1000, 2000, 4000]
+    assert list(top["sign iql 20 w=1"].get_ydata()) == pytest.approx([0.512, 0.522, 0.542])
+    assert list(bottom["corr iql 10 w=1"].get_ydata()) == pytest.approx([0.11, 0.12, 0.14])
+    assert fig.axes[3].get_xscale() == "log"
+    assert "| big | 10 | 1000 | iql | 10 | 0 |" in (tmp_path / "critic_data.md").read_text()
+
+
 def test_critic_seeds_figure_lines_are_the_csv(monkeypatch, tmp_path):
     """scripts/critic_seeds.py's plot, from a CSV written here: a panel per candidate group; per w the correlation
     of the mean of n critics against n (log2 axis) and, dashed, the critics' agreement with each other."""

@@ -227,6 +227,26 @@ def test_critic_budget_table_one_line_per_variant_steps_and_scale():
         "| local/h/m-v0 | iql | run | 5 | 20 | 0 | 0.60 | 0.20 | 0.010 / 0.030 | 0.55 | 0.10 | 0.004 / 0.020 |"]
 
 
+def test_critic_data_table_one_line_per_data_size_steps_and_scale():
+    """scripts/critic_data.py's table, by hand: a line per training dataset, episodes (numerically sorted), critic,
+    steps and w, the policy group first, a group missing from a line left blank."""
+    from aepo_lite.rl.diagnostics import critic_data_table
+    base = dict(dataset="local/h/m-v0", run="r", critic="iql", seed=5, guidance_scale=0.0, train_dataset="local/b/m-v0")
+
+    def row(eps, steps, group, s, c, g, b):
+        return dict(base, train_episodes=eps, transitions=100 * eps, steps=steps, group=group, sign_agree=s, corr=c,
+                    critic_gain=g, oracle_gain=b)
+    rows = [row(100, 20, "spread 1", 0.55, 0.1, 0.004, 0.02), row(100, 20, "policy", 0.6, 0.2, 0.01, 0.03),
+            row(20, 20, "policy", 0.5, -0.1, -0.002, 0.03), row(20, 20, "spread 1", 0.45, 0.0, 0.0, 0.02),
+            row(100, 10, "policy", 0.7, 0.3, 0.02, 0.03)]
+    lines = critic_data_table(rows).splitlines()
+    assert lines[0].startswith("| train data | episodes | transitions | critic | steps | w | policy: sign right |")
+    assert lines[2:] == [
+        "| local/b/m-v0 | 20 | 2000 | iql | 20 | 0 | 0.50 | -0.10 | -0.002 / 0.030 | 0.45 | 0.00 | 0.000 / 0.020 |",
+        "| local/b/m-v0 | 100 | 10000 | iql | 10 | 0 | 0.70 | 0.30 | 0.020 / 0.030 |  |  |  |",
+        "| local/b/m-v0 | 100 | 10000 | iql | 20 | 0 | 0.60 | 0.20 | 0.010 / 0.030 | 0.55 | 0.10 | 0.004 / 0.020 |"]
+
+
 def test_critic_seeds_table_one_line_per_scale_and_number_averaged():
     """scripts/critic_seeds.py's table, by hand: a line per dataset, critic, steps, w and critics averaged (sorted),
     the policy group first; per group the agreement, one critic alone, and the average's corr, signs and gain."""

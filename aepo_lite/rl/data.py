@@ -30,7 +30,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
@@ -106,6 +106,45 @@ class OfflineData:
         if self.reward_scaling == "antmaze":
             return (self.rewards - 1.0).astype(np.float32)
         return self.rewards.astype(np.float32)
+
+    @property
+    def n_episodes(self) -> int:
+        return int(self.episode_returns.shape[0])
+
+    def take_episodes(self, which) -> "OfflineData":
+        """The dataset made of episodes ``which`` (indices into its episodes, in that order, each once): their
+        observation rows, transitions and returns; the same id, action box, scaling convention and metadata (the
+        reward factor of the locomotion scaling is the subset's own, from its returns)."""
+        which = np.asarray(which)
+        E = self.n_episodes
+        if which.ndim != 1 or which.size == 0 or not np.issubdtype(which.dtype, np.integer):
+            raise ValueError(f"which: expected a non-empty 1-d array of episode indices, got {which!r}")
+        if which.min() < 0 or which.max() >= E or np.unique(which).size != which.size:
+            raise ValueError(f"which: expected distinct episode indices in [0, {E}), got {which.size} indices in "
+                             f"[{which.min()}, {which.max()}] ({which.size - np.unique(which).size} repeated)")
+        starts = np.flatnonzero(np.r_[True, self.next_idx[:-1] != self.idx[1:]])  # each episode's first transition
+        if starts.size != E:
+            raise ValueError(f"data: {self.dataset_id!r} has {starts.size} runs of consecutive transitions but "
+                             f"{E} episode returns (not stored episode by episode)")
+        ends = np.r_[starts[1:], self.n]
+        rows, idx, nxt, tr = [], [], [], []
+        offset = 0
+        for e in which:
+            t = np.arange(starts[e], ends[e])
+            first, last = self.idx[t[0]], self.next_idx[t[-1]]  # the episode's observation rows first..last
+            rows.append(self.obs_rows[first:last + 1])
+            idx.append(self.idx[t] - first + offset)
+            nxt.append(self.next_idx[t] - first + offset)
+            offset += last - first + 1
+            tr.append(t)
+        t = np.concatenate(tr)
+        out = replace(self, obs_rows=np.concatenate(rows), idx=np.concatenate(idx), next_idx=np.concatenate(nxt),
+                      actions=self.actions[t], rewards=self.rewards[t], terminals=self.terminals[t],
+                      timeouts=self.timeouts[t], episode_returns=self.episode_returns[which],
+                      metadata=dict(self.metadata))
+        if out.reward_scaling == "locomotion":
+            check_return_span(self.dataset_id, out.episode_returns)
+        return out
 
     def to_action_box(self, a: np.ndarray) -> np.ndarray:
         """Map actions from [-1, 1]^d back to the environment's box."""

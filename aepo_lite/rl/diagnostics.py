@@ -34,7 +34,7 @@ __all__ = ["energy_gradient_norms", "gradient_rows", "gradient_table", "render",
            "POLICY_NOISE_COLUMNS", "render_policy_noise", "SUPPORT_ORACLE_COLUMNS", "render_support_oracle",
            "support_oracle_kind", "CRITIC_ERRORS_COLUMNS", "render_critic_errors", "csv_per_run", "raw_q_fn",
            "CRITIC_BUDGET_COLUMNS", "render_critic_budget", "CRITIC_SEEDS_COLUMNS", "member_counts",
-           "critic_seed_rows", "render_critic_seeds"]
+           "critic_seed_rows", "render_critic_seeds", "CRITIC_DATA_COLUMNS", "render_critic_data"]
 
 TIMES = (0.05, 0.2, 0.5, 0.9)
 
@@ -646,6 +646,82 @@ def _plot_critic_budget(csv_path: Path) -> Path:
     handles, labels = axes[0, 0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside lower center", ncol=min(4, len(labels)), fontsize=8)
     fig.suptitle(f"{rows[0]['dataset']}: the critic's ranking of actions against its training budget", fontsize=10)
+    return _save_plot(fig, csv_path.with_suffix(".png"))
+
+
+CRITIC_DATA_COLUMNS = CRITIC_BUDGET_COLUMNS + ("train_dataset", "train_episodes", "transitions")
+CRITIC_DATA_HEADER = (
+    "# How a critic's ranking of actions grows with its data\n\nThe probes of `critic_budget.md` (states a trained "
+    "run's policy visits at guidance scale w; candidates: its own action, mu(s) + c x the data's noise std, c = 1 and "
+    "3; exact values by the simulator, the deterministic data policy after the action). A critic with the run's "
+    "settings and seed is trained afresh on the first n episodes of a fixed random order of `train data` (a dataset "
+    "of the same data policy; nested: each subset holds the smaller ones) and scored after each number of steps. "
+    "Columns as in `critic_budget.md`: `sign right` (0.5: a coin), `corr`, and `gain`, the exact advantage of the "
+    "critic's pick among mu(s) and the group, per state, in points, beside the exact pick's (`best`). Measured by "
+    "`scripts/critic_data.py` into `critic_data.csv`.\n\n")
+
+
+def critic_data_table(rows) -> str:
+    """A Markdown table from ``scripts/critic_data.py``'s rows (or its CSV's): one line per training dataset,
+    episodes, critic, steps and w; per candidate group its sign agreement, correlation and gain beside the best."""
+    cells: dict[tuple, dict] = {}
+    for r in rows:
+        key = (r["train_dataset"], int(r["train_episodes"]), int(r["transitions"]), r["critic"], int(r["steps"]),
+               float(r["guidance_scale"]))
+        cells.setdefault(key, {})[r["group"]] = r
+    groups = _groups(rows)
+    lines = ["| train data | episodes | transitions | critic | steps | w | " + " | ".join(
+        f"{g}: sign right | corr | gain / best" for g in groups) + " |",
+        "|---|---:|---:|---|---:|---:|" + "---:|---:|---:|" * len(groups)]
+    for (ds, eps, n, critic, steps, w), by in sorted(cells.items()):
+        vals = []
+        for g in groups:
+            r = by.get(g)
+            vals += (["", "", ""] if r is None else
+                     [f"{float(r['sign_agree']):.2f}", f"{float(r['corr']):.2f}",
+                      f"{float(r['critic_gain']):.3f} / {float(r['oracle_gain']):.3f}"])
+        lines.append(f"| {ds} | {eps} | {n} | {critic} | {steps} | {w:g} | " + " | ".join(vals) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def render_critic_data(csv_path, figures_dir) -> list[Path]:
+    """``critic_data.md`` and ``critic_data.png`` beside the CSV, from the CSV alone (``aepo-lite figures``).
+    The plot: per candidate group, the critic's share of right signs (top) and its correlation with the exact
+    advantages (bottom) against its training transitions, a line per critic and step count (colour) and w (solid,
+    dashed, ...)."""
+    written = _render_table(csv_path, CRITIC_DATA_HEADER, critic_data_table, "scripts/critic_data.py")
+    return written + [_plot_critic_data(Path(csv_path))]
+
+
+def _plot_critic_data(csv_path: Path) -> Path:
+    plt = _pyplot()
+    rows = _csv_rows(csv_path)
+    groups = _groups(rows)
+    lines = sorted({(r["critic"], int(r["steps"]), float(r["guidance_scale"])) for r in rows})
+    colours, scales = sorted({(c, s) for c, s, _ in lines}), sorted({w for *_, w in lines})
+    fig, axes = plt.subplots(2, len(groups), figsize=(4.6 * len(groups), 6.4), squeeze=False, sharex=True,
+                             sharey="row", layout="constrained")
+    for j, g in enumerate(groups):
+        top, bottom = axes[0, j], axes[1, j]
+        for critic, steps, w in lines:
+            mine = sorted((int(r["transitions"]), r) for r in rows if (r["group"], r["critic"], int(r["steps"]),
+                                                                       float(r["guidance_scale"])) == (g, critic, steps, w))
+            x = [n for n, _ in mine]
+            style = dict(color=f"C{colours.index((critic, steps)) % 10}",
+                         linestyle=("-", "--", "-.", ":")[scales.index(w) % 4], marker="o", markersize=3)
+            top.plot(x, [float(r["sign_agree"]) for _, r in mine], label=f"{critic}, {steps} steps, w={w:g}",
+                     gid=f"sign {critic} {steps} w={w:g}", **style)
+            bottom.plot(x, [float(r["corr"]) for _, r in mine], gid=f"corr {critic} {steps} w={w:g}", **style)
+        top.axhline(0.5, color="0.3", linewidth=0.8)
+        bottom.axhline(0, color="0.3", linewidth=0.8)
+        top.set_title(g, fontsize=10)
+        bottom.set_xscale("log")
+        bottom.set_xlabel("the critic's training transitions")
+    axes[0, 0].set_ylabel("share of signs the critic gets right")
+    axes[1, 0].set_ylabel("correlation with the exact\nadvantages over mu(s)")
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=min(4, len(labels)), fontsize=8)
+    fig.suptitle(f"{rows[0]['dataset']}: the critic's ranking of actions against its data", fontsize=10)
     return _save_plot(fig, csv_path.with_suffix(".png"))
 
 

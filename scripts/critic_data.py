@@ -1,0 +1,99 @@
+"""How a critic's ranking of actions grows with its data, on datasets made by ``aepo-lite make-dataset``: the
+probes of ``scripts/critic_budget.py`` (states a trained run's policy visits at each guidance scale, candidate
+actions, their exact values by the simulator; shared with it through ``--work``), then a critic with the run's
+settings and seed (or another ``--critic-kind``) trained afresh on the first n episodes (``--train-episodes``) of a fixed random order of ``--dataset``'s
+episodes (the run's dataset, or a larger one of the same recipe but its size: the same data policy) and scored
+after each number of steps. The subsets are nested, so more data only adds episodes. Writes a CSV, its Markdown
+table and a figure beside it (``aepo-lite figures`` re-renders both from the CSV); critic checkpoints live in
+``--work``, so a killed script resumes; a rerun skips the rows the CSV has.
+
+    aepo-lite make-dataset --env Hopper-v5 --quality medium --steps 800000 --name local/hopper-800k/medium-v0
+    python scripts/critic_data.py --run runs/s51/big-energy-softmax-hopper/local_hopper_medium-v0/aepo-bench-s5 \
+        --dataset local/hopper-800k/medium-v0 --train-episodes 206 412 824 1647 3294 6588 --steps 20000 40000 80000 \
+        --out figures/rl_6c_big/critic_data.csv
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # critic_budget.py, the probes and stages shared with it
+from critic_budget import fresh_critic_stage, parse_checked, probe_arguments, probes_for, train_and_score  # noqa: E402
+
+from aepo_lite.rl.agent import check_config, critic_kind, load_run  # noqa: E402
+from aepo_lite.rl.data import description_info, load_minari  # noqa: E402
+from aepo_lite.rl.diagnostics import CRITIC_DATA_COLUMNS, existing_rows, raw_q_fn, render_critic_data  # noqa: E402
+
+ORDER_SEED = 0  # the fixed random order of the dataset's episodes that the subsets take a prefix of
+
+
+def same_data_policy(run_data, data) -> list[str]:
+    """The recipe fields (``make-dataset``'s) in which ``data`` differs from the run's dataset, its size and name
+    aside: empty when both were collected by the same data policy."""
+    mine, theirs = (description_info(d.metadata).get("recipe") for d in (run_data, data))
+    if not mine or not theirs:
+        return ["recipe (not both made by aepo-lite make-dataset)"]
+    return sorted(k for k in set(mine) | set(theirs) if k not in ("steps", "name") and mine.get(k) != theirs.get(k))
+
+
+def main(argv=None) -> int:
+    p = probe_arguments(__doc__.splitlines()[0])
+    p.add_argument("--dataset", default=None, help="the dataset the critics train on (default: the run's); made by "
+                   "make-dataset with the run's dataset's recipe but its size")
+    p.add_argument("--train-episodes", nargs="+", type=int, required=True,
+                   help="episodes each critic trains on (increasing; the first n of a fixed random order)")
+    p.add_argument("--critic-kind", choices=("run", "iql", "mc"), default="run",
+                   help="the critic trained: the run's (default) or another kind with the run's other settings")
+    p.add_argument("--steps", nargs="+", type=int, default=[20_000, 40_000, 80_000],
+                   help="critic training steps at which it is scored (increasing)")
+    a = parse_checked(p, argv)
+    if any(s < 1 for s in a.steps) or a.steps != sorted(set(a.steps)):
+        p.error(f"--steps: expected increasing positive step counts, got {a.steps}")
+    if any(n < 2 for n in a.train_episodes) or a.train_episodes != sorted(set(a.train_episodes)):
+        p.error(f"--train-episodes: expected increasing episode counts of 2 or more, got {a.train_episodes}")
+    agent, cfg, run_data = load_run(a.run, device="cpu")
+    try:
+        raw_q_fn(agent, run_data)  # a critic in raw reward units, checked before any probing
+    except ValueError as e:
+        raise SystemExit(f"--run: {a.run} ({cfg.method}): {e}") from None
+    kind = {} if a.critic_kind == "run" else {"kind": a.critic_kind}
+    if critic_kind(replace(cfg, critic=replace(cfg.critic, **kind))) == "insupport":
+        raise SystemExit(f"--run: {a.run} has the in-support critic, which reads the behaviour model's actions: it "
+                         "would need a behaviour model trained on each subset (use a run with the iql or mc critic)")
+    if cfg.critic.lr_decay:
+        raise SystemExit(f"--run: {a.run}'s critic decays its learning rate, so its value at each step count would "
+                         "depend on the last count")
+    name = a.dataset or cfg.dataset
+    try:
+        full = run_data if name == cfg.dataset else load_minari(name, reward_scaling=cfg.reward_scaling)[0]
+    except ValueError as e:
+        raise SystemExit(f"--dataset: {e}") from None
+    differ = same_data_policy(run_data, full)
+    if differ:
+        raise SystemExit(f"--dataset: {name} was not collected as the run's dataset {cfg.dataset} was (differs in "
+                         f"{', '.join(differ)}), so its critics would learn another policy's values than the probes'")
+    if a.train_episodes[-1] > full.n_episodes:
+        p.error(f"--train-episodes: {name} has {full.n_episodes} episodes, fewer than {a.train_episodes[-1]}")
+    order = np.random.default_rng(ORDER_SEED).permutation(full.n_episodes)
+    probes = {w: probes_for(a.run, agent, cfg, w, a) for w in a.scales}
+    rows = existing_rows(a.out)
+    for n in a.train_episodes:
+        data = full.take_episodes(np.sort(order[:n]))  # in the stored order: all of them = the run's data
+
+        def make(steps, data=data):
+            vcfg = check_config(replace(cfg, dataset=name, critic=replace(cfg.critic, **kind, steps=steps)))
+            v_agent, stages = fresh_critic_stage(vcfg, data)
+            return v_agent, vcfg, next(s for s in stages if s.name == "critic"), data
+        extra = {"train_dataset": name, "train_episodes": n, "transitions": data.n}
+        label = f"{name}:{n}" + (f":{a.critic_kind}" if kind else "")
+        rows = train_and_score(a, label, {}, cfg, data, probes, rows, make=make, extra=extra,
+                               columns=CRITIC_DATA_COLUMNS, render=render_critic_data)
+    print(f"wrote {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
