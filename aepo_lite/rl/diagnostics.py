@@ -716,12 +716,17 @@ def _plot_critic_data(csv_path: Path) -> Path:
         bottom.axhline(0, color="0.3", linewidth=0.8)
         top.set_title(g, fontsize=10)
         bottom.set_xscale("log")
+        ns = sorted({int(r["transitions"]) for r in rows})
+        bottom.set_xticks(ns, [f"{n / 1000:.0f}k" if n >= 1000 else str(n) for n in ns])
+        bottom.minorticks_off()
         bottom.set_xlabel("the critic's training transitions")
     axes[0, 0].set_ylabel("share of signs the critic gets right")
     axes[1, 0].set_ylabel("correlation with the exact\nadvantages over mu(s)")
     handles, labels = axes[0, 0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside lower center", ncol=min(4, len(labels)), fontsize=8)
-    fig.suptitle(f"{rows[0]['dataset']}: the critic's ranking of actions against its data", fontsize=10)
+    trained = ", ".join(sorted({r["train_dataset"] for r in rows}))
+    fig.suptitle(f"{rows[0]['dataset']}: the critic's ranking of actions against its data (trained on {trained})",
+                 fontsize=10)
     return _save_plot(fig, csv_path.with_suffix(".png"))
 
 
