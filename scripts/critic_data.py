@@ -1,8 +1,9 @@
-"""How a critic's ranking of actions grows with its data, on datasets made by ``aepo-lite make-dataset``: the
-probes of ``scripts/critic_budget.py`` (states a trained run's policy visits at each guidance scale, candidate
-actions, their exact values by the simulator; shared with it through ``--work``), then a critic with the run's
-settings and seed (or another ``--critic-kind``) trained afresh on the first n episodes (``--train-episodes``) of a fixed random order of ``--dataset``'s
-episodes (the run's dataset, or a larger one of the same recipe but its size: the same data policy) and scored
+"""How a critic's ranking of actions grows with its data, on datasets made by ``aepo-lite make-dataset``: the probes of
+``scripts/critic_budget.py`` (states a trained run's policy visits at each guidance scale, candidate actions, their
+exact values by the simulator; shared with it through ``--work``), then a critic with the run's settings and seed
+(or another ``--critic-kind``) trained afresh on the first n episodes (``--train-episodes``) of a fixed random order
+of ``--dataset``'s episodes (the run's dataset, or a larger one of the same recipe but its size: the same data
+policy; with ``--other-noise`` also one collected with another action-noise std around the same snapshot) and scored
 after each number of steps. The subsets are nested, so more data only adds episodes. Writes a CSV, its Markdown
 table and a figure beside it (``aepo-lite figures`` re-renders both from the CSV); critic checkpoints live in
 ``--work``, so a killed script resumes; a rerun skips the rows the CSV has.
@@ -30,13 +31,14 @@ from aepo_lite.rl.diagnostics import CRITIC_DATA_COLUMNS, existing_rows, raw_q_f
 ORDER_SEED = 0  # the fixed random order of the dataset's episodes that the subsets take a prefix of
 
 
-def same_data_policy(run_data, data) -> list[str]:
-    """The recipe fields (``make-dataset``'s) in which ``data`` differs from the run's dataset, its size and name
-    aside: empty when both were collected by the same data policy."""
+def same_data_policy(run_data, data, ignore=()) -> list[str]:
+    """The recipe fields (``make-dataset``'s) in which ``data`` differs from the run's dataset, its size, name and
+    the fields ``ignore`` aside: empty when both were collected by the same data policy."""
     mine, theirs = (description_info(d.metadata).get("recipe") for d in (run_data, data))
     if not mine or not theirs:
         return ["recipe (not both made by aepo-lite make-dataset)"]
-    return sorted(k for k in set(mine) | set(theirs) if k not in ("steps", "name") and mine.get(k) != theirs.get(k))
+    skip = ("steps", "name", *ignore)
+    return sorted(k for k in set(mine) | set(theirs) if k not in skip and mine.get(k) != theirs.get(k))
 
 
 def main(argv=None) -> int:
@@ -45,6 +47,9 @@ def main(argv=None) -> int:
                    "make-dataset with the run's dataset's recipe but its size")
     p.add_argument("--train-episodes", nargs="+", type=int, required=True,
                    help="episodes each critic trains on (increasing; the first n of a fixed random order)")
+    p.add_argument("--other-noise", action="store_true",
+                   help="accept a --dataset collected with another action-noise std (make-dataset --collect-noise): "
+                        "the same snapshot's mean actions mu(s), spread differently around them")
     p.add_argument("--critic-kind", choices=("run", "iql", "mc"), default="run",
                    help="the critic trained: the run's (default) or another kind with the run's other settings")
     p.add_argument("--steps", nargs="+", type=int, default=[20_000, 40_000, 80_000],
@@ -71,7 +76,7 @@ def main(argv=None) -> int:
         full = run_data if name == cfg.dataset else load_minari(name, reward_scaling=cfg.reward_scaling)[0]
     except ValueError as e:
         raise SystemExit(f"--dataset: {e}") from None
-    differ = same_data_policy(run_data, full)
+    differ = same_data_policy(run_data, full, ignore=("collect_noise",) if a.other_noise else ())
     if differ:
         raise SystemExit(f"--dataset: {name} was not collected as the run's dataset {cfg.dataset} was (differs in "
                          f"{', '.join(differ)}), so its critics would learn another policy's values than the probes'")

@@ -332,7 +332,9 @@ def test_rollout_returns_match_a_replay_of_the_same_actions():
 
 
 @pytest.mark.parametrize("bad,match", [(dict(quality="great"), "quality"), (dict(name="hopper-v0"), "name"),
-                                       (dict(env_id="NoSuchEnv-v9"), "env"), (dict(steps=0), "steps")])
+                                       (dict(env_id="NoSuchEnv-v9"), "env"), (dict(steps=0), "steps"),
+                                       (dict(collect_noise=-0.1), "collect_noise"),
+                                       (dict(collect_noise=float("nan")), "collect_noise")])
 def test_make_dataset_bad_arguments(minari_root, bad, match):
     from aepo_lite.rl.datasets import DatasetRecipe, make_dataset
     kw = dict(env_id="Hopper-v5", quality="random", steps=10, name="t/hopper/random-v0")
@@ -565,6 +567,12 @@ def test_critic_against_exact_q_on_and_off_the_support(minari_root):
     assert [r["critic_adv"] for r in mc] != [r["critic_adv"] for r in rows[:3]]
     with pytest.raises(SystemExit, match="quality"):  # collected by another policy
         cd.main(args + ["--dataset", "t/hopper/random-v0", "--train-episodes", "3"])
+    make_dataset(replace(recipe, collect_noise=0.3, name="t/hopper-wide/medium-v0"), progress=False)
+    wide = ["--dataset", "t/hopper-wide/medium-v0", "--train-episodes", "3"]
+    with pytest.raises(SystemExit, match="collect_noise"):  # another spread around the same snapshot: asked for
+        cd.main(args + wide)
+    assert cd.main(args + wide + ["--other-noise"]) == 0
+    assert [r["train_dataset"] for r in csv.DictReader(open(out))][-1] == "t/hopper-wide/medium-v0"
     for bad in (["--train-episodes", "1"], ["--train-episodes", "5", "3"], ["--train-episodes", str(E + 1)],
                 ["--train-episodes", "3", "--steps", "0"], ["--out", str(minari_root / "data.txt")]):
         with pytest.raises(SystemExit) as e:

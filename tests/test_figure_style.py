@@ -206,6 +206,14 @@ def test_critic_data_figure_lines_are_the_csv(monkeypatch, tmp_path):
     assert list(bottom["corr iql 10 w=1"].get_ydata()) == pytest.approx([0.11, 0.12, 0.14])
     assert fig.axes[3].get_xscale() == "log"
     assert "| big | 10 | 1000 | iql | 10 | 0 |" in (tmp_path / "critic_data.md").read_text()
+    wide = [dict(r, train_dataset="wide", train_episodes=30, transitions=5000, corr=0.5) for r in rows
+            if r["train_episodes"] == 40]  # another training dataset: its own lines, not joined to big's
+    _write_csv(tmp_path / "critic_data.csv", CRITIC_DATA_COLUMNS, rows + wide)
+    render_critic_data(tmp_path / "critic_data.csv", tmp_path)
+    bottom = {line.get_gid(): line for line in figs[-1].axes[3].get_lines() if line.get_gid()}
+    assert list(bottom["corr iql 10 w=1 big"].get_xdata()) == [1000, 2000, 4000]
+    assert list(bottom["corr iql 10 w=1 wide"].get_xdata()) == [5000]
+    assert list(bottom["corr iql 10 w=1 wide"].get_ydata()) == [0.5]
 
 
 def test_critic_seeds_figure_lines_are_the_csv(monkeypatch, tmp_path):

@@ -25,6 +25,8 @@ def register(sub) -> None:
     p.add_argument("--medium-fraction", type=float, default=1.0 / 3.0,
                    help="medium = the first ladder snapshot reaching this fraction of the way from random to expert "
                         "(D4RL: about 1/3; lower it where the ladder jumps, e.g. InvertedDoublePendulum)")
+    p.add_argument("--collect-noise", type=float, default=0.1,
+                   help="std of the Gaussian action noise on the policies' actions while collecting (D4RL-like: 0.1)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset of that name")
     p.set_defaults(func=_make_dataset)
 
@@ -46,7 +48,8 @@ def _make_dataset(args) -> int:
     from aepo_lite.rl.data import description_info
     r = DatasetRecipe(env_id=args.env, quality=args.quality, steps=args.steps, name=args.name, seed=args.seed,
                       train_steps=args.train_steps, eval_every=args.eval_every, learning_starts=args.learning_starts,
-                      ref_episodes=args.ref_episodes, medium_fraction=args.medium_fraction)
+                      ref_episodes=args.ref_episodes, medium_fraction=args.medium_fraction,
+                      collect_noise=args.collect_noise)
     ds = make_dataset(r, overwrite=args.overwrite)
     meta = ds.storage.metadata
     info = description_info(meta)

@@ -97,6 +97,8 @@ def _check_recipe(r: DatasetRecipe) -> None:
                          "would have no snapshot; give a smaller --eval-every or more --train-steps")
     if not 0 < r.medium_fraction < 1:
         raise ValueError(f"medium_fraction: expected a value in (0, 1), got {r.medium_fraction}")
+    if not (isinstance(r.collect_noise, (int, float)) and np.isfinite(r.collect_noise) and r.collect_noise >= 0):
+        raise ValueError(f"collect_noise: expected a finite action-noise std >= 0, got {r.collect_noise!r}")
     dataset_dir(r.name, name="name")
     if not isinstance(r.env_id, str) or not r.env_id:
         raise ValueError(f"env: expected a Gymnasium environment id, got {r.env_id!r}")

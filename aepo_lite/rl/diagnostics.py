@@ -687,8 +687,8 @@ def critic_data_table(rows) -> str:
 def render_critic_data(csv_path, figures_dir) -> list[Path]:
     """``critic_data.md`` and ``critic_data.png`` beside the CSV, from the CSV alone (``aepo-lite figures``).
     The plot: per candidate group, the critic's share of right signs (top) and its correlation with the exact
-    advantages (bottom) against its training transitions, a line per critic and step count (colour) and w (solid,
-    dashed, ...)."""
+    advantages (bottom) against its training transitions, a line per training dataset (marker), critic and step
+    count (colour) and w (solid, dashed, ...)."""
     written = _render_table(csv_path, CRITIC_DATA_HEADER, critic_data_table, "scripts/critic_data.py")
     return written + [_plot_critic_data(Path(csv_path))]
 
@@ -697,21 +697,25 @@ def _plot_critic_data(csv_path: Path) -> Path:
     plt = _pyplot()
     rows = _csv_rows(csv_path)
     groups = _groups(rows)
-    lines = sorted({(r["critic"], int(r["steps"]), float(r["guidance_scale"])) for r in rows})
-    colours, scales = sorted({(c, s) for c, s, _ in lines}), sorted({w for *_, w in lines})
+    lines = sorted({(r["train_dataset"], r["critic"], int(r["steps"]), float(r["guidance_scale"])) for r in rows})
+    datasets = sorted({d for d, *_ in lines})
+    colours, scales = sorted({(c, s) for _, c, s, _ in lines}), sorted({w for *_, w in lines})
     fig, axes = plt.subplots(2, len(groups), figsize=(4.6 * len(groups), 6.4), squeeze=False, sharex=True,
                              sharey="row", layout="constrained")
     for j, g in enumerate(groups):
         top, bottom = axes[0, j], axes[1, j]
-        for critic, steps, w in lines:
-            mine = sorted((int(r["transitions"]), r) for r in rows if (r["group"], r["critic"], int(r["steps"]),
-                                                                       float(r["guidance_scale"])) == (g, critic, steps, w))
+        for ds, critic, steps, w in lines:
+            mine = sorted((int(r["transitions"]), r) for r in rows
+                          if (r["group"], r["train_dataset"], r["critic"], int(r["steps"]), float(r["guidance_scale"]))
+                          == (g, ds, critic, steps, w))
             x = [n for n, _ in mine]
             style = dict(color=f"C{colours.index((critic, steps)) % 10}",
-                         linestyle=("-", "--", "-.", ":")[scales.index(w) % 4], marker="o", markersize=3)
-            top.plot(x, [float(r["sign_agree"]) for _, r in mine], label=f"{critic}, {steps} steps, w={w:g}",
-                     gid=f"sign {critic} {steps} w={w:g}", **style)
-            bottom.plot(x, [float(r["corr"]) for _, r in mine], gid=f"corr {critic} {steps} w={w:g}", **style)
+                         linestyle=("-", "--", "-.", ":")[scales.index(w) % 4],
+                         marker="osD^v"[datasets.index(ds) % 5], markersize=3 if len(x) > 1 else 6)
+            name = f"{critic}, {steps} steps, w={w:g}" + (f", {ds}" if len(datasets) > 1 else "")
+            key = f"{critic} {steps} w={w:g}" + (f" {ds}" if len(datasets) > 1 else "")
+            top.plot(x, [float(r["sign_agree"]) for _, r in mine], label=name, gid=f"sign {key}", **style)
+            bottom.plot(x, [float(r["corr"]) for _, r in mine], gid=f"corr {key}", **style)
         top.axhline(0.5, color="0.3", linewidth=0.8)
         bottom.axhline(0, color="0.3", linewidth=0.8)
         top.set_title(g, fontsize=10)
@@ -723,10 +727,10 @@ def _plot_critic_data(csv_path: Path) -> Path:
     axes[0, 0].set_ylabel("share of signs the critic gets right")
     axes[1, 0].set_ylabel("correlation with the exact\nadvantages over mu(s)")
     handles, labels = axes[0, 0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside lower center", ncol=min(4, len(labels)), fontsize=8)
-    trained = ", ".join(sorted({r["train_dataset"] for r in rows}))
-    fig.suptitle(f"{rows[0]['dataset']}: the critic's ranking of actions against its data (trained on {trained})",
-                 fontsize=10)
+    fig.legend(handles, labels, loc="outside lower center", ncol=min(4 if len(datasets) == 1 else 3, len(labels)),
+               fontsize=8)
+    fig.suptitle(f"{rows[0]['dataset']}: the critic's ranking of actions against its data (trained on "
+                 f"{', '.join(datasets)})", fontsize=10)
     return _save_plot(fig, csv_path.with_suffix(".png"))
 
 
