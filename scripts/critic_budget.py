@@ -132,6 +132,23 @@ def parse_checked(p: argparse.ArgumentParser, argv):
     return a
 
 
+def check_step_counts(p: argparse.ArgumentParser, steps) -> None:
+    """--steps: increasing positive step counts (each a point the critic is scored at)."""
+    if any(s < 1 for s in steps) or steps != sorted(set(steps)):
+        p.error(f"--steps: expected increasing positive step counts, got {steps}")
+
+
+def load_critic_run(run: str):
+    """``load_run``'s (agent, config, data) on the CPU, its critic checked to give Q in raw reward units before
+    any probing (a named exit otherwise)."""
+    agent, cfg, data = load_run(run, device="cpu")
+    try:
+        raw_q_fn(agent, data)
+    except ValueError as e:
+        raise SystemExit(f"--run: {run} ({cfg.method}): {e}") from None
+    return agent, cfg, data
+
+
 def main(argv=None) -> int:
     p = probe_arguments(__doc__.splitlines()[0])
     p.add_argument("--steps", nargs="+", type=int, default=[10_000, 20_000, 40_000, 80_000],
@@ -139,17 +156,12 @@ def main(argv=None) -> int:
     p.add_argument("--variants", nargs="+", default=["run"],
                    help="'run' (the run's critic settings) or field=value,... changes of them, e.g. hidden=256,batch=256")
     a = parse_checked(p, argv)
-    if any(s < 1 for s in a.steps) or a.steps != sorted(set(a.steps)):
-        p.error(f"--steps: expected increasing positive step counts, got {a.steps}")
+    check_step_counts(p, a.steps)
     try:
         variants = {v: parse_variant(v) for v in a.variants}
     except ValueError as e:
         p.error(str(e))
-    agent, cfg, data = load_run(a.run, device="cpu")
-    try:
-        raw_q_fn(agent, data)  # a critic in raw reward units, checked before any probing
-    except ValueError as e:
-        raise SystemExit(f"--run: {a.run} ({cfg.method}): {e}") from None
+    agent, cfg, data = load_critic_run(a.run)
     probes = {w: probes_for(a.run, agent, cfg, w, a) for w in a.scales}
     rows = existing_rows(a.out)
     for name, over in variants.items():
@@ -159,7 +171,8 @@ def main(argv=None) -> int:
 
 
 def train_and_score(a, name: str, over: dict, cfg, data, probes: dict, rows: list[dict], *, make=None,
-                    extra: dict | None = None, columns=CRITIC_BUDGET_COLUMNS, render=render_critic_budget) -> list[dict]:
+                    extra: dict | None = None, columns=CRITIC_BUDGET_COLUMNS,
+                    render=render_critic_budget) -> list[dict]:
     """One variant: its critic stage trained to the last step count (checkpoints in --work, at every count's
     greatest common divisor, so a killed run resumes there), scored at each count its rows lack.
 

@@ -22,11 +22,12 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # critic_budget.py, the probes and stages shared with it
-from critic_budget import fresh_critic_stage, parse_checked, probe_arguments, probes_for, train_and_score  # noqa: E402
+from critic_budget import (check_step_counts, fresh_critic_stage, load_critic_run, parse_checked,  # noqa: E402
+                           probe_arguments, probes_for, train_and_score)
 
-from aepo_lite.rl.agent import check_config, critic_kind, load_run  # noqa: E402
+from aepo_lite.rl.agent import check_config, critic_kind  # noqa: E402
 from aepo_lite.rl.data import description_info, load_minari  # noqa: E402
-from aepo_lite.rl.diagnostics import CRITIC_DATA_COLUMNS, existing_rows, raw_q_fn, render_critic_data  # noqa: E402
+from aepo_lite.rl.diagnostics import CRITIC_DATA_COLUMNS, existing_rows, render_critic_data  # noqa: E402
 
 ORDER_SEED = 0  # the fixed random order of the dataset's episodes that the subsets take a prefix of
 
@@ -55,15 +56,10 @@ def main(argv=None) -> int:
     p.add_argument("--steps", nargs="+", type=int, default=[20_000, 40_000, 80_000],
                    help="critic training steps at which it is scored (increasing)")
     a = parse_checked(p, argv)
-    if any(s < 1 for s in a.steps) or a.steps != sorted(set(a.steps)):
-        p.error(f"--steps: expected increasing positive step counts, got {a.steps}")
+    check_step_counts(p, a.steps)
     if any(n < 2 for n in a.train_episodes) or a.train_episodes != sorted(set(a.train_episodes)):
         p.error(f"--train-episodes: expected increasing episode counts of 2 or more, got {a.train_episodes}")
-    agent, cfg, run_data = load_run(a.run, device="cpu")
-    try:
-        raw_q_fn(agent, run_data)  # a critic in raw reward units, checked before any probing
-    except ValueError as e:
-        raise SystemExit(f"--run: {a.run} ({cfg.method}): {e}") from None
+    agent, cfg, run_data = load_critic_run(a.run)
     kind = {} if a.critic_kind == "run" else {"kind": a.critic_kind}
     if critic_kind(replace(cfg, critic=replace(cfg.critic, **kind))) == "insupport":
         raise SystemExit(f"--run: {a.run} has the in-support critic, which reads the behaviour model's actions: it "

@@ -21,11 +21,12 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # critic_budget.py, the probes and stages shared with it
-from critic_budget import parse_checked, probe_arguments, probes_for, probes_path, variant_stages  # noqa: E402
+from critic_budget import (load_critic_run, parse_checked, probe_arguments, probes_for, probes_path,  # noqa: E402
+                           variant_stages)
 
 from aepo_lite._io import atomic_save_npz  # noqa: E402
 from aepo_lite.core.critics import make_critic  # noqa: E402
-from aepo_lite.rl.agent import critic_kind, load_run  # noqa: E402
+from aepo_lite.rl.agent import critic_kind  # noqa: E402
 from aepo_lite.rl.diagnostics import CRITIC_SEEDS_COLUMNS, critic_seed_rows, existing_rows, raw_q_fn, \
     render_critic_seeds, write_csv_and_table  # noqa: E402
 from aepo_lite.training import StageStore, run_stage, stage_hash  # noqa: E402
@@ -40,11 +41,7 @@ def main(argv=None) -> int:
         p.error(f"--members: expected 2 or more critics to compare, got {a.members}")
     if a.steps is not None and a.steps < 1:
         p.error(f"--steps: expected a positive step count, got {a.steps}")
-    agent, cfg, data = load_run(a.run, device="cpu")
-    try:
-        raw_q_fn(agent, data)  # a critic in raw reward units, checked before any probing
-    except ValueError as e:
-        raise SystemExit(f"--run: {a.run} ({cfg.method}): {e}") from None
+    agent, cfg, data = load_critic_run(a.run)
     steps = a.steps or cfg.critic.steps
     rows = existing_rows(a.out)
 

@@ -582,26 +582,35 @@ CRITIC_BUDGET_HEADER = (
     "beside the exact pick's (`best`). Measured by `scripts/critic_budget.py` into `critic_budget.csv`.\n\n")
 
 
-def critic_budget_table(rows) -> str:
-    """A Markdown table from ``scripts/critic_budget.py``'s rows (or its CSV's): one line per dataset, critic,
-    variant, seed, steps and w; per candidate group its sign agreement, correlation and gain beside the best."""
+def _ranking_table(rows, columns: str, key) -> str:
+    """The critic-ranking tables' shape: a line per ``key(row)`` (a tuple, sorted; floats as %g) after the header
+    ``columns`` ("| a | b |", its alignment "|---|---:|"); per candidate group its sign agreement, correlation and
+    gain beside the best, a group missing from a line left blank."""
+    head, align = columns
     cells: dict[tuple, dict] = {}
     for r in rows:
-        key = (r["dataset"], r["critic"], r["variant"], int(r["seed"]), int(r["steps"]), float(r["guidance_scale"]))
-        cells.setdefault(key, {})[r["group"]] = r
+        cells.setdefault(key(r), {})[r["group"]] = r
     groups = _groups(rows)
-    lines = ["| dataset | critic | variant | seed | steps | w | " + " | ".join(
-        f"{g}: sign right | corr | gain / best" for g in groups) + " |",
-        "|---|---|---|---:|---:|---:|" + "---:|---:|---:|" * len(groups)]
-    for (ds, critic, variant, seed, steps, w), by in sorted(cells.items()):
+    lines = [head + " " + " | ".join(f"{g}: sign right | corr | gain / best" for g in groups) + " |",
+             align + "---:|---:|---:|" * len(groups)]
+    for k, by in sorted(cells.items()):
         vals = []
         for g in groups:
             r = by.get(g)
             vals += (["", "", ""] if r is None else
                      [f"{float(r['sign_agree']):.2f}", f"{float(r['corr']):.2f}",
                       f"{float(r['critic_gain']):.3f} / {float(r['oracle_gain']):.3f}"])
-        lines.append(f"| {ds} | {critic} | {variant} | {seed} | {steps} | {w:g} | " + " | ".join(vals) + " |")
+        lines.append("| " + " | ".join(f"{x:g}" if isinstance(x, float) else str(x) for x in k) + " | "
+                     + " | ".join(vals) + " |")
     return "\n".join(lines) + "\n"
+
+
+def critic_budget_table(rows) -> str:
+    """A Markdown table from ``scripts/critic_budget.py``'s rows (or its CSV's): one line per dataset, critic,
+    variant, seed, steps and w; per candidate group its sign agreement, correlation and gain beside the best."""
+    return _ranking_table(rows, ("| dataset | critic | variant | seed | steps | w |", "|---|---|---|---:|---:|---:|"),
+                          lambda r: (r["dataset"], r["critic"], r["variant"], int(r["seed"]), int(r["steps"]),
+                                     float(r["guidance_scale"])))
 
 
 def render_critic_budget(csv_path, figures_dir) -> list[Path]:
@@ -664,24 +673,10 @@ CRITIC_DATA_HEADER = (
 def critic_data_table(rows) -> str:
     """A Markdown table from ``scripts/critic_data.py``'s rows (or its CSV's): one line per training dataset,
     episodes, critic, steps and w; per candidate group its sign agreement, correlation and gain beside the best."""
-    cells: dict[tuple, dict] = {}
-    for r in rows:
-        key = (r["train_dataset"], int(r["train_episodes"]), int(r["transitions"]), r["critic"], int(r["steps"]),
-               float(r["guidance_scale"]))
-        cells.setdefault(key, {})[r["group"]] = r
-    groups = _groups(rows)
-    lines = ["| train data | episodes | transitions | critic | steps | w | " + " | ".join(
-        f"{g}: sign right | corr | gain / best" for g in groups) + " |",
-        "|---|---:|---:|---|---:|---:|" + "---:|---:|---:|" * len(groups)]
-    for (ds, eps, n, critic, steps, w), by in sorted(cells.items()):
-        vals = []
-        for g in groups:
-            r = by.get(g)
-            vals += (["", "", ""] if r is None else
-                     [f"{float(r['sign_agree']):.2f}", f"{float(r['corr']):.2f}",
-                      f"{float(r['critic_gain']):.3f} / {float(r['oracle_gain']):.3f}"])
-        lines.append(f"| {ds} | {eps} | {n} | {critic} | {steps} | {w:g} | " + " | ".join(vals) + " |")
-    return "\n".join(lines) + "\n"
+    return _ranking_table(rows, ("| train data | episodes | transitions | critic | steps | w |",
+                                 "|---|---:|---:|---|---:|---:|"),
+                          lambda r: (r["train_dataset"], int(r["train_episodes"]), int(r["transitions"]), r["critic"],
+                                     int(r["steps"]), float(r["guidance_scale"])))
 
 
 def render_critic_data(csv_path, figures_dir) -> list[Path]:
