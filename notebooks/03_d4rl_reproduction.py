@@ -317,7 +317,8 @@ else:
 #   the critics' error is shared, not a matter of the seed, so an ensemble of seeds does not fix it. Nor does
 #   more data of the same policy: critics trained on 1/8 to 4 times this dataset's transitions (a dataset made four
 #   times as large, `figures/rl_6c_big/critic_data.md`) rank the candidates around mu(s) alike, right signs
-#   0.50-0.60 at 80000 steps for the IQL and the Monte-Carlo critic, neither rising from 100k to 800k.
+#   0.50-0.60 at 80000 steps for the IQL and the Monte-Carlo critic, neither rising from 100k to 800k; data
+#   collected with three times the action noise around the same policy gives 0.49-0.59.
 #
 #   ![critic_budget.png](../figures/rl_6c_big/critic_budget.png)
 #

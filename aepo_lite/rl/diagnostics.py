@@ -715,8 +715,10 @@ def _plot_critic_data(csv_path: Path) -> Path:
         bottom.axhline(0, color="0.3", linewidth=0.8)
         top.set_title(g, fontsize=10)
         bottom.set_xscale("log")
-        ns = sorted({int(r["transitions"]) for r in rows})
-        bottom.set_xticks(ns, [f"{n / 1000:.0f}k" if n >= 1000 else str(n) for n in ns])
+        ticks = {}  # one tick per label: datasets of 199940 and 200000 transitions share "200k"
+        for n in sorted({int(r["transitions"]) for r in rows}):
+            ticks.setdefault(f"{n / 1000:.0f}k" if n >= 1000 else str(n), n)
+        bottom.set_xticks(list(ticks.values()), list(ticks))
         bottom.minorticks_off()
         bottom.set_xlabel("the critic's training transitions")
     axes[0, 0].set_ylabel("share of signs the critic gets right")
