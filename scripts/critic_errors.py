@@ -41,8 +41,9 @@ def _run_rows(run: str, a, rows: list[dict]) -> list[dict]:
                                 episodes=a.episodes, probe_every=a.probe_every, horizon=a.horizon, gamma=a.gamma,
                                 continuation_noise=a.continuation_noise, rollouts=a.rollouts, progress=True)
         for r in got:
-            out.append({"dataset": cfg.dataset, "run": run, "label": estimator_label(cfg), "critic": critic_kind(cfg),
-                        "seed": cfg.seed, "guidance_scale": w, **r})
+            row = {"dataset": cfg.dataset, "run": run, "label": estimator_label(cfg), "critic": critic_kind(cfg),
+                   "seed": cfg.seed, "guidance_scale": w, **r}
+            out.append({k: row[k] for k in CRITIC_ERRORS_COLUMNS})  # the CSV's columns (the rows hold more)
             print(f"{run} w={w:g} {r['group']} (continuation noise {a.continuation_noise:g}): exact adv. {r['true_adv']:.2f}, critic {r['critic_adv']:.2f}, sign "
                   f"right {r['sign_agree']:.2f}, corr {r['corr']:.2f}, gain {r['critic_gain']:.2f} of "
                   f"{r['oracle_gain']:.2f} ({r['probes']} states)", flush=True)

@@ -630,6 +630,15 @@ def test_critic_seed_rows_against_closed_forms():
             assert r["corr"] == pytest.approx(1.0) and r["critic_gain"] == pytest.approx(r["oracle_gain"])
         else:
             assert r["corr"] < 0.99
+    # nearness to mu(s): a critic whose Q is -||a - mu||^2 / noise^2 (+ a state's level) correlates 1 with it,
+    # one whose Q is +that -1; the exact values here (random) near 0 on many actions
+    d2 = (((probes.actions - probes.actions[:, :1]) / probes.noise) ** 2).sum(-1)
+    for sign in (-1, 1):
+        rows = q_error_rows(probes, lambda o, a: (sign * d2 + rng.normal(size=(P, 1))).ravel())
+        assert rows[1]["near_corr"] == pytest.approx(-sign) and rows[0]["near_corr"] == pytest.approx(-sign)
+    got = q_error_rows(probes, lambda o, a: noisy.ravel())[1]["true_near_corr"]
+    adv = (q_true[:, 2:] - q_true[:, :1]).ravel()
+    assert got == pytest.approx(np.corrcoef(adv, -d2[:, 2:].ravel())[0, 1]) and abs(got) < 0.5
     with pytest.raises(ValueError, match="q_hats"):
         critic_seed_rows(probes, [q_true])
     with pytest.raises(ValueError, match="q_hats"):

@@ -224,7 +224,8 @@ def test_critic_seeds_figure_lines_are_the_csv(monkeypatch, tmp_path):
     figs = _captured(monkeypatch, io)
     rows = [dict(dataset="d", run="r", critic="iql", steps=40, guidance_scale=w, group=g, members=n, probes=10,
                  actions=10, agree=0.5 + 0.1 * w, alone=0.1, corr=0.1 + 0.01 * n + 0.1 * w, sign_agree=0.5,
-                 critic_gain=0.01, oracle_gain=0.05, horizon=300, gamma=0.99, episodes=2)
+                 critic_gain=0.01, oracle_gain=0.05, near_corr=0.3, true_near_corr=0.0, horizon=300, gamma=0.99,
+                 episodes=2)
             for w in (0.0, 1.0) for g in ("spread 1", "policy") for n in (4, 1, 2)]
     _write_csv(tmp_path / "critic_seeds.csv", CRITIC_SEEDS_COLUMNS, rows)
     render_critic_seeds(tmp_path / "critic_seeds.csv", tmp_path)

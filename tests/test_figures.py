@@ -249,17 +249,19 @@ def test_critic_data_table_one_line_per_data_size_steps_and_scale():
 
 def test_critic_seeds_table_one_line_per_scale_and_number_averaged():
     """scripts/critic_seeds.py's table, by hand: a line per dataset, critic, steps, w and critics averaged (sorted),
-    the policy group first; per group the agreement, one critic alone, and the average's corr, signs and gain."""
+    the policy group first; per group the agreement, one critic alone, the average's corr, signs and gain, and the
+    average's and exact advantages' correlation with nearness to mu(s)."""
     from aepo_lite.rl.diagnostics import critic_seeds_table
     base = dict(dataset="local/h/m-v0", run="r", critic="iql", steps=40)
 
-    def row(w, n, group, agree, alone, c, s, g, b):
+    def row(w, n, group, agree, alone, c, s, g, b, near=0.3, true_near=-0.01):
         return dict(base, guidance_scale=w, members=n, group=group, agree=agree, alone=alone, corr=c, sign_agree=s,
-                    critic_gain=g, oracle_gain=b)
+                    critic_gain=g, oracle_gain=b, near_corr=near, true_near_corr=true_near)
     rows = [row(10, 2, "policy", 0.6, 0.2, 0.25, 0.55, 0.012, 0.044), row(0, 1, "spread 1", 0.5, 0.1, 0.1, 0.5, 0.0, 0.02),
-            row(0, 1, "policy", 0.6, 0.05, 0.05, 0.52, 0.001, 0.014)]
+            row(0, 1, "policy", 0.6, 0.05, 0.05, 0.52, 0.001, 0.014, near=-0.2, true_near=0.04)]
     lines = critic_seeds_table(rows).splitlines()
     assert lines[0].startswith("| dataset | critic | steps | w | critics averaged | policy: critics agree | each alone |")
     assert lines[2:] == [
-        "| local/h/m-v0 | iql | 40 | 0 | 1 | 0.60 | 0.05 | 0.05 | 0.52 | 0.001 / 0.014 | 0.50 | 0.10 | 0.10 | 0.50 | 0.000 / 0.020 |",
-        "| local/h/m-v0 | iql | 40 | 10 | 2 | 0.60 | 0.20 | 0.25 | 0.55 | 0.012 / 0.044 |  |  |  |  |  |"]
+        "| local/h/m-v0 | iql | 40 | 0 | 1 | 0.60 | 0.05 | 0.05 | 0.52 | 0.001 / 0.014 | -0.20 / 0.04 | 0.50 | 0.10 | 0.10 "
+        "| 0.50 | 0.000 / 0.020 | 0.30 / -0.01 |",
+        "| local/h/m-v0 | iql | 40 | 10 | 2 | 0.60 | 0.20 | 0.25 | 0.55 | 0.012 / 0.044 | 0.30 / -0.01 |  |  |  |  |  |  |"]

@@ -538,8 +538,12 @@ def _q_error_row(group: str, idx: np.ndarray, probes: "QProbes", q_hat: np.ndarr
     z = probes.actions[:, idx] - probes.actions[:, :1]  # (probes, group, d)
     true = (probes.q_true[:, idx] - probes.q_true[:, :1]) * probes.points  # advantages over mu(s), in points
     hat = (q_hat[:, idx] - q_hat[:, :1]) * probes.points
-    with np.errstate(invalid="ignore"):
-        corr = float(np.corrcoef(hat.ravel(), true.ravel())[0, 1]) if true.size > 1 else float("nan")
+    near = -np.sum((z / probes.noise) ** 2, -1)  # (probes, group): higher nearer mu(s)
+
+    def corr_of(a, b):
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return float(np.corrcoef(a.ravel(), b.ravel())[0, 1]) if a.size > 1 else float("nan")
+    corr = corr_of(hat, true)
     n = len(true)
     pick = np.argmax(np.concatenate([np.zeros((n, 1)), hat], 1), 1)  # the critic's choice, mu included
     picked = np.concatenate([np.zeros((n, 1)), true], 1)[np.arange(n), pick]
@@ -547,7 +551,8 @@ def _q_error_row(group: str, idx: np.ndarray, probes: "QProbes", q_hat: np.ndarr
             "z_rms": float(np.sqrt(np.mean((z / probes.noise) ** 2))), "true_adv": float(true.mean()),
             "critic_adv": float(hat.mean()), "err_rms": float(np.sqrt(np.mean((hat - true) ** 2))),
             "corr": corr, "sign_agree": float(np.mean(np.sign(hat) == np.sign(true))),
-            "critic_gain": float(picked.mean()), "oracle_gain": float(np.maximum(true.max(1), 0).mean())}
+            "critic_gain": float(picked.mean()), "oracle_gain": float(np.maximum(true.max(1), 0).mean()),
+            "near_corr": corr_of(hat, near), "true_near_corr": corr_of(true, near)}
 
 
 def _check_q_error_args(episodes, probe_every, per_spread, horizon, seed, spreads, gamma, continuation_noise,
@@ -682,8 +687,10 @@ def snapshot_q_errors(name: str, q_fn: Callable, policy: Callable[[np.ndarray], 
     ``err_rms`` (RMS of their difference), ``corr`` (their correlation over the group's actions), ``sign_agree`` (how
     often the critic says better / worse than mu as the exact value does), ``critic_gain`` (the exact advantage of
     the critic's pick among mu and the group, per state: what acting on its ranking gains) and ``oracle_gain``
-    (the same for the exact pick), plus ``noise``, ``horizon``, ``gamma``, ``continuation_noise``, ``rollouts``,
-    ``episodes``, ``seconds`` (of the probing).
+    (the same for the exact pick), ``near_corr`` / ``true_near_corr`` (the correlation of the critic's / the exact
+    advantages with nearness to mu, -||a - mu||^2 / noise^2: how much each favours actions close to the data
+    policy's mean), plus ``noise``, ``horizon``, ``gamma``, ``continuation_noise``, ``rollouts``, ``episodes``,
+    ``seconds`` (of the probing).
 
     :func:`probe_q_states`, then :func:`q_error_rows`: record the probes once to score several critics."""
     probes = probe_q_states(name, policy, episodes=episodes, probe_every=probe_every, spreads=spreads,

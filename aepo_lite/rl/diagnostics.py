@@ -732,8 +732,8 @@ def _plot_critic_data(csv_path: Path) -> Path:
 
 
 CRITIC_SEEDS_COLUMNS = ("dataset", "run", "critic", "steps", "guidance_scale", "group", "members", "probes", "actions",
-                        "agree", "alone", "corr", "sign_agree", "critic_gain", "oracle_gain", "horizon", "gamma",
-                        "episodes")
+                        "agree", "alone", "corr", "sign_agree", "critic_gain", "oracle_gain", "near_corr",
+                        "true_near_corr", "horizon", "gamma", "episodes")
 CRITIC_SEEDS_HEADER = (
     "# Critics alike but for their seed: do they err alike?\n\nThe probes of `critic_budget.md` (states a trained "
     "run's policy visits at guidance scale w; candidates: its own action, mu(s) + c x the data's noise std, c = 1 and "
@@ -743,8 +743,10 @@ CRITIC_SEEDS_HEADER = (
     "two of the M critics; `each alone`, the mean correlation of one critic with the exact values; then the mean of "
     "the first n critics' Q taken as one critic: its correlation with the exact values, its `sign right` (0.5: a "
     "coin) and `gain`, the exact advantage of its pick among mu(s) and the group, per state, in points, beside the "
-    "exact pick's (`best`). Whatever error the critics share, averaging them cannot remove; critics that agree with "
-    "each other more than with the exact values have such a shared part. "
+    "exact pick's (`best`); `near mu(s)`, the correlation of the average's advantages, and of the exact ones, with "
+    "the action's nearness to mu(s) (-|a - mu(s)|^2 in units of the data's noise std): how much each favours "
+    "actions close to the data policy's mean. Whatever error the critics share, averaging them cannot remove; "
+    "critics that agree with each other more than with the exact values have such a shared part. "
     "Measured by `scripts/critic_seeds.py` into `critic_seeds.csv`.\n\n")
 
 
@@ -784,22 +786,25 @@ def critic_seed_rows(probes, q_hats) -> list[dict]:
 def critic_seeds_table(rows) -> str:
     """A Markdown table from ``scripts/critic_seeds.py``'s rows (or its CSV's): one line per dataset, critic, steps,
     w and number of critics averaged; per candidate group the critics' agreement, one critic's correlation with the
-    exact values, and the average's correlation, sign agreement and gain beside the best."""
+    exact values, the average's correlation, sign agreement and gain beside the best, and the average's and the exact
+    advantages' correlation with nearness to mu(s)."""
     cells: dict[tuple, dict] = {}
     for r in rows:
         key = (r["dataset"], r["critic"], int(r["steps"]), float(r["guidance_scale"]), int(r["members"]))
         cells.setdefault(key, {})[r["group"]] = r
     groups = _groups(rows)
     lines = ["| dataset | critic | steps | w | critics averaged | " + " | ".join(
-        f"{g}: critics agree | each alone | corr | sign right | gain / best" for g in groups) + " |",
-        "|---|---|---:|---:|---:|" + "---:|---:|---:|---:|---:|" * len(groups)]
+        f"{g}: critics agree | each alone | corr | sign right | gain / best | near mu(s): mean / exact"
+        for g in groups) + " |",
+        "|---|---|---:|---:|---:|" + "---:|---:|---:|---:|---:|---:|" * len(groups)]
     for (ds, critic, steps, w, n), by in sorted(cells.items()):
         vals = []
         for g in groups:
             r = by.get(g)
-            vals += ([""] * 5 if r is None else
+            vals += ([""] * 6 if r is None else
                      [f"{float(r['agree']):.2f}", f"{float(r['alone']):.2f}", f"{float(r['corr']):.2f}",
-                      f"{float(r['sign_agree']):.2f}", f"{float(r['critic_gain']):.3f} / {float(r['oracle_gain']):.3f}"])
+                      f"{float(r['sign_agree']):.2f}", f"{float(r['critic_gain']):.3f} / {float(r['oracle_gain']):.3f}",
+                      f"{float(r['near_corr']):.2f} / {float(r['true_near_corr']):.2f}"])
         lines.append(f"| {ds} | {critic} | {steps} | {w:g} | {n} | " + " | ".join(vals) + " |")
     return "\n".join(lines) + "\n"
 
