@@ -77,7 +77,8 @@ def probes_for(run: str, agent, cfg, w: float, a) -> QProbes:
 
 
 def fresh_critic_stage(vcfg, data):
-    """A fresh agent for ``vcfg`` on ``data`` (made under its seed, as train() makes it) and its critic stage."""
+    """A fresh agent for ``vcfg`` on ``data`` (made under its seed, as train() makes it) and its stages (the
+    critic's among them)."""
     seed_everything(vcfg.seed)  # as train() does before the agent's networks are made
     mean, std = data.obs_stats()
     agent = Agent(vcfg, data.state_dim, data.action_dim, mean, std, data.action_low, data.action_high,

@@ -10,7 +10,7 @@ table and a figure beside it (``aepo-lite figures`` re-renders both from the CSV
 
     aepo-lite make-dataset --env Hopper-v5 --quality medium --steps 800000 --name local/hopper-800k/medium-v0
     python scripts/critic_data.py --run runs/s51/big-energy-softmax-hopper/local_hopper_medium-v0/aepo-bench-s5 \
-        --dataset local/hopper-800k/medium-v0 --train-episodes 206 412 824 1647 3294 6588 --steps 20000 40000 80000 \
+        --dataset local/hopper-800k/medium-v0 --train-episodes 205 411 822 1644 3288 6575 --steps 20000 40000 80000 \
         --out figures/rl_6c_big/critic_data.csv
 """
 from __future__ import annotations

@@ -582,7 +582,7 @@ CRITIC_BUDGET_HEADER = (
     "beside the exact pick's (`best`). Measured by `scripts/critic_budget.py` into `critic_budget.csv`.\n\n")
 
 
-def _ranking_table(rows, columns: str, key) -> str:
+def _ranking_table(rows, columns: tuple[str, str], key) -> str:
     """The critic-ranking tables' shape: a line per ``key(row)`` (a tuple, sorted; floats as %g) after the header
     ``columns`` ("| a | b |", its alignment "|---|---:|"); per candidate group its sign agreement, correlation and
     gain beside the best, a group missing from a line left blank."""
@@ -663,8 +663,9 @@ CRITIC_DATA_HEADER = (
     "# How a critic's ranking of actions grows with its data\n\nThe probes of `critic_budget.md` (states a trained "
     "run's policy visits at guidance scale w; candidates: its own action, mu(s) + c x the data's noise std, c = 1 and "
     "3; exact values by the simulator, the deterministic data policy after the action). A critic with the run's "
-    "settings and seed is trained afresh on the first n episodes of a fixed random order of `train data` (a dataset "
-    "of the same data policy; nested: each subset holds the smaller ones) and scored after each number of steps. "
+    "settings and seed (or of the kind in the `critic` column) is trained afresh on the first n episodes of a fixed "
+    "random order of `train data` (a dataset of the same data policy, or of its snapshot with another action noise; "
+    "nested: each subset holds the smaller ones) and scored after each number of steps. "
     "Columns as in `critic_budget.md`: `sign right` (0.5: a coin), `corr`, and `gain`, the exact advantage of the "
     "critic's pick among mu(s) and the group, per state, in points, beside the exact pick's (`best`). Measured by "
     "`scripts/critic_data.py` into `critic_data.csv`.\n\n")
