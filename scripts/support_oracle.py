@@ -1,10 +1,13 @@
 """The best of N of a made dataset's own actions, chosen by Monte-Carlo rollouts of the true environment
 (aepo_lite.rl.datasets.snapshot_oracle_scores): how much one step of in-support policy improvement can gain
-there, for a critic that ranked the support as well as the rollouts do. Writes a CSV and its Markdown table
+there, for a critic that ranked the support as well as the rollouts do; with ``--search sequence``, a search over
+whole trajectories of the data's policy, replanned at every step (several steps of in-support improvement). Writes a CSV and its Markdown table
 beside it (``aepo-lite figures`` re-renders the table from the CSV alone); a rerun skips the rows the CSV has.
 
     python scripts/support_oracle.py --datasets local/hopper/medium-v0 --candidates 4 16 64 \
         --out figures/rl_6c_ln/support_oracle.csv
+    python scripts/support_oracle.py --datasets local/hopper/medium-v0 --search sequence --candidates 4 16 64 \
+        --episodes 10 --out figures/rl_6c_ln/support_oracle.csv
 """
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ from aepo_lite.rl.diagnostics import SUPPORT_ORACLE_COLUMNS, existing_rows, rend
 
 
 def _key(row) -> tuple:
-    return (row["dataset"], row["snapshot"], int(row["candidates"]), int(row["horizon"]), int(row["episodes"]),
+    return (row["dataset"], row["snapshot"], row.get("search") or "step", int(row["candidates"]), int(row["horizon"]), int(row["episodes"]),
             round(float(row["noise"]), 9), round(float(row["continuation_noise"]), 9), round(float(row["gamma"]), 9))
 
 
@@ -39,26 +42,32 @@ def main(argv=None) -> int:
     p.add_argument("--continuation-noise", type=float, default=0.0,
                    help="the rollouts' action-noise std after the candidate (0: the snapshot's exact Q)")
     p.add_argument("--gamma", type=float, default=1.0, help="the rollouts' discount")
+    p.add_argument("--search", default="step", choices=("step", "sequence"),
+                   help="step: the best first action, then the snapshot; sequence: the best whole trajectory of the "
+                        "data's policy, replanned each step (continuation noise: the candidates' noise)")
     p.add_argument("--which", default="medium", choices=("medium", "expert"), help="the recipe's snapshot")
     p.add_argument("--out", required=True, help="the CSV to write (its .md table is written beside it)")
     a = p.parse_args(argv)
+    if a.search == "sequence" and a.continuation_noise != 0:
+        p.error("--continuation-noise: the sequence search draws every step with --noise; leave it out")
     try:
         rows = existing_rows(a.out)
     except ValueError as e:
         p.error(f"--{e}")
     for d in a.datasets:
         noise = _data_noise(d) if a.noise is None else a.noise
-        cont = a.continuation_noise
+        cont = noise if a.search == "sequence" else a.continuation_noise
         for n in a.candidates:
-            key = (d, a.which, n, a.horizon, a.episodes, round(noise, 9), round(cont, 9), round(a.gamma, 9))
+            key = (d, a.which, a.search, n, a.horizon, a.episodes, round(noise, 9), round(cont, 9), round(a.gamma, 9))
             if key in {_key(r) for r in rows}:
-                print(f"skip {d} N={n} horizon={a.horizon}: in {a.out}")
+                print(f"skip {d} {a.search} N={n} horizon={a.horizon}: in {a.out}")
                 continue
             (r,) = snapshot_oracle_scores(d, (n,), horizon=a.horizon, episodes=a.episodes, noise=noise,
-                                          continuation_noise=cont, gamma=a.gamma,
+                                          continuation_noise=0.0 if a.search == "sequence" else cont,
+                                          gamma=a.gamma, search=a.search,
                                           which=a.which, progress=True)
             rows.append({"dataset": d, "snapshot": a.which, **r})
-            print(f"{d} N={n} horizon={a.horizon} gamma={a.gamma:g} continuation noise={cont:g}: score {r['score_mean']:.1f} +- {r['score_std']:.1f} "
+            print(f"{d} {a.search} N={n} horizon={a.horizon} gamma={a.gamma:g} continuation noise={cont:g}: score {r['score_mean']:.1f} +- {r['score_std']:.1f} "
                   f"({r['seconds']:.0f} s)", flush=True)
             write_csv_and_table(a.out, rows, SUPPORT_ORACLE_COLUMNS, render_support_oracle)  # each row as it lands
     for path in write_csv_and_table(a.out, rows, SUPPORT_ORACLE_COLUMNS, render_support_oracle):

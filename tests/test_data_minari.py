@@ -190,7 +190,7 @@ def test_run_episodes_seeds_do_not_depend_on_parallelism():
     assert rec[-1].truncations[-1] or rec[-1].terminations[-1]
 
 
-def test_make_dataset_tiny_repeatable(minari_root, capsys):
+def test_make_dataset_tiny_repeatable(minari_root, capsys, monkeypatch):
     pytest.importorskip("stable_baselines3")
     from aepo_lite.rl.datasets import DatasetRecipe, make_dataset
     from aepo_lite.rl.data import description_info
@@ -243,10 +243,41 @@ def test_make_dataset_tiny_repeatable(minari_root, capsys):
     assert o1["return_mean"] == pytest.approx(at0["return_mean"]) and o4["return_mean"] == pytest.approx(at0["return_mean"])
     assert o4["candidates"] == 4 and o4["score_mean"] == pytest.approx(at0["score_mean"])
     (d1,) = snapshot_oracle_scores("t/hopper/medium-v0", (1,), episodes=2)  # the data's own noise (0.1)
+    # the sequence search: without noise every trajectory is the deterministic policy's, so it replays it too; with
+    # the data's noise the episode returns at least what the best trajectory found at any step promised (the prefix
+    # taken plus that trajectory's return: the search keeps its plan, so it can only improve on it)
+    (q3,) = snapshot_oracle_scores("t/hopper/medium-v0", (3,), episodes=3, noise=0.0, search="sequence")
+    assert q3["search"] == "sequence" and q3["return_mean"] == pytest.approx(at0["return_mean"])
+    import aepo_lite.rl.datasets as dsm
+    promised, taken, real = [], [], dsm.rollout_returns
+
+    def recording(*args, **kw):
+        g = real(*args, **kw)
+        promised.append(sum(taken) + g.max())
+        return g
+
+    env, scratch = dsm._mujoco_envs("t/hopper/medium-v0", "Hopper-v5", 4, 0, "test")
+    step = env.step
+
+    def taking(a):
+        out = step(a)
+        taken.append(out[1])
+        return out
+    env.step = taking
+    mu_med = _sb3_policy(_load_snapshot(lad, med), 0.0, None)
+    with monkeypatch.context() as m:
+        m.setattr(dsm, "rollout_returns", recording)
+        for ep in range(3):
+            promised.clear(), taken.clear()
+            ret, t = dsm._sequence_episode(env, scratch, mu_med, 4, 100_000 + ep, np.random.default_rng(ep), 0.1,
+                                           1000, 1.0)
+            assert t == len(taken) == len(promised) and ret == pytest.approx(sum(taken))
+            assert ret >= max(promised) - 1e-6 and ret == pytest.approx(promised[-1])
     assert d1["noise"] == 0.1 and d1["return_mean"] != pytest.approx(at0["return_mean"])
     for kw, match in [(dict(candidates=(0,)), "candidates"), (dict(horizon=0), "horizon"), (dict(gamma=1.5), "gamma"),
                       (dict(noise=-1.0), "noise"), (dict(candidates=()), "candidates"),
-                      (dict(continuation_noise=float("nan")), "continuation_noise")]:
+                      (dict(continuation_noise=float("nan")), "continuation_noise"), (dict(search="beam"), "search"),
+                      (dict(search="sequence", continuation_noise=0.1), "continuation_noise")]:
         with pytest.raises(ValueError, match=match):
             snapshot_oracle_scores("t/hopper/medium-v0", **kw)
     with pytest.raises(ValueError, match="random dataset"):
@@ -262,10 +293,18 @@ def test_make_dataset_tiny_repeatable(minari_root, capsys):
             "--out", str(out)]
     assert so.main(args) == 0
     first = out.read_text()
-    assert len(first.strip().splitlines()) == 3 and "| t/hopper/medium-v0 | medium | 0.1 (0.1) | 2 | 3 |" in \
+    assert len(first.strip().splitlines()) == 3 and "| t/hopper/medium-v0 | medium | step | 0.1 (0.1) | 2 | 3 |" in \
         out.with_suffix(".md").read_text()
     assert so.main(args) == 0 and out.read_text() == first
-    assert "skip t/hopper/medium-v0 N=2" in capsys.readouterr().out
+    assert "skip t/hopper/medium-v0 step N=2" in capsys.readouterr().out
+    # the sequence search is another row (continuation noise: the candidates' own, the data's 0.1), skipped on a rerun
+    assert so.main(args[:-2] + ["--search", "sequence", "--out", str(out)]) == 0
+    assert "| t/hopper/medium-v0 | medium | sequence | 0.1 (0.1) | 2 | 3 | 1 | 0.1 |" in out.with_suffix(".md").read_text()
+    assert so.main(args[:-2] + ["--search", "sequence", "--out", str(out)]) == 0
+    assert "skip t/hopper/medium-v0 sequence N=2" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        so.main(args[:-2] + ["--search", "sequence", "--continuation-noise", "0.1", "--out", str(out)])
+    assert "--continuation-noise" in capsys.readouterr().err
     # how far a policy acts from the data's actions, in the data's noise std: the snapshot itself at z = 0 (and
     # its noise-free score, the same reset seeds); the snapshot plus unclipped noise of twice the data's std at RMS z
     # 2, with 1 - P(|N(0, 1)| < 1.5)^3 of its steps beyond 3 stds; the data's own actions (the snapshot plus the
@@ -327,6 +366,15 @@ def test_rollout_returns_match_a_replay_of_the_same_actions():
         want.append(g)
     np.testing.assert_allclose(got, want, rtol=1e-9)
     assert len(set(np.round(got, 6))) == 3  # the first actions matter
+    # each candidate with its own continuation draws: the same as that candidate's rollout with those draws shared
+    own = 0.3 * rng.standard_normal((3, 12, 3))
+    each = [rollout_returns(_mujoco_state(env.unwrapped), scratch, first[[i]], policy, own[i], gamma=0.9)[0]
+            for i in range(3)]
+    np.testing.assert_allclose(rollout_returns(_mujoco_state(env.unwrapped), scratch, first, policy, own, gamma=0.9),
+                               each, rtol=1e-12)
+    assert not np.allclose(each, got)
+    with pytest.raises(ValueError, match="continuation_noise"):
+        rollout_returns(_mujoco_state(env.unwrapped), scratch, first, policy, own[:2], gamma=0.9)
     with pytest.raises(ValueError, match="scratch"):
         rollout_returns(_mujoco_state(env.unwrapped), scratch[:2], first, policy, cont, gamma=0.9)
 

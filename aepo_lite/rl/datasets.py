@@ -327,10 +327,17 @@ def rollout_returns(state: dict, scratch: list, first_actions: np.ndarray, polic
     ``scratch``: one unwrapped MuJoCo environment per candidate (their own physics, restored to ``state``).
     ``policy(obs) -> actions`` is the deterministic part; ``continuation_noise`` (steps - 1, act_dim) is added
     to it at each later step, the same draws for every candidate (common random numbers: the candidates'
-    returns differ by their first action, not by luck of the continuation). Actions are clipped to the box."""
+    returns differ by their first action, not by luck of the continuation), or (n, steps - 1, act_dim): each
+    candidate's own draws (a whole trajectory per candidate). Actions are clipped to the box."""
     n = len(first_actions)
     if len(scratch) < n:
         raise ValueError(f"scratch: expected at least {n} environments (one per candidate), got {len(scratch)}")
+    continuation_noise = np.asarray(continuation_noise, dtype=float)
+    if continuation_noise.ndim == 3:
+        if len(continuation_noise) != n:
+            raise ValueError(f"continuation_noise: expected one row of draws per candidate ({n}), got "
+                             f"{len(continuation_noise)}")
+        continuation_noise = np.moveaxis(continuation_noise, 0, 1)  # (steps - 1, n, act_dim): indexed by step below
     low, high = scratch[0].action_space.low, scratch[0].action_space.high
     for env in scratch[:n]:
         _restore_mujoco_state(env, state)
@@ -387,10 +394,39 @@ def _oracle_episode(env, scratch, mean_action, n: int, reset_seed: int, rng, noi
     return ret, t
 
 
+def _sequence_episode(env, scratch, mean_action, n: int, reset_seed: int, rng, noise: float, horizon: int,
+                      gamma: float) -> tuple[float, int]:
+    """One episode of :func:`snapshot_oracle_scores`' sequence search: at every step n whole trajectories of the
+    data's policy (the snapshot plus noise of std ``noise`` at each of ``horizon`` steps, each candidate its own
+    draws) are rolled out from the current state, the best one's first action is taken, and the rest of its draws is
+    candidate 0 at the next step (so with gamma 1 and a horizon to the time limit the episode returns at least the
+    best return found at any step: the search can only improve on its plan). (its return, its length)."""
+    low, high = env.action_space.low, env.action_space.high
+    limit = env.spec.max_episode_steps or 10**9
+    obs, _ = env.reset(seed=reset_seed)
+    ret, t, done, kept = 0.0, 0, False, None
+    while not done:
+        a0 = mean_action(obs[None])[0]
+        steps = min(horizon, limit - t)
+        z = noise * rng.standard_normal((n, steps, a0.shape[0]))
+        if kept is not None:
+            z[0, :len(kept)] = kept[:steps]
+        g = rollout_returns(_mujoco_state(env.unwrapped), scratch, np.clip(a0 + z[:, 0], low, high), mean_action,
+                            z[:, 1:], gamma)
+        best = int(np.argmax(g))
+        kept = z[best, 1:]
+        obs, r, terminated, truncated, _ = env.step(np.clip(a0 + z[best, 0], low, high))
+        ret, t, done = ret + float(r), t + 1, terminated or truncated
+    return ret, t
+
+
+ORACLE_SEARCHES = ("step", "sequence")
+
+
 def snapshot_oracle_scores(name: str, candidates=(1, 4, 16), horizon: int = 1000, episodes: int = 5,
                            gamma: float = 1.0, seed: int = 100_000, which: str = "medium", noise: Optional[float] = None,
                            continuation_noise: float = 0.0, policy_cache: Optional[Path] = None,
-                           progress: bool = False) -> list[dict]:
+                           progress: bool = False, search: str = "step") -> list[dict]:
     """What the best of N of a dataset's own actions is worth when chosen by the *true* return (an oracle):
     the upper end of what one step of in-support policy improvement can gain on a ``make-dataset`` dataset.
 
@@ -406,7 +442,14 @@ def snapshot_oracle_scores(name: str, candidates=(1, 4, 16), horizon: int = 1000
     draw ranked the candidates no better than taking the first (docs/results.md). A critic that ranked the support as well as these
     rollouts, at the same N, would score this. MuJoCo environments only (their state is restored for each rollout).
 
-    One dict per N: ``candidates``, ``horizon``, ``gamma``, ``noise``, ``data_noise`` (the recipe's
+    ``search="sequence"`` searches over whole trajectories within the support instead of first actions: at every
+    step N trajectories of the data's own policy (noise of std ``noise`` at every step, each candidate its own
+    draws; ``continuation_noise`` must stay 0 and the row records ``noise`` there) are rolled out, the best one's
+    first action is taken and the rest of its draws is kept as a candidate for the next step (a receding-horizon
+    search, several steps of improvement; with gamma 1 and a horizon past the time limit each episode returns at
+    least the best trajectory found along it). Every action taken is one the data's policy could draw at its state.
+
+    One dict per N: ``search``, ``candidates``, ``horizon``, ``gamma``, ``noise``, ``data_noise`` (the recipe's
     ``collect_noise``: candidates with ``noise`` equal to it are the data's support), ``continuation_noise``, ``return_mean``,
     ``score_mean`` / ``score_std`` (normalised with the dataset's reference scores), ``length_mean``,
     ``episodes``, ``seconds``."""
@@ -425,6 +468,11 @@ def snapshot_oracle_scores(name: str, candidates=(1, 4, 16), horizon: int = 1000
         raise ValueError(f"noise: expected a finite std >= 0, got {noise!r}")
     if not (np.isfinite(continuation_noise) and continuation_noise >= 0):
         raise ValueError(f"continuation_noise: expected a finite std >= 0, got {continuation_noise!r}")
+    if search not in ORACLE_SEARCHES:
+        raise ValueError(f"search: expected one of {ORACLE_SEARCHES}, got {search!r}")
+    if search == "sequence" and continuation_noise != 0:
+        raise ValueError("continuation_noise: the sequence search draws every step's noise with `noise` (each "
+                         f"candidate its own); leave continuation_noise at 0, got {continuation_noise!r}")
     env, scratch = _mujoco_envs(name, recipe.env_id, max(cands), seed, "the oracle")
     mean_action = _sb3_policy(model, 0.0, None)
     out = []
@@ -432,15 +480,20 @@ def snapshot_oracle_scores(name: str, candidates=(1, 4, 16), horizon: int = 1000
         for n in cands:
             t0 = time.perf_counter()
             rets, lens = [], []
-            for ep in tqdm(range(episodes), desc=f"oracle best of {n}", disable=not progress, leave=False):
-                ret, t = _oracle_episode(env, scratch, mean_action, n, seed + ep, np.random.default_rng([seed, n, ep]),
-                                         noise, continuation_noise, horizon, gamma)
+            for ep in tqdm(range(episodes), desc=f"oracle best of {n} ({search})", disable=not progress, leave=False):
+                rng = np.random.default_rng([seed, n, ep])
+                if search == "sequence":
+                    ret, t = _sequence_episode(env, scratch, mean_action, n, seed + ep, rng, noise, horizon, gamma)
+                else:
+                    ret, t = _oracle_episode(env, scratch, mean_action, n, seed + ep, rng, noise, continuation_noise,
+                                             horizon, gamma)
                 rets.append(ret)
                 lens.append(t)
             ret = np.array(rets)
             score = (ret - lo) / (hi - lo) * 100
-            out.append({"candidates": n, "horizon": horizon, "gamma": float(gamma), "noise": float(noise),
-                        "data_noise": float(recipe.collect_noise), "continuation_noise": float(continuation_noise),
+            cont = noise if search == "sequence" else continuation_noise
+            out.append({"search": search, "candidates": n, "horizon": horizon, "gamma": float(gamma),
+                        "noise": float(noise), "data_noise": float(recipe.collect_noise), "continuation_noise": float(cont),
                         "return_mean": float(ret.mean()), "score_mean": float(score.mean()), "score_std": float(score.std()),
                         "length_mean": float(np.mean(lens)), "episodes": episodes,
                         "seconds": time.perf_counter() - t0})

@@ -335,7 +335,7 @@ def render_policy_noise(csv_path, figures_dir) -> list[Path]:
     return _render_table(csv_path, POLICY_NOISE_HEADER, policy_noise_table, "scripts/policy_noise.py")
 
 
-SUPPORT_ORACLE_COLUMNS = ("dataset", "snapshot", "noise", "data_noise", "candidates", "horizon", "gamma", "continuation_noise",
+SUPPORT_ORACLE_COLUMNS = ("dataset", "snapshot", "search", "noise", "data_noise", "candidates", "horizon", "gamma", "continuation_noise",
                           "episodes", "return_mean", "score_mean", "score_std", "length_mean", "seconds")
 SUPPORT_ORACLE_HEADER = (
     "# The best of N of a dataset's own actions, chosen by the true return\n\nAt every step N actions of the policy "
@@ -345,16 +345,22 @@ SUPPORT_ORACLE_HEADER = (
     "noise for every candidate), and the best is taken; N = 1 is the data's own policy. With continuation noise "
     "0 each score is the deterministic snapshot's exact Q(s, a) over the horizon (gamma 1 and horizon 1000: its "
     "return to the episode's end), so the row is the policy-improvement step over that policy restricted to N "
-    "support actions; with the data's noise it is one noisy draw. Normalised with the dataset's "
+    "support actions; with the data's noise it is one noisy draw. Search `sequence`: at every step N whole "
+    "trajectories of the data's own policy (its noise at every step, each candidate its own draws) are rolled out "
+    "to the episode's end, the best one's first action is taken and the rest of it is a candidate again at the next "
+    "step: a search over several steps of improvement in which every action is one the data's policy could draw "
+    "(the continuation noise column shows the std of those draws). Normalised with the dataset's "
     "reference scores (measured by `scripts/support_oracle.py` into `support_oracle.csv`; "
     ":func:`aepo_lite.rl.datasets.snapshot_oracle_scores`).\n\n")
 
 
 def support_oracle_table(rows) -> str:
     """A Markdown table from ``scripts/support_oracle.py``'s rows (or its CSV's), one line per dataset, N, horizon."""
-    lines = ["| dataset | snapshot | noise std (the data's) | N | horizon | gamma | continuation noise | episodes "
-             "| return | normalised score | mean length | seconds |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['dataset']} | {r['snapshot']} | {float(r['noise']):g} ({float(r['data_noise']):g}) "
+    lines = ["| dataset | snapshot | search | noise std (the data's) | N | horizon | gamma | continuation noise | "
+             "episodes | return | normalised score | mean length | seconds |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['dataset']} | {r['snapshot']} | {r.get('search') or 'step'} "
+              f"| {float(r['noise']):g} ({float(r['data_noise']):g}) "
               f"| {r['candidates']} | {r['horizon']} "
               f"| {float(r['gamma']):g} | {float(r['continuation_noise']):g} | {r['episodes']} | {float(r['return_mean']):.1f} | {float(r['score_mean']):.1f} +- "
               f"{float(r['score_std']):.1f} | {float(r['length_mean']):.0f} | {float(r['seconds']):.0f} |" for r in rows]
@@ -363,9 +369,12 @@ def support_oracle_table(rows) -> str:
 
 def support_oracle_kind(row) -> str:
     """What a support-oracle row (CSV dict) measures: ``policy`` (N = 1, the data's policy), ``noisy`` (one noisy
-    rollout a candidate), ``support`` (exact Q, candidates of the data's own noise) or ``wider`` (exact Q, more noise)."""
+    rollout a candidate), ``support`` (exact Q, candidates of the data's own noise), ``wider`` (exact Q, more noise),
+    ``sequence`` (the search over whole trajectories of the data's noise) or ``sequence-wider`` (of more noise)."""
     if int(row["candidates"]) == 1:
         return "policy"
+    if (row.get("search") or "step") == "sequence":
+        return "sequence" if abs(float(row["noise"]) - float(row["data_noise"])) < 1e-9 else "sequence-wider"
     if float(row["continuation_noise"]) > 0:
         return "noisy"
     return "support" if abs(float(row["noise"]) - float(row["data_noise"])) < 1e-9 else "wider"
@@ -403,7 +412,10 @@ def _plot_support_oracle(csv_path: Path, rl_csv: Path) -> Path:
         for r in mine:
             kind = {"policy": "the data's policy (N = 1)", "support": "the data's actions, exact Q to the end",
                     "wider": f"{float(r['noise']) / float(r['data_noise']):g}x the data's noise, exact Q to the end",
-                    "noisy": f"the data's actions, one noisy rollout of {r['horizon']} steps"}[support_oracle_kind(r)]
+                    "noisy": f"the data's actions, one noisy rollout of {r['horizon']} steps",
+                    "sequence": "whole trajectories of the data's policy, replanned each step",
+                    "sequence-wider": f"whole trajectories with {float(r['noise']) / float(r['data_noise']):g}x the "
+                                      "data's noise, replanned each step"}[support_oracle_kind(r)]
             kinds.setdefault(kind, []).append((int(r["candidates"]), float(r["score_mean"]), float(r["score_std"])))
         for i, (kind, pts) in enumerate(sorted(kinds.items())):
             pts.sort()
