@@ -473,10 +473,26 @@ def test_oracle_line_says_what_the_support_holds_where_the_default_misses(tmp_pa
            dict(base, dataset="pass", noise=0.1, candidates=16, score_mean=51.0)]
     _write(tmp_path / "o.csv", orc)
     (line,) = _oracle_lines(tmp_path / "o.csv", tmp_path / "rl.csv")
-    assert "pass:" not in line and "N = 64" not in line and "99.0" not in line
+    assert "pass:" not in line and "N = 64" not in line and "99.0" not in line and "whole trajectories" not in line
     assert ("miss: the best of N = 4 / 16 of the data's own actions scores 61.0 / 62.5 against BC's 60.0 (at best "
             "BC +2.5), so one step of improvement within the data's support gives less than BC + 5 there") in line
     assert "candidates with 2x the data's noise (N = 16): 66.0 (BC +6.0); the default scores 63.0 (BC +3.0)." in line
+    # the sequence search's rows (the data's noise in every step; a wider one is not in the line), by N
+    seq = dict(base, dataset="miss", noise=0.1, continuation_noise=0.1, search="sequence")
+    orc_seq = [dict(r, search="step") for r in orc] + [dict(seq, candidates=16, score_mean=63.5),
+                                                       dict(seq, candidates=4, score_mean=62.0),
+                                                       dict(seq, candidates=8, noise=0.3, score_mean=90.0)]
+    _write(tmp_path / "o.csv", orc_seq)
+    (line,) = _oracle_lines(tmp_path / "o.csv", tmp_path / "rl.csv")
+    assert ("less than BC + 5 there; searching whole trajectories of the data's policy instead (the best of N = 4 / "
+            "16, replanned at every step, the best kept: several steps of improvement, every action one the data's "
+            "policy could draw): 62.0 / 63.5 (at best BC +3.5, still under BC + 5); candidates with 2x") in line
+    assert "90.0" not in line
+    orc_seq[-2]["score_mean"] = 65.5
+    _write(tmp_path / "o.csv", orc_seq)
+    assert "62.0 / 63.5" not in _oracle_lines(tmp_path / "o.csv", tmp_path / "rl.csv")[0]
+    assert "65.5 / 63.5 (at best BC +5.5: BC + 5 lies within the support)" in _oracle_lines(
+        tmp_path / "o.csv", tmp_path / "rl.csv")[0]
     orc[1]["score_mean"] = 66.0  # now the support holds BC + 5: the verdict turns
     _write(tmp_path / "o.csv", orc)
     assert "data's support holds BC + 5 there" in _oracle_lines(tmp_path / "o.csv", tmp_path / "rl.csv")[0]

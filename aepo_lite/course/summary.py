@@ -295,9 +295,11 @@ def _rl_glance_lines(rl_csv, heldout_csv=None) -> list[str]:
 def _oracle_lines(oracle_csv, rl_csv) -> list[str]:
     """Where the default AEPO estimator misses BC + 5 in ``rl_csv``, what the data's support holds there by the
     true return (``rl_6c_ln/support_oracle.csv``, ``scripts/support_oracle.py``): its exact-Q rows (continuation
-    noise 0, gamma 1) with candidates of the data's own noise, their best against BC, and any wider candidates."""
+    noise 0, gamma 1) with candidates of the data's own noise, their best against BC, any wider candidates, and
+    the search over whole trajectories of the data's policy (``--search sequence``, gamma 1)."""
     from aepo_lite.rl.diagnostics import support_oracle_kind
-    rows = [r for r in _read(oracle_csv) if support_oracle_kind(r) in ("support", "wider") and float(r["gamma"]) == 1]
+    rows = [r for r in _read(oracle_csv)
+            if support_oracle_kind(r) in ("support", "wider", "sequence") and float(r["gamma"]) == 1]
     rl = rl_summary(rl_csv)
     parts = []
     for ds in sorted({r["dataset"] for r in rows}):
@@ -319,6 +321,14 @@ def _oracle_lines(oracle_csv, rl_csv) -> list[str]:
                 + f" against BC's {b:.1f} (at best BC {best - b:+.1f}), so one step of improvement within the "
                 + ("data's support gives less than BC + 5 there" if best < b + 5 else
                    "data's support holds BC + 5 there: a critic ranking it as the simulator does would reach it"))
+        seq = sorted((r for r in mine if support_oracle_kind(r) == "sequence"), key=lambda r: int(r["candidates"]))
+        if seq:
+            top = max(float(r["score_mean"]) for r in seq)
+            text += ("; searching whole trajectories of the data's policy instead (the best of N = "
+                     + " / ".join(r["candidates"] for r in seq) + ", replanned at every step, the best kept: several "
+                     "steps of improvement, every action one the data's policy could draw): "
+                     + " / ".join(f"{float(r['score_mean']):.1f}" for r in seq) + f" (at best BC {top - b:+.1f}"
+                     + (", still under BC + 5)" if top < b + 5 else ": BC + 5 lies within the support)"))
         for r in sorted((r for r in mine if support_oracle_kind(r) == "wider"),
                         key=lambda r: (float(r["noise"]), int(r["candidates"]))):
             x = float(r["score_mean"])

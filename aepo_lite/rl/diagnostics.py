@@ -404,10 +404,12 @@ def _plot_support_oracle(csv_path: Path, rl_csv: Path) -> Path:
             lab = default_aepo_label(preset)
             if lab in m:
                 refs[ds].append((f"default AEPO, best w ({m[lab]['mean']:.1f})", m[lab]["mean"], "C3", "--"))
-    fig, axes = plt.subplots(1, len(datasets), figsize=(6.4 * len(datasets), 4.2), squeeze=False,
+    fig, axes = plt.subplots(1, len(datasets), figsize=(9.6 * len(datasets), 4.6), squeeze=False,
                              layout="constrained")
+    order = ("policy", "support", "noisy", "sequence", "wider", "sequence-wider")  # in the support first
     for ax, ds in zip(axes[0], datasets):
-        mine = [r for r in rows if r["dataset"] == ds]
+        mine = sorted((r for r in rows if r["dataset"] == ds),
+                      key=lambda r: (order.index(support_oracle_kind(r)), float(r["noise"]), int(r["horizon"])))
         kinds = {}
         for r in mine:
             kind = {"policy": "the data's policy (N = 1)", "support": "the data's actions, exact Q to the end",
@@ -417,19 +419,21 @@ def _plot_support_oracle(csv_path: Path, rl_csv: Path) -> Path:
                     "sequence-wider": f"whole trajectories with {float(r['noise']) / float(r['data_noise']):g}x the "
                                       "data's noise, replanned each step"}[support_oracle_kind(r)]
             kinds.setdefault(kind, []).append((int(r["candidates"]), float(r["score_mean"]), float(r["score_std"])))
-        for i, (kind, pts) in enumerate(sorted(kinds.items())):
+        for i, (kind, pts) in enumerate(kinds.items()):
             pts.sort()
             x, y, e = zip(*pts)
-            ax.errorbar(x, y, yerr=e, marker="os^vD"[i % 5], capsize=3, color=f"C{i}", label=kind, gid=kind)
+            shift = 2 ** (0.05 * (i - (len(kinds) - 1) / 2))  # a little apart, so that error bars at one N do not hide
+            ax.errorbar([v * shift for v in x], y, yerr=e, marker="os^vD"[i % 5], capsize=3, color=f"C{i}",
+                        label=kind, gid=kind)
         for label, y, colour, style in refs.get(ds, []):
             ax.axhline(y, color=colour, linestyle=style, label=label, gid=label)
         ax.set_xscale("log", base=2)
         ns = sorted({int(r["candidates"]) for r in mine})
         ax.set_xticks(ns, [str(n) for n in ns])
-        ax.set_xlabel("N, candidate actions per step")
+        ax.set_xlabel("N, candidates per step (points at one N drawn a little apart)")
         ax.set_ylabel("normalised score (+- std over episodes)")
         ax.set_title(f"{ds}: the best of N by the true return", fontsize=10)
-        ax.legend(fontsize=7, loc="best")
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     return _save_plot(fig, csv_path.with_suffix(".png"))
 
 
