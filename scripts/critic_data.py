@@ -8,10 +8,18 @@ after each number of steps. The subsets are nested, so more data only adds episo
 table and a figure beside it (``aepo-lite figures`` re-renders both from the CSV); critic checkpoints live in
 ``--work``, so a killed script resumes; a rerun skips the rows the CSV has.
 
+``--critic-kind exact`` asks what the critic's network can learn from these transitions when its targets carry no
+error: the Monte-Carlo critic regressed, in place of each transition's noisy return, on the exact value of its
+(state, action) as the probes define it (``aepo_lite.rl.datasets.exact_q_labels``: the simulator rebuilt from the
+observation, the action, then the deterministic snapshot for ``--horizon`` steps, discounted by ``--gamma``). The
+labels are computed once per episode and kept in ``--work``.
+
     aepo-lite make-dataset --env Hopper-v5 --quality medium --steps 800000 --name local/hopper-800k/medium-v0
     python scripts/critic_data.py --run runs/s51/big-energy-softmax-hopper/local_hopper_medium-v0/aepo-bench-s5 \
         --dataset local/hopper-800k/medium-v0 --train-episodes 205 411 822 1644 3288 6575 --steps 20000 40000 80000 \
         --out figures/rl_6c_big/critic_data.csv
+    python scripts/critic_data.py --run ... --dataset local/hopper-800k/medium-v0 --train-episodes 205 411 \
+        --critic-kind exact --out figures/rl_6c_big/critic_data.csv
 """
 from __future__ import annotations
 
@@ -19,14 +27,20 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+import hashlib
+import json
+
 import numpy as np
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # critic_budget.py, the probes and stages shared with it
 from critic_budget import (check_step_counts, fresh_critic_stage, load_critic_run, parse_checked,  # noqa: E402
                            probe_arguments, probes_for, train_and_score)
 
+from aepo_lite._io import atomic_save_npz  # noqa: E402
 from aepo_lite.rl.agent import check_config, critic_kind  # noqa: E402
 from aepo_lite.rl.data import description_info, load_minari  # noqa: E402
+from aepo_lite.rl.datasets import exact_q_labels  # noqa: E402
 from aepo_lite.rl.diagnostics import CRITIC_DATA_COLUMNS, existing_rows, render_critic_data  # noqa: E402
 
 ORDER_SEED = 0  # the fixed random order of the dataset's episodes that the subsets take a prefix of
@@ -42,6 +56,42 @@ def same_data_policy(run_data, data, ignore=()) -> list[str]:
     return sorted(k for k in set(mine) | set(theirs) if k not in skip and mine.get(k) != theirs.get(k))
 
 
+def exact_labels(a, name: str, full, episodes, chunk: int = 20) -> np.ndarray:
+    """The exact values (raw reward units) of the transitions of ``full``'s ``episodes`` (in that order), each
+    episode's computed once and kept in ``--work`` (saved after every ``chunk`` episodes, so a killed script loses
+    at most one chunk)."""
+    key = json.dumps([name, a.horizon, a.gamma])
+    path = Path(a.work) / f"exact-labels-{hashlib.sha256(key.encode()).hexdigest()[:16]}.npz"
+    cache = dict(np.load(path)) if path.exists() else {}
+    todo = [int(e) for e in episodes if f"e{e}" not in cache]
+    lo, hi = full.action_low, full.action_high
+    raw = replace(full, reward_scaling="none")  # one episode at a time: no return span to scale by
+    for i in range(0, len(todo), chunk):
+        part = [raw.take_episodes(np.array([e])) for e in todo[i:i + chunk]]
+        obs = np.concatenate([d.obs_rows[d.idx] for d in part])
+        act = np.concatenate([lo + (d.actions + 1) / 2 * (hi - lo) for d in part])  # back to the environment's units
+        q = exact_q_labels(name, obs, act, horizon=a.horizon, gamma=a.gamma)
+        for e, piece in zip(todo[i:i + chunk], np.split(q, np.cumsum([d.n for d in part])[:-1])):
+            cache[f"e{e}"] = piece
+        Path(a.work).mkdir(parents=True, exist_ok=True)
+        atomic_save_npz(path, **cache)
+        print(f"exact values: {min(i + chunk, len(todo))} of {len(todo)} episodes", flush=True)
+    return np.concatenate([cache[f"e{int(e)}"] for e in episodes])
+
+
+def exact_target_stage(stage, data, labels: np.ndarray, batch: int, a):
+    """The Monte-Carlo critic's ``stage`` regressed on ``labels`` (raw units, one per transition of ``data``,
+    scaled as its rewards are) in place of the returns to go; its config names the targets (its own checkpoints)."""
+    g = torch.as_tensor(labels * data.reward_factor(), dtype=torch.float32)
+    T = data.tensors(torch.device("cpu"))
+
+    def batches(gen):
+        i = torch.randint(0, data.n, (batch,), generator=gen)
+        return {"s": T["obs"][T["idx"][i]], "a": T["a"][i], "g": g[i]}
+    return replace(stage, config={**stage.config, "targets": {"exact": {"horizon": a.horizon, "gamma": a.gamma}}},
+                   batches=batches)
+
+
 def main(argv=None) -> int:
     p = probe_arguments(__doc__.splitlines()[0])
     p.add_argument("--dataset", default=None, help="the dataset the critics train on (default: the run's); made by "
@@ -51,8 +101,9 @@ def main(argv=None) -> int:
     p.add_argument("--other-noise", action="store_true",
                    help="accept a --dataset collected with another action-noise std (make-dataset --collect-noise): "
                         "the same snapshot's mean actions mu(s), spread differently around them")
-    p.add_argument("--critic-kind", choices=("run", "iql", "mc"), default="run",
-                   help="the critic trained: the run's (default) or another kind with the run's other settings")
+    p.add_argument("--critic-kind", choices=("run", "iql", "mc", "exact"), default="run",
+                   help="the critic trained: the run's (default) or another kind with the run's other settings; "
+                        "exact: the mc critic on the exact values of the transitions (labels kept in --work)")
     p.add_argument("--steps", nargs="+", type=int, default=[20_000, 40_000, 80_000],
                    help="critic training steps at which it is scored (increasing)")
     a = parse_checked(p, argv)
@@ -60,7 +111,7 @@ def main(argv=None) -> int:
     if any(n < 2 for n in a.train_episodes) or a.train_episodes != sorted(set(a.train_episodes)):
         p.error(f"--train-episodes: expected increasing episode counts of 2 or more, got {a.train_episodes}")
     agent, cfg, run_data = load_critic_run(a.run)
-    kind = {} if a.critic_kind == "run" else {"kind": a.critic_kind}
+    kind = {} if a.critic_kind == "run" else {"kind": "mc" if a.critic_kind == "exact" else a.critic_kind}
     if critic_kind(replace(cfg, critic=replace(cfg.critic, **kind))) == "insupport":
         raise SystemExit(f"--run: {a.run} has the in-support critic, which reads the behaviour model's actions: it "
                          "would need a behaviour model trained on each subset (use a run with the iql or mc critic)")
@@ -82,13 +133,19 @@ def main(argv=None) -> int:
     probes = {w: probes_for(a.run, agent, cfg, w, a) for w in a.scales}
     rows = existing_rows(a.out)
     for n in a.train_episodes:
-        data = full.take_episodes(np.sort(order[:n]))  # in the stored order: all of them = the run's data
+        episodes = np.sort(order[:n])
+        data = full.take_episodes(episodes)  # in the stored order: all of them = the run's data
+        labels = exact_labels(a, name, full, episodes) if a.critic_kind == "exact" else None
 
-        def make(steps, data=data):
+        def make(steps, data=data, labels=labels):
             vcfg = check_config(replace(cfg, dataset=name, critic=replace(cfg.critic, **kind, steps=steps)))
             v_agent, stages = fresh_critic_stage(vcfg, data)
-            return v_agent, vcfg, next(s for s in stages if s.name == "critic"), data
-        extra = {"train_dataset": name, "train_episodes": n, "transitions": data.n}
+            stage = next(s for s in stages if s.name == "critic")
+            if labels is not None:
+                stage = exact_target_stage(stage, data, labels, vcfg.critic.batch, a)
+            return v_agent, vcfg, stage, data
+        extra = {"train_dataset": name, "train_episodes": n, "transitions": data.n,
+                 **({"critic": "exact"} if a.critic_kind == "exact" else {})}  # the mc critic on exact targets
         label = f"{name}:{n}" + (f":{a.critic_kind}" if kind else "")
         rows = train_and_score(a, label, {}, cfg, data, probes, rows, make=make, extra=extra,
                                columns=CRITIC_DATA_COLUMNS, render=render_critic_data)

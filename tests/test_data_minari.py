@@ -273,6 +273,37 @@ def test_make_dataset_tiny_repeatable(minari_root, capsys, monkeypatch):
                                            1000, 1.0)
             assert t == len(taken) == len(promised) and ret == pytest.approx(sum(taken))
             assert ret >= max(promised) - 1e-6 and ret == pytest.approx(promised[-1])
+    # exact values of arbitrary (observation, action) pairs, the physics rebuilt from the observation, against an
+    # environment that reached each state by playing the episode from its reset and then took the action and the
+    # snapshot's actions itself (horizon 20, gamma 0.9)
+    from aepo_lite.rl.datasets import exact_q_labels
+    rng3 = np.random.default_rng(4)
+    prefix, probe_at = np.clip(mu_med(np.zeros((1, 11)))[0] + 0.3 * rng3.standard_normal((30, 3)), -1, 1), (0, 7, 19)
+    cands = rng3.uniform(-1, 1, (len(probe_at), 3))
+    obs_at, want = [], []
+    for k, a0 in zip(probe_at, cands):
+        ref = gym.make("Hopper-v5")
+        o, _ = ref.reset(seed=21)
+        for a in prefix[:k]:
+            o, *_ = ref.step(a)
+        obs_at.append(o)
+        g, disc, a = 0.0, 1.0, a0
+        for step in range(20):
+            o, r, term, _, _ = ref.step(a)
+            g, disc = g + disc * r, disc * 0.9
+            if term:
+                break
+            a = mu_med(o[None])[0]
+        want.append(g)
+    got = exact_q_labels("t/hopper/medium-v0", np.array(obs_at), cands, horizon=20, gamma=0.9, batch=2)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    for kw, match in [(dict(horizon=0), "horizon"), (dict(gamma=0.0), "gamma"), (dict(batch=0), "batch")]:
+        with pytest.raises(ValueError, match=match):
+            exact_q_labels("t/hopper/medium-v0", np.array(obs_at), cands, **kw)
+    with pytest.raises(ValueError, match="observations, actions"):
+        exact_q_labels("t/hopper/medium-v0", np.array(obs_at), cands[:2])
+    with pytest.raises(ValueError, match="obs: expected 11"):
+        exact_q_labels("t/hopper/medium-v0", np.array(obs_at)[:, :10], cands)
     assert d1["noise"] == 0.1 and d1["return_mean"] != pytest.approx(at0["return_mean"])
     for kw, match in [(dict(candidates=(0,)), "candidates"), (dict(horizon=0), "horizon"), (dict(gamma=1.5), "gamma"),
                       (dict(noise=-1.0), "noise"), (dict(candidates=()), "candidates"),
@@ -372,6 +403,15 @@ def test_rollout_returns_match_a_replay_of_the_same_actions():
             for i in range(3)]
     np.testing.assert_allclose(rollout_returns(_mujoco_state(env.unwrapped), scratch, first, policy, own, gamma=0.9),
                                each, rtol=1e-12)
+    # one state per candidate: the same as each state's own call (here candidate 1 from the reset state instead)
+    other = gym.make("Hopper-v5")
+    other.reset(seed=3)
+    states = [_mujoco_state(env.unwrapped), _mujoco_state(other.unwrapped), _mujoco_state(env.unwrapped)]
+    one_by_one = [rollout_returns(st, scratch, first[[i]], policy, cont, gamma=0.9)[0] for i, st in enumerate(states)]
+    np.testing.assert_allclose(rollout_returns(states, scratch, first, policy, cont, gamma=0.9), one_by_one, rtol=1e-12)
+    assert one_by_one[1] != pytest.approx(got[1]) and one_by_one[0] == pytest.approx(got[0])
+    with pytest.raises(ValueError, match="state"):
+        rollout_returns(states[:2], scratch, first, policy, cont, gamma=0.9)
     assert not np.allclose(each, got)
     with pytest.raises(ValueError, match="continuation_noise"):
         rollout_returns(_mujoco_state(env.unwrapped), scratch, first, policy, own[:2], gamma=0.9)
@@ -613,6 +653,23 @@ def test_critic_against_exact_q_on_and_off_the_support(minari_root):
     mc = [r for r in csv.DictReader(open(out)) if r["critic"] == "mc"]
     assert [(r["train_episodes"], r["variant"]) for r in mc] == [("3", "t/hopper/medium-v0:3:mc")] * 3
     assert [r["critic_adv"] for r in mc] != [r["critic_adv"] for r in rows[:3]]
+    # exact targets: the mc critic regressed on the exact values of its transitions (computed once per episode and
+    # kept in --work), its rows named critic "exact"; a rerun skips them
+    assert cd.main(args + ["--train-episodes", "3", "--critic-kind", "exact"]) == 0
+    ex = [r for r in csv.DictReader(open(out)) if r["critic"] == "exact"]
+    assert [(r["train_episodes"], r["variant"]) for r in ex] == [("3", "t/hopper/medium-v0:3:exact")] * 3
+    assert [r["critic_adv"] for r in ex] != [r["critic_adv"] for r in mc]
+    from aepo_lite.rl.datasets import exact_q_labels
+    chosen = np.sort(np.random.default_rng(cd.ORDER_SEED).permutation(E)[:3])
+    sub = data.take_episodes(chosen)
+    (cache,) = work.glob("exact-labels-*.npz")
+    with np.load(cache) as f:
+        assert sorted(f.files) == sorted(f"e{e}" for e in chosen)
+        kept = np.concatenate([f[f"e{e}"] for e in chosen])
+    np.testing.assert_allclose(kept, exact_q_labels("t/hopper/medium-v0", sub.obs_rows[sub.idx], sub.actions,
+                                                    horizon=3, gamma=0.99))
+    before = out.read_text()
+    assert cd.main(args + ["--train-episodes", "3", "--critic-kind", "exact"]) == 0 and out.read_text() == before
     with pytest.raises(SystemExit, match="quality"):  # collected by another policy
         cd.main(args + ["--dataset", "t/hopper/random-v0", "--train-episodes", "3"])
     make_dataset(replace(recipe, collect_noise=0.3, name="t/hopper-wide/medium-v0"), progress=False)

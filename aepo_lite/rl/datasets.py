@@ -41,7 +41,7 @@ from aepo_lite.rl.evaluation import Episode, check_reference_scores, run_episode
 
 __all__ = ["QUALITIES", "DatasetRecipe", "make_dataset", "train_policy_ladder", "policy_cache_dir",
            "snapshot_noise_scores", "snapshot_oracle_scores", "rollout_returns", "snapshot_q_errors", "QProbes",
-           "probe_q_states", "q_error_rows"]
+           "probe_q_states", "q_error_rows", "state_from_observation", "exact_q_labels"]
 
 QUALITIES = ("random", "medium", "medium-replay", "medium-expert", "expert")
 
@@ -319,12 +319,14 @@ def _restore_mujoco_state(env, state: dict) -> None:
     mujoco.mj_forward(env.model, d)
 
 
-def rollout_returns(state: dict, scratch: list, first_actions: np.ndarray, policy: Callable[[np.ndarray], np.ndarray],
+def rollout_returns(state, scratch: list, first_actions: np.ndarray, policy: Callable[[np.ndarray], np.ndarray],
                     continuation_noise: np.ndarray, gamma: float) -> np.ndarray:
     """Monte-Carlo returns of taking each row of ``first_actions`` from one MuJoCo ``state`` and then following
     ``policy``: sum_k gamma^k r_k over ``1 + len(continuation_noise)`` steps, or up to a termination.
 
-    ``scratch``: one unwrapped MuJoCo environment per candidate (their own physics, restored to ``state``).
+    ``state``: one physics state (:func:`_mujoco_state`) for every candidate, or a list of them, one per candidate
+    (many states' rollouts stepped together, the policy called once a step for all of them).
+    ``scratch``: one unwrapped MuJoCo environment per candidate (their own physics, restored to its state).
     ``policy(obs) -> actions`` is the deterministic part; ``continuation_noise`` (steps - 1, act_dim) is added
     to it at each later step, the same draws for every candidate (common random numbers: the candidates'
     returns differ by their first action, not by luck of the continuation), or (n, steps - 1, act_dim): each
@@ -338,9 +340,12 @@ def rollout_returns(state: dict, scratch: list, first_actions: np.ndarray, polic
             raise ValueError(f"continuation_noise: expected one row of draws per candidate ({n}), got "
                              f"{len(continuation_noise)}")
         continuation_noise = np.moveaxis(continuation_noise, 0, 1)  # (steps - 1, n, act_dim): indexed by step below
+    states = state if isinstance(state, (list, tuple)) else [state] * n
+    if len(states) != n:
+        raise ValueError(f"state: expected one physics state per candidate ({n}), got {len(states)}")
     low, high = scratch[0].action_space.low, scratch[0].action_space.high
-    for env in scratch[:n]:
-        _restore_mujoco_state(env, state)
+    for env, st in zip(scratch[:n], states):
+        _restore_mujoco_state(env, st)
     returns, alive, disc = np.zeros(n), np.ones(n, bool), 1.0
     actions = np.clip(first_actions, low, high)
     obs = None
@@ -357,6 +362,55 @@ def rollout_returns(state: dict, scratch: list, first_actions: np.ndarray, polic
             break
         actions = np.clip(policy(obs) + continuation_noise[k], low, high)
     return returns
+
+
+def state_from_observation(env, obs: np.ndarray) -> dict:
+    """The physics state (:func:`_mujoco_state`'s form) of a locomotion observation that holds every position but
+    the forward one and every velocity (Hopper, Walker2d, HalfCheetah, Ant without contact forces): the forward
+    position set to 0 (their rewards and dynamics do not depend on it), the solver's warm start zero. Observations
+    of another layout are refused. The environments clip the velocities they report (Hopper at 10), so a state
+    rebuilt from a clipped one is not the state that was observed."""
+    m = env.unwrapped.model
+    obs = np.asarray(obs, dtype=float)
+    if obs.shape != (m.nq - 1 + m.nv,):
+        raise ValueError(f"obs: expected {m.nq - 1 + m.nv} values (positions but the first, then velocities) for "
+                         f"{env.spec.id if env.spec else 'this environment'}, got shape {obs.shape}")
+    d = env.unwrapped.data
+    return {"qpos": np.r_[0.0, obs[:m.nq - 1]], "qvel": obs[m.nq - 1:].copy(), "act": np.zeros_like(d.act),
+            "time": 0.0, "qacc_warmstart": np.zeros(m.nv)}
+
+
+def exact_q_labels(name: str, observations: np.ndarray, actions: np.ndarray, horizon: int = 300, gamma: float = 0.99,
+                   which: str = "medium", batch: int = 256, policy_cache: Optional[Path] = None,
+                   progress: bool = False) -> np.ndarray:
+    """The exact action values of :func:`probe_q_states` (the action, then the deterministic ``which`` snapshot for
+    ``horizon - 1`` steps or to a termination, discounted by ``gamma``; raw reward units) for arbitrary
+    (observation, action) pairs of a ``make-dataset`` dataset, such as its own transitions: the physics rebuilt
+    from each observation (:func:`state_from_observation`), ``batch`` rollouts stepped together. Actions in the
+    environment's units. A target for a critic that needs no bootstrapping and carries no noise of the data's."""
+    from tqdm.auto import tqdm
+    check_int("horizon", horizon, low=1)
+    check_int("batch", batch, low=1)
+    if not (np.isfinite(gamma) and 0 < gamma <= 1):
+        raise ValueError(f"gamma: expected a discount in (0, 1], got {gamma!r}")
+    observations, actions = np.asarray(observations, dtype=float), np.asarray(actions, dtype=float)
+    if observations.ndim != 2 or actions.ndim != 2 or len(observations) != len(actions):
+        raise ValueError(f"observations, actions: expected (n, k) and (n, d) arrays of one length, got "
+                         f"{observations.shape} and {actions.shape}")
+    recipe, model, _, _ = _dataset_snapshot(name, which, policy_cache)
+    env, scratch = _mujoco_envs(name, recipe.env_id, min(batch, max(len(observations), 1)), 0, "the exact values")
+    mean_action, d = _sb3_policy(model, 0.0, None), actions.shape[1]
+    out = np.empty(len(observations))
+    try:
+        for i in tqdm(range(0, len(observations), batch), desc="exact action values", disable=not progress,
+                      leave=False):
+            j = slice(i, i + batch)
+            states = [state_from_observation(env, o) for o in observations[j]]
+            out[j] = rollout_returns(states, scratch, actions[j], mean_action, np.zeros((horizon - 1, d)), gamma)
+    finally:
+        for e in (env, *scratch):
+            e.close()
+    return out
 
 
 def _mujoco_envs(name: str, env_id: str, n: int, seed: int, what: str):
