@@ -681,8 +681,10 @@ CRITIC_DATA_HEADER = (
     "3; exact values by the simulator, the deterministic data policy after the action). A critic with the run's "
     "settings and seed (or of the kind in the `critic` column) is trained afresh on the first n episodes of a fixed "
     "random order of `train data` (a dataset of the same data policy, or of its snapshot with another action noise; "
-    "nested: each subset holds the smaller ones) and scored after each number of steps. "
-    "Columns as in `critic_budget.md`: `sign right` (0.5: a coin), `corr`, and `gain`, the exact advantage of the "
+    "nested: each subset holds the smaller ones) and scored after each number of steps. Critic `exact`: the "
+    "Monte-Carlo critic regressed on the exact values of its transitions (the probes' definition, each (state, "
+    "action) of the data run in the simulator) instead of their returns: the network's ranking when its targets "
+    "carry no error. Columns as in `critic_budget.md`: `sign right` (0.5: a coin), `corr`, and `gain`, the exact advantage of the "
     "critic's pick among mu(s) and the group, per state, in points, beside the exact pick's (`best`). Measured by "
     "`scripts/critic_data.py` into `critic_data.csv`.\n\n")
 
