@@ -294,14 +294,18 @@ else:
 #   behaviour cloning by 5 on 5 of 6 and is at or above QGPO on 6 of 6 (on seeds 0-2 it gained on four
 #   datasets, most on HalfCheetah replay, 60.4 against 39.7, and lost on Hopper replay, 77.7 against 102.2,
 #   and Pusher replay).
-# - Hopper medium stays the miss (BC + 2.1 there, 5 seeds; + 2.9 with today's default on 10 seeds, below): the best of 16
-#   behaviour samples by Q is barely better than one there, and the policy that made the data scores the same
-#   with action noise up to three times the data's (60.5 without, 61.9 at std 0.3). Ranked by their exact
-#   return instead of a critic (an oracle: the simulator run to the episode's end from each candidate), the
-#   best of 64 of the data's own actions scores 62.7, BC + 0.8 (BC 61.9 on 10 seeds); candidates three times as spread reach 67.5
-#   (`figures/rl_6c_ln/support_oracle.md`). Its support holds almost nothing better to steer to: one step of
-#   improvement within it cannot reach BC + 5. The default's best w there, 10, is the sweep's largest (the
-#   tables below say so); w = 20, 30 and 50, checked outside the sweep, score lower (docs/results.md).
+# - Hopper medium stays the miss (BC + 2.1 there, 5 seeds; + 2.9 with today's default on 10 seeds, below): the
+#   best of 16 behaviour samples by Q is barely better than one there, and the policy that made the data scores
+#   the same with action noise up to three times the data's (60.5 without, 61.9 at std 0.3). Ranked by their
+#   exact return instead of a critic (an oracle: the simulator run to the episode's end from each candidate),
+#   the best of 64 of the data's own actions scores 62.7, BC + 0.8 (BC 61.9 on 10 seeds); candidates three times
+#   as spread reach 67.5 (`figures/rl_6c_ln/support_oracle.md`). Its support holds almost nothing better to
+#   steer to: one step of improvement within it cannot reach BC + 5, and several did not in our search: searched
+#   with the simulator over whole trajectories of the data's own policy, replanned at every step, the best of 16
+#   / 64 / 256 trajectories scores 63.8 / 64.0 / 64.4 (BC + 2.5 at most, rising slowly with their number), while
+#   trajectories with two or three times the data's noise reach 66.1 / 68.7. The default's best w there, 10, is
+#   the sweep's largest (the tables below say so); w = 20, 30 and 50, checked outside the sweep, score lower
+#   (docs/results.md).
 #   At w = 10 the default acts beyond 3 of the data's noise stds on 60% of its steps (seeds 5-9; the data's own
 #   actions 0.5%, behaviour cloning 13%; `figures/rl_6c_big/support_spread.md`): the gain it makes there is made
 #   off the support, where the in-support target and the critic extrapolate. Against exact action values (the
@@ -320,7 +324,10 @@ else:
 #   more data of the same policy: critics trained on 1/8 to 4 times this dataset's transitions (a dataset made four
 #   times as large, `figures/rl_6c_big/critic_data.md`) rank the candidates around mu(s) alike, right signs
 #   0.50-0.60 at 80000 steps for the IQL and the Monte-Carlo critic, neither rising from 100k to 800k; data
-#   collected with three times the action noise around the same policy gives 0.49-0.59.
+#   collected with three times the action noise around the same policy gives 0.49-0.59. Nor do exact targets: the
+#   same network regressed on each transition's exact value by the simulator (`--critic-kind exact`, 25k and 50k
+#   transitions) gets 0.54-0.59 of the signs right. The error is in what the network learns from these (state,
+#   action) pairs, not in the noise of its targets.
 #
 #   ![critic_budget.png](../figures/rl_6c_big/critic_budget.png)
 #
