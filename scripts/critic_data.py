@@ -12,7 +12,9 @@ table and a figure beside it (``aepo-lite figures`` re-renders both from the CSV
 error: the Monte-Carlo critic regressed, in place of each transition's noisy return, on the exact value of its
 (state, action) as the probes define it (``aepo_lite.rl.datasets.exact_q_labels``: the simulator rebuilt from the
 observation, the action, then the deterministic snapshot for ``--horizon`` steps, discounted by ``--gamma``). The
-labels are computed once per episode and kept in ``--work``.
+labels are computed once per episode and kept in ``--work``. With ``--extra-actions K`` it also sees K more actions
+at each state (the data's action plus 1 or 3 noise stds of noise) with their exact values: not offline data, but
+whether the network ranks actions once it is shown several at a state.
 
     aepo-lite make-dataset --env Hopper-v5 --quality medium --steps 800000 --name local/hopper-800k/medium-v0
     python scripts/critic_data.py --run runs/s51/big-energy-softmax-hopper/local_hopper_medium-v0/aepo-bench-s5 \
@@ -79,17 +81,59 @@ def exact_labels(a, name: str, full, episodes, chunk: int = 20) -> np.ndarray:
     return np.concatenate([cache[f"e{int(e)}"] for e in episodes])
 
 
-def exact_target_stage(stage, data, labels: np.ndarray, batch: int, a):
+def extra_actions(a, name: str, full, episodes, noise: float, chunk: int = 20) -> tuple[np.ndarray, np.ndarray]:
+    """``--extra-actions`` K more actions at each state of ``full``'s ``episodes``, the transition's own action plus
+    c x ``noise`` x N(0, I) (c = 1 for the even ones, 3 for the odd; clipped to the box; drawn from the episode's own
+    seed), and their exact values: ((n, K, d) actions in [-1, 1], (n, K) values in raw units), kept per episode in
+    ``--work`` as :func:`exact_labels` keeps its own."""
+    K = a.extra_actions
+    key = json.dumps([name, a.horizon, a.gamma, K, noise])
+    path = Path(a.work) / f"exact-extra-{hashlib.sha256(key.encode()).hexdigest()[:16]}.npz"
+    cache = dict(np.load(path)) if path.exists() else {}
+    todo = [int(e) for e in episodes if f"q{e}" not in cache]
+    lo, hi = full.action_low, full.action_high
+    raw = replace(full, reward_scaling="none")
+    c = np.where(np.arange(K) % 2 == 0, 1.0, 3.0)[None, :, None]
+    for i in range(0, len(todo), chunk):
+        part = [raw.take_episodes(np.array([e])) for e in todo[i:i + chunk]]
+        acts = []
+        for e, d in zip(todo[i:i + chunk], part):
+            own = lo + (d.actions + 1) / 2 * (hi - lo)
+            z = np.random.default_rng([ORDER_SEED, e]).standard_normal((d.n, K, own.shape[1]))
+            acts.append(np.clip(own[:, None] + c * noise * z, lo, hi))
+        obs = np.concatenate([np.repeat(d.obs_rows[d.idx], K, 0) for d in part])
+        q = exact_q_labels(name, obs, np.concatenate(acts).reshape(len(obs), -1), horizon=a.horizon, gamma=a.gamma)
+        for e, d, act, piece in zip(todo[i:i + chunk], part, acts,
+                                    np.split(q, np.cumsum([d.n * K for d in part])[:-1])):
+            cache[f"a{e}"] = 2 * (act - lo) / (hi - lo) - 1
+            cache[f"q{e}"] = piece.reshape(d.n, K)
+        Path(a.work).mkdir(parents=True, exist_ok=True)
+        atomic_save_npz(path, **cache)
+        print(f"exact values of {K} more actions a state: {min(i + chunk, len(todo))} of {len(todo)} episodes",
+              flush=True)
+    return (np.concatenate([cache[f"a{int(e)}"] for e in episodes]),
+            np.concatenate([cache[f"q{int(e)}"] for e in episodes]))
+
+
+def exact_target_stage(stage, data, labels: np.ndarray, batch: int, a, extra=None):
     """The Monte-Carlo critic's ``stage`` regressed on ``labels`` (raw units, one per transition of ``data``,
-    scaled as its rewards are) in place of the returns to go; its config names the targets (its own checkpoints)."""
-    g = torch.as_tensor(labels * data.reward_factor(), dtype=torch.float32)
+    scaled as its rewards are) in place of the returns to go, and with ``extra`` = (actions (n, K, d), values (n, K))
+    also on K more actions at each transition's state (batches drawn from all (state, action) pairs alike); its
+    config names the targets (its own checkpoints)."""
     T = data.tensors(torch.device("cpu"))
+    rows, acts, values = T["idx"], T["a"], torch.as_tensor(labels, dtype=torch.float32)
+    if extra is not None:
+        K = extra[0].shape[1]
+        rows = torch.cat([rows, rows.repeat_interleave(K)])
+        acts = torch.cat([acts, torch.as_tensor(extra[0].reshape(-1, acts.shape[1]), dtype=torch.float32)])
+        values = torch.cat([values, torch.as_tensor(extra[1].reshape(-1), dtype=torch.float32)])
+    g = values * data.reward_factor()
 
     def batches(gen):
-        i = torch.randint(0, data.n, (batch,), generator=gen)
-        return {"s": T["obs"][T["idx"][i]], "a": T["a"][i], "g": g[i]}
-    return replace(stage, config={**stage.config, "targets": {"exact": {"horizon": a.horizon, "gamma": a.gamma}}},
-                   batches=batches)
+        i = torch.randint(0, len(g), (batch,), generator=gen)
+        return {"s": T["obs"][rows[i]], "a": acts[i], "g": g[i]}
+    targets = {"horizon": a.horizon, "gamma": a.gamma, **({"extra_actions": a.extra_actions} if extra is not None else {})}
+    return replace(stage, config={**stage.config, "targets": {"exact": targets}}, batches=batches)
 
 
 def main(argv=None) -> int:
@@ -104,10 +148,17 @@ def main(argv=None) -> int:
     p.add_argument("--critic-kind", choices=("run", "iql", "mc", "exact"), default="run",
                    help="the critic trained: the run's (default) or another kind with the run's other settings; "
                         "exact: the mc critic on the exact values of the transitions (labels kept in --work)")
+    p.add_argument("--extra-actions", type=int, default=0,
+                   help="with --critic-kind exact: K more actions at each state, the data's action plus 1 or 3 noise "
+                        "stds of noise, with their exact values (not offline data: how the network learns when it "
+                        "sees several actions a state)")
     p.add_argument("--steps", nargs="+", type=int, default=[20_000, 40_000, 80_000],
                    help="critic training steps at which it is scored (increasing)")
     a = parse_checked(p, argv)
     check_step_counts(p, a.steps)
+    if a.extra_actions < 0 or (a.extra_actions and a.critic_kind != "exact"):
+        p.error(f"--extra-actions: expected 0 or more, and only with --critic-kind exact, got {a.extra_actions} with "
+                f"--critic-kind {a.critic_kind}")
     if any(n < 2 for n in a.train_episodes) or a.train_episodes != sorted(set(a.train_episodes)):
         p.error(f"--train-episodes: expected increasing episode counts of 2 or more, got {a.train_episodes}")
     agent, cfg, run_data = load_critic_run(a.run)
@@ -130,23 +181,28 @@ def main(argv=None) -> int:
     if a.train_episodes[-1] > full.n_episodes:
         p.error(f"--train-episodes: {name} has {full.n_episodes} episodes, fewer than {a.train_episodes[-1]}")
     order = np.random.default_rng(ORDER_SEED).permutation(full.n_episodes)
+    noise = float(description_info(full.metadata).get("recipe", {}).get("collect_noise", 0.0))
+    if a.extra_actions and not noise > 0:
+        p.error(f"--extra-actions: {name} was collected without action noise: no spread to draw the actions with")
     probes = {w: probes_for(a.run, agent, cfg, w, a) for w in a.scales}
     rows = existing_rows(a.out)
     for n in a.train_episodes:
         episodes = np.sort(order[:n])
         data = full.take_episodes(episodes)  # in the stored order: all of them = the run's data
         labels = exact_labels(a, name, full, episodes) if a.critic_kind == "exact" else None
+        more = extra_actions(a, name, full, episodes, noise) if a.extra_actions else None
 
-        def make(steps, data=data, labels=labels):
+        def make(steps, data=data, labels=labels, more=more):
             vcfg = check_config(replace(cfg, dataset=name, critic=replace(cfg.critic, **kind, steps=steps)))
             v_agent, stages = fresh_critic_stage(vcfg, data)
             stage = next(s for s in stages if s.name == "critic")
             if labels is not None:
-                stage = exact_target_stage(stage, data, labels, vcfg.critic.batch, a)
+                stage = exact_target_stage(stage, data, labels, vcfg.critic.batch, a, extra=more)
             return v_agent, vcfg, stage, data
+        exact = "exact" + (f"+{a.extra_actions}" if a.extra_actions else "")  # the mc critic on exact targets
         extra = {"train_dataset": name, "train_episodes": n, "transitions": data.n,
-                 **({"critic": "exact"} if a.critic_kind == "exact" else {})}  # the mc critic on exact targets
-        label = f"{name}:{n}" + (f":{a.critic_kind}" if kind else "")
+                 **({"critic": exact} if a.critic_kind == "exact" else {})}
+        label = f"{name}:{n}" + (f":{exact if a.critic_kind == 'exact' else a.critic_kind}" if kind else "")
         rows = train_and_score(a, label, {}, cfg, data, probes, rows, make=make, extra=extra,
                                columns=CRITIC_DATA_COLUMNS, render=render_critic_data)
     print(f"wrote {a.out}")

@@ -670,6 +670,25 @@ def test_critic_against_exact_q_on_and_off_the_support(minari_root):
                                                     horizon=3, gamma=0.99))
     before = out.read_text()
     assert cd.main(args + ["--train-episodes", "3", "--critic-kind", "exact"]) == 0 and out.read_text() == before
+    # and with two more actions at each state (the data's action plus 1 and 3 noise stds of noise), their exact
+    # values computed as for any pair: rows of critic "exact+2", another critic than the one-action one
+    assert cd.main(args + ["--train-episodes", "3", "--critic-kind", "exact", "--extra-actions", "2"]) == 0
+    ex2 = [r for r in csv.DictReader(open(out)) if r["critic"] == "exact+2"]
+    assert [r["variant"] for r in ex2] == ["t/hopper/medium-v0:3:exact+2"] * 3
+    assert [r["critic_adv"] for r in ex2] != [r["critic_adv"] for r in ex]
+    (cache,) = work.glob("exact-extra-*.npz")
+    with np.load(cache) as f:
+        acts = np.concatenate([f[f"a{e}"] for e in chosen])
+        vals = np.concatenate([f[f"q{e}"] for e in chosen])
+    assert acts.shape == (sub.n, 2, 3) and vals.shape == (sub.n, 2) and np.abs(acts).max() <= 1
+    off = np.abs(acts - sub.actions[:, None]).mean(axis=(0, 2))  # 1 and 3 stds of 0.1 (clipping only shortens)
+    assert off[0] < off[1] and off[0] == pytest.approx(0.1 * np.sqrt(2 / np.pi), rel=0.3)
+    np.testing.assert_allclose(vals.reshape(-1), exact_q_labels("t/hopper/medium-v0", np.repeat(
+        sub.obs_rows[sub.idx], 2, 0), acts.reshape(-1, 3), horizon=3, gamma=0.99))
+    for bad in (["--extra-actions", "2"], ["--critic-kind", "exact", "--extra-actions", "-1"]):
+        with pytest.raises(SystemExit) as e:
+            cd.main(args + ["--train-episodes", "3"] + bad)
+        assert e.value.code == 2
     with pytest.raises(SystemExit, match="quality"):  # collected by another policy
         cd.main(args + ["--dataset", "t/hopper/random-v0", "--train-episodes", "3"])
     make_dataset(replace(recipe, collect_noise=0.3, name="t/hopper-wide/medium-v0"), progress=False)

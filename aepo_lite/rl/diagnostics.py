@@ -684,7 +684,8 @@ CRITIC_DATA_HEADER = (
     "nested: each subset holds the smaller ones) and scored after each number of steps. Critic `exact`: the "
     "Monte-Carlo critic regressed on the exact values of its transitions (the probes' definition, each (state, "
     "action) of the data run in the simulator) instead of their returns: the network's ranking when its targets "
-    "carry no error. Columns as in `critic_budget.md`: `sign right` (0.5: a coin), `corr`, and `gain`, the exact advantage of the "
+    "carry no error; `exact+K`: the same with K more actions at each state (the data's action plus 1 or 3 noise "
+    "stds of noise) and their exact values, data no offline method has. Columns as in `critic_budget.md`: `sign right` (0.5: a coin), `corr`, and `gain`, the exact advantage of the "
     "critic's pick among mu(s) and the group, per state, in points, beside the exact pick's (`best`). Measured by "
     "`scripts/critic_data.py` into `critic_data.csv`.\n\n")
 
