@@ -715,6 +715,7 @@ def _plot_critic_data(csv_path: Path) -> Path:
     lines = sorted({(r["train_dataset"], r["critic"], int(r["steps"]), float(r["guidance_scale"])) for r in rows})
     datasets = sorted({d for d, *_ in lines})
     colours, scales = sorted({(c, s) for _, c, s, _ in lines}), sorted({w for *_, w in lines})
+    palette = plt.get_cmap("tab10" if len(colours) <= 10 else "tab20")  # a colour per critic and step count
     fig, axes = plt.subplots(2, len(groups), figsize=(4.6 * len(groups), 6.4), squeeze=False, sharex=True,
                              sharey="row", layout="constrained")
     for j, g in enumerate(groups):
@@ -724,7 +725,7 @@ def _plot_critic_data(csv_path: Path) -> Path:
                           if (r["group"], r["train_dataset"], r["critic"], int(r["steps"]), float(r["guidance_scale"]))
                           == (g, ds, critic, steps, w))
             x = [n for n, _ in mine]
-            style = dict(color=f"C{colours.index((critic, steps)) % 10}",
+            style = dict(color=palette(colours.index((critic, steps)) % palette.N),
                          linestyle=("-", "--", "-.", ":")[scales.index(w) % 4],
                          marker="osD^v"[datasets.index(ds) % 5], markersize=3 if len(x) > 1 else 6)
             name = f"{critic}, {steps} steps, w={w:g}" + (f", {ds}" if len(datasets) > 1 else "")
