@@ -25,12 +25,11 @@ whether the network ranks actions once it is shown several at a state.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import sys
 from dataclasses import replace
 from pathlib import Path
-
-import hashlib
-import json
 
 import numpy as np
 import torch

@@ -366,10 +366,10 @@ def rollout_returns(state, scratch: list, first_actions: np.ndarray, policy: Cal
 
 def state_from_observation(env, obs: np.ndarray) -> dict:
     """The physics state (:func:`_mujoco_state`'s form) of a locomotion observation that holds every position but
-    the forward one and every velocity (Hopper, Walker2d, HalfCheetah, Ant without contact forces): the forward
-    position set to 0 (their rewards and dynamics do not depend on it), the solver's warm start zero. Observations
-    of another layout are refused. The environments clip the velocities they report (Hopper at 10), so a state
-    rebuilt from a clipped one is not the state that was observed."""
+    the forward one and every velocity (Hopper, Walker2d, HalfCheetah): the forward position set to 0 (their
+    rewards and dynamics do not depend on it), the solver's warm start zero. Observations of another layout are
+    refused. Hopper and Walker2d clip the velocities they report (at 10), so a state rebuilt from a clipped one is
+    not the state that was observed."""
     m = env.unwrapped.model
     obs = np.asarray(obs, dtype=float)
     if obs.shape != (m.nq - 1 + m.nv,):
