@@ -57,61 +57,62 @@ def same_data_policy(run_data, data, ignore=()) -> list[str]:
     return sorted(k for k in set(mine) | set(theirs) if k not in skip and mine.get(k) != theirs.get(k))
 
 
-def exact_labels(a, name: str, full, episodes, chunk: int = 20) -> np.ndarray:
-    """The exact values (raw reward units) of the transitions of ``full``'s ``episodes`` (in that order), each
-    episode's computed once and kept in ``--work`` (saved after every ``chunk`` episodes, so a killed script loses
-    at most one chunk)."""
-    key = json.dumps([name, a.horizon, a.gamma])
-    path = Path(a.work) / f"exact-labels-{hashlib.sha256(key.encode()).hexdigest()[:16]}.npz"
+def _per_episode(a, stem: str, key: list, full, episodes, fields: str, compute, what: str, chunk: int = 20) -> list:
+    """Arrays computed per episode of ``full`` and kept in ``--work/{stem}-<hash of key>.npz`` as ``<field><episode>``
+    (``fields``: one letter a field). The episodes the file lacks are computed ``chunk`` at a time,
+    ``compute([(e, the episode's data), ...]) -> [{field: array}, ...]``, and the file saved after every chunk (a
+    killed script loses at most one). Returns the ``episodes``' arrays concatenated in that order, one per field."""
+    path = Path(a.work) / f"{stem}-{hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]}.npz"
     cache = dict(np.load(path)) if path.exists() else {}
-    todo = [int(e) for e in episodes if f"e{e}" not in cache]
-    lo, hi = full.action_low, full.action_high
+    todo = [int(e) for e in episodes if f"{fields[-1]}{e}" not in cache]
     raw = replace(full, reward_scaling="none")  # one episode at a time: no return span to scale by
     for i in range(0, len(todo), chunk):
-        part = [raw.take_episodes(np.array([e])) for e in todo[i:i + chunk]]
-        obs = np.concatenate([d.obs_rows[d.idx] for d in part])
-        act = np.concatenate([lo + (d.actions + 1) / 2 * (hi - lo) for d in part])  # back to the environment's units
-        q = exact_q_labels(name, obs, act, horizon=a.horizon, gamma=a.gamma)
-        for e, piece in zip(todo[i:i + chunk], np.split(q, np.cumsum([d.n for d in part])[:-1])):
-            cache[f"e{e}"] = piece
+        part = [(e, raw.take_episodes(np.array([e]))) for e in todo[i:i + chunk]]
+        for (e, _), arrays in zip(part, compute(part)):
+            cache.update({f"{f}{e}": arrays[f] for f in fields})
         Path(a.work).mkdir(parents=True, exist_ok=True)
         atomic_save_npz(path, **cache)
-        print(f"exact values: {min(i + chunk, len(todo))} of {len(todo)} episodes", flush=True)
-    return np.concatenate([cache[f"e{int(e)}"] for e in episodes])
+        print(f"{what}: {min(i + chunk, len(todo))} of {len(todo)} episodes", flush=True)
+    return [np.concatenate([cache[f"{f}{int(e)}"] for e in episodes]) for f in fields]
 
 
-def extra_actions(a, name: str, full, episodes, noise: float, chunk: int = 20) -> tuple[np.ndarray, np.ndarray]:
+def exact_labels(a, name: str, full, episodes) -> np.ndarray:
+    """The exact values (raw reward units) of the transitions of ``full``'s ``episodes`` (in that order), each
+    episode's computed once and kept in ``--work``."""
+    lo, hi = full.action_low, full.action_high
+
+    def compute(part):
+        obs = np.concatenate([d.obs_rows[d.idx] for _, d in part])
+        act = np.concatenate([lo + (d.actions + 1) / 2 * (hi - lo) for _, d in part])  # the environment's units
+        q = exact_q_labels(name, obs, act, horizon=a.horizon, gamma=a.gamma)
+        return [{"e": piece} for piece in np.split(q, np.cumsum([d.n for _, d in part])[:-1])]
+    (labels,) = _per_episode(a, "exact-labels", [name, a.horizon, a.gamma], full, episodes, "e", compute,
+                             "exact values")
+    return labels
+
+
+def extra_actions(a, name: str, full, episodes, noise: float) -> tuple[np.ndarray, np.ndarray]:
     """``--extra-actions`` K more actions at each state of ``full``'s ``episodes``, the transition's own action plus
     c x ``noise`` x N(0, I) (c = 1 for the even ones, 3 for the odd; clipped to the box; drawn from the episode's own
     seed), and their exact values: ((n, K, d) actions in [-1, 1], (n, K) values in raw units), kept per episode in
     ``--work`` as :func:`exact_labels` keeps its own."""
-    K = a.extra_actions
-    key = json.dumps([name, a.horizon, a.gamma, K, noise])
-    path = Path(a.work) / f"exact-extra-{hashlib.sha256(key.encode()).hexdigest()[:16]}.npz"
-    cache = dict(np.load(path)) if path.exists() else {}
-    todo = [int(e) for e in episodes if f"q{e}" not in cache]
-    lo, hi = full.action_low, full.action_high
-    raw = replace(full, reward_scaling="none")
+    K, lo, hi = a.extra_actions, full.action_low, full.action_high
     c = np.where(np.arange(K) % 2 == 0, 1.0, 3.0)[None, :, None]
-    for i in range(0, len(todo), chunk):
-        part = [raw.take_episodes(np.array([e])) for e in todo[i:i + chunk]]
+
+    def compute(part):
         acts = []
-        for e, d in zip(todo[i:i + chunk], part):
+        for e, d in part:
             own = lo + (d.actions + 1) / 2 * (hi - lo)
             z = np.random.default_rng([ORDER_SEED, e]).standard_normal((d.n, K, own.shape[1]))
             acts.append(np.clip(own[:, None] + c * noise * z, lo, hi))
-        obs = np.concatenate([np.repeat(d.obs_rows[d.idx], K, 0) for d in part])
+        obs = np.concatenate([np.repeat(d.obs_rows[d.idx], K, 0) for _, d in part])
         q = exact_q_labels(name, obs, np.concatenate(acts).reshape(len(obs), -1), horizon=a.horizon, gamma=a.gamma)
-        for e, d, act, piece in zip(todo[i:i + chunk], part, acts,
-                                    np.split(q, np.cumsum([d.n * K for d in part])[:-1])):
-            cache[f"a{e}"] = 2 * (act - lo) / (hi - lo) - 1
-            cache[f"q{e}"] = piece.reshape(d.n, K)
-        Path(a.work).mkdir(parents=True, exist_ok=True)
-        atomic_save_npz(path, **cache)
-        print(f"exact values of {K} more actions a state: {min(i + chunk, len(todo))} of {len(todo)} episodes",
-              flush=True)
-    return (np.concatenate([cache[f"a{int(e)}"] for e in episodes]),
-            np.concatenate([cache[f"q{int(e)}"] for e in episodes]))
+        pieces = np.split(q, np.cumsum([d.n * K for _, d in part])[:-1])
+        return [{"a": 2 * (act - lo) / (hi - lo) - 1, "q": piece.reshape(d.n, K)}
+                for (_, d), act, piece in zip(part, acts, pieces)]
+    acts, values = _per_episode(a, "exact-extra", [name, a.horizon, a.gamma, K, noise], full, episodes, "aq", compute,
+                                f"exact values of {K} more actions a state")
+    return acts, values
 
 
 def exact_target_stage(stage, data, labels: np.ndarray, batch: int, a, extra=None):
