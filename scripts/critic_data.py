@@ -14,7 +14,13 @@ error: the Monte-Carlo critic regressed, in place of each transition's noisy ret
 observation, the action, then the deterministic snapshot for ``--horizon`` steps, discounted by ``--gamma``). The
 labels are computed once per episode and kept in ``--work``. With ``--extra-actions K`` it also sees K more actions
 at each state (the data's action plus 1 or 3 noise stds of noise) with their exact values: not offline data, but
-whether the network ranks actions once it is shown several at a state.
+whether the network ranks actions once it is shown several at a state. ``--within-weight L`` (with
+``--extra-actions``) changes its loss: batches hold the 1 + K actions of each state drawn together, and L times the
+squared error of the values centered within each state (an advantage fitted on within-state differences) is added to
+the regression, so the value differences between a state's actions are what the fit is scored on. With extra
+actions the script also writes ``<out>_fit.csv``: how well the trained critic orders the actions of its own training
+states and of ``--fit-episodes`` held-out episodes (the next ones of the same order, their extra actions computed
+alike), which tells a fit that failed from one that does not carry to other states.
 
     aepo-lite make-dataset --env Hopper-v5 --quality medium --steps 800000 --name local/hopper-800k/medium-v0
     python scripts/critic_data.py --run runs/s51/big-energy-softmax-hopper/local_hopper_medium-v0/aepo-bench-s5 \
@@ -25,6 +31,7 @@ whether the network ranks actions once it is shown several at a state.
 """
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import sys
@@ -38,11 +45,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # critic_budget.py, th
 from critic_budget import (check_step_counts, fresh_critic_stage, load_critic_run, parse_checked,  # noqa: E402
                            probe_arguments, probes_for, train_and_score)
 
-from aepo_lite._io import atomic_save_npz  # noqa: E402
+from aepo_lite._io import atomic_save_npz, atomic_write_csv  # noqa: E402
+from aepo_lite.core.critics import MCCritic  # noqa: E402
 from aepo_lite.rl.agent import check_config, critic_kind  # noqa: E402
 from aepo_lite.rl.data import description_info, load_minari  # noqa: E402
 from aepo_lite.rl.datasets import exact_q_labels  # noqa: E402
-from aepo_lite.rl.diagnostics import CRITIC_DATA_COLUMNS, existing_rows, render_critic_data  # noqa: E402
+from aepo_lite.rl.diagnostics import CRITIC_DATA_COLUMNS, existing_rows, raw_q_fn, render_critic_data  # noqa: E402
+from aepo_lite.training.stages import StageStore, run_stage, stage_hash  # noqa: E402
 
 ORDER_SEED = 0  # the fixed random order of the dataset's episodes that the subsets take a prefix of
 
@@ -115,25 +124,111 @@ def extra_actions(a, name: str, full, episodes, noise: float) -> tuple[np.ndarra
     return acts, values
 
 
+class WithinStateCritic(MCCritic):
+    """The mc critic whose Q loss adds ``weight`` x the squared error of the values centered within each state:
+    its batches hold ``group`` consecutive (state, action) pairs at each state (``--within-weight``)."""
+
+    def __init__(self, state_dim: int, action_dim: int, cfg, group: int, weight: float):
+        super().__init__(state_dim, action_dim, cfg)
+        self.group, self.weight = group, weight
+
+    def _q_loss(self, q1, q2, y):
+        def centered(x):
+            x = x.reshape(-1, self.group)
+            return x - x.mean(1, keepdim=True)
+        yc = centered(y)
+        return super()._q_loss(q1, q2, y) + self.weight * sum(((centered(q) - yc) ** 2).mean() for q in (q1, q2))
+
+
 def exact_target_stage(stage, data, labels: np.ndarray, batch: int, a, extra=None):
     """The Monte-Carlo critic's ``stage`` regressed on ``labels`` (raw units, one per transition of ``data``,
     scaled as its rewards are) in place of the returns to go, and with ``extra`` = (actions (n, K, d), values (n, K))
-    also on K more actions at each transition's state (batches drawn from all (state, action) pairs alike); its
-    config names the targets (its own checkpoints)."""
+    also on K more actions at each transition's state (batches drawn from all (state, action) pairs alike; with
+    ``a.within_weight`` > 0, batches of batch // (1 + K) states with all their actions, for
+    :class:`WithinStateCritic`); its config names the targets (its own checkpoints)."""
     T = data.tensors(torch.device("cpu"))
     rows, acts, values = T["idx"], T["a"], torch.as_tensor(labels, dtype=torch.float32)
+    factor = data.reward_factor()
+    targets = {"horizon": a.horizon, "gamma": a.gamma, **({"extra_actions": a.extra_actions} if extra is not None else {})}
+    if extra is not None and a.within_weight > 0:
+        K, d = extra[0].shape[1], acts.shape[1]
+        group_a = torch.cat([acts[:, None], torch.as_tensor(extra[0], dtype=torch.float32)], 1)  # (n, 1 + K, d)
+        group_g = torch.cat([values[:, None], torch.as_tensor(extra[1], dtype=torch.float32)], 1) * factor
+        states = max(1, batch // (K + 1))
+
+        def grouped(gen):
+            i = torch.randint(0, len(rows), (states,), generator=gen)
+            return {"s": T["obs"][rows[i]].repeat_interleave(K + 1, 0), "a": group_a[i].reshape(-1, d),
+                    "g": group_g[i].reshape(-1)}
+        targets["within_weight"] = a.within_weight
+        return replace(stage, config={**stage.config, "targets": {"exact": targets}}, batches=grouped)
     if extra is not None:
         K = extra[0].shape[1]
         rows = torch.cat([rows, rows.repeat_interleave(K)])
         acts = torch.cat([acts, torch.as_tensor(extra[0].reshape(-1, acts.shape[1]), dtype=torch.float32)])
         values = torch.cat([values, torch.as_tensor(extra[1].reshape(-1), dtype=torch.float32)])
-    g = values * data.reward_factor()
+    g = values * factor
 
     def batches(gen):
         i = torch.randint(0, len(g), (batch,), generator=gen)
         return {"s": T["obs"][rows[i]], "a": acts[i], "g": g[i]}
-    targets = {"horizon": a.horizon, "gamma": a.gamma, **({"extra_actions": a.extra_actions} if extra is not None else {})}
     return replace(stage, config={**stage.config, "targets": {"exact": targets}}, batches=batches)
+
+
+FIT_COLUMNS = ("run", "variant", "critic", "steps", "split", "episodes", "states", "actions", "exact_spread",
+               "err_rms", "corr", "sign_agree")
+
+
+def within_state_fit(q_fn, obs: np.ndarray, actions: np.ndarray, values: np.ndarray) -> dict:
+    """How ``q_fn`` (raw units) orders the actions of each state: ``actions`` (n, m, d) in the environment's units at
+    ``obs`` (n, k), exact ``values`` (n, m). The values centered within each state are compared: their exact RMS
+    (``exact_spread``), the critic's RMS error, their correlation over all pairs, and the share of the state's
+    action pairs (i < j) whose difference the critic signs as the exact values do."""
+    n, m, d = actions.shape
+    q = np.asarray(q_fn(np.repeat(obs, m, 0), actions.reshape(n * m, d))).reshape(n, m)
+    qc, vc = q - q.mean(1, keepdims=True), values - values.mean(1, keepdims=True)
+    i, j = np.triu_indices(m, 1)
+    dv, dq = values[:, i] - values[:, j], q[:, i] - q[:, j]
+    keep = dv != 0
+    return {"states": n, "actions": m, "exact_spread": float(np.sqrt((vc ** 2).mean())),
+            "err_rms": float(np.sqrt(((qc - vc) ** 2).mean())), "corr": float(np.corrcoef(qc.ravel(), vc.ravel())[0, 1]),
+            "sign_agree": float((np.sign(dq[keep]) == np.sign(dv[keep])).mean())}
+
+
+def fit_path(out) -> Path:
+    out = Path(out)
+    return out.with_name(f"{out.stem}_fit.csv")
+
+
+def fit_rows(a, name: str, full, label: str, critic: str, make, splits: dict, noise: float) -> None:
+    """The rows of ``<out>_fit.csv`` for ``label``'s critic at its last step count, one per split (name ->
+    episodes of ``full``): :func:`within_state_fit` on each transition's state, its own action and its extra
+    actions, all with exact values (computed and cached as for training). Rows already there are kept."""
+    path, steps = fit_path(a.out), max(a.steps)
+    rows = [dict(r) for r in csv.DictReader(open(path))] if path.exists() else []
+    have = {(r["run"], r["variant"], int(r["steps"]), r["split"], int(r["episodes"])) for r in rows}
+    todo = {k: e for k, e in splits.items() if len(e) and (a.run, label, steps, k, len(e)) not in have}
+    if not todo:
+        return
+    agent, _, stage, data = make(steps)
+    store = StageStore(Path(a.work) / "critics", keyed=True)
+    if not store.is_complete(stage.name, stage_hash(stage)):
+        raise SystemExit(f"--work: {label}'s critic has no finished checkpoint at {steps} steps")
+    run_stage(stage, store, progress=False)
+    q = raw_q_fn(agent, data)
+    lo, hi = full.action_low, full.action_high
+    for split, episodes in todo.items():
+        raw = replace(full, reward_scaling="none").take_episodes(episodes)
+        own = lo + (raw.actions + 1) / 2 * (hi - lo)
+        more, values = extra_actions(a, name, full, episodes, noise)
+        acts = np.concatenate([own[:, None], lo + (more + 1) / 2 * (hi - lo)], 1)
+        vals = np.concatenate([exact_labels(a, name, full, episodes)[:, None], values], 1)
+        r = {"run": a.run, "variant": label, "critic": critic, "steps": steps, "split": split,
+             "episodes": len(episodes), **within_state_fit(q, raw.obs_rows[raw.idx], acts, vals)}
+        print(f"{label} {steps} steps, {split} states: pairs signed right {r['sign_agree']:.3f}, corr "
+              f"{r['corr']:.3f}, centered error {r['err_rms']:.3f} of spread {r['exact_spread']:.3f}", flush=True)
+        rows.append(r)
+    atomic_write_csv(path, rows, FIT_COLUMNS)
 
 
 def main(argv=None) -> int:
@@ -152,6 +247,12 @@ def main(argv=None) -> int:
                    help="with --critic-kind exact: K more actions at each state, the data's action plus 1 or 3 noise "
                         "stds of noise, with their exact values (not offline data: how the network learns when it "
                         "sees several actions a state)")
+    p.add_argument("--within-weight", type=float, default=0.0,
+                   help="with --extra-actions: batches of states with all their actions, and this weight on the "
+                        "squared error of the values centered within each state added to the regression (0: off)")
+    p.add_argument("--fit-episodes", type=int, default=5,
+                   help="with --extra-actions: held-out episodes (the next of the order) on which <out>_fit.csv "
+                        "scores the trained critic's ordering of each state's actions, beside its training states")
     p.add_argument("--steps", nargs="+", type=int, default=[20_000, 40_000, 80_000],
                    help="critic training steps at which it is scored (increasing)")
     a = parse_checked(p, argv)
@@ -159,6 +260,11 @@ def main(argv=None) -> int:
     if a.extra_actions < 0 or (a.extra_actions and a.critic_kind != "exact"):
         p.error(f"--extra-actions: expected 0 or more, and only with --critic-kind exact, got {a.extra_actions} with "
                 f"--critic-kind {a.critic_kind}")
+    if not a.within_weight >= 0 or (a.within_weight and not a.extra_actions):
+        p.error(f"--within-weight: expected 0 or more, and above 0 only with --extra-actions, got {a.within_weight} "
+                f"with --extra-actions {a.extra_actions}")
+    if a.fit_episodes < 0:
+        p.error(f"--fit-episodes: expected 0 or more, got {a.fit_episodes}")
     if any(n < 2 for n in a.train_episodes) or a.train_episodes != sorted(set(a.train_episodes)):
         p.error(f"--train-episodes: expected increasing episode counts of 2 or more, got {a.train_episodes}")
     agent, cfg, run_data = load_critic_run(a.run)
@@ -198,13 +304,23 @@ def main(argv=None) -> int:
             stage = next(s for s in stages if s.name == "critic")
             if labels is not None:
                 stage = exact_target_stage(stage, data, labels, vcfg.critic.batch, a, extra=more)
+            if a.within_weight > 0:  # the same initial networks, the within-state loss
+                within = WithinStateCritic(data.state_dim, data.action_dim, vcfg.critic, 1 + a.extra_actions,
+                                           a.within_weight)
+                within.load_state_dict(v_agent.critic.state_dict())
+                v_agent.critic = within
+                stage = replace(stage, learner=lambda: v_agent.critic)
             return v_agent, vcfg, stage, data
         exact = "exact" + (f"+{a.extra_actions}" if a.extra_actions else "")  # the mc critic on exact targets
+        exact += f"-within{a.within_weight:g}" if a.within_weight > 0 else ""
         extra = {"train_dataset": name, "train_episodes": n, "transitions": data.n,
                  **({"critic": exact} if a.critic_kind == "exact" else {})}
         label = f"{name}:{n}" + (f":{exact if a.critic_kind == 'exact' else a.critic_kind}" if kind else "")
         rows = train_and_score(a, label, {}, cfg, data, probes, rows, make=make, extra=extra,
                                columns=CRITIC_DATA_COLUMNS, render=render_critic_data)
+        if a.extra_actions:
+            held = np.sort(order[n:n + a.fit_episodes])
+            fit_rows(a, name, full, label, exact, make, {"train": episodes, "held-out": held}, noise)
     print(f"wrote {a.out}")
     return 0
 

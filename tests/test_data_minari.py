@@ -685,7 +685,27 @@ def test_critic_against_exact_q_on_and_off_the_support(minari_root):
     assert off[0] < off[1] and off[0] == pytest.approx(0.1 * np.sqrt(2 / np.pi), rel=0.3)
     np.testing.assert_allclose(vals.reshape(-1), exact_q_labels("t/hopper/medium-v0", np.repeat(
         sub.obs_rows[sub.idx], 2, 0), acts.reshape(-1, 3), horizon=3, gamma=0.99))
-    for bad in (["--extra-actions", "2"], ["--critic-kind", "exact", "--extra-actions", "-1"]):
+    # with extra actions, <out>_fit.csv: the critic's ordering of its training states' actions and of held-out
+    # episodes' (the next of the order, their extra actions cached alike), one row per split; a rerun keeps them
+    fit = list(csv.DictReader(open(minari_root / "data_fit.csv")))
+    assert [(r["variant"], r["split"], r["states"], r["actions"]) for r in fit] == [
+        ("t/hopper/medium-v0:3:exact+2", "train", str(sub.n), "3"),
+        ("t/hopper/medium-v0:3:exact+2", "held-out", fit[1]["states"], "3")]
+    assert int(fit[1]["states"]) > 0 and all(0 <= float(r["sign_agree"]) <= 1 for r in fit)
+    with np.load(cache) as f:  # the held-out episodes' extra actions joined the same cache
+        assert len(f.files) == 2 * (3 + min(5, E - 3))
+    # the within-state loss: its rows are critic "exact+2-within10", trained from the same initial networks to
+    # another critic; bad values named
+    assert cd.main(args + ["--train-episodes", "3", "--critic-kind", "exact", "--extra-actions", "2",
+                           "--within-weight", "10"]) == 0
+    w10 = [r for r in csv.DictReader(open(out)) if r["critic"] == "exact+2-within10"]
+    assert [r["variant"] for r in w10] == ["t/hopper/medium-v0:3:exact+2-within10"] * 3
+    assert [r["critic_adv"] for r in w10] != [r["critic_adv"] for r in ex2]
+    assert [r["split"] for r in csv.DictReader(open(minari_root / "data_fit.csv"))] == ["train", "held-out"] * 2
+    for bad in (["--extra-actions", "2"], ["--critic-kind", "exact", "--extra-actions", "-1"],
+                ["--critic-kind", "exact", "--within-weight", "1"],
+                ["--critic-kind", "exact", "--extra-actions", "2", "--within-weight", "-1"],
+                ["--critic-kind", "exact", "--extra-actions", "2", "--fit-episodes", "-1"]):
         with pytest.raises(SystemExit) as e:
             cd.main(args + ["--train-episodes", "3"] + bad)
         assert e.value.code == 2
@@ -769,3 +789,54 @@ def test_critic_seed_rows_against_closed_forms():
         critic_seed_rows(probes, [q_true, q_true[:, :3]])
     with pytest.raises(ValueError, match="q_hats"):
         critic_seed_rows(probes, [q_true, np.full_like(q_true, np.nan)])
+
+
+def _critic_data_script():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("critic_data", Path(__file__).resolve().parents[1] / "scripts"
+                                                  / "critic_data.py")
+    cd = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cd)
+    return cd
+
+
+def test_within_state_fit_against_hand_orderings():
+    """scripts/critic_data.py's within-state fit: a critic equal to the exact values up to a per-state offset orders
+    every pair right with no centered error; the negated values order every pair wrong, with twice the spread as
+    centered error."""
+    cd = _critic_data_script()
+    rng = np.random.default_rng(0)
+    obs, acts, vals = rng.normal(size=(7, 3)), rng.normal(size=(7, 4, 2)), rng.normal(size=(7, 4))
+    table = {(tuple(o), tuple(a)): v for o, aa, vv in zip(obs, acts, vals) for a, v in zip(aa, vv)}
+    offset = {tuple(o): 10.0 * i for i, o in enumerate(obs)}
+
+    def exact(o, a, sign=1.0):
+        return np.array([sign * table[(tuple(x), tuple(y))] + offset[tuple(x)] for x, y in zip(o, a)])
+    right = cd.within_state_fit(exact, obs, acts, vals)
+    assert right["sign_agree"] == 1.0 and right["err_rms"] == pytest.approx(0, abs=1e-12)
+    assert right["corr"] == pytest.approx(1.0) and (right["states"], right["actions"]) == (7, 4)
+    assert right["exact_spread"] == pytest.approx(np.sqrt(((vals - vals.mean(1, keepdims=True)) ** 2).mean()))
+    wrong = cd.within_state_fit(lambda o, a: exact(o, a, -1.0), obs, acts, vals)
+    assert wrong["sign_agree"] == 0.0 and wrong["corr"] == pytest.approx(-1.0)
+    assert wrong["err_rms"] == pytest.approx(2 * right["exact_spread"])
+
+
+def test_within_state_loss_is_the_regression_plus_the_centered_error():
+    """The within-state critic's Q loss, by hand: the squared error of each head plus the weight times the squared
+    error of the values centered within each group of consecutive rows; a per-group offset adds nothing to the
+    centered part."""
+    import torch
+
+    from aepo_lite.config import CriticConfig
+    cd = _critic_data_script()
+    crit = cd.WithinStateCritic(3, 2, CriticConfig(hidden=8, depth=1), group=4, weight=5.0)
+    g = torch.Generator().manual_seed(0)
+    y = torch.randn(12, generator=g)
+    q1, q2 = torch.randn(12, generator=g), torch.randn(12, generator=g)
+    cent = [(q.reshape(3, 4) - q.reshape(3, 4).mean(1, keepdim=True)
+             - (y.reshape(3, 4) - y.reshape(3, 4).mean(1, keepdim=True))) ** 2 for q in (q1, q2)]
+    hand = ((q1 - y) ** 2).mean() + ((q2 - y) ** 2).mean() + 5.0 * (cent[0].mean() + cent[1].mean())
+    assert float(crit._q_loss(q1, q2, y)) == pytest.approx(float(hand), rel=1e-6)
+    shifted = y + torch.tensor([1.0, -2.0, 3.0]).repeat_interleave(4)
+    plain = ((shifted - y) ** 2).mean() * 2
+    assert float(crit._q_loss(shifted, shifted, y)) == pytest.approx(float(plain), rel=1e-6)

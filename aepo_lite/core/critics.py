@@ -85,9 +85,13 @@ class _TwinQLearner(nn.Module):
         """Q(s, a) (B,): the minimum of the two target heads (what guidance and ranking use)."""
         return self.q_target.q_min(s, a)
 
+    def _q_loss(self, q1: torch.Tensor, q2: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The twin heads' loss against their target ``y`` (squared error; a subclass may add terms)."""
+        return ((q1 - y) ** 2).mean() + ((q2 - y) ** 2).mean()
+
     def _q_step(self, s, a, y) -> torch.Tensor:
         q1, q2 = self.q(s, a)
-        loss = ((q1 - y) ** 2).mean() + ((q2 - y) ** 2).mean()
+        loss = self._q_loss(q1, q2, y)
         self.q_opt.zero_grad(set_to_none=True)
         loss.backward()
         self.q_opt.step()
