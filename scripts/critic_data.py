@@ -31,7 +31,6 @@ alike), which tells a fit that failed from one that does not carry to other stat
 """
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import sys
@@ -43,14 +42,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # critic_budget.py, the probes and stages shared with it
 from critic_budget import (check_step_counts, fresh_critic_stage, load_critic_run, parse_checked,  # noqa: E402
-                           probe_arguments, probes_for, train_and_score)
+                           parse_variant, probe_arguments, probes_for, train_and_score)
 
-from aepo_lite._io import atomic_save_npz, atomic_write_csv  # noqa: E402
+from aepo_lite._io import atomic_save_npz  # noqa: E402
 from aepo_lite.core.critics import MCCritic  # noqa: E402
 from aepo_lite.rl.agent import check_config, critic_kind  # noqa: E402
 from aepo_lite.rl.data import description_info, load_minari  # noqa: E402
 from aepo_lite.rl.datasets import exact_q_labels  # noqa: E402
-from aepo_lite.rl.diagnostics import CRITIC_DATA_COLUMNS, existing_rows, raw_q_fn, render_critic_data  # noqa: E402
+from aepo_lite.rl.diagnostics import (CRITIC_DATA_COLUMNS, CRITIC_FIT_COLUMNS, existing_rows, raw_q_fn,  # noqa: E402
+                                      render_critic_data, render_critic_fit, write_csv_and_table)
 from aepo_lite.training.stages import StageStore, run_stage, stage_hash  # noqa: E402
 
 ORDER_SEED = 0  # the fixed random order of the dataset's episodes that the subsets take a prefix of
@@ -175,10 +175,6 @@ def exact_target_stage(stage, data, labels: np.ndarray, batch: int, a, extra=Non
     return replace(stage, config={**stage.config, "targets": {"exact": targets}}, batches=batches)
 
 
-FIT_COLUMNS = ("run", "variant", "critic", "steps", "split", "episodes", "states", "actions", "exact_spread",
-               "err_rms", "corr", "sign_agree")
-
-
 def within_state_fit(q_fn, obs: np.ndarray, actions: np.ndarray, values: np.ndarray) -> dict:
     """How ``q_fn`` (raw units) orders the actions of each state: ``actions`` (n, m, d) in the environment's units at
     ``obs`` (n, k), exact ``values`` (n, m). The values centered within each state are compared: their exact RMS
@@ -205,7 +201,7 @@ def fit_rows(a, name: str, full, label: str, critic: str, make, splits: dict, no
     episodes of ``full``): :func:`within_state_fit` on each transition's state, its own action and its extra
     actions, all with exact values (computed and cached as for training). Rows already there are kept."""
     path, steps = fit_path(a.out), max(a.steps)
-    rows = [dict(r) for r in csv.DictReader(open(path))] if path.exists() else []
+    rows = existing_rows(path)
     have = {(r["run"], r["variant"], int(r["steps"]), r["split"], int(r["episodes"])) for r in rows}
     todo = {k: e for k, e in splits.items() if len(e) and (a.run, label, steps, k, len(e)) not in have}
     if not todo:
@@ -228,7 +224,7 @@ def fit_rows(a, name: str, full, label: str, critic: str, make, splits: dict, no
         print(f"{label} {steps} steps, {split} states: pairs signed right {r['sign_agree']:.3f}, corr "
               f"{r['corr']:.3f}, centered error {r['err_rms']:.3f} of spread {r['exact_spread']:.3f}", flush=True)
         rows.append(r)
-    atomic_write_csv(path, rows, FIT_COLUMNS)
+    write_csv_and_table(path, rows, CRITIC_FIT_COLUMNS, render_critic_fit)
 
 
 def main(argv=None) -> int:
@@ -247,6 +243,9 @@ def main(argv=None) -> int:
                    help="with --critic-kind exact: K more actions at each state, the data's action plus 1 or 3 noise "
                         "stds of noise, with their exact values (not offline data: how the network learns when it "
                         "sees several actions a state)")
+    p.add_argument("--critic-set", default="run",
+                   help="'run' (the run's critic settings) or field=value,... changes of them (e.g. hidden=256,depth=3; "
+                        "not kind: --critic-kind; not steps: --steps)")
     p.add_argument("--within-weight", type=float, default=0.0,
                    help="with --extra-actions: batches of states with all their actions, and this weight on the "
                         "squared error of the values centered within each state added to the regression (0: off)")
@@ -265,6 +264,12 @@ def main(argv=None) -> int:
                 f"with --extra-actions {a.extra_actions}")
     if a.fit_episodes < 0:
         p.error(f"--fit-episodes: expected 0 or more, got {a.fit_episodes}")
+    try:
+        over = parse_variant(a.critic_set)
+    except ValueError as e:
+        p.error(str(e).replace("--variants", "--critic-set"))
+    if "kind" in over:
+        p.error("--critic-set: kind is --critic-kind's")
     if any(n < 2 for n in a.train_episodes) or a.train_episodes != sorted(set(a.train_episodes)):
         p.error(f"--train-episodes: expected increasing episode counts of 2 or more, got {a.train_episodes}")
     agent, cfg, run_data = load_critic_run(a.run)
@@ -299,7 +304,7 @@ def main(argv=None) -> int:
         more = extra_actions(a, name, full, episodes, noise) if a.extra_actions else None
 
         def make(steps, data=data, labels=labels, more=more):
-            vcfg = check_config(replace(cfg, dataset=name, critic=replace(cfg.critic, **kind, steps=steps)))
+            vcfg = check_config(replace(cfg, dataset=name, critic=replace(cfg.critic, **kind, **over, steps=steps)))
             v_agent, stages = fresh_critic_stage(vcfg, data)
             stage = next(s for s in stages if s.name == "critic")
             if labels is not None:
@@ -313,14 +318,15 @@ def main(argv=None) -> int:
             return v_agent, vcfg, stage, data
         exact = "exact" + (f"+{a.extra_actions}" if a.extra_actions else "")  # the mc critic on exact targets
         exact += f"-within{a.within_weight:g}" if a.within_weight > 0 else ""
-        extra = {"train_dataset": name, "train_episodes": n, "transitions": data.n,
-                 **({"critic": exact} if a.critic_kind == "exact" else {})}
-        label = f"{name}:{n}" + (f":{exact if a.critic_kind == 'exact' else a.critic_kind}" if kind else "")
+        settings = f"[{a.critic_set}]" if over else ""  # the critic's settings changed from the run's
+        critic = (exact if a.critic_kind == "exact" else critic_kind(replace(cfg, critic=replace(cfg.critic, **kind))))
+        extra = {"train_dataset": name, "train_episodes": n, "transitions": data.n, "critic": critic + settings}
+        label = f"{name}:{n}" + (f":{exact if a.critic_kind == 'exact' else a.critic_kind}" if kind else "") + settings
         rows = train_and_score(a, label, {}, cfg, data, probes, rows, make=make, extra=extra,
                                columns=CRITIC_DATA_COLUMNS, render=render_critic_data)
         if a.extra_actions:
             held = np.sort(order[n:n + a.fit_episodes])
-            fit_rows(a, name, full, label, exact, make, {"train": episodes, "held-out": held}, noise)
+            fit_rows(a, name, full, label, critic + settings, make, {"train": episodes, "held-out": held}, noise)
     print(f"wrote {a.out}")
     return 0
 

@@ -702,10 +702,18 @@ def test_critic_against_exact_q_on_and_off_the_support(minari_root):
     assert [r["variant"] for r in w10] == ["t/hopper/medium-v0:3:exact+2-within10"] * 3
     assert [r["critic_adv"] for r in w10] != [r["critic_adv"] for r in ex2]
     assert [r["split"] for r in csv.DictReader(open(minari_root / "data_fit.csv"))] == ["train", "held-out"] * 2
+    assert "| exact+2-within10 | 60 | held-out |" in (minari_root / "data_fit.md").read_text()
+    # other critic settings than the run's: named in the critic column and the variant, a critic of another size
+    assert cd.main(args + ["--train-episodes", "3", "--critic-kind", "exact", "--extra-actions", "2",
+                           "--critic-set", "hidden=16,depth=1"]) == 0
+    small = [r for r in csv.DictReader(open(out)) if r["critic"] == "exact+2[hidden=16,depth=1]"]
+    assert [r["variant"] for r in small] == ["t/hopper/medium-v0:3:exact+2[hidden=16,depth=1]"] * 3
+    assert [r["critic_adv"] for r in small] != [r["critic_adv"] for r in ex2]
     for bad in (["--extra-actions", "2"], ["--critic-kind", "exact", "--extra-actions", "-1"],
                 ["--critic-kind", "exact", "--within-weight", "1"],
                 ["--critic-kind", "exact", "--extra-actions", "2", "--within-weight", "-1"],
-                ["--critic-kind", "exact", "--extra-actions", "2", "--fit-episodes", "-1"]):
+                ["--critic-kind", "exact", "--extra-actions", "2", "--fit-episodes", "-1"],
+                ["--critic-set", "kind=iql"], ["--critic-set", "width=3"], ["--critic-set", "hidden=wide"]):
         with pytest.raises(SystemExit) as e:
             cd.main(args + ["--train-episodes", "3"] + bad)
         assert e.value.code == 2

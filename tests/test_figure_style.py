@@ -216,6 +216,31 @@ def test_critic_data_figure_lines_are_the_csv(monkeypatch, tmp_path):
     assert list(bottom["corr iql 10 w=1 wide"].get_ydata()) == [0.5]
 
 
+def test_critic_fit_figure_bars_are_the_csv(monkeypatch, tmp_path):
+    """scripts/critic_data.py's fit plot, from a CSV written here: per critic and steps a bar per split, the share of
+    pairs ordered right (left) and the centered error over the spread (right)."""
+    import aepo_lite._io as io
+    from aepo_lite.rl.diagnostics import CRITIC_FIT_COLUMNS, render_critic_fit
+    figs = _captured(monkeypatch, io)
+    rows = [dict(run="r", variant=f"v:{c}", critic=c, steps=80, split=sp, episodes=4, states=50, actions=5,
+                 exact_spread=0.2, err_rms=0.2 * f, corr=0.1, sign_agree=0.5 + f / 10)
+            for c, f in (("exact+4", 0.9), ("exact+4-within10", 0.5)) for sp, f in (("held-out", f), ("train", f / 2))]
+    _write_csv(tmp_path / "fit.csv", CRITIC_FIT_COLUMNS, rows)
+    render_critic_fit(tmp_path / "fit.csv", tmp_path)
+    (fig,) = figs
+    left, right = fig.axes[:2]
+
+    def widths(ax, gid):
+        return [p.get_width() for p in ax.patches if p.get_gid() == gid]
+    assert widths(left, "pairs train") == pytest.approx([0.545, 0.525])  # critics sorted: exact+4 first
+    assert widths(left, "pairs held-out") == pytest.approx([0.59, 0.55])
+    assert widths(right, "error train") == pytest.approx([0.45, 0.25])
+    assert [t.get_text() for t in left.get_yticklabels()] == ["exact+4, 80 steps", "exact+4-within10, 80 steps"]
+    table = (tmp_path / "fit.md").read_text()
+    assert table.index("| exact+4 | 80 | train |") < table.index("| exact+4 | 80 | held-out |")
+    assert "| exact+4-within10 | 80 | held-out | 4 | 50 | 5 | 0.200 | 0.100 | 0.10 | 0.550 |" in table
+
+
 def test_critic_seeds_figure_lines_are_the_csv(monkeypatch, tmp_path):
     """scripts/critic_seeds.py's plot, from a CSV written here: a panel per candidate group; per w the correlation
     of the mean of n critics against n (log2 axis) and, dashed, the critics' agreement with each other."""

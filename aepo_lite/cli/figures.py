@@ -29,6 +29,7 @@ critic vs exact Q   rl_6c_big/critic_errors.csv  ``aepo_lite.rl.diagnostics.rend
 critic by budget    rl_6c_big/critic_budget.csv  ``aepo_lite.rl.diagnostics.render_critic_budget`` (opt.)
 critic by seed      rl_6c_big/critic_seeds.csv   ``aepo_lite.rl.diagnostics.render_critic_seeds`` (opt.)
 critic by data      rl_6c_big/critic_data.csv    ``aepo_lite.rl.diagnostics.render_critic_data`` (opt.)
+critic's own fit    rl_6c_big/critic_data_fit.csv ``aepo_lite.rl.diagnostics.render_critic_fit`` (opt.)
 toy error budget    toy2d_budget.csv (optional)  ``aepo_lite.toy.budget.render``
 toy budget, runs    toy2d_budget_runs.csv (opt.) ``aepo_lite.toy.trained_budget.render`` (parts 4-5)
 toy convergence     toy2d_convergence.csv (opt.) ``aepo_lite.toy.convergence.render``
@@ -177,6 +178,11 @@ PARTS = (
          "python scripts/critic_data.py --run RUN --dataset DATASET --train-episodes N ... --out "
          "figures/rl_6c_big/critic_data.csv (docs/results.md)",
          lambda mod, results, figures_dir: mod.render_critic_data(results, figures_dir), optional=True),
+    Part("offline RL, a critic's fit of the action's effect at its own training states", "aepo_lite.rl.diagnostics",
+         "rl_6c_big/critic_data_fit.csv",
+         "python scripts/critic_data.py --run RUN --dataset DATASET --train-episodes N --critic-kind exact "
+         "--extra-actions K --out figures/rl_6c_big/critic_data.csv (docs/results.md)",
+         lambda mod, results, figures_dir: mod.render_critic_fit(results, figures_dir), optional=True),
     Part("results summary", "aepo_lite.course.summary", "toy2d_results.csv",
          "the toy and RL results above", lambda mod, results, figures_dir: mod.render(figures_dir), optional=True),
     Part("toy error budget", "aepo_lite.toy.budget", "toy2d_budget.csv",

@@ -685,7 +685,10 @@ CRITIC_DATA_HEADER = (
     "Monte-Carlo critic regressed on the exact values of its transitions (the probes' definition, each (state, "
     "action) of the data run in the simulator) instead of their returns: the network's ranking when its targets "
     "carry no error; `exact+K`: the same with K more actions at each state (the data's action plus 1 or 3 noise "
-    "stds of noise) and their exact values, data no offline method has. Columns as in `critic_budget.md`: `sign right` (0.5: a coin), `corr`, and `gain`, the exact advantage of the "
+    "stds of noise) and their exact values, data no offline method has; `-withinL`: batches of states with all "
+    "their actions and L times the squared error of the values centered within each state added to the loss (an "
+    "advantage fitted on within-state differences); `[field=value,...]`: critic settings changed from the run's "
+    "(its network's size, say). Columns as in `critic_budget.md`: `sign right` (0.5: a coin), `corr`, and `gain`, the exact advantage of the "
     "critic's pick among mu(s) and the group, per state, in points, beside the exact pick's (`best`). Measured by "
     "`scripts/critic_data.py` into `critic_data.csv`.\n\n")
 
@@ -706,6 +709,65 @@ def render_critic_data(csv_path, figures_dir) -> list[Path]:
     count (colour) and w (solid, dashed, ...)."""
     written = _render_table(csv_path, CRITIC_DATA_HEADER, critic_data_table, "scripts/critic_data.py")
     return written + [_plot_critic_data(Path(csv_path))]
+
+
+CRITIC_FIT_COLUMNS = ("run", "variant", "critic", "steps", "split", "episodes", "states", "actions", "exact_spread",
+                      "err_rms", "corr", "sign_agree")
+CRITIC_FIT_HEADER = (
+    "# Does the critic fit how the value changes with the action at its own training states?\n\nThe critics of "
+    "`critic_data.md` trained with extra actions (`exact+K...`: each state of their training episodes seen with its "
+    "data action and K more, all with exact values), scored after their last step on the 1 + K actions of each state, "
+    "centered within the state: on their own training states (`train`) and on held-out episodes of the same dataset "
+    "(`held-out`, the next episodes of the same random order, their extra actions drawn alike). `spread`: the RMS of "
+    "the exact values centered within a state (raw reward units); `error`: the critic's RMS error on them (equal to "
+    "the spread when it knows nothing of the action; 0 when it fits); `corr`: their correlation; `pairs right`: the "
+    "share of a state's action pairs the critic orders as the exact values do (0.5: a coin). Measured by "
+    "`scripts/critic_data.py` into `critic_data_fit.csv`.\n\n")
+
+
+def critic_fit_table(rows) -> str:
+    """A Markdown table from ``scripts/critic_data.py``'s fit rows: one line per critic and steps, the training
+    states' and the held-out states' fit side by side."""
+    lines = ["| critic | steps | split | episodes | states | actions | spread | error | corr | pairs right |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    order = {"train": 0, "held-out": 1}
+    for r in sorted(rows, key=lambda r: (r["variant"], int(r["steps"]), order.get(r["split"], 2))):
+        lines.append(f"| {r['critic']} | {int(r['steps'])} | {r['split']} | {int(r['episodes'])} | {int(r['states'])} | "
+                     f"{int(r['actions'])} | {float(r['exact_spread']):.3f} | {float(r['err_rms']):.3f} | "
+                     f"{float(r['corr']):.2f} | {float(r['sign_agree']):.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def render_critic_fit(csv_path, figures_dir) -> list[Path]:
+    """``critic_data_fit.md`` and ``.png`` beside the CSV, from the CSV alone (``aepo-lite figures``): per critic
+    (and steps), the share of action pairs ordered right and the centered error over the spread, on the training
+    and the held-out states."""
+    written = _render_table(csv_path, CRITIC_FIT_HEADER, critic_fit_table, "scripts/critic_data.py")
+    plt = _pyplot()
+    rows = _csv_rows(csv_path)
+    names = sorted({(r["critic"], int(r["steps"])) for r in rows})
+    splits = [s for s in ("train", "held-out") if any(r["split"] == s for r in rows)]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 0.5 * len(names) + 2.4), sharey=True, layout="constrained")
+    height = 0.8 / max(len(splits), 1)
+    for k, split in enumerate(splits):
+        mine = {(r["critic"], int(r["steps"])): r for r in rows if r["split"] == split}
+        y = [i + (k - (len(splits) - 1) / 2) * height for i, n in enumerate(names) if n in mine]
+        got = [mine[n] for n in names if n in mine]
+        colour = ("tab:blue", "tab:orange")[k]
+        axes[0].barh(y, [float(r["sign_agree"]) for r in got], height=height, color=colour, label=f"{split} states",
+                     gid=f"pairs {split}")
+        axes[1].barh(y, [float(r["err_rms"]) / float(r["exact_spread"]) for r in got], height=height, color=colour,
+                     gid=f"error {split}")
+    axes[0].axvline(0.5, color="0.3", linewidth=0.8)
+    axes[1].axvline(1.0, color="0.3", linewidth=0.8)
+    axes[0].set_yticks(range(len(names)), [f"{c}, {s} steps" for c, s in names], fontsize=8)
+    axes[0].set_xlim(0, 1)
+    axes[0].set_xlabel("action pairs ordered right (0.5: a coin)")
+    axes[1].set_xlabel("centered error / exact spread (1: nothing known)")
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncol=2, fontsize=8)
+    fig.suptitle("The critic's fit of how the value changes with the action, at its training states and held-out "
+                 "ones", fontsize=10)
+    return written + [_save_plot(fig, Path(csv_path).with_suffix(".png"))]
 
 
 def _plot_critic_data(csv_path: Path) -> Path:
