@@ -709,6 +709,22 @@ def test_critic_against_exact_q_on_and_off_the_support(minari_root):
     small = [r for r in csv.DictReader(open(out)) if r["critic"] == "exact+2[hidden=16,depth=1]"]
     assert [r["variant"] for r in small] == ["t/hopper/medium-v0:3:exact+2[hidden=16,depth=1]"] * 3
     assert [r["critic_adv"] for r in small] != [r["critic_adv"] for r in ex2]
+    # the exact values' planes by state (scripts/exact_gradients.py), from the same caches: a row, skipped on a rerun
+    spec = importlib.util.spec_from_file_location("exact_gradients", Path(__file__).resolve().parents[1] / "scripts"
+                                                  / "exact_gradients.py")
+    eg = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(eg)
+    grads = ["--dataset", "t/hopper/medium-v0", "--train-episodes", "3", "--horizon", "3", "--work", str(work),
+             "--out", str(minari_root / "grads.csv")]
+    assert eg.main(grads) == 0
+    (g,) = list(csv.DictReader(open(minari_root / "grads.csv")))
+    assert (int(g["states"]), int(g["actions"])) == (sub.n, 5) and 0 <= float(g["linear_r2"]) <= 1
+    first = (minari_root / "grads.csv").read_text()
+    assert eg.main(grads) == 0 and (minari_root / "grads.csv").read_text() == first
+    for bad in (["--extra-actions", "3"], ["--train-episodes", "0"], ["--out", str(minari_root / "grads.txt")]):
+        with pytest.raises(SystemExit) as e:
+            eg.main(grads + bad)
+        assert e.value.code == 2
     for bad in (["--extra-actions", "2"], ["--critic-kind", "exact", "--extra-actions", "-1"],
                 ["--critic-kind", "exact", "--within-weight", "1"],
                 ["--critic-kind", "exact", "--extra-actions", "2", "--within-weight", "-1"],

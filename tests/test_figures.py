@@ -265,3 +265,36 @@ def test_critic_seeds_table_one_line_per_scale_and_number_averaged():
         "| local/h/m-v0 | iql | 40 | 0 | 1 | 0.60 | 0.05 | 0.05 | 0.52 | 0.001 / 0.014 | -0.20 / 0.04 | 0.50 | 0.10 | 0.10 "
         "| 0.50 | 0.000 / 0.020 | 0.30 / -0.01 |",
         "| local/h/m-v0 | iql | 40 | 10 | 2 | 0.60 | 0.20 | 0.25 | 0.55 | 0.012 / 0.044 | 0.30 / -0.01 |  |  |  |  |  |  |"]
+
+
+def test_action_gradient_field_against_planted_slopes():
+    """The exact-value summary of scripts/exact_gradients.py on values made here: values linear in the action with
+    one slope for every state give R2 1 and every cosine 1, |g| that slope's length; slopes drawn afresh at each
+    state give R2 1 and cosines near 0; values with no relation to the action explain as much as when shuffled
+    (about d / (m - 1) of the within-state variance); too few actions a state for a plane are refused."""
+    import numpy as np
+
+    from aepo_lite.rl.diagnostics import action_gradient_field, action_gradient_table
+    rng = np.random.default_rng(1)
+    n, m, d = 400, 5, 3
+    obs = np.cumsum(rng.normal(size=(n, 4)), 0)  # smooth along each episode
+    acts = rng.uniform(-1, 1, size=(n, m, d))
+    eps = np.repeat(np.arange(8), n // 8)
+    base = rng.normal(size=(n, 1)) * 100  # a state's level: not the action's effect
+    g0 = np.array([0.3, -0.4, 1.2])
+    same = action_gradient_field(obs, acts, base + acts @ g0, eps)
+    assert same["linear_r2"] == pytest.approx(1.0) and (same["states"], same["actions"]) == (n, m)
+    for k in ("cos_next", "cos_5", "cos_random", "cos_nearest"):
+        assert same[k] == pytest.approx(1.0)
+    assert same["grad_p10"] == pytest.approx(np.linalg.norm(g0)) == same["grad_p99"]
+    g = rng.normal(size=(n, d))
+    fresh = action_gradient_field(obs, acts, base + np.einsum("nmd,nd->nm", acts, g), eps)
+    assert fresh["linear_r2"] == pytest.approx(1.0)
+    assert all(abs(fresh[k]) < 0.15 for k in ("cos_next", "cos_5", "cos_random"))
+    noise = action_gradient_field(obs, acts, base + rng.normal(size=(n, m)), eps)
+    assert noise["linear_r2"] == pytest.approx(noise["shuffled_r2"], abs=0.06)
+    assert noise["shuffled_r2"] == pytest.approx(d / (m - 1), abs=0.06)
+    row = dict(dataset="t", train_episodes=8, horizon=300, gamma=0.99, **same)
+    assert action_gradient_table([row]).splitlines()[2].startswith("| t | 8 | 400 | 5 | 1.000 |")
+    with pytest.raises(ValueError, match="actions"):
+        action_gradient_field(obs, acts[:, :4], base + acts[:, :4] @ g0, eps)

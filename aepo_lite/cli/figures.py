@@ -30,6 +30,7 @@ critic by budget    rl_6c_big/critic_budget.csv  ``aepo_lite.rl.diagnostics.rend
 critic by seed      rl_6c_big/critic_seeds.csv   ``aepo_lite.rl.diagnostics.render_critic_seeds`` (opt.)
 critic by data      rl_6c_big/critic_data.csv    ``aepo_lite.rl.diagnostics.render_critic_data`` (opt.)
 critic's own fit    rl_6c_big/critic_data_fit.csv ``aepo_lite.rl.diagnostics.render_critic_fit`` (opt.)
+exact value's slope rl_6c_big/exact_gradients.csv ``aepo_lite.rl.diagnostics.render_action_gradients`` (o.)
 toy error budget    toy2d_budget.csv (optional)  ``aepo_lite.toy.budget.render``
 toy budget, runs    toy2d_budget_runs.csv (opt.) ``aepo_lite.toy.trained_budget.render`` (parts 4-5)
 toy convergence     toy2d_convergence.csv (opt.) ``aepo_lite.toy.convergence.render``
@@ -183,6 +184,11 @@ PARTS = (
          "python scripts/critic_data.py --run RUN --dataset DATASET --train-episodes N --critic-kind exact "
          "--extra-actions K --out figures/rl_6c_big/critic_data.csv (docs/results.md)",
          lambda mod, results, figures_dir: mod.render_critic_fit(results, figures_dir), optional=True),
+    Part("offline RL, how the exact value changes with the action, state by state", "aepo_lite.rl.diagnostics",
+         "rl_6c_big/exact_gradients.csv",
+         "python scripts/exact_gradients.py --dataset DATASET --train-episodes N --extra-actions K --out "
+         "figures/rl_6c_big/exact_gradients.csv (docs/results.md)",
+         lambda mod, results, figures_dir: mod.render_action_gradients(results, figures_dir), optional=True),
     Part("results summary", "aepo_lite.course.summary", "toy2d_results.csv",
          "the toy and RL results above", lambda mod, results, figures_dir: mod.render(figures_dir), optional=True),
     Part("toy error budget", "aepo_lite.toy.budget", "toy2d_budget.csv",

@@ -705,8 +705,8 @@ def critic_data_table(rows) -> str:
 def render_critic_data(csv_path, figures_dir) -> list[Path]:
     """``critic_data.md`` and ``critic_data.png`` beside the CSV, from the CSV alone (``aepo-lite figures``).
     The plot: per candidate group, the critic's share of right signs (top) and its correlation with the exact
-    advantages (bottom) against its training transitions, a line per training dataset (marker), critic and step
-    count (colour) and w (solid, dashed, ...)."""
+    advantages (bottom) against its training transitions, a line per training dataset (marker), critic (colour) and
+    w (solid, dashed, ...), each critic at its largest step count (the table holds every count)."""
     written = _render_table(csv_path, CRITIC_DATA_HEADER, critic_data_table, "scripts/critic_data.py")
     return written + [_plot_critic_data(Path(csv_path))]
 
@@ -770,14 +770,107 @@ def render_critic_fit(csv_path, figures_dir) -> list[Path]:
     return written + [_save_plot(fig, Path(csv_path).with_suffix(".png"))]
 
 
+ACTION_GRADIENT_COLUMNS = ("dataset", "train_episodes", "states", "actions", "horizon", "gamma", "linear_r2",
+                           "shuffled_r2", "cos_next", "cos_5", "cos_random", "cos_nearest", "nearest_dist",
+                           "grad_p10", "grad_p50", "grad_p90", "grad_p99")
+ACTION_GRADIENT_HEADER = (
+    "# How the exact value changes with the action, state by state\n\nThe exact values of `critic_data_fit.md` "
+    "(each training state's data action and K more, run in the simulator). At each state a least-squares plane is "
+    "fitted to its 1 + K (action, value) pairs: `R2` is the share of the within-state variance it explains, pooled "
+    "over states (`shuffled`: the same with each state's values shuffled among its actions, what a plane explains of "
+    "values with no relation to the action; with 1 + K = d + 2 pairs a plane keeps one degree of freedom for the "
+    "residual). Its slope g(s) is the direction in which the value rises. `cos`: the mean cosine between the slopes "
+    "of a state and of the next state of its episode (`next`), of the state five steps on (`+5`), of a random other "
+    "state (`random`), and of the nearest state of another episode in standardised observations (`nearest`, at a "
+    "median distance `dist`). |g| quantiles in raw reward units per unit of the [-1, 1] action box. A critic learns g(s) only as far as "
+    "it is a smooth function of the state. Measured by `scripts/exact_gradients.py` into `exact_gradients.csv`.\n\n")
+
+
+def action_gradient_field(obs, actions, values, episodes, *, seed: int = 0, nearest: int = 800) -> dict:
+    """How exact values change with the action, state by state: ``obs`` (n, k), ``actions`` (n, m, d), ``values``
+    (n, m), ``episodes`` (n,) the episode of each state (states of an episode in step order). Per state a
+    least-squares plane value ~ c + g . (a - a_0); returns the pooled share of within-state variance it explains
+    (``linear_r2``) beside that for each state's values shuffled among its actions (``shuffled_r2``), the mean cosine
+    between slopes g one and five steps apart in an episode, of random pairs, and of each of ``nearest`` random
+    states with the nearest state of another episode (standardised observations; ``nearest_dist`` the median
+    distance), and quantiles of |g|. Needs m >= d + 2 (a residual left after the plane)."""
+    obs, actions, values = np.asarray(obs, float), np.asarray(actions, float), np.asarray(values, float)
+    episodes = np.asarray(episodes)
+    n, m, d = actions.shape
+    if m < d + 2:
+        raise ValueError(f"actions: a plane in {d} action dimensions needs at least {d + 2} actions a state to leave a "
+                         f"residual, got {m}")
+    if values.shape != (n, m) or obs.shape[0] != n or episodes.shape != (n,):
+        raise ValueError(f"values/obs/episodes: expected ({n}, {m}), ({n}, k) and ({n},), got {values.shape}, "
+                         f"{obs.shape} and {episodes.shape}")
+    rng = np.random.default_rng(seed)
+    X = np.concatenate([np.ones((n, m, 1)), actions - actions[:, :1]], 2)  # (n, m, 1 + d)
+    pinv = np.linalg.pinv(X)  # (n, 1 + d, m): each state's least-squares plane
+
+    def planes(v):
+        coef = np.einsum("njm,nm->nj", pinv, v)
+        resid = v - np.einsum("nmj,nj->nm", X, coef)
+        centered = v - v.mean(1, keepdims=True)
+        return coef[:, 1:], 1 - (resid ** 2).sum() / (centered ** 2).sum()
+    g, r2 = planes(values)
+    _, shuffled = planes(np.take_along_axis(values, rng.permuted(np.tile(np.arange(m), (n, 1)), axis=1), 1))
+
+    def cos(u, w):
+        return float(np.mean((u * w).sum(1) / np.maximum(np.linalg.norm(u, axis=1) * np.linalg.norm(w, axis=1),
+                                                         1e-300)))
+
+    def lagged(k):
+        same = episodes[k:] == episodes[:-k]
+        return cos(g[k:][same], g[:-k][same]) if same.any() else float("nan")
+    z = (obs - obs.mean(0)) / np.maximum(obs.std(0), 1e-12)
+    near, dist = [], []
+    for i in rng.choice(n, min(nearest, n), replace=False):
+        dd = np.linalg.norm(z - z[i], axis=1)
+        dd[episodes == episodes[i]] = np.inf
+        if np.isfinite(dd).any():
+            j = int(dd.argmin())
+            near.append((i, j))
+            dist.append(dd[j])
+    size = np.linalg.norm(g, axis=1)
+    i, j = np.array(near).T if near else (np.array([], int), np.array([], int))
+    return {"states": n, "actions": m, "linear_r2": float(r2), "shuffled_r2": float(shuffled), "cos_next": lagged(1),
+            "cos_5": lagged(5), "cos_random": cos(g, g[rng.permutation(n)]),
+            "cos_nearest": cos(g[i], g[j]) if near else float("nan"),
+            "nearest_dist": float(np.median(dist)) if dist else float("nan"),
+            **{f"grad_p{q}": float(np.quantile(size, q / 100)) for q in (10, 50, 90, 99)}}
+
+
+def action_gradient_table(rows) -> str:
+    """A Markdown table from ``scripts/exact_gradients.py``'s rows: one line per dataset and episodes."""
+    lines = ["| dataset | episodes | states | actions | R2 | shuffled R2 | cos next | cos +5 | cos random | cos nearest "
+             "(dist) | abs g p10 / p50 / p90 / p99 |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for r in sorted(rows, key=lambda r: (r["dataset"], int(r["train_episodes"]), int(r["actions"]))):
+        f = {k: float(r[k]) for k in ACTION_GRADIENT_COLUMNS[6:]}
+        lines.append(f"| {r['dataset']} | {int(r['train_episodes'])} | {int(r['states'])} | {int(r['actions'])} | "
+                     f"{f['linear_r2']:.3f} | {f['shuffled_r2']:.3f} | {f['cos_next']:.3f} | {f['cos_5']:.3f} | "
+                     f"{f['cos_random']:.3f} | {f['cos_nearest']:.3f} ({f['nearest_dist']:.2f}) | {f['grad_p10']:.3f} / "
+                     f"{f['grad_p50']:.3f} / {f['grad_p90']:.2f} / {f['grad_p99']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def render_action_gradients(csv_path, figures_dir) -> list[Path]:
+    """``exact_gradients.md`` beside the CSV, from the CSV alone (``aepo-lite figures``)."""
+    return _render_table(csv_path, ACTION_GRADIENT_HEADER, action_gradient_table, "scripts/exact_gradients.py")
+
+
 def _plot_critic_data(csv_path: Path) -> Path:
     plt = _pyplot()
     rows = _csv_rows(csv_path)
     groups = _groups(rows)
-    lines = sorted({(r["train_dataset"], r["critic"], int(r["steps"]), float(r["guidance_scale"])) for r in rows})
+    last = {}  # each critic's largest step count on each training dataset: the line drawn
+    for r in rows:
+        k = (r["train_dataset"], r["critic"])
+        last[k] = max(last.get(k, 0), int(r["steps"]))
+    lines = sorted({(r["train_dataset"], r["critic"], last[(r["train_dataset"], r["critic"])],
+                     float(r["guidance_scale"])) for r in rows})
     datasets = sorted({d for d, *_ in lines})
     colours, scales = sorted({(c, s) for _, c, s, _ in lines}), sorted({w for *_, w in lines})
-    palette = plt.get_cmap("tab10" if len(colours) <= 10 else "tab20")  # a colour per critic and step count
+    palette = plt.get_cmap("tab10" if len(colours) <= 10 else "tab20")  # a colour per critic (and its steps)
     fig, axes = plt.subplots(2, len(groups), figsize=(4.6 * len(groups), 6.4), squeeze=False, sharex=True,
                              sharey="row", layout="constrained")
     for j, g in enumerate(groups):

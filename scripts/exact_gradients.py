@@ -1,0 +1,77 @@
+"""How the exact value changes with the action, state by state, on a dataset made by ``aepo-lite make-dataset``: the
+exact values that ``scripts/critic_data.py --critic-kind exact --extra-actions K`` computes and keeps in ``--work``
+(each state of the first n episodes of its fixed random order, with its data action and K more, run in the
+simulator), read back (or computed, the same way and into the same cache) and summarised by
+``aepo_lite.rl.diagnostics.action_gradient_field``: how much of each state's value differences a plane in the action
+explains, and how the plane's slope (the direction the value rises in) changes from one state to the next. Writes a
+CSV and its Markdown table beside it (``aepo-lite figures`` re-renders the table); a rerun skips the rows it has.
+
+    python scripts/exact_gradients.py --dataset local/hopper-800k/medium-v0 --train-episodes 41 --extra-actions 4 \
+        --out figures/rl_6c_big/exact_gradients.csv
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # critic_data.py: the exact values and their caches
+from critic_data import ORDER_SEED, exact_labels, extra_actions  # noqa: E402
+
+from aepo_lite.rl.data import description_info, load_minari  # noqa: E402
+from aepo_lite.rl.diagnostics import (ACTION_GRADIENT_COLUMNS, action_gradient_field, existing_rows,  # noqa: E402
+                                      render_action_gradients, write_csv_and_table)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--dataset", required=True, help="a dataset made by aepo-lite make-dataset with action noise")
+    p.add_argument("--train-episodes", type=int, required=True, help="the first n episodes of the fixed order")
+    p.add_argument("--extra-actions", type=int, default=4, help="K more actions a state (at least the action "
+                   "dimension + 1, for a plane with a residual)")
+    p.add_argument("--horizon", type=int, default=300, help="rollout steps of an exact value (critic_data.py's)")
+    p.add_argument("--gamma", type=float, default=0.99, help="the exact values' discount (critic_data.py's)")
+    p.add_argument("--work", default="runs/critic_budget", help="the exact values' caches (critic_data.py's)")
+    p.add_argument("--out", required=True, help="the CSV to write (its .md table beside it)")
+    a = p.parse_args(argv)
+    if not a.out.endswith(".csv"):
+        p.error(f"--out: expected a .csv path, got {a.out!r}")
+    if a.train_episodes < 1 or a.extra_actions < 1:
+        p.error(f"--train-episodes/--extra-actions: expected 1 or more, got {a.train_episodes} and {a.extra_actions}")
+    try:
+        full = load_minari(a.dataset, reward_scaling="none")[0]
+    except ValueError as e:
+        raise SystemExit(f"--dataset: {e}") from None
+    if a.extra_actions < full.action_dim + 1:
+        p.error(f"--extra-actions: a plane in {full.action_dim} action dimensions needs {full.action_dim + 1} or more "
+                f"extra actions, got {a.extra_actions}")
+    if a.train_episodes > full.n_episodes:
+        p.error(f"--train-episodes: {a.dataset} has {full.n_episodes} episodes, fewer than {a.train_episodes}")
+    noise = float(description_info(full.metadata).get("recipe", {}).get("collect_noise", 0.0))
+    if not noise > 0:
+        p.error(f"--dataset: {a.dataset} was collected without action noise: no spread to draw the actions with")
+    rows = existing_rows(a.out)
+    key = (a.dataset, a.train_episodes, a.extra_actions + 1, a.horizon, round(a.gamma, 9))
+    if any((r["dataset"], int(r["train_episodes"]), int(r["actions"]), int(r["horizon"]), round(float(r["gamma"]), 9))
+           == key for r in rows):
+        print(f"skip {a.dataset}: {a.train_episodes} episodes in {a.out}")
+        return 0
+    episodes = np.sort(np.random.default_rng(ORDER_SEED).permutation(full.n_episodes)[:a.train_episodes])
+    sub = full.take_episodes(episodes)
+    more, values = extra_actions(a, a.dataset, full, episodes, noise)
+    actions = np.concatenate([sub.actions[:, None], more], 1)  # [-1, 1] units, the data's action first
+    values = np.concatenate([exact_labels(a, a.dataset, full, episodes)[:, None], values], 1)
+    episode_of = np.cumsum(np.r_[True, sub.next_idx[:-1] != sub.idx[1:]]) - 1  # a new episode where rows jump
+    stats = action_gradient_field(sub.obs_rows[sub.idx], actions, values, episode_of)
+    rows.append({"dataset": a.dataset, "train_episodes": a.train_episodes, "horizon": a.horizon, "gamma": a.gamma,
+                 **stats})
+    print(", ".join(f"{k} {v:.3g}" for k, v in stats.items()))
+    write_csv_and_table(a.out, rows, ACTION_GRADIENT_COLUMNS, render_action_gradients)
+    print(f"wrote {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
