@@ -327,12 +327,21 @@ else:
 #   collected with three times the action noise around the same policy gives 0.49-0.59. Nor do exact targets: the
 #   same network regressed on each transition's exact value by the simulator (`--critic-kind exact`, 25k and 50k
 #   transitions) gets 0.54-0.59 of the signs right, and 0.51-0.57 when it is also shown four more actions at
-#   each state with their exact values (`--extra-actions 4`, data no offline method has). The error is in how the
-#   network carries such small value differences to the states the policy visits, not in its targets.
+#   each state with their exact values (`--extra-actions 4`, data no offline method has). Nor is it a failure to
+#   carry what was fitted to other states: that critic orders its own training states' actions no better than
+#   held-out ones (0.551 and 0.565 of the pairs, `figures/rl_6c_big/critic_data_fit.md`), and neither a loss on the
+#   differences within a state (`--within-weight`) nor a 256 x 3 network changes that (0.55-0.56). The exact
+#   value is close to a plane in the action at each state (R2 0.89 against 0.73 for shuffled values), but the
+#   plane's slope, the direction of improvement, is nearly unrelated from one step of an episode to the next (mean
+#   cosine 0.04; random pairs 0.01; `figures/rl_6c_big/exact_gradients.md`): a critic that is a smooth function of
+#   the state cannot follow it at this data's resolution. QGPO's in-support critic does not lift AEPO here either
+#   (62.8 at best, w = 3, seeds 5-7).
 #
 #   ![critic_budget.png](../figures/rl_6c_big/critic_budget.png)
 #
 #   ![critic_data.png](../figures/rl_6c_big/critic_data.png)
+#
+#   ![critic_data_fit.png](../figures/rl_6c_big/critic_data_fit.png)
 #
 #   ![critic_seeds.png](../figures/rl_6c_big/critic_seeds.png)
 #
