@@ -54,6 +54,7 @@ from aepo_lite.rl.diagnostics import (CRITIC_DATA_COLUMNS, CRITIC_FIT_COLUMNS, e
 from aepo_lite.training.stages import StageStore, run_stage, stage_hash  # noqa: E402
 
 ORDER_SEED = 0  # the fixed random order of the dataset's episodes that the subsets take a prefix of
+DEFAULT_SCALES = [1.0, 3.0]  # --extra-actions' noise multiples, cycled: the probes' two spreads
 
 
 def same_data_policy(run_data, data, ignore=()) -> list[str]:
@@ -102,11 +103,12 @@ def exact_labels(a, name: str, full, episodes) -> np.ndarray:
 
 def extra_actions(a, name: str, full, episodes, noise: float) -> tuple[np.ndarray, np.ndarray]:
     """``--extra-actions`` K more actions at each state of ``full``'s ``episodes``, the transition's own action plus
-    c x ``noise`` x N(0, I) (c = 1 for the even ones, 3 for the odd; clipped to the box; drawn from the episode's own
-    seed), and their exact values: ((n, K, d) actions in [-1, 1], (n, K) values in raw units), kept per episode in
-    ``--work`` as :func:`exact_labels` keeps its own."""
+    c x ``noise`` x N(0, I) (c cycling through ``a.extra_scales``, default 1 and 3: 1 for the even ones, 3 for the
+    odd; clipped to the box; drawn from the episode's own seed), and their exact values: ((n, K, d) actions in
+    [-1, 1], (n, K) values in raw units), kept per episode in ``--work`` as :func:`exact_labels` keeps its own."""
     K, lo, hi = a.extra_actions, full.action_low, full.action_high
-    c = np.where(np.arange(K) % 2 == 0, 1.0, 3.0)[None, :, None]
+    scales = [float(x) for x in (getattr(a, "extra_scales", None) or DEFAULT_SCALES)]
+    c = np.array([scales[k % len(scales)] for k in range(K)])[None, :, None]
 
     def compute(part):
         acts = []
@@ -119,7 +121,8 @@ def extra_actions(a, name: str, full, episodes, noise: float) -> tuple[np.ndarra
         pieces = np.split(q, np.cumsum([d.n * K for _, d in part])[:-1])
         return [{"a": 2 * (act - lo) / (hi - lo) - 1, "q": piece.reshape(d.n, K)}
                 for (_, d), act, piece in zip(part, acts, pieces)]
-    acts, values = _per_episode(a, "exact-extra", [name, a.horizon, a.gamma, K, noise], full, episodes, "aq", compute,
+    key = [name, a.horizon, a.gamma, K, noise] + ([scales] if scales != DEFAULT_SCALES else [])  # older keys kept
+    acts, values = _per_episode(a, "exact-extra", key, full, episodes, "aq", compute,
                                 f"exact values of {K} more actions a state")
     return acts, values
 

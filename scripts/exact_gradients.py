@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # critic_data.py: the exact values and their caches
-from critic_data import ORDER_SEED, exact_labels, extra_actions  # noqa: E402
+from critic_data import DEFAULT_SCALES, ORDER_SEED, exact_labels, extra_actions  # noqa: E402
 
 from aepo_lite.rl.data import description_info, load_minari  # noqa: E402
 from aepo_lite.rl.diagnostics import (ACTION_GRADIENT_COLUMNS, action_gradient_field, existing_rows,  # noqa: E402
@@ -31,6 +31,9 @@ def main(argv=None) -> int:
     p.add_argument("--train-episodes", type=int, required=True, help="the first n episodes of the fixed order")
     p.add_argument("--extra-actions", type=int, default=4, help="K more actions a state (at least the action "
                    "dimension + 1, for a plane with a residual)")
+    p.add_argument("--extra-scales", nargs="+", type=float, default=DEFAULT_SCALES,
+                   help="the extra actions' noise multiples, cycled over them (critic_data.py's: 1 and 3); one "
+                        "value measures the planes at that spread alone")
     p.add_argument("--horizon", type=int, default=300, help="rollout steps of an exact value (critic_data.py's)")
     p.add_argument("--gamma", type=float, default=0.99, help="the exact values' discount (critic_data.py's)")
     p.add_argument("--work", default="runs/critic_budget", help="the exact values' caches (critic_data.py's)")
@@ -38,6 +41,8 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if not a.out.endswith(".csv"):
         p.error(f"--out: expected a .csv path, got {a.out!r}")
+    if not all(np.isfinite(c) and c > 0 for c in a.extra_scales):
+        p.error(f"--extra-scales: expected positive noise multiples, got {a.extra_scales}")
     if a.train_episodes < 1 or a.extra_actions < 1:
         p.error(f"--train-episodes/--extra-actions: expected 1 or more, got {a.train_episodes} and {a.extra_actions}")
     try:
@@ -53,9 +58,10 @@ def main(argv=None) -> int:
     if not noise > 0:
         p.error(f"--dataset: {a.dataset} was collected without action noise: no spread to draw the actions with")
     rows = existing_rows(a.out)
-    key = (a.dataset, a.train_episodes, a.extra_actions + 1, a.horizon, round(a.gamma, 9))
-    if any((r["dataset"], int(r["train_episodes"]), int(r["actions"]), int(r["horizon"]), round(float(r["gamma"]), 9))
-           == key for r in rows):
+    scales = " ".join(f"{c:g}" for c in a.extra_scales)
+    key = (a.dataset, a.train_episodes, a.extra_actions + 1, scales, a.horizon, round(a.gamma, 9))
+    if any((r["dataset"], int(r["train_episodes"]), int(r["actions"]), r["scales"], int(r["horizon"]),
+            round(float(r["gamma"]), 9)) == key for r in rows):
         print(f"skip {a.dataset}: {a.train_episodes} episodes in {a.out}")
         return 0
     episodes = np.sort(np.random.default_rng(ORDER_SEED).permutation(full.n_episodes)[:a.train_episodes])
@@ -65,8 +71,8 @@ def main(argv=None) -> int:
     values = np.concatenate([exact_labels(a, a.dataset, full, episodes)[:, None], values], 1)
     episode_of = np.cumsum(np.r_[True, sub.next_idx[:-1] != sub.idx[1:]]) - 1  # a new episode where rows jump
     stats = action_gradient_field(sub.obs_rows[sub.idx], actions, values, episode_of)
-    rows.append({"dataset": a.dataset, "train_episodes": a.train_episodes, "horizon": a.horizon, "gamma": a.gamma,
-                 **stats})
+    rows.append({"dataset": a.dataset, "train_episodes": a.train_episodes, "scales": scales, "horizon": a.horizon,
+                 "gamma": a.gamma, **stats})
     print(", ".join(f"{k} {v:.3g}" for k, v in stats.items()))
     write_csv_and_table(a.out, rows, ACTION_GRADIENT_COLUMNS, render_action_gradients)
     print(f"wrote {a.out}")

@@ -721,7 +721,19 @@ def test_critic_against_exact_q_on_and_off_the_support(minari_root):
     assert (int(g["states"]), int(g["actions"])) == (sub.n, 5) and 0 <= float(g["linear_r2"]) <= 1
     first = (minari_root / "grads.csv").read_text()
     assert eg.main(grads) == 0 and (minari_root / "grads.csv").read_text() == first
-    for bad in (["--extra-actions", "3"], ["--train-episodes", "0"], ["--out", str(minari_root / "grads.txt")]):
+    # one spread alone: its own extra actions (another cache key: the default's file is unchanged) and row
+    caches = {p: p.read_bytes() for p in work.glob("exact-extra-*.npz")}
+    assert eg.main(grads + ["--extra-scales", "3"]) == 0
+    rows3 = list(csv.DictReader(open(minari_root / "grads.csv")))
+    assert [r["scales"] for r in rows3] == ["1 3", "3"] and rows3[1]["linear_r2"] != rows3[0]["linear_r2"]
+    assert all(p.read_bytes() == b for p, b in caches.items())
+    (other,) = set(work.glob("exact-extra-*.npz")) - set(caches)
+    with np.load(other) as f:
+        a3 = np.concatenate([f[f"a{e}"] for e in chosen])
+    off = np.abs(a3 - sub.actions[:, None]).mean(axis=(0, 2))  # every extra action 3 stds of 0.1 away
+    assert off == pytest.approx(np.full(4, 0.3 * np.sqrt(2 / np.pi)), rel=0.35)
+    for bad in (["--extra-actions", "3"], ["--train-episodes", "0"], ["--out", str(minari_root / "grads.txt")],
+                ["--extra-scales", "0"]):
         with pytest.raises(SystemExit) as e:
             eg.main(grads + bad)
         assert e.value.code == 2

@@ -770,12 +770,13 @@ def render_critic_fit(csv_path, figures_dir) -> list[Path]:
     return written + [_save_plot(fig, Path(csv_path).with_suffix(".png"))]
 
 
-ACTION_GRADIENT_COLUMNS = ("dataset", "train_episodes", "states", "actions", "horizon", "gamma", "linear_r2",
+ACTION_GRADIENT_COLUMNS = ("dataset", "train_episodes", "states", "actions", "scales", "horizon", "gamma", "linear_r2",
                            "shuffled_r2", "cos_next", "cos_5", "cos_random", "cos_nearest", "nearest_dist",
                            "grad_p10", "grad_p50", "grad_p90", "grad_p99")
 ACTION_GRADIENT_HEADER = (
     "# How the exact value changes with the action, state by state\n\nThe exact values of `critic_data_fit.md` "
-    "(each training state's data action and K more, run in the simulator). At each state a least-squares plane is "
+    "(each training state's data action and K more, run in the simulator; `spreads`: the extra actions' noise "
+    "multiples, cycled over them). At each state a least-squares plane is "
     "fitted to its 1 + K (action, value) pairs: `R2` is the share of the within-state variance it explains, pooled "
     "over states (`shuffled`: the same with each state's values shuffled among its actions, what a plane explains of "
     "values with no relation to the action; with 1 + K = d + 2 pairs a plane keeps one degree of freedom for the "
@@ -842,11 +843,13 @@ def action_gradient_field(obs, actions, values, episodes, *, seed: int = 0, near
 
 def action_gradient_table(rows) -> str:
     """A Markdown table from ``scripts/exact_gradients.py``'s rows: one line per dataset and episodes."""
-    lines = ["| dataset | episodes | states | actions | R2 | shuffled R2 | cos next | cos +5 | cos random | cos nearest "
-             "(dist) | abs g p10 / p50 / p90 / p99 |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
-    for r in sorted(rows, key=lambda r: (r["dataset"], int(r["train_episodes"]), int(r["actions"]))):
-        f = {k: float(r[k]) for k in ACTION_GRADIENT_COLUMNS[6:]}
+    lines = ["| dataset | episodes | states | actions | spreads | R2 | shuffled R2 | cos next | cos +5 | cos random | cos nearest "
+             "(dist) | abs g p10 / p50 / p90 / p99 |", "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---|"]
+    for r in sorted(rows, key=lambda r: (r["dataset"], int(r["train_episodes"]), int(r["actions"]),
+                                         [float(c) for c in str(r["scales"]).split()])):
+        f = {k: float(r[k]) for k in ACTION_GRADIENT_COLUMNS[7:]}
         lines.append(f"| {r['dataset']} | {int(r['train_episodes'])} | {int(r['states'])} | {int(r['actions'])} | "
+                     f"{r['scales']} | "
                      f"{f['linear_r2']:.3f} | {f['shuffled_r2']:.3f} | {f['cos_next']:.3f} | {f['cos_5']:.3f} | "
                      f"{f['cos_random']:.3f} | {f['cos_nearest']:.3f} ({f['nearest_dist']:.2f}) | {f['grad_p10']:.3f} / "
                      f"{f['grad_p50']:.3f} / {f['grad_p90']:.2f} / {f['grad_p99']:.1f} |")
