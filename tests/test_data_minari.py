@@ -876,3 +876,41 @@ def test_within_state_loss_is_the_regression_plus_the_centered_error():
     shifted = y + torch.tensor([1.0, -2.0, 3.0]).repeat_interleave(4)
     plain = ((shifted - y) ** 2).mean() * 2
     assert float(crit._q_loss(shifted, shifted, y)) == pytest.approx(float(plain), rel=1e-6)
+
+
+def test_inverted_double_pendulum_state_from_its_observation():
+    """InvertedDoublePendulum's observation (cart position, angles as sines and cosines, velocities) rebuilt into a
+    physics state: the returns rolled out from it equal those of an environment that reached the state itself by
+    playing the actions from its reset (the other layout's observation is refused)."""
+    from aepo_lite.rl.datasets import rollout_returns, state_from_observation
+    policy = lambda obs: np.tanh(obs[:, :1] - obs[:, 5:6])  # noqa: E731  any deterministic policy
+    rng = np.random.default_rng(2)
+    prefix, first = 0.3 * rng.standard_normal((6, 1)), rng.uniform(-1, 1, (3, 1))
+    env = gym.make("InvertedDoublePendulum-v5")
+    obs, _ = env.reset(seed=5)
+    for a in prefix:
+        obs, *_ = env.step(a)
+    assert np.abs(obs[5:8]).max() < 10  # velocities not clipped: the observation holds the whole state
+    scratch = [gym.make("InvertedDoublePendulum-v5").unwrapped for _ in range(3)]
+    for s in scratch:
+        s.reset(seed=99)
+    cont = np.zeros((15, 1))
+    got = rollout_returns(state_from_observation(env, obs), scratch, first, policy, cont, gamma=0.9)
+    want = []
+    for a0 in first:
+        ref = gym.make("InvertedDoublePendulum-v5")
+        ref.reset(seed=5)
+        for a in prefix:
+            ref.step(a)
+        g, disc, a = 0.0, 1.0, a0
+        for k in range(16):
+            o, r, term, _, _ = ref.step(a)
+            g, disc = g + disc * r, disc * 0.9
+            if term:
+                break
+            a = np.clip(policy(o[None])[0], -1, 1)
+        want.append(g)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    assert len(set(np.round(got, 6))) == 3
+    with pytest.raises(ValueError, match="obs: expected 9"):
+        state_from_observation(env, obs[:8])

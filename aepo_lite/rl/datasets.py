@@ -367,15 +367,25 @@ def rollout_returns(state, scratch: list, first_actions: np.ndarray, policy: Cal
 def state_from_observation(env, obs: np.ndarray) -> dict:
     """The physics state (:func:`_mujoco_state`'s form) of a locomotion observation that holds every position but
     the forward one and every velocity (Hopper, Walker2d, HalfCheetah): the forward position set to 0 (their
-    rewards and dynamics do not depend on it), the solver's warm start zero. Observations of another layout are
-    refused. Hopper and Walker2d clip the velocities they report (at 10), so a state rebuilt from a clipped one is
-    not the state that was observed."""
+    rewards and dynamics do not depend on it), the solver's warm start zero. InvertedDoublePendulum's observation
+    (cart position, the two angles' sines and cosines, the three velocities, a constraint force) is read as its
+    positions (angles by atan2) and velocities. Observations of another layout are refused. Hopper, Walker2d and
+    InvertedDoublePendulum clip the velocities they report (at 10), so a state rebuilt from a clipped one is not the
+    state that was observed."""
     m = env.unwrapped.model
     obs = np.asarray(obs, dtype=float)
+    d = env.unwrapped.data
+    if env.spec is not None and env.spec.id.startswith("InvertedDoublePendulum"):
+        if obs.shape != (1 + 2 * (m.nq - 1) + m.nv + 1,):
+            raise ValueError(f"obs: expected {1 + 2 * (m.nq - 1) + m.nv + 1} values (cart position, sines, cosines, "
+                             f"velocities, a constraint force) for {env.spec.id}, got shape {obs.shape}")
+        k = m.nq - 1
+        qpos = np.r_[obs[0], np.arctan2(obs[1:1 + k], obs[1 + k:1 + 2 * k])]
+        return {"qpos": qpos, "qvel": obs[1 + 2 * k:1 + 2 * k + m.nv].copy(), "act": np.zeros_like(d.act),
+                "time": 0.0, "qacc_warmstart": np.zeros(m.nv)}
     if obs.shape != (m.nq - 1 + m.nv,):
         raise ValueError(f"obs: expected {m.nq - 1 + m.nv} values (positions but the first, then velocities) for "
                          f"{env.spec.id if env.spec else 'this environment'}, got shape {obs.shape}")
-    d = env.unwrapped.data
     return {"qpos": np.r_[0.0, obs[:m.nq - 1]], "qvel": obs[m.nq - 1:].copy(), "act": np.zeros_like(d.act),
             "time": 0.0, "qacc_warmstart": np.zeros(m.nv)}
 
