@@ -282,18 +282,8 @@ def test_make_dataset_tiny_repeatable(minari_root, capsys, monkeypatch):
     cands = rng3.uniform(-1, 1, (len(probe_at), 3))
     obs_at, want = [], []
     for k, a0 in zip(probe_at, cands):
-        ref = gym.make("Hopper-v5")
-        o, _ = ref.reset(seed=21)
-        for a in prefix[:k]:
-            o, *_ = ref.step(a)
+        o, g = _replayed_return("Hopper-v5", 21, prefix[:k], a0, lambda o: mu_med(o[None])[0], 20, 0.9)
         obs_at.append(o)
-        g, disc, a = 0.0, 1.0, a0
-        for step in range(20):
-            o, r, term, _, _ = ref.step(a)
-            g, disc = g + disc * r, disc * 0.9
-            if term:
-                break
-            a = mu_med(o[None])[0]
         want.append(g)
     got = exact_q_labels("t/hopper/medium-v0", np.array(obs_at), cands, horizon=20, gamma=0.9, batch=2)
     np.testing.assert_allclose(got, want, rtol=1e-6)
@@ -362,6 +352,24 @@ def test_make_dataset_tiny_repeatable(minari_root, capsys, monkeypatch):
         snapshot_action_spread("t/hopper/medium-v0", {"snapshot": mu}, episodes=0)
     with pytest.raises(ValueError, match="random dataset"):
         snapshot_action_spread("t/hopper/random-v0", {"snapshot": mu})
+
+
+def _replayed_return(env_id: str, seed: int, prefix, first, policy, steps: int, gamma: float):
+    """A reference by plain play: a fresh ``env_id`` reset with ``seed`` plays ``prefix``, then ``first`` and
+    ``policy(obs)`` for at most ``steps`` steps in all, or to a termination. Returns (the observation before
+    ``first``, the discounted return from it)."""
+    ref = gym.make(env_id)
+    o, _ = ref.reset(seed=seed)
+    for a in prefix:
+        o, *_ = ref.step(a)
+    start, g, disc, a = o, 0.0, 1.0, first
+    for _ in range(steps):
+        o, r, term, _, _ = ref.step(a)
+        g, disc = g + disc * r, disc * gamma
+        if term:
+            break
+        a = policy(o)
+    return start, g
 
 
 def test_rollout_returns_match_a_replay_of_the_same_actions():
@@ -896,20 +904,8 @@ def test_inverted_double_pendulum_state_from_its_observation():
         s.reset(seed=99)
     cont = np.zeros((15, 1))
     got = rollout_returns(state_from_observation(env, obs), scratch, first, policy, cont, gamma=0.9)
-    want = []
-    for a0 in first:
-        ref = gym.make("InvertedDoublePendulum-v5")
-        ref.reset(seed=5)
-        for a in prefix:
-            ref.step(a)
-        g, disc, a = 0.0, 1.0, a0
-        for k in range(16):
-            o, r, term, _, _ = ref.step(a)
-            g, disc = g + disc * r, disc * 0.9
-            if term:
-                break
-            a = np.clip(policy(o[None])[0], -1, 1)
-        want.append(g)
+    want = [_replayed_return("InvertedDoublePendulum-v5", 5, prefix, a0, lambda o: np.clip(policy(o[None])[0], -1, 1),
+                             16, 0.9)[1] for a0 in first]
     np.testing.assert_allclose(got, want, rtol=1e-6)
     assert len(set(np.round(got, 6))) == 3
     with pytest.raises(ValueError, match="obs: expected 9"):
