@@ -277,6 +277,10 @@ def main(argv=None) -> int:
         p.error(f"--train-episodes: expected increasing episode counts of 2 or more, got {a.train_episodes}")
     agent, cfg, run_data = load_critic_run(a.run)
     kind = {} if a.critic_kind == "run" else {"kind": "mc" if a.critic_kind == "exact" else a.critic_kind}
+    try:
+        check_config(replace(cfg, critic=replace(cfg.critic, **kind, **over)))
+    except ValueError as e:
+        p.error(f"--critic-set: {e}")
     if critic_kind(replace(cfg, critic=replace(cfg.critic, **kind))) == "insupport":
         raise SystemExit(f"--run: {a.run} has the in-support critic, which reads the behaviour model's actions: it "
                          "would need a behaviour model trained on each subset (use a run with the iql or mc critic)")

@@ -749,7 +749,8 @@ def test_critic_against_exact_q_on_and_off_the_support(minari_root):
                 ["--critic-kind", "exact", "--within-weight", "1"],
                 ["--critic-kind", "exact", "--extra-actions", "2", "--within-weight", "-1"],
                 ["--critic-kind", "exact", "--extra-actions", "2", "--fit-episodes", "-1"],
-                ["--critic-set", "kind=iql"], ["--critic-set", "width=3"], ["--critic-set", "hidden=wide"]):
+                ["--critic-set", "kind=iql"], ["--critic-set", "width=3"], ["--critic-set", "hidden=wide"],
+                ["--critic-set", "gamma=2"]):
         with pytest.raises(SystemExit) as e:
             cd.main(args + ["--train-episodes", "3"] + bad)
         assert e.value.code == 2
