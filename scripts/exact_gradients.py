@@ -21,8 +21,26 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # critic_data.py: the 
 from critic_data import DEFAULT_SCALES, ORDER_SEED, exact_labels, extra_actions  # noqa: E402
 
 from aepo_lite.rl.data import description_info, load_minari  # noqa: E402
+from aepo_lite.rl.datasets import exact_q_labels  # noqa: E402
 from aepo_lite.rl.diagnostics import (ACTION_GRADIENT_COLUMNS, action_gradient_field, existing_rows,  # noqa: E402
                                       render_action_gradients, write_csv_and_table)
+
+
+SENSITIVITY_STATES, SENSITIVITY_STEP = 64, 1e-6
+
+
+def sensitivity(a, full, sub) -> float:
+    """How well posed the exact values are: the mean |Q(s, a + 1e-6 z) - Q(s, a)| over 64 states of ``sub``
+    (evenly spaced; a = the data's action, z ~ N(0, I)), recomputed here (not cached). Near 0 where the deterministic
+    continuation's return is a smooth function of the action; large where the closed loop is chaotic, so that an
+    exact value of this kind carries no usable action signal."""
+    at = np.linspace(0, sub.n - 1, min(SENSITIVITY_STATES, sub.n)).astype(int)
+    lo, hi = full.action_low, full.action_high
+    obs, act = sub.obs_rows[sub.idx][at], (lo + (sub.actions + 1) / 2 * (hi - lo))[at]
+    moved = np.clip(act + SENSITIVITY_STEP * np.random.default_rng(0).standard_normal(act.shape), lo, hi)
+    q = exact_q_labels(a.dataset, np.concatenate([obs, obs]), np.concatenate([act, moved]), horizon=a.horizon,
+                       gamma=a.gamma)
+    return float(np.abs(q[len(at):] - q[:len(at)]).mean())
 
 
 def main(argv=None) -> int:
@@ -72,7 +90,7 @@ def main(argv=None) -> int:
     episode_of = np.cumsum(np.r_[True, sub.next_idx[:-1] != sub.idx[1:]]) - 1  # a new episode where rows jump
     stats = action_gradient_field(sub.obs_rows[sub.idx], actions, values, episode_of)
     rows.append({"dataset": a.dataset, "train_episodes": a.train_episodes, "scales": scales, "horizon": a.horizon,
-                 "gamma": a.gamma, **stats})
+                 "gamma": a.gamma, **stats, "sensitivity": sensitivity(a, full, sub)})
     print(", ".join(f"{k} {v:.3g}" for k, v in stats.items()))
     write_csv_and_table(a.out, rows, ACTION_GRADIENT_COLUMNS, render_action_gradients)
     print(f"wrote {a.out}")

@@ -727,6 +727,7 @@ def test_critic_against_exact_q_on_and_off_the_support(minari_root):
     assert eg.main(grads) == 0
     (g,) = list(csv.DictReader(open(minari_root / "grads.csv")))
     assert (int(g["states"]), int(g["actions"])) == (sub.n, 5) and 0 <= float(g["linear_r2"]) <= 1
+    assert 0 <= float(g["sensitivity"]) < 1e-3  # a 1e-6 change of the action barely moves a 3-step value
     first = (minari_root / "grads.csv").read_text()
     assert eg.main(grads) == 0 and (minari_root / "grads.csv").read_text() == first
     # one spread alone: its own extra actions (another cache key: the default's file is unchanged) and row

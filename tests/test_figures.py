@@ -294,7 +294,7 @@ def test_action_gradient_field_against_planted_slopes():
     noise = action_gradient_field(obs, acts, base + rng.normal(size=(n, m)), eps)
     assert noise["linear_r2"] == pytest.approx(noise["shuffled_r2"], abs=0.06)
     assert noise["shuffled_r2"] == pytest.approx(d / (m - 1), abs=0.06)
-    row = dict(dataset="t", train_episodes=8, scales="1 3", horizon=300, gamma=0.99, **same)
+    row = dict(dataset="t", train_episodes=8, scales="1 3", horizon=300, gamma=0.99, **same, sensitivity=0.0)
     wide = dict(row, scales="10", linear_r2=0.5)
     table = action_gradient_table([wide, row]).splitlines()  # sorted by the spreads, numerically
     assert table[2].startswith("| t | 8 | 400 | 5 | 1 3 | 1.000 |") and table[3].startswith("| t | 8 | 400 | 5 | 10 | 0.500 |")

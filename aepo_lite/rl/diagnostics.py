@@ -772,7 +772,7 @@ def render_critic_fit(csv_path, figures_dir) -> list[Path]:
 
 ACTION_GRADIENT_COLUMNS = ("dataset", "train_episodes", "states", "actions", "scales", "horizon", "gamma", "linear_r2",
                            "shuffled_r2", "cos_next", "cos_5", "cos_random", "cos_nearest", "nearest_dist",
-                           "grad_p10", "grad_p50", "grad_p90", "grad_p99")
+                           "grad_p10", "grad_p50", "grad_p90", "grad_p99", "sensitivity")
 ACTION_GRADIENT_HEADER = (
     "# How the exact value changes with the action, state by state\n\nThe exact values of `critic_data_fit.md` "
     "(each training state's data action and K more, run in the simulator; `spreads`: the extra actions' noise "
@@ -784,7 +784,10 @@ ACTION_GRADIENT_HEADER = (
     "of a state and of the next state of its episode (`next`), of the state five steps on (`+5`), of a random other "
     "state (`random`), and of the nearest state of another episode in standardised observations (`nearest`, at a "
     "median distance `dist`). |g| quantiles in raw reward units per unit of the [-1, 1] action box. A critic learns g(s) only as far as "
-    "it is a smooth function of the state. Measured by `scripts/exact_gradients.py` into `exact_gradients.csv`.\n\n")
+    "it is a smooth function of the state. `1e-6 change`: the mean change of the exact value when the data's action "
+    "moves by 1e-6 x N(0, I) (64 states): near 0 where the values are well posed; where it is large the closed loop "
+    "is chaotic and the row measures that, not the action's effect. Measured by `scripts/exact_gradients.py` into "
+    "`exact_gradients.csv`.\n\n")
 
 
 def action_gradient_field(obs, actions, values, episodes, *, seed: int = 0, nearest: int = 800) -> dict:
@@ -844,7 +847,7 @@ def action_gradient_field(obs, actions, values, episodes, *, seed: int = 0, near
 def action_gradient_table(rows) -> str:
     """A Markdown table from ``scripts/exact_gradients.py``'s rows: one line per dataset and episodes."""
     lines = ["| dataset | episodes | states | actions | spreads | R2 | shuffled R2 | cos next | cos +5 | cos random | cos nearest "
-             "(dist) | abs g p10 / p50 / p90 / p99 |", "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---|"]
+             "(dist) | abs g p10 / p50 / p90 / p99 | 1e-6 change |", "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---|---:|"]
     for r in sorted(rows, key=lambda r: (r["dataset"], int(r["train_episodes"]), int(r["actions"]),
                                          [float(c) for c in str(r["scales"]).split()])):
         f = {k: float(r[k]) for k in ACTION_GRADIENT_COLUMNS[7:]}
@@ -852,7 +855,7 @@ def action_gradient_table(rows) -> str:
                      f"{r['scales']} | "
                      f"{f['linear_r2']:.3f} | {f['shuffled_r2']:.3f} | {f['cos_next']:.3f} | {f['cos_5']:.3f} | "
                      f"{f['cos_random']:.3f} | {f['cos_nearest']:.3f} ({f['nearest_dist']:.2f}) | {f['grad_p10']:.3f} / "
-                     f"{f['grad_p50']:.3f} / {f['grad_p90']:.2f} / {f['grad_p99']:.1f} |")
+                     f"{f['grad_p50']:.3f} / {f['grad_p90']:.2f} / {f['grad_p99']:.1f} | {f['sensitivity']:.2g} |")
     return "\n".join(lines) + "\n"
 
 
