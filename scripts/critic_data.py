@@ -89,11 +89,9 @@ def _per_episode(a, stem: str, key: list, full, episodes, fields: str, compute, 
 def exact_labels(a, name: str, full, episodes) -> np.ndarray:
     """The exact values (raw reward units) of the transitions of ``full``'s ``episodes`` (in that order), each
     episode's computed once and kept in ``--work``."""
-    lo, hi = full.action_low, full.action_high
-
     def compute(part):
         obs = np.concatenate([d.obs_rows[d.idx] for _, d in part])
-        act = np.concatenate([lo + (d.actions + 1) / 2 * (hi - lo) for _, d in part])  # the environment's units
+        act = np.concatenate([d.to_action_box(d.actions) for _, d in part])  # the environment's units
         q = exact_q_labels(name, obs, act, horizon=a.horizon, gamma=a.gamma)
         return [{"e": piece} for piece in np.split(q, np.cumsum([d.n for _, d in part])[:-1])]
     (labels,) = _per_episode(a, "exact-labels", [name, a.horizon, a.gamma], full, episodes, "e", compute,
@@ -113,7 +111,7 @@ def extra_actions(a, name: str, full, episodes, noise: float) -> tuple[np.ndarra
     def compute(part):
         acts = []
         for e, d in part:
-            own = lo + (d.actions + 1) / 2 * (hi - lo)
+            own = d.to_action_box(d.actions)
             z = np.random.default_rng([ORDER_SEED, e]).standard_normal((d.n, K, own.shape[1]))
             acts.append(np.clip(own[:, None] + c * noise * z, lo, hi))
         obs = np.concatenate([np.repeat(d.obs_rows[d.idx], K, 0) for _, d in part])
@@ -194,6 +192,16 @@ def within_state_fit(q_fn, obs: np.ndarray, actions: np.ndarray, values: np.ndar
             "sign_agree": float((np.sign(dq[keep]) == np.sign(dv[keep])).mean())}
 
 
+def state_actions(a, name: str, full, episodes, noise: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each transition's state of ``full``'s ``episodes`` with its 1 + K actions, the data's first and then the
+    ``--extra-actions``, and their exact values (cached as for training): (observations (n, k), actions (n, 1 + K, d)
+    in [-1, 1], values (n, 1 + K) in raw units)."""
+    sub = replace(full, reward_scaling="none").take_episodes(episodes)  # a few episodes: no return span to scale by
+    more, values = extra_actions(a, name, full, episodes, noise)
+    return (sub.obs_rows[sub.idx], np.concatenate([sub.actions[:, None], more], 1),
+            np.concatenate([exact_labels(a, name, full, episodes)[:, None], values], 1))
+
+
 def fit_path(out) -> Path:
     out = Path(out)
     return out.with_name(f"{out.stem}_fit.csv")
@@ -215,15 +223,10 @@ def fit_rows(a, name: str, full, label: str, critic: str, make, splits: dict, no
         raise SystemExit(f"--work: {label}'s critic has no finished checkpoint at {steps} steps")
     run_stage(stage, store, progress=False)
     q = raw_q_fn(agent, data)
-    lo, hi = full.action_low, full.action_high
     for split, episodes in todo.items():
-        raw = replace(full, reward_scaling="none").take_episodes(episodes)
-        own = lo + (raw.actions + 1) / 2 * (hi - lo)
-        more, values = extra_actions(a, name, full, episodes, noise)
-        acts = np.concatenate([own[:, None], lo + (more + 1) / 2 * (hi - lo)], 1)
-        vals = np.concatenate([exact_labels(a, name, full, episodes)[:, None], values], 1)
+        obs, acts, vals = state_actions(a, name, full, episodes, noise)
         r = {"run": a.run, "variant": label, "critic": critic, "steps": steps, "split": split,
-             "episodes": len(episodes), **within_state_fit(q, raw.obs_rows[raw.idx], acts, vals)}
+             "episodes": len(episodes), **within_state_fit(q, obs, full.to_action_box(acts), vals)}
         print(f"{label} {steps} steps, {split} states: pairs signed right {r['sign_agree']:.3f}, corr "
               f"{r['corr']:.3f}, centered error {r['err_rms']:.3f} of spread {r['exact_spread']:.3f}", flush=True)
         rows.append(r)

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # critic_data.py: the exact values and their caches
-from critic_data import DEFAULT_SCALES, ORDER_SEED, exact_labels, extra_actions  # noqa: E402
+from critic_data import DEFAULT_SCALES, ORDER_SEED, state_actions  # noqa: E402
 
 from aepo_lite.rl.data import description_info, load_minari  # noqa: E402
 from aepo_lite.rl.datasets import exact_q_labels  # noqa: E402
@@ -36,7 +36,7 @@ def sensitivity(a, full, sub) -> float:
     exact value of this kind carries no usable action signal."""
     at = np.linspace(0, sub.n - 1, min(SENSITIVITY_STATES, sub.n)).astype(int)
     lo, hi = full.action_low, full.action_high
-    obs, act = sub.obs_rows[sub.idx][at], (lo + (sub.actions + 1) / 2 * (hi - lo))[at]
+    obs, act = sub.obs_rows[sub.idx][at], full.to_action_box(sub.actions[at])
     moved = np.clip(act + SENSITIVITY_STEP * np.random.default_rng(0).standard_normal(act.shape), lo, hi)
     q = exact_q_labels(a.dataset, np.concatenate([obs, obs]), np.concatenate([act, moved]), horizon=a.horizon,
                        gamma=a.gamma)
@@ -84,11 +84,9 @@ def main(argv=None) -> int:
         return 0
     episodes = np.sort(np.random.default_rng(ORDER_SEED).permutation(full.n_episodes)[:a.train_episodes])
     sub = full.take_episodes(episodes)
-    more, values = extra_actions(a, a.dataset, full, episodes, noise)
-    actions = np.concatenate([sub.actions[:, None], more], 1)  # [-1, 1] units, the data's action first
-    values = np.concatenate([exact_labels(a, a.dataset, full, episodes)[:, None], values], 1)
+    obs, actions, values = state_actions(a, a.dataset, full, episodes, noise)
     episode_of = np.cumsum(np.r_[True, sub.next_idx[:-1] != sub.idx[1:]]) - 1  # a new episode where rows jump
-    stats = action_gradient_field(sub.obs_rows[sub.idx], actions, values, episode_of)
+    stats = action_gradient_field(obs, actions, values, episode_of)
     rows.append({"dataset": a.dataset, "train_episodes": a.train_episodes, "scales": scales, "horizon": a.horizon,
                  "gamma": a.gamma, **stats, "sensitivity": sensitivity(a, full, sub)})
     print(", ".join(f"{k} {v:.3g}" for k, v in stats.items()))
