@@ -86,15 +86,28 @@ def _per_episode(a, stem: str, key: list, full, episodes, fields: str, compute, 
     return [np.concatenate([cache[f"{f}{int(e)}"] for e in episodes]) for f in fields]
 
 
+def continuation(a) -> tuple[dict, list]:
+    """``exact_q_labels``' continuation keywords from ``a.continuation`` (None: the deterministic snapshot; or (noise
+    std, draws, first draw)) and what they add to a cache key (nothing for the deterministic one: older keys kept)."""
+    c = getattr(a, "continuation", None)
+    if not c:
+        return {}, []
+    noise, draws, first = c
+    return (dict(continuation_noise=float(noise), draws=int(draws), first_draw=int(first)),
+            [["continuation", float(noise), int(draws), int(first)]])
+
+
 def exact_labels(a, name: str, full, episodes) -> np.ndarray:
     """The exact values (raw reward units) of the transitions of ``full``'s ``episodes`` (in that order), each
     episode's computed once and kept in ``--work``."""
+    kw, more = continuation(a)
+
     def compute(part):
         obs = np.concatenate([d.obs_rows[d.idx] for _, d in part])
         act = np.concatenate([d.to_action_box(d.actions) for _, d in part])  # the environment's units
-        q = exact_q_labels(name, obs, act, horizon=a.horizon, gamma=a.gamma)
+        q = exact_q_labels(name, obs, act, horizon=a.horizon, gamma=a.gamma, **kw)
         return [{"e": piece} for piece in np.split(q, np.cumsum([d.n for _, d in part])[:-1])]
-    (labels,) = _per_episode(a, "exact-labels", [name, a.horizon, a.gamma], full, episodes, "e", compute,
+    (labels,) = _per_episode(a, "exact-labels", [name, a.horizon, a.gamma] + more, full, episodes, "e", compute,
                              "exact values")
     return labels
 
@@ -107,6 +120,7 @@ def extra_actions(a, name: str, full, episodes, noise: float) -> tuple[np.ndarra
     K, lo, hi = a.extra_actions, full.action_low, full.action_high
     scales = [float(x) for x in (getattr(a, "extra_scales", None) or DEFAULT_SCALES)]
     c = np.array([scales[k % len(scales)] for k in range(K)])[None, :, None]
+    kw, more = continuation(a)
 
     def compute(part):
         acts = []
@@ -115,11 +129,12 @@ def extra_actions(a, name: str, full, episodes, noise: float) -> tuple[np.ndarra
             z = np.random.default_rng([ORDER_SEED, e]).standard_normal((d.n, K, own.shape[1]))
             acts.append(np.clip(own[:, None] + c * noise * z, lo, hi))
         obs = np.concatenate([np.repeat(d.obs_rows[d.idx], K, 0) for _, d in part])
-        q = exact_q_labels(name, obs, np.concatenate(acts).reshape(len(obs), -1), horizon=a.horizon, gamma=a.gamma)
+        q = exact_q_labels(name, obs, np.concatenate(acts).reshape(len(obs), -1), horizon=a.horizon, gamma=a.gamma,
+                           **kw)
         pieces = np.split(q, np.cumsum([d.n * K for _, d in part])[:-1])
         return [{"a": 2 * (act - lo) / (hi - lo) - 1, "q": piece.reshape(d.n, K)}
                 for (_, d), act, piece in zip(part, acts, pieces)]
-    key = [name, a.horizon, a.gamma, K, noise] + ([scales] if scales != DEFAULT_SCALES else [])  # older keys kept
+    key = [name, a.horizon, a.gamma, K, noise] + ([scales] if scales != DEFAULT_SCALES else []) + more  # older kept
     acts, values = _per_episode(a, "exact-extra", key, full, episodes, "aq", compute,
                                 f"exact values of {K} more actions a state")
     return acts, values

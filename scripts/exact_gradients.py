@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # critic_data.py: the exact values and their caches
-from critic_data import DEFAULT_SCALES, ORDER_SEED, state_actions  # noqa: E402
+from critic_data import DEFAULT_SCALES, ORDER_SEED, continuation, state_actions  # noqa: E402
 
 from aepo_lite.rl.data import description_info, load_minari  # noqa: E402
 from aepo_lite.rl.datasets import exact_q_labels  # noqa: E402
@@ -39,7 +39,7 @@ def sensitivity(a, full, sub) -> float:
     obs, act = sub.obs_rows[sub.idx][at], full.to_action_box(sub.actions[at])
     moved = np.clip(act + SENSITIVITY_STEP * np.random.default_rng(0).standard_normal(act.shape), lo, hi)
     q = exact_q_labels(a.dataset, np.concatenate([obs, obs]), np.concatenate([act, moved]), horizon=a.horizon,
-                       gamma=a.gamma)
+                       gamma=a.gamma, **continuation(a)[0])
     return float(np.abs(q[len(at):] - q[:len(at)]).mean())
 
 
@@ -54,6 +54,10 @@ def main(argv=None) -> int:
                         "value measures the planes at that spread alone")
     p.add_argument("--horizon", type=int, default=300, help="rollout steps of an exact value (critic_data.py's)")
     p.add_argument("--gamma", type=float, default=0.99, help="the exact values' discount (critic_data.py's)")
+    p.add_argument("--continuation-draws", type=int, default=0,
+                   help="0 (default): the deterministic snapshot after the action; M (even): the data's own policy "
+                        "after it (the snapshot plus the data's action noise), the mean of M noise sequences shared by "
+                        "every action (M x the time), and the slopes of its two halves compared (cos halves)")
     p.add_argument("--work", default="runs/critic_budget", help="the exact values' caches (critic_data.py's)")
     p.add_argument("--out", required=True, help="the CSV to write (its .md table beside it)")
     a = p.parse_args(argv)
@@ -61,6 +65,9 @@ def main(argv=None) -> int:
         p.error(f"--out: expected a .csv path, got {a.out!r}")
     if not all(np.isfinite(c) and c > 0 for c in a.extra_scales):
         p.error(f"--extra-scales: expected positive noise multiples, got {a.extra_scales}")
+    if a.continuation_draws < 0 or a.continuation_draws % 2:
+        p.error(f"--continuation-draws: expected 0 or an even number of noise sequences (two halves), got "
+                f"{a.continuation_draws}")
     if a.train_episodes < 1 or a.extra_actions < 1:
         p.error(f"--train-episodes/--extra-actions: expected 1 or more, got {a.train_episodes} and {a.extra_actions}")
     try:
@@ -77,18 +84,28 @@ def main(argv=None) -> int:
         p.error(f"--dataset: {a.dataset} was collected without action noise: no spread to draw the actions with")
     rows = existing_rows(a.out)
     scales = " ".join(f"{c:g}" for c in a.extra_scales)
-    key = (a.dataset, a.train_episodes, a.extra_actions + 1, scales, a.horizon, round(a.gamma, 9))
+    key = (a.dataset, a.train_episodes, a.extra_actions + 1, scales, a.horizon, round(a.gamma, 9), a.continuation_draws)
     if any((r["dataset"], int(r["train_episodes"]), int(r["actions"]), r["scales"], int(r["horizon"]),
-            round(float(r["gamma"]), 9)) == key for r in rows):
-        print(f"skip {a.dataset}: {a.train_episodes} episodes in {a.out}")
+            round(float(r["gamma"]), 9), int(r.get("draws") or 0)) == key for r in rows):
+        print(f"skip {a.dataset}: {a.train_episodes} episodes, {a.continuation_draws} draws in {a.out}")
         return 0
     episodes = np.sort(np.random.default_rng(ORDER_SEED).permutation(full.n_episodes)[:a.train_episodes])
     sub = full.take_episodes(episodes)
-    obs, actions, values = state_actions(a, a.dataset, full, episodes, noise)
+    halves, m = None, a.continuation_draws // 2
+    if m:  # the two halves' values (each its own cache), their mean the values measured
+        parts = []
+        for first in (0, m):
+            a.continuation = (noise, m, first)
+            obs, actions, v = state_actions(a, a.dataset, full, episodes, noise)
+            parts.append(v)
+        a.continuation, halves = (noise, m, 0), parts
+        values = (parts[0] + parts[1]) / 2
+    else:
+        obs, actions, values = state_actions(a, a.dataset, full, episodes, noise)
     episode_of = np.cumsum(np.r_[True, sub.next_idx[:-1] != sub.idx[1:]]) - 1  # a new episode where rows jump
-    stats = action_gradient_field(obs, actions, values, episode_of)
+    stats = action_gradient_field(obs, actions, values, episode_of, halves=halves)
     rows.append({"dataset": a.dataset, "train_episodes": a.train_episodes, "scales": scales, "horizon": a.horizon,
-                 "gamma": a.gamma, **stats, "sensitivity": sensitivity(a, full, sub)})
+                 "gamma": a.gamma, "draws": a.continuation_draws, **stats, "sensitivity": sensitivity(a, full, sub)})
     print(", ".join(f"{k} {v:.3g}" for k, v in stats.items()))
     write_csv_and_table(a.out, rows, ACTION_GRADIENT_COLUMNS, render_action_gradients)
     print(f"wrote {a.out}")

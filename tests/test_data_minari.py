@@ -287,6 +287,26 @@ def test_make_dataset_tiny_repeatable(minari_root, capsys, monkeypatch):
         want.append(g)
     got = exact_q_labels("t/hopper/medium-v0", np.array(obs_at), cands, horizon=20, gamma=0.9, batch=2)
     np.testing.assert_allclose(got, want, rtol=1e-6)
+    # the data's own policy after the action: the snapshot plus draw m's noise sequence at each later step (the same
+    # sequence for every pair), the mean over the draws; draws counted from first_draw
+    from aepo_lite.rl.datasets import CONTINUATION_SEED
+    seqs = [0.2 * np.random.default_rng([CONTINUATION_SEED, m]).standard_normal((19, 3)) for m in range(3)]
+
+    def noisy(z):  # the reference asks for an action after its last step too (never taken): a zero row for it
+        k, z = iter(range(20)), np.vstack([z, np.zeros((1, 3))])
+        return lambda o: np.clip(mu_med(o[None])[0] + z[next(k)], -1, 1)
+    per_draw = np.array([[_replayed_return("Hopper-v5", 21, prefix[:k], a0, noisy(z), 20, 0.9)[1]
+                          for k, a0 in zip(probe_at, cands)] for z in seqs])
+    kw = dict(horizon=20, gamma=0.9, batch=2, continuation_noise=0.2)
+    np.testing.assert_allclose(exact_q_labels("t/hopper/medium-v0", np.array(obs_at), cands, draws=2, **kw),
+                               per_draw[:2].mean(0), rtol=1e-6)
+    np.testing.assert_allclose(exact_q_labels("t/hopper/medium-v0", np.array(obs_at), cands, first_draw=2, **kw),
+                               per_draw[2], rtol=1e-6)
+    assert np.abs(per_draw[0] - want).max() > 1e-3  # the noise does change the values
+    for kw, match in [(dict(continuation_noise=-0.1), "continuation_noise"), (dict(draws=2), "draws/first_draw"),
+                      (dict(continuation_noise=0.1, draws=0), "draws")]:
+        with pytest.raises(ValueError, match=match):
+            exact_q_labels("t/hopper/medium-v0", np.array(obs_at), cands, **kw)
     for kw, match in [(dict(horizon=0), "horizon"), (dict(gamma=0.0), "gamma"), (dict(batch=0), "batch")]:
         with pytest.raises(ValueError, match=match):
             exact_q_labels("t/hopper/medium-v0", np.array(obs_at), cands, **kw)
@@ -741,8 +761,25 @@ def test_critic_against_exact_q_on_and_off_the_support(minari_root):
         a3 = np.concatenate([f[f"a{e}"] for e in chosen])
     off = np.abs(a3 - sub.actions[:, None]).mean(axis=(0, 2))  # every extra action 3 stds of 0.1 away
     assert off == pytest.approx(np.full(4, 0.3 * np.sqrt(2 / np.pi)), rel=0.35)
+    # the data's own policy after the action (--continuation-draws 4: two halves of two draws, each half its own
+    # caches): a row of its own with the halves' agreement; the deterministic row and caches stay as they were
+    before = {p: p.read_bytes() for p in work.glob("exact-*.npz")}
+    assert eg.main(grads + ["--continuation-draws", "4"]) == 0
+    rows4 = list(csv.DictReader(open(minari_root / "grads.csv")))
+    assert [(r["scales"], r["draws"]) for r in rows4] == [("1 3", "0"), ("3", "0"), ("1 3", "4")]
+    assert rows4[:2] == [{**r, "draws": "0", "cos_halves": ""} for r in rows3[:2]] or rows4[:2] == rows3[:2]
+    assert -1 <= float(rows4[2]["cos_halves"]) <= 1 and rows4[2]["linear_r2"] != rows4[0]["linear_r2"]
+    assert all(p.read_bytes() == b for p, b in before.items())
+    assert len(set(work.glob("exact-*.npz")) - set(before)) == 4  # labels and extra actions, two halves each
+    halves = []
+    for path in sorted(set(work.glob("exact-labels-*.npz")) - set(before)):
+        with np.load(path) as f:
+            halves.append(np.concatenate([f[f"e{e}"] for e in chosen]))
+    kw = dict(horizon=3, gamma=0.99, continuation_noise=0.1)
+    np.testing.assert_allclose(sum(halves) / 2, exact_q_labels("t/hopper/medium-v0", sub.obs_rows[sub.idx],
+                                                               sub.actions, draws=4, **kw))
     for bad in (["--extra-actions", "3"], ["--train-episodes", "0"], ["--out", str(minari_root / "grads.txt")],
-                ["--extra-scales", "0"]):
+                ["--extra-scales", "0"], ["--continuation-draws", "3"], ["--continuation-draws", "-2"]):
         with pytest.raises(SystemExit) as e:
             eg.main(grads + bad)
         assert e.value.code == 2

@@ -294,9 +294,24 @@ def test_action_gradient_field_against_planted_slopes():
     noise = action_gradient_field(obs, acts, base + rng.normal(size=(n, m)), eps)
     assert noise["linear_r2"] == pytest.approx(noise["shuffled_r2"], abs=0.06)
     assert noise["shuffled_r2"] == pytest.approx(d / (m - 1), abs=0.06)
+    # two independent estimates of the values (halves of the Monte-Carlo draws): their slopes agree at each state
+    # as far as the values carry the slope rather than the draws' noise
+    planted = base + np.einsum("nmd,nd->nm", acts, g)
+    assert np.isnan(fresh["cos_halves"])
+    agree = action_gradient_field(obs, acts, planted, eps, halves=(planted + 1e-3 * rng.normal(size=(n, m)),
+                                                                   planted - 1e-3 * rng.normal(size=(n, m))))
+    assert agree["cos_halves"] == pytest.approx(1.0, abs=1e-3)
+    apart = action_gradient_field(obs, acts, planted, eps, halves=(base + rng.normal(size=(n, m)),
+                                                                   base + rng.normal(size=(n, m))))
+    assert abs(apart["cos_halves"]) < 0.15
+    with pytest.raises(ValueError, match="halves"):
+        action_gradient_field(obs, acts, planted, eps, halves=(planted,))
     row = dict(dataset="t", train_episodes=8, scales="1 3", horizon=300, gamma=0.99, **same, sensitivity=0.0)
     wide = dict(row, scales="10", linear_r2=0.5)
-    table = action_gradient_table([wide, row]).splitlines()  # sorted by the spreads, numerically
-    assert table[2].startswith("| t | 8 | 400 | 5 | 1 3 | 1.000 |") and table[3].startswith("| t | 8 | 400 | 5 | 10 | 0.500 |")
+    noisy = dict(row, draws=8, linear_r2=0.7, cos_halves=0.9)
+    table = action_gradient_table([noisy, wide, row]).splitlines()  # by the spreads (numerically), then the draws
+    assert table[2].startswith("| t | 8 | 400 | 5 | 1 3 | 0 | 1.000 |") and table[2].endswith("| 0 |  |")
+    assert table[3].startswith("| t | 8 | 400 | 5 | 1 3 | 8 | 0.700 |") and table[3].endswith("| 0.900 |")
+    assert table[4].startswith("| t | 8 | 400 | 5 | 10 | 0 | 0.500 |")
     with pytest.raises(ValueError, match="actions"):
         action_gradient_field(obs, acts[:, :4], base + acts[:, :4] @ g0, eps)

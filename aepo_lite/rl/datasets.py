@@ -390,19 +390,36 @@ def state_from_observation(env, obs: np.ndarray) -> dict:
             "time": 0.0, "qacc_warmstart": np.zeros(m.nv)}
 
 
+CONTINUATION_SEED = 20261204  # exact_q_labels' noisy continuations: draw m is default_rng([CONTINUATION_SEED, m])
+
+
 def exact_q_labels(name: str, observations: np.ndarray, actions: np.ndarray, horizon: int = 300, gamma: float = 0.99,
                    which: str = "medium", batch: int = 256, policy_cache: Optional[Path] = None,
-                   progress: bool = False) -> np.ndarray:
+                   progress: bool = False, continuation_noise: float = 0.0, draws: int = 1,
+                   first_draw: int = 0) -> np.ndarray:
     """The exact action values of :func:`probe_q_states` (the action, then the deterministic ``which`` snapshot for
     ``horizon - 1`` steps or to a termination, discounted by ``gamma``; raw reward units) for arbitrary
     (observation, action) pairs of a ``make-dataset`` dataset, such as its own transitions: the physics rebuilt
     from each observation (:func:`state_from_observation`), ``batch`` rollouts stepped together. Actions in the
-    environment's units. A target for a critic that needs no bootstrapping and carries no noise of the data's."""
+    environment's units. A target for a critic that needs no bootstrapping and carries no noise of the data's.
+
+    ``continuation_noise`` > 0: the snapshot plus N(0, continuation_noise^2) at every later step (the data's policy
+    when it is the recipe's ``collect_noise``), the mean over ``draws`` noise sequences, draw m (counted from
+    ``first_draw``) the same sequence for every pair (common random numbers: pairs differ by their state and action,
+    not by the luck of their draws; disjoint ``first_draw`` ranges give independent estimates). A Monte-Carlo
+    estimate of the data policy's own Q, the critic's target in expectation."""
     from tqdm.auto import tqdm
     check_int("horizon", horizon, low=1)
     check_int("batch", batch, low=1)
+    check_int("draws", draws, low=1)
+    check_int("first_draw", first_draw, low=0)
     if not (np.isfinite(gamma) and 0 < gamma <= 1):
         raise ValueError(f"gamma: expected a discount in (0, 1], got {gamma!r}")
+    if not (np.isfinite(continuation_noise) and continuation_noise >= 0):
+        raise ValueError(f"continuation_noise: expected a finite action-noise std >= 0, got {continuation_noise!r}")
+    if continuation_noise == 0 and (draws, first_draw) != (1, 0):
+        raise ValueError(f"draws/first_draw: the deterministic continuation (continuation_noise 0) has one value a "
+                         f"pair; got draws {draws} and first_draw {first_draw}")
     observations, actions = np.asarray(observations, dtype=float), np.asarray(actions, dtype=float)
     if observations.ndim != 2 or actions.ndim != 2 or len(observations) != len(actions):
         raise ValueError(f"observations, actions: expected (n, k) and (n, d) arrays of one length, got "
@@ -410,13 +427,15 @@ def exact_q_labels(name: str, observations: np.ndarray, actions: np.ndarray, hor
     recipe, model, _, _ = _dataset_snapshot(name, which, policy_cache)
     env, scratch = _mujoco_envs(name, recipe.env_id, min(batch, max(len(observations), 1)), 0, "the exact values")
     mean_action, d = _sb3_policy(model, 0.0, None), actions.shape[1]
+    noises = [continuation_noise * np.random.default_rng([CONTINUATION_SEED, m]).standard_normal((horizon - 1, d))
+              for m in range(first_draw, first_draw + draws)]
     out = np.empty(len(observations))
     try:
         for i in tqdm(range(0, len(observations), batch), desc="exact action values", disable=not progress,
                       leave=False):
             j = slice(i, i + batch)
             states = [state_from_observation(env, o) for o in observations[j]]
-            out[j] = rollout_returns(states, scratch, actions[j], mean_action, np.zeros((horizon - 1, d)), gamma)
+            out[j] = np.mean([rollout_returns(states, scratch, actions[j], mean_action, z, gamma) for z in noises], 0)
     finally:
         for e in (env, *scratch):
             e.close()
