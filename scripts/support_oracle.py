@@ -19,7 +19,8 @@ from aepo_lite.rl.diagnostics import SUPPORT_ORACLE_COLUMNS, existing_rows, rend
 
 def _key(row) -> tuple:
     return (row["dataset"], row["snapshot"], row.get("search") or "step", int(row["candidates"]), int(row["horizon"]), int(row["episodes"]),
-            round(float(row["noise"]), 9), round(float(row["continuation_noise"]), 9), round(float(row["gamma"]), 9))
+            round(float(row["noise"]), 9), round(float(row["continuation_noise"]), 9), round(float(row["gamma"]), 9),
+            int(row.get("continuation_draws") or 1))
 
 
 def _data_noise(name: str) -> float:
@@ -41,6 +42,9 @@ def main(argv=None) -> int:
     p.add_argument("--noise", type=float, default=None, help="action-noise std (default: the data's own)")
     p.add_argument("--continuation-noise", type=float, default=0.0,
                    help="the rollouts' action-noise std after the candidate (0: the snapshot's exact Q)")
+    p.add_argument("--continuation-draws", type=int, default=1,
+                   help="with --continuation-noise: score each candidate by the mean of M rollouts (the data policy's "
+                        "own Q; M x the time)")
     p.add_argument("--gamma", type=float, default=1.0, help="the rollouts' discount")
     p.add_argument("--search", default="step", choices=("step", "sequence"),
                    help="step: the best first action, then the snapshot; sequence: the best whole trajectory of the "
@@ -50,6 +54,9 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if a.search == "sequence" and a.continuation_noise != 0:
         p.error("--continuation-noise: the sequence search draws every step with --noise; leave it out")
+    if a.continuation_draws < 1 or (a.continuation_draws > 1 and (a.continuation_noise == 0 or a.search != "step")):
+        p.error(f"--continuation-draws: expected 1, or more with --continuation-noise > 0 and the step search; got "
+                f"{a.continuation_draws}")
     try:
         rows = existing_rows(a.out)
     except ValueError as e:
@@ -58,16 +65,17 @@ def main(argv=None) -> int:
         noise = _data_noise(d) if a.noise is None else a.noise
         cont = noise if a.search == "sequence" else a.continuation_noise
         for n in a.candidates:
-            key = (d, a.which, a.search, n, a.horizon, a.episodes, round(noise, 9), round(cont, 9), round(a.gamma, 9))
+            key = (d, a.which, a.search, n, a.horizon, a.episodes, round(noise, 9), round(cont, 9), round(a.gamma, 9),
+                   a.continuation_draws)
             if key in {_key(r) for r in rows}:
                 print(f"skip {d} {a.search} N={n} horizon={a.horizon}: in {a.out}")
                 continue
             (r,) = snapshot_oracle_scores(d, (n,), horizon=a.horizon, episodes=a.episodes, noise=noise,
                                           continuation_noise=0.0 if a.search == "sequence" else cont,
-                                          gamma=a.gamma, search=a.search,
+                                          gamma=a.gamma, search=a.search, continuation_draws=a.continuation_draws,
                                           which=a.which, progress=True)
             rows.append({"dataset": d, "snapshot": a.which, **r})
-            print(f"{d} {a.search} N={n} horizon={a.horizon} gamma={a.gamma:g} continuation noise={cont:g}: score {r['score_mean']:.1f} +- {r['score_std']:.1f} "
+            print(f"{d} {a.search} N={n} horizon={a.horizon} gamma={a.gamma:g} continuation noise={cont:g} x {a.continuation_draws}: score {r['score_mean']:.1f} +- {r['score_std']:.1f} "
                   f"({r['seconds']:.0f} s)", flush=True)
             write_csv_and_table(a.out, rows, SUPPORT_ORACLE_COLUMNS, render_support_oracle)  # each row as it lands
     for path in write_csv_and_table(a.out, rows, SUPPORT_ORACLE_COLUMNS, render_support_oracle):

@@ -273,6 +273,32 @@ def test_make_dataset_tiny_repeatable(minari_root, capsys, monkeypatch):
                                            1000, 1.0)
             assert t == len(taken) == len(promised) and ret == pytest.approx(sum(taken))
             assert ret >= max(promised) - 1e-6 and ret == pytest.approx(promised[-1])
+    # the step search scoring each candidate by the mean of M rollouts: draw m's continuation noise the same for
+    # every candidate and another for each draw, the action taken the candidate of the largest mean
+    env2, scratch6 = dsm._mujoco_envs("t/hopper/medium-v0", "Hopper-v5", 6, 0, "test")
+    calls, acted, step2 = [], [], env2.step
+
+    def scored(state, scr, first, policy, z, gamma):
+        g = real(state, scr, first, policy, z, gamma)
+        calls.append((first.copy(), np.array(z), g))
+        return g
+
+    def acting(a):
+        acted.append(np.array(a))
+        return step2(a)
+    env2.step = acting
+    with monkeypatch.context() as m:
+        m.setattr(dsm, "rollout_returns", scored)
+        ret, t = dsm._oracle_episode(env2, scratch6, mu_med, 3, 100_000, np.random.default_rng(0), 0.1, 0.1, 6, 1.0,
+                                     draws=2)
+    assert len(calls) == len(acted) == t > 0
+    for (first, z, g), a in zip(calls, acted):
+        assert first.shape == (6, 3) and np.array_equal(first[0::2], first[1::2])
+        assert np.array_equal(z[0::2], np.tile(z[0], (3, 1, 1))) and np.array_equal(z[1::2], np.tile(z[1], (3, 1, 1)))
+        assert not np.array_equal(z[0], z[1])
+        np.testing.assert_array_equal(a, first[2 * int(np.argmax(g.reshape(3, 2).mean(1)))])
+    with pytest.raises(ValueError, match="continuation_draws"):
+        snapshot_oracle_scores("t/hopper/medium-v0", (2,), episodes=1, continuation_draws=2)  # no continuation noise
     # exact values of arbitrary (observation, action) pairs, the physics rebuilt from the observation, against an
     # environment that reached each state by playing the episode from its reset and then took the action and the
     # snapshot's actions itself (horizon 20, gamma 0.9)

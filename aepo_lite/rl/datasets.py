@@ -458,8 +458,9 @@ def _mujoco_envs(name: str, env_id: str, n: int, seed: int, what: str):
 
 
 def _oracle_episode(env, scratch, mean_action, n: int, reset_seed: int, rng, noise: float, continuation_noise: float,
-                    horizon: int, gamma: float) -> tuple[float, int]:
-    """One episode of :func:`snapshot_oracle_scores`' best-of-``n`` policy: (its return, its length)."""
+                    horizon: int, gamma: float, draws: int = 1) -> tuple[float, int]:
+    """One episode of :func:`snapshot_oracle_scores`' best-of-``n`` policy: (its return, its length). Each candidate
+    is scored by the mean of ``draws`` rollouts, draw m's continuation noise the same for every candidate."""
     low, high = env.action_space.low, env.action_space.high
     limit = env.spec.max_episode_steps or 10**9
     obs, _ = env.reset(seed=reset_seed)
@@ -469,8 +470,10 @@ def _oracle_episode(env, scratch, mean_action, n: int, reset_seed: int, rng, noi
         first = np.clip(a0 + noise * rng.standard_normal((n, a0.shape[0])), low, high)
         if n > 1:
             steps = min(horizon, limit - t)
-            g = rollout_returns(_mujoco_state(env.unwrapped), scratch, first, mean_action,
-                                continuation_noise * rng.standard_normal((steps - 1, a0.shape[0])), gamma)
+            z = continuation_noise * rng.standard_normal((steps - 1, a0.shape[0])) if draws == 1 else \
+                np.tile(continuation_noise * rng.standard_normal((draws, steps - 1, a0.shape[0])), (n, 1, 1))
+            g = rollout_returns(_mujoco_state(env.unwrapped), scratch, np.repeat(first, draws, 0), mean_action, z,
+                                gamma).reshape(n, draws).mean(1)  # row i * draws + m: candidate i, draw m
             first = first[[int(np.argmax(g))]]
         obs, r, terminated, truncated, _ = env.step(first[0])
         ret, t, done = ret + float(r), t + 1, terminated or truncated
@@ -509,7 +512,7 @@ ORACLE_SEARCHES = ("step", "sequence")
 def snapshot_oracle_scores(name: str, candidates=(1, 4, 16), horizon: int = 1000, episodes: int = 5,
                            gamma: float = 1.0, seed: int = 100_000, which: str = "medium", noise: Optional[float] = None,
                            continuation_noise: float = 0.0, policy_cache: Optional[Path] = None,
-                           progress: bool = False, search: str = "step") -> list[dict]:
+                           progress: bool = False, search: str = "step", continuation_draws: int = 1) -> list[dict]:
     """What the best of N of a dataset's own actions is worth when chosen by the *true* return (an oracle):
     the upper end of what one step of in-support policy improvement can gain on a ``make-dataset`` dataset.
 
@@ -522,8 +525,11 @@ def snapshot_oracle_scores(name: str, candidates=(1, 4, 16), horizon: int = 1000
     continuation is the deterministic snapshot, so each score is that policy's exact Q(s, a), its return to the
     episode's end: the best is one policy-improvement step over that policy, restricted to the N support actions.
     With the data's noise in the continuation a rollout is one draw of Q of the data's policy; on Hopper medium one
-    draw ranked the candidates no better than taking the first (docs/results.md). A critic that ranked the support as well as these
-    rollouts, at the same N, would score this. MuJoCo environments only (their state is restored for each rollout).
+    draw ranked the candidates no better than taking the first (docs/results.md). ``continuation_draws`` M > 1
+    scores each candidate by the mean of M such rollouts (draw m's noise shared by every candidate: common random
+    numbers), an estimate of the data policy's own Q: then the row is the policy-improvement step over the data's
+    policy that an in-support method with a perfect critic of that policy takes at N candidates (M x the
+    rollouts). A critic that ranked the support as well as these rollouts, at the same N, would score this. MuJoCo environments only (their state is restored for each rollout).
 
     ``search="sequence"`` searches over whole trajectories within the support instead of first actions: at every
     step N trajectories of the data's own policy (noise of std ``noise`` at every step, each candidate its own
@@ -553,10 +559,14 @@ def snapshot_oracle_scores(name: str, candidates=(1, 4, 16), horizon: int = 1000
         raise ValueError(f"continuation_noise: expected a finite std >= 0, got {continuation_noise!r}")
     if search not in ORACLE_SEARCHES:
         raise ValueError(f"search: expected one of {ORACLE_SEARCHES}, got {search!r}")
+    check_int("continuation_draws", continuation_draws, low=1)
+    if continuation_draws > 1 and (continuation_noise == 0 or search != "step"):
+        raise ValueError(f"continuation_draws: several draws average noisy continuations of the step search; got "
+                         f"{continuation_draws} with continuation_noise {continuation_noise!r} and search {search!r}")
     if search == "sequence" and continuation_noise != 0:
         raise ValueError("continuation_noise: the sequence search draws every step's noise with `noise` (each "
                          f"candidate its own); leave continuation_noise at 0, got {continuation_noise!r}")
-    env, scratch = _mujoco_envs(name, recipe.env_id, max(cands), seed, "the oracle")
+    env, scratch = _mujoco_envs(name, recipe.env_id, max(cands) * continuation_draws, seed, "the oracle")
     mean_action = _sb3_policy(model, 0.0, None)
     out = []
     try:
@@ -569,7 +579,7 @@ def snapshot_oracle_scores(name: str, candidates=(1, 4, 16), horizon: int = 1000
                     ret, t = _sequence_episode(env, scratch, mean_action, n, seed + ep, rng, noise, horizon, gamma)
                 else:
                     ret, t = _oracle_episode(env, scratch, mean_action, n, seed + ep, rng, noise, continuation_noise,
-                                             horizon, gamma)
+                                             horizon, gamma, continuation_draws)
                 rets.append(ret)
                 lens.append(t)
             ret = np.array(rets)
@@ -577,6 +587,7 @@ def snapshot_oracle_scores(name: str, candidates=(1, 4, 16), horizon: int = 1000
             cont = noise if search == "sequence" else continuation_noise
             out.append({"search": search, "candidates": n, "horizon": horizon, "gamma": float(gamma),
                         "noise": float(noise), "data_noise": float(recipe.collect_noise), "continuation_noise": float(cont),
+                        "continuation_draws": continuation_draws,
                         "return_mean": float(ret.mean()), "score_mean": float(score.mean()), "score_std": float(score.std()),
                         "length_mean": float(np.mean(lens)), "episodes": episodes,
                         "seconds": time.perf_counter() - t0})

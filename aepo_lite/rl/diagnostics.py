@@ -336,7 +336,8 @@ def render_policy_noise(csv_path, figures_dir) -> list[Path]:
 
 
 SUPPORT_ORACLE_COLUMNS = ("dataset", "snapshot", "search", "noise", "data_noise", "candidates", "horizon", "gamma", "continuation_noise",
-                          "episodes", "return_mean", "score_mean", "score_std", "length_mean", "seconds")
+                          "episodes", "return_mean", "score_mean", "score_std", "length_mean", "seconds",
+                          "continuation_draws")
 SUPPORT_ORACLE_HEADER = (
     "# The best of N of a dataset's own actions, chosen by the true return\n\nAt every step N actions of the policy "
     "that made the dataset (its TD3 snapshot plus the data's action noise: the behaviour's support) are each "
@@ -345,7 +346,9 @@ SUPPORT_ORACLE_HEADER = (
     "noise for every candidate), and the best is taken; N = 1 is the data's own policy. With continuation noise "
     "0 each score is the deterministic snapshot's exact Q(s, a) over the horizon (gamma 1 and horizon 1000: its "
     "return to the episode's end), so the row is the policy-improvement step over that policy restricted to N "
-    "support actions; with the data's noise it is one noisy draw. Search `sequence`: at every step N whole "
+    "support actions; with the data's noise it is one noisy draw, or (`x M`) the mean of M draws shared by every "
+    "candidate: an estimate of the data policy's own Q, the step over the data's policy that an in-support method "
+    "with a perfect critic of it would take at N candidates. Search `sequence`: at every step N whole "
     "trajectories of the data's own policy (its noise at every step, each candidate its own draws) are rolled out "
     "to the episode's end, the best one's first action is taken and the rest of it is a candidate again at the next "
     "step: a search over several steps of improvement in which every action is one the data's policy could draw "
@@ -362,21 +365,28 @@ def support_oracle_table(rows) -> str:
     lines += [f"| {r['dataset']} | {r['snapshot']} | {r.get('search') or 'step'} "
               f"| {float(r['noise']):g} ({float(r['data_noise']):g}) "
               f"| {r['candidates']} | {r['horizon']} "
-              f"| {float(r['gamma']):g} | {float(r['continuation_noise']):g} | {r['episodes']} | {float(r['return_mean']):.1f} | {float(r['score_mean']):.1f} +- "
+              f"| {float(r['gamma']):g} | {float(r['continuation_noise']):g}{_draws(r)} | {r['episodes']} | {float(r['return_mean']):.1f} | {float(r['score_mean']):.1f} +- "
               f"{float(r['score_std']):.1f} | {float(r['length_mean']):.0f} | {float(r['seconds']):.0f} |" for r in rows]
     return "\n".join(lines) + "\n"
 
 
+def _draws(row) -> str:
+    """`` x M`` for a support-oracle row whose candidates were scored by the mean of M noisy rollouts, else ''."""
+    m = int(row.get("continuation_draws") or 1)
+    return f" x {m}" if m > 1 else ""
+
+
 def support_oracle_kind(row) -> str:
     """What a support-oracle row (CSV dict) measures: ``policy`` (N = 1, the data's policy), ``noisy`` (one noisy
-    rollout a candidate), ``support`` (exact Q, candidates of the data's own noise), ``wider`` (exact Q, more noise),
-    ``sequence`` (the search over whole trajectories of the data's noise) or ``sequence-wider`` (of more noise)."""
+    rollout a candidate), ``mean-noisy`` (the mean of several: the data policy's Q), ``support`` (exact Q,
+    candidates of the data's own noise), ``wider`` (exact Q, more noise), ``sequence`` (the search over whole
+    trajectories of the data's noise) or ``sequence-wider`` (of more noise)."""
     if int(row["candidates"]) == 1:
         return "policy"
     if (row.get("search") or "step") == "sequence":
         return "sequence" if abs(float(row["noise"]) - float(row["data_noise"])) < 1e-9 else "sequence-wider"
     if float(row["continuation_noise"]) > 0:
-        return "noisy"
+        return "mean-noisy" if _draws(row) else "noisy"
     return "support" if abs(float(row["noise"]) - float(row["data_noise"])) < 1e-9 else "wider"
 
 
@@ -406,7 +416,7 @@ def _plot_support_oracle(csv_path: Path, rl_csv: Path) -> Path:
                 refs[ds].append((f"default AEPO, best w ({m[lab]['mean']:.1f})", m[lab]["mean"], "C3", "--"))
     fig, axes = plt.subplots(1, len(datasets), figsize=(9.6 * len(datasets), 4.6), squeeze=False,
                              layout="constrained")
-    order = ("policy", "support", "noisy", "sequence", "wider", "sequence-wider")  # in the support first
+    order = ("policy", "support", "mean-noisy", "noisy", "sequence", "wider", "sequence-wider")  # the support first
     for ax, ds in zip(axes[0], datasets):
         mine = sorted((r for r in rows if r["dataset"] == ds),
                       key=lambda r: (order.index(support_oracle_kind(r)), float(r["noise"]), int(r["horizon"])))
@@ -415,6 +425,8 @@ def _plot_support_oracle(csv_path: Path, rl_csv: Path) -> Path:
             kind = {"policy": "the data's policy (N = 1)", "support": "the data's actions, exact Q to the end",
                     "wider": f"{float(r['noise']) / float(r['data_noise']):g}x the data's noise, exact Q to the end",
                     "noisy": f"the data's actions, one noisy rollout of {r['horizon']} steps",
+                    "mean-noisy": f"the data's actions, the data policy's Q (mean of {_draws(r)[3:]} rollouts) to the "
+                                  "end",
                     "sequence": "whole trajectories of the data's policy, replanned each step",
                     "sequence-wider": f"whole trajectories with {float(r['noise']) / float(r['data_noise']):g}x the "
                                       "data's noise, replanned each step"}[support_oracle_kind(r)]
