@@ -98,12 +98,15 @@ def main(argv=None) -> int:
             a.continuation = (noise, m, first)
             obs, actions, v = state_actions(a, a.dataset, full, episodes, noise)
             parts.append(v)
+        a.continuation = None
+        reference = state_actions(a, a.dataset, full, episodes, noise)[2]  # the deterministic values, compared
         a.continuation, halves = (noise, m, 0), parts
         values = (parts[0] + parts[1]) / 2
     else:
         obs, actions, values = state_actions(a, a.dataset, full, episodes, noise)
+        reference = None
     episode_of = np.cumsum(np.r_[True, sub.next_idx[:-1] != sub.idx[1:]]) - 1  # a new episode where rows jump
-    stats = action_gradient_field(obs, actions, values, episode_of, halves=halves)
+    stats = action_gradient_field(obs, actions, values, episode_of, halves=halves, reference=reference)
     rows.append({"dataset": a.dataset, "train_episodes": a.train_episodes, "scales": scales, "horizon": a.horizon,
                  "gamma": a.gamma, "draws": a.continuation_draws, **stats, "sensitivity": sensitivity(a, full, sub)})
     print(", ".join(f"{k} {v:.3g}" for k, v in stats.items()))

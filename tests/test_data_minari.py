@@ -793,8 +793,9 @@ def test_critic_against_exact_q_on_and_off_the_support(minari_root):
     assert eg.main(grads + ["--continuation-draws", "4"]) == 0
     rows4 = list(csv.DictReader(open(minari_root / "grads.csv")))
     assert [(r["scales"], r["draws"]) for r in rows4] == [("1 3", "0"), ("3", "0"), ("1 3", "4")]
-    assert rows4[:2] == [{**r, "draws": "0", "cos_halves": ""} for r in rows3[:2]] or rows4[:2] == rows3[:2]
+    assert rows4[:2] == rows3[:2]
     assert -1 <= float(rows4[2]["cos_halves"]) <= 1 and rows4[2]["linear_r2"] != rows4[0]["linear_r2"]
+    assert all(0 <= float(rows4[2][k]) <= 1 for k in ("pairs_halves", "pairs_det")) and np.isnan(float(rows4[0]["cos_det"]))
     assert all(p.read_bytes() == b for p, b in before.items())
     assert len(set(work.glob("exact-*.npz")) - set(before)) == 4  # labels and extra actions, two halves each
     halves = []

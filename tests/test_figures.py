@@ -300,18 +300,25 @@ def test_action_gradient_field_against_planted_slopes():
     assert np.isnan(fresh["cos_halves"])
     agree = action_gradient_field(obs, acts, planted, eps, halves=(planted + 1e-3 * rng.normal(size=(n, m)),
                                                                    planted - 1e-3 * rng.normal(size=(n, m))))
-    assert agree["cos_halves"] == pytest.approx(1.0, abs=1e-3)
+    assert agree["cos_halves"] == pytest.approx(1.0, abs=1e-3) and agree["pairs_halves"] > 0.99
+    assert np.isnan(agree["cos_det"]) and np.isnan(agree["pairs_det"])
+    flipped = action_gradient_field(obs, acts, planted, eps, reference=2 * base - planted)  # every difference reversed
+    assert flipped["cos_det"] == pytest.approx(-1.0) and flipped["pairs_det"] == 0.0
+    same_ref = action_gradient_field(obs, acts, planted, eps, reference=planted + 5.0)  # a level does not matter
+    assert same_ref["cos_det"] == pytest.approx(1.0) and same_ref["pairs_det"] == 1.0
     apart = action_gradient_field(obs, acts, planted, eps, halves=(base + rng.normal(size=(n, m)),
                                                                    base + rng.normal(size=(n, m))))
-    assert abs(apart["cos_halves"]) < 0.15
+    assert abs(apart["cos_halves"]) < 0.15 and apart["pairs_halves"] == pytest.approx(0.5, abs=0.05)
     with pytest.raises(ValueError, match="halves"):
         action_gradient_field(obs, acts, planted, eps, halves=(planted,))
+    with pytest.raises(ValueError, match="reference"):
+        action_gradient_field(obs, acts, planted, eps, reference=planted[:, :3])
     row = dict(dataset="t", train_episodes=8, scales="1 3", horizon=300, gamma=0.99, **same, sensitivity=0.0)
     wide = dict(row, scales="10", linear_r2=0.5)
-    noisy = dict(row, draws=8, linear_r2=0.7, cos_halves=0.9)
+    noisy = dict(row, draws=8, linear_r2=0.7, cos_halves=0.9, pairs_halves=0.8, cos_det=0.3, pairs_det=0.65)
     table = action_gradient_table([noisy, wide, row]).splitlines()  # by the spreads (numerically), then the draws
-    assert table[2].startswith("| t | 8 | 400 | 5 | 1 3 | 0 | 1.000 |") and table[2].endswith("| 0 |  |")
-    assert table[3].startswith("| t | 8 | 400 | 5 | 1 3 | 8 | 0.700 |") and table[3].endswith("| 0.900 |")
+    assert table[2].startswith("| t | 8 | 400 | 5 | 1 3 | 0 | 1.000 |") and table[2].endswith("| 0 |  |  |")
+    assert table[3].startswith("| t | 8 | 400 | 5 | 1 3 | 8 | 0.700 |") and table[3].endswith("| 0.900 / 0.800 | 0.300 / 0.650 |")
     assert table[4].startswith("| t | 8 | 400 | 5 | 10 | 0 | 0.500 |")
     with pytest.raises(ValueError, match="actions"):
         action_gradient_field(obs, acts[:, :4], base + acts[:, :4] @ g0, eps)

@@ -784,7 +784,8 @@ def render_critic_fit(csv_path, figures_dir) -> list[Path]:
 
 ACTION_GRADIENT_COLUMNS = ("dataset", "train_episodes", "states", "actions", "scales", "horizon", "gamma", "draws",
                            "linear_r2", "shuffled_r2", "cos_next", "cos_5", "cos_random", "cos_nearest", "nearest_dist",
-                           "grad_p10", "grad_p50", "grad_p90", "grad_p99", "sensitivity", "cos_halves")
+                           "grad_p10", "grad_p50", "grad_p90", "grad_p99", "sensitivity", "cos_halves", "pairs_halves",
+                           "cos_det", "pairs_det")
 ACTION_GRADIENT_HEADER = (
     "# How the exact value changes with the action, state by state\n\nThe exact values of `critic_data_fit.md` "
     "(each training state's data action and K more, run in the simulator; `spreads`: the extra actions' noise "
@@ -800,12 +801,16 @@ ACTION_GRADIENT_HEADER = (
     "moves by 1e-6 x N(0, I) (64 states): near 0 where the values are well posed; where it is large the closed loop "
     "is chaotic and the row measures that, not the action's effect. `draws`: 0 for the deterministic snapshot after "
     "the action; M for the data's own policy (the snapshot plus the data's action noise) after it, the mean of M noise "
-    "sequences shared by all actions: the Q the critic learns, in expectation. `cos halves` (such rows): the cosine "
-    "between the slopes of one state from two disjoint halves of the draws, how well M draws pin the slope down. "
+    "sequences shared by all actions: the Q the critic learns, in expectation. `halves` (such rows): the cosine "
+    "between the slopes of one state from two disjoint halves of the draws / the share of a state's action pairs the "
+    "two halves order alike, how well M draws pin the slope down. `vs deterministic`: the same between these values "
+    "and the deterministic snapshot's at the same pairs, how far the Q a critic learns agrees with the exact values "
+    "that the critic tables score critics against. "
     "Measured by `scripts/exact_gradients.py` into `exact_gradients.csv`.\n\n")
 
 
-def action_gradient_field(obs, actions, values, episodes, *, seed: int = 0, nearest: int = 800, halves=None) -> dict:
+def action_gradient_field(obs, actions, values, episodes, *, seed: int = 0, nearest: int = 800, halves=None,
+                          reference=None) -> dict:
     """How exact values change with the action, state by state: ``obs`` (n, k), ``actions`` (n, m, d), ``values``
     (n, m), ``episodes`` (n,) the episode of each state (states of an episode in step order). Per state a
     least-squares plane value ~ c + g . (a - a_0); returns the pooled share of within-state variance it explains
@@ -814,7 +819,9 @@ def action_gradient_field(obs, actions, values, episodes, *, seed: int = 0, near
     states with the nearest state of another episode (standardised observations; ``nearest_dist`` the median
     distance), and quantiles of |g|. Needs m >= d + 2 (a residual left after the plane). ``halves``: two independent
     estimates of ``values`` (each (n, m); Monte-Carlo values from disjoint draws): ``cos_halves`` is the mean cosine
-    between their slopes at the same state (NaN without them)."""
+    between their slopes at the same state, ``pairs_halves`` the share of a state's action pairs both order alike
+    (NaN without them). ``reference`` (n, m): other values of the same pairs (the deterministic continuation's):
+    ``cos_det`` and ``pairs_det`` compare ``values`` with it alike."""
     obs, actions, values = np.asarray(obs, float), np.asarray(actions, float), np.asarray(values, float)
     episodes = np.asarray(episodes)
     n, m, d = actions.shape
@@ -835,6 +842,13 @@ def action_gradient_field(obs, actions, values, episodes, *, seed: int = 0, near
         return coef[:, 1:], 1 - (resid ** 2).sum() / (centered ** 2).sum()
     if halves is not None and (len(halves) != 2 or any(np.shape(h) != (n, m) for h in halves)):
         raise ValueError(f"halves: expected two ({n}, {m}) arrays, got {[np.shape(h) for h in halves]}")
+    if reference is not None and np.shape(reference) != (n, m):
+        raise ValueError(f"reference: expected a ({n}, {m}) array, got {np.shape(reference)}")
+    iu, ju = np.triu_indices(m, 1)
+
+    def pairs(u, w):  # the share of each state's action pairs that u and w order alike
+        u, w = np.asarray(u, float), np.asarray(w, float)
+        return float((np.sign(u[:, iu] - u[:, ju]) == np.sign(w[:, iu] - w[:, ju])).mean())
     g, r2 = planes(values)
     _, shuffled = planes(np.take_along_axis(values, rng.permuted(np.tile(np.arange(m), (n, 1)), axis=1), 1))
 
@@ -861,24 +875,28 @@ def action_gradient_field(obs, actions, values, episodes, *, seed: int = 0, near
             "cos_nearest": cos(g[i], g[j]) if near else float("nan"),
             "nearest_dist": float(np.median(dist)) if dist else float("nan"),
             **{f"grad_p{q}": float(np.quantile(size, q / 100)) for q in (10, 50, 90, 99)},
-            "cos_halves": cos(*(planes(np.asarray(h, float))[0] for h in halves)) if halves is not None else float("nan")}
+            "cos_halves": cos(*(planes(np.asarray(h, float))[0] for h in halves)) if halves is not None else float("nan"),
+            "pairs_halves": pairs(*halves) if halves is not None else float("nan"),
+            "cos_det": cos(g, planes(np.asarray(reference, float))[0]) if reference is not None else float("nan"),
+            "pairs_det": pairs(values, reference) if reference is not None else float("nan")}
 
 
 def action_gradient_table(rows) -> str:
     """A Markdown table from ``scripts/exact_gradients.py``'s rows: one line per dataset and episodes."""
     lines = ["| dataset | episodes | states | actions | spreads | draws | R2 | shuffled R2 | cos next | cos +5 | cos random | "
-             "cos nearest (dist) | abs g p10 / p50 / p90 / p99 | 1e-6 change | cos halves |",
-             "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
+             "cos nearest (dist) | abs g p10 / p50 / p90 / p99 | 1e-6 change | halves: cos / pairs | vs deterministic: "
+             "cos / pairs |", "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
     for r in sorted(rows, key=lambda r: (r["dataset"], int(r["train_episodes"]), int(r["actions"]),
                                          [float(c) for c in str(r["scales"]).split()], int(r.get("draws") or 0))):
         f = {k: float("nan") if r.get(k) in (None, "") else float(r[k]) for k in ACTION_GRADIENT_COLUMNS[8:]}
-        halves = "" if np.isnan(f["cos_halves"]) else f"{f['cos_halves']:.3f}"
+        halves, det = ("" if np.isnan(f[f"cos_{k}"]) else f"{f[f'cos_{k}']:.3f} / {f[f'pairs_{k}']:.3f}"
+                       for k in ("halves", "det"))
         lines.append(f"| {r['dataset']} | {int(r['train_episodes'])} | {int(r['states'])} | {int(r['actions'])} | "
                      f"{r['scales']} | {int(r.get('draws') or 0)} | "
                      f"{f['linear_r2']:.3f} | {f['shuffled_r2']:.3f} | {f['cos_next']:.3f} | {f['cos_5']:.3f} | "
                      f"{f['cos_random']:.3f} | {f['cos_nearest']:.3f} ({f['nearest_dist']:.2f}) | {f['grad_p10']:.3f} / "
                      f"{f['grad_p50']:.3f} / {f['grad_p90']:.2f} / {f['grad_p99']:.1f} | {f['sensitivity']:.2g} | "
-                     f"{halves} |")
+                     f"{halves} | {det} |")
     return "\n".join(lines) + "\n"
 
 
