@@ -464,8 +464,8 @@ def test_oracle_line_says_what_the_support_holds_where_the_default_misses(tmp_pa
            "normalized_score": v + s - 1, "preset": "bench", "sample_steps": 15, "episodes": 10}
           for d, ms in cells.items() for m, v in ms.items() for s in range(3)]
     _write(tmp_path / "rl.csv", rl)
-    base = dict(snapshot="medium", data_noise=0.1, horizon=1000, gamma=1.0, continuation_noise=0.0, episodes=10,
-                return_mean=0, score_std=1, length_mean=100, seconds=1)
+    base = dict(snapshot="medium", data_noise=0.1, horizon=1000, gamma=1.0, continuation_noise=0.0,
+                continuation_draws=1, episodes=10, return_mean=0, score_std=1, length_mean=100, seconds=1)
     orc = [dict(base, dataset="miss", noise=0.1, candidates=4, score_mean=61.0),
            dict(base, dataset="miss", noise=0.1, candidates=16, score_mean=62.5),
            dict(base, dataset="miss", noise=0.1, candidates=64, score_mean=99.0, continuation_noise=0.1),  # not exact
@@ -488,6 +488,15 @@ def test_oracle_line_says_what_the_support_holds_where_the_default_misses(tmp_pa
             "16, replanned at every step, the best kept: several steps of improvement, every action one the data's "
             "policy could draw): 62.0 / 63.5 (at best BC +3.5, still under BC + 5); candidates with 2x") in line
     assert "90.0" not in line
+    # the data policy's own Q: candidates of the data's noise ranked by the mean of several noisy rollouts, by N
+    own = dict(base, dataset="miss", noise=0.1, continuation_noise=0.1, search="step")
+    _write(tmp_path / "o.csv", orc_seq + [dict(own, candidates=16, continuation_draws=8, score_mean=61.5),
+                                          dict(own, candidates=4, continuation_draws=16, score_mean=60.5),
+                                          dict(own, candidates=4, noise=0.3, continuation_draws=16, score_mean=80.0)])
+    (line,) = _oracle_lines(tmp_path / "o.csv", tmp_path / "rl.csv")
+    assert ("less than BC + 5 there; ranked instead by the data policy's own Q (the mean of 8-16 noisy rollouts a "
+            "candidate, N = 4 / 16): 60.5 / 61.5 (at best BC +1.5); searching whole") in line
+    assert "80.0" not in line and "99.0" not in line  # wider candidates, or one noisy rollout, are not these
     orc_seq[-2]["score_mean"] = 65.5
     _write(tmp_path / "o.csv", orc_seq)
     assert "62.0 / 63.5" not in _oracle_lines(tmp_path / "o.csv", tmp_path / "rl.csv")[0]

@@ -295,11 +295,12 @@ def _rl_glance_lines(rl_csv, heldout_csv=None) -> list[str]:
 def _oracle_lines(oracle_csv, rl_csv) -> list[str]:
     """Where the default AEPO estimator misses BC + 5 in ``rl_csv``, what the data's support holds there by the
     true return (``rl_6c_ln/support_oracle.csv``, ``scripts/support_oracle.py``): its exact-Q rows (continuation
-    noise 0, gamma 1) with candidates of the data's own noise, their best against BC, any wider candidates, and
-    the search over whole trajectories of the data's policy (``--search sequence``, gamma 1)."""
+    noise 0, gamma 1) with candidates of the data's own noise, their best against BC, the same candidates ranked by
+    the data policy's own Q (the mean of several noisy rollouts, ``--continuation-draws``, gamma 1), any wider
+    candidates, and the search over whole trajectories of the data's policy (``--search sequence``, gamma 1)."""
     from aepo_lite.rl.diagnostics import support_oracle_kind
     rows = [r for r in _read(oracle_csv)
-            if support_oracle_kind(r) in ("support", "wider", "sequence") and float(r["gamma"]) == 1]
+            if support_oracle_kind(r) in ("support", "mean-noisy", "wider", "sequence") and float(r["gamma"]) == 1]
     rl = rl_summary(rl_csv)
     parts = []
     for ds in sorted({r["dataset"] for r in rows}):
@@ -321,6 +322,14 @@ def _oracle_lines(oracle_csv, rl_csv) -> list[str]:
                 + f" against BC's {b:.1f} (at best BC {best - b:+.1f}), so one step of improvement within the "
                 + ("data's support gives less than BC + 5 there" if best < b + 5 else
                    "data's support holds BC + 5 there: a critic ranking it as the simulator does would reach it"))
+        own = sorted((r for r in mine if support_oracle_kind(r) == "mean-noisy" and r["noise"] == r["data_noise"]),
+                     key=lambda r: int(r["candidates"]))
+        if own:
+            top = max(float(r["score_mean"]) for r in own)
+            text += ("; ranked instead by the data policy's own Q (the mean of " + _span(
+                [int(r["continuation_draws"]) for r in own]) + " noisy rollouts a candidate, N = "
+                + " / ".join(r["candidates"] for r in own) + "): " + " / ".join(
+                    f"{float(r['score_mean']):.1f}" for r in own) + f" (at best BC {top - b:+.1f})")
         seq = sorted((r for r in mine if support_oracle_kind(r) == "sequence"), key=lambda r: int(r["candidates"]))
         if seq:
             top = max(float(r["score_mean"]) for r in seq)
