@@ -425,7 +425,7 @@ def _plot_support_oracle(csv_path: Path, rl_csv: Path) -> Path:
             kind = {"policy": "the data's policy (N = 1)", "support": "the data's actions, exact Q to the end",
                     "wider": f"{float(r['noise']) / float(r['data_noise']):g}x the data's noise, exact Q to the end",
                     "noisy": f"the data's actions, one noisy rollout of {r['horizon']} steps",
-                    "mean-noisy": f"the data's actions, the data policy's Q (mean of {_draws(r)[3:]} rollouts) to the "
+                    "mean-noisy": "the data's actions, the data policy's Q (mean of several noisy rollouts) to the "
                                   "end",
                     "sequence": "whole trajectories of the data's policy, replanned each step",
                     "sequence-wider": f"whole trajectories with {float(r['noise']) / float(r['data_noise']):g}x the "
