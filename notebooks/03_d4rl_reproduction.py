@@ -311,7 +311,8 @@ else:
 #   off the support, where the in-support target and the critic extrapolate. Against exact action values (the
 #   simulator run from the states the policies visit; seeds 5 and 6, `figures/rl_6c_big/critic_errors.md`) neither
 #   critic ranks actions much better than a coin, on the support or off it: the advantages to rank are hundredths of a
-#   point a step and the critics' errors 1.4-5.3 times that. The critic is the part of the error budget at fault.
+#   point a step and the critics' errors 1.4-5.3 times that. We first read the critic as the part of the error
+#   budget at fault; the end of this item says why, for steps within the support, we now read the support instead.
 #   Training it 4x longer, 4x wider at 4x the batch, or with expectile 0.5 does not change that (seed 5: right signs
 #   0.49-0.58, `figures/rl_6c_big/critic_budget.md`), and neither does a critic regressed on the data's Monte-Carlo
 #   returns (`critic.kind = mc`, ours: signs 0.50-0.56 on the candidates around mu(s)); AEPO steered by it scores
@@ -334,10 +335,23 @@ else:
 #   value is close to a plane in the action at each state (R2 0.89 against 0.73 for shuffled values), but the
 #   plane's slope, the direction of improvement, is nearly unrelated from one step of an episode to the next (mean
 #   cosine 0.04; random pairs 0.01; `figures/rl_6c_big/exact_gradients.md`): a critic that is a smooth function of
-#   the state cannot follow it at this data's resolution. On InvertedDoublePendulum, where the critic does rank,
+#   the state cannot follow it at this data's resolution. That value continues with the deterministic snapshot, the
+#   reference of every critic measure above. The data's own Q, which a critic is fitted to (the mean over the
+#   data's action noise after the action; 32 draws on 8 episodes), is smoother: cosine 0.19 between consecutive
+#   states and 0.24 to the nearest state of another episode, against 0.08 and 0.11 for the deterministic value on
+#   the same states (the two halves of the draws agree only to 0.50, so these understate it). It orders 0.68 of a
+#   state's action pairs as the deterministic value does: a critic that had learned it exactly would score about
+#   0.68 against that reference, not 1, and the critics' 0.51-0.59 lie between a coin and that ceiling.
+#   On InvertedDoublePendulum, where the critic does rank,
 #   the same measure gives 0.63 between consecutive states against 0.27 for random pairs (a one-dimensional action:
 #   a cosine is a sign there). QGPO's in-support critic does not lift AEPO on Hopper medium either (62.8 at best,
-#   w = 3, seeds 5-7).
+#   w = 3, seeds 5-7). Finally, a perfect critic of the data's Q within the support: the same oracle ranking the
+#   data's own actions by the mean of 8-16 noisy rollouts of the data's policy scores 63.2 at N = 4 and 63.6 at
+#   N = 16 (BC + 1.3 / 1.7; `figures/rl_6c_ln/support_oracle.md`), and the preset's critic took best-of-16 to 63.5
+#   on its seeds (BC + 1.3). So for one step within the support our critic gets about what a perfect one would,
+#   and that is far under BC + 5: on Hopper medium the data's support, not the critic, is what the default's
+#   in-support target runs out of. Its BC + 2.9 is made off the support, where no critic has data, and whether an
+#   offline method can find the actions worth BC + 5 there (2-3x the data's spread, by the simulator) stays open.
 #
 #   ![critic_budget.png](../figures/rl_6c_big/critic_budget.png)
 #
