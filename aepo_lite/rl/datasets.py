@@ -529,7 +529,8 @@ def snapshot_oracle_scores(name: str, candidates=(1, 4, 16), horizon: int = 1000
     scores each candidate by the mean of M such rollouts (draw m's noise shared by every candidate: common random
     numbers), an estimate of the data policy's own Q: then the row is the policy-improvement step over the data's
     policy that an in-support method with a perfect critic of that policy takes at N candidates (M x the
-    rollouts). A critic that ranked the support as well as these rollouts, at the same N, would score this. MuJoCo environments only (their state is restored for each rollout).
+    rollouts). A critic that ranked the support as well as these rollouts, at the same N, would score this. MuJoCo
+    environments only (their state is restored for each rollout).
 
     ``search="sequence"`` searches over whole trajectories within the support instead of first actions: at every
     step N trajectories of the data's own policy (noise of std ``noise`` at every step, each candidate its own
