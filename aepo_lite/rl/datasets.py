@@ -509,6 +509,21 @@ def _sequence_episode(env, scratch, mean_action, n: int, reset_seed: int, rng, n
 ORACLE_SEARCHES = ("step", "sequence")
 
 
+def _check_continuation(search: str, continuation_noise: float, continuation_draws: int) -> None:
+    """:func:`snapshot_oracle_scores`' search and continuation arguments, each error naming its argument."""
+    if not (np.isfinite(continuation_noise) and continuation_noise >= 0):
+        raise ValueError(f"continuation_noise: expected a finite std >= 0, got {continuation_noise!r}")
+    if search not in ORACLE_SEARCHES:
+        raise ValueError(f"search: expected one of {ORACLE_SEARCHES}, got {search!r}")
+    check_int("continuation_draws", continuation_draws, low=1)
+    if continuation_draws > 1 and (continuation_noise == 0 or search != "step"):
+        raise ValueError(f"continuation_draws: several draws average noisy continuations of the step search; got "
+                         f"{continuation_draws} with continuation_noise {continuation_noise!r} and search {search!r}")
+    if search == "sequence" and continuation_noise != 0:
+        raise ValueError("continuation_noise: the sequence search draws every step's noise with `noise` (each "
+                         f"candidate its own); leave continuation_noise at 0, got {continuation_noise!r}")
+
+
 def snapshot_oracle_scores(name: str, candidates=(1, 4, 16), horizon: int = 1000, episodes: int = 5,
                            gamma: float = 1.0, seed: int = 100_000, which: str = "medium", noise: Optional[float] = None,
                            continuation_noise: float = 0.0, policy_cache: Optional[Path] = None,
@@ -556,17 +571,7 @@ def snapshot_oracle_scores(name: str, candidates=(1, 4, 16), horizon: int = 1000
     noise = recipe.collect_noise if noise is None else noise
     if not (np.isfinite(noise) and noise >= 0):
         raise ValueError(f"noise: expected a finite std >= 0, got {noise!r}")
-    if not (np.isfinite(continuation_noise) and continuation_noise >= 0):
-        raise ValueError(f"continuation_noise: expected a finite std >= 0, got {continuation_noise!r}")
-    if search not in ORACLE_SEARCHES:
-        raise ValueError(f"search: expected one of {ORACLE_SEARCHES}, got {search!r}")
-    check_int("continuation_draws", continuation_draws, low=1)
-    if continuation_draws > 1 and (continuation_noise == 0 or search != "step"):
-        raise ValueError(f"continuation_draws: several draws average noisy continuations of the step search; got "
-                         f"{continuation_draws} with continuation_noise {continuation_noise!r} and search {search!r}")
-    if search == "sequence" and continuation_noise != 0:
-        raise ValueError("continuation_noise: the sequence search draws every step's noise with `noise` (each "
-                         f"candidate its own); leave continuation_noise at 0, got {continuation_noise!r}")
+    _check_continuation(search, continuation_noise, continuation_draws)
     env, scratch = _mujoco_envs(name, recipe.env_id, max(cands) * continuation_draws, seed, "the oracle")
     mean_action = _sb3_policy(model, 0.0, None)
     out = []
