@@ -346,9 +346,9 @@ else:
 #   the same measure gives 0.63 between consecutive states against 0.27 for random pairs (a one-dimensional action:
 #   a cosine is a sign there). QGPO's in-support critic does not lift AEPO on Hopper medium either (62.8 at best,
 #   w = 3, seeds 5-7). Finally, a perfect critic of the data's Q within the support: the same oracle ranking the
-#   data's own actions by the mean of 8-16 noisy rollouts of the data's policy scores 63.2 at N = 4 and 63.6 at
-#   N = 16 (BC + 1.3 / 1.7; `figures/rl_6c_ln/support_oracle.md`), and the preset's critic took best-of-16 to 63.5
-#   on its seeds (BC + 1.3). So for one step within the support our critic gets about what a perfect one would,
+#   data's own actions by the mean of 16 noisy rollouts of the data's policy scores 63.2 at N = 4 and 63.9 at
+#   N = 16 (BC + 1.3 / 2.0; `figures/rl_6c_ln/support_oracle.md`), and the preset's critic took best-of-16 to 63.5
+#   on its seeds (BC + 1.3). So for one step within the support our critic gets most of what a perfect one would,
 #   and that is far under BC + 5: on Hopper medium the data's support, not the critic, is what the default's
 #   in-support target runs out of. Its BC + 2.9 is made off the support, where no critic has data, and whether an
 #   offline method can find the actions worth BC + 5 there (2-3x the data's spread, by the simulator) stays open.

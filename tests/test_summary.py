@@ -492,11 +492,13 @@ def test_oracle_line_says_what_the_support_holds_where_the_default_misses(tmp_pa
     own = dict(base, dataset="miss", noise=0.1, continuation_noise=0.1, search="step")
     _write(tmp_path / "o.csv", orc_seq + [dict(own, candidates=16, continuation_draws=8, score_mean=61.5),
                                           dict(own, candidates=4, continuation_draws=16, score_mean=60.5),
-                                          dict(own, candidates=4, noise=0.3, continuation_draws=16, score_mean=80.0)])
+                                          dict(own, candidates=4, noise=0.3, continuation_draws=16, score_mean=80.0),
+                                          dict(own, candidates=16, continuation_draws=4, score_mean=70.0)])  # fewer
     (line,) = _oracle_lines(tmp_path / "o.csv", tmp_path / "rl.csv")
     assert ("less than BC + 5 there; ranked instead by the data policy's own Q (the mean of 8-16 noisy rollouts a "
             "candidate, N = 4 / 16): 60.5 / 61.5 (at best BC +1.5); searching whole") in line
     assert "80.0" not in line and "99.0" not in line  # wider candidates, or one noisy rollout, are not these
+    assert "70.0" not in line  # at one N, the row with the most draws
     orc_seq[-2]["score_mean"] = 65.5
     _write(tmp_path / "o.csv", orc_seq)
     assert "62.0 / 63.5" not in _oracle_lines(tmp_path / "o.csv", tmp_path / "rl.csv")[0]

@@ -322,8 +322,11 @@ def _oracle_lines(oracle_csv, rl_csv) -> list[str]:
                 + f" against BC's {b:.1f} (at best BC {best - b:+.1f}), so one step of improvement within the "
                 + ("data's support gives less than BC + 5 there" if best < b + 5 else
                    "data's support holds BC + 5 there: a critic ranking it as the simulator does would reach it"))
-        own = sorted((r for r in mine if support_oracle_kind(r) == "mean-noisy" and r["noise"] == r["data_noise"]),
-                     key=lambda r: int(r["candidates"]))
+        own = {}  # each N's row with the most draws: the closest to the data policy's Q
+        for r in sorted((r for r in mine if support_oracle_kind(r) == "mean-noisy" and r["noise"] == r["data_noise"]),
+                        key=lambda r: int(r["continuation_draws"])):
+            own[int(r["candidates"])] = r
+        own = [own[k] for k in sorted(own)]
         if own:
             top = max(float(r["score_mean"]) for r in own)
             text += ("; ranked instead by the data policy's own Q (the mean of " + _span(
