@@ -91,20 +91,14 @@ def main(argv=None) -> int:
         return 0
     episodes = np.sort(np.random.default_rng(ORDER_SEED).permutation(full.n_episodes)[:a.train_episodes])
     sub = full.take_episodes(episodes)
-    halves, m = None, a.continuation_draws // 2
-    if m:  # the two halves' values (each its own cache), their mean the values measured
-        parts = []
-        for first in (0, m):
-            a.continuation = (noise, m, first)
-            obs, actions, v = state_actions(a, a.dataset, full, episodes, noise)
-            parts.append(v)
-        a.continuation = None
-        reference = state_actions(a, a.dataset, full, episodes, noise)[2]  # the deterministic values, compared
-        a.continuation, halves = (noise, m, 0), parts
-        values = (parts[0] + parts[1]) / 2
-    else:
-        obs, actions, values = state_actions(a, a.dataset, full, episodes, noise)
-        reference = None
+    def values_with(c):  # the values of the states' actions with continuation c (None: the deterministic one)
+        a.continuation = c
+        return state_actions(a, a.dataset, full, episodes, noise)
+    obs, actions, values = values_with(None)
+    halves, reference, m = None, None, a.continuation_draws // 2
+    if m:  # the two halves' values (each its own cache), their mean measured against the deterministic ones
+        halves, reference = [values_with((noise, m, first))[2] for first in (0, m)], values
+        values, a.continuation = (halves[0] + halves[1]) / 2, (noise, m, 0)  # the sensitivity's: the first half's
     episode_of = np.cumsum(np.r_[True, sub.next_idx[:-1] != sub.idx[1:]]) - 1  # a new episode where rows jump
     stats = action_gradient_field(obs, actions, values, episode_of, halves=halves, reference=reference)
     rows.append({"dataset": a.dataset, "train_episodes": a.train_episodes, "scales": scales, "horizon": a.horizon,
