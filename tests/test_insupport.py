@@ -354,3 +354,33 @@ def test_softmax_fit_is_cep_on_the_target_and_learns_its_top_up_to_a_constant():
     EnergyLearner(net, replace(cfg, centered=False), schedule=sched)  # not centered: the fit is not read
     with pytest.raises(ValueError, match="fit"):
         EnergyLearner(net, replace(cfg, fit="huber"), schedule=sched)
+
+
+def test_mixture_bandwidth_script_reduces_to_the_particles_at_h_0(tmp_path, capsys):
+    """scripts/mixture_bandwidth.py: at h = 0 the mixture target is the particle target (derivation 4b), so with
+    the same draws its rows equal the particles' to rounding; a positive h moves them; bad K and h are named."""
+    import csv
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("mixture_bandwidth", Path(__file__).resolve().parents[1] / "scripts"
+                                                  / "mixture_bandwidth.py")
+    mb = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mb)
+    out = tmp_path / "mb.csv"
+    assert mb.main(["--tasks", "moons", "--k", "8", "--bandwidths", "0", "0.05", "--n-ref-data", "400",
+                    "--grid-size", "6", "--out", str(out)]) == 0
+    rows = list(csv.DictReader(out.open()))
+    by = {(r["estimator"], r["t"]): float(r["approximation"]) for r in rows}
+    times = sorted({r["t"] for r in rows})
+    assert len(times) == 4 and {r["estimator"] for r in rows} == {"particles-K8", "mixture-first-K8-h0",
+                                                                  "mixture-first-K8-h0.05"}
+    for t in times:
+        assert by[("mixture-first-K8-h0", t)] == pytest.approx(by[("particles-K8", t)], rel=1e-9, abs=1e-12)
+    assert by[("mixture-first-K8-h0.05", times[0])] != pytest.approx(by[("particles-K8", times[0])], rel=1e-6)
+    assert "| particles-K8 |" in out.with_suffix(".md").read_text()
+    for bad, msg in ((["--k", "0"], "--k"), (["--bandwidths", "-0.1"], "bandwidths")):
+        with pytest.raises(SystemExit):
+            mb.main(["--tasks", "moons", *bad, "--out", str(tmp_path / "bad.csv")])
+        assert msg in capsys.readouterr().err
+    assert not (tmp_path / "bad.csv").exists()

@@ -37,6 +37,7 @@ toy convergence     toy2d_convergence.csv (opt.) ``aepo_lite.toy.convergence.ren
 toy plateau parts   toy2d_plateau.csv (optional) ``aepo_lite.toy.plateau.render`` (part 4 without draw noise)
 toy floor by seed   toy2d_floor_spread.csv (opt.) ``aepo_lite.toy.floors.render``
 toy eval noise      toy2d_eval_noise.csv (opt.)  ``aepo_lite.toy.eval_noise.render``
+mixture bandwidth   toy2d_mixture_bandwidth.csv  ``scripts/mixture_bandwidth.py``'s ``render`` (optional)
 speed benchmark     bench_*.json (optional)      ``aepo_lite.bench.to_markdown``
 QGPO comparison     compare_qgpo_*.json          ``scripts/compare_qgpo.py``'s ``to_markdown``
                     (optional)                   (timings measured there, tabulated here)
@@ -205,6 +206,9 @@ PARTS = (
          "python scripts/floor_spread.py", _render_report, optional=True),
     Part("toy evaluation noise", "aepo_lite.toy.eval_noise", "toy2d_eval_noise.csv",
          "python scripts/eval_noise.py", _render_report, optional=True),
+    Part("toy mixture posterior's bandwidth", "scripts/mixture_bandwidth.py", "toy2d_mixture_bandwidth.csv",
+         "python scripts/mixture_bandwidth.py --out figures/toy2d_mixture_bandwidth.csv", _render_report,
+         optional=True),
     Part("speed benchmark", "aepo_lite.bench", "bench_*.json",
          "aepo-lite bench --out figures/bench_<device>.json", _render_markdown_of_json, optional=True),
     Part("QGPO code comparison", "scripts/compare_qgpo.py", "compare_qgpo_*.json",
