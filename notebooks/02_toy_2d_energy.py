@@ -624,9 +624,10 @@ else:
 #   log-sum-exp over the data) are cheap, so guidance estimators can be *measured*.
 # - A distance means little without its noise floor; we report sliced Wasserstein-2 over floor.
 # - AEPO's first- and second-order targets need a gradient of Q, so with a piecewise-constant reward
-#   they need a fitted smooth critic (a network, and its extrapolation off the data); the sampled and
-#   in-support (particle, mixture) targets need only values of the reward, which makes a matched
-#   comparison with QGPO possible (every method reads the true reward).
+#   they need a fitted smooth critic (a network, and its extrapolation off the data); so does the
+#   in-support mixture target, which expands Q to first order in each component. The sampled and
+#   particle targets need only values of the reward, which makes a matched comparison with QGPO
+#   possible (every method reads the true reward).
 # - What the committed grid says is generated above from `figures/toy2d_results.csv`: QGPO's
 #   contrastive energy is the closest method on every task there, and AEPO is within 2x of the floor
 #   on none. Those AEPO rows used the fitted critic while QGPO read the true reward, so that grid is not
