@@ -2,6 +2,7 @@
 checkpoint per task, matched reward access, run folders never overwritten, the toy CLI and the report."""
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -396,3 +397,24 @@ def test_table_verdicts_follow_the_best_ranked_estimator():
     table = toy_report.table_markdown(rows, 10.0, best)
     assert "aepo(particles-K64-centered): within 2x of the floor on 2 of 2 tasks; MSE was not run here." in table
     assert "| yes | — |" in table and "below MSE" not in table
+
+
+def test_toy_grid_on_the_project_csv_updates_the_toy_tables_in_docs_results_not_the_readme(tmp_path, monkeypatch):
+    """The project's toy tables live in docs/results.md (as `aepo-lite figures` writes them): the grid's default
+    must refill them there and leave a README without toy markers as it was (it once appended the block to it)."""
+    import shutil
+
+    root = Path(__file__).resolve().parents[1]
+    (tmp_path / "figures").mkdir()
+    (tmp_path / "docs").mkdir()
+    shutil.copy(root / "figures" / "toy2d_results.csv", tmp_path / "figures" / "toy2d_results.csv")
+    readme = tmp_path / "README.md"
+    readme.write_text("# Title\n\nno toy block here\n")
+    results = tmp_path / "docs" / "results.md"
+    results.write_text("# Results\n\n<!-- toy:start -->\nold\n<!-- toy:end -->\n\nafter\n")
+    monkeypatch.chdir(tmp_path)
+    assert main(["toy-grid", "--render-only", "--quiet"]) == 0
+    assert readme.read_text() == "# Title\n\nno toy block here\n"
+    text = results.read_text()
+    assert "\nold\n" not in text and text.endswith("<!-- toy:end -->\n\nafter\n")
+    assert "## Toy 2D tasks" in text and "8gaussians" in text

@@ -33,7 +33,8 @@ class ToyCommand(ConfigCommand):
     quiet: Annotated[bool, _flag()] = False  # no progress bars
 
 
-_GRID_CSV = "figures/toy2d_results.csv"  # the project's grid: the default CSV, the one that updates README.md
+_GRID_CSV = "figures/toy2d_results.csv"  # the project's grid: the default CSV, the one that updates the toy tables
+_TOY_TABLES = "docs/results.md"  # where the project's toy tables live (between the toy markers), as `figures` writes them
 
 
 def _toy(argv: list[str]) -> int:
@@ -101,8 +102,9 @@ def register(subparsers) -> None:
                    "so another grid never rewrites the project's tables)")
     g.add_argument("--budget-csv", default="", help="also write each run's error-budget parts 4-5 here "
                    "(e.g. figures/toy2d_budget_runs.csv; '' = none)")
-    g.add_argument("--readme", default=None, help="README to update between the toy markers (default: README.md "
-                   f"when --csv is {_GRID_CSV}, else none; '' = none)")
+    g.add_argument("--readme", default=None, help="Markdown file to update between the toy markers (default: "
+                   f"docs/results.md, where `aepo-lite figures` keeps the toy tables, when --csv is {_GRID_CSV}, "
+                   "else none; '' = none)")
     g.add_argument("--cache-dir", default=None, help="stage checkpoints (default runs/toy_cache)")
     g.add_argument("--runs-dir", default="runs/toy", help="one run folder per row group (config, results, figure)")
     g.add_argument("--device", default="auto", choices=DEVICE_CHOICES)
@@ -228,7 +230,7 @@ def run_grid_command(args) -> int:
     paths = toy_report.render(csv, figures_dir)
     if args.budget_csv and Path(args.budget_csv).exists():
         paths += trained_budget.render(args.budget_csv, figures_dir)
-    readme = ("README.md" if project else "") if args.readme is None else args.readme
+    readme = (_TOY_TABLES if project else "") if args.readme is None else args.readme
     if readme:
         paths.append(toy_report.update_readme(csv, readme))
     print("wrote " + ", ".join(str(p) for p in paths))
