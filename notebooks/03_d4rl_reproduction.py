@@ -345,7 +345,8 @@ else:
 #   On InvertedDoublePendulum, where the critic does rank,
 #   the same measure gives 0.63 between consecutive states against 0.27 for random pairs (a one-dimensional action:
 #   a cosine is a sign there). QGPO's in-support critic does not lift AEPO on Hopper medium either (62.8 at best,
-#   w = 3, seeds 5-7). Finally, a perfect critic of the data's Q within the support: the same oracle ranking the
+#   w = 3, seeds 5-7), nor does section 4b's mixture posterior in place of the particles (63.4 at best, w = 3,
+#   seeds 0-4; at w = 10 level with them on four seeds and 20.8 on the fifth). Finally, a perfect critic of the data's Q within the support: the same oracle ranking the
 #   data's own actions by the mean of 16 noisy rollouts of the data's policy scores 63.2 at N = 4 and 63.9 at
 #   N = 16 (BC + 1.3 / 2.0; `figures/rl_6c_ln/support_oracle.md`), and the preset's critic took best-of-16 to 63.5
 #   on its seeds (BC + 1.3). So for one step within the support our critic gets most of what a perfect one would,
