@@ -362,7 +362,12 @@ def test_committed_results_carry_the_critic_and_one_name_per_method():
     assert {r["method"] for r in rows} == {"aepo", "qgpo", "mse", "bc"}
     kinds = {(r["method"], r["critic"]) for r in rows}
     assert kinds == {("aepo", "regression"), ("qgpo", "reward"), ("mse", "reward"), ("bc", "none")}
-    assert all("/" in r["estimator"] for r in rows if r["method"] == "aepo")
+    for r in rows:  # every AEPO row names its estimator: a Gaussian <covariance>/<expansion> or an in-support spec
+        if r["method"] == "aepo" and "/" not in r["estimator"]:
+            assert TT.estimator_overrides(r["estimator"])["energy"]["posterior"] in ("particles", "mixture"), r
+        elif r["method"] == "aepo":
+            assert r["estimator"].split("/")[0] in ("tweedie", "isotropic", "gaussian-fit", "none"), r
+    assert sum(r["method"] == "aepo" and "/" in r["estimator"] for r in rows) > 0
 
 
 def test_centered_estimator_spec_matches_qgpo_points_per_step():
