@@ -200,6 +200,12 @@ def test_make_dataset_tiny_repeatable(minari_root, capsys, monkeypatch):
     meta = ds.storage.metadata
     info = description_info(meta)
     assert info["ref_episodes"] == 4 and len(info["ladder"]) == 2
+    # what made the ladder and the data is recorded: the versions installed here
+    import importlib.metadata as md
+    for key in ("made_with", "ladder_made_with"):
+        assert info[key]["versions"]["mujoco"] == md.version("mujoco")
+        assert info[key]["versions"]["stable-baselines3"] == md.version("stable-baselines3")
+        assert info[key]["versions"]["torch"] == md.version("torch") and info[key]["cpu"]
     # ref_min_score is the mean return of the seeded random policy: recompute it independently
     rng = np.random.default_rng(1)
     eps, _ = run_episodes(lambda: gym.make("Hopper-v5"), lambda o: rng.uniform(-1, 1, (o.shape[0], 3)), 4,

@@ -61,6 +61,11 @@ def _make_dataset(args) -> int:
         print(f"  ladder: medium snapshot at step {info['medium_snapshot_step']} (eval return "
               f"{snaps.get(info['medium_snapshot_step'], float('nan')):.1f}), expert at step "
               f"{info['expert_snapshot_step']} ({snaps.get(info['expert_snapshot_step'], float('nan')):.1f})")
+    for what, key in (("policy ladder", "ladder_made_with"), ("data", "made_with")):
+        made = info.get(key)  # a remade dataset that differs: compare these (TD3 training is chaotic in floating point)
+        if made:
+            print(f"  {what} made with " + ", ".join(f"{k} {v}" for k, v in sorted(made["versions"].items()) if v)
+                  + f" on {made['cpu']}")
     return 0
 
 

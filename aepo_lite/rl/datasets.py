@@ -16,7 +16,10 @@ D4RL's recipe, at a budget a CPU can afford:
 Behaviour data is collected with Gaussian action noise (``collect_noise``) on top of the
 deterministic TD3 actor. ``ref_min_score`` / ``ref_max_score`` are the mean returns of the random
 policy and of the expert snapshot over ``ref_episodes`` (>= 100 by default) episodes. Everything
-is seeded: the same arguments give the same dataset.
+is seeded: the same arguments give the same dataset on the same machine and library versions. The TD3
+training behind a ladder is chaotic in floating point, so another CPU or another release of MuJoCo,
+gymnasium, torch or stable-baselines3 can give other snapshots and so another dataset; the ladder and
+the dataset record what made them (``made_with``), to tell which.
 
 Every argument is checked before any work (the name against Minari's id grammar and the Minari
 root, the seed, the counts). A make that fails or is interrupted leaves nothing behind: no new
@@ -39,7 +42,7 @@ from aepo_lite._checks import check_int, check_seed
 from aepo_lite._io import atomic_write_json, read_json
 from aepo_lite.rl.evaluation import Episode, check_reference_scores, run_episodes
 
-__all__ = ["QUALITIES", "DatasetRecipe", "make_dataset", "train_policy_ladder", "policy_cache_dir",
+__all__ = ["QUALITIES", "DatasetRecipe", "make_dataset", "train_policy_ladder", "policy_cache_dir", "made_with",
            "snapshot_noise_scores", "snapshot_oracle_scores", "rollout_returns", "snapshot_q_errors", "QProbes",
            "probe_q_states", "q_error_rows", "state_from_observation", "exact_q_labels"]
 
@@ -74,6 +77,22 @@ def policy_cache_dir() -> Path:
         return Path(os.environ["AEPO_POLICY_CACHE"])
     from minari.storage.datasets_root_dir import get_dataset_path
     return Path(get_dataset_path()).parent / "aepo_lite_policies"
+
+
+def made_with() -> dict:
+    """The library versions and the CPU a ladder or a dataset was made with (what its floating point depends on)."""
+    import importlib.metadata as md
+    import platform
+
+    from aepo_lite.bench import _cpu_name
+    versions = {}
+    for dist in ("aepo-lite", "numpy", "torch", "gymnasium", "mujoco", "stable-baselines3", "minari"):
+        try:
+            versions[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            versions[dist] = None
+    return {"versions": versions, "python": platform.python_version(), "cpu": _cpu_name(),
+            "machine": platform.machine()}
 
 
 # stable-baselines3 seeds numpy's legacy generator, which takes seeds below 2**32
@@ -206,7 +225,7 @@ def train_policy_ladder(r: DatasetRecipe, cache: Optional[Path] = None, progress
                             end_step=np.array([e["end_step"] for e in eps]))
         atomic_write_json(tmp / "ladder.json", {"recipe": asdict(r), "snapshots": ladder, "n_replay_episodes": len(eps),
                                                 "train_seconds": time.perf_counter() - t0,
-                                                "stable_baselines3": sb3.__version__})
+                                                "made_with": made_with()})
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
@@ -881,7 +900,7 @@ def make_dataset(recipe: DatasetRecipe, *, overwrite: bool = False, progress: bo
                                seed=1_000_000 + r.seed, n_envs=r.n_envs, progress=progress, desc="ref: random")
     ref_min = float(np.mean([e.ret for e in rand_eps]))
     info = {"recipe": asdict(r), "ref_min_policy": "uniform random actions",
-            "ref_episodes": r.ref_episodes}
+            "ref_episodes": r.ref_episodes, "made_with": made_with()}
     ladder_dir = train_policy_ladder(r, policy_cache, progress)
     lad = read_json(ladder_dir / "ladder.json")
     snaps = lad["snapshots"]
@@ -901,7 +920,8 @@ def make_dataset(recipe: DatasetRecipe, *, overwrite: bool = False, progress: bo
     check_reference_scores(r.name, {"ref_min_score": ref_min, "ref_max_score": ref_max})
     info.update({"ref_max_policy": f"best TD3 snapshot of a {r.train_steps}-step budget (step {expert['step']}), "
                                    "deterministic; not an expert in D4RL's sense",
-                 "ladder": snaps, "expert_snapshot_step": expert["step"], "medium_snapshot_step": medium["step"],
+                 "ladder": snaps, "ladder_made_with": lad.get("made_with"),  # None: a ladder from before the record
+                 "expert_snapshot_step": expert["step"], "medium_snapshot_step": medium["step"],
                  "medium_target_return": target})
 
     episodes = _collect(r, make_env, space, rng, ladder_dir, medium, expert_model)
