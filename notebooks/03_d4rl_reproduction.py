@@ -103,6 +103,10 @@ check(any("None" in str(w.message) for w in caught), 'any("None" in str(w.messag
 # not an expert in D4RL's sense, and the metadata says so); `medium` the first snapshot reaching
 # a third of the expert's return; reference returns are the random and expert policies' means
 # over `ref_episodes` episodes (100 by default). At smoke scale the ladder is a few hundred steps.
+# Everything is seeded, so the same arguments give the same dataset on the same machine and library
+# versions; but the ladder's TD3 training follows every floating-point difference, and another CPU or
+# release can give other snapshots (remade on another machine, Pusher's ladder did, InvertedDoublePendulum's
+# and Hopper's did not: `docs/results.md`). The description records what made it (`made_with`).
 
 # %%
 from aepo_lite.rl.datasets import DatasetRecipe, make_dataset
@@ -124,6 +128,8 @@ print(f"{DATASET}: {data.n} transitions, {len(data.episode_returns)} episodes, "
       f"mean return {data.episode_returns.mean():.1f}, ref_min {ds.storage.metadata['ref_min_score']:.1f}, "
       f"ref_max {ds.storage.metadata['ref_max_score']:.1f}")
 print("expert:", info["ref_max_policy"])
+made = info.get("made_with")  # None for a dataset made before the record
+print("made with:", f"{made['versions']} on {made['cpu']}" if made else "not recorded")
 
 # %% [markdown]
 # ### Check: transitions against the raw episodes
