@@ -1,15 +1,27 @@
 """Measure how well trained runs' energies follow E_t, the error budget's regression part in RL
 (aepo_lite.rl.diagnostics.energy_fit_stats), into a CSV, and render its table beside it (``aepo-lite figures``
-re-renders the table from the CSV alone).
+re-renders the table from the CSV alone). Rows already in ``--out`` (a run's dataset, label and seed) are kept and
+not measured again; the others are added, the CSV rewritten as each run lands.
 
     python scripts/energy_fit.py --runs RUN [RUN ...] --k-ref 128 --out figures/rl_6c_ln/energy_fit.csv
 """
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
-from aepo_lite.rl.diagnostics import ENERGY_FIT_COLUMNS, FIT_TIMES, energy_fit_rows, render_energy_fit, \
-    write_csv_and_table
+from aepo_lite._io import read_json
+from aepo_lite.rl.diagnostics import ENERGY_FIT_COLUMNS, FIT_TIMES, csv_per_run, energy_fit_rows, render_energy_fit
+
+
+def _run_rows(run: str, times, k_ref: int, rows: list[dict]) -> list[dict]:
+    """The run's rows, unless ``rows`` (the CSV so far) holds its dataset, label and seed already."""
+    res = read_json(Path(run) / "results.json")
+    if any((r["dataset"], r["method"], str(r["seed"])) == (res["dataset"], res["label"], str(res["seed"]))
+           for r in rows):
+        print(f"kept {run}: its rows are in the CSV")
+        return []
+    return energy_fit_rows([run], times, k_ref)
 
 
 def main(argv=None) -> int:
@@ -21,8 +33,8 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if not a.out.endswith(".csv"):
         p.error(f"--out: expected a .csv path, got {a.out!r}")
-    for path in write_csv_and_table(a.out, energy_fit_rows(a.runs, a.times, a.k_ref), ENERGY_FIT_COLUMNS,
-                                    render_energy_fit):
+    for path in csv_per_run(a.out, a.runs, lambda run, rows: _run_rows(run, a.times, a.k_ref, rows),
+                            ENERGY_FIT_COLUMNS, render_energy_fit):
         print(f"wrote {path}")
     return 0
 

@@ -657,6 +657,79 @@ def test_energy_fit_stats_against_a_linear_critic_and_the_reference_itself(tiny,
         diagnostics.energy_fit_stats(smoke_runs["bc"])
 
 
+def test_mixture_target_grad_against_finite_differences_and_the_particles():
+    """``mixture_target_grad`` differentiates the mixture target through its responsibilities, its component means
+    and Q's gradient there: against central differences of ``insupport_target``'s values (float64, a critic with
+    curvature), and at bandwidth 0 against the particle target's own gradient (derivation 4b: h = 0 is the particles)."""
+    from aepo_lite.core import guidance as G
+    from aepo_lite.core.aepo import insupport_target
+    from aepo_lite.core.schedule import VPSchedule
+    from aepo_lite.rl.diagnostics import mixture_target_grad
+    gen = torch.Generator().manual_seed(0)
+    B, K, d, beta = 6, 5, 3, 2.0
+    s = torch.randn(B, 4, generator=gen, dtype=torch.float64)
+    sup = (0.6 * torch.randn(B, K, d, generator=gen, dtype=torch.float64)).clamp(-0.9, 0.9)
+    a_t = 0.5 * torch.randn(B, d, generator=gen, dtype=torch.float64)
+    q_fn = lambda s_, a: torch.sin(2 * a).sum(-1) + 0.5 * (a**2).sum(-1) * s_[:, 0].tanh()  # noqa: E731
+    sched, t = VPSchedule(), torch.full((B,), 0.3, dtype=torch.float64)
+    alpha, sigma = sched.alpha_sigma(t)
+    for h in (0.05, 0.2):
+        g = mixture_target_grad(a_t, s, sup, q_fn, beta, alpha, sigma, h, clip=None)
+        y = lambda x: insupport_target(x, t, s, sup, posterior="mixture", schedule=sched, beta=beta,  # noqa: E731
+                                       q_fn=q_fn, bandwidth=h, clip=None)
+        fd = torch.stack([(y(a_t + 1e-5 * e) - y(a_t - 1e-5 * e)) / 2e-5
+                          for e in torch.eye(d, dtype=torch.float64)], dim=1)
+        torch.testing.assert_close(g, fd, rtol=1e-5, atol=1e-6)
+    x = a_t.clone().requires_grad_(True)
+    (g_p,) = torch.autograd.grad(G.particle_target(x, sup, q_fn(s.repeat_interleave(K, 0), sup.reshape(B * K, d))
+                                                   .reshape(B, K), beta, alpha, sigma).sum(), x)
+    torch.testing.assert_close(mixture_target_grad(a_t, s, sup, q_fn, beta, alpha, sigma, 0.0), g_p)
+
+
+def test_energy_fit_stats_measures_a_mixture_runs_own_target(tiny, smoke_runs, monkeypatch, tmp_path, capsys):
+    """For a run with the mixture posterior the energy-fit rows carry its own target's agreement: at bandwidth 0 the
+    particle target's (the same K actions), at h > 0 another; other runs carry none. ``scripts/energy_fit.py`` keeps
+    the rows its CSV holds and adds the others."""
+    import importlib.util
+    from pathlib import Path
+
+    from aepo_lite.rl import agent as A, diagnostics
+    real, h = A.load_run, {}
+    c = torch.tensor([1.0, -0.5, 0.25])
+
+    def fake(run_dir, **kw):
+        agent, cfg, data = real(run_dir, **kw)
+        agent.critic.q_fn = lambda s, a: torch.sin(3 * a * c[: a.shape[1]]).sum(-1)
+        if "h" in h:
+            cfg.energy.posterior, cfg.energy.bandwidth = "mixture", h["h"]
+        return agent, cfg, data
+
+    monkeypatch.setattr(A, "load_run", fake)
+    plain = diagnostics.energy_fit_stats(smoke_runs["mse"], times=(0.2,), n=64, k=4, k_ref=16)[0]
+    assert "mix_target_agree" not in plain
+    h["h"] = 0.0
+    at0 = diagnostics.energy_fit_stats(smoke_runs["mse"], times=(0.2,), n=64, k=4, k_ref=16)[0]
+    assert at0["mix_target_agree"] == at0["target_agree"]
+    assert at0["mix_target_rel_err"] == pytest.approx(at0["target_rel_err"], rel=1e-4)
+    h["h"] = 0.3
+    wide = diagnostics.energy_fit_stats(smoke_runs["mse"], times=(0.2,), n=64, k=4, k_ref=16)[0]
+    assert wide["target_rel_err"] == pytest.approx(at0["target_rel_err"])
+    assert abs(wide["mix_target_rel_err"] - at0["mix_target_rel_err"]) > 1e-3
+    table = diagnostics.energy_fit_table([{"dataset": "d", "method": "m", "seed": 0, **wide}])
+    lines = [ln.split(" | ")[1] for ln in table.splitlines()[2:]]
+    assert lines == ["K-particle target (K = 4, K_ref = 16)", "target of m", "m"]
+    spec = importlib.util.spec_from_file_location("energy_fit", Path(__file__).resolve().parents[1] / "scripts"
+                                                  / "energy_fit.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = tmp_path / "energy_fit.csv"
+    script.main(["--runs", str(smoke_runs["mse"]), "--times", "0.2", "--k-ref", "16", "--out", str(out)])
+    first = out.read_text()
+    assert len(first.splitlines()) == 2 and "target of" in (tmp_path / "energy_fit.md").read_text()
+    script.main(["--runs", str(smoke_runs["mse"]), "--times", "0.2", "--k-ref", "16", "--out", str(out)])
+    assert out.read_text() == first and "kept" in capsys.readouterr().out
+
+
 def test_seeds_trained_together_match_runs_trained_alone(tiny, smoke_runs):
     """``train_seeds``: the behaviour and IQL critic stages of seeds 0 and 1 are each trained as one stacked model
     into the stage cache, each seed's run reads its own from there, and their energy stages train as one stacked

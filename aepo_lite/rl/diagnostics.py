@@ -17,7 +17,9 @@ E_t exists: the reference is the particle target over ``k_ref`` behaviour action
 critic, E_t of pi ∝ mu exp(beta Q) for that behaviour model and critic up to a small Jensen bias (derivation 4b).
 At a_t = alpha_t a + sigma_t eps around a fresh behaviour action, it compares with that reference's gradient in
 a_t the gradient of the trained f_phi and of the particle target over the first ``k`` of the same actions (what a
-K-particle run regresses on): how often each points the reference's way (cosine > 0) and its relative error.
+K-particle run regresses on): how often each points the reference's way (cosine > 0) and its relative error. For
+a run whose target is the mixture posterior (derivation 4b) it also measures that target over the same ``k``
+actions with the run's bandwidth (:func:`mixture_target_grad`), which tells the target's error from the regression's.
 ``scripts/energy_fit.py`` measures it for a set of runs (rendered by :func:`render_energy_fit`).
 """
 from __future__ import annotations
@@ -30,7 +32,7 @@ import torch
 from aepo_lite.core.diffusion import energy_guidance
 
 __all__ = ["energy_gradient_norms", "gradient_rows", "gradient_table", "render", "guided_q_stats", "guided_q_rows",
-           "render_guided_q", "energy_fit_stats", "energy_fit_rows", "render_energy_fit", "write_csv_and_table",
+           "render_guided_q", "energy_fit_stats", "mixture_target_grad", "energy_fit_rows", "render_energy_fit", "write_csv_and_table",
            "POLICY_NOISE_COLUMNS", "render_policy_noise", "SUPPORT_ORACLE_COLUMNS", "render_support_oracle",
            "support_oracle_kind", "CRITIC_ERRORS_COLUMNS", "render_critic_errors", "csv_per_run", "raw_q_fn",
            "CRITIC_BUDGET_COLUMNS", "render_critic_budget", "CRITIC_SEEDS_COLUMNS", "member_counts",
@@ -232,12 +234,31 @@ def _agreement(g: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
     return agree, float((g - ref).norm(dim=-1).median() / ref.norm(dim=-1).median().clamp_min(1e-12))
 
 
+def mixture_target_grad(a_t: torch.Tensor, s: torch.Tensor, support: torch.Tensor, q_fn, beta: float, alpha, sigma,
+                        bandwidth: float, clip: float | None = 1.0) -> torch.Tensor:
+    """The gradient in a_t (B, d) of the mixture target over ``support`` (B, K, d) (docs/derivation.md 4b; the
+    energy stage's ``posterior = mixture`` target), through every place a_t enters it: the responsibilities, the
+    component means m~_k where Q is read, and Q's gradient there (so Q's second derivatives too)."""
+    from aepo_lite.core import guidance as G
+    B, K, d = support.shape
+    with torch.enable_grad():
+        x = a_t.detach().requires_grad_(True)
+        log_r, m_t, s2 = G.mixture_posterior(x, support, bandwidth, alpha, sigma)
+        m = (m_t if clip is None else m_t.clamp(-clip, clip)).reshape(B * K, d)
+        q = q_fn(s.repeat_interleave(K, 0), m)
+        (g,) = torch.autograd.grad(q.sum(), m, create_graph=True)
+        y = G.mixture_target_first(log_r, q.reshape(B, K), g.reshape(B, K, d), s2, beta)
+        return torch.autograd.grad(y.sum(), x)[0]
+
+
 def energy_fit_stats(run_dir, times=FIT_TIMES, n: int = 256, k: int | None = None, k_ref: int = 128,
                      seed: int = 0) -> list[dict]:
     """At ``n`` dataset states (drawn with ``seed``) and each t in ``times``: the gradients in a_t of the trained
     energy and of the ``k``-particle target (default: the run's ``support.k``) against the ``k_ref``-particle
     reference (module docstring). One dict per t: ``ref_grad`` (median |grad E_ref|), ``target_agree`` /
-    ``target_rel_err`` (the k-particle target) and ``energy_agree`` / ``energy_rel_err`` (f_phi), ``energy_grad``."""
+    ``target_rel_err`` (the k-particle target) and ``energy_agree`` / ``energy_rel_err`` (f_phi), ``energy_grad``;
+    for a run with the mixture posterior also ``mix_target_agree`` / ``mix_target_rel_err``, its own target over the
+    same k actions (:func:`mixture_target_grad`)."""
     from aepo_lite.core import guidance as G
     from aepo_lite.rl.agent import load_run
     agent, cfg, data = load_run(run_dir, device="cpu")
@@ -265,14 +286,19 @@ def energy_fit_stats(run_dir, times=FIT_TIMES, n: int = 256, k: int | None = Non
                       for sup, sq in ((ref, q), (ref[:, :k], q[:, :k])))
         g_f = guide(a_t.detach(), t, s)
         (ta, te), (ea, ee) = _agreement(g_k, g_ref), _agreement(g_f, g_ref)
-        out.append({"t": float(t0), "k": k, "k_ref": k_ref, "ref_grad": float(g_ref.norm(dim=-1).median()),
-                    "target_agree": ta, "target_rel_err": te, "energy_grad": float(g_f.norm(dim=-1).median()),
-                    "energy_agree": ea, "energy_rel_err": ee})
+        row = {"t": float(t0), "k": k, "k_ref": k_ref, "ref_grad": float(g_ref.norm(dim=-1).median()),
+               "target_agree": ta, "target_rel_err": te, "energy_grad": float(g_f.norm(dim=-1).median()),
+               "energy_agree": ea, "energy_rel_err": ee}
+        if cfg.energy.posterior == "mixture":
+            g_m = mixture_target_grad(a_t, s, ref[:, :k], agent.critic.q_fn, beta, alpha, sigma, cfg.energy.bandwidth,
+                                      cfg.energy.clip)
+            row["mix_target_agree"], row["mix_target_rel_err"] = _agreement(g_m, g_ref)
+        out.append(row)
     return out
 
 
 ENERGY_FIT_COLUMNS = ("dataset", "method", "seed", "t", "k", "k_ref", "ref_grad", "target_agree", "target_rel_err",
-                      "energy_grad", "energy_agree", "energy_rel_err")
+                      "energy_grad", "energy_agree", "energy_rel_err", "mix_target_agree", "mix_target_rel_err")
 ENERGY_FIT_HEADER = ("# How well each trained energy's gradient follows E_t (the error budget's regression part)\n\n"
                      "At 256 dataset states and a_t = alpha_t a + sigma_t eps around a behaviour action: the gradient "
                      "in a_t of the trained f_phi, and of the particle target over the first K of those behaviour "
@@ -280,7 +306,8 @@ ENERGY_FIT_HEADER = ("# How well each trained energy's gradient follows E_t (the
                      "scored by the run's own critic; docs/derivation.md 4b). `agree`: how often the gradient points "
                      "the reference's way (cosine > 0; 0.5 is chance in one dimension); `rel err`: median "
                      "|g - g_ref| / median |g_ref|; each cell `agree / rel err`, a mean over the seeds listed "
-                     "(measured by `scripts/energy_fit.py` into `energy_fit.csv`).\n\n")
+                     "(measured by `scripts/energy_fit.py` into `energy_fit.csv`). A line `target of RUN` is a mixture "
+                     "run's own target (docs/derivation.md 4b) over the same K actions with its bandwidth.\n\n")
 
 
 def energy_fit_rows(run_dirs, times=FIT_TIMES, k_ref: int = 128) -> list[dict]:
@@ -296,12 +323,17 @@ def energy_fit_table(rows) -> str:
     cells: dict = {}
     for r in rows:
         key = (r["dataset"], f"K-particle target (K = {r['k']}, K_ref = {r['k_ref']})")
-        for (ds, name), a, e in ((key, "target_agree", "target_rel_err"),
-                                 ((r["dataset"], r["method"]), "energy_agree", "energy_rel_err")):
+        parts = [(key, "target_agree", "target_rel_err"), ((r["dataset"], r["method"]), "energy_agree", "energy_rel_err")]
+        if r.get("mix_target_agree") not in (None, ""):  # a mixture run (older CSVs have no such column)
+            parts.insert(1, ((r["dataset"], f"target of {r['method']}"), "mix_target_agree", "mix_target_rel_err"))
+        for (ds, name), a, e in parts:
             cells.setdefault((ds, name), {}).setdefault(float(r["t"]), []).append((float(r[a]), float(r[e]), r["seed"]))
     lines = ["| dataset | gradient of | seeds | " + " | ".join(f"t = {t:g}" for t in times) + " |",
              "|---|---|---|" + "---|" * len(times)]
-    for (ds, name), by_t in sorted(cells.items(), key=lambda kv: (kv[0][0], not kv[0][1].startswith("K-"), kv[0][1])):
+    def order(kv):  # per dataset: the K-particle target, the mixture runs' own targets, then the energies
+        name = kv[0][1]
+        return kv[0][0], 0 if name.startswith("K-") else 1 if name.startswith("target of") else 2, name
+    for (ds, name), by_t in sorted(cells.items(), key=order):
         seeds = sorted({str(x[2]) for v in by_t.values() for x in v})
         cols = [f"{np.mean([x[0] for x in by_t[t]]):.2f} / {np.mean([x[1] for x in by_t[t]]):.2f}" if t in by_t
                 else "n/a" for t in times]
