@@ -674,7 +674,11 @@ def test_mixture_target_grad_against_finite_differences_and_the_particles():
     sched, t = VPSchedule(), torch.full((B,), 0.3, dtype=torch.float64)
     alpha, sigma = sched.alpha_sigma(t)
     for h in (0.05, 0.2):
-        g = mixture_target_grad(a_t, s, sup, q_fn, beta, alpha, sigma, h, clip=None)
+        g, lin, var = mixture_target_grad(a_t, s, sup, q_fn, beta, alpha, sigma, h, clip=None)
+        _, m_t, s2 = G.mixture_posterior(a_t, sup, h, alpha, sigma)  # the two terms at the component means
+        torch.testing.assert_close(lin, beta * q_fn(s.repeat_interleave(K, 0), m_t.reshape(B * K, d)).reshape(B, K))
+        slope = 2 * torch.cos(2 * m_t) + m_t * s.tanh()[:, None, :1]  # grad_a of q_fn, by hand
+        torch.testing.assert_close(var, 0.5 * beta**2 * s2[:, None] * (slope**2).sum(-1))
         y = lambda x: insupport_target(x, t, s, sup, posterior="mixture", schedule=sched, beta=beta,  # noqa: E731
                                        q_fn=q_fn, bandwidth=h, clip=None)
         fd = torch.stack([(y(a_t + 1e-5 * e) - y(a_t - 1e-5 * e)) / 2e-5
@@ -683,7 +687,9 @@ def test_mixture_target_grad_against_finite_differences_and_the_particles():
     x = a_t.clone().requires_grad_(True)
     (g_p,) = torch.autograd.grad(G.particle_target(x, sup, q_fn(s.repeat_interleave(K, 0), sup.reshape(B * K, d))
                                                    .reshape(B, K), beta, alpha, sigma).sum(), x)
-    torch.testing.assert_close(mixture_target_grad(a_t, s, sup, q_fn, beta, alpha, sigma, 0.0), g_p)
+    g0, _, var0 = mixture_target_grad(a_t, s, sup, q_fn, beta, alpha, sigma, 0.0)
+    torch.testing.assert_close(g0, g_p)
+    assert float(var0.abs().max()) == 0.0  # no kernel, no variance term
 
 
 def test_energy_fit_stats_measures_a_mixture_runs_own_target(tiny, smoke_runs, monkeypatch, tmp_path, capsys):
@@ -716,8 +722,10 @@ def test_energy_fit_stats_measures_a_mixture_runs_own_target(tiny, smoke_runs, m
     assert wide["target_rel_err"] == pytest.approx(at0["target_rel_err"])
     assert abs(wide["mix_target_rel_err"] - at0["mix_target_rel_err"]) > 1e-3
     table = diagnostics.energy_fit_table([{"dataset": "d", "method": "m", "seed": 0, **wide}])
-    lines = [ln.split(" | ")[1] for ln in table.splitlines()[2:]]
+    lines = [ln.split(" | ")[1] for ln in table.splitlines()[2:5]]
     assert lines == ["K-particle target (K = 4, K_ref = 16)", "target of m", "m"]
+    assert wide["mix_value_spread"] > 0 and wide["mix_variance_spread"] > 0 and at0["mix_variance_spread"] == 0.0
+    assert f"| d | m | 0 | {wide['mix_value_spread']:.2f} / {wide['mix_variance_spread']:.2f} |" in table
     spec = importlib.util.spec_from_file_location("energy_fit", Path(__file__).resolve().parents[1] / "scripts"
                                                   / "energy_fit.py")
     script = importlib.util.module_from_spec(spec)

@@ -235,10 +235,11 @@ def _agreement(g: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
 
 
 def mixture_target_grad(a_t: torch.Tensor, s: torch.Tensor, support: torch.Tensor, q_fn, beta: float, alpha, sigma,
-                        bandwidth: float, clip: float | None = 1.0) -> torch.Tensor:
+                        bandwidth: float, clip: float | None = 1.0):
     """The gradient in a_t (B, d) of the mixture target over ``support`` (B, K, d) (docs/derivation.md 4b; the
     energy stage's ``posterior = mixture`` target), through every place a_t enters it: the responsibilities, the
-    component means m~_k where Q is read, and Q's gradient there (so Q's second derivatives too)."""
+    component means m~_k where Q is read, and Q's gradient there (so Q's second derivatives too). Returns it with the
+    target's two terms per component, (B, K) each, detached: beta Q(m~_k) and (beta^2 / 2) s~^2 |grad Q(m~_k)|^2."""
     from aepo_lite.core import guidance as G
     B, K, d = support.shape
     with torch.enable_grad():
@@ -247,8 +248,10 @@ def mixture_target_grad(a_t: torch.Tensor, s: torch.Tensor, support: torch.Tenso
         m = (m_t if clip is None else m_t.clamp(-clip, clip)).reshape(B * K, d)
         q = q_fn(s.repeat_interleave(K, 0), m)
         (g,) = torch.autograd.grad(q.sum(), m, create_graph=True)
-        y = G.mixture_target_first(log_r, q.reshape(B, K), g.reshape(B, K, d), s2, beta)
-        return torch.autograd.grad(y.sum(), x)[0]
+        q, g = q.reshape(B, K), g.reshape(B, K, d)
+        y = G.mixture_target_first(log_r, q, g, s2, beta)
+        grad = torch.autograd.grad(y.sum(), x)[0]
+    return grad, (beta * q).detach(), (0.5 * beta**2 * s2[:, None] * (g**2).sum(-1)).detach()
 
 
 def energy_fit_stats(run_dir, times=FIT_TIMES, n: int = 256, k: int | None = None, k_ref: int = 128,
@@ -258,7 +261,8 @@ def energy_fit_stats(run_dir, times=FIT_TIMES, n: int = 256, k: int | None = Non
     reference (module docstring). One dict per t: ``ref_grad`` (median |grad E_ref|), ``target_agree`` /
     ``target_rel_err`` (the k-particle target) and ``energy_agree`` / ``energy_rel_err`` (f_phi), ``energy_grad``;
     for a run with the mixture posterior also ``mix_target_agree`` / ``mix_target_rel_err``, its own target over the
-    same k actions (:func:`mixture_target_grad`)."""
+    same k actions (:func:`mixture_target_grad`), and ``mix_value_spread`` / ``mix_variance_spread``, how much its
+    two terms vary over the k components of a state (max - min, the median over the states)."""
     from aepo_lite.core import guidance as G
     from aepo_lite.rl.agent import load_run
     agent, cfg, data = load_run(run_dir, device="cpu")
@@ -290,15 +294,18 @@ def energy_fit_stats(run_dir, times=FIT_TIMES, n: int = 256, k: int | None = Non
                "target_agree": ta, "target_rel_err": te, "energy_grad": float(g_f.norm(dim=-1).median()),
                "energy_agree": ea, "energy_rel_err": ee}
         if cfg.energy.posterior == "mixture":
-            g_m = mixture_target_grad(a_t, s, ref[:, :k], agent.critic.q_fn, beta, alpha, sigma, cfg.energy.bandwidth,
-                                      cfg.energy.clip)
+            g_m, lin, var = mixture_target_grad(a_t, s, ref[:, :k], agent.critic.q_fn, beta, alpha, sigma,
+                                                cfg.energy.bandwidth, cfg.energy.clip)
             row["mix_target_agree"], row["mix_target_rel_err"] = _agreement(g_m, g_ref)
+            spread = lambda v: float((v.max(1).values - v.min(1).values).median())  # noqa: E731  over the K, per state
+            row["mix_value_spread"], row["mix_variance_spread"] = spread(lin), spread(var)
         out.append(row)
     return out
 
 
 ENERGY_FIT_COLUMNS = ("dataset", "method", "seed", "t", "k", "k_ref", "ref_grad", "target_agree", "target_rel_err",
-                      "energy_grad", "energy_agree", "energy_rel_err", "mix_target_agree", "mix_target_rel_err")
+                      "energy_grad", "energy_agree", "energy_rel_err", "mix_target_agree", "mix_target_rel_err",
+                      "mix_value_spread", "mix_variance_spread")
 ENERGY_FIT_HEADER = ("# How well each trained energy's gradient follows E_t (the error budget's regression part)\n\n"
                      "At 256 dataset states and a_t = alpha_t a + sigma_t eps around a behaviour action: the gradient "
                      "in a_t of the trained f_phi, and of the particle target over the first K of those behaviour "
@@ -338,7 +345,32 @@ def energy_fit_table(rows) -> str:
         cols = [f"{np.mean([x[0] for x in by_t[t]]):.2f} / {np.mean([x[1] for x in by_t[t]]):.2f}" if t in by_t
                 else "n/a" for t in times]
         lines.append(f"| {ds} | {name} | {', '.join(seeds)} | " + " | ".join(cols) + " |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + _mixture_terms_table(rows, times)) + "\n"
+
+
+def _mixture_terms_table(rows, times) -> list[str]:
+    """Below the energy-fit table, for mixture runs: how much each of the target's two terms varies over a state's
+    K components (medians over states, means over seeds), ``beta Q / variance term`` per t."""
+    cells: dict = {}
+    for r in rows:
+        if r.get("mix_value_spread") not in (None, ""):
+            cells.setdefault((r["dataset"], r["method"]), {}).setdefault(float(r["t"]), []).append(
+                (float(r["mix_value_spread"]), float(r["mix_variance_spread"]), str(r["seed"])))
+    if not cells:
+        return []
+    lines = ["", "The mixture targets' two terms, log sum_k r_k exp(beta Q(m~_k) + (beta^2 / 2) s~^2 |grad Q(m~_k)|^2): "
+             "how much each varies over a state's K components (max - min, median over the states), `beta Q / "
+             "variance term`. Where the second varies more, the target weighs a state's components more by the critic's "
+             "slope across the kernel (over actions the kernel adds around each support action) than by its value "
+             "at them.", "",
+             "| dataset | run | seeds | " + " | ".join(f"t = {t:g}" for t in times) + " |",
+             "|---|---|---|" + "---|" * len(times)]
+    for (ds, name), by_t in sorted(cells.items()):
+        seeds = sorted({x[2] for v in by_t.values() for x in v})
+        cols = [f"{np.mean([x[0] for x in by_t[t]]):.2f} / {np.mean([x[1] for x in by_t[t]]):.2f}" if t in by_t
+                else "n/a" for t in times]
+        lines.append(f"| {ds} | {name} | {', '.join(seeds)} | " + " | ".join(cols) + " |")
+    return lines
 
 
 def render_energy_fit(csv_path, figures_dir) -> list[Path]:
