@@ -3,7 +3,11 @@
 re-renders the table from the CSV alone). Rows already in ``--out`` (a run's dataset, label and seed) are kept and
 not measured again; the others are added, the CSV rewritten as each run lands.
 
+With ``--mixture-bandwidths H [H ...]`` it measures instead the mixture target at each bandwidth against the same
+reference, with each run's critic and no training (the approximation part; ``mixture_bandwidth_stats``):
+
     python scripts/energy_fit.py --runs RUN [RUN ...] --k-ref 128 --out figures/rl_6c_ln/energy_fit.csv
+    python scripts/energy_fit.py --runs RUN [RUN ...] --mixture-bandwidths 0 0.01 0.05 --out figures/rl_6c_big/mixture_bandwidth.csv
 """
 from __future__ import annotations
 
@@ -11,17 +15,18 @@ import argparse
 from pathlib import Path
 
 from aepo_lite._io import read_json
-from aepo_lite.rl.diagnostics import ENERGY_FIT_COLUMNS, FIT_TIMES, csv_per_run, energy_fit_rows, render_energy_fit
+from aepo_lite.rl.diagnostics import ENERGY_FIT_COLUMNS, FIT_TIMES, MIXTURE_BANDWIDTH_COLUMNS, csv_per_run, \
+    energy_fit_rows, mixture_bandwidth_stats, render_energy_fit, render_mixture_bandwidth
 
 
-def _run_rows(run: str, times, k_ref: int, rows: list[dict]) -> list[dict]:
-    """The run's rows, unless ``rows`` (the CSV so far) holds its dataset, label and seed already."""
+def _run_rows(run: str, measure, rows: list[dict]) -> list[dict]:
+    """``measure(run)``'s rows with the run's dataset, label and seed, unless ``rows`` (the CSV so far) holds them."""
     res = read_json(Path(run) / "results.json")
     if any((r["dataset"], r["method"], str(r["seed"])) == (res["dataset"], res["label"], str(res["seed"]))
            for r in rows):
         print(f"kept {run}: its rows are in the CSV")
         return []
-    return energy_fit_rows([run], times, k_ref)
+    return measure(run)
 
 
 def main(argv=None) -> int:
@@ -29,12 +34,22 @@ def main(argv=None) -> int:
     p.add_argument("--runs", nargs="+", required=True, help="run directories with an energy network and a critic")
     p.add_argument("--times", nargs="+", type=float, default=list(FIT_TIMES), help="diffusion times t")
     p.add_argument("--k-ref", type=int, default=128, help="behaviour actions per state in the reference E_t")
+    p.add_argument("--mixture-bandwidths", nargs="+", type=float, default=None,
+                   help="measure the mixture target at these bandwidths h >= 0 instead (runs need only a critic)")
     p.add_argument("--out", required=True, help="the CSV to write (its .md table is written beside it)")
     a = p.parse_args(argv)
     if not a.out.endswith(".csv"):
         p.error(f"--out: expected a .csv path, got {a.out!r}")
-    for path in csv_per_run(a.out, a.runs, lambda run, rows: _run_rows(run, a.times, a.k_ref, rows),
-                            ENERGY_FIT_COLUMNS, render_energy_fit):
+    if a.mixture_bandwidths is None:
+        measure, columns, render = (lambda run: energy_fit_rows([run], a.times, a.k_ref)), ENERGY_FIT_COLUMNS, \
+            render_energy_fit
+    else:
+        def measure(run):
+            res = read_json(Path(run) / "results.json")
+            return [{"dataset": res["dataset"], "method": res["label"], "seed": res["seed"], **r}
+                    for r in mixture_bandwidth_stats(run, a.mixture_bandwidths, a.times, k_ref=a.k_ref)]
+        columns, render = MIXTURE_BANDWIDTH_COLUMNS, render_mixture_bandwidth
+    for path in csv_per_run(a.out, a.runs, lambda run, rows: _run_rows(run, measure, rows), columns, render):
         print(f"wrote {path}")
     return 0
 

@@ -736,6 +736,22 @@ def test_energy_fit_stats_measures_a_mixture_runs_own_target(tiny, smoke_runs, m
     assert len(first.splitlines()) == 2 and "target of" in (tmp_path / "energy_fit.md").read_text()
     script.main(["--runs", str(smoke_runs["mse"]), "--times", "0.2", "--k-ref", "16", "--out", str(out)])
     assert out.read_text() == first and "kept" in capsys.readouterr().out
+    # the bandwidth sweep (no energy needed): the same states and a_t, so h = 0 is the k-particle row above, and
+    # the run's own bandwidth its own target's row
+    sweep = diagnostics.mixture_bandwidth_stats(smoke_runs["mse"], (0.0, 0.3), times=(0.2,), n=64, k=4, k_ref=16)
+    assert [r["bandwidth"] for r in sweep] == [0.0, 0.3]
+    assert (sweep[0]["agree"], sweep[1]["agree"]) == (wide["target_agree"], wide["mix_target_agree"])
+    assert sweep[0]["rel_err"] == pytest.approx(wide["target_rel_err"], rel=1e-4)
+    assert sweep[1]["rel_err"] == pytest.approx(wide["mix_target_rel_err"], rel=1e-5)
+    assert sweep[1]["variance_spread"] == pytest.approx(wide["mix_variance_spread"], rel=1e-5)
+    for bad, match in (((-0.1,), "bandwidths: expected a value >= 0"), ((), "bandwidths: expected at least one")):
+        with pytest.raises(ValueError, match=match):
+            diagnostics.mixture_bandwidth_stats(smoke_runs["mse"], bad, times=(0.2,), n=8, k=2, k_ref=4)
+    out = tmp_path / "mixture_bandwidth.csv"
+    script.main(["--runs", str(smoke_runs["mse"]), "--times", "0.2", "--k-ref", "16", "--mixture-bandwidths", "0",
+                 "0.3", "--out", str(out)])
+    md = (tmp_path / "mixture_bandwidth.md").read_text()
+    assert len(out.read_text().splitlines()) == 3 and "| 0 | 1 |" in md and "| 0.3 | 1 |" in md
 
 
 def test_seeds_trained_together_match_runs_trained_alone(tiny, smoke_runs):

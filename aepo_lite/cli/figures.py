@@ -22,6 +22,7 @@ guidance size by t  rl_6c/energy_gradients.csv   ``aepo_lite.rl.diagnostics.rend
 guidance by Q       rl_6c_ln/guided_q.csv (opt.) ``aepo_lite.rl.diagnostics.render_guided_q``
 energy fit, RL      rl_6c_ln/energy_fit.csv (o.) ``aepo_lite.rl.diagnostics.render_energy_fit``
 energy fit, larger  rl_6c_big/energy_fit.csv (o.) the same
+mixture h, RL       rl_6c_big/mixture_bandwidth.csv ``aepo_lite.rl.diagnostics.render_mixture_bandwidth`` (o.)
 policy with noise   rl_6c_ln/policy_noise.csv    ``aepo_lite.rl.diagnostics.render_policy_noise`` (opt.)
 support oracle      rl_6c_ln/support_oracle.csv  ``aepo_lite.rl.diagnostics.render_support_oracle`` (opt.)
 action spread       rl_6c_big/support_spread.csv ``aepo_lite.rl.diagnostics.render_support_spread`` (opt.)
@@ -150,6 +151,10 @@ PARTS = (
     Part("offline RL, how well the larger energies follow E_t", "aepo_lite.rl.diagnostics", "rl_6c_big/energy_fit.csv",
          "python scripts/energy_fit.py --runs RUN ... --out figures/rl_6c_big/energy_fit.csv (docs/results.md)",
          lambda mod, results, figures_dir: mod.render_energy_fit(results, figures_dir), optional=True),
+    Part("offline RL, the mixture target's bandwidth", "aepo_lite.rl.diagnostics", "rl_6c_big/mixture_bandwidth.csv",
+         "python scripts/energy_fit.py --runs RUN ... --mixture-bandwidths H ... --out "
+         "figures/rl_6c_big/mixture_bandwidth.csv (docs/results.md)",
+         lambda mod, results, figures_dir: mod.render_mixture_bandwidth(results, figures_dir), optional=True),
     Part("offline RL, a dataset's own policy with action noise", "aepo_lite.rl.diagnostics",
          "rl_6c_ln/policy_noise.csv",
          "python scripts/policy_noise.py --datasets DATASET --out figures/rl_6c_ln/policy_noise.csv (docs/results.md)",

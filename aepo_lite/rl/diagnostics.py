@@ -29,10 +29,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from aepo_lite._checks import check_scalar
 from aepo_lite.core.diffusion import energy_guidance
 
 __all__ = ["energy_gradient_norms", "gradient_rows", "gradient_table", "render", "guided_q_stats", "guided_q_rows",
-           "render_guided_q", "energy_fit_stats", "mixture_target_grad", "energy_fit_rows", "render_energy_fit", "write_csv_and_table",
+           "render_guided_q", "energy_fit_stats", "mixture_target_grad", "mixture_bandwidth_stats",
+           "MIXTURE_BANDWIDTH_COLUMNS", "render_mixture_bandwidth", "energy_fit_rows", "render_energy_fit", "write_csv_and_table",
            "POLICY_NOISE_COLUMNS", "render_policy_noise", "SUPPORT_ORACLE_COLUMNS", "render_support_oracle",
            "support_oracle_kind", "CRITIC_ERRORS_COLUMNS", "render_critic_errors", "csv_per_run", "raw_q_fn",
            "CRITIC_BUDGET_COLUMNS", "render_critic_budget", "CRITIC_SEEDS_COLUMNS", "member_counts",
@@ -254,6 +256,48 @@ def mixture_target_grad(a_t: torch.Tensor, s: torch.Tensor, support: torch.Tenso
     return grad, (beta * q).detach(), (0.5 * beta**2 * s2[:, None] * (g**2).sum(-1)).detach()
 
 
+def _fit_setup(run_dir, n: int, k: int | None, k_ref: int, seed: int, need_energy: bool = True) -> dict:
+    """What :func:`energy_fit_stats` and :func:`mixture_bandwidth_stats` share: the run, ``n`` dataset states, ``k_ref``
+    behaviour actions a state scored by the run's critic (the reference's particles) and one more a state for a_t."""
+    from aepo_lite.rl.agent import load_run
+    agent, cfg, data = load_run(run_dir, device="cpu")
+    k = cfg.support.k if k is None else k
+    for name, v in (("k", k), ("k_ref", k_ref), ("n", n)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"{name}: expected a positive integer, got {v!r}")
+    if k > k_ref:
+        raise ValueError(f"k: {k} is more than k_ref ({k_ref}); the k-particle target uses the first k of the reference's")
+    if agent.critic is None or (need_energy and agent.energy is None):
+        raise ValueError(f"run: {run_dir} ({cfg.method}) needs {'an energy network and ' if need_energy else ''}a critic")
+    obs = data.tensors(agent.device)["obs"]
+    s = obs[torch.as_tensor(np.random.default_rng(seed).choice(obs.shape[0], min(n, obs.shape[0]), replace=False))]
+    B, g = s.shape[0], torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        ref = agent.act_unit(s.repeat_interleave(k_ref + 1, 0), 0.0, generator=g).reshape(B, k_ref + 1, -1)
+        a0, ref = ref[:, 0], ref[:, 1:]  # a0: where a_t is drawn around, apart from the reference's actions
+        q = agent.critic.q_fn(s.repeat_interleave(k_ref, 0), ref.reshape(B * k_ref, -1)).reshape(B, k_ref)
+    return {"agent": agent, "cfg": cfg, "s": s, "a0": a0, "ref": ref, "q": q, "k": k, "k_ref": k_ref, "gen": g,
+            "beta": cfg.energy.beta}
+
+
+def _fit_at(f: dict, t0: float):
+    """At time t0: (t, alpha, sigma, a_t, grad of the reference, grad of the k-particle target)."""
+    from aepo_lite.core import guidance as G
+    B, k, beta = f["s"].shape[0], f["k"], f["beta"]
+    t = torch.full((B,), float(t0))
+    alpha, sigma = f["agent"].behaviour.schedule.alpha_sigma(t)
+    a_t = (alpha[:, None] * f["a0"] + sigma[:, None] * torch.randn(f["a0"].shape, generator=f["gen"]))
+    a_t.requires_grad_(True)
+    g_ref, g_k = (torch.autograd.grad(G.particle_target(a_t, sup, sq, beta, alpha, sigma).sum(), a_t)[0]
+                  for sup, sq in ((f["ref"], f["q"]), (f["ref"][:, :k], f["q"][:, :k])))
+    return t, alpha, sigma, a_t.detach(), g_ref, g_k
+
+
+def _spread(v: torch.Tensor) -> float:
+    """max - min over a state's K components (B, K), the median over the states."""
+    return float((v.max(1).values - v.min(1).values).median())
+
+
 def energy_fit_stats(run_dir, times=FIT_TIMES, n: int = 256, k: int | None = None, k_ref: int = 128,
                      seed: int = 0) -> list[dict]:
     """At ``n`` dataset states (drawn with ``seed``) and each t in ``times``: the gradients in a_t of the trained
@@ -263,43 +307,45 @@ def energy_fit_stats(run_dir, times=FIT_TIMES, n: int = 256, k: int | None = Non
     for a run with the mixture posterior also ``mix_target_agree`` / ``mix_target_rel_err``, its own target over the
     same k actions (:func:`mixture_target_grad`), and ``mix_value_spread`` / ``mix_variance_spread``, how much its
     two terms vary over the k components of a state (max - min, the median over the states)."""
-    from aepo_lite.core import guidance as G
-    from aepo_lite.rl.agent import load_run
-    agent, cfg, data = load_run(run_dir, device="cpu")
-    k = cfg.support.k if k is None else k
-    for name, v in (("k", k), ("k_ref", k_ref), ("n", n)):
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            raise ValueError(f"{name}: expected a positive integer, got {v!r}")
-    if k > k_ref:
-        raise ValueError(f"k: {k} is more than k_ref ({k_ref}); the k-particle target uses the first k of the reference's")
-    if agent.energy is None or agent.critic is None:
-        raise ValueError(f"run: {run_dir} ({cfg.method}) needs an energy network and a critic")
-    obs = data.tensors(agent.device)["obs"]
-    s = obs[torch.as_tensor(np.random.default_rng(seed).choice(obs.shape[0], min(n, obs.shape[0]), replace=False))]
-    B, beta, g = s.shape[0], cfg.energy.beta, torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        ref = agent.act_unit(s.repeat_interleave(k_ref + 1, 0), 0.0, generator=g).reshape(B, k_ref + 1, -1)
-        a0, ref = ref[:, 0], ref[:, 1:]  # a0: where a_t is drawn around, apart from the reference's actions
-        q = agent.critic.q_fn(s.repeat_interleave(k_ref, 0), ref.reshape(B * k_ref, -1)).reshape(B, k_ref)
+    f = _fit_setup(run_dir, n, k, k_ref, seed)
+    agent, cfg, k = f["agent"], f["cfg"], f["k"]
     guide, out = energy_guidance(agent.energy), []
     for t0 in times:
-        t = torch.full((B,), float(t0))
-        alpha, sigma = agent.behaviour.schedule.alpha_sigma(t)
-        a_t = (alpha[:, None] * a0 + sigma[:, None] * torch.randn(a0.shape, generator=g)).requires_grad_(True)
-        g_ref, g_k = (torch.autograd.grad(G.particle_target(a_t, sup, sq, beta, alpha, sigma).sum(), a_t)[0]
-                      for sup, sq in ((ref, q), (ref[:, :k], q[:, :k])))
-        g_f = guide(a_t.detach(), t, s)
+        t, alpha, sigma, a_t, g_ref, g_k = _fit_at(f, t0)
+        g_f = guide(a_t, t, f["s"])
         (ta, te), (ea, ee) = _agreement(g_k, g_ref), _agreement(g_f, g_ref)
         row = {"t": float(t0), "k": k, "k_ref": k_ref, "ref_grad": float(g_ref.norm(dim=-1).median()),
                "target_agree": ta, "target_rel_err": te, "energy_grad": float(g_f.norm(dim=-1).median()),
                "energy_agree": ea, "energy_rel_err": ee}
         if cfg.energy.posterior == "mixture":
-            g_m, lin, var = mixture_target_grad(a_t, s, ref[:, :k], agent.critic.q_fn, beta, alpha, sigma,
-                                                cfg.energy.bandwidth, cfg.energy.clip)
+            g_m, lin, var = mixture_target_grad(a_t, f["s"], f["ref"][:, :k], agent.critic.q_fn, f["beta"], alpha,
+                                                sigma, cfg.energy.bandwidth, cfg.energy.clip)
             row["mix_target_agree"], row["mix_target_rel_err"] = _agreement(g_m, g_ref)
-            spread = lambda v: float((v.max(1).values - v.min(1).values).median())  # noqa: E731  over the K, per state
-            row["mix_value_spread"], row["mix_variance_spread"] = spread(lin), spread(var)
+            row["mix_value_spread"], row["mix_variance_spread"] = _spread(lin), _spread(var)
         out.append(row)
+    return out
+
+
+def mixture_bandwidth_stats(run_dir, bandwidths, times=FIT_TIMES, n: int = 256, k: int | None = None,
+                            k_ref: int = 128, seed: int = 0) -> list[dict]:
+    """The approximation part of the error budget for the mixture target in RL, at each bandwidth h of
+    ``bandwidths``: at the states and a_t of :func:`energy_fit_stats`, the mixture target over the first ``k``
+    behaviour actions with the run's critic (no training: any run with a critic) against the ``k_ref``-particle
+    reference. One dict per t and h: ``agree`` / ``rel_err`` and ``value_spread`` / ``variance_spread`` (the
+    target's two terms' spread over a state's components). h = 0 is the k-particle target."""
+    hs = [check_scalar("bandwidths", h, low=0.0) for h in bandwidths]
+    if not hs:
+        raise ValueError("bandwidths: expected at least one bandwidth h >= 0")
+    f = _fit_setup(run_dir, n, k, k_ref, seed, need_energy=False)
+    out = []
+    for t0 in times:
+        _, alpha, sigma, a_t, g_ref, _ = _fit_at(f, t0)
+        for h in hs:
+            g_m, lin, var = mixture_target_grad(a_t, f["s"], f["ref"][:, :f["k"]], f["agent"].critic.q_fn, f["beta"],
+                                                alpha, sigma, h, f["cfg"].energy.clip)
+            agree, rel = _agreement(g_m, g_ref)
+            out.append({"t": float(t0), "k": f["k"], "k_ref": k_ref, "bandwidth": h, "agree": agree, "rel_err": rel,
+                        "value_spread": _spread(lin), "variance_spread": _spread(var)})
     return out
 
 
@@ -371,6 +417,42 @@ def _mixture_terms_table(rows, times) -> list[str]:
                 else "n/a" for t in times]
         lines.append(f"| {ds} | {name} | {', '.join(seeds)} | " + " | ".join(cols) + " |")
     return lines
+
+
+MIXTURE_BANDWIDTH_COLUMNS = ("dataset", "method", "seed", "t", "k", "k_ref", "bandwidth", "agree", "rel_err",
+                             "value_spread", "variance_spread")
+MIXTURE_BANDWIDTH_HEADER = (
+    "# The mixture target's bandwidth in offline RL (the error budget's approximation part)\n\nAt the energy-fit "
+    "table's states and a_t (256 dataset states, a_t around a behaviour action), the gradient in a_t of the mixture "
+    "target (docs/derivation.md 4b; K behaviour actions a state, kernels N(a^(k), h^2 I), the run's own critic, "
+    "no training) against the reference E_t (the particle target over K_ref = 128 behaviour actions). h = 0 is the "
+    "K-particle target. Each cell: `agree / rel err` as in `energy_fit.md`, then in brackets how much the target's "
+    "two terms vary over a state's components (max - min, median over the states), `beta Q / variance term`; a "
+    "mean over the runs listed (measured by `scripts/energy_fit.py --mixture-bandwidths` into "
+    "`mixture_bandwidth.csv`).\n\n")
+
+
+def mixture_bandwidth_table(rows) -> str:
+    """A Markdown table from :func:`mixture_bandwidth_stats`'s rows (or the CSV's): a line per dataset and h."""
+    times = sorted({float(r["t"]) for r in rows})
+    cells: dict = {}
+    for r in rows:
+        cells.setdefault((r["dataset"], float(r["bandwidth"]), int(r["k"])), {}).setdefault(float(r["t"]), []).append(r)
+    lines = ["| dataset | K | h | runs | " + " | ".join(f"t = {t:g}" for t in times) + " |",
+             "|---|---|---|---|" + "---|" * len(times)]
+    for (ds, h, k), by_t in sorted(cells.items()):
+        runs = sorted({f"{r['method']} s{r['seed']}" for v in by_t.values() for r in v})
+        mean = lambda v, c: np.mean([float(r[c]) for r in v])  # noqa: E731
+        cols = [f"{mean(v, 'agree'):.2f} / {mean(v, 'rel_err'):.2f} ({mean(v, 'value_spread'):.1f} / "
+                f"{mean(v, 'variance_spread'):.1f})" if (v := by_t.get(t)) else "n/a" for t in times]
+        lines.append(f"| {ds} | {k} | {h:g} | {len(runs)} | " + " | ".join(cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def render_mixture_bandwidth(csv_path, figures_dir) -> list[Path]:
+    """``mixture_bandwidth.md`` beside the CSV, from the CSV alone (``aepo-lite figures``)."""
+    return _render_table(csv_path, MIXTURE_BANDWIDTH_HEADER, mixture_bandwidth_table,
+                         "scripts/energy_fit.py --mixture-bandwidths")
 
 
 def render_energy_fit(csv_path, figures_dir) -> list[Path]:
