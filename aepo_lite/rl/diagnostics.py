@@ -34,7 +34,8 @@ from aepo_lite.core.diffusion import energy_guidance
 
 __all__ = ["energy_gradient_norms", "gradient_rows", "gradient_table", "render", "guided_q_stats", "guided_q_rows",
            "render_guided_q", "energy_fit_stats", "mixture_target_grad", "mixture_bandwidth_stats",
-           "MIXTURE_BANDWIDTH_COLUMNS", "render_mixture_bandwidth", "energy_fit_rows", "render_energy_fit", "write_csv_and_table",
+           "MIXTURE_BANDWIDTH_COLUMNS", "render_mixture_bandwidth", "energy_fit_rows", "render_energy_fit",
+           "write_csv_and_table",
            "POLICY_NOISE_COLUMNS", "render_policy_noise", "SUPPORT_ORACLE_COLUMNS", "render_support_oracle",
            "support_oracle_kind", "CRITIC_ERRORS_COLUMNS", "render_critic_errors", "csv_per_run", "raw_q_fn",
            "CRITIC_BUDGET_COLUMNS", "render_critic_budget", "CRITIC_SEEDS_COLUMNS", "member_counts",
@@ -268,7 +269,8 @@ def _fit_setup(run_dir, n: int, k: int | None, k_ref: int, seed: int, need_energ
     if k > k_ref:
         raise ValueError(f"k: {k} is more than k_ref ({k_ref}); the k-particle target uses the first k of the reference's")
     if agent.critic is None or (need_energy and agent.energy is None):
-        raise ValueError(f"run: {run_dir} ({cfg.method}) needs {'an energy network and ' if need_energy else ''}a critic")
+        needs = "an energy network and a critic" if need_energy else "a critic"
+        raise ValueError(f"run: {run_dir} ({cfg.method}) needs {needs}")
     obs = data.tensors(agent.device)["obs"]
     s = obs[torch.as_tensor(np.random.default_rng(seed).choice(obs.shape[0], min(n, obs.shape[0]), replace=False))]
     B, g = s.shape[0], torch.Generator().manual_seed(seed)
@@ -376,22 +378,30 @@ def energy_fit_table(rows) -> str:
     cells: dict = {}
     for r in rows:
         key = (r["dataset"], f"K-particle target (K = {r['k']}, K_ref = {r['k_ref']})")
-        parts = [(key, "target_agree", "target_rel_err"), ((r["dataset"], r["method"]), "energy_agree", "energy_rel_err")]
+        parts = [(key, "target_agree", "target_rel_err"),
+                 ((r["dataset"], r["method"]), "energy_agree", "energy_rel_err")]
         if r.get("mix_target_agree") not in (None, ""):  # a mixture run (older CSVs have no such column)
             parts.insert(1, ((r["dataset"], f"target of {r['method']}"), "mix_target_agree", "mix_target_rel_err"))
         for (ds, name), a, e in parts:
             cells.setdefault((ds, name), {}).setdefault(float(r["t"]), []).append((float(r[a]), float(r[e]), r["seed"]))
-    lines = ["| dataset | gradient of | seeds | " + " | ".join(f"t = {t:g}" for t in times) + " |",
-             "|---|---|---|" + "---|" * len(times)]
     def order(kv):  # per dataset: the K-particle target, the mixture runs' own targets, then the energies
         name = kv[0][1]
         return kv[0][0], 0 if name.startswith("K-") else 1 if name.startswith("target of") else 2, name
-    for (ds, name), by_t in sorted(cells.items(), key=order):
+    lines = _pair_table(cells, times, "gradient of", order)
+    return "\n".join(lines + _mixture_terms_table(rows, times)) + "\n"
+
+
+def _pair_table(cells: dict, times, what: str, key=None) -> list[str]:
+    """Table lines from ``cells`` {(dataset, name): {t: [(a, b, seed), ...]}}: one line per (dataset, name) in the
+    order of ``key``, its seeds, and per t the cell ``a / b``, each a mean over the seeds."""
+    lines = [f"| dataset | {what} | seeds | " + " | ".join(f"t = {t:g}" for t in times) + " |",
+             "|---|---|---|" + "---|" * len(times)]
+    for (ds, name), by_t in sorted(cells.items(), key=key):
         seeds = sorted({str(x[2]) for v in by_t.values() for x in v})
         cols = [f"{np.mean([x[0] for x in by_t[t]]):.2f} / {np.mean([x[1] for x in by_t[t]]):.2f}" if t in by_t
                 else "n/a" for t in times]
         lines.append(f"| {ds} | {name} | {', '.join(seeds)} | " + " | ".join(cols) + " |")
-    return "\n".join(lines + _mixture_terms_table(rows, times)) + "\n"
+    return lines
 
 
 def _mixture_terms_table(rows, times) -> list[str]:
@@ -404,19 +414,11 @@ def _mixture_terms_table(rows, times) -> list[str]:
                 (float(r["mix_value_spread"]), float(r["mix_variance_spread"]), str(r["seed"])))
     if not cells:
         return []
-    lines = ["", "The mixture targets' two terms, log sum_k r_k exp(beta Q(m~_k) + (beta^2 / 2) s~^2 |grad Q(m~_k)|^2): "
-             "how much each varies over a state's K components (max - min, median over the states), `beta Q / "
-             "variance term`. Where the second varies more, the target weighs a state's components more by the critic's "
-             "slope across the kernel (over actions the kernel adds around each support action) than by its value "
-             "at them.", "",
-             "| dataset | run | seeds | " + " | ".join(f"t = {t:g}" for t in times) + " |",
-             "|---|---|---|" + "---|" * len(times)]
-    for (ds, name), by_t in sorted(cells.items()):
-        seeds = sorted({x[2] for v in by_t.values() for x in v})
-        cols = [f"{np.mean([x[0] for x in by_t[t]]):.2f} / {np.mean([x[1] for x in by_t[t]]):.2f}" if t in by_t
-                else "n/a" for t in times]
-        lines.append(f"| {ds} | {name} | {', '.join(seeds)} | " + " | ".join(cols) + " |")
-    return lines
+    return ["", "The mixture targets' two terms, log sum_k r_k exp(beta Q(m~_k) + (beta^2 / 2) s~^2 "
+            "|grad Q(m~_k)|^2): how much each varies over a state's K components (max - min, median over the states), "
+            "`beta Q / variance term`. Where the second varies more, the target weighs a state's components more by "
+            "the critic's slope across the kernel (over actions the kernel adds around each support action) than by "
+            "its value at them.", "", *_pair_table(cells, times, "run")]
 
 
 MIXTURE_BANDWIDTH_COLUMNS = ("dataset", "method", "seed", "t", "k", "k_ref", "bandwidth", "agree", "rel_err",
@@ -437,7 +439,8 @@ def mixture_bandwidth_table(rows) -> str:
     times = sorted({float(r["t"]) for r in rows})
     cells: dict = {}
     for r in rows:
-        cells.setdefault((r["dataset"], float(r["bandwidth"]), int(r["k"])), {}).setdefault(float(r["t"]), []).append(r)
+        key = (r["dataset"], float(r["bandwidth"]), int(r["k"]))
+        cells.setdefault(key, {}).setdefault(float(r["t"]), []).append(r)
     lines = ["| dataset | K | h | runs | " + " | ".join(f"t = {t:g}" for t in times) + " |",
              "|---|---|---|---|" + "---|" * len(times)]
     for (ds, h, k), by_t in sorted(cells.items()):
