@@ -4,7 +4,7 @@ re-renders the table from the CSV alone). Rows already in ``--out`` (a run's dat
 not measured again; the others are added, the CSV rewritten as each run lands.
 
 With ``--mixture-bandwidths H [H ...]`` it measures instead the mixture target at each bandwidth against the same
-reference, with each run's critic and no training (the approximation part; ``mixture_bandwidth_stats``):
+reference, with each run's critic and no training (the approximation part; ``mixture_bandwidth_rows``):
 
     python scripts/energy_fit.py --runs RUN [RUN ...] --k-ref 128 --out figures/rl_6c_ln/energy_fit.csv
     python scripts/energy_fit.py --runs RUN [RUN ...] --mixture-bandwidths 0 0.01 0.05 --out figures/rl_6c_big/mixture_bandwidth.csv
@@ -16,7 +16,7 @@ from pathlib import Path
 
 from aepo_lite._io import read_json
 from aepo_lite.rl.diagnostics import ENERGY_FIT_COLUMNS, FIT_TIMES, MIXTURE_BANDWIDTH_COLUMNS, csv_per_run, \
-    energy_fit_rows, mixture_bandwidth_stats, render_energy_fit, render_mixture_bandwidth
+    energy_fit_rows, mixture_bandwidth_rows, render_energy_fit, render_mixture_bandwidth
 
 
 def _run_rows(run: str, measure, rows: list[dict]) -> list[dict]:
@@ -41,15 +41,13 @@ def main(argv=None) -> int:
     if not a.out.endswith(".csv"):
         p.error(f"--out: expected a .csv path, got {a.out!r}")
     if a.mixture_bandwidths is None:
-        measure, columns, render = (lambda run: energy_fit_rows([run], a.times, a.k_ref)), ENERGY_FIT_COLUMNS, \
-            render_energy_fit
+        measure, columns, render = energy_fit_rows, ENERGY_FIT_COLUMNS, render_energy_fit
+        kw = {"times": a.times, "k_ref": a.k_ref}
     else:
-        def measure(run):
-            res = read_json(Path(run) / "results.json")
-            return [{"dataset": res["dataset"], "method": res["label"], "seed": res["seed"], **r}
-                    for r in mixture_bandwidth_stats(run, a.mixture_bandwidths, a.times, k_ref=a.k_ref)]
-        columns, render = MIXTURE_BANDWIDTH_COLUMNS, render_mixture_bandwidth
-    for path in csv_per_run(a.out, a.runs, lambda run, rows: _run_rows(run, measure, rows), columns, render):
+        measure, columns, render = mixture_bandwidth_rows, MIXTURE_BANDWIDTH_COLUMNS, render_mixture_bandwidth
+        kw = {"bandwidths": a.mixture_bandwidths, "times": a.times, "k_ref": a.k_ref}
+    for path in csv_per_run(a.out, a.runs, lambda run, rows: _run_rows(run, lambda r: measure([r], **kw), rows),
+                            columns, render):
         print(f"wrote {path}")
     return 0
 

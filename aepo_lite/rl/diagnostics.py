@@ -33,7 +33,7 @@ from aepo_lite._checks import check_scalar
 from aepo_lite.core.diffusion import energy_guidance
 
 __all__ = ["energy_gradient_norms", "gradient_rows", "gradient_table", "render", "guided_q_stats", "guided_q_rows",
-           "render_guided_q", "energy_fit_stats", "mixture_target_grad", "mixture_bandwidth_stats",
+           "render_guided_q", "energy_fit_stats", "mixture_target_grad", "mixture_bandwidth_stats", "mixture_bandwidth_rows",
            "MIXTURE_BANDWIDTH_COLUMNS", "render_mixture_bandwidth", "energy_fit_rows", "render_energy_fit",
            "write_csv_and_table",
            "POLICY_NOISE_COLUMNS", "render_policy_noise", "SUPPORT_ORACLE_COLUMNS", "render_support_oracle",
@@ -368,6 +368,11 @@ ENERGY_FIT_HEADER = ("# How well each trained energy's gradient follows E_t (the
 def energy_fit_rows(run_dirs, times=FIT_TIMES, k_ref: int = 128) -> list[dict]:
     """One CSV row per run and t (:func:`energy_fit_stats`), with the run's dataset, label and seed."""
     return _rows_per_run(run_dirs, lambda d: energy_fit_stats(d, times, k_ref=k_ref))
+
+
+def mixture_bandwidth_rows(run_dirs, bandwidths, times=FIT_TIMES, k_ref: int = 128) -> list[dict]:
+    """One CSV row per run, t and h (:func:`mixture_bandwidth_stats`), with the run's dataset, label and seed."""
+    return _rows_per_run(run_dirs, lambda d: mixture_bandwidth_stats(d, bandwidths, times, k_ref=k_ref))
 
 
 def energy_fit_table(rows) -> str:
