@@ -360,9 +360,8 @@ else:
 #   particles' 67.4 on the same three seeds (75.3 against 58.7 on five). On both Hopper sets it trails them at h =
 #   0.01 (68.6 and 64.5 against 72.4 and 66.7, seeds 0-2), its target there close to the particles' (the critics are
 #   flat); the other three datasets did not come out as committed when remade on our machine, so it is not the
-#   default. Finally, a perfect critic of
-#   the data's Q within the support: the same oracle ranking the data's own actions by the mean of 16 noisy
-#   rollouts of the data's policy scores 63.2 at N = 4 and 63.9 at
+#   default. Finally, a perfect critic of the data's Q within the support: the same oracle ranking the data's own
+#   actions by the mean of 16 noisy rollouts of the data's policy scores 63.2 at N = 4 and 63.9 at
 #   N = 16 (BC + 1.3 / 2.0; `figures/rl_6c_ln/support_oracle.md`), and the preset's critic took best-of-16 to 63.5
 #   on its seeds (BC + 1.3). So for one step within the support our critic gets most of what a perfect one would,
 #   and that is far under BC + 5: on Hopper medium the data's support, not the critic, is what the default's
