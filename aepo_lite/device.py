@@ -2,6 +2,7 @@
 names a device."""
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 
@@ -113,3 +114,15 @@ def compile_limits():
     conf = torch._dynamo.config
     name = "recompile_limit" if hasattr(conf, "recompile_limit") else "cache_size_limit"  # torch < 2.6: the old name
     return conf.patch(**{name: 64})
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """A block run on ``n`` of torch's intra-op CPU threads, the count before it restored after it (also when the
+    block raises). torch's CPU sums are split by thread, so results can depend on the count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -1,6 +1,7 @@
 """Minari loading (bootstrapping, scaling, bad inputs), normalised scores, local dataset making."""
 from __future__ import annotations
 
+import json
 import warnings
 from dataclasses import replace
 from pathlib import Path
@@ -422,6 +423,56 @@ def _replayed_return(env_id: str, seed: int, prefix, first, policy, steps: int, 
             break
         a = policy(o)
     return start, g
+
+
+def test_policy_ladder_trains_on_one_torch_thread_and_restores_the_count(minari_root, monkeypatch):
+    """A ladder's TD3 training, and the dataset made from it, run on LADDER_THREADS (one) torch threads whatever
+    the caller set (a ladder's floating point would otherwise follow the machine's core count), record it, and give
+    the caller its count back, also when the training fails."""
+    sb3 = pytest.importorskip("stable_baselines3")
+    import torch
+    from aepo_lite.rl.datasets import LADDER_THREADS, DatasetRecipe, train_policy_ladder
+    seen, learn = [], sb3.TD3.learn
+
+    def spy(self, *a, **k):
+        seen.append(torch.get_num_threads())
+        return learn(self, *a, **k)
+
+    monkeypatch.setattr(sb3.TD3, "learn", spy)
+    before = torch.get_num_threads()
+    kw = dict(train_steps=120, eval_every=60, learning_starts=60, eval_episodes=1, ref_episodes=2, n_envs=1)
+    try:
+        torch.set_num_threads(2)
+        lad = train_policy_ladder(DatasetRecipe("Hopper-v5", "medium", 100, "t/hopper/medium-v0", **kw),
+                                  progress=False)
+        assert LADDER_THREADS == 1 and seen == [1] and torch.get_num_threads() == 2
+        assert json.loads((lad / "ladder.json").read_text())["made_with"]["torch_threads"] == 1
+        # the dataset made from it (reference returns and collection) runs on one thread too, and says so
+        import aepo_lite.rl.datasets as D
+        from aepo_lite.rl.data import description_info
+        episodes = D.run_episodes
+
+        def spy_episodes(*a, **k):
+            seen.append(torch.get_num_threads())
+            return episodes(*a, **k)
+
+        monkeypatch.setattr(D, "run_episodes", spy_episodes)
+        ds = D.make_dataset(DatasetRecipe("Hopper-v5", "medium", 100, "t/hopper/medium-v0", **kw), progress=False)
+        assert len(seen) > 2 and set(seen) == {1} and torch.get_num_threads() == 2
+        info = description_info(ds.storage.metadata)
+        assert info["made_with"]["torch_threads"] == info["ladder_made_with"]["torch_threads"] == 1
+
+        def fail(self, *a, **k):
+            assert torch.get_num_threads() == 1
+            raise RuntimeError("stopped")
+
+        monkeypatch.setattr(sb3.TD3, "learn", fail)
+        with pytest.raises(RuntimeError, match="stopped"):
+            train_policy_ladder(DatasetRecipe("Hopper-v5", "medium", 100, "t/hopper/medium-v0",
+                                              **{**kw, "train_steps": 180}), progress=False)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_rollout_returns_match_a_replay_of_the_same_actions():

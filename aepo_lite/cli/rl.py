@@ -64,8 +64,9 @@ def _make_dataset(args) -> int:
     for what, key in (("policy ladder", "ladder_made_with"), ("data", "made_with")):
         made = info.get(key)  # a remade dataset that differs: compare these (TD3 training is chaotic in floating point)
         if made:
+            n = made.get("torch_threads")  # None: made before the count was recorded
             print(f"  {what} made with " + ", ".join(f"{k} {v}" for k, v in sorted(made["versions"].items()) if v)
-                  + f" on {made['cpu']}")
+                  + f" on {made['cpu']}" + ("" if n is None else f", {n} torch thread" + "s" * (n != 1)))
     return 0
 
 

@@ -19,7 +19,8 @@ policy and of the expert snapshot over ``ref_episodes`` (>= 100 by default) epis
 is seeded: the same arguments give the same dataset on the same machine and library versions. The TD3
 training behind a ladder is chaotic in floating point, so another CPU or another release of MuJoCo,
 gymnasium, torch or stable-baselines3 can give other snapshots and so another dataset; the ladder and
-the dataset record what made them (``made_with``), to tell which.
+the dataset record what made them (``made_with``), to tell which. A ladder trains on one torch thread
+(``LADDER_THREADS``), so the machine's core count is not among those differences.
 
 Every argument is checked before any work (the name against Minari's id grammar and the Minari
 root, the seed, the counts). A make that fails or is interrupted leaves nothing behind: no new
@@ -71,6 +72,9 @@ class DatasetRecipe:
     n_envs: int = 8  # parallel environments when collecting
 
 
+LADDER_THREADS = 1  # torch threads a TD3 ladder trains on (train_policy_ladder), and make_dataset runs on
+
+
 def policy_cache_dir() -> Path:
     """Where policy ladders are cached: ``$AEPO_POLICY_CACHE`` or ``<MINARI_DATASETS_PATH>/../aepo_lite_policies``."""
     if os.environ.get("AEPO_POLICY_CACHE"):
@@ -80,9 +84,12 @@ def policy_cache_dir() -> Path:
 
 
 def made_with() -> dict:
-    """The library versions and the CPU a ladder or a dataset was made with (what its floating point depends on)."""
+    """The library versions, the CPU and torch's thread count a ladder or a dataset was made with (what its
+    floating point depends on)."""
     import importlib.metadata as md
     import platform
+
+    import torch
 
     from aepo_lite.bench import _cpu_name
     versions = {}
@@ -92,7 +99,7 @@ def made_with() -> dict:
         except md.PackageNotFoundError:
             versions[dist] = None
     return {"versions": versions, "python": platform.python_version(), "cpu": _cpu_name(),
-            "machine": platform.machine()}
+            "machine": platform.machine(), "torch_threads": torch.get_num_threads()}
 
 
 # stable-baselines3 seeds numpy's legacy generator, which takes seeds below 2**32
@@ -173,21 +180,36 @@ def _ladder_key(r: DatasetRecipe) -> str:
 
 def train_policy_ladder(r: DatasetRecipe, cache: Optional[Path] = None, progress: bool = True) -> Path:
     """Train (or reuse) the TD3 policy ladder of ``r``; returns its directory holding
-    ``ladder.json`` (step, eval return, snapshot path) and ``replay_episodes.npz``."""
+    ``ladder.json`` (step, eval return, snapshot path) and ``replay_episodes.npz``.
+
+    The ladder trains on ``LADDER_THREADS`` (one) of torch's CPU threads, whatever the machine has: TD3's training
+    follows every floating-point difference for tens of thousands of steps, and torch's CPU sums depend on the
+    thread count. On two threads HalfCheetah's 100000-step ladder ended far from the one the committed dataset
+    came from (its snapshot at step 90000 returned 1158 against 4214.5); on one it came out as committed
+    (docs/results.md, "Remaking a dataset")."""
     try:
-        import stable_baselines3 as sb3
-        from stable_baselines3.common.callbacks import BaseCallback
-        from stable_baselines3.common.noise import NormalActionNoise
+        import stable_baselines3  # noqa: F401
     except ImportError:
         raise ValueError("quality: behaviour policies are trained with stable-baselines3; install the extra: "
                          "pip install 'aepo-lite[datasets]'  (or make a 'random' dataset)") from None
-    import gymnasium as gym
-    import torch
-    from tqdm.auto import tqdm
-
     out = Path(cache or policy_cache_dir()) / _ladder_key(r)
     if (out / "ladder.json").exists():
         return out
+    from aepo_lite.device import torch_threads
+    with torch_threads(LADDER_THREADS):
+        _train_ladder(r, out, progress)
+    return out
+
+
+def _train_ladder(r: DatasetRecipe, out: Path, progress: bool) -> None:
+    """:func:`train_policy_ladder`'s training, into ``out`` (through a ``.partial`` sibling, atomically)."""
+    import gymnasium as gym
+    import stable_baselines3 as sb3
+    import torch
+    from stable_baselines3.common.callbacks import BaseCallback
+    from stable_baselines3.common.noise import NormalActionNoise
+    from tqdm.auto import tqdm
+
     tmp = out.with_name(out.name + ".partial")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -233,7 +255,6 @@ def train_policy_ladder(r: DatasetRecipe, cache: Optional[Path] = None, progress
         bar.close()
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out
 
 
 def _sb3_policy(model, noise: float, rng: Optional[np.random.Generator]) -> Callable[[np.ndarray], np.ndarray]:
@@ -876,8 +897,15 @@ def make_dataset(recipe: DatasetRecipe, *, overwrite: bool = False, progress: bo
                  policy_cache: Optional[Path] = None):
     """Build the dataset ``recipe.name`` in the local Minari root and return the ``MinariDataset``.
 
-    Refuses to overwrite an existing dataset unless ``overwrite``.
+    Refuses to overwrite an existing dataset unless ``overwrite``. Runs on ``LADDER_THREADS`` (one) torch thread,
+    as its ladder does (:func:`train_policy_ladder`): the policies are small.
     """
+    from aepo_lite.device import torch_threads
+    with torch_threads(LADDER_THREADS):
+        return _make_dataset(recipe, overwrite, progress, policy_cache)
+
+
+def _make_dataset(recipe: DatasetRecipe, overwrite: bool, progress: bool, policy_cache: Optional[Path]):
     import gymnasium as gym
     import minari
     from minari.data_collector import EpisodeBuffer
