@@ -357,10 +357,11 @@ else:
 #   (h = 0.05) its own target points the reference E_t's way on only 0.45-0.51 of states, because that critic is
 #   steep and the target's variance term credits its slope across each kernel; at h = 0.01 it agrees on 0.95-0.96,
 #   as the particles do (`figures/rl_6c_big/mixture_bandwidth.md`), and scores 86.3 at w = 1 against the
-#   particles' 67.4 on the same three seeds (75.3 against 58.7 on five). On both Hopper sets it trails them at h =
-#   0.01 (68.6 and 64.5 against 72.4 and 66.7, seeds 0-2), its target there close to the particles' (the critics are
-#   flat); the other three datasets did not come out as committed when remade on our machine, so it is not the
-#   default. Finally, a perfect critic of the data's Q within the support: the same oracle ranking the data's own
+#   particles' 67.4 on the same three seeds (75.3 against 58.7 on five). On both Hopper sets and both Pusher sets it
+#   trails them at h = 0.01 (68.6, 64.5, 85.8 and 82.5 against 72.4, 66.7, 86.4 and 90.7, seeds 0-2; on Pusher
+#   medium-expert only BC + 1.3), its target there close to the particles' (the critics are flat), so it is not the
+#   default: it fails four of the ten checks it was scored on, the default two of twelve (HalfCheetah replay not
+#   run). Finally, a perfect critic of the data's Q within the support: the same oracle ranking the data's own
 #   actions by the mean of 16 noisy rollouts of the data's policy scores 63.2 at N = 4 and 63.9 at
 #   N = 16 (BC + 1.3 / 2.0; `figures/rl_6c_ln/support_oracle.md`), and the preset's critic took best-of-16 to 63.5
 #   on its seeds (BC + 1.3). So for one step within the support our critic gets most of what a perfect one would,
