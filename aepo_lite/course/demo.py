@@ -32,6 +32,7 @@ from aepo_lite._io import atomic_save_figure, atomic_write_json
 from aepo_lite.core.aepo import aepo_target
 from aepo_lite.core.diffusion import sample
 from aepo_lite.core.schedule import VPSchedule
+from aepo_lite.device import torch_threads
 
 __all__ = ["gaussian_problem", "run_demo", "render", "SCALES", "DEFAULT_SCALE"]
 
@@ -185,13 +186,9 @@ def render(results: str | os.PathLike, figures_dir: str | os.PathLike) -> list[P
                                              torch.as_tensor(v, dtype=torch.float64)):
             raise ValueError(f"results: {results} was made for a different problem ({k} differs from "
                              "gaussian_problem()); re-run `aepo-lite demo`")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # thousands of 2x2 solves per step: one thread is fastest
-    try:
+    with torch_threads(1):  # thousands of 2x2 solves per step: one thread is fastest
         return [_save_figure(P, VPSchedule(), _plot_samples(P, VPSchedule(), seed, n_plot, steps, scales),
                              Path(figures_dir))]
-    finally:
-        torch.set_num_threads(threads)
 
 
 def run_demo(out_dir: str | os.PathLike = "figures", scale: str = DEFAULT_SCALE, seed: int = 0,
@@ -214,12 +211,8 @@ def run_demo(out_dir: str | os.PathLike = "figures", scale: str = DEFAULT_SCALE,
     if not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed: expected a non-negative integer, got {seed!r}")
     # Every tensor here is small (2D): intra-op threads only add overhead, badly so on a busy CPU.
-    n_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         return _run_demo(Path(out_dir), scale, seed, verbose)
-    finally:
-        torch.set_num_threads(n_threads)
 
 
 def _check_routes(P: dict, sch: VPSchedule, gen: torch.Generator) -> dict:
