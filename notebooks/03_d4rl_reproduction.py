@@ -363,14 +363,14 @@ else:
 #   to the particles' (the critics are flat), so it is not the default: it fails four of the twelve checks, the
 #   default two. Finally, a perfect critic of the data's Q within the support: the same oracle ranking the data's own
 #   actions by the mean of 16 noisy rollouts of the data's policy scores 63.2 / 63.9 / 65.7 at N = 4 / 16 / 64
-#   (BC + 1.3 / 2.0 / 3.7; 4-10 episodes; `figures/rl_6c_ln/support_oracle.md`). The preset's critic took
-#   best-of-16 to 63.5 on its seeds (BC + 1.3), near the perfect one's step there, but the first-round critics'
-#   best-of-64 came only to 62.6 / 61.7 (seeds 5-9), 3 points under it. So on Hopper medium both parts of the
-#   budget are at fault: the critic, which ranks the data's actions about as a coin and leaves a perfect critic's
-#   BC + 3.7 at N = 64 unreached, and the data's support, where even that perfect step stays under BC + 5 at every
-#   N measured (rising with N, so a larger N is not ruled out). The default's BC + 2.9 is made off the support,
-#   where no critic has data, and whether an offline method can find the actions worth BC + 5 (2-3x the data's
-#   spread, by the simulator, or a larger N within it) stays open.
+#   (BC + 1.3 / 2.0 / 3.7; 4-10 episodes; `figures/rl_6c_ln/support_oracle.md`). The preset's critic takes the
+#   best of 16 / 64 / 256 of the behaviour's samples to 63.5 / 64.3 / 65.4 (BC + 1.3 / 2.1 / 3.2, seeds 0-2;
+#   `figures/rl_6c_big/rl_results.md`): near the perfect one's step at N = 16, about 1.5 under it at N = 64. So on
+#   Hopper medium both parts of the budget are at fault: the critic, which ranks the data's actions about as a coin
+#   and needs 4x the candidates to come near a perfect critic's step, and the data's support, where even that perfect
+#   step stays under BC + 5 at every N measured (rising with N, so a larger N is not ruled out). The default's BC +
+#   2.9 is made off the support, where no critic has data, and whether an offline method can find the actions worth
+#   BC + 5 (2-3x the data's spread, by the simulator, or a larger N within it) stays open.
 #
 #   ![critic_budget.png](../figures/rl_6c_big/critic_budget.png)
 #
