@@ -3,6 +3,7 @@ and their exact references (closed-form gradient and posterior averages of the t
 import dataclasses
 import json
 import math
+from pathlib import Path
 
 
 import pytest
@@ -556,3 +557,63 @@ def test_a_task_not_shown_converged_is_tabled_at_its_largest_matched_budget_and_
     assert "| moons | qgpo | 0 | 4 | 0.060 +- 0.000 | 0.030 | 2.00 | 1.00 |" in section
     full = [r for r in full if r["task"] == "rings"]  # every task converged: no such section
     assert conv._unconverged_markdown(full, conv.converged_budgets(full)) == ""
+
+
+def test_fitted_critic_rows_are_set_beside_the_true_reward_at_each_converged_budget(tmp_path, capsys, monkeypatch):
+    import csv
+    from aepo_lite.cli import main
+    # the reference: moons converged from 2000 (both methods flat past it), rings nowhere (qgpo falls 40%)
+    ref = _rows({("moons", "qgpo", ""): {1000: 0.9, 2000: 0.5, 4000: 0.49},
+                 ("moons", "mse", ""): {1000: 0.3, 2000: 0.3, 4000: 0.3},
+                 ("rings", "qgpo", ""): {1000: 0.5, 2000: 0.3}, ("rings", "mse", ""): {1000: 0.3, 2000: 0.3}})
+    ref = [dict(r, floor="0.02", distance="0.04" if r["method"] == "qgpo" else "0.1") for r in ref]
+    ref += [dict(r, seed="1", distance="0.06") for r in ref if r["task"] == "moons" and r["energy_steps"] == "2000"]
+    fit = [dict(r, critic="regression", err_mean="0.7") for r in ref if r["task"] == "moons"
+           and r["energy_steps"] == "2000"]  # seeds 0 and 1 of both methods, the reference's distances...
+    for r in fit:  # ...then the fitted critic's: qgpo 0.08 / 0.10, mse 0.12 (seed 0 only) over a floor of 0.02
+        r["distance"] = {("qgpo", "0"): "0.08", ("qgpo", "1"): "0.10", ("mse", "0"): "0.12"}.get(
+            (r["method"], r["seed"]), "0.2")
+    fit = [r for r in fit if not (r["method"] == "mse" and r["seed"] == "1")]
+    fit.append(dict(fit[0], energy_steps="1000"))  # not at the converged budget: named, not tabled
+    fit.append(dict(fit[0], task="rings"))  # rings has no converged budget on the reference
+    pairs = {p["method"]: p for p in conv.critic_pairs(fit, ref)}
+    assert set(pairs) == {"qgpo", "mse"} and all(p["steps"] == 2000 for p in pairs.values())
+    q, m = pairs["qgpo"], pairs["mse"]
+    assert q["seeds"] == ["0", "1"] and q["paired"] == ["0", "1"]
+    assert q["true"] == pytest.approx(2.5) and q["fitted"] == pytest.approx(4.5)  # (0.04+0.06)/2, (0.08+0.10)/2
+    assert q["ratio"] == pytest.approx(1.8) and q["vs_qgpo"] == pytest.approx(1.0)
+    assert q["fitted_err"] == pytest.approx(0.7) and q["true_err"] == pytest.approx(0.5)
+    # mse: true reward over its two seeds (0.1, 0.06: 4.0x), fitted seed 0 alone (6.0x), paired on seed 0 (0.12/0.1)
+    assert m["seeds"] == ["0"] and m["paired"] == ["0"] and m["true"] == pytest.approx(4.0)
+    assert m["ratio"] == pytest.approx(1.2) and m["vs_qgpo"] == pytest.approx(6.0 / 4.5)
+    text = conv.critic_markdown(fit, ref)
+    assert "| moons | mse | 2000 | 0 | 4.00 | 6.00 | 1.20 (0) | 1.33 | 0.300 | 0.700 |" in text
+    assert ("Left out (not at a budget the true-reward curve shows converged on their task): moons qgpo at 1000, "
+            "rings qgpo at 2000.") in text
+    # bad input: true-reward rows among the fitted critic's; nothing at a converged budget
+    with pytest.raises(ValueError, match="critic 'reward'"):
+        conv.critic_pairs(ref, ref)
+    with pytest.raises(ValueError, match="none at a task's converged budget.*moons 2000"):
+        conv.critic_pairs([dict(fit[0], energy_steps="4000")], ref)
+
+    def write(path, rows):
+        with open(path, "w", newline="") as f:
+            w = csv.DictWriter(f, conv.COLUMNS)
+            w.writeheader()
+            w.writerows({**{c: "" for c in conv.COLUMNS}, **r, "draws": "4"} for r in rows)
+    write(tmp_path / "toy2d_convergence.csv", ref)
+    write(tmp_path / "fit.csv", fit)
+    base = ["toy-convergence", "--render-only", "--critic", "regression", "--reference-csv",
+            str(tmp_path / "toy2d_convergence.csv")]
+    assert main(base + ["--csv", str(tmp_path / "fit.csv")]) == 0
+    assert (tmp_path / "fit.png").stat().st_size > 0 and text in (tmp_path / "fit.md").read_text()
+    assert not (tmp_path / "toy2d_convergence.md").exists()  # the reference's own page is not rewritten
+    assert main(base + ["--csv", str(tmp_path / "toy2d_convergence.csv")]) != 0  # into the reference: refused
+    assert "a CSV of their own" in capsys.readouterr().err
+    # the figure's bars are the table's means
+    figs = []
+    monkeypatch.setattr(conv, "atomic_save_figure", lambda path, fig, **kw: figs.append(fig) or Path(path))
+    conv.render_critic(tmp_path / "fit.csv", tmp_path / "toy2d_convergence.csv", tmp_path)
+    bars = {p.get_gid(): p.get_height() for p in figs[0].axes[0].patches if p.get_gid()}
+    assert bars == pytest.approx({"moons qgpo true": 2.5, "moons qgpo fitted": 4.5, "moons mse true": 4.0,
+                                  "moons mse fitted": 6.0})

@@ -35,6 +35,7 @@ exact value's slope rl_6c_big/exact_gradients.csv ``aepo_lite.rl.diagnostics.ren
 toy error budget    toy2d_budget.csv (optional)  ``aepo_lite.toy.budget.render``
 toy budget, runs    toy2d_budget_runs.csv (opt.) ``aepo_lite.toy.trained_budget.render`` (parts 4-5)
 toy convergence     toy2d_convergence.csv (opt.) ``aepo_lite.toy.convergence.render``
+toy fitted critic   toy2d_convergence_critic.csv ``aepo_lite.toy.convergence.render_critic`` (optional)
 toy plateau parts   toy2d_plateau.csv (optional) ``aepo_lite.toy.plateau.render`` (part 4 without draw noise)
 toy floor by seed   toy2d_floor_spread.csv (opt.) ``aepo_lite.toy.floors.render``
 toy eval noise      toy2d_eval_noise.csv (opt.)  ``aepo_lite.toy.eval_noise.render``
@@ -204,6 +205,10 @@ PARTS = (
          optional=True),
     Part("toy energy convergence", "aepo_lite.toy.convergence", "toy2d_convergence.csv",
          "aepo-lite toy-convergence", _render_report, optional=True),
+    Part("toy energy convergence, fitted critic", "aepo_lite.toy.convergence", "toy2d_convergence_critic.csv",
+         "aepo-lite toy-convergence --critic regression",
+         lambda mod, results, figures_dir: mod.render_critic(results, Path(figures_dir) / "toy2d_convergence.csv",
+                                                             figures_dir), optional=True),
     Part("toy plateau, the regression part without draw noise", "aepo_lite.toy.plateau", "toy2d_plateau.csv",
          "python scripts/plateau_budget.py --runs RUN ... --cache-dir CACHE --ks K ...", _render_report,
          optional=True),

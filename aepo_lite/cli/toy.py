@@ -34,6 +34,8 @@ class ToyCommand(ConfigCommand):
 
 
 _GRID_CSV = "figures/toy2d_results.csv"  # the project's grid: the default CSV, the one that updates the toy tables
+_CONVERGENCE_CSV = "figures/toy2d_convergence.csv"  # the true-reward energy-steps curve
+_CONVERGENCE_CRITIC_CSV = "figures/toy2d_convergence_critic.csv"  # the fitted critic's rows beside it
 _TOY_TABLES = "docs/results.md"  # where the project's toy tables live (between the toy markers), as `figures` writes them
 
 
@@ -168,7 +170,10 @@ def _register_convergence(subparsers, presets, critic_kinds) -> None:
                    "carried past it; a plateau past N followed by a fall is not converged; a method flat from a "
                    "smaller count is)")
     c.add_argument("--tol", type=_float("tol"), default=0.1, help="relative drop past N that counts as converged")
-    c.add_argument("--csv", default="figures/toy2d_convergence.csv")
+    c.add_argument("--csv", default=None, help="default: figures/toy2d_convergence.csv with the true reward, "
+                   "figures/toy2d_convergence_critic.csv with the fitted critic (--critic regression)")
+    c.add_argument("--reference-csv", default=_CONVERGENCE_CSV, help="with --critic regression: the true-reward "
+                   "rows the fitted critic's are set beside, each task at its converged budget (default: %(default)s)")
     c.add_argument("--figures-dir", default=None, help="the table and figure (default: the CSV's folder, so a CSV "
                    "of one's own never rewrites the project's figures)")
     c.add_argument("--runs-dir", default="runs/convergence")
@@ -189,13 +194,20 @@ def run_convergence_command(args) -> int:
                                 device=args.device, capture=args.capture, draws=args.draws)
     if args.check is not None and args.check not in args.steps[:-1]:
         raise ValueError(f"--check {args.check}: expected one of the step counts below the largest, {args.steps[:-1]}")
+    fitted = args.critic != "reward"
+    csv = args.csv or (_CONVERGENCE_CRITIC_CSV if fitted else _CONVERGENCE_CSV)
+    if fitted and Path(csv).resolve() == Path(args.reference_csv).resolve():
+        raise ValueError(f"--csv {csv}: the fitted critic's rows would join the true-reward curve they are compared "
+                         f"with (--reference-csv); give them a CSV of their own (default {_CONVERGENCE_CRITIC_CSV})")
     if not args.render_only:
-        conv.run_convergence(cc, args.csv, runs_dir=args.runs_dir, cache_dir=args.cache_dir, progress=not args.quiet,
+        conv.run_convergence(cc, csv, runs_dir=args.runs_dir, cache_dir=args.cache_dir, progress=not args.quiet,
                              workers=args.workers)
-    paths = conv.render(args.csv, args.figures_dir or Path(args.csv).parent, tol=args.tol)
+    figures_dir = args.figures_dir or Path(csv).parent
+    paths = (conv.render_critic(csv, args.reference_csv, figures_dir, tol=args.tol) if fitted
+             else conv.render(csv, figures_dir, tol=args.tol))
     print("wrote " + ", ".join(str(p) for p in paths))
     if args.check is not None:
-        drops = conv.check_converged(conv.curve_rows(conv.read_rows(args.csv), cc), args.check, args.tol)
+        drops = conv.check_converged(conv.curve_rows(conv.read_rows(csv), cc), args.check, args.tol)
         top = 100 * max(drops.values(), default=0.0)  # none: every method flat from a smaller count
         past = (f"the largest drop past it is {top:.1f}%" if top > 0
                 else f"no error fell past it (rose by {-top:.1f}% or more)")

@@ -33,7 +33,8 @@ from aepo_lite.toy.pipeline import (RUN_FIELDS_FREE, check_config, critic_label,
 
 __all__ = ["ConvergenceConfig", "DEFAULT_SPECS", "spec_configs", "run_convergence", "read_rows", "merge_rows",
            "improvements", "matched_top", "matched_budgets", "last_drops", "doublings", "curve_rows", "check_converged",
-           "converged_budgets", "convergence_markdown", "distance_markdown", "spread_markdown", "render"]
+           "converged_budgets", "convergence_markdown", "distance_markdown", "spread_markdown", "render", "critic_pairs",
+           "critic_markdown", "render_critic"]
 
 DEFAULT_SPECS = ("qgpo", "mse", "aepo:gaussian-fit/sampled", "aepo:particles-K256")
 COLUMNS = ("task", "method", "estimator", "critic", "beta", "seed", "preset", "energy_steps", "err_0.05", "err_0.2",
@@ -552,4 +553,145 @@ def render(csv_path="figures/toy2d_convergence.csv", figures_dir="figures", tol:
                    hollow=lambda r: str(r.get("draws", "")) == "1",
                    note="The samples' distance to the exact target over the noise floor (dotted: 1x and 2x). "
                         "Hollow points: one sampling draw; filled: the mean of the run's draws.")]
+    return [p for p in paths if p is not None]
+
+
+def _seed_cells(rows: list[dict], at: dict[str, int]) -> dict[tuple, dict[str, dict]]:
+    """{(task, method label): {seed: row}} of the rows at their task's step count in ``at``."""
+    cells: dict[tuple, dict[str, dict]] = {}
+    for r in rows:
+        if int(r["energy_steps"]) == at.get(r["task"]):
+            cells.setdefault((r["task"], _label(r), r["beta"], r["preset"]), {})[str(r["seed"])] = r
+    return cells
+
+
+def critic_pairs(critic_rows: list[dict], reward_rows: list[dict], tol: float = 0.1) -> list[dict]:
+    """The fitted critic against the true reward, matched: per task, method (label), beta and preset of
+    ``critic_rows`` (the fitted critic's, ``critic`` != ``reward``) at the task's converged budget N of the
+    true-reward rows (:func:`converged_budgets` of ``reward_rows``), paired with the true-reward rows of the same
+    method and seeds at N. Each: task, method, steps, seeds (the fitted rows' seeds), paired (those the true reward
+    has too), fitted / true (mean distance over the floor, each over its own seeds; energy errors likewise), ratio
+    (fitted over true on the paired seeds; None without any), vs_qgpo (the fitted mean over the fitted QGPO's on the
+    task; None without it). An error when a critic row reads the true reward or no budget pairs anything."""
+    bad = sorted({r["critic"] for r in critic_rows if r["critic"] in ("reward", "none")})
+    if bad:
+        raise ValueError(f"critic rows: expected the fitted critic's rows (critic 'regression'), got critic {bad[0]!r} "
+                         "(the true-reward rows belong in the reference CSV, toy2d_convergence.csv)")
+    reward = [r for r in reward_rows if r["critic"] == "reward"]
+    budgets = converged_budgets(reward, tol) if reward else {}
+    at = {t: n for t, n in budgets.items() if n is not None}
+    fitted, true = _seed_cells(critic_rows, at), _seed_cells(reward, at)
+    out = []
+    for key, by_seed in sorted(fitted.items()):
+        task, label = key[0], key[1]
+        ref = true.get(key, {})
+        paired = sorted(set(by_seed) & set(ref), key=int)
+
+        def mean(cell, seeds, value):
+            vals = [value(cell[s]) for s in seeds]
+            return statistics.mean(vals) if vals else None
+        qgpo = fitted.get((task, "qgpo", *key[2:]))
+        f_mean = mean(by_seed, list(by_seed), _over_floor)
+        q_mean = mean(qgpo, list(qgpo), _over_floor) if qgpo else None
+        out.append(dict(task=task, method=label, steps=at[task], seeds=sorted(by_seed, key=int), paired=paired,
+                        fitted=f_mean, true=mean(ref, list(ref), _over_floor) if ref else None,
+                        ratio=(mean(by_seed, paired, _over_floor) / mean(ref, paired, _over_floor)) if paired else None,
+                        fitted_err=mean(by_seed, list(by_seed), lambda r: float(r["err_mean"])),
+                        true_err=mean(ref, list(ref), lambda r: float(r["err_mean"])) if ref else None,
+                        vs_qgpo=f_mean / q_mean if q_mean else None))
+    if critic_rows and not out:
+        raise ValueError("critic rows: none at a task's converged budget of the true-reward rows ("
+                         + (", ".join(f"{t} {n}" for t, n in at.items()) or "no task has one") + ")")
+    return out
+
+
+def critic_markdown(critic_rows: list[dict], reward_rows: list[dict], tol: float = 0.1) -> str:
+    """:func:`critic_pairs` as a table, and the fitted-critic rows left out (not at a converged budget)."""
+    pairs = critic_pairs(critic_rows, reward_rows, tol)
+
+    def f(x, spec=".2f"):
+        return "" if x is None else format(x, spec)
+    lines = ["| task | method | energy steps | seeds | / floor, true reward | / floor, fitted critic | fitted / true "
+             "(paired seeds) | / QGPO, both fitted | energy error, true | energy error, fitted |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for p in pairs:
+        lines.append(f"| {p['task']} | {p['method']} | {p['steps']} | {', '.join(p['seeds'])} | {f(p['true'])} | "
+                     f"{f(p['fitted'])} | {f(p['ratio'])}" + (f" ({', '.join(p['paired'])})" if p["paired"] else "")
+                     + f" | {f(p['vs_qgpo'])} | {f(p['true_err'], '.3f')} | {f(p['fitted_err'], '.3f')} |")
+    shown = {(p["task"], p["method"], s, p["steps"]) for p in pairs for s in p["seeds"]}
+    left = sorted({(r["task"], _label(r), int(r["energy_steps"])) for r in critic_rows
+                   if (r["task"], _label(r), str(r["seed"]), int(r["energy_steps"])) not in shown})
+    return ("\n".join(lines) + "\n"
+            + ("\nLeft out (not at a budget the true-reward curve shows converged on their task): "
+               + ", ".join(f"{t} {m} at {n}" for t, m, n in left) + ".\n" if left else ""))
+
+
+def _plot_critic(pairs: list[dict], path) -> Path | None:
+    """Per task, each method's distance over the floor with the true reward (plain bar) and the fitted critic
+    (hatched), log scale, dotted lines at 1x and 2x the floor; None without pairs."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+    from matplotlib.patches import Patch
+    if not pairs:
+        return None
+    tasks = sorted({p["task"] for p in pairs})
+    methods = sorted({p["method"] for p in pairs})
+    colours = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}
+    width = 0.8 / (2 * len(methods))
+    fig, ax = plt.subplots(figsize=(2.4 + 1.5 * len(tasks), 4.2), layout="constrained")
+    for p in pairs:
+        x0 = tasks.index(p["task"]) - 0.4 + 2 * methods.index(p["method"]) * width
+        for dx, value, hatch in ((0, p["true"], None), (width, p["fitted"], "///")):
+            if value is not None:
+                ax.bar(x0 + dx + width / 2, value, width, color=colours[p["method"]], hatch=hatch,
+                       edgecolor="white" if hatch else colours[p["method"]], lw=0,
+                       gid=f"{p['task']} {p['method']} {'fitted' if hatch else 'true'}")  # tests read it
+    for y in (1.0, 2.0):
+        ax.axhline(y, color="0.6", ls=":", lw=1)
+    ax.set_xticks(range(len(tasks)), [f"{t}\n{next(p['steps'] for p in pairs if p['task'] == t)} steps"
+                                      for t in tasks], fontsize=8)
+    ax.set_yscale("log")
+    ax.yaxis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=(1, 2, 5)))
+    ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda y, _: f"{y:g}"))
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set_ylabel("sliced-W2 distance / noise floor\n(w = 1; dotted: 1x, 2x)")
+    handles = [Patch(color=colours[m], label=m) for m in methods]
+    handles += [Patch(facecolor="0.7", label="true reward"), Patch(facecolor="0.7", hatch="///", edgecolor="white",
+                                                                   label="fitted critic")]
+    fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 4), fontsize=8, frameon=False)
+    fig.suptitle("The fitted critic against the true reward,\neach task at its converged budget (mean over seeds)",
+                 fontsize=9)
+    try:
+        return atomic_save_figure(path, fig)
+    finally:
+        plt.close(fig)
+
+
+def render_critic(csv_path="figures/toy2d_convergence_critic.csv", reference_csv="figures/toy2d_convergence.csv",
+                  figures_dir="figures", tol: float = 0.1) -> list[Path]:
+    """``<csv stem>.md`` and ``.png``: the fitted-critic rows of ``csv_path`` beside the true-reward rows of
+    ``reference_csv`` at each task's converged budget (:func:`critic_markdown`), from the two CSVs alone."""
+    rows, reference = read_rows(csv_path), read_rows(reference_csv)
+    if not rows:
+        raise ValueError(f"{csv_path}: no fitted-critic rows (run aepo-lite toy-convergence --critic regression)")
+    if not reference:
+        raise ValueError(f"reference_csv: {reference_csv} holds no true-reward rows to compare with (run aepo-lite "
+                         "toy-convergence first)")
+    d, stem = Path(figures_dir), Path(csv_path).stem
+    pairs = critic_pairs(rows, reference, tol)
+    budgets = {p["task"]: p["steps"] for p in pairs}
+    text = (f"The fitted critic against the true reward, generated from `{Path(csv_path).name}` and "
+            f"`{Path(reference_csv).name}` by `aepo_lite.toy.convergence.render_critic` (do not edit by hand). "
+            "Every method's target reads Q from a smooth MLP regressed on the true reward e(x) at the data points "
+            "(`critic.kind = regression`) instead of e(x) itself; everything else as in the true-reward rows. Each "
+            "task at the smallest budget the true-reward curve shows converged ("
+            + ", ".join(f"{t} {n}" for t, n in budgets.items()) + "). Sliced-W2 distance at w = 1 over the noise "
+            "floor, the mean over each row's own seeds (the true reward's are every seed run at that budget; "
+            "`fitted / true` compares the seeds both have, listed); `/ QGPO`: over QGPO's with the fitted critic on "
+            "the same task; energy error: RMS of f_phi against the exact E_t, mean over t = 0.05, 0.2, 0.5. What "
+            "the fitted critic costs is the critic part of the error budget (derivation 6b) end to end. Our "
+            "measurement, not the paper's.\n\n" + critic_markdown(rows, reference, tol))
+    paths = [atomic_write_text(d / f"{stem}.md", text), _plot_critic(pairs, d / f"{stem}.png")]
     return [p for p in paths if p is not None]
