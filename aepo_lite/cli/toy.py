@@ -151,7 +151,9 @@ def _register_convergence(subparsers, presets, critic_kinds) -> None:
     c = subparsers.add_parser("toy-convergence", help="energy error vs energy steps on the toy tasks (is the budget "
                               "converged?)", description="One run per task, method and energy step count (resumable: "
                               "finished runs are read), each run's row merged into the CSV under a lock (processes running other tasks "
-                              "or seeds may share it); then figures/toy2d_convergence.{md,png}. "
+                              "or seeds may share it); then figures/toy2d_convergence.{md,png} (with --critic regression: "
+                              "figures/toy2d_convergence_critic.{md,png}, the fitted critic's rows beside the true "
+                              "reward's at each task's converged budget). "
                               "--check N fails unless every method's energy error falls by less than --tol past N and past every "
                               "larger step count measured.")
     c.add_argument("--tasks", nargs="+", default=None, help="default: every registered task")

@@ -13,7 +13,9 @@ improves and where, when it is not; :func:`converged_budgets` finds, per task, t
 
 Entry points: ``run_convergence`` (resumable: a step count whose run folder already holds results for the
 same config is read, not trained again), ``render`` (``figures/toy2d_convergence.{md,png}`` from the CSV),
-``check_converged``; the command is ``aepo-lite toy-convergence``.
+``check_converged``, ``render_critic`` (``figures/toy2d_convergence_critic.{md,png}``: rows run with the fitted
+critic, ``--critic regression``, kept in a CSV of their own, set beside the true-reward rows at each task's
+converged budget: the critic part of the error budget end to end); the command is ``aepo-lite toy-convergence``.
 """
 from __future__ import annotations
 
