@@ -717,7 +717,7 @@ else:
 #   0.042 and still falling, while its samples stay where the others' are (1.21x the floor at 32000).
 #   With the same reward access and the same budgets, MSE and the paper-style Gaussian target (moments fitted
 #   to the data's posterior) are on the curve too (three seeds at each task's converged budget; the Gaussian
-#   target on moons and its checkerboard seeds 1-2 not yet run): MSE is at 4.5-21x the floor at w = 1, its energy
+#   target's seed 0 alone on moons and checkerboard): MSE is at 4.5-21x the floor at w = 1, its energy
 #   error flat or rising with training (it converges to its own target, the mean of beta e given x_t, not to
 #   E_t), the Gaussian target at 1.6-16x (closer than QGPO on 8gaussians only, 0.86; 16x on swissroll); the
 #   particle target stays AEPO's closest estimator on every task, so the line above is unchanged.

@@ -402,6 +402,31 @@ def test_convergence_lines_put_each_task_at_its_smallest_converged_budget(tmp_pa
     assert "on 1/1 tasks (ratios 0.67-0.67) and within 2x of the noise floor on 1/1" in line[1]
 
 
+def test_fitted_critic_line_gives_each_method_fitted_over_true_and_aepo_over_qgpo(tmp_path, csvs):
+    # reference: task a converged from 2000 (both flat past it); fitted rows at a's 2000: qgpo seeds 0-1, aepo seed 0
+    from aepo_lite.toy.convergence import COLUMNS
+    base = {**{c: "" for c in COLUMNS}, "critic": "reward", "beta": "10", "preset": "full", "floor": 0.02}
+    ref = [dict(base, task="a", method=m, estimator=e, seed=str(s), energy_steps=n, err_mean=err, distance=d)
+           for s in range(3) for m, e, d in (("qgpo", "", 0.04), ("aepo", "p", 0.03))
+           for n, err in ((1000, 1.0), (2000, 0.5), (4000, 0.49))]
+    fit = [dict(base, task="a", method="qgpo", critic="regression", seed="0", energy_steps=2000, err_mean=0.6,
+                distance=0.05), dict(base, task="a", method="qgpo", critic="regression", seed="1", energy_steps=2000,
+                                     err_mean=0.6, distance=0.06),
+           dict(base, task="a", method="aepo", estimator="p", critic="regression", seed="0", energy_steps=2000,
+                err_mean=0.6, distance=0.033)]
+    _write(tmp_path / "conv.csv", ref)
+    _write(tmp_path / "crit.csv", fit)
+    text = summary_markdown(*csvs, convergence_csv=tmp_path / "conv.csv", convergence_critic_csv=tmp_path / "crit.csv")
+    (line,) = [x for x in text.splitlines() if "the fitted critic for every method" in x]
+    # qgpo: (0.05 + 0.06) / (0.04 + 0.04) = 1.375 on seeds 0-1; aepo: 0.033 / 0.03 = 1.10 on seed 0;
+    # AEPO over QGPO, both fitted: (0.033 / 0.02) / (0.055 / 0.02) = 0.60
+    assert ("fitted critic over true reward on the same seeds: aepo[p] 1.10 on 1 task (seed 0 on a); qgpo 1.38 on 1 "
+            "task (seeds 0, 1 on a); AEPO's best over QGPO, both with the fitted critic: a 0.60 (aepo[p], 1.65x the "
+            "floor).") in line
+    # without the true-reward curve there is nothing to set the fitted rows beside: no line
+    assert "fitted critic for every method" not in summary_markdown(*csvs, convergence_critic_csv=tmp_path / "crit.csv")
+
+
 def test_current_lines_come_first_and_the_earlier_ones_are_folded(tmp_path, csvs):
     """With a result of today's budgets (the convergence curve, the larger-energy sweep, its held-out check) the
     summary opens with it, and every earlier line (the committed grid, the first RL round, the former tables)

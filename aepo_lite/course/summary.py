@@ -415,6 +415,44 @@ def _convergence_lines(csv_path) -> list[str]:
     return _converged_lines(rows) + lines
 
 
+def _critic_lines(critic_csv, convergence_csv) -> list[str]:
+    """The fitted critic's toy rows against the true reward's (:func:`aepo_lite.toy.convergence.critic_pairs`: each
+    task at its converged budget): per method, the distance over the floor with the fitted critic over that with the
+    true reward on the same seeds, and AEPO's best estimator over QGPO where both read the fitted critic."""
+    from aepo_lite.toy import convergence as conv
+    rows = conv.read_rows(critic_csv)
+    reference = conv.read_rows(convergence_csv) if convergence_csv is not None and Path(convergence_csv).exists() else []
+    if not rows or not reference:
+        return []
+    pairs = [dict(p, method=p["method"].replace("(", "[").replace(")", "]")) for p in
+             conv.critic_pairs(rows, reference)]
+    by_method = defaultdict(list)
+    for p in pairs:
+        if p["ratio"] is not None:
+            by_method[p["method"]].append(p)
+    if not by_method:
+        return []
+
+    def where(ps):
+        return _curves_run({(p["task"], seed) for p in ps for seed in p["paired"]})
+    def span(v):
+        return f"{min(v):.2f}" if f"{min(v):.2f}" == f"{max(v):.2f}" else f"{min(v):.2f}-{max(v):.2f}"
+    ratios = "; ".join(f"{m} {span([p['ratio'] for p in ps])} on {len(ps)} task{'s' if len(ps) > 1 else ''} "
+                       f"({where(ps)})" for m, ps in sorted(by_method.items()))
+    best = {}  # per task: AEPO's closest estimator with the fitted critic, over QGPO's with it
+    for p in pairs:
+        if p["method"].startswith("aepo") and p["vs_qgpo"] is not None:
+            if p["task"] not in best or p["fitted"] < best[p["task"]][1]["fitted"]:
+                best[p["task"]] = (p["method"], p)
+    vs = ("; AEPO's best over QGPO, both with the fitted critic: "
+          + ", ".join(f"{t} {p['vs_qgpo']:.2f} ({m}, {p['fitted']:.2f}x the floor)" for t, (m, p) in sorted(best.items()))
+          if best else "; no task has AEPO and QGPO both with the fitted critic yet")
+    return [f"- **Toy 2D tasks, the fitted critic for every method** (each task at its converged budget; every "
+            "target reads Q from a smooth MLP fitted to e(x) at the data points instead of e(x); "
+            "`figures/toy2d_convergence_critic.md`): distance at w = 1 over the floor, fitted critic over true reward "
+            f"on the same seeds: {ratios}{vs}."]
+
+
 def _converged_lines(rows: list[dict]) -> list[str]:
     """The convergence curve's rows with each task at its smallest budget shown converged
     (:func:`aepo_lite.toy.convergence.converged_budgets`) as one toy summary line at w = 1; the tasks shown
@@ -561,7 +599,8 @@ def summary_markdown(toy_csv="figures/toy2d_results.csv", rl_csv="figures/rl_res
                      rl_heldout_csv: str | Path | None = None, xlong_csv: str | Path | None = None,
                      xxlong_csv: str | Path | None = None, rl_ln_csv: str | Path | None = None,
                      rl_big_csv: str | Path | None = None, rl_heldout_big_csv: str | Path | None = None,
-                     plateau_csv: str | Path | None = None, oracle_csv: str | Path | None = None) -> str:
+                     plateau_csv: str | Path | None = None, oracle_csv: str | Path | None = None,
+                     convergence_critic_csv: str | Path | None = None) -> str:
     """The generated summary (Markdown bullet points). ``matched_csv``: a toy grid in which every method read the
     true reward (``toy2d_matched.csv``); ``long_csv``: the same at the ``long`` preset (4000 energy steps), at w = 1 and at
     each method's best w (``toy2d_long.csv``); ``rl_protocol_csv``: the offline-RL sweep of the 6c protocol
@@ -575,7 +614,9 @@ def summary_markdown(toy_csv="figures/toy2d_results.csv", rl_csv="figures/rl_res
     (``rl_6c_heldout_big.csv``); ``plateau_csv``: part 4 of the toy error budget on finished runs, without draw
     noise (``toy2d_plateau.csv``: which part a run's energy error is); ``oracle_csv``: the best of N in-support
     actions by the true return (``rl_6c_ln/support_oracle.csv``), said where the ``rl_big_csv`` default misses
-    BC + 5; each summarised too when it exists. The lines of today's budgets and presets (the
+    BC + 5; ``convergence_critic_csv``: the convergence curve's methods with the fitted critic, each task at its
+    converged budget (``toy2d_convergence_critic.csv``, set beside ``convergence_csv``); each summarised too when it
+    exists. The lines of today's budgets and presets (the
     convergence curve, the larger-energy sweep and its held-out check) come first; every other line follows in a
     closed ``<details>`` block (:data:`EARLIER`), so that a reader meets the current numbers before the history."""
     lines = _toy_lines(toy_summary(toy_csv), "Toy 2D tasks, committed grid")
@@ -590,6 +631,8 @@ def summary_markdown(toy_csv="figures/toy2d_results.csv", rl_csv="figures/rl_res
                             "best w of 0.5 / 1 / 2 per method and task")
     if convergence_csv is not None and Path(convergence_csv).exists():
         current += _convergence_lines(convergence_csv)
+    if convergence_critic_csv is not None and Path(convergence_critic_csv).exists():
+        current += _critic_lines(convergence_critic_csv, convergence_csv)
     if plateau_csv is not None and Path(plateau_csv).exists():
         current += _plateau_lines(plateau_csv)
     for csv, preset in ((xlong_csv, "xlong"), (xxlong_csv, "xxlong")):
@@ -628,7 +671,7 @@ def _csvs(figures_dir) -> tuple[Path, ...]:
     return tuple(fd / n for n in ("toy2d_results.csv", "rl_results.csv", "toy2d_matched.csv", "toy2d_long.csv",
                                   "toy2d_convergence.csv", "rl_6c.csv", "rl_6c_heldout.csv", "toy2d_xlong.csv",
                                   "toy2d_xxlong.csv", "rl_6c_ln.csv", "rl_6c_big.csv", "rl_6c_heldout_big.csv",
-                                  "toy2d_plateau.csv", "rl_6c_ln/support_oracle.csv"))
+                                  "toy2d_plateau.csv", "rl_6c_ln/support_oracle.csv", "toy2d_convergence_critic.csv"))
 
 
 def figures_summary(figures_dir="figures") -> str:
@@ -642,7 +685,8 @@ def update_readme(readme, toy_csv="figures/toy2d_results.csv", rl_csv="figures/r
                   rl_heldout_csv: str | Path | None = None, xlong_csv: str | Path | None = None,
                   xxlong_csv: str | Path | None = None, rl_ln_csv: str | Path | None = None,
                   rl_big_csv: str | Path | None = None, rl_heldout_big_csv: str | Path | None = None,
-                  plateau_csv: str | Path | None = None, oracle_csv: str | Path | None = None) -> Path:
+                  plateau_csv: str | Path | None = None, oracle_csv: str | Path | None = None,
+                  convergence_critic_csv: str | Path | None = None) -> Path:
     """Rewrite the README's block between the summary markers (an error if the markers are missing)."""
     readme = Path(readme)
     text = readme.read_text()
@@ -652,7 +696,7 @@ def update_readme(readme, toy_csv="figures/toy2d_results.csv", rl_csv="figures/r
     _, tail = rest.split(END, 1)
     body = summary_markdown(toy_csv, rl_csv, matched_csv, long_csv, convergence_csv, rl_protocol_csv, rl_heldout_csv,
                             xlong_csv, xxlong_csv, rl_ln_csv, rl_big_csv, rl_heldout_big_csv, plateau_csv,
-                            oracle_csv)
+                            oracle_csv, convergence_critic_csv)
     new = f"{head}{START}\n{body}{END}{tail}"
     if new != text:
         atomic_write_text(readme, new)
