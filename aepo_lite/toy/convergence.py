@@ -567,6 +567,12 @@ def _seed_cells(rows: list[dict], at: dict[str, int]) -> dict[tuple, dict[str, d
     return cells
 
 
+def _mean_over(cell: dict[str, dict], seeds, value) -> float | None:
+    """The mean of ``value(row)`` over the rows of ``cell`` ({seed: row}) of ``seeds``; None without any."""
+    vals = [value(cell[s]) for s in seeds]
+    return statistics.mean(vals) if vals else None
+
+
 def critic_pairs(critic_rows: list[dict], reward_rows: list[dict], tol: float = 0.1) -> list[dict]:
     """The fitted critic against the true reward, matched: per task, method (label), beta and preset of
     ``critic_rows`` (the fitted critic's, ``critic`` != ``reward``) at the task's converged budget N of the
@@ -588,10 +594,7 @@ def critic_pairs(critic_rows: list[dict], reward_rows: list[dict], tol: float = 
         task, label = key[0], key[1]
         ref = true.get(key, {})
         paired = sorted(set(by_seed) & set(ref), key=int)
-
-        def mean(cell, seeds, value):
-            vals = [value(cell[s]) for s in seeds]
-            return statistics.mean(vals) if vals else None
+        mean = _mean_over
         qgpo = fitted.get((task, "qgpo", *key[2:]))
         f_mean = mean(by_seed, list(by_seed), _over_floor)
         q_mean = mean(qgpo, list(qgpo), _over_floor) if qgpo else None
@@ -607,9 +610,11 @@ def critic_pairs(critic_rows: list[dict], reward_rows: list[dict], tol: float = 
     return out
 
 
-def critic_markdown(critic_rows: list[dict], reward_rows: list[dict], tol: float = 0.1) -> str:
-    """:func:`critic_pairs` as a table, and the fitted-critic rows left out (not at a converged budget)."""
-    pairs = critic_pairs(critic_rows, reward_rows, tol)
+def critic_markdown(critic_rows: list[dict], reward_rows: list[dict], tol: float = 0.1,
+                    pairs: list[dict] | None = None) -> str:
+    """:func:`critic_pairs` as a table (``pairs``: those already computed from the same rows), and the
+    fitted-critic rows left out (not at a converged budget)."""
+    pairs = critic_pairs(critic_rows, reward_rows, tol) if pairs is None else pairs
 
     def f(x, spec=".2f"):
         return "" if x is None else format(x, spec)
@@ -694,6 +699,6 @@ def render_critic(csv_path="figures/toy2d_convergence_critic.csv", reference_csv
             "`fitted / true` compares the seeds both have, listed); `/ QGPO`: over QGPO's with the fitted critic on "
             "the same task; energy error: RMS of f_phi against the exact E_t, mean over t = 0.05, 0.2, 0.5. What "
             "the fitted critic costs is the critic part of the error budget (derivation 6b) end to end. Our "
-            "measurement, not the paper's.\n\n" + critic_markdown(rows, reference, tol))
+            "measurement, not the paper's.\n\n" + critic_markdown(rows, reference, tol, pairs))
     paths = [atomic_write_text(d / f"{stem}.md", text), _plot_critic(pairs, d / f"{stem}.png")]
     return [p for p in paths if p is not None]
