@@ -116,6 +116,38 @@ def test_config_file_round_trip_and_precedence(tmp_path, capsys):
     assert json.loads(out3.read_text())["energy"]["beta"] == 7
 
 
+def test_a_yaml_config_overrides_the_preset_only_where_it_names_a_field(tmp_path):
+    """`train --preset bench --config X.yaml` gave the full preset's sizes (the YAML was read into a complete
+    config, its unnamed fields at the class defaults, and laid over the preset): it must resolve as a sweep's
+    `--overrides X.yaml` does (make_config: the preset, the domain, then the file), flags last."""
+    from aepo_lite.config import TrainConfig, preset_config, to_dict
+    from aepo_lite.rl.agent import make_config
+    y = tmp_path / "over.yaml"
+    y.write_text("critic:\n  layer_norm: true\n  steps: 40\nenergy:\n  posterior: particles\n  hidden: 32\n")
+    out = tmp_path / "r.json"
+    assert main(["train", "--preset", "smoke", "--config", str(y), "--dataset", "a/b/c-v0", "--method", "aepo",
+                 "--seed", "3", "--save-config", str(out)]) == 0
+    got = json.loads(out.read_text())
+    want = to_dict(make_config("a/b/c-v0", "aepo", "smoke", seed=3, critic={"layer_norm": True, "steps": 40},
+                               energy={"posterior": "particles", "hidden": 32}))
+    assert got == want
+    smoke, full = preset_config(TrainConfig, "smoke"), TrainConfig()
+    assert smoke.behaviour.steps != full.behaviour.steps  # else the check below could not fail
+    assert got["behaviour"]["steps"] == smoke.behaviour.steps and got["critic"]["steps"] == 40
+    # the file's preset when no flag names one; a flag over the file's own value
+    y2 = tmp_path / "p.yaml"
+    y2.write_text("preset: smoke\ndataset: a/b/c-v0\nenergy:\n  beta: 7\n")
+    out2 = tmp_path / "p.json"
+    assert main(["train", "--config", str(y2), "--energy.beta", "9", "--save-config", str(out2)]) == 0
+    got2 = json.loads(out2.read_text())
+    assert got2["preset"] == "smoke" and got2["behaviour"]["steps"] == smoke.behaviour.steps
+    assert got2["energy"]["beta"] == 9
+    # an unknown field in the file is an error naming it
+    y3 = tmp_path / "bad.yaml"
+    y3.write_text("energy:\n  betta: 3\n")
+    assert main(["train", "--preset", "smoke", "--dataset", "a/b/c-v0", "--config", str(y3)]) == 2
+
+
 def test_train_needs_an_explicit_preset(capsys):
     assert main(["train", "--dataset", "a/b/c-v0"]) == 2
     err = capsys.readouterr().err

@@ -3,7 +3,9 @@
 Every field of the config is a flag (``--energy.beta 3``), ``--help`` shows each field's comment,
 ``--preset NAME`` starts from a named preset, ``--config FILE`` from a saved config (a run's
 ``config.json``, or YAML), and ``--save-config FILE`` writes the resolved config and exits.
-Precedence: the preset's values, then the config file, then the flags.
+Precedence: the preset's values, then the config file, then the flags. A YAML file holds overrides (the fields it
+names replace the preset's, as a sweep's ``--overrides`` file); a JSON file is a saved config (a run's
+config.json: every field, the preset's included).
 """
 from __future__ import annotations
 
@@ -41,8 +43,8 @@ def _flag():
 class ConfigCommand:
     """Options every config-driven command has; a command adds ``config_values`` (its config) and its own."""
 
-    config_file: Annotated[Optional[str], _arg("config", "start from a saved config (a run's config.json, or "
-                                                         "YAML); the preset's values come first, flags last")] = None
+    config_file: Annotated[Optional[str], _arg("config", "start from a saved config (a run's config.json) or a YAML "
+                                                         "of overrides over the preset; flags last")] = None
     save_config: Annotated[Optional[str], _arg("save-config", "write the resolved config to this file and exit")] = None
 
 
@@ -113,21 +115,27 @@ def parse_command(command_cls, config_cls, argv: list[str], *, prog: str, descri
     kind = "toy" if config_cls is ToyConfig else "rl"
     pre = _pre_parse(argv, prog)
     wants_help = any(a in ("-h", "--help") for a in argv)
-    saved = {}
+    saved, partial = {}, {}
     if pre.config:
-        from aepo_lite.config import load_config_file
-        saved = to_dict(load_config_file(pre.config, config_cls))
-    preset = pre.preset or saved.get("preset") or default_preset
+        from aepo_lite.config import load_config_file, read_config_file
+        if Path(pre.config).suffix in (".yaml", ".yml"):  # overrides over the preset: the fields it names only
+            partial = read_config_file(pre.config)
+        else:  # a saved config (a run's config.json): every field, as the run resolved it
+            saved = to_dict(load_config_file(pre.config, config_cls))
+    preset = pre.preset or saved.get("preset") or partial.get("preset") or default_preset
     if preset is None and not wants_help:
         notes = "; ".join(f"{k}: {v}" for k, v in PRESET_NOTES[kind].items())
         raise ValueError(f"preset: choose one with --preset ({notes}), or start from a saved config with --config")
     base = preset_config(config_cls, preset or next(iter(PRESETS[kind])))
     if saved:
         base = apply_overrides(base, dict(saved, preset=preset))
-    top = {k: v for k, v in (("dataset", pre.dataset), ("method", pre.method)) if v is not None and hasattr(base, k)}
+    top = {k: v for k, v in (("dataset", partial.get("dataset")), ("method", partial.get("method")),
+                             ("dataset", pre.dataset), ("method", pre.method)) if v is not None and hasattr(base, k)}
     base = apply_overrides(base, top)
     if domain is not None and not saved:
-        base = domain(base)
+        base = domain(base)  # as a sweep builds a run's config: the preset, the domain, then the overrides file
+    if partial:
+        base = apply_overrides(base, {k: v for k, v in partial.items() if k not in ("preset", *top)})
     default = command_cls(config_values=base)
     cmd = tyro_cli(command_cls, argv, prog=prog, default=default, description=description)
     cfg = cmd.config_values
