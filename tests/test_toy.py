@@ -45,6 +45,28 @@ def test_rewards_follow_the_published_labels():
     assert float(toy.get_task("2spirals").reward(torch.zeros(1, 2))) == 1.0
 
 
+def test_moons_reward_is_the_nearest_arc_point_by_brute_force():
+    """The moons reward compares each point's distance to the nearer of 256 points on each arc; it is computed from
+    the angle (three candidate points an arc), checked here against the distances to all 512 points: on the box,
+    on the data, beyond the arcs' ends and at the circles' centres."""
+    from aepo_lite.toy import tasks as T
+    g = torch.Generator().manual_seed(3)
+    box = torch.rand(20000, 2, generator=g, dtype=torch.float64) * 2.4 - 1.2
+    data = T.get_task("moons").sample(20000, seed=4)
+    ends = torch.cat([a[[0, -1]] for a in T._MOON_ARCS]).repeat(1000, 1)
+    ends = ends + 0.05 * torch.randn(ends.shape, generator=g, dtype=torch.float64)
+    centres = torch.tensor([c for c, _ in T._MOON_CIRCLES], dtype=torch.float64) * T.SCALE
+    x = torch.cat([box, data, ends, centres])
+    outer, inner = T._MOON_ARCS
+    brute = [((x[:, None] - a[None]) ** 2).sum(-1).min(1).values.sqrt() for a in (outer, inner)]
+    for arc, (c, start), want in zip((outer, inner), T._MOON_CIRCLES, brute):
+        assert torch.allclose(T._arc_distance(x, arc, c, start), want, atol=1e-12)
+    labels = (brute[1] < brute[0]).double()
+    assert 0.3 < labels.mean() < 0.7  # both labels occur
+    assert torch.equal(T.get_task("moons").reward(x), labels)
+    assert torch.equal(T.get_task("moons").reward(x.float()), labels.float())
+
+
 def test_unknown_task_lists_the_known_ones():
     with pytest.raises(ValueError, match="known tasks: swissroll, 8gaussians"):
         toy.get_task("spiral")

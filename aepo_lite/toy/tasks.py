@@ -194,11 +194,27 @@ def _moons(n, g):
     return (x * 2 + torch.tensor([-1.0, -0.2], dtype=torch.float64)) * SCALE
 
 
-def _moons_reward(x):  # published: 1 on the inner moon; here: 1 where the inner arc is the nearer one
-    outer, inner = (a.to(x) for a in _moon_arcs())
-    d_out = torch.cdist(x, outer).min(1).values
-    d_in = torch.cdist(x, inner).min(1).values
-    return (d_in < d_out).to(x.dtype)
+_MOON_ARCS = _moon_arcs()  # (outer, inner), each 256 points evenly spaced on a half circle
+_MOON_CIRCLES = (((-1.0, -0.2), 0.0), ((1.0, 0.8), math.pi))  # (centre, angle of the arc's first point), radius 2
+
+
+def _arc_distance(x: torch.Tensor, arc: torch.Tensor, centre, start: float) -> torch.Tensor:
+    """Distance from each row of ``x`` to the nearest of ``arc``'s points, which lie evenly spaced on a half circle
+    (``centre``, radius 2, times SCALE) from the angle ``start``: the point nearest in angle and its two
+    neighbours are compared, O(n) where the distances to all m points cost O(n m)."""
+    m = arc.shape[0]
+    v = x / SCALE - torch.tensor(centre, dtype=x.dtype, device=x.device)
+    psi = torch.remainder(torch.atan2(v[:, 1], v[:, 0]) - start + math.pi, 2 * math.pi) - math.pi  # in [-pi, pi)
+    # beyond the ends: the nearer end by angle (the arc spans pi, so the split is at -pi/2)
+    psi = torch.where(psi < -math.pi / 2, torch.full_like(psi, math.pi), psi.clamp(min=0.0))
+    k = torch.round(psi.clamp(max=math.pi) / (math.pi / (m - 1))).long().clamp(0, m - 1)
+    ks = torch.stack([(k - 1).clamp(min=0), k, (k + 1).clamp(max=m - 1)], -1)  # (n, 3)
+    return (x[:, None, :] - arc[ks]).norm(dim=-1).min(-1).values
+
+
+def _moons_reward(x):  # published: 1 on the inner moon; here: 1 where the inner arc (256 points) is the nearer one
+    (outer, inner), ((c_out, s_out), (c_in, s_in)) = (tuple(a.to(x) for a in _MOON_ARCS), _MOON_CIRCLES)
+    return (_arc_distance(x, inner, c_in, s_in) < _arc_distance(x, outer, c_out, s_out)).to(x.dtype)
 
 
 _RING_RADII = torch.tensor([3.0, 2.25, 1.5, 0.75], dtype=torch.float64)  # published: (1, .75, .5, .25) * 3
