@@ -18,6 +18,7 @@ offline RL, LN      rl_6c_ln.csv (optional)      the same, into ``figures/rl_6c_
 offline RL, Reacher rl_6c_heldout.csv (opt.)     the same, into ``figures/rl_6c_heldout/``
 offline RL, energy  rl_6c_big.csv (optional)     the same, into ``figures/rl_6c_big/`` (a 256 x 3 energy)
 Reacher, energy     rl_6c_heldout_big.csv (o.)   the same, into ``figures/rl_6c_heldout_big/``
+best-of-N guided    rl_6c_big/selection.csv (o.) the same, into ``figures/rl_6c_big/selection/`` (Hopper medium)
 guidance size by t  rl_6c/energy_gradients.csv   ``aepo_lite.rl.diagnostics.render`` (optional)
 guidance by Q       rl_6c_ln/guided_q.csv (opt.) ``aepo_lite.rl.diagnostics.render_guided_q``
 energy fit, RL      rl_6c_ln/energy_fit.csv (o.) ``aepo_lite.rl.diagnostics.render_energy_fit``
@@ -140,6 +141,9 @@ PARTS = (
          "aepo-lite rl-results --runs runs/rl6c-heldout-big --csv figures/rl_6c_heldout_big.csv "
          "--figures figures/rl_6c_heldout_big (docs/results.md)",
          _render_into("rl_6c_heldout_big"), optional=True),
+    Part("offline RL, guidance with the critic's best-of-N", "aepo_lite.rl.report", "rl_6c_big/selection.csv",
+         "aepo-lite rl-results --runs RUNS --csv figures/rl_6c_big/selection.csv --figures figures/rl_6c_big/selection "
+         "(docs/results.md)", _render_into("rl_6c_big/selection"), optional=True),
     Part("offline RL, guidance size by t", "aepo_lite.rl.diagnostics", "rl_6c/energy_gradients.csv",
          "python scripts/energy_gradients.py --runs RUN ... --out figures/rl_6c/energy_gradients.csv (docs/results.md)",
          _render_report, optional=True),
