@@ -374,7 +374,8 @@ else:
 #   selection on top of guidance close it: the default's guided sampler drawing N = 4 / 16 / 64 actions and the critic
 #   keeping the best scores 66.9 / 66.9 / 62.5 at w = 10 against 66.7 without (seeds 0-2; BC 62.2 there), QGPO's at
 #   best 63.8 against 62.9 (`figures/rl_6c_big/selection/rl_results.md`): more candidates ranked by the critic that
-#   already steers the guidance find no more.
+#   already steers the guidance find no more. Nor does a sharper target: beta = 10 in place of the preset's 3 scores
+#   64.3 at its best w (3) on the same seeds, 2.4 under the default (`docs/results.md`).
 #
 #   ![critic_budget.png](../figures/rl_6c_big/critic_budget.png)
 #
