@@ -735,13 +735,14 @@ else:
 # **The fitted critic, precomputed** (`figures/toy2d_convergence_critic.md`, made by `aepo-lite toy-convergence
 # --critic regression` at each task's converged budget): every method's target reads Q from the same smooth MLP
 # fitted to e(x) at the data points instead of e(x) itself, the critic part of the error budget end to end. On
-# the rows run so far it moves the samples' distance little for most methods that read Q only at data points: MSE
-# 0.95-1.01 of its true-reward distance on all six tasks, QGPO 0.99-1.05 on four tasks, the centered particle
-# target 0.92-0.97 on swissroll and 8gaussians but 1.17 on 2spirals, where it stays at 0.72x QGPO's distance with
-# both reading the fitted critic (0.21x and 0.58x on swissroll and 8gaussians). The paper-style Gaussian target,
-# which reads Q at Gaussian draws off the data where the fitted critic extrapolates, loses more (seed 0): 1.17x
-# its true-reward distance on swissroll, 1.46x on 8gaussians (from 0.86x QGPO's to 1.35x) and 8.74x on rings (from
-# 1.77x the floor to 15.5x), though 0.89x on 2spirals. Energy errors against the exact E_t rise
+# the rows run so far (one seed, or two on swissroll, where not said) it moves the distance of MSE and QGPO little: MSE 0.95-1.01 of its
+# true-reward distance on all six tasks (three seeds), QGPO 0.99-1.05 on four tasks. The centered particle target,
+# which also reads Q only at data points, keeps 0.92-0.97 on swissroll and 8gaussians but loses 17% on 2spirals
+# and 23% on rings; it stays closer than QGPO with both reading the fitted critic (0.72x, 0.89x, 0.21x, 0.58x on
+# 2spirals, rings, swissroll, 8gaussians). The paper-style Gaussian target, which reads Q at Gaussian draws off
+# the data where the fitted critic extrapolates, loses more: 1.17x its true-reward distance on swissroll, 1.46x on
+# 8gaussians (from 0.86x QGPO's to 1.35x) and 8.74x on rings (from 1.77x the floor to 15.5x), though 0.89x on
+# 2spirals. Energy errors against the exact E_t rise
 # with the fitted critic where the distances hardly move (8gaussians: the particle target 0.041 -> 0.055): the
 # fitted critic is not e(x), and the exact E_t is built from e(x). Plain bars: the true reward; hatched: the
 # fitted critic.
