@@ -47,7 +47,7 @@ def test_rewards_follow_the_published_labels():
 
 def test_moons_reward_is_the_nearest_arc_point_by_brute_force():
     """The moons reward compares each point's distance to the nearer of 256 points on each arc; it is computed from
-    the angle (three candidate points an arc), checked here against the distances to all 512 points: on the box,
+    the angle (the arc point nearest in angle), checked here against the distances to all 512 points: on the box,
     on the data, beyond the arcs' ends and at the circles' centres."""
     from aepo_lite.toy import tasks as T
     g = torch.Generator().manual_seed(3)

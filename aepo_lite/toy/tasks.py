@@ -200,16 +200,15 @@ _MOON_CIRCLES = (((-1.0, -0.2), 0.0), ((1.0, 0.8), math.pi))  # (centre, angle o
 
 def _arc_distance(x: torch.Tensor, arc: torch.Tensor, centre, start: float) -> torch.Tensor:
     """Distance from each row of ``x`` to the nearest of ``arc``'s points, which lie evenly spaced on a half circle
-    (``centre``, radius 2, times SCALE) from the angle ``start``: the point nearest in angle and its two
-    neighbours are compared, O(n) where the distances to all m points cost O(n m)."""
+    (``centre``, radius 2, times SCALE) from the angle ``start``: the distance to a point of the circle grows with
+    the angle between them, so the point nearest in angle is the nearest; O(n) where all m distances cost O(n m)."""
     m = arc.shape[0]
     v = x / SCALE - torch.tensor(centre, dtype=x.dtype, device=x.device)
     psi = torch.remainder(torch.atan2(v[:, 1], v[:, 0]) - start + math.pi, 2 * math.pi) - math.pi  # in [-pi, pi)
     # beyond the ends: the nearer end by angle (the arc spans pi, so the split is at -pi/2)
     psi = torch.where(psi < -math.pi / 2, torch.full_like(psi, math.pi), psi.clamp(min=0.0))
     k = torch.round(psi.clamp(max=math.pi) / (math.pi / (m - 1))).long().clamp(0, m - 1)
-    ks = torch.stack([(k - 1).clamp(min=0), k, (k + 1).clamp(max=m - 1)], -1)  # (n, 3)
-    return (x[:, None, :] - arc[ks]).norm(dim=-1).min(-1).values
+    return (x - arc[k]).norm(dim=-1)
 
 
 def _moons_reward(x):  # published: 1 on the inner moon; here: 1 where the inner arc (256 points) is the nearer one
