@@ -207,7 +207,7 @@ def _arc_distance(x: torch.Tensor, arc: torch.Tensor, centre, start: float) -> t
     psi = torch.remainder(torch.atan2(v[:, 1], v[:, 0]) - start + math.pi, 2 * math.pi) - math.pi  # in [-pi, pi)
     # beyond the ends: the nearer end by angle (the arc spans pi, so the split is at -pi/2)
     psi = torch.where(psi < -math.pi / 2, torch.full_like(psi, math.pi), psi.clamp(min=0.0))
-    k = torch.round(psi.clamp(max=math.pi) / (math.pi / (m - 1))).long().clamp(0, m - 1)
+    k = torch.round(psi / (math.pi / (m - 1))).long()  # psi in [0, pi] here
     return (x - arc[k]).norm(dim=-1)
 
 
