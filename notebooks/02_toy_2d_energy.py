@@ -39,10 +39,15 @@
 
 
 # %% [markdown]
-# **The result, precomputed.** Distance of guided samples to the exact target at the `full` preset, every task and method, with the noise floor (from `figures/toy2d_results.csv`, drawn by `aepo-lite figures`).
-# Shown here so the page says something before you run it.
+# **The result, precomputed.** Distance of guided samples to the exact target over the noise floor, every task and
+# method, against the energy's training steps, every method reading the true reward (from
+# `figures/toy2d_convergence.csv`, drawn by `aepo-lite figures`; the last section of this chapter says how it
+# was made and what it shows). Shown here so the page says something before you run it. The chapter's own
+# `full` preset trains the energy 600 steps, far from these converged budgets, and ranks the methods
+# differently: its grid, with AEPO reading a fitted critic where QGPO reads the true reward, is
+# `figures/toy2d_distance.png` (the summary below says what each says).
 #
-# ![toy2d_distance.png](../figures/toy2d_distance.png)
+# ![toy2d_convergence_distance.png](../figures/toy2d_convergence_distance.png)
 
 # %%
 import math

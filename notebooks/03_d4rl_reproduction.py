@@ -36,10 +36,15 @@
 
 
 # %% [markdown]
-# **The result, precomputed.** Normalised score against the guidance scale on our local Hopper-v5 medium dataset (from `figures/rl_results.csv`, drawn by `aepo-lite figures`; our numbers, not D4RL's and not the paper's).
-# Shown here so the page says something before you run it.
+# **The result, precomputed.** Normalised score against the guidance scale on our six local datasets, every
+# method with today's `bench` settings (15 sampler steps, the LayerNorm critic trained 40000 steps, a 256 x 3
+# energy trained 20000 steps; from `figures/rl_6c_big.csv`, drawn by `aepo-lite figures`; our numbers, not
+# D4RL's and not the paper's). Shown here so the page says something before you run it; the summary at the end
+# says what it shows, including where AEPO misses its target (Hopper medium). The first round's plot, one
+# dataset with 5 sampler steps, where every AEPO target fell below behaviour cloning, is
+# `figures/rl_results.png` (section 5 prints its table).
 #
-# ![rl_results.png](../figures/rl_results.png)
+# ![rl_results.png](../figures/rl_6c_big/rl_results.png)
 
 # %%
 import os
