@@ -679,24 +679,16 @@ def figures_summary(figures_dir="figures") -> str:
     return summary_markdown(*_csvs(figures_dir))
 
 
-def update_readme(readme, toy_csv="figures/toy2d_results.csv", rl_csv="figures/rl_results.csv",
-                  matched_csv: str | Path | None = None, long_csv: str | Path | None = None,
-                  convergence_csv: str | Path | None = None, rl_protocol_csv: str | Path | None = None,
-                  rl_heldout_csv: str | Path | None = None, xlong_csv: str | Path | None = None,
-                  xxlong_csv: str | Path | None = None, rl_ln_csv: str | Path | None = None,
-                  rl_big_csv: str | Path | None = None, rl_heldout_big_csv: str | Path | None = None,
-                  plateau_csv: str | Path | None = None, oracle_csv: str | Path | None = None,
-                  convergence_critic_csv: str | Path | None = None) -> Path:
-    """Rewrite the README's block between the summary markers (an error if the markers are missing)."""
+def update_readme(readme, *csvs, **named_csvs) -> Path:
+    """Rewrite the README's block between the summary markers (an error if the markers are missing) with
+    :func:`summary_markdown` of the other arguments (its CSVs, by position or name)."""
     readme = Path(readme)
     text = readme.read_text()
     if START not in text or END not in text:
         raise ValueError(f"readme: {readme} has no {START} ... {END} block to fill")
     head, rest = text.split(START, 1)
     _, tail = rest.split(END, 1)
-    body = summary_markdown(toy_csv, rl_csv, matched_csv, long_csv, convergence_csv, rl_protocol_csv, rl_heldout_csv,
-                            xlong_csv, xxlong_csv, rl_ln_csv, rl_big_csv, rl_heldout_big_csv, plateau_csv,
-                            oracle_csv, convergence_critic_csv)
+    body = summary_markdown(*csvs, **named_csvs)
     new = f"{head}{START}\n{body}{END}{tail}"
     if new != text:
         atomic_write_text(readme, new)
