@@ -741,8 +741,9 @@ else:
 # --critic regression` at each task's converged budget): every method's target reads Q from the same smooth MLP
 # fitted to e(x) at the data points instead of e(x) itself, the critic part of the error budget end to end. On
 # the rows run so far (one seed, or two on swissroll, where not said) it moves the distance of MSE little (0.95-1.01
-# of its true-reward distance on all six tasks, three seeds) and QGPO's little on four tasks (0.99-1.05), but 1.35
-# on moons, whose fitted critic is the least accurate (held-out RMS 0.075 against 0.008-0.049 on the others). The
+# of its true-reward distance on all six tasks, three seeds) and QGPO's little on five tasks (0.99-1.05), but 1.35
+# on moons, whose fitted critic is among the least accurate (held-out RMS 0.075; checkerboard 0.074, where QGPO
+# keeps 1.02; the others 0.008-0.049). The
 # centered particle target, which also reads Q only at data points, keeps 0.92-0.97 on swissroll and 8gaussians
 # but loses 17% on 2spirals, 23% on rings and 70% on moons; with both reading the fitted critic it stays closer
 # than QGPO on four tasks (0.72x, 0.89x, 0.21x, 0.58x on 2spirals, rings, swissroll, 8gaussians) and falls behind
