@@ -745,9 +745,9 @@ else:
 # on moons, whose fitted critic is among the least accurate (held-out RMS 0.075; checkerboard 0.074, where QGPO
 # keeps 1.02; the others 0.008-0.049). The
 # centered particle target, which also reads Q only at data points, keeps 0.92-0.97 on swissroll and 8gaussians
-# but loses 17% on 2spirals, 23% on rings and 70% on moons; with both reading the fitted critic it stays closer
-# than QGPO on four tasks (0.72x, 0.89x, 0.21x, 0.58x on 2spirals, rings, swissroll, 8gaussians) and falls behind
-# on moons (1.38x). The paper-style Gaussian target, which reads Q at Gaussian draws off
+# but loses 17% on 2spirals, 23% on rings and 70% on moons (checkerboard 4%); with both reading the fitted critic
+# it stays closer than QGPO on five tasks (0.72x, 0.89x, 0.21x, 0.58x, 0.96x on 2spirals, rings, swissroll,
+# 8gaussians, checkerboard) and falls behind on moons (1.38x). The paper-style Gaussian target, which reads Q at Gaussian draws off
 # the data where the fitted critic extrapolates, loses more: 1.17x its true-reward distance on swissroll, 1.46x on
 # 8gaussians (from 0.86x QGPO's to 1.35x), 2.29x on moons and 8.74x on rings (from 1.77x the floor to 15.5x),
 # though 0.89x on 2spirals. Energy errors against the exact E_t rise
