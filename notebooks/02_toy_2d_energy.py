@@ -737,23 +737,23 @@ else:
 #
 # ![toy2d_convergence_distance.png](../figures/toy2d_convergence_distance.png)
 #
-# **The fitted critic, precomputed** (`figures/toy2d_convergence_critic.md`, made by `aepo-lite toy-convergence
-# --critic regression` at each task's converged budget): every method's target reads Q from the same smooth MLP
-# fitted to e(x) at the data points instead of e(x) itself, the critic part of the error budget end to end. On
-# the rows run so far (one seed, or two on swissroll, where not said) it moves the distance of MSE little (0.95-1.01
-# of its true-reward distance on all six tasks, three seeds) and QGPO's little on five tasks (0.99-1.05), but 1.35
-# on moons, whose fitted critic is among the least accurate (held-out RMS 0.075; checkerboard 0.074, where QGPO
-# keeps 1.02; the others 0.008-0.049). The
-# centered particle target, which also reads Q only at data points, keeps 0.92-0.97 on swissroll and 8gaussians
-# but loses 17% on 2spirals, 23% on rings and 70% on moons (checkerboard 4%); with both reading the fitted critic
+# **The fitted critic, precomputed** (`figures/toy2d_convergence_critic.md`, made by `aepo-lite
+# toy-convergence --critic regression` at each task's converged budget): every method's target reads Q from
+# the same smooth MLP fitted to e(x) at the data points instead of e(x) itself, the critic part of the error
+# budget end to end. On the rows run so far (one seed, or two on swissroll, where not said) it moves the
+# distance of MSE little (0.95-1.01 of its true-reward distance on all six tasks, three seeds) and QGPO's
+# little on five tasks (0.99-1.05), but 1.35 on moons, whose fitted critic is among the least accurate
+# (held-out RMS 0.075; checkerboard 0.074, where QGPO keeps 1.02; the others 0.008-0.049). The centered
+# particle target, which also reads Q only at data points, keeps 0.92-0.97 on swissroll and 8gaussians but
+# loses 17% on 2spirals, 23% on rings and 70% on moons (checkerboard 4%); with both reading the fitted critic
 # it stays closer than QGPO on five tasks (0.72x, 0.89x, 0.21x, 0.58x, 0.96x on 2spirals, rings, swissroll,
-# 8gaussians, checkerboard) and falls behind on moons (1.38x). The paper-style Gaussian target, which reads Q at Gaussian draws off
-# the data where the fitted critic extrapolates, loses more: 1.17x its true-reward distance on swissroll, 1.46x on
-# 8gaussians (from 0.86x QGPO's to 1.35x), 2.29x on moons and 8.74x on rings (from 1.77x the floor to 15.5x),
-# though 0.89x on 2spirals. Energy errors against the exact E_t rise
-# with the fitted critic where the distances hardly move (8gaussians: the particle target 0.041 -> 0.055): the
-# fitted critic is not e(x), and the exact E_t is built from e(x). Plain bars: the true reward; hatched: the
-# fitted critic.
+# 8gaussians, checkerboard) and falls behind on moons (1.38x). The paper-style Gaussian target, which reads Q
+# at Gaussian draws off the data where the fitted critic extrapolates, loses more: 1.17x its true-reward
+# distance on swissroll, 1.46x on 8gaussians (from 0.86x QGPO's to 1.35x), 2.29x on moons and 8.74x on rings
+# (from 1.77x the floor to 15.5x), though 0.89x on 2spirals. Energy errors against the exact E_t rise with the
+# fitted critic where the distances hardly move (8gaussians: the particle target 0.041 -> 0.055): the fitted
+# critic is not e(x), and the exact E_t is built from e(x). Plain bars: the true reward; hatched: the fitted
+# critic.
 #
 # ![toy2d_convergence_critic.png](../figures/toy2d_convergence_critic.png)
 
