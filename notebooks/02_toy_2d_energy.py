@@ -749,7 +749,7 @@ else:
 # it stays closer than QGPO on five tasks (0.72x, 0.89x, 0.21x, 0.58x, 0.96x on 2spirals, rings, swissroll,
 # 8gaussians, checkerboard) and falls behind on moons (1.38x). The paper-style Gaussian target, which reads Q
 # at Gaussian draws off the data where the fitted critic extrapolates, loses more: 1.17x its true-reward
-# distance on swissroll, 1.46x on 8gaussians (from 0.86x QGPO's to 1.35x), 2.29x on moons and 8.74x on rings
+# distance on swissroll, 1.46x on 8gaussians (from 0.86x QGPO's to 1.35x), 2.29x on moons, 2.37x on checkerboard and 8.74x on rings
 # (from 1.77x the floor to 15.5x), though 0.89x on 2spirals. Energy errors against the exact E_t rise with the
 # fitted critic where the distances hardly move (8gaussians: the particle target 0.041 -> 0.055): the fitted
 # critic is not e(x), and the exact E_t is built from e(x). Plain bars: the true reward; hatched: the fitted
