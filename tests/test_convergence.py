@@ -218,6 +218,16 @@ def test_convergence_specs_and_steps_are_checked_before_any_run():
     for bad in ((), (1, 1), (-1,)):
         with pytest.raises(ValueError, match="seeds"):
             conv.spec_configs(conv.ConvergenceConfig(tasks=("moons",), seeds=bad))
+    # the fitted critic's budget: the preset's unless given, and only with the fitted critic
+    fit = dict(tasks=("moons",), specs=("qgpo",), steps=(10,), preset="smoke", critic="regression")
+    preset_steps = conv.spec_configs(conv.ConvergenceConfig(**fit))[0].critic.steps
+    longer = conv.spec_configs(conv.ConvergenceConfig(**fit, critic_steps=3 * preset_steps))[0]
+    assert (longer.critic.kind, longer.critic.steps) == ("regression", 3 * preset_steps)
+    for bad in (0, True, 2.5):
+        with pytest.raises(ValueError, match="critic_steps"):
+            conv.spec_configs(conv.ConvergenceConfig(**fit, critic_steps=bad))
+    with pytest.raises(ValueError, match="critic_steps"):
+        conv.spec_configs(conv.ConvergenceConfig(**dict(fit, critic="reward"), critic_steps=100))
 
 
 def test_convergence_run_is_resumable_and_renders(tmp_path, monkeypatch):

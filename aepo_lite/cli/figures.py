@@ -41,6 +41,7 @@ toy plateau parts   toy2d_plateau.csv (optional) ``aepo_lite.toy.plateau.render`
 toy floor by seed   toy2d_floor_spread.csv (opt.) ``aepo_lite.toy.floors.render``
 toy eval noise      toy2d_eval_noise.csv (opt.)  ``aepo_lite.toy.eval_noise.render``
 mixture bandwidth   toy2d_mixture_bandwidth.csv  ``scripts/mixture_bandwidth.py``'s ``render`` (optional)
+toy critic budget   toy2d_critic_steps.csv (opt.) ``aepo_lite.toy.critic_steps.render``
 speed benchmark     bench_*.json (optional)      ``aepo_lite.bench.to_markdown``
 QGPO comparison     compare_qgpo_*.json          ``scripts/compare_qgpo.py``'s ``to_markdown``
                     (optional)                   (timings measured there, tabulated here)
@@ -223,6 +224,8 @@ PARTS = (
     Part("toy mixture posterior's bandwidth", "scripts/mixture_bandwidth.py", "toy2d_mixture_bandwidth.csv",
          "python scripts/mixture_bandwidth.py --out figures/toy2d_mixture_bandwidth.csv", _render_report,
          optional=True),
+    Part("toy fitted critic by its steps", "aepo_lite.toy.critic_steps", "toy2d_critic_steps.csv",
+         "python scripts/toy_critic_steps.py --csv figures/toy2d_critic_steps.csv", _render_report, optional=True),
     Part("speed benchmark", "aepo_lite.bench", "bench_*.json",
          "aepo-lite bench --out figures/bench_<device>.json", _render_markdown_of_json, optional=True),
     Part("QGPO code comparison", "scripts/compare_qgpo.py", "compare_qgpo_*.json",

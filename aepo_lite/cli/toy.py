@@ -163,6 +163,8 @@ def _register_convergence(subparsers, presets, critic_kinds) -> None:
                    help="one curve per seed (default: %(default)s)")
     c.add_argument("--beta", type=_float("beta"), default=d.beta)
     c.add_argument("--critic", default=d.critic, choices=critic_kinds, help="Q of every method's target")
+    c.add_argument("--critic-steps", type=int, default=None, help="with --critic regression: the fitted critic's "
+                   "training steps (default: the preset's; python scripts/toy_critic_steps.py measures what they buy)")
     c.add_argument("--preset", default=d.preset, choices=presets, help="every setting but energy.steps")
     c.add_argument("--draws", type=int, default=None, help="distance draws per run, their mean the distance "
                    "(eval.draws; default: the preset's; a finished run evaluated with other draws is evaluated again "
@@ -192,7 +194,8 @@ def _register_convergence(subparsers, presets, critic_kinds) -> None:
 def run_convergence_command(args) -> int:
     from aepo_lite.toy import convergence as conv
     cc = conv.ConvergenceConfig(tasks=tuple(args.tasks or ()), specs=tuple(args.specs), steps=tuple(args.steps),
-                                seeds=tuple(args.seeds), beta=args.beta, critic=args.critic, preset=args.preset,
+                                seeds=tuple(args.seeds), beta=args.beta, critic=args.critic,
+                                critic_steps=args.critic_steps, preset=args.preset,
                                 device=args.device, capture=args.capture, draws=args.draws)
     if args.check is not None and args.check not in args.steps[:-1]:
         raise ValueError(f"--check {args.check}: expected one of the step counts below the largest, {args.steps[:-1]}")

@@ -56,6 +56,7 @@ class ConvergenceConfig:
     seeds: tuple[int, ...] = (0,)  # one curve per seed
     beta: float = 10.0
     critic: str = "reward"  # what every method reads Q from (matched inputs): reward | regression
+    critic_steps: int | None = None  # the fitted critic's training steps (None: the preset's; only with regression)
     preset: str = "full"  # everything but energy.steps comes from this preset
     device: str = "auto"
     capture: bool = False  # each training step one CUDA graph (eager on the CPU; the runs' results are the same)
@@ -76,6 +77,11 @@ def spec_configs(cc: ConvergenceConfig) -> list:
     steps = [int(s) for s in cc.steps]
     if not steps or any(s < 1 for s in steps) or steps != sorted(set(steps)):
         raise ValueError(f"steps: expected increasing positive step counts, got {tuple(cc.steps)}")
+    if cc.critic_steps is not None and (cc.critic == "reward" or isinstance(cc.critic_steps, bool)
+                                        or not isinstance(cc.critic_steps, int) or cc.critic_steps < 1):
+        raise ValueError(f"critic_steps: expected a positive step count of the fitted critic (critic 'regression'), "
+                         f"got {cc.critic_steps!r} with critic {cc.critic!r}")
+    critic = {"kind": cc.critic} if cc.critic_steps is None else {"kind": cc.critic, "steps": cc.critic_steps}
     seeds = list(cc.seeds)
     if not seeds or len(set(seeds)) != len(seeds) or any(not isinstance(x, int) or x < 0 for x in seeds):
         raise ValueError(f"seeds: expected distinct non-negative integers, got {tuple(cc.seeds)}")
@@ -87,7 +93,7 @@ def spec_configs(cc: ConvergenceConfig) -> list:
                 ev = {} if cc.draws is None else {"eval": {"draws": cc.draws}}
                 out += [make_config(task, method, cc.preset, seed=seed, device=cc.device, capture=cc.capture, **ev,
                                     energy=dict(over.get("energy", {}), beta=cc.beta, steps=n),
-                                    support=over.get("support"), critic={"kind": cc.critic}) for n in steps]
+                                    support=over.get("support"), critic=critic) for n in steps]
     return out
 
 

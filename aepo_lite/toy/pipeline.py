@@ -51,9 +51,9 @@ from aepo_lite.training.stages import MetricsLog, check_run_folder, run_cached_s
 
 __all__ = ["CRITIC_KINDS", "POSTERIORS", "ESTIMATORS", "make_config", "check_config", "needs_grad_q", "uses_critic",
            "estimator", "estimator_label", "estimator_overrides", "critic_label", "PreconditionedEnergy", "ToyModels",
-           "build_stages", "energy_learner", "data_q", "support_batch", "train_toy", "guided_samples",
-           "energy_errors", "run_floor", "draw_target", "draw_distance", "draws_of", "evaluate_toy", "run_toy",
-           "default_out", "default_cache_dir"]
+           "build_stages", "energy_learner", "data_q", "support_batch", "train_toy", "train_critic", "heldout_rmse",
+           "guided_samples", "energy_errors", "run_floor", "draw_target", "draw_distance", "draws_of", "evaluate_toy",
+           "run_toy", "default_out", "default_cache_dir"]
 
 CRITIC_KINDS = ("reward", "regression")  # the true e(x) on data points | a smooth MLP fitted to it
 POSTERIORS = ("gaussian", "mixture", "particles")
@@ -441,12 +441,35 @@ def train_toy(cfg: ToyConfig, *, cache_dir=None, progress: bool = True, log: Met
         m.info[st.name] = _train_entry(st, store, cfg, log, progress, device)
         getattr(m, st.name).requires_grad_(False).eval()
     if m.critic is not None:
-        task = toy.get_task(cfg.task)
-        xv = task.sample(4096, seed=99_991 + cfg.data_seed, device=device)
-        with torch.no_grad():
-            rmse = float(((m.critic(xv).squeeze(-1) - task.reward(xv)) ** 2).mean().sqrt())
-        m.info["critic"]["heldout_rmse"] = rmse
+        m.info["critic"]["heldout_rmse"] = heldout_rmse(cfg, m.critic)
     return m
+
+
+def heldout_rmse(cfg: ToyConfig, critic: nn.Module, n: int = 4096) -> float:
+    """RMS of the fitted critic against the true reward e(x) on ``n`` fresh points of ``cfg``'s task (a draw
+    seeded apart from the training set, the same for every critic of a task and data seed)."""
+    task = toy.get_task(cfg.task)
+    device = next(critic.parameters()).device
+    xv = task.sample(n, seed=99_991 + cfg.data_seed, device=device)
+    with torch.no_grad():
+        return float(((critic(xv).squeeze(-1) - task.reward(xv)) ** 2).mean().sqrt())
+
+
+def train_critic(cfg: ToyConfig, *, cache_dir=None, progress: bool = True) -> tuple[nn.Module, dict]:
+    """Train (or load from the stage cache) only the fitted critic of ``cfg`` (``critic.kind = "regression"``),
+    the very stage :func:`train_toy` trains and shares; (critic, its stage info with ``heldout_rmse``)."""
+    check_config(cfg)
+    if not uses_critic(cfg):
+        raise ValueError(f"critic.kind: train_critic trains the fitted critic (critic.kind 'regression', a method "
+                         f"other than bc), got critic.kind {cfg.critic.kind!r} with method {cfg.method!r}")
+    device = resolve_device(cfg.device)
+    x, e = _data(cfg, device)
+    m = _models(cfg, x, e, device)
+    store = StageStore(Path(cache_dir or default_cache_dir()) / cfg.task, keyed=True)
+    st = next(s for s in build_stages(cfg, m, device) if s.name == "critic")
+    info = _train_entry(st, store, cfg, None, progress, device)
+    m.critic.requires_grad_(False).eval()
+    return m.critic, dict(info, heldout_rmse=heldout_rmse(cfg, m.critic))
 
 
 # ----------------------------------------------------------------------------------------- evaluation
