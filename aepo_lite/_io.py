@@ -274,8 +274,10 @@ def merge_csv_rows(path, new_rows: list[dict], columns, key, *, made_by: str, so
                    optional: dict | None = None) -> list[dict]:
     """Merge rows into a results CSV under :func:`results_lock`: a row whose ``key`` columns equal a saved one
     replaces it, the others are kept; written sorted (``sort_key``, default the key) and atomically. Returns
-    every row. ``optional``: as in :func:`read_csv_rows` (a saved CSV without such a column gains it)."""
+    every row. ``optional``: as in :func:`read_csv_rows` (a saved CSV without such a column gains it, and so does a
+    new row without it)."""
     path = Path(path)
+    new_rows = [{**(optional or {}), **r} for r in new_rows]
     ident = lambda r: tuple(str(r[k]) for k in key)  # noqa: E731
     with results_lock(path):
         saved = read_csv_rows(path, columns, made_by=made_by, optional=optional) if path.exists() else []

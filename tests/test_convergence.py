@@ -85,7 +85,7 @@ def test_check_converged_names_every_group_that_still_improves():
                   ("moons", "aepo", "particles-K256"): {1000: 0.4, 2000: 0.39, 4000: 0.385},
                   ("rings", "mse", ""): {1000: 0.9, 2000: 0.8}})
     drops = conv.improvements(rows, 1000)
-    assert drops[("moons", "qgpo", "", "reward", "10", "0", "full")] == pytest.approx(0.5)
+    assert drops[("moons", "qgpo", "", "reward", "10", "0", "full", "")] == pytest.approx(0.5)
     assert conv.check_converged(_rows({("moons", "qgpo", ""): {2000: 0.5, 4000: 0.48}}), 2000)
     with pytest.raises(ValueError) as e:
         conv.check_converged(rows, 1000, tol=0.1)
@@ -98,7 +98,7 @@ def test_check_converged_names_every_group_that_still_improves():
     # seeds run at the budget alone are replicates: the check reads the seeds whose curves go past it
     reps = _rows({("moons", "qgpo", ""): {2000: 0.5, 4000: 0.48}}) + [
         dict(r, seed="1", err_mean="0.7") for r in _rows({("moons", "qgpo", ""): {2000: 0.7}})]
-    assert list(conv.check_converged(reps, 2000)) == [("moons", "qgpo", "", "reward", "10", "0", "full")]
+    assert list(conv.check_converged(reps, 2000)) == [("moons", "qgpo", "", "reward", "10", "0", "full", "")]
     falls = reps + [dict(r, seed="2") for r in _rows({("moons", "qgpo", ""): {2000: 0.6, 4000: 0.3}})]
     with pytest.raises(ValueError, match=r"seed 2, preset full\): 50% lower") as e:
         conv.check_converged(falls, 2000)
@@ -379,9 +379,9 @@ def test_one_curve_carried_further_keeps_the_comparison_at_the_budget_every_meth
     assert conv.matched_top(two) == 2000
     assert conv.matched_top(two + _rows({("rings", "qgpo", ""): {4000: 0.55}})) == 4000
     drops = conv.last_drops(rows)
-    assert drops[("moons", "aepo", "p", "reward", "10", "0", "full")] == (2000, 4000, pytest.approx(0.05))
-    assert drops[("moons", "qgpo", "", "reward", "10", "0", "full")] == (1000, 2000, pytest.approx(0.5))
-    assert conv.doublings(rows)[("moons", "aepo", "p", "reward", "10", "0", "full")] == [
+    assert drops[("moons", "aepo", "p", "reward", "10", "0", "full", "")] == (2000, 4000, pytest.approx(0.05))
+    assert drops[("moons", "qgpo", "", "reward", "10", "0", "full", "")] == (1000, 2000, pytest.approx(0.5))
+    assert conv.doublings(rows)[("moons", "aepo", "p", "reward", "10", "0", "full", "")] == [
         (1000, 2000, pytest.approx(0.5)), (2000, 4000, pytest.approx(0.05))]  # every doubling, not the last alone
     table = conv.convergence_markdown(rows)  # each row's drop past its own last-but-one step count
     assert "| moons | qgpo | 1.000 | 0.500 |  | +50% (not converged) |" in table
@@ -578,7 +578,7 @@ def test_fitted_critic_rows_are_set_beside_the_true_reward_at_each_converged_bud
                  ("rings", "qgpo", ""): {1000: 0.5, 2000: 0.3}, ("rings", "mse", ""): {1000: 0.3, 2000: 0.3}})
     ref = [dict(r, floor="0.02", distance="0.04" if r["method"] == "qgpo" else "0.1") for r in ref]
     ref += [dict(r, seed="1", distance="0.06") for r in ref if r["task"] == "moons" and r["energy_steps"] == "2000"]
-    fit = [dict(r, critic="regression", err_mean="0.7") for r in ref if r["task"] == "moons"
+    fit = [dict(r, critic="regression", err_mean="0.7", critic_steps="1500") for r in ref if r["task"] == "moons"
            and r["energy_steps"] == "2000"]  # seeds 0 and 1 of both methods, the reference's distances...
     for r in fit:  # ...then the fitted critic's: qgpo 0.08 / 0.10, mse 0.12 (seed 0 only) over a floor of 0.02
         r["distance"] = {("qgpo", "0"): "0.08", ("qgpo", "1"): "0.10", ("mse", "0"): "0.12"}.get(
@@ -597,7 +597,7 @@ def test_fitted_critic_rows_are_set_beside_the_true_reward_at_each_converged_bud
     assert m["seeds"] == ["0"] and m["paired"] == ["0"] and m["true"] == pytest.approx(4.0)
     assert m["ratio"] == pytest.approx(1.2) and m["vs_qgpo"] == pytest.approx(6.0 / 4.5)
     text = conv.critic_markdown(fit, ref)
-    assert "| moons | mse | 2000 | 0 | 4.00 | 6.00 | 1.20 (0) | 1.33 | 0.300 | 0.700 |" in text
+    assert "| moons | mse | 1500 | 2000 | 0 | 4.00 | 6.00 | 1.20 (0) | 1.33 | 0.300 | 0.700 |" in text
     assert ("Left out (not at a budget the true-reward curve shows converged on their task): moons qgpo at 1000, "
             "rings qgpo at 2000.") in text
     # bad input: true-reward rows among the fitted critic's; nothing at a converged budget
@@ -605,6 +605,8 @@ def test_fitted_critic_rows_are_set_beside_the_true_reward_at_each_converged_bud
         conv.critic_pairs(ref, ref)
     with pytest.raises(ValueError, match="none at a task's converged budget.*moons 2000"):
         conv.critic_pairs([dict(fit[0], energy_steps="4000")], ref)
+    with pytest.raises(ValueError, match="critic_steps"):  # a fitted row that does not say its critic's budget
+        conv.critic_pairs([dict(fit[0], critic_steps="")], ref)
 
     def write(path, rows):
         with open(path, "w", newline="") as f:
@@ -627,3 +629,20 @@ def test_fitted_critic_rows_are_set_beside_the_true_reward_at_each_converged_bud
     bars = {p.get_gid(): p.get_height() for p in figs[0].axes[0].patches if p.get_gid()}
     assert bars == pytest.approx({"moons qgpo true": 2.5, "moons qgpo fitted": 4.5, "moons mse true": 4.0,
                                   "moons mse fitted": 6.0})
+    # a second critic budget beside the first: its own rows, compared with QGPO's of the same budget, its own bars
+    longer = [dict(r, critic_steps="24000", distance="0.03") for r in fit
+              if r["energy_steps"] == "2000" and r["task"] == "moons" and r["seed"] == "0"]
+    pairs = {(p["method"], p["critic_steps"]): p for p in conv.critic_pairs(fit + longer, ref)}
+    assert set(pairs) == {("qgpo", 1500), ("mse", 1500), ("qgpo", 24000), ("mse", 24000)}
+    assert pairs[("qgpo", 24000)]["fitted"] == pytest.approx(1.5) and pairs[("mse", 24000)]["vs_qgpo"] == 1.0
+    assert pairs[("qgpo", 1500)] == conv.critic_pairs(fit, ref)[1] | {"critic_steps": 1500}
+    assert "| moons | qgpo | 24000 | 2000 | 0 | 2.50 | 1.50 | 0.75 (0) | 1.00 |" in conv.critic_markdown(fit + longer, ref)
+    write(tmp_path / "fit2.csv", fit + longer)
+    figs.clear()
+    conv.render_critic(tmp_path / "fit2.csv", tmp_path / "toy2d_convergence.csv", tmp_path)
+    bars = {p.get_gid(): p.get_height() for p in figs[0].axes[0].patches if p.get_gid()}
+    assert bars == pytest.approx({"moons qgpo true": 2.5, "moons qgpo fitted 1500": 4.5, "moons qgpo fitted 24000": 1.5,
+                                  "moons mse true": 4.0, "moons mse fitted 1500": 6.0, "moons mse fitted 24000": 1.5})
+    write(tmp_path / "old.csv", [{k: v for k, v in r.items() if k != "critic_steps"} for r in fit])
+    with pytest.raises(ValueError, match="critic_steps"):  # a fitted-critic CSV made before the column
+        conv.read_rows(tmp_path / "old.csv")

@@ -414,17 +414,27 @@ def test_fitted_critic_line_gives_each_method_fitted_over_true_and_aepo_over_qgp
                                      err_mean=0.6, distance=0.06),
            dict(base, task="a", method="aepo", estimator="p", critic="regression", seed="0", energy_steps=2000,
                 err_mean=0.6, distance=0.033)]
+    fit = [dict(r, critic_steps="1500") for r in fit]
     _write(tmp_path / "conv.csv", ref)
     _write(tmp_path / "crit.csv", fit)
     text = summary_markdown(*csvs, convergence_csv=tmp_path / "conv.csv", convergence_critic_csv=tmp_path / "crit.csv")
-    (line,) = [x for x in text.splitlines() if "the fitted critic for every method" in x]
+    (line,) = [x for x in text.splitlines() if "the fitted critic trained 1500 steps for every method" in x]
     # qgpo: (0.05 + 0.06) / (0.04 + 0.04) = 1.375 on seeds 0-1; aepo: 0.033 / 0.03 = 1.10 on seed 0;
     # AEPO over QGPO, both fitted: (0.033 / 0.02) / (0.055 / 0.02) = 0.60
     assert ("fitted critic over true reward on the same seeds: aepo[p] 1.10 on 1 task (seed 0 on a); qgpo 1.38 on 1 "
             "task (seeds 0, 1 on a); AEPO's best over QGPO, both with the fitted critic: a 0.60 (aepo[p], 1.65x the "
             "floor).") in line
     # without the true-reward curve there is nothing to set the fitted rows beside: no line
-    assert "fitted critic for every method" not in summary_markdown(*csvs, convergence_critic_csv=tmp_path / "crit.csv")
+    assert "the fitted critic trained" not in summary_markdown(*csvs, convergence_critic_csv=tmp_path / "crit.csv")
+    # a second critic budget: a line of its own, QGPO's ratio taken within it
+    longer = [dict(fit[0], critic_steps="24000", distance=0.03), dict(fit[2], critic_steps="24000", distance=0.02)]
+    _write(tmp_path / "crit.csv", fit + longer)
+    text = summary_markdown(*csvs, convergence_csv=tmp_path / "conv.csv", convergence_critic_csv=tmp_path / "crit.csv")
+    lines = [x for x in text.splitlines() if "the fitted critic trained" in x]
+    assert len(lines) == 2 and "trained 1500 steps" in lines[0] and line == lines[0]
+    assert ("trained 24000 steps for every method" in lines[1] and "aepo[p] 0.67 on 1 task (seed 0 on a); qgpo 0.75 "
+            "on 1 task (seed 0 on a); AEPO's best over QGPO, both with the fitted critic: a 0.67 (aepo[p], 1.00x the "
+            "floor).") in lines[1]
 
 
 def test_current_lines_come_first_and_the_earlier_ones_are_folded(tmp_path, csvs):

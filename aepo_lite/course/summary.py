@@ -418,7 +418,8 @@ def _convergence_lines(csv_path) -> list[str]:
 def _critic_lines(critic_csv, convergence_csv) -> list[str]:
     """The fitted critic's toy rows against the true reward's (:func:`aepo_lite.toy.convergence.critic_pairs`: each
     task at its converged budget): per method, the distance over the floor with the fitted critic over that with the
-    true reward on the same seeds, and AEPO's best estimator over QGPO where both read the fitted critic."""
+    true reward on the same seeds, and AEPO's best estimator over QGPO where both read the fitted critic; one line
+    per training budget of the critic (``critic_steps``)."""
     from aepo_lite.toy import convergence as conv
     rows = conv.read_rows(critic_csv)
     reference = conv.read_rows(convergence_csv) if convergence_csv is not None and Path(convergence_csv).exists() else []
@@ -426,6 +427,12 @@ def _critic_lines(critic_csv, convergence_csv) -> list[str]:
         return []
     pairs = [dict(p, method=p["method"].replace("(", "[").replace(")", "]")) for p in
              conv.critic_pairs(rows, reference)]
+    budgets = sorted({p["critic_steps"] for p in pairs})
+    return [line for n in budgets for line in _critic_budget_line([p for p in pairs if p["critic_steps"] == n], n)]
+
+
+def _critic_budget_line(pairs: list[dict], critic_steps: int) -> list[str]:
+    """:func:`_critic_lines`' line for the pairs of one critic training budget (none without a paired ratio)."""
     by_method = defaultdict(list)
     for p in pairs:
         if p["ratio"] is not None:
@@ -447,10 +454,10 @@ def _critic_lines(critic_csv, convergence_csv) -> list[str]:
     vs = ("; AEPO's best over QGPO, both with the fitted critic: "
           + ", ".join(f"{t} {p['vs_qgpo']:.2f} ({m}, {p['fitted']:.2f}x the floor)" for t, (m, p) in sorted(best.items()))
           if best else "; no task has AEPO and QGPO both with the fitted critic yet")
-    return [f"- **Toy 2D tasks, the fitted critic for every method** (each task at its converged budget; every "
-            "target reads Q from a smooth MLP fitted to e(x) at the data points instead of e(x); "
-            "`figures/toy2d_convergence_critic.md`): distance at w = 1 over the floor, fitted critic over true reward "
-            f"on the same seeds: {ratios}{vs}."]
+    return [f"- **Toy 2D tasks, the fitted critic trained {critic_steps} steps for every method** (each task at its "
+            "converged budget; every target reads Q from a smooth MLP fitted to e(x) at the data points instead of "
+            "e(x); `figures/toy2d_convergence_critic.md`): distance at w = 1 over the floor, fitted critic over true "
+            f"reward on the same seeds: {ratios}{vs}."]
 
 
 def _converged_lines(rows: list[dict]) -> list[str]:
@@ -484,7 +491,7 @@ def _unconverged_text(rows: list[dict], budgets: dict[str, int | None]) -> str:
               and r.get("distance") not in (None, "")]
         by = defaultdict(list)
         for r in at:
-            by[_curve_label(tuple(r[k] for k in conv._GROUP))].append(float(r["distance"]) / float(r["floor"]))
+            by[_curve_label(conv.group_of(r))].append(float(r["distance"]) / float(r["floor"]))
         ratio = {m: statistics.mean(v) for m, v in by.items()}
         seeds = sorted({r["seed"] for r in at}, key=int)
         aepo = min((m for m in ratio if m.startswith("aepo")), key=ratio.get, default=None)

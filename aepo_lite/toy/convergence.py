@@ -36,14 +36,16 @@ from aepo_lite.toy.pipeline import (RUN_FIELDS_FREE, check_config, critic_label,
 __all__ = ["ConvergenceConfig", "DEFAULT_SPECS", "spec_configs", "run_convergence", "read_rows", "merge_rows",
            "improvements", "matched_top", "matched_budgets", "last_drops", "doublings", "curve_rows", "check_converged",
            "converged_budgets", "convergence_markdown", "distance_markdown", "spread_markdown", "render", "critic_pairs",
-           "critic_markdown", "render_critic"]
+           "critic_markdown", "render_critic", "group_of"]
 
 DEFAULT_SPECS = ("qgpo", "mse", "aepo:gaussian-fit/sampled", "aepo:particles-K256")
 COLUMNS = ("task", "method", "estimator", "critic", "beta", "seed", "preset", "energy_steps", "err_0.05", "err_0.2",
-           "err_0.5", "err_mean", "distance", "draws", "floor", "energy_seconds")
-OPTIONAL = {"draws": "1"}  # distance draws behind a row; a CSV made before the column held one a row
-_KEY = ("task", "method", "estimator", "critic", "beta", "seed", "preset", "energy_steps")
-_GROUP = ("task", "method", "estimator", "critic", "beta", "seed", "preset")
+           "err_0.5", "err_mean", "distance", "draws", "floor", "energy_seconds", "critic_steps")
+# distance draws behind a row (a CSV made before the column held one a row); the fitted critic's training steps
+# ("" with the true reward; a fitted-critic CSV made before the column is refused: its critic budget is unknown)
+OPTIONAL = {"draws": "1", "critic_steps": ""}
+_KEY = ("task", "method", "estimator", "critic", "beta", "seed", "preset", "energy_steps", "critic_steps")
+_GROUP = ("task", "method", "estimator", "critic", "beta", "seed", "preset", "critic_steps")
 
 
 @dataclass
@@ -106,7 +108,8 @@ def _row(res: dict, cfg) -> dict:
                 **{f"err_{t}": f"{errs[t]:.6f}" for t in ("0.05", "0.2", "0.5")},
                 err_mean=f"{sum(errs.values()) / len(errs):.6f}", distance=f"{r['distance']:.6f}",
                 draws=draws_of(r),
-                floor=f"{r['floor']:.6f}", energy_seconds=f"{res['train_info']['energy']['seconds']:.1f}")
+                floor=f"{r['floor']:.6f}", energy_seconds=f"{res['train_info']['energy']['seconds']:.1f}",
+                critic_steps=cfg.critic.steps if res["critic"] == "regression" else "")
 
 
 def _run_dir(cfg, runs_dir) -> Path:
@@ -127,8 +130,13 @@ def _finished(out: Path, cfg) -> dict | None:
 
 def read_rows(csv_path) -> list[dict]:
     """The curve's rows (none when the CSV does not exist yet)."""
-    return (read_csv_rows(csv_path, COLUMNS, made_by="aepo-lite toy-convergence", optional=OPTIONAL)
+    rows = (read_csv_rows(csv_path, COLUMNS, made_by="aepo-lite toy-convergence", optional=OPTIONAL)
             if Path(csv_path).exists() else [])
+    if any(r["critic"] == "regression" and not r["critic_steps"] for r in rows):
+        raise ValueError(f"{csv_path}: fitted-critic rows without critic_steps (a CSV made before the column): their "
+                         "critic's training budget is unknown; write it into the column (the `full` preset's was 1500 "
+                         "steps before session 67) or run the rows again")
+    return rows
 
 
 def merge_rows(csv_path, new_rows: list[dict]) -> list[dict]:
@@ -182,7 +190,13 @@ def run_convergence(cc: ConvergenceConfig, csv_path="figures/toy2d_convergence.c
 
 def _sort_key(r: dict) -> tuple:
     return (r["task"], r["method"], r["estimator"], r["critic"], float(r["beta"]), int(r["seed"]), r["preset"],
-            int(r["energy_steps"]))
+            int(r["energy_steps"]), int(r.get("critic_steps") or 0))
+
+
+def group_of(r: dict) -> tuple:
+    """A row's group (:data:`_GROUP`) as strings; a row without ``critic_steps`` (true-reward rows made in memory)
+    has none."""
+    return tuple(str(r[k]) for k in _GROUP[:-1]) + (str(r.get("critic_steps", "")),)
 
 
 def _groups(rows: list[dict], value=None) -> dict[tuple, dict[int, float]]:
@@ -192,7 +206,7 @@ def _groups(rows: list[dict], value=None) -> dict[tuple, dict[int, float]]:
     for r in rows:
         v = float(r["err_mean"]) if value is None else value(r)
         if v is not None:
-            out.setdefault(tuple(str(r[k]) for k in _GROUP), {})[int(r["energy_steps"])] = v
+            out.setdefault(group_of(r), {})[int(r["energy_steps"])] = v
     return out
 
 
@@ -309,7 +323,7 @@ def _without_seed(g: tuple) -> tuple:
 
 def _method_key(r: dict) -> tuple:
     """A row's :func:`_without_seed` group."""
-    return _without_seed(tuple(str(r[k]) for k in _GROUP))
+    return _without_seed(group_of(r))
 
 
 def _converged_below(rows: list[dict], steps: int, tol: float) -> bool:
@@ -565,11 +579,13 @@ def render(csv_path="figures/toy2d_convergence.csv", figures_dir="figures", tol:
 
 
 def _seed_cells(rows: list[dict], at: dict[str, int]) -> dict[tuple, dict[str, dict]]:
-    """{(task, method label): {seed: row}} of the rows at their task's step count in ``at``."""
+    """{(task, method label, beta, preset, critic steps): {seed: row}} of the rows at their task's step count in
+    ``at``."""
     cells: dict[tuple, dict[str, dict]] = {}
     for r in rows:
         if int(r["energy_steps"]) == at.get(r["task"]):
-            cells.setdefault((r["task"], _label(r), r["beta"], r["preset"]), {})[str(r["seed"])] = r
+            key = (r["task"], _label(r), r["beta"], r["preset"], group_of(r)[-1])
+            cells.setdefault(key, {})[str(r["seed"])] = r
     return cells
 
 
@@ -591,20 +607,24 @@ def critic_pairs(critic_rows: list[dict], reward_rows: list[dict], tol: float = 
     if bad:
         raise ValueError(f"critic rows: expected the fitted critic's rows (critic 'regression'), got critic {bad[0]!r} "
                          "(the true-reward rows belong in the reference CSV, toy2d_convergence.csv)")
+    if any(not group_of(r)[-1] for r in critic_rows):
+        raise ValueError("critic rows: each needs the fitted critic's training steps (critic_steps), which rows made "
+                         "before that column lack")
     reward = [r for r in reward_rows if r["critic"] == "reward"]
     budgets = converged_budgets(reward, tol) if reward else {}
     at = {t: n for t, n in budgets.items() if n is not None}
     fitted, true = _seed_cells(critic_rows, at), _seed_cells(reward, at)
     out = []
-    for key, by_seed in sorted(fitted.items()):
+    for key, by_seed in sorted(fitted.items(), key=lambda kv: (*kv[0][:4], int(kv[0][4]))):
         task, label = key[0], key[1]
-        ref = true.get(key, {})
+        ref = true.get((*key[:4], ""), {})
         paired = sorted(set(by_seed) & set(ref), key=int)
         mean = _mean_over
         qgpo = fitted.get((task, "qgpo", *key[2:]))
         f_mean = mean(by_seed, list(by_seed), _over_floor)
         q_mean = mean(qgpo, list(qgpo), _over_floor) if qgpo else None
-        out.append(dict(task=task, method=label, steps=at[task], seeds=sorted(by_seed, key=int), paired=paired,
+        out.append(dict(task=task, method=label, critic_steps=int(key[4]), steps=at[task],
+                        seeds=sorted(by_seed, key=int), paired=paired,
                         fitted=f_mean, true=mean(ref, list(ref), _over_floor) if ref else None,
                         ratio=(mean(by_seed, paired, _over_floor) / mean(ref, paired, _over_floor)) if paired else None,
                         fitted_err=mean(by_seed, list(by_seed), lambda r: float(r["err_mean"])),
@@ -624,16 +644,17 @@ def critic_markdown(critic_rows: list[dict], reward_rows: list[dict], tol: float
 
     def f(x, spec=".2f"):
         return "" if x is None else format(x, spec)
-    lines = ["| task | method | energy steps | seeds | / floor, true reward | / floor, fitted critic | fitted / true "
-             "(paired seeds) | / QGPO, both fitted | energy error, true | energy error, fitted |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| task | method | critic steps | energy steps | seeds | / floor, true reward | / floor, fitted critic | "
+             "fitted / true (paired seeds) | / QGPO, both fitted | energy error, true | energy error, fitted |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for p in pairs:
-        lines.append(f"| {p['task']} | {p['method']} | {p['steps']} | {', '.join(p['seeds'])} | {f(p['true'])} | "
+        lines.append(f"| {p['task']} | {p['method']} | {p['critic_steps']} | {p['steps']} | {', '.join(p['seeds'])} | "
+                     f"{f(p['true'])} | "
                      f"{f(p['fitted'])} | {f(p['ratio'])}" + (f" ({', '.join(p['paired'])})" if p["paired"] else "")
                      + f" | {f(p['vs_qgpo'])} | {f(p['true_err'], '.3f')} | {f(p['fitted_err'], '.3f')} |")
-    shown = {(p["task"], p["method"], s, p["steps"]) for p in pairs for s in p["seeds"]}
+    shown = {(p["task"], p["method"], str(p["critic_steps"]), s, p["steps"]) for p in pairs for s in p["seeds"]}
     left = sorted({(r["task"], _label(r), int(r["energy_steps"])) for r in critic_rows
-                   if (r["task"], _label(r), str(r["seed"]), int(r["energy_steps"])) not in shown})
+                   if (r["task"], _label(r), group_of(r)[-1], str(r["seed"]), int(r["energy_steps"])) not in shown})
     return ("\n".join(lines) + "\n"
             + ("\nLeft out (not at a budget the true-reward curve shows converged on their task): "
                + ", ".join(f"{t} {m} at {n}" for t, m, n in left) + ".\n" if left else ""))
@@ -651,16 +672,23 @@ def _plot_critic(pairs: list[dict], path) -> Path | None:
         return None
     tasks = sorted({p["task"] for p in pairs})
     methods = sorted({p["method"] for p in pairs})
+    budgets = sorted({p["critic_steps"] for p in pairs})  # the fitted critic's training steps, one hatch each
+    hatches = dict(zip(budgets, ("///", "...", "xxx", "\\\\\\")))
     colours = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}
-    width = 0.8 / (2 * len(methods))
+    width = 0.8 / ((1 + len(budgets)) * len(methods))
     fig, ax = plt.subplots(figsize=(2.4 + 1.5 * len(tasks), 4.2), layout="constrained")
+    drawn = set()  # (task, method) whose true-reward bar is drawn
     for p in pairs:
-        x0 = tasks.index(p["task"]) - 0.4 + 2 * methods.index(p["method"]) * width
-        for dx, value, hatch in ((0, p["true"], None), (width, p["fitted"], "///")):
+        x0 = tasks.index(p["task"]) - 0.4 + (1 + len(budgets)) * methods.index(p["method"]) * width
+        fitted = "fitted" if len(budgets) == 1 else f"fitted {p['critic_steps']}"
+        bars = [] if (p["task"], p["method"]) in drawn else [(0, p["true"], None, "true")]
+        drawn.add((p["task"], p["method"]))
+        bars.append(((1 + budgets.index(p["critic_steps"])) * width, p["fitted"], hatches[p["critic_steps"]], fitted))
+        for dx, value, hatch, what in bars:
             if value is not None:
                 ax.bar(x0 + dx + width / 2, value, width, color=colours[p["method"]], hatch=hatch,
                        edgecolor="white" if hatch else colours[p["method"]], lw=0,
-                       gid=f"{p['task']} {p['method']} {'fitted' if hatch else 'true'}")  # tests read it
+                       gid=f"{p['task']} {p['method']} {what}")  # tests read it
     for y in (1.0, 2.0):
         ax.axhline(y, color="0.6", ls=":", lw=1)
     ax.set_xticks(range(len(tasks)), [f"{t}\n{next(p['steps'] for p in pairs if p['task'] == t)} steps"
@@ -671,8 +699,9 @@ def _plot_critic(pairs: list[dict], path) -> Path | None:
     ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_ylabel("sliced-W2 distance / noise floor\n(w = 1; dotted: 1x, 2x)")
     handles = [Patch(color=colours[m], label=m) for m in methods]
-    handles += [Patch(facecolor="0.7", label="true reward"), Patch(facecolor="0.7", hatch="///", edgecolor="white",
-                                                                   label="fitted critic")]
+    handles += [Patch(facecolor="0.7", label="true reward")] + [
+        Patch(facecolor="0.7", hatch=hatches[n], edgecolor="white",
+              label="fitted critic" + (f", {n} steps" if len(budgets) > 1 else "")) for n in budgets]
     fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 4), fontsize=8, frameon=False)
     fig.suptitle("The fitted critic against the true reward,\neach task at its converged budget (mean over seeds)",
                  fontsize=9)
@@ -698,12 +727,13 @@ def render_critic(csv_path="figures/toy2d_convergence_critic.csv", reference_csv
     text = (f"The fitted critic against the true reward, generated from `{Path(csv_path).name}` and "
             f"`{Path(reference_csv).name}` by `aepo_lite.toy.convergence.render_critic` (do not edit by hand). "
             "Every method's target reads Q from a smooth MLP regressed on the true reward e(x) at the data points "
-            "(`critic.kind = regression`) instead of e(x) itself; everything else as in the true-reward rows. Each "
+            "(`critic.kind = regression`), trained `critic steps` steps (`toy2d_critic_steps.md`: its error against "
+            "e(x) by that budget), instead of e(x) itself; everything else as in the true-reward rows. Each "
             "task at the smallest budget the true-reward curve shows converged ("
             + ", ".join(f"{t} {n}" for t, n in budgets.items()) + "). Sliced-W2 distance at w = 1 over the noise "
             "floor, the mean over each row's own seeds (the true reward's are every seed run at that budget; "
-            "`fitted / true` compares the seeds both have, listed); `/ QGPO`: over QGPO's with the fitted critic on "
-            "the same task; energy error: RMS of f_phi against the exact E_t, mean over t = 0.05, 0.2, 0.5. What "
+            "`fitted / true` compares the seeds both have, listed); `/ QGPO`: over QGPO's with the same fitted "
+            "critic on the same task; energy error: RMS of f_phi against the exact E_t, mean over t = 0.05, 0.2, 0.5. What "
             "the fitted critic costs is the critic part of the error budget (derivation 6b) end to end. Our "
             "measurement, not the paper's.\n\n" + critic_markdown(rows, reference, tol, pairs))
     paths = [atomic_write_text(d / f"{stem}.md", text), _plot_critic(pairs, d / f"{stem}.png")]
