@@ -57,3 +57,19 @@ def test_critic_steps_bad_input():
         CS.configs(["moons"], [0])
     with pytest.raises(ValueError, match="task"):
         CS.configs(["nope"], [10])
+
+
+def test_toy_grid_critic_steps_reach_the_fitted_critic_only():
+    from aepo_lite.cli import build_parser
+    from aepo_lite.cli.toy import _grid_configs
+    base = ["toy-grid", "--tasks", "moons", "--methods", "qgpo", "bc", "--betas", "10", "--seeds", "0",
+            "--critic", "reward", "regression"]
+    preset = _grid_configs(build_parser().parse_args(base))
+    cfgs = _grid_configs(build_parser().parse_args(base + ["--critic-steps", "12000"]))
+    got = [(c.method, c.critic.kind, c.critic.steps) for c in cfgs]
+    assert got == [(c.method, c.critic.kind, 12000 if c.critic.kind == "regression" else c.critic.steps)
+                   for c in preset]
+    assert ("qgpo", "regression", 12000) in got and preset[1].critic.steps != 12000
+    for bad in (["--critic-steps", "0"], ["--critic-steps", "100", "--critic", "reward"]):
+        with pytest.raises(ValueError, match="--critic-steps"):
+            _grid_configs(build_parser().parse_args(base + bad))

@@ -94,6 +94,8 @@ def register(subparsers) -> None:
     g.add_argument("--critic", nargs="+", default=["reward"], choices=CRITIC_KINDS,
                    help="Q of the energy targets: reward (the true e(x), default) and/or regression (the fitted "
                         "critic); every method runs with each")
+    g.add_argument("--critic-steps", type=int, default=None, help="the fitted critic's training steps (default: the "
+                   "preset's; the grids committed before session 67 used 1500)")
     g.add_argument("--betas", type=_float("betas"), nargs="+", default=[3.0, 10.0, 20.0])
     g.add_argument("--guidance-scales", type=_float("guidance-scales"), nargs="+", default=[1.0])
     g.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -130,6 +132,10 @@ def _estimator_specs(args, critic: str) -> list[str]:
 def _grid_configs(args) -> list:
     from aepo_lite.toy.pipeline import estimator_overrides, make_config
     from aepo_lite.toy.tasks import task_names
+    if args.critic_steps is not None and (args.critic_steps < 1 or "regression" not in args.critic):
+        raise ValueError(f"--critic-steps {args.critic_steps}: expected a positive step count of the fitted critic "
+                         "(with --critic regression)")
+    steps = {} if args.critic_steps is None else {"steps": args.critic_steps}
     cfgs = []
     for beta in args.betas:
         for seed in args.seeds:
@@ -140,7 +146,8 @@ def _grid_configs(args) -> list:
                             over = estimator_overrides(spec) if spec else {}
                             cfgs.append(make_config(task, method, args.preset, seed=seed, device=args.device,
                                                     energy=dict(over.get("energy", {}), beta=beta),
-                                                    support=over.get("support"), critic={"kind": critic},
+                                                    support=over.get("support"),
+                                                    critic=dict(kind=critic, **(steps if critic == "regression" else {})),
                                                     sampling={"guidance_scales": tuple(args.guidance_scales)}))
     return cfgs
 
