@@ -189,8 +189,10 @@ class ToyConfig:
     capture: bool = False  # each training step one CUDA graph (training.CapturedStep; eager on the CPU)
     behaviour: BehaviourConfig = field(default_factory=lambda: BehaviourConfig(
         steps=3000, batch=512, lr=2e-3, lr_decay=True, hidden=128, blocks=2))
+    # the fitted critic (kind "regression") trains 24000 steps: chosen by measurement (figures/toy2d_critic_steps.md,
+    # its error against e(x) by budget; docs/results.md); 1500 until session 67, where it cost the targets reading it
     critic: CriticConfig = field(default_factory=lambda: CriticConfig(
-        kind="reward", steps=1500, batch=512, lr=2e-3, lr_decay=True, hidden=128, depth=3, activation="silu"))
+        kind="reward", steps=24_000, batch=512, lr=2e-3, lr_decay=True, hidden=128, depth=3, activation="silu"))
     support: SupportConfig = field(default_factory=lambda: SupportConfig(k=16))
     energy: EnergyConfig = field(default_factory=lambda: EnergyConfig(
         steps=600, batch=256, lr=1e-3, lr_decay=True, hidden=128, depth=3, beta=10.0, posterior="gaussian",
