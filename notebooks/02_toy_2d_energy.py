@@ -637,7 +637,11 @@ else:
 #   contrastive energy is the closest method on every task there, and AEPO is within 2x of the floor
 #   on none. Those AEPO rows used the fitted critic while QGPO read the true reward, so that grid is not
 #   a matched comparison; the error budget (`figures/toy2d_budget.md`) shows where AEPO's Gaussian
-#   targets lose accuracy: a fitted critic's gradient multiplies their variance term at large t.
+#   targets lose accuracy: a fitted critic's gradient multiplies their variance term at large t. The
+#   more accurate the critic, the worse that gets: fitted to a 0/1 reward, a critic trained 24000 steps is
+#   steep at the reward's steps, and the first-order targets' critic part goes from 2.4 (critic of 800
+#   steps) to 127 at t = 0.05 (907 at t = 0.2), while the targets that read only Q's values (sampled,
+#   particles) gain from it (particles-K256 0.95 -> 0.50). So the defaults read values.
 # - With every method reading the true reward and longer energy budgets (the summary's later lines,
 #   `docs/results.md`), AEPO's in-support particle target regressed plainly was closest on 2 of 6 tasks,
 #   and the error budget of those runs put its remaining error in the regression, not in its target.

@@ -143,3 +143,25 @@ def test_budget_config_rejects_bad_values():
         _cfg(times=(1.5,))
     with pytest.raises(ValueError, match="task"):
         _cfg(tasks=("spiral",))
+
+
+def test_toy_budget_script_passes_its_sizes_and_refuses_bad_counts(monkeypatch, capsys):
+    import importlib.util
+    from pathlib import Path
+    spec = importlib.util.spec_from_file_location("toy_budget", Path(__file__).resolve().parents[1] / "scripts"
+                                                  / "toy_budget.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    got = {}
+    monkeypatch.setattr(mod, "run_budget", lambda cfg, **kw: got.update(cfg=cfg, **kw))
+    assert mod.main(["--tasks", "moons", "--n-ref-data", "10000", "--grid-size", "24", "--behaviour-steps", "1500",
+                     "--critic-steps", "777", "--out-dir", "somewhere", "--cache", "cache"]) == 0
+    cfg = got["cfg"]
+    assert (cfg.tasks, cfg.n_ref_data, cfg.grid_size, cfg.behaviour.steps, cfg.critic.steps) == (
+        ("moons",), 10000, 24, 1500, 777)
+    assert cfg.critic.kind == "regression" and cfg.critic.hidden == B.BudgetConfig().critic.hidden
+    assert got["out_dir"] == "somewhere" and str(got["store"].root) == "cache"
+    for bad, name in ((["--critic-steps", "0"], "--critic-steps"), (["--tasks", "nope"], "nope")):
+        with pytest.raises(SystemExit):
+            mod.main(bad)
+        assert name in capsys.readouterr().err

@@ -76,9 +76,10 @@ class BudgetConfig:
     n_data: int = 20_000  # training points of train_models' behaviour model and critic
     behaviour: BehaviourConfig = field(default_factory=lambda: BehaviourConfig(
         steps=3000, batch=512, lr=2e-3, lr_decay=True, hidden=128, blocks=2))  # train_models' behaviour model
+    # train_models' smooth critic Q(x) ≈ e(x), trained as long as the toy preset's (1500 steps until session 67)
     critic: CriticConfig = field(default_factory=lambda: CriticConfig(
-        kind="regression", steps=1500, batch=512, lr=2e-3, lr_decay=True, hidden=128, depth=3,
-        activation="silu"))  # train_models' smooth critic Q(x) ≈ e(x)
+        kind="regression", steps=24_000, batch=512, lr=2e-3, lr_decay=True, hidden=128, depth=3,
+        activation="silu"))
 
     def validate(self) -> "BudgetConfig":
         """Check every field; a ValueError names the bad one."""
