@@ -597,7 +597,9 @@ else:
 #    `critic=dict(kind="regression")` (first order needs a gradient of Q): how much of AEPO's result comes
 #    from the posterior covariance, and why does the first-order expansion overshoot with a steep critic?
 # 3. Replace the smooth critic by a narrower one (fewer `critic.steps`) and watch the error of
-#    $f$ at small $t$.
+#    $f$ at small $t$. Then train the first-order target of 2 with a critic trained longer than the
+#    preset's: why does a critic closer to $e(x)$ make that target worse and the sampled one better
+#    (`figures/toy2d_budget.md`, its critic part)?
 # 4. Train our in-support particle target with the centered regression (derivation 4b), the AEPO
 #    estimator that measured best on the `long` grid: `TT.estimator_overrides("particles-K64-centered")`
 #    gives its settings (groups of 64 data points noised at one $t$, 64 groups per step). Compare its
@@ -639,8 +641,8 @@ else:
 #   a matched comparison; the error budget (`figures/toy2d_budget.md`) shows where AEPO's Gaussian
 #   targets lose accuracy: a fitted critic's gradient multiplies their variance term at large t. The
 #   more accurate the critic, the worse that gets: fitted to a 0/1 reward, a critic trained 24000 steps is
-#   steep at the reward's steps, and the first-order targets' critic part goes from 2.4 (critic of 800
-#   steps) to 127 at t = 0.05 (907 at t = 0.2), while the targets that read only Q's values (sampled,
+#   steep at the reward's steps, and the critic part of `gaussian-fit-first` goes from 2.4 (critic of 800
+#   steps) to 127 at t = 0.05 (907 at t = 0.2; mean over the tasks), while the targets that read only Q's values (sampled,
 #   particles) gain from it (particles-K256 0.95 -> 0.50). So the defaults read values.
 # - With every method reading the true reward and longer energy budgets (the summary's later lines,
 #   `docs/results.md`), AEPO's in-support particle target regressed plainly was closest on 2 of 6 tasks,
