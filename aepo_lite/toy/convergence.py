@@ -673,7 +673,7 @@ def _plot_critic(pairs: list[dict], path) -> Path | None:
     tasks = sorted({p["task"] for p in pairs})
     methods = sorted({p["method"] for p in pairs})
     budgets = sorted({p["critic_steps"] for p in pairs})  # the fitted critic's training steps, one hatch each
-    hatches = dict(zip(budgets, ("///", "...", "xxx", "\\\\\\")))
+    hatches = {n: ("///", "...", "xxx", "\\\\\\", "+++")[i % 5] for i, n in enumerate(budgets)}
     colours = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}
     width = 0.8 / ((1 + len(budgets)) * len(methods))
     fig, ax = plt.subplots(figsize=(2.4 + 1.5 * len(tasks), 4.2), layout="constrained")
