@@ -48,7 +48,7 @@ def measure(cfgs, csv_path, *, cache_dir=None, progress: bool = True) -> list[di
     the CSV already has is skipped); returns the CSV's rows."""
     have = {tuple(r[k] for k in _KEY) for r in read_rows(csv_path)} if Path(csv_path).exists() else set()
     for cfg in cfgs:
-        if tuple(str(v) for k, v in _row(cfg, 0.0, 0.0).items() if k in _KEY) in have:
+        if tuple(str(_row(cfg, 0.0, 0.0)[k]) for k in _KEY) in have:
             continue
         _, info = P.train_critic(cfg, cache_dir=cache_dir, progress=progress)
         row = _row(cfg, info["heldout_rmse"], info["seconds"])  # its training time, also when loaded from the cache
