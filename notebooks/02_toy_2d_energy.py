@@ -762,8 +762,8 @@ else:
 # (`figures/toy2d_critic_steps.md`): trained 24000 steps, now the preset's, it is 3-27x closer to e(x), and on
 # moons, seed 0, it costs QGPO and the particle target nothing (0.99 and 1.00 of their true-reward distances;
 # energy errors 0.034 and 0.044, as with the true reward), so the particle target is 1.12x QGPO's distance there,
-# as with the true reward (1.10x), not 1.38x; on swissroll and 2spirals (seed 0) both read it at 1.00 of their
-# true-reward distances too. The critic part of the budget was mostly the critic's training budget. Plain bars: the true reward; hatched: the fitted critic, one hatch per critic budget.
+# as with the true reward (1.10x), not 1.38x; on swissroll, 2spirals and rings (seed 0) both read it at
+# 0.85-1.00 of their true-reward distances too. The critic part of the budget was mostly the critic's training budget. Plain bars: the true reward; hatched: the fitted critic, one hatch per critic budget.
 #
 # ![toy2d_convergence_critic.png](../figures/toy2d_convergence_critic.png)
 
