@@ -285,6 +285,24 @@ else:
 #
 # ## Summary
 #
+# **Where it stands** (every number from `figures/`; the generated lines below give every row, and the record
+# after this list says how each was measured):
+#
+# - The library's default AEPO estimator (the centered particle target of derivation 4b, fitted with QGPO's
+#   softmax loss; the `bench` preset's LayerNorm critic trained 40000 steps and 256 x 3 energy trained 20000 steps;
+#   all of these our choices, by measurement) beats behaviour cloning by 5 points on 5 of the 6 local datasets and
+#   is at or above QGPO on 5 of 6 (3-10 seeds). The issue's target, BC + 5 on every dataset, is not reached.
+# - The miss is Hopper medium: BC + 2.9 (10 seeds, at w = 10, the largest scale swept). There the data's own
+#   actions, ranked by the simulator's exact return, are worth BC + 0.8 taken one step; ranked by a perfect critic
+#   of the data policy's Q, BC + 3.7 (the best of 64); searched as whole trajectories, BC + 2.5. Our critics rank
+#   actions there about as a coin. By the error budget both the critic and the data's support are at fault.
+# - The one loss to QGPO is Pusher replay, 86.4 against 87.4, within the seeds' spread (2.5 and 1.1).
+# - On Reacher, kept for checks nothing was tuned on: the default 80.0, QGPO 75.9, behaviour cloning 32.4 (3 seeds).
+# - The paper-style Gaussian target, as we implement it, scores below behaviour cloning on 3 of these 7 datasets;
+#   its trained energy's gradient points no better than chance on 5 of 6 (`figures/rl_6c_ln/energy_fit.md`).
+#
+# **The record**, in the order it was measured:
+#
 # - Minari's `D4RL/*` Adroit and Kitchen sets are D4RL ports; `mujoco/*` is new data on v5
 #   environments: QGPO's locomotion table is context there, not a target.
 # - Transitions bootstrap on terminations, never on truncations; rewards follow IQL's conventions.
@@ -305,82 +323,84 @@ else:
 #   behaviour cloning by 5 on 5 of 6 and is at or above QGPO on 6 of 6 (on seeds 0-2 it gained on four
 #   datasets, most on HalfCheetah replay, 60.4 against 39.7, and lost on Hopper replay, 77.7 against 102.2,
 #   and Pusher replay).
-# - Hopper medium stays the miss (BC + 2.1 there, 5 seeds; + 2.9 with today's default on 10 seeds, below): the
-#   best of 16 behaviour samples by Q is barely better than one there, and the policy that made the data scores
-#   the same with action noise up to three times the data's (60.5 without, 61.9 at std 0.3). Ranked by their
-#   exact return instead of a critic (an oracle: the simulator run to the episode's end from each candidate),
-#   the best of 64 of the data's own actions scores 62.7, BC + 0.8 (BC 61.9 on 10 seeds); candidates three times
-#   as spread reach 67.5 (`figures/rl_6c_ln/support_oracle.md`). Its support holds almost nothing better to
-#   steer to: one step of improvement within it cannot reach BC + 5, and several did not in our search: searched
-#   with the simulator over whole trajectories of the data's own policy, replanned at every step, the best of 16
-#   / 64 / 256 trajectories scores 63.8 / 64.0 / 64.4 (BC + 2.5 at most, rising slowly with their number), while
-#   trajectories with two or three times the data's noise reach 66.1 / 68.7. The default's best w there, 10, is
-#   the sweep's largest (the tables below say so); w = 20, 30 and 50, checked outside the sweep, score lower
-#   (docs/results.md).
-#   At w = 10 the default acts beyond 3 of the data's noise stds on 60% of its steps (seeds 5-9; the data's own
-#   actions 0.5%, behaviour cloning 13%; `figures/rl_6c_big/support_spread.md`): the gain it makes there is made
-#   off the support, where the in-support target and the critic extrapolate. Against exact action values (the
-#   simulator run from the states the policies visit; seeds 5 and 6, `figures/rl_6c_big/critic_errors.md`) neither
-#   critic ranks actions much better than a coin, on the support or off it: the advantages to rank are hundredths of a
-#   point a step and the critics' errors 1.4-5.3 times that. We first read the critic as the part of the error
-#   budget at fault; the end of this item says why, for steps within the support, we now read the support instead.
-#   Training it 4x longer, 4x wider at 4x the batch, or with expectile 0.5 does not change that (seed 5: right signs
-#   0.49-0.58, `figures/rl_6c_big/critic_budget.md`), and neither does a critic regressed on the data's Monte-Carlo
-#   returns (`critic.kind = mc`, ours: signs 0.50-0.56 on the candidates around mu(s)); AEPO steered by it scores
-#   62.7 at best (w = 3, seeds 5-7), about BC + 0.8, and falls apart at w = 10. Eight critics trained alike but
-#   for their seed agree with each other (correlation 0.23-0.60 of their advantages) more than one of them agrees
-#   with the exact values (0.01-0.25), and their mean ranks no better than one (`figures/rl_6c_big/critic_seeds.md`):
-#   the critics' error is shared, not a matter of the seed, so an ensemble of seeds does not fix it. Part of what
-#   they share: they rank actions nearer the data policy's mean higher (correlation 0.19-0.38 with -|a - mu(s)|^2
-#   on the spread candidates, where the exact advantages show -0.02 to 0.06). Nor does
-#   more data of the same policy: critics trained on 1/8 to 4 times this dataset's transitions (a dataset made four
-#   times as large, `figures/rl_6c_big/critic_data.md`) rank the candidates around mu(s) alike, right signs
-#   0.50-0.60 at 80000 steps for the IQL and the Monte-Carlo critic, neither rising from 100k to 800k; data
-#   collected with three times the action noise around the same policy gives 0.49-0.59. Nor do exact targets: the
-#   same network regressed on each transition's exact value by the simulator (`--critic-kind exact`, 25k and 50k
-#   transitions) gets 0.54-0.59 of the signs right, and 0.51-0.57 when it is also shown four more actions at
-#   each state with their exact values (`--extra-actions 4`, data no offline method has). Nor is it a failure to
-#   carry what was fitted to other states: that critic orders its own training states' actions no better than
-#   held-out ones (0.551 and 0.565 of the pairs, `figures/rl_6c_big/critic_data_fit.md`), and neither a loss on the
-#   differences within a state (`--within-weight`) nor a 256 x 3 network changes that (0.55-0.56). The exact
-#   value is close to a plane in the action at each state (R2 0.89 against 0.73 for shuffled values), but the
-#   plane's slope, the direction of improvement, is nearly unrelated from one step of an episode to the next (mean
-#   cosine 0.04; random pairs 0.01; `figures/rl_6c_big/exact_gradients.md`): a critic that is a smooth function of
-#   the state cannot follow it at this data's resolution. That value continues with the deterministic snapshot, the
-#   reference of every critic measure above. The data's own Q, which a critic is fitted to (the mean over the
-#   data's action noise after the action; 32 draws on 8 episodes), is smoother: cosine 0.19 between consecutive
-#   states and 0.24 to the nearest state of another episode, against 0.08 and 0.11 for the deterministic value on
-#   the same states (the two halves of the draws agree only to 0.50, so these understate it). It orders 0.68 of a
-#   state's action pairs as the deterministic value does: a critic that had learned it exactly would score about
-#   0.68 against that reference, not 1, and the critics' 0.51-0.59 lie between a coin and that ceiling.
-#   On InvertedDoublePendulum, where the critic does rank,
-#   the same measure gives 0.63 between consecutive states against 0.27 for random pairs (a one-dimensional action:
-#   a cosine is a sign there). QGPO's in-support critic does not lift AEPO on Hopper medium either (62.8 at best,
-#   w = 3, seeds 5-7), nor does section 4b's mixture posterior in place of the particles (63.4 at best, w = 3,
-#   seeds 0-4; at w = 10 level with them on four seeds and 20.8 on the fifth). On InvertedDoublePendulum the mixture
-#   fails outright (10.5 at best, BC + 0.3, against the particles' 67.4): with the bandwidth chosen on the toy tasks
-#   (h = 0.05) its own target points the reference E_t's way on only 0.45-0.51 of states, because that critic is
-#   steep and the target's variance term credits its slope across each kernel; at h = 0.01 it agrees on 0.95-0.96,
-#   as the particles do (`figures/rl_6c_big/mixture_bandwidth.md`), and scores 86.3 at w = 1 against the
-#   particles' 67.4 on the same three seeds (75.3 against 58.7 on five). On both Hopper sets and both Pusher sets it
-#   trails them at h = 0.01 (68.6, 64.5, 85.8 and 82.5 against 72.4, 66.7, 86.4 and 90.7, seeds 0-2; on Pusher
-#   medium-expert only BC + 1.3) and matches them on HalfCheetah replay (92.5 against 92.4), its target there close
-#   to the particles' (the critics are flat), so it is not the default: it fails four of the twelve checks, the
-#   default two. Finally, a perfect critic of the data's Q within the support: the same oracle ranking the data's own
-#   actions by the mean of 16 noisy rollouts of the data's policy scores 63.2 / 63.9 / 65.7 at N = 4 / 16 / 64
-#   (BC + 1.3 / 2.0 / 3.7; 4-10 episodes; `figures/rl_6c_ln/support_oracle.md`). The preset's critic takes the
-#   best of 16 / 64 / 256 of the behaviour's samples to 63.5 / 64.3 / 65.4 (BC + 1.3 / 2.1 / 3.2, seeds 0-2;
-#   `figures/rl_6c_big/rl_results.md`): near the perfect one's step at N = 16, about 1.5 under it at N = 64. So on
-#   Hopper medium both parts of the budget are at fault: the critic, which ranks the data's actions about as a coin
-#   and needs 4x the candidates to come near a perfect critic's step, and the data's support, where even that perfect
-#   step stays under BC + 5 at every N measured (rising with N, so a larger N is not ruled out). The default's BC +
-#   2.9 is made off the support, where no critic has data, and whether an offline method can find the actions worth
-#   BC + 5 (2-3x the data's spread, by the simulator, or a larger N within it) stays open. Nor does the critic's
-#   selection on top of guidance close it: the default's guided sampler drawing N = 4 / 16 / 64 actions and the critic
-#   keeping the best scores 66.9 / 66.9 / 62.5 at w = 10 against 66.7 without (seeds 0-2; BC 62.2 there), QGPO's at
-#   best 63.8 against 62.9 (`figures/rl_6c_big/selection/rl_results.md`): more candidates ranked by the critic that
-#   already steers the guidance find no more. Nor does a sharper target: beta = 10 in place of the preset's 3 scores
-#   64.3 at its best w (3) on the same seeds, 2.4 under the default (`docs/results.md`).
+# - Hopper medium stays the miss (BC + 2.1 there, 5 seeds; + 2.9 with today's default on 10 seeds, below). What was
+#   asked there, one question at a time:
+#   - **What the data's support holds.** The best of 16 behaviour samples by Q is barely better than one there, and
+#     the policy that made the data scores the same with action noise up to three times the data's (60.5 without, 61.9
+#     at std 0.3). Ranked by their exact return instead of a critic (an oracle: the simulator run to the episode's end
+#     from each candidate), the best of 64 of the data's own actions scores 62.7, BC + 0.8 (BC 61.9 on 10 seeds);
+#     candidates three times as spread reach 67.5 (`figures/rl_6c_ln/support_oracle.md`). Searched with the simulator
+#     over whole trajectories of the data's own policy, replanned at every step, the best of 16 / 64 / 256
+#     trajectories scores 63.8 / 64.0 / 64.4 (BC + 2.5 at most, rising slowly with their number), while trajectories
+#     with two or three times the data's noise reach 66.1 / 68.7. A perfect critic of the data's Q within the support
+#     (the same oracle ranking the data's own actions by the mean of 16 noisy rollouts of the data's policy) scores
+#     63.2 / 63.9 / 65.7 at N = 4 / 16 / 64 (BC + 1.3 / 2.0 / 3.7; 4-10 episodes).
+#   - **Where the default gains.** Its best w there, 10, is the sweep's largest (the tables below say so); w = 20, 30
+#     and 50, checked outside the sweep, score lower (docs/results.md). At w = 10 the default acts beyond 3 of the
+#     data's noise stds on 60% of its steps (seeds 5-9; the data's own actions 0.5%, behaviour cloning 13%;
+#     `figures/rl_6c_big/support_spread.md`): the gain it makes there is made off the support, where the in-support
+#     target and the critic extrapolate.
+#   - **What the critics know.** Against exact action values (the simulator run from the states the policies visit;
+#     seeds 5 and 6, `figures/rl_6c_big/critic_errors.md`) neither critic ranks actions much better than a coin, on
+#     the support or off it: the advantages to rank are hundredths of a point a step and the critics' errors 1.4-5.3
+#     times that. Training it 4x longer, 4x wider at 4x the batch, or with expectile 0.5 does not change that (seed 5:
+#     right signs 0.49-0.58, `figures/rl_6c_big/critic_budget.md`), and neither does a critic regressed on the data's
+#     Monte-Carlo returns (`critic.kind = mc`, ours: signs 0.50-0.56 on the candidates around mu(s)); AEPO steered by
+#     it scores 62.7 at best (w = 3, seeds 5-7), about BC + 0.8, and falls apart at w = 10. Eight critics trained
+#     alike but for their seed agree with each other (correlation 0.23-0.60 of their advantages) more than one of them
+#     agrees with the exact values (0.01-0.25), and their mean ranks no better than one
+#     (`figures/rl_6c_big/critic_seeds.md`): the critics' error is shared, not a matter of the seed, so an ensemble of
+#     seeds does not fix it. Part of what they share: they rank actions nearer the data policy's mean higher
+#     (correlation 0.19-0.38 with -|a - mu(s)|^2 on the spread candidates, where the exact advantages show -0.02 to
+#     0.06). Nor does more data of the same policy: critics trained on 1/8 to 4 times this dataset's transitions (a
+#     dataset made four times as large, `figures/rl_6c_big/critic_data.md`) rank the candidates around mu(s) alike,
+#     right signs 0.50-0.60 at 80000 steps for the IQL and the Monte-Carlo critic, neither rising from 100k to 800k;
+#     data collected with three times the action noise around the same policy gives 0.49-0.59. Nor do exact targets:
+#     the same network regressed on each transition's exact value by the simulator (`--critic-kind exact`, 25k and 50k
+#     transitions) gets 0.54-0.59 of the signs right, and 0.51-0.57 when it is also shown four more actions at each
+#     state with their exact values (`--extra-actions 4`, data no offline method has). Nor is it a failure to carry
+#     what was fitted to other states: that critic orders its own training states' actions no better than held-out
+#     ones (0.551 and 0.565 of the pairs, `figures/rl_6c_big/critic_data_fit.md`), and neither a loss on the
+#     differences within a state (`--within-weight`) nor a 256 x 3 network changes that (0.55-0.56).
+#   - **Why a critic finds that hard.** The exact value is close to a plane in the action at each state (R2 0.89
+#     against 0.73 for shuffled values), but the plane's slope, the direction of improvement, is nearly unrelated from
+#     one step of an episode to the next (mean cosine 0.04; random pairs 0.01;
+#     `figures/rl_6c_big/exact_gradients.md`): a critic that is a smooth function of the state cannot follow it at
+#     this data's resolution. That value continues with the deterministic snapshot, the reference of every critic
+#     measure above. The data's own Q, which a critic is fitted to (the mean over the data's action noise after the
+#     action; 32 draws on 8 episodes), is smoother: cosine 0.19 between consecutive states and 0.24 to the nearest
+#     state of another episode, against 0.08 and 0.11 for the deterministic value on the same states (the two halves
+#     of the draws agree only to 0.50, so these understate it). It orders 0.68 of a state's action pairs as the
+#     deterministic value does: a critic that had learned it exactly would score about 0.68 against that reference,
+#     not 1, and the critics' 0.51-0.59 lie between a coin and that ceiling. On InvertedDoublePendulum, where the
+#     critic does rank, the same measure gives 0.63 between consecutive states against 0.27 for random pairs (a
+#     one-dimensional action: a cosine is a sign there).
+#   - **What else was tried.** QGPO's in-support critic does not lift AEPO on Hopper medium (62.8 at best, w = 3,
+#     seeds 5-7), nor does section 4b's mixture posterior in place of the particles (63.4 at best, w = 3, seeds 0-4;
+#     at w = 10 level with them on four seeds and 20.8 on the fifth). On InvertedDoublePendulum the mixture fails
+#     outright (10.5 at best, BC + 0.3, against the particles' 67.4): with the bandwidth chosen on the toy tasks (h =
+#     0.05) its own target points the reference E_t's way on only 0.45-0.51 of states, because that critic is steep
+#     and the target's variance term credits its slope across each kernel; at h = 0.01 it agrees on 0.95-0.96, as the
+#     particles do (`figures/rl_6c_big/mixture_bandwidth.md`), and scores 86.3 at w = 1 against the particles' 67.4 on
+#     the same three seeds (75.3 against 58.7 on five). On both Hopper sets and both Pusher sets it trails them at h =
+#     0.01 (68.6, 64.5, 85.8 and 82.5 against 72.4, 66.7, 86.4 and 90.7, seeds 0-2; on Pusher medium-expert only BC +
+#     1.3) and matches them on HalfCheetah replay (92.5 against 92.4), its target there close to the particles' (the
+#     critics are flat), so it is not the default: it fails four of the twelve checks, the default two. The critic's
+#     selection on top of guidance does not close the gap: the default's guided sampler drawing N = 4 / 16 / 64
+#     actions and the critic keeping the best scores 66.9 / 66.9 / 62.5 at w = 10 against 66.7 without (seeds 0-2; BC
+#     62.2 there), QGPO's at best 63.8 against 62.9 (`figures/rl_6c_big/selection/rl_results.md`): more candidates
+#     ranked by the critic that already steers the guidance find no more. Nor does a sharper target: beta = 10 in
+#     place of the preset's 3 scores 64.3 at its best w (3) on the same seeds, 2.4 under the default
+#     (`docs/results.md`).
+#   - **The verdict.** We first read the critic as the part of the error budget at fault, then, for steps within the
+#     support, the support; with the perfect-critic oracle above we read both. The preset's critic takes the best of
+#     16 / 64 / 256 of the behaviour's samples to 63.5 / 64.3 / 65.4 (BC + 1.3 / 2.1 / 3.2, seeds 0-2;
+#     `figures/rl_6c_big/rl_results.md`): near the perfect one's step at N = 16, about 1.5 under it at N = 64. So on
+#     Hopper medium both parts of the budget are at fault: the critic, which ranks the data's actions about as a coin
+#     and needs 4x the candidates to come near a perfect critic's step, and the data's support, where even that
+#     perfect step stays under BC + 5 at every N measured (rising with N, so a larger N is not ruled out). The
+#     default's BC + 2.9 is made off the support, where no critic has data, and whether an offline method can find the
+#     actions worth BC + 5 (2-3x the data's spread, by the simulator, or a larger N within it) stays open.
 #
 #   ![critic_budget.png](../figures/rl_6c_big/critic_budget.png)
 #
