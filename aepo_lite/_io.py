@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import math
 import os
 import sys
 import tempfile
@@ -129,6 +130,36 @@ def _default(o):
 def atomic_write_json(path, obj: Any) -> Path:
     """JSON with sorted keys and a trailing newline, written atomically."""
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_default) + "\n")
+
+
+def json_close(a: Any, b: Any, *, rtol: float) -> bool:
+    """Whether two JSON values have the same structure, the same keys, strings and booleans, and numbers equal
+    within relative tolerance ``rtol`` (ints and floats alike)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(json_close(a[k], b[k], rtol=rtol) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(json_close(x, y, rtol=rtol) for x, y in zip(a, b))
+    numbers = (int, float)
+    if isinstance(a, numbers) and isinstance(b, numbers) and not isinstance(a, bool) and not isinstance(b, bool):
+        return math.isclose(a, b, rel_tol=rtol, abs_tol=0.0)
+    return type(a) is type(b) and a == b
+
+
+def write_json_unless_close(path, obj: Any, *, rtol: float) -> bool:
+    """:func:`atomic_write_json`, unless ``path`` already holds the same result to relative tolerance ``rtol``
+    (:func:`json_close`): then the file is left as it is, so a rerun on another CPU, whose floating-point
+    rounding differs in the last digits, does not rewrite a committed result. True when it wrote."""
+    path = Path(path)
+    new = json.loads(json.dumps(obj, default=_default))
+    if path.exists():
+        try:
+            old = json.loads(path.read_text())
+        except (OSError, ValueError):
+            old = None
+        if old is not None and json_close(old, new, rtol=rtol):
+            return False
+    atomic_write_json(path, new)
+    return True
 
 
 def atomic_save_npz(path, **arrays) -> Path:

@@ -507,6 +507,28 @@ def test_atomic_writer_cleans_its_temp_file_on_any_exception(tmp_path):
         assert read_json(target) == {"old": 1}
 
 
+def test_a_rerun_keeps_a_json_result_that_agrees_to_the_tolerance_and_rewrites_one_that_moved(tmp_path):
+    """What ``make run`` relies on: another CPU's rounding (last digits) leaves the committed file's bytes alone;
+    a number that moved, a changed key or string, or a file that is not JSON gets the new result written."""
+    from aepo_lite._io import json_close, write_json_unless_close
+    target = tmp_path / "checks.json"
+    result = {"value": 1.7896938013990804, "n": 3, "ok": True, "xs": [0.0046226682552849814, 0.1], "name": "a"}
+    assert write_json_unless_close(target, result, rtol=1e-9)
+    before = target.read_bytes()
+    rounded = {**result, "value": 1.7896938014047268, "xs": [0.004622668255297343, 0.1]}  # 3e-12 relative
+    assert not write_json_unless_close(target, rounded, rtol=1e-9)
+    assert target.read_bytes() == before
+    for changed in ({**result, "value": 1.7897}, {**result, "xs": [0.0046226682552849814]},
+                    {**result, "name": "b"}, {**result, "ok": False}, {**result, "extra": 1}):
+        assert write_json_unless_close(target, changed, rtol=1e-9)
+        assert read_json(target) == changed
+    target.write_text("{not json")
+    assert write_json_unless_close(target, result, rtol=1e-9) and read_json(target) == result
+    # zero is compared exactly (no absolute slack), booleans are not numbers, ints and floats alike
+    assert not json_close(0.0, 1e-300, rtol=1e-9) and not json_close(True, 1, rtol=1e-9)
+    assert json_close(3, 3.0, rtol=0.0) and json_close({"a": [1.0]}, {"a": [1.0 + 1e-12]}, rtol=1e-9)
+
+
 def test_orphan_temp_of_a_killed_writer_is_removed_at_the_next_write(tmp_path):
     target = tmp_path / "metrics.json"
     code = ("import sys, time; sys.path.insert(0, sys.argv[2]); from aepo_lite import _io; "
