@@ -132,22 +132,23 @@ def atomic_write_json(path, obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_default) + "\n")
 
 
-def json_close(a: Any, b: Any, *, rtol: float) -> bool:
+def json_close(a: Any, b: Any, *, rtol: float, atol: float = 0.0) -> bool:
     """Whether two JSON values have the same structure, the same keys, strings and booleans, and numbers equal
-    within relative tolerance ``rtol`` (ints and floats alike)."""
+    within relative tolerance ``rtol`` or absolute tolerance ``atol`` (ints and floats alike)."""
     if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(json_close(a[k], b[k], rtol=rtol) for k in a)
+        return a.keys() == b.keys() and all(json_close(a[k], b[k], rtol=rtol, atol=atol) for k in a)
     if isinstance(a, list) and isinstance(b, list):
-        return len(a) == len(b) and all(json_close(x, y, rtol=rtol) for x, y in zip(a, b))
+        return len(a) == len(b) and all(json_close(x, y, rtol=rtol, atol=atol) for x, y in zip(a, b))
     numbers = (int, float)
     if isinstance(a, numbers) and isinstance(b, numbers) and not isinstance(a, bool) and not isinstance(b, bool):
-        return math.isclose(a, b, rel_tol=rtol, abs_tol=0.0)
+        return math.isclose(a, b, rel_tol=rtol, abs_tol=atol)
     return type(a) is type(b) and a == b
 
 
-def write_json_unless_close(path, obj: Any, *, rtol: float) -> bool:
-    """:func:`atomic_write_json`, unless ``path`` already holds the same result to relative tolerance ``rtol``
-    (:func:`json_close`): then the file is left as it is, so a rerun on another CPU, whose floating-point
+def write_json_unless_close(path, obj: Any, *, rtol: float, atol: float = 0.0) -> bool:
+    """:func:`atomic_write_json`, unless ``path`` already holds the same result to relative tolerance ``rtol`` or
+    absolute ``atol`` (:func:`json_close`; ``atol`` for values that are rounding errors themselves, such as an
+    identity check's residual): then the file is left as it is, so a rerun on another CPU, whose floating-point
     rounding differs in the last digits, does not rewrite a committed result. True when it wrote."""
     path = Path(path)
     new = json.loads(json.dumps(obj, default=_default))
@@ -156,7 +157,7 @@ def write_json_unless_close(path, obj: Any, *, rtol: float) -> bool:
             old = json.loads(path.read_text())
         except (OSError, ValueError):
             old = None
-        if old is not None and json_close(old, new, rtol=rtol):
+        if old is not None and json_close(old, new, rtol=rtol, atol=atol):
             return False
     atomic_write_json(path, new)
     return True

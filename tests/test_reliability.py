@@ -527,6 +527,12 @@ def test_a_rerun_keeps_a_json_result_that_agrees_to_the_tolerance_and_rewrites_o
     # zero is compared exactly (no absolute slack), booleans are not numbers, ints and floats alike
     assert not json_close(0.0, 1e-300, rtol=1e-9) and not json_close(True, 1, rtol=1e-9)
     assert json_close(3, 3.0, rtol=0.0) and json_close({"a": [1.0]}, {"a": [1.0 + 1e-12]}, rtol=1e-9)
+    # an absolute tolerance for residuals that are rounding themselves (3.9e-13 on one CPU, 1.2e-12 on another)
+    residual = {**result, "res": 3.9e-13}
+    assert write_json_unless_close(target, residual, rtol=1e-9)
+    assert write_json_unless_close(target, {**residual, "res": 1.2e-12}, rtol=1e-9)  # relative: moved
+    assert not write_json_unless_close(target, {**residual, "res": 3.9e-13}, rtol=1e-9, atol=1e-10)
+    assert json_close(0.0, 1e-11, rtol=0.0, atol=1e-10) and not json_close(0.0, 1e-9, rtol=0.0, atol=1e-10)
 
 
 def test_orphan_temp_of_a_killed_writer_is_removed_at_the_next_write(tmp_path):
