@@ -4,6 +4,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -423,3 +424,24 @@ def test_toy_grid_on_the_project_csv_updates_the_toy_tables_in_docs_results_not_
     text = results.read_text()
     assert "\nold\n" not in text and text.endswith("<!-- toy:end -->\n\nafter\n")
     assert "## Toy 2D tasks" in text and "8gaussians" in text
+
+
+def test_sample_mass_reads_the_draw_the_distance_is_measured_on(tmp_path):
+    """The shares and quartiles are those of draw d's guided samples (as the distance draws them) and of that
+    draw's exact target set, checked with numpy on the same two sets; bad axis and threshold are named."""
+    torch.set_num_threads(1)
+    cfg = _cfg("moons", "qgpo")
+    m = TT.train_toy(cfg, cache_dir=tmp_path, progress=False)
+    for w, d in ((1.0, 0), (0.0, 1)):
+        r = TT.sample_mass(m, "y", -0.05, guidance_scale=w, d=d)
+        target = TT.draw_target(cfg, d).numpy()
+        _, _, xs, _ = TT.draw_distance(m, w, d, TT.draw_target(cfg, d))
+        xs = xs.numpy()
+        assert r["target_share"] == pytest.approx(np.mean(target[:, 1] > -0.05), abs=1e-12)
+        assert r["samples_share"] == pytest.approx(np.mean(xs[:, 1] > -0.05), abs=1e-12)
+        for name, pts in (("samples_quartiles", xs), ("target_quartiles", target)):
+            for j, a in enumerate("xy"):
+                assert r[name][a] == pytest.approx(np.quantile(pts[:, j], [0.25, 0.5, 0.75]), abs=1e-5)
+    for bad, msg in ((dict(axis="z", threshold=0.0), "axis"), (dict(axis="x", threshold=float("nan")), "threshold")):
+        with pytest.raises(ValueError, match=msg):
+            TT.sample_mass(m, **bad)

@@ -533,6 +533,24 @@ def draw_distance(models: ToyModels, guidance_scale: float, d: int, target: torc
     return toy.sliced_wasserstein(xs, target, ev.n_projections), raw, xs, dt
 
 
+def sample_mass(models: ToyModels, axis: str, threshold: float, *, guidance_scale: float = 1.0, d: int = 0) -> dict:
+    """Where draw ``d``'s guided samples (the very ones its distance is measured on) put their mass against the
+    exact target set of that draw: the share of each with coordinate ``axis`` ("x" or "y") above ``threshold``,
+    and each set's quartiles on both axes. A distance says how far apart the two sets are; this says where."""
+    if axis not in ("x", "y"):
+        raise ValueError(f"axis: expected 'x' or 'y', got {axis!r}")
+    if not (isinstance(threshold, (int, float)) and math.isfinite(threshold)):
+        raise ValueError(f"threshold: expected a finite number, got {threshold!r}")
+    target = draw_target(models.cfg, d)
+    _, _, xs, _ = draw_distance(models, guidance_scale, d, target)
+    i, q = (0 if axis == "x" else 1), torch.tensor([0.25, 0.5, 0.75], dtype=xs.dtype)
+    share = lambda pts: float((pts[:, i] > threshold).double().mean())  # noqa: E731
+    quartiles = lambda pts: {a: torch.quantile(pts[:, j], q.to(pts)).tolist() for j, a in enumerate("xy")}  # noqa: E731
+    return dict(task=models.cfg.task, guidance_scale=guidance_scale, draw=d, axis=axis, threshold=threshold,
+                samples_share=share(xs), target_share=share(target), samples_quartiles=quartiles(xs),
+                target_quartiles=quartiles(target))
+
+
 def draws_of(row: dict) -> int:
     """The distance draws behind one guidance scale's row of a ``results.json`` (1 for runs evaluated before
     rows recorded their ``distances``)."""
