@@ -792,7 +792,8 @@ else:
 # 1.16 and 1.18 of its true-reward distance on rings and 8gaussians (8.74 and 1.46 with 1500 steps) but 2.54 on
 # swissroll, 2.97 on checkerboard and 6.02 on moons (1.17, 2.37, 2.29), though the budget's critic part had fallen
 # on moons and swissroll as on rings; on moons its samples put 69% of their mass at x > 0.4 where the exact target puts 38%
-# (seed 0; `docs/results.md`). Plain bars: the true reward; hatched: the fitted critic, one hatch per critic budget.
+# (seed 0; `scripts/toy_sample_mass.py`, `docs/results.md`).
+# Plain bars: the true reward; hatched: the fitted critic, one hatch per critic budget.
 #
 # ![toy2d_convergence_critic.png](../figures/toy2d_convergence_critic.png)
 
