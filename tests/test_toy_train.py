@@ -430,7 +430,7 @@ def test_sample_mass_reads_the_draw_the_distance_is_measured_on(tmp_path):
     """The shares and quartiles are those of draw d's guided samples (as the distance draws them) and of that
     draw's exact target set, checked with numpy on the same two sets; bad axis and threshold are named."""
     torch.set_num_threads(1)
-    cfg = _cfg("moons", "qgpo")
+    cfg = _cfg("moons", "qgpo", eval=dict(draws=2))
     m = TT.train_toy(cfg, cache_dir=tmp_path, progress=False)
     for w, d in ((1.0, 0), (0.0, 1)):
         r = TT.sample_mass(m, "y", -0.05, guidance_scale=w, d=d)
@@ -442,6 +442,7 @@ def test_sample_mass_reads_the_draw_the_distance_is_measured_on(tmp_path):
         for name, pts in (("samples_quartiles", xs), ("target_quartiles", target)):
             for j, a in enumerate("xy"):
                 assert r[name][a] == pytest.approx(np.quantile(pts[:, j], [0.25, 0.5, 0.75]), abs=1e-5)
-    for bad, msg in ((dict(axis="z", threshold=0.0), "axis"), (dict(axis="x", threshold=float("nan")), "threshold")):
+    for bad, msg in ((dict(axis="z", threshold=0.0), "axis"), (dict(axis="x", threshold=float("nan")), "threshold"),
+                     (dict(axis="x", threshold=0.0, d=cfg.eval.draws), "draws"), (dict(axis="x", threshold=0.0, d=-1), "d:")):
         with pytest.raises(ValueError, match=msg):
             TT.sample_mass(m, **bad)

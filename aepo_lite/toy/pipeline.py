@@ -541,6 +541,9 @@ def sample_mass(models: ToyModels, axis: str, threshold: float, *, guidance_scal
         raise ValueError(f"axis: expected 'x' or 'y', got {axis!r}")
     if not (isinstance(threshold, (int, float)) and math.isfinite(threshold)):
         raise ValueError(f"threshold: expected a finite number, got {threshold!r}")
+    if not (isinstance(d, int) and 0 <= d < models.cfg.eval.draws):
+        raise ValueError(f"d: expected one of the run's {models.cfg.eval.draws} distance draws (0 to "
+                         f"{models.cfg.eval.draws - 1}), got {d!r}")
     target = draw_target(models.cfg, d)
     _, _, xs, _ = draw_distance(models, guidance_scale, d, target)
     i, q = (0 if axis == "x" else 1), torch.tensor([0.25, 0.5, 0.75], dtype=xs.dtype)
