@@ -7,8 +7,9 @@
 For each finished toy run (its folder's ``config.json``; its stages read from ``--cache-dir``, nothing trained):
 the trained energy against E_t, against the mean of its regression target, and that mean target against E_t,
 without the noise of a finite average of draws (:mod:`aepo_lite.toy.plateau`); for every K of ``--ks`` the
-target of K support points in place of the run's own. Rows are merged into the CSV (a rerun replaces its own),
-then the table is rendered (``aepo-lite figures`` renders it too).
+target of K support points in place of the run's own; with ``--true-reward``, for a run on a fitted critic,
+the same target reading the true reward instead (what the critic adds to the target's bias). Rows are merged
+into the CSV (a rerun replaces its own), then the table is rendered (``aepo-lite figures`` renders it too).
 """
 from __future__ import annotations
 
@@ -27,6 +28,8 @@ def main(argv=None) -> int:
     p.add_argument("--ks", nargs="+", type=int, default=None, help="K of the targets compared (default: the run's)")
     p.add_argument("--draws", type=int, default=32, help="target draws per grid point, even (two halves)")
     p.add_argument("--times", nargs="+", type=float, default=None, help="default: the run's eval.error_times")
+    p.add_argument("--true-reward", action="store_true",
+                   help="also the rows of each run's target reading the true reward in place of its fitted critic")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None, help="default: the run's")
     p.add_argument("--csv", default="figures/toy2d_plateau.csv")
     p.add_argument("--figures-dir", default=None, help="default: the CSV's folder")
@@ -34,10 +37,12 @@ def main(argv=None) -> int:
     try:
         for run in args.runs:
             t0 = time.time()
-            rs = plateau.rows(run, args.cache_dir, ks=args.ks, draws=args.draws, times=args.times, device=args.device)
+            rs = plateau.rows(run, args.cache_dir, ks=args.ks, draws=args.draws, times=args.times, device=args.device,
+                               true_reward=args.true_reward)
             plateau.write_rows(args.csv, rs)
             for r in rs:
-                print(f"{r['task']} {r['estimator'] or r['method']} seed {r['seed']} K={r['k'] or '-'} t={r['t']}: "
+                print(f"{r['task']} {r['estimator'] or r['method']} seed {r['seed']} K={r['k'] or '-'} t={r['t']}"
+                      f"{' (true reward)' if r['target_q'] else ''}: "
                       f"f vs E_t {float(r['vs_exact']):.4f}, f vs target {float(r['vs_target']):.4f}, target vs E_t "
                       f"{float(r['target_bias']):.4f}, one draw's noise {float(r['target_sd']):.4f}")
             print(f"{run}: {time.time() - t0:.0f} s", flush=True)

@@ -86,12 +86,13 @@ def test_plateau_rows_tell_the_target_from_the_regression_and_render(trained, tm
     plateau.write_rows(tmp_path / "p.csv", rs[:1])  # a rerun replaces its own rows
     assert len(plateau.read_rows(tmp_path / "p.csv")) == 4
     text = plateau.render(tmp_path / "p.csv", tmp_path)[0].read_text()
-    assert "| 8gaussians | aepo(particles-K8) (reward) | 0 | 40 | 8 (run's) | 16 |" in text
-    assert "| 8gaussians | aepo(particles-K8) (reward) | 0 | 40 | 1 | 16 |" in text
+    assert "| 8gaussians | aepo(particles-K8) (reward) | 0 | 40 | 8 (run's) | run's | 16 |" in text
+    assert "| 8gaussians | aepo(particles-K8) (reward) | 0 | 40 | 1 | run's | 16 |" in text
     mean = text.split("### Mean over t")[1]  # one time here: the means are that time's values
     r8 = by_k[8]
-    assert (f"| 8gaussians | aepo(particles-K8) (reward) | 0 | 40 | 8 (run's) | 0.05 | {float(r8['vs_exact']):.4f} | "
-            f"{float(r8['vs_target']):.4f} | {float(r8['target_bias']):.4f} |") in mean
+    assert (f"| 8gaussians | aepo(particles-K8) (reward) | 0 | 40 | 8 (run's) | run's | 0.05 | "
+            f"{float(r8['vs_exact']):.4f} | {float(r8['vs_target']):.4f} | {float(r8['target_bias']):.4f} | "
+            f"{float(r8['grad_vs_exact']):.2f} |") in mean
 
 
 def test_plateau_refuses_what_it_cannot_measure(trained, tmp_path):
@@ -125,4 +126,92 @@ def test_the_script_writes_the_table_and_names_a_bad_run(trained, tmp_path, caps
                         "0.2", "--csv", str(tmp_path / "p.csv")]) == 0
     assert "K=8 t=0.2" in capsys.readouterr().out
     text = (tmp_path / "toy2d_plateau.md").read_text()
-    assert "| 8gaussians | aepo(particles-K8) (reward) | 0 | 40 | 8 (run's) | 4 |" in text
+    assert "| 8gaussians | aepo(particles-K8) (reward) | 0 | 40 | 8 (run's) | run's | 4 |" in text
+
+
+def test_gradient_error_against_closed_forms():
+    """A gradient scaled by 1 + a is off by a; no gradient is off by 1; errors where the weights vanish do not
+    count; a zero reference is refused."""
+    g = torch.Generator().manual_seed(1)
+    gE = torch.randn(500, 2, generator=g, dtype=torch.float64)
+    logw = torch.randn(500, generator=g, dtype=torch.float64)
+    assert toy.gradient_error(1.5 * gE, gE, logw) == pytest.approx(0.5, rel=1e-12)
+    assert toy.gradient_error(torch.zeros_like(gE), gE) == pytest.approx(1.0, rel=1e-12)
+    off = gE.clone()
+    off[:250] += 100.0
+    logw2 = torch.cat([torch.full((250,), -1e4, dtype=torch.float64), logw[250:]])
+    assert toy.gradient_error(off, gE, logw2) < 1e-12
+    # against a hand-weighted sum
+    w = torch.softmax(logw, 0)
+    d = torch.randn(500, 2, generator=g, dtype=torch.float64)
+    want = float((w * d.pow(2).sum(1)).sum().sqrt() / (w * gE.pow(2).sum(1)).sum().sqrt())
+    assert toy.gradient_error(gE + d, gE, logw) == pytest.approx(want, rel=1e-12)
+    with pytest.raises(ValueError, match="grad_E"):
+        toy.gradient_error(gE, torch.zeros_like(gE))
+    with pytest.raises(ValueError, match="grad_E"):
+        toy.gradient_error(gE, gE[:10])
+
+
+def test_gradient_part_reads_the_exact_energy_as_exact(trained):
+    """An energy that returns the exact E_t (autograd through its closed form) has no gradient error against the
+    closed-form grad E_t; an energy of zero has error 1."""
+    import dataclasses
+
+    cfg, tmp = trained
+    models = TT.train_toy(cfg, cache_dir=tmp / "cache", progress=False, trained_only=True)
+    x, e = models.x[:cfg.eval.n_ref_data], models.e[:cfg.eval.n_ref_data]
+
+    class Exact(torch.nn.Module):
+        def forward(self, s, a, t):
+            return toy.exact_intermediate_energy(a, float(t[0]), x, e, cfg.energy.beta, models.behaviour.schedule)
+
+    class Zero(torch.nn.Module):
+        def forward(self, s, a, t):
+            return 0.0 * a.sum(-1)
+
+    exact = TB.gradient_part(dataclasses.replace(models, energy=Exact()), times=[0.05, 0.5])
+    zero = TB.gradient_part(dataclasses.replace(models, energy=Zero()), times=[0.05, 0.5])
+    assert set(exact) == {"0.05", "0.5"} and max(exact.values()) < 1e-4
+    assert all(v == pytest.approx(1.0, rel=1e-9) for v in zero.values())
+    trained_f = TB.gradient_part(models, times=[0.05])["0.05"]
+    assert 0.0 < trained_f < 10.0
+
+
+@pytest.fixture(scope="module")
+def trained_on_critic(tmp_path_factory):
+    """The small particle run of ``trained``, on a fitted critic trained briefly (so that it is visibly off)."""
+    tmp = tmp_path_factory.mktemp("plateau-critic")
+    cfg = TT.make_config("8gaussians", "aepo", "smoke", n_data=2000, behaviour=dict(steps=200),
+                         critic=dict(kind="regression", steps=30), energy=dict(steps=40, posterior="particles"),
+                         support={"k": 8}, eval=dict(n_samples=400, n_ref_data=2000, pool_size=2000, grid_size=12))
+    TT.run_toy(cfg, tmp / "run", cache_dir=tmp / "cache", progress=False, figure=False, budget=False)
+    return cfg, tmp
+
+
+def test_true_reward_rows_split_the_critic_from_the_target(trained_on_critic, trained, tmp_path):
+    """With every data point as support, the particle target is E_t of whatever Q it reads: with the true reward
+    E_t itself (bias near 0), with the critic E_t of the critic's values, whose distance from E_t is known in
+    closed form (:func:`aepo_lite.toy.tasks.exact_intermediate_energy` of the critic's Q at the data)."""
+    from aepo_lite.toy.pipeline import BOX, data_q
+
+    cfg, tmp = trained_on_critic
+    rs = plateau.rows(tmp / "run", tmp / "cache", ks=[2000], draws=16, times=[0.05], true_reward=True)
+    by_q = {r["target_q"]: r for r in rs}
+    assert set(by_q) == {"", "reward"} and all(r["critic"] == "regression" and r["critic_steps"] == 30 for r in rs)
+    assert by_q[""]["vs_exact"] == by_q["reward"]["vs_exact"]  # one trained f, two targets
+    assert by_q[""]["grad_vs_exact"] == by_q["reward"]["grad_vs_exact"]
+    assert float(by_q["reward"]["target_bias"]) < 0.02
+    models = TT.train_toy(cfg, cache_dir=tmp / "cache", progress=False, trained_only=True)
+    pts, _ = toy.make_grid(cfg.eval.grid_size, BOX)
+    x, e, q = models.x, models.e, data_q(models)
+    sched = models.behaviour.schedule
+    E, logp = toy.exact_intermediate_energy(pts, 0.05, x, e, cfg.energy.beta, sched, return_log_density=True)
+    E_critic = toy.exact_intermediate_energy(pts, 0.05, x, q, cfg.energy.beta, sched)
+    want = toy.energy_error(E_critic, E, logp)
+    assert want > 0.1  # the critic is visibly off: the check below can fail
+    assert float(by_q[""]["target_bias"]) == pytest.approx(want, rel=0.1)
+    plateau.write_rows(tmp_path / "p.csv", rs)
+    text = plateau.render(tmp_path / "p.csv", tmp_path)[0].read_text()
+    assert "(regression, 30 steps) | 0 | 40 | 2000 | true reward | 16 |" in text
+    with pytest.raises(ValueError, match="true_reward"):
+        plateau.rows(trained[1] / "run", trained[1] / "cache", true_reward=True)  # a run on the true reward

@@ -17,6 +17,7 @@ is the command.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 from pathlib import Path
 
@@ -25,8 +26,13 @@ from aepo_lite._io import atomic_write_text, merge_csv_rows, read_csv_rows
 __all__ = ["COLUMNS", "rows", "write_rows", "read_rows", "means_over_t", "is_runs_k", "render"]
 
 COLUMNS = ("task", "method", "estimator", "critic", "beta", "seed", "preset", "energy_steps", "k", "t", "draws",
-           "vs_exact", "vs_target", "target_bias", "target_sd")
-_KEY = ("task", "method", "estimator", "critic", "beta", "seed", "preset", "energy_steps", "k", "t")
+           "vs_exact", "vs_target", "target_bias", "target_sd", "critic_steps", "target_q", "grad_vs_exact")
+_KEY = ("task", "method", "estimator", "critic", "beta", "seed", "preset", "energy_steps", "k", "t", "critic_steps",
+        "target_q")
+# added later, read so from rows made before them: critic_steps blank where the run read the true reward;
+# target_q blank where the target reads the run's own Q, "reward" where it reads the true reward instead
+# grad_vs_exact: the trained f's relative gradient error (blank in rows made before it)
+OPTIONAL = {"critic_steps": "", "target_q": "", "grad_vs_exact": ""}
 MADE_BY = "python scripts/plateau_budget.py"
 
 
@@ -39,15 +45,20 @@ def _check_ks(ks) -> list[int]:
     return sorted(set(ks))
 
 
-def rows(run_dir, cache_dir, ks=None, draws: int = 32, times=None, device: str | None = None) -> list[dict]:
+def rows(run_dir, cache_dir, ks=None, draws: int = 32, times=None, device: str | None = None,
+         true_reward: bool = False) -> list[dict]:
     """One row per K and t for the finished toy run in ``run_dir`` (its ``config.json``; stages from
     ``cache_dir``, nothing trained): the trained f against E_t (``vs_exact``), against the mean target of K
     support points (``vs_target``), that mean target against E_t (``target_bias``) and one draw's noise about
-    it (``target_sd``), from ``draws`` draws (even) without their noise. ``ks``: default the run's own K;
-    only particle and mixture targets have a K (other AEPO targets and MSE get one row per t, k blank)."""
+    it (``target_sd``), from ``draws`` draws (even) without their noise, and the trained f's relative gradient
+    error (``grad_vs_exact``, :func:`aepo_lite.toy.trained_budget.gradient_part`). ``ks``: default the run's own K;
+    only particle and mixture targets have a K (other AEPO targets and MSE get one row per t, k blank).
+    ``true_reward``: for a run with a fitted critic, also the rows of the same target reading the true reward
+    e(x) in place of the critic (``target_q`` "reward"; the same behaviour model, K and draws), so that the
+    target's bias splits into what the critic adds and what the target's form leaves with the exact Q."""
     from aepo_lite.config import ToyConfig, apply_overrides, from_dict
     from aepo_lite.toy.pipeline import estimator, train_toy
-    from aepo_lite.toy.trained_budget import regression_part
+    from aepo_lite.toy.trained_budget import gradient_part, regression_part
     ks = _check_ks(ks)
     path = Path(run_dir) / "config.json"
     if not path.exists():
@@ -64,16 +75,25 @@ def rows(run_dir, cache_dir, ks=None, draws: int = 32, times=None, device: str |
     if ks and not has_k:
         raise ValueError(f"ks: the run in {run_dir} ({estimator(cfg) if cfg.method == 'aepo' else 'mse'}) has no "
                          "support points, so no K to vary")
+    if true_reward and models.critic is None:
+        raise ValueError(f"true_reward: the run in {run_dir} reads the true reward already (critic "
+                         f"{cfg.critic.kind!r}), so there is no critic to swap for it")
+    grads = gradient_part(models, times=times)  # of the trained f alone: one value per t, whatever the target
     out = []
-    for k in (ks or [cfg.support.k]) if has_k else [None]:
+    for k, q in itertools.product((ks or [cfg.support.k]) if has_k else [None],
+                                  ["", "reward"] if true_reward else [""]):
         m = models if k in (None, cfg.support.k) else dataclasses.replace(
             models, cfg=apply_overrides(cfg, {"support": {"k": k}}))
+        if q == "reward":  # every Q the target reads (at its Gaussian samples, at its support points) is e(x)
+            m = dataclasses.replace(m, critic=None)
         for t, part in regression_part(m, draws=draws, times=times, debias=True).items():
             out.append({"task": cfg.task, "method": cfg.method, "estimator": estimator(cfg) if cfg.method == "aepo"
                         else "", "critic": cfg.critic.kind, "beta": f"{cfg.energy.beta:g}", "seed": cfg.seed,
                         "preset": _preset(run_dir),
                         "energy_steps": cfg.energy.steps, "k": "" if k is None else k, "t": t, "draws": draws,
-                        **{c: f"{part[c]:.6f}" for c in ("vs_exact", "vs_target", "target_bias", "target_sd")}})
+                        **{c: f"{part[c]:.6f}" for c in ("vs_exact", "vs_target", "target_bias", "target_sd")},
+                        "critic_steps": cfg.critic.steps if cfg.critic.kind == "regression" else "",
+                        "target_q": q, "grad_vs_exact": f"{grads[t]:.6f}"})
     return out
 
 
@@ -84,14 +104,15 @@ def _preset(run_dir) -> str:
 
 
 def read_rows(csv_path) -> list[dict]:
-    return read_csv_rows(csv_path, COLUMNS, made_by=MADE_BY) if Path(csv_path).exists() else []
+    return read_csv_rows(csv_path, COLUMNS, made_by=MADE_BY, optional=OPTIONAL) if Path(csv_path).exists() else []
 
 
 def write_rows(csv_path, new_rows: list[dict]) -> list[dict]:
     """Merge ``new_rows`` into the CSV (a row with the same key replaced) and return all of them."""
-    return merge_csv_rows(csv_path, new_rows, COLUMNS, _KEY, made_by=MADE_BY,
-                          sort_key=lambda r: (r["task"], r["estimator"], int(r["seed"]), int(r["energy_steps"]),
-                                              float(r["t"]), int(r["k"] or 0)))
+    return merge_csv_rows(csv_path, new_rows, COLUMNS, _KEY, made_by=MADE_BY, optional=OPTIONAL,
+                          sort_key=lambda r: (r["task"], r["estimator"], r["critic"], int(r["critic_steps"] or 0),
+                                              int(r["seed"]), int(r["energy_steps"]), float(r["t"]),
+                                              int(r["k"] or 0), r["target_q"]))
 
 
 def is_runs_k(r: dict) -> bool:
@@ -101,12 +122,15 @@ def is_runs_k(r: dict) -> bool:
 
 def means_over_t(rs: list[dict]) -> list[dict]:
     """One row per run and K: its key fields, ``times`` (the t measured) and the mean over them of ``vs_exact``,
-    ``vs_target`` and ``target_bias`` (floats), in the rows' order."""
+    ``vs_target`` and ``target_bias`` (floats), and ``grad_vs_exact`` per t (a list, not a mean: a relative error
+    is large where grad E_t is small, at large t, and would swamp a mean; None where a row lacks it), in the
+    rows' order."""
     groups: dict = {}
     for r in rs:
         groups.setdefault(tuple(r[c] for c in _KEY if c != "t"), []).append(r)
     return [{**{c: g[0][c] for c in _KEY if c != "t"}, "times": [x["t"] for x in g],
-             **{c: sum(float(x[c]) for x in g) / len(g) for c in ("vs_exact", "vs_target", "target_bias")}}
+             **{c: sum(float(x[c]) for x in g) / len(g) for c in ("vs_exact", "vs_target", "target_bias")},
+             "grad_vs_exact": [float(x["grad_vs_exact"]) for x in g] if all(x["grad_vs_exact"] for x in g) else None}
             for g in groups.values()]
 
 
@@ -119,6 +143,19 @@ def _k(r: dict) -> str:
 
 def _label(r: dict) -> str:
     return f"aepo({r['estimator']})" if r["method"] == "aepo" else r["method"]
+
+
+def _critic(r: dict) -> str:
+    """The run's Q: ``reward`` (the true reward) or the fitted critic with its training steps."""
+    return r["critic"] + (f", {r['critic_steps']} steps" if r["critic_steps"] else "")
+
+
+def _grad(v) -> str:
+    return "-" if v in ("", None) else f"{float(v):.2f}"
+
+
+def _target_q(r: dict) -> str:
+    return "true reward" if r["target_q"] == "reward" else "run's"
 
 
 def render(csv_path="figures/toy2d_plateau.csv", figures_dir="figures") -> list[Path]:
@@ -134,22 +171,30 @@ def render(csv_path="figures/toy2d_plateau.csv", figures_dir="figures") -> list[
             "convergence table's); `f vs target`: what the regression leaves, against the mean target of K "
             "support points (0.000: below the draws' noise); `target vs E_t`: the error of that mean target "
             "itself, which no training removes; `one draw's noise`: the RMS spread of a single draw of the target. "
-            "A K other than the run's own compares the trained f with the target it would have had. "
-            "Our measurement, not the paper's.\n")
+            "A K other than the run's own compares the trained f with the target it would have had; so does the "
+            "target's Q `true reward` for a run trained on a fitted critic (the same target reading e(x) in its "
+            "place). `grad f vs grad E_t`: the trained energy's gradient error, RMS of grad f - grad E_t over RMS "
+            "grad E_t on the same grid and weights (0: exact; 1: the error of no guidance at all), what the sampler "
+            "reads (`-`: a row made before it was measured). Our measurement, not the paper's.\n")
     for t in sorted({r["t"] for r in rs}, key=float):
-        text += ("\n### t = " + t + "\n\n| task | method (Q) | seed | energy steps | K | draws | f vs E_t "
-                 "| f vs target "
-                 "| target vs E_t | one draw's noise |\n|---|---|---|---|---|---|---|---|---|---|\n")
+        text += ("\n### t = " + t + "\n\n| task | method (Q) | seed | energy steps | K | target's Q | draws "
+                 "| f vs E_t | f vs target "
+                 "| target vs E_t | one draw's noise | grad f vs grad E_t |\n"
+                 "|---|---|---|---|---|---|---|---|---|---|---|---|\n")
         for r in (r for r in rs if r["t"] == t):
-            text += (f"| {r['task']} | {_label(r)} ({r['critic']}) | {r['seed']} | {r['energy_steps']} | "
-                     f"{_k(r)} | {r['draws']} | {float(r['vs_exact']):.3f} | {float(r['vs_target']):.3f} | "
-                     f"{float(r['target_bias']):.3f} | {float(r['target_sd']):.3f} |\n")
+            text += (f"| {r['task']} | {_label(r)} ({_critic(r)}) | {r['seed']} | {r['energy_steps']} | "
+                     f"{_k(r)} | {_target_q(r)} | {r['draws']} | {float(r['vs_exact']):.3f} | "
+                     f"{float(r['vs_target']):.3f} | "
+                     f"{float(r['target_bias']):.3f} | {float(r['target_sd']):.3f} | {_grad(r['grad_vs_exact'])} |\n")
     text += ("\n### Mean over t\n\nEach column's mean over the times above: `f vs E_t` is then the convergence "
              "table's energy error, and `target vs E_t` where that error settles once the regression has reached "
-             "that target.\n\n"
-             "| task | method (Q) | seed | energy steps | K | times | f vs E_t | f vs target | target vs E_t |\n"
-             "|---|---|---|---|---|---|---|---|---|\n")
+             "that target. The gradient error is listed at each t instead (relative to grad E_t, which is small at "
+             "large t).\n\n"
+             "| task | method (Q) | seed | energy steps | K | target's Q | times | f vs E_t | f vs target "
+             "| target vs E_t | grad f vs grad E_t at each t |\n|---|---|---|---|---|---|---|---|---|---|---|\n")
     for r in means_over_t(rs):
-        text += (f"| {r['task']} | {_label(r)} ({r['critic']}) | {r['seed']} | {r['energy_steps']} | {_k(r)} | "
-                 f"{', '.join(r['times'])} | {r['vs_exact']:.4f} | {r['vs_target']:.4f} | {r['target_bias']:.4f} |\n")
+        text += (f"| {r['task']} | {_label(r)} ({_critic(r)}) | {r['seed']} | {r['energy_steps']} | {_k(r)} | "
+                 f"{_target_q(r)} | "
+                 f"{', '.join(r['times'])} | {r['vs_exact']:.4f} | {r['vs_target']:.4f} | {r['target_bias']:.4f} | "
+                 f"{' / '.join(map(_grad, r['grad_vs_exact'] or ['']))} |\n")
     return [atomic_write_text(Path(figures_dir) / "toy2d_plateau.md", text)]

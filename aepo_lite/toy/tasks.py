@@ -34,7 +34,7 @@ from aepo_lite.core.schedule import VPSchedule
 __all__ = [
     "ToyTask", "register_task", "get_task", "task_names", "TOY_TASKS", "SCALE",
     "target_samples", "exact_intermediate_energy", "exact_posterior_average", "exact_energy_gradient", "make_grid", "sliced_wasserstein", "distance_floor", "expected_floor", "FLOOR_PAIRS",
-    "energy_error", "energy_error_cross", "check_count", "check_beta", "memory_budget_bytes",
+    "energy_error", "energy_error_cross", "gradient_error", "check_count", "check_beta", "memory_budget_bytes",
 ]
 
 SCALE = 0.25  # every built-in task is the published point set times SCALE (so it fits in [-1, 1]^2)
@@ -470,6 +470,27 @@ def energy_error(f: torch.Tensor, E: torch.Tensor, log_weight: torch.Tensor | No
     w = torch.full_like(diff, 1.0 / diff.numel()) if log_weight is None else torch.softmax(log_weight.double(), 0)
     c = (w * diff).sum()
     return float((w * (diff - c) ** 2).sum().sqrt())
+
+
+def gradient_error(grad_f: torch.Tensor, grad_E: torch.Tensor, log_weight: torch.Tensor | None = None) -> float:
+    """Relative error of a learned energy's gradient: RMS ||grad f - grad E_t|| / RMS ||grad E_t||, both RMS
+    weighted by softmax(``log_weight``) (e.g. log mu_t) as in :func:`energy_error`.
+
+    Guided sampling moves points along grad f, not by f's values: an energy can read its values to within a
+    small RMS and still point its gradient wrong where the values' weight is small or where the error varies
+    fast. 0 is the exact gradient, 1 the error of guiding with no energy at all (grad f = 0). (M, d), (M, d).
+    """
+    check_tensor("grad_f", grad_f, ndim=2)
+    check_tensor("grad_E", grad_E, shape=tuple(grad_f.shape))
+    n = grad_f.shape[0]
+    if log_weight is not None:
+        check_tensor("log_weight", log_weight, shape=(n,))
+    w = (torch.full((n,), 1.0 / n, dtype=torch.float64, device=grad_f.device) if log_weight is None
+         else torch.softmax(log_weight.double(), 0))
+    ref = float((w * grad_E.double().pow(2).sum(1)).sum().sqrt())
+    if ref == 0.0:
+        raise ValueError("grad_E: zero everywhere the weights hold (no guidance to compare with)")
+    return float((w * (grad_f.double() - grad_E.double()).pow(2).sum(1)).sum().sqrt()) / ref
 
 
 def energy_error_cross(a: torch.Tensor, b: torch.Tensor, E: torch.Tensor,

@@ -33,8 +33,8 @@ from aepo_lite._io import atomic_write_text, merge_csv_rows, read_csv_rows
 from aepo_lite.config import to_dict
 from aepo_lite.toy import tasks as toy
 
-__all__ = ["regression_part", "sampler_part", "trained_budget", "budget_rows", "write_rows", "read_rows",
-           "budget_markdown", "render"]
+__all__ = ["regression_part", "gradient_part", "sampler_part", "trained_budget", "budget_rows", "write_rows",
+           "read_rows", "budget_markdown", "render"]
 
 COLUMNS = ("task", "method", "estimator", "critic", "beta", "seed", "preset", "t", "vs_exact", "vs_target",
            "target_bias", "distance", "exact_distance", "floor")
@@ -112,6 +112,29 @@ def regression_part(models, draws: int = 8, times=None, debias: bool = False) ->
             ybar = _mean_target(models, pts, t, draws, g)
             row.update(vs_target=toy.energy_error(f, ybar, logp), target_bias=toy.energy_error(ybar, E, logp))
         out[f"{t:g}"] = row
+    return out
+
+
+def gradient_part(models, times=None) -> dict:
+    """{t: the trained energy's relative gradient error} (:func:`aepo_lite.toy.tasks.gradient_error`: RMS of
+    grad f - grad E_t over RMS grad E_t, on the grid of :func:`regression_part`, weighted by mu_t): the quantity
+    guidance reads, beside the values ``regression_part`` compares. {} without an energy."""
+    cfg = models.cfg
+    if models.energy is None:
+        return {}
+    from aepo_lite.toy.pipeline import BOX
+    pts, _ = toy.make_grid(cfg.eval.grid_size, BOX, device=models.x.device)
+    x, e = models.x[:cfg.eval.n_ref_data], models.e[:cfg.eval.n_ref_data]
+    out = {}
+    for t in (cfg.eval.error_times if times is None else times):
+        _, logp = toy.exact_intermediate_energy(pts, t, x, e, cfg.energy.beta, models.behaviour.schedule,
+                                                return_log_density=True)
+        grad_e = toy.exact_energy_gradient(pts, t, x, e, cfg.energy.beta, models.behaviour.schedule)
+        p = pts.clone().requires_grad_(True)
+        with torch.enable_grad():
+            f = models.energy(None, p, torch.full((p.shape[0],), float(t), device=p.device))
+            grad_f, = torch.autograd.grad(f.sum(), p)
+        out[f"{t:g}"] = toy.gradient_error(grad_f, grad_e, logp)
     return out
 
 
