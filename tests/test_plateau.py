@@ -106,8 +106,8 @@ def test_plateau_refuses_what_it_cannot_measure(trained, tmp_path):
     q = tmp_path / "q"
     q.mkdir()
     (q / "config.json").write_text(json.dumps(dict(json.loads((tmp / "run" / "config.json").read_text()),
-                                                   method="qgpo")))
-    with pytest.raises(ValueError, match="qgpo run, whose energy has no regression target"):
+                                                   method="bc")))
+    with pytest.raises(ValueError, match="bc run, which trains no energy"):
         plateau.rows(q, tmp / "cache")
 
 
@@ -215,3 +215,25 @@ def test_true_reward_rows_split_the_critic_from_the_target(trained_on_critic, tr
     assert "(regression, 30 steps) | 0 | 40 | 2000 | true reward | 16 |" in text
     with pytest.raises(ValueError, match="true_reward"):
         plateau.rows(trained[1] / "run", trained[1] / "cache", true_reward=True)  # a run on the true reward
+
+
+def test_a_qgpo_run_gets_its_error_and_gradient_error_alone(tmp_path):
+    """QGPO's contrastive energy has no regression target: its rows hold f against E_t (as the convergence table
+    computes it) and the gradient error, the target columns blank and rendered as '-'."""
+    cfg = TT.make_config("8gaussians", "qgpo", "smoke", n_data=2000, behaviour=dict(steps=200), energy=dict(steps=40),
+                         support={"k": 8}, eval=dict(n_samples=400, n_ref_data=2000, pool_size=2000, grid_size=12))
+    TT.run_toy(cfg, tmp_path / "run", cache_dir=tmp_path / "cache", progress=False, figure=False, budget=False)
+    rs = plateau.rows(tmp_path / "run", tmp_path / "cache", times=[0.05, 0.2])
+    assert [r["t"] for r in rs] == ["0.05", "0.2"]
+    assert all(r["vs_target"] == r["target_bias"] == r["target_sd"] == r["draws"] == "" for r in rs)
+    models = TT.train_toy(cfg, cache_dir=tmp_path / "cache", progress=False, trained_only=True)
+    assert float(rs[1]["vs_exact"]) == pytest.approx(TB.regression_part(models, times=[0.2])["0.2"]["vs_exact"],
+                                                     abs=1e-6)
+    assert float(rs[1]["grad_vs_exact"]) == pytest.approx(TB.gradient_part(models, times=[0.2])["0.2"], abs=1e-6)
+    with pytest.raises(ValueError, match="ks: .*qgpo run"):
+        plateau.rows(tmp_path / "run", tmp_path / "cache", ks=[4])
+    plateau.write_rows(tmp_path / "p.csv", rs)
+    text = plateau.render(tmp_path / "p.csv", tmp_path)[0].read_text()
+    assert f"| 8gaussians | qgpo (reward) | 0 | 40 | - | - | - | {float(rs[0]['vs_exact']):.3f} | - | - | - |" in text
+    mean = text.split("### Mean over t")[1]
+    assert "| 8gaussians | qgpo (reward) | 0 | 40 | - | - | 0.05, 0.2 |" in mean and "| - | - |" in mean

@@ -52,7 +52,8 @@ def rows(run_dir, cache_dir, ks=None, draws: int = 32, times=None, device: str |
     support points (``vs_target``), that mean target against E_t (``target_bias``) and one draw's noise about
     it (``target_sd``), from ``draws`` draws (even) without their noise, and the trained f's relative gradient
     error (``grad_vs_exact``, :func:`aepo_lite.toy.trained_budget.gradient_part`). ``ks``: default the run's own K;
-    only particle and mixture targets have a K (other AEPO targets and MSE get one row per t, k blank).
+    only particle and mixture targets have a K (other AEPO targets and MSE get one row per t, k blank). A qgpo
+    run's contrastive energy has no pointwise target: its rows hold ``vs_exact`` and ``grad_vs_exact`` alone.
     ``true_reward``: for a run with a fitted critic, also the rows of the same target reading the true reward
     e(x) in place of the critic (``target_q`` "reward"; the same behaviour model, K and draws), so that the
     target's bias splits into what the critic adds and what the target's form leaves with the exact Q."""
@@ -65,9 +66,13 @@ def rows(run_dir, cache_dir, ks=None, draws: int = 32, times=None, device: str |
         raise ValueError(f"run_dir: {run_dir} holds no config.json (a toy run folder, e.g. "
                          "runs/convergence/<task>/...)")
     cfg = from_dict(ToyConfig, json.loads(path.read_text()))
-    if cfg.method not in ("aepo", "mse"):
-        raise ValueError(f"run_dir: {run_dir} is a {cfg.method} run, whose energy has no regression target "
-                         "(only aepo and mse runs have one)")
+    if cfg.method not in ("aepo", "mse", "qgpo"):
+        raise ValueError(f"run_dir: {run_dir} is a {cfg.method} run, which trains no energy (aepo, mse and qgpo "
+                         "runs do)")
+    target = cfg.method != "qgpo"  # QGPO's contrastive loss has no pointwise target: its rows hold f alone
+    if not target and (ks or true_reward):
+        raise ValueError(f"{'ks' if ks else 'true_reward'}: the run in {run_dir} is a qgpo run, whose energy has "
+                         "no regression target to vary (only its error and gradient error are measured)")
     if device is not None:
         cfg = apply_overrides(cfg, {"device": device})
     models = train_toy(cfg, cache_dir=cache_dir, progress=False, trained_only=True)
@@ -90,8 +95,9 @@ def rows(run_dir, cache_dir, ks=None, draws: int = 32, times=None, device: str |
             out.append({"task": cfg.task, "method": cfg.method, "estimator": estimator(cfg) if cfg.method == "aepo"
                         else "", "critic": cfg.critic.kind, "beta": f"{cfg.energy.beta:g}", "seed": cfg.seed,
                         "preset": _preset(run_dir),
-                        "energy_steps": cfg.energy.steps, "k": "" if k is None else k, "t": t, "draws": draws,
-                        **{c: f"{part[c]:.6f}" for c in ("vs_exact", "vs_target", "target_bias", "target_sd")},
+                        "energy_steps": cfg.energy.steps, "k": "" if k is None else k, "t": t, "draws": draws if target else "",
+                        **{c: "" if part.get(c) is None else f"{part[c]:.6f}"
+                           for c in ("vs_exact", "vs_target", "target_bias", "target_sd")},
                         "critic_steps": cfg.critic.steps if cfg.critic.kind == "regression" else "",
                         "target_q": q, "grad_vs_exact": f"{grads[t]:.6f}"})
     return out
@@ -129,7 +135,8 @@ def means_over_t(rs: list[dict]) -> list[dict]:
     for r in rs:
         groups.setdefault(tuple(r[c] for c in _KEY if c != "t"), []).append(r)
     return [{**{c: g[0][c] for c in _KEY if c != "t"}, "times": [x["t"] for x in g],
-             **{c: sum(float(x[c]) for x in g) / len(g) for c in ("vs_exact", "vs_target", "target_bias")},
+             **{c: sum(float(x[c]) for x in g) / len(g) if all(x[c] for x in g) else None
+                for c in ("vs_exact", "vs_target", "target_bias")},
              "grad_vs_exact": [float(x["grad_vs_exact"]) for x in g] if all(x["grad_vs_exact"] for x in g) else None}
             for g in groups.values()]
 
@@ -150,11 +157,18 @@ def _critic(r: dict) -> str:
     return r["critic"] + (f", {r['critic_steps']} steps" if r["critic_steps"] else "")
 
 
+def _num(v, digits: int) -> str:
+    """A table cell: ``-`` for a blank (a qgpo run's target columns; a column a row was made before)."""
+    return "-" if v in ("", None) else f"{float(v):.{digits}f}"
+
+
 def _grad(v) -> str:
     return "-" if v in ("", None) else f"{float(v):.2f}"
 
 
 def _target_q(r: dict) -> str:
+    if r["method"] == "qgpo":
+        return "-"
     return "true reward" if r["target_q"] == "reward" else "run's"
 
 
@@ -183,18 +197,19 @@ def render(csv_path="figures/toy2d_plateau.csv", figures_dir="figures") -> list[
                  "|---|---|---|---|---|---|---|---|---|---|---|---|\n")
         for r in (r for r in rs if r["t"] == t):
             text += (f"| {r['task']} | {_label(r)} ({_critic(r)}) | {r['seed']} | {r['energy_steps']} | "
-                     f"{_k(r)} | {_target_q(r)} | {r['draws']} | {float(r['vs_exact']):.3f} | "
-                     f"{float(r['vs_target']):.3f} | "
-                     f"{float(r['target_bias']):.3f} | {float(r['target_sd']):.3f} | {_grad(r['grad_vs_exact'])} |\n")
-    text += ("\n### Mean over t\n\nEach column's mean over the times above: `f vs E_t` is then the convergence "
-             "table's energy error, and `target vs E_t` where that error settles once the regression has reached "
-             "that target. The gradient error is listed at each t instead (relative to grad E_t, which is small at "
-             "large t).\n\n"
+                     f"{_k(r)} | {_target_q(r)} | {r['draws'] or '-'} | "
+                     + " | ".join(_num(r[c], 3) for c in ("vs_exact", "vs_target", "target_bias", "target_sd"))
+                     + f" | {_grad(r['grad_vs_exact'])} |\n")
+    text += ("\n### Mean over t\n\nEach column's mean over the times of its row: over the run's own error times "
+             "(0.05, 0.2, 0.5) `f vs E_t` is the convergence table's energy error, and `target vs E_t` where that "
+             "error settles once the regression has reached that target. The gradient error is listed at each t "
+             "instead (relative to grad E_t, which is small at large t).\n\n"
              "| task | method (Q) | seed | energy steps | K | target's Q | times | f vs E_t | f vs target "
              "| target vs E_t | grad f vs grad E_t at each t |\n|---|---|---|---|---|---|---|---|---|---|---|\n")
     for r in means_over_t(rs):
         text += (f"| {r['task']} | {_label(r)} ({_critic(r)}) | {r['seed']} | {r['energy_steps']} | {_k(r)} | "
                  f"{_target_q(r)} | "
-                 f"{', '.join(r['times'])} | {r['vs_exact']:.4f} | {r['vs_target']:.4f} | {r['target_bias']:.4f} | "
-                 f"{' / '.join(map(_grad, r['grad_vs_exact'] or ['']))} |\n")
+                 f"{', '.join(r['times'])} | "
+                 + " | ".join(_num(r[c], 4) for c in ("vs_exact", "vs_target", "target_bias"))
+                 + f" | {' / '.join(map(_grad, r['grad_vs_exact'] or ['']))} |\n")
     return [atomic_write_text(Path(figures_dir) / "toy2d_plateau.md", text)]
