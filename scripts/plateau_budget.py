@@ -34,6 +34,7 @@ def main(argv=None) -> int:
     p.add_argument("--csv", default="figures/toy2d_plateau.csv")
     p.add_argument("--figures-dir", default=None, help="default: the CSV's folder")
     args = p.parse_args(argv)
+    num = lambda v: "-" if v == "" else f"{float(v):.4f}"  # noqa: E731  (a qgpo run has no target columns)
     try:
         for run in args.runs:
             t0 = time.time()
@@ -43,8 +44,9 @@ def main(argv=None) -> int:
             for r in rs:
                 print(f"{r['task']} {r['estimator'] or r['method']} seed {r['seed']} K={r['k'] or '-'} t={r['t']}"
                       f"{' (true reward)' if r['target_q'] else ''}: "
-                      f"f vs E_t {float(r['vs_exact']):.4f}, f vs target {float(r['vs_target']):.4f}, target vs E_t "
-                      f"{float(r['target_bias']):.4f}, one draw's noise {float(r['target_sd']):.4f}")
+                      f"f vs E_t {num(r['vs_exact'])}, f vs target {num(r['vs_target'])}, target vs E_t "
+                      f"{num(r['target_bias'])}, one draw's noise {num(r['target_sd'])}, gradient error "
+                      f"{num(r['grad_vs_exact'])}")
             print(f"{run}: {time.time() - t0:.0f} s", flush=True)
         for path in plateau.render(args.csv, args.figures_dir or Path(args.csv).parent):
             print(f"wrote {path}")

@@ -125,6 +125,14 @@ def test_the_script_writes_the_table_and_names_a_bad_run(trained, tmp_path, caps
     assert script.main(["--runs", str(tmp / "run"), "--cache-dir", str(tmp / "cache"), "--draws", "4", "--times",
                         "0.2", "--csv", str(tmp_path / "p.csv")]) == 0
     assert "K=8 t=0.2" in capsys.readouterr().out
+    q = tmp_path / "qgpo"  # a qgpo run prints '-' for the target columns it has not
+    TT.run_toy(TT.make_config("8gaussians", "qgpo", "smoke", n_data=2000, behaviour=dict(steps=200),
+                              energy=dict(steps=20), support={"k": 8},
+                              eval=dict(n_samples=400, n_ref_data=2000, pool_size=2000, grid_size=12)),
+               q, cache_dir=tmp / "cache", progress=False, figure=False, budget=False)
+    assert script.main(["--runs", str(q), "--cache-dir", str(tmp / "cache"), "--times", "0.2", "--csv",
+                        str(tmp_path / "p.csv")]) == 0
+    assert "f vs target -, target vs E_t -" in capsys.readouterr().out
     text = (tmp_path / "toy2d_plateau.md").read_text()
     assert "| 8gaussians | aepo(particles-K8) (reward) | 0 | 40 | 8 (run's) | run's | 4 |" in text
 
