@@ -598,3 +598,40 @@ def test_rl_glance_table_puts_each_method_at_its_best_scale_and_marks_the_defaul
         "| local/h/m-v0 (held out) | 3 | — | 50.0 | — | 57.0 | 40.0 | 53.0 (w=1) | **+3.0** (under + 5) | **-4.0** |"]
     assert lines[0] == "" and lines[-1] == ""  # a table between bullets needs blank lines around it
     assert _rl_glance_lines(tmp_path / "missing.csv") == []
+
+
+def test_gradient_line_sets_values_beside_gradients_and_the_distance_of_the_same_run(tmp_path, csvs):
+    """The plateau CSV's gradient errors at t = 0.2, per task, sorted by gradient error, with the run's energy error
+    in values and, where a convergence CSV has the very run (same critic budget, seed, energy steps), its distance
+    over the floor; a row of another t, a row of the true reward in the critic's place, or a row without a
+    gradient error is not quoted."""
+    from aepo_lite.toy import convergence as conv
+    from aepo_lite.toy import plateau
+    base = dict(method="aepo", estimator="g", critic="regression", beta="10", preset="full", draws="32",
+                target_sd="0.5", k="", task="m", energy_steps="1000", vs_target="0.0", target_bias="0.1")
+    rows = [dict(base, seed="0", critic_steps="1500", t="0.2", vs_exact="0.098", grad_vs_exact="0.34"),
+            dict(base, seed="0", critic_steps="24000", t="0.2", vs_exact="0.134", grad_vs_exact="0.74"),
+            dict(base, seed="0", critic_steps="24000", t="0.2", vs_exact="0.134", grad_vs_exact="0.74",
+                 target_q="reward", target_bias="0.2"),
+            dict(base, seed="0", critic_steps="24000", t="0.05", vs_exact="0.6", grad_vs_exact="0.56"),
+            dict(base, seed="1", critic_steps="24000", t="0.2", vs_exact="0.131", grad_vs_exact="0.86"),
+            dict(base, task="c", method="qgpo", estimator="", seed="0", critic_steps="24000", t="0.2",
+                 vs_exact="0.021", grad_vs_exact="0.07", vs_target="", target_bias="", target_sd="", draws=""),
+            dict(base, task="c", seed="0", critic="reward", critic_steps="", t="0.2", vs_exact="0.5",
+                 grad_vs_exact="")]  # measured before gradients were: no gradient to quote
+    plateau.write_rows(tmp_path / "p.csv", rows)
+    conv_row = dict(method="aepo", estimator="g", critic="regression", beta="10", seed="0", preset="full",
+                    energy_steps="1000", draws="4", floor="0.013", energy_seconds="1", task="m")
+    cr = [dict(conv_row, critic_steps="24000", distance="0.1885"), dict(conv_row, critic_steps="1500",
+                                                                       distance="0.0715")]
+    cr = [{c: r.get(c, "0.1") for c in conv.COLUMNS} for r in cr]  # the energy errors: not read here
+    _write(tmp_path / "critic.csv", cr)
+    text = summary_markdown(*csvs, plateau_csv=tmp_path / "p.csv", convergence_critic_csv=tmp_path / "critic.csv")
+    line = next(ln for ln in text.splitlines() if ln.startswith("- **Values and gradients of trained toy energies**"))
+    assert ("c: qgpo (critic 24000 steps, seed 0) 0.021 / 0.07; m: aepo[g] (critic 1500 steps, seed 0) 0.098 / 0.34 "
+            "/ 5.5x, aepo[g] (critic 24000 steps, seed 0) 0.134 / 0.74 / 14.5x, aepo[g] (critic 24000 steps, seed 1) "
+            "0.131 / 0.86.") in line
+    assert "0.56" not in line and "0.500" not in line and line.count("(critic 24000 steps, seed 0) 0.134") == 1
+    # the earlier line keeps to the runs that read the true reward (task c's) and names none of the critic's
+    earlier = next(ln for ln in text.splitlines() if ln.startswith("- **Where a toy energy's error comes from**"))
+    assert "c aepo[g] (reward), seed 0 at 1000 steps: energy error 0.500" in earlier and "m aepo" not in earlier

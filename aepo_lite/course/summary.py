@@ -501,13 +501,14 @@ def _unconverged_text(rows: list[dict], budgets: dict[str, int | None]) -> str:
     return (" Where it stands, not a converged comparison: " + "; ".join(parts) + ".") if parts else ""
 
 
-def _plateau_lines(csv_path) -> list[str]:
-    """One line naming, for each run measured in ``toy2d_plateau.csv``, the part of the error budget its energy
-    error is (means over t): what its regression leaves against its own target, and that target's own error; and
-    the same target's own error at the other K measured."""
+def _plateau_lines(csv_path, distance_csvs=()) -> list[str]:
+    """One line naming, for each run measured in ``toy2d_plateau.csv`` that read the true reward, the part of the
+    error budget its energy error is (means over t): what its regression leaves against its own target, and that
+    target's own error; and the same target's own error at the other K measured. Then :func:`_gradient_line`."""
     from aepo_lite.toy import plateau
+    rows = plateau.read_rows(csv_path)
     runs: dict = {}
-    for r in plateau.means_over_t(plateau.read_rows(csv_path)):
+    for r in plateau.means_over_t([r for r in rows if r["critic"] == "reward" and not r["target_q"]]):
         runs.setdefault((r["task"], r["method"], r["estimator"], r["critic"], r["seed"], int(r["energy_steps"])),
                         {})[r["k"]] = r
     parts = []
@@ -525,10 +526,44 @@ def _plateau_lines(csv_path) -> list[str]:
                      f"regression {reg:.3f} from its target, the target {tgt:.3f} from E_t: {at_fault}"
                      + (("; the same target's own error with K = " + " / ".join(others) + ": "
                          + " / ".join(f"{by_k[k]['target_bias']:.3f}" for k in others)) if others else ""))
-    if not parts:
+    line = (["- **Where a toy energy's error comes from** (error budget part 4 on finished runs, means over t, "
+             "without the noise of averaging the target's draws; `figures/toy2d_plateau.md`): " + ". ".join(parts)
+             + "."] if parts else [])
+    return line + _gradient_line(rows, distance_csvs)
+
+
+GRADIENT_T = "0.2"  # the diffusion time the summary's gradient line quotes (the table has every t measured)
+
+
+def _gradient_line(rows: list[dict], distance_csvs=()) -> list[str]:
+    """One line: for each run of ``toy2d_plateau.csv`` whose gradient error was measured at t = ``GRADIENT_T``, its
+    energy error (values) beside its gradient error there, and its distance over the floor at w = 1 where a
+    convergence CSV of ``distance_csvs`` holds the same run (task, method, estimator, Q, seed, budgets)."""
+    from aepo_lite.toy import convergence as conv
+    cols = ("task", "method", "estimator", "critic", "seed", "energy_steps", "critic_steps")
+    key = lambda r: tuple(str(r[c]) for c in cols)  # noqa: E731
+    dist = {key(r): float(r["distance"]) / float(r["floor"]) for path in distance_csvs
+            if path is not None and Path(path).exists() for r in conv.read_rows(path)}
+    by_task = defaultdict(list)
+    for r in rows:
+        if r["t"] == GRADIENT_T and r["grad_vs_exact"] and not r["target_q"]:
+            by_task[r["task"]].append(r)
+    if not by_task:
         return []
-    return ["- **Where a toy energy's error comes from** (error budget part 4 on finished runs, means over t, without "
-            "the noise of averaging the target's draws; `figures/toy2d_plateau.md`): " + ". ".join(parts) + "."]
+    parts = []
+    for task, rs in sorted(by_task.items()):
+        runs = []
+        for r in sorted(rs, key=lambda r: (float(r["grad_vs_exact"]), key(r))):
+            label = f"aepo[{r['estimator']}]" if r["method"] == "aepo" else r["method"]
+            q = f"critic {r['critic_steps']} steps" if r["critic_steps"] else r["critic"]
+            d = dist.get(key(r))
+            runs.append(f"{label} ({q}, seed {r['seed']}) {float(r['vs_exact']):.3f} / "
+                        f"{float(r['grad_vs_exact']):.2f}" + (f" / {d:.1f}x" if d is not None else ""))
+        parts.append(f"{task}: " + ", ".join(runs))
+    return [f"- **Values and gradients of trained toy energies** (`figures/toy2d_plateau.md`; at t = {GRADIENT_T}: "
+            "the energy's error in values / its gradient error, RMS of grad f - grad E_t over RMS grad E_t (0 exact, "
+            "1 no guidance), both weighted by mu_t / where a convergence table has the run, its distance over the "
+            "floor at w = 1; runs sorted by gradient error): " + "; ".join(parts) + "."]
 
 
 def _seeds_everywhere(rows: list[dict], n: int) -> int:
@@ -641,7 +676,7 @@ def summary_markdown(toy_csv="figures/toy2d_results.csv", rl_csv="figures/rl_res
     if convergence_critic_csv is not None and Path(convergence_critic_csv).exists():
         current += _critic_lines(convergence_critic_csv, convergence_csv)
     if plateau_csv is not None and Path(plateau_csv).exists():
-        current += _plateau_lines(plateau_csv)
+        current += _plateau_lines(plateau_csv, (convergence_csv, convergence_critic_csv))
     for csv, preset in ((xlong_csv, "xlong"), (xxlong_csv, "xxlong")):
         if csv is not None and Path(csv).exists():
             steps = PRESETS["toy"][preset]["energy"]["steps"]
