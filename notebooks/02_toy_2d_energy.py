@@ -640,9 +640,10 @@ else:
 #   from the behaviour model (`figures/toy2d_budget.md`); MSE converges to its own target, the mean of beta e given x_t, not to E_t; the
 #   particle target's error on checkerboard stops at its K = 64 target's own gap to E_t (0.084 of its 0.086; 0.027
 #   with K = 256).
-# - **A fitted critic in place of the true reward** (trained 24000 steps, the preset's; seed 0): QGPO, the particle
-#   target and MSE keep 0.85-1.02 of their true-reward distances on all six tasks; the Gaussian target
-#   0.96-6.02, worse than with a 1500-step critic on three of them.
+# - **A fitted critic in place of the true reward** (trained 24000 steps, the preset's; seed 0, and seed 1 for the
+#   Gaussian target on moons and swissroll): QGPO, the particle target and MSE keep 0.85-1.02 of their true-reward
+#   distances on all six tasks; the Gaussian target 0.96-4.67, worse than with a 1500-step critic on three of them
+#   (on both seeds where two were run).
 # - **Read Q's values, not its gradient.** With that more accurate critic the targets that expand Q to first order
 #   get far worse on the four piecewise-constant rewards (the budget's critic part for `gaussian-fit-first`, mean
 #   over the six tasks at t = 0.05: 2.4 with an 800-step critic, 127 with this one), so the defaults read values.
