@@ -95,7 +95,8 @@ def rows(run_dir, cache_dir, ks=None, draws: int = 32, times=None, device: str |
             out.append({"task": cfg.task, "method": cfg.method, "estimator": estimator(cfg) if cfg.method == "aepo"
                         else "", "critic": cfg.critic.kind, "beta": f"{cfg.energy.beta:g}", "seed": cfg.seed,
                         "preset": _preset(run_dir),
-                        "energy_steps": cfg.energy.steps, "k": "" if k is None else k, "t": t, "draws": draws if target else "",
+                        "energy_steps": cfg.energy.steps, "k": "" if k is None else k, "t": t,
+                        "draws": draws if target else "",
                         **{c: "" if part.get(c) is None else f"{part[c]:.6f}"
                            for c in ("vs_exact", "vs_target", "target_bias", "target_sd")},
                         "critic_steps": cfg.critic.steps if cfg.critic.kind == "regression" else "",
@@ -162,10 +163,6 @@ def _num(v, digits: int) -> str:
     return "-" if v in ("", None) else f"{float(v):.{digits}f}"
 
 
-def _grad(v) -> str:
-    return "-" if v in ("", None) else f"{float(v):.2f}"
-
-
 def _target_q(r: dict) -> str:
     if r["method"] == "qgpo":
         return "-"
@@ -199,7 +196,7 @@ def render(csv_path="figures/toy2d_plateau.csv", figures_dir="figures") -> list[
             text += (f"| {r['task']} | {_label(r)} ({_critic(r)}) | {r['seed']} | {r['energy_steps']} | "
                      f"{_k(r)} | {_target_q(r)} | {r['draws'] or '-'} | "
                      + " | ".join(_num(r[c], 3) for c in ("vs_exact", "vs_target", "target_bias", "target_sd"))
-                     + f" | {_grad(r['grad_vs_exact'])} |\n")
+                     + f" | {_num(r['grad_vs_exact'], 2)} |\n")
     text += ("\n### Mean over t\n\nEach column's mean over the times of its row: over the run's own error times "
              "(0.05, 0.2, 0.5) `f vs E_t` is the convergence table's energy error, and `target vs E_t` where that "
              "error settles once the regression has reached that target. The gradient error is listed at each t "
@@ -211,5 +208,5 @@ def render(csv_path="figures/toy2d_plateau.csv", figures_dir="figures") -> list[
                  f"{_target_q(r)} | "
                  f"{', '.join(r['times'])} | "
                  + " | ".join(_num(r[c], 4) for c in ("vs_exact", "vs_target", "target_bias"))
-                 + f" | {' / '.join(map(_grad, r['grad_vs_exact'] or ['']))} |\n")
+                 + f" | {' / '.join(_num(v, 2) for v in r['grad_vs_exact'] or [''])} |\n")
     return [atomic_write_text(Path(figures_dir) / "toy2d_plateau.md", text)]
