@@ -641,16 +641,16 @@ else:
 #   particle target's error on checkerboard stops at its K = 64 target's own gap to E_t (0.084 of its 0.086; 0.027
 #   with K = 256).
 # - **A fitted critic in place of the true reward** (trained 24000 steps, the preset's; seed 0, and seed 1 for the
-#   Gaussian target on moons and swissroll): QGPO, the particle target and MSE keep 0.85-1.02 of their true-reward
-#   distances on all six tasks; the Gaussian target 0.96-4.67, worse than with a 1500-step critic on three of them
-#   (on both seeds where two were run).
+#   Gaussian target on moons, swissroll and rings): QGPO, the particle target and MSE keep 0.85-1.02 of their
+#   true-reward distances on all six tasks; the Gaussian target 0.96-4.67, worse than with a 1500-step critic on
+#   three of them (on both seeds where two were run).
 # - **Read Q's values, not its gradient.** With that more accurate critic the targets that expand Q to first order
 #   get far worse on the four piecewise-constant rewards (the budget's critic part for `gaussian-fit-first`, mean
 #   over the six tasks at t = 0.05: 2.4 with an 800-step critic, 127 with this one), so the defaults read values.
 # - **One RMS does not say where samples go.** With the longer critic the Gaussian target's energy still sits on its
 #   own target, whose error in values barely moves (moons, mean over t: 0.26 -> 0.24 from E_t; 0.23 reading e(x)),
 #   while its samples go from 5.5x to 14.5x the floor. Its gradient error at t = 0.35 moved with the distance on all
-#   six critic pairs measured (moons 0.25 -> 1.04; `figures/toy2d_plateau.md`), yet the true-reward energy, which
+#   eight critic pairs measured (moons 0.25 -> 1.04; `figures/toy2d_plateau.md`), yet the true-reward energy, which
 #   samples best (2.4x), has a larger gradient error than the 1500-step critic's: neither RMS ranks every run.
 #
 # **The record**, in the order it was measured:
@@ -800,10 +800,10 @@ else:
 # (8.74 and 1.46 with 1500 steps) but 2.54 on swissroll, 2.97 on checkerboard and 6.02 on moons (1.17, 2.37,
 # 2.29), though the budget's critic part had fallen on moons and swissroll as on rings; on moons its samples
 # put 69% of their mass at x > 0.4 where the exact target puts 38% (seed 0; `scripts/toy_sample_mass.py`,
-# `docs/results.md`). Seed 1 repeats the reversal on moons and swissroll (3.75 and 2.56 against 1.62 and 1.13). By
-# part 4 of the budget on these runs (`figures/toy2d_plateau.md`) the energy sits on its own target, and its
-# gradient error at t = 0.35 rose or fell with its distance on all six pairs, though not across the Q it reads (the
-# summary's fifth bullet). Plain bars: the true reward; hatched: the fitted critic, one hatch per critic budget.
+# `docs/results.md`). Seed 1 repeats the reversal on moons and swissroll (3.75 and 2.56 against 1.62 and 1.13) and
+# the gain on rings (1.51 against 10.6). By part 4 of the budget on these runs (`figures/toy2d_plateau.md`) the
+# energy sits on its own target, and its gradient error at t = 0.35 rose or fell with its distance on all eight
+# pairs, though not across the Q it reads (the summary's fifth bullet). Plain bars: the true reward; hatched: the fitted critic, one hatch per critic budget.
 #
 # ![toy2d_convergence_critic.png](../figures/toy2d_convergence_critic.png)
 
