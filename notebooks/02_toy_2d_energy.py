@@ -650,7 +650,7 @@ else:
 # - **One RMS does not say where samples go.** With the longer critic the Gaussian target's energy still sits on its
 #   own target, whose error in values barely moves (moons, mean over t: 0.26 -> 0.24 from E_t; 0.23 reading e(x)),
 #   while its samples go from 5.5x to 14.5x the floor. Its gradient error at t = 0.35 moved with the distance on all
-#   eight critic pairs measured (moons 0.25 -> 1.04; `figures/toy2d_plateau.md`), yet the true-reward energy, which
+#   seven critic pairs measured (moons 0.25 -> 1.04; `figures/toy2d_plateau.md`), yet the true-reward energy, which
 #   samples best (2.4x), has a larger gradient error than the 1500-step critic's: neither RMS ranks every run.
 #
 # **The record**, in the order it was measured:
@@ -802,8 +802,9 @@ else:
 # put 69% of their mass at x > 0.4 where the exact target puts 38% (seed 0; `scripts/toy_sample_mass.py`,
 # `docs/results.md`). Seed 1 repeats the reversal on moons and swissroll (3.75 and 2.56 against 1.62 and 1.13) and
 # the gain on rings (1.51 against 10.6). By part 4 of the budget on these runs (`figures/toy2d_plateau.md`) the
-# energy sits on its own target, and its gradient error at t = 0.35 rose or fell with its distance on all eight
-# pairs, though not across the Q it reads (the summary's fifth bullet). Plain bars: the true reward; hatched: the fitted critic, one hatch per critic budget.
+# energy sits on its own target, and its gradient error at t = 0.35 rose or fell with its distance on all seven
+# pairs, though not across the Q it reads (the summary's fifth bullet). Plain bars: the true reward; hatched: the
+# fitted critic, one hatch per critic budget.
 #
 # ![toy2d_convergence_critic.png](../figures/toy2d_convergence_critic.png)
 
