@@ -245,3 +245,41 @@ def test_a_qgpo_run_gets_its_error_and_gradient_error_alone(tmp_path):
     assert f"| 8gaussians | qgpo (reward) | 0 | 40 | - | - | - | {float(rs[0]['vs_exact']):.3f} | - | - | - |" in text
     mean = text.split("### Mean over t")[1]
     assert "| 8gaussians | qgpo (reward) | 0 | 40 | - | - | 0.05, 0.2 |" in mean and "| - | - |" in mean
+
+
+def test_band_distance_runs_from_the_exact_energy_to_the_run_itself(trained):
+    """An empty band is part 5's draw (the exact grad E_t at every step); a band over every t is the run's own draw
+    at w = 1; a band in between lies on neither (here: it changes the samples)."""
+    cfg, tmp = trained
+    models = TT.train_toy(cfg, cache_dir=tmp / "cache", progress=False, trained_only=True)
+    target = TT.draw_target(cfg, 0)
+    none, xs_none = TB.band_distance(models, 0.3, 0.3)
+    assert none == pytest.approx(TB._sampler_distance(models, target, 0), rel=1e-6)
+    every, xs_every = TB.band_distance(models, 0.0, 2.0)
+    run, _, xs_run, _ = TT.draw_distance(models, 1.0, 0, target)
+    assert every == pytest.approx(run, rel=1e-6) and torch.allclose(xs_every, xs_run)
+    _, xs_mid = TB.band_distance(models, 0.3, 0.7)
+    assert not torch.allclose(xs_mid, xs_none) and not torch.allclose(xs_mid, xs_every)
+    for bad, match in (((0.5, 0.2), "hi"), ((-0.1, 0.2), "lo"), ((0.0, float("nan")), "hi")):
+        with pytest.raises(ValueError, match=match):
+            TB.band_distance(models, *bad)
+    with pytest.raises(ValueError, match="d: "):
+        TB.band_distance(models, 0.0, 0.5, d=cfg.eval.draws)
+
+
+def test_toy_bands_script_prints_each_band_and_names_bad_bands(trained, capsys):
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "scripts" / "toy_bands.py"
+    spec = importlib.util.spec_from_file_location("toy_bands", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    cfg, tmp = trained
+    args = ["--runs", str(tmp / "run"), "--cache-dir", str(tmp / "cache")]
+    assert script.main([*args, "--bands", "0", "0.5", "1", "--threshold", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "exact energy: distance" in out and "trained on [0, 0.5): distance" in out
+    assert "trained on [0.5, 1]: distance" in out and "x > 0 " in out
+    with pytest.raises(SystemExit):
+        script.main([*args, "--bands", "0.5", "0.1"])
+    assert "--bands" in capsys.readouterr().err

@@ -25,6 +25,7 @@ and sampling make of it, on the same grid of x_t weighted by mu_t, up to a const
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -33,7 +34,7 @@ from aepo_lite._io import atomic_write_text, merge_csv_rows, read_csv_rows
 from aepo_lite.config import to_dict
 from aepo_lite.toy import tasks as toy
 
-__all__ = ["regression_part", "gradient_part", "sampler_part", "trained_budget", "budget_rows", "write_rows",
+__all__ = ["regression_part", "gradient_part", "band_distance", "sampler_part", "trained_budget", "budget_rows", "write_rows",
            "read_rows", "budget_markdown", "render"]
 
 COLUMNS = ("task", "method", "estimator", "critic", "beta", "seed", "preset", "t", "vs_exact", "vs_target",
@@ -170,6 +171,43 @@ def _sampler_distance(models, target: torch.Tensor, d: int) -> float:
     if cfg.energy.clip is not None:
         xs = xs.clamp(-cfg.energy.clip, cfg.energy.clip)
     return toy.sliced_wasserstein(xs, target, cfg.eval.n_projections)
+
+
+def band_distance(models, lo: float, hi: float, d: int = 0) -> tuple[float, torch.Tensor]:
+    """Which diffusion times the trained energy's error costs: draw ``d`` of the distance at w = 1 when the sampler
+    is guided by the exact grad E_t (closed form, as in part 5) everywhere but on the band lo <= t < hi, where the
+    trained energy's own gradient guides. (distance, samples clipped to the box as the run clips them.)
+
+    An empty band (lo = hi) is part 5's draw; a band over every t the sampler visits is the run's own draw at
+    w = 1 (the same sampler seed, 50000 + seed + d, and target set)."""
+    from aepo_lite.core.diffusion import energy_guidance
+    from aepo_lite.toy.pipeline import draw_target
+    cfg, sched = models.cfg, models.behaviour.schedule
+    for name, v in (("lo", lo), ("hi", hi)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            raise ValueError(f"{name}: expected a finite diffusion time >= 0, got {v!r}")
+    if hi < lo:
+        raise ValueError(f"hi: the band's end {hi!r} is below its start lo = {lo!r}")
+    if isinstance(d, bool) or not isinstance(d, int) or not 0 <= d < cfg.eval.draws:
+        raise ValueError(f"d: expected one of the run's {cfg.eval.draws} distance draws (0 to {cfg.eval.draws - 1}), "
+                         f"got {d!r}")
+    if models.energy is None:
+        raise ValueError(f"models: the {cfg.method} run has no trained energy to put in a band")
+    x, e = models.x[:cfg.eval.n_ref_data], models.e[:cfg.eval.n_ref_data]
+    trained = energy_guidance(models.energy)
+
+    def guide(a_t: torch.Tensor, t: torch.Tensor, s) -> torch.Tensor:
+        tt = float(t.reshape(-1)[0])
+        if lo <= tt < hi:
+            return trained(a_t, t, s)
+        return toy.exact_energy_gradient(a_t, tt, x, e, cfg.energy.beta, sched).to(a_t.dtype)
+
+    g = torch.Generator(device=models.x.device).manual_seed(50_000 + cfg.seed + d)
+    xs = models.behaviour.sample(cfg.eval.n_samples, n_steps=cfg.sampling.steps, solver=cfg.sampling.solver,
+                                 guidance=guide, guidance_scale=1.0, generator=g).detach().cpu()
+    if cfg.energy.clip is not None:
+        xs = xs.clamp(-cfg.energy.clip, cfg.energy.clip)
+    return toy.sliced_wasserstein(xs, draw_target(cfg, d), cfg.eval.n_projections), xs
 
 
 def trained_budget(models, targets: list[torch.Tensor], draws: int = 8) -> dict:
