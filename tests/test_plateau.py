@@ -111,13 +111,18 @@ def test_plateau_refuses_what_it_cannot_measure(trained, tmp_path):
         plateau.rows(q, tmp / "cache")
 
 
-def test_the_script_writes_the_table_and_names_a_bad_run(trained, tmp_path, capsys):
+def _script(name: str):
+    """scripts/<name>.py, imported as a module (the scripts folder is not a package)."""
     import importlib.util
     from pathlib import Path
-    path = Path(__file__).resolve().parents[1] / "scripts" / "plateau_budget.py"
-    spec = importlib.util.spec_from_file_location("plateau_budget", path)
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
+    return script
+
+
+def test_the_script_writes_the_table_and_names_a_bad_run(trained, tmp_path, capsys):
+    script = _script("plateau_budget")
     cfg, tmp = trained
     args = ["--cache-dir", str(tmp / "cache"), "--csv", str(tmp_path / "p.csv")]
     assert script.main(["--runs", str(tmp_path), *args]) == 2
@@ -268,12 +273,7 @@ def test_band_distance_runs_from_the_exact_energy_to_the_run_itself(trained):
 
 
 def test_toy_bands_script_prints_each_band_and_names_bad_bands(trained, capsys):
-    import importlib.util
-    from pathlib import Path
-    path = Path(__file__).resolve().parents[1] / "scripts" / "toy_bands.py"
-    spec = importlib.util.spec_from_file_location("toy_bands", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = _script("toy_bands")
     cfg, tmp = trained
     args = ["--runs", str(tmp / "run"), "--cache-dir", str(tmp / "cache")]
     assert script.main([*args, "--bands", "0", "0.5", "1", "--threshold", "0"]) == 0
