@@ -487,6 +487,11 @@ def test_plateau_line_names_the_part_each_run_is_at_fault_with_means_over_t(tmp_
     assert ("seed 0 at 2000 steps: energy error 0.200, its regression 0.110 from its target, the target 0.100 from "
             "E_t: the regression and its target's own error about equally") in line
     assert "plateau" not in summary_markdown(*csvs, plateau_csv=tmp_path / "absent.csv")
+    # a row at a time outside the convergence table's error times (0.05, 0.2, 0.5) is not averaged in
+    plateau.write_rows(tmp_path / "p.csv", [dict(rows[0], t="0.9", vs_exact=9.0, vs_target=9.0, target_bias=9.0)])
+    again = summary_markdown(*csvs, plateau_csv=tmp_path / "p.csv")
+    line2 = next(ln for ln in again.splitlines() if ln.startswith("- **Where a toy energy's error comes from**"))
+    assert line2 == line and "means over t = 0.05, 0.2, 0.5," in line
 
 
 def test_oracle_line_says_what_the_support_holds_where_the_default_misses(tmp_path):

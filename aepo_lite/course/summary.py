@@ -12,7 +12,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from aepo_lite._io import atomic_write_text
-from aepo_lite.config import PRESETS
+from aepo_lite.config import PRESETS, ToyConfig
 from aepo_lite.rl.report import at_top_of_sweep
 
 __all__ = ["toy_summary", "toy_summary_rows", "rl_summary", "summary_markdown", "figures_summary", "update_readme"]
@@ -503,12 +503,14 @@ def _unconverged_text(rows: list[dict], budgets: dict[str, int | None]) -> str:
 
 def _plateau_lines(csv_path, distance_csvs=()) -> list[str]:
     """One line naming, for each run measured in ``toy2d_plateau.csv`` that read the true reward, the part of the
-    error budget its energy error is (means over t): what its regression leaves against its own target, and that
+    error budget its energy error is (means over the convergence table's error times): what its regression leaves against its own target, and that
     target's own error; and the same target's own error at the other K measured. Then :func:`_gradient_line`."""
     from aepo_lite.toy import plateau
     rows = plateau.read_rows(csv_path)
     runs: dict = {}
-    for r in plateau.means_over_t([r for r in rows if r["critic"] == "reward" and not r["target_q"]]):
+    times = {f"{t:g}" for t in ToyConfig().eval.error_times}  # the convergence table's: rows at other t not averaged
+    at_own_times = [r for r in rows if r["critic"] == "reward" and not r["target_q"] and r["t"] in times]
+    for r in plateau.means_over_t(at_own_times):
         runs.setdefault((r["task"], r["method"], r["estimator"], r["critic"], r["seed"], int(r["energy_steps"])),
                         {})[r["k"]] = r
     parts = []
@@ -526,8 +528,9 @@ def _plateau_lines(csv_path, distance_csvs=()) -> list[str]:
                      f"regression {reg:.3f} from its target, the target {tgt:.3f} from E_t: {at_fault}"
                      + (("; the same target's own error with K = " + " / ".join(others) + ": "
                          + " / ".join(f"{by_k[k]['target_bias']:.3f}" for k in others)) if others else ""))
-    line = (["- **Where a toy energy's error comes from** (error budget part 4 on finished runs, means over t, "
-             "without the noise of averaging the target's draws; `figures/toy2d_plateau.md`): " + ". ".join(parts)
+    line = (["- **Where a toy energy's error comes from** (error budget part 4 on finished runs, means over t = "
+             + ", ".join(sorted(times, key=float)) + ", without the noise of averaging the target's draws; "
+             "`figures/toy2d_plateau.md`): " + ". ".join(parts)
              + "."] if parts else [])
     return line + _gradient_line(rows, distance_csvs)
 
