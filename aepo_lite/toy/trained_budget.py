@@ -159,18 +159,30 @@ def sampler_part(models, targets: list[torch.Tensor]) -> float:
 
 
 def _sampler_distance(models, target: torch.Tensor, d: int) -> float:
+    return _draw(models, _exact_guidance(models), d, target)[0]
+
+
+def _exact_guidance(models):
+    """The closed-form grad E_t of the run's data and beta, as the sampler's guidance callable."""
     cfg, sched = models.cfg, models.behaviour.schedule
     x, e = models.x[:cfg.eval.n_ref_data], models.e[:cfg.eval.n_ref_data]
 
     def exact(a_t: torch.Tensor, t: torch.Tensor, s) -> torch.Tensor:
-        return toy.exact_energy_gradient(a_t, float(t.reshape(-1)[0]), x, e, cfg.energy.beta, sched)
+        return toy.exact_energy_gradient(a_t, float(t.reshape(-1)[0]), x, e, cfg.energy.beta, sched).to(a_t.dtype)
 
+    return exact
+
+
+def _draw(models, guide, d: int, target: torch.Tensor) -> tuple[float, torch.Tensor]:
+    """Draw ``d`` at w = 1 under ``guide`` (sampler seed 50000 + seed + d, clipped as the run clips) against
+    ``target``: (distance, samples)."""
+    cfg = models.cfg
     g = torch.Generator(device=models.x.device).manual_seed(50_000 + cfg.seed + d)
     xs = models.behaviour.sample(cfg.eval.n_samples, n_steps=cfg.sampling.steps, solver=cfg.sampling.solver,
-                                 guidance=exact, guidance_scale=1.0, generator=g).detach().cpu()
+                                 guidance=guide, guidance_scale=1.0, generator=g).detach().cpu()
     if cfg.energy.clip is not None:
         xs = xs.clamp(-cfg.energy.clip, cfg.energy.clip)
-    return toy.sliced_wasserstein(xs, target, cfg.eval.n_projections)
+    return toy.sliced_wasserstein(xs, target, cfg.eval.n_projections), xs
 
 
 def band_distance(models, lo: float, hi: float, d: int = 0) -> tuple[float, torch.Tensor]:
@@ -182,7 +194,7 @@ def band_distance(models, lo: float, hi: float, d: int = 0) -> tuple[float, torc
     w = 1 (the same sampler seed, 50000 + seed + d, and target set)."""
     from aepo_lite.core.diffusion import energy_guidance
     from aepo_lite.toy.pipeline import draw_target
-    cfg, sched = models.cfg, models.behaviour.schedule
+    cfg = models.cfg
     for name, v in (("lo", lo), ("hi", hi)):
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
             raise ValueError(f"{name}: expected a finite diffusion time >= 0, got {v!r}")
@@ -193,21 +205,12 @@ def band_distance(models, lo: float, hi: float, d: int = 0) -> tuple[float, torc
                          f"got {d!r}")
     if models.energy is None:
         raise ValueError(f"models: the {cfg.method} run has no trained energy to put in a band")
-    x, e = models.x[:cfg.eval.n_ref_data], models.e[:cfg.eval.n_ref_data]
-    trained = energy_guidance(models.energy)
+    trained, exact = energy_guidance(models.energy), _exact_guidance(models)
 
     def guide(a_t: torch.Tensor, t: torch.Tensor, s) -> torch.Tensor:
-        tt = float(t.reshape(-1)[0])
-        if lo <= tt < hi:
-            return trained(a_t, t, s)
-        return toy.exact_energy_gradient(a_t, tt, x, e, cfg.energy.beta, sched).to(a_t.dtype)
+        return trained(a_t, t, s) if lo <= float(t.reshape(-1)[0]) < hi else exact(a_t, t, s)
 
-    g = torch.Generator(device=models.x.device).manual_seed(50_000 + cfg.seed + d)
-    xs = models.behaviour.sample(cfg.eval.n_samples, n_steps=cfg.sampling.steps, solver=cfg.sampling.solver,
-                                 guidance=guide, guidance_scale=1.0, generator=g).detach().cpu()
-    if cfg.energy.clip is not None:
-        xs = xs.clamp(-cfg.energy.clip, cfg.energy.clip)
-    return toy.sliced_wasserstein(xs, draw_target(cfg, d), cfg.eval.n_projections), xs
+    return _draw(models, guide, d, draw_target(cfg, d))
 
 
 def trained_budget(models, targets: list[torch.Tensor], draws: int = 8) -> dict:
