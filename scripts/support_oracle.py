@@ -8,19 +8,38 @@ beside it (``aepo-lite figures`` re-renders the table from the CSV alone); a rer
         --out figures/rl_6c_ln/support_oracle.csv
     python scripts/support_oracle.py --datasets local/hopper/medium-v0 --search sequence --candidates 4 16 64 \
         --episodes 10 --out figures/rl_6c_ln/support_oracle.csv
+
+Long rows can be split across processes by episode (each episode draws from its own generator, so the parts
+joined are the row one process would have written), each part into its own CSV, then added to the main one:
+
+    python scripts/support_oracle.py ... --episodes 1 --first-episode 0 --out part0.csv   # one process
+    python scripts/support_oracle.py ... --episodes 1 --first-episode 1 --out part1.csv   # another
+    python scripts/support_oracle.py --add part0.csv part1.csv --out figures/rl_6c_ln/support_oracle.csv
 """
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from aepo_lite.rl.datasets import snapshot_oracle_scores
-from aepo_lite.rl.diagnostics import SUPPORT_ORACLE_COLUMNS, existing_rows, render_support_oracle, write_csv_and_table
+from aepo_lite.rl.diagnostics import (SUPPORT_ORACLE_COLUMNS, existing_rows, join_oracle_parts, oracle_episodes,
+                                      oracle_settings, render_support_oracle, write_csv_and_table)
 
 
-def _key(row) -> tuple:
-    return (row["dataset"], row["snapshot"], row.get("search") or "step", int(row["candidates"]), int(row["horizon"]), int(row["episodes"]),
-            round(float(row["noise"]), 9), round(float(row["continuation_noise"]), 9), round(float(row["gamma"]), 9),
-            int(row.get("continuation_draws") or 1))
+def _held(rows, settings: tuple, episodes: range) -> bool:
+    """Whether one of ``rows`` of these settings already holds every one of ``episodes``."""
+    return any(oracle_settings(r) == settings and episodes.start >= oracle_episodes(r).start
+               and episodes.stop <= oracle_episodes(r).stop for r in rows)
+
+
+def _add(rows, paths) -> list[dict]:
+    """``rows`` plus the rows of the CSVs ``paths`` (parts measured by other processes) that ``rows`` do not
+    hold yet."""
+    for path in paths:
+        for r in existing_rows(path):
+            if not _held(rows, oracle_settings(r), oracle_episodes(r)):
+                rows.append(r)
+    return rows
 
 
 def _data_noise(name: str) -> float:
@@ -35,10 +54,15 @@ def _data_noise(name: str) -> float:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--datasets", nargs="+", required=True, help="datasets made by aepo-lite make-dataset")
+    p.add_argument("--datasets", nargs="+", default=[], help="datasets made by aepo-lite make-dataset")
     p.add_argument("--candidates", nargs="+", type=int, default=[1, 4, 16], help="N: actions compared per step")
     p.add_argument("--horizon", type=int, default=1000, help="rollout steps per candidate (the candidate's included)")
     p.add_argument("--episodes", type=int, default=5, help="episodes per N (reset seeds 100000 + i)")
+    p.add_argument("--first-episode", type=int, default=0,
+                   help="the first episode's index i (a part of a row measured in several processes)")
+    p.add_argument("--add", nargs="+", default=[], metavar="CSV",
+                   help="CSVs of parts (or rows) written by other runs of this script: their rows not yet in --out "
+                        "are added, and parts holding episodes 0 to n - 1 are joined into one row")
     p.add_argument("--noise", type=float, default=None, help="action-noise std (default: the data's own)")
     p.add_argument("--continuation-noise", type=float, default=0.0,
                    help="the rollouts' action-noise std after the candidate (0: the snapshot's exact Q)")
@@ -52,29 +76,39 @@ def main(argv=None) -> int:
     p.add_argument("--which", default="medium", choices=("medium", "expert"), help="the recipe's snapshot")
     p.add_argument("--out", required=True, help="the CSV to write (its .md table is written beside it)")
     a = p.parse_args(argv)
+    if not a.datasets and not a.add:
+        p.error("--datasets: expected at least one dataset (or --add CSV ... alone, to join parts)")
+    if a.first_episode < 0:
+        p.error(f"--first-episode: expected an episode index >= 0, got {a.first_episode}")
     if a.search == "sequence" and a.continuation_noise != 0:
         p.error("--continuation-noise: the sequence search draws every step with --noise; leave it out")
     if a.continuation_draws < 1 or (a.continuation_draws > 1 and (a.continuation_noise == 0 or a.search != "step")):
         p.error(f"--continuation-draws: expected 1, or more with --continuation-noise > 0 and the step search; got "
                 f"{a.continuation_draws}")
+    for path in a.add:
+        if not (path.endswith(".csv") and Path(path).is_file()):
+            p.error(f"--add: expected CSVs written by this script, got {path!r}")
     try:
-        rows = existing_rows(a.out)
+        rows = join_oracle_parts(_add(existing_rows(a.out), a.add))
     except ValueError as e:
         p.error(f"--{e}")
     for d in a.datasets:
         noise = _data_noise(d) if a.noise is None else a.noise
         cont = noise if a.search == "sequence" else a.continuation_noise
         for n in a.candidates:
-            key = (d, a.which, a.search, n, a.horizon, a.episodes, round(noise, 9), round(cont, 9), round(a.gamma, 9),
-                   a.continuation_draws)
-            if key in {_key(r) for r in rows}:
-                print(f"skip {d} {a.search} N={n} horizon={a.horizon}: in {a.out}")
+            settings = (d, a.which, a.search, n, a.horizon, round(noise, 9), round(cont, 9), round(a.gamma, 9),
+                        a.continuation_draws)
+            episodes = range(a.first_episode, a.first_episode + a.episodes)
+            if _held(rows, settings, episodes):
+                print(f"skip {d} {a.search} N={n} horizon={a.horizon} episodes {episodes.start}-{episodes.stop - 1}: "
+                      f"in {a.out}")
                 continue
             (r,) = snapshot_oracle_scores(d, (n,), horizon=a.horizon, episodes=a.episodes, noise=noise,
                                           continuation_noise=0.0 if a.search == "sequence" else cont,
                                           gamma=a.gamma, search=a.search, continuation_draws=a.continuation_draws,
-                                          which=a.which, progress=True)
-            rows.append({"dataset": d, "snapshot": a.which, **r})
+                                          which=a.which, progress=True, first_episode=a.first_episode)
+            r["episode_scores"] = " ".join(f"{v:.6f}" for v in r["episode_scores"])
+            rows = join_oracle_parts(rows + [{"dataset": d, "snapshot": a.which, **r}])
             print(f"{d} {a.search} N={n} horizon={a.horizon} gamma={a.gamma:g} continuation noise={cont:g} x {a.continuation_draws}: score {r['score_mean']:.1f} +- {r['score_std']:.1f} "
                   f"({r['seconds']:.0f} s)", flush=True)
             write_csv_and_table(a.out, rows, SUPPORT_ORACLE_COLUMNS, render_support_oracle)  # each row as it lands

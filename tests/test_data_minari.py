@@ -250,6 +250,16 @@ def test_make_dataset_tiny_repeatable(minari_root, capsys, monkeypatch):
     assert o1["return_mean"] == pytest.approx(at0["return_mean"]) and o4["return_mean"] == pytest.approx(at0["return_mean"])
     assert o4["candidates"] == 4 and o4["score_mean"] == pytest.approx(at0["score_mean"])
     (d1,) = snapshot_oracle_scores("t/hopper/medium-v0", (1,), episodes=2)  # the data's own noise (0.1)
+    # episodes split across calls (--first-episode) draw as one call does, so joined they are its row
+    from aepo_lite.rl.diagnostics import join_oracle_parts
+    (w2,) = snapshot_oracle_scores("t/hopper/medium-v0", (2,), horizon=4, episodes=2)
+    parts = [dict(snapshot_oracle_scores("t/hopper/medium-v0", (2,), horizon=4, episodes=1, first_episode=i)[0],
+                  dataset="t/hopper/medium-v0", snapshot="medium") for i in (0, 1)]
+    assert [p["episode_scores"] for p in parts] == [w2["episode_scores"][:1], w2["episode_scores"][1:]]
+    assert parts[1]["first_episode"] == 1 and parts[1]["episode_scores"] != parts[0]["episode_scores"]
+    (j,) = join_oracle_parts([{**q, "episode_scores": " ".join(map(repr, q["episode_scores"]))} for q in parts])
+    for k in ("score_mean", "score_std", "return_mean", "length_mean"):
+        assert j[k] == pytest.approx(w2[k])
     # the sequence search: without noise every trajectory is the deterministic policy's, so it replays it too; with
     # the data's noise the episode returns at least what the best trajectory found at any step promised (the prefix
     # taken plus that trajectory's return: the search keeps its plan, so it can only improve on it)
@@ -351,7 +361,8 @@ def test_make_dataset_tiny_repeatable(minari_root, capsys, monkeypatch):
     for kw, match in [(dict(candidates=(0,)), "candidates"), (dict(horizon=0), "horizon"), (dict(gamma=1.5), "gamma"),
                       (dict(noise=-1.0), "noise"), (dict(candidates=()), "candidates"),
                       (dict(continuation_noise=float("nan")), "continuation_noise"), (dict(search="beam"), "search"),
-                      (dict(search="sequence", continuation_noise=0.1), "continuation_noise")]:
+                      (dict(search="sequence", continuation_noise=0.1), "continuation_noise"),
+                      (dict(first_episode=-1), "first_episode")]:
         with pytest.raises(ValueError, match=match):
             snapshot_oracle_scores("t/hopper/medium-v0", **kw)
     with pytest.raises(ValueError, match="random dataset"):
@@ -379,6 +390,29 @@ def test_make_dataset_tiny_repeatable(minari_root, capsys, monkeypatch):
     with pytest.raises(SystemExit):
         so.main(args[:-2] + ["--search", "sequence", "--continuation-noise", "0.1", "--out", str(out)])
     assert "--continuation-noise" in capsys.readouterr().err
+    # a row split across processes by episode, each part its own CSV, then added and joined: the row of one run
+    one = ["--datasets", "t/hopper/medium-v0", "--candidates", "2", "--horizon", "3"]
+    whole, joined = minari_root / "whole.csv", minari_root / "joined.csv"
+    parts = [minari_root / f"part{i}.csv" for i in (0, 1)]
+    assert so.main(one + ["--episodes", "2", "--out", str(whole)]) == 0
+    for i, part in enumerate(parts):
+        assert so.main(one + ["--episodes", "1", "--first-episode", str(i), "--out", str(part)]) == 0
+    assert "| 1 (from 1) |" in parts[1].with_suffix(".md").read_text()
+    assert so.main(["--add", str(parts[1]), "--out", str(joined)]) == 0  # one part alone stays a part
+    assert [r["first_episode"] for r in so.existing_rows(joined)] == ["1"]
+    assert so.main(["--add", *map(str, parts), "--out", str(joined)]) == 0
+    (w,), (j,) = so.existing_rows(whole), so.existing_rows(joined)
+    assert (j["episodes"], j["first_episode"]) == ("2", "0") and j["episode_scores"] == w["episode_scores"]
+    for k in ("score_mean", "score_std", "return_mean", "length_mean"):
+        assert float(j[k]) == pytest.approx(float(w[k]))
+    capsys.readouterr()
+    assert so.main(one + ["--episodes", "1", "--first-episode", "1", "--out", str(joined)]) == 0
+    assert "skip t/hopper/medium-v0 step N=2 horizon=3 episodes 1-1" in capsys.readouterr().out
+    for bad, match in [(one + ["--first-episode", "-1"], "--first-episode"),
+                       (["--add", str(minari_root / "no.csv")], "--add"), ([], "--datasets")]:
+        with pytest.raises(SystemExit):
+            so.main(bad + ["--out", str(joined)])
+        assert match in capsys.readouterr().err
     # how far a policy acts from the data's actions, in the data's noise std: the snapshot itself at z = 0 (and
     # its noise-free score, the same reset seeds); the snapshot plus unclipped noise of twice the data's std at RMS z
     # 2, with 1 - P(|N(0, 1)| < 1.5)^3 of its steps beyond 3 stds; the data's own actions (the snapshot plus the

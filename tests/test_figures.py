@@ -186,6 +186,34 @@ def test_support_spread_table_averages_each_policy_and_scale_over_its_seeds():
                      "| local/h/m-v0 | bc | 0 | 5 | 10 | 105 | 1.40 | 10.0% | 61.5 |"]
 
 
+def test_support_oracle_parts_join_into_the_row_of_one_process_and_nothing_else_joins():
+    """scripts/support_oracle.py --first-episode parts: parts of equal settings holding episodes 0..n-1 once each
+    become one row (by hand: mean and ddof-0 std of the scores, episode-weighted return and length, seconds
+    summed); a gap, an overlap, a part without its scores or another setting stays as it is."""
+    import numpy as np
+    from aepo_lite.rl.diagnostics import join_oracle_parts, support_oracle_table
+    base = dict(dataset="local/h/m-v0", snapshot="medium", search="step", noise=0.1, data_noise=0.1, candidates=256,
+                horizon=1000, gamma=1.0, continuation_noise=0.1, continuation_draws=16)
+
+    def part(first, scores, ret, length, sec, **kw):
+        return dict(base, first_episode=first, episodes=len(scores), episode_scores=" ".join(map(str, scores)),
+                    score_mean=float(np.mean(scores)), score_std=float(np.std(scores)), return_mean=ret,
+                    length_mean=length, seconds=sec, **kw)
+    a, b, c = part(0, [64.0], 280.0, 130.0, 4000.0), part(1, [66.0, 70.0], 290.0, 134.0, 8100.0), \
+        part(2, [61.0], 270.0, 120.0, 10.0)
+    other = part(1, [60.0], 260.0, 125.0, 5.0, candidates=64)
+    (j, o) = join_oracle_parts([b, other, a])
+    assert o is other and j["episodes"] == 3 and j["first_episode"] == 0 and j["candidates"] == 256
+    assert j["episode_scores"] == "64.000000 66.000000 70.000000"
+    assert j["score_mean"] == 200 / 3 and j["score_std"] == np.std([64.0, 66.0, 70.0])
+    assert j["return_mean"] == (280 + 2 * 290) / 3 and j["length_mean"] == (130 + 2 * 134) / 3
+    assert j["seconds"] == 12100.0
+    assert "| 3 | 286.7 | 66.7 +- 2.5 | 133 | 12100 |" in support_oracle_table([j])
+    for rows in ([a, c], [b, c], [a, b, c], [a, dict(b, episode_scores="")], [a, dict(b, noise=0.3)]):
+        assert join_oracle_parts(rows) == rows  # a gap, no episode 0, an overlap, scores missing, other settings
+    assert "| 2 (from 1) |" in support_oracle_table([b]) and "| 1 |" in support_oracle_table([a])
+
+
 def test_critic_errors_table_averages_each_group_over_its_seeds():
     """scripts/critic_errors.py's table, by hand: one line per run label, critic, w and group, the policy's own
     action first, the seeds' runs averaged (probes summed)."""

@@ -567,7 +567,8 @@ def _check_continuation(search: str, continuation_noise: float, continuation_dra
 def snapshot_oracle_scores(name: str, candidates=(1, 4, 16), horizon: int = 1000, episodes: int = 5,
                            gamma: float = 1.0, seed: int = 100_000, which: str = "medium", noise: Optional[float] = None,
                            continuation_noise: float = 0.0, policy_cache: Optional[Path] = None,
-                           progress: bool = False, search: str = "step", continuation_draws: int = 1) -> list[dict]:
+                           progress: bool = False, search: str = "step", continuation_draws: int = 1,
+                           first_episode: int = 0) -> list[dict]:
     """What the best of N of a dataset's own actions is worth when chosen by the *true* return (an oracle):
     the upper end of what one step of in-support policy improvement can gain on a ``make-dataset`` dataset.
 
@@ -594,16 +595,22 @@ def snapshot_oracle_scores(name: str, candidates=(1, 4, 16), horizon: int = 1000
     search, several steps of improvement; with gamma 1 and a horizon past the time limit each episode returns at
     least the best trajectory found along it). Every action taken is one the data's policy could draw at its state.
 
+    Episode i (``first_episode <= i < first_episode + episodes``) resets with seed ``seed + i`` and draws its
+    candidates from its own generator, seeded by (``seed``, N, i), so episodes can be split across processes
+    (``first_episode``) and their rows joined (:func:`aepo_lite.rl.diagnostics.join_oracle_parts`) into the row one
+    process would have written.
+
     One dict per N: ``search``, ``candidates``, ``horizon``, ``gamma``, ``noise``, ``data_noise`` (the recipe's
     ``collect_noise``: candidates with ``noise`` equal to it are the data's support), ``continuation_noise``, ``return_mean``,
     ``score_mean`` / ``score_std`` (normalised with the dataset's reference scores), ``length_mean``,
-    ``episodes``, ``seconds``."""
+    ``episodes``, ``first_episode``, ``episode_scores`` (each episode's normalised score, in order), ``seconds``."""
     from tqdm.auto import tqdm
     cands = [check_int("candidates", c, low=1) for c in candidates]
     if not cands:
         raise ValueError("candidates: expected at least one count")
     check_int("horizon", horizon, low=1)
     check_int("episodes", episodes, low=1)
+    check_int("first_episode", first_episode, low=0)
     check_seed("seed", seed)
     if not (np.isfinite(gamma) and 0 < gamma <= 1):
         raise ValueError(f"gamma: expected a discount in (0, 1], got {gamma!r}")
@@ -619,7 +626,8 @@ def snapshot_oracle_scores(name: str, candidates=(1, 4, 16), horizon: int = 1000
         for n in cands:
             t0 = time.perf_counter()
             rets, lens = [], []
-            for ep in tqdm(range(episodes), desc=f"oracle best of {n} ({search})", disable=not progress, leave=False):
+            for ep in tqdm(range(first_episode, first_episode + episodes), desc=f"oracle best of {n} ({search})",
+                           disable=not progress, leave=False):
                 rng = np.random.default_rng([seed, n, ep])
                 if search == "sequence":
                     ret, t = _sequence_episode(env, scratch, mean_action, n, seed + ep, rng, noise, horizon, gamma)
@@ -635,8 +643,8 @@ def snapshot_oracle_scores(name: str, candidates=(1, 4, 16), horizon: int = 1000
                         "noise": float(noise), "data_noise": float(recipe.collect_noise), "continuation_noise": float(cont),
                         "continuation_draws": continuation_draws,
                         "return_mean": float(ret.mean()), "score_mean": float(score.mean()), "score_std": float(score.std()),
-                        "length_mean": float(np.mean(lens)), "episodes": episodes,
-                        "seconds": time.perf_counter() - t0})
+                        "length_mean": float(np.mean(lens)), "episodes": episodes, "first_episode": first_episode,
+                        "episode_scores": [float(v) for v in score], "seconds": time.perf_counter() - t0})
     finally:
         env.close()
         for s in scratch:

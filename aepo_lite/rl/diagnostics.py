@@ -37,7 +37,7 @@ __all__ = ["energy_gradient_norms", "gradient_rows", "gradient_table", "render",
            "MIXTURE_BANDWIDTH_COLUMNS", "render_mixture_bandwidth", "energy_fit_rows", "render_energy_fit",
            "write_csv_and_table",
            "POLICY_NOISE_COLUMNS", "render_policy_noise", "SUPPORT_ORACLE_COLUMNS", "render_support_oracle",
-           "support_oracle_kind", "CRITIC_ERRORS_COLUMNS", "render_critic_errors", "csv_per_run", "raw_q_fn",
+           "support_oracle_kind", "oracle_settings", "oracle_episodes", "join_oracle_parts", "CRITIC_ERRORS_COLUMNS", "render_critic_errors", "csv_per_run", "raw_q_fn",
            "CRITIC_BUDGET_COLUMNS", "render_critic_budget", "CRITIC_SEEDS_COLUMNS", "member_counts",
            "critic_seed_rows", "render_critic_seeds", "CRITIC_DATA_COLUMNS", "render_critic_data"]
 
@@ -491,7 +491,7 @@ def render_policy_noise(csv_path, figures_dir) -> list[Path]:
 
 SUPPORT_ORACLE_COLUMNS = ("dataset", "snapshot", "search", "noise", "data_noise", "candidates", "horizon", "gamma", "continuation_noise",
                           "episodes", "return_mean", "score_mean", "score_std", "length_mean", "seconds",
-                          "continuation_draws")
+                          "continuation_draws", "first_episode", "episode_scores")
 SUPPORT_ORACLE_HEADER = (
     "# The best of N of a dataset's own actions, chosen by the true return\n\nAt every step N actions of the policy "
     "that made the dataset (its TD3 snapshot plus the data's action noise: the behaviour's support) are each "
@@ -506,7 +506,9 @@ SUPPORT_ORACLE_HEADER = (
     "trajectories of the data's own policy (its noise at every step, each candidate its own draws) are rolled out "
     "to the episode's end, the best one's first action is taken and the rest of it is a candidate again at the next "
     "step: a search over several steps of improvement in which every action is one the data's policy could draw "
-    "(the continuation noise column shows the std of those draws). Normalised with the dataset's "
+    "(the continuation noise column shows the std of those draws). Episodes `n (from i)`: a part, episodes i to "
+    "i + n - 1 (reset seeds 100000 + i ...), measured in its own process; parts that together hold episodes 0 to "
+    "n - 1 are shown joined as one row (seconds: the processes' sum). Normalised with the dataset's "
     "reference scores (measured by `scripts/support_oracle.py` into `support_oracle.csv`; "
     ":func:`aepo_lite.rl.datasets.snapshot_oracle_scores`).\n\n")
 
@@ -519,9 +521,67 @@ def support_oracle_table(rows) -> str:
     lines += [f"| {r['dataset']} | {r['snapshot']} | {r.get('search') or 'step'} "
               f"| {float(r['noise']):g} ({float(r['data_noise']):g}) "
               f"| {r['candidates']} | {r['horizon']} "
-              f"| {float(r['gamma']):g} | {float(r['continuation_noise']):g}{_draws(r)} | {r['episodes']} | {float(r['return_mean']):.1f} | {float(r['score_mean']):.1f} +- "
+              f"| {float(r['gamma']):g} | {float(r['continuation_noise']):g}{_draws(r)} | {_episodes_cell(r)} | {float(r['return_mean']):.1f} | {float(r['score_mean']):.1f} +- "
               f"{float(r['score_std']):.1f} | {float(r['length_mean']):.0f} | {float(r['seconds']):.0f} |" for r in rows]
     return "\n".join(lines) + "\n"
+
+
+def _episodes_cell(row) -> str:
+    """A support-oracle row's episode count, with the first episode's index for a part that does not start at 0."""
+    e = oracle_episodes(row)
+    return f"{len(e)}" if e.start == 0 else f"{len(e)} (from {e.start})"
+
+
+def oracle_settings(row) -> tuple:
+    """What a support-oracle row (a CSV dict or :func:`aepo_lite.rl.datasets.snapshot_oracle_scores`' dict with
+    ``dataset`` and ``snapshot``) measured, less which episodes: rows with equal settings differ only by their
+    episodes' draws."""
+    return (row["dataset"], row["snapshot"], row.get("search") or "step", int(row["candidates"]), int(row["horizon"]),
+            round(float(row["noise"]), 9), round(float(row["continuation_noise"]), 9), round(float(row["gamma"]), 9),
+            int(row.get("continuation_draws") or 1))
+
+
+def oracle_episodes(row) -> range:
+    """The episodes (their indices: reset seeds 100000 + i) a support-oracle row holds; rows from before the
+    ``first_episode`` column start at 0."""
+    first = int(row.get("first_episode") or 0)
+    return range(first, first + int(row["episodes"]))
+
+
+def _scores(row) -> list[float]:
+    v = row.get("episode_scores")
+    return [float(x) for x in v.split()] if isinstance(v, str) else [float(x) for x in (v or [])]
+
+
+def join_oracle_parts(rows) -> list[dict]:
+    """Support-oracle rows with the parts of one measurement joined: rows of equal :func:`oracle_settings` whose
+    episodes, taken in order, are 0, 1, ..., n - 1 exactly once (as ``scripts/support_oracle.py
+    --first-episode`` writes them from several processes) and that all list their ``episode_scores`` become the one
+    row a single process would have written for n episodes (each episode draws from its own generator): the
+    scores' mean and std (over episodes, ``ddof = 0``), return and length means weighted by episodes, seconds summed
+    (the processes' time, not the wall clock's). Any other group is left as it is, so an overlapping or incomplete
+    set of parts stays visible row by row. Order: the first part's place."""
+    groups: dict[tuple, list[int]] = {}
+    for i, r in enumerate(rows):
+        groups.setdefault(oracle_settings(r), []).append(i)
+    joined, drop = {}, set()
+    for idx in groups.values():
+        parts = sorted((rows[i] for i in idx), key=lambda r: oracle_episodes(r).start)
+        if len(parts) < 2 or any(len(_scores(r)) != int(r["episodes"]) for r in parts):
+            continue
+        if [e for r in parts for e in oracle_episodes(r)] != list(range(sum(int(r["episodes"]) for r in parts))):
+            continue
+        scores = np.array([v for r in parts for v in _scores(r)])
+        w = np.array([int(r["episodes"]) for r in parts], dtype=float)
+        row = {**parts[0], "episodes": len(scores), "first_episode": 0,
+               "episode_scores": " ".join(f"{v:.6f}" for v in scores),
+               "score_mean": float(scores.mean()), "score_std": float(scores.std()),
+               "return_mean": float(np.dot(w, [float(r["return_mean"]) for r in parts]) / w.sum()),
+               "length_mean": float(np.dot(w, [float(r["length_mean"]) for r in parts]) / w.sum()),
+               "seconds": float(sum(float(r["seconds"]) for r in parts))}
+        joined[min(idx)] = row
+        drop.update(idx)
+    return [joined[i] if i in joined else r for i, r in enumerate(rows) if i in joined or i not in drop]
 
 
 def _draws(row) -> str:
