@@ -459,6 +459,80 @@ def _replayed_return(env_id: str, seed: int, prefix, first, policy, steps: int, 
     return start, g
 
 
+def test_reference_datasets_are_the_tables_datasets_and_the_docs_commands_make_them():
+    """REFERENCE_DATASETS against what the tables hold (the dataset rows of the committed sweep CSVs: the same mean
+    return, transitions, and a normalised score the references reproduce to their rounding) and against the
+    make-dataset commands of docs/results.md (parsed by the CLI: each names the dataset its recipe remakes)."""
+    import csv
+    import re
+    from aepo_lite.cli import build_parser
+    from aepo_lite.cli.rl import dataset_recipe
+    from aepo_lite.rl.datasets import REFERENCE_DATASETS, DatasetRecipe, reference_dataset, reference_differences
+    root = Path(__file__).resolve().parents[1]
+    rows = {r["dataset"]: r for f in ("rl_6c_big.csv", "rl_6c_heldout_big.csv")
+            for r in csv.DictReader(open(root / "figures" / f)) if r["method"] == "dataset"}
+    assert set(rows) == set(REFERENCE_DATASETS)
+    for name, (args, held) in REFERENCE_DATASETS.items():
+        row = rows[name]
+        assert held["mean_return"] == float(row["return_mean"]) and held["transitions"] == int(row["transitions"])
+        score = (held["mean_return"] - held["ref_min_score"]) / (held["ref_max_score"] - held["ref_min_score"]) * 100
+        assert abs(score - float(row["normalized_score"])) < 0.1 * 100 / (held["ref_max_score"] - held["ref_min_score"]) + 1e-9
+        assert reference_dataset(DatasetRecipe(name="mine/any/name-v0", **args)) == (name, held)
+        assert reference_dataset(DatasetRecipe(name=name, **dict(args, seed=1))) is None
+        assert reference_differences(DatasetRecipe(name=name, **args), dict(held)) == []
+    text = (root / "docs" / "results.md").read_text().replace("\\\n", " ")
+    found = {}
+    cmds = re.findall(r"`(?:aepo-lite )?make-dataset (--env[^`]*)`", text)  # inline, across line breaks
+    cmds += re.findall(r"^aepo-lite make-dataset (--env.*)$", text, flags=re.M)  # code blocks
+    assert len(cmds) >= len(REFERENCE_DATASETS)
+    for cmd in cmds:
+        a = build_parser().parse_args(["make-dataset", *cmd.split("#")[0].split()])
+        ref = reference_dataset(dataset_recipe(a))
+        if a.name in REFERENCE_DATASETS:
+            assert ref is not None and ref[0] == a.name, cmd
+            found[a.name] = True
+    assert set(found) == set(REFERENCE_DATASETS)
+    # the Hopper medium set remade on another CPU (session 70: an Intel Xeon) differs in its episodes, mean return
+    # and expert reference, not in its transitions or random reference
+    hop = DatasetRecipe(name="local/hopper/medium-v0", **REFERENCE_DATASETS["local/hopper/medium-v0"][0])
+    diff = reference_differences(hop, dict(transitions=200000, episodes=1722, mean_return=288.2, ref_min_score=19.1,
+                                           ref_max_score=520.4))
+    assert [d.split(" (")[0] for d in diff] == ["episodes 1722", "mean return 288.2", "ref max score 520.4"]
+    assert reference_differences(DatasetRecipe("Hopper-v5", "medium", 100, "t/h/m-v0"), {}) is None
+
+
+def test_make_dataset_says_whether_it_remade_a_tables_dataset(minari_root, capsys, monkeypatch):
+    """make-dataset's last lines: nothing for a recipe no table used; 'the same as' or, on stderr, what differs
+    for one that remakes a table's dataset (here a tiny recipe entered as one, with what it makes or less)."""
+    pytest.importorskip("stable_baselines3")
+    import aepo_lite.rl.datasets as D
+    from aepo_lite.cli import main
+    from aepo_lite.rl.data import description_info
+    args = ["make-dataset", "--env", "Hopper-v5", "--quality", "random", "--steps", "120", "--name", "t/hopper/random-v0",
+            "--train-steps", "200", "--eval-every", "100", "--learning-starts", "100", "--ref-episodes", "4"]
+    assert main(args) == 0
+    out = capsys.readouterr()
+    assert "t/hopper/random-v0: " in out.out and "docs/results.md" not in out.out + out.err
+    ds = minari.load_dataset("t/hopper/random-v0")
+    meta = ds.storage.metadata
+    held = dict(transitions=ds.total_steps, episodes=ds.total_episodes,
+                mean_return=description_info(meta)["dataset_mean_episode_return"],
+                ref_min_score=meta["ref_min_score"], ref_max_score=meta["ref_max_score"])
+    recipe = dict(env_id="Hopper-v5", quality="random", steps=120, train_steps=200, eval_every=100,
+                  learning_starts=100, ref_episodes=4)
+    monkeypatch.setitem(D.REFERENCE_DATASETS, "local/tiny/random-v0", (recipe, held))
+    assert main(args + ["--overwrite"]) == 0
+    out = capsys.readouterr()
+    assert "the same as the dataset docs/results.md's tables were measured on" in out.out and "NOT" not in out.err
+    monkeypatch.setitem(D.REFERENCE_DATASETS, "local/tiny/random-v0",
+                        (recipe, dict(held, episodes=held["episodes"] + 1, mean_return=held["mean_return"] + 0.06)))
+    assert main(args + ["--overwrite"]) == 0
+    err = capsys.readouterr().err
+    assert "NOT the dataset docs/results.md's tables were measured on" in err and "not comparable" in err
+    assert f"episodes {held['episodes']:g} (the tables' local/tiny/random-v0: {held['episodes'] + 1:g})" in err
+    assert "mean return" in err and "ref min score" not in err and "transitions" not in err
+
+
 def test_policy_ladder_trains_on_one_torch_thread_and_restores_the_count(minari_root, monkeypatch):
     """A ladder's TD3 training, and the dataset made from it, run on LADDER_THREADS (one) torch threads whatever
     the caller set (a ladder's floating point would otherwise follow the machine's core count), record it, and give

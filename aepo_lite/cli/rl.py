@@ -1,6 +1,7 @@
 """Offline RL subcommands: ``make-dataset``, ``train``, ``eval``, ``rl-results`` (many runs: ``aepo-lite sweep``)."""
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Optional
@@ -43,13 +44,19 @@ def register(sub) -> None:
     p.set_defaults(func=_results)
 
 
+def dataset_recipe(args):
+    """The :class:`aepo_lite.rl.datasets.DatasetRecipe` of parsed ``make-dataset`` arguments."""
+    from aepo_lite.rl.datasets import DatasetRecipe
+    return DatasetRecipe(env_id=args.env, quality=args.quality, steps=args.steps, name=args.name, seed=args.seed,
+                         train_steps=args.train_steps, eval_every=args.eval_every, learning_starts=args.learning_starts,
+                         ref_episodes=args.ref_episodes, medium_fraction=args.medium_fraction,
+                         collect_noise=args.collect_noise)
+
+
 def _make_dataset(args) -> int:
-    from aepo_lite.rl.datasets import DatasetRecipe, make_dataset
+    from aepo_lite.rl.datasets import make_dataset, reference_differences
     from aepo_lite.rl.data import description_info
-    r = DatasetRecipe(env_id=args.env, quality=args.quality, steps=args.steps, name=args.name, seed=args.seed,
-                      train_steps=args.train_steps, eval_every=args.eval_every, learning_starts=args.learning_starts,
-                      ref_episodes=args.ref_episodes, medium_fraction=args.medium_fraction,
-                      collect_noise=args.collect_noise)
+    r = dataset_recipe(args)
     ds = make_dataset(r, overwrite=args.overwrite)
     meta = ds.storage.metadata
     info = description_info(meta)
@@ -67,6 +74,17 @@ def _make_dataset(args) -> int:
             n = made.get("torch_threads")  # None: made before the count was recorded
             print(f"  {what} made with " + ", ".join(f"{k} {v}" for k, v in sorted(made["versions"].items()) if v)
                   + f" on {made['cpu']}" + ("" if n is None else f", {n} torch thread" + "s" * (n != 1)))
+    diff = reference_differences(r, {"transitions": ds.total_steps, "episodes": ds.total_episodes,
+                                     "mean_return": info.get("dataset_mean_episode_return", float("nan")),
+                                     "ref_min_score": meta.get("ref_min_score"),
+                                     "ref_max_score": meta.get("ref_max_score")})
+    if diff == []:
+        print("  the same as the dataset docs/results.md's tables were measured on")
+    elif diff:
+        print("  NOT the dataset docs/results.md's tables were measured on, though made by the same recipe: "
+              + "; ".join(diff) + ". Its ladder trained differently (TD3 follows every floating-point difference: "
+              "CPU, thread count, library versions; docs/results.md, 'Remaking a dataset'), so scores on it are not "
+              "comparable with those tables.", file=sys.stderr)
     return 0
 
 

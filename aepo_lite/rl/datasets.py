@@ -43,7 +43,7 @@ from aepo_lite._checks import check_int, check_seed
 from aepo_lite._io import atomic_write_json, read_json
 from aepo_lite.rl.evaluation import Episode, check_reference_scores, run_episodes
 
-__all__ = ["QUALITIES", "DatasetRecipe", "make_dataset", "train_policy_ladder", "policy_cache_dir", "made_with",
+__all__ = ["QUALITIES", "DatasetRecipe", "REFERENCE_DATASETS", "reference_dataset", "reference_differences", "make_dataset", "train_policy_ladder", "policy_cache_dir", "made_with",
            "snapshot_noise_scores", "snapshot_oracle_scores", "rollout_returns", "snapshot_q_errors", "QProbes",
            "probe_q_states", "q_error_rows", "state_from_observation", "exact_q_labels"]
 
@@ -100,6 +100,69 @@ def made_with() -> dict:
             versions[dist] = None
     return {"versions": versions, "python": platform.python_version(), "cpu": _cpu_name(),
             "machine": platform.machine(), "torch_threads": torch.get_num_threads()}
+
+
+# The local datasets docs/results.md's offline-RL tables were measured on: the make-dataset arguments of its
+# commands that are not at their defaults, and what they made there (transitions; episodes where the docs record
+# them; the data's mean episode return, from figures/rl_6c_big.csv and rl_6c_heldout_big.csv; the reference returns
+# at scores 0 and 100, as its tables print them). A TD3 ladder follows every floating-point difference (CPU, thread
+# count, library versions), so a dataset remade elsewhere can differ; make-dataset says whether it does.
+REFERENCE_DATASETS = {
+    "local/pusher/medium-expert-v0": (
+        dict(env_id="Pusher-v5", quality="medium-expert", steps=50_000, train_steps=100_000),
+        dict(transitions=50_000, mean_return=-50.24954137423818, ref_min_score=-150.7, ref_max_score=-34.0)),
+    "local/invdpendulum/medium-expert-v0": (
+        dict(env_id="InvertedDoublePendulum-v5", quality="medium-expert", steps=50_000, medium_fraction=0.1),
+        dict(transitions=50_000, mean_return=1356.3438693988815, ref_min_score=49.0, ref_max_score=9093.4)),
+    "local/hopper/medium-v0": (
+        dict(env_id="Hopper-v5", quality="medium", steps=200_000),
+        dict(transitions=200_000, episodes=1647, mean_return=261.7848022237822, ref_min_score=19.1,
+             ref_max_score=417.3)),
+    "local/pusher/medium-replay-v0": (
+        dict(env_id="Pusher-v5", quality="medium-replay", steps=50_000, train_steps=100_000, medium_fraction=0.9),
+        dict(transitions=25_000, episodes=250, mean_return=-71.97099669959934, ref_min_score=-150.7,
+             ref_max_score=-34.0)),
+    "local/hopper/medium-replay-v0": (
+        dict(env_id="Hopper-v5", quality="medium-replay", steps=200_000, train_steps=60_000, medium_fraction=0.9),
+        dict(transitions=34_839, episodes=546, mean_return=125.42854139075278, ref_min_score=19.1,
+             ref_max_score=417.3)),
+    "local/halfcheetah/medium-replay-v0": (
+        dict(env_id="HalfCheetah-v5", quality="medium-replay", steps=100_000, train_steps=100_000,
+             medium_fraction=0.9),
+        dict(transitions=90_000, episodes=90, mean_return=1318.9783486655217, ref_min_score=-266.6,
+             ref_max_score=4124.3)),
+    "local/reacher/medium-expert-v0": (
+        dict(env_id="Reacher-v5", quality="medium-expert", steps=20_000, train_steps=50_000),
+        dict(transitions=20_000, mean_return=-17.639668559800864, ref_min_score=-43.5, ref_max_score=-4.9)),
+}
+
+
+def reference_dataset(r: DatasetRecipe) -> Optional[tuple[str, dict]]:
+    """(its name, what it held) of the dataset the project's tables were measured on that ``r`` would remake (the
+    same recipe under any name), or None when no table used this recipe."""
+    from dataclasses import asdict, replace
+    mine = asdict(replace(r, name=""))
+    for name, (args, held) in REFERENCE_DATASETS.items():
+        if asdict(DatasetRecipe(name="", **args)) == mine:
+            return name, held
+    return None
+
+
+def reference_differences(r: DatasetRecipe, made: dict) -> Optional[list[str]]:
+    """How a dataset made by ``r`` differs from the one the project's tables were measured on: one line per
+    quantity that differs (transitions and episodes exactly; returns beyond the tables' 0.05 rounding), [] when it
+    matches, None when no table used this recipe. ``made``: the made dataset's ``transitions``, ``episodes``,
+    ``mean_return``, ``ref_min_score``, ``ref_max_score``."""
+    ref = reference_dataset(r)
+    if ref is None:
+        return None
+    name, held = ref
+    out = []
+    for key, want in held.items():
+        got = made[key]
+        if (got != want) if isinstance(want, int) else not abs(float(got) - want) <= 0.05:
+            out.append(f"{key.replace('_', ' ')} {got:g} (the tables' {name}: {want:g})")
+    return out
 
 
 # stable-baselines3 seeds numpy's legacy generator, which takes seeds below 2**32
