@@ -627,6 +627,20 @@ def _check_continuation(search: str, continuation_noise: float, continuation_dra
                          f"candidate its own); leave continuation_noise at 0, got {continuation_noise!r}")
 
 
+def _check_oracle_counts(candidates, horizon, episodes, first_episode, seed, gamma) -> list[int]:
+    """:func:`snapshot_oracle_scores`' counts, seed and discount checked; the candidate counts as a list."""
+    cands = [check_int("candidates", c, low=1) for c in candidates]
+    if not cands:
+        raise ValueError("candidates: expected at least one count")
+    check_int("horizon", horizon, low=1)
+    check_int("episodes", episodes, low=1)
+    check_int("first_episode", first_episode, low=0)
+    check_seed("seed", seed)
+    if not (np.isfinite(gamma) and 0 < gamma <= 1):
+        raise ValueError(f"gamma: expected a discount in (0, 1], got {gamma!r}")
+    return cands
+
+
 def snapshot_oracle_scores(name: str, candidates=(1, 4, 16), horizon: int = 1000, episodes: int = 5,
                            gamma: float = 1.0, seed: int = 100_000, which: str = "medium", noise: Optional[float] = None,
                            continuation_noise: float = 0.0, policy_cache: Optional[Path] = None,
@@ -668,15 +682,7 @@ def snapshot_oracle_scores(name: str, candidates=(1, 4, 16), horizon: int = 1000
     ``score_mean`` / ``score_std`` (normalised with the dataset's reference scores), ``length_mean``,
     ``episodes``, ``first_episode``, ``episode_scores`` (each episode's normalised score, in order), ``seconds``."""
     from tqdm.auto import tqdm
-    cands = [check_int("candidates", c, low=1) for c in candidates]
-    if not cands:
-        raise ValueError("candidates: expected at least one count")
-    check_int("horizon", horizon, low=1)
-    check_int("episodes", episodes, low=1)
-    check_int("first_episode", first_episode, low=0)
-    check_seed("seed", seed)
-    if not (np.isfinite(gamma) and 0 < gamma <= 1):
-        raise ValueError(f"gamma: expected a discount in (0, 1], got {gamma!r}")
+    cands = _check_oracle_counts(candidates, horizon, episodes, first_episode, seed, gamma)
     recipe, model, lo, hi = _dataset_snapshot(name, which, policy_cache)
     noise = recipe.collect_noise if noise is None else noise
     if not (np.isfinite(noise) and noise >= 0):
