@@ -43,7 +43,8 @@ from aepo_lite._checks import check_int, check_seed
 from aepo_lite._io import atomic_write_json, read_json
 from aepo_lite.rl.evaluation import Episode, check_reference_scores, run_episodes
 
-__all__ = ["QUALITIES", "DatasetRecipe", "REFERENCE_DATASETS", "reference_dataset", "reference_differences", "make_dataset", "train_policy_ladder", "policy_cache_dir", "made_with",
+__all__ = ["QUALITIES", "DatasetRecipe", "REFERENCE_DATASETS", "reference_dataset", "reference_differences",
+           "make_dataset", "train_policy_ladder", "policy_cache_dir", "made_with",
            "snapshot_noise_scores", "snapshot_oracle_scores", "rollout_returns", "snapshot_q_errors", "QProbes",
            "probe_q_states", "q_error_rows", "state_from_observation", "exact_q_labels"]
 

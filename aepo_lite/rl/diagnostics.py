@@ -37,7 +37,8 @@ __all__ = ["energy_gradient_norms", "gradient_rows", "gradient_table", "render",
            "MIXTURE_BANDWIDTH_COLUMNS", "render_mixture_bandwidth", "energy_fit_rows", "render_energy_fit",
            "write_csv_and_table",
            "POLICY_NOISE_COLUMNS", "render_policy_noise", "SUPPORT_ORACLE_COLUMNS", "render_support_oracle",
-           "support_oracle_kind", "oracle_settings", "oracle_episodes", "join_oracle_parts", "CRITIC_ERRORS_COLUMNS", "render_critic_errors", "csv_per_run", "raw_q_fn",
+           "support_oracle_kind", "oracle_settings", "oracle_episodes", "join_oracle_parts",
+           "CRITIC_ERRORS_COLUMNS", "render_critic_errors", "csv_per_run", "raw_q_fn",
            "CRITIC_BUDGET_COLUMNS", "render_critic_budget", "CRITIC_SEEDS_COLUMNS", "member_counts",
            "critic_seed_rows", "render_critic_seeds", "CRITIC_DATA_COLUMNS", "render_critic_data"]
 
