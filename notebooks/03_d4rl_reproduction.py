@@ -110,11 +110,13 @@ check(any("None" in str(w.message) for w in caught), 'any("None" in str(w.messag
 # over `ref_episodes` episodes (100 by default). At smoke scale the ladder is a few hundred steps.
 # Everything is seeded, so the same arguments give the same dataset on the same machine and library
 # versions; but the ladder's TD3 training follows every floating-point difference, and another CPU or
-# release can give other snapshots (remade on another machine, Pusher's ladder did, InvertedDoublePendulum's
-# and Hopper's did not: `docs/results.md`). The description records what made it (`made_with`).
+# release can give other snapshots (on two threads instead of one, Pusher's ladder did; on an Intel Xeon
+# instead of the AMD EPYC that made our tables' datasets, Hopper's and Pusher's did: `docs/results.md`).
+# The description records what made it (`made_with`), and `reference_differences` says whether a dataset
+# is the one `docs/results.md`'s tables were measured on: scores on another one do not compare with them.
 
 # %%
-from aepo_lite.rl.datasets import DatasetRecipe, make_dataset
+from aepo_lite.rl.datasets import DatasetRecipe, make_dataset, dataset_reference_differences
 from aepo_lite.rl.data import load_minari, description_info
 import minari
 
@@ -135,6 +137,9 @@ print(f"{DATASET}: {data.n} transitions, {len(data.episode_returns)} episodes, "
 print("expert:", info["ref_max_policy"])
 made = info.get("made_with")  # None for a dataset made before the record
 print("made with:", f"{made['versions']} on {made['cpu']}" if made else "not recorded")
+diff = dataset_reference_differences(DATASET)  # None: no table used this recipe (the smoke one)
+print("the dataset docs/results.md's tables used?",
+      "no table used this recipe" if diff is None else "yes" if not diff else "no: " + "; ".join(diff))
 
 # %% [markdown]
 # ### Check: transitions against the raw episodes

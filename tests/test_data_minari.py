@@ -531,6 +531,9 @@ def test_make_dataset_says_whether_it_remade_a_tables_dataset(minari_root, capsy
     assert "NOT the dataset docs/results.md's tables were measured on" in err and "not comparable" in err
     assert f"episodes {held['episodes']:g} (the tables' local/tiny/random-v0: {held['episodes'] + 1:g})" in err
     assert "mean return" in err and "ref min score" not in err and "transitions" not in err
+    assert [d.split(" ")[0] for d in D.dataset_reference_differences("t/hopper/random-v0")] == ["episodes", "mean"]
+    _write("t/hopper/raw-v0", _episodes(np.random.default_rng(0)))  # not made by make-dataset: no recipe to compare
+    assert D.dataset_reference_differences("t/hopper/raw-v0") is None
 
 
 def test_policy_ladder_trains_on_one_torch_thread_and_restores_the_count(minari_root, monkeypatch):

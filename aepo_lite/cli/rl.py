@@ -54,10 +54,9 @@ def dataset_recipe(args):
 
 
 def _make_dataset(args) -> int:
-    from aepo_lite.rl.datasets import make_dataset, reference_differences
+    from aepo_lite.rl.datasets import dataset_reference_differences, make_dataset
     from aepo_lite.rl.data import description_info
-    r = dataset_recipe(args)
-    ds = make_dataset(r, overwrite=args.overwrite)
+    ds = make_dataset(dataset_recipe(args), overwrite=args.overwrite)
     meta = ds.storage.metadata
     info = description_info(meta)
     print(f"{args.name}: {ds.total_episodes} episodes, {ds.total_steps} transitions, "
@@ -74,10 +73,7 @@ def _make_dataset(args) -> int:
             n = made.get("torch_threads")  # None: made before the count was recorded
             print(f"  {what} made with " + ", ".join(f"{k} {v}" for k, v in sorted(made["versions"].items()) if v)
                   + f" on {made['cpu']}" + ("" if n is None else f", {n} torch thread" + "s" * (n != 1)))
-    diff = reference_differences(r, {"transitions": ds.total_steps, "episodes": ds.total_episodes,
-                                     "mean_return": info.get("dataset_mean_episode_return", float("nan")),
-                                     "ref_min_score": meta.get("ref_min_score"),
-                                     "ref_max_score": meta.get("ref_max_score")})
+    diff = dataset_reference_differences(args.name)
     if diff == []:
         print("  the same as the dataset docs/results.md's tables were measured on")
     elif diff:

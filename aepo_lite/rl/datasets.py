@@ -44,7 +44,7 @@ from aepo_lite._io import atomic_write_json, read_json
 from aepo_lite.rl.evaluation import Episode, check_reference_scores, run_episodes
 
 __all__ = ["QUALITIES", "DatasetRecipe", "REFERENCE_DATASETS", "reference_dataset", "reference_differences",
-           "make_dataset", "train_policy_ladder", "policy_cache_dir", "made_with",
+           "dataset_reference_differences", "make_dataset", "train_policy_ladder", "policy_cache_dir", "made_with",
            "snapshot_noise_scores", "snapshot_oracle_scores", "rollout_returns", "snapshot_q_errors", "QProbes",
            "probe_q_states", "q_error_rows", "state_from_observation", "exact_q_labels"]
 
@@ -164,6 +164,29 @@ def reference_differences(r: DatasetRecipe, made: dict) -> Optional[list[str]]:
         if (got != want) if isinstance(want, int) else not abs(float(got) - want) <= 0.05:
             out.append(f"{key.replace('_', ' ')} {got:g} (the tables' {name}: {want:g})")
     return out
+
+
+def _stored_recipe(info: dict) -> DatasetRecipe:
+    """The recipe a ``make-dataset`` dataset's description (:func:`aepo_lite.rl.data.description_info`) holds."""
+    return DatasetRecipe(**{**info["recipe"], "net_arch": tuple(info["recipe"]["net_arch"])})
+
+
+def dataset_reference_differences(name: str) -> Optional[list[str]]:
+    """:func:`reference_differences` of a local dataset, read from its stored recipe and data: [] when it is the
+    dataset the project's tables were measured on, the quantities that differ when its recipe is one of theirs but
+    its data are not, None when no table used its recipe (or ``make-dataset`` did not make it)."""
+    import minari
+
+    from aepo_lite.rl.data import description_info
+    ds = minari.load_dataset(name)
+    meta = ds.storage.metadata
+    info = description_info(meta)
+    if "recipe" not in info:
+        return None
+    return reference_differences(_stored_recipe(info), {
+        "transitions": ds.total_steps, "episodes": ds.total_episodes,
+        "mean_return": info.get("dataset_mean_episode_return", float("nan")),
+        "ref_min_score": meta.get("ref_min_score"), "ref_max_score": meta.get("ref_max_score")})
 
 
 # stable-baselines3 seeds numpy's legacy generator, which takes seeds below 2**32
@@ -374,7 +397,7 @@ def _dataset_snapshot(name: str, which: str, policy_cache: Optional[Path]):
     if "recipe" not in info or f"{which}_snapshot_step" not in info:
         raise ValueError(f"name: {name} was not made by aepo-lite make-dataset with a {which} snapshot "
                          f"(its description has no recipe and {which}_snapshot_step)")
-    recipe = DatasetRecipe(**{**info["recipe"], "net_arch": tuple(info["recipe"]["net_arch"])})
+    recipe = _stored_recipe(info)
     if recipe.quality not in (which, "medium-expert"):
         raise ValueError(f"which: {name} is a {recipe.quality} dataset; its actions are not the {which} snapshot's")
     step = info[f"{which}_snapshot_step"]
