@@ -283,3 +283,29 @@ def test_toy_bands_script_prints_each_band_and_names_bad_bands(trained, capsys):
     with pytest.raises(SystemExit):
         script.main([*args, "--bands", "0.5", "0.1"])
     assert "--bands" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        script.main([*args, "--sampler-steps", "10", "0"])
+    assert "--sampler-steps" in capsys.readouterr().err
+
+
+def test_toy_bands_at_other_sampler_steps_and_on_a_run_without_an_energy(trained, tmp_path, capsys):
+    """--sampler-steps draws each row again at those steps (the run's own count gives the plain call's numbers);
+    a bc run on the same behaviour model has only the exact energy's row, and it is the AEPO run's exact row."""
+    script = _script("toy_bands")
+    cfg, tmp = trained
+    args = ["--runs", str(tmp / "run"), "--cache-dir", str(tmp / "cache"), "--bands", "0", "1"]
+    assert script.main(args) == 0
+    plain = capsys.readouterr().out.splitlines()[1:]
+    assert script.main([*args, "--sampler-steps", str(cfg.sampling.steps), "3"]) == 0
+    out = capsys.readouterr().out.splitlines()[1:]
+    assert out[0] == f" {cfg.sampling.steps} sampler steps ({cfg.sampling.solver}):" and out[1:4] == plain
+    assert out[4] == f" 3 sampler steps ({cfg.sampling.solver}):" and len(out) == 8 and out[5:8] != plain
+    bc = TT.make_config("8gaussians", "bc", "smoke", n_data=2000, behaviour=dict(steps=200),
+                        energy=dict(beta=cfg.energy.beta), eval=dict(n_samples=400, n_ref_data=2000, pool_size=2000,
+                                                                      grid_size=12))
+    TT.run_toy(bc, tmp_path / "bc", cache_dir=tmp / "cache", progress=False, figure=False, budget=False)
+    assert script.main(["--runs", str(tmp_path / "bc"), "--cache-dir", str(tmp / "cache"), "--bands", "0", "1"]) == 0
+    assert capsys.readouterr().out.splitlines()[1:] == plain[:1]  # the exact energy's row alone, the same draw
+    models = TT.train_toy(bc, cache_dir=tmp / "cache", progress=False, trained_only=True)
+    with pytest.raises(ValueError, match="no trained energy"):
+        TB.band_distance(models, 0.0, 0.5)

@@ -190,8 +190,9 @@ def band_distance(models, lo: float, hi: float, d: int = 0) -> tuple[float, torc
     is guided by the exact grad E_t (closed form, as in part 5) everywhere but on the band lo <= t < hi, where the
     trained energy's own gradient guides. (distance, samples clipped to the box as the run clips them.)
 
-    An empty band (lo = hi) is part 5's draw; a band over every t the sampler visits is the run's own draw at
-    w = 1 (the same sampler seed, 50000 + seed + d, and target set)."""
+    An empty band (lo = hi) is part 5's draw (it needs no trained energy: a bc run's behaviour model gives it too);
+    a band over every t the sampler visits is the run's own draw at w = 1 (the same sampler seed, 50000 + seed + d,
+    and target set)."""
     from aepo_lite.core.diffusion import energy_guidance
     from aepo_lite.toy.pipeline import draw_target
     cfg = models.cfg
@@ -203,9 +204,10 @@ def band_distance(models, lo: float, hi: float, d: int = 0) -> tuple[float, torc
     if isinstance(d, bool) or not isinstance(d, int) or not 0 <= d < cfg.eval.draws:
         raise ValueError(f"d: expected one of the run's {cfg.eval.draws} distance draws (0 to {cfg.eval.draws - 1}), "
                          f"got {d!r}")
-    if models.energy is None:
-        raise ValueError(f"models: the {cfg.method} run has no trained energy to put in a band")
-    trained, exact = energy_guidance(models.energy), _exact_guidance(models)
+    if models.energy is None and hi > lo:
+        raise ValueError(f"models: the {cfg.method} run has no trained energy to put in a band (only lo = hi)")
+    trained = None if models.energy is None else energy_guidance(models.energy)
+    exact = _exact_guidance(models)
 
     def guide(a_t: torch.Tensor, t: torch.Tensor, s) -> torch.Tensor:
         return trained(a_t, t, s) if lo <= float(t.reshape(-1)[0]) < hi else exact(a_t, t, s)
