@@ -83,6 +83,33 @@ def test_runs_differing_in_method_and_seed_share_one_behaviour_checkpoint(tmp_pa
         assert torch.equal(p, q)
 
 
+def test_an_energy_that_does_not_read_the_behaviour_model_is_shared_across_behaviour_models(tmp_path):
+    """QGPO's and the in-support targets' energies read data points and Q, never eps_theta: a run with a behaviour
+    model trained longer loads them (the same weights as training them again would give); the Gaussian target's
+    reads eps_theta, so it trains again."""
+    over = dict(energy=dict(steps=20, beta=3.0), support={"k": 4})
+    part = dict(posterior="particles", centered=True, cover=0, batch=16)
+    energies = lambda: sorted((tmp_path / "moons").glob("energy-*.pt"))  # noqa: E731
+    for method, energy, shared in (("qgpo", {}, True), ("aepo", part, True), ("aepo", {}, False)):
+        cfgs = [_cfg("moons", method, behaviour=dict(steps=n), **{**over, "energy": {**over["energy"], **energy}})
+                for n in (30, 40)]
+        before = energies()
+        short = TT.train_toy(cfgs[0], cache_dir=tmp_path, progress=False)
+        after_short = energies()
+        long = TT.train_toy(cfgs[1], cache_dir=tmp_path, progress=False)
+        assert len(after_short) == len(before) + 1
+        assert len(energies()) == len(after_short) + (0 if shared else 1), (method, energy)
+        assert not torch.equal(next(short.behaviour.parameters()), next(long.behaviour.parameters()))
+        same = all(torch.equal(p, q) for p, q in zip(short.energy.parameters(), long.energy.parameters()))
+        assert same == shared, (method, energy)
+        if energy:
+            loaded = long.energy
+    # what it loaded is what training it beside the longer behaviour model gives
+    particles = _cfg("moons", "aepo", behaviour=dict(steps=40), **{**over, "energy": {**over["energy"], **part}})
+    fresh = TT.train_toy(particles, cache_dir=tmp_path / "fresh", progress=False)
+    assert all(torch.equal(p, q) for p, q in zip(fresh.energy.parameters(), loaded.parameters()))
+
+
 @pytest.mark.parametrize("method,critic", [("aepo", "regression"), ("qgpo", "reward")])
 def test_captured_toy_training_is_the_plain_training(tmp_path, method, critic):
     """capture=True (each step, batch draw included, through CapturedStep; eager on the CPU): the toy presets'

@@ -372,7 +372,9 @@ def build_stages(cfg: ToyConfig, m: ToyModels, device) -> list[Stage]:
     """The run's stages in order, each with its config part and upstream hashes (a function of ``cfg`` only).
 
     The behaviour and critic stages are seeded from ``data_seed`` and hash only the data and their own
-    part, so every method, beta and seed of a task shares them; the energy stage is seeded from ``seed``.
+    part, so every method, beta and seed of a task shares them; the energy stage is seeded from ``seed`` and
+    hashes the behaviour stage only when its target reads the behaviour model (AEPO's Gaussian posterior), so a
+    run with another behaviour model reuses every other energy.
     """
     x, e, N = m.x, m.e, m.x.shape[0]
     data = {"task": cfg.task, "data_seed": cfg.data_seed, "n_data": cfg.n_data}
@@ -386,7 +388,8 @@ def build_stages(cfg: ToyConfig, m: ToyModels, device) -> list[Stage]:
                     lambda g: {"a": x[draw(g, b.batch)], "s": None}, seed=_seed(cfg.data_seed, 0), device=device)]
     if cfg.method == "bc":
         return stages
-    upstream = [stage_hash(stages[0])] if cfg.method == "aepo" else []  # only AEPO's target reads eps_theta
+    # only AEPO's Gaussian target reads eps_theta; the in-support ones read data points and Q (and QGPO, MSE neither)
+    upstream = [stage_hash(stages[0])] if cfg.method == "aepo" and cfg.energy.posterior == "gaussian" else []
     if m.critic is not None:
         stages.append(Stage("critic", {"data": data, "critic": _critic_part(cfg)}, c.steps,
                             lambda: RegressionLearner(m.critic, c.lr, decay_steps=_decay(c)),
