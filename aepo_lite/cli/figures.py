@@ -42,6 +42,7 @@ toy floor by seed   toy2d_floor_spread.csv (opt.) ``aepo_lite.toy.floors.render`
 toy eval noise      toy2d_eval_noise.csv (opt.)  ``aepo_lite.toy.eval_noise.render``
 mixture bandwidth   toy2d_mixture_bandwidth.csv  ``scripts/mixture_bandwidth.py``'s ``render`` (optional)
 toy critic budget   toy2d_critic_steps.csv (opt.) ``aepo_lite.toy.critic_steps.render``
+behaviour's share   toy2d_behaviour_share.csv    ``scripts/behaviour_share.py``'s ``render`` (optional)
 speed benchmark     bench_*.json (optional)      ``aepo_lite.bench.to_markdown``
 QGPO comparison     compare_qgpo_*.json          ``scripts/compare_qgpo.py``'s ``to_markdown``
                     (optional)                   (timings measured there, tabulated here)
@@ -227,6 +228,9 @@ PARTS = (
          optional=True),
     Part("toy fitted critic by its steps", "aepo_lite.toy.critic_steps", "toy2d_critic_steps.csv",
          "python scripts/toy_critic_steps.py --csv figures/toy2d_critic_steps.csv", _render_report, optional=True),
+    Part("toy sampler part: behaviour model or sampler", "scripts/behaviour_share.py", "toy2d_behaviour_share.csv",
+         "python scripts/behaviour_share.py --behaviour-steps ... --csv figures/toy2d_behaviour_share.csv",
+         _render_report, optional=True),
     Part("speed benchmark", "aepo_lite.bench", "bench_*.json",
          "aepo-lite bench --out figures/bench_<device>.json", _render_markdown_of_json, optional=True),
     Part("QGPO code comparison", "scripts/compare_qgpo.py", "compare_qgpo_*.json",
