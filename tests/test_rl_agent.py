@@ -526,6 +526,50 @@ def test_stage_cache_trains_shared_stages_once_and_matches_a_plain_run(tiny, smo
                 assert torch.equal(x, y), k
 
 
+def test_stages_trained_on_another_copy_of_the_dataset_are_refused(tiny, smoke_runs):
+    """A dataset remade under the same id (make-dataset on another CPU: same name, same size, other numbers) must
+    not reuse stages trained on the old copy: their hashes agree (they name the dataset, not its contents), so the
+    checkpoints record the data's fingerprint, and a run, a stage cache or init_behaviour on the other copy is
+    refused before anything is written. Checkpoints from before fingerprints (none recorded) still load."""
+    import dataclasses
+    import shutil
+    from aepo_lite.rl.agent import load_run, make_config, train
+    from aepo_lite.rl.data import load_minari
+    from aepo_lite.training.stages import DataMismatch
+    data, _ = load_minari(DS)
+    assert data.fingerprint() == load_minari(DS)[0].fingerprint()  # a property of the contents, not of a load
+    actions = data.actions.copy()
+    actions[7, 1] = np.nextafter(actions[7, 1], np.float32(2))  # one action one ulp apart
+    other = dataclasses.replace(data, actions=actions)
+    assert other.fingerprint() != data.fingerprint() and other.n == data.n
+    ck = torch.load(smoke_runs["mse"] / "checkpoints" / "behaviour.pt", weights_only=False)
+    assert ck["data"] == data.fingerprint()
+    load_run(smoke_runs["mse"], data=data)
+    with pytest.raises(DataMismatch, match=r"behaviour\.pt was trained on other data.*remade"):
+        load_run(smoke_runs["mse"], data=other)
+    snap = {p.name: p.read_bytes() for p in (smoke_runs["mse"] / "checkpoints").iterdir()}
+    with pytest.raises(DataMismatch, match="other data"):
+        train(make_config(DS, "mse", "smoke", seed=0), smoke_runs["mse"], data=other, progress=False)
+    assert {p.name: p.read_bytes() for p in (smoke_runs["mse"] / "checkpoints").iterdir()} == snap
+    cache = tiny / "fp-cache"
+    train(make_config(DS, "bc", "smoke", seed=0), tiny / "fp" / "a", data=data, progress=False, stage_cache=cache)
+    with pytest.raises(DataMismatch, match=r"fp-cache.*behaviour-.*\.pt was trained on other data"):
+        train(make_config(DS, "bc", "smoke", seed=0), tiny / "fp" / "b", data=other, progress=False,
+              stage_cache=cache)
+    assert not list((tiny / "fp" / "b").glob("checkpoints/*.pt"))
+    with pytest.raises(DataMismatch, match="other data"):
+        train(make_config(DS, "mse", "smoke", seed=0), tiny / "fp" / "c", data=other, progress=False,
+              init_behaviour=tiny / "fp" / "a")
+    # the first copy goes on using both; a checkpoint without a fingerprint (written before) is not checked
+    train(make_config(DS, "bc", "smoke", seed=0), tiny / "fp" / "d", data=data, progress=False, stage_cache=cache)
+    shutil.copytree(tiny / "fp" / "a", tiny / "fp" / "old")
+    p = tiny / "fp" / "old" / "checkpoints" / "behaviour.pt"
+    old = torch.load(p, weights_only=False)
+    del old["data"]
+    torch.save(old, p)
+    load_run(tiny / "fp" / "old", data=other)
+
+
 def test_labels_name_the_estimator_k_and_a_non_default_critic():
     from aepo_lite.rl.agent import estimator_label, make_config
     lab = lambda m, **kw: estimator_label(make_config(DS, m, "smoke", **kw))  # noqa: E731

@@ -457,8 +457,9 @@ def train(cfg: TrainConfig, run_dir, *, data: OfflineData | None = None, progres
         agent = Agent(cfg, data.state_dim, data.action_dim, mean, std, data.action_low, data.action_high, device)
         T = data.tensors(device)
         stages = build_stages(cfg, agent, T, device)
-        store = StageStore(run_dir / "checkpoints")
-        for st in stages:  # a broken or foreign checkpoint is an error before any training starts
+        store = StageStore(run_dir / "checkpoints", data=data.fingerprint())
+        cache = None if stage_cache is None else StageStore(Path(stage_cache), keyed=True, data=store.data)
+        for st in stages:  # a broken or foreign checkpoint (or one trained on other data) is an error first
             store.load(st.name, stage_hash(st))
         stats_path = run_dir / "train_stats.json"
         stats = read_json(stats_path) if stats_path.exists() else {}
@@ -475,9 +476,9 @@ def train(cfg: TrainConfig, run_dir, *, data: OfflineData | None = None, progres
                 for st in stages:
                     if st.name == until:
                         break
-                    if stage_cache is not None and st.name != "energy":
-                        stats[st.name] = _from_cache(st, store, StageStore(Path(stage_cache), keyed=True), log, cfg,
-                                                     progress, device) or stats.get(st.name, {})
+                    if cache is not None and st.name != "energy":
+                        got = _from_cache(st, store, cache, log, cfg, progress, device)
+                        stats[st.name] = got or stats.get(st.name, {})
                     copied = {k: v for k, v in stats.get(st.name, {}).items() if k == "copied_from"}
                     learner, got = run_stage(st, store, log=log, log_every=cfg.log_every,
                                              checkpoint_every=cfg.checkpoint_every, progress=progress,
@@ -533,7 +534,7 @@ def train_stacked_stages(cfgs: list[TrainConfig], stage_cache, *, data: OfflineD
     elif data.dataset_id != cfgs[0].dataset:
         raise ValueError(f"data: holds {data.dataset_id!r}, the config names {cfgs[0].dataset!r}")
     device = resolve_device(cfgs[0].device)
-    cache = StageStore(Path(stage_cache), keyed=True)
+    cache = StageStore(Path(stage_cache), keyed=True, data=data.fingerprint())
     mean, std = data.obs_stats()
     T = data.tensors(device)
     runs = []
@@ -644,7 +645,7 @@ def train_stacked_in_runs(cfgs: list[TrainConfig], run_dirs: list, stage: str, *
     if cfgs[0].method == "bc" or (stage == "critic" and critic_kind(cfgs[0]) == "mc"):
         return {}  # no critic; the Monte-Carlo critic, trained per seed by ``train``
     device = resolve_device(cfgs[0].device)
-    cache = StageStore(Path(stage_cache), keyed=True)
+    cache = StageStore(Path(stage_cache), keyed=True, data=data.fingerprint())
     mean, std = data.obs_stats()
     T = data.tensors(device)
     with contextlib.ExitStack() as locks:
@@ -655,7 +656,7 @@ def train_stacked_in_runs(cfgs: list[TrainConfig], run_dirs: list, stage: str, *
             agent = Agent(c, data.state_dim, data.action_dim, mean, std, data.action_low, data.action_high, device)
             stages = build_stages(c, agent, T, device)
             names = [st.name for st in stages]
-            store = StageStore(Path(d) / "checkpoints")
+            store = StageStore(Path(d) / "checkpoints", data=cache.data)
             target = stages[names.index(stage)]
             h = stage_hash(target)
             if store.load(stage, h) is not None or (stage == "critic" and cache.load(stage, h) is not None):
@@ -710,7 +711,7 @@ def train_seeds(cfgs: list[TrainConfig], run_dirs: list, *, stage_cache, data: O
 
 
 def _copy_stages(src: Path, store: StageStore, stages: list[Stage]) -> dict:
-    other, stats = StageStore(src / "checkpoints"), {}
+    other, stats = StageStore(src / "checkpoints", data=store.data), {}
     for st in stages:
         if st.name == "energy":
             break
@@ -785,7 +786,7 @@ def load_run(run_dir, *, device: str | None = None, data: OfflineData | None = N
     dev = resolve_device(cfg.device)
     agent = Agent(cfg, data.state_dim, data.action_dim, mean, std, data.action_low, data.action_high, dev)
     T = data.tensors(dev)
-    store = StageStore(run_dir / "checkpoints")
+    store = StageStore(run_dir / "checkpoints", data=data.fingerprint())
     for st in build_stages(cfg, agent, T, dev):
         if st.name == "support":
             continue

@@ -86,6 +86,18 @@ class OfflineData:
     def action_dim(self) -> int:
         return int(self.actions.shape[1])
 
+    def fingerprint(self) -> str:
+        """A short content hash of what training reads (observations, transition indices, actions, rewards,
+        terminations): two copies of a dataset id made apart (``make-dataset`` on another CPU, a dataset
+        edited since) differ here even where their names and sizes agree. Stage checkpoints record it."""
+        import hashlib
+        h = hashlib.blake2b(digest_size=8)
+        for a in (self.obs_rows, self.idx, self.next_idx, self.actions, self.rewards, self.terminals):
+            a = np.ascontiguousarray(a)
+            h.update(f"{a.dtype.str}{a.shape}".encode())
+            h.update(a.tobytes())
+        return h.hexdigest()
+
     def obs_stats(self) -> tuple[np.ndarray, np.ndarray]:
         """(mean (k,), std (k,)) of the states s over transitions, std + 1e-3 (IQL)."""
         s = self.obs_rows[self.idx]

@@ -17,7 +17,11 @@ step count. :func:`run_stage` trains one:
 
 A :class:`StageStore` is a folder of checkpoints: a run directory (one file per stage name; a file
 from another config is an error) or a shared cache (``keyed=True``: one file per name and hash,
-so runs that share a stage, e.g. one behaviour model per toy task, train it once).
+so runs that share a stage, e.g. one behaviour model per toy task, train it once). A store given the
+fingerprint of the data its stages read (``data=``, the offline-RL dataset's) writes it into every
+checkpoint and refuses one written on other data (:class:`DataMismatch`): the hash names the dataset,
+not its contents, and a dataset remade under the same id (another CPU) must not reuse stages trained on
+the old copy. Checkpoints written before fingerprints were recorded carry none and are not checked.
 """
 from __future__ import annotations
 
@@ -35,8 +39,8 @@ import torch
 from aepo_lite._io import RunLock, _default, append_jsonl, atomic_torch_save, atomic_write_text, torch_load
 from aepo_lite.training.learners import Learner
 
-__all__ = ["FORMAT", "Stage", "StageStore", "RunLock", "MetricsLog", "stage_hash", "run_stage", "run_cached_stage",
-           "check_run_folder"]
+__all__ = ["FORMAT", "Stage", "StageStore", "DataMismatch", "RunLock", "MetricsLog", "stage_hash", "run_stage",
+           "run_cached_stage", "check_run_folder"]
 
 FORMAT = 2  # checkpoint format: 1 = before the stage mechanism (refused), 2 = this module
 
@@ -81,11 +85,18 @@ def stage_hash(stage: Stage) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=_default).encode()).hexdigest()[:16]
 
 
-class StageStore:
-    """Stage checkpoints in one folder: ``<name>.pt`` (a run) or ``<name>-<hash>.pt`` (``keyed``, a cache)."""
+class DataMismatch(ValueError):
+    """A checkpoint trained on other data than the store's (another copy of the same dataset id)."""
 
-    def __init__(self, root, *, keyed: bool = False):
-        self.root, self.keyed = Path(root), keyed
+
+class StageStore:
+    """Stage checkpoints in one folder: ``<name>.pt`` (a run) or ``<name>-<hash>.pt`` (``keyed``, a cache).
+
+    ``data``: a fingerprint of the data the stages read (``OfflineData.fingerprint``), written into every
+    checkpoint saved here; loading one that records another is a :class:`DataMismatch`."""
+
+    def __init__(self, root, *, keyed: bool = False, data: str | None = None):
+        self.root, self.keyed, self.data = Path(root), keyed, data
 
     def path(self, name: str, h: str) -> Path:
         return self.root / (f"{name}-{h}.pt" if self.keyed else f"{name}.pt")
@@ -108,6 +119,12 @@ class StageStore:
         if ck.get("hash") != h:
             raise ValueError(f"checkpoint: {p} was trained with another config (stage hash {ck.get('hash')} != "
                              f"{h}); use a new output folder, or move it away to retrain that stage")
+        if self.data is not None and ck.get("data") is not None and ck["data"] != self.data:
+            raise DataMismatch(f"checkpoint: {p} was trained on other data than the dataset holds now (data "
+                               f"fingerprint {ck['data']} there, {self.data} now): the dataset was remade or "
+                               "changed since (make-dataset on another CPU makes another dataset under the same "
+                               "id). Use a new output folder and stage cache, or restore the dataset it was "
+                               "trained on.")
         return ck
 
     def is_complete(self, name: str, h: str) -> bool:
@@ -120,6 +137,8 @@ class StageStore:
             return None
         try:
             ck = other.load(name, h)
+        except DataMismatch:
+            raise
         except ValueError:
             return None  # another config there: train it here
         if ck["step"] < ck["steps"]:
@@ -128,7 +147,8 @@ class StageStore:
         return ck["stats"]
 
     def save(self, name: str, h: str, ck: dict) -> Path:
-        return atomic_torch_save(self.path(name, h), dict(ck, format=FORMAT, stage=name, hash=h))
+        extra = {} if self.data is None else {"data": self.data}
+        return atomic_torch_save(self.path(name, h), dict(ck, format=FORMAT, stage=name, hash=h, **extra))
 
 
 class MetricsLog:
