@@ -146,6 +146,34 @@ def test_rl_results_merge_adds_new_seeds_to_saved_rows_and_refuses_other_numbers
         rl_report.collect([new], csv_path, merge=True, force=True)
 
 
+def test_rl_results_refuse_runs_of_one_dataset_id_made_from_different_copies(tmp_path):
+    """Runs of one id on two copies of a dataset (remade on another CPU: same id, other numbers) would be averaged
+    as one dataset's rows: collect names both files and what differs, and writes nothing."""
+    csv_path = tmp_path / "figs" / "rl_results.csv"
+    for i, change in enumerate(({"dataset_mean_return": 251.0}, {"ref_max_score": 990.0}, {"transitions": 401},
+                                {"data_fingerprint": "b" * 16})):
+        runs = tmp_path / f"case{i}"
+        first = _run(runs / "qgpo-s0", seed=0) / "results.json"
+        atomic_write_json(first, {**read_json(first), "data_fingerprint": "a" * 16})
+        res = _run(runs / "qgpo-s1", seed=1) / "results.json"
+        atomic_write_json(res, {**read_json(res), "data_fingerprint": "a" * 16, **change})
+        key = next(iter(change))
+        with pytest.raises(ValueError, match=r"qgpo-s0/results\.json and .*qgpo-s1/results\.json were evaluated on "
+                                             r"different copies of t/hopper/medium-v0"):
+            rl_report.collect([runs], csv_path)
+        assert not csv_path.exists()
+        atomic_write_json(res, {**read_json(res), key: read_json(first)[key]})
+        assert len(rl_report.collect([runs], csv_path)) == 5  # the same copy: collected
+        csv_path.unlink()
+        csv_path.with_name("rl_speed.csv").unlink()
+    # results written before fingerprints were recorded are compared on what they hold
+    runs = tmp_path / "older"
+    _run(runs / "qgpo-s0", seed=0)
+    res = _run(runs / "qgpo-s1", seed=1) / "results.json"
+    atomic_write_json(res, {**read_json(res), "data_fingerprint": "c" * 16})
+    assert len(rl_report.collect([runs], csv_path)) == 5
+
+
 # ---------------------------------------------------------------- silently wrong
 
 def _toy_rows(preset, n_eval, distance):

@@ -884,7 +884,8 @@ def evaluate_run(run_dir, *, guidance_scales=None, episodes: int | None = None, 
         settings = _row_settings(cfg)
         results.update({"dataset": cfg.dataset, "method": cfg.method, "label": estimator_label(cfg), "seed": cfg.seed,
                         "preset": cfg.preset, "transitions": data.n, "ref_min_score": lo, "ref_max_score": hi,
-                        "ref_source": source, "dataset_mean_return": float(np.mean(data.episode_returns))})
+                        "ref_source": source, "dataset_mean_return": float(np.mean(data.episode_returns)),
+                        "data_fingerprint": data.fingerprint()})
         for w in scales:
             g = torch.Generator().manual_seed((cfg.seed * 7919 + 17) % 2**63)
             pol = lambda obs, w=w, g=g: agent.act(obs, w, n_candidates=cfg.eval.candidates, generator=g)  # noqa: E731

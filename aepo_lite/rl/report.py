@@ -134,11 +134,13 @@ def collect(run_paths, csv_path, speed_csv: str | Path | None = None, *, force: 
     runs found would drop (unless ``force``: then the saved rows are replaced on purpose). ``merge`` keeps
     the saved rows the runs do not give (new seeds or scales for runs whose folders are gone); it refuses
     runs that give a saved row, or a dataset's mean return, with another value (a remade dataset that
-    differs, or other code).
+    differs, or other code). Runs of one dataset id evaluated on different copies of it (another mean return,
+    transition count, reference scores or data fingerprint: a dataset remade on another CPU) are refused too:
+    their rows would be averaged as one dataset's.
     """
     if force and merge:
         raise ValueError("merge: give merge or force, not both (merge keeps the saved rows, force replaces them)")
-    rows, speed, datasets, seen = [], [], {}, {}
+    rows, speed, datasets, seen, copies = [], [], {}, {}, {}
     for f in _result_files(run_paths):
         res = read_json(f)
         if "rows" not in res or "label" not in res:
@@ -158,6 +160,8 @@ def collect(run_paths, csv_path, speed_csv: str | Path | None = None, *, force: 
             speed.append(sp)
         lo, hi = res.get("ref_min_score"), res.get("ref_max_score")
         ret = res.get("dataset_mean_return")
+        _same_copy(copies, ds, f, {"mean return": ret, "transitions": res.get("transitions"), "ref_min_score": lo,
+                                   "ref_max_score": hi, "data fingerprint": res.get("data_fingerprint")})
         ns = None if (lo is None or hi is None or ret is None) else 100.0 * (ret - lo) / (hi - lo)
         datasets[(ds, preset)] = {"dataset": ds, "method": "dataset", "seed": "", "guidance_scale": "",
                                   "return_mean": ret, "normalized_score": ns, "transitions": res["transitions"],
@@ -184,6 +188,18 @@ def collect(run_paths, csv_path, speed_csv: str | Path | None = None, *, force: 
     _write_csv(csv_path, COLUMNS, rows)
     _write_csv(speed_csv, SPEED_COLUMNS, speed)
     return rows
+
+
+def _same_copy(copies: dict, ds: str, f: Path, what: dict) -> None:
+    """Refuse a run of ``ds`` whose dataset facts ``what`` differ from those of the first run of ``ds`` seen (a
+    fact a results file lacks, e.g. the fingerprint before it was recorded, is not compared)."""
+    first = copies.setdefault(ds, (f, what))
+    for k, v in what.items():
+        old = first[1].get(k)
+        if v is not None and old is not None and v != old:
+            raise ValueError(f"runs: {first[0]} and {f} were evaluated on different copies of {ds} (its {k} {old} "
+                             f"there, {v} here): a dataset remade since, or on another CPU, is another dataset; "
+                             "collect each copy's runs into its own CSV")
 
 
 def _merged(path, new_rows: list[dict], cols, key, order, same: tuple) -> list[dict]:
