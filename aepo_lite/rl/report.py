@@ -150,6 +150,9 @@ def collect(run_paths, csv_path, speed_csv: str | Path | None = None, *, force: 
             ds, method, seed, preset = res["dataset"], res["label"], res["seed"], res["preset"]
         except (KeyError, TypeError) as e:
             raise ValueError(f"runs: {f} lacks {e} (not a results file of `aepo-lite eval`)") from None
+        lo, hi, ret = res.get("ref_min_score"), res.get("ref_max_score"), res.get("dataset_mean_return")
+        _same_copy(copies, ds, f, {"mean return": ret, "transitions": res.get("transitions"), "ref_min_score": lo,
+                                   "ref_max_score": hi, "data fingerprint": res.get("data_fingerprint")})
         for row, sp in _eval_rows(f, res):
             k = _row_key(row)
             if k in seen:
@@ -158,10 +161,6 @@ def collect(run_paths, csv_path, speed_csv: str | Path | None = None, *, force: 
             seen[k] = f
             rows.append(row)
             speed.append(sp)
-        lo, hi = res.get("ref_min_score"), res.get("ref_max_score")
-        ret = res.get("dataset_mean_return")
-        _same_copy(copies, ds, f, {"mean return": ret, "transitions": res.get("transitions"), "ref_min_score": lo,
-                                   "ref_max_score": hi, "data fingerprint": res.get("data_fingerprint")})
         ns = None if (lo is None or hi is None or ret is None) else 100.0 * (ret - lo) / (hi - lo)
         datasets[(ds, preset)] = {"dataset": ds, "method": "dataset", "seed": "", "guidance_scale": "",
                                   "return_mean": ret, "normalized_score": ns, "transitions": res["transitions"],
