@@ -95,7 +95,7 @@ class OfflineData:
         for a in (self.obs_rows, self.idx, self.next_idx, self.actions, self.rewards, self.terminals):
             a = np.ascontiguousarray(a)
             h.update(f"{a.dtype.str}{a.shape}".encode())
-            h.update(a.tobytes())
+            h.update(a.data)  # the array's own buffer: no copy of a large dataset
         return h.hexdigest()
 
     def obs_stats(self) -> tuple[np.ndarray, np.ndarray]:
