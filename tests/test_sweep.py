@@ -65,6 +65,28 @@ def test_rerun_redoes_no_finished_run_and_resumes_the_unfinished(tiny, tmp_path)
     assert time.perf_counter() - t0 < 60
 
 
+def test_a_finished_run_of_another_copy_of_its_dataset_is_refused_not_skipped(tiny, tmp_path):  # noqa: F811
+    """A sweep rerun into an old --out after the dataset was remade under its id (make-dataset on another CPU) used
+    to report the old copy's finished runs as skipped, i.e. as this copy's. A run whose results record another
+    data fingerprint is now an error naming its results file, and nothing in it changes; one whose results record
+    the copy here, or no fingerprint (written before they were recorded), is skipped as before."""
+    from aepo_lite._io import atomic_write_json, read_json
+    cfg = SweepConfig(datasets=(DS,), methods=("bc",), seeds=(0, 1), preset="smoke", out=str(tmp_path / "s"),
+                      overrides=str(_cfg(tmp_path / "o").overrides))
+    assert len(run_sweep(cfg, echo=lambda *a: None)["done"]) == 2
+    a, b = (Path(s.run_dir) / "results.json" for s in plan(cfg))
+    atomic_write_json(a, {**read_json(a), "data_fingerprint": "0" * 16})  # as if evaluated on another copy
+    old = read_json(b)
+    del old["data_fingerprint"]
+    atomic_write_json(b, old)
+    snap = {p: p.read_bytes() for p in (tmp_path / "s").rglob("*") if p.is_file() and p.name != "sweep.log"}
+    again = run_sweep(cfg, echo=lambda *a: None)
+    assert [r["run_dir"] for r in again["failed"]] == [str(a.parent)]
+    assert str(a) in again["failed"][0]["error"] and "another copy of " + DS in again["failed"][0]["error"]
+    assert [r["run_dir"] for r in again["skipped"]] == [str(b.parent)]
+    assert {p: p.read_bytes() for p in (tmp_path / "s").rglob("*") if p.is_file() and p.name != "sweep.log"} == snap
+
+
 def test_a_failed_run_is_isolated_and_logged(tiny, tmp_path):  # noqa: F811
     spec = RunSpec(DS, "aepo", 0, "smoke", str(tmp_path / "bad"), overrides={"energy": {"beta": -1.0}})
     r = run_one(spec)

@@ -42,7 +42,8 @@ def _sweep(argv: list[str]) -> int:
     from aepo_lite.rl.sweep import run_sweep
     cmd = tyro_cli(SweepCommand, argv, prog="aepo-lite sweep",
                    description="Train and evaluate datasets (or a suite) x methods x seeds as ordinary run "
-                               "directories; finished runs are skipped, failed ones listed with their logs.")
+                               "directories; finished runs are skipped (those finished on another copy of their dataset "
+                               "are refused), failed ones listed with their logs.")
     res = run_sweep(cmd.config_values, results_csv=cmd.results_csv)
     print(f"sweep: {len(res['done'])} done, {len(res['skipped'])} skipped (finished), {len(res['failed'])} failed, "
           f"{len(res['unavailable'])} datasets unavailable")

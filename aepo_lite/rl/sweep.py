@@ -1,8 +1,9 @@
 """Sweeps: datasets (or toy tasks) x methods x seeds, each an ordinary run directory made by the same
 code path as ``aepo-lite train`` (or ``aepo-lite toy``), on a local process pool or on Ray.
 
-- Resumable: a finished run (trained and evaluated with the current settings) is skipped; an
-  unfinished one resumes from its stage checkpoints (:mod:`aepo_lite.training`).
+- Resumable: a finished run (trained and evaluated with the current settings, on this copy of its dataset) is
+  skipped; an unfinished one resumes from its stage checkpoints (:mod:`aepo_lite.training`). A finished run
+  evaluated on another copy of its dataset (remade since under the same id) is an error naming it, not "skipped".
 - A failed run is isolated: it is listed at the end with its log (``RUN/sweep.log``) and the others go on.
 - A dataset that is not here and cannot be downloaded (always so offline) is skipped, with the reason.
 - One sweep at a time per output folder (a lock); results merge into the report through
@@ -19,7 +20,7 @@ import math
 import socket
 import time
 import traceback
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
@@ -65,6 +66,9 @@ class RunSpec:
     overrides: dict = field(default_factory=dict)
     evaluate: bool = True
     stage_cache: Optional[str] = None  # RL: the shared stage folder (see SweepConfig.stage_cache)
+    # RL: the fingerprint of the dataset's copy here (OfflineData.fingerprint), set by run_sweep where a finished run
+    # may be skipped; such a run evaluated on another copy is refused, not skipped
+    data_fingerprint: Optional[str] = None
 
     @property
     def name(self) -> str:
@@ -138,11 +142,41 @@ def _rl_run(spec: RunSpec, progress: bool) -> str:
     cfg = _make_config(spec)
     d = Path(spec.run_dir)
     if spec.evaluate and evaluation_done(d, cfg):
+        _check_same_copy(spec)
         return "skipped"  # without evaluation, train() itself loads finished stages and trains the rest
     train(cfg, d, progress=progress, stage_cache=spec.stage_cache)
     if spec.evaluate:
         evaluate_run(d, progress=progress)
     return "done"
+
+
+def _check_same_copy(spec: RunSpec) -> None:
+    """A finished run whose results record another fingerprint than the dataset's copy here was trained and
+    evaluated on another copy (the dataset remade under its id since): an error naming its results, never "skipped"
+    (its rows would then be reported as this copy's). Results from before fingerprints record none: not checked."""
+    from aepo_lite._io import read_json
+    path = Path(spec.run_dir) / "results.json"
+    recorded = read_json(path).get("data_fingerprint")
+    if spec.data_fingerprint and recorded and recorded != spec.data_fingerprint:
+        raise ValueError(f"{path} was evaluated on another copy of {spec.dataset} (data fingerprint {recorded}; the "
+                         f"copy here: {spec.data_fingerprint}), remade since under the same id; its rows and stages "
+                         "are not this copy's. Sweep into another --out (or move that run folder away) to run it "
+                         "on this copy")
+
+
+def _fingerprints(specs: list[RunSpec]) -> dict:
+    """{dataset: fingerprint of its copy here} for the offline-RL datasets with a finished-looking run among
+    ``specs`` (one load each; none when nothing could be skipped). A copy that does not load is left out here:
+    its runs report the loader's error themselves, as before."""
+    from aepo_lite.rl.data import load_minari
+    out = {}
+    for ds in dict.fromkeys(s.dataset for s in specs
+                            if not s.dataset.startswith(TOY_PREFIX) and (Path(s.run_dir) / "results.json").exists()):
+        try:
+            out[ds] = load_minari(ds)[0].fingerprint()
+        except ValueError:
+            pass
+    return out
 
 
 def _toy_run(spec: RunSpec, progress: bool) -> str:
@@ -277,6 +311,8 @@ def run_sweep(cfg: SweepConfig, *, results_csv: str | Path | None = None, echo=p
                 out["unavailable"].append({"dataset": ds, "reason": reason})
                 echo(f"skipped {ds}: {reason}")
         todo = [s for s in specs if not why[s.dataset]]
+        fps = _fingerprints(todo)
+        todo = [replace(s, data_fingerprint=fps.get(s.dataset)) for s in todo]
         if not todo:  # nothing can run: an error, not a sweep that "succeeded" with no run
             raise ValueError("datasets: none of the sweep's datasets is available here ("
                              + "; ".join(f"{ds}: {reason}" for ds, reason in why.items()) + ")")
