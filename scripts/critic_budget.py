@@ -98,7 +98,7 @@ def variant_stages(run: str, cfg, data, over: dict, steps: int):
         raise SystemExit("--variants: a critic with lr_decay: its learning rate at each count would depend on the "
                          "last count (use lr_decay=false)")
     agent, stages = fresh_critic_stage(vcfg, data)
-    store = StageStore(Path(run) / "checkpoints")
+    store = StageStore(Path(run) / "checkpoints", data=data.fingerprint())
     for st in stages[:[s.name for s in stages].index("critic")]:
         if not store.is_complete(st.name, stage_hash(st)):
             raise SystemExit(f"--run: {run} has no finished {st.name} stage for this critic")
@@ -194,7 +194,7 @@ def train_and_score(a, name: str, over: dict, cfg, data, probes: dict, rows: lis
         agent, vcfg, stage = variant_stages(a.run, cfg, data, over, max(a.steps))
     else:
         agent, vcfg, stage, data = make(max(a.steps))
-    store = StageStore(Path(a.work) / "critics", keyed=True)
+    store = StageStore(Path(a.work) / "critics", keyed=True, data=data.fingerprint())
     ck = store.load("critic", stage_hash(stage))
     count = {"done": 0 if ck is None else ck["step"]}
     lost = [s for s in a.steps if s < count["done"] and missing(s)]

@@ -233,7 +233,7 @@ def fit_rows(a, name: str, full, label: str, critic: str, make, splits: dict, no
     if not todo:
         return
     agent, _, stage, data = make(steps)
-    store = StageStore(Path(a.work) / "critics", keyed=True)
+    store = StageStore(Path(a.work) / "critics", keyed=True, data=data.fingerprint())
     if not store.is_complete(stage.name, stage_hash(stage)):
         raise SystemExit(f"--work: {label}'s critic has no finished checkpoint at {steps} steps")
     run_stage(stage, store, progress=False)

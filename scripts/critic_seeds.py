@@ -84,8 +84,9 @@ def member_q(a, cfg, data, steps: int, m: int, probes: dict) -> dict:
             held = {n: f[n] for n in f.files}
         if all(n in held for n in names.values()):
             return {w: held[n] for w, n in names.items()}
-    own = StageStore(Path(a.run) / "checkpoints")
-    store = own if m == 0 and own.is_complete("critic", h) else StageStore(Path(a.work) / "critics", keyed=True)
+    own = StageStore(Path(a.run) / "checkpoints", data=data.fingerprint())
+    store = own if m == 0 and own.is_complete("critic", h) else StageStore(Path(a.work) / "critics", keyed=True,
+                                                                           data=own.data)
     print(f"member {m}: critic stage {h} ({steps} steps)", flush=True)
     run_stage(stage, store, checkpoint_every=min(10_000, steps), log_every=steps)
     q = raw_q_fn(agent, data)
