@@ -701,6 +701,61 @@ def test_energy_fit_stats_against_a_linear_critic_and_the_reference_itself(tiny,
         diagnostics.energy_fit_stats(smoke_runs["bc"])
 
 
+def test_energy_fit_stats_around_the_runs_guided_action(tiny, smoke_runs, monkeypatch, tmp_path, capsys):
+    """``around = w`` draws a_t around the run's own guided action at scale w (here a stand-in policy that always
+    acts at 0.9): the a_t the energy is asked about then centre on alpha_t * 0.9; ``around = 0`` is the default
+    measurement, row for row. The table and ``scripts/energy_fit.py --around-scale`` keep the two apart."""
+    import importlib.util
+    from pathlib import Path
+
+    from aepo_lite.rl import agent as A, diagnostics
+    real, seen, scales = A.load_run, [], []
+
+    def fake(run_dir, **kw):
+        agent, cfg, data = real(run_dir, **kw)
+        act = agent.act_unit
+
+        def act_unit(s, w, **k):
+            scales.append(w)
+            return act(s, 0.0, **k) * 0 + 0.9 if w else act(s, w, **k)
+
+        agent.act_unit = act_unit
+        agent.energy = lambda s, a, t: (seen.append(a.detach().clone()), (a * a).sum(-1))[1]
+        return agent, cfg, data
+
+    monkeypatch.setattr(A, "load_run", fake)
+    run, kw = smoke_runs["mse"], {"times": (0.2,), "n": 256, "k": 4, "k_ref": 16}
+    base = diagnostics.energy_fit_stats(run, **kw)[0]
+    assert diagnostics.energy_fit_stats(run, around=0.0, **kw)[0] == base and base["around_w"] == 0.0
+    assert 3.0 not in scales
+    seen.clear()
+    near = diagnostics.energy_fit_stats(run, around=3.0, **kw)[0]
+    assert scales[-1] == 3.0 and near["around_w"] == 3.0 and near != base
+    from aepo_lite.core.schedule import VPSchedule
+    alpha, sigma = (float(v) for v in VPSchedule().alpha_sigma(torch.tensor(0.2)))
+    mean = torch.cat(seen).mean(0)  # 256 draws a dimension of alpha * 0.9 + sigma * eps
+    assert float((mean - alpha * 0.9).abs().max()) < 4 * sigma / 16
+    with pytest.raises(ValueError, match="around: expected a value >= 0"):
+        diagnostics.energy_fit_stats(run, around=-1.0, **kw)
+    table = diagnostics.energy_fit_table([{"dataset": "d", "method": "m", "seed": 0, **r} for r in (base, near)])
+    names = [ln.split(" | ")[1] for ln in table.splitlines()[2:6]]
+    assert names == ["K-particle target (K = 4, K_ref = 16)", "K-particle target (K = 4, K_ref = 16, a_t around w = 3)",
+                     "m", "m (a_t around w = 3)"]
+    spec = importlib.util.spec_from_file_location("energy_fit", Path(__file__).resolve().parents[1] / "scripts"
+                                                  / "energy_fit.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out, args = tmp_path / "fit.csv", ["--runs", str(run), "--times", "0.2", "--k-ref", "16", "--out"]
+    script.main(args + [str(out)])
+    script.main(args + [str(out), "--around-scale", "3"])  # not the rows the CSV holds: measured and added
+    both = out.read_text()
+    assert len(both.splitlines()) == 3 and "kept" not in capsys.readouterr().out
+    script.main(args + [str(out), "--around-scale", "3"])
+    assert out.read_text() == both and "kept" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        script.main(args + [str(out), "--around-scale", "3", "--mixture-bandwidths", "0"])
+
+
 def test_mixture_target_grad_against_finite_differences_and_the_particles():
     """``mixture_target_grad`` differentiates the mixture target through its responsibilities, its component means
     and Q's gradient there: against central differences of ``insupport_target``'s values (float64, a critic with

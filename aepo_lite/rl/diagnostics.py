@@ -20,6 +20,8 @@ a_t the gradient of the trained f_phi and of the particle target over the first 
 K-particle run regresses on): how often each points the reference's way (cosine > 0) and its relative error. For
 a run whose target is the mixture posterior (derivation 4b) it also measures that target over the same ``k``
 actions with the run's bandwidth (:func:`mixture_target_grad`), which tells the target's error from the regression's.
+With ``around = w`` the a_t are drawn around the run's own guided action at scale w instead: the fit where the policy
+acts, off the support at large w, where the reference too rests on the few behaviour actions nearest a_t.
 ``scripts/energy_fit.py`` measures it for a set of runs (rendered by :func:`render_energy_fit`).
 """
 from __future__ import annotations
@@ -258,9 +260,13 @@ def mixture_target_grad(a_t: torch.Tensor, s: torch.Tensor, support: torch.Tenso
     return grad, (beta * q).detach(), (0.5 * beta**2 * s2[:, None] * (g**2).sum(-1)).detach()
 
 
-def _fit_setup(run_dir, n: int, k: int | None, k_ref: int, seed: int, need_energy: bool = True) -> dict:
+def _fit_setup(run_dir, n: int, k: int | None, k_ref: int, seed: int, need_energy: bool = True,
+               around: float = 0.0) -> dict:
     """What :func:`energy_fit_stats` and :func:`mixture_bandwidth_stats` share: the run, ``n`` dataset states, ``k_ref``
-    behaviour actions a state scored by the run's critic (the reference's particles) and one more a state for a_t."""
+    behaviour actions a state scored by the run's critic (the reference's particles) and one more action a state for
+    a_t to be drawn around: a behaviour action, or at ``around`` > 0 the run's own guided action at that scale (drawn
+    after the reference's, which are the same at any ``around``)."""
+    around = check_scalar("around", around, low=0.0)
     from aepo_lite.rl.agent import load_run
     agent, cfg, data = load_run(run_dir, device="cpu")
     k = cfg.support.k if k is None else k
@@ -279,8 +285,10 @@ def _fit_setup(run_dir, n: int, k: int | None, k_ref: int, seed: int, need_energ
         ref = agent.act_unit(s.repeat_interleave(k_ref + 1, 0), 0.0, generator=g).reshape(B, k_ref + 1, -1)
         a0, ref = ref[:, 0], ref[:, 1:]  # a0: where a_t is drawn around, apart from the reference's actions
         q = agent.critic.q_fn(s.repeat_interleave(k_ref, 0), ref.reshape(B * k_ref, -1)).reshape(B, k_ref)
+    if around:
+        a0 = agent.act_unit(s, around, generator=g).detach()  # the run's guided action at w = around
     return {"agent": agent, "cfg": cfg, "s": s, "a0": a0, "ref": ref, "q": q, "k": k, "k_ref": k_ref, "gen": g,
-            "beta": cfg.energy.beta}
+            "beta": cfg.energy.beta, "around": around}
 
 
 def _fit_at(f: dict, t0: float):
@@ -302,22 +310,24 @@ def _spread(v: torch.Tensor) -> float:
 
 
 def energy_fit_stats(run_dir, times=FIT_TIMES, n: int = 256, k: int | None = None, k_ref: int = 128,
-                     seed: int = 0) -> list[dict]:
+                     seed: int = 0, around: float = 0.0) -> list[dict]:
     """At ``n`` dataset states (drawn with ``seed``) and each t in ``times``: the gradients in a_t of the trained
     energy and of the ``k``-particle target (default: the run's ``support.k``) against the ``k_ref``-particle
-    reference (module docstring). One dict per t: ``ref_grad`` (median |grad E_ref|), ``target_agree`` /
+    reference (module docstring), a_t drawn around a behaviour action or, at ``around`` = w > 0, around the run's
+    own guided action at scale w (where its policy acts, off the support at large w). One dict per t: ``around_w``,
+    ``ref_grad`` (median |grad E_ref|), ``target_agree`` /
     ``target_rel_err`` (the k-particle target) and ``energy_agree`` / ``energy_rel_err`` (f_phi), ``energy_grad``;
     for a run with the mixture posterior also ``mix_target_agree`` / ``mix_target_rel_err``, its own target over the
     same k actions (:func:`mixture_target_grad`), and ``mix_value_spread`` / ``mix_variance_spread``, how much its
     two terms vary over the k components of a state (max - min, the median over the states)."""
-    f = _fit_setup(run_dir, n, k, k_ref, seed)
+    f = _fit_setup(run_dir, n, k, k_ref, seed, around=around)
     agent, cfg, k = f["agent"], f["cfg"], f["k"]
     guide, out = energy_guidance(agent.energy), []
     for t0 in times:
         t, alpha, sigma, a_t, g_ref, g_k = _fit_at(f, t0)
         g_f = guide(a_t, t, f["s"])
         (ta, te), (ea, ee) = _agreement(g_k, g_ref), _agreement(g_f, g_ref)
-        row = {"t": float(t0), "k": k, "k_ref": k_ref, "ref_grad": float(g_ref.norm(dim=-1).median()),
+        row = {"t": float(t0), "k": k, "k_ref": k_ref, "around_w": f["around"], "ref_grad": float(g_ref.norm(dim=-1).median()),
                "target_agree": ta, "target_rel_err": te, "energy_grad": float(g_f.norm(dim=-1).median()),
                "energy_agree": ea, "energy_rel_err": ee}
         if cfg.energy.posterior == "mixture":
@@ -352,7 +362,7 @@ def mixture_bandwidth_stats(run_dir, bandwidths, times=FIT_TIMES, n: int = 256, 
     return out
 
 
-ENERGY_FIT_COLUMNS = ("dataset", "method", "seed", "t", "k", "k_ref", "ref_grad", "target_agree", "target_rel_err",
+ENERGY_FIT_COLUMNS = ("dataset", "method", "seed", "t", "k", "k_ref", "around_w", "ref_grad", "target_agree", "target_rel_err",
                       "energy_grad", "energy_agree", "energy_rel_err", "mix_target_agree", "mix_target_rel_err",
                       "mix_value_spread", "mix_variance_spread")
 ENERGY_FIT_HEADER = ("# How well each trained energy's gradient follows E_t (the error budget's regression part)\n\n"
@@ -363,12 +373,14 @@ ENERGY_FIT_HEADER = ("# How well each trained energy's gradient follows E_t (the
                      "the reference's way (cosine > 0; 0.5 is chance in one dimension); `rel err`: median "
                      "|g - g_ref| / median |g_ref|; each cell `agree / rel err`, a mean over the seeds listed "
                      "(measured by `scripts/energy_fit.py` into `energy_fit.csv`). A line `target of RUN` is a mixture "
-                     "run's own target (docs/derivation.md 4b) over the same K actions with its bandwidth.\n\n")
+                     "run's own target (docs/derivation.md 4b) over the same K actions with its bandwidth. Lines "
+                     "`a_t around w = W` draw a_t around each run's own guided action at scale W instead (where its "
+                     "policy acts; `scripts/energy_fit.py --around-scale W`).\n\n")
 
 
-def energy_fit_rows(run_dirs, times=FIT_TIMES, k_ref: int = 128) -> list[dict]:
+def energy_fit_rows(run_dirs, times=FIT_TIMES, k_ref: int = 128, around: float = 0.0) -> list[dict]:
     """One CSV row per run and t (:func:`energy_fit_stats`), with the run's dataset, label and seed."""
-    return _rows_per_run(run_dirs, lambda d: energy_fit_stats(d, times, k_ref=k_ref))
+    return _rows_per_run(run_dirs, lambda d: energy_fit_stats(d, times, k_ref=k_ref, around=around))
 
 
 def mixture_bandwidth_rows(run_dirs, bandwidths, times=FIT_TIMES, k_ref: int = 128) -> list[dict]:
@@ -383,11 +395,14 @@ def energy_fit_table(rows) -> str:
     times = sorted({float(r["t"]) for r in rows})
     cells: dict = {}
     for r in rows:
-        key = (r["dataset"], f"K-particle target (K = {r['k']}, K_ref = {r['k_ref']})")
+        w = float(r.get("around_w") or 0)  # older CSVs have no such column: a_t around behaviour actions
+        at = f", a_t around w = {w:g}" if w else ""
+        key = (r["dataset"], f"K-particle target (K = {r['k']}, K_ref = {r['k_ref']}{at})")
         parts = [(key, "target_agree", "target_rel_err"),
-                 ((r["dataset"], r["method"]), "energy_agree", "energy_rel_err")]
+                 ((r["dataset"], r["method"] + (f" (a_t around w = {w:g})" if w else "")), "energy_agree",
+                  "energy_rel_err")]
         if r.get("mix_target_agree") not in (None, ""):  # a mixture run (older CSVs have no such column)
-            parts.insert(1, ((r["dataset"], f"target of {r['method']}"), "mix_target_agree", "mix_target_rel_err"))
+            parts.insert(1, ((r["dataset"], f"target of {r['method']}{at}"), "mix_target_agree", "mix_target_rel_err"))
         for (ds, name), a, e in parts:
             cells.setdefault((ds, name), {}).setdefault(float(r["t"]), []).append((float(r[a]), float(r[e]), r["seed"]))
     def order(kv):  # per dataset: the K-particle target, the mixture runs' own targets, then the energies
