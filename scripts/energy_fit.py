@@ -53,7 +53,8 @@ def main(argv=None) -> int:
             p.error("--around-scale: the mixture bandwidth sweep draws a_t around behaviour actions only")
         measure, columns, render = mixture_bandwidth_rows, MIXTURE_BANDWIDTH_COLUMNS, render_mixture_bandwidth
         kw = {"bandwidths": a.mixture_bandwidths, "times": a.times, "k_ref": a.k_ref}
-    for path in csv_per_run(a.out, a.runs, lambda run, rows: _run_rows(run, lambda r: measure([r], **kw), rows, kw.get("around", 0.0)),
+    around = kw.get("around", 0.0)
+    for path in csv_per_run(a.out, a.runs, lambda run, rows: _run_rows(run, lambda r: measure([r], **kw), rows, around),
                             columns, render):
         print(f"wrote {path}")
     return 0

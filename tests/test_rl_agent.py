@@ -739,7 +739,7 @@ def test_energy_fit_stats_around_the_runs_guided_action(tiny, smoke_runs, monkey
         diagnostics.energy_fit_stats(run, around=-1.0, **kw)
     table = diagnostics.energy_fit_table([{"dataset": "d", "method": "m", "seed": 0, **r} for r in (base, near)])
     names = [ln.split(" | ")[1] for ln in table.splitlines()[2:6]]
-    assert names == ["K-particle target (K = 4, K_ref = 16)", "K-particle target (K = 4, K_ref = 16, a_t around w = 3)",
+    assert names == ["K-particle target (K = 4, K_ref = 16)", "K-particle target (K = 4, K_ref = 16) (a_t around w = 3)",
                      "m", "m (a_t around w = 3)"]
     spec = importlib.util.spec_from_file_location("energy_fit", Path(__file__).resolve().parents[1] / "scripts"
                                                   / "energy_fit.py")

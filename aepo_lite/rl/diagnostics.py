@@ -327,7 +327,8 @@ def energy_fit_stats(run_dir, times=FIT_TIMES, n: int = 256, k: int | None = Non
         t, alpha, sigma, a_t, g_ref, g_k = _fit_at(f, t0)
         g_f = guide(a_t, t, f["s"])
         (ta, te), (ea, ee) = _agreement(g_k, g_ref), _agreement(g_f, g_ref)
-        row = {"t": float(t0), "k": k, "k_ref": k_ref, "around_w": f["around"], "ref_grad": float(g_ref.norm(dim=-1).median()),
+        row = {"t": float(t0), "k": k, "k_ref": k_ref, "around_w": f["around"],
+               "ref_grad": float(g_ref.norm(dim=-1).median()),
                "target_agree": ta, "target_rel_err": te, "energy_grad": float(g_f.norm(dim=-1).median()),
                "energy_agree": ea, "energy_rel_err": ee}
         if cfg.energy.posterior == "mixture":
@@ -362,8 +363,8 @@ def mixture_bandwidth_stats(run_dir, bandwidths, times=FIT_TIMES, n: int = 256, 
     return out
 
 
-ENERGY_FIT_COLUMNS = ("dataset", "method", "seed", "t", "k", "k_ref", "around_w", "ref_grad", "target_agree", "target_rel_err",
-                      "energy_grad", "energy_agree", "energy_rel_err", "mix_target_agree", "mix_target_rel_err",
+ENERGY_FIT_COLUMNS = ("dataset", "method", "seed", "t", "k", "k_ref", "around_w", "ref_grad", "target_agree",
+                      "target_rel_err", "energy_grad", "energy_agree", "energy_rel_err", "mix_target_agree", "mix_target_rel_err",
                       "mix_value_spread", "mix_variance_spread")
 ENERGY_FIT_HEADER = ("# How well each trained energy's gradient follows E_t (the error budget's regression part)\n\n"
                      "At 256 dataset states and a_t = alpha_t a + sigma_t eps around a behaviour action: the gradient "
@@ -396,11 +397,10 @@ def energy_fit_table(rows) -> str:
     cells: dict = {}
     for r in rows:
         w = float(r.get("around_w") or 0)  # older CSVs have no such column: a_t around behaviour actions
-        at = f", a_t around w = {w:g}" if w else ""
-        key = (r["dataset"], f"K-particle target (K = {r['k']}, K_ref = {r['k_ref']}{at})")
+        at = f" (a_t around w = {w:g})" if w else ""
+        key = (r["dataset"], f"K-particle target (K = {r['k']}, K_ref = {r['k_ref']}){at}")
         parts = [(key, "target_agree", "target_rel_err"),
-                 ((r["dataset"], r["method"] + (f" (a_t around w = {w:g})" if w else "")), "energy_agree",
-                  "energy_rel_err")]
+                 ((r["dataset"], r["method"] + at), "energy_agree", "energy_rel_err")]
         if r.get("mix_target_agree") not in (None, ""):  # a mixture run (older CSVs have no such column)
             parts.insert(1, ((r["dataset"], f"target of {r['method']}{at}"), "mix_target_agree", "mix_target_rel_err"))
         for (ds, name), a, e in parts:
