@@ -701,13 +701,21 @@ def test_energy_fit_stats_against_a_linear_critic_and_the_reference_itself(tiny,
         diagnostics.energy_fit_stats(smoke_runs["bc"])
 
 
+def _energy_fit_script():
+    """``scripts/energy_fit.py`` as a module (scripts are not a package)."""
+    import importlib.util
+    from pathlib import Path
+    spec = importlib.util.spec_from_file_location("energy_fit", Path(__file__).resolve().parents[1] / "scripts"
+                                                  / "energy_fit.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script
+
+
 def test_energy_fit_stats_around_the_runs_guided_action(tiny, smoke_runs, monkeypatch, tmp_path, capsys):
     """``around = w`` draws a_t around the run's own guided action at scale w (here a stand-in policy that always
     acts at 0.9): the a_t the energy is asked about then centre on alpha_t * 0.9; ``around = 0`` is the default
     measurement, row for row. The table and ``scripts/energy_fit.py --around-scale`` keep the two apart."""
-    import importlib.util
-    from pathlib import Path
-
     from aepo_lite.rl import agent as A, diagnostics
     real, seen, scales = A.load_run, [], []
 
@@ -741,10 +749,7 @@ def test_energy_fit_stats_around_the_runs_guided_action(tiny, smoke_runs, monkey
     names = [ln.split(" | ")[1] for ln in table.splitlines()[2:6]]
     assert names == ["K-particle target (K = 4, K_ref = 16)", "K-particle target (K = 4, K_ref = 16) (a_t around w = 3)",
                      "m", "m (a_t around w = 3)"]
-    spec = importlib.util.spec_from_file_location("energy_fit", Path(__file__).resolve().parents[1] / "scripts"
-                                                  / "energy_fit.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = _energy_fit_script()
     out, args = tmp_path / "fit.csv", ["--runs", str(run), "--times", "0.2", "--k-ref", "16", "--out"]
     script.main(args + [str(out)])
     script.main(args + [str(out), "--around-scale", "3"])  # not the rows the CSV holds: measured and added
@@ -795,9 +800,6 @@ def test_energy_fit_stats_measures_a_mixture_runs_own_target(tiny, smoke_runs, m
     """For a run with the mixture posterior the energy-fit rows carry its own target's agreement: at bandwidth 0 the
     particle target's (the same K actions), at h > 0 another; other runs carry none. ``scripts/energy_fit.py`` keeps
     the rows its CSV holds and adds the others."""
-    import importlib.util
-    from pathlib import Path
-
     from aepo_lite.rl import agent as A, diagnostics
     real, h = A.load_run, {}
     c = torch.tensor([1.0, -0.5, 0.25])
@@ -825,10 +827,7 @@ def test_energy_fit_stats_measures_a_mixture_runs_own_target(tiny, smoke_runs, m
     assert lines == ["K-particle target (K = 4, K_ref = 16)", "target of m", "m"]
     assert wide["mix_value_spread"] > 0 and wide["mix_variance_spread"] > 0 and at0["mix_variance_spread"] == 0.0
     assert f"| d | m | 0 | {wide['mix_value_spread']:.2f} / {wide['mix_variance_spread']:.2f} |" in table
-    spec = importlib.util.spec_from_file_location("energy_fit", Path(__file__).resolve().parents[1] / "scripts"
-                                                  / "energy_fit.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = _energy_fit_script()
     out = tmp_path / "energy_fit.csv"
     script.main(["--runs", str(smoke_runs["mse"]), "--times", "0.2", "--k-ref", "16", "--out", str(out)])
     first = out.read_text()
