@@ -640,3 +640,34 @@ def test_gradient_line_sets_values_beside_gradients_and_the_distance_of_the_same
     # the earlier line keeps to the runs that read the true reward (task c's) and names none of the critic's
     earlier = next(ln for ln in text.splitlines() if ln.startswith("- **Where a toy energy's error comes from**"))
     assert "c aepo[g] (reward), seed 0 at 1000 steps: energy error 0.500" in earlier and "m aepo" not in earlier
+
+
+def test_toy_glance_table_sets_each_task_at_its_converged_budget_over_the_floor(tmp_path, csvs):
+    """The toy table, by hand: each task at its smallest converged budget (b, still falling, left out), each
+    method's mean distance over the floor with the closest in bold and fewer seeds named, then AEPO's best over the
+    floor and over QGPO with a miss of the toy target (2x the floor; 1.25x QGPO) in bold; first in the summary."""
+    from aepo_lite.course.summary import _toy_glance_lines
+    from aepo_lite.toy.convergence import COLUMNS
+    base = {**{c: "" for c in COLUMNS}, "critic": "reward", "beta": "10", "preset": "full", "floor": 0.025}
+    # task: {method: (error at 1000 / 2000 / 4000 steps, distance at 2000 for seed 0; seed s adds 0.01 s)}
+    curves = {"a": {("qgpo", ""): ((1.0, 0.5, 0.48), 0.05), ("aepo", "p"): ((0.8, 0.5, 0.49), 0.03),
+                    ("aepo", "g"): ((0.8, 0.6, 0.59), 0.09), ("mse", ""): ((1.0, 0.9, 0.9), 0.2)},
+              "c": {("qgpo", ""): ((1.0, 0.5, 0.5), 0.03), ("aepo", "p"): ((0.8, 0.5, 0.5), 0.05)},
+              "b": {("qgpo", ""): ((1.0, 0.5, 0.3), 0.05), ("aepo", "p"): ((0.8, 0.5, 0.49), 0.03)}}
+    rows = [dict(base, task=task, method=m, estimator=e, seed=str(s), energy_steps=n, err_mean=err,
+                 distance=(d if n == 2000 else 0.5) + 0.01 * s)
+            for task, by_m in curves.items() for (m, e), (errs, d) in by_m.items()
+            for s in (range(1) if m == "mse" else range(3)) for n, err in zip((1000, 2000, 4000), errs)]
+    _write(tmp_path / "conv.csv", rows)
+    lines = _toy_glance_lines(tmp_path / "conv.csv")
+    assert lines[0].startswith("**Toy 2D at a glance**") and lines[1] == "" and lines[-1] == ""
+    assert lines[2] == ("| task | energy steps | seeds | MSE | QGPO | AEPO g | AEPO p | AEPO best / floor | "
+                        "AEPO best / QGPO |")
+    # a at 2000: means 0.06 (qgpo), 0.04 (p), 0.10 (g), 0.20 (mse, seed 0 alone) over 0.025; p / qgpo = 0.67
+    # c at 2000: qgpo 0.04 (1.60x), p 0.06 (2.40x: over 2x), p / qgpo = 1.50 (over 1.25)
+    assert lines[4:-1] == ["| a | 2000 | 3 | 8.00 (1 seed) | 2.40 | 4.00 | **1.60** | 1.60 | 0.67 |",
+                           "| c | 2000 | 3 | — | **1.60** | — | 2.40 | **2.40** (over 2x) | **1.50** (over 1.25) |"]
+    text = summary_markdown(*csvs, convergence_csv=tmp_path / "conv.csv")
+    assert text.startswith("**Toy 2D at a glance**") and "\n| a | 2000 | 3 |" in text
+    _write(tmp_path / "none.csv", [dict(r, energy_steps=n) for r, n in zip(rows[:2], (1000, 2000))])
+    assert _toy_glance_lines(tmp_path / "none.csv") == []  # no task shown converged: no table

@@ -415,6 +415,60 @@ def _convergence_lines(csv_path) -> list[str]:
     return _converged_lines(rows) + lines
 
 
+TOY_TARGET = (2.0, 1.25)  # issue 11's toy target: AEPO's best within 2x of the noise floor, within 1.25x of QGPO
+
+
+def _toy_glance_lines(csv_path) -> list[str]:
+    """The toy tasks as one table a reader takes in at a glance: the convergence curve's rows (beta = 10, the `full`
+    preset, the true reward) with each task at its smallest budget shown converged (the rows of
+    :func:`_converged_lines`): per task its budget and seeds, each method's mean distance at w = 1 over the noise
+    floor (1: as close as two exact sample sets), the closest in bold, then AEPO's best estimator over the floor
+    and over QGPO, a miss of the toy target (:data:`TOY_TARGET`) in bold. The bullets below hold the curve, the
+    fitted critic and the seeds behind each row."""
+    from aepo_lite.toy import convergence as conv
+    rows = [r for r in conv.read_rows(csv_path) if r.get("critic", "reward") == "reward"]
+    budgets = {t: n for t, n in conv.converged_budgets(rows).items() if n is not None} if rows else {}
+    at = [dict(r, guidance_scale="1") for r in rows if int(r["energy_steps"]) == budgets.get(r["task"])]
+    toy = toy_summary_rows(at, 10.0, 1.0, "full")
+    if not toy:
+        return []
+    labels = sorted({lab for t in toy.values() for lab in t["methods"]},
+                    key=lambda lab: (lab.startswith("aepo"), lab != "bc", lab))  # BC, the baselines, then AEPO's
+    seeds = {task: defaultdict(set) for task in toy}
+    for r in at:
+        if r["task"] in seeds:
+            lab = _method(r) if _method(r) != "aepo" else f"aepo[{r.get('estimator', '')}]"
+            seeds[r["task"]][lab].add(r["seed"])
+    far, near = TOY_TARGET
+    out = []
+    for task, t in sorted(toy.items()):
+        n = max(len(v) for v in seeds[task].values())
+        cells = []
+        for lab in labels:
+            if lab not in t["methods"]:
+                cells.append("—")
+                continue
+            x = f"{t['methods'][lab] / t['floor']:.2f}"
+            k = len(seeds[task][lab])
+            cells.append((f"**{x}**" if lab == t["winner"] else x) + (f" ({_seeds(k)})" if k < n else ""))
+        best = t.get("aepo_over_floor")
+        vs_floor = "—" if best is None else (f"{best:.2f}" if best <= far else f"**{best:.2f}** (over {far:g}x)")
+        vs_q = t.get("aepo_over_qgpo")
+        vs_q = "—" if vs_q is None else (f"{vs_q:.2f}" if vs_q <= near else f"**{vs_q:.2f}** (over {near:g})")
+        out.append(f"| {task} | {budgets[task]} | {n} | " + " | ".join(cells) + f" | {vs_floor} | {vs_q} |")
+    name = {"bc": "BC", "mse": "MSE", "qgpo": "QGPO"}
+    head = [name.get(lab, f"AEPO {lab[5:-1]}" if lab.startswith("aepo[") else lab) for lab in labels]
+    figure = Path(csv_path).with_name("toy2d_convergence_distance.png")  # the curves over budgets (toy-convergence)
+    return [f"**Toy 2D at a glance** (beta = 10, w = 1, the true reward for every method, the `full` preset with "
+            "each task at its smallest energy budget shown converged; sliced-W2 distance to exact target samples over "
+            "the noise floor, 1 being as close as two exact sample sets; mean over seeds; the closest method in bold; "
+            f"AEPO best: its closest estimator on the task; the toy target, AEPO's best within {far:g}x of the floor "
+            f"and within {near:g}x of QGPO, missed in bold"
+            + (f"; every budget: `{figure.parent.name}/{figure.name}`" if figure.exists() else "") + "):", "",
+            "| task | energy steps | seeds | " + " | ".join(head) + " | AEPO best / floor | AEPO best / QGPO |",
+            "|---|---:|---:|" + "---:|" * (len(head) + 2), *out, ""]
+
+
 def _critic_lines(critic_csv, convergence_csv) -> list[str]:
     """The fitted critic's toy rows against the true reward's (:func:`aepo_lite.toy.convergence.critic_pairs`: each
     task at its converged budget): per method, the distance over the floor with the fitted critic over that with the
@@ -675,7 +729,7 @@ def summary_markdown(toy_csv="figures/toy2d_results.csv", rl_csv="figures/rl_res
         lines += _toy_lines(toy_summary(long_csv, w=None, preset="long"), title, "long",
                             "best w of 0.5 / 1 / 2 per method and task")
     if convergence_csv is not None and Path(convergence_csv).exists():
-        current += _convergence_lines(convergence_csv)
+        current += _toy_glance_lines(convergence_csv) + _convergence_lines(convergence_csv)
     if convergence_critic_csv is not None and Path(convergence_critic_csv).exists():
         current += _critic_lines(convergence_critic_csv, convergence_csv)
     if plateau_csv is not None and Path(plateau_csv).exists():
