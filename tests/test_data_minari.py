@@ -191,7 +191,7 @@ def test_run_episodes_seeds_do_not_depend_on_parallelism():
     assert rec[-1].truncations[-1] or rec[-1].terminations[-1]
 
 
-def test_make_dataset_tiny_repeatable(minari_root, capsys, monkeypatch):
+def test_make_dataset_tiny_repeatable(minari_root, capsys, monkeypatch, tmp_path):
     pytest.importorskip("stable_baselines3")
     from aepo_lite.rl.datasets import DatasetRecipe, make_dataset
     from aepo_lite.rl.data import description_info
@@ -243,6 +243,19 @@ def test_make_dataset_tiny_repeatable(minari_root, capsys, monkeypatch):
         snapshot_noise_scores("t/hopper/random-v0")
     with pytest.raises(ValueError, match="noises"):
         snapshot_noise_scores("t/hopper/medium-v0", (-0.1,))
+    # a cached ladder other than the one that made the data (here: one snapshot evaluating otherwise) is refused,
+    # naming the setting, instead of lending the data's name to another policy; the same ladder copied passes
+    import json
+    import shutil
+    copy = tmp_path / "other_cache" / lad.name
+    shutil.copytree(lad, copy)
+    assert snapshot_noise_scores("t/hopper/medium-v0", (0.0,), episodes=3, policy_cache=copy.parent)[0] == at0
+    other = json.loads((copy / "ladder.json").read_text())
+    other["snapshots"][-1]["eval_return"] += 1.0
+    (copy / "ladder.json").write_text(json.dumps(other))
+    with pytest.raises(ValueError, match=f"policy_cache: the ladder in {copy} is not the one that made "
+                                         "t/hopper/medium-v0 .at step 200 "):
+        snapshot_noise_scores("t/hopper/medium-v0", (0.0,), episodes=3, policy_cache=copy.parent)
     # the oracle best-of-N: without noise every candidate is the snapshot's action, so any N replays the
     # deterministic policy's episodes (same reset seeds as snapshot_noise_scores')
     from aepo_lite.rl.datasets import snapshot_oracle_scores

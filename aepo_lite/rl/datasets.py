@@ -402,9 +402,29 @@ def _dataset_snapshot(name: str, which: str, policy_cache: Optional[Path]):
         raise ValueError(f"which: {name} is a {recipe.quality} dataset; its actions are not the {which} snapshot's")
     step = info[f"{which}_snapshot_step"]
     ladder_dir = train_policy_ladder(recipe, policy_cache, progress=False)
-    model = _load_snapshot(ladder_dir, next(x for x in read_json(ladder_dir / "ladder.json")["snapshots"]
-                                            if x["step"] == step))
+    snapshots = read_json(ladder_dir / "ladder.json")["snapshots"]
+    _check_same_ladder(name, info.get("ladder"), snapshots, ladder_dir)
+    model = _load_snapshot(ladder_dir, next(x for x in snapshots if x["step"] == step))
     return recipe, model, float(meta["ref_min_score"]), float(meta["ref_max_score"])
+
+
+def _check_same_ladder(name: str, recorded, snapshots: list[dict], ladder_dir: Path) -> None:
+    """Refuse a cached ladder other than the one that made dataset ``name``: its snapshots' evaluation returns must
+    be those the dataset recorded (``recorded``, its description's ``ladder``; datasets made before it was recorded
+    are not checked). A ladder trained again on another CPU, or one of another dataset's copy, has other snapshots
+    under the same recipe, and a policy read from it would not be the one that made the data."""
+    if not recorded:
+        return
+    mine = {int(x["step"]): float(x["eval_return"]) for x in snapshots}
+    theirs = {int(x["step"]): float(x["eval_return"]) for x in recorded}
+    differ = [s for s in sorted(theirs) if s not in mine or not np.isclose(mine[s], theirs[s], rtol=1e-9, atol=1e-9)]
+    if differ or set(mine) != set(theirs):
+        at = differ[0] if differ else min(set(mine) ^ set(theirs))
+        raise ValueError(
+            f"policy_cache: the ladder in {ladder_dir} is not the one that made {name} (at step {at} its snapshot "
+            f"evaluates to {mine.get(at, 'nothing')}, the dataset recorded {theirs.get(at, 'nothing')}); point "
+            "AEPO_POLICY_CACHE (or policy_cache) at the ladder made with the dataset: a ladder trained again, on "
+            "another CPU or for another copy, is another policy")
 
 
 def snapshot_noise_scores(name: str, noises=(0.0, 0.1, 0.2), episodes: int = 30, seed: int = 100_000,
