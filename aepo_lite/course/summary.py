@@ -35,6 +35,11 @@ def _method(row: dict) -> str:
     return "qgpo" if m == "cep" else m  # the toy grid's name for QGPO's contrastive energy before the rename
 
 
+def _toy_label(row: dict) -> str:
+    """A toy row's method as the summary names it: ``aepo[<estimator>]`` or the method."""
+    return _method(row) if _method(row) != "aepo" else f"aepo[{row.get('estimator', '')}]"
+
+
 def toy_summary(csv_path, beta: float = 10.0, w: float | None = 1.0, preset: str = "full") -> dict:
     """Per task at one beta, one preset and guidance scale ``w`` (None: each method's best scale on that task, an
     optimistic choice made on the evaluation itself, the same rule for every method): the mean distance (over
@@ -53,7 +58,7 @@ def toy_summary_rows(rows: list[dict], beta: float = 10.0, w: float | None = 1.0
             continue
         if w is not None and float(r["guidance_scale"]) != w and _method(r) != "bc":
             continue
-        label = _method(r) if _method(r) != "aepo" else f"aepo[{r.get('estimator', '')}]"
+        label = _toy_label(r)
         if r.get("critic") == "regression":
             label += " [fitted Q]"  # not the true reward: not a matched comparison
         cells[(r["task"], label)][float(r["guidance_scale"])].append(float(r["distance"]))
@@ -437,8 +442,7 @@ def _toy_glance_lines(csv_path) -> list[str]:
     seeds = {task: defaultdict(set) for task in toy}
     for r in at:
         if r["task"] in seeds:
-            lab = _method(r) if _method(r) != "aepo" else f"aepo[{r.get('estimator', '')}]"
-            seeds[r["task"]][lab].add(r["seed"])
+            seeds[r["task"]][_toy_label(r)].add(r["seed"])
     far, near = TOY_TARGET
     out = []
     for task, t in sorted(toy.items()):
