@@ -1,7 +1,10 @@
-"""Shared fixtures: random Gaussian behaviours and concave quadratic critics in float64."""
+"""Shared fixtures: random Gaussian behaviours and concave quadratic critics in float64; the scripts as modules."""
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -25,6 +28,16 @@ def make_problem(d: int, seed: int = 0, scale: float = 0.1):
     B = torch.randn(d, d, generator=g_, dtype=DT)
     H = B @ B.T / d
     return dict(m=m, S=S, c=0.25, g=g, H=H)
+
+
+def load_script(name: str):
+    """``scripts/<name>.py`` imported as a module (the scripts folder is not a package), registered in
+    ``sys.modules`` under ``name`` (dataclasses look their module up while a class is made)."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture

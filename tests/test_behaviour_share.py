@@ -2,23 +2,13 @@
 Its cell at the run's own settings must be part 5 itself, computed by the library for a trained run."""
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
 from aepo_lite.toy import pipeline as TT
 from aepo_lite.toy import trained_budget as TB
+from conftest import load_script
 
 SMALL = dict(n_data=2000, eval=dict(n_samples=400, n_ref_data=2000, pool_size=2000, grid_size=12))
-
-
-def _script():
-    spec = importlib.util.spec_from_file_location(
-        "behaviour_share", Path(__file__).resolve().parents[1] / "scripts" / "behaviour_share.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +22,7 @@ def run(tmp_path_factory):
 
 
 def test_the_run_s_own_cell_is_part_5_and_other_steps_move_it(run):
-    script = _script()
+    script = load_script("behaviour_share")
     cfg, tmp = run
     rows = script.share_rows("8gaussians", [150], [cfg.sampling.steps, 3], draws=2, seed=cfg.seed, preset="smoke",
                              beta=cfg.energy.beta, cache_dir=tmp / "cache", overrides=SMALL)
@@ -48,7 +38,7 @@ def test_the_run_s_own_cell_is_part_5_and_other_steps_move_it(run):
 
 
 def test_the_script_merges_rows_renders_the_table_and_names_bad_input(run, tmp_path, capsys, monkeypatch):
-    script = _script()
+    script = load_script("behaviour_share")
     cfg, tmp = run
     full = script.share_rows  # main() at the smoke preset and the small sizes the run fixture trained with
     monkeypatch.setattr(script, "share_rows", lambda *a, **k: full(*a, **{**k, "preset": "smoke", "overrides": SMALL}))

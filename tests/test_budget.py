@@ -12,6 +12,7 @@ from aepo_lite.core.schedule import VPSchedule
 from aepo_lite.toy import budget as B
 from aepo_lite.toy import tasks as toy
 from aepo_lite.training import StageStore
+from conftest import load_script
 
 DT = torch.float64
 
@@ -146,12 +147,7 @@ def test_budget_config_rejects_bad_values():
 
 
 def test_toy_budget_script_passes_its_sizes_and_refuses_bad_counts(monkeypatch, capsys):
-    import importlib.util
-    from pathlib import Path
-    spec = importlib.util.spec_from_file_location("toy_budget", Path(__file__).resolve().parents[1] / "scripts"
-                                                  / "toy_budget.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_script("toy_budget")
     got = {}
     monkeypatch.setattr(mod, "run_budget", lambda cfg, **kw: got.update(cfg=cfg, **kw))
     assert mod.main(["--tasks", "moons", "--n-ref-data", "10000", "--grid-size", "24", "--behaviour-steps", "1500",

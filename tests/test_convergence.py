@@ -14,6 +14,7 @@ from aepo_lite.toy import convergence as conv
 from aepo_lite.toy import pipeline as TT
 from aepo_lite.toy import tasks as toy
 from aepo_lite.toy import trained_budget as TB
+from conftest import load_script
 
 
 # ------------------------------------------------------------------------------ exact references
@@ -414,12 +415,7 @@ def test_floor_spread_sets_runs_against_their_seed_floor_and_the_expected_one(tm
 
 
 def test_refloor_restates_only_the_floor_column(tmp_path, monkeypatch):
-    import importlib.util
-    from pathlib import Path
-    spec = importlib.util.spec_from_file_location("floor_spread", Path(__file__).resolve().parents[1] / "scripts"
-                                                  / "floor_spread.py")
-    fs = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(fs)
+    fs = load_script("floor_spread")
     import aepo_lite.config as C
     monkeypatch.setitem(C.PRESETS["toy"], "smoke", dict(C.PRESETS["toy"]["smoke"], eval=dict(
         n_samples=300, pool_size=5000, n_projections=32)))

@@ -14,6 +14,7 @@ gym = pytest.importorskip("gymnasium")
 
 from aepo_lite.rl.data import from_episodes, load_minari  # noqa: E402
 from aepo_lite.rl.evaluation import normalized_score, reference_scores, run_episodes, summarize_returns  # noqa: E402
+from conftest import load_script
 
 
 
@@ -381,11 +382,7 @@ def test_make_dataset_tiny_repeatable(minari_root, capsys, monkeypatch, tmp_path
     with pytest.raises(ValueError, match="random dataset"):
         snapshot_oracle_scores("t/hopper/random-v0")
     # its script writes a CSV + table and, rerun, skips the rows it has
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("support_oracle", Path(__file__).resolve().parents[1] / "scripts"
-                                                  / "support_oracle.py")
-    so = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(so)
+    so = load_script("support_oracle")
     out = minari_root / "oracle.csv"
     args = ["--datasets", "t/hopper/medium-v0", "--candidates", "1", "2", "--horizon", "3", "--episodes", "1",
             "--out", str(out)]
@@ -762,14 +759,10 @@ def test_critic_against_exact_q_on_and_off_the_support(minari_root):
     with pytest.raises(ValueError, match="random dataset"):
         snapshot_q_errors("t/hopper/random-v0", exact, mu)
     # its script on a run trained on that dataset: a CSV row per group, rerun skips, a run without critic refused
-    import importlib.util
     from aepo_lite.rl.agent import make_config, train
     for m in ("aepo", "bc"):
         train(make_config("t/hopper/medium-v0", m, "smoke", seed=0), minari_root / m, progress=False)
-    spec = importlib.util.spec_from_file_location("critic_errors", Path(__file__).resolve().parents[1] / "scripts"
-                                                  / "critic_errors.py")
-    ce = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ce)
+    ce = load_script("critic_errors")
     out = minari_root / "critic.csv"
     args = ["--runs", str(minari_root / "aepo"), "--scales", "0", "--episodes", "1", "--probe-every", "5",
             "--horizon", "3", "--out", str(out)]
@@ -796,10 +789,7 @@ def test_critic_against_exact_q_on_and_off_the_support(minari_root):
     np.testing.assert_allclose(raw_q_fn(agent, data)(obs, acts) * 1000 / span, scaled, rtol=1e-5)
     # the budget script: the run's critic settings trained again by its critic stage reproduce its critic at the
     # run's step count (60, smoke); a variant; a rerun skips; bad input named
-    spec = importlib.util.spec_from_file_location("critic_budget", Path(__file__).resolve().parents[1] / "scripts"
-                                                  / "critic_budget.py")
-    cb = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cb)
+    cb = load_script("critic_budget")
     out, work = minari_root / "budget.csv", minari_root / "budget"
     args = ["--run", str(minari_root / "aepo"), "--scales", "0", "--episodes", "1", "--probe-every", "5", "--horizon",
             "3", "--steps", "30", "60", "--variants", "run", "hidden=16,expectile=0.5", "kind=mc", "--work", str(work),
@@ -834,10 +824,7 @@ def test_critic_against_exact_q_on_and_off_the_support(minari_root):
         cb.main(["--run", str(minari_root / "bc"), "--out", str(out)])
     # the seeds script: member 0 is the run's own critic, members 1.. trained with the stage's seed + m; a row per
     # number averaged and group; rerun unchanged; bad input named
-    spec = importlib.util.spec_from_file_location("critic_seeds", Path(__file__).resolve().parents[1] / "scripts"
-                                                  / "critic_seeds.py")
-    cs = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cs)
+    cs = load_script("critic_seeds")
     out = minari_root / "seeds.csv"
     args = ["--run", str(minari_root / "aepo"), "--scales", "0", "--episodes", "1", "--probe-every", "5", "--horizon",
             "3", "--members", "3", "--work", str(work), "--out", str(out)]
@@ -861,10 +848,7 @@ def test_critic_against_exact_q_on_and_off_the_support(minari_root):
         cs.main(["--run", str(minari_root / "bc"), "--out", str(out)])
     # the data script: the run's critic stage on nested episode subsets; all episodes reproduce the run's critic;
     # a larger dataset of the same recipe is accepted, another recipe's refused; bad input named
-    spec = importlib.util.spec_from_file_location("critic_data", Path(__file__).resolve().parents[1] / "scripts"
-                                                  / "critic_data.py")
-    cd = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cd)
+    cd = load_script("critic_data")
     E = data.n_episodes
     out = minari_root / "data.csv"
     args = ["--run", str(minari_root / "aepo"), "--scales", "0", "--episodes", "1", "--probe-every", "5", "--horizon",
@@ -947,10 +931,7 @@ def test_critic_against_exact_q_on_and_off_the_support(minari_root):
     assert [r["variant"] for r in small] == ["t/hopper/medium-v0:3:exact+2[hidden=16,depth=1]"] * 3
     assert [r["critic_adv"] for r in small] != [r["critic_adv"] for r in ex2]
     # the exact values' planes by state (scripts/exact_gradients.py), from the same caches: a row, skipped on a rerun
-    spec = importlib.util.spec_from_file_location("exact_gradients", Path(__file__).resolve().parents[1] / "scripts"
-                                                  / "exact_gradients.py")
-    eg = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(eg)
+    eg = load_script("exact_gradients")
     grads = ["--dataset", "t/hopper/medium-v0", "--train-episodes", "3", "--horizon", "3", "--work", str(work),
              "--out", str(minari_root / "grads.csv")]
     assert eg.main(grads) == 0
@@ -1018,10 +999,7 @@ def test_critic_against_exact_q_on_and_off_the_support(minari_root):
     with pytest.raises(SystemExit, match="no critic"):
         cd.main(["--run", str(minari_root / "bc"), "--train-episodes", "3", "--out", str(out)])
     # the spread script on the same runs, through the same per-run CSV loop: the data's row once, then a row per run
-    spec = importlib.util.spec_from_file_location("support_spread", Path(__file__).resolve().parents[1] / "scripts"
-                                                  / "support_spread.py")
-    ss = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ss)
+    ss = load_script("support_spread")
     out = minari_root / "spread.csv"
     args = ["--runs", str(minari_root / "aepo"), str(minari_root / "bc"), "--scales", "0", "--episodes", "1",
             "--out", str(out)]
@@ -1084,20 +1062,11 @@ def test_critic_seed_rows_against_closed_forms():
         critic_seed_rows(probes, [q_true, np.full_like(q_true, np.nan)])
 
 
-def _critic_data_script():
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("critic_data", Path(__file__).resolve().parents[1] / "scripts"
-                                                  / "critic_data.py")
-    cd = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cd)
-    return cd
-
-
 def test_within_state_fit_against_hand_orderings():
     """scripts/critic_data.py's within-state fit: a critic equal to the exact values up to a per-state offset orders
     every pair right with no centered error; the negated values order every pair wrong, with twice the spread as
     centered error."""
-    cd = _critic_data_script()
+    cd = load_script("critic_data")
     rng = np.random.default_rng(0)
     obs, acts, vals = rng.normal(size=(7, 3)), rng.normal(size=(7, 4, 2)), rng.normal(size=(7, 4))
     table = {(tuple(o), tuple(a)): v for o, aa, vv in zip(obs, acts, vals) for a, v in zip(aa, vv)}
@@ -1121,7 +1090,7 @@ def test_within_state_loss_is_the_regression_plus_the_centered_error():
     import torch
 
     from aepo_lite.config import CriticConfig
-    cd = _critic_data_script()
+    cd = load_script("critic_data")
     crit = cd.WithinStateCritic(3, 2, CriticConfig(hidden=8, depth=1), group=4, weight=5.0)
     g = torch.Generator().manual_seed(0)
     y = torch.randn(12, generator=g)

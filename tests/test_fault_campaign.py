@@ -3,22 +3,14 @@ subset of its cases run for real through the same code, each of which must be re
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import load_script
 
 
 @pytest.fixture(scope="module")
 def fc():
-    spec = importlib.util.spec_from_file_location("fault_campaign", ROOT / "scripts" / "fault_campaign.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["fault_campaign"] = mod  # dataclasses look their module up while the class is made
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("fault_campaign")
 
 
 TRACEBACK = """Traceback (most recent call last):

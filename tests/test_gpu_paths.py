@@ -19,6 +19,7 @@ from aepo_lite.core import aepo
 from aepo_lite.core.critics import IQLCritic, InSupportCritic
 from aepo_lite.core.nets import NoiseNet, TwinQ
 from aepo_lite.core.schedule import VPSchedule
+from conftest import load_script
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (scripts/gpu_check.sh runs it)")
 TOL = {torch.float32: 1e-6, torch.float64: 1e-10}
@@ -97,7 +98,7 @@ def test_posterior_covariance_matches_the_loop(jacobian_kind, dtype, B, d):
 def _old_twin(state_dim, action_dim, hidden, depth, activation, layer_norm):
     """The earlier TwinQ layout, two independent MLPs (the reference for old checkpoints), as the GPU-paths
     script times it."""
-    return _script("gpu_paths").OldTwinQ(state_dim, action_dim, hidden, depth, activation, layer_norm)
+    return load_script("gpu_paths").OldTwinQ(state_dim, action_dim, hidden, depth, activation, layer_norm)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -512,18 +513,8 @@ def test_bench_capture_option_cpu():
 
 
 # ----------------------------------------------------------------------------- 5. the check script (4: tests/test_stacked.py)
-def _script(name):
-    import importlib.util
-    from pathlib import Path
-    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_gpu_paths_script_runs_tiny():
-    gp = _script("gpu_paths")
+    gp = load_script("gpu_paths")
     lines = []
     res = gp.run("cpu", gp.PARTS, tiny=True, rounds=1, min_time=0.001, log=lines.append)
     assert set(res["parts"]) == set(gp.PARTS) and res["gpu"] is None
@@ -593,7 +584,7 @@ def test_gpu_check_skips_what_does_not_fit_its_budget(tmp_path):
 def test_seeds_timing_trains_every_seed_and_refuses_one():
     """scripts/seeds_timing.py: the synthetic dataset has the asked size and consistent rows; the timing runs (tiny)
     and reports both times; one seed alone is refused."""
-    st = _script("seeds_timing")
+    st = load_script("seeds_timing")
     data = st.synthetic_data(610, episode_len=250)
     assert data.n == 610 and data.obs_rows.shape[0] == 610 + 3 and data.timeouts.sum() == 3
     assert (data.next_idx == data.idx + 1).all() and data.episode_returns.sum() == pytest.approx(data.rewards.sum())
@@ -652,7 +643,7 @@ def test_bench_predict_adds_work_at_rates():
 
 def test_tf32_check_pairs_and_restores_the_flags():
     """scripts/tf32_check.py (run on a GPU by scripts/gpu_check.sh): its ratios, and the TF32 flags put back."""
-    tc = _script("tf32_check")
+    tc = load_script("tf32_check")
     rows = [dict(task="moons", method="qgpo", precision="fp32", err_mean=0.2, distance=0.05, seconds=10.0),
             dict(task="moons", method="qgpo", precision="tf32", err_mean=0.3, distance=0.04, seconds=5.0),
             dict(task="rings", method="qgpo", precision="fp32", err_mean=0.1, distance=0.02, seconds=1.0)]

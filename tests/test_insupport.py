@@ -13,7 +13,7 @@ from aepo_lite.core.aepo import EnergyLearner, aepo_target, insupport_target
 from aepo_lite.core.nets import EnergyNet
 from aepo_lite.toy import tasks as toy
 
-from conftest import DIMS, DT, TIMES
+from conftest import DIMS, DT, TIMES, load_script
 
 
 def _ab(schedule, t):
@@ -360,13 +360,8 @@ def test_mixture_bandwidth_script_reduces_to_the_particles_at_h_0(tmp_path, caps
     """scripts/mixture_bandwidth.py: at h = 0 the mixture target is the particle target (derivation 4b), so with
     the same draws its rows equal the particles' to rounding; a positive h moves them; bad K and h are named."""
     import csv
-    import importlib.util
-    from pathlib import Path
 
-    spec = importlib.util.spec_from_file_location("mixture_bandwidth", Path(__file__).resolve().parents[1] / "scripts"
-                                                  / "mixture_bandwidth.py")
-    mb = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mb)
+    mb = load_script("mixture_bandwidth")
     out = tmp_path / "mb.csv"
     assert mb.main(["--tasks", "moons", "--k", "8", "--bandwidths", "0", "0.05", "--n-ref-data", "400",
                     "--grid-size", "6", "--out", str(out)]) == 0

@@ -11,6 +11,7 @@ from aepo_lite.toy import pipeline as TT
 from aepo_lite.toy import plateau
 from aepo_lite.toy import tasks as toy
 from aepo_lite.toy import trained_budget as TB
+from conftest import load_script
 
 
 def test_cross_error_removes_the_noise_of_a_finite_average():
@@ -111,18 +112,8 @@ def test_plateau_refuses_what_it_cannot_measure(trained, tmp_path):
         plateau.rows(q, tmp / "cache")
 
 
-def _script(name: str):
-    """scripts/<name>.py, imported as a module (the scripts folder is not a package)."""
-    import importlib.util
-    from pathlib import Path
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    return script
-
-
 def test_the_script_writes_the_table_and_names_a_bad_run(trained, tmp_path, capsys):
-    script = _script("plateau_budget")
+    script = load_script("plateau_budget")
     cfg, tmp = trained
     args = ["--cache-dir", str(tmp / "cache"), "--csv", str(tmp_path / "p.csv")]
     assert script.main(["--runs", str(tmp_path), *args]) == 2
@@ -273,7 +264,7 @@ def test_band_distance_runs_from_the_exact_energy_to_the_run_itself(trained):
 
 
 def test_toy_bands_script_prints_each_band_and_names_bad_bands(trained, capsys):
-    script = _script("toy_bands")
+    script = load_script("toy_bands")
     cfg, tmp = trained
     args = ["--runs", str(tmp / "run"), "--cache-dir", str(tmp / "cache")]
     assert script.main([*args, "--bands", "0", "0.5", "1", "--threshold", "0"]) == 0
@@ -291,7 +282,7 @@ def test_toy_bands_script_prints_each_band_and_names_bad_bands(trained, capsys):
 def test_toy_bands_at_other_sampler_steps_and_on_a_run_without_an_energy(trained, tmp_path, capsys):
     """--sampler-steps draws each row again at those steps (the run's own count gives the plain call's numbers);
     a bc run on the same behaviour model has only the exact energy's row, and it is the AEPO run's exact row."""
-    script = _script("toy_bands")
+    script = load_script("toy_bands")
     cfg, tmp = trained
     args = ["--runs", str(tmp / "run"), "--cache-dir", str(tmp / "cache"), "--bands", "0", "1"]
     assert script.main(args) == 0

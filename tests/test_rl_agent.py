@@ -15,6 +15,7 @@ minari = pytest.importorskip("minari")
 from aepo_lite.config import CriticConfig  # noqa: E402
 
 from aepo_lite.core.critics import IQLCritic, InSupportCritic, MCCritic, expectile_loss, insupport_target  # noqa: E402
+from conftest import load_script
 
 DS = "t/hopper/medium-v0"
 
@@ -701,17 +702,6 @@ def test_energy_fit_stats_against_a_linear_critic_and_the_reference_itself(tiny,
         diagnostics.energy_fit_stats(smoke_runs["bc"])
 
 
-def _energy_fit_script():
-    """``scripts/energy_fit.py`` as a module (scripts are not a package)."""
-    import importlib.util
-    from pathlib import Path
-    spec = importlib.util.spec_from_file_location("energy_fit", Path(__file__).resolve().parents[1] / "scripts"
-                                                  / "energy_fit.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    return script
-
-
 def test_energy_fit_stats_around_the_runs_guided_action(tiny, smoke_runs, monkeypatch, tmp_path, capsys):
     """``around = w`` draws a_t around the run's own guided action at scale w (here a stand-in policy that always
     acts at 0.9): the a_t the energy is asked about then centre on alpha_t * 0.9; ``around = 0`` is the default
@@ -749,7 +739,7 @@ def test_energy_fit_stats_around_the_runs_guided_action(tiny, smoke_runs, monkey
     names = [ln.split(" | ")[1] for ln in table.splitlines()[2:6]]
     assert names == ["K-particle target (K = 4, K_ref = 16)", "K-particle target (K = 4, K_ref = 16) (a_t around w = 3)",
                      "m", "m (a_t around w = 3)"]
-    script = _energy_fit_script()
+    script = load_script("energy_fit")
     out, args = tmp_path / "fit.csv", ["--runs", str(run), "--times", "0.2", "--k-ref", "16", "--out"]
     script.main(args + [str(out)])
     script.main(args + [str(out), "--around-scale", "3"])  # not the rows the CSV holds: measured and added
@@ -827,7 +817,7 @@ def test_energy_fit_stats_measures_a_mixture_runs_own_target(tiny, smoke_runs, m
     assert lines == ["K-particle target (K = 4, K_ref = 16)", "target of m", "m"]
     assert wide["mix_value_spread"] > 0 and wide["mix_variance_spread"] > 0 and at0["mix_variance_spread"] == 0.0
     assert f"| d | m | 0 | {wide['mix_value_spread']:.2f} / {wide['mix_variance_spread']:.2f} |" in table
-    script = _energy_fit_script()
+    script = load_script("energy_fit")
     out = tmp_path / "energy_fit.csv"
     script.main(["--runs", str(smoke_runs["mse"]), "--times", "0.2", "--k-ref", "16", "--out", str(out)])
     first = out.read_text()
