@@ -432,7 +432,7 @@ def _toy_glance_lines(csv_path) -> list[str]:
     fitted critic and the seeds behind each row."""
     from aepo_lite.toy import convergence as conv
     rows = [r for r in conv.read_rows(csv_path) if r.get("critic", "reward") == "reward"]
-    budgets = {t: n for t, n in conv.converged_budgets(rows).items() if n is not None} if rows else {}
+    budgets = {t: n for t, n in conv.converged_budgets(rows).items() if n is not None}
     at = [dict(r, guidance_scale="1") for r in rows if int(r["energy_steps"]) == budgets.get(r["task"])]
     toy = toy_summary_rows(at, 10.0, 1.0, "full")
     if not toy:

@@ -417,9 +417,10 @@ def _check_same_ladder(name: str, recorded, snapshots: list[dict], ladder_dir: P
         return
     mine = {int(x["step"]): float(x["eval_return"]) for x in snapshots}
     theirs = {int(x["step"]): float(x["eval_return"]) for x in recorded}
-    differ = [s for s in sorted(theirs) if s not in mine or not np.isclose(mine[s], theirs[s], rtol=1e-9, atol=1e-9)]
-    if differ or set(mine) != set(theirs):
-        at = differ[0] if differ else min(set(mine) ^ set(theirs))
+    differ = sorted(s for s in mine.keys() | theirs.keys()
+                    if s not in mine or s not in theirs or not np.isclose(mine[s], theirs[s], rtol=1e-9, atol=1e-9))
+    if differ:
+        at = differ[0]
         raise ValueError(
             f"policy_cache: the ladder in {ladder_dir} is not the one that made {name} (at step {at} its snapshot "
             f"evaluates to {mine.get(at, 'nothing')}, the dataset recorded {theirs.get(at, 'nothing')}); point "

@@ -364,8 +364,8 @@ def mixture_bandwidth_stats(run_dir, bandwidths, times=FIT_TIMES, n: int = 256, 
 
 
 ENERGY_FIT_COLUMNS = ("dataset", "method", "seed", "t", "k", "k_ref", "around_w", "ref_grad", "target_agree",
-                      "target_rel_err", "energy_grad", "energy_agree", "energy_rel_err", "mix_target_agree", "mix_target_rel_err",
-                      "mix_value_spread", "mix_variance_spread")
+                      "target_rel_err", "energy_grad", "energy_agree", "energy_rel_err", "mix_target_agree",
+                      "mix_target_rel_err", "mix_value_spread", "mix_variance_spread")
 ENERGY_FIT_HEADER = ("# How well each trained energy's gradient follows E_t (the error budget's regression part)\n\n"
                      "At 256 dataset states and a_t = alpha_t a + sigma_t eps around a behaviour action: the gradient "
                      "in a_t of the trained f_phi, and of the particle target over the first K of those behaviour "
