@@ -605,6 +605,28 @@ def test_rl_glance_table_puts_each_method_at_its_best_scale_and_marks_the_defaul
     assert _rl_glance_lines(tmp_path / "missing.csv") == []
 
 
+def test_energy_or_critic_square_uses_the_seeds_all_four_cells_share(tmp_path):
+    """The 2 x 2 of energy by critic, by hand: each cell at its own best w over the seeds all four share (seeds 0
+    and 4, run by two cells only, would move every mean by 4 if they were counted), the energy's part and the
+    critic's part as differences of cells; a dataset missing a cell is left out."""
+    from aepo_lite.course.summary import _square_lines, default_aepo_label
+    lab = default_aepo_label("bench")
+    cells = {lab: ({1.0: 60, 3.0: 63}, range(5)), lab + "+insupport": ({3.0: 61, 10.0: 64}, (1, 2, 3)),
+             "qgpo+iql": ({1.0: 58}, (1, 2, 3)), "qgpo": ({1.0: 62, 3.0: 59}, range(5)), "bc": ({0.0: 50}, range(5))}
+    rows = [dict(dataset=d, method=m, seed=s, guidance_scale=w, return_mean=0, preset="bench",
+                 normalized_score=v + (10 if s in (0, 4) else s - 2))
+            for d in ("local/d1/m-v0", "local/d2/m-v0") for m, (by_w, seeds) in cells.items()
+            if not (d == "local/d2/m-v0" and m == "qgpo+iql") for w, v in by_w.items() for s in seeds]
+    rows.append(dict(rows[0], method="dataset", seed="", guidance_scale="", normalized_score=47.5))
+    _write(tmp_path / "r.csv", rows)
+    lines = _square_lines(tmp_path / "r.csv")
+    assert lines[0].startswith("**Energy or critic?**") and lines[1] == "" and lines[-1] == ""
+    assert [ln for ln in lines if ln.startswith("| local/")] == [
+        "| local/d1/m-v0 | 3 | 63.0 (w=3) | 64.0 (w=10) | 58.0 (w=1) | 62.0 (w=1) | +5.0 / +2.0 | +1.0 / +4.0 |"]
+    _write(tmp_path / "one.csv", [r for r in rows if r["method"] != "qgpo+iql"])
+    assert _square_lines(tmp_path / "one.csv") == []  # no dataset with all four cells: no table
+
+
 def test_gradient_line_sets_values_beside_gradients_and_the_distance_of_the_same_run(tmp_path, csvs):
     """The plateau CSV's gradient errors at t = 0.2, per task, sorted by gradient error, with the run's energy error
     in values and, where a convergence CSV has the very run (same critic budget, seed, energy steps), its distance

@@ -15,7 +15,8 @@ from aepo_lite._io import atomic_write_text
 from aepo_lite.config import PRESETS, ToyConfig
 from aepo_lite.rl.report import at_top_of_sweep
 
-__all__ = ["toy_summary", "toy_summary_rows", "rl_summary", "summary_markdown", "figures_summary", "update_readme"]
+__all__ = ["toy_summary", "toy_summary_rows", "rl_summary", "rl_summary_rows", "summary_markdown", "figures_summary",
+           "update_readme"]
 
 START, END = "<!-- summary:start -->", "<!-- summary:end -->"
 EARLIER = ("Earlier measurements: shorter toy budgets, the former RL critic and energy, the first RL round. "
@@ -90,9 +91,14 @@ def rl_summary(csv_path) -> dict:
     """Per dataset and preset: each method's best guidance scale (by its mean over seeds: an optimistic choice
     made on the evaluation itself, the same rule for every method) and that mean +- sample std over seeds;
     ``edge``: that scale is the largest of the several the method was swept at (the optimum may lie beyond)."""
+    return rl_summary_rows(_read(csv_path))
+
+
+def rl_summary_rows(rows: list[dict]) -> dict:
+    """:func:`rl_summary` of rows already read (a CSV's rows, or a subset of them)."""
     groups = defaultdict(lambda: defaultdict(list))
     dataset_score, settings = {}, {}
-    for r in _read(csv_path):
+    for r in rows:
         key = (r["dataset"], r["preset"])
         if r["method"] == "dataset":
             dataset_score[key] = float(r["normalized_score"]) if r["normalized_score"] else None
@@ -295,6 +301,41 @@ def _rl_glance_lines(rl_csv, heldout_csv=None) -> list[str]:
                                  if figure.exists() else "") + "):", "",
             "| dataset | seeds | data | BC | MSE | QGPO | AEPO Gaussian | AEPO default | default - BC | "
             "default - QGPO |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|", *rows, ""]
+
+
+INSUPPORT, IQL = "+insupport", "+iql"  # the suffixes of a row whose critic is swapped (rl.agent.estimator_label)
+
+
+def _square_lines(rl_csv) -> list[str]:
+    """Energy or critic? Where a dataset has the default AEPO energy and QGPO's CEP energy each trained with both
+    critics (the default's IQL and QGPO's in-support Q: configs/rl6c/big-energy-softmax-insupport.yaml and
+    big-energy-qgpo-iql.yaml), the four at their own best w on the seeds all four share, then the energy's part
+    (the default's energy minus CEP, with each critic) and the critic's part (the in-support Q minus IQL, with each
+    energy). A dataset missing a cell, or with no seed in all four, is left out."""
+    by_set = defaultdict(list)
+    for r in _read(rl_csv):
+        if r["method"] != "dataset":
+            by_set[(r["dataset"], r["preset"])].append(r)
+    rows = []
+    for (ds, preset), found in sorted(by_set.items()):
+        a = default_aepo_label(preset)
+        cells = (a, a + INSUPPORT, "qgpo" + IQL, "qgpo")  # (energy, critic): default/IQL, default/in-support, CEP/...
+        common = set.intersection(*({r["seed"] for r in found if r["method"] == m} for m in cells))
+        if not common:
+            continue
+        m = rl_summary_rows([r for r in found if r["method"] in cells and r["seed"] in common])[(ds, preset)]["methods"]
+        v = [m[c]["mean"] for c in cells]
+        rows.append(f"| {ds} | {len(common)} | " + " | ".join(f"{m[c]['mean']:.1f} (w={m[c]['w']:g})" for c in cells)
+                    + f" | {v[0] - v[2]:+.1f} / {v[1] - v[3]:+.1f} | {v[1] - v[0]:+.1f} / {v[3] - v[2]:+.1f} |")
+    if not rows:
+        return []
+    return ["**Energy or critic?** Where both energies were trained with both critics (the same runs' protocol "
+            "as above; each cell at its own best w, mean over the seeds all four share; energy's part: the default's "
+            "energy minus QGPO's CEP energy, with IQL / with the in-support Q; critic's part: the in-support Q minus "
+            "IQL, with the default's energy / with CEP):", "",
+            "| dataset | seeds | default energy, IQL (the default) | default energy, in-support Q | CEP, IQL | "
+            "CEP, in-support Q (QGPO) | energy's part | critic's part |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|", *rows, ""]
 
 
 def _oracle_lines(oracle_csv, rl_csv) -> list[str]:
@@ -752,7 +793,7 @@ def summary_markdown(toy_csv="figures/toy2d_results.csv", rl_csv="figures/rl_res
                                     then=SQUARED_THEN)
     if rl_big_csv is not None and Path(rl_big_csv).exists():
         held = rl_heldout_big_csv if rl_heldout_big_csv is not None and Path(rl_heldout_big_csv).exists() else None
-        current += _rl_glance_lines(rl_big_csv, held)
+        current += _rl_glance_lines(rl_big_csv, held) + _square_lines(rl_big_csv)
         current += _rl_protocol_lines(rl_big_csv, BIG_TITLE, target_title=f"Offline RL target, {BIG_ENERGY}")
     if oracle_csv is not None and Path(oracle_csv).exists() and rl_big_csv is not None and Path(rl_big_csv).exists():
         current += _oracle_lines(oracle_csv, rl_big_csv)
