@@ -313,7 +313,9 @@ else:
 #   where the default reaches BC + 5, BC + 0.7 to + 3.9 on the committed set and the other three draws, where the
 #   default lands above it or within 0.1 of it (`docs/results.md`, "Is Hopper medium's miss the recipe's", "Energy
 #   or critic?", "Draws A, N and C" and "Why BC + 5 on draw A").
-# - The one loss to QGPO is Pusher replay, 86.4 against 87.4, within the seeds' spread (2.5 and 1.1).
+# - The one loss to QGPO is Pusher replay, 86.4 against 87.4, within the seeds' spread (2.5 and 1.1). It is QGPO's
+#   critic's: given QGPO's in-support critic the default's energy scores 87.6, and QGPO's energy given IQL 86.5
+#   (3 seeds; the summary's "Energy or critic?" table, `docs/results.md`, "Pusher replay: energy or critic?").
 # - On Reacher, kept for checks nothing was tuned on: the default 80.0, QGPO 75.9, behaviour cloning 32.4 (3 seeds).
 # - The paper-style Gaussian target, as we implement it, scores below behaviour cloning on 3 of these 7 datasets;
 #   its trained energy's gradient points no better than chance on 5 of 6 (`figures/rl_6c_ln/energy_fit.md`).

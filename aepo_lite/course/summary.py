@@ -332,7 +332,7 @@ def _square_lines(rl_csv) -> list[str]:
     return ["**Energy or critic?** Where both energies were trained with both critics (the same runs' protocol "
             "as above; each cell at its own best w, mean over the seeds all four share; energy's part: the default's "
             "energy minus QGPO's CEP energy, with IQL / with the in-support Q; critic's part: the in-support Q minus "
-            "IQL, with the default's energy / with CEP):", "",
+            "IQL, with the default's energy / with CEP; differences of the unrounded means):", "",
             "| dataset | seeds | default energy, IQL (the default) | default energy, in-support Q | CEP, IQL | "
             "CEP, in-support Q (QGPO) | energy's part | critic's part |",
             "|---|---:|---:|---:|---:|---:|---:|---:|", *rows, ""]
