@@ -303,7 +303,14 @@ def _rl_glance_lines(rl_csv, heldout_csv=None) -> list[str]:
             "default - QGPO |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|", *rows, ""]
 
 
-INSUPPORT, IQL = "+insupport", "+iql"  # the suffixes of a row whose critic is swapped (rl.agent.estimator_label)
+def _critic_label(preset: str, method: str, kind: str) -> str:
+    """The row label of ``method`` at ``preset`` trained with the critic ``kind`` (``iql`` | ``insupport``): the
+    preset's default row label, with the critic named where it is not the method's own (never typed)."""
+    from aepo_lite.config import TrainConfig, preset_config
+    from aepo_lite.rl.agent import estimator_label
+    cfg = preset_config(TrainConfig, preset, method=method)
+    cfg.critic.kind = kind
+    return estimator_label(cfg)
 
 
 def _square_lines(rl_csv) -> list[str]:
@@ -318,8 +325,8 @@ def _square_lines(rl_csv) -> list[str]:
             by_set[(r["dataset"], r["preset"])].append(r)
     rows = []
     for (ds, preset), found in sorted(by_set.items()):
-        a = default_aepo_label(preset)
-        cells = (a, a + INSUPPORT, "qgpo" + IQL, "qgpo")  # (energy, critic): default/IQL, default/in-support, CEP/...
+        cells = tuple(_critic_label(preset, m, k) for m, k in  # (energy, critic) in the table's column order
+                      (("aepo", "iql"), ("aepo", "insupport"), ("qgpo", "iql"), ("qgpo", "insupport")))
         common = set.intersection(*({r["seed"] for r in found if r["method"] == m} for m in cells))
         if not common:
             continue
