@@ -2,7 +2,7 @@
 # Set up the project on a fresh machine (Python >= 3.11, no virtual environment yet) and run one job.
 #
 #   bash scripts/setup.sh run    # the main job: closed-form checks + guided-sampling demo -> figures/
-#   bash scripts/setup.sh test   # the whole test suite, notebooks and browser test included
+#   bash scripts/setup.sh test   # the whole test suite, notebooks and browser test included, a worker a core
 #   bash scripts/setup.sh lab    # open the course in JupyterLab
 #
 # The Makefile targets `make run`, `make test` and `make lab` call this script.
@@ -51,7 +51,9 @@ case "$job" in
     ;;
   test)
     export AEPO_SCALE="${AEPO_SCALE:-smoke}"
-    python -m pytest -q
+    # One pytest worker a core (AEPO_TEST_WORKERS=0: none, in this process); tests that share a
+    # cache run on one worker, in order (xdist_group in tests/conftest.py).
+    python -m pytest -q -n "${AEPO_TEST_WORKERS:-auto}" --dist loadgroup
     ;;
   lab)
     aepo-lite lab

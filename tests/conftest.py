@@ -46,7 +46,20 @@ def schedule():
     return VPSchedule()
 
 
+# Files whose module-scoped fixtures train or measure something: under pytest-xdist (`make test` runs
+# a worker a core, --dist loadgroup) each file stays on one worker, so its fixture is built once.
+ONE_WORKER_FILES = ("test_behaviour_share.py", "test_bench.py", "test_plateau.py", "test_rl_agent.py")
+
+
 def pytest_collection_modifyitems(config, items):
     """Run the browser test last: notebook 2's training stages are then cached by the notebook
-    test, and the browser test measures the browser, not the training."""
+    test, and the browser test measures the browser, not the training. Under pytest-xdist the two
+    share a group (one worker, this order), and each file of ONE_WORKER_FILES is a group of its own."""
     items.sort(key=lambda item: "test_browser.py" in str(item.fspath))
+    for item in items:
+        name = Path(str(item.fspath)).name
+        if name == "test_browser.py" or (item.originalname == "test_notebook_executes_at_smoke_scale"
+                                         and "02_" in item.name):
+            item.add_marker(pytest.mark.xdist_group("toy_cache"))
+        elif name in ONE_WORKER_FILES:
+            item.add_marker(pytest.mark.xdist_group(name))
