@@ -395,7 +395,9 @@ else:
 #     critic does rank, the same measure gives 0.63 between consecutive states against 0.27 for random pairs (a
 #     one-dimensional action: a cosine is a sign there).
 #   - **What else was tried.** QGPO's in-support critic does not lift AEPO on Hopper medium (62.8 at best, w = 3,
-#     seeds 5-7; on the two Pusher sets it lifts the default by 1.3 and 0.9, 3 seeds each, inside the seeds' spread),
+#     seeds 5-7; on the two Pusher sets it lifts the default by 1.3 and 0.9, 3 seeds each, inside the seeds' spread;
+#     on InvertedDoublePendulum by 21.0, 88.4 against 67.4 at w = 1 on seeds 0-2, stds 14 and 32: the summary's
+#     "Energy or critic?" table; not yet measured on the HalfCheetah and Hopper replay sets, so IQL stays the default),
 #     nor does section 4b's mixture posterior in place of the particles (63.4 at best, w = 3, seeds 0-4;
 #     at w = 10 level with them on four seeds and 20.8 on the fifth). On InvertedDoublePendulum the mixture fails
 #     outright (10.5 at best, BC + 0.3, against the particles' 67.4): with the bandwidth chosen on the toy tasks (h =
