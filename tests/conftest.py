@@ -57,7 +57,7 @@ def pytest_collection_modifyitems(config, items):
     share a group (one worker, this order), and each file of ONE_WORKER_FILES is a group of its own."""
     items.sort(key=lambda item: "test_browser.py" in str(item.fspath))
     for item in items:
-        name = Path(str(item.fspath)).name
+        name = item.path.name
         if name == "test_browser.py" or (item.originalname == "test_notebook_executes_at_smoke_scale"
                                          and "02_" in item.name):
             item.add_marker(pytest.mark.xdist_group("toy_cache"))
