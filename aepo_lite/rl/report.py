@@ -452,7 +452,8 @@ def render(csv_path, figures_dir) -> list[Path]:
             if r["method"] not in ("dataset", "bc"):
                 names.setdefault(_panel_name(r, many), len(names))
     palette = ([f"C{i}" for i in range(10) if i != 7] if len(names) <= 9  # C7 (grey) is BC's
-               else [plt.get_cmap("tab20")(i) for i in range(20) if i not in (14, 15)])  # tab20's greys: 14, 15
+               else [plt.get_cmap("tab20")(i) for i in range(20) if i not in (14, 15)]  # tab20's greys: 14, 15
+               + [plt.get_cmap("tab20b")(i) for i in range(20)])  # 38 distinct before any repeats
     colour = {n: palette[i % len(palette)] for n, i in names.items()}
     handles: dict = {}
     for ax, (ds, preset, rs, many) in zip(axes.flat, panels):
