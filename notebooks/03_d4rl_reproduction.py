@@ -395,7 +395,7 @@ else:
 #     critic does rank, the same measure gives 0.63 between consecutive states against 0.27 for random pairs (a
 #     one-dimensional action: a cosine is a sign there).
 #   - **What else was tried.** QGPO's in-support critic does not lift AEPO on Hopper medium (62.8 at best, w = 3,
-#     seeds 5-7; on the two Pusher sets it lifts the default by 1.3 and 0.9, 3 seeds each, inside the seeds' spread;
+#     seeds 5-7, where all four energy x critic cells lie within 0.4 of each other; on the two Pusher sets it lifts the default by 1.3 and 0.9, 3 seeds each, inside the seeds' spread;
 #     on InvertedDoublePendulum by 21.0, 88.4 against 67.4 at w = 1 on seeds 0-2, stds 14 and 32: the summary's
 #     "Energy or critic?" table; on HalfCheetah replay by 2.9, while on Hopper replay it lowers the default to 47.9
 #     against IQL's 72.4, every seed lower at every w from 0.3 to 10, and QGPO's energy given IQL scores 75.6 there,
