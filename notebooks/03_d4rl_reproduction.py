@@ -395,13 +395,14 @@ else:
 #     critic does rank, the same measure gives 0.63 between consecutive states against 0.27 for random pairs (a
 #     one-dimensional action: a cosine is a sign there).
 #   - **What else was tried.** QGPO's in-support critic does not lift AEPO on Hopper medium (62.8 at best, w = 3,
-#     seeds 5-7, where all four energy x critic cells lie within 0.4 of each other; on the two Pusher sets it lifts the default by 1.3 and 0.9, 3 seeds each, inside the seeds' spread;
-#     on InvertedDoublePendulum by 21.0, 88.4 against 67.4 at w = 1 on seeds 0-2, stds 14 and 32: the summary's
-#     "Energy or critic?" table; on HalfCheetah replay by 2.9, while on Hopper replay it lowers the default to 47.9
-#     against IQL's 72.4, every seed lower at every w from 0.3 to 10, and QGPO's energy given IQL scores 75.6 there,
-#     so the default's lead over QGPO on Hopper replay is IQL's: over the six sets the two critics tie, 78.9 against
-#     78.7, and on the held-out Reacher, 79.7 against 80.0, so IQL stays the default; a rule declared before the six
-#     sets' runs read "switch" by that 0.24, and docs/results.md says why we did not follow it),
+#     seeds 5-7, where all four energy x critic cells lie within 0.4 of each other; on the two Pusher sets it lifts
+#     the default by 1.3 and 0.9, 3 seeds each, inside the seeds' spread; on InvertedDoublePendulum by 21.0, 88.4
+#     against 67.4 at w = 1 on seeds 0-2, stds 14 and 32: the summary's "Energy or critic?" table; on HalfCheetah
+#     replay by 2.9, while on Hopper replay it lowers the default to 47.9 against IQL's 72.4, every seed lower at
+#     every w from 0.3 to 10, and QGPO's energy given IQL scores 75.6 there, so the default's lead over QGPO on Hopper
+#     replay is IQL's: over the six sets the two critics tie, 78.9 against 78.7, and on the held-out Reacher, 79.7
+#     against 80.0, so IQL stays the default; a rule declared before the six sets' runs read "switch" by that 0.24,
+#     and docs/results.md says why we did not follow it),
 #     nor does section 4b's mixture posterior in place of the particles (63.4 at best, w = 3, seeds 0-4;
 #     at w = 10 level with them on four seeds and 20.8 on the fifth). On InvertedDoublePendulum the mixture fails
 #     outright (10.5 at best, BC + 0.3, against the particles' 67.4): with the bandwidth chosen on the toy tasks (h =
