@@ -300,9 +300,10 @@ def test_make_dataset_tiny_repeatable(minari_root, capsys, monkeypatch, tmp_path
         m.setattr(dsm, "rollout_returns", recording)
         for ep in range(3):
             promised.clear(), taken.clear()
+            bar = _StepCounter()
             ret, t = dsm._sequence_episode(env, scratch, mu_med, 4, 100_000 + ep, np.random.default_rng(ep), 0.1,
-                                           1000, 1.0)
-            assert t == len(taken) == len(promised) and ret == pytest.approx(sum(taken))
+                                           1000, 1.0, bar)
+            assert t == len(taken) == len(promised) == bar.n and ret == pytest.approx(sum(taken))
             assert ret >= max(promised) - 1e-6 and ret == pytest.approx(promised[-1])
     # the step search scoring each candidate by the mean of M rollouts: draw m's continuation noise the same for
     # every candidate and another for each draw, the action taken the candidate of the largest mean
@@ -320,9 +321,10 @@ def test_make_dataset_tiny_repeatable(minari_root, capsys, monkeypatch, tmp_path
     env2.step = acting
     with monkeypatch.context() as m:
         m.setattr(dsm, "rollout_returns", scored)
+        bar = _StepCounter()
         ret, t = dsm._oracle_episode(env2, scratch6, mu_med, 3, 100_000, np.random.default_rng(0), 0.1, 0.1, 6, 1.0,
-                                     draws=2)
-    assert len(calls) == len(acted) == t > 0
+                                     draws=2, bar=bar)
+    assert len(calls) == len(acted) == t == bar.n > 0  # the progress bar advances once a step taken
     for (first, z, g), a in zip(calls, acted):
         assert first.shape == (6, 3) and np.array_equal(first[0::2], first[1::2])
         assert np.array_equal(z[0::2], np.tile(z[0], (3, 1, 1))) and np.array_equal(z[1::2], np.tile(z[1], (3, 1, 1)))
@@ -449,6 +451,14 @@ def test_make_dataset_tiny_repeatable(minari_root, capsys, monkeypatch, tmp_path
         snapshot_action_spread("t/hopper/medium-v0", {"snapshot": mu}, episodes=0)
     with pytest.raises(ValueError, match="random dataset"):
         snapshot_action_spread("t/hopper/random-v0", {"snapshot": mu})
+
+
+class _StepCounter:
+    """Stands in for a tqdm bar: counts its updates."""
+    n = 0
+
+    def update(self, k: int = 1) -> None:
+        self.n += k
 
 
 def _replayed_return(env_id: str, seed: int, prefix, first, policy, steps: int, gamma: float):

@@ -606,9 +606,10 @@ def _mujoco_envs(name: str, env_id: str, n: int, seed: int, what: str):
 
 
 def _oracle_episode(env, scratch, mean_action, n: int, reset_seed: int, rng, noise: float, continuation_noise: float,
-                    horizon: int, gamma: float, draws: int = 1) -> tuple[float, int]:
+                    horizon: int, gamma: float, draws: int = 1, bar=None) -> tuple[float, int]:
     """One episode of :func:`snapshot_oracle_scores`' best-of-``n`` policy: (its return, its length). Each candidate
-    is scored by the mean of ``draws`` rollouts, draw m's continuation noise the same for every candidate."""
+    is scored by the mean of ``draws`` rollouts, draw m's continuation noise the same for every candidate. ``bar``:
+    a progress bar advanced once a step (or None)."""
     low, high = env.action_space.low, env.action_space.high
     limit = env.spec.max_episode_steps or 10**9
     obs, _ = env.reset(seed=reset_seed)
@@ -625,11 +626,13 @@ def _oracle_episode(env, scratch, mean_action, n: int, reset_seed: int, rng, noi
             first = first[[int(np.argmax(g))]]
         obs, r, terminated, truncated, _ = env.step(first[0])
         ret, t, done = ret + float(r), t + 1, terminated or truncated
+        if bar is not None:
+            bar.update(1)
     return ret, t
 
 
 def _sequence_episode(env, scratch, mean_action, n: int, reset_seed: int, rng, noise: float, horizon: int,
-                      gamma: float) -> tuple[float, int]:
+                      gamma: float, bar=None) -> tuple[float, int]:
     """One episode of :func:`snapshot_oracle_scores`' sequence search: at every step n whole trajectories of the
     data's policy (the snapshot plus noise of std ``noise`` at each of ``horizon`` steps, each candidate its own
     draws) are rolled out from the current state, the best one's first action is taken, and the rest of its draws is
@@ -651,6 +654,8 @@ def _sequence_episode(env, scratch, mean_action, n: int, reset_seed: int, rng, n
         kept = z[best, 1:]
         obs, r, terminated, truncated, _ = env.step(np.clip(a0 + z[best, 0], low, high))
         ret, t, done = ret + float(r), t + 1, terminated or truncated
+        if bar is not None:
+            bar.update(1)
     return ret, t
 
 
@@ -743,11 +748,16 @@ def snapshot_oracle_scores(name: str, candidates=(1, 4, 16), horizon: int = 1000
             for ep in tqdm(range(first_episode, first_episode + episodes), desc=f"oracle best of {n} ({search})",
                            disable=not progress, leave=False):
                 rng = np.random.default_rng([seed, n, ep])
-                if search == "sequence":
-                    ret, t = _sequence_episode(env, scratch, mean_action, n, seed + ep, rng, noise, horizon, gamma)
-                else:
-                    ret, t = _oracle_episode(env, scratch, mean_action, n, seed + ep, rng, noise, continuation_noise,
-                                             horizon, gamma, continuation_draws)
+                # an episode of a large N runs for an hour on a CPU core: its steps get a bar of their own (the
+                # episode ends at a fall or the time limit, so the total is the limit)
+                with tqdm(total=env.spec.max_episode_steps, desc=f"episode {ep}: steps", unit="step",
+                          disable=not progress, leave=False) as bar:
+                    if search == "sequence":
+                        ret, t = _sequence_episode(env, scratch, mean_action, n, seed + ep, rng, noise, horizon, gamma,
+                                                   bar)
+                    else:
+                        ret, t = _oracle_episode(env, scratch, mean_action, n, seed + ep, rng, noise,
+                                                 continuation_noise, horizon, gamma, continuation_draws, bar)
                 rets.append(ret)
                 lens.append(t)
             ret = np.array(rets)
