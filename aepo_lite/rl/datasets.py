@@ -662,6 +662,14 @@ def _sequence_episode(env, scratch, mean_action, n: int, reset_seed: int, rng, n
 ORACLE_SEARCHES = ("step", "sequence")
 
 
+def _episode_bar(env, ep: int, progress: bool):
+    """A progress bar over episode ``ep``'s steps (an oracle episode of a large N runs for an hour or more on a CPU
+    core); its total is the time limit, since the episode may end earlier at a fall."""
+    from tqdm.auto import tqdm
+    return tqdm(total=env.spec.max_episode_steps, desc=f"episode {ep}: steps", unit="step", disable=not progress,
+                leave=False)
+
+
 def _check_continuation(search: str, continuation_noise: float, continuation_draws: int) -> None:
     """:func:`snapshot_oracle_scores`' search and continuation arguments, each error naming its argument."""
     if not (np.isfinite(continuation_noise) and continuation_noise >= 0):
@@ -748,10 +756,7 @@ def snapshot_oracle_scores(name: str, candidates=(1, 4, 16), horizon: int = 1000
             for ep in tqdm(range(first_episode, first_episode + episodes), desc=f"oracle best of {n} ({search})",
                            disable=not progress, leave=False):
                 rng = np.random.default_rng([seed, n, ep])
-                # an episode of a large N runs for an hour on a CPU core: its steps get a bar of their own (the
-                # episode ends at a fall or the time limit, so the total is the limit)
-                with tqdm(total=env.spec.max_episode_steps, desc=f"episode {ep}: steps", unit="step",
-                          disable=not progress, leave=False) as bar:
+                with _episode_bar(env, ep, progress) as bar:
                     if search == "sequence":
                         ret, t = _sequence_episode(env, scratch, mean_action, n, seed + ep, rng, noise, horizon, gamma,
                                                    bar)
