@@ -15,6 +15,9 @@ joined are the row one process would have written), each part into its own CSV, 
     python scripts/support_oracle.py ... --episodes 1 --first-episode 0 --out part0.csv   # one process
     python scripts/support_oracle.py ... --episodes 1 --first-episode 1 --out part1.csv   # another
     python scripts/support_oracle.py --add part0.csv part1.csv --out figures/rl_6c_ln/support_oracle.csv
+
+Each episode is saved after every step (``--resume-dir``, by default a hidden folder beside ``--out``), so a killed
+run, started again with the same arguments, resumes at the step it reached.
 """
 from __future__ import annotations
 
@@ -75,6 +78,9 @@ def main(argv=None) -> int:
                         "data's policy, replanned each step (continuation noise: the candidates' noise)")
     p.add_argument("--which", default="medium", choices=("medium", "expert"), help="the recipe's snapshot")
     p.add_argument("--out", required=True, help="the CSV to write (its .md table is written beside it)")
+    p.add_argument("--resume-dir", default=None,
+                   help="where each episode is saved after every step, for a killed run to resume (default: "
+                        ".<out's name>.steps beside --out)")
     a = p.parse_args(argv)
     if not a.datasets and not a.add:
         p.error("--datasets: expected at least one dataset (or --add CSV ... alone, to join parts)")
@@ -92,6 +98,7 @@ def main(argv=None) -> int:
         rows = join_oracle_parts(_add(existing_rows(a.out), a.add))
     except ValueError as e:
         p.error(f"--{e}")
+    steps = Path(a.resume_dir) if a.resume_dir else Path(a.out).with_name(f".{Path(a.out).stem}.steps")
     for d in a.datasets:
         noise = _data_noise(d) if a.noise is None else a.noise
         cont = noise if a.search == "sequence" else a.continuation_noise
@@ -106,7 +113,8 @@ def main(argv=None) -> int:
             (r,) = snapshot_oracle_scores(d, (n,), horizon=a.horizon, episodes=a.episodes, noise=noise,
                                           continuation_noise=0.0 if a.search == "sequence" else cont,
                                           gamma=a.gamma, search=a.search, continuation_draws=a.continuation_draws,
-                                          which=a.which, progress=True, first_episode=a.first_episode)
+                                          which=a.which, progress=True, first_episode=a.first_episode,
+                                          resume_dir=steps)
             r["episode_scores"] = " ".join(f"{v:.6f}" for v in r["episode_scores"])
             rows = join_oracle_parts(rows + [{"dataset": d, "snapshot": a.which, **r}])
             print(f"{d} {a.search} N={n} horizon={a.horizon} gamma={a.gamma:g} continuation noise={cont:g} x {a.continuation_draws}: score {r['score_mean']:.1f} +- {r['score_std']:.1f} "

@@ -270,6 +270,18 @@ def test_make_dataset_tiny_repeatable(minari_root, capsys, monkeypatch, tmp_path
     parts = [dict(snapshot_oracle_scores("t/hopper/medium-v0", (2,), horizon=4, episodes=1, first_episode=i)[0],
                   dataset="t/hopper/medium-v0", snapshot="medium") for i in (0, 1)]
     assert [p["episode_scores"] for p in parts] == [w2["episode_scores"][:1], w2["episode_scores"][1:]]
+    # saved after every step to resume_dir, one file an episode named by the row's settings: the same row, and a
+    # rerun replays both episodes without searching (another N or noise is another file)
+    steps = tmp_path / "oracle_steps"
+    assert snapshot_oracle_scores("t/hopper/medium-v0", (2,), horizon=4, episodes=2,
+                                  resume_dir=steps)[0]["episode_scores"] == w2["episode_scores"]
+    assert sorted(f.name[-8:] for f in steps.iterdir()) == ["ep0.json", "ep1.json"]
+    with monkeypatch.context() as m:
+        m.setattr("aepo_lite.rl.datasets.rollout_returns", None)  # a search would call it
+        assert snapshot_oracle_scores("t/hopper/medium-v0", (2,), horizon=4, episodes=2,
+                                      resume_dir=steps)[0]["episode_scores"] == w2["episode_scores"]
+    snapshot_oracle_scores("t/hopper/medium-v0", (2,), horizon=4, episodes=1, noise=0.2, resume_dir=steps)
+    assert len(list(steps.iterdir())) == 3
     assert parts[1]["first_episode"] == 1 and parts[1]["episode_scores"] != parts[0]["episode_scores"]
     (j,) = join_oracle_parts([{**q, "episode_scores": " ".join(map(repr, q["episode_scores"]))} for q in parts])
     for k in ("score_mean", "score_std", "return_mean", "length_mean"):
@@ -330,6 +342,33 @@ def test_make_dataset_tiny_repeatable(minari_root, capsys, monkeypatch, tmp_path
         assert np.array_equal(z[0::2], np.tile(z[0], (3, 1, 1))) and np.array_equal(z[1::2], np.tile(z[1], (3, 1, 1)))
         assert not np.array_equal(z[0], z[1])
         np.testing.assert_array_equal(a, first[2 * int(np.argmax(g.reshape(3, 2).mean(1)))])
+    # a killed episode resumes at the step it reached (both searches): stopped after 3 steps and started again with
+    # its checkpoint, it returns exactly what an uninterrupted episode returns, searching only the steps left; a
+    # finished episode replays without a search; a file whose actions do not replay to its observation is refused
+    ck = tmp_path / "steps" / "ep.json"
+    plays = [lambda bar, c: dsm._oracle_episode(env2, scratch6, mu_med, 3, 100_000, np.random.default_rng(0), 0.1,
+                                                0.1, 6, 1.0, draws=2, bar=bar, ckpt=c),
+             lambda bar, c: dsm._sequence_episode(env2, scratch6, mu_med, 3, 100_001, np.random.default_rng(1), 0.1, 6,
+                                                  1.0, bar, c)]
+    for play in plays:
+        ck.unlink(missing_ok=True)
+        whole = play(None, None)
+        assert whole[1] > 4 and not ck.exists()
+        with pytest.raises(KeyboardInterrupt):
+            play(_Interrupt(3), dsm._EpisodeCheckpoint(ck))
+        assert len(json.loads(ck.read_text())["actions"]) == 3
+        for left in (whole[1] - 3, 0):
+            calls.clear()
+            with monkeypatch.context() as m:
+                m.setattr(dsm, "rollout_returns", scored)
+                bar = _StepCounter()
+                assert play(bar, dsm._EpisodeCheckpoint(ck)) == whole
+            assert len(calls) == left and bar.n == whole[1]
+        saved = json.loads(ck.read_text())
+        saved["obs"][0] += 1e-9
+        ck.write_text(json.dumps(saved))
+        with pytest.raises(ValueError, match="resume_dir: replaying the .* actions saved in .* does not reach"):
+            play(None, dsm._EpisodeCheckpoint(ck))
     with pytest.raises(ValueError, match="continuation_draws"):
         snapshot_oracle_scores("t/hopper/medium-v0", (2,), episodes=1, continuation_draws=2)  # no continuation noise
     # exact values of arbitrary (observation, action) pairs, the physics rebuilt from the observation, against an
@@ -393,6 +432,7 @@ def test_make_dataset_tiny_repeatable(minari_root, capsys, monkeypatch, tmp_path
     assert len(first.strip().splitlines()) == 3 and "| t/hopper/medium-v0 | medium | step | 0.1 (0.1) | 2 | 3 |" in \
         out.with_suffix(".md").read_text()
     assert so.main(args) == 0 and out.read_text() == first
+    assert len(list((minari_root / ".oracle.steps").iterdir())) == 2  # each row's episode saved beside --out
     assert "skip t/hopper/medium-v0 step N=2" in capsys.readouterr().out
     # the sequence search is another row (continuation noise: the candidates' own, the data's 0.1), skipped on a rerun
     assert so.main(args[:-2] + ["--search", "sequence", "--out", str(out)]) == 0
@@ -459,6 +499,18 @@ class _StepCounter:
 
     def update(self, k: int = 1) -> None:
         self.n += k
+
+
+class _Interrupt(_StepCounter):
+    """A progress bar that stops its run (as Ctrl-C does) once ``at`` steps are counted."""
+
+    def __init__(self, at: int):
+        self.at = at
+
+    def update(self, k: int = 1) -> None:
+        super().update(k)
+        if self.n >= self.at:
+            raise KeyboardInterrupt
 
 
 def _replayed_return(env_id: str, seed: int, prefix, first, policy, steps: int, gamma: float):

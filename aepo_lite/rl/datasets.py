@@ -605,15 +605,66 @@ def _mujoco_envs(name: str, env_id: str, n: int, seed: int, what: str):
     return env, scratch
 
 
+class _EpisodeCheckpoint:
+    """One oracle episode's progress, written atomically after every step so that a killed run resumes at the step
+    it reached: the actions taken, the candidates' generator state and the sequence search's kept plan. On resume the
+    actions are replayed from the episode's reset, which must reach the observation saved with them again (the check
+    that the physics is the one that made the file). ``path`` None: nothing is saved or resumed."""
+
+    def __init__(self, path: Optional[Path] = None):
+        self.path, self.actions = (None if path is None else Path(path)), []
+
+    def resume(self, env, obs: np.ndarray, rng, bar=None) -> tuple:
+        """(observation, return, steps, done, kept plan) of the episode after replaying the saved actions in ``env``
+        (just reset, at ``obs``), ``rng`` set to the saved state; the episode's start when nothing is saved."""
+        if self.path is None or not self.path.is_file():
+            return obs, 0.0, 0, False, None
+        saved = read_json(self.path)
+        ret, done = 0.0, False
+        for a in saved["actions"]:
+            obs, r, terminated, truncated, _ = env.step(np.asarray(a))
+            ret, done = ret + float(r), terminated or truncated
+        if not np.array_equal(obs, np.asarray(saved["obs"])):
+            raise ValueError(f"resume_dir: replaying the {len(saved['actions'])} actions saved in {self.path} from the "
+                             "episode's reset does not reach the observation saved with them (made by another MuJoCo "
+                             "version or machine?); delete the file to run the episode afresh")
+        rng.bit_generator.state = saved["rng"]
+        self.actions = saved["actions"]
+        if bar is not None:
+            bar.update(len(self.actions))
+        kept = saved["kept"]
+        return obs, ret, len(self.actions), done, (None if kept is None else np.asarray(kept, dtype=float))
+
+    def save(self, action: np.ndarray, obs: np.ndarray, rng, kept: Optional[np.ndarray] = None) -> None:
+        """Record one step taken (``action``, reaching ``obs``) with the generator's state after it."""
+        if self.path is None:
+            return
+        self.actions.append(np.asarray(action, dtype=float).tolist())
+        atomic_write_json(self.path, {"actions": self.actions, "obs": np.asarray(obs, dtype=float).tolist(),
+                                      "rng": rng.bit_generator.state, "kept": None if kept is None else kept.tolist()})
+
+
+def _checkpoint_path(resume_dir: Optional[Path], settings: dict, ep: int) -> Optional[Path]:
+    """The file of episode ``ep`` of an oracle row of ``settings`` in ``resume_dir`` (None: no checkpoints), named by
+    a digest of the settings so that rows of other settings never share it."""
+    if resume_dir is None:
+        return None
+    import hashlib
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    return Path(resume_dir) / f"{settings['search']}-n{settings['candidates']}-{digest}-ep{ep}.json"
+
+
 def _oracle_episode(env, scratch, mean_action, n: int, reset_seed: int, rng, noise: float, continuation_noise: float,
-                    horizon: int, gamma: float, draws: int = 1, bar=None) -> tuple[float, int]:
+                    horizon: int, gamma: float, draws: int = 1, bar=None,
+                    ckpt: Optional[_EpisodeCheckpoint] = None) -> tuple[float, int]:
     """One episode of :func:`snapshot_oracle_scores`' best-of-``n`` policy: (its return, its length). Each candidate
     is scored by the mean of ``draws`` rollouts, draw m's continuation noise the same for every candidate. ``bar``:
-    a progress bar advanced once a step (or None)."""
+    a progress bar advanced once a step (or None); ``ckpt``: where the episode is saved after each step and resumed
+    from."""
     low, high = env.action_space.low, env.action_space.high
     limit = env.spec.max_episode_steps or 10**9
-    obs, _ = env.reset(seed=reset_seed)
-    ret, t, done = 0.0, 0, False
+    ckpt = ckpt or _EpisodeCheckpoint()
+    obs, ret, t, done, _ = ckpt.resume(env, env.reset(seed=reset_seed)[0], rng, bar)
     while not done:
         a0 = mean_action(obs[None])[0]
         first = np.clip(a0 + noise * rng.standard_normal((n, a0.shape[0])), low, high)
@@ -626,22 +677,24 @@ def _oracle_episode(env, scratch, mean_action, n: int, reset_seed: int, rng, noi
             first = first[[int(np.argmax(g))]]
         obs, r, terminated, truncated, _ = env.step(first[0])
         ret, t, done = ret + float(r), t + 1, terminated or truncated
+        ckpt.save(first[0], obs, rng)
         if bar is not None:
             bar.update(1)
     return ret, t
 
 
 def _sequence_episode(env, scratch, mean_action, n: int, reset_seed: int, rng, noise: float, horizon: int,
-                      gamma: float, bar=None) -> tuple[float, int]:
+                      gamma: float, bar=None, ckpt: Optional[_EpisodeCheckpoint] = None) -> tuple[float, int]:
     """One episode of :func:`snapshot_oracle_scores`' sequence search: at every step n whole trajectories of the
     data's policy (the snapshot plus noise of std ``noise`` at each of ``horizon`` steps, each candidate its own
     draws) are rolled out from the current state, the best one's first action is taken, and the rest of its draws is
     candidate 0 at the next step (so with gamma 1 and a horizon to the time limit the episode returns at least the
-    best return found at any step: the search can only improve on its plan). (its return, its length)."""
+    best return found at any step: the search can only improve on its plan). (its return, its length). ``bar`` and
+    ``ckpt`` as in :func:`_oracle_episode`."""
     low, high = env.action_space.low, env.action_space.high
     limit = env.spec.max_episode_steps or 10**9
-    obs, _ = env.reset(seed=reset_seed)
-    ret, t, done, kept = 0.0, 0, False, None
+    ckpt = ckpt or _EpisodeCheckpoint()
+    obs, ret, t, done, kept = ckpt.resume(env, env.reset(seed=reset_seed)[0], rng, bar)
     while not done:
         a0 = mean_action(obs[None])[0]
         steps = min(horizon, limit - t)
@@ -651,9 +704,10 @@ def _sequence_episode(env, scratch, mean_action, n: int, reset_seed: int, rng, n
         g = rollout_returns(_mujoco_state(env.unwrapped), scratch, np.clip(a0 + z[:, 0], low, high), mean_action,
                             z[:, 1:], gamma)
         best = int(np.argmax(g))
-        kept = z[best, 1:]
-        obs, r, terminated, truncated, _ = env.step(np.clip(a0 + z[best, 0], low, high))
+        kept, action = z[best, 1:], np.clip(a0 + z[best, 0], low, high)
+        obs, r, terminated, truncated, _ = env.step(action)
         ret, t, done = ret + float(r), t + 1, terminated or truncated
+        ckpt.save(action, obs, rng, kept)
         if bar is not None:
             bar.update(1)
     return ret, t
@@ -668,6 +722,20 @@ def _episode_bar(env, ep: int, progress: bool):
     from tqdm.auto import tqdm
     return tqdm(total=env.spec.max_episode_steps, desc=f"episode {ep}: steps", unit="step", disable=not progress,
                 leave=False)
+
+
+def _play_oracle_episode(env, scratch, mean_action, row: dict, ep: int, seed: int, ckpt: _EpisodeCheckpoint,
+                         progress: bool) -> tuple[float, int]:
+    """Episode ``ep`` of :func:`snapshot_oracle_scores`' row ``row`` (its search, N, noises, horizon, gamma and
+    draws): reset with seed ``seed + ep``, candidates drawn from the generator seeded by (``seed``, N, ``ep``),
+    resumed from and saved to ``ckpt``. (its return, its length)."""
+    n, rng = row["candidates"], np.random.default_rng([seed, row["candidates"], ep])
+    with _episode_bar(env, ep, progress) as bar:
+        if row["search"] == "sequence":
+            return _sequence_episode(env, scratch, mean_action, n, seed + ep, rng, row["noise"], row["horizon"],
+                                     row["gamma"], bar, ckpt)
+        return _oracle_episode(env, scratch, mean_action, n, seed + ep, rng, row["noise"], row["continuation_noise"],
+                               row["horizon"], row["gamma"], row["continuation_draws"], bar, ckpt)
 
 
 def _check_continuation(search: str, continuation_noise: float, continuation_draws: int) -> None:
@@ -703,7 +771,7 @@ def snapshot_oracle_scores(name: str, candidates=(1, 4, 16), horizon: int = 1000
                            gamma: float = 1.0, seed: int = 100_000, which: str = "medium", noise: Optional[float] = None,
                            continuation_noise: float = 0.0, policy_cache: Optional[Path] = None,
                            progress: bool = False, search: str = "step", continuation_draws: int = 1,
-                           first_episode: int = 0) -> list[dict]:
+                           first_episode: int = 0, resume_dir: Optional[Path] = None) -> list[dict]:
     """What the best of N of a dataset's own actions is worth when chosen by the *true* return (an oracle):
     the upper end of what one step of in-support policy improvement can gain on a ``make-dataset`` dataset.
 
@@ -733,7 +801,9 @@ def snapshot_oracle_scores(name: str, candidates=(1, 4, 16), horizon: int = 1000
     Episode i (``first_episode <= i < first_episode + episodes``) resets with seed ``seed + i`` and draws its
     candidates from its own generator, seeded by (``seed``, N, i), so episodes can be split across processes
     (``first_episode``) and their rows joined (:func:`aepo_lite.rl.diagnostics.join_oracle_parts`) into the row one
-    process would have written.
+    process would have written. ``resume_dir``: a folder where each episode is saved after every step (one file per
+    episode, named by the row's settings), so that a killed run resumes at the step it reached and a rerun replays
+    finished episodes instead of searching them again (an episode at N = 256 runs for hours on a CPU core).
 
     One dict per N: ``search``, ``candidates``, ``horizon``, ``gamma``, ``noise``, ``data_noise`` (the recipe's
     ``collect_noise``: candidates with ``noise`` equal to it are the data's support), ``continuation_noise``, ``return_mean``,
@@ -752,28 +822,23 @@ def snapshot_oracle_scores(name: str, candidates=(1, 4, 16), horizon: int = 1000
     try:
         for n in cands:
             t0 = time.perf_counter()
+            row = {"search": search, "candidates": n, "horizon": horizon, "gamma": float(gamma), "noise": float(noise),
+                   "data_noise": float(recipe.collect_noise),
+                   "continuation_noise": float(noise if search == "sequence" else continuation_noise),
+                   "continuation_draws": continuation_draws}
             rets, lens = [], []
             for ep in tqdm(range(first_episode, first_episode + episodes), desc=f"oracle best of {n} ({search})",
                            disable=not progress, leave=False):
-                rng = np.random.default_rng([seed, n, ep])
-                with _episode_bar(env, ep, progress) as bar:
-                    if search == "sequence":
-                        ret, t = _sequence_episode(env, scratch, mean_action, n, seed + ep, rng, noise, horizon, gamma,
-                                                   bar)
-                    else:
-                        ret, t = _oracle_episode(env, scratch, mean_action, n, seed + ep, rng, noise,
-                                                 continuation_noise, horizon, gamma, continuation_draws, bar)
+                ckpt = _EpisodeCheckpoint(_checkpoint_path(resume_dir, {"dataset": name, "which": which, "seed": seed,
+                                                                        **row}, ep))
+                ret, t = _play_oracle_episode(env, scratch, mean_action, row, ep, seed, ckpt, progress)
                 rets.append(ret)
                 lens.append(t)
-            ret = np.array(rets)
-            score = (ret - lo) / (hi - lo) * 100
-            cont = noise if search == "sequence" else continuation_noise
-            out.append({"search": search, "candidates": n, "horizon": horizon, "gamma": float(gamma),
-                        "noise": float(noise), "data_noise": float(recipe.collect_noise), "continuation_noise": float(cont),
-                        "continuation_draws": continuation_draws,
-                        "return_mean": float(ret.mean()), "score_mean": float(score.mean()), "score_std": float(score.std()),
-                        "length_mean": float(np.mean(lens)), "episodes": episodes, "first_episode": first_episode,
-                        "episode_scores": [float(v) for v in score], "seconds": time.perf_counter() - t0})
+            score = (np.array(rets) - lo) / (hi - lo) * 100
+            out.append({**row, "return_mean": float(np.mean(rets)), "score_mean": float(score.mean()),
+                        "score_std": float(score.std()), "length_mean": float(np.mean(lens)), "episodes": episodes,
+                        "first_episode": first_episode, "episode_scores": [float(v) for v in score],
+                        "seconds": time.perf_counter() - t0})
     finally:
         env.close()
         for s in scratch:
