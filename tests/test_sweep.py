@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -168,3 +170,52 @@ def test_stack_seeds_trains_the_seeds_together_and_the_runs_only_evaluate(tiny, 
     said.clear()
     again = run_sweep(_cfg(tmp_path / "stacked", stack_seeds=True), echo=said.append)
     assert len(again["skipped"]) == 4 and not any(s.startswith("stack_seeds") for s in said)
+
+
+def _fake_session(tmp_path, monkeypatch, raylet_err: str):
+    """A Ray temp folder (RAY_TMPDIR) whose newest session's raylet.err holds ``raylet_err``, and a process whose
+    command line names that session, standing in for the GCS server a failed start-up leaves behind."""
+    session = tmp_path.resolve() / "ray" / "session_2026-01-01_00-00-00_000000_1"
+    (session / "logs").mkdir(parents=True)
+    (session / "logs" / "raylet.err").write_text(raylet_err)
+    (tmp_path / "ray" / "session_latest").symlink_to(session)
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
+    left = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", str(session)])
+    return session, left
+
+
+def test_ray_start_up_that_times_out_is_tried_again_then_named_with_its_cause(tmp_path, monkeypatch):
+    ray = pytest.importorskip("ray")
+    from aepo_lite.rl import sweep as sw
+    startup = Exception("The current node timed out during startup. This could happen because some of the raylet "
+                        "failed to startup or the GCS has become overloaded.")
+    session, left = _fake_session(tmp_path, monkeypatch, "(raylet) node_manager.cc: Check failed: Timed out waiting "
+                                  "for file /tmp/ray/session_x/metrics_agent_port_0a1b")
+    calls = []
+
+    def init(**kw):
+        calls.append(kw)
+        if len(calls) <= failures:
+            raise startup
+    monkeypatch.setattr(ray, "init", init)
+    monkeypatch.setattr(ray, "shutdown", lambda: None)
+    failures = 1  # a first attempt that times out: the second starts, and the failed one's processes are stopped
+    sw._init_ray({"num_cpus": 2})
+    assert len(calls) == 2 and calls[0]["num_cpus"] == 2 and calls[0]["include_dashboard"] is False
+    assert left.wait(timeout=30) != 0
+    calls.clear()
+    failures, left = 2, subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", str(session)])
+    with pytest.raises(ValueError, match=r"backend: Ray's local node did not start, twice .*timed out during startup"
+                                         r".*raylet gave up waiting for Ray's dashboard agent \(" + str(session)
+                                         + r"/logs/raylet.err\).*ray-project/ray#65983.*--backend local"):
+        sw._init_ray({"num_cpus": 2})
+    assert len(calls) == 2 and left.wait(timeout=30) != 0
+    (session / "logs" / "raylet.err").write_text("another failure")  # no known cause: the logs are named
+    calls.clear()
+    with pytest.raises(ValueError, match=f"see the raylet's log in {session}/logs; use --backend local"):
+        sw._init_ray({"num_cpus": 2})
+    calls.clear()
+    monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw) or (_ for _ in ()).throw(RuntimeError("other")))
+    with pytest.raises(RuntimeError, match="other"):  # any other failure is Ray's own, at once
+        sw._init_ray({"num_cpus": 2})
+    assert len(calls) == 1

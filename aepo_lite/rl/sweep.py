@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import io
 import math
+import os
 import socket
 import time
 import traceback
@@ -276,6 +277,67 @@ def _check_address(address: str, timeout: float = 10.0) -> None:
                          "or leave --address out to start a local one") from None
 
 
+def _ray_session() -> Optional[Path]:
+    """The folder of Ray's newest local session (``session_latest`` in Ray's temp folder), or None."""
+    from ray._common.utils import get_default_ray_temp_dir
+    latest = Path(get_default_ray_temp_dir()) / "session_latest"
+    return latest.resolve() if latest.exists() else None
+
+
+def _raylet_gave_up(session: Optional[Path]) -> Optional[str]:
+    """The raylet log of ``session`` that records the raylet giving up on the dashboard agent's port file (Ray's
+    fixed 15 s wait at start-up, ray-project/ray#65983), or None."""
+    for name in ("raylet.err", "raylet.out"):
+        log = session / "logs" / name if session else None
+        if log and log.is_file() and "Timed out waiting for file" in log.read_text(errors="replace"):
+            return str(log)
+    return None
+
+
+def _stop_session(session: Optional[Path]) -> None:
+    """Stop the processes a failed ``ray.init`` left running (the GCS server and dashboard of ``session``, which
+    ``ray.shutdown`` does not know of when the node did not start): those whose command line names the session.
+    Linux only (it reads /proc); elsewhere nothing is stopped."""
+    import signal
+    proc = Path("/proc")
+    if session is None or not proc.is_dir():
+        return
+    for d in proc.iterdir():
+        if not d.name.isdigit() or int(d.name) == os.getpid():
+            continue
+        try:
+            if session.name in (d / "cmdline").read_bytes().decode(errors="replace"):
+                os.kill(int(d.name), signal.SIGTERM)
+        except OSError:  # gone meanwhile, or not ours
+            continue
+
+
+def _init_ray(kw: dict) -> None:
+    """``ray.init`` of a sweep's driver, tried once more when the node timed out during start-up: on a busy machine
+    the raylet can give up waiting for Ray's dashboard agent (a fixed 15 s wait in Ray, ray-project/ray#65983), and
+    Ray's own error then names neither that cause nor a way round, so the second failure's error does. The
+    processes a failed attempt leaves are stopped."""
+    import ray
+    for attempt in (1, 2):
+        try:
+            ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False, **kw)
+            return
+        except Exception as e:
+            if "timed out during startup" not in str(e):
+                raise
+            ray.shutdown()
+            session = _ray_session()
+            _stop_session(session)
+            if attempt == 2:
+                log = _raylet_gave_up(session)
+                cause = (f"its raylet gave up waiting for Ray's dashboard agent ({log}), Ray's fixed 15 s wait at "
+                         "start-up, which a busy machine can miss (ray-project/ray#65983)") if log else \
+                    f"see the raylet's log in {session or 'the session folder'}/logs"
+                raise ValueError(f"backend: Ray's local node did not start, twice ({type(e).__name__}: {e}): "
+                                 f"{cause}; use --backend local, run on a less busy machine, or start a cluster "
+                                 "yourself (`ray start --head`) and pass its --address") from e
+
+
 def _run_ray(specs: list[RunSpec], cfg: SweepConfig, on_result) -> None:
     try:
         import ray
@@ -285,8 +347,7 @@ def _run_ray(specs: list[RunSpec], cfg: SweepConfig, on_result) -> None:
         _check_address(cfg.address)
     started = not ray.is_initialized()
     if started:
-        kw = {"address": cfg.address} if cfg.address else {"num_cpus": max(cfg.workers, int(cfg.cpus_per_run))}
-        ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False, **kw)
+        _init_ray({"address": cfg.address} if cfg.address else {"num_cpus": max(cfg.workers, int(cfg.cpus_per_run))})
     try:
         remote = ray.remote(num_cpus=cfg.cpus_per_run, num_gpus=cfg.gpus_per_run)(run_one)
         pending = [remote.remote(asdict(s), cfg.threads) for s in specs]
