@@ -717,11 +717,12 @@ ORACLE_SEARCHES = ("step", "sequence")
 
 
 def _episode_bar(env, ep: int, progress: bool):
-    """A progress bar over episode ``ep``'s steps (an oracle episode of a large N runs for an hour or more on a CPU
-    core); its total is the time limit, since the episode may end earlier at a fall."""
+    """A progress bar over episode ``ep``'s steps (an oracle episode of a large N runs for hours on a CPU core): the
+    steps taken of the time limit, the time so far and a step's time, without an estimate of the time left, since an
+    episode may end long before its limit at a fall (Hopper medium's after about 130 of 1000 steps)."""
     from tqdm.auto import tqdm
     return tqdm(total=env.spec.max_episode_steps, desc=f"episode {ep}: steps", unit="step", disable=not progress,
-                leave=False)
+                leave=False, bar_format="{desc} {n_fmt} of at most {total_fmt} [{elapsed}, {rate_fmt}]")
 
 
 def _play_oracle_episode(env, scratch, mean_action, row: dict, ep: int, seed: int, ckpt: _EpisodeCheckpoint,
