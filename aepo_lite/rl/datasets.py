@@ -632,6 +632,7 @@ class _EpisodeCheckpoint:
         self.actions = saved["actions"]
         if bar is not None:
             bar.update(len(self.actions))
+            getattr(bar, "refresh", lambda: None)()  # shown at once (tqdm skips an update within 0.1 s of the last)
         kept = saved["kept"]
         return obs, ret, len(self.actions), done, (None if kept is None else np.asarray(kept, dtype=float))
 
