@@ -172,48 +172,54 @@ def test_stack_seeds_trains_the_seeds_together_and_the_runs_only_evaluate(tiny, 
     assert len(again["skipped"]) == 4 and not any(s.startswith("stack_seeds") for s in said)
 
 
-def _fake_session(tmp_path, monkeypatch, raylet_err: str):
-    """A Ray temp folder (RAY_TMPDIR) whose newest session's raylet.err holds ``raylet_err``, and a process whose
-    command line names that session, standing in for the GCS server a failed start-up leaves behind."""
-    session = tmp_path.resolve() / "ray" / "session_2026-01-01_00-00-00_000000_1"
-    (session / "logs").mkdir(parents=True)
-    (session / "logs" / "raylet.err").write_text(raylet_err)
-    (tmp_path / "ray" / "session_latest").symlink_to(session)
-    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
-    left = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", str(session)])
-    return session, left
+def _sleeper(session) -> subprocess.Popen:
+    """A process whose command line names ``session``, standing in for the GCS server a failed start-up leaves."""
+    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", str(session)])
 
 
 def test_ray_start_up_that_times_out_is_tried_again_then_named_with_its_cause(tmp_path, monkeypatch):
     ray = pytest.importorskip("ray")
     from aepo_lite.rl import sweep as sw
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))  # Ray's temp folder: tmp_path / "ray"
+    other = tmp_path / "ray" / "session_2025-12-31_00-00-00_000000_7"  # another sweep's session, left alone
+    other.mkdir(parents=True)
+    bystander = _sleeper(other)
     startup = Exception("The current node timed out during startup. This could happen because some of the raylet "
                         "failed to startup or the GCS has become overloaded.")
-    session, left = _fake_session(tmp_path, monkeypatch, "(raylet) node_manager.cc: Check failed: Timed out waiting "
-                                  "for file /tmp/ray/session_x/metrics_agent_port_0a1b")
-    calls = []
+    raylet_err = "(raylet) node_manager.cc: Check failed: Timed out waiting for file /x/metrics_agent_port_0a1b"
+    calls, made, left = [], [], []
 
-    def init(**kw):
+    def init(**kw):  # each failing attempt makes its session, with a raylet log and a process left running
         calls.append(kw)
-        if len(calls) <= failures:
-            raise startup
+        if len(calls) > failures:
+            return
+        session = tmp_path / "ray" / f"session_2026-01-01_00-00-{len(made):02d}_000000_1"
+        (session / "logs").mkdir(parents=True)
+        (session / "logs" / "raylet.err").write_text(raylet_err)
+        made.append(session)
+        left.append(_sleeper(session))
+        raise startup
     monkeypatch.setattr(ray, "init", init)
     monkeypatch.setattr(ray, "shutdown", lambda: None)
     failures = 1  # a first attempt that times out: the second starts, and the failed one's processes are stopped
     sw._init_ray({"num_cpus": 2})
     assert len(calls) == 2 and calls[0]["num_cpus"] == 2 and calls[0]["include_dashboard"] is False
-    assert left.wait(timeout=30) != 0
+    assert left[0].wait(timeout=30) != 0
     calls.clear()
-    failures, left = 2, subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", str(session)])
+    failures = 2
     with pytest.raises(ValueError, match=r"backend: Ray's local node did not start, twice .*timed out during startup"
-                                         r".*raylet gave up waiting for Ray's dashboard agent \(" + str(session)
-                                         + r"/logs/raylet.err\).*ray-project/ray#65983.*--backend local"):
+                                         r".*raylet gave up waiting for Ray's dashboard agent \((.*)/logs/raylet.err\)"
+                                         r".*ray-project/ray#65983.*--backend local") as e:
         sw._init_ray({"num_cpus": 2})
-    assert len(calls) == 2 and left.wait(timeout=30) != 0
-    (session / "logs" / "raylet.err").write_text("another failure")  # no known cause: the logs are named
+    assert e.match(str(made[-1]) + "/logs/raylet.err")  # the second attempt's
+    assert len(calls) == 2 and len(made) == 3 and all(p.wait(timeout=30) != 0 for p in left)
+    raylet_err = "another failure"  # no known cause: the failed session's logs are named
     calls.clear()
-    with pytest.raises(ValueError, match=f"see the raylet's log in {session}/logs; use --backend local"):
+    with pytest.raises(ValueError, match="see the raylet's log in .*/logs; use --backend local") as e:
         sw._init_ray({"num_cpus": 2})
+    assert e.match(f"see the raylet's log in {made[-1]}/logs")
+    assert bystander.poll() is None  # a session the start-up did not make keeps its processes
+    bystander.kill()
     calls.clear()
     monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw) or (_ for _ in ()).throw(RuntimeError("other")))
     with pytest.raises(RuntimeError, match="other"):  # any other failure is Ray's own, at once

@@ -645,9 +645,20 @@ class _EpisodeCheckpoint:
                                       "rng": rng.bit_generator.state, "kept": None if kept is None else kept.tolist()})
 
 
+def _policy_digest(model) -> str:
+    """A digest of an SB3 model's policy weights: which snapshot acted (a dataset remade under its name, or on
+    another CPU, has other weights)."""
+    import hashlib
+    h = hashlib.sha256()
+    for k, v in sorted(model.policy.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def _checkpoint_path(resume_dir: Optional[Path], settings: dict, ep: int) -> Optional[Path]:
     """The file of episode ``ep`` of an oracle row of ``settings`` in ``resume_dir`` (None: no checkpoints), named by
-    a digest of the settings so that rows of other settings never share it."""
+    a digest of the settings (the snapshot's weights among them) so that rows of other settings never share it."""
     if resume_dir is None:
         return None
     import hashlib
@@ -819,8 +830,7 @@ def snapshot_oracle_scores(name: str, candidates=(1, 4, 16), horizon: int = 1000
         raise ValueError(f"noise: expected a finite std >= 0, got {noise!r}")
     _check_continuation(search, continuation_noise, continuation_draws)
     env, scratch = _mujoco_envs(name, recipe.env_id, max(cands) * continuation_draws, seed, "the oracle")
-    mean_action = _sb3_policy(model, 0.0, None)
-    out = []
+    mean_action, policy, out = _sb3_policy(model, 0.0, None), _policy_digest(model), []
     try:
         for n in cands:
             t0 = time.perf_counter()
@@ -832,7 +842,7 @@ def snapshot_oracle_scores(name: str, candidates=(1, 4, 16), horizon: int = 1000
             for ep in tqdm(range(first_episode, first_episode + episodes), desc=f"oracle best of {n} ({search})",
                            disable=not progress, leave=False):
                 ckpt = _EpisodeCheckpoint(_checkpoint_path(resume_dir, {"dataset": name, "which": which, "seed": seed,
-                                                                        **row}, ep))
+                                                                        "policy": policy, **row}, ep))
                 ret, t = _play_oracle_episode(env, scratch, mean_action, row, ep, seed, ckpt, progress)
                 rets.append(ret)
                 lens.append(t)

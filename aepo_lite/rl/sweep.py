@@ -277,11 +277,10 @@ def _check_address(address: str, timeout: float = 10.0) -> None:
                          "or leave --address out to start a local one") from None
 
 
-def _ray_session() -> Optional[Path]:
-    """The folder of Ray's newest local session (``session_latest`` in Ray's temp folder), or None."""
+def _ray_sessions() -> set[Path]:
+    """The folders of Ray's local sessions on this machine (in Ray's temp folder)."""
     from ray._common.utils import get_default_ray_temp_dir
-    latest = Path(get_default_ray_temp_dir()) / "session_latest"
-    return latest.resolve() if latest.exists() else None
+    return set(Path(get_default_ray_temp_dir()).glob("session_2*"))
 
 
 def _raylet_gave_up(session: Optional[Path]) -> Optional[str]:
@@ -297,7 +296,7 @@ def _raylet_gave_up(session: Optional[Path]) -> Optional[str]:
 def _stop_session(session: Optional[Path]) -> None:
     """Stop the processes a failed ``ray.init`` left running (the GCS server and dashboard of ``session``, which
     ``ray.shutdown`` does not know of when the node did not start): those whose command line names the session.
-    Linux only (it reads /proc); elsewhere nothing is stopped."""
+    Linux only (it reads /proc); elsewhere, or with ``session`` None, nothing is stopped."""
     import signal
     proc = Path("/proc")
     if session is None or not proc.is_dir():
@@ -319,6 +318,7 @@ def _init_ray(kw: dict) -> None:
     processes a failed attempt leaves are stopped."""
     import ray
     for attempt in (1, 2):
+        before = _ray_sessions()
         try:
             ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False, **kw)
             return
@@ -326,13 +326,14 @@ def _init_ray(kw: dict) -> None:
             if "timed out during startup" not in str(e):
                 raise
             ray.shutdown()
-            session = _ray_session()
+            new = _ray_sessions() - before  # the failed attempt's session, unless another start-up made one meanwhile
+            session = new.pop() if len(new) == 1 else None
             _stop_session(session)
             if attempt == 2:
                 log = _raylet_gave_up(session)
                 cause = (f"its raylet gave up waiting for Ray's dashboard agent ({log}), Ray's fixed 15 s wait at "
                          "start-up, which a busy machine can miss (ray-project/ray#65983)") if log else \
-                    f"see the raylet's log in {session or 'the session folder'}/logs"
+                    f"see the raylet's log in {session or 'its session folder'}/logs"
                 raise ValueError(f"backend: Ray's local node did not start, twice ({type(e).__name__}: {e}): "
                                  f"{cause}; use --backend local, run on a less busy machine, or start a cluster "
                                  "yourself (`ray start --head`) and pass its --address") from e
