@@ -350,12 +350,14 @@ def test_make_dataset_tiny_repeatable(minari_root, capsys, monkeypatch, tmp_path
                                                 0.1, 6, 1.0, draws=2, bar=bar, ckpt=c),
              lambda bar, c: dsm._sequence_episode(env2, scratch6, mu_med, 3, 100_001, np.random.default_rng(1), 0.1, 6,
                                                   1.0, bar, c)]
+    wholes = []
     for play in plays:
         ck.unlink(missing_ok=True)
         whole = play(None, None)
+        wholes.append(whole)
         assert whole[1] > 4 and not ck.exists()
         with pytest.raises(KeyboardInterrupt):
-            play(_Interrupt(3), dsm._EpisodeCheckpoint(ck))
+            play(_Interrupt(3), dsm._EpisodeCheckpoint(ck, every=0))  # written after every step
         assert len(json.loads(ck.read_text())["actions"]) == 3
         for left in (whole[1] - 3, 0):
             calls.clear()
@@ -369,6 +371,12 @@ def test_make_dataset_tiny_repeatable(minari_root, capsys, monkeypatch, tmp_path
         ck.write_text(json.dumps(saved))
         with pytest.raises(ValueError, match="resume_dir: replaying the .* actions saved in .* does not reach"):
             play(None, dsm._EpisodeCheckpoint(ck))
+    # by default written at most every 5 s (and at the end): fast steps stopped after 3 have the first one saved
+    ck.unlink()
+    with pytest.raises(KeyboardInterrupt):
+        plays[0](_Interrupt(3), dsm._EpisodeCheckpoint(ck))
+    assert len(json.loads(ck.read_text())["actions"]) == 1 and plays[0](None, dsm._EpisodeCheckpoint(ck)) == wholes[0]
+    assert len(json.loads(ck.read_text())["actions"]) == wholes[0][1]  # the end is written
     with pytest.raises(ValueError, match="continuation_draws"):
         snapshot_oracle_scores("t/hopper/medium-v0", (2,), episodes=1, continuation_draws=2)  # no continuation noise
     # exact values of arbitrary (observation, action) pairs, the physics rebuilt from the observation, against an
