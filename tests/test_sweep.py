@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -173,15 +174,22 @@ def test_stack_seeds_trains_the_seeds_together_and_the_runs_only_evaluate(tiny, 
 
 
 def _sleeper(session) -> subprocess.Popen:
-    """A process whose command line names ``session``, standing in for the GCS server a failed start-up leaves."""
-    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", str(session)])
+    """A process whose command line names ``session``, standing in for the GCS server a failed start-up leaves;
+    returned once /proc shows that command line (a child just spawned can read as empty for a moment)."""
+    p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", str(session)])
+    cmdline, t0 = Path(f"/proc/{p.pid}/cmdline"), time.monotonic()
+    while cmdline.exists() and session.name not in cmdline.read_bytes().decode(errors="replace"):
+        assert time.monotonic() - t0 < 30, "the stand-in process did not start"
+        time.sleep(0.01)
+    return p
 
 
 def test_ray_start_up_that_times_out_is_tried_again_then_named_with_its_cause(tmp_path, monkeypatch):
     ray = pytest.importorskip("ray")
     from aepo_lite.rl import sweep as sw
     monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))  # Ray's temp folder: tmp_path / "ray"
-    other = tmp_path / "ray" / "session_2025-12-31_00-00-00_000000_7"  # another sweep's session, left alone
+    stops = Path("/proc").is_dir()  # where a failed start-up's processes are stopped (Linux)
+    other = tmp_path / "ray" / f"session_2025-12-31_00-00-00_000000_{os.getpid()}"  # another's, left alone
     other.mkdir(parents=True)
     bystander = _sleeper(other)
     startup = Exception("The current node timed out during startup. This could happen because some of the raylet "
@@ -193,7 +201,7 @@ def test_ray_start_up_that_times_out_is_tried_again_then_named_with_its_cause(tm
         calls.append(kw)
         if len(calls) > failures:
             return
-        session = tmp_path / "ray" / f"session_2026-01-01_00-00-{len(made):02d}_000000_1"
+        session = tmp_path / "ray" / f"session_2026-01-01_00-00-{len(made):02d}_000000_{os.getpid()}"
         (session / "logs").mkdir(parents=True)
         (session / "logs" / "raylet.err").write_text(raylet_err)
         made.append(session)
@@ -204,7 +212,7 @@ def test_ray_start_up_that_times_out_is_tried_again_then_named_with_its_cause(tm
     failures = 1  # a first attempt that times out: the second starts, and the failed one's processes are stopped
     sw._init_ray({"num_cpus": 2})
     assert len(calls) == 2 and calls[0]["num_cpus"] == 2 and calls[0]["include_dashboard"] is False
-    assert left[0].wait(timeout=30) != 0
+    assert not stops or left[0].wait(timeout=30) != 0
     calls.clear()
     failures = 2
     with pytest.raises(ValueError, match=r"backend: Ray's local node did not start, twice .*timed out during startup"
@@ -212,7 +220,7 @@ def test_ray_start_up_that_times_out_is_tried_again_then_named_with_its_cause(tm
                                          r".*ray-project/ray#65983.*--backend local") as e:
         sw._init_ray({"num_cpus": 2})
     assert e.match(str(made[-1]) + "/logs/raylet.err")  # the second attempt's
-    assert len(calls) == 2 and len(made) == 3 and all(p.wait(timeout=30) != 0 for p in left)
+    assert len(calls) == 2 and len(made) == 3 and (not stops or all(p.wait(timeout=30) != 0 for p in left))
     raylet_err = "another failure"  # no known cause: the failed session's logs are named
     calls.clear()
     with pytest.raises(ValueError, match="see the raylet's log in .*/logs; use --backend local") as e:
@@ -225,3 +233,6 @@ def test_ray_start_up_that_times_out_is_tried_again_then_named_with_its_cause(tm
     with pytest.raises(RuntimeError, match="other"):  # any other failure is Ray's own, at once
         sw._init_ray({"num_cpus": 2})
     assert len(calls) == 1
+    assert sw._ray_sessions() == {other, *made}
+    monkeypatch.delattr("ray._common.utils.get_default_ray_temp_dir")  # a Ray without that private helper
+    assert sw._ray_sessions() == set()

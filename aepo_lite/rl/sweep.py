@@ -278,8 +278,13 @@ def _check_address(address: str, timeout: float = 10.0) -> None:
 
 
 def _ray_sessions() -> set[Path]:
-    """The folders of Ray's local sessions on this machine (in Ray's temp folder)."""
-    from ray._common.utils import get_default_ray_temp_dir
+    """The folders of Ray's local sessions on this machine (in Ray's temp folder); none known where this Ray has no
+    ``ray._common.utils.get_default_ray_temp_dir`` (a private helper of recent Rays: then a failed start-up's
+    session is not found, its processes are not stopped and the error names no log)."""
+    try:
+        from ray._common.utils import get_default_ray_temp_dir
+    except ImportError:
+        return set()
     return set(Path(get_default_ray_temp_dir()).glob("session_2*"))
 
 
