@@ -270,8 +270,8 @@ def test_make_dataset_tiny_repeatable(minari_root, capsys, monkeypatch, tmp_path
     parts = [dict(snapshot_oracle_scores("t/hopper/medium-v0", (2,), horizon=4, episodes=1, first_episode=i)[0],
                   dataset="t/hopper/medium-v0", snapshot="medium") for i in (0, 1)]
     assert [p["episode_scores"] for p in parts] == [w2["episode_scores"][:1], w2["episode_scores"][1:]]
-    # saved after every step to resume_dir, one file an episode named by the row's settings: the same row, and a
-    # rerun replays both episodes without searching (another N or noise is another file)
+    # saved as it goes to resume_dir, one file an episode named by the row's settings: the same row, and a rerun
+    # replays both episodes without searching (another noise is another file)
     steps = tmp_path / "oracle_steps"
     assert snapshot_oracle_scores("t/hopper/medium-v0", (2,), horizon=4, episodes=2,
                                   resume_dir=steps)[0]["episode_scores"] == w2["episode_scores"]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -219,13 +220,13 @@ def test_ray_start_up_that_times_out_is_tried_again_then_named_with_its_cause(tm
                                          r".*raylet gave up waiting for Ray's dashboard agent \((.*)/logs/raylet.err\)"
                                          r".*ray-project/ray#65983.*--backend local") as e:
         sw._init_ray({"num_cpus": 2})
-    assert e.match(str(made[-1]) + "/logs/raylet.err")  # the second attempt's
+    assert e.match(re.escape(f"{made[-1]}/logs/raylet.err"))  # the second attempt's
     assert len(calls) == 2 and len(made) == 3 and (not stops or all(p.wait(timeout=30) != 0 for p in left))
     raylet_err = "another failure"  # no known cause: the failed session's logs are named
     calls.clear()
     with pytest.raises(ValueError, match="see the raylet's log in .*/logs; use --backend local") as e:
         sw._init_ray({"num_cpus": 2})
-    assert e.match(f"see the raylet's log in {made[-1]}/logs")
+    assert e.match(re.escape(f"see the raylet's log in {made[-1]}/logs"))
     assert bystander.poll() is None  # a session the start-up did not make keeps its processes
     bystander.kill()
     calls.clear()
