@@ -28,6 +28,7 @@ dataset folder, no namespace folder it created, and the dataset it was to replac
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -607,8 +608,8 @@ def _mujoco_envs(name: str, env_id: str, n: int, seed: int, what: str):
 
 
 class _EpisodeCheckpoint:
-    """One oracle episode's progress, written atomically after every step so that a killed run resumes at the step
-    it reached: the actions taken, the candidates' generator state and the sequence search's kept plan. On resume the
+    """One oracle episode's progress, written atomically as it goes so that a killed run resumes at the step it last
+    saved: the actions taken, the candidates' generator state and the sequence search's kept plan. On resume the
     actions are replayed from the episode's reset, which must reach the observation saved with them again (the check
     that the physics is the one that made the file). ``path`` None: nothing is saved or resumed. ``every``: seconds
     at least between two writes (and at the episode's end), so that cheap episodes do not spend their time writing
@@ -656,7 +657,6 @@ class _EpisodeCheckpoint:
 def _policy_digest(model) -> str:
     """A digest of an SB3 model's policy weights: which snapshot acted (a dataset remade under its name, or on
     another CPU, has other weights)."""
-    import hashlib
     h = hashlib.sha256()
     for k, v in sorted(model.policy.state_dict().items()):
         h.update(k.encode())
@@ -669,7 +669,6 @@ def _checkpoint_path(resume_dir: Optional[Path], settings: dict, ep: int) -> Opt
     a digest of the settings (the snapshot's weights among them) so that rows of other settings never share it."""
     if resume_dir is None:
         return None
-    import hashlib
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     return Path(resume_dir) / f"{settings['search']}-n{settings['candidates']}-{digest}-ep{ep}.json"
 
@@ -679,7 +678,7 @@ def _oracle_episode(env, scratch, mean_action, n: int, reset_seed: int, rng, noi
                     ckpt: Optional[_EpisodeCheckpoint] = None) -> tuple[float, int]:
     """One episode of :func:`snapshot_oracle_scores`' best-of-``n`` policy: (its return, its length). Each candidate
     is scored by the mean of ``draws`` rollouts, draw m's continuation noise the same for every candidate. ``bar``:
-    a progress bar advanced once a step (or None); ``ckpt``: where the episode is saved after each step and resumed
+    a progress bar advanced once a step (or None); ``ckpt``: where the episode is saved as it goes and resumed
     from."""
     low, high = env.action_space.low, env.action_space.high
     limit = env.spec.max_episode_steps or 10**9
@@ -822,9 +821,10 @@ def snapshot_oracle_scores(name: str, candidates=(1, 4, 16), horizon: int = 1000
     Episode i (``first_episode <= i < first_episode + episodes``) resets with seed ``seed + i`` and draws its
     candidates from its own generator, seeded by (``seed``, N, i), so episodes can be split across processes
     (``first_episode``) and their rows joined (:func:`aepo_lite.rl.diagnostics.join_oracle_parts`) into the row one
-    process would have written. ``resume_dir``: a folder where each episode is saved after every step (one file per
-    episode, named by the row's settings), so that a killed run resumes at the step it reached and a rerun replays
-    finished episodes instead of searching them again (an episode at N = 256 runs for hours on a CPU core).
+    process would have written. ``resume_dir``: a folder where each episode is saved as it goes (one file per episode,
+    named by the row's settings; at most every 5 s, so every step of a slow search), so that a killed run resumes
+    and a rerun replays finished episodes instead of searching them again (an episode at N = 256 runs for hours on a
+    CPU core).
 
     One dict per N: ``search``, ``candidates``, ``horizon``, ``gamma``, ``noise``, ``data_noise`` (the recipe's
     ``collect_noise``: candidates with ``noise`` equal to it are the data's support), ``continuation_noise``, ``return_mean``,
