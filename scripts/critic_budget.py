@@ -24,7 +24,7 @@ import torch
 from aepo_lite.config import CriticConfig
 from aepo_lite.device import seed_everything
 from aepo_lite.rl.agent import Agent, build_stages, check_config, critic_kind, load_run
-from aepo_lite.rl.datasets import QProbes, probe_q_states, q_error_rows
+from aepo_lite.rl.oracle import QProbes, probe_q_states, q_error_rows
 from aepo_lite.rl.diagnostics import CRITIC_BUDGET_COLUMNS, existing_rows, raw_q_fn, render_critic_budget, \
     write_csv_and_table
 from aepo_lite.training import StageStore, run_stage, stage_hash

@@ -10,7 +10,7 @@ table and a figure beside it (``aepo-lite figures`` re-renders both from the CSV
 
 ``--critic-kind exact`` asks what the critic's network can learn from these transitions when its targets carry no
 error: the Monte-Carlo critic regressed, in place of each transition's noisy return, on the exact value of its
-(state, action) as the probes define it (``aepo_lite.rl.datasets.exact_q_labels``: the simulator rebuilt from the
+(state, action) as the probes define it (``aepo_lite.rl.oracle.exact_q_labels``: the simulator rebuilt from the
 observation, the action, then the deterministic snapshot for ``--horizon`` steps, discounted by ``--gamma``). The
 labels are computed once per episode and kept in ``--work``. With ``--extra-actions K`` it also sees K more actions
 at each state (the data's action plus 1 or 3 noise stds of noise) with their exact values: not offline data, but
@@ -48,7 +48,7 @@ from aepo_lite._io import atomic_save_npz  # noqa: E402
 from aepo_lite.core.critics import MCCritic  # noqa: E402
 from aepo_lite.rl.agent import check_config, critic_kind  # noqa: E402
 from aepo_lite.rl.data import description_info, load_minari  # noqa: E402
-from aepo_lite.rl.datasets import exact_q_labels  # noqa: E402
+from aepo_lite.rl.oracle import exact_q_labels  # noqa: E402
 from aepo_lite.rl.diagnostics import (CRITIC_DATA_COLUMNS, CRITIC_FIT_COLUMNS, existing_rows, raw_q_fn,  # noqa: E402
                                       render_critic_data, render_critic_fit, write_csv_and_table)
 from aepo_lite.training.stages import StageStore, run_stage, stage_hash  # noqa: E402

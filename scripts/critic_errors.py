@@ -1,5 +1,5 @@
 """A trained run's critic against the exact action values, on and off the data's support, on a dataset made by
-``aepo-lite make-dataset`` (aepo_lite.rl.datasets.snapshot_q_errors): at the states the run's policy visits at each
+``aepo-lite make-dataset`` (aepo_lite.rl.oracle.snapshot_q_errors): at the states the run's policy visits at each
 guidance scale, its critic's advantages over the data policy's mean action against those of simulator rollouts.
 Writes a CSV and its Markdown table beside it (``aepo-lite figures`` re-renders the table from the CSV alone); a
 rerun skips the rows the CSV has.
@@ -14,7 +14,7 @@ import argparse
 import torch
 
 from aepo_lite.rl.agent import critic_kind, estimator_label, load_run
-from aepo_lite.rl.datasets import snapshot_q_errors
+from aepo_lite.rl.oracle import snapshot_q_errors
 from aepo_lite.rl.diagnostics import CRITIC_ERRORS_COLUMNS, csv_per_run, raw_q_fn, render_critic_errors
 
 

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # critic_data.py: the 
 from critic_data import DEFAULT_SCALES, ORDER_SEED, continuation, state_actions  # noqa: E402
 
 from aepo_lite.rl.data import description_info, load_minari  # noqa: E402
-from aepo_lite.rl.datasets import exact_q_labels  # noqa: E402
+from aepo_lite.rl.oracle import exact_q_labels  # noqa: E402
 from aepo_lite.rl.diagnostics import (ACTION_GRADIENT_COLUMNS, action_gradient_field, existing_rows,  # noqa: E402
                                       render_action_gradients, write_csv_and_table)
 

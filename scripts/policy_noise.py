@@ -1,4 +1,4 @@
-"""Score a made dataset's own policy with action noise (aepo_lite.rl.datasets.snapshot_noise_scores): does the
+"""Score a made dataset's own policy with action noise (aepo_lite.rl.oracle.snapshot_noise_scores): does the
 return depend on the actions at the data's noise scale? Writes a CSV and its Markdown table beside it
 (``aepo-lite figures`` re-renders the table from the CSV alone).
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from aepo_lite.rl.datasets import snapshot_noise_scores
+from aepo_lite.rl.oracle import snapshot_noise_scores
 from aepo_lite.rl.diagnostics import POLICY_NOISE_COLUMNS, render_policy_noise, write_csv_and_table
 
 

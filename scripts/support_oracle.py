@@ -1,5 +1,5 @@
 """The best of N of a made dataset's own actions, chosen by Monte-Carlo rollouts of the true environment
-(aepo_lite.rl.datasets.snapshot_oracle_scores): how much one step of in-support policy improvement can gain
+(aepo_lite.rl.oracle.snapshot_oracle_scores): how much one step of in-support policy improvement can gain
 there, for a critic that ranked the support as well as the rollouts do; with ``--search sequence``, a search over
 whole trajectories of the data's policy, replanned at every step (several steps of in-support improvement). Writes a CSV and its Markdown table
 beside it (``aepo-lite figures`` re-renders the table from the CSV alone); a rerun skips the rows the CSV has.
@@ -24,7 +24,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from aepo_lite.rl.datasets import snapshot_oracle_scores
+from aepo_lite.rl.oracle import snapshot_oracle_scores
 from aepo_lite.rl.diagnostics import (SUPPORT_ORACLE_COLUMNS, existing_rows, join_oracle_parts, oracle_episodes,
                                       oracle_settings, render_support_oracle, write_csv_and_table)
 

@@ -1,5 +1,5 @@
 """How far from the data's own actions trained runs act, on a dataset made by ``aepo-lite make-dataset``
-(aepo_lite.rl.datasets.snapshot_action_spread): each run's evaluation episodes at each guidance scale, the actions
+(aepo_lite.rl.oracle.snapshot_action_spread): each run's evaluation episodes at each guidance scale, the actions
 measured against the policy that made the data, in units of its action noise. Writes a CSV and its Markdown table
 beside it (``aepo-lite figures`` re-renders the table from the CSV alone); a rerun skips the rows the CSV has.
 
@@ -13,7 +13,7 @@ import argparse
 import torch
 
 from aepo_lite.rl.agent import estimator_label, load_run
-from aepo_lite.rl.datasets import snapshot_action_spread
+from aepo_lite.rl.oracle import snapshot_action_spread
 from aepo_lite.rl.diagnostics import SUPPORT_SPREAD_COLUMNS, csv_per_run, render_support_spread
 
 

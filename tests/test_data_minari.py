@@ -231,7 +231,7 @@ def test_make_dataset_tiny_repeatable(minari_root, capsys, monkeypatch, tmp_path
     r = make_dataset(DatasetRecipe("Hopper-v5", "random", 120, "t/hopper/random-v0", **kw), progress=False)
     assert r.total_steps == 120 and r.storage.metadata["ref_max_score"] == meta["ref_max_score"]
     # the dataset's own policy with action noise: at noise 0 the medium snapshot's deterministic return, recomputed
-    from aepo_lite.rl.datasets import snapshot_noise_scores
+    from aepo_lite.rl.oracle import snapshot_noise_scores
     med = next(s for s in info["ladder"] if s["step"] == info["medium_snapshot_step"])
     eps, _ = run_episodes(lambda: gym.make("Hopper-v5"), _sb3_policy(_load_snapshot(lad, med), 0.0, None), 3,
                           seed=100_000, n_envs=3)
@@ -259,7 +259,7 @@ def test_make_dataset_tiny_repeatable(minari_root, capsys, monkeypatch, tmp_path
         snapshot_noise_scores("t/hopper/medium-v0", (0.0,), episodes=3, policy_cache=copy.parent)
     # the oracle best-of-N: without noise every candidate is the snapshot's action, so any N replays the
     # deterministic policy's episodes (same reset seeds as snapshot_noise_scores')
-    from aepo_lite.rl.datasets import snapshot_oracle_scores
+    from aepo_lite.rl.oracle import snapshot_oracle_scores
     o1, o4 = snapshot_oracle_scores("t/hopper/medium-v0", (1, 4), horizon=5, episodes=3, noise=0.0)
     assert o1["return_mean"] == pytest.approx(at0["return_mean"]) and o4["return_mean"] == pytest.approx(at0["return_mean"])
     assert o4["candidates"] == 4 and o4["score_mean"] == pytest.approx(at0["score_mean"])
@@ -277,7 +277,7 @@ def test_make_dataset_tiny_repeatable(minari_root, capsys, monkeypatch, tmp_path
                                   resume_dir=steps)[0]["episode_scores"] == w2["episode_scores"]
     assert sorted(f.name[-8:] for f in steps.iterdir()) == ["ep0.json", "ep1.json"]
     with monkeypatch.context() as m:
-        m.setattr("aepo_lite.rl.datasets.rollout_returns", None)  # a search would call it
+        m.setattr("aepo_lite.rl.oracle.rollout_returns", None)  # a search would call it
         assert snapshot_oracle_scores("t/hopper/medium-v0", (2,), horizon=4, episodes=2,
                                       resume_dir=steps)[0]["episode_scores"] == w2["episode_scores"]
     snapshot_oracle_scores("t/hopper/medium-v0", (2,), horizon=4, episodes=1, noise=0.2, resume_dir=steps)
@@ -291,7 +291,7 @@ def test_make_dataset_tiny_repeatable(minari_root, capsys, monkeypatch, tmp_path
     # taken plus that trajectory's return: the search keeps its plan, so it can only improve on it)
     (q3,) = snapshot_oracle_scores("t/hopper/medium-v0", (3,), episodes=3, noise=0.0, search="sequence")
     assert q3["search"] == "sequence" and q3["return_mean"] == pytest.approx(at0["return_mean"])
-    import aepo_lite.rl.datasets as dsm
+    import aepo_lite.rl.oracle as dsm
     promised, taken, real = [], [], dsm.rollout_returns
 
     def recording(*args, **kw):
@@ -382,7 +382,7 @@ def test_make_dataset_tiny_repeatable(minari_root, capsys, monkeypatch, tmp_path
     # exact values of arbitrary (observation, action) pairs, the physics rebuilt from the observation, against an
     # environment that reached each state by playing the episode from its reset and then took the action and the
     # snapshot's actions itself (horizon 20, gamma 0.9)
-    from aepo_lite.rl.datasets import exact_q_labels
+    from aepo_lite.rl.oracle import exact_q_labels
     rng3 = np.random.default_rng(4)
     prefix, probe_at = np.clip(mu_med(np.zeros((1, 11)))[0] + 0.3 * rng3.standard_normal((30, 3)), -1, 1), (0, 7, 19)
     cands = rng3.uniform(-1, 1, (len(probe_at), 3))
@@ -395,7 +395,7 @@ def test_make_dataset_tiny_repeatable(minari_root, capsys, monkeypatch, tmp_path
     np.testing.assert_allclose(got, want, rtol=1e-6)
     # the data's own policy after the action: the snapshot plus draw m's noise sequence at each later step (the same
     # sequence for every pair), the mean over the draws; draws counted from first_draw
-    from aepo_lite.rl.datasets import CONTINUATION_SEED
+    from aepo_lite.rl.oracle import CONTINUATION_SEED
     seqs = [0.2 * np.random.default_rng([CONTINUATION_SEED, m]).standard_normal((19, 3)) for m in range(3)]
 
     def noisy(z):  # the reference asks for an action after its last step too (never taken): a zero row for it
@@ -478,7 +478,7 @@ def test_make_dataset_tiny_repeatable(minari_root, capsys, monkeypatch, tmp_path
     # 2, with 1 - P(|N(0, 1)| < 1.5)^3 of its steps beyond 3 stds; the data's own actions (the snapshot plus the
     # data's noise, clipped to the box, which only shortens an offset) at RMS z <= 1 up to sampling error
     import math
-    from aepo_lite.rl.datasets import snapshot_action_spread
+    from aepo_lite.rl.oracle import snapshot_action_spread
     mu = _sb3_policy(_load_snapshot(lad, med), 0.0, None)
     rng = np.random.default_rng(5)
     data_row, exact, wide = snapshot_action_spread(
@@ -669,7 +669,7 @@ def test_policy_ladder_trains_on_one_torch_thread_and_restores_the_count(minari_
 def test_rollout_returns_match_a_replay_of_the_same_actions():
     """The oracle's Monte-Carlo returns from a restored physics state equal those of an environment that
     reached the same state by replaying the episode from its reset, then took the same actions."""
-    from aepo_lite.rl.datasets import _mujoco_state, rollout_returns
+    from aepo_lite.rl.oracle import _mujoco_state, rollout_returns
     policy = lambda obs: np.tanh(obs[:, :3])  # noqa: E731  any deterministic policy
     rng = np.random.default_rng(0)
     prefix = rng.uniform(-1, 1, (25, 3))
@@ -736,7 +736,7 @@ def test_make_dataset_bad_arguments(minari_root, bad, match):
 def _exact_q(horizon: int, gamma: float, mean_action):
     """An independent exact Q for Hopper: the physics rebuilt from the observation alone (qpos without x, qvel:
     the reward and the dynamics do not depend on x), then the candidate and the deterministic snapshot."""
-    from aepo_lite.rl.datasets import rollout_returns
+    from aepo_lite.rl.oracle import rollout_returns
     env = gym.make("Hopper-v5").unwrapped
     env.reset(seed=0)
     nq = env.model.nq
@@ -764,8 +764,8 @@ def test_critic_against_exact_q_on_and_off_the_support(minari_root):
     no error, every sign and pick right; the same values negated: correlation -1, every sign wrong, no gain; the
     snapshot's own action as the policy: advantage exactly 0 at offset 0; the spread groups at about c stds."""
     pytest.importorskip("stable_baselines3")
-    from aepo_lite.rl.datasets import (DatasetRecipe, _load_snapshot, _sb3_policy, make_dataset, snapshot_q_errors,
-                                       train_policy_ladder)
+    from aepo_lite.rl.datasets import DatasetRecipe, _load_snapshot, _sb3_policy, make_dataset, train_policy_ladder
+    from aepo_lite.rl.oracle import snapshot_q_errors
     from aepo_lite.rl.data import description_info
     kw = dict(train_steps=200, eval_every=100, learning_starts=100, eval_episodes=2, ref_episodes=4, n_envs=4)
     recipe = DatasetRecipe("Hopper-v5", "medium", 250, "t/hopper/medium-v0", **kw)
@@ -793,7 +793,7 @@ def test_critic_against_exact_q_on_and_off_the_support(minari_root):
         assert n["sign_agree"] == 0.0 and n["critic_gain"] <= 0 <= r["critic_gain"]
     assert neg[1]["corr"] < -0.999
     # recorded once, scored many times: the same rows as snapshot_q_errors, also after a save and load
-    from aepo_lite.rl.datasets import QProbes, probe_q_states, q_error_rows
+    from aepo_lite.rl.oracle import QProbes, probe_q_states, q_error_rows
     rng = np.random.default_rng(3)
     probes = probe_q_states("t/hopper/medium-v0", noisy, **args)
     probes.save(minari_root / "probes.npz")
@@ -950,7 +950,7 @@ def test_critic_against_exact_q_on_and_off_the_support(minari_root):
     ex = [r for r in csv.DictReader(open(out)) if r["critic"] == "exact"]
     assert [(r["train_episodes"], r["variant"]) for r in ex] == [("3", "t/hopper/medium-v0:3:exact")] * 3
     assert [r["critic_adv"] for r in ex] != [r["critic_adv"] for r in mc]
-    from aepo_lite.rl.datasets import exact_q_labels
+    from aepo_lite.rl.oracle import exact_q_labels
     chosen = np.sort(np.random.default_rng(cd.ORDER_SEED).permutation(E)[:3])
     sub = data.take_episodes(chosen)
     (cache,) = work.glob("exact-labels-*.npz")
@@ -1086,7 +1086,7 @@ def test_critic_seed_rows_against_closed_forms():
     """critic_seed_rows: identical critics agree exactly and their mean scores as each; critics equal to the exact
     values correlate 1 with them and pick the best; two critics with opposite errors average to the exact values;
     fewer than two critics or a wrong size named."""
-    from aepo_lite.rl.datasets import QProbes, q_error_rows
+    from aepo_lite.rl.oracle import QProbes, q_error_rows
     from aepo_lite.rl.diagnostics import critic_seed_rows, member_counts
     rng = np.random.default_rng(0)
     P, C = 40, 7
@@ -1178,7 +1178,7 @@ def test_inverted_double_pendulum_state_from_its_observation():
     """InvertedDoublePendulum's observation (cart position, angles as sines and cosines, velocities) rebuilt into a
     physics state: the returns rolled out from it equal those of an environment that reached the state itself by
     playing the actions from its reset (the other layout's observation is refused)."""
-    from aepo_lite.rl.datasets import rollout_returns, state_from_observation
+    from aepo_lite.rl.oracle import rollout_returns, state_from_observation
     policy = lambda obs: np.tanh(obs[:, :1] - obs[:, 5:6])  # noqa: E731  any deterministic policy
     rng = np.random.default_rng(2)
     prefix, first = 0.3 * rng.standard_normal((6, 1)), rng.uniform(-1, 1, (3, 1))

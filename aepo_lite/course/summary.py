@@ -786,10 +786,10 @@ def summary_markdown(toy_csv="figures/toy2d_results.csv", rl_csv="figures/rl_res
         current += _critic_lines(convergence_critic_csv, convergence_csv)
     if plateau_csv is not None and Path(plateau_csv).exists():
         current += _plateau_lines(plateau_csv, (convergence_csv, convergence_critic_csv))
-    for csv, preset in ((xlong_csv, "xlong"), (xxlong_csv, "xxlong")):
-        if csv is not None and Path(csv).exists():
+    for path, preset in ((xlong_csv, "xlong"), (xxlong_csv, "xxlong")):
+        if path is not None and Path(path).exists():
             steps = PRESETS["toy"][preset]["energy"]["steps"]
-            lines += _toy_lines(toy_summary(csv, w=None, preset=preset),
+            lines += _toy_lines(toy_summary(path, w=None, preset=preset),
                                 f"Toy 2D tasks, matched at a {steps}-step energy budget (true reward for every method)",
                                 preset, "best w of 0.5 / 1 / 2 per method and task")
     if rl_protocol_csv is not None and Path(rl_protocol_csv).exists():

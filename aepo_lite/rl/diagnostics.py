@@ -488,7 +488,7 @@ POLICY_NOISE_COLUMNS = ("dataset", "snapshot", "noise", "episodes", "return_mean
 POLICY_NOISE_HEADER = ("# A dataset's own policy with action noise\n\nThe policy that made each dataset (its snapshot "
                        "of the TD3 ladder), deterministic and with N(0, std^2) action noise, clipped to the box; "
                        "normalised with the dataset's reference scores (measured by `scripts/policy_noise.py` into "
-                       "`policy_noise.csv`; :func:`aepo_lite.rl.datasets.snapshot_noise_scores`).\n\n")
+                       "`policy_noise.csv`; :func:`aepo_lite.rl.oracle.snapshot_noise_scores`).\n\n")
 
 
 def policy_noise_table(rows) -> str:
@@ -526,7 +526,7 @@ SUPPORT_ORACLE_HEADER = (
     "i + n - 1 (reset seeds 100000 + i ...), measured in its own process; parts that together hold episodes 0 to "
     "n - 1 are shown joined as one row (seconds: the processes' sum). Normalised with the dataset's "
     "reference scores (measured by `scripts/support_oracle.py` into `support_oracle.csv`; "
-    ":func:`aepo_lite.rl.datasets.snapshot_oracle_scores`).\n\n")
+    ":func:`aepo_lite.rl.oracle.snapshot_oracle_scores`).\n\n")
 
 
 def support_oracle_table(rows) -> str:
@@ -549,7 +549,7 @@ def _episodes_cell(row) -> str:
 
 
 def oracle_settings(row) -> tuple:
-    """What a support-oracle row (a CSV dict or :func:`aepo_lite.rl.datasets.snapshot_oracle_scores`' dict with
+    """What a support-oracle row (a CSV dict or :func:`aepo_lite.rl.oracle.snapshot_oracle_scores`' dict with
     ``dataset`` and ``snapshot``) measured, less which episodes: rows with equal settings differ only by their
     episodes' draws."""
     return (row["dataset"], row["snapshot"], row.get("search") or "step", int(row["candidates"]), int(row["horizon"]),
@@ -688,7 +688,7 @@ SUPPORT_SPREAD_HEADER = (
     "are mu(s) plus that noise, clipped to the box (the `data` row: its transitions, its episodes' score). RMS z "
     "about 1 and almost no step beyond 3 stds: the policy acts within the data's support; more: it leaves it. "
     "Means over the seeds (runs) of each row, the score's +- its std over seeds (measured by "
-    "`scripts/support_spread.py` into `support_spread.csv`; :func:`aepo_lite.rl.datasets.snapshot_action_spread`)."
+    "`scripts/support_spread.py` into `support_spread.csv`; :func:`aepo_lite.rl.oracle.snapshot_action_spread`)."
     "\n\n")
 
 
@@ -734,7 +734,7 @@ CRITIC_ERRORS_HEADER = (
     "right`: how often the critic says better / worse than mu(s) as the exact value does (0.5: a coin); `corr`: "
     "their correlation; `gain`: the exact advantage of the critic's pick among mu(s) and the group, per state, "
     "beside the exact pick's (`best`). Means over the seeds (runs) of each row (measured by "
-    "`scripts/critic_errors.py` into `critic_errors.csv`; :func:`aepo_lite.rl.datasets.snapshot_q_errors`).\n\n")
+    "`scripts/critic_errors.py` into `critic_errors.csv`; :func:`aepo_lite.rl.oracle.snapshot_q_errors`).\n\n")
 
 
 def critic_errors_reference(row) -> str:
@@ -1211,10 +1211,10 @@ def member_counts(m: int) -> list[int]:
 def critic_seed_rows(probes, q_hats) -> list[dict]:
     """``q_hats``: M >= 2 critics' Q on ``probes`` (each (P * C,) in the order :func:`q_error_rows` asks for, raw
     reward units), trained alike but for their seed. Per candidate group and n in :func:`member_counts`: the row of
-    the mean of the first n critics' Q scored as one critic (:func:`aepo_lite.rl.datasets.q_error_rows`), with
+    the mean of the first n critics' Q scored as one critic (:func:`aepo_lite.rl.oracle.q_error_rows`), with
     ``members`` n, ``agree`` the mean correlation between two critics' advantages over mu(s) and ``alone`` the mean
     correlation of one critic's with the exact advantages (both over all M critics)."""
-    from aepo_lite.rl.datasets import q_error_rows
+    from aepo_lite.rl.oracle import q_error_rows
     P, C, _ = probes.actions.shape
     qs = [np.asarray(q, np.float64).reshape(-1) for q in q_hats]
     if len(qs) < 2:
