@@ -13,7 +13,8 @@ saved and restored, so what a critic only estimates can be measured here by runn
   - :func:`probe_q_states`, :func:`q_error_rows`, :func:`snapshot_q_errors`: a critic's values against exact ones at
     the states a policy visits.
 
-Every function checks its arguments before any rollout, and names a dataset that was not made by ``make-dataset``.
+The functions that read a dataset's snapshot policy refuse, with its name, a dataset ``make-dataset`` did not make, or
+one whose cached ladder is not the one that made it.
 """
 from __future__ import annotations
 
