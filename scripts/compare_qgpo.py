@@ -90,14 +90,24 @@ def import_qgpo(path: Path):
     return qmodel, qloss, qschedule, qdataset
 
 
-def qgpo_commit(path: Path) -> str | None:
-    head = Path(path) / ".git"
+def qgpo_commit(path: Path, given: str | None = None) -> str | None:
+    """QGPO's own commit: ``given`` (``--qgpo-commit``) when set, else HEAD when ``path`` is the root of its own git
+    checkout, else the ``COMMIT`` file that scripts/gpu_prepare.sh writes beside an export, else None. A folder
+    inside another repository (``.qgpo/``, exported under ours) is no checkout of its own: ``git -C`` there answers
+    with the enclosing repository's HEAD, which is not QGPO's."""
+    import subprocess
+    path = Path(path).resolve()
+    if given:
+        return given
+    git = ["git", "-C", str(path), "rev-parse"]
     try:
-        import subprocess
-        return subprocess.run(["git", "-C", str(path), "rev-parse", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip() or None
-    except Exception:  # not a git checkout (an archive): fine
-        return None if not head.exists() else "unknown"
+        top = subprocess.run(git + ["--show-toplevel"], capture_output=True, text=True, check=True).stdout.strip()
+        if top and Path(top).resolve() == path:
+            return subprocess.run(git + ["HEAD"], capture_output=True, text=True, check=True).stdout.strip() or None
+    except (OSError, subprocess.CalledProcessError):  # no git, or not in a repository at all (an archive)
+        pass
+    stamp = path / "COMMIT"
+    return (stamp.read_text().strip() or None) if stamp.is_file() else None
 
 
 class QGPOSide:
@@ -375,7 +385,8 @@ def dry_run(rows, sides, device) -> int:
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--qgpo", default=None, help="path of a checkout of thu-ml/CEP-energy-guided-diffusion")
-    ap.add_argument("--qgpo-commit", default=None, help="its commit, recorded in the output when --qgpo is not a git checkout")
+    ap.add_argument("--qgpo-commit", default=None, help="its commit, recorded in the output (default: HEAD of --qgpo "
+                                                         "when it is its own git checkout, else its COMMIT file)")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda (QGPO's code gets the same device)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads for both sides")
     ap.add_argument("--rounds", type=int, default=7, help="interleaved rounds (medians over rounds)")
@@ -410,7 +421,7 @@ def main(argv=None):
     meta = {name: {"batch": batch, "note": note} for name, batch, note, _, _ in rows}
     print(f"compare_qgpo: device {device}, {torch.get_num_threads()} threads, {args.rounds} rounds")
     raw, calls = interleave(pairs, rounds=args.rounds, min_time=args.min_time, device=device)
-    result = {"environment": bench.environment(device), "qgpo_commit": qgpo_commit(Path(args.qgpo)) or args.qgpo_commit,
+    result = {"environment": bench.environment(device), "qgpo_commit": qgpo_commit(Path(args.qgpo), args.qgpo_commit),
               "rounds": args.rounds, "min_time": args.min_time, "threads": torch.get_num_threads(),
               "shapes": {"state_dim": STATE_DIM, "action_dim": ACTION_DIM, "support_k": K},
               "params": {"qgpo": qgpo.params(), "aepo_matched": sides["matched"].params(),

@@ -534,6 +534,35 @@ def test_gpu_check_without_a_gpu_stops_with_one_line():
     assert out[0].startswith("gpu_check: no CUDA device here") and "--device cpu --tiny" in out[0]
 
 
+def test_compare_qgpo_records_qgpos_own_commit_not_the_enclosing_repositorys(tmp_path):
+    """scripts/compare_qgpo.py's recorded commit: QGPO's code exported into a folder of another repository (as
+    gpu_prepare.sh puts it in .qgpo/) is not a checkout, so git's answer there (the enclosing repository's HEAD)
+    is not taken; the export's COMMIT file is, an own checkout's HEAD is (nested in another repository too), and
+    --qgpo-commit wins over both."""
+    import subprocess
+    cq = load_script("compare_qgpo")
+
+    def repo(path):
+        path.mkdir(parents=True)
+        (path / "f.txt").write_text(path.name)
+        git = ["git", "-C", str(path), "-c", "user.name=t", "-c", "user.email=t@example.org"]
+        for args in (["init", "-q"], ["add", "f.txt"], ["commit", "-qm", path.name]):
+            subprocess.run(git + args, check=True, capture_output=True)
+        return subprocess.run(git + ["rev-parse", "HEAD"], check=True, capture_output=True, text=True).stdout.strip()
+
+    outer_head = repo(tmp_path / "ours")
+    export = tmp_path / "ours" / ".qgpo"
+    export.mkdir()
+    assert cq.qgpo_commit(export) is None  # not outer_head
+    (export / "COMMIT").write_text("0123abcd\n")
+    assert cq.qgpo_commit(export) == "0123abcd" and cq.qgpo_commit(export, "feed") == "feed"
+    nested_head = repo(tmp_path / "ours" / "qgpo-checkout")
+    assert cq.qgpo_commit(tmp_path / "ours" / "qgpo-checkout") == nested_head != outer_head
+    assert cq.qgpo_commit(tmp_path / "ours") == outer_head
+    (tmp_path / "plain").mkdir()
+    assert cq.qgpo_commit(tmp_path / "plain") is None
+
+
 def test_gpu_check_dry_run_cpu(tmp_path):
     """The check's every step at tiny sizes on the CPU (compile skipped there): the gathered JSON is a bench result
     that bench.to_markdown renders as the written Markdown (so `aepo-lite figures` rebuilds the same table)."""
