@@ -10,7 +10,9 @@ beside it (``aepo-lite figures`` re-renders the table from the CSV alone); a rer
         --episodes 10 --out figures/rl_6c_ln/support_oracle.csv
 
 Long rows can be split across processes by episode (each episode draws from its own generator, so the parts
-joined are the row one process would have written), each part into its own CSV, then added to the main one:
+joined are the row one process would have written): ``--workers W`` runs a row's episodes in W processes side by
+side, each episode's part added to ``--out`` as it lands and joined there into the row; or by hand, each part into
+its own CSV (on other machines, say), then added to the main one:
 
     python scripts/support_oracle.py ... --episodes 1 --first-episode 0 --out part0.csv   # one process
     python scripts/support_oracle.py ... --episodes 1 --first-episode 1 --out part1.csv   # another
@@ -24,7 +26,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from aepo_lite.rl.oracle import snapshot_oracle_scores
+from aepo_lite.rl.oracle import snapshot_oracle_parts, snapshot_oracle_scores
 from aepo_lite.rl.diagnostics import (SUPPORT_ORACLE_COLUMNS, existing_rows, join_oracle_parts, oracle_episodes,
                                       oracle_settings, render_support_oracle, write_csv_and_table)
 
@@ -42,6 +44,24 @@ def _add(rows, paths) -> list[dict]:
         for r in existing_rows(path):
             if not _held(rows, oracle_settings(r), oracle_episodes(r)):
                 rows.append(r)
+    return rows
+
+
+def _measure(rows, d: str, a, n: int, episodes: range, settings: tuple, kw: dict) -> list[dict]:
+    """``rows`` with the row of dataset ``d``, N = ``n`` over ``episodes`` measured (in ``a.workers`` processes: one
+    part an episode, those already in ``rows`` skipped) and joined, ``a.out`` written as each row or part lands."""
+    def land(r):
+        nonlocal rows
+        r["episode_scores"] = " ".join(f"{v:.6f}" for v in r["episode_scores"])
+        rows = join_oracle_parts(rows + [{"dataset": d, "snapshot": a.which, **r}])
+        write_csv_and_table(a.out, rows, SUPPORT_ORACLE_COLUMNS, render_support_oracle)
+
+    if a.workers == 1:
+        (r,) = snapshot_oracle_scores(d, (n,), episodes=a.episodes, progress=True, first_episode=a.first_episode, **kw)
+        land(r)
+    else:
+        left = [i for i in episodes if not _held(rows, settings, range(i, i + 1))]
+        snapshot_oracle_parts(d, n, left, a.workers, land, **kw)
     return rows
 
 
@@ -78,12 +98,17 @@ def main(argv=None) -> int:
                         "data's policy, replanned each step (continuation noise: the candidates' noise)")
     p.add_argument("--which", default="medium", choices=("medium", "expert"), help="the recipe's snapshot")
     p.add_argument("--out", required=True, help="the CSV to write (its .md table is written beside it)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="processes side by side, each measuring one episode at a time (each holds N x draws "
+                        "simulators: about 1.2 MB each for Hopper)")
     p.add_argument("--resume-dir", default=None,
                    help="where each episode is saved after every step, for a killed run to resume (default: "
                         ".<out's name>.steps beside --out)")
     a = p.parse_args(argv)
     if not a.datasets and not a.add:
         p.error("--datasets: expected at least one dataset (or --add CSV ... alone, to join parts)")
+    if a.workers < 1:
+        p.error(f"--workers: expected at least 1 process, got {a.workers}")
     if a.first_episode < 0:
         p.error(f"--first-episode: expected an episode index >= 0, got {a.first_episode}")
     if a.search == "sequence" and a.continuation_noise != 0:
@@ -110,16 +135,14 @@ def main(argv=None) -> int:
                 print(f"skip {d} {a.search} N={n} horizon={a.horizon} episodes {episodes.start}-{episodes.stop - 1}: "
                       f"in {a.out}")
                 continue
-            (r,) = snapshot_oracle_scores(d, (n,), horizon=a.horizon, episodes=a.episodes, noise=noise,
-                                          continuation_noise=0.0 if a.search == "sequence" else cont,
-                                          gamma=a.gamma, search=a.search, continuation_draws=a.continuation_draws,
-                                          which=a.which, progress=True, first_episode=a.first_episode,
-                                          resume_dir=steps)
-            r["episode_scores"] = " ".join(f"{v:.6f}" for v in r["episode_scores"])
-            rows = join_oracle_parts(rows + [{"dataset": d, "snapshot": a.which, **r}])
-            print(f"{d} {a.search} N={n} horizon={a.horizon} gamma={a.gamma:g} continuation noise={cont:g} x {a.continuation_draws}: score {r['score_mean']:.1f} +- {r['score_std']:.1f} "
-                  f"({r['seconds']:.0f} s)", flush=True)
-            write_csv_and_table(a.out, rows, SUPPORT_ORACLE_COLUMNS, render_support_oracle)  # each row as it lands
+            kw = dict(horizon=a.horizon, noise=noise, continuation_noise=0.0 if a.search == "sequence" else cont,
+                      gamma=a.gamma, search=a.search, continuation_draws=a.continuation_draws, which=a.which,
+                      resume_dir=steps)
+            rows = _measure(rows, d, a, n, episodes, settings, kw)
+            for r in [r for r in rows if _held([r], settings, episodes)][:1]:  # none while parts stay apart
+                print(f"{d} {a.search} N={n} horizon={a.horizon} gamma={a.gamma:g} continuation noise={cont:g} x "
+                      f"{a.continuation_draws}: score {float(r['score_mean']):.1f} +- {float(r['score_std']):.1f} "
+                      f"({float(r['seconds']):.0f} s)", flush=True)
     for path in write_csv_and_table(a.out, rows, SUPPORT_ORACLE_COLUMNS, render_support_oracle):
         print(f"wrote {path}")
     return 0

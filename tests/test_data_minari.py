@@ -468,7 +468,21 @@ def test_make_dataset_tiny_repeatable(minari_root, capsys, monkeypatch, tmp_path
     capsys.readouterr()
     assert so.main(one + ["--episodes", "1", "--first-episode", "1", "--out", str(joined)]) == 0
     assert "skip t/hopper/medium-v0 step N=2 horizon=3 episodes 1-1" in capsys.readouterr().out
-    for bad, match in [(one + ["--first-episode", "-1"], "--first-episode"),
+    # --workers 2: the row's two episodes measured in two processes, each a part added to --out as it lands and
+    # joined there: the row of one process; a rerun measures nothing
+    par = minari_root / "par.csv"
+    assert so.main(one + ["--episodes", "2", "--workers", "2", "--out", str(par)]) == 0
+    (p2,) = so.existing_rows(par)
+    assert (p2["episodes"], p2["first_episode"]) == ("2", "0") and p2["episode_scores"] == w["episode_scores"]
+    for k in ("score_mean", "score_std", "return_mean", "length_mean"):
+        assert float(p2[k]) == pytest.approx(float(w[k]))
+    capsys.readouterr()
+    assert so.main(one + ["--episodes", "2", "--workers", "2", "--out", str(par)]) == 0
+    assert "skip t/hopper/medium-v0 step N=2 horizon=3 episodes 0-1" in capsys.readouterr().out
+    from aepo_lite.rl.oracle import snapshot_oracle_parts
+    with pytest.raises(ValueError, match="workers"):
+        snapshot_oracle_parts("t/hopper/medium-v0", 2, [0], 0, print)
+    for bad, match in [(one + ["--first-episode", "-1"], "--first-episode"), (one + ["--workers", "0"], "--workers"),
                        (["--add", str(minari_root / "no.csv")], "--add"), ([], "--datasets")]:
         with pytest.raises(SystemExit):
             so.main(bad + ["--out", str(joined)])

@@ -34,8 +34,8 @@ from aepo_lite.rl.datasets import DatasetRecipe, _dataset_snapshot, _sb3_policy
 from aepo_lite.rl.evaluation import run_episodes
 
 __all__ = ["snapshot_noise_scores", "rollout_returns", "state_from_observation", "exact_q_labels", "CONTINUATION_SEED",
-           "snapshot_oracle_scores", "ORACLE_SEARCHES", "snapshot_action_spread", "QProbes", "probe_q_states",
-           "q_error_rows", "snapshot_q_errors"]
+           "snapshot_oracle_scores", "snapshot_oracle_parts", "ORACLE_SEARCHES", "snapshot_action_spread", "QProbes",
+           "probe_q_states", "q_error_rows", "snapshot_q_errors"]
 
 
 def snapshot_noise_scores(name: str, noises=(0.0, 0.1, 0.2), episodes: int = 30, seed: int = 100_000,
@@ -343,22 +343,24 @@ def _sequence_episode(env, scratch, mean_action, n: int, reset_seed: int, rng, n
 ORACLE_SEARCHES = ("step", "sequence")
 
 
-def _episode_bar(env, ep: int, progress: bool):
+def _episode_bar(env, ep: int, progress: bool, position: Optional[int] = None):
     """A progress bar over episode ``ep``'s steps (an oracle episode of a large N runs for hours on a CPU core): the
     steps taken of the time limit, the time so far and a step's time, without an estimate of the time left, since an
     episode may end long before its limit at a fall (Hopper medium's after about 130 of 1000 steps)."""
     from tqdm.auto import tqdm
     return tqdm(total=env.spec.max_episode_steps, desc=f"episode {ep}: steps", unit="step", disable=not progress,
-                leave=False, bar_format="{desc} {n_fmt} of at most {total_fmt} [{elapsed}, {rate_fmt}]")
+                leave=False, position=position,
+                bar_format="{desc} {n_fmt} of at most {total_fmt} [{elapsed}, {rate_fmt}]")
 
 
 def _play_oracle_episode(env, scratch, mean_action, row: dict, ep: int, seed: int, ckpt: _EpisodeCheckpoint,
-                         progress: bool) -> tuple[float, int]:
+                         progress: bool, position: Optional[int] = None) -> tuple[float, int]:
     """Episode ``ep`` of :func:`snapshot_oracle_scores`' row ``row`` (its search, N, noises, horizon, gamma and
     draws): reset with seed ``seed + ep``, candidates drawn from the generator seeded by (``seed``, N, ``ep``),
-    resumed from and saved to ``ckpt``. (its return, its length)."""
+    resumed from and saved to ``ckpt``; its bar on terminal line ``position`` (None: tqdm's choice). (its return,
+    its length)."""
     n, rng = row["candidates"], np.random.default_rng([seed, row["candidates"], ep])
-    with _episode_bar(env, ep, progress) as bar:
+    with _episode_bar(env, ep, progress, position) as bar:
         if row["search"] == "sequence":
             return _sequence_episode(env, scratch, mean_action, n, seed + ep, rng, row["noise"], row["horizon"],
                                      row["gamma"], bar, ckpt)
@@ -399,7 +401,8 @@ def snapshot_oracle_scores(name: str, candidates=(1, 4, 16), horizon: int = 1000
                            gamma: float = 1.0, seed: int = 100_000, which: str = "medium", noise: Optional[float] = None,
                            continuation_noise: float = 0.0, policy_cache: Optional[Path] = None,
                            progress: bool = False, search: str = "step", continuation_draws: int = 1,
-                           first_episode: int = 0, resume_dir: Optional[Path] = None) -> list[dict]:
+                           first_episode: int = 0, resume_dir: Optional[Path] = None,
+                           position: Optional[int] = None) -> list[dict]:
     """What the best of N of a dataset's own actions is worth when chosen by the *true* return (an oracle):
     the upper end of what one step of in-support policy improvement can gain on a ``make-dataset`` dataset.
 
@@ -432,7 +435,8 @@ def snapshot_oracle_scores(name: str, candidates=(1, 4, 16), horizon: int = 1000
     process would have written. ``resume_dir``: a folder where each episode is saved as it goes (one file per episode,
     named by the row's settings; at most every 5 s, so every step of a slow search), so that a killed run resumes
     and a rerun replays finished episodes instead of searching them again (an episode at N = 256 runs for hours on a
-    CPU core).
+    CPU core). :func:`snapshot_oracle_parts` runs a row's episodes so, in processes side by side. ``position``: the
+    terminal line of the episode bars (a process among several).
 
     One dict per N: ``search``, ``candidates``, ``horizon``, ``gamma``, ``noise``, ``data_noise`` (the recipe's
     ``collect_noise``: candidates with ``noise`` equal to it are the data's support), ``continuation_noise``, ``return_mean``,
@@ -456,10 +460,10 @@ def snapshot_oracle_scores(name: str, candidates=(1, 4, 16), horizon: int = 1000
                    "continuation_draws": continuation_draws}
             rets, lens = [], []
             for ep in tqdm(range(first_episode, first_episode + episodes), desc=f"oracle best of {n} ({search})",
-                           disable=not progress, leave=False):
+                           disable=not progress or episodes == 1, leave=False):
                 ckpt = _EpisodeCheckpoint(_checkpoint_path(resume_dir, {"dataset": name, "which": which, "seed": seed,
                                                                         "policy": policy, **row}, ep))
-                ret, t = _play_oracle_episode(env, scratch, mean_action, row, ep, seed, ckpt, progress)
+                ret, t = _play_oracle_episode(env, scratch, mean_action, row, ep, seed, ckpt, progress, position)
                 rets.append(ret)
                 lens.append(t)
             score = (np.array(rets) - lo) / (hi - lo) * 100
@@ -472,6 +476,72 @@ def snapshot_oracle_scores(name: str, candidates=(1, 4, 16), horizon: int = 1000
         for s in scratch:
             s.close()
     return out
+
+
+_WORKER_SLOT = 0  # a snapshot_oracle_parts worker's index: its bar's terminal line is 1 + this
+
+
+def _parts_worker_init(slots, lock, threads: int) -> None:
+    """A :func:`snapshot_oracle_parts` worker process: its slot (for its bar's line), tqdm's lock shared with the
+    others (bars of several processes on one terminal) and its share of torch's CPU threads."""
+    global _WORKER_SLOT
+    import torch
+    from tqdm.auto import tqdm
+    with slots.get_lock():
+        _WORKER_SLOT, slots.value = slots.value, slots.value + 1
+    tqdm.set_lock(lock)
+    torch.set_num_threads(threads)
+
+
+def _one_part(name: str, n: int, ep: int, kw: dict, progress: bool) -> dict:
+    """Episode ``ep`` of the oracle row of N = ``n``, alone: the part row :func:`snapshot_oracle_scores` writes."""
+    (row,) = snapshot_oracle_scores(name, (n,), episodes=1, first_episode=ep, progress=progress,
+                                    position=1 + _WORKER_SLOT, **kw)
+    return row
+
+
+def snapshot_oracle_parts(name: str, n: int, episodes, workers: int, on_part: Callable[[dict], None],
+                          progress: bool = True, **kw) -> None:
+    """The episodes ``episodes`` (indices) of :func:`snapshot_oracle_scores`' row of N = ``n`` (its other keyword
+    arguments ``kw``, ``resume_dir`` among them), each measured alone as a part (``episodes=1, first_episode=i``)
+    in ``workers`` processes side by side (spawned; torch's CPU threads shared out among them). ``on_part(row)`` is
+    called here as each part lands, in the order they finish, so that the caller saves it at once; the parts join
+    into the row one process would have written (:func:`aepo_lite.rl.diagnostics.join_oracle_parts`), since every
+    episode draws from its own generator. Each worker's episode bar has its own terminal line, under a bar of the
+    episodes done. Every process builds its own N x ``continuation_draws`` scratch environments (about 1.2 MB
+    each for Hopper), so memory grows with ``workers``. After a worker's error no other part starts; it is raised
+    here once the parts already running have landed (their ``on_part`` called). Each episode's steps are saved in
+    ``resume_dir`` as it goes, so a rerun resumes them."""
+    import multiprocessing as mp
+    import os
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    from tqdm.auto import tqdm
+    check_int("workers", workers, low=1)
+    episodes = [check_int("episodes", i, low=0) for i in episodes]
+    if not episodes:
+        return
+    ctx = mp.get_context("spawn")  # a forked child would inherit torch's thread pools in whatever state they were
+    workers = min(workers, len(episodes))
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    lock = ctx.RLock()
+    tqdm.set_lock(lock)  # this process's bar and the workers' write to one terminal under one lock
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_parts_worker_init,
+                             initargs=(ctx.Value("i", 0), lock, threads)) as pool:
+        futures = [pool.submit(_one_part, name, n, i, kw, progress) for i in episodes]
+        failed = None
+        for f in tqdm(as_completed(futures), total=len(futures), desc=f"oracle best of {n}: episodes",
+                      disable=not progress, position=0):
+            if f.cancelled():
+                continue
+            if f.exception() is not None:
+                failed = failed or f.exception()
+                for g in futures:  # the parts not started yet: not started at all
+                    g.cancel()
+                continue
+            on_part(f.result())
+        if failed is not None:
+            raise failed
 
 
 def _support_width(name: str, recipe: DatasetRecipe) -> float:
