@@ -297,10 +297,11 @@ else:
 #   softmax loss; the `bench` preset's LayerNorm critic trained 40000 steps and 256 x 3 energy trained 20000 steps;
 #   all of these our choices, by measurement) beats behaviour cloning by 5 points on 5 of the 6 local datasets and
 #   is at or above QGPO on 5 of 6 (3-10 seeds). The issue's target, BC + 5 on every dataset, is not reached.
-# - The miss is Hopper medium: BC + 2.9 (10 seeds, at w = 10, the largest scale swept). There the data's own
-#   actions, ranked by the simulator's exact return, are worth BC + 0.8 taken one step; ranked by a perfect critic
-#   of the data policy's Q, BC + 3.7 (the best of 64); searched as whole trajectories, BC + 2.5. Our critics rank
-#   actions there about as a coin. By the error budget both the critic and the data's support are at fault.
+# - The miss is Hopper medium: BC + 2.9 (10 seeds, at w = 10, the largest scale swept; paired by seed, a 95%
+#   interval of + 1.3 to + 4.4, so not the seeds' luck). There the data's own actions, ranked by the simulator's
+#   exact return, are worth BC + 0.8 taken one step; ranked by a perfect critic of the data policy's Q, BC + 3.7
+#   (the best of 64); searched as whole trajectories, BC + 2.5. Our critics rank actions there about as a coin. By
+#   the error budget both the critic and the data's support are at fault.
 # - Not the one dataset's accident: on four other draws of the Hopper medium recipe (made on an Intel CPU, so other
 #   datasets with their own references, not the tables') the default gains BC + 1.5 to + 8.6 (5 seeds; BC + 5 on one
 #   draw, where BC fell 6.4 below the data). QGPO gains BC + 1.2 to + 11.1 there and is above the default on 3 of

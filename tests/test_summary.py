@@ -605,6 +605,51 @@ def test_rl_glance_table_puts_each_method_at_its_best_scale_and_marks_the_defaul
     assert _rl_glance_lines(tmp_path / "missing.csv") == []
 
 
+def test_paired_interval_is_the_normal_interval_for_many_seeds_and_refuses_too_few():
+    """The bootstrap interval of a mean of paired differences against the closed form it tends to (mean +- 1.96 x
+    the population std / sqrt(n)) for 400 seeds; one seed, or a NaN, refused with the argument named."""
+    import numpy as np
+
+    from aepo_lite.course.summary import paired_interval
+    d = np.random.default_rng(3).normal(3.0, 1.0, 400)
+    mean, low, high = paired_interval(d)
+    se = d.std() / np.sqrt(len(d))
+    assert mean == pytest.approx(d.mean()) and low == pytest.approx(mean - 1.96 * se, abs=0.01)
+    assert high == pytest.approx(mean + 1.96 * se, abs=0.01) and paired_interval(d) == (mean, low, high)
+    assert paired_interval([3.0, 3.0, 3.0]) == (3.0, 3.0, 3.0)
+    for bad in ([1.0], [1.0, float("nan")]):
+        with pytest.raises(ValueError, match="diffs"):
+            paired_interval(bad)
+
+
+def test_rl_glance_says_whether_a_miss_is_more_than_the_seeds_luck(tmp_path):
+    """Under the at-a-glance table, each miss with at least 5 seeds shared: the default (at its best w) minus BC or
+    QGPO seed by seed. A gap of exactly 3 on every seed has the interval [3, 3], under BC + 5; a gap that swings
+    from -5 to +15 leaves BC + 5 inside it; a miss on 3 seeds, and a dataset that meets both targets, say nothing."""
+    from aepo_lite.course.summary import _rl_glance_lines, default_aepo_label
+    lab = default_aepo_label("bench")
+    gaps = {"steady": [3.0] * 6, "swings": [-5.0, 15.0, 3.0, 0.0, 10.0, -3.0], "few": [3.0] * 3, "met": [8.0] * 6,
+            "underq": [8.0] * 5}  # BC + 8, but QGPO 2 higher on every seed
+    rows = []
+    for d, gap in gaps.items():
+        for s, g in enumerate(gap):
+            base = dict(dataset=f"local/{d}/m-v0", seed=s, return_mean=0, preset="bench", sample_steps=15, episodes=10)
+            rows += [dict(base, method="bc", guidance_scale=0.0, normalized_score=50.0 + s),
+                     dict(base, method="qgpo", guidance_scale=1.0, normalized_score=60.0 + s if d == "underq" else 40.0),
+                     dict(base, method=lab, guidance_scale=3.0, normalized_score=50.0 + s + g),
+                     dict(base, method=lab, guidance_scale=1.0, normalized_score=0.0)]  # not its best w
+    _write(tmp_path / "r.csv", rows)
+    lines = _rl_glance_lines(tmp_path / "r.csv")
+    (said,) = [ln for ln in lines if ln.startswith("**Is a miss")]
+    assert "local/steady/m-v0, the default minus BC: +3.0 [+3.0, +3.0] over 6 seeds; BC + 5 lies above the " \
+           "interval: more than the seeds' luck" in said
+    swing = said.split("local/swings/m-v0, the default minus BC: +3.3 [")[1]
+    assert swing.split("]")[1].startswith(" over 6 seeds; BC + 5 lies inside it: the seeds cannot tell;")
+    assert "local/underq/m-v0, the default minus QGPO: -2.0 [-2.0, -2.0] over 5 seeds; QGPO lies above the interval" in said
+    assert "local/few/" not in said and "local/met/" not in said and "underq/m-v0, the default minus BC" not in said
+    assert lines[-1] == ""
+
+
 def test_energy_or_critic_square_uses_the_seeds_all_four_cells_share(tmp_path):
     """The 2 x 2 of energy by critic, by hand: each cell at its own best w over the seeds all four share (seeds 0
     and 4, run by two cells only, would move every mean by 4 if they were counted), the energy's part and the

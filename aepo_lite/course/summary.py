@@ -267,6 +267,58 @@ def _cell(v: dict | None, n: int, mark_w: bool = False) -> str:
     return f"{v['mean']:.1f}" + (f" ({', '.join(notes)})" if notes else "")
 
 
+PAIRED_MIN_SEEDS = 5  # fewer seeds make a bootstrap interval say little (3 seeds: 10 distinct resamples)
+
+
+def paired_interval(diffs, resamples: int = 10_000, level: float = 0.95, seed: int = 0) -> tuple[float, float, float]:
+    """The mean of per-seed paired differences ``diffs`` (n,) and its percentile bootstrap interval at ``level``
+    (the seeds resampled with replacement ``resamples`` times, from a fixed generator so that a summary is
+    rendered the same every time): (mean, low, high)."""
+    import numpy as np
+    d = np.asarray(diffs, dtype=float)
+    if d.ndim != 1 or len(d) < 2 or not np.isfinite(d).all():
+        raise ValueError(f"diffs: expected at least two finite paired differences, got {d.tolist()}")
+    means = d[np.random.default_rng(seed).integers(0, len(d), (resamples, len(d)))].mean(1)
+    low, high = np.percentile(means, [50 * (1 - level), 50 * (1 + level)])
+    return float(d.mean()), float(low), float(high)
+
+
+def _seed_scores(rows: list[dict], dataset: str, preset: str, method: str, w: float) -> dict[str, float]:
+    """One cell's normalised score by seed (a CSV's rows)."""
+    return {r["seed"]: float(r["normalized_score"]) for r in rows
+            if (r["dataset"], r["preset"], r["method"]) == (dataset, preset, method) and r["normalized_score"]
+            and float(r["guidance_scale"]) == w}
+
+
+def _miss_interval_lines(rl_csv, found) -> list[str]:
+    """For each miss of the glance table (the default under BC + 5, or under QGPO) with at least PAIRED_MIN_SEEDS
+    seeds shared by the two cells (each at its own best w): the default minus the other seed by seed, its mean and
+    95% bootstrap interval, and whether the target lies above it (a miss more than the seeds' luck) or inside it."""
+    rows, out = _read(rl_csv), []
+    for ds, preset, r, _ in found:
+        m = r["methods"]
+        a = m.get(default_aepo_label(preset))
+        for name, key, margin in (("BC", "bc", TARGET_OVER_BC), ("QGPO", "qgpo", 0.0)):
+            b = m.get(key)
+            if a is None or b is None or a["mean"] - b["mean"] >= margin:
+                continue
+            x = _seed_scores(rows, ds, preset, default_aepo_label(preset), a["w"])
+            y = _seed_scores(rows, ds, preset, key, b["w"])
+            seeds = sorted(set(x) & set(y), key=int)
+            if len(seeds) < PAIRED_MIN_SEEDS:
+                continue
+            mean, low, high = paired_interval([x[k] - y[k] for k in seeds])
+            where = "above the interval: more than the seeds' luck" if high < margin else "inside it: the seeds cannot tell"
+            out.append(f"{ds}, the default minus {name}: {mean:+.1f} [{low:+.1f}, {high:+.1f}] over {len(seeds)} "
+                       f"seeds; {name}{f' + {margin:g}' if margin else ''} lies {where}")
+    if not out:
+        return []
+    return [f"**Is a miss more than the seeds' luck?** The default at its best w minus the other method at its own, "
+            "seed by seed: the mean and its 95% bootstrap interval (the seeds resampled 10000 times; misses with at "
+            f"least {PAIRED_MIN_SEEDS} seeds shared; each w chosen on these same seeds, which flatters the choice). "
+            + "; ".join(out) + ".", ""]
+
+
 def _rl_glance_lines(rl_csv, heldout_csv=None) -> list[str]:
     """Today's offline-RL sweep as one table a reader takes in at a glance: per dataset (and the held-out one,
     marked) the data's own episodes, BC, MSE, QGPO, the Gaussian AEPO target and the library's default AEPO
@@ -300,7 +352,8 @@ def _rl_glance_lines(rl_csv, heldout_csv=None) -> list[str]:
             "Gaussian target" + (f"; every scale: `{Path(rl_csv).parent.name}/{figure.parent.name}/{figure.name}`"
                                  if figure.exists() else "") + "):", "",
             "| dataset | seeds | data | BC | MSE | QGPO | AEPO Gaussian | AEPO default | default - BC | "
-            "default - QGPO |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|", *rows, ""]
+            "default - QGPO |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|", *rows, "",
+            *_miss_interval_lines(rl_csv, [f for f in found if not f[3]])]
 
 
 def _critic_label(preset: str, method: str, kind: str) -> str:
