@@ -461,24 +461,26 @@ def test_make_dataset_tiny_repeatable(minari_root, capsys, monkeypatch, tmp_path
     assert so.main(["--add", str(parts[1]), "--out", str(joined)]) == 0  # one part alone stays a part
     assert [r["first_episode"] for r in so.existing_rows(joined)] == ["1"]
     assert so.main(["--add", *map(str, parts), "--out", str(joined)]) == 0
-    (w,), (j,) = so.existing_rows(whole), so.existing_rows(joined)
-    assert (j["episodes"], j["first_episode"]) == ("2", "0") and j["episode_scores"] == w["episode_scores"]
-    for k in ("score_mean", "score_std", "return_mean", "length_mean"):
-        assert float(j[k]) == pytest.approx(float(w[k]))
-    capsys.readouterr()
-    assert so.main(one + ["--episodes", "1", "--first-episode", "1", "--out", str(joined)]) == 0
-    assert "skip t/hopper/medium-v0 step N=2 horizon=3 episodes 1-1" in capsys.readouterr().out
     # --workers 2: the row's two episodes measured in two processes, each a part added to --out as it lands and
-    # joined there: the row of one process; a rerun measures nothing
+    # joined there
     par = minari_root / "par.csv"
     assert so.main(one + ["--episodes", "2", "--workers", "2", "--out", str(par)]) == 0
-    (p2,) = so.existing_rows(par)
-    assert (p2["episodes"], p2["first_episode"]) == ("2", "0") and p2["episode_scores"] == w["episode_scores"]
-    for k in ("score_mean", "score_std", "return_mean", "length_mean"):
-        assert float(p2[k]) == pytest.approx(float(w[k]))
+    (w,), (j,), (p2,) = so.existing_rows(whole), so.existing_rows(joined), so.existing_rows(par)
+    for got in (j, p2):  # each the row of one process
+        assert (got["episodes"], got["first_episode"]) == ("2", "0") and got["episode_scores"] == w["episode_scores"]
+        for k in ("score_mean", "score_std", "return_mean", "length_mean"):
+            assert float(got[k]) == pytest.approx(float(w[k]))
     capsys.readouterr()
-    assert so.main(one + ["--episodes", "2", "--workers", "2", "--out", str(par)]) == 0
-    assert "skip t/hopper/medium-v0 step N=2 horizon=3 episodes 0-1" in capsys.readouterr().out
+    assert so.main(one + ["--episodes", "1", "--first-episode", "1", "--out", str(joined)]) == 0
+    assert so.main(one + ["--episodes", "2", "--workers", "2", "--out", str(par)]) == 0  # a rerun measures nothing
+    said = capsys.readouterr().out
+    assert "skip t/hopper/medium-v0 step N=2 horizon=3 episodes 1-1" in said
+    assert "skip t/hopper/medium-v0 step N=2 horizon=3 episodes 0-1" in said
+    half = minari_root / "half.csv"  # episode 0 already there: the workers measure episode 1 alone, then join
+    half.write_text(parts[0].read_text())
+    assert so.main(one + ["--episodes", "2", "--workers", "2", "--out", str(half)]) == 0
+    assert [f.name[-8:] for f in (minari_root / ".half.steps").iterdir()] == ["ep1.json"]
+    assert [r["episode_scores"] for r in so.existing_rows(half)] == [w["episode_scores"]]
     from aepo_lite.rl.oracle import snapshot_oracle_parts
     with pytest.raises(ValueError, match="workers"):
         snapshot_oracle_parts("t/hopper/medium-v0", 2, [0], 0, print)
