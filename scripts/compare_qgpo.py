@@ -96,9 +96,9 @@ def qgpo_commit(path: Path, given: str | None = None) -> str | None:
     inside another repository (``.qgpo/``, exported under ours) is no checkout of its own: ``git -C`` there answers
     with the enclosing repository's HEAD, which is not QGPO's."""
     import subprocess
-    path = Path(path).resolve()
     if given:
         return given
+    path = Path(path).resolve()
     git = ["git", "-C", str(path), "rev-parse"]
     try:
         top = subprocess.run(git + ["--show-toplevel"], capture_output=True, text=True, check=True).stdout.strip()

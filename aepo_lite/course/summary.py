@@ -268,9 +268,11 @@ def _cell(v: dict | None, n: int, mark_w: bool = False) -> str:
 
 
 PAIRED_MIN_SEEDS = 5  # fewer seeds make a bootstrap interval say little (3 seeds: 10 distinct resamples)
+PAIRED_RESAMPLES = 10_000  # the summary's bootstrap resamples of the seeds
 
 
-def paired_interval(diffs, resamples: int = 10_000, level: float = 0.95, seed: int = 0) -> tuple[float, float, float]:
+def paired_interval(diffs, resamples: int = PAIRED_RESAMPLES, level: float = 0.95,
+                    seed: int = 0) -> tuple[float, float, float]:
     """The mean of per-seed paired differences ``diffs`` (n,) and its percentile bootstrap interval at ``level``
     (the seeds resampled with replacement ``resamples`` times, from a fixed generator so that a summary is
     rendered the same every time): (mean, low, high)."""
@@ -296,13 +298,13 @@ def _miss_interval_lines(rl_csv, found) -> list[str]:
     95% bootstrap interval, and whether the target lies above it (a miss more than the seeds' luck) or inside it."""
     rows, out = _read(rl_csv), []
     for ds, preset, r, _ in found:
-        m = r["methods"]
-        a = m.get(default_aepo_label(preset))
+        m, lab = r["methods"], default_aepo_label(preset)
+        a = m.get(lab)
         for name, key, margin in (("BC", "bc", TARGET_OVER_BC), ("QGPO", "qgpo", 0.0)):
             b = m.get(key)
             if a is None or b is None or a["mean"] - b["mean"] >= margin:
                 continue
-            x = _seed_scores(rows, ds, preset, default_aepo_label(preset), a["w"])
+            x = _seed_scores(rows, ds, preset, lab, a["w"])
             y = _seed_scores(rows, ds, preset, key, b["w"])
             seeds = sorted(set(x) & set(y), key=int)
             if len(seeds) < PAIRED_MIN_SEEDS:
@@ -314,9 +316,9 @@ def _miss_interval_lines(rl_csv, found) -> list[str]:
     if not out:
         return []
     return [f"**Is a miss more than the seeds' luck?** The default at its best w minus the other method at its own, "
-            "seed by seed: the mean and its 95% bootstrap interval (the seeds resampled 10000 times; misses with at "
-            f"least {PAIRED_MIN_SEEDS} seeds shared; each w chosen on these same seeds, which flatters the choice). "
-            + "; ".join(out) + ".", ""]
+            f"seed by seed: the mean and its 95% bootstrap interval (the seeds resampled {PAIRED_RESAMPLES} times; "
+            f"misses with at least {PAIRED_MIN_SEEDS} seeds shared; each w chosen on these same seeds, which flatters "
+            "the choice). " + "; ".join(out) + ".", ""]
 
 
 def _rl_glance_lines(rl_csv, heldout_csv=None) -> list[str]:
