@@ -441,7 +441,8 @@ def snapshot_oracle_scores(name: str, candidates=(1, 4, 16), horizon: int = 1000
     One dict per N: ``search``, ``candidates``, ``horizon``, ``gamma``, ``noise``, ``data_noise`` (the recipe's
     ``collect_noise``: candidates with ``noise`` equal to it are the data's support), ``continuation_noise``, ``return_mean``,
     ``score_mean`` / ``score_std`` (normalised with the dataset's reference scores), ``length_mean``,
-    ``episodes``, ``first_episode``, ``episode_scores`` (each episode's normalised score, in order), ``seconds``."""
+    ``episodes``, ``first_episode``, ``episode_scores`` (each episode's normalised score, in order), ``seconds``
+    (this call's: an episode resumed from ``resume_dir`` counts only the time after the resume)."""
     from tqdm.auto import tqdm
     cands = _check_oracle_counts(candidates, horizon, episodes, first_episode, seed, gamma)
     recipe, model, lo, hi = _dataset_snapshot(name, which, policy_cache)
