@@ -19,7 +19,8 @@ its own CSV (on other machines, say), then added to the main one:
     python scripts/support_oracle.py --add part0.csv part1.csv --out figures/rl_6c_ln/support_oracle.csv
 
 Each episode is saved after every step (``--resume-dir``, by default a hidden folder beside ``--out``), so a killed
-run, started again with the same arguments, resumes at the step it reached.
+run, started again with the same arguments, resumes at the step it reached; the row's seconds count the search
+time of every run that took its steps.
 """
 from __future__ import annotations
 

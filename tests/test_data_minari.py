@@ -271,15 +271,25 @@ def test_make_dataset_tiny_repeatable(minari_root, capsys, monkeypatch, tmp_path
                   dataset="t/hopper/medium-v0", snapshot="medium") for i in (0, 1)]
     assert [p["episode_scores"] for p in parts] == [w2["episode_scores"][:1], w2["episode_scores"][1:]]
     # saved as it goes to resume_dir, one file an episode named by the row's settings: the same row, and a rerun
-    # replays both episodes without searching (another noise is another file)
-    steps = tmp_path / "oracle_steps"
-    assert snapshot_oracle_scores("t/hopper/medium-v0", (2,), horizon=4, episodes=2,
-                                  resume_dir=steps)[0]["episode_scores"] == w2["episode_scores"]
-    assert sorted(f.name[-8:] for f in steps.iterdir()) == ["ep0.json", "ep1.json"]
+    # replays both episodes without searching (another noise is another file); the row's seconds are the episodes'
+    # search time (a fake clock: 10 s a search), which the rerun reports too
+    import types
+
+    import aepo_lite.rl.oracle as om
+    steps, clock, search = tmp_path / "oracle_steps", [0.0], om.rollout_returns
+
+    def timed(*args):
+        clock[0] += 10.0
+        return search(*args)
     with monkeypatch.context() as m:
-        m.setattr("aepo_lite.rl.oracle.rollout_returns", None)  # a search would call it
-        assert snapshot_oracle_scores("t/hopper/medium-v0", (2,), horizon=4, episodes=2,
-                                      resume_dir=steps)[0]["episode_scores"] == w2["episode_scores"]
+        m.setattr(om, "time", types.SimpleNamespace(monotonic=lambda: clock[0]))
+        m.setattr(om, "rollout_returns", timed)
+        (first,) = snapshot_oracle_scores("t/hopper/medium-v0", (2,), horizon=4, episodes=2, resume_dir=steps)
+        assert first["episode_scores"] == w2["episode_scores"] and first["seconds"] == 10.0 * 2 * w2["length_mean"]
+        m.setattr(om, "rollout_returns", None)  # a search would call it
+        (again,) = snapshot_oracle_scores("t/hopper/medium-v0", (2,), horizon=4, episodes=2, resume_dir=steps)
+        assert again["episode_scores"] == w2["episode_scores"] and again["seconds"] == first["seconds"]
+    assert sorted(f.name[-8:] for f in steps.iterdir()) == ["ep0.json", "ep1.json"]
     snapshot_oracle_scores("t/hopper/medium-v0", (2,), horizon=4, episodes=1, noise=0.2, resume_dir=steps)
     assert len(list(steps.iterdir())) == 3
     assert parts[1]["first_episode"] == 1 and parts[1]["episode_scores"] != parts[0]["episode_scores"]
@@ -371,6 +381,30 @@ def test_make_dataset_tiny_repeatable(minari_root, capsys, monkeypatch, tmp_path
         ck.write_text(json.dumps(saved))
         with pytest.raises(ValueError, match="resume_dir: replaying the .* actions saved in .* does not reach"):
             play(None, dsm._EpisodeCheckpoint(ck))
+    # each write records the seconds its saved steps took over every process that took them (a fake clock: 10 s a
+    # search): a resumed episode's elapsed() is its whole search time, a replay adds none, and a file written
+    # before seconds were recorded counts from its resume
+    clock = [0.0]
+
+    def timed(*args):
+        clock[0] += 10.0
+        return real(*args)
+    ck.unlink()
+    with monkeypatch.context() as m:
+        m.setattr(dsm, "time", types.SimpleNamespace(monotonic=lambda: clock[0]))
+        m.setattr(dsm, "rollout_returns", timed)
+        with pytest.raises(KeyboardInterrupt):
+            plays[0](_Interrupt(3), dsm._EpisodeCheckpoint(ck, every=0))
+        assert json.loads(ck.read_text())["seconds"] == 30.0
+        for _ in range(2):
+            c = dsm._EpisodeCheckpoint(ck)
+            assert plays[0](None, c) == wholes[0] and c.elapsed() == 10.0 * wholes[0][1]
+            assert json.loads(ck.read_text())["seconds"] == 10.0 * wholes[0][1]
+        saved = json.loads(ck.read_text())
+        del saved["seconds"]
+        ck.write_text(json.dumps(saved))
+        c = dsm._EpisodeCheckpoint(ck)
+        assert plays[0](None, c) == wholes[0] and c.elapsed() == 0.0
     # by default written at most every 5 s (and at the end): fast steps stopped after 3 have the first one saved
     ck.unlink()
     with pytest.raises(KeyboardInterrupt):

@@ -524,8 +524,8 @@ SUPPORT_ORACLE_HEADER = (
     "step: a search over several steps of improvement in which every action is one the data's policy could draw "
     "(the continuation noise column shows the std of those draws). Episodes `n (from i)`: a part, episodes i to "
     "i + n - 1 (reset seeds 100000 + i ...), measured in its own process; parts that together hold episodes 0 to "
-    "n - 1 are shown joined as one row (seconds: the processes' sum; an episode resumed from its saved steps "
-    "counts only the time after the resume). Normalised with the dataset's "
+    "n - 1 are shown joined as one row (seconds: the episodes' search time, summed over the processes that took "
+    "their steps, a killed run resumed included). Normalised with the dataset's "
     "reference scores (measured by `scripts/support_oracle.py` into `support_oracle.csv`; "
     ":func:`aepo_lite.rl.oracle.snapshot_oracle_scores`).\n\n")
 

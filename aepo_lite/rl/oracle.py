@@ -221,14 +221,24 @@ class _EpisodeCheckpoint:
     actions are replayed from the episode's reset, which must reach the observation saved with them again (the check
     that the physics is the one that made the file). ``path`` None: nothing is saved or resumed. ``every``: seconds
     at least between two writes (and at the episode's end), so that cheap episodes do not spend their time writing
-    (a write a step made a 1000-step episode of N = 1 take 18 s); a step that searches for minutes is saved as it ends."""
+    (a write a step made a 1000-step episode of N = 1 take 18 s); a step that searches for minutes is saved as it ends.
+    Each write also records the seconds spent on the steps saved, summed over the processes that took them, so that
+    :meth:`elapsed` of a resumed episode is its whole search time (a file written before this was recorded counts
+    from its last resume)."""
 
     def __init__(self, path: Optional[Path] = None, every: float = 5.0):
         self.path, self.actions, self.every, self.written = (None if path is None else Path(path)), [], every, -math.inf
+        self.before, self.since = 0.0, time.monotonic()
+
+    def elapsed(self) -> float:
+        """Seconds spent on this episode's steps: the saved ones' (earlier processes') plus this process's since it
+        started or resumed the episode (its replay not counted)."""
+        return self.before + time.monotonic() - self.since
 
     def resume(self, env, obs: np.ndarray, rng, bar=None) -> tuple:
         """(observation, return, steps, done, kept plan) of the episode after replaying the saved actions in ``env``
         (just reset, at ``obs``), ``rng`` set to the saved state; the episode's start when nothing is saved."""
+        self.since = time.monotonic()
         if self.path is None or not self.path.is_file():
             return obs, 0.0, 0, False, None
         saved = read_json(self.path)
@@ -241,7 +251,7 @@ class _EpisodeCheckpoint:
                              "episode's reset does not reach the observation saved with them (made by another MuJoCo "
                              "version or machine?); delete the file to run the episode afresh")
         rng.bit_generator.state = saved["rng"]
-        self.actions = saved["actions"]
+        self.actions, self.before, self.since = saved["actions"], float(saved.get("seconds", 0.0)), time.monotonic()
         if bar is not None:
             bar.update(len(self.actions))
             getattr(bar, "refresh", lambda: None)()  # shown at once (tqdm skips an update within 0.1 s of the last)
@@ -259,7 +269,8 @@ class _EpisodeCheckpoint:
             return
         self.written = time.monotonic()
         atomic_write_json(self.path, {"actions": self.actions, "obs": np.asarray(obs, dtype=float).tolist(),
-                                      "rng": rng.bit_generator.state, "kept": None if kept is None else kept.tolist()})
+                                      "rng": rng.bit_generator.state, "kept": None if kept is None else kept.tolist(),
+                                      "seconds": self.elapsed()})
 
 
 def _policy_digest(model) -> str:
@@ -442,7 +453,7 @@ def snapshot_oracle_scores(name: str, candidates=(1, 4, 16), horizon: int = 1000
     ``collect_noise``: candidates with ``noise`` equal to it are the data's support), ``continuation_noise``, ``return_mean``,
     ``score_mean`` / ``score_std`` (normalised with the dataset's reference scores), ``length_mean``,
     ``episodes``, ``first_episode``, ``episode_scores`` (each episode's normalised score, in order), ``seconds``
-    (this call's: an episode resumed from ``resume_dir`` counts only the time after the resume)."""
+    (the episodes' search time, earlier processes' included: a rerun replaying finished episodes reports theirs)."""
     from tqdm.auto import tqdm
     cands = _check_oracle_counts(candidates, horizon, episodes, first_episode, seed, gamma)
     recipe, model, lo, hi = _dataset_snapshot(name, which, policy_cache)
@@ -454,12 +465,11 @@ def snapshot_oracle_scores(name: str, candidates=(1, 4, 16), horizon: int = 1000
     mean_action, policy, out = _sb3_policy(model, 0.0, None), _policy_digest(model), []
     try:
         for n in cands:
-            t0 = time.perf_counter()
             row = {"search": search, "candidates": n, "horizon": horizon, "gamma": float(gamma), "noise": float(noise),
                    "data_noise": float(recipe.collect_noise),
                    "continuation_noise": float(noise if search == "sequence" else continuation_noise),
                    "continuation_draws": continuation_draws}
-            rets, lens = [], []
+            rets, lens, secs = [], [], []
             for ep in tqdm(range(first_episode, first_episode + episodes), desc=f"oracle best of {n} ({search})",
                            disable=not progress or episodes == 1, leave=False):
                 ckpt = _EpisodeCheckpoint(_checkpoint_path(resume_dir, {"dataset": name, "which": which, "seed": seed,
@@ -467,11 +477,12 @@ def snapshot_oracle_scores(name: str, candidates=(1, 4, 16), horizon: int = 1000
                 ret, t = _play_oracle_episode(env, scratch, mean_action, row, ep, seed, ckpt, progress, position)
                 rets.append(ret)
                 lens.append(t)
+                secs.append(ckpt.elapsed())
             score = (np.array(rets) - lo) / (hi - lo) * 100
             out.append({**row, "return_mean": float(np.mean(rets)), "score_mean": float(score.mean()),
                         "score_std": float(score.std()), "length_mean": float(np.mean(lens)), "episodes": episodes,
                         "first_episode": first_episode, "episode_scores": [float(v) for v in score],
-                        "seconds": time.perf_counter() - t0})
+                        "seconds": float(sum(secs))})
     finally:
         env.close()
         for s in scratch:
