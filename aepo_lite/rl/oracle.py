@@ -292,33 +292,46 @@ def _checkpoint_path(resume_dir: Optional[Path], settings: dict, ep: int) -> Opt
     return Path(resume_dir) / f"{settings['search']}-n{settings['candidates']}-{digest}-ep{ep}.json"
 
 
+def _search_episode(env, reset_seed: int, rng, choose: Callable, bar=None,
+                    ckpt: Optional[_EpisodeCheckpoint] = None) -> tuple[float, int]:
+    """One episode of a search policy, saved as it goes to ``ckpt`` and resumed from it: reset with ``reset_seed``,
+    then at every step ``choose(obs, left, kept) -> (action, kept)`` (``left``: the steps left to the time limit;
+    ``kept``: the search's plan carried to the next step, None at first and for a search that keeps none), the
+    action taken and saved with the plan and ``rng``'s state. ``bar``: a progress bar advanced once a step (or
+    None). (its return, its length)."""
+    limit = env.spec.max_episode_steps or 10**9
+    ckpt = ckpt or _EpisodeCheckpoint()
+    obs, ret, t, done, kept = ckpt.resume(env, env.reset(seed=reset_seed)[0], rng, bar)
+    while not done:
+        action, kept = choose(obs, limit - t, kept)
+        obs, r, terminated, truncated, _ = env.step(action)
+        ret, t, done = ret + float(r), t + 1, terminated or truncated
+        ckpt.save(action, obs, rng, kept, done)
+        if bar is not None:
+            bar.update(1)
+    return ret, t
+
+
 def _oracle_episode(env, scratch, mean_action, n: int, reset_seed: int, rng, noise: float, continuation_noise: float,
                     horizon: int, gamma: float, draws: int = 1, bar=None,
                     ckpt: Optional[_EpisodeCheckpoint] = None) -> tuple[float, int]:
     """One episode of :func:`snapshot_oracle_scores`' best-of-``n`` policy: (its return, its length). Each candidate
-    is scored by the mean of ``draws`` rollouts, draw m's continuation noise the same for every candidate. ``bar``:
-    a progress bar advanced once a step (or None); ``ckpt``: where the episode is saved as it goes and resumed
-    from."""
+    is scored by the mean of ``draws`` rollouts, draw m's continuation noise the same for every candidate. ``bar``
+    and ``ckpt`` as in :func:`_search_episode`."""
     low, high = env.action_space.low, env.action_space.high
-    limit = env.spec.max_episode_steps or 10**9
-    ckpt = ckpt or _EpisodeCheckpoint()
-    obs, ret, t, done, _ = ckpt.resume(env, env.reset(seed=reset_seed)[0], rng, bar)
-    while not done:
+
+    def best_of_n(obs, left, _):
         a0 = mean_action(obs[None])[0]
         first = np.clip(a0 + noise * rng.standard_normal((n, a0.shape[0])), low, high)
         if n > 1:
-            steps = min(horizon, limit - t)
+            steps = min(horizon, left)
             z = continuation_noise * rng.standard_normal((steps - 1, a0.shape[0])) if draws == 1 else \
                 np.tile(continuation_noise * rng.standard_normal((draws, steps - 1, a0.shape[0])), (n, 1, 1))
             g = rollout_returns(_mujoco_state(env.unwrapped), scratch, np.repeat(first, draws, 0), mean_action, z,
                                 gamma).reshape(n, draws).mean(1)  # row i * draws + m: candidate i, draw m
             first = first[[int(np.argmax(g))]]
-        obs, r, terminated, truncated, _ = env.step(first[0])
-        ret, t, done = ret + float(r), t + 1, terminated or truncated
-        ckpt.save(first[0], obs, rng, done=done)
-        if bar is not None:
-            bar.update(1)
-    return ret, t
+        return first[0], None
+    return _search_episode(env, reset_seed, rng, best_of_n, bar, ckpt)
 
 
 def _sequence_episode(env, scratch, mean_action, n: int, reset_seed: int, rng, noise: float, horizon: int,
@@ -328,27 +341,20 @@ def _sequence_episode(env, scratch, mean_action, n: int, reset_seed: int, rng, n
     draws) are rolled out from the current state, the best one's first action is taken, and the rest of its draws is
     candidate 0 at the next step (so with gamma 1 and a horizon to the time limit the episode returns at least the
     best return found at any step: the search can only improve on its plan). (its return, its length). ``bar`` and
-    ``ckpt`` as in :func:`_oracle_episode`."""
+    ``ckpt`` as in :func:`_search_episode`."""
     low, high = env.action_space.low, env.action_space.high
-    limit = env.spec.max_episode_steps or 10**9
-    ckpt = ckpt or _EpisodeCheckpoint()
-    obs, ret, t, done, kept = ckpt.resume(env, env.reset(seed=reset_seed)[0], rng, bar)
-    while not done:
+
+    def best_trajectory(obs, left, kept):
         a0 = mean_action(obs[None])[0]
-        steps = min(horizon, limit - t)
+        steps = min(horizon, left)
         z = noise * rng.standard_normal((n, steps, a0.shape[0]))
         if kept is not None:
             z[0, :len(kept)] = kept[:steps]
         g = rollout_returns(_mujoco_state(env.unwrapped), scratch, np.clip(a0 + z[:, 0], low, high), mean_action,
                             z[:, 1:], gamma)
         best = int(np.argmax(g))
-        kept, action = z[best, 1:], np.clip(a0 + z[best, 0], low, high)
-        obs, r, terminated, truncated, _ = env.step(action)
-        ret, t, done = ret + float(r), t + 1, terminated or truncated
-        ckpt.save(action, obs, rng, kept, done)
-        if bar is not None:
-            bar.update(1)
-    return ret, t
+        return np.clip(a0 + z[best, 0], low, high), z[best, 1:]
+    return _search_episode(env, reset_seed, rng, best_trajectory, bar, ckpt)
 
 
 ORACLE_SEARCHES = ("step", "sequence")
