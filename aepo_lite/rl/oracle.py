@@ -232,7 +232,8 @@ class _EpisodeCheckpoint:
 
     def elapsed(self) -> float:
         """Seconds spent on this episode's steps: the saved ones' (earlier processes') plus this process's since it
-        started or resumed the episode (its replay not counted)."""
+        started or resumed the episode (its replay not counted). Wall-clock: a process stopped mid-step (SIGSTOP)
+        counts the pause."""
         return self.before + time.monotonic() - self.since
 
     def resume(self, env, obs: np.ndarray, rng, bar=None) -> tuple:
