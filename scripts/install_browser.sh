@@ -6,10 +6,18 @@
 # Playwright's own browser download is never used: the driver points at /usr/bin/chromium.
 # Exit status: 0 when both are there; 3 when a registry could not be reached (the test skips
 # with the message printed here); anything else is a real failure.
+# One install at a time: pytest's workers each run the browser tests' set-up, and two apt-gets at
+# once make the second fail on dpkg's lock (on a fresh machine that skipped a browser test).
+# AEPO_CHROMIUM and AEPO_BROWSER_DIR name other places (tests/test_browser.py's check of the lock).
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-browser_dir="$here/tests/browser"
+browser_dir="${AEPO_BROWSER_DIR:-$here/tests/browser}"
 chromium="${AEPO_CHROMIUM:-/usr/bin/chromium}"
+
+if command -v flock >/dev/null; then
+    exec 9>"${TMPDIR:-/tmp}/aepo-install-browser.lock"
+    flock 9  # held until this script exits
+fi
 
 if [ ! -x "$chromium" ]; then
     if ! command -v apt-get >/dev/null; then

@@ -223,3 +223,37 @@ def test_a_failing_last_cell_far_below_the_screen_is_reported(server, tmp_path):
     assert r.returncode == 1, f"the driver missed the failing last cell:\n{r.stdout}\n{r.stderr}"
     assert f"failed to execute: code cell {N_FILLER + 1} " in r.stderr, r.stderr
     assert "RuntimeError: planted failure in the last cell" in r.stderr, r.stderr
+
+
+FAKE_APT = """#!/usr/bin/env bash
+# apt-get as dpkg behaves: a second install while one runs fails on the lock
+[ "$1" = update ] && exit 0
+mkdir "$APT_BUSY" 2>/dev/null || { echo "E: Could not get lock /var/lib/dpkg/lock-frontend" >&2; exit 100; }
+sleep 1
+printf '#!/bin/sh\\necho Chromium stand-in\\n' > "$AEPO_CHROMIUM"; chmod +x "$AEPO_CHROMIUM"
+rmdir "$APT_BUSY"
+"""
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() != 0 or shutil.which("node") is None,
+                    reason="runs the set-up as root (no sudo) with node, as CI does")
+def test_two_browser_setups_at_once_install_once_and_both_succeed(tmp_path):
+    """pytest's workers each run the browser tests' set-up; on a fresh machine two apt-gets at once
+    made the second fail on dpkg's lock and skip its tests. Here apt-get is a stand-in that fails
+    the same way, and two set-ups start together: both must succeed, with one install between them."""
+    bin_dir, browser_dir = tmp_path / "bin", tmp_path / "browser"
+    bin_dir.mkdir()
+    (bin_dir / "apt-get").write_text(FAKE_APT)
+    (bin_dir / "apt-get").chmod(0o755)
+    pkg = browser_dir / "node_modules" / "playwright-core" / "package.json"
+    pkg.parent.mkdir(parents=True)
+    pkg.write_text('{"version": "0.0.0"}')
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "TMPDIR": str(tmp_path),
+           "APT_BUSY": str(tmp_path / "apt-busy"), "AEPO_CHROMIUM": str(tmp_path / "chromium"),
+           "AEPO_BROWSER_DIR": str(browser_dir)}
+    runs = [subprocess.Popen(["bash", str(ROOT / "scripts" / "install_browser.sh")], env=env, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
+    outs = [(p.wait(timeout=60), p.stderr.read()) for p in runs]
+    assert [rc for rc, _ in outs] == [0, 0], outs
+    assert sum("installing chromium" in err for _, err in outs) == 1, outs
+    assert all("Chromium stand-in" in err and "playwright-core 0.0.0" in err for _, err in outs), outs
