@@ -132,9 +132,17 @@ def test_bad_data_is_named():
         from_episodes("x/y/z-v0", eps, -np.ones(3), np.ones(3))
 
 
-def test_unknown_dataset_fails_fast_with_how_to(minari_root):
-    with pytest.raises(ValueError, match="make-dataset"):
+def test_unknown_dataset_fails_fast_with_how_to(minari_root, monkeypatch):
+    """The download path is installed and tried: a dataset not on disk goes to Minari's remote (offline here,
+    and made so with huggingface_hub's own switch so that no retries wait on the network), and its failure is
+    reported with the cause and how to make a local dataset. Before the `hf` extra, every download failed on a
+    missing huggingface_hub, online too."""
+    import huggingface_hub.constants as hub  # the rl extra's; an ImportError here is the bug this test guards
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)  # read at import: set in case it was imported before
+    with pytest.raises(ValueError, match="make-dataset") as e:
         load_minari("nobody/nothing/none-v0")
+    assert "downloading it failed" in str(e.value) and "not installed" not in str(e.value), e.value
     with pytest.raises(ValueError, match="not in the local Minari root"):
         load_minari("nobody/nothing/none-v0", download=False)
 
