@@ -248,13 +248,13 @@ else:
 # ## 6. Reproducing the D4RL tables (GPU and internet)
 #
 # On a machine with a GPU and internet, `minari.load_dataset(id, download=True)` fetches the
-# data (the loader does it for you; `pip install "minari[hf]"` for the Hugging Face remote).
+# data (the loader does it for you; the `rl` extra brings Minari's Hugging Face remote, `minari[hf]`).
 # The `full` preset is QGPO's published settings (derivation.md section 7): behaviour 600k steps at
 # batch 4096, critic 500k and energy 1M steps at batch 256, beta = 3, K = 16 (32 on AntMaze),
 # DPM-Solver-2 with 15 steps, guidance scales {0, 1, 2, 3, 5, 8, 10}.
 #
 # ```bash
-# pip install -e '.[rl]' 'minari[hf]'
+# pip install -e '.[rl]'
 # for ds in D4RL/{pen,hammer,door,relocate}/{human,cloned,expert}-v2 \
 #           D4RL/antmaze/{umaze,umaze-diverse,medium-play,medium-diverse,large-play,large-diverse}-v1 \
 #           D4RL/kitchen/{complete,partial,mixed}-v2 \
