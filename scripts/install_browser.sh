@@ -25,7 +25,8 @@ if [ ! -x "$chromium" ]; then
     fi
     sudo=""; [ "$(id -u)" -ne 0 ] && sudo="sudo"
     echo "install_browser: installing chromium from Debian (apt-get)" >&2
-    if ! { $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq chromium >/dev/null; }; then
+    apt=($sudo apt-get -o DPkg::Lock::Timeout=300)  # wait for another apt (the system's own) rather than fail
+    if ! { "${apt[@]}" update -qq && DEBIAN_FRONTEND=noninteractive "${apt[@]}" install -y -qq chromium >/dev/null; }; then
         echo "install_browser: apt-get could not install chromium (no network or no apt access)" >&2; exit 3
     fi
 fi
