@@ -10,6 +10,9 @@ import pytest
 import torch
 
 os.environ.setdefault("AEPO_SCALE", "smoke")
+# The tests never download: a dataset not on disk fails at once through Minari's remote (huggingface_hub's own
+# offline switch) instead of waiting on its retries; HF_HUB_OFFLINE=0 lets a developer try the download online.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Small tensors everywhere: one intra-op thread is fastest and keeps a loaded machine responsive.
 torch.set_num_threads(1)
 

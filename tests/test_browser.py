@@ -253,7 +253,7 @@ def test_two_browser_setups_at_once_install_once_and_both_succeed(tmp_path):
            "AEPO_BROWSER_DIR": str(browser_dir)}
     runs = [subprocess.Popen(["bash", str(ROOT / "scripts" / "install_browser.sh")], env=env, text=True,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
-    outs = [(p.wait(timeout=60), p.stderr.read()) for p in runs]
+    outs = [(p.communicate(timeout=60)[1], p.returncode)[::-1] for p in runs]
     assert [rc for rc, _ in outs] == [0, 0], outs
     assert sum("installing chromium" in err for _, err in outs) == 1, outs
     assert all("Chromium stand-in" in err and "playwright-core 0.0.0" in err for _, err in outs), outs
