@@ -62,6 +62,7 @@ import torch
 
 from aepo_lite.toy import tasks as toy
 from aepo_lite.toy import pipeline as TT
+from aepo_lite.toy.report import reward_scatter
 from aepo_lite.config import apply_overrides
 from aepo_lite.core.schedule import VPSchedule
 from aepo_lite.course.notebook import check, course_scale
@@ -104,12 +105,7 @@ print(f"scale {SCALE}; tasks: {', '.join(toy.task_names())}")
 fig, axes = plt.subplots(1, 6, figsize=(18, 3.2))
 for ax, name in zip(axes, toy.task_names()[:6]):
     task = toy.get_task(name)
-    x = task.sample(4000, seed=0)
-    sc = ax.scatter(x[:, 0], x[:, 1], c=task.reward(x), s=2, cmap="viridis", vmin=0, vmax=1)
-    ax.set_title(name)
-    ax.set_aspect("equal")
-    ax.set_xlim(-1.1, 1.1)
-    ax.set_ylim(-1.1, 1.1)
+    sc = reward_scatter(ax, task, task.sample(4000, seed=0), name)
     ax.set_xlabel("$x_1$")
 axes[0].set_ylabel("$x_2$")
 fig.colorbar(sc, ax=axes, shrink=0.8, label="reward e(x)")
@@ -147,11 +143,7 @@ for ax, beta in zip(axes, (0.0, 3.0, 10.0, 20.0)):
     m = float(task.reward(xt).mean())
     check(abs(m - m_exact) < 0.01, (beta, m, m_exact))
     means.append(m)
-    sc = ax.scatter(xt[:4000, 0], xt[:4000, 1], s=2, c=task.reward(xt[:4000]), cmap="viridis", vmin=0, vmax=1)
-    ax.set_title(f"beta = {beta:g}: mean reward {m:.3f}")
-    ax.set_aspect("equal")
-    ax.set_xlim(-1.1, 1.1)
-    ax.set_ylim(-1.1, 1.1)
+    sc = reward_scatter(ax, task, xt[:4000], f"beta = {beta:g}: mean reward {m:.3f}")
     ax.set_xlabel("$x_1$")
 axes[0].set_ylabel("$x_2$")
 fig.colorbar(sc, ax=axes, shrink=0.8, label="reward e(x)")
@@ -351,20 +343,11 @@ for beta in BETAS:
 
 
 def draw_samples(beta, w, axes):
-    tg = targets[beta].numpy()
-    axes[0].scatter(tg[:, 0], tg[:, 1], s=2, c=task.reward(targets[beta]), cmap="viridis", vmin=0, vmax=1)
-    axes[0].set_title(f"exact target, beta = {beta:g}", fontsize=9)
+    reward_scatter(axes[0], task, targets[beta], f"exact target, beta = {beta:g}", ticks=False, fontsize=9)
     for ax, (method, _) in zip(axes[1:], METHODS):
         r = results[(method, beta, w)]
-        ax.scatter(r["samples"][:, 0], r["samples"][:, 1], s=2, c=task.reward(torch.from_numpy(r["samples"])),
-                   cmap="viridis", vmin=0, vmax=1)
-        ax.set_title(f"{method}, w = {w:g}\nSW {r['distance']:.3f} (floor {r['floor']:.3f})", fontsize=9)
-    for ax in axes:
-        ax.set_xlim(-1.1, 1.1)
-        ax.set_ylim(-1.1, 1.1)
-        ax.set_aspect("equal")
-        ax.set_xticks([])
-        ax.set_yticks([])
+        reward_scatter(ax, task, r["samples"], f"{method}, w = {w:g}\nSW {r['distance']:.3f} (floor {r['floor']:.3f})",
+                       ticks=False, fontsize=9)
     axes[0].figure.colorbar(axes[0].collections[0], ax=list(axes), shrink=0.85, label="reward e(x)")
 
 

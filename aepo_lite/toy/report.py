@@ -25,8 +25,8 @@ from aepo_lite._io import atomic_save_figure, atomic_write_text, read_csv_rows, 
 from aepo_lite.toy.tasks import FLOOR_PAIRS
 
 __all__ = ["COLUMNS", "SETTINGS", "read_results", "write_results", "result_rows", "done_keys", "config_keys",
-           "settings_groups", "summarise", "best_estimator", "render", "update_readme", "plot_run", "README_START",
-           "README_END"]
+           "settings_groups", "summarise", "best_estimator", "render", "update_readme", "plot_run", "reward_scatter",
+           "README_START", "README_END"]
 
 # The settings of a run that change its numbers; every row carries them, and rows that differ in
 # any of them are never averaged, ranked or replaced together.
@@ -454,6 +454,24 @@ def update_readme(csv_path="figures/toy2d_results.csv", readme_path="README.md")
     return atomic_write_text(path, text)
 
 
+def reward_scatter(ax, task, x, title: str | None = None, ticks: bool = True, **title_kw):
+    """Points ``x`` (n, 2; a tensor or an array) of a toy ``task`` on ``ax``, coloured by its reward (viridis, 0 to
+    1), in the action box at equal aspect, as every toy figure and chapter 2 draw them; ``ticks`` False drops the
+    axes' ticks. The scatter, for a colour bar."""
+    import torch
+    x = torch.as_tensor(x)
+    sc = ax.scatter(x[:, 0], x[:, 1], s=2, c=task.reward(x.double()), cmap="viridis", vmin=0, vmax=1)
+    if title is not None:
+        ax.set_title(title, **title_kw)
+    ax.set_xlim(-1.1, 1.1)
+    ax.set_ylim(-1.1, 1.1)
+    ax.set_aspect("equal")
+    if not ticks:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    return sc
+
+
 def plot_run(models, metrics: dict, samples: dict | None, target, path) -> Path:
     """One run's figure: exact target samples beside the guided samples at each guidance scale."""
     import matplotlib
@@ -464,21 +482,12 @@ def plot_run(models, metrics: dict, samples: dict | None, target, path) -> Path:
     samples = samples or {}
     n = 1 + len(samples)
     fig, axes = plt.subplots(1, n, figsize=(3.2 * n, 3.3), squeeze=False)
-    ax = axes[0][0]
-    ax.scatter(target[:, 0], target[:, 1], s=2, c=task.reward(target.double()), vmin=0, vmax=1, cmap="viridis")
-    ax.set_title(f"exact target, beta={metrics['beta']:g}", fontsize=9)
+    reward_scatter(axes[0][0], task, target, f"exact target, beta={metrics['beta']:g}", ticks=False, fontsize=9)
     by_w = {r["guidance_scale"]: r for r in metrics["results"]}
     for ax, (w, xs) in zip(axes[0][1:], samples.items()):
         r = by_w[w]
-        ax.scatter(xs[:, 0], xs[:, 1], s=2, c=task.reward(xs.double()), vmin=0, vmax=1, cmap="viridis")
-        ax.set_title(f"{_label(metrics['method'], metrics['estimator'], metrics['critic'])} w={w:g}\n"
-                     f"SW {r['distance']:.3f} (floor {r['floor']:.3f})", fontsize=9)
-    for ax in axes[0]:
-        ax.set_xlim(-1.1, 1.1)
-        ax.set_ylim(-1.1, 1.1)
-        ax.set_aspect("equal")
-        ax.set_xticks([])
-        ax.set_yticks([])
+        reward_scatter(ax, task, xs, f"{_label(metrics['method'], metrics['estimator'], metrics['critic'])} w={w:g}\n"
+                       f"SW {r['distance']:.3f} (floor {r['floor']:.3f})", ticks=False, fontsize=9)
     fig.suptitle(metrics["task"], fontsize=10)
     fig.tight_layout()
     atomic_save_figure(path, fig, dpi=100)
