@@ -626,7 +626,8 @@ else:
 # - **A fitted critic in place of the true reward** (trained 24000 steps, the preset's; seed 0, and seed 1 for the
 #   Gaussian target on moons, swissroll and rings, and for QGPO, the particle target and MSE on all six): QGPO, the
 #   particle target and MSE keep 0.85-1.03 of their true-reward distances on all six tasks; the Gaussian target
-#   0.96-4.67, worse than with a 1500-step critic on three of them (on both seeds where two were run). On moons, the one task where the particle target trails QGPO (1.11x, seed 1), the exact energy
+#   0.96-4.67, worse than with a 1500-step critic on three of them (on both seeds where two were run). On moons,
+#   the one task where the particle target trails QGPO (1.11x, seed 1), the exact energy
 #   itself samples worse than both trained energies with this behaviour model (0.0194 against 0.0179 and 0.0161):
 #   the distance left is in the budget's sampler part, not in how closely either energy follows E_t.
 # - **What is left is mostly the behaviour model.** The preset's behaviour model trains 3000 steps. Guided by the
