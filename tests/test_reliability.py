@@ -456,6 +456,24 @@ def test_truncated_metadata_is_reported_as_damaged_not_as_a_failed_download(mina
     assert "downloading it failed" not in str(e.value)
 
 
+def test_a_format_whose_package_is_missing_is_named_not_called_damaged(minari_root, monkeypatch):
+    """Minari reads arrow and parquet datasets with pyarrow, which the rl extra does not install: such a copy is
+    whole, and the error says what to install instead of telling the user to delete it."""
+    from minari.dataset import _storages
+    from aepo_lite.rl.data import load_minari
+    _write_dataset("t/hopper/arrow-v0", _episodes(np.random.default_rng(1)))
+    meta = minari_root / "t" / "hopper" / "arrow-v0" / "data" / "metadata.json"
+    meta.write_text(meta.read_text().replace('"data_format": "hdf5"', '"data_format": "arrow"'))
+
+    def no_pyarrow():
+        raise ModuleNotFoundError("No module named 'pyarrow'", name="pyarrow")
+    monkeypatch.setitem(_storages._registry, "arrow", no_pyarrow)
+    with pytest.raises(ValueError, match=r"'t/hopper/arrow-v0' needs a package that is not installed .*pyarrow.*"
+                                         r"minari\[arrow\]") as e:
+        load_minari("t/hopper/arrow-v0")
+    assert "damaged" not in str(e.value) and "delete" not in str(e.value)
+
+
 def test_truncated_or_garbled_dataset_file_is_named(minari_root):
     from aepo_lite.rl.data import load_minari
     _write_dataset("t/hopper/cut-v0", _episodes(np.random.default_rng(2)))

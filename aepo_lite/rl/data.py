@@ -342,6 +342,12 @@ def _damaged(dataset_id: str, folder: Path, e: BaseException) -> ValueError:
                       f"delete the folder {folder} and make or download the dataset again")
 
 
+def _missing_package(dataset_id: str, e: ImportError) -> ValueError:
+    return ValueError(f"dataset: reading {dataset_id!r} needs a package that is not installed ({type(e).__name__}: "
+                      f"{e}): Minari stores some datasets as arrow or parquet files, read with pyarrow (`pip install "
+                      f"'minari[arrow]'`)")
+
+
 def open_minari(dataset_id: str, download: bool = True):
     """``minari.load_dataset`` with a clear error: the local copy, else a download (online users).
 
@@ -357,6 +363,8 @@ def open_minari(dataset_id: str, download: bool = True):
             return minari.load_dataset(dataset_id)
         except MemoryError:
             raise
+        except ImportError as e:  # a storage format whose package is missing, not a damaged copy
+            raise _missing_package(dataset_id, e) from None
         except Exception as e:  # a truncated metadata.json (JSONDecodeError), an unreadable HDF5 file (OSError) ...
             raise _damaged(dataset_id, folder, e) from None
     how = _how_to_make()
