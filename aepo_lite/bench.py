@@ -541,10 +541,14 @@ def time_plan(plan: list[Timed], cfg: BenchConfig, device: torch.device, log=Non
         if st.trains is not None:
             st.trains.requires_grad_(False).eval()
         sec = statistics.median(secs)
-        not_captured = getattr(getattr(st_call, "__self__", None), "capture_error", None)  # --capture, fell back
+        cap = getattr(st_call, "__self__", None)  # --capture: the CapturedStep
+        not_captured = getattr(cap, "capture_error", None)  # it fell back
+        syncs = getattr(cap, "host_syncs", None)  # on the CPU: what would stop a capture on CUDA
         per = st.batch if st.unit == "samples/s" else 1
         stages[st.name] = {"unit": st.unit, "batch": st.batch, "seconds_per_call": sec, "rate": per / sec,
                            "repeats": [per / s for s in secs], "warmup_seconds": info["warmup_seconds"]}
+        if syncs is not None:
+            stages[st.name]["host_syncs"] = syncs
         if not_captured:
             stages[st.name]["capture_error"] = not_captured
             if log:
@@ -680,6 +684,12 @@ def to_markdown(result: dict) -> str:
         fell = f" Not capturable, so timed eagerly: {', '.join(fell)}." if fell else ""
         lines += ["", "Training steps captured: each replayed as one CUDA graph, batch draw included "
                       f"(--capture){eager}.{fell}"]
+        audited = {n: s["host_syncs"] for n, s in stages.items() if "host_syncs" in s}
+        if audited:
+            blocked = [f"{n} ({', '.join(v)})" for n, v in audited.items() if v]
+            lines.append("Checked on the CPU for operators that synchronise with the host on CUDA: "
+                         + (f"these would not capture: {'; '.join(blocked)}." if blocked else
+                            f"none found in {len(audited)} training steps."))
     dev = env.get("gpu") or env["cpu"]
     start = env.get("load_average_1min_start")
     load = ("" if start is None else f"{start} at the start, ") + f"{env['load_average_1min']} at the end"

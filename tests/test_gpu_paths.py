@@ -336,6 +336,77 @@ def test_capture_failure_with_fallback_runs_eagerly():
     assert all(torch.equal(p, q) for p, q in zip(_params(ref), _params(learner)))
 
 
+_A = torch.eye(3) * 2 + 0.1 * torch.ones(3, 3)
+_SYNC_CASES = {  # what each call runs on CUDA, from torch's kernels: which read a value back to the host
+    "eigh": (lambda: torch.linalg.eigh(_A), ["aten._linalg_eigh"]),
+    "solve": (lambda: torch.linalg.solve(_A, torch.ones(3)), ["aten._linalg_check_errors"]),
+    "cholesky": (lambda: torch.linalg.cholesky(_A), ["aten._linalg_check_errors"]),
+    "solve_ex": (lambda: torch.linalg.solve_ex(_A, torch.ones(3)), []),
+    "cholesky_ex": (lambda: torch.linalg.cholesky_ex(_A), []),
+    "item": (lambda: _A.sum().item(), ["aten._local_scalar_dense"]),
+    "if on a tensor": (lambda: 1 if (_A > 0).all() else 0, ["aten._local_scalar_dense"]),
+    "boolean mask": (lambda: _A[_A > 0.5], ["aten.index.Tensor[bool]"]),
+    "where(cond)": (lambda: torch.where(_A > 0.5), ["aten.nonzero"]),
+    "where(cond, x, y)": (lambda: torch.where(_A > 0.5, _A, 0.0), []),
+    "integer index": (lambda: _A[torch.tensor([0, 2])], []),
+    "repeat_interleave(tensor)": (lambda: _A.repeat_interleave(torch.tensor([1, 2, 1]), 0), ["aten.repeat_interleave.Tensor"]),
+    "repeat_interleave(int)": (lambda: _A.repeat_interleave(2, 0), []),
+    "two, in order": (lambda: (torch.linalg.solve(_A, torch.ones(3)).max().item(), torch.linalg.eigh(_A)),
+                      ["aten._linalg_check_errors", "aten._local_scalar_dense", "aten._linalg_eigh"]),
+}
+
+
+@pytest.mark.parametrize("case", list(_SYNC_CASES))
+def test_host_syncs_finds_the_operators_that_read_back(case):
+    from aepo_lite.training.captured import SYNC_OPS, host_syncs
+    fn, expected = _SYNC_CASES[case]
+    assert host_syncs(fn) == expected
+    assert set(expected) <= set(SYNC_OPS)
+
+
+class _ReadsBack:
+    """A learner that reads its loss back to the host in its step (as a logging line might)."""
+
+    def __init__(self):
+        self.net = nn.Linear(2, 1)
+        self.opt = torch.optim.Adam(self.net.parameters(), 1e-2)
+
+    def step(self, batch):
+        loss = self.net(batch["s"][:, :2]).pow(2).mean()
+        self.opt.zero_grad()
+        loss.backward()
+        self.opt.step()
+        if loss.item() > 1e9:  # the sync: a Python branch on a tensor's value
+            raise FloatingPointError
+        return {"loss": loss.detach()}
+
+
+@pytest.mark.parametrize("kind,expected", [("behaviour", []), ("iql", []), ("insupport", []), ("energy_first", []),
+                                           ("energy", ["aten._linalg_eigh"]),
+                                           ("reads back", ["aten._local_scalar_dense"])])
+def test_the_cpu_audit_names_what_would_not_capture(kind, expected):
+    """On the CPU a CapturedStep runs one warm-up step as CUDA would (NaN checks off, optimisers capturable) under
+    host_syncs: the Gaussian posterior's eigh is found, as the H100 run found it; a step that calls .item() is
+    found; the default steps have none. The step still ends where the plain one does (tested above)."""
+    from aepo_lite.training.captured import SYNC_OPS, CapturedLearner, host_syncs
+    learner = _ReadsBack() if kind == "reads back" else _learner(kind)
+    batch = _batches(1)[0]
+    cap = CapturedStep(learner, device="cpu", example=batch, warmup=1)
+    assert cap.host_syncs is None
+    cap.step(batch)
+    assert cap.host_syncs == expected
+    if kind.startswith("energy"):  # the learner's own NaN checks read back on the CPU; the audit turned them off
+        assert learner.check_finite and "aten._local_scalar_dense" in host_syncs(learner.step, batch)
+    if kind == "iql":  # and CPU Adam reads its step count (capturable Adam on CUDA does not)
+        assert host_syncs(learner.step, batch) == ["aten._local_scalar_dense"]
+    cl = CapturedLearner(learner, lambda g: batch, torch.device("cpu"))
+    cl.step({"generator": torch.Generator()})
+    verdict = ("no host synchronisation found, so it should capture on CUDA" if not expected else
+               "it would not capture on CUDA, it synchronises with the host in " + SYNC_OPS[expected[0]]
+               + f" [{expected[0]}]")
+    assert cl.how() == "eager (no CUDA graphs on cpu); " + verdict
+
+
 def test_device_batches_are_seeded():
     data = _data()
     draws = [DeviceBatches(lambda i: {"a": data["a"][i]}, N_DATA, 8, "cpu", seed=s) for s in (3, 3, 4)]
@@ -490,6 +561,21 @@ def test_bench_capture_option_cpu():
     assert made == ["BehaviourLearner", "IQLCritic", "InSupportCritic", "EnergyLearner", "EnergyLearner"]
     assert result["config"]["capture"] is True and "critic_iql" in result["stages"]
     assert "captured" in bench.to_markdown(result)
+    trained = [k for k in result["stages"] if k.startswith(("behaviour", "critic", "energy"))]
+    assert len(trained) == 5 and all(result["stages"][k]["host_syncs"] == [] for k in trained)
+    assert "operators that synchronise with the host on CUDA: none found in 5 training steps." in bench.to_markdown(
+        result)
+    real_step = aepo.EnergyLearner.step
+
+    def logs_its_loss(self, batch):  # a step that reads a number back, as a print of the loss would
+        out = real_step(self, batch)
+        float(out["energy_loss"])
+        return out
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(aepo.EnergyLearner, "step", logs_its_loss)
+        syncing = bench.run_bench(bench.tiny_config(capture=True, methods=("aepo",), sample_batches=(1,)))
+    assert syncing["stages"]["energy_aepo"]["host_syncs"] == ["aten._local_scalar_dense"]
+    assert ("these would not capture: energy_aepo (aten._local_scalar_dense)." in bench.to_markdown(syncing))
     real_prepare = CapturedStep._prepare
 
     def energy_fails(self):  # as AEPO's energy step does on CUDA (torch.linalg.eigh)

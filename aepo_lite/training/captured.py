@@ -25,6 +25,10 @@ the optimiser then reads its rate from a device tensor that the schedule fills (
 that synchronises with the host cannot be captured: AEPO's gaussian posterior does (``torch.linalg.eigh`` in the
 Tweedie covariance and the sampled expansion, ``linalg.solve`` elsewhere check their results on the host), so
 its energy step raises :class:`CaptureError`, or runs eagerly with ``fallback=True``.
+
+That can be seen without a GPU: on the CPU one warm-up step runs as CUDA would run it (no NaN checks, optimiser
+steps aside) under :func:`host_syncs`, and ``host_syncs`` lists the operators of :data:`SYNC_OPS` it met (empty:
+none of those known to synchronise; the capture on a GPU remains the test).
 """
 from __future__ import annotations
 
@@ -32,11 +36,73 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch import nn
+from torch.optim import optimizer as _opt_hooks
+from torch.utils._python_dispatch import TorchDispatchMode
 
 if TYPE_CHECKING:
     from aepo_lite.training.stages import Stage
 
-__all__ = ["CapturedStep", "CaptureError", "DeviceBatches", "CapturedLearner", "captured_stage"]
+__all__ = ["CapturedStep", "CaptureError", "DeviceBatches", "CapturedLearner", "captured_stage", "host_syncs",
+           "SYNC_OPS"]
+
+
+# The operators this library can meet that read a device value back to the host on CUDA, which a CUDA graph
+# cannot hold (a known list, not every operator torch has): name -> what calls it.
+SYNC_OPS = {
+    "aten._local_scalar_dense": ".item(), bool(), float() or int() of a tensor (e.g. an if on a tensor)",
+    "aten._linalg_check_errors": "a torch.linalg error check (linalg.solve, cholesky, inv; the *_ex forms skip it)",
+    "aten._linalg_eigh": "torch.linalg.eigh (its CUDA kernel checks the solver's flag on the host)",
+    "aten.nonzero": "nonzero or where(cond) (an output whose size depends on the values)",
+    "aten.masked_select": "masked_select (an output whose size depends on the values)",
+    "aten.index.Tensor[bool]": "indexing with a boolean mask (nonzero underneath)",
+    "aten.repeat_interleave.Tensor": "repeat_interleave with tensor repeats and no output_size",
+    "aten._unique2": "unique (an output whose size depends on the values)",
+    "aten.equal": "torch.equal (a Python bool)",
+}
+
+
+class _SyncRecorder(TorchDispatchMode):
+    """Records the :data:`SYNC_OPS` that the operators called under it would run on CUDA."""
+
+    def __init__(self, skip_optimisers: bool = False):
+        super().__init__()
+        self.found: list[str] = []
+        self.paused, self._hooks = False, []
+        if skip_optimisers:  # a CapturedStep makes them capturable on CUDA: their step then reads nothing back
+            self._hooks = [_opt_hooks.register_optimizer_step_pre_hook(lambda *_: self._pause(True)),
+                           _opt_hooks.register_optimizer_step_post_hook(lambda *_: self._pause(False))]
+
+    def _pause(self, on: bool) -> None:
+        self.paused = on
+
+    def __exit__(self, *exc):
+        for h in self._hooks:
+            h.remove()
+        return super().__exit__(*exc)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if self.paused:
+            return func(*args, **(kwargs or {}))
+        name = str(func.overloadpacket)
+        if name == "aten.index" and any(isinstance(i, torch.Tensor) and i.dtype == torch.bool
+                                        for i in (args[1] if len(args) > 1 else ())):
+            name = "aten.index.Tensor[bool]"
+        elif name == "aten.repeat_interleave" and (kwargs or {}).get("output_size") is None \
+                and isinstance(args[0] if args else None, torch.Tensor) and len(args) < 3:
+            name = "aten.repeat_interleave.Tensor"
+        if name in SYNC_OPS and name not in self.found:
+            self.found.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+def host_syncs(fn: Callable, *args, **kwargs) -> list[str]:
+    """The :data:`SYNC_OPS` that ``fn(*args, **kwargs)`` calls, in the order first met (each once): the
+    operators that would synchronise with the host on CUDA, so that a CUDA graph of ``fn`` could not be captured.
+    It runs ``fn`` once, on any device (the CPU included: a check that needs no GPU). An empty list says that none
+    of the known operators ran, not that capture will succeed (docs/gpu.md)."""
+    with _SyncRecorder() as rec:
+        fn(*args, **kwargs)
+    return rec.found
 
 
 class CaptureError(ValueError):
@@ -130,7 +196,7 @@ class CapturedStep:
         self.warmup, self.graph_on = int(warmup), graph and self.device.type == "cuda"
         self.buffers = None if example is None else {k: None if v is None else v.detach().to(self.device, copy=True)
                                                      for k, v in example.items()}  # on the device, whatever example's
-        self.fallback, self.capture_error = fallback, None
+        self.fallback, self.capture_error, self.host_syncs = fallback, None, None
         self._graph, self._out, self._ready = None, None, False
 
     @property
@@ -256,8 +322,9 @@ class CapturedStep:
             torch.cuda.current_stream(self.device).wait_stream(side)
             _capturable(_parts(self.learner)[1], self.device)  # optimisers made lazily in the warm-up
         else:
-            for _ in range(self.warmup):
+            for _ in range(self.warmup - 1):
                 self._body()
+            self.host_syncs = self._audit()  # a warm-up step too (undone below)
         try:
             if self.graph_on:
                 self._graph = self._capture()
@@ -272,6 +339,20 @@ class CapturedStep:
         finally:
             self._restore(snap)
         self._ready = True
+
+    def _audit(self) -> list[str]:
+        """One step under the recorder, as CUDA would run it: without the learner's NaN checks (``check_finite``,
+        off on CUDA) and with optimiser steps unrecorded (capturable on CUDA); the :data:`SYNC_OPS` met."""
+        check = getattr(self.learner, "check_finite", None)
+        if check is not None:
+            self.learner.check_finite = False
+        try:
+            with _SyncRecorder(skip_optimisers=True) as rec:
+                self._body()
+        finally:
+            if check is not None:
+                self.learner.check_finite = check
+        return rec.found
 
     def _capture(self) -> "torch.cuda.CUDAGraph":
         g = torch.cuda.CUDAGraph()
@@ -322,8 +403,19 @@ class CapturedLearner:
         """How the steps ran: ``graph``, why they could not be captured, or eager on a device without graphs."""
         if self.cap is None or not self.cap.ready:
             return None
-        return ("graph" if self.cap.captured else self.cap.capture_error
-                or f"eager (no CUDA graphs on {self.device.type})")
+        if self.cap.captured or self.cap.capture_error:
+            return "graph" if self.cap.captured else self.cap.capture_error
+        return f"eager (no CUDA graphs on {self.device.type}){_sync_verdict(self.cap.host_syncs)}"
+
+
+def _sync_verdict(found: list[str] | None) -> str:
+    """What the CPU's audit says about CUDA, for ``how()`` ("" when there was none)."""
+    if found is None:
+        return ""
+    if not found:
+        return "; no host synchronisation found, so it should capture on CUDA"
+    return "; it would not capture on CUDA, it synchronises with the host in " + "; ".join(
+        f"{SYNC_OPS[op]} [{op}]" for op in found)
 
 
 def captured_stage(st: Stage, device) -> Stage:
