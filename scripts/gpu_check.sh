@@ -100,7 +100,7 @@ step eager 90 "${BENCH[@]}" --out "$WORK/eager.json"
 step seeds 90 "$PY" scripts/seeds_timing.py --device "$DEVICE" "${SEEDS[@]}" --out "$WORK/seeds.json"
 step captured 80 "${BENCH[@]}" --capture --out "$WORK/captured.json"
 step paths 60 "$PY" scripts/gpu_paths.py --device "$DEVICE" "${PATHS[@]}" --out "$WORK/paths.json"
-step tests 60 env AEPO_SLOW="$SLOW" "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu_paths.py -k "$TESTS"
+step tests 60 env AEPO_SLOW="$SLOW" "$PY" -m pytest -q -rP -p no:cacheprovider tests/test_gpu_paths.py -k "$TESTS"
 if [ $TINY = 0 ] && [ -f .qgpo/COMMIT ]; then
   step qgpo 150 "$PY" scripts/compare_qgpo.py --qgpo .qgpo --qgpo-commit "$(cat .qgpo/COMMIT)" --device "$DEVICE" \
     --quick --out "$(dirname "$OUT")/compare_qgpo_cuda"

@@ -115,13 +115,15 @@ def rowwise_jacobian(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
 
 def posterior_estimate(a_t: torch.Tensor, t: torch.Tensor, s: torch.Tensor | None, eps_fn: EpsFn,
                        schedule: VPSchedule, covariance: str = "tweedie", clip: float | None = 1.0,
-                       eps_table: EpsNormTable | None = None, fit_cov: torch.Tensor | None = None):
+                       eps_table: EpsNormTable | None = None, fit_cov: torch.Tensor | None = None, *,
+                       sync_free: bool = False):
     """Gaussian approximation of mu_{0t}(a_0 | a_t, s): returns (a0_hat (B, d), S_hat (B, d, d)).
 
     With ``clip`` set, a0_hat is clipped to the box and S_hat's eigenvalues to at most clip^2.
     covariance: ``tweedie`` (Jacobian of eps_theta), ``isotropic`` (needs ``eps_table``),
     ``gaussian-fit`` (needs ``fit_cov``: the behaviour covariance at s, (B, d, d) or (d, d)),
-    ``none`` (S_hat = 0).
+    ``none`` (S_hat = 0). ``sync_free``: linear algebra that reads nothing back to the host (Jacobi sweeps
+    for ``eigh``, solves without their error check), as a CUDA graph needs (:func:`_aepo_target` on CUDA).
     """
     if covariance not in G.COVARIANCES:
         raise ValueError(f"covariance: expected one of {G.COVARIANCES}, got {covariance!r}")
@@ -136,7 +138,7 @@ def posterior_estimate(a_t: torch.Tensor, t: torch.Tensor, s: torch.Tensor | Non
     a0_hat = G.tweedie_mean(a_t, eps.detach(), alpha, sigma, clip=clip)
     max_var = None if clip is None else clip**2  # no distribution on [-clip, clip] has a larger variance
     if covariance == "tweedie":
-        S_hat = G.tweedie_covariance(jac.detach(), alpha, sigma, max_var=max_var)
+        S_hat = G.tweedie_covariance(jac.detach(), alpha, sigma, max_var=max_var, sync_free=sync_free)
     elif covariance == "isotropic":
         if eps_table is None:
             raise ValueError("eps_table: the isotropic covariance needs an EpsNormTable (EpsNormTable.estimate)")
@@ -146,7 +148,7 @@ def posterior_estimate(a_t: torch.Tensor, t: torch.Tensor, s: torch.Tensor | Non
     elif covariance == "gaussian-fit":
         if fit_cov is None:
             raise ValueError("fit_cov: the gaussian-fit covariance needs the behaviour covariance at s")
-        S_hat = G.gaussian_fit_covariance(fit_cov, alpha, sigma)
+        S_hat = G.gaussian_fit_covariance(fit_cov, alpha, sigma, sync_free=sync_free)
     else:
         S_hat = torch.zeros(B, d, d, dtype=a_t.dtype, device=a_t.device)
     return a0_hat, S_hat
@@ -199,8 +201,10 @@ def aepo_target(a_t: torch.Tensor, t: torch.Tensor, s: torch.Tensor | None, *, e
 
 def _aepo_target(a_t, t, s, *, eps_fn, q_fn, schedule, beta, covariance, expansion, clip, n_samples, eps_table,
                  fit_cov, generator, check: bool = True) -> torch.Tensor:
-    """:func:`aepo_target` without the input checks (the caller made a_t and t)."""
-    a0_hat, S_hat = posterior_estimate(a_t, t, s, eps_fn, schedule, covariance, clip, eps_table, fit_cov)
+    """:func:`aepo_target` without the input checks (the caller made a_t and t). ``check=False`` (CUDA): nothing
+    is read back to the host, neither NaN tests nor linear algebra's error flags (capturable as a CUDA graph)."""
+    a0_hat, S_hat = posterior_estimate(a_t, t, s, eps_fn, schedule, covariance, clip, eps_table, fit_cov,
+                                       sync_free=not check)
     if expansion == "sampled":
         K = n_samples
         s_rep = None if s is None else s.repeat_interleave(K, dim=0)

@@ -27,7 +27,7 @@ __all__ = [
     "gaussian_intermediate_energy_grad", "gaussian_eps",
     # AEPO's target (docs/derivation.md section 4)
     "tweedie_mean", "tweedie_covariance", "isotropic_covariance", "gaussian_fit_covariance",
-    "psd_project", "aepo_target_first", "aepo_target_second", "aepo_target_sampled",
+    "psd_project", "jacobi_eigh", "aepo_target_first", "aepo_target_second", "aepo_target_sampled",
     "COVARIANCES", "EXPANSIONS",
     # in-support targets (docs/derivation.md section 4b, ours)
     "mixture_posterior", "particle_target", "mixture_target_first", "POSTERIORS",
@@ -143,7 +143,7 @@ def gaussian_target_policy(m: torch.Tensor, S: torch.Tensor, g: torch.Tensor, H:
 
 
 def gaussian_log_expectation(mean: torch.Tensor, cov: torch.Tensor, b: torch.Tensor,
-                             A: torch.Tensor | None = None) -> torch.Tensor:
+                             A: torch.Tensor | None = None, *, sync_free: bool = False) -> torch.Tensor:
     """log E[exp(b^T x - x^T A x / 2)] for x ~ N(mean, cov), A PSD.
 
     mean (B, d); cov (d, d) or (B, d, d), PSD (singular allowed, e.g. 0); b (d,) or (B, d);
@@ -152,6 +152,7 @@ def gaussian_log_expectation(mean: torch.Tensor, cov: torch.Tensor, b: torch.Ten
         = b^T mean - mean^T A mean / 2 + b'^T (I + cov A)^-1 cov b' / 2 - logdet(I + cov A) / 2,
 
     which equals docs/derivation.md's det(I + S~A)^(-1/2) exp(...) form but never inverts ``cov``.
+    ``sync_free``: the solve without its error check (no host read-back).
     """
     B, d = mean.shape
     b = b.expand(B, d)
@@ -164,7 +165,7 @@ def gaussian_log_expectation(mean: torch.Tensor, cov: torch.Tensor, b: torch.Ten
     bp = b - Am
     I = _eye(d, mean).expand(B, d, d)
     M = I + cov @ A
-    sol = torch.linalg.solve(M, (cov @ bp.unsqueeze(-1))).squeeze(-1)
+    sol = _solve(M, cov @ bp.unsqueeze(-1), sync_free).squeeze(-1)
     logdet = torch.linalg.slogdet(M)[1]
     return lin - 0.5 * (mean * Am).sum(-1) + 0.5 * (bp * sol).sum(-1) - 0.5 * logdet
 
@@ -247,20 +248,22 @@ def tweedie_mean(a_t: torch.Tensor, eps: torch.Tensor, alpha, sigma, clip: float
     return x0.clamp(-clip, clip) if clip is not None else x0
 
 
-def tweedie_covariance(jac: torch.Tensor, alpha, sigma, max_var: float | None = None) -> torch.Tensor:
+def tweedie_covariance(jac: torch.Tensor, alpha, sigma, max_var: float | None = None, *,
+                       sync_free: bool = False) -> torch.Tensor:
     """Second-order Tweedie: S_hat = (sigma^2 / alpha^2)(I - sigma J), J = d eps / d a_t. (B, d, d) -> (B, d, d).
 
     J is symmetrised and the eigenvalues of (I - sigma J) are clipped to [0, 1], so S_hat is PSD
     and never larger than the prior-free bound (sigma^2 / alpha^2) I. ``max_var`` further caps the
     eigenvalues of S_hat (e.g. clip^2 for actions in [-clip, clip]: no distribution on that box
     has a larger variance), which matters at large t where sigma^2 / alpha^2 reaches ~2e4.
+    ``sync_free``: the eigendecomposition by :func:`jacobi_eigh` (no host read-back: capturable on CUDA).
     """
     check_tensor("jac", jac, ndim=3)
     B, d, _ = jac.shape
     a, s = _alpha_sigma_b(alpha, sigma, jac[:, :, 0])
     Js = 0.5 * (jac + jac.transpose(-1, -2))
     M = _eye(d, jac) - s[:, :, None] * Js
-    evals, evecs = torch.linalg.eigh(M)
+    evals, evecs = _eigh(M, sync_free)
     scale = (s**2 / a**2)  # (B, 1)
     evals = evals.clamp(0.0, 1.0) * scale
     if max_var is not None:
@@ -281,10 +284,11 @@ def isotropic_covariance(eps_sq_mean, alpha, sigma, d: int, batch: int | None = 
     return r2[:, None, None] * _eye(d, like)
 
 
-def gaussian_fit_covariance(S_s: torch.Tensor, alpha, sigma) -> torch.Tensor:
+def gaussian_fit_covariance(S_s: torch.Tensor, alpha, sigma, *, sync_free: bool = False) -> torch.Tensor:
     """Section 3's exact S~ for a behaviour fitted as N(m_s, S_s): (B, d, d) or (d, d) -> (B, d, d).
 
-    ``alpha``, ``sigma``: (B,) tensors (or floats, with S_s batched).
+    ``alpha``, ``sigma``: (B,) tensors (or floats, with S_s batched). ``sync_free``: the solve without its
+    error check (no host read-back).
     """
     S_s = S_s if S_s.ndim == 3 else S_s[None]
     d = S_s.shape[-1]
@@ -292,15 +296,81 @@ def gaussian_fit_covariance(S_s: torch.Tensor, alpha, sigma) -> torch.Tensor:
                                                      dtype=S_s.dtype, device=S_s.device))
     S_s = S_s.expand(a.shape[0], d, d)
     M = a[:, :, None] ** 2 * S_s + s[:, :, None] ** 2 * _eye(d, S_s)
-    S_t = S_s - a[:, :, None] ** 2 * S_s @ torch.linalg.solve(M, S_s)
+    S_t = S_s - a[:, :, None] ** 2 * S_s @ _solve(M, S_s, sync_free)
     return 0.5 * (S_t + S_t.transpose(-1, -2))
 
 
-def psd_project(M: torch.Tensor) -> torch.Tensor:
-    """Symmetrise and clip negative eigenvalues to 0: (..., d, d) -> (..., d, d)."""
+def psd_project(M: torch.Tensor, *, sync_free: bool = False) -> torch.Tensor:
+    """Symmetrise and clip negative eigenvalues to 0: (..., d, d) -> (..., d, d) (``sync_free``: :func:`jacobi_eigh`)."""
     Ms = 0.5 * (M + M.transpose(-1, -2))
-    evals, evecs = torch.linalg.eigh(Ms)
+    evals, evecs = _eigh(Ms, sync_free)
     return evecs @ torch.diag_embed(evals.clamp_min(0.0)) @ evecs.transpose(-1, -2)
+
+
+def _jacobi_rounds(d: int) -> list[tuple[list[int], list[int]]]:
+    """A sweep of the parallel (round-robin) Jacobi order: d - 1 rounds (d if d is odd) of disjoint pairs
+    (p < q), every pair once a sweep."""
+    n = d + d % 2
+    others, rounds = list(range(1, n)), []
+    for _ in range(n - 1):
+        ring = [0] + others
+        pairs = [tuple(sorted((ring[i], ring[n - 1 - i]))) for i in range(n // 2)]
+        pairs = [pq for pq in pairs if pq[1] < d]  # the pair with the odd d's stand-in index sits out
+        rounds.append(([p for p, _ in pairs], [q for _, q in pairs]))
+        others = others[-1:] + others[:-1]
+    return rounds
+
+
+_ROUNDS: dict = {}  # (d, device) -> the rounds' index tensors, made once (a copy to the device is no graph op)
+
+
+def _round_indices(d: int, device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    key = (d, str(device))
+    if key not in _ROUNDS:
+        _ROUNDS[key] = [tuple(torch.tensor(i, device=device) for i in r) for r in _jacobi_rounds(d)] if d > 1 else []
+    return _ROUNDS[key]
+
+
+def jacobi_eigh(M: torch.Tensor, sweeps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The eigendecomposition of symmetric matrices by a fixed number of Jacobi sweeps: (..., d, d) ->
+    (eigenvalues (..., d), eigenvectors (..., d, d)), M ~= V diag(w) V^T, in no particular order.
+
+    ``torch.linalg.eigh`` checks its solver's flag on the host, so a CUDA graph cannot hold it; this reads
+    nothing back (a fixed sweep count instead of a convergence test), for the small d of action spaces. Each
+    round rotates d / 2 disjoint pairs at once (round-robin order): about 12 kernels a round, d - 1 rounds a
+    sweep. ``sweeps``: 8 in float32, 12 in float64, 4 more above d = 8 by default (Jacobi converges
+    quadratically; the tests check the result against ``eigh`` for d up to 17, repeated eigenvalues included).
+    """
+    check_tensor("M", M, ndim=None)
+    if M.ndim < 2 or M.shape[-1] != M.shape[-2]:
+        raise ValueError(f"M: expected square matrices (..., d, d), got shape {tuple(M.shape)}")
+    d = M.shape[-1]
+    sweeps = sweeps if sweeps is not None else (12 if M.dtype == torch.float64 else 8) + 4 * (d > 8)
+    A = 0.5 * (M + M.transpose(-1, -2))
+    eye = _eye(d, M).expand(A.shape)
+    V = eye.clone()
+    rounds = _round_indices(d, M.device)
+    for _ in range(sweeps if rounds else 0):
+        for P, Q in rounds:
+            app, aqq, apq = A[..., P, P], A[..., Q, Q], A[..., P, Q]
+            zero = apq == 0
+            tau = (aqq - app) / (2 * torch.where(zero, torch.ones_like(apq), apq))
+            t = torch.where(tau >= 0, 1.0, -1.0).to(M.dtype) / (tau.abs() + torch.sqrt(1 + tau * tau))
+            c = torch.rsqrt(1 + t * t).masked_fill(zero, 1.0)
+            sn = (t * c).masked_fill(zero, 0.0)
+            J = eye.clone()  # the rotations of this round's pairs: J^T A J zeroes A[p, q]
+            J[..., P, P], J[..., Q, Q], J[..., P, Q], J[..., Q, P] = c, c, sn, -sn
+            A = J.transpose(-1, -2) @ A @ J
+            V = V @ J
+    return torch.diagonal(A, dim1=-2, dim2=-1), V
+
+
+def _eigh(M: torch.Tensor, sync_free: bool):
+    return jacobi_eigh(M) if sync_free else torch.linalg.eigh(M)
+
+
+def _solve(A: torch.Tensor, B: torch.Tensor, sync_free: bool) -> torch.Tensor:
+    return torch.linalg.solve_ex(A, B)[0] if sync_free else torch.linalg.solve(A, B)
 
 
 def aepo_target_first(q: torch.Tensor, g: torch.Tensor, S_hat: torch.Tensor, beta: float, *,
@@ -321,10 +391,12 @@ def aepo_target_second(q: torch.Tensor, g: torch.Tensor, H: torch.Tensor, S_hat:
 
     With u ~ N(0, S_hat), Q(a0_hat + u) ≈ q + g^T u - u^T H u / 2 and H = -hess Q (PSD-projected
     here): y_t = beta q + log E exp(beta g^T u - beta u^T H u / 2). (B,), (B, d), (B, d, d), (B, d, d) -> (B,).
+    ``check=False`` (a GPU loop) reads nothing back: no NaN test, :func:`jacobi_eigh`, solves unchecked.
     """
     beta = check_scalar("beta", beta, low=0.0)
     zero = torch.zeros_like(g)
-    y = beta * q + gaussian_log_expectation(zero, S_hat, beta * g, beta * psd_project(H))
+    y = beta * q + gaussian_log_expectation(zero, S_hat, beta * g, beta * psd_project(H, sync_free=not check),
+                                            sync_free=not check)
     return _finite("aepo_target_second", y, check)
 
 
@@ -334,13 +406,13 @@ def aepo_target_sampled(q_fn: Callable[[torch.Tensor], torch.Tensor], a0_hat: to
     """Sampled AEPO target y_t = logmeanexp_k beta Q(a0_hat + S_hat^(1/2) z_k), z_k ~ N(0, I).
 
     q_fn maps actions (B * K, d) -> (B * K,) (the state is the caller's to repeat); a0_hat (B, d),
-    S_hat (B, d, d) -> (B,).
+    S_hat (B, d, d) -> (B,). ``check=False`` (a GPU loop) reads nothing back: no NaN test, :func:`jacobi_eigh`.
     """
     beta = check_scalar("beta", beta, low=0.0)
     if not isinstance(n_samples, int) or n_samples < 1:
         raise ValueError(f"n_samples: expected a positive integer, got {n_samples!r}")
     B, d = a0_hat.shape
-    evals, evecs = torch.linalg.eigh(0.5 * (S_hat + S_hat.transpose(-1, -2)))
+    evals, evecs = _eigh(0.5 * (S_hat + S_hat.transpose(-1, -2)), not check)
     root = evecs @ torch.diag_embed(evals.clamp_min(0).sqrt())
     z = torch.randn((B, n_samples, d), generator=generator, dtype=a0_hat.dtype,
                     device=generator.device if generator is not None else a0_hat.device).to(a0_hat.device)

@@ -22,9 +22,10 @@ tests check this bookkeeping there (N steps through the buffers == N plain steps
 Outputs of a replay are static tensors that the next replay overwrites: read (or clone) them before it.
 A learner's learning-rate schedule (``lr_schedule``) is stepped between replays, outside the graph; on CUDA
 the optimiser then reads its rate from a device tensor that the schedule fills (one step per replay). A step
-that synchronises with the host cannot be captured: AEPO's gaussian posterior does (``torch.linalg.eigh`` in the
-Tweedie covariance and the sampled expansion, ``linalg.solve`` elsewhere check their results on the host), so
-its energy step raises :class:`CaptureError`, or runs eagerly with ``fallback=True``.
+that synchronises with the host cannot be captured (``.item()``, ``torch.linalg.eigh``, the error check of
+``linalg.solve``): it raises :class:`CaptureError`, or runs eagerly with ``fallback=True``. AEPO's Gaussian
+posterior avoids them where the energy learner skips its checks, on CUDA (Jacobi sweeps for ``eigh``, unchecked
+solves: :func:`aepo_lite.core.guidance.jacobi_eigh`).
 
 That can be seen without a GPU: on the CPU one warm-up step runs as CUDA would run it (no NaN checks, optimiser
 steps aside) under :func:`host_syncs`, and ``host_syncs`` lists the operators of :data:`SYNC_OPS` it met (empty:
@@ -334,8 +335,8 @@ class CapturedStep:
                                   f"{str(e).strip().splitlines()[0]}")
             if not self.fallback:
                 raise CaptureError(f"capture: {self.capture_error}. Something in the step synchronises with the host "
-                                   "or cannot be captured (AEPO's gaussian posterior calls torch.linalg.eigh and "
-                                   "solve); run it eagerly (graph=False, or without --capture)") from e
+                                   "or cannot be captured (on the CPU, CapturedStep.host_syncs names the operators "
+                                   "known to); run it eagerly (graph=False, or without --capture)") from e
         finally:
             self._restore(snap)
         self._ready = True
