@@ -338,7 +338,7 @@ def jacobi_eigh(M: torch.Tensor, sweeps: int | None = None) -> tuple[torch.Tenso
     ``torch.linalg.eigh`` checks its solver's flag on the host, so a CUDA graph cannot hold it; this reads
     nothing back (a fixed sweep count instead of a convergence test), for the small d of action spaces. Each
     round rotates d / 2 disjoint pairs at once (round-robin order): about 34 operators a round, d - 1 rounds a
-    sweep. ``sweeps``: 8 in float32, 12 in float64, 4 more above d = 8 by default (Jacobi converges
+    sweep (d if d is odd). ``sweeps``: 8 in float32, 12 in float64, 4 more above d = 8 by default (Jacobi converges
     quadratically; the tests check the result against ``eigh`` for d up to 17, repeated eigenvalues included).
     """
     check_tensor("M", M, ndim=None)
