@@ -179,3 +179,24 @@ def test_sampler_catches_nan(schedule):
 
 def test_every_solver_is_listed():
     assert set(SOLVERS) == {"dpmpp2m", "dpmpp3m", "dpm2", "ddim", "ddpm", "euler"}
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_the_time_grid_is_made_once_and_left_as_made(solver, schedule):
+    """The solver's grid is cached per (schedule, solver, steps, end) (host time a GPU's guided action would wait
+    on): a second call reuses it, the sampling leaves it as a fresh one is, and the samples are the same."""
+    from aepo_lite.core.diffusion import _Grid, _grid
+    eps_fn, guidance, _, _ = _setup(2, schedule)
+    x_T = torch.randn(64, 2, generator=torch.Generator().manual_seed(3), dtype=DT)
+    run = lambda: sample(eps_fn, x_T, schedule=schedule, n_steps=7, solver=solver, guidance=guidance,  # noqa: E731
+                         guidance_scale=1.0, generator=torch.Generator().manual_seed(4))
+    x1 = run()
+    hits = _grid.cache_info().hits
+    x2 = run()
+    assert _grid.cache_info().hits == hits + 1 and torch.equal(x1, x2)
+    fresh, cached = _Grid(schedule, solver, 7, schedule.t_min), _grid(schedule, solver, 7, schedule.t_min)
+    for name in ("t", "alpha", "sigma", "lam"):
+        assert getattr(cached, name) == getattr(fresh, name)
+    assert torch.equal(cached.lams64, fresh.lams64)
+    other = type(schedule)(b1=15.0)
+    assert _grid(other, solver, 7, other.t_min).alpha != cached.alpha  # another schedule, another grid

@@ -17,6 +17,7 @@ Solvers (``n_steps`` is always the number of network evaluations):
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, Optional
 
@@ -123,7 +124,7 @@ def sample(eps_fn: EpsFn, x_T: torch.Tensor, *, schedule: VPSchedule, cond: torc
     """
     w, t_guide, t_end = _check_sample_args(x_T, cond, schedule, n_steps, solver, guidance, guided_eps,
                                            guidance_scale, guidance_t_max, t_end)
-    grid = _Grid(schedule, solver, n_steps, t_end)
+    grid = _grid(schedule, solver, n_steps, t_end)
 
     def eps_at(x, i, t_val=None, sigma=None):
         t_val = grid.t[i] if t_val is None else t_val
@@ -182,6 +183,14 @@ class _Grid:
         alphas, sigmas = torch.exp(la64), torch.sqrt(-torch.expm1(2 * la64))
         self.lams64 = la64 - torch.log(sigmas)
         self.t, self.alpha, self.sigma, self.lam = ts.tolist(), alphas.tolist(), sigmas.tolist(), self.lams64.tolist()
+
+
+@functools.lru_cache(maxsize=64)
+def _grid(schedule: VPSchedule, solver: str, n_steps: int, t_end: float) -> _Grid:
+    """The solver's grid, made once per (schedule, solver, steps, end) and shared (read-only) by every call with
+    them: the same floats each time, and making them costs host time (0.14 ms here, against a GPU target of
+    1 ms for a whole guided action)."""
+    return _Grid(schedule, solver, n_steps, t_end)
 
 
 def _dpmpp2m(x, eps_at, g: _Grid, **_):
