@@ -68,13 +68,16 @@ class _SyncRecorder(TorchDispatchMode):
     def __init__(self, skip_optimisers: bool = False):
         super().__init__()
         self.found: list[str] = []
-        self.paused, self._hooks = False, []
-        if skip_optimisers:  # a CapturedStep makes them capturable on CUDA: their step then reads nothing back
-            self._hooks = [_opt_hooks.register_optimizer_step_pre_hook(lambda *_: self._pause(True)),
-                           _opt_hooks.register_optimizer_step_post_hook(lambda *_: self._pause(False))]
+        self.skip_optimisers, self.paused, self._hooks = skip_optimisers, False, []
 
     def _pause(self, on: bool) -> None:
         self.paused = on
+
+    def __enter__(self):
+        if self.skip_optimisers:  # a CapturedStep makes them capturable on CUDA: their step then reads nothing back
+            self._hooks = [_opt_hooks.register_optimizer_step_pre_hook(lambda *_: self._pause(True)),
+                           _opt_hooks.register_optimizer_step_post_hook(lambda *_: self._pause(False))]
+        return super().__enter__()
 
     def __exit__(self, *exc):
         for h in self._hooks:
@@ -88,9 +91,8 @@ class _SyncRecorder(TorchDispatchMode):
         if name == "aten.index" and any(isinstance(i, torch.Tensor) and i.dtype == torch.bool
                                         for i in (args[1] if len(args) > 1 else ())):
             name = "aten.index.Tensor[bool]"
-        elif name == "aten.repeat_interleave" and (kwargs or {}).get("output_size") is None \
-                and isinstance(args[0] if args else None, torch.Tensor) and len(args) < 3:
-            name = "aten.repeat_interleave.Tensor"
+        elif str(func) == "aten.repeat_interleave.Tensor" and (kwargs or {}).get("output_size") is None:
+            name = "aten.repeat_interleave.Tensor"  # the other overloads come here as this one
         if name in SYNC_OPS and name not in self.found:
             self.found.append(name)
         return func(*args, **(kwargs or {}))
@@ -337,8 +339,8 @@ class CapturedStep:
                                   f"{str(e).strip().splitlines()[0]}")
             if not self.fallback:
                 raise CaptureError(f"capture: {self.capture_error}. Something in the step synchronises with the host "
-                                   "or cannot be captured (on the CPU, CapturedStep.host_syncs names the operators "
-                                   "known to); run it eagerly (graph=False, or without --capture)") from e
+                                   "or cannot be captured (run on the CPU, CapturedStep.host_syncs names the known "
+                                   "operators that do); run it eagerly (graph=False, or without --capture)") from e
         finally:
             self._restore(snap)
         self._ready = True
