@@ -29,7 +29,8 @@ CUDA graphs on CUDA, each step then one CUDA-graph step, as ``train --compile`` 
 ``sampling.compile`` makes the guided stages use the agent's compiled sampler step. Compilation
 happens in each stage's untimed warm-up calls (``warmup_seconds``). ``capture`` instead replays each training
 step, its batch draw included, as one CUDA graph (:class:`~aepo_lite.training.captured.CapturedStep`; captured in
-the first call, which the warm-up times; on the CPU the same steps run eagerly).
+the first call, which the warm-up times; on the CPU the same steps run eagerly), and the guided stages' sampling
+calls too (``sampling.capture``: :class:`~aepo_lite.core.diffusion.CapturedSampler`, one graph per batch size).
 
 ``run_bench(cfg) -> dict`` is the API; ``aepo-lite bench`` prints it and writes it as JSON + Markdown.
 """
@@ -83,7 +84,7 @@ class BenchConfig:
     min_time: float = 1.0  # seconds one timed loop should last (sets the number of calls in it)
     repeats: int = 3  # timed loops per stage; the median is reported
     compile: bool = False  # torch.compile every network the training stages run (CUDA graphs on CUDA)
-    capture: bool = False  # replay each training step (batch draw included) as one CUDA graph; eager on the CPU
+    capture: bool = False  # each training step (batch draw included) and sampling call one CUDA graph; eager on CPU
     tf32: bool = False  # CUDA only: allow TF32 matmuls
     threads: Optional[int] = None  # torch CPU threads; None = torch's default (1 is steadier on a shared machine)
     seed: int = 0  # seeds the random data and the networks
@@ -292,6 +293,8 @@ class RLStages(_Stages):
         self.agents, self.critics = {}, {}
         for m in cfg.methods:
             tc = train_config(cfg, m)
+            if cfg.capture:  # --capture: the guided stages' sampling calls are captured too
+                tc = replace(tc, sampling=replace(tc.sampling, capture=True))
             agent = Agent(tc, k, d, np.zeros(k), np.ones(k), -np.ones(d), np.ones(d), device)
             first = next(iter(self.agents.values()), agent)
             agent.behaviour = first.behaviour  # one behaviour model for every method (as rl-grid's runs share it)
@@ -399,7 +402,8 @@ class RLStages(_Stages):
                 f"environments x {cfg.episode_len} steps ({ev.episodes} episodes per scale), sampler only")
         parts = ("behaviour", "critic", "support", "energy", "sampling")
         differs = config_diff({p: to_dict(getattr(full, p)) for p in parts},
-                              {p: to_dict(getattr(cfg, p)) for p in parts}, ignore=("critic.kind", "sampling.compile"))
+                              {p: to_dict(getattr(cfg, p)) for p in parts},
+                              ignore=("critic.kind", "sampling.compile", "sampling.capture"))
         return extrapolate(stages, "full", work, pipelines, evaluation=(calls, rows, note), differs=differs)
 
 

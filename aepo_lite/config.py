@@ -123,6 +123,7 @@ class SamplingConfig:
     guidance_scales: tuple[float, ...] = (0.0, 1.0, 2.0, 3.0, 5.0, 8.0, 10.0)  # w swept at evaluation (bc: 0)
     guidance_t_max: float = 1.0  # guide only where t <= this (1.0: everywhere, the method as written)
     compile: bool = False  # torch.compile the guided sampler step (CUDA graphs on CUDA); the first call compiles
+    capture: bool = False  # each sampling call one CUDA graph per batch size and w (core.diffusion.CapturedSampler)
 
 
 @dataclass

@@ -294,6 +294,31 @@ def test_compiled_sampler_agent_matches_eager_and_pads_batches(tiny, smoke_runs)
     assert a3.shape == (3, 3) and np.all(np.abs(a3) <= 1)
 
 
+@pytest.mark.parametrize("method", ["aepo", "bc"])
+def test_captured_sampler_agent_acts_as_the_plain_one(tiny, smoke_runs, method):
+    """sampling.capture: on the CPU the agent's actions are the plain agent's exactly (the same noise drawn from
+    the same generator), guided or not, with best-of-N, batch after batch; one sampler per batch size; and the
+    settings it cannot run with are refused by name."""
+    from aepo_lite.rl.agent import load_run, make_config
+    plain, _, data = load_run(smoke_runs[method])
+    cap, cfg, _ = load_run(smoke_runs[method], overrides={"sampling": {"capture": True}})
+    assert cfg.sampling.capture and not plain.cfg.sampling.capture
+    obs = data.obs_rows[:5]
+    scales, cands = ((0.0, 3.0), (1, 3)) if method == "aepo" else ((0.0,), (1,))
+    for w in scales:
+        for n in cands:
+            g1, g2 = torch.Generator().manual_seed(4), torch.Generator().manual_seed(4)
+            for rows in (5, 3, 5):  # the generator moves on: later calls draw new noise alike
+                np.testing.assert_array_equal(cap.act(obs[:rows], w, n_candidates=n, generator=g1),
+                                              plain.act(obs[:rows], w, n_candidates=n, generator=g2))
+    assert sorted(cap._captured) == ([3, 5, 9, 15] if method == "aepo" else [3, 5])
+    with pytest.raises(ValueError, match="sampling.capture: a captured sampler replays one CUDA graph .* Pass one of "
+                                         "--sampling.capture and --sampling.compile"):
+        make_config(DS, method, "smoke", sampling={"capture": True, "compile": True})
+    with pytest.raises(ValueError, match="sampling.capture: ddpm draws fresh noise"):
+        make_config(DS, method, "smoke", sampling={"capture": True, "solver": "ddpm"})
+
+
 def test_compiled_training_matches_eager(tiny, smoke_runs):
     """compile=True compiles every network in place for training (CUDA graphs on CUDA). On the CPU the
     behaviour and critic stages log the eager numbers; the energy stage's sampled AEPO target is a Monte

@@ -200,3 +200,51 @@ def test_the_time_grid_is_made_once_and_left_as_made(solver, schedule):
     assert torch.equal(cached.lams64, fresh.lams64)
     other = type(schedule)(b1=15.0)
     assert _grid(other, solver, 7, other.t_min).alpha != cached.alpha  # another schedule, another grid
+
+
+def _nets(d=3, k=4, seed=0):
+    from aepo_lite.core.diffusion import DiffusionModel
+    from aepo_lite.core.nets import EnergyNet, NoiseNet
+    torch.manual_seed(seed)
+    return DiffusionModel(NoiseNet(d, k, 32, 1, 8)), EnergyNet(d, k, 32, 2)
+
+
+@pytest.mark.parametrize("solver", [s for s in SOLVERS if s != "ddpm"])
+@pytest.mark.parametrize("t_max", [None, 0.4])
+def test_captured_sampler_gives_the_samplers_numbers_and_reads_nothing_back(solver, t_max):
+    """On the CPU a CapturedSampler runs the solver loop eagerly from its static buffers: for every deterministic
+    solver, guided (w = 0, 1.5, with and without a guided-time limit) and batch after batch, it returns exactly
+    what sample() returns; and the loop it would capture on CUDA calls no operator that reads back to the host."""
+    from aepo_lite.core.diffusion import CapturedSampler, energy_guidance
+    from aepo_lite.training.captured import host_syncs
+    model, energy = _nets()
+    guide = energy_guidance(energy)
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(6, 3, generator=g), torch.randn(6, 4, generator=g)) for _ in range(3)]
+    cap = CapturedSampler(model.eps, schedule=model.schedule, x_T=batches[0][0], cond=batches[0][1], n_steps=6,
+                          solver=solver, guidance=guide, guidance_t_max=t_max)
+    for w in (0.0, 1.5):
+        for x_T, cond in batches:
+            ref = sample(model.eps, x_T, schedule=model.schedule, cond=cond, n_steps=6, solver=solver,
+                         guidance=guide, guidance_scale=w, guidance_t_max=t_max)
+            assert torch.equal(cap(x_T, cond, w), ref)
+    assert not torch.equal(cap(*batches[0], 0.0), cap(*batches[0], 1.5))  # the guidance acts
+    assert host_syncs(cap._run, 1.5) == []
+    assert not cap.graphs and cap.capture_error is None  # nothing captured on the CPU
+
+
+def test_captured_sampler_refuses_what_it_cannot_replay():
+    from aepo_lite.core.diffusion import CapturedSampler
+    model, _ = _nets()
+    x, c = torch.zeros(4, 3), torch.zeros(4, 4)
+    with pytest.raises(ValueError, match="solver: ddpm draws fresh noise at every step"):
+        CapturedSampler(model.eps, schedule=model.schedule, x_T=x, cond=c, solver="ddpm")
+    cap = CapturedSampler(model.eps, schedule=model.schedule, x_T=x, cond=c, n_steps=3)
+    with pytest.raises(ValueError, match=r"batch size: x_T has shape \(5, 3\) but this captured sampler holds \(4, 3\)"):
+        cap(torch.zeros(5, 3), torch.zeros(5, 4), 1.0)
+    with pytest.raises(ValueError, match=r"batch size: cond has shape None but this captured sampler holds \(4, 4\)"):
+        cap(x, None, 1.0)
+    with pytest.raises(ValueError, match="guidance_scale"):
+        cap(x, c, -1.0)
+    with pytest.raises(ValueError, match="cond: expected 4 rows"):
+        CapturedSampler(model.eps, schedule=model.schedule, x_T=x, cond=torch.zeros(3, 4))

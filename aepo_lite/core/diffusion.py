@@ -27,8 +27,8 @@ from torch import nn
 from aepo_lite._checks import check_finite, check_scalar, check_tensor
 from aepo_lite.core.schedule import VPSchedule
 
-__all__ = ["DiffusionModel", "sample", "energy_guidance", "FusedGuidedEps", "SOLVERS", "EpsFn", "GuidanceFn",
-           "GuidedEpsFn"]
+__all__ = ["DiffusionModel", "sample", "energy_guidance", "FusedGuidedEps", "CapturedSampler", "SOLVERS", "EpsFn",
+           "GuidanceFn", "GuidedEpsFn"]
 
 EpsFn = Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
 GuidanceFn = Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
@@ -124,8 +124,15 @@ def sample(eps_fn: EpsFn, x_T: torch.Tensor, *, schedule: VPSchedule, cond: torc
     """
     w, t_guide, t_end = _check_sample_args(x_T, cond, schedule, n_steps, solver, guidance, guided_eps,
                                            guidance_scale, guidance_t_max, t_end)
-    grid = _grid(schedule, solver, n_steps, t_end)
+    x = _integrate(eps_fn, x_T, cond, _grid(schedule, solver, n_steps, t_end), solver, w, t_guide, guidance,
+                   guided_eps, generator)
+    if check_nan:
+        _check_output(x, solver, w)
+    return x
 
+
+def _integrate(eps_fn, x_T, cond, grid, solver: str, w: float, t_guide: float, guidance, guided_eps, generator):
+    """The solver loop of :func:`sample` on checked arguments (no host read-back: a CUDA graph can hold it)."""
     def eps_at(x, i, t_val=None, sigma=None):
         t_val = grid.t[i] if t_val is None else t_val
         sigma = grid.sigma[i] if sigma is None else sigma
@@ -135,11 +142,13 @@ def sample(eps_fn: EpsFn, x_T: torch.Tensor, *, schedule: VPSchedule, cond: torc
             return guided_eps(x, t, cond, torch.full((), w_here * sigma, dtype=x.dtype, device=x.device))
         return _guided_eps(eps_fn, guidance, w_here, x, t_val, sigma, cond)
 
-    x = _SOLVER_LOOPS[solver](x_T, eps_at, grid, generator=generator)
-    if check_nan and not bool(torch.isfinite(x).all()):
+    return _SOLVER_LOOPS[solver](x_T, eps_at, grid, generator=generator)
+
+
+def _check_output(x: torch.Tensor, solver: str, w: float) -> None:
+    if not bool(torch.isfinite(x).all()):
         raise FloatingPointError(f"sample: the {solver} sampler produced NaN/inf (guidance_scale={w}); "
                                  "lower the guidance scale or check the guidance network")
-    return x
 
 
 def _check_sample_args(x_T, cond, schedule, n_steps, solver, guidance, guided_eps, guidance_scale, guidance_t_max,
@@ -183,6 +192,10 @@ class _Grid:
         alphas, sigmas = torch.exp(la64), torch.sqrt(-torch.expm1(2 * la64))
         self.lams64 = la64 - torch.log(sigmas)
         self.t, self.alpha, self.sigma, self.lam = ts.tolist(), alphas.tolist(), sigmas.tolist(), self.lams64.tolist()
+        if solver == "dpm2":  # the lambda midpoints of its second-order steps
+            t_mid = schedule.t_of_lambda(0.5 * (self.lams64[:-1] + self.lams64[1:]))
+            a_mid, s_mid = schedule.alpha_sigma(t_mid)
+            self.t_mid, self.alpha_mid, self.sigma_mid = t_mid.tolist(), a_mid.tolist(), s_mid.tolist()
 
 
 @functools.lru_cache(maxsize=64)
@@ -242,10 +255,7 @@ def _dpm2(x, eps_at, g: _Grid, **_):
     """DPM-Solver-2 (QGPO's): second-order steps through the lambda midpoint, a first-order step if n is odd."""
     al_, si_, la_ = g.alpha, g.sigma, g.lam
     n_second, n_first = divmod(g.n_steps, 2)
-    # midpoints in lambda of the second-order steps, computed once with the grid
-    t_mid = g.schedule.t_of_lambda(0.5 * (g.lams64[:-1] + g.lams64[1:]))
-    a_mid, s_mid = g.schedule.alpha_sigma(t_mid)
-    tm_, am_, sm_ = t_mid.tolist(), a_mid.tolist(), s_mid.tolist()
+    tm_, am_, sm_ = g.t_mid, g.alpha_mid, g.sigma_mid  # midpoints in lambda of the second-order steps
     for i in range(n_second + n_first):
         h = la_[i + 1] - la_[i]
         eps = eps_at(x, i)
@@ -331,10 +341,89 @@ class DiffusionModel(nn.Module):
             n = cond.shape[0]
         if n is None or n < 1:
             raise ValueError(f"n: expected a positive sample count or a condition, got {n!r}")
-        p = next(self.parameters())
-        x_T = torch.randn((n, d), generator=generator, dtype=p.dtype,
-                          device=generator.device if generator is not None else p.device).to(p.device)
+        x_T = self.initial_noise(n, d, generator)
         x = sample(self.eps, x_T, schedule=self.schedule, cond=cond, n_steps=n_steps, solver=solver,
                    guidance=guidance, guidance_scale=guidance_scale, generator=generator, guided_eps=guided_eps,
                    guidance_t_max=guidance_t_max)
         return x.clamp(-clip, clip) if clip is not None else x
+
+    def initial_noise(self, n: int, action_dim: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """x_T ~ N(0, I), (n, action_dim), on the model's device, drawn from ``generator`` as :meth:`sample` draws it."""
+        p = next(self.parameters())
+        return torch.randn((n, action_dim), generator=generator, dtype=p.dtype,
+                           device=generator.device if generator is not None else p.device).to(p.device)
+
+
+class CapturedSampler:
+    """:func:`sample` of one batch size as one CUDA graph per guidance scale: the solver loop, every network call
+    and guidance gradient replayed as one launch (a 15-step guided action is otherwise hundreds of launches and
+    the host's work between them; docs/gpu.md). On the CPU the same calls run eagerly and give :func:`sample`'s
+    numbers exactly; on CUDA a scale is captured at its first call (after ``warmup`` eager calls), and a capture
+    that fails runs eagerly instead with ``capture_error`` saying why.
+
+    ``x_T`` and ``cond`` (an example batch) fix the shapes: each call copies its own into static buffers. The
+    solver must be deterministic (every one but ``ddpm``, which draws noise at each step). ``guidance``: an
+    eager guidance function (:func:`energy_guidance`; a compiled :class:`FusedGuidedEps` makes CUDA graphs of
+    its own). Returns the samples (a copy; no NaN test: :meth:`__call__` makes it after the replay).
+    """
+
+    def __init__(self, eps_fn: EpsFn, *, schedule: VPSchedule, x_T: torch.Tensor, cond: torch.Tensor | None = None,
+                 n_steps: int = 15, solver: str = "dpmpp2m", guidance: GuidanceFn | None = None,
+                 guidance_t_max: float | None = None, t_end: float | None = None, warmup: int = 2):
+        if solver == "ddpm":
+            raise ValueError("solver: ddpm draws fresh noise at every step; a captured sampler replays a "
+                             f"deterministic solver (one of {tuple(s for s in SOLVERS if s != 'ddpm')})")
+        _, self.t_guide, t_end = _check_sample_args(x_T, cond, schedule, n_steps, solver, guidance, None, 0.0,
+                                                    guidance_t_max, t_end)
+        self.eps_fn, self.guidance, self.solver, self.warmup = eps_fn, guidance, solver, int(warmup)
+        self.grid = _grid(schedule, solver, n_steps, t_end)
+        self.x = x_T.detach().clone()
+        self.cond = None if cond is None else cond.detach().clone()
+        self.graph_on = self.x.device.type == "cuda"
+        self.graphs: dict[float, tuple] = {}  # guidance scale -> (graph, its static output)
+        self.capture_error: str | None = None
+
+    def __call__(self, x_T: torch.Tensor, cond: torch.Tensor | None, guidance_scale: float) -> torch.Tensor:
+        w = check_scalar("guidance_scale", guidance_scale, low=0.0)
+        for name, v, buf in (("x_T", x_T, self.x), ("cond", cond, self.cond)):
+            if (v is None) != (buf is None) or (v is not None and tuple(v.shape) != tuple(buf.shape)):
+                raise ValueError(f"batch size: {name} has shape {None if v is None else tuple(v.shape)} but this "
+                                 f"captured sampler holds {None if buf is None else tuple(buf.shape)} (a CUDA graph "
+                                 "replays fixed shapes); make one per batch size")
+        with torch.no_grad():
+            self.x.copy_(x_T)
+            if cond is not None:
+                self.cond.copy_(cond)
+        if not self.graph_on or self.capture_error is not None:
+            x = self._run(w)
+        else:
+            if w not in self.graphs:
+                self.graphs[w] = self._capture(w)
+            graph, out = self.graphs[w]
+            if graph is None:
+                x = self._run(w)
+            else:
+                graph.replay()
+                x = out.clone()
+        _check_output(x, self.solver, w)
+        return x
+
+    def _run(self, w: float) -> torch.Tensor:
+        return _integrate(self.eps_fn, self.x, self.cond, self.grid, self.solver, w, self.t_guide, self.guidance,
+                          None, None)
+
+    def _capture(self, w: float) -> tuple:
+        side = torch.cuda.Stream(self.x.device)
+        side.wait_stream(torch.cuda.current_stream(self.x.device))
+        with torch.cuda.stream(side):
+            for _ in range(self.warmup):  # lazy initialisations (cuBLAS workspaces, autograd) outside the capture
+                self._run(w)
+        torch.cuda.current_stream(self.x.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                out = self._run(w)
+        except RuntimeError as e:  # torch's CUDA errors are RuntimeErrors
+            self.capture_error = f"the sampler could not be captured as a CUDA graph: {str(e).strip().splitlines()[0]}"
+            return None, None
+        return graph, out

@@ -33,7 +33,7 @@ from aepo_lite.config import METHODS, PRESETS, TrainConfig, apply_overrides, con
 from aepo_lite.core import guidance as G
 from aepo_lite.core.aepo import EnergyLearner, EpsNormTable, differentiates_q
 from aepo_lite.core.critics import CRITICS, make_critic
-from aepo_lite.core.diffusion import SOLVERS, DiffusionModel, FusedGuidedEps, energy_guidance
+from aepo_lite.core.diffusion import SOLVERS, CapturedSampler, DiffusionModel, FusedGuidedEps, energy_guidance
 from aepo_lite.core.nets import SMOOTH_ACTIVATIONS, EnergyNet, NoiseNet
 from aepo_lite.core.schedule import VPSchedule
 from aepo_lite.device import compile_limits, compile_mode, compile_module, resolve_device, seed_everything
@@ -204,6 +204,13 @@ def _check_combinations(cfg: TrainConfig) -> None:
     if cfg.capture and cfg.compile:
         raise ValueError("capture: a captured step replays one CUDA graph of the whole step; with compile=True the "
                          "networks capture their own graphs. Pass one of --capture and --compile")
+    if cfg.sampling.capture and cfg.sampling.compile:
+        raise ValueError("sampling.capture: a captured sampler replays one CUDA graph of the whole sampling call; "
+                         "sampling.compile makes graphs of its own. Pass one of --sampling.capture and "
+                         "--sampling.compile")
+    if cfg.sampling.capture and cfg.sampling.solver == "ddpm":
+        raise ValueError("sampling.capture: ddpm draws fresh noise at every step and cannot be replayed; use another "
+                         "sampling.solver or drop --sampling.capture")
     if cfg.compile and cfg.method == "aepo" and cfg.energy.expansion == "second":
         raise ValueError("compile: AEPO's 'second' expansion differentiates the critic twice, which torch.compile "
                          "does not support; use energy.expansion='sampled' or 'first', or compile=False")
@@ -231,6 +238,7 @@ class Agent:
         self.critic = None
         self.energy = None
         self._fused = None  # the compiled guided sampler step (compile_sampler)
+        self._captured: dict[int, CapturedSampler] = {}  # sampling.capture: one per batch size
         if cfg.method != "bc":
             ccfg = replace(cfg.critic, kind=critic_kind(cfg))
             self.critic = make_critic(state_dim, action_dim, ccfg).to(device)
@@ -254,6 +262,10 @@ class Agent:
             raise ValueError("n_candidates: best-of-N needs a critic")
         n = s.shape[0]
         s_rep = s.repeat_interleave(n_candidates, 0) if n_candidates > 1 else s
+        t_max = cfg.sampling.guidance_t_max if cfg.sampling.guidance_t_max < self.behaviour.schedule.t_max else None
+        if cfg.sampling.capture:
+            return self._best_of(s_rep, self._captured_sample(s_rep, guidance_scale, t_max, generator), n,
+                                 n_candidates)
         guide = fused = None
         if self.energy is not None and guidance_scale != 0:
             if cfg.sampling.compile:
@@ -262,7 +274,6 @@ class Agent:
                 fused = self._fused
             else:
                 guide = energy_guidance(self.energy)
-        t_max = cfg.sampling.guidance_t_max if cfg.sampling.guidance_t_max < self.behaviour.schedule.t_max else None
         rows = s_rep.shape[0]
         if fused is not None and rows & (rows - 1):
             # a compiled graph per batch size: pad to the next power of two (the last state repeated), so the
@@ -271,12 +282,33 @@ class Agent:
         a = self.behaviour.sample(cond=s_rep, n_steps=cfg.sampling.steps, solver=cfg.sampling.solver, guidance=guide,
                                   guided_eps=fused, guidance_t_max=t_max, guidance_scale=float(guidance_scale),
                                   generator=generator, clip=1.0)[:rows]
-        s_rep = s_rep[:rows]
+        return self._best_of(s_rep[:rows], a, n, n_candidates)
+
+    def _best_of(self, s_rep: torch.Tensor, a: torch.Tensor, n: int, n_candidates: int) -> torch.Tensor:
+        """The action of each state with the largest Q among its n_candidates (all of a when there is one)."""
         if n_candidates > 1:
             with torch.no_grad():
                 q = self.critic.q_fn(s_rep, a).reshape(n, n_candidates)
             a = a.reshape(n, n_candidates, -1)[torch.arange(n, device=a.device), q.argmax(1)]
         return a
+
+    def _captured_sample(self, s: torch.Tensor, w: float, t_max, generator) -> torch.Tensor:
+        """``sampling.capture``: the behaviour's sample through a :class:`CapturedSampler` (one per batch size; on
+        CUDA rows padded to the next power of two with zero noise, so shrinking batches reuse a few graphs). The
+        starting noise is drawn for the real rows as the plain path draws it, so on the CPU the actions are the
+        plain path's exactly."""
+        rows, cfg = s.shape[0], self.cfg.sampling
+        x_T = self.behaviour.initial_noise(rows, self.action_dim, generator)
+        size = 1 << (rows - 1).bit_length() if s.device.type == "cuda" else rows
+        if size > rows:
+            s = torch.cat([s, s[-1:].expand(size - rows, -1)])
+            x_T = torch.cat([x_T, x_T.new_zeros(size - rows, x_T.shape[1])])
+        if size not in self._captured:
+            guide = energy_guidance(self.energy) if self.energy is not None else None
+            self._captured[size] = CapturedSampler(self.behaviour.eps, schedule=self.behaviour.schedule, x_T=x_T,
+                                                   cond=s, n_steps=cfg.steps, solver=cfg.solver, guidance=guide,
+                                                   guidance_t_max=t_max)
+        return self._captured[size](x_T, s, float(w)).clamp(-1.0, 1.0)[:rows]
 
     def act(self, obs: np.ndarray, guidance_scale: float, *, n_candidates: int = 1,
             generator: torch.Generator | None = None) -> np.ndarray:
