@@ -246,5 +246,7 @@ def test_captured_sampler_refuses_what_it_cannot_replay():
         cap(x, None, 1.0)
     with pytest.raises(ValueError, match="guidance_scale"):
         cap(x, c, -1.0)
+    with pytest.raises(ValueError, match="cond"):
+        cap(x, torch.full((4, 4), float("nan")), 1.0)
     with pytest.raises(ValueError, match="cond: expected 4 rows"):
         CapturedSampler(model.eps, schedule=model.schedule, x_T=x, cond=torch.zeros(3, 4))

@@ -390,6 +390,8 @@ class CapturedSampler:
                 raise ValueError(f"batch size: {name} has shape {None if v is None else tuple(v.shape)} but this "
                                  f"captured sampler holds {None if buf is None else tuple(buf.shape)} (a CUDA graph "
                                  "replays fixed shapes); make one per batch size")
+        if cond is not None:
+            check_finite("cond", cond)  # as sample() does: states come from outside (x_T from randn)
         with torch.no_grad():
             self.x.copy_(x_T)
             if cond is not None:
