@@ -274,7 +274,11 @@ else:
 # seed ends where it would alone, up to rounding): `aepo-lite train --dataset $ds --method $method
 # --preset full --device cuda --seeds 0 1 2 3 4 --out runs/full/${ds//\//_}`. It is built for a GPU,
 # where a step of these small networks waits on kernel launches, and is unmeasured there; on a CPU it
-# is no faster (docs/gpu.md, section 4).
+# is no faster (docs/gpu.md, section 4). The other two GPU switches are `--capture` (each training step
+# one CUDA graph) and `--sampling.capture` (each guided sampling call one graph, per batch size and
+# guidance scale); both unmeasured on a GPU. On a CPU they run eagerly with the plain run's numbers, and
+# a run's `train_stats.json` says whether a step holds an operation that would stop the capture on a
+# GPU (docs/gpu.md, section 3).
 #
 # Only the Adroit and Kitchen ports (and, loosely, AntMaze) can be set beside the D4RL tables;
 # the `mujoco/*` rows are our own numbers on new data and must be labelled so.
