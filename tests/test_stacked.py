@@ -489,3 +489,31 @@ def replace_batches(stage, stop_at):
             raise KeyboardInterrupt
         return stage.batches(g)
     return replace(stage, batches=batches)
+
+
+def test_stacked_steps_read_nothing_back_to_the_host(data):
+    """Several seeds train eagerly (no capture), so a host read in a stacked step would stall the GPU at every
+    step: the behaviour, both critics' and the energies' stacked steps call none of the operators that read
+    back on CUDA (optimiser steps aside: fused on CUDA)."""
+    from aepo_lite.training.captured import host_syncs
+    from aepo_lite.training.stacked import StackedCritic, StackedEnergyLearner
+    stacked, src = _stacked(data)
+    stacked.step(src())
+    steps = {"behaviour": (stacked, src)}
+    for kind in ("iql", "insupport"):
+        crit_src = StackedBatches([_critic_draw(_critic_data(), _support(s) if kind == "insupport" else None)
+                                   for s in SEEDS], [torch.Generator().manual_seed(100 + s) for s in SEEDS])
+        steps[kind] = (StackedCritic([_critic(s, kind) for s in SEEDS], batches=crit_src), crit_src)
+    for method in ("aepo", "qgpo", "mse"):
+        learner, draw_of = _energy_setup(method)
+        e_src = StackedBatches([draw_of(s) for s in SEEDS], [torch.Generator().manual_seed(100 + s) for s in SEEDS])
+        learners = [learner(s) for s in SEEDS]
+        for one in learners:
+            one.check_finite = False  # as on CUDA (the CPU's named NaN errors read back)
+        steps[method] = (StackedEnergyLearner(learners, batches=e_src, fuse_targets=True,
+                                              generators=[torch.Generator().manual_seed(200 + s) for s in SEEDS]),
+                         e_src)
+    for name, (learner, batches) in steps.items():
+        learner.step(batches())  # lazily made state
+        assert host_syncs(learner.step, batches(), skip_optimisers=True) == [], name
+    assert host_syncs(stacked.step, src()) == ["aten._local_scalar_dense"]  # the CPU's Adam, counted without the skip

@@ -98,14 +98,16 @@ class _SyncRecorder(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def host_syncs(fn: Callable, *args, **kwargs) -> list[str]:
+def host_syncs(fn: Callable, *args, skip_optimisers: bool = False, **kwargs) -> list[str]:
     """The :data:`SYNC_OPS` that ``fn(*args, **kwargs)`` calls, in the order first met (each once): the
     operators that would synchronise with the host on CUDA, so that a CUDA graph of ``fn`` could not be captured.
+    ``skip_optimisers``: optimiser steps are not recorded (on CUDA the library's Adam is fused, or capturable in a
+    captured step, and reads nothing back; the CPU's reads its step count).
     It runs ``fn`` once, on any device (the CPU included: a check that needs no GPU). An empty list says that none
     of the known operators ran, not that capture will succeed (docs/gpu.md). On the CPU it cannot tell a tensor
     that a CUDA run keeps on the device from one it keeps on the host (e.g. a time grid made on the CPU), whose
     reads cost no synchronisation: a name found there is a place to look, not a proof."""
-    with _SyncRecorder() as rec:
+    with _SyncRecorder(skip_optimisers) as rec:
         fn(*args, **kwargs)
     return rec.found
 
