@@ -631,10 +631,19 @@ def test_bench_capture_option_cpu():
     def spy(self, learner, **kw):
         made.append(type(learner).__name__)
         real(self, learner, **kw)
+    from aepo_lite.core.diffusion import CapturedSampler
+    samplers, real_sampler = [], CapturedSampler.__init__
+
+    def sampler_spy(self, *a, **kw):
+        samplers.append(tuple(kw["x_T"].shape))
+        real_sampler(self, *a, **kw)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(CapturedStep, "__init__", spy)
+        mp.setattr(CapturedSampler, "__init__", sampler_spy)
         result = bench.run_bench(bench.tiny_config(capture=True, methods=("aepo", "qgpo")))
     assert made == ["BehaviourLearner", "IQLCritic", "InSupportCritic", "EnergyLearner", "EnergyLearner"]
+    cfg = bench.tiny_config()
+    assert samplers == [(b, cfg.action_dim) for b in cfg.sample_batches]  # the guided stages' sampling captured
     assert result["config"]["capture"] is True and "critic_iql" in result["stages"]
     assert "captured" in bench.to_markdown(result)
     trained = [k for k in result["stages"] if k.startswith(("behaviour", "critic", "energy"))]
