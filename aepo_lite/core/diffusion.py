@@ -348,7 +348,8 @@ class DiffusionModel(nn.Module):
         return x.clamp(-clip, clip) if clip is not None else x
 
     def initial_noise(self, n: int, action_dim: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """x_T ~ N(0, I), (n, action_dim), on the model's device, drawn from ``generator`` as :meth:`sample` draws it."""
+        """x_T ~ N(0, I), (n, action_dim), on the model's device, drawn from ``generator`` as :meth:`sample`
+        draws it."""
         p = next(self.parameters())
         return torch.randn((n, action_dim), generator=generator, dtype=p.dtype,
                            device=generator.device if generator is not None else p.device).to(p.device)
@@ -364,7 +365,7 @@ class CapturedSampler:
     ``x_T`` and ``cond`` (an example batch) fix the shapes: each call copies its own into static buffers. The
     solver must be deterministic (every one but ``ddpm``, which draws noise at each step). ``guidance``: an
     eager guidance function (:func:`energy_guidance`; a compiled :class:`FusedGuidedEps` makes CUDA graphs of
-    its own). Returns the samples (a copy; no NaN test: :meth:`__call__` makes it after the replay).
+    its own). Each call returns the samples (a copy of the graph's output) after :func:`sample`'s NaN/inf test.
     """
 
     def __init__(self, eps_fn: EpsFn, *, schedule: VPSchedule, x_T: torch.Tensor, cond: torch.Tensor | None = None,

@@ -301,7 +301,8 @@ def gaussian_fit_covariance(S_s: torch.Tensor, alpha, sigma, *, sync_free: bool 
 
 
 def psd_project(M: torch.Tensor, *, sync_free: bool = False) -> torch.Tensor:
-    """Symmetrise and clip negative eigenvalues to 0: (..., d, d) -> (..., d, d) (``sync_free``: :func:`jacobi_eigh`)."""
+    """Symmetrise and clip negative eigenvalues to 0: (..., d, d) -> (..., d, d).
+    ``sync_free``: by :func:`jacobi_eigh`."""
     Ms = 0.5 * (M + M.transpose(-1, -2))
     evals, evecs = _eigh(Ms, sync_free)
     return evecs @ torch.diag_embed(evals.clamp_min(0.0)) @ evecs.transpose(-1, -2)
