@@ -319,6 +319,23 @@ def test_captured_sampler_agent_acts_as_the_plain_one(tiny, smoke_runs, method):
         make_config(DS, method, "smoke", sampling={"capture": True, "solver": "ddpm"})
 
 
+def test_evaluation_with_a_captured_sampler_gives_the_same_rows(tiny, smoke_runs, tmp_path):
+    """`aepo-lite eval --sampling.capture` on a copy of the smoke aepo run: the same returns at every scale as the
+    plain evaluation (on the CPU the captured sampler is the plain one's numbers), in the same rows (capture is
+    not a row setting: it changes no result)."""
+    import shutil
+    from aepo_lite._io import read_json
+    from aepo_lite.rl.agent import evaluate_run
+    run = tmp_path / "aepo-copy"
+    shutil.copytree(smoke_runs["aepo"], run)
+    before = read_json(run / "results.json")["rows"]
+    after = evaluate_run(run, overrides={"sampling": {"capture": True}}, progress=False)["rows"]
+    assert len(after) == len(before)
+    for r in before:
+        same = [a for a in after if a["guidance_scale"] == r["guidance_scale"]]
+        assert len(same) == 1 and same[0]["return_mean"] == r["return_mean"], (r, same)
+
+
 def test_compiled_training_matches_eager(tiny, smoke_runs):
     """compile=True compiles every network in place for training (CUDA graphs on CUDA). On the CPU the
     behaviour and critic stages log the eager numbers; the energy stage's sampled AEPO target is a Monte
