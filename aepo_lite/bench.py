@@ -686,8 +686,8 @@ def to_markdown(result: dict) -> str:
         eager = "" if env["device"].startswith("cuda") else " (on the CPU: the same step run eagerly)"
         fell = [n for n, s in stages.items() if "capture_error" in s]
         fell = f" Not capturable, so timed eagerly: {', '.join(fell)}." if fell else ""
-        lines += ["", "Training steps captured: each replayed as one CUDA graph, batch draw included "
-                      f"(--capture){eager}.{fell}"]
+        lines += ["", "Training steps captured: each replayed as one CUDA graph, batch draw included, and so are "
+                      f"the guided stages' sampling calls (--capture){eager}.{fell}"]
         audited = {n: s["host_syncs"] for n, s in stages.items() if "host_syncs" in s}
         if audited:
             blocked = [f"{n} ({', '.join(v)})" for n, v in audited.items() if v]
