@@ -12,6 +12,7 @@ The in-support estimators of section 4b take K support actions per row, m_k (B, 
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable
 
@@ -322,14 +323,10 @@ def _jacobi_rounds(d: int) -> list[tuple[list[int], list[int]]]:
     return rounds
 
 
-_ROUNDS: dict = {}  # (d, device) -> the rounds' index tensors, made once (a copy to the device is no graph op)
-
-
-def _round_indices(d: int, device) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    key = (d, str(device))
-    if key not in _ROUNDS:
-        _ROUNDS[key] = [tuple(torch.tensor(i, device=device) for i in r) for r in _jacobi_rounds(d)] if d > 1 else []
-    return _ROUNDS[key]
+@functools.lru_cache(maxsize=None)
+def _round_indices(d: int, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The rounds' index tensors on ``device``, made once (a copy to the device is no graph operation)."""
+    return [tuple(torch.tensor(i, device=device) for i in r) for r in _jacobi_rounds(d)] if d > 1 else []
 
 
 def jacobi_eigh(M: torch.Tensor, sweeps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
